@@ -1,0 +1,60 @@
+# The two commands of the README: `make demo` and `make test`. Both create or reuse .venv,
+# install the pinned dependencies and build the extension, then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.deps-stamp
+BUILD_STAMP := $(VENV)/.build-stamp
+SOURCES := $(shell find csrc kernels -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null) setup.py pyproject.toml
+
+.PHONY: setup build test test-fast cmake-check demo bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt | $(PY)
+	$(PIP) install --upgrade pip
+	# torch first: the pinned CPU wheel (never let a bare `torch` pull a CUDA build).
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements.txt
+	touch $@
+
+$(BUILD_STAMP): $(STAMP) $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(BUILD_STAMP)
+
+build: $(BUILD_STAMP)
+
+# Standalone build of the framework-free kernel code, its ctest, and (where nvcc exists) the
+# CUDA compile check for sm_80 and sm_90.
+cmake-check:
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
+	cmake --build build/cmake -j 2
+	ctest --test-dir build/cmake --output-on-failure
+	@if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then \
+		cmake -S . -B build/cmake-cuda -DMTBKD_CUDA=ON -DCMAKE_BUILD_TYPE=Release && \
+		cmake --build build/cmake-cuda -j 2; \
+	else echo "nvcc not found: CUDA compile check skipped"; fi
+
+test: setup
+	@mkdir -p build
+	$(MAKE) cmake-check
+	$(PY) -m pytest tests -q
+
+test-fast: setup
+	$(PY) -m pytest tests -q -m "not slow"
+
+demo: setup
+	$(VENV)/bin/mtbkd demo
+
+bench: setup
+	$(VENV)/bin/mtbkd bench --suite loss
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf build $(VENV) *.egg-info mtbkd/_C*.so

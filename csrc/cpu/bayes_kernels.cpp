@@ -1,0 +1,303 @@
+// CPU kernels of the Bayesian student: fused reparameterised sampling (MATH.md section 6), the
+// Gaussian-prior KL with its gradient, and the (p)SGLD step (section 7).
+//
+// Every kernel works on tiles of kTile elements that start at a multiple of 4, so a tile owns
+// whole Philox counters: the tile's normals are generated into a stack buffer (L1-resident) and
+// consumed at once. No eps-sized tensor ever exists; the backward regenerates the same normals.
+// Vector transcendentals come from SLEEF (shipped inside libtorch_cpu) when the compiler targets
+// AVX-512 or AVX2, else from libm one element at a time.
+#include "cpu/bayes_kernels.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "philox.h"
+
+#if (defined(__AVX512F__) || defined(__AVX2__)) && __has_include(<sleef.h>)
+#include <immintrin.h>
+#include <sleef.h>
+#define MTBKD_SLEEF 1
+#endif
+
+namespace mtbkd {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTile = 1024;     // elements per tile (multiple of 4 and of the SIMD width)
+constexpr int kLanes = 64;          // Philox counters generated together
+constexpr int64_t kGrainTiles = 16;  // tiles per parallel task (about 16k elements)
+constexpr float kSoftplusThreshold = 20.0f;  // torch's softplus: x > 20 -> x
+
+// ---- vector math on float arrays (in place); SLEEF u10 (1 ulp) or libm ---------------------
+
+#if defined(MTBKD_SLEEF) && defined(__AVX512F__)
+constexpr int kW = 16;
+#define MTBKD_VEC_UNARY(name, sleef_fn, std_fn)                           \
+  inline void name(float* x, int64_t n) {                                 \
+    int64_t i = 0;                                                        \
+    for (; i + kW <= n; i += kW) _mm512_storeu_ps(x + i, sleef_fn(_mm512_loadu_ps(x + i))); \
+    for (; i < n; ++i) x[i] = std_fn(x[i]);                               \
+  }
+MTBKD_VEC_UNARY(v_exp, Sleef_expf16_u10, std::exp)
+MTBKD_VEC_UNARY(v_log, Sleef_logf16_u10, std::log)
+MTBKD_VEC_UNARY(v_log1p, Sleef_log1pf16_u10, std::log1p)
+inline void v_sincos(const float* th, float* s, float* c, int64_t n) {
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const Sleef___m512_2 r = Sleef_sincosf16_u10(_mm512_loadu_ps(th + i));
+    _mm512_storeu_ps(s + i, r.x);
+    _mm512_storeu_ps(c + i, r.y);
+  }
+  for (; i < n; ++i) s[i] = std::sin(th[i]), c[i] = std::cos(th[i]);
+}
+#elif defined(MTBKD_SLEEF)
+constexpr int kW = 8;
+#define MTBKD_VEC_UNARY(name, sleef_fn, std_fn)                           \
+  inline void name(float* x, int64_t n) {                                 \
+    int64_t i = 0;                                                        \
+    for (; i + kW <= n; i += kW) _mm256_storeu_ps(x + i, sleef_fn(_mm256_loadu_ps(x + i))); \
+    for (; i < n; ++i) x[i] = std_fn(x[i]);                               \
+  }
+MTBKD_VEC_UNARY(v_exp, Sleef_expf8_u10, std::exp)
+MTBKD_VEC_UNARY(v_log, Sleef_logf8_u10, std::log)
+MTBKD_VEC_UNARY(v_log1p, Sleef_log1pf8_u10, std::log1p)
+inline void v_sincos(const float* th, float* s, float* c, int64_t n) {
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const Sleef___m256_2 r = Sleef_sincosf8_u10(_mm256_loadu_ps(th + i));
+    _mm256_storeu_ps(s + i, r.x);
+    _mm256_storeu_ps(c + i, r.y);
+  }
+  for (; i < n; ++i) s[i] = std::sin(th[i]), c[i] = std::cos(th[i]);
+}
+#else
+inline void v_exp(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+inline void v_log(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::log(x[i]);
+}
+inline void v_log1p(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::log1p(x[i]);
+}
+inline void v_sincos(const float* th, float* s, float* c, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) s[i] = std::sin(th[i]), c[i] = std::cos(th[i]);
+}
+#endif
+
+// softplus(r) and sigmoid(r) of a float tile, in place into sp / sig (either may be null).
+inline void softplus_sigmoid(const float* r, float* sp, float* sig, int64_t n) {
+  if (sp != nullptr) {
+    for (int64_t i = 0; i < n; ++i) sp[i] = std::min(r[i], kSoftplusThreshold);
+    v_exp(sp, n);
+    v_log1p(sp, n);
+    for (int64_t i = 0; i < n; ++i) sp[i] = r[i] > kSoftplusThreshold ? r[i] : sp[i];
+  }
+  if (sig != nullptr) {
+    // exp(-r) overflows to inf for r < -88, giving the correct limit 1 / (1 + inf) = 0.
+    for (int64_t i = 0; i < n; ++i) sig[i] = -r[i];
+    v_exp(sig, n);
+    for (int64_t i = 0; i < n; ++i) sig[i] = 1.0f / (1.0f + sig[i]);
+  }
+}
+
+template <typename T>
+inline void load_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline double softplus_d(double r) { return r > 20.0 ? r : std::log1p(std::exp(r)); }
+inline double sigmoid_d(double r) { return 1.0 / (1.0 + std::exp(-r)); }
+
+// Runs fn(tile_begin, tile_len) over the tiles of [0, n) in parallel.
+template <typename Fn>
+void for_each_tile(int64_t n, const Fn& fn) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t * kTile;
+      fn(b, std::min(kTile, n - b));
+    }
+  });
+}
+
+}  // namespace
+
+void philox_normals(uint64_t seed, uint64_t counter, uint32_t stream, int64_t groups,
+                    float* out) {
+  alignas(64) uint32_t x0[kLanes], x1[kLanes], x2[kLanes], x3[kLanes];
+  // a: the Box-Muller radius inputs (u0 then u2 of each lane), b: the angle inputs (u1, u3).
+  alignas(64) float a[2 * kLanes], b[2 * kLanes], s[2 * kLanes], c[2 * kLanes];
+  for (int64_t g0 = 0; g0 < groups; g0 += kLanes) {
+    const int m = static_cast<int>(std::min<int64_t>(kLanes, groups - g0));
+    for (int l = 0; l < kLanes; ++l) {
+      const uint64_t ctr = counter + static_cast<uint64_t>(g0 + l);
+      x0[l] = static_cast<uint32_t>(ctr);
+      x1[l] = static_cast<uint32_t>(ctr >> 32);
+      x2[l] = stream;
+      x3[l] = 0;
+    }
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < philox::kRounds; ++r) {
+      // Lane loop of independent rounds: the compiler vectorises the 32x32->64 products.
+      for (int l = 0; l < kLanes; ++l) philox::round(x0[l], x1[l], x2[l], x3[l], k0, k1);
+      k0 += philox::kKeyA;
+      k1 += philox::kKeyB;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      a[l] = std::max(philox::to_uniform(x0[l]), philox::kMinUniform);
+      b[l] = philox::kTwoPi * philox::to_uniform(x1[l]);
+      a[kLanes + l] = std::max(philox::to_uniform(x2[l]), philox::kMinUniform);
+      b[kLanes + l] = philox::kTwoPi * philox::to_uniform(x3[l]);
+    }
+    v_log(a, 2 * kLanes);
+    v_sincos(b, s, c, 2 * kLanes);
+    for (int l = 0; l < 2 * kLanes; ++l) a[l] = std::sqrt(-2.0f * a[l]);
+    float* o = out + 4 * g0;
+    for (int l = 0; l < m; ++l) {
+      o[4 * l + 0] = a[l] * c[l];
+      o[4 * l + 1] = a[l] * s[l];
+      o[4 * l + 2] = a[kLanes + l] * c[kLanes + l];
+      o[4 * l + 3] = a[kLanes + l] * s[kLanes + l];
+    }
+  }
+}
+
+template <typename T>
+void reparameterize_fwd(const T* mu, const T* rho, T* w, int64_t n, uint64_t seed,
+                        uint64_t offset) {
+  for_each_tile(n, [&](int64_t b, int64_t len) {
+    alignas(64) float eps[kTile];
+    philox_normals(seed, offset + static_cast<uint64_t>(b / 4), 0, (len + 3) / 4, eps);
+    if constexpr (std::is_same_v<T, double>) {
+      for (int64_t i = 0; i < len; ++i)
+        w[b + i] = mu[b + i] + softplus_d(rho[b + i]) * static_cast<double>(eps[i]);
+    } else {
+      alignas(64) float r[kTile], sp[kTile];
+      load_float(rho + b, r, len);
+      softplus_sigmoid(r, sp, nullptr, len);
+      for (int64_t i = 0; i < len; ++i)
+        w[b + i] = static_cast<T>(static_cast<float>(mu[b + i]) + sp[i] * eps[i]);
+    }
+  });
+}
+
+template <typename T>
+void reparameterize_bwd(const T* grad, const T* rho, T* drho, int64_t n, uint64_t seed,
+                        uint64_t offset) {
+  for_each_tile(n, [&](int64_t b, int64_t len) {
+    alignas(64) float eps[kTile];
+    philox_normals(seed, offset + static_cast<uint64_t>(b / 4), 0, (len + 3) / 4, eps);
+    if constexpr (std::is_same_v<T, double>) {
+      for (int64_t i = 0; i < len; ++i)
+        drho[b + i] = grad[b + i] * static_cast<double>(eps[i]) * sigmoid_d(rho[b + i]);
+    } else {
+      alignas(64) float r[kTile], sig[kTile];
+      load_float(rho + b, r, len);
+      softplus_sigmoid(r, nullptr, sig, len);
+      for (int64_t i = 0; i < len; ++i)
+        drho[b + i] = static_cast<T>(static_cast<float>(grad[b + i]) * eps[i] * sig[i]);
+    }
+  });
+}
+
+template <typename T>
+double gaussian_kl(const T* mu, const T* rho, T* dmu, T* drho, int64_t n, double prior_mu,
+                   double prior_sigma) {
+  const double inv_var0 = 1.0 / (prior_sigma * prior_sigma);
+  const double log_s0 = std::log(prior_sigma);
+  const bool with_grad = dmu != nullptr;
+  return at::parallel_reduce(
+      0, (n + kTile - 1) / kTile, kGrainTiles, 0.0,
+      [&](int64_t t0, int64_t t1, double acc) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t * kTile, len = std::min(kTile, n - b);
+          if constexpr (std::is_same_v<T, double>) {
+            for (int64_t i = 0; i < len; ++i) {
+              const double r = rho[b + i], s = softplus_d(r), d = mu[b + i] - prior_mu;
+              acc += log_s0 - std::log(s) + 0.5 * (s * s + d * d) * inv_var0 - 0.5;
+              if (with_grad) {
+                dmu[b + i] = d * inv_var0;
+                drho[b + i] = (s * inv_var0 - 1.0 / s) * sigmoid_d(r);
+              }
+            }
+          } else {
+            alignas(64) float r[kTile], sp[kTile], sig[kTile], ls[kTile];
+            load_float(rho + b, r, len);
+            softplus_sigmoid(r, sp, with_grad ? sig : nullptr, len);
+            std::copy(sp, sp + len, ls);
+            v_log(ls, len);
+            const float m0 = static_cast<float>(prior_mu), iv = static_cast<float>(inv_var0);
+            const float c0 = static_cast<float>(log_s0) - 0.5f;
+            // Per-tile float partial sums (1024 terms), tiles summed in double.
+            float part = 0.0f;
+            for (int64_t i = 0; i < len; ++i) {
+              const float d = static_cast<float>(mu[b + i]) - m0;
+              part += c0 - ls[i] + 0.5f * (sp[i] * sp[i] + d * d) * iv;
+              if (with_grad) {
+                dmu[b + i] = static_cast<T>(d * iv);
+                drho[b + i] = static_cast<T>((sp[i] * iv - 1.0f / sp[i]) * sig[i]);
+              }
+            }
+            acc += part;
+          }
+        }
+        return acc;
+      },
+      [](double x, double y) { return x + y; });
+}
+
+template <typename T, typename Acc>
+void sgld_step(T* param, const T* grad, Acc* square_avg, int64_t n, const SgldParams& p,
+               uint32_t stream) {
+  using C = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const C lr = static_cast<C>(p.lr), nd = static_cast<C>(p.num_data);
+  const C wd = static_cast<C>(p.weight_decay), alpha = static_cast<C>(p.alpha);
+  const C damp = static_cast<C>(p.eps);
+  const C noise_scale = static_cast<C>(std::sqrt(2.0 * p.lr * p.temperature));
+  for_each_tile(n, [&](int64_t b, int64_t len) {
+    alignas(64) float xi[kTile];
+    philox_normals(p.seed, static_cast<uint64_t>(b / 4), stream, (len + 3) / 4, xi);
+    for (int64_t i = 0; i < len; ++i) {
+      const C th = static_cast<C>(param[b + i]);
+      const C gu = nd * static_cast<C>(grad[b + i]) + wd * th;  // grad of U (MATH.md 7)
+      if (p.precondition) {
+        const C gm = gu / nd;  // RMSprop statistics on the mean-loss scale
+        const C v = alpha * static_cast<C>(square_avg[b + i]) + (1 - alpha) * gm * gm;
+        square_avg[b + i] = static_cast<Acc>(v);
+        const C g_pre = 1 / (damp + std::sqrt(v));
+        param[b + i] = static_cast<T>(th - lr * g_pre * gu +
+                                      noise_scale * std::sqrt(g_pre) * static_cast<C>(xi[i]));
+      } else {
+        param[b + i] = static_cast<T>(th - lr * gu + noise_scale * static_cast<C>(xi[i]));
+      }
+    }
+  });
+}
+
+#define MTBKD_INSTANTIATE(T)                                                                  \
+  template void reparameterize_fwd<T>(const T*, const T*, T*, int64_t, uint64_t, uint64_t);   \
+  template void reparameterize_bwd<T>(const T*, const T*, T*, int64_t, uint64_t, uint64_t);   \
+  template double gaussian_kl<T>(const T*, const T*, T*, T*, int64_t, double, double);
+MTBKD_INSTANTIATE(float)
+MTBKD_INSTANTIATE(double)
+MTBKD_INSTANTIATE(c10::BFloat16)
+MTBKD_INSTANTIATE(c10::Half)
+#undef MTBKD_INSTANTIATE
+
+template void sgld_step<float, float>(float*, const float*, float*, int64_t, const SgldParams&,
+                                      uint32_t);
+template void sgld_step<double, double>(double*, const double*, double*, int64_t,
+                                        const SgldParams&, uint32_t);
+template void sgld_step<c10::BFloat16, float>(c10::BFloat16*, const c10::BFloat16*, float*,
+                                              int64_t, const SgldParams&, uint32_t);
+template void sgld_step<c10::Half, float>(c10::Half*, const c10::Half*, float*, int64_t,
+                                          const SgldParams&, uint32_t);
+
+}  // namespace cpu
+}  // namespace mtbkd

@@ -1,0 +1,50 @@
+// CPU kernels of the Bayesian student (MATH.md sections 6 and 7) on raw pointers. The torch-facing
+// checks, dtype dispatch and registration live in csrc/bayes_ops.cpp.
+#pragma once
+
+#include <stdint.h>
+
+namespace mtbkd {
+namespace cpu {
+
+// Writes the 4 * groups normals of Philox counters [counter, counter + groups) of `stream` to
+// out (normal j of counter counter + g goes to out[4 g + j]); see csrc/philox.h.
+void philox_normals(uint64_t seed, uint64_t counter, uint32_t stream, int64_t groups, float* out);
+
+// w = mu + softplus(rho) * eps, eps the normals of (seed, offset); T in {float, double,
+// c10::BFloat16, c10::Half}, computed in float (double for double), rounded once.
+template <typename T>
+void reparameterize_fwd(const T* mu, const T* rho, T* w, int64_t n, uint64_t seed,
+                        uint64_t offset);
+
+// drho = grad * eps * sigmoid(rho), eps regenerated from (seed, offset).
+template <typename T>
+void reparameterize_bwd(const T* grad, const T* rho, T* drho, int64_t n, uint64_t seed,
+                        uint64_t offset);
+
+// sum_i log(s0 / s_i) + (s_i^2 + (mu_i - m0)^2) / (2 s0^2) - 1/2 with s_i = softplus(rho_i);
+// when dmu / drho are non-null also writes the gradient. Accumulates in double.
+template <typename T>
+double gaussian_kl(const T* mu, const T* rho, T* dmu, T* drho, int64_t n, double prior_mu,
+                   double prior_sigma);
+
+struct SgldParams {
+  double lr;           // eta
+  double num_data;     // N: grad_U = N * grad + weight_decay * theta
+  double temperature;  // T
+  double weight_decay;
+  uint64_t seed;
+  bool precondition;  // pSGLD (RMSprop preconditioner)
+  double alpha;       // RMSprop decay
+  double eps;         // RMSprop damping
+};
+
+// One (p)SGLD step in place on param (MATH.md section 7); noise from Philox stream `stream`
+// (the parameter's index in the step) under p.seed. square_avg (same element type as the
+// accumulation: float, or double for double params) is read and updated when p.precondition.
+template <typename T, typename Acc>
+void sgld_step(T* param, const T* grad, Acc* square_avg, int64_t n, const SgldParams& p,
+               uint32_t stream);
+
+}  // namespace cpu
+}  // namespace mtbkd

@@ -1,0 +1,23 @@
+// The Python module mtbkd._C. Kernels register themselves as torch.ops.mtbkd_C.* (TORCH_LIBRARY
+// fragments in ops.cpp and the other API files); this file only answers build questions.
+#include <torch/extension.h>
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mtbkd native kernels (registered as torch.ops.mtbkd_C.*)";
+  m.def("has_cuda", []() {
+#ifdef MTBKD_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("cpu_capability", []() {
+#if defined(CPU_CAPABILITY_AVX512)
+    return std::string("avx512");
+#elif defined(CPU_CAPABILITY_AVX2)
+    return std::string("avx2");
+#else
+    return std::string("default");
+#endif
+  });
+}

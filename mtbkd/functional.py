@@ -1,0 +1,230 @@
+"""Functional API: multi-teacher losses that replace ``F.kl_div`` / ``F.cross_entropy`` in a loop.
+
+Shapes: student logits ``[..., V]``; teachers a tensor ``[K, ..., V]`` or a sequence of K tensors
+``[..., V]``; labels ``[...]`` (integer, ``ignore_index`` masks the whole row). Any floating dtype
+the kernels support (float32, float64, bfloat16, float16); results are float32 unless the input is
+float64. Teacher logits are constants: no gradient flows into them.
+
+Each call runs one fused custom op (``torch.ops.mtbkd.*``) that computes the per-row loss and its
+gradient in the forward pass; the backward only scales the saved gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor
+
+from mtbkd import ops, validate
+
+if TYPE_CHECKING:
+    from mtbkd.teacher_stats import TeacherStats
+
+__all__ = ["teacher_weights", "mtbkd_loss", "multi_teacher_kd_loss", "MTBKDStats"]
+
+
+class MTBKDStats(NamedTuple):
+    """Per-row statistics of :func:`mtbkd_loss` (no gradient; masked rows are 0).
+
+    ``weights`` and ``responsibilities`` are ``[K, ...]``: the prior's mixture weights ``w_k`` and
+    the posterior responsibilities ``r_k = softmax_k(log w_k + C_k - L_k)`` (which teacher the
+    student follows); ``entropy`` ``[K, ...]`` is each teacher's entropy at the weighting
+    temperature; ``prior`` and ``ce`` ``[...]`` are the unweighted prior and cross-entropy terms.
+    """
+
+    weights: Tensor
+    responsibilities: Tensor
+    entropy: Tensor
+    prior: Tensor
+    ce: Tensor
+
+
+def _weight_mode(weights, k: int, lead, student: Tensor) -> tuple[int, Tensor | None]:
+    if isinstance(weights, Tensor):
+        return ops.WEIGHT_MODES["fixed"], validate.fixed_weights(weights, k, lead, student)
+    if weights not in ("entropy", "uniform"):
+        raise ValueError(f"weights must be 'entropy', 'uniform' or a Tensor, got {weights!r}")
+    return ops.WEIGHT_MODES[weights], None
+
+
+def _reduce(rows: Tensor, labels: Tensor | None, lead, reduction: str, ignore_index: int,
+            num_items_in_batch) -> Tensor:  # fmt: skip
+    if reduction == "none":
+        return rows.reshape(lead)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            return total / num_items_in_batch.to(device=total.device, dtype=total.dtype)
+        if num_items_in_batch <= 0:
+            raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
+        return total / num_items_in_batch
+    if labels is None:
+        return total / max(rows.numel(), 1)
+    # The count stays a tensor: no host synchronisation.
+    count = (labels != ignore_index).sum().clamp_min(1)
+    return total / count.to(total.dtype)
+
+
+def teacher_weights(
+    teacher_logits: Tensor | Sequence[Tensor],
+    method: str | Tensor = "entropy",
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-row teacher weights ``[K, ...]`` (MATH.md section 1), summing to 1 over teachers.
+
+    ``entropy``: ``w_k ∝ 1 - H_k / Σ_j H_j`` with ``H_k`` the entropy of ``softmax(t_k / temperature)``
+    (a confident teacher weighs more); ``uniform``: ``1/K``; a tensor ``[K]`` or ``[K, ...]``:
+    non-negative weights renormalised per row. No gradient flows through the weights.
+    """
+    validate.check_positive(temperature, "temperature")
+    if isinstance(teacher_logits, Tensor):
+        validate.check_logits(teacher_logits, "teacher_logits")
+        if teacher_logits.dim() < 2:
+            raise ValueError(
+                f"teacher_logits must be [K, ..., V], got shape {tuple(teacher_logits.shape)}"
+            )
+        first = teacher_logits[0]
+    else:
+        if len(teacher_logits) == 0:
+            raise ValueError("teacher_logits must hold at least one teacher (got K = 0)")
+        first = teacher_logits[0]
+    _, teachers, _, lead = validate.canonical_inputs(first, teacher_logits, None)
+    k = len(teachers)
+    if isinstance(method, Tensor):
+        return validate.fixed_weights(method, k, lead, first).reshape(k, *lead)
+    if method not in ("entropy", "uniform"):
+        raise ValueError(f"method must be 'entropy', 'uniform' or a Tensor, got {method!r}")
+    w, _ = ops.teacher_weights_op(teachers, ops.WEIGHT_MODES[method], float(temperature), True)
+    return w.reshape(k, *lead)
+
+
+def mtbkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | Sequence[Tensor],
+    labels: Tensor | None = None,
+    *,
+    temperature: float = 2.0,
+    concentration: float = 5.0,
+    prior_weight: float = 0.02,
+    hard_label_weight: float = 1.0,
+    weights: str | Tensor = "entropy",
+    weight_temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    return_stats: bool = False,
+    teacher_stats: TeacherStats | None = None,
+    check_finite: bool = True,
+) -> Tensor | tuple[Tensor, MTBKDStats]:
+    """MT-BKD loss with a teacher-informed Dirichlet mixture prior (MATH.md sections 2 and 4).
+
+    Row loss ``β_h·CE(z, y) + β_p·(−lgamma(V+λ) − logsumexp_k(log w_k + C_k − L_k))`` with
+    ``C_k = λ Σ_c p_kc^τ log q_c^τ`` and ``L_k = Σ_c lgamma(1 + λ p_kc^τ)``: the negative log of
+    ``Σ_k w_k Dir(q^τ; 1 + λ p_k^τ)``, the mixture inside the log.
+
+    Args:
+        student_logits: ``[..., V]``.
+        teacher_logits: ``[K, ..., V]`` tensor or a sequence of K ``[..., V]`` tensors.
+        labels: optional ``[...]`` class indices; without them the CE term is dropped.
+        temperature: τ for the softened student and teachers (paper code: 2).
+        concentration: Dirichlet concentration λ (paper code: 5).
+        prior_weight: β_p (paper code: 0.02).
+        hard_label_weight: β_h (only with labels).
+        weights: ``"entropy"`` (paper), ``"uniform"`` or a tensor ``[K]`` / ``[K, ...]``.
+        weight_temperature: τ_w of the entropy weights.
+        ignore_index: label value that masks a whole row (no term, zero gradient).
+        reduction: ``"mean"`` over unmasked rows, ``"sum"`` or ``"none"`` (shape ``[...]``).
+        num_items_in_batch: replaces the mean's denominator (gradient accumulation).
+        return_stats: also return :class:`MTBKDStats` (weights, responsibilities, entropies...).
+        teacher_stats: a :class:`mtbkd.TeacherStats` cache of these teachers (offline distillation):
+            the kernel then skips the teacher-only passes.
+        check_finite: raise ``ValueError`` on NaN/inf logits (checked inside the kernel).
+    """
+    validate.check_positive(temperature, "temperature")
+    validate.check_positive(concentration, "concentration")
+    validate.check_positive(weight_temperature, "weight_temperature")
+    validate.check_real(prior_weight, "prior_weight", nonnegative=True)
+    validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
+    validate.check_reduction(reduction)
+    student, teachers, flat_labels, lead = validate.canonical_inputs(
+        student_logits, teacher_logits, labels
+    )
+    k = len(teachers)
+    mode, fixed = _weight_mode(weights, k, lead, student)
+    stats_data = None
+    if teacher_stats is not None:
+        stats_data = teacher_stats.data_for(
+            k, student.shape[0], temperature, concentration, weight_temperature, student
+        )
+    loss_rows, _, w, resp, ent, prior, ce = ops.mtbkd_loss_fwd(
+        student, teachers, flat_labels, fixed, stats_data, float(temperature),
+        float(concentration), float(prior_weight), float(hard_label_weight), mode,
+        float(weight_temperature), int(ignore_index), bool(check_finite),
+    )  # fmt: skip
+    loss = _reduce(loss_rows, flat_labels, lead, reduction, ignore_index, num_items_in_batch)
+    if not return_stats:
+        return loss
+    stats = MTBKDStats(
+        weights=w.reshape(k, *lead),
+        responsibilities=resp.reshape(k, *lead),
+        entropy=ent.reshape(k, *lead),
+        prior=prior.reshape(lead),
+        ce=ce.reshape(lead),
+    )
+    return loss, stats
+
+
+def multi_teacher_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | Sequence[Tensor],
+    labels: Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    weights: str | Tensor = "entropy",
+    weight_temperature: float = 1.0,
+    hard_label_weight: float = 0.0,
+    soft_label_weight: float = 1.0,
+    scale_by_t2: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    check_finite: bool = True,
+) -> Tensor:
+    """Weighted-sum multi-teacher KD (MATH.md sections 3 and 4).
+
+    Row loss ``β_h·CE(z, y) + β_s·s(τ)·Σ_k w_k·D(p_k^τ, q^τ)`` with ``s(τ) = τ²`` if
+    ``scale_by_t2``. ``divergence``: ``"forward_kl"`` KL(p‖q), ``"reverse_kl"`` KL(q‖p) or ``"jsd"``
+    (generalised JSD with mixture ``m = β p + (1−β) q``; β = 0 is forward KL, β = 1 reverse KL).
+    Average-teacher KD is ``weights="uniform"``, entropy-weighted KD the default. Pure KD unless
+    ``hard_label_weight`` is set (no silent hard/soft mix). Other arguments as in
+    :func:`mtbkd_loss`.
+    """
+    if divergence not in ops.DIVERGENCES:
+        raise ValueError(
+            f"divergence must be one of {tuple(ops.DIVERGENCES)}, got {divergence!r}"
+        )
+    validate.check_real(beta, "beta")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    validate.check_positive(temperature, "temperature")
+    validate.check_positive(weight_temperature, "weight_temperature")
+    validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
+    validate.check_real(soft_label_weight, "soft_label_weight", nonnegative=True)
+    validate.check_reduction(reduction)
+    student, teachers, flat_labels, lead = validate.canonical_inputs(
+        student_logits, teacher_logits, labels
+    )
+    mode, fixed = _weight_mode(weights, len(teachers), lead, student)
+    scale = float(temperature) ** 2 if scale_by_t2 else 1.0
+    loss_rows, _, _ = ops.multi_teacher_kd_fwd(
+        student, teachers, flat_labels, fixed, ops.DIVERGENCES[divergence], float(beta),
+        float(temperature), mode, float(weight_temperature), float(hard_label_weight),
+        float(soft_label_weight), scale, int(ignore_index), bool(check_finite),
+    )  # fmt: skip
+    return _reduce(loss_rows, flat_labels, lead, reduction, ignore_index, num_items_in_batch)

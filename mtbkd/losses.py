@@ -1,0 +1,146 @@
+"""``nn.Module`` forms of the functional losses, drop-in replacements for ``nn.KLDivLoss`` /
+``nn.CrossEntropyLoss`` in a distillation loop: ``loss_fn(student_logits, teacher_logits, labels)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from mtbkd import functional as F
+
+__all__ = ["MTBKDLoss", "MultiTeacherKDLoss"]
+
+
+class MTBKDLoss(nn.Module):
+    """MT-BKD loss with a teacher-informed Dirichlet mixture prior (see :func:`mtbkd.functional.mtbkd_loss`).
+
+    Example::
+
+        loss_fn = mtbkd.MTBKDLoss(temperature=2.0, concentration=5.0, prior_weight=0.02)
+        loss = loss_fn(student_logits, torch.stack([t1, t2, t3]), labels)
+        loss.backward()
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 2.0,
+        concentration: float = 5.0,
+        prior_weight: float = 0.02,
+        hard_label_weight: float = 1.0,
+        weights: str | Tensor = "entropy",
+        weight_temperature: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.concentration = concentration
+        self.prior_weight = prior_weight
+        self.hard_label_weight = hard_label_weight
+        self.weights = weights
+        self.weight_temperature = weight_temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.check_finite = check_finite
+        # Validate once at construction, like torch's losses do for their options.
+        F.validate.check_positive(temperature, "temperature")
+        F.validate.check_positive(concentration, "concentration")
+        F.validate.check_positive(weight_temperature, "weight_temperature")
+        F.validate.check_reduction(reduction)
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | Sequence[Tensor],
+        labels: Tensor | None = None,
+        *,
+        num_items_in_batch: int | Tensor | None = None,
+        return_stats: bool = False,
+        teacher_stats=None,
+    ):
+        return F.mtbkd_loss(
+            student_logits, teacher_logits, labels, temperature=self.temperature,
+            concentration=self.concentration, prior_weight=self.prior_weight,
+            hard_label_weight=self.hard_label_weight, weights=self.weights,
+            weight_temperature=self.weight_temperature, ignore_index=self.ignore_index,
+            reduction=self.reduction, num_items_in_batch=num_items_in_batch,
+            return_stats=return_stats, teacher_stats=teacher_stats,
+            check_finite=self.check_finite,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, concentration={self.concentration}, "
+            f"prior_weight={self.prior_weight}, hard_label_weight={self.hard_label_weight}, "
+            f"weights={self.weights!r}, reduction={self.reduction!r}"
+        )
+
+
+class MultiTeacherKDLoss(nn.Module):
+    """Weighted-sum multi-teacher KD (see :func:`mtbkd.functional.multi_teacher_kd_loss`).
+
+    ``MultiTeacherKDLoss(weights="uniform")`` is average-teacher KD; the default
+    (``weights="entropy"``, ``divergence="forward_kl"``) is entropy-weighted KD.
+    """
+
+    def __init__(
+        self,
+        *,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        weights: str | Tensor = "entropy",
+        weight_temperature: float = 1.0,
+        hard_label_weight: float = 0.0,
+        soft_label_weight: float = 1.0,
+        scale_by_t2: bool = False,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if divergence not in F.ops.DIVERGENCES:
+            raise ValueError(
+                f"divergence must be one of {tuple(F.ops.DIVERGENCES)}, got {divergence!r}"
+            )
+        F.validate.check_positive(temperature, "temperature")
+        F.validate.check_reduction(reduction)
+        self.divergence = divergence
+        self.beta = beta
+        self.temperature = temperature
+        self.weights = weights
+        self.weight_temperature = weight_temperature
+        self.hard_label_weight = hard_label_weight
+        self.soft_label_weight = soft_label_weight
+        self.scale_by_t2 = scale_by_t2
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.check_finite = check_finite
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | Sequence[Tensor],
+        labels: Tensor | None = None,
+        *,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> Tensor:
+        return F.multi_teacher_kd_loss(
+            student_logits, teacher_logits, labels, divergence=self.divergence, beta=self.beta,
+            temperature=self.temperature, weights=self.weights,
+            weight_temperature=self.weight_temperature,
+            hard_label_weight=self.hard_label_weight, soft_label_weight=self.soft_label_weight,
+            scale_by_t2=self.scale_by_t2, ignore_index=self.ignore_index,
+            reduction=self.reduction, num_items_in_batch=num_items_in_batch,
+            check_finite=self.check_finite,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "
+            f"weights={self.weights!r}, reduction={self.reduction!r}"
+        )

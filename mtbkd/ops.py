@@ -1,0 +1,439 @@
+"""Custom ops (``torch.ops.mtbkd.*``) and the choice of backend behind them.
+
+Every fused operation is one ``torch.library.custom_op`` with a fake implementation (so
+``torch.compile(fullgraph=True)`` traces through it) and, where differentiable, an autograd
+formula. The op body picks a backend at run time:
+
+* ``reference``: :mod:`mtbkd.reference` through autograd; always available, any device.
+* ``cpu``: the C++ kernels of ``mtbkd._C`` (``torch.ops.mtbkd_C.*``), CPU tensors.
+* ``triton``: :mod:`mtbkd.kernels`, CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+* ``cuda``: the CUDA C++ kernels of ``mtbkd._C``, CUDA tensors of a CUDA build.
+
+``MTBKD_BACKEND=<name>`` forces one; a forced backend that cannot run on the given tensors raises
+``RuntimeError`` instead of silently falling back. Backends register their implementation of an op
+with :func:`register_impl`; all implementations of an op share the op's signature and semantics
+(canonical shapes: student ``[N, V]`` contiguous, teachers a list of K contiguous ``[N, V]`` of the
+student's dtype, labels ``[N]`` int64 or None, fixed weights ``[K, N]`` in the accumulation dtype).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+# Weight modes shared by every kernel (MATH.md section 1).
+WEIGHT_MODES = {"entropy": 0, "uniform": 1, "fixed": 2}
+# Divergences of the weighted-sum KD family (MATH.md section 3).
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+# Columns of a teacher-statistics row (see TeacherStats): logsumexp(t/tau), logsumexp(t/tau_w),
+# entropy of softmax(t/tau_w), sum_c lgamma(1 + lam * softmax(t/tau)_c).
+TEACHER_STAT_COLUMNS = ("lse_tau", "lse_w", "entropy_w", "lgamma_sum")
+
+_IMPLS: dict[str, dict[str, Callable]] = {}
+
+
+def register_impl(op: str, backend: str, fn: Callable | None = None):
+    """Register ``fn`` as ``backend``'s implementation of ``op`` (usable as a decorator)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def deco(f: Callable) -> Callable:
+        _IMPLS.setdefault(op, {})[backend] = f
+        return f
+
+    return deco(fn) if fn is not None else deco
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend availability
+# ----------------------------------------------------------------------------------------------
+
+_C_ERROR: str | None = None
+try:  # the compiled extension registers torch.ops.mtbkd_C.*
+    _C = importlib.import_module("mtbkd._C")
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    _C = None
+    _C_ERROR = f"mtbkd._C is not built ({exc}); run `pip install --no-build-isolation -e .`"
+
+
+def _triton_status() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not importable ({exc})"
+    try:
+        importlib.import_module("mtbkd.kernels")
+    except ImportError as exc:
+        return f"mtbkd.kernels failed to import ({exc})"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+    return None
+
+
+def _cuda_status() -> str | None:
+    if _C is None:
+        return _C_ERROR
+    if not getattr(_C, "has_cuda", lambda: False)():
+        return "mtbkd._C was built without CUDA kernels (needs a CUDA build of torch and nvcc)"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def backend_status() -> dict[str, str | None]:
+    """``{backend: None if available else the reason why not}``."""
+    return {
+        "reference": None,
+        "cpu": _C_ERROR,
+        "triton": _triton_status(),
+        "cuda": _cuda_status(),
+    }
+
+
+def _load_backend(backend: str) -> None:
+    # Backends living in optional modules register themselves on import.
+    if backend == "triton":
+        importlib.import_module("mtbkd.kernels")
+
+
+def select_backend(device: torch.device, op: str | None = None) -> str:
+    """The backend that runs ``op`` on tensors of ``device`` (honours ``MTBKD_BACKEND``)."""
+    forced = os.environ.get("MTBKD_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"MTBKD_BACKEND must be one of {BACKENDS}, got {forced!r}")
+        if forced == "cpu" and device.type != "cpu":
+            raise RuntimeError(f"MTBKD_BACKEND=cpu cannot run on {device.type} tensors")
+        if forced == "cuda" and device.type != "cuda":
+            raise RuntimeError(f"MTBKD_BACKEND=cuda cannot run on {device.type} tensors")
+        if forced == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "MTBKD_BACKEND=triton cannot run on CPU tensors unless TRITON_INTERPRET=1 is set"
+            )
+        reason = backend_status()[forced]
+        if reason is not None:
+            raise RuntimeError(f"MTBKD_BACKEND={forced} is not available: {reason}")
+        _load_backend(forced)
+        return forced
+    if device.type == "cuda":
+        for name in ("triton", "cuda"):
+            if backend_status()[name] is None:
+                _load_backend(name)
+                if op is None or name in _IMPLS.get(op, {}):
+                    return name
+        return "reference"
+    if device.type == "cpu" and _C is not None:
+        return "cpu"
+    return "reference"
+
+
+def _impl(op: str, t: Tensor) -> Callable:
+    backend = select_backend(t.device, op)
+    impls = _IMPLS.get(op, {})
+    if backend not in impls:
+        raise RuntimeError(f"backend {backend!r} has no implementation of mtbkd::{op}")
+    return impls[backend]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# mtbkd::mtbkd_loss_fwd  (MATH.md section 2)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mtbkd::mtbkd_loss_fwd", mutates_args=())
+def mtbkd_loss_fwd(
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Optional[Tensor],
+    fixed_weights: Optional[Tensor],
+    teacher_stats: Optional[Tensor],
+    temperature: float,
+    concentration: float,
+    prior_weight: float,
+    hard_label_weight: float,
+    weight_mode: int,
+    weight_temperature: float,
+    ignore_index: int,
+    check_finite: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row MT-BKD loss and its gradient in one fused forward.
+
+    Returns ``(loss [N], grad [N, V], weights [K, N], responsibilities [K, N], entropy [K, N],
+    prior [N], ce [N])``; ``grad`` is ``dL_i/dz_i`` (unscaled, student dtype), everything else is
+    float32 (float64 for float64 input); masked rows are 0 everywhere.
+    """
+    return _impl("mtbkd_loss_fwd", student)(
+        student, teachers, labels, fixed_weights, teacher_stats, temperature, concentration,
+        prior_weight, hard_label_weight, weight_mode, weight_temperature, ignore_index, check_finite,
+    )  # fmt: skip
+
+
+@mtbkd_loss_fwd.register_fake
+def _(student, teachers, labels, fixed_weights, teacher_stats, *args):
+    n, _ = student.shape
+    k = len(teachers)
+    acc = _acc_dtype(student.dtype)
+    row = student.new_empty((n,), dtype=acc)
+    kn = student.new_empty((k, n), dtype=acc)
+    return row, torch.empty_like(student), kn, kn.clone(), kn.clone(), row.clone(), row.clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# mtbkd::multi_teacher_kd_fwd  (MATH.md section 3)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mtbkd::multi_teacher_kd_fwd", mutates_args=())
+def multi_teacher_kd_fwd(
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Optional[Tensor],
+    fixed_weights: Optional[Tensor],
+    divergence: int,
+    beta: float,
+    temperature: float,
+    weight_mode: int,
+    weight_temperature: float,
+    hard_label_weight: float,
+    soft_label_weight: float,
+    soft_scale: float,
+    ignore_index: int,
+    check_finite: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row weighted-sum KD loss and gradient: ``(loss [N], grad [N, V], weights [K, N])``.
+
+    ``soft_scale`` is ``s(tau)`` (``tau**2`` or 1); ``divergence`` indexes :data:`DIVERGENCES`.
+    """
+    return _impl("multi_teacher_kd_fwd", student)(
+        student, teachers, labels, fixed_weights, divergence, beta, temperature, weight_mode,
+        weight_temperature, hard_label_weight, soft_label_weight, soft_scale, ignore_index,
+        check_finite,
+    )  # fmt: skip
+
+
+@multi_teacher_kd_fwd.register_fake
+def _(student, teachers, *args):
+    n, _ = student.shape
+    acc = _acc_dtype(student.dtype)
+    return (
+        student.new_empty((n,), dtype=acc),
+        torch.empty_like(student),
+        student.new_empty((len(teachers), n), dtype=acc),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# mtbkd::teacher_weights and mtbkd::teacher_stats (teacher-only statistics)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mtbkd::teacher_weights", mutates_args=())
+def teacher_weights_op(
+    teachers: list[Tensor], weight_mode: int, weight_temperature: float, check_finite: bool
+) -> tuple[Tensor, Tensor]:
+    """Entropy or uniform teacher weights per row: ``(weights [K, N], entropy [K, N])``."""
+    return _impl("teacher_weights", teachers[0])(
+        teachers, weight_mode, weight_temperature, check_finite
+    )
+
+
+@teacher_weights_op.register_fake
+def _(teachers, *args):
+    k, n = len(teachers), teachers[0].shape[0]
+    acc = _acc_dtype(teachers[0].dtype)
+    w = teachers[0].new_empty((k, n), dtype=acc)
+    return w, w.clone()
+
+
+@torch.library.custom_op("mtbkd::teacher_stats", mutates_args=())
+def teacher_stats_op(
+    teachers: list[Tensor],
+    temperature: float,
+    concentration: float,
+    weight_temperature: float,
+    check_finite: bool,
+) -> Tensor:
+    """Cached teacher-only statistics ``[K, N, 4]`` (columns :data:`TEACHER_STAT_COLUMNS`)."""
+    return _impl("teacher_stats", teachers[0])(
+        teachers, temperature, concentration, weight_temperature, check_finite
+    )
+
+
+@teacher_stats_op.register_fake
+def _(teachers, *args):
+    k, n = len(teachers), teachers[0].shape[0]
+    return teachers[0].new_empty((k, n, 4), dtype=_acc_dtype(teachers[0].dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# mtbkd::scale_grad: the backward of both losses (grad computed in the forward, scaled here)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mtbkd::scale_grad", mutates_args=())
+def scale_grad(grad: Tensor, grad_rows: Tensor) -> Tensor:
+    """``grad * grad_rows[:, None]`` computed in fp32 (fp64) and rounded once to ``grad.dtype``."""
+    return _impl("scale_grad", grad)(grad, grad_rows)
+
+
+@scale_grad.register_fake
+def _(grad, grad_rows):
+    return torch.empty_like(grad)
+
+
+def _setup_loss_ctx(ctx, inputs, output):
+    # inputs: (student, teachers, *scalars-and-optionals); the gradient was computed in the forward.
+    ctx.num_teachers = len(inputs[1])
+    ctx.num_rest = len(inputs) - 2
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _loss_backward(ctx, grad_loss, *unused):
+    (grad,) = ctx.saved_tensors
+    grad_student = scale_grad(grad, grad_loss.contiguous())
+    return (grad_student, [None] * ctx.num_teachers) + (None,) * ctx.num_rest
+
+
+mtbkd_loss_fwd.register_autograd(_loss_backward, setup_context=_setup_loss_ctx)
+multi_teacher_kd_fwd.register_autograd(_loss_backward, setup_context=_setup_loss_ctx)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference backend: mtbkd.reference through autograd (any device, any float dtype)
+# ----------------------------------------------------------------------------------------------
+
+
+def _ref_checks(student, teachers, labels, ignore_index, check_finite):
+    from mtbkd import validate
+
+    if labels is not None:
+        validate.check_label_range(labels, student.shape[-1], ignore_index)
+    if check_finite:
+        mask = None if labels is None else labels != ignore_index
+        validate.check_finite(student, "student_logits", mask)
+        for t in teachers:
+            validate.check_finite(t, "teacher_logits", mask)
+
+
+def _ref_weights_arg(fixed_weights, weight_mode):
+    if weight_mode == WEIGHT_MODES["fixed"]:
+        return fixed_weights
+    return "entropy" if weight_mode == WEIGHT_MODES["entropy"] else "uniform"
+
+
+def _grad_of(rows: Tensor, z: Tensor, dtype: torch.dtype) -> Tensor:
+    (g,) = torch.autograd.grad(rows.sum(), z)
+    return g.to(dtype).contiguous()
+
+
+def _autograd_enabled():
+    """Re-enable autograd inside a custom op body (the dispatcher excludes it below Autograd)."""
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(include, exclude)
+
+
+_AUTOGRAD_KEYS = [
+    getattr(torch._C.DispatchKey, name)
+    for name in ("ADInplaceOrView", "AutogradOther", "AutogradCPU", "AutogradCUDA",
+                 "AutogradFunctionality")
+    if hasattr(torch._C.DispatchKey, name)
+]  # fmt: skip
+
+
+@register_impl("mtbkd_loss_fwd", "reference")
+def _ref_mtbkd_loss_fwd(
+    student, teachers, labels, fixed_weights, teacher_stats, temperature, concentration,
+    prior_weight, hard_label_weight, weight_mode, weight_temperature, ignore_index, check_finite,
+):  # fmt: skip
+    from mtbkd import reference
+
+    _ref_checks(student, teachers, labels, ignore_index, check_finite)
+    # teacher_stats only saves work; the reference always recomputes from the logits.
+    with _autograd_enabled(), torch.enable_grad():
+        z = student.detach().to(_acc_dtype(student.dtype)).requires_grad_(True)
+        out = reference.mtbkd_loss(
+            z, torch.stack(teachers), labels, temperature=temperature,
+            concentration=concentration, prior_weight=prior_weight,
+            hard_label_weight=hard_label_weight,
+            weights=_ref_weights_arg(fixed_weights, weight_mode),
+            weight_temperature=weight_temperature, ignore_index=ignore_index,
+        )  # fmt: skip
+        grad = _grad_of(out.loss, z, student.dtype)
+    return (
+        out.loss.detach(), grad, out.weights.detach(), out.responsibilities, out.entropy,
+        out.prior, out.ce,
+    )  # fmt: skip
+
+
+@register_impl("multi_teacher_kd_fwd", "reference")
+def _ref_multi_teacher_kd_fwd(
+    student, teachers, labels, fixed_weights, divergence, beta, temperature, weight_mode,
+    weight_temperature, hard_label_weight, soft_label_weight, soft_scale, ignore_index,
+    check_finite,
+):  # fmt: skip
+    from mtbkd import reference
+
+    _ref_checks(student, teachers, labels, ignore_index, check_finite)
+    name = {v: k for k, v in DIVERGENCES.items()}[divergence]
+    with _autograd_enabled(), torch.enable_grad():
+        z = student.detach().to(_acc_dtype(student.dtype)).requires_grad_(True)
+        loss, w = reference.multi_teacher_kd_loss(
+            z, torch.stack(teachers), labels, divergence=name, beta=beta,
+            temperature=temperature, weights=_ref_weights_arg(fixed_weights, weight_mode),
+            weight_temperature=weight_temperature, hard_label_weight=hard_label_weight,
+            soft_label_weight=soft_label_weight * soft_scale, scale_by_t2=False,
+            ignore_index=ignore_index,
+        )  # fmt: skip
+        grad = _grad_of(loss, z, student.dtype)
+    return loss.detach(), grad, w.detach()
+
+
+@register_impl("teacher_weights", "reference")
+def _ref_teacher_weights(teachers, weight_mode, weight_temperature, check_finite):
+    from mtbkd import reference
+
+    if check_finite:
+        from mtbkd import validate
+
+        for t in teachers:
+            validate.check_finite(t, "teacher_logits", None)
+    t = torch.stack(teachers)
+    w = reference.teacher_weights(t, _ref_weights_arg(None, weight_mode), weight_temperature)
+    return w, reference.teacher_entropy(t, weight_temperature)
+
+
+@register_impl("teacher_stats", "reference")
+def _ref_teacher_stats(teachers, temperature, concentration, weight_temperature, check_finite):
+    if check_finite:
+        from mtbkd import validate
+
+        for t in teachers:
+            validate.check_finite(t, "teacher_logits", None)
+    t = torch.stack(teachers).to(_acc_dtype(teachers[0].dtype))
+    lse_tau = torch.logsumexp(t / temperature, -1)
+    lse_w = torch.logsumexp(t / weight_temperature, -1)
+    logp_w = t / weight_temperature - lse_w[..., None]
+    entropy_w = -(logp_w.exp() * logp_w).sum(-1)
+    p = torch.exp(t / temperature - lse_tau[..., None])
+    lgamma_sum = torch.lgamma(1.0 + concentration * p).sum(-1)
+    return torch.stack([lse_tau, lse_w, entropy_w, lgamma_sum], dim=-1)
+
+
+@register_impl("scale_grad", "reference")
+def _ref_scale_grad(grad, grad_rows):
+    return (grad.to(grad_rows.dtype) * grad_rows[:, None]).to(grad.dtype)

@@ -1,0 +1,169 @@
+"""Argument checks shared by the public API: clear errors that name the offending argument.
+
+Checks that need the data (label range, NaN/inf) run inside the kernels' statistics pass; the
+functions here that read data serve the reference backend and user-given weight tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_positive(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return float(value)
+
+
+def check_real(value: float, name: str, *, nonnegative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or (nonnegative and value < 0):
+        kind = "a non-negative finite" if nonnegative else "a finite"
+        raise ValueError(f"{name} must be {kind} number, got {value}")
+    return float(value)
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_logits(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last (class) dimension, got {tuple(x.shape)}")
+
+
+def canonical_inputs(
+    student_logits: Tensor,
+    teacher_logits: Tensor | Sequence[Tensor],
+    labels: Tensor | None,
+) -> tuple[Tensor, list[Tensor], Tensor | None, torch.Size]:
+    """Flatten to the kernels' shapes: student ``[N, V]``, K teachers ``[N, V]``, labels ``[N]``.
+
+    Returns ``(student, teachers, labels, leading_shape)``. Teachers of another floating dtype are
+    cast to the student's (a copy); a ``[K, ..., V]`` tensor is split into views without a copy.
+    """
+    check_logits(student_logits, "student_logits")
+    lead, v = student_logits.shape[:-1], student_logits.shape[-1]
+    if isinstance(teacher_logits, Tensor):
+        check_logits(teacher_logits, "teacher_logits")
+        if teacher_logits.dim() != student_logits.dim() + 1:
+            raise ValueError(
+                "teacher_logits must be [K, *student_logits.shape] (or a sequence of K tensors "
+                f"shaped like student_logits); got {tuple(teacher_logits.shape)} for student "
+                f"{tuple(student_logits.shape)}"
+            )
+        teachers = list(teacher_logits.unbind(0))
+    elif isinstance(teacher_logits, Sequence):
+        teachers = list(teacher_logits)
+        for i, t in enumerate(teachers):
+            check_logits(t, f"teacher_logits[{i}]")
+    else:
+        raise TypeError(
+            "teacher_logits must be a tensor [K, ..., V] or a sequence of K tensors [..., V], "
+            f"got {type(teacher_logits).__name__}"
+        )
+    if len(teachers) == 0:
+        raise ValueError("teacher_logits must hold at least one teacher (got K = 0)")
+    out = []
+    for i, t in enumerate(teachers):
+        if t.shape[-1] != v:
+            raise ValueError(
+                f"teacher_logits[{i}] has vocabulary size {t.shape[-1]} but student_logits has {v}"
+            )
+        if t.shape[:-1] != lead:
+            raise ValueError(
+                f"teacher_logits[{i}] has leading shape {tuple(t.shape[:-1])} but student_logits "
+                f"has {tuple(lead)}"
+            )
+        if t.device != student_logits.device:
+            raise ValueError(
+                f"teacher_logits[{i}] is on {t.device} but student_logits is on "
+                f"{student_logits.device}"
+            )
+        t = t.detach()
+        if t.dtype != student_logits.dtype:
+            t = t.to(student_logits.dtype)
+        out.append(t.reshape(-1, v).contiguous())
+    student = student_logits.reshape(-1, v)
+    if not student.is_contiguous():
+        student = student.contiguous()
+    if labels is not None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        if labels.shape != lead:
+            raise ValueError(
+                f"labels must have shape {tuple(lead)} (student_logits without its last dim), "
+                f"got {tuple(labels.shape)}"
+            )
+        if labels.device != student_logits.device:
+            raise ValueError(
+                f"labels is on {labels.device} but student_logits is on {student_logits.device}"
+            )
+        labels = labels.reshape(-1).to(torch.int64).contiguous()
+    return student, out, labels, lead
+
+
+def check_label_range(labels: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every label is ``ignore_index`` or in ``[0, num_classes)`` (reads the data)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
+            f"found {value}"
+        )
+
+
+def check_finite(x: Tensor, name: str, row_mask: Tensor | None) -> None:
+    """No NaN/inf in the rows that count (reads the data)."""
+    bad = ~torch.isfinite(x).all(-1)
+    if row_mask is not None:
+        bad &= row_mask
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} contains NaN or inf (row {int(bad.nonzero()[0, 0])}); "
+            "pass check_finite=False to skip this check"
+        )
+
+
+def fixed_weights(weights: Tensor, k: int, lead: torch.Size, like: Tensor) -> Tensor:
+    """User teacher weights ``[K]`` or ``[K, *lead]`` -> row-normalised ``[K, N]`` (acc dtype)."""
+    if weights.dim() == 0 or weights.shape[0] != k:
+        raise ValueError(f"weights must have shape [K={k}] or [K={k}, *{tuple(lead)}], got "
+                         f"{tuple(weights.shape)}")  # fmt: skip
+    if weights.dim() > 1 and weights.shape[1:] != lead:
+        raise ValueError(
+            f"weights must have shape [K={k}] or [K={k}, *{tuple(lead)}], got {tuple(weights.shape)}"
+        )
+    if weights.device != like.device:
+        raise ValueError(f"weights is on {weights.device} but student_logits is on {like.device}")
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    n = 1
+    for s in lead:
+        n *= s
+    w = weights.detach().to(acc).reshape(k, -1).expand(k, n)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weights must be finite")
+    if bool((w < 0).any()):
+        raise ValueError("weights must be non-negative")
+    total = w.sum(0, keepdim=True)
+    if bool((total == 0).any()):
+        raise ValueError("weights: a row has all teacher weights equal to zero")
+    return (w / total).contiguous()

@@ -1,0 +1,53 @@
+"""Builds ``mtbkd._C``: the C++ CPU kernels (always) and the CUDA kernels (with a CUDA torch + nvcc).
+
+Install with ``pip install --no-build-isolation -e .`` so the extension compiles against the torch
+already in the environment (an isolated build would download another torch).
+Environment: ``MTBKD_CPU_FLAGS`` overrides the CPU code-generation flags (default ``-march=native``,
+since the extension is always compiled on the machine that runs it); ``MTBKD_NO_CUDA=1`` skips CUDA.
+"""
+
+import glob
+import os
+import shlex
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+cpu_flags = shlex.split(os.environ.get("MTBKD_CPU_FLAGS", "-march=native"))
+sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
+cxx = ["-O3", "-std=c++17", "-fopenmp", *cpu_flags]
+define_macros = []
+with_cuda = (
+    os.environ.get("MTBKD_NO_CUDA") != "1"
+    and cpp_extension.CUDA_HOME is not None
+    and __import__("torch").version.cuda is not None
+)
+if with_cuda:
+    sources += _rel("csrc/cuda/*.cu")
+    define_macros.append(("MTBKD_WITH_CUDA", "1"))
+    Ext = cpp_extension.CUDAExtension
+    extra = {"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]}
+else:
+    Ext = cpp_extension.CppExtension
+    extra = {"cxx": cxx}
+
+setup(
+    ext_modules=[
+        Ext(
+            name="mtbkd._C",
+            sources=sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
