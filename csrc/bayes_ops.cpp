@@ -10,7 +10,7 @@
 #include "cpu/bayes_kernels.h"
 
 #ifdef MTBKD_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/bayes_kernels.cuh"
@@ -42,16 +42,23 @@ Tensor philox_normal(int64_t seed, int64_t offset, int64_t stream, int64_t n) {
   return out.narrow(0, 0, n);
 }
 
-Tensor reparameterize_fwd_cpu(const Tensor& mu, const Tensor& rho, int64_t seed, int64_t offset) {
+void raise_non_finite(int flags) {
+  TORCH_CHECK_VALUE(!(flags & 1), "mu contains non-finite values (NaN or inf)");
+  TORCH_CHECK_VALUE(!(flags & 2), "rho contains non-finite values (NaN or inf)");
+}
+
+Tensor reparameterize_fwd_cpu(const Tensor& mu, const Tensor& rho, int64_t seed, int64_t offset,
+                              bool check_finite) {
   check_pair(mu, rho, "mu", "rho");
   Tensor w = at::empty_like(mu);
+  int flags = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mu.scalar_type(), "reparam_fwd", [&] {
-    mtbkd::cpu::reparameterize_fwd<scalar_t>(mu.const_data_ptr<scalar_t>(),
-                                             rho.const_data_ptr<scalar_t>(),
-                                             w.mutable_data_ptr<scalar_t>(), mu.numel(),
-                                             static_cast<uint64_t>(seed),
-                                             static_cast<uint64_t>(offset));
+    flags = mtbkd::cpu::reparameterize_fwd<scalar_t>(
+        mu.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>(),
+        w.mutable_data_ptr<scalar_t>(), mu.numel(), static_cast<uint64_t>(seed),
+        static_cast<uint64_t>(offset), check_finite);
   });
+  raise_non_finite(flags);
   return w;
 }
 
@@ -112,8 +119,8 @@ void sgld_step_cpu(at::TensorList params_in, at::TensorList grads_in,
   const std::vector<Tensor> params = params_in.vec(), grads = grads_in.vec(),
                             square_avgs = square_avgs_in.vec();
   check_sgld_lists(params, grads, square_avgs, precondition);
-  const mtbkd::cpu::SgldParams p{lr,   num_data, temperature, weight_decay, static_cast<uint64_t>(seed),
-                                 precondition, alpha, eps};
+  const mtbkd::cpu::SgldParams p{lr,           num_data, temperature, weight_decay,
+                                 static_cast<uint64_t>(seed), precondition, alpha, eps};
   for (size_t j = 0; j < params.size(); ++j) {
     const Tensor& th = params[j];
     TORCH_CHECK(th.device().is_cpu(), "params must be CPU tensors");
@@ -148,7 +155,9 @@ mtbkd::cuda::DType cuda_dtype(at::ScalarType t) {
 void check_cuda(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, cudaGetErrorString(err)); }
 
 Tensor reparameterize_fwd_cuda(const Tensor& mu, const Tensor& rho, int64_t seed,
-                               int64_t offset) {
+                               int64_t offset, bool check_finite) {
+  // The Python op checks finiteness on CUDA tensors (one fused torch reduction) when asked.
+  (void)check_finite;
   check_pair(mu, rho, "mu", "rho");
   const c10::cuda::CUDAGuard guard(mu.device());
   Tensor w = at::empty_like(mu);
@@ -156,7 +165,7 @@ Tensor reparameterize_fwd_cuda(const Tensor& mu, const Tensor& rho, int64_t seed
                                mu.numel(), static_cast<uint64_t>(seed),
                                static_cast<uint64_t>(offset), cuda_dtype(mu.scalar_type()),
                                false};
-  check_cuda(mtbkd::cuda::launch_reparameterize(p, at::cuda::getCurrentCUDAStream()));
+  check_cuda(mtbkd::cuda::launch_reparameterize(p, c10::cuda::getCurrentCUDAStream()));
   return w;
 }
 
@@ -169,7 +178,7 @@ Tensor reparameterize_bwd_cuda(const Tensor& grad, const Tensor& rho, int64_t se
                                drho.mutable_data_ptr(), rho.numel(), static_cast<uint64_t>(seed),
                                static_cast<uint64_t>(offset), cuda_dtype(rho.scalar_type()),
                                true};
-  check_cuda(mtbkd::cuda::launch_reparameterize(p, at::cuda::getCurrentCUDAStream()));
+  check_cuda(mtbkd::cuda::launch_reparameterize(p, c10::cuda::getCurrentCUDAStream()));
   return drho;
 }
 
@@ -192,7 +201,7 @@ std::tuple<Tensor, Tensor, Tensor> gaussian_kl_cuda(const Tensor& mu, const Tens
                           prior_mu,
                           prior_sigma,
                           cuda_dtype(mu.scalar_type())};
-  check_cuda(mtbkd::cuda::launch_gaussian_kl(p, at::cuda::getCurrentCUDAStream()));
+  check_cuda(mtbkd::cuda::launch_gaussian_kl(p, c10::cuda::getCurrentCUDAStream()));
   return {sum.to(acc), dmu, drho};
 }
 
@@ -213,11 +222,11 @@ void sgld_step_cuda(at::TensorList params_in, at::TensorList grads_in,
                        precondition ? square_avgs[j].mutable_data_ptr() : nullptr,
                        params[j].numel(), static_cast<uint32_t>(j)});
   }
-  const mtbkd::cuda::SgldHyper h{lr,   num_data, temperature, weight_decay, static_cast<uint64_t>(seed),
-                                 precondition, alpha, eps};
+  const mtbkd::cuda::SgldHyper h{lr,           num_data, temperature, weight_decay,
+                                 static_cast<uint64_t>(seed), precondition, alpha, eps};
   check_cuda(mtbkd::cuda::launch_sgld(tensors.data(), static_cast<int>(tensors.size()), h,
                                       cuda_dtype(params[0].scalar_type()),
-                                      at::cuda::getCurrentCUDAStream()));
+                                      c10::cuda::getCurrentCUDAStream()));
 }
 
 #endif  // MTBKD_WITH_CUDA
@@ -226,7 +235,9 @@ void sgld_step_cuda(at::TensorList params_in, at::TensorList grads_in,
 
 TORCH_LIBRARY_FRAGMENT(mtbkd_C, m) {
   m.def("philox_normal(int seed, int offset, int stream, int n) -> Tensor");
-  m.def("reparameterize_fwd(Tensor mu, Tensor rho, int seed, int offset) -> Tensor");
+  m.def(
+      "reparameterize_fwd(Tensor mu, Tensor rho, int seed, int offset, bool check_finite)"
+      " -> Tensor");
   m.def("reparameterize_bwd(Tensor grad, Tensor rho, int seed, int offset) -> Tensor");
   m.def(
       "gaussian_kl(Tensor mu, Tensor rho, float prior_mu, float prior_sigma, bool compute_grad)"

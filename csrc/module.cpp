@@ -1,5 +1,9 @@
 // The Python module mtbkd._C. Kernels register themselves as torch.ops.mtbkd_C.* (TORCH_LIBRARY
 // fragments in ops.cpp and the other API files); this file only answers build questions.
+// cpu/capability.h first: it defines the CPU_CAPABILITY_* macros the loss kernels are compiled
+// with (from the compiler target), so cpu_capability() below reports what they really use.
+#include "cpu/capability.h"
+
 #include <torch/extension.h>
 
 PYBIND11_MODULE(_C, m) {

@@ -68,6 +68,136 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_pipeline_commands(sub) -> None:
     """``demo``, ``distill`` and ``predict``: the end-to-end MT-BKD pipeline (mtbkd.distill)."""
 
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", default=None,
+                       help="output folder (default: a new folder under runs/)")  # fmt: skip
+        p.add_argument("--seed", type=int, default=0, help="data split and training seed")
+        p.add_argument("--smoke", action="store_true",
+                       help="tiny schedule and no tuning (a quick end-to-end check)")  # fmt: skip
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run in --out from its checkpoints")  # fmt: skip
+        p.add_argument("--methods", default=None,
+                       help="comma-separated subset of ce,avg_kd,entropy_kd,bkd,mtbkd_map,"
+                            "mtbkd_sgld (bkd = every single-teacher BKD)")  # fmt: skip
+        p.add_argument("--map-epochs", type=int, default=None, help="MAP warm-start epochs")
+        p.add_argument("--sgld-epochs", type=int, default=None, help="SGLD epochs")
+        p.add_argument("--num-samples", type=int, default=None, help="posterior samples kept")
+        p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("demo", help="MT-BKD on scikit-learn digits: three expert teachers, a "
+                       "small student, the comparison table and figures (offline, minutes)")  # fmt: skip
+    common(p)
+    p.set_defaults(func=_cmd_demo, dataset="digits", data_dir=None)
+
+    p = sub.add_parser("distill", help="run every method on a dataset and write the report")
+    p.add_argument("--dataset", choices=["digits", "yeast", "deeploc", "dir"], required=True,
+                   help="built-in dataset, or `dir`: a directory of your own (--data-dir)")  # fmt: skip
+    p.add_argument("--data-dir", default=None,
+                   help="folder of the DeepLoc files or of your own dataset")  # fmt: skip
+    common(p)
+    p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("predict", help="apply a saved run's posterior samples to new inputs")
+    p.add_argument("--run", required=True, help="output folder of `mtbkd demo` / `mtbkd distill`")
+    p.add_argument("--input", required=True,
+                   help="CSV (a Sequence column for DeepLoc runs; labels optional) or .npy")  # fmt: skip
+    p.add_argument("--out", required=True, help="CSV to write, one row per input")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _pipeline_config(args: argparse.Namespace):
+    from mtbkd.distill import PRESETS, SMOKE, DistillConfig
+
+    kw = dict(PRESETS.get(args.dataset, {}))
+    kw["seed"] = args.seed
+    kw["progress"] = not args.no_progress and sys.stderr.isatty()
+    if args.smoke:
+        kw.update(SMOKE)
+    if args.methods:
+        kw["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    for name in ("map_epochs", "sgld_epochs", "num_samples"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    try:
+        return DistillConfig(**kw)
+    except ValueError as exc:
+        raise SystemExit(f"mtbkd {args.command}: {exc}") from None
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    import time
+
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path("runs") / f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        i = 1
+        while out.exists():
+            out = out.with_name(f"{out.name.rsplit('.', 1)[0]}.{i}")
+            i += 1
+    if (out / "checkpoints").exists() and not args.resume:
+        raise SystemExit(
+            f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or choose "
+            "another --out"
+        )
+    return out
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    import time
+
+    from mtbkd import data, distill, report
+
+    t0 = time.perf_counter()
+    config = _pipeline_config(args)
+    out = _out_dir(args)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.dataset == "digits":
+            dataset = distill.digits_demo_dataset(config, seed=args.seed)
+        else:
+            dataset = data.load_dataset(args.dataset, args.data_dir, seed=args.seed)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+        raise SystemExit(f"mtbkd {args.command}: {exc}") from None
+    print(dataset.summary(), flush=True)
+    result = distill.run_experiment(dataset, config, checkpoint_dir=out / "checkpoints",
+                                    log=lambda m: print(m, flush=True))  # fmt: skip
+    distill.save_run(result, out, dataset)
+    rep = report.write_report(result, out, figures=not args.no_figures)
+    print()
+    print(f"{dataset.name} test set ({len(dataset.y_test)} rows), "
+          f"{len(result.teacher_names)} teachers: {', '.join(result.teacher_names)}")  # fmt: skip
+    print(report.format_table(rep["methods"]))
+    for line in report.followed_sentences(result.attribution):
+        print(line)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    print(f"report, figures and posterior samples written to {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    return _run_pipeline(args)
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    if args.dataset in ("deeploc", "dir") and not args.data_dir:
+        raise SystemExit(f"mtbkd distill --dataset {args.dataset} needs --data-dir")
+    return _run_pipeline(args)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from mtbkd.distill import predict_file
+
+    try:
+        metrics = predict_file(args.run, args.input, args.out)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"mtbkd predict: {exc}") from None
+    if metrics:
+        print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    print(f"predictions written to {args.out}")
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

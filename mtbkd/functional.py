@@ -69,6 +69,11 @@ def _reduce(rows: Tensor, labels: Tensor | None, lead, reduction: str, ignore_in
     return total / count.to(total.dtype)
 
 
+def _sparse_args(args: dict) -> dict:
+    # The call's own arguments (locals() at the top of the loss), for the sparse-teacher path.
+    return {k: v for k, v in args.items() if not k.startswith("_")}
+
+
 def teacher_weights(
     teacher_logits: Tensor | Sequence[Tensor],
     method: str | Tensor = "entropy",
@@ -144,6 +149,12 @@ def mtbkd_loss(
             the kernel then skips the teacher-only passes.
         check_finite: raise ``ValueError`` on NaN/inf logits (checked inside the kernel).
     """
+    # --- sparse top-k teachers (MATH.md section 5): mtbkd/sparse.py (issue 6) ---
+    from mtbkd import sparse as _sparse
+
+    if _sparse.is_sparse(teacher_logits):
+        return _sparse.sparse_mtbkd_loss(**_sparse_args(locals()))
+    # --- end sparse ---
     validate.check_positive(temperature, "temperature")
     validate.check_positive(concentration, "concentration")
     validate.check_positive(weight_temperature, "weight_temperature")
@@ -205,6 +216,12 @@ def multi_teacher_kd_loss(
     ``hard_label_weight`` is set (no silent hard/soft mix). Other arguments as in
     :func:`mtbkd_loss`.
     """
+    # --- sparse top-k teachers (MATH.md section 5): mtbkd/sparse.py (issue 6) ---
+    from mtbkd import sparse as _sparse
+
+    if _sparse.is_sparse(teacher_logits):
+        return _sparse.sparse_multi_teacher_kd_loss(**_sparse_args(locals()))
+    # --- end sparse ---
     if divergence not in ops.DIVERGENCES:
         raise ValueError(
             f"divergence must be one of {tuple(ops.DIVERGENCES)}, got {divergence!r}"

@@ -437,3 +437,26 @@ def _ref_teacher_stats(teachers, temperature, concentration, weight_temperature,
 @register_impl("scale_grad", "reference")
 def _ref_scale_grad(grad, grad_rows):
     return (grad.to(grad_rows.dtype) * grad_rows[:, None]).to(grad.dtype)
+
+
+# The Bayesian-student ops (MATH.md sections 6-7) live in their own module; re-exported here.
+from mtbkd.bayes_ops import gaussian_kl, reparameterize  # noqa: E402,F401
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU backend: the C++ kernels of mtbkd._C (csrc/ops.cpp, csrc/cpu/loss_kernels.cpp), registered
+# as torch.ops.mtbkd_C.<op> with the same signature and semantics as the op here.
+# ----------------------------------------------------------------------------------------------
+
+
+def _cpu_impl(op: str) -> Callable:
+    def impl(*args):
+        return getattr(torch.ops.mtbkd_C, op)(*args)
+
+    impl.__name__ = f"_cpu_{op}"
+    return impl
+
+
+for _op in ("mtbkd_loss_fwd", "multi_teacher_kd_fwd", "teacher_weights", "teacher_stats",
+            "scale_grad"):  # fmt: skip
+    register_impl(_op, "cpu", _cpu_impl(_op))

@@ -12,10 +12,11 @@ namespace cpu {
 void philox_normals(uint64_t seed, uint64_t counter, uint32_t stream, int64_t groups, float* out);
 
 // w = mu + softplus(rho) * eps, eps the normals of (seed, offset); T in {float, double,
-// c10::BFloat16, c10::Half}, computed in float (double for double), rounded once.
+// c10::BFloat16, c10::Half}, computed in float (double for double), rounded once. With
+// check_finite, returns a bit mask of the inputs holding NaN or inf (1: mu, 2: rho), else 0.
 template <typename T>
-void reparameterize_fwd(const T* mu, const T* rho, T* w, int64_t n, uint64_t seed,
-                        uint64_t offset);
+int reparameterize_fwd(const T* mu, const T* rho, T* w, int64_t n, uint64_t seed,
+                       uint64_t offset, bool check_finite);
 
 // drho = grad * eps * sigmoid(rho), eps regenerated from (seed, offset).
 template <typename T>

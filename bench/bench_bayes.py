@@ -1,0 +1,384 @@
+"""Benchmarks of the Bayesian student (issue 4 targets; MATH.md sections 6-8), CPU.
+
+1. Reparameterised sampling, forward+backward, for a 4096x4096 layer: the fused Philox op
+   (``mtbkd.ops.reparameterize``) vs eager (``torch.randn_like`` + softplus + mul + add through
+   autograd), ``torch.compile`` of the eager code (full run only), and bayesian-torch's
+   ``LinearReparameterization`` when installed. Peak extra memory of each, in a fresh process,
+   in units of one weight-sized tensor.
+2. One SGLD step over a model's parameters: the fused op vs a Python loop over the parameters.
+3. The predictive over 100 posterior samples: ``mtbkd.posterior.predict`` (functional_call +
+   vmap) vs a loop that loads each sample into the model and runs it.
+
+Every ratio compares methods timed in the same run, interleaved (``common.time_interleaved``).
+``run(quick)`` returns the results dict and, given ``out_dir``, writes JSON, markdown and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mtbkd.ops
+from mtbkd.bayes_ops import reparameterize
+from mtbkd.optim import SGLD
+from mtbkd.posterior import SampleStore, predict
+
+try:
+    from bench import common
+except ImportError:  # run as a script or from a child process with bench/ on sys.path
+    import common
+
+# ---------------------------------------------------------------------------------------------
+# 1. Sampling forward+backward
+# ---------------------------------------------------------------------------------------------
+
+
+def _sampling_inputs(rows: int, cols: int):
+    torch.manual_seed(0)
+    mu = (torch.randn(rows, cols) * 0.02).requires_grad_(True)
+    rho = torch.full((rows, cols), -5.0).requires_grad_(True)
+    g = torch.randn(rows, cols)
+    return mu, rho, g
+
+
+def _fused_sample(mu, rho):
+    return reparameterize(mu, rho, check_finite=False)
+
+
+def _eager_sample(mu, rho):
+    return mu + F.softplus(rho) * torch.randn_like(mu)
+
+
+def _bayesian_torch_layer(rows: int, cols: int):
+    from bayesian_torch.layers import LinearReparameterization
+
+    layer = LinearReparameterization(cols, rows, bias=False)
+    return layer
+
+
+def sampling_method(method: str, rows: int, cols: int):
+    """``fn(mu, rho, g) -> (dmu, drho)``: one forward+backward of ``method``."""
+    if method in ("fused", "eager", "compiled"):
+        sample = {"fused": _fused_sample, "eager": _eager_sample}.get(method)
+        if method == "compiled":
+            sample = torch.compile(_eager_sample, fullgraph=True)
+
+        def fb(mu, rho, g):
+            w = sample(mu, rho)
+            return torch.autograd.grad(w, (mu, rho), g)
+
+        return fb
+    if method == "bayesian_torch":
+        layer = _bayesian_torch_layer(rows, cols)
+        x = torch.eye(cols)  # y = x w^T = w^T: the layer's weight sample, through its own code
+
+        def fb(mu, rho, g):
+            out, _ = layer(x, return_kl=True) if _bt_returns_kl(layer) else (layer(x), None)
+            return torch.autograd.grad(out, (layer.mu_weight, layer.rho_weight), g.t())
+
+        return fb
+    raise ValueError(method)
+
+
+def _bt_returns_kl(layer) -> bool:
+    import inspect
+
+    return "return_kl" in inspect.signature(layer.forward).parameters
+
+
+def sampling_memory_probe(method: str, rows: int, cols: int, backward: bool) -> int:
+    """Child-process entry: peak extra RSS of one forward (+backward) of ``method``."""
+    fn = sampling_method(method, rows, cols)
+    small = _sampling_inputs(64, 64) if method != "bayesian_torch" else None
+    if small is not None:  # warm-up: lazy imports and op registration are not the method's
+        fn(*small)
+    mu, rho, g = _sampling_inputs(rows, cols)
+    if method == "compiled":
+        fn(mu, rho, g)
+    common.reset_peak_rss()
+    before = common.current_rss_bytes()
+    if backward:
+        out = fn(mu, rho, g)
+    else:
+        with torch.no_grad():
+            sample = {"fused": _fused_sample, "eager": _eager_sample}.get(method, _eager_sample)
+            out = sample(mu.detach(), rho.detach()) if method != "compiled" else None
+            if method == "compiled":
+                mu.requires_grad_(False)
+                rho.requires_grad_(False)
+                out = torch.compile(_eager_sample, fullgraph=True)(mu, rho)
+    peak = common.peak_rss_bytes() - before
+    del out
+    return peak
+
+
+def bench_sampling(rows: int, cols: int, repeats: int, methods: list[str], memory: bool) -> dict:
+    mu, rho, g = _sampling_inputs(rows, cols)
+    fns = {m: sampling_method(m, rows, cols) for m in methods}
+    if "bayesian_torch" in fns:
+        layer_inputs = _sampling_inputs(rows, cols)
+        timed = {m: (lambda f=f: f(*layer_inputs)) for m, f in fns.items()}
+    else:
+        timed = {m: (lambda f=f: f(mu, rho, g)) for m, f in fns.items()}
+    fb = common.time_interleaved(timed, repeats=repeats)
+    fwd_fns = {"fused": _fused_sample, "eager": _eager_sample}
+    with torch.no_grad():
+        fwd = common.time_interleaved(
+            {m: (lambda f=f: f(mu, rho)) for m, f in fwd_fns.items() if m in methods},
+            repeats=repeats,
+        )
+    weight_mb = rows * cols * 4 / 2**20
+    row = {"rows": rows, "cols": cols, "dtype": "float32", "weight_mb": weight_mb,
+           "backend": mtbkd.ops.select_backend(torch.device("cpu"), "reparameterize"),
+           "methods": {}}  # fmt: skip
+    for m in methods:
+        entry = {"forward_backward": fb[m]}
+        if m in fwd:
+            entry["forward"] = fwd[m]
+        if memory:
+            for key, bwd in (("peak_extra_fwd_bwd", True), ("peak_extra_fwd", False)):
+                if m == "bayesian_torch" and not bwd:
+                    continue
+                b = common.peak_extra_memory(
+                    "bench_bayes", "sampling_memory_probe",
+                    {"method": m, "rows": rows, "cols": cols, "backward": bwd},
+                )  # fmt: skip
+                entry[key + "_mb"] = b / 2**20
+                entry[key + "_weights"] = b / 2**20 / weight_mb
+        row["methods"][m] = entry
+    base = row["methods"]["fused"]
+    for m in methods:
+        if m != "fused":
+            e = row["methods"][m]
+            e["fused_speedup_fwd_bwd"] = (
+                e["forward_backward"]["median_ms"] / base["forward_backward"]["median_ms"]
+            )
+            if "forward" in e:
+                e["fused_speedup_fwd"] = e["forward"]["median_ms"] / base["forward"]["median_ms"]
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. SGLD step
+# ---------------------------------------------------------------------------------------------
+
+
+def _sgld_params(sizes: list[tuple[int, ...]]):
+    torch.manual_seed(1)
+    params = [nn.Parameter(torch.randn(s) * 0.02) for s in sizes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def _loop_sgld_step(params, lr: float, num_data: float, temperature: float = 1.0) -> None:
+    # The textbook implementation: a Python loop, one randn_like buffer per parameter.
+    scale = math.sqrt(2 * lr * temperature)
+    with torch.no_grad():
+        for p in params:
+            p.add_(p.grad, alpha=-lr * num_data)
+            p.add_(torch.randn_like(p), alpha=scale)
+
+
+def bench_sgld(sizes: list[tuple[int, ...]], repeats: int) -> dict:
+    lr, num_data = 1e-6, 50_000
+    fused_params = _sgld_params(sizes)
+    loop_params = _sgld_params(sizes)
+    opt = SGLD(fused_params, lr=lr, num_data=num_data)
+    times = common.time_interleaved(
+        {"fused": opt.step, "loop": lambda: _loop_sgld_step(loop_params, lr, num_data)},
+        repeats=repeats,
+    )
+    n = sum(math.prod(s) for s in sizes)
+    return {
+        "num_tensors": len(sizes), "num_params": n, "methods": times,
+        "fused_speedup": times["loop"]["median_ms"] / times["fused"]["median_ms"],
+        # Bytes: read theta and grad, write theta (fused); the loop also writes and reads noise.
+        "fused_gbs": 12 * n / (times["fused"]["median_ms"] / 1e3) / 1e9,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Predictive over posterior samples
+# ---------------------------------------------------------------------------------------------
+
+
+def _classifier(d_in: int, hidden: int, classes: int) -> nn.Module:
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, classes)).eval()  # fmt: skip
+
+
+def _filled_store(model: nn.Module, include: str | None, samples: int) -> SampleStore:
+    store = SampleStore(model, include=include, max_samples=samples)
+    saved = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with torch.no_grad():
+        for _ in range(samples):
+            for name, p in model.named_parameters():
+                if include is None or name.startswith(include.rstrip("*")):
+                    p.copy_(saved[name] + 0.01 * torch.randn_like(p))
+            store.collect()
+        for name, p in model.named_parameters():
+            p.copy_(saved[name])
+    return store
+
+
+def _loop_predict(model: nn.Module, store: SampleStore, x: torch.Tensor) -> torch.Tensor:
+    # The per-sample loop users write: load each sample's tensors into the model, run it.
+    params = dict(model.named_parameters())
+    out = []
+    with torch.no_grad():
+        for s in range(len(store)):
+            for name, value in store.sample(s).items():
+                params[name].copy_(value)
+            out.append(torch.softmax(model(x).float(), -1))
+    return torch.stack(out)
+
+
+def bench_predictive(n: int, d_in: int, hidden: int, classes: int, samples: int, chunk: int,
+                     repeats: int) -> list[dict]:  # fmt: skip
+    rows = []
+    x = torch.randn(n, d_in)
+    for include, label in (("4.*", "head only (the paper's SGLD phase)"), (None, "all parameters")):
+        model = _classifier(d_in, hidden, classes)
+        store = _filled_store(model, include, samples)
+        times = common.time_interleaved(
+            {"batched": lambda: predict(model, store, x, chunk=chunk),
+             "loop": lambda: _loop_predict(model, store, x)},
+            repeats=repeats,
+        )  # fmt: skip
+        a = predict(model, store, x, chunk=chunk)
+        b = _loop_predict(model, store, x)
+        rows.append({
+            "sampled": label, "samples": samples, "N": n, "chunk": chunk,
+            "model": f"MLP {d_in}-{hidden}-{hidden}-{classes}", "methods": times,
+            "batched_speedup": times["loop"]["median_ms"] / times["batched"]["median_ms"],
+            "max_abs_diff": float((a - b).abs().max()),
+        })  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def table(results: dict) -> str:
+    lines = ["### Sampling forward+backward (fp32)", "",
+             "| layer | method | fwd+bwd ms (p20-p80) | fwd ms | fused speed-up | "
+             "peak extra fwd / fwd+bwd (weights) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results["sampling"]:
+        for m, e in r["methods"].items():
+            fb = e["forward_backward"]
+            fwd = f"{e['forward']['median_ms']:.1f}" if "forward" in e else "-"
+            sp = f"{e['fused_speedup_fwd_bwd']:.2f}x" if "fused_speedup_fwd_bwd" in e else "1"
+            mem = (f"{e.get('peak_extra_fwd_weights', float('nan')):.2f} / "
+                   f"{e.get('peak_extra_fwd_bwd_weights', float('nan')):.2f}")  # fmt: skip
+            lines.append(f"| {r['rows']}x{r['cols']} | {m} | {fb['median_ms']:.1f} "
+                         f"({fb['p20_ms']:.1f}-{fb['p80_ms']:.1f}) | {fwd} | {sp} | {mem} |")
+    if results.get("bayesian_torch") is not None:
+        lines.append(f"\nbayesian-torch: {results['bayesian_torch']}")
+    s = results["sgld"]
+    lines += ["", "### SGLD step", "",
+              f"{s['num_tensors']} tensors, {s['num_params']:,} parameters: fused "
+              f"{s['methods']['fused']['median_ms']:.2f} ms vs Python loop "
+              f"{s['methods']['loop']['median_ms']:.2f} ms ({s['fused_speedup']:.2f}x, fused "
+              f"{s['fused_gbs']:.1f} GB/s)."]  # fmt: skip
+    lines += ["", "### Predictive over posterior samples", "",
+              "| sampled | S | N | batched ms | loop ms | speed-up |", "|---|---|---|---|---|---|"]
+    for r in results["predictive"]:
+        lines.append(f"| {r['sampled']} | {r['samples']} | {r['N']} | "
+                     f"{r['methods']['batched']['median_ms']:.1f} | "
+                     f"{r['methods']['loop']['median_ms']:.1f} | {r['batched_speedup']:.2f}x |")
+    lines.append(f"\nCopy bandwidth: {results['copy_bandwidth_gbs']:.1f} GB/s, "
+                 f"{results['machine']['threads']} threads.")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    r = results["sampling"][0]
+    names = list(r["methods"])
+    axes[0].bar(names, [r["methods"][m]["forward_backward"]["median_ms"] for m in names],
+                color=["C0", "C1", "C2", "C3"][: len(names)])  # fmt: skip
+    axes[0].set_ylabel("ms (median)")
+    axes[0].set_title(f"sampling fwd+bwd, {r['rows']}x{r['cols']}")
+    s = results["sgld"]
+    axes[1].bar(["fused", "loop"], [s["methods"]["fused"]["median_ms"],
+                                    s["methods"]["loop"]["median_ms"]], color=["C0", "C1"])
+    axes[1].set_title(f"SGLD step, {s['num_params']:,} params")
+    labels = [p["sampled"].split(" (")[0] for p in results["predictive"]]
+    xs = range(len(labels))
+    axes[2].bar([i - 0.2 for i in xs], [p["methods"]["batched"]["median_ms"]
+                                        for p in results["predictive"]], 0.4, label="batched")
+    axes[2].bar([i + 0.2 for i in xs], [p["methods"]["loop"]["median_ms"]
+                                        for p in results["predictive"]], 0.4, label="loop")
+    axes[2].set_xticks(list(xs), labels)
+    axes[2].set_title(f"predictive, S={results['predictive'][0]['samples']}")
+    axes[2].legend()
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("mtbkd Bayesian student (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
+    """Run the suite; with ``out_dir`` write JSON, markdown and ``latest-bayes.png`` there."""
+    rows, cols = (1024, 1024) if quick else (4096, 4096)
+    repeats = 3 if quick else 7
+    methods = ["fused", "eager"] if quick else ["fused", "eager", "compiled"]
+    bt = importlib.util.find_spec("bayesian_torch") is not None
+    if bt:
+        methods.append("bayesian_torch")
+    results = {
+        "suite": "bayes", "quick": quick, "machine": common.machine(),
+        "copy_bandwidth_gbs": common.copy_bandwidth_gbs(),
+        "bayesian_torch": None if bt else "not installed (baseline skipped)",
+        "sampling": [bench_sampling(rows, cols, repeats, methods, memory=True)],
+    }  # fmt: skip
+    sizes = ([(1024, 784), (1024,), (1024, 1024), (1024,), (10, 1024), (10,)] if quick else
+             [(4096, 1024), (4096,), (4096, 4096), (4096,), (1024, 4096), (1024,), (10, 1024),
+              (10,)])  # fmt: skip
+    results["sgld"] = bench_sgld(sizes, repeats)
+    results["predictive"] = bench_predictive(
+        n=500 if quick else 2000, d_in=784, hidden=256 if quick else 512, classes=10,
+        samples=100, chunk=25, repeats=repeats,
+    )  # fmt: skip
+    s = results["sampling"][0]["methods"]
+    results["targets"] = {
+        "sampling_fwd_bwd_speedup_vs_eager": s["eager"]["fused_speedup_fwd_bwd"],
+        "sampling_fwd_bwd_target_2x_met": s["eager"]["fused_speedup_fwd_bwd"] >= 2.0,
+        "sampling_fwd_peak_extra_weights": s["fused"].get("peak_extra_fwd_weights"),
+        "predictive_speedup_head_only": results["predictive"][0]["batched_speedup"],
+        "predictive_target_3x_met": results["predictive"][0]["batched_speedup"] >= 3.0,
+    }  # fmt: skip
+    md = table(results)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        path = common.write_results("bayes", results, out_dir)
+        (out_dir / "latest-bayes.md").write_text(md + "\n")
+        plot(results, out_dir / "latest-bayes.png")
+        results["files"] = [str(path), str(out_dir / "latest-bayes.png")]
+    print(md)
+    return results
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    run(quick=a.quick, out_dir=a.out)

@@ -1,0 +1,249 @@
+"""``mtbkd bench --suite loss``: fused multi-teacher losses vs eager and compiled references.
+
+Methods, measured side by side in one run (CPU):
+
+* ``fused``: ``mtbkd.functional`` (the default backend: the C++ kernels when built);
+* ``eager``: ``mtbkd.reference`` under autograd (what a user writes in plain PyTorch);
+* ``compiled``: ``torch.compile`` of that reference.
+
+For each: forward and forward+backward times (median, p20, p80), peak extra memory of one
+forward+backward (measured in a fresh process), and effective bandwidth from MATH.md section 9:
+``(3K+4)·N·V·b`` bytes for MT-BKD without cached teacher statistics, ``(2K+3)·N·V·b`` for the
+forward-KL family, next to the machine's measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import mtbkd
+from mtbkd import reference
+
+try:  # run as a script or as part of `mtbkd bench`
+    from bench import common
+except ImportError:  # pragma: no cover
+    import common
+
+LOSSES = ("mtbkd", "forward_kl")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def make_inputs(n: int, v: int, k: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, v, generator=g) * 2).to(dtype)
+    t = (torch.randn(k, n, v, generator=g) * 3).to(dtype)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::7] = -100  # some masked rows, as in padded batches
+    return z, t, y
+
+
+def fused_fn(loss: str):
+    if loss == "mtbkd":
+        return lambda z, t, y: mtbkd.mtbkd_loss(z, t, y)
+    return lambda z, t, y: mtbkd.multi_teacher_kd_loss(z, t, y, divergence="forward_kl")
+
+
+def eager_fn(loss: str):
+    if loss == "mtbkd":
+
+        def f(z, t, y):
+            return reference.reduce_rows(reference.mtbkd_loss(z, t, y).loss, y, "mean")
+
+    else:
+
+        def f(z, t, y):
+            rows, _ = reference.multi_teacher_kd_loss(z, t, y, divergence="forward_kl")
+            return reference.reduce_rows(rows, y, "mean")
+
+    return f
+
+
+def make_method(method: str, loss: str):
+    if method == "fused":
+        return fused_fn(loss)
+    if method == "eager":
+        return eager_fn(loss)
+    if method == "compiled":
+        return torch.compile(eager_fn(loss), dynamic=False)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def traffic_bytes(loss: str, n: int, v: int, k: int, dtype: torch.dtype) -> int:
+    """MATH.md section 9: fused forward+backward byte count (without cached teacher stats)."""
+    e, b = n * v, torch.finfo(dtype).bits // 8
+    passes = 3 * k + 4 if loss == "mtbkd" else 2 * k + 3
+    return passes * e * b
+
+
+def _fwd_bwd(fn, z, t, y):
+    zz = z.detach().requires_grad_(True)
+    fn(zz, t, y).backward()
+    return zz.grad
+
+
+def memory_probe(method: str, loss: str, n: int, v: int, k: int, dtype: str) -> int:
+    """Child-process entry: peak extra RSS of one forward+backward (after a warm-up call)."""
+    torch.set_num_threads(torch.get_num_threads())
+    z, t, y = make_inputs(n, v, k, DTYPES[dtype])
+    fn = make_method(method, loss)
+    if method == "compiled":  # compile first: only the run itself is measured
+        _fwd_bwd(fn, z, t, y)
+    else:  # first-call costs (lazy imports, op registration) are not the method's memory
+        _fwd_bwd(fn, *make_inputs(4, v, k, DTYPES[dtype]))
+    common.reset_peak_rss()
+    before = common.current_rss_bytes()
+    _fwd_bwd(fn, z, t, y)
+    return common.peak_rss_bytes() - before
+
+
+def bench_config(loss, n, v, k, dtype_name, repeats, methods, with_memory):
+    dtype = DTYPES[dtype_name]
+    z, t, y = make_inputs(n, v, k, dtype)
+    fns = {m: make_method(m, loss) for m in methods}
+    fwd = common.time_interleaved(
+        {m: (lambda f=f: f(z, t, y)) for m, f in fns.items()}, repeats=repeats
+    )
+    fb = common.time_interleaved(
+        {m: (lambda f=f: _fwd_bwd(f, z, t, y)) for m, f in fns.items()}, repeats=repeats
+    )
+    nbytes = traffic_bytes(loss, n, v, k, dtype)
+    row = {
+        "loss": loss, "N": n, "V": v, "K": k, "dtype": dtype_name,
+        "backend": mtbkd.ops.select_backend(torch.device("cpu"), "mtbkd_loss_fwd"),
+        "bytes_fwd_bwd": nbytes, "methods": {},
+    }  # fmt: skip
+    for m in methods:
+        entry = {"forward": fwd[m], "forward_backward": fb[m]}
+        entry["gbs_fwd_bwd"] = nbytes / (fb[m]["median_ms"] / 1e3) / 1e9
+        if with_memory:
+            entry["peak_extra_mb"] = (
+                common.peak_extra_memory(
+                    "bench_loss", "memory_probe",
+                    {"method": m, "loss": loss, "n": n, "v": v, "k": k, "dtype": dtype_name},
+                )  # fmt: skip
+                / 2**20
+            )
+        row["methods"][m] = entry
+    base = row["methods"]["fused"]
+    for m in methods:
+        if m != "fused":
+            e = row["methods"][m]
+            e["fused_speedup_fwd"] = e["forward"]["median_ms"] / base["forward"]["median_ms"]
+            e["fused_speedup_fwd_bwd"] = (
+                e["forward_backward"]["median_ms"] / base["forward_backward"]["median_ms"]
+            )
+            if with_memory:
+                e["fused_memory_ratio"] = e["peak_extra_mb"] / max(base["peak_extra_mb"], 1e-9)
+    grad_mb = n * v * torch.finfo(dtype).bits / 8 / 2**20
+    row["gradient_mb"] = grad_mb
+    return row
+
+
+def table(results: dict) -> str:
+    """Markdown table of the main configurations (the one the README shows)."""
+    lines = [
+        "| loss | dtype | N×V×K | fused fwd+bwd ms | eager ms | compiled ms | vs eager | "
+        "vs compiled | fused GB/s | peak extra MB fused / eager / compiled |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["main"]:
+        m = r["methods"]
+        mem = " / ".join(
+            f"{m[x]['peak_extra_mb']:.0f}" if "peak_extra_mb" in m[x] else "-" for x in m
+        )
+        lines.append(
+            f"| {r['loss']} | {r['dtype']} | {r['N']}×{r['V']}×{r['K']} | "
+            f"{m['fused']['forward_backward']['median_ms']:.1f} | "
+            f"{m['eager']['forward_backward']['median_ms']:.1f} | "
+            + (f"{m['compiled']['forward_backward']['median_ms']:.1f} | " if "compiled" in m else "- | ")
+            + f"{m['eager']['fused_speedup_fwd_bwd']:.1f}x | "
+            + (f"{m['compiled']['fused_speedup_fwd_bwd']:.1f}x | " if "compiled" in m else "- | ")
+            + f"{m['fused']['gbs_fwd_bwd']:.1f} | {mem} |"
+        )
+    lines.append(
+        f"\nCopy bandwidth measured in the same run: {results['copy_bandwidth_gbs']:.1f} GB/s "
+        f"({results['machine']['threads']} threads)."
+    )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax = axes[0]
+    labels, methods = [], ["fused", "eager", "compiled"]
+    for r in results["main"]:
+        labels.append(f"{r['loss']}\n{r['dtype']}")
+    x = range(len(labels))
+    width = 0.27
+    for j, m in enumerate(methods):
+        vals = [r["methods"].get(m, {}).get("forward_backward", {}).get("median_ms", 0)
+                for r in results["main"]]  # fmt: skip
+        ax.bar([i + (j - 1) * width for i in x], vals, width, label=m)
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("forward+backward ms (median)")
+    r0 = results["main"][0]
+    ax.set_title(f"N={r0['N']}, V={r0['V']}, K={r0['K']} (lower is better)")
+    ax.legend()
+    ax = axes[1]
+    for loss in LOSSES:
+        pts = [r for r in results["sweep"] if r["loss"] == loss]
+        for k in sorted({r["K"] for r in pts}):
+            s = sorted((r for r in pts if r["K"] == k), key=lambda r: r["V"])
+            ax.plot([r["V"] for r in s], [r["methods"]["eager"]["fused_speedup_fwd_bwd"] for r in s],
+                    marker="o", label=f"{loss} K={k}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("V")
+    ax.set_ylabel("speed-up of fused over eager (fwd+bwd)")
+    ax.set_title("Sweep over V and K")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
+    """Run the suite; write JSON, a markdown table and a PNG to ``out_dir`` (bench/results)."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir) if out_dir else Path(__file__).parent / "results"
+    n, v, k = (128, 4096, 3) if quick else (2048, 32000, 3)
+    repeats = 2 if quick else 5
+    methods = ["fused", "eager"] if quick else ["fused", "eager", "compiled"]
+    results = {
+        "suite": "loss", "quick": quick, "machine": common.machine(),
+        "copy_bandwidth_gbs": common.copy_bandwidth_gbs(), "main": [], "sweep": [],
+    }  # fmt: skip
+    jobs = [("main", loss, n, v, k, d) for loss in LOSSES for d in DTYPES]
+    sweep_n = 64 if quick else 512
+    for loss in LOSSES:
+        for sv in ([1271, 4096] if quick else [1271, 8192, 32000, 50257]):
+            for sk in [1, 3] if quick else [1, 2, 3, 4]:
+                jobs.append(("sweep", loss, sweep_n, sv, sk, "float32"))
+    for part, loss, nn_, vv, kk, d in tqdm(jobs, desc="bench loss", unit="config"):
+        mem = part == "main"
+        ms = methods if part == "main" else ["fused", "eager"]
+        results[part].append(bench_config(loss, nn_, vv, kk, d, repeats, ms, mem))
+    path = common.write_results("loss", results, out_dir)
+    md = table(results)
+    (out_dir / "latest-loss.md").write_text(md + "\n")
+    plot(results, out_dir / "latest-loss.png")
+    print(md)
+    print(f"results: {path}")
+    return results
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    run(quick=a.quick, out_dir=a.out)

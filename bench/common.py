@@ -1,0 +1,125 @@
+"""Shared benchmark machinery: timing with percentiles, peak memory in a fresh process, copy
+bandwidth, and result files (``bench/results/<date>-<host>-<suite>.json`` plus a PNG).
+
+Ratios are always taken between methods measured in the same run, interleaved, so that a noisy
+shared machine slows every method alike.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def summarize(times_s: list[float]) -> dict:
+    a = np.asarray(times_s) * 1e3
+    return {
+        "median_ms": float(np.median(a)),
+        "p20_ms": float(np.percentile(a, 20)),
+        "p80_ms": float(np.percentile(a, 80)),
+        "repeats": len(a),
+    }
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1):
+    """Run every function ``warmup`` times, then ``repeats`` rounds in turn; seconds per call."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: summarize(v) for k, v in times.items()}
+
+
+def copy_bandwidth_gbs(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Measured memory bandwidth of a large tensor copy (bytes read + written per second)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux or not permitted: the peak then covers the process lifetime
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident size since the last :func:`reset_peak_rss` (VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_extra_memory(module: str, func: str, kwargs: dict) -> int:
+    """Peak extra resident memory of ``module.func(**kwargs)`` measured in a fresh process.
+
+    The child builds its inputs, records its resident size, runs the call once and reports
+    ``max RSS - RSS before the call``: what the call allocated at its peak (outputs included).
+    """
+    code = (
+        "import json, sys; sys.path.insert(0, %r); import %s as m; "
+        "print('PEAK', json.dumps(m.%s(**json.loads(%r))))"
+        % (str(Path(__file__).parent), module, func, json.dumps(kwargs))
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=1800
+    )
+    for line in out.stdout.splitlines():
+        if line.startswith("PEAK "):
+            return int(json.loads(line[5:]))
+    raise RuntimeError(f"memory probe failed: {out.stderr[-2000:]}")
+
+
+def machine() -> dict:
+    return {
+        "host": socket.gethostname(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def write_results(suite: str, results: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.date.today().isoformat()
+    path = out_dir / f"{stamp}-{socket.gethostname()}-{suite}.json"
+    path.write_text(json.dumps(results, indent=2))
+    (out_dir / f"latest-{suite}.json").write_text(json.dumps(results, indent=2))
+    return path

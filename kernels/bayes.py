@@ -1,0 +1,205 @@
+"""Triton kernels of the Bayesian student (MATH.md sections 6 and 7).
+
+Motivation: a Bayesian layer's weight sample ``w = mu + softplus(rho) * eps`` done eagerly writes
+eps, sigma and w (three weight-sized tensors) and reads them back in the backward. Here eps comes
+from Triton's Philox (``tl.randn4x``) inside the kernel: the forward reads mu, rho and writes w;
+the backward regenerates eps from ``(seed, offset)`` and writes drho; nothing else is stored.
+
+Stream layout (shared with ``csrc/philox.h`` and ``mtbkd.bayes_ops``): element ``i`` is normal
+``i % 4`` of counter ``offset + i // 4`` in stream 0. A program owns ``BLOCK_Q`` counters, i.e.
+``4 * BLOCK_Q`` consecutive elements: ``tl.randn4x`` gives four ``[BLOCK_Q]`` blocks which are
+interleaved into element order. The SGLD kernel uses the parameter's index as the third counter
+word (``tl.philox`` with ``c2 = stream``), the other streams of the same key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from mtbkd.ops import register_impl
+
+BLOCK_Q = 256  # Philox counters per program: 1024 elements
+
+
+@triton.jit
+def _normals(seed, q, stream, STREAM0: tl.constexpr):
+    # Four normal blocks of counters q (int64) interleaved: element 4 q + j is normal j.
+    if STREAM0:
+        n0, n1, n2, n3 = tl.randn4x(seed, q)
+    else:
+        c0 = q.to(tl.uint32)
+        c1 = (q >> 32).to(tl.uint32)
+        c2 = (q * 0 + stream).to(tl.uint32)
+        c3 = (q * 0).to(tl.uint32)
+        i0, i1, i2, i3 = tl.philox(seed, c0, c1, c2, c3)
+        n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i0),
+                                           tl.uint_to_uniform_float(i1))
+        n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i2),
+                                           tl.uint_to_uniform_float(i3))
+    return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
+
+
+@triton.jit
+def _log1p(x):
+    # Kahan's log1p: exact rounding of 1 + x corrected by x / ((1 + x) - 1).
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def _softplus(r):
+    # torch's softplus (threshold 20): r for r > 20, log1p(exp(r)) otherwise.
+    return tl.where(r > 20.0, r, _log1p(tl.exp(tl.minimum(r, 20.0))))
+
+
+@triton.jit
+def _sigmoid(r):
+    return 1.0 / (1.0 + tl.exp(-r))
+
+
+@triton.jit
+def _reparam_fwd_kernel(mu_ptr, rho_ptr, w_ptr, n, seed, offset, BLOCK_Q: tl.constexpr,
+                        F64: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    eps = _normals(seed, offset + q, 0, True)
+    idx = pid * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
+    mask = idx < n
+    acc = tl.float64 if F64 else tl.float32
+    mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(acc)
+    r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
+    w = mu + _softplus(r) * eps.to(acc)
+    tl.store(w_ptr + idx, w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reparam_bwd_kernel(g_ptr, rho_ptr, drho_ptr, n, seed, offset, BLOCK_Q: tl.constexpr,
+                        F64: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    eps = _normals(seed, offset + q, 0, True)
+    idx = pid * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
+    mask = idx < n
+    acc = tl.float64 if F64 else tl.float32
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(acc)
+    r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
+    tl.store(drho_ptr + idx, (g * eps.to(acc) * _sigmoid(r)).to(drho_ptr.dtype.element_ty),
+             mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _kl_kernel(mu_ptr, rho_ptr, dmu_ptr, drho_ptr, part_ptr, n, prior_mu, inv_var0, log_s0,
+               BLOCK: tl.constexpr, WITH_GRAD: tl.constexpr, F64: tl.constexpr):  # fmt: skip
+    # KL(N(mu, s^2) || N(m0, s0^2)) = log s0 - log s + (s^2 + (mu - m0)^2) / (2 s0^2) - 1/2,
+    # d/dmu = (mu - m0) / s0^2, d/drho = (s / s0^2 - 1 / s) * sigmoid(rho).
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    acc = tl.float64 if F64 else tl.float32
+    mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(acc)
+    r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
+    s = _softplus(r)
+    d = mu - prior_mu
+    kl = log_s0 - tl.log(s) + 0.5 * (s * s + d * d) * inv_var0 - 0.5
+    tl.store(part_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))
+    if WITH_GRAD:
+        tl.store(dmu_ptr + idx, (d * inv_var0).to(dmu_ptr.dtype.element_ty), mask=mask)
+        dr = (s * inv_var0 - 1.0 / s) * _sigmoid(r)
+        tl.store(drho_ptr + idx, dr.to(drho_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sgld_kernel(p_ptr, g_ptr, sq_ptr, n, seed, stream, lr, num_data, weight_decay, noise_scale,
+                 alpha, damp, BLOCK_Q: tl.constexpr, PRECOND: tl.constexpr,
+                 F64: tl.constexpr):  # fmt: skip
+    # theta <- theta - lr G grad_U + sqrt(2 lr T G) xi, grad_U = N g + wd theta (MATH.md 7).
+    pid = tl.program_id(0).to(tl.int64)
+    q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    xi = _normals(seed, q, stream, False)
+    idx = pid * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
+    mask = idx < n
+    acc = tl.float64 if F64 else tl.float32
+    th = tl.load(p_ptr + idx, mask=mask, other=0.0).to(acc)
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(acc)
+    gu = num_data * g + weight_decay * th
+    if PRECOND:
+        gm = gu / num_data
+        v = alpha * tl.load(sq_ptr + idx, mask=mask, other=0.0).to(acc) + (1.0 - alpha) * gm * gm
+        tl.store(sq_ptr + idx, v.to(sq_ptr.dtype.element_ty), mask=mask)
+        g_pre = 1.0 / (damp + tl.sqrt(v))
+        new = th - lr * g_pre * gu + noise_scale * tl.sqrt(g_pre) * xi.to(acc)
+    else:
+        new = th - lr * gu + noise_scale * xi.to(acc)
+    tl.store(p_ptr + idx, new.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid_q(n: int) -> tuple[int]:
+    return (triton.cdiv(n, 4 * BLOCK_Q),)
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+@register_impl("reparameterize", "triton")
+def reparameterize_fwd(mu, rho, seed, offset, check_finite):
+    """Forward of ``mtbkd::reparameterize``: ``mu + softplus(rho) * eps(seed, offset)``."""
+    if check_finite:
+        _check_finite(mu, "mu")
+        _check_finite(rho, "rho")
+    w = torch.empty_like(mu)
+    n = mu.numel()
+    if n:
+        _reparam_fwd_kernel[_grid_q(n)](mu, rho, w, n, seed, offset, BLOCK_Q=BLOCK_Q,
+                                        F64=mu.dtype == torch.float64)  # fmt: skip
+    return w
+
+
+@register_impl("reparameterize_backward", "triton")
+def reparameterize_bwd(grad, rho, seed, offset):
+    """``grad * eps(seed, offset) * sigmoid(rho)`` with eps regenerated."""
+    drho = torch.empty_like(rho)
+    n = rho.numel()
+    if n:
+        _reparam_bwd_kernel[_grid_q(n)](grad, rho, drho, n, seed, offset, BLOCK_Q=BLOCK_Q,
+                                        F64=rho.dtype == torch.float64)  # fmt: skip
+    return drho
+
+
+@register_impl("gaussian_kl", "triton")
+def gaussian_kl(mu, rho, prior_mu, prior_sigma, compute_grad):
+    """Summed Gaussian-prior KL (per-program partial sums, added in float64) and its gradient."""
+    n = mu.numel()
+    block = 1024
+    f64 = mu.dtype == torch.float64
+    parts = torch.zeros(triton.cdiv(n, block), device=mu.device,
+                        dtype=torch.float64 if f64 else torch.float32)  # fmt: skip
+    dmu = torch.empty_like(mu) if compute_grad else mu.new_empty((0,))
+    drho = torch.empty_like(rho) if compute_grad else rho.new_empty((0,))
+    if n:
+        _kl_kernel[(parts.numel(),)](
+            mu, rho, dmu, drho, parts, n, prior_mu, 1.0 / prior_sigma**2, math.log(prior_sigma),
+            BLOCK=block, WITH_GRAD=compute_grad, F64=f64,
+        )  # fmt: skip
+    return parts.sum(dtype=torch.float64).to(parts.dtype), dmu, drho
+
+
+@register_impl("sgld_step_", "triton")
+def sgld_step_(params, grads, square_avgs, lr, num_data, temperature, weight_decay, seed,
+               precondition, alpha, eps):  # fmt: skip
+    """(p)SGLD step: one fused launch per parameter (noise and update in one pass)."""
+    noise_scale = math.sqrt(2.0 * lr * temperature)
+    for j, (p, g) in enumerate(zip(params, grads)):
+        n = p.numel()
+        if n == 0:
+            continue
+        sq = square_avgs[j] if precondition else p
+        _sgld_kernel[_grid_q(n)](
+            p, g, sq, n, seed, j, lr, num_data, weight_decay, noise_scale, alpha, eps,
+            BLOCK_Q=BLOCK_Q, PRECOND=precondition, F64=p.dtype == torch.float64,
+        )  # fmt: skip

@@ -1,0 +1,1005 @@
+"""Triton kernels of the fused multi-teacher losses (MATH.md sections 1-4).
+
+One program per row (an example or a token) streams the row in blocks of ``BLOCK`` vocabulary
+entries. Teachers are read as one ``[KP, BLOCK]`` tile per block (``KP`` = K rounded up to a power
+of two, the padding rows masked), so the K + 1 online softmaxes of a row advance together:
+
+* **statistics pass**: ``lse(z/tau)``, ``lse(z)`` (cross-entropy), ``lse(t_k/tau)``, the entropy of
+  ``softmax(t_k/tau_w)`` (entropy weights) and the student-dependent running sums (the MT-BKD cross
+  term ``sum_c p_kc z_c/tau``, the reverse-KL ``E_q[(z - t_k)/tau]``);
+* MT-BKD only, unless cached teacher statistics are given: the ``L_k = sum_c lgamma(1 + lam p_kc)``
+  pass (``L_k`` needs the teacher's full ``lse`` first);
+* JSD only: a divergence pass (its gradient needs ``KL(q || m_k)`` for the whole row);
+* **loss + gradient pass**: ``dL_i/dz_i`` written once in the student's dtype, from fp32 (fp64 for
+  float64 input) arithmetic.
+
+Outputs are per row (no ``N x V`` loss buffer). Masked rows (``label == ignore_index``) skip every
+pass and write zeros. Label-range and ``check_finite`` failures are recorded per row in an int32
+status vector: on CPU tensors (the interpreter) the wrapper raises ``ValueError`` naming the
+argument and row; on CUDA tensors it queues ``torch._assert_async`` so that no host
+synchronisation happens (the failure surfaces as a device-side assertion, as PyTorch's own
+``cross_entropy`` does for out-of-range targets).
+
+Teachers arrive as a list of K ``[N, V]`` tensors. When they are equally spaced views of one
+``[K, N, V]`` tensor (``unbind`` of a stacked tensor) the kernel gets the first pointer and the
+teacher stride; otherwise up to :data:`MAX_POINTER_TEACHERS` separate pointers (no copy); more
+teachers than that are stacked once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mtbkd.ops import DIVERGENCES, WEIGHT_MODES, register_impl
+
+MAX_POINTER_TEACHERS = 8
+
+# Bits of the per-row status word (host ints, and the same values as kernel constants).
+STATUS_LABEL = 1
+STATUS_STUDENT = 2
+STATUS_TEACHER = 4
+_STATUS_LABEL = tl.constexpr(STATUS_LABEL)
+_STATUS_STUDENT = tl.constexpr(STATUS_STUDENT)
+_STATUS_TEACHER = tl.constexpr(STATUS_TEACHER)
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scalar(x, ACC: tl.constexpr):
+    # Host floats arrive as fp64 kernel arguments (Python floats under the interpreter); adding them
+    # to a typed zero keeps all 53 bits for float64 input, then one rounding to the compute dtype.
+    return (tl.zeros([1], ACC) + x).to(ACC)
+
+
+@triton.jit
+def _safe_max(m):
+    # exp(x - m) with m = -inf (nothing seen yet, or an all -inf row) would be NaN; shift by 0.
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _log1p(x, HIGH: tl.constexpr):
+    # log1p(x) = 2 atanh(u), u = x / (2 + x) <= 1/5 on [0, 1/2]: relative accuracy for tiny x,
+    # which plain log(1 + x) loses (1 + x rounds to 1).
+    u = x / (2.0 + x)
+    u2 = u * u
+    if HIGH:
+        s = u2 * (1.0 / 25.0) + 1.0 / 23.0
+        s = s * u2 + 1.0 / 21.0
+        s = s * u2 + 1.0 / 19.0
+        s = s * u2 + 1.0 / 17.0
+        s = s * u2 + 1.0 / 15.0
+        s = s * u2 + 1.0 / 13.0
+    else:
+        s = u2 * 0.0 + 1.0 / 13.0
+    s = s * u2 + 1.0 / 11.0
+    s = s * u2 + 1.0 / 9.0
+    s = s * u2 + 1.0 / 7.0
+    s = s * u2 + 1.0 / 5.0
+    s = s * u2 + 1.0 / 3.0
+    s = s * u2 + 1.0
+    return 2.0 * u * s
+
+
+@triton.jit
+def _lgamma2p(u, HIGH: tl.constexpr):
+    # lgamma(2 + u) = (1 - gamma) u + sum_{k>=2} (-1)^k (zeta(k) - 1) u^k / k for |u| <= 1/2; the
+    # terms shrink like 4^-k, so 13 (fp32) or 27 (fp64) terms suffice. Exactly 0 at u = 0.
+    if HIGH:
+        s = u * -2.7595228851242331e-10 + 5.7313672416788620e-10
+        s = s * u + -1.1921401405860912e-9
+        s = s * u + 2.4836745438024783e-9
+        s = s * u + -5.1834750419700467e-9
+        s = s * u + 1.0838659214896954e-8
+        s = s * u + -2.2711094608943165e-8
+        s = s * u + 4.7698101693639806e-8
+        s = s * u + -1.0043224823968100e-7
+        s = s * u + 2.1207184805554666e-7
+        s = s * u + -4.4924691987645660e-7
+        s = s * u + 9.5514121304074198e-7
+        s = s * u + -2.0392157538013662e-6
+        s = s * u + 4.3748667899074878e-6
+        s = s * u + -9.4394882752683959e-6
+    else:
+        s = u * 0.0 + -9.4394882752683959e-6
+    s = s * u + 2.0507212775670692e-5
+    s = s * u + -4.4926236738133142e-5
+    s = s * u + 9.9457512781808534e-5
+    s = s * u + -2.2315475845357938e-4
+    s = s * u + 5.0966952474304242e-4
+    s = s * u + -1.1927539117032610e-3
+    s = s * u + 2.8905103307415233e-3
+    s = s * u + -7.3855510286739853e-3
+    s = s * u + 2.0580808427784548e-2
+    s = s * u + -6.7352301053198095e-2
+    s = s * u + 3.2246703342411322e-1
+    s = s * u + 4.2278433509846714e-1
+    return s * u
+
+
+@triton.jit
+def _lgamma1p(x, HIGH: tl.constexpr):
+    """``lgamma(1 + x)`` for ``x >= 0`` (``x = lam * p``), accurate to the compute dtype.
+
+    ``x < 1/2``: ``lgamma(2 + x) - log1p(x)`` (relative accuracy as ``x -> 0``); ``1 + x < 8``:
+    recurrence down to ``lgamma(2 + u)``, ``|u| <= 1/2`` (exactly 0 at ``x = 1``); else Stirling.
+    """
+    y = 1.0 + x
+    small = x < 0.5
+    n = tl.floor(y - 1.5)  # steps of the recurrence lgamma(y) = lgamma(y - 1) + log(y - 1)
+    prod = tl.where(n >= 1.0, y - 1.0, 1.0)
+    prod *= tl.where(n >= 2.0, y - 2.0, 1.0)
+    prod *= tl.where(n >= 3.0, y - 3.0, 1.0)
+    prod *= tl.where(n >= 4.0, y - 4.0, 1.0)
+    prod *= tl.where(n >= 5.0, y - 5.0, 1.0)
+    prod *= tl.where(n >= 6.0, y - 6.0, 1.0)
+    u = tl.where(small, x, (x - 1.0) - n)  # x - 1 is exact near the zero at x = 1
+    xs = tl.where(small, x, 0.0)
+    near = _lgamma2p(u, HIGH) + tl.where(small, -_log1p(xs, HIGH), tl.log(prod))
+    # Stirling: (y - 1/2) log y - y + log(2 pi)/2 + sum_j B_2j / (2j (2j - 1) y^(2j - 1)).
+    yb = tl.maximum(y, 8.0)
+    r = 1.0 / (yb * yb)
+    if HIGH:
+        c = r * -2.9550653594771242e-2 + 6.4102564102564103e-3
+        c = c * r + -1.9175269175269175e-3
+        c = c * r + 8.4175084175084175e-4
+        c = c * r + -5.9523809523809524e-4
+    else:
+        c = r * -5.9523809523809524e-4
+    c = c * r + 7.9365079365079365e-4
+    c = c * r + -2.7777777777777778e-3
+    c = c * r + 8.3333333333333333e-2
+    far = (yb - 0.5) * tl.log(yb) - yb + 0.91893853320467274 + c / yb
+    return tl.where(y >= 8.0, far, near)
+
+
+@triton.jit
+def _teacher_bases(t0, t1, t2, t3, t4, t5, t6, t7, t_stride, kidx, K: tl.constexpr,
+                   STACKED: tl.constexpr):  # fmt: skip
+    # [KP] vector of per-teacher base pointers.
+    if STACKED:
+        base = t0 + kidx.to(tl.int64) * t_stride
+    else:
+        base = tl.where(kidx == 1, t1, t0)
+        if K > 2:
+            base = tl.where(kidx == 2, t2, base)
+        if K > 3:
+            base = tl.where(kidx == 3, t3, base)
+        if K > 4:
+            base = tl.where(kidx == 4, t4, base)
+        if K > 5:
+            base = tl.where(kidx == 5, t5, base)
+        if K > 6:
+            base = tl.where(kidx == 6, t6, base)
+        if K > 7:
+            base = tl.where(kidx == 7, t7, base)
+    return base
+
+
+@triton.jit
+def _to_out(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    # Round once to the output dtype. Triton's interpreter truncates fp32 -> bf16 (the GPU rounds
+    # to nearest even), so under the interpreter round to nearest even in the fp32 bits first; the
+    # cast after it is then exact.
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _not_finite(x, mask):
+    # 1 if some masked-in element is NaN or +-inf.
+    finite = (x == x) & (tl.abs(x) < float("inf"))
+    return tl.max((mask & (~finite)).to(tl.int32))
+
+
+@triton.jit
+def _online(m, s, x, valid):
+    # One block of an online logsumexp along axis 1 of x [R, BLOCK]: running max m [R] and sum s
+    # [R] of exp(x - m); also returns the block's exp(x - shift) and the shift used.
+    m_new = tl.maximum(m, tl.max(tl.where(valid, x, float("-inf")), axis=1))
+    shift = _safe_max(m_new)
+    e = tl.where(valid, tl.exp(x - shift[:, None]), 0.0)
+    s = s * tl.exp(m - shift) + tl.sum(e, axis=1)
+    return m_new, s, e, shift
+
+
+@triton.jit
+def _weights(h, fw_ptr, row, N, kidx, kmask, K: tl.constexpr, WEIGHT_MODE: tl.constexpr,
+             ACC: tl.constexpr):  # fmt: skip
+    # MATH.md section 1: entropy weights (1 - H_k / sum H) / (K - 1), uniform, or fixed
+    # (renormalised per row).
+    if WEIGHT_MODE == 2:
+        fw = tl.load(fw_ptr + kidx.to(tl.int64) * N + row, mask=kmask, other=0.0).to(ACC)
+        w = fw / tl.sum(fw)
+    elif (WEIGHT_MODE == 1) | (K == 1):
+        w = tl.where(kmask, 1.0, 0.0).to(ACC) / K
+    else:
+        hs = tl.where(kmask, h, 0.0)
+        total = tl.sum(hs)
+        wt = tl.where(kmask, 1.0 - hs / total, 0.0)
+        # Every teacher one-hot (sum of entropies 0): uniform.
+        w = tl.where(total > 0.0, wt / tl.sum(wt), tl.where(kmask, 1.0, 0.0).to(ACC) / K)
+    return w
+
+
+@triton.jit
+def _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw):
+    # Online entropy of softmax(t / tau_w): with x = t / tau_w, S = sum e^(x - m) and
+    # B = sum e^(x - m) (x - m), H = log S - B / S. Rescaling to a new max m':
+    # B' = e^(m - m') (B + (m - m') S).
+    x = t * inv_tw
+    m_new, s_new, e, shift = _online(mw, sw, x, valid2)
+    alpha = tl.exp(mw - shift)
+    delta = tl.where(sw > 0.0, mw - shift, 0.0)
+    blk = tl.sum(tl.where(e > 0.0, e * (x - shift[:, None]), 0.0), axis=1)
+    bw = alpha * (bw + delta * sw) + blk
+    return m_new, s_new, bw
+
+
+# ----------------------------------------------------------------------------------------------
+# MT-BKD: teacher-informed mixture prior (MATH.md section 2)
+# ----------------------------------------------------------------------------------------------
+#
+# Per row, with q = softmax(z/tau), p_k = softmax(t_k/tau):
+#   C_k = lam * (sum_c p_kc z_c / tau - lse(z/tau))      (statistics pass, online in t)
+#   L_k = sum_c lgamma(1 + lam p_kc)                      (own pass: needs lse(t_k/tau))
+#   l_k = log w_k + C_k - L_k,  prior = -lgamma(V + lam) - logsumexp_k l_k,  r = softmax_k(l)
+#   dL/dz = beta_h (softmax(z) - onehot(y)) + beta_p (lam/tau) (q - sum_k r_k p_k)
+
+
+@triton.jit
+def _mtbkd_fwd_kernel(
+    z_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t_stride, labels_ptr, fw_ptr, stats_ptr,
+    loss_ptr, grad_ptr, w_ptr, r_ptr, h_ptr, prior_ptr, ce_ptr, status_ptr,
+    N, V, ignore_index,
+    inv_tau_: tl.float64, inv_tw_: tl.float64, lam_: tl.float64, beta_p_: tl.float64,
+    beta_h_: tl.float64, lgamma_v_: tl.float64,
+    K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, STACKED: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_STATS: tl.constexpr, WEIGHT_MODE: tl.constexpr,
+    CHECK_FINITE: tl.constexpr, HAS_STATUS: tl.constexpr, ACC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    one = row + tl.zeros([1], tl.int64)  # [1]-shaped offset of this row in per-row outputs
+    HIGH: tl.constexpr = ACC == tl.float64
+    inv_tau = _scalar(inv_tau_, ACC)
+    inv_tw = _scalar(inv_tw_, ACC)
+    lam = _scalar(lam_, ACC)
+    beta_p = _scalar(beta_p_, ACC)
+    beta_h = _scalar(beta_h_, ACC)
+    lgamma_v = _scalar(lgamma_v_, ACC)
+    kidx = tl.arange(0, KP)
+    kmask = kidx < K
+    kn = kidx.to(tl.int64) * N + row  # index into [K, N] outputs
+    cols0 = tl.arange(0, BLOCK)
+    row_off = row * V
+    zrow = z_ptr + row_off
+    grow = grad_ptr + row_off
+    tbase = _teacher_bases(t0, t1, t2, t3, t4, t5, t6, t7, t_stride, kidx, K, STACKED) + row_off
+    status = tl.zeros([1], tl.int32)
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + one)
+        unmasked = y != ignore_index
+        valid = tl.max(unmasked.to(tl.int32)) != 0  # scalar condition for the row-level branch
+        in_range = (y >= 0) & (y < V)
+        status = tl.where(unmasked & (~in_range), _STATUS_LABEL, status)
+        y = tl.where(in_range, y, 0)
+    else:
+        y = tl.zeros([1], tl.int64)
+        valid = True
+
+    if valid:
+        # ---- statistics pass ----------------------------------------------------------------
+        ms = tl.full([1], float("-inf"), ACC)
+        ss = tl.zeros([1], ACC)
+        m1 = tl.full([1], float("-inf"), ACC)
+        s1 = tl.zeros([1], ACC)
+        mt = tl.full([KP], float("-inf"), ACC)
+        st = tl.zeros([KP], ACC)
+        cross = tl.zeros([KP], ACC)
+        mw = tl.full([KP], float("-inf"), ACC)
+        sw = tl.zeros([KP], ACC)
+        bw = tl.zeros([KP], ACC)
+        if HAS_STATS:
+            sbase = stats_ptr + kn * 4
+            lse_t = tl.where(kmask, tl.load(sbase, mask=kmask, other=0.0).to(ACC), 0.0)
+            h = tl.where(kmask, tl.load(sbase + 2, mask=kmask, other=0.0).to(ACC), 0.0)
+            lg = tl.where(kmask, tl.load(sbase + 3, mask=kmask, other=0.0).to(ACC), 0.0)
+        for start in range(0, V, BLOCK):
+            cols = start + cols0
+            cm = cols < V
+            valid2 = kmask[:, None] & cm[None, :]
+            zraw = tl.load(zrow + cols, mask=cm, other=float("-inf"))
+            traw = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf"))
+            if CHECK_FINITE:
+                status |= _not_finite(zraw.to(ACC), cm) * _STATUS_STUDENT
+                status |= _not_finite(traw.to(ACC), valid2) * _STATUS_TEACHER
+            z = zraw.to(ACC)
+            t = traw.to(ACC)
+            zs = z * inv_tau
+            ts = t * inv_tau
+            ms, ss, _e, _sh = _online(ms, ss, zs[None, :], cm[None, :])
+            if HAS_LABELS:
+                m1, s1, _e1, _sh1 = _online(m1, s1, z[None, :], cm[None, :])
+            if HAS_STATS:
+                p = tl.exp(ts - lse_t[:, None])
+                cross += tl.sum(tl.where(p > 0.0, p * zs[None, :], 0.0), axis=1)
+            else:
+                mt_old = mt
+                mt, st, e, shift = _online(mt, st, ts, valid2)
+                cross = cross * tl.exp(mt_old - shift) + tl.sum(
+                    tl.where(e > 0.0, e * zs[None, :], 0.0), axis=1
+                )
+                mw, sw, bw = _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw)
+        lse_s = ms + tl.log(ss)
+        if HAS_STATS:
+            cross_mean = cross
+        else:
+            st_safe = tl.where(kmask, st, 1.0)
+            lse_t = tl.where(kmask, mt + tl.log(st_safe), 0.0)
+            cross_mean = cross / st_safe
+            h = tl.where(
+                kmask, tl.log(tl.where(kmask, sw, 1.0)) - bw / tl.where(kmask, sw, 1.0), 0.0
+            )
+            # ---- L_k pass: needs the teacher's full lse --------------------------------------
+            lg = tl.zeros([KP], ACC)
+            for start in range(0, V, BLOCK):
+                cols = start + cols0
+                valid2 = kmask[:, None] & (cols < V)[None, :]
+                t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf"))
+                p = tl.exp(t.to(ACC) * inv_tau - lse_t[:, None])
+                lg += tl.sum(tl.where(valid2, _lgamma1p(lam * p, HIGH), 0.0), axis=1)
+        cterm = tl.where(kmask, lam * (cross_mean - lse_s), 0.0)
+        w = _weights(h, fw_ptr, row, N, kidx, kmask, K, WEIGHT_MODE, ACC)
+        ell = tl.where(kmask & (w > 0.0), tl.log(tl.where(w > 0.0, w, 1.0)) + cterm - lg,
+                       float("-inf"))  # fmt: skip
+        m_ell = tl.max(ell)
+        lse_ell = m_ell + tl.log(tl.sum(tl.exp(ell - m_ell)))
+        resp = tl.exp(ell - lse_ell)
+        prior = -lgamma_v - lse_ell
+        loss = beta_p * prior
+        if HAS_LABELS:
+            lse1 = m1 + tl.log(s1)
+            zy = tl.load(zrow + y).to(ACC)
+            ce = lse1 - zy
+            loss += beta_h * ce
+        else:
+            ce = tl.zeros([1], ACC)
+        # ---- loss + gradient pass -----------------------------------------------------------
+        coef = beta_p * lam * inv_tau
+        for start in range(0, V, BLOCK):
+            cols = start + cols0
+            cm = cols < V
+            valid2 = kmask[:, None] & cm[None, :]
+            z = tl.load(zrow + cols, mask=cm, other=float("-inf")).to(ACC)
+            t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf")).to(ACC)
+            q = tl.exp(z * inv_tau - lse_s)
+            p = tl.where(valid2, tl.exp(t * inv_tau - lse_t[:, None]), 0.0)
+            g = coef * (q - tl.sum(resp[:, None] * p, axis=0))
+            if HAS_LABELS:
+                g += beta_h * (tl.exp(z - lse1) - tl.where(cols == y, 1.0, 0.0))
+            tl.store(grow + cols, _to_out(g, grad_ptr.dtype.element_ty, INTERPRET), mask=cm)
+        tl.store(loss_ptr + one, loss)
+        tl.store(prior_ptr + one, prior)
+        tl.store(ce_ptr + one, ce)
+        tl.store(w_ptr + kn, w, mask=kmask)
+        tl.store(r_ptr + kn, resp, mask=kmask)
+        tl.store(h_ptr + kn, h, mask=kmask)
+    else:
+        zero = tl.zeros([BLOCK], ACC)
+        for start in range(0, V, BLOCK):
+            cols = start + cols0
+            tl.store(grow + cols, zero.to(grad_ptr.dtype.element_ty), mask=cols < V)
+        zero1 = tl.zeros([1], ACC)
+        tl.store(loss_ptr + one, zero1)
+        tl.store(prior_ptr + one, zero1)
+        tl.store(ce_ptr + one, zero1)
+        zk = tl.zeros([KP], ACC)
+        tl.store(w_ptr + kn, zk, mask=kmask)
+        tl.store(r_ptr + kn, zk, mask=kmask)
+        tl.store(h_ptr + kn, zk, mask=kmask)
+    if HAS_STATUS:
+        tl.store(status_ptr + one, status)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weighted-sum multi-teacher KD (MATH.md section 3)
+# ----------------------------------------------------------------------------------------------
+#
+# q = softmax(z/tau), p_k = softmax(t_k/tau), w summing to 1, soft weight a = beta_s s(tau):
+#   forward KL  D_k = sum p_k (log p_k - log q)          dD/dz = (q - p_k) / tau
+#   reverse KL  D_k = sum q (log q - log p_k)            dD/dz = q (log q - log p_k - D_k) / tau
+#               (D_k = E_q[(z - t_k)/tau] - lse(z/tau) + lse(t_k/tau), online in the stats pass)
+#   JSD(beta)   m_k = beta p_k + (1 - beta) q,  D_k = beta KL(p_k || m_k) + (1 - beta) KL(q || m_k)
+#               dD/dq_c = (1 - beta) log(q_c / m_kc), so through the softmax
+#               dD/dz = (1 - beta) q (log q - log m_k - KL(q || m_k)) / tau   (third pass)
+#   dL/dz = a sum_k w_k dD_k/dz + beta_h (softmax(z) - onehot(y))
+
+
+@triton.jit
+def _kd_fwd_kernel(
+    z_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t_stride, labels_ptr, fw_ptr,
+    loss_ptr, grad_ptr, w_ptr, status_ptr,
+    N, V, ignore_index,
+    inv_tau_: tl.float64, inv_tw_: tl.float64, beta_: tl.float64, log_beta_: tl.float64,
+    log_1mbeta_: tl.float64, beta_h_: tl.float64, soft_w_: tl.float64,
+    K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, STACKED: tl.constexpr,
+    HAS_LABELS: tl.constexpr, WEIGHT_MODE: tl.constexpr, DIVERGENCE: tl.constexpr,
+    CHECK_FINITE: tl.constexpr, HAS_STATUS: tl.constexpr, ACC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    one = row + tl.zeros([1], tl.int64)
+    NEED_H: tl.constexpr = (WEIGHT_MODE == 0) & (K > 1)
+    inv_tau = _scalar(inv_tau_, ACC)
+    inv_tw = _scalar(inv_tw_, ACC)
+    beta = _scalar(beta_, ACC)
+    log_beta = _scalar(log_beta_, ACC)
+    log_1mbeta = _scalar(log_1mbeta_, ACC)
+    beta_h = _scalar(beta_h_, ACC)
+    soft_w = _scalar(soft_w_, ACC)
+    kidx = tl.arange(0, KP)
+    kmask = kidx < K
+    kn = kidx.to(tl.int64) * N + row
+    cols0 = tl.arange(0, BLOCK)
+    row_off = row * V
+    zrow = z_ptr + row_off
+    grow = grad_ptr + row_off
+    tbase = _teacher_bases(t0, t1, t2, t3, t4, t5, t6, t7, t_stride, kidx, K, STACKED) + row_off
+    status = tl.zeros([1], tl.int32)
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + one)
+        unmasked = y != ignore_index
+        valid = tl.max(unmasked.to(tl.int32)) != 0  # scalar condition for the row-level branch
+        in_range = (y >= 0) & (y < V)
+        status = tl.where(unmasked & (~in_range), _STATUS_LABEL, status)
+        y = tl.where(in_range, y, 0)
+    else:
+        y = tl.zeros([1], tl.int64)
+        valid = True
+
+    if valid:
+        # ---- statistics pass ----------------------------------------------------------------
+        ms = tl.full([1], float("-inf"), ACC)
+        ss = tl.zeros([1], ACC)
+        m1 = tl.full([1], float("-inf"), ACC)
+        s1 = tl.zeros([1], ACC)
+        mt = tl.full([KP], float("-inf"), ACC)
+        st = tl.zeros([KP], ACC)
+        mw = tl.full([KP], float("-inf"), ACC)
+        sw = tl.zeros([KP], ACC)
+        bw = tl.zeros([KP], ACC)
+        rev = tl.zeros([KP], ACC)  # sum_c e^(z_c/tau - ms) (z_c - t_kc)/tau (reverse KL)
+        for start in range(0, V, BLOCK):
+            cols = start + cols0
+            cm = cols < V
+            valid2 = kmask[:, None] & cm[None, :]
+            zraw = tl.load(zrow + cols, mask=cm, other=float("-inf"))
+            traw = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf"))
+            if CHECK_FINITE:
+                status |= _not_finite(zraw.to(ACC), cm) * _STATUS_STUDENT
+                status |= _not_finite(traw.to(ACC), valid2) * _STATUS_TEACHER
+            z = zraw.to(ACC)
+            t = traw.to(ACC)
+            zs = z * inv_tau
+            ts = t * inv_tau
+            ms_old = ms
+            ms, ss, eq, sh = _online(ms, ss, zs[None, :], cm[None, :])
+            if HAS_LABELS:
+                m1, s1, _e1, _sh1 = _online(m1, s1, z[None, :], cm[None, :])
+            mt, st, _et, _sht = _online(mt, st, ts, valid2)
+            if NEED_H:
+                mw, sw, bw = _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw)
+            if DIVERGENCE == 1:
+                live = valid2 & (eq > 0.0)
+                rev = rev * tl.exp(ms_old - sh) + tl.sum(
+                    tl.where(live, eq * (zs[None, :] - ts), 0.0), axis=1
+                )
+        lse_s = ms + tl.log(ss)
+        st_safe = tl.where(kmask, st, 1.0)
+        lse_t = tl.where(kmask, mt + tl.log(st_safe), 0.0)
+        if NEED_H:
+            sw_safe = tl.where(kmask, sw, 1.0)
+            h = tl.where(kmask, tl.log(sw_safe) - bw / sw_safe, 0.0)
+        else:
+            h = tl.zeros([KP], ACC)
+        w = _weights(h, fw_ptr, row, N, kidx, kmask, K, WEIGHT_MODE, ACC)
+        if HAS_LABELS:
+            lse1 = m1 + tl.log(s1)
+            zy = tl.load(zrow + y).to(ACC)
+            ce = lse1 - zy
+        div = tl.zeros([KP], ACC)
+        if DIVERGENCE == 1:
+            div = tl.where(kmask, rev / ss - lse_s + lse_t, 0.0)
+        kqm = tl.zeros([KP], ACC)
+        if DIVERGENCE == 2:
+            # ---- JSD divergence pass: KL(p||m) and KL(q||m) per teacher -----------------------
+            for start in range(0, V, BLOCK):
+                cols = start + cols0
+                cm = cols < V
+                valid2 = kmask[:, None] & cm[None, :]
+                z = tl.load(zrow + cols, mask=cm, other=float("-inf")).to(ACC)
+                t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf"))
+                logq = (z * inv_tau - lse_s)[None, :]
+                logp = t.to(ACC) * inv_tau - lse_t[:, None]
+                q = tl.exp(logq)
+                p = tl.exp(logp)
+                a = log_beta + logp
+                b = log_1mbeta + logq
+                mx = tl.maximum(a, b)
+                logm = mx + tl.log(tl.exp(a - _safe_max(mx)) + tl.exp(b - _safe_max(mx)))
+                kl_q = tl.where(valid2 & (q > 0.0), q * (logq - logm), 0.0)
+                kl_p = tl.where(valid2 & (p > 0.0), p * (logp - logm), 0.0)
+                kqm += tl.sum(kl_q, axis=1)
+                div += beta * tl.sum(kl_p, axis=1) + (1.0 - beta) * tl.sum(kl_q, axis=1)
+        # ---- gradient pass (forward KL also accumulates its divergence here) ----------------
+        for start in range(0, V, BLOCK):
+            cols = start + cols0
+            cm = cols < V
+            valid2 = kmask[:, None] & cm[None, :]
+            z = tl.load(zrow + cols, mask=cm, other=float("-inf")).to(ACC)
+            t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf")).to(ACC)
+            logq = z * inv_tau - lse_s
+            q = tl.exp(logq)
+            logp = t * inv_tau - lse_t[:, None]
+            if DIVERGENCE == 0:
+                p = tl.where(valid2, tl.exp(logp), 0.0)
+                div += tl.sum(tl.where(p > 0.0, p * (logp - logq[None, :]), 0.0), axis=1)
+                gs = (q - tl.sum(w[:, None] * p, axis=0)) * inv_tau
+            elif DIVERGENCE == 1:
+                inner = logq[None, :] - logp - div[:, None]
+                term = tl.where(valid2 & (q > 0.0)[None, :], w[:, None] * inner, 0.0)
+                gs = tl.where(q > 0.0, q * tl.sum(term, axis=0), 0.0) * inv_tau
+            else:
+                a = log_beta + logp
+                b = (log_1mbeta + logq)[None, :]
+                mx = tl.maximum(a, b)
+                logm = mx + tl.log(tl.exp(a - _safe_max(mx)) + tl.exp(b - _safe_max(mx)))
+                inner = logq[None, :] - logm - kqm[:, None]
+                term = tl.where(valid2 & (q > 0.0)[None, :], w[:, None] * inner, 0.0)
+                gs = tl.where(q > 0.0, q * tl.sum(term, axis=0), 0.0) * ((1.0 - beta) * inv_tau)
+            g = soft_w * gs
+            if HAS_LABELS:
+                g += beta_h * (tl.exp(z - lse1) - tl.where(cols == y, 1.0, 0.0))
+            tl.store(grow + cols, _to_out(g, grad_ptr.dtype.element_ty, INTERPRET), mask=cm)
+        loss = soft_w * tl.sum(w * div) + tl.zeros([1], ACC)
+        if HAS_LABELS:
+            loss += beta_h * ce
+        tl.store(loss_ptr + one, loss)
+        tl.store(w_ptr + kn, w, mask=kmask)
+    else:
+        zero = tl.zeros([BLOCK], ACC)
+        for start in range(0, V, BLOCK):
+            cols = start + cols0
+            tl.store(grow + cols, zero.to(grad_ptr.dtype.element_ty), mask=cols < V)
+        tl.store(loss_ptr + one, tl.zeros([1], ACC))
+        tl.store(w_ptr + kn, tl.zeros([KP], ACC), mask=kmask)
+    if HAS_STATUS:
+        tl.store(status_ptr + one, status)
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher-only statistics: weights (MATH.md section 1) and the TeacherStats cache
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _teacher_kernel(
+    t0, t1, t2, t3, t4, t5, t6, t7, t_stride, w_ptr, h_ptr, stats_ptr, status_ptr,
+    N, V, inv_tau_: tl.float64, inv_tw_: tl.float64, lam_: tl.float64,
+    K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, STACKED: tl.constexpr,
+    STATS: tl.constexpr, WEIGHT_MODE: tl.constexpr, CHECK_FINITE: tl.constexpr,
+    ACC: tl.constexpr,
+):  # fmt: skip
+    # STATS=False: weights [K, N] and entropies [K, N] (one pass). STATS=True: the [K, N, 4] rows
+    # (lse at tau, lse at tau_w, entropy at tau_w, L_k), two passes.
+    row = tl.program_id(0).to(tl.int64)
+    one = row + tl.zeros([1], tl.int64)
+    HIGH: tl.constexpr = ACC == tl.float64
+    inv_tau = _scalar(inv_tau_, ACC)
+    inv_tw = _scalar(inv_tw_, ACC)
+    lam = _scalar(lam_, ACC)
+    kidx = tl.arange(0, KP)
+    kmask = kidx < K
+    kn = kidx.to(tl.int64) * N + row
+    cols0 = tl.arange(0, BLOCK)
+    row_off = row * V
+    tbase = _teacher_bases(t0, t1, t2, t3, t4, t5, t6, t7, t_stride, kidx, K, STACKED) + row_off
+    status = tl.zeros([1], tl.int32)
+    mt = tl.full([KP], float("-inf"), ACC)
+    st = tl.zeros([KP], ACC)
+    mw = tl.full([KP], float("-inf"), ACC)
+    sw = tl.zeros([KP], ACC)
+    bw = tl.zeros([KP], ACC)
+    for start in range(0, V, BLOCK):
+        cols = start + cols0
+        valid2 = kmask[:, None] & (cols < V)[None, :]
+        t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf")).to(ACC)
+        if CHECK_FINITE:
+            status |= _not_finite(t, valid2) * _STATUS_TEACHER
+        mw, sw, bw = _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw)
+        if STATS:
+            mt, st, _e, _sh = _online(mt, st, t * inv_tau, valid2)
+    sw_safe = tl.where(kmask, sw, 1.0)
+    h = tl.where(kmask, tl.log(sw_safe) - bw / sw_safe, 0.0)
+    if STATS:
+        lse_t = tl.where(kmask, mt + tl.log(tl.where(kmask, st, 1.0)), 0.0)
+        lg = tl.zeros([KP], ACC)
+        for start in range(0, V, BLOCK):
+            cols = start + cols0
+            valid2 = kmask[:, None] & (cols < V)[None, :]
+            t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf"))
+            p = tl.exp(t.to(ACC) * inv_tau - lse_t[:, None])
+            lg += tl.sum(tl.where(valid2, _lgamma1p(lam * p, HIGH), 0.0), axis=1)
+        lse_w = mw + tl.log(sw_safe)
+        sbase = stats_ptr + kn * 4
+        tl.store(sbase, lse_t, mask=kmask)
+        tl.store(sbase + 1, lse_w, mask=kmask)
+        tl.store(sbase + 2, h, mask=kmask)
+        tl.store(sbase + 3, lg, mask=kmask)
+    else:
+        w = _weights(h, w_ptr, row, N, kidx, kmask, K, WEIGHT_MODE, ACC)
+        tl.store(w_ptr + kn, w, mask=kmask)
+        tl.store(h_ptr + kn, h, mask=kmask)
+    if CHECK_FINITE:
+        tl.store(status_ptr + one, status)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: scale the saved gradient rows by the incoming per-row gradient
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scale_grad_kernel(g_ptr, s_ptr, out_ptr, V, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    cm = cols < V
+    scale = tl.load(s_ptr + row + tl.zeros([1], tl.int64))
+    g = tl.load(g_ptr + row * V + cols, mask=cm, other=0.0).to(s_ptr.dtype.element_ty)
+    tl.store(
+        out_ptr + row * V + cols, _to_out(g * scale, out_ptr.dtype.element_ty, INTERPRET), mask=cm
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: launch configuration, teacher pointers, status checks, op registration
+# ----------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _check_dtype(x: Tensor, name: str) -> None:
+    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
+
+
+def _block(v: int, kp: int) -> tuple[int, int]:
+    # About 8K live elements per block across the K + 1 rows of the tile; at least 64 columns.
+    cap = max(64, triton.next_power_of_2(max(1, 8192 // (kp + 1))) // 2)
+    block = min(triton.next_power_of_2(max(v, 1)), cap)
+    num_warps = 8 if block * (kp + 1) >= 4096 else 4
+    return block, num_warps
+
+
+def _teacher_args(teachers: list[Tensor]) -> tuple[list[Tensor], int, bool]:
+    """``(eight pointer tensors, teacher stride in elements, stacked)`` for the kernels.
+
+    Equally spaced views of one allocation (``unbind`` of ``[K, N, V]``) use one base pointer and a
+    stride; otherwise up to :data:`MAX_POINTER_TEACHERS` separate pointers; beyond that one stack.
+    """
+    ts = [t.contiguous() for t in teachers]
+    k = len(ts)
+    if k == 1:
+        return [ts[0]] * MAX_POINTER_TEACHERS, 0, True
+    size = ts[0].element_size()
+    step = ts[1].data_ptr() - ts[0].data_ptr()
+    if step % size == 0 and all(
+        t.data_ptr() - ts[0].data_ptr() == i * step
+        and t.untyped_storage().data_ptr() == ts[0].untyped_storage().data_ptr()
+        for i, t in enumerate(ts)
+    ):
+        return [ts[0]] * MAX_POINTER_TEACHERS, step // size, True
+    if k <= MAX_POINTER_TEACHERS:
+        return ts + [ts[0]] * (MAX_POINTER_TEACHERS - k), 0, False
+    stacked = torch.stack(ts)
+    return [stacked[0]] * MAX_POINTER_TEACHERS, stacked[0].numel(), True
+
+
+def _check_inputs(student: Tensor, teachers: list[Tensor], labels: Tensor | None) -> None:
+    _check_dtype(student, "student_logits")
+    if student.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V], got shape {tuple(student.shape)}")
+    if len(teachers) == 0:
+        raise ValueError("teacher_logits must hold at least one teacher (K >= 1)")
+    for t in teachers:
+        if t.shape != student.shape or t.dtype != student.dtype or t.device != student.device:
+            raise ValueError(
+                "teacher_logits must match student_logits in shape, dtype and device; got "
+                f"{tuple(t.shape)} {t.dtype} {t.device} vs {tuple(student.shape)} "
+                f"{student.dtype} {student.device}"
+            )
+    if labels is not None and (labels.shape != student.shape[:1] or labels.dtype != torch.int64):
+        raise ValueError(
+            f"labels must be int64 of shape [{student.shape[0]}], got {labels.dtype} "
+            f"{tuple(labels.shape)}"
+        )
+
+
+def _status_buffer(n: int, device: torch.device, needed: bool, dummy: Tensor) -> Tensor:
+    return torch.empty(n, dtype=torch.int32, device=device) if needed else dummy
+
+
+def _raise_on_status(status: Tensor, v: int, op: str) -> None:
+    """Turn the kernels' per-row status bits into an error, without a host sync on CUDA."""
+    if status.device.type == "cuda":
+        # Queued on the stream: no synchronisation; a failure is a device-side assertion.
+        torch._assert_async(
+            (status == 0).all(),
+            f"mtbkd::{op}: labels out of range [0, {v}) (other than ignore_index) or non-finite "
+            "student_logits/teacher_logits in an unmasked row",
+        )
+        return
+    bad = torch.nonzero(status).flatten()
+    if bad.numel() == 0:
+        return
+    row = int(bad[0])
+    bits = int(status[row])
+    if bits & STATUS_LABEL:
+        raise ValueError(f"labels must lie in [0, {v}) or equal ignore_index; row {row} does not")
+    if bits & STATUS_STUDENT:
+        raise ValueError(f"student_logits contains NaN or inf (row {row})")
+    raise ValueError(f"teacher_logits contains NaN or inf (row {row})")
+
+
+class _on_device:
+    """Launch on the tensors' GPU (Triton uses the current device); nothing on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+@register_impl("mtbkd_loss_fwd", "triton")
+def mtbkd_loss_fwd(
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    fixed_weights: Tensor | None,
+    teacher_stats: Tensor | None,
+    temperature: float,
+    concentration: float,
+    prior_weight: float,
+    hard_label_weight: float,
+    weight_mode: int,
+    weight_temperature: float,
+    ignore_index: int,
+    check_finite: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Triton ``mtbkd::mtbkd_loss_fwd`` (MATH.md section 2), semantics of the op's docstring."""
+    _check_inputs(student, teachers, labels)
+    student = student.contiguous()
+    n, v = student.shape
+    k = len(teachers)
+    acc = _acc_dtype(student.dtype)
+    dev = student.device
+    kp = triton.next_power_of_2(k)
+    ptrs, t_stride, stacked = _teacher_args(teachers)
+    if weight_mode == WEIGHT_MODES["fixed"]:
+        if fixed_weights is None or fixed_weights.shape != (k, n):
+            raise ValueError(f"fixed_weights must be [K, N] = [{k}, {n}] with weight_mode fixed")
+        fixed_weights = fixed_weights.to(acc).contiguous()
+    if teacher_stats is not None:
+        if teacher_stats.shape != (k, n, 4):
+            raise ValueError(
+                f"teacher_stats must be [K, N, 4] = [{k}, {n}, 4], got {tuple(teacher_stats.shape)}"
+            )
+        teacher_stats = teacher_stats.to(device=dev, dtype=acc).contiguous()
+    loss = torch.empty(n, dtype=acc, device=dev)
+    grad = torch.empty_like(student)
+    w = torch.empty(k, n, dtype=acc, device=dev)
+    r = torch.empty_like(w)
+    h = torch.empty_like(w)
+    prior = torch.empty_like(loss)
+    ce = torch.empty_like(loss)
+    has_status = labels is not None or check_finite
+    status = _status_buffer(n, dev, has_status, loss)
+    block, warps = _block(v, kp)
+    if n > 0:
+        with _on_device(dev):
+            _mtbkd_fwd_kernel[(n,)](
+                student, *ptrs, t_stride,
+                labels if labels is not None else student,
+                fixed_weights if fixed_weights is not None else student,
+                teacher_stats if teacher_stats is not None else student,
+                loss, grad, w, r, h, prior, ce, status, n, v, ignore_index,
+                1.0 / temperature, 1.0 / weight_temperature, float(concentration),
+                float(prior_weight), float(hard_label_weight), math.lgamma(v + concentration),
+                K=k, KP=kp, BLOCK=block, STACKED=stacked, HAS_LABELS=labels is not None,
+                HAS_STATS=teacher_stats is not None, WEIGHT_MODE=int(weight_mode),
+                CHECK_FINITE=bool(check_finite), HAS_STATUS=has_status, ACC=_tl_acc(acc),
+                INTERPRET=_interpreting(),
+                num_warps=warps,
+            )  # fmt: skip
+        if has_status:
+            _raise_on_status(status, v, "mtbkd_loss_fwd")
+    return loss, grad, w, r, h, prior, ce
+
+
+@register_impl("multi_teacher_kd_fwd", "triton")
+def multi_teacher_kd_fwd(
+    student: Tensor,
+    teachers: list[Tensor],
+    labels: Tensor | None,
+    fixed_weights: Tensor | None,
+    divergence: int,
+    beta: float,
+    temperature: float,
+    weight_mode: int,
+    weight_temperature: float,
+    hard_label_weight: float,
+    soft_label_weight: float,
+    soft_scale: float,
+    ignore_index: int,
+    check_finite: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton ``mtbkd::multi_teacher_kd_fwd`` (MATH.md section 3)."""
+    _check_inputs(student, teachers, labels)
+    if divergence not in DIVERGENCES.values():
+        raise ValueError(f"divergence must be one of {sorted(DIVERGENCES.values())}")
+    if divergence == DIVERGENCES["jsd"]:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1] for jsd, got {beta}")
+        # The endpoints are forward and reverse KL exactly (log 0 never reaches the kernel).
+        if beta == 0.0:
+            divergence = DIVERGENCES["forward_kl"]
+        elif beta == 1.0:
+            divergence = DIVERGENCES["reverse_kl"]
+    student = student.contiguous()
+    n, v = student.shape
+    k = len(teachers)
+    acc = _acc_dtype(student.dtype)
+    dev = student.device
+    kp = triton.next_power_of_2(k)
+    ptrs, t_stride, stacked = _teacher_args(teachers)
+    if weight_mode == WEIGHT_MODES["fixed"]:
+        if fixed_weights is None or fixed_weights.shape != (k, n):
+            raise ValueError(f"fixed_weights must be [K, N] = [{k}, {n}] with weight_mode fixed")
+        fixed_weights = fixed_weights.to(acc).contiguous()
+    loss = torch.empty(n, dtype=acc, device=dev)
+    grad = torch.empty_like(student)
+    w = torch.empty(k, n, dtype=acc, device=dev)
+    has_status = labels is not None or check_finite
+    status = _status_buffer(n, dev, has_status, loss)
+    block, warps = _block(v, kp)
+    jsd = divergence == DIVERGENCES["jsd"]
+    if n > 0:
+        with _on_device(dev):
+            _kd_fwd_kernel[(n,)](
+                student, *ptrs, t_stride,
+                labels if labels is not None else student,
+                fixed_weights if fixed_weights is not None else student,
+                loss, grad, w, status, n, v, ignore_index,
+                1.0 / temperature, 1.0 / weight_temperature, float(beta),
+                math.log(beta) if jsd else 0.0, math.log1p(-beta) if jsd else 0.0,
+                float(hard_label_weight), float(soft_label_weight) * float(soft_scale),
+                K=k, KP=kp, BLOCK=block, STACKED=stacked, HAS_LABELS=labels is not None,
+                WEIGHT_MODE=int(weight_mode), DIVERGENCE=int(divergence),
+                CHECK_FINITE=bool(check_finite), HAS_STATUS=has_status, ACC=_tl_acc(acc),
+                INTERPRET=_interpreting(),
+                num_warps=warps,
+            )  # fmt: skip
+        if has_status:
+            _raise_on_status(status, v, "multi_teacher_kd_fwd")
+    return loss, grad, w
+
+
+def _teacher_launch(teachers, stats, inv_tau, inv_tw, lam, weight_mode, check_finite):
+    for i, t in enumerate(teachers):
+        _check_dtype(t, "teacher_logits")
+        if t.dim() != 2 or t.shape != teachers[0].shape or t.dtype != teachers[0].dtype:
+            raise ValueError(f"teacher_logits[{i}] must be [N, V] like teacher_logits[0]")
+    n, v = teachers[0].shape
+    k = len(teachers)
+    acc = _acc_dtype(teachers[0].dtype)
+    dev = teachers[0].device
+    kp = triton.next_power_of_2(k)
+    ptrs, t_stride, stacked = _teacher_args(teachers)
+    if stats:
+        out = torch.empty(k, n, 4, dtype=acc, device=dev)
+        w = h = out
+    else:
+        w = torch.empty(k, n, dtype=acc, device=dev)
+        h = torch.empty_like(w)
+        out = w
+    status = _status_buffer(n, dev, check_finite, out)
+    block, warps = _block(v, kp)
+    if n > 0:
+        with _on_device(dev):
+            _teacher_kernel[(n,)](
+                *ptrs, t_stride, w, h, out, status, n, v, inv_tau, inv_tw, lam,
+                K=k, KP=kp, BLOCK=block, STACKED=stacked, STATS=stats,
+                WEIGHT_MODE=int(weight_mode), CHECK_FINITE=bool(check_finite),
+                ACC=_tl_acc(acc), num_warps=warps,
+            )  # fmt: skip
+        if check_finite:
+            _raise_on_status(status, v, "teacher_stats" if stats else "teacher_weights")
+    return out if stats else (w, h)
+
+
+@register_impl("teacher_weights", "triton")
+def teacher_weights(
+    teachers: list[Tensor], weight_mode: int, weight_temperature: float, check_finite: bool
+) -> tuple[Tensor, Tensor]:
+    """Triton ``mtbkd::teacher_weights``: entropy or uniform weights and entropies ``[K, N]``."""
+    if weight_mode not in (WEIGHT_MODES["entropy"], WEIGHT_MODES["uniform"]):
+        raise ValueError("weight_mode must be entropy or uniform for teacher_weights")
+    return _teacher_launch(teachers, False, 1.0, 1.0 / weight_temperature, 1.0, weight_mode,
+                           check_finite)  # fmt: skip
+
+
+@register_impl("teacher_stats", "triton")
+def teacher_stats(
+    teachers: list[Tensor],
+    temperature: float,
+    concentration: float,
+    weight_temperature: float,
+    check_finite: bool,
+) -> Tensor:
+    """Triton ``mtbkd::teacher_stats``: ``[K, N, 4]`` (:data:`mtbkd.ops.TEACHER_STAT_COLUMNS`)."""
+    return _teacher_launch(teachers, True, 1.0 / temperature, 1.0 / weight_temperature,
+                           float(concentration), 0, check_finite)  # fmt: skip
+
+
+@register_impl("scale_grad", "triton")
+def scale_grad(grad: Tensor, grad_rows: Tensor) -> Tensor:
+    """Triton ``mtbkd::scale_grad``: ``grad * grad_rows[:, None]`` in ``grad_rows``' dtype."""
+    grad = grad.contiguous()
+    grad_rows = grad_rows.contiguous()
+    if grad.dim() != 2 or grad_rows.shape != grad.shape[:1]:
+        raise ValueError(f"grad_rows must be [{grad.shape[0]}] for grad {tuple(grad.shape)}")
+    out = torch.empty_like(grad)
+    n, v = grad.shape
+    if n and v:
+        block = min(4096, triton.next_power_of_2(v))
+        with _on_device(grad.device):
+            _scale_grad_kernel[(n, triton.cdiv(v, block))](
+                grad,
+                grad_rows,
+                out,
+                v,
+                BLOCK=block,
+                INTERPRET=_interpreting(),
+                num_warps=8 if block >= 2048 else 4,
+            )
+    return out

@@ -1,0 +1,444 @@
+"""Custom ops of the Bayesian student (MATH.md sections 6 and 7) and their reference backend.
+
+* ``mtbkd::reparameterize``: ``w = mu + softplus(rho) * eps`` with ``eps ~ N(0, 1)`` drawn by a
+  Philox 4x32-10 generator keyed by ``(seed, offset)`` inside the kernel. The backward
+  (``mtbkd::reparameterize_backward``) regenerates eps, so it is never stored.
+* ``mtbkd::gaussian_kl``: the summed KL to a Gaussian prior and its gradient in one pass.
+* ``mtbkd::sgld_step_``: one fused (p)SGLD update of a list of parameters, noise made in-kernel.
+
+The random stream (see ``csrc/philox.h``) is Triton's ``tl.randn4x``: element ``i`` takes normal
+``i % 4`` of Philox counter ``offset + i // 4`` (stream 0), so a tensor of ``n`` elements uses
+``ceil(n / 4)`` counters and every backend (reference, cpu, triton, cuda) draws the same numbers
+up to an ulp of the transcendental functions. The reference backend below implements Philox with
+integer torch ops, independently of the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mtbkd.ops import _impl, register_impl
+
+__all__ = [
+    "reparameterize",
+    "reparameterize_backward",
+    "gaussian_kl",
+    "sgld_step_",
+    "philox_normal",
+    "new_seed",
+    "counters_used",
+]
+
+_MASK32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_SEED_LIMIT = 2**63
+
+
+def new_seed() -> int:
+    """A fresh Philox seed drawn from torch's default CPU generator (``torch.manual_seed``-able)."""
+    return int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64).item())
+
+
+def counters_used(numel: int) -> int:
+    """Philox counters consumed by sampling ``numel`` elements: ``ceil(numel / 4)``."""
+    return (numel + 3) // 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference Philox 4x32-10 in integer torch ops (uint32 values held in int64)
+# ----------------------------------------------------------------------------------------------
+
+
+def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    # 32x32 -> 64-bit product split as a = a_hi * 2^16 + a_lo so that nothing exceeds 2^49.
+    p_lo = b * (a & 0xFFFF)
+    p_hi = b * (a >> 16)
+    s = p_hi + (p_lo >> 16)
+    return s >> 16, ((s & 0xFFFF) << 16) | (p_lo & 0xFFFF)
+
+
+def _philox_uint32(seed: int, counters: Tensor, stream: int) -> list[Tensor]:
+    c0 = counters & _MASK32
+    c1 = (counters >> 32) & _MASK32
+    c2 = torch.full_like(counters, stream & _MASK32)
+    c3 = torch.zeros_like(counters)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return [c0, c1, c2, c3]
+
+
+def _uniform(x: Tensor) -> Tensor:
+    s = torch.where(x >= 2**31, x - 2**32, x)  # reinterpret as int32
+    s = torch.where(s < 0, -s - 1, s)
+    return s.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def _box_muller(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    r = torch.sqrt(-2.0 * torch.log(torch.clamp_min(a, 1e-7)))
+    th = torch.tensor(2 * math.pi, dtype=torch.float32) * b
+    return r * torch.cos(th), r * torch.sin(th)
+
+
+def _reference_normal(seed: int, offset: int, n: int, stream: int = 0) -> Tensor:
+    counters = offset + torch.arange(counters_used(n), dtype=torch.int64)
+    x = _philox_uint32(seed, counters, stream)
+    n0, n1 = _box_muller(_uniform(x[0]), _uniform(x[1]))
+    n2, n3 = _box_muller(_uniform(x[2]), _uniform(x[3]))
+    return torch.stack([n0, n1, n2, n3], dim=1).reshape(-1)[:n]
+
+
+def philox_normal(
+    seed: int, offset: int, n: int, stream: int = 0, backend: str = "reference"
+) -> Tensor:
+    """The first ``n`` normals (float32, CPU) of the stream ``(seed, offset, stream)``.
+
+    ``backend="reference"`` uses integer torch ops; ``"cpu"`` the C++ generator.
+    """
+    _check_seed(seed, offset)
+    if backend == "cpu":
+        return torch.ops.mtbkd_C.philox_normal(seed, offset, stream, n)
+    if backend != "reference":
+        raise ValueError(f"backend must be 'reference' or 'cpu', got {backend!r}")
+    return _reference_normal(seed, offset, n, stream)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_seed(seed: int, offset: int) -> None:
+    for name, v in (("seed", seed), ("offset", offset)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if not 0 <= v < _SEED_LIMIT:
+            raise ValueError(f"{name} must be in [0, 2**63), got {v}")
+
+
+def _check_mu_rho(mu: Tensor, rho: Tensor) -> None:
+    for name, t in (("mu", mu), ("rho", rho)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if mu.shape != rho.shape:
+        raise ValueError(
+            f"mu and rho must have the same shape, got {tuple(mu.shape)} and {tuple(rho.shape)}"
+        )
+    if mu.dtype != rho.dtype:
+        raise TypeError(f"mu and rho must have the same dtype, got {mu.dtype} and {rho.dtype}")
+    if mu.device != rho.device:
+        raise ValueError(f"mu and rho must be on one device, got {mu.device} and {rho.device}")
+
+
+def _check_finite(t: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# mtbkd::reparameterize (MATH.md section 6)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mtbkd::reparameterize", mutates_args=())
+def _reparameterize_op(
+    mu: Tensor, rho: Tensor, seed: int, offset: int, check_finite: bool
+) -> Tensor:
+    """``mu + softplus(rho) * eps(seed, offset)`` (contiguous ``mu``/``rho`` of one dtype)."""
+    return _impl("reparameterize", mu)(mu, rho, seed, offset, check_finite)
+
+
+@_reparameterize_op.register_fake
+def _(mu, rho, seed, offset, check_finite):
+    return torch.empty_like(mu)
+
+
+@torch.library.custom_op("mtbkd::reparameterize_backward", mutates_args=())
+def reparameterize_backward(grad: Tensor, rho: Tensor, seed: int, offset: int) -> Tensor:
+    """``d w / d rho`` applied to ``grad``: ``grad * eps(seed, offset) * sigmoid(rho)``."""
+    return _impl("reparameterize_backward", rho)(grad, rho, seed, offset)
+
+
+@reparameterize_backward.register_fake
+def _(grad, rho, seed, offset):
+    return torch.empty_like(rho)
+
+
+def _reparam_setup(ctx, inputs, output):
+    _, rho, seed, offset, _ = inputs
+    ctx.save_for_backward(rho)  # a parameter: saving it costs no memory
+    ctx.seed, ctx.offset = seed, offset
+
+
+def _reparam_backward(ctx, grad):
+    (rho,) = ctx.saved_tensors
+    grad = grad.contiguous()
+    drho = None
+    if ctx.needs_input_grad[1]:
+        drho = reparameterize_backward(grad, rho, ctx.seed, ctx.offset)
+    return grad if ctx.needs_input_grad[0] else None, drho, None, None, None
+
+
+_reparameterize_op.register_autograd(_reparam_backward, setup_context=_reparam_setup)
+
+
+def reparameterize(
+    mu: Tensor,
+    rho: Tensor,
+    seed: int | None = None,
+    offset: int = 0,
+    *,
+    check_finite: bool = True,
+) -> Tensor:
+    """Sample ``w = mu + softplus(rho) * eps``, ``eps ~ N(0, 1)`` from Philox (MATH.md section 6).
+
+    ``eps`` is generated inside the kernel from ``(seed, offset)`` and regenerated in the
+    backward (``dmu = g``, ``drho = g * eps * sigmoid(rho)``), so no eps-sized tensor exists.
+    Element ``i`` uses counter ``offset + i // 4``: to draw several independent tensors under one
+    seed, advance ``offset`` by :func:`counters_used` of the previous tensor. ``seed=None`` draws
+    a seed from torch's default generator, so ``torch.manual_seed`` makes sampling reproducible.
+    """
+    _check_mu_rho(mu, rho)
+    if seed is None:
+        seed = new_seed()
+    _check_seed(seed, offset)
+    return _reparameterize_op(mu.contiguous(), rho.contiguous(), seed, offset, check_finite)
+
+
+@register_impl("reparameterize", "reference")
+def _ref_reparameterize(mu, rho, seed, offset, check_finite):
+    if check_finite:
+        _check_finite(mu, "mu")
+        _check_finite(rho, "rho")
+    acc = _acc(mu.dtype)
+    eps = _reference_normal(seed, offset, mu.numel()).to(device=mu.device, dtype=acc)
+    w = mu.to(acc) + F.softplus(rho.to(acc)) * eps.view(mu.shape)
+    return w.to(mu.dtype)
+
+
+@register_impl("reparameterize_backward", "reference")
+def _ref_reparameterize_backward(grad, rho, seed, offset):
+    acc = _acc(rho.dtype)
+    eps = _reference_normal(seed, offset, rho.numel()).to(device=rho.device, dtype=acc)
+    return (grad.to(acc) * eps.view(rho.shape) * torch.sigmoid(rho.to(acc))).to(rho.dtype)
+
+
+@register_impl("reparameterize", "cpu")
+def _cpu_reparameterize(mu, rho, seed, offset, check_finite):
+    return torch.ops.mtbkd_C.reparameterize_fwd(mu, rho, seed, offset, check_finite)
+
+
+@register_impl("reparameterize_backward", "cpu")
+def _cpu_reparameterize_backward(grad, rho, seed, offset):
+    return torch.ops.mtbkd_C.reparameterize_bwd(grad, rho, seed, offset)
+
+
+@register_impl("reparameterize", "cuda")
+def _cuda_reparameterize(mu, rho, seed, offset, check_finite):
+    if check_finite:
+        _check_finite(mu, "mu")
+        _check_finite(rho, "rho")
+    return torch.ops.mtbkd_C.reparameterize_fwd(mu, rho, seed, offset, False)
+
+
+register_impl("reparameterize_backward", "cuda", _cpu_reparameterize_backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# mtbkd::gaussian_kl (MATH.md section 6)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mtbkd::gaussian_kl", mutates_args=())
+def _gaussian_kl_op(
+    mu: Tensor, rho: Tensor, prior_mu: float, prior_sigma: float, compute_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(kl, dkl/dmu, dkl/drho)``; kl is a 0-d fp32 (fp64) sum, the gradients are empty
+    tensors unless ``compute_grad``."""
+    return _impl("gaussian_kl", mu)(mu, rho, prior_mu, prior_sigma, compute_grad)
+
+
+@_gaussian_kl_op.register_fake
+def _(mu, rho, prior_mu, prior_sigma, compute_grad):
+    kl = mu.new_empty((), dtype=_acc(mu.dtype))
+    if compute_grad:
+        return kl, torch.empty_like(mu), torch.empty_like(rho)
+    return kl, mu.new_empty((0,)), rho.new_empty((0,))
+
+
+def _kl_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _kl_backward(ctx, grad_kl, _g1, _g2):
+    dmu, drho = ctx.saved_tensors
+    if dmu.numel() == 0 and ctx.needs_input_grad[0] | ctx.needs_input_grad[1]:
+        raise RuntimeError("gaussian_kl was called with compute_grad=False")
+    g = grad_kl.to(dmu.dtype)
+    return (
+        dmu * g if ctx.needs_input_grad[0] else None,
+        drho * g if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+        None,
+    )
+
+
+_gaussian_kl_op.register_autograd(_kl_backward, setup_context=_kl_setup)
+
+
+def gaussian_kl(
+    mu: Tensor, rho: Tensor, prior_sigma: float = 1.0, prior_mu: float = 0.0
+) -> Tensor:
+    """``sum [log(s0/s) + (s^2 + (mu - m0)^2) / (2 s0^2) - 1/2]``, ``s = softplus(rho)``
+    (MATH.md section 6): KL of ``N(mu, s^2)`` to the prior ``N(m0, s0^2)``, summed, fp32 (fp64
+    for fp64 input), its gradient computed in the same pass when autograd needs it."""
+    from mtbkd import validate
+
+    _check_mu_rho(mu, rho)
+    prior_sigma = validate.check_positive(prior_sigma, "prior_sigma")
+    prior_mu = validate.check_real(prior_mu, "prior_mu")
+    need_grad = torch.is_grad_enabled() and (mu.requires_grad or rho.requires_grad)
+    kl, _, _ = _gaussian_kl_op(mu.contiguous(), rho.contiguous(), prior_mu, prior_sigma, need_grad)
+    # A non-finite sum is the cheap sign of bad input; only then look for the culprit.
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(kl)):
+        _check_finite(mu, "mu")
+        _check_finite(rho, "rho")
+    return kl
+
+
+@register_impl("gaussian_kl", "reference")
+def _ref_gaussian_kl(mu, rho, prior_mu, prior_sigma, compute_grad):
+    # Autograd is off inside a custom op's body: the gradient is written out (MATH.md section 6).
+    acc = _acc(mu.dtype)
+    m, r = mu.to(acc), rho.to(acc)
+    s = F.softplus(r)
+    var0 = prior_sigma**2
+    kl = (math.log(prior_sigma) - torch.log(s) + (s**2 + (m - prior_mu) ** 2) / (2 * var0) - 0.5)
+    if not compute_grad:
+        return kl.sum(), mu.new_empty((0,)), rho.new_empty((0,))
+    dm = (m - prior_mu) / var0
+    dr = (s / var0 - 1.0 / s) * torch.sigmoid(r)
+    return kl.sum(), dm.to(mu.dtype), dr.to(rho.dtype)
+
+
+@register_impl("gaussian_kl", "cpu")
+def _cpu_gaussian_kl(mu, rho, prior_mu, prior_sigma, compute_grad):
+    return torch.ops.mtbkd_C.gaussian_kl(mu, rho, prior_mu, prior_sigma, compute_grad)
+
+
+register_impl("gaussian_kl", "cuda", _cpu_gaussian_kl)
+
+
+# ----------------------------------------------------------------------------------------------
+# mtbkd::sgld_step_ (MATH.md section 7)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mtbkd::sgld_step_", mutates_args=("params", "square_avgs"))
+def _sgld_step_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    lr: float,
+    num_data: float,
+    temperature: float,
+    weight_decay: float,
+    seed: int,
+    precondition: bool,
+    alpha: float,
+    eps: float,
+) -> None:
+    """In-place (p)SGLD step; parameter ``j`` draws its noise from Philox stream ``j``."""
+    _impl("sgld_step_", params[0])(
+        params, grads, square_avgs, lr, num_data, temperature, weight_decay, seed, precondition,
+        alpha, eps,
+    )  # fmt: skip
+
+
+@_sgld_step_op.register_fake
+def _(params, grads, square_avgs, *args):
+    return None
+
+
+def sgld_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    square_avgs: Sequence[Tensor] | None,
+    *,
+    lr: float,
+    num_data: float,
+    temperature: float = 1.0,
+    weight_decay: float = 0.0,
+    seed: int | None = None,
+    precondition: bool = False,
+    alpha: float = 0.99,
+    eps: float = 1e-5,
+) -> None:
+    """``theta <- theta - lr * G * grad_U + sqrt(2 lr T G) xi`` for every parameter, in place.
+
+    ``grad_U = num_data * grad + weight_decay * theta`` (MATH.md section 7; ``grad`` is the
+    gradient of the *mean* minibatch loss, ``weight_decay`` the precision of a Gaussian prior).
+    ``G = 1`` for SGLD; with ``precondition`` (pSGLD, Li et al. 2016)
+    ``V <- alpha V + (1 - alpha) (grad_U / num_data)^2`` and ``G = 1 / (eps + sqrt(V))``.
+    """
+    params, grads = list(params), list(grads)
+    square_avgs = list(square_avgs) if square_avgs is not None else []
+    if not params:
+        return
+    if seed is None:
+        seed = new_seed()
+    _check_seed(seed, 0)
+    _sgld_step_op(
+        params, grads, square_avgs, float(lr), float(num_data), float(temperature),
+        float(weight_decay), seed, bool(precondition), float(alpha), float(eps),
+    )  # fmt: skip
+
+
+def _sgld_reference_update(th, g, sq, xi, lr, num_data, temperature, weight_decay, precondition,
+                           alpha, eps):  # fmt: skip
+    acc = _acc(th.dtype)
+    t = th.to(acc)
+    gu = num_data * g.to(acc) + weight_decay * t
+    noise = math.sqrt(2.0 * lr * temperature) * xi.to(acc).view(th.shape)
+    if precondition:
+        v = alpha * sq.view(th.shape) + (1 - alpha) * (gu / num_data) ** 2
+        sq.copy_(v.reshape(sq.shape))
+        g_pre = 1.0 / (eps + v.sqrt())
+        th.copy_((t - lr * g_pre * gu + g_pre.sqrt() * noise).to(th.dtype))
+    else:
+        th.copy_((t - lr * gu + noise).to(th.dtype))
+
+
+@register_impl("sgld_step_", "reference")
+def _ref_sgld_step(params, grads, square_avgs, lr, num_data, temperature, weight_decay, seed,
+                   precondition, alpha, eps):  # fmt: skip
+    for j, (th, g) in enumerate(zip(params, grads)):
+        xi = _reference_normal(seed, 0, th.numel(), stream=j).to(th.device)
+        sq = square_avgs[j] if precondition else None
+        _sgld_reference_update(th, g, sq, xi, lr, num_data, temperature, weight_decay,
+                               precondition, alpha, eps)  # fmt: skip
+
+
+@register_impl("sgld_step_", "cpu")
+def _cpu_sgld_step(params, grads, square_avgs, *args):
+    torch.ops.mtbkd_C.sgld_step_(params, grads, square_avgs, *args)
+
+
+register_impl("sgld_step_", "cuda", _cpu_sgld_step)

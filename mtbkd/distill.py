@@ -1,0 +1,1191 @@
+"""The MT-BKD pipeline: teachers -> MAP warm start -> SGLD posterior -> predictive and metrics.
+
+A student is trained on the MT-BKD objective (MATH.md section 2): Adam to the posterior mode
+first, then SGLD (MATH.md section 7) on the classifier head only, every ``thin``-th step after a
+burn-in kept in a :class:`mtbkd.posterior.SampleStore`. The posterior predictive averages the
+samples' probabilities (MATH.md section 8). Baselines run through the same loop and the same
+checkpoints: cross-entropy only, average- and entropy-weighted forward-KL KD (MATH.md section 3),
+single-teacher BKD for each teacher, MT-BKD at the mode and MT-BKD with SGLD.
+
+Two levels:
+
+* :func:`distill` trains one student with one method (a user's ``nn.Module``, teacher logits or
+  teacher modules evaluated once) and returns a :class:`DistillResult` (model, samples, predict).
+* :func:`run_experiment` runs every method on a :class:`mtbkd.data.Dataset`, choosing each
+  method's hyperparameters on a validation split of the training set (never the test set), and
+  returns an :class:`ExperimentResult` that :mod:`mtbkd.report` turns into tables and figures.
+
+Checkpoints (``checkpoint_dir``) are written every ``checkpoint_every`` epochs and at the end of
+each phase: model, optimizer, data-order generator, torch's RNG (SGLD's noise seeds) and the
+samples so far. A rerun with the same directory resumes from the last checkpoint and reproduces
+the uninterrupted run's samples exactly; a finished phase is loaded instead of retrained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtbkd import functional as mf
+from mtbkd.data import Dataset, stratified_split
+
+__all__ = [
+    "DistillConfig",
+    "Objective",
+    "StudentMLP",
+    "DistillResult",
+    "MethodResult",
+    "ExperimentResult",
+    "PRESETS",
+    "train_map",
+    "train_sgld",
+    "distill",
+    "train_teachers",
+    "expert_groups",
+    "evaluate_probs",
+    "teacher_attribution",
+    "run_experiment",
+    "save_run",
+    "load_run",
+    "method_names",
+]
+
+BASE_METHODS = ("ce", "avg_kd", "entropy_kd", "bkd", "mtbkd_map", "mtbkd_sgld")
+
+
+@dataclass
+class DistillConfig:
+    """Hyperparameters of the pipeline. Defaults are the paper's schedule (MATH.md section 7):
+    Adam 120 epochs at lr 3e-4, weight decay 1e-5, then 80 SGLD epochs on the head with the
+    paper's step ``η·N = 8e-8 · 2,000``; :data:`PRESETS` size it to the built-in datasets.
+
+    The ``*_grid`` fields list the values tried on the validation split (selected by validation
+    NLL); an empty grid keeps the single value of the matching field.
+    """
+
+    hidden: tuple[int, ...] = (128,)
+    batch_size: int = 64
+    map_epochs: int = 120
+    map_lr: float = 3e-4
+    weight_decay: float = 1e-5
+    sgld_epochs: int = 80
+    # SGLD step on the mean loss, η·num_data (the SGLD step is η = sgld_lr / num_data).
+    sgld_lr: float = 1.6e-4
+    sgld_temperature: float = 1.0
+    # Precision of the Gaussian prior on the head's weights during SGLD.
+    sgld_prior_precision: float = 1.0
+    sgld_precondition: bool = False
+    num_samples: int = 100
+    burn_in: float = 0.1  # fraction of the SGLD steps
+    # MT-BKD / BKD objective (MATH.md section 2)
+    temperature: float = 2.0
+    concentration: float = 5.0
+    prior_weight: float = 0.02
+    hard_label_weight: float = 1.0
+    weights: str = "entropy"
+    # weighted-sum KD baselines (MATH.md section 3): CE + kd_weight · τ² · Σ_k w_k KL(p_k‖q)
+    kd_temperature: float = 2.0
+    kd_weight: float = 1.0
+    # validation-split tuning
+    mtbkd_grid: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {"concentration": (5.0, 20.0), "prior_weight": (0.02, 0.2)}
+    )
+    kd_grid: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {"kd_temperature": (2.0, 4.0), "kd_weight": (0.5, 1.0)}
+    )
+    sgld_grid: tuple[float, ...] = (1.6e-4, 1.6e-3)
+    tune_bkd: bool = True
+    val_fraction: float = 0.2
+    # teachers trained by the pipeline when the dataset has none
+    num_teachers: int = 3
+    teacher_hidden: int = 64
+    teacher_epochs: int = 300
+    teacher_other_fraction: float = 0.08
+    seed: int = 0
+    methods: tuple[str, ...] = BASE_METHODS
+    progress: bool = True
+    checkpoint_every: int = 10
+    predict_chunk: int = 50
+    # intra-op threads while training: the students are small, and more threads than free cores
+    # slow such tiny kernels down by an order of magnitude on a busy machine (0 = leave torch's)
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(h) for h in self.hidden)
+        self.methods = tuple(self.methods)
+        self.sgld_grid = tuple(float(v) for v in self.sgld_grid)
+        for name in ("batch_size", "num_samples", "checkpoint_every", "predict_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("map_epochs", "sgld_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        for name in ("map_lr", "sgld_lr", "temperature", "concentration", "kd_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.burn_in < 1.0:
+            raise ValueError(f"burn_in must lie in [0, 1), got {self.burn_in}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        unknown = [m for m in self.methods if m not in BASE_METHODS and not m.startswith("bkd_")]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {BASE_METHODS} or bkd_<name>")
+        for grid_name, grid in (("mtbkd_grid", self.mtbkd_grid), ("kd_grid", self.kd_grid)):
+            for key in grid:
+                if key not in {f.name for f in fields(self)}:
+                    raise ValueError(f"{grid_name} names an unknown field {key!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        d["methods"] = list(self.methods)
+        d["sgld_grid"] = list(self.sgld_grid)
+        d["mtbkd_grid"] = {k: list(v) for k, v in self.mtbkd_grid.items()}
+        d["kd_grid"] = {k: list(v) for k, v in self.kd_grid.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DistillConfig:
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        for k in ("mtbkd_grid", "kd_grid"):
+            if k in kw:
+                kw[k] = {a: tuple(b) for a, b in kw[k].items()}
+        return cls(**kw)
+
+
+# Schedules sized to the built-in datasets (chosen on their validation splits).
+PRESETS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "hidden": (32,), "batch_size": 64, "map_epochs": 60, "map_lr": 3e-3,
+        "weight_decay": 1e-4, "sgld_epochs": 40, "num_samples": 100,
+    },
+    "yeast": {
+        "hidden": (32,), "batch_size": 64, "map_epochs": 80, "map_lr": 3e-3,
+        "weight_decay": 1e-4, "sgld_epochs": 40, "num_samples": 100,
+    },
+    "deeploc": {
+        "hidden": (128,), "batch_size": 64, "map_epochs": 40, "map_lr": 1e-3,
+        "weight_decay": 1e-4, "sgld_epochs": 30, "num_samples": 100,
+    },
+}  # fmt: skip
+SMOKE = {
+    "map_epochs": 4, "sgld_epochs": 3, "num_samples": 10, "teacher_epochs": 40,
+    "mtbkd_grid": {}, "kd_grid": {}, "sgld_grid": (), "tune_bkd": False,
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives and the student
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One training loss: ``ce`` (cross-entropy), ``kd`` (CE + weighted-sum forward-KL KD,
+    MATH.md section 3) or ``mtbkd`` (CE + the teacher-informed mixture prior, MATH.md section 2;
+    one teacher is BKD). ``teachers`` indexes the teacher logits the loss uses."""
+
+    kind: str
+    teachers: tuple[int, ...] = ()
+    weights: str = "entropy"
+    temperature: float = 2.0
+    concentration: float = 5.0
+    prior_weight: float = 0.02
+    hard_label_weight: float = 1.0
+    kd_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ce", "kd", "mtbkd"):
+            raise ValueError(f"kind must be 'ce', 'kd' or 'mtbkd', got {self.kind!r}")
+        if self.kind != "ce" and not self.teachers:
+            raise ValueError(f"a {self.kind!r} objective needs at least one teacher")
+
+    def __call__(self, logits: Tensor, teacher_logits: Tensor | None, labels: Tensor) -> Tensor:
+        """Mean loss of a batch; ``teacher_logits`` ``[K, B, C]`` holds this objective's teachers."""
+        if self.kind == "ce":
+            return F.cross_entropy(logits, labels)
+        if self.kind == "kd":
+            return mf.multi_teacher_kd_loss(
+                logits, teacher_logits, labels, temperature=self.temperature,
+                weights=self.weights, hard_label_weight=self.hard_label_weight,
+                soft_label_weight=self.kd_weight, scale_by_t2=True,
+            )  # fmt: skip
+        return mf.mtbkd_loss(
+            logits, teacher_logits, labels, temperature=self.temperature,
+            concentration=self.concentration, prior_weight=self.prior_weight,
+            hard_label_weight=self.hard_label_weight, weights=self.weights,
+        )  # fmt: skip
+
+    def hparams(self) -> dict[str, float]:
+        if self.kind == "ce":
+            return {}
+        if self.kind == "kd":
+            return {"kd_temperature": self.temperature, "kd_weight": self.kd_weight}
+        return {"temperature": self.temperature, "concentration": self.concentration,
+                "prior_weight": self.prior_weight}  # fmt: skip
+
+
+class StudentMLP(nn.Module):
+    """The pipeline's student: standardised inputs -> ``hidden`` ReLU layers (``body``) -> a
+    linear classifier ``head`` (the part SGLD samples). The input standardisation is stored as
+    buffers, so a saved student takes raw features."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: Sequence[int] = (128,),
+        mean: Tensor | np.ndarray | None = None,
+        std: Tensor | np.ndarray | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.num_classes, self.hidden = in_features, num_classes, tuple(hidden)
+        mean = torch.zeros(in_features) if mean is None else torch.as_tensor(mean).float()
+        std = torch.ones(in_features) if std is None else torch.as_tensor(std).float()
+        self.register_buffer("input_mean", mean.clone())
+        self.register_buffer("input_std", std.clamp_min(1e-6).clone())
+        layers: list[nn.Module] = []
+        d = in_features
+        for h in self.hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(d, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body((x - self.input_mean) / self.input_std))
+
+
+def _head_of(model: nn.Module, head: str | None) -> tuple[str, nn.Module]:
+    """``(qualified name, module)`` of the part SGLD samples: ``head``, else ``model.head``,
+    else the last ``nn.Linear``."""
+    if head is not None:
+        return head, model.get_submodule(head)
+    if isinstance(getattr(model, "head", None), nn.Module):
+        return "head", model.head
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the student has no nn.Linear to sample; pass head=<submodule name>")
+    return linears[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loops with checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainData:
+    """Training rows: features ``x`` ``[N, D]``, labels ``y`` ``[N]`` and the objective's
+    teachers' logits ``t`` ``[K, N, C]`` (``None`` for cross-entropy)."""
+
+    x: Tensor
+    y: Tensor
+    t: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.x.shape[0]
+        if self.y.shape != (n,):
+            raise ValueError(f"labels must be [N] with N = {n}, got {tuple(self.y.shape)}")
+        if self.t is not None and (self.t.dim() != 3 or self.t.shape[1] != n):
+            raise ValueError(
+                f"teacher logits must be [K, N, C] with N = {n} rows, got {tuple(self.t.shape)}"
+            )
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load_ckpt(path: Path) -> dict | None:
+    return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, unit="ep")
+
+
+def _run_epochs(
+    model: nn.Module,
+    data: TrainData,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    checkpoint: Path | None,
+    checkpoint_every: int,
+    desc: str,
+    progress: bool,
+    store=None,
+    store_path: Path | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> float:
+    """Minibatch epochs of ``optimizer`` on ``objective``; returns the seconds spent (including
+    those of earlier, interrupted runs). Resumes from ``checkpoint`` when it exists.
+
+    torch's default generator (SGLD draws its noise seeds from it) is forked and seeded with
+    ``seed``, so a run is reproducible whatever ran before it and the caller's RNG is untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _run_epochs_seeded(
+            model, data, objective, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, desc=desc,
+            progress=progress, store=store, store_path=store_path, callback=callback,
+        )  # fmt: skip
+
+
+def _run_epochs_seeded(
+    model, data, objective, optimizer, *, epochs, batch_size, seed, checkpoint, checkpoint_every,
+    desc, progress, store, store_path, callback,
+) -> float:  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    start, spent = 0, 0.0
+    state = _load_ckpt(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        start, spent = int(state["epoch"]), float(state["seconds"])
+        if store is not None:
+            store.load_state(store_path, state["store"])
+    n = data.x.shape[0]
+    t0 = time.perf_counter()
+    with _progress(epochs, desc, progress) as bar:
+        bar.update(start)
+        for epoch in range(start, epochs):
+            order = torch.randperm(n, generator=gen)
+            for idx in order.split(batch_size):
+                tb = data.t[:, idx] if data.t is not None else None
+                loss = objective(model(data.x[idx]), tb, data.y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if store is not None:
+                    store.collect()
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            done = epoch + 1
+            if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs):
+                ckpt = {
+                    "epoch": done, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
+                    "rng": torch.get_rng_state(), "seconds": spent + time.perf_counter() - t0,
+                    "store": store.state(store_path) if store is not None else {},
+                }  # fmt: skip
+                _save_atomic(ckpt, checkpoint)
+            if callback is not None:
+                callback(done)
+    return spent + time.perf_counter() - t0
+
+
+class _Samples:
+    """The SampleStore of one SGLD run (the head's parameters, named as in the whole model so
+    that :func:`mtbkd.posterior.predict` can swap them in) and its checkpointing."""
+
+    def __init__(self, model: nn.Module, prefix: str, burn_in: int, thin: int,
+                 max_samples: int) -> None:  # fmt: skip
+        from mtbkd.posterior import SampleStore
+
+        self.model = model
+        self.store = SampleStore(model, burn_in=burn_in, thin=thin, max_samples=max_samples,
+                                 include=f"{prefix}.*" if prefix else None)  # fmt: skip
+
+    def collect(self) -> None:
+        self.store.collect()
+
+    def state(self, path: Path | None) -> dict:
+        if path is None:
+            raise ValueError("a checkpointed SGLD run needs a samples path")
+        self.store.save(path)  # the file keeps the burn-in/thinning counters too
+        return {"samples": len(self.store)}
+
+    def load_state(self, path: Path | None, state: dict) -> None:
+        from mtbkd.posterior import SampleStore
+
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"the checkpoint's samples file {path} is missing")
+        store = SampleStore.load(path, self.model)
+        if len(store) != state["samples"]:
+            raise RuntimeError(f"{path} holds {len(store)} samples, the checkpoint "
+                               f"{state['samples']}: the checkpoint is inconsistent")  # fmt: skip
+        self.store = store
+
+
+def train_map(
+    model: nn.Module,
+    data: TrainData,
+    objective: Objective,
+    config: DistillConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    desc: str = "MAP",
+    callback: Callable[[int], None] | None = None,
+) -> float:
+    """MAP warm start: Adam on the mean objective (MATH.md section 7's first phase). Returns the
+    seconds spent; resumes from ``checkpoint_dir`` when a checkpoint is there."""
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(model.parameters(), lr=config.map_lr, weight_decay=config.weight_decay)
+    ckpt = None
+    if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        ckpt = Path(checkpoint_dir) / "map.pt"
+    return _run_epochs(
+        model, data, objective, opt, epochs=config.map_epochs, batch_size=config.batch_size,
+        seed=config.seed, checkpoint=ckpt, checkpoint_every=config.checkpoint_every, desc=desc,
+        progress=config.progress, callback=callback,
+    )  # fmt: skip
+
+
+def sgld_schedule(num_rows: int, config: DistillConfig) -> tuple[int, int, int]:
+    """``(burn_in, thin, max_samples)`` in SGLD steps: ``num_samples`` samples spread evenly over
+    the steps after the burn-in."""
+    steps = config.sgld_epochs * math.ceil(num_rows / config.batch_size)
+    burn = int(config.burn_in * steps)
+    thin = max(1, (steps - burn) // config.num_samples)
+    return burn, thin, config.num_samples
+
+
+def train_sgld(
+    model: nn.Module,
+    data: TrainData,
+    objective: Objective,
+    config: DistillConfig,
+    *,
+    sgld_lr: float | None = None,
+    head: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    desc: str = "SGLD",
+    callback: Callable[[int], None] | None = None,
+):
+    """SGLD on the student's head (MATH.md section 7) from its current (MAP) weights, the body
+    frozen. Returns ``(store, seconds)``; resumes from ``checkpoint_dir`` without losing samples."""
+    from mtbkd.optim import SGLD
+
+    lr = config.sgld_lr if sgld_lr is None else sgld_lr
+    prefix, head_mod = _head_of(model, head)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head_mod.parameters():
+        p.requires_grad_(True)
+    # eval(): the frozen body must be deterministic (dropout / batch norm would move the features)
+    model.eval()
+    n = data.x.shape[0]
+    opt = SGLD(
+        head_mod.parameters(), lr=lr / n, num_data=n, temperature=config.sgld_temperature,
+        weight_decay=config.sgld_prior_precision, precondition=config.sgld_precondition,
+    )  # fmt: skip
+    burn, thin, max_samples = sgld_schedule(n, config)
+    samples = _Samples(model, prefix, burn, thin, max_samples)
+    ckpt = path = None
+    if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        ckpt = Path(checkpoint_dir) / "sgld.pt"
+        path = Path(checkpoint_dir) / "sgld_samples.safetensors"
+    seconds = _run_epochs(
+        model, data, objective, opt, epochs=config.sgld_epochs, batch_size=config.batch_size,
+        seed=config.seed + 1, checkpoint=ckpt, checkpoint_every=config.checkpoint_every,
+        desc=desc, progress=config.progress, store=samples, store_path=path, callback=callback,
+    )  # fmt: skip
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return samples.store, seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction and metrics
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, x: Tensor, store=None, chunk: int = 50) -> Tensor:
+    """Per-sample class probabilities ``[S, N, C]`` (``S = 1`` without samples: the MAP)."""
+    model.eval()
+    if store is None:
+        return torch.softmax(model(x).float(), dim=-1).unsqueeze(0)
+    from mtbkd.posterior import predict
+
+    return predict(model, store, x, chunk=chunk)
+
+
+def evaluate_probs(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[str, float]:
+    """The comparison table's metrics (MATH.md section 8) of sample probabilities ``[S, N, C]``:
+    accuracy, NLL, ECE, Brier, mean deviance, ``level`` credible-set coverage and mean size, and
+    the AUROC of the predictive entropy for telling wrong predictions from right ones."""
+    from mtbkd import metrics as M
+
+    if probs.dim() == 2:
+        probs = probs.unsqueeze(0)
+    labels = labels.long()
+    pbar = probs.mean(0)
+    wrong = pbar.argmax(-1) != labels
+    cov, size = _credible(probs, labels, level)
+    unc = M.predictive_entropy(probs)
+    # undefined when every prediction is right (or wrong)
+    auroc = float(M.auroc(unc, wrong)) if 0 < int(wrong.sum()) < len(labels) else float("nan")
+    return {
+        "accuracy": float(M.accuracy(probs, labels)),
+        "nll": float(M.nll(probs, labels)),
+        "ece": float(M.ece(probs, labels)),
+        "brier": float(M.brier(probs, labels)),
+        "mean_deviance": float(M.mean_deviance(probs).mean()),
+        "coverage": cov,
+        "set_size": size,
+        "auroc_error": auroc,
+    }
+
+
+def _credible(probs: Tensor, labels: Tensor, level: float) -> tuple[float, float]:
+    from mtbkd import metrics as M
+
+    summary = M.credible_set_summary(probs, labels, level)
+    return float(summary.coverage), float(summary.mean_size)
+
+
+def _credible_rows(probs: Tensor, level: float = 0.95) -> Tensor:
+    """Boolean membership ``[N, C]`` of each row's credible set."""
+    from mtbkd import metrics as M
+
+    return M.credible_set(probs, level)
+
+
+@torch.no_grad()
+def teacher_attribution(
+    probs: Tensor, teacher_logits: Tensor, objective: Objective
+) -> tuple[Tensor, Tensor]:
+    """Per-example teacher weights and responsibilities ``[K, N]`` of an MT-BKD objective
+    (MATH.md section 2: ``r_k = softmax_k(log w_k + C_k − L_k)``), the responsibilities averaged
+    over the posterior samples ``probs`` ``[S, N, C]``."""
+    s, n, c = probs.shape
+    k = teacher_logits.shape[0]
+    logits = probs.clamp_min(1e-30).log().reshape(s * n, c).double()
+    t = teacher_logits.double().unsqueeze(1).expand(k, s, n, c).reshape(k, s * n, c)
+    _, stats = mf.mtbkd_loss(
+        logits, t, None, temperature=objective.temperature,
+        concentration=objective.concentration, prior_weight=objective.prior_weight,
+        weights=objective.weights, reduction="none", return_stats=True,
+    )  # fmt: skip
+    w = stats.weights.reshape(k, s, n).mean(1).float()
+    r = stats.responsibilities.reshape(k, s, n).mean(1).float()
+    return w, r
+
+
+# ----------------------------------------------------------------------------------------------
+# One student, one method
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillResult:
+    """A trained student: ``model`` (its head at the MAP), the posterior ``store`` (``None`` for
+    a point estimate), the objective, and the seconds spent."""
+
+    model: nn.Module
+    store: Any
+    objective: Objective
+    seconds: float
+    map_seconds: float
+    chunk: int = 50
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Per-sample probabilities ``[S, N, C]``."""
+        return predict_probs(self.model, x, self.store, self.chunk)
+
+    def evaluate(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        return evaluate_probs(self.predict(x), y)
+
+
+def _teacher_tensor(teachers, x: Tensor) -> Tensor:
+    if isinstance(teachers, Tensor):
+        t = teachers
+    elif isinstance(teachers, Mapping):
+        t = _teacher_tensor(list(teachers.values()), x)
+    else:
+        outs = []
+        for tch in teachers:
+            if isinstance(tch, nn.Module):
+                tch.eval()
+                with torch.no_grad():  # evaluated once, then cached as logits
+                    outs.append(tch(x).float())
+            else:
+                outs.append(torch.as_tensor(tch).float())
+        if not outs:
+            raise ValueError("teachers must hold at least one teacher")
+        t = torch.stack(outs)
+    if t.dim() != 3 or t.shape[1] != x.shape[0]:
+        raise ValueError(
+            f"teacher logits must be [K, N, C] with N = {x.shape[0]} rows (one per example), "
+            f"got {tuple(t.shape)}"
+        )
+    if not torch.isfinite(t).all():
+        raise ValueError("teacher logits have NaN or infinite values")
+    return t.float()
+
+
+def distill(
+    student: nn.Module,
+    teachers: Tensor | Sequence[Tensor | nn.Module] | Mapping[str, Tensor | nn.Module] | None,
+    x: Tensor,
+    y: Tensor,
+    config: DistillConfig | None = None,
+    *,
+    method: str = "mtbkd_sgld",
+    head: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> DistillResult:
+    """Train ``student`` (in place) on ``(x, y)`` with one method and return the result.
+
+    ``teachers``: logits ``[K, N, C]`` aligned with ``x``, a sequence/mapping of ``[N, C]``
+    logits, or teacher modules (evaluated once on ``x``). ``method``: ``ce``, ``avg_kd``,
+    ``entropy_kd``, ``bkd_<i>`` (single-teacher BKD with teacher i, sampled), ``mtbkd_map`` or
+    ``mtbkd_sgld``. ``head`` names the submodule SGLD samples (default ``student.head`` or the
+    last ``nn.Linear``).
+    """
+    config = config or DistillConfig()
+    with _threads(config.num_threads):
+        return _distill(student, teachers, x, y, config, method, head, checkpoint_dir)
+
+
+def _distill(student, teachers, x, y, config, method, head, checkpoint_dir) -> DistillResult:
+    if not isinstance(student, nn.Module):
+        raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+    x, y = torch.as_tensor(x).float(), torch.as_tensor(y).long()
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x has NaN or infinite features")
+    t = _teacher_tensor(teachers, x) if teachers is not None else None
+    if t is not None:
+        with torch.no_grad():
+            c = student(x[:1]).shape[-1]
+        if t.shape[-1] != c:
+            raise ValueError(f"teachers have {t.shape[-1]} classes but the student outputs {c}")
+    obj, sample = _objective_for(method, config, t.shape[0] if t is not None else 0)
+    teach = t[list(obj.teachers)] if obj.teachers else None
+    data = TrainData(x, y, teach)
+    ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    torch.manual_seed(config.seed)
+    map_s = train_map(student, data, obj, config, checkpoint_dir=ck, desc=f"{method} MAP")
+    store, sg_s = None, 0.0
+    if sample:
+        store, sg_s = train_sgld(student, data, obj, config, head=head, checkpoint_dir=ck,
+                                 desc=f"{method} SGLD")  # fmt: skip
+    return DistillResult(student, store, obj, map_s + sg_s, map_s, config.predict_chunk)
+
+
+def _objective_for(method: str, config: DistillConfig, k: int) -> tuple[Objective, bool]:
+    common = {"temperature": config.temperature, "concentration": config.concentration,
+              "prior_weight": config.prior_weight,
+              "hard_label_weight": config.hard_label_weight}  # fmt: skip
+    if method == "ce":
+        return Objective("ce"), False
+    if k == 0:
+        raise ValueError(f"method {method!r} needs teachers")
+    kd = {"temperature": config.kd_temperature, "kd_weight": config.kd_weight,
+          "hard_label_weight": config.hard_label_weight}  # fmt: skip
+    if method == "avg_kd":
+        return Objective("kd", tuple(range(k)), "uniform", **kd), False
+    if method == "entropy_kd":
+        return Objective("kd", tuple(range(k)), "entropy", **kd), False
+    if method in ("mtbkd_map", "mtbkd_sgld"):
+        obj = Objective("mtbkd", tuple(range(k)), config.weights, **common)
+        return obj, method == "mtbkd_sgld"
+    if method.startswith("bkd_"):
+        i = int(method[4:])
+        if not 0 <= i < k:
+            raise ValueError(f"method {method!r}: teacher index out of range 0..{k - 1}")
+        return Objective("mtbkd", (i,), config.weights, **common), True
+    raise ValueError(f"unknown method {method!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Teachers for datasets that ship none
+# ----------------------------------------------------------------------------------------------
+
+
+def expert_groups(num_classes: int, k: int) -> list[list[int]]:
+    """Split the classes into ``k`` contiguous groups of near-equal size (each teacher's
+    expertise)."""
+    return [g.tolist() for g in np.array_split(np.arange(num_classes), k)]
+
+
+def train_teachers(
+    x: Tensor, y: Tensor, num_classes: int, config: DistillConfig
+) -> dict[str, nn.Module]:
+    """``config.num_teachers`` MLP teachers with different expertise: teacher k sees every
+    training example of its class group and only ``teacher_other_fraction`` of the others, so
+    it is confident and right on its classes and biased elsewhere."""
+    gen = torch.Generator().manual_seed(config.seed + 1000)
+    out: dict[str, nn.Module] = {}
+    mean, std = x.mean(0), x.std(0)
+    for group in expert_groups(num_classes, config.num_teachers):
+        inside = torch.isin(y, torch.tensor(group))
+        keep = inside | (torch.rand(len(y), generator=gen) < config.teacher_other_fraction)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        model = StudentMLP(x.shape[1], num_classes, (config.teacher_hidden,), mean, std)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
+        xs, ys = x[keep], y[keep]
+        for _ in range(config.teacher_epochs):
+            loss = F.cross_entropy(model(xs), ys)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        name = "t" + "".join(str(c) for c in group) if num_classes <= 10 else f"t{group[0]}_{group[-1]}"
+        out[name] = model
+    return out
+
+
+def pool_digits(x: np.ndarray) -> np.ndarray:
+    """8x8 digit images ``[N, 64]`` -> 2x2-average-pooled 4x4 images ``[N, 16]`` (the demo
+    student's cheap view, as DeepLoc's student sees sequence statistics instead of the teachers'
+    protein-language-model embeddings)."""
+    return x.reshape(-1, 4, 2, 4, 2).mean(axis=(2, 4)).reshape(-1, 16)
+
+
+def digits_demo_dataset(
+    config: DistillConfig | None = None,
+    seed: int = 0,
+    student_fraction: float = 1.0,
+    pooled: bool = True,
+) -> Dataset:
+    """scikit-learn digits set up as the demo's distillation problem: three MLP teachers with
+    different class expertise (:func:`train_teachers`) see the full 8x8 images of the training
+    split; the student sees the 4x4 pooled images (:func:`pool_digits`, unless ``pooled`` is
+    False) of a stratified ``student_fraction`` of the training rows (its transfer set), with
+    the teachers' cached logits on them."""
+    from mtbkd.data import load_digits
+
+    config = config or DistillConfig()
+    full = load_digits(seed)
+    with _threads(config.num_threads):
+        x_tr, y_tr = torch.from_numpy(full.x_train), torch.from_numpy(full.y_train)
+        teachers = train_teachers(x_tr, y_tr, full.num_classes, config)
+        t_tr = _teacher_tensor(list(teachers.values()), x_tr).numpy()
+        t_te = _teacher_tensor(list(teachers.values()), torch.from_numpy(full.x_test)).numpy()
+    rows = np.arange(len(full.y_train))
+    if student_fraction < 1.0:
+        _, rows = stratified_split(full.y_train, student_fraction, seed + 7)
+    view = pool_digits if pooled else (lambda a: a)
+    names = list(teachers)
+    feat = ([f"pool{r}{c}" for r in range(4) for c in range(4)] if pooled
+            else full.feature_names)  # fmt: skip
+    return Dataset(
+        "digits", view(full.x_train[rows]), full.y_train[rows], view(full.x_test), full.y_test,
+        full.class_names, {n: t_tr[i][rows] for i, n in enumerate(names)},
+        {n: t_te[i] for i, n in enumerate(names)}, feature_names=feat,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# The comparison of every method
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodResult:
+    """One row of the comparison: test metrics, the validation-selected hyperparameters, the
+    training seconds of the selected run, and the test probabilities ``[S, N, C]``."""
+
+    name: str
+    metrics: dict[str, float]
+    seconds: float
+    hparams: dict[str, float]
+    probs: Tensor
+    val_nll: float
+    sampled: bool
+
+    def row(self) -> dict[str, Any]:
+        keys = ("accuracy", "nll", "ece", "brier", "mean_deviance", "coverage", "set_size",
+                "auroc_error")  # fmt: skip
+        return {"name": self.name, **{k: self.metrics[k] for k in keys}, "seconds": self.seconds}
+
+
+@dataclass
+class ExperimentResult:
+    dataset: str
+    class_names: list[str]
+    teacher_names: list[str]
+    methods: list[MethodResult]
+    teachers: list[dict[str, Any]]
+    labels: Tensor
+    attribution: dict[str, Any] | None
+    config: DistillConfig
+    seconds: float
+    # the MT-BKD SGLD student, its samples and objective (what save_run writes), when it ran
+    student: nn.Module | None = None
+    store: Any = None
+    objective: Objective | None = None
+
+    def method(self, name: str) -> MethodResult:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+def method_names(config: DistillConfig, teacher_names: Sequence[str]) -> list[str]:
+    out = []
+    for m in config.methods:
+        if m == "bkd":
+            out += [f"bkd_{t}" for t in teacher_names]
+        elif m not in out:
+            out.append(m)
+    return out
+
+
+def _grid(base: dict[str, Any], grid: Mapping[str, Sequence[float]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    if not keys:
+        return [dict(base)]
+    return [{**base, **dict(zip(keys, vals, strict=True))}
+            for vals in itertools.product(*(grid[k] for k in keys))]  # fmt: skip
+
+
+def _tag(h: Mapping[str, Any]) -> str:
+    return "-".join(f"{k}{v:g}" for k, v in sorted(h.items())) or "default"
+
+
+class _Experiment:
+    """State shared by the fits of one :func:`run_experiment` call."""
+
+    def __init__(self, config, x_tr, y_tr, t_tr, x_val, y_val, x_te, y_te, base, ckpt_root, log):
+        self.config, self.base, self.ckpt_root, self.log = config, base, ckpt_root, log
+        self.x_tr, self.y_tr, self.t_tr = x_tr, y_tr, t_tr
+        self.x_val, self.y_val, self.x_te, self.y_te = x_val, y_val, x_te, y_te
+        self.map_cache: dict[tuple, tuple[nn.Module, float, float]] = {}
+
+    def _ckpt(self, *parts: str) -> Path | None:
+        return None if self.ckpt_root is None else self.ckpt_root.joinpath(*parts)
+
+    def data(self, obj: Objective) -> TrainData:
+        t = self.t_tr[list(obj.teachers)] if obj.teachers else None
+        return TrainData(self.x_tr, self.y_tr, t)
+
+    def val_nll(self, model, store=None) -> float:
+        from mtbkd import metrics as M
+
+        probs = predict_probs(model, self.x_val, store, self.config.predict_chunk)
+        return float(M.nll(probs, self.y_val))
+
+    def fit_map(self, name: str, obj: Objective) -> tuple[nn.Module, float, float]:
+        key = (obj,)
+        if key not in self.map_cache:
+            model = copy.deepcopy(self.base)
+            torch.manual_seed(self.config.seed)
+            sec = train_map(model, self.data(obj), obj, self.config,
+                            checkpoint_dir=self._ckpt(name, _tag(obj.hparams())),
+                            desc=f"{name} MAP")  # fmt: skip
+            self.map_cache[key] = (model, sec, self.val_nll(model))
+        return self.map_cache[key]
+
+    def select_map(self, name: str, objs: list[Objective]) -> tuple[Objective, nn.Module, float, float]:
+        best = None
+        for obj in objs:
+            model, sec, vnll = self.fit_map(name, obj)
+            if best is None or vnll < best[3]:
+                best = (obj, model, sec, vnll)
+        return best
+
+    def select_sgld(self, name: str, obj: Objective, map_model: nn.Module, lrs: Sequence[float]):
+        best = None
+        for lr in lrs:
+            model = copy.deepcopy(map_model)
+            tag = f"{_tag(obj.hparams())}/sgld{lr:g}"
+            store, sec = train_sgld(model, self.data(obj), obj, self.config, sgld_lr=lr,
+                                    checkpoint_dir=self._ckpt(name, tag), desc=f"{name} SGLD")  # fmt: skip
+            vnll = self.val_nll(model, store)
+            if best is None or vnll < best[4]:
+                best = (lr, model, store, sec, vnll)
+        return best
+
+    def result(self, name, model, store, seconds, hparams, vnll) -> MethodResult:
+        probs = predict_probs(model, self.x_te, store, self.config.predict_chunk)
+        metrics = evaluate_probs(probs, self.y_te)
+        self.log(
+            f"  {name:<14} acc {metrics['accuracy']:.3f}  nll {metrics['nll']:.3f}  "
+            f"ece {metrics['ece']:.3f}  ({seconds:.1f}s; val nll {vnll:.3f}; {hparams})"
+        )
+        return MethodResult(name, metrics, seconds, hparams, probs, vnll, store is not None)
+
+
+def _split_dataset(dataset: Dataset, config: DistillConfig):
+    tr, val = stratified_split(dataset.y_train, config.val_fraction, config.seed)
+    x = torch.from_numpy(dataset.x_train)
+    y = torch.from_numpy(dataset.y_train)
+    return tr, val, x, y
+
+
+def run_experiment(
+    dataset: Dataset,
+    config: DistillConfig | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> ExperimentResult:
+    """Every method of ``config.methods`` on ``dataset``: hyperparameters chosen by validation
+    NLL on a stratified split of the training rows, metrics on the test rows."""
+    config = config or DistillConfig()
+    with _threads(config.num_threads):
+        return _run_experiment(dataset, config, checkpoint_dir, log)
+
+
+def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
+    t_start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    tr, val, x_all, y_all = _split_dataset(dataset, config)
+    x_tr, y_tr, x_val, y_val = x_all[tr], y_all[tr], x_all[val], y_all[val]
+    x_te, y_te = torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test)
+    c = dataset.num_classes
+    if dataset.teachers_train:
+        names = dataset.teacher_names
+        t_all = torch.stack([torch.from_numpy(dataset.teachers_train[n]) for n in names])
+        t_tr = t_all[:, tr]
+        t_te = torch.stack([torch.from_numpy(dataset.teachers_test[n]) for n in names])
+    else:
+        log(f"training {config.num_teachers} teachers with different class expertise")
+        modules = train_teachers(x_tr, y_tr, c, config)
+        names = list(modules)
+        t_tr = _teacher_tensor(list(modules.values()), x_tr)
+        t_te = _teacher_tensor(list(modules.values()), x_te)
+    teachers = []
+    for i, n in enumerate(names):
+        m = evaluate_probs(torch.softmax(t_te[i], -1).unsqueeze(0), y_te)
+        per_class = [float((t_te[i].argmax(-1)[y_te == k] == k).float().mean()) if (y_te == k).any()
+                     else float("nan") for k in range(c)]  # fmt: skip
+        teachers.append({"name": n, "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"],
+                         "class_accuracy": per_class})  # fmt: skip
+        log(f"  teacher {n:<10} test acc {m['accuracy']:.3f}  nll {m['nll']:.3f}")
+    torch.manual_seed(config.seed)
+    base = StudentMLP(x_tr.shape[1], c, config.hidden, x_tr.mean(0), x_tr.std(0))
+    ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    ex = _Experiment(config, x_tr, y_tr, t_tr, x_val, y_val, x_te, y_te, base, ck, log)
+    k = len(names)
+    wanted = method_names(config, names)
+    results: dict[str, MethodResult] = {}
+    common = {"temperature": config.temperature, "concentration": config.concentration,
+              "prior_weight": config.prior_weight,
+              "hard_label_weight": config.hard_label_weight}  # fmt: skip
+
+    def kd_objs(weights: str) -> list[Objective]:
+        base_h = {"kd_temperature": config.kd_temperature, "kd_weight": config.kd_weight}
+        return [Objective("kd", tuple(range(k)), weights, temperature=h["kd_temperature"],
+                          kd_weight=h["kd_weight"], hard_label_weight=config.hard_label_weight)
+                for h in _grid(base_h, config.kd_grid)]  # fmt: skip
+
+    def bayes_objs(teach: tuple[int, ...], grid) -> list[Objective]:
+        return [Objective("mtbkd", teach, config.weights, **h) for h in _grid(common, grid)]
+
+    sgld_lrs = config.sgld_grid or (config.sgld_lr,)
+    log(f"{dataset.name}: {len(tr)} train / {len(val)} validation / {len(y_te)} test rows")
+    if "ce" in wanted:
+        obj = Objective("ce")
+        model, sec, vnll = ex.fit_map("ce", obj)
+        results["ce"] = ex.result("ce", model, None, sec, {}, vnll)
+    for name, w in (("avg_kd", "uniform"), ("entropy_kd", "entropy")):
+        if name in wanted:
+            obj, model, sec, vnll = ex.select_map(name, kd_objs(w))
+            results[name] = ex.result(name, model, None, sec, obj.hparams(), vnll)
+    mt_choice = None
+    if "mtbkd_map" in wanted or "mtbkd_sgld" in wanted:
+        obj, model, sec, vnll = ex.select_map("mtbkd", bayes_objs(tuple(range(k)), config.mtbkd_grid))
+        if "mtbkd_map" in wanted:
+            results["mtbkd_map"] = ex.result("mtbkd_map", model, None, sec, obj.hparams(), vnll)
+        if "mtbkd_sgld" in wanted:
+            lr, smodel, store, ssec, svnll = ex.select_sgld("mtbkd", obj, model, sgld_lrs)
+            h = {**obj.hparams(), "sgld_lr": lr}
+            results["mtbkd_sgld"] = ex.result("mtbkd_sgld", smodel, store, sec + ssec, h, svnll)
+            mt_choice = (obj, smodel, store, lr)
+    for i, n in enumerate(names):
+        name = f"bkd_{n}"
+        if name not in wanted:
+            continue
+        if config.tune_bkd or mt_choice is None:
+            obj, model, sec, vnll = ex.select_map(name, bayes_objs((i,), config.mtbkd_grid))
+            lrs = sgld_lrs
+        else:
+            obj = replace(mt_choice[0], teachers=(i,))
+            model, sec, vnll = ex.fit_map(name, obj)
+            lrs = (mt_choice[3],)
+        lr, smodel, store, ssec, svnll = ex.select_sgld(name, obj, model, lrs)
+        results[name] = ex.result(name, smodel, store, sec + ssec,
+                                  {**obj.hparams(), "sgld_lr": lr}, svnll)  # fmt: skip
+    ordered = [results[m] for m in wanted if m in results]
+    attribution = None
+    if k >= 2 and ("mtbkd_sgld" in results or "mtbkd_map" in results):
+        src = results.get("mtbkd_sgld") or results["mtbkd_map"]
+        obj = Objective("mtbkd", tuple(range(k)), config.weights,
+                        **{**common, **{a: b for a, b in src.hparams.items() if a in common}})  # fmt: skip
+        w, r = teacher_attribution(src.probs, t_te, obj)
+        attribution = _summarise_attribution(src.name, w, r, y_te, src.probs, dataset.class_names,
+                                             names)  # fmt: skip
+    student, store, objective = (mt_choice[1], mt_choice[2], mt_choice[0]) if mt_choice else (
+        None, None, None)  # fmt: skip
+    return ExperimentResult(dataset.name, list(dataset.class_names), names, ordered, teachers, y_te,
+                            attribution, config, time.perf_counter() - t_start, student, store,
+                            objective)  # fmt: skip
+
+
+def _summarise_attribution(method, w, r, labels, probs, class_names, teacher_names) -> dict:
+    """Mean teacher weights and responsibilities per true class, and the teacher the student
+    followed (largest mean responsibility) for each class."""
+    c = len(class_names)
+    mean_w, mean_r, followed = [], [], {}
+    for k in range(c):
+        rows = labels == k
+        if not rows.any():
+            mean_w.append([float("nan")] * w.shape[0])
+            mean_r.append([float("nan")] * r.shape[0])
+            continue
+        mw, mr = w[:, rows].mean(1), r[:, rows].mean(1)
+        mean_w.append(mw.tolist())
+        mean_r.append(mr.tolist())
+        followed[class_names[k]] = teacher_names[int(mr.argmax())]
+    return {
+        "method": method, "classes": list(class_names), "teachers": list(teacher_names),
+        "mean_weights": mean_w, "mean_responsibilities": mean_r, "followed": followed,
+        "weights": w, "responsibilities": r,
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Saved runs (for `mtbkd predict`)
+# ----------------------------------------------------------------------------------------------
+
+
+def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) -> None:
+    """Write the MT-BKD SGLD student (``student.safetensors``), its posterior samples
+    (``samples.safetensors``), ``run.json`` (what ``predict`` needs) and ``predictions.csv``
+    (the test rows with per-teacher weights and responsibilities)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = None
+    for name in ("mtbkd_sgld", "mtbkd_map"):
+        try:
+            chosen = result.method(name)
+            break
+        except KeyError:
+            continue
+    if result.student is not None:
+        obj, model, store = result.objective, result.student, result.store
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(out / "student.safetensors"))  # fmt: skip
+        store.save(out / "samples.safetensors")
+        meta = {
+            "dataset": result.dataset, "method": "mtbkd_sgld", "class_names": result.class_names,
+            "teacher_names": result.teacher_names, "feature_kind": dataset.feature_kind,
+            "feature_names": dataset.feature_names, "in_features": model.in_features,
+            "hidden": list(model.hidden), "num_classes": model.num_classes,
+            "objective": {"kind": obj.kind, "weights": obj.weights, **obj.hparams()},
+            "config": result.config.to_dict(),
+        }  # fmt: skip
+        (out / "run.json").write_text(json.dumps(meta, indent=2))
+    if chosen is not None:
+        _write_predictions(out / "predictions.csv", chosen.probs, result.labels,
+                           result.attribution, result.teacher_names)  # fmt: skip
+
+
+def _write_predictions(path: Path, probs: Tensor, labels: Tensor | None, attribution,
+                       teacher_names, ids: Sequence[str] | None = None) -> None:  # fmt: skip
+    from mtbkd import metrics as M
+
+    pbar = probs.mean(0)
+    conf, pred = pbar.max(-1)
+    md = M.mean_deviance(probs)
+    mi = M.mutual_information(probs)
+    sets = _credible_rows(probs)
+    header = (["id"] if ids is not None else []) + ["pred", "confidence", "mean_deviance",
+                                                     "mutual_information", "credible_set"]
+    if labels is not None:
+        header.append("label")
+    if attribution is not None:
+        header += [f"weight_{t}" for t in teacher_names]
+        header += [f"responsibility_{t}" for t in teacher_names]
+    lines = [",".join(header)]
+    for i in range(pbar.shape[0]):
+        row = [ids[i]] if ids is not None else []
+        members = ";".join(str(int(c)) for c in torch.nonzero(sets[i]).flatten())
+        row += [str(int(pred[i])), f"{float(conf[i]):.6f}", f"{float(md[i]):.6f}",
+                f"{float(mi[i]):.6f}", members]  # fmt: skip
+        if labels is not None:
+            row.append(str(int(labels[i])))
+        if attribution is not None:
+            row += [f"{float(v):.6f}" for v in attribution["weights"][:, i]]
+            row += [f"{float(v):.6f}" for v in attribution["responsibilities"][:, i]]
+        lines.append(",".join(row))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def load_run(run_dir: str | Path):
+    """``(meta, model, store)`` of a run saved by :func:`save_run`."""
+    from safetensors.torch import load_file
+
+    from mtbkd.posterior import SampleStore
+
+    run = Path(run_dir)
+    meta_path = run / "run.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{run} is not a saved run (no run.json)")
+    meta = json.loads(meta_path.read_text())
+    model = StudentMLP(meta["in_features"], meta["num_classes"], meta["hidden"])
+    model.load_state_dict(load_file(str(run / "student.safetensors")))
+    model.eval()
+    store = SampleStore.load(run / "samples.safetensors", model)
+    return meta, model, store
+
+
+def predict_file(run_dir: str | Path, input_path: str | Path, out_csv: str | Path) -> dict:
+    """Apply a saved run's posterior samples to the inputs of ``input_path`` and write one row
+    per input to ``out_csv``; returns test metrics when the inputs carry labels."""
+    from mtbkd.data import read_inputs
+
+    meta, model, store = load_run(run_dir)
+    x, labels, ids = read_inputs(input_path, meta["feature_kind"], meta.get("feature_names"))
+    if x.shape[1] != meta["in_features"]:
+        raise ValueError(
+            f"{input_path} has {x.shape[1]} features; the run's student takes {meta['in_features']}"
+        )
+    probs = predict_probs(model, torch.from_numpy(x), store, meta["config"].get("predict_chunk", 50))
+    y = torch.from_numpy(labels) if labels is not None else None
+    if y is not None and (int(y.min()) < 0 or int(y.max()) >= meta["num_classes"]):
+        raise ValueError(f"{input_path} has labels outside 0..{meta['num_classes'] - 1}")
+    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+    _write_predictions(Path(out_csv), probs, y, None, meta["teacher_names"], ids)
+    return evaluate_probs(probs, y) if y is not None else {}

@@ -1,0 +1,589 @@
+"""Vocabulary-parallel multi-teacher losses over ``torch.distributed`` (MATH.md sections 1-4).
+
+Tensor-parallel language models shard the output head over the vocabulary: rank r holds the
+logit columns ``[vocab_start, vocab_start + width)`` of the student and of every teacher. The
+losses here take those shards and never gather a full row. Every quantity of MATH.md is a
+log-sum-exp or a sum over the vocabulary, so each rank reduces its shard to a few numbers per row
+and teacher, and three all-reduces over the group combine them:
+
+1. ``MAX`` of the per-row maxima of every softmax (student at ``τ`` and at 1, teachers at ``τ``
+   and at ``τ_w``): ``O(N·K)`` floats;
+2. ``SUM`` of the shifted sums ``Σ exp(x − M)``, the cross terms ``Σ exp(x − M)(y − M')``, the
+   entropy terms and the label logit ``z_y`` (owned by one rank, 0 elsewhere): ``O(N·K)`` floats;
+3. ``SUM`` of the terms that need the normalised distributions: the lgamma sums ``L_k`` of MT-BKD
+   (or the JSD mixture terms): ``O(N·K)`` floats.
+
+Then every rank holds the same per-row loss and computes the gradient of its own columns, in the
+forward (as the single-process fused ops do); the backward only scales it. Communication per call
+is at most ``(7K + 5)·N`` floats per rank plus 10 integers of metadata, independent of the
+vocabulary size (``return_stats`` with non-entropy weights adds two reductions of ``3K·N``); the
+backward communicates nothing. Before any of that, one small
+all-gather of fixed-size shape metadata lets every rank check that the shards tile ``[0, V)`` and
+agree on rows, teachers, dtype and labels, so a rank with bad input makes *every* rank raise a
+``ValueError`` instead of leaving the others blocked in a collective.
+
+Data parallelism (DDP, FSDP) needs nothing from this module: the teacher weights ``w_ik`` of
+MATH.md section 1 depend on row i alone, so a rank's rows get exactly the weights they would get
+in one process and no cross-rank reduction of weights or statistics exists. Only the mean's
+denominator spans ranks: with masked rows, pass ``num_items_in_batch = global_unmasked / world``
+so that DDP's gradient averaging reproduces the single-process mean exactly.
+
+The collectives go through :func:`all_reduce` and :func:`all_gather_into_tensor` of this module,
+so that tests (and users measuring traffic) can wrap them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mtbkd import functional, ops, validate
+from mtbkd.functional import MTBKDStats
+
+__all__ = [
+    "vocab_parallel_mtbkd_loss",
+    "vocab_parallel_multi_teacher_kd_loss",
+    "all_reduce",
+    "all_gather_into_tensor",
+]
+
+_DTYPES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
+# Fixed-length shape metadata each rank contributes before any statistic is exchanged.
+_META = ("error", "rows", "teachers", "width", "vocab_start", "vocab_size", "has_labels",
+         "dtype", "label_sum", "label_wsum")  # fmt: skip
+
+
+def all_reduce(tensor: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> None:
+    """In-place ``torch.distributed.all_reduce``: the one reduction the losses call."""
+    dist.all_reduce(tensor, op=op, group=group)
+
+
+def all_gather_into_tensor(output: Tensor, tensor: Tensor, group: dist.ProcessGroup | None) -> None:
+    """``output[r] = tensor`` of rank r, by ``torch.distributed.all_gather``."""
+    # all_gather (not all_gather_into_tensor) works on every backend, gloo included.
+    dist.all_gather(list(output.unbind(0)), tensor, group=group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: local checks, then one all-gather of metadata so that every rank agrees to fail
+# ----------------------------------------------------------------------------------------------
+
+
+class _Inputs:
+    """Canonical local inputs: student ``[N, W]``, teachers ``[K, N, W]`` (acc dtype), labels."""
+
+    def __init__(self, student_shard, teacher_shard, labels, vocab_start, vocab_size,
+                 ignore_index, check_finite):  # fmt: skip
+        if isinstance(vocab_start, bool) or not isinstance(vocab_start, int):
+            raise TypeError(f"vocab_start must be an int, got {type(vocab_start).__name__}")
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+            raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+        student, teachers, flat_labels, lead = validate.canonical_inputs(
+            student_shard, teacher_shard, labels
+        )
+        width = student.shape[1]
+        if vocab_start < 0 or vocab_start + width > vocab_size:
+            raise ValueError(
+                f"vocab_start={vocab_start} with a shard of width {width} does not fit in "
+                f"vocab_size={vocab_size}"
+            )
+        if flat_labels is not None:
+            validate.check_label_range(flat_labels, vocab_size, ignore_index)
+        mask = None if flat_labels is None else flat_labels != ignore_index
+        if check_finite:
+            validate.check_finite(student, "student_shard", mask)
+            for t in teachers:
+                validate.check_finite(t, "teacher_shard", mask)
+        self.original = student
+        self.acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+        self.z = student.to(self.acc)
+        self.t = torch.stack(teachers).to(self.acc)
+        self.labels = flat_labels
+        self.lead = lead
+        self.mask = mask
+        self.width = width
+
+    def metadata(self, vocab_start: int, vocab_size: int) -> list[int]:
+        k, n, w = self.t.shape
+        lab_sum = lab_wsum = 0
+        if self.labels is not None and n > 0:
+            # A cheap fingerprint: labels must be the same (global) tensor on every rank.
+            lab = self.labels
+            lab_sum = int(lab.sum())
+            lab_wsum = int((lab * torch.arange(1, n + 1, device=lab.device)).sum() % 1_000_000_007)
+        return [0, n, k, w, vocab_start, vocab_size, int(self.labels is not None),
+                _DTYPES.get(self.original.dtype, 0), lab_sum, lab_wsum]  # fmt: skip
+
+
+def _world(group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is not initialised: call torch.distributed.init_process_group "
+            "(torchrun sets the environment for it) before the vocab-parallel losses"
+        )
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _agree(name: str, local: list[int] | None, error: Exception | None, device, group) -> None:
+    """All-gather the metadata; raise the same ``ValueError`` on every rank if anything is off."""
+    rank, world = _world(group)
+    mine = torch.tensor(local if local is not None else [1] + [0] * (len(_META) - 1),
+                        dtype=torch.int64, device=device)  # fmt: skip
+    table = torch.empty(world, len(_META), dtype=torch.int64, device=device)
+    all_gather_into_tensor(table, mine, group)
+    rows = table.tolist()
+    if error is not None:
+        raise error
+    bad = [r for r in range(world) if rows[r][0] != 0]
+    if bad:
+        raise ValueError(f"{name}: invalid inputs on rank(s) {bad} (see the error on those ranks)")
+    col = {key: [row[i] for row in rows] for i, key in enumerate(_META)}
+    agreed = (("rows", "number of rows N"), ("teachers", "number of teachers K"),
+              ("vocab_size", "vocab_size"), ("has_labels", "presence of labels"),
+              ("dtype", "dtype"), ("label_sum", "labels"), ("label_wsum", "labels"))  # fmt: skip
+    for key, what in agreed:
+        if len(set(col[key])) != 1:
+            raise ValueError(
+                f"{name}: ranks disagree on the {what}: {col[key]} (rank order); every rank must "
+                "pass the same rows, teachers, dtype and global labels"
+            )
+    by_rank = list(zip(col["vocab_start"], col["width"], strict=True))
+    vocab = col["vocab_size"][0]
+    end = 0
+    for start, width, r in sorted((s, w, r) for r, (s, w) in enumerate(by_rank)):
+        if start != end:
+            raise ValueError(
+                f"{name}: the vocabulary shards (vocab_start, width) by rank {by_rank} do not "
+                f"tile [0, {vocab}) (rank {r} starts at {start}, expected {end})"
+            )
+        end = start + width
+    if end != col["vocab_size"][0]:
+        raise ValueError(
+            f"{name}: the vocabulary shards cover [0, {end}) but vocab_size is "
+            f"{col['vocab_size'][0]}"
+        )
+
+
+def _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size, group,
+             ignore_index, check_finite, option_checks) -> _Inputs:  # fmt: skip
+    _world(group)
+    error: Exception | None = None
+    inputs = meta = None
+    try:
+        option_checks()
+        inputs = _Inputs(student_shard, teacher_shard, labels, vocab_start, vocab_size,
+                         ignore_index, check_finite)  # fmt: skip
+        meta = inputs.metadata(vocab_start, vocab_size)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    device = student_shard.device if isinstance(student_shard, Tensor) else torch.device("cpu")
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    _agree(name, meta, error, device, group)
+    assert inputs is not None
+    return inputs
+
+
+# ----------------------------------------------------------------------------------------------
+# Shard statistics: helpers over the last (vocabulary) axis
+# ----------------------------------------------------------------------------------------------
+
+
+def _exp_shift(x: Tensor, m: Tensor) -> Tensor:
+    """``exp(x − M)`` with ``M`` the global row maximum (broadcast over the vocabulary axis)."""
+    return torch.exp(x - m.unsqueeze(-1))
+
+
+def _xlogx_like(e: Tensor, d: Tensor) -> Tensor:
+    # e * d with 0 * (-inf) = 0 (an underflowed probability contributes nothing).
+    return torch.where(e > 0, e * d, torch.zeros((), dtype=e.dtype, device=e.device))
+
+
+def _label_logit(z: Tensor, labels: Tensor | None, vocab_start: int) -> Tensor:
+    """``z_{i, y_i}`` where this rank owns ``y_i``, else 0 (summed over ranks it is ``z_y``)."""
+    n, w = z.shape
+    if labels is None:
+        return z.new_zeros(n)
+    local = labels - vocab_start
+    owned = (local >= 0) & (local < w)
+    picked = z.gather(1, local.clamp(0, max(w - 1, 0)).unsqueeze(1)).squeeze(1)
+    return torch.where(owned, picked, torch.zeros_like(picked))
+
+
+def _onehot_local(z: Tensor, labels: Tensor, vocab_start: int) -> Tensor:
+    n, w = z.shape
+    local = labels - vocab_start
+    cols = torch.arange(w, device=z.device)
+    return (cols.unsqueeze(0) == local.unsqueeze(1)).to(z.dtype)
+
+
+def _weights(mode, fixed, entropy: Tensor | None, k: int, n: int, like: Tensor) -> Tensor:
+    """MATH.md section 1 from the (already global) entropies ``[K, N]``."""
+    if mode == "fixed":
+        return fixed
+    if mode == "uniform" or k == 1:
+        return torch.full((k, n), 1.0 / k, dtype=like.dtype, device=like.device)
+    assert entropy is not None
+    total = entropy.sum(0, keepdim=True)
+    w_tilde = 1.0 - entropy / total
+    w = w_tilde / w_tilde.sum(0, keepdim=True)
+    return torch.where(total > 0, w, torch.full_like(w, 1.0 / k))
+
+
+def _weight_spec(weights, k: int, lead, like: Tensor):
+    if isinstance(weights, Tensor):
+        return "fixed", validate.fixed_weights(weights, k, lead, like)
+    if weights not in ("entropy", "uniform"):
+        raise ValueError(f"weights must be 'entropy', 'uniform' or a Tensor, got {weights!r}")
+    return weights, None
+
+
+class _Stage:
+    """Packs named ``[..., N]`` statistics into one buffer for a single collective."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.parts: list[Tensor] = []
+
+    def add(self, name: str, value: Tensor) -> None:
+        self.names.append(name)
+        self.parts.append(value if value.dim() == 2 else value.unsqueeze(0))
+
+    def reduce(self, op, group) -> dict[str, Tensor]:
+        sizes = [p.shape[0] for p in self.parts]
+        buf = torch.cat(self.parts, 0).contiguous()
+        all_reduce(buf, op, group)
+        out = {}
+        for name, piece in zip(self.names, buf.split(sizes, 0), strict=True):
+            # "k:" statistics are per teacher [K, N]; the others per row [N].
+            out[name] = piece if name.startswith("k:") else piece[0]
+        return out
+
+
+class _ScaleByRows(torch.autograd.Function):
+    """Rows in, rows out; the gradient of the student shard was computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, rows: Tensor, grad: Tensor) -> Tensor:
+        ctx.save_for_backward(grad)
+        ctx.student_dtype = student.dtype
+        ctx.student_shape = student.shape
+        return rows.clone()
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        (grad,) = ctx.saved_tensors
+        scaled = grad * grad_rows.to(grad.dtype).unsqueeze(-1)
+        return scaled.to(ctx.student_dtype).reshape(ctx.student_shape), None, None
+
+
+def _finish(student_shard: Tensor, inputs: _Inputs, rows: Tensor, grad: Tensor, reduction,
+            ignore_index, num_items_in_batch) -> Tensor:  # fmt: skip
+    zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
+    if inputs.mask is not None:
+        rows = torch.where(inputs.mask, rows, zero)
+        grad = torch.where(inputs.mask.unsqueeze(-1), grad, zero)
+    if student_shard.requires_grad and torch.is_grad_enabled():
+        rows = _ScaleByRows.apply(student_shard, rows, grad)
+    return functional._reduce(rows, inputs.labels, inputs.lead, reduction, ignore_index,
+                              num_items_in_batch)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# MT-BKD (MATH.md section 2)
+# ----------------------------------------------------------------------------------------------
+
+
+def vocab_parallel_mtbkd_loss(
+    student_shard: Tensor,
+    teacher_shard: Tensor | Sequence[Tensor],
+    labels: Tensor | None = None,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    group: dist.ProcessGroup | None = None,
+    temperature: float = 2.0,
+    concentration: float = 5.0,
+    prior_weight: float = 0.02,
+    hard_label_weight: float = 1.0,
+    weights: str | Tensor = "entropy",
+    weight_temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    return_stats: bool = False,
+    check_finite: bool = True,
+) -> Tensor | tuple[Tensor, MTBKDStats]:
+    """:func:`mtbkd.mtbkd_loss` on vocabulary shards (MATH.md sections 2, 4); equal on all ranks.
+
+    Row loss ``β_h·CE + β_p·(−lgamma(V+λ) − logsumexp_k(log w_k + C_k − L_k))`` assembled from
+    per-shard statistics with three all-reduces of ``O(N·K)`` floats; no full row is gathered.
+
+    Args:
+        student_shard: ``[..., W]``, the student's logit columns ``[vocab_start, vocab_start + W)``
+            of this rank (ranks may hold different widths; together they tile ``[0, vocab_size)``).
+        teacher_shard: ``[K, ..., W]`` or a sequence of K ``[..., W]``: the same columns of the
+            teachers.
+        labels: ``[...]`` *global* class indices, identical on every rank (or None).
+        vocab_start: first global column of this rank's shard.
+        vocab_size: the full vocabulary size V.
+        group: process group over which the vocabulary is sharded (default: the world). Give it a
+            ``timeout`` at creation: a rank that never arrives fails the others in bounded time.
+        return_stats: also return :class:`mtbkd.MTBKDStats` (same on every rank).
+        Other options as in :func:`mtbkd.mtbkd_loss`.
+
+    Returns the reduced loss (identical on every rank); its backward writes the gradient of this
+    rank's ``student_shard`` only. In a tensor-parallel model the gradient with respect to the
+    replicated hidden states is then summed over the group by the model's sharded head, as usual.
+    """
+    name = "vocab_parallel_mtbkd_loss"
+
+    def option_checks() -> None:
+        validate.check_positive(temperature, "temperature")
+        validate.check_positive(concentration, "concentration")
+        validate.check_positive(weight_temperature, "weight_temperature")
+        validate.check_real(prior_weight, "prior_weight", nonnegative=True)
+        validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
+        validate.check_reduction(reduction)
+
+    inputs = _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size, group,
+                      ignore_index, check_finite, option_checks)  # fmt: skip
+    z, t, lab = inputs.z, inputs.t, inputs.labels
+    k, n, _ = t.shape
+    mode, fixed = _weight_spec(weights, k, inputs.lead, inputs.original)
+    tau, lam, tau_w = float(temperature), float(concentration), float(weight_temperature)
+    need_entropy = mode == "entropy" and k > 1
+    with torch.no_grad():
+        u = z / tau  # student at τ
+        a = t / tau  # teachers at τ
+        b = t / tau_w if need_entropy else None
+
+        # 1. MAX of the row maxima of every softmax.
+        s1 = _Stage()
+        s1.add("m_u", u.amax(-1))
+        if lab is not None:
+            s1.add("m_z", z.amax(-1))
+        s1.add("k:m_a", a.amax(-1))
+        if b is not None:
+            s1.add("k:m_b", b.amax(-1))
+        mx = s1.reduce(dist.ReduceOp.MAX, group)
+
+        # 2. SUM of the shifted exponential sums and the cross / entropy / label terms.
+        eu = _exp_shift(u, mx["m_u"])
+        ea = _exp_shift(a, mx["k:m_a"])
+        s2 = _Stage()
+        s2.add("s_u", eu.sum(-1))
+        s2.add("k:s_a", ea.sum(-1))
+        # C_k: Σ_c p_kc (u_c − M_u), shifted so that the sum stays well conditioned.
+        s2.add("k:x", (ea * (u - mx["m_u"].unsqueeze(-1)).unsqueeze(0)).sum(-1))
+        if lab is not None:
+            s2.add("s_z", _exp_shift(z, mx["m_z"]).sum(-1))
+            s2.add("z_y", _label_logit(z, lab, vocab_start))
+        if b is not None:
+            db = b - mx["k:m_b"].unsqueeze(-1)
+            eb = torch.exp(db)
+            s2.add("k:s_b", eb.sum(-1))
+            s2.add("k:e_b", _xlogx_like(eb, db).sum(-1))
+        sm = s2.reduce(dist.ReduceOp.SUM, group)
+
+        log_s_u = sm["s_u"].log()
+        lse_a = mx["k:m_a"] + sm["k:s_a"].log()
+        cross = lam * (sm["k:x"] / sm["k:s_a"] - log_s_u)  # C_k  [K, N]
+        entropy = None
+        if b is not None:
+            entropy = sm["k:s_b"].log() - sm["k:e_b"] / sm["k:s_b"]
+
+        # 3. SUM of the lgamma sums over the normalised teacher distributions.
+        p = torch.exp(a - lse_a.unsqueeze(-1))  # [K, N, W]
+        s3 = _Stage()
+        s3.add("k:lg", torch.lgamma(1.0 + lam * p).sum(-1))
+        lg = s3.reduce(dist.ReduceOp.SUM, group)["k:lg"]
+
+        w = _weights(mode, fixed, entropy, k, n, z)
+        ell = torch.log(w) + cross - lg
+        prior = -math.lgamma(vocab_size + lam) - torch.logsumexp(ell, 0)
+        resp = torch.softmax(ell, 0)
+        q_tau = torch.exp(u - (mx["m_u"] + log_s_u).unsqueeze(-1))
+        grad = (prior_weight * lam / tau) * (q_tau - (resp.unsqueeze(-1) * p).sum(0))
+        rows = prior_weight * prior
+        ce = torch.zeros_like(prior)
+        if lab is not None:
+            lse_z = mx["m_z"] + sm["s_z"].log()
+            ce = lse_z - sm["z_y"]
+            rows = rows + hard_label_weight * ce
+            q1 = torch.exp(z - lse_z.unsqueeze(-1))
+            grad = grad + hard_label_weight * (q1 - _onehot_local(z, lab, vocab_start))
+    loss = _finish(student_shard, inputs, rows, grad, reduction, ignore_index, num_items_in_batch)
+    if not return_stats:
+        return loss
+    lead = inputs.lead
+    keep = inputs.mask
+    if keep is None:
+        keep = torch.ones(n, dtype=torch.bool, device=rows.device)
+    zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
+    if entropy is None:
+        entropy = _entropy_only(inputs, tau_w, group) if k > 1 else torch.zeros_like(w)
+    stats = MTBKDStats(
+        weights=torch.where(keep, w, zero).reshape(k, *lead),
+        responsibilities=torch.where(keep, resp, zero).reshape(k, *lead),
+        entropy=torch.where(keep, entropy, zero).reshape(k, *lead),
+        prior=torch.where(keep, prior, zero).reshape(lead),
+        ce=torch.where(keep, ce, zero).reshape(lead),
+    )
+    return loss, stats
+
+
+def _entropy_only(inputs: _Inputs, tau_w: float, group) -> Tensor:
+    """Teacher entropies at ``τ_w`` for the statistics when the weights did not need them."""
+    with torch.no_grad():
+        b = inputs.t / tau_w
+        s1 = _Stage()
+        s1.add("k:m", b.amax(-1))
+        m = s1.reduce(dist.ReduceOp.MAX, group)["k:m"]
+        db = b - m.unsqueeze(-1)
+        eb = torch.exp(db)
+        s2 = _Stage()
+        s2.add("k:s", eb.sum(-1))
+        s2.add("k:e", _xlogx_like(eb, db).sum(-1))
+        sm = s2.reduce(dist.ReduceOp.SUM, group)
+        return sm["k:s"].log() - sm["k:e"] / sm["k:s"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Weighted-sum KD family (MATH.md section 3)
+# ----------------------------------------------------------------------------------------------
+
+
+def vocab_parallel_multi_teacher_kd_loss(
+    student_shard: Tensor,
+    teacher_shard: Tensor | Sequence[Tensor],
+    labels: Tensor | None = None,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    group: dist.ProcessGroup | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    weights: str | Tensor = "entropy",
+    weight_temperature: float = 1.0,
+    hard_label_weight: float = 0.0,
+    soft_label_weight: float = 1.0,
+    scale_by_t2: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    check_finite: bool = True,
+) -> Tensor:
+    """:func:`mtbkd.multi_teacher_kd_loss` on vocabulary shards (MATH.md sections 3 and 4).
+
+    Row loss ``β_h·CE + β_s·s(τ)·Σ_k w_k·D(p_k^τ, q^τ)`` from per-shard statistics: two
+    all-reduces of ``O(N·K)`` floats for forward/reverse KL, three for the generalised JSD (its
+    mixture needs the normalised distributions). Arguments as in
+    :func:`vocab_parallel_mtbkd_loss` and :func:`mtbkd.multi_teacher_kd_loss`.
+    """
+    name = "vocab_parallel_multi_teacher_kd_loss"
+
+    def option_checks() -> None:
+        if divergence not in ops.DIVERGENCES:
+            raise ValueError(
+                f"divergence must be one of {tuple(ops.DIVERGENCES)}, got {divergence!r}"
+            )
+        validate.check_real(beta, "beta")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1], got {beta}")
+        validate.check_positive(temperature, "temperature")
+        validate.check_positive(weight_temperature, "weight_temperature")
+        validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
+        validate.check_real(soft_label_weight, "soft_label_weight", nonnegative=True)
+        validate.check_reduction(reduction)
+
+    inputs = _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size, group,
+                      ignore_index, check_finite, option_checks)  # fmt: skip
+    z, t, lab = inputs.z, inputs.t, inputs.labels
+    k, n, _ = t.shape
+    mode, fixed = _weight_spec(weights, k, inputs.lead, inputs.original)
+    tau, tau_w = float(temperature), float(weight_temperature)
+    kind = divergence
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    coef = soft_label_weight * (tau**2 if scale_by_t2 else 1.0)
+    need_entropy = mode == "entropy" and k > 1
+    with torch.no_grad():
+        u = z / tau
+        a = t / tau
+        b = t / tau_w if need_entropy else None
+
+        s1 = _Stage()
+        s1.add("m_u", u.amax(-1))
+        if lab is not None:
+            s1.add("m_z", z.amax(-1))
+        s1.add("k:m_a", a.amax(-1))
+        if b is not None:
+            s1.add("k:m_b", b.amax(-1))
+        mx = s1.reduce(dist.ReduceOp.MAX, group)
+
+        du = u - mx["m_u"].unsqueeze(-1)  # [N, W]
+        da = a - mx["k:m_a"].unsqueeze(-1)  # [K, N, W]
+        eu, ea = torch.exp(du), torch.exp(da)
+        s2 = _Stage()
+        s2.add("s_u", eu.sum(-1))
+        s2.add("k:s_a", ea.sum(-1))
+        if kind == "forward_kl":
+            s2.add("k:pa", _xlogx_like(ea, da).sum(-1))  # Σ e^{a−M}(a − M)
+            s2.add("k:pu", (ea * du.unsqueeze(0)).sum(-1))  # Σ e^{a−M}(u − M_u)
+        elif kind == "reverse_kl":
+            s2.add("qu", _xlogx_like(eu, du).sum(-1))  # Σ e^{u−M_u}(u − M_u)
+            s2.add("k:qa", _xlogx_like(eu.unsqueeze(0).expand_as(da), da).sum(-1))
+        if lab is not None:
+            s2.add("s_z", _exp_shift(z, mx["m_z"]).sum(-1))
+            s2.add("z_y", _label_logit(z, lab, vocab_start))
+        if b is not None:
+            db = b - mx["k:m_b"].unsqueeze(-1)
+            eb = torch.exp(db)
+            s2.add("k:s_b", eb.sum(-1))
+            s2.add("k:e_b", _xlogx_like(eb, db).sum(-1))
+        sm = s2.reduce(dist.ReduceOp.SUM, group)
+
+        log_s_u, log_s_a = sm["s_u"].log(), sm["k:s_a"].log()
+        logq = du - log_s_u.unsqueeze(-1)  # [N, W]
+        logp = da - log_s_a.unsqueeze(-1)  # [K, N, W]
+        q = torch.exp(logq)
+        entropy = None
+        if b is not None:
+            entropy = sm["k:s_b"].log() - sm["k:e_b"] / sm["k:s_b"]
+        w = _weights(mode, fixed, entropy, k, n, z)
+        if kind == "forward_kl":
+            # KL(p‖q) = Σ p (a − M_a) − log S_a − Σ p (u − M_u) + log S_u
+            div = (sm["k:pa"] - sm["k:pu"]) / sm["k:s_a"] - log_s_a + log_s_u
+            p = torch.exp(logp)
+            grad = (coef / tau) * (q - (w.unsqueeze(-1) * p).sum(0))
+        elif kind == "reverse_kl":
+            div = (sm["qu"] - sm["k:qa"]) / sm["s_u"] - log_s_u + log_s_a
+            per = q.unsqueeze(0) * (logq.unsqueeze(0) - logp - div.unsqueeze(-1))
+            grad = (coef / tau) * (w.unsqueeze(-1) * per).sum(0)
+        else:
+            # Generalised JSD: m_k = β p_k + (1−β) q needs the normalised p and q (stage 3).
+            p = torch.exp(logp)
+            logm = torch.log(beta * p + (1.0 - beta) * q.unsqueeze(0))
+            s3 = _Stage()
+            s3.add("k:kp", _xlogx_like(p, logp - logm).sum(-1))
+            s3.add("k:kq", _xlogx_like(q.unsqueeze(0).expand_as(p), logq.unsqueeze(0) - logm)
+                   .sum(-1))  # fmt: skip
+            js = s3.reduce(dist.ReduceOp.SUM, group)
+            div = beta * js["k:kp"] + (1.0 - beta) * js["k:kq"]
+            # dD/dq_c = (1−β) log(q_c/m_c); through softmax(z/τ): (q/τ)(g − Σ q g).
+            g = (1.0 - beta) * (logq.unsqueeze(0) - logm)
+            per = q.unsqueeze(0) * (g - ((1.0 - beta) * js["k:kq"]).unsqueeze(-1))
+            grad = (coef / tau) * (w.unsqueeze(-1) * per).sum(0)
+        rows = coef * (w * div).sum(0)
+        if lab is not None:
+            lse_z = mx["m_z"] + sm["s_z"].log()
+            rows = rows + hard_label_weight * (lse_z - sm["z_y"])
+            q1 = torch.exp(z - lse_z.unsqueeze(-1))
+            grad = grad + hard_label_weight * (q1 - _onehot_local(z, lab, vocab_start))
+    return _finish(student_shard, inputs, rows, grad, reduction, ignore_index, num_items_in_batch)

@@ -1,0 +1,599 @@
+"""Fused linear-head multi-teacher losses for large vocabularies: no ``[N, V]`` logits kept alive.
+
+A language-model distillation step computes ``z = h Wᵀ (+ b)`` for the student and for every
+teacher, then the loss. With V = 128k and N = 2048 tokens each logits tensor is 1 GiB in fp32.
+Here rows are processed in chunks of ``chunk_size``: per chunk the head matmuls, one fused loss op
+(``torch.ops.mtbkd.mtbkd_loss_fwd`` / ``multi_teacher_kd_fwd``, which returns the per-row loss and
+``G = dL_i/dz``), then ``grad_hidden = G W``, ``grad_W += Gᵀ h`` and ``grad_b += Σ_i G_i`` in fp32
+(fp64 for fp64 input). The gradients are computed in the forward and only scaled by
+``grad_output`` in the backward (for ``reduction="none"`` the backward recomputes the chunks with
+per-row scales instead of storing anything ``[N, V]``). Loss math: MATH.md sections 2-4; with
+:class:`mtbkd.SparseTeacher` teachers, section 5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mtbkd import functional as F
+from mtbkd import ops, validate
+from mtbkd.losses import MTBKDLoss, MultiTeacherKDLoss
+
+__all__ = [
+    "FusedLinearMTBKDLoss",
+    "FusedLinearMultiTeacherKDLoss",
+    "fused_linear_mtbkd_loss",
+    "fused_linear_multi_teacher_kd_loss",
+    "auto_chunk_size",
+]
+
+# Working-set budget of one chunk (student logits, K teacher logits, the gradient, fp32 copies).
+CHUNK_BYTES = 256 * 2**20
+
+
+def auto_chunk_size(n: int, v: int, k: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk with ``rows · V · (K + 2) · 4 B ≲ budget``; a multiple of 8 if possible."""
+    rows = budget_bytes // max(v * (k + 2) * 4, 1)
+    if rows >= 8:
+        rows -= rows % 8
+    return int(max(1, min(rows, max(n, 1))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher specifications: dense logits, a linear head, or sparse top-k outputs, sliced per chunk
+# ----------------------------------------------------------------------------------------------
+
+
+class _Head:
+    """A teacher given as ``(hidden [N, H_k], weight [V_k, H_k], bias [V_k] | None)``."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, v: int) -> None:
+        self.hidden, self.weight = hidden, weight[:v]
+        self.bias = None if bias is None else bias[:v]
+
+    def logits(self, rows: slice, dtype: torch.dtype) -> Tensor:
+        h = self.hidden[rows]
+        z = h @ self.weight.t() if self.bias is None else torch.addmm(self.bias, h, self.weight.t())
+        return z.to(dtype).contiguous()
+
+
+class _Dense:
+    """A teacher given as logits ``[N, V_k]`` (a padded vocabulary is sliced to V)."""
+
+    def __init__(self, logits: Tensor, v: int) -> None:
+        self.t = logits[:, :v]
+
+    def logits(self, rows: slice, dtype: torch.dtype) -> Tensor:
+        return self.t[rows].to(dtype).contiguous()
+
+
+def _is_sparse(x: Any) -> bool:
+    from mtbkd.sparse import SparseTeacher
+
+    return isinstance(x, SparseTeacher)
+
+
+def _check_matrix(x: Any, name: str, dim: int) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def _parse_teachers(teachers: Any, n: int, v: int, device: torch.device) -> list:
+    """Validate ``teachers`` and wrap each one so that ``logits(rows, dtype)`` gives a chunk."""
+    if _is_sparse(teachers):
+        teachers = [teachers]
+    if isinstance(teachers, Tensor):
+        _check_matrix(teachers, "teacher_logits", teachers.dim())
+        if teachers.dim() != 3:
+            raise ValueError(
+                f"teacher_logits must be [K, N, V] (or a sequence of teachers), got shape "
+                f"{tuple(teachers.shape)}"
+            )
+        teachers = list(teachers.unbind(0))
+    if not isinstance(teachers, Sequence) or isinstance(teachers, (str, bytes)):
+        raise TypeError(
+            "teachers must be a tensor [K, N, V], or a sequence of teacher logits [N, V_k], "
+            f"(hidden, weight, bias) heads or SparseTeacher outputs; got {type(teachers).__name__}"
+        )
+    if len(teachers) == 0:
+        raise ValueError("teachers must hold at least one teacher (got K = 0)")
+    kinds = {_is_sparse(t) for t in teachers}
+    if len(kinds) > 1:
+        raise TypeError("teachers: sparse (SparseTeacher) and dense teachers cannot be mixed")
+    out: list = []
+    for i, t in enumerate(teachers):
+        name = f"teachers[{i}]"
+        if _is_sparse(t):
+            if t.indices.shape[0] != n or t.indices.dim() != 2:
+                raise ValueError(
+                    f"{name} must be a SparseTeacher with indices [N={n}, k], got "
+                    f"{tuple(t.indices.shape)}"
+                )
+            if t.indices.device != device:
+                raise ValueError(
+                    f"{name} is on {t.indices.device} but student_hidden is on {device}"
+                )
+            out.append(t)
+            continue
+        if isinstance(t, Tensor):
+            _check_matrix(t, name, 2)
+            if t.shape[0] != n:
+                raise ValueError(f"{name} has {t.shape[0]} rows but student_hidden has {n}")
+            if t.shape[1] < v:
+                raise ValueError(
+                    f"{name} has vocabulary size {t.shape[1]} but student_weight has {v} rows "
+                    "(a teacher vocabulary must cover the student's)"
+                )
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but student_hidden is on {device}")
+            out.append(_Dense(t.detach(), v))
+            continue
+        if not isinstance(t, Sequence) or len(t) not in (2, 3):
+            raise TypeError(
+                f"{name} must be logits [N, V_k], a SparseTeacher or a tuple (hidden, weight, "
+                f"bias or None); got {type(t).__name__}"
+            )
+        hid = _check_matrix(t[0], f"{name} hidden", 2)
+        w = _check_matrix(t[1], f"{name} weight", 2)
+        b = t[2] if len(t) == 3 else None
+        if hid.shape[0] != n:
+            raise ValueError(f"{name} hidden has {hid.shape[0]} rows but student_hidden has {n}")
+        if w.shape[1] != hid.shape[1]:
+            raise ValueError(
+                f"{name} weight has hidden size {w.shape[1]} but its hidden states have "
+                f"{hid.shape[1]}"
+            )
+        if w.shape[0] < v:
+            raise ValueError(
+                f"{name} weight has vocabulary size {w.shape[0]} but student_weight has {v} rows "
+                "(a teacher vocabulary must cover the student's)"
+            )
+        if b is not None:
+            _check_matrix(b, f"{name} bias", 1)
+            if b.shape[0] != w.shape[0]:
+                raise ValueError(f"{name} bias has {b.shape[0]} entries but its weight has "
+                                 f"{w.shape[0]} rows")  # fmt: skip
+            b = b.detach()
+        for x, what in ((hid, "hidden"), (w, "weight"), (b, "bias")):
+            if x is not None and x.device != device:
+                raise ValueError(
+                    f"{name} {what} is on {x.device} but student_hidden is on {device}"
+                )
+        out.append(_Head(hid.detach(), w.detach(), b, v))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# One chunk: logits, the fused loss op, the per-row gradient dL_i/dz_i
+# ----------------------------------------------------------------------------------------------
+
+
+def _chunk_op(kind: str, opts: dict, z: Tensor, teachers: list, rows: slice, labels, fixed):
+    """Per-row loss ``[c]``, gradient ``G [c, V]`` (unscaled) and the op's other outputs."""
+    lab = None if labels is None else labels[rows]
+    fw = None if fixed is None else fixed[:, rows].contiguous()
+    if _is_sparse(teachers[0]):
+        from mtbkd import sparse
+
+        return sparse.chunk_loss_and_grad(kind, opts, z, [t.rows(rows) for t in teachers], lab, fw)
+    t_chunk = [t.logits(rows, z.dtype) for t in teachers]
+    if kind == "mtbkd":
+        out = ops.mtbkd_loss_fwd(
+            z, t_chunk, lab, fw, None, opts["temperature"], opts["concentration"],
+            opts["prior_weight"], opts["hard_label_weight"], opts["mode"],
+            opts["weight_temperature"], opts["ignore_index"], opts["check_finite"],
+        )  # fmt: skip
+        return out[0], out[1], out[2:]
+    out = ops.multi_teacher_kd_fwd(
+        z, t_chunk, lab, fw, opts["divergence"], opts["beta"], opts["temperature"], opts["mode"],
+        opts["weight_temperature"], opts["hard_label_weight"], opts["soft_label_weight"],
+        opts["soft_scale"], opts["ignore_index"], opts["check_finite"],
+    )  # fmt: skip
+    return out[0], out[1], out[2:]
+
+
+def _run_chunks(kind, opts, hidden, weight, bias, teachers, labels, fixed, chunk, row_scale,
+                want_grads):  # fmt: skip
+    """Loss rows ``[N]`` and, when ``want_grads``, gradients with each row's G scaled by
+    ``row_scale`` (a scalar or ``[N]`` tensor); the ops' statistics per chunk are collected."""
+    n, v = hidden.shape[0], weight.shape[0]
+    acc = _acc(hidden.dtype)
+    loss_rows = torch.empty(n, dtype=acc, device=hidden.device)
+    extras: list = []
+    gh = gw = gb = None
+    if want_grads:
+        gh = torch.empty_like(hidden)
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        gb = None if bias is None else torch.zeros(v, dtype=acc, device=weight.device)
+    wt = weight.t()
+    # One fp32 copy of a low-precision head (the size of grad_W) instead of one per chunk.
+    w_acc = weight if weight.dtype == acc or not want_grads else weight.to(acc)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        h = hidden[rows]
+        z = (h @ wt if bias is None else torch.addmm(bias, h, wt)).contiguous()
+        r, g, rest = _chunk_op(kind, opts, z, teachers, rows, labels, fixed)
+        del z
+        loss_rows[rows] = r
+        extras.append(rest)
+        if not want_grads:
+            continue
+        g = g.to(acc)
+        g = g * (row_scale[rows, None] if isinstance(row_scale, Tensor) and row_scale.dim() else
+                 row_scale)  # fmt: skip
+        # grad_hidden rows are produced by one matmul each: round once to the hidden dtype.
+        gh[rows] = (g @ w_acc).to(hidden.dtype)
+        gw.addmm_(g.t(), h.to(acc))
+        if gb is not None:
+            gb += g.sum(0)
+    return loss_rows, extras, gh, gw, gb
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """Loss and gradients in the forward; the backward scales them by ``grad_output``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, kind, opts, teachers, labels, fixed, chunk, reduction,
+                num_items, fn_ctx):  # fmt: skip
+        need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        ctx.need = need
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        acc = _acc(hidden.dtype)
+        if reduction == "none":
+            # Per-row grad_output is known only in the backward: recompute the chunks there.
+            rows, extras, *_ = _run_chunks(kind, opts, hidden, weight, bias, teachers, labels,
+                                           fixed, chunk, None, False)  # fmt: skip
+            ctx.recompute = (kind, opts, teachers, labels, fixed, chunk)
+            ctx.save_for_backward(hidden, weight, bias)
+            fn_ctx["stats"] = extras
+            return rows
+        scale = _mean_scale(reduction, labels, hidden.shape[0], opts["ignore_index"], num_items,
+                            acc, hidden.device)  # fmt: skip
+        rows, extras, gh, gw, gb = _run_chunks(kind, opts, hidden, weight, bias, teachers, labels,
+                                               fixed, chunk, scale, any(need))  # fmt: skip
+        ctx.recompute = None
+        fn_ctx["stats"] = extras
+        ctx.save_for_backward(gh, gw, gb)
+        return rows.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        need = ctx.need
+        if ctx.recompute is None:
+            gh, gw, gb = ctx.saved_tensors
+            go = grad_out.to(_acc(ctx.dtypes[0]))
+            dh = (gh.to(go.dtype) * go).to(ctx.dtypes[0]) if need[0] else None
+        else:
+            hidden, weight, bias = ctx.saved_tensors
+            kind, opts, teachers, labels, fixed, chunk = ctx.recompute
+            go = torch.ones((), dtype=_acc(hidden.dtype), device=hidden.device)
+            with torch.no_grad():
+                _, _, dh, gw, gb = _run_chunks(kind, opts, hidden, weight, bias, teachers,
+                                               labels, fixed, chunk, grad_out.to(go.dtype),
+                                               True)  # fmt: skip
+        dw = (gw * go).to(ctx.dtypes[1]) if need[1] else None
+        db = (gb * go).to(ctx.dtypes[2]) if need[2] else None
+        return (dh if need[0] else None, dw, db) + (None,) * 9
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mean_scale(reduction, labels, n, ignore_index, num_items, acc, device):
+    """The factor that turns the row sum into the reduced loss (MATH.md section 4)."""
+    if reduction == "sum":
+        return torch.ones((), dtype=acc, device=device)
+    if num_items is not None:
+        if isinstance(num_items, Tensor):
+            return 1.0 / num_items.to(device=device, dtype=acc).reshape(())
+        if num_items <= 0:
+            raise ValueError(f"num_items_in_batch must be positive, got {num_items}")
+        return torch.full((), 1.0 / num_items, dtype=acc, device=device)
+    if labels is None:
+        return torch.full((), 1.0 / max(n, 1), dtype=acc, device=device)
+    # The count stays a tensor: no host synchronisation on GPU.
+    return 1.0 / (labels != ignore_index).sum().clamp_min(1).to(acc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functional API
+# ----------------------------------------------------------------------------------------------
+
+
+def _prepare(student_hidden, student_weight, teachers, labels, student_bias, chunk_size):
+    hidden = _check_matrix(student_hidden, "student_hidden", student_hidden.dim()
+                           if isinstance(student_hidden, Tensor) else 2)  # fmt: skip
+    if hidden.dim() < 1:
+        raise ValueError("student_hidden must be [N, H] (or [..., H])")
+    lead = hidden.shape[:-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    weight = _check_matrix(student_weight, "student_weight", 2)
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"student_weight has hidden size {weight.shape[1]} (shape {tuple(weight.shape)}) but "
+            f"student_hidden has {hidden.shape[1]}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"student_weight has dtype {weight.dtype} but student_hidden has "
+                        f"{hidden.dtype}")  # fmt: skip
+    if weight.device != hidden.device:
+        raise ValueError(f"student_weight is on {weight.device} but student_hidden is on "
+                         f"{hidden.device}")  # fmt: skip
+    n, v = hidden.shape[0], weight.shape[0]
+    if student_bias is not None:
+        _check_matrix(student_bias, "student_bias", 1)
+        if student_bias.shape[0] != v:
+            raise ValueError(f"student_bias has {student_bias.shape[0]} entries but "
+                             f"student_weight has {v} rows")  # fmt: skip
+        if student_bias.dtype != hidden.dtype or student_bias.device != hidden.device:
+            raise TypeError("student_bias must have student_hidden's dtype and device")
+    if isinstance(teachers, Tensor) and teachers.dim() > 3:
+        teachers = teachers.reshape(teachers.shape[0], -1, teachers.shape[-1])
+    elif isinstance(teachers, Sequence) and not isinstance(teachers, (str, bytes)):
+        teachers = [
+            t.reshape(-1, t.shape[-1]) if isinstance(t, Tensor) and t.dim() > 2
+            else _flatten_head(t) if isinstance(t, (tuple, list)) else t
+            for t in teachers
+        ]  # fmt: skip
+    tlist = _parse_teachers(teachers, n, v, hidden.device)
+    if labels is not None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        if labels.shape != lead:
+            raise ValueError(f"labels must have shape {tuple(lead)} (student_hidden without its "
+                             f"last dim), got {tuple(labels.shape)}")  # fmt: skip
+        labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.int64).contiguous()
+    if chunk_size is None:
+        chunk = auto_chunk_size(n, v, len(tlist))
+    else:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        chunk = chunk_size
+    return hidden, weight, tlist, labels, lead, n, chunk
+
+
+def _flatten_head(t):
+    if len(t) >= 1 and isinstance(t[0], Tensor) and t[0].dim() > 2:
+        return (t[0].reshape(-1, t[0].shape[-1]), *t[1:])
+    return t
+
+
+def _finish(kind, opts, hidden, weight, bias, tlist, labels, fixed, chunk, lead, reduction,
+            num_items, return_stats):  # fmt: skip
+    fn_ctx: dict = {}
+    out = _FusedLinearLoss.apply(hidden, weight, bias, kind, opts, tlist, labels, fixed, chunk,
+                                 reduction, num_items, fn_ctx)
+    if reduction == "none":
+        out = out.reshape(lead)
+    if not return_stats:
+        return out
+    extras = fn_ctx["stats"]
+    k = len(tlist)
+    w, resp, ent, prior, ce = (torch.cat([e[j] for e in extras], dim=-1) for j in range(5))
+    stats = F.MTBKDStats(
+        weights=w.reshape(k, *lead), responsibilities=resp.reshape(k, *lead),
+        entropy=ent.reshape(k, *lead), prior=prior.reshape(lead), ce=ce.reshape(lead),
+    )  # fmt: skip
+    return out, stats
+
+
+def _fixed(weights, k, n, hidden):
+    mode, fixed = ops.WEIGHT_MODES.get(weights if isinstance(weights, str) else "fixed"), None
+    if isinstance(weights, Tensor):
+        fixed = validate.fixed_weights(weights, k, torch.Size([n]), hidden)
+    elif weights not in ("entropy", "uniform"):
+        raise ValueError(f"weights must be 'entropy', 'uniform' or a Tensor, got {weights!r}")
+    return mode, fixed
+
+
+def fused_linear_mtbkd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teachers: Tensor | Sequence[Any],
+    labels: Tensor | None = None,
+    student_bias: Tensor | None = None,
+    *,
+    temperature: float = 2.0,
+    concentration: float = 5.0,
+    prior_weight: float = 0.02,
+    hard_label_weight: float = 1.0,
+    weights: str | Tensor = "entropy",
+    weight_temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    return_stats: bool = False,
+    check_finite: bool = True,
+    chunk_size: int | None = None,
+):
+    """:func:`mtbkd.functional.mtbkd_loss` of ``z = student_hidden @ student_weightᵀ (+ bias)``
+    without materialising ``z`` (MATH.md sections 2 and 4), in row chunks of ``chunk_size``.
+
+    ``teachers``: teacher logits ``[K, N, V]`` or a sequence whose items are logits ``[N, V_k]``,
+    heads ``(hidden [N, H_k], weight [V_k, H_k], bias | None)`` or :class:`mtbkd.SparseTeacher`
+    (V_k ≥ V; a padded teacher vocabulary is sliced to the student's V). Gradients flow to
+    ``student_hidden``, ``student_weight`` and ``student_bias`` only.
+    """
+    validate.check_positive(temperature, "temperature")
+    validate.check_positive(concentration, "concentration")
+    validate.check_positive(weight_temperature, "weight_temperature")
+    validate.check_real(prior_weight, "prior_weight", nonnegative=True)
+    validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
+    validate.check_reduction(reduction)
+    hidden, weight, tlist, labels, lead, n, chunk = _prepare(
+        student_hidden, student_weight, teachers, labels, student_bias, chunk_size
+    )
+    mode, fixed = _fixed(weights, len(tlist), n, hidden)
+    opts = {
+        "temperature": float(temperature), "concentration": float(concentration),
+        "prior_weight": float(prior_weight), "hard_label_weight": float(hard_label_weight),
+        "mode": mode, "weight_temperature": float(weight_temperature),
+        "ignore_index": int(ignore_index), "check_finite": bool(check_finite),
+    }  # fmt: skip
+    return _finish("mtbkd", opts, hidden, weight, student_bias, tlist, labels, fixed, chunk, lead,
+                   reduction, num_items_in_batch, return_stats)  # fmt: skip
+
+
+def fused_linear_multi_teacher_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teachers: Tensor | Sequence[Any],
+    labels: Tensor | None = None,
+    student_bias: Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    weights: str | Tensor = "entropy",
+    weight_temperature: float = 1.0,
+    hard_label_weight: float = 0.0,
+    soft_label_weight: float = 1.0,
+    scale_by_t2: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    check_finite: bool = True,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """:func:`mtbkd.functional.multi_teacher_kd_loss` of ``z = student_hidden @ student_weightᵀ
+    (+ bias)`` without materialising ``z`` (MATH.md sections 3 and 4); arguments as in
+    :func:`fused_linear_mtbkd_loss`.
+    """
+    if divergence not in ops.DIVERGENCES:
+        raise ValueError(f"divergence must be one of {tuple(ops.DIVERGENCES)}, got {divergence!r}")
+    validate.check_real(beta, "beta")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    validate.check_positive(temperature, "temperature")
+    validate.check_positive(weight_temperature, "weight_temperature")
+    validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
+    validate.check_real(soft_label_weight, "soft_label_weight", nonnegative=True)
+    validate.check_reduction(reduction)
+    hidden, weight, tlist, labels, lead, n, chunk = _prepare(
+        student_hidden, student_weight, teachers, labels, student_bias, chunk_size
+    )
+    mode, fixed = _fixed(weights, len(tlist), n, hidden)
+    opts = {
+        "divergence": ops.DIVERGENCES[divergence], "beta": float(beta),
+        "temperature": float(temperature), "mode": mode,
+        "weight_temperature": float(weight_temperature),
+        "hard_label_weight": float(hard_label_weight),
+        "soft_label_weight": float(soft_label_weight),
+        "soft_scale": float(temperature) ** 2 if scale_by_t2 else 1.0,
+        "ignore_index": int(ignore_index), "check_finite": bool(check_finite),
+    }  # fmt: skip
+    return _finish("kd", opts, hidden, weight, student_bias, tlist, labels, fixed, chunk, lead,
+                   reduction, num_items_in_batch, False)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# nn.Modules
+# ----------------------------------------------------------------------------------------------
+
+
+class FusedLinearMTBKDLoss(MTBKDLoss):
+    """:class:`mtbkd.MTBKDLoss` fused with the student's output head (no ``[N, V]`` logits).
+
+    Example::
+
+        loss_fn = mtbkd.FusedLinearMTBKDLoss(temperature=2.0)
+        loss = loss_fn(h, lm_head.weight, [(h_t1, head_t1.weight, None), t2_logits], labels)
+    """
+
+    def __init__(self, *, chunk_size: int | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or
+                                       not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+
+    def forward(  # type: ignore[override]
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teachers: Tensor | Sequence[Any],
+        labels: Tensor | None = None,
+        student_bias: Tensor | None = None,
+        *,
+        num_items_in_batch: int | Tensor | None = None,
+        return_stats: bool = False,
+    ):
+        return fused_linear_mtbkd_loss(
+            student_hidden, student_weight, teachers, labels, student_bias,
+            temperature=self.temperature, concentration=self.concentration,
+            prior_weight=self.prior_weight, hard_label_weight=self.hard_label_weight,
+            weights=self.weights, weight_temperature=self.weight_temperature,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch, return_stats=return_stats,
+            check_finite=self.check_finite, chunk_size=self.chunk_size,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", chunk_size={self.chunk_size}"
+
+
+class FusedLinearMultiTeacherKDLoss(MultiTeacherKDLoss):
+    """:class:`mtbkd.MultiTeacherKDLoss` fused with the student's output head."""
+
+    def __init__(self, *, chunk_size: int | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or
+                                       not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+
+    def forward(  # type: ignore[override]
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teachers: Tensor | Sequence[Any],
+        labels: Tensor | None = None,
+        student_bias: Tensor | None = None,
+        *,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> Tensor:
+        return fused_linear_multi_teacher_kd_loss(
+            student_hidden, student_weight, teachers, labels, student_bias,
+            divergence=self.divergence, beta=self.beta, temperature=self.temperature,
+            weights=self.weights, weight_temperature=self.weight_temperature,
+            hard_label_weight=self.hard_label_weight, soft_label_weight=self.soft_label_weight,
+            scale_by_t2=self.scale_by_t2, ignore_index=self.ignore_index,
+            reduction=self.reduction, num_items_in_batch=num_items_in_batch,
+            check_finite=self.check_finite, chunk_size=self.chunk_size,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", chunk_size={self.chunk_size}"
+
+
+def fused_linear_from(loss: nn.Module, chunk_size: int | None = None) -> nn.Module:
+    """The fused-linear twin of an MTBKDLoss / MultiTeacherKDLoss (same options)."""
+    if isinstance(loss, (FusedLinearMTBKDLoss, FusedLinearMultiTeacherKDLoss)):
+        return loss
+    if isinstance(loss, MTBKDLoss):
+        names = ("temperature", "concentration", "prior_weight", "hard_label_weight", "weights",
+                 "weight_temperature", "ignore_index", "reduction", "check_finite")  # fmt: skip
+        return FusedLinearMTBKDLoss(chunk_size=chunk_size,
+                                    **{k: getattr(loss, k) for k in names})  # fmt: skip
+    if isinstance(loss, MultiTeacherKDLoss):
+        names = ("divergence", "beta", "temperature", "weights", "weight_temperature",
+                 "hard_label_weight", "soft_label_weight", "scale_by_t2", "ignore_index",
+                 "reduction", "check_finite")  # fmt: skip
+        return FusedLinearMultiTeacherKDLoss(chunk_size=chunk_size,
+                                             **{k: getattr(loss, k) for k in names})  # fmt: skip
+    raise TypeError(
+        "loss must be an mtbkd.MTBKDLoss or mtbkd.MultiTeacherKDLoss (or a fused-linear one), "
+        f"got {type(loss).__name__}"
+    )

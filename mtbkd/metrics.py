@@ -1,0 +1,216 @@
+"""Predictive summaries and uncertainty metrics of posterior samples (MATH.md section 8).
+
+Inputs are per-sample probabilities ``[S, N, C]`` (S posterior samples, N rows, C classes) or
+already averaged ``[N, C]`` (treated as one sample). ``p_bar = mean_s q^(s)``. All metrics are
+computed in fp32 (fp64 inputs stay fp64). ``accuracy``, ``nll``, ``brier`` and ``ece`` return
+0-d tensors; ``predictive_entropy``, ``expected_entropy``, ``mutual_information`` and
+``mean_deviance`` return ``[N]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "mean_probs",
+    "accuracy",
+    "nll",
+    "brier",
+    "ece",
+    "predictive_entropy",
+    "expected_entropy",
+    "mutual_information",
+    "mean_deviance",
+    "credible_threshold",
+    "credible_set",
+    "credible_set_summary",
+    "CredibleSetSummary",
+    "auroc",
+]
+
+ECE_BINS = 15
+
+
+def _samples(probs: Tensor, name: str = "probs") -> Tensor:
+    # [S, N, C] in fp32 (fp64 kept); [N, C] becomes one sample.
+    if not isinstance(probs, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(probs).__name__}")
+    if not probs.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {probs.dtype}")
+    if probs.dim() not in (2, 3) or probs.shape[-1] == 0 or probs.shape[-2] == 0:
+        raise ValueError(f"{name} must have shape [S, N, C] or [N, C] with N, C > 0, "
+                         f"got {tuple(probs.shape)}")  # fmt: skip
+    if probs.dim() == 3 and probs.shape[0] == 0:
+        raise ValueError(f"{name} holds no samples (S = 0)")
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    if bool((probs < 0).any()):
+        raise ValueError(f"{name} contains negative probabilities")
+    q = probs if probs.dim() == 3 else probs.unsqueeze(0)
+    return q if q.dtype == torch.float64 else q.float()
+
+
+def _labels(labels: Tensor, n: int, c: int) -> Tensor:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape [{n}], got {tuple(labels.shape)}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= c):
+        raise ValueError(f"labels must be in [0, {c}), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")  # fmt: skip
+    return labels.long()
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return -torch.special.xlogy(p, p).sum(-1)  # 0 log 0 = 0
+
+
+def mean_probs(probs: Tensor) -> Tensor:
+    """``p_bar = (1/S) sum_s q^(s)``, ``[N, C]``."""
+    return _samples(probs).mean(0)
+
+
+def accuracy(probs: Tensor, labels: Tensor) -> Tensor:
+    """Fraction of rows with ``argmax_c p_bar = y``."""
+    p = mean_probs(probs)
+    y = _labels(labels, p.shape[0], p.shape[1])
+    return (p.argmax(-1) == y).to(p.dtype).mean()
+
+
+def nll(probs: Tensor, labels: Tensor) -> Tensor:
+    """``-mean_i log p_bar[i, y_i]`` via ``logsumexp_s log q^(s) - log S`` (never a mean of logs).
+
+    A probability of exactly 0 is floored at the dtype's smallest normal number, so the result is
+    large but finite.
+    """
+    q = _samples(probs)
+    y = _labels(labels, q.shape[1], q.shape[2])
+    qy = q.gather(-1, y.view(1, -1, 1).expand(q.shape[0], -1, 1)).squeeze(-1)  # [S, N]
+    logq = torch.log(qy.clamp_min(torch.finfo(q.dtype).tiny))
+    return -(torch.logsumexp(logq, dim=0) - math.log(q.shape[0])).mean()
+
+
+def brier(probs: Tensor, labels: Tensor) -> Tensor:
+    """``mean_i sum_c (p_bar_ic - 1[c = y_i])^2``."""
+    p = mean_probs(probs)
+    y = _labels(labels, p.shape[0], p.shape[1])
+    onehot = torch.nn.functional.one_hot(y, p.shape[1]).to(p.dtype)
+    return ((p - onehot) ** 2).sum(-1).mean()
+
+
+def ece(probs: Tensor, labels: Tensor, n_bins: int = ECE_BINS) -> Tensor:
+    """``sum_b (n_b / N) |acc_b - conf_b|`` over equal-width bins of ``conf = max_c p_bar``.
+
+    Bins are right-closed, ``((b-1)/B, b/B]``, and a confidence of 0 falls in the first bin
+    (MATH.md section 8); bin edges are the fp32 numbers ``b / B``.
+    """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    p = mean_probs(probs)
+    y = _labels(labels, p.shape[0], p.shape[1])
+    conf, pred = p.max(-1)
+    conf = conf.float()
+    edges = torch.arange(1, n_bins, dtype=torch.float32, device=p.device) / n_bins
+    # bucketize(right=False) gives i with edges[i-1] < x <= edges[i]: right-closed bins.
+    idx = torch.bucketize(conf, edges, right=False)
+    correct = (pred == y).float()
+    n = torch.bincount(idx, minlength=n_bins).float()
+    acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
+    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    # |acc_b - conf_b| n_b / N = |acc_sum_b - conf_sum_b| / N (empty bins add 0).
+    return ((acc_sum - conf_sum).abs().sum() / conf.numel()).to(p.dtype)
+
+
+def predictive_entropy(probs: Tensor) -> Tensor:
+    """``H[p_bar]`` per row (nats), ``[N]``."""
+    return _entropy(mean_probs(probs))
+
+
+def expected_entropy(probs: Tensor) -> Tensor:
+    """``E_s H[q^(s)]`` per row (nats), ``[N]`` (aleatoric part)."""
+    return _entropy(_samples(probs)).mean(0)
+
+
+def mutual_information(probs: Tensor) -> Tensor:
+    """``H[p_bar] - E_s H[q^(s)]`` per row, clamped at 0 (epistemic part), ``[N]``."""
+    q = _samples(probs)
+    return (_entropy(q.mean(0)) - _entropy(q).mean(0)).clamp_min(0.0)
+
+
+def mean_deviance(probs: Tensor) -> Tensor:
+    """The paper's uncertainty score ``MD = (2/S) sum_s H[q^(s)]`` per row (nats), ``[N]``."""
+    return 2.0 * _entropy(_samples(probs)).mean(0)
+
+
+def credible_threshold(probs: Tensor, level: float = 0.95, iters: int = 40) -> Tensor:
+    """Per-row threshold ``u`` with ``(1/S) sum_s sum_c q_c^(s) 1[q_c^(s) >= u] = level``.
+
+    The left side falls from 1 (``u = 0``) to 0 as ``u`` grows past ``max q``; bisection keeps
+    the largest ``u`` at which it is still ``>= level`` (to ``2^-iters``), ``[N]``.
+    """
+    if not 0.0 < level <= 1.0:
+        raise ValueError(f"level must be in (0, 1], got {level}")
+    q = _samples(probs)
+    lo = torch.zeros(q.shape[1], dtype=q.dtype, device=q.device)
+    hi = torch.full_like(lo, 1.0 + 1e-6)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        mass = (q * (q >= mid.view(1, -1, 1))).sum(-1).mean(0)
+        ok = mass >= level
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    return lo
+
+
+def credible_set(probs: Tensor, level: float = 0.95) -> Tensor:
+    """The deviance-based credible set ``{c : p_bar_c >= u}`` as a boolean mask ``[N, C]``."""
+    u = credible_threshold(probs, level)
+    return mean_probs(probs) >= u.unsqueeze(-1)
+
+
+class CredibleSetSummary(NamedTuple):
+    coverage: Tensor  # fraction of rows whose label is in the set
+    mean_size: Tensor  # mean number of classes in the set
+
+
+def credible_set_summary(probs: Tensor, labels: Tensor, level: float = 0.95) -> CredibleSetSummary:
+    """Coverage and mean size of the ``level`` credible sets (MATH.md section 8)."""
+    sets = credible_set(probs, level)
+    y = _labels(labels, sets.shape[0], sets.shape[1])
+    covered = sets.gather(-1, y.view(-1, 1)).squeeze(-1)
+    return CredibleSetSummary(covered.float().mean(), sets.sum(-1).float().mean())
+
+
+def auroc(scores: Tensor, positives: Tensor) -> Tensor:
+    """Area under the ROC curve of ``scores`` for telling ``positives`` from the other rows.
+
+    Equals ``P(score_pos > score_neg) + P(tie) / 2`` (Mann-Whitney, average ranks for ties).
+    Typical use: an uncertainty score against ``prediction != label`` (misclassification) or
+    against ``is_shifted`` (in- versus out-of-distribution).
+    """
+    if not isinstance(scores, Tensor) or not isinstance(positives, Tensor):
+        raise TypeError("scores and positives must be torch.Tensors")
+    if scores.dim() != 1 or positives.shape != scores.shape:
+        raise ValueError(f"scores and positives must be 1-d of one length, got "
+                         f"{tuple(scores.shape)} and {tuple(positives.shape)}")  # fmt: skip
+    if not bool(torch.isfinite(scores.double()).all()):
+        raise ValueError("scores contains non-finite values (NaN or inf)")
+    pos = positives.bool()
+    n_pos = int(pos.sum())
+    n_neg = pos.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("positives must contain both positive and negative rows")
+    s = scores.double()
+    _, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
+    # Rank of a tie group = mean of the 1-based positions it occupies in sorted order.
+    ends = torch.cumsum(counts, 0).double()
+    avg_rank = ends - (counts.double() - 1) / 2
+    rank_sum = avg_rank[inverse][pos].sum()
+    u = rank_sum - n_pos * (n_pos + 1) / 2
+    return (u / (n_pos * n_neg)).float()

@@ -1,0 +1,210 @@
+"""Bayesian layers with a mean-field Gaussian posterior (MATH.md section 6).
+
+:class:`BayesLinear` holds ``(mu, rho)`` per weight, ``sigma = softplus(rho)``, and samples either
+the weights (``mode="reparameterize"``, the fused Philox op of :mod:`mtbkd.bayes_ops`: eps is never
+stored) or the pre-activations (``mode="local"``, local reparameterisation). Its :meth:`kl` is the
+summed KL to the Gaussian prior; the ELBO is ``mean-batch NLL + kl_divergence(model) / num_data``.
+:func:`bayesify` turns chosen ``nn.Linear`` layers of a model into ``BayesLinear`` layers whose
+posterior mean is the trained weight.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtbkd import validate
+from mtbkd.bayes_ops import counters_used, gaussian_kl, new_seed, reparameterize
+
+__all__ = ["BayesLinear", "bayesify", "kl_divergence", "MODES"]
+
+MODES = ("reparameterize", "local")
+
+
+class BayesLinear(nn.Module):
+    """``y = x w^T + b`` with ``w ~ N(weight_mu, softplus(weight_rho)^2)`` (MATH.md section 6).
+
+    Args:
+        in_features, out_features, bias: as in ``nn.Linear`` (the posterior mean is initialised
+            like ``nn.Linear``'s weight and bias).
+        prior_sigma: standard deviation ``s0`` of the Gaussian prior ``N(prior_mu, s0^2)``.
+        posterior_rho_init: initial ``rho`` of every weight (``-5``: ``sigma ~ 0.0067``).
+        mode: ``"reparameterize"`` samples one weight matrix per forward (fused op, one seed
+            drawn from torch's default generator); ``"local"`` samples the pre-activations
+            ``y = x mu^T + sqrt(x^2 (sigma^2)^T) * eps`` (one draw per example, lower variance).
+        prior_mu: mean of the prior.
+
+    ``freeze()`` makes the forward use the posterior mean (deterministic); ``unfreeze()``
+    resumes sampling.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        prior_sigma: float = 1.0,
+        posterior_rho_init: float = -5.0,
+        mode: str = "reparameterize",
+        prior_mu: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.prior_sigma = validate.check_positive(prior_sigma, "prior_sigma")
+        self.prior_mu = validate.check_real(prior_mu, "prior_mu")
+        self.posterior_rho_init = validate.check_real(posterior_rho_init, "posterior_rho_init")
+        self.mode = mode
+        self.frozen = False
+        kw = {"device": device, "dtype": dtype}
+        self.weight_mu = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        self.weight_rho = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        if bias:
+            self.bias_mu = nn.Parameter(torch.empty(out_features, **kw))
+            self.bias_rho = nn.Parameter(torch.empty(out_features, **kw))
+        else:
+            self.register_parameter("bias_mu", None)
+            self.register_parameter("bias_rho", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Posterior mean as ``nn.Linear`` initialises its weight; every rho = the initial rho."""
+        nn.init.kaiming_uniform_(self.weight_mu, a=math.sqrt(5))
+        nn.init.constant_(self.weight_rho, self.posterior_rho_init)
+        if self.bias_mu is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias_mu, -bound, bound)
+            nn.init.constant_(self.bias_rho, self.posterior_rho_init)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> BayesLinear:
+        """A ``BayesLinear`` whose posterior mean is ``linear``'s weight and bias."""
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=w.device, dtype=w.dtype, **kwargs)  # fmt: skip
+        with torch.no_grad():
+            layer.weight_mu.copy_(w)
+            if linear.bias is not None:
+                layer.bias_mu.copy_(linear.bias)
+        return layer
+
+    def freeze(self) -> BayesLinear:
+        """Use the posterior mean in the forward (no sampling)."""
+        self.frozen = True
+        return self
+
+    def unfreeze(self) -> BayesLinear:
+        """Sample again in the forward."""
+        self.frozen = False
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.frozen:
+            return F.linear(x, self.weight_mu, self.bias_mu)
+        if self.mode == "local":
+            return self._forward_local(x)
+        seed = new_seed()
+        w = reparameterize(self.weight_mu, self.weight_rho, seed, 0)
+        b = None
+        if self.bias_mu is not None:
+            # Same seed, the counters after the weight's: an independent draw.
+            b = reparameterize(self.bias_mu, self.bias_rho, seed, counters_used(w.numel()))
+        return F.linear(x, w, b)
+
+    def _forward_local(self, x: Tensor) -> Tensor:
+        # y = x mu^T + b_mu + sqrt(x^2 (sigma^2)^T + sigma_b^2) * eps_out (MATH.md section 6).
+        mean = F.linear(x, self.weight_mu, self.bias_mu)
+        var_b = None if self.bias_rho is None else F.softplus(self.bias_rho) ** 2
+        var = F.linear(x * x, F.softplus(self.weight_rho) ** 2, var_b)
+        # The floor keeps the sqrt's gradient finite where the variance is exactly 0 (x = 0).
+        std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+        return mean + std * torch.randn_like(mean)
+
+    def kl(self) -> Tensor:
+        """Summed KL of the posterior to the prior ``N(prior_mu, prior_sigma^2)`` (fp32)."""
+        kl = gaussian_kl(self.weight_mu, self.weight_rho, self.prior_sigma, self.prior_mu)
+        if self.bias_mu is not None:
+            kl = kl + gaussian_kl(self.bias_mu, self.bias_rho, self.prior_sigma, self.prior_mu)
+        return kl
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias_mu is not None}, prior_sigma={self.prior_sigma}, "
+            f"mode={self.mode!r}, frozen={self.frozen}"
+        )
+
+
+Include = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
+
+
+def _matcher(include: Include, exclude: Include) -> Callable[[str, nn.Module], bool]:
+    def as_fn(spec: Include, default: bool) -> Callable[[str, nn.Module], bool]:
+        if spec is None:
+            return lambda name, mod: default
+        if callable(spec):
+            return spec
+        patterns = [spec] if isinstance(spec, str) else list(spec)
+        if not all(isinstance(p, str) for p in patterns):
+            raise TypeError("include/exclude must be a pattern, a list of patterns or a callable")
+        return lambda name, mod: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    inc, exc = as_fn(include, True), as_fn(exclude, False)
+    return lambda name, mod: inc(name, mod) and not exc(name, mod)
+
+
+def bayesify(
+    model: nn.Module,
+    include: Include = None,
+    exclude: Include = None,
+    *,
+    prior_sigma: float = 1.0,
+    posterior_rho_init: float = -5.0,
+    mode: str = "reparameterize",
+    prior_mu: float = 0.0,
+) -> nn.Module:
+    """Replace the chosen ``nn.Linear`` modules of ``model`` by :class:`BayesLinear` (in place).
+
+    ``include`` / ``exclude`` select modules by qualified name (``fnmatch`` patterns such as
+    ``"head"`` or ``"encoder.*.fc2"``, a list of them, or ``fn(name, module) -> bool``); by default
+    every ``nn.Linear``. The trained weights become the posterior mean. Returns ``model`` (a bare
+    ``nn.Linear`` is returned converted).
+    """
+    match = _matcher(include, exclude)
+    kw = {"prior_sigma": prior_sigma, "posterior_rho_init": posterior_rho_init, "mode": mode,
+          "prior_mu": prior_mu}  # fmt: skip
+    if type(model) is nn.Linear:
+        return BayesLinear.from_linear(model, **kw) if match("", model) else model
+    chosen = [
+        name for name, mod in model.named_modules()
+        if type(mod) is nn.Linear and name and match(name, mod)
+    ]  # fmt: skip
+    if include is not None and not chosen:
+        raise ValueError(f"include={include!r} matches no nn.Linear module of the model")
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, BayesLinear.from_linear(getattr(parent, child), **kw))
+    return model
+
+
+def kl_divergence(model: nn.Module) -> Tensor:
+    """Sum of :meth:`BayesLinear.kl` over the model's Bayesian layers (0 if it has none)."""
+    kls = [m.kl() for m in model.modules() if isinstance(m, BayesLinear)]
+    if not kls:
+        return torch.zeros(())
+    total = kls[0]
+    for kl in kls[1:]:
+        total = total + kl
+    return total

@@ -1,0 +1,107 @@
+"""Stochastic-gradient Langevin dynamics, the posterior sampler of MT-BKD (MATH.md section 7)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from mtbkd import validate
+from mtbkd.bayes_ops import new_seed, sgld_step_
+
+__all__ = ["SGLD"]
+
+
+class SGLD(Optimizer):
+    """SGLD: ``theta <- theta - lr * grad_U + sqrt(2 lr T) xi``, ``xi ~ N(0, I)`` (MATH.md 7).
+
+    The potential is ``U = sum_i L_i`` over the ``num_data`` training examples, estimated from a
+    minibatch: **call ``backward()`` on the mean minibatch loss**; the step uses
+    ``grad_U = num_data * p.grad + weight_decay * p`` (``weight_decay`` is the precision of a
+    Gaussian prior ``N(0, 1 / weight_decay)`` on the parameters). ``temperature`` ``T`` = 1
+    samples the exact posterior. The paper's ``-e1 N grad + e2 xi`` is ``lr = e1``,
+    ``e2 = sqrt(2 e1)``.
+
+    ``precondition=True`` is pSGLD (Li et al., 2016): an RMSprop preconditioner
+    ``V <- alpha V + (1 - alpha) (grad_U / num_data)^2``, ``G = 1 / (eps + sqrt(V))``, step
+    ``theta <- theta - lr G grad_U + sqrt(2 lr T G) xi`` (the small correction term Gamma is
+    dropped, as in the paper's experiments).
+
+    The noise of all parameters of a group is generated inside one fused kernel call (Philox,
+    keyed by a seed drawn from torch's default generator and the parameter's index), so a run is
+    reproducible under ``torch.manual_seed`` and no noise tensor is allocated. On CPU the C++ op
+    updates every tensor of the group in one call; Triton launches one fused kernel per tensor;
+    the CUDA C++ op updates all tensors of the group in one launch.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        num_data: int | float,
+        temperature: float = 1.0,
+        weight_decay: float = 0.0,
+        precondition: bool = False,
+        alpha: float = 0.99,
+        eps: float = 1e-5,
+    ) -> None:
+        validate.check_positive(lr, "lr")
+        validate.check_positive(num_data, "num_data")
+        validate.check_real(temperature, "temperature", nonnegative=True)
+        validate.check_real(weight_decay, "weight_decay", nonnegative=True)
+        validate.check_positive(eps, "eps")
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+        defaults = {"lr": lr, "num_data": num_data, "temperature": temperature,
+                    "weight_decay": weight_decay, "precondition": bool(precondition),
+                    "alpha": alpha, "eps": eps}  # fmt: skip
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One (p)SGLD step over every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            # One fused call per (device, dtype): the CUDA op takes one dtype per launch.
+            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SGLD does not support sparse gradients")
+                buckets.setdefault((p.device, p.dtype), []).append(p)
+            for params in buckets.values():
+                self._step_bucket(group, params)
+        return loss
+
+    def _step_bucket(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        precondition = group["precondition"]
+        targets, grads, square_avgs, copy_back = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+            if precondition and "square_avg" not in state:
+                acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+                state["square_avg"] = torch.zeros(p.shape, dtype=acc, device=p.device)
+            # The kernels need contiguous memory; a non-contiguous parameter goes via a copy.
+            t = p if p.is_contiguous() else p.contiguous()
+            if t is not p:
+                copy_back.append((p, t))
+            targets.append(t)
+            grads.append(p.grad.contiguous())
+            if precondition:
+                square_avgs.append(state["square_avg"])
+        sgld_step_(
+            targets, grads, square_avgs if precondition else None, lr=group["lr"],
+            num_data=group["num_data"], temperature=group["temperature"],
+            weight_decay=group["weight_decay"], seed=new_seed(), precondition=precondition,
+            alpha=group["alpha"], eps=group["eps"],
+        )  # fmt: skip
+        for p, t in copy_back:
+            p.copy_(t)

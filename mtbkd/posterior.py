@@ -1,0 +1,262 @@
+"""Posterior samples of chosen parameters and the batched predictive (MATH.md sections 7-8).
+
+:class:`SampleStore` copies the chosen parameters (e.g. only a classifier head, as the paper's
+SGLD phase does) into one preallocated ``[max_samples, D]`` buffer after optimizer steps, with
+burn-in and thinning, and saves/loads it with safetensors (no pickle). :func:`predict` evaluates
+the model under every sample with ``torch.func.functional_call`` + ``torch.vmap``, a chunk of
+samples at a time, giving per-sample probabilities ``[S, N, C]``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SampleStore", "predict"]
+
+_FORMAT = "mtbkd.SampleStore/1"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _select(
+    source: nn.Module | Mapping[str, Tensor], include: str | Iterable[str] | None
+) -> dict[str, Tensor]:
+    if isinstance(source, nn.Module):
+        named = dict(source.named_parameters())
+    elif isinstance(source, Mapping):
+        named = dict(source)
+    else:
+        raise TypeError(
+            f"module_or_params must be an nn.Module or a name -> tensor mapping, "
+            f"got {type(source).__name__}"
+        )
+    if include is not None:
+        patterns = [include] if isinstance(include, str) else list(include)
+        named = {k: v for k, v in named.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    if not named:
+        raise ValueError("no parameters selected: check module_or_params and include")
+    for k, v in named.items():
+        if not isinstance(v, Tensor) or not v.is_floating_point():
+            raise TypeError(f"parameter {k!r} must be a floating-point tensor")
+    return named
+
+
+class SampleStore:
+    """Collects posterior samples of chosen parameters into one preallocated buffer.
+
+    Args:
+        module_or_params: a module (its parameters, filtered by ``include``) or a mapping
+            ``name -> tensor``. Names must be those of the model later given to :func:`predict`
+            (e.g. ``SampleStore(model, include="head.*")``).
+        burn_in: calls to :meth:`collect` ignored at the start.
+        thin: after burn-in keep every ``thin``-th call.
+        max_samples: buffer rows. When full, further samples are dropped, or, with
+            ``reservoir=True``, replace stored ones so that the store stays a uniform random
+            subset of every kept sample (reservoir sampling on torch's default generator).
+        dtype: ``torch.float32`` or ``torch.bfloat16`` (halves the memory).
+        device: where the buffer lives (default: the parameters' device).
+        include: ``fnmatch`` pattern(s) on parameter names.
+    """
+
+    def __init__(
+        self,
+        module_or_params: nn.Module | Mapping[str, Tensor],
+        burn_in: int = 0,
+        thin: int = 1,
+        max_samples: int = 500,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        include: str | Iterable[str] | None = None,
+        reservoir: bool = False,
+    ) -> None:
+        for name, v, lo in (("burn_in", burn_in, 0), ("thin", thin, 1),
+                            ("max_samples", max_samples, 1)):  # fmt: skip
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if dtype not in _DTYPES.values():
+            raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        params = _select(module_or_params, include)
+        self.names = list(params)
+        self.shapes = [tuple(params[k].shape) for k in self.names]
+        self._params: list[Tensor] | None = [params[k] for k in self.names]
+        sizes = [p.numel() for p in self._params]
+        self._bounds = [0]
+        for s in sizes:
+            self._bounds.append(self._bounds[-1] + s)
+        self.burn_in, self.thin, self.max_samples = burn_in, thin, max_samples
+        self.reservoir = bool(reservoir)
+        dev = torch.device(device) if device is not None else self._params[0].device
+        self.buffer = torch.empty((max_samples, self._bounds[-1]), dtype=dtype, device=dev)
+        self.count = 0  # samples stored
+        self.calls = 0  # collect() calls seen
+        self.kept = 0  # samples offered after burn-in and thinning
+
+    @property
+    def numel(self) -> int:
+        """Elements per sample (``D``)."""
+        return self._bounds[-1]
+
+    def __len__(self) -> int:
+        return self.count
+
+    @torch.no_grad()
+    def collect(self) -> bool:
+        """Record the current parameter values if burn-in and thinning say so; True if stored."""
+        if self._params is None:
+            raise RuntimeError("this store was loaded without a module: it cannot collect")
+        self.calls += 1
+        after = self.calls - self.burn_in
+        if after <= 0 or (after - 1) % self.thin != 0:
+            return False
+        self.kept += 1
+        if self.count < self.max_samples:
+            row = self.count
+            self.count += 1
+        elif self.reservoir:
+            j = int(torch.randint(0, self.kept, ()).item())
+            if j >= self.max_samples:
+                return False
+            row = j
+        else:
+            return False
+        dst = self.buffer[row]
+        for p, a, b in zip(self._params, self._bounds[:-1], self._bounds[1:]):
+            dst[a:b].copy_(p.detach().reshape(-1))
+        return True
+
+    def samples(self) -> Tensor:
+        """The stored samples ``[S, D]`` (a view of the buffer)."""
+        return self.buffer[: self.count]
+
+    def stacked(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """``name -> [S, *shape]`` (views of the buffer unless ``dtype`` asks for a cast)."""
+        s = self.samples()
+        out = {}
+        for name, shape, a, b in zip(self.names, self.shapes, self._bounds[:-1], self._bounds[1:]):
+            t = s[:, a:b].view(self.count, *shape)
+            out[name] = t if dtype is None else t.to(dtype)
+        return out
+
+    def sample(self, i: int) -> dict[str, Tensor]:
+        """Sample ``i`` as ``name -> tensor`` (views)."""
+        if not -self.count <= i < self.count:
+            raise IndexError(f"sample index {i} out of range for {self.count} samples")
+        return {k: v[i] for k, v in self.stacked().items()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the stored samples and their layout to a safetensors file."""
+        from safetensors.torch import save_file
+
+        meta = {
+            "format": _FORMAT,
+            "names": json.dumps(self.names),
+            "shapes": json.dumps(self.shapes),
+            "burn_in": str(self.burn_in),
+            "thin": str(self.thin),
+            "max_samples": str(self.max_samples),
+            "calls": str(self.calls),
+            "kept": str(self.kept),
+            "reservoir": str(int(self.reservoir)),
+        }
+        save_file({"samples": self.samples().contiguous().cpu()}, os.fspath(path), metadata=meta)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        module: nn.Module | Mapping[str, Tensor] | None = None,
+        device: torch.device | str | None = None,
+    ) -> SampleStore:
+        """Read a store written by :meth:`save`.
+
+        With ``module`` the names and shapes are checked against its parameters and the store
+        can keep collecting from them; without, it only serves :func:`predict`.
+        """
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{os.fspath(path)!r} is not a SampleStore file")
+            samples = f.get_tensor("samples")
+        names = json.loads(meta["names"])
+        shapes = [tuple(s) for s in json.loads(meta["shapes"])]
+        store = cls.__new__(cls)
+        store.names, store.shapes = names, shapes
+        store._bounds = [0]
+        for shape in shapes:
+            store._bounds.append(store._bounds[-1] + int(torch.Size(shape).numel()))
+        if samples.dim() != 2 or samples.shape[1] != store._bounds[-1]:
+            raise ValueError(f"samples tensor of shape {tuple(samples.shape)} does not match "
+                             f"the recorded parameter shapes")  # fmt: skip
+        store.burn_in, store.thin = int(meta["burn_in"]), int(meta["thin"])
+        store.max_samples = max(int(meta["max_samples"]), samples.shape[0])
+        store.calls, store.kept = int(meta["calls"]), int(meta["kept"])
+        store.reservoir = bool(int(meta["reservoir"]))
+        store._params = None
+        if module is not None:
+            params = _select(module, None)
+            for name, shape in zip(names, shapes):
+                if name not in params:
+                    raise ValueError(f"module has no parameter {name!r} recorded in the store")
+                if tuple(params[name].shape) != shape:
+                    raise ValueError(f"parameter {name!r} has shape "
+                                     f"{tuple(params[name].shape)}, the store {shape}")  # fmt: skip
+            store._params = [params[n] for n in names]
+            if device is None:
+                device = store._params[0].device
+        store.buffer = torch.empty((store.max_samples, store._bounds[-1]), dtype=samples.dtype,
+                                   device=device or "cpu")  # fmt: skip
+        store.buffer[: samples.shape[0]].copy_(samples)
+        store.count = samples.shape[0]
+        return store
+
+
+def predict(
+    model: nn.Module,
+    store: SampleStore,
+    inputs: Tensor,
+    chunk: int = 16,
+    *,
+    probabilities: bool = True,
+) -> Tensor:
+    """Per-sample predictions ``[S, N, C]`` of ``model(inputs)`` under every stored sample.
+
+    The sampled parameters replace the model's through ``torch.func.functional_call``, vmapped
+    over ``chunk`` samples at a time (memory ``~ chunk x`` one forward), not a Python loop over
+    state dicts. Returns softmax probabilities in fp32 (logits when ``probabilities=False``).
+    Put the model in ``eval()`` mode first if it has dropout or batch norm.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(store, SampleStore):
+        raise TypeError(f"store must be a SampleStore, got {type(store).__name__}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    if len(store) == 0:
+        raise ValueError("store holds no samples: call store.collect() after optimizer steps")
+    params = dict(model.named_parameters())
+    missing = [n for n in store.names if n not in params]
+    if missing:
+        raise ValueError(f"model has no parameters named {missing}: the store's names must be "
+                         f"relative to the model given to predict")  # fmt: skip
+    ref = params[store.names[0]]
+
+    def run(sample: dict[str, Tensor], x: Tensor) -> Tensor:
+        out = torch.func.functional_call(model, sample, (x,), strict=False)
+        return torch.softmax(out.float(), dim=-1) if probabilities else out
+
+    batched = torch.vmap(run, in_dims=(0, None))
+    stacked = store.stacked()
+    outs = []
+    with torch.no_grad():
+        for s0 in range(0, len(store), chunk):
+            part = {k: v[s0 : s0 + chunk].to(device=ref.device, dtype=params[k].dtype)
+                    for k, v in stacked.items()}  # fmt: skip
+            outs.append(batched(part, inputs))
+    return torch.cat(outs, dim=0)

@@ -1,0 +1,266 @@
+"""Reports of a pipeline run: the comparison table (text, markdown, JSON) and PNG figures.
+
+``report.json`` is machine-readable: ``{"dataset": ..., "methods": [{"name", "accuracy", "nll",
+"ece", "brier", "mean_deviance", "coverage", "set_size", "auroc_error", "seconds"}, ...]}`` plus
+context (teachers, the validation-selected hyperparameters, which teacher the student followed
+for which class). Figures: a reliability diagram, the uncertainty of right versus wrong
+predictions, and the mean teacher weights and responsibilities per class (MATH.md sections 2, 8).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtbkd.distill import ExperimentResult
+
+__all__ = [
+    "COLUMNS",
+    "report_dict",
+    "format_table",
+    "markdown_table",
+    "followed_sentences",
+    "write_report",
+    "reliability_curve",
+]
+
+# (key, header, format) of the table's columns, in report.json's order.
+COLUMNS = (
+    ("accuracy", "acc", "{:.3f}"),
+    ("nll", "NLL", "{:.3f}"),
+    ("ece", "ECE", "{:.3f}"),
+    ("brier", "Brier", "{:.3f}"),
+    ("mean_deviance", "MD", "{:.3f}"),
+    ("coverage", "cov95", "{:.3f}"),
+    ("set_size", "size95", "{:.2f}"),
+    ("auroc_error", "AUROC", "{:.3f}"),
+    ("seconds", "time s", "{:.1f}"),
+)
+
+
+def _clean(x: Any) -> Any:
+    # JSON has no NaN: an undefined metric (e.g. AUROC without errors) becomes null.
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def report_dict(result: ExperimentResult) -> dict[str, Any]:
+    """The content of ``report.json``."""
+    att = None
+    if result.attribution is not None:
+        a = result.attribution
+        att = {k: a[k] for k in ("method", "classes", "teachers", "mean_weights",
+                                 "mean_responsibilities", "followed")}  # fmt: skip
+    return _clean({
+        "dataset": result.dataset,
+        "methods": [m.row() for m in result.methods],
+        "hyperparameters": {m.name: m.hparams for m in result.methods},
+        "validation_nll": {m.name: m.val_nll for m in result.methods},
+        "teachers": result.teachers,
+        "classes": result.class_names,
+        "attribution": att,
+        "config": result.config.to_dict(),
+        "total_seconds": result.seconds,
+    })  # fmt: skip
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    out = []
+    for key, _, fmt in COLUMNS:
+        v = row.get(key)
+        out.append("n/a" if v is None or (isinstance(v, float) and not math.isfinite(v))
+                   else fmt.format(v))  # fmt: skip
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Aligned plain-text table of ``report.json``'s ``methods`` rows."""
+    header = ["method"] + [h for _, h, _ in COLUMNS]
+    body = [[r["name"]] + _cells(r) for r in rows]
+    widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
+    lines = []
+    for j, line in enumerate([header] + body):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(line, widths))))  # fmt: skip
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = ["method"] + [h for _, h, _ in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join([f"`{r['name']}`"] + _cells(r)) + " |")
+    return "\n".join(lines)
+
+
+def followed_sentences(attribution: dict[str, Any] | None) -> list[str]:
+    """One sentence per teacher: the classes for which the student followed it (largest mean
+    responsibility over the test rows of that class)."""
+    if attribution is None:
+        return []
+    by_teacher: dict[str, list[str]] = {t: [] for t in attribution["teachers"]}
+    for cls, teacher in attribution["followed"].items():
+        by_teacher[teacher].append(cls)
+    out = []
+    for t, classes in by_teacher.items():
+        if classes:
+            out.append(f"The student followed teacher `{t}` for classes {', '.join(classes)}.")
+        else:
+            out.append(f"The student followed teacher `{t}` for no class.")
+    return out
+
+
+def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str]) -> str:
+    lines = [f"# MT-BKD report: {result.dataset}", ""]
+    lines += [markdown_table(rep["methods"]), ""]
+    lines += [
+        "acc: accuracy of the posterior-mean prediction; NLL, ECE (15 bins), Brier of the "
+        "posterior predictive; MD: mean deviance (the paper's uncertainty score, nats); cov95 / "
+        "size95: coverage and mean size of the 95 % credible sets; AUROC: predictive entropy "
+        "as a detector of wrong predictions; time: training seconds of the selected run. "
+        "Hyperparameters chosen by validation NLL on a split of the training set.",
+        "",
+        "## Teachers (test set)",
+        "",
+        "| teacher | acc | NLL | ECE |",
+        "|---|---:|---:|---:|",
+    ]
+    for t in result.teachers:
+        lines.append(f"| `{t['name']}` | {t['accuracy']:.3f} | {t['nll']:.3f} | {t['ece']:.3f} |")
+    lines += ["", "## Selected hyperparameters", ""]
+    for name, h in rep["hyperparameters"].items():
+        hs = ", ".join(f"{k}={v:g}" for k, v in h.items()) or "none"
+        lines.append(f"- `{name}`: {hs}")
+    if result.attribution is not None:
+        a = result.attribution
+        lines += ["", f"## Which teacher the student followed ({a['method']})", ""]
+        lines += followed_sentences(a)
+        lines += ["", "| class | " + " | ".join(f"w `{t}`" for t in a["teachers"]) + " | "
+                  + " | ".join(f"r `{t}`" for t in a["teachers"]) + " |",
+                  "|---|" + "---:|" * (2 * len(a["teachers"]))]  # fmt: skip
+        for cls, w, r in zip(a["classes"], a["mean_weights"], a["mean_responsibilities"]):
+            vals = [f"{v:.2f}" if math.isfinite(v) else "n/a" for v in list(w) + list(r)]
+            lines.append(f"| {cls} | " + " | ".join(vals) + " |")
+        lines += ["", "w: prior mixture weight (entropy weights, teachers only); r: posterior "
+                  "responsibility (which teacher's Dirichlet component explains the student's "
+                  "prediction), averaged over the test rows of each class and the samples."]  # fmt: skip
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def reliability_curve(probs: Tensor, labels: Tensor, n_bins: int = 15):
+    """``(confidence, accuracy, count)`` per bin of 15 equal-width right-closed bins on the
+    posterior-mean confidence (MATH.md section 8's ECE binning)."""
+    pbar = probs.mean(0) if probs.dim() == 3 else probs
+    conf, pred = pbar.max(-1)
+    correct = (pred == labels).float()
+    # bins (lo, hi], a confidence of 0 in the first bin
+    idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
+    count = torch.bincount(idx, minlength=n_bins).float()
+    csum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    asum = torch.bincount(idx, weights=correct, minlength=n_bins)
+    safe = count.clamp_min(1)
+    return csum / safe, asum / safe, count
+
+
+def _figures(result: ExperimentResult, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mtbkd import metrics as M
+
+    names = [m.name for m in result.methods]
+    focus = [n for n in ("ce", "entropy_kd", "avg_kd", "mtbkd_map", "mtbkd_sgld") if n in names]
+    files = []
+    y = result.labels
+
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
+    for n in focus:
+        conf, acc, count = reliability_curve(result.method(n).probs, y)
+        keep = count > 0
+        ax.plot(conf[keep].numpy(), acc[keep].numpy(), "o-", ms=3,
+                label=f"{n} (ECE {result.method(n).metrics['ece']:.3f})")  # fmt: skip
+    ax.set_xlabel("confidence (posterior-mean max probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability diagram, {result.dataset} test set")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=110)
+    plt.close(fig)
+    files.append("reliability.png")
+
+    shown = [n for n in ("ce", "mtbkd_sgld") if n in names] or names[:1]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.8), squeeze=False)
+    for ax, n in zip(axes[0], shown):
+        probs = result.method(n).probs
+        unc = M.predictive_entropy(probs)
+        right = probs.mean(0).argmax(-1) == y
+        bins = torch.linspace(0, float(unc.max()) + 1e-6, 30).numpy()
+        ax.hist(unc[right].numpy(), bins=bins, alpha=0.6, density=True, label=f"right ({int(right.sum())})")
+        ax.hist(unc[~right].numpy(), bins=bins, alpha=0.6, density=True,
+                label=f"wrong ({int((~right).sum())})")  # fmt: skip
+        auroc = result.method(n).metrics["auroc_error"]
+        ax.set_title(f"{n}: AUROC {auroc:.3f}" if math.isfinite(auroc) else n)
+        ax.set_xlabel("predictive entropy (nats)")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "uncertainty.png", dpi=110)
+    plt.close(fig)
+    files.append("uncertainty.png")
+
+    a = result.attribution
+    if a is not None:
+        import numpy as np
+
+        classes, teachers = a["classes"], a["teachers"]
+        w, r = np.array(a["mean_weights"]), np.array(a["mean_responsibilities"])
+        fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.7 * len(classes) + 2), 6), sharex=True)
+        xs = np.arange(len(classes))
+        width = 0.8 / len(teachers)
+        for ax, vals, title in ((axes[0], w, "prior weight w_k (teacher entropy)"),
+                                (axes[1], r, "responsibility r_k (followed teacher)")):  # fmt: skip
+            for j, t in enumerate(teachers):
+                ax.bar(xs + (j - (len(teachers) - 1) / 2) * width, vals[:, j], width, label=t)
+            ax.set_ylim(0, 1)
+            ax.set_ylabel("mean over test rows")
+            ax.set_title(title, fontsize=10)
+        axes[0].legend(fontsize=8, ncol=len(teachers))
+        axes[1].set_xticks(xs)
+        axes[1].set_xticklabels(classes, rotation=30 if len(classes) > 10 or max(
+            len(c) for c in classes) > 3 else 0, ha="right", fontsize=8)  # fmt: skip
+        axes[1].set_xlabel("true class")
+        fig.suptitle(f"Teachers per class, {a['method']} on {result.dataset}", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(out / "teachers.png", dpi=110)
+        plt.close(fig)
+        files.append("teachers.png")
+    return files
+
+
+def write_report(result: ExperimentResult, out_dir: str | Path, figures: bool = True) -> dict:
+    """Write ``report.json``, ``report.md`` and (with ``figures``) the PNGs to ``out_dir``;
+    returns the report dictionary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = report_dict(result)
+    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    files = _figures(result, out) if figures else []
+    (out / "report.md").write_text(_markdown(result, rep, files))
+    return rep

@@ -1,0 +1,449 @@
+"""Sparse top-k teachers for offline distillation (MATH.md section 5).
+
+Inference servers return, per token, a teacher's top-k log-probabilities; storing those instead
+of ``[N, V]`` logits takes ``k (4 + 4)`` bytes a row (0.26 % of dense fp32 at k = 64, V = 49152).
+A :class:`SparseTeacher` ``(indices [..., k], logprobs [..., k])`` is accepted wherever teacher
+logits are (:func:`mtbkd.mtbkd_loss`, :func:`mtbkd.multi_teacher_kd_loss`, the losses and the
+fused-linear losses).
+
+The tail-bucket convention (what :func:`bucketize` computes), per row:
+
+* **Support.** ``U`` = the union of the K teachers' top-k indices. Each class of ``U`` is one
+  bucket; the classes outside ``U`` form one **tail bucket**. With one teacher (or teachers that
+  share their support) ``U`` is that support and this is exactly MATH.md's tail bucket.
+* **Student.** Bucket ``c ∈ U`` has the student's probability ``q_c``; the tail bucket
+  ``1 − Σ_{c∈U} q_c`` (its logit ``logsumexp`` over the complement, computed directly, not by
+  subtraction).
+* **Teachers.** Teacher k knows ``p_kc`` on its own support ``S_k`` and the remaining mass
+  ``r_k = 1 − Σ_{c∈S_k} p_kc``, not how ``r_k`` splits over the other ``V − |S_k|`` classes. It is
+  spread uniformly over them (the maximum-entropy completion consistent with what the teacher
+  reported): ``p_kc = r_k / (V − |S_k|)`` for ``c ∈ U \\ S_k`` and the tail bucket gets
+  ``r_k (V − |U|) / (V − |S_k|)``. Teachers with equal supports get exactly their tail ``r_k``.
+* **Temperature** is applied to the bucketed distributions (their log-probabilities are the
+  bucket logits).
+* **Negligible tail.** When every teacher's tail-bucket mass is below ``tail_threshold``
+  (default 1e-6 of the total, i.e. rounding), or ``U`` covers the vocabulary, the row has no
+  tail bucket: the student is then compared on ``U`` alone, and a student tail of exactly 0 never
+  gives an infinite loss. With k = V this makes the loss equal to the dense loss.
+* **Hard labels.** The cross-entropy term uses the student's full distribution (exact), not the
+  buckets.
+
+Rows have different numbers of buckets (duplicates in the union); the padding buckets get
+probability 0 for the student and every teacher, which changes no divergence, weight or gradient.
+MT-BKD's prior constant ``−lgamma(B + λ)`` is corrected to each row's real bucket count B.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SparseTeacher",
+    "topk_teacher",
+    "bucketize",
+    "is_sparse",
+    "save_sparse_teachers",
+    "load_sparse_teachers",
+    "SparseTeacherData",
+    "sparse_mtbkd_loss",
+    "sparse_multi_teacher_kd_loss",
+]
+
+# Log-probability given to padding buckets: exp of it is exactly 0 in fp32 and fp64, and every
+# term p·log q with p = 0 stays 0 (a finite value, unlike -inf).
+_PAD = 1.0e4
+# Smallest probability represented for an unknown (completed) teacher bucket: 0 mass would make
+# reverse KL infinite; a normal fp32 number keeps it finite and large.
+_TINY = 1e-30
+
+
+class SparseTeacher:
+    """A teacher's top-k output: ``indices [..., k]`` (int) and ``logprobs [..., k]`` (float),
+    log-probabilities at temperature 1 (MATH.md section 5). No gradient flows into it."""
+
+    def __init__(self, indices: Tensor, logprobs: Tensor) -> None:
+        if not isinstance(indices, Tensor) or not isinstance(logprobs, Tensor):
+            raise TypeError("SparseTeacher(indices, logprobs) takes two tensors")
+        if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.is_complex():
+            raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+        if not logprobs.is_floating_point():
+            raise TypeError(f"logprobs must be a floating-point tensor, got dtype {logprobs.dtype}")
+        if indices.shape != logprobs.shape or indices.dim() < 1 or indices.shape[-1] == 0:
+            raise ValueError(
+                "indices and logprobs must have the same non-empty shape [..., k], got "
+                f"{tuple(indices.shape)} and {tuple(logprobs.shape)}"
+            )
+        if indices.device != logprobs.device:
+            raise ValueError(f"indices is on {indices.device} but logprobs is on {logprobs.device}")
+        self.indices = indices.detach()
+        self.logprobs = logprobs.detach()
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[-1]
+
+    @property
+    def shape(self) -> torch.Size:
+        """The leading (row) shape."""
+        return self.indices.shape[:-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.indices.device
+
+    @property
+    def nbytes(self) -> int:
+        return (self.indices.numel() * self.indices.element_size()
+                + self.logprobs.numel() * self.logprobs.element_size())  # fmt: skip
+
+    def flatten(self) -> SparseTeacher:
+        """``[N, k]`` rows."""
+        return SparseTeacher(self.indices.reshape(-1, self.k), self.logprobs.reshape(-1, self.k))
+
+    def rows(self, rows: slice) -> SparseTeacher:
+        return SparseTeacher(self.indices[rows], self.logprobs[rows])
+
+    def to(self, device: torch.device | str) -> SparseTeacher:
+        return SparseTeacher(self.indices.to(device), self.logprobs.to(device))
+
+    def __repr__(self) -> str:
+        return f"SparseTeacher(shape={tuple(self.shape)}, k={self.k}, device={self.device})"
+
+
+def is_sparse(teacher_logits: Any) -> bool:
+    """Whether ``teacher_logits`` is a :class:`SparseTeacher` or a sequence of them."""
+    if isinstance(teacher_logits, SparseTeacher):
+        return True
+    if isinstance(teacher_logits, Sequence) and not isinstance(teacher_logits, (str, bytes)):
+        return len(teacher_logits) > 0 and any(isinstance(t, SparseTeacher) for t in teacher_logits)
+    return False
+
+
+def topk_teacher(logits: Tensor, k: int) -> SparseTeacher:
+    """The top-``k`` log-probabilities of ``log_softmax(logits)`` (temperature 1) per row."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError("logits must be a floating-point tensor")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"k must be an integer in [1, V={logits.shape[-1]}], got {k!r}")
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.log_softmax(logits.detach().to(acc), dim=-1)
+    vals, idx = logp.topk(k, dim=-1)
+    return SparseTeacher(idx, vals)
+
+
+def _as_list(teachers: SparseTeacher | Sequence[SparseTeacher]) -> list[SparseTeacher]:
+    if isinstance(teachers, SparseTeacher):
+        return [teachers]
+    out = list(teachers)
+    if len(out) == 0:
+        raise ValueError("teacher_logits must hold at least one teacher (got K = 0)")
+    for i, t in enumerate(out):
+        if not isinstance(t, SparseTeacher):
+            raise TypeError(
+                f"teacher_logits[{i}] is a {type(t).__name__}: sparse (SparseTeacher) and dense "
+                "teachers cannot be mixed (convert dense ones with mtbkd.topk_teacher)"
+            )
+    return out
+
+
+def bucketize(
+    student_logits: Tensor,
+    sparse_teachers: SparseTeacher | Sequence[SparseTeacher],
+    *,
+    tail_threshold: float = 1e-6,
+    return_counts: bool = False,
+):
+    """Bucketed logits ``(student [N, B], [K × teacher [N, B]])`` (MATH.md section 5).
+
+    ``B = Σ_k k_k + 1`` (the union of supports, padded, plus the tail bucket); see the module
+    docstring for the convention. The student's bucket logits are differentiable functions of
+    ``student_logits`` (autograd); teachers' are constants. Both are float32 (float64 for float64
+    input). With ``return_counts`` also the number of real buckets per row ``[N]``.
+    """
+    z2 = student_logits
+    if z2.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V], got shape {tuple(z2.shape)}")
+    teachers = _as_list(sparse_teachers)
+    n, v = z2.shape
+    acc = torch.float64 if z2.dtype == torch.float64 else torch.float32
+    idx_list = []
+    for i, t in enumerate(teachers):
+        if t.indices.dim() != 2 or t.indices.shape[0] != n:
+            raise ValueError(f"teacher_logits[{i}] must have indices [N={n}, k], got "
+                             f"{tuple(t.indices.shape)}")  # fmt: skip
+        if t.device != z2.device:
+            raise ValueError(f"teacher_logits[{i}] is on {t.device} but student_logits is on "
+                             f"{z2.device}")  # fmt: skip
+        if t.k > v:
+            raise ValueError(f"teacher_logits[{i}] has k = {t.k} > V = {v}")
+        idx = t.indices.to(torch.int64)
+        if n and bool(((idx < 0) | (idx >= v)).any()):
+            raise ValueError(f"teacher_logits[{i}] has indices outside [0, V={v}) (a teacher "
+                             "vocabulary padded beyond the student's must not put mass there)")
+        idx_list.append(idx)
+    z = z2.to(acc)
+    union, _ = torch.cat(idx_list, dim=-1).sort(dim=-1)  # [N, W]
+    dup = torch.zeros_like(union, dtype=torch.bool)
+    dup[:, 1:] = union[:, 1:] == union[:, :-1]
+    real = ~dup
+    n_union = real.sum(-1)  # [N]
+    outside = v - n_union  # classes in the tail bucket
+
+    # Teachers: look every union class up in each (sorted) support.
+    t_buckets, tail_mass = [], []
+    for t, idx in zip(teachers, idx_list, strict=True):
+        s_idx, order = idx.sort(dim=-1)
+        s_lp = t.logprobs.to(acc).gather(-1, order)
+        pos = torch.searchsorted(s_idx, union).clamp_max(t.k - 1)
+        found = s_idx.gather(-1, pos) == union
+        rest = (-torch.expm1(torch.logsumexp(s_lp, dim=-1))).clamp_min(0.0)  # r_k
+        unknown = v - t.k
+        fill = rest / unknown if unknown > 0 else torch.zeros_like(rest)
+        lp_u = torch.where(found, s_lp.gather(-1, pos), fill.clamp_min(_TINY).log()[:, None])
+        tail_mass.append(fill * outside.to(acc))
+        t_buckets.append((torch.where(real, lp_u, -_PAD), tail_mass[-1]))
+    keep = (torch.stack(tail_mass).amax(0) >= tail_threshold) & (outside > 0)  # [N]
+
+    # Student: gathered logits and the complement's logsumexp (exact, no 1 - Σq cancellation).
+    z_max = z.detach().amax(-1, keepdim=True) if v else z.new_zeros(n, 1)
+    z_u = torch.where(real, z.gather(-1, union), z_max - _PAD)
+    # An extra column keeps logsumexp finite (and its gradient defined) where the complement is
+    # empty or the tail is dropped; it is -inf (no contribution) where the tail is kept.
+    col = torch.where(keep, float("-inf"), 0.0).to(acc)[:, None]
+    zc = torch.cat([z, col], dim=-1)
+    zc = zc.scatter(-1, union, float("-inf"))
+    z_tail = torch.where(keep, torch.logsumexp(zc, dim=-1), z_max[:, 0] - _PAD)
+    student = torch.cat([z_u, z_tail[:, None]], dim=-1)
+    teacher_out = [
+        torch.cat([lp, torch.where(keep, m.clamp_min(_TINY).log(), -_PAD)[:, None]], dim=-1)
+        .contiguous()
+        for lp, m in t_buckets
+    ]  # fmt: skip
+    if return_counts:
+        return student, teacher_out, n_union + keep.to(n_union.dtype)
+    return student, teacher_out
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses on sparse teachers: the dense fused ops on the buckets, exact CE on the full student
+# ----------------------------------------------------------------------------------------------
+
+
+def _sparse_rows(kind: str, opts: dict, z: Tensor, teachers: list[SparseTeacher],
+                 labels: Tensor | None, fixed: Tensor | None):  # fmt: skip
+    """Per-row loss ``[N]`` (differentiable in ``z [N, V]``) and the op's statistics."""
+    from mtbkd import ops
+
+    ignore = opts["ignore_index"]
+    if labels is not None:
+        from mtbkd import validate
+
+        validate.check_label_range(labels, z.shape[-1], ignore)
+    zb, tb, counts = bucketize(z, teachers, return_counts=True)
+    # Labels only mask rows for the bucketed op; the hard-label term is computed on z below.
+    lab_mask = None if labels is None else torch.where(labels == ignore, ignore, 0)
+    if kind == "mtbkd":
+        out = ops.mtbkd_loss_fwd(
+            zb, tb, lab_mask, fixed, None, opts["temperature"], opts["concentration"],
+            opts["prior_weight"], 0.0, opts["mode"], opts["weight_temperature"], ignore,
+            opts["check_finite"],
+        )  # fmt: skip
+        rows, extras = out[0], list(out[2:])
+        lam = opts["concentration"]
+        # -lgamma(B + λ) of the padded width -> of the row's real bucket count.
+        corr = math.lgamma(zb.shape[-1] + lam) - torch.lgamma(counts.to(rows.dtype) + lam)
+    else:
+        out = ops.multi_teacher_kd_fwd(
+            zb, tb, lab_mask, fixed, opts["divergence"], opts["beta"], opts["temperature"],
+            opts["mode"], opts["weight_temperature"], 0.0, opts["soft_label_weight"],
+            opts["soft_scale"], ignore, opts["check_finite"],
+        )  # fmt: skip
+        rows, extras, corr = out[0], list(out[2:]), None
+    mask = None if labels is None else labels != ignore
+    if corr is not None:
+        corr = corr if mask is None else torch.where(mask, corr, 0.0)
+        rows = rows + opts["prior_weight"] * corr
+        extras[3] = extras[3] + corr  # the unweighted prior statistic
+    if labels is not None:
+        safe = torch.where(mask, labels, 0)
+        ce = -torch.log_softmax(z.to(rows.dtype), dim=-1).gather(-1, safe[:, None])[:, 0]
+        ce = torch.where(mask, ce, 0.0)
+        rows = rows + opts["hard_label_weight"] * ce
+        if kind == "mtbkd":
+            extras[4] = ce.detach()
+    return rows, extras
+
+
+def chunk_loss_and_grad(kind: str, opts: dict, z: Tensor, teachers: list[SparseTeacher],
+                        labels: Tensor | None, fixed: Tensor | None):  # fmt: skip
+    """For the fused-linear losses: per-row loss ``[c]``, ``G = d(Σ rows)/dz`` and statistics."""
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        rows, extras = _sparse_rows(kind, opts, zz, teachers, labels, fixed)
+        (g,) = torch.autograd.grad(rows.sum(), zz)
+    return rows.detach(), g, tuple(e.detach() for e in extras)
+
+
+def _prepare(student_logits, teacher_logits, labels, weights):
+    from mtbkd import functional as F
+    from mtbkd import validate
+
+    validate.check_logits(student_logits, "student_logits")
+    lead, v = student_logits.shape[:-1], student_logits.shape[-1]
+    teachers = _as_list(teacher_logits)
+    for i, t in enumerate(teachers):
+        if t.shape != lead:
+            raise ValueError(f"teacher_logits[{i}] has leading shape {tuple(t.shape)} but "
+                             f"student_logits has {tuple(lead)}")  # fmt: skip
+    teachers = [t.flatten() for t in teachers]
+    z = student_logits.reshape(-1, v)
+    flat = None
+    if labels is not None:
+        _, _, flat, _ = validate.canonical_inputs(student_logits, [student_logits.detach()], labels)
+    mode, fixed = F._weight_mode(weights, len(teachers), lead, z)
+    return z, teachers, flat, lead, mode, fixed
+
+
+def sparse_mtbkd_loss(student_logits: Tensor, teacher_logits, labels: Tensor | None = None, *,
+                      temperature: float = 2.0, concentration: float = 5.0,
+                      prior_weight: float = 0.02, hard_label_weight: float = 1.0,
+                      weights: str | Tensor = "entropy", weight_temperature: float = 1.0,
+                      ignore_index: int = -100, reduction: str = "mean",
+                      num_items_in_batch: int | Tensor | None = None, return_stats: bool = False,
+                      teacher_stats=None, check_finite: bool = True):  # fmt: skip
+    """:func:`mtbkd.mtbkd_loss` with :class:`SparseTeacher` teachers (MATH.md sections 2, 5)."""
+    from mtbkd import functional as F
+    from mtbkd import validate
+
+    if teacher_stats is not None:
+        raise ValueError("teacher_stats cannot be used with sparse (SparseTeacher) teachers")
+    validate.check_positive(temperature, "temperature")
+    validate.check_positive(concentration, "concentration")
+    validate.check_positive(weight_temperature, "weight_temperature")
+    validate.check_real(prior_weight, "prior_weight", nonnegative=True)
+    validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
+    validate.check_reduction(reduction)
+    z, teachers, flat, lead, mode, fixed = _prepare(student_logits, teacher_logits, labels, weights)
+    opts = {
+        "temperature": float(temperature), "concentration": float(concentration),
+        "prior_weight": float(prior_weight), "hard_label_weight": float(hard_label_weight),
+        "mode": mode, "weight_temperature": float(weight_temperature),
+        "ignore_index": int(ignore_index), "check_finite": bool(check_finite),
+    }  # fmt: skip
+    rows, (w, resp, ent, prior, ce) = _sparse_rows("mtbkd", opts, z, teachers, flat, fixed)
+    loss = F._reduce(rows, flat, lead, reduction, ignore_index, num_items_in_batch)
+    if not return_stats:
+        return loss
+    k = len(teachers)
+    return loss, F.MTBKDStats(
+        weights=w.reshape(k, *lead), responsibilities=resp.reshape(k, *lead),
+        entropy=ent.reshape(k, *lead), prior=prior.detach().reshape(lead), ce=ce.reshape(lead),
+    )  # fmt: skip
+
+
+def sparse_multi_teacher_kd_loss(student_logits: Tensor, teacher_logits,
+                                 labels: Tensor | None = None, *, divergence: str = "forward_kl",
+                                 beta: float = 0.5, temperature: float = 1.0,
+                                 weights: str | Tensor = "entropy", weight_temperature: float = 1.0,
+                                 hard_label_weight: float = 0.0, soft_label_weight: float = 1.0,
+                                 scale_by_t2: bool = False, ignore_index: int = -100,
+                                 reduction: str = "mean",
+                                 num_items_in_batch: int | Tensor | None = None,
+                                 check_finite: bool = True) -> Tensor:  # fmt: skip
+    """:func:`mtbkd.multi_teacher_kd_loss` with :class:`SparseTeacher` teachers (sections 3, 5)."""
+    from mtbkd import functional as F
+    from mtbkd import ops, validate
+
+    if divergence not in ops.DIVERGENCES:
+        raise ValueError(f"divergence must be one of {tuple(ops.DIVERGENCES)}, got {divergence!r}")
+    validate.check_real(beta, "beta")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    validate.check_positive(temperature, "temperature")
+    validate.check_positive(weight_temperature, "weight_temperature")
+    validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
+    validate.check_real(soft_label_weight, "soft_label_weight", nonnegative=True)
+    validate.check_reduction(reduction)
+    z, teachers, flat, lead, mode, fixed = _prepare(student_logits, teacher_logits, labels, weights)
+    opts = {
+        "divergence": ops.DIVERGENCES[divergence], "beta": float(beta),
+        "temperature": float(temperature), "mode": mode,
+        "weight_temperature": float(weight_temperature),
+        "hard_label_weight": float(hard_label_weight),
+        "soft_label_weight": float(soft_label_weight),
+        "soft_scale": float(temperature) ** 2 if scale_by_t2 else 1.0,
+        "ignore_index": int(ignore_index), "check_finite": bool(check_finite),
+    }  # fmt: skip
+    rows, _ = _sparse_rows("kd", opts, z, teachers, flat, fixed)
+    return F._reduce(rows, flat, lead, reduction, ignore_index, num_items_in_batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets of sparse teacher outputs (safetensors)
+# ----------------------------------------------------------------------------------------------
+
+
+class SparseTeacherData(NamedTuple):
+    """What :func:`load_sparse_teachers` returns."""
+
+    teachers: list[SparseTeacher]
+    tensors: dict[str, Tensor]  # the ``extra`` tensors saved beside them (e.g. input_ids)
+    metadata: dict[str, str]
+
+
+def save_sparse_teachers(
+    path: str | Path,
+    teachers: SparseTeacher | Sequence[SparseTeacher],
+    *,
+    extra: Mapping[str, Tensor] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    logprob_dtype: torch.dtype | None = None,
+) -> Path:
+    """Write K sparse teachers (and ``extra`` tensors such as the token ids) to a safetensors
+    file. Indices are stored as int32 (vocabularies < 2^31), log-probabilities in their dtype or
+    ``logprob_dtype``."""
+    from safetensors.torch import save_file
+
+    teachers = _as_list(teachers)
+    tensors: dict[str, Tensor] = {}
+    for i, t in enumerate(teachers):
+        idx = t.indices
+        if idx.numel() and int(idx.max()) < 2**31 and int(idx.min()) >= -(2**31):
+            idx = idx.to(torch.int32)
+        lp = t.logprobs if logprob_dtype is None else t.logprobs.to(logprob_dtype)
+        tensors[f"teacher{i}.indices"] = idx.contiguous().cpu()
+        tensors[f"teacher{i}.logprobs"] = lp.contiguous().cpu()
+    for name, x in (extra or {}).items():
+        if name.startswith("teacher"):
+            raise ValueError(f"extra tensor names must not start with 'teacher', got {name!r}")
+        tensors[name] = x.detach().contiguous().cpu()
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta["mtbkd.num_teachers"] = str(len(teachers))
+    path = Path(path)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def load_sparse_teachers(path: str | Path, device: torch.device | str = "cpu") -> SparseTeacherData:
+    """Read a file written by :func:`save_sparse_teachers`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta = dict(f.metadata() or {})
+        if "mtbkd.num_teachers" not in meta:
+            raise ValueError(
+                f"{path} is not a sparse-teacher file (no mtbkd.num_teachers metadata)"
+            )
+        k = int(meta.pop("mtbkd.num_teachers"))
+        teachers = [
+            SparseTeacher(f.get_tensor(f"teacher{i}.indices"), f.get_tensor(f"teacher{i}.logprobs"))
+            for i in range(k)
+        ]
+        extra = {name: f.get_tensor(name) for name in f.keys() if not name.startswith("teacher")}
+    return SparseTeacherData(teachers, extra, meta)

@@ -1,0 +1,222 @@
+"""Cached teacher-only statistics for offline distillation (MATH.md sections 2 and 9).
+
+When teacher logits are fixed per example (a distillation data set with stored teacher outputs),
+everything MT-BKD needs from the teachers alone can be computed once: per row and teacher the
+logsumexp at ``tau`` and at ``tau_w``, the entropy at ``tau_w`` (entropy weights) and
+``L_k = sum_c lgamma(1 + lam softmax(t_k/tau)_c)``. With them the fused kernel skips its
+teacher-only pass and becomes two-pass (statistics, then loss + gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mtbkd import ops
+
+__all__ = ["TeacherStats"]
+
+
+def _check_positive(value: float, name: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    if not x > 0.0 or x == float("inf"):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return x
+
+
+class TeacherStats:
+    """Per-row teacher statistics ``[K, ..., 4]`` of fixed teacher logits, for ``mtbkd_loss``.
+
+    Columns (:data:`mtbkd.ops.TEACHER_STAT_COLUMNS`): ``lse(t_k/tau)``, ``lse(t_k/tau_w)``,
+    ``H(softmax(t_k/tau_w))`` and ``L_k = sum_c lgamma(1 + lam softmax(t_k/tau)_c)`` (MATH.md
+    section 2). Pass the object as ``mtbkd_loss(..., teacher_stats=stats)`` with the same
+    ``temperature``, ``concentration`` and ``weight_temperature``; the loss then reads the teachers
+    once less (MATH.md section 9: two passes instead of three).
+
+    Args:
+        teacher_logits: ``[K, ..., V]`` tensor or a sequence of K ``[..., V]`` tensors.
+        temperature: tau of the loss the statistics will serve.
+        concentration: lam of the loss.
+        weight_temperature: tau_w of the entropy weights.
+        check_finite: raise ``ValueError`` on NaN/inf teacher logits.
+
+    ``stats[i]`` / ``stats[a:b]`` / ``stats[index_tensor]`` select along the first leading
+    dimension (the examples of a cached data set), so a data loader can slice the statistics of
+    its minibatch; ``stats.to(device)`` moves them. ``data`` is the ``[K, ..., 4]`` tensor
+    (float32, float64 for float64 logits).
+
+    Example::
+
+        stats = mtbkd.TeacherStats(teacher_logits_of_dataset)           # once, [K, D, V]
+        for idx in loader:                                             # idx: example indices
+            loss = mtbkd.mtbkd_loss(model(x[idx]), teacher_logits_of_dataset[:, idx], y[idx],
+                                    teacher_stats=stats[idx].to(device))
+    """
+
+    def __init__(
+        self,
+        teacher_logits: Tensor | Sequence[Tensor],
+        temperature: float = 2.0,
+        concentration: float = 5.0,
+        weight_temperature: float = 1.0,
+        *,
+        check_finite: bool = True,
+    ) -> None:
+        self.temperature = _check_positive(temperature, "temperature")
+        self.concentration = _check_positive(concentration, "concentration")
+        self.weight_temperature = _check_positive(weight_temperature, "weight_temperature")
+        teachers = self._teachers(teacher_logits)
+        lead = teachers[0].shape[:-1]
+        flat = [t.detach().reshape(-1, t.shape[-1]) for t in teachers]
+        if flat[0].dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise TypeError(f"teacher_logits must be a floating tensor, got {flat[0].dtype}")
+        with torch.no_grad():
+            data = ops.teacher_stats_op(
+                flat, self.temperature, self.concentration, self.weight_temperature,
+                bool(check_finite),
+            )  # fmt: skip
+        self.data: Tensor = data.reshape(len(teachers), *lead, 4)
+        self.vocab_size: int = int(teachers[0].shape[-1])
+
+    @staticmethod
+    def _teachers(teacher_logits: Tensor | Sequence[Tensor]) -> list[Tensor]:
+        if isinstance(teacher_logits, Tensor):
+            if teacher_logits.dim() < 2:
+                raise ValueError(
+                    f"teacher_logits must be [K, ..., V], got shape {tuple(teacher_logits.shape)}"
+                )
+            teachers = list(teacher_logits.unbind(0))
+        elif isinstance(teacher_logits, Sequence) and all(
+            isinstance(t, Tensor) for t in teacher_logits
+        ):
+            teachers = list(teacher_logits)
+        else:
+            raise TypeError(
+                "teacher_logits must be a tensor [K, ..., V] or a sequence of K tensors [..., V]"
+            )
+        if not teachers:
+            raise ValueError("teacher_logits must hold at least one teacher (got K = 0)")
+        first = teachers[0]
+        if first.dim() < 1 or first.shape[-1] == 0:
+            raise ValueError("teacher_logits must have a non-empty vocabulary axis")
+        for i, t in enumerate(teachers):
+            if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+                raise ValueError(
+                    f"teacher_logits[{i}] must match teacher_logits[0] in shape, dtype and "
+                    f"device; got {tuple(t.shape)} {t.dtype} {t.device} vs "
+                    f"{tuple(first.shape)} {first.dtype} {first.device}"
+                )
+        return teachers
+
+    @classmethod
+    def from_data(
+        cls,
+        data: Tensor,
+        temperature: float,
+        concentration: float,
+        weight_temperature: float,
+        vocab_size: int,
+    ) -> TeacherStats:
+        """Wrap an existing ``[K, ..., 4]`` statistics tensor (e.g. loaded from disk)."""
+        if not isinstance(data, Tensor) or data.dim() < 2 or data.shape[-1] != 4:
+            raise ValueError("data must be a tensor [K, ..., 4]")
+        if not data.is_floating_point():
+            raise TypeError(f"data must be floating point, got {data.dtype}")
+        obj = cls.__new__(cls)
+        obj.temperature = _check_positive(temperature, "temperature")
+        obj.concentration = _check_positive(concentration, "concentration")
+        obj.weight_temperature = _check_positive(weight_temperature, "weight_temperature")
+        obj.data = data
+        obj.vocab_size = int(vocab_size)
+        return obj
+
+    def _like(self, data: Tensor) -> TeacherStats:
+        return TeacherStats.from_data(
+            data, self.temperature, self.concentration, self.weight_temperature, self.vocab_size
+        )
+
+    @property
+    def num_teachers(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def lead_shape(self) -> torch.Size:
+        """Leading shape of the rows (``[...]`` of the ``[K, ..., V]`` logits)."""
+        return self.data.shape[1:-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def __len__(self) -> int:
+        if self.data.dim() < 3:
+            raise TypeError("len() of TeacherStats of a single row")
+        return int(self.data.shape[1])
+
+    def __getitem__(self, index) -> TeacherStats:
+        if self.data.dim() < 3:
+            raise IndexError("TeacherStats of a single row cannot be indexed")
+        if isinstance(index, Tensor) and index.device != self.data.device:
+            index = index.to(self.data.device)
+        return self._like(self.data[:, index])
+
+    def to(self, *args, **kwargs) -> TeacherStats:
+        """A copy on another device (``torch.Tensor.to`` arguments); a floating dtype is kept."""
+        data = self.data.to(*args, **kwargs)
+        if not data.is_floating_point():
+            raise TypeError(f"TeacherStats data must stay floating point, got {data.dtype}")
+        return self._like(data)
+
+    def data_for(
+        self,
+        num_teachers: int,
+        num_rows: int,
+        temperature: float,
+        concentration: float,
+        weight_temperature: float,
+        like: Tensor,
+    ) -> Tensor:
+        """The ``[K, N, 4]`` tensor for a loss call, after checking that it fits that call.
+
+        Raises ``ValueError`` if the loss's parameters or shapes differ from the cached ones
+        (statistics at another temperature would silently give a wrong loss).
+        """
+        for name, mine, theirs in (
+            ("temperature", self.temperature, temperature),
+            ("concentration", self.concentration, concentration),
+            ("weight_temperature", self.weight_temperature, weight_temperature),
+        ):
+            if float(theirs) != mine:
+                raise ValueError(
+                    f"teacher_stats were computed with {name}={mine} but the loss uses {theirs}"
+                )
+        if self.num_teachers != num_teachers:
+            raise ValueError(
+                f"teacher_stats hold {self.num_teachers} teachers but the loss has {num_teachers}"
+            )
+        rows = self.data[0, ..., 0].numel()
+        if rows != num_rows:
+            raise ValueError(
+                f"teacher_stats hold {rows} rows but the loss has {num_rows}; slice the cache "
+                "with the minibatch's indices (stats[idx])"
+            )
+        if like.shape[-1] != self.vocab_size:
+            raise ValueError(
+                f"teacher_stats were computed for vocabulary size {self.vocab_size}, the logits "
+                f"have {like.shape[-1]}"
+            )
+        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return self.data.reshape(num_teachers, num_rows, 4).to(device=like.device, dtype=acc)
+
+    def __repr__(self) -> str:
+        return (
+            f"TeacherStats(K={self.num_teachers}, rows={tuple(self.lead_shape)}, "
+            f"V={self.vocab_size}, temperature={self.temperature}, "
+            f"concentration={self.concentration}, weight_temperature={self.weight_temperature}, "
+            f"dtype={self.data.dtype}, device={self.data.device})"
+        )

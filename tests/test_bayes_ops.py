@@ -1,0 +1,374 @@
+"""Fused reparameterised sampling, Gaussian KL and the SGLD step op (MATH.md sections 6-7) on
+every backend available here, against plain-torch formulas and torch.distributions."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtbkd import bayes_ops as B
+from mtbkd.ops import backend_status
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _backend_params():
+    status = backend_status()
+    out = []
+    for be in ("reference", "cpu", "triton", "cuda"):
+        reason = status[be]
+        if reason is None and be == "cpu" and DEVICE != "cpu":
+            reason = "the cpu backend runs on CPU tensors; tests run on CUDA here"
+        if reason is None and be == "cuda" and DEVICE != "cuda":
+            reason = "no CUDA device"
+        mark = pytest.mark.skipif(reason is not None, reason=str(reason))
+        out.append(pytest.param(be, marks=mark))
+    return out
+
+
+BACKENDS = _backend_params()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("MTBKD_BACKEND", request.param)
+    return request.param
+
+
+def _n(backend: str, big: int) -> int:
+    # The Triton interpreter (numpy per program) and the integer-op reference Philox are slow on
+    # CPU: their statistical tests use fewer samples (the tolerances scale with 1/sqrt(n)).
+    if DEVICE == "cpu" and backend in ("triton", "reference"):
+        return big // 8
+    return big
+
+
+def _rho_for_sigma(sigma: float) -> float:
+    return math.log(math.expm1(sigma))  # softplus^-1
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator
+# ---------------------------------------------------------------------------------------------
+
+
+def test_philox_known_answer():
+    # Random123's known-answer vector for Philox4x32-10, counter 0 and key 0.
+    x = B._philox_uint32(0, torch.zeros(1, dtype=torch.int64), 0)
+    assert [hex(int(v)) for v in x] == ["0x6627e8d5", "0xe169c58d", "0xbc57ac4c", "0x9b00dbd8"]
+
+
+@pytest.mark.skipif(backend_status()["cpu"] is not None, reason=str(backend_status()["cpu"]))
+@pytest.mark.parametrize("stream", [0, 3])
+def test_cpu_generator_matches_reference_stream(stream):
+    for seed, offset, n in [(0, 0, 1), (7, 5, 1027), (2**40 + 3, 2**33 + 1, 4099)]:
+        ref = B.philox_normal(seed, offset, n, stream=stream)
+        cpu = B.philox_normal(seed, offset, n, stream=stream, backend="cpu")
+        assert cpu.shape == (n,)
+        torch.testing.assert_close(cpu, ref, atol=2e-6, rtol=2e-6)
+
+
+def test_stream_layout_uses_counter_offset():
+    # Element i is normal i % 4 of counter offset + i // 4: shifting the offset by one counter
+    # shifts the stream by four elements.
+    a = B.philox_normal(11, 0, 40)
+    b = B.philox_normal(11, 1, 36)
+    torch.testing.assert_close(a[4:], b)
+
+
+# ---------------------------------------------------------------------------------------------
+# reparameterize
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sample_is_the_reference_stream(backend):
+    n = 2051
+    mu = torch.zeros(n, dtype=torch.float64, device=DEVICE)
+    rho = torch.full_like(mu, _rho_for_sigma(1.0))
+    w = B.reparameterize(mu, rho, seed=1234, offset=17)
+    eps = B.philox_normal(1234, 17, n).double().to(DEVICE)
+    # One stream everywhere; the transcendentals (log, sin, cos) differ by an ulp or so between
+    # libraries (GPU builds use fast-math intrinsics: a looser bound there).
+    tol = 2e-6 if DEVICE == "cpu" else 2e-5
+    torch.testing.assert_close(w, eps, atol=tol, rtol=tol)
+
+
+def test_moments_and_independence(backend):
+    n = _n(backend, 400_000)
+    m0, s0 = 0.3, 2.0
+    mu = torch.full((n,), m0, device=DEVICE)
+    rho = torch.full_like(mu, _rho_for_sigma(s0))
+    w1 = B.reparameterize(mu, rho, seed=5).double()
+    w2 = B.reparameterize(mu, rho, seed=6).double()
+    w3 = B.reparameterize(mu, rho, seed=5, offset=B.counters_used(n)).double()
+    se = 1 / math.sqrt(n)
+    for w in (w1, w2, w3):
+        z = (w - m0) / s0
+        assert abs(z.mean().item()) < 5 * se
+        assert abs(z.std().item() - 1) < 5 * se
+        # Gaussian tails: fraction beyond 2 sigma is 4.55 %.
+        assert abs((z.abs() > 2).double().mean().item() - 0.0455) < 5 * math.sqrt(0.0455 / n)
+        # Neighbours share a Philox block (lags 1-3) or not (lag 4): all uncorrelated.
+        for lag in (1, 2, 3, 4, 5):
+            r = torch.corrcoef(torch.stack([z[:-lag], z[lag:]]))[0, 1].item()
+            assert abs(r) < 5 * se, lag
+    # Independent across calls (seeds) and across offsets under one seed.
+    for a, b in ((w1, w2), (w1, w3), (w2, w3)):
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 5 * se
+
+
+def test_same_seed_same_sample(backend):
+    mu = torch.randn(33, 65, device=DEVICE)
+    rho = torch.randn(33, 65, device=DEVICE)
+    a = B.reparameterize(mu, rho, seed=42, offset=3)
+    b = B.reparameterize(mu, rho, seed=42, offset=3)
+    c = B.reparameterize(mu, rho, seed=43, offset=3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_seed_from_torch_generator(backend):
+    mu = torch.zeros(100, device=DEVICE)
+    rho = torch.zeros(100, device=DEVICE)
+    torch.manual_seed(0)
+    a = B.reparameterize(mu, rho)
+    torch.manual_seed(0)
+    b = B.reparameterize(mu, rho)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, B.reparameterize(mu, rho))
+
+
+def test_backward_eps_equals_forward_eps(backend):
+    torch.manual_seed(1)
+    mu = torch.randn(257, 9, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    rho = torch.randn(257, 9, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = B.reparameterize(mu, rho, seed=99, offset=2)
+    g = torch.randn_like(w)
+    dmu, drho = torch.autograd.grad(w, (mu, rho), g)
+    with torch.no_grad():
+        eps_fwd = (w - mu) / F.softplus(rho)
+    torch.testing.assert_close(dmu, g, rtol=0, atol=0)
+    torch.testing.assert_close(drho, g * eps_fwd * torch.sigmoid(rho), rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_against_autograd_of_plain_formula(backend):
+    torch.manual_seed(2)
+    shape = (45, 37)
+    mu = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    rho = (torch.randn(shape, dtype=torch.float64, device=DEVICE) - 2).requires_grad_(True)
+    g = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    w = B.reparameterize(mu, rho, seed=7, offset=0)
+    grads = torch.autograd.grad(w, (mu, rho), g)
+    eps = B.philox_normal(7, 0, mu.numel()).double().to(DEVICE).view(shape)
+    w_plain = mu + F.softplus(rho) * eps
+    plain = torch.autograd.grad(w_plain, (mu, rho), g)
+    torch.testing.assert_close(w, w_plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_plain_torch(backend, dtype):
+    torch.manual_seed(3)
+    shape = (64, 50)
+    mu64 = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    rho64 = torch.randn(shape, dtype=torch.float64, device=DEVICE) * 2
+    mu, rho = mu64.to(dtype), rho64.to(dtype)
+    mu.requires_grad_(True)
+    rho.requires_grad_(True)
+    g = torch.randn(shape, dtype=dtype, device=DEVICE)
+    w = B.reparameterize(mu, rho, seed=8)
+    dmu, drho = torch.autograd.grad(w, (mu, rho), g)
+    assert w.dtype == dtype and drho.dtype == dtype
+    eps = B.philox_normal(8, 0, mu.numel()).to(DEVICE).view(shape)
+    # The truth from the same (rounded) inputs in float64; plain torch in `dtype` as the bar.
+    m, r, g64 = mu.detach().double(), rho.detach().double(), g.double()
+    w_true = m + F.softplus(r) * eps.double()
+    drho_true = g64 * eps.double() * torch.sigmoid(r)
+    with torch.no_grad():
+        w_plain = mu + F.softplus(rho) * eps.to(dtype)
+        drho_plain = g * eps.to(dtype) * torch.sigmoid(rho)
+    ulp = torch.finfo(dtype).eps
+    for ours, plain, true in ((w, w_plain, w_true), (drho, drho_plain, drho_true)):
+        err = (ours.double() - true).abs().max().item()
+        bar = (plain.double() - true).abs().max().item()
+        assert err <= bar + ulp * true.abs().max().item(), (err, bar)
+
+
+def test_empty_and_odd_shapes(backend):
+    for shape in [(0,), (1,), (3,), (5, 1), (2, 3, 7)]:
+        mu = torch.zeros(shape, device=DEVICE)
+        w = B.reparameterize(mu, torch.zeros_like(mu), seed=1)
+        assert w.shape == mu.shape
+
+
+def test_non_contiguous_inputs(backend):
+    mu = torch.randn(20, 30, device=DEVICE).t()
+    rho = torch.randn(20, 30, device=DEVICE).t()
+    w = B.reparameterize(mu, rho, seed=4)
+    expected = B.reparameterize(mu.contiguous(), rho.contiguous(), seed=4)
+    assert torch.equal(w, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# gaussian_kl
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prior", [(0.0, 1.0), (0.5, 0.1), (-1.0, 3.0)])
+def test_kl_against_torch_distributions(backend, prior):
+    prior_mu, prior_sigma = prior
+    torch.manual_seed(4)
+    shape = (31, 17)
+    mu = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    rho = (torch.randn(shape, dtype=torch.float64, device=DEVICE) * 3).requires_grad_(True)
+    kl = B.gaussian_kl(mu, rho, prior_sigma=prior_sigma, prior_mu=prior_mu)
+    q = torch.distributions.Normal(mu, F.softplus(rho))
+    p = torch.distributions.Normal(torch.full_like(mu, prior_mu), torch.full_like(mu, prior_sigma))
+    expected = torch.distributions.kl_divergence(q, p).sum()
+    assert kl.dtype == torch.float64 and kl.shape == ()
+    torch.testing.assert_close(kl, expected, rtol=1e-12, atol=1e-10)
+    grads = torch.autograd.grad(kl * 3, (mu, rho))
+    expected_grads = torch.autograd.grad(expected * 3, (mu, rho))
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_kl_fp32_accumulation(backend):
+    torch.manual_seed(5)
+    n = _n(backend, 1 << 18)
+    mu = torch.randn(n, device=DEVICE) * 0.1
+    rho = torch.full((n,), -5.0, device=DEVICE)
+    kl = B.gaussian_kl(mu, rho)
+    assert kl.dtype == torch.float32
+    s = F.softplus(rho.double())
+    truth = (-torch.log(s) + (s**2 + mu.double() ** 2) / 2 - 0.5).sum()
+    assert abs(kl.double().item() - truth.item()) <= 1e-5 * truth.abs().item()
+
+
+def test_kl_without_grad_returns_scalar(backend):
+    mu = torch.randn(10, device=DEVICE)
+    rho = torch.randn(10, device=DEVICE)
+    with torch.no_grad():
+        kl = B.gaussian_kl(mu, rho)
+    assert kl.shape == () and not kl.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# The SGLD op: backends agree on the same noise
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sgld_step_matches_formula(backend, precondition, dtype):
+    torch.manual_seed(6)
+    shapes = [(13, 7), (5,), (1,)]
+    params = [torch.randn(s, dtype=dtype, device=DEVICE) for s in shapes]
+    grads = [torch.randn(s, dtype=dtype, device=DEVICE) for s in shapes]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sq = [torch.rand(s, dtype=acc, device=DEVICE) for s in shapes]
+    expected_params = [p.double().clone() for p in params]
+    expected_sq = [s.double().clone() for s in sq]
+    lr, nd, temp, wd, alpha, eps = 0.01, 50.0, 0.7, 0.1, 0.9, 1e-5
+    for j, (p, g) in enumerate(zip(expected_params, grads)):
+        xi = B.philox_normal(77, 0, p.numel(), stream=j).double().to(DEVICE).view(p.shape)
+        gu = nd * g.double() + wd * p
+        if precondition:
+            expected_sq[j] = alpha * expected_sq[j] + (1 - alpha) * (gu / nd) ** 2
+            gp = 1 / (eps + expected_sq[j].sqrt())
+            p.copy_(p - lr * gp * gu + math.sqrt(2 * lr * temp) * gp.sqrt() * xi)
+        else:
+            p.copy_(p - lr * gu + math.sqrt(2 * lr * temp) * xi)
+    B.sgld_step_(params, grads, sq if precondition else None, lr=lr, num_data=nd,
+                 temperature=temp, weight_decay=wd, seed=77, precondition=precondition,
+                 alpha=alpha, eps=eps)  # fmt: skip
+    tol = 1e-5 if dtype == torch.float32 else 1e-6
+    for p, e in zip(params, expected_params):
+        torch.testing.assert_close(p.double(), e, atol=tol, rtol=tol)
+    if precondition:
+        for s, e in zip(sq, expected_sq):
+            torch.testing.assert_close(s.double(), e, atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom-op machinery
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_opcheck(backend, dtype):
+    mu = torch.randn(6, 5, dtype=dtype, device=DEVICE, requires_grad=True)
+    rho = torch.randn(6, 5, dtype=dtype, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(B._reparameterize_op, (mu, rho, 3, 1, True))
+    torch.library.opcheck(B.reparameterize_backward, (torch.randn_like(mu), rho.detach(), 3, 1))
+    torch.library.opcheck(B._gaussian_kl_op, (mu, rho, 0.0, 1.0, True))
+    torch.library.opcheck(B._gaussian_kl_op, (mu.detach(), rho.detach(), 0.0, 1.0, False))
+    params = [torch.randn(n, dtype=dtype, device=DEVICE) for n in (4, 3)]
+    grads = [torch.randn_like(p) for p in params]
+    sq = [torch.zeros_like(p) for p in params]
+    args = (params, grads, sq, 0.1, 10.0, 1.0, 0.0, 5, True, 0.99, 1e-5)
+    torch.library.opcheck(B._sgld_step_op, args)
+
+
+def test_compile_fullgraph(backend):
+    def f(mu, rho):
+        w = B._reparameterize_op(mu, rho, 11, 0, False)
+        kl, _, _ = B._gaussian_kl_op(mu, rho, 0.0, 1.0, True)
+        return (w**2).sum() + kl
+
+    mu = torch.randn(8, 6, device=DEVICE, requires_grad=True)
+    rho = torch.randn(8, 6, device=DEVICE, requires_grad=True)
+    eager = f(mu, rho)
+    ge = torch.autograd.grad(eager, (mu, rho))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(mu, rho)
+    gc = torch.autograd.grad(compiled, (mu, rho))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_shapes_and_types():
+    mu = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="mu and rho must have the same shape"):
+        B.reparameterize(mu, torch.zeros(4, 3), seed=1)
+    with pytest.raises(ValueError, match="mu and rho must have the same shape"):
+        B.gaussian_kl(mu, torch.zeros(12))
+    with pytest.raises(TypeError, match="rho must be a floating-point"):
+        B.reparameterize(mu, torch.zeros(3, 4, dtype=torch.int64), seed=1)
+    with pytest.raises(TypeError, match="mu and rho must have the same dtype"):
+        B.reparameterize(mu, torch.zeros(3, 4, dtype=torch.float64), seed=1)
+    with pytest.raises(TypeError, match="mu must be a torch.Tensor"):
+        B.reparameterize([1.0], torch.zeros(1), seed=1)
+    with pytest.raises(ValueError, match="seed"):
+        B.reparameterize(mu, mu, seed=-1)
+    with pytest.raises(ValueError, match="offset"):
+        B.reparameterize(mu, mu, seed=1, offset=2**63)
+    with pytest.raises(TypeError, match="seed"):
+        B.reparameterize(mu, mu, seed=1.5)
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_prior_sigma(sigma):
+    with pytest.raises(ValueError, match="prior_sigma"):
+        B.gaussian_kl(torch.zeros(3), torch.zeros(3), prior_sigma=sigma)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("which", ["mu", "rho"])
+def test_non_finite_inputs(backend, bad, which):
+    mu = torch.zeros(2000, device=DEVICE)
+    rho = torch.zeros(2000, device=DEVICE)
+    (mu if which == "mu" else rho)[1500] = bad
+    with pytest.raises(ValueError, match=f"{which} contains non-finite"):
+        B.reparameterize(mu, rho, seed=1)
+    with pytest.raises(ValueError, match=f"{which} contains non-finite"):
+        B.gaussian_kl(mu, rho)
+    # Opting out skips the check (the caller vouches for the data).
+    B.reparameterize(mu, rho, seed=1, check_finite=False)

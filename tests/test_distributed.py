@@ -1,0 +1,510 @@
+"""Vocabulary-parallel losses and data-parallel training over torch.distributed (gloo, loopback).
+
+Each test spawns its ranks with ``torch.multiprocessing`` and runs one scenario in every rank; an
+assertion failing in any rank fails the test with that rank's traceback. Every rank builds the
+same full tensors from a fixed seed, keeps its own vocabulary shard and compares what it gets
+against :mod:`mtbkd.reference` on the full rows (float64, tight).
+"""
+
+from __future__ import annotations
+
+import datetime
+import queue
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mtbkd
+from mtbkd import distributed as D
+from mtbkd import reference
+
+TIMEOUT = datetime.timedelta(seconds=30)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(rank: int, world: int, port: int, tasks, results) -> None:
+    """A rank: join the gloo group, then run the scenarios the parent sends until ``None``."""
+    torch.set_num_threads(1)  # 2 to 4 ranks share two cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=TIMEOUT)  # fmt: skip
+    try:
+        while (scenario := tasks.get()) is not None:
+            try:
+                SCENARIOS[scenario](rank, world)
+                results.put((rank, None))
+            except BaseException:  # report, keep serving: the other tests still run
+                results.put((rank, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+        results.put((rank, "closed"))
+
+
+class _Ranks:
+    """``world`` spawned processes in one gloo group on loopback, reused by every test of the
+    module: starting torch costs seconds per process, a scenario costs far less."""
+
+    def __init__(self, world: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.world = world
+        self.tasks = [ctx.Queue() for _ in range(world)]
+        self.results = ctx.Queue()
+        port = _free_port()
+        self.procs = [
+            ctx.Process(
+                target=_serve, args=(r, world, port, self.tasks[r], self.results), daemon=True
+            )  # fmt: skip
+            for r in range(world)
+        ]
+        for proc in self.procs:
+            proc.start()
+
+    def run(self, scenario: str, limit: float = 120.0) -> None:
+        for q in self.tasks:
+            q.put(scenario)
+        outcomes: dict[int, str | None] = {}
+        deadline = time.monotonic() + limit
+        while len(outcomes) < self.world:
+            dead = [r for r, p in enumerate(self.procs) if p.exitcode is not None]
+            if dead or time.monotonic() > deadline:
+                pytest.fail(f"{scenario}: ranks {dead or 'all'} died or hung "
+                            f"(answers so far: {sorted(outcomes)})")  # fmt: skip
+            try:
+                rank, error = self.results.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            outcomes[rank] = error
+        errors = {r: e for r, e in sorted(outcomes.items()) if e is not None}
+        if errors:
+            pytest.fail("\n".join(f"--- rank {r} ---\n{e}" for r, e in errors.items()),
+                        pytrace=False)  # fmt: skip
+
+    def close(self) -> None:
+        for q in self.tasks:
+            q.put(None)
+        closed, deadline = 0, time.monotonic() + 15
+        while closed < self.world and time.monotonic() < deadline:
+            try:
+                closed += self.results.get(timeout=1.0)[1] == "closed"
+            except queue.Empty:
+                continue
+        # The group is gone; the interpreters' own shutdown (seconds each) is not worth waiting.
+        for proc in self.procs:
+            if proc.exitcode is None:
+                proc.terminate()
+            proc.join(timeout=5)
+
+
+_GROUPS: dict[int, _Ranks] = {}
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    def get(world: int) -> _Ranks:
+        if world not in _GROUPS:
+            _GROUPS[world] = _Ranks(world)
+        return _GROUPS[world]
+
+    yield get
+    for group in _GROUPS.values():
+        group.close()
+    _GROUPS.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared data
+# ----------------------------------------------------------------------------------------------
+
+
+def _bounds(widths: list[int]) -> list[tuple[int, int]]:
+    out, lo = [], 0
+    for w in widths:
+        out.append((lo, lo + w))
+        lo += w
+    return out
+
+
+def _data(n_lead=(2, 3), v=37, k=3, seed=0, masked=True, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(*n_lead, v, generator=g, dtype=torch.float64) * 2).to(dtype)
+    t = (torch.randn(k, *n_lead, v, generator=g, dtype=torch.float64) * 3).to(dtype)
+    y = torch.randint(0, v, n_lead, generator=g)
+    if masked:
+        y.view(-1)[1] = -100
+        y.view(-1)[-1] = -100
+    return z, t, y
+
+
+def _ref_grad(fn, z: torch.Tensor, upstream: torch.Tensor | None = None):
+    z = z.detach().clone().requires_grad_(True)
+    out = fn(z)
+    if upstream is None:
+        out.backward()
+    else:
+        (out * upstream).sum().backward()
+    return out.detach(), z.grad
+
+
+def _shard_grad(fn, z_shard: torch.Tensor, upstream: torch.Tensor | None = None):
+    zs = z_shard.detach().clone().requires_grad_(True)
+    out = fn(zs)
+    if upstream is None:
+        out.backward()
+    else:
+        (out * upstream).sum().backward()
+    return out.detach(), zs.grad
+
+
+def _ref_mtbkd(z, t, y, reduction, num_items=None, **kw):
+    flat_y = None if y is None else y.reshape(-1)
+    rows = reference.mtbkd_loss(z.reshape(-1, z.shape[-1]), t.reshape(t.shape[0], -1, t.shape[-1]),
+                                flat_y, **kw).loss  # fmt: skip
+    out = reference.reduce_rows(rows, flat_y, reduction, num_items_in_batch=num_items)
+    return out.reshape(z.shape[:-1]) if reduction == "none" else out
+
+
+def _ref_kd(z, t, y, reduction, **kw):
+    flat_y = None if y is None else y.reshape(-1)
+    rows, _ = reference.multi_teacher_kd_loss(
+        z.reshape(-1, z.shape[-1]), t.reshape(t.shape[0], -1, t.shape[-1]), flat_y, **kw
+    )
+    out = reference.reduce_rows(rows, flat_y, reduction)
+    return out.reshape(z.shape[:-1]) if reduction == "none" else out
+
+
+def _close(a, b, tol=1e-11):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenarios (run in every rank)
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_case(ref_fn, vp_fn, case, z, t, y, upstream, lo, hi) -> None:
+    """Loss and shard gradient of ``vp_fn`` on the shards equal ``ref_fn`` on the full rows."""
+    case = dict(case)
+    labels = y if case.pop("labels") else None
+    red = case.pop("reduction")
+    up = upstream if red == "none" else None
+    ref, ref_g = _ref_grad(lambda zz: ref_fn(zz, t, labels, red, **case), z, up)
+    kw = dict(vocab_start=lo, vocab_size=z.shape[-1], reduction=red, **case)
+    got, g = _shard_grad(lambda zs: vp_fn(zs, t[..., lo:hi], labels, **kw), z[..., lo:hi], up)
+    _close(got, ref)
+    _close(g, ref_g[..., lo:hi])
+
+
+def _widths(world: int, v: int) -> list[int]:
+    # Uneven on purpose: V is not divisible by the rank count and the shards differ in width.
+    if world == 2:
+        return [v // 3, v - v // 3]
+    base = [v // 7, v // 5, v // 3]
+    return base + [v - sum(base)]
+
+
+def scenario_vocab_parallel(rank: int, world: int) -> None:
+    v = 37
+    widths = _widths(world, v)
+    # The last rank holds the first shard: ranks need not be in vocabulary order.
+    order = list(range(world))[::-1] if world > 2 else list(range(world))
+    lo, hi = _bounds(widths)[order[rank]]
+    z, t, y = _data(v=v)
+    upstream = torch.linspace(0.5, 2.0, 6, dtype=torch.float64).reshape(2, 3)
+    fixed = torch.rand(3, 2, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    mt_cases = [
+        dict(labels=True, weights="entropy", reduction="mean"),
+        dict(labels=True, weights="uniform", reduction="sum", hard_label_weight=0.7),
+        dict(labels=False, weights="entropy", reduction="mean", weight_temperature=2.5),
+        dict(labels=True, weights=fixed, reduction="none", temperature=1.3, concentration=11.0),
+        dict(labels=True, weights=torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64),
+             reduction="mean", prior_weight=0.5),
+    ]  # fmt: skip
+    for case in mt_cases:
+        _check_case(_ref_mtbkd, D.vocab_parallel_mtbkd_loss, case, z, t, y, upstream, lo, hi)
+
+    # num_items_in_batch, loss * 2, K = 1, a sequence of teachers.
+    ref, ref_g = _ref_grad(lambda zz: 2 * _ref_mtbkd(zz, t[:1], y, "mean", num_items=4.0), z)
+    got, g = _shard_grad(lambda zs: 2 * D.vocab_parallel_mtbkd_loss(
+        zs, [t[0, ..., lo:hi]], y, vocab_start=lo, vocab_size=v, num_items_in_batch=4),
+        z[..., lo:hi])  # fmt: skip
+    _close(got, ref)
+    _close(g, ref_g[..., lo:hi])
+
+    # Statistics match the single-process ones and are the same on every rank.
+    _, stats = D.vocab_parallel_mtbkd_loss(z[..., lo:hi], t[..., lo:hi], y, vocab_start=lo,
+                                           vocab_size=v, return_stats=True)  # fmt: skip
+    ref_rows = reference.mtbkd_loss(z.reshape(6, v), t.reshape(3, 6, v), y.reshape(6))
+    for name in ("weights", "responsibilities", "entropy", "prior", "ce"):
+        want = getattr(ref_rows, name)
+        _close(getattr(stats, name), want.reshape(*want.shape[:-1], 2, 3), 1e-10)
+
+    kd_cases = [
+        dict(divergence="forward_kl", labels=True, hard_label_weight=0.5, reduction="mean"),
+        dict(divergence="reverse_kl", labels=True, weights="uniform", reduction="none"),
+        dict(divergence="jsd", beta=0.3, labels=True, temperature=2.0, scale_by_t2=True,
+             reduction="mean"),
+        dict(divergence="jsd", beta=0.0, labels=False, reduction="sum"),
+        dict(divergence="jsd", beta=1.0, labels=True, weights=fixed, reduction="mean"),
+        dict(divergence="reverse_kl", labels=False, temperature=0.7, weight_temperature=3.0,
+             soft_label_weight=2.0, reduction="sum"),
+    ]  # fmt: skip
+    for case in kd_cases:
+        _check_case(
+            _ref_kd, D.vocab_parallel_multi_teacher_kd_loss, case, z, t, y, upstream, lo, hi
+        )
+
+    # Every row masked: loss 0 and zero gradient, never NaN.
+    all_masked = torch.full_like(y, -100)
+    for fn in (D.vocab_parallel_mtbkd_loss, D.vocab_parallel_multi_teacher_kd_loss):
+        got, g = _shard_grad(lambda zs: fn(zs, t[..., lo:hi], all_masked, vocab_start=lo,  # noqa: B023
+                                           vocab_size=v), z[..., lo:hi])  # fmt: skip
+        assert got.item() == 0.0
+        assert torch.count_nonzero(g) == 0
+
+    # float32 input: float32 result, close to the float64 truth.
+    got32 = D.vocab_parallel_mtbkd_loss(z[..., lo:hi].float(), t[..., lo:hi].float(), y,
+                                        vocab_start=lo, vocab_size=v)  # fmt: skip
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), _ref_mtbkd(z, t, y, "mean"), rtol=1e-5, atol=1e-5)
+
+
+def scenario_communication(rank: int, world: int) -> None:
+    """Bytes through the collectives are O(N·K) per call and independent of V."""
+    sent: list[int] = []
+    real_reduce, real_gather = D.all_reduce, D.all_gather_into_tensor
+
+    def counting_reduce(tensor, op, group):
+        sent.append(tensor.numel() * tensor.element_size())
+        real_reduce(tensor, op, group)
+
+    def counting_gather(output, tensor, group):
+        sent.append(tensor.numel() * tensor.element_size())
+        real_gather(output, tensor, group)
+
+    D.all_reduce, D.all_gather_into_tensor = counting_reduce, counting_gather
+    try:
+        n, k = 16, 3
+        per_v = {}
+        for v in (64, 4099):
+            lo, hi = _bounds(_widths(world, v))[rank]
+            z, t, y = _data(n_lead=(n,), v=v, k=k, seed=1)
+            calls = (
+                (D.vocab_parallel_mtbkd_loss, {}),
+                (D.vocab_parallel_multi_teacher_kd_loss, {"divergence": "jsd"}),
+            )
+            for fn, kw in calls:
+                sent.clear()
+                zs = z[..., lo:hi].clone().requires_grad_(True)
+                fn(zs, t[..., lo:hi], y, vocab_start=lo, vocab_size=v, **kw).backward()
+                per_v[(fn.__name__, v)] = (sum(sent), len(sent))
+        for name in ("vocab_parallel_mtbkd_loss", "vocab_parallel_multi_teacher_kd_loss"):
+            small, large = per_v[(name, 64)], per_v[(name, 4099)]
+            assert small == large, (name, small, large)
+            nbytes, calls = large
+            # Metadata gather + three all-reduces of at most 7K + 5 statistics per row in all.
+            assert calls == 4, (name, calls)
+            assert nbytes <= (7 * k + 5) * n * 8 + len(D._META) * 8, (name, nbytes)
+            # A gather of full rows would move n * v * 8 bytes at least.
+            assert nbytes < n * 4099 * 8 / 50
+    finally:
+        D.all_reduce, D.all_gather_into_tensor = real_reduce, real_gather
+
+
+def scenario_mismatch(rank: int, world: int) -> None:
+    """A rank with bad input makes every rank raise, and the group stays usable."""
+    v = 20
+    z, t, y = _data(n_lead=(6,), v=v, k=2)
+    lo, hi = _bounds([9, 11])[rank]
+    zs, ts = z[:, lo:hi], t[..., lo:hi]
+    call = D.vocab_parallel_mtbkd_loss
+
+    # Rank 1 has one row fewer.
+    bad_z = zs[:5] if rank == 1 else zs
+    bad_t = ts[:, :5] if rank == 1 else ts
+    bad_y = y[:5] if rank == 1 else y
+    with pytest.raises(ValueError, match="number of rows"):
+        call(bad_z, bad_t, bad_y, vocab_start=lo, vocab_size=v)
+    # Shards that overlap (rank 1 starts one column early) do not tile the vocabulary.
+    with pytest.raises(ValueError, match="do not tile"):
+        call(zs, ts, y, vocab_start=lo - rank, vocab_size=v)
+    # A vocabulary that the shards do not cover.
+    with pytest.raises(ValueError, match="cover"):
+        call(zs, ts, y, vocab_start=lo, vocab_size=v + 1)
+    # Different labels on the two ranks.
+    other_y = y.clone()
+    other_y[0] = (other_y[0] + rank) % v
+    with pytest.raises(ValueError, match="labels"):
+        call(zs, ts, other_y, vocab_start=lo, vocab_size=v)
+    # A local error on rank 0 only: rank 0 raises it, rank 1 is told where to look.
+    local_bad = ts[..., :-1] if rank == 0 else ts
+    match = "vocabulary size" if rank == 0 else r"invalid inputs on rank\(s\) \[0\]"
+    with pytest.raises(ValueError, match=match):
+        D.vocab_parallel_multi_teacher_kd_loss(zs, local_bad, y, vocab_start=lo, vocab_size=v)
+    # Bad options on one rank only.
+    with pytest.raises(ValueError, match="temperature" if rank == 1 else "rank"):
+        call(zs, ts, y, vocab_start=lo, vocab_size=v, temperature=-1.0 if rank == 1 else 2.0)
+    # The group is still in step: a good call agrees with the reference.
+    got = call(zs, ts, y, vocab_start=lo, vocab_size=v)
+    _close(got, _ref_mtbkd(z, t, y, "mean"))
+
+
+def _student(v: int) -> torch.nn.Module:
+    torch.manual_seed(1234)
+    layers = (torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, v))
+    return torch.nn.Sequential(*layers).double()
+
+
+def _train(model, optimizer, x, t, y, loss_fn, steps, num_items=None):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), t, y, num_items_in_batch=num_items)
+        loss.backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def scenario_ddp(rank: int, world: int) -> None:
+    """DDP on each rank's rows matches one process on the whole batch (MTBKDLoss, SGD and SGLD)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from mtbkd.optim import SGLD
+
+    n, v, k = 8, 11, 3
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    t = torch.randn(k, n, v, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, v, (n,), generator=g)
+    y[[1, 2, 6]] = -100  # uneven masking: rank 0 keeps 2 rows, rank 1 keeps 3
+    loss_fn = mtbkd.MTBKDLoss(prior_weight=0.3)
+    rows = slice(rank * n // world, (rank + 1) * n // world)
+    # DDP averages gradients over ranks: a per-rank denominator of global_count / world makes
+    # that average the single-process mean over the unmasked rows.
+    global_count = int((y != -100).sum())
+
+    for make_opt, steps in ((lambda ps: torch.optim.SGD(ps, lr=0.5), 4),
+                            (lambda ps: SGLD(ps, lr=1e-3, num_data=100), 3)):  # fmt: skip
+        single = _student(v)
+        torch.manual_seed(99)  # the SGLD noise seeds come from torch's default generator
+        want = _train(single, make_opt(single.parameters()), x, t, y, loss_fn, steps)
+
+        model = DDP(_student(v))
+        torch.manual_seed(99)  # the same on every rank: replicated parameters get the same noise
+        got = _train(model, make_opt(model.parameters()), x[rows], t[:, rows], y[rows], loss_fn,
+                     steps, num_items=global_count / world)  # fmt: skip
+        for a, b in zip(got, want, strict=True):
+            _close(a, b, 1e-10)
+        assert any(
+            not torch.equal(a, p) for a, p in zip(got, _student(v).parameters(), strict=True)
+        )
+        # Replicas stay identical.
+        flat = torch.cat([p.reshape(-1) for p in got])
+        table = torch.empty(world, flat.numel(), dtype=flat.dtype)
+        dist.all_gather(list(table.unbind(0)), flat)
+        assert all(torch.equal(table[0], table[r]) for r in range(world))
+
+
+def scenario_fsdp(rank: int, world: int) -> None:
+    """A BayesLinear student under FSDP2 (fully_shard) trains like one process on the full batch."""
+    from torch.distributed.fsdp import fully_shard
+
+    from mtbkd.nn import BayesLinear
+
+    n, v, k = 8, 6, 2
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(k, n, v, generator=g, dtype=torch.float64)
+    y = torch.randint(0, v, (n,), generator=g)
+    loss_fn = mtbkd.MTBKDLoss()
+
+    class Student(torch.nn.Module):
+        # The KL is computed inside forward: FSDP unshards the parameters only there.
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(BayesLinear(5, 12, mode="local"), torch.nn.Tanh(),
+                                            BayesLinear(12, v, mode="local"))  # fmt: skip
+
+        def forward(self, inputs):
+            kl = sum(m.kl() for m in self.body if isinstance(m, BayesLinear))
+            return self.body(inputs), kl
+
+    def build():
+        torch.manual_seed(4321)
+        return Student().double()
+
+    def run(model, tb, yb, keep, num_items=None):
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        for step in range(3):
+            opt.zero_grad()
+            torch.manual_seed(100 + step)
+            # Local reparameterisation draws one eps per example: every rank draws the full
+            # batch's noise and keeps its rows, so each row sees the noise it sees in one process.
+            out, kl = model(x)
+            loss = loss_fn(out[keep], tb, yb, num_items_in_batch=num_items)
+            (loss + kl / 1000).backward()
+            opt.step()
+
+    rows = slice(rank * n // world, (rank + 1) * n // world)
+    single = build()
+    run(single, t, y, slice(None))
+    model = build()
+    fully_shard(model)
+    run(model, t[:, rows], y[rows], rows, num_items=n / world)
+    for p, q in zip(model.parameters(), single.parameters(), strict=True):
+        assert type(p).__name__ == "DTensor"  # really sharded
+        _close(p.full_tensor().detach(), q.detach(), 1e-10)
+
+
+SCENARIOS = {
+    "vocab_parallel": scenario_vocab_parallel,
+    "communication": scenario_communication,
+    "mismatch": scenario_mismatch,
+    "ddp": scenario_ddp,
+    "fsdp": scenario_fsdp,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
+)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_matches_reference(ranks, world):
+    ranks(world).run("vocab_parallel")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_communication_is_independent_of_vocab_size(ranks, world):
+    ranks(world).run("communication")
+
+
+def test_mismatched_inputs_raise_on_every_rank(ranks):
+    ranks(2).run("mismatch")
+
+
+def test_ddp_training_matches_single_process(ranks):
+    ranks(2).run("ddp")
+
+
+def test_bayes_linear_under_fsdp_matches_single_process(ranks):
+    ranks(2).run("fsdp")
+
+
+def test_requires_initialised_process_group():
+    z = torch.randn(2, 5)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        D.vocab_parallel_mtbkd_loss(z, z[None], vocab_start=0, vocab_size=5)

@@ -1,0 +1,314 @@
+"""The public API (mtbkd.functional, the nn.Module losses, teacher_weights) against the reference:
+shapes, reductions, masking, gradients, torch.compile, and every bad-input error."""
+
+import math
+
+import pytest
+import torch
+
+import mtbkd
+from mtbkd import reference
+
+BACKENDS = ["reference", "cpu"]
+
+
+def _inputs(n=6, v=11, k=3, lead=None, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lead = lead or (n,)
+    z = torch.randn(*lead, v, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(k, *lead, v, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, v, lead, generator=g)
+    return z.to(dtype), t.to(dtype), y
+
+
+def _ref_loss(z, t, y, reduction="mean", num_items=None, **kw):
+    zf = z.reshape(-1, z.shape[-1])
+    tf = t.reshape(t.shape[0], -1, t.shape[-1])
+    yf = None if y is None else y.reshape(-1)
+    rows = reference.mtbkd_loss(zf, tf, yf, **kw).loss
+    out = reference.reduce_rows(rows, yf, reduction, kw.get("ignore_index", -100), num_items)
+    return out.reshape(y.shape) if reduction == "none" and y is not None else out
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    if request.param == "cpu" and mtbkd.ops.backend_status()["cpu"] is not None:
+        # The project always builds its C++ kernels (make test): a missing build is a failure.
+        pytest.fail(f"cpu backend unavailable: {mtbkd.ops.backend_status()['cpu']}")
+    monkeypatch.setenv("MTBKD_BACKEND", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mtbkd_reductions_and_leading_shape(backend, reduction):
+    z, t, y = _inputs(lead=(2, 3))
+    y[0, 1] = -100
+    zz = z.clone().requires_grad_(True)
+    got = mtbkd.mtbkd_loss(zz, t, y, reduction=reduction)
+    zr = z.clone().requires_grad_(True)
+    want = _ref_loss(zr, t, y, reduction)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    weight = torch.rand(want.shape, dtype=torch.float64) if reduction == "none" else 2.5
+    (got * weight).sum().backward()
+    (want * weight).sum().backward()
+    torch.testing.assert_close(zz.grad, zr.grad, rtol=1e-9, atol=1e-10)
+
+
+def test_num_items_in_batch(backend):
+    z, t, y = _inputs()
+    got = mtbkd.mtbkd_loss(z, t, y, num_items_in_batch=17)
+    torch.testing.assert_close(got, _ref_loss(z, t, y, "sum") / 17)
+    got_t = mtbkd.multi_teacher_kd_loss(z, t, y, num_items_in_batch=torch.tensor(17))
+    rows, _ = reference.multi_teacher_kd_loss(z, t, y)
+    torch.testing.assert_close(got_t, rows.sum() / 17)
+
+
+def test_all_rows_masked_gives_zero_loss_and_grad(backend):
+    z, t, y = _inputs()
+    y[:] = -100
+    for fn in (mtbkd.mtbkd_loss, mtbkd.multi_teacher_kd_loss):
+        zz = z.clone().requires_grad_(True)
+        loss = fn(zz, t, y)
+        loss.backward()
+        assert loss.item() == 0.0
+        assert torch.count_nonzero(zz.grad) == 0
+
+
+def test_ignore_index_that_is_a_real_class(backend):
+    z, t, y = _inputs(v=7)
+    y[:3] = 3
+    zz = z.clone().requires_grad_(True)
+    loss = mtbkd.mtbkd_loss(zz, t, y, ignore_index=3)
+    loss.backward()
+    torch.testing.assert_close(loss, _ref_loss(z, t, y, ignore_index=3))
+    assert torch.count_nonzero(zz.grad[:3]) == 0
+    assert torch.count_nonzero(zz.grad[3:]) > 0
+
+
+def test_sequence_of_teachers_equals_stacked_tensor(backend):
+    z, t, y = _inputs()
+    a = mtbkd.mtbkd_loss(z, t, y)
+    b = mtbkd.mtbkd_loss(z, list(t.unbind(0)), y)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_return_stats(backend):
+    z, t, y = _inputs(lead=(2, 4), k=2)
+    y[1, 2] = -100
+    loss, st = mtbkd.mtbkd_loss(z, t, y, return_stats=True)
+    ref = reference.mtbkd_loss(z.reshape(8, -1), t.reshape(2, 8, -1), y.reshape(-1))
+    assert st.weights.shape == st.responsibilities.shape == st.entropy.shape == (2, 2, 4)
+    assert st.prior.shape == st.ce.shape == (2, 4)
+    torch.testing.assert_close(st.responsibilities.reshape(2, 8), ref.responsibilities)
+    torch.testing.assert_close(st.weights.reshape(2, 8), ref.weights)
+    torch.testing.assert_close(st.prior.reshape(8), ref.prior)
+    torch.testing.assert_close(st.ce.reshape(8), ref.ce)
+    assert not st.responsibilities.requires_grad
+
+
+@pytest.mark.parametrize("method", ["entropy", "uniform", "tensor"])
+def test_teacher_weights(backend, method):
+    _, t, _ = _inputs(lead=(2, 3), k=3)
+    m = torch.tensor([1.0, 0.0, 3.0]) if method == "tensor" else method
+    w = mtbkd.teacher_weights(t, m)
+    assert w.shape == (3, 2, 3)
+    torch.testing.assert_close(w, reference.teacher_weights(t, m).to(w.dtype))
+    torch.testing.assert_close(w.sum(0), torch.ones(2, 3, dtype=w.dtype))
+
+
+def test_entropy_weights_favour_the_confident_teacher():
+    v = 10
+    sharp = torch.zeros(1, v)
+    sharp[0, 2] = 20.0
+    flat = torch.zeros(1, v)
+    w = mtbkd.teacher_weights(torch.stack([sharp, flat]))
+    assert w[0, 0] > 0.9 and w[1, 0] < 0.1
+    w1 = mtbkd.teacher_weights(sharp[None])
+    assert w1.item() == 1.0
+
+
+def test_fixed_weights_zero_drops_teacher(backend):
+    z, t, y = _inputs(k=2)
+    only_first = mtbkd.mtbkd_loss(z, t, y, weights=torch.tensor([1.0, 0.0]))
+    single = mtbkd.mtbkd_loss(z, t[:1], y)
+    torch.testing.assert_close(only_first, single)
+
+
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_kd_family_matches_reference(backend, divergence, beta):
+    z, t, y = _inputs(lead=(3, 2))
+    zz = z.clone().requires_grad_(True)
+    got = mtbkd.multi_teacher_kd_loss(zz, t, y, divergence=divergence, beta=beta, temperature=2.0,
+                                      hard_label_weight=0.5, scale_by_t2=True)  # fmt: skip
+    zr = z.clone().reshape(6, -1).requires_grad_(True)
+    rows, _ = reference.multi_teacher_kd_loss(
+        zr, t.reshape(3, 6, -1), y.reshape(-1), divergence=divergence, beta=beta,
+        temperature=2.0, hard_label_weight=0.5, scale_by_t2=True,
+    )  # fmt: skip
+    want = rows.mean()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    (got * 3).backward()
+    (want * 3).backward()
+    torch.testing.assert_close(zz.grad.reshape(6, -1), zr.grad, rtol=1e-9, atol=1e-10)
+
+
+def test_gradcheck_float64(backend):
+    z, t, y = _inputs(n=3, v=5, k=2)
+    y[1] = -100
+    zz = z.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: mtbkd.mtbkd_loss(x, t, y, reduction="sum"), (zz,))
+    assert torch.autograd.gradcheck(
+        lambda x: mtbkd.multi_teacher_kd_loss(x, t, y, divergence="jsd", reduction="sum"), (zz,)
+    )
+
+
+def test_modules(backend):
+    z, t, y = _inputs()
+    loss = mtbkd.MTBKDLoss(temperature=3.0, concentration=2.0)(z, t, y)
+    torch.testing.assert_close(loss, _ref_loss(z, t, y, temperature=3.0, concentration=2.0))
+    kd = mtbkd.MultiTeacherKDLoss(weights="uniform")(z, t)
+    rows, _ = reference.multi_teacher_kd_loss(z, t, weights="uniform")
+    torch.testing.assert_close(kd, rows.mean())
+    assert "temperature=3.0" in repr(mtbkd.MTBKDLoss(temperature=3.0))
+
+
+def test_output_dtype_float32_for_reduced_precision(backend):
+    z, t, y = _inputs(dtype=torch.bfloat16)
+    zz = z.clone().requires_grad_(True)
+    loss = mtbkd.mtbkd_loss(zz, t, y)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert zz.grad.dtype == torch.bfloat16
+
+
+def test_torch_compile_fullgraph(backend):
+    z, t, y = _inputs()
+
+    def step(x):
+        return mtbkd.mtbkd_loss(x, t, y) + mtbkd.multi_teacher_kd_loss(x, t, y, divergence="jsd")
+
+    compiled = torch.compile(step, fullgraph=True)
+    zc = z.clone().requires_grad_(True)
+    ze = z.clone().requires_grad_(True)
+    lc, le = compiled(zc), step(ze)
+    torch.testing.assert_close(lc, le)
+    lc.backward()
+    le.backward()
+    torch.testing.assert_close(zc.grad, ze.grad)
+
+
+def test_opcheck_custom_ops(backend):
+    z, t, y = _inputs(n=4, v=9, k=2, dtype=torch.float32)
+    y[0] = -100
+    teachers = list(t.unbind(0))
+    torch.library.opcheck(
+        torch.ops.mtbkd.mtbkd_loss_fwd,
+        (z, teachers, y, None, None, 2.0, 5.0, 0.02, 1.0, 0, 1.0, -100, True),
+    )
+    torch.library.opcheck(
+        torch.ops.mtbkd.multi_teacher_kd_fwd,
+        (z, teachers, y, None, 2, 0.5, 1.0, 0, 1.0, 0.0, 1.0, 1.0, -100, True),
+    )
+    torch.library.opcheck(torch.ops.mtbkd.teacher_weights, (teachers, 0, 1.0, True))
+    torch.library.opcheck(torch.ops.mtbkd.teacher_stats, (teachers, 2.0, 5.0, 1.0, True))
+    torch.library.opcheck(torch.ops.mtbkd.scale_grad, (z, torch.rand(4)))
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument.
+# ------------------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    z, t, y = _inputs(dtype=torch.float32)
+    nan_z = z.clone()
+    nan_z[2, 3] = float("nan")
+    inf_t = t.clone()
+    inf_t[1, 0, 0] = float("inf")
+    return [
+        ("vocab", dict(student_logits=z, teacher_logits=t[..., :-1]), ValueError, "vocabulary"),
+        ("lead", dict(student_logits=z, teacher_logits=t[:, :-1]), ValueError, "leading shape"),
+        ("k0", dict(student_logits=z, teacher_logits=[]), ValueError, "K = 0"),
+        ("intlogits", dict(student_logits=z.long(), teacher_logits=t), TypeError, "student_logits"),
+        ("intteacher", dict(student_logits=z, teacher_logits=t.long()), TypeError, "teacher_logits"),
+        ("teacherdim", dict(student_logits=z, teacher_logits=t[0]), ValueError, "teacher_logits"),
+        ("labelrange", dict(student_logits=z, teacher_logits=t, labels=y + 100), ValueError, "labels"),
+        ("labelneg", dict(student_logits=z, teacher_logits=t, labels=y - 100), ValueError, "labels"),
+        ("labelfloat", dict(student_logits=z, teacher_logits=t, labels=y.float()), TypeError, "labels"),
+        ("labelshape", dict(student_logits=z, teacher_logits=t, labels=y[:-1]), ValueError, "labels"),
+        ("temp", dict(student_logits=z, teacher_logits=t, temperature=0.0), ValueError, "temperature"),
+        ("wtemp", dict(student_logits=z, teacher_logits=t, weight_temperature=-1.0), ValueError,
+         "weight_temperature"),
+        ("negw", dict(student_logits=z, teacher_logits=t, weights=torch.tensor([1.0, -1.0, 1.0])),
+         ValueError, "non-negative"),
+        ("zerow", dict(student_logits=z, teacher_logits=t, weights=torch.zeros(3)), ValueError,
+         "weights"),
+        ("shapew", dict(student_logits=z, teacher_logits=t, weights=torch.ones(2)), ValueError,
+         "weights"),
+        ("badw", dict(student_logits=z, teacher_logits=t, weights="max"), ValueError, "weights"),
+        ("nan", dict(student_logits=nan_z, teacher_logits=t), ValueError, "student_logits"),
+        ("inf", dict(student_logits=z, teacher_logits=inf_t), ValueError, "teacher_logits"),
+        ("reduction", dict(student_logits=z, teacher_logits=t, reduction="avg"), ValueError,
+         "reduction"),
+        ("meta", dict(student_logits=z, teacher_logits=t.to("meta")), ValueError, "is on meta"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+@pytest.mark.parametrize("loss", ["mtbkd", "kd"])
+def test_bad_input(backend, case, loss):
+    _, kwargs, exc, words = case
+    fn = mtbkd.mtbkd_loss if loss == "mtbkd" else mtbkd.multi_teacher_kd_loss
+    with pytest.raises(exc, match=words):
+        fn(**kwargs)
+
+
+def test_bad_concentration_and_divergence():
+    z, t, y = _inputs()
+    with pytest.raises(ValueError, match="concentration"):
+        mtbkd.mtbkd_loss(z, t, concentration=0.0)
+    with pytest.raises(ValueError, match="divergence"):
+        mtbkd.multi_teacher_kd_loss(z, t, divergence="tvd")
+    with pytest.raises(ValueError, match="beta"):
+        mtbkd.multi_teacher_kd_loss(z, t, divergence="jsd", beta=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        mtbkd.MTBKDLoss(temperature=-2.0)
+    with pytest.raises(TypeError, match="temperature"):
+        mtbkd.mtbkd_loss(z, t, temperature="hot")
+
+
+def test_nan_check_can_be_turned_off(backend):
+    z, t, y = _inputs()
+    z[0, 0] = float("nan")
+    loss = mtbkd.mtbkd_loss(z, t, y, check_finite=False, reduction="none")
+    assert math.isnan(loss[0].item())
+    assert torch.isfinite(loss[1:]).all()
+
+
+def test_nan_in_masked_row_is_ignored(backend):
+    z, t, y = _inputs()
+    z[0, 0] = float("nan")
+    y[0] = -100
+    assert torch.isfinite(mtbkd.mtbkd_loss(z, t, y))
+
+
+def test_forced_backend_errors(monkeypatch):
+    z, t, y = _inputs()
+    monkeypatch.setenv("MTBKD_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="MTBKD_BACKEND=cuda"):
+        mtbkd.mtbkd_loss(z, t, y)
+    monkeypatch.setenv("MTBKD_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        mtbkd.mtbkd_loss(z, t, y)
+    monkeypatch.setenv("MTBKD_BACKEND", "fast")
+    with pytest.raises(ValueError, match="MTBKD_BACKEND"):
+        mtbkd.mtbkd_loss(z, t, y)
+
+
+def test_info_reports_backends():
+    d = mtbkd.info()
+    assert set(d["backends"]) == {"reference", "cpu", "triton", "cuda"}
+    assert d["backends"]["reference"] == "available"
+    assert d["torch"] == torch.__version__

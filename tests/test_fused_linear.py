@@ -1,0 +1,172 @@
+"""Fused-linear losses equal the unfused ``head matmul + loss`` (values and gradients)."""
+
+import pytest
+import torch
+
+import mtbkd
+from mtbkd.fused_linear import (
+    FusedLinearMTBKDLoss,
+    FusedLinearMultiTeacherKDLoss,
+    auto_chunk_size,
+    fused_linear_from,
+)
+
+
+def _problem(n=37, h=16, v=50, k=2, dtype=torch.float64, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hid = torch.randn(n, h, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    w = (torch.randn(v, h, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_(True)
+    b = (torch.randn(v, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+         if bias else None)  # fmt: skip
+    # Teachers: different hidden sizes, vocabularies padded beyond V, one with a bias.
+    teachers = []
+    for i in range(k):
+        th = torch.randn(n, 12 + 4 * i, generator=g, dtype=torch.float64).to(dtype)
+        tw = torch.randn(v + 3 * i, 12 + 4 * i, generator=g, dtype=torch.float64).to(dtype)
+        tb = torch.randn(v + 3 * i, generator=g, dtype=torch.float64).to(dtype) if i else None
+        teachers.append((th, tw, tb))
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::5] = -100
+    return hid, w, b, teachers, y
+
+
+def _unfused(loss_fn, hid, w, b, teachers, y):
+    v = w.shape[0]
+    z = hid @ w.t() + (b if b is not None else 0)
+    t = [th @ tw[:v].t() + (tb[:v] if tb is not None else 0) for th, tw, tb in teachers]
+    return loss_fn(z, [x.to(z.dtype) for x in t], y)
+
+
+LOSSES = [
+    ("mtbkd", {}),
+    ("mtbkd", {"weights": "uniform", "hard_label_weight": 0.0}),
+    ("kd", {"divergence": "forward_kl", "hard_label_weight": 0.5}),
+    ("kd", {"divergence": "reverse_kl"}),
+    ("kd", {"divergence": "jsd", "beta": 0.3, "temperature": 2.0, "scale_by_t2": True}),
+]
+
+
+def _modules(kind, opts, reduction, chunk):
+    if kind == "mtbkd":
+        return (FusedLinearMTBKDLoss(reduction=reduction, chunk_size=chunk, **opts),
+                mtbkd.MTBKDLoss(reduction=reduction, **opts))  # fmt: skip
+    return (FusedLinearMultiTeacherKDLoss(reduction=reduction, chunk_size=chunk, **opts),
+            mtbkd.MultiTeacherKDLoss(reduction=reduction, **opts))  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,opts", LOSSES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk", [8, 11, None])  # 11 does not divide N = 37
+def test_matches_unfused_float64(kind, opts, reduction, chunk):
+    hid, w, b, teachers, y = _problem()
+    fused, plain = _modules(kind, opts, reduction, chunk)
+    a = fused(hid, w, teachers, y, b)
+    ref = _unfused(plain, hid, w, b, teachers, y)
+    torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-12)
+    # A non-uniform grad_output (and loss * 2) must scale the gradient.
+    scale = torch.linspace(0.5, 2.0, a.numel(), dtype=a.dtype).reshape(a.shape)
+    ga = torch.autograd.grad((a * scale).sum() * 2, (hid, w, b))
+    gr = torch.autograd.grad((ref * scale).sum() * 2, (hid, w, b))
+    for x, r in zip(ga, gr, strict=True):
+        torch.testing.assert_close(x, r, rtol=1e-9, atol=1e-12)
+
+
+def test_num_items_in_batch_and_stats():
+    hid, w, b, teachers, y = _problem(bias=False)
+    fused = FusedLinearMTBKDLoss(chunk_size=8)
+    a, st = fused(hid, w, teachers, y, num_items_in_batch=100, return_stats=True)
+    ref, rst = _unfused(
+        lambda z, t, y: mtbkd.mtbkd_loss(z, t, y, num_items_in_batch=100, return_stats=True),
+        hid, w, None, teachers, y,
+    )  # fmt: skip
+    torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-12)
+    for x, r in zip(st, rst, strict=True):
+        torch.testing.assert_close(x, r, rtol=1e-9, atol=1e-12)
+    ga = torch.autograd.grad(a, (hid, w))
+    gr = torch.autograd.grad(ref, (hid, w))
+    for x, r in zip(ga, gr, strict=True):
+        torch.testing.assert_close(x, r, rtol=1e-9, atol=1e-12)
+
+
+def test_dense_teacher_logits_and_all_masked():
+    hid, w, b, teachers, y = _problem(k=1)
+    v = w.shape[0]
+    t = torch.stack([th @ tw[:v].t() for th, tw, _ in teachers])
+    a = FusedLinearMultiTeacherKDLoss(chunk_size=5)(hid, w, t, y, b)
+    ref = mtbkd.multi_teacher_kd_loss(hid @ w.t() + b, t, y)
+    torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-12)
+    masked = torch.full_like(y, -100)
+    z = FusedLinearMTBKDLoss(chunk_size=5)(hid, w, t, masked, b)
+    assert z.item() == 0.0
+    g = torch.autograd.grad(z, (hid, w, b))
+    assert all(bool((x == 0).all()) for x in g)
+
+
+@pytest.mark.parametrize("kind,opts", [LOSSES[0], LOSSES[2]])
+def test_bfloat16_error_no_worse_than_plain_pytorch(kind, opts):
+    """bf16: the fused path's error vs the float64 truth is within that of plain bf16 PyTorch."""
+    hid64, w64, b64, teachers64, y = _problem(n=64, v=300, dtype=torch.float64)
+    fused, plain = _modules(kind, opts, "mean", 16)
+    truth = _unfused(plain, hid64, w64, b64, teachers64, y)
+    g_truth = torch.autograd.grad(truth, (hid64, w64, b64))
+
+    def cast(x):
+        return x.detach().to(torch.bfloat16).requires_grad_(x.requires_grad)
+
+    hid, w, b = cast(hid64), cast(w64), cast(b64)
+    teachers = [tuple(None if x is None else x.to(torch.bfloat16) for x in t) for t in teachers64]
+    a = fused(hid, w, teachers, y, b)
+    ga = torch.autograd.grad(a, (hid, w, b))
+    # Plain bf16 PyTorch: bf16 head matmuls, bf16 logits, the loss computed from them.
+    hp, wp, bp = cast(hid64), cast(w64), cast(b64)
+    p = _unfused(plain, hp, wp, bp, teachers, y)
+    gp = torch.autograd.grad(p, (hp, wp, bp))
+    assert a.dtype == torch.float32 and ga[1].dtype == torch.bfloat16
+    err_f = abs(a.double() - truth).item()
+    err_p = abs(p.double() - truth).item()
+    assert err_f <= 2 * err_p + 1e-3 * abs(truth.item())
+    for x, xp, xt in zip(ga, gp, g_truth, strict=True):
+        ef = (x.double() - xt).norm() / xt.norm()
+        ep = (xp.double() - xt).norm() / xt.norm()
+        assert ef <= 2 * ep + 1e-2, (ef, ep)
+
+
+def test_auto_chunk_size():
+    assert auto_chunk_size(2048, 128256, 2) == 128
+    assert auto_chunk_size(2048, 128256, 2) * 128256 * 4 * 4 <= 256 * 2**20
+    assert auto_chunk_size(3, 128256, 2) == 3
+    assert auto_chunk_size(100, 10**9, 4) == 1
+    assert auto_chunk_size(10**6, 1000, 1) % 8 == 0
+
+
+def test_fused_linear_from_copies_options():
+    f = fused_linear_from(mtbkd.MTBKDLoss(temperature=3.0, prior_weight=0.1), chunk_size=4)
+    assert isinstance(f, FusedLinearMTBKDLoss)
+    assert (f.temperature, f.prior_weight, f.chunk_size) == (3.0, 0.1, 4)
+    g = fused_linear_from(mtbkd.MultiTeacherKDLoss(divergence="jsd", beta=0.2))
+    assert isinstance(g, FusedLinearMultiTeacherKDLoss) and g.beta == 0.2
+    with pytest.raises(TypeError, match="loss must be"):
+        fused_linear_from(torch.nn.MSELoss())
+
+
+def test_bad_input():
+    hid, w, b, teachers, y = _problem()
+    f = FusedLinearMTBKDLoss()
+    with pytest.raises(ValueError, match="student_weight has hidden size"):
+        f(hid, w[:, :-1], teachers, y)
+    with pytest.raises(ValueError, match=r"teachers\[1\] weight has vocabulary size"):
+        f(hid, w, [teachers[0], (teachers[1][0], teachers[1][1][:10], None)], y)
+    with pytest.raises(ValueError, match=r"teachers\[0\] weight has hidden size"):
+        f(hid, w, [(teachers[0][0], teachers[0][1][:, :-1], None)], y)
+    with pytest.raises(ValueError, match=r"teachers\[0\] hidden has"):
+        f(hid, w, [(teachers[0][0][:-1], teachers[0][1], None)], y)
+    with pytest.raises(ValueError, match=r"teachers\[0\] has vocabulary size"):
+        f(hid, w, [torch.randn(hid.shape[0], 10, dtype=hid.dtype)], y)
+    with pytest.raises(ValueError, match="student_bias has"):
+        f(hid, w, teachers, y, b[:-1])
+    with pytest.raises(ValueError, match="labels must have shape"):
+        f(hid, w, teachers, y[:-1])
+    with pytest.raises(ValueError, match="chunk_size"):
+        FusedLinearMTBKDLoss(chunk_size=0)
+    with pytest.raises(ValueError, match="at least one teacher"):
+        f(hid, w, [], y)

@@ -1,0 +1,140 @@
+"""Uncertainty metrics (MATH.md section 8) against hand-computed examples."""
+
+import math
+
+import pytest
+import torch
+
+from mtbkd import metrics as M
+
+# Two posterior samples, three rows, three classes.
+Q = torch.tensor(
+    [
+        [[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4]],
+        [[0.5, 0.4, 0.1], [0.3, 0.2, 0.5], [0.2, 0.2, 0.6]],
+    ]
+)
+Y = torch.tensor([0, 2, 1])
+# p_bar rows: [0.6, 0.3, 0.1], [0.2, 0.4, 0.4], [0.25, 0.25, 0.5]
+
+
+def _h(p):
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def test_accuracy():
+    # argmax p_bar: 0 (right), 1 (ties broken to the first max: wrong), 2 (wrong).
+    assert M.accuracy(Q, Y).item() == pytest.approx(1 / 3)
+    assert M.accuracy(Q[0], Y).item() == pytest.approx(1 / 3)
+
+
+def test_nll_is_log_of_mean_not_mean_of_log():
+    expected = -(math.log(0.6) + math.log(0.4) + math.log(0.25)) / 3
+    assert M.nll(Q, Y).item() == pytest.approx(expected, rel=1e-6)
+    mean_of_logs = -(math.log(0.7) + math.log(0.5) + math.log(0.3) + math.log(0.5)
+                     + math.log(0.3) + math.log(0.2)) / 6  # fmt: skip
+    assert abs(M.nll(Q, Y).item() - mean_of_logs) > 0.01
+    # Probability exactly 0 stays finite.
+    assert math.isfinite(M.nll(torch.tensor([[1.0, 0.0]]), torch.tensor([1])).item())
+
+
+def test_brier():
+    rows = [(0.6 - 1) ** 2 + 0.3**2 + 0.1**2, 0.2**2 + 0.4**2 + (0.4 - 1) ** 2,
+            0.25**2 + (0.25 - 1) ** 2 + 0.5**2]  # fmt: skip
+    assert M.brier(Q, Y).item() == pytest.approx(sum(rows) / 3, rel=1e-6)
+
+
+def test_ece_hand_example_and_right_closed_bins():
+    # C = 4; confidences 0.4, 0.41, 0.9, 0.92. Bins of width 1/15: 0.4 = 6/15 closes bin 5
+    # (5/15, 6/15]; 0.41 is in bin 6; 0.9 and 0.92 share bin 13 (13/15, 14/15].
+    p = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.41, 0.39, 0.1, 0.1], [0.9, 0.05, 0.03, 0.02],
+                      [0.92, 0.04, 0.02, 0.02]])  # fmt: skip
+    y = torch.tensor([0, 1, 0, 3])  # right, wrong, right, wrong
+    expected = (1 / 4) * abs(1 - 0.4) + (1 / 4) * abs(0 - 0.41) + (2 / 4) * abs(0.5 - 0.91)
+    assert M.ece(p, y).item() == pytest.approx(expected, rel=1e-6)
+    # Were 0.4 in bin 6 with 0.41, the result would be different.
+    merged = (2 / 4) * abs(0.5 - 0.405) + (2 / 4) * abs(0.5 - 0.91)
+    assert abs(M.ece(p, y).item() - merged) > 0.05
+
+
+def test_ece_zero_confidence_goes_to_first_bin():
+    assert M.ece(torch.tensor([[0.0, 0.0]]), torch.tensor([1])).item() == 0.0
+    # One bin: ECE = |accuracy - mean confidence|.
+    assert M.ece(Q, Y, n_bins=1).item() == pytest.approx(abs(1 / 3 - (0.6 + 0.4 + 0.5) / 3))
+
+
+def test_entropies_mutual_information_and_mean_deviance():
+    pbar = [[0.6, 0.3, 0.1], [0.2, 0.4, 0.4], [0.25, 0.25, 0.5]]
+    h_pbar = [_h(r) for r in pbar]
+    e_h = [(_h(Q[0, i].tolist()) + _h(Q[1, i].tolist())) / 2 for i in range(3)]
+    torch.testing.assert_close(M.predictive_entropy(Q), torch.tensor(h_pbar))
+    torch.testing.assert_close(M.expected_entropy(Q), torch.tensor(e_h))
+    torch.testing.assert_close(M.mutual_information(Q), torch.tensor(h_pbar) - torch.tensor(e_h))
+    torch.testing.assert_close(M.mean_deviance(Q), 2 * torch.tensor(e_h))
+    # One sample: no epistemic part.
+    torch.testing.assert_close(M.mutual_information(Q[0]), torch.zeros(3))
+    # Rounding never makes it negative.
+    same = torch.tensor([[0.3, 0.7]]).expand(5, 1, 2)
+    assert M.mutual_information(same).item() >= 0.0
+    assert M.predictive_entropy(torch.tensor([[1.0, 0.0]])).item() == 0.0
+
+
+def test_credible_set_hand_example():
+    # Row 0: samples [0.7, 0.2, 0.1] and [0.5, 0.45, 0.05]. f(u) = (1/2) sum q 1[q >= u]:
+    # u in (0.05, 0.1] gives (0.7 + 0.5 + 0.45 + 0.2 + 0.1) / 2 = 0.975 >= 0.95 and
+    # u in (0.1, 0.2] gives 0.925, so u = 0.1; p_bar = [0.6, 0.325, 0.075] -> set {0, 1}.
+    # Row 1: one confident class in both samples: u = 0.96 -> set {2}.
+    q = torch.tensor([[[0.7, 0.2, 0.1], [0.02, 0.02, 0.96]],
+                      [[0.5, 0.45, 0.05], [0.02, 0.02, 0.96]]])  # fmt: skip
+    u = M.credible_threshold(q)
+    torch.testing.assert_close(u, torch.tensor([0.1, 0.96]), atol=1e-6, rtol=0)
+    sets = M.credible_set(q)
+    assert sets.tolist() == [[True, True, False], [False, False, True]]
+    cov, size = M.credible_set_summary(q, torch.tensor([2, 2]))
+    assert cov.item() == 0.5 and size.item() == 1.5
+
+
+def test_credible_threshold_matches_exact_sort():
+    torch.manual_seed(0)
+    q = torch.softmax(torch.randn(6, 40, 10) * 2, -1)
+    u = M.credible_threshold(q, 0.9)
+    # Exact: sort all S*C values of a row, the threshold is the value at which the cumulative
+    # mass (divided by S) first reaches the level.
+    for i in range(40):
+        v = q[:, i].flatten().double().sort(descending=True).values
+        k = int(torch.nonzero(v.cumsum(0) / 6 >= 0.9)[0])
+        assert u[i].item() == pytest.approx(v[k].item(), abs=1e-6)
+
+
+def test_auroc_hand_examples_and_pairwise_definition():
+    assert M.auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])).item() == 0.75
+    assert M.auroc(torch.tensor([0.5, 0.5]), torch.tensor([True, False])).item() == 0.5
+    assert M.auroc(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1, 0, 1])).item() == 1.0
+    torch.manual_seed(1)
+    s = torch.randint(0, 20, (500,)).float()  # many ties
+    pos = torch.rand(500) < s / 25
+    # Definition: P(score_pos > score_neg) + P(tie) / 2 over all positive-negative pairs.
+    d = s[pos][:, None] - s[~pos][None, :]
+    expected = ((d > 0).double().mean() + 0.5 * (d == 0).double().mean()).item()
+    assert M.auroc(s, pos).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="probs contains non-finite"):
+        M.accuracy(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="probs contains negative"):
+        M.brier(torch.tensor([[-0.1, 1.1]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="labels must be in"):
+        M.nll(Q, torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        M.ece(Q, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        M.accuracy(Q, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="probs must have shape"):
+        M.predictive_entropy(torch.rand(3))
+    with pytest.raises(ValueError, match="level"):
+        M.credible_set(Q, level=1.5)
+    with pytest.raises(ValueError, match="both positive and negative"):
+        M.auroc(torch.rand(4), torch.ones(4))
+    with pytest.raises(ValueError, match="n_bins"):
+        M.ece(Q, Y, n_bins=0)

@@ -1,0 +1,168 @@
+"""BayesLinear, bayesify and kl_divergence (MATH.md section 6)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtbkd import bayes_ops as B
+from mtbkd.nn import BayesLinear, bayesify, kl_divergence
+
+
+def test_shapes_and_defaults():
+    layer = BayesLinear(7, 3)
+    assert layer.weight_mu.shape == (3, 7) and layer.bias_rho.shape == (3,)
+    assert torch.all(layer.weight_rho == -5.0)
+    y = layer(torch.randn(4, 7))
+    assert y.shape == (4, 3)
+    y = layer(torch.randn(2, 5, 7))
+    assert y.shape == (2, 5, 3)
+    nobias = BayesLinear(7, 3, bias=False, mode="local")
+    assert nobias.bias_mu is None and nobias(torch.randn(4, 7)).shape == (4, 3)
+
+
+@pytest.mark.parametrize("mode", ["reparameterize", "local"])
+def test_freeze_uses_posterior_mean(mode):
+    layer = BayesLinear(6, 4, posterior_rho_init=0.0, mode=mode)
+    x = torch.randn(5, 6)
+    mean = F.linear(x, layer.weight_mu, layer.bias_mu)
+    assert not torch.allclose(layer(x), mean)  # sigma ~ 0.69: samples differ from the mean
+    layer.freeze()
+    assert torch.equal(layer(x), mean)
+    layer.unfreeze()
+    assert not torch.allclose(layer(x), mean)
+
+
+def test_reparameterize_mode_uses_the_fused_sample():
+    layer = BayesLinear(5, 3, posterior_rho_init=-1.0)
+    x = torch.randn(2, 5)
+    torch.manual_seed(10)
+    y = layer(x)
+    torch.manual_seed(10)
+    seed = B.new_seed()
+    w = B.reparameterize(layer.weight_mu, layer.weight_rho, seed, 0)
+    b = B.reparameterize(layer.bias_mu, layer.bias_rho, seed, B.counters_used(w.numel()))
+    torch.testing.assert_close(y, F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("mode", ["reparameterize", "local"])
+def test_backward_reaches_mu_and_rho(mode):
+    layer = BayesLinear(5, 3, mode=mode)
+    loss = layer(torch.randn(8, 5)).pow(2).mean() + layer.kl() / 100
+    loss.backward()
+    for p in layer.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_local_and_weight_sampling_give_the_same_output_distribution():
+    torch.manual_seed(0)
+    layer = BayesLinear(6, 3, posterior_rho_init=-0.5)
+    with torch.no_grad():
+        layer.weight_rho.add_(torch.randn_like(layer.weight_rho) * 0.3)
+    x = torch.randn(1, 6)
+    draws = 4000
+    with torch.no_grad():
+        y_weight = torch.cat([layer(x) for _ in range(draws)])
+        layer.mode = "local"
+        y_local = layer(x.expand(draws, 6).contiguous())
+        # Analytic: mean x mu^T + b, variance x^2 (sigma^2)^T + sigma_b^2.
+        mean = F.linear(x, layer.weight_mu, layer.bias_mu)[0]
+        var = F.linear(x * x, F.softplus(layer.weight_rho) ** 2,
+                       F.softplus(layer.bias_rho) ** 2)[0]  # fmt: skip
+    se = (var / draws).sqrt()
+    for y in (y_weight, y_local):
+        assert torch.all((y.mean(0) - mean).abs() < 5 * se)
+        # Var of the sample variance of a Gaussian: 2 var^2 / (n - 1).
+        assert torch.all((y.var(0) - var).abs() < 5 * var * math.sqrt(2 / (draws - 1)))
+    # Two-sample agreement too (not only each against the formula).
+    assert torch.all((y_weight.mean(0) - y_local.mean(0)).abs() < 5 * math.sqrt(2) * se)
+
+
+def test_kl_is_the_sum_of_gaussian_kls():
+    layer = BayesLinear(4, 2, prior_sigma=0.5, prior_mu=0.1, posterior_rho_init=-2.0)
+    kl = layer.kl()
+    normal = torch.distributions.Normal
+    q_w = normal(layer.weight_mu.double(), F.softplus(layer.weight_rho.double()))
+    q_b = torch.distributions.Normal(layer.bias_mu.double(), F.softplus(layer.bias_rho.double()))
+    prior = torch.distributions.Normal(0.1, 0.5)
+    expected = (torch.distributions.kl_divergence(q_w, prior).sum()
+                + torch.distributions.kl_divergence(q_b, prior).sum())  # fmt: skip
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(1)
+    a = BayesLinear(5, 4, prior_sigma=0.3, posterior_rho_init=-3.0)
+    with torch.no_grad():
+        a.weight_rho.uniform_(-4, -2)
+    b = BayesLinear(5, 4, prior_sigma=0.3, posterior_rho_init=-3.0)
+    b.load_state_dict(a.state_dict())
+    assert set(a.state_dict()) == {"weight_mu", "weight_rho", "bias_mu", "bias_rho"}
+    x = torch.randn(3, 5)
+    torch.manual_seed(2)
+    ya = a(x)
+    torch.manual_seed(2)
+    yb = b(x)
+    assert torch.equal(ya, yb)
+    assert torch.equal(a.kl(), b.kl())
+    assert torch.equal(a.freeze()(x), b.freeze()(x))
+
+
+def _mlp():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.Tanh()),
+                         nn.Linear(8, 3))  # fmt: skip
+
+
+def test_bayesify_selected_layers_keeps_weights_as_mean():
+    model = _mlp()
+    x = torch.randn(6, 4)
+    expected = model(x)
+    w_head = model[3].weight.detach().clone()
+    bayesify(model, include="3", prior_sigma=0.2, posterior_rho_init=-6.0)
+    assert isinstance(model[3], BayesLinear)
+    assert type(model[0]) is nn.Linear and type(model[2][0]) is nn.Linear
+    assert torch.equal(model[3].weight_mu, w_head)
+    assert model[3].prior_sigma == 0.2
+    model[3].freeze()
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_bayesify_patterns_and_exclude():
+    model = bayesify(_mlp(), exclude=["0"])
+    kinds = [type(m).__name__ for m in (model[0], model[2][0], model[3])]
+    assert kinds == ["Linear", "BayesLinear", "BayesLinear"]
+    model = bayesify(_mlp(), include=lambda name, mod: mod.out_features == 8)
+    assert [type(m).__name__ for m in (model[0], model[2][0], model[3])] == [
+        "BayesLinear", "BayesLinear", "Linear"]  # fmt: skip
+    assert isinstance(bayesify(nn.Linear(3, 2)), BayesLinear)
+    with pytest.raises(ValueError, match="include"):
+        bayesify(_mlp(), include="encoder.*")
+
+
+def test_kl_divergence_sums_layers():
+    model = bayesify(_mlp())
+    total = kl_divergence(model)
+    expected = sum(m.kl() for m in model.modules() if isinstance(m, BayesLinear))
+    torch.testing.assert_close(total, expected)
+    assert kl_divergence(nn.Linear(2, 2)).item() == 0.0
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        BayesLinear(3, 2, mode="flipout")
+    with pytest.raises(ValueError, match="prior_sigma"):
+        BayesLinear(3, 2, prior_sigma=-1.0)
+    with pytest.raises(ValueError, match="prior_sigma"):
+        BayesLinear(3, 2, prior_sigma=0.0)
+    with pytest.raises(ValueError, match="in_features"):
+        BayesLinear(0, 2)
+    layer = BayesLinear(3, 2)
+    with torch.no_grad():
+        layer.weight_mu[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="mu contains non-finite"):
+        layer(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="mu contains non-finite"):
+        layer.kl()

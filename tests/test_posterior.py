@@ -1,0 +1,157 @@
+"""SampleStore (burn-in, thinning, max_samples, safetensors) and the batched predictive."""
+
+import pytest
+import torch
+from torch import nn
+
+from mtbkd.posterior import SampleStore, predict
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def test_burn_in_thinning_and_max_samples():
+    model = _model()
+    store = SampleStore(model, include="2.*", burn_in=3, thin=2, max_samples=4)
+    assert store.names == ["2.weight", "2.bias"]
+    assert store.numel == 16 * 3 + 3
+    stored = []
+    for step in range(1, 21):
+        with torch.no_grad():
+            model[2].weight.fill_(step)
+            model[2].bias.fill_(-step)
+        if store.collect():
+            stored.append(step)
+    # Calls 4, 6, 8, ... are kept after a burn-in of 3 and thinning 2; the buffer holds 4.
+    assert stored == [4, 6, 8, 10]
+    assert len(store) == 4 and store.kept == 9 and store.calls == 20
+    s = store.stacked()
+    assert s["2.weight"].shape == (4, 3, 16) and s["2.bias"].shape == (4, 3)
+    assert s["2.weight"][:, 0, 0].tolist() == [4.0, 6.0, 8.0, 10.0]
+    assert s["2.bias"][:, 1].tolist() == [-4.0, -6.0, -8.0, -10.0]
+    assert torch.equal(store.sample(-1)["2.weight"], torch.full((3, 16), 10.0))
+    # Views of the one preallocated buffer, no copies.
+    assert s["2.weight"].data_ptr() == store.buffer.data_ptr()
+
+
+def test_reservoir_keeps_a_uniform_subset():
+    p = torch.zeros(1)
+    hits = torch.zeros(40)
+    for rep in range(300):
+        torch.manual_seed(rep)
+        store = SampleStore({"p": p}, max_samples=10, reservoir=True)
+        for step in range(40):
+            p.fill_(step)
+            store.collect()
+        assert len(store) == 10
+        hits[store.samples().long().flatten()] += 1
+    # Every step is kept with probability 10/40: 75 expected hits each, sd ~7.5.
+    assert (hits - 75).abs().max() < 35
+
+
+def test_bf16_buffer_and_device_argument():
+    model = _model()
+    store = SampleStore(model, dtype=torch.bfloat16, device="cpu", max_samples=3)
+    store.collect()
+    assert store.buffer.dtype == torch.bfloat16
+    w = store.stacked(dtype=torch.float32)["0.weight"][0]
+    torch.testing.assert_close(w, model[0].weight.detach(), atol=1e-2, rtol=1e-2)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _model()
+    store = SampleStore(model, include=["2.weight", "2.bias"], burn_in=1, thin=1, max_samples=5,
+                        dtype=torch.bfloat16)  # fmt: skip
+    for _ in range(4):
+        with torch.no_grad():
+            model[2].weight.add_(torch.randn_like(model[2].weight))
+        store.collect()
+    path = tmp_path / "samples.safetensors"
+    store.save(path)
+    loaded = SampleStore.load(path, model)
+    assert loaded.names == store.names and loaded.shapes == store.shapes
+    assert len(loaded) == len(store) == 3
+    assert loaded.buffer.dtype == torch.bfloat16
+    assert torch.equal(loaded.samples(), store.samples())
+    assert (loaded.burn_in, loaded.thin, loaded.max_samples) == (1, 1, 5)
+    # It keeps collecting into the remaining rows.
+    assert loaded.collect() and len(loaded) == 4
+    # Plain safetensors (no pickle): readable by the safetensors API alone.
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(path))["samples"], store.samples())
+    # Without a module it only serves predict.
+    bare = SampleStore.load(path)
+    with pytest.raises(RuntimeError, match="cannot collect"):
+        bare.collect()
+
+
+def test_load_checks_the_module(tmp_path):
+    store = SampleStore(_model(), include="2.*", max_samples=2)
+    store.collect()
+    path = tmp_path / "s.safetensors"
+    store.save(path)
+    other = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="2.weight"):
+        SampleStore.load(path, other)
+    with pytest.raises(ValueError, match="no parameter"):
+        SampleStore.load(path, nn.Linear(2, 2))
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"samples": torch.zeros(1, 2)}, str(bad))
+    with pytest.raises(ValueError, match="not a SampleStore"):
+        SampleStore.load(bad)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_predict_matches_a_loop_over_samples(chunk):
+    model = _model().eval()
+    store = SampleStore(model, include="2.*", max_samples=7)
+    samples = []
+    for _ in range(7):
+        with torch.no_grad():
+            model[2].weight.copy_(torch.randn_like(model[2].weight))
+            model[2].bias.copy_(torch.randn_like(model[2].bias))
+        samples.append({k: v.clone() for k, v in model.state_dict().items()})
+        store.collect()
+    x = torch.randn(11, 5)
+    probs = predict(model, store, x, chunk=chunk)
+    assert probs.shape == (7, 11, 3) and probs.dtype == torch.float32
+    for s, sd in enumerate(samples):
+        model.load_state_dict(sd)
+        with torch.no_grad():
+            expected = torch.softmax(model(x), -1)
+        torch.testing.assert_close(probs[s], expected, atol=1e-6, rtol=1e-6)
+    logits = predict(model, store, x, chunk=chunk, probabilities=False)
+    torch.testing.assert_close(torch.softmax(logits, -1), probs)
+
+
+def test_predict_errors():
+    model = _model()
+    store = SampleStore(model, include="2.*", max_samples=2)
+    with pytest.raises(ValueError, match="no samples"):
+        predict(model, store, torch.randn(2, 5))
+    store.collect()
+    with pytest.raises(ValueError, match="no parameters named"):
+        predict(nn.Linear(5, 3), store, torch.randn(2, 5))
+    with pytest.raises(ValueError, match="chunk"):
+        predict(model, store, torch.randn(2, 5), chunk=0)
+
+
+def test_bad_store_arguments():
+    model = _model()
+    with pytest.raises(ValueError, match="thin"):
+        SampleStore(model, thin=0)
+    with pytest.raises(ValueError, match="burn_in"):
+        SampleStore(model, burn_in=-1)
+    with pytest.raises(ValueError, match="max_samples"):
+        SampleStore(model, max_samples=0)
+    with pytest.raises(TypeError, match="dtype"):
+        SampleStore(model, dtype=torch.float16)
+    with pytest.raises(ValueError, match="no parameters selected"):
+        SampleStore(model, include="head.*")
+    with pytest.raises(TypeError, match="module_or_params"):
+        SampleStore([torch.zeros(2)])

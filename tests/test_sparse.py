@@ -1,0 +1,192 @@
+"""Sparse top-k teachers (MATH.md section 5): bucketing, k = V equals dense, storage."""
+
+import math
+
+import pytest
+import torch
+
+import mtbkd
+from mtbkd.fused_linear import FusedLinearMTBKDLoss, FusedLinearMultiTeacherKDLoss
+from mtbkd.sparse import (
+    SparseTeacher,
+    bucketize,
+    load_sparse_teachers,
+    save_sparse_teachers,
+    topk_teacher,
+)
+
+
+def _problem(n=13, v=40, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, v, generator=g, dtype=torch.float64).requires_grad_(True)
+    t = torch.randn(k, n, v, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::4] = -100
+    return z, t, y
+
+
+CASES = [
+    (mtbkd.mtbkd_loss, {}),
+    (mtbkd.mtbkd_loss, {"weights": "uniform", "temperature": 1.5}),
+    (mtbkd.multi_teacher_kd_loss, {"divergence": "forward_kl", "hard_label_weight": 0.3}),
+    (mtbkd.multi_teacher_kd_loss, {"divergence": "reverse_kl"}),
+    (mtbkd.multi_teacher_kd_loss, {"divergence": "jsd", "beta": 0.4}),
+]
+
+
+@pytest.mark.parametrize("fn,opts", CASES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_k_equal_v_is_dense(fn, opts, reduction):
+    z, t, y = _problem()
+    sparse = [topk_teacher(t[i], t.shape[-1]) for i in range(t.shape[0])]
+    a = fn(z, t, y, reduction=reduction, **opts)
+    b = fn(z, sparse, y, reduction=reduction, **opts)
+    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    (ga,) = torch.autograd.grad(a.sum(), z)
+    (gb,) = torch.autograd.grad(b.sum(), z)
+    torch.testing.assert_close(gb, ga, rtol=1e-9, atol=1e-12)
+
+
+def test_k_equal_v_stats_equal_dense():
+    z, t, y = _problem()
+    sparse = [topk_teacher(t[i], t.shape[-1]) for i in range(2)]
+    _, sa = mtbkd.mtbkd_loss(z, t, y, return_stats=True)
+    _, sb = mtbkd.mtbkd_loss(z, sparse, y, return_stats=True)
+    for x, r in zip(sb, sa, strict=True):
+        torch.testing.assert_close(x, r, rtol=1e-9, atol=1e-10)
+
+
+def test_single_teacher_buckets_are_support_plus_tail():
+    z, t, _ = _problem()
+    s = topk_teacher(t[0], 5)
+    zb, (tb,) = bucketize(z, s)
+    q = torch.softmax(z, -1)
+    idx = s.indices.sort(-1).values
+    qb = torch.softmax(zb, -1)
+    torch.testing.assert_close(qb[:, :5], q.gather(-1, idx))
+    torch.testing.assert_close(qb[:, 5], 1 - q.gather(-1, idx).sum(-1))
+    p = torch.softmax(t[0], -1)
+    pb = tb.exp()
+    torch.testing.assert_close(pb[:, :5], p.gather(-1, idx))
+    torch.testing.assert_close(pb[:, 5], 1 - p.gather(-1, idx).sum(-1))
+
+
+def test_union_of_supports_completes_teacher_tails_uniformly():
+    z, t, _ = _problem(n=4, v=12)
+    s1, s2 = topk_teacher(t[0], 3), topk_teacher(t[1], 4)
+    zb, tb, counts = bucketize(z, [s1, s2], return_counts=True)
+    assert zb.shape == (4, 8)
+    for k, s in enumerate((s1, s2)):
+        pb = tb[k].exp()
+        torch.testing.assert_close(pb.sum(-1), torch.ones(4, dtype=torch.float64))
+        rest = 1 - s.logprobs.exp().sum(-1)
+        for i in range(4):
+            union = set(s1.indices[i].tolist()) | set(s2.indices[i].tolist())
+            assert counts[i] == len(union) + 1
+            # the tail bucket holds the share (V - |U|) / (V - k) of the unknown mass
+            torch.testing.assert_close(pb[i, -1], rest[i] * (12 - len(union)) / (12 - s.k))
+    # Padding buckets get zero student mass; the student's buckets still sum to 1.
+    torch.testing.assert_close(torch.softmax(zb, -1).sum(-1), torch.ones(4, dtype=torch.float64))
+
+
+def test_bucketize_gradcheck():
+    z, t, _ = _problem(n=3, v=9)
+    teachers = [topk_teacher(t[0], 3), topk_teacher(t[1], 2)]
+    # The bucket probabilities (padding buckets hold a constant logit whose value is irrelevant).
+    torch.autograd.gradcheck(lambda x: torch.softmax(bucketize(x, teachers)[0], -1), (z,))
+
+
+def test_tail_below_threshold_is_dropped_and_finite():
+    z, t, y = _problem(v=20)
+    # A teacher with almost all its mass on its top-k: tail ~1e-9 counts as no tail bucket.
+    t0 = t[0].clone()
+    t0[:, 5:] -= 30.0
+    s = topk_teacher(t0, 5)
+    zb, _, counts = bucketize(z, s, return_counts=True)
+    assert bool((counts == 5).all())
+    loss = mtbkd.mtbkd_loss(z, s, y)
+    assert torch.isfinite(loss)
+    (g,) = torch.autograd.grad(loss, z)
+    assert bool(torch.isfinite(g).all())
+
+
+def test_partial_k_loss_equals_explicit_buckets():
+    """MT-BKD on one top-k teacher = the dense loss on the explicit (k+1)-bucket distributions,
+    plus the exact full-vocabulary cross-entropy."""
+    z, t, y = _problem()
+    s = topk_teacher(t[0], 6)
+    idx = s.indices.sort(-1).values
+    q = torch.softmax(z, -1)
+    qs = q.gather(-1, idx)
+    zb = torch.cat([qs, 1 - qs.sum(-1, keepdim=True)], -1).log()
+    p = torch.softmax(t[0], -1).gather(-1, idx)
+    tb = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1).log()
+    mask = y != -100
+    soft = mtbkd.mtbkd_loss(zb, tb[None], torch.where(mask, 0, -100), hard_label_weight=0.0,
+                            reduction="none")  # fmt: skip
+    ce = torch.nn.functional.cross_entropy(z, y, reduction="none", ignore_index=-100)
+    expected = ((soft + ce)[mask]).mean()
+    got = mtbkd.mtbkd_loss(z, s, y)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [FusedLinearMTBKDLoss, FusedLinearMultiTeacherKDLoss])
+def test_fused_linear_with_sparse_teachers(cls):
+    g = torch.Generator().manual_seed(1)
+    n, h, v = 21, 8, 30
+    hid = torch.randn(n, h, generator=g, dtype=torch.float64).requires_grad_(True)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64).requires_grad_(True)
+    t = torch.randn(2, n, v, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::4] = -100
+    sparse = [topk_teacher(t[0], 5), topk_teacher(t[1], 9)]
+    fused = cls(chunk_size=8)
+    plain = mtbkd.MTBKDLoss() if cls is FusedLinearMTBKDLoss else mtbkd.MultiTeacherKDLoss()
+    a = fused(hid, w, sparse, y)
+    ref = plain(hid @ w.t(), sparse, y)
+    torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(a, (hid, w)), torch.autograd.grad(ref, (hid, w))
+    for x, r in zip(*grads, strict=True):
+        torch.testing.assert_close(x, r, rtol=1e-9, atol=1e-12)
+
+
+def test_save_load_roundtrip_and_size(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    v, n, k = 49152, 8, 64
+    logits = torch.randn(n, v, generator=g)
+    teachers = [topk_teacher(logits, k), topk_teacher(logits * 2, k)]
+    ids = torch.arange(n)
+    path = save_sparse_teachers(tmp_path / "t.safetensors", teachers, extra={"input_ids": ids},
+                                metadata={"vocab_size": v})  # fmt: skip
+    data = load_sparse_teachers(path)
+    assert data.metadata["vocab_size"] == str(v)
+    torch.testing.assert_close(data.tensors["input_ids"], ids)
+    for a, b in zip(data.teachers, teachers, strict=True):
+        assert a.indices.dtype == torch.int32
+        torch.testing.assert_close(a.indices.long(), b.indices)
+        torch.testing.assert_close(a.logprobs, b.logprobs)
+    # Target of issue 6: stored sparse outputs <= 1 % of dense fp32 logits at V = 49152, k = 64.
+    assert sum(t.nbytes for t in data.teachers) <= 0.01 * 2 * n * v * 4
+    # The loaded teachers are usable directly.
+    z = torch.randn(n, v, generator=g)
+    assert torch.isfinite(mtbkd.mtbkd_loss(z, data.teachers))
+
+
+def test_bad_input():
+    z, t, y = _problem()
+    s = topk_teacher(t[0], 4)
+    with pytest.raises(TypeError, match="cannot be mixed"):
+        mtbkd.mtbkd_loss(z, [s, t[1]], y)
+    with pytest.raises(ValueError, match="leading shape"):
+        mtbkd.mtbkd_loss(z, SparseTeacher(s.indices[:-1], s.logprobs[:-1]), y)
+    with pytest.raises(ValueError, match="outside"):
+        mtbkd.mtbkd_loss(z, SparseTeacher(s.indices + 100, s.logprobs), y)
+    with pytest.raises(ValueError, match="same non-empty shape"):
+        SparseTeacher(s.indices, s.logprobs[:, :2])
+    with pytest.raises(TypeError, match="integer"):
+        SparseTeacher(s.logprobs, s.logprobs)
+    with pytest.raises(ValueError, match="k must be"):
+        topk_teacher(t[0], 0)
+    with pytest.raises(ValueError, match="labels must lie"):
+        mtbkd.mtbkd_loss(z, s, torch.full_like(y, 1000))
+    assert math.isfinite(mtbkd.mtbkd_loss(z, s, y).item())

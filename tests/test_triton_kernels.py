@@ -1,0 +1,446 @@
+"""The Triton kernels (``mtbkd.kernels``) against the float64 reference, and ``TeacherStats``.
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest) on
+CPU tensors, on small shapes; on a CUDA machine the same tests run the compiled kernels. The
+interpreter supports float64, so the float64 comparisons are tight (the kernels accumulate in
+float64 for float64 input). Low precision is judged against the float64 truth of the same rounded
+inputs, relative to the error of PyTorch's own computation in that dtype (the reference run on the
+low-precision input, fp32 accumulation, gradient rounded once).
+
+``test_triton_compiles_for_sm80_sm90`` compiles every kernel specialisation the wrappers launch to
+cubins for sm_80 and sm_90 without a GPU (Triton's bundled ptxas), which the interpreter cannot
+check: IR typing, loop-carried types, register spills.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mtbkd
+from mtbkd import ops
+from mtbkd.teacher_stats import TeacherStats
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_STATUS = ops.backend_status()["triton"]
+pytestmark = [
+    pytest.mark.skipif(_STATUS is not None, reason=f"triton backend unavailable: {_STATUS}"),
+    # The interpreter evaluates masked-out lanes too (-inf - -inf, log 0); numpy warns about
+    # values that the kernels then discard.
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
+]
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+_lgamma1p = pytest.importorskip("mtbkd.kernels.losses")._lgamma1p
+
+
+@triton.jit
+def _lgamma1p_kernel(x_ptr, out_ptr, n, HIGH: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr + offs, _lgamma1p(x, HIGH), mask=offs < n)
+
+
+ENTROPY, UNIFORM, FIXED = (ops.WEIGHT_MODES[m] for m in ("entropy", "uniform", "fixed"))
+FKL, RKL, JSD = (ops.DIVERGENCES[d] for d in ("forward_kl", "reverse_kl", "jsd"))
+ON_CUDA = DEVICE == "cuda"
+NO_DEVICE_ASSERT = "a device-side assertion would poison the CUDA context of the test session"
+
+
+@pytest.fixture(autouse=True)
+def _triton(monkeypatch):
+    monkeypatch.setenv("MTBKD_BACKEND", "triton")
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _data(n, v, k, dtype, *, labels=True, masked=(1,), layout="stacked", seed=0, scale=3.0):
+    """Student [N, V], K teachers (views of one [K, N, V] tensor, or separate tensors), labels."""
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, v, generator=g, dtype=torch.float64) * 2).to(dtype)
+    t = (torch.randn(k, n, v, generator=g, dtype=torch.float64) * scale).to(dtype)
+    y = torch.randint(0, v, (n,), generator=g) if labels else None
+    if labels:
+        for i in masked:
+            if i < n:
+                y[i] = -100
+    z, t = z.to(DEVICE), t.to(DEVICE)
+    y = None if y is None else y.to(DEVICE)
+    ts = list(t.unbind(0)) if layout == "stacked" else [x.clone() for x in t.unbind(0)]
+    return z, ts, y
+
+
+def _f64(ts):
+    return [t.double() for t in ts]
+
+
+def _maxerr(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# mtbkd_loss_fwd
+# ------------------------------------------------------------------------------------------------
+
+MTBKD_CASES = [
+    # k, v, labels, weight_mode, cached stats, teacher layout
+    (1, 37, True, ENTROPY, False, "stacked"),
+    (2, 37, False, ENTROPY, False, "separate"),
+    (3, 1271, True, ENTROPY, False, "stacked"),
+    (3, 1271, True, ENTROPY, True, "separate"),
+    (2, 300, True, UNIFORM, False, "stacked"),
+    (3, 300, False, FIXED, True, "stacked"),
+    (5, 129, True, ENTROPY, False, "separate"),
+    (9, 64, True, FIXED, False, "separate"),  # more teachers than pointer arguments: one stack
+]
+
+
+def _mtbkd_args(z, ts, y, mode, cached, *, tau=2.0, lam=5.0, tw=1.0, check=True):
+    n, k = z.shape[0], len(ts)
+    fw = None
+    if mode == FIXED:
+        g = torch.Generator().manual_seed(7)
+        fw = torch.rand(k, n, generator=g, dtype=torch.float64).to(DEVICE, _acc(z.dtype)) + 0.1
+    stats = ops._ref_teacher_stats(_f64(ts), tau, lam, tw, False) if cached else None
+    return (z, ts, y, fw, stats, tau, lam, 0.02, 1.0, mode, tw, -100, check)
+
+
+@pytest.mark.parametrize("k,v,labels,mode,cached,layout", MTBKD_CASES)
+def test_mtbkd_fwd_float64(k, v, labels, mode, cached, layout):
+    z, ts, y = _data(5, v, k, torch.float64, labels=labels, layout=layout)
+    args = _mtbkd_args(z, ts, y, mode, cached)
+    out = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
+    ref = ops._ref_mtbkd_loss_fwd(*args)
+    names = ("loss", "grad", "weights", "responsibilities", "entropy", "prior", "ce")
+    for name, a, b in zip(names, out, ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        # prior carries -lgamma(V + lam) (~1e4 for V = 1271): compare relative to its size.
+        tol = 1e-10 * max(1.0, b.abs().max().item())
+        assert _maxerr(a, b) <= tol, (name, _maxerr(a, b))
+    if labels:
+        masked = y == -100
+        assert torch.all(out[1][masked] == 0) and torch.all(out[0][masked] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cached", [False, True])
+def test_mtbkd_fwd_low_precision(dtype, cached):
+    z, ts, y = _data(6, 1271, 3, dtype)
+    args = _mtbkd_args(z, ts, y, ENTROPY, cached)
+    out = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
+    truth = ops._ref_mtbkd_loss_fwd(z.double(), _f64(ts), *args[2:])
+    base = ops._ref_mtbkd_loss_fwd(*args)  # PyTorch on the same low-precision tensors
+    for i, name in enumerate(("loss", "grad", "weights", "responsibilities", "entropy")):
+        err, err_base = _maxerr(out[i], truth[i]), _maxerr(base[i], truth[i])
+        assert out[i].dtype == base[i].dtype
+        assert err <= 2 * err_base + 2e-6 * max(1.0, truth[i].abs().max().item()), (
+            name,
+            err,
+            err_base,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# multi_teacher_kd_fwd
+# ------------------------------------------------------------------------------------------------
+
+KD_CASES = [
+    # divergence, beta, k, v, labels, weight mode, layout
+    (FKL, 0.5, 1, 37, True, ENTROPY, "stacked"),
+    (FKL, 0.5, 3, 1271, False, UNIFORM, "separate"),
+    (RKL, 0.5, 2, 37, True, ENTROPY, "separate"),
+    (RKL, 0.5, 3, 1271, True, FIXED, "stacked"),
+    (JSD, 0.5, 3, 37, True, ENTROPY, "stacked"),
+    (JSD, 0.1, 2, 1271, False, ENTROPY, "separate"),
+    (JSD, 0.0, 2, 129, True, ENTROPY, "stacked"),  # endpoint: forward KL exactly
+    (JSD, 1.0, 2, 129, True, UNIFORM, "stacked"),  # endpoint: reverse KL exactly
+    (JSD, 0.7, 8, 64, True, FIXED, "separate"),  # all eight pointer arguments
+]
+
+
+def _kd_args(z, ts, y, div, beta, mode, *, tau=2.0, check=True):
+    n, k = z.shape[0], len(ts)
+    fw = None
+    if mode == FIXED:
+        g = torch.Generator().manual_seed(3)
+        fw = torch.rand(k, n, generator=g, dtype=torch.float64).to(DEVICE, _acc(z.dtype)) + 0.1
+    return (z, ts, y, fw, div, beta, tau, mode, 1.5, 0.5, 0.8, tau**2, -100, check)
+
+
+@pytest.mark.parametrize("div,beta,k,v,labels,mode,layout", KD_CASES)
+def test_kd_fwd_float64(div, beta, k, v, labels, mode, layout):
+    z, ts, y = _data(5, v, k, torch.float64, labels=labels, layout=layout)
+    args = _kd_args(z, ts, y, div, beta, mode)
+    out = torch.ops.mtbkd.multi_teacher_kd_fwd(*args)
+    ref = ops._ref_multi_teacher_kd_fwd(*args)
+    for name, a, b in zip(("loss", "grad", "weights"), out, ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert _maxerr(a, b) <= 1e-11, (name, _maxerr(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("div", [FKL, RKL, JSD])
+def test_kd_fwd_low_precision(dtype, div):
+    z, ts, y = _data(6, 1271, 3, dtype)
+    args = _kd_args(z, ts, y, div, 0.5, ENTROPY)
+    out = torch.ops.mtbkd.multi_teacher_kd_fwd(*args)
+    truth = ops._ref_multi_teacher_kd_fwd(z.double(), _f64(ts), *args[2:])
+    base = ops._ref_multi_teacher_kd_fwd(*args)
+    for i, name in enumerate(("loss", "grad", "weights")):
+        err, err_base = _maxerr(out[i], truth[i]), _maxerr(base[i], truth[i])
+        assert err <= 2 * err_base + 2e-6 * max(1.0, truth[i].abs().max().item()), (
+            name,
+            err,
+            err_base,
+        )
+
+
+def test_all_rows_masked_give_zeros():
+    z, ts, y = _data(3, 50, 2, torch.float32)
+    y[:] = -100
+    out = torch.ops.mtbkd.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, ENTROPY, False))
+    assert all(torch.all(o == 0) for o in out)
+    out = torch.ops.mtbkd.multi_teacher_kd_fwd(*_kd_args(z, ts, y, JSD, 0.5, ENTROPY))
+    assert all(torch.all(o == 0) for o in out)
+
+
+def test_ignore_index_equal_to_a_class_masks_the_row():
+    z, ts, y = _data(4, 20, 2, torch.float64, masked=())
+    y[2] = 0
+    args = list(_kd_args(z, ts, y, FKL, 0.5, ENTROPY))
+    args[-2] = 0  # ignore_index = 0, a real class
+    out = torch.ops.mtbkd.multi_teacher_kd_fwd(*args)
+    ref = ops._ref_multi_teacher_kd_fwd(*args)
+    assert out[0][2] == 0 and torch.all(out[1][2] == 0)
+    assert _maxerr(out[1], ref[1]) <= 1e-12
+
+
+def test_single_row_and_single_class():
+    z, ts, y = _data(1, 1, 2, torch.float64, masked=())
+    args = _mtbkd_args(z, ts, y, ENTROPY, False)
+    out = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
+    ref = ops._ref_mtbkd_loss_fwd(*args)
+    for a, b in zip(out, ref, strict=True):
+        assert _maxerr(a, b) <= 1e-10
+
+
+# ------------------------------------------------------------------------------------------------
+# teacher_weights, teacher_stats, scale_grad, autograd
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("mode", [ENTROPY, UNIFORM])
+def test_teacher_weights(k, mode):
+    _, ts, _ = _data(4, 301, k, torch.float64, labels=False)
+    w, h = torch.ops.mtbkd.teacher_weights(ts, mode, 1.5, True)
+    wr, hr = ops._ref_teacher_weights(ts, mode, 1.5, False)
+    assert _maxerr(w, wr) <= 1e-12 and _maxerr(h, hr) <= 1e-12
+
+
+def test_teacher_weights_all_one_hot_fall_back_to_uniform():
+    t = torch.full((2, 3, 10), -1e4, dtype=torch.float64, device=DEVICE)
+    t[:, :, 0] = 0.0
+    w, h = torch.ops.mtbkd.teacher_weights(list(t.unbind(0)), ENTROPY, 1.0, True)
+    assert torch.all(h == 0) and torch.allclose(w, torch.full_like(w, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lam", [0.3, 5.0, 1e4])
+def test_teacher_stats(dtype, lam):
+    _, ts, _ = _data(4, 1271, 3, dtype, labels=False, layout="separate")
+    out = torch.ops.mtbkd.teacher_stats(ts, 2.0, lam, 1.5, True)
+    truth = ops._ref_teacher_stats(_f64(ts), 2.0, lam, 1.5, False)
+    assert out.shape == (3, 4, 4) and out.dtype == _acc(dtype)
+    if dtype == torch.float64:
+        assert _maxerr(out, truth) <= 1e-12 * max(1.0, truth.abs().max().item())
+    else:
+        base = ops._ref_teacher_stats(ts, 2.0, lam, 1.5, False)
+        for c in range(4):
+            err, err_base = (
+                _maxerr(out[..., c], truth[..., c]),
+                _maxerr(base[..., c], truth[..., c]),
+            )
+            assert err <= 2 * err_base + 1e-5 * max(1.0, truth[..., c].abs().max().item()), c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_scale_grad_rounds_once_like_the_reference(dtype):
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(5, 1271, generator=g).to(DEVICE, dtype)
+    rows = torch.randn(5, generator=g, dtype=torch.float64).to(DEVICE, _acc(dtype))
+    assert torch.equal(torch.ops.mtbkd.scale_grad(grad, rows), ops._ref_scale_grad(grad, rows))
+
+
+def test_lgamma1p_accuracy():
+    x = torch.cat([
+        torch.logspace(-30, -4, 300, dtype=torch.float64),
+        torch.linspace(1e-4, 12.0, 3000, dtype=torch.float64),
+        torch.logspace(1.1, 6, 300, dtype=torch.float64),
+        torch.tensor([0.0, 0.5, 1.0, 2.0, 6.5, 7.0], dtype=torch.float64),
+    ])  # fmt: skip
+    # Truth: torch's float64 lgamma(1 + x), except below x = 0.05, where rounding 1 + x would cost
+    # digits: there the series -gamma x + sum_k (-1)^k zeta(k) x^k / k (float64-exact by k = 12).
+    zeta = [1.6449340668482264, 1.2020569031595942, 1.0823232337111382, 1.0369277551433699,
+            1.0173430619844491, 1.0083492773819228, 1.0040773561979443, 1.0020083928260822,
+            1.0009945751278181, 1.0004941886041195, 1.0002460865533080]  # fmt: skip
+    for dtype, high, tol in ((torch.float32, False, 2e-6), (torch.float64, True, 1e-13)):
+        xd = x.to(dtype).to(DEVICE)
+        out = torch.empty_like(xd)
+        _lgamma1p_kernel[(triton.cdiv(x.numel(), 256),)](xd, out, x.numel(), HIGH=high, BLOCK=256)
+        xr = xd.double().cpu()  # the rounded input: its exact lgamma(1 + x) is the truth
+        series = -0.5772156649015329 * xr
+        for k, zk in enumerate(zeta, start=2):
+            series = series + (-1) ** k * zk / k * xr**k
+        ref = torch.where(xr < 0.05, series, torch.lgamma(1.0 + xr))
+        got = out.double().cpu()
+        rel = torch.where(ref == 0, (got - ref).abs(), (got - ref).abs() / ref.abs())
+        assert rel.max().item() <= tol, (dtype, rel.max().item(), xr[rel.argmax()].item())
+        assert out[xd == 1.0].item() == 0.0 and out[xd == 0.0].item() == 0.0
+
+
+def test_autograd_through_the_triton_ops():
+    z, ts, y = _data(4, 97, 2, torch.float32)
+    zr = z.clone().requires_grad_(True)
+    args = _mtbkd_args(zr, ts, y, ENTROPY, False)
+    loss = torch.ops.mtbkd.mtbkd_loss_fwd(*args)[0]
+    (loss * 2).sum().backward()
+    grad = torch.ops.mtbkd.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, ENTROPY, False))[1]
+    torch.testing.assert_close(zr.grad, 2 * grad, rtol=0, atol=0)
+    zr.grad = None
+    out = torch.ops.mtbkd.multi_teacher_kd_fwd(*_kd_args(zr, ts, y, RKL, 0.5, ENTROPY))[0]
+    weights = torch.arange(4, dtype=out.dtype, device=DEVICE)
+    (out * weights).sum().backward()
+    grad = torch.ops.mtbkd.multi_teacher_kd_fwd(*_kd_args(z, ts, y, RKL, 0.5, ENTROPY))[1]
+    torch.testing.assert_close(zr.grad, (grad.float() * weights[:, None]).to(grad.dtype))
+
+
+def test_functional_api_runs_on_triton():
+    z, ts, y = _data(6, 53, 3, torch.float64)
+    zr = z.clone().requires_grad_(True)
+    loss = mtbkd.mtbkd_loss(zr, torch.stack(ts), y)
+    loss.backward()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTBKD_BACKEND", "reference")
+        zr2 = z.clone().requires_grad_(True)
+        ref = mtbkd.mtbkd_loss(zr2, torch.stack(ts), y)
+        ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-12
+    assert _maxerr(zr.grad, zr2.grad) <= 1e-13
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors: labels out of range and non-finite logits (raised on CPU; asserted on device on CUDA)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(ON_CUDA, reason=NO_DEVICE_ASSERT)
+def test_label_out_of_range_raises():
+    z, ts, y = _data(4, 10, 2, torch.float32, masked=())
+    y[3] = 10
+    with pytest.raises(ValueError, match="labels.*row 3"):
+        torch.ops.mtbkd.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, ENTROPY, False, check=False))
+    y[3] = -1
+    with pytest.raises(ValueError, match="labels"):
+        torch.ops.mtbkd.multi_teacher_kd_fwd(*_kd_args(z, ts, y, FKL, 0.5, ENTROPY, check=False))
+
+
+@pytest.mark.skipif(ON_CUDA, reason=NO_DEVICE_ASSERT)
+def test_non_finite_logits_raise_only_in_unmasked_rows():
+    z, ts, y = _data(4, 10, 2, torch.float32)  # row 1 masked
+    z[1, 3] = float("nan")
+    torch.ops.mtbkd.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, ENTROPY, False))  # masked: fine
+    z[2, 3] = float("inf")
+    with pytest.raises(ValueError, match="student_logits.*row 2"):
+        torch.ops.mtbkd.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, ENTROPY, False))
+    z[2, 3] = 0.0
+    ts[1][0, 0] = float("-inf")
+    with pytest.raises(ValueError, match="teacher_logits.*row 0"):
+        torch.ops.mtbkd.multi_teacher_kd_fwd(*_kd_args(z, ts, y, JSD, 0.5, ENTROPY))
+    with pytest.raises(ValueError, match="teacher_logits"):
+        torch.ops.mtbkd.teacher_stats(ts, 2.0, 5.0, 1.0, True)
+    # check_finite=False: no check, and no error
+    torch.ops.mtbkd.teacher_stats(ts, 2.0, 5.0, 1.0, False)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the interpreter-only guard is what is tested")
+def test_forced_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    z, ts, y = _data(2, 5, 1, torch.float32)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        torch.ops.mtbkd.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, ENTROPY, False))
+
+
+# ------------------------------------------------------------------------------------------------
+# TeacherStats
+# ------------------------------------------------------------------------------------------------
+
+
+def test_teacher_stats_cache_matches_reference_and_slices():
+    g = torch.Generator().manual_seed(5)
+    t = (torch.randn(3, 4, 6, 40, generator=g, dtype=torch.float64) * 2).to(DEVICE)  # [K, B, T, V]
+    stats = TeacherStats(t, temperature=2.0, concentration=5.0, weight_temperature=1.5)
+    assert stats.data.shape == (3, 4, 6, 4) and stats.num_teachers == 3 and len(stats) == 4
+    flat = [x.reshape(-1, 40) for x in t.unbind(0)]
+    ref = ops._ref_teacher_stats(flat, 2.0, 5.0, 1.5, False).reshape(3, 4, 6, 4)
+    assert _maxerr(stats.data, ref) <= 1e-12 * ref.abs().max().item()
+    idx = torch.tensor([3, 0])
+    sub = stats[idx]
+    assert torch.equal(sub.data, stats.data[:, idx.to(stats.device)])
+    assert torch.equal(stats[1:3].data, stats.data[:, 1:3]) and stats[2].data.shape == (3, 6, 4)
+    assert sub.temperature == 2.0 and sub.vocab_size == 40
+    moved = stats.to("cpu")
+    assert moved.device.type == "cpu" and torch.equal(moved.data, stats.data.cpu())
+    assert "K=3" in repr(stats)
+
+
+def test_teacher_stats_in_the_loss_and_mismatch_errors():
+    z, ts, y = _data(8, 33, 2, torch.float64)
+    t = torch.stack(ts)
+    stats = TeacherStats(t)  # defaults match mtbkd_loss's: tau=2, lam=5, tau_w=1
+    plain = mtbkd.mtbkd_loss(z, t, y, reduction="none")
+    cached = mtbkd.mtbkd_loss(z, t, y, reduction="none", teacher_stats=stats)
+    assert _maxerr(plain, cached) <= 1e-12
+    part = mtbkd.mtbkd_loss(z[2:5], t[:, 2:5], y[2:5], reduction="none", teacher_stats=stats[2:5])
+    assert _maxerr(part, plain[2:5]) <= 1e-12
+    with pytest.raises(ValueError, match="temperature"):
+        mtbkd.mtbkd_loss(z, t, y, temperature=3.0, teacher_stats=stats)
+    with pytest.raises(ValueError, match="rows"):
+        mtbkd.mtbkd_loss(z[:4], t[:, :4], y[:4], teacher_stats=stats)
+    with pytest.raises(ValueError, match="teachers"):
+        mtbkd.mtbkd_loss(z, t[:1], y, teacher_stats=stats)
+
+
+def test_teacher_stats_bad_input():
+    with pytest.raises(ValueError, match="temperature"):
+        TeacherStats(torch.randn(2, 3, 4), temperature=0.0)
+    with pytest.raises(TypeError, match="teacher_logits"):
+        TeacherStats("not a tensor")
+    with pytest.raises(ValueError, match="teacher_logits"):
+        TeacherStats([])
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for the GPUs the project targets (no GPU needed)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_triton_compiles_for_sm80_sm90():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MTBKD_BACKEND")}
+    script = os.path.join(os.path.dirname(__file__), "_triton_aot.py")
+    proc = subprocess.run(
+        [sys.executable, script, "80", "90"], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # 3 layouts x 8 launches (mtbkd, cached mtbkd, 3 divergences, weights, stats, scale) x 2 archs
+    assert proc.stdout.count('"ok": true') == 48, proc.stdout
