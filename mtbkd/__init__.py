@@ -2,20 +2,55 @@
 
 Fused multi-teacher losses (MT-BKD's teacher-informed mixture prior and the weighted-sum KD
 family), Bayesian layers, SGLD and uncertainty metrics. The math is in ``design/MATH.md``.
+Optional parts (``mtbkd.integrations``, ``mtbkd.distill``, ``mtbkd.report``) import lazily.
 """
 
 __version__ = "0.1.0"
 
-from mtbkd import functional, ops, reference  # noqa: E402
-from mtbkd.functional import MTBKDStats, mtbkd_loss, multi_teacher_kd_loss, teacher_weights  # noqa: E402
+from mtbkd import (  # noqa: E402
+    distributed,
+    functional,
+    fused_linear,
+    metrics,
+    nn,
+    ops,
+    optim,
+    posterior,
+    reference,
+    sparse,
+)
+from mtbkd.functional import (  # noqa: E402
+    MTBKDStats,
+    mtbkd_loss,
+    multi_teacher_kd_loss,
+    teacher_weights,
+)
+from mtbkd.fused_linear import FusedLinearMTBKDLoss, FusedLinearMultiTeacherKDLoss  # noqa: E402
 from mtbkd.info import info  # noqa: E402
 from mtbkd.losses import MTBKDLoss, MultiTeacherKDLoss  # noqa: E402
+from mtbkd.nn import BayesLinear, bayesify, kl_divergence  # noqa: E402
+from mtbkd.optim import SGLD  # noqa: E402
+from mtbkd.posterior import SampleStore, predict  # noqa: E402
+from mtbkd.sparse import (  # noqa: E402
+    SparseTeacher,
+    load_sparse_teachers,
+    save_sparse_teachers,
+    topk_teacher,
+)
+from mtbkd.teacher_stats import TeacherStats  # noqa: E402
 
 __all__ = [
     "__version__",
+    "distributed",
     "functional",
+    "fused_linear",
+    "metrics",
+    "nn",
     "ops",
+    "optim",
+    "posterior",
     "reference",
+    "sparse",
     "info",
     "teacher_weights",
     "mtbkd_loss",
@@ -23,4 +58,17 @@ __all__ = [
     "MTBKDStats",
     "MTBKDLoss",
     "MultiTeacherKDLoss",
+    "FusedLinearMTBKDLoss",
+    "FusedLinearMultiTeacherKDLoss",
+    "SparseTeacher",
+    "topk_teacher",
+    "save_sparse_teachers",
+    "load_sparse_teachers",
+    "TeacherStats",
+    "BayesLinear",
+    "bayesify",
+    "kl_divergence",
+    "SGLD",
+    "SampleStore",
+    "predict",
 ]

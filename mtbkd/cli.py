@@ -69,39 +69,66 @@ def _add_pipeline_commands(sub) -> None:
     """``demo``, ``distill`` and ``predict``: the end-to-end MT-BKD pipeline (mtbkd.distill)."""
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--out", default=None,
-                       help="output folder (default: a new folder under runs/)")  # fmt: skip
+        p.add_argument(
+            "--out", default=None, help="output folder (default: a new folder under runs/)"
+        )
         p.add_argument("--seed", type=int, default=0, help="data split and training seed")
-        p.add_argument("--smoke", action="store_true",
-                       help="tiny schedule and no tuning (a quick end-to-end check)")  # fmt: skip
-        p.add_argument("--resume", action="store_true",
-                       help="continue an interrupted run in --out from its checkpoints")  # fmt: skip
-        p.add_argument("--methods", default=None,
-                       help="comma-separated subset of ce,avg_kd,entropy_kd,bkd,mtbkd_map,"
-                            "mtbkd_sgld (bkd = every single-teacher BKD)")  # fmt: skip
+        p.add_argument(
+            "--smoke",
+            action="store_true",
+            help="tiny schedule and no tuning (a quick end-to-end check)",
+        )
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue an interrupted run in --out from its checkpoints",
+        )
+        p.add_argument(
+            "--methods",
+            default=None,
+            help="comma-separated subset of ce,avg_kd,entropy_kd,bkd,mtbkd_map,"
+            "mtbkd_sgld (bkd = every single-teacher BKD)",
+        )
         p.add_argument("--map-epochs", type=int, default=None, help="MAP warm-start epochs")
         p.add_argument("--sgld-epochs", type=int, default=None, help="SGLD epochs")
         p.add_argument("--num-samples", type=int, default=None, help="posterior samples kept")
         p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("demo", help="MT-BKD on scikit-learn digits: three expert teachers, a "
-                       "small student, the comparison table and figures (offline, minutes)")  # fmt: skip
+    p = sub.add_parser(
+        "demo",
+        help="MT-BKD on scikit-learn digits: three expert teachers, a "
+        "small student, the comparison table and figures (offline, minutes)",
+    )
     common(p)
+    p.add_argument(
+        "--llm",
+        action="store_true",
+        help="instead: distil a small Llama from SmolLM2-135M and a trigram model on "
+        "Python's docs (mtbkd.llm_demo; needs the `llm` extra)",
+    )
     p.set_defaults(func=_cmd_demo, dataset="digits", data_dir=None)
 
     p = sub.add_parser("distill", help="run every method on a dataset and write the report")
-    p.add_argument("--dataset", choices=["digits", "yeast", "deeploc", "dir"], required=True,
-                   help="built-in dataset, or `dir`: a directory of your own (--data-dir)")  # fmt: skip
-    p.add_argument("--data-dir", default=None,
-                   help="folder of the DeepLoc files or of your own dataset")  # fmt: skip
+    p.add_argument(
+        "--dataset",
+        choices=["digits", "yeast", "deeploc", "dir"],
+        required=True,
+        help="built-in dataset, or `dir`: a directory of your own (--data-dir)",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="folder of the DeepLoc files or of your own dataset"
+    )
     common(p)
     p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("predict", help="apply a saved run's posterior samples to new inputs")
     p.add_argument("--run", required=True, help="output folder of `mtbkd demo` / `mtbkd distill`")
-    p.add_argument("--input", required=True,
-                   help="CSV (a Sequence column for DeepLoc runs; labels optional) or .npy")  # fmt: skip
+    p.add_argument(
+        "--input",
+        required=True,
+        help="CSV (a Sequence column for DeepLoc runs; labels optional) or .npy",
+    )
     p.add_argument("--out", required=True, help="CSV to write, one row per input")
     p.set_defaults(func=_cmd_predict)
 
@@ -161,13 +188,16 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None
     print(dataset.summary(), flush=True)
-    result = distill.run_experiment(dataset, config, checkpoint_dir=out / "checkpoints",
-                                    log=lambda m: print(m, flush=True))  # fmt: skip
+    result = distill.run_experiment(
+        dataset, config, checkpoint_dir=out / "checkpoints", log=lambda m: print(m, flush=True)
+    )
     distill.save_run(result, out, dataset)
     rep = report.write_report(result, out, figures=not args.no_figures)
     print()
-    print(f"{dataset.name} test set ({len(dataset.y_test)} rows), "
-          f"{len(result.teacher_names)} teachers: {', '.join(result.teacher_names)}")  # fmt: skip
+    print(
+        f"{dataset.name} test set ({len(dataset.y_test)} rows), "
+        f"{len(result.teacher_names)} teachers: {', '.join(result.teacher_names)}"
+    )
     print(report.format_table(rep["methods"]))
     for line in report.followed_sentences(result.attribution):
         print(line)
@@ -177,6 +207,10 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.llm:
+        from mtbkd.llm_demo import run_from_args
+
+        return run_from_args(args)
     return _run_pipeline(args)
 
 

@@ -43,9 +43,17 @@ __all__ = [
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 DEEPLOC_CLASSES = (
-    "Cytoplasm", "Nucleus", "Extracellular", "Cell membrane", "Mitochondrion", "Plastid",
-    "Endoplasmic reticulum", "Lysosome/Vacuole", "Golgi apparatus", "Peroxisome",
-)  # fmt: skip
+    "Cytoplasm",
+    "Nucleus",
+    "Extracellular",
+    "Cell membrane",
+    "Mitochondrion",
+    "Plastid",
+    "Endoplasmic reticulum",
+    "Lysosome/Vacuole",
+    "Golgi apparatus",
+    "Peroxisome",
+)
 # UCI yeast localisation sites, in the alphabetical order used as label indices.
 YEAST_CLASSES = ("CYT", "ERL", "EXC", "ME1", "ME2", "ME3", "MIT", "NUC", "POX", "VAC")
 TERMINAL_LENGTH = 50
@@ -98,9 +106,13 @@ class Dataset:
             ("test", self.teachers_test, len(self.x_test)),
         ):
             for name in list(teachers):
-                teachers[name] = _teacher_logits(teachers[name], f"teacher {name!r} ({split})", n, c)
+                teachers[name] = _teacher_logits(
+                    teachers[name], f"teacher {name!r} ({split})", n, c
+                )
         if self.feature_kind not in ("numeric", "sequence"):
-            raise ValueError(f"feature_kind must be 'numeric' or 'sequence', got {self.feature_kind!r}")
+            raise ValueError(
+                f"feature_kind must be 'numeric' or 'sequence', got {self.feature_kind!r}"
+            )
         if self.feature_names is not None and len(self.feature_names) != self.x_train.shape[1]:
             raise ValueError(
                 f"feature_names has {len(self.feature_names)} names for "
@@ -179,9 +191,7 @@ def _teacher_logits(t, name: str, n: int, c: int) -> np.ndarray:
     return t
 
 
-def stratified_split(
-    y: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(keep, held_out)``: about ``fraction`` of every class held out (at least one row
     of each class with two or more rows), shuffled with ``seed``."""
     if not 0.0 < fraction < 1.0:
@@ -268,8 +278,9 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
     x, y = d.data.astype(np.float32) / 16.0, d.target.astype(np.int64)
     tr, te = stratified_split(y, test_fraction, seed)
     names = [f"px{r}{c}" for r in range(8) for c in range(8)]
-    return Dataset("digits", x[tr], y[tr], x[te], y[te], [str(c) for c in range(10)],
-                   feature_names=names)  # fmt: skip
+    return Dataset(
+        "digits", x[tr], y[tr], x[te], y[te], [str(c) for c in range(10)], feature_names=names
+    )
 
 
 def yeast_data_file() -> Path:
@@ -348,8 +359,9 @@ def _parse_labels(path: Path, rows, col: int) -> np.ndarray:
         raise ValueError(f"{path}: the label column must hold integer class indices") from None
 
 
-def read_inputs(path: str | Path, feature_kind: str, feature_names: list[str] | None = None
-                ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:  # fmt: skip
+def read_inputs(
+    path: str | Path, feature_kind: str, feature_names: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
     """Features ``[N, D]``, labels ``[N]`` or ``None`` and a row identifier column (or ``None``)
     from a CSV or ``.npy`` file, computed the way a :class:`Dataset` of ``feature_kind`` was.
 
@@ -422,7 +434,9 @@ def _csv_teachers(root: Path, split: str) -> dict[str, np.ndarray]:
         try:
             out[name] = np.loadtxt(p, delimiter=",", ndmin=2, dtype=np.float64)
         except ValueError as exc:
-            raise ValueError(f"{p}: teacher logits must be comma-separated numbers ({exc})") from None
+            raise ValueError(
+                f"{p}: teacher logits must be comma-separated numbers ({exc})"
+            ) from None
     return out
 
 
@@ -439,7 +453,9 @@ def _npy_split(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarr
     return x, y, teachers
 
 
-def _class_names(root: Path, labels: list[np.ndarray], teachers: dict[str, np.ndarray]) -> list[str]:
+def _class_names(
+    root: Path, labels: list[np.ndarray], teachers: dict[str, np.ndarray]
+) -> list[str]:
     if (root / "classes.txt").is_file():
         return [ln.strip() for ln in (root / "classes.txt").read_text().splitlines() if ln.strip()]
     c = max(int(y.max()) for y in labels) + 1

@@ -86,8 +86,9 @@ class DistillConfig:
     # SGLD step on the mean loss, η·num_data (the SGLD step is η = sgld_lr / num_data).
     sgld_lr: float = 1.6e-4
     sgld_temperature: float = 1.0
-    # Precision of the Gaussian prior on the head's weights during SGLD.
-    sgld_prior_precision: float = 1.0
+    # Precision of the Gaussian prior on the head's weights during SGLD; None: num_data ·
+    # weight_decay, the prior whose mode the MAP warm start found (Adam's L2 on the mean loss)
+    sgld_prior_precision: float | None = None
     sgld_precondition: bool = False
     num_samples: int = 100
     burn_in: float = 0.1  # fraction of the SGLD steps
@@ -115,6 +116,9 @@ class DistillConfig:
     teacher_hidden: int = 64
     teacher_epochs: int = 300
     teacher_other_fraction: float = 0.08
+    teacher_folds: int = 2  # cross-fitted teacher logits on the training rows (0: none)
+    # temperature-scale each teacher on its out-of-fold logits (needs teacher_folds >= 2)
+    teacher_calibrate: bool = True
     seed: int = 0
     methods: tuple[str, ...] = BASE_METHODS
     progress: bool = True
@@ -171,22 +175,57 @@ class DistillConfig:
 # Schedules sized to the built-in datasets (chosen on their validation splits).
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": {
-        "hidden": (32,), "batch_size": 64, "map_epochs": 60, "map_lr": 3e-3,
-        "weight_decay": 1e-4, "sgld_epochs": 40, "num_samples": 100,
+        "hidden": (32,),
+        "batch_size": 64,
+        "map_epochs": 60,
+        "map_lr": 3e-3,
+        "weight_decay": 1e-4,
+        "sgld_epochs": 40,
+        "num_samples": 100,
+        "val_fraction": 0.3,
+        "teacher_other_fraction": 0.1,
+        "mtbkd_grid": {
+            "temperature": (2.0, 4.0),
+            "concentration": (5.0, 20.0),
+            "prior_weight": (0.1, 0.5),
+        },
+        "sgld_grid": (1.6e-4, 1.6e-3, 1.6e-2),
     },
     "yeast": {
-        "hidden": (32,), "batch_size": 64, "map_epochs": 80, "map_lr": 3e-3,
-        "weight_decay": 1e-4, "sgld_epochs": 40, "num_samples": 100,
+        "hidden": (32,),
+        "batch_size": 64,
+        "map_epochs": 80,
+        "map_lr": 3e-3,
+        "weight_decay": 1e-4,
+        "sgld_epochs": 40,
+        "num_samples": 100,
     },
     "deeploc": {
-        "hidden": (128,), "batch_size": 64, "map_epochs": 40, "map_lr": 1e-3,
-        "weight_decay": 1e-4, "sgld_epochs": 30, "num_samples": 100,
+        "hidden": (64,),
+        "batch_size": 64,
+        "map_epochs": 30,
+        "map_lr": 3e-4,
+        "weight_decay": 1e-2,
+        "sgld_epochs": 20,
+        "num_samples": 100,
+        "mtbkd_grid": {
+            "temperature": (2.0, 4.0),
+            "concentration": (5.0, 20.0),
+            "prior_weight": (0.1, 0.5),
+        },
+        "sgld_grid": (1.6e-4, 1.6e-3),
     },
-}  # fmt: skip
+}
 SMOKE = {
-    "map_epochs": 4, "sgld_epochs": 3, "num_samples": 10, "teacher_epochs": 40,
-    "mtbkd_grid": {}, "kd_grid": {}, "sgld_grid": (), "tune_bkd": False,
-}  # fmt: skip
+    "map_epochs": 4,
+    "sgld_epochs": 3,
+    "num_samples": 10,
+    "teacher_epochs": 40,
+    "mtbkd_grid": {},
+    "kd_grid": {},
+    "sgld_grid": (),
+    "tune_bkd": False,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,28 +255,41 @@ class Objective:
             raise ValueError(f"a {self.kind!r} objective needs at least one teacher")
 
     def __call__(self, logits: Tensor, teacher_logits: Tensor | None, labels: Tensor) -> Tensor:
-        """Mean loss of a batch; ``teacher_logits`` ``[K, B, C]`` holds this objective's teachers."""
+        """Mean batch loss; ``teacher_logits`` ``[K, B, C]`` holds this objective's teachers."""
         if self.kind == "ce":
             return F.cross_entropy(logits, labels)
         if self.kind == "kd":
             return mf.multi_teacher_kd_loss(
-                logits, teacher_logits, labels, temperature=self.temperature,
-                weights=self.weights, hard_label_weight=self.hard_label_weight,
-                soft_label_weight=self.kd_weight, scale_by_t2=True,
-            )  # fmt: skip
+                logits,
+                teacher_logits,
+                labels,
+                temperature=self.temperature,
+                weights=self.weights,
+                hard_label_weight=self.hard_label_weight,
+                soft_label_weight=self.kd_weight,
+                scale_by_t2=True,
+            )
         return mf.mtbkd_loss(
-            logits, teacher_logits, labels, temperature=self.temperature,
-            concentration=self.concentration, prior_weight=self.prior_weight,
-            hard_label_weight=self.hard_label_weight, weights=self.weights,
-        )  # fmt: skip
+            logits,
+            teacher_logits,
+            labels,
+            temperature=self.temperature,
+            concentration=self.concentration,
+            prior_weight=self.prior_weight,
+            hard_label_weight=self.hard_label_weight,
+            weights=self.weights,
+        )
 
     def hparams(self) -> dict[str, float]:
         if self.kind == "ce":
             return {}
         if self.kind == "kd":
             return {"kd_temperature": self.temperature, "kd_weight": self.kd_weight}
-        return {"temperature": self.temperature, "concentration": self.concentration,
-                "prior_weight": self.prior_weight}  # fmt: skip
+        return {
+            "temperature": self.temperature,
+            "concentration": self.concentration,
+            "prior_weight": self.prior_weight,
+        }
 
 
 class StudentMLP(nn.Module):
@@ -332,7 +384,8 @@ def _load_ckpt(path: Path) -> dict | None:
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, unit="ep")
+    # disable=None: tqdm switches itself off when stderr is not a terminal (logs, CI)
+    return tqdm(total=total, desc=desc, leave=False, disable=None if enabled else True, unit="ep")
 
 
 def _run_epochs(
@@ -361,16 +414,40 @@ def _run_epochs(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _run_epochs_seeded(
-            model, data, objective, optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
-            checkpoint=checkpoint, checkpoint_every=checkpoint_every, desc=desc,
-            progress=progress, store=store, store_path=store_path, callback=callback,
-        )  # fmt: skip
+            model,
+            data,
+            objective,
+            optimizer,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            desc=desc,
+            progress=progress,
+            store=store,
+            store_path=store_path,
+            callback=callback,
+        )
 
 
 def _run_epochs_seeded(
-    model, data, objective, optimizer, *, epochs, batch_size, seed, checkpoint, checkpoint_every,
-    desc, progress, store, store_path, callback,
-) -> float:  # fmt: skip
+    model,
+    data,
+    objective,
+    optimizer,
+    *,
+    epochs,
+    batch_size,
+    seed,
+    checkpoint,
+    checkpoint_every,
+    desc,
+    progress,
+    store,
+    store_path,
+    callback,
+) -> float:
     gen = torch.Generator().manual_seed(seed)
     start, spent = 0, 0.0
     state = _load_ckpt(checkpoint) if checkpoint is not None else None
@@ -401,11 +478,14 @@ def _run_epochs_seeded(
             done = epoch + 1
             if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs):
                 ckpt = {
-                    "epoch": done, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
-                    "rng": torch.get_rng_state(), "seconds": spent + time.perf_counter() - t0,
+                    "epoch": done,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": gen.get_state(),
+                    "rng": torch.get_rng_state(),
+                    "seconds": spent + time.perf_counter() - t0,
                     "store": store.state(store_path) if store is not None else {},
-                }  # fmt: skip
+                }
                 _save_atomic(ckpt, checkpoint)
             if callback is not None:
                 callback(done)
@@ -416,13 +496,19 @@ class _Samples:
     """The SampleStore of one SGLD run (the head's parameters, named as in the whole model so
     that :func:`mtbkd.posterior.predict` can swap them in) and its checkpointing."""
 
-    def __init__(self, model: nn.Module, prefix: str, burn_in: int, thin: int,
-                 max_samples: int) -> None:  # fmt: skip
+    def __init__(
+        self, model: nn.Module, prefix: str, burn_in: int, thin: int, max_samples: int
+    ) -> None:
         from mtbkd.posterior import SampleStore
 
         self.model = model
-        self.store = SampleStore(model, burn_in=burn_in, thin=thin, max_samples=max_samples,
-                                 include=f"{prefix}.*" if prefix else None)  # fmt: skip
+        self.store = SampleStore(
+            model,
+            burn_in=burn_in,
+            thin=thin,
+            max_samples=max_samples,
+            include=f"{prefix}.*" if prefix else None,
+        )
 
     def collect(self) -> None:
         self.store.collect()
@@ -440,8 +526,10 @@ class _Samples:
             raise FileNotFoundError(f"the checkpoint's samples file {path} is missing")
         store = SampleStore.load(path, self.model)
         if len(store) != state["samples"]:
-            raise RuntimeError(f"{path} holds {len(store)} samples, the checkpoint "
-                               f"{state['samples']}: the checkpoint is inconsistent")  # fmt: skip
+            raise RuntimeError(
+                f"{path} holds {len(store)} samples, the checkpoint "
+                f"{state['samples']}: the checkpoint is inconsistent"
+            )
         self.store = store
 
 
@@ -466,10 +554,19 @@ def train_map(
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         ckpt = Path(checkpoint_dir) / "map.pt"
     return _run_epochs(
-        model, data, objective, opt, epochs=config.map_epochs, batch_size=config.batch_size,
-        seed=config.seed, checkpoint=ckpt, checkpoint_every=config.checkpoint_every, desc=desc,
-        progress=config.progress, callback=callback,
-    )  # fmt: skip
+        model,
+        data,
+        objective,
+        opt,
+        epochs=config.map_epochs,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        checkpoint=ckpt,
+        checkpoint_every=config.checkpoint_every,
+        desc=desc,
+        progress=config.progress,
+        callback=callback,
+    )
 
 
 def sgld_schedule(num_rows: int, config: DistillConfig) -> tuple[int, int, int]:
@@ -506,10 +603,17 @@ def train_sgld(
     # eval(): the frozen body must be deterministic (dropout / batch norm would move the features)
     model.eval()
     n = data.x.shape[0]
+    prior = config.sgld_prior_precision
+    if prior is None:
+        prior = n * config.weight_decay
     opt = SGLD(
-        head_mod.parameters(), lr=lr / n, num_data=n, temperature=config.sgld_temperature,
-        weight_decay=config.sgld_prior_precision, precondition=config.sgld_precondition,
-    )  # fmt: skip
+        head_mod.parameters(),
+        lr=lr / n,
+        num_data=n,
+        temperature=config.sgld_temperature,
+        weight_decay=prior,
+        precondition=config.sgld_precondition,
+    )
     burn, thin, max_samples = sgld_schedule(n, config)
     samples = _Samples(model, prefix, burn, thin, max_samples)
     ckpt = path = None
@@ -518,10 +622,21 @@ def train_sgld(
         ckpt = Path(checkpoint_dir) / "sgld.pt"
         path = Path(checkpoint_dir) / "sgld_samples.safetensors"
     seconds = _run_epochs(
-        model, data, objective, opt, epochs=config.sgld_epochs, batch_size=config.batch_size,
-        seed=config.seed + 1, checkpoint=ckpt, checkpoint_every=config.checkpoint_every,
-        desc=desc, progress=config.progress, store=samples, store_path=path, callback=callback,
-    )  # fmt: skip
+        model,
+        data,
+        objective,
+        opt,
+        epochs=config.sgld_epochs,
+        batch_size=config.batch_size,
+        seed=config.seed + 1,
+        checkpoint=ckpt,
+        checkpoint_every=config.checkpoint_every,
+        desc=desc,
+        progress=config.progress,
+        store=samples,
+        store_path=path,
+        callback=callback,
+    )
     for p in model.parameters():
         p.requires_grad_(True)
     return samples.store, seconds
@@ -596,10 +711,16 @@ def teacher_attribution(
     logits = probs.clamp_min(1e-30).log().reshape(s * n, c).double()
     t = teacher_logits.double().unsqueeze(1).expand(k, s, n, c).reshape(k, s * n, c)
     _, stats = mf.mtbkd_loss(
-        logits, t, None, temperature=objective.temperature,
-        concentration=objective.concentration, prior_weight=objective.prior_weight,
-        weights=objective.weights, reduction="none", return_stats=True,
-    )  # fmt: skip
+        logits,
+        t,
+        None,
+        temperature=objective.temperature,
+        concentration=objective.concentration,
+        prior_weight=objective.prior_weight,
+        weights=objective.weights,
+        reduction="none",
+        return_stats=True,
+    )
     w = stats.weights.reshape(k, s, n).mean(1).float()
     r = stats.responsibilities.reshape(k, s, n).mean(1).float()
     return w, r
@@ -703,21 +824,28 @@ def _distill(student, teachers, x, y, config, method, head, checkpoint_dir) -> D
     map_s = train_map(student, data, obj, config, checkpoint_dir=ck, desc=f"{method} MAP")
     store, sg_s = None, 0.0
     if sample:
-        store, sg_s = train_sgld(student, data, obj, config, head=head, checkpoint_dir=ck,
-                                 desc=f"{method} SGLD")  # fmt: skip
+        store, sg_s = train_sgld(
+            student, data, obj, config, head=head, checkpoint_dir=ck, desc=f"{method} SGLD"
+        )
     return DistillResult(student, store, obj, map_s + sg_s, map_s, config.predict_chunk)
 
 
 def _objective_for(method: str, config: DistillConfig, k: int) -> tuple[Objective, bool]:
-    common = {"temperature": config.temperature, "concentration": config.concentration,
-              "prior_weight": config.prior_weight,
-              "hard_label_weight": config.hard_label_weight}  # fmt: skip
+    common = {
+        "temperature": config.temperature,
+        "concentration": config.concentration,
+        "prior_weight": config.prior_weight,
+        "hard_label_weight": config.hard_label_weight,
+    }
     if method == "ce":
         return Objective("ce"), False
     if k == 0:
         raise ValueError(f"method {method!r} needs teachers")
-    kd = {"temperature": config.kd_temperature, "kd_weight": config.kd_weight,
-          "hard_label_weight": config.hard_label_weight}  # fmt: skip
+    kd = {
+        "temperature": config.kd_temperature,
+        "kd_weight": config.kd_weight,
+        "hard_label_weight": config.hard_label_weight,
+    }
     if method == "avg_kd":
         return Objective("kd", tuple(range(k)), "uniform", **kd), False
     if method == "entropy_kd":
@@ -744,6 +872,10 @@ def expert_groups(num_classes: int, k: int) -> list[list[int]]:
     return [g.tolist() for g in np.array_split(np.arange(num_classes), k)]
 
 
+def _teacher_name(group: list[int], num_classes: int) -> str:
+    return "t" + "".join(map(str, group)) if num_classes <= 10 else f"t{group[0]}_{group[-1]}"
+
+
 def train_teachers(
     x: Tensor, y: Tensor, num_classes: int, config: DistillConfig
 ) -> dict[str, nn.Module]:
@@ -766,9 +898,67 @@ def train_teachers(
             loss.backward()
             opt.step()
         model.eval()
-        name = "t" + "".join(str(c) for c in group) if num_classes <= 10 else f"t{group[0]}_{group[-1]}"
-        out[name] = model
+        out[_teacher_name(group, num_classes)] = model
     return out
+
+
+def teacher_logits(
+    x_train: Tensor, y_train: Tensor, x_test: Tensor, num_classes: int, config: DistillConfig
+) -> tuple[list[str], Tensor, Tensor]:
+    """Train :func:`train_teachers` and cache their logits ``[K, N, C]`` on the training and
+    test rows. With ``config.teacher_folds >= 2`` the training rows' logits are cross-fitted
+    (each row scored by teachers trained on the other folds), so they show how a teacher
+    generalises rather than how well it memorised the rows the student learns from."""
+    with torch.random.fork_rng(devices=[]):
+        full = train_teachers(x_train, y_train, num_classes, config)
+        names = list(full)
+        t_test = _teacher_tensor(list(full.values()), x_test)
+        folds = config.teacher_folds
+        if folds < 2:
+            # no out-of-fold logits, nothing honest to calibrate on
+            return names, _teacher_tensor(list(full.values()), x_train), t_test
+        t_train = torch.empty(len(names), x_train.shape[0], num_classes)
+        fold_of = (
+            torch.randperm(
+                x_train.shape[0], generator=torch.Generator().manual_seed(config.seed + 2000)
+            )
+            % folds
+        )
+        for f in range(folds):
+            held = fold_of == f
+            part = train_teachers(x_train[~held], y_train[~held], num_classes, config)
+            t_train[:, held] = _teacher_tensor(list(part.values()), x_train[held])
+    if config.teacher_calibrate:
+        for k in range(len(names)):
+            temp = fit_temperature(t_train[k], y_train)
+            t_train[k] /= temp
+            t_test[k] /= temp
+    return names, t_train, t_test
+
+
+def fit_temperature(logits: Tensor, labels: Tensor) -> float:
+    """Temperature scaling: the ``T`` in [0.05, 20] minimising ``NLL(softmax(logits / T))``
+    (golden-section search on ``log T``; the NLL is unimodal in it). Fitted on out-of-fold
+    logits, it calibrates a teacher without touching the student's validation or test rows."""
+    logits, labels = logits.double(), labels.long()
+
+    def nll(log_t: float) -> float:
+        return float(F.cross_entropy(logits / math.exp(log_t), labels))
+
+    lo, hi = math.log(0.05), math.log(20.0)
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    return math.exp((lo + hi) / 2)
 
 
 def pool_digits(x: np.ndarray) -> np.ndarray:
@@ -781,35 +971,42 @@ def pool_digits(x: np.ndarray) -> np.ndarray:
 def digits_demo_dataset(
     config: DistillConfig | None = None,
     seed: int = 0,
-    student_fraction: float = 1.0,
-    pooled: bool = True,
+    student_fraction: float = 0.25,
+    pooled: bool = False,
 ) -> Dataset:
     """scikit-learn digits set up as the demo's distillation problem: three MLP teachers with
-    different class expertise (:func:`train_teachers`) see the full 8x8 images of the training
-    split; the student sees the 4x4 pooled images (:func:`pool_digits`, unless ``pooled`` is
-    False) of a stratified ``student_fraction`` of the training rows (its transfer set), with
-    the teachers' cached logits on them."""
+    different class expertise (:func:`train_teachers`: each sees all training images of its
+    classes and a tenth of the others; cross-fitted and temperature-scaled logits, see
+    :func:`teacher_logits`) learn from the whole training split; the small student learns from a
+    stratified ``student_fraction`` of it (its labelled transfer set, with the teachers' cached
+    logits), on the 8x8 images or, with ``pooled``, their 4x4 pooled version (:func:`pool_digits`).
+    """
     from mtbkd.data import load_digits
 
     config = config or DistillConfig()
     full = load_digits(seed)
     with _threads(config.num_threads):
         x_tr, y_tr = torch.from_numpy(full.x_train), torch.from_numpy(full.y_train)
-        teachers = train_teachers(x_tr, y_tr, full.num_classes, config)
-        t_tr = _teacher_tensor(list(teachers.values()), x_tr).numpy()
-        t_te = _teacher_tensor(list(teachers.values()), torch.from_numpy(full.x_test)).numpy()
+        names, t_tr, t_te = teacher_logits(
+            x_tr, y_tr, torch.from_numpy(full.x_test), full.num_classes, config
+        )
+        t_tr, t_te = t_tr.numpy(), t_te.numpy()
     rows = np.arange(len(full.y_train))
     if student_fraction < 1.0:
         _, rows = stratified_split(full.y_train, student_fraction, seed + 7)
     view = pool_digits if pooled else (lambda a: a)
-    names = list(teachers)
-    feat = ([f"pool{r}{c}" for r in range(4) for c in range(4)] if pooled
-            else full.feature_names)  # fmt: skip
+    feat = [f"pool{r}{c}" for r in range(4) for c in range(4)] if pooled else full.feature_names
     return Dataset(
-        "digits", view(full.x_train[rows]), full.y_train[rows], view(full.x_test), full.y_test,
-        full.class_names, {n: t_tr[i][rows] for i, n in enumerate(names)},
-        {n: t_te[i] for i, n in enumerate(names)}, feature_names=feat,
-    )  # fmt: skip
+        "digits",
+        view(full.x_train[rows]),
+        full.y_train[rows],
+        view(full.x_test),
+        full.y_test,
+        full.class_names,
+        {n: t_tr[i][rows] for i, n in enumerate(names)},
+        {n: t_te[i] for i, n in enumerate(names)},
+        feature_names=feat,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -831,8 +1028,16 @@ class MethodResult:
     sampled: bool
 
     def row(self) -> dict[str, Any]:
-        keys = ("accuracy", "nll", "ece", "brier", "mean_deviance", "coverage", "set_size",
-                "auroc_error")  # fmt: skip
+        keys = (
+            "accuracy",
+            "nll",
+            "ece",
+            "brier",
+            "mean_deviance",
+            "coverage",
+            "set_size",
+            "auroc_error",
+        )
         return {"name": self.name, **{k: self.metrics[k] for k in keys}, "seconds": self.seconds}
 
 
@@ -873,8 +1078,10 @@ def _grid(base: dict[str, Any], grid: Mapping[str, Sequence[float]]) -> list[dic
     keys = list(grid)
     if not keys:
         return [dict(base)]
-    return [{**base, **dict(zip(keys, vals, strict=True))}
-            for vals in itertools.product(*(grid[k] for k in keys))]  # fmt: skip
+    return [
+        {**base, **dict(zip(keys, vals, strict=True))}
+        for vals in itertools.product(*(grid[k] for k in keys))
+    ]
 
 
 def _tag(h: Mapping[str, Any]) -> str:
@@ -907,14 +1114,20 @@ class _Experiment:
         key = (obj,)
         if key not in self.map_cache:
             model = copy.deepcopy(self.base)
-            torch.manual_seed(self.config.seed)
-            sec = train_map(model, self.data(obj), obj, self.config,
-                            checkpoint_dir=self._ckpt(name, _tag(obj.hparams())),
-                            desc=f"{name} MAP")  # fmt: skip
+            sec = train_map(
+                model,
+                self.data(obj),
+                obj,
+                self.config,
+                checkpoint_dir=self._ckpt(name, _tag(obj.hparams())),
+                desc=f"{name} MAP",
+            )
             self.map_cache[key] = (model, sec, self.val_nll(model))
         return self.map_cache[key]
 
-    def select_map(self, name: str, objs: list[Objective]) -> tuple[Objective, nn.Module, float, float]:
+    def select_map(
+        self, name: str, objs: list[Objective]
+    ) -> tuple[Objective, nn.Module, float, float]:
         best = None
         for obj in objs:
             model, sec, vnll = self.fit_map(name, obj)
@@ -927,8 +1140,15 @@ class _Experiment:
         for lr in lrs:
             model = copy.deepcopy(map_model)
             tag = f"{_tag(obj.hparams())}/sgld{lr:g}"
-            store, sec = train_sgld(model, self.data(obj), obj, self.config, sgld_lr=lr,
-                                    checkpoint_dir=self._ckpt(name, tag), desc=f"{name} SGLD")  # fmt: skip
+            store, sec = train_sgld(
+                model,
+                self.data(obj),
+                obj,
+                self.config,
+                sgld_lr=lr,
+                checkpoint_dir=self._ckpt(name, tag),
+                desc=f"{name} SGLD",
+            )
             vnll = self.val_nll(model, store)
             if best is None or vnll < best[4]:
                 best = (lr, model, store, sec, vnll)
@@ -961,7 +1181,8 @@ def run_experiment(
     """Every method of ``config.methods`` on ``dataset``: hyperparameters chosen by validation
     NLL on a stratified split of the training rows, metrics on the test rows."""
     config = config or DistillConfig()
-    with _threads(config.num_threads):
+    # a forked RNG: the caller's random state is neither used nor changed
+    with _threads(config.num_threads), torch.random.fork_rng(devices=[]):
         return _run_experiment(dataset, config, checkpoint_dir, log)
 
 
@@ -979,17 +1200,25 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         t_te = torch.stack([torch.from_numpy(dataset.teachers_test[n]) for n in names])
     else:
         log(f"training {config.num_teachers} teachers with different class expertise")
-        modules = train_teachers(x_tr, y_tr, c, config)
-        names = list(modules)
-        t_tr = _teacher_tensor(list(modules.values()), x_tr)
-        t_te = _teacher_tensor(list(modules.values()), x_te)
+        names, t_tr, t_te = teacher_logits(x_tr, y_tr, x_te, c, config)
     teachers = []
     for i, n in enumerate(names):
         m = evaluate_probs(torch.softmax(t_te[i], -1).unsqueeze(0), y_te)
-        per_class = [float((t_te[i].argmax(-1)[y_te == k] == k).float().mean()) if (y_te == k).any()
-                     else float("nan") for k in range(c)]  # fmt: skip
-        teachers.append({"name": n, "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"],
-                         "class_accuracy": per_class})  # fmt: skip
+        per_class = [
+            float((t_te[i].argmax(-1)[y_te == k] == k).float().mean())
+            if (y_te == k).any()
+            else float("nan")
+            for k in range(c)
+        ]
+        teachers.append(
+            {
+                "name": n,
+                "accuracy": m["accuracy"],
+                "nll": m["nll"],
+                "ece": m["ece"],
+                "class_accuracy": per_class,
+            }
+        )
         log(f"  teacher {n:<10} test acc {m['accuracy']:.3f}  nll {m['nll']:.3f}")
     torch.manual_seed(config.seed)
     base = StudentMLP(x_tr.shape[1], c, config.hidden, x_tr.mean(0), x_tr.std(0))
@@ -998,15 +1227,26 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
     k = len(names)
     wanted = method_names(config, names)
     results: dict[str, MethodResult] = {}
-    common = {"temperature": config.temperature, "concentration": config.concentration,
-              "prior_weight": config.prior_weight,
-              "hard_label_weight": config.hard_label_weight}  # fmt: skip
+    common = {
+        "temperature": config.temperature,
+        "concentration": config.concentration,
+        "prior_weight": config.prior_weight,
+        "hard_label_weight": config.hard_label_weight,
+    }
 
     def kd_objs(weights: str) -> list[Objective]:
         base_h = {"kd_temperature": config.kd_temperature, "kd_weight": config.kd_weight}
-        return [Objective("kd", tuple(range(k)), weights, temperature=h["kd_temperature"],
-                          kd_weight=h["kd_weight"], hard_label_weight=config.hard_label_weight)
-                for h in _grid(base_h, config.kd_grid)]  # fmt: skip
+        return [
+            Objective(
+                "kd",
+                tuple(range(k)),
+                weights,
+                temperature=h["kd_temperature"],
+                kd_weight=h["kd_weight"],
+                hard_label_weight=config.hard_label_weight,
+            )
+            for h in _grid(base_h, config.kd_grid)
+        ]
 
     def bayes_objs(teach: tuple[int, ...], grid) -> list[Objective]:
         return [Objective("mtbkd", teach, config.weights, **h) for h in _grid(common, grid)]
@@ -1023,7 +1263,9 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
             results[name] = ex.result(name, model, None, sec, obj.hparams(), vnll)
     mt_choice = None
     if "mtbkd_map" in wanted or "mtbkd_sgld" in wanted:
-        obj, model, sec, vnll = ex.select_map("mtbkd", bayes_objs(tuple(range(k)), config.mtbkd_grid))
+        obj, model, sec, vnll = ex.select_map(
+            "mtbkd", bayes_objs(tuple(range(k)), config.mtbkd_grid)
+        )
         if "mtbkd_map" in wanted:
             results["mtbkd_map"] = ex.result("mtbkd_map", model, None, sec, obj.hparams(), vnll)
         if "mtbkd_sgld" in wanted:
@@ -1043,22 +1285,40 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
             model, sec, vnll = ex.fit_map(name, obj)
             lrs = (mt_choice[3],)
         lr, smodel, store, ssec, svnll = ex.select_sgld(name, obj, model, lrs)
-        results[name] = ex.result(name, smodel, store, sec + ssec,
-                                  {**obj.hparams(), "sgld_lr": lr}, svnll)  # fmt: skip
+        results[name] = ex.result(
+            name, smodel, store, sec + ssec, {**obj.hparams(), "sgld_lr": lr}, svnll
+        )
     ordered = [results[m] for m in wanted if m in results]
     attribution = None
     if k >= 2 and ("mtbkd_sgld" in results or "mtbkd_map" in results):
         src = results.get("mtbkd_sgld") or results["mtbkd_map"]
-        obj = Objective("mtbkd", tuple(range(k)), config.weights,
-                        **{**common, **{a: b for a, b in src.hparams.items() if a in common}})  # fmt: skip
+        obj = Objective(
+            "mtbkd",
+            tuple(range(k)),
+            config.weights,
+            **{**common, **{a: b for a, b in src.hparams.items() if a in common}},
+        )
         w, r = teacher_attribution(src.probs, t_te, obj)
-        attribution = _summarise_attribution(src.name, w, r, y_te, src.probs, dataset.class_names,
-                                             names)  # fmt: skip
-    student, store, objective = (mt_choice[1], mt_choice[2], mt_choice[0]) if mt_choice else (
-        None, None, None)  # fmt: skip
-    return ExperimentResult(dataset.name, list(dataset.class_names), names, ordered, teachers, y_te,
-                            attribution, config, time.perf_counter() - t_start, student, store,
-                            objective)  # fmt: skip
+        attribution = _summarise_attribution(
+            src.name, w, r, y_te, src.probs, dataset.class_names, names
+        )
+    student, store, objective = (
+        (mt_choice[1], mt_choice[2], mt_choice[0]) if mt_choice else (None, None, None)
+    )
+    return ExperimentResult(
+        dataset.name,
+        list(dataset.class_names),
+        names,
+        ordered,
+        teachers,
+        y_te,
+        attribution,
+        config,
+        time.perf_counter() - t_start,
+        student,
+        store,
+        objective,
+    )
 
 
 def _summarise_attribution(method, w, r, labels, probs, class_names, teacher_names) -> dict:
@@ -1077,10 +1337,15 @@ def _summarise_attribution(method, w, r, labels, probs, class_names, teacher_nam
         mean_r.append(mr.tolist())
         followed[class_names[k]] = teacher_names[int(mr.argmax())]
     return {
-        "method": method, "classes": list(class_names), "teachers": list(teacher_names),
-        "mean_weights": mean_w, "mean_responsibilities": mean_r, "followed": followed,
-        "weights": w, "responsibilities": r,
-    }  # fmt: skip
+        "method": method,
+        "classes": list(class_names),
+        "teachers": list(teacher_names),
+        "mean_weights": mean_w,
+        "mean_responsibilities": mean_r,
+        "followed": followed,
+        "weights": w,
+        "responsibilities": r,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1105,25 +1370,43 @@ def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) ->
             continue
     if result.student is not None:
         obj, model, store = result.objective, result.student, result.store
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(out / "student.safetensors"))  # fmt: skip
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            str(out / "student.safetensors"),
+        )
         store.save(out / "samples.safetensors")
         meta = {
-            "dataset": result.dataset, "method": "mtbkd_sgld", "class_names": result.class_names,
-            "teacher_names": result.teacher_names, "feature_kind": dataset.feature_kind,
-            "feature_names": dataset.feature_names, "in_features": model.in_features,
-            "hidden": list(model.hidden), "num_classes": model.num_classes,
+            "dataset": result.dataset,
+            "method": "mtbkd_sgld",
+            "class_names": result.class_names,
+            "teacher_names": result.teacher_names,
+            "feature_kind": dataset.feature_kind,
+            "feature_names": dataset.feature_names,
+            "in_features": model.in_features,
+            "hidden": list(model.hidden),
+            "num_classes": model.num_classes,
             "objective": {"kind": obj.kind, "weights": obj.weights, **obj.hparams()},
             "config": result.config.to_dict(),
-        }  # fmt: skip
+        }
         (out / "run.json").write_text(json.dumps(meta, indent=2))
     if chosen is not None:
-        _write_predictions(out / "predictions.csv", chosen.probs, result.labels,
-                           result.attribution, result.teacher_names)  # fmt: skip
+        _write_predictions(
+            out / "predictions.csv",
+            chosen.probs,
+            result.labels,
+            result.attribution,
+            result.teacher_names,
+        )
 
 
-def _write_predictions(path: Path, probs: Tensor, labels: Tensor | None, attribution,
-                       teacher_names, ids: Sequence[str] | None = None) -> None:  # fmt: skip
+def _write_predictions(
+    path: Path,
+    probs: Tensor,
+    labels: Tensor | None,
+    attribution,
+    teacher_names,
+    ids: Sequence[str] | None = None,
+) -> None:
     from mtbkd import metrics as M
 
     pbar = probs.mean(0)
@@ -1131,8 +1414,13 @@ def _write_predictions(path: Path, probs: Tensor, labels: Tensor | None, attribu
     md = M.mean_deviance(probs)
     mi = M.mutual_information(probs)
     sets = _credible_rows(probs)
-    header = (["id"] if ids is not None else []) + ["pred", "confidence", "mean_deviance",
-                                                     "mutual_information", "credible_set"]
+    header = (["id"] if ids is not None else []) + [
+        "pred",
+        "confidence",
+        "mean_deviance",
+        "mutual_information",
+        "credible_set",
+    ]
     if labels is not None:
         header.append("label")
     if attribution is not None:
@@ -1142,8 +1430,13 @@ def _write_predictions(path: Path, probs: Tensor, labels: Tensor | None, attribu
     for i in range(pbar.shape[0]):
         row = [ids[i]] if ids is not None else []
         members = ";".join(str(int(c)) for c in torch.nonzero(sets[i]).flatten())
-        row += [str(int(pred[i])), f"{float(conf[i]):.6f}", f"{float(md[i]):.6f}",
-                f"{float(mi[i]):.6f}", members]  # fmt: skip
+        row += [
+            str(int(pred[i])),
+            f"{float(conf[i]):.6f}",
+            f"{float(md[i]):.6f}",
+            f"{float(mi[i]):.6f}",
+            members,
+        ]
         if labels is not None:
             row.append(str(int(labels[i])))
         if attribution is not None:
@@ -1182,7 +1475,9 @@ def predict_file(run_dir: str | Path, input_path: str | Path, out_csv: str | Pat
         raise ValueError(
             f"{input_path} has {x.shape[1]} features; the run's student takes {meta['in_features']}"
         )
-    probs = predict_probs(model, torch.from_numpy(x), store, meta["config"].get("predict_chunk", 50))
+    probs = predict_probs(
+        model, torch.from_numpy(x), store, meta["config"].get("predict_chunk", 50)
+    )
     y = torch.from_numpy(labels) if labels is not None else None
     if y is not None and (int(y.min()) < 0 or int(y.max()) >= meta["num_classes"]):
         raise ValueError(f"{input_path} has labels outside 0..{meta['num_classes'] - 1}")

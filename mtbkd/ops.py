@@ -101,6 +101,8 @@ def _load_backend(backend: str) -> None:
     # Backends living in optional modules register themselves on import.
     if backend == "triton":
         importlib.import_module("mtbkd.kernels")
+    elif backend == "cuda":
+        importlib.import_module("mtbkd.cuda_backend")
 
 
 def select_backend(device: torch.device, op: str | None = None) -> str:
@@ -277,7 +279,7 @@ def _(teachers, *args):
 
 
 # ----------------------------------------------------------------------------------------------
-# mtbkd::scale_grad: the backward of both losses (grad computed in the forward, scaled here)
+# Autograd of both losses: the gradient was computed in the forward; the backward scales it.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -302,7 +304,8 @@ def _setup_loss_ctx(ctx, inputs, output):
 
 def _loss_backward(ctx, grad_loss, *unused):
     (grad,) = ctx.saved_tensors
-    grad_student = scale_grad(grad, grad_loss.contiguous())
+    # Out of place: the saved gradient is also an output of the op, which a caller may hold.
+    grad_student = scale_grad(grad, grad_loss.to(_acc_dtype(grad.dtype)).contiguous())
     return (grad_student, [None] * ctx.num_teachers) + (None,) * ctx.num_rest
 
 
@@ -428,7 +431,7 @@ def _ref_teacher_stats(teachers, temperature, concentration, weight_temperature,
     lse_tau = torch.logsumexp(t / temperature, -1)
     lse_w = torch.logsumexp(t / weight_temperature, -1)
     logp_w = t / weight_temperature - lse_w[..., None]
-    entropy_w = -(logp_w.exp() * logp_w).sum(-1)
+    entropy_w = -torch.special.xlogy(logp_w.exp(), logp_w.exp()).sum(-1)
     p = torch.exp(t / temperature - lse_tau[..., None])
     lgamma_sum = torch.lgamma(1.0 + concentration * p).sum(-1)
     return torch.stack([lse_tau, lse_w, entropy_w, lgamma_sum], dim=-1)
@@ -441,7 +444,6 @@ def _ref_scale_grad(grad, grad_rows):
 
 # The Bayesian-student ops (MATH.md sections 6-7) live in their own module; re-exported here.
 from mtbkd.bayes_ops import gaussian_kl, reparameterize  # noqa: E402,F401
-
 
 # ----------------------------------------------------------------------------------------------
 # CPU backend: the C++ kernels of mtbkd._C (csrc/ops.cpp, csrc/cpu/loss_kernels.cpp), registered

@@ -253,10 +253,13 @@ def predict(
 
     batched = torch.vmap(run, in_dims=(0, None))
     stacked = store.stacked()
-    outs = []
+    out: Tensor | None = None
     with torch.no_grad():
         for s0 in range(0, len(store), chunk):
             part = {k: v[s0 : s0 + chunk].to(device=ref.device, dtype=params[k].dtype)
                     for k, v in stacked.items()}  # fmt: skip
-            outs.append(batched(part, inputs))
-    return torch.cat(outs, dim=0)
+            res = batched(part, inputs)
+            if out is None:  # one [S, ...] result, filled chunk by chunk (no final cat)
+                out = res.new_empty((len(store), *res.shape[1:]))
+            out[s0 : s0 + res.shape[0]] = res
+    return out

@@ -43,8 +43,8 @@ def teacher_entropy(teacher_logits: Tensor | Sequence[Tensor], temperature: floa
     """``H_k = -sum_c p~_kc log p~_kc`` with ``p~_k = softmax(t_k / temperature)``; shape ``[K, ...]``."""
     t = _stack(teacher_logits)
     t = t.to(_acc_dtype(t))
-    logp = torch.log_softmax(t / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    p = torch.softmax(t / temperature, dim=-1)
+    return -torch.special.xlogy(p, p).sum(-1)  # 0 log 0 = 0 (a logit of -inf)
 
 
 def teacher_weights(

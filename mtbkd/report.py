@@ -59,27 +59,39 @@ def report_dict(result: ExperimentResult) -> dict[str, Any]:
     att = None
     if result.attribution is not None:
         a = result.attribution
-        att = {k: a[k] for k in ("method", "classes", "teachers", "mean_weights",
-                                 "mean_responsibilities", "followed")}  # fmt: skip
-    return _clean({
-        "dataset": result.dataset,
-        "methods": [m.row() for m in result.methods],
-        "hyperparameters": {m.name: m.hparams for m in result.methods},
-        "validation_nll": {m.name: m.val_nll for m in result.methods},
-        "teachers": result.teachers,
-        "classes": result.class_names,
-        "attribution": att,
-        "config": result.config.to_dict(),
-        "total_seconds": result.seconds,
-    })  # fmt: skip
+        att = {
+            k: a[k]
+            for k in (
+                "method",
+                "classes",
+                "teachers",
+                "mean_weights",
+                "mean_responsibilities",
+                "followed",
+            )
+        }
+    return _clean(
+        {
+            "dataset": result.dataset,
+            "methods": [m.row() for m in result.methods],
+            "hyperparameters": {m.name: m.hparams for m in result.methods},
+            "validation_nll": {m.name: m.val_nll for m in result.methods},
+            "teachers": result.teachers,
+            "classes": result.class_names,
+            "attribution": att,
+            "config": result.config.to_dict(),
+            "total_seconds": result.seconds,
+        }
+    )
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
     out = []
     for key, _, fmt in COLUMNS:
         v = row.get(key)
-        out.append("n/a" if v is None or (isinstance(v, float) and not math.isfinite(v))
-                   else fmt.format(v))  # fmt: skip
+        out.append(
+            "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
+        )
     return out
 
 
@@ -90,8 +102,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
     lines = []
     for j, line in enumerate([header] + body):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(line, widths))))  # fmt: skip
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            )
+        )
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -147,15 +163,26 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
         a = result.attribution
         lines += ["", f"## Which teacher the student followed ({a['method']})", ""]
         lines += followed_sentences(a)
-        lines += ["", "| class | " + " | ".join(f"w `{t}`" for t in a["teachers"]) + " | "
-                  + " | ".join(f"r `{t}`" for t in a["teachers"]) + " |",
-                  "|---|" + "---:|" * (2 * len(a["teachers"]))]  # fmt: skip
-        for cls, w, r in zip(a["classes"], a["mean_weights"], a["mean_responsibilities"]):
+        lines += [
+            "",
+            "| class | "
+            + " | ".join(f"w `{t}`" for t in a["teachers"])
+            + " | "
+            + " | ".join(f"r `{t}`" for t in a["teachers"])
+            + " |",
+            "|---|" + "---:|" * (2 * len(a["teachers"])),
+        ]
+        for cls, w, r in zip(
+            a["classes"], a["mean_weights"], a["mean_responsibilities"], strict=True
+        ):
             vals = [f"{v:.2f}" if math.isfinite(v) else "n/a" for v in list(w) + list(r)]
             lines.append(f"| {cls} | " + " | ".join(vals) + " |")
-        lines += ["", "w: prior mixture weight (entropy weights, teachers only); r: posterior "
-                  "responsibility (which teacher's Dirichlet component explains the student's "
-                  "prediction), averaged over the test rows of each class and the samples."]  # fmt: skip
+        lines += [
+            "",
+            "w: prior mixture weight (entropy weights, teachers only); r: posterior "
+            "responsibility (which teacher's Dirichlet component explains the student's "
+            "prediction), averaged over the test rows of each class and the samples.",
+        ]
     if figures:
         lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
@@ -193,9 +220,14 @@ def _figures(result: ExperimentResult, out: Path) -> list[str]:
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
     for n in focus:
         conf, acc, count = reliability_curve(result.method(n).probs, y)
-        keep = count > 0
-        ax.plot(conf[keep].numpy(), acc[keep].numpy(), "o-", ms=3,
-                label=f"{n} (ECE {result.method(n).metrics['ece']:.3f})")  # fmt: skip
+        keep = count >= 5  # bins of a handful of rows are noise
+        ax.plot(
+            conf[keep].numpy(),
+            acc[keep].numpy(),
+            "o-",
+            ms=3,
+            label=f"{n} (ECE {result.method(n).metrics['ece']:.3f})",
+        )
     ax.set_xlabel("confidence (posterior-mean max probability)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"Reliability diagram, {result.dataset} test set")
@@ -207,14 +239,20 @@ def _figures(result: ExperimentResult, out: Path) -> list[str]:
 
     shown = [n for n in ("ce", "mtbkd_sgld") if n in names] or names[:1]
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.8), squeeze=False)
-    for ax, n in zip(axes[0], shown):
+    for ax, n in zip(axes[0], shown, strict=True):
         probs = result.method(n).probs
         unc = M.predictive_entropy(probs)
         right = probs.mean(0).argmax(-1) == y
         bins = torch.linspace(0, float(unc.max()) + 1e-6, 30).numpy()
-        ax.hist(unc[right].numpy(), bins=bins, alpha=0.6, density=True, label=f"right ({int(right.sum())})")
-        ax.hist(unc[~right].numpy(), bins=bins, alpha=0.6, density=True,
-                label=f"wrong ({int((~right).sum())})")  # fmt: skip
+        for mask, what in ((right, "right"), (~right, "wrong")):
+            if mask.any():  # a density of no rows is undefined
+                ax.hist(
+                    unc[mask].numpy(),
+                    bins=bins,
+                    alpha=0.6,
+                    density=True,
+                    label=f"{what} ({int(mask.sum())})",
+                )
         auroc = result.method(n).metrics["auroc_error"]
         ax.set_title(f"{n}: AUROC {auroc:.3f}" if math.isfinite(auroc) else n)
         ax.set_xlabel("predictive entropy (nats)")
@@ -234,8 +272,10 @@ def _figures(result: ExperimentResult, out: Path) -> list[str]:
         fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.7 * len(classes) + 2), 6), sharex=True)
         xs = np.arange(len(classes))
         width = 0.8 / len(teachers)
-        for ax, vals, title in ((axes[0], w, "prior weight w_k (teacher entropy)"),
-                                (axes[1], r, "responsibility r_k (followed teacher)")):  # fmt: skip
+        for ax, vals, title in (
+            (axes[0], w, "prior weight w_k (teacher entropy)"),
+            (axes[1], r, "responsibility r_k (followed teacher)"),
+        ):
             for j, t in enumerate(teachers):
                 ax.bar(xs + (j - (len(teachers) - 1) / 2) * width, vals[:, j], width, label=t)
             ax.set_ylim(0, 1)
@@ -243,8 +283,12 @@ def _figures(result: ExperimentResult, out: Path) -> list[str]:
             ax.set_title(title, fontsize=10)
         axes[0].legend(fontsize=8, ncol=len(teachers))
         axes[1].set_xticks(xs)
-        axes[1].set_xticklabels(classes, rotation=30 if len(classes) > 10 or max(
-            len(c) for c in classes) > 3 else 0, ha="right", fontsize=8)  # fmt: skip
+        axes[1].set_xticklabels(
+            classes,
+            rotation=30 if len(classes) > 10 or max(len(c) for c in classes) > 3 else 0,
+            ha="right",
+            fontsize=8,
+        )
         axes[1].set_xlabel("true class")
         fig.suptitle(f"Teachers per class, {a['method']} on {result.dataset}", fontsize=11)
         fig.tight_layout()

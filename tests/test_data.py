@@ -143,8 +143,9 @@ def test_csv_directory_numeric_and_sequence(tmp_path):
     num = tmp_path / "num"
     num.mkdir()
     for split, n in (("train", 9), ("test", 3)):
-        _write_csv(num / f"{split}.csv", ["f1", "f2", "label"],
-                   [[i, i * 0.5, i % 3] for i in range(n)])  # fmt: skip
+        _write_csv(
+            num / f"{split}.csv", ["f1", "f2", "label"], [[i, i * 0.5, i % 3] for i in range(n)]
+        )
         np.savetxt(num / f"teacher_a_{split}.csv", np.ones((n, 3)), delimiter=",")
     ds = data.load_directory(num)
     assert ds.x_train.shape == (9, 2) and ds.feature_names == ["f1", "f2"]
@@ -153,8 +154,11 @@ def test_csv_directory_numeric_and_sequence(tmp_path):
     seq = tmp_path / "seq"
     seq.mkdir()
     for split in ("train", "test"):
-        _write_csv(seq / f"{split}.csv", ["ACC", "Sequence", "Label"],
-                   [["P1", "MKVLA", 0], ["P2", "MAAAGW", 1]])  # fmt: skip
+        _write_csv(
+            seq / f"{split}.csv",
+            ["ACC", "Sequence", "Label"],
+            [["P1", "MKVLA", 0], ["P2", "MAAAGW", 1]],
+        )
     ds = data.load_directory(seq)
     assert ds.feature_kind == "sequence" and ds.x_train.shape == (2, 461)
     x, labels, ids = data.read_inputs(seq / "test.csv", "sequence")

@@ -1,10 +1,12 @@
-"""The Triton kernels (``mtbkd.kernels``) against the float64 reference, and ``TeacherStats``.
+"""The GPU kernels (Triton ``mtbkd.kernels``; CUDA C++ where built) against the float64 reference,
+and ``TeacherStats``.
 
-Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest) on
-CPU tensors, on small shapes; on a CUDA machine the same tests run the compiled kernels. The
-interpreter supports float64, so the float64 comparisons are tight (the kernels accumulate in
-float64 for float64 input). Low precision is judged against the float64 truth of the same rounded
-inputs, relative to the error of PyTorch's own computation in that dtype (the reference run on the
+Without a GPU the Triton kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by
+conftest) on CPU tensors, on small shapes, and the ``cuda`` cases skip (no CUDA build); on a CUDA
+machine the same tests run the compiled Triton kernels and the CUDA C++ kernels. The interpreter
+supports float64, so the float64 comparisons are tight (the kernels accumulate in float64 for
+float64 input). Low precision is judged against the float64 truth of the same rounded inputs,
+relative to the error of PyTorch's own computation in that dtype (the reference run on the
 low-precision input, fp32 accumulation, gradient rounded once).
 
 ``test_triton_compiles_for_sm80_sm90`` compiles every kernel specialisation the wrappers launch to
@@ -54,9 +56,14 @@ ON_CUDA = DEVICE == "cuda"
 NO_DEVICE_ASSERT = "a device-side assertion would poison the CUDA context of the test session"
 
 
-@pytest.fixture(autouse=True)
-def _triton(monkeypatch):
-    monkeypatch.setenv("MTBKD_BACKEND", "triton")
+@pytest.fixture(params=["triton", "cuda"])
+def backend(request, monkeypatch):
+    """Each op test runs on the Triton kernels and on the CUDA C++ kernels (where built)."""
+    reason = ops.backend_status()[request.param]
+    if reason is not None:
+        pytest.skip(f"{request.param} backend unavailable: {reason}")
+    monkeypatch.setenv("MTBKD_BACKEND", request.param)
+    return request.param
 
 
 def _acc(dtype):
@@ -115,9 +122,13 @@ def _mtbkd_args(z, ts, y, mode, cached, *, tau=2.0, lam=5.0, tw=1.0, check=True)
 
 
 @pytest.mark.parametrize("k,v,labels,mode,cached,layout", MTBKD_CASES)
-def test_mtbkd_fwd_float64(k, v, labels, mode, cached, layout):
+def test_mtbkd_fwd_float64(backend, k, v, labels, mode, cached, layout):
     z, ts, y = _data(5, v, k, torch.float64, labels=labels, layout=layout)
     args = _mtbkd_args(z, ts, y, mode, cached)
+    if backend == "cuda" and k > 8:
+        with pytest.raises((RuntimeError, ValueError), match="at most 8 teachers"):
+            torch.ops.mtbkd.mtbkd_loss_fwd(*args)
+        return
     out = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
     ref = ops._ref_mtbkd_loss_fwd(*args)
     names = ("loss", "grad", "weights", "responsibilities", "entropy", "prior", "ce")
@@ -133,7 +144,7 @@ def test_mtbkd_fwd_float64(k, v, labels, mode, cached, layout):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cached", [False, True])
-def test_mtbkd_fwd_low_precision(dtype, cached):
+def test_mtbkd_fwd_low_precision(backend, dtype, cached):
     z, ts, y = _data(6, 1271, 3, dtype)
     args = _mtbkd_args(z, ts, y, ENTROPY, cached)
     out = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
@@ -177,7 +188,7 @@ def _kd_args(z, ts, y, div, beta, mode, *, tau=2.0, check=True):
 
 
 @pytest.mark.parametrize("div,beta,k,v,labels,mode,layout", KD_CASES)
-def test_kd_fwd_float64(div, beta, k, v, labels, mode, layout):
+def test_kd_fwd_float64(backend, div, beta, k, v, labels, mode, layout):
     z, ts, y = _data(5, v, k, torch.float64, labels=labels, layout=layout)
     args = _kd_args(z, ts, y, div, beta, mode)
     out = torch.ops.mtbkd.multi_teacher_kd_fwd(*args)
@@ -189,7 +200,7 @@ def test_kd_fwd_float64(div, beta, k, v, labels, mode, layout):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("div", [FKL, RKL, JSD])
-def test_kd_fwd_low_precision(dtype, div):
+def test_kd_fwd_low_precision(backend, dtype, div):
     z, ts, y = _data(6, 1271, 3, dtype)
     args = _kd_args(z, ts, y, div, 0.5, ENTROPY)
     out = torch.ops.mtbkd.multi_teacher_kd_fwd(*args)
@@ -204,7 +215,7 @@ def test_kd_fwd_low_precision(dtype, div):
         )
 
 
-def test_all_rows_masked_give_zeros():
+def test_all_rows_masked_give_zeros(backend):
     z, ts, y = _data(3, 50, 2, torch.float32)
     y[:] = -100
     out = torch.ops.mtbkd.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, ENTROPY, False))
@@ -213,7 +224,7 @@ def test_all_rows_masked_give_zeros():
     assert all(torch.all(o == 0) for o in out)
 
 
-def test_ignore_index_equal_to_a_class_masks_the_row():
+def test_ignore_index_equal_to_a_class_masks_the_row(backend):
     z, ts, y = _data(4, 20, 2, torch.float64, masked=())
     y[2] = 0
     args = list(_kd_args(z, ts, y, FKL, 0.5, ENTROPY))
@@ -224,7 +235,7 @@ def test_ignore_index_equal_to_a_class_masks_the_row():
     assert _maxerr(out[1], ref[1]) <= 1e-12
 
 
-def test_single_row_and_single_class():
+def test_single_row_and_single_class(backend):
     z, ts, y = _data(1, 1, 2, torch.float64, masked=())
     args = _mtbkd_args(z, ts, y, ENTROPY, False)
     out = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
@@ -240,14 +251,14 @@ def test_single_row_and_single_class():
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("mode", [ENTROPY, UNIFORM])
-def test_teacher_weights(k, mode):
+def test_teacher_weights(backend, k, mode):
     _, ts, _ = _data(4, 301, k, torch.float64, labels=False)
     w, h = torch.ops.mtbkd.teacher_weights(ts, mode, 1.5, True)
     wr, hr = ops._ref_teacher_weights(ts, mode, 1.5, False)
     assert _maxerr(w, wr) <= 1e-12 and _maxerr(h, hr) <= 1e-12
 
 
-def test_teacher_weights_all_one_hot_fall_back_to_uniform():
+def test_teacher_weights_all_one_hot_fall_back_to_uniform(backend):
     t = torch.full((2, 3, 10), -1e4, dtype=torch.float64, device=DEVICE)
     t[:, :, 0] = 0.0
     w, h = torch.ops.mtbkd.teacher_weights(list(t.unbind(0)), ENTROPY, 1.0, True)
@@ -256,7 +267,7 @@ def test_teacher_weights_all_one_hot_fall_back_to_uniform():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lam", [0.3, 5.0, 1e4])
-def test_teacher_stats(dtype, lam):
+def test_teacher_stats(backend, dtype, lam):
     _, ts, _ = _data(4, 1271, 3, dtype, labels=False, layout="separate")
     out = torch.ops.mtbkd.teacher_stats(ts, 2.0, lam, 1.5, True)
     truth = ops._ref_teacher_stats(_f64(ts), 2.0, lam, 1.5, False)
@@ -274,32 +285,37 @@ def test_teacher_stats(dtype, lam):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_scale_grad_rounds_once_like_the_reference(dtype):
+def test_scale_grad_rounds_once_like_the_reference(backend, dtype):
     g = torch.Generator().manual_seed(1)
     grad = torch.randn(5, 1271, generator=g).to(DEVICE, dtype)
     rows = torch.randn(5, generator=g, dtype=torch.float64).to(DEVICE, _acc(dtype))
     assert torch.equal(torch.ops.mtbkd.scale_grad(grad, rows), ops._ref_scale_grad(grad, rows))
 
 
-def test_lgamma1p_accuracy():
-    x = torch.cat([
-        torch.logspace(-30, -4, 300, dtype=torch.float64),
-        torch.linspace(1e-4, 12.0, 3000, dtype=torch.float64),
-        torch.logspace(1.1, 6, 300, dtype=torch.float64),
-        torch.tensor([0.0, 0.5, 1.0, 2.0, 6.5, 7.0], dtype=torch.float64),
-    ])  # fmt: skip
-    # Truth: torch's float64 lgamma(1 + x), except below x = 0.05, where rounding 1 + x would cost
-    # digits: there the series -gamma x + sum_k (-1)^k zeta(k) x^k / k (float64-exact by k = 12).
-    zeta = [1.6449340668482264, 1.2020569031595942, 1.0823232337111382, 1.0369277551433699,
-            1.0173430619844491, 1.0083492773819228, 1.0040773561979443, 1.0020083928260822,
-            1.0009945751278181, 1.0004941886041195, 1.0002460865533080]  # fmt: skip
-    for dtype, high, tol in ((torch.float32, False, 2e-6), (torch.float64, True, 1e-13)):
-        xd = x.to(dtype).to(DEVICE)
-        out = torch.empty_like(xd)
-        _lgamma1p_kernel[(triton.cdiv(x.numel(), 256),)](xd, out, x.numel(), HIGH=high, BLOCK=256)
+_LGAMMA_X = torch.cat([
+    torch.logspace(-30, -4, 300, dtype=torch.float64),
+    torch.linspace(1e-4, 12.0, 3000, dtype=torch.float64),
+    torch.logspace(1.1, 6, 300, dtype=torch.float64),
+    torch.tensor([0.0, 0.5, 1.0, 2.0, 6.5, 7.0], dtype=torch.float64),
+])  # fmt: skip
+# zeta(2..12), for the series of lgamma(1 + x) at small x
+_ZETA = [1.6449340668482264, 1.2020569031595942, 1.0823232337111382, 1.0369277551433699,
+         1.0173430619844491, 1.0083492773819228, 1.0040773561979443, 1.0020083928260822,
+         1.0009945751278181, 1.0004941886041195, 1.0002460865533080]  # fmt: skip
+
+
+def _check_lgamma1p(fn):
+    """``fn(x) -> lgamma(1 + x)`` (x float32 or float64 on DEVICE) against a float64 truth.
+
+    Truth: torch's float64 lgamma(1 + x), except below x = 0.05 where rounding 1 + x would cost
+    digits: there the series -gamma x + sum_k (-1)^k zeta(k) x^k / k (float64-exact by k = 12).
+    """
+    for dtype, tol in ((torch.float32, 2e-6), (torch.float64, 1e-13)):
+        xd = _LGAMMA_X.to(dtype).to(DEVICE)
+        out = fn(xd)
         xr = xd.double().cpu()  # the rounded input: its exact lgamma(1 + x) is the truth
         series = -0.5772156649015329 * xr
-        for k, zk in enumerate(zeta, start=2):
+        for k, zk in enumerate(_ZETA, start=2):
             series = series + (-1) ** k * zk / k * xr**k
         ref = torch.where(xr < 0.05, series, torch.lgamma(1.0 + xr))
         got = out.double().cpu()
@@ -308,7 +324,22 @@ def test_lgamma1p_accuracy():
         assert out[xd == 1.0].item() == 0.0 and out[xd == 0.0].item() == 0.0
 
 
-def test_autograd_through_the_triton_ops():
+def test_lgamma1p_accuracy():
+    def run(xd):
+        out = torch.empty_like(xd)
+        high = xd.dtype == torch.float64
+        _lgamma1p_kernel[(triton.cdiv(xd.numel(), 256),)](xd, out, xd.numel(), HIGH=high, BLOCK=256)
+        return out
+
+    _check_lgamma1p(run)
+
+
+@pytest.mark.skipif(ops.backend_status()["cuda"] is not None, reason="no CUDA build of mtbkd._C")
+def test_cuda_lgamma1p_accuracy():
+    _check_lgamma1p(torch.ops.mtbkd_C.lgamma1p)
+
+
+def test_autograd_through_the_ops(backend):
     z, ts, y = _data(4, 97, 2, torch.float32)
     zr = z.clone().requires_grad_(True)
     args = _mtbkd_args(zr, ts, y, ENTROPY, False)
@@ -324,7 +355,7 @@ def test_autograd_through_the_triton_ops():
     torch.testing.assert_close(zr.grad, (grad.float() * weights[:, None]).to(grad.dtype))
 
 
-def test_functional_api_runs_on_triton():
+def test_functional_api_runs_on_the_backend(backend):
     z, ts, y = _data(6, 53, 3, torch.float64)
     zr = z.clone().requires_grad_(True)
     loss = mtbkd.mtbkd_loss(zr, torch.stack(ts), y)
@@ -344,7 +375,7 @@ def test_functional_api_runs_on_triton():
 
 
 @pytest.mark.skipif(ON_CUDA, reason=NO_DEVICE_ASSERT)
-def test_label_out_of_range_raises():
+def test_label_out_of_range_raises(backend):
     z, ts, y = _data(4, 10, 2, torch.float32, masked=())
     y[3] = 10
     with pytest.raises(ValueError, match="labels.*row 3"):
@@ -355,7 +386,7 @@ def test_label_out_of_range_raises():
 
 
 @pytest.mark.skipif(ON_CUDA, reason=NO_DEVICE_ASSERT)
-def test_non_finite_logits_raise_only_in_unmasked_rows():
+def test_non_finite_logits_raise_only_in_unmasked_rows(backend):
     z, ts, y = _data(4, 10, 2, torch.float32)  # row 1 masked
     z[1, 3] = float("nan")
     torch.ops.mtbkd.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, ENTROPY, False))  # masked: fine
@@ -375,6 +406,7 @@ def test_non_finite_logits_raise_only_in_unmasked_rows():
 @pytest.mark.skipif(ON_CUDA, reason="the interpreter-only guard is what is tested")
 def test_forced_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("MTBKD_BACKEND", "triton")
     z, ts, y = _data(2, 5, 1, torch.float32)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         torch.ops.mtbkd.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, ENTROPY, False))
@@ -385,7 +417,7 @@ def test_forced_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_teacher_stats_cache_matches_reference_and_slices():
+def test_teacher_stats_cache_matches_reference_and_slices(backend):
     g = torch.Generator().manual_seed(5)
     t = (torch.randn(3, 4, 6, 40, generator=g, dtype=torch.float64) * 2).to(DEVICE)  # [K, B, T, V]
     stats = TeacherStats(t, temperature=2.0, concentration=5.0, weight_temperature=1.5)
@@ -403,7 +435,7 @@ def test_teacher_stats_cache_matches_reference_and_slices():
     assert "K=3" in repr(stats)
 
 
-def test_teacher_stats_in_the_loss_and_mismatch_errors():
+def test_teacher_stats_in_the_loss_and_mismatch_errors(backend):
     z, ts, y = _data(8, 33, 2, torch.float64)
     t = torch.stack(ts)
     stats = TeacherStats(t)  # defaults match mtbkd_loss's: tau=2, lam=5, tau_w=1

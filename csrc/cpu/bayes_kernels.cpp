@@ -25,6 +25,10 @@
 #define MTBKD_SLEEF 1
 #endif
 
+#ifndef MTBKD_PHILOX_V
+#define MTBKD_PHILOX_V 4  // independent 16-lane Philox states per AVX-512 iteration
+#endif
+
 namespace mtbkd {
 namespace cpu {
 namespace {
@@ -197,47 +201,89 @@ inline void box_muller16(__m512 a, __m512 b, __m512& n0, __m512& n1) {
   n1 = _mm512_mul_ps(r, sc.x);
 }
 
-// Writes the 64 normals of counters [counter, counter + 16) in element order.
+// Interleaves 64-bit pairs of floats (unpacklo/hi_pd on float data).
+template <bool kHigh>
+inline __m512 unpack64(__m512 a, __m512 b) {
+  const __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
+  return _mm512_castpd_ps(kHigh ? _mm512_unpackhi_pd(x, y) : _mm512_unpacklo_pd(x, y));
+}
+
+// Writes the 64 V normals of counters [counter, counter + 16 V) in element order. V independent
+// 16-lane Philox states are advanced together so their multiply latencies overlap.
+template <int V>
 inline void philox_normals16(uint64_t seed, uint64_t counter, uint32_t stream, float* out) {
-  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter))),
-                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
-                                                  14, 15));
-  __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
-  __m512i c2 = _mm512_set1_epi32(static_cast<int>(stream));
-  __m512i c3 = _mm512_setzero_si512();
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i c0[V], c1[V], c2[V], c3[V];
+  for (int v = 0; v < V; ++v) {
+    const uint64_t c = counter + 16 * static_cast<uint64_t>(v);
+    c0[v] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(c))), iota);
+    c1[v] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(c >> 32)));
+    c2[v] = _mm512_set1_epi32(static_cast<int>(stream));
+    c3[v] = _mm512_setzero_si512();
+  }
   const __m512i ma = _mm512_set1_epi32(static_cast<int>(philox::kRoundA));
   const __m512i mb = _mm512_set1_epi32(static_cast<int>(philox::kRoundB));
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int r = 0; r < philox::kRounds; ++r) {
-    __m512i hi_a, lo_a, hi_b, lo_b;
-    mulhilo16(ma, c0, hi_a, lo_a);
-    mulhilo16(mb, c2, hi_b, lo_b);
-    c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-    c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(static_cast<int>(k1)));
-    c1 = lo_b;
-    c3 = lo_a;
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0));
+    const __m512i key1 = _mm512_set1_epi32(static_cast<int>(k1));
+    for (int v = 0; v < V; ++v) {
+      __m512i hi_a, lo_a, hi_b, lo_b;
+      mulhilo16(ma, c0[v], hi_a, lo_a);
+      mulhilo16(mb, c2[v], hi_b, lo_b);
+      c0[v] = _mm512_ternarylogic_epi32(hi_b, c1[v], key0, 0x96);  // three-way xor
+      c2[v] = _mm512_ternarylogic_epi32(hi_a, c3[v], key1, 0x96);
+      c1[v] = lo_b;
+      c3[v] = lo_a;
+    }
     k0 += philox::kKeyA;
     k1 += philox::kKeyB;
   }
-  __m512 n0, n1, n2, n3;
-  box_muller16(uniform16(c0), uniform16(c1), n0, n1);
-  box_muller16(uniform16(c2), uniform16(c3), n2, n3);
-  // 4 x 16 -> 16 x 4 transpose: counter l's normals to out[4 l .. 4 l + 3].
-  const __m512 t0 = _mm512_unpacklo_ps(n0, n1), t1 = _mm512_unpackhi_ps(n0, n1);
-  const __m512 t2 = _mm512_unpacklo_ps(n2, n3), t3 = _mm512_unpackhi_ps(n2, n3);
-  const __m512 u0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
-  const __m512 u1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
-  const __m512 u2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
-  const __m512 u3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
-  const __m512 s0 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m512 s1 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m512 s2 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m512 s3 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));
-  _mm512_storeu_ps(out + 0, _mm512_shuffle_f32x4(s0, s1, _MM_SHUFFLE(2, 0, 2, 0)));
-  _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(s0, s1, _MM_SHUFFLE(3, 1, 3, 1)));
-  _mm512_storeu_ps(out + 32, _mm512_shuffle_f32x4(s2, s3, _MM_SHUFFLE(2, 0, 2, 0)));
-  _mm512_storeu_ps(out + 48, _mm512_shuffle_f32x4(s2, s3, _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int v = 0; v < V; ++v) {
+    __m512 n0, n1, n2, n3;
+    box_muller16(uniform16(c0[v]), uniform16(c1[v]), n0, n1);
+    box_muller16(uniform16(c2[v]), uniform16(c3[v]), n2, n3);
+    // 4 x 16 -> 16 x 4 transpose: counter l's normals to o[4 l .. 4 l + 3].
+    const __m512 t0 = _mm512_unpacklo_ps(n0, n1), t1 = _mm512_unpackhi_ps(n0, n1);
+    const __m512 t2 = _mm512_unpacklo_ps(n2, n3), t3 = _mm512_unpackhi_ps(n2, n3);
+    const __m512 u0 = unpack64<false>(t0, t2), u1 = unpack64<true>(t0, t2);
+    const __m512 u2 = unpack64<false>(t1, t3), u3 = unpack64<true>(t1, t3);
+    const __m512 s0 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 s1 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 s2 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512 s3 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));
+    float* o = out + 64 * v;
+    _mm512_storeu_ps(o + 0, _mm512_shuffle_f32x4(s0, s1, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm512_storeu_ps(o + 16, _mm512_shuffle_f32x4(s0, s1, _MM_SHUFFLE(3, 1, 3, 1)));
+    _mm512_storeu_ps(o + 32, _mm512_shuffle_f32x4(s2, s3, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm512_storeu_ps(o + 48, _mm512_shuffle_f32x4(s2, s3, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
 }
+
+// softplus with torch's threshold: r > 20 -> r, else log1p(e^r) by Kahan's trick
+// log1p(x) = log(1 + x) * x / ((1 + x) - 1), exact where 1 + x rounds to 1.
+inline __m512 softplus16(__m512 r) {
+  const __m512 one = _mm512_set1_ps(1.0f), thr = _mm512_set1_ps(kSoftplusThreshold);
+  const __m512 e = Sleef_expf16_u10(_mm512_min_ps(r, thr));
+  const __m512 u = _mm512_add_ps(one, e);
+  const __m512 d = _mm512_sub_ps(u, one);
+  __m512 l = _mm512_mul_ps(Sleef_logf16_u35(u), _mm512_div_ps(e, d));
+  l = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_EQ_OQ), l, e);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, thr, _CMP_GT_OQ), l, r);
+}
+
+inline __m512 sigmoid16(__m512 r) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), r));
+  return _mm512_div_ps(one, _mm512_add_ps(one, e));
+}
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// NaN or +-inf lanes (vfpclassps categories QNaN | SNaN | +inf | -inf).
+inline __mmask16 non_finite16(__m512 x) { return _mm512_fpclass_ps_mask(x, 0x99); }
 #endif
 
 }  // namespace
@@ -246,11 +292,17 @@ void philox_normals(uint64_t seed, uint64_t counter, uint32_t stream, int64_t gr
                     float* out) {
   int64_t g = 0;
 #if defined(MTBKD_SLEEF) && defined(__AVX512F__)
+  constexpr int kV = MTBKD_PHILOX_V;
+  for (; g + 16 * kV <= groups; g += 16 * kV) {
+    const uint64_t c = counter + static_cast<uint64_t>(g);
+    // The vector path adds to the low counter word only: fall back across a 2^32 carry.
+    if (static_cast<uint32_t>(c) > 0xFFFFFFFFu - (16u * kV - 1u)) break;
+    philox_normals16<kV>(seed, c, stream, out + 4 * g);
+  }
   for (; g + 16 <= groups; g += 16) {
     const uint64_t c = counter + static_cast<uint64_t>(g);
-    // The vector path adds 0..15 to the low counter word only: fall back across a 2^32 carry.
     if (static_cast<uint32_t>(c) > 0xFFFFFFFFu - 15u) break;
-    philox_normals16(seed, c, stream, out + 4 * g);
+    philox_normals16<1>(seed, c, stream, out + 4 * g);
   }
 #endif
   if (g < groups) philox_normals_generic(seed, counter + static_cast<uint64_t>(g), stream,
@@ -267,6 +319,23 @@ int reparameterize_fwd(const T* mu, const T* rho, T* w, int64_t n, uint64_t seed
     if constexpr (std::is_same_v<T, double>) {
       for (int64_t i = 0; i < len; ++i)
         w[b + i] = mu[b + i] + softplus_d(rho[b + i]) * static_cast<double>(eps[i]);
+#if defined(MTBKD_SLEEF) && defined(__AVX512F__)
+    } else if constexpr (std::is_same_v<T, float>) {
+      // One pass over the tile in registers: load, softplus, fma, store, finiteness flags.
+      __mmask16 bad_mu = 0, bad_rho = 0;
+      for (int64_t i = 0; i < len; i += 16) {
+        const __mmask16 m = tail_mask(len - i);
+        const __m512 x = _mm512_maskz_loadu_ps(m, mu + b + i);
+        const __m512 r = _mm512_maskz_loadu_ps(m, rho + b + i);
+        const __m512 y = _mm512_fmadd_ps(softplus16(r), _mm512_loadu_ps(eps + i), x);
+        _mm512_mask_storeu_ps(w + b + i, m, y);
+        bad_mu |= non_finite16(x);
+        bad_rho |= non_finite16(r);
+      }
+      if (check_finite && (bad_mu | bad_rho))
+        flags.fetch_or((bad_mu ? 1 : 0) | (bad_rho ? 2 : 0));
+      return;
+#endif
     } else {
       alignas(64) float r[kTile], sp[kTile];
       load_float(rho + b, r, len);
@@ -298,6 +367,16 @@ void reparameterize_bwd(const T* grad, const T* rho, T* drho, int64_t n, uint64_
     if constexpr (std::is_same_v<T, double>) {
       for (int64_t i = 0; i < len; ++i)
         drho[b + i] = grad[b + i] * static_cast<double>(eps[i]) * sigmoid_d(rho[b + i]);
+#if defined(MTBKD_SLEEF) && defined(__AVX512F__)
+    } else if constexpr (std::is_same_v<T, float>) {
+      for (int64_t i = 0; i < len; i += 16) {
+        const __mmask16 m = tail_mask(len - i);
+        const __m512 g = _mm512_maskz_loadu_ps(m, grad + b + i);
+        const __m512 r = _mm512_maskz_loadu_ps(m, rho + b + i);
+        const __m512 y = _mm512_mul_ps(_mm512_mul_ps(g, _mm512_loadu_ps(eps + i)), sigmoid16(r));
+        _mm512_mask_storeu_ps(drho + b + i, m, y);
+      }
+#endif
     } else {
       alignas(64) float r[kTile], sig[kTile];
       load_float(rho + b, r, len);

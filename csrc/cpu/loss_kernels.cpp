@@ -1,15 +1,16 @@
 // Fused CPU kernels of the multi-teacher losses (MATH.md sections 1-3).
 //
 // One row (example / token) at a time, rows spread over threads with at::parallel_for. A row's
-// K + 1 logit vectors (V = 32000: 128 KB each in float32) stay in L2 across the passes, so only the
-// first pass streams from memory; every pass is at::vec::Vectorized with masked tail lanes.
+// K + 1 logit vectors (V = 32000: 128 KB each in float32) are read from memory once; every later
+// pass works on L2-resident data. Everything is at::vec::Vectorized with masked tail lanes.
 //
 //   pass 1, statistics: one sweep over blocks of kBlock classes (L1-resident). Per block, the
 //     maxima of z and each t_k, then the exponential sums and cross terms of common.h relative to
 //     them, merged into the row's running sums (blocked online softmax). The NaN/inf check is
-//     folded in (x - m) * 0 accumulates NaN for any non-finite x.
-//   pass 2 (MT-BKD without cached teacher statistics; JSD): L_k = sum lgamma(1 + lam p_kc), or
-//     JSD's per-class logs.
+//     folded in: (x - max) * 0 accumulates NaN for any non-finite x. MT-BKD and forward KL also
+//     keep the exponentials they computed (ExpCache) for the passes below.
+//   pass 2 (MT-BKD without cached teacher statistics): L_k = sum lgamma(1 + lam p_kc) from the
+//     cached exponentials; (JSD): the per-teacher KLs, which need log m_kc per class.
 //   last pass: the gradient, written once (rounded once to the storage dtype).
 //
 // Accumulation in A = float (float32 / bf16 / fp16 inputs) or double (float64 stays float64).
@@ -38,6 +39,13 @@ constexpr int64_t kBlock = 1024;
 
 template <class A>
 constexpr A kInf = std::numeric_limits<A>::infinity();
+
+// Logits of -inf (a class a teacher rules out) work with check_finite off: offsets and the
+// linear factors x - offset are clamped at -kFar, where every exponential is exactly 0, so the
+// products exp(.) * (x - offset) are 0 instead of 0 * -inf = NaN. The NaN/inf check looks at
+// the unclamped values.
+template <class A>
+constexpr A kFar = A(1e30);
 
 // ---- loads, stores, conversions -------------------------------------------------------------
 
@@ -220,21 +228,22 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
       if (n < W) x = VA::set(ninf, x, n);
       vmax = at::vec::maximum(vmax, x);
     }
-    StudentAcc<A> sb{hmax(vmax), A(0), A(0), A(0)};
+    StudentAcc<A> sb{std::max(hmax(vmax), -kFar<A>), A(0), A(0), A(0)};
     if (cache.e != nullptr) cache.off[blk] = sb.m;
     {
-      const VA vm(sb.m);
+      const VA vm(sb.m), vfar(-kFar<A>);
       VA aS(A(0)), aS1(A(0)), aG(A(0));
       for (int64_t i = 0; i < len; i += W) {
         const int64_t n = len - i;
-        const VA d = load(zb + i, n) - vm;
+        const VA draw = load(zb + i, n) - vm;
+        const VA d = at::vec::maximum(draw, vfar);
         const VA e = keep(vexp(d * vit), n);
         d.store(dbuf + i);
         store(ebuf + i, e, n);
         aS += e;
         if (nd.s1) aS1 += nd.s1_square ? e * e : keep(vexp(d), n);
         if (nd.rev) aG = at::vec::fmadd(e, d, aG);
-        if (nd.check) bad_s = at::vec::fmadd(d, zero, bad_s);
+        if (nd.check) bad_s = at::vec::fmadd(draw, zero, bad_s);
       }
       sb.S = hsum(aS);
       sb.S1 = hsum(aS1);
@@ -253,9 +262,9 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
           if (n < W) x = VA::set(ninf, x, n);
           tmax = at::vec::maximum(tmax, x);
         }
-        o = hmax(tmax);
+        o = std::max(hmax(tmax), -kFar<A>);
       }
-      const VA vo(o);
+      const VA vo(o), vfar(-kFar<A>);
       A* ek = nullptr;
       if (cache.e != nullptr) {
         ek = cache.e + (k + 1) * V + c0;
@@ -264,7 +273,8 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
       VA aA(A(0)), aB(A(0)), aF(A(0)), aE(A(0)), aAw(A(0)), aDw(A(0));
       for (int64_t i = 0; i < len; i += W) {
         const int64_t n = len - i;
-        const VA u = load(tk + i, n) - vo;
+        const VA uraw = load(tk + i, n) - vo;
+        const VA u = at::vec::maximum(uraw, vfar);
         const VA e = keep(vexp(u * vit), n);
         if (ek != nullptr) store(ek + i, e, n);
         aA += e;
@@ -276,7 +286,7 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
           aAw += ew;
           aDw = at::vec::fmadd(ew, u, aDw);
         }
-        if (nd.check) bad_t = at::vec::fmadd(u, zero, bad_t);
+        if (nd.check) bad_t = at::vec::fmadd(uraw, zero, bad_t);
       }
       tb[k] = TeacherAcc<A>{o, hsum(aA), hsum(aB), hsum(aF), hsum(aE), hsum(aAw), hsum(aDw)};
     }
@@ -311,12 +321,13 @@ bool teacher_only_stats(const A* t, int64_t V, A it, A itw, bool need_tau, bool 
       if (n < W) x = VA::set(ninf, x, n);
       tmax = at::vec::maximum(tmax, x);
     }
-    const A o = hmax(tmax);
-    const VA vo(o);
+    const A o = std::max(hmax(tmax), -kFar<A>);
+    const VA vo(o), vfar(-kFar<A>);
     VA aA(A(0)), aF(A(0)), aAw(A(0)), aDw(A(0));
     for (int64_t i = 0; i < len; i += W) {
       const int64_t n = len - i;
-      const VA u = load(tb + i, n) - vo;
+      const VA uraw = load(tb + i, n) - vo;
+      const VA u = at::vec::maximum(uraw, vfar);
       if (need_tau) {
         const VA e = keep(vexp(u * vit), n);
         aA += e;
@@ -327,7 +338,7 @@ bool teacher_only_stats(const A* t, int64_t V, A it, A itw, bool need_tau, bool 
         aAw += ew;
         aDw = at::vec::fmadd(ew, u, aDw);
       }
-      if (check) bad = at::vec::fmadd(u, zero, bad);
+      if (check) bad = at::vec::fmadd(uraw, zero, bad);
     }
     TeacherAcc<A> blk{o, hsum(aA), A(0), hsum(aF), A(0), hsum(aAw), hsum(aDw)};
     const A m = acc.o > o ? acc.o : o;
@@ -442,20 +453,20 @@ void row_weights(int mode, const A* H, int K, const A* fixed, int64_t N, int64_t
 // d prior / dz_c = -sum_k r_k dC_k/dz_c = -(lam / tau) sum_k r_k (p_kc - q^tau_c)
 //                = (lam / tau) (q^tau_c - sum_k r_k p_kc)        (using sum_c p_kc = 1)
 // so grad = beta_h (q - onehot(y)) + beta_p (lam / tau) (q^tau - sum_k r_k p_k). The mixture's
-// weights enter only through r_k: r_k p_kc = exp((t_kc - o_k) / tau - log A_k + log r_k), one
-// exponential per teacher and class in the gradient pass.
+// weights enter only through r_k. Passes 2 and 3 read q^tau and p_k from the exponential cache
+// (one multiply per class and teacher), so the row takes K + 1 exponentials per class in all
+// (K more for the entropy when tau_w is neither tau nor tau / 2).
 template <class T, class A>
 void mtbkd_row(const LossParams<T, A>& p, int64_t i, A lgamma_v_lam, RowScratch<T, A>& ws,
                StatusCollector& st) {
-  using VA = Vec<A>;
-  constexpr int64_t W = VA::size();
   const int K = p.K;
   const int64_t V = p.V, N = p.N;
   T* grow = p.grad + i * V;
   auto zero_row = [&]() {
     std::fill(grow, grow + V, T(0));
     p.loss[i] = p.prior[i] = p.ce[i] = A(0);
-    for (int k = 0; k < K; ++k) p.weights[k * N + i] = p.resp[k * N + i] = p.entropy[k * N + i] = A(0);
+    for (int k = 0; k < K; ++k)
+      p.weights[k * N + i] = p.resp[k * N + i] = p.entropy[k * N + i] = A(0);
   };
   int64_t y = -1;
   if (p.labels != nullptr) {
@@ -552,7 +563,7 @@ void mtbkd_row(const LossParams<T, A>& p, int64_t i, A lgamma_v_lam, RowScratch<
 // Generalised JSD, 0 < beta < 1, m_k = beta p_k + (1 - beta) q:
 //   D_k = beta KL(p_k || m_k) + (1 - beta) KL(q || m_k);
 //   dD_k / dq_c = -beta (1 - beta) p_c / m_c + (1 - beta)(log q_c + 1 - log m_c)
-//                 - (1 - beta)^2 q_c / m_c = (1 - beta) log(q_c / m_c)   (as m = beta p + (1-beta) q)
+//                 - (1 - beta)^2 q_c / m_c = (1 - beta) log(q_c / m_c)  (m = beta p + (1 - beta) q)
 //   then the softmax Jacobian: d/dz_c = (1 / tau) q_c (g_c - sum_j q_j g_j), sum_j q_j g_j =
 //   (1 - beta) KL(q || m_k). Pass 2 accumulates both KLs and writes the first part,
 //   (c (1 - beta) / tau) q_c sum_k w_k log(q_c / m_kc); pass 3 subtracts
@@ -627,7 +638,7 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
   const A c = static_cast<A>(p.soft_coef);
   A* g = grad_target(grow, ws.gbuf.data());
   const VA vm(s.m), vit(it), vnlogS(-logS), vinvS(A(1) / s.S),
-      vinvS1(A(1) / (nd.s1 ? s.S1 : s.S)), vbh(bh);
+      vinvS1(A(1) / (nd.s1 ? s.S1 : s.S)), vbh(bh), vfar(-kFar<A>);
   // cross-entropy part of the gradient, beta_h q (q = exp(d) / S1), from e = exp(d / tau)
   auto ce_grad = [&](const VA& e, const VA& d) {
     const VA e1 = !nd.s1 ? e : nd.s1_square ? e * e : vexp(d);
@@ -655,11 +666,11 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
     const VA vcs(c * it), vwit(wsum * it), vcst(cst);
     for (int64_t cc = 0; cc < V; cc += W) {
       const int64_t n = V - cc;
-      const VA d = load(z + cc, n) - vm;
+      const VA d = at::vec::maximum(load(z + cc, n) - vm, vfar);
       VA inner = at::vec::fmadd(d, vwit, vcst);
       for (int k = 0; k < K; ++k) {
         if (!(ws.w[k] > A(0))) continue;
-        const VA u = load(ws.rows[k] + cc, n) - VA(ws.ta[k].o);
+        const VA u = at::vec::maximum(load(ws.rows[k] + cc, n) - VA(ws.ta[k].o), vfar);
         inner = at::vec::fmadd(u, VA(-ws.w[k] * it), inner);
       }
       const VA e = vexp(d * vit);
@@ -676,15 +687,26 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
     for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
       const int64_t len = std::min(kBlock, V - c0);
       std::fill(ws.pbuf.begin(), ws.pbuf.end(), A(0));
+      // log q and q of the block, shared by every teacher (the stats pass is done with dbuf/ebuf)
+      A* lqb = ws.dbuf.data();
+      A* qb = ws.ebuf.data();
+      for (int64_t i2 = 0; i2 < len; i2 += W) {
+        const int64_t n = len - i2;
+        const VA d = at::vec::maximum(load(z + c0 + i2, n) - vm, vfar);
+        const VA lq = at::vec::fmadd(d, vit, vnlogS);
+        lq.store(lqb + i2);
+        keep(vexp(lq), n).store(qb + i2);
+      }
       for (int k = 0; k < K; ++k) {
         if (!(ws.w[k] > A(0))) continue;
         const VA vo(ws.ta[k].o), vnlogA(-ws.logA[k]), vw(ws.w[k]);
         VA kpm(A(0)), kqm(A(0));
         for (int64_t i2 = 0; i2 < len; i2 += W) {
           const int64_t n = len - i2, cc = c0 + i2;
-          const VA lq = at::vec::fmadd(load(z + cc, n) - vm, vit, vnlogS);
-          const VA q = keep(vexp(lq), n);
-          const VA lp = at::vec::fmadd(load(ws.rows[k] + cc, n) - vo, vit, vnlogA);
+          const VA lq = VA::loadu(lqb + i2);
+          const VA q = VA::loadu(qb + i2);
+          const VA u = at::vec::maximum(load(ws.rows[k] + cc, n) - vo, vfar);
+          const VA lp = at::vec::fmadd(u, vit, vnlogA);
           const VA pk = keep(vexp(lp), n);
           const VA lm = vlog(at::vec::maximum(at::vec::fmadd(vb, pk, v1b * q), vtiny));
           kpm = at::vec::fmadd(pk, lp - lm, kpm);
@@ -696,9 +718,8 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
         ws.aux2[k] += hsum(kqm);
       }
       for (int64_t i2 = 0; i2 < len; i2 += W) {
-        const int64_t n = len - i2, cc = c0 + i2;
-        const VA q = vexp(at::vec::fmadd(load(z + cc, n) - vm, vit, vnlogS));
-        store(g + cc, q * VA::loadu(ws.pbuf.data() + i2) * vcj, n);
+        const int64_t n = len - i2;
+        store(g + c0 + i2, VA::loadu(qb + i2) * VA::loadu(ws.pbuf.data() + i2) * vcj, n);
       }
     }
     A wkqm = A(0);

@@ -30,7 +30,8 @@ struct VecSimdOps {
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static V log(const V& a) { return a.log(); }
   static V round(const V& a) { return a.round(); }
-  // 2^n for integral n in [-126, 127] (float) / [-1022, 1023] (double): build the exponent field.
+  // 2^n for integral n in [-126, 127] (float) / [-1022, 1023] (double): build the exponent field
+  // (n = -127 / -1023 gives the field 0, i.e. exactly 0, which exp_f32 relies on).
   static V pow2i(const V& n) {
     using I = std::conditional_t<std::is_same_v<A, float>, int32_t, int64_t>;
     constexpr int kMant = std::is_same_v<A, float> ? 23 : 52;

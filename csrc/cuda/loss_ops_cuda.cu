@@ -8,7 +8,7 @@
 // and are turned into an asynchronous device assertion (at::_assert_async), as PyTorch does for
 // out-of-range targets of cross_entropy.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -195,7 +195,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mtbkd_loss_fw
   p.weight_mode = static_cast<int>(weight_mode);
   p.ignore_index = ignore_index;
   p.check_finite = check_finite;
-  check_launch(cuda::launch_mtbkd_loss_fwd(p, at::cuda::getCurrentCUDAStream()), "mtbkd_loss_fwd");
+  check_launch(cuda::launch_mtbkd_loss_fwd(p, c10::cuda::getCurrentCUDAStream()), "mtbkd_loss_fwd");
   assert_status(status, in.V, "mtbkd_loss_fwd");
   return {loss, grad, weights, resp, entropy, prior, ce};
 }
@@ -252,7 +252,7 @@ std::tuple<Tensor, Tensor, Tensor> multi_teacher_kd_fwd_cuda(
   p.weight_mode = static_cast<int>(weight_mode);
   p.ignore_index = ignore_index;
   p.check_finite = check_finite;
-  check_launch(cuda::launch_multi_teacher_kd_fwd(p, at::cuda::getCurrentCUDAStream()),
+  check_launch(cuda::launch_multi_teacher_kd_fwd(p, c10::cuda::getCurrentCUDAStream()),
                "multi_teacher_kd_fwd");
   assert_status(status, in.V, "multi_teacher_kd_fwd");
   return {loss, grad, weights};
@@ -302,7 +302,7 @@ std::tuple<Tensor, Tensor> teacher_weights_cuda(const std::vector<Tensor>& teach
   p.inv_tau_w = 1.0 / weight_temperature;
   p.lam = 1.0;
   p.weight_mode = static_cast<int>(weight_mode);
-  check_launch(cuda::launch_teacher_stats(p, at::cuda::getCurrentCUDAStream()),
+  check_launch(cuda::launch_teacher_stats(p, c10::cuda::getCurrentCUDAStream()),
                "teacher_weights");
   assert_status(status, p.v, "teacher_weights");
   return {w, h};
@@ -329,7 +329,7 @@ Tensor teacher_stats_cuda(const std::vector<Tensor>& teachers, double temperatur
   p.inv_tau_w = 1.0 / weight_temperature;
   p.lam = concentration;
   p.weight_mode = 0;
-  check_launch(cuda::launch_teacher_stats(p, at::cuda::getCurrentCUDAStream()), "teacher_stats");
+  check_launch(cuda::launch_teacher_stats(p, c10::cuda::getCurrentCUDAStream()), "teacher_stats");
   assert_status(status, p.v, "teacher_stats");
   return out;
 }
@@ -356,7 +356,7 @@ Tensor scale_grad_cuda(const Tensor& grad, const Tensor& grad_rows) {
   p.grad = g.data_ptr();
   p.rows = rows.data_ptr();
   p.out = out.data_ptr();
-  check_launch(cuda::launch_scale_grad(p, at::cuda::getCurrentCUDAStream()), "scale_grad");
+  check_launch(cuda::launch_scale_grad(p, c10::cuda::getCurrentCUDAStream()), "scale_grad");
   return out;
 }
 
@@ -371,7 +371,7 @@ Tensor lgamma1p_cuda(const Tensor& x) {
   p.numel = xc.numel();
   p.x = xc.data_ptr();
   p.out = out.data_ptr();
-  check_launch(cuda::launch_lgamma1p(p, at::cuda::getCurrentCUDAStream()), "lgamma1p");
+  check_launch(cuda::launch_lgamma1p(p, c10::cuda::getCurrentCUDAStream()), "lgamma1p");
   return out;
 }
 

@@ -1,0 +1,164 @@
+"""`mtbkd demo`, `mtbkd distill` and `mtbkd predict` end to end (smoke sizes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtbkd import cli
+from mtbkd.data import load_digits
+
+DEEPLOC = Path(__file__).resolve().parents[2] / "shared" / "data" / "deeploc"
+METHODS = [
+    "ce",
+    "avg_kd",
+    "entropy_kd",
+    "bkd_t0123",
+    "bkd_t456",
+    "bkd_t789",
+    "mtbkd_map",
+    "mtbkd_sgld",
+]
+KEYS = [
+    "name",
+    "accuracy",
+    "nll",
+    "ece",
+    "brier",
+    "mean_deviance",
+    "coverage",
+    "set_size",
+    "auroc_error",
+    "seconds",
+]
+
+
+@pytest.mark.slow
+def test_demo_smoke_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--smoke", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert str(out) in printed[-1]
+    assert any(line.startswith("mtbkd_sgld ") for line in printed)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["dataset"] == "digits"
+    assert [m["name"] for m in rep["methods"]] == METHODS
+    assert all(list(m) == KEYS for m in rep["methods"])
+    for f in (
+        "report.md",
+        "reliability.png",
+        "uncertainty.png",
+        "teachers.png",
+        "run.json",
+        "samples.safetensors",
+        "student.safetensors",
+        "predictions.csv",
+    ):
+        assert (out / f).is_file(), f
+
+    x = load_digits().x_test[:12]
+    np.save(tmp_path / "x.npy", x)
+    pred = tmp_path / "pred.csv"
+    assert (
+        cli.main(
+            ["predict", "--run", str(out), "--input", str(tmp_path / "x.npy"), "--out", str(pred)]
+        )
+        == 0
+    )
+    rows = list(csv.DictReader(pred.open()))
+    assert len(rows) == 12
+    for r in rows:
+        members = [int(c) for c in r["credible_set"].split(";")]
+        assert int(r["pred"]) in members and 0 < float(r["confidence"]) <= 1
+        assert float(r["mean_deviance"]) >= 0 and float(r["mutual_information"]) >= 0
+
+
+def test_distill_own_directory(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "mine"
+    d.mkdir()
+    y = np.arange(90) % 3
+    x = rng.normal(size=(90, 4)) + y[:, None]
+    np.save(d / "features.npy", x)
+    np.save(d / "labels.npy", y)
+    for name in ("a", "b"):
+        np.save(d / f"teacher_{name}.npy", 2.0 * np.eye(3)[y] + rng.normal(size=(90, 3)))
+    out = tmp_path / "run"
+    argv = [
+        "distill",
+        "--dataset",
+        "dir",
+        "--data-dir",
+        str(d),
+        "--smoke",
+        "--out",
+        str(out),
+        "--methods",
+        "ce,mtbkd_sgld",
+        "--no-figures",
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert [m["name"] for m in rep["methods"]] == ["ce", "mtbkd_sgld"]
+    assert rep["attribution"]["teachers"] == ["a", "b"]
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(str(out))
+    # the same folder again without --resume is refused; with --resume it reloads the checkpoints
+    with pytest.raises(SystemExit, match="--resume"):
+        cli.main(argv)
+    assert cli.main(argv + ["--resume"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["methods"][1]["nll"] == rep["methods"][1]["nll"]
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(SystemExit, match="needs --data-dir"):
+        cli.main(["distill", "--dataset", "deeploc"])
+    with pytest.raises(SystemExit, match="not a saved run"):
+        cli.main(["predict", "--run", str(tmp_path), "--input", "x.csv", "--out", "p.csv"])
+    with pytest.raises(SystemExit, match="unknown methods"):
+        cli.main(["demo", "--methods", "ce,svm", "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEEPLOC.is_dir(), reason=f"DeepLoc data folder {DEEPLOC} is absent")
+def test_deeploc_smoke_and_predict_from_sequences(tmp_path, capsys):
+    out = tmp_path / "deeploc"
+    assert (
+        cli.main(
+            [
+                "distill",
+                "--dataset",
+                "deeploc",
+                "--data-dir",
+                str(DEEPLOC),
+                "--smoke",
+                "--methods",
+                "ce,mtbkd_sgld",
+                "--out",
+                str(out),
+                "--no-figures",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["attribution"]["teachers"] == ["esm2_650m", "prott5"]
+    lines = (DEEPLOC / "test.csv").read_text().splitlines()
+    (tmp_path / "new.csv").write_text("\n".join(lines[:21]) + "\n")
+    pred = tmp_path / "pred.csv"
+    capsys.readouterr()
+    assert (
+        cli.main(
+            ["predict", "--run", str(out), "--input", str(tmp_path / "new.csv"), "--out", str(pred)]
+        )
+        == 0
+    )
+    assert "accuracy" in capsys.readouterr().out  # labels present: metrics printed
+    rows = list(csv.DictReader(pred.open()))
+    assert len(rows) == 20 and rows[0]["id"] == lines[1].split(",")[0]

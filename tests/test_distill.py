@@ -1,0 +1,247 @@
+"""The MT-BKD pipeline (mtbkd.distill) on tiny synthetic problems."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from mtbkd import distill
+from mtbkd.data import Dataset
+
+MEANS = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]]) * 1.2
+
+
+def halves_problem(n_per_class: int, seed: int):
+    """Four overlapping Gaussian classes in 2-D and two teachers, each the Bayes posterior on one
+    half of the classes (0-1 or 2-3) and confident noise on the other half."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(4).repeat_interleave(n_per_class)
+    x = MEANS[y] + torch.randn(len(y), 2, generator=g)
+    logp = -0.5 * ((x[:, None, :] - MEANS[None]) ** 2).sum(-1)
+    logp = logp - logp.logsumexp(-1, keepdim=True)
+    noise = 3.0 * torch.randn(2, len(y), 4, generator=g)
+    first = torch.where((y < 2)[:, None], logp, noise[0])
+    second = torch.where((y >= 2)[:, None], logp, noise[1])
+    return x, y, torch.stack([first, second])
+
+
+CONFIG = distill.DistillConfig(
+    hidden=(32,),
+    batch_size=16,
+    map_epochs=60,
+    map_lr=1e-2,
+    weight_decay=0.0,
+    sgld_epochs=10,
+    num_samples=20,
+    concentration=20.0,
+    prior_weight=0.5,
+    progress=False,
+)
+
+
+def _student(seed=0):
+    torch.manual_seed(seed)
+    return distill.StudentMLP(2, 4, (32,))
+
+
+def test_mtbkd_beats_cross_entropy_on_disjoint_expert_teachers():
+    x, y, t = halves_problem(12, seed=0)
+    x_test, y_test, t_test = halves_problem(300, seed=1)
+    ce = distill.distill(_student(), t, x, y, CONFIG, method="ce")
+    mt = distill.distill(_student(), t, x, y, CONFIG, method="mtbkd_sgld")
+    nll_ce, nll_mt = ce.evaluate(x_test, y_test)["nll"], mt.evaluate(x_test, y_test)["nll"]
+    assert nll_mt < 0.8 * nll_ce, (nll_mt, nll_ce)
+    assert len(mt.store) == CONFIG.num_samples
+    # the student follows the right teacher: the first one on classes 0-1, the second on 2-3
+    w, r = distill.teacher_attribution(mt.predict(x_test), t_test, mt.objective)
+    assert torch.allclose(w.sum(0), torch.ones(len(y_test)), atol=1e-5)
+    assert torch.allclose(r.sum(0), torch.ones(len(y_test)), atol=1e-5)
+    assert r[0, y_test < 2].mean() > 0.7 and r[1, y_test >= 2].mean() > 0.7
+
+
+def test_sgld_resume_after_interruption_gives_the_same_samples(tmp_path):
+    x, y, t = halves_problem(8, seed=2)
+    cfg = replace(CONFIG, map_epochs=4, sgld_epochs=7, num_samples=10, checkpoint_every=2)
+    obj = distill.Objective("mtbkd", (0, 1), concentration=20.0, prior_weight=0.5)
+    data = distill.TrainData(x, y, t)
+
+    def run(ckpt, stop_at=None):
+        model = _student()
+        distill.train_map(model, data, obj, cfg, checkpoint_dir=ckpt)
+
+        def interrupt(epoch):
+            if epoch == stop_at:
+                raise KeyboardInterrupt
+
+        store, _ = distill.train_sgld(
+            model, data, obj, cfg, checkpoint_dir=ckpt, callback=interrupt
+        )
+        return model, store
+
+    _, reference = run(None)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "ck", stop_at=5)  # the last checkpoint is at epoch 4
+    model, resumed = run(tmp_path / "ck")
+    assert len(resumed) == len(reference) == 10
+    assert torch.equal(resumed.samples(), reference.samples())
+    # a finished run is loaded, not retrained: same samples again
+    _, again = run(tmp_path / "ck")
+    assert torch.equal(again.samples(), reference.samples())
+
+
+def test_map_resume_matches_uninterrupted(tmp_path):
+    x, y, t = halves_problem(8, seed=3)
+    cfg = replace(CONFIG, map_epochs=6, checkpoint_every=3)
+    obj = distill.Objective("kd", (0, 1), "uniform")
+    data = distill.TrainData(x, y, t)
+    ref = _student()
+    distill.train_map(ref, data, obj, cfg)
+
+    def stop(epoch):
+        if epoch == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill.train_map(_student(), data, obj, cfg, checkpoint_dir=tmp_path, callback=stop)
+    model = _student(seed=5)  # different init: everything must come from the checkpoint
+    distill.train_map(model, data, obj, cfg, checkpoint_dir=tmp_path)
+    for a, b in zip(ref.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_inputs_get_clear_errors():
+    x, y, t = halves_problem(4, seed=4)
+    with pytest.raises(ValueError, match="N = 16 rows"):
+        distill.distill(_student(), t[:, :-1], x, y, CONFIG, method="avg_kd")
+    with pytest.raises(ValueError, match="teachers have 5 classes but the student outputs 4"):
+        distill.distill(_student(), torch.randn(2, 16, 5), x, y, CONFIG, method="avg_kd")
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite features"):
+        distill.distill(_student(), t, bad, y, CONFIG, method="ce")
+    t_nan = t.clone()
+    t_nan[0, 2, 1] = float("inf")
+    with pytest.raises(ValueError, match="teacher logits have NaN"):
+        distill.distill(_student(), t_nan, x, y, CONFIG, method="mtbkd_map")
+    with pytest.raises(ValueError, match="unknown method"):
+        distill.distill(_student(), t, x, y, CONFIG, method="mtbkd_vi")
+    with pytest.raises(ValueError, match="teacher index out of range"):
+        distill.distill(_student(), t, x, y, CONFIG, method="bkd_2")
+    with pytest.raises(ValueError, match="unknown methods"):
+        distill.DistillConfig(methods=("ce", "svm"))
+    with pytest.raises(ValueError, match="burn_in"):
+        distill.DistillConfig(burn_in=1.5)
+
+
+def test_teacher_modules_are_evaluated_once_and_cached():
+    x, y, t = halves_problem(6, seed=5)
+    calls = []
+
+    class Teacher(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, inp):
+            calls.append(len(inp))
+            return self.logits
+
+    teachers = {"a": Teacher(t[0]), "b": Teacher(t[1])}
+    res = distill.distill(
+        _student(), teachers, x, y, replace(CONFIG, map_epochs=3), method="mtbkd_map"
+    )
+    assert calls == [len(x), len(x)]
+    assert res.store is None and res.predict(x).shape == (1, len(x), 4)
+
+
+def _tiny_dataset(seed=0) -> Dataset:
+    x, y, t = halves_problem(20, seed)
+    xt, yt, tt = halves_problem(20, seed + 10)
+    return Dataset(
+        "halves",
+        x.numpy(),
+        y.numpy(),
+        xt.numpy(),
+        yt.numpy(),
+        list("abcd"),
+        {"lo": t[0].numpy(), "hi": t[1].numpy()},
+        {"lo": tt[0].numpy(), "hi": tt[1].numpy()},
+    )
+
+
+TINY = replace(
+    CONFIG,
+    map_epochs=8,
+    sgld_epochs=4,
+    num_samples=8,
+    mtbkd_grid={"prior_weight": (0.1, 0.5)},
+    kd_grid={"kd_weight": (0.5,)},
+    sgld_grid=(1e-3,),
+    tune_bkd=False,
+)
+
+
+def test_run_experiment_every_method_and_save_predict(tmp_path):
+    ds = _tiny_dataset()
+    res = distill.run_experiment(ds, TINY, checkpoint_dir=tmp_path / "ck", log=lambda m: None)
+    names = [m.name for m in res.methods]
+    assert names == ["ce", "avg_kd", "entropy_kd", "bkd_lo", "bkd_hi", "mtbkd_map", "mtbkd_sgld"]
+    for m in res.methods:
+        assert set(m.row()) == {
+            "name",
+            "accuracy",
+            "nll",
+            "ece",
+            "brier",
+            "mean_deviance",
+            "coverage",
+            "set_size",
+            "auroc_error",
+            "seconds",
+        }
+        assert m.probs.shape[1:] == (len(ds.y_test), 4)
+    assert res.method("mtbkd_sgld").probs.shape[0] == TINY.num_samples
+    assert res.method("mtbkd_map").probs.shape[0] == 1
+    att = res.attribution
+    assert att["teachers"] == ["lo", "hi"] and set(att["followed"]) <= set("abcd")
+    assert att["responsibilities"].shape == (2, len(ds.y_test))
+
+    distill.save_run(res, tmp_path / "run", ds)
+    np.save(tmp_path / "x.npy", ds.x_test)
+    metrics = distill.predict_file(tmp_path / "run", tmp_path / "x.npy", tmp_path / "p.csv")
+    assert metrics == {}
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "pred,confidence,mean_deviance,mutual_information,credible_set"
+    saved = (tmp_path / "run" / "predictions.csv").read_text().splitlines()
+    # the saved samples reproduce the run's own test predictions
+    assert [r.split(",")[:5] for r in lines[1:]] == [r.split(",")[:5] for r in saved[1:]]
+    assert saved[0].endswith("responsibility_lo,responsibility_hi")
+
+
+def test_hyperparameters_never_see_the_test_labels():
+    ds = _tiny_dataset(seed=1)
+    shuffled = replace(ds, y_test=np.random.default_rng(0).permutation(ds.y_test))
+    cfg = replace(TINY, methods=("entropy_kd", "mtbkd_sgld"), kd_grid={"kd_weight": (0.5, 2.0)})
+    a = distill.run_experiment(ds, cfg, log=lambda m: None)
+    b = distill.run_experiment(shuffled, cfg, log=lambda m: None)
+    for ma, mb in zip(a.methods, b.methods, strict=True):
+        assert ma.hparams == mb.hparams and ma.val_nll == mb.val_nll
+
+
+def test_pipeline_trains_teachers_for_datasets_without():
+    x, y, _ = halves_problem(15, seed=6)
+    xt, yt, _ = halves_problem(10, seed=7)
+    ds = Dataset("plain", x.numpy(), y.numpy(), xt.numpy(), yt.numpy(), list("abcd"))
+    cfg = replace(TINY, methods=("mtbkd_map",), num_teachers=2, teacher_epochs=20)
+    res = distill.run_experiment(ds, cfg, log=lambda m: None)
+    assert res.teacher_names == ["t01", "t23"]
+    assert [t["name"] for t in res.teachers] == ["t01", "t23"]
+
+
+def test_sgld_schedule_spreads_samples():
+    cfg = replace(CONFIG, sgld_epochs=10, batch_size=10, num_samples=20, burn_in=0.1)
+    burn, thin, kept = distill.sgld_schedule(100, cfg)  # 100 steps
+    assert (burn, kept) == (10, 20) and thin == 4

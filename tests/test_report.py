@@ -1,0 +1,132 @@
+"""Tables, report.json and figures (mtbkd.report) of a hand-made experiment result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtbkd import distill, report
+
+KEYS = [
+    "name",
+    "accuracy",
+    "nll",
+    "ece",
+    "brier",
+    "mean_deviance",
+    "coverage",
+    "set_size",
+    "auroc_error",
+    "seconds",
+]
+
+
+def _result(perfect: bool = False) -> distill.ExperimentResult:
+    g = torch.Generator().manual_seed(0)
+    n, c = 40, 3
+    labels = torch.arange(n) % c
+    methods = []
+    for name, s in (("ce", 1), ("mtbkd_map", 1), ("mtbkd_sgld", 5)):
+        logits = torch.randn(s, n, c, generator=g) + 1.0 * torch.nn.functional.one_hot(labels, c)
+        if perfect:
+            logits = 20.0 * torch.nn.functional.one_hot(labels, c).float().expand(s, n, c)
+        probs = torch.softmax(logits, -1)
+        methods.append(
+            distill.MethodResult(
+                name,
+                distill.evaluate_probs(probs, labels),
+                1.5,
+                {"prior_weight": 0.1},
+                probs,
+                0.3,
+                s > 1,
+            )
+        )
+    w = torch.full((2, n), 0.5)
+    r = torch.stack([(labels == 0).float() * 0.8 + 0.1, 1 - ((labels == 0).float() * 0.8 + 0.1)])
+    att = distill._summarise_attribution(
+        "mtbkd_sgld", w, r, labels, methods[-1].probs, ["x", "y", "z"], ["first", "second"]
+    )
+    teachers = [
+        {
+            "name": "first",
+            "accuracy": 0.9,
+            "nll": 0.3,
+            "ece": 0.05,
+            "class_accuracy": [1.0, 0.8, 0.9],
+        },
+        {
+            "name": "second",
+            "accuracy": 0.8,
+            "nll": 0.5,
+            "ece": 0.07,
+            "class_accuracy": [0.7, 0.9, 0.8],
+        },
+    ]
+    return distill.ExperimentResult(
+        "toy",
+        ["x", "y", "z"],
+        ["first", "second"],
+        methods,
+        teachers,
+        labels,
+        att,
+        distill.DistillConfig(),
+        4.5,
+    )
+
+
+def test_report_json_schema_and_followed_teachers():
+    rep = report.report_dict(_result())
+    assert rep["dataset"] == "toy"
+    assert [m["name"] for m in rep["methods"]] == ["ce", "mtbkd_map", "mtbkd_sgld"]
+    for m in rep["methods"]:
+        assert list(m) == KEYS
+        assert all(isinstance(m[k], float) for k in KEYS[1:])
+    assert rep["attribution"]["followed"] == {"x": "first", "y": "second", "z": "second"}
+    json.dumps(rep, allow_nan=False)
+    sentences = report.followed_sentences(rep["attribution"])
+    assert sentences == [
+        "The student followed teacher `first` for classes x.",
+        "The student followed teacher `second` for classes y, z.",
+    ]
+
+
+def test_undefined_auroc_becomes_null():
+    res = _result(perfect=True)
+    assert res.methods[0].metrics["accuracy"] == 1.0
+    rep = report.report_dict(res)
+    assert rep["methods"][0]["auroc_error"] is None
+    json.dumps(rep, allow_nan=False)
+    assert "n/a" in report.format_table(rep["methods"])
+
+
+def test_tables_list_every_method():
+    rows = report.report_dict(_result())["methods"]
+    text = report.format_table(rows)
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["method", "acc", "NLL"] and len(lines) == 2 + len(rows)
+    md = report.markdown_table(rows)
+    assert md.count("\n") == 1 + len(rows) and "| `mtbkd_sgld` |" in md
+
+
+def test_reliability_curve_by_hand():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.5, 0.5]])
+    labels = torch.tensor([0, 1, 1, 0])
+    conf, acc, count = report.reliability_curve(probs, labels, n_bins=2)
+    # bins (0, 0.5] and (0.5, 1]: {0.5 (right)} and {0.9 (right), 0.6 (wrong), 0.7 (right)}
+    assert count.tolist() == [1, 3]
+    assert conf.tolist() == pytest.approx([0.5, (0.9 + 0.6 + 0.7) / 3])
+    assert acc.tolist() == pytest.approx([1.0, 2 / 3])
+
+
+def test_write_report_files(tmp_path):
+    rep = report.write_report(_result(), tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["methods"] == rep["methods"]
+    md = (tmp_path / "report.md").read_text()
+    assert "The student followed teacher `first` for classes x." in md
+    for png in ("reliability.png", "uncertainty.png", "teachers.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![{png}]({png})" in md
