@@ -1,4 +1,4 @@
-"""Builds ``mtbkd._C``: the C++ CPU kernels (always) and the CUDA kernels (with a CUDA torch + nvcc).
+"""Builds ``mtbkd._C``: the C++ CPU kernels (always), the CUDA kernels (with a CUDA torch + nvcc).
 
 Install with ``pip install --no-build-isolation -e .`` so the extension compiles against the torch
 already in the environment (an isolated build would download another torch).
@@ -11,7 +11,14 @@ import os
 import shlex
 
 from setuptools import setup
-from torch.utils import cpp_extension
+
+try:
+    from torch.utils import cpp_extension
+except ImportError as exc:  # an isolated build environment has no torch
+    raise SystemExit(
+        "mtbkd compiles against the torch already installed: install torch first, then run "
+        "`pip install --no-build-isolation -e .`"
+    ) from exc
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

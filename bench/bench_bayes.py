@@ -249,8 +249,8 @@ def bench_predictive(n: int, d_in: int, hidden: int, classes: int, samples: int,
         model = _classifier(d_in, hidden, classes)
         store = _filled_store(model, include, samples)
         times = common.time_interleaved(
-            {"batched": lambda: predict(model, store, x, chunk=chunk),
-             "loop": lambda: _loop_predict(model, store, x)},
+            {"batched": lambda m=model, s=store: predict(m, s, x, chunk=chunk),
+             "loop": lambda m=model, s=store: _loop_predict(m, s, x)},
             repeats=repeats,
         )  # fmt: skip
         a = predict(model, store, x, chunk=chunk)
@@ -280,8 +280,10 @@ def table(results: dict) -> str:
             sp = f"{e['fused_speedup_fwd_bwd']:.2f}x" if "fused_speedup_fwd_bwd" in e else "1"
             mem = (f"{e.get('peak_extra_fwd_weights', float('nan')):.2f} / "
                    f"{e.get('peak_extra_fwd_bwd_weights', float('nan')):.2f}")  # fmt: skip
-            lines.append(f"| {r['rows']}x{r['cols']} | {m} | {fb['median_ms']:.1f} "
-                         f"({fb['p20_ms']:.1f}-{fb['p80_ms']:.1f}) | {fwd} | {sp} | {mem} |")
+            lines.append(
+                f"| {r['rows']}x{r['cols']} | {m} | {fb['median_ms']:.1f} "
+                f"({fb['p20_ms']:.1f}-{fb['p80_ms']:.1f}) | {fwd} | {sp} | {mem} |"
+            )
     if results.get("bayesian_torch") is not None:
         lines.append(f"\nbayesian-torch: {results['bayesian_torch']}")
     s = results["sgld"]
@@ -290,12 +292,19 @@ def table(results: dict) -> str:
               f"{s['methods']['fused']['median_ms']:.2f} ms vs Python loop "
               f"{s['methods']['loop']['median_ms']:.2f} ms ({s['fused_speedup']:.2f}x, fused "
               f"{s['fused_gbs']:.1f} GB/s)."]  # fmt: skip
-    lines += ["", "### Predictive over posterior samples", "",
-              "| sampled | S | N | batched ms | loop ms | speed-up |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "### Predictive over posterior samples",
+        "",
+        "| sampled | S | N | batched ms | loop ms | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results["predictive"]:
-        lines.append(f"| {r['sampled']} | {r['samples']} | {r['N']} | "
-                     f"{r['methods']['batched']['median_ms']:.1f} | "
-                     f"{r['methods']['loop']['median_ms']:.1f} | {r['batched_speedup']:.2f}x |")
+        lines.append(
+            f"| {r['sampled']} | {r['samples']} | {r['N']} | "
+            f"{r['methods']['batched']['median_ms']:.1f} | "
+            f"{r['methods']['loop']['median_ms']:.1f} | {r['batched_speedup']:.2f}x |"
+        )
     lines.append(f"\nCopy bandwidth: {results['copy_bandwidth_gbs']:.1f} GB/s, "
                  f"{results['machine']['threads']} threads.")  # fmt: skip
     return "\n".join(lines)
@@ -315,15 +324,26 @@ def plot(results: dict, path: Path) -> None:
     axes[0].set_ylabel("ms (median)")
     axes[0].set_title(f"sampling fwd+bwd, {r['rows']}x{r['cols']}")
     s = results["sgld"]
-    axes[1].bar(["fused", "loop"], [s["methods"]["fused"]["median_ms"],
-                                    s["methods"]["loop"]["median_ms"]], color=["C0", "C1"])
+    axes[1].bar(
+        ["fused", "loop"],
+        [s["methods"]["fused"]["median_ms"], s["methods"]["loop"]["median_ms"]],
+        color=["C0", "C1"],
+    )
     axes[1].set_title(f"SGLD step, {s['num_params']:,} params")
     labels = [p["sampled"].split(" (")[0] for p in results["predictive"]]
     xs = range(len(labels))
-    axes[2].bar([i - 0.2 for i in xs], [p["methods"]["batched"]["median_ms"]
-                                        for p in results["predictive"]], 0.4, label="batched")
-    axes[2].bar([i + 0.2 for i in xs], [p["methods"]["loop"]["median_ms"]
-                                        for p in results["predictive"]], 0.4, label="loop")
+    axes[2].bar(
+        [i - 0.2 for i in xs],
+        [p["methods"]["batched"]["median_ms"] for p in results["predictive"]],
+        0.4,
+        label="batched",
+    )
+    axes[2].bar(
+        [i + 0.2 for i in xs],
+        [p["methods"]["loop"]["median_ms"] for p in results["predictive"]],
+        0.4,
+        label="loop",
+    )
     axes[2].set_xticks(list(xs), labels)
     axes[2].set_title(f"predictive, S={results['predictive'][0]['samples']}")
     axes[2].legend()

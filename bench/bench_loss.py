@@ -121,7 +121,8 @@ def bench_config(loss, n, v, k, dtype_name, repeats, methods, with_memory):
         if with_memory:
             entry["peak_extra_mb"] = (
                 common.peak_extra_memory(
-                    "bench_loss", "memory_probe",
+                    "bench_loss",
+                    "memory_probe",
                     {"method": m, "loss": loss, "n": n, "v": v, "k": k, "dtype": dtype_name},
                 )  # fmt: skip
                 / 2**20
@@ -158,7 +159,11 @@ def table(results: dict) -> str:
             f"| {r['loss']} | {r['dtype']} | {r['N']}×{r['V']}×{r['K']} | "
             f"{m['fused']['forward_backward']['median_ms']:.1f} | "
             f"{m['eager']['forward_backward']['median_ms']:.1f} | "
-            + (f"{m['compiled']['forward_backward']['median_ms']:.1f} | " if "compiled" in m else "- | ")
+            + (
+                f"{m['compiled']['forward_backward']['median_ms']:.1f} | "
+                if "compiled" in m
+                else "- | "
+            )
             + f"{m['eager']['fused_speedup_fwd_bwd']:.1f}x | "
             + (f"{m['compiled']['fused_speedup_fwd_bwd']:.1f}x | " if "compiled" in m else "- | ")
             + f"{m['fused']['gbs_fwd_bwd']:.1f} | {mem} |"
@@ -197,9 +202,13 @@ def plot(results: dict, path: Path) -> None:
         pts = [r for r in results["sweep"] if r["loss"] == loss]
         for k in sorted({r["K"] for r in pts}):
             s = sorted((r for r in pts if r["K"] == k), key=lambda r: r["V"])
-            ax.plot([r["V"] for r in s], [r["methods"]["eager"]["fused_speedup_fwd_bwd"] for r in s],
+            speedup = [r["methods"]["eager"]["fused_speedup_fwd_bwd"] for r in s]
+            ax.plot([r["V"] for r in s], speedup,
                     marker="o", label=f"{loss} K={k}")  # fmt: skip
     ax.set_xscale("log")
+    vs = sorted({r["V"] for r in results["sweep"]})
+    ax.set_xticks(vs, [str(v) for v in vs])
+    ax.minorticks_off()
     ax.set_xlabel("V")
     ax.set_ylabel("speed-up of fused over eager (fwd+bwd)")
     ax.set_title("Sweep over V and K")
@@ -225,7 +234,7 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
     jobs = [("main", loss, n, v, k, d) for loss in LOSSES for d in DTYPES]
     sweep_n = 64 if quick else 512
     for loss in LOSSES:
-        for sv in ([1271, 4096] if quick else [1271, 8192, 32000, 50257]):
+        for sv in [1271, 4096] if quick else [1271, 8192, 32000, 50257]:
             for sk in [1, 3] if quick else [1, 2, 3, 4]:
                 jobs.append(("sweep", loss, sweep_n, sv, sk, "float32"))
     for part, loss, nn_, vv, kk, d in tqdm(jobs, desc="bench loss", unit="config"):

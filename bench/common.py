@@ -93,9 +93,9 @@ def peak_extra_memory(module: str, func: str, kwargs: dict) -> int:
     ``max RSS - RSS before the call``: what the call allocated at its peak (outputs included).
     """
     code = (
-        "import json, sys; sys.path.insert(0, %r); import %s as m; "
-        "print('PEAK', json.dumps(m.%s(**json.loads(%r))))"
-        % (str(Path(__file__).parent), module, func, json.dumps(kwargs))
+        f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"import {module} as m; "
+        f"print('PEAK', json.dumps(m.{func}(**json.loads({json.dumps(kwargs)!r}))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=1800

@@ -49,9 +49,7 @@ for method in ("ce", "mtbkd_map", "mtbkd_sgld"):
         f"{method:<11} acc {m['accuracy']:.3f}  NLL {m['nll']:.3f}  ECE {m['ece']:.3f}  "
         f"95% set coverage {m['coverage']:.3f} (size {m['set_size']:.2f})  {result.seconds:.1f}s"
     )
-weights, resp = distill.teacher_attribution(
-    result.predict(x_test), teachers_test, result.objective
-)
+weights, resp = distill.teacher_attribution(result.predict(x_test), teachers_test, result.objective)
 for c in range(4):
     r = resp[:, y_test == c].mean(1)
     print(f"class {c}: responsibilities {[round(v, 2) for v in r.tolist()]}")

@@ -37,6 +37,7 @@ for step in range(41):
         print(
             f"step {step:3d}  loss {loss.item():.4f}  train acc {acc:.3f}  "
             f"mean weights {[round(w, 3) for w in stats.weights.mean(1).tolist()]}  "
-            f"mean responsibilities {[round(r, 3) for r in stats.responsibilities.mean(1).tolist()]}"
+            f"mean responsibilities "
+            f"{[round(r, 3) for r in stats.responsibilities.mean(1).tolist()]}"
         )
 print("backend:", mtbkd.ops.select_backend(torch.device("cpu"), "mtbkd_loss_fwd"))

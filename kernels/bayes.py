@@ -36,10 +36,12 @@ def _normals(seed, q, stream, STREAM0: tl.constexpr):
         c2 = (q * 0 + stream).to(tl.uint32)
         c3 = (q * 0).to(tl.uint32)
         i0, i1, i2, i3 = tl.philox(seed, c0, c1, c2, c3)
-        n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i0),
-                                           tl.uint_to_uniform_float(i1))
-        n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i2),
-                                           tl.uint_to_uniform_float(i3))
+        n0, n1 = tl.pair_uniform_to_normal(
+            tl.uint_to_uniform_float(i0), tl.uint_to_uniform_float(i1)
+        )
+        n2, n3 = tl.pair_uniform_to_normal(
+            tl.uint_to_uniform_float(i2), tl.uint_to_uniform_float(i3)
+        )
     return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
 
 

@@ -303,9 +303,7 @@ def _kl_backward(ctx, grad_kl, _g1, _g2):
 _gaussian_kl_op.register_autograd(_kl_backward, setup_context=_kl_setup)
 
 
-def gaussian_kl(
-    mu: Tensor, rho: Tensor, prior_sigma: float = 1.0, prior_mu: float = 0.0
-) -> Tensor:
+def gaussian_kl(mu: Tensor, rho: Tensor, prior_sigma: float = 1.0, prior_mu: float = 0.0) -> Tensor:
     """``sum [log(s0/s) + (s^2 + (mu - m0)^2) / (2 s0^2) - 1/2]``, ``s = softplus(rho)``
     (MATH.md section 6): KL of ``N(mu, s^2)`` to the prior ``N(m0, s0^2)``, summed, fp32 (fp64
     for fp64 input), its gradient computed in the same pass when autograd needs it."""
@@ -330,7 +328,7 @@ def _ref_gaussian_kl(mu, rho, prior_mu, prior_sigma, compute_grad):
     m, r = mu.to(acc), rho.to(acc)
     s = F.softplus(r)
     var0 = prior_sigma**2
-    kl = (math.log(prior_sigma) - torch.log(s) + (s**2 + (m - prior_mu) ** 2) / (2 * var0) - 0.5)
+    kl = math.log(prior_sigma) - torch.log(s) + (s**2 + (m - prior_mu) ** 2) / (2 * var0) - 0.5
     if not compute_grad:
         return kl.sum(), mu.new_empty((0,)), rho.new_empty((0,))
     dm = (m - prior_mu) / var0

@@ -1,4 +1,4 @@
-"""The ``mtbkd`` command: ``info``, ``bench`` (and the pipeline's ``demo``/``distill``/``predict``)."""
+"""The `mtbkd` command: info, bench and the pipeline (demo, distill, predict)."""
 
 from __future__ import annotations
 

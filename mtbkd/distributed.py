@@ -47,6 +47,8 @@ from mtbkd.functional import MTBKDStats
 __all__ = [
     "vocab_parallel_mtbkd_loss",
     "vocab_parallel_multi_teacher_kd_loss",
+    "vocab_parallel_fused_linear_mtbkd_loss",
+    "vocab_parallel_fused_linear_multi_teacher_kd_loss",
     "all_reduce",
     "all_gather_into_tensor",
 ]
@@ -587,3 +589,393 @@ def vocab_parallel_multi_teacher_kd_loss(
             q1 = torch.exp(z - lse_z.unsqueeze(-1))
             grad = grad + hard_label_weight * (q1 - _onehot_local(z, lab, vocab_start))
     return _finish(student_shard, inputs, rows, grad, reduction, ignore_index, num_items_in_batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused linear head, sharded over the vocabulary (MATH.md sections 2-4)
+# ----------------------------------------------------------------------------------------------
+#
+# Rank r holds the rows [lo, hi) of the student's output head W and the same columns of the
+# teachers' logits; the hidden states h [N, H] are replicated. Rows are processed in chunks:
+# z_c = h_c W_rᵀ (+ b_r) is only [c, hi − lo], the vocab-parallel loss above turns it into the
+# per-row loss and its local gradient shard G_c = dL/dz_c, then
+#   grad_W_r += G_cᵀ h_c,  grad_b_r += Σ_i G_c,i  (local: nothing to communicate),
+#   grad_h_c  = G_c W_r    (a PARTIAL sum over this rank's columns).
+# The full grad_h = Σ_r G_r W_r is one SUM all-reduce of [N, H] in the backward, as the
+# "copy to the tensor-parallel region" of a column-parallel head does. That all-reduce is
+# O(N·H) floats, not O(N·K); everything else stays O(N·K) per chunk.
+
+
+def _fused_meta(hidden: Tensor, teachers: list[Tensor], labels: Tensor | None, weight: Tensor,
+                vocab_start: int, vocab_size: int) -> list[int]:  # fmt: skip
+    # Same layout as _Inputs.metadata, so that _agree checks rows, teachers, tiling and labels.
+    n = hidden.shape[0]
+    lab_sum = lab_wsum = 0
+    if labels is not None and n > 0:
+        lab_sum = int(labels.sum())
+        idx = torch.arange(1, n + 1, device=labels.device)
+        lab_wsum = int((labels * idx).sum() % 1_000_000_007)
+    return [0, n, len(teachers), weight.shape[0], vocab_start, vocab_size,
+            int(labels is not None), _DTYPES.get(hidden.dtype, 0), lab_sum, lab_wsum]  # fmt: skip
+
+
+def _fused_inputs(student_hidden, student_weight_shard, teacher_logits_shard, labels,
+                  student_bias_shard, vocab_start, vocab_size, chunk_size):  # fmt: skip
+    """Local checks and canonical shapes: hidden ``[N, H]``, teachers K × ``[N, W]``, labels."""
+    from mtbkd import fused_linear as FL
+
+    for value, what in ((vocab_start, "vocab_start"), (vocab_size, "vocab_size")):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    if not isinstance(student_hidden, Tensor):
+        raise TypeError(f"student_hidden must be a torch.Tensor, got "
+                        f"{type(student_hidden).__name__}")  # fmt: skip
+    if student_hidden.dim() < 1:
+        raise ValueError("student_hidden must be [N, H] (or [..., H])")
+    FL._check_matrix(student_hidden, "student_hidden", student_hidden.dim())
+    lead = student_hidden.shape[:-1]
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    n = hidden.shape[0]
+    weight = FL._check_matrix(student_weight_shard, "student_weight_shard", 2)
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"student_weight_shard has hidden size {weight.shape[1]} but "
+                         f"student_hidden has {hidden.shape[1]}")  # fmt: skip
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise TypeError("student_weight_shard must have student_hidden's dtype and device")
+    width = weight.shape[0]
+    if vocab_start < 0 or vocab_start + width > vocab_size:
+        raise ValueError(f"vocab_start={vocab_start} with a head shard of {width} rows does not "
+                         f"fit in vocab_size={vocab_size}")  # fmt: skip
+    if student_bias_shard is not None:
+        FL._check_matrix(student_bias_shard, "student_bias_shard", 1)
+        if student_bias_shard.shape[0] != width:
+            raise ValueError(f"student_bias_shard has {student_bias_shard.shape[0]} entries but "
+                             f"student_weight_shard has {width} rows")  # fmt: skip
+        if student_bias_shard.dtype != hidden.dtype or student_bias_shard.device != hidden.device:
+            raise TypeError("student_bias_shard must have student_hidden's dtype and device")
+    if isinstance(teacher_logits_shard, Tensor):
+        if teacher_logits_shard.dim() != len(lead) + 2:
+            raise ValueError(
+                f"teacher_logits_shard must be [K, ..., W] with ... = {tuple(lead)}, got shape "
+                f"{tuple(teacher_logits_shard.shape)}"
+            )
+        raw = list(teacher_logits_shard.unbind(0))
+    elif isinstance(teacher_logits_shard, Sequence) and not isinstance(
+        teacher_logits_shard, (str, bytes)
+    ):
+        raw = list(teacher_logits_shard)
+    else:
+        raise TypeError("teacher_logits_shard must be a tensor [K, ..., W] or a sequence of "
+                        f"[..., W] tensors, got {type(teacher_logits_shard).__name__}")  # fmt: skip
+    if not raw:
+        raise ValueError("teacher_logits_shard must hold at least one teacher (got K = 0)")
+    teachers = []
+    for i, t in enumerate(raw):
+        FL._check_matrix(t, f"teacher_logits_shard[{i}]", t.dim() if isinstance(t, Tensor) else 2)
+        if t.shape != (*lead, width):
+            raise ValueError(f"teacher_logits_shard[{i}] must have shape {(*lead, width)} "
+                             f"(rows of student_hidden, this rank's head rows), got "
+                             f"{tuple(t.shape)}")  # fmt: skip
+        if t.device != hidden.device:
+            raise ValueError(f"teacher_logits_shard[{i}] is on {t.device} but student_hidden is "
+                             f"on {hidden.device}")  # fmt: skip
+        teachers.append(t.detach().reshape(n, width))
+    if labels is not None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        if labels.shape != lead:
+            raise ValueError(f"labels must have shape {tuple(lead)} (student_hidden without its "
+                             f"last dim), got {tuple(labels.shape)}")  # fmt: skip
+        labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
+    if chunk_size is None:
+        chunk = FL.auto_chunk_size(n, width, len(teachers))
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    else:
+        chunk = chunk_size
+    return hidden, weight, teachers, labels, lead, chunk
+
+
+class _ShardedHead:
+    """The chunk loop of one call: per-row loss, stats and the (scaled) gradients of the head."""
+
+    def __init__(self, loss_fn, opts: dict, hidden, weight, bias, teachers, labels, chunk,
+                 vocab_start, vocab_size, group) -> None:  # fmt: skip
+        self.loss_fn, self.opts = loss_fn, opts
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.teachers, self.labels, self.chunk = teachers, labels, chunk
+        self.where = {"vocab_start": vocab_start, "vocab_size": vocab_size, "group": group}
+        self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+    def run(self, row_scale: Tensor | None, want_grads: bool, want_stats: bool = False):
+        """Loss rows ``[N]``, stats per chunk and, when ``want_grads``, ``(gh_partial, gW, gb)``
+        with each row's gradient scaled by ``row_scale`` (a scalar or ``[N]`` tensor)."""
+        hidden, weight, bias, acc = self.hidden, self.weight, self.bias, self.acc
+        n = hidden.shape[0]
+        loss_rows = torch.zeros(n, dtype=acc, device=hidden.device)
+        stats: list = []
+        gh = gw = gb = None
+        if want_grads:
+            gh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+            gw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            gb = None if bias is None else torch.zeros(weight.shape[0], dtype=acc,
+                                                       device=weight.device)  # fmt: skip
+            w_acc = weight.to(acc)
+        wt = weight.t()
+        for start in range(0, n, self.chunk):
+            rows = slice(start, min(start + self.chunk, n))
+            h = hidden[rows]
+            # The loss works in the accumulation dtype anyway; G then needs no extra rounding.
+            z = (h @ wt if bias is None else torch.addmm(bias, h, wt)).to(acc)
+            t_chunk = [t[rows] for t in self.teachers]
+            lab = None if self.labels is None else self.labels[rows]
+            kw = dict(self.where, reduction="none", **self.opts)
+            if isinstance(kw["weights"], Tensor):
+                kw["weights"] = kw["weights"][:, rows]
+            if want_stats:
+                kw["return_stats"] = True
+            if not want_grads:
+                with torch.no_grad():
+                    out = self.loss_fn(z, t_chunk, lab, **kw)
+            else:
+                leaf = z.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    out = self.loss_fn(leaf, t_chunk, lab, **kw)
+                r = out[0] if want_stats else out
+                scale = row_scale[rows] if row_scale.dim() else row_scale.expand(r.shape[0])
+                # The vocab-parallel backward only scales the G it computed in its forward.
+                (g,) = torch.autograd.grad(r, leaf, grad_outputs=scale.to(r.dtype))
+                del leaf, z
+                gh[rows] = g @ w_acc
+                gw.addmm_(g.t(), h.to(acc))
+                if gb is not None:
+                    gb += g.sum(0)
+            r = out[0] if want_stats else out
+            loss_rows[rows] = r.detach()
+            if want_stats:
+                stats.append(out[1])
+        return loss_rows, stats, gh, gw, gb
+
+
+class _VocabParallelFusedLinear(torch.autograd.Function):
+    """Loss and head gradients in the forward; the backward scales them and all-reduces grad_h."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, head: _ShardedHead, reduction, scale, want_stats,
+                fn_ctx):  # fmt: skip
+        need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        ctx.need, ctx.head = need, head
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if reduction == "none":
+            # The per-row grad_output is known only in the backward: recompute the chunks there.
+            rows, stats, *_ = head.run(None, False, want_stats)
+            ctx.recompute = True
+            fn_ctx["stats"] = stats
+            return rows
+        rows, stats, gh, gw, gb = head.run(scale, any(need), want_stats)
+        ctx.recompute = False
+        fn_ctx["stats"] = stats
+        ctx.save_for_backward(gh, gw, gb)
+        return rows.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        head, need = ctx.head, ctx.need
+        if ctx.recompute:
+            go = torch.ones((), dtype=head.acc, device=grad_out.device)
+            with torch.no_grad():
+                _, _, gh, gw, gb = head.run(grad_out.to(head.acc), True)
+        else:
+            gh, gw, gb = ctx.saved_tensors
+            go = grad_out.to(head.acc)
+        dh = dw = db = None
+        if need[0]:
+            dh = gh * go
+            # Partial over this rank's vocabulary columns: the sum over the group is grad_h.
+            all_reduce(dh, dist.ReduceOp.SUM, head.where["group"])
+            dh = dh.to(ctx.dtypes[0])
+        if need[1]:
+            dw = (gw * go).to(ctx.dtypes[1])
+        if need[2]:
+            db = (gb * go).to(ctx.dtypes[2])
+        return dh, dw, db, None, None, None, None, None
+
+
+def _fused_call(name, loss_fn, opts, student_hidden, student_weight_shard, teacher_logits_shard,
+                labels, student_bias_shard, vocab_start, vocab_size, group, chunk_size,
+                reduction, num_items_in_batch, return_stats, option_checks):  # fmt: skip
+    from mtbkd import fused_linear as FL
+
+    _world(group)
+    error: Exception | None = None
+    parsed = meta = None
+    try:
+        option_checks()
+        parsed = _fused_inputs(student_hidden, student_weight_shard, teacher_logits_shard,
+                               labels, student_bias_shard, vocab_start, vocab_size,
+                               chunk_size)  # fmt: skip
+        meta = _fused_meta(parsed[0], parsed[2], parsed[3], parsed[1], vocab_start, vocab_size)
+        if isinstance(opts["weights"], Tensor):
+            opts = dict(opts, weights=_flat_weights(opts["weights"], len(parsed[2]), parsed[4]))
+    except (TypeError, ValueError) as exc:
+        error = exc
+    device = student_hidden.device if isinstance(student_hidden, Tensor) else torch.device("cpu")
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    # Agree before the chunk loop: every rank then runs the same number of chunk collectives.
+    _agree(name, meta, error, device, group)
+    assert parsed is not None
+    hidden, weight, teachers, flat_labels, lead, chunk = parsed
+    head = _ShardedHead(loss_fn, opts, hidden, weight, student_bias_shard, teachers, flat_labels,
+                        chunk, vocab_start, vocab_size, group)  # fmt: skip
+    scale = None
+    if reduction != "none":
+        scale = FL._mean_scale(reduction, flat_labels, hidden.shape[0], opts["ignore_index"],
+                               num_items_in_batch, head.acc, hidden.device)  # fmt: skip
+    fn_ctx: dict = {}
+    out = _VocabParallelFusedLinear.apply(hidden, weight, student_bias_shard, head, reduction,
+                                          scale, return_stats, fn_ctx)  # fmt: skip
+    if reduction == "none":
+        out = out.reshape(lead)
+    if not return_stats:
+        return out
+    parts = fn_ctx["stats"]
+    k = len(teachers)
+
+    def cat(field: str) -> Tensor:
+        return torch.cat([getattr(s, field) for s in parts], dim=-1)
+
+    stats = MTBKDStats(
+        weights=cat("weights").reshape(k, *lead),
+        responsibilities=cat("responsibilities").reshape(k, *lead),
+        entropy=cat("entropy").reshape(k, *lead), prior=cat("prior").reshape(lead),
+        ce=cat("ce").reshape(lead),
+    )  # fmt: skip
+    return out, stats
+
+
+def vocab_parallel_fused_linear_mtbkd_loss(
+    student_hidden: Tensor,
+    student_weight_shard: Tensor,
+    teacher_logits_shard: Tensor | Sequence[Tensor],
+    labels: Tensor | None = None,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    student_bias_shard: Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    temperature: float = 2.0,
+    concentration: float = 5.0,
+    prior_weight: float = 0.02,
+    hard_label_weight: float = 1.0,
+    weights: str | Tensor = "entropy",
+    weight_temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    return_stats: bool = False,
+    check_finite: bool = True,
+) -> Tensor | tuple[Tensor, MTBKDStats]:
+    """:func:`vocab_parallel_mtbkd_loss` of ``z_r = h W_rᵀ (+ b_r)`` without an ``[N, W]`` logits
+    tensor for all rows (MATH.md sections 2 and 4): the head is sharded over the vocabulary.
+
+    Args:
+        student_hidden: ``[..., H]`` hidden states, replicated (identical) on every rank.
+        student_weight_shard: ``[W, H]``, rows ``[vocab_start, vocab_start + W)`` of the head.
+        teacher_logits_shard: ``[K, ..., W]`` or K tensors ``[..., W]``: the same columns of the
+            teachers' logits.
+        labels: ``[...]`` global class indices, identical on every rank (or None).
+        vocab_start, vocab_size, group: as in :func:`vocab_parallel_mtbkd_loss`.
+        student_bias_shard: ``[W]`` or None.
+        chunk_size: rows per chunk (default: :func:`mtbkd.fused_linear.auto_chunk_size` of W).
+        Other options as in :func:`mtbkd.mtbkd_loss`; a fixed ``weights`` tensor is ``[K, N]``
+        with ``N`` the flattened rows.
+
+    Returns the loss (identical on every rank). The backward writes this rank's weight and bias
+    shard gradients and the full ``student_hidden`` gradient: the partial sums ``G_r W_r`` are
+    all-reduced over ``group`` there (``N·H`` floats, the one communication that is not
+    ``O(N·K)``), so every rank must run the backward and the model must not sum it again.
+    """
+    name = "vocab_parallel_fused_linear_mtbkd_loss"
+
+    def option_checks() -> None:
+        validate.check_positive(temperature, "temperature")
+        validate.check_positive(concentration, "concentration")
+        validate.check_positive(weight_temperature, "weight_temperature")
+        validate.check_real(prior_weight, "prior_weight", nonnegative=True)
+        validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
+        validate.check_reduction(reduction)
+
+    opts = dict(temperature=temperature, concentration=concentration, prior_weight=prior_weight,
+                hard_label_weight=hard_label_weight, weights=weights,
+                weight_temperature=weight_temperature, ignore_index=ignore_index,
+                check_finite=check_finite)  # fmt: skip
+    return _fused_call(name, vocab_parallel_mtbkd_loss, opts,
+                       student_hidden, student_weight_shard, teacher_logits_shard, labels,
+                       student_bias_shard, vocab_start, vocab_size, group, chunk_size, reduction,
+                       num_items_in_batch, return_stats, option_checks)  # fmt: skip
+
+
+def vocab_parallel_fused_linear_multi_teacher_kd_loss(
+    student_hidden: Tensor,
+    student_weight_shard: Tensor,
+    teacher_logits_shard: Tensor | Sequence[Tensor],
+    labels: Tensor | None = None,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    student_bias_shard: Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    weights: str | Tensor = "entropy",
+    weight_temperature: float = 1.0,
+    hard_label_weight: float = 0.0,
+    soft_label_weight: float = 1.0,
+    scale_by_t2: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    check_finite: bool = True,
+) -> Tensor:
+    """:func:`vocab_parallel_multi_teacher_kd_loss` of ``z_r = h W_rᵀ (+ b_r)`` in row chunks
+    (MATH.md sections 3 and 4); arguments and communication as in
+    :func:`vocab_parallel_fused_linear_mtbkd_loss`.
+    """
+    name = "vocab_parallel_fused_linear_multi_teacher_kd_loss"
+
+    def option_checks() -> None:
+        if divergence not in ops.DIVERGENCES:
+            raise ValueError(
+                f"divergence must be one of {tuple(ops.DIVERGENCES)}, got {divergence!r}"
+            )
+        validate.check_real(beta, "beta")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1], got {beta}")
+        validate.check_positive(temperature, "temperature")
+        validate.check_positive(weight_temperature, "weight_temperature")
+        validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
+        validate.check_real(soft_label_weight, "soft_label_weight", nonnegative=True)
+        validate.check_reduction(reduction)
+
+    opts = dict(divergence=divergence, beta=beta, temperature=temperature, weights=weights,
+                weight_temperature=weight_temperature, hard_label_weight=hard_label_weight,
+                soft_label_weight=soft_label_weight, scale_by_t2=scale_by_t2,
+                ignore_index=ignore_index, check_finite=check_finite)  # fmt: skip
+    return _fused_call(name, vocab_parallel_multi_teacher_kd_loss, opts,
+                       student_hidden, student_weight_shard, teacher_logits_shard, labels,
+                       student_bias_shard, vocab_start, vocab_size, group, chunk_size, reduction,
+                       num_items_in_batch, False, option_checks)  # fmt: skip
+
+
+def _flat_weights(weights: Tensor, k: int, lead: torch.Size) -> Tensor:
+    """A fixed weight tensor ``[K, ...]`` as ``[K, N]``, so that chunks slice its rows."""
+    if weights.shape != (k, *lead):
+        raise ValueError(f"weights must have shape {(k, *lead)} (teachers, rows of "
+                         f"student_hidden), got {tuple(weights.shape)}")  # fmt: skip
+    return weights.reshape(k, -1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-import torch
 from torch import Tensor
 
 from mtbkd import ops, validate
@@ -81,7 +80,8 @@ def teacher_weights(
 ) -> Tensor:
     """Per-row teacher weights ``[K, ...]`` (MATH.md section 1), summing to 1 over teachers.
 
-    ``entropy``: ``w_k ∝ 1 - H_k / Σ_j H_j`` with ``H_k`` the entropy of ``softmax(t_k / temperature)``
+    ``entropy``: ``w_k ∝ 1 - H_k / Σ_j H_j`` with ``H_k`` the entropy of
+    ``softmax(t_k / temperature)``
     (a confident teacher weighs more); ``uniform``: ``1/K``; a tensor ``[K]`` or ``[K, ...]``:
     non-negative weights renormalised per row. No gradient flows through the weights.
     """
@@ -223,9 +223,7 @@ def multi_teacher_kd_loss(
         return _sparse.sparse_multi_teacher_kd_loss(**_sparse_args(locals()))
     # --- end sparse ---
     if divergence not in ops.DIVERGENCES:
-        raise ValueError(
-            f"divergence must be one of {tuple(ops.DIVERGENCES)}, got {divergence!r}"
-        )
+        raise ValueError(f"divergence must be one of {tuple(ops.DIVERGENCES)}, got {divergence!r}")
     validate.check_real(beta, "beta")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")

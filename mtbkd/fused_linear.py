@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 # Working-set budget of one chunk (student logits, K teacher logits, the gradient, fp32 copies).
-CHUNK_BYTES = 256 * 2**20
+# 512 MiB gives 256-row chunks at V=128256, K=2: large enough for efficient head matmuls (128-row
+# chunks measured 1.3x slower than eager there, 256-row 1.15x) at ~22 % of eager's peak memory.
+CHUNK_BYTES = 512 * 2**20
 
 
 def auto_chunk_size(n: int, v: int, k: int, budget_bytes: int = CHUNK_BYTES) -> int:
@@ -373,8 +375,9 @@ def _flatten_head(t):
 def _finish(kind, opts, hidden, weight, bias, tlist, labels, fixed, chunk, lead, reduction,
             num_items, return_stats):  # fmt: skip
     fn_ctx: dict = {}
-    out = _FusedLinearLoss.apply(hidden, weight, bias, kind, opts, tlist, labels, fixed, chunk,
-                                 reduction, num_items, fn_ctx)
+    out = _FusedLinearLoss.apply(
+        hidden, weight, bias, kind, opts, tlist, labels, fixed, chunk, reduction, num_items, fn_ctx
+    )
     if reduction == "none":
         out = out.reshape(lead)
     if not return_stats:
@@ -514,8 +517,9 @@ class FusedLinearMTBKDLoss(MTBKDLoss):
 
     def __init__(self, *, chunk_size: int | None = None, **options: Any) -> None:
         super().__init__(**options)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or
-                                       not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
 
@@ -549,8 +553,9 @@ class FusedLinearMultiTeacherKDLoss(MultiTeacherKDLoss):
 
     def __init__(self, *, chunk_size: int | None = None, **options: Any) -> None:
         super().__init__(**options)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or
-                                       not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
 

@@ -51,5 +51,7 @@ def format_info(d: dict) -> str:
     lines = [f"{k}: {v}" for k, v in d.items() if k not in ("backends", "default_backend")]
     lines.append("backends:")
     lines += [f"  {k}: {v}" for k, v in d["backends"].items()]
-    lines.append("default backend: " + ", ".join(f"{k} -> {v}" for k, v in d["default_backend"].items()))
+    lines.append(
+        "default backend: " + ", ".join(f"{k} -> {v}" for k, v in d["default_backend"].items())
+    )
     return "\n".join(lines)

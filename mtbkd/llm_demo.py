@@ -489,8 +489,10 @@ def run(cfg: DemoConfig = SIZES["default"], quiet: bool = False) -> dict[str, An
         "groups": list(GROUPS),
         "group_tokens": g_count.long().tolist(),
         "weights": {"SmolLM2": (w_sum[0] / denom).tolist(), "trigram": (w_sum[1] / denom).tolist()},
-        "responsibilities": {"SmolLM2": (r_sum[0] / denom).tolist(),
-                             "trigram": (r_sum[1] / denom).tolist()},  # fmt: skip
+        "responsibilities": {
+            "SmolLM2": (r_sum[0] / denom).tolist(),
+            "trigram": (r_sum[1] / denom).tolist(),
+        },  # fmt: skip
         "timings_s": timings,
     }
     if not quiet:
@@ -516,8 +518,10 @@ def _print_report(r: dict[str, Any]) -> None:
             for t in ("SmolLM2", "trigram")
         )
         print(f"  {name:<12}{n:>8}{cells}")
-    print(f"\nloss backend: {r['backend']}; time (s): "
-          + ", ".join(f"{k} {v:.1f}" for k, v in r["timings_s"].items()))
+    print(
+        f"\nloss backend: {r['backend']}; time (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in r["timings_s"].items())
+    )
 
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -14,7 +14,9 @@ __all__ = ["MTBKDLoss", "MultiTeacherKDLoss"]
 
 
 class MTBKDLoss(nn.Module):
-    """MT-BKD loss with a teacher-informed Dirichlet mixture prior (see :func:`mtbkd.functional.mtbkd_loss`).
+    """MT-BKD loss with a teacher-informed Dirichlet mixture prior.
+
+    See :func:`mtbkd.functional.mtbkd_loss` for the math and the options.
 
     Example::
 

@@ -120,7 +120,6 @@ def ece(probs: Tensor, labels: Tensor, n_bins: int = ECE_BINS) -> Tensor:
     # bucketize(right=False) gives i with edges[i-1] < x <= edges[i]: right-closed bins.
     idx = torch.bucketize(conf, edges, right=False)
     correct = (pred == y).float()
-    n = torch.bincount(idx, minlength=n_bins).float()
     acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
     conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
     # |acc_b - conf_b| n_b / N = |acc_sum_b - conf_sum_b| / N (empty bins add 0).

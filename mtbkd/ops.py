@@ -115,7 +115,11 @@ def select_backend(device: torch.device, op: str | None = None) -> str:
             raise RuntimeError(f"MTBKD_BACKEND=cpu cannot run on {device.type} tensors")
         if forced == "cuda" and device.type != "cuda":
             raise RuntimeError(f"MTBKD_BACKEND=cuda cannot run on {device.type} tensors")
-        if forced == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        if (
+            forced == "triton"
+            and device.type == "cpu"
+            and os.environ.get("TRITON_INTERPRET") != "1"
+        ):
             raise RuntimeError(
                 "MTBKD_BACKEND=triton cannot run on CPU tensors unless TRITON_INTERPRET=1 is set"
             )
@@ -177,7 +181,8 @@ def mtbkd_loss_fwd(
     """
     return _impl("mtbkd_loss_fwd", student)(
         student, teachers, labels, fixed_weights, teacher_stats, temperature, concentration,
-        prior_weight, hard_label_weight, weight_mode, weight_temperature, ignore_index, check_finite,
+        prior_weight, hard_label_weight, weight_mode, weight_temperature, ignore_index,
+        check_finite,
     )  # fmt: skip
 
 
@@ -300,10 +305,14 @@ def _setup_loss_ctx(ctx, inputs, output):
     ctx.num_rest = len(inputs) - 2
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(*output[1:])
+    # Otherwise autograd fills a zero [N, V] gradient for the non-differentiable grad output.
+    ctx.set_materialize_grads(False)
 
 
 def _loss_backward(ctx, grad_loss, *unused):
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:  # the loss itself was not used
+        return (None, [None] * ctx.num_teachers) + (None,) * ctx.num_rest
     # Out of place: the saved gradient is also an output of the op, which a caller may hold.
     grad_student = scale_grad(grad, grad_loss.to(_acc_dtype(grad.dtype)).contiguous())
     return (grad_student, [None] * ctx.num_teachers) + (None,) * ctx.num_rest

@@ -40,7 +40,7 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 
 def teacher_entropy(teacher_logits: Tensor | Sequence[Tensor], temperature: float = 1.0) -> Tensor:
-    """``H_k = -sum_c p~_kc log p~_kc`` with ``p~_k = softmax(t_k / temperature)``; shape ``[K, ...]``."""
+    """Teacher entropies ``[K, ...]``: ``H_k = -sum_c p_kc log p_kc``, ``p_k = softmax(t_k/T)``."""
     t = _stack(teacher_logits)
     t = t.to(_acc_dtype(t))
     p = torch.softmax(t / temperature, dim=-1)
@@ -52,7 +52,7 @@ def teacher_weights(
     method: str | Tensor = "entropy",
     temperature: float = 1.0,
 ) -> Tensor:
-    """Per-row teacher weights ``w [K, ...]`` (MATH.md section 1); no gradient flows through them."""
+    """Per-row teacher weights ``w [K, ...]`` (MATH.md section 1); no gradient flows through."""
     t = _stack(teacher_logits).detach()
     k = t.shape[0]
     dt = _acc_dtype(t)
@@ -169,7 +169,7 @@ def multi_teacher_kd_loss(
     scale_by_t2: bool = False,
     ignore_index: int = -100,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row weighted-sum multi-teacher KD (MATH.md section 3); returns ``(loss [N], weights [K, N])``.
+    """Per-row weighted-sum multi-teacher KD (MATH.md section 3): ``(loss [N], weights [K, N])``.
 
     ``L_i = beta_h * ce_i + beta_s * s(tau) * sum_k w_k D(p_k^tau, q^tau)``.
     """
@@ -191,7 +191,9 @@ def multi_teacher_kd_loss(
         )
         d = beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq.expand_as(logp), logm)
     else:
-        raise ValueError(f"divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got {divergence!r}")
+        raise ValueError(
+            f"divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got {divergence!r}"
+        )
     scale = temperature**2 if scale_by_t2 else 1.0
     soft = soft_label_weight * scale * (w * d).sum(0)
     ce = _cross_entropy(z, labels, mask)
@@ -207,7 +209,10 @@ def reduce_rows(
     ignore_index: int = -100,
     num_items_in_batch: int | Tensor | None = None,
 ) -> Tensor:
-    """MATH.md section 4: ``mean`` over unmasked rows (or ``num_items_in_batch``), ``sum`` or ``none``."""
+    """Reduce per-row losses (MATH.md section 4): ``mean``, ``sum`` or ``none``.
+
+    ``mean`` divides by the number of unmasked rows, or by ``num_items_in_batch`` when given.
+    """
     if reduction == "none":
         return rows
     total = rows.sum()

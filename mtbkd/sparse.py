@@ -184,8 +184,10 @@ def bucketize(
             raise ValueError(f"teacher_logits[{i}] has k = {t.k} > V = {v}")
         idx = t.indices.to(torch.int64)
         if n and bool(((idx < 0) | (idx >= v)).any()):
-            raise ValueError(f"teacher_logits[{i}] has indices outside [0, V={v}) (a teacher "
-                             "vocabulary padded beyond the student's must not put mass there)")
+            raise ValueError(
+                f"teacher_logits[{i}] has indices outside [0, V={v}) (a teacher "
+                "vocabulary padded beyond the student's must not put mass there)"
+            )
         idx_list.append(idx)
     z = z2.to(acc)
     union, _ = torch.cat(idx_list, dim=-1).sort(dim=-1)  # [N, W]

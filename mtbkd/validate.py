@@ -44,7 +44,9 @@ def check_logits(x: Tensor, name: str) -> None:
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{name} must have a non-empty last (class) dimension, got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have a non-empty last (class) dimension, got {tuple(x.shape)}"
+        )
 
 
 def canonical_inputs(
@@ -150,7 +152,8 @@ def fixed_weights(weights: Tensor, k: int, lead: torch.Size, like: Tensor) -> Te
                          f"{tuple(weights.shape)}")  # fmt: skip
     if weights.dim() > 1 and weights.shape[1:] != lead:
         raise ValueError(
-            f"weights must have shape [K={k}] or [K={k}, *{tuple(lead)}], got {tuple(weights.shape)}"
+            f"weights must have shape [K={k}] or [K={k}, *{tuple(lead)}], "
+            f"got {tuple(weights.shape)}"
         )
     if weights.device != like.device:
         raise ValueError(f"weights is on {weights.device} but student_logits is on {like.device}")

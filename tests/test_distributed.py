@@ -464,12 +464,142 @@ def scenario_fsdp(rank: int, world: int) -> None:
         _close(p.full_tensor().detach(), q.detach(), 1e-10)
 
 
+def _leaf_grads(fn, tensors, upstream=None):
+    leaves = [x.detach().clone().requires_grad_(True) for x in tensors]
+    out = fn(*leaves)
+    (out if upstream is None else (out * upstream).sum()).backward()
+    return out.detach(), [x.grad for x in leaves]
+
+
+def scenario_fused_linear(rank: int, world: int) -> None:
+    """A vocabulary-sharded head (fused linear) equals the unfused reference and the
+    single-process fused-linear loss on the concatenated head: loss, grad_h, grad_W, grad_b."""
+    v, hdim, k = 37, 5, 3
+    lo, hi = _bounds(_widths(world, v))[rank]
+    g = torch.Generator().manual_seed(11)
+    f64 = torch.float64
+    h = torch.randn(2, 5, hdim, generator=g, dtype=f64)  # N = 10 rows
+    w = torch.randn(v, hdim, generator=g, dtype=f64)
+    b = torch.randn(v, generator=g, dtype=f64)
+    t = torch.randn(k, 2, 5, v, generator=g, dtype=f64) * 3
+    y = torch.randint(0, v, (2, 5), generator=g)
+    y[0, 1] = y[1, 4] = -100
+    upstream = torch.linspace(0.5, 2.0, 10, dtype=f64).reshape(2, 5)
+    fixed = torch.rand(k, 2, 5, generator=g, dtype=f64)
+
+    def check(ref_fn, vp_fn, case):
+        case = dict(case)
+        labels = y if case.pop("labels") else None
+        red, chunk, bias = case.pop("reduction"), case.pop("chunk"), case.pop("bias")
+        up = upstream if red == "none" else None
+        tensors = (h, w, b) if bias else (h, w)
+
+        def ref(hh, ww, bb=None):
+            z = hh @ ww.t() + (0 if bb is None else bb)
+            return ref_fn(z, t, labels, red, **case)
+
+        def vp(hh, ws, bs=None):
+            kw = dict(vocab_start=lo, vocab_size=v, student_bias_shard=bs, chunk_size=chunk)
+            return vp_fn(hh, ws, t[..., lo:hi], labels, reduction=red, **kw, **case)
+
+        want, want_g = _leaf_grads(ref, tensors, up)
+        got, got_g = _leaf_grads(vp, (h, w[lo:hi], b[lo:hi]) if bias else (h, w[lo:hi]), up)
+        _close(got, want)
+        _close(got_g[0], want_g[0])  # grad_h: summed over the ranks in the backward
+        _close(got_g[1], want_g[1][lo:hi])
+        if bias:
+            _close(got_g[2], want_g[2][lo:hi])
+
+    # Chunk sizes 3 and 4 do not divide N = 10; None takes the automatic size (one chunk).
+    mt_cases = [
+        dict(labels=True, reduction="mean", chunk=3, bias=True),
+        dict(labels=False, weights="uniform", reduction="sum", chunk=4, bias=False,
+             hard_label_weight=0.7),
+        dict(labels=True, weights=fixed, reduction="none", chunk=3, bias=True, temperature=1.3,
+             concentration=11.0, prior_weight=0.5),
+        dict(labels=True, reduction="mean", chunk=None, bias=False, weight_temperature=2.5),
+    ]  # fmt: skip
+    for case in mt_cases:
+        check(_ref_mtbkd, D.vocab_parallel_fused_linear_mtbkd_loss, case)
+    kd_cases = [
+        dict(divergence="forward_kl", labels=True, hard_label_weight=0.5, reduction="mean",
+             chunk=3, bias=True),
+        dict(divergence="reverse_kl", labels=True, weights="uniform", reduction="none", chunk=4,
+             bias=False),
+        dict(divergence="jsd", beta=0.3, labels=False, temperature=2.0, scale_by_t2=True,
+             reduction="sum", chunk=3, bias=True),
+    ]  # fmt: skip
+    for case in kd_cases:
+        check(_ref_kd, D.vocab_parallel_fused_linear_multi_teacher_kd_loss, case)
+
+    # The single-process fused-linear module on the concatenated head, num_items_in_batch, K = 1
+    # given as a sequence, and the statistics.
+    single = mtbkd.FusedLinearMTBKDLoss(prior_weight=0.3, chunk_size=4)
+    want, want_g = _leaf_grads(
+        lambda hh, ww, bb: single(hh, ww, t[:1], y, bb, num_items_in_batch=6), (h, w, b)
+    )
+    got, got_g = _leaf_grads(lambda hh, ws, bs: D.vocab_parallel_fused_linear_mtbkd_loss(
+        hh, ws, [t[0, ..., lo:hi]], y, vocab_start=lo, vocab_size=v, student_bias_shard=bs,
+        chunk_size=3, prior_weight=0.3, num_items_in_batch=6), (h, w[lo:hi], b[lo:hi]))  # fmt: skip
+    _close(got, want)
+    for a, c in zip(got_g, (want_g[0], want_g[1][lo:hi], want_g[2][lo:hi]), strict=True):
+        _close(a, c)
+    _, stats = D.vocab_parallel_fused_linear_mtbkd_loss(
+        h, w[lo:hi], t[..., lo:hi], y, vocab_start=lo, vocab_size=v, chunk_size=3,
+        return_stats=True,
+    )  # fmt: skip
+    ref_rows = reference.mtbkd_loss((h @ w.t()).reshape(10, v), t.reshape(k, 10, v),
+                                    y.reshape(10))  # fmt: skip
+    keep = y.reshape(10) != -100
+    for name in ("weights", "responsibilities", "entropy", "prior", "ce"):
+        want_s = torch.where(keep, getattr(ref_rows, name), 0.0)
+        _close(getattr(stats, name), want_s.reshape(*want_s.shape[:-1], 2, 5), 1e-10)
+
+    # float32 input: float32 result, close to the float64 truth.
+    got32 = D.vocab_parallel_fused_linear_mtbkd_loss(h.float(), w[lo:hi].float(),
+                                                     t[..., lo:hi].float(), y, vocab_start=lo,
+                                                     vocab_size=v, chunk_size=4)  # fmt: skip
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), _ref_mtbkd(h @ w.t(), t, y, "mean"), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+
+    # The only O(N·H) traffic is the one all-reduce of grad_h in the backward.
+    sizes: list[int] = []
+    real_reduce = D.all_reduce
+
+    def counting_reduce(tensor, op, group):
+        sizes.append(tensor.numel())
+        real_reduce(tensor, op, group)
+
+    D.all_reduce = counting_reduce
+    try:
+        hh = h.clone().requires_grad_(True)
+        loss = D.vocab_parallel_fused_linear_mtbkd_loss(hh, w[lo:hi], t[..., lo:hi], y,
+                                                        vocab_start=lo, vocab_size=v,
+                                                        chunk_size=4)  # fmt: skip
+        forward_calls = len(sizes)
+        loss.backward()
+    finally:
+        D.all_reduce = real_reduce
+    assert forward_calls == 3 * 3  # three chunks, three statistic reductions each
+    assert sizes[forward_calls:] == [10 * hdim]
+    assert max(sizes[:forward_calls]) <= (7 * k + 5) * 4
+
+    # Bad input on one rank raises on every rank.
+    bad_w = w[lo:hi, :-1] if rank == 0 else w[lo:hi]
+    match = "hidden size" if rank == 0 else r"invalid inputs on rank\(s\) \[0\]"
+    with pytest.raises(ValueError, match=match):
+        D.vocab_parallel_fused_linear_mtbkd_loss(h, bad_w, t[..., lo:hi], y, vocab_start=lo,
+                                                 vocab_size=v)  # fmt: skip
+
+
 SCENARIOS = {
     "vocab_parallel": scenario_vocab_parallel,
     "communication": scenario_communication,
     "mismatch": scenario_mismatch,
     "ddp": scenario_ddp,
     "fsdp": scenario_fsdp,
+    "fused_linear": scenario_fused_linear,
 }
 
 
@@ -490,6 +620,11 @@ def test_vocab_parallel_matches_reference(ranks, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_communication_is_independent_of_vocab_size(ranks, world):
     ranks(world).run("communication")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_fused_linear_matches_reference(ranks, world):
+    ranks(world).run("fused_linear")
 
 
 def test_mismatched_inputs_raise_on_every_rank(ranks):

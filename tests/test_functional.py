@@ -135,7 +135,9 @@ def test_fixed_weights_zero_drops_teacher(backend):
     torch.testing.assert_close(only_first, single)
 
 
-@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize(
+    "divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]
+)
 def test_kd_family_matches_reference(backend, divergence, beta):
     z, t, y = _inputs(lead=(3, 2))
     zz = z.clone().requires_grad_(True)
@@ -225,18 +227,19 @@ def _bad_cases():
     nan_z[2, 3] = float("nan")
     inf_t = t.clone()
     inf_t[1, 0, 0] = float("inf")
+    zt = dict(student_logits=z, teacher_logits=t)
     return [
         ("vocab", dict(student_logits=z, teacher_logits=t[..., :-1]), ValueError, "vocabulary"),
         ("lead", dict(student_logits=z, teacher_logits=t[:, :-1]), ValueError, "leading shape"),
         ("k0", dict(student_logits=z, teacher_logits=[]), ValueError, "K = 0"),
-        ("intlogits", dict(student_logits=z.long(), teacher_logits=t), TypeError, "student_logits"),
-        ("intteacher", dict(student_logits=z, teacher_logits=t.long()), TypeError, "teacher_logits"),
+        ("intlogits", dict(zt, student_logits=z.long()), TypeError, "student_logits"),
+        ("intteacher", dict(zt, teacher_logits=t.long()), TypeError, "teacher_logits"),
         ("teacherdim", dict(student_logits=z, teacher_logits=t[0]), ValueError, "teacher_logits"),
-        ("labelrange", dict(student_logits=z, teacher_logits=t, labels=y + 100), ValueError, "labels"),
-        ("labelneg", dict(student_logits=z, teacher_logits=t, labels=y - 100), ValueError, "labels"),
-        ("labelfloat", dict(student_logits=z, teacher_logits=t, labels=y.float()), TypeError, "labels"),
-        ("labelshape", dict(student_logits=z, teacher_logits=t, labels=y[:-1]), ValueError, "labels"),
-        ("temp", dict(student_logits=z, teacher_logits=t, temperature=0.0), ValueError, "temperature"),
+        ("labelrange", dict(zt, labels=y + 100), ValueError, "labels"),
+        ("labelneg", dict(zt, labels=y - 100), ValueError, "labels"),
+        ("labelfloat", dict(zt, labels=y.float()), TypeError, "labels"),
+        ("labelshape", dict(zt, labels=y[:-1]), ValueError, "labels"),
+        ("temp", dict(zt, temperature=0.0), ValueError, "temperature"),
         ("wtemp", dict(student_logits=z, teacher_logits=t, weight_temperature=-1.0), ValueError,
          "weight_temperature"),
         ("negw", dict(student_logits=z, teacher_logits=t, weights=torch.tensor([1.0, -1.0, 1.0])),

@@ -8,6 +8,7 @@ from mtbkd.fused_linear import (
     FusedLinearMTBKDLoss,
     FusedLinearMultiTeacherKDLoss,
     auto_chunk_size,
+    CHUNK_BYTES,
     fused_linear_from,
 )
 
@@ -132,8 +133,8 @@ def test_bfloat16_error_no_worse_than_plain_pytorch(kind, opts):
 
 
 def test_auto_chunk_size():
-    assert auto_chunk_size(2048, 128256, 2) == 128
-    assert auto_chunk_size(2048, 128256, 2) * 128256 * 4 * 4 <= 256 * 2**20
+    assert auto_chunk_size(2048, 128256, 2) == 256
+    assert auto_chunk_size(2048, 128256, 2) * 128256 * 4 * 4 <= CHUNK_BYTES
     assert auto_chunk_size(3, 128256, 2) == 3
     assert auto_chunk_size(100, 10**9, 4) == 1
     assert auto_chunk_size(10**6, 1000, 1) % 8 == 0
