@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mtbkd import functional, ops, validate
+from mtbkd import functional, validate
 from mtbkd.functional import MTBKDStats
 
 __all__ = [
@@ -345,12 +345,14 @@ def vocab_parallel_mtbkd_loss(
     name = "vocab_parallel_mtbkd_loss"
 
     def option_checks() -> None:
-        validate.check_positive(temperature, "temperature")
-        validate.check_positive(concentration, "concentration")
-        validate.check_positive(weight_temperature, "weight_temperature")
-        validate.check_real(prior_weight, "prior_weight", nonnegative=True)
-        validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
-        validate.check_reduction(reduction)
+        validate.check_mtbkd_options(
+            temperature,
+            concentration,
+            weight_temperature,
+            prior_weight,
+            hard_label_weight,
+            reduction,
+        )
 
     inputs = _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size, group,
                       ignore_index, check_finite, option_checks)  # fmt: skip
@@ -491,18 +493,15 @@ def vocab_parallel_multi_teacher_kd_loss(
     name = "vocab_parallel_multi_teacher_kd_loss"
 
     def option_checks() -> None:
-        if divergence not in ops.DIVERGENCES:
-            raise ValueError(
-                f"divergence must be one of {tuple(ops.DIVERGENCES)}, got {divergence!r}"
-            )
-        validate.check_real(beta, "beta")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must lie in [0, 1], got {beta}")
-        validate.check_positive(temperature, "temperature")
-        validate.check_positive(weight_temperature, "weight_temperature")
-        validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
-        validate.check_real(soft_label_weight, "soft_label_weight", nonnegative=True)
-        validate.check_reduction(reduction)
+        validate.check_kd_options(
+            divergence,
+            beta,
+            temperature,
+            weight_temperature,
+            hard_label_weight,
+            soft_label_weight,
+            reduction,
+        )
 
     inputs = _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size, group,
                       ignore_index, check_finite, option_checks)  # fmt: skip
@@ -902,12 +901,14 @@ def vocab_parallel_fused_linear_mtbkd_loss(
     name = "vocab_parallel_fused_linear_mtbkd_loss"
 
     def option_checks() -> None:
-        validate.check_positive(temperature, "temperature")
-        validate.check_positive(concentration, "concentration")
-        validate.check_positive(weight_temperature, "weight_temperature")
-        validate.check_real(prior_weight, "prior_weight", nonnegative=True)
-        validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
-        validate.check_reduction(reduction)
+        validate.check_mtbkd_options(
+            temperature,
+            concentration,
+            weight_temperature,
+            prior_weight,
+            hard_label_weight,
+            reduction,
+        )
 
     opts = dict(temperature=temperature, concentration=concentration, prior_weight=prior_weight,
                 hard_label_weight=hard_label_weight, weights=weights,
@@ -950,18 +951,15 @@ def vocab_parallel_fused_linear_multi_teacher_kd_loss(
     name = "vocab_parallel_fused_linear_multi_teacher_kd_loss"
 
     def option_checks() -> None:
-        if divergence not in ops.DIVERGENCES:
-            raise ValueError(
-                f"divergence must be one of {tuple(ops.DIVERGENCES)}, got {divergence!r}"
-            )
-        validate.check_real(beta, "beta")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must lie in [0, 1], got {beta}")
-        validate.check_positive(temperature, "temperature")
-        validate.check_positive(weight_temperature, "weight_temperature")
-        validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
-        validate.check_real(soft_label_weight, "soft_label_weight", nonnegative=True)
-        validate.check_reduction(reduction)
+        validate.check_kd_options(
+            divergence,
+            beta,
+            temperature,
+            weight_temperature,
+            hard_label_weight,
+            soft_label_weight,
+            reduction,
+        )
 
     opts = dict(divergence=divergence, beta=beta, temperature=temperature, weights=weights,
                 weight_temperature=weight_temperature, hard_label_weight=hard_label_weight,

@@ -155,12 +155,14 @@ def mtbkd_loss(
     if _sparse.is_sparse(teacher_logits):
         return _sparse.sparse_mtbkd_loss(**_sparse_args(locals()))
     # --- end sparse ---
-    validate.check_positive(temperature, "temperature")
-    validate.check_positive(concentration, "concentration")
-    validate.check_positive(weight_temperature, "weight_temperature")
-    validate.check_real(prior_weight, "prior_weight", nonnegative=True)
-    validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
-    validate.check_reduction(reduction)
+    validate.check_mtbkd_options(
+        temperature,
+        concentration,
+        weight_temperature,
+        prior_weight,
+        hard_label_weight,
+        reduction,
+    )
     student, teachers, flat_labels, lead = validate.canonical_inputs(
         student_logits, teacher_logits, labels
     )
@@ -222,16 +224,15 @@ def multi_teacher_kd_loss(
     if _sparse.is_sparse(teacher_logits):
         return _sparse.sparse_multi_teacher_kd_loss(**_sparse_args(locals()))
     # --- end sparse ---
-    if divergence not in ops.DIVERGENCES:
-        raise ValueError(f"divergence must be one of {tuple(ops.DIVERGENCES)}, got {divergence!r}")
-    validate.check_real(beta, "beta")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    validate.check_positive(temperature, "temperature")
-    validate.check_positive(weight_temperature, "weight_temperature")
-    validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
-    validate.check_real(soft_label_weight, "soft_label_weight", nonnegative=True)
-    validate.check_reduction(reduction)
+    validate.check_kd_options(
+        divergence,
+        beta,
+        temperature,
+        weight_temperature,
+        hard_label_weight,
+        soft_label_weight,
+        reduction,
+    )
     student, teachers, flat_labels, lead = validate.canonical_inputs(
         student_logits, teacher_logits, labels
     )

@@ -429,12 +429,14 @@ def fused_linear_mtbkd_loss(
     (V_k ≥ V; a padded teacher vocabulary is sliced to the student's V). Gradients flow to
     ``student_hidden``, ``student_weight`` and ``student_bias`` only.
     """
-    validate.check_positive(temperature, "temperature")
-    validate.check_positive(concentration, "concentration")
-    validate.check_positive(weight_temperature, "weight_temperature")
-    validate.check_real(prior_weight, "prior_weight", nonnegative=True)
-    validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
-    validate.check_reduction(reduction)
+    validate.check_mtbkd_options(
+        temperature,
+        concentration,
+        weight_temperature,
+        prior_weight,
+        hard_label_weight,
+        reduction,
+    )
     hidden, weight, tlist, labels, lead, n, chunk = _prepare(
         student_hidden, student_weight, teachers, labels, student_bias, chunk_size
     )
@@ -474,16 +476,15 @@ def fused_linear_multi_teacher_kd_loss(
     (+ bias)`` without materialising ``z`` (MATH.md sections 3 and 4); arguments as in
     :func:`fused_linear_mtbkd_loss`.
     """
-    if divergence not in ops.DIVERGENCES:
-        raise ValueError(f"divergence must be one of {tuple(ops.DIVERGENCES)}, got {divergence!r}")
-    validate.check_real(beta, "beta")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    validate.check_positive(temperature, "temperature")
-    validate.check_positive(weight_temperature, "weight_temperature")
-    validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
-    validate.check_real(soft_label_weight, "soft_label_weight", nonnegative=True)
-    validate.check_reduction(reduction)
+    validate.check_kd_options(
+        divergence,
+        beta,
+        temperature,
+        weight_temperature,
+        hard_label_weight,
+        soft_label_weight,
+        reduction,
+    )
     hidden, weight, tlist, labels, lead, n, chunk = _prepare(
         student_hidden, student_weight, teachers, labels, student_bias, chunk_size
     )

@@ -325,12 +325,14 @@ def sparse_mtbkd_loss(student_logits: Tensor, teacher_logits, labels: Tensor | N
 
     if teacher_stats is not None:
         raise ValueError("teacher_stats cannot be used with sparse (SparseTeacher) teachers")
-    validate.check_positive(temperature, "temperature")
-    validate.check_positive(concentration, "concentration")
-    validate.check_positive(weight_temperature, "weight_temperature")
-    validate.check_real(prior_weight, "prior_weight", nonnegative=True)
-    validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
-    validate.check_reduction(reduction)
+    validate.check_mtbkd_options(
+        temperature,
+        concentration,
+        weight_temperature,
+        prior_weight,
+        hard_label_weight,
+        reduction,
+    )
     z, teachers, flat, lead, mode, fixed = _prepare(student_logits, teacher_logits, labels, weights)
     opts = {
         "temperature": float(temperature), "concentration": float(concentration),
@@ -362,16 +364,15 @@ def sparse_multi_teacher_kd_loss(student_logits: Tensor, teacher_logits,
     from mtbkd import functional as F
     from mtbkd import ops, validate
 
-    if divergence not in ops.DIVERGENCES:
-        raise ValueError(f"divergence must be one of {tuple(ops.DIVERGENCES)}, got {divergence!r}")
-    validate.check_real(beta, "beta")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    validate.check_positive(temperature, "temperature")
-    validate.check_positive(weight_temperature, "weight_temperature")
-    validate.check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
-    validate.check_real(soft_label_weight, "soft_label_weight", nonnegative=True)
-    validate.check_reduction(reduction)
+    validate.check_kd_options(
+        divergence,
+        beta,
+        temperature,
+        weight_temperature,
+        hard_label_weight,
+        soft_label_weight,
+        reduction,
+    )
     z, teachers, flat, lead, mode, fixed = _prepare(student_logits, teacher_logits, labels, weights)
     opts = {
         "divergence": ops.DIVERGENCES[divergence], "beta": float(beta),

@@ -38,6 +38,37 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
+def check_mtbkd_options(
+    temperature, concentration, weight_temperature, prior_weight, hard_label_weight, reduction
+) -> None:
+    """The scalar options of every MT-BKD loss entry point (MATH.md section 2)."""
+    check_positive(temperature, "temperature")
+    check_positive(concentration, "concentration")
+    check_positive(weight_temperature, "weight_temperature")
+    check_real(prior_weight, "prior_weight", nonnegative=True)
+    check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
+    check_reduction(reduction)
+
+
+def check_kd_options(
+    divergence, beta, temperature, weight_temperature, hard_label_weight, soft_label_weight,
+    reduction,
+) -> None:  # fmt: skip
+    """The scalar options of every weighted-sum KD entry point (MATH.md section 3)."""
+    from mtbkd.ops import DIVERGENCES
+
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
+    check_real(beta, "beta")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    check_positive(temperature, "temperature")
+    check_positive(weight_temperature, "weight_temperature")
+    check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
+    check_real(soft_label_weight, "soft_label_weight", nonnegative=True)
+    check_reduction(reduction)
+
+
 def check_logits(x: Tensor, name: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -5,10 +5,10 @@ import torch
 
 import mtbkd
 from mtbkd.fused_linear import (
+    CHUNK_BYTES,
     FusedLinearMTBKDLoss,
     FusedLinearMultiTeacherKDLoss,
     auto_chunk_size,
-    CHUNK_BYTES,
     fused_linear_from,
 )
 
