@@ -91,7 +91,12 @@ def _add_pipeline_commands(sub) -> None:
         )
         p.add_argument("--map-epochs", type=int, default=None, help="MAP warm-start epochs")
         p.add_argument("--sgld-epochs", type=int, default=None, help="SGLD epochs")
-        p.add_argument("--num-samples", type=int, default=None, help="posterior samples kept")
+        p.add_argument(
+            "--num-samples", type=int, default=None, help="posterior samples kept per chain"
+        )
+        p.add_argument(
+            "--num-chains", type=int, default=None, help="SGLD chains (own MAP warm start each)"
+        )
         p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -143,7 +148,7 @@ def _pipeline_config(args: argparse.Namespace):
         kw.update(SMOKE)
     if args.methods:
         kw["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    for name in ("map_epochs", "sgld_epochs", "num_samples"):
+    for name in ("map_epochs", "sgld_epochs", "num_samples", "num_chains"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     try:
@@ -201,6 +206,9 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     print(report.format_table(rep["methods"]))
     for line in report.followed_sentences(result.attribution):
         print(line)
+    if rep.get("paired_bootstrap"):
+        print()
+        print(report.format_bootstrap(rep["paired_bootstrap"]))
     print(f"total {time.perf_counter() - t0:.0f} s")
     print(f"report, figures and posterior samples written to {out}")
     return 0

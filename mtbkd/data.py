@@ -32,6 +32,8 @@ __all__ = [
     "Dataset",
     "sequence_features",
     "sequence_feature_names",
+    "NUM_SEQUENCE_FEATURES",
+    "RESIDUE_GROUPS",
     "load_digits",
     "load_yeast",
     "load_deeploc",
@@ -56,7 +58,6 @@ DEEPLOC_CLASSES = (
 )
 # UCI yeast localisation sites, in the alphabetical order used as label indices.
 YEAST_CLASSES = ("CYT", "ERL", "EXC", "ME1", "ME2", "ME3", "MIT", "NUC", "POX", "VAC")
-TERMINAL_LENGTH = 50
 _LABEL_COLUMNS = ("Label", "label")
 
 
@@ -219,48 +220,166 @@ for _i, _a in enumerate(AMINO_ACIDS):
     _AA_INDEX[ord(_a)] = _i
     _AA_INDEX[ord(_a.lower())] = _i
 
+# Kyte-Doolittle hydropathy and side-chain charge at neutral pH, indexed like AMINO_ACIDS.
+_HYDROPATHY = np.array(
+    [1.8, 2.5, -3.5, -3.5, 2.8, -0.4, -3.2, 4.5, -3.9, 3.8,
+     1.9, -3.5, -1.6, -3.5, -4.5, -0.8, -0.7, 4.2, -0.9, -1.3]
+)  # fmt: skip
+_CHARGE = np.array([{"K": 1.0, "R": 1.0, "D": -1.0, "E": -1.0}.get(a, 0.0) for a in AMINO_ACIDS])
+# Six physico-chemical residue groups (a reduced alphabet).
+RESIDUE_GROUPS = {
+    "aliphatic": "AVLIMC",
+    "aromatic": "FWY",
+    "polar": "STNQ",
+    "basic": "KRH",
+    "acidic": "DE",
+    "special": "GP",
+}
+_GROUP = np.zeros(20, dtype=np.int64)
+for _g, _letters in enumerate(RESIDUE_GROUPS.values()):
+    for _a in _letters:
+        _GROUP[AMINO_ACIDS.index(_a)] = _g
+# Compositions of the first / last residues (targeting signals sit at the termini: signal and
+# transit peptides at the N-terminus, KDEL-like and PTS1 signals at the C-terminus).
+TERMINAL_WINDOWS = (15, 30, 60)
+N_BLOCKS, C_BLOCKS, BLOCK = 8, 4, 8  # positional profiles: blocks of 8 residues from each end
+TM_WINDOW, TM_THRESHOLD = 19, 1.6  # a transmembrane helix: 19-residue mean hydropathy > 1.6
+_GLOBAL = (
+    "log_length",
+    "hydropathy_mean",
+    f"hydropathy_max{TM_WINDOW}",
+    "tm_segments",
+    "has_tm_segment",
+    "nterm40_hydropathy_max11",
+    "nterm30_hydropathy",
+    "cterm30_hydropathy",
+    "charge_mean",
+    "nterm30_charge",
+    "cterm30_charge",
+    "charge_max10",
+    "charged_fraction",
+)
 
-def sequence_feature_names(terminal: int = TERMINAL_LENGTH) -> list[str]:
-    aa = list(AMINO_ACIDS)
-    return (
-        [f"comp_{a}" for a in aa]
-        + [f"di_{a}{b}" for a in aa for b in aa]
-        + [f"nterm{terminal}_{a}" for a in aa]
-        + [f"cterm{terminal}_{a}" for a in aa]
-        + ["log_length"]
+
+def sequence_feature_names() -> list[str]:
+    """Names of the columns of :func:`sequence_features`, in order."""
+    aa, groups = list(AMINO_ACIDS), list(RESIDUE_GROUPS)
+    names = [f"comp_{a}" for a in aa]
+    names += [f"nterm{w}_{a}" for w in TERMINAL_WINDOWS for a in aa]
+    names += [f"cterm{w}_{a}" for w in TERMINAL_WINDOWS for a in aa]
+    names += [f"last{j}_{a}" for j in (1, 2, 3) for a in aa]
+    names += list(_GLOBAL)
+    for end, blocks in (("n", N_BLOCKS), ("c", C_BLOCKS)):
+        for b in range(blocks):
+            names += [f"{end}block{b}_hydropathy", f"{end}block{b}_charge"]
+            names += [f"{end}block{b}_{g}" for g in groups]
+    names += [f"gdi_{g}_{h}" for g in groups for h in groups]
+    return names
+
+
+NUM_SEQUENCE_FEATURES = len(sequence_feature_names())
+
+
+def _composition(codes: np.ndarray, size: int) -> np.ndarray:
+    return np.bincount(codes, minlength=size) / len(codes) if len(codes) else np.zeros(size)
+
+
+def _window_means(values: np.ndarray, width: int) -> np.ndarray:
+    """Means of every window of ``width`` consecutive values (one mean if shorter)."""
+    if len(values) == 0:
+        return np.zeros(1)
+    if len(values) < width:
+        return np.array([values.mean()])
+    cs = np.concatenate([[0.0], np.cumsum(values)])
+    return (cs[width:] - cs[:-width]) / width
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else 0.0
+
+
+def _block_profile(codes: np.ndarray) -> list[float]:
+    valid = codes[codes >= 0]
+    return [_mean(_HYDROPATHY[valid]), _mean(_CHARGE[valid])] + list(
+        _composition(_GROUP[valid], len(RESIDUE_GROUPS))
     )
 
 
-def sequence_features(sequences, terminal: int = TERMINAL_LENGTH) -> np.ndarray:
-    """Features of protein sequences ``[N, 461]``: amino-acid composition (20), dipeptide
-    composition (400), composition of the first and of the last ``terminal`` residues (20 + 20)
-    and log length. Residues outside the 20 standard ones (X, U, ...) are left out of the counts.
+def _one_sequence(i: int, s) -> np.ndarray:
+    if not isinstance(s, str) or len(s) == 0:
+        raise ValueError(f"sequence {i} is empty or not a string: {s!r}")
+    codes = _AA_INDEX[np.frombuffer(s.encode("ascii", "replace"), dtype=np.uint8)]
+    valid = codes[codes >= 0]
+    if len(valid) == 0:
+        raise ValueError(f"sequence {i} has no standard amino acid: {s[:30]!r}")
+    h, q = _HYDROPATHY[valid], _CHARGE[valid]
+    parts = [_composition(valid, 20)]
+    for head in (True, False):
+        for w in TERMINAL_WINDOWS:
+            seg = codes[:w] if head else codes[-w:]
+            parts.append(_composition(seg[seg >= 0], 20))
+    for j in (1, 2, 3):  # identity of the last three residues
+        onehot = np.zeros(20)
+        if len(codes) >= j and codes[-j] >= 0:
+            onehot[codes[-j]] = 1.0
+        parts.append(onehot)
+    tm = _window_means(h, TM_WINDOW) > TM_THRESHOLD
+    segments = int(tm[0]) + int(np.sum(tm[1:] & ~tm[:-1])) if len(h) >= TM_WINDOW else 0
+    parts.append(
+        np.array(
+            [
+                np.log(len(s)),
+                h.mean(),
+                _window_means(h, TM_WINDOW).max(),
+                segments,
+                float(segments > 0),
+                _window_means(h[:40], 11).max(),
+                _mean(h[:30]),
+                _mean(h[-30:]),
+                q.mean(),
+                _mean(q[:30]),
+                _mean(q[-30:]),
+                _window_means(q, 10).max(),
+                np.abs(q).mean(),
+            ]
+        )
+    )
+    for b in range(N_BLOCKS):
+        parts.append(_block_profile(codes[b * BLOCK : (b + 1) * BLOCK]))
+    rev = codes[::-1]
+    for b in range(C_BLOCKS):
+        parts.append(_block_profile(rev[b * BLOCK : (b + 1) * BLOCK]))
+    g = _GROUP[valid]
+    parts.append(_composition(g[:-1] * len(RESIDUE_GROUPS) + g[1:], len(RESIDUE_GROUPS) ** 2))
+    return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
+
+
+def sequence_features(sequences) -> np.ndarray:
+    """Features of protein sequences ``[N, NUM_SEQUENCE_FEATURES]`` (345 columns, named by
+    :func:`sequence_feature_names`), computed from the sequence alone:
+
+    * amino-acid composition (20);
+    * composition of the first and of the last 15, 30 and 60 residues (120) and the identity of
+      the last three residues (60): where targeting signals sit (signal / transit peptides,
+      ER-retention and peroxisomal C-terminal signals);
+    * global physico-chemistry (13): log length, Kyte-Doolittle hydropathy (mean, maximum over
+      19-residue windows, number of windows-above-1.6 transmembrane segments, N-terminal maximum
+      over 11 residues, mean of each terminus), charge (K/R +1, D/E -1: mean, termini, maximum
+      over 10 residues, charged fraction);
+    * positional profiles (96): hydropathy, charge and six residue-group fractions in eight
+      blocks of 8 residues from the N-terminus and four from the C-terminus;
+    * reduced-alphabet dipeptide composition over the six residue groups (36).
+
+    Residues outside the 20 standard ones (X, U, ...) are left out of compositions and profiles
+    (windows still count positions). Full 400-dipeptide composition is not used: on DeepLoc's
+    2,500 training proteins it lowers validation accuracy (the student overfits it).
     """
     if isinstance(sequences, str):
         raise TypeError("sequences must be a sequence of strings, not one string")
-    if terminal < 1:
-        raise ValueError(f"terminal must be at least 1, got {terminal}")
     seqs = list(sequences)
-    out = np.zeros((len(seqs), 461), dtype=np.float32)
+    out = np.zeros((len(seqs), NUM_SEQUENCE_FEATURES), dtype=np.float32)
     for i, s in enumerate(seqs):
-        if not isinstance(s, str) or len(s) == 0:
-            raise ValueError(f"sequence {i} is empty or not a string: {s!r}")
-        codes = _AA_INDEX[np.frombuffer(s.encode("ascii", "replace"), dtype=np.uint8)]
-        valid = codes[codes >= 0]
-        if len(valid) == 0:
-            raise ValueError(f"sequence {i} has no standard amino acid: {s[:30]!r}")
-        out[i, :20] = np.bincount(valid, minlength=20) / len(valid)
-        pairs = codes[:-1] * 20 + codes[1:]
-        pairs = pairs[(codes[:-1] >= 0) & (codes[1:] >= 0)]
-        if len(pairs):
-            out[i, 20:420] = np.bincount(pairs, minlength=400) / len(pairs)
-        head, tail = codes[:terminal], codes[-terminal:]
-        head, tail = head[head >= 0], tail[tail >= 0]
-        if len(head):
-            out[i, 420:440] = np.bincount(head, minlength=20) / len(head)
-        if len(tail):
-            out[i, 440:460] = np.bincount(tail, minlength=20) / len(tail)
-        out[i, 460] = np.log(len(s))
+        out[i] = _one_sequence(i, s)
     return out
 
 

