@@ -55,6 +55,9 @@ __all__ = [
     "PRESETS",
     "train_map",
     "train_sgld",
+    "ChainSamples",
+    "pool_chains",
+    "more_chains",
     "distill",
     "train_teachers",
     "expert_groups",
@@ -753,25 +756,80 @@ def train_sgld(
     return samples.store, seconds
 
 
-def pool_chains(chains: Sequence[tuple[nn.Module, Any]]) -> Any:
-    """One :class:`~mtbkd.posterior.SampleStore` of every chain's samples. Chains share the
-    architecture but not the weights outside the sampled head, so the pooled samples hold every
-    parameter (the body of their chain with the sampled head); :func:`predict_probs` with the
-    first chain's model evaluates them all. A single chain is returned as it is."""
-    from mtbkd.posterior import SampleStore
+class ChainSamples:
+    """Posterior samples of several SGLD chains. Each chain keeps its own weights once (its MAP
+    warm start's body, which SGLD does not move) and the :class:`~mtbkd.posterior.SampleStore`
+    of its sampled head, so memory grows with the head samples, not with samples x model size.
 
+    ``len()`` is the total number of samples; :meth:`predict` gives ``[S, N, C]`` with the chains'
+    samples in order (chain 0 first)."""
+
+    def __init__(self, chains: Sequence[tuple[Mapping[str, Tensor], Any]]) -> None:
+        if not chains:
+            raise ValueError("ChainSamples needs at least one chain")
+        self.chains = [({k: v.detach().clone() for k, v in st.items()}, store)
+                       for st, store in chains]  # fmt: skip
+
+    def __len__(self) -> int:
+        return sum(len(store) for _, store in self.chains)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, x: Tensor, chunk: int = 50) -> Tensor:
+        """Every chain's samples on ``x`` (``model`` is the architecture; its weights are
+        restored afterwards)."""
+        from mtbkd.posterior import predict
+
+        own = {k: v.clone() for k, v in model.state_dict().items()}
+        model.eval()
+        try:
+            outs = []
+            for state, store in self.chains:
+                model.load_state_dict(state)
+                outs.append(predict(model, store, x, chunk=chunk))
+        finally:
+            model.load_state_dict(own)
+        return torch.cat(outs)
+
+    def save(self, out_dir: str | Path) -> list[str]:
+        """``chain<c>_student.safetensors`` and ``chain<c>_samples.safetensors`` per chain;
+        returns the file names."""
+        from safetensors.torch import save_file
+
+        out, names = Path(out_dir), []
+        for c, (state, store) in enumerate(self.chains):
+            save_file({k: v.contiguous() for k, v in state.items()},
+                      str(out / f"chain{c}_student.safetensors"))  # fmt: skip
+            store.save(out / f"chain{c}_samples.safetensors")
+            names += [f"chain{c}_student.safetensors", f"chain{c}_samples.safetensors"]
+        return names
+
+    @classmethod
+    def load(cls, run_dir: str | Path, num_chains: int, model: nn.Module) -> ChainSamples:
+        from safetensors.torch import load_file
+
+        from mtbkd.posterior import SampleStore
+
+        run, chains = Path(run_dir), []
+        for c in range(num_chains):
+            path = run / f"chain{c}_student.safetensors"
+            if not path.is_file():
+                raise FileNotFoundError(f"{run} lacks {path.name} (chain {c} of {num_chains})")
+            chains.append(
+                (
+                    load_file(str(path)),
+                    SampleStore.load(run / f"chain{c}_samples.safetensors", model),
+                )
+            )
+        return cls(chains)
+
+
+def pool_chains(chains: Sequence[tuple[nn.Module, Any]]) -> Any:
+    """The samples of every chain as one :class:`ChainSamples` (each chain's model weights with
+    its head samples); a single chain's store is returned as it is. :func:`predict_probs`
+    evaluates either."""
     if len(chains) == 1:
         return chains[0][1]
-    scratch = copy.deepcopy(chains[0][0])
-    pooled = SampleStore(scratch, max_samples=sum(len(st) for _, st in chains))
-    with torch.no_grad():
-        for model, store in chains:
-            scratch.load_state_dict(model.state_dict())
-            for i in range(len(store)):
-                for name, v in store.sample(i).items():
-                    scratch.get_parameter(name).copy_(v)
-                pooled.collect()
-    return pooled
+    return ChainSamples([(model.state_dict(), store) for model, store in chains])
 
 
 def _reinitialised(template: nn.Module, seed: int) -> nn.Module:
@@ -830,6 +888,8 @@ def predict_probs(model: nn.Module, x: Tensor, store=None, chunk: int = 50) -> T
     model.eval()
     if store is None:
         return torch.softmax(model(x).float(), dim=-1).unsqueeze(0)
+    if isinstance(store, ChainSamples):
+        return store.predict(model, x, chunk)
     from mtbkd.posterior import predict
 
     return predict(model, store, x, chunk=chunk)
@@ -1582,8 +1642,9 @@ def _summarise_attribution(method, w, r, labels, probs, class_names, teacher_nam
 
 def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) -> None:
     """Write the MT-BKD SGLD student (``student.safetensors``), its posterior samples
-    (``samples.safetensors``), ``run.json`` (what ``predict`` needs) and ``predictions.csv``
-    (the test rows with per-teacher weights and responsibilities)."""
+    (``samples.safetensors``; with several chains ``chain<c>_student.safetensors`` and
+    ``chain<c>_samples.safetensors`` per chain instead), ``run.json`` (what ``predict`` needs)
+    and ``predictions.csv`` (the test rows with per-teacher weights and responsibilities)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -1601,10 +1662,14 @@ def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) ->
             {k: v.contiguous() for k, v in model.state_dict().items()},
             str(out / "student.safetensors"),
         )
-        store.save(out / "samples.safetensors")
+        if isinstance(store, ChainSamples):
+            store.save(out)
+        else:
+            store.save(out / "samples.safetensors")
         meta = {
             "dataset": result.dataset,
             "method": "mtbkd_sgld",
+            "num_chains": len(store.chains) if isinstance(store, ChainSamples) else 1,
             "class_names": result.class_names,
             "teacher_names": result.teacher_names,
             "feature_kind": dataset.feature_kind,
@@ -1687,7 +1752,11 @@ def load_run(run_dir: str | Path):
     model = StudentMLP(meta["in_features"], meta["num_classes"], meta["hidden"])
     model.load_state_dict(load_file(str(run / "student.safetensors")))
     model.eval()
-    store = SampleStore.load(run / "samples.safetensors", model)
+    chains = int(meta.get("num_chains", 1))
+    if chains > 1:
+        store = ChainSamples.load(run, chains, model)
+    else:
+        store = SampleStore.load(run / "samples.safetensors", model)
     return meta, model, store
 
 

@@ -309,16 +309,23 @@ def test_chains_are_pooled_with_their_own_bodies():
     cfg = replace(CONFIG, map_epochs=6, sgld_epochs=3, num_samples=5, num_chains=3)
     res = distill.distill(_student(), t, x, y, cfg, method="mtbkd_sgld")
     store = res.store
-    assert len(store) == 15
-    # pooled samples carry every parameter: each chain has its own body
-    assert set(store.names) == {n for n, _ in res.model.named_parameters()}
-    bodies = store.stacked()["body.0.weight"]
-    assert torch.equal(bodies[0], bodies[4]) and not torch.equal(bodies[0], bodies[5])
+    assert isinstance(store, distill.ChainSamples) and len(store) == 15
+    # each chain keeps its own body once and the samples of its head only
+    assert [len(s) for _, s in store.chains] == [5, 5, 5]
+    assert all(n.startswith("head.") for _, s in store.chains for n in s.names)
+    b0, b1 = (st["body.0.weight"] for st, _ in store.chains[:2])
+    assert not torch.equal(b0, b1)
+    before = {k: v.clone() for k, v in res.model.state_dict().items()}
     # the first chain's samples are those of a one-chain run with the same seed
     one = distill.distill(_student(), t, x, y, replace(cfg, num_chains=1), method="mtbkd_sgld")
     pooled = res.predict(x)
     assert pooled.shape == (15, len(x), 4)
     torch.testing.assert_close(pooled[:5], one.predict(x))
+    for (
+        k,
+        v,
+    ) in res.model.state_dict().items():  # predicting leaves the model's weights as they were
+        assert torch.equal(v, before[k])
     with pytest.raises(ValueError, match="num_chains"):
         distill.DistillConfig(num_chains=0)
     with pytest.raises(ValueError, match="sgld_grid"):
@@ -333,6 +340,7 @@ def test_run_experiment_with_chains_and_prior_grid_saves_and_predicts(tmp_path):
     assert mt.probs.shape[0] == 2 * cfg.num_samples
     assert mt.hparams["sgld_prior_precision"] in (0.0, 50.0) and "sgld_lr" in mt.hparams
     distill.save_run(res, tmp_path / "run", ds)
+    assert (tmp_path / "run" / "chain1_samples.safetensors").is_file()
     np.save(tmp_path / "x.npy", ds.x_test)
     distill.predict_file(tmp_path / "run", tmp_path / "x.npy", tmp_path / "p.csv")
     lines = (tmp_path / "p.csv").read_text().splitlines()
