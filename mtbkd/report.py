@@ -320,7 +320,7 @@ def reliability_curve(probs: Tensor, labels: Tensor, n_bins: int = 15):
     return csum / safe, asum / safe, count
 
 
-def _figures(result: ExperimentResult, out: Path) -> list[str]:
+def _figures(result: ExperimentResult, out: Path, boot: dict[str, Any] | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -412,6 +412,35 @@ def _figures(result: ExperimentResult, out: Path) -> list[str]:
         fig.savefig(out / "teachers.png", dpi=110)
         plt.close(fig)
         files.append("teachers.png")
+
+    if boot and boot["methods"]:
+        others = list(boot["methods"])
+        cols = len(BOOTSTRAP_METRICS)
+        size = (4.2 * cols, 0.45 * len(others) + 1.6)
+        fig, axes = plt.subplots(1, cols, figsize=size, sharey=True, squeeze=False)
+        pos = list(range(len(others)))[::-1]
+        for ax, key in zip(axes[0], BOOTSTRAP_METRICS, strict=True):
+            rows = [boot["methods"][n][key] for n in others]
+            d = [r["diff"] for r in rows]
+            err = [[r["diff"] - r["low"] for r in rows], [r["high"] - r["diff"] for r in rows]]
+            better = [(r["high"] < 0) if key != "accuracy" else (r["low"] > 0) for r in rows]
+            worse = [(r["low"] > 0) if key != "accuracy" else (r["high"] < 0) for r in rows]
+            colors = ["tab:green" if b else "tab:red" if w else "tab:gray"
+                      for b, w in zip(better, worse, strict=True)]  # fmt: skip
+            ax.axvline(0.0, color="k", lw=0.8)
+            for p_, x_, lo, hi, c in zip(pos, d, err[0], err[1], colors, strict=True):
+                ax.errorbar(x_, p_, xerr=[[lo], [hi]], fmt="o", color=c, capsize=3, ms=4)
+            ax.set_title(f"Δ{key} ({'higher' if key == 'accuracy' else 'lower'} is better)")
+            ax.set_yticks(pos, others)
+        fig.suptitle(
+            f"{boot['reference']} minus each method, 95 % paired-bootstrap intervals "
+            "(green: better, red: worse, grey: within noise)",
+            fontsize=9,
+        )
+        fig.tight_layout()
+        fig.savefig(out / "comparison.png", dpi=110)
+        plt.close(fig)
+        files.append("comparison.png")
     return files
 
 
@@ -422,6 +451,6 @@ def write_report(result: ExperimentResult, out_dir: str | Path, figures: bool = 
     out.mkdir(parents=True, exist_ok=True)
     rep = report_dict(result)
     (out / "report.json").write_text(json.dumps(rep, indent=2))
-    files = _figures(result, out) if figures else []
+    files = _figures(result, out, rep.get("paired_bootstrap")) if figures else []
     (out / "report.md").write_text(_markdown(result, rep, files))
     return rep

@@ -53,6 +53,7 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
         "reliability.png",
         "uncertainty.png",
         "teachers.png",
+        "comparison.png",
         "run.json",
         "samples.safetensors",
         "student.safetensors",
