@@ -833,7 +833,9 @@ def pool_chains(chains: Sequence[tuple[nn.Module, Any]]) -> Any:
 
 
 def _reinitialised(template: nn.Module, seed: int) -> nn.Module:
-    """A copy of ``template`` with every layer's parameters drawn afresh under ``seed``."""
+    """A copy of ``template`` with every layer's parameters drawn afresh under ``seed`` (layers
+    with a ``reset_parameters`` method, as torch's own have; parameters of other modules keep
+    the template's values)."""
     model = copy.deepcopy(template)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -1034,7 +1036,10 @@ def distill(
     ``entropy_kd``, ``bkd_<i>`` (single-teacher BKD with teacher i, sampled), ``mtbkd_map`` or
     ``mtbkd_sgld``. ``head`` names the submodule SGLD samples (default ``student.head`` or the
     last ``nn.Linear``). ``validation`` ``(x_val, y_val)``: held-out rows for the MAP phase's
-    early stopping (``config.early_stopping``, ``config.patience``).
+    early stopping (``config.early_stopping``, ``config.patience``). With ``config.num_chains >
+    1`` a sampled method runs further chains from fresh initialisations of the student's
+    architecture (:func:`more_chains`); ``result.store`` is then a :class:`ChainSamples` and
+    ``result.predict`` pools them.
     """
     config = config or DistillConfig()
     with _threads(config.num_threads):
@@ -1062,6 +1067,7 @@ def _distill(
     data = TrainData(x, y, teach)
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     torch.manual_seed(config.seed)
+    template = copy.deepcopy(student) if sample and config.num_chains > 1 else None
     map_s = train_map(
         student,
         data,
@@ -1073,7 +1079,6 @@ def _distill(
     )
     store, sg_s = None, 0.0
     if sample:
-        template = copy.deepcopy(student)
         store, sg_s = train_sgld(
             student, data, obj, config, head=head, checkpoint_dir=ck, desc=f"{method} SGLD"
         )
