@@ -688,12 +688,7 @@ def _fused_inputs(student_hidden, student_weight_shard, teacher_logits_shard, la
             raise ValueError(f"labels must have shape {tuple(lead)} (student_hidden without its "
                              f"last dim), got {tuple(labels.shape)}")  # fmt: skip
         labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
-    if chunk_size is None:
-        chunk = FL.auto_chunk_size(n, width, len(teachers))
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    else:
-        chunk = chunk_size
+    chunk = validate.check_chunk_size(chunk_size) or FL.auto_chunk_size(n, width, len(teachers))
     return hidden, weight, teachers, labels, lead, chunk
 
 

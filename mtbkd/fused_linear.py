@@ -357,12 +357,7 @@ def _prepare(student_hidden, student_weight, teachers, labels, student_bias, chu
             raise ValueError(f"labels must have shape {tuple(lead)} (student_hidden without its "
                              f"last dim), got {tuple(labels.shape)}")  # fmt: skip
         labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.int64).contiguous()
-    if chunk_size is None:
-        chunk = auto_chunk_size(n, v, len(tlist))
-    else:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-        chunk = chunk_size
+    chunk = validate.check_chunk_size(chunk_size) or auto_chunk_size(n, v, len(tlist))
     return hidden, weight, tlist, labels, lead, n, chunk
 
 
@@ -518,11 +513,7 @@ class FusedLinearMTBKDLoss(MTBKDLoss):
 
     def __init__(self, *, chunk_size: int | None = None, **options: Any) -> None:
         super().__init__(**options)
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-        self.chunk_size = chunk_size
+        self.chunk_size = validate.check_chunk_size(chunk_size)
 
     def forward(  # type: ignore[override]
         self,
@@ -554,11 +545,7 @@ class FusedLinearMultiTeacherKDLoss(MultiTeacherKDLoss):
 
     def __init__(self, *, chunk_size: int | None = None, **options: Any) -> None:
         super().__init__(**options)
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-        self.chunk_size = chunk_size
+        self.chunk_size = validate.check_chunk_size(chunk_size)
 
     def forward(  # type: ignore[override]
         self,

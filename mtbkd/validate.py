@@ -32,6 +32,15 @@ def check_real(value: float, name: str, *, nonnegative: bool = False) -> float:
     return float(value)
 
 
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """``chunk_size`` of the fused-linear losses: a positive int, or None (chosen automatically)."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return chunk_size
+
+
 def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

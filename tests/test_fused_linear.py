@@ -169,5 +169,9 @@ def test_bad_input():
         f(hid, w, teachers, y[:-1])
     with pytest.raises(ValueError, match="chunk_size"):
         FusedLinearMTBKDLoss(chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        FusedLinearMTBKDLoss(chunk_size=True)(hid, w, teachers, y)
+    with pytest.raises(ValueError, match="chunk_size"):
+        mtbkd.fused_linear.fused_linear_mtbkd_loss(hid, w, teachers, y, chunk_size=2.5)
     with pytest.raises(ValueError, match="at least one teacher"):
         f(hid, w, [], y)
