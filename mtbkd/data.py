@@ -323,14 +323,15 @@ def _one_sequence(i: int, s) -> np.ndarray:
         if len(codes) >= j and codes[-j] >= 0:
             onehot[codes[-j]] = 1.0
         parts.append(onehot)
-    tm = _window_means(h, TM_WINDOW) > TM_THRESHOLD
+    h_windows = _window_means(h, TM_WINDOW)
+    tm = h_windows > TM_THRESHOLD
     segments = int(tm[0]) + int(np.sum(tm[1:] & ~tm[:-1])) if len(h) >= TM_WINDOW else 0
     parts.append(
         np.array(
             [
                 np.log(len(s)),
                 h.mean(),
-                _window_means(h, TM_WINDOW).max(),
+                h_windows.max(),
                 segments,
                 float(segments > 0),
                 _window_means(h[:40], 11).max(),
@@ -363,8 +364,8 @@ def sequence_features(sequences) -> np.ndarray:
       the last three residues (60): where targeting signals sit (signal / transit peptides,
       ER-retention and peroxisomal C-terminal signals);
     * global physico-chemistry (13): log length, Kyte-Doolittle hydropathy (mean, maximum over
-      19-residue windows, number of windows-above-1.6 transmembrane segments, N-terminal maximum
-      over 11 residues, mean of each terminus), charge (K/R +1, D/E -1: mean, termini, maximum
+      19-residue windows, number of transmembrane segments (runs of windows above 1.6),
+      N-terminal maximum over 11 residues, mean of each terminus), charge (K/R +1, D/E -1: mean, termini, maximum
       over 10 residues, charged fraction);
     * positional profiles (96): hydropathy, charge and six residue-group fractions in eight
       blocks of 8 residues from the N-terminus and four from the C-terminus;

@@ -503,13 +503,13 @@ def _run_epochs_seeded(
     if state is not None:
         if monitor is not None and "monitor" in state:
             monitor.load_state(state["monitor"])
-        if state.get("stopped"):
-            start = epochs
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["rng"])
-        start, spent = max(start, int(state["epoch"])), float(state["seconds"])
+        # a run its monitor stopped early is finished: no epoch left to train
+        start = epochs if state.get("stopped") else int(state["epoch"])
+        spent = float(state["seconds"])
         if store is not None:
             store.load_state(store_path, state["store"])
     n = data.x.shape[0]
@@ -1349,6 +1349,11 @@ def _tag(h: Mapping[str, Any]) -> str:
     return "-".join(f"{k}{v:g}" for k, v in sorted(h.items())) or "default"
 
 
+def _sgld_tag(obj: Objective, h: Mapping[str, float]) -> str:
+    """Checkpoint folder of one SGLD setting of one objective."""
+    return f"{_tag(obj.hparams())}/sgld{h['sgld_lr']:g}-prior{h['sgld_prior_precision']:g}"
+
+
 class _Experiment:
     """State shared by the fits of one :func:`run_experiment` call."""
 
@@ -1415,7 +1420,7 @@ class _Experiment:
         best = None
         for h in settings:
             model = copy.deepcopy(map_model)
-            tag = f"{_tag(obj.hparams())}/sgld{h['sgld_lr']:g}-prior{h['sgld_prior_precision']:g}"
+            tag = _sgld_tag(obj, h)
             store, sec = train_sgld(
                 model,
                 self.data(obj),
@@ -1437,7 +1442,7 @@ class _Experiment:
         ``(settings, model, store, seconds, validation NLL)``."""
         h, model, store, sec, vnll = self.select_sgld(name, obj, map_model, settings)
         if self.config.num_chains > 1:
-            tag = f"{_tag(obj.hparams())}/sgld{h['sgld_lr']:g}-prior{h['sgld_prior_precision']:g}"
+            tag = _sgld_tag(obj, h)
             extra, ex_sec = more_chains(
                 self.base, self.data(obj), obj, self.config, sgld_lr=h["sgld_lr"],
                 prior_precision=h["sgld_prior_precision"], checkpoint_dir=self._ckpt(name, tag),
