@@ -249,6 +249,63 @@ def _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw):
     return m_new, s_new, bw
 
 
+@triton.jit
+def _row_label(labels_ptr, one, ignore_index, V, HAS_LABELS: tl.constexpr):
+    # The row's label y (0 when out of range or absent), whether the row counts (not
+    # ignore_index) and its status bits (a label outside [0, V) that is not ignore_index).
+    status = tl.zeros([1], tl.int32)
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + one)
+        unmasked = y != ignore_index
+        valid = tl.max(unmasked.to(tl.int32)) != 0  # scalar condition for the row-level branch
+        in_range = (y >= 0) & (y < V)
+        status = tl.where(unmasked & (~in_range), _STATUS_LABEL, status)
+        y = tl.where(in_range, y, 0)
+    else:
+        y = tl.zeros([1], tl.int64)
+        valid = True
+    return y, valid, status
+
+
+@triton.jit
+def _zero_row(grow, V, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # The gradient row of a masked (ignore_index) row: zeros.
+    cols0 = tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], ACC)
+    for start in range(0, V, BLOCK):
+        cols = start + cols0
+        tl.store(grow + cols, zero.to(grow.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def _finish_lse(m, s, kmask):
+    # Per-teacher logsumexp from the online (max, sum) of _online; 0 in padding lanes.
+    return tl.where(kmask, m + tl.log(tl.where(kmask, s, 1.0)), 0.0)
+
+
+@triton.jit
+def _finish_entropy(sw, bw, kmask):
+    # H = log S - B / S from _teacher_entropy_stats; 0 in padding lanes.
+    sw_safe = tl.where(kmask, sw, 1.0)
+    return tl.where(kmask, tl.log(sw_safe) - bw / sw_safe, 0.0)
+
+
+@triton.jit
+def _lgamma_terms(tbase, kmask, V, lse_t, inv_tau, lam, BLOCK: tl.constexpr, KP: tl.constexpr,
+                  ACC: tl.constexpr, HIGH: tl.constexpr):  # fmt: skip
+    # L_k = sum_c lgamma(1 + lam p_kc) (MATH.md section 2): a pass of its own, since it needs the
+    # teacher's full logsumexp lse_t.
+    cols0 = tl.arange(0, BLOCK)
+    lg = tl.zeros([KP], ACC)
+    for start in range(0, V, BLOCK):
+        cols = start + cols0
+        valid2 = kmask[:, None] & (cols < V)[None, :]
+        t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf"))
+        p = tl.exp(t.to(ACC) * inv_tau - lse_t[:, None])
+        lg += tl.sum(tl.where(valid2, _lgamma1p(lam * p, HIGH), 0.0), axis=1)
+    return lg
+
+
 # ----------------------------------------------------------------------------------------------
 # MT-BKD: teacher-informed mixture prior (MATH.md section 2)
 # ----------------------------------------------------------------------------------------------
@@ -289,17 +346,7 @@ def _mtbkd_fwd_kernel(
     zrow = z_ptr + row_off
     grow = grad_ptr + row_off
     tbase = _teacher_bases(t0, t1, t2, t3, t4, t5, t6, t7, t_stride, kidx, K, STACKED) + row_off
-    status = tl.zeros([1], tl.int32)
-    if HAS_LABELS:
-        y = tl.load(labels_ptr + one)
-        unmasked = y != ignore_index
-        valid = tl.max(unmasked.to(tl.int32)) != 0  # scalar condition for the row-level branch
-        in_range = (y >= 0) & (y < V)
-        status = tl.where(unmasked & (~in_range), _STATUS_LABEL, status)
-        y = tl.where(in_range, y, 0)
-    else:
-        y = tl.zeros([1], tl.int64)
-        valid = True
+    y, valid, status = _row_label(labels_ptr, one, ignore_index, V, HAS_LABELS)
 
     if valid:
         # ---- statistics pass ----------------------------------------------------------------
@@ -348,20 +395,10 @@ def _mtbkd_fwd_kernel(
         if HAS_STATS:
             cross_mean = cross
         else:
-            st_safe = tl.where(kmask, st, 1.0)
-            lse_t = tl.where(kmask, mt + tl.log(st_safe), 0.0)
-            cross_mean = cross / st_safe
-            h = tl.where(
-                kmask, tl.log(tl.where(kmask, sw, 1.0)) - bw / tl.where(kmask, sw, 1.0), 0.0
-            )
-            # ---- L_k pass: needs the teacher's full lse --------------------------------------
-            lg = tl.zeros([KP], ACC)
-            for start in range(0, V, BLOCK):
-                cols = start + cols0
-                valid2 = kmask[:, None] & (cols < V)[None, :]
-                t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf"))
-                p = tl.exp(t.to(ACC) * inv_tau - lse_t[:, None])
-                lg += tl.sum(tl.where(valid2, _lgamma1p(lam * p, HIGH), 0.0), axis=1)
+            lse_t = _finish_lse(mt, st, kmask)
+            cross_mean = cross / tl.where(kmask, st, 1.0)
+            h = _finish_entropy(sw, bw, kmask)
+            lg = _lgamma_terms(tbase, kmask, V, lse_t, inv_tau, lam, BLOCK, KP, ACC, HIGH)
         cterm = tl.where(kmask, lam * (cross_mean - lse_s), 0.0)
         w = _weights(h, fw_ptr, row, N, kidx, kmask, K, WEIGHT_MODE, ACC)
         ell = tl.where(kmask & (w > 0.0), tl.log(tl.where(w > 0.0, w, 1.0)) + cterm - lg,
@@ -399,10 +436,7 @@ def _mtbkd_fwd_kernel(
         tl.store(r_ptr + kn, resp, mask=kmask)
         tl.store(h_ptr + kn, h, mask=kmask)
     else:
-        zero = tl.zeros([BLOCK], ACC)
-        for start in range(0, V, BLOCK):
-            cols = start + cols0
-            tl.store(grow + cols, zero.to(grad_ptr.dtype.element_ty), mask=cols < V)
+        _zero_row(grow, V, BLOCK, ACC)
         zero1 = tl.zeros([1], ACC)
         tl.store(loss_ptr + one, zero1)
         tl.store(prior_ptr + one, zero1)
@@ -459,17 +493,7 @@ def _kd_fwd_kernel(
     zrow = z_ptr + row_off
     grow = grad_ptr + row_off
     tbase = _teacher_bases(t0, t1, t2, t3, t4, t5, t6, t7, t_stride, kidx, K, STACKED) + row_off
-    status = tl.zeros([1], tl.int32)
-    if HAS_LABELS:
-        y = tl.load(labels_ptr + one)
-        unmasked = y != ignore_index
-        valid = tl.max(unmasked.to(tl.int32)) != 0  # scalar condition for the row-level branch
-        in_range = (y >= 0) & (y < V)
-        status = tl.where(unmasked & (~in_range), _STATUS_LABEL, status)
-        y = tl.where(in_range, y, 0)
-    else:
-        y = tl.zeros([1], tl.int64)
-        valid = True
+    y, valid, status = _row_label(labels_ptr, one, ignore_index, V, HAS_LABELS)
 
     if valid:
         # ---- statistics pass ----------------------------------------------------------------
@@ -509,11 +533,9 @@ def _kd_fwd_kernel(
                     tl.where(live, eq * (zs[None, :] - ts), 0.0), axis=1
                 )
         lse_s = ms + tl.log(ss)
-        st_safe = tl.where(kmask, st, 1.0)
-        lse_t = tl.where(kmask, mt + tl.log(st_safe), 0.0)
+        lse_t = _finish_lse(mt, st, kmask)
         if NEED_H:
-            sw_safe = tl.where(kmask, sw, 1.0)
-            h = tl.where(kmask, tl.log(sw_safe) - bw / sw_safe, 0.0)
+            h = _finish_entropy(sw, bw, kmask)
         else:
             h = tl.zeros([KP], ACC)
         w = _weights(h, fw_ptr, row, N, kidx, kmask, K, WEIGHT_MODE, ACC)
@@ -581,10 +603,7 @@ def _kd_fwd_kernel(
         tl.store(loss_ptr + one, loss)
         tl.store(w_ptr + kn, w, mask=kmask)
     else:
-        zero = tl.zeros([BLOCK], ACC)
-        for start in range(0, V, BLOCK):
-            cols = start + cols0
-            tl.store(grow + cols, zero.to(grad_ptr.dtype.element_ty), mask=cols < V)
+        _zero_row(grow, V, BLOCK, ACC)
         tl.store(loss_ptr + one, tl.zeros([1], ACC))
         tl.store(w_ptr + kn, tl.zeros([KP], ACC), mask=kmask)
     if HAS_STATUS:
@@ -633,18 +652,11 @@ def _teacher_kernel(
         mw, sw, bw = _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw)
         if STATS:
             mt, st, _e, _sh = _online(mt, st, t * inv_tau, valid2)
-    sw_safe = tl.where(kmask, sw, 1.0)
-    h = tl.where(kmask, tl.log(sw_safe) - bw / sw_safe, 0.0)
+    h = _finish_entropy(sw, bw, kmask)
     if STATS:
-        lse_t = tl.where(kmask, mt + tl.log(tl.where(kmask, st, 1.0)), 0.0)
-        lg = tl.zeros([KP], ACC)
-        for start in range(0, V, BLOCK):
-            cols = start + cols0
-            valid2 = kmask[:, None] & (cols < V)[None, :]
-            t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf"))
-            p = tl.exp(t.to(ACC) * inv_tau - lse_t[:, None])
-            lg += tl.sum(tl.where(valid2, _lgamma1p(lam * p, HIGH), 0.0), axis=1)
-        lse_w = mw + tl.log(sw_safe)
+        lse_t = _finish_lse(mt, st, kmask)
+        lg = _lgamma_terms(tbase, kmask, V, lse_t, inv_tau, lam, BLOCK, KP, ACC, HIGH)
+        lse_w = _finish_lse(mw, sw, kmask)
         sbase = stats_ptr + kn * 4
         tl.store(sbase, lse_t, mask=kmask)
         tl.store(sbase + 1, lse_w, mask=kmask)

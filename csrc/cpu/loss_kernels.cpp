@@ -443,6 +443,33 @@ void row_weights(int mode, const A* H, int K, const A* fixed, int64_t N, int64_t
   }
 }
 
+// ---- per-row set-up shared by the loss rows ---------------------------------------------------
+
+// The row's label into y (-1 without labels). False when the row is ignored (ignore_index) or
+// its label is outside [0, V) (recorded in st): the caller then zeroes the row's outputs.
+template <class T, class A>
+bool row_label(const LossParams<T, A>& p, int64_t i, StatusCollector& st, int64_t& y) {
+  y = -1;
+  if (p.labels == nullptr) return true;
+  y = p.labels[i];
+  if (y == p.ignore_index) return false;
+  if (y < 0 || y >= p.V) {
+    st.bad_label(i, y);
+    return false;
+  }
+  return true;
+}
+
+// The student's row in the accumulation type A (returned) and each teacher's (ws.rows): the
+// inputs themselves when T is A, widened copies in ws.conv otherwise.
+template <class T, class A>
+const A* load_rows(const LossParams<T, A>& p, int64_t i, RowScratch<T, A>& ws) {
+  const int64_t V = p.V;
+  for (int k = 0; k < p.K; ++k)
+    ws.rows[k] = acc_row(p.teachers[k] + i * V, V, ws.conv.data() + (k + 1) * V);
+  return acc_row(p.student + i * V, V, ws.conv.data());
+}
+
 // ---- MT-BKD (MATH.md section 2) ---------------------------------------------------------------
 //
 // Per row, with q^tau = softmax(z / tau), p_k = softmax(t_k / tau):
@@ -469,17 +496,8 @@ void mtbkd_row(const LossParams<T, A>& p, int64_t i, A lgamma_v_lam, RowScratch<
       p.weights[k * N + i] = p.resp[k * N + i] = p.entropy[k * N + i] = A(0);
   };
   int64_t y = -1;
-  if (p.labels != nullptr) {
-    y = p.labels[i];
-    if (y == p.ignore_index) return zero_row();
-    if (y < 0 || y >= V) {
-      st.bad_label(i, y);
-      return zero_row();
-    }
-  }
-  const A* z = acc_row(p.student + i * V, V, ws.conv.data());
-  for (int k = 0; k < K; ++k)
-    ws.rows[k] = acc_row(p.teachers[k] + i * V, V, ws.conv.data() + (k + 1) * V);
+  if (!row_label(p, i, st, y)) return zero_row();
+  const A* z = load_rows(p, i, ws);
 
   const A tau = static_cast<A>(p.temperature);
   const A it = A(1) / tau;
@@ -583,17 +601,8 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
     for (int k = 0; k < K; ++k) p.weights[k * N + i] = A(0);
   };
   int64_t y = -1;
-  if (p.labels != nullptr) {
-    y = p.labels[i];
-    if (y == p.ignore_index) return zero_row();
-    if (y < 0 || y >= V) {
-      st.bad_label(i, y);
-      return zero_row();
-    }
-  }
-  const A* z = acc_row(p.student + i * V, V, ws.conv.data());
-  for (int k = 0; k < K; ++k)
-    ws.rows[k] = acc_row(p.teachers[k] + i * V, V, ws.conv.data() + (k + 1) * V);
+  if (!row_label(p, i, st, y)) return zero_row();
+  const A* z = load_rows(p, i, ws);
 
   const A tau = static_cast<A>(p.temperature);
   const A it = A(1) / tau;
