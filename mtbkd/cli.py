@@ -74,6 +74,13 @@ def _add_pipeline_commands(sub) -> None:
         )
         p.add_argument("--seed", type=int, default=0, help="data split and training seed")
         p.add_argument(
+            "--seeds",
+            default=None,
+            help="repeat the whole run for several seeds ('0-4' or '0,1,2'): one run folder "
+            "per seed (OUT/seed<k>) and summary.json/.md/seeds.png with the mean ± sd and the "
+            "per-seed differences of mtbkd_sgld to every method",
+        )
+        p.add_argument(
             "--smoke",
             action="store_true",
             help="tiny schedule and no tuning (a quick end-to-end check)",
@@ -138,11 +145,11 @@ def _add_pipeline_commands(sub) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
-def _pipeline_config(args: argparse.Namespace):
+def _pipeline_config(args: argparse.Namespace, seed: int):
     from mtbkd.distill import PRESETS, SMOKE, DistillConfig
 
     kw = dict(PRESETS.get(args.dataset, {}))
-    kw["seed"] = args.seed
+    kw["seed"] = seed
     kw["progress"] = not args.no_progress and sys.stderr.isatty()
     if args.smoke:
         kw.update(SMOKE)
@@ -161,35 +168,34 @@ def _out_dir(args: argparse.Namespace) -> Path:
     import time
 
     if args.out:
-        out = Path(args.out)
-    else:
-        out = Path("runs") / f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        i = 1
-        while out.exists():
-            out = out.with_name(f"{out.name.rsplit('.', 1)[0]}.{i}")
-            i += 1
+        return Path(args.out)
+    out = Path("runs") / f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    i = 1
+    while out.exists():
+        out = out.with_name(f"{out.name.rsplit('.', 1)[0]}.{i}")
+        i += 1
+    return out
+
+
+def _check_resume(args: argparse.Namespace, out: Path) -> None:
     if (out / "checkpoints").exists() and not args.resume:
         raise SystemExit(
             f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or choose "
             "another --out"
         )
-    return out
 
 
-def _run_pipeline(args: argparse.Namespace) -> int:
-    import time
-
+def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
+    """One complete run (every method, one seed) into ``out``; returns its report."""
     from mtbkd import data, distill, report
 
-    t0 = time.perf_counter()
-    config = _pipeline_config(args)
-    out = _out_dir(args)
+    config = _pipeline_config(args, seed)
     out.mkdir(parents=True, exist_ok=True)
     try:
         if args.dataset == "digits":
-            dataset = distill.digits_demo_dataset(config, seed=args.seed)
+            dataset = distill.digits_demo_dataset(config, seed=seed)
         else:
-            dataset = data.load_dataset(args.dataset, args.data_dir, seed=args.seed)
+            dataset = data.load_dataset(args.dataset, args.data_dir, seed=seed)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None
     print(dataset.summary(), flush=True)
@@ -209,8 +215,47 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     if rep.get("paired_bootstrap"):
         print()
         print(report.format_bootstrap(rep["paired_bootstrap"]))
+    return rep
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from mtbkd import report
+
+    t0 = time.perf_counter()
+    out = _out_dir(args)
+    if args.seeds is None:
+        _check_resume(args, out)
+        _run_one(args, args.seed, out)
+        print(f"total {time.perf_counter() - t0:.0f} s")
+        print(f"report, figures and posterior samples written to {out}")
+        return 0
+    try:
+        seeds = report.parse_seeds(args.seeds)
+    except ValueError as exc:
+        raise SystemExit(f"mtbkd {args.command}: {exc}") from None
+    reports = []
+    for i, seed in enumerate(seeds):
+        sub = out / f"seed{seed}"
+        done = sub / "report.json"
+        if args.resume and done.exists():  # report.json is written last
+            print(f"seed {seed}: finished earlier, read from {done}", flush=True)
+            reports.append(json.loads(done.read_text()))
+            continue
+        _check_resume(args, sub)
+        print(f"\n=== seed {seed} ({i + 1} of {len(seeds)}) ===", flush=True)
+        reports.append(_run_one(args, seed, sub))
+    try:
+        summary = report.summarise_seeds(reports, seeds)
+    except ValueError as exc:
+        raise SystemExit(f"mtbkd {args.command}: {exc}") from None
+    report.write_seed_summary(summary, out, figures=not args.no_figures)
+    print()
+    print(report.format_seed_summary(summary))
     print(f"total {time.perf_counter() - t0:.0f} s")
-    print(f"report, figures and posterior samples written to {out}")
+    print(f"summary of {len(seeds)} seeds and one run folder per seed written to {out}")
     return 0
 
 

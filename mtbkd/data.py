@@ -365,8 +365,8 @@ def sequence_features(sequences) -> np.ndarray:
       ER-retention and peroxisomal C-terminal signals);
     * global physico-chemistry (13): log length, Kyte-Doolittle hydropathy (mean, maximum over
       19-residue windows, number of transmembrane segments (runs of windows above 1.6),
-      N-terminal maximum over 11 residues, mean of each terminus), charge (K/R +1, D/E -1: mean, termini, maximum
-      over 10 residues, charged fraction);
+      N-terminal maximum over 11 residues, mean of each terminus), charge (K/R +1, D/E -1:
+      mean, termini, maximum over 10 residues, charged fraction);
     * positional profiles (96): hydropathy, charge and six residue-group fractions in eight
       blocks of 8 residues from the N-terminus and four from the C-terminus;
     * reduced-alphabet dipeptide composition over the six residue groups (36).

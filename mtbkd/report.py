@@ -29,6 +29,10 @@ __all__ = [
     "reliability_curve",
     "paired_bootstrap",
     "format_bootstrap",
+    "parse_seeds",
+    "summarise_seeds",
+    "format_seed_summary",
+    "write_seed_summary",
 ]
 
 BOOTSTRAP_METRICS = ("nll", "ece", "accuracy")
@@ -454,3 +458,278 @@ def write_report(result: ExperimentResult, out_dir: str | Path, figures: bool = 
     files = _figures(result, out, rep.get("paired_bootstrap")) if figures else []
     (out / "report.md").write_text(_markdown(result, rep, files))
     return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# Several seeds: the same experiment repeated with other validation splits and initialisations
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"``, ``"0-4"`` or a mix (``"0-2,7"``) as a list of distinct seeds, in order."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                seeds.extend(range(lo, hi + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise ValueError(
+                f"seeds: {text!r} is not a list like '0,1,2' or a range like '0-4'"
+            ) from None
+    if not seeds:
+        raise ValueError(f"seeds: {text!r} names no seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: {text!r} names a seed twice")
+    return seeds
+
+
+def _t_quantile(df: int) -> float | None:
+    try:
+        from scipy.stats import t  # scikit-learn's dependency; optional here
+    except ImportError:
+        return None
+    return float(t.ppf(0.975, df))
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    v = torch.tensor(values, dtype=torch.float64)
+    ok = torch.isfinite(v)
+    n = int(ok.sum())
+    mean = float(v[ok].mean()) if n else float("nan")
+    std = float(v[ok].std()) if n > 1 else float("nan")
+    return {"mean": mean, "std": std, "values": values}
+
+
+def summarise_seeds(
+    reports: list[dict[str, Any]], seeds: list[int], reference: str = "mtbkd_sgld"
+) -> dict[str, Any]:
+    """Summary of one experiment repeated over ``seeds`` (``reports``: each seed's
+    ``report.json`` dictionary, in the order of ``seeds``).
+
+    ``methods``: per method and metric of the table, the mean, the standard deviation over
+    seeds and the per-seed values. ``versus``: per method other than ``reference``, the per-seed
+    difference ``reference - method`` of NLL, ECE and accuracy, its mean, standard deviation, a
+    95 % Student-t interval over seeds (``None`` with one seed, or without scipy) and in how many
+    seeds the reference was better (lower NLL / ECE, higher accuracy). Seeds change the
+    validation split and every initialisation, not the test rows, so the interval measures how
+    much the comparison depends on the training run; the per-seed paired bootstrap (each seed's
+    ``report.json``) measures the test set's sampling noise."""
+    if len(reports) != len(seeds) or not reports:
+        raise ValueError(
+            f"reports: expected one report per seed ({len(seeds)}), got {len(reports)}"
+        )
+    names = [m["name"] for m in reports[0]["methods"]]
+    for s, rep in zip(seeds, reports, strict=True):
+        if rep["dataset"] != reports[0]["dataset"]:
+            raise ValueError(
+                f"reports: seed {s} is on dataset {rep['dataset']!r}, seed {seeds[0]} on "
+                f"{reports[0]['dataset']!r}"
+            )
+        if [m["name"] for m in rep["methods"]] != names:
+            raise ValueError(f"reports: seed {s} ran other methods than seed {seeds[0]}")
+    keys = [k for k, _, _ in COLUMNS]
+
+    def values(name: str, key: str) -> list[float]:
+        out = []
+        for rep in reports:
+            v = next(m for m in rep["methods"] if m["name"] == name).get(key)
+            out.append(float("nan") if v is None else float(v))
+        return out
+
+    methods = [{"name": n, **{k: _spread(values(n, k)) for k in keys}} for n in names]
+    versus = None
+    if reference in names:
+        tq = _t_quantile(len(seeds) - 1) if len(seeds) > 1 else None
+        versus = {"reference": reference, "methods": {}}
+        ref = {k: values(reference, k) for k in BOOTSTRAP_METRICS}
+        for n in names:
+            if n == reference:
+                continue
+            row = {}
+            for k in BOOTSTRAP_METRICS:
+                d = [a - b for a, b in zip(ref[k], values(n, k), strict=True)]
+                sp = _spread(d)
+                half = None
+                if tq is not None and math.isfinite(sp["std"]):
+                    half = tq * sp["std"] / math.sqrt(len(d))
+                wins = sum((x > 0) if k == "accuracy" else (x < 0) for x in d)
+                row[k] = {
+                    "diff": sp["mean"],
+                    "std": sp["std"],
+                    "low": None if half is None else sp["mean"] - half,
+                    "high": None if half is None else sp["mean"] + half,
+                    "wins": int(wins),
+                    "runs": len(d),
+                    "values": d,
+                }
+            versus["methods"][n] = row
+    return _clean(
+        {
+            "dataset": reports[0]["dataset"],
+            "seeds": list(seeds),
+            "methods": methods,
+            "versus": versus,
+        }
+    )
+
+
+def _pm(stat: dict[str, Any], fmt: str) -> str:
+    mean, std = stat["mean"], stat["std"]
+    if mean is None:
+        return "n/a"
+    if std is None:
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+def _aligned(header: list[str], body: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        return lines + ["| " + " | ".join(r) + " |" for r in body]
+    widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
+    lines = []
+    for j, line in enumerate([header] + body):
+        cells = zip(line, widths, strict=True)
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+        )
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_seed_summary(summary: dict[str, Any], markdown: bool = False) -> str:
+    """The across-seed means ± standard deviations, then (when the reference method ran) its
+    per-seed differences to every other method, as plain text or markdown."""
+    n = len(summary["seeds"])
+    header = ["method"] + [h for _, h, _ in COLUMNS]
+    body = [
+        [f"`{m['name']}`" if markdown else m["name"]] + [_pm(m[k], fmt) for k, _, fmt in COLUMNS]
+        for m in summary["methods"]
+    ]
+    lines = [] if markdown else [f"{summary['dataset']}: mean ± sd over {n} seeds"]
+    lines += _aligned(header, body, markdown)
+    v = summary.get("versus")
+    if v:
+        lines += [""]
+        if not markdown:
+            lines.append(
+                f"{v['reference']} minus each method over seeds: mean [95 % t-interval], "
+                "seeds where it is better"
+            )
+        header = ["vs method"] + [f"Δ{k}" for k in BOOTSTRAP_METRICS]
+        body = []
+        for name, row in v["methods"].items():
+            cells = [f"`{name}`" if markdown else name]
+            for k in BOOTSTRAP_METRICS:
+                r = row[k]
+                ci = (
+                    f" [{r['low']:+.3f}, {r['high']:+.3f}]"
+                    if r["low"] is not None and r["high"] is not None
+                    else ""
+                )
+                cells.append(f"{r['diff']:+.3f}{ci}  {r['wins']}/{r['runs']}")
+            body.append(cells)
+        lines += _aligned(header, body, markdown)
+    return "\n".join(lines)
+
+
+def _seed_figure(summary: dict[str, Any], out: Path) -> str:
+    """Top row: every seed's metric per method (dots) and the mean (bar). Bottom row (when the
+    reference ran): the per-seed paired differences ``reference - method``, which take out what
+    a seed does to every method alike."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("nll", "ece", "accuracy")
+    versus = summary.get("versus")
+    ref = versus["reference"] if versus else None
+    names = [m["name"] for m in summary["methods"]]
+    rows = 2 if versus else 1
+    fig, axes = plt.subplots(
+        rows,
+        len(keys),
+        figsize=(4.2 * len(keys), rows * (0.42 * len(names) + 1.4)),
+        squeeze=False,
+    )
+
+    def strip(ax, labels, series, means, color_of):
+        pos = list(range(len(labels)))[::-1]
+        for p_, label, vals, mean in zip(pos, labels, series, means, strict=True):
+            vals = [x for x in vals if x is not None and math.isfinite(x)]
+            ax.plot(vals, [p_] * len(vals), "o", color=color_of(label), alpha=0.5, ms=4)
+            if mean is not None:
+                ax.plot([mean], [p_], "|", color="k", ms=14, mew=2)
+        ax.set_yticks(pos, labels)
+        ax.grid(axis="x", alpha=0.3)
+
+    for ax, key in zip(axes[0], keys, strict=True):
+        strip(
+            ax,
+            names,
+            [m[key]["values"] for m in summary["methods"]],
+            [m[key]["mean"] for m in summary["methods"]],
+            lambda n: "tab:blue" if n == ref else "tab:gray",
+        )
+        ax.set_title(f"{key} ({'higher' if key == 'accuracy' else 'lower'} is better)")
+    if versus:
+        others = list(versus["methods"])
+        for ax, key in zip(axes[1], keys, strict=True):
+            rows_ = [versus["methods"][n][key] for n in others]
+            ax.axvline(0.0, color="k", lw=0.8)
+            strip(
+                ax,
+                others,
+                [r["values"] for r in rows_],
+                [r["diff"] for r in rows_],
+                lambda n: "tab:blue",
+            )
+            ax.xaxis.set_major_locator(plt.MaxNLocator(5))
+            ax.set_title(f"Δ{key} = {ref} − method", fontsize=9)
+            ax.set_xlabel(f"{'> 0' if key == 'accuracy' else '< 0'}: {ref} better", fontsize=8)
+    fig.suptitle(
+        f"{summary['dataset']}: each seed (dots) and the mean (bar), {len(summary['seeds'])} seeds",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out / "seeds.png", dpi=110)
+    plt.close(fig)
+    return "seeds.png"
+
+
+def write_seed_summary(summary: dict[str, Any], out_dir: str | Path, figures: bool = True) -> None:
+    """Write ``summary.json``, ``summary.md`` and (with ``figures``) ``seeds.png`` to ``out_dir``
+    (each seed's own run folder is ``out_dir/seed<k>``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    files = [_seed_figure(summary, out)] if figures else []
+    seeds = ", ".join(str(s) for s in summary["seeds"])
+    lines = [
+        f"# MT-BKD over {len(summary['seeds'])} seeds: {summary['dataset']}",
+        "",
+        f"Seeds {seeds}: each changes the validation split and every initialisation; the test "
+        "rows are the same. Mean ± standard deviation over seeds; the full report of each seed "
+        "is in `seed<k>/report.md`.",
+        "",
+        format_seed_summary(summary, markdown=True),
+        "",
+    ]
+    if summary.get("versus"):
+        lines += [
+            f"Δ: `{summary['versus']['reference']}` minus the method, per seed, averaged; the "
+            "interval is a 95 % Student-t interval over seeds; k/n: the seeds in which it is "
+            "better (lower NLL / ECE, higher accuracy).",
+            "",
+        ]
+    lines += [f"![{f}]({f})" for f in files]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")

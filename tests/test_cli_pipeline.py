@@ -116,6 +116,41 @@ def test_distill_own_directory(tmp_path, capsys):
     assert again["methods"][1]["nll"] == rep["methods"][1]["nll"]
 
 
+def test_distill_several_seeds(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    d = tmp_path / "mine"
+    d.mkdir()
+    y = np.arange(90) % 3
+    np.save(d / "features.npy", rng.normal(size=(90, 4)) + y[:, None])
+    np.save(d / "labels.npy", y)
+    for name in ("a", "b"):
+        np.save(d / f"teacher_{name}.npy", 2.0 * np.eye(3)[y] + rng.normal(size=(90, 3)))
+    out = tmp_path / "runs"
+    argv = ["distill", "--dataset", "dir", "--data-dir", str(d), "--smoke", "--out", str(out),
+            "--methods", "ce,mtbkd_sgld", "--no-progress", "--seeds", "0-1"]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip().splitlines()[-1].endswith(str(out))
+    assert "mean ± sd over 2 seeds" in printed
+    seeds = [json.loads((out / f"seed{s}" / "report.json").read_text()) for s in (0, 1)]
+    assert seeds[0]["config"]["seed"] == 0 and seeds[1]["config"]["seed"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and [m["name"] for m in summary["methods"]] == [
+        "ce",
+        "mtbkd_sgld",
+    ]
+    assert summary["methods"][1]["nll"]["values"] == [s["methods"][1]["nll"] for s in seeds]
+    assert (out / "seeds.png").exists() and (out / "summary.md").exists()
+    # finished seeds are read back on --resume; without it the folder is refused
+    with pytest.raises(SystemExit, match="--resume"):
+        cli.main(argv)
+    assert cli.main(argv + ["--resume"]) == 0
+    assert "seed 1: finished earlier" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text()) == summary
+    with pytest.raises(SystemExit, match="seeds"):
+        cli.main(argv[:-1] + ["2-1"])
+
+
 def test_cli_errors(tmp_path):
     with pytest.raises(SystemExit, match="needs --data-dir"):
         cli.main(["distill", "--dataset", "deeploc"])

@@ -153,3 +153,78 @@ def test_paired_bootstrap_differences():
     text = report.format_bootstrap(report.paired_bootstrap(res, resamples=50))
     assert "mtbkd_sgld minus each method" in text and "twin" in text
     assert report.format_bootstrap(None) == ""
+
+
+# --- several seeds -------------------------------------------------------------------------
+
+
+def test_parse_seeds():
+    assert report.parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert report.parse_seeds("3, 1,7-8") == [3, 1, 7, 8]
+    assert report.parse_seeds("5") == [5]
+    for bad in ("", "a", "4-2", "1,1", "0-2,2"):
+        with pytest.raises(ValueError, match="seeds"):
+            report.parse_seeds(bad)
+
+
+def _seed_report(values: dict[str, tuple[float, float, float]], dataset: str = "toy") -> dict:
+    rows = []
+    for name, (acc, nll, ece) in values.items():
+        rows.append({k: 1.0 for k in KEYS[1:]} | {"name": name, "accuracy": acc, "nll": nll,
+                                                 "ece": ece})  # fmt: skip
+    return {"dataset": dataset, "methods": rows}
+
+
+def test_summarise_seeds_by_hand():
+    reps = [
+        _seed_report({"ce": (0.50, 1.30, 0.05), "mtbkd_sgld": (0.55, 1.20, 0.04)}),
+        _seed_report({"ce": (0.60, 1.10, 0.03), "mtbkd_sgld": (0.58, 1.00, 0.05)}),
+        _seed_report({"ce": (0.52, 1.20, 0.04), "mtbkd_sgld": (0.56, 1.15, 0.02)}),
+    ]
+    s = report.summarise_seeds(reps, [0, 1, 2])
+    assert s["dataset"] == "toy" and s["seeds"] == [0, 1, 2]
+    ce = s["methods"][0]
+    assert ce["name"] == "ce" and ce["nll"]["values"] == [1.30, 1.10, 1.20]
+    assert ce["nll"]["mean"] == pytest.approx(1.2) and ce["nll"]["std"] == pytest.approx(0.1)
+    row = s["versus"]["methods"]["ce"]
+    assert s["versus"]["reference"] == "mtbkd_sgld" and list(s["versus"]["methods"]) == ["ce"]
+    assert row["nll"]["values"] == pytest.approx([-0.10, -0.10, -0.05])
+    assert row["nll"]["diff"] == pytest.approx(-0.25 / 3) and row["nll"]["wins"] == 3
+    assert row["accuracy"]["wins"] == 2 and row["ece"]["wins"] == 2  # ties do not count
+    # the 95 % t-interval with 2 degrees of freedom (t = 4.303)
+    half = 4.3027 * row["nll"]["std"] / 3**0.5
+    assert row["nll"]["low"] == pytest.approx(row["nll"]["diff"] - half, rel=1e-4)
+    assert row["nll"]["high"] == pytest.approx(row["nll"]["diff"] + half, rel=1e-4)
+    text = report.format_seed_summary(s)
+    assert "mean ± sd over 3 seeds" in text and "1.200 ± 0.100" in text and "3/3" in text
+    md = report.format_seed_summary(s, markdown=True)
+    assert "| `ce` |" in md and "| vs method |" in md
+    json.dumps(s, allow_nan=False)
+
+
+def test_summarise_one_seed_and_bad_input():
+    s = report.summarise_seeds([_seed_report({"ce": (0.5, 1.3, 0.05)})], [4])
+    assert s["versus"] is None and s["methods"][0]["nll"]["std"] is None  # JSON null, not NaN
+    assert "1.300" in report.format_seed_summary(s)
+    one = _seed_report({"ce": (0.5, 1.3, 0.05), "mtbkd_sgld": (0.5, 1.2, 0.04)})
+    s = report.summarise_seeds([one], [0])
+    assert s["versus"]["methods"]["ce"]["nll"]["low"] is None  # no interval from one seed
+    with pytest.raises(ValueError, match="one report per seed"):
+        report.summarise_seeds([one], [0, 1])
+    with pytest.raises(ValueError, match="dataset"):
+        report.summarise_seeds([one, _seed_report({"ce": (0.5, 1.3, 0.05)}, "other")], [0, 1])
+    with pytest.raises(ValueError, match="other methods"):
+        report.summarise_seeds([one, _seed_report({"ce": (0.5, 1.3, 0.05)})], [0, 1])
+
+
+def test_write_seed_summary_files(tmp_path):
+    reps = [
+        _seed_report({"ce": (0.5, 1.3 + 0.1 * i, 0.05), "mtbkd_sgld": (0.5, 1.2, 0.04)})
+        for i in range(2)
+    ]
+    s = report.summarise_seeds(reps, [0, 1])
+    report.write_seed_summary(s, tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text()) == s
+    md = (tmp_path / "summary.md").read_text()
+    assert md.startswith("# MT-BKD over 2 seeds: toy") and "![seeds.png](seeds.png)" in md
+    assert (tmp_path / "seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
