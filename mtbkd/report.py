@@ -160,6 +160,24 @@ def paired_bootstrap(
     return out
 
 
+def _aligned(header: list[str], body: list[list[str]], markdown: bool) -> list[str]:
+    """Lines of a table: markdown, or plain text with the first column left-aligned, the others
+    right-aligned and a rule under the header."""
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        return lines + ["| " + " | ".join(r) + " |" for r in body]
+    widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
+    lines = []
+    for j, line in enumerate([header] + body):
+        cells = zip(line, widths, strict=True)
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+        )
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
 def format_bootstrap(boot: dict[str, Any] | None, markdown: bool = False) -> str:
     """The paired-bootstrap differences as a table (plain text, or markdown)."""
     if not boot:
@@ -176,19 +194,9 @@ def format_bootstrap(boot: dict[str, Any] | None, markdown: bool = False) -> str
             )
         rows.append(cells)
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(BOOTSTRAP_METRICS)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    widths = [max(len(x[i]) for x in [header] + rows) for i in range(len(header))]
-    lines = [f"{ref} minus each method, paired bootstrap over test rows ({boot['resamples']}):"]
-    for j, line in enumerate([header] + rows):
-        cells = zip(line, widths, strict=True)
-        lines.append(
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
-        )
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+        return "\n".join(_aligned(header, rows, True))
+    title = f"{ref} minus each method, paired bootstrap over test rows ({boot['resamples']}):"
+    return "\n".join([title] + _aligned(header, rows, False))
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
@@ -205,26 +213,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """Aligned plain-text table of ``report.json``'s ``methods`` rows."""
     header = ["method"] + [h for _, h, _ in COLUMNS]
     body = [[r["name"]] + _cells(r) for r in rows]
-    widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
-    lines = []
-    for j, line in enumerate([header] + body):
-        lines.append(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(line, widths, strict=True))
-            )
-        )
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(_aligned(header, body, False))
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = ["method"] + [h for _, h, _ in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join([f"`{r['name']}`"] + _cells(r)) + " |")
-    return "\n".join(lines)
+    return "\n".join(_aligned(header, [[f"`{r['name']}`"] + _cells(r) for r in rows], True))
 
 
 def followed_sentences(attribution: dict[str, Any] | None) -> list[str]:
@@ -587,22 +581,6 @@ def _pm(stat: dict[str, Any], fmt: str) -> str:
     if std is None:
         return fmt.format(mean)
     return f"{fmt.format(mean)} ± {fmt.format(std)}"
-
-
-def _aligned(header: list[str], body: list[list[str]], markdown: bool) -> list[str]:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-        return lines + ["| " + " | ".join(r) + " |" for r in body]
-    widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
-    lines = []
-    for j, line in enumerate([header] + body):
-        cells = zip(line, widths, strict=True)
-        lines.append(
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
-        )
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return lines
 
 
 def format_seed_summary(summary: dict[str, Any], markdown: bool = False) -> str:
