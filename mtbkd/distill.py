@@ -1698,6 +1698,7 @@ def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) ->
             result.labels,
             result.attribution,
             result.teacher_names,
+            class_names=result.class_names,
         )
 
 
@@ -1708,7 +1709,14 @@ def _write_predictions(
     attribution,
     teacher_names,
     ids: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> None:
+    """One CSV row per input: ``[id,] pred, confidence, mean_deviance, mutual_information,
+    credible_set`` (class indices joined by ``;``), ``pred_class`` (the class name) when the
+    class names are known, ``label`` when given, and each teacher's weight and responsibility
+    when ``attribution`` is given."""
+    import csv
+
     from mtbkd import metrics as M
 
     pbar = probs.mean(0)
@@ -1723,12 +1731,14 @@ def _write_predictions(
         "mutual_information",
         "credible_set",
     ]
+    if class_names is not None:
+        header.append("pred_class")
     if labels is not None:
         header.append("label")
     if attribution is not None:
         header += [f"weight_{t}" for t in teacher_names]
         header += [f"responsibility_{t}" for t in teacher_names]
-    lines = [",".join(header)]
+    lines = [header]
     for i in range(pbar.shape[0]):
         row = [ids[i]] if ids is not None else []
         members = ";".join(str(int(c)) for c in torch.nonzero(sets[i]).flatten())
@@ -1739,13 +1749,16 @@ def _write_predictions(
             f"{float(mi[i]):.6f}",
             members,
         ]
+        if class_names is not None:
+            row.append(class_names[int(pred[i])])
         if labels is not None:
             row.append(str(int(labels[i])))
         if attribution is not None:
             row += [f"{float(v):.6f}" for v in attribution["weights"][:, i]]
             row += [f"{float(v):.6f}" for v in attribution["responsibilities"][:, i]]
-        lines.append(",".join(row))
-    path.write_text("\n".join(lines) + "\n")
+        lines.append(row)
+    with open(path, "w", newline="") as f:  # csv quotes a class name with a comma in it
+        csv.writer(f, lineterminator="\n").writerows(lines)
 
 
 def load_run(run_dir: str | Path):
@@ -1788,5 +1801,7 @@ def predict_file(run_dir: str | Path, input_path: str | Path, out_csv: str | Pat
     if y is not None and (int(y.min()) < 0 or int(y.max()) >= meta["num_classes"]):
         raise ValueError(f"{input_path} has labels outside 0..{meta['num_classes'] - 1}")
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    _write_predictions(Path(out_csv), probs, y, None, meta["teacher_names"], ids)
+    _write_predictions(
+        Path(out_csv), probs, y, None, meta["teacher_names"], ids, meta.get("class_names")
+    )
     return evaluate_probs(probs, y) if y is not None else {}

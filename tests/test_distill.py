@@ -214,7 +214,8 @@ def test_run_experiment_every_method_and_save_predict(tmp_path):
     metrics = distill.predict_file(tmp_path / "run", tmp_path / "x.npy", tmp_path / "p.csv")
     assert metrics == {}
     lines = (tmp_path / "p.csv").read_text().splitlines()
-    assert lines[0] == "pred,confidence,mean_deviance,mutual_information,credible_set"
+    assert lines[0] == "pred,confidence,mean_deviance,mutual_information,credible_set,pred_class"
+    assert all(r.split(",")[5] == "abcd"[int(r.split(",")[0])] for r in lines[1:])
     saved = (tmp_path / "run" / "predictions.csv").read_text().splitlines()
     # the saved samples reproduce the run's own test predictions
     assert [r.split(",")[:5] for r in lines[1:]] == [r.split(",")[:5] for r in saved[1:]]
@@ -349,3 +350,15 @@ def test_run_experiment_with_chains_and_prior_grid_saves_and_predicts(tmp_path):
     # an interrupted-and-finished run is read back from its checkpoints: same predictions
     again = distill.run_experiment(ds, cfg, checkpoint_dir=tmp_path / "ck", log=lambda m: None)
     torch.testing.assert_close(again.method("mtbkd_sgld").probs, mt.probs)
+
+
+def test_prediction_csv_quotes_class_names(tmp_path):
+    import csv
+
+    probs = torch.tensor([[[0.9, 0.1], [0.2, 0.8]]])
+    path = tmp_path / "p.csv"
+    distill._write_predictions(path, probs, torch.tensor([0, 0]), None, [], ["r1", "r2"],
+                               ["Cell membrane, apical", "Nucleus"])  # fmt: skip
+    rows = list(csv.DictReader(path.open()))
+    assert [r["pred_class"] for r in rows] == ["Cell membrane, apical", "Nucleus"]
+    assert [r["id"] for r in rows] == ["r1", "r2"] and [r["label"] for r in rows] == ["0", "0"]
