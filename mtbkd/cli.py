@@ -247,8 +247,9 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         _check_resume(args, sub)
         print(f"\n=== seed {seed} ({i + 1} of {len(seeds)}) ===", flush=True)
         reports.append(_run_one(args, seed, sub))
+    per_row = [report.load_per_row(out / f"seed{s}" / report.PER_ROW_FILE) for s in seeds]
     try:
-        summary = report.summarise_seeds(reports, seeds)
+        summary = report.summarise_seeds(reports, seeds, per_row=per_row)
     except ValueError as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None
     report.write_seed_summary(summary, out, figures=not args.no_figures)

@@ -29,6 +29,8 @@ __all__ = [
     "reliability_curve",
     "paired_bootstrap",
     "format_bootstrap",
+    "save_per_row",
+    "load_per_row",
     "parse_seeds",
     "summarise_seeds",
     "format_seed_summary",
@@ -96,14 +98,50 @@ def report_dict(result: ExperimentResult) -> dict[str, Any]:
 
 def _per_row(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per test row: NLL of the posterior predictive, correctness, confidence and ECE bin."""
-    from mtbkd import metrics as M
-
     log_pbar = torch.logsumexp(probs.double().clamp_min(1e-300).log(), 0) - math.log(len(probs))
     nll = -log_pbar.gather(-1, labels[:, None].long()).squeeze(-1)
     conf, pred = log_pbar.exp().max(-1)
+    return _with_bins(nll, (pred == labels).double(), conf)
+
+
+def _with_bins(nll: Tensor, correct: Tensor, conf: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from mtbkd import metrics as M
+
     edges = torch.arange(1, M.ECE_BINS, dtype=torch.float32) / M.ECE_BINS
-    bins = torch.bucketize(conf.float(), edges, right=False)
-    return nll, (pred == labels).double(), conf, bins
+    return nll, correct, conf, torch.bucketize(conf.float(), edges, right=False)
+
+
+PER_ROW_FILE = "per_row.safetensors"
+
+
+def save_per_row(result: ExperimentResult, path: str | Path) -> None:
+    """Each method's per-test-row NLL, correctness and confidence (float64) and the labels, to a
+    safetensors file: what :func:`summarise_seeds` needs to resample test rows across seeds."""
+    from safetensors.torch import save_file
+
+    tensors = {"labels": result.labels.long().contiguous()}
+    for m in result.methods:
+        nll, correct, conf, _ = _per_row(m.probs, result.labels)
+        tensors[f"{m.name}.nll"] = nll.contiguous()
+        tensors[f"{m.name}.correct"] = correct.contiguous()
+        tensors[f"{m.name}.conf"] = conf.contiguous()
+    save_file(tensors, str(path))
+
+
+def load_per_row(path: str | Path) -> dict[str, Any] | None:
+    """``{"labels": Tensor, method: (nll, correct, conf, bin)}`` from :func:`save_per_row`'s file,
+    or ``None`` when it is absent (a run folder written before it existed)."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        return None
+    t = load_file(str(path))
+    out: dict[str, Any] = {"labels": t.pop("labels")}
+    for key in t:
+        name = key.rsplit(".", 1)[0]
+        if name not in out:
+            out[name] = _with_bins(t[f"{name}.nll"], t[f"{name}.correct"], t[f"{name}.conf"])
+    return out
 
 
 def _resampled(per_row, idx: Tensor) -> dict[str, Tensor]:
@@ -443,12 +481,13 @@ def _figures(result: ExperimentResult, out: Path, boot: dict[str, Any] | None = 
 
 
 def write_report(result: ExperimentResult, out_dir: str | Path, figures: bool = True) -> dict:
-    """Write ``report.json``, ``report.md`` and (with ``figures``) the PNGs to ``out_dir``;
-    returns the report dictionary."""
+    """Write ``report.json``, ``report.md``, ``per_row.safetensors`` (:func:`save_per_row`) and
+    (with ``figures``) the PNGs to ``out_dir``; returns the report dictionary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rep = report_dict(result)
-    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    save_per_row(result, out / PER_ROW_FILE)
+    (out / "report.json").write_text(json.dumps(rep, indent=2))  # last but the figures: --resume
     files = _figures(result, out, rep.get("paired_bootstrap")) if figures else []
     (out / "report.md").write_text(_markdown(result, rep, files))
     return rep
@@ -502,7 +541,12 @@ def _spread(values: list[float]) -> dict[str, Any]:
 
 
 def summarise_seeds(
-    reports: list[dict[str, Any]], seeds: list[int], reference: str = "mtbkd_sgld"
+    reports: list[dict[str, Any]],
+    seeds: list[int],
+    reference: str = "mtbkd_sgld",
+    per_row: list[dict[str, Any] | None] | None = None,
+    resamples: int = 1000,
+    bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
     """Summary of one experiment repeated over ``seeds`` (``reports``: each seed's
     ``report.json`` dictionary, in the order of ``seeds``).
@@ -512,9 +556,15 @@ def summarise_seeds(
     difference ``reference - method`` of NLL, ECE and accuracy, its mean, standard deviation, a
     95 % Student-t interval over seeds (``None`` with one seed, or without scipy) and in how many
     seeds the reference was better (lower NLL / ECE, higher accuracy). Seeds change the
-    validation split and every initialisation, not the test rows, so the interval measures how
-    much the comparison depends on the training run; the per-seed paired bootstrap (each seed's
-    ``report.json``) measures the test set's sampling noise."""
+    validation split and every initialisation, not the test rows, so that interval measures only
+    how much the comparison depends on the training run.
+
+    With ``per_row`` (each seed's :func:`load_per_row`) every difference also gets a two-level
+    paired bootstrap (``boot_low``, ``boot_high``, ``p_better``): each of ``resamples`` draws
+    resamples the seeds and, independently, the test rows (the same rows for every method; for
+    every seed too when all seeds share one test set, ``shared_test_rows``), and averages
+    ``reference - method`` over the drawn seeds on the drawn rows, so its interval covers both
+    the training run's randomness and the test set's sampling noise."""
     if len(reports) != len(seeds) or not reports:
         raise ValueError(
             f"reports: expected one report per seed ({len(seeds)}), got {len(reports)}"
@@ -564,6 +614,13 @@ def summarise_seeds(
                     "values": d,
                 }
             versus["methods"][n] = row
+        boot = _seed_bootstrap(per_row, names, reference, len(seeds), resamples, bootstrap_seed)
+        if boot is not None:
+            versus["resamples"] = resamples
+            versus["shared_test_rows"] = boot.pop("shared_test_rows")
+            for n, row in versus["methods"].items():
+                for k in BOOTSTRAP_METRICS:
+                    row[k].update(boot[n][k])
     return _clean(
         {
             "dataset": reports[0]["dataset"],
@@ -572,6 +629,54 @@ def summarise_seeds(
             "versus": versus,
         }
     )
+
+
+def _seed_bootstrap(per_row, names, reference, num_seeds, resamples, seed):
+    """The two-level paired bootstrap of :func:`summarise_seeds` (``None`` without per-row data
+    for every seed)."""
+    if per_row is None or any(p is None for p in per_row):
+        return None
+    if len(per_row) != num_seeds:
+        raise ValueError(f"per_row: expected one entry per seed ({num_seeds}), got {len(per_row)}")
+    for i, p in enumerate(per_row):
+        missing = [n for n in names if n not in p]
+        if missing:
+            raise ValueError(f"per_row: seed number {i} has no per-row data for {missing}")
+    labels = per_row[0]["labels"]
+    shared = all(torch.equal(p["labels"], labels) for p in per_row)
+    gen = torch.Generator().manual_seed(seed)
+    if shared:  # one test set: the same row resample for every seed
+        rows = [torch.randint(0, len(labels), (resamples, len(labels)), generator=gen)] * num_seeds
+    else:  # each seed its own test set (e.g. digits, split per seed): resampled independently
+        rows = [
+            torch.randint(0, len(p["labels"]), (resamples, len(p["labels"])), generator=gen)
+            for p in per_row
+        ]
+    pick = torch.randint(0, num_seeds, (resamples, num_seeds), generator=gen)
+    # metric of every method on every seed for every row resample: [S, B]
+    stats = {
+        n: {
+            k: torch.stack([_resampled(p[n], r)[k] for p, r in zip(per_row, rows, strict=True)])
+            for k in BOOTSTRAP_METRICS
+        }
+        for n in names
+    }
+    out: dict[str, Any] = {"shared_test_rows": shared}
+    for n in names:
+        if n == reference:
+            continue
+        out[n] = {}
+        for k in BOOTSTRAP_METRICS:
+            d = stats[reference][k] - stats[n][k]  # [S, B]
+            drawn = d.T.gather(1, pick).mean(1)  # [B]: mean over the drawn seeds
+            lo, hi = torch.quantile(drawn, torch.tensor([0.025, 0.975], dtype=drawn.dtype))
+            better = (drawn > 0) if k == "accuracy" else (drawn < 0)
+            out[n][k] = {
+                "boot_low": float(lo),
+                "boot_high": float(hi),
+                "p_better": float(better.double().mean()),
+            }
+    return out
 
 
 def _pm(stat: dict[str, Any], fmt: str) -> str:
@@ -596,11 +701,17 @@ def format_seed_summary(summary: dict[str, Any], markdown: bool = False) -> str:
     lines += _aligned(header, body, markdown)
     v = summary.get("versus")
     if v:
+        boot = "resamples" in v
         lines += [""]
         if not markdown:
             lines.append(
-                f"{v['reference']} minus each method over seeds: mean [95 % t-interval], "
-                "seeds where it is better"
+                f"{v['reference']} minus each method, mean over seeds [95 % "
+                + (
+                    f"interval of a paired bootstrap over seeds and test rows ({v['resamples']})]"
+                    ", seeds where it is better, P(better)"
+                    if boot
+                    else "t-interval over seeds], seeds where it is better"
+                )
             )
         header = ["vs method"] + [f"Δ{k}" for k in BOOTSTRAP_METRICS]
         body = []
@@ -608,12 +719,10 @@ def format_seed_summary(summary: dict[str, Any], markdown: bool = False) -> str:
             cells = [f"`{name}`" if markdown else name]
             for k in BOOTSTRAP_METRICS:
                 r = row[k]
-                ci = (
-                    f" [{r['low']:+.3f}, {r['high']:+.3f}]"
-                    if r["low"] is not None and r["high"] is not None
-                    else ""
-                )
-                cells.append(f"{r['diff']:+.3f}{ci}  {r['wins']}/{r['runs']}")
+                lo, hi = (r["boot_low"], r["boot_high"]) if boot else (r["low"], r["high"])
+                ci = f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else ""
+                p = f"  {r['p_better']:.2f}" if boot else ""
+                cells.append(f"{r['diff']:+.3f}{ci}  {r['wins']}/{r['runs']}{p}")
             body.append(cells)
         lines += _aligned(header, body, markdown)
     return "\n".join(lines)
@@ -704,9 +813,18 @@ def write_seed_summary(summary: dict[str, Any], out_dir: str | Path, figures: bo
     ]
     if summary.get("versus"):
         lines += [
-            f"Δ: `{summary['versus']['reference']}` minus the method, per seed, averaged; the "
-            "interval is a 95 % Student-t interval over seeds; k/n: the seeds in which it is "
-            "better (lower NLL / ECE, higher accuracy).",
+            f"Δ: `{summary['versus']['reference']}` minus the method, per seed, averaged; k/n: "
+            "the seeds in which it is better (lower NLL / ECE, higher accuracy). "
+            + (
+                "Interval: 95 % of a paired bootstrap that resamples both the seeds and the test "
+                f"rows ({summary['versus']['resamples']} draws), so it covers the training run's "
+                "randomness and the test set's sampling noise; the last number is the fraction "
+                "of draws in which it is better. An interval that contains 0 is within that "
+                "noise."
+                if "resamples" in summary["versus"]
+                else "Interval: 95 % Student-t over seeds (training randomness only: the test rows "
+                "are the same in every seed)."
+            ),
             "",
         ]
     lines += [f"![{f}]({f})" for f in files]

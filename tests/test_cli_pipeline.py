@@ -140,6 +140,9 @@ def test_distill_several_seeds(tmp_path, capsys):
         "mtbkd_sgld",
     ]
     assert summary["methods"][1]["nll"]["values"] == [s["methods"][1]["nll"] for s in seeds]
+    # every seed's per-row file is there, so the differences get the seeds x rows bootstrap
+    assert summary["versus"]["resamples"] == 1000
+    assert 0.0 <= summary["versus"]["methods"]["ce"]["nll"]["p_better"] <= 1.0
     assert (out / "seeds.png").exists() and (out / "summary.md").exists()
     # finished seeds are read back on --resume; without it the folder is refused
     with pytest.raises(SystemExit, match="--resume"):

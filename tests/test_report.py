@@ -228,3 +228,61 @@ def test_write_seed_summary_files(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert md.startswith("# MT-BKD over 2 seeds: toy") and "![seeds.png](seeds.png)" in md
     assert (tmp_path / "seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_row_file_round_trip(tmp_path):
+    res = _result()
+    report.save_per_row(res, tmp_path / "p.safetensors")
+    back = report.load_per_row(tmp_path / "p.safetensors")
+    assert torch.equal(back["labels"], res.labels.long())
+    for m in res.methods:
+        nll, correct, conf, bins = back[m.name]
+        assert float(nll.mean()) == pytest.approx(m.metrics["nll"], abs=1e-6)  # metrics: fp32
+        assert float(correct.mean()) == pytest.approx(m.metrics["accuracy"])
+        # the ECE of the stored rows, through the bootstrap's own binning, is the report's
+        whole = report._resampled(back[m.name], torch.arange(len(nll))[None])
+        assert float(whole["ece"][0]) == pytest.approx(m.metrics["ece"], abs=1e-6)
+    assert report.load_per_row(tmp_path / "absent.safetensors") is None
+    report.write_report(res, tmp_path / "run", figures=False)
+    assert (tmp_path / "run" / report.PER_ROW_FILE).is_file()
+
+
+def _per_row_seed(nll: dict[str, list[float]], labels=(0, 1, 0, 1)) -> dict:
+    out = {"labels": torch.tensor(labels)}
+    for name, v in nll.items():
+        t = torch.tensor(v, dtype=torch.float64)
+        out[name] = report._with_bins(t, torch.ones_like(t), torch.full_like(t, 0.9))
+    return out
+
+
+def test_seed_bootstrap_covers_seeds_and_rows():
+    reps = [_seed_report({"ce": (0.5, 1.0, 0.05), "mtbkd_sgld": (0.5, 0.9, 0.05)})] * 3
+    # the reference is better on every row of every seed: every draw says so
+    rows = [_per_row_seed({"ce": [1.0, 2.0, 1.5, 1.2], "mtbkd_sgld": [0.9, 1.9, 1.4, 1.1]})] * 3
+    s = report.summarise_seeds(reps, [0, 1, 2], per_row=rows, resamples=200)
+    r = s["versus"]["methods"]["ce"]["nll"]
+    assert s["versus"]["resamples"] == 200 and s["versus"]["shared_test_rows"] is True
+    assert r["p_better"] == 1.0 and r["boot_low"] == pytest.approx(-0.1)
+    assert r["boot_high"] == pytest.approx(-0.1)
+    assert "P(better)" in report.format_seed_summary(s) and "1.00" in report.format_seed_summary(s)
+    # better on one seed, worse on another: the interval straddles 0
+    rows = [
+        _per_row_seed({"ce": [1.0, 1.0, 1.0, 1.0], "mtbkd_sgld": [0.5, 0.5, 0.5, 0.5]}),
+        _per_row_seed({"ce": [1.0, 1.0, 1.0, 1.0], "mtbkd_sgld": [1.5, 1.5, 1.5, 1.5]}),
+    ]
+    s = report.summarise_seeds(reps[:2], [0, 1], per_row=rows, resamples=400)
+    r = s["versus"]["methods"]["ce"]["nll"]
+    assert r["boot_low"] == pytest.approx(-0.5) and r["boot_high"] == pytest.approx(0.5)
+    assert 0.1 < r["p_better"] < 0.4  # strictly better only when seed 0 is drawn twice
+    # seeds with their own test sets are resampled independently
+    rows = [_per_row_seed({"ce": [1.0] * 4, "mtbkd_sgld": [0.5] * 4}, labels=lab)
+            for lab in ((0, 1, 0, 1), (1, 1, 0, 0))]  # fmt: skip
+    s = report.summarise_seeds(reps[:2], [0, 1], per_row=rows, resamples=50)
+    assert s["versus"]["shared_test_rows"] is False
+    # no per-row data for a seed (an older run folder): the t-interval only
+    s = report.summarise_seeds(reps[:2], [0, 1], per_row=[rows[0], None])
+    assert "resamples" not in s["versus"] and "p_better" not in s["versus"]["methods"]["ce"]["nll"]
+    with pytest.raises(ValueError, match="no per-row data"):
+        report.summarise_seeds(reps[:2], [0, 1], per_row=[rows[0], {"labels": rows[0]["labels"]}])
+    with pytest.raises(ValueError, match="one entry per seed"):
+        report.summarise_seeds(reps[:2], [0, 1], per_row=[rows[0]])
