@@ -104,6 +104,15 @@ def _add_pipeline_commands(sub) -> None:
         p.add_argument(
             "--num-chains", type=int, default=None, help="SGLD chains (own MAP warm start each)"
         )
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="FIELD=VALUE",
+            help="override a DistillConfig field (repeatable; the value is read as JSON, else "
+            "as a string): --set weights=uniform --set concentration=10 "
+            "--set 'mtbkd_grid={\"prior_weight\": [0.1, 0.5]}'",
+        )
         p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -158,10 +167,60 @@ def _pipeline_config(args: argparse.Namespace, seed: int):
     for name in ("map_epochs", "sgld_epochs", "num_samples", "num_chains"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    kw.update(_overrides(args))
     try:
         return DistillConfig(**kw)
     except ValueError as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """``--set FIELD=VALUE`` pairs as DistillConfig keyword arguments."""
+    import json
+
+    from mtbkd.distill import DistillConfig
+
+    defaults = DistillConfig().to_dict()
+    known = set(defaults)
+    out = {}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SystemExit(f"mtbkd {args.command}: --set takes FIELD=VALUE, got {item!r}")
+        if key not in known:
+            raise SystemExit(
+                f"mtbkd {args.command}: --set names an unknown field {key!r}; fields: "
+                + ", ".join(sorted(known))
+            )
+        if key == "seed":
+            raise SystemExit(f"mtbkd {args.command}: use --seed / --seeds, not --set seed=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        want = defaults[key]
+        ok = {
+            bool: lambda v: isinstance(v, bool),
+            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            str: lambda v: isinstance(v, str),
+            list: lambda v: isinstance(v, list),
+            dict: lambda v: isinstance(v, dict),
+            type(None): lambda v: v is None or isinstance(v, (int, float)),
+        }[type(want)]
+        if not ok(value):
+            raise SystemExit(
+                f"mtbkd {args.command}: --set {key}={raw}: expected a value like {json.dumps(want)}"
+            )
+        if isinstance(want, float) or (want is None and value is not None):
+            value = float(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        elif isinstance(value, dict):
+            value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+        out[key] = value
+    return out
 
 
 def _out_dir(args: argparse.Namespace) -> Path:

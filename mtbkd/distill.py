@@ -175,6 +175,8 @@ class DistillConfig:
         for name in ("map_lr", "sgld_lr", "temperature", "concentration", "kd_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.weights not in ("entropy", "uniform"):
+            raise ValueError(f"weights must be 'entropy' or 'uniform', got {self.weights!r}")
         if not 0.0 <= self.burn_in < 1.0:
             raise ValueError(f"burn_in must lie in [0, 1), got {self.burn_in}")
         if not 0.0 < self.val_fraction < 1.0:

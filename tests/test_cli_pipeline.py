@@ -154,6 +154,62 @@ def test_distill_several_seeds(tmp_path, capsys):
         cli.main(argv[:-1] + ["2-1"])
 
 
+def test_compare_runs_example(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import sys
+
+    rng = np.random.default_rng(2)
+    d = tmp_path / "mine"
+    d.mkdir()
+    y = np.arange(60) % 3
+    np.save(d / "features.npy", rng.normal(size=(60, 4)) + y[:, None])
+    np.save(d / "labels.npy", y)
+    for name in ("a", "b"):
+        np.save(d / f"teacher_{name}.npy", 2.0 * np.eye(3)[y] + rng.normal(size=(60, 3)))
+    common = ["distill", "--dataset", "dir", "--data-dir", str(d), "--smoke", "--no-figures",
+              "--no-progress", "--seeds", "0-1"]  # fmt: skip
+    assert cli.main(common + ["--out", str(tmp_path / "base")]) == 0
+    variant = ["--methods", "mtbkd_sgld", "--set", "weights=uniform"]
+    assert cli.main(common + ["--out", str(tmp_path / "var")] + variant) == 0
+    path = Path(__file__).resolve().parents[1] / "examples" / "compare_runs.py"
+    spec = importlib.util.spec_from_file_location("compare_runs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "ablation"
+    argv = ["compare_runs", str(tmp_path / "base"), str(tmp_path / "var"), "--tag", "u"]
+    monkeypatch.setattr(sys, "argv", argv + ["--out", str(out)])
+    mod.main()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"][-1]["name"] == "mtbkd_sgld_u"
+    assert summary["versus"]["reference"] == "mtbkd_sgld_u"
+    assert "mtbkd_sgld" in summary["versus"]["methods"] and summary["versus"]["resamples"] == 1000
+    base = json.loads((tmp_path / "base" / "seed1" / "report.json").read_text())
+    assert summary["methods"][0]["nll"]["values"][1] == base["methods"][0]["nll"]
+
+
+def test_set_overrides_config_fields(tmp_path):
+    out = tmp_path / "o"
+    base = ["demo", "--smoke", "--methods", "ce,mtbkd_map", "--no-figures", "--no-progress"]
+    sets = ["weights=uniform", "concentration=10", "hidden=[8, 4]",
+            'mtbkd_grid={"prior_weight": [0.1, 0.5]}']  # fmt: skip
+    argv = base + ["--out", str(out)] + [a for s in sets for a in ("--set", s)]
+    assert cli.main(argv) == 0
+    cfg = json.loads((out / "report.json").read_text())["config"]
+    assert cfg["weights"] == "uniform" and cfg["concentration"] == 10.0
+    assert cfg["hidden"] == [8, 4] and cfg["mtbkd_grid"] == {"prior_weight": [0.1, 0.5]}
+    bad = {
+        "nope=1": "unknown field 'nope'",
+        "map_epochs=abc": "expected a value like",
+        "early_stopping=1": "expected a value like true",
+        "weights=bogus": "weights must be",
+        "seed=3": "--seeds",
+        "novalue": "FIELD=VALUE",
+    }
+    for item, msg in bad.items():
+        with pytest.raises(SystemExit, match=msg):
+            cli.main(base + ["--out", str(tmp_path / "x"), "--set", item])
+
+
 def test_cli_errors(tmp_path):
     with pytest.raises(SystemExit, match="needs --data-dir"):
         cli.main(["distill", "--dataset", "deeploc"])

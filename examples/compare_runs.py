@@ -1,0 +1,59 @@
+"""An ablation across two multi-seed runs: put the methods of a variant run (for example
+``--set weights=uniform``) next to those of the base run, seed by seed, and summarise them with
+the same two-level bootstrap as ``--seeds`` (mtbkd.report.summarise_seeds).
+
+    mtbkd distill --dataset deeploc --data-dir DATA --seeds 0-4 --out base
+    mtbkd distill --dataset deeploc --data-dir DATA --seeds 0-4 --out uniform \\
+        --methods mtbkd_map,mtbkd_sgld --set weights=uniform
+    python examples/compare_runs.py base uniform --tag uniform --out ablation
+
+The variant's methods are renamed ``<name>_<tag>``; the reference of the differences is the
+variant's ``mtbkd_sgld`` (``--reference`` to change it). Both runs must have used the same seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mtbkd import report
+
+
+def merge(base: Path, variant: Path, tag: str) -> tuple[list[dict], list[dict], list[int]]:
+    seeds = json.loads((base / "summary.json").read_text())["seeds"]
+    if json.loads((variant / "summary.json").read_text())["seeds"] != seeds:
+        raise SystemExit(f"{base} and {variant} were run with different seeds")
+    reports, rows = [], []
+    for s in seeds:
+        a = json.loads((base / f"seed{s}" / "report.json").read_text())
+        b = json.loads((variant / f"seed{s}" / "report.json").read_text())
+        pa = report.load_per_row(base / f"seed{s}" / report.PER_ROW_FILE)
+        pb = report.load_per_row(variant / f"seed{s}" / report.PER_ROW_FILE)
+        methods = list(a["methods"]) + [{**m, "name": f"{m['name']}_{tag}"} for m in b["methods"]]
+        reports.append({"dataset": a["dataset"], "methods": methods})
+        if pa is None or pb is None:
+            rows.append(None)  # an older run folder: t-intervals only
+        else:
+            rows.append({**pa, **{f"{m['name']}_{tag}": pb[m["name"]] for m in b["methods"]}})
+    return reports, rows, seeds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("base", type=Path, help="output folder of the base --seeds run")
+    ap.add_argument("variant", type=Path, help="output folder of the variant --seeds run")
+    ap.add_argument("--tag", required=True, help="suffix for the variant's method names")
+    ap.add_argument("--reference", default=None, help="default: mtbkd_sgld_<tag>")
+    ap.add_argument("--out", type=Path, required=True, help="folder for summary.json/.md/png")
+    args = ap.parse_args()
+    reports, rows, seeds = merge(args.base, args.variant, args.tag)
+    ref = args.reference or f"mtbkd_sgld_{args.tag}"
+    summary = report.summarise_seeds(reports, seeds, reference=ref, per_row=rows)
+    report.write_seed_summary(summary, args.out)
+    print(report.format_seed_summary(summary))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
