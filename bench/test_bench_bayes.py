@@ -5,6 +5,7 @@ Run: ``.venv/bin/pytest bench/test_bench_bayes.py --benchmark-only`` (``MTBKD_BE
 side-by-side suite with memory, JSON and PNG.
 """
 
+import importlib.util
 import os
 
 import pytest
@@ -17,6 +18,7 @@ from bench.bench_bayes import (
     _loop_sgld_step,
     _sampling_inputs,
     _sgld_params,
+    layer_method,
     sampling_method,
 )
 from mtbkd.optim import SGLD
@@ -33,6 +35,20 @@ def test_sampling_forward_backward(benchmark, method):
     benchmark.group = f"sampling {ROWS}x{COLS}"
     dmu, drho = benchmark(fn, mu, rho, g)
     assert torch.isfinite(drho).all() and dmu.shape == mu.shape
+
+
+LAYER_METHODS = ["fused", "eager"] + (
+    ["bayesian_torch"] if importlib.util.find_spec("bayesian_torch") else []
+)
+
+
+@pytest.mark.parametrize("method", LAYER_METHODS)
+def test_bayes_linear_step(benchmark, method):
+    d = 4096 if FULL else 1024
+    step = layer_method(method, d, d, 128)
+    benchmark.group = f"Bayesian linear step {d}x{d}, batch 128"
+    grads = benchmark(step)
+    assert len(grads) == 4 and all(torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.parametrize("method", ["fused", "loop"])
