@@ -8,7 +8,7 @@ STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(shell find csrc kernels -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null) setup.py pyproject.toml
 
-.PHONY: setup build test test-fast cmake-check demo bench lint clean
+.PHONY: setup build test test-fast cmake-check demo bench lint clean gpu-extras
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,14 @@ demo: setup
 
 bench: setup
 	$(VENV)/bin/mtbkd bench --suite loss
+
+# Liger-Kernel (pure Python + Triton) unpacked into build/gpu-extras/site for bench/gpu_check.sh on
+# a GPU machine that has no package registry: carry build/gpu-extras there; the script puts it on
+# PYTHONPATH when liger_kernel is not importable. Nothing is installed.
+gpu-extras: $(STAMP)
+	rm -rf build/gpu-extras && mkdir -p build/gpu-extras
+	$(PIP) download --no-deps liger-kernel==0.8.5 -d build/gpu-extras
+	$(PY) -m zipfile -e build/gpu-extras/liger_kernel-0.8.5-py3-none-any.whl build/gpu-extras/site
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

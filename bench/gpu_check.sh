@@ -3,7 +3,9 @@
 #   1. build mtbkd._C with the CUDA kernels (the machine's own python3 and torch; nothing is
 #      downloaded or installed from a registry),
 #   2. run the GPU tests (Triton kernels, CUDA kernels, TeacherStats) on the device,
-#   3. benchmark Triton vs CUDA vs eager vs torch.compile vs Liger-Kernel (when importable) at
+#   3. benchmark Triton vs CUDA vs eager vs torch.compile vs Liger-Kernel (when importable; a
+#      machine without a package registry gets it from build/gpu-extras/site, which `make
+#      gpu-extras` unpacks on a machine that has one: carry that folder along) at
 #      N=8192, V in {32000, 128256}, K in {1, 3}, bf16 (bench/bench_gpu.py).
 # Everything lands in one folder, bench/results/gpu-<date>-<device>/ (or $OUT_DIR): build.log,
 # tests.log, tests.xml, bench.log, results.json, time.png, bandwidth.png, summary.txt.
@@ -15,6 +17,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 START=$(date +%s)
+if ! $PY -c "import liger_kernel" 2>/dev/null && [ -d build/gpu-extras/site ]; then
+  export PYTHONPATH="$PWD/build/gpu-extras/site${PYTHONPATH:+:$PYTHONPATH}"
+  echo "gpu_check: Liger-Kernel from build/gpu-extras/site"
+fi
 
 if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: no CUDA device visible to $PY (torch.cuda.is_available() is False)" >&2
