@@ -72,7 +72,9 @@ def _add_pipeline_commands(sub) -> None:
         p.add_argument(
             "--out", default=None, help="output folder (default: a new folder under runs/)"
         )
-        p.add_argument("--seed", type=int, default=0, help="data split and training seed")
+        p.add_argument(
+            "--seed", type=int, default=None, help="data split and training seed (default 0)"
+        )
         p.add_argument(
             "--seeds",
             default=None,
@@ -287,10 +289,12 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     out = _out_dir(args)
     if args.seeds is None:
         _check_resume(args, out)
-        _run_one(args, args.seed, out)
+        _run_one(args, 0 if args.seed is None else args.seed, out)
         print(f"total {time.perf_counter() - t0:.0f} s")
         print(f"report, figures and posterior samples written to {out}")
         return 0
+    if args.seed is not None:
+        raise SystemExit(f"mtbkd {args.command}: give --seed or --seeds, not both")
     try:
         seeds = report.parse_seeds(args.seeds)
     except ValueError as exc:
@@ -299,7 +303,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     for i, seed in enumerate(seeds):
         sub = out / f"seed{seed}"
         done = sub / "report.json"
-        if args.resume and done.exists():  # report.json is written last
+        if args.resume and done.exists():  # written after the run and its per-row file
             print(f"seed {seed}: finished earlier, read from {done}", flush=True)
             reports.append(json.loads(done.read_text()))
             continue

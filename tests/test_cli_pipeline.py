@@ -152,6 +152,8 @@ def test_distill_several_seeds(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text()) == summary
     with pytest.raises(SystemExit, match="seeds"):
         cli.main(argv[:-1] + ["2-1"])
+    with pytest.raises(SystemExit, match="not both"):
+        cli.main(argv + ["--seed", "3"])
 
 
 def test_compare_runs_example(tmp_path, capsys, monkeypatch):
