@@ -250,6 +250,20 @@ def _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw):
 
 
 @triton.jit
+def _row_pointers(z_ptr, grad_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t_stride, row, N, V,
+                  K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+                  STACKED: tl.constexpr):  # fmt: skip
+    # Teacher lanes (kidx, kmask), this row's index into [K, N] outputs (kn), the block's column
+    # offsets, and the row's student, gradient and per-teacher base pointers.
+    kidx = tl.arange(0, KP)
+    kmask = kidx < K
+    kn = kidx.to(tl.int64) * N + row
+    row_off = row * V
+    tbase = _teacher_bases(t0, t1, t2, t3, t4, t5, t6, t7, t_stride, kidx, K, STACKED) + row_off
+    return kidx, kmask, kn, tl.arange(0, BLOCK), z_ptr + row_off, grad_ptr + row_off, tbase
+
+
+@triton.jit
 def _row_label(labels_ptr, one, ignore_index, V, HAS_LABELS: tl.constexpr):
     # The row's label y (0 when out of range or absent), whether the row counts (not
     # ignore_index) and its status bits (a label outside [0, V) that is not ignore_index).
@@ -338,14 +352,9 @@ def _mtbkd_fwd_kernel(
     beta_p = _scalar(beta_p_, ACC)
     beta_h = _scalar(beta_h_, ACC)
     lgamma_v = _scalar(lgamma_v_, ACC)
-    kidx = tl.arange(0, KP)
-    kmask = kidx < K
-    kn = kidx.to(tl.int64) * N + row  # index into [K, N] outputs
-    cols0 = tl.arange(0, BLOCK)
-    row_off = row * V
-    zrow = z_ptr + row_off
-    grow = grad_ptr + row_off
-    tbase = _teacher_bases(t0, t1, t2, t3, t4, t5, t6, t7, t_stride, kidx, K, STACKED) + row_off
+    kidx, kmask, kn, cols0, zrow, grow, tbase = _row_pointers(
+        z_ptr, grad_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t_stride, row, N, V, K, KP, BLOCK, STACKED
+    )
     y, valid, status = _row_label(labels_ptr, one, ignore_index, V, HAS_LABELS)
 
     if valid:
@@ -485,14 +494,9 @@ def _kd_fwd_kernel(
     log_1mbeta = _scalar(log_1mbeta_, ACC)
     beta_h = _scalar(beta_h_, ACC)
     soft_w = _scalar(soft_w_, ACC)
-    kidx = tl.arange(0, KP)
-    kmask = kidx < K
-    kn = kidx.to(tl.int64) * N + row
-    cols0 = tl.arange(0, BLOCK)
-    row_off = row * V
-    zrow = z_ptr + row_off
-    grow = grad_ptr + row_off
-    tbase = _teacher_bases(t0, t1, t2, t3, t4, t5, t6, t7, t_stride, kidx, K, STACKED) + row_off
+    kidx, kmask, kn, cols0, zrow, grow, tbase = _row_pointers(
+        z_ptr, grad_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t_stride, row, N, V, K, KP, BLOCK, STACKED
+    )
     y, valid, status = _row_label(labels_ptr, one, ignore_index, V, HAS_LABELS)
 
     if valid:
