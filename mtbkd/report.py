@@ -780,11 +780,22 @@ def _seed_figure(summary: dict[str, Any], out: Path) -> str:
                 [r["diff"] for r in rows_],
                 lambda n: "tab:blue",
             )
+            if "resamples" in versus:  # the seeds x rows bootstrap interval, under the dots
+                pos = list(range(len(others)))[::-1]
+                for p_, r in zip(pos, rows_, strict=True):
+                    ax.plot([r["boot_low"], r["boot_high"]], [p_ - 0.22] * 2, color="tab:orange",
+                            lw=2.5, solid_capstyle="butt")  # fmt: skip
             ax.xaxis.set_major_locator(plt.MaxNLocator(5))
             ax.set_title(f"Δ{key} = {ref} − method", fontsize=9)
             ax.set_xlabel(f"{'> 0' if key == 'accuracy' else '< 0'}: {ref} better", fontsize=8)
+    boot_note = (
+        "; orange: 95 % bootstrap interval over seeds and test rows"
+        if versus and "resamples" in versus
+        else ""
+    )
     fig.suptitle(
-        f"{summary['dataset']}: each seed (dots) and the mean (bar), {len(summary['seeds'])} seeds",
+        f"{summary['dataset']}: each seed (dots) and the mean (bar), {len(summary['seeds'])} "
+        f"seeds{boot_note}",
         fontsize=10,
     )
     fig.tight_layout()
