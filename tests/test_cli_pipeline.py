@@ -78,16 +78,22 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
         assert float(r["mean_deviance"]) >= 0 and float(r["mutual_information"]) >= 0
 
 
-def test_distill_own_directory(tmp_path, capsys):
-    rng = np.random.default_rng(0)
+def _own_dataset(tmp_path: Path, n: int, seed: int) -> Path:
+    """A directory dataset of the user's own (features.npy, labels.npy, two teachers): 3 classes,
+    4 features shifted by the class, teachers right on average."""
+    rng = np.random.default_rng(seed)
     d = tmp_path / "mine"
     d.mkdir()
-    y = np.arange(90) % 3
-    x = rng.normal(size=(90, 4)) + y[:, None]
-    np.save(d / "features.npy", x)
+    y = np.arange(n) % 3
+    np.save(d / "features.npy", rng.normal(size=(n, 4)) + y[:, None])
     np.save(d / "labels.npy", y)
     for name in ("a", "b"):
-        np.save(d / f"teacher_{name}.npy", 2.0 * np.eye(3)[y] + rng.normal(size=(90, 3)))
+        np.save(d / f"teacher_{name}.npy", 2.0 * np.eye(3)[y] + rng.normal(size=(n, 3)))
+    return d
+
+
+def test_distill_own_directory(tmp_path, capsys):
+    d = _own_dataset(tmp_path, 90, seed=0)
     out = tmp_path / "run"
     argv = [
         "distill",
@@ -117,14 +123,7 @@ def test_distill_own_directory(tmp_path, capsys):
 
 
 def test_distill_several_seeds(tmp_path, capsys):
-    rng = np.random.default_rng(1)
-    d = tmp_path / "mine"
-    d.mkdir()
-    y = np.arange(90) % 3
-    np.save(d / "features.npy", rng.normal(size=(90, 4)) + y[:, None])
-    np.save(d / "labels.npy", y)
-    for name in ("a", "b"):
-        np.save(d / f"teacher_{name}.npy", 2.0 * np.eye(3)[y] + rng.normal(size=(90, 3)))
+    d = _own_dataset(tmp_path, 90, seed=1)
     out = tmp_path / "runs"
     argv = ["distill", "--dataset", "dir", "--data-dir", str(d), "--smoke", "--out", str(out),
             "--methods", "ce,mtbkd_sgld", "--no-progress", "--seeds", "0-1"]  # fmt: skip
@@ -160,14 +159,7 @@ def test_compare_runs_example(tmp_path, capsys, monkeypatch):
     import importlib.util
     import sys
 
-    rng = np.random.default_rng(2)
-    d = tmp_path / "mine"
-    d.mkdir()
-    y = np.arange(60) % 3
-    np.save(d / "features.npy", rng.normal(size=(60, 4)) + y[:, None])
-    np.save(d / "labels.npy", y)
-    for name in ("a", "b"):
-        np.save(d / f"teacher_{name}.npy", 2.0 * np.eye(3)[y] + rng.normal(size=(60, 3)))
+    d = _own_dataset(tmp_path, 60, seed=2)
     common = ["distill", "--dataset", "dir", "--data-dir", str(d), "--smoke", "--no-figures",
               "--no-progress", "--seeds", "0-1"]  # fmt: skip
     assert cli.main(common + ["--out", str(tmp_path / "base")]) == 0
