@@ -130,6 +130,12 @@ class DistillConfig:
     # stronger Gaussian prior on the head than the MAP's weight decay keeps the posterior from
     # drifting back to the over-fitted optimum that early stopping avoided.
     sgld_prior_grid: tuple[float, ...] = ()
+    # how the objective's hyperparameters (``mtbkd_grid``) of the sampled methods are chosen:
+    # False, by the validation NLL of the MAP fit, then SGLD for that fit only; True, every grid
+    # point is sampled (its SGLD setting chosen on the first chain, then all chains pooled) and
+    # the lowest validation NLL of the pooled posterior predictive, the predictive that is
+    # reported, wins (about len(grid) times the SGLD runs)
+    joint_selection: bool = False
     tune_bkd: bool = True
     val_fraction: float = 0.2
     # teachers trained by the pipeline when the dataset has none
@@ -1438,6 +1444,19 @@ class _Experiment:
                 best = (dict(h), model, store, sec, vnll)
         return best
 
+    def select_joint(self, name: str, objs: list[Objective], settings):
+        """Every objective sampled as :meth:`sample` does (its SGLD setting chosen on the first
+        chain, then all ``num_chains`` pooled); the objective whose pooled posterior predictive
+        has the lowest validation NLL. Returns ``(objective, MAP model, MAP seconds, sampled)``
+        with ``sampled`` as :meth:`sample` returns it."""
+        best = None
+        for obj in objs:
+            map_model, map_sec, _ = self.fit_map(name, obj)
+            sampled = self.sample(name, obj, map_model, settings)
+            if best is None or sampled[4] < best[3][4]:
+                best = (obj, map_model, map_sec, sampled)
+        return best
+
     def sample(self, name: str, obj: Objective, map_model: nn.Module, settings):
         """SGLD with the validation-chosen settings (selected on the first chain), then the
         further chains of ``config.num_chains`` with the same settings, pooled. Returns
@@ -1564,13 +1583,16 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
             results[name] = ex.result(name, model, None, sec, obj.hparams(), vnll)
     mt_choice = None
     if "mtbkd_map" in wanted or "mtbkd_sgld" in wanted:
-        obj, model, sec, vnll = ex.select_map(
-            "mtbkd", bayes_objs(tuple(range(k)), config.mtbkd_grid)
-        )
+        mt_objs = bayes_objs(tuple(range(k)), config.mtbkd_grid)
+        obj, model, sec, vnll = ex.select_map("mtbkd", mt_objs)
         if "mtbkd_map" in wanted:
             results["mtbkd_map"] = ex.result("mtbkd_map", model, None, sec, obj.hparams(), vnll)
         if "mtbkd_sgld" in wanted:
-            sh, smodel, store, ssec, svnll = ex.sample("mtbkd", obj, model, sgld_settings)
+            if config.joint_selection:
+                obj, model, sec, sampled = ex.select_joint("mtbkd", mt_objs, sgld_settings)
+            else:
+                sampled = ex.sample("mtbkd", obj, model, sgld_settings)
+            sh, smodel, store, ssec, svnll = sampled
             h = {**obj.hparams(), **sh}
             results["mtbkd_sgld"] = ex.result("mtbkd_sgld", smodel, store, sec + ssec, h, svnll)
             mt_choice = (obj, smodel, store, sh)
@@ -1579,13 +1601,17 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         if name not in wanted:
             continue
         if config.tune_bkd or mt_choice is None:
-            obj, model, sec, vnll = ex.select_map(name, bayes_objs((i,), config.mtbkd_grid))
-            settings = sgld_settings
+            objs = bayes_objs((i,), config.mtbkd_grid)
+            if config.joint_selection:
+                obj, model, sec, sampled = ex.select_joint(name, objs, sgld_settings)
+            else:
+                obj, model, sec, vnll = ex.select_map(name, objs)
+                sampled = ex.sample(name, obj, model, sgld_settings)
         else:
             obj = replace(mt_choice[0], teachers=(i,))
             model, sec, vnll = ex.fit_map(name, obj)
-            settings = [mt_choice[3]]
-        sh, smodel, store, ssec, svnll = ex.sample(name, obj, model, settings)
+            sampled = ex.sample(name, obj, model, [mt_choice[3]])
+        sh, smodel, store, ssec, svnll = sampled
         results[name] = ex.result(name, smodel, store, sec + ssec, {**obj.hparams(), **sh}, svnll)
     ordered = [results[m] for m in wanted if m in results]
     attribution = None

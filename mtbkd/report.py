@@ -551,13 +551,14 @@ def summarise_seeds(
     """Summary of one experiment repeated over ``seeds`` (``reports``: each seed's
     ``report.json`` dictionary, in the order of ``seeds``).
 
-    ``methods``: per method and metric of the table, the mean, the standard deviation over
-    seeds and the per-seed values. ``versus``: per method other than ``reference``, the per-seed
-    difference ``reference - method`` of NLL, ECE and accuracy, its mean, standard deviation, a
-    95 % Student-t interval over seeds (``None`` with one seed, or without scipy) and in how many
-    seeds the reference was better (lower NLL / ECE, higher accuracy). Seeds change the
-    validation split and every initialisation, not the test rows, so that interval measures only
-    how much the comparison depends on the training run.
+    ``methods``: per method and metric of the table, and its ``validation_nll`` (what the
+    hyperparameters were chosen by, from each report's ``validation_nll``), the mean, the
+    standard deviation over seeds and the per-seed values. ``versus``: per method other than
+    ``reference``, the per-seed difference ``reference - method`` of NLL, ECE and accuracy, its
+    mean, standard deviation, a 95 % Student-t interval over seeds (``None`` with one seed, or
+    without scipy) and in how many seeds the reference was better (lower NLL / ECE, higher
+    accuracy). Seeds change the validation split and every initialisation, not the test rows, so
+    that interval measures only how much the comparison depends on the training run.
 
     With ``per_row`` (each seed's :func:`load_per_row`) every difference also gets a two-level
     paired bootstrap (``boot_low``, ``boot_high``, ``p_better``): each of ``resamples`` draws
@@ -587,7 +588,18 @@ def summarise_seeds(
             out.append(float("nan") if v is None else float(v))
         return out
 
-    methods = [{"name": n, **{k: _spread(values(n, k)) for k in keys}} for n in names]
+    def val_nll(name: str) -> list[float]:
+        out = [(rep.get("validation_nll") or {}).get(name) for rep in reports]
+        return [float("nan") if v is None else float(v) for v in out]
+
+    methods = [
+        {
+            "name": n,
+            **{k: _spread(values(n, k)) for k in keys},
+            "validation_nll": _spread(val_nll(n)),
+        }
+        for n in names
+    ]
     versus = None
     if reference in names:
         tq = _t_quantile(len(seeds) - 1) if len(seeds) > 1 else None
@@ -692,9 +704,14 @@ def format_seed_summary(summary: dict[str, Any], markdown: bool = False) -> str:
     """The across-seed means ± standard deviations, then (when the reference method ran) its
     per-seed differences to every other method, as plain text or markdown."""
     n = len(summary["seeds"])
-    header = ["method"] + [h for _, h, _ in COLUMNS]
+    columns = list(COLUMNS)
+    if any(m.get("validation_nll", {}).get("mean") is not None for m in summary["methods"]):
+        # the validation split's NLL (what selected the hyperparameters) beside the test NLL
+        columns.insert(2, ("validation_nll", "val NLL", "{:.3f}"))
+    header = ["method"] + [h for _, h, _ in columns]
     body = [
-        [f"`{m['name']}`" if markdown else m["name"]] + [_pm(m[k], fmt) for k, _, fmt in COLUMNS]
+        [f"`{m['name']}`" if markdown else m["name"]]
+        + [_pm(m.get(k, {"mean": None, "std": None}), fmt) for k, _, fmt in columns]
         for m in summary["methods"]
     ]
     lines = [] if markdown else [f"{summary['dataset']}: mean ± sd over {n} seeds"]

@@ -362,3 +362,47 @@ def test_prediction_csv_quotes_class_names(tmp_path):
     rows = list(csv.DictReader(path.open()))
     assert [r["pred_class"] for r in rows] == ["Cell membrane, apical", "Nucleus"]
     assert [r["id"] for r in rows] == ["r1", "r2"] and [r["label"] for r in rows] == ["0", "0"]
+
+
+def test_joint_selection_samples_every_grid_point_and_keeps_the_best_predictive(monkeypatch):
+    first, pooled = [], []
+    select_sgld, sample = distill._Experiment.select_sgld, distill._Experiment.sample
+
+    def one_at_a_time(self, name, obj, map_model, settings):
+        # each SGLD setting on its own, so every (objective, step) pair's NLL is recorded
+        runs = []
+        for h in settings:
+            runs.append(select_sgld(self, name, obj, map_model, [h]))
+            first.append((name, obj.hparams()["prior_weight"], h["sgld_lr"], runs[-1][4]))
+        return min(runs, key=lambda r: r[4])
+
+    def recorded_sample(self, name, obj, map_model, settings):
+        out = sample(self, name, obj, map_model, settings)
+        pooled.append((name, obj.hparams()["prior_weight"], out[0]["sgld_lr"], out[4]))
+        return out
+
+    monkeypatch.setattr(distill._Experiment, "select_sgld", one_at_a_time)
+    monkeypatch.setattr(distill._Experiment, "sample", recorded_sample)
+    cfg = replace(
+        TINY,
+        methods=("mtbkd_sgld", "bkd"),
+        sgld_grid=(1e-4, 3e-2),
+        num_chains=2,
+        joint_selection=True,
+        tune_bkd=True,
+    )
+    res = distill.run_experiment(_tiny_dataset(seed=3), cfg, log=lambda m: None)
+    for name, method in (("mtbkd", "mtbkd_sgld"), ("bkd_lo", "bkd_lo"), ("bkd_hi", "bkd_hi")):
+        # every prior weight with every step size on the first chain ...
+        mine = [c for c in first if c[0] == name]
+        assert sorted(c[1:3] for c in mine) == [(a, b) for a in (0.1, 0.5) for b in (1e-4, 3e-2)]
+        # ... each prior weight's best step pooled over both chains, the best pool kept
+        runs = [c for c in pooled if c[0] == name]
+        assert sorted(c[1] for c in runs) == [0.1, 0.5]
+        for _, pw, lr, _ in runs:
+            assert lr == min((c for c in mine if c[1] == pw), key=lambda c: c[3])[2]
+        best = min(runs, key=lambda c: c[3])
+        got = res.method(method)
+        assert (got.hparams["prior_weight"], got.hparams["sgld_lr"]) == best[1:3]
+        assert got.val_nll == pytest.approx(best[3])
+        assert got.probs.shape[0] == 2 * cfg.num_samples

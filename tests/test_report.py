@@ -197,9 +197,19 @@ def test_summarise_seeds_by_hand():
     assert row["nll"]["high"] == pytest.approx(row["nll"]["diff"] + half, rel=1e-4)
     text = report.format_seed_summary(s)
     assert "mean ± sd over 3 seeds" in text and "1.200 ± 0.100" in text and "3/3" in text
+    assert "val NLL" not in text  # these reports carry no validation NLL
     md = report.format_seed_summary(s, markdown=True)
     assert "| `ce` |" in md and "| vs method |" in md
     json.dumps(s, allow_nan=False)
+    # the validation NLL each report carries (the selection criterion) is summarised too
+    for rep, v in zip(reps, ((1.25, 1.15), (1.05, 0.95), (1.15, 1.25)), strict=True):
+        rep["validation_nll"] = {"ce": v[0], "mtbkd_sgld": v[1]}
+    s = report.summarise_seeds(reps, [0, 1, 2])
+    mt = s["methods"][1]["validation_nll"]
+    assert mt["values"] == [1.15, 0.95, 1.25] and mt["mean"] == pytest.approx(3.35 / 3)
+    header = report.format_seed_summary(s).splitlines()[1]
+    assert header.split()[:4] == ["method", "acc", "NLL", "val"]
+    assert "1.117 ± 0.153" in report.format_seed_summary(s)
 
 
 def test_summarise_one_seed_and_bad_input():
