@@ -31,7 +31,9 @@ def merge(base: Path, variant: Path, tag: str) -> tuple[list[dict], list[dict], 
         pa = report.load_per_row(base / f"seed{s}" / report.PER_ROW_FILE)
         pb = report.load_per_row(variant / f"seed{s}" / report.PER_ROW_FILE)
         methods = list(a["methods"]) + [{**m, "name": f"{m['name']}_{tag}"} for m in b["methods"]]
-        reports.append({"dataset": a["dataset"], "methods": methods})
+        val = {**a.get("validation_nll", {})}
+        val.update({f"{k}_{tag}": v for k, v in b.get("validation_nll", {}).items()})
+        reports.append({"dataset": a["dataset"], "methods": methods, "validation_nll": val})
         if pa is None or pb is None:
             rows.append(None)  # an older run folder: t-intervals only
         else:

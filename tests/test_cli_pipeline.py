@@ -179,6 +179,9 @@ def test_compare_runs_example(tmp_path, capsys, monkeypatch):
     assert "mtbkd_sgld" in summary["versus"]["methods"] and summary["versus"]["resamples"] == 1000
     base = json.loads((tmp_path / "base" / "seed1" / "report.json").read_text())
     assert summary["methods"][0]["nll"]["values"][1] == base["methods"][0]["nll"]
+    var = json.loads((tmp_path / "var" / "seed1" / "report.json").read_text())
+    val = summary["methods"][-1]["validation_nll"]["values"][1]
+    assert val == var["validation_nll"]["mtbkd_sgld"]  # the variant's, renamed with its tag
 
 
 def test_set_overrides_config_fields(tmp_path):
