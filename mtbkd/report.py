@@ -309,9 +309,11 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
     for t in result.teachers:
         lines.append(f"| `{t['name']}` | {t['accuracy']:.3f} | {t['nll']:.3f} | {t['ece']:.3f} |")
     lines += ["", "## Selected hyperparameters", ""]
+    val = rep.get("validation_nll") or {}
     for name, h in rep["hyperparameters"].items():
         hs = ", ".join(f"{k}={v:g}" for k, v in h.items()) or "none"
-        lines.append(f"- `{name}`: {hs}")
+        v = val.get(name)
+        lines.append(f"- `{name}`: {hs}" + ("" if v is None else f" (validation NLL {v:.3f})"))
     if result.attribution is not None:
         a = result.attribution
         lines += ["", f"## Which teacher the student followed ({a['method']})", ""]

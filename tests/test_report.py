@@ -128,6 +128,7 @@ def test_write_report_files(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["methods"] == rep["methods"]
     md = (tmp_path / "report.md").read_text()
     assert "The student followed teacher `first` for classes x." in md
+    assert "- `mtbkd_sgld`: prior_weight=0.1 (validation NLL 0.300)" in md
     for png in ("reliability.png", "uncertainty.png", "teachers.png", "comparison.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![{png}]({png})" in md
