@@ -559,8 +559,9 @@ def summarise_seeds(
     ``reference``, the per-seed difference ``reference - method`` of NLL, ECE and accuracy, its
     mean, standard deviation, a 95 % Student-t interval over seeds (``None`` with one seed, or
     without scipy) and in how many seeds the reference was better (lower NLL / ECE, higher
-    accuracy). Seeds change the validation split and every initialisation, not the test rows, so
-    that interval measures only how much the comparison depends on the training run.
+    accuracy). Seeds change the validation split and every initialisation (and the test split,
+    for datasets split per seed: ``shared_test_rows``, known from ``per_row``); over a shared test
+    set that interval measures only how much the comparison depends on the training run.
 
     With ``per_row`` (each seed's :func:`load_per_row`) every difference also gets a two-level
     paired bootstrap (``boot_low``, ``boot_high``, ``p_better``): each of ``resamples`` draws
@@ -635,10 +636,15 @@ def summarise_seeds(
             for n, row in versus["methods"].items():
                 for k in BOOTSTRAP_METRICS:
                     row[k].update(boot[n][k])
+    shared = None
+    if per_row is not None and per_row and all(p is not None for p in per_row):
+        shared = all(torch.equal(p["labels"], per_row[0]["labels"]) for p in per_row)
     return _clean(
         {
             "dataset": reports[0]["dataset"],
             "seeds": list(seeds),
+            # whether every seed was tested on the same rows (None: no per-row data to tell)
+            "shared_test_rows": shared,
             "methods": methods,
             "versus": versus,
         }
@@ -831,12 +837,18 @@ def write_seed_summary(summary: dict[str, Any], out_dir: str | Path, figures: bo
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     files = [_seed_figure(summary, out)] if figures else []
     seeds = ", ".join(str(s) for s in summary["seeds"])
+    shared = summary.get("shared_test_rows")
+    test = {
+        True: "the test rows are the same in every seed",
+        False: "the test split changes too (this dataset's test rows are drawn per seed)",
+        None: "the test rows change too where the dataset's test split is drawn per seed",
+    }[shared]
     lines = [
         f"# MT-BKD over {len(summary['seeds'])} seeds: {summary['dataset']}",
         "",
-        f"Seeds {seeds}: each changes the validation split and every initialisation; the test "
-        "rows are the same. Mean ± standard deviation over seeds; the full report of each seed "
-        "is in `seed<k>/report.md`.",
+        f"Seeds {seeds}: each changes the validation split and every initialisation; {test}. "
+        "Mean ± standard deviation over seeds; the full report of each seed is in "
+        "`seed<k>/report.md`.",
         "",
         format_seed_summary(summary, markdown=True),
         "",
@@ -852,8 +864,8 @@ def write_seed_summary(summary: dict[str, Any], out_dir: str | Path, figures: bo
                 "of draws in which it is better. An interval that contains 0 is within that "
                 "noise."
                 if "resamples" in summary["versus"]
-                else "Interval: 95 % Student-t over seeds (training randomness only: the test rows "
-                "are the same in every seed)."
+                else "Interval: 95 % Student-t over seeds (the spread between seeds; it leaves "
+                "out the sampling noise of a test set shared by the seeds)."
             ),
             "",
         ]

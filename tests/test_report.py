@@ -239,6 +239,18 @@ def test_write_seed_summary_files(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert md.startswith("# MT-BKD over 2 seeds: toy") and "![seeds.png](seeds.png)" in md
     assert (tmp_path / "seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert s["shared_test_rows"] is None and "where the dataset's test split is drawn" in md
+    # what the summary says of the test rows follows the per-row labels of the seeds
+    for case, (labels, says) in enumerate(
+        (
+            (((0, 1, 0, 1), (0, 1, 0, 1)), "the test rows are the same in every seed"),
+            (((0, 1, 0, 1), (1, 0, 0, 1)), "the test split changes too"),
+        )
+    ):
+        rows = [_per_row_seed({"ce": [1.0] * 4, "mtbkd_sgld": [0.9] * 4}, lab) for lab in labels]
+        s = report.summarise_seeds(reps, [0, 1], per_row=rows, resamples=20)
+        report.write_seed_summary(s, tmp_path / f"case{case}", figures=False)
+        assert says in (tmp_path / f"case{case}" / "summary.md").read_text()
 
 
 def test_per_row_file_round_trip(tmp_path):
@@ -289,7 +301,7 @@ def test_seed_bootstrap_covers_seeds_and_rows():
     rows = [_per_row_seed({"ce": [1.0] * 4, "mtbkd_sgld": [0.5] * 4}, labels=lab)
             for lab in ((0, 1, 0, 1), (1, 1, 0, 0))]  # fmt: skip
     s = report.summarise_seeds(reps[:2], [0, 1], per_row=rows, resamples=50)
-    assert s["versus"]["shared_test_rows"] is False
+    assert s["versus"]["shared_test_rows"] is False and s["shared_test_rows"] is False
     # no per-row data for a seed (an older run folder): the t-interval only
     s = report.summarise_seeds(reps[:2], [0, 1], per_row=[rows[0], None])
     assert "resamples" not in s["versus"] and "p_better" not in s["versus"]["methods"]["ce"]["nll"]
