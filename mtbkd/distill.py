@@ -1328,6 +1328,8 @@ class ExperimentResult:
     student: nn.Module | None = None
     store: Any = None
     objective: Objective | None = None
+    # each teacher's top class on each test row, [K, N] (where the teachers disagree: report.py)
+    teacher_pred: Tensor | None = None
 
     def method(self, name: str) -> MethodResult:
         for m in self.methods:
@@ -1646,6 +1648,7 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         student,
         store,
         objective,
+        t_te.argmax(-1),
     )
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "paired_bootstrap",
     "format_bootstrap",
     "save_per_row",
+    "teacher_disagreement",
     "load_per_row",
     "parse_seeds",
     "summarise_seeds",
@@ -89,11 +90,73 @@ def report_dict(result: ExperimentResult) -> dict[str, Any]:
             "teachers": result.teachers,
             "classes": result.class_names,
             "attribution": att,
+            "teacher_disagreement": teacher_disagreement(result),
             "paired_bootstrap": paired_bootstrap(result),
             "config": result.config.to_dict(),
             "total_seconds": result.seconds,
         }
     )
+
+
+def teacher_disagreement(result: ExperimentResult) -> dict[str, Any] | None:
+    """Every method on the test rows where the teachers' top classes differ and on those where
+    they agree (``None`` with fewer than two teachers): the rows a mixture of teachers could help
+    on most. ``rows`` / ``disagree_rows`` count them; ``teacher_accuracy`` is each teacher's
+    accuracy on the disagreeing rows; ``methods`` maps each method to the accuracy and NLL of its
+    predictive on the ``agree`` and ``disagree`` rows (``None`` where there are no such rows)."""
+    pred = result.teacher_pred
+    if pred is None or pred.shape[0] < 2:
+        return None
+    labels = result.labels.long()
+    if pred.shape[1] != len(labels):
+        raise ValueError(
+            f"teacher_pred covers {pred.shape[1]} rows, the test set has {len(labels)}"
+        )
+    disagree = (pred != pred[:1]).any(0)
+
+    def part(nll: Tensor, correct: Tensor, rows: Tensor) -> dict[str, float] | None:
+        if not rows.any():
+            return None
+        return {"accuracy": float(correct[rows].mean()), "nll": float(nll[rows].mean())}
+
+    methods = {}
+    for m in result.methods:
+        nll, correct, _, _ = _per_row(m.probs, labels)
+        methods[m.name] = {
+            "agree": part(nll, correct, ~disagree),
+            "disagree": part(nll, correct, disagree),
+        }
+    right = pred[:, disagree] == labels[disagree]
+    return {
+        "rows": len(labels),
+        "disagree_rows": int(disagree.sum()),
+        "teacher_accuracy": {
+            t: (float(right[k].double().mean()) if disagree.any() else None)
+            for k, t in enumerate(result.teacher_names)
+        },
+        "methods": methods,
+    }
+
+
+def _disagreement_markdown(d: dict[str, Any]) -> list[str]:
+    n, k = d["rows"], d["disagree_rows"]
+    teach = ", ".join(f"`{t}` {a:.3f}" for t, a in d["teacher_accuracy"].items() if a is not None)
+    lines = [
+        "## Where the teachers disagree",
+        "",
+        f"The teachers' top classes differ on {k} of {n} test rows ({100 * k / n:.1f} %)"
+        + (f"; teacher accuracy there: {teach}." if teach else "."),
+        "",
+        "| method | acc (agree) | NLL (agree) | acc (disagree) | NLL (disagree) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, parts in d["methods"].items():
+        cells = []
+        for key in ("agree", "disagree"):
+            p = parts[key]
+            cells += ["n/a", "n/a"] if p is None else [f"{p['accuracy']:.3f}", f"{p['nll']:.3f}"]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _per_row(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -299,6 +362,11 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
                 "",
             ]
             if rep.get("paired_bootstrap")
+            else []
+        ),
+        *(
+            _disagreement_markdown(rep["teacher_disagreement"])
+            if rep.get("teacher_disagreement")
             else []
         ),
         "## Teachers (test set)",

@@ -189,6 +189,7 @@ def test_run_experiment_every_method_and_save_predict(tmp_path):
     res = distill.run_experiment(ds, TINY, checkpoint_dir=tmp_path / "ck", log=lambda m: None)
     names = [m.name for m in res.methods]
     assert names == ["ce", "avg_kd", "entropy_kd", "bkd_lo", "bkd_hi", "mtbkd_map", "mtbkd_sgld"]
+    assert res.teacher_pred.shape == (2, len(ds.y_test))  # for the disagreement table
     for m in res.methods:
         assert set(m.row()) == {
             "name",

@@ -134,6 +134,40 @@ def test_write_report_files(tmp_path):
         assert f"![{png}]({png})" in md
 
 
+def test_teacher_disagreement_by_hand(tmp_path):
+    res = _result()
+    assert report.teacher_disagreement(res) is None  # no teacher predictions given
+    labels = res.labels
+    odd = torch.arange(len(labels)) % 2 == 1
+    wrong = (labels + 1) % 3
+    # teacher `first` always right; `second` wrong on the odd rows: they disagree exactly there
+    res.teacher_pred = torch.stack([labels, torch.where(odd, wrong, labels)])
+    d = report.teacher_disagreement(res)
+    assert d["rows"] == len(labels) and d["disagree_rows"] == int(odd.sum())
+    assert d["teacher_accuracy"] == {"first": 1.0, "second": 0.0}
+    for m in res.methods:
+        p_true = m.probs.double().mean(0).gather(1, labels[:, None]).squeeze(1)
+        pred = m.probs.double().mean(0).argmax(1)
+        for key, rows in (("agree", ~odd), ("disagree", odd)):
+            got = d["methods"][m.name][key]
+            assert got["nll"] == pytest.approx(float(-p_true[rows].log().mean()))
+            assert got["accuracy"] == pytest.approx(float((pred == labels)[rows].double().mean()))
+    md = report.write_report(res, tmp_path, figures=False)["teacher_disagreement"]
+    assert md == d
+    text = (tmp_path / "report.md").read_text()
+    assert f"differ on {int(odd.sum())} of {len(labels)} test rows" in text
+    assert "| `mtbkd_sgld` |" in text.split("## Where the teachers disagree")[1]
+    # all teachers agree: no disagreeing rows, reported as such (no NaN)
+    res.teacher_pred = torch.stack([labels, labels])
+    d = report.teacher_disagreement(res)
+    assert d["disagree_rows"] == 0 and d["methods"]["ce"]["disagree"] is None
+    assert d["teacher_accuracy"] == {"first": None, "second": None}
+    json.dumps(report.report_dict(res), allow_nan=False)
+    res.teacher_pred = torch.stack([labels[:-1], labels[:-1]])
+    with pytest.raises(ValueError, match="teacher_pred"):
+        report.teacher_disagreement(res)
+
+
 def test_paired_bootstrap_differences():
     res = _result()
     boot = report.paired_bootstrap(res, resamples=400)
