@@ -631,6 +631,10 @@ def summarise_seeds(
     for datasets split per seed: ``shared_test_rows``, known from ``per_row``); over a shared test
     set that interval measures only how much the comparison depends on the training run.
 
+    ``teacher_disagreement`` (when every report has one): the mean ± sd over seeds of the
+    fraction of test rows where the teachers disagree and of each method's accuracy and NLL there
+    and on the agreeing rows.
+
     With ``per_row`` (each seed's :func:`load_per_row`) every difference also gets a two-level
     paired bootstrap (``boot_low``, ``boot_high``, ``p_better``): each of ``resamples`` draws
     resamples the seeds and, independently, the test rows (the same rows for every method; for
@@ -704,6 +708,7 @@ def summarise_seeds(
             for n, row in versus["methods"].items():
                 for k in BOOTSTRAP_METRICS:
                     row[k].update(boot[n][k])
+    disagreement = _seed_disagreement(reports, names)
     shared = None
     if per_row is not None and per_row and all(p is not None for p in per_row):
         shared = all(torch.equal(p["labels"], per_row[0]["labels"]) for p in per_row)
@@ -715,8 +720,34 @@ def summarise_seeds(
             "shared_test_rows": shared,
             "methods": methods,
             "versus": versus,
+            "teacher_disagreement": disagreement,
         }
     )
+
+
+def _seed_disagreement(reports: list[dict[str, Any]], names: list[str]) -> dict[str, Any] | None:
+    """Across seeds, the mean ± sd of each report's ``teacher_disagreement`` numbers: the
+    fraction of disagreeing test rows and every method's accuracy and NLL on the disagreeing and
+    agreeing rows (``None`` unless every report has the table)."""
+    parts = [rep.get("teacher_disagreement") for rep in reports]
+    if any(p is None for p in parts):
+        return None
+
+    def get(p: dict[str, Any], name: str, part: str, key: str) -> float:
+        v = p["methods"].get(name, {}).get(part)
+        return float("nan") if v is None else float(v[key])
+
+    return {
+        "disagree_fraction": _spread([p["disagree_rows"] / p["rows"] for p in parts]),
+        "methods": {
+            n: {
+                f"{part}_{key}": _spread([get(p, n, part, key) for p in parts])
+                for part in ("disagree", "agree")
+                for key in ("accuracy", "nll")
+            }
+            for n in names
+        },
+    }
 
 
 def _seed_bootstrap(per_row, names, reference, num_seeds, resamples, seed):
@@ -937,5 +968,24 @@ def write_seed_summary(summary: dict[str, Any], out_dir: str | Path, figures: bo
             ),
             "",
         ]
+    d = summary.get("teacher_disagreement")
+    if d:
+        frac = d["disagree_fraction"]
+        lines += [
+            "## Where the teachers disagree",
+            "",
+            f"The teachers' top classes differ on {_pm(frac, '{:.3f}')} of the test rows (mean "
+            "± sd over seeds); every method's accuracy and NLL on those rows and on the rest:",
+            "",
+        ]
+        cols = [
+            (f"{part}_{key}", f"{'acc' if key == 'accuracy' else 'NLL'} ({part})")
+            for part in ("disagree", "agree")
+            for key in ("accuracy", "nll")
+        ]
+        body = [
+            [f"`{n}`"] + [_pm(row[k], "{:.3f}") for k, _ in cols] for n, row in d["methods"].items()
+        ]
+        lines += _aligned(["method"] + [h for _, h in cols], body, True) + [""]
     lines += [f"![{f}]({f})" for f in files]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

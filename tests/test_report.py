@@ -274,6 +274,34 @@ def test_write_seed_summary_files(tmp_path):
     assert md.startswith("# MT-BKD over 2 seeds: toy") and "![seeds.png](seeds.png)" in md
     assert (tmp_path / "seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert s["shared_test_rows"] is None and "where the dataset's test split is drawn" in md
+    assert s["teacher_disagreement"] is None and "Where the teachers disagree" not in md
+    # each seed's teacher-disagreement table, averaged over the seeds
+    for i, rep in enumerate(reps):
+        rep["teacher_disagreement"] = {
+            "rows": 100,
+            "disagree_rows": 10 + 10 * i,
+            "methods": {
+                "ce": {"agree": {"accuracy": 0.9, "nll": 0.2}, "disagree": None},
+                "mtbkd_sgld": {
+                    "agree": {"accuracy": 0.9, "nll": 0.3 + 0.1 * i},
+                    "disagree": {"accuracy": 0.5, "nll": 1.0 + 0.2 * i},
+                },
+            },
+        }
+    s = report.summarise_seeds(reps, [0, 1])
+    d = s["teacher_disagreement"]
+    assert d["disagree_fraction"]["mean"] == pytest.approx(0.15)
+    assert d["methods"]["mtbkd_sgld"]["disagree_nll"]["mean"] == pytest.approx(1.1)
+    assert d["methods"]["mtbkd_sgld"]["agree_nll"]["values"] == pytest.approx([0.3, 0.4])
+    assert d["methods"]["ce"]["disagree_nll"]["mean"] is None  # no such rows: null, not NaN
+    json.dumps(s, allow_nan=False)
+    report.write_seed_summary(s, tmp_path / "dis", figures=False)
+    md = (tmp_path / "dis" / "summary.md").read_text().split("## Where the teachers disagree")[1]
+    assert "0.150 ± 0.071 of the test rows" in md
+    assert "| `mtbkd_sgld` | 0.500 ± 0.000 | 1.100 ± 0.141 | 0.900 ± 0.000 | 0.350 ± 0.071 |" in md
+    assert "| `ce` | n/a | n/a | 0.900 ± 0.000 | 0.200 ± 0.000 |" in md
+    for rep in reps:
+        del rep["teacher_disagreement"]
     # what the summary says of the test rows follows the per-row labels of the seeds
     for case, (labels, says) in enumerate(
         (
