@@ -153,6 +153,13 @@ def _add_pipeline_commands(sub) -> None:
         help="CSV (a Sequence column for DeepLoc runs; labels optional) or .npy",
     )
     p.add_argument("--out", required=True, help="CSV to write, one row per input")
+    p.add_argument(
+        "--block-rows",
+        type=int,
+        default=4096,
+        help="inputs predicted at a time (memory: samples x block rows x classes floats)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -341,7 +348,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from mtbkd.distill import predict_file
 
     try:
-        metrics = predict_file(args.run, args.input, args.out)
+        metrics = predict_file(
+            args.run,
+            args.input,
+            args.out,
+            block_rows=args.block_rows,
+            progress=not args.no_progress,
+        )
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"mtbkd predict: {exc}") from None
     if metrics:

@@ -912,34 +912,48 @@ def evaluate_probs(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[s
     """The comparison table's metrics (MATH.md section 8) of sample probabilities ``[S, N, C]``:
     accuracy, NLL, ECE, Brier, mean deviance, ``level`` credible-set coverage and mean size, and
     the AUROC of the predictive entropy for telling wrong predictions from right ones."""
-    from mtbkd import metrics as M
-
     if probs.dim() == 2:
         probs = probs.unsqueeze(0)
+    return _metrics_of_rows(_row_stats(probs, labels, level), labels)
+
+
+def _row_stats(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[str, Tensor]:
+    """What :func:`evaluate_probs` needs of each row (its metrics are means over rows, or ECE and
+    AUROC over per-row values), so that blocks of rows can be evaluated one at a time and
+    concatenated: the predictive mean, the row NLL, mean deviance, credible-set coverage and
+    size."""
+    from mtbkd import metrics as M
+
     labels = labels.long()
-    pbar = probs.mean(0)
-    wrong = pbar.argmax(-1) != labels
-    cov, size = _credible(probs, labels, level)
-    unc = M.predictive_entropy(probs)
-    # undefined when every prediction is right (or wrong)
-    auroc = float(M.auroc(unc, wrong)) if 0 < int(wrong.sum()) < len(labels) else float("nan")
+    sets = M.credible_set(probs, level)
     return {
-        "accuracy": float(M.accuracy(probs, labels)),
-        "nll": float(M.nll(probs, labels)),
-        "ece": float(M.ece(probs, labels)),
-        "brier": float(M.brier(probs, labels)),
-        "mean_deviance": float(M.mean_deviance(probs).mean()),
-        "coverage": cov,
-        "set_size": size,
-        "auroc_error": auroc,
+        "pbar": M.mean_probs(probs),
+        "nll": M.row_nll(probs, labels),
+        "mean_deviance": M.mean_deviance(probs),
+        "covered": sets.gather(-1, labels[:, None]).squeeze(-1),
+        "set_size": sets.sum(-1),
     }
 
 
-def _credible(probs: Tensor, labels: Tensor, level: float) -> tuple[float, float]:
+def _metrics_of_rows(stats: dict[str, Tensor], labels: Tensor) -> dict[str, float]:
     from mtbkd import metrics as M
 
-    summary = M.credible_set_summary(probs, labels, level)
-    return float(summary.coverage), float(summary.mean_size)
+    labels = labels.long()
+    pbar = stats["pbar"].unsqueeze(0)  # the metrics below only use the predictive mean
+    wrong = stats["pbar"].argmax(-1) != labels
+    unc = M.predictive_entropy(pbar)
+    # undefined when every prediction is right (or wrong)
+    auroc = float(M.auroc(unc, wrong)) if 0 < int(wrong.sum()) < len(labels) else float("nan")
+    return {
+        "accuracy": float(M.accuracy(pbar, labels)),
+        "nll": float(stats["nll"].mean()),
+        "ece": float(M.ece(pbar, labels)),
+        "brier": float(M.brier(pbar, labels)),
+        "mean_deviance": float(stats["mean_deviance"].mean()),
+        "coverage": float(stats["covered"].float().mean()),
+        "set_size": float(stats["set_size"].float().mean()),
+        "auroc_error": auroc,
+    }
 
 
 def _credible_rows(probs: Tensor, level: float = 0.95) -> Tensor:
@@ -1736,28 +1750,9 @@ def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) ->
         )
 
 
-def _write_predictions(
-    path: Path,
-    probs: Tensor,
-    labels: Tensor | None,
-    attribution,
-    teacher_names,
-    ids: Sequence[str] | None = None,
-    class_names: Sequence[str] | None = None,
-) -> None:
-    """One CSV row per input: ``[id,] pred, confidence, mean_deviance, mutual_information,
-    credible_set`` (class indices joined by ``;``), ``pred_class`` (the class name) when the
-    class names are known, ``label`` when given, and each teacher's weight and responsibility
-    when ``attribution`` is given."""
-    import csv
-
-    from mtbkd import metrics as M
-
-    pbar = probs.mean(0)
-    conf, pred = pbar.max(-1)
-    md = M.mean_deviance(probs)
-    mi = M.mutual_information(probs)
-    sets = _credible_rows(probs)
+def _prediction_header(
+    teacher_names, ids=None, class_names=None, labels: bool = False, attribution: bool = False
+) -> list[str]:
     header = (["id"] if ids is not None else []) + [
         "pred",
         "confidence",
@@ -1767,12 +1762,26 @@ def _write_predictions(
     ]
     if class_names is not None:
         header.append("pred_class")
-    if labels is not None:
+    if labels:
         header.append("label")
-    if attribution is not None:
+    if attribution:
         header += [f"weight_{t}" for t in teacher_names]
         header += [f"responsibility_{t}" for t in teacher_names]
-    lines = [header]
+    return header
+
+
+def _prediction_rows(
+    probs: Tensor, labels: Tensor | None, attribution=None, ids=None, class_names=None
+) -> list[list[str]]:
+    """The CSV rows of :func:`_write_predictions` for the rows of ``probs`` ``[S, N, C]``."""
+    from mtbkd import metrics as M
+
+    pbar = probs.mean(0)
+    conf, pred = pbar.max(-1)
+    md = M.mean_deviance(probs)
+    mi = M.mutual_information(probs)
+    sets = _credible_rows(probs)
+    out = []
     for i in range(pbar.shape[0]):
         row = [ids[i]] if ids is not None else []
         members = ";".join(str(int(c)) for c in torch.nonzero(sets[i]).flatten())
@@ -1790,9 +1799,32 @@ def _write_predictions(
         if attribution is not None:
             row += [f"{float(v):.6f}" for v in attribution["weights"][:, i]]
             row += [f"{float(v):.6f}" for v in attribution["responsibilities"][:, i]]
-        lines.append(row)
+        out.append(row)
+    return out
+
+
+def _write_predictions(
+    path: Path,
+    probs: Tensor,
+    labels: Tensor | None,
+    attribution,
+    teacher_names,
+    ids: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> None:
+    """One CSV row per input: ``[id,] pred, confidence, mean_deviance, mutual_information,
+    credible_set`` (class indices joined by ``;``), ``pred_class`` (the class name) when the
+    class names are known, ``label`` when given, and each teacher's weight and responsibility
+    when ``attribution`` is given."""
+    import csv
+
+    header = _prediction_header(
+        teacher_names, ids, class_names, labels is not None, attribution is not None
+    )
     with open(path, "w", newline="") as f:  # csv quotes a class name with a comma in it
-        csv.writer(f, lineterminator="\n").writerows(lines)
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(_prediction_rows(probs, labels, attribution, ids, class_names))
 
 
 def load_run(run_dir: str | Path):
@@ -1817,25 +1849,54 @@ def load_run(run_dir: str | Path):
     return meta, model, store
 
 
-def predict_file(run_dir: str | Path, input_path: str | Path, out_csv: str | Path) -> dict:
+def predict_file(
+    run_dir: str | Path,
+    input_path: str | Path,
+    out_csv: str | Path,
+    *,
+    block_rows: int = 4096,
+    progress: bool = False,
+) -> dict:
     """Apply a saved run's posterior samples to the inputs of ``input_path`` and write one row
-    per input to ``out_csv``; returns test metrics when the inputs carry labels."""
+    per input to ``out_csv``; returns test metrics when the inputs carry labels.
+
+    The inputs go through in blocks of ``block_rows`` rows (with a progress bar over the blocks
+    when ``progress``), so memory holds ``samples x block_rows x classes`` probabilities at a
+    time, never those of the whole file; the CSV and the metrics do not depend on the block
+    size (up to the float rounding of the student's matrix products)."""
+    import csv
+
     from mtbkd.data import read_inputs
 
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be at least 1, got {block_rows}")
     meta, model, store = load_run(run_dir)
     x, labels, ids = read_inputs(input_path, meta["feature_kind"], meta.get("feature_names"))
     if x.shape[1] != meta["in_features"]:
         raise ValueError(
             f"{input_path} has {x.shape[1]} features; the run's student takes {meta['in_features']}"
         )
-    probs = predict_probs(
-        model, torch.from_numpy(x), store, meta["config"].get("predict_chunk", 50)
-    )
-    y = torch.from_numpy(labels) if labels is not None else None
+    y = torch.from_numpy(labels).long() if labels is not None else None
     if y is not None and (int(y.min()) < 0 or int(y.max()) >= meta["num_classes"]):
         raise ValueError(f"{input_path} has labels outside 0..{meta['num_classes'] - 1}")
+    classes = meta.get("class_names")
+    chunk = meta["config"].get("predict_chunk", 50)
+    n = x.shape[0]
+    blocks = range(0, n, block_rows)
+    stats = []
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    _write_predictions(
-        Path(out_csv), probs, y, None, meta["teacher_names"], ids, meta.get("class_names")
-    )
-    return evaluate_probs(probs, y) if y is not None else {}
+    with open(out_csv, "w", newline="") as f, _progress(len(blocks), "predict", progress) as bar:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(_prediction_header(meta["teacher_names"], ids, classes, y is not None))
+        for start in blocks:
+            rows = slice(start, min(n, start + block_rows))
+            probs = predict_probs(model, torch.from_numpy(x[rows]), store, chunk)
+            yb = y[rows] if y is not None else None
+            idb = ids[rows] if ids is not None else None
+            w.writerows(_prediction_rows(probs, yb, None, idb, classes))
+            if yb is not None:
+                stats.append(_row_stats(probs, yb))
+            bar.update(1)
+    if y is None:
+        return {}
+    return _metrics_of_rows({k: torch.cat([b[k] for b in stats]) for k in stats[0]}, y)

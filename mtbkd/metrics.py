@@ -19,6 +19,7 @@ __all__ = [
     "mean_probs",
     "accuracy",
     "nll",
+    "row_nll",
     "brier",
     "ece",
     "predictive_entropy",
@@ -89,11 +90,16 @@ def nll(probs: Tensor, labels: Tensor) -> Tensor:
     A probability of exactly 0 is floored at the dtype's smallest normal number, so the result is
     large but finite.
     """
+    return row_nll(probs, labels).mean()
+
+
+def row_nll(probs: Tensor, labels: Tensor) -> Tensor:
+    """Per row ``[N]``: ``-log p_bar[i, y_i]``, the terms :func:`nll` averages."""
     q = _samples(probs)
     y = _labels(labels, q.shape[1], q.shape[2])
     qy = q.gather(-1, y.view(1, -1, 1).expand(q.shape[0], -1, 1)).squeeze(-1)  # [S, N]
     logq = torch.log(qy.clamp_min(torch.finfo(q.dtype).tiny))
-    return -(torch.logsumexp(logq, dim=0) - math.log(q.shape[0])).mean()
+    return -(torch.logsumexp(logq, dim=0) - math.log(q.shape[0]))
 
 
 def brier(probs: Tensor, labels: Tensor) -> Tensor:

@@ -212,6 +212,9 @@ def test_cli_errors(tmp_path):
         cli.main(["distill", "--dataset", "deeploc"])
     with pytest.raises(SystemExit, match="not a saved run"):
         cli.main(["predict", "--run", str(tmp_path), "--input", "x.csv", "--out", "p.csv"])
+    with pytest.raises(SystemExit, match="block_rows must be at least 1"):
+        cli.main(["predict", "--run", str(tmp_path), "--input", "x.csv", "--out", "p.csv",
+                  "--block-rows", "0"])  # fmt: skip
     with pytest.raises(SystemExit, match="unknown methods"):
         cli.main(["demo", "--methods", "ce,svm", "--out", str(tmp_path / "o")])
 
@@ -247,7 +250,17 @@ def test_deeploc_smoke_and_predict_from_sequences(tmp_path, capsys):
     capsys.readouterr()
     assert (
         cli.main(
-            ["predict", "--run", str(out), "--input", str(tmp_path / "new.csv"), "--out", str(pred)]
+            [
+                "predict",
+                "--run",
+                str(out),
+                "--input",
+                str(tmp_path / "new.csv"),
+                "--out",
+                str(pred),
+                "--block-rows",
+                "6",
+            ]  # fmt: skip
         )
         == 0
     )

@@ -221,6 +221,30 @@ def test_run_experiment_every_method_and_save_predict(tmp_path):
     # the saved samples reproduce the run's own test predictions
     assert [r.split(",")[:5] for r in lines[1:]] == [r.split(",")[:5] for r in saved[1:]]
     assert saved[0].endswith("responsibility_lo,responsibility_hi")
+    # labelled inputs in blocks of 7 rows: the same CSV and the same metrics as in one block,
+    # and the metrics the run reported on its test set
+    csv_in = tmp_path / "x.csv"
+    names = [f"f{j}" for j in range(ds.x_test.shape[1])]
+    csv_in.write_text(
+        ",".join(names + ["label"]) + "\n"
+        + "".join(",".join([*(repr(float(v)) for v in r), str(int(c))]) + "\n"
+                  for r, c in zip(ds.x_test, ds.y_test, strict=True))
+    )  # fmt: skip
+    one = distill.predict_file(tmp_path / "run", csv_in, tmp_path / "one.csv", block_rows=10**6)
+    blocks = distill.predict_file(tmp_path / "run", csv_in, tmp_path / "b.csv", block_rows=7)
+    a, b = (
+        [r.split(",") for r in (tmp_path / f).read_text().splitlines()]
+        for f in ("one.csv", "b.csv")
+    )
+    assert a[0] == b[0] and len(a) == len(b) == len(ds.y_test) + 1
+    for ra, rb in zip(a[1:], b[1:], strict=True):  # equal up to float rounding of the matmuls
+        assert ra[0] == rb[0] and ra[4:] == rb[4:]
+        assert [float(v) for v in ra[1:4]] == pytest.approx([float(v) for v in rb[1:4]], abs=1e-5)
+    assert blocks == pytest.approx(one)
+    run_metrics = res.method("mtbkd_sgld").metrics
+    assert one == pytest.approx({k: run_metrics[k] for k in one}, nan_ok=True)
+    with pytest.raises(ValueError, match="block_rows"):
+        distill.predict_file(tmp_path / "run", csv_in, tmp_path / "z.csv", block_rows=0)
 
 
 def test_hyperparameters_never_see_the_test_labels():

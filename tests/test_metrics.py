@@ -36,6 +36,9 @@ def test_nll_is_log_of_mean_not_mean_of_log():
     assert abs(M.nll(Q, Y).item() - mean_of_logs) > 0.01
     # Probability exactly 0 stays finite.
     assert math.isfinite(M.nll(torch.tensor([[1.0, 0.0]]), torch.tensor([1])).item())
+    # the per-row terms it averages
+    rows = M.row_nll(Q, Y)
+    assert rows.tolist() == pytest.approx([-math.log(0.6), -math.log(0.4), -math.log(0.25)])
 
 
 def test_brier():
