@@ -436,11 +436,11 @@ def _load_ckpt(path: Path) -> dict | None:
     return torch.load(path, weights_only=True) if path.is_file() else None
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, unit: str = "ep"):
     from tqdm.auto import tqdm
 
     # disable=None: tqdm switches itself off when stderr is not a terminal (logs, CI)
-    return tqdm(total=total, desc=desc, leave=False, disable=None if enabled else True, unit="ep")
+    return tqdm(total=total, desc=desc, leave=False, disable=None if enabled else True, unit=unit)
 
 
 def _run_epochs(
@@ -1885,7 +1885,10 @@ def predict_file(
     blocks = range(0, n, block_rows)
     stats = []
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="") as f, _progress(len(blocks), "predict", progress) as bar:
+    with (
+        open(out_csv, "w", newline="") as f,
+        _progress(len(blocks), "predict", progress, unit="block") as bar,
+    ):
         w = csv.writer(f, lineterminator="\n")
         w.writerow(_prediction_header(meta["teacher_names"], ids, classes, y is not None))
         for start in blocks:

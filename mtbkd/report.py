@@ -279,21 +279,37 @@ def _aligned(header: list[str], body: list[list[str]], markdown: bool) -> list[s
     return lines
 
 
+def _diff_cell(diff, low, high, p_better=None, wins: str | None = None) -> str:
+    """``+0.012 [-0.003, +0.027]  [wins]  [P(better)]``; no interval where it is unknown."""
+    cell = f"{diff:+.3f}"
+    if low is not None and high is not None:
+        cell += f" [{low:+.3f}, {high:+.3f}]"
+    if wins is not None:
+        cell += f"  {wins}"
+    if p_better is not None:
+        cell += f"  {p_better:.2f}"
+    return cell
+
+
+def _versus_rows(methods: dict[str, Any], markdown: bool, cell) -> list[list[str]]:
+    """One table row per compared method: its name, then ``cell`` of each difference."""
+    return [
+        [f"`{name}`" if markdown else name] + [cell(row[k]) for k in BOOTSTRAP_METRICS]
+        for name, row in methods.items()
+    ]
+
+
 def format_bootstrap(boot: dict[str, Any] | None, markdown: bool = False) -> str:
     """The paired-bootstrap differences as a table (plain text, or markdown)."""
     if not boot:
         return ""
     ref = boot["reference"]
     header = ["vs method"] + [f"Δ{k} [95 % CI]  P(better)" for k in BOOTSTRAP_METRICS]
-    rows = []
-    for name, row in boot["methods"].items():
-        cells = [f"`{name}`" if markdown else name]
-        for k in BOOTSTRAP_METRICS:
-            r = row[k]
-            cells.append(
-                f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]  {r['p_better']:.2f}"
-            )
-        rows.append(cells)
+    rows = _versus_rows(
+        boot["methods"],
+        markdown,
+        lambda r: _diff_cell(r["diff"], r["low"], r["high"], r["p_better"]),
+    )
     if markdown:
         return "\n".join(_aligned(header, rows, True))
     title = f"{ref} minus each method, paired bootstrap over test rows ({boot['resamples']}):"
@@ -675,6 +691,7 @@ def summarise_seeds(
         }
         for n in names
     ]
+    shared = _shared_test_rows(per_row)
     versus = None
     if reference in names:
         tq = _t_quantile(len(seeds) - 1) if len(seeds) > 1 else None
@@ -701,17 +718,16 @@ def summarise_seeds(
                     "values": d,
                 }
             versus["methods"][n] = row
-        boot = _seed_bootstrap(per_row, names, reference, len(seeds), resamples, bootstrap_seed)
+        boot = _seed_bootstrap(
+            per_row, names, reference, len(seeds), resamples, bootstrap_seed, shared
+        )
         if boot is not None:
             versus["resamples"] = resamples
-            versus["shared_test_rows"] = boot.pop("shared_test_rows")
+            versus["shared_test_rows"] = shared
             for n, row in versus["methods"].items():
                 for k in BOOTSTRAP_METRICS:
                     row[k].update(boot[n][k])
     disagreement = _seed_disagreement(reports, names)
-    shared = None
-    if per_row is not None and per_row and all(p is not None for p in per_row):
-        shared = all(torch.equal(p["labels"], per_row[0]["labels"]) for p in per_row)
     return _clean(
         {
             "dataset": reports[0]["dataset"],
@@ -750,9 +766,16 @@ def _seed_disagreement(reports: list[dict[str, Any]], names: list[str]) -> dict[
     }
 
 
-def _seed_bootstrap(per_row, names, reference, num_seeds, resamples, seed):
+def _shared_test_rows(per_row: list[dict[str, Any] | None] | None) -> bool | None:
+    """Whether every seed was tested on the same rows (``None``: no per-row data to tell)."""
+    if not per_row or any(p is None for p in per_row):
+        return None
+    return all(torch.equal(p["labels"], per_row[0]["labels"]) for p in per_row)
+
+
+def _seed_bootstrap(per_row, names, reference, num_seeds, resamples, seed, shared):
     """The two-level paired bootstrap of :func:`summarise_seeds` (``None`` without per-row data
-    for every seed)."""
+    for every seed); ``shared``: :func:`_shared_test_rows`."""
     if per_row is None or any(p is None for p in per_row):
         return None
     if len(per_row) != num_seeds:
@@ -762,7 +785,6 @@ def _seed_bootstrap(per_row, names, reference, num_seeds, resamples, seed):
         if missing:
             raise ValueError(f"per_row: seed number {i} has no per-row data for {missing}")
     labels = per_row[0]["labels"]
-    shared = all(torch.equal(p["labels"], labels) for p in per_row)
     gen = torch.Generator().manual_seed(seed)
     if shared:  # one test set: the same row resample for every seed
         rows = [torch.randint(0, len(labels), (resamples, len(labels)), generator=gen)] * num_seeds
@@ -780,7 +802,7 @@ def _seed_bootstrap(per_row, names, reference, num_seeds, resamples, seed):
         }
         for n in names
     }
-    out: dict[str, Any] = {"shared_test_rows": shared}
+    out: dict[str, Any] = {}
     for n in names:
         if n == reference:
             continue
@@ -838,17 +860,13 @@ def format_seed_summary(summary: dict[str, Any], markdown: bool = False) -> str:
                 )
             )
         header = ["vs method"] + [f"Δ{k}" for k in BOOTSTRAP_METRICS]
-        body = []
-        for name, row in v["methods"].items():
-            cells = [f"`{name}`" if markdown else name]
-            for k in BOOTSTRAP_METRICS:
-                r = row[k]
-                lo, hi = (r["boot_low"], r["boot_high"]) if boot else (r["low"], r["high"])
-                ci = f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else ""
-                p = f"  {r['p_better']:.2f}" if boot else ""
-                cells.append(f"{r['diff']:+.3f}{ci}  {r['wins']}/{r['runs']}{p}")
-            body.append(cells)
-        lines += _aligned(header, body, markdown)
+
+        def cell(r: dict[str, Any]) -> str:
+            lo, hi = (r["boot_low"], r["boot_high"]) if boot else (r["low"], r["high"])
+            p = r["p_better"] if boot else None
+            return _diff_cell(r["diff"], lo, hi, p, f"{r['wins']}/{r['runs']}")
+
+        lines += _aligned(header, _versus_rows(v["methods"], markdown, cell), markdown)
     return "\n".join(lines)
 
 
