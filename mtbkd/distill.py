@@ -1344,6 +1344,8 @@ class ExperimentResult:
     objective: Objective | None = None
     # each teacher's top class on each test row, [K, N] (where the teachers disagree: report.py)
     teacher_pred: Tensor | None = None
+    # what the student sees, e.g. "2245 features (sequence encoder composition+unirep1900)"
+    features: str = ""
 
     def method(self, name: str) -> MethodResult:
         for m in self.methods:
@@ -1663,6 +1665,7 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         store,
         objective,
         t_te.argmax(-1),
+        dataset.features_text(),
     )
 
 
@@ -1732,6 +1735,7 @@ def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) ->
             "teacher_names": result.teacher_names,
             "feature_kind": dataset.feature_kind,
             "feature_names": dataset.feature_names,
+            "sequence_encoder": dataset.sequence_encoder,
             "in_features": model.in_features,
             "hidden": list(model.hidden),
             "num_classes": model.num_classes,
@@ -1871,7 +1875,13 @@ def predict_file(
     if block_rows < 1:
         raise ValueError(f"block_rows must be at least 1, got {block_rows}")
     meta, model, store = load_run(run_dir)
-    x, labels, ids = read_inputs(input_path, meta["feature_kind"], meta.get("feature_names"))
+    x, labels, ids = read_inputs(
+        input_path,
+        meta["feature_kind"],
+        meta.get("feature_names"),
+        meta.get("sequence_encoder", "composition"),
+        progress=progress,
+    )
     if x.shape[1] != meta["in_features"]:
         raise ValueError(
             f"{input_path} has {x.shape[1]} features; the run's student takes {meta['in_features']}"

@@ -33,7 +33,18 @@ def info() -> dict:
             for name, reason in ops.backend_status().items()
         },
         "default_backend": {"cpu": _safe_select("cpu"), "cuda": _safe_select("cuda")},
+        "unirep_weights": _unirep_status(),
     }
+
+
+def _unirep_status() -> str:
+    """Whether DeepLoc's default student features (UniRep embeddings) can be computed here."""
+    from mtbkd import unirep
+
+    try:
+        return f"available ({unirep.weights_path(1900).parent.parent})"
+    except (ImportError, FileNotFoundError) as exc:
+        return f"unavailable: {exc}"
 
 
 def _safe_select(device: str) -> str:

@@ -84,6 +84,7 @@ def report_dict(result: ExperimentResult) -> dict[str, Any]:
     return _clean(
         {
             "dataset": result.dataset,
+            "features": result.features,
             "methods": [m.row() for m in result.methods],
             "hyperparameters": {m.name: m.hparams for m in result.methods},
             "validation_nll": {m.name: m.val_nll for m in result.methods},
@@ -357,6 +358,8 @@ def followed_sentences(attribution: dict[str, Any] | None) -> list[str]:
 
 def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str]) -> str:
     lines = [f"# MT-BKD report: {result.dataset}", ""]
+    if result.features:
+        lines += [f"Student input: {result.features}.", ""]
     lines += [markdown_table(rep["methods"]), ""]
     lines += [
         "acc: accuracy of the posterior-mean prediction; NLL, ECE (15 bins), Brier of the "

