@@ -278,7 +278,9 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
             encoder = getattr(args, "sequence_encoder", None) or DEFAULT_SEQUENCE_ENCODER.get(
                 args.dataset, "composition"
             )
-            dataset = data.load_dataset(args.dataset, args.data_dir, seed, encoder)
+            dataset = data.load_dataset(
+                args.dataset, args.data_dir, seed, encoder, progress=not args.no_progress
+            )
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None
     print(dataset.summary(), flush=True)

@@ -492,11 +492,15 @@ def load_yeast(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
     return Dataset("yeast", x[tr], y[tr], x[te], y[te], list(YEAST_CLASSES), feature_names=names)
 
 
-def load_deeploc(data_dir: str | Path, sequence_encoder: str = "composition") -> Dataset:
+def load_deeploc(
+    data_dir: str | Path, sequence_encoder: str = "composition", *, progress: bool = True
+) -> Dataset:
     """DeepLoc 2.0 subset (``train.csv``/``test.csv`` with sequences, two teachers' logits): the
     student's features are computed from the sequences (:func:`encode_sequences` with
     ``sequence_encoder``)."""
-    ds = load_directory(data_dir, name="deeploc", sequence_encoder=sequence_encoder)
+    ds = load_directory(
+        data_dir, name="deeploc", sequence_encoder=sequence_encoder, progress=progress
+    )
     if ds.feature_kind != "sequence":
         raise ValueError(f"{data_dir} is not in DeepLoc's format (no Sequence column)")
     if ds.num_classes == len(DEEPLOC_CLASSES) and ds.class_names == [
@@ -597,7 +601,7 @@ def read_inputs(
     return _features(x, str(path)), labels, ids
 
 
-def _load_csv_split(root: Path, split: str, sequence_encoder: str):
+def _load_csv_split(root: Path, split: str, sequence_encoder: str, progress: bool):
     path = root / f"{split}.csv"
     header, rows = _read_csv(path)
     if not rows:
@@ -608,7 +612,7 @@ def _load_csv_split(root: Path, split: str, sequence_encoder: str):
     y = _parse_labels(path, rows, lab)
     if "Sequence" in header:
         seq = header.index("Sequence")
-        x, names = encode_sequences([r[seq] for r in rows], sequence_encoder, progress=True)
+        x, names = encode_sequences([r[seq] for r in rows], sequence_encoder, progress=progress)
         return x, y, "sequence", names
     names = [h for i, h in enumerate(header) if i != lab]
     x, _, _ = read_inputs(path, "numeric", names)
@@ -661,9 +665,11 @@ def load_directory(
     seed: int = 0,
     test_fraction: float = 0.25,
     sequence_encoder: str = "composition",
+    progress: bool = True,
 ) -> Dataset:
     """A dataset directory in the npy or CSV format (see the module docstring); a CSV with a
-    ``Sequence`` column is encoded by ``sequence_encoder`` (:func:`encode_sequences`)."""
+    ``Sequence`` column is encoded by ``sequence_encoder`` (:func:`encode_sequences`, with a
+    progress bar for language-model encoders when ``progress``)."""
     check_sequence_encoder(sequence_encoder)
     root = Path(path)
     if not root.is_dir():
@@ -672,8 +678,8 @@ def load_directory(
     if (root / "train.csv").is_file():
         if not (root / "test.csv").is_file():
             raise FileNotFoundError(f"{root} has train.csv but no test.csv")
-        x_tr, y_tr, kind, feat = _load_csv_split(root, "train", sequence_encoder)
-        x_te, y_te, kind_te, _ = _load_csv_split(root, "test", sequence_encoder)
+        x_tr, y_tr, kind, feat = _load_csv_split(root, "train", sequence_encoder, progress)
+        x_te, y_te, kind_te, _ = _load_csv_split(root, "test", sequence_encoder, progress)
         if kind != kind_te:
             raise ValueError(f"{root}: train.csv and test.csv have different formats")
         t_tr, t_te = _csv_teachers(root, "train"), _csv_teachers(root, "test")
@@ -712,6 +718,8 @@ def load_dataset(
     data_dir: str | Path | None = None,
     seed: int = 0,
     sequence_encoder: str = "composition",
+    *,
+    progress: bool = True,
 ) -> Dataset:
     """``digits``, ``yeast``, ``deeploc`` (needs ``data_dir``) or ``dir`` (a directory of the
     user's own, ``data_dir``); ``sequence_encoder`` applies to sequence data (DeepLoc's format)."""
@@ -723,6 +731,8 @@ def load_dataset(
         if data_dir is None:
             raise ValueError(f"dataset {name!r} needs a data directory (--data-dir)")
         if name == "deeploc":
-            return load_deeploc(data_dir, sequence_encoder)
-        return load_directory(data_dir, seed=seed, sequence_encoder=sequence_encoder)
+            return load_deeploc(data_dir, sequence_encoder, progress=progress)
+        return load_directory(
+            data_dir, seed=seed, sequence_encoder=sequence_encoder, progress=progress
+        )
     raise ValueError(f"dataset must be one of digits, yeast, deeploc, dir; got {name!r}")

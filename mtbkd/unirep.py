@@ -214,6 +214,8 @@ def unirep_features(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     toks = [tokenize(s) for s in sequences]  # bad input fails before any work
     weights = weights_path(size)
+    if not toks:
+        return np.zeros((0, size), dtype=np.float32)
     path = cache_dir() / "unirep" / f"{_cache_key(size, weights, sequences)}.npy"
     if cache and path.is_file():
         got = np.load(path, allow_pickle=False)

@@ -121,6 +121,7 @@ def test_features_cache(tmp_path, monkeypatch):
     unirep.unirep_features(SEQS[:2], 64, progress=False)
     assert len(list((tmp_path / "unirep").glob("*.npy"))) == 2
     assert unirep.unirep_features(SEQS, 64, progress=False, cache=False)[0, 0] != 42.0
+    assert unirep.unirep_features([], 64).shape == (0, 64)
 
 
 def test_sequence_encoder_names():
