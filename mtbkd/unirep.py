@@ -143,28 +143,30 @@ class UniRep(nn.Module):
 
     @torch.inference_mode()
     def encode_tokens(self, toks: Sequence[Sequence[int]]) -> Tensor:
-        """Mean last-layer hidden state of each token list (the start token included)."""
+        """Mean last-layer hidden state of each token list (the start token included), on the
+        module's device (``model.to("cuda")`` runs it on a GPU)."""
+        dev, dtype = self.embedding.device, self.embedding.dtype
         n, hsize = len(toks), self.size
-        out = torch.zeros(n, hsize, dtype=self.embedding.dtype)
         if n == 0:
-            return out
+            return torch.zeros(0, hsize, dtype=dtype, device=dev)
         order = sorted(range(n), key=lambda i: -len(toks[i]))
-        lens = torch.tensor([len(toks[i]) for i in order])
-        x = torch.zeros(n, int(lens[0]), dtype=torch.long)
+        lens = [len(toks[i]) for i in order]  # host ints: no device synchronisation per step
+        x = torch.zeros(lens[0], n, dtype=torch.long)  # [T, N]: one time step is one row
         for r, i in enumerate(order):
-            x[r, : len(toks[i])] = torch.as_tensor(toks[i])
+            x[: lens[r], r] = torch.as_tensor(toks[i])
+        x = x.to(dev)
         # The first layer's input is one of 26 tokens: its projections are table look-ups.
         first = self.layers[0]
         xm_table = self.embedding @ first.wmx
         xz_table = torch.addmm(first.b, self.embedding, first.wx)
-        hs = [torch.zeros(n, hsize, dtype=out.dtype) for _ in self.layers]
-        cs = [torch.zeros(n, hsize, dtype=out.dtype) for _ in self.layers]
-        total = torch.zeros(n, hsize, dtype=out.dtype)
+        hs = [torch.zeros(n, hsize, dtype=dtype, device=dev) for _ in self.layers]
+        cs = [torch.zeros(n, hsize, dtype=dtype, device=dev) for _ in self.layers]
+        total = torch.zeros(n, hsize, dtype=dtype, device=dev)
         active = n
-        for t in range(int(lens[0])):
+        for t in range(lens[0]):
             while lens[active - 1] <= t:  # rows are sorted by length: the live ones are a prefix
                 active -= 1
-            tok = x[:active, t]
+            tok = x[t, :active]
             xm, xz = xm_table[tok], xz_table[tok]
             for j, layer in enumerate(self.layers):
                 if j:
@@ -173,7 +175,10 @@ class UniRep(nn.Module):
                 h, c = layer.step(xm, xz, hs[j][:active], cs[j][:active])
                 hs[j][:active], cs[j][:active] = h, c
             total[:active] += hs[-1][:active]
-        out[torch.as_tensor(order)] = total / lens[:, None].to(out.dtype)
+        out = torch.empty(n, hsize, dtype=dtype, device=dev)
+        out[torch.as_tensor(order, device=dev)] = total / torch.as_tensor(
+            lens, dtype=dtype, device=dev
+        ).unsqueeze(1)
         return out
 
 
@@ -201,12 +206,14 @@ def unirep_features(
     batch_size: int = 128,
     progress: bool = True,
     cache: bool = True,
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
     """UniRep ``h_avg`` embeddings ``[N, size]`` (float32) of protein sequences.
 
     Sequences go through in batches of ``batch_size`` of similar length (sorted, so little
-    padding work), with a progress bar over residues. With ``cache`` the result is stored under
-    :func:`cache_dir` and read back when the same model sees the same sequences again.
+    padding work), with a progress bar over residues, on ``device`` (default: the GPU when
+    there is one, else the CPU). With ``cache`` the result is stored under :func:`cache_dir` and
+    read back when the same model sees the same sequences again.
     """
     if isinstance(sequences, str):
         raise TypeError("sequences must be a list of strings, not one string")
@@ -221,7 +228,9 @@ def unirep_features(
         got = np.load(path, allow_pickle=False)
         if got.shape == (len(toks), size):
             return got
-    model = UniRep(size)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = UniRep(size).to(device)
     order = sorted(range(len(toks)), key=lambda i: -len(toks[i]))
     out = np.zeros((len(toks), size), dtype=np.float32)
     bar = None
@@ -231,7 +240,7 @@ def unirep_features(
         bar = tqdm(total=sum(map(len, toks)), desc=f"UniRep-{size}", unit="res", leave=False)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        out[idx] = model.encode_tokens([toks[i] for i in idx]).numpy()
+        out[idx] = model.encode_tokens([toks[i] for i in idx]).cpu().numpy()
         if bar is not None:
             bar.update(sum(len(toks[i]) for i in idx))
     if bar is not None:

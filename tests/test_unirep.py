@@ -163,3 +163,11 @@ def test_directory_with_unirep_encoder(tmp_path, monkeypatch):
     np.testing.assert_allclose(x, ds.x_test, atol=1e-6)
     # the plain loader keeps the composition features
     assert data.load_directory(root).x_train.shape == (2, n_comp)
+
+
+@needs_weights
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    cpu = unirep.unirep_features(SEQS, 256, progress=False, cache=False, device="cpu")
+    gpu = unirep.unirep_features(SEQS, 256, progress=False, cache=False, device="cuda")
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)
