@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -246,8 +247,15 @@ def unirep_features(
     if bar is not None:
         bar.close()
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, out)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, out)
+            os.replace(tmp, path)
+        except OSError as exc:  # a read-only home: the result stands, only the cache is lost
+            warnings.warn(
+                f"could not cache UniRep features in {path.parent} ({exc}); set MTBKD_CACHE_DIR "
+                "to a writable folder to keep them",
+                stacklevel=2,
+            )
     return out

@@ -122,6 +122,13 @@ def test_features_cache(tmp_path, monkeypatch):
     assert len(list((tmp_path / "unirep").glob("*.npy"))) == 2
     assert unirep.unirep_features(SEQS, 64, progress=False, cache=False)[0, 0] != 42.0
     assert unirep.unirep_features([], 64).shape == (0, 64)
+    # a cache folder that cannot be written: the features still come back, with a warning
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("MTBKD_CACHE_DIR", str(blocker))
+    with pytest.warns(UserWarning, match="could not cache UniRep features"):
+        got = unirep.unirep_features(SEQS, 64, progress=False)
+    np.testing.assert_allclose(got, first, atol=1e-6)
 
 
 def test_sequence_encoder_names():
