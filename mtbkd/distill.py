@@ -63,6 +63,7 @@ __all__ = [
     "expert_groups",
     "evaluate_probs",
     "teacher_attribution",
+    "weighting_diagnostic",
     "run_experiment",
     "save_run",
     "load_run",
@@ -1346,6 +1347,8 @@ class ExperimentResult:
     teacher_pred: Tensor | None = None
     # what the student sees, e.g. "2245 features (sequence encoder composition+unirep1900)"
     features: str = ""
+    # weighting_diagnostic on the training rows: do the entropy weights pick the right teacher?
+    train_weighting: dict[str, Any] | None = None
 
     def method(self, name: str) -> MethodResult:
         for m in self.methods:
@@ -1666,7 +1669,47 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         objective,
         t_te.argmax(-1),
         dataset.features_text(),
+        weighting_diagnostic(t_tr, y_tr, names),
     )
+
+
+def weighting_diagnostic(
+    teacher_logits: Tensor, labels: Tensor, teacher_names: Sequence[str]
+) -> dict[str, Any] | None:
+    """Do the per-example entropy weights (MATH.md section 1) point to the right teacher where
+    the teachers disagree? On the rows (of the training data: what MT-BKD learns from) where the
+    teachers' top classes differ: each teacher's accuracy, the accuracy of the teacher with the
+    highest weight on each row (the most confident one) and each teacher's mean weight.
+
+    When the highest-weight teacher is right no more often than the best single teacher, the
+    weighting carries no information a single-teacher BKD lacks, and the mixture has little to
+    add; ``None`` with fewer than two teachers."""
+    t = torch.as_tensor(teacher_logits)
+    if t.dim() != 3 or t.shape[0] < 2:
+        return None
+    labels = torch.as_tensor(labels).long()
+    if t.shape[1] != len(labels) or t.shape[0] != len(teacher_names):
+        raise ValueError(
+            f"teacher_logits {tuple(t.shape)} must be [K={len(teacher_names)}, N={len(labels)}, C]"
+        )
+    pred = t.argmax(-1)
+    disagree = (pred != pred[:1]).any(0)
+    n_dis = int(disagree.sum())
+    out: dict[str, Any] = {"rows": len(labels), "disagree_rows": n_dis}
+    if n_dis == 0:
+        return {**out, "teacher_accuracy": None, "highest_weight_accuracy": None,
+                "mean_weights": None}  # fmt: skip
+    w = mf.teacher_weights(t[:, disagree].double(), "entropy")
+    right = pred[:, disagree] == labels[disagree]
+    pick = w.argmax(0)
+    return {
+        **out,
+        "teacher_accuracy": {
+            n: float(right[k].double().mean()) for k, n in enumerate(teacher_names)
+        },
+        "highest_weight_accuracy": float(right[pick, torch.arange(n_dis)].double().mean()),
+        "mean_weights": {n: float(w[k].mean()) for k, n in enumerate(teacher_names)},
+    }
 
 
 def _summarise_attribution(method, w, r, labels, probs, class_names, teacher_names) -> dict:

@@ -92,6 +92,7 @@ def report_dict(result: ExperimentResult) -> dict[str, Any]:
             "classes": result.class_names,
             "attribution": att,
             "teacher_disagreement": teacher_disagreement(result),
+            "train_weighting": result.train_weighting,
             "paired_bootstrap": paired_bootstrap(result),
             "config": result.config.to_dict(),
             "total_seconds": result.seconds,
@@ -137,6 +138,26 @@ def teacher_disagreement(result: ExperimentResult) -> dict[str, Any] | None:
         },
         "methods": methods,
     }
+
+
+def _weighting_sentence(d: dict[str, Any] | None) -> list[str]:
+    if not d or not d.get("disagree_rows"):
+        return []
+    best = max(d["teacher_accuracy"].values())
+    each = ", ".join(f"`{n}` {a:.3f}" for n, a in d["teacher_accuracy"].items())
+    verdict = (
+        "so the weighting points to the right teacher more often than any single teacher does"
+        if d["highest_weight_accuracy"] > best
+        else "no more often than the best single teacher: on these teachers the weighting carries "
+        "no information a single-teacher BKD lacks"
+    )
+    top = d["highest_weight_accuracy"]
+    return [
+        f"On the {d['disagree_rows']} of {d['rows']} training rows where the teachers disagree, "
+        f"the teacher with the highest entropy weight is right on {top:.3f} of them (each "
+        f"teacher: {each}), {verdict}.",
+        "",
+    ]
 
 
 def _disagreement_markdown(d: dict[str, Any]) -> list[str]:
@@ -388,6 +409,7 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
             if rep.get("teacher_disagreement")
             else []
         ),
+        *_weighting_sentence(rep.get("train_weighting")),
         "## Teachers (test set)",
         "",
         "| teacher | acc | NLL | ECE |",
@@ -740,8 +762,28 @@ def summarise_seeds(
             "methods": methods,
             "versus": versus,
             "teacher_disagreement": disagreement,
+            "train_weighting": _seed_weighting(reports),
         }
     )
+
+
+def _seed_weighting(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Across seeds, the mean ± sd of each report's ``train_weighting`` (the weighting
+    diagnostic on the training rows; ``None`` unless every report has one with disagreeing rows
+    and the same teachers)."""
+    parts = [rep.get("train_weighting") for rep in reports]
+    if any(p is None or not p.get("disagree_rows") for p in parts):
+        return None
+    teachers = list(parts[0]["teacher_accuracy"])
+    if any(list(p["teacher_accuracy"]) != teachers for p in parts):
+        return None
+    return {
+        "disagree_fraction": _spread([p["disagree_rows"] / p["rows"] for p in parts]),
+        "highest_weight_accuracy": _spread([p["highest_weight_accuracy"] for p in parts]),
+        "teacher_accuracy": {
+            n: _spread([p["teacher_accuracy"][n] for p in parts]) for n in teachers
+        },
+    }
 
 
 def _seed_disagreement(reports: list[dict[str, Any]], names: list[str]) -> dict[str, Any] | None:
@@ -1008,5 +1050,27 @@ def write_seed_summary(summary: dict[str, Any], out_dir: str | Path, figures: bo
             [f"`{n}`"] + [_pm(row[k], "{:.3f}") for k, _ in cols] for n, row in d["methods"].items()
         ]
         lines += _aligned(["method"] + [h for _, h in cols], body, True) + [""]
+    w = summary.get("train_weighting")
+    if w:
+        each = ", ".join(f"`{n}` {_pm(v, '{:.3f}')}" for n, v in w["teacher_accuracy"].items())
+        better = w["highest_weight_accuracy"]["mean"] > max(
+            v["mean"] for v in w["teacher_accuracy"].values()
+        )
+        frac, top = (
+            _pm(w["disagree_fraction"], "{:.3f}"),
+            _pm(w["highest_weight_accuracy"], "{:.3f}"),
+        )
+        lines += [
+            f"On the training rows where the teachers disagree ({frac} of them), the teacher "
+            f"with the highest entropy weight is right on {top} (each teacher: {each}; mean ± "
+            "sd over seeds): "
+            + (
+                "the weighting points to the right teacher more often than any single teacher."
+                if better
+                else "no more often than the best single teacher, so the weighting carries no "
+                "information a single-teacher BKD lacks."
+            ),
+            "",
+        ]
     lines += [f"![{f}]({f})" for f in files]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

@@ -300,8 +300,32 @@ def test_write_seed_summary_files(tmp_path):
     assert "0.150 ± 0.071 of the test rows" in md
     assert "| `mtbkd_sgld` | 0.500 ± 0.000 | 1.100 ± 0.141 | 0.900 ± 0.000 | 0.350 ± 0.071 |" in md
     assert "| `ce` | n/a | n/a | 0.900 ± 0.000 | 0.200 ± 0.000 |" in md
+    assert s["train_weighting"] is None and "highest entropy weight" not in md
+    # the weighting diagnostic of the training rows, averaged over the seeds
+    for i, rep in enumerate(reps):
+        rep["train_weighting"] = {
+            "rows": 200,
+            "disagree_rows": 20 + 20 * i,
+            "teacher_accuracy": {"a": 0.4, "b": 0.5 + 0.1 * i},
+            "highest_weight_accuracy": 0.5 + 0.2 * i,
+            "mean_weights": {"a": 0.5, "b": 0.5},
+        }
+    s = report.summarise_seeds(reps, [0, 1])
+    w = s["train_weighting"]
+    assert w["disagree_fraction"]["mean"] == pytest.approx(0.15)
+    assert w["highest_weight_accuracy"]["values"] == pytest.approx([0.5, 0.7])
+    assert w["teacher_accuracy"]["b"]["mean"] == pytest.approx(0.55)
+    report.write_seed_summary(s, tmp_path / "w", figures=False)
+    md = (tmp_path / "w" / "summary.md").read_text()
+    assert "highest entropy weight is right on 0.600 ± 0.141" in md
+    assert "more often than any single teacher" in md
+    reps[1]["train_weighting"]["highest_weight_accuracy"] = 0.5  # mean 0.5 < b's 0.55
+    report.write_seed_summary(report.summarise_seeds(reps, [0, 1]), tmp_path / "w2", figures=False)
+    assert "no information a single-teacher BKD" in (tmp_path / "w2" / "summary.md").read_text()
+    reps[1]["train_weighting"]["teacher_accuracy"] = {"c": 0.4, "b": 0.5}  # other teachers
+    assert report.summarise_seeds(reps, [0, 1])["train_weighting"] is None
     for rep in reps:
-        del rep["teacher_disagreement"]
+        del rep["teacher_disagreement"], rep["train_weighting"]
     # what the summary says of the test rows follows the per-row labels of the seeds
     for case, (labels, says) in enumerate(
         (
@@ -371,3 +395,33 @@ def test_seed_bootstrap_covers_seeds_and_rows():
         report.summarise_seeds(reps[:2], [0, 1], per_row=[rows[0], {"labels": rows[0]["labels"]}])
     with pytest.raises(ValueError, match="one entry per seed"):
         report.summarise_seeds(reps[:2], [0, 1], per_row=[rows[0]])
+
+
+def test_weighting_diagnostic_by_hand():
+    # 4 rows, 3 classes, labels 0. Rows 0-2: the teachers disagree; row 3: both say class 0.
+    sharp, flat = 6.0, 1.0
+    a = torch.tensor([[sharp, 0, 0], [0, flat, 0], [0, sharp, 0], [sharp, 0, 0]])
+    b = torch.tensor([[0, flat, 0], [sharp, 0, 0], [0, 0, flat], [sharp, 0, 0]])
+    y = torch.zeros(4, dtype=torch.long)
+    d = distill.weighting_diagnostic(torch.stack([a, b]), y, ["a", "b"])
+    assert d["rows"] == 4 and d["disagree_rows"] == 3
+    # a is right on row 0, b on row 1; row 2: both wrong
+    assert d["teacher_accuracy"] == pytest.approx({"a": 1 / 3, "b": 1 / 3})
+    # the confident teacher is the right one on rows 0 and 1, a wrong one on row 2
+    assert d["highest_weight_accuracy"] == pytest.approx(2 / 3)
+    w = distill.mf.teacher_weights(torch.stack([a, b])[:, :3].double())  # the disagreeing rows
+    assert d["mean_weights"]["a"] == pytest.approx(float(w[0].mean()))
+    text = " ".join(report._weighting_sentence(d))
+    assert "0.667" in text and "more often than any single teacher" in text
+    # a weighting that only repeats the better teacher: the other verdict
+    worse = dict(d, highest_weight_accuracy=1 / 3)
+    assert "no information a single-teacher BKD lacks" in " ".join(
+        report._weighting_sentence(worse)
+    )
+    # one teacher, no disagreement, bad shapes
+    assert distill.weighting_diagnostic(a[None], y, ["a"]) is None
+    same = distill.weighting_diagnostic(torch.stack([a, a]), y, ["a", "a2"])
+    assert same["disagree_rows"] == 0 and same["highest_weight_accuracy"] is None
+    assert report._weighting_sentence(same) == []
+    with pytest.raises(ValueError, match="must be"):
+        distill.weighting_diagnostic(torch.stack([a, b]), y[:3], ["a", "b"])
