@@ -157,6 +157,19 @@ def _add_pipeline_commands(sub) -> None:
     common(p)
     p.set_defaults(func=_cmd_distill)
 
+    p = sub.add_parser(
+        "teachers",
+        help="before distilling: each teacher's quality and whether the per-example entropy "
+        "weights pick the right teacher where the teachers disagree (no training)",
+    )
+    p.add_argument("--dataset", choices=["digits", "deeploc", "dir"], required=True)
+    p.add_argument(
+        "--data-dir", default=None, help="folder of the DeepLoc files or of your own dataset"
+    )
+    p.add_argument("--seed", type=int, default=0, help="data split (and digits' teachers) seed")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_teachers)
+
     p = sub.add_parser("predict", help="apply a saved run's posterior samples to new inputs")
     p.add_argument("--run", required=True, help="output folder of `mtbkd demo` / `mtbkd distill`")
     p.add_argument(
@@ -359,6 +372,66 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if args.dataset in ("deeploc", "dir") and not args.data_dir:
         raise SystemExit(f"mtbkd distill --dataset {args.dataset} needs --data-dir")
     return _run_pipeline(args)
+
+
+def _cmd_teachers(args: argparse.Namespace) -> int:
+    """Each teacher's accuracy (training and test rows) and test NLL / ECE, and the weighting
+    diagnostic (:func:`mtbkd.distill.weighting_diagnostic`) on the whole training set."""
+    import json
+
+    import torch
+
+    from mtbkd import data, distill, report
+
+    try:
+        if args.dataset == "digits":
+            config = distill.DistillConfig(**distill.PRESETS["digits"], seed=args.seed)
+            dataset = distill.digits_demo_dataset(config, seed=args.seed)
+        else:
+            if not args.data_dir:
+                raise ValueError(f"dataset {args.dataset!r} needs --data-dir")
+            # the student's features do not matter here: the fast encoder for sequence data
+            dataset = data.load_dataset(args.dataset, args.data_dir, args.seed, progress=False)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        raise SystemExit(f"mtbkd teachers: {exc}") from None
+    names = dataset.teacher_names
+    if not names:
+        raise SystemExit(f"mtbkd teachers: {dataset.name} has no teacher logits")
+    y_tr, y_te = torch.from_numpy(dataset.y_train), torch.from_numpy(dataset.y_test)
+    rows = []
+    for n in names:
+        t_tr = torch.from_numpy(dataset.teachers_train[n])
+        m = distill.evaluate_probs(torch.softmax(torch.from_numpy(dataset.teachers_test[n]), -1),
+                                   y_te)  # fmt: skip
+        rows.append(
+            {
+                "name": n,
+                "train_accuracy": float((t_tr.argmax(-1) == y_tr).double().mean()),
+                "test_accuracy": m["accuracy"],
+                "test_nll": m["nll"],
+                "test_ece": m["ece"],
+            }
+        )
+    t_all = torch.stack([torch.from_numpy(dataset.teachers_train[n]) for n in names])
+    diag = distill.weighting_diagnostic(t_all, y_tr, names)
+    if args.json:
+        print(json.dumps({"dataset": dataset.name, "teachers": rows, "train_weighting": diag}))
+        return 0
+    print(f"{dataset.name}: {len(y_tr)} training / {len(y_te)} test rows, {len(names)} teachers")
+    width = max(len(n) for n in names)
+    print(f"{'teacher':<{width}}  train acc  test acc  test NLL  test ECE")
+    for r in rows:
+        print(
+            f"{r['name']:<{width}}  {r['train_accuracy']:9.3f}  {r['test_accuracy']:8.3f}  "
+            f"{r['test_nll']:8.3f}  {r['test_ece']:8.3f}"
+        )
+    if diag is None:
+        print("One teacher: there is nothing to weigh.")
+    elif not diag["disagree_rows"]:
+        print("The teachers agree on every training row: their weights cannot matter.")
+    else:
+        print(report.weighting_sentence(diag)[0])
+    return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

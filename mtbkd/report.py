@@ -31,6 +31,7 @@ __all__ = [
     "format_bootstrap",
     "save_per_row",
     "teacher_disagreement",
+    "weighting_sentence",
     "load_per_row",
     "parse_seeds",
     "summarise_seeds",
@@ -140,7 +141,8 @@ def teacher_disagreement(result: ExperimentResult) -> dict[str, Any] | None:
     }
 
 
-def _weighting_sentence(d: dict[str, Any] | None) -> list[str]:
+def weighting_sentence(d: dict[str, Any] | None) -> list[str]:
+    """The markdown lines that state :func:`mtbkd.distill.weighting_diagnostic`'s result."""
     if not d or not d.get("disagree_rows"):
         return []
     best = max(d["teacher_accuracy"].values())
@@ -409,7 +411,7 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
             if rep.get("teacher_disagreement")
             else []
         ),
-        *_weighting_sentence(rep.get("train_weighting")),
+        *weighting_sentence(rep.get("train_weighting")),
         "## Teachers (test set)",
         "",
         "| teacher | acc | NLL | ECE |",

@@ -304,3 +304,36 @@ def test_deeploc_smoke_and_predict_from_sequences(tmp_path, capsys, monkeypatch,
     assert "accuracy" in capsys.readouterr().out  # labels present: metrics printed
     rows = list(csv.DictReader(pred.open()))
     assert len(rows) == 20 and rows[0]["id"] == lines[1].split(",")[0]
+
+
+def test_teachers_command(tmp_path, capsys):
+    assert cli.main(["teachers", "--dataset", "digits", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [t["name"] for t in d["teachers"]] == ["t0123", "t456", "t789"]
+    assert all(0.5 < t["test_accuracy"] <= 1 for t in d["teachers"])
+    w = d["train_weighting"]
+    # the demo's experts: the most confident teacher is right far more often than any one
+    assert w["highest_weight_accuracy"] > max(w["teacher_accuracy"].values()) + 0.1
+    assert cli.main(["teachers", "--dataset", "digits"]) == 0
+    out = capsys.readouterr().out
+    assert "train acc  test acc" in out and "more often than any single teacher" in out
+    # a directory of one's own: two teachers that always agree, then one teacher
+    root = tmp_path / "own"
+    root.mkdir()
+    x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    y = np.arange(40) % 2
+    np.save(root / "features.npy", x)
+    np.save(root / "labels.npy", y)
+    logits = np.eye(2)[y] * 3.0
+    np.save(root / "teacher_a.npy", logits)
+    np.save(root / "teacher_b.npy", logits * 2)
+    assert cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root)]) == 0
+    assert "agree on every training row" in capsys.readouterr().out
+    (root / "teacher_b.npy").unlink()
+    assert cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root)]) == 0
+    assert "nothing to weigh" in capsys.readouterr().out
+    (root / "teacher_a.npy").unlink()
+    with pytest.raises(SystemExit, match="has no teacher logits"):
+        cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root)])
+    with pytest.raises(SystemExit, match="needs --data-dir"):
+        cli.main(["teachers", "--dataset", "deeploc"])

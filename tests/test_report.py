@@ -411,17 +411,15 @@ def test_weighting_diagnostic_by_hand():
     assert d["highest_weight_accuracy"] == pytest.approx(2 / 3)
     w = distill.mf.teacher_weights(torch.stack([a, b])[:, :3].double())  # the disagreeing rows
     assert d["mean_weights"]["a"] == pytest.approx(float(w[0].mean()))
-    text = " ".join(report._weighting_sentence(d))
+    text = " ".join(report.weighting_sentence(d))
     assert "0.667" in text and "more often than any single teacher" in text
     # a weighting that only repeats the better teacher: the other verdict
     worse = dict(d, highest_weight_accuracy=1 / 3)
-    assert "no information a single-teacher BKD lacks" in " ".join(
-        report._weighting_sentence(worse)
-    )
+    assert "no information a single-teacher BKD lacks" in " ".join(report.weighting_sentence(worse))
     # one teacher, no disagreement, bad shapes
     assert distill.weighting_diagnostic(a[None], y, ["a"]) is None
     same = distill.weighting_diagnostic(torch.stack([a, a]), y, ["a", "a2"])
     assert same["disagree_rows"] == 0 and same["highest_weight_accuracy"] is None
-    assert report._weighting_sentence(same) == []
+    assert report.weighting_sentence(same) == []
     with pytest.raises(ValueError, match="must be"):
         distill.weighting_diagnostic(torch.stack([a, b]), y[:3], ["a", "b"])
