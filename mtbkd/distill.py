@@ -1685,7 +1685,9 @@ def weighting_diagnostic(
     weighting carries no information a single-teacher BKD lacks, and the mixture has little to
     add; ``None`` with fewer than two teachers."""
     t = torch.as_tensor(teacher_logits)
-    if t.dim() != 3 or t.shape[0] < 2:
+    if t.dim() != 3:
+        raise ValueError(f"teacher_logits must be [K, N, C], got shape {tuple(t.shape)}")
+    if t.shape[0] < 2:
         return None
     labels = torch.as_tensor(labels).long()
     if t.shape[1] != len(labels) or t.shape[0] != len(teacher_names):

@@ -423,3 +423,5 @@ def test_weighting_diagnostic_by_hand():
     assert report.weighting_sentence(same) == []
     with pytest.raises(ValueError, match="must be"):
         distill.weighting_diagnostic(torch.stack([a, b]), y[:3], ["a", "b"])
+    with pytest.raises(ValueError, match=r"must be \[K, N, C\]"):
+        distill.weighting_diagnostic(a, y, ["a"])
