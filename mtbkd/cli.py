@@ -310,6 +310,8 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
     print(report.format_table(rep["methods"]))
     for line in report.followed_sentences(result.attribution):
         print(line)
+    for line in report.weighting_sentence(rep.get("train_weighting"))[:1]:
+        print(line)
     if rep.get("paired_bootstrap"):
         print()
         print(report.format_bootstrap(rep["paired_bootstrap"]))

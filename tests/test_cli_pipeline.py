@@ -47,6 +47,10 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert any(line.startswith("mtbkd_sgld ") for line in printed)
     rep = json.loads((out / "report.json").read_text())
     assert rep["dataset"] == "digits"
+    # the weighting diagnostic is printed and saved
+    assert rep["train_weighting"]["disagree_rows"] > 0
+    assert any(line.startswith("On the ") and "highest entropy weight" in line for line in printed)
+    assert "highest entropy weight" in (out / "report.md").read_text()
     assert [m["name"] for m in rep["methods"]] == METHODS
     assert all(list(m) == KEYS for m in rep["methods"])
     for f in (
