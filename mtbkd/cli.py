@@ -162,11 +162,13 @@ def _add_pipeline_commands(sub) -> None:
         help="before distilling: each teacher's quality and whether the per-example entropy "
         "weights pick the right teacher where the teachers disagree (no training)",
     )
-    p.add_argument("--dataset", choices=["digits", "deeploc", "dir"], required=True)
+    p.add_argument("--dataset", choices=["digits", "yeast", "deeploc", "dir"], required=True)
     p.add_argument(
         "--data-dir", default=None, help="folder of the DeepLoc files or of your own dataset"
     )
-    p.add_argument("--seed", type=int, default=0, help="data split (and digits' teachers) seed")
+    p.add_argument(
+        "--seed", type=int, default=0, help="data split (and pipeline-trained teachers) seed"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_teachers)
 
@@ -297,6 +299,11 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None
     print(dataset.summary(), flush=True)
+    if not dataset.teacher_names:
+        try:  # the teachers the pipeline trains: one expert per group of classes
+            distill.expert_groups(dataset.num_classes, config.num_teachers)
+        except ValueError as exc:
+            raise SystemExit(f"mtbkd {args.command}: {exc}") from None
     result = distill.run_experiment(
         dataset, config, checkpoint_dir=out / "checkpoints", log=lambda m: print(m, flush=True)
     )
@@ -390,21 +397,34 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
             config = distill.DistillConfig(**distill.PRESETS["digits"], seed=args.seed)
             dataset = distill.digits_demo_dataset(config, seed=args.seed)
         else:
-            if not args.data_dir:
+            if args.dataset in ("deeploc", "dir") and not args.data_dir:
                 raise ValueError(f"dataset {args.dataset!r} needs --data-dir")
             # the student's features do not matter here: the fast encoder for sequence data
             dataset = data.load_dataset(args.dataset, args.data_dir, args.seed, progress=False)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise SystemExit(f"mtbkd teachers: {exc}") from None
-    names = dataset.teacher_names
-    if not names:
-        raise SystemExit(f"mtbkd teachers: {dataset.name} has no teacher logits")
     y_tr, y_te = torch.from_numpy(dataset.y_train), torch.from_numpy(dataset.y_test)
+    if dataset.teacher_names:
+        names = dataset.teacher_names
+        t_all = torch.stack([torch.from_numpy(dataset.teachers_train[n]) for n in names])
+        t_test = torch.stack([torch.from_numpy(dataset.teachers_test[n]) for n in names])
+    else:  # the teachers `mtbkd distill` would train for this dataset, on the whole train split
+        config = distill.DistillConfig(**distill.PRESETS.get(args.dataset, {}), seed=args.seed)
+        print(
+            f"training {config.num_teachers} teachers with different class expertise",
+            file=sys.stderr,
+        )
+        try:
+            names, t_all, t_test = distill.teacher_logits(
+                torch.from_numpy(dataset.x_train), y_tr, torch.from_numpy(dataset.x_test),
+                dataset.num_classes, config,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise SystemExit(f"mtbkd teachers: {exc}") from None
     rows = []
-    for n in names:
-        t_tr = torch.from_numpy(dataset.teachers_train[n])
-        m = distill.evaluate_probs(torch.softmax(torch.from_numpy(dataset.teachers_test[n]), -1),
-                                   y_te)  # fmt: skip
+    for k, n in enumerate(names):
+        t_tr = t_all[k]
+        m = distill.evaluate_probs(torch.softmax(t_test[k], -1), y_te)
         rows.append(
             {
                 "name": n,
@@ -414,7 +434,6 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
                 "test_ece": m["ece"],
             }
         )
-    t_all = torch.stack([torch.from_numpy(dataset.teachers_train[n]) for n in names])
     diag = distill.weighting_diagnostic(t_all, y_tr, names)
     if args.json:
         print(json.dumps({"dataset": dataset.name, "teachers": rows, "train_weighting": diag}))

@@ -1156,6 +1156,11 @@ def _objective_for(method: str, config: DistillConfig, k: int) -> tuple[Objectiv
 def expert_groups(num_classes: int, k: int) -> list[list[int]]:
     """Split the classes into ``k`` contiguous groups of near-equal size (each teacher's
     expertise)."""
+    if not 1 <= k <= num_classes:
+        raise ValueError(
+            f"num_teachers must lie in 1..{num_classes} (the number of classes: each trained "
+            f"teacher is an expert on a group of classes), got {k}; set --set num_teachers=N"
+        )
     return [g.tolist() for g in np.array_split(np.arange(num_classes), k)]
 
 

@@ -337,7 +337,17 @@ def test_teachers_command(tmp_path, capsys):
     assert cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root)]) == 0
     assert "nothing to weigh" in capsys.readouterr().out
     (root / "teacher_a.npy").unlink()
-    with pytest.raises(SystemExit, match="has no teacher logits"):
+    # no teacher logits: the teachers `mtbkd distill` would train, one expert per class group;
+    # more teachers than classes is an error naming the field, in both commands
+    with pytest.raises(SystemExit, match="num_teachers must lie in 1..2"):
         cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root)])
+    with pytest.raises(SystemExit, match="num_teachers must lie in 1..2"):
+        cli.main(["distill", "--dataset", "dir", "--data-dir", str(root), "--smoke",
+                  "--out", str(tmp_path / "o")])  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(["teachers", "--dataset", "yeast", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)  # stdout is JSON only
+    assert [t["name"] for t in d["teachers"]] == ["t0123", "t456", "t789"]
+    assert d["train_weighting"]["rows"] == 1112
     with pytest.raises(SystemExit, match="needs --data-dir"):
         cli.main(["teachers", "--dataset", "deeploc"])
