@@ -21,7 +21,7 @@ followed by the residues (10-dimensional token embeddings); the representation i
 the last layer's ``h_t`` over those ``L + 1`` positions (UniRep's ``h_avg``).
 
 Cost: about ``2 · (H² + 4H²)`` flops per residue per layer, so the 1900-unit model encodes
-DeepLoc's 1.5 M residues in roughly ten minutes on two CPU cores. :func:`unirep_features` caches
+DeepLoc's 1.5 M residues in about seven minutes on two CPU cores. :func:`unirep_features` caches
 what it computes on disk (``MTBKD_CACHE_DIR``, default ``~/.cache/mtbkd``), keyed by the model
 and the exact sequences.
 """
