@@ -71,10 +71,11 @@ def weights_path(size: int = 1900) -> Path:
 
 
 def tokenize(sequence: str) -> list[int]:
-    """Token ids of one protein sequence: the start token, then one id per residue."""
+    """Token ids of one protein sequence: the start token, then one id per residue (letters in
+    either case; a trailing ``*``, the stop codon of translated sequences, is dropped)."""
     if not isinstance(sequence, str):
         raise TypeError(f"a sequence must be a str, got {type(sequence).__name__}")
-    seq = sequence.strip().upper()
+    seq = sequence.strip().upper().removesuffix("*")
     if not seq:
         raise ValueError("cannot encode an empty sequence")
     try:
@@ -195,7 +196,7 @@ def cache_dir() -> Path:
 def _cache_key(size: int, weights: Path, sequences: Sequence[str]) -> str:
     h = hashlib.sha256(f"unirep{size}:{weights.stat().st_size}\n".encode())
     for s in sequences:
-        h.update(s.strip().upper().encode())
+        h.update(s.strip().upper().removesuffix("*").encode())
         h.update(b"\n")
     return h.hexdigest()[:32]
 

@@ -46,6 +46,13 @@ def test_sequence_features_see_signals():
     assert v["charge_max10"] > 0
 
 
+def test_sequence_features_ignore_case_whitespace_and_stop_codon():
+    base = data.sequence_features(["MKVLAAGWRRL"])
+    np.testing.assert_array_equal(data.sequence_features([" mkvlaagwrrl* "]), base)
+    with pytest.raises(ValueError, match="empty"):
+        data.sequence_features(["*"])
+
+
 def test_sequence_features_skip_nonstandard_residues():
     v = _named(data.sequence_features(["AXA"])[0])
     assert v["comp_A"] == pytest.approx(1.0)

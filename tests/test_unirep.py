@@ -87,7 +87,7 @@ def test_batched_lengths_match_one_at_a_time():
 
 
 def test_tokenize_and_errors(tmp_path):
-    assert unirep.tokenize("mk") == [unirep.START, 1, 4]
+    assert unirep.tokenize("mk") == [unirep.START, 1, 4] == unirep.tokenize(" MK* ")
     assert unirep.tokenize("XBZJ")[1:] == [23, 23, 23, 23]
     with pytest.raises(ValueError, match=r"not amino-acid letters: \['\*', '-', '1'\]"):
         unirep.tokenize("MK*1-")
