@@ -678,6 +678,9 @@ def summarise_seeds(
     fraction of test rows where the teachers disagree and of each method's accuracy and NLL there
     and on the agreeing rows.
 
+    ``train_weighting`` (when every report has one, with the same teachers): the mean ± sd over
+    seeds of each report's weighting diagnostic (:func:`mtbkd.distill.weighting_diagnostic`).
+
     With ``per_row`` (each seed's :func:`load_per_row`) every difference also gets a two-level
     paired bootstrap (``boot_low``, ``boot_high``, ``p_better``): each of ``resamples`` draws
     resamples the seeds and, independently, the test rows (the same rows for every method; for

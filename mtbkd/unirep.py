@@ -130,7 +130,6 @@ class UniRep(nn.Module):
             layers.append(_Layer({k: arrays[f"mlstm.{j}.{k}"] for k in _PARAMS}))
         self.layers = nn.ModuleList(layers)
         self.size = int(self.layers[0].wmh.shape[0])
-        self.path = path
 
     @classmethod
     def from_npz(cls, path: str | Path) -> UniRep:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,11 +38,9 @@ def test_pipeline_own_model():
 
 @pytest.mark.slow
 def test_torchrun_vocab_parallel():
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed beside this Python")
-    out = _run([torchrun, "--nproc-per-node", "2", str(EXAMPLES / "torchrun_vocab_parallel.py"),
-                "--check"])  # fmt: skip
+    # `python -m torch.distributed.run` is what the `torchrun` script runs
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                str(EXAMPLES / "torchrun_vocab_parallel.py"), "--check"])  # fmt: skip
     m = re.search(r"check: vocab-parallel (\S+)\s+single-process (\S+)", out)
     assert m is not None, out
     assert abs(float(m.group(1)) - float(m.group(2))) <= 1e-4 * abs(float(m.group(2)))
