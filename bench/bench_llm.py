@@ -6,7 +6,11 @@ Methods, measured side by side in one run (CPU, float32):
 * ``fused``: :class:`mtbkd.FusedLinearMTBKDLoss` / ``FusedLinearMultiTeacherKDLoss`` with the
   teachers given as ``(hidden, weight, None)`` heads: rows in chunks, no ``[N, V]`` logits alive;
 * ``eager``: ``z = h Wᵀ`` and ``t_k = h_k W_kᵀ`` materialised, then the fused loss op
-  (:func:`mtbkd.mtbkd_loss`), autograd through the matmul.
+  (:func:`mtbkd.mtbkd_loss`), autograd through the matmul;
+* ``matmuls``: the same head matmuls and nothing else (K + 1 forward products, then
+  ``grad_hidden`` and ``grad_W``, ``2·N·H·V·(K + 3)`` flops): the floor that any fused-linear loss
+  on this machine stands on, since it cannot skip them. ``fused / matmuls`` says how close to that
+  limit the fused path is, and GFLOP/s the rate each method reaches.
 
 Reported per configuration: forward+backward time (median, p20, p80), peak extra resident memory
 of one forward+backward in a fresh process, and the ratios fused/eager. Issue 6's targets at
@@ -59,7 +63,24 @@ def make_method(method: str, loss: str, chunk_size: int | None = None):
             return mtbkd.multi_teacher_kd_loss(z, t, y, divergence="forward_kl")
 
         return eager
+    if method == "matmuls":
+
+        def matmuls(h, w, teachers, y):
+            with torch.no_grad():
+                z = h @ w.t()
+                for th, tw, _ in teachers:
+                    th @ tw.t()
+                z @ w, z.t() @ h  # grad_hidden and grad_W with z standing in for dL/dz
+            return z
+
+        return matmuls
     raise ValueError(f"unknown method {method!r}")
+
+
+def flops(n: int, h: int, v: int, k: int) -> float:
+    """Multiply-adds x 2 of the head matmuls of one forward+backward: K + 1 products forward,
+    grad_hidden and grad_W backward."""
+    return 2.0 * n * h * v * (k + 3)
 
 
 def _fwd_bwd(fn, hid, w, teachers, y):
@@ -85,9 +106,10 @@ def bench_config(loss, n, h, v, k, repeats, with_memory=True, chunk_size=None):
     inputs = make_inputs(n, h, v, k)
     methods = ("fused", "eager")
     fns = {m: make_method(m, loss, chunk_size) for m in methods}
-    fb = common.time_interleaved(
-        {m: (lambda f=f: _fwd_bwd(f, *inputs)) for m, f in fns.items()}, repeats=repeats
-    )
+    calls = {m: (lambda f=f: _fwd_bwd(f, *inputs)) for m, f in fns.items()}
+    floor = make_method("matmuls", loss)
+    calls["matmuls"] = lambda: floor(*inputs)
+    fb = common.time_interleaved(calls, repeats=repeats)
     row = {
         "loss": loss, "N": n, "H": h, "V": v, "K": k, "dtype": "float32",
         "backend": mtbkd.ops.select_backend(torch.device("cpu"), "mtbkd_loss_fwd"),
@@ -101,9 +123,15 @@ def bench_config(loss, n, h, v, k, repeats, with_memory=True, chunk_size=None):
             peak = common.peak_extra_memory("bench_llm", "memory_probe", kw)
             entry["peak_extra_mb"] = peak / 2**20
         row["methods"][m] = entry
+    row["methods"]["matmuls"] = {"forward_backward": fb["matmuls"]}
+    for entry in row["methods"].values():
+        entry["gflops"] = flops(n, h, v, k) / entry["forward_backward"]["median_ms"] / 1e6
     f, e = row["methods"]["fused"], row["methods"]["eager"]
     row["time_ratio_fused_over_eager"] = (
         f["forward_backward"]["median_ms"] / e["forward_backward"]["median_ms"]
+    )
+    row["time_ratio_fused_over_matmuls"] = (
+        f["forward_backward"]["median_ms"] / fb["matmuls"]["median_ms"]
     )
     if with_memory:
         row["memory_ratio_fused_over_eager"] = f["peak_extra_mb"] / max(e["peak_extra_mb"], 1e-9)
@@ -112,9 +140,9 @@ def bench_config(loss, n, h, v, k, repeats, with_memory=True, chunk_size=None):
 
 def table(results: dict) -> str:
     lines = [
-        "| loss | N×H×V×K | fused ms | eager ms | time fused/eager | fused MB | eager MB | "
-        "memory fused/eager |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loss | N×H×V×K | fused ms | eager ms | matmuls ms | time fused/eager | "
+        "fused/matmuls | fused GFLOP/s | fused MB | eager MB | memory fused/eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["configs"]:
         m = r["methods"]
@@ -122,7 +150,10 @@ def table(results: dict) -> str:
             f"| {r['loss']} | {r['N']}×{r['H']}×{r['V']}×{r['K']} | "
             f"{m['fused']['forward_backward']['median_ms']:.0f} | "
             f"{m['eager']['forward_backward']['median_ms']:.0f} | "
+            f"{m['matmuls']['forward_backward']['median_ms']:.0f} | "
             f"{r['time_ratio_fused_over_eager']:.2f} | "
+            f"{r['time_ratio_fused_over_matmuls']:.2f} | "
+            f"{m['fused']['gflops']:.0f} | "
             f"{m['fused'].get('peak_extra_mb', float('nan')):.0f} | "
             f"{m['eager'].get('peak_extra_mb', float('nan')):.0f} | "
             f"{r.get('memory_ratio_fused_over_eager', float('nan')):.2f} |"
@@ -143,10 +174,13 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, key, unit in ((axes[0], "peak_extra_mb", "peak extra MB"),
                           (axes[1], None, "forward+backward ms (median)")):  # fmt: skip
-        for j, m in enumerate(("fused", "eager")):
+        shown = ("fused", "eager") if key else ("fused", "eager", "matmuls")
+        width = 0.8 / len(shown)
+        for j, m in enumerate(shown):
             vals = [r["methods"][m].get(key, 0) if key else
                     r["methods"][m]["forward_backward"]["median_ms"] for r in rows]  # fmt: skip
-            ax.bar([i + (j - 0.5) * 0.4 for i in x], vals, 0.4, label=m)
+            label = "matmuls only (the floor)" if m == "matmuls" else m
+            ax.bar([i + (j - (len(shown) - 1) / 2) * width for i in x], vals, width, label=label)
         ax.set_xticks(list(x), labels, fontsize=7)
         ax.set_ylabel(unit)
         ax.legend()
