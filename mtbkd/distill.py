@@ -1362,6 +1362,11 @@ class ExperimentResult:
         raise KeyError(name)
 
 
+def format_hparams(hparams: dict) -> str:
+    """``"k=v, ..."`` with each value in ``%g`` (``sgld_prior_precision=0.0237``), or ``"none"``."""
+    return ", ".join(f"{k}={v:g}" for k, v in hparams.items()) or "none"
+
+
 def method_names(config: DistillConfig, teacher_names: Sequence[str]) -> list[str]:
     out = []
     for m in config.methods:
@@ -1508,7 +1513,8 @@ class _Experiment:
         metrics = evaluate_probs(probs, self.y_te)
         self.log(
             f"  {name:<14} acc {metrics['accuracy']:.3f}  nll {metrics['nll']:.3f}  "
-            f"ece {metrics['ece']:.3f}  ({seconds:.1f}s; val nll {vnll:.3f}; {hparams})"
+            f"ece {metrics['ece']:.3f}  ({seconds:.1f}s; val nll {vnll:.3f}; "
+            f"{format_hparams(hparams)})"
         )
         return MethodResult(name, metrics, seconds, hparams, probs, vnll, store is not None)
 

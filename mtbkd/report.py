@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtbkd.distill import ExperimentResult
+from mtbkd.distill import ExperimentResult, format_hparams
 
 __all__ = [
     "COLUMNS",
@@ -422,7 +422,7 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
     lines += ["", "## Selected hyperparameters", ""]
     val = rep.get("validation_nll") or {}
     for name, h in rep["hyperparameters"].items():
-        hs = ", ".join(f"{k}={v:g}" for k, v in h.items()) or "none"
+        hs = format_hparams(h)
         v = val.get(name)
         lines.append(f"- `{name}`: {hs}" + ("" if v is None else f" (validation NLL {v:.3f})"))
     if result.attribution is not None:

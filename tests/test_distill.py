@@ -431,3 +431,13 @@ def test_joint_selection_samples_every_grid_point_and_keeps_the_best_predictive(
         assert (got.hparams["prior_weight"], got.hparams["sgld_lr"]) == best[1:3]
         assert got.val_nll == pytest.approx(best[3])
         assert got.probs.shape[0] == 2 * cfg.num_samples
+
+
+def test_format_hparams_is_compact():
+    # the progress lines and report.md show 0.0237, not float noise like 0.023700000000000002
+    from mtbkd.distill import format_hparams
+
+    assert format_hparams({"sgld_prior_precision": 0.023700000000000002, "temperature": 4.0}) == (
+        "sgld_prior_precision=0.0237, temperature=4"
+    )
+    assert format_hparams({}) == "none"
