@@ -482,22 +482,30 @@ def _figures(result: ExperimentResult, out: Path, boot: dict[str, Any] | None = 
     files = []
     y = result.labels
 
-    fig, ax = plt.subplots(figsize=(5.2, 5))
+    # reliability curves above, the number of test rows per confidence bin below (a bin's
+    # accuracy is only as sure as its count)
+    fig, (ax, axc) = plt.subplots(
+        2, 1, figsize=(5.2, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
+    edges = torch.linspace(0, 1, 16).numpy()
     for n in focus:
         conf, acc, count = reliability_curve(result.method(n).probs, y)
         keep = count >= 5  # bins of a handful of rows are noise
-        ax.plot(
+        (line,) = ax.plot(
             conf[keep].numpy(),
             acc[keep].numpy(),
             "o-",
             ms=3,
             label=f"{n} (ECE {result.method(n).metrics['ece']:.3f})",
         )
-    ax.set_xlabel("confidence (posterior-mean max probability)")
+        axc.stairs(count.numpy(), edges, color=line.get_color(), lw=1.2)
     ax.set_ylabel("accuracy")
     ax.set_title(f"Reliability diagram, {result.dataset} test set")
     ax.legend(fontsize=8, loc="upper left")
+    axc.set_yscale("symlog", linthresh=10)
+    axc.set_ylabel("rows per bin")
+    axc.set_xlabel("confidence (posterior-mean max probability)")
     fig.tight_layout()
     fig.savefig(out / "reliability.png", dpi=110)
     plt.close(fig)
