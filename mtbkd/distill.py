@@ -64,6 +64,7 @@ __all__ = [
     "evaluate_probs",
     "teacher_attribution",
     "weighting_diagnostic",
+    "weighting_verdict",
     "run_experiment",
     "save_run",
     "load_run",
@@ -1694,7 +1695,10 @@ def weighting_diagnostic(
 
     When the highest-weight teacher is right no more often than the best single teacher, the
     weighting carries no information a single-teacher BKD lacks, and the mixture has little to
-    add; ``None`` with fewer than two teachers."""
+    add. ``margin`` is the highest-weight teacher's accuracy minus the best teacher's
+    (``best_teacher``) on these rows and ``margin_se`` the standard error of that paired
+    difference (per row: right or not under each choice), so that :func:`weighting_verdict` can
+    tell a real edge from noise. ``None`` with fewer than two teachers."""
     t = torch.as_tensor(teacher_logits)
     if t.dim() != 3:
         raise ValueError(f"teacher_logits must be [K, N, C], got shape {tuple(t.shape)}")
@@ -1711,18 +1715,34 @@ def weighting_diagnostic(
     out: dict[str, Any] = {"rows": len(labels), "disagree_rows": n_dis}
     if n_dis == 0:
         return {**out, "teacher_accuracy": None, "highest_weight_accuracy": None,
-                "mean_weights": None}  # fmt: skip
+                "mean_weights": None, "best_teacher": None, "margin": None,
+                "margin_se": None}  # fmt: skip
     w = mf.teacher_weights(t[:, disagree].double(), "entropy")
-    right = pred[:, disagree] == labels[disagree]
-    pick = w.argmax(0)
+    right = (pred[:, disagree] == labels[disagree]).double()
+    picked = right[w.argmax(0), torch.arange(n_dis)]
+    acc = right.mean(1)
+    best = int(acc.argmax())
+    diff = picked - right[best]
+    se = float(diff.std() / math.sqrt(n_dis)) if n_dis > 1 else 0.0
     return {
         **out,
-        "teacher_accuracy": {
-            n: float(right[k].double().mean()) for k, n in enumerate(teacher_names)
-        },
-        "highest_weight_accuracy": float(right[pick, torch.arange(n_dis)].double().mean()),
+        "teacher_accuracy": {n: float(acc[k]) for k, n in enumerate(teacher_names)},
+        "highest_weight_accuracy": float(picked.mean()),
         "mean_weights": {n: float(w[k].mean()) for k, n in enumerate(teacher_names)},
+        "best_teacher": teacher_names[best],
+        "margin": float(diff.mean()),
+        "margin_se": se,
     }
+
+
+def weighting_verdict(margin: float, margin_se: float) -> str:
+    """``"better"``, ``"tie"`` or ``"worse"``: the highest-weight teacher against the best single
+    teacher (:func:`weighting_diagnostic`), a difference counted only beyond two standard errors."""
+    if margin > 0 and margin > 2 * margin_se:
+        return "better"
+    if margin < 0 and -margin > 2 * margin_se:
+        return "worse"
+    return "tie"
 
 
 def _summarise_attribution(method, w, r, labels, probs, class_names, teacher_names) -> dict:

@@ -141,18 +141,36 @@ def teacher_disagreement(result: ExperimentResult) -> dict[str, Any] | None:
     }
 
 
+def _verdict_words(d: dict[str, Any], margin, se, extra: str) -> str:
+    """The verdict clause of the weighting diagnostic (a report's, or the mean over seeds)."""
+    from mtbkd.distill import weighting_verdict
+
+    if margin is None:  # a report written before the margin was recorded
+        top = d["highest_weight_accuracy"]
+        top = top["mean"] if isinstance(top, dict) else top
+        best = max(v["mean"] if isinstance(v, dict) else v for v in d["teacher_accuracy"].values())
+        verdict, edge = ("better" if top > best else "tie"), ""
+    else:
+        verdict = weighting_verdict(margin, se)
+        edge = f" (`{d['best_teacher']}`: {margin:+.3f} ± {se:.3f} s.e.{extra})"
+    if verdict == "better":
+        return (
+            "so the weighting points to the right teacher more often than any single teacher "
+            f"does{edge}"
+        )
+    what = "no more often than" if verdict == "tie" else "less often than"
+    return (
+        f"{what} the best single teacher{edge}: on these teachers the weighting carries no "
+        "information a single-teacher BKD lacks"
+    )
+
+
 def weighting_sentence(d: dict[str, Any] | None) -> list[str]:
     """The markdown lines that state :func:`mtbkd.distill.weighting_diagnostic`'s result."""
     if not d or not d.get("disagree_rows"):
         return []
-    best = max(d["teacher_accuracy"].values())
     each = ", ".join(f"`{n}` {a:.3f}" for n, a in d["teacher_accuracy"].items())
-    verdict = (
-        "so the weighting points to the right teacher more often than any single teacher does"
-        if d["highest_weight_accuracy"] > best
-        else "no more often than the best single teacher: on these teachers the weighting carries "
-        "no information a single-teacher BKD lacks"
-    )
+    verdict = _verdict_words(d, d.get("margin"), d.get("margin_se"), "")
     top = d["highest_weight_accuracy"]
     return [
         f"On the {d['disagree_rows']} of {d['rows']} training rows where the teachers disagree, "
@@ -790,13 +808,24 @@ def _seed_weighting(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
     teachers = list(parts[0]["teacher_accuracy"])
     if any(list(p["teacher_accuracy"]) != teachers for p in parts):
         return None
-    return {
+    out = {
         "disagree_fraction": _spread([p["disagree_rows"] / p["rows"] for p in parts]),
         "highest_weight_accuracy": _spread([p["highest_weight_accuracy"] for p in parts]),
         "teacher_accuracy": {
             n: _spread([p["teacher_accuracy"][n] for p in parts]) for n in teachers
         },
     }
+    if all(p.get("margin") is not None for p in parts):
+        # the best teacher of the seeds' mean accuracy; each seed's margin against that teacher
+        best = max(teachers, key=lambda n: out["teacher_accuracy"][n]["mean"])
+        out["best_teacher"] = best
+        out["margin"] = _spread(
+            [p["highest_weight_accuracy"] - p["teacher_accuracy"][best] for p in parts]
+        )
+        # one seed's standard error, averaged: the seeds share most training rows, so their
+        # errors are not independent and shrinking by sqrt(seeds) would overstate certainty
+        out["margin_se"] = sum(p["margin_se"] for p in parts) / len(parts)
+    return out
 
 
 def _seed_disagreement(reports: list[dict[str, Any]], names: list[str]) -> dict[str, Any] | None:
@@ -1066,8 +1095,9 @@ def write_seed_summary(summary: dict[str, Any], out_dir: str | Path, figures: bo
     w = summary.get("train_weighting")
     if w:
         each = ", ".join(f"`{n}` {_pm(v, '{:.3f}')}" for n, v in w["teacher_accuracy"].items())
-        better = w["highest_weight_accuracy"]["mean"] > max(
-            v["mean"] for v in w["teacher_accuracy"].values()
+        margin = w.get("margin")
+        verdict = _verdict_words(
+            w, None if margin is None else margin["mean"], w.get("margin_se"), ", mean over seeds"
         )
         frac, top = (
             _pm(w["disagree_fraction"], "{:.3f}"),
@@ -1076,13 +1106,7 @@ def write_seed_summary(summary: dict[str, Any], out_dir: str | Path, figures: bo
         lines += [
             f"On the training rows where the teachers disagree ({frac} of them), the teacher "
             f"with the highest entropy weight is right on {top} (each teacher: {each}; mean ± "
-            "sd over seeds): "
-            + (
-                "the weighting points to the right teacher more often than any single teacher."
-                if better
-                else "no more often than the best single teacher, so the weighting carries no "
-                "information a single-teacher BKD lacks."
-            ),
+            f"sd over seeds), {verdict}.",
             "",
         ]
     lines += [f"![{f}]({f})" for f in files]

@@ -411,11 +411,27 @@ def test_weighting_diagnostic_by_hand():
     assert d["highest_weight_accuracy"] == pytest.approx(2 / 3)
     w = distill.mf.teacher_weights(torch.stack([a, b])[:, :3].double())  # the disagreeing rows
     assert d["mean_weights"]["a"] == pytest.approx(float(w[0].mean()))
+    # the paired difference against the best teacher (a, first of the tied): per row 0, 1, 0
+    assert d["best_teacher"] == "a" and d["margin"] == pytest.approx(1 / 3)
+    assert d["margin_se"] == pytest.approx((1 / 3) ** 0.5 / 3**0.5)  # sd sqrt(1/3), 3 rows
+    # three rows cannot tell +0.333 from noise (the standard error is 0.333)
     text = " ".join(report.weighting_sentence(d))
-    assert "0.667" in text and "more often than any single teacher" in text
-    # a weighting that only repeats the better teacher: the other verdict
-    worse = dict(d, highest_weight_accuracy=1 / 3)
-    assert "no information a single-teacher BKD lacks" in " ".join(report.weighting_sentence(worse))
+    assert "0.667" in text and "no more often than the best single teacher (`a`: +0.333" in text
+    assert distill.weighting_verdict(1 / 3, 1 / 3) == "tie"
+    # beyond two standard errors either way
+    sure = dict(d, margin=0.4, margin_se=0.1)
+    assert "more often than any single teacher" in " ".join(report.weighting_sentence(sure))
+    worse = " ".join(report.weighting_sentence(dict(d, margin=-0.4, margin_se=0.1)))
+    assert "less often than the best single teacher" in worse
+    assert "no information a single-teacher BKD lacks" in worse
+    assert [distill.weighting_verdict(m, 0.1) for m in (0.21, 0.2, -0.2, -0.21)] == [
+        "better", "tie", "tie", "worse"
+    ]  # fmt: skip
+    # a report written before the margin was recorded: the plain comparison of accuracies
+    old = {k: v for k, v in d.items() if k not in ("margin", "margin_se", "best_teacher")}
+    assert "more often than any single teacher" in " ".join(report.weighting_sentence(old))
+    old["highest_weight_accuracy"] = 1 / 3
+    assert "no information a single-teacher BKD lacks" in " ".join(report.weighting_sentence(old))
     # one teacher, no disagreement, bad shapes
     assert distill.weighting_diagnostic(a[None], y, ["a"]) is None
     same = distill.weighting_diagnostic(torch.stack([a, a]), y, ["a", "a2"])
@@ -425,3 +441,29 @@ def test_weighting_diagnostic_by_hand():
         distill.weighting_diagnostic(torch.stack([a, b]), y[:3], ["a", "b"])
     with pytest.raises(ValueError, match=r"must be \[K, N, C\]"):
         distill.weighting_diagnostic(a, y, ["a"])
+
+
+def test_seed_summary_weighting_margin(tmp_path):
+    # each seed's margin is taken against the teacher best on the seeds' mean (b), and the
+    # verdict uses one seed's standard error (the seeds share training rows)
+    reps = []
+    for i, (top, se) in enumerate(((0.60, 0.02), (0.64, 0.04))):
+        rep = _seed_report({"ce": (0.5, 1.3 + 0.1 * i, 0.05), "mtbkd_sgld": (0.5, 1.2, 0.04)})
+        rep["train_weighting"] = {
+            "rows": 100, "disagree_rows": 40,
+            "teacher_accuracy": {"a": 0.3 + 0.3 * i, "b": 0.5},  # a: 0.3, 0.6 (mean 0.45)
+            "highest_weight_accuracy": top, "mean_weights": {"a": 0.5, "b": 0.5},
+            "best_teacher": ["b", "a"][i], "margin": top - [0.5, 0.6][i], "margin_se": se,
+        }  # fmt: skip
+        reps.append(rep)
+    w = report.summarise_seeds(reps, [0, 1])["train_weighting"]
+    assert w["best_teacher"] == "b"
+    assert w["margin"]["values"] == pytest.approx([0.10, 0.14])
+    assert w["margin_se"] == pytest.approx(0.03)
+    report.write_seed_summary(report.summarise_seeds(reps, [0, 1]), tmp_path, figures=False)
+    md = (tmp_path / "summary.md").read_text()
+    assert "more often than any single teacher does (`b`: +0.120 ± 0.030 s.e., mean over seeds)" in md
+    reps[1]["train_weighting"]["margin_se"] = 0.11  # mean se 0.065: +0.12 is within 2 se
+    report.write_seed_summary(report.summarise_seeds(reps, [0, 1]), tmp_path, figures=False)
+    md = (tmp_path / "summary.md").read_text()
+    assert "no more often than the best single teacher (`b`: +0.120 ± 0.065 s.e." in md
