@@ -462,7 +462,8 @@ def test_seed_summary_weighting_margin(tmp_path):
     assert w["margin_se"] == pytest.approx(0.03)
     report.write_seed_summary(report.summarise_seeds(reps, [0, 1]), tmp_path, figures=False)
     md = (tmp_path / "summary.md").read_text()
-    assert "more often than any single teacher does (`b`: +0.120 ± 0.030 s.e., mean over seeds)" in md
+    edge = "(`b`: +0.120 ± 0.030 s.e., mean over seeds)"
+    assert f"more often than any single teacher does {edge}" in md
     reps[1]["train_weighting"]["margin_se"] = 0.11  # mean se 0.065: +0.12 is within 2 se
     report.write_seed_summary(report.summarise_seeds(reps, [0, 1]), tmp_path, figures=False)
     md = (tmp_path / "summary.md").read_text()
