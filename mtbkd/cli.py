@@ -434,17 +434,24 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
                 "test_ece": m["ece"],
             }
         )
+    combos = _teacher_combinations(t_all, t_test, y_tr, y_te) if len(names) > 1 else []
     diag = distill.weighting_diagnostic(t_all, y_tr, names)
     if args.json:
-        print(json.dumps({"dataset": dataset.name, "teachers": rows, "train_weighting": diag}))
+        print(json.dumps({"dataset": dataset.name, "teachers": rows, "combinations": combos,
+                          "train_weighting": diag}))  # fmt: skip
         return 0
     print(f"{dataset.name}: {len(y_tr)} training / {len(y_te)} test rows, {len(names)} teachers")
-    width = max(len(n) for n in names)
+    width = max(len(n) for n in [*names, *(c["name"] for c in combos)])
     print(f"{'teacher':<{width}}  train acc  test acc  test NLL  test ECE")
-    for r in rows:
+    for r in [*rows, *combos]:
         print(
             f"{r['name']:<{width}}  {r['train_accuracy']:9.3f}  {r['test_accuracy']:8.3f}  "
             f"{r['test_nll']:8.3f}  {r['test_ece']:8.3f}"
+        )
+    if combos:
+        print(
+            "(average: the mean of the teachers' probabilities; entropy-weighted: mixed per row "
+            "with the weights MT-BKD uses. What the teachers know together, before any student.)"
         )
     if diag is None:
         print("One teacher: there is nothing to weigh.")
@@ -453,6 +460,33 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
     else:
         print(report.weighting_sentence(diag)[0])
     return 0
+
+
+def _teacher_combinations(t_train, t_test, y_train, y_test) -> list[dict]:
+    """The teachers' probabilities averaged, and mixed per row with the entropy weights of
+    MATH.md section 1: accuracy on the training rows, accuracy / NLL / ECE on the test rows."""
+    import torch
+
+    from mtbkd import distill
+    from mtbkd.functional import teacher_weights
+
+    out = []
+    for name, method in (("average", "uniform"), ("entropy-weighted", "entropy")):
+        mixed = []
+        for t in (t_train, t_test):
+            w = teacher_weights(t.double(), method)  # [K, N]
+            mixed.append((w[..., None] * torch.softmax(t.double(), -1)).sum(0))
+        m = distill.evaluate_probs(mixed[1].float(), y_test)
+        out.append(
+            {
+                "name": name,
+                "train_accuracy": float((mixed[0].argmax(-1) == y_train).double().mean()),
+                "test_accuracy": m["accuracy"],
+                "test_nll": m["nll"],
+                "test_ece": m["ece"],
+            }
+        )
+    return out
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -318,6 +318,11 @@ def test_teachers_command(tmp_path, capsys):
     w = d["train_weighting"]
     # the demo's experts: the most confident teacher is right far more often than any one
     assert w["highest_weight_accuracy"] > max(w["teacher_accuracy"].values()) + 0.1
+    # together the experts know more than any one of them, the more so mixed by their confidence
+    combos = {c["name"]: c for c in d["combinations"]}
+    assert list(combos) == ["average", "entropy-weighted"]
+    best = min(t["test_nll"] for t in d["teachers"])
+    assert combos["entropy-weighted"]["test_nll"] < combos["average"]["test_nll"] < best
     assert cli.main(["teachers", "--dataset", "digits"]) == 0
     out = capsys.readouterr().out
     assert "train acc  test acc" in out and "more often than any single teacher" in out
@@ -332,7 +337,17 @@ def test_teachers_command(tmp_path, capsys):
     np.save(root / "teacher_a.npy", logits)
     np.save(root / "teacher_b.npy", logits * 2)
     assert cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root)]) == 0
-    assert "agree on every training row" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "agree on every training row" in out and "entropy-weighted" in out
+    # what the two teachers know together, by hand: every row has the same two distributions
+    assert cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root), "--json"]) == 0
+    combos = {c["name"]: c for c in json.loads(capsys.readouterr().out)["combinations"]}
+    pa, pb = (np.exp([z, 0.0]) / np.exp([z, 0.0]).sum() for z in (3.0, 6.0))
+    h = np.array([-(p * np.log(p)).sum() for p in (pa, pb)])
+    w = 1 - h / h.sum()  # MATH.md section 1 with K = 2: (1 - H_k / ΣH) / (K - 1)
+    for name, right in (("average", (pa[0] + pb[0]) / 2), ("entropy-weighted", w @ [pa[0], pb[0]])):
+        assert combos[name]["test_accuracy"] == 1.0
+        assert combos[name]["test_nll"] == pytest.approx(-np.log(right), rel=1e-5)
     (root / "teacher_b.npy").unlink()
     assert cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root)]) == 0
     assert "nothing to weigh" in capsys.readouterr().out
