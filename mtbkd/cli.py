@@ -463,30 +463,16 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
 
 
 def _teacher_combinations(t_train, t_test, y_train, y_test) -> list[dict]:
-    """The teachers' probabilities averaged, and mixed per row with the entropy weights of
-    MATH.md section 1: accuracy on the training rows, accuracy / NLL / ECE on the test rows."""
-    import torch
-
+    """:func:`mtbkd.distill.teacher_mixtures` in the rows of ``mtbkd teachers``: accuracy on the
+    training rows, accuracy / NLL / ECE on the test rows."""
     from mtbkd import distill
-    from mtbkd.functional import teacher_weights
 
-    out = []
-    for name, method in (("average", "uniform"), ("entropy-weighted", "entropy")):
-        mixed = []
-        for t in (t_train, t_test):
-            w = teacher_weights(t.double(), method)  # [K, N]
-            mixed.append((w[..., None] * torch.softmax(t.double(), -1)).sum(0))
-        m = distill.evaluate_probs(mixed[1].float(), y_test)
-        out.append(
-            {
-                "name": name,
-                "train_accuracy": float((mixed[0].argmax(-1) == y_train).double().mean()),
-                "test_accuracy": m["accuracy"],
-                "test_nll": m["nll"],
-                "test_ece": m["ece"],
-            }
-        )
-    return out
+    train = distill.teacher_mixtures(t_train, y_train)
+    return [
+        {"name": a["name"], "train_accuracy": a["accuracy"], "test_accuracy": b["accuracy"],
+         "test_nll": b["nll"], "test_ece": b["ece"]}
+        for a, b in zip(train, distill.teacher_mixtures(t_test, y_test), strict=True)
+    ]  # fmt: skip
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -65,6 +65,7 @@ __all__ = [
     "teacher_attribution",
     "weighting_diagnostic",
     "weighting_verdict",
+    "teacher_mixtures",
     "run_experiment",
     "save_run",
     "load_run",
@@ -1355,6 +1356,8 @@ class ExperimentResult:
     features: str = ""
     # weighting_diagnostic on the training rows: do the entropy weights pick the right teacher?
     train_weighting: dict[str, Any] | None = None
+    # teacher_mixtures on the test rows: the teachers averaged and entropy-weighted
+    teacher_mixtures: list[dict[str, Any]] | None = None
 
     def method(self, name: str) -> MethodResult:
         for m in self.methods:
@@ -1682,7 +1685,30 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         t_te.argmax(-1),
         dataset.features_text(),
         weighting_diagnostic(t_tr, y_tr, names),
+        teacher_mixtures(t_te, y_te),
     )
+
+
+def teacher_mixtures(teacher_logits: Tensor, labels: Tensor) -> list[dict[str, Any]]:
+    """What the teachers know together, before any student: their probabilities averaged
+    (``average``) and mixed per row with the entropy weights of MATH.md section 1
+    (``entropy-weighted``), each with accuracy, NLL and ECE on ``labels``. Empty for one
+    teacher."""
+    t = torch.as_tensor(teacher_logits)
+    if t.dim() != 3:
+        raise ValueError(f"teacher_logits must be [K, N, C], got shape {tuple(t.shape)}")
+    if t.shape[1] != len(labels):
+        raise ValueError(f"teacher_logits has {t.shape[1]} rows but labels has {len(labels)}")
+    if t.shape[0] < 2:
+        return []
+    probs = torch.softmax(t.double(), -1)
+    out = []
+    for name, method in (("average", "uniform"), ("entropy-weighted", "entropy")):
+        w = mf.teacher_weights(t.double(), method)  # [K, N]
+        mixed = (w[..., None] * probs).sum(0)
+        m = evaluate_probs(mixed.float().unsqueeze(0), torch.as_tensor(labels).long())
+        out.append({"name": name, "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"]})
+    return out
 
 
 def weighting_diagnostic(

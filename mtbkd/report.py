@@ -90,6 +90,7 @@ def report_dict(result: ExperimentResult) -> dict[str, Any]:
             "hyperparameters": {m.name: m.hparams for m in result.methods},
             "validation_nll": {m.name: m.val_nll for m in result.methods},
             "teachers": result.teachers,
+            "teacher_mixtures": result.teacher_mixtures,
             "classes": result.class_names,
             "attribution": att,
             "teacher_disagreement": teacher_disagreement(result),
@@ -437,6 +438,14 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
     ]
     for t in result.teachers:
         lines.append(f"| `{t['name']}` | {t['accuracy']:.3f} | {t['nll']:.3f} | {t['ece']:.3f} |")
+    for t in result.teacher_mixtures or []:
+        lines.append(f"| *{t['name']}* | {t['accuracy']:.3f} | {t['nll']:.3f} | {t['ece']:.3f} |")
+    if result.teacher_mixtures:
+        lines += [
+            "",
+            "*average*: the teachers' probabilities averaged; *entropy-weighted*: mixed per row "
+            "with the weights MT-BKD uses. What the teachers know together, before any student.",
+        ]
     lines += ["", "## Selected hyperparameters", ""]
     val = rep.get("validation_nll") or {}
     for name, h in rep["hyperparameters"].items():

@@ -441,3 +441,28 @@ def test_format_hparams_is_compact():
         "sgld_prior_precision=0.0237, temperature=4"
     )
     assert format_hparams({}) == "none"
+
+
+def test_teacher_mixtures_by_hand():
+    # two teachers, two rows of two classes, label 0: the average and the entropy-weighted mixture
+    a = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[0.0, 0.5], [4.0, 0.0]])
+    y = torch.tensor([0, 0])
+    mixes = {m["name"]: m for m in distill.teacher_mixtures(torch.stack([a, b]), y)}
+    pa, pb = torch.softmax(a.double(), -1), torch.softmax(b.double(), -1)
+    ha, hb = (-(p * p.log()).sum(-1) for p in (pa, pb))
+    wa = 1 - ha / (ha + hb)  # MATH.md section 1, K = 2; wb = 1 - wa
+    expect = {
+        "average": (pa + pb) / 2,
+        "entropy-weighted": wa[:, None] * pa + (1 - wa)[:, None] * pb,
+    }
+    for name, p in expect.items():
+        assert mixes[name]["nll"] == pytest.approx(float(-p[:, 0].log().mean()), rel=1e-5)
+        assert mixes[name]["accuracy"] == pytest.approx(float((p.argmax(-1) == 0).double().mean()))
+    # the more confident teacher is the right one on both rows: its weight halves the NLL
+    assert mixes["entropy-weighted"]["nll"] < 0.6 * mixes["average"]["nll"]
+    assert distill.teacher_mixtures(a[None], y) == []  # one teacher: nothing to mix
+    with pytest.raises(ValueError, match="rows but labels"):
+        distill.teacher_mixtures(torch.stack([a, b]), y[:1])
+    with pytest.raises(ValueError, match=r"\[K, N, C\]"):
+        distill.teacher_mixtures(a, y)

@@ -132,6 +132,12 @@ def test_write_report_files(tmp_path):
     for png in ("reliability.png", "uncertainty.png", "teachers.png", "comparison.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![{png}]({png})" in md
+    assert "*average*" not in md  # no mixtures given: no rows for them
+    result = _result()
+    result.teacher_mixtures = [{"name": "average", "accuracy": 0.5, "nll": 0.75, "ece": 0.125}]
+    rep = report.write_report(result, tmp_path / "mix")
+    assert rep["teacher_mixtures"] == result.teacher_mixtures
+    assert "| *average* | 0.500 | 0.750 | 0.125 |" in (tmp_path / "mix" / "report.md").read_text()
 
 
 def test_teacher_disagreement_by_hand(tmp_path):
