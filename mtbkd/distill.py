@@ -1578,7 +1578,10 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
                 "class_accuracy": per_class,
             }
         )
-        log(f"  teacher {n:<10} test acc {m['accuracy']:.3f}  nll {m['nll']:.3f}")
+        log(f"  {'teacher ' + n:<26} test acc {m['accuracy']:.3f}  nll {m['nll']:.3f}")
+    mixtures = teacher_mixtures(t_te, y_te)
+    for m in mixtures:  # what the teachers know together
+        log(f"  {'teachers ' + m['name']:<26} test acc {m['accuracy']:.3f}  nll {m['nll']:.3f}")
     torch.manual_seed(config.seed)
     base = StudentMLP(x_tr.shape[1], c, config.hidden, x_tr.mean(0), x_tr.std(0))
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -1685,7 +1688,7 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         t_te.argmax(-1),
         dataset.features_text(),
         weighting_diagnostic(t_tr, y_tr, names),
-        teacher_mixtures(t_te, y_te),
+        mixtures,
     )
 
 
