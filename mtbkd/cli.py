@@ -434,7 +434,7 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
                 "test_ece": m["ece"],
             }
         )
-    combos = _teacher_combinations(t_all, t_test, y_tr, y_te) if len(names) > 1 else []
+    combos = _teacher_combinations(t_all, t_test, y_tr, y_te)  # [] for one teacher
     diag = distill.weighting_diagnostic(t_all, y_tr, names)
     if args.json:
         print(json.dumps({"dataset": dataset.name, "teachers": rows, "combinations": combos,

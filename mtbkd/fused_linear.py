@@ -200,7 +200,7 @@ def _parse_teachers(teachers: Any, n: int, v: int, device: torch.device) -> list
 
 
 def _chunk_op(kind: str, opts: dict, z: Tensor, teachers: list, rows: slice, labels, fixed,
-              bufs: list | None = None):  # fmt: skip
+              bufs: list):  # fmt: skip
     """Per-row loss ``[c]``, gradient ``G [c, V]`` (unscaled) and the op's other outputs.
     ``bufs[k]`` (or None) is a ``[chunk, V]`` buffer teacher k's head writes its logits into."""
     lab = None if labels is None else labels[rows]
@@ -209,7 +209,6 @@ def _chunk_op(kind: str, opts: dict, z: Tensor, teachers: list, rows: slice, lab
         from mtbkd import sparse
 
         return sparse.chunk_loss_and_grad(kind, opts, z, [t.rows(rows) for t in teachers], lab, fw)
-    bufs = bufs or [None] * len(teachers)
     t_chunk = [t.logits(rows, z.dtype, b) for t, b in zip(teachers, bufs)]
     if kind == "mtbkd":
         out = ops.mtbkd_loss_fwd(

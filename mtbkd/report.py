@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtbkd.distill import ExperimentResult, format_hparams
+from mtbkd.distill import ExperimentResult, format_hparams, weighting_verdict
 
 __all__ = [
     "COLUMNS",
@@ -144,8 +144,6 @@ def teacher_disagreement(result: ExperimentResult) -> dict[str, Any] | None:
 
 def _verdict_words(d: dict[str, Any], margin, se, extra: str) -> str:
     """The verdict clause of the weighting diagnostic (a report's, or the mean over seeds)."""
-    from mtbkd.distill import weighting_verdict
-
     if margin is None:  # a report written before the margin was recorded
         top = d["highest_weight_accuracy"]
         top = top["mean"] if isinstance(top, dict) else top
