@@ -136,7 +136,12 @@ def mtbkd_loss(
         teacher_logits: ``[K, ..., V]`` tensor or a sequence of K ``[..., V]`` tensors.
         labels: optional ``[...]`` class indices; without them the CE term is dropped.
         temperature: τ for the softened student and teachers (paper code: 2).
-        concentration: Dirichlet concentration λ (paper code: 5).
+        concentration: Dirichlet concentration λ (paper code: 5). With several teachers it
+            has two roles: the gradient pulls ``q^τ`` toward ``Σ_k r_k p_k^τ`` at strength
+            ``β_p·λ/τ``, and λ also sets how sharply the responsibilities ``r`` pick a teacher:
+            near the weights ``w`` for small λ (the weighted average of the teachers), one-hot on
+            the teacher nearest the student in ``KL(p_k‖q^τ)`` for large λ. With one teacher only
+            the product ``β_p·λ`` matters.
         prior_weight: β_p (paper code: 0.02).
         hard_label_weight: β_h (only with labels).
         weights: ``"entropy"`` (paper), ``"uniform"`` or a tensor ``[K]`` / ``[K, ...]``.

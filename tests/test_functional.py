@@ -129,6 +129,30 @@ def test_entropy_weights_favour_the_confident_teacher():
     assert w1.item() == 1.0
 
 
+def test_concentration_sets_how_sharply_the_mixture_picks_a_teacher(backend):
+    # With K >= 2, λ is not only the prior's strength: the gradient pulls q^τ toward
+    # Σ_k r_k p_k^τ, and the responsibilities r go from the weights w (λ -> 0: the weighted
+    # average of the teachers) to one-hot on the teacher nearest the student (λ large: by
+    # Stirling, C_k - L_k = -λ KL(p_k || q) + terms equal for every teacher).
+    z, t, y = _inputs(n=8, v=7, k=2, seed=3)
+    _, small = mtbkd.mtbkd_loss(z, t, y, concentration=1e-3, temperature=1.0, return_stats=True)
+    torch.testing.assert_close(small.responsibilities, small.weights, atol=1e-3, rtol=0)
+    _, large = mtbkd.mtbkd_loss(z, t, y, concentration=200.0, temperature=1.0, return_stats=True)
+    assert (large.responsibilities.max(0).values > 0.99).all()
+    q = torch.softmax(z, -1)
+    kl = torch.stack([(p * (p.log() - q.log())).sum(-1) for p in torch.softmax(t, -1)])
+    nearest = kl.argmin(0)
+    assert torch.equal(large.responsibilities.argmax(0), nearest)
+    # The gradient's target is Σ_k r_k p_k^τ at strength β_p·λ/τ (MATH.md section 2), so with one
+    # teacher and no labels only the product β_p·λ matters.
+    for lam, bp in ((0.5, 8.0), (4.0, 1.0)):
+        zz = z.clone().requires_grad_(True)
+        mtbkd.mtbkd_loss(zz, t[:1], concentration=lam, prior_weight=bp).backward()
+        if lam == 0.5:
+            g_first = zz.grad
+    torch.testing.assert_close(zz.grad, g_first)
+
+
 def test_fixed_weights_zero_drops_teacher(backend):
     z, t, y = _inputs(k=2)
     only_first = mtbkd.mtbkd_loss(z, t, y, weights=torch.tensor([1.0, 0.0]))
