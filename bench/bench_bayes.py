@@ -11,7 +11,7 @@
    the same matmuls, so the layer is where a library's sampling cost shows side by side.
 2. One SGLD step over a model's parameters: the fused op vs a Python loop over the parameters.
 3. The predictive over 100 posterior samples: ``mtbkd.posterior.predict`` (functional_call +
-   vmap) vs a loop that loads each sample into the model and runs it.
+   vmap, chunks sized automatically) vs a loop that loads each sample into the model and runs it.
 
 Every ratio compares methods timed in the same run, interleaved (``common.time_interleaved``).
 ``run(quick)`` returns the results dict and, given ``out_dir``, writes JSON, markdown and a PNG.
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mtbkd.ops
+from mtbkd import posterior
 from mtbkd.bayes_ops import reparameterize
 from mtbkd.optim import SGLD
 from mtbkd.posterior import SampleStore, predict
@@ -288,7 +289,7 @@ def _loop_predict(model: nn.Module, store: SampleStore, x: torch.Tensor) -> torc
     return torch.stack(out)
 
 
-def bench_predictive(n: int, d_in: int, hidden: int, classes: int, samples: int, chunk: int,
+def bench_predictive(n: int, d_in: int, hidden: int, classes: int, samples: int,
                      repeats: int) -> list[dict]:  # fmt: skip
     rows = []
     x = torch.randn(n, d_in)
@@ -296,14 +297,15 @@ def bench_predictive(n: int, d_in: int, hidden: int, classes: int, samples: int,
         model = _classifier(d_in, hidden, classes)
         store = _filled_store(model, include, samples)
         times = common.time_interleaved(
-            {"batched": lambda m=model, s=store: predict(m, s, x, chunk=chunk),
+            {"batched": lambda m=model, s=store: predict(m, s, x),
              "loop": lambda m=model, s=store: _loop_predict(m, s, x)},
             repeats=repeats,
         )  # fmt: skip
-        a = predict(model, store, x, chunk=chunk)
+        a = predict(model, store, x)
         b = _loop_predict(model, store, x)
         rows.append({
-            "sampled": label, "samples": samples, "N": n, "chunk": chunk,
+            "sampled": label, "samples": samples, "N": n,
+            "chunk": posterior._auto_chunk(store, dict(model.named_parameters()), a),
             "model": f"MLP {d_in}-{hidden}-{hidden}-{classes}", "methods": times,
             "batched_speedup": times["loop"]["median_ms"] / times["batched"]["median_ms"],
             "max_abs_diff": float((a - b).abs().max()),
@@ -352,12 +354,12 @@ def table(results: dict) -> str:
         "",
         "### Predictive over posterior samples",
         "",
-        "| sampled | S | N | batched ms | loop ms | speed-up |",
-        "|---|---|---|---|---|---|",
+        "| sampled | S | N | samples per chunk (automatic) | batched ms | loop ms | speed-up |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results["predictive"]:
         lines.append(
-            f"| {r['sampled']} | {r['samples']} | {r['N']} | "
+            f"| {r['sampled']} | {r['samples']} | {r['N']} | {r['chunk']} | "
             f"{r['methods']['batched']['median_ms']:.1f} | "
             f"{r['methods']['loop']['median_ms']:.1f} | {r['batched_speedup']:.2f}x |"
         )
@@ -439,7 +441,7 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
     results["sgld"] = bench_sgld(sizes, repeats)
     results["predictive"] = bench_predictive(
         n=200 if quick else 2000, d_in=784, hidden=128 if quick else 512, classes=10,
-        samples=100, chunk=25, repeats=repeats,
+        samples=100, repeats=repeats,
     )  # fmt: skip
     s = results["sampling"][0]["methods"]
     results["targets"] = {

@@ -217,11 +217,22 @@ class SampleStore:
         return store
 
 
+#: ``predict(chunk=None)``: samples per vmapped chunk are capped so that the chunk's sampled
+#: parameters take at most ``PREDICT_PARAM_BYTES`` and its outputs at most
+#: ``PREDICT_OUTPUT_BYTES``; below ``PREDICT_MIN_CHUNK`` samples it makes one plain call per
+#: sample. A sampled head is fastest in one chunk (the unsampled body runs once per chunk); with
+#: every parameter sampled each sample's matmuls are a loop's, and batching them only adds memory
+#: traffic (README, Benchmarks).
+PREDICT_PARAM_BYTES = 8 * 2**20
+PREDICT_MIN_CHUNK = 8
+PREDICT_OUTPUT_BYTES = 256 * 2**20
+
+
 def predict(
     model: nn.Module,
     store: SampleStore,
     inputs: Tensor,
-    chunk: int = 16,
+    chunk: int | None = None,
     *,
     probabilities: bool = True,
 ) -> Tensor:
@@ -229,15 +240,20 @@ def predict(
 
     The sampled parameters replace the model's through ``torch.func.functional_call``, vmapped
     over ``chunk`` samples at a time (memory ``~ chunk x`` one forward), not a Python loop over
-    state dicts. Returns softmax probabilities in fp32 (logits when ``probabilities=False``).
-    Put the model in ``eval()`` mode first if it has dropout or batch norm.
+    state dicts; parameters that are not sampled (a network's body when only its head is) are
+    used once per chunk. ``chunk=None`` sizes the chunks from the bytes of one sample's
+    parameters and outputs (:data:`PREDICT_PARAM_BYTES`, :data:`PREDICT_OUTPUT_BYTES`): a sampled
+    head goes in one or few chunks; a fully sampled network, whose samples share nothing, is run
+    one sample per call. ``chunk=1`` is always one plain call per sample. Returns
+    softmax probabilities in fp32 (logits when ``probabilities=False``). Put the model in
+    ``eval()`` mode first if it has dropout or batch norm.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(store, SampleStore):
         raise TypeError(f"store must be a SampleStore, got {type(store).__name__}")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     if len(store) == 0:
         raise ValueError("store holds no samples: call store.collect() after optimizer steps")
     params = dict(model.named_parameters())
@@ -254,12 +270,29 @@ def predict(
     batched = torch.vmap(run, in_dims=(0, None))
     stacked = store.stacked()
     out: Tensor | None = None
+    size = 1 if chunk is None else chunk  # automatic: the first chunk is one sample
     with torch.no_grad():
-        for s0 in range(0, len(store), chunk):
-            part = {k: v[s0 : s0 + chunk].to(device=ref.device, dtype=params[k].dtype)
+        s0 = 0
+        while s0 < len(store):
+            part = {k: v[s0 : s0 + size].to(device=ref.device, dtype=params[k].dtype)
                     for k, v in stacked.items()}  # fmt: skip
-            res = batched(part, inputs)
+            if size == 1:  # one sample: a plain call (vmap over one sample is slower)
+                res = run({k: v[0] for k, v in part.items()}, inputs).unsqueeze(0)
+            else:
+                res = batched(part, inputs)
             if out is None:  # one [S, ...] result, filled chunk by chunk (no final cat)
                 out = res.new_empty((len(store), *res.shape[1:]))
+                if chunk is None:
+                    size = _auto_chunk(store, params, out)
             out[s0 : s0 + res.shape[0]] = res
+            s0 += res.shape[0]
     return out
+
+
+def _auto_chunk(store: SampleStore, params: Mapping[str, Tensor], out: Tensor) -> int:
+    param_bytes = sum(params[k].element_size() * params[k].numel() for k in store.names)
+    out_bytes = out[0].element_size() * out[0].numel()
+    fit = min(PREDICT_PARAM_BYTES // max(param_bytes, 1), PREDICT_OUTPUT_BYTES // max(out_bytes, 1))
+    # Fewer than PREDICT_MIN_CHUNK samples per chunk share too little to beat one call per sample
+    # (and a batched matmul of an odd number of samples leaves a core idle on two)
+    return 1 if fit < PREDICT_MIN_CHUNK else min(len(store), int(fit))

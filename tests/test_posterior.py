@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from mtbkd import posterior
 from mtbkd.posterior import SampleStore, predict
 
 
@@ -106,10 +107,15 @@ def test_load_checks_the_module(tmp_path):
         SampleStore.load(bad)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 100])
-def test_predict_matches_a_loop_over_samples(chunk):
+@pytest.mark.parametrize("chunk", [1, 3, 100, None, "auto3"])
+def test_predict_matches_a_loop_over_samples(chunk, monkeypatch):
     model = _model().eval()
     store = SampleStore(model, include="2.*", max_samples=7)
+    if chunk == "auto3":  # automatic chunks of 1, then 3 and 3 samples
+        head_bytes = 4 * (model[2].weight.numel() + model[2].bias.numel())
+        monkeypatch.setattr(posterior, "PREDICT_PARAM_BYTES", 3 * head_bytes + 1)
+        monkeypatch.setattr(posterior, "PREDICT_MIN_CHUNK", 2)
+        chunk = None
     samples = []
     for _ in range(7):
         with torch.no_grad():
@@ -139,6 +145,29 @@ def test_predict_errors():
         predict(nn.Linear(5, 3), store, torch.randn(2, 5))
     with pytest.raises(ValueError, match="chunk"):
         predict(model, store, torch.randn(2, 5), chunk=0)
+
+
+def test_automatic_chunk_sizes(monkeypatch):
+    model = nn.Sequential(nn.Linear(100, 50), nn.ReLU(), nn.Linear(50, 10))
+    head = SampleStore(model, include="2.*", max_samples=400)
+    full = SampleStore(model, max_samples=400)
+    for store in (head, full):
+        for _ in range(400):
+            store.collect()
+    params = dict(model.named_parameters())
+    out = torch.empty(400, 1000, 10)
+    # the head (510 floats) fits 4,112 times in 8 MiB: one chunk for all 400 samples; the whole
+    # network (5,560 floats) 377 times
+    assert posterior._auto_chunk(head, params, out) == 400
+    assert posterior._auto_chunk(full, params, out) == 8 * 2**20 // (4 * 5560)
+    # outputs bound the chunk too: [N, C] = 100,000 x 10 floats is 4 MB a sample
+    assert posterior._auto_chunk(head, params, torch.empty(2, 100_000, 10)) == 67
+    # fewer than PREDICT_MIN_CHUNK (8) samples a chunk: one call per sample
+    assert posterior._auto_chunk(head, params, torch.empty(2, 1_000_000, 10)) == 1
+    monkeypatch.setattr(posterior, "PREDICT_PARAM_BYTES", 8 * 4 * 5560)
+    assert posterior._auto_chunk(full, params, out) == 8
+    monkeypatch.setattr(posterior, "PREDICT_PARAM_BYTES", 8 * 4 * 5560 - 1)
+    assert posterior._auto_chunk(full, params, out) == 1
 
 
 def test_bad_store_arguments():
