@@ -87,6 +87,10 @@ class Dataset:
     feature_kind: str = "numeric"
     feature_names: list[str] | None = None
     sequence_encoder: str = "composition"
+    # optional shifted inputs (no labels): the report measures how well each method's uncertainty
+    # tells them from the test rows (AUROC shift); ``shift_name`` says what the shift is
+    x_shift: np.ndarray | None = None
+    shift_name: str | None = None
 
     def __post_init__(self) -> None:
         self.x_train = _features(self.x_train, "x_train")
@@ -96,6 +100,15 @@ class Dataset:
                 f"x_train has {self.x_train.shape[1]} features but x_test has "
                 f"{self.x_test.shape[1]}"
             )
+        if self.x_shift is not None:
+            self.x_shift = _features(self.x_shift, "x_shift")
+            if self.x_shift.shape[1] != self.x_test.shape[1]:
+                raise ValueError(
+                    f"x_shift has {self.x_shift.shape[1]} features but x_test has "
+                    f"{self.x_test.shape[1]}"
+                )
+            if not self.shift_name:
+                raise ValueError("shift_name must say what the shift of x_shift is")
         self.class_names = [str(c) for c in self.class_names]
         c = len(self.class_names)
         if c < 2:
@@ -451,9 +464,22 @@ def encode_sequences(
 # ----------------------------------------------------------------------------------------------
 
 
+DIGITS_SHIFT = "the test images rotated by 90 degrees"
+
+
+def rotate_digits(x: np.ndarray) -> np.ndarray:
+    """8x8 digit images ``[N, 64]`` (row-major pixels) rotated by 90 degrees counter-clockwise:
+    the same pixel values and strokes, in a pose no training image has."""
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != 64:
+        raise ValueError(f"x must be [N, 64] digit images, got shape {x.shape}")
+    return np.ascontiguousarray(np.rot90(x.reshape(-1, 8, 8), 1, axes=(1, 2)).reshape(-1, 64))
+
+
 def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
     """scikit-learn's 8x8 digits (1,797 images, shipped with scikit-learn), pixels scaled to
-    [0, 1], a stratified train/test split."""
+    [0, 1], a stratified train/test split; ``x_shift`` is the test images rotated by 90 degrees
+    (:func:`rotate_digits`), the shifted inputs of the report's AUROC shift."""
     from sklearn.datasets import load_digits as _sk_digits
 
     d = _sk_digits()
@@ -461,8 +487,9 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
     tr, te = stratified_split(y, test_fraction, seed)
     names = [f"px{r}{c}" for r in range(8) for c in range(8)]
     return Dataset(
-        "digits", x[tr], y[tr], x[te], y[te], [str(c) for c in range(10)], feature_names=names
-    )
+        "digits", x[tr], y[tr], x[te], y[te], [str(c) for c in range(10)], feature_names=names,
+        x_shift=rotate_digits(x[te]), shift_name=DIGITS_SHIFT,
+    )  # fmt: skip
 
 
 def yeast_data_file() -> Path:

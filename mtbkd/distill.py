@@ -353,7 +353,8 @@ class Objective:
 class StudentMLP(nn.Module):
     """The pipeline's student: standardised inputs -> ``hidden`` ReLU layers (``body``) -> a
     linear classifier ``head`` (the part SGLD samples). The input standardisation is stored as
-    buffers, so a saved student takes raw features."""
+    buffers, so a saved student takes raw features; a feature whose ``std`` is below 1e-6 (constant
+    on the training rows) is only centred."""
 
     def __init__(
         self,
@@ -368,7 +369,10 @@ class StudentMLP(nn.Module):
         mean = torch.zeros(in_features) if mean is None else torch.as_tensor(mean).float()
         std = torch.ones(in_features) if std is None else torch.as_tensor(std).float()
         self.register_buffer("input_mean", mean.clone())
-        self.register_buffer("input_std", std.clamp_min(1e-6).clone())
+        # a feature constant on the training rows keeps its unit scale (scikit-learn's
+        # StandardScaler does the same): dividing by ~0 would turn any other value of it on a new
+        # input into a huge activation and a confident, arbitrary prediction
+        self.register_buffer("input_std", torch.where(std < 1e-6, torch.ones_like(std), std))
         layers: list[nn.Module] = []
         d = in_features
         for h in self.hidden:
@@ -920,6 +924,28 @@ def evaluate_probs(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[s
     return _metrics_of_rows(_row_stats(probs, labels, level), labels)
 
 
+def shift_auroc(probs: Tensor, shift_probs: Tensor) -> float:
+    """AUROC of the predictive entropy (MATH.md section 8) for telling shifted inputs from test
+    rows: sample probabilities ``[S, N, C]`` on the test rows and ``[S, M, C]`` on the shifted
+    inputs (or ``[N, C]`` / ``[M, C]``). 0.5 is chance, 1 a perfect separation."""
+    from mtbkd import metrics as M
+
+    if probs.dim() == 2:
+        probs = probs.unsqueeze(0)
+    if shift_probs.dim() == 2:
+        shift_probs = shift_probs.unsqueeze(0)
+    if probs.shape[-1] != shift_probs.shape[-1]:
+        raise ValueError(
+            f"probs has {probs.shape[-1]} classes but shift_probs has {shift_probs.shape[-1]}"
+        )
+    h_in = M.predictive_entropy(probs)
+    h_shift = M.predictive_entropy(shift_probs)
+    shifted = torch.cat(
+        [torch.zeros(len(h_in), dtype=torch.bool), torch.ones(len(h_shift), dtype=torch.bool)]
+    )
+    return float(M.auroc(torch.cat([h_in, h_shift]), shifted))
+
+
 def _row_stats(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[str, Tensor]:
     """What :func:`evaluate_probs` needs of each row (its metrics are means over rows, or ECE and
     AUROC over per-row values), so that blocks of rows can be evaluated one at a time and
@@ -1300,6 +1326,8 @@ def digits_demo_dataset(
         {n: t_tr[i][rows] for i, n in enumerate(names)},
         {n: t_te[i] for i, n in enumerate(names)},
         feature_names=feat,
+        x_shift=None if full.x_shift is None else view(full.x_shift),
+        shift_name=full.shift_name,
     )
 
 
@@ -1320,6 +1348,8 @@ class MethodResult:
     probs: Tensor
     val_nll: float
     sampled: bool
+    # probabilities [S, N_shift, C] on the dataset's shifted inputs, when it has them
+    shift_probs: Tensor | None = None
 
     def row(self) -> dict[str, Any]:
         keys = (
@@ -1332,7 +1362,10 @@ class MethodResult:
             "set_size",
             "auroc_error",
         )
-        return {"name": self.name, **{k: self.metrics[k] for k in keys}, "seconds": self.seconds}
+        out = {"name": self.name, **{k: self.metrics[k] for k in keys}}
+        if "auroc_shift" in self.metrics:
+            out["auroc_shift"] = self.metrics["auroc_shift"]
+        return {**out, "seconds": self.seconds}
 
 
 @dataclass
@@ -1358,6 +1391,8 @@ class ExperimentResult:
     train_weighting: dict[str, Any] | None = None
     # teacher_mixtures on the test rows: the teachers averaged and entropy-weighted
     teacher_mixtures: list[dict[str, Any]] | None = None
+    # what the dataset's shifted inputs are (Dataset.shift_name), when it has them
+    shift_name: str | None = None
 
     def method(self, name: str) -> MethodResult:
         for m in self.methods:
@@ -1407,6 +1442,7 @@ class _Experiment:
         self.config, self.base, self.ckpt_root, self.log = config, base, ckpt_root, log
         self.x_tr, self.y_tr, self.t_tr = x_tr, y_tr, t_tr
         self.x_val, self.y_val, self.x_te, self.y_te = x_val, y_val, x_te, y_te
+        self.x_shift: Tensor | None = None  # shifted inputs (no labels), when the dataset has them
         self.map_cache: dict[tuple, tuple[nn.Module, float, float]] = {}
 
     def _ckpt(self, *parts: str) -> Path | None:
@@ -1515,12 +1551,19 @@ class _Experiment:
     def result(self, name, model, store, seconds, hparams, vnll) -> MethodResult:
         probs = predict_probs(model, self.x_te, store, self.config.predict_chunk)
         metrics = evaluate_probs(probs, self.y_te)
+        shift_probs = None
+        if self.x_shift is not None:
+            shift_probs = predict_probs(model, self.x_shift, store, self.config.predict_chunk)
+            metrics["auroc_shift"] = shift_auroc(probs, shift_probs)
+        shift = f"  auroc shift {metrics['auroc_shift']:.3f}" if shift_probs is not None else ""
         self.log(
             f"  {name:<14} acc {metrics['accuracy']:.3f}  nll {metrics['nll']:.3f}  "
-            f"ece {metrics['ece']:.3f}  ({seconds:.1f}s; val nll {vnll:.3f}; "
+            f"ece {metrics['ece']:.3f}{shift}  ({seconds:.1f}s; val nll {vnll:.3f}; "
             f"{format_hparams(hparams)})"
         )
-        return MethodResult(name, metrics, seconds, hparams, probs, vnll, store is not None)
+        return MethodResult(
+            name, metrics, seconds, hparams, probs, vnll, store is not None, shift_probs
+        )
 
 
 def _split_dataset(dataset: Dataset, config: DistillConfig):
@@ -1586,6 +1629,8 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
     base = StudentMLP(x_tr.shape[1], c, config.hidden, x_tr.mean(0), x_tr.std(0))
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     ex = _Experiment(config, x_tr, y_tr, t_tr, x_val, y_val, x_te, y_te, base, ck, log)
+    if dataset.x_shift is not None:
+        ex.x_shift = torch.from_numpy(dataset.x_shift)
     k = len(names)
     wanted = method_names(config, names)
     results: dict[str, MethodResult] = {}
@@ -1689,6 +1734,7 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         dataset.features_text(),
         weighting_diagnostic(t_tr, y_tr, names),
         mixtures,
+        dataset.shift_name if dataset.x_shift is not None else None,
     )
 
 

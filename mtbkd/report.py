@@ -21,6 +21,8 @@ from mtbkd.distill import ExperimentResult, format_hparams, weighting_verdict
 
 __all__ = [
     "COLUMNS",
+    "SHIFT_COLUMN",
+    "columns",
     "report_dict",
     "format_table",
     "markdown_table",
@@ -53,6 +55,16 @@ COLUMNS = (
     ("auroc_error", "AUROC", "{:.3f}"),
     ("seconds", "time s", "{:.1f}"),
 )
+# the column of datasets with shifted inputs (Dataset.x_shift), before the time
+SHIFT_COLUMN = ("auroc_shift", "AUROC shift", "{:.3f}")
+
+
+def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """:data:`COLUMNS`, with :data:`SHIFT_COLUMN` when a row has ``auroc_shift``."""
+    out = list(COLUMNS)
+    if any(r.get(SHIFT_COLUMN[0]) is not None for r in rows):
+        out.insert(len(out) - 1, SHIFT_COLUMN)
+    return out
 
 
 def _clean(x: Any) -> Any:
@@ -86,6 +98,7 @@ def report_dict(result: ExperimentResult) -> dict[str, Any]:
         {
             "dataset": result.dataset,
             "features": result.features,
+            "shift": result.shift_name,
             "methods": [m.row() for m in result.methods],
             "hyperparameters": {m.name: m.hparams for m in result.methods},
             "validation_nll": {m.name: m.val_nll for m in result.methods},
@@ -357,9 +370,9 @@ def format_bootstrap(boot: dict[str, Any] | None, markdown: bool = False) -> str
     return "\n".join([title] + _aligned(header, rows, False))
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
+def _cells(row: dict[str, Any], cols: list[tuple[str, str, str]]) -> list[str]:
     out = []
-    for key, _, fmt in COLUMNS:
+    for key, _, fmt in cols:
         v = row.get(key)
         out.append(
             "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
@@ -369,14 +382,17 @@ def _cells(row: dict[str, Any]) -> list[str]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Aligned plain-text table of ``report.json``'s ``methods`` rows."""
-    header = ["method"] + [h for _, h, _ in COLUMNS]
-    body = [[r["name"]] + _cells(r) for r in rows]
+    cols = columns(rows)
+    header = ["method"] + [h for _, h, _ in cols]
+    body = [[r["name"]] + _cells(r, cols) for r in rows]
     return "\n".join(_aligned(header, body, False))
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = ["method"] + [h for _, h, _ in COLUMNS]
-    return "\n".join(_aligned(header, [[f"`{r['name']}`"] + _cells(r) for r in rows], True))
+    cols = columns(rows)
+    header = ["method"] + [h for _, h, _ in cols]
+    body = [[f"`{r['name']}`"] + _cells(r, cols) for r in rows]
+    return "\n".join(_aligned(header, body, True))
 
 
 def followed_sentences(attribution: dict[str, Any] | None) -> list[str]:
@@ -396,6 +412,10 @@ def followed_sentences(attribution: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _shift_rows(result: ExperimentResult) -> int:
+    return next((m.shift_probs.shape[1] for m in result.methods if m.shift_probs is not None), 0)
+
+
 def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str]) -> str:
     lines = [f"# MT-BKD report: {result.dataset}", ""]
     if result.features:
@@ -405,7 +425,14 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
         "acc: accuracy of the posterior-mean prediction; NLL, ECE (15 bins), Brier of the "
         "posterior predictive; MD: mean deviance (the paper's uncertainty score, nats); cov95 / "
         "size95: coverage and mean size of the 95 % credible sets; AUROC: predictive entropy "
-        "as a detector of wrong predictions; time: training seconds of the selected run. "
+        "as a detector of wrong predictions; "
+        + (
+            f"AUROC shift: predictive entropy as a detector of shifted inputs ({result.shift_name}"
+            f", {_shift_rows(result)} rows) among the test rows; "
+            if result.shift_name
+            else ""
+        )
+        + "time: training seconds of the selected run. "
         "Hyperparameters chosen by validation NLL on a split of the training set.",
         "",
         *(
@@ -539,21 +566,24 @@ def _figures(result: ExperimentResult, out: Path, boot: dict[str, Any] | None = 
     shown = [n for n in ("ce", "mtbkd_sgld") if n in names] or names[:1]
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.8), squeeze=False)
     for ax, n in zip(axes[0], shown, strict=True):
-        probs = result.method(n).probs
+        mres = result.method(n)
+        probs = mres.probs
         unc = M.predictive_entropy(probs)
         right = probs.mean(0).argmax(-1) == y
-        bins = torch.linspace(0, float(unc.max()) + 1e-6, 30).numpy()
-        for mask, what in ((right, "right"), (~right, "wrong")):
-            if mask.any():  # a density of no rows is undefined
-                ax.hist(
-                    unc[mask].numpy(),
-                    bins=bins,
-                    alpha=0.6,
-                    density=True,
-                    label=f"{what} ({int(mask.sum())})",
-                )
-        auroc = result.method(n).metrics["auroc_error"]
-        ax.set_title(f"{n}: AUROC {auroc:.3f}" if math.isfinite(auroc) else n)
+        groups = [(unc[right], "right"), (unc[~right], "wrong")]
+        if mres.shift_probs is not None:  # the shifted inputs, a third histogram
+            groups.append((M.predictive_entropy(mres.shift_probs), "shifted"))
+        top = max(float(g.max()) for g, _ in groups if len(g))
+        bins = torch.linspace(0, top + 1e-6, 30).numpy()
+        for vals, what in groups:
+            if len(vals):  # a density of no rows is undefined
+                ax.hist(vals.numpy(), bins=bins, alpha=0.5, density=True,
+                        label=f"{what} ({len(vals)})")  # fmt: skip
+        auroc = mres.metrics["auroc_error"]
+        title = f"{n}: AUROC {auroc:.3f}" if math.isfinite(auroc) else n
+        if "auroc_shift" in mres.metrics:
+            title += f", shift {mres.metrics['auroc_shift']:.3f}"
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("predictive entropy (nats)")
         ax.set_ylabel("density")
         ax.legend(fontsize=8)
@@ -733,7 +763,7 @@ def summarise_seeds(
             )
         if [m["name"] for m in rep["methods"]] != names:
             raise ValueError(f"reports: seed {s} ran other methods than seed {seeds[0]}")
-    keys = [k for k, _, _ in COLUMNS]
+    keys = [k for k, _, _ in columns([m for rep in reports for m in rep["methods"]])]
 
     def values(name: str, key: str) -> list[float]:
         out = []
@@ -927,14 +957,16 @@ def format_seed_summary(summary: dict[str, Any], markdown: bool = False) -> str:
     """The across-seed means ± standard deviations, then (when the reference method ran) its
     per-seed differences to every other method, as plain text or markdown."""
     n = len(summary["seeds"])
-    columns = list(COLUMNS)
+    cols = list(COLUMNS)
+    if any((m.get(SHIFT_COLUMN[0]) or {}).get("mean") is not None for m in summary["methods"]):
+        cols.insert(len(cols) - 1, SHIFT_COLUMN)
     if any(m.get("validation_nll", {}).get("mean") is not None for m in summary["methods"]):
         # the validation split's NLL (what selected the hyperparameters) beside the test NLL
-        columns.insert(2, ("validation_nll", "val NLL", "{:.3f}"))
-    header = ["method"] + [h for _, h, _ in columns]
+        cols.insert(2, ("validation_nll", "val NLL", "{:.3f}"))
+    header = ["method"] + [h for _, h, _ in cols]
     body = [
         [f"`{m['name']}`" if markdown else m["name"]]
-        + [_pm(m.get(k, {"mean": None, "std": None}), fmt) for k, _, fmt in columns]
+        + [_pm(m.get(k, {"mean": None, "std": None}), fmt) for k, _, fmt in cols]
         for m in summary["methods"]
     ]
     lines = [] if markdown else [f"{summary['dataset']}: mean ± sd over {n} seeds"]

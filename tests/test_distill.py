@@ -466,3 +466,52 @@ def test_teacher_mixtures_by_hand():
         distill.teacher_mixtures(torch.stack([a, b]), y[:1])
     with pytest.raises(ValueError, match=r"\[K, N, C\]"):
         distill.teacher_mixtures(a, y)
+
+
+def test_student_keeps_the_unit_scale_of_a_feature_constant_in_training():
+    mean = torch.tensor([0.0, 3.0])
+    std = torch.tensor([0.0, 2.0])  # the first feature never varies on the training rows
+    torch.manual_seed(0)
+    model = distill.StudentMLP(2, 3, (8,), mean, std)
+    assert model.input_std.tolist() == [1.0, 2.0]
+    # a new input with a value the training rows never had in that feature: a unit step, not a
+    # step of 1e6 standard deviations
+    torch.manual_seed(0)
+    plain = distill.StudentMLP(2, 3, (8,))
+    x = torch.tensor([[0.5, 3.0 + 2 * 0.7]])
+    expected = plain.head(plain.body(torch.tensor([[0.5, 0.7]])))
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_shift_auroc_by_hand():
+    confident = torch.tensor([[0.98, 0.01, 0.01], [0.01, 0.98, 0.01]])
+    flat = torch.full((3, 3), 1 / 3)
+    assert distill.shift_auroc(confident, flat) == 1.0  # every shifted row is more uncertain
+    assert distill.shift_auroc(flat[:2], confident) == 0.0
+    # samples [S, N, C]: the predictive mean's entropy; one tie of three pairs counts half
+    half = torch.tensor([[[0.9, 0.1]], [[0.1, 0.9]]])  # mean (0.5, 0.5), the shifted row's too
+    assert distill.shift_auroc(torch.tensor([[0.5, 0.5], [0.99, 0.01]]), half) == 0.75
+    with pytest.raises(ValueError, match="classes"):
+        distill.shift_auroc(confident, torch.full((2, 2), 0.5))
+
+
+def test_run_experiment_measures_shifted_inputs():
+    ds = _tiny_dataset()
+    origin = np.zeros((7, ds.x_test.shape[1]), dtype=ds.x_test.dtype)
+    shifted = replace(ds, x_shift=origin, shift_name="the origin")
+    cfg = replace(TINY, methods=("ce", "mtbkd_sgld"))
+    res = distill.run_experiment(shifted, cfg, log=lambda m: None)
+    assert res.shift_name == "the origin"
+    for m in res.methods:
+        assert m.shift_probs.shape[1:] == (7, 4)
+        assert m.shift_probs.shape[0] == m.probs.shape[0]
+        expected = distill.shift_auroc(m.probs, m.shift_probs)
+        assert m.row()["auroc_shift"] == m.metrics["auroc_shift"] == expected
+        assert list(m.row())[-2:] == ["auroc_shift", "seconds"]
+    plain = distill.run_experiment(ds, cfg, log=lambda m: None)
+    assert plain.shift_name is None and "auroc_shift" not in plain.methods[0].row()
+    # the shifted inputs change no other metric
+    for a, b in zip(res.methods, plain.methods, strict=True):
+        assert {k: v for k, v in a.metrics.items() if k != "auroc_shift"} == pytest.approx(
+            b.metrics, nan_ok=True
+        )

@@ -474,3 +474,28 @@ def test_seed_summary_weighting_margin(tmp_path):
     report.write_seed_summary(report.summarise_seeds(reps, [0, 1]), tmp_path, figures=False)
     md = (tmp_path / "summary.md").read_text()
     assert "no more often than the best single teacher (`b`: +0.120 ± 0.065 s.e." in md
+
+
+def test_shift_column_in_tables_report_and_summary(tmp_path):
+    plain = report.report_dict(_result())
+    assert "AUROC shift" not in report.format_table(plain["methods"]) and plain["shift"] is None
+    res = _result()
+    g = torch.Generator().manual_seed(1)
+    for m in res.methods:
+        m.shift_probs = torch.softmax(torch.randn(m.probs.shape[0], 9, 3, generator=g), -1)
+        m.metrics["auroc_shift"] = distill.shift_auroc(m.probs, m.shift_probs)
+    res.shift_name = "noise"
+    rep = report.write_report(res, tmp_path / "run")
+    assert rep["shift"] == "noise"
+    assert [list(m)[-2:] for m in rep["methods"]] == [["auroc_shift", "seconds"]] * 3
+    header = report.format_table(rep["methods"]).splitlines()[0]
+    assert header.split()[-4:] == ["AUROC", "shift", "time", "s"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "| AUROC shift |" in md
+    assert "AUROC shift: predictive entropy as a detector of shifted inputs (noise, 9 rows)" in md
+    summary = report.summarise_seeds([rep, rep], [0, 1])
+    row = summary["methods"][0]
+    assert row["auroc_shift"]["mean"] == pytest.approx(rep["methods"][0]["auroc_shift"])
+    assert "AUROC shift" in report.format_seed_summary(summary)
+    # seeds without shifted inputs have no such column
+    assert "AUROC shift" not in report.format_seed_summary(report.summarise_seeds([plain], [0]))
