@@ -6,15 +6,18 @@ features. Datasets without teachers (digits, yeast) get teachers trained by :mod
 
 Directory formats (``load_directory``):
 
-* **npy**: ``features.npy`` ``[N, D]``, ``labels.npy`` ``[N]``, ``teacher_<name>.npy`` ``[N, C]``
-  in one folder (split into train and test by the loader), or the same files under ``train/`` and
-  ``test/``.
+* **npy**: ``features.npy`` ``[N, D]``, ``labels.npy`` ``[N]`` (integer class indices 0..C-1,
+  checked before any split), ``teacher_<name>.npy`` ``[N, C]`` in one folder (split into train
+  and test by the loader), or the same files under ``train/`` and ``test/``.
 * **CSV**: ``train.csv`` and ``test.csv`` with a header; the label column is ``Label`` or
   ``label``. With a ``Sequence`` column (DeepLoc's format) the features are computed from the
   protein sequence by a sequence encoder (:func:`encode_sequences`: hand-made composition
-  features, UniRep embeddings, or both); otherwise every other column is a numeric feature.
-  Teachers are ``teacher_<name>_train.csv`` / ``teacher_<name>_test.csv``: logits, one row per
-  example, comma-separated, no header. An optional ``classes.txt`` names the classes, one a line.
+  features, UniRep embeddings, or both); otherwise every other column is a numeric feature, and
+  ``test.csv``'s feature columns are matched to ``train.csv``'s by name (any order; a missing or
+  extra one is an error). Column names are stripped of spaces (a UTF-8 byte-order mark is
+  fine); a repeated name, or a first line of numbers (no header), is an error. Teachers are
+  ``teacher_<name>_train.csv`` / ``teacher_<name>_test.csv``: logits, one row per example,
+  comma-separated, no header. An optional ``classes.txt`` names the classes, one a line.
 """
 
 from __future__ import annotations
@@ -546,17 +549,29 @@ def load_deeploc(
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
-    with open(path, newline="") as f:
+    # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8") is not part of the first name
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         try:
-            header = next(reader)
+            header = [h.strip() for h in next(reader)]
         except StopIteration:
             raise ValueError(f"{path} is empty") from None
         rows = [r for r in reader if r]
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise ValueError(f"{path}: repeated column names {repeated}")
     for i, r in enumerate(rows):
         if len(r) != len(header):
             raise ValueError(f"{path}: row {i + 1} has {len(r)} fields, the header {len(header)}")
     return header, rows
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _label_column(header: list[str]) -> int | None:
@@ -600,6 +615,8 @@ def read_inputs(
     header, rows = _read_csv(path)
     if not rows:
         raise ValueError(f"{path} has no rows")
+    if all(_is_number(h) for h in header):
+        raise ValueError(f"{path} has no header row (its first line is numbers): name the columns")
     lab = _label_column(header)
     labels = _parse_labels(path, rows, lab) if lab is not None else None
     ids = None
@@ -614,7 +631,10 @@ def read_inputs(
     if feature_names is not None:
         missing = [n for n in feature_names if n not in header]
         if missing:
-            raise ValueError(f"{path} lacks the feature columns {missing[:5]}")
+            raise ValueError(
+                f"{path} lacks the feature columns {missing[:5]} (its columns: {header[:8]}"
+                f"{', ...' if len(header) > 8 else ''})"
+            )
         cols = [header.index(n) for n in feature_names]
     else:
         cols = [i for i in range(len(header)) if i != lab]
@@ -631,7 +651,15 @@ def read_inputs(
     return _features(x, str(path)), labels, ids
 
 
-def _load_csv_split(root: Path, split: str, sequence_encoder: str, progress: bool):
+def _load_csv_split(
+    root: Path,
+    split: str,
+    sequence_encoder: str,
+    progress: bool,
+    feature_names: list[str] | None = None,
+):
+    """One split of the CSV format; ``feature_names``: the training split's numeric columns, which
+    the test split must have (matched by name, in the training order)."""
     path = root / f"{split}.csv"
     header, rows = _read_csv(path)
     if not rows:
@@ -645,6 +673,11 @@ def _load_csv_split(root: Path, split: str, sequence_encoder: str, progress: boo
         x, names = encode_sequences([r[seq] for r in rows], sequence_encoder, progress=progress)
         return x, y, "sequence", names
     names = [h for i, h in enumerate(header) if i != lab]
+    if feature_names is not None:
+        extra = sorted(set(names) - set(feature_names))
+        if extra:
+            raise ValueError(f"{path} has feature columns that train.csv lacks: {extra[:5]}")
+        names = feature_names
     x, _, _ = read_inputs(path, "numeric", names)
     return x, y, "numeric", names
 
@@ -673,6 +706,25 @@ def _npy_split(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarr
         for p in sorted(folder.glob("teacher_*.npy"))
     }
     return x, y, teachers
+
+
+def _label_indices(y, name: str) -> np.ndarray:
+    """Labels of a file as int64 class indices (>= 0), before any split or class count."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be a 1-d array of class indices, got shape {y.shape}")
+    integral = y.dtype.kind in "iu" or (
+        y.dtype.kind == "f" and bool(np.all(np.isfinite(y))) and bool(np.all(y == np.round(y)))
+    )
+    if not integral:
+        raise ValueError(
+            f"{name} must hold integer class indices 0..C-1 (got dtype {y.dtype}"
+            + (", non-finite or fractional values)" if y.dtype.kind == "f" else ")")
+        )
+    y = y.astype(np.int64)
+    if len(y) and y.min() < 0:
+        raise ValueError(f"{name} has negative labels (min {y.min()}): use class indices 0..C-1")
+    return y
 
 
 def _class_names(
@@ -709,7 +761,10 @@ def load_directory(
         if not (root / "test.csv").is_file():
             raise FileNotFoundError(f"{root} has train.csv but no test.csv")
         x_tr, y_tr, kind, feat = _load_csv_split(root, "train", sequence_encoder, progress)
-        x_te, y_te, kind_te, _ = _load_csv_split(root, "test", sequence_encoder, progress)
+        train_cols = feat if kind == "numeric" else None
+        x_te, y_te, kind_te, _ = _load_csv_split(
+            root, "test", sequence_encoder, progress, train_cols
+        )
         if kind != kind_te:
             raise ValueError(f"{root}: train.csv and test.csv have different formats")
         t_tr, t_te = _csv_teachers(root, "train"), _csv_teachers(root, "test")
@@ -724,6 +779,7 @@ def load_directory(
                 )
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"labels.npy must be [N] with N = {len(x)}, got shape {y.shape}")
+        y = _label_indices(y, str(root / "labels.npy"))
         tr, te = stratified_split(y, test_fraction, seed)
         x_tr, y_tr, x_te, y_te = x[tr], y[tr], x[te], y[te]
         t_tr = {k: np.asarray(v)[tr] for k, v in teachers.items()}
@@ -732,6 +788,8 @@ def load_directory(
     elif (root / "train" / "features.npy").is_file():
         x_tr, y_tr, t_tr = _npy_split(root / "train")
         x_te, y_te, t_te = _npy_split(root / "test")
+        y_tr = _label_indices(y_tr, str(root / "train" / "labels.npy"))
+        y_te = _label_indices(y_te, str(root / "test" / "labels.npy"))
         kind, feat = "numeric", None
     else:
         raise FileNotFoundError(

@@ -159,6 +159,66 @@ def test_bad_npy_directories(tmp_path):
         data.load_directory(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (np.where(np.arange(60) % 6 == 0, np.nan, np.arange(60) % 3), "non-finite or fractional"),
+        (np.arange(60) % 3 + 0.5, "non-finite or fractional"),
+        (np.array(["a", "b", "c"] * 20), "dtype <U1"),
+        (np.arange(60) % 3 - 1, "negative labels"),
+    ],
+)
+def test_npy_labels_are_checked_before_the_split(tmp_path, labels, match):
+    # before: NaN labels fell out of both splits unnoticed, and string labels crashed in numpy
+    root = _npy_dir(tmp_path / "d")
+    np.save(root / "labels.npy", labels)
+    with pytest.raises(ValueError, match=match):
+        data.load_directory(root)
+    _npy_dir(tmp_path / "f" / "train", n=30)
+    _npy_dir(tmp_path / "f" / "test", n=12, seed=1)
+    np.save(tmp_path / "f" / "test" / "labels.npy", labels[:12])
+    with pytest.raises(ValueError, match="test/labels.npy"):
+        data.load_directory(tmp_path / "f")
+
+
+def test_csv_columns_are_matched_by_name(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 2)).round(3)
+    y = np.arange(12) % 2
+    for split in ("train", "test"):
+        _write_csv(tmp_path / f"{split}.csv", ["f0", "f1", "label"],
+                   [[a, b, c] for (a, b), c in zip(x, y, strict=True)])  # fmt: skip
+    # test.csv with the same columns in another order, a byte-order mark and spaces after commas
+    rows = [f"{b}, {a}, {c}" for (a, b), c in zip(x, y, strict=True)]
+    header = "\ufeff" + "f1, f0, label\n"
+    (tmp_path / "test.csv").write_text(header + "\n".join(rows) + "\n", encoding="utf-8")
+    ds = data.load_directory(tmp_path)
+    assert ds.feature_names == ["f0", "f1"]
+    np.testing.assert_allclose(ds.x_test, x.astype(np.float32))  # reordered by name
+    _write_csv(tmp_path / "test.csv", ["f0", "label"], [[1, 0], [3, 1]])
+    with pytest.raises(ValueError, match="lacks the feature columns \\['f1'\\]"):
+        data.load_directory(tmp_path)
+    _write_csv(tmp_path / "test.csv", ["height", "weight", "label"], [[1, 2, 0], [3, 4, 1]])
+    with pytest.raises(ValueError, match="train.csv lacks: \\['height', 'weight'\\]"):
+        data.load_directory(tmp_path)
+    _write_csv(tmp_path / "test.csv", ["f0", "f1", "extra", "label"], [[1, 2, 3, 0]])
+    with pytest.raises(ValueError, match="feature columns that train.csv lacks: \\['extra'\\]"):
+        data.load_directory(tmp_path)
+    _write_csv(tmp_path / "train.csv", ["x", "x", "label"], [[1, 10, 0], [2, 20, 1]])
+    with pytest.raises(ValueError, match="repeated column names \\['x'\\]"):
+        data.load_directory(tmp_path)
+
+
+def test_inputs_without_a_header_row_are_refused(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_text("0.5,1.5\n2.5,3.5\n")
+    with pytest.raises(ValueError, match="no header row"):
+        data.read_inputs(path, "numeric")
+    path.write_text("a,b\n0.5,1.5\n2.5,3.5\n")
+    x, labels, ids = data.read_inputs(path, "numeric")
+    assert x.shape == (2, 2) and labels is None and ids is None
+
+
 def test_dataset_checks():
     x, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
     ok = {"t": np.zeros((4, 2))}
