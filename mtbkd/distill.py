@@ -946,6 +946,15 @@ def shift_auroc(probs: Tensor, shift_probs: Tensor) -> float:
     return float(M.auroc(torch.cat([h_in, h_shift]), shifted))
 
 
+def _class_indices(labels: Tensor) -> Tensor:
+    """Integer class labels as int64; float labels are an error (``.long()`` would truncate
+    them silently)."""
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
+    return labels.long()
+
+
 def _row_stats(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[str, Tensor]:
     """What :func:`evaluate_probs` needs of each row (its metrics are means over rows, or ECE and
     AUROC over per-row values), so that blocks of rows can be evaluated one at a time and
@@ -953,7 +962,7 @@ def _row_stats(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[str, 
     size."""
     from mtbkd import metrics as M
 
-    labels = labels.long()
+    labels = _class_indices(labels)
     sets = M.credible_set(probs, level)
     return {
         "pbar": M.mean_probs(probs),
@@ -967,7 +976,7 @@ def _row_stats(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[str, 
 def _metrics_of_rows(stats: dict[str, Tensor], labels: Tensor) -> dict[str, float]:
     from mtbkd import metrics as M
 
-    labels = labels.long()
+    labels = _class_indices(labels)
     pbar = stats["pbar"].unsqueeze(0)  # the metrics below only use the predictive mean
     wrong = stats["pbar"].argmax(-1) != labels
     unc = M.predictive_entropy(pbar)
@@ -1755,7 +1764,7 @@ def teacher_mixtures(teacher_logits: Tensor, labels: Tensor) -> list[dict[str, A
     for name, method in (("average", "uniform"), ("entropy-weighted", "entropy")):
         w = mf.teacher_weights(t.double(), method)  # [K, N]
         mixed = (w[..., None] * probs).sum(0)
-        m = evaluate_probs(mixed.float().unsqueeze(0), torch.as_tensor(labels).long())
+        m = evaluate_probs(mixed.float().unsqueeze(0), labels)
         out.append({"name": name, "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"]})
     return out
 
@@ -1779,7 +1788,7 @@ def weighting_diagnostic(
         raise ValueError(f"teacher_logits must be [K, N, C], got shape {tuple(t.shape)}")
     if t.shape[0] < 2:
         return None
-    labels = torch.as_tensor(labels).long()
+    labels = _class_indices(labels)
     if t.shape[1] != len(labels) or t.shape[0] != len(teacher_names):
         raise ValueError(
             f"teacher_logits {tuple(t.shape)} must be [K={len(teacher_names)}, N={len(labels)}, C]"

@@ -98,7 +98,8 @@ def row_nll(probs: Tensor, labels: Tensor) -> Tensor:
     q = _samples(probs)
     y = _labels(labels, q.shape[1], q.shape[2])
     qy = q.gather(-1, y.view(1, -1, 1).expand(q.shape[0], -1, 1)).squeeze(-1)  # [S, N]
-    logq = torch.log(qy.clamp_min(torch.finfo(q.dtype).tiny))
+    # only an exact 0 is floored: a subnormal probability has a finite, exact log
+    logq = torch.where(qy > 0, torch.log(qy), math.log(torch.finfo(q.dtype).tiny))
     return -(torch.logsumexp(logq, dim=0) - math.log(q.shape[0]))
 
 

@@ -214,10 +214,12 @@ def _disagreement_markdown(d: dict[str, Any]) -> list[str]:
 
 
 def _per_row(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per test row: NLL of the posterior predictive, correctness, confidence and ECE bin."""
-    log_pbar = torch.logsumexp(probs.double().clamp_min(1e-300).log(), 0) - math.log(len(probs))
-    nll = -log_pbar.gather(-1, labels[:, None].long()).squeeze(-1)
-    conf, pred = log_pbar.exp().max(-1)
+    """Per test row: NLL of the posterior predictive (:func:`mtbkd.metrics.row_nll`, the rows of
+    the table's NLL), correctness, confidence and ECE bin."""
+    from mtbkd import metrics as M
+
+    nll = M.row_nll(probs, labels).double()
+    conf, pred = M.mean_probs(probs).double().max(-1)
     return _with_bins(nll, (pred == labels).double(), conf)
 
 
@@ -510,10 +512,11 @@ def reliability_curve(probs: Tensor, labels: Tensor, n_bins: int = 15):
     """``(confidence, accuracy, count)`` per bin of 15 equal-width right-closed bins on the
     posterior-mean confidence (MATH.md section 8's ECE binning)."""
     pbar = probs.mean(0) if probs.dim() == 3 else probs
-    conf, pred = pbar.max(-1)
+    conf, pred = pbar.float().max(-1)  # bf16 / fp16 confidences binned in fp32, as by the ECE
     correct = (pred == labels).float()
     # bins (lo, hi], a confidence of 0 in the first bin
-    idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
+    edges = torch.arange(1, n_bins, dtype=torch.float32) / n_bins
+    idx = torch.bucketize(conf, edges, right=False)
     count = torch.bincount(idx, minlength=n_bins).float()
     csum = torch.bincount(idx, weights=conf, minlength=n_bins)
     asum = torch.bincount(idx, weights=correct, minlength=n_bins)
@@ -787,7 +790,6 @@ def summarise_seeds(
     shared = _shared_test_rows(per_row)
     versus = None
     if reference in names:
-        tq = _t_quantile(len(seeds) - 1) if len(seeds) > 1 else None
         versus = {"reference": reference, "methods": {}}
         ref = {k: values(reference, k) for k in BOOTSTRAP_METRICS}
         for n in names:
@@ -797,9 +799,13 @@ def summarise_seeds(
             for k in BOOTSTRAP_METRICS:
                 d = [a - b for a, b in zip(ref[k], values(n, k), strict=True)]
                 sp = _spread(d)
+                # a seed whose report lacks the metric (null) counts in neither the mean nor the
+                # interval's degrees of freedom
+                n_ok = sum(math.isfinite(x) for x in d)
+                tq = _t_quantile(n_ok - 1) if n_ok > 1 else None
                 half = None
                 if tq is not None and math.isfinite(sp["std"]):
-                    half = tq * sp["std"] / math.sqrt(len(d))
+                    half = tq * sp["std"] / math.sqrt(n_ok)
                 wins = sum((x > 0) if k == "accuracy" else (x < 0) for x in d)
                 row[k] = {
                     "diff": sp["mean"],
@@ -807,7 +813,7 @@ def summarise_seeds(
                     "low": None if half is None else sp["mean"] - half,
                     "high": None if half is None else sp["mean"] + half,
                     "wins": int(wins),
-                    "runs": len(d),
+                    "runs": n_ok,
                     "values": d,
                 }
             versus["methods"][n] = row

@@ -34,8 +34,16 @@ def test_nll_is_log_of_mean_not_mean_of_log():
     mean_of_logs = -(math.log(0.7) + math.log(0.5) + math.log(0.3) + math.log(0.5)
                      + math.log(0.3) + math.log(0.2)) / 6  # fmt: skip
     assert abs(M.nll(Q, Y).item() - mean_of_logs) > 0.01
-    # Probability exactly 0 stays finite.
-    assert math.isfinite(M.nll(torch.tensor([[1.0, 0.0]]), torch.tensor([1])).item())
+    # Probability exactly 0 stays finite (floored at the smallest normal float32).
+    zero = M.nll(torch.tensor([[1.0, 0.0]]), torch.tensor([1])).item()
+    assert zero == pytest.approx(-math.log(torch.finfo(torch.float32).tiny))
+    # a subnormal probability is not floored: an fp32 softmax with a logit gap of 95
+    p = torch.softmax(torch.tensor([[95.0, 0.0]]), -1)
+    assert 0 < p[0, 1].item() < torch.finfo(torch.float32).tiny
+    assert M.nll(p, torch.tensor([1])).item() == pytest.approx(95.0, rel=1e-6)
+    two = torch.stack([p, torch.softmax(torch.tensor([[94.0, 0.0]]), -1)])
+    expected = -math.log((math.exp(-95.0) + math.exp(-94.0)) / 2)
+    assert M.nll(two, torch.tensor([1])).item() == pytest.approx(expected, rel=1e-5)
     # the per-row terms it averages
     rows = M.row_nll(Q, Y)
     assert rows.tolist() == pytest.approx([-math.log(0.6), -math.log(0.4), -math.log(0.25)])

@@ -253,6 +253,48 @@ def test_summarise_seeds_by_hand():
     assert "1.117 ± 0.153" in report.format_seed_summary(s)
 
 
+def test_summarise_seeds_interval_counts_only_seeds_with_the_metric():
+    reps = [
+        _seed_report({"ce": (0.50, 1.30, 0.05), "mtbkd_sgld": (0.55, 1.20, 0.04)}),
+        _seed_report({"ce": (0.60, 1.10, 0.03), "mtbkd_sgld": (0.58, 1.00, 0.05)}),
+        _seed_report({"ce": (0.52, 1.20, 0.04), "mtbkd_sgld": (0.56, 1.15, 0.02)}),
+    ]
+    reps[2]["methods"][1]["nll"] = None  # a report.json null
+    row = report.summarise_seeds(reps, [0, 1, 2])["versus"]["methods"]["ce"]["nll"]
+    assert row["runs"] == 2 and row["wins"] == 2
+    assert row["diff"] == pytest.approx(-0.10)
+    half = 12.706 * row["std"] / 2**0.5  # t with 1 degree of freedom, not 2
+    assert row["high"] == pytest.approx(row["diff"] + half, rel=1e-4)
+
+
+def test_per_row_nll_is_the_tables_and_reliability_bins_reduced_precision():
+    labels = torch.tensor([1, 0, 1])
+    probs = torch.tensor([[[1.0, 0.0], [0.3, 0.7], [0.6, 0.4]]])  # p(label) = 0 on row 0
+    nll, correct, conf, _ = report._per_row(probs, labels)
+    assert nll.mean().item() == pytest.approx(distill.evaluate_probs(probs, labels)["nll"])
+    assert correct.tolist() == [0.0, 0.0, 0.0] and conf.tolist() == pytest.approx([1, 0.7, 0.6])
+    # confidences just above a bin edge in bf16 / fp16 go in the bin above it (bins are
+    # right-closed), as in the ECE: 0.06689 > 1/15 is in bin 1, 0.73340 > 11/15 in bin 11
+    for dtype, c, expected in (
+        (torch.bfloat16, 0.06689453125, 1),
+        (torch.float16, 0.7333984375, 11),
+    ):
+        p = torch.tensor([[c, 0.0]], dtype=dtype)
+        assert p[0, 0].item() == c
+        _, _, count = report.reliability_curve(p, torch.tensor([0]))
+        assert int(count.argmax()) == expected
+
+
+def test_float_labels_are_an_error_not_truncated():
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    with pytest.raises(TypeError, match="integer tensor"):
+        distill.evaluate_probs(probs, torch.tensor([0.9, 1.7]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        distill.teacher_mixtures(torch.zeros(2, 2, 2), torch.tensor([0.9, 1.7]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        distill.weighting_diagnostic(torch.zeros(2, 2, 2), torch.tensor([0.9, 1.7]), ["a", "b"])
+
+
 def test_summarise_one_seed_and_bad_input():
     s = report.summarise_seeds([_seed_report({"ce": (0.5, 1.3, 0.05)})], [4])
     assert s["versus"] is None and s["methods"][0]["nll"]["std"] is None  # JSON null, not NaN
