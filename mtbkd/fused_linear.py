@@ -377,9 +377,12 @@ def _prepare(student_hidden, student_weight, teachers, labels, student_bias, chu
     elif isinstance(teachers, Sequence) and not isinstance(teachers, (str, bytes)):
         teachers = [
             t.reshape(-1, t.shape[-1]) if isinstance(t, Tensor) and t.dim() > 2
-            else _flatten_head(t) if isinstance(t, (tuple, list)) else t
+            else _flatten_head(t) if isinstance(t, (tuple, list))
+            else t.flatten() if _is_sparse(t) and t.indices.dim() > 2 else t
             for t in teachers
         ]  # fmt: skip
+    elif _is_sparse(teachers) and teachers.indices.dim() > 2:
+        teachers = teachers.flatten()
     tlist = _parse_teachers(teachers, n, v, hidden.device)
     if labels is not None:
         if not isinstance(labels, Tensor):
@@ -420,10 +423,12 @@ def _finish(kind, opts, hidden, weight, bias, tlist, labels, fixed, chunk, lead,
     return out, stats
 
 
-def _fixed(weights, k, n, hidden):
+def _fixed(weights, k, n, lead, hidden):
     mode, fixed = ops.WEIGHT_MODES.get(weights if isinstance(weights, str) else "fixed"), None
     if isinstance(weights, Tensor):
-        fixed = validate.fixed_weights(weights, k, torch.Size([n]), hidden)
+        # [K], [K, *lead] (student_hidden's leading shape) or [K, N] (the rows flattened)
+        rows = lead if weights.dim() > 1 and weights.shape[1:] == lead else torch.Size([n])
+        fixed = validate.fixed_weights(weights, k, rows, hidden)
     elif weights not in ("entropy", "uniform"):
         raise ValueError(f"weights must be 'entropy', 'uniform' or a Tensor, got {weights!r}")
     return mode, fixed
@@ -470,7 +475,7 @@ def fused_linear_mtbkd_loss(
     hidden, weight, tlist, labels, lead, n, chunk = _prepare(
         student_hidden, student_weight, teachers, labels, student_bias, chunk_size
     )
-    mode, fixed = _fixed(weights, len(tlist), n, hidden)
+    mode, fixed = _fixed(weights, len(tlist), n, lead, hidden)
     opts = {
         "temperature": float(temperature), "concentration": float(concentration),
         "prior_weight": float(prior_weight), "hard_label_weight": float(hard_label_weight),
@@ -518,7 +523,7 @@ def fused_linear_multi_teacher_kd_loss(
     hidden, weight, tlist, labels, lead, n, chunk = _prepare(
         student_hidden, student_weight, teachers, labels, student_bias, chunk_size
     )
-    mode, fixed = _fixed(weights, len(tlist), n, hidden)
+    mode, fixed = _fixed(weights, len(tlist), n, lead, hidden)
     opts = {
         "divergence": ops.DIVERGENCES[divergence], "beta": float(beta),
         "temperature": float(temperature), "mode": mode,

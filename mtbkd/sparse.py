@@ -64,8 +64,9 @@ _TINY = 1e-30
 
 
 class SparseTeacher:
-    """A teacher's top-k output: ``indices [..., k]`` (int) and ``logprobs [..., k]`` (float),
-    log-probabilities at temperature 1 (MATH.md section 5). No gradient flows into it."""
+    """A teacher's top-k output: ``indices [..., k]`` (int, distinct within a row, in
+    ``[0, V)``: checked by the losses) and ``logprobs [..., k]`` (float), log-probabilities at
+    temperature 1 (MATH.md section 5). No gradient flows into it."""
 
     def __init__(self, indices: Tensor, logprobs: Tensor) -> None:
         if not isinstance(indices, Tensor) or not isinstance(logprobs, Tensor):
@@ -188,6 +189,13 @@ def bucketize(
                 f"teacher_logits[{i}] has indices outside [0, V={v}) (a teacher "
                 "vocabulary padded beyond the student's must not put mass there)"
             )
+        if n and t.k > 1:
+            s_idx = idx.sort(dim=-1).values
+            if bool((s_idx[:, 1:] == s_idx[:, :-1]).any()):
+                raise ValueError(
+                    f"teacher_logits[{i}] lists a class twice in one row (its mass would be "
+                    "counted twice and the tail bucket would lose it)"
+                )
         idx_list.append(idx)
     z = z2.to(acc)
     union, _ = torch.cat(idx_list, dim=-1).sort(dim=-1)  # [N, W]
@@ -220,7 +228,13 @@ def bucketize(
     col = torch.where(keep, float("-inf"), 0.0).to(acc)[:, None]
     zc = torch.cat([z, col], dim=-1)
     zc = zc.scatter(-1, union, float("-inf"))
-    z_tail = torch.where(keep, torch.logsumexp(zc, dim=-1), z_max[:, 0] - _PAD)
+    # a kept tail whose student logits are all -inf (e.g. masked vocabulary, check_finite=False)
+    # has mass exactly 0: its logit is -inf, and logsumexp (whose backward is NaN over an all -inf
+    # row) runs on zeros there instead
+    empty = ~torch.isfinite(zc).any(-1)
+    lse = torch.logsumexp(torch.where(empty[:, None], 0.0, zc), dim=-1)
+    z_tail = torch.where(keep & ~empty, lse,
+                         torch.where(keep, float("-inf"), z_max[:, 0] - _PAD))  # fmt: skip
     student = torch.cat([z_u, z_tail[:, None]], dim=-1)
     teacher_out = [
         torch.cat([lp, torch.where(keep, m.clamp_min(_TINY).log(), -_PAD)[:, None]], dim=-1)
@@ -249,7 +263,9 @@ def _sparse_rows(kind: str, opts: dict, z: Tensor, teachers: list[SparseTeacher]
         validate.check_label_range(labels, z.shape[-1], ignore)
     zb, tb, counts = bucketize(z, teachers, return_counts=True)
     # Labels only mask rows for the bucketed op; the hard-label term is computed on z below.
-    lab_mask = None if labels is None else torch.where(labels == ignore, ignore, 0)
+    # (a kept row's placeholder label must differ from ignore_index, or every row would be masked)
+    placeholder = 1 if ignore == 0 else 0
+    lab_mask = None if labels is None else torch.where(labels == ignore, ignore, placeholder)
     if kind == "mtbkd":
         out = ops.mtbkd_loss_fwd(
             zb, tb, lab_mask, fixed, None, opts["temperature"], opts["concentration"],

@@ -175,3 +175,25 @@ def test_bad_input():
         mtbkd.fused_linear.fused_linear_mtbkd_loss(hid, w, teachers, y, chunk_size=2.5)
     with pytest.raises(ValueError, match="at least one teacher"):
         f(hid, w, [], y)
+
+
+def test_leading_shapes_for_fixed_weights_and_sparse_teachers():
+    # [B, T, H] hidden states: fixed weights [K, B, T] and a SparseTeacher [B, T, k] are accepted
+    # as by the plain losses (they were checked against [N] / not flattened)
+    from mtbkd.fused_linear import fused_linear_mtbkd_loss
+    from mtbkd.sparse import topk_teacher
+
+    g = torch.Generator().manual_seed(0)
+    hid = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 2, 3, 5, generator=g, dtype=torch.float64)
+    weights = torch.rand(2, 2, 3, generator=g, dtype=torch.float64)
+    plain = mtbkd.mtbkd_loss(hid @ w.T, t, weights=weights)
+    torch.testing.assert_close(fused_linear_mtbkd_loss(hid, w, t, weights=weights), plain)
+    flat = fused_linear_mtbkd_loss(hid, w, t, weights=weights.reshape(2, -1))
+    torch.testing.assert_close(flat, plain)
+    s = topk_teacher(t[0], 3)
+    torch.testing.assert_close(fused_linear_mtbkd_loss(hid, w, [s]), mtbkd.mtbkd_loss(hid @ w.T, s))
+    torch.testing.assert_close(fused_linear_mtbkd_loss(hid, w, s), mtbkd.mtbkd_loss(hid @ w.T, s))
+    with pytest.raises(ValueError, match="weights must have shape"):
+        fused_linear_mtbkd_loss(hid, w, t, weights=weights[:, :1])

@@ -47,6 +47,42 @@ def test_k_equal_v_is_dense(fn, opts, reduction):
     torch.testing.assert_close(gb, ga, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("fn,opts", CASES[:1] + CASES[2:3])
+def test_k_equal_v_is_dense_with_ignore_index_a_real_class(fn, opts):
+    # ignore_index = 0: the bucketed op's placeholder label for kept rows must differ from it
+    # (it was 0, so every row was masked and the soft term vanished)
+    z, t, y = _problem()
+    y[(y == 0) | (y < 0)] = 1
+    y[1::3] = 0
+    sparse = [topk_teacher(t[i], t.shape[-1]) for i in range(t.shape[0])]
+    a = fn(z, t, y, ignore_index=0, **opts)
+    b = fn(z, sparse, y, ignore_index=0, **opts)
+    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_student_tail_of_exactly_zero_mass_has_finite_gradients():
+    # the student's logits outside the teacher's support are -inf (a masked vocabulary) while the
+    # teacher keeps a tail bucket (10 % of its mass): the student's tail has mass exactly 0, and
+    # its logsumexp over an all -inf row must not put NaN into the backward
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    z[:, 3:] = float("-inf")
+    z.requires_grad_(True)
+    lp = torch.tensor([0.5, 0.3, 0.1], dtype=torch.float64).log().expand(4, 3).contiguous()
+    s = SparseTeacher(torch.arange(3).expand(4, 3).contiguous(), lp)
+    loss = mtbkd.multi_teacher_kd_loss(z, [s], divergence="reverse_kl", check_finite=False)
+    (grad,) = torch.autograd.grad(loss, z)
+    assert math.isfinite(loss.item()) and bool(torch.isfinite(grad).all())
+    # the limit of a student tail logit of -1e4 instead of -inf
+    z2 = z.detach().clone()
+    z2[:, 3:] = -1e4
+    z2.requires_grad_(True)
+    ref = mtbkd.multi_teacher_kd_loss(z2, [s], divergence="reverse_kl", check_finite=False)
+    (g2,) = torch.autograd.grad(ref, z2)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad[:, :3], g2[:, :3])
+
+
 def test_k_equal_v_stats_equal_dense():
     z, t, y = _problem()
     sparse = [topk_teacher(t[i], t.shape[-1]) for i in range(2)]
@@ -181,6 +217,10 @@ def test_bad_input():
         mtbkd.mtbkd_loss(z, SparseTeacher(s.indices[:-1], s.logprobs[:-1]), y)
     with pytest.raises(ValueError, match="outside"):
         mtbkd.mtbkd_loss(z, SparseTeacher(s.indices + 100, s.logprobs), y)
+    twice = s.indices.clone()
+    twice[3, 1] = twice[3, 0]
+    with pytest.raises(ValueError, match="lists a class twice"):
+        mtbkd.mtbkd_loss(z, SparseTeacher(twice, s.logprobs), y)
     with pytest.raises(ValueError, match="same non-empty shape"):
         SparseTeacher(s.indices, s.logprobs[:, :2])
     with pytest.raises(TypeError, match="integer"):
