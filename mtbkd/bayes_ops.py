@@ -284,11 +284,12 @@ def _(mu, rho, prior_mu, prior_sigma, compute_grad):
 def _kl_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.compute_grad = bool(inputs[4])  # (empty gradients are also those of empty mu / rho)
 
 
 def _kl_backward(ctx, grad_kl, _g1, _g2):
     dmu, drho = ctx.saved_tensors
-    if dmu.numel() == 0 and ctx.needs_input_grad[0] | ctx.needs_input_grad[1]:
+    if not ctx.compute_grad and ctx.needs_input_grad[0] | ctx.needs_input_grad[1]:
         raise RuntimeError("gaussian_kl was called with compute_grad=False")
     g = grad_kl.to(dmu.dtype)
     return (

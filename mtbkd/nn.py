@@ -178,24 +178,30 @@ def bayesify(
 
     ``include`` / ``exclude`` select modules by qualified name (``fnmatch`` patterns such as
     ``"head"`` or ``"encoder.*.fc2"``, a list of them, or ``fn(name, module) -> bool``); by default
-    every ``nn.Linear``. The trained weights become the posterior mean. Returns ``model`` (a bare
-    ``nn.Linear`` is returned converted).
+    every ``nn.Linear``. The trained weights become the posterior mean; a layer used under several
+    names stays one shared :class:`BayesLinear`. Returns ``model`` (a bare ``nn.Linear`` is
+    returned converted).
     """
     match = _matcher(include, exclude)
     kw = {"prior_sigma": prior_sigma, "posterior_rho_init": posterior_rho_init, "mode": mode,
           "prior_mu": prior_mu}  # fmt: skip
     if type(model) is nn.Linear:
         return BayesLinear.from_linear(model, **kw) if match("", model) else model
+    # every name of a module used in several places (remove_duplicate=False): one BayesLinear per
+    # nn.Linear, set at each of its names, so shared layers stay shared
     chosen = [
-        name for name, mod in model.named_modules()
+        (name, mod) for name, mod in model.named_modules(remove_duplicate=False)
         if type(mod) is nn.Linear and name and match(name, mod)
     ]  # fmt: skip
     if include is not None and not chosen:
         raise ValueError(f"include={include!r} matches no nn.Linear module of the model")
-    for name in chosen:
+    made: dict[int, BayesLinear] = {}
+    for name, mod in chosen:
+        if id(mod) not in made:
+            made[id(mod)] = BayesLinear.from_linear(mod, **kw)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, BayesLinear.from_linear(getattr(parent, child), **kw))
+        setattr(parent, child, made[id(mod)])
     return model
 
 

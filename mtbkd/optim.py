@@ -80,6 +80,19 @@ class SGLD(Optimizer):
                 self._step_bucket(group, params)
         return loss
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict`, but the pSGLD ``square_avg`` keeps
+        its fp32 (fp64 for fp64 parameters) accumulation dtype and value: the base class casts
+        every floating-point state to the parameter's dtype, bf16 / fp16 included."""
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params, strict=True):
+            saved = state_dict["state"].get(i, {}).get("square_avg")
+            if saved is not None:
+                acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+                self.state[p]["square_avg"] = saved.detach().to(device=p.device, dtype=acc).clone()
+
     def _step_bucket(self, group: dict[str, Any], params: list[Tensor]) -> None:
         precondition = group["precondition"]
         targets, grads, square_avgs, copy_back = [], [], [], []

@@ -200,6 +200,10 @@ class SampleStore:
         store.reservoir = bool(int(meta["reservoir"]))
         store._params = None
         if module is not None:
+            if isinstance(module, Mapping):  # e.g. a state_dict: only the store's names matter
+                module = {k: v for k, v in module.items() if k in set(names)}
+                if not module:
+                    raise ValueError(f"module has no parameter {names[0]!r} recorded in the store")
             params = _select(module, None)
             for name, shape in zip(names, shapes):
                 if name not in params:

@@ -257,6 +257,15 @@ def test_kl_without_grad_returns_scalar(backend):
     assert kl.shape == () and not kl.requires_grad
 
 
+def test_kl_of_empty_tensors_has_empty_gradients(backend):
+    # (the backward took the empty saved gradients for "computed without gradients")
+    mu = torch.zeros(0, 3, device=DEVICE, requires_grad=True)
+    rho = torch.zeros(0, 3, device=DEVICE, requires_grad=True)
+    kl = B.gaussian_kl(mu, rho)
+    kl.backward()
+    assert kl.item() == 0.0 and mu.grad.shape == rho.grad.shape == (0, 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # The SGLD op: backends agree on the same noise
 # ---------------------------------------------------------------------------------------------

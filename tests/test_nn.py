@@ -142,6 +142,15 @@ def test_bayesify_patterns_and_exclude():
         bayesify(_mlp(), include="encoder.*")
 
 
+def test_bayesify_keeps_a_shared_linear_shared():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    bayesify(model)
+    assert isinstance(model[0], BayesLinear) and model[0] is model[2]
+    assert torch.equal(model[0].weight_mu, shared.weight)
+    assert kl_divergence(model) == model[0].kl()  # counted once
+
+
 def test_kl_divergence_sums_layers():
     model = bayesify(_mlp())
     total = kl_divergence(model)

@@ -169,6 +169,35 @@ def test_closure_and_state_dict():
     assert torch.equal(opt2.state[p]["square_avg"], opt.state[p]["square_avg"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_psgld_state_dict_keeps_fp32_square_avg_for_low_precision_parameters(dtype):
+    # torch's load_state_dict casts floating state to the parameter's dtype: the fp32
+    # accumulator came back as bf16 / fp16 and the next step was refused
+    def run(p, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            (p.float() - 1).pow(2).sum().backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(5, dtype=dtype))
+    opt = SGLD([p], lr=1e-3, num_data=10, precondition=True)
+    run(p, opt, 2)
+    sd = {"state": {0: {k: v.clone() if torch.is_tensor(v) else v
+                        for k, v in opt.state[p].items()}},
+          "param_groups": opt.state_dict()["param_groups"]}  # fmt: skip
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = SGLD([q], lr=1e-3, num_data=10, precondition=True)
+    opt2.load_state_dict(sd)
+    assert opt2.state[q]["square_avg"].dtype == torch.float32
+    assert torch.equal(opt2.state[q]["square_avg"], opt.state[p]["square_avg"])
+    torch.manual_seed(1)
+    run(p, opt, 1)
+    torch.manual_seed(1)
+    run(q, opt2, 1)
+    assert torch.equal(p, q)  # the same step as the uninterrupted run
+
+
 @pytest.mark.parametrize(
     "kw, name",
     [({"lr": 0.0}, "lr"), ({"lr": -1.0}, "lr"), ({"num_data": 0}, "num_data"),

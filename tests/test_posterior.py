@@ -99,6 +99,12 @@ def test_load_checks_the_module(tmp_path):
         SampleStore.load(path, other)
     with pytest.raises(ValueError, match="no parameter"):
         SampleStore.load(path, nn.Linear(2, 2))
+    # a state_dict with non-float entries (batch norm's counter) is a fine mapping
+    bn = nn.Sequential(*_model(), nn.BatchNorm1d(3))
+    loaded = SampleStore.load(path, bn.state_dict())
+    assert loaded.names == store.names and torch.equal(loaded.samples(), store.samples())
+    with pytest.raises(ValueError, match="no parameter"):
+        SampleStore.load(path, {"other": torch.zeros(1)})
     bad = tmp_path / "bad.safetensors"
     from safetensors.torch import save_file
 
