@@ -265,6 +265,10 @@ def predict(
     if missing:
         raise ValueError(f"model has no parameters named {missing}: the store's names must be "
                          f"relative to the model given to predict")  # fmt: skip
+    for name, shape in zip(store.names, store.shapes, strict=True):
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"model parameter {name!r} has shape {tuple(params[name].shape)}, "
+                             f"the store's samples {shape}")  # fmt: skip
     ref = params[store.names[0]]
 
     def run(sample: dict[str, Tensor], x: Tensor) -> Tensor:

@@ -149,6 +149,9 @@ def test_predict_errors():
     store.collect()
     with pytest.raises(ValueError, match="no parameters named"):
         predict(nn.Linear(5, 3), store, torch.randn(2, 5))
+    wider = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    with pytest.raises(ValueError, match="'2.weight' has shape \\(3, 7\\)"):
+        predict(wider, store, torch.randn(2, 5))
     with pytest.raises(ValueError, match="chunk"):
         predict(model, store, torch.randn(2, 5), chunk=0)
 
