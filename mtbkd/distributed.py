@@ -168,10 +168,11 @@ def _agree(name: str, local: list[int] | None, error: Exception | None, device, 
             f"{name}: the vocabulary shards cover [0, {end}) but vocab_size is "
             f"{col['vocab_size'][0]}"
         )
+    return col
 
 
 def _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size, group,
-             ignore_index, check_finite, option_checks) -> _Inputs:  # fmt: skip
+             ignore_index, check_finite, option_checks, weights) -> _Inputs:  # fmt: skip
     _world(group)
     error: Exception | None = None
     inputs = meta = None
@@ -179,6 +180,7 @@ def _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size
         option_checks()
         inputs = _Inputs(student_shard, teacher_shard, labels, vocab_start, vocab_size,
                          ignore_index, check_finite)  # fmt: skip
+        inputs.weight_spec = _weight_spec(weights, inputs.t.shape[0], inputs.lead, inputs.original)
         meta = inputs.metadata(vocab_start, vocab_size)
     except (TypeError, ValueError) as exc:
         error = exc
@@ -355,10 +357,10 @@ def vocab_parallel_mtbkd_loss(
         )
 
     inputs = _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size, group,
-                      ignore_index, check_finite, option_checks)  # fmt: skip
+                      ignore_index, check_finite, option_checks, weights)  # fmt: skip
     z, t, lab = inputs.z, inputs.t, inputs.labels
     k, n, _ = t.shape
-    mode, fixed = _weight_spec(weights, k, inputs.lead, inputs.original)
+    mode, fixed = inputs.weight_spec
     tau, lam, tau_w = float(temperature), float(concentration), float(weight_temperature)
     need_entropy = mode == "entropy" and k > 1
     with torch.no_grad():
@@ -430,7 +432,7 @@ def vocab_parallel_mtbkd_loss(
         keep = torch.ones(n, dtype=torch.bool, device=rows.device)
     zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
     if entropy is None:
-        entropy = _entropy_only(inputs, tau_w, group) if k > 1 else torch.zeros_like(w)
+        entropy = _entropy_only(inputs, tau_w, group)
     stats = MTBKDStats(
         weights=torch.where(keep, w, zero).reshape(k, *lead),
         responsibilities=torch.where(keep, resp, zero).reshape(k, *lead),
@@ -504,10 +506,10 @@ def vocab_parallel_multi_teacher_kd_loss(
         )
 
     inputs = _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size, group,
-                      ignore_index, check_finite, option_checks)  # fmt: skip
+                      ignore_index, check_finite, option_checks, weights)  # fmt: skip
     z, t, lab = inputs.z, inputs.t, inputs.labels
     k, n, _ = t.shape
-    mode, fixed = _weight_spec(weights, k, inputs.lead, inputs.original)
+    mode, fixed = inputs.weight_spec
     tau, tau_w = float(temperature), float(weight_temperature)
     kind = divergence
     if divergence == "jsd" and beta in (0.0, 1.0):
@@ -570,7 +572,7 @@ def vocab_parallel_multi_teacher_kd_loss(
         else:
             # Generalised JSD: m_k = β p_k + (1−β) q needs the normalised p and q (stage 3).
             p = torch.exp(logp)
-            logm = torch.log(beta * p + (1.0 - beta) * q.unsqueeze(0))
+            logm = torch.logaddexp(logp + math.log(beta), logq.unsqueeze(0) + math.log(1.0 - beta))
             s3 = _Stage()
             s3.add("k:kp", _xlogx_like(p, logp - logm).sum(-1))
             s3.add("k:kq", _xlogx_like(q.unsqueeze(0).expand_as(p), logq.unsqueeze(0) - logm)
@@ -819,9 +821,11 @@ def _fused_call(name, loss_fn, opts, student_hidden, student_weight_shard, teach
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     # Agree before the chunk loop: every rank then runs the same number of chunk collectives.
-    _agree(name, meta, error, device, group)
+    col = _agree(name, meta, error, device, group)
     assert parsed is not None
     hidden, weight, teachers, flat_labels, lead, chunk = parsed
+    if chunk_size is None:
+        chunk = FL.auto_chunk_size(hidden.shape[0], max(col["width"]), len(teachers))
     head = _ShardedHead(loss_fn, opts, hidden, weight, student_bias_shard, teachers, flat_labels,
                         chunk, vocab_start, vocab_size, group)  # fmt: skip
     scale = None

@@ -593,7 +593,53 @@ def scenario_fused_linear(rank: int, world: int) -> None:
                                                  vocab_size=v)  # fmt: skip
 
 
+def scenario_review_regressions(rank: int, world: int) -> None:
+    """Bugs found in review, each checked on two ranks with shards of widths 9 and 11."""
+    from mtbkd import fused_linear as FL
+
+    v = 20
+    lo, hi = _bounds([9, 11])[rank]
+    z, t, y = _data(n_lead=(6,), v=v, k=2, seed=5)
+    # 1. JSD where a column underflows for the student and a teacher (a logit gap of 800 in
+    #    float64): log m was log(0) and the gradient 0 * inf = NaN; the reference's is finite.
+    zu, tu = z.clone(), t.clone()
+    zu[:, 3] -= 800.0
+    tu[:, :, 3] -= 800.0
+    zu[:, 15] -= 800.0
+    tu[:, :, 15] -= 800.0
+    case = {"labels": True, "reduction": "mean", "divergence": "jsd", "beta": 0.5}
+    _check_case(_ref_kd, D.vocab_parallel_multi_teacher_kd_loss, case, zu, tu, y, None, lo, hi)
+    # 2. one teacher: return_stats reported its entropy as 0
+    kw = {"vocab_start": lo, "vocab_size": v, "return_stats": True, "weight_temperature": 1.5}
+    _, st = D.vocab_parallel_mtbkd_loss(z[:, lo:hi], t[:1, :, lo:hi], y, **kw)
+    ref = reference.mtbkd_loss(z, t[:1], y, weight_temperature=1.5)
+    _close(st.entropy, ref.entropy)
+    # 3. the fused loss's automatic chunk size came from each rank's own shard width: ranks whose
+    #    widths gave different sizes ran different chunk loops and failed
+    real = FL.auto_chunk_size
+    FL.auto_chunk_size = lambda n, width, k: 2 + width % 3  # 9 -> 2 rows, 11 -> 4 rows
+    try:
+        g = torch.Generator().manual_seed(2)
+        h = torch.randn(6, 4, generator=g, dtype=torch.float64)
+        w = torch.randn(v, 4, generator=g, dtype=torch.float64)
+        got = D.vocab_parallel_fused_linear_mtbkd_loss(h, w[lo:hi], t[..., lo:hi], y,
+                                                       vocab_start=lo, vocab_size=v)  # fmt: skip
+        _close(got, _ref_mtbkd(h @ w.t(), t, y, "mean"))
+    finally:
+        FL.auto_chunk_size = real
+    # 4. bad fixed weights on one rank: every rank raises at once (the other ranks waited in a
+    #    collective until the group's timeout)
+    weights = torch.tensor([-1.0, 2.0]) if rank == 1 else torch.tensor([1.0, 2.0])
+    match = "non-negative" if rank == 1 else r"invalid inputs on rank\(s\) \[1\]"
+    for fn in (D.vocab_parallel_mtbkd_loss, D.vocab_parallel_multi_teacher_kd_loss):
+        with pytest.raises(ValueError, match=match):
+            fn(z[:, lo:hi], t[..., lo:hi], y, vocab_start=lo, vocab_size=v, weights=weights)
+    _close(D.vocab_parallel_mtbkd_loss(z[:, lo:hi], t[..., lo:hi], y, vocab_start=lo,
+                                       vocab_size=v), _ref_mtbkd(z, t, y, "mean"))  # fmt: skip
+
+
 SCENARIOS = {
+    "review_regressions": scenario_review_regressions,
     "vocab_parallel": scenario_vocab_parallel,
     "communication": scenario_communication,
     "mismatch": scenario_mismatch,
@@ -629,6 +675,10 @@ def test_vocab_parallel_fused_linear_matches_reference(ranks, world):
 
 def test_mismatched_inputs_raise_on_every_rank(ranks):
     ranks(2).run("mismatch")
+
+
+def test_review_regressions(ranks):
+    ranks(2).run("review_regressions", limit=60.0)
 
 
 def test_ddp_training_matches_single_process(ranks):
