@@ -53,6 +53,7 @@ class MTBKDLoss(nn.Module):
         F.validate.check_positive(concentration, "concentration")
         F.validate.check_positive(weight_temperature, "weight_temperature")
         F.validate.check_reduction(reduction)
+        F.validate.check_weights_option(weights)
 
     def forward(
         self,
@@ -111,6 +112,7 @@ class MultiTeacherKDLoss(nn.Module):
             )
         F.validate.check_positive(temperature, "temperature")
         F.validate.check_reduction(reduction)
+        F.validate.check_weights_option(weights)
         self.divergence = divergence
         self.beta = beta
         self.temperature = temperature

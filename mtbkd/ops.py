@@ -313,6 +313,13 @@ def _loss_backward(ctx, grad_loss, *unused):
     (grad,) = ctx.saved_tensors
     if grad_loss is None:  # the loss itself was not used
         return (None, [None] * ctx.num_teachers) + (None,) * ctx.num_rest
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): the saved gradient is a constant here, so a second-order
+        # term (a gradient penalty) would silently vanish
+        raise RuntimeError(
+            "mtbkd's fused losses do not support double backward (create_graph=True); the "
+            "float64 formulas of mtbkd.reference are plain autograd and do"
+        )
     # Out of place: the saved gradient is also an output of the op, which a caller may hold.
     grad_student = scale_grad(grad, grad_loss.to(_acc_dtype(grad.dtype)).contiguous())
     return (grad_student, [None] * ctx.num_teachers) + (None,) * ctx.num_rest

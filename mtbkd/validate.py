@@ -185,6 +185,20 @@ def check_finite(x: Tensor, name: str, row_mask: Tensor | None) -> None:
         )
 
 
+def check_weights_option(weights) -> None:
+    """A loss module's ``weights`` at construction: ``"entropy"``, ``"uniform"`` or a finite,
+    non-negative tensor (its shape is checked against the teachers at each call)."""
+    if isinstance(weights, str):
+        if weights not in ("entropy", "uniform"):
+            raise ValueError(f"weights must be 'entropy', 'uniform' or a Tensor, got {weights!r}")
+        return
+    if not isinstance(weights, Tensor):
+        raise TypeError(f"weights must be a str or a Tensor, got {type(weights).__name__}")
+    w = weights.detach()
+    if not w.is_floating_point() or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("weights must be a finite, non-negative floating-point tensor")
+
+
 def fixed_weights(weights: Tensor, k: int, lead: torch.Size, like: Tensor) -> Tensor:
     """User teacher weights ``[K]`` or ``[K, *lead]`` -> row-normalised ``[K, N]`` (acc dtype)."""
     if weights.dim() == 0 or weights.shape[0] != k:
@@ -202,11 +216,14 @@ def fixed_weights(weights: Tensor, k: int, lead: torch.Size, like: Tensor) -> Te
     for s in lead:
         n *= s
     w = weights.detach().to(acc).reshape(k, -1).expand(k, n)
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("weights must be finite")
-    if bool((w < 0).any()):
-        raise ValueError("weights must be non-negative")
     total = w.sum(0, keepdim=True)
-    if bool((total == 0).any()):
-        raise ValueError("weights: a row has all teacher weights equal to zero")
+    # Data checks read the values (a host synchronisation); a torch.compile graph skips them
+    # (fullgraph=True cannot branch on data), so check the weights once outside it.
+    if not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("weights must be finite")
+        if bool((w < 0).any()):
+            raise ValueError("weights must be non-negative")
+        if bool((total == 0).any()):
+            raise ValueError("weights: a row has all teacher weights equal to zero")
     return (w / total).contiguous()

