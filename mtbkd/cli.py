@@ -243,7 +243,9 @@ def _overrides(args: argparse.Namespace) -> dict:
             str: lambda v: isinstance(v, str),
             list: lambda v: isinstance(v, list),
             dict: lambda v: isinstance(v, dict),
-            type(None): lambda v: v is None or isinstance(v, (int, float)),
+            type(None): lambda v: (
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+            ),
         }[type(want)]
         if not ok(value):
             raise SystemExit(

@@ -159,7 +159,10 @@ class DistillConfig:
     num_threads: int = 1
 
     def __post_init__(self) -> None:
-        self.hidden = tuple(int(h) for h in self.hidden)
+        hidden = tuple(self.hidden)
+        if not hidden or any(isinstance(h, bool) or int(h) != h or h < 1 for h in hidden):
+            raise ValueError(f"hidden must list positive integer layer widths, got {self.hidden!r}")
+        self.hidden = tuple(int(h) for h in hidden)
         self.methods = tuple(self.methods)
         self.sgld_grid = tuple(float(v) for v in self.sgld_grid)
         self.sgld_prior_grid = tuple(float(v) for v in self.sgld_prior_grid)
@@ -194,9 +197,24 @@ class DistillConfig:
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {BASE_METHODS} or bkd_<name>")
         for grid_name, grid in (("mtbkd_grid", self.mtbkd_grid), ("kd_grid", self.kd_grid)):
-            for key in grid:
-                if key not in {f.name for f in fields(self)}:
-                    raise ValueError(f"{grid_name} names an unknown field {key!r}")
+            for key, values in grid.items():
+                if key not in GRID_KEYS[grid_name]:
+                    raise ValueError(
+                        f"{grid_name} may tune {sorted(GRID_KEYS[grid_name])}, got {key!r}"
+                    )
+                ok = isinstance(values, (list, tuple)) and len(values) > 0
+                ok = ok and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in values
+                )
+                if not ok:
+                    raise ValueError(
+                        f"{grid_name}[{key!r}] must be a non-empty list of numbers, got {values!r}"
+                    )
+                low = 0.0 if key in ("prior_weight", "kd_weight") else None
+                if any((v < low) if low is not None else not v > 0 for v in values):
+                    bound = "non-negative" if low is not None else "positive"
+                    raise ValueError(f"{grid_name}[{key!r}] values must be {bound}, got {values}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -217,6 +235,12 @@ class DistillConfig:
                 kw[k] = {a: tuple(b) for a, b in kw[k].items()}
         return cls(**kw)
 
+
+# What each grid may tune: the objective's own hyperparameters (they name its checkpoints)
+GRID_KEYS = {
+    "mtbkd_grid": frozenset({"temperature", "concentration", "prior_weight"}),
+    "kd_grid": frozenset({"kd_temperature", "kd_weight"}),
+}
 
 # Schedules sized to the built-in datasets (chosen on their validation splits).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -624,14 +648,30 @@ class _Samples:
         self.store.collect()
 
     def state(self, path: Path | None) -> dict:
+        """Save the samples for a checkpoint about to be written, to a file of their own
+        (``<stem>.<calls>.safetensors``, named by the collect() count): the checkpoint that is on
+        disk until the new one replaces it keeps pointing at its own file, so an interruption
+        between the two writes never pairs a checkpoint with another one's samples. Files older
+        than the previous checkpoint's are removed."""
         if path is None:
             raise ValueError("a checkpointed SGLD run needs a samples path")
-        self.store.save(path)  # the file keeps the burn-in/thinning counters too
-        return {"samples": len(self.store)}
+        target = path.with_name(f"{path.stem}.{self.store.calls}{path.suffix}")
+        tmp = target.with_name(target.name + ".tmp")
+        self.store.save(tmp)  # the file keeps the burn-in/thinning counters too
+        os.replace(tmp, target)
+        keep = {target.name, getattr(self, "_previous", None)}
+        for old in path.parent.glob(f"{path.stem}.*{path.suffix}"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
+        self._previous = target.name
+        return {"samples": len(self.store), "file": target.name}
 
     def load_state(self, path: Path | None, state: dict) -> None:
         from mtbkd.posterior import SampleStore
 
+        if path is not None and "file" in state:
+            path = path.with_name(state["file"])
+            self._previous = path.name
         if path is None or not path.is_file():
             raise FileNotFoundError(f"the checkpoint's samples file {path} is missing")
         store = SampleStore.load(path, self.model)
@@ -1306,23 +1346,37 @@ def digits_demo_dataset(
     """scikit-learn digits set up as the demo's distillation problem: three MLP teachers with
     different class expertise (:func:`train_teachers`: each sees all training images of its
     classes and a tenth of the others; cross-fitted and temperature-scaled logits, see
-    :func:`teacher_logits`) learn from the whole training split; the small student learns from a
-    stratified ``student_fraction`` of it (its labelled transfer set, with the teachers' cached
-    logits), on the 8x8 images or, with ``pooled``, their 4x4 pooled version (:func:`pool_digits`).
+    :func:`teacher_logits`) learn from the training split except the student's validation rows;
+    the small student learns from a stratified ``student_fraction`` of it (its labelled transfer
+    set, with the teachers' cached logits), on the 8x8 images or, with ``pooled``, their 4x4
+    pooled version (:func:`pool_digits`). The validation rows that :func:`run_experiment` holds
+    out of the student's rows (``config.val_fraction``, ``config.seed``) are held out of the
+    teachers' training too: their logits, like the test rows', come from teachers that never saw
+    them, so the hyperparameters are chosen on labels no model has trained on.
     """
     from mtbkd.data import load_digits
 
     config = config or DistillConfig()
     full = load_digits(seed)
-    with _threads(config.num_threads):
-        x_tr, y_tr = torch.from_numpy(full.x_train), torch.from_numpy(full.y_train)
-        names, t_tr, t_te = teacher_logits(
-            x_tr, y_tr, torch.from_numpy(full.x_test), full.num_classes, config
-        )
-        t_tr, t_te = t_tr.numpy(), t_te.numpy()
     rows = np.arange(len(full.y_train))
     if student_fraction < 1.0:
         _, rows = stratified_split(full.y_train, student_fraction, seed + 7)
+    # The student's validation rows (the split run_experiment draws from these rows with
+    # config.val_fraction and config.seed) choose its hyperparameters: the teachers never train on
+    # them, and score them as they score the test rows.
+    _, val_local = stratified_split(full.y_train[rows], config.val_fraction, config.seed)
+    val_rows = rows[val_local]
+    keep = np.setdiff1d(np.arange(len(full.y_train)), val_rows)
+    with _threads(config.num_threads):
+        x_all, y_all = torch.from_numpy(full.x_train), torch.from_numpy(full.y_train)
+        unseen = torch.cat([x_all[val_rows], torch.from_numpy(full.x_test)])
+        names, t_keep, t_unseen = teacher_logits(
+            x_all[keep], y_all[keep], unseen, full.num_classes, config
+        )
+        t_tr = torch.empty(len(names), len(full.y_train), full.num_classes)
+        t_tr[:, keep] = t_keep
+        t_tr[:, val_rows] = t_unseen[:, : len(val_rows)]
+        t_tr, t_te = t_tr.numpy(), t_unseen[:, len(val_rows) :].numpy()
     view = pool_digits if pooled else (lambda a: a)
     feat = [f"pool{r}{c}" for r in range(4) for c in range(4)] if pooled else full.feature_names
     return Dataset(
@@ -1416,12 +1470,17 @@ def format_hparams(hparams: dict) -> str:
 
 
 def method_names(config: DistillConfig, teacher_names: Sequence[str]) -> list[str]:
-    out = []
+    """The methods of ``config.methods`` in order, ``bkd`` expanded to every teacher's BKD, each
+    once; a ``bkd_<name>`` that names no teacher is an error."""
+    known = [f"bkd_{t}" for t in teacher_names]
+    unknown = [m for m in config.methods if m.startswith("bkd_") and m not in known]
+    if unknown:
+        raise ValueError(f"methods {unknown} name no teacher; the teachers' BKDs are {known}")
+    out: list[str] = []
     for m in config.methods:
-        if m == "bkd":
-            out += [f"bkd_{t}" for t in teacher_names]
-        elif m not in out:
-            out.append(m)
+        for name in known if m == "bkd" else [m]:
+            if name not in out:
+                out.append(name)
     return out
 
 

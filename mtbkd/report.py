@@ -666,9 +666,12 @@ def write_report(result: ExperimentResult, out_dir: str | Path, figures: bool = 
     out.mkdir(parents=True, exist_ok=True)
     rep = report_dict(result)
     save_per_row(result, out / PER_ROW_FILE)
-    (out / "report.json").write_text(json.dumps(rep, indent=2))  # last but the figures: --resume
     files = _figures(result, out, rep.get("paired_bootstrap")) if figures else []
     (out / "report.md").write_text(_markdown(result, rep, files))
+    # report.json last, and atomically: a --seeds --resume counts a seed as done when it exists
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(rep, indent=2))
+    tmp.replace(out / "report.json")
     return rep
 
 

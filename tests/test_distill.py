@@ -90,6 +90,27 @@ def test_sgld_resume_after_interruption_gives_the_same_samples(tmp_path):
     # a finished run is loaded, not retrained: same samples again
     _, again = run(tmp_path / "ck")
     assert torch.equal(again.samples(), reference.samples())
+    # an interruption between writing a checkpoint's samples and the checkpoint itself: the
+    # checkpoint on disk keeps its own samples file, and the resumed run is the same
+    real = distill._save_atomic
+    calls = {"sgld": 0}
+
+    def flaky(obj, path):
+        if path.name == "sgld.pt":
+            calls["sgld"] += 1
+            if calls["sgld"] == 2:  # the second SGLD checkpoint's samples are already written
+                raise KeyboardInterrupt
+        real(obj, path)
+
+    distill._save_atomic = flaky
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "ck2")
+    finally:
+        distill._save_atomic = real
+    _, resumed = run(tmp_path / "ck2")
+    assert torch.equal(resumed.samples(), reference.samples())
+    assert len(list((tmp_path / "ck2").rglob("sgld_samples.*.safetensors"))) <= 2
 
 
 def test_map_resume_matches_uninterrupted(tmp_path):
@@ -134,6 +155,27 @@ def test_bad_inputs_get_clear_errors():
         distill.DistillConfig(methods=("ce", "svm"))
     with pytest.raises(ValueError, match="burn_in"):
         distill.DistillConfig(burn_in=1.5)
+    # grids tune only the objective's own hyperparameters, with non-empty lists of numbers
+    with pytest.raises(ValueError, match="mtbkd_grid may tune"):
+        distill.DistillConfig(mtbkd_grid={"hard_label_weight": (0.5, 1.0)})
+    with pytest.raises(ValueError, match="kd_grid may tune"):
+        distill.DistillConfig(kd_grid={"temperature": (1.0,)})
+    with pytest.raises(ValueError, match="non-empty list of numbers"):
+        distill.DistillConfig(mtbkd_grid={"temperature": 2.0})
+    with pytest.raises(ValueError, match="non-empty list of numbers"):
+        distill.DistillConfig(mtbkd_grid={"temperature": ()})
+    with pytest.raises(ValueError, match="must be positive"):
+        distill.DistillConfig(mtbkd_grid={"concentration": (-5.0,)})
+    with pytest.raises(ValueError, match="hidden must list positive integer"):
+        distill.DistillConfig(hidden=(True,))
+    with pytest.raises(ValueError, match="hidden must list positive integer"):
+        distill.DistillConfig(hidden=(32.7,))
+    # a BKD of a teacher that does not exist is an error, and bkd expands without duplicates
+    cfg = replace(CONFIG, methods=("ce", "bkd_low"))
+    with pytest.raises(ValueError, match=r"\['bkd_low'\] name no teacher"):
+        distill.method_names(cfg, ["lo", "hi"])
+    cfg = replace(CONFIG, methods=("bkd_lo", "bkd", "ce"))
+    assert distill.method_names(cfg, ["lo", "hi"]) == ["bkd_lo", "bkd_hi", "ce"]
 
 
 def test_teacher_modules_are_evaluated_once_and_cached():
@@ -515,3 +557,28 @@ def test_run_experiment_measures_shifted_inputs():
         assert {k: v for k, v in a.metrics.items() if k != "auroc_shift"} == pytest.approx(
             b.metrics, nan_ok=True
         )
+
+
+def test_digits_teachers_never_train_on_the_students_validation_rows(monkeypatch):
+    from mtbkd.data import load_digits, stratified_split
+
+    cfg = replace(distill.DistillConfig(**distill.SMOKE), val_fraction=0.3, seed=3)
+    seen = []
+    real = distill.train_teachers
+
+    def recording(x, y, num_classes, config):
+        seen.append(x.clone())
+        return real(x, y, num_classes, config)
+
+    monkeypatch.setattr(distill, "train_teachers", recording)
+    ds = distill.digits_demo_dataset(cfg, seed=3)
+    full = load_digits(3)
+    _, val = stratified_split(ds.y_train, cfg.val_fraction, cfg.seed)  # run_experiment's split
+    val_rows = {r.tobytes() for r in ds.x_train[val]}
+    # the full teachers, then one set per fold
+    assert len(seen) == 1 + cfg.teacher_folds
+    assert len(seen[0]) == len(full.y_train) - len(val)
+    for x in seen:
+        assert not any(r.numpy().tobytes() in val_rows for r in x)
+    # the validation rows still have teacher logits (from teachers that never saw them)
+    assert all(t.shape == (len(ds.y_train), 10) for t in ds.teachers_train.values())

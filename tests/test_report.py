@@ -541,3 +541,14 @@ def test_shift_column_in_tables_report_and_summary(tmp_path):
     assert "AUROC shift" in report.format_seed_summary(summary)
     # seeds without shifted inputs have no such column
     assert "AUROC shift" not in report.format_seed_summary(report.summarise_seeds([plain], [0]))
+
+
+def test_report_json_is_written_last(tmp_path, monkeypatch):
+    # a --seeds --resume run counts a seed as done when its report.json exists
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "_figures", broken)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(_result(), tmp_path)
+    assert not (tmp_path / "report.json").exists()
