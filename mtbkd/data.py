@@ -403,7 +403,9 @@ def sequence_features(sequences) -> np.ndarray:
     * reduced-alphabet dipeptide composition over the six residue groups (36).
 
     Residues outside the 20 standard ones (X, U, ...) are left out of compositions and profiles
-    (windows still count positions); letters may be in either case, and surrounding whitespace
+    (the terminal composition windows still count positions; the hydropathy and charge windows
+    and the transmembrane count run over the standard residues only, so a run of X joins the
+    residues on either side of it); letters may be in either case, and surrounding whitespace
     and a trailing ``*`` (a stop codon) are dropped. Full 400-dipeptide composition is not used:
     on DeepLoc's 2,500 training proteins it lowers validation accuracy (the student overfits it).
     """

@@ -28,6 +28,7 @@ and the exact sequences.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -192,8 +193,24 @@ def cache_dir() -> Path:
     return Path(base) / "mtbkd"
 
 
+# bump when the computation changes: cached features of the old code are then not reused
+_CACHE_VERSION = 2
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a weights file (memoised per path, size and modification time)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _cache_key(size: int, weights: Path, sequences: Sequence[str]) -> str:
-    h = hashlib.sha256(f"unirep{size}:{weights.stat().st_size}\n".encode())
+    st = weights.stat()
+    digest = _weights_digest(str(weights), st.st_size, st.st_mtime_ns)
+    h = hashlib.sha256(f"unirep{size}:v{_CACHE_VERSION}:{digest}\n".encode())
     for s in sequences:
         h.update(s.strip().upper().removesuffix("*").encode())
         h.update(b"\n")
@@ -220,14 +237,18 @@ def unirep_features(
         raise TypeError("sequences must be a list of strings, not one string")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    sequences = list(sequences)  # read once: a generator would be empty for the cache key
     toks = [tokenize(s) for s in sequences]  # bad input fails before any work
     weights = weights_path(size)
     if not toks:
         return np.zeros((0, size), dtype=np.float32)
     path = cache_dir() / "unirep" / f"{_cache_key(size, weights, sequences)}.npy"
     if cache and path.is_file():
-        got = np.load(path, allow_pickle=False)
-        if got.shape == (len(toks), size):
+        try:
+            got = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):  # a truncated or foreign file: recompute it
+            got = None
+        if got is not None and got.shape == (len(toks), size) and got.dtype == np.float32:
             return got
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -122,6 +122,14 @@ def test_features_cache(tmp_path, monkeypatch):
     assert len(list((tmp_path / "unirep").glob("*.npy"))) == 2
     assert unirep.unirep_features(SEQS, 64, progress=False, cache=False)[0, 0] != 42.0
     assert unirep.unirep_features([], 64).shape == (0, 64)
+    # a generator is read once (its cache key hashed no sequence, so any N of them shared one)
+    got = unirep.unirep_features((s for s in SEQS[1:3]), 64, progress=False)
+    np.testing.assert_allclose(got, unirep.UniRep(64)(SEQS[1:3]).numpy(), atol=1e-6)
+    # a truncated cache file is recomputed and rewritten, not an error
+    path = files[0]
+    path.write_bytes(path.read_bytes()[:40])
+    np.testing.assert_allclose(unirep.unirep_features(SEQS, 64, progress=False), first, atol=1e-6)
+    assert np.load(path).shape == first.shape
     # a cache folder that cannot be written: the features still come back, with a warning
     blocker = tmp_path / "file"
     blocker.write_text("")
