@@ -278,7 +278,13 @@ def predict(
     batched = torch.vmap(run, in_dims=(0, None))
     stacked = store.stacked()
     out: Tensor | None = None
-    size = 1 if chunk is None else chunk  # automatic: the first chunk is one sample
+    size = chunk
+    if size is None:  # automatic: one sample on one row gives the output's size per row
+        with torch.no_grad():
+            probe = run({k: v[0].to(device=ref.device, dtype=params[k].dtype)
+                         for k, v in stacked.items()}, inputs[:1])  # fmt: skip
+        shape = (len(store), inputs.shape[0], *probe.shape[1:])
+        size = _auto_chunk(store, params, torch.empty(shape, dtype=probe.dtype, device="meta"))
     with torch.no_grad():
         s0 = 0
         while s0 < len(store):
@@ -290,8 +296,6 @@ def predict(
                 res = batched(part, inputs)
             if out is None:  # one [S, ...] result, filled chunk by chunk (no final cat)
                 out = res.new_empty((len(store), *res.shape[1:]))
-                if chunk is None:
-                    size = _auto_chunk(store, params, out)
             out[s0 : s0 + res.shape[0]] = res
             s0 += res.shape[0]
     return out

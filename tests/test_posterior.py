@@ -117,7 +117,7 @@ def test_load_checks_the_module(tmp_path):
 def test_predict_matches_a_loop_over_samples(chunk, monkeypatch):
     model = _model().eval()
     store = SampleStore(model, include="2.*", max_samples=7)
-    if chunk == "auto3":  # automatic chunks of 1, then 3 and 3 samples
+    if chunk == "auto3":  # automatic chunks of 3, 3 and 1 samples
         head_bytes = 4 * (model[2].weight.numel() + model[2].bias.numel())
         monkeypatch.setattr(posterior, "PREDICT_PARAM_BYTES", 3 * head_bytes + 1)
         monkeypatch.setattr(posterior, "PREDICT_MIN_CHUNK", 2)
@@ -193,3 +193,24 @@ def test_bad_store_arguments():
         SampleStore(model, include="head.*")
     with pytest.raises(TypeError, match="module_or_params"):
         SampleStore([torch.zeros(2)])
+
+
+def test_automatic_chunks_run_the_unsampled_body_once():
+    class Rows(nn.Module):  # records the rows of every input the body sees
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x.shape[0])
+            return x
+
+    rows = Rows()
+    model = nn.Sequential(rows, nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+    store = SampleStore(model, include="3.*", max_samples=9)
+    for _ in range(9):
+        with torch.no_grad():
+            model[3].weight.add_(torch.randn_like(model[3].weight))
+        store.collect()
+    predict(model, store, torch.randn(11, 5))
+    assert rows.seen == [1, 11]  # a one-row probe of the output's size, then all 9 samples at once
