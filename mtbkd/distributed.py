@@ -109,7 +109,7 @@ class _Inputs:
         self.mask = mask
         self.width = width
         # (weight mode, fixed weights [K, N] or None), set by _prepare inside its error handling
-        self.weight_spec: tuple[int, Tensor | None] | None = None
+        self.weight_spec: tuple[str, Tensor | None] | None = None
 
     def metadata(self, vocab_start: int, vocab_size: int) -> list[int]:
         k, n, w = self.t.shape
