@@ -191,13 +191,8 @@ def _labels(y, name: str, n: int, c: int) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1 or len(y) != n:
         raise ValueError(f"{name} must be [N] with N = {n} (the feature rows), got shape {y.shape}")
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise ValueError(f"{name} must hold integer class indices")
-    elif y.dtype.kind not in "iu":
-        raise ValueError(f"{name} must hold integer class indices, got dtype {y.dtype}")
-    y = y.astype(np.int64)
-    if y.min() < 0 or y.max() >= c:
+    y = _label_indices(y, name)
+    if y.max() >= c:
         raise ValueError(
             f"{name} has labels outside 0..{c - 1} (min {y.min()}, max {y.max()}) for {c} classes"
         )

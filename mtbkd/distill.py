@@ -643,6 +643,8 @@ class _Samples:
             max_samples=max_samples,
             include=f"{prefix}.*" if prefix else None,
         )
+        # the samples file of the checkpoint on disk (kept until a newer checkpoint replaces it)
+        self._previous: str | None = None
 
     def collect(self) -> None:
         self.store.collect()
@@ -659,7 +661,7 @@ class _Samples:
         tmp = target.with_name(target.name + ".tmp")
         self.store.save(tmp)  # the file keeps the burn-in/thinning counters too
         os.replace(tmp, target)
-        keep = {target.name, getattr(self, "_previous", None)}
+        keep = {target.name, self._previous}
         for old in path.parent.glob(f"{path.stem}.*{path.suffix}"):
             if old.name not in keep:
                 old.unlink(missing_ok=True)
@@ -986,15 +988,6 @@ def shift_auroc(probs: Tensor, shift_probs: Tensor) -> float:
     return float(M.auroc(torch.cat([h_in, h_shift]), shifted))
 
 
-def _class_indices(labels: Tensor) -> Tensor:
-    """Integer class labels as int64; float labels are an error (``.long()`` would truncate
-    them silently)."""
-    labels = torch.as_tensor(labels)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
-    return labels.long()
-
-
 def _row_stats(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[str, Tensor]:
     """What :func:`evaluate_probs` needs of each row (its metrics are means over rows, or ECE and
     AUROC over per-row values), so that blocks of rows can be evaluated one at a time and
@@ -1002,7 +995,7 @@ def _row_stats(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[str, 
     size."""
     from mtbkd import metrics as M
 
-    labels = _class_indices(labels)
+    labels = M._labels(labels, probs.shape[-2], probs.shape[-1])  # integer, in range (no .long())
     sets = M.credible_set(probs, level)
     return {
         "pbar": M.mean_probs(probs),
@@ -1016,7 +1009,7 @@ def _row_stats(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[str, 
 def _metrics_of_rows(stats: dict[str, Tensor], labels: Tensor) -> dict[str, float]:
     from mtbkd import metrics as M
 
-    labels = _class_indices(labels)
+    labels = M._labels(labels, *stats["pbar"].shape)
     pbar = stats["pbar"].unsqueeze(0)  # the metrics below only use the predictive mean
     wrong = stats["pbar"].argmax(-1) != labels
     unc = M.predictive_entropy(pbar)
@@ -1847,11 +1840,14 @@ def weighting_diagnostic(
         raise ValueError(f"teacher_logits must be [K, N, C], got shape {tuple(t.shape)}")
     if t.shape[0] < 2:
         return None
-    labels = _class_indices(labels)
+    from mtbkd import metrics as M
+
+    labels = torch.as_tensor(labels)
     if t.shape[1] != len(labels) or t.shape[0] != len(teacher_names):
         raise ValueError(
             f"teacher_logits {tuple(t.shape)} must be [K={len(teacher_names)}, N={len(labels)}, C]"
         )
+    labels = M._labels(labels, t.shape[1], t.shape[2])
     pred = t.argmax(-1)
     disagree = (pred != pred[:1]).any(0)
     n_dis = int(disagree.sum())

@@ -966,9 +966,7 @@ def format_seed_summary(summary: dict[str, Any], markdown: bool = False) -> str:
     """The across-seed means ± standard deviations, then (when the reference method ran) its
     per-seed differences to every other method, as plain text or markdown."""
     n = len(summary["seeds"])
-    cols = list(COLUMNS)
-    if any((m.get(SHIFT_COLUMN[0]) or {}).get("mean") is not None for m in summary["methods"]):
-        cols.insert(len(cols) - 1, SHIFT_COLUMN)
+    cols = columns(summary["methods"])
     if any(m.get("validation_nll", {}).get("mean") is not None for m in summary["methods"]):
         # the validation split's NLL (what selected the hyperparameters) beside the test NLL
         cols.insert(2, ("validation_nll", "val NLL", "{:.3f}"))

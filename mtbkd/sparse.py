@@ -189,13 +189,6 @@ def bucketize(
                 f"teacher_logits[{i}] has indices outside [0, V={v}) (a teacher "
                 "vocabulary padded beyond the student's must not put mass there)"
             )
-        if n and t.k > 1:
-            s_idx = idx.sort(dim=-1).values
-            if bool((s_idx[:, 1:] == s_idx[:, :-1]).any()):
-                raise ValueError(
-                    f"teacher_logits[{i}] lists a class twice in one row (its mass would be "
-                    "counted twice and the tail bucket would lose it)"
-                )
         idx_list.append(idx)
     z = z2.to(acc)
     union, _ = torch.cat(idx_list, dim=-1).sort(dim=-1)  # [N, W]
@@ -207,8 +200,13 @@ def bucketize(
 
     # Teachers: look every union class up in each (sorted) support.
     t_buckets, tail_mass = [], []
-    for t, idx in zip(teachers, idx_list, strict=True):
+    for i, (t, idx) in enumerate(zip(teachers, idx_list, strict=True)):
         s_idx, order = idx.sort(dim=-1)
+        if n and t.k > 1 and bool((s_idx[:, 1:] == s_idx[:, :-1]).any()):
+            raise ValueError(
+                f"teacher_logits[{i}] lists a class twice in one row (its mass would be counted "
+                "twice and the tail bucket would lose it)"
+            )
         s_lp = t.logprobs.to(acc).gather(-1, order)
         pos = torch.searchsorted(s_idx, union).clamp_max(t.k - 1)
         found = s_idx.gather(-1, pos) == union
