@@ -120,15 +120,16 @@ MTBKD_HD T exp_f32(T x) {
 // measured from running offsets m (student) and o_k (teacher k, usually its running maximum):
 //   S  = sum e_s            e_s = exp(d / tau)          student normaliser at tau
 //   S1 = sum exp(d)                                     student normaliser at temperature 1 (CE)
-//   G  = sum e_s d                                      E_q[z]   (reverse KL)
 //   A_k = sum e_k           e_k = exp(u_k / tau)        teacher normaliser at tau
 //   B_k = sum e_k d                                     E_{p_k}[z]           (cross term C_k)
 //   F_k = sum e_k u_k                                   E_{p_k}[t_k]         (forward KL)
-//   E_k = sum e_s u_k                                   E_q[t_k]             (reverse KL)
+//   E_k = sum e_s (z - t_k)                             E_q[z - t_k]         (reverse KL)
 //   Aw_k = sum ew_k         ew_k = exp(u_k / tau_w)     teacher normaliser at tau_w
 //   Dw_k = sum ew_k u_k                                 E_{p~_k}[t_k]        (entropy H_k)
 // Moving an offset by delta rescales the exponentials by exp(-delta / temperature) and shifts the
-// linear factor by -delta; the shift_* functions apply exactly that, so two partial sums taken
+// linear factor by -delta; the shift_* functions apply exactly that (E_k's factor is the raw
+// difference of the logits, which no offset moves: the gradient of a confident student's reverse
+// KL subtracts its mean E_k / S from that same difference, and nothing large cancels), so two partial sums taken
 // relative to different maxima (two blocks of a row, two CUDA threads) merge without error
 // growth. Everything is measured from a maximum so the sums never overflow, and the entropy and
 // cross terms come out as differences of O(1) quantities (no cancellation for large logits).
@@ -138,7 +139,6 @@ struct StudentAcc {
   T m;   // offset (running maximum of z); -inf while empty
   T S;   // sum exp(d / tau)
   T S1;  // sum exp(d)
-  T G;   // sum exp(d / tau) d
 };
 
 template <class T>
@@ -147,14 +147,14 @@ struct TeacherAcc {
   T A;   // sum e_k
   T B;   // sum e_k d
   T F;   // sum e_k u_k
-  T E;   // sum e_s u_k
+  T E;   // sum e_s (z - t_k)
   T Aw;  // sum ew_k
   T Dw;  // sum ew_k u_k
 };
 
 template <class T>
 MTBKD_HD StudentAcc<T> empty_student() {
-  return StudentAcc<T>{neg_infinity<T>(), T(0), T(0), T(0)};
+  return StudentAcc<T>{neg_infinity<T>(), T(0), T(0)};
 }
 
 template <class T>
@@ -172,7 +172,6 @@ MTBKD_HD void shift_student(StudentAcc<T>& s, TeacherAcc<T>* tk, int K, T new_m,
   }
   const T delta = new_m - s.m;
   const T sc = scalar_exp(-delta * inv_tau);
-  s.G = sc * (s.G - delta * s.S);
   s.S *= sc;
   s.S1 *= scalar_exp(-delta);
   for (int k = 0; k < K; ++k) {
@@ -199,7 +198,6 @@ MTBKD_HD void shift_teacher(TeacherAcc<T>& t, const StudentAcc<T>& s, T new_o, T
   t.A *= sc;
   t.Dw = scw * (t.Dw - delta * t.Aw);
   t.Aw *= scw;
-  t.E -= delta * s.S;
   t.o = new_o;
 }
 
@@ -224,7 +222,6 @@ MTBKD_HD void merge_row_stats(StudentAcc<T>& sa, TeacherAcc<T>* ta, StudentAcc<T
   }
   sa.S += sb.S;
   sa.S1 += sb.S1;
-  sa.G += sb.G;
 }
 
 // H = log Aw - Dw / (Aw tau_w): the entropy of softmax(t / tau_w) from its online sums; both

@@ -1,7 +1,7 @@
 """mtbkd: Multi-Teacher Bayesian Knowledge Distillation for PyTorch.
 
 Fused multi-teacher losses (MT-BKD's teacher-informed mixture prior and the weighted-sum KD
-family), Bayesian layers, SGLD and uncertainty metrics. The math is in ``design/MATH.md``.
+family), Bayesian layers, SGLD and uncertainty metrics. The math is in ``docs/MATH.md``.
 Optional parts (``mtbkd.integrations``, ``mtbkd.distill``, ``mtbkd.report``) import lazily.
 """
 

@@ -77,15 +77,26 @@ def teacher_weights(
     teacher_logits: Tensor | Sequence[Tensor],
     method: str | Tensor = "entropy",
     temperature: float = 1.0,
+    *,
+    check_finite: bool = True,
 ) -> Tensor:
     """Per-row teacher weights ``[K, ...]`` (MATH.md section 1), summing to 1 over teachers.
 
     ``entropy``: ``w_k ∝ 1 - H_k / Σ_j H_j`` with ``H_k`` the entropy of
     ``softmax(t_k / temperature)``
     (a confident teacher weighs more); ``uniform``: ``1/K``; a tensor ``[K]`` or ``[K, ...]``:
-    non-negative weights renormalised per row. No gradient flows through the weights.
+    non-negative weights renormalised per row. No gradient flows through the weights. NaN/inf
+    logits raise unless ``check_finite=False``. Dense logits only: the losses report a
+    :class:`~mtbkd.SparseTeacher`'s weights (``return_stats=True``).
     """
     validate.check_positive(temperature, "temperature")
+    from mtbkd import sparse as _sparse
+
+    if _sparse.is_sparse(teacher_logits):
+        raise TypeError(
+            "teacher_logits must be dense logits [K, ..., V] or a sequence of K tensors, got a "
+            "SparseTeacher (the losses accept it and report its weights with return_stats=True)"
+        )
     if isinstance(teacher_logits, Tensor):
         validate.check_logits(teacher_logits, "teacher_logits")
         if teacher_logits.dim() < 2:
@@ -103,7 +114,9 @@ def teacher_weights(
         return validate.fixed_weights(method, k, lead, first).reshape(k, *lead)
     if method not in ("entropy", "uniform"):
         raise ValueError(f"method must be 'entropy', 'uniform' or a Tensor, got {method!r}")
-    w, _ = ops.teacher_weights_op(teachers, ops.WEIGHT_MODES[method], float(temperature), True)
+    w, _ = ops.teacher_weights_op(
+        teachers, ops.WEIGHT_MODES[method], float(temperature), bool(check_finite)
+    )
     return w.reshape(k, *lead)
 
 

@@ -1,4 +1,4 @@
-"""The pure-PyTorch oracle of every mtbkd op, written from ``design/MATH.md`` sections 1-4.
+"""The pure-PyTorch oracle of every mtbkd op, written from ``docs/MATH.md`` sections 1-4.
 
 Plain autograd, no fusion, no tricks beyond log-space arithmetic: this module is the definition of
 correct that every kernel (C++, Triton, CUDA) is tested against, usually in float64. Inputs are the

@@ -97,7 +97,9 @@ class TeacherStats:
             teachers = list(teacher_logits)
         else:
             raise TypeError(
-                "teacher_logits must be a tensor [K, ..., V] or a sequence of K tensors [..., V]"
+                "teacher_logits must be a tensor [K, ..., V] or a sequence of K tensors [..., V], "
+                f"got {type(teacher_logits).__name__} (a SparseTeacher needs no cache: its "
+                "losses use its stored log-probabilities)"
             )
         if not teachers:
             raise ValueError("teacher_logits must hold at least one teacher (got K = 0)")

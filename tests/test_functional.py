@@ -370,6 +370,66 @@ def test_float32_entropy_weights_keep_denormal_entropies(backend):
     assert abs(got.item() - ref.item()) < 1e-5
 
 
+def test_entropy_weights_at_the_loss_temperature_keep_denormal_entropies(backend):
+    # tau_w == tau: the fused losses take the entropy from the sums at tau; exp(-88.5) is a float32
+    # denormal, so teacher 0's entropy (~3e-37) must not read as 0 (all-zero sum: the 1/K rule)
+    t = torch.tensor([[[0.0, -88.5, -200.0]], [[0.0, -100.5, -200.0]]])
+    z, y = torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([2])
+    want = reference.teacher_weights(t.double())
+    assert want[0, 0] < 1e-4  # the float64 truth: nearly all weight on the sharper teacher
+    torch.testing.assert_close(mtbkd.teacher_weights(t), want.float())
+    for div in ("forward_kl", "reverse_kl", "jsd"):
+        got = mtbkd.multi_teacher_kd_loss(z, t, divergence=div)
+        ref = mtbkd.multi_teacher_kd_loss(z.double(), t.double(), divergence=div)
+        assert abs(got.item() - ref.item()) < 1e-4 * max(1.0, abs(ref.item())), div
+    _, stats = mtbkd.mtbkd_loss(z, t, y, return_stats=True)
+    torch.testing.assert_close(stats.weights, want.float())
+
+
+def _grad_error(z, t, **kw):
+    """Max gradient error of the float32 loss, and of plain PyTorch in float32, vs float64."""
+    kw = {"weights": torch.ones(t.shape[0], dtype=torch.float64), **kw}
+    z64 = z.double().requires_grad_(True)
+    reference.multi_teacher_kd_loss(z64, t.double(), **kw)[0].sum().backward()
+    z32 = z.clone().requires_grad_(True)
+    mtbkd.multi_teacher_kd_loss(z32, t, reduction="sum", **kw).backward()
+    zt = z.clone().requires_grad_(True)
+    reference.multi_teacher_kd_loss(zt, t, **{**kw, "weights": kw["weights"].float()})[
+        0
+    ].sum().backward()
+    return (z32.grad.double() - z64.grad).abs().max(), (zt.grad.double() - z64.grad).abs().max()
+
+
+@pytest.mark.parametrize("div", [{"divergence": "reverse_kl"}, {"divergence": "jsd", "beta": 1.0}])
+def test_reverse_kl_gradient_of_a_confident_student_does_not_cancel(backend, div):
+    # at tau = 0.05 the student is one-hot; the teacher is the student shifted by one class, so
+    # log q - log p_k at the student's class is ~1e3 while the true gradient is ~1e-11: a kernel
+    # that forms it as a difference of the two large numbers errs by ~1e-3 (plain PyTorch: exact)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 3000, generator=g) * 30
+    for t in (
+        z.roll(1, -1)[None],
+        torch.stack([z.roll(1, -1), z + 1e-3 * torch.randn(z.shape, generator=g)]),
+    ):
+        err, torch_err = _grad_error(z, t, temperature=0.05, **div)
+        assert err <= 2 * torch_err + 1e-9, (err, torch_err)
+    # nearly equal student and teacher: the gradient is tiny everywhere
+    z = torch.randn(4, 3000, generator=g) * 3
+    t = (z + 1e-3 * torch.randn(z.shape, generator=g))[None]
+    err, torch_err = _grad_error(z, t, temperature=0.05, **div)
+    assert err <= 2 * torch_err + 1e-9, (err, torch_err)
+
+
+def test_teacher_weights_check_finite(backend):
+    # its error message offers check_finite=False, so the function must take it
+    t = torch.tensor([[[0.0, 1.0, float("nan")]], [[0.0, 2.0, 0.0]]])
+    with pytest.raises(ValueError, match="check_finite=False"):
+        mtbkd.teacher_weights(t)
+    w = mtbkd.teacher_weights(t[:, :, :2].contiguous(), check_finite=False)
+    torch.testing.assert_close(w, mtbkd.teacher_weights(t[:, :, :2].contiguous()))
+    assert mtbkd.teacher_weights(t, "uniform", check_finite=False).flatten().tolist() == [0.5, 0.5]
+
+
 def test_double_backward_is_an_error_not_a_silent_constant(backend):
     z, t, y = _inputs(n=4, v=5, k=2)
     z.requires_grad_(True)

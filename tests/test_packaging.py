@@ -54,3 +54,14 @@ def test_every_third_party_import_is_declared():
                     imported.setdefault(top, set()).add(path.relative_to(ROOT).as_posix())
     missing = {m: sorted(p) for m, p in imported.items() if m not in declared | OPTIONAL}
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_docs_math_is_the_design_contract():
+    # docs/MATH.md is the repository's copy of the team's contract (shared/design/MATH.md, next to
+    # the checkout): the "MATH.md section" references of the code and README point at it
+    ours = ROOT / "docs" / "MATH.md"
+    assert ours.is_file()
+    contract = ROOT.parent / "shared" / "design" / "MATH.md"
+    if not contract.is_file():
+        pytest.skip(f"{contract} is absent: nothing to compare the copy with")
+    assert ours.read_text() == contract.read_text(), "docs/MATH.md differs from the contract"

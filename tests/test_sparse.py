@@ -230,3 +230,13 @@ def test_bad_input():
     with pytest.raises(ValueError, match="labels must lie"):
         mtbkd.mtbkd_loss(z, s, torch.full_like(y, 1000))
     assert math.isfinite(mtbkd.mtbkd_loss(z, s, y).item())
+
+
+def test_apis_without_sparse_support_name_the_argument():
+    # teacher_weights said "student_logits must be a torch.Tensor" for a SparseTeacher
+    _, t, _ = _problem()
+    for teachers in (topk_teacher(t[0], 3), [topk_teacher(t[0], 3), topk_teacher(t[1], 3)]):
+        with pytest.raises(TypeError, match="teacher_logits .*SparseTeacher"):
+            mtbkd.teacher_weights(teachers)
+        with pytest.raises(TypeError, match="teacher_logits .*SparseTeacher"):
+            mtbkd.TeacherStats(teachers)

@@ -47,6 +47,17 @@ constexpr A kInf = std::numeric_limits<A>::infinity();
 template <class A>
 constexpr A kFar = A(1e30);
 
+// z - t of raw logits for the reverse KL's linear sum R_k = sum e_s (z - t_k), both clamped at
+// -kFar first (a -inf logit of the student has e_s = 0; of the teacher, p = 0 under q > 0 gives
+// the large finite divergence every other term clamps to). The statistics and gradient passes
+// form it by the same operations, so a class where the student puts all its mass cancels exactly.
+template <class A>
+inline at::vec::Vectorized<A> raw_diff(const at::vec::Vectorized<A>& z,
+                                       const at::vec::Vectorized<A>& t) {
+  const at::vec::Vectorized<A> far(-kFar<A>);
+  return at::vec::maximum(z, far) - at::vec::maximum(t, far);
+}
+
 // ---- loads, stores, conversions -------------------------------------------------------------
 
 template <class A>
@@ -179,9 +190,10 @@ struct RowScratch {
 
 struct StatNeeds {
   bool s1 = false;      // student normaliser at temperature 1 (cross-entropy when tau != 1)
-  bool rev = false;     // G and E_k (reverse KL)
+  bool rev = false;     // E_k (reverse KL)
   bool f = false;       // F_k (forward KL, or the entropy when tau_w == tau)
   bool w = false;       // Aw_k, Dw_k at a separate tau_w (entropy)
+  bool h_tau = false;   // the entropy comes from A_k, F_k (tau_w == tau): keep denormal e_k
   bool cached = false;  // teacher offsets fixed to the given values: no teacher max sweep
   bool check = false;   // NaN/inf detection
   // exp(d) = exp(d / tau)^2 when tau = 2, and exp(u / tau_w) = exp(u / tau)^2 when tau = 2 tau_w
@@ -228,11 +240,11 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
       if (n < W) x = VA::set(ninf, x, n);
       vmax = at::vec::maximum(vmax, x);
     }
-    StudentAcc<A> sb{std::max(hmax(vmax), -kFar<A>), A(0), A(0), A(0)};
+    StudentAcc<A> sb{std::max(hmax(vmax), -kFar<A>), A(0), A(0)};
     if (cache.e != nullptr) cache.off[blk] = sb.m;
     {
       const VA vm(sb.m), vfar(-kFar<A>);
-      VA aS(A(0)), aS1(A(0)), aG(A(0));
+      VA aS(A(0)), aS1(A(0));
       for (int64_t i = 0; i < len; i += W) {
         const int64_t n = len - i;
         const VA zraw = load(zb + i, n);
@@ -242,14 +254,12 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
         store(ebuf + i, e, n);
         aS += e;
         if (nd.s1) aS1 += nd.s1_square ? e * e : keep(vexp(d), n);
-        if (nd.rev) aG = at::vec::fmadd(e, d, aG);
         // the finiteness check is on the logits themselves: x - max of finite values such as
         // 3e38 and -3e38 overflows to -inf, which is not an input error
         if (nd.check) bad_s = at::vec::fmadd(zraw, zero, bad_s);
       }
       sb.S = hsum(aS);
       sb.S1 = hsum(aS1);
-      sb.G = hsum(aG);
     }
     for (int k = 0; k < K; ++k) {
       const A* tk = t[k] + c0;
@@ -277,12 +287,13 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
         const int64_t n = len - i;
         const VA traw = load(tk + i, n);
         const VA u = at::vec::maximum(traw - vo, vfar);
-        const VA e = keep(vexp(u * vit), n);
+        // a nearly one-hot teacher's entropy can be a float32 denormal that must not read as 0
+        const VA e = keep(nd.h_tau ? vexp_denormal(u * vit) : vexp(u * vit), n);
         if (ek != nullptr) store(ek + i, e, n);
         aA += e;
         aB = at::vec::fmadd(e, VA::loadu(dbuf + i), aB);
         if (nd.f) aF = at::vec::fmadd(e, u, aF);
-        if (nd.rev) aE = at::vec::fmadd(load(ebuf + i, n), u, aE);
+        if (nd.rev) aE = at::vec::fmadd(load(ebuf + i, n), raw_diff(load(zb + i, n), traw), aE);
         if (nd.w) {
           const VA ew = nd.w_square ? e * e : keep(vexp_denormal(u * vitw), n);
           aAw += ew;
@@ -311,7 +322,7 @@ bool teacher_only_stats(const A* t, int64_t V, A it, A itw, bool need_tau, bool 
   constexpr int64_t W = VA::size();
   const VA vit(it), vitw(itw), zero(A(0)), ninf(-kInf<A>);
   VA bad(A(0));
-  const StudentAcc<A> none = StudentAcc<A>{A(0), A(0), A(0), A(0)};
+  const StudentAcc<A> none = StudentAcc<A>{A(0), A(0), A(0)};
   acc = empty_teacher<A>();
   for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
     const int64_t len = std::min(kBlock, V - c0);
@@ -511,6 +522,7 @@ void mtbkd_row(const LossParams<T, A>& p, int64_t i, A lgamma_v_lam, RowScratch<
   nd.s1 = p.labels != nullptr && p.temperature != 1.0;
   nd.f = !cached && !sep_w;
   nd.w = sep_w;
+  nd.h_tau = nd.f;
   nd.cached = cached;
   nd.check = p.check_finite;
   nd.s1_square = p.temperature == 2.0;
@@ -619,6 +631,7 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
   nd.rev = div == 1;
   nd.f = div == 0 || (need_h && !sep_w);
   nd.w = sep_w;
+  nd.h_tau = need_h && !sep_w;
   nd.check = p.check_finite;
   nd.s1_square = p.temperature == 2.0;
   nd.w_square = p.temperature == 2.0 * p.weight_temperature;
@@ -667,22 +680,26 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
     grad_from_cache(cache, K, V, it, s, nd.s1 ? s.S1 : s.S, ws.ta.data(), c * it * wsum,
                     ws.aux1.data(), with_ce, bh, tau, z, ws.aux2.data(), g);
   } else if (div == 1) {
-    A cst = -wsum * logS;
     for (int k = 0; k < K; ++k) {
       const TeacherAcc<A>& a = ws.ta[k];
-      ws.L[k] = (s.G - a.E) / s.S * it - logS + ws.logA[k];  // D_k
+      // E_q[z - t_k] = R_k / S; D_k = E_q[log q - log p_k]
+      ws.aux1[k] = a.E / s.S;
+      ws.L[k] = (ws.aux1[k] - (s.m - a.o)) * it - logS + ws.logA[k];
       soft += ws.w[k] * ws.L[k];
-      cst += ws.w[k] * (ws.logA[k] - ws.L[k]);
     }
-    const VA vcs(c * it), vwit(wsum * it), vcst(cst);
+    // dD_k/dz_c = q_c (log q_c - log p_kc - D_k) / tau = q_c ((z_c - t_kc) - R_k / S) / tau^2:
+    // the same raw difference as the statistics pass minus its q-mean, so the gradient of a
+    // confident student is not a difference of two large numbers (the normalisers cancel exactly)
+    const VA vcs(c * it);
     for (int64_t cc = 0; cc < V; cc += W) {
       const int64_t n = V - cc;
-      const VA d = at::vec::maximum(load(z + cc, n) - vm, vfar);
-      VA inner = at::vec::fmadd(d, vwit, vcst);
+      const VA zraw = load(z + cc, n);
+      const VA d = at::vec::maximum(zraw - vm, vfar);
+      VA inner(A(0));
       for (int k = 0; k < K; ++k) {
         if (!(ws.w[k] > A(0))) continue;
-        const VA u = at::vec::maximum(load(ws.rows[k] + cc, n) - VA(ws.ta[k].o), vfar);
-        inner = at::vec::fmadd(u, VA(-ws.w[k] * it), inner);
+        const VA x = raw_diff(zraw, load(ws.rows[k] + cc, n));
+        inner = at::vec::fmadd(x - VA(ws.aux1[k]), VA(ws.w[k] * it), inner);
       }
       const VA e = vexp(d * vit);
       VA acc = e * vinvS * inner * vcs;
