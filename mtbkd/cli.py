@@ -65,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seed(text: str) -> int:
+    """argparse type of --seed: a non-negative integer (numpy's generators refuse others)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
 # The student's sequence features per dataset when --sequence-encoder is not given.
 DEFAULT_SEQUENCE_ENCODER = {"deeploc": "composition+unirep1900"}
 
@@ -77,7 +88,7 @@ def _add_pipeline_commands(sub) -> None:
             "--out", default=None, help="output folder (default: a new folder under runs/)"
         )
         p.add_argument(
-            "--seed", type=int, default=None, help="data split and training seed (default 0)"
+            "--seed", type=_seed, default=None, help="data split and training seed (default 0)"
         )
         p.add_argument(
             "--seeds",
@@ -132,8 +143,12 @@ def _add_pipeline_commands(sub) -> None:
         "--llm",
         action="store_true",
         help="instead: distil a small Llama from SmolLM2-135M and a trigram model on "
-        "Python's docs (mtbkd.llm_demo; needs the `llm` extra)",
+        "Python's docs (mtbkd.llm_demo; needs the `llm` extra); takes --out, --seed, --smoke "
+        "and the options below",
     )
+    from mtbkd.llm_demo import add_llm_options
+
+    add_llm_options(p.add_argument_group("with --llm"))
     p.set_defaults(func=_cmd_demo, dataset="digits", data_dir=None)
 
     p = sub.add_parser("distill", help="run every method on a dataset and write the report")
@@ -167,7 +182,7 @@ def _add_pipeline_commands(sub) -> None:
         "--data-dir", default=None, help="folder of the DeepLoc files or of your own dataset"
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="data split (and pipeline-trained teachers) seed"
+        "--seed", type=_seed, default=0, help="data split (and pipeline-trained teachers) seed"
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_teachers)
@@ -198,16 +213,44 @@ def _pipeline_config(args: argparse.Namespace, seed: int):
     kw["progress"] = not args.no_progress and sys.stderr.isatty()
     if args.smoke:
         kw.update(SMOKE)
-    if args.methods:
+    if args.methods is not None:
         kw["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if not kw["methods"]:
+            raise SystemExit(f"mtbkd {args.command}: --methods names no method")
     for name in ("map_epochs", "sgld_epochs", "num_samples", "num_chains"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     kw.update(_overrides(args))
     try:
         return DistillConfig(**kw)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None
+
+
+def _like(value, want) -> bool:
+    """Whether a JSON value has the type of a DistillConfig default, items of lists and grids
+    included (a list's items like its first default item, numbers when it has none; a grid's
+    values lists of numbers)."""
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if isinstance(want, bool):
+        return isinstance(value, bool)
+    if isinstance(want, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(want, float):
+        return number(value)
+    if isinstance(want, str):
+        return isinstance(value, str)
+    if want is None:
+        return value is None or number(value)
+    if isinstance(want, list):
+        item = want[0] if want else 0.0
+        return isinstance(value, list) and all(_like(v, item) for v in value)
+    if isinstance(want, dict):
+        return isinstance(value, dict) and all(_like(v, [0.0]) for v in value.values())
+    return False
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -236,18 +279,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         except json.JSONDecodeError:
             value = raw
         want = defaults[key]
-        ok = {
-            bool: lambda v: isinstance(v, bool),
-            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-            str: lambda v: isinstance(v, str),
-            list: lambda v: isinstance(v, list),
-            dict: lambda v: isinstance(v, dict),
-            type(None): lambda v: (
-                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-            ),
-        }[type(want)]
-        if not ok(value):
+        if not _like(value, want):
             raise SystemExit(
                 f"mtbkd {args.command}: --set {key}={raw}: expected a value like {json.dumps(want)}"
             )
@@ -371,7 +403,19 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+# Options of the digits pipeline that `mtbkd demo --llm` has no use for, and the reverse.
+_PIPELINE_ONLY = ("seeds", "methods", "map_epochs", "sgld_epochs", "num_samples", "num_chains",
+                  "set", "resume", "no_figures", "no_progress")  # fmt: skip
+_LLM_ONLY = ("epochs", "train_blocks", "seq_len", "threads", "json")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    other = _PIPELINE_ONLY if args.llm else _LLM_ONLY
+    given = [n for n in other if getattr(args, n) not in (None, False, [])]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        mode = "--llm" if args.llm else "without --llm"
+        raise SystemExit(f"mtbkd demo {mode} does not take {flags}")
     if args.llm:
         from mtbkd.llm_demo import run_from_args
 

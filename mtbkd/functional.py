@@ -56,11 +56,7 @@ def _reduce(rows: Tensor, labels: Tensor | None, lead, reduction: str, ignore_in
     if reduction == "sum":
         return total
     if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            return total / num_items_in_batch.to(device=total.device, dtype=total.dtype)
-        if num_items_in_batch <= 0:
-            raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
-        return total / num_items_in_batch
+        return total / validate.items_divisor(num_items_in_batch, total.dtype, total.device)
     if labels is None:
         return total / max(rows.numel(), 1)
     # The count stays a tensor: no host synchronisation.

@@ -329,11 +329,7 @@ def _mean_scale(reduction, labels, n, ignore_index, num_items, acc, device):
     if reduction == "sum":
         return torch.ones((), dtype=acc, device=device)
     if num_items is not None:
-        if isinstance(num_items, Tensor):
-            return 1.0 / num_items.to(device=device, dtype=acc).reshape(())
-        if num_items <= 0:
-            raise ValueError(f"num_items_in_batch must be positive, got {num_items}")
-        return torch.full((), 1.0 / num_items, dtype=acc, device=device)
+        return 1.0 / validate.items_divisor(num_items, acc, device)
     if labels is None:
         return torch.full((), 1.0 / max(n, 1), dtype=acc, device=device)
     # The count stays a tensor: no host synchronisation on GPU.
@@ -612,9 +608,15 @@ class FusedLinearMultiTeacherKDLoss(MultiTeacherKDLoss):
 
 
 def fused_linear_from(loss: nn.Module, chunk_size: int | None = None) -> nn.Module:
-    """The fused-linear twin of an MTBKDLoss / MultiTeacherKDLoss (same options)."""
+    """The fused-linear twin of an MTBKDLoss / MultiTeacherKDLoss (same options).
+
+    A loss that is already fused is returned as it is, or, when ``chunk_size`` is given and
+    differs from its own, as a new one with that chunk size.
+    """
+    chunk_size = validate.check_chunk_size(chunk_size)
     if isinstance(loss, (FusedLinearMTBKDLoss, FusedLinearMultiTeacherKDLoss)):
-        return loss
+        if chunk_size is None or chunk_size == loss.chunk_size:
+            return loss
     if isinstance(loss, MTBKDLoss):
         names = ("temperature", "concentration", "prior_weight", "hard_label_weight", "weights",
                  "weight_temperature", "ignore_index", "reduction", "check_finite")  # fmt: skip

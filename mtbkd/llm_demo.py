@@ -233,6 +233,11 @@ class NGramTeacher:
         s = stream.to(torch.int64)
         if s.numel() < 3:
             raise ValueError("stream must hold at least 3 tokens")
+        if int(s.min()) < 0 or int(s.max()) >= vocab_size:
+            raise ValueError(
+                f"stream token ids must lie in [0, vocab_size={vocab_size}), got "
+                f"[{int(s.min())}, {int(s.max())}]"
+            )
         self.v, self.alpha, self.beta = vocab_size, float(alpha), float(beta)
         a, b, w = s[:-2], s[1:-1], s[2:]  # every counted position contributes to all orders
         self.uni = torch.bincount(w, minlength=vocab_size).to(torch.float32)
@@ -531,13 +536,18 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         "trigram model on Python's documentation with the fused-linear MT-BKD loss.",
     )  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny sizes (about a minute)")
+    p.add_argument("--seed", type=int, default=None)
+    add_llm_options(p)
+    return p
+
+
+def add_llm_options(p) -> None:
+    """The demo's own sizes and outputs (``mtbkd demo`` adds them to its parser too)."""
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
     p.add_argument("--train-blocks", type=int, default=None, help="packed training blocks")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per packed block")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    return p
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:

@@ -13,6 +13,15 @@ from mtbkd import functional as F
 __all__ = ["MTBKDLoss", "MultiTeacherKDLoss"]
 
 
+def _set_weights(module: nn.Module, weights: str | Tensor) -> None:
+    # A fixed weight tensor is a buffer, like nn.CrossEntropyLoss(weight=): it moves with
+    # .to() / .cuda() and is saved in the state_dict.
+    if isinstance(weights, Tensor):
+        module.register_buffer("weights", weights.detach())
+    else:
+        module.weights = weights
+
+
 class MTBKDLoss(nn.Module):
     """MT-BKD loss with a teacher-informed Dirichlet mixture prior.
 
@@ -43,7 +52,7 @@ class MTBKDLoss(nn.Module):
         self.concentration = concentration
         self.prior_weight = prior_weight
         self.hard_label_weight = hard_label_weight
-        self.weights = weights
+        _set_weights(self, weights)
         self.weight_temperature = weight_temperature
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -116,7 +125,7 @@ class MultiTeacherKDLoss(nn.Module):
         self.divergence = divergence
         self.beta = beta
         self.temperature = temperature
-        self.weights = weights
+        _set_weights(self, weights)
         self.weight_temperature = weight_temperature
         self.hard_label_weight = hard_label_weight
         self.soft_label_weight = soft_label_weight

@@ -163,9 +163,24 @@ class TeacherStats:
     def __getitem__(self, index) -> TeacherStats:
         if self.data.dim() < 3:
             raise IndexError("TeacherStats of a single row cannot be indexed")
-        if isinstance(index, Tensor) and index.device != self.data.device:
-            index = index.to(self.data.device)
-        return self._like(self.data[:, index])
+        # Indexes the leading (row) dims like the logits' [...]: stats[i, j] is row (i, j); the
+        # teachers' axis and the four statistics are always kept.
+        parts = index if isinstance(index, tuple) else (index,)
+        parts = tuple(
+            p.to(self.data.device) if isinstance(p, Tensor) and p.device != self.data.device else p
+            for p in parts
+        )
+        used = sum(
+            p.dim() if isinstance(p, Tensor) and p.dtype == torch.bool else 1
+            for p in parts
+            if p is not None and p is not Ellipsis
+        )
+        lead = self.data.dim() - 2
+        if used > lead:
+            raise IndexError(
+                f"too many indices for TeacherStats with {lead} leading dim(s): {index!r}"
+            )
+        return self._like(self.data[(slice(None), *parts, slice(None))])
 
     def to(self, *args, **kwargs) -> TeacherStats:
         """A copy on another device (``torch.Tensor.to`` arguments); a floating dtype is kept."""

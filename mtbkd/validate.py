@@ -227,3 +227,28 @@ def fixed_weights(weights: Tensor, k: int, lead: torch.Size, like: Tensor) -> Te
         if bool((total == 0).any()):
             raise ValueError("weights: a row has all teacher weights equal to zero")
     return (w / total).contiguous()
+
+
+def items_divisor(num_items, dtype: torch.dtype, device) -> Tensor:
+    """``num_items_in_batch`` as the 0-d divisor of a ``mean`` (MATH.md section 4).
+
+    A number must be positive. A tensor (what Hugging Face trainers pass) must hold one element;
+    its value is not read on the host (no synchronisation): 0, a batch whose rows are all masked,
+    divides by 1 (the loss is 0, never NaN); a negative count makes the loss NaN, loudly wrong.
+    Values below 1 are kept (a global count divided by the world size can be 0.5).
+    """
+    if isinstance(num_items, Tensor):
+        if num_items.numel() != 1:
+            raise ValueError(
+                "num_items_in_batch must be a number or a one-element tensor, got shape "
+                f"{tuple(num_items.shape)}"
+            )
+        n = num_items.to(device=device, dtype=dtype).reshape(())
+        return torch.where(n > 0, n, torch.where(n == 0, 1.0, float("nan")).to(dtype))
+    if isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
+        raise TypeError(
+            f"num_items_in_batch must be a number or a tensor, got {type(num_items).__name__}"
+        )
+    if not num_items > 0:
+        raise ValueError(f"num_items_in_batch must be positive, got {num_items}")
+    return torch.full((), float(num_items), dtype=dtype, device=device)

@@ -208,6 +208,11 @@ def test_set_overrides_config_fields(tmp_path):
         "weights=bogus": "weights must be",
         "seed=3": "--seeds",
         "novalue": "FIELD=VALUE",
+        # list and grid items are checked too (were a TypeError traceback / a numpy message)
+        "hidden=[null]": "--set hidden=\\[null\\]: expected a value like \\[128\\]",
+        'sgld_grid=["fast"]': "--set sgld_grid=",
+        "sgld_prior_grid=[true]": "--set sgld_prior_grid=",
+        'mtbkd_grid={"temperature": ["a"]}': "--set mtbkd_grid=",
     }
     for item, msg in bad.items():
         with pytest.raises(SystemExit, match=msg):
@@ -368,3 +373,25 @@ def test_teachers_command(tmp_path, capsys):
     assert d["train_weighting"]["rows"] == 1112
     with pytest.raises(SystemExit, match="needs --data-dir"):
         cli.main(["teachers", "--dataset", "deeploc"])
+
+
+def test_cli_rejects_empty_methods_negative_seed_and_foreign_demo_options(tmp_path, capsys):
+    base = ["demo", "--smoke", "--no-progress", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="--methods names no method"):
+        cli.main(base + ["--methods", ","])  # ran nothing and exited 0
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--seed", "-1"])  # numpy's message, naming no option
+    assert "argument --seed: must be a non-negative integer, got -1" in capsys.readouterr().err
+    # `demo --llm` silently ignored the pipeline's options and refused its own
+    for argv, msg in (
+        (["demo", "--llm", "--seeds", "0-4"], "--llm does not take --seeds"),
+        (["demo", "--llm", "--set", "weights=uniform"], "--llm does not take --set"),
+        (
+            base + ["--epochs", "2", "--json", "x.json"],
+            "without --llm does not take --epochs, --json",
+        ),
+    ):
+        with pytest.raises(SystemExit, match=msg):
+            cli.main(argv)
+    args = cli.build_parser().parse_args(["demo", "--llm", "--epochs", "2", "--seq-len", "64"])
+    assert (args.epochs, args.seq_len, args.llm) == (2, 64, True)

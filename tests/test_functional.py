@@ -76,6 +76,33 @@ def test_all_rows_masked_gives_zero_loss_and_grad(backend):
         assert torch.count_nonzero(zz.grad) == 0
 
 
+def test_num_items_in_batch_tensor_of_zero_or_bad_shape(backend):
+    # a Trainer passes a tensor: 0 (every row masked) gave 0/0 = NaN loss and gradients; a
+    # [n, 1] tensor broadcast the loss to its shape
+    z, t, y = _inputs(n=3, v=5, k=2, dtype=torch.float32)
+    y[:] = -100
+    h, w = torch.randn(3, 4), torch.randn(5, 4)
+    fused = mtbkd.FusedLinearMTBKDLoss()
+    for fn in (
+        lambda n, zz: mtbkd.mtbkd_loss(zz, t, y, num_items_in_batch=n),
+        lambda n, zz: mtbkd.multi_teacher_kd_loss(zz, t, y, num_items_in_batch=n),
+        lambda n, ww: fused(h, ww, t, y, num_items_in_batch=n),
+    ):
+        x = (z if fn.__code__.co_varnames[1] == "zz" else w).clone().requires_grad_(True)
+        loss = fn(torch.tensor(0), x)
+        (g,) = torch.autograd.grad(loss, x)
+        assert loss.item() == 0.0 and not g.isnan().any()
+        assert fn(torch.tensor(-2.0), x).isnan()  # nonsense count: loudly NaN
+        with pytest.raises(ValueError, match="one-element tensor"):
+            fn(torch.tensor([[2.0], [2.0]]), x)
+        with pytest.raises(TypeError, match="num_items_in_batch must be a number"):
+            fn("4", x)
+    # a fraction (a global count over the world size) is kept
+    z, t, y = _inputs()
+    got = mtbkd.mtbkd_loss(z, t, y, num_items_in_batch=torch.tensor(0.5))
+    torch.testing.assert_close(got, _ref_loss(z, t, y, "sum") / 0.5)
+
+
 def test_ignore_index_that_is_a_real_class(backend):
     z, t, y = _inputs(v=7)
     y[:3] = 3
@@ -430,6 +457,32 @@ def test_teacher_weights_check_finite(backend):
     assert mtbkd.teacher_weights(t, "uniform", check_finite=False).flatten().tolist() == [0.5, 0.5]
 
 
+def test_loss_module_weight_tensor_is_a_buffer():
+    # like nn.CrossEntropyLoss(weight=): moves with .to() and is in the state_dict
+    w = torch.tensor([1.0, 3.0])
+    for cls in (mtbkd.MTBKDLoss, mtbkd.MultiTeacherKDLoss, mtbkd.FusedLinearMTBKDLoss):
+        loss_fn = cls(weights=w)
+        assert list(loss_fn.state_dict()) == ["weights"]
+        assert loss_fn.to(torch.float64).weights.dtype == torch.float64
+        assert loss_fn.to("meta").weights.device.type == "meta"
+        restored = cls(weights=torch.zeros(2))
+        restored.load_state_dict(cls(weights=w).state_dict())
+        assert restored.weights.tolist() == [1.0, 3.0]
+        assert list(cls().state_dict()) == [] and cls().weights == "entropy"
+
+
+def test_fused_linear_from_keeps_a_requested_chunk_size():
+    from mtbkd.fused_linear import fused_linear_from
+
+    fused = mtbkd.FusedLinearMTBKDLoss(temperature=3.0)
+    assert fused_linear_from(fused) is fused
+    other = fused_linear_from(fused, chunk_size=16)
+    assert other.chunk_size == 16 and other.temperature == 3.0 and fused.chunk_size is None
+    kd = mtbkd.FusedLinearMultiTeacherKDLoss(divergence="jsd", chunk_size=8)
+    assert fused_linear_from(kd, chunk_size=8) is kd
+    assert fused_linear_from(kd, chunk_size=4).divergence == "jsd"
+
+
 def test_double_backward_is_an_error_not_a_silent_constant(backend):
     z, t, y = _inputs(n=4, v=5, k=2)
     z.requires_grad_(True)
@@ -452,3 +505,19 @@ def test_loss_modules_with_tensor_weights_compile_fullgraph(backend):
             mtbkd.MTBKDLoss(weights=bad)
     with pytest.raises(ValueError, match="weights must be"):
         mtbkd.MultiTeacherKDLoss(weights="confident")
+
+
+def test_teacher_stats_tuple_index_selects_a_row_like_the_logits():
+    # stats[2, 3] took rows 2 and 3 of the first leading dim (data[:, (2, 3)])
+    t = torch.randn(2, 3, 4, 7, dtype=torch.float64)
+    stats = mtbkd.TeacherStats(t)
+    assert torch.equal(stats[2, 3].data, stats.data[:, 2, 3])
+    assert torch.equal(stats[..., 1].data, stats.data[:, :, 1])  # keeps the four statistics
+    mask = torch.rand(3, 4) > 0.5
+    assert torch.equal(stats[mask].data, stats.data[:, mask])
+    z = torch.randn(4, 7, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3])
+    got = mtbkd.mtbkd_loss(z, t[:, 2], y, teacher_stats=stats[2, :])
+    torch.testing.assert_close(got, mtbkd.mtbkd_loss(z, t[:, 2], y))
+    with pytest.raises(IndexError, match="too many indices for TeacherStats"):
+        stats[1, 2, 3]

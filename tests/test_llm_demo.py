@@ -35,6 +35,13 @@ def test_ngram_teacher_is_a_distribution_and_leaves_one_out():
         assert math.isclose(float(got), p3, rel_tol=1e-5)
 
 
+def test_ngram_teacher_rejects_ids_outside_the_vocabulary():
+    # an id >= vocab_size failed later with an unrelated expand error
+    for bad in (torch.tensor([1, 2, 40, 3]), torch.tensor([1, -1, 2, 3])):
+        with pytest.raises(ValueError, match=r"stream token ids must lie in \[0, vocab_size=40\)"):
+            llm_demo.NGramTeacher(bad, 40)
+
+
 def test_config_from_args_rejects_bad_sizes():
     parser = llm_demo.build_arg_parser()
     cfg = llm_demo.config_from_args(parser.parse_args(["--smoke", "--epochs", "1"]))
