@@ -1,5 +1,11 @@
 """MultiTeacherDistillationTrainer on tiny random Llama models built from configs (no download)."""
 
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,46 +22,58 @@ from mtbkd.integrations.transformers import (  # noqa: E402
 V = 64
 
 
-def _llama(hidden, vocab=V, seed=0):
+def _llama(hidden, vocab=V, seed=0, cls=None):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
         tie_word_embeddings=False,
     )  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg).float()
+    return (cls or transformers.LlamaForCausalLM)(cfg).float()
 
 
-def _data(n=16, t=12, seed=0):
+def _data(n=16, t=12, seed=0, ragged=False):
     g = torch.Generator().manual_seed(seed)
     rows = []
-    for _ in range(n):
+    for i in range(n):
         ids = torch.randint(0, V, (t,), generator=g)
         labels = ids.clone()
-        labels[-3:] = -100  # padding-like positions
+        labels[-(1 + i % 5 if ragged else 3) :] = -100  # padding-like positions
         rows.append({"input_ids": ids, "attention_mask": torch.ones(t, dtype=torch.long),
                      "labels": labels})  # fmt: skip
     return rows
 
 
-def _trainer(tmp_path, student, loss, steps, bs=4, ga=1, lr=3e-2, optim="adamw_torch"):
+def _stack(rows):
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _trainer(tmp_path, student, loss, steps, bs=4, ga=1, lr=3e-2, optim="adamw_torch",
+             data=None, **kwargs):  # fmt: skip
     # Two teachers: different hidden sizes, one with a vocabulary padded beyond the student's.
     teachers = [_llama(48, seed=1), _llama(40, vocab=V + 8, seed=2)]
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=bs,
         gradient_accumulation_steps=ga, learning_rate=lr, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, report_to=[], save_strategy="no", logging_steps=1,
-        use_cpu=True, dataloader_num_workers=0, seed=0, optim=optim, disable_tqdm=True,
+        use_cpu=True, dataloader_num_workers=0, seed=0, optim=optim, disable_tqdm=True, **kwargs,
     )  # fmt: skip
     return MultiTeacherDistillationTrainer(
-        model=student, teachers=teachers, loss=loss, args=args, train_dataset=_data(),
-        chunk_size=16,
+        model=student, teachers=teachers, loss=loss, args=args,
+        train_dataset=_data() if data is None else data, chunk_size=16,
     )  # fmt: skip
 
 
 def _batch():
-    rows = _data()[:8]
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return _stack(_data()[:8])
+
+
+def _shift(labels):
+    return torch.cat([labels[:, 1:], torch.full((labels.shape[0], 1), -100)], 1)
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 LOSSES = [mtbkd.MTBKDLoss(), mtbkd.MultiTeacherKDLoss(hard_label_weight=0.5)]
@@ -82,7 +100,7 @@ def test_loss_matches_unfused_logits(tmp_path):
     with torch.no_grad():
         t_logits = [t(input_ids=batch["input_ids"]).logits[..., :V] for t in trainer.teachers]
     logits = student(input_ids=batch["input_ids"]).logits
-    shifted = torch.cat([batch["labels"][:, 1:], torch.full((8, 1), -100)], 1)
+    shifted = _shift(batch["labels"])
     ref = mtbkd.mtbkd_loss(logits, t_logits, shifted)
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
     # num_items_in_batch replaces the mean's denominator.
@@ -91,21 +109,168 @@ def test_loss_matches_unfused_logits(tmp_path):
                                ref / 2, rtol=1e-4, atol=1e-5)  # fmt: skip
     h, w, b = hidden_and_head(student, batch)
     assert h.shape == (8, 12, 32) and w.shape == (V, 32) and b is None
+    # A loss with another ignore_index still masks the Trainer's -100 labels.
+    trainer.distill_loss.ignore_index = -1
+    torch.testing.assert_close(trainer.compute_loss(student, batch), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_accumulation_is_exact(tmp_path):
-    """One SGD step with batch 4 equals one with 2 x 2 accumulated micro-batches."""
+    """One SGD step with batch 4 equals one with 2 x 2 accumulated micro-batches, and both equal
+    the step on the gradient of the loss's mean over the 4 rows' shifted targets."""
+    data = _data(4, ragged=True)  # 4 rows: every configuration's one step sees all of them
     params = []
     for bs, ga in ((4, 1), (2, 2)):
         student = _llama(32, seed=3)
         trainer = _trainer(tmp_path / f"{bs}", student, mtbkd.MTBKDLoss(), steps=1, bs=bs, ga=ga,
-                           lr=1.0, optim="sgd")  # fmt: skip
+                           lr=1.0, optim="sgd", data=data)  # fmt: skip
         trainer.args.max_grad_norm = 0.0  # no clipping: compare the raw gradient step
+        # transformers < 5.x counted num_items_in_batch over the unshifted labels.
+        trainer._loss_shifts_labels = False
         trainer.train()
-        params.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
+        params.append(_flat(student))
+    student = _llama(32, seed=3)
+    trainer.compute_loss(student, _stack(data)).backward()
+    with torch.no_grad():
+        for p in student.parameters():
+            p -= p.grad
     torch.testing.assert_close(params[0], params[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(params[0], _flat(student), rtol=1e-4, atol=1e-5)
+
+
+def test_num_items_counts_shifted_targets(tmp_path):
+    """The Trainer's count of the rows the loss sums over, whatever its version."""
+    trainer = _trainer(tmp_path, _llama(32, seed=3), mtbkd.MTBKDLoss(), steps=1)
+    trainer._loss_shifts_labels = False  # as transformers < 5.x
+    rows = _data(8, ragged=True)
+    batches = [_stack(rows[:4]), _stack(rows[4:])]
+    expected = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    got, n = trainer.get_batch_samples(iter(batches), 3, torch.device("cpu"))
+    assert len(got) == 2 and int(n) == expected
+    # Without labels: input_ids, masked where attention_mask == 0.
+    masks = [b["attention_mask"].clone() for b in batches]
+    masks[0][:, -4:] = 0
+    plain = [{"input_ids": b["input_ids"], "attention_mask": m} for b, m in zip(batches, masks)]
+    _, n = trainer.get_batch_samples(iter(plain), 2, torch.device("cpu"))
+    assert int(n) == 2 * 4 * 11 - 4 * 4
+
+
+def _distill_ddp(out_dir: str) -> None:
+    """One rank of test_ddp_gradients_are_all_reduced (run by torchrun)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    student = _llama(32, seed=3)
+    trainer = _trainer(out_dir, student, mtbkd.MTBKDLoss(), steps=1, bs=2, lr=1.0, optim="sgd",
+                       data=_data(4, ragged=True), ddp_backend="gloo")  # fmt: skip
+    trainer.args.max_grad_norm = 0.0
+    trainer.train()
+    flat = _flat(student)
+    every = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, flat)
+    if dist.get_rank() == 0:
+        torch.save(torch.stack(every), Path(out_dir) / "params.pt")
+
+
+def test_ddp_gradients_are_all_reduced(tmp_path):
+    """Two CPU processes (gloo) with 2 rows each take the step of one process with all 4 rows."""
+    root = Path(mtbkd.__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           __file__, str(tmp_path)]  # fmt: skip
+    run = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = torch.load(tmp_path / "params.pt")
+    torch.testing.assert_close(ranks[0], ranks[1], rtol=0, atol=0)
+    student = _llama(32, seed=3)
+    trainer = _trainer(tmp_path / "one", student, mtbkd.MTBKDLoss(), steps=1, bs=4, lr=1.0,
+                       optim="sgd", data=_data(4, ragged=True))  # fmt: skip
+    trainer.args.max_grad_norm = 0.0
+    trainer.train()
+    torch.testing.assert_close(ranks[0], _flat(student), rtol=1e-4, atol=1e-5)
+
+
+class _SoftCapped(transformers.LlamaForCausalLM):
+    """A model that soft-caps its logits without saying so in its config."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = 30.0 * torch.tanh(out.logits / 30.0)
+        return out
+
+
+def test_transformed_logits_are_refused(tmp_path):
+    batch = _batch()
+    torch.manual_seed(0)
+    cfg = transformers.GraniteConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        logits_scaling=8.0, tie_word_embeddings=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="logits_scaling=8.0"):
+        hidden_and_head(transformers.GraniteForCausalLM(cfg), batch)
+    with pytest.raises(ValueError, match="transforms its logits"):
+        hidden_and_head(_llama(32, cls=_SoftCapped), batch)
+    capped = _llama(32)  # a multimodal model keeps the soft-cap under text_config
+    capped.config.text_config = types.SimpleNamespace(final_logit_softcapping=30.0)
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        hidden_and_head(capped, batch)
+    # The trainer checks teachers too.
+    student = _llama(32, seed=3)
+    trainer = MultiTeacherDistillationTrainer(
+        model=student, teachers=[_llama(48, cls=_SoftCapped)],
+        args=transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="transforms its logits"):
+        trainer.compute_loss(student, batch)
+
+
+def test_peft_lora_student(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    batch = _batch()
+    student = peft.get_peft_model(
+        _llama(32, seed=3), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    h, w, b = hidden_and_head(student, batch)
+    assert h.shape == (8, 12, 32) and w.shape == (V, 32)
+    trainer = _trainer(tmp_path, student, mtbkd.MTBKDLoss(), steps=2, lr=1e-1)
+    loss = trainer.compute_loss(student, batch)
+    with torch.no_grad():
+        t_logits = [t(input_ids=batch["input_ids"]).logits[..., :V] for t in trainer.teachers]
+    ref = mtbkd.mtbkd_loss(student(input_ids=batch["input_ids"]).logits, t_logits,
+                           _shift(batch["labels"]))  # fmt: skip
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
+    lora = {n: p.detach().clone() for n, p in student.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert all(not torch.equal(p, lora[n]) for n, p in student.named_parameters() if n in lora)
+    # LoRA on the output head changes the logits beyond hidden @ weight.T: refused.
+    on_head = peft.get_peft_model(_llama(32), peft.LoraConfig(r=4, target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match="adapter"):
+        hidden_and_head(on_head, batch)
+
+
+def test_evaluate_and_predict(tmp_path):
+    student = _llama(32, seed=3)
+    trainer = _trainer(tmp_path, student, mtbkd.MTBKDLoss(), steps=1)
+    rows = _data(8, seed=5)
+    batch = _stack(rows)
+    with torch.no_grad():
+        ref = trainer.compute_loss(student, batch).item()
+        logits = student(input_ids=batch["input_ids"]).logits
+    assert trainer.evaluate(rows)["eval_loss"] == pytest.approx(ref, rel=1e-5)
+    out = trainer.predict(rows)
+    assert out.metrics["test_loss"] == pytest.approx(ref, rel=1e-5)
+    torch.testing.assert_close(torch.as_tensor(out.predictions), logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(torch.as_tensor(out.label_ids), batch["labels"])
+    loss, outputs = trainer.compute_loss(student, batch, return_outputs=True)
+    assert outputs.loss is loss and outputs.logits.shape == (8, 12, V)
 
 
 def test_needs_teachers(tmp_path):
     with pytest.raises(ValueError, match="teachers"):
         MultiTeacherDistillationTrainer(model=_llama(32), teachers=[], loss=mtbkd.MTBKDLoss())
+
+
+if __name__ == "__main__":  # a rank of test_ddp_gradients_are_all_reduced, started by torchrun
+    _distill_ddp(sys.argv[1])
