@@ -165,7 +165,7 @@ def smollm2_topk(model, blocks: Tensor, k: int, batch: int) -> tuple:
     w32 = model.get_output_embeddings().weight.float()
     for s in range(0, blocks.shape[0], batch):
         x = blocks[s : s + batch]
-        hidden, _, _ = hidden_and_head(model, {"input_ids": x[:, :-1]})
+        hidden, _, _ = hidden_and_head(model, {"input_ids": x[:, :-1]}, check=s == 0)
         logp = torch.log_softmax(hidden.float() @ w32.t(), dim=-1)
         v, i = logp.topk(k, dim=-1)
         idx.append(i.to(torch.int32))
@@ -458,7 +458,8 @@ def run(cfg: DemoConfig = SIZES["default"], quiet: bool = False) -> dict[str, An
             x, y = train_blocks[b, :-1], train_blocks[b, 1:].reshape(-1)
             teachers = [SparseTeacher(i[b].reshape(-1, cfg.topk), lp[b].reshape(-1, cfg.topk))
                         for i, lp in ((sm_idx, sm_lp), (ng_idx, ng_lp))]  # fmt: skip
-            hidden, weight, bias = hidden_and_head(student, {"input_ids": x})
+            check = epoch == 0 and s == 0  # logits = hidden @ W.T + b: once is enough
+            hidden, weight, bias = hidden_and_head(student, {"input_ids": x}, check=check)
             loss, stats = loss_fn(hidden.reshape(-1, hidden.shape[-1]), weight, teachers, y, bias,
                                   return_stats=True)  # fmt: skip
             opt.zero_grad(set_to_none=True)
