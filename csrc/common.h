@@ -123,14 +123,13 @@ MTBKD_HD T exp_f32(T x) {
 //   A_k = sum e_k           e_k = exp(u_k / tau)        teacher normaliser at tau
 //   B_k = sum e_k d                                     E_{p_k}[z]           (cross term C_k)
 //   F_k = sum e_k u_k                                   E_{p_k}[t_k]         (forward KL)
-//   E_k = sum e_s (z - t_k)                             E_q[z - t_k]         (reverse KL)
+//   E_k = sum e_s x_k       x_k = d - (t_k - b_k)      E_q[x_k]             (reverse KL)
+//         with b_k the teacher's logit at the column of the student's offset m (its maximum)
 //   Aw_k = sum ew_k         ew_k = exp(u_k / tau_w)     teacher normaliser at tau_w
 //   Dw_k = sum ew_k u_k                                 E_{p~_k}[t_k]        (entropy H_k)
 // Moving an offset by delta rescales the exponentials by exp(-delta / temperature) and shifts the
-// linear factor by -delta; the shift_* functions apply exactly that (E_k's factor is the raw
-// difference of the logits, which no offset moves: the gradient of a confident student's reverse
-// KL subtracts its mean E_k / S from that same difference, and nothing large cancels), so two partial sums taken
-// relative to different maxima (two blocks of a row, two CUDA threads) merge without error
+// linear factor by -delta (E_k's by -(delta - the change of b_k)); the shift_* functions apply
+// exactly that, so two partial sums taken relative to different maxima (two blocks of a row, two CUDA threads) merge without error
 // growth. Everything is measured from a maximum so the sums never overflow, and the entropy and
 // cross terms come out as differences of O(1) quantities (no cancellation for large logits).
 // ---------------------------------------------------------------------------------------------
@@ -147,9 +146,10 @@ struct TeacherAcc {
   T A;   // sum e_k
   T B;   // sum e_k d
   T F;   // sum e_k u_k
-  T E;   // sum e_s (z - t_k)
+  T E;   // sum e_s ((z - m) - (t_k - b))
   T Aw;  // sum ew_k
   T Dw;  // sum ew_k u_k
+  T b;   // t_k at the column of the student's offset m (reverse KL; 0 while unused)
 };
 
 template <class T>
@@ -159,25 +159,32 @@ MTBKD_HD StudentAcc<T> empty_student() {
 
 template <class T>
 MTBKD_HD TeacherAcc<T> empty_teacher() {
-  return TeacherAcc<T>{neg_infinity<T>(), T(0), T(0), T(0), T(0), T(0), T(0)};
+  return TeacherAcc<T>{neg_infinity<T>(), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
 }
 
-// Move the student offset to new_m >= s.m; the teachers' B_k and E_k depend on it too.
+// Move the student frame to the offset new_m >= s.m and the teachers' logits frame[k].b at its
+// column (frame: the teacher sums of the part whose frame is kept); B_k and E_k depend on both.
+// E_k only moves where the frame does, so a part that holds the row's maximum keeps its sum as is
+// (a one-hot student's E_k stays exactly 0).
 template <class T>
-MTBKD_HD void shift_student(StudentAcc<T>& s, TeacherAcc<T>* tk, int K, T new_m, T inv_tau) {
-  if (!(new_m > s.m)) return;  // equal, or new_m is NaN (the NaN check reports it)
+MTBKD_HD void shift_student(StudentAcc<T>& s, TeacherAcc<T>* tk, int K, T new_m,
+                            const TeacherAcc<T>* frame, T inv_tau) {
   if (s.m == neg_infinity<T>()) {  // empty: every sum is still 0
     s.m = new_m;
+    for (int k = 0; k < K; ++k) tk[k].b = frame[k].b;
     return;
   }
+  if (!(new_m >= s.m)) return;  // new_m is NaN (the NaN check reports it)
   const T delta = new_m - s.m;
-  const T sc = scalar_exp(-delta * inv_tau);
-  s.S *= sc;
-  s.S1 *= scalar_exp(-delta);
+  const T sc = delta > T(0) ? scalar_exp(-delta * inv_tau) : T(1);
   for (int k = 0; k < K; ++k) {
-    tk[k].B -= delta * tk[k].A;
-    tk[k].E *= sc;
+    if (delta > T(0)) tk[k].B -= delta * tk[k].A;
+    const T db = frame[k].b - tk[k].b;
+    if (delta > T(0) || db != T(0)) tk[k].E = sc * (tk[k].E - s.S * (delta - db));
+    tk[k].b = frame[k].b;
   }
+  s.S *= sc;
+  s.S1 *= delta > T(0) ? scalar_exp(-delta) : T(1);
   s.m = new_m;
 }
 
@@ -205,9 +212,11 @@ MTBKD_HD void shift_teacher(TeacherAcc<T>& t, const StudentAcc<T>& s, T new_o, T
 template <class T>
 MTBKD_HD void merge_row_stats(StudentAcc<T>& sa, TeacherAcc<T>* ta, StudentAcc<T>& sb,
                               TeacherAcc<T>* tb, int K, T inv_tau, T inv_tau_w) {
-  const T m = sa.m > sb.m ? sa.m : sb.m;
-  shift_student(sa, ta, K, m, inv_tau);
-  shift_student(sb, tb, K, m, inv_tau);
+  // the frame of the part with the larger maximum is kept (a's on a tie)
+  const bool keep_a = !(sb.m > sa.m);
+  const T m = keep_a ? sa.m : sb.m;
+  const TeacherAcc<T>* frame = keep_a ? ta : tb;
+  shift_student(keep_a ? sb : sa, keep_a ? tb : ta, K, m, frame, inv_tau);
   for (int k = 0; k < K; ++k) {
     // Each teacher shifts against its own part's student sums, so before they are added.
     const T o = ta[k].o > tb[k].o ? ta[k].o : tb[k].o;

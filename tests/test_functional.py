@@ -445,6 +445,13 @@ def test_reverse_kl_gradient_of_a_confident_student_does_not_cancel(backend, div
     t = (z + 1e-3 * torch.randn(z.shape, generator=g))[None]
     err, torch_err = _grad_error(z, t, temperature=0.05, **div)
     assert err <= 2 * torch_err + 1e-9, (err, torch_err)
+    # student and teacher at offsets +-1e4: a sum of raw differences z - t (2e4) would lose
+    # everything the logits differ by within a row
+    z = 1e4 + 3 * torch.randn(4, 3000, generator=g)
+    t = (-1e4 + 3 * torch.randn(4, 3000, generator=g))[None]
+    for tau in (1.0, 0.05):
+        err, torch_err = _grad_error(z, t, temperature=tau, **div)
+        assert err <= 2 * torch_err + 1e-9, (tau, err, torch_err)
 
 
 def test_teacher_weights_check_finite(backend):

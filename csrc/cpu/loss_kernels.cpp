@@ -47,17 +47,6 @@ constexpr A kInf = std::numeric_limits<A>::infinity();
 template <class A>
 constexpr A kFar = A(1e30);
 
-// z - t of raw logits for the reverse KL's linear sum R_k = sum e_s (z - t_k), both clamped at
-// -kFar first (a -inf logit of the student has e_s = 0; of the teacher, p = 0 under q > 0 gives
-// the large finite divergence every other term clamps to). The statistics and gradient passes
-// form it by the same operations, so a class where the student puts all its mass cancels exactly.
-template <class A>
-inline at::vec::Vectorized<A> raw_diff(const at::vec::Vectorized<A>& z,
-                                       const at::vec::Vectorized<A>& t) {
-  const at::vec::Vectorized<A> far(-kFar<A>);
-  return at::vec::maximum(z, far) - at::vec::maximum(t, far);
-}
-
 // ---- loads, stores, conversions -------------------------------------------------------------
 
 template <class A>
@@ -242,6 +231,18 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
     }
     StudentAcc<A> sb{std::max(hmax(vmax), -kFar<A>), A(0), A(0)};
     if (cache.e != nullptr) cache.off[blk] = sb.m;
+    // reverse KL: the column of the block's maximum (the teachers' b_k are read there); a
+    // vector compare finds its vector, a scalar scan its lane
+    int64_t top = 0;
+    if (nd.rev) {
+      const VA vm(sb.m);
+      for (int64_t i = 0; i < len; i += W) {
+        if ((load(zb + i, len - i) == vm).zero_mask() == (1 << W) - 1) continue;  // no lane equal
+        for (top = i; top < std::min(i + W, len) - 1 && zb[top] != sb.m; ++top) {
+        }
+        break;
+      }
+    }
     {
       const VA vm(sb.m), vfar(-kFar<A>);
       VA aS(A(0)), aS1(A(0));
@@ -277,6 +278,8 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
         o = std::max(hmax(tmax), -kFar<A>);
       }
       const VA vo(o), vfar(-kFar<A>);
+      const A b = std::max(tk[top], -kFar<A>);
+      const VA vb(b);
       A* ek = nullptr;
       if (cache.e != nullptr) {
         ek = cache.e + (k + 1) * V + c0;
@@ -293,7 +296,11 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
         aA += e;
         aB = at::vec::fmadd(e, VA::loadu(dbuf + i), aB);
         if (nd.f) aF = at::vec::fmadd(e, u, aF);
-        if (nd.rev) aE = at::vec::fmadd(load(ebuf + i, n), raw_diff(load(zb + i, n), traw), aE);
+        if (nd.rev) {
+          // x = d - (t - b): 0 at the block maximum's column, relative (small) elsewhere
+          const VA x = VA::loadu(dbuf + i) - at::vec::maximum(traw - vb, vfar);
+          aE = at::vec::fmadd(load(ebuf + i, n), x, aE);
+        }
         if (nd.w) {
           const VA ew = nd.w_square ? e * e : keep(vexp_denormal(u * vitw), n);
           aAw += ew;
@@ -301,7 +308,7 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
         }
         if (nd.check) bad_t = at::vec::fmadd(traw, zero, bad_t);
       }
-      tb[k] = TeacherAcc<A>{o, hsum(aA), hsum(aB), hsum(aF), hsum(aE), hsum(aAw), hsum(aDw)};
+      tb[k] = TeacherAcc<A>{o, hsum(aA), hsum(aB), hsum(aF), hsum(aE), hsum(aAw), hsum(aDw), b};
     }
     merge_row_stats(s, ta, sb, tb, K, it, itw);
   }
@@ -353,7 +360,7 @@ bool teacher_only_stats(const A* t, int64_t V, A it, A itw, bool need_tau, bool 
       }
       if (check) bad = at::vec::fmadd(traw, zero, bad);
     }
-    TeacherAcc<A> blk{o, hsum(aA), A(0), hsum(aF), A(0), hsum(aAw), hsum(aDw)};
+    TeacherAcc<A> blk{o, hsum(aA), A(0), hsum(aF), A(0), hsum(aAw), hsum(aDw), A(0)};
     const A m = acc.o > o ? acc.o : o;
     shift_teacher(acc, none, m, it, itw);
     shift_teacher(blk, none, m, it, itw);
@@ -682,24 +689,28 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
   } else if (div == 1) {
     for (int k = 0; k < K; ++k) {
       const TeacherAcc<A>& a = ws.ta[k];
-      // E_q[z - t_k] = R_k / S; D_k = E_q[log q - log p_k]
-      ws.aux1[k] = a.E / s.S;
-      ws.L[k] = (ws.aux1[k] - (s.m - a.o)) * it - logS + ws.logA[k];
+      // log q - log p_k = (x_k - (b_k - o_k)) / tau - log S + log A_k, x_k = (z - m) - (t_k - b_k)
+      ws.aux1[k] = a.E / s.S;  // E_q[x_k]
+      ws.L[k] = (ws.aux1[k] - (a.b - a.o)) * it - logS + ws.logA[k];  // D_k
       soft += ws.w[k] * ws.L[k];
     }
-    // dD_k/dz_c = q_c (log q_c - log p_kc - D_k) / tau = q_c ((z_c - t_kc) - R_k / S) / tau^2:
-    // the same raw difference as the statistics pass minus its q-mean, so the gradient of a
-    // confident student is not a difference of two large numbers (the normalisers cancel exactly)
-    const VA vcs(c * it);
+    // dD_k/dz_c = q_c (log q_c - log p_kc - D_k) / tau = q_c (x_kc - E_q[x_k]) / tau^2: x_k is 0
+    // at the student's top column and small elsewhere, so a confident student's gradient is not
+    // a difference of two large numbers (the normalisers cancel exactly)
+    // sum_k w_k (x_kc - E_q[x_k]) / tau = (wsum d - sum_k w_k u_k - sum_k w_k E_q[x_k]) / tau with
+    // u_k = t_k - b_k: d and u_k are both 0 at the top column
+    A mean = A(0);
+    for (int k = 0; k < K; ++k)
+      if (ws.w[k] > A(0)) mean += ws.w[k] * ws.aux1[k];
+    const VA vcs(c * it), vwit(wsum * it), vmean(-mean * it);
     for (int64_t cc = 0; cc < V; cc += W) {
       const int64_t n = V - cc;
-      const VA zraw = load(z + cc, n);
-      const VA d = at::vec::maximum(zraw - vm, vfar);
-      VA inner(A(0));
+      const VA d = at::vec::maximum(load(z + cc, n) - vm, vfar);
+      VA inner = at::vec::fmadd(d, vwit, vmean);
       for (int k = 0; k < K; ++k) {
         if (!(ws.w[k] > A(0))) continue;
-        const VA x = raw_diff(zraw, load(ws.rows[k] + cc, n));
-        inner = at::vec::fmadd(x - VA(ws.aux1[k]), VA(ws.w[k] * it), inner);
+        const VA u = at::vec::maximum(load(ws.rows[k] + cc, n) - VA(ws.ta[k].b), vfar);
+        inner = at::vec::fmadd(u, VA(-ws.w[k] * it), inner);
       }
       const VA e = vexp(d * vit);
       VA acc = e * vinvS * inner * vcs;

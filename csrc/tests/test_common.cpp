@@ -99,7 +99,10 @@ void test_online_merge() {
     const int c1 = c0 + block < V ? c0 + block : V;
     mtbkd::StudentAcc<double> sb = mtbkd::empty_student<double>();
     std::vector<mtbkd::TeacherAcc<double>> tb(K, mtbkd::empty_teacher<double>());
-    for (int c = c0; c < c1; ++c) sb.m = std::fmax(sb.m, z[c]);
+    int top = c0;
+    for (int c = c0; c < c1; ++c)
+      if (z[c] > sb.m) sb.m = z[top = c];
+    for (int k = 0; k < K; ++k) tb[k].b = t[k * V + top];
     for (int k = 0; k < K; ++k)
       for (int c = c0; c < c1; ++c) tb[k].o = std::fmax(tb[k].o, t[k * V + c]);
     for (int c = c0; c < c1; ++c) {
@@ -111,7 +114,7 @@ void test_online_merge() {
         tb[k].A += e;
         tb[k].B += e * d;
         tb[k].F += e * u;
-        tb[k].E += es * (z[c] - t[k * V + c]);
+        tb[k].E += es * (d - (t[k * V + c] - tb[k].b));
         tb[k].Aw += ew;
         tb[k].Dw += ew * u;
       }
@@ -120,7 +123,9 @@ void test_online_merge() {
   }
   // Direct: expectations under the normalised distributions.
   double zmax = -INFINITY;
-  for (double v : z) zmax = std::fmax(zmax, v);
+  int ztop = 0;
+  for (int c = 0; c < V; ++c)
+    if (z[c] > zmax) zmax = z[ztop = c];
   double S = 0, S1 = 0;
   for (double v : z) {
     S += std::exp((v - zmax) * it);
@@ -144,7 +149,7 @@ void test_online_merge() {
       const double q = std::exp((z[c] - zmax) * it) / S;
       Epz += p * z[c];
       Ept += p * t[k * V + c];
-      Eqd += q * (z[c] - t[k * V + c]);
+      Eqd += q * ((z[c] - zmax) - (t[k * V + c] - t[k * V + ztop]));
       if (pw > 0) H -= pw * std::log(pw);
     }
     const auto& a = ta[k];
@@ -153,7 +158,8 @@ void test_online_merge() {
     check(std::fabs(a.Aw / Aw - 1) < tol, "teacher Aw", a.Aw, Aw);
     check(std::fabs(a.B / a.A + s.m - Epz) < tol * 40, "E_p[z]", a.B / a.A + s.m, Epz);
     check(std::fabs(a.F / a.A + a.o - Ept) < tol * 40, "E_p[t]", a.F / a.A + a.o, Ept);
-    check(std::fabs(a.E / s.S - Eqd) < tol * 40, "E_q[z - t]", a.E / s.S, Eqd);
+    check(a.b == t[k * V + ztop], "teacher logit at the student's maximum", a.b, t[k * V + ztop]);
+    check(std::fabs(a.E / s.S - Eqd) < tol * 40, "E_q[x]", a.E / s.S, Eqd);
     const double Hk = mtbkd::entropy_from_sums(a.Aw, a.Dw, itw);
     check(std::fabs(Hk - H) < 1e-10, "entropy", Hk, H);
   }
