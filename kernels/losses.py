@@ -4,14 +4,20 @@ One program per row (an example or a token) streams the row in blocks of ``BLOCK
 entries. Teachers are read as one ``[KP, BLOCK]`` tile per block (``KP`` = K rounded up to a power
 of two, the padding rows masked), so the K + 1 online softmaxes of a row advance together:
 
-* **statistics pass**: ``lse(z/tau)``, ``lse(z)`` (cross-entropy), ``lse(t_k/tau)``, the entropy of
-  ``softmax(t_k/tau_w)`` (entropy weights) and the student-dependent running sums (the MT-BKD cross
-  term ``sum_c p_kc z_c/tau``, the reverse-KL ``E_q[(z - t_k)/tau]``);
+* **statistics pass**: the online (max, sum) pairs of ``z/tau``, ``z`` (cross-entropy) and
+  ``t_k/tau``, the entropy of ``softmax(t_k/tau_w)`` (entropy weights) and the student-dependent
+  running sums (the MT-BKD cross term ``sum_c p_kc (z_c - max z)``, the reverse-KL
+  ``E_q[(z - max z) - (t_k - b_k)]``);
 * MT-BKD only, unless cached teacher statistics are given: the ``L_k = sum_c lgamma(1 + lam p_kc)``
   pass (``L_k`` needs the teacher's full ``lse`` first);
 * JSD only: a divergence pass (its gradient needs ``KL(q || m_k)`` for the whole row);
 * **loss + gradient pass**: ``dL_i/dz_i`` written once in the student's dtype, from fp32 (fp64 for
   float64 input) arithmetic.
+
+Normalisers stay split: a log-probability is ``(x - m) / tau - log s`` with the raw row max
+``m`` and the sum ``s`` of ``exp((x - m) / tau)`` kept apart (as ``torch.log_softmax`` keeps
+``x - m`` and ``log s``), never ``x / tau - (m / tau + log s)``: with logits of magnitude 1e4 (or
+``tau = 0.05``) one float32 ``m / tau + log s`` would cost ~1e-3.
 
 Outputs are per row (no ``N x V`` loss buffer). Masked rows (``label == ignore_index``) skip every
 pass and write zeros. Label-range and ``check_finite`` failures are recorded per row in an int32
@@ -206,14 +212,29 @@ def _not_finite(x, mask):
 
 
 @triton.jit
-def _online(m, s, x, valid):
-    # One block of an online logsumexp along axis 1 of x [R, BLOCK]: running max m [R] and sum s
-    # [R] of exp(x - m); also returns the block's exp(x - shift) and the shift used.
+def _online(m, s, x, valid, scale):
+    # One block of an online logsumexp of x * scale (scale > 0) along axis 1 of x [R, BLOCK]:
+    # running max m [R] of the raw x and sum s [R] of exp((x - m) * scale); also returns the
+    # block's exp((x - shift) * scale) and the shift used. Subtracting the raw max first keeps the
+    # exponent exact near the max: x * scale - m * scale would round at |x * scale| (~1e-4 for
+    # logits of 100 at tau = 0.05) before the subtraction.
     m_new = tl.maximum(m, tl.max(tl.where(valid, x, float("-inf")), axis=1))
     shift = _safe_max(m_new)
-    e = tl.where(valid, tl.exp(x - shift[:, None]), 0.0)
-    s = s * tl.exp(m - shift) + tl.sum(e, axis=1)
+    e = tl.where(valid, tl.exp((x - shift[:, None]) * scale), 0.0)
+    s = s * tl.exp((m - shift) * scale) + tl.sum(e, axis=1)
     return m_new, s, e, shift
+
+
+@triton.jit
+def _student_online(mz, ss, s1, z, cm, inv_tau, HAS_LABELS: tl.constexpr):
+    # One block of the student's two online softmaxes, sharing the raw max mz: ss = sum
+    # exp((z - mz) / tau) and, for the cross-entropy, s1 = sum exp(z - mz). Returns the max before
+    # and after, the sums, the block's exp((z - shift) / tau) [1, BLOCK] and the shift.
+    mz_old = mz
+    mz, ss, e, shift = _online(mz, ss, z[None, :], cm[None, :], inv_tau)
+    if HAS_LABELS:
+        s1 = s1 * tl.exp(mz_old - shift) + tl.sum(tl.where(cm, tl.exp(z - shift), 0.0))
+    return mz_old, mz, ss, s1, e, shift
 
 
 @triton.jit
@@ -241,7 +262,7 @@ def _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw):
     # B = sum e^(x - m) (x - m), H = log S - B / S. Rescaling to a new max m':
     # B' = e^(m - m') (B + (m - m') S).
     x = t * inv_tw
-    m_new, s_new, e, shift = _online(mw, sw, x, valid2)
+    m_new, s_new, e, shift = _online(mw, sw, x, valid2, 1.0)
     alpha = tl.exp(mw - shift)
     delta = tl.where(sw > 0.0, mw - shift, 0.0)
     blk = tl.sum(tl.where(e > 0.0, e * (x - shift[:, None]), 0.0), axis=1)
@@ -292,9 +313,22 @@ def _zero_row(grow, V, BLOCK: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _finish_lse(m, s, kmask):
-    # Per-teacher logsumexp from the online (max, sum) of _online; 0 in padding lanes.
-    return tl.where(kmask, m + tl.log(tl.where(kmask, s, 1.0)), 0.0)
+def _finish_lse(m, s, kmask, scale):
+    # Per-teacher logsumexp of x * scale from the online (max, sum) of _online; 0 in padding lanes.
+    # Only an output (TeacherStats): log-probabilities keep the max and the log-sum apart.
+    return tl.where(kmask, m * scale + tl.log(tl.where(kmask, s, 1.0)), 0.0)
+
+
+@triton.jit
+def _finish_max(m, kmask):
+    # Per-teacher raw max of _online, for log p = (x - max) * scale - log sum; 0 in padding lanes.
+    return tl.where(kmask, _safe_max(m), 0.0)
+
+
+@triton.jit
+def _finish_log_sum(s, kmask):
+    # log of the per-teacher sum of _online; 0 in padding lanes.
+    return tl.where(kmask, tl.log(tl.where(kmask, s, 1.0)), 0.0)
 
 
 @triton.jit
@@ -305,17 +339,17 @@ def _finish_entropy(sw, bw, kmask):
 
 
 @triton.jit
-def _lgamma_terms(tbase, kmask, V, lse_t, inv_tau, lam, BLOCK: tl.constexpr, KP: tl.constexpr,
+def _lgamma_terms(tbase, kmask, V, mt, lst, inv_tau, lam, BLOCK: tl.constexpr, KP: tl.constexpr,
                   ACC: tl.constexpr, HIGH: tl.constexpr):  # fmt: skip
     # L_k = sum_c lgamma(1 + lam p_kc) (MATH.md section 2): a pass of its own, since it needs the
-    # teacher's full logsumexp lse_t.
+    # teacher's full normaliser: raw max mt and log-sum lst (_finish_max, _finish_log_sum).
     cols0 = tl.arange(0, BLOCK)
     lg = tl.zeros([KP], ACC)
     for start in range(0, V, BLOCK):
         cols = start + cols0
         valid2 = kmask[:, None] & (cols < V)[None, :]
         t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf"))
-        p = tl.exp(t.to(ACC) * inv_tau - lse_t[:, None])
+        p = tl.exp((t.to(ACC) - mt[:, None]) * inv_tau - lst[:, None])
         lg += tl.sum(tl.where(valid2, _lgamma1p(lam * p, HIGH), 0.0), axis=1)
     return lg
 
@@ -324,8 +358,8 @@ def _lgamma_terms(tbase, kmask, V, lse_t, inv_tau, lam, BLOCK: tl.constexpr, KP:
 # MT-BKD: teacher-informed mixture prior (MATH.md section 2)
 # ----------------------------------------------------------------------------------------------
 #
-# Per row, with q = softmax(z/tau), p_k = softmax(t_k/tau):
-#   C_k = lam * (sum_c p_kc z_c / tau - lse(z/tau))      (statistics pass, online in t)
+# Per row, with q = softmax(z/tau), p_k = softmax(t_k/tau), m = max z, S = sum e^((z - m)/tau):
+#   C_k = lam * (sum_c p_kc (z_c - m)/tau - log S)       (statistics pass, online in t and z)
 #   L_k = sum_c lgamma(1 + lam p_kc)                      (own pass: needs lse(t_k/tau))
 #   l_k = log w_k + C_k - L_k,  prior = -lgamma(V + lam) - logsumexp_k l_k,  r = softmax_k(l)
 #   dL/dz = beta_h (softmax(z) - onehot(y)) + beta_p (lam/tau) (q - sum_k r_k p_k)
@@ -359,19 +393,20 @@ def _mtbkd_fwd_kernel(
 
     if valid:
         # ---- statistics pass ----------------------------------------------------------------
-        ms = tl.full([1], float("-inf"), ACC)
+        mz = tl.full([1], float("-inf"), ACC)  # raw student max, shared by both softmaxes
         ss = tl.zeros([1], ACC)
-        m1 = tl.full([1], float("-inf"), ACC)
         s1 = tl.zeros([1], ACC)
-        mt = tl.full([KP], float("-inf"), ACC)
+        mt = tl.full([KP], float("-inf"), ACC)  # raw teacher maxima
         st = tl.zeros([KP], ACC)
         cross = tl.zeros([KP], ACC)
         mw = tl.full([KP], float("-inf"), ACC)
         sw = tl.zeros([KP], ACC)
         bw = tl.zeros([KP], ACC)
         if HAS_STATS:
+            # The cached lse(t_k/tau) is not used: p_k from it would carry its float32 rounding
+            # (~1e-3 at logits of 1e4). The online teacher softmax below needs the same exp per
+            # element (and a max per block); L_k and H_k still come from the cache.
             sbase = stats_ptr + kn * 4
-            lse_t = tl.where(kmask, tl.load(sbase, mask=kmask, other=0.0).to(ACC), 0.0)
             h = tl.where(kmask, tl.load(sbase + 2, mask=kmask, other=0.0).to(ACC), 0.0)
             lg = tl.where(kmask, tl.load(sbase + 3, mask=kmask, other=0.0).to(ACC), 0.0)
         for start in range(0, V, BLOCK):
@@ -385,30 +420,26 @@ def _mtbkd_fwd_kernel(
                 status |= _not_finite(traw.to(ACC), valid2) * _STATUS_TEACHER
             z = zraw.to(ACC)
             t = traw.to(ACC)
-            zs = z * inv_tau
-            ts = t * inv_tau
-            ms, ss, _e, _sh = _online(ms, ss, zs[None, :], cm[None, :])
-            if HAS_LABELS:
-                m1, s1, _e1, _sh1 = _online(m1, s1, z[None, :], cm[None, :])
-            if HAS_STATS:
-                p = tl.exp(ts - lse_t[:, None])
-                cross += tl.sum(tl.where(p > 0.0, p * zs[None, :], 0.0), axis=1)
-            else:
-                mt_old = mt
-                mt, st, e, shift = _online(mt, st, ts, valid2)
-                cross = cross * tl.exp(mt_old - shift) + tl.sum(
-                    tl.where(e > 0.0, e * zs[None, :], 0.0), axis=1
-                )
+            mz_old, mz, ss, s1, _e, shz = _student_online(mz, ss, s1, z, cm, inv_tau, HAS_LABELS)
+            # cross_k = sum_c e^((t_kc - mt_k)/tau) (z_c - mz), relative to both running maxima: a
+            # new student max shifts it by (mz_old - mz) S_k, a new teacher max rescales it.
+            mt_old = mt
+            st_old = st
+            mt, st, e, sht = _online(mt, st, t, valid2, inv_tau)
+            shift_z = tl.where(st_old > 0.0, (mz_old - shz) * st_old, 0.0)
+            cross = tl.exp((mt_old - sht) * inv_tau) * (cross + shift_z) + tl.sum(
+                tl.where(e > 0.0, e * (z - shz)[None, :], 0.0), axis=1
+            )
+            if not HAS_STATS:
                 mw, sw, bw = _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw)
-        lse_s = ms + tl.log(ss)
-        if HAS_STATS:
-            cross_mean = cross
-        else:
-            lse_t = _finish_lse(mt, st, kmask)
-            cross_mean = cross / tl.where(kmask, st, 1.0)
+        lss = tl.log(ss)
+        mts = _finish_max(mt, kmask)
+        lst = _finish_log_sum(st, kmask)
+        if not HAS_STATS:
             h = _finish_entropy(sw, bw, kmask)
-            lg = _lgamma_terms(tbase, kmask, V, lse_t, inv_tau, lam, BLOCK, KP, ACC, HIGH)
-        cterm = tl.where(kmask, lam * (cross_mean - lse_s), 0.0)
+            lg = _lgamma_terms(tbase, kmask, V, mts, lst, inv_tau, lam, BLOCK, KP, ACC, HIGH)
+        # C_k = lam (E_p[z - mz]/tau - log S): two non-positive terms, no cancellation.
+        cterm = tl.where(kmask, lam * (cross / tl.where(kmask, st, 1.0) * inv_tau - lss), 0.0)
         w = _weights(h, fw_ptr, row, N, kidx, kmask, K, WEIGHT_MODE, ACC)
         ell = tl.where(kmask & (w > 0.0), tl.log(tl.where(w > 0.0, w, 1.0)) + cterm - lg,
                        float("-inf"))  # fmt: skip
@@ -418,25 +449,28 @@ def _mtbkd_fwd_kernel(
         prior = -lgamma_v - lse_ell
         loss = beta_p * prior
         if HAS_LABELS:
-            lse1 = m1 + tl.log(s1)
+            ls1 = tl.log(s1)
             zy = tl.load(zrow + y).to(ACC)
-            ce = lse1 - zy
+            ce = (mz - zy) + ls1
             loss += beta_h * ce
         else:
             ce = tl.zeros([1], ACC)
         # ---- loss + gradient pass -----------------------------------------------------------
         coef = beta_p * lam * inv_tau
+        # q sum_k r_k - sum_k r_k p_k: zero for q = p_k however sum_k r_k rounds (as autograd's
+        # softmax backward, q sum_c sum_k r_k p_kc - sum_k r_k p_k, is).
+        rsum = tl.sum(resp)
         for start in range(0, V, BLOCK):
             cols = start + cols0
             cm = cols < V
             valid2 = kmask[:, None] & cm[None, :]
             z = tl.load(zrow + cols, mask=cm, other=float("-inf")).to(ACC)
             t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf")).to(ACC)
-            q = tl.exp(z * inv_tau - lse_s)
-            p = tl.where(valid2, tl.exp(t * inv_tau - lse_t[:, None]), 0.0)
-            g = coef * (q - tl.sum(resp[:, None] * p, axis=0))
+            q = tl.exp((z - mz) * inv_tau - lss)
+            p = tl.where(valid2, tl.exp((t - mts[:, None]) * inv_tau - lst[:, None]), 0.0)
+            g = coef * (q * rsum - tl.sum(resp[:, None] * p, axis=0))
             if HAS_LABELS:
-                g += beta_h * (tl.exp(z - lse1) - tl.where(cols == y, 1.0, 0.0))
+                g += beta_h * (tl.exp((z - mz) - ls1) - tl.where(cols == y, 1.0, 0.0))
             tl.store(grow + cols, _to_out(g, grad_ptr.dtype.element_ty, INTERPRET), mask=cm)
         tl.store(loss_ptr + one, loss)
         tl.store(prior_ptr + one, prior)
@@ -465,7 +499,17 @@ def _mtbkd_fwd_kernel(
 # q = softmax(z/tau), p_k = softmax(t_k/tau), w summing to 1, soft weight a = beta_s s(tau):
 #   forward KL  D_k = sum p_k (log p_k - log q)          dD/dz = (q - p_k) / tau
 #   reverse KL  D_k = sum q (log q - log p_k)            dD/dz = q (log q - log p_k - D_k) / tau
-#               (D_k = E_q[(z - t_k)/tau] - lse(z/tau) + lse(t_k/tau), online in the stats pass)
+#               log q - log p_k - D_k = (d_k - E_q[d_k]) / tau for d_kc = (z_c - a) - (t_kc - b_k)
+#               and any row constants a, b_k; the gradient uses this form with a = max z and b_k =
+#               t_k at the column of max z (no offset of 1e4 rounds d, and |d| is small where q is:
+#               its rounding scales with the teachers' spread over the student's likely classes).
+#               E_q[d_k] = R_k / S, R_k = sum_c e^((z_c - a)/tau) d_kc accumulated in the stats pass
+#               with the running a and b_k; both move (and shift R_k) only in a block that raises
+#               the student max. So once the student's top class is seen R_k is only summed, and a
+#               confident student's ~0 gradient is a difference of two nearly equal O(|d|) numbers
+#               formed the same way (exactly 0 when one class holds all of q), not of
+#               O(|z - t|/tau) log-probabilities. D_k = (E_q[d_k] + max t_k - b_k)/tau + log S_k
+#               - log S follows from the same sums.
 #   JSD(beta)   m_k = beta p_k + (1 - beta) q,  D_k = beta KL(p_k || m_k) + (1 - beta) KL(q || m_k)
 #               dD/dq_c = (1 - beta) log(q_c / m_kc), so through the softmax
 #               dD/dz = (1 - beta) q (log q - log m_k - KL(q || m_k)) / tau   (third pass)
@@ -501,16 +545,16 @@ def _kd_fwd_kernel(
 
     if valid:
         # ---- statistics pass ----------------------------------------------------------------
-        ms = tl.full([1], float("-inf"), ACC)
+        mz = tl.full([1], float("-inf"), ACC)  # raw student max, shared by both softmaxes
         ss = tl.zeros([1], ACC)
-        m1 = tl.full([1], float("-inf"), ACC)
         s1 = tl.zeros([1], ACC)
-        mt = tl.full([KP], float("-inf"), ACC)
+        mt = tl.full([KP], float("-inf"), ACC)  # raw teacher maxima
         st = tl.zeros([KP], ACC)
         mw = tl.full([KP], float("-inf"), ACC)
         sw = tl.zeros([KP], ACC)
         bw = tl.zeros([KP], ACC)
-        rev = tl.zeros([KP], ACC)  # sum_c e^(z_c/tau - ms) (z_c - t_kc)/tau (reverse KL)
+        rev = tl.zeros([KP], ACC)  # R_k = sum_c e^((z_c - mz)/tau) d_kc (reverse KL)
+        tb = tl.zeros([KP], ACC)  # b_k of d_kc = (z_c - mz) - (t_kc - b_k)
         for start in range(0, V, BLOCK):
             cols = start + cols0
             cm = cols < V
@@ -522,34 +566,47 @@ def _kd_fwd_kernel(
                 status |= _not_finite(traw.to(ACC), valid2) * _STATUS_TEACHER
             z = zraw.to(ACC)
             t = traw.to(ACC)
-            zs = z * inv_tau
-            ts = t * inv_tau
-            ms_old = ms
-            ms, ss, eq, sh = _online(ms, ss, zs[None, :], cm[None, :])
-            if HAS_LABELS:
-                m1, s1, _e1, _sh1 = _online(m1, s1, z[None, :], cm[None, :])
-            mt, st, _et, _sht = _online(mt, st, ts, valid2)
+            ss_old = ss
+            mz_old, mz, ss, s1, eq, shz = _student_online(mz, ss, s1, z, cm, inv_tau, HAS_LABELS)
+            mt, st, _et, sht = _online(mt, st, t, valid2, inv_tau)
             if NEED_H:
                 mw, sw, bw = _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw)
             if DIVERGENCE == 1:
+                # A block that raises the student max moves a to it and b_k to the teachers' logits
+                # at its column (their max if that is -inf), shifting R_k by (a_old - a) +
+                # (b_k - b_k_old) per unit of S_old (the old terms then scale by alpha; when alpha
+                # underflows they vanish).
+                at_max = tl.min(tl.where(z == shz, cols, V))
+                t_at = tl.load(tbase + at_max, mask=kmask & (at_max < V), other=float("-inf"))
+                t_at = tl.where(t_at.to(ACC) > float("-inf"), t_at.to(ACC), sht)
+                tb_new = tl.where(shz > mz_old, t_at, tb)
+                shift_d = tl.where(ss_old > 0.0, ((mz_old - shz) + (tb_new - tb)) * ss_old, 0.0)
+                tb = tb_new
+                alpha = tl.exp((mz_old - shz) * inv_tau)
+                d = (z - shz)[None, :] - (t - tb[:, None])
                 live = valid2 & (eq > 0.0)
-                rev = rev * tl.exp(ms_old - sh) + tl.sum(
-                    tl.where(live, eq * (zs[None, :] - ts), 0.0), axis=1
+                rev = tl.where(alpha > 0.0, alpha * (rev + shift_d), 0.0) + tl.sum(
+                    tl.where(live, eq * d, 0.0), axis=1
                 )
-        lse_s = ms + tl.log(ss)
-        lse_t = _finish_lse(mt, st, kmask)
+        lss = tl.log(ss)
+        mts = _finish_max(mt, kmask)
+        lst = _finish_log_sum(st, kmask)
         if NEED_H:
             h = _finish_entropy(sw, bw, kmask)
         else:
             h = tl.zeros([KP], ACC)
         w = _weights(h, fw_ptr, row, N, kidx, kmask, K, WEIGHT_MODE, ACC)
         if HAS_LABELS:
-            lse1 = m1 + tl.log(s1)
+            ls1 = tl.log(s1)
             zy = tl.load(zrow + y).to(ACC)
-            ce = lse1 - zy
+            ce = (mz - zy) + ls1
         div = tl.zeros([KP], ACC)
         if DIVERGENCE == 1:
-            div = tl.where(kmask, rev / ss - lse_s + lse_t, 0.0)
+            mean_d = tl.where(kmask, rev / ss, 0.0)  # E_q[d_k]
+            # log q - log p_k = d_k / tau + (max t_k - b_k) / tau + log S_k - log S, so
+            # D_k = E_q[d_k] / tau + (max t_k - b_k) / tau + log S_k - log S: with b_k the
+            # teacher at the student's max, every term is small where q is (no offset rounds).
+            div = tl.where(kmask, mean_d * inv_tau + ((mts - tb) * inv_tau + lst - lss), 0.0)
         kqm = tl.zeros([KP], ACC)
         if DIVERGENCE == 2:
             # ---- JSD divergence pass: KL(p||m) and KL(q||m) per teacher -----------------------
@@ -559,8 +616,8 @@ def _kd_fwd_kernel(
                 valid2 = kmask[:, None] & cm[None, :]
                 z = tl.load(zrow + cols, mask=cm, other=float("-inf")).to(ACC)
                 t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf"))
-                logq = (z * inv_tau - lse_s)[None, :]
-                logp = t.to(ACC) * inv_tau - lse_t[:, None]
+                logq = ((z - mz) * inv_tau - lss)[None, :]
+                logp = (t.to(ACC) - mts[:, None]) * inv_tau - lst[:, None]
                 q = tl.exp(logq)
                 p = tl.exp(logp)
                 a = log_beta + logp
@@ -572,23 +629,28 @@ def _kd_fwd_kernel(
                 kqm += tl.sum(kl_q, axis=1)
                 div += beta * tl.sum(kl_p, axis=1) + (1.0 - beta) * tl.sum(kl_q, axis=1)
         # ---- gradient pass (forward KL also accumulates its divergence here) ----------------
+        # Forward KL: q sum_k w_k - sum_k w_k p_k, zero for q = p_k however sum_k w_k rounds.
+        wsum = tl.sum(w)
+        inv_tau2 = inv_tau * inv_tau
         for start in range(0, V, BLOCK):
             cols = start + cols0
             cm = cols < V
             valid2 = kmask[:, None] & cm[None, :]
             z = tl.load(zrow + cols, mask=cm, other=float("-inf")).to(ACC)
             t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf")).to(ACC)
-            logq = z * inv_tau - lse_s
+            logq = (z - mz) * inv_tau - lss
             q = tl.exp(logq)
-            logp = t * inv_tau - lse_t[:, None]
+            if DIVERGENCE != 1:
+                logp = (t - mts[:, None]) * inv_tau - lst[:, None]
             if DIVERGENCE == 0:
                 p = tl.where(valid2, tl.exp(logp), 0.0)
                 div += tl.sum(tl.where(p > 0.0, p * (logp - logq[None, :]), 0.0), axis=1)
-                gs = (q - tl.sum(w[:, None] * p, axis=0)) * inv_tau
+                gs = (q * wsum - tl.sum(w[:, None] * p, axis=0)) * inv_tau
             elif DIVERGENCE == 1:
-                inner = logq[None, :] - logp - div[:, None]
-                term = tl.where(valid2 & (q > 0.0)[None, :], w[:, None] * inner, 0.0)
-                gs = tl.where(q > 0.0, q * tl.sum(term, axis=0), 0.0) * inv_tau
+                d = (z - mz)[None, :] - (t - tb[:, None])
+                live = valid2 & (q > 0.0)[None, :]
+                term = tl.where(live, w[:, None] * (d - mean_d[:, None]), 0.0)
+                gs = tl.where(q > 0.0, q * tl.sum(term, axis=0), 0.0) * inv_tau2
             else:
                 a = log_beta + logp
                 b = (log_1mbeta + logq)[None, :]
@@ -599,7 +661,7 @@ def _kd_fwd_kernel(
                 gs = tl.where(q > 0.0, q * tl.sum(term, axis=0), 0.0) * ((1.0 - beta) * inv_tau)
             g = soft_w * gs
             if HAS_LABELS:
-                g += beta_h * (tl.exp(z - lse1) - tl.where(cols == y, 1.0, 0.0))
+                g += beta_h * (tl.exp((z - mz) - ls1) - tl.where(cols == y, 1.0, 0.0))
             tl.store(grow + cols, _to_out(g, grad_ptr.dtype.element_ty, INTERPRET), mask=cm)
         loss = soft_w * tl.sum(w * div) + tl.zeros([1], ACC)
         if HAS_LABELS:
@@ -655,12 +717,13 @@ def _teacher_kernel(
             status |= _not_finite(t, valid2) * _STATUS_TEACHER
         mw, sw, bw = _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw)
         if STATS:
-            mt, st, _e, _sh = _online(mt, st, t * inv_tau, valid2)
+            mt, st, _e, _sh = _online(mt, st, t, valid2, inv_tau)
     h = _finish_entropy(sw, bw, kmask)
     if STATS:
-        lse_t = _finish_lse(mt, st, kmask)
-        lg = _lgamma_terms(tbase, kmask, V, lse_t, inv_tau, lam, BLOCK, KP, ACC, HIGH)
-        lse_w = _finish_lse(mw, sw, kmask)
+        lse_t = _finish_lse(mt, st, kmask, inv_tau)
+        lg = _lgamma_terms(tbase, kmask, V, _finish_max(mt, kmask), _finish_log_sum(st, kmask),
+                           inv_tau, lam, BLOCK, KP, ACC, HIGH)  # fmt: skip
+        lse_w = _finish_lse(mw, sw, kmask, 1.0)
         sbase = stats_ptr + kn * 4
         tl.store(sbase, lse_t, mask=kmask)
         tl.store(sbase + 1, lse_w, mask=kmask)
