@@ -62,13 +62,16 @@ demo: setup
 bench: setup
 	$(VENV)/bin/mtbkd bench --suite loss
 
-# Liger-Kernel (pure Python + Triton) unpacked into build/gpu-extras/site for bench/gpu_check.sh on
-# a GPU machine that has no package registry: carry build/gpu-extras there; the script puts it on
-# PYTHONPATH when liger_kernel is not importable. Nothing is installed.
+# Liger-Kernel (pure Python + Triton) and pytest (with its pure-Python dependencies) unpacked into
+# build/gpu-extras/site for bench/gpu_check.sh on a GPU machine that has no package registry:
+# carry build/gpu-extras there; the script appends it to PYTHONPATH (the machine's own packages
+# come first). Nothing is installed.
+GPU_EXTRAS := liger-kernel==0.8.5 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 \
+	pygments==2.21.0
 gpu-extras: $(STAMP)
 	rm -rf build/gpu-extras && mkdir -p build/gpu-extras
-	$(PIP) download --no-deps liger-kernel==0.8.5 -d build/gpu-extras
-	$(PY) -m zipfile -e build/gpu-extras/liger_kernel-0.8.5-py3-none-any.whl build/gpu-extras/site
+	$(PIP) download --no-deps --only-binary=:all: $(GPU_EXTRAS) -d build/gpu-extras
+	for w in build/gpu-extras/*.whl; do $(PY) -m zipfile -e $$w build/gpu-extras/site; done
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

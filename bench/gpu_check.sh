@@ -7,7 +7,7 @@
 #      machine without a package registry gets it from build/gpu-extras/site, which `make
 #      gpu-extras` unpacks on a machine that has one: carry that folder along) at
 #      N=8192, V in {32000, 128256}, K in {1, 3}, bf16 (bench/bench_gpu.py).
-# Everything lands in one folder, bench/results/gpu-<date>-<device>/ (or $OUT_DIR): build.log,
+# Everything lands in one folder, gpu-<date>-<device>/ under bench/results (or $OUT), or $OUT_DIR: build.log,
 # tests.log, tests.xml, bench.log, results.json, time.png, bandwidth.png, summary.txt.
 # Each phase has its own time limit; a failing phase is recorded and the next still runs. The exit
 # status is non-zero if the build or the tests failed.
@@ -17,9 +17,22 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 START=$(date +%s)
-if ! $PY -c "import liger_kernel" 2>/dev/null && [ -d build/gpu-extras/site ]; then
-  export PYTHONPATH="$PWD/build/gpu-extras/site${PYTHONPATH:+:$PYTHONPATH}"
-  echo "gpu_check: Liger-Kernel from build/gpu-extras/site"
+# Liger-Kernel and pytest from build/gpu-extras/site (`make gpu-extras`) where the machine lacks
+# them; appended, so the machine's own packages win.
+if [ -d build/gpu-extras/site ]; then
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/build/gpu-extras/site"
+  echo "gpu_check: build/gpu-extras/site on PYTHONPATH (Liger-Kernel, pytest where missing)"
+fi
+if ! $PY -c "import pytest" 2>/dev/null; then
+  echo "gpu_check: pytest is not importable: run \`make gpu-extras\` and carry build/gpu-extras" >&2
+fi
+# torch finds the CUDA toolkit from CUDA_HOME, else from nvcc's location; a wrapper script in
+# /usr/local/bin makes that /usr/local, which has no CUDA headers: probe the usual places.
+if [ -z "${CUDA_HOME:-}" ]; then
+  for d in /usr/local/cuda /usr/local/cuda-* /opt/cuda; do
+    if [ -f "$d/include/cuda_runtime_api.h" ]; then export CUDA_HOME="$d"; break; fi
+  done
+  [ -n "${CUDA_HOME:-}" ] && echo "gpu_check: CUDA_HOME=$CUDA_HOME"
 fi
 
 if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -27,7 +40,9 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   exit 2
 fi
 DEVICE=$($PY -c "import torch, re; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name(0)).strip('-'))")
-OUT=${OUT_DIR:-bench/results/gpu-$(date -u +%Y%m%d-%H%M)-$DEVICE}
+# Results: $OUT_DIR, else under $OUT (the folder a remote-run tool brings back, when it sets one),
+# else bench/results/.
+OUT=${OUT_DIR:-${OUT:-bench/results}/gpu-$(date -u +%Y%m%d-%H%M)-$DEVICE}
 mkdir -p "$OUT"
 echo "gpu_check: results in $OUT"
 {
@@ -60,8 +75,9 @@ tail -n 3 "$OUT/build.log"
 TESTS_OK=0
 if [ $BUILD_OK = 1 ]; then
   # The sm_80/sm_90 ahead-of-time compile test is for machines without a GPU: skipped here.
-  if timeout 200 $PY -m pytest tests/test_triton_kernels.py tests/test_bench_gpu.py -q --maxfail=10 \
-      -k "not compiles_for" --junitxml "$OUT/tests.xml" -p no:cacheprovider > "$OUT/tests.log" 2>&1; then
+  if timeout 200 $PY -m pytest tests/test_triton_kernels.py tests/test_bayes_ops.py \
+      tests/test_bench_gpu.py -q --maxfail=10 -k "not compiles_for" --junitxml "$OUT/tests.xml" \
+      -p no:cacheprovider > "$OUT/tests.log" 2>&1; then
     TESTS_OK=1
   fi
 fi
