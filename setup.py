@@ -40,7 +40,10 @@ if with_cuda:
     sources += _rel("csrc/cuda/*.cu")
     define_macros.append(("MTBKD_WITH_CUDA", "1"))
     Ext = cpp_extension.CUDAExtension
-    extra = {"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]}
+    # fast intrinsics, but denormals kept: a nearly one-hot teacher's entropy can be a float32
+    # denormal (flushed to 0 it would switch the entropy weights to 1/K)
+    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-ftz=false", "-lineinfo"]
+    extra = {"cxx": cxx, "nvcc": nvcc}
 else:
     Ext = cpp_extension.CppExtension
     extra = {"cxx": cxx}

@@ -188,10 +188,9 @@ MTBKD_HD void shift_student(StudentAcc<T>& s, TeacherAcc<T>* tk, int K, T new_m,
   s.m = new_m;
 }
 
-// Move teacher k's offset to new_o >= t.o (needs the student's S in the current student frame).
+// Move teacher k's offset to new_o >= t.o (E_k does not depend on it).
 template <class T>
-MTBKD_HD void shift_teacher(TeacherAcc<T>& t, const StudentAcc<T>& s, T new_o, T inv_tau,
-                            T inv_tau_w) {
+MTBKD_HD void shift_teacher(TeacherAcc<T>& t, T new_o, T inv_tau, T inv_tau_w) {
   if (!(new_o > t.o)) return;
   if (t.o == neg_infinity<T>()) {
     t.o = new_o;
@@ -218,10 +217,9 @@ MTBKD_HD void merge_row_stats(StudentAcc<T>& sa, TeacherAcc<T>* ta, StudentAcc<T
   const TeacherAcc<T>* frame = keep_a ? ta : tb;
   shift_student(keep_a ? sb : sa, keep_a ? tb : ta, K, m, frame, inv_tau);
   for (int k = 0; k < K; ++k) {
-    // Each teacher shifts against its own part's student sums, so before they are added.
     const T o = ta[k].o > tb[k].o ? ta[k].o : tb[k].o;
-    shift_teacher(ta[k], sa, o, inv_tau, inv_tau_w);
-    shift_teacher(tb[k], sb, o, inv_tau, inv_tau_w);
+    shift_teacher(ta[k], o, inv_tau, inv_tau_w);
+    shift_teacher(tb[k], o, inv_tau, inv_tau_w);
     ta[k].A += tb[k].A;
     ta[k].B += tb[k].B;
     ta[k].F += tb[k].F;

@@ -220,14 +220,6 @@ def test_kd_fwd_low_precision(backend, dtype, div):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def triton_only(monkeypatch):
-    """The float32 extreme-logit tests run the Triton kernels only: the CUDA C++ kernels still form
-    lse = m + log s as one float32 and the old reverse-KL gradient (not changed yet)."""
-    monkeypatch.setenv("MTBKD_BACKEND", "triton")
-    return "triton"
-
-
 def _extreme(case, n, v, k, seed=1):
     """float32 student [N, V], K teachers, labels and tau for the two extreme regimes.
 
@@ -272,7 +264,7 @@ _FACTOR = {"offset1e4": 10, "confident": 2}
 
 @pytest.mark.parametrize("case", ["offset1e4", "confident"])
 @pytest.mark.parametrize("div,beta", [(FKL, 0.5), (RKL, 0.5), (JSD, 0.5), (JSD, 1.0)])
-def test_kd_fwd_float32_extreme_logits(triton_only, case, div, beta):
+def test_kd_fwd_float32_extreme_logits(backend, case, div, beta):
     z, ts, y, tau = _extreme(case, 4, 1271, 3)
     args = (z, ts, y, None, div, beta, tau, UNIFORM, 1.0, 0.5, 1.0, 1.0, -100, True)
     out = torch.ops.mtbkd.multi_teacher_kd_fwd(*args)
@@ -283,7 +275,7 @@ def test_kd_fwd_float32_extreme_logits(triton_only, case, div, beta):
 
 @pytest.mark.parametrize("case", ["offset1e4", "confident"])
 @pytest.mark.parametrize("cached", [False, True])
-def test_mtbkd_fwd_float32_extreme_logits(triton_only, case, cached):
+def test_mtbkd_fwd_float32_extreme_logits(backend, case, cached):
     z, ts, y, tau = _extreme(case, 4, 1271, 3)
     stats = torch.ops.mtbkd.teacher_stats(ts, tau, 5.0, 1.0, True) if cached else None
     args = (z, ts, y, None, stats, tau, 5.0, 1.0, 1.0, UNIFORM, 1.0, -100, True)
@@ -301,7 +293,7 @@ def test_mtbkd_fwd_float32_extreme_logits(triton_only, case, cached):
 
 @pytest.mark.parametrize("div,beta", [(RKL, 0.5), (JSD, 1.0)])
 @pytest.mark.parametrize("teacher", ["rolled", "random"])
-def test_reverse_kl_gradient_of_a_confident_student(triton_only, div, beta, teacher):
+def test_reverse_kl_gradient_of_a_confident_student(backend, div, beta, teacher):
     # tau = 0.05, logits randn * 30: most rows are one-hot to float32, their true gradient is
     # ~1e-20 or less and PyTorch's float32 gets it to that level; the old kernels' form
     # q (log q - log p - D) / tau cancelled O(|z - t| / tau) terms (errors ~1e-3). Checked row by
@@ -327,7 +319,7 @@ def test_reverse_kl_gradient_of_a_confident_student(triton_only, div, beta, teac
 
 
 @pytest.mark.parametrize("div,beta", [(FKL, 0.5), (RKL, 0.5), (JSD, 0.5)])
-def test_kd_fwd_masked_logits_unchecked(triton_only, div, beta):
+def test_kd_fwd_masked_logits_unchecked(backend, div, beta):
     # check_finite=False with masked vocabulary entries: -inf at the same columns in the student
     # and the teachers (a whole first block in row 1), or a large finite -1e9 (a whole first block
     # in row 2, so no row reference may come from that block). Everything stays finite and as

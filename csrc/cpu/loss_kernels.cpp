@@ -329,7 +329,6 @@ bool teacher_only_stats(const A* t, int64_t V, A it, A itw, bool need_tau, bool 
   constexpr int64_t W = VA::size();
   const VA vit(it), vitw(itw), zero(A(0)), ninf(-kInf<A>);
   VA bad(A(0));
-  const StudentAcc<A> none = StudentAcc<A>{A(0), A(0), A(0)};
   acc = empty_teacher<A>();
   for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
     const int64_t len = std::min(kBlock, V - c0);
@@ -362,8 +361,8 @@ bool teacher_only_stats(const A* t, int64_t V, A it, A itw, bool need_tau, bool 
     }
     TeacherAcc<A> blk{o, hsum(aA), A(0), hsum(aF), A(0), hsum(aAw), hsum(aDw), A(0)};
     const A m = acc.o > o ? acc.o : o;
-    shift_teacher(acc, none, m, it, itw);
-    shift_teacher(blk, none, m, it, itw);
+    shift_teacher(acc, m, it, itw);
+    shift_teacher(blk, m, it, itw);
     acc.A += blk.A;
     acc.F += blk.F;
     acc.Aw += blk.Aw;

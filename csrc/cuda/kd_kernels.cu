@@ -55,87 +55,70 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
   }
   const bool has_labels = p.labels != nullptr;
   const bool need_h = p.weight_mode == 0 && K > 1;
+  const bool rev = div == 1;
 
   // ---- statistics pass ----
-  StudentK<A, KT> stu;  // student at tau; a[k] = sum e^(z/tau - m) (z - t_k)/tau (reverse KL)
+  KDStudent<A, KT> stu;  // student at tau (and 1); reverse KL: R_k, b_k (see KDStudent)
   stu.init();
-  StudentK<A, 1> one;
-  one.init();
-  LseK<A, KT> tch;
+  LseK<A, KT> tch;  // teachers at tau
   tch.init();
-  EntK<A, KT> ent;
+  EntK<A, KT> ent;  // teachers at tau_w
   ent.init();
   bool bad_s = false, bad_t = false;
   for (int64_t c = tid; c < V; c += kThreads) {
     const A zc = IO<In>::load(z + c);
     if (p.check_finite) bad_s |= !finite(zc);
-    const A zs = zc * inv_tau;
-    if (has_labels) lse_push(one.m, one.s, one.a[0], zc, A(0));
-    A ts[KT];
+    A tc[KT];
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
-      ts[k] = A(0);
+      tc[k] = A(0);
       if (k < K) {
-        const A tc = IO<In>::load(t[k] + c);
-        if (p.check_finite) bad_t |= !finite(tc);
-        ts[k] = tc * inv_tau;
-        lse_push(tch.m[k], tch.s[k], tch.a[k], ts[k], A(0));
-        if (need_h) ent_push(ent.m[k], ent.s[k], ent.b[k], tc * inv_tw);
+        tc[k] = IO<In>::load(t[k] + c);
+        if (p.check_finite) bad_t |= !finite(tc[k]);
+        lse_push(tch.m[k], tch.s[k], tc[k], inv_tau);
+        if (need_h) ent_push(ent.m[k], ent.s[k], ent.b[k], tc[k], inv_tw);
       }
     }
-    // Student push with K linear sums (only reverse KL uses them; the others add zeros).
-    if (zs > stu.m) {
-      const A f = (stu.m == ninf<A>()) ? A(0) : fexp(stu.m - zs);
-      stu.s = stu.s * f + A(1);
-#pragma unroll
-      for (int k = 0; k < KT; ++k) stu.a[k] = stu.a[k] * f + ((div == 1 && k < K) ? zs - ts[k] : A(0));
-      stu.m = zs;
-    } else {
-      const A e = fexp(zs - stu.m);
-      if (e > A(0)) {
-        stu.s += e;
-        if (div == 1) {
-#pragma unroll
-          for (int k = 0; k < KT; ++k) stu.a[k] += (k < K) ? e * (zs - ts[k]) : A(0);
-        }
-      }
-    }
+    stu.push(zc, tc, inv_tau, rev, has_labels);
   }
   if (__syncthreads_or(bad_s)) status |= kStatusStudent;
   if (__syncthreads_or(bad_t)) status |= kStatusTeacher;
-  stu = block_merge<A>(stu, smem);
-  if (has_labels) one = block_merge<A>(one, smem);
-  tch = block_merge<A>(tch, smem);
-  if (need_h) ent = block_merge<A>(ent, smem);
-  const A lse_s = stu.m + flog(stu.s);
-  A lse_t[KT], h[KT], w[KT], dk[KT];
+  stu = block_merge<A>(stu, smem, inv_tau, rev, has_labels);
+  tch = block_merge<A>(tch, smem, inv_tau);
+  if (need_h) ent = block_merge<A>(ent, smem, inv_tw);
+  const A mz = stu.m;
+  const A lss = flog(stu.s);  // log q = (z - mz) / tau - lss
+  A mt[KT], lst[KT], h[KT], w[KT], mean[KT];  // log p_k = (t_k - mt_k) / tau - lst_k
 #pragma unroll
   for (int k = 0; k < KT; ++k) {
     const bool on = k < K;
-    lse_t[k] = on ? tch.m[k] + flog(tch.s[k]) : A(0);
-    h[k] = (on && need_h) ? flog(ent.s[k]) - ent.b[k] / ent.s[k] : A(0);
-    // reverse KL: D_k = E_q[(z - t_k)/tau] - lse(z/tau) + lse(t_k/tau)
-    dk[k] = (on && div == 1) ? stu.a[k] / stu.s - lse_s + lse_t[k] : A(0);
+    mt[k] = on ? tch.m[k] : A(0);
+    lst[k] = on ? flog(tch.s[k]) : A(0);
+    h[k] = (on && need_h) ? entropy_of(ent.s[k], ent.b[k], inv_tw) : A(0);
+    mean[k] = (on && rev) ? stu.r[k] / stu.s : A(0);  // E_q[x_k]
   }
-  row_weights<A, KT>(p.weight_mode, K, h, p.fixed_weights, N, row, w);
-  A lse1 = A(0), ce = A(0);
+  row_weights<A, KT>(p.weight_mode, K, h, p.fixed_weights, N, row, w);  // w[k >= K] = 0
+  A wsum = A(0);
+#pragma unroll
+  for (int k = 0; k < KT; ++k) wsum += w[k];
+  A ls1 = A(0), ce = A(0);
   if (has_labels) {
-    lse1 = one.m + flog(one.s);
-    ce = lse1 - IO<In>::load(z + y);
+    ls1 = flog(stu.s1);
+    ce = (mz - IO<In>::load(z + y)) + ls1;
   }
   const A beta = A(p.beta), log_beta = A(p.log_beta), log_1mbeta = A(p.log_1mbeta);
 
   // ---- JSD: divergence pass (KL(q || m_k) is needed by every gradient element) ----
-  SumN<A, KT + 1> sums;  // x[k] = KL(q || m_k) (JSD); x[KT] = sum_k w_k D_k (forward KL, JSD)
+  SumN<A, KT + 1> sums;  // x[k] = KL(q || m_k) (JSD); x[KT] = sum_k w_k D_k (JSD)
   sums.init();
   if (div == 2) {
     for (int64_t c = tid; c < V; c += kThreads) {
-      const A logq = IO<In>::load(z + c) * inv_tau - lse_s;
+      const A logq = (IO<In>::load(z + c) - mz) * inv_tau - lss;
       const A q = fexp(logq);
 #pragma unroll
       for (int k = 0; k < KT; ++k) {
-        if (k < K) {
-          const A logp = IO<In>::load(t[k] + c) * inv_tau - lse_t[k];
+        if (k < K && w[k] > A(0)) {
+          const A logp = (IO<In>::load(t[k] + c) - mt[k]) * inv_tau - lst[k];
           const A pk = fexp(logp);
           const A logm = log_add_exp(log_beta + logp, log_1mbeta + logq);
           const A klq = q > A(0) ? q * (logq - logm) : A(0);
@@ -150,43 +133,57 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
 
   // ---- gradient pass (forward KL also sums its divergence here) ----
   const A soft_w = A(p.soft_weight), beta_h = A(p.hard_label_weight);
-  A wd = A(0);  // sum_k w_k D_k of reverse KL
+  // reverse KL: D_k = (E_q[x_k] - (b_k - mt_k)) / tau - log S + log S_k, with b_k the teacher's
+  // logit at the student's max: every term is small where q is (no offset rounds)
+  A wd = A(0);
 #pragma unroll
-  for (int k = 0; k < KT; ++k) wd += w[k] * dk[k];
+  for (int k = 0; k < KT; ++k) {
+    if (rev && k < K && w[k] > A(0))
+      wd += w[k] * ((mean[k] - (stu.b[k] - mt[k])) * inv_tau - lss + lst[k]);
+  }
+  const A inv_tau2 = inv_tau * inv_tau;
   A fwd = A(0);
   for (int64_t c = tid; c < V; c += kThreads) {
     const A zc = IO<In>::load(z + c);
-    const A logq = zc * inv_tau - lse_s;
+    const A dz = zc - mz;
+    const A logq = dz * inv_tau - lss;
     const A q = fexp(logq);
     A gs = A(0);
     if (div == 0) {
+      // -inf student logits: log q clamped like the CPU's (a large finite divergence, not inf)
+      const A logq_far = clamp_far(dz) * inv_tau - lss;
       A mix = A(0);
 #pragma unroll
       for (int k = 0; k < KT; ++k) {
-        if (k < K) {
-          const A logp = IO<In>::load(t[k] + c) * inv_tau - lse_t[k];
+        if (k < K && w[k] > A(0)) {
+          const A logp = (IO<In>::load(t[k] + c) - mt[k]) * inv_tau - lst[k];
           const A pk = fexp(logp);
           mix += w[k] * pk;
-          if (pk > A(0)) fwd += w[k] * pk * (logp - logq);
+          if (pk > A(0)) fwd += w[k] * pk * (logp - logq_far);
         }
       }
-      gs = (q - mix) * inv_tau;
+      gs = (q * wsum - mix) * inv_tau;
     } else if (div == 1) {
+      // q sum_k w_k (x_k - E_q[x_k]) / tau^2: x_k is 0 at the student's top column, so a
+      // confident student's gradient is no difference of large numbers (exactly 0 if one-hot)
       if (q > A(0)) {
-        A inner = logq - wd;
+        A inner = A(0);
 #pragma unroll
         for (int k = 0; k < KT; ++k) {
-          if (k < K) inner -= w[k] * (IO<In>::load(t[k] + c) * inv_tau - lse_t[k]);
+          if (k < K && w[k] > A(0)) {
+            const A x = dz - clamp_far(IO<In>::load(t[k] + c) - stu.b[k]);
+            inner += w[k] * (x - mean[k]);
+          }
         }
-        gs = q * inner * inv_tau;
+        gs = q * inner * inv_tau2;
       }
     } else {
       if (q > A(0)) {
         A inner = logq;
 #pragma unroll
         for (int k = 0; k < KT; ++k) {
-          if (k < K) {
-            const A logp = IO<In>::load(t[k] + c) * inv_tau - lse_t[k];
+          if (k < K && w[k] > A(0)) {
+            const A logp = (IO<In>::load(t[k] + c) - mt[k]) * inv_tau - lst[k];
             const A logm = log_add_exp(log_beta + logp, log_1mbeta + logq);
             inner -= w[k] * (logm + sums.x[k]);
           }
@@ -195,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
       }
     }
     A g = soft_w * gs;
-    if (has_labels) g += beta_h * (fexp(zc - lse1) - (c == y ? A(1) : A(0)));
+    if (has_labels) g += beta_h * (fexp(dz - ls1) - (c == y ? A(1) : A(0)));
     IO<In>::store(grad + c, g);
   }
   A divsum = wd;
@@ -209,7 +206,9 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
   }
   if (tid == 0) {
     loss[row] = soft_w * divsum + (has_labels ? beta_h * ce : A(0));
-    for (int k = 0; k < K; ++k) w_out[k * N + row] = w[k];
+#pragma unroll
+    for (int k = 0; k < KT; ++k)
+      if (k < K) w_out[k * N + row] = w[k];
     if (p.status != nullptr) p.status[row] = status;
   }
 }

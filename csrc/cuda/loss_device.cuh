@@ -61,7 +61,10 @@ __device__ __forceinline__ A ninf() {
 }
 
 // exp on the hot loops: the SFU exponential for float32 (about 2 ulp for the arguments a softmax
-// produces, as Triton's tl.exp), full precision for float64.
+// produces, as Triton's tl.exp), full precision for float64. setup.py builds with --use_fast_math
+// -ftz=false: without flush-to-zero, ex2.approx.f32 keeps denormal results (ptxas computes
+// 2^(x/2) squared below 2^-126), so a nearly one-hot teacher's entropy stays a nonzero denormal
+// sum as in the CPU kernels (vexp_denormal) and does not fall back to the 1/K weights.
 // float64 calls stay out of line: the float64 kernels are the exact-comparison path, not the fast
 // one, and inlining their long exp/log sequences into every unrolled teacher loop multiplies
 // ptxas time.
@@ -171,48 +174,57 @@ __device__ __forceinline__ float lgamma1p(float x) { return lgamma1p_inline(x); 
 __device__ __noinline__ double lgamma1p(double x) { return lgamma1p_inline(x); }
 
 // ---- online states and their merges ----------------------------------------------------------
+//
+// Every normaliser is kept as the raw running maximum m of its logits x and the sum
+// s = sum e^((x - m) scale) (scale = 1/tau > 0): a log-probability is (x - m) scale - log s, never
+// x scale - lse with one rounded lse = m scale + log s (at logits of 1e4, or tau = 0.05, that single
+// float32 number is off by ~1e-3). x - m is exact near the maximum, where the probabilities are.
 
-// Online logsumexp with a linear sum: m = max x, s = sum e^(x - m), a = sum e^(x - m) v.
+// Logits of -inf (a class ruled out, with check_finite off): a linear factor x - offset (or an
+// offset shift) is clamped at -kFar, where every exponential is exactly 0, so e * (x - offset) is
+// 0 (or a large finite number, like the CPU kernels' clamp) instead of 0 * -inf = NaN.
 template <class A>
-__device__ __forceinline__ void lse_push(A& m, A& s, A& a, A x, A v) {
+__device__ __forceinline__ A clamp_far(A x) {
+  return x > A(-1e30) ? x : A(-1e30);  // NaN (-inf - -inf of an empty frame) -> -1e30 too
+}
+
+// Online logsumexp of x * scale: m = max x, s = sum e^((x - m) scale).
+template <class A>
+__device__ __forceinline__ void lse_push(A& m, A& s, A x, A scale) {
   if (x > m) {
-    const A f = (m == ninf<A>()) ? A(0) : fexp(m - x);
-    s = s * f + A(1);
-    a = a * f + v;
+    s = s * fexp((m - x) * scale) + A(1);  // m = -inf: e^(-inf) = 0
     m = x;
   } else {
-    const A e = fexp(x - m);
-    if (e > A(0)) {
-      s += e;
-      a += e * v;
-    }
+    const A e = fexp((x - m) * scale);
+    if (e > A(0)) s += e;  // x = m = -inf gives NaN: skipped
   }
 }
 
 template <class A>
-__device__ __forceinline__ void lse_merge(A& m, A& s, A& a, A m2, A s2, A a2) {
+__device__ __forceinline__ void lse_merge(A& m, A& s, A m2, A s2, A scale) {
   const A mm = m > m2 ? m : m2;
   if (mm == ninf<A>()) return;
-  const A f1 = (m == ninf<A>()) ? A(0) : fexp(m - mm);
-  const A f2 = (m2 == ninf<A>()) ? A(0) : fexp(m2 - mm);
+  const A f1 = s > A(0) ? fexp((m - mm) * scale) : A(0);
+  const A f2 = s2 > A(0) ? fexp((m2 - mm) * scale) : A(0);
   s = s * f1 + s2 * f2;
-  a = a * f1 + a2 * f2;
   m = mm;
 }
 
-// Online entropy sums: m = max x, s = sum e^(x - m), b = sum e^(x - m) (x - m).
+// Online entropy sums of softmax(x * scale): m = max x, s = sum e^((x - m) scale),
+// b = sum e^((x - m) scale) (x - m); H = log s - b scale / s. Rescaling to a new max m':
+// b' = e^((m - m') scale) (b + (m - m') s).
 template <class A>
-__device__ __forceinline__ void ent_push(A& m, A& s, A& b, A x) {
+__device__ __forceinline__ void ent_push(A& m, A& s, A& b, A x, A scale) {
   if (x > m) {
     if (s > A(0)) {
-      const A f = fexp(m - x);
+      const A f = fexp((m - x) * scale);
       b = f * (b + (m - x) * s);
       s = s * f;
     }
     s += A(1);
     m = x;
   } else {
-    const A e = fexp(x - m);
+    const A e = fexp((x - m) * scale);
     if (e > A(0)) {
       s += e;
       b += e * (x - m);
@@ -221,17 +233,17 @@ __device__ __forceinline__ void ent_push(A& m, A& s, A& b, A x) {
 }
 
 template <class A>
-__device__ __forceinline__ void ent_merge(A& m, A& s, A& b, A m2, A s2, A b2) {
+__device__ __forceinline__ void ent_merge(A& m, A& s, A& b, A m2, A s2, A b2, A scale) {
   const A mm = m > m2 ? m : m2;
   if (mm == ninf<A>()) return;
   A nb = A(0), ns = A(0);
   if (s > A(0)) {
-    const A f = fexp(m - mm);
+    const A f = fexp((m - mm) * scale);
     nb += f * (b + (m - mm) * s);
     ns += f * s;
   }
   if (s2 > A(0)) {
-    const A f = fexp(m2 - mm);
+    const A f = fexp((m2 - mm) * scale);
     nb += f * (b2 + (m2 - mm) * s2);
     ns += f * s2;
   }
@@ -240,42 +252,26 @@ __device__ __forceinline__ void ent_merge(A& m, A& s, A& b, A m2, A s2, A b2) {
   b = nb;
 }
 
-// K online logsumexps with linear sums (teachers at tau; or the student with K linear sums).
+template <class A>
+__device__ __forceinline__ A entropy_of(A s, A b, A scale) {
+  return flog(s) - b * scale / s;
+}
+
+// K online logsumexps (teachers at tau).
 template <class A, int KT>
 struct LseK {
-  A m[KT], s[KT], a[KT];
+  A m[KT], s[KT];
   __device__ void init() {
 #pragma unroll
-    for (int k = 0; k < KT; ++k) m[k] = ninf<A>(), s[k] = A(0), a[k] = A(0);
+    for (int k = 0; k < KT; ++k) m[k] = ninf<A>(), s[k] = A(0);
   }
-  __device__ void merge(const LseK& o) {
+  __device__ void merge(const LseK& o, A scale) {
 #pragma unroll
-    for (int k = 0; k < KT; ++k) lse_merge(m[k], s[k], a[k], o.m[k], o.s[k], o.a[k]);
+    for (int k = 0; k < KT; ++k) lse_merge(m[k], s[k], o.m[k], o.s[k], scale);
   }
 };
 
-// The student at tau with one linear sum per teacher (reverse KL: sum e^(z/tau - m)(z - t_k)/tau).
-template <class A, int KT>
-struct StudentK {
-  A m, s, a[KT];
-  __device__ void init() {
-    m = ninf<A>();
-    s = A(0);
-#pragma unroll
-    for (int k = 0; k < KT; ++k) a[k] = A(0);
-  }
-  __device__ void merge(const StudentK& o) {
-    const A mm = m > o.m ? m : o.m;
-    if (mm == ninf<A>()) return;
-    const A f1 = (m == ninf<A>()) ? A(0) : fexp(m - mm);
-    const A f2 = (o.m == ninf<A>()) ? A(0) : fexp(o.m - mm);
-    s = s * f1 + o.s * f2;
-#pragma unroll
-    for (int k = 0; k < KT; ++k) a[k] = a[k] * f1 + o.a[k] * f2;
-    m = mm;
-  }
-};
-
+// K online entropies (teachers at tau_w).
 template <class A, int KT>
 struct EntK {
   A m[KT], s[KT], b[KT];
@@ -283,9 +279,154 @@ struct EntK {
 #pragma unroll
     for (int k = 0; k < KT; ++k) m[k] = ninf<A>(), s[k] = A(0), b[k] = A(0);
   }
-  __device__ void merge(const EntK& o) {
+  __device__ void merge(const EntK& o, A scale) {
 #pragma unroll
-    for (int k = 0; k < KT; ++k) ent_merge(m[k], s[k], b[k], o.m[k], o.s[k], o.b[k]);
+    for (int k = 0; k < KT; ++k) ent_merge(m[k], s[k], b[k], o.m[k], o.s[k], o.b[k], scale);
+  }
+};
+
+// The student's two softmaxes, sharing the raw max m: s = sum e^((z - m)/tau) and, for the
+// cross-entropy, s1 = sum e^(z - m). Pushes one logit; returns the max before it.
+template <class A>
+__device__ __forceinline__ A student_push(A& m, A& s, A& s1, A z, A inv_tau, bool with_s1) {
+  const A m_old = m;
+  if (z > m) {
+    s = s * fexp((m - z) * inv_tau) + A(1);
+    if (with_s1) s1 = s1 * fexp(m - z) + A(1);
+    m = z;
+  } else {
+    const A e = fexp((z - m) * inv_tau);
+    if (e > A(0)) {
+      s += e;
+      if (with_s1) s1 += fexp(z - m);
+    }
+  }
+  return m_old;
+}
+
+// Weighted-sum KD: the student at tau (and 1), with the reverse KL's sums of K teachers
+//   R_k = sum e_s x_k,  x_k = (z - m) - (t_k - b_k),  e_s = e^((z - m)/tau),
+// b_k = teacher k's logit at the column of the student's max m (clamped at -kFar). x_k is 0 at
+// that column and small where q is, so nothing large cancels in D_k or in the gradient
+// q (x_k - R_k / S) / tau^2. Moving the frame by delta = m' - m, db = b' - b:
+// R' = e^(-delta/tau) (R - S (delta - db)). A merge keeps the frame of the part with the larger
+// max (a's on a tie) and moves only the other one's, so a one-hot student's R_k stays exactly 0.
+template <class A, int KT>
+struct KDStudent {
+  A m, s, s1;
+  A r[KT], b[KT];
+  __device__ void init() {
+    m = ninf<A>();
+    s = s1 = A(0);
+#pragma unroll
+    for (int k = 0; k < KT; ++k) r[k] = b[k] = A(0);
+  }
+  // Move a nonempty state (s > 0) to the frame (m2 >= m, b2[]).
+  __device__ void move_to(A m2, const A* b2, A inv_tau, bool rev, bool with_s1) {
+    const A delta = m2 - m;
+    const A sc = delta > A(0) ? fexp(-delta * inv_tau) : A(1);
+    if (rev) {
+#pragma unroll
+      for (int k = 0; k < KT; ++k) {
+        const A db = b2[k] - b[k];
+        if (delta > A(0) || db != A(0)) r[k] = sc > A(0) ? sc * (r[k] - s * (delta - db)) : A(0);
+        b[k] = b2[k];
+      }
+    }
+    s *= sc;
+    if (with_s1) s1 *= delta > A(0) ? fexp(-delta) : A(1);
+    m = m2;
+  }
+  // Push column z with the teachers' logits t[] (t[k] for k >= K unused: pass anything finite).
+  __device__ void push(A z, const A* t, A inv_tau, bool rev, bool with_s1) {
+    if (z > m) {
+      A bn[KT];
+#pragma unroll
+      for (int k = 0; k < KT; ++k) bn[k] = rev ? clamp_far(t[k]) : A(0);
+      if (s > A(0)) {
+        move_to(z, bn, inv_tau, rev, with_s1);
+      } else {
+        m = z;
+#pragma unroll
+        for (int k = 0; k < KT; ++k) b[k] = bn[k];
+      }
+      s += A(1);  // the new top column: x_k = 0 adds nothing to R_k
+      if (with_s1) s1 += A(1);
+    } else {
+      const A d = z - m;
+      const A e = fexp(d * inv_tau);
+      if (e > A(0)) {
+        s += e;
+        if (with_s1) s1 += fexp(d);
+        if (rev) {
+#pragma unroll
+          for (int k = 0; k < KT; ++k) r[k] += e * (d - clamp_far(t[k] - b[k]));
+        }
+      }
+    }
+  }
+  __device__ void merge(const KDStudent& o, A inv_tau, bool rev, bool with_s1) {
+    const bool keep = !(o.m > m);
+    KDStudent lo = keep ? o : *this;  // the part whose frame moves
+    if (!keep) *this = o;
+    if (lo.s > A(0)) lo.move_to(m, b, inv_tau, rev, with_s1);
+    s += lo.s;
+    s1 += lo.s1;
+#pragma unroll
+    for (int k = 0; k < KT; ++k) r[k] += lo.r[k];
+  }
+};
+
+// MT-BKD statistics: the student (m, s, s1 as KDStudent) and per teacher its raw max mt, sum
+// st = sum e^((t - mt)/tau) and cross term cr = sum e^((t - mt)/tau) (z - m), relative to both
+// running maxima (C_k = lam (cr / st / tau - log s)): a new student max m' adds (m - m') st, a new
+// teacher max rescales like st.
+template <class A, int KT>
+struct MTBKDStats {
+  A m, s, s1;
+  A mt[KT], st[KT], cr[KT];
+  __device__ void init() {
+    m = ninf<A>();
+    s = s1 = A(0);
+#pragma unroll
+    for (int k = 0; k < KT; ++k) mt[k] = ninf<A>(), st[k] = cr[k] = A(0);
+  }
+  // The cross terms follow the student max from m_old to m (>= m_old). From an empty frame
+  // (m_old = -inf: only -inf logits so far) nothing moves: their factors are already -kFar, as
+  // in the CPU kernels (a -inf student logit under a tiny p_k gives one large finite C_k).
+  __device__ void shift_cross(A m_old) {
+    if (m > m_old && m_old > ninf<A>()) {
+      const A delta = clamp_far(m_old - m);
+#pragma unroll
+      for (int k = 0; k < KT; ++k)
+        if (st[k] > A(0)) cr[k] += delta * st[k];
+    }
+  }
+  __device__ void merge(const MTBKDStats& o_in, A inv_tau, bool with_s1) {
+    MTBKDStats o = o_in;
+    const A mm = m > o.m ? m : o.m;
+    const A m_old = m;
+    m = mm;
+    shift_cross(m_old);
+    o.m = mm;
+    o.shift_cross(o_in.m);
+    const A f1 = s > A(0) ? fexp((m_old - mm) * inv_tau) : A(0);
+    const A f2 = o.s > A(0) ? fexp((o_in.m - mm) * inv_tau) : A(0);
+    s = s * f1 + o.s * f2;
+    if (with_s1) {
+      const A g1 = s1 > A(0) ? fexp(m_old - mm) : A(0);
+      const A g2 = o.s1 > A(0) ? fexp(o_in.m - mm) : A(0);
+      s1 = s1 * g1 + o.s1 * g2;
+    }
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {
+      const A mk = mt[k] > o.mt[k] ? mt[k] : o.mt[k];
+      const A h1 = st[k] > A(0) ? fexp((mt[k] - mk) * inv_tau) : A(0);
+      const A h2 = o.st[k] > A(0) ? fexp((o.mt[k] - mk) * inv_tau) : A(0);
+      st[k] = st[k] * h1 + o.st[k] * h2;
+      cr[k] = cr[k] * h1 + o.cr[k] * h2;
+      mt[k] = mk;
+    }
   }
 };
 
@@ -303,10 +444,11 @@ struct SumN {
 };
 
 // Block-wide merge of a state made only of A fields; every thread returns the merged state.
-constexpr int kSmemBytes = kWarps * 3 * 8 * 8 + 64;  // room for kWarps states of 24 doubles
+// `args` are passed on to S::merge (scales, flags).
+constexpr int kSmemBytes = kWarps * 4 * 8 * 8 + 64;  // room for kWarps states of 32 doubles
 
-template <class A, class S>
-__device__ __forceinline__ S warp_merge(S v) {
+template <class A, class S, class... Args>
+__device__ __forceinline__ S warp_merge(S v, Args... args) {
   constexpr int kFields = static_cast<int>(sizeof(S) / sizeof(A));
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -315,18 +457,18 @@ __device__ __forceinline__ S warp_merge(S v) {
     A* dst = reinterpret_cast<A*>(&o);
 #pragma unroll
     for (int i = 0; i < kFields; ++i) dst[i] = __shfl_xor_sync(kFullMask, src[i], off);
-    v.merge(o);
+    v.merge(o, args...);
   }
   return v;
 }
 
-template <class A, class S>
-__device__ __forceinline__ S block_merge(S v, unsigned char* smem_raw) {
+template <class A, class S, class... Args>
+__device__ __forceinline__ S block_merge(S v, unsigned char* smem_raw, Args... args) {
   static_assert(sizeof(S) * kWarps <= kSmemBytes, "shared scratch too small");
   S* smem = reinterpret_cast<S*>(smem_raw);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  v = warp_merge<A>(v);
+  v = warp_merge<A>(v, args...);
   __syncthreads();  // readers of the previous merge are done with the scratch
   if (lane == 0) smem[warp] = v;
   __syncthreads();
@@ -335,7 +477,7 @@ __device__ __forceinline__ S block_merge(S v, unsigned char* smem_raw) {
   } else {
     v.init();
   }
-  return warp_merge<A>(v);
+  return warp_merge<A>(v, args...);
 }
 
 template <class A>
@@ -343,7 +485,8 @@ __device__ __forceinline__ bool finite(A x) {
   return isfinite(x);
 }
 
-// Row-level scalar helpers shared by both losses.
+// Row-level scalar helpers shared by both losses. Writes w[0..KT): 0 for k >= K (the teacher loops
+// run to KT with the rest masked, and a stale w[k] there would be 0 * NaN in a weighted sum).
 template <class A, int KT>
 __device__ __forceinline__ void row_weights(int weight_mode, int K, const A* h, const void* fw,
                                             int64_t n, int64_t row, A* w) {
@@ -361,7 +504,9 @@ __device__ __forceinline__ void row_weights(int weight_mode, int K, const A* h, 
 #pragma unroll
     for (int k = 0; k < KT; ++k) w[k] = (k < K) ? A(1) / A(K) : A(0);
   } else {
-    mtbkd::entropy_weights(h, K, w);
+#pragma unroll
+    for (int k = 0; k < KT; ++k) w[k] = A(0);
+    mtbkd::entropy_weights(h, K, w);  // writes w[0..K)
   }
 }
 

@@ -6,16 +6,18 @@
 // without another barrier). The same math as the Triton kernels (kernels/losses.py), which the
 // tests check against the float64 reference:
 //
-//   online logsumexp with a linear sum: state (m, s, a) = (max x, sum e^(x-m), sum e^(x-m) v);
-//     merging rescales by e^(m_i - m); the MT-BKD cross term uses v = z/tau under p_k,
-//     reverse KL v = (z - t_k)/tau under q (one student frame shared by all teachers).
-//   online entropy: (m, s, b) with b = sum e^(x-m) (x-m); H = log s - b/s; rescaling to a new max
-//     m': b' = e^(m-m') (b + (m - m') s).
-//   MT-BKD: C_k = lam (E_pk[z/tau] - lse(z/tau)), L_k = sum_c lgamma(1 + lam p_kc),
+//   every normaliser is a raw row max m and a sum s = sum e^((x - m)/tau), kept apart: log q =
+//     (z - m)/tau - log s (never z/tau - lse with one rounded float32 lse; see loss_device.cuh);
+//     merging rescales by e^((m_i - m)/tau); linear sums are measured from the running maxima.
+//   online entropy: (m, s, b) with b = sum e^((x-m)/tau_w) (x-m); H = log s - b/(s tau_w);
+//     rescaling to a new max m': b' = e^((m-m')/tau_w) (b + (m - m') s).
+//   MT-BKD: C_k = lam (E_pk[z - m]/tau - log s), L_k = sum_c lgamma(1 + lam p_kc),
 //     l_k = log w_k + C_k - L_k, prior = -lgamma(V+lam) - logsumexp_k l_k, r = softmax_k l,
-//     dL/dz = beta_h (softmax(z) - onehot(y)) + beta_p (lam/tau) (q - sum_k r_k p_k).
-//   KD: forward KL grad (q - sum_k w_k p_k)/tau; reverse KL q (log q - sum_k w_k (log p_k + D_k))/tau;
+//     dL/dz = beta_h (softmax(z) - onehot(y)) + beta_p (lam/tau) (q sum_k r_k - sum_k r_k p_k).
+//   KD: forward KL grad (q sum_k w_k - sum_k w_k p_k)/tau; reverse KL
+//     q sum_k w_k (x_k - E_q[x_k])/tau^2, x_k = (z - max z) - (t_k - b_k), b_k = t_k at argmax z;
 //     JSD (1 - beta) q (log q - sum_k w_k (log m_k + KL(q||m_k)))/tau, m_k = beta p_k + (1-beta) q.
+//   Teachers of weight 0 are skipped in every weighted sum (as the CPU kernels do).
 #include "loss_device.cuh"
 
 namespace mtbkd {
@@ -69,75 +71,74 @@ __global__ void __launch_bounds__(kThreads) mtbkd_kernel(const MTBKDParams p) {
   const bool cached = p.teacher_stats != nullptr;
 
   // ---- statistics pass ----
-  A lse_t[KT], h[KT], lg[KT];
-  if (cached) {
-    const A* st = static_cast<const A*>(p.teacher_stats);
-#pragma unroll
-    for (int k = 0; k < KT; ++k) {
-      lse_t[k] = (k < K) ? st[(k * N + row) * 4 + 0] : A(0);
-      h[k] = (k < K) ? st[(k * N + row) * 4 + 2] : A(0);
-      lg[k] = (k < K) ? st[(k * N + row) * 4 + 3] : A(0);
-    }
-  }
-  StudentK<A, 1> stu, one;  // student at tau, student at temperature 1 (cross-entropy)
-  stu.init();
-  one.init();
-  LseK<A, KT> tch;  // teachers at tau, linear sum z/tau (cross term)
-  tch.init();
+  // The cached statistics give H_k and L_k; the teacher's normaliser is recomputed online (its
+  // cached lse, one float32 m / tau + log s, would carry ~1e-3 at logits of 1e4 into p_k).
+  MTBKDStats<A, KT> sts;  // student at tau (and 1), teachers at tau with their cross terms
+  sts.init();
   EntK<A, KT> ent;  // teachers at tau_w
   ent.init();
-  SumN<A, KT> cross;  // cached: sum_c p_kc z_c / tau directly
-  cross.init();
   bool bad_s = false, bad_t = false;
   for (int64_t c = tid; c < V; c += kThreads) {
     const A zc = IO<In>::load(z + c);
     if (p.check_finite) bad_s |= !finite(zc);
-    const A zs = zc * inv_tau;
-    lse_push(stu.m, stu.s, stu.a[0], zs, A(0));
-    if (has_labels) lse_push(one.m, one.s, one.a[0], zc, A(0));
+    const A m_old = student_push(sts.m, sts.s, sts.s1, zc, inv_tau, has_labels);
+    sts.shift_cross(m_old);
+    const A d = clamp_far(zc - sts.m);  // z - m of this column in the (new) student frame
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
       if (k < K) {
         const A tc = IO<In>::load(t[k] + c);
         if (p.check_finite) bad_t |= !finite(tc);
-        if (cached) {
-          const A pk = fexp(tc * inv_tau - lse_t[k]);
-          if (pk > A(0)) cross.x[k] += pk * zs;
+        if (tc > sts.mt[k]) {
+          const A f = fexp((sts.mt[k] - tc) * inv_tau);
+          sts.st[k] = sts.st[k] * f + A(1);
+          sts.cr[k] = sts.cr[k] * f + d;
+          sts.mt[k] = tc;
         } else {
-          lse_push(tch.m[k], tch.s[k], tch.a[k], tc * inv_tau, zs);
-          ent_push(ent.m[k], ent.s[k], ent.b[k], tc * inv_tw);
+          const A e = fexp((tc - sts.mt[k]) * inv_tau);
+          if (e > A(0)) {
+            sts.st[k] += e;
+            sts.cr[k] += e * d;
+          }
         }
+        if (!cached) ent_push(ent.m[k], ent.s[k], ent.b[k], tc, inv_tw);
       }
     }
   }
   if (__syncthreads_or(bad_s)) status |= kStatusStudent;
   if (__syncthreads_or(bad_t)) status |= kStatusTeacher;
-  stu = block_merge<A>(stu, smem);
-  if (has_labels) one = block_merge<A>(one, smem);
-  const A lse_s = stu.m + flog(stu.s);
-  A cmean[KT];
-  if (cached) {
-    cross = block_merge<A>(cross, smem);
+  sts = block_merge<A>(sts, smem, inv_tau, has_labels);
+  const A mz = sts.m;
+  const A lss = flog(sts.s);  // log q = (z - mz) / tau - lss
+  A mt[KT], lst[KT], cterm[KT];  // log p_k = (t_k - mt_k) / tau - lst_k
 #pragma unroll
-    for (int k = 0; k < KT; ++k) cmean[k] = cross.x[k];
-  } else {
-    tch = block_merge<A>(tch, smem);
-    ent = block_merge<A>(ent, smem);
+  for (int k = 0; k < KT; ++k) {
+    const bool on = k < K;
+    mt[k] = on ? sts.mt[k] : A(0);
+    lst[k] = on ? flog(sts.st[k]) : A(0);
+    // C_k = lam (E_pk[z - mz] / tau - log S): two non-positive terms, no cancellation
+    cterm[k] = on ? lam * (sts.cr[k] / sts.st[k] * inv_tau - lss) : A(0);
+  }
+  A h[KT], lg[KT];
+  if (cached) {
+    const A* st = static_cast<const A*>(p.teacher_stats);
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
-      const bool on = k < K;
-      lse_t[k] = on ? tch.m[k] + flog(tch.s[k]) : A(0);
-      cmean[k] = on ? tch.a[k] / tch.s[k] : A(0);
-      h[k] = on ? flog(ent.s[k]) - ent.b[k] / ent.s[k] : A(0);
+      h[k] = (k < K) ? st[(k * N + row) * 4 + 2] : A(0);
+      lg[k] = (k < K) ? st[(k * N + row) * 4 + 3] : A(0);
     }
-    // ---- L_k pass (needs the full lse of each teacher) ----
+  } else {
+    ent = block_merge<A>(ent, smem, inv_tw);
+#pragma unroll
+    for (int k = 0; k < KT; ++k) h[k] = k < K ? entropy_of(ent.s[k], ent.b[k], inv_tw) : A(0);
+    // ---- L_k pass (needs the full normaliser of each teacher) ----
     SumN<A, KT> lgs;
     lgs.init();
     for (int64_t c = tid; c < V; c += kThreads) {
 #pragma unroll
       for (int k = 0; k < KT; ++k) {
         if (k < K) {
-          const A pk = fexp(IO<In>::load(t[k] + c) * inv_tau - lse_t[k]);
+          const A pk = fexp((IO<In>::load(t[k] + c) - mt[k]) * inv_tau - lst[k]);
           lgs.x[k] += lgamma1p(lam * pk);
         }
       }
@@ -152,36 +153,44 @@ __global__ void __launch_bounds__(kThreads) mtbkd_kernel(const MTBKDParams p) {
   row_weights<A, KT>(p.weight_mode, K, h, p.fixed_weights, N, row, w);
 #pragma unroll
   for (int k = 0; k < KT; ++k) {
-    ell[k] = (k < K && w[k] > A(0)) ? flog(w[k]) + lam * (cmean[k] - lse_s) - lg[k] : ninf<A>();
+    ell[k] = (k < K && w[k] > A(0)) ? flog(w[k]) + cterm[k] - lg[k] : ninf<A>();
+    r[k] = A(0);
   }
-  const A lse_ell = mtbkd::logsumexp_softmax(ell, K, r);
+  const A lse_ell = mtbkd::logsumexp_softmax(ell, K, r);  // writes r[0..K)
   const A prior = -A(p.lgamma_v_lam) - lse_ell;
-  A lse1 = A(0), ce = A(0);
+  A ls1 = A(0), ce = A(0);
   if (has_labels) {
-    lse1 = one.m + flog(one.s);
-    ce = lse1 - IO<In>::load(z + y);
+    ls1 = flog(sts.s1);
+    ce = (mz - IO<In>::load(z + y)) + ls1;
   }
   const A beta_h = A(p.hard_label_weight);
   const A coef = A(p.prior_weight) * lam * inv_tau;
+  // q sum_k r_k - sum_k r_k p_k: zero for q = p_k however sum_k r_k rounds
+  A rsum = A(0);
+#pragma unroll
+  for (int k = 0; k < KT; ++k) rsum += r[k];
 
   // ---- loss + gradient pass ----
   for (int64_t c = tid; c < V; c += kThreads) {
     const A zc = IO<In>::load(z + c);
-    const A q = fexp(zc * inv_tau - lse_s);
+    const A q = fexp((zc - mz) * inv_tau - lss);
     A mix = A(0);
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
-      if (k < K) mix += r[k] * fexp(IO<In>::load(t[k] + c) * inv_tau - lse_t[k]);
+      if (k < K && r[k] > A(0))
+        mix += r[k] * fexp((IO<In>::load(t[k] + c) - mt[k]) * inv_tau - lst[k]);
     }
-    A g = coef * (q - mix);
-    if (has_labels) g += beta_h * (fexp(zc - lse1) - (c == y ? A(1) : A(0)));
+    A g = coef * (q * rsum - mix);
+    if (has_labels) g += beta_h * (fexp((zc - mz) - ls1) - (c == y ? A(1) : A(0)));
     IO<In>::store(grad + c, g);
   }
   if (tid == 0) {
     loss[row] = A(p.prior_weight) * prior + (has_labels ? beta_h * ce : A(0));
     prior_out[row] = prior;
     ce_out[row] = ce;
-    for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {
+      if (k >= K) continue;
       w_out[k * N + row] = w[k];
       r_out[k * N + row] = r[k];
       h_out[k * N + row] = h[k];

@@ -20,9 +20,9 @@ __global__ void __launch_bounds__(kThreads) teacher_kernel(const TeacherParams p
 #pragma unroll
   for (int k = 0; k < KT; ++k) t[k] = static_cast<const In*>(p.teachers.ptr[k < K ? k : 0]) + row * V;
   const A inv_tau = A(p.inv_tau), inv_tw = A(p.inv_tau_w), lam = A(p.lam);
-  LseK<A, KT> tch;
+  LseK<A, KT> tch;  // at tau: raw max and sum (lse = m / tau + log s only as an output)
   tch.init();
-  EntK<A, KT> ent;
+  EntK<A, KT> ent;  // at tau_w
   ent.init();
   bool bad = false;
   for (int64_t c = tid; c < V; c += kThreads) {
@@ -31,36 +31,41 @@ __global__ void __launch_bounds__(kThreads) teacher_kernel(const TeacherParams p
       if (k < K) {
         const A tc = IO<In>::load(t[k] + c);
         if (p.check_finite) bad |= !finite(tc);
-        if (p.stats) lse_push(tch.m[k], tch.s[k], tch.a[k], tc * inv_tau, A(0));
-        ent_push(ent.m[k], ent.s[k], ent.b[k], tc * inv_tw);
+        if (p.stats) lse_push(tch.m[k], tch.s[k], tc, inv_tau);
+        ent_push(ent.m[k], ent.s[k], ent.b[k], tc, inv_tw);
       }
     }
   }
   const int32_t status = __syncthreads_or(bad) ? kStatusTeacher : 0;
-  ent = block_merge<A>(ent, smem);
+  ent = block_merge<A>(ent, smem, inv_tw);
   A h[KT];
 #pragma unroll
-  for (int k = 0; k < KT; ++k) h[k] = (k < K) ? flog(ent.s[k]) - ent.b[k] / ent.s[k] : A(0);
+  for (int k = 0; k < KT; ++k) h[k] = (k < K) ? entropy_of(ent.s[k], ent.b[k], inv_tw) : A(0);
   if (p.stats) {
-    tch = block_merge<A>(tch, smem);
-    A lse_t[KT];
+    tch = block_merge<A>(tch, smem, inv_tau);
+    A lst[KT];  // log p_k = (t - m_k) / tau - lst_k
 #pragma unroll
-    for (int k = 0; k < KT; ++k) lse_t[k] = (k < K) ? tch.m[k] + flog(tch.s[k]) : A(0);
+    for (int k = 0; k < KT; ++k) lst[k] = (k < K) ? flog(tch.s[k]) : A(0);
     SumN<A, KT> lgs;
     lgs.init();
     for (int64_t c = tid; c < V; c += kThreads) {
 #pragma unroll
       for (int k = 0; k < KT; ++k) {
-        if (k < K) lgs.x[k] += lgamma1p(lam * fexp(IO<In>::load(t[k] + c) * inv_tau - lse_t[k]));
+        if (k < K) {
+          const A pk = fexp((IO<In>::load(t[k] + c) - tch.m[k]) * inv_tau - lst[k]);
+          lgs.x[k] += lgamma1p(lam * pk);
+        }
       }
     }
     lgs = block_merge<A>(lgs, smem);
     if (tid == 0) {
       A* out = static_cast<A*>(p.out);
-      for (int k = 0; k < K; ++k) {
+#pragma unroll
+      for (int k = 0; k < KT; ++k) {
+        if (k >= K) continue;
         A* o = out + (k * N + row) * 4;
-        o[0] = lse_t[k];
-        o[1] = ent.m[k] + flog(ent.s[k]);
+        o[0] = tch.m[k] * inv_tau + lst[k];
+        o[1] = ent.m[k] * inv_tw + flog(ent.s[k]);
         o[2] = h[k];
         o[3] = lgs.x[k];
       }
@@ -68,7 +73,9 @@ __global__ void __launch_bounds__(kThreads) teacher_kernel(const TeacherParams p
   } else if (tid == 0) {
     A w[KT];
     row_weights<A, KT>(p.weight_mode, K, h, nullptr, N, row, w);
-    for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int k = 0; k < KT; ++k) {
+      if (k >= K) continue;
       static_cast<A*>(p.weights)[k * N + row] = w[k];
       static_cast<A*>(p.entropy)[k * N + row] = h[k];
     }
