@@ -182,7 +182,6 @@ struct StatNeeds {
   bool rev = false;     // E_k (reverse KL)
   bool f = false;       // F_k (forward KL, or the entropy when tau_w == tau)
   bool w = false;       // Aw_k, Dw_k at a separate tau_w (entropy)
-  bool h_tau = false;   // the entropy comes from A_k, F_k (tau_w == tau): keep denormal e_k
   bool cached = false;  // teacher offsets fixed to the given values: no teacher max sweep
   bool check = false;   // NaN/inf detection
   // exp(d) = exp(d / tau)^2 when tau = 2, and exp(u / tau_w) = exp(u / tau)^2 when tau = 2 tau_w
@@ -290,8 +289,7 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
         const int64_t n = len - i;
         const VA traw = load(tk + i, n);
         const VA u = at::vec::maximum(traw - vo, vfar);
-        // a nearly one-hot teacher's entropy can be a float32 denormal that must not read as 0
-        const VA e = keep(nd.h_tau ? vexp_denormal(u * vit) : vexp(u * vit), n);
+        const VA e = keep(vexp(u * vit), n);
         if (ek != nullptr) store(ek + i, e, n);
         aA += e;
         aB = at::vec::fmadd(e, VA::loadu(dbuf + i), aB);
@@ -369,6 +367,24 @@ bool teacher_only_stats(const A* t, int64_t V, A it, A itw, bool need_tau, bool 
     acc.Dw += blk.Dw;
   }
   return !check || std::isfinite(hsum(bad));
+}
+
+// The entropies the loss kernels take from their sums at tau (tau_w == tau) miss the float32
+// exponentials below -88 (exp_f32 flushes them; the hot loop stays one exponential a logit). Only
+// a nearly one-hot teacher's entropy is small enough for that to matter (a denormal ~1e-37 reads
+// 0 and, all of them 0, the 1/K rule would fire): rows whose entropies sum below
+// V K 1e-28 take them again from the teachers alone, keeping denormals (teacher_only_stats).
+template <class A>
+void refine_tiny_entropies(const A* const* rows, int K, int64_t V, A it, A* H) {
+  if (!std::is_same<A, float>::value) return;  // float64's exp keeps the whole range
+  A sum = A(0);
+  for (int k = 0; k < K; ++k) sum += H[k];
+  if (!(sum < static_cast<A>(V) * static_cast<A>(K) * A(1e-28))) return;  // also NaN: skip
+  for (int k = 0; k < K; ++k) {
+    TeacherAcc<A> a;
+    teacher_only_stats(rows[k], V, it, it, false, true, false, a);
+    H[k] = entropy_from_sums(a.Aw, a.Dw, it);
+  }
 }
 
 // L = sum_c lgamma(1 + lam p_c), p_c = exp((t_c - o) / tau - logA).
@@ -528,7 +544,6 @@ void mtbkd_row(const LossParams<T, A>& p, int64_t i, A lgamma_v_lam, RowScratch<
   nd.s1 = p.labels != nullptr && p.temperature != 1.0;
   nd.f = !cached && !sep_w;
   nd.w = sep_w;
-  nd.h_tau = nd.f;
   nd.cached = cached;
   nd.check = p.check_finite;
   nd.s1_square = p.temperature == 2.0;
@@ -559,6 +574,7 @@ void mtbkd_row(const LossParams<T, A>& p, int64_t i, A lgamma_v_lam, RowScratch<
                                   a.o, it, a.A, lam);
     }
   }
+  if (!cached && !sep_w) refine_tiny_entropies(ws.rows.data(), K, V, it, ws.H.data());
   row_weights(p.weight_mode, ws.H.data(), K, p.fixed_weights, N, i, ws.w.data());
   for (int k = 0; k < K; ++k) {
     const A cross = lam * (ws.ta[k].B / ws.ta[k].A * it - logS);
@@ -637,7 +653,6 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
   nd.rev = div == 1;
   nd.f = div == 0 || (need_h && !sep_w);
   nd.w = sep_w;
-  nd.h_tau = need_h && !sep_w;
   nd.check = p.check_finite;
   nd.s1_square = p.temperature == 2.0;
   nd.w_square = p.temperature == 2.0 * p.weight_temperature;
@@ -661,6 +676,7 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
     if (need_h)
       ws.H[k] = sep_w ? entropy_from_sums(a.Aw, a.Dw, itw) : entropy_from_sums(a.A, a.F, it);
   }
+  if (need_h && !sep_w) refine_tiny_entropies(ws.rows.data(), K, V, it, ws.H.data());
   row_weights(p.weight_mode, ws.H.data(), K, p.fixed_weights, N, i, ws.w.data());
   A wsum = A(0);
   for (int k = 0; k < K; ++k) wsum += ws.w[k];
