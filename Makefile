@@ -68,10 +68,15 @@ bench: setup
 # come first). Nothing is installed.
 GPU_EXTRAS := liger-kernel==0.8.5 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 \
 	pygments==2.21.0
+# pytest's own dependencies below Python 3.11, as pure-Python wheels (the GPU machine's Python may
+# be older than this one)
+GPU_EXTRAS_OLD_PY := exceptiongroup==1.3.0 tomli==2.2.1
 gpu-extras: $(STAMP)
 	rm -rf build/gpu-extras && mkdir -p build/gpu-extras
 	$(PIP) download --no-deps --only-binary=:all: $(GPU_EXTRAS) -d build/gpu-extras
-	for w in build/gpu-extras/*.whl; do $(PY) -m zipfile -e $$w build/gpu-extras/site; done
+	$(PIP) download --no-deps --only-binary=:all: --platform any --implementation py --abi none \
+		--python-version 3.10 $(GPU_EXTRAS_OLD_PY) -d build/gpu-extras
+	for w in build/gpu-extras/*.whl; do $(PY) -m zipfile -e $$w build/gpu-extras/site || exit 1; done
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -237,8 +237,10 @@ def _like(value, want) -> bool:
 
     if isinstance(want, bool):
         return isinstance(value, bool)
-    if isinstance(want, int):
-        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(want, int):  # a whole float (64.0) is an int to DistillConfig
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer()
+        )
     if isinstance(want, float):
         return number(value)
     if isinstance(want, str):

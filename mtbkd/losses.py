@@ -14,15 +14,27 @@ __all__ = ["MTBKDLoss", "MultiTeacherKDLoss"]
 
 
 def _set_weights(module: nn.Module, weights: str | Tensor) -> None:
-    # A fixed weight tensor is a buffer, like nn.CrossEntropyLoss(weight=): it moves with
-    # .to() / .cuda() and is saved in the state_dict.
+    # A fixed weight tensor is a buffer: it moves with .to() / .cuda(). Not persistent: it comes
+    # from the constructor, and checkpoints of models that hold the loss stay loadable.
+    module._buffers.pop("weights", None)
+    module.__dict__.pop("weights", None)
     if isinstance(weights, Tensor):
-        module.register_buffer("weights", weights.detach())
+        module.register_buffer("weights", weights.detach(), persistent=False)
     else:
-        module.weights = weights
+        object.__setattr__(module, "weights", weights)
 
 
-class MTBKDLoss(nn.Module):
+class _WeightsOption(nn.Module):
+    """``weights`` may be reassigned between a string and a tensor (a buffer)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weights":
+            _set_weights(self, value)
+        else:
+            super().__setattr__(name, value)
+
+
+class MTBKDLoss(_WeightsOption):
     """MT-BKD loss with a teacher-informed Dirichlet mixture prior.
 
     See :func:`mtbkd.functional.mtbkd_loss` for the math and the options.
@@ -52,7 +64,7 @@ class MTBKDLoss(nn.Module):
         self.concentration = concentration
         self.prior_weight = prior_weight
         self.hard_label_weight = hard_label_weight
-        _set_weights(self, weights)
+        self.weights = weights
         self.weight_temperature = weight_temperature
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -92,7 +104,7 @@ class MTBKDLoss(nn.Module):
         )
 
 
-class MultiTeacherKDLoss(nn.Module):
+class MultiTeacherKDLoss(_WeightsOption):
     """Weighted-sum multi-teacher KD (see :func:`mtbkd.functional.multi_teacher_kd_loss`).
 
     ``MultiTeacherKDLoss(weights="uniform")`` is average-teacher KD; the default
@@ -125,7 +137,7 @@ class MultiTeacherKDLoss(nn.Module):
         self.divergence = divergence
         self.beta = beta
         self.temperature = temperature
-        _set_weights(self, weights)
+        self.weights = weights
         self.weight_temperature = weight_temperature
         self.hard_label_weight = hard_label_weight
         self.soft_label_weight = soft_label_weight

@@ -194,7 +194,7 @@ def test_compare_runs_example(tmp_path, capsys, monkeypatch):
 def test_set_overrides_config_fields(tmp_path):
     out = tmp_path / "o"
     base = ["demo", "--smoke", "--methods", "ce,mtbkd_map", "--no-figures", "--no-progress"]
-    sets = ["weights=uniform", "concentration=10", "hidden=[8, 4]",
+    sets = ["weights=uniform", "concentration=10", "hidden=[8.0, 4]",
             'mtbkd_grid={"prior_weight": [0.1, 0.5]}']  # fmt: skip
     argv = base + ["--out", str(out)] + [a for s in sets for a in ("--set", s)]
     assert cli.main(argv) == 0

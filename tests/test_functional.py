@@ -4,8 +4,10 @@ shapes, reductions, masking, gradients, torch.compile, and every bad-input error
 import importlib.util
 import math
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import mtbkd
 from mtbkd import reference
@@ -97,10 +99,13 @@ def test_num_items_in_batch_tensor_of_zero_or_bad_shape(backend):
             fn(torch.tensor([[2.0], [2.0]]), x)
         with pytest.raises(TypeError, match="num_items_in_batch must be a number"):
             fn("4", x)
-    # a fraction (a global count over the world size) is kept
+    # a fraction (a global count over the world size) is kept; numpy numbers are numbers
     z, t, y = _inputs()
     got = mtbkd.mtbkd_loss(z, t, y, num_items_in_batch=torch.tensor(0.5))
     torch.testing.assert_close(got, _ref_loss(z, t, y, "sum") / 0.5)
+    for n in (np.int64(4), np.int32(4), np.float32(4.0)):
+        got = mtbkd.mtbkd_loss(z, t, y, num_items_in_batch=n)
+        torch.testing.assert_close(got, _ref_loss(z, t, y, "sum") / 4)
 
 
 def test_ignore_index_that_is_a_real_class(backend):
@@ -465,17 +470,24 @@ def test_teacher_weights_check_finite(backend):
 
 
 def test_loss_module_weight_tensor_is_a_buffer():
-    # like nn.CrossEntropyLoss(weight=): moves with .to() and is in the state_dict
+    # a fixed weight tensor moves with .to(); it is not persistent, so checkpoints of models
+    # that hold the loss load whichever weights the loss was built with
     w = torch.tensor([1.0, 3.0])
     for cls in (mtbkd.MTBKDLoss, mtbkd.MultiTeacherKDLoss, mtbkd.FusedLinearMTBKDLoss):
         loss_fn = cls(weights=w)
-        assert list(loss_fn.state_dict()) == ["weights"]
+        assert [name for name, _ in loss_fn.named_buffers()] == ["weights"]
+        assert list(loss_fn.state_dict()) == []
         assert loss_fn.to(torch.float64).weights.dtype == torch.float64
         assert loss_fn.to("meta").weights.device.type == "meta"
-        restored = cls(weights=torch.zeros(2))
-        restored.load_state_dict(cls(weights=w).state_dict())
-        assert restored.weights.tolist() == [1.0, 3.0]
-        assert list(cls().state_dict()) == [] and cls().weights == "entropy"
+        model = nn.ModuleDict({"loss": cls(weights=w)})
+        model.load_state_dict(nn.ModuleDict({"loss": cls()}).state_dict())  # strict
+        # reassigned between a string and a tensor
+        loss_fn = cls(weights=w)
+        loss_fn.weights = "uniform"
+        assert loss_fn.weights == "uniform" and list(loss_fn.buffers()) == []
+        loss_fn.weights = torch.tensor([2.0, 1.0])
+        assert [b.tolist() for b in loss_fn.buffers()] == [[2.0, 1.0]]
+        assert cls().weights == "entropy"
 
 
 def test_fused_linear_from_keeps_a_requested_chunk_size():
