@@ -170,6 +170,10 @@ def _distill_ddp(out_dir: str) -> None:
     dist.all_gather(every, flat)
     if dist.get_rank() == 0:
         torch.save(torch.stack(every), Path(out_dir) / "params.pt")
+    # a rank that exits with the group alive can abort in gloo's teardown ("terminate called
+    # without an active exception"): close it on every rank first
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def test_ddp_gradients_are_all_reduced(tmp_path):
