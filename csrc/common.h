@@ -129,8 +129,8 @@ MTBKD_HD T exp_f32(T x) {
 //   Dw_k = sum ew_k u_k                                 E_{p~_k}[t_k]        (entropy H_k)
 // Moving an offset by delta rescales the exponentials by exp(-delta / temperature) and shifts the
 // linear factor by -delta (E_k's by -(delta - the change of b_k)); the shift_* functions apply
-// exactly that, so two partial sums taken relative to different maxima (two blocks of a row, two CUDA threads) merge without error
-// growth. Everything is measured from a maximum so the sums never overflow, and the entropy and
+// exactly that, so two partial sums taken relative to different maxima (two blocks of a row)
+// merge without error growth. Everything is measured from a maximum so the sums never overflow, and the entropy and
 // cross terms come out as differences of O(1) quantities (no cancellation for large logits).
 // ---------------------------------------------------------------------------------------------
 template <class T>

@@ -246,7 +246,7 @@ def items_divisor(num_items, dtype: torch.dtype, device) -> Tensor:
             )
         n = num_items.to(device=device, dtype=dtype).reshape(())
         return torch.where(n > 0, n, torch.where(n == 0, 1.0, float("nan")).to(dtype))
-    if isinstance(num_items, bool) or not isinstance(num_items, (int, numbers.Real)):
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
         raise TypeError(
             f"num_items_in_batch must be a number or a tensor, got {type(num_items).__name__}"
         )

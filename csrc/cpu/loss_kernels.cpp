@@ -231,15 +231,15 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
     StudentAcc<A> sb{std::max(hmax(vmax), -kFar<A>), A(0), A(0)};
     if (cache.e != nullptr) cache.off[blk] = sb.m;
     // reverse KL: the column of the block's maximum (the teachers' b_k are read there); a
-    // vector compare finds its vector, a scalar scan its lane
+    // vector compare finds its vector, a scalar scan its lane (0 if the block is all -inf)
     int64_t top = 0;
     if (nd.rev) {
       const VA vm(sb.m);
-      for (int64_t i = 0; i < len; i += W) {
-        if ((load(zb + i, len - i) == vm).zero_mask() == (1 << W) - 1) continue;  // no lane equal
-        for (top = i; top < std::min(i + W, len) - 1 && zb[top] != sb.m; ++top) {
-        }
-        break;
+      int64_t i = 0;
+      while (i < len && (load(zb + i, len - i) == vm).zero_mask() == (1 << W) - 1) i += W;
+      if (i < len) {
+        top = i;
+        while (top < len - 1 && zb[top] != sb.m) ++top;
       }
     }
     {
@@ -709,11 +709,10 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
       ws.L[k] = (ws.aux1[k] - (a.b - a.o)) * it - logS + ws.logA[k];  // D_k
       soft += ws.w[k] * ws.L[k];
     }
-    // dD_k/dz_c = q_c (log q_c - log p_kc - D_k) / tau = q_c (x_kc - E_q[x_k]) / tau^2: x_k is 0
-    // at the student's top column and small elsewhere, so a confident student's gradient is not
-    // a difference of two large numbers (the normalisers cancel exactly)
-    // sum_k w_k (x_kc - E_q[x_k]) / tau = (wsum d - sum_k w_k u_k - sum_k w_k E_q[x_k]) / tau with
-    // u_k = t_k - b_k: d and u_k are both 0 at the top column
+    // dD_k/dz_c = q_c (log q_c - log p_kc - D_k) / tau = q_c (x_kc - E_q[x_k]) / tau^2 (the
+    // normalisers cancel exactly), summed as q_c (wsum d - sum_k w_k u_k - sum_k w_k E_q[x_k]) /
+    // tau^2 with u_k = t_k - b_k: d and u_k are both 0 at the student's top column and small
+    // elsewhere, so a confident student's gradient is not a difference of two large numbers
     A mean = A(0);
     for (int k = 0; k < K; ++k)
       if (ws.w[k] > A(0)) mean += ws.w[k] * ws.aux1[k];
