@@ -47,6 +47,7 @@ BASELINE_LOSSES = {
     "liger": ("forward_kl", "jsd"),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+METHODS = ("triton", "cuda", "eager", "compiled", "liger")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,6 +182,9 @@ def measure(fn, z, t, y, stats, device: str, nbytes: int, reps: int) -> dict:
 
     step()  # compile / autotune / lazy init outside the measurement
     if device == "cuda":
+        # The warm-up's gradient is no input: the measured step frees it and writes its own, so
+        # left in the base it would hide one [N, V] gradient from every method's peak.
+        zz.grad = None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teachers", type=int, nargs="+", default=[1, 3])
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
-    p.add_argument("--methods", nargs="+", default=["triton", "cuda", "eager", "compiled", "liger"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--budget-s", type=float, default=200.0,
                    help="after this many seconds only the fused methods still run")  # fmt: skip
     p.add_argument("--reps", type=int, default=100, help="do_bench repetition time, ms")

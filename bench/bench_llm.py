@@ -195,7 +195,7 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
     """Run the suite; write JSON, a markdown table and a PNG to ``out_dir`` (bench/results)."""
     from tqdm import tqdm
 
-    out_dir = Path(out_dir) if out_dir else Path(__file__).parent / "results"
+    out_dir = common.results_dir(out_dir, quick)
     n, h = (256, 64) if quick else (2048, 576)
     vocabs = (8192,) if quick else (49152, 128256)
     # Quick sizes fit in one automatic chunk; small chunks keep the comparison meaningful.

@@ -223,7 +223,7 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
     """Run the suite; write JSON, a markdown table and a PNG to ``out_dir`` (bench/results)."""
     from tqdm import tqdm
 
-    out_dir = Path(out_dir) if out_dir else Path(__file__).parent / "results"
+    out_dir = common.results_dir(out_dir, quick)
     n, v, k = (128, 4096, 3) if quick else (2048, 32000, 3)
     repeats = 2 if quick else 3
     methods = ["fused", "eager"] if quick else ["fused", "eager", "compiled"]

@@ -116,6 +116,16 @@ def machine() -> dict:
     }
 
 
+def results_dir(out_dir: Path | str | None, quick: bool) -> Path:
+    """Where a suite writes: ``out_dir`` when given, else ``bench/results`` (the committed
+    results the README quotes), or ``bench/results/quick`` for a ``--quick`` smoke run so that it
+    never overwrites them."""
+    if out_dir:
+        return Path(out_dir)
+    here = Path(__file__).parent / "results"
+    return here / "quick" if quick else here
+
+
 def write_results(suite: str, results: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.date.today().isoformat()

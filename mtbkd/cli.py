@@ -34,7 +34,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(bench))
     modules = {"loss": "bench_loss", "bayes": "bench_bayes", "llm": "bench_llm"}
     suites = list(modules) if args.suite == "all" else [args.suite]
-    out = Path(args.out) if args.out else bench / "results"
+    out = importlib.import_module("common").results_dir(args.out, args.quick)
     for suite in suites:
         try:
             mod = importlib.import_module(modules[suite])
@@ -58,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput benchmarks (JSON + PNG under bench/results/)")
     p.add_argument("--suite", choices=["loss", "bayes", "llm", "all"], default="loss")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
-    p.add_argument("--out", default=None, help="output folder (default bench/results)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default bench/results, or bench/results/quick with --quick)",
+    )
     p.set_defaults(func=_cmd_bench)
 
     _add_pipeline_commands(sub)

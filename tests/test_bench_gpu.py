@@ -58,3 +58,43 @@ def test_dry_run_writes_results(tmp_path):
         assert res["plots"].startswith("matplotlib not installed")
     else:
         assert (out / "time.png").stat().st_size > 0 and (out / "bandwidth.png").stat().st_size > 0
+
+
+def test_peak_memory_counts_the_measured_steps_gradient(monkeypatch):
+    # A fake CUDA meter: besides the inputs, the device holds the gradient of the student logits
+    # and, while that gradient is written, a method's temporaries. The warm-up step's gradient
+    # was left in the base, so every method's peak came out one [N, V] gradient short.
+    bench = _bench_module()
+    import torch
+
+    z, t, y = bench.make_inputs(16, 256, 2, torch.float32, "cpu")
+    grad, temp = z.numel() * z.element_size(), 3 * z.numel() * z.element_size()
+    meter = {"z": None, "peak": 0}
+
+    def live(*_):
+        zz = meter["z"]
+        return 0 if zz is None or zz.grad is None else zz.grad.nbytes
+
+    def method(zz, t, y, stats):
+        meter["z"] = zz
+        meter["peak"] = max(meter["peak"], live() + temp + grad)
+        return (zz * 2).sum()
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", live)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: max(meter["peak"], live()))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: meter.update(peak=live()))
+    cpu_quantiles = bench._quantiles_ms  # do_bench needs a GPU: time on the CPU path
+    monkeypatch.setattr(bench, "_quantiles_ms", lambda fn, dev, reps: cpu_quantiles(fn, "cpu", 1))
+    entry = bench.measure(method, z, t, y, None, "cuda", nbytes=1, reps=1)
+    assert entry["peak_extra_mb"] * 2**20 == temp + grad
+
+
+def test_unknown_method_is_refused(tmp_path, capsys):
+    # a misspelt method was dropped silently: the run measured nothing and exited 0
+    bench = _bench_module()
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--dry-run", "--out", str(tmp_path / "out"), "--methods", "triton", "eagr"])
+    assert exc.value.code == 2 and "invalid choice: 'eagr'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

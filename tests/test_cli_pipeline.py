@@ -395,3 +395,24 @@ def test_cli_rejects_empty_methods_negative_seed_and_foreign_demo_options(tmp_pa
             cli.main(argv)
     args = cli.build_parser().parse_args(["demo", "--llm", "--epochs", "2", "--seq-len", "64"])
     assert (args.epochs, args.seq_len, args.llm) == (2, 64, True)
+
+
+def test_bench_quick_never_writes_over_the_committed_results(monkeypatch):
+    """``mtbkd bench --quick`` without ``--out`` writes to bench/results/quick; a full run to
+    bench/results (what the README quotes); ``--out`` wins over both."""
+    import sys
+    import types
+
+    seen = []
+    fake = types.ModuleType("bench_loss")
+    fake.run = lambda quick, out_dir: seen.append((quick, Path(out_dir)))
+    monkeypatch.setitem(sys.modules, "bench_loss", fake)
+    results = cli._bench_dir() / "results"
+    assert cli.main(["bench", "--suite", "loss", "--quick"]) == 0
+    assert cli.main(["bench", "--suite", "loss"]) == 0
+    assert cli.main(["bench", "--suite", "loss", "--quick", "--out", "elsewhere"]) == 0
+    assert seen == [
+        (True, results / "quick"),
+        (False, results),
+        (True, Path("elsewhere")),
+    ]
