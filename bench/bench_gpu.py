@@ -42,8 +42,8 @@ from mtbkd.teacher_stats import TeacherStats
 LOSSES = ("mtbkd", "mtbkd_cached", "forward_kl", "reverse_kl", "jsd")
 # Baselines are run on the losses they implement; fused methods on all of them.
 BASELINE_LOSSES = {
-    "eager": ("mtbkd", "forward_kl", "jsd"),
-    "compiled": ("mtbkd", "forward_kl"),
+    "eager": ("mtbkd", "forward_kl", "reverse_kl", "jsd"),
+    "compiled": ("mtbkd", "forward_kl", "reverse_kl"),
     "liger": ("forward_kl", "jsd"),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
