@@ -344,9 +344,12 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
             distill.expert_groups(dataset.num_classes, config.num_teachers)
         except ValueError as exc:
             raise SystemExit(f"mtbkd {args.command}: {exc}") from None
-    result = distill.run_experiment(
-        dataset, config, checkpoint_dir=out / "checkpoints", log=lambda m: print(m, flush=True)
-    )
+    try:
+        result = distill.run_experiment(
+            dataset, config, checkpoint_dir=out / "checkpoints", log=lambda m: print(m, flush=True)
+        )
+    except distill.CheckpointMismatchError as exc:
+        raise SystemExit(f"mtbkd {args.command}: {exc}") from None
     distill.save_run(result, out, dataset)
     rep = report.write_report(result, out, figures=not args.no_figures)
     print()

@@ -20,13 +20,16 @@ Two levels:
 Checkpoints (``checkpoint_dir``) are written every ``checkpoint_every`` epochs and at the end of
 each phase: model, optimizer, data-order generator, torch's RNG (SGLD's noise seeds) and the
 samples so far. A rerun with the same directory resumes from the last checkpoint and reproduces
-the uninterrupted run's samples exactly; a finished phase is loaded instead of retrained.
+the uninterrupted run's samples exactly; a finished phase is loaded instead of retrained. A
+checkpoint written with other data, objective, optimizer settings or schedule is refused
+(:class:`CheckpointMismatchError`), never resumed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import itertools
 import json
 import math
@@ -43,10 +46,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtbkd import functional as mf
+from mtbkd import validate
 from mtbkd.data import Dataset, stratified_split
 
 __all__ = [
     "DistillConfig",
+    "CheckpointMismatchError",
     "Objective",
     "StudentMLP",
     "DistillResult",
@@ -172,21 +177,40 @@ class DistillConfig:
         for v in self.sgld_prior_grid:
             if not v >= 0:
                 raise ValueError(f"sgld_prior_grid values must be non-negative, got {v}")
+        for name in INT_FIELDS:  # a whole float (JSON's 64.0) is the integer
+            v = getattr(self, name)
+            if isinstance(v, float) and v.is_integer():
+                setattr(self, name, int(v))
+            elif isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an integer, got {v!r}")
         for name in (
             "batch_size",
             "num_samples",
             "num_chains",
             "checkpoint_every",
             "predict_chunk",
+            "num_teachers",
+            "teacher_hidden",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("map_epochs", "sgld_epochs", "patience"):
+        for name in ("map_epochs", "sgld_epochs", "patience", "teacher_epochs", "teacher_folds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         for name in ("map_lr", "sgld_lr", "temperature", "concentration", "kd_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            validate.check_positive(getattr(self, name), name)
+        for name in ("weight_decay", "sgld_temperature", "prior_weight", "hard_label_weight",
+                     "kd_weight"):  # fmt: skip
+            validate.check_real(getattr(self, name), name, nonnegative=True)
+        if self.sgld_prior_precision is not None:
+            validate.check_real(self.sgld_prior_precision, "sgld_prior_precision", nonnegative=True)
+        if not 0.0 <= self.teacher_other_fraction <= 1.0:
+            raise ValueError(
+                f"teacher_other_fraction must lie in [0, 1], got {self.teacher_other_fraction}"
+            )
+        if self.sgld_epochs == 0 and any(_sampled(m) for m in self.methods):
+            raise ValueError("sgld_epochs must be at least 1 for the sampled methods "
+                             "(mtbkd_sgld, bkd, bkd_<name>)")  # fmt: skip
         if self.weights not in ("entropy", "uniform"):
             raise ValueError(f"weights must be 'entropy' or 'uniform', got {self.weights!r}")
         if not 0.0 <= self.burn_in < 1.0:
@@ -234,6 +258,16 @@ class DistillConfig:
             if k in kw:
                 kw[k] = {a: tuple(b) for a, b in kw[k].items()}
         return cls(**kw)
+
+
+INT_FIELDS = ("batch_size", "map_epochs", "patience", "sgld_epochs", "num_samples", "num_chains",
+              "num_teachers", "teacher_hidden", "teacher_epochs", "teacher_folds", "seed",
+              "checkpoint_every", "predict_chunk", "num_threads")  # fmt: skip
+
+
+def _sampled(method: str) -> bool:
+    """Whether ``method`` samples a posterior with SGLD."""
+    return method in ("mtbkd_sgld", "bkd") or method.startswith("bkd_")
 
 
 # What each grid may tune: the objective's own hyperparameters (they name its checkpoints)
@@ -467,6 +501,45 @@ def _load_ckpt(path: Path) -> dict | None:
     return torch.load(path, weights_only=True) if path.is_file() else None
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written by a run with other data or settings than the one resuming it."""
+
+
+# The optimizer settings a checkpoint's run depends on (Adam's and SGLD's)
+_OPTIM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "num_data", "temperature",
+               "precondition", "alpha")  # fmt: skip
+
+
+def _digest(*tensors: Tensor | None) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _fingerprint(data, objective, optimizer, epochs, batch_size, seed, store, monitor) -> dict:
+    """What a run of :func:`_run_epochs` depends on besides the starting weights: a checkpoint
+    written by a run with other data, objective, optimizer or schedule must not be resumed."""
+    fp = {
+        "data": _digest(data.x, data.y, data.t),
+        "objective": repr(objective),
+        "optimizer": type(optimizer).__name__,
+        **{k: optimizer.defaults[k] for k in _OPTIM_KEYS if k in optimizer.defaults},
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    if store is not None:
+        st = store.store
+        fp["samples"] = (st.burn_in, st.thin, st.max_samples, tuple(st.names))
+    if monitor is not None:
+        fp["validation"] = _digest(monitor.x, monitor.y)
+        fp["patience"] = monitor.patience
+    return fp
+
+
 def _progress(total: int, desc: str, enabled: bool, unit: str = "ep"):
     from tqdm.auto import tqdm
 
@@ -542,6 +615,19 @@ def _run_epochs_seeded(
     gen = torch.Generator().manual_seed(seed)
     start, spent = 0, 0.0
     state = _load_ckpt(checkpoint) if checkpoint is not None else None
+    fingerprint = None
+    if checkpoint is not None:
+        fingerprint = _fingerprint(
+            data, objective, optimizer, epochs, batch_size, seed, store, monitor
+        )
+    if state is not None and state.get("fingerprint", fingerprint) != fingerprint:
+        saved = state["fingerprint"]
+        keys = sorted(k for k in {*saved, *fingerprint} if saved.get(k) != fingerprint.get(k))
+        raise CheckpointMismatchError(
+            f"checkpoint {checkpoint} was written by a run with other settings (differing: "
+            f"{', '.join(keys)}): resume only with the same data and configuration, or use "
+            "another checkpoint directory"
+        )
     if state is not None:
         if monitor is not None and "monitor" in state:
             monitor.load_state(state["monitor"])
@@ -585,6 +671,7 @@ def _run_epochs_seeded(
                     "seconds": spent + time.perf_counter() - t0,
                     "store": store.state(store_path) if store is not None else {},
                     "stopped": stop,
+                    "fingerprint": fingerprint,
                 }
                 if monitor is not None:
                     ckpt["monitor"] = monitor.state()
@@ -741,8 +828,10 @@ def train_map(
 
 
 def sgld_schedule(num_rows: int, config: DistillConfig) -> tuple[int, int, int]:
-    """``(burn_in, thin, max_samples)`` in SGLD steps: ``num_samples`` samples spread evenly over
-    the steps after the burn-in."""
+    """``(burn_in, thin, max_samples)`` in SGLD steps: after the burn-in, one sample every
+    ``thin = (steps after burn-in) // num_samples`` steps (at least 1) until ``num_samples`` are
+    kept. The integer ``thin`` can leave the last steps unsampled: with 144 steps after the
+    burn-in and 100 samples, ``thin`` is 1 and the last 44 steps only move the chain."""
     steps = config.sgld_epochs * math.ceil(num_rows / config.batch_size)
     burn = int(config.burn_in * steps)
     thin = max(1, (steps - burn) // config.num_samples)
@@ -1068,8 +1157,9 @@ def teacher_attribution(
 
 @dataclass
 class DistillResult:
-    """A trained student: ``model`` (its head at the MAP), the posterior ``store`` (``None`` for
-    a point estimate), the objective, and the seconds spent."""
+    """A trained student: ``model`` (for a point estimate its MAP weights; after SGLD the head
+    holds the chain's last step, which need not be a kept sample: predict with ``store``), the
+    posterior ``store`` (``None`` for a point estimate), the objective, and the seconds spent."""
 
     model: nn.Module
     store: Any
@@ -1138,7 +1228,8 @@ def distill(
     ``result.predict`` pools them.
     """
     config = config or DistillConfig()
-    with _threads(config.num_threads):
+    # a forked RNG: the caller's random state is neither used nor changed
+    with _threads(config.num_threads), torch.random.fork_rng(devices=[]):
         return _distill(student, teachers, x, y, config, method, head, checkpoint_dir, validation)
 
 
@@ -1159,6 +1250,8 @@ def _distill(
         if t.shape[-1] != c:
             raise ValueError(f"teachers have {t.shape[-1]} classes but the student outputs {c}")
     obj, sample = _objective_for(method, config, t.shape[0] if t is not None else 0)
+    if sample and config.sgld_epochs < 1:
+        raise ValueError(f"method {method!r} samples with SGLD: sgld_epochs must be at least 1")
     teach = t[list(obj.teachers)] if obj.teachers else None
     data = TrainData(x, y, teach)
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None

@@ -83,6 +83,10 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
         members = [int(c) for c in r["credible_set"].split(";")]
         assert int(r["pred"]) in members and 0 < float(r["confidence"]) <= 1
         assert float(r["mean_deviance"]) >= 0 and float(r["mutual_information"]) >= 0
+    # resuming the folder with another seed (another split) must not reuse its checkpoints
+    with pytest.raises(SystemExit, match=r"written by a run with other settings \(differing: data"):
+        cli.main(["demo", "--smoke", "--out", str(out), "--seed", "1", "--resume", "--no-progress",
+                  "--methods", "ce"])  # fmt: skip
 
 
 def _own_dataset(tmp_path: Path, n: int, seed: int) -> Path:

@@ -582,3 +582,54 @@ def test_digits_teachers_never_train_on_the_students_validation_rows(monkeypatch
         assert not any(r.numpy().tobytes() in val_rows for r in x)
     # the validation rows still have teacher logits (from teachers that never saw them)
     assert all(t.shape == (len(ds.y_train), 10) for t in ds.teachers_train.values())
+
+
+def test_checkpoints_of_other_settings_are_refused(tmp_path):
+    x, y, t = halves_problem(6, seed=16)
+    cfg = replace(CONFIG, map_epochs=3, sgld_epochs=2, num_samples=3)
+    first = distill.distill(_student(), t, x, y, cfg, checkpoint_dir=tmp_path)
+    # a run with another optimizer setting, seed, SGLD temperature, objective or data must not
+    # silently load these checkpoints (it would return the first run's samples)
+    for other, data, msg in [
+        (replace(cfg, map_lr=0.1), (x, y), r"map\.pt .*differing: lr\)"),
+        (replace(cfg, seed=7), (x, y), r"differing: seed\)"),
+        (replace(cfg, weights="uniform"), (x, y), r"differing: objective\)"),
+        (replace(cfg, sgld_temperature=0.5), (x, y), r"sgld\.pt .*differing: temperature\)"),
+        (cfg, (x, y.roll(1)), r"differing: data\)"),
+    ]:
+        with pytest.raises(distill.CheckpointMismatchError, match=msg):
+            distill.distill(_student(), t, *data, other, checkpoint_dir=tmp_path)
+    again = distill.distill(_student(), t, x, y, cfg, checkpoint_dir=tmp_path)
+    assert torch.equal(again.store.samples(), first.store.samples())
+
+
+def test_config_rejects_bad_values_naming_the_field():
+    for kw, msg in [
+        ({"sgld_temperature": -1.0}, "sgld_temperature must be"),
+        ({"sgld_prior_precision": -1.0}, "sgld_prior_precision must be"),
+        ({"kd_weight": -1.0}, "kd_weight must be"),
+        ({"map_lr": float("inf")}, "map_lr must be a positive finite"),
+        ({"teacher_other_fraction": 3.0}, "teacher_other_fraction must lie"),
+        ({"num_teachers": 0}, "num_teachers must be at least 1"),
+        ({"sgld_epochs": 0}, "sgld_epochs must be at least 1 for the sampled methods"),
+        ({"batch_size": 2.5}, "batch_size must be an integer"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            distill.DistillConfig(**kw)
+    # a whole float (a JSON --set value) is the integer; no SGLD epochs without a sampled method
+    assert distill.DistillConfig(map_epochs=4.0).map_epochs == 4
+    assert distill.DistillConfig(sgld_epochs=0, methods=("ce", "mtbkd_map")).sgld_epochs == 0
+    x, y, t = halves_problem(4, seed=17)
+    cfg = replace(CONFIG, sgld_epochs=0, methods=("ce",))
+    with pytest.raises(ValueError, match="sgld_epochs must be at least 1"):
+        distill.distill(_student(), t, x, y, cfg, method="mtbkd_sgld")
+
+
+def test_distill_leaves_the_callers_rng_alone():
+    x, y, t = halves_problem(4, seed=18)
+    s = _student()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    distill.distill(s, t, x, y, replace(CONFIG, map_epochs=2), method="ce")
+    assert torch.equal(torch.rand(3), expected)
