@@ -15,12 +15,13 @@ and teacher, and three all-reduces over the group combine them:
 
 Then every rank holds the same per-row loss and computes the gradient of its own columns, in the
 forward (as the single-process fused ops do); the backward only scales it. Communication per call
-is at most ``(7K + 5)·N`` floats per rank plus 10 integers of metadata, independent of the
+is at most ``(7K + 5)·N`` floats per rank plus 11 integers of metadata, independent of the
 vocabulary size (``return_stats`` with non-entropy weights adds two reductions of ``3K·N``); the
 backward communicates nothing. Before any of that, one small
 all-gather of fixed-size shape metadata lets every rank check that the shards tile ``[0, V)`` and
-agree on rows, teachers, dtype and labels, so a rank with bad input makes *every* rank raise a
-``ValueError`` instead of leaving the others blocked in a collective.
+agree on rows, teachers, dtype, labels and options (a fingerprint of the scalar options), so a
+rank with bad input makes *every* rank raise a ``ValueError`` instead of leaving the others blocked
+in a collective or silently mixing two losses.
 
 Data parallelism (DDP, FSDP) needs nothing from this module: the teacher weights ``w_ik`` of
 MATH.md section 1 depend on row i alone, so a rank's rows get exactly the weights they would get
@@ -35,6 +36,8 @@ so that tests (and users measuring traffic) can wrap them.
 from __future__ import annotations
 
 import math
+import numbers
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -56,7 +59,7 @@ __all__ = [
 _DTYPES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
 # Fixed-length shape metadata each rank contributes before any statistic is exchanged.
 _META = ("error", "rows", "teachers", "width", "vocab_start", "vocab_size", "has_labels",
-         "dtype", "label_sum", "label_wsum")  # fmt: skip
+         "dtype", "label_sum", "label_wsum", "options")  # fmt: skip
 
 
 def all_reduce(tensor: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> None:
@@ -132,6 +135,21 @@ def _world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _options_key(options: dict) -> int:
+    """A fingerprint of the loss options (CRC-32 of their repr; ``hash`` differs between
+    processes): ranks passing different options would run different collectives or mix two losses.
+    """
+
+    def norm(value):
+        if isinstance(value, Tensor):
+            return "tensor"  # fixed weights, a num_items_in_batch tensor: values not compared
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)  # 2 and 2.0 agree
+        return value
+
+    return zlib.crc32(repr(sorted((k, norm(v)) for k, v in options.items())).encode())
+
+
 def _agree(name: str, local: list[int] | None, error: Exception | None, device, group) -> None:
     """All-gather the metadata; raise the same ``ValueError`` on every rank if anything is off."""
     rank, world = _world(group)
@@ -148,12 +166,13 @@ def _agree(name: str, local: list[int] | None, error: Exception | None, device, 
     col = {key: [row[i] for row in rows] for i, key in enumerate(_META)}
     agreed = (("rows", "number of rows N"), ("teachers", "number of teachers K"),
               ("vocab_size", "vocab_size"), ("has_labels", "presence of labels"),
-              ("dtype", "dtype"), ("label_sum", "labels"), ("label_wsum", "labels"))  # fmt: skip
+              ("dtype", "dtype"), ("label_sum", "labels"), ("label_wsum", "labels"),
+              ("options", "options (fingerprints)"))  # fmt: skip
     for key, what in agreed:
         if len(set(col[key])) != 1:
             raise ValueError(
                 f"{name}: ranks disagree on the {what}: {col[key]} (rank order); every rank must "
-                "pass the same rows, teachers, dtype and global labels"
+                "pass the same rows, teachers, dtype, global labels and options"
             )
     by_rank = list(zip(col["vocab_start"], col["width"], strict=True))
     vocab = col["vocab_size"][0]
@@ -174,7 +193,7 @@ def _agree(name: str, local: list[int] | None, error: Exception | None, device, 
 
 
 def _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size, group,
-             ignore_index, check_finite, option_checks, weights) -> _Inputs:  # fmt: skip
+             ignore_index, check_finite, option_checks, weights, options) -> _Inputs:  # fmt: skip
     _world(group)
     error: Exception | None = None
     inputs = meta = None
@@ -183,7 +202,7 @@ def _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size
         inputs = _Inputs(student_shard, teacher_shard, labels, vocab_start, vocab_size,
                          ignore_index, check_finite)  # fmt: skip
         inputs.weight_spec = _weight_spec(weights, inputs.t.shape[0], inputs.lead, inputs.original)
-        meta = inputs.metadata(vocab_start, vocab_size)
+        meta = inputs.metadata(vocab_start, vocab_size) + [_options_key(options)]
     except (TypeError, ValueError) as exc:
         error = exc
     device = student_shard.device if isinstance(student_shard, Tensor) else torch.device("cpu")
@@ -205,7 +224,8 @@ def _exp_shift(x: Tensor, m: Tensor) -> Tensor:
 
 
 def _xlogx_like(e: Tensor, d: Tensor) -> Tensor:
-    # e * d with 0 * (-inf) = 0 (an underflowed probability contributes nothing).
+    # e * d with 0 * (±inf or NaN) = 0: a probability that is 0 (a logit of -inf, or underflowed)
+    # contributes nothing, as 0 log 0 = 0.
     return torch.where(e > 0, e * d, torch.zeros((), dtype=e.dtype, device=e.device))
 
 
@@ -358,8 +378,13 @@ def vocab_parallel_mtbkd_loss(
             reduction,
         )
 
+    options = dict(temperature=temperature, concentration=concentration,
+                   prior_weight=prior_weight, hard_label_weight=hard_label_weight, weights=weights,
+                   weight_temperature=weight_temperature, ignore_index=ignore_index,
+                   reduction=reduction, num_items_in_batch=num_items_in_batch,
+                   return_stats=return_stats)  # fmt: skip
     inputs = _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size, group,
-                      ignore_index, check_finite, option_checks, weights)  # fmt: skip
+                      ignore_index, check_finite, option_checks, weights, options)  # fmt: skip
     z, t, lab = inputs.z, inputs.t, inputs.labels
     k, n, _ = t.shape
     mode, fixed = inputs.weight_spec
@@ -387,7 +412,7 @@ def vocab_parallel_mtbkd_loss(
         s2.add("s_u", eu.sum(-1))
         s2.add("k:s_a", ea.sum(-1))
         # C_k: Σ_c p_kc (u_c − M_u), shifted so that the sum stays well conditioned.
-        s2.add("k:x", (ea * (u - mx["m_u"].unsqueeze(-1)).unsqueeze(0)).sum(-1))
+        s2.add("k:x", _xlogx_like(ea, (u - mx["m_u"].unsqueeze(-1)).unsqueeze(0)).sum(-1))
         if lab is not None:
             s2.add("s_z", _exp_shift(z, mx["m_z"]).sum(-1))
             s2.add("z_y", _label_logit(z, lab, vocab_start))
@@ -507,8 +532,13 @@ def vocab_parallel_multi_teacher_kd_loss(
             reduction,
         )
 
+    options = dict(divergence=divergence, beta=beta, temperature=temperature, weights=weights,
+                   weight_temperature=weight_temperature, hard_label_weight=hard_label_weight,
+                   soft_label_weight=soft_label_weight, scale_by_t2=scale_by_t2,
+                   ignore_index=ignore_index, reduction=reduction,
+                   num_items_in_batch=num_items_in_batch)  # fmt: skip
     inputs = _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size, group,
-                      ignore_index, check_finite, option_checks, weights)  # fmt: skip
+                      ignore_index, check_finite, option_checks, weights, options)  # fmt: skip
     z, t, lab = inputs.z, inputs.t, inputs.labels
     k, n, _ = t.shape
     mode, fixed = inputs.weight_spec
@@ -540,7 +570,7 @@ def vocab_parallel_multi_teacher_kd_loss(
         s2.add("k:s_a", ea.sum(-1))
         if kind == "forward_kl":
             s2.add("k:pa", _xlogx_like(ea, da).sum(-1))  # Σ e^{a−M}(a − M)
-            s2.add("k:pu", (ea * du.unsqueeze(0)).sum(-1))  # Σ e^{a−M}(u − M_u)
+            s2.add("k:pu", _xlogx_like(ea, du.unsqueeze(0)).sum(-1))  # Σ e^{a−M}(u − M_u)
         elif kind == "reverse_kl":
             s2.add("qu", _xlogx_like(eu, du).sum(-1))  # Σ e^{u−M_u}(u − M_u)
             s2.add("k:qa", _xlogx_like(eu.unsqueeze(0).expand_as(da), da).sum(-1))
@@ -569,7 +599,7 @@ def vocab_parallel_multi_teacher_kd_loss(
             grad = (coef / tau) * (q - (w.unsqueeze(-1) * p).sum(0))
         elif kind == "reverse_kl":
             div = (sm["qu"] - sm["k:qa"]) / sm["s_u"] - log_s_u + log_s_a
-            per = q.unsqueeze(0) * (logq.unsqueeze(0) - logp - div.unsqueeze(-1))
+            per = _xlogx_like(q.unsqueeze(0), logq.unsqueeze(0) - logp - div.unsqueeze(-1))
             grad = (coef / tau) * (w.unsqueeze(-1) * per).sum(0)
         else:
             # Generalised JSD: m_k = β p_k + (1−β) q needs the normalised p and q (stage 3).
@@ -583,7 +613,7 @@ def vocab_parallel_multi_teacher_kd_loss(
             div = beta * js["k:kp"] + (1.0 - beta) * js["k:kq"]
             # dD/dq_c = (1−β) log(q_c/m_c); through softmax(z/τ): (q/τ)(g − Σ q g).
             g = (1.0 - beta) * (logq.unsqueeze(0) - logm)
-            per = q.unsqueeze(0) * (g - ((1.0 - beta) * js["k:kq"]).unsqueeze(-1))
+            per = _xlogx_like(q.unsqueeze(0), g - ((1.0 - beta) * js["k:kq"]).unsqueeze(-1))
             grad = (coef / tau) * (w.unsqueeze(-1) * per).sum(0)
         rows = coef * (w * div).sum(0)
         if lab is not None:
@@ -815,6 +845,9 @@ def _fused_call(name, loss_fn, opts, student_hidden, student_weight_shard, teach
                                labels, student_bias_shard, vocab_start, vocab_size,
                                chunk_size)  # fmt: skip
         meta = _fused_meta(parsed[0], parsed[2], parsed[3], parsed[1], vocab_start, vocab_size)
+        meta.append(_options_key(dict(opts, chunk_size=chunk_size, reduction=reduction,
+                                      num_items_in_batch=num_items_in_batch,
+                                      return_stats=return_stats)))  # fmt: skip
         if isinstance(opts["weights"], Tensor):
             opts = dict(opts, weights=_flat_weights(opts["weights"], len(parsed[2]), parsed[4]))
     except (TypeError, ValueError) as exc:

@@ -636,6 +636,42 @@ def scenario_review_regressions(rank: int, world: int) -> None:
             fn(z[:, lo:hi], t[..., lo:hi], y, vocab_start=lo, vocab_size=v, weights=weights)
     _close(D.vocab_parallel_mtbkd_loss(z[:, lo:hi], t[..., lo:hi], y, vocab_start=lo,
                                        vocab_size=v), _ref_mtbkd(z, t, y, "mean"))  # fmt: skip
+    # 5. columns at -inf in the student and every teacher (a padded vocabulary, check_finite=False):
+    #    0 * (-inf) made the MT-BKD and forward-KL losses and the reverse-KL and JSD gradients NaN.
+    #    The reference gets -1e4 there instead (its exp is exactly 0 in float64: the same limit).
+    pad = [2, 18, 19]
+    zi, ti = z.clone(), t.clone()
+    zi[:, pad] = float("-inf")
+    ti[:, :, pad] = float("-inf")
+    zf, tf = zi.clamp_min(-1e4), ti.clamp_min(-1e4)
+    yi = torch.where(torch.isin(y, torch.tensor(pad)), 5, y)
+    calls = [(D.vocab_parallel_mtbkd_loss, _ref_mtbkd, {})] + [
+        (D.vocab_parallel_multi_teacher_kd_loss, _ref_kd, {"divergence": d})
+        for d in ("forward_kl", "reverse_kl", "jsd")
+    ]
+    for vp_fn, ref_fn, extra in calls:
+        ref, ref_g = _ref_grad(lambda zz: ref_fn(zz, tf, yi, "mean", **extra), zf)  # noqa: B023
+        got, g = _shard_grad(lambda zs: vp_fn(zs, ti[..., lo:hi], yi, vocab_start=lo,  # noqa: B023
+                                              vocab_size=v, check_finite=False, **extra),  # noqa: B023
+                             zi[:, lo:hi])  # fmt: skip
+        _close(got, ref)
+        _close(g, ref_g[:, lo:hi])
+    # 6. ranks passing different options mixed two losses silently (temperature) or ran
+    #    collectives of different sizes (divergence, chunk_size: gloo aborted the process)
+    kw = {"vocab_start": lo, "vocab_size": v}
+    with pytest.raises(ValueError, match="disagree on the options"):
+        D.vocab_parallel_mtbkd_loss(z[:, lo:hi], t[..., lo:hi], y, temperature=2.0 + rank, **kw)
+    with pytest.raises(ValueError, match="disagree on the options"):
+        D.vocab_parallel_multi_teacher_kd_loss(
+            z[:, lo:hi], t[..., lo:hi], y, divergence=("forward_kl", "jsd")[rank], **kw
+        )
+    with pytest.raises(ValueError, match="disagree on the options"):
+        D.vocab_parallel_fused_linear_mtbkd_loss(h, w[lo:hi], t[..., lo:hi], y,
+                                                 chunk_size=2 + rank, **kw)  # fmt: skip
+    # 2 and 2.0 are the same option
+    got = D.vocab_parallel_mtbkd_loss(z[:, lo:hi], t[..., lo:hi], y, temperature=(2, 2.0)[rank],
+                                      **kw)  # fmt: skip
+    _close(got, _ref_mtbkd(z, t, y, "mean"))
 
 
 SCENARIOS = {
