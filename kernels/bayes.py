@@ -94,23 +94,33 @@ def _reparam_bwd_kernel(g_ptr, rho_ptr, drho_ptr, n, seed, offset, BLOCK_Q: tl.c
 
 
 @triton.jit
-def _kl_kernel(mu_ptr, rho_ptr, dmu_ptr, drho_ptr, part_ptr, n, prior_mu, inv_var0, log_s0,
-               BLOCK: tl.constexpr, WITH_GRAD: tl.constexpr, F64: tl.constexpr):  # fmt: skip
+def _kl_kernel(mu_ptr, rho_ptr, dmu_ptr, drho_ptr, part_ptr, n, prior_mu: tl.float64,
+               inv_var0: tl.float64, log_s0: tl.float64, BLOCK: tl.constexpr,
+               WITH_GRAD: tl.constexpr, F64: tl.constexpr):  # fmt: skip
     # KL(N(mu, s^2) || N(m0, s0^2)) = log s0 - log s + (s^2 + (mu - m0)^2) / (2 s0^2) - 1/2,
     # d/dmu = (mu - m0) / s0^2, d/drho = (s / s0^2 - 1 / s) * sigmoid(rho).
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     acc = tl.float64 if F64 else tl.float32
+    # A Python float argument would arrive as float32: the float64 scalars, rounded once to acc.
+    prior_mu = tl.full((), prior_mu, acc)
+    inv_var0 = tl.full((), inv_var0, acc)
+    log_s0 = tl.full((), log_s0, acc)
     mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(acc)
     r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
     s = _softplus(r)
     d = mu - prior_mu
-    kl = log_s0 - tl.log(s) + 0.5 * (s * s + d * d) * inv_var0 - 0.5
+    # Below rho = -20, s = e^rho (1 - e^rho / 2 + ...) heads for the denormals (0 below -104 in
+    # float32): log s = rho - s / 2 and sigmoid(rho) / s = 1 - s / 2 there (not log 0, 0 / 0).
+    tiny = r < -20.0
+    log_s = tl.where(tiny, r - 0.5 * s, tl.log(s))
+    kl = log_s0 - log_s + 0.5 * (s * s + d * d) * inv_var0 - 0.5
     tl.store(part_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))
     if WITH_GRAD:
         tl.store(dmu_ptr + idx, (d * inv_var0).to(dmu_ptr.dtype.element_ty), mask=mask)
-        dr = (s * inv_var0 - 1.0 / s) * _sigmoid(r)
+        sig = _sigmoid(r)
+        dr = tl.where(tiny, s * sig * inv_var0 - (1.0 - 0.5 * s), (s * inv_var0 - 1.0 / s) * sig)
         tl.store(drho_ptr + idx, dr.to(drho_ptr.dtype.element_ty), mask=mask)
 
 

@@ -38,6 +38,7 @@ _MASK32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _SEED_LIMIT = 2**63
+_SOFTPLUS_THRESHOLD = 20.0  # torch's softplus: rho > 20 -> rho
 
 
 def new_seed() -> int:
@@ -291,6 +292,13 @@ def _kl_backward(ctx, grad_kl, _g1, _g2):
     dmu, drho = ctx.saved_tensors
     if not ctx.compute_grad and ctx.needs_input_grad[0] | ctx.needs_input_grad[1]:
         raise RuntimeError("gaussian_kl was called with compute_grad=False")
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): the saved gradient is a constant here, so a second-order
+        # term would silently vanish
+        raise RuntimeError(
+            "gaussian_kl does not support double backward (create_graph=True); "
+            "torch.distributions.kl_divergence is plain autograd and does"
+        )
     g = grad_kl.to(dmu.dtype)
     return (
         dmu * g if ctx.needs_input_grad[0] else None,
@@ -329,11 +337,16 @@ def _ref_gaussian_kl(mu, rho, prior_mu, prior_sigma, compute_grad):
     m, r = mu.to(acc), rho.to(acc)
     s = F.softplus(r)
     var0 = prior_sigma**2
-    kl = math.log(prior_sigma) - torch.log(s) + (s**2 + (m - prior_mu) ** 2) / (2 * var0) - 0.5
+    # Below rho = -20, s = e^rho (1 - e^rho / 2 + ...) reaches the denormals (0 below -104 in
+    # float32): log s = rho - s / 2 and sigmoid(rho) / s = 1 - s / 2 there, not log 0 and 0 / 0.
+    tiny = r < -_SOFTPLUS_THRESHOLD
+    log_s = torch.where(tiny, r - 0.5 * s, torch.log(s))
+    kl = math.log(prior_sigma) - log_s + (s**2 + (m - prior_mu) ** 2) / (2 * var0) - 0.5
     if not compute_grad:
         return kl.sum(), mu.new_empty((0,)), rho.new_empty((0,))
     dm = (m - prior_mu) / var0
-    dr = (s / var0 - 1.0 / s) * torch.sigmoid(r)
+    sig = torch.sigmoid(r)
+    dr = torch.where(tiny, s * sig / var0 - (1.0 - 0.5 * s), (s / var0 - 1.0 / s) * sig)
     return kl.sum(), dm.to(mu.dtype), dr.to(rho.dtype)
 
 

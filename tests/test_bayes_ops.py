@@ -2,6 +2,9 @@
 every backend available here, against plain-torch formulas and torch.distributions."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -247,6 +250,85 @@ def test_kl_fp32_accumulation(backend):
     s = F.softplus(rho.double())
     truth = (-torch.log(s) + (s**2 + mu.double() ** 2) / 2 - 0.5).sum()
     assert abs(kl.double().item() - truth.item()) <= 1e-5 * truth.abs().item()
+
+
+# Triton's interpreter evaluates both sides of tl.where with numpy: the discarded log 0 and 1 / 0
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_kl_of_tiny_sigma(backend, dtype):
+    # softplus(rho) reaches the float32 denormals below rho ~ -87 and 0 below ~ -104 (float64:
+    # -745): the KL stays finite (log s ~ rho) and d KL / d rho ~ -1, not inf and NaN.
+    values = [-20.5, -30.0, -90.0, -110.0] + ([-800.0] if dtype == torch.float64 else [])
+    rho = torch.tensor(values, dtype=dtype, device=DEVICE, requires_grad=True)
+    mu = torch.zeros_like(rho, requires_grad=True)
+    kl = B.gaussian_kl(mu, rho, prior_sigma=0.5)
+    kl.backward()
+    r = rho.detach().double()
+    log_s = torch.where(r < -700, r, torch.log(torch.log1p(torch.exp(r))))
+    truth = (math.log(0.5) - log_s + 2 * torch.exp(2 * log_s) - 0.5).sum()
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(kl.double(), truth, rtol=tol, atol=0)
+    torch.testing.assert_close(rho.grad.double(), -torch.ones_like(r), rtol=0, atol=1e-8)
+    assert torch.equal(mu.grad, torch.zeros_like(mu))
+
+
+def test_kl_double_backward_raises():
+    # The saved gradient is a constant: a second-order term must not silently vanish.
+    mu = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    rho = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    loss = B.gaussian_kl(mu, rho) + (mu**2).sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, mu, create_graph=True)
+    torch.autograd.grad(loss, (mu, rho))  # first order still works
+
+
+_KL_LAUNCH_TYPES = """
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
+
+from mtbkd.kernels import bayes as K
+
+kernel, calls = K._kl_kernel, []
+
+
+class Recorder:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: calls.append((args, kwargs))
+
+
+K._kl_kernel = Recorder()
+x = torch.zeros(8, dtype=torch.float64)
+K.gaussian_kl(x, x, 0.1, 0.3, True)
+((args, kwargs),) = calls
+bound = {**dict(zip(kernel.arg_names, args)), **kwargs}
+sig, constexprs = {}, {}
+for i, p in enumerate(kernel.params):  # the types Triton's launcher gives the arguments
+    if p.is_constexpr:
+        sig[p.name], constexprs[(i,)] = "constexpr", bound[p.name]
+    elif isinstance(bound[p.name], torch.Tensor):
+        sig[p.name] = "*fp64"
+    else:
+        sig[p.name] = p.annotation_type or mangle_type(bound[p.name])
+src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+triton.compile(src, target=GPUTarget("cuda", 90, 32))
+print(sig["prior_mu"], sig["inv_var0"], sig["log_s0"])
+"""
+
+
+@pytest.mark.slow
+def test_triton_float64_kl_gets_float64_prior():
+    # Compiled Triton (not its interpreter) types a Python float argument as float32: the float64
+    # KL used the prior rounded to float32 (relative error ~1e-10). Compiled for sm_90, no GPU.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MTBKD_BACKEND")}
+    proc = subprocess.run([sys.executable, "-c", _KL_LAUNCH_TYPES], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == ["fp64"] * 3
 
 
 def test_kl_without_grad_returns_scalar(backend):

@@ -393,6 +393,9 @@ double gaussian_kl(const T* mu, const T* rho, T* dmu, T* drho, int64_t n, double
   const double inv_var0 = 1.0 / (prior_sigma * prior_sigma);
   const double log_s0 = std::log(prior_sigma);
   const bool with_grad = dmu != nullptr;
+  // Below rho = -20, s = softplus(rho) = e^rho (1 - e^rho / 2 + ...) heads for the denormals (0
+  // below rho = -104 in float): the KL takes log s = rho - s / 2 and its gradient
+  // sigmoid(rho) / s = 1 - s / 2 there, instead of log 0 = -inf and (1 / 0) * 0 = NaN.
   return at::parallel_reduce(
       0, (n + kTile - 1) / kTile, kGrainTiles, 0.0,
       [&](int64_t t0, int64_t t1, double acc) {
@@ -401,10 +404,14 @@ double gaussian_kl(const T* mu, const T* rho, T* dmu, T* drho, int64_t n, double
           if constexpr (std::is_same_v<T, double>) {
             for (int64_t i = 0; i < len; ++i) {
               const double r = rho[b + i], s = softplus_d(r), d = mu[b + i] - prior_mu;
-              acc += log_s0 - std::log(s) + 0.5 * (s * s + d * d) * inv_var0 - 0.5;
+              const bool tiny = r < -kSoftplusThreshold;
+              acc += log_s0 - (tiny ? r - 0.5 * s : std::log(s)) +
+                     0.5 * (s * s + d * d) * inv_var0 - 0.5;
               if (with_grad) {
                 dmu[b + i] = d * inv_var0;
-                drho[b + i] = (s * inv_var0 - 1.0 / s) * sigmoid_d(r);
+                const double sig = sigmoid_d(r);
+                drho[b + i] = tiny ? s * sig * inv_var0 - (1.0 - 0.5 * s)
+                                   : (s * inv_var0 - 1.0 / s) * sig;
               }
             }
           } else {
@@ -413,6 +420,8 @@ double gaussian_kl(const T* mu, const T* rho, T* dmu, T* drho, int64_t n, double
             softplus_sigmoid(r, sp, with_grad ? sig : nullptr, len);
             std::copy(sp, sp + len, ls);
             v_log(ls, len);
+            for (int64_t i = 0; i < len; ++i)
+              ls[i] = r[i] < -kSoftplusThreshold ? r[i] - 0.5f * sp[i] : ls[i];
             const float m0 = static_cast<float>(prior_mu), iv = static_cast<float>(inv_var0);
             const float c0 = static_cast<float>(log_s0) - 0.5f;
             // Per-tile float partial sums (1024 terms), tiles summed in double.
@@ -422,7 +431,9 @@ double gaussian_kl(const T* mu, const T* rho, T* dmu, T* drho, int64_t n, double
               part += c0 - ls[i] + 0.5f * (sp[i] * sp[i] + d * d) * iv;
               if (with_grad) {
                 dmu[b + i] = static_cast<T>(d * iv);
-                drho[b + i] = static_cast<T>((sp[i] * iv - 1.0f / sp[i]) * sig[i]);
+                drho[b + i] = static_cast<T>(r[i] < -kSoftplusThreshold
+                                                 ? sp[i] * sig[i] * iv - (1.0f - 0.5f * sp[i])
+                                                 : (sp[i] * iv - 1.0f / sp[i]) * sig[i]);
               }
             }
             acc += part;

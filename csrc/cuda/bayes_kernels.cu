@@ -90,10 +90,17 @@ __global__ void kl_kernel(const T* __restrict__ mu, const T* __restrict__ rho, T
     const C r = to_acc(rho[i]);
     const C s = softplus(r);
     const C d = to_acc(mu[i]) - m0;
-    acc += static_cast<double>(c0 - log(s) + static_cast<C>(0.5) * (s * s + d * d) * iv);
+    // Below rho = -20, s = e^rho (1 - e^rho / 2 + ...) heads for the denormals (0 below -104 in
+    // float): log s = rho - s / 2 and sigmoid(rho) / s = 1 - s / 2 there (not log 0, 0 / 0).
+    const bool tiny = r < static_cast<C>(-20);
+    const C half = static_cast<C>(0.5);
+    const C log_s = tiny ? r - half * s : log(s);
+    acc += static_cast<double>(c0 - log_s + half * (s * s + d * d) * iv);
     if (dmu != nullptr) {
       dmu[i] = from_acc<T>(d * iv);
-      drho[i] = from_acc<T>((s * iv - static_cast<C>(1) / s) * sigmoid(r));
+      const C sig = sigmoid(r);
+      drho[i] = from_acc<T>(tiny ? s * sig * iv - (static_cast<C>(1) - half * s)
+                                 : (s * iv - static_cast<C>(1) / s) * sig);
     }
   }
   __shared__ double partial[kThreads / 32];
