@@ -125,8 +125,9 @@ def _kl_kernel(mu_ptr, rho_ptr, dmu_ptr, drho_ptr, part_ptr, n, prior_mu: tl.flo
 
 
 @triton.jit
-def _sgld_kernel(p_ptr, g_ptr, sq_ptr, n, seed, stream, lr, num_data, weight_decay, noise_scale,
-                 alpha, damp, BLOCK_Q: tl.constexpr, PRECOND: tl.constexpr,
+def _sgld_kernel(p_ptr, g_ptr, sq_ptr, n, seed, stream, lr: tl.float64, num_data: tl.float64,
+                 weight_decay: tl.float64, noise_scale: tl.float64, alpha: tl.float64,
+                 damp: tl.float64, BLOCK_Q: tl.constexpr, PRECOND: tl.constexpr,
                  F64: tl.constexpr):  # fmt: skip
     # theta <- theta - lr G grad_U + sqrt(2 lr T G) xi, grad_U = N g + wd theta (MATH.md 7).
     pid = tl.program_id(0).to(tl.int64)
@@ -135,6 +136,13 @@ def _sgld_kernel(p_ptr, g_ptr, sq_ptr, n, seed, stream, lr, num_data, weight_dec
     idx = pid * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
     mask = idx < n
     acc = tl.float64 if F64 else tl.float32
+    # float64 scalars (a Python float would arrive as float32), rounded once to acc
+    lr = tl.full((), lr, acc)
+    num_data = tl.full((), num_data, acc)
+    weight_decay = tl.full((), weight_decay, acc)
+    noise_scale = tl.full((), noise_scale, acc)
+    alpha = tl.full((), alpha, acc)
+    damp = tl.full((), damp, acc)
     th = tl.load(p_ptr + idx, mask=mask, other=0.0).to(acc)
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(acc)
     gu = num_data * g + weight_decay * th

@@ -284,7 +284,7 @@ def test_kl_double_backward_raises():
     torch.autograd.grad(loss, (mu, rho))  # first order still works
 
 
-_KL_LAUNCH_TYPES = """
+_LAUNCH_TYPES = """
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -293,7 +293,7 @@ from triton.runtime.jit import mangle_type
 
 from mtbkd.kernels import bayes as K
 
-kernel, calls = K._kl_kernel, []
+kernel, calls = getattr(K, KERNEL), []
 
 
 class Recorder:
@@ -301,9 +301,12 @@ class Recorder:
         return lambda *args, **kwargs: calls.append((args, kwargs))
 
 
-K._kl_kernel = Recorder()
+setattr(K, KERNEL, Recorder())
 x = torch.zeros(8, dtype=torch.float64)
-K.gaussian_kl(x, x, 0.1, 0.3, True)
+if KERNEL == "_kl_kernel":
+    K.gaussian_kl(x, x, 0.1, 0.3, True)
+else:
+    K.sgld_step_([x], [x], [x.clone()], 0.1, 7.0, 0.3, 0.2, 5, True, 0.9, 1e-5)
 ((args, kwargs),) = calls
 bound = {**dict(zip(kernel.arg_names, args)), **kwargs}
 sig, constexprs = {}, {}
@@ -316,19 +319,28 @@ for i, p in enumerate(kernel.params):  # the types Triton's launcher gives the a
         sig[p.name] = p.annotation_type or mangle_type(bound[p.name])
 src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
 triton.compile(src, target=GPUTarget("cuda", 90, 32))
-print(sig["prior_mu"], sig["inv_var0"], sig["log_s0"])
+print(*(sig[name] for name in SCALARS))
 """
 
 
 @pytest.mark.slow
-def test_triton_float64_kl_gets_float64_prior():
+@pytest.mark.parametrize(
+    "kernel, scalars",
+    [
+        ("_kl_kernel", ("prior_mu", "inv_var0", "log_s0")),
+        ("_sgld_kernel", ("lr", "num_data", "weight_decay", "noise_scale", "alpha", "damp")),
+    ],
+)
+def test_triton_float64_kernels_get_float64_scalars(kernel, scalars):
     # Compiled Triton (not its interpreter) types a Python float argument as float32: the float64
-    # KL used the prior rounded to float32 (relative error ~1e-10). Compiled for sm_90, no GPU.
+    # KL used the prior rounded to float32 (relative error ~1e-10), the float64 SGLD step its
+    # step size and decay. Compiled for sm_90, no GPU needed.
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MTBKD_BACKEND")}
-    proc = subprocess.run([sys.executable, "-c", _KL_LAUNCH_TYPES], env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    code = f"KERNEL, SCALARS = {kernel!r}, {scalars!r}\n" + _LAUNCH_TYPES
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split() == ["fp64"] * 3
+    assert proc.stdout.split() == ["fp64"] * len(scalars)
 
 
 def test_kl_without_grad_returns_scalar(backend):
