@@ -67,6 +67,37 @@ def test_sequence_features_skip_nonstandard_residues():
         data.sequence_features("ACDE")
 
 
+def test_sequence_features_refuse_characters_that_are_not_letters():
+    # a FASTA-wrapped sequence, digits or alignment gaps gave other features, silently (the
+    # UniRep encoder refuses them): an error names the characters
+    seq = "MKVLAAGWRRL" * 10
+    wrapped = "\n".join(seq[i : i + 60] for i in range(0, len(seq), 60))
+    cases = [
+        (wrapped, r"\['\\n'\]"),
+        ("12 " + seq, r"\[' ', '1', '2'\]"),
+        (seq + "--A", r"\['-'\]"),
+        ("MK*VL", r"\['\*'\]"),
+    ]
+    for s, bad in cases:
+        with pytest.raises(ValueError, match="sequence 0 has characters that are not amino-acid "
+                           f"letters: {bad}"):  # fmt: skip
+            data.sequence_features([s])
+    with pytest.raises(ValueError, match=r"sequence 1 has .*\['é'\]"):
+        data.sequence_features(["MKV", "MK\u00e9V"])
+
+
+def test_transmembrane_count_is_exact_at_the_threshold():
+    # ACSFCSSILIMTGLTFGIG has mean hydropathy exactly 1.6 (not above it): no transmembrane
+    # segment, whatever precedes it (a cumulative sum's rounding counted it after "MK")
+    for s in ("MKACSFCSSILIMTGLTFGIGK", "MEKACSFCSSILIMTGLTFGIGK"):
+        v = _named(data.sequence_features([s])[0])
+        assert v["tm_segments"] == 0 and v["has_tm_segment"] == 0
+        assert v["hydropathy_max19"] == pytest.approx(1.6)
+    # one residue more hydrophobic (G -> A): one segment
+    v = _named(data.sequence_features(["MKACSFCSSILIMTALTFGIGK"])[0])
+    assert v["tm_segments"] == 1 and v["has_tm_segment"] == 1
+
+
 def test_digits_split_is_stratified():
     ds = data.load_digits(seed=0)
     assert ds.x_train.shape[1] == 64 and ds.num_classes == 10
