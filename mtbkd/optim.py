@@ -15,6 +15,17 @@ from mtbkd.bayes_ops import new_seed, sgld_step_
 __all__ = ["SGLD"]
 
 
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    validate.check_positive(group["lr"], "lr")
+    validate.check_positive(group["num_data"], "num_data")
+    validate.check_real(group["temperature"], "temperature", nonnegative=True)
+    validate.check_real(group["weight_decay"], "weight_decay", nonnegative=True)
+    validate.check_positive(group["eps"], "eps")
+    validate.check_real(group["alpha"], "alpha")
+    if not 0.0 <= group["alpha"] < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {group['alpha']}")
+
+
 class SGLD(Optimizer):
     """SGLD: ``theta <- theta - lr * grad_U + sqrt(2 lr T) xi``, ``xi ~ N(0, I)`` (MATH.md 7).
 
@@ -48,17 +59,17 @@ class SGLD(Optimizer):
         alpha: float = 0.99,
         eps: float = 1e-5,
     ) -> None:
-        validate.check_positive(lr, "lr")
-        validate.check_positive(num_data, "num_data")
-        validate.check_real(temperature, "temperature", nonnegative=True)
-        validate.check_real(weight_decay, "weight_decay", nonnegative=True)
-        validate.check_positive(eps, "eps")
-        if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         defaults = {"lr": lr, "num_data": num_data, "temperature": temperature,
                     "weight_decay": weight_decay, "precondition": bool(precondition),
                     "alpha": alpha, "eps": eps}  # fmt: skip
+        _check_hyperparameters(defaults)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.add_param_group`; the group's own hyperparameters are
+        checked like the constructor's (a negative ``lr`` or ``temperature`` made NaN noise)."""
+        _check_hyperparameters({**self.defaults, **param_group})
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

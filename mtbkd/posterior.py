@@ -249,8 +249,10 @@ def predict(
     parameters and outputs (:data:`PREDICT_PARAM_BYTES`, :data:`PREDICT_OUTPUT_BYTES`): a sampled
     head goes in one or few chunks; a fully sampled network, whose samples share nothing, is run
     one sample per call. ``chunk=1`` is always one plain call per sample. Returns
-    softmax probabilities in fp32 (logits when ``probabilities=False``). Put the model in
-    ``eval()`` mode first if it has dropout or batch norm.
+    softmax probabilities in fp32 (logits when ``probabilities=False``). Sampled buffers (a store
+    made from a ``state_dict``) replace the model's too. Put the model in ``eval()`` mode first if
+    it has dropout or batch norm (in training mode every sample draws its own dropout masks and
+    batch norm uses, and updates, the statistics of ``inputs``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -260,11 +262,12 @@ def predict(
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     if len(store) == 0:
         raise ValueError("store holds no samples: call store.collect() after optimizer steps")
-    params = dict(model.named_parameters())
+    # a store made from a state_dict may hold buffers (batch norm's running statistics) too
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     missing = [n for n in store.names if n not in params]
     if missing:
-        raise ValueError(f"model has no parameters named {missing}: the store's names must be "
-                         f"relative to the model given to predict")  # fmt: skip
+        raise ValueError(f"model has no parameters named {missing} (nor buffers): the store's "
+                         f"names must be relative to the model given to predict")  # fmt: skip
     for name, shape in zip(store.names, store.shapes, strict=True):
         if tuple(params[name].shape) != shape:
             raise ValueError(f"model parameter {name!r} has shape {tuple(params[name].shape)}, "
@@ -273,16 +276,27 @@ def predict(
 
     def run(sample: dict[str, Tensor], x: Tensor) -> Tensor:
         out = torch.func.functional_call(model, sample, (x,), strict=False)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"model must return a tensor of logits [N, C], got "
+                            f"{type(out).__name__}")  # fmt: skip
         return torch.softmax(out.float(), dim=-1) if probabilities else out
 
-    batched = torch.vmap(run, in_dims=(0, None))
+    # "different": dropout in training mode draws its own mask per sample, as one call per sample
+    batched = torch.vmap(run, in_dims=(0, None), randomness="different")
     stacked = store.stacked()
     out: Tensor | None = None
     size = chunk
     if size is None:  # automatic: one sample on one row gives the output's size per row
-        with torch.no_grad():
-            probe = run({k: v[0].to(device=ref.device, dtype=params[k].dtype)
-                         for k, v in stacked.items()}, inputs[:1])  # fmt: skip
+        # in eval mode: a training-mode batch norm fails on one row and would update its statistics
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                probe = run({k: v[0].to(device=ref.device, dtype=params[k].dtype)
+                             for k, v in stacked.items()}, inputs[:1])  # fmt: skip
+        finally:
+            for m, mode in modes:
+                m.training = mode
         shape = (len(store), inputs.shape[0], *probe.shape[1:])
         size = _auto_chunk(store, params, torch.empty(shape, dtype=probe.dtype, device="meta"))
     with torch.no_grad():

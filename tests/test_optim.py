@@ -208,3 +208,22 @@ def test_bad_hyperparameters(kw, name):
     args = {"lr": 1e-3, "num_data": 10, **kw}
     with pytest.raises(ValueError, match=name):
         SGLD([torch.nn.Parameter(torch.zeros(2))], **args)
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [({"lr": -1e-3}, "lr"), ({"temperature": -1.0}, "temperature"),
+     ({"weight_decay": -0.1}, "weight_decay"), ({"alpha": 1.5}, "alpha"),
+     ({"num_data": 0}, "num_data")],
+)  # fmt: skip
+def test_bad_group_hyperparameters(kw, name):
+    # a param group's own values were never checked: a negative lr or temperature made NaN noise
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=name):
+        SGLD([{"params": [a]}, {"params": [b], **kw}], lr=1e-3, num_data=10)
+    opt = SGLD([a], lr=1e-3, num_data=10)
+    with pytest.raises(ValueError, match=name):
+        opt.add_param_group({"params": [b], **kw})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [b], "lr": 1e-4, "temperature": 0.5})
+    assert opt.param_groups[1]["lr"] == 1e-4 and opt.param_groups[1]["num_data"] == 10

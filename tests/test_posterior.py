@@ -214,3 +214,72 @@ def test_automatic_chunks_run_the_unsampled_body_once():
         store.collect()
     predict(model, store, torch.randn(11, 5))
     assert rows.seen == [1, 11]  # a one-row probe of the output's size, then all 9 samples at once
+
+
+def test_predict_with_sampled_buffers():
+    # a store made from a state_dict holds batch norm's running statistics too: predict refused
+    # it ("model has no parameters named ['1.running_mean', ...]")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Linear(16, 3))
+    floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    store = SampleStore(floats, include=["1.*", "2.*"], max_samples=3)
+    for _ in range(3):
+        model.train()
+        model(torch.randn(32, 5))
+        with torch.no_grad():
+            model[2].weight.add_(torch.randn_like(model[2].weight))
+        store.collect()
+    assert "1.running_mean" in store.names
+    model.eval()
+    x = torch.randn(4, 5)
+    got = [predict(model, store, x, chunk=c) for c in (None, 1)]
+    for s in range(3):
+        model.load_state_dict(store.sample(s), strict=False)
+        with torch.no_grad():
+            expected = torch.softmax(model(x), -1)
+        for probs in got:
+            torch.testing.assert_close(probs[s], expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_predict_in_training_mode(chunk):
+    # chunk=None probed with one row: a training-mode batch norm raised "Expected more than 1
+    # value per channel"; vmapped dropout raised vmap's randomness error (chunk=1 ran)
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)).train()
+    store = SampleStore(bn, include="2.*", max_samples=6)
+    for _ in range(6):
+        with torch.no_grad():
+            bn[2].weight.add_(torch.randn_like(bn[2].weight))
+        store.collect()
+    x = torch.randn(4, 5)
+    probs = predict(bn, store, x, chunk=chunk)
+    assert bn.training and bn[1].training
+    torch.testing.assert_close(probs, predict(bn, store, x, chunk=1))
+    drop = nn.Sequential(nn.Linear(5, 64), nn.Dropout(0.5), nn.Linear(64, 3)).train()
+    store = SampleStore(drop, include="2.*", max_samples=6)
+    for _ in range(6):  # six copies of one sample: only the dropout masks differ
+        store.collect()
+    probs = predict(drop, store, x, chunk=chunk)
+    assert probs.shape == (6, 4, 3) and torch.isfinite(probs).all()
+    assert not torch.allclose(probs[0], probs[1])  # a mask per sample
+    drop.eval()
+    probs = predict(drop, store, x, chunk=chunk)
+    torch.testing.assert_close(probs[0], probs[5])
+
+
+def test_predict_model_must_return_a_tensor():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(x), x
+
+    model = Pair()
+    store = SampleStore(model, max_samples=2)
+    store.collect()
+    for chunk in (None, 1):
+        with pytest.raises(TypeError, match="model must return a tensor"):
+            predict(model, store, torch.randn(4, 5), chunk=chunk)
