@@ -80,10 +80,10 @@ def teacher_weights(
 
     ``entropy``: ``w_k ∝ 1 - H_k / Σ_j H_j`` with ``H_k`` the entropy of
     ``softmax(t_k / temperature)``
-    (a confident teacher weighs more); ``uniform``: ``1/K``; a tensor ``[K]`` or ``[K, ...]``:
-    non-negative weights renormalised per row. No gradient flows through the weights. NaN/inf
-    logits raise unless ``check_finite=False``. Dense logits only: the losses report a
-    :class:`~mtbkd.SparseTeacher`'s weights (``return_stats=True``).
+    (a confident teacher weighs more); ``uniform``: ``1/K``; a tensor ``[K]``, ``[K, ...]`` or
+    ``[K, N]`` (the rows flattened): non-negative weights renormalised per row. No gradient flows
+    through the weights. NaN/inf logits raise unless ``check_finite=False``. Dense logits only:
+    the losses report a :class:`~mtbkd.SparseTeacher`'s weights (``return_stats=True``).
     """
     validate.check_positive(temperature, "temperature")
     from mtbkd import sparse as _sparse
@@ -153,7 +153,8 @@ def mtbkd_loss(
             the product ``β_p·λ`` matters.
         prior_weight: β_p (paper code: 0.02).
         hard_label_weight: β_h (only with labels).
-        weights: ``"entropy"`` (paper), ``"uniform"`` or a tensor ``[K]`` / ``[K, ...]``.
+        weights: ``"entropy"`` (paper), ``"uniform"`` or a tensor ``[K]`` / ``[K, ...]`` /
+            ``[K, N]`` (the rows flattened).
         weight_temperature: τ_w of the entropy weights.
         ignore_index: label value that masks a whole row (no term, zero gradient).
         reduction: ``"mean"`` over unmasked rows, ``"sum"`` or ``"none"`` (shape ``[...]``).
@@ -163,6 +164,7 @@ def mtbkd_loss(
             the kernel then skips the teacher-only passes.
         check_finite: raise ``ValueError`` on NaN/inf logits (checked inside the kernel).
     """
+    validate.check_no_func_transform("mtbkd_loss")
     # --- sparse top-k teachers (MATH.md section 5): mtbkd/sparse.py (issue 6) ---
     from mtbkd import sparse as _sparse
 
@@ -185,7 +187,7 @@ def mtbkd_loss(
     stats_data = None
     if teacher_stats is not None:
         stats_data = teacher_stats.data_for(
-            k, student.shape[0], temperature, concentration, weight_temperature, student
+            k, student.shape[0], temperature, concentration, weight_temperature, student, lead
         )
     loss_rows, _, w, resp, ent, prior, ce = ops.mtbkd_loss_fwd(
         student, teachers, flat_labels, fixed, stats_data, float(temperature),
@@ -232,6 +234,7 @@ def multi_teacher_kd_loss(
     ``hard_label_weight`` is set (no silent hard/soft mix). Other arguments as in
     :func:`mtbkd_loss`.
     """
+    validate.check_no_func_transform("multi_teacher_kd_loss")
     # --- sparse top-k teachers (MATH.md section 5): mtbkd/sparse.py (issue 6) ---
     from mtbkd import sparse as _sparse
 

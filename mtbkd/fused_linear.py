@@ -401,6 +401,8 @@ def _flatten_head(t):
 
 def _finish(kind, opts, hidden, weight, bias, tlist, labels, fixed, chunk, lead, reduction,
             num_items, return_stats):  # fmt: skip
+    kd = "mtbkd" if kind == "mtbkd" else "multi_teacher_kd"
+    validate.check_no_func_transform(f"fused_linear_{kd}_loss")
     fn_ctx: dict = {}
     out = _FusedLinearLoss.apply(
         hidden, weight, bias, kind, opts, tlist, labels, fixed, chunk, reduction, num_items, fn_ctx

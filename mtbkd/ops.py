@@ -366,6 +366,16 @@ def _autograd_enabled():
     return torch._C._ForceDispatchKeyGuard(include, exclude)
 
 
+def _grad_input(student: Tensor) -> Tensor:
+    """The student in the accumulation dtype as a leaf that autograd differentiates.
+
+    Call under ``torch.inference_mode(False)``: a loss called under ``torch.inference_mode()``
+    still returns its gradient, and an inference tensor cannot require grad (a copy can).
+    """
+    z = student.detach().to(_acc_dtype(student.dtype))
+    return (z.clone() if z.is_inference() else z).requires_grad_(True)
+
+
 _AUTOGRAD_KEYS = [
     getattr(torch._C.DispatchKey, name)
     for name in ("ADInplaceOrView", "AutogradOther", "AutogradCPU", "AutogradCUDA",
@@ -383,8 +393,8 @@ def _ref_mtbkd_loss_fwd(
 
     _ref_checks(student, teachers, labels, ignore_index, check_finite)
     # teacher_stats only saves work; the reference always recomputes from the logits.
-    with _autograd_enabled(), torch.enable_grad():
-        z = student.detach().to(_acc_dtype(student.dtype)).requires_grad_(True)
+    with _autograd_enabled(), torch.inference_mode(False), torch.enable_grad():
+        z = _grad_input(student)
         out = reference.mtbkd_loss(
             z, torch.stack(teachers), labels, temperature=temperature,
             concentration=concentration, prior_weight=prior_weight,
@@ -409,8 +419,8 @@ def _ref_multi_teacher_kd_fwd(
 
     _ref_checks(student, teachers, labels, ignore_index, check_finite)
     name = {v: k for k, v in DIVERGENCES.items()}[divergence]
-    with _autograd_enabled(), torch.enable_grad():
-        z = student.detach().to(_acc_dtype(student.dtype)).requires_grad_(True)
+    with _autograd_enabled(), torch.inference_mode(False), torch.enable_grad():
+        z = _grad_input(student)
         loss, w = reference.multi_teacher_kd_loss(
             z, torch.stack(teachers), labels, divergence=name, beta=beta,
             temperature=temperature, weights=_ref_weights_arg(fixed_weights, weight_mode),

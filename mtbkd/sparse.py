@@ -299,8 +299,11 @@ def _sparse_rows(kind: str, opts: dict, z: Tensor, teachers: list[SparseTeacher]
 def chunk_loss_and_grad(kind: str, opts: dict, z: Tensor, teachers: list[SparseTeacher],
                         labels: Tensor | None, fixed: Tensor | None):  # fmt: skip
     """For the fused-linear losses: per-row loss ``[c]``, ``G = d(Σ rows)/dz`` and statistics."""
-    with torch.enable_grad():
-        zz = z.detach().requires_grad_(True)
+    # Under torch.inference_mode() too (evaluation): z, made there, is an inference tensor,
+    # which autograd cannot record; a copy made with inference mode off can.
+    with torch.inference_mode(False), torch.enable_grad():
+        zz = z.detach()
+        zz = (zz.clone() if zz.is_inference() else zz).requires_grad_(True)
         rows, extras = _sparse_rows(kind, opts, zz, teachers, labels, fixed)
         (g,) = torch.autograd.grad(rows.sum(), zz)
     return rows.detach(), g, tuple(e.detach() for e in extras)

@@ -197,11 +197,14 @@ class TeacherStats:
         concentration: float,
         weight_temperature: float,
         like: Tensor,
+        lead: Sequence[int] | None = None,
     ) -> Tensor:
         """The ``[K, N, 4]`` tensor for a loss call, after checking that it fits that call.
 
         Raises ``ValueError`` if the loss's parameters or shapes differ from the cached ones
-        (statistics at another temperature would silently give a wrong loss).
+        (statistics at another temperature would silently give a wrong loss). ``lead``, the
+        logits' leading shape, must equal the cached one unless either is flat (``[N]``): rows
+        ``[B, T]`` against statistics ``[T, B]`` are the same count in another order.
         """
         for name, mine, theirs in (
             ("temperature", self.temperature, temperature),
@@ -221,6 +224,17 @@ class TeacherStats:
             raise ValueError(
                 f"teacher_stats hold {rows} rows but the loss has {num_rows}; slice the cache "
                 "with the minibatch's indices (stats[idx])"
+            )
+        if (
+            lead is not None
+            and len(lead) > 1
+            and self.data.dim() > 3
+            and tuple(lead) != tuple(self.lead_shape)
+        ):
+            raise ValueError(
+                f"teacher_stats have leading shape {tuple(self.lead_shape)} but the logits have "
+                f"{tuple(lead)}: the rows would not correspond (flatten both, or index the cache "
+                "like the logits)"
             )
         if like.shape[-1] != self.vocab_size:
             raise ValueError(

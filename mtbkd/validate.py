@@ -16,10 +16,17 @@ from torch import Tensor
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def _is_finite(value: float) -> bool:
+    # Comparisons, not math.isfinite: under torch.compile a float option that changes between
+    # calls becomes a symbolic float (automatic dynamic), which comparisons guard on and
+    # math.isfinite cannot trace (a graph break, an error with fullgraph=True). NaN fails both.
+    return -math.inf < value < math.inf
+
+
 def check_positive(value: float, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
+    if not _is_finite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return float(value)
 
@@ -27,7 +34,7 @@ def check_positive(value: float, name: str) -> float:
 def check_real(value: float, name: str, *, nonnegative: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or (nonnegative and value < 0):
+    if not _is_finite(value) or (nonnegative and value < 0):
         kind = "a non-negative finite" if nonnegative else "a finite"
         raise ValueError(f"{name} must be {kind} number, got {value}")
     return float(value)
@@ -77,6 +84,18 @@ def check_kd_options(
     check_real(hard_label_weight, "hard_label_weight", nonnegative=True)
     check_real(soft_label_weight, "soft_label_weight", nonnegative=True)
     check_reduction(reduction)
+
+
+def check_no_func_transform(name: str) -> None:
+    """The fused losses compute their gradient in the forward (custom ops, an autograd.Function):
+    torch.func transforms cannot run them; say so instead of torch's message about a missing
+    ``setup_context``/batching rule (which the caller can do nothing about)."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            f"{name} does not support torch.func transforms (grad, vmap, jacrev, ...): use "
+            "loss.backward() / torch.autograd.grad, or transform the float64 formulas of "
+            "mtbkd.reference, which are plain autograd"
+        )
 
 
 def check_logits(x: Tensor, name: str) -> None:
@@ -201,21 +220,22 @@ def check_weights_option(weights) -> None:
 
 
 def fixed_weights(weights: Tensor, k: int, lead: torch.Size, like: Tensor) -> Tensor:
-    """User teacher weights ``[K]`` or ``[K, *lead]`` -> row-normalised ``[K, N]`` (acc dtype)."""
+    """User teacher weights ``[K]``, ``[K, *lead]`` or ``[K, N]`` (the rows flattened, MATH.md
+    section 1) -> row-normalised ``[K, N]`` (acc dtype)."""
+    n = 1
+    for s in lead:
+        n *= s
     if weights.dim() == 0 or weights.shape[0] != k:
-        raise ValueError(f"weights must have shape [K={k}] or [K={k}, *{tuple(lead)}], got "
-                         f"{tuple(weights.shape)}")  # fmt: skip
-    if weights.dim() > 1 and weights.shape[1:] != lead:
+        raise ValueError(f"weights must have shape [K={k}], [K={k}, *{tuple(lead)}] or "
+                         f"[K={k}, N={n}], got {tuple(weights.shape)}")  # fmt: skip
+    if weights.dim() > 1 and weights.shape[1:] != lead and tuple(weights.shape[1:]) != (n,):
         raise ValueError(
-            f"weights must have shape [K={k}] or [K={k}, *{tuple(lead)}], "
+            f"weights must have shape [K={k}], [K={k}, *{tuple(lead)}] or [K={k}, N={n}], "
             f"got {tuple(weights.shape)}"
         )
     if weights.device != like.device:
         raise ValueError(f"weights is on {weights.device} but student_logits is on {like.device}")
     acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    n = 1
-    for s in lead:
-        n *= s
     w = weights.detach().to(acc).reshape(k, -1).expand(k, n)
     total = w.sum(0, keepdim=True)
     # Data checks read the values (a host synchronisation); a torch.compile graph skips them

@@ -540,3 +540,98 @@ def test_teacher_stats_tuple_index_selects_a_row_like_the_logits():
     torch.testing.assert_close(got, mtbkd.mtbkd_loss(z, t[:, 2], y))
     with pytest.raises(IndexError, match="too many indices for TeacherStats"):
         stats[1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------
+# Input handling: inference mode, compiled float options, torch.func, cached statistics
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["mtbkd", "kd"])
+def test_inference_mode_equals_no_grad(backend, loss):
+    # the reference backend computes its gradient with autograd inside the op; under
+    # inference_mode that raised "Inference tensors cannot be saved for backward"
+    fn = mtbkd.mtbkd_loss if loss == "mtbkd" else mtbkd.multi_teacher_kd_loss
+    z, t, y = _inputs(n=4, v=5, k=2, dtype=torch.float32)
+    y[1] = -100
+    w = torch.tensor([1.0, 3.0])
+    with torch.no_grad():
+        want = fn(z, t, y, weights=w, reduction="none")
+    with torch.inference_mode():
+        zi, ti, yi = z.clone(), t.clone(), y.clone()  # inference tensors
+        torch.testing.assert_close(fn(z, t, y, weights=w, reduction="none"), want)
+        torch.testing.assert_close(fn(zi, ti, yi, weights=w, reduction="none"), want)
+
+
+def test_torch_compile_fullgraph_with_a_changing_float_option(backend):
+    # the second temperature makes dynamo trace it as a symbolic float (automatic dynamic), which
+    # math.isfinite in the option checks could not trace: an error with fullgraph=True
+    z, t, y = _inputs(n=4, v=5, k=2, dtype=torch.float32)
+
+    def step(x, tau):
+        return mtbkd.mtbkd_loss(x, t, y, temperature=tau) + mtbkd.multi_teacher_kd_loss(
+            x, t, y, temperature=tau, divergence="jsd", beta=tau / 10
+        )
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for tau in (2.0, 3.0, 4.5):
+        zc = z.clone().requires_grad_(True)
+        ze = z.clone().requires_grad_(True)
+        lc, le = compiled(zc, tau), step(ze, tau)
+        torch.testing.assert_close(lc, le)
+        lc.backward()
+        le.backward()
+        torch.testing.assert_close(zc.grad, ze.grad)
+
+
+def test_torch_func_transforms_are_refused_clearly(backend):
+    z, t, y = _inputs(n=4, v=5, k=2)
+    with pytest.raises(RuntimeError, match="mtbkd_loss does not support torch.func"):
+        torch.func.grad(lambda x: mtbkd.mtbkd_loss(x, t, y))(z)
+    with pytest.raises(RuntimeError, match="multi_teacher_kd_loss does not support torch.func"):
+        torch.func.vmap(lambda x: mtbkd.multi_teacher_kd_loss(x, t[:, 0], y[0]))(z)
+    sparse = [mtbkd.topk_teacher(x, 3) for x in t]
+    with pytest.raises(RuntimeError, match="mtbkd_loss does not support torch.func"):
+        torch.func.grad(lambda x: mtbkd.mtbkd_loss(x, sparse, y))(z)
+    head = torch.randn(5, 3, dtype=z.dtype)
+    with pytest.raises(RuntimeError, match="fused_linear_mtbkd_loss does not support torch.func"):
+        torch.func.grad(lambda h: mtbkd.fused_linear.fused_linear_mtbkd_loss(h, head, t, y))(
+            torch.randn(4, 3, dtype=z.dtype)
+        )
+
+
+def test_fixed_weights_of_the_flattened_rows(backend):
+    # MATH.md section 1: fixed weights [K] or [K, N]; for logits [B, T, V] both [K, B, T] and
+    # [K, B*T] are accepted (the fused-linear losses already took [K, N])
+    z, t, y = _inputs(k=2, lead=(2, 3), dtype=torch.float32)
+    w = torch.rand(2, 2, 3, generator=torch.Generator().manual_seed(1))
+    flat = w.reshape(2, 6)
+    torch.testing.assert_close(
+        mtbkd.mtbkd_loss(z, t, y, weights=flat), mtbkd.mtbkd_loss(z, t, y, weights=w)
+    )
+    torch.testing.assert_close(
+        mtbkd.multi_teacher_kd_loss(z, t, y, weights=flat),
+        mtbkd.multi_teacher_kd_loss(z, t, y, weights=w),
+    )
+    torch.testing.assert_close(mtbkd.teacher_weights(t, flat), mtbkd.teacher_weights(t, w))
+    with pytest.raises(ValueError, match="weights must have shape"):
+        mtbkd.mtbkd_loss(z, t, y, weights=torch.rand(2, 3, 2))
+
+
+def test_teacher_stats_of_another_leading_layout_are_refused(backend):
+    # stats of [K, B, T] rows against logits [T, B]: the same row count in another order, which
+    # the kernels silently paired row by row
+    z, t, y = _inputs(k=2, lead=(2, 3), dtype=torch.float32)
+    stats = mtbkd.TeacherStats(t)
+    with pytest.raises(ValueError, match=r"leading shape \(2, 3\) but the logits have \(3, 2\)"):
+        mtbkd.mtbkd_loss(z.transpose(0, 1), t.transpose(1, 2), y.t(), teacher_stats=stats)
+    # flattening either side keeps the row order: accepted
+    want = mtbkd.mtbkd_loss(z, t, y, reduction="none")
+    got = mtbkd.mtbkd_loss(
+        z.reshape(6, -1), t.reshape(2, 6, -1), y.reshape(6), teacher_stats=stats, reduction="none"
+    )
+    torch.testing.assert_close(got, want.reshape(6))
+    flat_stats = mtbkd.TeacherStats(t.reshape(2, 6, -1))
+    torch.testing.assert_close(
+        mtbkd.mtbkd_loss(z, t, y, teacher_stats=flat_stats, reduction="none"), want
+    )

@@ -197,3 +197,21 @@ def test_leading_shapes_for_fixed_weights_and_sparse_teachers():
     torch.testing.assert_close(fused_linear_mtbkd_loss(hid, w, s), mtbkd.mtbkd_loss(hid @ w.T, s))
     with pytest.raises(ValueError, match="weights must have shape"):
         fused_linear_mtbkd_loss(hid, w, t, weights=weights[:, :1])
+
+
+@pytest.mark.parametrize("cls", [FusedLinearMTBKDLoss, FusedLinearMultiTeacherKDLoss])
+def test_sparse_teachers_under_inference_mode(cls):
+    # the sparse chunk gradient is autograd on the chunk's logits; made under inference_mode they
+    # were inference tensors: "element 0 of tensors does not require grad"
+    from mtbkd.sparse import topk_teacher
+
+    g = torch.Generator().manual_seed(0)
+    hid = torch.randn(6, 4, generator=g)
+    w = torch.randn(5, 4, generator=g)
+    teachers = [topk_teacher(torch.randn(6, 5, generator=g), 3) for _ in range(2)]
+    y = torch.randint(0, 5, (6,), generator=g)
+    loss_fn = cls()
+    with torch.no_grad():
+        want = loss_fn(hid, w, teachers, y)
+    with torch.inference_mode():
+        torch.testing.assert_close(loss_fn(hid, w, teachers, y), want)
