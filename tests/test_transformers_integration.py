@@ -276,5 +276,60 @@ def test_needs_teachers(tmp_path):
         MultiTeacherDistillationTrainer(model=_llama(32), teachers=[], loss=mtbkd.MTBKDLoss())
 
 
+def test_loss_options_of_the_trainer_are_refused(tmp_path):
+    """Options that change the stock Trainer's loss are refused, not silently ignored."""
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        _trainer(tmp_path, _llama(32), mtbkd.MTBKDLoss(), steps=1, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        MultiTeacherDistillationTrainer(
+            model=_llama(32), teachers=[_llama(48)], compute_loss_func=lambda *a, **k: 0,
+            args=transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                report_to=[]),
+        )  # fmt: skip
+
+
+def _mixtral():
+    torch.manual_seed(3)
+    cfg = transformers.MixtralConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, output_router_logits=True, router_aux_loss_coef=0.5,
+    )  # fmt: skip
+    return transformers.MixtralForCausalLM(cfg).float()
+
+
+def test_moe_router_aux_loss(tmp_path):
+    """An MoE student's load-balancing loss is added as its own loss adds it (coef * aux), and
+    averaged over the accumulated micro-batches."""
+    data = _data(4, ragged=True)
+    batch = _stack(data)
+    student = _mixtral()
+    trainer = _trainer(tmp_path, student, mtbkd.MTBKDLoss(), steps=1, bs=2, ga=2, lr=1.0,
+                       optim="sgd", data=data)  # fmt: skip
+    trainer.args.max_grad_norm = 0.0
+
+    def reference(model):
+        with torch.no_grad():
+            t_logits = [t(input_ids=batch["input_ids"]).logits[..., :V] for t in trainer.teachers]
+        loss = mtbkd.mtbkd_loss(model(input_ids=batch["input_ids"]).logits, t_logits,
+                                _shift(batch["labels"]))  # fmt: skip
+        halves = batch["input_ids"].split(2)  # the two accumulated micro-batches
+        return loss, (model(input_ids=halves[0]).aux_loss + model(input_ids=halves[1]).aux_loss) / 2
+
+    loss, aux = reference(student)
+    assert float(aux) > 0.1
+    got = trainer.compute_loss(student, batch)
+    torch.testing.assert_close(got, loss + 0.5 * student(input_ids=batch["input_ids"]).aux_loss,
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    trainer.train()
+    expected = _mixtral()
+    loss, aux = reference(expected)
+    (loss + 0.5 * aux).backward()
+    with torch.no_grad():
+        for p in expected.parameters():
+            p -= p.grad
+    torch.testing.assert_close(_flat(student), _flat(expected), rtol=1e-4, atol=1e-5)
+
+
 if __name__ == "__main__":  # a rank of test_ddp_gradients_are_all_reduced, started by torchrun
     _distill_ddp(sys.argv[1])

@@ -83,9 +83,11 @@ def hidden_and_head(
     *,
     module: nn.Module | None = None,
     check: bool = True,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    return_outputs: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None] | tuple[Tensor, Tensor, Tensor | None, Any]:
     """Hidden states ``[B, T, H]`` that a causal LM feeds its output head, and the head's
-    ``(weight, bias)``, without the head's ``[B, T, V]`` matmul.
+    ``(weight, bias)``, without the head's ``[B, T, V]`` matmul; with ``return_outputs=True``
+    also the model's outputs (their logits are the last position's only).
 
     ``model`` is called as it is (so a ``DistributedDataParallel``, DeepSpeed or PEFT wrapper
     runs its own forward) on the ``input_ids`` / ``attention_mask`` / ``position_ids`` /
@@ -172,7 +174,7 @@ def hidden_and_head(
                 f"- bias| = {float(err):.4g} on logits of magnitude {_PROBE:g}); the "
                 "fused-linear loss needs logits = hidden @ weight.T + bias"
             )
-    return hidden, weight, bias
+    return (hidden, weight, bias, out) if return_outputs else (hidden, weight, bias)
 
 
 class MultiTeacherDistillationTrainer(Trainer):
@@ -188,7 +190,11 @@ class MultiTeacherDistillationTrainer(Trainer):
     shifted) is used as it is. The loss is ``Σ rows / num_items_in_batch`` where this Trainer
     counts ``num_items_in_batch`` itself (the shifted targets of the accumulated micro-batches,
     summed over processes with ``average_tokens_across_devices``), so gradient accumulation is
-    exact on every ``transformers`` version; else the mean.
+    exact on every ``transformers`` version; else the mean. A mixture-of-experts student that
+    returns a router load-balancing loss (``output_router_logits=True``) adds
+    ``router_aux_loss_coef · aux_loss`` as its own loss does, averaged over the accumulated
+    micro-batches and over processes. ``label_smoothing_factor`` and ``compute_loss_func`` are
+    refused (``ValueError``): the loss is ``loss``.
 
     Teachers share the student's tokenizer; their vocabularies may be padded beyond the
     student's (sliced), their hidden sizes may differ. The first batch checks every model's
@@ -222,6 +228,13 @@ class MultiTeacherDistillationTrainer(Trainer):
         if self.distill_loss.reduction != "mean":
             raise ValueError("loss must use reduction='mean' (the Trainer's accumulation needs it)")
         super().__init__(model, *args, **kwargs)
+        for what, used in (("label_smoothing_factor", self.args.label_smoothing_factor != 0),
+                           ("compute_loss_func", self.compute_loss_func is not None)):  # fmt: skip
+            if used:
+                raise ValueError(
+                    f"MultiTeacherDistillationTrainer does not use {what}: its loss is the "
+                    "distillation loss `loss` (set hard_label_weight there)"
+                )
         unsupported = self._unsupported_parallelism()
         if unsupported:
             raise ValueError(
@@ -310,7 +323,8 @@ class MultiTeacherDistillationTrainer(Trainer):
         student = self.accelerator.unwrap_model(model)
         shifted = self._targets(inputs)
         check = student not in self._checked
-        hidden, weight, bias = hidden_and_head(model, inputs, module=student, check=check)
+        hidden, weight, bias, out = hidden_and_head(model, inputs, module=student, check=check,
+                                                    return_outputs=True)  # fmt: skip
         self._checked.add(student)
         if hidden.shape[:-1] != shifted.shape:
             raise ValueError(
@@ -335,6 +349,12 @@ class MultiTeacherDistillationTrainer(Trainer):
         ):
             # As Trainer.compute_loss: the gradient is averaged over processes later.
             loss = loss * self.accelerator.num_processes
+        aux = getattr(out, "aux_loss", None)  # an MoE router's load-balancing loss
+        coef = getattr(student, "router_aux_loss_coef", getattr(student, "aux_loss_coef", None))
+        if isinstance(aux, Tensor) and coef:
+            if num_items_in_batch is not None:  # the Trainer does not divide this loss
+                aux = aux / getattr(self, "current_gradient_accumulation_steps", 1)
+            loss = loss + coef * aux.to(loss.device, loss.dtype)
         if not return_outputs:
             return loss
         return loss, CausalLMOutput(loss=loss, logits=F.linear(hidden, weight, bias))
