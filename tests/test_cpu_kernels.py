@@ -355,6 +355,23 @@ def test_label_out_of_range_names_labels():
             ops.multi_teacher_kd_fwd(*_kd_args(z, ts, y))
 
 
+def test_label_error_pairs_the_first_bad_row_with_its_own_value():
+    # Two rows on two threads, both with an out-of-range label: the message must give row 0's
+    # value (row and value were two separate atomics; a race paired row 0 with row 1's value).
+    v = 16384  # one row per parallel task
+    z, ts = torch.zeros(2, v), [torch.zeros(2, v)]
+    y = torch.tensor([v + 1000, v + 2000])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(20000):
+            with pytest.raises(ValueError) as info:
+                torch.ops.mtbkd_C.multi_teacher_kd_fwd(*_kd_args(z, ts, y, div=1))
+            assert f"value {v + 1000} at row 0 " in str(info.value), str(info.value)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("where", ["student", "teacher"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_logits_are_reported(where, value):

@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -113,15 +114,21 @@ struct StatusCollector {
   std::atomic<int64_t> label_value{0};
   std::atomic<int64_t> student_row{std::numeric_limits<int64_t>::max()};
   std::atomic<int64_t> teacher_row{std::numeric_limits<int64_t>::max()};
+  std::mutex label_mutex;
 
   static void keep_min(std::atomic<int64_t>& slot, int64_t row) {
     int64_t cur = slot.load(std::memory_order_relaxed);
     while (row < cur && !slot.compare_exchange_weak(cur, row, std::memory_order_relaxed)) {
     }
   }
+  // row and value change together (under label_mutex: an error path): two threads could
+  // otherwise pair the first bad row with the other's value
   void bad_label(int64_t row, int64_t value) {
-    keep_min(label_row, row);
-    if (label_row.load() == row) label_value.store(value);
+    std::lock_guard<std::mutex> lock(label_mutex);
+    if (row < label_row.load()) {
+      label_row.store(row);
+      label_value.store(value);
+    }
   }
   void nonfinite(int64_t row, int which) {
     if (which & 1) keep_min(student_row, row);
