@@ -1,5 +1,6 @@
 """MultiTeacherDistillationTrainer on tiny random Llama models built from configs (no download)."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -171,9 +172,16 @@ def _distill_ddp(out_dir: str) -> None:
     if dist.get_rank() == 0:
         torch.save(torch.stack(every), Path(out_dir) / "params.pt")
     # a rank that exits with the group alive can abort in gloo's teardown ("terminate called
-    # without an active exception"): close it on every rank first
+    # without an active exception"), and one whose DDP reducer is freed after the group is gone
+    # can hang in its destructor (one run in four on a loaded machine): free the trainer, close
+    # the group on every rank, then leave without running any other destructor
+    del trainer
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_ddp_gradients_are_all_reduced(tmp_path):
