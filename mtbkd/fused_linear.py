@@ -235,7 +235,11 @@ def _run_chunks(kind, opts, hidden, weight, bias, teachers, labels, fixed, chunk
     extras: list = []
     gh = gw = gb = None
     if want_grads:
-        gh = torch.empty_like(hidden)
+        # an fp16 grad_hidden stays in the accumulation dtype until the backward has applied
+        # grad_output: an fp16 copy at the reduced scale (1/N) underflows, which loss scaling
+        # (GradScaler) cannot undo; bfloat16 has float32's range and keeps its own dtype
+        gh_dtype = acc if hidden.dtype == torch.float16 else hidden.dtype
+        gh = torch.empty(hidden.shape, dtype=gh_dtype, device=hidden.device)
         gw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         gb = None if bias is None else torch.zeros(v, dtype=acc, device=weight.device)
     wt = weight.t()
@@ -265,8 +269,7 @@ def _run_chunks(kind, opts, hidden, weight, bias, teachers, labels, fixed, chunk
         # Σ_i s_i G_i h_i = Gᵀ (s ⊙ h), (s ⊙ G) W = s ⊙ (G W), Σ_i s_i G_i = Gᵀ s.
         s = row_scale[rows, None] if isinstance(row_scale, Tensor) and row_scale.dim() else \
             row_scale  # fmt: skip
-        # grad_hidden rows are produced by one matmul each: round once to the hidden dtype.
-        gh[rows] = ((g @ w_acc) * s).to(hidden.dtype)
+        gh[rows] = ((g @ w_acc) * s).to(gh.dtype)  # one rounding per row
         gw.addmm_(g.t(), h.to(acc) * s)
         if gb is not None:
             gb += (g.t() @ s).reshape(-1) if isinstance(s, Tensor) and s.dim() else g.sum(0) * s
@@ -315,6 +318,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 _, _, dh, gw, gb = _run_chunks(kind, opts, hidden, weight, bias, teachers,
                                                labels, fixed, chunk, grad_out.to(go.dtype),
                                                True)  # fmt: skip
+            dh = dh.to(ctx.dtypes[0])
         dw = (gw * go).to(ctx.dtypes[1]) if need[1] else None
         db = (gb * go).to(ctx.dtypes[2]) if need[2] else None
         return (dh if need[0] else None, dw, db) + (None,) * 9
@@ -413,6 +417,9 @@ def _finish(kind, opts, hidden, weight, bias, tlist, labels, fixed, chunk, lead,
         return out
     extras = fn_ctx["stats"]
     k = len(tlist)
+    if not extras:  # N = 0: no chunk ran; the statistics are empty, as the plain loss's
+        acc = _acc(hidden.dtype)
+        extras = [[hidden.new_zeros((k, 0) if j < 3 else (0,), dtype=acc) for j in range(5)]]
     w, resp, ent, prior, ce = (torch.cat([e[j] for e in extras], dim=-1) for j in range(5))
     stats = F.MTBKDStats(
         weights=w.reshape(k, *lead), responsibilities=resp.reshape(k, *lead),

@@ -63,10 +63,16 @@ _PAD = 1.0e4
 _TINY = 1e-30
 
 
+# A row whose top-k probabilities sum above this (5 % over 1: far beyond the rounding of fp16
+# log-probabilities) holds logits, not log-probabilities
+_MASS_LIMIT = math.log(1.05)
+
+
 class SparseTeacher:
     """A teacher's top-k output: ``indices [..., k]`` (int, distinct within a row, in
     ``[0, V)``: checked by the losses) and ``logprobs [..., k]`` (float), log-probabilities at
-    temperature 1 (MATH.md section 5). No gradient flows into it."""
+    temperature 1 (MATH.md section 5; a row whose probabilities sum above 1.05 is an error: those
+    are logits). No gradient flows into it."""
 
     def __init__(self, indices: Tensor, logprobs: Tensor) -> None:
         if not isinstance(indices, Tensor) or not isinstance(logprobs, Tensor):
@@ -210,7 +216,16 @@ def bucketize(
         s_lp = t.logprobs.to(acc).gather(-1, order)
         pos = torch.searchsorted(s_idx, union).clamp_max(t.k - 1)
         found = s_idx.gather(-1, pos) == union
-        rest = (-torch.expm1(torch.logsumexp(s_lp, dim=-1))).clamp_min(0.0)  # r_k
+        mass = torch.logsumexp(s_lp, dim=-1)
+        over = mass > _MASS_LIMIT
+        if n and bool(over.any()):
+            row = int(over.nonzero()[0, 0])
+            raise ValueError(
+                f"teacher_logits[{i}] log-probabilities sum to {float(mass[row].exp()):.4g} > 1 "
+                f"in row {row}: a SparseTeacher takes log-probabilities (log_softmax over the "
+                "whole vocabulary, then the top k), not logits"
+            )
+        rest = (-torch.expm1(mass)).clamp_min(0.0)  # r_k
         unknown = v - t.k
         fill = rest / unknown if unknown > 0 else torch.zeros_like(rest)
         lp_u = torch.where(found, s_lp.gather(-1, pos), fill.clamp_min(_TINY).log()[:, None])
@@ -259,6 +274,13 @@ def _sparse_rows(kind: str, opts: dict, z: Tensor, teachers: list[SparseTeacher]
         from mtbkd import validate
 
         validate.check_label_range(labels, z.shape[-1], ignore)
+        # A masked row (padding) counts for nothing (MATH.md section 4) whatever its teacher
+        # outputs hold (a padded batch's indices 0 or -1): a valid placeholder replaces them.
+        keep = (labels != ignore)[:, None]
+        teachers = [t if t.k > z.shape[-1] else SparseTeacher(
+            torch.where(keep, t.indices, torch.arange(t.k, device=z.device)),
+            torch.where(keep, t.logprobs, -math.log(t.k)),
+        ) for t in teachers]  # fmt: skip
     zb, tb, counts = bucketize(z, teachers, return_counts=True)
     # Labels only mask rows for the bucketed op; the hard-label term is computed on z below.
     # (a kept row's placeholder label must differ from ignore_index, or every row would be masked)

@@ -215,3 +215,45 @@ def test_sparse_teachers_under_inference_mode(cls):
         want = loss_fn(hid, w, teachers, y)
     with torch.inference_mode():
         torch.testing.assert_close(loss_fn(hid, w, teachers, y), want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_with_stats(reduction):
+    # N = 0 with return_stats: no chunk ran and torch.cat got an empty list
+    hid = torch.randn(0, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 0, 5, dtype=torch.float64)
+    y = torch.zeros(0, dtype=torch.long)
+    a, st = FusedLinearMTBKDLoss(reduction=reduction)(hid, w, t, y, return_stats=True)
+    ref, rst = mtbkd.mtbkd_loss(hid @ w.t(), t, y, reduction=reduction, return_stats=True)
+    torch.testing.assert_close(a, ref)
+    for x, r in zip(st, rst, strict=True):
+        torch.testing.assert_close(x, r)
+
+
+def test_float16_grad_hidden_survives_loss_scaling():
+    # fp16 with a loss scale (GradScaler): grad_hidden was rounded to fp16 at its reduced size
+    # (1/num_items_in_batch, prior weight) before grad_output scaled it, and underflowed (0.15
+    # relative error here, 300x that of plain fp16 PyTorch)
+    g = torch.Generator().manual_seed(0)
+    n, h, v, scale = 512, 16, 32, 65536.0
+    hid = torch.randn(n, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.3
+    t = torch.randn(2, n, v, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, v, (n,), generator=g)
+    loss_fn = mtbkd.MTBKDLoss(hard_label_weight=0.0)
+
+    def grad_hidden(fused, dtype):
+        x, wd = hid.to(dtype).requires_grad_(True), w.to(dtype)
+        if fused:
+            a = fused_linear_from(loss_fn, chunk_size=128)(x, wd, t.to(dtype), y,
+                                                           num_items_in_batch=64 * n)  # fmt: skip
+        else:
+            a = loss_fn(x @ wd.t(), t.to(dtype), y, num_items_in_batch=64 * n)
+        (gx,) = torch.autograd.grad(a * scale, x)
+        return gx.double() / scale
+
+    truth = grad_hidden(False, torch.float64)
+    err_fused = (grad_hidden(True, torch.float16) - truth).norm() / truth.norm()
+    err_plain = (grad_hidden(False, torch.float16) - truth).norm() / truth.norm()
+    assert err_fused <= 2 * err_plain, (err_fused, err_plain)

@@ -240,3 +240,35 @@ def test_apis_without_sparse_support_name_the_argument():
             mtbkd.teacher_weights(teachers)
         with pytest.raises(TypeError, match="teacher_logits .*SparseTeacher"):
             mtbkd.TeacherStats(teachers)
+
+
+@pytest.mark.parametrize("fill", [0, -1])
+def test_masked_rows_may_hold_padding(fill):
+    # rows with labels == ignore_index count for nothing (MATH.md section 4); a padded batch's
+    # sparse teachers there (indices all 0: "a class twice", or -1: "outside") were refused
+    z, t, y = _problem()
+    s = topk_teacher(t[0], 4)
+    idx, lp = s.indices.clone(), s.logprobs.clone()
+    pad = y == -100
+    idx[pad], lp[pad] = fill, float("nan")
+    padded = SparseTeacher(idx, lp)
+    want = mtbkd.mtbkd_loss(z, s, y)
+    torch.testing.assert_close(mtbkd.mtbkd_loss(z, padded, y), want, rtol=1e-12, atol=0)
+    w = torch.eye(z.shape[1], dtype=z.dtype)
+    got = FusedLinearMTBKDLoss(chunk_size=5)(z.detach(), w, padded, y)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_logits_passed_as_log_probabilities_are_refused():
+    # raw top-k logits (mass e^5 and more) were renormalised silently; fp16 log-probabilities of
+    # the whole vocabulary (rounding only) still pass
+    torch.manual_seed(0)
+    z = torch.randn(4, 12, dtype=torch.float64)
+    t = torch.randn(4, 12, dtype=torch.float64) * 3
+    top = t.topk(5, dim=-1)
+    with pytest.raises(ValueError, match=r"teacher_logits\[0\] log-probabilities sum to .* > 1"):
+        mtbkd.mtbkd_loss(z, [SparseTeacher(top.indices, top.values + 5.0)])
+    lp = torch.log_softmax(t, -1).half()
+    idx = torch.arange(12).expand(4, 12)
+    loss = mtbkd.mtbkd_loss(z, [SparseTeacher(idx, lp)])
+    assert torch.isfinite(loss)
