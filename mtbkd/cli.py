@@ -304,12 +304,16 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
     if args.out:
         return Path(args.out)
-    out = Path("runs") / f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    i = 1
-    while out.exists():
-        out = out.with_name(f"{out.name.rsplit('.', 1)[0]}.{i}")
-        i += 1
-    return out
+    base = Path("runs") / f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out, i = base, 1
+    while True:
+        try:  # created here, atomically: two runs started the same second never share it
+            out.mkdir()
+            return out
+        except FileExistsError:
+            out = base.with_name(f"{base.name}.{i}")
+            i += 1
 
 
 def _check_resume(args: argparse.Namespace, out: Path) -> None:

@@ -285,10 +285,11 @@ def paired_bootstrap(
     seed: int = 0,
 ) -> dict[str, Any] | None:
     """Paired bootstrap over the test rows: for every other method, the difference
-    ``reference - method`` of NLL, ECE and accuracy on the same resampled rows, with its 95 %
-    percentile interval and the fraction of resamples where the reference is better. A
-    difference whose interval contains 0 is within the test set's sampling noise. ``None`` when
-    the reference method did not run."""
+    ``reference - method`` of NLL, ECE and accuracy on the test rows (``diff``: the table's
+    numbers, not the mean over resamples, which for the ECE is biased), with the 95 % percentile
+    interval of that difference on the same resampled rows and the fraction of resamples where
+    the reference is better. A difference whose interval contains 0 is within the test set's
+    sampling noise. ``None`` when the reference method did not run."""
     try:
         ref = result.method(reference)
     except KeyError:
@@ -296,19 +297,22 @@ def paired_bootstrap(
     labels = result.labels
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(labels), (resamples, len(labels)), generator=gen)
-    ref_m = _resampled(_per_row(ref.probs, labels), idx)
+    every = torch.arange(len(labels))[None]  # the test set itself, as one "resample"
+    ref_rows = _per_row(ref.probs, labels)
+    ref_m, ref_all = _resampled(ref_rows, idx), _resampled(ref_rows, every)
     out: dict[str, Any] = {"reference": reference, "resamples": resamples, "methods": {}}
     for m in result.methods:
         if m.name == reference:
             continue
-        other = _resampled(_per_row(m.probs, labels), idx)
+        rows = _per_row(m.probs, labels)
+        other, other_all = _resampled(rows, idx), _resampled(rows, every)
         row = {}
         for key in BOOTSTRAP_METRICS:
             d = ref_m[key] - other[key]
             lo, hi = torch.quantile(d, torch.tensor([0.025, 0.975], dtype=d.dtype)).tolist()
             better = (d > 0) if key == "accuracy" else (d < 0)
             row[key] = {
-                "diff": float(d.mean()),
+                "diff": float(ref_all[key][0] - other_all[key][0]),
                 "low": lo,
                 "high": hi,
                 "p_better": float(better.double().mean()),
@@ -442,8 +446,9 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
                 f"## {rep['paired_bootstrap']['reference']} against each method",
                 "",
                 "Differences (`" + rep["paired_bootstrap"]["reference"] + "` minus the method) "
-                "on the same bootstrap resamples of the test rows, with 95 % intervals and the "
-                "fraction of resamples in which it is better (lower NLL / ECE, higher accuracy). "
+                "on the test rows, with 95 % intervals from bootstrap resamples of the test rows "
+                "(the same for both) and the fraction of resamples in which it is better (lower "
+                "NLL / ECE, higher accuracy). "
                 "An interval that contains 0 is within the sampling noise of the test set.",
                 "",
                 format_bootstrap(rep["paired_bootstrap"], markdown=True),
@@ -637,14 +642,16 @@ def _figures(result: ExperimentResult, out: Path, boot: dict[str, Any] | None = 
         for ax, key in zip(axes[0], BOOTSTRAP_METRICS, strict=True):
             rows = [boot["methods"][n][key] for n in others]
             d = [r["diff"] for r in rows]
-            err = [[r["diff"] - r["low"] for r in rows], [r["high"] - r["diff"] for r in rows]]
             better = [(r["high"] < 0) if key != "accuracy" else (r["low"] > 0) for r in rows]
             worse = [(r["low"] > 0) if key != "accuracy" else (r["high"] < 0) for r in rows]
             colors = ["tab:green" if b else "tab:red" if w else "tab:gray"
                       for b, w in zip(better, worse, strict=True)]  # fmt: skip
             ax.axvline(0.0, color="k", lw=0.8)
-            for p_, x_, lo, hi, c in zip(pos, d, err[0], err[1], colors, strict=True):
-                ax.errorbar(x_, p_, xerr=[[lo], [hi]], fmt="o", color=c, capsize=3, ms=4)
+            for p_, x_, r, c in zip(pos, d, rows, colors, strict=True):
+                # the interval need not contain the test set's difference (the ECE's is biased)
+                mid, half = (r["low"] + r["high"]) / 2, (r["high"] - r["low"]) / 2
+                ax.errorbar(mid, p_, xerr=half, fmt="none", ecolor=c, capsize=3)
+                ax.plot(x_, p_, "o", color=c, ms=4)
             ax.set_title(f"Δ{key} ({'higher' if key == 'accuracy' else 'lower'} is better)")
             ax.set_yticks(pos, others)
         fig.suptitle(

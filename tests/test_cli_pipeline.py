@@ -420,3 +420,17 @@ def test_bench_quick_never_writes_over_the_committed_results(monkeypatch):
         (False, results),
         (True, Path("elsewhere")),
     ]
+
+
+def test_default_run_folders_started_the_same_second_differ(tmp_path, monkeypatch):
+    # two runs started in one second both name their folder before either has written to it:
+    # the name must be claimed when it is chosen, or both runs write into one folder
+    import argparse
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20250101-120000")
+    args = argparse.Namespace(out=None, dataset="digits")
+    first, second = cli._out_dir(args), cli._out_dir(args)
+    assert first != second and first.is_dir() and second.is_dir()
+    assert second.name == "digits-20250101-120000.1"

@@ -196,6 +196,18 @@ def test_paired_bootstrap_differences():
     assert report.format_bootstrap(None) == ""
 
 
+def test_paired_bootstrap_difference_is_the_tables():
+    # the printed Δ is the difference of the table's own numbers, the ECE's too: its mean over
+    # resamples is biased (on these 40 rows by far more than the table's rounding)
+    res = _result()
+    boot = report.paired_bootstrap(res, resamples=200)
+    ref = res.method("mtbkd_sgld").metrics
+    for name, row in boot["methods"].items():
+        full = res.method(name).metrics
+        for key in report.BOOTSTRAP_METRICS:
+            assert row[key]["diff"] == pytest.approx(ref[key] - full[key], abs=1e-6), (name, key)
+
+
 # --- several seeds -------------------------------------------------------------------------
 
 
