@@ -51,6 +51,9 @@ def main() -> None:
     args = ap.parse_args()
     reports, rows, seeds = merge(args.base, args.variant, args.tag)
     ref = args.reference or f"mtbkd_sgld_{args.tag}"
+    names = [m["name"] for m in reports[0]["methods"]]
+    if ref not in names:
+        raise SystemExit(f"--reference {ref!r} is none of the merged methods: {', '.join(names)}")
     summary = report.summarise_seeds(reports, seeds, reference=ref, per_row=rows)
     report.write_seed_summary(summary, args.out)
     print(report.format_seed_summary(summary))

@@ -3,7 +3,7 @@ posterior predictive, uncertainty metrics and which teacher each prediction foll
 
 Two teachers are each the exact Bayes posterior on one half of the classes and noise on the
 other half; the student is any ``nn.Module`` with a ``head`` (the part SGLD samples).
-Run: ``python examples/pipeline_own_model.py`` (about half a minute on one core).
+Run: ``python examples/pipeline_own_model.py`` (a few seconds on two cores).
 """
 
 import torch

@@ -33,6 +33,12 @@ class _WeightsOption(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints saved while the buffer was persistent (before cfd54af) hold "weights": the
+        # weights come from the constructor, so that copy is dropped, not an unexpected key.
+        state_dict.pop(prefix + "weights", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class MTBKDLoss(_WeightsOption):
     """MT-BKD loss with a teacher-informed Dirichlet mixture prior.
@@ -70,10 +76,10 @@ class MTBKDLoss(_WeightsOption):
         self.reduction = reduction
         self.check_finite = check_finite
         # Validate once at construction, like torch's losses do for their options.
-        F.validate.check_positive(temperature, "temperature")
-        F.validate.check_positive(concentration, "concentration")
-        F.validate.check_positive(weight_temperature, "weight_temperature")
-        F.validate.check_reduction(reduction)
+        F.validate.check_mtbkd_options(
+            temperature, concentration, weight_temperature, prior_weight, hard_label_weight,
+            reduction,
+        )  # fmt: skip
         F.validate.check_weights_option(weights)
 
     def forward(
@@ -127,12 +133,11 @@ class MultiTeacherKDLoss(_WeightsOption):
         check_finite: bool = True,
     ) -> None:
         super().__init__()
-        if divergence not in F.ops.DIVERGENCES:
-            raise ValueError(
-                f"divergence must be one of {tuple(F.ops.DIVERGENCES)}, got {divergence!r}"
-            )
-        F.validate.check_positive(temperature, "temperature")
-        F.validate.check_reduction(reduction)
+        # Validate once at construction, like MTBKDLoss (the same checks as each call's).
+        F.validate.check_kd_options(
+            divergence, beta, temperature, weight_temperature, hard_label_weight,
+            soft_label_weight, reduction,
+        )  # fmt: skip
         F.validate.check_weights_option(weights)
         self.divergence = divergence
         self.beta = beta

@@ -36,6 +36,20 @@ def test_pipeline_own_model():
     assert all(float(b) > 0.5 for c, a, b in rows if int(c) >= 2)
 
 
+def test_compare_runs_refuses_an_unknown_reference(tmp_path):
+    # a --reference that is none of the merged methods wrote a summary without the differences
+    base, variant = (str(EXAMPLES.parent / "results" / d)
+                     for d in ("deeploc-5seeds", "deeploc-5seeds-composition"))  # fmt: skip
+    args = [sys.executable, str(EXAMPLES / "compare_runs.py"), base, variant, "--tag", "comp"]
+    out = _run(args + ["--out", str(tmp_path / "ok")])
+    assert "mtbkd_sgld_comp minus each method" in out
+    proc = subprocess.run(args + ["--reference", "mtbkd_sgdl_comp", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    assert "--reference 'mtbkd_sgdl_comp' is none of the merged methods" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.slow
 def test_torchrun_vocab_parallel():
     # `python -m torch.distributed.run` is what the `torchrun` script runs

@@ -490,6 +490,43 @@ def test_loss_module_weight_tensor_is_a_buffer():
         assert cls().weights == "entropy"
 
 
+def test_loss_module_loads_a_checkpoint_with_the_old_persistent_weights():
+    # before cfd54af the fixed weights were a persistent buffer: such checkpoints hold
+    # "loss.weights", which a strict load_state_dict reported as an unexpected key
+    w = torch.tensor([1.0, 3.0])
+    for cls in (mtbkd.MTBKDLoss, mtbkd.MultiTeacherKDLoss, mtbkd.FusedLinearMTBKDLoss):
+        old = {"head.weight": torch.randn(5, 4), "head.bias": torch.randn(5), "loss.weights": w}
+        for weights in (torch.tensor([2.0, 1.0]), "entropy"):
+            model = nn.ModuleDict({"head": nn.Linear(4, 5), "loss": cls(weights=weights)})
+            model.load_state_dict(old)  # strict
+            assert torch.equal(model["head"].weight, old["head.weight"])
+            assert "loss.weights" in old  # the caller's dict is left alone
+            loaded = model["loss"].weights  # the weights come from the constructor
+            assert loaded == weights if isinstance(weights, str) else torch.equal(loaded, weights)
+        cls(weights=w).load_state_dict({"weights": w})
+        with pytest.raises(RuntimeError, match="Unexpected key"):
+            cls(weights=w).load_state_dict({"weights": w, "other": w})
+
+
+@pytest.mark.parametrize(
+    "cls, options, match",
+    [
+        (mtbkd.MTBKDLoss, {"prior_weight": -1.0}, "prior_weight"),
+        (mtbkd.MTBKDLoss, {"hard_label_weight": float("nan")}, "hard_label_weight"),
+        (mtbkd.FusedLinearMTBKDLoss, {"prior_weight": float("inf")}, "prior_weight"),
+        (mtbkd.MultiTeacherKDLoss, {"beta": 2.0}, "beta"),
+        (mtbkd.MultiTeacherKDLoss, {"weight_temperature": -1.0}, "weight_temperature"),
+        (mtbkd.MultiTeacherKDLoss, {"hard_label_weight": -1.0}, "hard_label_weight"),
+        (mtbkd.MultiTeacherKDLoss, {"soft_label_weight": float("inf")}, "soft_label_weight"),
+        (mtbkd.FusedLinearMultiTeacherKDLoss, {"beta": -0.5}, "beta"),
+    ],
+)
+def test_loss_modules_check_every_option_at_construction(cls, options, match):
+    # they checked some options at construction and the others only at the first call
+    with pytest.raises(ValueError, match=match):
+        cls(**options)
+
+
 def test_fused_linear_from_keeps_a_requested_chunk_size():
     from mtbkd.fused_linear import fused_linear_from
 
