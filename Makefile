@@ -64,8 +64,8 @@ bench: setup
 
 # Liger-Kernel (pure Python + Triton) and pytest (with its pure-Python dependencies) unpacked into
 # build/gpu-extras/site for bench/gpu_check.sh on a GPU machine that has no package registry:
-# carry build/gpu-extras there; the script appends it to PYTHONPATH (the machine's own packages
-# come first). Nothing is installed.
+# carry build/gpu-extras there; the script puts on PYTHONPATH only the distributions the machine
+# cannot import (its own packages win). Nothing is installed.
 GPU_EXTRAS := liger-kernel==0.8.5 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 \
 	pygments==2.21.0
 # pytest's own dependencies below Python 3.11, as pure-Python wheels (the GPU machine's Python may

@@ -59,5 +59,8 @@ setup(
             extra_link_args=["-fopenmp"],
         )
     ],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    # ninja is BuildExtension's default (without it, torch falls back to a serial build);
+    # with_options(use_ninja=True) would pass use_ninja to setuptools' Command, which
+    # setuptools 77.0.x rejects (TypeError: unexpected keyword argument 'use_ninja'; fixed in 78)
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

@@ -18,10 +18,26 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 START=$(date +%s)
 # Liger-Kernel and pytest from build/gpu-extras/site (`make gpu-extras`) where the machine lacks
-# them; appended, so the machine's own packages win.
+# them. PYTHONPATH comes before site-packages, so not the whole folder: build/gpu-extras/missing
+# links only the distributions none of whose modules the machine can import (its own win).
 if [ -d build/gpu-extras/site ]; then
-  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/build/gpu-extras/site"
-  echo "gpu_check: build/gpu-extras/site on PYTHONPATH (Liger-Kernel, pytest where missing)"
+  $PY - "$PWD/build/gpu-extras" <<'PYEOF'
+import importlib.util, os, shutil, sys
+from pathlib import Path
+site, missing = Path(sys.argv[1], "site"), Path(sys.argv[1], "missing")
+shutil.rmtree(missing, ignore_errors=True)
+missing.mkdir()
+for info in sorted(site.glob("*.dist-info")):
+    record = (info / "RECORD").read_text().splitlines()
+    tops = {line.split(",")[0].split("/")[0] for line in record} - {info.name, "..", ""}
+    modules = {t[:-3] if t.endswith(".py") else t for t in tops}
+    if any(importlib.util.find_spec(m) for m in modules if m.isidentifier()):
+        continue
+    for name in sorted(tops | {info.name}):
+        os.symlink(site / name, missing / name)
+    print("gpu_check: from build/gpu-extras:", info.name)
+PYEOF
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/build/gpu-extras/missing"
 fi
 if ! $PY -c "import pytest" 2>/dev/null; then
   echo "gpu_check: pytest is not importable: run \`make gpu-extras\` and carry build/gpu-extras" >&2

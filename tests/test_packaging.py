@@ -65,3 +65,25 @@ def test_docs_math_is_the_design_contract():
     if not contract.is_file():
         pytest.skip(f"{contract} is absent: nothing to compare the copy with")
     assert ours.read_text() == contract.read_text(), "docs/MATH.md differs from the contract"
+
+
+def test_build_ext_command_passes_no_options_to_setuptools(monkeypatch):
+    # setuptools 77.0.x (fixed in 78.0.0, pypa/setuptools#4902) built the command classes on
+    # distutils' Command, whose __init__ takes no keyword options: a BuildExtension made by
+    # with_options(use_ninja=True) raised "TypeError: ... unexpected keyword argument 'use_ninja'"
+    # in every build, editable or not. Reproduced here by giving setuptools' Command that __init__.
+    import runpy
+
+    import setuptools
+    from setuptools._distutils.cmd import Command as DistutilsCommand
+    from setuptools.dist import Distribution
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.setenv("MTBKD_NO_CUDA", "1")
+    runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
+    monkeypatch.setattr(
+        setuptools.Command, "__init__", lambda self, dist: DistutilsCommand.__init__(self, dist)
+    )
+    command = captured["cmdclass"]["build_ext"](Distribution())
+    assert command.use_ninja in (True, False)  # True where ninja is found, else the serial build
