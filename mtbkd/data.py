@@ -10,14 +10,21 @@ Directory formats (``load_directory``):
   checked before any split), ``teacher_<name>.npy`` ``[N, C]`` in one folder (split into train
   and test by the loader), or the same files under ``train/`` and ``test/``.
 * **CSV**: ``train.csv`` and ``test.csv`` with a header; the label column is ``Label`` or
-  ``label``. With a ``Sequence`` column (DeepLoc's format) the features are computed from the
-  protein sequence by a sequence encoder (:func:`encode_sequences`: hand-made composition
-  features, UniRep embeddings, or both); otherwise every other column is a numeric feature, and
+  ``label`` (not both), integer class indices (whole numbers such as ``1.0`` too). With a
+  ``Sequence`` column (DeepLoc's format) the features are computed from the protein sequence
+  by a sequence encoder (:func:`encode_sequences`: hand-made composition features, UniRep
+  embeddings, or both); otherwise every other column is a numeric feature, and
   ``test.csv``'s feature columns are matched to ``train.csv``'s by name (any order; a missing or
   extra one is an error). Column names are stripped of spaces (a UTF-8 byte-order mark is
   fine); a repeated name, or a first line of numbers (no header), is an error. Teachers are
   ``teacher_<name>_train.csv`` / ``teacher_<name>_test.csv``: logits, one row per example,
   comma-separated, no header. An optional ``classes.txt`` names the classes, one a line.
+
+Without ``classes.txt`` the classes are 0..C-1 for the largest label C-1 (or the teachers' class
+count, when they all give more), and without teachers every one of them must have a row: labels
+that skip a class (``{3, 7, 9}``) are an error, not a problem with empty classes. Teachers give
+logits (or log-probabilities); a teacher whose every row is non-negative and sums to 1 looks like
+probabilities and is refused (softmax of probabilities would silently flatten it).
 """
 
 from __future__ import annotations
@@ -213,6 +220,11 @@ def _teacher_logits(t, name: str, n: int, c: int) -> np.ndarray:
     t = t.astype(np.float32)
     if not np.all(np.isfinite(t)):
         raise ValueError(f"{name} logits have NaN or infinite values")
+    if np.all(t >= 0) and np.allclose(t.sum(1), 1.0, rtol=0.0, atol=1e-3):
+        raise ValueError(
+            f"{name} looks like probabilities (every row non-negative and summing to 1), not "
+            "logits: give log-probabilities (np.log of the probabilities, clipped away from 0)"
+        )
     return t
 
 
@@ -581,18 +593,23 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _label_column(header: list[str]) -> int | None:
-    for name in _LABEL_COLUMNS:
-        if name in header:
-            return header.index(name)
-    return None
+def _label_column(path: Path, header: list[str]) -> int | None:
+    found = [name for name in _LABEL_COLUMNS if name in header]
+    if len(found) > 1:  # the other one would be read as a feature: the label leaked into x
+        raise ValueError(f"{path} has several label columns {found}: keep one")
+    return header.index(found[0]) if found else None
 
 
 def _parse_labels(path: Path, rows, col: int) -> np.ndarray:
     try:
         return np.array([int(r[col]) for r in rows], dtype=np.int64)
     except ValueError:
+        pass
+    try:  # whole numbers written as floats ("1.0"), as labels.npy accepts them
+        values = np.array([float(r[col]) for r in rows])
+    except ValueError:
         raise ValueError(f"{path}: the label column must hold integer class indices") from None
+    return _label_indices(values, f"{path}: the label column")
 
 
 def read_inputs(
@@ -624,7 +641,7 @@ def read_inputs(
         raise ValueError(f"{path} has no rows")
     if all(_is_number(h) for h in header):
         raise ValueError(f"{path} has no header row (its first line is numbers): name the columns")
-    lab = _label_column(header)
+    lab = _label_column(path, header)
     labels = _parse_labels(path, rows, lab) if lab is not None else None
     ids = None
     if "ACC" in header:
@@ -671,7 +688,7 @@ def _load_csv_split(
     header, rows = _read_csv(path)
     if not rows:
         raise ValueError(f"{path} has no rows")
-    lab = _label_column(header)
+    lab = _label_column(path, header)
     if lab is None:
         raise ValueError(f"{path} needs a label column named one of {_LABEL_COLUMNS}")
     y = _parse_labels(path, rows, lab)
@@ -694,7 +711,10 @@ def _csv_teachers(root: Path, split: str) -> dict[str, np.ndarray]:
     for p in sorted(root.glob(f"teacher_*_{split}.csv")):
         name = p.name[len("teacher_") : -len(f"_{split}.csv")]
         try:
-            out[name] = np.loadtxt(p, delimiter=",", ndmin=2, dtype=np.float64)
+            # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8"), as in train.csv
+            out[name] = np.loadtxt(
+                p, delimiter=",", ndmin=2, dtype=np.float64, encoding="utf-8-sig"
+            )
         except ValueError as exc:
             raise ValueError(
                 f"{p}: teacher logits must be comma-separated numbers ({exc})"
@@ -712,6 +732,9 @@ def _npy_split(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarr
         p.stem[len("teacher_") :]: np.load(p, allow_pickle=False)
         for p in sorted(folder.glob("teacher_*.npy"))
     }
+    for name, t in teachers.items():  # before anything reads their rows or classes
+        if t.ndim != 2:
+            raise ValueError(f"{folder}/teacher_{name}.npy must be [N, C], got shape {t.shape}")
     return x, y, teachers
 
 
@@ -744,6 +767,15 @@ def _class_names(
     # teachers that agree on more classes than the labels show: a class absent from the labels
     if len(widths) == 1 and next(iter(widths)) > c:
         c = next(iter(widths))
+    if not teachers:  # nothing knows a class without rows: labels {3, 7, 9} are not 10 classes
+        present = np.unique(np.concatenate(labels))
+        if len(present) < c:  # the first missing ones lie below len(present) + 5: no arange(c)
+            first = np.setdiff1d(np.arange(min(c, len(present) + 5)), present)[:5]
+            raise ValueError(
+                f"the labels skip {c - len(present)} of the classes 0..{c - 1} (first: "
+                f"{first.tolist()}): use class indices 0..C-1 with rows in every class "
+                "(np.unique(labels, return_inverse=True)[1]), or name the classes in classes.txt"
+            )
     return [str(i) for i in range(c)]
 
 

@@ -315,3 +315,64 @@ def test_load_dataset_errors():
         data.load_dataset("deeploc")
     with pytest.raises(ValueError, match="dataset must be one of"):
         data.load_dataset("mnist")
+
+
+def test_labels_that_skip_classes_are_refused(tmp_path):
+    # before: labels {3, 7, 9} made 10 classes, 7 of them empty (experts for classes with no row);
+    # labels {0, 1, 10**6} a million-class student
+    for k, labels in enumerate(([3, 7, 9], [0, 1, 10**6])):
+        root = _npy_dir(tmp_path / f"d{k}", k=0)
+        np.save(root / "labels.npy", np.repeat(labels, 20))
+        with pytest.raises(ValueError, match="the labels skip"):
+            data.load_directory(root)
+    (tmp_path / "d0" / "classes.txt").write_text("\n".join(f"c{i}" for i in range(10)) + "\n")
+    assert data.load_directory(tmp_path / "d0").num_classes == 10  # named: the user's choice
+    root = _npy_dir(tmp_path / "teachers")  # teachers that know a class the labels lack
+    np.save(root / "labels.npy", np.arange(60) % 2)
+    for t in ("t0", "t1"):
+        np.save(root / f"teacher_{t}.npy", np.random.default_rng(0).normal(size=(60, 3)))
+    assert data.load_directory(root).num_classes == 3
+
+
+def test_teacher_probabilities_are_refused(tmp_path):
+    # before: softmax(probabilities) silently flattened the teacher (test NLL 0.36 -> 0.73)
+    x, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="teacher 't' \\(train\\) looks like probabilities"):
+        data.Dataset("bad", x, y, x, y, ["a", "b"], {"t": p}, {"t": p})
+    ok = {"t": np.log(np.clip(p, 1e-6, 1))}
+    data.Dataset("ok", x, y, x, y, ["a", "b"], ok, ok)
+
+
+def test_teacher_files_of_other_shapes_or_encodings(tmp_path):
+    root = _npy_dir(tmp_path / "d")
+    np.save(root / "teacher_t1.npy", np.float64(1.0))  # before: IndexError
+    with pytest.raises(ValueError, match="teacher_t1.npy must be \\[N, C\\], got shape \\(\\)"):
+        data.load_directory(root)
+    csv_dir = tmp_path / "c"
+    csv_dir.mkdir()
+    for split in ("train", "test"):
+        _write_csv(csv_dir / f"{split}.csv", ["a", "label"], [[i, i % 2] for i in range(4)])
+        # a byte-order mark ("CSV UTF-8"), as train.csv may have: before, not a number
+        text = "\ufeff" + "2,-1\n-1,2\n" * 2
+        (csv_dir / f"teacher_t_{split}.csv").write_text(text, encoding="utf-8")
+    ds = data.load_directory(csv_dir)
+    assert ds.teachers_train["t"].tolist() == [[2, -1], [-1, 2]] * 2
+
+
+def test_csv_label_columns(tmp_path):
+    for split in ("train", "test"):  # whole floats, as labels.npy takes them: before, refused
+        _write_csv(tmp_path / f"{split}.csv", ["a", "label"], [[i, f"{i % 3}.0"] for i in range(6)])
+    ds = data.load_directory(tmp_path)
+    assert ds.y_train.tolist() == [0, 1, 2] * 2 and ds.class_names == ["0", "1", "2"]
+    _write_csv(tmp_path / "train.csv", ["a", "label"], [[i, i % 3 + 0.5] for i in range(6)])
+    with pytest.raises(ValueError, match="non-finite or fractional"):
+        data.load_directory(tmp_path)
+    # both names: before, `label` (a copy of the label) was read as a feature
+    rows = [[i, i % 2, i % 2] for i in range(6)]
+    for split in ("train", "test"):
+        _write_csv(tmp_path / f"{split}.csv", ["a", "Label", "label"], rows)
+    with pytest.raises(ValueError, match="several label columns \\['Label', 'label'\\]"):
+        data.load_directory(tmp_path)
+    with pytest.raises(ValueError, match="several label columns"):
+        data.read_inputs(tmp_path / "test.csv", "numeric")
