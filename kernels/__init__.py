@@ -30,7 +30,9 @@ def _interpreter_compat() -> None:
     interp._patch_lang_tensor = patched
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+# triton.jit reads TRITON_INTERPRET when the kernels below are defined (mtbkd.ops checks this).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
     _interpreter_compat()
 
 from . import losses  # noqa: E402,F401  (registers the triton implementations)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable
 from typing import Optional
 
@@ -63,6 +64,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
     _C_ERROR = f"mtbkd._C is not built ({exc}); run `pip install --no-build-isolation -e .`"
 
 
+def _triton_interpreted() -> bool:
+    """Whether the Triton kernels run in the interpreter (and so on CPU tensors).
+
+    ``triton.jit`` reads ``TRITON_INTERPRET`` when a kernel is defined: once :mod:`mtbkd.kernels`
+    is imported, setting the variable no longer turns its kernels into interpreted ones.
+    """
+    kernels = sys.modules.get("mtbkd.kernels")
+    return os.environ.get("TRITON_INTERPRET") == "1" and getattr(kernels, "INTERPRET", True)
+
+
 def _triton_status() -> str | None:
     try:
         import triton  # noqa: F401
@@ -72,7 +83,12 @@ def _triton_status() -> str | None:
         importlib.import_module("mtbkd.kernels")
     except ImportError as exc:
         return f"mtbkd.kernels failed to import ({exc})"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if not torch.cuda.is_available() and not _triton_interpreted():
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return (
+                "no CUDA device, and TRITON_INTERPRET=1 was set after mtbkd.kernels was imported "
+                "(set it before the first use of the triton backend)"
+            )
         return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
     return None
 
@@ -115,13 +131,10 @@ def select_backend(device: torch.device, op: str | None = None) -> str:
             raise RuntimeError(f"MTBKD_BACKEND=cpu cannot run on {device.type} tensors")
         if forced == "cuda" and device.type != "cuda":
             raise RuntimeError(f"MTBKD_BACKEND=cuda cannot run on {device.type} tensors")
-        if (
-            forced == "triton"
-            and device.type == "cpu"
-            and os.environ.get("TRITON_INTERPRET") != "1"
-        ):
+        if forced == "triton" and device.type == "cpu" and not _triton_interpreted():
             raise RuntimeError(
-                "MTBKD_BACKEND=triton cannot run on CPU tensors unless TRITON_INTERPRET=1 is set"
+                "MTBKD_BACKEND=triton cannot run on CPU tensors unless TRITON_INTERPRET=1 is set "
+                "(before mtbkd.kernels is imported)"
             )
         reason = backend_status()[forced]
         if reason is not None:
@@ -193,7 +206,9 @@ def _(student, teachers, labels, fixed_weights, teacher_stats, *args):
     acc = _acc_dtype(student.dtype)
     row = student.new_empty((n,), dtype=acc)
     kn = student.new_empty((k, n), dtype=acc)
-    return row, torch.empty_like(student), kn, kn.clone(), kn.clone(), row.clone(), row.clone()
+    # The gradient is contiguous on every backend, whatever the student's strides.
+    grad = student.new_empty(student.shape)
+    return row, grad, kn, kn.clone(), kn.clone(), row.clone(), row.clone()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +250,7 @@ def _(student, teachers, *args):
     acc = _acc_dtype(student.dtype)
     return (
         student.new_empty((n,), dtype=acc),
-        torch.empty_like(student),
+        student.new_empty(student.shape),
         student.new_empty((len(teachers), n), dtype=acc),
     )
 
@@ -296,7 +311,7 @@ def scale_grad(grad: Tensor, grad_rows: Tensor) -> Tensor:
 
 @scale_grad.register_fake
 def _(grad, grad_rows):
-    return torch.empty_like(grad)
+    return grad.new_empty(grad.shape)  # contiguous on every backend
 
 
 def _setup_loss_ctx(ctx, inputs, output):
@@ -465,7 +480,7 @@ def _ref_teacher_stats(teachers, temperature, concentration, weight_temperature,
 
 @register_impl("scale_grad", "reference")
 def _ref_scale_grad(grad, grad_rows):
-    return (grad.to(grad_rows.dtype) * grad_rows[:, None]).to(grad.dtype)
+    return (grad.to(grad_rows.dtype) * grad_rows[:, None]).to(grad.dtype).contiguous()
 
 
 # The Bayesian-student ops (MATH.md sections 6-7) live in their own module; re-exported here.

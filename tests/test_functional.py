@@ -3,6 +3,9 @@ shapes, reductions, masking, gradients, torch.compile, and every bad-input error
 
 import importlib.util
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -273,6 +276,22 @@ def test_opcheck_custom_ops(backend):
     torch.library.opcheck(torch.ops.mtbkd.teacher_stats, (teachers, 2.0, 5.0, 1.0, True))
 
 
+def test_opcheck_non_contiguous_student(backend):
+    # The kernels return a contiguous gradient; the fake implementations kept the student's strides.
+    z, t, _ = _inputs(n=4, v=9, k=2, dtype=torch.float32)
+    zt = z.t().contiguous().t()  # [N, V] with strides (1, N)
+    teachers = list(t.unbind(0))
+    torch.library.opcheck(
+        torch.ops.mtbkd.mtbkd_loss_fwd,
+        (zt, teachers, None, None, None, 2.0, 5.0, 0.02, 1.0, 0, 1.0, -100, True),
+    )
+    torch.library.opcheck(
+        torch.ops.mtbkd.multi_teacher_kd_fwd,
+        (zt, teachers, None, None, 2, 0.5, 1.0, 0, 1.0, 0.0, 1.0, 1.0, -100, True),
+    )
+    torch.library.opcheck(torch.ops.mtbkd.scale_grad, (zt, torch.rand(4)))
+
+
 # ------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the argument.
 # ------------------------------------------------------------------------------------------
@@ -364,6 +383,34 @@ def test_forced_backend_errors(monkeypatch):
     monkeypatch.setenv("MTBKD_BACKEND", "fast")
     with pytest.raises(ValueError, match="MTBKD_BACKEND"):
         mtbkd.mtbkd_loss(z, t, y)
+
+
+_LATE_INTERPRET = """
+import os, torch, mtbkd
+from mtbkd import ops
+assert ops.backend_status()["triton"].startswith("no CUDA device")  # imports mtbkd.kernels
+os.environ["TRITON_INTERPRET"] = "1"
+print("status:", ops.backend_status()["triton"])
+os.environ["MTBKD_BACKEND"] = "triton"
+try:
+    mtbkd.mtbkd_loss(torch.randn(2, 5), torch.randn(2, 2, 5))
+except RuntimeError as exc:
+    print("error:", exc)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernels run on the GPU")
+def test_triton_interpret_set_after_the_kernels_were_imported():
+    # triton.jit reads TRITON_INTERPRET when the kernels are defined: set later, the triton backend
+    # was reported available and failed at first use ("0 active drivers").
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MTBKD_BACKEND")}
+    run = subprocess.run(
+        [sys.executable, "-c", _LATE_INTERPRET], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "status: no CUDA device, and TRITON_INTERPRET=1 was set after" in run.stdout
+    assert "error: MTBKD_BACKEND=triton cannot run on CPU tensors" in run.stdout
 
 
 def test_info_reports_backends():
