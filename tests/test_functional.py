@@ -293,6 +293,130 @@ def test_opcheck_non_contiguous_student(backend):
 
 
 # ------------------------------------------------------------------------------------------
+# The reference itself, against hand-computed values and formulas it does not share (every
+# other test takes it as the oracle, so a slip in it would move all of them together).
+# ------------------------------------------------------------------------------------------
+
+
+def test_reference_entropy_weights_hand_values():
+    # Teachers uniform over 2, 4 and 8 of 8 classes: H = 1, 2, 3 (x log 2), sum 6, so
+    # w~ = 5/6, 4/6, 3/6 and w = (1 - H_k / sum H) / (K - 1) = 5/12, 4/12, 3/12 (MATH.md 1).
+    t = torch.full((3, 1, 8), float("-inf"), dtype=torch.float64)
+    for k, support in enumerate((2, 4, 8)):
+        t[k, 0, :support] = 0.0
+    w = reference.teacher_weights(t)
+    torch.testing.assert_close(w[:, 0], torch.tensor([5, 4, 3], dtype=torch.float64) / 12)
+    # the first two alone: H = 1, 2, w = 1 - 1/3, 1 - 2/3
+    torch.testing.assert_close(reference.teacher_weights(t[:2])[:, 0], torch.tensor([2, 1]) / 3.0,
+                               check_dtype=False)  # fmt: skip
+    # at tau_w = 2, logits [0, 2 log 3] are the distribution [1/4, 3/4]
+    t2 = torch.tensor([[[0.0, 2 * math.log(3.0)]], [[0.0, 0.0]]], dtype=torch.float64)
+    h_a = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    w2 = reference.teacher_weights(t2, temperature=2.0)
+    want = torch.tensor([math.log(2.0), h_a], dtype=torch.float64) / (h_a + math.log(2.0))
+    torch.testing.assert_close(w2[:, 0], want)
+    torch.testing.assert_close(reference.teacher_entropy(t2, 2.0)[:, 0],
+                               torch.tensor([h_a, math.log(2.0)], dtype=torch.float64))  # fmt: skip
+
+
+def test_reference_mtbkd_prior_is_minus_log_of_the_dirichlet_mixture():
+    # prior_i = -log sum_k w_k Dir(q^tau_i; 1 + lam p_k^tau) (MATH.md 2), by torch.distributions;
+    # the responsibilities are the mixture's posterior over its components.
+    z, t, y = _inputs(n=5, v=7, k=3, seed=4)
+    y[2] = -100
+    tau, lam, bp, bh = 1.5, 3.0, 0.7, 0.4
+    fixed = torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64)
+    out = reference.mtbkd_loss(z, t, y, temperature=tau, concentration=lam, prior_weight=bp,
+                               hard_label_weight=bh, weights=fixed)  # fmt: skip
+    q = torch.softmax(z / tau, -1)
+    p = torch.softmax(t / tau, -1)
+    log_dir = torch.distributions.Dirichlet(1.0 + lam * p).log_prob(q)  # [K, N]
+    log_mix = fixed.log()[:, None] + log_dir
+    prior = -torch.logsumexp(log_mix, 0)
+    ce = torch.nn.functional.cross_entropy(z, y, reduction="none")  # 0 at the masked row
+    keep = y != -100
+    torch.testing.assert_close(out.prior, torch.where(keep, prior, 0.0))
+    torch.testing.assert_close(out.ce, ce)
+    torch.testing.assert_close(out.loss, torch.where(keep, bh * ce + bp * prior, 0.0))
+    resp = torch.softmax(log_mix, 0)
+    torch.testing.assert_close(out.responsibilities, torch.where(keep, resp, 0.0))
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_reference_mtbkd_gradient_is_the_closed_form(labels):
+    # dL_i/dz = beta_h (q - onehot(y)) + beta_p (lam / tau) (q^tau - sum_k r_k p_k^tau) (MATH.md 2)
+    z, t, y = _inputs(n=6, v=9, k=3, seed=5)
+    y[1] = -100
+    y = y if labels else None
+    tau, lam, bp, bh = 2.0, 5.0, 0.3, 0.8
+    zz = z.clone().requires_grad_(True)
+    out = reference.mtbkd_loss(zz, t, y, temperature=tau, concentration=lam, prior_weight=bp,
+                               hard_label_weight=bh)  # fmt: skip
+    out.loss.sum().backward()
+    r = out.responsibilities  # [K, N]
+    qt = torch.softmax(z / tau, -1)
+    pt = torch.softmax(t / tau, -1)
+    want = bp * lam / tau * (qt - (r[:, :, None] * pt).sum(0))
+    if labels:
+        keep = y != -100
+        onehot = torch.nn.functional.one_hot(torch.where(keep, y, 0), z.shape[-1]).double()
+        want = torch.where(keep[:, None], want + bh * (torch.softmax(z, -1) - onehot), 0.0)
+    torch.testing.assert_close(zz.grad, want)
+
+
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5),
+                                             ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0)])  # fmt: skip
+def test_reference_kd_family_against_torch_kl_div(divergence, beta):
+    # L_i = beta_h ce_i + beta_s s(tau) sum_k w_k D(p_k^tau, q^tau) (MATH.md 3) with the KLs of
+    # torch.nn.functional.kl_div and m of the JSD formed from probabilities.
+    z, t, y = _inputs(n=5, v=8, k=2, seed=6)
+    y[3] = -100
+    tau, bh, bs = 2.0, 0.6, 0.9
+    fixed = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    zz = z.clone().requires_grad_(True)
+    rows, w = reference.multi_teacher_kd_loss(
+        zz, t, y, divergence=divergence, beta=beta, temperature=tau, weights=fixed,
+        hard_label_weight=bh, soft_label_weight=bs, scale_by_t2=True,
+    )  # fmt: skip
+
+    def kl(lp, lq):  # KL(p || q) per row from log-probabilities
+        return torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
+
+    lq = torch.log_softmax(z / tau, -1)
+    lp = torch.log_softmax(t / tau, -1)
+    if divergence == "forward_kl" or beta == 0.0:
+        d = kl(lp, lq)
+    elif divergence == "reverse_kl" or beta == 1.0:
+        d = kl(lq.expand_as(lp), lp)
+    else:
+        lm = (beta * lp.exp() + (1 - beta) * lq.exp()).log()
+        d = beta * kl(lp, lm) + (1 - beta) * kl(lq.expand_as(lp), lm)
+    ce = torch.nn.functional.cross_entropy(z, y, reduction="none")
+    keep = y != -100
+    want = torch.where(keep, bh * ce + bs * tau**2 * (fixed[:, None] * d).sum(0), 0.0)
+    torch.testing.assert_close(rows, want)
+    torch.testing.assert_close(w, torch.where(keep, fixed[:, None].expand(2, 5), 0.0))
+    if divergence == "forward_kl":
+        # its gradient: beta_s s(tau) / tau (q^tau - sum_k w_k p_k^tau) + beta_h (q - onehot(y))
+        rows.sum().backward()
+        onehot = torch.nn.functional.one_hot(torch.where(keep, y, 0), 8).double()
+        g = bs * tau * (lq.exp() - (fixed[:, None, None] * lp.exp()).sum(0))
+        g = g + bh * (torch.softmax(z, -1) - onehot)
+        torch.testing.assert_close(zz.grad, torch.where(keep[:, None], g, 0.0))
+
+
+def test_reference_reduce_rows_hand_values():
+    rows = torch.tensor([1.0, 0.0, 3.0, 0.0], dtype=torch.float64)  # rows 1 and 3 masked (0)
+    y = torch.tensor([0, -100, 2, -100])
+    assert reference.reduce_rows(rows, y, "mean").item() == 2.0  # (1 + 3) / 2 unmasked rows
+    assert reference.reduce_rows(rows, y, "sum").item() == 4.0
+    assert reference.reduce_rows(rows, y, "mean", num_items_in_batch=8).item() == 0.5
+    assert reference.reduce_rows(rows, None, "mean").item() == 1.0
+    assert reference.reduce_rows(rows * 0, torch.full((4,), -100), "mean").item() == 0.0
+    assert reference.reduce_rows(rows, y, "none") is rows
+
+
+# ------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the argument.
 # ------------------------------------------------------------------------------------------
 

@@ -90,6 +90,19 @@ def test_entropies_mutual_information_and_mean_deviance():
     assert M.predictive_entropy(torch.tensor([[1.0, 0.0]])).item() == 0.0
 
 
+def test_mutual_information_is_clamped_where_rounding_makes_it_negative():
+    # Identical samples: H[p_bar] - E_s H[q^(s)] is 0, but the fp32 mean of 6 or 7 copies of
+    # these rows rounds so that the difference is about -1e-7 (MATH.md section 8: clamped at 0).
+    rows = torch.tensor([[0.1, 0.1, 0.8], [0.1, 0.6, 0.3], [0.1, 0.7, 0.2]])
+    for s in (6, 7):
+        same = rows.expand(s, 3, 3)
+        raw = M.predictive_entropy(same) - M.expected_entropy(same)
+        assert raw.min().item() < 0.0  # the case needs the clamp
+        mi = M.mutual_information(same)
+        assert (mi >= 0).all()
+        torch.testing.assert_close(mi, raw.clamp_min(0.0), atol=0.0, rtol=0.0)
+
+
 def test_credible_set_hand_example():
     # Row 0: samples [0.7, 0.2, 0.1] and [0.5, 0.45, 0.05]. f(u) = (1/2) sum q 1[q >= u]:
     # u in (0.05, 0.1] gives (0.7 + 0.5 + 0.45 + 0.2 + 0.1) / 2 = 0.975 >= 0.95 and

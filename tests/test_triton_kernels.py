@@ -142,6 +142,23 @@ def test_mtbkd_fwd_float64(backend, k, v, labels, mode, cached, layout):
         assert torch.all(out[1][masked] == 0) and torch.all(out[0][masked] == 0)
 
 
+@pytest.mark.parametrize("tw", [0.5, 3.0])
+@pytest.mark.parametrize("cached", [False, True])
+def test_mtbkd_fwd_weight_temperature(backend, tw, cached):
+    # MTBKD_CASES weight at tau_w = 1 (the KD cases at 1.5): the entropy weights of MT-BKD at
+    # another tau_w, and through them the responsibilities, loss and gradient.
+    z, ts, y = _data(5, 300, 3, torch.float64)
+    args = _mtbkd_args(z, ts, y, ENTROPY, cached, tw=tw)
+    out = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
+    ref = ops._ref_mtbkd_loss_fwd(*args)
+    at_one = ops._ref_mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, ENTROPY, cached))
+    assert _maxerr(ref[2], at_one[2]) > 1e-3  # tau_w matters for these teachers
+    names = ("loss", "grad", "weights", "responsibilities", "entropy", "prior", "ce")
+    for name, a, b in zip(names, out, ref, strict=True):
+        tol = 1e-10 * max(1.0, b.abs().max().item())
+        assert _maxerr(a, b) <= tol, (name, _maxerr(a, b))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cached", [False, True])
 def test_mtbkd_fwd_low_precision(backend, dtype, cached):
