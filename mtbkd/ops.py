@@ -480,7 +480,8 @@ def _ref_teacher_stats(teachers, temperature, concentration, weight_temperature,
 
 @register_impl("scale_grad", "reference")
 def _ref_scale_grad(grad, grad_rows):
-    return (grad.to(grad_rows.dtype) * grad_rows[:, None]).to(grad.dtype).contiguous()
+    acc = _acc_dtype(grad.dtype)  # as the kernels: in the gradient's accumulation dtype
+    return (grad.to(acc) * grad_rows.to(acc)[:, None]).to(grad.dtype).contiguous()
 
 
 # The Bayesian-student ops (MATH.md sections 6-7) live in their own module; re-exported here.

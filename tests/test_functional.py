@@ -843,3 +843,10 @@ def test_teacher_stats_of_another_leading_layout_are_refused(backend):
     torch.testing.assert_close(
         mtbkd.mtbkd_loss(z, t, y, teacher_stats=flat_stats, reduction="none"), want
     )
+
+
+def test_scale_grad_computes_in_the_gradients_accumulation_dtype(backend):
+    # float32 rows must not round a float64 gradient (the reference multiplied in the rows' dtype)
+    grad = torch.tensor([[1.0 + 2.0**-40, 3.0]], dtype=torch.float64)
+    out = torch.ops.mtbkd.scale_grad(grad, torch.ones(1, dtype=torch.float32))
+    assert out.dtype == torch.float64 and out[0, 0].item() == 1.0 + 2.0**-40

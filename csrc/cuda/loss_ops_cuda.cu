@@ -116,7 +116,17 @@ LossInputs check_loss_inputs(const Tensor& student, const std::vector<Tensor>& t
   }
   if (weight_mode == 2) {
     TORCH_CHECK_VALUE(fixed_weights.has_value(), "fixed_weights are required with weight_mode 2");
-    const Tensor& w = *fixed_weights;
+    Tensor w = *fixed_weights;
+    // As csrc/ops.cpp: floating point only (integer weights are refused, not converted), and
+    // [K] is expanded to every row.
+    TORCH_CHECK_TYPE(w.is_floating_point(), "weights must be a floating-point tensor, got ",
+                     w.scalar_type());
+    if (w.dim() == 1) {
+      TORCH_CHECK_VALUE(w.size(0) == in.teachers.k,
+                        "weights must have shape [K] or [K, N] with K = ", in.teachers.k,
+                        ", got ", w.sizes());
+      w = w.unsqueeze(1).expand({in.teachers.k, in.N});
+    }
     TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == in.teachers.k && w.size(1) == in.N,
                       "fixed_weights must have shape [K, N] = [", in.teachers.k, ", ", in.N,
                       "], got ", w.sizes());
@@ -212,8 +222,9 @@ std::tuple<Tensor, Tensor, Tensor> multi_teacher_kd_fwd_cuda(
                                     temperature, weight_temperature);
   TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 2, "divergence must be 0, 1 or 2, got ",
                     divergence);
+  // Checked for every divergence, as csrc/ops.cpp does (not only where jsd reads it).
+  TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "beta must lie in [0, 1], got ", beta);
   if (divergence == 2) {
-    TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "beta must lie in [0, 1] for jsd, got ", beta);
     // The endpoints are forward and reverse KL exactly (log 0 never reaches the kernel).
     if (beta == 0.0) divergence = 0;
     if (beta == 1.0) divergence = 1;
@@ -342,14 +353,17 @@ Tensor scale_grad_cuda(const Tensor& grad, const Tensor& grad_rows) {
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad_rows.dim() == 1 && grad_rows.size(0) == grad.size(0),
                     "grad must be [N, V] and grad_rows [N], got ", grad.sizes(), " and ",
                     grad_rows.sizes());
-  TORCH_CHECK_TYPE(grad_rows.scalar_type() == at::kFloat || grad_rows.scalar_type() == at::kDouble,
-                   "grad_rows must be float32 or float64, got ", grad_rows.scalar_type());
+  TORCH_CHECK_TYPE(grad_rows.is_floating_point(), "grad_rows must be floating point, got ",
+                   grad_rows.scalar_type());
+  const cuda::DType dtype = kernel_dtype(grad, "grad");
   const c10::cuda::CUDAGuard guard(grad.device());
   Tensor g = grad.contiguous();
-  Tensor rows = grad_rows.contiguous();
+  // In grad's accumulation type, as csrc/ops.cpp: float32 grad_rows must not round a float64
+  // gradient to float32 precision, float64 ones not widen a float32 gradient's product.
+  Tensor rows = grad_rows.to(acc_dtype(grad.scalar_type())).contiguous();
   Tensor out = at::empty_like(g);
   cuda::ScaleGradParams p{};
-  p.dtype = kernel_dtype(g, "grad");
+  p.dtype = dtype;
   p.rows_double = rows.scalar_type() == at::kDouble;
   p.n = g.size(0);
   p.v = g.size(1);
