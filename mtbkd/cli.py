@@ -196,7 +196,8 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument(
         "--input",
         required=True,
-        help="CSV (a Sequence column for DeepLoc runs; labels optional) or .npy",
+        help="CSV (a Sequence column for DeepLoc runs; labels optional) or .npy, features in the "
+        "units the run was trained on (digits: pixels / 16, as mtbkd.data.load_digits gives them)",
     )
     p.add_argument("--out", required=True, help="CSV to write, one row per input")
     p.add_argument(
@@ -373,18 +374,47 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
+    import time
+
+    t0 = time.perf_counter()
+    if args.resume and not args.out:
+        raise SystemExit(
+            f"mtbkd {args.command}: --resume continues the run in --out: give --out DIR, the "
+            "folder of the interrupted run"
+        )
+    out = _out_dir(args)
+    if args.resume and not out.exists():
+        print(f"nothing to resume: {out} does not exist; starting a new run", file=sys.stderr)
+    try:
+        return _run_seeds(args, out, t0)
+    except KeyboardInterrupt:
+        raise SystemExit(
+            f"\nmtbkd {args.command}: interrupted; the checkpoints in {out} keep the finished "
+            "work: run the same command with --resume (and the same --out) to continue"
+        ) from None
+
+
+def _written(args: argparse.Namespace, out: Path) -> str:
+    """What a single run wrote into ``out``, for the closing line."""
+    parts = ["report"]
+    if not args.no_figures:
+        parts.append("figures")
+    if (out / "run.json").is_file():  # only with mtbkd_sgld among the methods
+        parts.append("posterior samples")
+    return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+
+
+def _run_seeds(args: argparse.Namespace, out: Path, t0: float) -> int:
     import json
     import time
 
     from mtbkd import report
 
-    t0 = time.perf_counter()
-    out = _out_dir(args)
     if args.seeds is None:
         _check_resume(args, out)
         _run_one(args, 0 if args.seed is None else args.seed, out)
         print(f"total {time.perf_counter() - t0:.0f} s")
-        print(f"report, figures and posterior samples written to {out}")
+        print(f"{_written(args, out)} written to {out}")
         return 0
     if args.seed is not None:
         raise SystemExit(f"mtbkd {args.command}: give --seed or --seeds, not both")
@@ -439,7 +469,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_distill(args: argparse.Namespace) -> int:
     if args.dataset in ("deeploc", "dir") and not args.data_dir:
         raise SystemExit(f"mtbkd distill --dataset {args.dataset} needs --data-dir")
+    _refuse_data_dir(args)
     return _run_pipeline(args)
+
+
+def _refuse_data_dir(args: argparse.Namespace) -> None:
+    # it was silently ignored: `--dataset yeast --data-dir mine` ran the built-in yeast
+    if args.data_dir and args.dataset not in ("deeploc", "dir"):
+        raise SystemExit(
+            f"mtbkd {args.command}: --dataset {args.dataset} is built in and takes no --data-dir "
+            "(a dataset of your own: --dataset dir --data-dir DIR)"
+        )
 
 
 def _cmd_teachers(args: argparse.Namespace) -> int:
@@ -451,6 +491,7 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
 
     from mtbkd import data, distill, report
 
+    _refuse_data_dir(args)
     try:
         if args.dataset == "digits":
             config = distill.DistillConfig(**distill.PRESETS["digits"], seed=args.seed)

@@ -2148,6 +2148,15 @@ def load_run(run_dir: str | Path):
     run = Path(run_dir)
     meta_path = run / "run.json"
     if not meta_path.is_file():
+        if (run / "summary.json").is_file():
+            raise FileNotFoundError(
+                f"{run} holds a multi-seed run: pass one seed's folder, --run {run}/seed<k>"
+            )
+        if (run / "report.json").is_file():
+            raise FileNotFoundError(
+                f"{run} has no student to apply (no run.json): the student and its posterior "
+                "samples are saved only when mtbkd_sgld is among the run's --methods"
+            )
         raise FileNotFoundError(f"{run} is not a saved run (no run.json)")
     meta = json.loads(meta_path.read_text())
     model = StudentMLP(meta["in_features"], meta["num_classes"], meta["hidden"])

@@ -248,7 +248,9 @@ def predict(
     used once per chunk. ``chunk=None`` sizes the chunks from the bytes of one sample's
     parameters and outputs (:data:`PREDICT_PARAM_BYTES`, :data:`PREDICT_OUTPUT_BYTES`): a sampled
     head goes in one or few chunks; a fully sampled network, whose samples share nothing, is run
-    one sample per call. ``chunk=1`` is always one plain call per sample. Returns
+    one sample per call. ``chunk=1`` is always one plain call per sample, and so is any ``chunk``
+    for a model with a sampling :class:`mtbkd.nn.BayesLinear` (each sample draws its own weights
+    from its stored posterior; vmap cannot batch the layer's seed). Returns
     softmax probabilities in fp32 (logits when ``probabilities=False``). Sampled buffers (a store
     made from a ``state_dict``) replace the model's too. Put the model in ``eval()`` mode first if
     it has dropout or batch norm (in training mode every sample draws its own dropout masks and
@@ -286,6 +288,8 @@ def predict(
     stacked = store.stacked()
     out: Tensor | None = None
     size = chunk
+    if _draws_host_seeds(model):  # a sampling BayesLinear reads a fresh seed on the host per
+        size = 1  # forward, which vmap cannot batch: one plain call (and draw) per sample
     if size is None:  # automatic: one sample on one row gives the output's size per row
         # in eval mode: a training-mode batch norm fails on one row and would update its statistics
         modes = [(m, m.training) for m in model.modules()]
@@ -313,6 +317,18 @@ def predict(
             out[s0 : s0 + res.shape[0]] = res
             s0 += res.shape[0]
     return out
+
+
+def _draws_host_seeds(model: nn.Module) -> bool:
+    """Whether ``model`` holds a :class:`mtbkd.nn.BayesLinear` that samples its weights in the
+    forward (not frozen, ``mode="reparameterize"``): its Philox seed is read with ``.item()``,
+    which ``torch.vmap`` refuses."""
+    from mtbkd.nn import BayesLinear
+
+    return any(
+        isinstance(m, BayesLinear) and not m.frozen and m.mode == "reparameterize"
+        for m in model.modules()
+    )
 
 
 def _auto_chunk(store: SampleStore, params: Mapping[str, Tensor], out: Tensor) -> int:

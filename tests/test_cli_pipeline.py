@@ -434,3 +434,49 @@ def test_default_run_folders_started_the_same_second_differ(tmp_path, monkeypatc
     first, second = cli._out_dir(args), cli._out_dir(args)
     assert first != second and first.is_dir() and second.is_dir()
     assert second.name == "digits-20250101-120000.1"
+
+
+def test_resume_needs_out_and_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from mtbkd import distill
+
+    d = _own_dataset(tmp_path, 90, seed=0)
+    monkeypatch.chdir(tmp_path)
+    base = ["distill", "--dataset", "dir", "--data-dir", str(d), "--smoke", "--methods", "ce",
+            "--no-figures", "--no-progress"]  # fmt: skip
+    # --resume without --out started a fresh run in a new folder under runs/
+    with pytest.raises(SystemExit, match="--resume continues the run in --out"):
+        cli.main(base + ["--resume"])
+    assert not (tmp_path / "runs").exists()
+
+    # Ctrl-C printed a raw KeyboardInterrupt traceback, with no word about --resume
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(distill, "run_experiment", interrupted)
+    with pytest.raises(SystemExit, match=r"interrupted.*--resume") as exc:
+        cli.main(base + ["--out", str(out)])
+    assert str(out) in str(exc.value.code)
+    monkeypatch.undo()
+    # --resume into a folder that does not exist says it starts afresh
+    capsys.readouterr()
+    assert cli.main(base + ["--out", str(tmp_path / "new"), "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "nothing to resume" in captured.err
+    # the closing line names only what was written: no figures, no posterior samples (no sgld)
+    assert captured.out.strip().splitlines()[-1] == f"report written to {tmp_path / 'new'}"
+    # predict on that run says why there is nothing to apply
+    with pytest.raises(SystemExit, match="only when mtbkd_sgld is among"):
+        cli.main(["predict", "--run", str(tmp_path / "new"), "--input", "x.csv", "--out", "p.csv"])
+
+
+def test_built_in_datasets_refuse_data_dir_and_predict_names_a_seed_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # before the fix, distill ran and wrote under runs/
+    # `--dataset yeast --data-dir mine` silently ran the built-in yeast
+    for cmd in ("distill", "teachers"):
+        with pytest.raises(SystemExit, match="built in and takes no --data-dir"):
+            cli.main([cmd, "--dataset", "yeast", "--data-dir", str(tmp_path)])
+    # predict on a --seeds folder said only "not a saved run (no run.json)"
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"multi-seed run: pass one seed's folder"):
+        cli.main(["predict", "--run", str(tmp_path), "--input", "x.csv", "--out", "p.csv"])

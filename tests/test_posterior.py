@@ -283,3 +283,26 @@ def test_predict_model_must_return_a_tensor():
     for chunk in (None, 1):
         with pytest.raises(TypeError, match="model must return a tensor"):
             predict(model, store, torch.randn(4, 5), chunk=chunk)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_predict_with_a_sampling_bayes_linear(chunk):
+    # a bayesify'd model (BayesLinear sampling its weights in the forward) raised vmap's
+    # "calling .item() on a Tensor" error: its seed is drawn on the host
+    from mtbkd import bayesify
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    model = bayesify(net, include=["2"])
+    store = SampleStore(model, max_samples=5)
+    for _ in range(5):
+        with torch.no_grad():
+            model[2].weight_mu.add_(torch.randn_like(model[2].weight_mu))
+        store.collect()
+    x = torch.randn(4, 3)
+    probs = predict(model, store, x, chunk=chunk)
+    assert probs.shape == (5, 4, 2) and torch.isfinite(probs).all()
+    model[2].freeze()  # the posterior mean: deterministic, vmapped, equal to one call per sample
+    torch.testing.assert_close(
+        predict(model, store, x, chunk=chunk), predict(model, store, x, chunk=1)
+    )
