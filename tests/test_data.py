@@ -36,6 +36,21 @@ def test_sequence_features_by_hand():
     assert v["tm_segments"] == 0 and v["charge_mean"] == 0
 
 
+def test_sequence_window_charge_and_dipeptide_features_by_hand():
+    # DDKKK, ten I, 25 G (Kyte-Doolittle D -3.5, K -3.9, I 4.5, G -0.4; charge D -1, K +1)
+    v = _named(data.sequence_features(["DDKKK" + "I" * 10 + "G" * 25])[0])
+    assert v["nterm30_hydropathy"] == pytest.approx((-7.0 - 11.7 + 45.0 - 6.0) / 30)
+    assert v["cterm30_hydropathy"] == pytest.approx((5 * 4.5 - 25 * 0.4) / 30)  # 5 I, 25 G
+    # the best 11-residue window of the first 40: the ten I and one neighbour (G, not K)
+    assert v["nterm40_hydropathy_max11"] == pytest.approx((45.0 - 0.4) / 11)
+    assert v["charge_mean"] == pytest.approx(1 / 40)
+    assert v["charged_fraction"] == pytest.approx(5 / 40)
+    # 39 dipeptides, ordered first -> second: one acidic -> basic (DK), one aliphatic -> special
+    assert v["gdi_acidic_basic"] == v["gdi_aliphatic_special"] == pytest.approx(1 / 39)
+    assert v["gdi_basic_acidic"] == v["gdi_special_aliphatic"] == 0.0
+    assert v["gdi_special_special"] == pytest.approx(24 / 39)
+
+
 def test_sequence_features_see_signals():
     # a 19-residue hydrophobic stretch is one transmembrane segment; a C-terminal KDEL is read
     seq = "MSTKE" + "L" * 22 + "SSNQDEKRSTSTNQ" * 3 + "KDEL"
@@ -96,6 +111,17 @@ def test_transmembrane_count_is_exact_at_the_threshold():
     # one residue more hydrophobic (G -> A): one segment
     v = _named(data.sequence_features(["MKACSFCSSILIMTALTFGIGK"])[0])
     assert v["tm_segments"] == 1 and v["has_tm_segment"] == 1
+
+
+def test_stratified_split_by_hand():
+    # fraction 0.25 of each class, rounded, at least one row held out of a class of two or more
+    # and none of a class of one: 2 rows -> 1 held (round(0.5) = 0 is raised to 1), 7 -> 2 (1.75)
+    y = np.array([1, 0, 1, 1, 2, 1, 0, 1, 1, 1])
+    keep, held = data.stratified_split(y, 0.25, seed=0)
+    assert np.bincount(y[held], minlength=3).tolist() == [1, 2, 0]
+    assert np.bincount(y[keep], minlength=3).tolist() == [1, 5, 1]
+    assert np.array_equal(np.sort(np.concatenate([keep, held])), np.arange(10))
+    assert np.all(np.diff(keep) > 0) and np.all(np.diff(held) > 0)
 
 
 def test_digits_split_is_stratified():

@@ -313,6 +313,9 @@ def test_sgld_schedule_spreads_samples():
     cfg = replace(CONFIG, sgld_epochs=10, batch_size=10, num_samples=20, burn_in=0.1)
     burn, thin, kept = distill.sgld_schedule(100, cfg)  # 100 steps
     assert (burn, kept) == (10, 20) and thin == 4
+    # 105 rows in batches of 10: 11 steps an epoch (the last batch of 5 is a step too), 110 in all
+    burn, thin, kept = distill.sgld_schedule(105, cfg)
+    assert (burn, thin, kept) == (11, (110 - 11) // 20, 20)
 
 
 def _val_nll(model, x, y):
@@ -351,7 +354,7 @@ def test_early_stopping_keeps_the_best_validation_epoch_and_stops_after_patience
 def test_early_stopping_resumes_to_the_same_weights(tmp_path):
     x, y, t = halves_problem(10, seed=13)
     xv, yv, _ = halves_problem(10, seed=14)
-    cfg = replace(CONFIG, map_epochs=40, map_lr=3e-2, patience=6, checkpoint_every=3)
+    cfg = replace(CONFIG, map_epochs=40, map_lr=3e-2, patience=6, checkpoint_every=4)
     data = distill.TrainData(x, y, t)
     obj = distill.Objective("mtbkd", (0, 1), concentration=20.0, prior_weight=0.5)
     ref = _student()
@@ -365,11 +368,50 @@ def test_early_stopping_resumes_to_the_same_weights(tmp_path):
         distill.train_map(
             _student(), data, obj, cfg, checkpoint_dir=tmp_path, callback=stop, validation=(xv, yv)
         )
-    for _ in range(2):  # resumed, then loaded from the finished (stopped) checkpoint
-        model = _student(seed=5)
-        distill.train_map(model, data, obj, cfg, checkpoint_dir=tmp_path, validation=(xv, yv))
+    for again in range(2):  # resumed, then loaded from the finished (stopped) checkpoint
+        model, ran = _student(seed=5), []
+        distill.train_map(model, data, obj, cfg, checkpoint_dir=tmp_path, validation=(xv, yv),
+                          callback=ran.append)  # fmt: skip
         for a, b in zip(ref.state_dict().values(), model.state_dict().values(), strict=True):
             assert torch.equal(a, b)
+        # the run stops early, at epoch 9 (no multiple of checkpoint_every), and checkpoints
+        # that it stopped: loading that checkpoint trains no further epoch
+        assert ran == ([] if again else [9])
+
+
+def test_sgld_prior_precision_defaults_to_num_data_times_weight_decay():
+    # DistillConfig: sgld_prior_precision None is num_data * weight_decay (Adam's L2 on the mean
+    # loss is that prior on the summed loss): the same samples as asking for it explicitly
+    x, y, t = halves_problem(6, seed=16)
+    cfg = replace(CONFIG, weight_decay=0.05, sgld_epochs=2, num_samples=3)
+    data = distill.TrainData(x, y, t)
+    obj = distill.Objective("mtbkd", (0, 1), concentration=20.0, prior_weight=0.5)
+    default, _ = distill.train_sgld(_student(), data, obj, cfg)
+    explicit, _ = distill.train_sgld(_student(), data, obj, cfg, prior_precision=24 * 0.05)
+    assert len(default) == 3 and torch.equal(default.samples(), explicit.samples())
+    other, _ = distill.train_sgld(_student(), data, obj, cfg, prior_precision=0.05)
+    assert not torch.equal(default.samples(), other.samples())
+
+
+def test_teacher_attribution_by_hand():
+    # MATH.md sections 1-2: entropy weights w_k of the teachers and responsibilities
+    # r_k = softmax_k(log w_k + C_k - L_k), averaged over the posterior samples
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 3, 4, generator=g, dtype=torch.float64), -1)
+    t = torch.randn(2, 3, 4, generator=g, dtype=torch.float64) * 2
+    obj = distill.Objective("mtbkd", (0, 1), temperature=2.0, concentration=5.0)
+    w, r = distill.teacher_attribution(probs.float(), t.float(), obj)
+    p1 = torch.softmax(t, -1)
+    h = -(p1 * p1.log()).sum(-1)  # [K, N]
+    w_want = 1 - h / h.sum(0)  # K = 2: (1 - H_k / sum H) / (K - 1)
+    torch.testing.assert_close(w, w_want.float(), rtol=1e-5, atol=1e-6)
+    p = torch.softmax(t / 2.0, -1)  # [K, N, C]
+    resp = []
+    for q in probs:  # each posterior sample
+        log_q = torch.log_softmax(q.log() / 2.0, -1)
+        ell = w_want.log() + 5.0 * (p * log_q).sum(-1) - torch.lgamma(1 + 5.0 * p).sum(-1)
+        resp.append(torch.softmax(ell, 0))
+    torch.testing.assert_close(r, torch.stack(resp).mean(0).float(), rtol=1e-5, atol=1e-6)
 
 
 def test_chains_are_pooled_with_their_own_bodies():
@@ -381,8 +423,9 @@ def test_chains_are_pooled_with_their_own_bodies():
     # each chain keeps its own body once and the samples of its head only
     assert [len(s) for _, s in store.chains] == [5, 5, 5]
     assert all(n.startswith("head.") for _, s in store.chains for n in s.names)
-    b0, b1 = (st["body.0.weight"] for st, _ in store.chains[:2])
-    assert not torch.equal(b0, b1)
+    b0, b1, b2 = (st["body.0.weight"] for st, _ in store.chains)
+    # chain c starts from its own initialisation (seed config.seed + c): no two chains alike
+    assert not torch.equal(b0, b1) and not torch.equal(b1, b2) and not torch.equal(b0, b2)
     before = {k: v.clone() for k, v in res.model.state_dict().items()}
     # the first chain's samples are those of a one-chain run with the same seed
     one = distill.distill(_student(), t, x, y, replace(cfg, num_chains=1), method="mtbkd_sgld")
@@ -473,6 +516,77 @@ def test_joint_selection_samples_every_grid_point_and_keeps_the_best_predictive(
         assert (got.hparams["prior_weight"], got.hparams["sgld_lr"]) == best[1:3]
         assert got.val_nll == pytest.approx(best[3])
         assert got.probs.shape[0] == 2 * cfg.num_samples
+
+
+def test_selection_keeps_the_lowest_validation_nll_and_the_default_prior(monkeypatch):
+    # the MAP objective and the SGLD setting are chosen by the lowest validation NLL (the best
+    # sits between a worse first and a worse last candidate)
+    x, y, t = halves_problem(3, seed=17)
+    cfg = replace(CONFIG, weight_decay=1e-3, sgld_grid=())
+    ex = distill._Experiment(cfg, x, y, t, x, y, x, y, _student(), None, lambda m: None)
+    nll = {0.1: 0.7, 0.5: 0.3, 0.9: 0.5}
+    objs = [distill.Objective("mtbkd", (0, 1), prior_weight=pw) for pw in nll]
+    monkeypatch.setattr(ex, "fit_map", lambda name, obj: (None, 1.0, nll[obj.prior_weight]))
+    obj, _, _, vnll = ex.select_map("mtbkd", objs)
+    assert (obj.prior_weight, vnll) == (0.5, 0.3)
+    vals = {1e-3: 0.6, 1e-2: 0.2, 1e-1: 0.4}
+    settings = [{"sgld_lr": lr, "sgld_prior_precision": 1.0} for lr in vals]
+    monkeypatch.setattr(distill, "train_sgld", lambda *a, sgld_lr, **kw: (sgld_lr, 0.0))
+    monkeypatch.setattr(ex, "val_nll", lambda model, store: vals[store])
+    h, _, _, _, vnll = ex.select_sgld("mtbkd", objs[0], _student(), settings)
+    assert (h["sgld_lr"], vnll) == (1e-2, 0.2)
+    # the SGLD grid: every step size with every prior precision; without a prior grid the
+    # default precision num_data * weight_decay (12 rows here)
+    assert ex.sgld_settings() == [{"sgld_lr": cfg.sgld_lr, "sgld_prior_precision": 12 * 1e-3}]
+    ex.config = replace(cfg, sgld_grid=(1e-3, 1e-2), sgld_prior_grid=(1.0, 2.0))
+    assert [(h["sgld_lr"], h["sgld_prior_precision"]) for h in ex.sgld_settings()] == [
+        (1e-3, 1.0),
+        (1e-3, 2.0),
+        (1e-2, 1.0),
+        (1e-2, 2.0),
+    ]
+
+
+def test_evaluate_probs_auroc_tells_wrong_predictions_by_their_entropy():
+    # MATH.md section 8: AUROC of the predictive entropy for wrong (positive) against right rows.
+    # Two classes, top probabilities 0.55 (wrong), 0.7 (wrong), 0.65 (right), 0.95 (right): the
+    # entropy falls as the top probability grows, so 3 of the 4 (wrong, right) pairs are ordered
+    top = torch.tensor([0.55, 0.7, 0.65, 0.95])
+    probs = torch.stack([top, 1 - top], -1)[None]
+    labels = torch.tensor([1, 1, 0, 0])
+    m = distill.evaluate_probs(probs, labels)
+    assert m["accuracy"] == 0.5
+    assert m["auroc_error"] == pytest.approx(0.75)
+
+
+def test_teacher_calibration_divides_train_and_test_logits_by_one_fitted_temperature(monkeypatch):
+    # each teacher's temperature T minimises the NLL of its out-of-fold training logits / T
+    # (found here by scipy) and scales its training and its test logits alike
+    optimize = pytest.importorskip("scipy.optimize")
+
+    def teachers(x, y, num_classes, config):  # x . mean_c is the Bayes logit: T = 3 and 0.5
+        heads = {"over": torch.nn.Linear(2, 4), "under": torch.nn.Linear(2, 4)}
+        for scale, head in zip((3.0, 0.5), heads.values(), strict=True):
+            head.weight.data, head.bias.data = scale * MEANS, torch.zeros(4)
+        return heads
+
+    monkeypatch.setattr(distill, "train_teachers", teachers)
+    x, y, _ = halves_problem(10, seed=18)
+    cfg = replace(CONFIG, teacher_folds=2, teacher_calibrate=False)
+    _, raw_tr, raw_te = distill.teacher_logits(x, y, x[:7], 4, cfg)
+    _, cal_tr, cal_te = distill.teacher_logits(x, y, x[:7], 4, replace(cfg, teacher_calibrate=True))
+    for k in range(2):
+        logits = raw_tr[k].double()
+
+        def nll(log_t, logits=logits):
+            return float(torch.nn.functional.cross_entropy(logits / np.exp(log_t), y))
+
+        fit = optimize.minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded",
+                                       options={"xatol": 1e-8})  # fmt: skip
+        temp = float(np.exp(fit.x))
+        assert 0.1 < temp < 10  # an interior minimum
+        torch.testing.assert_close(cal_tr[k], raw_tr[k] / temp, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cal_te[k], raw_te[k] / temp, rtol=1e-5, atol=1e-5)
 
 
 def test_format_hparams_is_compact():

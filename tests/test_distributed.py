@@ -674,6 +674,33 @@ def scenario_review_regressions(rank: int, world: int) -> None:
     _close(got, _ref_mtbkd(z, t, y, "mean"))
 
 
+def scenario_shard_edges(rank: int, world: int) -> None:
+    """Labels on the first and last columns of the shards (widths 9 and 11), and teachers that
+    are all one-hot (every entropy exactly 0)."""
+    v = 20
+    lo, hi = _bounds([9, 11])[rank]
+    z, t, _ = _data(n_lead=(6,), v=v, k=2, seed=6, masked=False)
+    y = torch.tensor([0, 8, 9, 19, 9, 8])
+    upstream = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+    mt = {"labels": True, "reduction": "none"}
+    _check_case(_ref_mtbkd, D.vocab_parallel_mtbkd_loss, mt, z, t, y, upstream, lo, hi)
+    kd = {"labels": True, "reduction": "none", "hard_label_weight": 0.5}
+    _check_case(_ref_kd, D.vocab_parallel_multi_teacher_kd_loss, kd, z, t, y, upstream, lo, hi)
+    # one-hot teachers (exp(-1e4) is 0 in float64): sum_j H_j = 0, so the entropy weights are
+    # 1/K (MATH.md section 1), here the reference's uniform weights
+    th = torch.full_like(t, -1e4)
+    th[0, :, 3] = 0.0
+    th[1, :, 12] = 0.0
+    calls = [(D.vocab_parallel_mtbkd_loss, _ref_mtbkd), (D.vocab_parallel_multi_teacher_kd_loss,
+                                                         _ref_kd)]  # fmt: skip
+    for vp_fn, ref_fn in calls:
+        ref, ref_g = _ref_grad(lambda zz: ref_fn(zz, th, y, "mean", weights="uniform"), z)  # noqa: B023
+        got, g = _shard_grad(lambda zs: vp_fn(zs, th[..., lo:hi], y, vocab_start=lo,  # noqa: B023
+                                              vocab_size=v), z[:, lo:hi])  # fmt: skip
+        _close(got, ref)
+        _close(g, ref_g[:, lo:hi])
+
+
 SCENARIOS = {
     "review_regressions": scenario_review_regressions,
     "vocab_parallel": scenario_vocab_parallel,
@@ -682,6 +709,7 @@ SCENARIOS = {
     "ddp": scenario_ddp,
     "fsdp": scenario_fsdp,
     "fused_linear": scenario_fused_linear,
+    "shard_edges": scenario_shard_edges,
 }
 
 
@@ -715,6 +743,10 @@ def test_mismatched_inputs_raise_on_every_rank(ranks):
 
 def test_review_regressions(ranks):
     ranks(2).run("review_regressions", limit=60.0)
+
+
+def test_labels_on_shard_edges_and_one_hot_teachers(ranks):
+    ranks(2).run("shard_edges")
 
 
 def test_ddp_training_matches_single_process(ranks):

@@ -835,6 +835,25 @@ def test_teacher_stats_of_another_leading_layout_are_refused(backend):
     )
 
 
+def test_teacher_stats_that_do_not_fit_the_call_are_refused(backend):
+    # statistics at another temperature, of other rows, teachers or vocabulary would silently
+    # give a wrong loss (MATH.md section 9): TeacherStats checks them whatever the backend
+    z, t, y = _inputs(n=6, v=11, k=2)
+    stats = mtbkd.TeacherStats(t)
+    for name, value in (("temperature", 3.0), ("concentration", 4.0), ("weight_temperature", 0.5)):
+        with pytest.raises(ValueError, match=f"computed with {name}="):
+            mtbkd.mtbkd_loss(z, t, y, teacher_stats=stats, **{name: value})
+    with pytest.raises(ValueError, match="hold 6 rows but the loss has 4"):
+        mtbkd.mtbkd_loss(z[:4], t[:, :4], y[:4], teacher_stats=stats)
+    with pytest.raises(ValueError, match="hold 2 teachers but the loss has 1"):
+        mtbkd.mtbkd_loss(z, t[:1], y, teacher_stats=stats)
+    with pytest.raises(ValueError, match="vocabulary size 11, the logits have 10"):
+        mtbkd.mtbkd_loss(z[:, :10], t[:, :, :10], y.clamp_max(9), teacher_stats=stats)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature must be a finite positive number"):
+            mtbkd.TeacherStats(t, temperature=bad)
+
+
 def test_scale_grad_computes_in_the_gradients_accumulation_dtype(backend):
     # float32 rows must not round a float64 gradient (the reference multiplied in the rows' dtype)
     grad = torch.tensor([[1.0 + 2.0**-40, 3.0]], dtype=torch.float64)

@@ -10,6 +10,7 @@ from mtbkd.fused_linear import (
     FusedLinearMultiTeacherKDLoss,
     auto_chunk_size,
     fused_linear_from,
+    fused_linear_multi_teacher_kd_loss,
 )
 
 
@@ -257,3 +258,41 @@ def test_float16_grad_hidden_survives_loss_scaling():
     err_fused = (grad_hidden(True, torch.float16) - truth).norm() / truth.norm()
     err_plain = (grad_hidden(False, torch.float16) - truth).norm() / truth.norm()
     assert err_fused <= 2 * err_plain, (err_fused, err_plain)
+
+
+def _forward_kl_rows(z, teacher_logits):
+    """Per row: the uniform mean over teachers of KL(softmax(t_k) || softmax(z)), by torch."""
+    logq = torch.log_softmax(z, -1)
+    kl = [torch.nn.functional.kl_div(logq, torch.log_softmax(t, -1), log_target=True,
+                                     reduction="none").sum(-1) for t in teacher_logits]  # fmt: skip
+    return torch.stack(kl).mean(0)
+
+
+def test_padded_dense_teachers_are_sliced_and_grad_output_scales_every_gradient():
+    # Teacher logits [N, V_k] with V_k > V are sliced to the student's V (their softmax is over
+    # the first V columns); the backward multiplies every gradient by grad_output
+    hid, w, b, _, _ = _problem(n=9, v=11)
+    g = torch.Generator().manual_seed(1)
+    t = [torch.randn(9, 11 + 3 * i, generator=g, dtype=torch.float64) for i in range(2)]
+    loss = fused_linear_multi_teacher_kd_loss(hid, w, t, student_bias=b, weights="uniform",
+                                                    chunk_size=4)  # fmt: skip
+    want = _forward_kl_rows(hid @ w.t() + b, [x[:, :11] for x in t]).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    got = torch.autograd.grad(3.0 * loss, (hid, w, b))
+    expected = torch.autograd.grad(3.0 * want, (hid, w, b))
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+
+
+def test_mean_counts_the_rows_whose_label_is_not_ignore_index_a_real_class():
+    # MATH.md section 4: the mean divides by the rows with labels != ignore_index, here class 0
+    hid, w, b, _, _ = _problem(n=10, v=7)
+    g = torch.Generator().manual_seed(2)
+    t = [torch.randn(10, 7, generator=g, dtype=torch.float64) for _ in range(2)]
+    y = torch.tensor([0, 3, 1, 0, 6, 2, 0, 5, 4, 0])
+    loss = fused_linear_multi_teacher_kd_loss(
+        hid, w, t, y, b, weights="uniform", hard_label_weight=0.5, ignore_index=0, chunk_size=3
+    )
+    z = hid @ w.t() + b
+    rows = _forward_kl_rows(z, t) + 0.5 * torch.nn.functional.cross_entropy(z, y, reduction="none")
+    torch.testing.assert_close(loss, rows[y != 0].mean(), rtol=1e-10, atol=1e-12)

@@ -118,6 +118,19 @@ def test_credible_set_hand_example():
     assert cov.item() == 0.5 and size.item() == 1.5
 
 
+def test_credible_set_when_the_level_is_reached_exactly_and_at_level_one():
+    # p = [1/2, 1/4, 1/8, 1/8] (exact in binary): f(u) = 0.75 exactly for u in (1/8, 1/4], so
+    # u = 1/4 solves f(u) = 0.75 and the set is the two top classes, not all four (MATH.md 8)
+    q = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.5, 0.5, 0.0, 0.0]])
+    assert M.credible_set(q, 0.75)[0].tolist() == [True, True, False, False]
+    torch.testing.assert_close(M.credible_threshold(q, 0.75)[0], torch.tensor(0.25))
+    # level 1 (allowed: (0, 1]): every class with probability > 0, and no class without
+    assert M.credible_set(q, 1.0).tolist() == [[True] * 4, [True, True, False, False]]
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="level must be in"):
+            M.credible_threshold(q, bad)
+
+
 def test_credible_threshold_matches_exact_sort():
     torch.manual_seed(0)
     q = torch.softmax(torch.randn(6, 40, 10) * 2, -1)

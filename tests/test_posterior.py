@@ -306,3 +306,19 @@ def test_predict_with_a_sampling_bayes_linear(chunk):
     torch.testing.assert_close(
         predict(model, store, x, chunk=chunk), predict(model, store, x, chunk=1)
     )
+
+
+def test_reservoir_keeps_each_offered_sample_with_equal_probability():
+    # Reservoir sampling with one slot: after 4 offers each is the stored one with probability
+    # 1/4 (the i-th offer replaces the slot with probability 1/i)
+    p = torch.zeros(1)
+    hits = torch.zeros(4)
+    torch.manual_seed(0)
+    for _ in range(1200):
+        store = SampleStore({"p": p}, max_samples=1, reservoir=True)
+        for step in range(4):
+            p.fill_(step)
+            store.collect()
+        hits[int(store.samples()[0, 0])] += 1
+    # 300 expected hits each, sd = sqrt(1200 * 1/4 * 3/4) = 15
+    assert (hits - 300).abs().max() < 75, hits

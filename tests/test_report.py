@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
 
 import pytest
 import torch
@@ -455,6 +457,40 @@ def test_seed_bootstrap_covers_seeds_and_rows():
         report.summarise_seeds(reps[:2], [0, 1], per_row=[rows[0], {"labels": rows[0]["labels"]}])
     with pytest.raises(ValueError, match="one entry per seed"):
         report.summarise_seeds(reps[:2], [0, 1], per_row=[rows[0]])
+
+
+def test_seed_bootstrap_resamples_a_shared_test_set_once_for_every_seed():
+    # seeds tested on the same rows: one row resample serves every seed, so the test set's noise
+    # is not averaged away over seeds. Four like seeds; reference - ce is -1 on two of the four
+    # rows, 0 on the others: a draw is minus the fraction of such rows among 4 drawn, -1 and 0
+    # each with probability (1/2)^4 = 1/16 > 2.5 % (under 0.3 % if each seed drew its own rows)
+    reps = [_seed_report({"ce": (0.5, 1.0, 0.05), "mtbkd_sgld": (0.5, 0.5, 0.05)})] * 4
+    rows = [_per_row_seed({"ce": [1.0, 1.0, 1.0, 1.0], "mtbkd_sgld": [0.0, 0.0, 1.0, 1.0]})] * 4
+    s = report.summarise_seeds(reps, [0, 1, 2, 3], per_row=rows, resamples=1000)
+    r = s["versus"]["methods"]["ce"]["nll"]
+    assert s["versus"]["shared_test_rows"] is True
+    assert (r["boot_low"], r["boot_high"]) == (-1.0, 0.0)
+
+
+def test_paired_bootstrap_interval_is_the_central_95_percent():
+    # reference - ce NLL is 1 on 20 of 40 rows and 0 on the others: a resample's difference is
+    # Binomial(40, 1/2) / 40, whose 2.5 % and 97.5 % quantiles are 14/40 and 26/40 (P(X <= 13)
+    # = 1.9 %, P(X <= 14) = 4.0 %; the 5 % quantile would be 15/40)
+    labels = torch.zeros(40, dtype=torch.long)
+    p_ce = torch.full((1, 40, 2), 0.5)
+    p_ref = torch.full((1, 40, 2), 0.5)
+    p_ref[0, 20:, 0] = 0.5 * math.exp(-1.0)  # NLL log 2 + 1 on the last 20 rows
+    p_ref[0, 20:, 1] = 1 - p_ref[0, 20:, 0]
+    methods = [types.SimpleNamespace(name=n, probs=p) for n, p in (("ce", p_ce), ("ref", p_ref))]
+    res = types.SimpleNamespace(
+        labels=labels,
+        methods=methods,
+        method=lambda name: next(m for m in methods if m.name == name),
+    )
+    row = report.paired_bootstrap(res, reference="ref", resamples=4000)["methods"]["ce"]["nll"]
+    assert row["diff"] == pytest.approx(0.5, abs=1e-5)
+    assert row["low"] == pytest.approx(14 / 40, abs=1e-5)
+    assert row["high"] == pytest.approx(26 / 40, abs=1e-5)
 
 
 def test_weighting_diagnostic_by_hand():

@@ -272,3 +272,36 @@ def test_logits_passed_as_log_probabilities_are_refused():
     idx = torch.arange(12).expand(4, 12)
     loss = mtbkd.mtbkd_loss(z, [SparseTeacher(idx, lp)])
     assert torch.isfinite(loss)
+
+
+def test_tail_bucket_is_kept_unless_every_teachers_tail_is_negligible():
+    # MATH.md section 5: the tail bucket is dropped only when *every* teacher's tail mass is below
+    # the threshold; here teacher a's is 1e-9 but teacher b's is 0.2
+    z = torch.randn(1, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    idx = torch.tensor([[0, 1]])
+    a = SparseTeacher(idx, torch.tensor([[0.7, 0.3 - 1e-9]], dtype=torch.float64).log())
+    b = SparseTeacher(idx, torch.tensor([[0.5, 0.3]], dtype=torch.float64).log())
+    zb, (ta, tb), counts = bucketize(z, [a, b], return_counts=True)
+    assert counts.tolist() == [3]  # classes 0, 1 and the tail {2, ..., 5}
+    real = tb.exp() > 0  # padding buckets have probability exactly 0
+    f64 = torch.float64
+    torch.testing.assert_close(tb.exp()[real], torch.tensor([0.5, 0.3, 0.2], dtype=f64))
+    torch.testing.assert_close(ta.exp()[real], torch.tensor([0.7, 0.3 - 1e-9, 1e-9], dtype=f64))
+    q = torch.softmax(z[0], -1)
+    torch.testing.assert_close(torch.softmax(zb, -1)[real], torch.stack([q[0], q[1], q[2:].sum()]))
+
+
+def test_scale_by_t2_multiplies_the_sparse_soft_term_by_t_squared():
+    # MATH.md section 3: scale_by_t2 multiplies the soft term by T^2 (k = V: no tail bucket)
+    z, t, _ = _problem(n=5, v=7)
+    sparse = [topk_teacher(t[i], 7) for i in range(2)]
+    temp = 3.0
+    got = mtbkd.multi_teacher_kd_loss(z, sparse, temperature=temp, weights="uniform",
+                                      scale_by_t2=True)  # fmt: skip
+    logq = torch.log_softmax(z / temp, -1)
+    kl = torch.stack([
+        torch.nn.functional.kl_div(logq, torch.log_softmax(t[i] / temp, -1), log_target=True,
+                                   reduction="none").sum(-1)
+        for i in range(2)
+    ])  # fmt: skip
+    torch.testing.assert_close(got, temp**2 * kl.mean(0).mean(), rtol=1e-10, atol=1e-12)
