@@ -213,11 +213,17 @@ void sgld_step_cuda(at::TensorList params_in, at::TensorList grads_in,
                             square_avgs = square_avgs_in.vec();
   check_sgld_lists(params, grads, square_avgs, precondition);
   if (params.empty()) return;
+  TORCH_CHECK(params[0].is_cuda(), "params must be CUDA tensors, got ", params[0].device());
   const c10::cuda::CUDAGuard guard(params[0].device());
   std::vector<mtbkd::cuda::SgldTensor> tensors;
   for (size_t j = 0; j < params.size(); ++j) {
     TORCH_CHECK(params[j].scalar_type() == params[0].scalar_type(),
                 "the CUDA SGLD step needs one dtype for all parameters");
+    // A list mixing devices dispatches here (CUDA outranks CPU): a CPU or other-GPU tensor's
+    // pointer would reach the kernel (an illegal memory access, not an error).
+    TORCH_CHECK(params[j].device() == params[0].device(),
+                "the CUDA SGLD step needs all parameters on one device, got ", params[0].device(),
+                " and ", params[j].device());
     tensors.push_back({params[j].mutable_data_ptr(), grads[j].const_data_ptr(),
                        precondition ? square_avgs[j].mutable_data_ptr() : nullptr,
                        params[j].numel(), static_cast<uint32_t>(j)});

@@ -254,6 +254,7 @@ std::tuple<Tensor, Tensor, Tensor> multi_teacher_kd_fwd_cpu(
     p.hard_label_weight = hard_label_weight;
     p.divergence = static_cast<int>(divergence);
     p.beta = beta;
+    p.one_m_beta = 1.0 - beta;
     p.soft_coef = soft_label_weight * soft_scale;
     p.check_finite = check_finite;
     p.loss = loss.data_ptr<A>();

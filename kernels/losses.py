@@ -452,7 +452,7 @@ def _mtbkd_fwd_kernel(
             ls1 = tl.log(s1)
             zy = tl.load(zrow + y).to(ACC)
             ce = (mz - zy) + ls1
-            loss += beta_h * ce
+            loss += tl.where(beta_h != 0.0, beta_h * ce, 0.0)  # beta_h = 0: no term, no 0 * inf
         else:
             ce = tl.zeros([1], ACC)
         # ---- loss + gradient pass -----------------------------------------------------------
@@ -521,8 +521,8 @@ def _kd_fwd_kernel(
     z_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t_stride, labels_ptr, fw_ptr,
     loss_ptr, grad_ptr, w_ptr, status_ptr,
     N, V, ignore_index,
-    inv_tau_: tl.float64, inv_tw_: tl.float64, beta_: tl.float64, log_beta_: tl.float64,
-    log_1mbeta_: tl.float64, beta_h_: tl.float64, soft_w_: tl.float64,
+    inv_tau_: tl.float64, inv_tw_: tl.float64, beta_: tl.float64, one_m_beta_: tl.float64,
+    log_beta_: tl.float64, log_1mbeta_: tl.float64, beta_h_: tl.float64, soft_w_: tl.float64,
     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, STACKED: tl.constexpr,
     HAS_LABELS: tl.constexpr, WEIGHT_MODE: tl.constexpr, DIVERGENCE: tl.constexpr,
     CHECK_FINITE: tl.constexpr, HAS_STATUS: tl.constexpr, ACC: tl.constexpr,
@@ -534,6 +534,9 @@ def _kd_fwd_kernel(
     inv_tau = _scalar(inv_tau_, ACC)
     inv_tw = _scalar(inv_tw_, ACC)
     beta = _scalar(beta_, ACC)
+    # 1 - beta from the host: formed in float32 from a float32-rounded beta it would lose digits
+    # as beta -> 1 (fp32(1 - 1e-6) leaves 1 - beta 1.3 % off), and it scales the whole gradient.
+    one_m_beta = _scalar(one_m_beta_, ACC)
     log_beta = _scalar(log_beta_, ACC)
     log_1mbeta = _scalar(log_1mbeta_, ACC)
     beta_h = _scalar(beta_h_, ACC)
@@ -627,7 +630,7 @@ def _kd_fwd_kernel(
                 kl_q = tl.where(valid2 & (q > 0.0), q * (logq - logm), 0.0)
                 kl_p = tl.where(valid2 & (p > 0.0), p * (logp - logm), 0.0)
                 kqm += tl.sum(kl_q, axis=1)
-                div += beta * tl.sum(kl_p, axis=1) + (1.0 - beta) * tl.sum(kl_q, axis=1)
+                div += beta * tl.sum(kl_p, axis=1) + one_m_beta * tl.sum(kl_q, axis=1)
         # ---- gradient pass (forward KL also accumulates its divergence here) ----------------
         # Forward KL: q sum_k w_k - sum_k w_k p_k, zero for q = p_k however sum_k w_k rounds.
         wsum = tl.sum(w)
@@ -658,14 +661,14 @@ def _kd_fwd_kernel(
                 logm = mx + tl.log(tl.exp(a - _safe_max(mx)) + tl.exp(b - _safe_max(mx)))
                 inner = logq[None, :] - logm - kqm[:, None]
                 term = tl.where(valid2 & (q > 0.0)[None, :], w[:, None] * inner, 0.0)
-                gs = tl.where(q > 0.0, q * tl.sum(term, axis=0), 0.0) * ((1.0 - beta) * inv_tau)
+                gs = tl.where(q > 0.0, q * tl.sum(term, axis=0), 0.0) * (one_m_beta * inv_tau)
             g = soft_w * gs
             if HAS_LABELS:
                 g += beta_h * (tl.exp((z - mz) - ls1) - tl.where(cols == y, 1.0, 0.0))
             tl.store(grow + cols, _to_out(g, grad_ptr.dtype.element_ty, INTERPRET), mask=cm)
         loss = soft_w * tl.sum(w * div) + tl.zeros([1], ACC)
         if HAS_LABELS:
-            loss += beta_h * ce
+            loss += tl.where(beta_h != 0.0, beta_h * ce, 0.0)  # beta_h = 0: no term, no 0 * inf
         tl.store(loss_ptr + one, loss)
         tl.store(w_ptr + kn, w, mask=kmask)
     else:
@@ -808,7 +811,8 @@ def _teacher_args(teachers: list[Tensor]) -> tuple[list[Tensor], int, bool]:
     return [stacked[0]] * MAX_POINTER_TEACHERS, stacked[0].numel(), True
 
 
-def _check_inputs(student: Tensor, teachers: list[Tensor], labels: Tensor | None) -> None:
+def _check_inputs(student: Tensor, teachers: list[Tensor], labels: Tensor | None) -> Tensor | None:
+    """Check the op's inputs; returns the labels contiguous (the kernels index them by row)."""
     _check_dtype(student, "student_logits")
     if student.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got shape {tuple(student.shape)}")
@@ -826,6 +830,7 @@ def _check_inputs(student: Tensor, teachers: list[Tensor], labels: Tensor | None
             f"labels must be int64 of shape [{student.shape[0]}], got {labels.dtype} "
             f"{tuple(labels.shape)}"
         )
+    return None if labels is None else labels.contiguous()
 
 
 def _status_buffer(n: int, device: torch.device, needed: bool, dummy: Tensor) -> Tensor:
@@ -886,7 +891,7 @@ def mtbkd_loss_fwd(
     check_finite: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton ``mtbkd::mtbkd_loss_fwd`` (MATH.md section 2), semantics of the op's docstring."""
-    _check_inputs(student, teachers, labels)
+    labels = _check_inputs(student, teachers, labels)
     student = student.contiguous()
     n, v = student.shape
     k = len(teachers)
@@ -953,7 +958,7 @@ def multi_teacher_kd_fwd(
     check_finite: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton ``mtbkd::multi_teacher_kd_fwd`` (MATH.md section 3)."""
-    _check_inputs(student, teachers, labels)
+    labels = _check_inputs(student, teachers, labels)
     if divergence not in DIVERGENCES.values():
         raise ValueError(f"divergence must be one of {sorted(DIVERGENCES.values())}")
     if divergence == DIVERGENCES["jsd"]:
@@ -989,7 +994,7 @@ def multi_teacher_kd_fwd(
                 labels if labels is not None else student,
                 fixed_weights if fixed_weights is not None else student,
                 loss, grad, w, status, n, v, ignore_index,
-                1.0 / temperature, 1.0 / weight_temperature, float(beta),
+                1.0 / temperature, 1.0 / weight_temperature, float(beta), 1.0 - float(beta),
                 math.log(beta) if jsd else 0.0, math.log1p(-beta) if jsd else 0.0,
                 float(hard_label_weight), float(soft_label_weight) * float(soft_scale),
                 K=k, KP=kp, BLOCK=block, STACKED=stacked, HAS_LABELS=labels is not None,
@@ -1062,11 +1067,17 @@ def teacher_stats(
 
 @register_impl("scale_grad", "triton")
 def scale_grad(grad: Tensor, grad_rows: Tensor) -> Tensor:
-    """Triton ``mtbkd::scale_grad``: ``grad * grad_rows[:, None]`` in ``grad_rows``' dtype."""
-    grad = grad.contiguous()
-    grad_rows = grad_rows.contiguous()
+    """Triton ``mtbkd::scale_grad``: ``grad * grad_rows[:, None]`` in ``grad``'s accumulation
+    dtype (fp32, fp64 for float64), rounded once to ``grad.dtype``."""
+    _check_dtype(grad, "grad")
     if grad.dim() != 2 or grad_rows.shape != grad.shape[:1]:
         raise ValueError(f"grad_rows must be [{grad.shape[0]}] for grad {tuple(grad.shape)}")
+    if not grad_rows.is_floating_point():
+        raise TypeError(f"grad_rows must be floating point, got {grad_rows.dtype}")
+    grad = grad.contiguous()
+    # The kernel multiplies in grad_rows' dtype: a bfloat16 (or float64 for a float32 grad)
+    # grad_rows would change the arithmetic, as the other backends do not.
+    grad_rows = grad_rows.to(_acc_dtype(grad.dtype)).contiguous()
     out = torch.empty_like(grad)
     n, v = grad.shape
     if n and v:

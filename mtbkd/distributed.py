@@ -447,7 +447,8 @@ def vocab_parallel_mtbkd_loss(
         if lab is not None:
             lse_z = mx["m_z"] + sm["s_z"].log()
             ce = lse_z - sm["z_y"]
-            rows = rows + hard_label_weight * ce
+            if hard_label_weight != 0:  # no 0 * inf for a -inf logit at the label
+                rows = rows + hard_label_weight * ce
             q1 = torch.exp(z - lse_z.unsqueeze(-1))
             grad = grad + hard_label_weight * (q1 - _onehot_local(z, lab, vocab_start))
     loss = _finish(student_shard, inputs, rows, grad, reduction, ignore_index, num_items_in_batch)
@@ -618,7 +619,8 @@ def vocab_parallel_multi_teacher_kd_loss(
         rows = coef * (w * div).sum(0)
         if lab is not None:
             lse_z = mx["m_z"] + sm["s_z"].log()
-            rows = rows + hard_label_weight * (lse_z - sm["z_y"])
+            if hard_label_weight != 0:  # no 0 * inf for a -inf logit at the label
+                rows = rows + hard_label_weight * (lse_z - sm["z_y"])
             q1 = torch.exp(z - lse_z.unsqueeze(-1))
             grad = grad + hard_label_weight * (q1 - _onehot_local(z, lab, vocab_start))
     return _finish(student_shard, inputs, rows, grad, reduction, ignore_index, num_items_in_batch)

@@ -134,7 +134,12 @@ def mtbkd_loss(
     prior = -math.lgamma(v + lam) - torch.logsumexp(ell, dim=0)
     resp = torch.softmax(ell, dim=0)
     ce = _cross_entropy(z, labels, mask)
-    hard = hard_label_weight * ce if labels is not None else torch.zeros_like(ce)
+    # beta_h = 0 drops the term (a -inf student logit at the label would give 0 * inf = NaN)
+    hard = (
+        hard_label_weight * ce
+        if labels is not None and hard_label_weight != 0
+        else torch.zeros_like(ce)
+    )
     loss = hard + prior_weight * prior
     zero = torch.zeros((), dtype=dt, device=z.device)
     m = mask[None, :]
@@ -197,7 +202,7 @@ def multi_teacher_kd_loss(
     scale = temperature**2 if scale_by_t2 else 1.0
     soft = soft_label_weight * scale * (w * d).sum(0)
     ce = _cross_entropy(z, labels, mask)
-    loss = soft + (hard_label_weight * ce if labels is not None else 0.0)
+    loss = soft + (hard_label_weight * ce if labels is not None and hard_label_weight != 0 else 0.0)
     zero = torch.zeros((), dtype=dt, device=z.device)
     return torch.where(mask, loss, zero), torch.where(mask[None, :], w, zero)
 

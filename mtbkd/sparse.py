@@ -312,7 +312,8 @@ def _sparse_rows(kind: str, opts: dict, z: Tensor, teachers: list[SparseTeacher]
         safe = torch.where(mask, labels, 0)
         ce = -torch.log_softmax(z.to(rows.dtype), dim=-1).gather(-1, safe[:, None])[:, 0]
         ce = torch.where(mask, ce, 0.0)
-        rows = rows + opts["hard_label_weight"] * ce
+        if opts["hard_label_weight"] != 0:  # no 0 * inf for a -inf logit at the label
+            rows = rows + opts["hard_label_weight"] * ce
         if kind == "mtbkd":
             extras[4] = ce.detach()
     return rows, extras

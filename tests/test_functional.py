@@ -859,3 +859,21 @@ def test_scale_grad_computes_in_the_gradients_accumulation_dtype(backend):
     grad = torch.tensor([[1.0 + 2.0**-40, 3.0]], dtype=torch.float64)
     out = torch.ops.mtbkd.scale_grad(grad, torch.ones(1, dtype=torch.float32))
     assert out.dtype == torch.float64 and out[0, 0].item() == 1.0 + 2.0**-40
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_zero_hard_label_weight_drops_the_cross_entropy(backend, divergence):
+    # hard_label_weight = 0 means no cross-entropy term: a -inf student logit at the label (a
+    # column masked in student and teachers, check_finite=False) gave 0 * inf = NaN on the
+    # reference (and Triton / CUDA) backends where the CPU kernels skipped the term
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 4, 9, generator=g, dtype=torch.float64)
+    y = torch.tensor([3, 1, -100, 5])
+    z[0, 3] = float("-inf")
+    t[:, 0, 3] = float("-inf")
+    kw = dict(divergence=divergence, check_finite=False, reduction="none")
+    got = mtbkd.multi_teacher_kd_loss(z, t, y, hard_label_weight=0.0, **kw)
+    unlabelled = mtbkd.multi_teacher_kd_loss(z, t, None, **kw)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, torch.where(y != -100, unlabelled, 0.0), rtol=1e-12, atol=0)

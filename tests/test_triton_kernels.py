@@ -232,6 +232,21 @@ def test_kd_fwd_low_precision(backend, dtype, div):
         )
 
 
+@pytest.mark.parametrize("beta", [0.9999, 1 - 1e-6])
+def test_jsd_float32_beta_near_one(backend, beta):
+    # (1 - beta) scales KL(q || m) and the whole JSD gradient. Formed in float32 from a
+    # float32-rounded beta it was 1.3 % off at beta = 1 - 1e-6 (fp32(beta) = 1 - 1.013e-6): the
+    # gradient's error was 1e5 times PyTorch's own float32 error.
+    z, ts, _ = _data(4, 300, 2, torch.float32, labels=False)
+    args = (z, ts, None, None, JSD, beta, 1.0, ENTROPY, 1.0, 0.0, 1.0, 1.0, -100, True)
+    out = torch.ops.mtbkd.multi_teacher_kd_fwd(*args)
+    truth = ops._ref_multi_teacher_kd_fwd(z.double(), _f64(ts), *args[2:])
+    base = ops._ref_multi_teacher_kd_fwd(*args)
+    for i, name in enumerate(("loss", "grad")):
+        err, err_base = _maxerr(out[i], truth[i]), _maxerr(base[i], truth[i])
+        assert err <= 4 * err_base + 1e-6 * truth[i].abs().max().item(), (name, err, err_base)
+
+
 # ------------------------------------------------------------------------------------------------
 # float32 at extreme logits: errors like PyTorch's own float32 (README, known numerical limitations)
 # ------------------------------------------------------------------------------------------------
@@ -439,6 +454,35 @@ def test_scale_grad_rounds_once_like_the_reference(backend, dtype):
     assert torch.equal(torch.ops.mtbkd.scale_grad(grad, rows), ops._ref_scale_grad(grad, rows))
 
 
+def test_scale_grad_multiplies_in_the_accumulation_dtype(backend):
+    # grad_rows of another dtype (bfloat16 for a float32 grad) is converted first, as on the CPU
+    # backend; the Triton kernel multiplied in grad_rows' dtype (garbage under the interpreter).
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(5, 300, generator=g).to(DEVICE)
+    rows = torch.randn(5, generator=g).to(DEVICE, torch.bfloat16)
+    out = torch.ops.mtbkd.scale_grad(grad, rows)
+    assert out.dtype == grad.dtype
+    assert torch.equal(out, ops._ref_scale_grad(grad, rows.float()))
+    with pytest.raises(TypeError, match="grad_rows must be floating point"):
+        torch.ops.mtbkd.scale_grad(grad, torch.ones(5, dtype=torch.int64, device=DEVICE))
+
+
+def test_strided_labels(backend):
+    # labels [N] with a stride (a view): the kernels index them by row, so they must be made
+    # contiguous (the Triton wrapper passed the view's storage: row i read label 2i).
+    z, ts, _ = _data(4, 37, 2, torch.float64)
+    y = torch.randint(0, 37, (8,), generator=torch.Generator().manual_seed(5)).to(DEVICE)[::2]
+    y[1] = -100
+    args = _mtbkd_args(z, ts, y, ENTROPY, False)
+    for a, b in zip(torch.ops.mtbkd.mtbkd_loss_fwd(*args), ops._ref_mtbkd_loss_fwd(*args),
+                    strict=True):  # fmt: skip
+        assert _maxerr(a, b) <= 1e-10 * max(1.0, b.abs().max().item())
+    args = _kd_args(z, ts, y, FKL, 0.5, ENTROPY)
+    for a, b in zip(torch.ops.mtbkd.multi_teacher_kd_fwd(*args),
+                    ops._ref_multi_teacher_kd_fwd(*args), strict=True):  # fmt: skip
+        assert _maxerr(a, b) <= 1e-11
+
+
 _LGAMMA_X = torch.cat([
     torch.logspace(-30, -4, 300, dtype=torch.float64),
     torch.linspace(1e-4, 12.0, 3000, dtype=torch.float64),
@@ -611,6 +655,24 @@ def test_teacher_stats_bad_input():
 # ------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation for the GPUs the project targets (no GPU needed)
 # ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_zero_hard_label_weight_drops_the_cross_entropy(backend, divergence):
+    # hard_label_weight = 0: no cross-entropy term, so a -inf student logit at the label (masked
+    # in student and teachers, check_finite=False) no longer gives 0 * inf = NaN
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 4, 9, generator=g, dtype=torch.float64)
+    y = torch.tensor([3, 1, -100, 5])
+    z[0, 3] = float("-inf")
+    t[:, 0, 3] = float("-inf")
+    z, t, y = z.to(DEVICE), t.to(DEVICE), y.to(DEVICE)
+    kw = dict(divergence=divergence, check_finite=False, reduction="none")
+    got = mtbkd.multi_teacher_kd_loss(z, t, y, hard_label_weight=0.0, **kw)
+    unlabelled = mtbkd.multi_teacher_kd_loss(z, t, None, **kw)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, torch.where(y != -100, unlabelled, 0.0), rtol=1e-12, atol=0)
 
 
 @pytest.mark.slow

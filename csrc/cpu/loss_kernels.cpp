@@ -740,8 +740,11 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
     }
   } else {
     const A beta = static_cast<A>(p.beta);
-    const VA vb(beta), v1b(A(1) - beta), vtiny(std::numeric_limits<A>::min());
-    const VA vcj(c * (A(1) - beta) * it);
+    // 1 - beta comes from the host in double: formed here in float32 from a rounded beta it is
+    // 1.3 % off at beta = 1 - 1e-6, and it scales KL(q || m) and the whole gradient.
+    const A omb = static_cast<A>(p.one_m_beta);
+    const VA vb(beta), v1b(omb), vtiny(std::numeric_limits<A>::min());
+    const VA vcj(c * omb * it);
     for (int k = 0; k < K; ++k) ws.aux1[k] = ws.aux2[k] = A(0);  // KL(p||m), KL(q||m)
     // Pass 2: the per-teacher KLs and the first part of the gradient (into g, in A).
     for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
@@ -785,12 +788,12 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
     A wkqm = A(0);
     for (int k = 0; k < K; ++k) {
       if (!(ws.w[k] > A(0))) continue;
-      ws.L[k] = beta * ws.aux1[k] + (A(1) - beta) * ws.aux2[k];
+      ws.L[k] = beta * ws.aux1[k] + omb * ws.aux2[k];
       soft += ws.w[k] * ws.L[k];
       wkqm += ws.w[k] * ws.aux2[k];
     }
     // Pass 3.
-    const VA vsub(c * (A(1) - beta) * it * wkqm);
+    const VA vsub(c * omb * it * wkqm);
     for (int64_t cc = 0; cc < V; cc += W) {
       const int64_t n = V - cc;
       const VA d = load(z + cc, n) - vm;

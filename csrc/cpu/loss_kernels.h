@@ -42,6 +42,7 @@ struct LossParams {
   // weighted-sum KD (section 3)
   int divergence = 0;  // 0 forward KL, 1 reverse KL, 2 JSD
   double beta = 0.5;
+  double one_m_beta = 0.5;  // 1 - beta, from the host in double (float32 loses digits as beta -> 1)
   double soft_coef = 1.0;  // soft_label_weight * soft_scale
   bool check_finite = true;
   // outputs (per-row / per-teacher ones may be nullptr where an op does not return them)

@@ -106,7 +106,8 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
     ls1 = flog(stu.s1);
     ce = (mz - IO<In>::load(z + y)) + ls1;
   }
-  const A beta = A(p.beta), log_beta = A(p.log_beta), log_1mbeta = A(p.log_1mbeta);
+  const A beta = A(p.beta), omb = A(p.one_m_beta);  // 1 - beta formed on the host in double
+  const A log_beta = A(p.log_beta), log_1mbeta = A(p.log_1mbeta);
 
   // ---- JSD: divergence pass (KL(q || m_k) is needed by every gradient element) ----
   SumN<A, KT + 1> sums;  // x[k] = KL(q || m_k) (JSD); x[KT] = sum_k w_k D_k (JSD)
@@ -124,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
           const A klq = q > A(0) ? q * (logq - logm) : A(0);
           const A klp = pk > A(0) ? pk * (logp - logm) : A(0);
           sums.x[k] += klq;
-          sums.x[KT] += w[k] * (beta * klp + (A(1) - beta) * klq);
+          sums.x[KT] += w[k] * (beta * klp + omb * klq);
         }
       }
     }
@@ -188,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
             inner -= w[k] * (logm + sums.x[k]);
           }
         }
-        gs = (A(1) - beta) * q * inner * inv_tau;
+        gs = omb * q * inner * inv_tau;
       }
     }
     A g = soft_w * gs;
@@ -205,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
     divsum = sums.x[KT];
   }
   if (tid == 0) {
-    loss[row] = soft_w * divsum + (has_labels ? beta_h * ce : A(0));
+    loss[row] = soft_w * divsum + (has_labels && beta_h != A(0) ? beta_h * ce : A(0));
 #pragma unroll
     for (int k = 0; k < KT; ++k)
       if (k < K) w_out[k * N + row] = w[k];

@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) mtbkd_kernel(const MTBKDParams p) {
     IO<In>::store(grad + c, g);
   }
   if (tid == 0) {
-    loss[row] = A(p.prior_weight) * prior + (has_labels ? beta_h * ce : A(0));
+    loss[row] = A(p.prior_weight) * prior + (has_labels && beta_h != A(0) ? beta_h * ce : A(0));
     prior_out[row] = prior;
     ce_out[row] = ce;
 #pragma unroll

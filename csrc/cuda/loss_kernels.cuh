@@ -71,7 +71,7 @@ struct KDParams {
   void* weights;  // [K, N] acc
   int32_t* status;
   int divergence;  // 0 forward KL, 1 reverse KL, 2 JSD with 0 < beta < 1 (endpoints mapped)
-  double inv_tau, inv_tau_w, beta, log_beta, log_1mbeta, hard_label_weight, soft_weight;
+  double inv_tau, inv_tau_w, beta, one_m_beta, log_beta, log_1mbeta, hard_label_weight, soft_weight;
   int weight_mode;
   int64_t ignore_index;
   bool check_finite;

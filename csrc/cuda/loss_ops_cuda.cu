@@ -256,6 +256,7 @@ std::tuple<Tensor, Tensor, Tensor> multi_teacher_kd_fwd_cuda(
   p.inv_tau = 1.0 / temperature;
   p.inv_tau_w = 1.0 / weight_temperature;
   p.beta = beta;
+  p.one_m_beta = 1.0 - beta;  // in double: A(1) - A(beta) loses digits as beta -> 1
   p.log_beta = divergence == 2 ? std::log(beta) : 0.0;
   p.log_1mbeta = divergence == 2 ? std::log1p(-beta) : 0.0;
   p.hard_label_weight = hard_label_weight;
