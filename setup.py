@@ -3,7 +3,8 @@
 Install with ``pip install --no-build-isolation -e .`` so the extension compiles against the torch
 already in the environment (an isolated build would download another torch).
 Environment: ``MTBKD_CPU_FLAGS`` overrides the CPU code-generation flags (default ``-march=native``,
-since the extension is always compiled on the machine that runs it); ``MTBKD_NO_CUDA=1`` skips CUDA.
+since the extension is always compiled on the machine that runs it); ``MTBKD_NO_CUDA=1`` skips CUDA;
+``TORCH_CUDA_ARCH_LIST`` picks the GPU targets (default: the visible GPUs, else ``8.0;9.0``).
 """
 
 import glob
@@ -37,6 +38,12 @@ with_cuda = (
     and __import__("torch").version.cuda is not None
 )
 if with_cuda:
+    import torch
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch derives the targets from the visible GPUs; with none (a build host, a CI runner)
+        # its list is empty and the build fails with an IndexError: build for A100 and H100/H200
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     sources += _rel("csrc/cuda/*.cu")
     define_macros.append(("MTBKD_WITH_CUDA", "1"))
     Ext = cpp_extension.CUDAExtension
