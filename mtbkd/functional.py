@@ -152,7 +152,8 @@ def mtbkd_loss(
             the teacher nearest the student in ``KL(p_k‖q^τ)`` for large λ. With one teacher only
             the product ``β_p·λ`` matters.
         prior_weight: β_p (paper code: 0.02).
-        hard_label_weight: β_h (only with labels).
+        hard_label_weight: β_h (only with labels); 0 drops the cross-entropy term (the labels
+            then only mask rows), so a ``-inf`` logit at a label gives no ``0·inf``.
         weights: ``"entropy"`` (paper), ``"uniform"`` or a tensor ``[K]`` / ``[K, ...]`` /
             ``[K, N]`` (the rows flattened).
         weight_temperature: τ_w of the entropy weights.
