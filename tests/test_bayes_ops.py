@@ -481,3 +481,17 @@ def test_non_finite_inputs(backend, bad, which):
         B.gaussian_kl(mu, rho)
     # Opting out skips the check (the caller vouches for the data).
     B.reparameterize(mu, rho, seed=1, check_finite=False)
+
+
+@pytest.mark.parametrize("which", ["mu", "rho"])
+def test_kl_gradient_of_only_one_argument(backend, which):
+    # with only rho requiring grad, the op was called without its gradient: backward raised
+    torch.manual_seed(7)
+    mu = torch.randn(9, 4, dtype=torch.float64, device=DEVICE)
+    rho = torch.randn(9, 4, dtype=torch.float64, device=DEVICE)
+    leaf = (mu if which == "mu" else rho).requires_grad_(True)
+    (g,) = torch.autograd.grad(B.gaussian_kl(mu, rho, prior_sigma=0.5, prior_mu=0.2) * 2, leaf)
+    q = torch.distributions.Normal(mu, F.softplus(rho))
+    p = torch.distributions.Normal(torch.full_like(mu, 0.2), torch.full_like(mu, 0.5))
+    (want,) = torch.autograd.grad(torch.distributions.kl_divergence(q, p).sum() * 2, leaf)
+    torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-10)

@@ -480,3 +480,48 @@ def test_built_in_datasets_refuse_data_dir_and_predict_names_a_seed_folder(tmp_p
     (tmp_path / "summary.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"multi-seed run: pass one seed's folder"):
         cli.main(["predict", "--run", str(tmp_path), "--input", "x.csv", "--out", "p.csv"])
+
+
+def test_pipeline_config_from_the_command_line():
+    # options that were parsed but not passed on, --set values of the wrong type that passed
+    def config(*argv, seed=5):
+        return cli._pipeline_config(cli.build_parser().parse_args(["demo", "--smoke", *argv]), seed)
+
+    cfg = config("--num-chains", "3", "--map-epochs", "4", "--sgld-epochs", "6",
+                 "--num-samples", "7", "--set", "concentration=10",
+                 "--set", "sgld_prior_precision=2", "--set", "hidden=[8, 4.0]")  # fmt: skip
+    assert (cfg.num_chains, cfg.map_epochs, cfg.sgld_epochs, cfg.num_samples) == (3, 4, 6, 7)
+    assert cfg.seed == 5 and cfg.hidden == (8, 4)
+    # a float field gets a float (JSON reads 10 as an int)
+    assert type(cfg.concentration) is float and cfg.concentration == 10.0
+    assert type(cfg.sgld_prior_precision) is float and cfg.sgld_prior_precision == 2.0
+    for item in ("map_epochs=2.5", 'hidden=[8, "x"]', "hidden=[8, 2.5]"):
+        with pytest.raises(SystemExit, match="expected a value like"):
+            config("--set", item)
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        config("--set", "=5")
+    # --smoke is the SMOKE schedule over the dataset's preset; the options above win over it
+    from mtbkd.distill import SMOKE
+
+    smoke = config()
+    assert all(getattr(smoke, k) == v for k, v in SMOKE.items())
+    assert config("--map-epochs", "9").map_epochs == 9
+
+
+def test_single_run_uses_the_seed_given(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "_run_one", lambda args, seed, out: seen.append(seed))
+    for argv in (["--seed", "3"], []):
+        assert cli.main(["demo", "--out", str(tmp_path / "o"), "--no-figures", *argv]) == 0
+    assert seen == [3, 0]
+
+
+def test_demo_llm_runs_with_only_its_own_options(monkeypatch):
+    # the pipeline's --set defaults to [], which must not count as given
+    from mtbkd import llm_demo
+
+    seen = []
+    monkeypatch.setattr(llm_demo, "run_from_args", lambda args: seen.append(args.epochs) or 0)
+    assert cli.main(["demo", "--llm", "--epochs", "2"]) == 0
+    assert cli.main(["demo", "--llm"]) == 0
+    assert seen == [2, None]

@@ -877,3 +877,175 @@ def test_zero_hard_label_weight_drops_the_cross_entropy(backend, divergence):
     unlabelled = mtbkd.multi_teacher_kd_loss(z, t, None, **kw)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, torch.where(y != -100, unlabelled, 0.0), rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Every option reaches the loss: against MATH.md written out in plain PyTorch (F.kl_div,
+# F.cross_entropy), independently of mtbkd.reference.
+# ------------------------------------------------------------------------------------------
+
+
+def _entropy_weights_by_hand(t, tau_w=1.0):
+    """MATH.md section 1: ``w_k ∝ 1 − H_k / Σ_j H_j``, ``H_k`` the entropy of softmax(t_k / τ_w)."""
+    logp = torch.log_softmax(t / tau_w, -1)
+    h = -(logp.exp() * logp).sum(-1)
+    wt = 1 - h / h.sum(0)
+    return wt / wt.sum(0)
+
+
+def _kd_rows_by_hand(z, t, y, w, *, divergence="forward_kl", beta=0.5, tau=1.0, hard=0.0,
+                     soft=1.0, t2=False, ignore_index=-100):  # fmt: skip
+    """MATH.md sections 3 and 4 per row, with torch.nn.functional (masked rows are 0)."""
+    tnf = torch.nn.functional
+    logq = torch.log_softmax(z / tau, -1)
+    div = []
+    for logp in torch.log_softmax(t / tau, -1):
+        fwd = tnf.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)  # KL(p || q)
+        rev = tnf.kl_div(logp, logq, log_target=True, reduction="none").sum(-1)  # KL(q || p)
+        logm = torch.log(beta * logp.exp() + (1 - beta) * logq.exp())
+        jsd = beta * tnf.kl_div(logm, logp, log_target=True, reduction="none").sum(-1) + (
+            1 - beta
+        ) * tnf.kl_div(logm, logq, log_target=True, reduction="none").sum(-1)
+        div.append({"forward_kl": fwd, "reverse_kl": rev, "jsd": jsd}[divergence])
+    rows = soft * (tau**2 if t2 else 1.0) * (w * torch.stack(div)).sum(0)
+    if y is not None:
+        rows = rows + hard * tnf.cross_entropy(z, y, ignore_index=ignore_index, reduction="none")
+        rows = torch.where(y != ignore_index, rows, 0.0)
+    return rows
+
+
+def test_weight_temperature_reaches_the_entropy_weights(backend):
+    # weight_temperature was not passed on (the functions and the modules): the weights were
+    # those of tau_w = 1, with no error
+    z, t, y = _inputs(k=3)
+    w = _entropy_weights_by_hand(t, 3.0)
+    assert not torch.allclose(w, _entropy_weights_by_hand(t, 1.0), atol=1e-3)
+    loss, stats = mtbkd.mtbkd_loss(z, t, y, weight_temperature=3.0, return_stats=True)
+    torch.testing.assert_close(stats.weights, w)
+    torch.testing.assert_close(loss, mtbkd.mtbkd_loss(z, t, y, weights=w))
+    torch.testing.assert_close(mtbkd.MTBKDLoss(weight_temperature=3.0)(z, t, y), loss)
+    want = _kd_rows_by_hand(z, t, y, w).mean()
+    torch.testing.assert_close(mtbkd.multi_teacher_kd_loss(z, t, y, weight_temperature=3.0), want)
+    torch.testing.assert_close(mtbkd.MultiTeacherKDLoss(weight_temperature=3.0)(z, t, y), want)
+    torch.testing.assert_close(mtbkd.teacher_weights(t, temperature=3.0), w)
+
+
+def test_kd_module_passes_every_option(backend):
+    # the module dropped beta, scale_by_t2, soft_label_weight, ignore_index or num_items_in_batch
+    # silently (the defaults were used)
+    z, t, y = _inputs(v=7, k=3)
+    y[:2] = 3
+    opts = dict(divergence="jsd", beta=0.3, temperature=2.0, weight_temperature=2.5,
+                hard_label_weight=0.4, soft_label_weight=0.7, scale_by_t2=True,
+                ignore_index=3)  # fmt: skip
+    zz, zh = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    w = _entropy_weights_by_hand(t, 2.5)
+    rows = _kd_rows_by_hand(zh, t, y, w, beta=0.3, tau=2.0, divergence="jsd", hard=0.4, soft=0.7,
+                            t2=True, ignore_index=3)  # fmt: skip
+    got = mtbkd.MultiTeacherKDLoss(**opts, reduction="sum")(zz, t, y)
+    torch.testing.assert_close(got, rows.sum())
+    got.backward()
+    rows.sum().backward()
+    torch.testing.assert_close(zz.grad, zh.grad)
+    loss_fn = mtbkd.MultiTeacherKDLoss(**opts)
+    torch.testing.assert_close(loss_fn(z, t, y), rows.sum() / 4)  # 4 unmasked rows
+    torch.testing.assert_close(loss_fn(z, t, y, num_items_in_batch=7), rows.sum() / 7)
+    r = repr(loss_fn)
+    assert "divergence='jsd'" in r and "beta=0.3" in r and "temperature=2.0" in r
+
+
+def test_mtbkd_module_passes_every_option(backend):
+    # the module dropped weight_temperature, ignore_index, reduction, check_finite or
+    # num_items_in_batch silently
+    z, t, y = _inputs(v=7, k=3)
+    y[:2] = 3
+    opts = dict(temperature=3.0, concentration=2.0, prior_weight=0.5, hard_label_weight=0.3,
+                weight_temperature=2.5, ignore_index=3)  # fmt: skip
+    want = _ref_loss(z, t, y, "sum", **opts)
+    # ignore_index=3 masks rows 0 and 1 (the default -100 would count them)
+    assert not torch.allclose(want, _ref_loss(z, t, y, "sum", **{**opts, "ignore_index": -100}))
+    torch.testing.assert_close(mtbkd.MTBKDLoss(**opts, reduction="sum")(z, t, y), want)
+    rows = mtbkd.MTBKDLoss(**opts, reduction="none")(z, t, y)
+    assert rows.shape == y.shape
+    torch.testing.assert_close(rows.sum(), want)
+    loss_fn = mtbkd.MTBKDLoss(**opts)
+    torch.testing.assert_close(loss_fn(z, t, y), want / 4)
+    torch.testing.assert_close(loss_fn(z, t, y, num_items_in_batch=7), want / 7)
+    z[5, 0] = float("nan")
+    with pytest.raises(ValueError, match="check_finite=False"):
+        loss_fn(z, t, y)
+    rows = mtbkd.MTBKDLoss(**opts, reduction="none", check_finite=False)(z, t, y)
+    assert rows[5].isnan() and rows[:5].isfinite().all()
+    r = repr(mtbkd.MTBKDLoss(**opts))
+    for word in ("temperature=3.0", "concentration=2.0", "prior_weight=0.5",
+                 "hard_label_weight=0.3"):  # fmt: skip
+        assert word in r
+
+
+def test_more_bad_options_and_inputs(backend):
+    # checks that were missing or loose: a zero concentration on the reference backend and in
+    # the module, booleans as numbers, a zero / boolean item count, labels or teachers of
+    # another layout with the same number of rows, a label equal to V
+    z, t, y = _inputs(n=6, v=5, k=2)
+    for kwargs, exc, words in (
+        (dict(concentration=0.0), ValueError, "concentration"),
+        (dict(temperature=True), TypeError, "temperature"),
+        (dict(num_items_in_batch=0), ValueError, "positive"),
+        (dict(num_items_in_batch=True), TypeError, "num_items_in_batch"),
+        (dict(labels=y.bool()), TypeError, "integer"),
+        (dict(labels=y.reshape(2, 3)), ValueError, "labels must have shape"),
+        (dict(labels=torch.tensor([0, 1, 5, 2, 3, 4])), ValueError, r"labels.*\[0, 5\)"),
+        (dict(teacher_logits=t.reshape(2, 2, 3, 5)), ValueError, "teacher_logits must be"),
+        (dict(weights=torch.ones(2, 5)), ValueError, "weights must have shape"),
+    ):
+        kwargs = {"student_logits": z, "teacher_logits": t, "labels": y, **kwargs}
+        with pytest.raises(exc, match=words):
+            mtbkd.mtbkd_loss(**kwargs)
+    z2 = z.reshape(2, 3, 5)
+    with pytest.raises(ValueError, match="leading shape"):  # [K, 3, 2, V] for a [2, 3, V] student
+        mtbkd.mtbkd_loss(z2, t.reshape(2, 3, 2, 5), y.reshape(2, 3))
+    with pytest.raises(ValueError, match="concentration"):
+        mtbkd.MTBKDLoss(concentration=0.0)
+
+
+def test_teachers_of_another_dtype_are_cast_to_the_students(backend):
+    z, t, y = _inputs(dtype=torch.float32)
+    want = mtbkd.mtbkd_loss(z, t, y)
+    got = mtbkd.mtbkd_loss(z, t.double(), y)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    kd = mtbkd.multi_teacher_kd_loss(z, list(t.double().unbind(0)), y)
+    torch.testing.assert_close(kd, mtbkd.multi_teacher_kd_loss(z, t, y))
+
+
+def test_forced_backend_name_ignores_case_and_spaces(monkeypatch):
+    z, t, y = _inputs()
+    want = _ref_loss(z, t, y)
+    for name in (" CPU ", "Reference"):
+        monkeypatch.setenv("MTBKD_BACKEND", name)
+        torch.testing.assert_close(mtbkd.mtbkd_loss(z, t, y), want)
+
+
+def test_teacher_stats_columns_by_hand(backend):
+    # the reference backend took the weighting columns at the loss temperature
+    _, t, _ = _inputs(lead=(2, 3), k=2)
+    stats = mtbkd.TeacherStats(t, temperature=2.0, concentration=3.0, weight_temperature=0.7)
+    logp_w = torch.log_softmax(t / 0.7, -1)
+    lgamma_sum = torch.lgamma(1 + 3.0 * torch.softmax(t / 2.0, -1)).sum(-1)
+    want = torch.stack([torch.logsumexp(t / 2.0, -1), torch.logsumexp(t / 0.7, -1),
+                        -(logp_w.exp() * logp_w).sum(-1), lgamma_sum], -1)  # fmt: skip
+    torch.testing.assert_close(stats.data, want)
+
+
+def test_cpu_tensors_use_the_cpu_kernels_by_default():
+    # every other test forces its backend: a default choice of the reference went unnoticed
+    assert mtbkd.ops.backend_status()["cpu"] is None
+    assert mtbkd.ops.select_backend(torch.device("cpu"), "mtbkd_loss_fwd") == "cpu"
+
+
+def test_a_backend_without_the_op_says_so(monkeypatch):
+    impls = {"reference": mtbkd.ops._IMPLS["scale_grad"]["reference"]}
+    monkeypatch.setitem(mtbkd.ops._IMPLS, "scale_grad", impls)
+    monkeypatch.setenv("MTBKD_BACKEND", "cpu")
+    with pytest.raises(RuntimeError, match="backend 'cpu' has no implementation of mtbkd::scale"):
+        torch.ops.mtbkd.scale_grad(torch.ones(2, 3), torch.ones(2))

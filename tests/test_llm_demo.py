@@ -71,3 +71,72 @@ def test_smoke_run_end_to_end():
             if n:
                 assert 0.0 < r["weights"][teacher][j] < 1.0
     assert sum(r["group_tokens"]) == r["config"]["train_blocks"] * r["config"]["seq_len"]
+
+
+def _trigram_by_hand(s, a0, b0, t0, loo=0, alpha=0.1, beta=2.0, v=40):
+    # MATH of the module doc, from brute-force counts (as in the test above)
+    tri = sum(1 for i in range(2, len(s)) if (s[i - 2], s[i - 1], s[i]) == (a0, b0, t0))
+    ab = sum(1 for i in range(2, len(s)) if (s[i - 2], s[i - 1]) == (a0, b0))
+    bw = sum(1 for i in range(2, len(s)) if (s[i - 1], s[i]) == (b0, t0))
+    b = sum(1 for i in range(2, len(s)) if s[i - 1] == b0)
+    w = sum(1 for i in range(2, len(s)) if s[i] == t0)
+    p1 = (w - loo + alpha) / (len(s) - 2 - loo + alpha * v)
+    p2 = (bw - loo + beta * p1) / (b - loo + beta)
+    return (tri - loo + beta * p2) / (ab - loo + beta)
+
+
+def test_ngram_topk_rows_predict_the_next_token_from_the_two_before():
+    # the context (a, b) of the row predicting stream[p + 1] is (stream[p - 1], stream[p])
+    g = torch.Generator().manual_seed(1)
+    stream = torch.randint(0, 40, (800,), generator=g)
+    stream[::3] = 5
+    ng = llm_demo.NGramTeacher(stream, 40, alpha=0.1, beta=2.0)
+    starts = torch.tensor([1, 300])
+    idx, lp, nll = ng.topk(stream, starts, 4, 3, leave_one_out=False)
+    assert idx.shape == lp.shape == (2, 4, 3) and nll.shape == (2, 4)
+    s = stream.tolist()
+    for r, start in enumerate(starts.tolist()):
+        for j in range(4):
+            p = start + j
+            want = _trigram_by_hand(s, s[p - 1], s[p], s[p + 1])
+            assert math.isclose(float(nll[r, j]), -math.log(want), rel_tol=1e-5)
+    with pytest.raises(ValueError, match="at least 3 tokens"):
+        llm_demo.NGramTeacher(torch.tensor([1, 2]), 40)
+
+
+def test_block_starts_stay_inside_the_stream():
+    starts = llm_demo._block_starts(100, 5, 10)
+    assert starts.tolist() == [1, 23, 46, 68, 90]  # from 1 to the last window of 10 tokens
+    assert llm_demo._block_starts(12, 50, 10).tolist() == [1, 2]  # no more windows than fit
+    with pytest.raises(ValueError, match="too few"):
+        llm_demo._block_starts(10, 1, 10)
+
+
+class _Tokenizer:
+    eos_token_id = 0
+
+    def __call__(self, docs):
+        return {"input_ids": [[len(d), len(d) + 1] for d in docs]}
+
+    def batch_decode(self, ids):
+        texts = {1: " ", 2: ",)", 3: "42", 4: " word", 5: "word", 6: "x1"}
+        return [texts.get(i[0], "\n") for i in ids]
+
+
+def test_stream_and_token_groups():
+    # packing starts with the end-of-text token (the first row has a two-token context)
+    assert llm_demo._stream(_Tokenizer(), ["ab", "c"]).tolist() == [0, 2, 3, 0, 1, 2, 0]
+    groups = llm_demo.token_groups(_Tokenizer(), 7)
+    names = [llm_demo.GROUPS[g] for g in groups.tolist()]
+    assert names == ["whitespace", "whitespace", "punctuation", "number", "word", "word-piece",
+                     "word-piece"]  # fmt: skip
+
+
+def test_config_from_args_sizes_and_seed():
+    parser = llm_demo.build_arg_parser()
+    cfg = llm_demo.config_from_args(parser.parse_args(["--seed", "7", "--threads", "0"]))
+    assert cfg.seed == 7 and cfg.threads == 0
+    assert llm_demo.config_from_args(parser.parse_args(["--seed", "0"])).seed == 0
+    for flag in ("--epochs", "--threads", "--train-blocks"):
+        with pytest.raises(ValueError, match=flag):
+            llm_demo.config_from_args(parser.parse_args([flag, "-1"]))

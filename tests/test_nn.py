@@ -175,3 +175,29 @@ def test_bad_arguments():
         layer(torch.randn(1, 3))
     with pytest.raises(ValueError, match="mu contains non-finite"):
         layer.kl()
+
+
+def test_bayesify_passes_its_options_and_matches_any_pattern():
+    # mode was not passed on (every layer sampled weights); a list of patterns needed every
+    # pattern to match; bias_rho ignored posterior_rho_init; a bare nn.Linear was converted
+    # whatever include / exclude said
+    model = bayesify(_mlp(), include=["0", "3"], mode="local", posterior_rho_init=-2.0,
+                     prior_mu=0.5)  # fmt: skip
+    assert [type(m).__name__ for m in (model[0], model[2][0], model[3])] == [
+        "BayesLinear", "Linear", "BayesLinear"]  # fmt: skip
+    for m in (model[0], model[3]):
+        assert m.mode == "local" and m.prior_mu == 0.5
+        assert torch.all(m.weight_rho == -2.0) and torch.all(m.bias_rho == -2.0)
+    lin = nn.Linear(3, 2)
+    assert bayesify(lin, exclude="*") is lin
+    assert bayesify(lin, include=lambda name, mod: False) is lin
+    layer = BayesLinear(3, 2, posterior_rho_init=-1.5)
+    assert torch.all(layer.bias_rho == -1.5)
+
+
+def test_infinite_prior_mean_is_refused():
+    for bad in (float("-inf"), float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="prior_mu"):
+            BayesLinear(3, 2, prior_mu=bad)
+        with pytest.raises(ValueError, match="prior_mu"):
+            B.gaussian_kl(torch.zeros(3), torch.zeros(3), prior_mu=bad)

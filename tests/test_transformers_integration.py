@@ -339,5 +339,47 @@ def test_moe_router_aux_loss(tmp_path):
     torch.testing.assert_close(_flat(student), _flat(expected), rtol=1e-4, atol=1e-5)
 
 
+def test_num_items_with_the_losss_own_ignore_index(tmp_path):
+    # the count compared the targets with -100, which _targets had already replaced by the loss's
+    # ignore_index: every row was counted, masked or not
+    trainer = _trainer(tmp_path, _llama(32, seed=3), mtbkd.MTBKDLoss(ignore_index=-1), steps=1)
+    rows = _data(8, ragged=True)
+    batches = [_stack(rows[:4]), _stack(rows[4:])]
+    expected = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    assert expected < 8 * 12
+    _, n = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+    assert int(n) == expected
+    # the teachers are frozen, in eval mode
+    for t in trainer.teachers:
+        assert not t.training and not any(p.requires_grad for p in t.parameters())
+
+
+class _HeadTwice(torch.nn.Module):
+    """A toy causal LM whose forward calls its output head twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(V, 8)
+        self.head = torch.nn.Linear(8, V)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        h = self.emb(input_ids)
+        return types.SimpleNamespace(logits=self.head(h) + self.head(h))
+
+
+def test_a_head_called_twice_is_refused():
+    with pytest.raises(ValueError, match="called its output head 2 times"):
+        hidden_and_head(_HeadTwice(), _batch(), check=False)
+
+
+def test_trainer_refuses_a_loss_that_is_not_a_mean():
+    for loss in (mtbkd.MTBKDLoss(reduction="sum"), mtbkd.MultiTeacherKDLoss(reduction="none")):
+        with pytest.raises(ValueError, match="reduction='mean'"):
+            MultiTeacherDistillationTrainer(model=_llama(32), teachers=[_llama(48)], loss=loss)
+
+
 if __name__ == "__main__":  # a rank of test_ddp_gradients_are_all_reduced, started by torchrun
     _distill_ddp(sys.argv[1])

@@ -186,3 +186,19 @@ def test_cuda_matches_cpu():
     cpu = unirep.unirep_features(SEQS, 256, progress=False, cache=False, device="cpu")
     gpu = unirep.unirep_features(SEQS, 256, progress=False, cache=False, device="cuda")
     np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+
+
+@needs_weights
+def test_a_cache_file_of_another_shape_or_dtype_is_recomputed(tmp_path, monkeypatch):
+    # the shape / dtype check of a cached file, and batch_size < 1 with a warm cache
+    monkeypatch.setenv("MTBKD_CACHE_DIR", str(tmp_path))
+    first = unirep.unirep_features(SEQS, 64, progress=False)
+    (path,) = (tmp_path / "unirep").glob("*.npy")
+    want = unirep.UniRep(64)(SEQS).numpy()
+    for foreign in (first[:2], first.astype(np.float64) + 1.0):
+        np.save(path, foreign)
+        got = unirep.unirep_features(SEQS, 64, progress=False)
+        assert got.shape == (3, 64) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        unirep.unirep_features(SEQS, 64, batch_size=0, progress=False)
