@@ -201,6 +201,36 @@ def test_low_precision_no_worse_than_plain_torch(backend, dtype):
         assert err <= bar + ulp * true.abs().max().item(), (err, bar)
 
 
+def _half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of ``dtype`` at the float64 values ``x`` (subnormals included)."""
+    fi = torch.finfo(dtype)
+    bits = {torch.bfloat16: 8, torch.float16: 11}[dtype]  # significand bits
+    _, e = torch.frexp(x)
+    spacing = torch.ldexp(torch.ones_like(x), e - bits)
+    return 0.5 * spacing.clamp(min=fi.tiny * fi.eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_sample_is_rounded_once(backend, dtype):
+    # MATH.md section 2's numerics: bf16 / fp16 inputs are computed in fp32, so the C++ kernel's
+    # w = mu + softplus(rho) eps is the float64 truth (same rounded inputs, same eps) rounded once:
+    # within half an ulp of it, up to float32 slack. Rounding softplus(rho) eps to the storage
+    # dtype before the add would be up to a whole ulp off.
+    if backend != "cpu":
+        pytest.skip("the C++ CPU kernel's rounding")
+    torch.manual_seed(21)
+    shape = (64, 50)
+    mu = (torch.randn(shape, dtype=torch.float64) * 0.5).to(dtype)
+    rho = torch.randn(shape, dtype=torch.float64).to(dtype)
+    w = B.reparameterize(mu, rho, seed=8)
+    eps = B.philox_normal(8, 0, mu.numel()).double().view(shape)
+    noise = F.softplus(rho.double()) * eps
+    true = mu.double() + noise
+    slack = 1e-6 * (mu.double().abs() + noise.abs())
+    err = (w.double() - true).abs()
+    assert (err <= _half_ulp(true, dtype) + slack).all(), (err / _half_ulp(true, dtype)).max()
+
+
 def test_empty_and_odd_shapes(backend):
     for shape in [(0,), (1,), (3,), (5, 1), (2, 3, 7)]:
         mu = torch.zeros(shape, device=DEVICE)
@@ -238,6 +268,25 @@ def test_kl_against_torch_distributions(backend, prior):
     expected_grads = torch.autograd.grad(expected * 3, (mu, rho))
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kl_low_precision_against_torch_distributions(backend, dtype):
+    # The float32-accumulating path over sigmas from 1e-4 to 3 (rho in [-9, 3]: the tiny-rho
+    # series log softplus(rho) ~ rho - softplus(rho) / 2 applies only below rho = -20), against
+    # torch.distributions in float64 from the same rounded inputs.
+    torch.manual_seed(14)
+    mu = (torch.randn(40, 33, dtype=torch.float64, device=DEVICE) * 0.5).to(dtype)
+    rho = torch.linspace(-9.0, 3.0, 40 * 33, dtype=torch.float64, device=DEVICE).view(40, 33)
+    rho = rho.to(dtype)
+    kl = B.gaussian_kl(mu, rho, prior_sigma=0.7, prior_mu=0.2)
+    m, r = mu.double(), rho.double()
+    q = torch.distributions.Normal(m, F.softplus(r))
+    p = torch.distributions.Normal(torch.full_like(m, 0.2), torch.full_like(m, 0.7))
+    expected = torch.distributions.kl_divergence(q, p)
+    assert kl.dtype == torch.float32 and kl.shape == ()
+    # float32 terms: a few ulps of each element's magnitude, summed (measured: <= 6e-7)
+    assert abs(kl.double().item() - expected.sum().item()) <= 4e-6 * expected.abs().sum().item()
 
 
 def test_kl_fp32_accumulation(backend):
@@ -397,6 +446,38 @@ def test_sgld_step_matches_formula(backend, precondition, dtype):
             torch.testing.assert_close(s.double(), e, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("precondition", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sgld_step_low_precision_rounds_once(backend, precondition, dtype):
+    # The step of a bf16 / fp16 parameter is computed in fp32 and the new value rounded once: it
+    # is within half an ulp of the float64 formula from the same stored values (plus float32
+    # slack). Rounding theta - lr grad first and adding the noise after would be up to an ulp off.
+    if backend != "cpu":
+        pytest.skip("the C++ CPU kernel's rounding")
+    torch.manual_seed(16)
+    shape = (40, 25)
+    p = torch.randn(shape, dtype=torch.float64).to(dtype)
+    g = (torch.randn(shape, dtype=torch.float64) * 0.02).to(dtype)
+    sq = torch.rand(shape, dtype=torch.float32)
+    lr, nd, temp, wd, alpha, eps = 0.01, 50.0, 0.7, 0.1, 0.9, 1e-5
+    th, gu = p.double(), nd * g.double() + wd * p.double()
+    xi = B.philox_normal(77, 0, p.numel(), stream=0).double().view(shape)
+    if precondition:
+        v = alpha * sq.double() + (1 - alpha) * (gu / nd) ** 2
+        gp = 1 / (eps + v.sqrt())
+        step, noise = -lr * gp * gu, math.sqrt(2 * lr * temp) * gp.sqrt() * xi
+    else:
+        step, noise = -lr * gu, math.sqrt(2 * lr * temp) * xi
+    true = th + step + noise
+    new = p.clone()
+    B.sgld_step_([new], [g], [sq] if precondition else None, lr=lr, num_data=nd,
+                 temperature=temp, weight_decay=wd, seed=77, precondition=precondition,
+                 alpha=alpha, eps=eps)  # fmt: skip
+    slack = 1e-5 * (th.abs() + step.abs() + noise.abs())
+    err = (new.double() - true).abs()
+    assert (err <= _half_ulp(true, dtype) + slack).all(), (err / _half_ulp(true, dtype)).max()
+
+
 # ---------------------------------------------------------------------------------------------
 # Custom-op machinery
 # ---------------------------------------------------------------------------------------------
@@ -480,6 +561,21 @@ def test_non_finite_inputs(backend, bad, which):
     with pytest.raises(ValueError, match=f"{which} contains non-finite"):
         B.gaussian_kl(mu, rho)
     # Opting out skips the check (the caller vouches for the data).
+    B.reparameterize(mu, rho, seed=1, check_finite=False)
+
+
+# Triton's interpreter evaluates both sides of tl.where with numpy (softplus(-inf) there)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("which", ["mu", "rho"])
+def test_non_finite_inputs_of_every_dtype(backend, dtype, bad, which):
+    # The check of test_non_finite_inputs for the dtypes that take the kernels' other paths.
+    mu = torch.zeros(2000, device=DEVICE, dtype=dtype)
+    rho = torch.zeros(2000, device=DEVICE, dtype=dtype)
+    (mu if which == "mu" else rho)[1500] = bad
+    with pytest.raises(ValueError, match=f"{which} contains non-finite"):
+        B.reparameterize(mu, rho, seed=1)
     B.reparameterize(mu, rho, seed=1, check_finite=False)
 
 

@@ -142,6 +142,44 @@ def test_mtbkd_one_hot_teachers_use_uniform_weights():
     torch.testing.assert_close(got[2][:, 0], torch.full((2,), 0.5, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("shape", ["KN", "K"])
+def test_fixed_weights_reaching_the_op_unnormalised_are_renormalised_per_row(shape):
+    # MATH.md section 1: fixed weights are renormalised per row. The op takes them raw (the
+    # functional API normalises first; a direct torch.ops call does not): the kernel divides by
+    # each row's total, so raw weights give the losses of the weights w / w.sum(0).
+    k, n = 3, 6
+    z, ts, y = _inputs(n, 37, k)
+    if shape == "KN":
+        raw = _fixed_weights(k, n) * torch.linspace(0.25, 4.0, n, dtype=torch.float64)
+    else:
+        raw = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+    norm = (raw if raw.dim() == 2 else raw[:, None].expand(k, n)) / raw.sum(0)
+    got = ops.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, fixed=raw, mode=2))
+    want = REF["mtbkd_loss_fwd"]["reference"](*_mtbkd_args(z, ts, y, fixed=norm, mode=2))
+    _assert_close64(MTBKD_OUT, got, want)
+    for div, beta in DIVS:
+        args = {"div": div, "beta": beta, "mode": 2, "tau": 2.0}
+        got = ops.multi_teacher_kd_fwd(*_kd_args(z, ts, y, fixed=raw, **args))
+        want = REF["multi_teacher_kd_fwd"]["reference"](*_kd_args(z, ts, y, fixed=norm, **args))
+        _assert_close64(KD_OUT, got, want)
+
+
+def test_fixed_weights_and_teacher_stats_of_another_float_dtype_are_converted():
+    # The op takes fixed weights and teacher_stats of any floating dtype and converts them to the
+    # accumulation dtype (float32 for float32 logits): float64 ones give the float32 ones' result.
+    z, ts, y = _inputs(5, 300, 3, dtype=torch.float32)
+    w64 = _fixed_weights(3, 5)
+    stats32 = ops.teacher_stats_op(ts, 2.0, 5.0, 1.0, True)
+    want = ops.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, fixed=w64.float(), stats=stats32, mode=2))
+    got = ops.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, fixed=w64, stats=stats32.double(), mode=2))
+    for name, a, b in zip(MTBKD_OUT, got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    want = ops.multi_teacher_kd_fwd(*_kd_args(z, ts, y, fixed=w64.float(), mode=2))
+    got = ops.multi_teacher_kd_fwd(*_kd_args(z, ts, y, fixed=w64, mode=2))
+    for name, a, b in zip(KD_OUT, got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_mtbkd_teacher_stats_cache_equals_uncached(mode):
     z, ts, y = _inputs(7, 1271, 3)
@@ -407,6 +445,30 @@ def test_nonfinite_logits_are_reported(where, value):
             ops.teacher_weights_op(ts, 0, 1.0, True)
         with pytest.raises(ValueError, match="teacher_logits"):
             ops.teacher_stats_op(ts, 2.0, 5.0, 1.0, True)
+
+
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_nonfinite_error_names_the_first_bad_row(where):
+    # Several bad rows: the message names the smallest row index (the rows run in any order over
+    # the threads; the kernel keeps the minimum), whatever the thread count.
+    name = "student_logits" if where == "student" else "teacher_logits"
+    threads = torch.get_num_threads()
+    try:
+        for nt in sorted({1, threads}):
+            torch.set_num_threads(nt)
+            z, ts, y = _inputs(24, 1271, 2, labels=False)
+            target = z if where == "student" else ts[1]
+            for row in (5, 9, 17, 23):
+                target[row, 3 * row] = float("nan")
+            for fn, args in (
+                (ops.mtbkd_loss_fwd, _mtbkd_args(z, ts, y)),
+                (ops.multi_teacher_kd_fwd, _kd_args(z, ts, y)),
+            ):
+                with pytest.raises(ValueError, match=name) as info:
+                    fn(*args)
+                assert "(row 5)" in str(info.value), str(info.value)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
