@@ -22,6 +22,8 @@ import triton.language as tl
 
 from mtbkd.ops import register_impl
 
+from .losses import _interpreting, _to_out
+
 BLOCK_Q = 256  # Philox counters per program: 1024 elements
 
 
@@ -65,7 +67,7 @@ def _sigmoid(r):
 
 @triton.jit
 def _reparam_fwd_kernel(mu_ptr, rho_ptr, w_ptr, n, seed, offset, BLOCK_Q: tl.constexpr,
-                        F64: tl.constexpr):  # fmt: skip
+                        F64: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
     eps = _normals(seed, offset + q, 0, True)
@@ -75,12 +77,12 @@ def _reparam_fwd_kernel(mu_ptr, rho_ptr, w_ptr, n, seed, offset, BLOCK_Q: tl.con
     mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(acc)
     r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
     w = mu + _softplus(r) * eps.to(acc)
-    tl.store(w_ptr + idx, w.to(w_ptr.dtype.element_ty), mask=mask)
+    tl.store(w_ptr + idx, _to_out(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
 def _reparam_bwd_kernel(g_ptr, rho_ptr, drho_ptr, n, seed, offset, BLOCK_Q: tl.constexpr,
-                        F64: tl.constexpr):  # fmt: skip
+                        F64: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
     eps = _normals(seed, offset + q, 0, True)
@@ -89,14 +91,14 @@ def _reparam_bwd_kernel(g_ptr, rho_ptr, drho_ptr, n, seed, offset, BLOCK_Q: tl.c
     acc = tl.float64 if F64 else tl.float32
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(acc)
     r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
-    tl.store(drho_ptr + idx, (g * eps.to(acc) * _sigmoid(r)).to(drho_ptr.dtype.element_ty),
-             mask=mask)  # fmt: skip
+    drho = g * eps.to(acc) * _sigmoid(r)
+    tl.store(drho_ptr + idx, _to_out(drho, drho_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
 def _kl_kernel(mu_ptr, rho_ptr, dmu_ptr, drho_ptr, part_ptr, n, prior_mu: tl.float64,
                inv_var0: tl.float64, log_s0: tl.float64, BLOCK: tl.constexpr,
-               WITH_GRAD: tl.constexpr, F64: tl.constexpr):  # fmt: skip
+               WITH_GRAD: tl.constexpr, F64: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     # KL(N(mu, s^2) || N(m0, s0^2)) = log s0 - log s + (s^2 + (mu - m0)^2) / (2 s0^2) - 1/2,
     # d/dmu = (mu - m0) / s0^2, d/drho = (s / s0^2 - 1 / s) * sigmoid(rho).
     pid = tl.program_id(0).to(tl.int64)
@@ -118,17 +120,19 @@ def _kl_kernel(mu_ptr, rho_ptr, dmu_ptr, drho_ptr, part_ptr, n, prior_mu: tl.flo
     kl = log_s0 - log_s + 0.5 * (s * s + d * d) * inv_var0 - 0.5
     tl.store(part_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))
     if WITH_GRAD:
-        tl.store(dmu_ptr + idx, (d * inv_var0).to(dmu_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            dmu_ptr + idx, _to_out(d * inv_var0, dmu_ptr.dtype.element_ty, INTERPRET), mask=mask
+        )
         sig = _sigmoid(r)
         dr = tl.where(tiny, s * sig * inv_var0 - (1.0 - 0.5 * s), (s * inv_var0 - 1.0 / s) * sig)
-        tl.store(drho_ptr + idx, dr.to(drho_ptr.dtype.element_ty), mask=mask)
+        tl.store(drho_ptr + idx, _to_out(dr, drho_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
 def _sgld_kernel(p_ptr, g_ptr, sq_ptr, n, seed, stream, lr: tl.float64, num_data: tl.float64,
                  weight_decay: tl.float64, noise_scale: tl.float64, alpha: tl.float64,
                  damp: tl.float64, BLOCK_Q: tl.constexpr, PRECOND: tl.constexpr,
-                 F64: tl.constexpr):  # fmt: skip
+                 F64: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     # theta <- theta - lr G grad_U + sqrt(2 lr T G) xi, grad_U = N g + wd theta (MATH.md 7).
     pid = tl.program_id(0).to(tl.int64)
     q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
@@ -154,7 +158,7 @@ def _sgld_kernel(p_ptr, g_ptr, sq_ptr, n, seed, stream, lr: tl.float64, num_data
         new = th - lr * g_pre * gu + noise_scale * tl.sqrt(g_pre) * xi.to(acc)
     else:
         new = th - lr * gu + noise_scale * xi.to(acc)
-    tl.store(p_ptr + idx, new.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + idx, _to_out(new, p_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def _grid_q(n: int) -> tuple[int]:
@@ -176,7 +180,8 @@ def reparameterize_fwd(mu, rho, seed, offset, check_finite):
     n = mu.numel()
     if n:
         _reparam_fwd_kernel[_grid_q(n)](mu, rho, w, n, seed, offset, BLOCK_Q=BLOCK_Q,
-                                        F64=mu.dtype == torch.float64)  # fmt: skip
+                                        F64=mu.dtype == torch.float64,
+                                        INTERPRET=_interpreting())  # fmt: skip
     return w
 
 
@@ -187,7 +192,8 @@ def reparameterize_bwd(grad, rho, seed, offset):
     n = rho.numel()
     if n:
         _reparam_bwd_kernel[_grid_q(n)](grad, rho, drho, n, seed, offset, BLOCK_Q=BLOCK_Q,
-                                        F64=rho.dtype == torch.float64)  # fmt: skip
+                                        F64=rho.dtype == torch.float64,
+                                        INTERPRET=_interpreting())  # fmt: skip
     return drho
 
 
@@ -204,7 +210,7 @@ def gaussian_kl(mu, rho, prior_mu, prior_sigma, compute_grad):
     if n:
         _kl_kernel[(parts.numel(),)](
             mu, rho, dmu, drho, parts, n, prior_mu, 1.0 / prior_sigma**2, math.log(prior_sigma),
-            BLOCK=block, WITH_GRAD=compute_grad, F64=f64,
+            BLOCK=block, WITH_GRAD=compute_grad, F64=f64, INTERPRET=_interpreting(),
         )  # fmt: skip
     return parts.sum(dtype=torch.float64).to(parts.dtype), dmu, drho
 
@@ -222,4 +228,5 @@ def sgld_step_(params, grads, square_avgs, lr, num_data, temperature, weight_dec
         _sgld_kernel[_grid_q(n)](
             p, g, sq, n, seed, j, lr, num_data, weight_decay, noise_scale, alpha, eps,
             BLOCK_Q=BLOCK_Q, PRECOND=precondition, F64=p.dtype == torch.float64,
+            INTERPRET=_interpreting(),
         )  # fmt: skip

@@ -862,16 +862,23 @@ def test_scale_grad_computes_in_the_gradients_accumulation_dtype(backend):
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
-def test_zero_hard_label_weight_drops_the_cross_entropy(backend, divergence):
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "triton", "cuda"])
+def test_zero_hard_label_weight_drops_the_cross_entropy(backend_name, divergence, monkeypatch):
     # hard_label_weight = 0 means no cross-entropy term: a -inf student logit at the label (a
     # column masked in student and teachers, check_finite=False) gave 0 * inf = NaN on the
-    # reference (and Triton / CUDA) backends where the CPU kernels skipped the term
+    # reference, Triton and CUDA backends where the CPU kernels skipped the term
+    reason = mtbkd.ops.backend_status()[backend_name]
+    if reason is not None and backend_name in ("triton", "cuda"):
+        pytest.skip(f"{backend_name} backend unavailable: {reason}")
+    monkeypatch.setenv("MTBKD_BACKEND", backend_name)
+    device = "cuda" if backend_name in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4, 9, generator=g, dtype=torch.float64)
     t = torch.randn(2, 4, 9, generator=g, dtype=torch.float64)
     y = torch.tensor([3, 1, -100, 5])
     z[0, 3] = float("-inf")
     t[:, 0, 3] = float("-inf")
+    z, t, y = z.to(device), t.to(device), y.to(device)
     kw = dict(divergence=divergence, check_finite=False, reduction="none")
     got = mtbkd.multi_teacher_kd_loss(z, t, y, hard_label_weight=0.0, **kw)
     unlabelled = mtbkd.multi_teacher_kd_loss(z, t, None, **kw)
