@@ -861,6 +861,9 @@ def test_scale_grad_computes_in_the_gradients_accumulation_dtype(backend):
     assert out.dtype == torch.float64 and out[0, 0].item() == 1.0 + 2.0**-40
 
 
+# the Triton interpreter (numpy) warns about the -inf columns it computes with
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("backend_name", ["reference", "cpu", "triton", "cuda"])
 def test_zero_hard_label_weight_drops_the_cross_entropy(backend_name, divergence, monkeypatch):
