@@ -99,6 +99,44 @@ def test_sample_is_the_reference_stream(backend):
     torch.testing.assert_close(w, eps, atol=tol, rtol=tol)
 
 
+def test_box_muller_clamps_the_uniform_at_1e_7(backend):
+    # Counter 5926005 of seed 2024 draws u = 6.2e-8 < 1e-7 as the radius uniform of its second
+    # pair (elements 22 and 23 from offset 5926000): tl.pair_uniform_to_normal (and csrc/philox.h)
+    # clamp it at 1e-7, so the radius is sqrt(-2 log 1e-7), not sqrt(-2 log u) (1.2 % larger).
+    # Every backend, the reference generator included, against the closed form in float64.
+    seed, offset, n = 2024, 5926000, 40
+    x = B._philox_uint32(seed, torch.tensor([offset + 5]), 0)
+    u_radius, u_angle = B._uniform(x[2]).item(), B._uniform(x[3]).item()
+    assert u_radius < 1e-7
+    r = math.sqrt(-2 * math.log(1e-7))
+    th = 2 * math.pi * u_angle
+    want = torch.tensor([r * math.cos(th), r * math.sin(th)], dtype=torch.float64)
+    ref = B.philox_normal(seed, offset, n).double()
+    torch.testing.assert_close(ref[22:24], want, atol=2e-6, rtol=2e-6)
+    mu = torch.zeros(n, dtype=torch.float64, device=DEVICE)
+    rho = torch.full_like(mu, _rho_for_sigma(1.0))
+    w = B.reparameterize(mu, rho, seed=seed, offset=offset).cpu()
+    tol = 2e-6 if DEVICE == "cpu" else 2e-5
+    torch.testing.assert_close(w, ref, atol=tol, rtol=tol)
+
+
+def test_large_seed_and_offset_across_the_32_bit_carry(backend):
+    # Seeds use both 32-bit key words and the counter both 32-bit words: the sample (and the
+    # backward's regenerated eps) of a seed >= 2**32 at counters crossing 2**32 is the reference
+    # stream there. (The other tests' seeds and offsets fit in 32 bits.)
+    n = 1500
+    seed, offset = 2**40 + 3, 2**32 - 7
+    mu = torch.zeros(n, dtype=torch.float64, device=DEVICE)
+    rho = torch.full_like(mu, _rho_for_sigma(1.0)).requires_grad_(True)
+    w = B.reparameterize(mu, rho, seed=seed, offset=offset)
+    eps = B.philox_normal(seed, offset, n).double().to(DEVICE)
+    tol = 2e-6 if DEVICE == "cpu" else 2e-5
+    torch.testing.assert_close(w.detach(), eps, atol=tol, rtol=tol)
+    g = torch.randn_like(mu)
+    (drho,) = torch.autograd.grad(w, rho, g)
+    torch.testing.assert_close(drho, g * eps * torch.sigmoid(rho.detach()), atol=tol, rtol=tol)
+
+
 def test_moments_and_independence(backend):
     n = _n(backend, 400_000)
     m0, s0 = 0.3, 2.0
@@ -173,6 +211,27 @@ def test_gradients_against_autograd_of_plain_formula(backend):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+# Triton's interpreter evaluates both sides of tl.where with numpy: the discarded x / 0 of log1p
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sigma_is_torch_softplus_over_the_whole_range(backend, dtype):
+    # sigma = softplus(rho) to a few ulps from rho = -40 (exp(rho) far below an ulp of 1: a plain
+    # log(1 + exp(rho)) is 0 there, or 1e-3 off at -9) through torch's threshold (rho > 20: rho
+    # itself) to rho = 100 (exp overflows float32). With mu = 0 and one (seed, offset) the ratio
+    # w(rho) / w(0) = softplus(rho) / log 2 is free of eps (the backends' eps differ by an ulp).
+    rho = torch.linspace(-40.0, 100.0, 1401, dtype=torch.float64).to(dtype).to(DEVICE)
+    mu = torch.zeros_like(rho)
+    w = B.reparameterize(mu, rho, seed=31).double()
+    w0 = B.reparameterize(mu, mu, seed=31).double()
+    eps = B.philox_normal(31, 0, rho.numel()).double().to(DEVICE)
+    torch.testing.assert_close(w0, math.log(2) * eps, atol=2e-5, rtol=2e-5)
+    sigma = w / w0 * math.log(2)
+    true = F.softplus(rho.double())
+    err = ((sigma - true).abs() / true).max().item()
+    assert err <= 8 * torch.finfo(dtype).eps, err  # measured: <= 2.4 ulps
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_no_worse_than_plain_torch(backend, dtype):
     torch.manual_seed(3)
@@ -227,6 +286,26 @@ def test_low_precision_sample_is_rounded_once(backend, dtype):
     slack = 1e-6 * (mu.double().abs() + noise.abs())
     err = (w.double() - true).abs()
     assert (err <= _half_ulp(true, dtype) + slack).all(), (err / _half_ulp(true, dtype)).max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradient_is_rounded_once(backend, dtype):
+    # The backward's drho = g eps sigmoid(rho) of bf16 / fp16 tensors is computed in fp32 and
+    # rounded once: within half an ulp of the float64 product from the same stored g and rho
+    # (plus float32 slack, which also covers the backends' eps differing by an ulp).
+    torch.manual_seed(22)
+    shape = (64, 50)
+    mu = torch.randn(shape, dtype=torch.float64).to(dtype).to(DEVICE)
+    rho = torch.randn(shape, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_(True)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype).to(DEVICE)
+    w = B.reparameterize(mu, rho, seed=9, offset=5)
+    (drho,) = torch.autograd.grad(w, rho, g)
+    assert drho.dtype == dtype
+    eps = B.philox_normal(9, 5, mu.numel()).double().to(DEVICE).view(shape)
+    true = g.double() * eps * torch.sigmoid(rho.detach().double())
+    err = (drho.double() - true).abs()
+    bound = _half_ulp(true, dtype) + 1e-6 * true.abs()
+    assert (err <= bound).all(), (err / _half_ulp(true, dtype)).max()
 
 
 def test_empty_and_odd_shapes(backend):
@@ -287,6 +366,29 @@ def test_kl_low_precision_against_torch_distributions(backend, dtype):
     assert abs(kl.double().item() - expected.sum().item()) <= 4e-6 * expected.abs().sum().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kl_gradient_low_precision_is_rounded_once(backend, dtype):
+    # The bf16 / fp16 gradient is computed in fp32 and rounded once to the input dtype: within
+    # half an ulp of the float64 formula at the same stored inputs (plus float32 slack), on every
+    # backend (Triton's interpreter truncates fp32 -> bf16; the kernels round to nearest even).
+    torch.manual_seed(18)
+    mu = (torch.randn(40, 30, dtype=torch.float64) * 0.5).to(dtype).to(DEVICE).requires_grad_()
+    rho = torch.linspace(-6.0, 3.0, 1200, dtype=torch.float64).view(40, 30).to(dtype).to(DEVICE)
+    rho.requires_grad_(True)
+    B.gaussian_kl(mu, rho, prior_sigma=0.7, prior_mu=0.2).backward()
+    m, r = mu.detach().double(), rho.detach().double()
+    s = F.softplus(r)
+    dmu = (m - 0.2) / 0.49
+    drho = (s / 0.49 - 1 / s) * torch.sigmoid(r)
+    # float32 slack: a few ulps of the terms (d KL / d rho cancels where sigma = prior_sigma)
+    terms = (((m - 0.2).abs() + 0.2) / 0.49, (s / 0.49 + 1 / s) * torch.sigmoid(r))
+    for got, true, size in ((mu.grad, dmu, terms[0]), (rho.grad, drho, terms[1])):
+        assert got.dtype == dtype
+        err = (got.double() - true).abs()
+        bound = _half_ulp(true, dtype) + 1e-6 * size
+        assert (err <= bound).all(), (err / _half_ulp(true, dtype)).max()
+
+
 def test_kl_fp32_accumulation(backend):
     torch.manual_seed(5)
     n = _n(backend, 1 << 18)
@@ -319,6 +421,27 @@ def test_kl_of_tiny_sigma(backend, dtype):
     torch.testing.assert_close(kl.double(), truth, rtol=tol, atol=0)
     torch.testing.assert_close(rho.grad.double(), -torch.ones_like(r), rtol=0, atol=1e-8)
     assert torch.equal(mu.grad, torch.zeros_like(mu))
+
+
+def test_kl_float64_near_the_tiny_rho_series(backend):
+    # float64 keeps what float32 rounds away below rho = -20: log s = rho - s / 2 (the s / 2 is
+    # 1e-9 at rho = -20.5, a hundred thousand ulps of rho) and d KL / d rho = s sigmoid(rho) / s0^2
+    # - (1 - s / 2), whose first term a small prior sigma makes visible. Against the closed form
+    # from torch's float64 log1p, which is exact to an ulp here (s is far from the denormals).
+    rho = torch.tensor([-19.5, -20.01, -20.5, -21.0, -22.0, -24.0, -27.0, -30.0],
+                       dtype=torch.float64, device=DEVICE, requires_grad=True)  # fmt: skip
+    mu = torch.linspace(-3e-4, 3e-4, rho.numel(), dtype=torch.float64, device=DEVICE)
+    mu.requires_grad_(True)
+    m0, s0 = 1e-4, 1e-4
+    kl = B.gaussian_kl(mu, rho, prior_sigma=s0, prior_mu=m0)
+    kl.backward()
+    r, m = rho.detach(), mu.detach()
+    s = torch.log1p(torch.exp(r))
+    terms = math.log(s0) - torch.log(s) + (s**2 + (m - m0) ** 2) / (2 * s0**2) - 0.5
+    torch.testing.assert_close(kl, terms.sum(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(mu.grad, (m - m0) / s0**2, rtol=1e-14, atol=0)
+    drho = (s / s0**2 - 1 / s) * torch.sigmoid(r)
+    torch.testing.assert_close(rho.grad, drho, rtol=1e-14, atol=0)
 
 
 def test_kl_double_backward_raises():
@@ -475,6 +598,39 @@ def test_sgld_step_low_precision_rounds_once(backend, precondition, dtype):
     assert (err <= _half_ulp(true, dtype) + slack).all(), (err / _half_ulp(true, dtype)).max()
 
 
+@pytest.mark.parametrize("precondition", [False, True])
+def test_sgld_step_of_large_views_and_seed(backend, precondition):
+    # Parameters of several kernel programs (> 1024 elements) held as contiguous views of one
+    # flat buffer, with a seed >= 2**32: each takes the noise of its own stream (counters past the
+    # first program's, both seed words) and nothing outside a parameter moves.
+    torch.manual_seed(17)
+    flat = torch.randn(4700, dtype=torch.float64, device=DEVICE)
+    gflat = torch.randn_like(flat)
+    sflat = torch.rand_like(flat)
+    cuts = [(0, 2500, (2500,)), (2500, 4600, (3, 700))]
+    params = [flat[a:b].view(s) for a, b, s in cuts]
+    grads = [gflat[a:b].view(s) for a, b, s in cuts]
+    sq = [sflat[a:b].view(s) for a, b, s in cuts]
+    before, sq_before = flat.clone(), sflat.clone()
+    seed, lr, nd, temp, wd, alpha, eps = 2**40 + 5, 1e-3, 20.0, 0.5, 0.3, 0.9, 1e-5
+    B.sgld_step_(params, grads, sq if precondition else None, lr=lr, num_data=nd,
+                 temperature=temp, weight_decay=wd, seed=seed, precondition=precondition,
+                 alpha=alpha, eps=eps)  # fmt: skip
+    for j, (a, b, _) in enumerate(cuts):
+        th, g = before[a:b], gflat[a:b]
+        xi = B.philox_normal(seed, 0, b - a, stream=j).double().to(DEVICE)
+        gu = nd * g + wd * th
+        gp = torch.ones_like(th)
+        if precondition:
+            v = alpha * sq_before[a:b] + (1 - alpha) * (gu / nd) ** 2
+            torch.testing.assert_close(sflat[a:b], v, atol=1e-12, rtol=1e-12)
+            gp = 1 / (eps + v.sqrt())
+        want = th - lr * gp * gu + math.sqrt(2 * lr * temp) * gp.sqrt() * xi
+        tol = 2e-6 if DEVICE == "cpu" else 2e-5  # the backends' xi differ by an ulp or so
+        torch.testing.assert_close(flat[a:b], want, atol=tol, rtol=tol)
+    assert torch.equal(flat[4600:], before[4600:]) and torch.equal(sflat[4600:], sq_before[4600:])
+
+
 # ---------------------------------------------------------------------------------------------
 # Custom-op machinery
 # ---------------------------------------------------------------------------------------------
@@ -510,6 +666,32 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(backend_status()["triton"] is not None, reason=str(backend_status()["triton"]))
+@pytest.mark.parametrize("n", [1, 1500])
+def test_triton_kernels_write_nothing_past_their_outputs(monkeypatch, n):
+    # The kernels' masks stop at n: the outputs are placed at the start of a sentinel-filled
+    # buffer (the allocator would hide a write past the end) and the rest must stay untouched.
+    from mtbkd.kernels import bayes as K
+
+    guard = torch.full((4 * 2048,), 1234.5, device=DEVICE)
+    slots = iter(range(0, guard.numel(), 2048))
+
+    def empty_like(t, **kwargs):
+        start = next(slots)
+        return guard[start : start + t.numel()].view(t.shape)
+
+    mu = torch.randn(n, device=DEVICE)
+    rho = torch.randn(n, device=DEVICE)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    w = K.reparameterize_fwd(mu, rho, 3, 0, False)
+    drho = K.reparameterize_bwd(torch.ones_like(mu), rho, 3, 0)
+    _, dmu, drho_kl = K.gaussian_kl(mu, rho, 0.0, 1.0, True)
+    monkeypatch.undo()
+    for start, out in zip(range(0, guard.numel(), 2048), (w, drho, dmu, drho_kl)):
+        assert out.data_ptr() == guard[start:].data_ptr() and torch.isfinite(out).all()
+        assert (guard[start + n : start + 2048] == 1234.5).all()
 
 
 # ---------------------------------------------------------------------------------------------
