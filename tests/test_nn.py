@@ -201,3 +201,57 @@ def test_infinite_prior_mean_is_refused():
             BayesLinear(3, 2, prior_mu=bad)
         with pytest.raises(ValueError, match="prior_mu"):
             B.gaussian_kl(torch.zeros(3), torch.zeros(3), prior_mu=bad)
+
+
+def _module_backends():
+    from mtbkd.ops import backend_status
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    status = backend_status()
+    out = []
+    for be in ("reference", "cpu", "triton", "cuda"):
+        reason = status[be]
+        if reason is None and be in ("cpu", "cuda") and be != device:
+            reason = f"the {be} backend does not run on {device} tensors"
+        mark = pytest.mark.skipif(reason is not None, reason=str(reason))
+        out.append(pytest.param(be, marks=mark))
+    return out
+
+
+@pytest.mark.parametrize("backend", _module_backends())
+def test_bayes_linear_is_the_same_on_every_backend(backend, monkeypatch):
+    # The module (sample, bias offset, matmul, closed-form KL, backward) on a forced backend
+    # against the float64 formula: w = mu + softplus(rho) eps with eps the reference stream of the
+    # layer's seed, KL by torch.distributions, and autograd of that formula.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(4)
+    layer = BayesLinear(37, 5, posterior_rho_init=-1.0, prior_sigma=0.5).double().to(device)
+    x = torch.randn(6, 37, dtype=torch.float64, device=device)
+    monkeypatch.setenv("MTBKD_BACKEND", backend)
+    torch.manual_seed(11)
+    y = layer(x)
+    kl = layer.kl()
+    (y.pow(2).sum() + kl).backward()
+    monkeypatch.delenv("MTBKD_BACKEND")
+    torch.manual_seed(11)
+    seed = B.new_seed()
+    n_w = layer.weight_mu.numel()
+    eps_w = B.philox_normal(seed, 0, n_w).double().to(device).view(5, 37)
+    eps_b = B.philox_normal(seed, B.counters_used(n_w), 5).double().to(device)
+    p = {k: v.detach().clone().requires_grad_(True) for k, v in layer.named_parameters()}
+    w = p["weight_mu"] + F.softplus(p["weight_rho"]) * eps_w
+    b = p["bias_mu"] + F.softplus(p["bias_rho"]) * eps_b
+    y_true = F.linear(x, w, b)
+    prior = torch.distributions.Normal(0.0, 0.5)
+    kl_true = sum(
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(p[m], F.softplus(p[r])), prior
+        ).sum()
+        for m, r in (("weight_mu", "weight_rho"), ("bias_mu", "bias_rho"))
+    )
+    (y_true.pow(2).sum() + kl_true).backward()
+    tol = 1e-5  # the backends' eps differ from the reference stream by float32 rounding
+    torch.testing.assert_close(y.detach(), y_true.detach(), atol=tol, rtol=tol)
+    torch.testing.assert_close(kl.detach(), kl_true.detach(), atol=1e-10, rtol=1e-10)
+    for name, q in layer.named_parameters():
+        torch.testing.assert_close(q.grad, p[name].grad, atol=tol, rtol=tol, msg=name)
