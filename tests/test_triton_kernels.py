@@ -177,6 +177,85 @@ def test_mtbkd_fwd_low_precision(backend, dtype, cached):
         )
 
 
+def test_mtbkd_fwd_hard_label_weight_scales_only_the_cross_entropy(backend):
+    # Every other MT-BKD case runs at hard_label_weight = 1: beta_h dropped from the loss or from
+    # the hard-label gradient, or folded into the per-row ce output, went unnoticed.
+    z, ts, y = _data(5, 300, 3, torch.float64)
+    args = list(_mtbkd_args(z, ts, y, ENTROPY, False))
+    args[7], args[8] = 0.5, 0.3  # prior_weight, hard_label_weight
+    out = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
+    ref = ops._ref_mtbkd_loss_fwd(*args)
+    names = ("loss", "grad", "weights", "responsibilities", "entropy", "prior", "ce")
+    for name, a, b in zip(names, out, ref, strict=True):
+        assert _maxerr(a, b) <= 1e-10 * max(1.0, b.abs().max().item()), (name, _maxerr(a, b))
+    keep = y != -100
+    ce = torch.nn.functional.cross_entropy(z, torch.where(keep, y, 0), reduction="none")
+    assert _maxerr(out[6][keep], ce[keep]) <= 1e-12  # the unweighted cross-entropy
+    assert _maxerr(out[0], torch.where(keep, 0.3 * out[6] + 0.5 * out[5], 0.0)) <= 1e-12
+
+
+def test_mtbkd_fwd_zero_hard_label_weight_drops_the_cross_entropy(backend):
+    # hard_label_weight = 0: no cross-entropy term, so a -inf student logit at the label (a
+    # column masked in student and teachers, check_finite=False) must not give 0 * inf = NaN. The
+    # KD kernels are tested for this in test_functional; the MT-BKD kernels were not.
+    z, ts, y = _data(4, 37, 2, torch.float64)  # row 1 masked
+    z[0, y[0]] = float("-inf")
+    for t in ts:
+        t[0, y[0]] = float("-inf")
+    args = list(_mtbkd_args(z, ts, y, ENTROPY, False, check=False))
+    args[8] = 0.0
+    out = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
+    args[2] = None
+    unlabelled = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
+    keep = y != -100
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1]).all()
+    assert torch.equal(out[0], torch.where(keep, unlabelled[0], 0.0))
+    assert torch.equal(out[1], torch.where(keep[:, None], unlabelled[1], 0.0))
+
+
+def test_mtbkd_fwd_zero_fixed_weight_drops_the_teacher(backend):
+    # MATH.md section 2: a teacher with w_k = 0 drops out of the mixture (log 0 = -inf), so the
+    # loss is that of the other teachers alone and its responsibility is 0. The Triton cases had
+    # fixed weights >= 0.1 only.
+    z, ts, y = _data(5, 129, 3, torch.float64)
+    fw = torch.tensor(
+        [[0.4, 0.0, 2.0, 1.0, 0.0], [0.0, 0.0, 1.0, 3.0, 0.5], [0.6, 1.0, 0.0, 0.0, 1.5]],
+        dtype=torch.float64,
+        device=DEVICE,
+    )
+    args = (z, ts, y, fw, None, 2.0, 5.0, 0.5, 1.0, FIXED, 1.0, -100, True)
+    out = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
+    ref = ops._ref_mtbkd_loss_fwd(*args)
+    names = ("loss", "grad", "weights", "responsibilities", "entropy", "prior", "ce")
+    for name, a, b in zip(names, out, ref, strict=True):
+        assert _maxerr(a, b) <= 1e-10 * max(1.0, b.abs().max().item()), (name, _maxerr(a, b))
+    keep = y != -100
+    assert torch.all(out[3][fw == 0] == 0)
+    for i in torch.nonzero(keep).flatten().tolist():  # each row against its teachers with w > 0
+        live = [k for k in range(3) if fw[k, i] > 0]
+        sub = (z[i : i + 1], [ts[k][i : i + 1] for k in live], y[i : i + 1], fw[live, i : i + 1])
+        alone = torch.ops.mtbkd.mtbkd_loss_fwd(*sub, *args[4:])
+        assert _maxerr(out[0][i], alone[0][0]) <= 1e-12 and _maxerr(out[1][i], alone[1][0]) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mtbkd_gradient_vanishes_when_the_student_equals_every_teacher(backend, dtype):
+    # q = p_k for every k: the prior's gradient (lam/tau)(q sum_k r_k - sum_k r_k p_k) is zero
+    # however sum_k r_k rounds (the responsibilities exp(l_k - lse l) sum to 1 only to about
+    # |l| ulps, |l| ~ lam H ~ 500 here). Taking sum_k r_k = 1 left q (1 - sum_k r_k) (lam/tau):
+    # ~250 units below, where the kernels reach ~1.5 and the reference's autograd ~4.
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(4, 1271, generator=g, dtype=torch.float64) * 3).to(DEVICE, dtype)
+    fw = (torch.rand(3, 4, generator=g, dtype=torch.float64) + 0.1).to(DEVICE, dtype)
+    unit = torch.finfo(dtype).eps * (100.0 / 2.0) * torch.softmax(z.double() / 2.0, -1).amax(-1)
+    for mode, f in ((ENTROPY, None), (FIXED, fw)):
+        args = (z, [z.clone() for _ in range(3)], None, f, None, 2.0, 100.0, 1.0, 0.0, mode, 1.0,
+                -100, True)  # fmt: skip
+        grad = torch.ops.mtbkd.mtbkd_loss_fwd(*args)[1].double()
+        ratio = (grad.abs().amax(-1) / unit).max().item()
+        assert ratio <= 16, (mode, ratio)
+
+
 # ------------------------------------------------------------------------------------------------
 # multi_teacher_kd_fwd
 # ------------------------------------------------------------------------------------------------
@@ -350,6 +429,30 @@ def test_reverse_kl_gradient_of_a_confident_student(backend, div, beta, teacher)
     assert torch.all(err <= tol), (err.tolist(), err_base.tolist())
 
 
+def test_reverse_kl_gradient_rounds_with_the_teachers_spread_over_the_likely_classes(backend):
+    # The reverse-KL gradient is formed from d = (z - max z) - (t - b) with b the teacher's logit
+    # at the student's top class, so d is 0 there. A student sure of one class (14 logits ahead,
+    # q ~ 1 - 1e-4 at tau = 1) and a teacher that is the student rolled by one class: the teacher
+    # disagrees by ~14 on that class, but the gradient stays within a few float32 ulps of its
+    # row's own size: ~5 under the interpreter, 100 allowed for the GPUs' exp approximations
+    # (b at another column, e.g. the teacher's max, leaves d ~ 14 there and errors of ~2e3
+    # units, like PyTorch's float32). V = 2500: two blocks, top classes at the block edges too,
+    # so b moves within a row.
+    g = torch.Generator().manual_seed(0)
+    n, v = 24, 2500
+    z = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+    top = torch.randint(0, v, (n,), generator=g)
+    top[:4] = torch.tensor([0, 2047, 2048, v - 1])
+    z[torch.arange(n), top] += 14
+    t = torch.roll(z, 1, dims=-1)
+    z, t = z.float().to(DEVICE), t.float().to(DEVICE)
+    args = (z, [t], None, None, RKL, 0.5, 1.0, UNIFORM, 1.0, 0.0, 1.0, 1.0, -100, True)
+    grad = torch.ops.mtbkd.multi_teacher_kd_fwd(*args)[1].double()
+    truth = ops._ref_multi_teacher_kd_fwd(z.double(), [t.double()], *args[2:])[1]
+    units = (grad - truth).abs().amax(-1) / (torch.finfo(torch.float32).eps * truth.abs().amax(-1))
+    assert units.max().item() <= 100, units.tolist()
+
+
 @pytest.mark.parametrize("div,beta", [(FKL, 0.5), (RKL, 0.5), (JSD, 0.5)])
 def test_kd_fwd_masked_logits_unchecked(backend, div, beta):
     # check_finite=False with masked vocabulary entries: -inf at the same columns in the student
@@ -465,6 +568,35 @@ def test_scale_grad_multiplies_in_the_accumulation_dtype(backend):
     assert torch.equal(out, ops._ref_scale_grad(grad, rows.float()))
     with pytest.raises(TypeError, match="grad_rows must be floating point"):
         torch.ops.mtbkd.scale_grad(grad, torch.ones(5, dtype=torch.int64, device=DEVICE))
+
+
+def test_scale_grad_rounds_ties_to_even(backend):
+    # Products that are exact bfloat16 ties (the float32 bits end in 0x8000), half with an odd
+    # last kept bit: round to nearest even goes up there, down for the even ones. Random data
+    # almost never hits a tie, so the interpreter's rounding (_to_out) was untested on them.
+    lo = [1 + 2**-8, 1 + 2**-7 + 2**-8, 1.5 + 2**-8, 1.5 + 2**-7 + 2**-8, 2 + 2**-7, 3 + 3 * 2**-7]
+    rows = torch.tensor(lo + [-x for x in lo], dtype=torch.float32)
+    grad = torch.tensor([1.0, 0.5, -2.0, 4.0], dtype=torch.bfloat16)[None, :].repeat(len(rows), 1)
+    exact = grad.float() * rows[:, None]
+    bits = exact.view(torch.int32)
+    assert torch.all(bits & 0xFFFF == 0x8000)  # every product is a tie
+    odd = (bits >> 16) & 1 == 1
+    assert odd.any() and (~odd).any()
+    want = exact.to(torch.bfloat16)  # torch rounds to nearest even
+    assert torch.all(want[odd].float().abs() > exact[odd].abs())  # odd: away from zero
+    assert torch.all(want[~odd].float().abs() < exact[~odd].abs())
+    out = torch.ops.mtbkd.scale_grad(grad.to(DEVICE), rows.to(DEVICE))
+    assert torch.equal(out.cpu(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_grad_of_a_vocabulary_wider_than_one_block(backend, dtype):
+    # The Triton kernel splits a row into blocks of 4096 columns (a second grid axis): the other
+    # scale_grad tests have V <= 1271, one block, so a wrong column offset went unnoticed.
+    g = torch.Generator().manual_seed(2)
+    grad = torch.randn(3, 9000, generator=g).to(DEVICE, dtype)
+    rows = torch.randn(3, generator=g).to(DEVICE)
+    assert torch.equal(torch.ops.mtbkd.scale_grad(grad, rows), ops._ref_scale_grad(grad, rows))
 
 
 def test_strided_labels(backend):
@@ -594,6 +726,35 @@ def test_non_finite_logits_raise_only_in_unmasked_rows(backend):
         torch.ops.mtbkd.teacher_stats(ts, 2.0, 5.0, 1.0, True)
     # check_finite=False: no check, and no error
     torch.ops.mtbkd.teacher_stats(ts, 2.0, 5.0, 1.0, False)
+
+
+@pytest.mark.skipif(ON_CUDA, reason=NO_DEVICE_ASSERT)
+def test_errors_without_labels_and_in_several_rows_name_the_first_row(backend):
+    # check_finite must hold without labels too (the status vector was only allocated, and
+    # read, when labels were given), and with several bad rows the first one is named, as on the
+    # reference and CPU backends.
+    z, ts, y = _data(5, 10, 2, torch.float32, labels=False)
+    z[3, 0] = float("inf")
+    z[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"student_logits.*\(row 1\)"):
+        torch.ops.mtbkd.mtbkd_loss_fwd(*_mtbkd_args(z, ts, None, ENTROPY, False))
+    with pytest.raises(ValueError, match=r"student_logits.*\(row 1\)"):
+        torch.ops.mtbkd.multi_teacher_kd_fwd(*_kd_args(z, ts, None, RKL, 0.5, ENTROPY))
+    loss = torch.ops.mtbkd.mtbkd_loss_fwd(*_mtbkd_args(z, ts, None, ENTROPY, False, check=False))[0]
+    assert torch.isfinite(loss[[0, 2, 4]]).all() and not torch.isfinite(loss[[1, 3]]).any()
+    z[1, 3] = z[3, 0] = 0.0
+    ts[1][4, 2] = float("-inf")
+    ts[0][2, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"teacher_logits.*\(row 2\)"):
+        torch.ops.mtbkd.mtbkd_loss_fwd(*_mtbkd_args(z, ts, None, ENTROPY, False))
+    with pytest.raises(ValueError, match=r"teacher_logits.*\(row 2\)"):
+        torch.ops.mtbkd.multi_teacher_kd_fwd(*_kd_args(z, ts, None, JSD, 0.5, ENTROPY))
+    with pytest.raises(ValueError, match=r"teacher_logits.*\(row 2\)"):
+        torch.ops.mtbkd.teacher_weights(ts, ENTROPY, 1.0, True)
+    ts[1][4, 2] = ts[0][2, 7] = 0.0
+    y = torch.tensor([0, 10, 3, -1, 9], device=DEVICE)
+    with pytest.raises(ValueError, match=r"labels.*row 1 does not"):
+        torch.ops.mtbkd.mtbkd_loss_fwd(*_mtbkd_args(z, ts, y, ENTROPY, False))
 
 
 @pytest.mark.skipif(ON_CUDA, reason="the interpreter-only guard is what is tested")
