@@ -217,6 +217,72 @@ def test_mtbkd_low_precision_no_worse_than_pytorch(dtype, v):
     _assert_no_worse(MTBKD_OUT, got, base, truth)
 
 
+def test_mtbkd_zero_hard_label_weight_drops_the_cross_entropy():
+    # hard_label_weight = 0: no cross-entropy term (MATH.md section 2), so a -inf student logit at
+    # the label (a column masked in student and teachers, check_finite=False) must not give
+    # 0 * inf = NaN. The KD kernel skipped the term; the MT-BKD kernel wrote beta_h * ce = NaN.
+    z, ts, y = _inputs(4, 37, 2)  # row 1 masked
+    z[0, y[0]] = float("-inf")
+    for t in ts:
+        t[0, y[0]] = float("-inf")
+    for dtype in (torch.float64, torch.float32):
+        zd, tsd = z.to(dtype), [t.to(dtype) for t in ts]
+        got = ops.mtbkd_loss_fwd(*_mtbkd_args(zd, tsd, y, bh=0.0, check=False))
+        unlabelled = ops.mtbkd_loss_fwd(*_mtbkd_args(zd, tsd, None, bh=0.0, check=False))
+        keep = y != -100
+        assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+        assert torch.equal(got[0], torch.where(keep, unlabelled[0], 0.0))
+        assert torch.equal(got[1], torch.where(keep[:, None], unlabelled[1], 0.0))
+        assert got[6][0] == float("inf")  # the per-row ce output stays the unweighted -log q_y
+
+
+def test_mtbkd_zero_fixed_weight_drops_a_teacher_the_student_follows():
+    # MATH.md section 2: w_k = 0 drops teacher k from the mixture (log 0 = -inf), however well the
+    # student matches it. Here the dropped teacher is the student itself and lam = 50, so its
+    # ell_k is ~lam KL ~ 10^2 above the others': a log w_k clamped at log(1e-30) = -69 instead of
+    # -inf would hand it the responsibility (random teachers differ by ~1 nat in ell and left that
+    # unseen: the other tests' zero weight moved the loss by ~1e-25).
+    k, n, v = 3, 5, 300
+    z, ts, y = _inputs(n, v, k, seed=3)
+    fw = torch.tensor(
+        [[0.0, 0.0, 2.0, 1.0, 0.0], [0.4, 0.0, 0.0, 3.0, 0.5], [0.6, 1.0, 1.0, 0.0, 1.5]],
+        dtype=torch.float64,
+    )
+    for i in range(n):  # each row's first zero-weight teacher is the student
+        ts[int(torch.nonzero(fw[:, i] == 0)[0])][i] = z[i]
+    args = _mtbkd_args(z, ts, y, fixed=fw, mode=2, lam=50.0, bp=0.5)
+    got = ops.mtbkd_loss_fwd(*args)
+    _assert_close64(MTBKD_OUT, got, REF["mtbkd_loss_fwd"]["reference"](*args))
+    keep = y != -100
+    assert torch.all(got[3][fw == 0] == 0)
+    for i in torch.nonzero(keep).flatten().tolist():  # each row against its teachers with w > 0
+        live = [j for j in range(k) if fw[j, i] > 0]
+        sub = (z[i : i + 1], [ts[j][i : i + 1] for j in live], y[i : i + 1], fw[live, i : i + 1])
+        alone = ops.mtbkd_loss_fwd(*sub, *args[4:])
+        torch.testing.assert_close(got[0][i], alone[0][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1][i], alone[1][0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mtbkd_gradient_vanishes_when_the_student_equals_every_teacher(dtype):
+    # q = p_k for every k: the prior's gradient (lam / tau) (q sum_k r_k - sum_k r_k p_k) is 0.
+    # The kernel writes (lam / tau) (q - sum_k r_k p_k), exact only while sum_k r_k rounds to 1:
+    # it normalises r by its sum (a few ulps). r_k = exp(ell_k - lse ell) sums to 1 only to
+    # about |ell| ulps (|ell| ~ lam H ~ 500 here), which left ~250 units below; the kernel
+    # reaches ~1.1.
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(4, 1271, generator=g, dtype=torch.float64) * 3).to(dtype)
+    fw = (torch.rand(3, 4, generator=g, dtype=torch.float64) + 0.1).to(dtype)
+    unit = torch.finfo(dtype).eps * (100.0 / 2.0) * torch.softmax(z.double() / 2.0, -1).amax(-1)
+    for mode, fixed in ((0, None), (2, fw)):
+        args = _mtbkd_args(z, [z.clone() for _ in range(3)], None, fixed=fixed, mode=mode,
+                           lam=100.0, bp=1.0, bh=0.0)  # fmt: skip
+        got = ops.mtbkd_loss_fwd(*args)
+        ratio = (got[1].double().abs().amax(-1) / unit).max().item()
+        assert ratio <= 16, (mode, ratio)
+        torch.testing.assert_close(got[3].double().sum(0), torch.ones(4, dtype=torch.float64))
+
+
 # ------------------------------------------------------------------------------------------------
 # Weighted-sum KD family (MATH.md section 3)
 # ------------------------------------------------------------------------------------------------

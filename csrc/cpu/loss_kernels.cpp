@@ -593,7 +593,9 @@ void mtbkd_row(const LossParams<T, A>& p, int64_t i, A lgamma_v_lam, RowScratch<
   const A ce = has_y ? -((z[y] - s.m) - logS1) : A(0);
   const A bh = static_cast<A>(p.hard_label_weight);
   const A bp = static_cast<A>(p.prior_weight);
-  p.loss[i] = (has_y ? bh * ce : A(0)) + bp * prior;
+  // beta_h = 0: no term (a -inf student logit at the label, check_finite off, has ce = inf and
+  // 0 * inf = NaN), as in the KD kernel and the CUDA / Triton kernels
+  p.loss[i] = (has_y && bh != A(0) ? bh * ce : A(0)) + bp * prior;
   p.prior[i] = prior;
   p.ce[i] = ce;
   for (int k = 0; k < K; ++k) {
