@@ -128,7 +128,8 @@ def mtbkd_loss(
     h = teacher_entropy(t, weight_temperature)
     logq = torch.log_softmax(z / temperature, dim=-1)  # [N, V]
     p = torch.softmax(t / temperature, dim=-1)  # [K, N, V]
-    cross = lam * (p * logq).sum(-1)  # C_k  [K, N]
+    # C_k  [K, N]; a column ruled out everywhere (-inf logits) has p = 0 and adds 0 (0 log 0)
+    cross = lam * torch.where(p > 0, p * logq, 0.0).sum(-1)
     lg = torch.lgamma(1.0 + lam * p).sum(-1)  # L_k  [K, N]
     ell = torch.log(w) + cross - lg
     prior = -math.lgamma(v + lam) - torch.logsumexp(ell, dim=0)

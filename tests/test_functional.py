@@ -889,6 +889,46 @@ def test_zero_hard_label_weight_drops_the_cross_entropy(backend_name, divergence
     torch.testing.assert_close(got, torch.where(y != -100, unlabelled, 0.0), rtol=1e-12, atol=0)
 
 
+# the Triton interpreter (numpy) warns about the -inf columns it computes with
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "triton", "cuda"])
+def test_mtbkd_masked_columns_are_a_smaller_vocabulary(backend_name, monkeypatch):
+    # Columns ruled out (-inf in the student and every teacher, check_finite=False) have p = 0,
+    # so a = 1 there: the Dirichlet term is 0 (0 log 0 = 0) and only the normaliser still counts
+    # them. The loss is that of the vocabulary without those columns plus the constant
+    # beta_p (lgamma(V' + lam) - lgamma(V + lam)); the gradient is the same on the kept columns
+    # and 0 on the masked ones. (The float64 reference gave NaN: p * log q = 0 * -inf.)
+    reason = mtbkd.ops.backend_status()[backend_name]
+    if reason is not None and backend_name in ("triton", "cuda"):
+        pytest.skip(f"{backend_name} backend unavailable: {reason}")
+    device = "cuda" if backend_name in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(3)
+    n, v, k = 5, 13, 3
+    z = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(k, n, v, generator=g, dtype=torch.float64) * 3
+    y = torch.tensor([0, 4, -100, 12, 7])
+    keep = torch.ones(v, dtype=torch.bool)
+    keep[[2, 5, 6, 11]] = False
+    kw = dict(temperature=2.0, concentration=5.0, prior_weight=0.5, reduction="none")
+    zk = z[:, keep].clone().requires_grad_(True)
+    yk = torch.where(y != -100, keep.cumsum(0)[y.clamp(min=0)] - 1, y)  # labels on kept columns
+    want = mtbkd.functional.mtbkd_loss(zk, t[:, :, keep], yk, **kw)  # reference: no -inf
+    (want * torch.arange(1.0, n + 1, dtype=torch.float64)).sum().backward()
+    vk = int(keep.sum())
+    shift = 0.5 * (math.lgamma(vk + 5.0) - math.lgamma(v + 5.0))
+    want = torch.where(y != -100, want.detach() + shift, 0.0)
+    zm = z.masked_fill(~keep, float("-inf")).to(device).requires_grad_(True)
+    tm = t.masked_fill(~keep, float("-inf")).to(device)
+    monkeypatch.setenv("MTBKD_BACKEND", backend_name)
+    got = mtbkd.functional.mtbkd_loss(zm, tm, y.to(device), check_finite=False, **kw)
+    (got * torch.arange(1.0, n + 1, dtype=torch.float64, device=device)).sum().backward()
+    torch.testing.assert_close(got.detach().cpu(), want, rtol=1e-10, atol=1e-12)
+    grad = zm.grad.cpu()
+    torch.testing.assert_close(grad[:, keep], zk.grad, rtol=1e-10, atol=1e-12)
+    assert torch.equal(grad[:, ~keep], torch.zeros(n, v - vk, dtype=torch.float64))
+
+
 # ------------------------------------------------------------------------------------------
 # Every option reaches the loss: against MATH.md written out in plain PyTorch (F.kl_div,
 # F.cross_entropy), independently of mtbkd.reference.
