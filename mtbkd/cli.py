@@ -115,7 +115,8 @@ def _add_pipeline_commands(sub) -> None:
             "--methods",
             default=None,
             help="comma-separated subset of ce,avg_kd,entropy_kd,bkd,mtbkd_map,"
-            "mtbkd_sgld (bkd = every single-teacher BKD)",
+            "mtbkd_sgld (bkd = every single-teacher BKD), or avg_bkd (opt-in: BKD from the "
+            "teachers' averaged prediction)",
         )
         p.add_argument("--map-epochs", type=int, default=None, help="MAP warm-start epochs")
         p.add_argument("--sgld-epochs", type=int, default=None, help="SGLD epochs")

@@ -78,6 +78,10 @@ __all__ = [
 ]
 
 BASE_METHODS = ("ce", "avg_kd", "entropy_kd", "bkd", "mtbkd_map", "mtbkd_sgld")
+# opt-in methods (not in the default list): ``avg_bkd``, single-teacher BKD whose one teacher is
+# the teachers' averaged prediction (:func:`average_teacher_logits`), the Bayesian counterpart
+# of ``avg_kd``
+EXTRA_METHODS = ("avg_bkd",)
 
 
 @dataclass
@@ -217,9 +221,10 @@ class DistillConfig:
             raise ValueError(f"burn_in must lie in [0, 1), got {self.burn_in}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
-        unknown = [m for m in self.methods if m not in BASE_METHODS and not m.startswith("bkd_")]
+        known = BASE_METHODS + EXTRA_METHODS
+        unknown = [m for m in self.methods if m not in known and not m.startswith("bkd_")]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {BASE_METHODS} or bkd_<name>")
+            raise ValueError(f"unknown methods {unknown}; choose from {known} or bkd_<name>")
         for grid_name, grid in (("mtbkd_grid", self.mtbkd_grid), ("kd_grid", self.kd_grid)):
             for key, values in grid.items():
                 if key not in GRID_KEYS[grid_name]:
@@ -267,7 +272,7 @@ INT_FIELDS = ("batch_size", "map_epochs", "patience", "sgld_epochs", "num_sample
 
 def _sampled(method: str) -> bool:
     """Whether ``method`` samples a posterior with SGLD."""
-    return method in ("mtbkd_sgld", "bkd") or method.startswith("bkd_")
+    return method in ("mtbkd_sgld", "bkd", "avg_bkd") or method.startswith("bkd_")
 
 
 # What each grid may tune: the objective's own hyperparameters (they name its checkpoints)
@@ -1219,13 +1224,14 @@ def distill(
 
     ``teachers``: logits ``[K, N, C]`` aligned with ``x``, a sequence/mapping of ``[N, C]``
     logits, or teacher modules (evaluated once on ``x``). ``method``: ``ce``, ``avg_kd``,
-    ``entropy_kd``, ``bkd_<i>`` (single-teacher BKD with teacher i, sampled), ``mtbkd_map`` or
-    ``mtbkd_sgld``. ``head`` names the submodule SGLD samples (default ``student.head`` or the
-    last ``nn.Linear``). ``validation`` ``(x_val, y_val)``: held-out rows for the MAP phase's
-    early stopping (``config.early_stopping``, ``config.patience``). With ``config.num_chains >
-    1`` a sampled method runs further chains from fresh initialisations of the student's
-    architecture (:func:`more_chains`); ``result.store`` is then a :class:`ChainSamples` and
-    ``result.predict`` pools them.
+    ``entropy_kd``, ``bkd_<i>`` (single-teacher BKD with teacher i, sampled), ``avg_bkd``
+    (single-teacher BKD from the teachers' averaged prediction, :func:`average_teacher_logits`,
+    sampled), ``mtbkd_map`` or ``mtbkd_sgld``. ``head`` names the submodule SGLD samples
+    (default ``student.head`` or the last ``nn.Linear``). ``validation`` ``(x_val, y_val)``:
+    held-out rows for the MAP phase's early stopping (``config.early_stopping``,
+    ``config.patience``). With ``config.num_chains > 1`` a sampled method runs further chains
+    from fresh initialisations of the student's architecture (:func:`more_chains`);
+    ``result.store`` is then a :class:`ChainSamples` and ``result.predict`` pools them.
     """
     config = config or DistillConfig()
     # a forked RNG: the caller's random state is neither used nor changed
@@ -1250,6 +1256,8 @@ def _distill(
         if t.shape[-1] != c:
             raise ValueError(f"teachers have {t.shape[-1]} classes but the student outputs {c}")
     obj, sample = _objective_for(method, config, t.shape[0] if t is not None else 0)
+    if method == "avg_bkd":  # its one teacher (index K) is the teachers' average
+        t = torch.cat([t, average_teacher_logits(t)[None]])
     if sample and config.sgld_epochs < 1:
         raise ValueError(f"method {method!r} samples with SGLD: sgld_epochs must be at least 1")
     teach = t[list(obj.teachers)] if obj.teachers else None
@@ -1303,6 +1311,10 @@ def _objective_for(method: str, config: DistillConfig, k: int) -> tuple[Objectiv
     if method in ("mtbkd_map", "mtbkd_sgld"):
         obj = Objective("mtbkd", tuple(range(k)), config.weights, **common)
         return obj, method == "mtbkd_sgld"
+    if method == "avg_bkd":
+        if k < 2:
+            raise ValueError(f"method 'avg_bkd' averages several teachers, got {k}")
+        return Objective("mtbkd", (k,), config.weights, **common), True
     if method.startswith("bkd_"):
         i = int(method[4:])
         if not 0 <= i < k:
@@ -1782,11 +1794,15 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
     torch.manual_seed(config.seed)
     base = StudentMLP(x_tr.shape[1], c, config.hidden, x_tr.mean(0), x_tr.std(0))
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    ex = _Experiment(config, x_tr, y_tr, t_tr, x_val, y_val, x_te, y_te, base, ck, log)
-    if dataset.x_shift is not None:
-        ex.x_shift = torch.from_numpy(dataset.x_shift)
     k = len(names)
     wanted = method_names(config, names)
+    if "avg_bkd" in wanted:  # its one teacher, index k, is the teachers' average
+        if k < 2:
+            raise ValueError(f"method 'avg_bkd' averages several teachers, got {k}")
+    t_ex = torch.cat([t_tr, average_teacher_logits(t_tr)[None]]) if "avg_bkd" in wanted else t_tr
+    ex = _Experiment(config, x_tr, y_tr, t_ex, x_val, y_val, x_te, y_te, base, ck, log)
+    if dataset.x_shift is not None:
+        ex.x_shift = torch.from_numpy(dataset.x_shift)
     results: dict[str, MethodResult] = {}
     common = {
         "temperature": config.temperature,
@@ -1854,6 +1870,16 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
             sampled = ex.sample(name, obj, model, [mt_choice[3]])
         sh, smodel, store, ssec, svnll = sampled
         results[name] = ex.result(name, smodel, store, sec + ssec, {**obj.hparams(), **sh}, svnll)
+    if "avg_bkd" in wanted:
+        objs = bayes_objs((k,), config.mtbkd_grid)
+        if config.joint_selection:
+            obj, model, sec, sampled = ex.select_joint("avg_bkd", objs, sgld_settings)
+        else:
+            obj, model, sec, vnll = ex.select_map("avg_bkd", objs)
+            sampled = ex.sample("avg_bkd", obj, model, sgld_settings)
+        sh, smodel, store, ssec, svnll = sampled
+        h = {**obj.hparams(), **sh}
+        results["avg_bkd"] = ex.result("avg_bkd", smodel, store, sec + ssec, h, svnll)
     ordered = [results[m] for m in wanted if m in results]
     attribution = None
     if k >= 2 and ("mtbkd_sgld" in results or "mtbkd_map" in results):
@@ -1890,6 +1916,18 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         mixtures,
         dataset.shift_name if dataset.x_shift is not None else None,
     )
+
+
+def average_teacher_logits(teacher_logits: Tensor) -> Tensor:
+    """The teachers' averaged prediction as logits: ``log((1/K) Σ_k softmax(t_k))`` from
+    ``[K, N, C]`` logits (log-space, so a class every teacher rules out with ``-inf`` stays
+    ``-inf``). ``avg_bkd`` distils from it: one Dirichlet prior centred on the teachers'
+    average (the ``average`` row of :func:`teacher_mixtures`), where MT-BKD mixes K Dirichlet
+    priors, each centred on one teacher."""
+    t = torch.as_tensor(teacher_logits)
+    if t.dim() != 3 or t.shape[0] < 1:
+        raise ValueError(f"teacher_logits must be [K, N, C] with K >= 1, got {tuple(t.shape)}")
+    return torch.logsumexp(torch.log_softmax(t, -1), 0) - math.log(t.shape[0])
 
 
 def teacher_mixtures(teacher_logits: Tensor, labels: Tensor) -> list[dict[str, Any]]:

@@ -747,3 +747,61 @@ def test_distill_leaves_the_callers_rng_alone():
     torch.manual_seed(123)
     distill.distill(s, t, x, y, replace(CONFIG, map_epochs=2), method="ce")
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_average_teacher_logits_by_hand():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 3
+    t[:, 1, 4] = float("-inf")  # a class every teacher rules out stays ruled out
+    t[0, 2, 6] = float("-inf")  # one teacher's -inf averages with the others' probabilities
+    got = distill.average_teacher_logits(t)
+    want = torch.log(torch.softmax(t, -1).mean(0))
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and got[1, 4] == float("-inf")
+    torch.testing.assert_close(got[torch.isfinite(want)], want[torch.isfinite(want)])
+    torch.testing.assert_close(torch.softmax(got, -1), torch.softmax(t, -1).mean(0))
+    with pytest.raises(ValueError, match=r"teacher_logits must be \[K, N, C\]"):
+        distill.average_teacher_logits(t[0])
+
+
+def test_avg_bkd_is_single_teacher_bkd_on_the_teachers_average():
+    # avg_bkd = bkd with one teacher whose logits are the teachers' average: the same samples as
+    # bkd_<K> of the teachers with that average appended as teacher K
+    x, y, t = halves_problem(12, seed=0)
+    cfg = replace(CONFIG, map_epochs=5, sgld_epochs=3, num_samples=4)
+    avg = distill.distill(_student(), t, x, y, cfg, method="avg_bkd")
+    t3 = torch.cat([t, distill.average_teacher_logits(t)[None]])
+    bkd = distill.distill(_student(), t3, x, y, cfg, method="bkd_2")
+    assert avg.objective == bkd.objective and avg.objective.teachers == (2,)
+    torch.testing.assert_close(avg.predict(x), bkd.predict(x), rtol=0, atol=0)
+    other = distill.distill(_student(), t3, x, y, cfg, method="bkd_0")
+    assert not torch.allclose(avg.predict(x), other.predict(x))
+    with pytest.raises(ValueError, match="avg_bkd' averages several teachers, got 1"):
+        distill.distill(_student(), t[:1], x, y, cfg, method="avg_bkd")
+
+
+def test_run_experiment_avg_bkd_is_opt_in():
+    assert "avg_bkd" not in distill.DistillConfig().methods
+    ds = _tiny_dataset()
+    cfg = replace(TINY, methods=("ce", "avg_bkd"))
+    res = distill.run_experiment(ds, cfg, log=lambda m: None)
+    assert [m.name for m in res.methods] == ["ce", "avg_bkd"]
+    m = res.methods[1]
+    assert m.sampled and m.probs.shape == (TINY.num_samples, len(ds.y_test), 4)
+    # the same run on the dataset with the average as a third teacher, distilled by bkd_avg
+    tr = np.stack([ds.teachers_train[n] for n in ("lo", "hi")])
+    te = np.stack([ds.teachers_test[n] for n in ("lo", "hi")])
+    ds3 = replace(
+        ds,
+        teachers_train={**ds.teachers_train, "avg": distill.average_teacher_logits(
+            torch.from_numpy(tr)).numpy()},
+        teachers_test={**ds.teachers_test, "avg": distill.average_teacher_logits(
+            torch.from_numpy(te)).numpy()},
+    )  # fmt: skip
+    res3 = distill.run_experiment(ds3, replace(cfg, methods=("bkd_avg",)), log=lambda m: None)
+    assert res3.methods[0].hparams == m.hparams
+    torch.testing.assert_close(res3.methods[0].probs, m.probs, rtol=1e-6, atol=1e-7)
+    one = replace(ds, teachers_train={"lo": tr[0]}, teachers_test={"lo": te[0]})
+    with pytest.raises(ValueError, match="avg_bkd' averages several teachers, got 1"):
+        distill.run_experiment(one, cfg, log=lambda m: None)
+    with pytest.raises(ValueError, match="avg_bkd"):
+        distill.DistillConfig(methods=("ce", "avg_bdk"))
