@@ -560,6 +560,12 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
         print("The teachers agree on every training row: their weights cannot matter.")
     else:
         print(report.weighting_sentence(diag)[0])
+        if distill.weighting_verdict(diag["margin"], diag["margin_se"]) != "better":
+            print(
+                "With such teachers a prior centred on their average may serve the student better "
+                "than MT-BKD's per-row mixture: add `avg_bkd` to --methods and compare the "
+                "validation NLL of the two."
+            )
     return 0
 
 

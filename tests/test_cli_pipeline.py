@@ -337,6 +337,7 @@ def test_teachers_command(tmp_path, capsys):
     assert cli.main(["teachers", "--dataset", "digits"]) == 0
     out = capsys.readouterr().out
     assert "train acc  test acc" in out and "more often than any single teacher" in out
+    assert "avg_bkd" not in out  # the weights pick the right expert: no hint toward the average
     # a directory of one's own: two teachers that always agree, then one teacher
     root = tmp_path / "own"
     root.mkdir()
@@ -359,6 +360,14 @@ def test_teachers_command(tmp_path, capsys):
     for name, right in (("average", (pa[0] + pb[0]) / 2), ("entropy-weighted", w @ [pa[0], pb[0]])):
         assert combos[name]["test_accuracy"] == 1.0
         assert combos[name]["test_nll"] == pytest.approx(-np.log(right), rel=1e-5)
+    # b is surer than a and wrong wherever they disagree: the weights pick the wrong teacher, and
+    # the command points to a prior centred on the teachers' average
+    wrong = logits.copy()
+    wrong[:20] = np.eye(2)[1 - y[:20]] * 6.0
+    np.save(root / "teacher_b.npy", wrong)
+    assert cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "less often than the best single teacher" in out and "add `avg_bkd`" in out
     (root / "teacher_b.npy").unlink()
     assert cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root)]) == 0
     assert "nothing to weigh" in capsys.readouterr().out
