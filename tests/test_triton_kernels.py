@@ -177,17 +177,23 @@ def test_mtbkd_fwd_low_precision(backend, dtype, cached):
         )
 
 
+def _mtbkd_fwd_against_reference(args):
+    """The op's seven float64 outputs, each checked against the reference to 1e-10 (relative)."""
+    out = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
+    ref = ops._ref_mtbkd_loss_fwd(*args)
+    names = ("loss", "grad", "weights", "responsibilities", "entropy", "prior", "ce")
+    for name, a, b in zip(names, out, ref, strict=True):
+        assert _maxerr(a, b) <= 1e-10 * max(1.0, b.abs().max().item()), (name, _maxerr(a, b))
+    return out
+
+
 def test_mtbkd_fwd_hard_label_weight_scales_only_the_cross_entropy(backend):
     # Every other MT-BKD case runs at hard_label_weight = 1: beta_h dropped from the loss or from
     # the hard-label gradient, or folded into the per-row ce output, went unnoticed.
     z, ts, y = _data(5, 300, 3, torch.float64)
     args = list(_mtbkd_args(z, ts, y, ENTROPY, False))
     args[7], args[8] = 0.5, 0.3  # prior_weight, hard_label_weight
-    out = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
-    ref = ops._ref_mtbkd_loss_fwd(*args)
-    names = ("loss", "grad", "weights", "responsibilities", "entropy", "prior", "ce")
-    for name, a, b in zip(names, out, ref, strict=True):
-        assert _maxerr(a, b) <= 1e-10 * max(1.0, b.abs().max().item()), (name, _maxerr(a, b))
+    out = _mtbkd_fwd_against_reference(args)
     keep = y != -100
     ce = torch.nn.functional.cross_entropy(z, torch.where(keep, y, 0), reduction="none")
     assert _maxerr(out[6][keep], ce[keep]) <= 1e-12  # the unweighted cross-entropy
@@ -224,11 +230,7 @@ def test_mtbkd_fwd_zero_fixed_weight_drops_the_teacher(backend):
         device=DEVICE,
     )
     args = (z, ts, y, fw, None, 2.0, 5.0, 0.5, 1.0, FIXED, 1.0, -100, True)
-    out = torch.ops.mtbkd.mtbkd_loss_fwd(*args)
-    ref = ops._ref_mtbkd_loss_fwd(*args)
-    names = ("loss", "grad", "weights", "responsibilities", "entropy", "prior", "ce")
-    for name, a, b in zip(names, out, ref, strict=True):
-        assert _maxerr(a, b) <= 1e-10 * max(1.0, b.abs().max().item()), (name, _maxerr(a, b))
+    out = _mtbkd_fwd_against_reference(args)
     keep = y != -100
     assert torch.all(out[3][fw == 0] == 0)
     for i in torch.nonzero(keep).flatten().tolist():  # each row against its teachers with w > 0
