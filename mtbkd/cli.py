@@ -115,8 +115,8 @@ def _add_pipeline_commands(sub) -> None:
             "--methods",
             default=None,
             help="comma-separated subset of ce,avg_kd,entropy_kd,bkd,mtbkd_map,"
-            "mtbkd_sgld (bkd = every single-teacher BKD), or avg_bkd (opt-in: BKD from the "
-            "teachers' averaged prediction)",
+            "mtbkd_sgld (bkd = every single-teacher BKD); avg_bkd (BKD from the teachers' "
+            "averaged prediction) runs only when listed here",
         )
         p.add_argument("--map-epochs", type=int, default=None, help="MAP warm-start epochs")
         p.add_argument("--sgld-epochs", type=int, default=None, help="SGLD epochs")
@@ -350,6 +350,10 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
             distill.expert_groups(dataset.num_classes, config.num_teachers)
         except ValueError as exc:
             raise SystemExit(f"mtbkd {args.command}: {exc}") from None
+    try:
+        distill.check_methods(dataset, config)
+    except ValueError as exc:
+        raise SystemExit(f"mtbkd {args.command}: {exc}") from None
     try:
         result = distill.run_experiment(
             dataset, config, checkpoint_dir=out / "checkpoints", log=lambda m: print(m, flush=True)

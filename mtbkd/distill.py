@@ -7,7 +7,8 @@ stops early at its best validation NLL; with ``num_chains > 1`` further chains, 
 MAP warm start, are pooled (:func:`pool_chains`). The posterior predictive averages the samples'
 probabilities (MATH.md section 8). Baselines run through the same loop and the same
 checkpoints: cross-entropy only, average- and entropy-weighted forward-KL KD (MATH.md section 3),
-single-teacher BKD for each teacher, MT-BKD at the mode and MT-BKD with SGLD.
+single-teacher BKD for each teacher, MT-BKD at the mode and MT-BKD with SGLD; opt-in, ``avg_bkd``
+(single-teacher BKD from the teachers' averaged prediction).
 
 Two levels:
 
@@ -71,6 +72,8 @@ __all__ = [
     "weighting_diagnostic",
     "weighting_verdict",
     "teacher_mixtures",
+    "average_teacher_logits",
+    "check_methods",
     "run_experiment",
     "save_run",
     "load_run",
@@ -148,6 +151,8 @@ class DistillConfig:
     # the lowest validation NLL of the pooled posterior predictive, the predictive that is
     # reported, wins (about len(grid) times the SGLD runs)
     joint_selection: bool = False
+    # False: the single-teacher BKDs reuse MT-BKD's chosen objective and SGLD setting instead of
+    # searching the grids themselves (avg_bkd always searches its own)
     tune_bkd: bool = True
     val_fraction: float = 0.2
     # teachers trained by the pipeline when the dataset has none
@@ -214,7 +219,7 @@ class DistillConfig:
             )
         if self.sgld_epochs == 0 and any(_sampled(m) for m in self.methods):
             raise ValueError("sgld_epochs must be at least 1 for the sampled methods "
-                             "(mtbkd_sgld, bkd, bkd_<name>)")  # fmt: skip
+                             "(mtbkd_sgld, bkd, bkd_<name>, avg_bkd)")  # fmt: skip
         if self.weights not in ("entropy", "uniform"):
             raise ValueError(f"weights must be 'entropy' or 'uniform', got {self.weights!r}")
         if not 0.0 <= self.burn_in < 1.0:
@@ -1231,7 +1236,9 @@ def distill(
     held-out rows for the MAP phase's early stopping (``config.early_stopping``,
     ``config.patience``). With ``config.num_chains > 1`` a sampled method runs further chains
     from fresh initialisations of the student's architecture (:func:`more_chains`);
-    ``result.store`` is then a :class:`ChainSamples` and ``result.predict`` pools them.
+    ``result.store`` is then a :class:`ChainSamples` and ``result.predict`` pools them. For
+    ``avg_bkd``, ``result.objective.teachers`` is ``(K,)``: the average appended after the K
+    given teachers.
     """
     config = config or DistillConfig()
     # a forked RNG: the caller's random state is neither used nor changed
@@ -1754,7 +1761,19 @@ def run_experiment(
         return _run_experiment(dataset, config, checkpoint_dir, log)
 
 
+def check_methods(dataset: Dataset, config: DistillConfig) -> None:
+    """Refuse, before any training, methods the dataset's teachers cannot serve: a
+    ``bkd_<name>`` naming no teacher, ``avg_bkd`` with fewer than two teachers (a dataset without
+    teacher logits gets ``config.num_teachers`` trained ones)."""
+    if dataset.teachers_train:
+        method_names(config, dataset.teacher_names)
+    k = len(dataset.teachers_train) if dataset.teachers_train else config.num_teachers
+    if "avg_bkd" in config.methods and k < 2:
+        raise ValueError(f"method 'avg_bkd' averages several teachers, got {k}")
+
+
 def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
+    check_methods(dataset, config)
     t_start = time.perf_counter()
     torch.manual_seed(config.seed)
     tr, val, x_all, y_all = _split_dataset(dataset, config)
@@ -1796,9 +1815,7 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     k = len(names)
     wanted = method_names(config, names)
-    if "avg_bkd" in wanted:  # its one teacher, index k, is the teachers' average
-        if k < 2:
-            raise ValueError(f"method 'avg_bkd' averages several teachers, got {k}")
+    # avg_bkd's one teacher, index k, is the teachers' average (k >= 2: check_methods)
     t_ex = torch.cat([t_tr, average_teacher_logits(t_tr)[None]]) if "avg_bkd" in wanted else t_tr
     ex = _Experiment(config, x_tr, y_tr, t_ex, x_val, y_val, x_te, y_te, base, ck, log)
     if dataset.x_shift is not None:
@@ -1920,10 +1937,10 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
 
 def average_teacher_logits(teacher_logits: Tensor) -> Tensor:
     """The teachers' averaged prediction as logits: ``log((1/K) Σ_k softmax(t_k))`` from
-    ``[K, N, C]`` logits (log-space, so a class every teacher rules out with ``-inf`` stays
-    ``-inf``). ``avg_bkd`` distils from it: one Dirichlet prior centred on the teachers'
-    average (the ``average`` row of :func:`teacher_mixtures`), where MT-BKD mixes K Dirichlet
-    priors, each centred on one teacher."""
+    ``[K, N, C]`` logits (computed in log space, so a class every teacher rules out with ``-inf``
+    stays ``-inf``). ``avg_bkd`` distils from it: one Dirichlet prior centred on
+    ``softmax(log p̄ / τ)``, the average of :func:`teacher_mixtures` (its ``average`` row) at
+    τ = 1, where MT-BKD mixes K Dirichlet priors, each centred on one teacher."""
     t = torch.as_tensor(teacher_logits)
     if t.dim() != 3 or t.shape[0] < 1:
         raise ValueError(f"teacher_logits must be [K, N, C] with K >= 1, got {tuple(t.shape)}")

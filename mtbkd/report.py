@@ -538,7 +538,8 @@ def _figures(result: ExperimentResult, out: Path, boot: dict[str, Any] | None = 
     from mtbkd import metrics as M
 
     names = [m.name for m in result.methods]
-    focus = [n for n in ("ce", "entropy_kd", "avg_kd", "mtbkd_map", "mtbkd_sgld") if n in names]
+    curves = ("ce", "entropy_kd", "avg_kd", "mtbkd_map", "mtbkd_sgld", "avg_bkd")
+    focus = [n for n in curves if n in names]
     files = []
     y = result.labels
 

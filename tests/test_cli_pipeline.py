@@ -379,6 +379,12 @@ def test_teachers_command(tmp_path, capsys):
     with pytest.raises(SystemExit, match="num_teachers must lie in 1..2"):
         cli.main(["distill", "--dataset", "dir", "--data-dir", str(root), "--smoke",
                   "--out", str(tmp_path / "o")])  # fmt: skip
+    # avg_bkd with one teacher is refused before any teacher is trained
+    with pytest.raises(SystemExit, match="avg_bkd' averages several teachers, got 1"):
+        cli.main(["distill", "--dataset", "dir", "--data-dir", str(root), "--smoke",
+                  "--methods", "ce,avg_bkd", "--set", "num_teachers=1",
+                  "--out", str(tmp_path / "o1")])  # fmt: skip
+    assert "training" not in capsys.readouterr().out
     capsys.readouterr()
     assert cli.main(["teachers", "--dataset", "yeast", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)  # stdout is JSON only
