@@ -1319,8 +1319,7 @@ def _objective_for(method: str, config: DistillConfig, k: int) -> tuple[Objectiv
         obj = Objective("mtbkd", tuple(range(k)), config.weights, **common)
         return obj, method == "mtbkd_sgld"
     if method == "avg_bkd":
-        if k < 2:
-            raise ValueError(f"method 'avg_bkd' averages several teachers, got {k}")
+        _check_average(k)
         return Objective("mtbkd", (k,), config.weights, **common), True
     if method.startswith("bkd_"):
         i = int(method[4:])
@@ -1767,8 +1766,12 @@ def check_methods(dataset: Dataset, config: DistillConfig) -> None:
     teacher logits gets ``config.num_teachers`` trained ones)."""
     if dataset.teachers_train:
         method_names(config, dataset.teacher_names)
-    k = len(dataset.teachers_train) if dataset.teachers_train else config.num_teachers
-    if "avg_bkd" in config.methods and k < 2:
+    if "avg_bkd" in config.methods:
+        _check_average(len(dataset.teachers_train) or config.num_teachers)
+
+
+def _check_average(k: int) -> None:
+    if k < 2:
         raise ValueError(f"method 'avg_bkd' averages several teachers, got {k}")
 
 
@@ -1870,11 +1873,12 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
             h = {**obj.hparams(), **sh}
             results["mtbkd_sgld"] = ex.result("mtbkd_sgld", smodel, store, sec + ssec, h, svnll)
             mt_choice = (obj, smodel, store, sh)
-    for i, n in enumerate(names):
-        name = f"bkd_{n}"
+    # single-teacher BKDs: each teacher, then avg_bkd's average (index k); with tune_bkd=False the
+    # teachers' BKDs reuse MT-BKD's choice, avg_bkd always searches its own grid
+    for name, i in [*((f"bkd_{n}", i) for i, n in enumerate(names)), ("avg_bkd", k)]:
         if name not in wanted:
             continue
-        if config.tune_bkd or mt_choice is None:
+        if config.tune_bkd or mt_choice is None or name == "avg_bkd":
             objs = bayes_objs((i,), config.mtbkd_grid)
             if config.joint_selection:
                 obj, model, sec, sampled = ex.select_joint(name, objs, sgld_settings)
@@ -1887,16 +1891,6 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
             sampled = ex.sample(name, obj, model, [mt_choice[3]])
         sh, smodel, store, ssec, svnll = sampled
         results[name] = ex.result(name, smodel, store, sec + ssec, {**obj.hparams(), **sh}, svnll)
-    if "avg_bkd" in wanted:
-        objs = bayes_objs((k,), config.mtbkd_grid)
-        if config.joint_selection:
-            obj, model, sec, sampled = ex.select_joint("avg_bkd", objs, sgld_settings)
-        else:
-            obj, model, sec, vnll = ex.select_map("avg_bkd", objs)
-            sampled = ex.sample("avg_bkd", obj, model, sgld_settings)
-        sh, smodel, store, ssec, svnll = sampled
-        h = {**obj.hparams(), **sh}
-        results["avg_bkd"] = ex.result("avg_bkd", smodel, store, sec + ssec, h, svnll)
     ordered = [results[m] for m in wanted if m in results]
     attribution = None
     if k >= 2 and ("mtbkd_sgld" in results or "mtbkd_map" in results):

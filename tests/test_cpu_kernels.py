@@ -234,6 +234,10 @@ def test_mtbkd_zero_hard_label_weight_drops_the_cross_entropy():
         assert torch.equal(got[0], torch.where(keep, unlabelled[0], 0.0))
         assert torch.equal(got[1], torch.where(keep[:, None], unlabelled[1], 0.0))
         assert got[6][0] == float("inf")  # the per-row ce output stays the unweighted -log q_y
+        if dtype == torch.float64:  # the reference drops the term too (and 0 log 0 = 0)
+            ref = ops._ref_mtbkd_loss_fwd(*_mtbkd_args(zd, tsd, y, bh=0.0, check=False))
+            torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-12)
 
 
 def test_mtbkd_zero_fixed_weight_drops_a_teacher_the_student_follows():

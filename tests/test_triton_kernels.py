@@ -217,6 +217,10 @@ def test_mtbkd_fwd_zero_hard_label_weight_drops_the_cross_entropy(backend):
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[1]).all()
     assert torch.equal(out[0], torch.where(keep, unlabelled[0], 0.0))
     assert torch.equal(out[1], torch.where(keep[:, None], unlabelled[1], 0.0))
+    args[2] = y  # the reference drops the term too (and 0 log 0 = 0)
+    ref = ops._ref_mtbkd_loss_fwd(*args)
+    for a, b in zip(out[:2], ref[:2], strict=True):
+        assert _maxerr(a, b) <= 1e-10 * max(1.0, b.abs().max().item())
 
 
 def test_mtbkd_fwd_zero_fixed_weight_drops_the_teacher(backend):
