@@ -235,8 +235,8 @@ def _pipeline_config(args: argparse.Namespace, seed: int):
 
 def _like(value, want) -> bool:
     """Whether a JSON value has the type of a DistillConfig default, items of lists and grids
-    included (a list's items like its first default item, numbers when it has none; a grid's
-    values lists of numbers)."""
+    included (a list's items like its first default item, numbers when it has none; a grid a
+    mapping of lists, or a list of such mappings)."""
 
     def number(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -256,8 +256,11 @@ def _like(value, want) -> bool:
     if isinstance(want, list):
         item = want[0] if want else 0.0
         return isinstance(value, list) and all(_like(v, item) for v in value)
-    if isinstance(want, dict):
-        return isinstance(value, dict) and all(_like(v, [0.0]) for v in value.values())
+    if isinstance(want, dict):  # a grid, or a list of grids; DistillConfig checks the values
+        parts = value if isinstance(value, list) else [value]
+        return bool(parts) and all(
+            isinstance(p, dict) and all(isinstance(v, list) for v in p.values()) for p in parts
+        )
     return False
 
 
@@ -568,7 +571,9 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
             print(
                 "With such teachers a prior centred on their average may serve the student better "
                 "than MT-BKD's per-row mixture: add `avg_bkd` to --methods and compare the "
-                "validation NLL of the two."
+                "validation NLL of the two, or let MT-BKD's grid offer uniform weights with a "
+                "flat Dirichlet (weights 'uniform', concentration 0.01, prior_weight in the "
+                "hundreds; its gradient then pulls toward the average), as DeepLoc's preset does."
             )
     return 0
 

@@ -97,7 +97,12 @@ class DistillConfig:
     kept, and SGLD starts from them.
 
     The ``*_grid`` fields list the values tried on the validation split (selected by validation
-    NLL); an empty grid keeps the single value of the matching field.
+    NLL); an empty grid keeps the single value of the matching field. A grid is a mapping
+    ``{key: [values]}`` (every combination is tried) or a list of such mappings (the union of
+    their combinations, for regimes that do not mix: ``[{"concentration": [5, 20],
+    "prior_weight": [0.1, 0.5]}, {"concentration": [0.01], "prior_weight": [250, 500]}]``).
+    ``mtbkd_grid`` may also tune ``weights`` (``"entropy"`` / ``"uniform"``, the mixture's
+    per-example teacher weights); the single-teacher BKDs ignore it (one teacher has weight 1).
     """
 
     hidden: tuple[int, ...] = (128,)
@@ -134,10 +139,10 @@ class DistillConfig:
     kd_temperature: float = 2.0
     kd_weight: float = 1.0
     # validation-split tuning
-    mtbkd_grid: dict[str, tuple[float, ...]] = field(
+    mtbkd_grid: Grid = field(
         default_factory=lambda: {"concentration": (5.0, 20.0), "prior_weight": (0.02, 0.2)}
     )
-    kd_grid: dict[str, tuple[float, ...]] = field(
+    kd_grid: Grid = field(
         default_factory=lambda: {"kd_temperature": (2.0, 4.0), "kd_weight": (0.5, 1.0)}
     )
     sgld_grid: tuple[float, ...] = (1.6e-4, 1.6e-3)
@@ -230,25 +235,8 @@ class DistillConfig:
         unknown = [m for m in self.methods if m not in known and not m.startswith("bkd_")]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {known} or bkd_<name>")
-        for grid_name, grid in (("mtbkd_grid", self.mtbkd_grid), ("kd_grid", self.kd_grid)):
-            for key, values in grid.items():
-                if key not in GRID_KEYS[grid_name]:
-                    raise ValueError(
-                        f"{grid_name} may tune {sorted(GRID_KEYS[grid_name])}, got {key!r}"
-                    )
-                ok = isinstance(values, (list, tuple)) and len(values) > 0
-                ok = ok and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                    for v in values
-                )
-                if not ok:
-                    raise ValueError(
-                        f"{grid_name}[{key!r}] must be a non-empty list of numbers, got {values!r}"
-                    )
-                low = 0.0 if key in ("prior_weight", "kd_weight") else None
-                if any((v < low) if low is not None else not v > 0 for v in values):
-                    bound = "non-negative" if low is not None else "positive"
-                    raise ValueError(f"{grid_name}[{key!r}] values must be {bound}, got {values}")
+        self.mtbkd_grid = _check_grid("mtbkd_grid", self.mtbkd_grid)
+        self.kd_grid = _check_grid("kd_grid", self.kd_grid)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -256,18 +244,15 @@ class DistillConfig:
         d["methods"] = list(self.methods)
         d["sgld_grid"] = list(self.sgld_grid)
         d["sgld_prior_grid"] = list(self.sgld_prior_grid)
-        d["mtbkd_grid"] = {k: list(v) for k, v in self.mtbkd_grid.items()}
-        d["kd_grid"] = {k: list(v) for k, v in self.kd_grid.items()}
+        d["mtbkd_grid"] = _grid_json(self.mtbkd_grid)
+        d["kd_grid"] = _grid_json(self.kd_grid)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DistillConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        for k in ("mtbkd_grid", "kd_grid"):
-            if k in kw:
-                kw[k] = {a: tuple(b) for a, b in kw[k].items()}
-        return cls(**kw)
+        return cls(**kw)  # __post_init__ turns the grids' lists into tuples
 
 
 INT_FIELDS = ("batch_size", "map_epochs", "patience", "sgld_epochs", "num_samples", "num_chains",
@@ -282,9 +267,68 @@ def _sampled(method: str) -> bool:
 
 # What each grid may tune: the objective's own hyperparameters (they name its checkpoints)
 GRID_KEYS = {
-    "mtbkd_grid": frozenset({"temperature", "concentration", "prior_weight"}),
+    "mtbkd_grid": frozenset({"temperature", "concentration", "prior_weight", "weights"}),
     "kd_grid": frozenset({"kd_temperature", "kd_weight"}),
 }
+# the grid keys whose values are names, with the names allowed
+GRID_CHOICES = {"weights": ("entropy", "uniform")}
+# a grid: {key: values} (their product) or a list of them (the union of the products)
+Grid = Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]]
+
+
+def _check_grid(name: str, grid: Any) -> dict[str, tuple] | list[dict[str, tuple]]:
+    """``grid`` validated, its value lists as tuples: a mapping stays a mapping, a list or tuple
+    of mappings (at least one) becomes a list."""
+    if isinstance(grid, Mapping):
+        parts, single = [grid], True
+    elif isinstance(grid, (list, tuple)) and grid and all(isinstance(g, Mapping) for g in grid):
+        parts, single = list(grid), False
+    else:
+        raise ValueError(
+            f"{name} must be a mapping {{key: [values]}} or a non-empty list of them, got {grid!r}"
+        )
+    out = []
+    for part in parts:
+        checked = {}
+        for key, values in part.items():
+            if key not in GRID_KEYS[name]:
+                raise ValueError(f"{name} may tune {sorted(GRID_KEYS[name])}, got {key!r}")
+            if not isinstance(values, (list, tuple)) or not values:
+                what = "names" if key in GRID_CHOICES else "numbers"
+                raise ValueError(
+                    f"{name}[{key!r}] must be a non-empty list of {what}, got {values!r}"
+                )
+            if key in GRID_CHOICES:
+                bad = [v for v in values if v not in GRID_CHOICES[key]]
+                if bad:
+                    raise ValueError(
+                        f"{name}[{key!r}] values must be among {list(GRID_CHOICES[key])}, got {bad}"
+                    )
+                checked[key] = tuple(values)
+                continue
+            ok = all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in values
+            )
+            if not ok:
+                raise ValueError(
+                    f"{name}[{key!r}] must be a non-empty list of numbers, got {values!r}"
+                )
+            low = 0.0 if key in ("prior_weight", "kd_weight") else None
+            if any((v < low) if low is not None else not v > 0 for v in values):
+                bound = "non-negative" if low is not None else "positive"
+                raise ValueError(f"{name}[{key!r}] values must be {bound}, got {list(values)}")
+            checked[key] = tuple(float(v) for v in values)
+        out.append(checked)
+    return out[0] if single else out
+
+
+def _grid_json(grid: Grid) -> dict[str, list] | list[dict[str, list]]:
+    """A checked grid with lists for tuples (JSON's form)."""
+    if isinstance(grid, Mapping):
+        return {k: list(v) for k, v in grid.items()}
+    return [{k: list(v) for k, v in part.items()} for part in grid]
+
 
 # Schedules sized to the built-in datasets (chosen on their validation splits).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -330,11 +374,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sgld_epochs": 20,
         "num_samples": 100,
         "num_chains": 5,
-        "mtbkd_grid": {
-            "temperature": (1.0, 2.0),
-            "concentration": (5.0, 20.0),
-            "prior_weight": (0.1, 0.5),
-        },
+        # two regimes of the mixture prior: a sharp Dirichlet (λ = 5, 20) at a light prior
+        # weight, whose responsibilities follow the teacher nearest the student on each row; and a
+        # flat one (λ = 0.01) at a heavy weight, whose responsibilities are the teacher weights,
+        # so that with uniform weights the student is pulled toward the teachers' average (the
+        # DeepLoc teachers are generalists whose average beats either; README)
+        "mtbkd_grid": [
+            {
+                "weights": ("entropy", "uniform"),
+                "temperature": (1.0, 2.0),
+                "concentration": (5.0, 20.0),
+                "prior_weight": (0.1, 0.5),
+            },
+            {
+                "weights": ("entropy", "uniform"),
+                "temperature": (1.0, 2.0),
+                "concentration": (0.01,),
+                "prior_weight": (250.0, 500.0, 1000.0),
+            },
+        ],
         "kd_grid": {"kd_temperature": (1.0, 2.0), "kd_weight": (0.5, 1.0)},
         "sgld_grid": (1.6e-4, 1.6e-3, 1.6e-2),
         "sgld_prior_grid": (20.0, 200.0, 1000.0),
@@ -406,16 +464,21 @@ class Objective:
             weights=self.weights,
         )
 
-    def hparams(self) -> dict[str, float]:
+    def hparams(self) -> dict[str, float | str]:
+        """The hyperparameters a grid may tune (they name the objective's checkpoints): for
+        ``mtbkd`` with several teachers also ``weights``, which one teacher does not use."""
         if self.kind == "ce":
             return {}
         if self.kind == "kd":
             return {"kd_temperature": self.temperature, "kd_weight": self.kd_weight}
-        return {
+        h: dict[str, float | str] = {
             "temperature": self.temperature,
             "concentration": self.concentration,
             "prior_weight": self.prior_weight,
         }
+        if len(self.teachers) > 1:
+            h["weights"] = self.weights
+        return h
 
 
 class StudentMLP(nn.Module):
@@ -1568,9 +1631,14 @@ class ExperimentResult:
         raise KeyError(name)
 
 
+def _fmt(v: float | str) -> str:
+    return v if isinstance(v, str) else f"{v:g}"
+
+
 def format_hparams(hparams: dict) -> str:
-    """``"k=v, ..."`` with each value in ``%g`` (``sgld_prior_precision=0.0237``), or ``"none"``."""
-    return ", ".join(f"{k}={v:g}" for k, v in hparams.items()) or "none"
+    """``"k=v, ..."`` with each number in ``%g`` (``sgld_prior_precision=0.0237``), or
+    ``"none"``."""
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in hparams.items()) or "none"
 
 
 def method_names(config: DistillConfig, teacher_names: Sequence[str]) -> list[str]:
@@ -1588,18 +1656,21 @@ def method_names(config: DistillConfig, teacher_names: Sequence[str]) -> list[st
     return out
 
 
-def _grid(base: dict[str, Any], grid: Mapping[str, Sequence[float]]) -> list[dict[str, Any]]:
-    keys = list(grid)
-    if not keys:
-        return [dict(base)]
-    return [
-        {**base, **dict(zip(keys, vals, strict=True))}
-        for vals in itertools.product(*(grid[k] for k in keys))
-    ]
+def _grid(base: dict[str, Any], grid: Grid) -> list[dict[str, Any]]:
+    """Every setting of ``grid`` over ``base`` (a mapping: the product of its lists; a list of
+    mappings: the union of their products), in order, each once."""
+    out: list[dict[str, Any]] = []
+    for part in [grid] if isinstance(grid, Mapping) else grid:
+        keys = list(part)
+        for vals in itertools.product(*(part[k] for k in keys)):
+            h = {**base, **dict(zip(keys, vals, strict=True))}
+            if h not in out:
+                out.append(h)
+    return out
 
 
 def _tag(h: Mapping[str, Any]) -> str:
-    return "-".join(f"{k}{v:g}" for k, v in sorted(h.items())) or "default"
+    return "-".join(f"{k}{_fmt(v)}" for k, v in sorted(h.items())) or "default"
 
 
 def _sgld_tag(obj: Objective, h: Mapping[str, float]) -> str:
@@ -1846,7 +1917,16 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         ]
 
     def bayes_objs(teach: tuple[int, ...], grid) -> list[Objective]:
-        return [Objective("mtbkd", teach, config.weights, **h) for h in _grid(common, grid)]
+        """The grid's objectives on ``teach``; one teacher ignores ``weights`` (its weight is
+        1), so settings that differ only there are one objective."""
+        objs: list[Objective] = []
+        for h in _grid({**common, "weights": config.weights}, grid):
+            if len(teach) == 1:
+                h["weights"] = config.weights
+            obj = Objective("mtbkd", teach, **h)
+            if obj not in objs:
+                objs.append(obj)
+        return objs
 
     sgld_settings = ex.sgld_settings()
     log(f"{dataset.name}: {len(tr)} train / {len(val)} validation / {len(y_te)} test rows")
@@ -1858,10 +1938,11 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         if name in wanted:
             obj, model, sec, vnll = ex.select_map(name, kd_objs(w))
             results[name] = ex.result(name, model, None, sec, obj.hparams(), vnll)
-    mt_choice = None
+    mt_choice = mt_obj = None
     if "mtbkd_map" in wanted or "mtbkd_sgld" in wanted:
         mt_objs = bayes_objs(tuple(range(k)), config.mtbkd_grid)
         obj, model, sec, vnll = ex.select_map("mtbkd", mt_objs)
+        mt_obj = obj
         if "mtbkd_map" in wanted:
             results["mtbkd_map"] = ex.result("mtbkd_map", model, None, sec, obj.hparams(), vnll)
         if "mtbkd_sgld" in wanted:
@@ -1873,6 +1954,7 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
             h = {**obj.hparams(), **sh}
             results["mtbkd_sgld"] = ex.result("mtbkd_sgld", smodel, store, sec + ssec, h, svnll)
             mt_choice = (obj, smodel, store, sh)
+            mt_obj = obj
     # single-teacher BKDs: each teacher, then avg_bkd's average (index k); with tune_bkd=False the
     # teachers' BKDs reuse MT-BKD's choice, avg_bkd always searches its own grid
     for name, i in [*((f"bkd_{n}", i) for i, n in enumerate(names)), ("avg_bkd", k)]:
@@ -1893,15 +1975,9 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         results[name] = ex.result(name, smodel, store, sec + ssec, {**obj.hparams(), **sh}, svnll)
     ordered = [results[m] for m in wanted if m in results]
     attribution = None
-    if k >= 2 and ("mtbkd_sgld" in results or "mtbkd_map" in results):
+    if k >= 2 and mt_obj is not None:  # the objective of mtbkd_sgld, else of mtbkd_map
         src = results.get("mtbkd_sgld") or results["mtbkd_map"]
-        obj = Objective(
-            "mtbkd",
-            tuple(range(k)),
-            config.weights,
-            **{**common, **{a: b for a, b in src.hparams.items() if a in common}},
-        )
-        w, r = teacher_attribution(src.probs, t_te, obj)
+        w, r = teacher_attribution(src.probs, t_te, mt_obj)
         attribution = _summarise_attribution(
             src.name, w, r, y_te, src.probs, dataset.class_names, names
         )

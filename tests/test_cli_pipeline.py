@@ -198,13 +198,18 @@ def test_compare_runs_example(tmp_path, capsys, monkeypatch):
 def test_set_overrides_config_fields(tmp_path):
     out = tmp_path / "o"
     base = ["demo", "--smoke", "--methods", "ce,mtbkd_map", "--no-figures", "--no-progress"]
-    sets = ["weights=uniform", "concentration=10", "hidden=[8.0, 4]",
-            'mtbkd_grid={"prior_weight": [0.1, 0.5]}']  # fmt: skip
+    grid = '[{"prior_weight": [0.1, 0.5]}, {"weights": ["entropy"], "concentration": [0.01]}]'
+    sets = ["weights=uniform", "concentration=10", "hidden=[8.0, 4]", f"mtbkd_grid={grid}"]
     argv = base + ["--out", str(out)] + [a for s in sets for a in ("--set", s)]
     assert cli.main(argv) == 0
-    cfg = json.loads((out / "report.json").read_text())["config"]
+    report = json.loads((out / "report.json").read_text())
+    cfg = report["config"]
     assert cfg["weights"] == "uniform" and cfg["concentration"] == 10.0
-    assert cfg["hidden"] == [8, 4] and cfg["mtbkd_grid"] == {"prior_weight": [0.1, 0.5]}
+    assert cfg["hidden"] == [8, 4] and cfg["mtbkd_grid"] == json.loads(grid)
+    chosen = report["hyperparameters"]["mtbkd_map"]  # one of the three settings of the grid
+    assert (chosen["weights"], chosen["concentration"], chosen["prior_weight"]) in [
+        ("uniform", 10.0, 0.1), ("uniform", 10.0, 0.5), ("entropy", 0.01, 0.02),
+    ]  # fmt: skip
     bad = {
         "nope=1": "unknown field 'nope'",
         "map_epochs=abc": "expected a value like",
@@ -216,7 +221,10 @@ def test_set_overrides_config_fields(tmp_path):
         "hidden=[null]": "--set hidden=\\[null\\]: expected a value like \\[128\\]",
         'sgld_grid=["fast"]': "--set sgld_grid=",
         "sgld_prior_grid=[true]": "--set sgld_prior_grid=",
-        'mtbkd_grid={"temperature": ["a"]}': "--set mtbkd_grid=",
+        'mtbkd_grid={"temperature": ["a"]}': r"\['temperature'\] must be a non-empty",
+        'mtbkd_grid={"weights": ["mean"]}': "must be among",
+        'mtbkd_grid={"temperature": 2}': "--set mtbkd_grid=",
+        "mtbkd_grid=[]": "--set mtbkd_grid=",
     }
     for item, msg in bad.items():
         with pytest.raises(SystemExit, match=msg):
@@ -368,6 +376,7 @@ def test_teachers_command(tmp_path, capsys):
     assert cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root)]) == 0
     out = capsys.readouterr().out
     assert "less often than the best single teacher" in out and "add `avg_bkd`" in out
+    assert "flat Dirichlet" in out
     (root / "teacher_b.npy").unlink()
     assert cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root)]) == 0
     assert "nothing to weigh" in capsys.readouterr().out

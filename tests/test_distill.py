@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -805,3 +806,79 @@ def test_run_experiment_avg_bkd_is_opt_in():
         distill.run_experiment(one, cfg, log=lambda m: None)
     with pytest.raises(ValueError, match="avg_bkd"):
         distill.DistillConfig(methods=("ce", "avg_bdk"))
+
+
+def test_grids_may_be_lists_of_grids_and_tune_the_weights():
+    # a list of grids is the union of their products, each setting once, in order
+    grid = [{"concentration": (5.0, 20.0), "prior_weight": (0.1,)},
+            {"concentration": (0.01, 5.0), "prior_weight": (0.1, 250.0)}]  # fmt: skip
+    got = [(h["concentration"], h["prior_weight"]) for h in distill._grid({"x": 1}, grid)]
+    assert got == [(5.0, 0.1), (20.0, 0.1), (0.01, 0.1), (0.01, 250.0), (5.0, 250.0)]
+    assert distill._grid({"x": 1}, {}) == [{"x": 1}]
+    cfg = distill.DistillConfig(
+        mtbkd_grid=[
+            {"weights": ["uniform", "entropy"], "concentration": [0.01]},
+            {"prior_weight": [1, 2]},
+        ]  # fmt: skip
+    )
+    assert cfg.mtbkd_grid == [
+        {"weights": ("uniform", "entropy"), "concentration": (0.01,)},
+        {"prior_weight": (1.0, 2.0)},
+    ]
+    back = distill.DistillConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back.mtbkd_grid == cfg.mtbkd_grid and back.kd_grid == cfg.kd_grid
+    bad = {
+        "must be among": {"weights": ["mean"]},
+        "non-empty list of names": {"weights": "uniform"},
+        "or a non-empty list of them": [],
+        "may tune": [{"prior_weight": [1.0]}, {"hard_label_weight": [1.0]}],
+        "values must be non-negative": [{"prior_weight": [-1.0]}],
+    }
+    for msg, g in bad.items():
+        with pytest.raises(ValueError, match=msg):
+            distill.DistillConfig(mtbkd_grid=g)
+    with pytest.raises(ValueError, match="kd_grid may tune"):
+        distill.DistillConfig(kd_grid=[{"weights": ["uniform"]}])
+    # the weights name the checkpoints of a mixture, not of one teacher's objective
+    two = distill.Objective("mtbkd", (0, 1), "uniform", prior_weight=0.5)
+    assert two.hparams()["weights"] == "uniform"
+    tag = "concentration5-prior_weight0.5-temperature2-weightsuniform"
+    assert distill._tag(two.hparams()) == tag
+    assert "weights" not in distill.Objective("mtbkd", (1,), "uniform").hparams()
+
+
+def test_run_experiment_selects_the_weights_and_attributes_with_the_chosen_ones(tmp_path):
+    # the grid offers only uniform weights, the config says entropy: the mixture (and its
+    # attribution: every teacher weight 1/2) uses the grid's choice; the single-teacher BKDs,
+    # which ignore the weights, fit each of their settings once
+    cfg = replace(
+        TINY,
+        methods=("bkd", "mtbkd_map"),
+        tune_bkd=True,
+        mtbkd_grid=[
+            {"weights": ["uniform"], "prior_weight": [0.1, 0.5]},
+            {"weights": ["entropy", "uniform"], "prior_weight": [0.5]},
+        ],  # fmt: skip
+    )
+    res = distill.run_experiment(_tiny_dataset(seed=4), cfg, checkpoint_dir=tmp_path,
+                                 log=lambda m: None)  # fmt: skip
+    h = res.method("mtbkd_map").hparams
+    assert h["weights"] in ("uniform", "entropy") and h["prior_weight"] in (0.1, 0.5)
+    mixtures = sorted(p.name for p in (tmp_path / "mtbkd").iterdir())
+    assert mixtures == [
+        "concentration20-prior_weight0.1-temperature2-weightsuniform",
+        "concentration20-prior_weight0.5-temperature2-weightsentropy",
+        "concentration20-prior_weight0.5-temperature2-weightsuniform",
+    ]
+    for name in ("bkd_lo", "bkd_hi"):
+        assert "weights" not in res.method(name).hparams
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == [
+            "concentration20-prior_weight0.1-temperature2",
+            "concentration20-prior_weight0.5-temperature2",
+        ]
+    only_uniform = replace(cfg, methods=("mtbkd_map",), mtbkd_grid={"weights": ["uniform"]})
+    res = distill.run_experiment(_tiny_dataset(seed=4), only_uniform, log=lambda m: None)
+    assert res.method("mtbkd_map").hparams["weights"] == "uniform"
+    torch.testing.assert_close(
+        res.attribution["weights"], torch.full_like(res.attribution["weights"], 0.5)
+    )
