@@ -1,11 +1,11 @@
 """An ablation across two multi-seed runs: put the methods of a variant run (for example
-``--set weights=uniform``) next to those of the base run, seed by seed, and summarise them with
-the same two-level bootstrap as ``--seeds`` (mtbkd.report.summarise_seeds).
+``--set joint_selection=true``) next to those of the base run, seed by seed, and summarise them
+with the same two-level bootstrap as ``--seeds`` (mtbkd.report.summarise_seeds).
 
     mtbkd distill --dataset deeploc --data-dir DATA --seeds 0-4 --out base
-    mtbkd distill --dataset deeploc --data-dir DATA --seeds 0-4 --out uniform \\
-        --methods mtbkd_map,mtbkd_sgld --set weights=uniform
-    python examples/compare_runs.py base uniform --tag uniform --out ablation
+    mtbkd distill --dataset deeploc --data-dir DATA --seeds 0-4 --out joint \\
+        --methods mtbkd_map,mtbkd_sgld --set joint_selection=true
+    python examples/compare_runs.py base joint --tag joint --out ablation
 
 The variant's methods are renamed ``<name>_<tag>``; the reference of the differences is the
 variant's ``mtbkd_sgld`` (``--reference`` to change it). Both runs must have used the same seeds.

@@ -132,8 +132,9 @@ def _add_pipeline_commands(sub) -> None:
             default=[],
             metavar="FIELD=VALUE",
             help="override a DistillConfig field (repeatable; the value is read as JSON, else "
-            "as a string): --set weights=uniform --set concentration=10 "
-            "--set 'mtbkd_grid={\"prior_weight\": [0.1, 0.5]}'",
+            "as a string): --set hard_label_weight=0.5 --set joint_selection=true "
+            '--set \'mtbkd_grid={"prior_weight": [0.1, 0.5], "weights": ["uniform"]}\'; '
+            "a field that every part of a grid tunes is refused (set the grid instead)",
         )
         p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -226,11 +227,21 @@ def _pipeline_config(args: argparse.Namespace, seed: int):
     for name in ("map_epochs", "sgld_epochs", "num_samples", "num_chains"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
-    kw.update(_overrides(args))
+    overrides = _overrides(args)
+    kw.update(overrides)
     try:
-        return DistillConfig(**kw)
+        config = DistillConfig(**kw)
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None
+    for key in overrides:  # a field every part of a grid tunes would be silently ignored
+        grid = config.grid_tuning(key)
+        if grid is not None:
+            raise SystemExit(
+                f"mtbkd {args.command}: --set {key}=... has no effect: {grid} tunes {key!r} "
+                f"(its values are chosen on the validation split); give the values to try "
+                f"in the grid instead, e.g. --set '{grid}={{\"{key}\": [...]}}'"
+            )
+    return config
 
 
 def _like(value, want) -> bool:

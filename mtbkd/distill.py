@@ -238,6 +238,16 @@ class DistillConfig:
         self.mtbkd_grid = _check_grid("mtbkd_grid", self.mtbkd_grid)
         self.kd_grid = _check_grid("kd_grid", self.kd_grid)
 
+    def grid_tuning(self, name: str) -> str | None:
+        """The grid (``mtbkd_grid`` / ``kd_grid``) whose every part tunes the field ``name``, so
+        that the field's own value is never used by the pipeline; None if there is none."""
+        for grid_name in ("mtbkd_grid", "kd_grid"):
+            grid = getattr(self, grid_name)
+            parts = [grid] if isinstance(grid, Mapping) else list(grid)
+            if name in GRID_KEYS[grid_name] and parts and all(name in p for p in parts):
+                return grid_name
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
@@ -1574,7 +1584,7 @@ class MethodResult:
     name: str
     metrics: dict[str, float]
     seconds: float
-    hparams: dict[str, float]
+    hparams: dict[str, float | str]
     probs: Tensor
     val_nll: float
     sampled: bool
@@ -1967,8 +1977,8 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
             else:
                 obj, model, sec, vnll = ex.select_map(name, objs)
                 sampled = ex.sample(name, obj, model, sgld_settings)
-        else:
-            obj = replace(mt_choice[0], teachers=(i,))
+        else:  # one teacher's weight is 1 whatever the weighting: config.weights, as in the grid
+            obj = replace(mt_choice[0], teachers=(i,), weights=config.weights)
             model, sec, vnll = ex.fit_map(name, obj)
             sampled = ex.sample(name, obj, model, [mt_choice[3]])
         sh, smodel, store, ssec, svnll = sampled
@@ -1979,7 +1989,7 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         src = results.get("mtbkd_sgld") or results["mtbkd_map"]
         w, r = teacher_attribution(src.probs, t_te, mt_obj)
         attribution = _summarise_attribution(
-            src.name, w, r, y_te, src.probs, dataset.class_names, names
+            src.name, w, r, y_te, src.probs, dataset.class_names, names, mt_obj.weights
         )
     student, store, objective = (
         (mt_choice[1], mt_choice[2], mt_choice[0]) if mt_choice else (None, None, None)
@@ -2102,11 +2112,20 @@ def weighting_verdict(margin: float, margin_se: float) -> str:
     return "tie"
 
 
-def _summarise_attribution(method, w, r, labels, probs, class_names, teacher_names) -> dict:
+# a teacher is "followed" for a class when its mean responsibility there exceeds every other
+# teacher's by at least this much; closer than that, no teacher stands out
+FOLLOW_MARGIN = 0.05
+
+
+def _summarise_attribution(
+    method, w, r, labels, probs, class_names, teacher_names, weighting="entropy"
+) -> dict:
     """Mean teacher weights and responsibilities per true class, and the teacher the student
-    followed (largest mean responsibility) for each class."""
+    followed for each class (the largest mean responsibility, when it leads every other teacher's
+    by at least :data:`FOLLOW_MARGIN`; the classes where none does are ``undecided``).
+    ``weighting`` names the objective's teacher weights (``entropy`` / ``uniform``)."""
     c = len(class_names)
-    mean_w, mean_r, followed = [], [], {}
+    mean_w, mean_r, followed, undecided = [], [], {}, []
     for k in range(c):
         rows = labels == k
         if not rows.any():
@@ -2116,14 +2135,20 @@ def _summarise_attribution(method, w, r, labels, probs, class_names, teacher_nam
         mw, mr = w[:, rows].mean(1), r[:, rows].mean(1)
         mean_w.append(mw.tolist())
         mean_r.append(mr.tolist())
-        followed[class_names[k]] = teacher_names[int(mr.argmax())]
+        top = torch.topk(mr, min(2, len(mr))).values
+        if len(top) > 1 and float(top[0] - top[1]) < FOLLOW_MARGIN:
+            undecided.append(class_names[k])
+        else:
+            followed[class_names[k]] = teacher_names[int(mr.argmax())]
     return {
         "method": method,
+        "weighting": weighting,
         "classes": list(class_names),
         "teachers": list(teacher_names),
         "mean_weights": mean_w,
         "mean_responsibilities": mean_r,
         "followed": followed,
+        "undecided": undecided,
         "weights": w,
         "responsibilities": r,
     }

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtbkd.distill import ExperimentResult, format_hparams, weighting_verdict
+from mtbkd.distill import FOLLOW_MARGIN, ExperimentResult, format_hparams, weighting_verdict
 
 __all__ = [
     "COLUMNS",
@@ -94,6 +94,8 @@ def report_dict(result: ExperimentResult) -> dict[str, Any]:
                 "followed",
             )
         }
+        att["weighting"] = a.get("weighting", "entropy")
+        att["undecided"] = list(a.get("undecided", []))
     return _clean(
         {
             "dataset": result.dataset,
@@ -403,7 +405,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def followed_sentences(attribution: dict[str, Any] | None) -> list[str]:
     """One sentence per teacher: the classes for which the student followed it (largest mean
-    responsibility over the test rows of that class)."""
+    responsibility over the test rows of that class, ahead of every other teacher's by
+    :data:`mtbkd.distill.FOLLOW_MARGIN`), and one for the classes where no teacher stands out."""
     if attribution is None:
         return []
     by_teacher: dict[str, list[str]] = {t: [] for t in attribution["teachers"]}
@@ -415,6 +418,12 @@ def followed_sentences(attribution: dict[str, Any] | None) -> list[str]:
             out.append(f"The student followed teacher `{t}` for classes {', '.join(classes)}.")
         else:
             out.append(f"The student followed teacher `{t}` for no class.")
+    undecided = attribution.get("undecided") or []
+    if undecided:
+        out.append(
+            f"No teacher stands out (mean responsibilities within {FOLLOW_MARGIN:g} of each "
+            f"other) for classes {', '.join(undecided)}."
+        )
     return out
 
 
@@ -476,7 +485,8 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
         lines += [
             "",
             "*average*: the teachers' probabilities averaged; *entropy-weighted*: mixed per row "
-            "with the weights MT-BKD uses. What the teachers know together, before any student.",
+            "with the entropy weights of MATH.md section 1 (MT-BKD's `weights='entropy'`). What "
+            "the teachers know together, before any student.",
         ]
     lines += ["", "## Selected hyperparameters", ""]
     val = rep.get("validation_nll") or {}
@@ -504,7 +514,8 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
             lines.append(f"| {cls} | " + " | ".join(vals) + " |")
         lines += [
             "",
-            "w: prior mixture weight (entropy weights, teachers only); r: posterior "
+            f"w: prior mixture weight ({a.get('weighting', 'entropy')} weights, teachers only); "
+            "r: posterior "
             "responsibility (which teacher's Dirichlet component explains the student's "
             "prediction), averaged over the test rows of each class and the samples.",
         ]
@@ -611,7 +622,7 @@ def _figures(result: ExperimentResult, out: Path, boot: dict[str, Any] | None = 
         xs = np.arange(len(classes))
         width = 0.8 / len(teachers)
         for ax, vals, title in (
-            (axes[0], w, "prior weight w_k (teacher entropy)"),
+            (axes[0], w, f"prior weight w_k ({a.get('weighting', 'entropy')} weights)"),
             (axes[1], r, "responsibility r_k (followed teacher)"),
         ):
             for j, t in enumerate(teachers):

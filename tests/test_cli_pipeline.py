@@ -229,6 +229,13 @@ def test_set_overrides_config_fields(tmp_path):
     for item, msg in bad.items():
         with pytest.raises(SystemExit, match=msg):
             cli.main(base + ["--out", str(tmp_path / "x"), "--set", item])
+    # a field that every part of the grid tunes would be ignored: refused, naming the grid
+    for grid in ('{"concentration": [5]}', '[{"concentration": [5]}, {"concentration": [1]}]'):
+        sets = ["--set", f"mtbkd_grid={grid}", "--set", "concentration=10"]
+        with pytest.raises(SystemExit, match="concentration=... has no effect: mtbkd_grid tunes"):
+            cli.main(base + ["--out", str(tmp_path / "y")] + sets)
+    with pytest.raises(SystemExit, match="kd_weight=... has no effect: kd_grid tunes"):
+        cli.main(["distill", "--dataset", "digits", "--set", "kd_weight=0.5"])
 
 
 def test_cli_sequence_encoder_errors(tmp_path, monkeypatch):

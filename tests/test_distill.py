@@ -882,3 +882,17 @@ def test_run_experiment_selects_the_weights_and_attributes_with_the_chosen_ones(
     torch.testing.assert_close(
         res.attribution["weights"], torch.full_like(res.attribution["weights"], 0.5)
     )
+
+
+def test_bkds_reusing_a_uniform_mixture_choice_share_checkpoints_with_tuned_ones(tmp_path):
+    # tune_bkd=False copies MT-BKD's choice to each teacher; one teacher ignores the weighting, so
+    # its objective (and checkpoint) is the tuned BKD's, not a copy carrying `uniform`
+    grid = [{"weights": ["uniform"], "prior_weight": [0.1]}]
+    cfg = replace(TINY, methods=("bkd_lo", "mtbkd_sgld"), mtbkd_grid=grid, tune_bkd=False)
+    ds = _tiny_dataset(seed=6)
+    a = distill.run_experiment(ds, cfg, checkpoint_dir=tmp_path, log=lambda m: None)
+    b = distill.run_experiment(
+        ds, replace(cfg, tune_bkd=True), checkpoint_dir=tmp_path, log=lambda m: None
+    )
+    assert a.method("bkd_lo").hparams == b.method("bkd_lo").hparams
+    torch.testing.assert_close(a.method("bkd_lo").probs, b.method("bkd_lo").probs)

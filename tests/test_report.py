@@ -600,3 +600,26 @@ def test_report_json_is_written_last(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         report.write_report(_result(), tmp_path)
     assert not (tmp_path / "report.json").exists()
+
+
+def test_attribution_names_no_teacher_where_the_responsibilities_are_close():
+    # class x: 0.9 / 0.1 (followed), y: 0.52 / 0.48 and z: 0.48 / 0.52 (within FOLLOW_MARGIN):
+    # no teacher stands out there; the weighting of the objective is reported with them
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    r0 = torch.tensor([0.9, 0.9, 0.52, 0.52, 0.48, 0.48])
+    att = distill._summarise_attribution(
+        "mtbkd_sgld", torch.full((2, 6), 0.5), torch.stack([r0, 1 - r0]), labels,
+        torch.full((1, 6, 3), 1 / 3), ["x", "y", "z"], ["first", "second"], "uniform",
+    )  # fmt: skip
+    assert att["followed"] == {"x": "first"} and att["undecided"] == ["y", "z"]
+    assert report.followed_sentences(att) == [
+        "The student followed teacher `first` for classes x.",
+        "The student followed teacher `second` for no class.",
+        "No teacher stands out (mean responsibilities within 0.05 of each other) for classes y, z.",
+    ]
+    res = _result()
+    res.attribution = att
+    rep = report.report_dict(res)
+    assert rep["attribution"]["weighting"] == "uniform"
+    assert rep["attribution"]["undecided"] == ["y", "z"]
+    assert "w: prior mixture weight (uniform weights" in report._markdown(res, rep, [])
