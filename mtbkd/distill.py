@@ -243,7 +243,7 @@ class DistillConfig:
         that the field's own value is never used by the pipeline; None if there is none."""
         for grid_name in ("mtbkd_grid", "kd_grid"):
             grid = getattr(self, grid_name)
-            parts = [grid] if isinstance(grid, Mapping) else list(grid)
+            parts = _grid_parts(grid)
             if name in GRID_KEYS[grid_name] and parts and all(name in p for p in parts):
                 return grid_name
         return None
@@ -333,11 +333,15 @@ def _check_grid(name: str, grid: Any) -> dict[str, tuple] | list[dict[str, tuple
     return out[0] if single else out
 
 
+def _grid_parts(grid: Grid) -> list[Mapping[str, Sequence[Any]]]:
+    """The mappings of a checked grid: itself, or the items of its list."""
+    return [grid] if isinstance(grid, Mapping) else list(grid)
+
+
 def _grid_json(grid: Grid) -> dict[str, list] | list[dict[str, list]]:
     """A checked grid with lists for tuples (JSON's form)."""
-    if isinstance(grid, Mapping):
-        return {k: list(v) for k, v in grid.items()}
-    return [{k: list(v) for k, v in part.items()} for part in grid]
+    parts = [{k: list(v) for k, v in part.items()} for part in _grid_parts(grid)]
+    return parts[0] if isinstance(grid, Mapping) else parts
 
 
 # Schedules sized to the built-in datasets (chosen on their validation splits).
@@ -1670,7 +1674,7 @@ def _grid(base: dict[str, Any], grid: Grid) -> list[dict[str, Any]]:
     """Every setting of ``grid`` over ``base`` (a mapping: the product of its lists; a list of
     mappings: the union of their products), in order, each once."""
     out: list[dict[str, Any]] = []
-    for part in [grid] if isinstance(grid, Mapping) else grid:
+    for part in _grid_parts(grid):
         keys = list(part)
         for vals in itertools.product(*(part[k] for k in keys)):
             h = {**base, **dict(zip(keys, vals, strict=True))}
