@@ -7,8 +7,9 @@ with the same two-level bootstrap as ``--seeds`` (mtbkd.report.summarise_seeds).
         --methods mtbkd_map,mtbkd_sgld --set joint_selection=true
     python examples/compare_runs.py base joint --tag joint --out ablation
 
-The variant's methods are renamed ``<name>_<tag>``; the reference of the differences is the
-variant's ``mtbkd_sgld`` (``--reference`` to change it). Both runs must have used the same seeds.
+The variant's methods (or those named by ``--methods``) are renamed ``<name>_<tag>``; the
+reference of the differences is the variant's ``mtbkd_sgld`` (``--reference`` to change it).
+Both runs must have used the same seeds.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from pathlib import Path
 from mtbkd import report
 
 
-def merge(base: Path, variant: Path, tag: str) -> tuple[list[dict], list[dict], list[int]]:
+def merge(
+    base: Path, variant: Path, tag: str, only: list[str] | None = None
+) -> tuple[list[dict], list[dict], list[int]]:
     seeds = json.loads((base / "summary.json").read_text())["seeds"]
     if json.loads((variant / "summary.json").read_text())["seeds"] != seeds:
         raise SystemExit(f"{base} and {variant} were run with different seeds")
@@ -28,6 +31,11 @@ def merge(base: Path, variant: Path, tag: str) -> tuple[list[dict], list[dict], 
     for s in seeds:
         a = json.loads((base / f"seed{s}" / "report.json").read_text())
         b = json.loads((variant / f"seed{s}" / "report.json").read_text())
+        if only is not None:
+            missing = sorted(set(only) - {m["name"] for m in b["methods"]})
+            if missing:
+                raise SystemExit(f"--methods: {', '.join(missing)} not in {variant}, seed {s}")
+            b["methods"] = [m for m in b["methods"] if m["name"] in only]
         pa = report.load_per_row(base / f"seed{s}" / report.PER_ROW_FILE)
         pb = report.load_per_row(variant / f"seed{s}" / report.PER_ROW_FILE)
         methods = list(a["methods"]) + [{**m, "name": f"{m['name']}_{tag}"} for m in b["methods"]]
@@ -48,8 +56,19 @@ def main() -> None:
     ap.add_argument("--tag", required=True, help="suffix for the variant's method names")
     ap.add_argument("--reference", default=None, help="default: mtbkd_sgld_<tag>")
     ap.add_argument("--out", type=Path, required=True, help="folder for summary.json/.md/png")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated methods of the variant to include (default: all of them; leave "
+        "out those the variant did not change)",
+    )
     args = ap.parse_args()
-    reports, rows, seeds = merge(args.base, args.variant, args.tag)
+    only = None
+    if args.methods is not None:
+        only = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not only:
+            raise SystemExit("--methods names no method")
+    reports, rows, seeds = merge(args.base, args.variant, args.tag, only)
     ref = args.reference or f"mtbkd_sgld_{args.tag}"
     names = [m["name"] for m in reports[0]["methods"]]
     if ref not in names:

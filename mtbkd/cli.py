@@ -382,6 +382,8 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
         f"{len(result.teacher_names)} teachers: {', '.join(result.teacher_names)}"
     )
     print(report.format_table(rep["methods"]))
+    for line in report.calibration_sentence(rep["methods"], len(dataset.y_test)):
+        print(line)
     for line in report.followed_sentences(result.attribution):
         print(line)
     for line in report.weighting_sentence(rep.get("train_weighting"))[:1]:

@@ -1133,10 +1133,19 @@ def predict_probs(model: nn.Module, x: Tensor, store=None, chunk: int = 50) -> T
     return predict(model, store, x, chunk=chunk)
 
 
+ECE_FLOOR_DRAWS = 200
+
+
 def evaluate_probs(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[str, float]:
     """The comparison table's metrics (MATH.md section 8) of sample probabilities ``[S, N, C]``:
     accuracy, NLL, ECE, Brier, mean deviance, ``level`` credible-set coverage and mean size, and
-    the AUROC of the predictive entropy for telling wrong predictions from right ones."""
+    the AUROC of the predictive entropy for telling wrong predictions from right ones; and two
+    for reading the ECE (:func:`mtbkd.metrics.calibrated_ece`, :data:`ECE_FLOOR_DRAWS` draws):
+    ``ece_floor``, the ECE a perfectly calibrated model with these predictions is expected to
+    score on these rows (the mean of the draws), and ``ece_p``, ``(1 + the draws at or above
+    the observed ECE) / (1 + draws)``, a p-value of "calibrated" (small: miscalibration the test
+    rows can detect); and ``overconfidence``, the mean confidence minus the accuracy (its
+    direction: below 0, under-confident)."""
     if probs.dim() == 2:
         probs = probs.unsqueeze(0)
     return _metrics_of_rows(_row_stats(probs, labels, level), labels)
@@ -1191,10 +1200,22 @@ def _metrics_of_rows(stats: dict[str, Tensor], labels: Tensor) -> dict[str, floa
     unc = M.predictive_entropy(pbar)
     # undefined when every prediction is right (or wrong)
     auroc = float(M.auroc(unc, wrong)) if 0 < int(wrong.sum()) < len(labels) else float("nan")
+    ece = float(M.ece(pbar, labels))
+    # the ECE a calibrated model with these predictions would score on these rows (on the CPU,
+    # with a fixed generator: the same numbers on every run and device)
+    g = torch.Generator().manual_seed(0)
+    floor = M.calibrated_ece(pbar.cpu(), ECE_FLOOR_DRAWS, generator=g)
     return {
         "accuracy": float(M.accuracy(pbar, labels)),
         "nll": float(stats["nll"].mean()),
-        "ece": float(M.ece(pbar, labels)),
+        "ece": ece,
+        # the direction of the miscalibration: mean confidence minus accuracy (< 0: under-)
+        "overconfidence": float(
+            stats["pbar"].max(-1).values.float().mean() - (~wrong).float().mean()
+        ),
+        "ece_floor": float(floor.mean()),
+        # Monte Carlo p-value: never 0, and at most alpha under calibration with probability alpha
+        "ece_p": (1 + int((floor >= ece).sum())) / (1 + ECE_FLOOR_DRAWS),
         "brier": float(M.brier(pbar, labels)),
         "mean_deviance": float(stats["mean_deviance"].mean()),
         "coverage": float(stats["covered"].float().mean()),
@@ -1607,8 +1628,9 @@ class MethodResult:
             "auroc_error",
         )
         out = {"name": self.name, **{k: self.metrics[k] for k in keys}}
-        if "auroc_shift" in self.metrics:
-            out["auroc_shift"] = self.metrics["auroc_shift"]
+        for k in ("auroc_shift", "overconfidence", "ece_floor", "ece_p"):
+            if k in self.metrics:
+                out[k] = self.metrics[k]
         return {**out, "seconds": self.seconds}
 
 

@@ -4,7 +4,7 @@ Inputs are per-sample probabilities ``[S, N, C]`` (S posterior samples, N rows, 
 already averaged ``[N, C]`` (treated as one sample). ``p_bar = mean_s q^(s)``. All metrics are
 computed in fp32 (fp64 inputs stay fp64). ``accuracy``, ``nll``, ``brier`` and ``ece`` return
 0-d tensors; ``predictive_entropy``, ``expected_entropy``, ``mutual_information`` and
-``mean_deviance`` return ``[N]``.
+``mean_deviance`` return ``[N]``; ``calibrated_ece`` returns ``[draws]``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ __all__ = [
     "row_nll",
     "brier",
     "ece",
+    "calibrated_ece",
     "predictive_entropy",
     "expected_entropy",
     "mutual_information",
@@ -111,6 +112,14 @@ def brier(probs: Tensor, labels: Tensor) -> Tensor:
     return ((p - onehot) ** 2).sum(-1).mean()
 
 
+def _ece_bins(conf: Tensor, n_bins: int) -> Tensor:
+    """The bin of each fp32 confidence: right-closed ``((b-1)/B, b/B]`` with fp32 edges ``b / B``,
+    a confidence of 0 in the first bin."""
+    edges = torch.arange(1, n_bins, dtype=torch.float32, device=conf.device) / n_bins
+    # bucketize(right=False) gives i with edges[i-1] < x <= edges[i]: right-closed bins.
+    return torch.bucketize(conf, edges, right=False)
+
+
 def ece(probs: Tensor, labels: Tensor, n_bins: int = ECE_BINS) -> Tensor:
     """``sum_b (n_b / N) |acc_b - conf_b|`` over equal-width bins of ``conf = max_c p_bar``.
 
@@ -123,14 +132,52 @@ def ece(probs: Tensor, labels: Tensor, n_bins: int = ECE_BINS) -> Tensor:
     y = _labels(labels, p.shape[0], p.shape[1])
     conf, pred = p.max(-1)
     conf = conf.float()
-    edges = torch.arange(1, n_bins, dtype=torch.float32, device=p.device) / n_bins
-    # bucketize(right=False) gives i with edges[i-1] < x <= edges[i]: right-closed bins.
-    idx = torch.bucketize(conf, edges, right=False)
+    idx = _ece_bins(conf, n_bins)
     correct = (pred == y).float()
     acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
     conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
     # |acc_b - conf_b| n_b / N = |acc_sum_b - conf_sum_b| / N (empty bins add 0).
     return ((acc_sum - conf_sum).abs().sum() / conf.numel()).to(p.dtype)
+
+
+def calibrated_ece(
+    probs: Tensor,
+    draws: int = 200,
+    n_bins: int = ECE_BINS,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The :func:`ece` a perfectly calibrated model with these predictions would score on this
+    many rows, ``[draws]``: the ECE against labels drawn from ``p_bar`` itself (consistency
+    resampling). Top-label ECE only sees whether the prediction is right, which for a label
+    drawn from ``p_bar`` happens with probability ``conf = max_c p_bar``, so each draw takes
+    ``correct ~ Bernoulli(conf)`` per row.
+
+    ECE is biased upward: even a calibrated model scores above 0 on a finite test set. The mean
+    of the draws estimates the ECE a calibrated model is expected to score (a calibrated model
+    scores below it about half the time: not a lower bound); by the normal approximation it is
+    about ``(1/N) sum_b sqrt(2/pi * sum_{i in b} conf_i (1 - conf_i))``, which overstates it for
+    bins of a few rows or of confidences near 1. ``(1 + #{draws >= observed ECE}) / (1 + draws)``
+    is a Monte Carlo p-value of the hypothesis that a model is calibrated (what
+    :func:`mtbkd.distill.evaluate_probs` reports as ``ece_p``). ``generator``: the random stream
+    (default: torch's global one; on the device of ``probs``). Returns fp32.
+    """
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive int, got {draws!r}")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    conf = mean_probs(probs).max(-1).values.float()
+    n = conf.numel()
+    idx = _ece_bins(conf, n_bins)  # the bins of :func:`ece`
+    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    out = torch.empty(draws, dtype=torch.float32, device=conf.device)
+    chunk = max(1, min(draws, (1 << 22) // max(n, 1)))  # at most ~4 M Bernoulli draws at once
+    for start in range(0, draws, chunk):
+        d = min(chunk, draws - start)
+        correct = torch.bernoulli(conf.clamp(0, 1).expand(d, n), generator=generator)
+        acc_sum = torch.zeros(d, n_bins, dtype=torch.float32, device=conf.device)
+        acc_sum.index_add_(1, idx, correct)
+        out[start : start + d] = (acc_sum - conf_sum).abs().sum(-1) / n
+    return out
 
 
 def predictive_entropy(probs: Tensor) -> Tensor:

@@ -25,6 +25,8 @@ __all__ = [
     "columns",
     "report_dict",
     "format_table",
+    "calibration_sentence",
+    "seed_calibration_sentence",
     "markdown_table",
     "followed_sentences",
     "write_report",
@@ -403,6 +405,62 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(_aligned(header, body, True))
 
 
+ECE_ALPHA = 0.05  # the p-value under which calibration_sentence calls a method miscalibrated
+
+
+def _direction(row: dict[str, Any]) -> str:
+    """``, mean confidence 0.040 above accuracy`` from a row's ``overconfidence`` (nothing
+    without it): the overall direction; ECE also counts deviations of opposite signs in
+    different bins."""
+    v = row.get("overconfidence")
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, dict):  # a summary's spread over seeds
+        v = v.get("mean")
+        if v is None or not math.isfinite(v):
+            return ""
+    return f", mean confidence {abs(v):.3f} {'above' if v > 0 else 'below'} accuracy"
+
+
+def calibration_sentence(
+    rows: list[dict[str, Any]], num_rows: int | None = None, markdown: bool = False
+) -> list[str]:
+    """What the ECE column can resolve on this test set, from the rows' ``ece_floor`` /
+    ``ece_p`` (:func:`mtbkd.distill.evaluate_probs`): the range of ECE a perfectly calibrated
+    model with each method's predictions would score, and which methods' ECE lies beyond that
+    noise (``ece_p`` < :data:`ECE_ALPHA`). Empty when no row has them (a report written before
+    they existed)."""
+    have = [r for r in rows if r.get("ece_floor") is not None and r.get("ece_p") is not None]
+    if not have:
+        return []
+    q = "`" if markdown else ""
+    floors = [r["ece_floor"] for r in have]
+    lo, hi = f"{min(floors):.3f}", f"{max(floors):.3f}"
+    span = lo if lo == hi else f"{lo}-{hi}"
+    where = f"these {num_rows} test rows" if num_rows else "these test rows"
+    bad = [r for r in have if r["ece_p"] < ECE_ALPHA]
+    good = [r for r in have if r["ece_p"] >= ECE_ALPHA]
+    text = (
+        "ECE resolution: a perfectly calibrated model with each method's predictions would be "
+        f"expected to score ECE {span} on {where} (labels drawn from its own predictive, "
+        f"{q}ece_floor{q}). "
+    )
+    if bad:
+        text += (
+            f"Miscalibration the test rows can detect (p < {ECE_ALPHA:g}, {q}ece_p{q}: how rarely "
+            "a calibrated model scores the method's ECE or more): "
+            + ", ".join(f"{q}{r['name']}{q} (p = {r['ece_p']:.3g}{_direction(r)})" for r in bad)
+            + ". "
+        )
+    if good:
+        who = "the other methods'" if bad else "every method's"
+        text += (
+            f"{who[0].upper()}{who[1:]} ECE is within that noise (p ≥ {ECE_ALPHA:g}): these test "
+            "rows cannot tell them from calibrated."
+        )
+    return [text.strip()]
+
+
 def followed_sentences(attribution: dict[str, Any] | None) -> list[str]:
     """One sentence per teacher: the classes for which the student followed it (largest mean
     responsibility over the test rows of that class, ahead of every other teacher's by
@@ -436,6 +494,8 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
     if result.features:
         lines += [f"Student input: {result.features}.", ""]
     lines += [markdown_table(rep["methods"]), ""]
+    cal = calibration_sentence(rep["methods"], len(result.labels), markdown=True)
+    lines += [*cal, ""] if cal else []
     lines += [
         "acc: accuracy of the posterior-mean prediction; NLL, ECE (15 bins), Brier of the "
         "posterior predictive; MD: mean deviance (the paper's uncertainty score, nats); cov95 / "
@@ -801,6 +861,12 @@ def summarise_seeds(
         out = [(rep.get("validation_nll") or {}).get(name) for rep in reports]
         return [float("nan") if v is None else float(v) for v in out]
 
+    # ECE's resolution (evaluate_probs' ece_floor / ece_p), when the reports have it
+    keys += [
+        k
+        for k in ("overconfidence", "ece_floor", "ece_p")
+        if any(m.get(k) is not None for rep in reports for m in rep["methods"])
+    ]
     methods = [
         {
             "name": n,
@@ -981,6 +1047,44 @@ def _pm(stat: dict[str, Any], fmt: str) -> str:
     return f"{fmt.format(mean)} ± {fmt.format(std)}"
 
 
+def seed_calibration_sentence(summary: dict[str, Any], markdown: bool = False) -> list[str]:
+    """:func:`calibration_sentence` over seeds: the range of the methods' mean ``ece_floor`` and,
+    per method, the seeds whose ECE lies beyond that noise (``ece_p`` < :data:`ECE_ALPHA`).
+    Empty when the summary has no ``ece_p`` (reports written before it existed)."""
+
+    def finite(values) -> list[float]:
+        return [v for v in values if v is not None and math.isfinite(v)]
+
+    have = [
+        m
+        for m in summary["methods"]
+        if finite(m.get("ece_p", {}).get("values", []))
+        and finite([m.get("ece_floor", {}).get("mean")])  # a floor of 0 (certain rows) counts
+    ]
+    if not have:
+        return []
+    q = "`" if markdown else ""
+    floors = [m["ece_floor"]["mean"] for m in have]
+    lo, hi = f"{min(floors):.3f}", f"{max(floors):.3f}"
+    counts = []
+    for m in have:
+        ps = finite(m["ece_p"]["values"])
+        flagged = sum(p < ECE_ALPHA for p in ps)
+        direction = f" ({_direction(m)[2:]} on average)" if flagged and _direction(m) else ""
+        counts.append(f"{q}{m['name']}{q} {flagged}/{len(ps)}{direction}")
+    shared = summary.get("shared_test_rows")
+    rows = "the test rows" + (" (the same in every seed)" if shared else "")
+    return [
+        f"ECE resolution: on {rows}, a perfectly calibrated model with each method's predictions "
+        f"would be expected to score ECE {lo if lo == hi else f'{lo}-{hi}'} ({q}ece_floor{q}, "
+        "labels drawn from its own predictive; mean over seeds). Seeds in which a method's ECE "
+        f"is beyond that noise (p < {ECE_ALPHA:g}, {q}ece_p{q}; about 1 in "
+        f"{round(1 / ECE_ALPHA)} calibrated method-seed pairs is flagged by chance): "
+        + ", ".join(counts)
+        + "."
+    ]
+
+
 def format_seed_summary(summary: dict[str, Any], markdown: bool = False) -> str:
     """The across-seed means ± standard deviations, then (when the reference method ran) its
     per-seed differences to every other method, as plain text or markdown."""
@@ -997,6 +1101,8 @@ def format_seed_summary(summary: dict[str, Any], markdown: bool = False) -> str:
     ]
     lines = [] if markdown else [f"{summary['dataset']}: mean ± sd over {n} seeds"]
     lines += _aligned(header, body, markdown)
+    cal = seed_calibration_sentence(summary, markdown)
+    lines += ["", *cal] if cal else []
     v = summary.get("versus")
     if v:
         boot = "resamples" in v

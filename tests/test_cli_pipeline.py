@@ -34,6 +34,9 @@ KEYS = [
     "coverage",
     "set_size",
     "auroc_error",
+    "overconfidence",
+    "ece_floor",
+    "ece_p",
     "seconds",
 ]
 
@@ -53,7 +56,10 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert "highest entropy weight" in (out / "report.md").read_text()
     assert [m["name"] for m in rep["methods"]] == METHODS
     # digits has shifted inputs (the test images rotated): their AUROC comes before the time
-    assert all(list(m) == [*KEYS[:-1], "auroc_shift", "seconds"] for m in rep["methods"])
+    assert all(
+        list(m) == [*KEYS[:9], "auroc_shift", "overconfidence", "ece_floor", "ece_p", "seconds"]
+        for m in rep["methods"]
+    )
     assert rep["shift"] == "the test images rotated by 90 degrees"
     for f in (
         "report.md",
@@ -193,6 +199,15 @@ def test_compare_runs_example(tmp_path, capsys, monkeypatch):
     var = json.loads((tmp_path / "var" / "seed1" / "report.json").read_text())
     val = summary["methods"][-1]["validation_nll"]["values"][1]
     assert val == var["validation_nll"]["mtbkd_sgld"]  # the variant's, renamed with its tag
+    # --methods: only the named methods of a variant that ran them all
+    argv = ["compare_runs", str(tmp_path / "base"), str(tmp_path / "base"), "--tag", "again"]
+    monkeypatch.setattr(sys, "argv", argv + ["--methods", "mtbkd_sgld", "--out", str(out)])
+    mod.main()
+    names = [m["name"] for m in json.loads((out / "summary.json").read_text())["methods"]]
+    assert names == [m["name"] for m in base["methods"]] + ["mtbkd_sgld_again"]
+    monkeypatch.setattr(sys, "argv", argv + ["--methods", "mtbkd_sgld,nope", "--out", str(out)])
+    with pytest.raises(SystemExit, match="--methods: nope not in"):
+        mod.main()
 
 
 def test_set_overrides_config_fields(tmp_path):

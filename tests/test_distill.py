@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mtbkd import distill
+from mtbkd import metrics as M
 from mtbkd.data import Dataset
 
 MEANS = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]]) * 1.2
@@ -244,6 +245,9 @@ def test_run_experiment_every_method_and_save_predict(tmp_path):
             "coverage",
             "set_size",
             "auroc_error",
+            "overconfidence",
+            "ece_floor",
+            "ece_p",
             "seconds",
         }
         assert m.probs.shape[1:] == (len(ds.y_test), 4)
@@ -664,7 +668,13 @@ def test_run_experiment_measures_shifted_inputs():
         assert m.shift_probs.shape[0] == m.probs.shape[0]
         expected = distill.shift_auroc(m.probs, m.shift_probs)
         assert m.row()["auroc_shift"] == m.metrics["auroc_shift"] == expected
-        assert list(m.row())[-2:] == ["auroc_shift", "seconds"]
+        assert list(m.row())[-5:] == [
+            "auroc_shift",
+            "overconfidence",
+            "ece_floor",
+            "ece_p",
+            "seconds",
+        ]
     plain = distill.run_experiment(ds, cfg, log=lambda m: None)
     assert plain.shift_name is None and "auroc_shift" not in plain.methods[0].row()
     # the shifted inputs change no other metric
@@ -896,3 +906,35 @@ def test_bkds_reusing_a_uniform_mixture_choice_share_checkpoints_with_tuned_ones
     )
     assert a.method("bkd_lo").hparams == b.method("bkd_lo").hparams
     torch.testing.assert_close(a.method("bkd_lo").probs, b.method("bkd_lo").probs)
+
+
+def test_evaluate_probs_tells_a_calibrated_model_from_an_overconfident_one():
+    g = torch.Generator().manual_seed(0)
+    logits = 2.0 * torch.randn(1000, 4, generator=g)
+    probs = torch.softmax(logits, -1)
+    labels = torch.multinomial(probs, 1, generator=g).squeeze(1)  # calibrated by construction
+    m = distill.evaluate_probs(probs, labels)
+    floor = M.calibrated_ece(
+        probs, distill.ECE_FLOOR_DRAWS, generator=torch.Generator().manual_seed(0)
+    )
+    assert m["ece_floor"] == pytest.approx(float(floor.mean()))
+    assert 0.01 < m["ece_floor"] < 0.08 and m["ece"] > 0  # a calibrated model's ECE is not 0
+    # over label sets drawn from the model, ece_p is about uniform: a test that keeps its level
+    ps = torch.tensor(
+        [
+            distill.evaluate_probs(probs, torch.multinomial(probs, 1, generator=g)[:, 0])["ece_p"]
+            for _ in range(40)
+        ]
+    )
+    assert (ps < 0.05).float().mean() <= 0.2 and 0.3 < ps.mean() < 0.7
+    sharp = distill.evaluate_probs(torch.softmax(3.0 * logits, -1), labels)
+    # no draw reaches its ECE: the smallest Monte Carlo p-value, never 0
+    assert sharp["ece"] > 3 * sharp["ece_floor"]
+    conf = torch.softmax(3.0 * logits, -1).max(-1).values.mean()
+    assert sharp["overconfidence"] == pytest.approx(float(conf) - sharp["accuracy"], abs=1e-6)
+    assert sharp["overconfidence"] > 0.05  # sharpened: more confident than right
+    assert sharp["ece_p"] == 1 / (1 + distill.ECE_FLOOR_DRAWS)
+    # certain and always right: every draw ties the observed ECE of 0, and ties count (p = 1)
+    sure = distill.evaluate_probs(torch.eye(4)[labels], labels)
+    assert sure["ece"] == sure["ece_floor"] == 0.0 and sure["ece_p"] == 1.0
+    assert distill.evaluate_probs(probs, labels) == m  # the fixed generator: the same numbers

@@ -175,3 +175,45 @@ def test_bad_inputs():
         M.auroc(torch.rand(4), torch.ones(4))
     with pytest.raises(ValueError, match="n_bins"):
         M.ece(Q, Y, n_bins=0)
+
+
+def test_calibrated_ece_is_the_finite_sample_floor_of_a_calibrated_model():
+    g = torch.Generator().manual_seed(0)
+    # certain and right by construction: every draw is right, ECE 0
+    sure = torch.eye(3)[torch.tensor([0, 1, 2, 1])]
+    assert torch.equal(M.calibrated_ece(sure, 50, generator=g), torch.zeros(50))
+    # one bin at confidence 0.5: a draw's ECE is |mean of N Bernoulli(0.5) - 0.5|, whose mean
+    # is sqrt(0.25 / N) sqrt(2 / pi)
+    n = 20000
+    half = torch.full((n, 2), 0.5)
+    draws = M.calibrated_ece(half, 2000, generator=g)
+    assert draws.shape == (2000,)
+    assert draws.mean().item() == pytest.approx(
+        math.sqrt(0.25 / n) * math.sqrt(2 / math.pi), rel=0.05
+    )
+    # [S, N, C] samples are averaged first; a seeded generator repeats its draws
+    a = M.calibrated_ece(Q, 30, generator=torch.Generator().manual_seed(3))
+    b = M.calibrated_ece(Q.mean(0), 30, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    # more draws than one chunk holds give the same distribution (chunking by rows x draws)
+    big = M.calibrated_ece(torch.full((300000, 2), 0.5), 30, generator=g)
+    expected = math.sqrt(0.25 / 300000) * math.sqrt(2 / math.pi)
+    assert big.shape == (30,) and bool((big > 0).all())
+    assert big.mean().item() == pytest.approx(expected, rel=0.25)
+    # a draw is the ECE of labels that are right exactly where the draw's Bernoulli is: the
+    # binning of ece, confidences on the bin edges k/15 included
+    conf = torch.tensor([1 / 15, 2 / 15, 0.5, 7 / 15, 8 / 15, 0.9, 14 / 15, 1.0, 0.6, 0.75])
+    probs = torch.stack([conf, 1 - conf], -1)
+    pred = probs.argmax(-1)
+    drawn = M.calibrated_ece(probs, 6, generator=torch.Generator().manual_seed(5))
+    right = torch.bernoulli(
+        probs.max(-1).values.expand(6, -1), generator=torch.Generator().manual_seed(5)
+    )
+    for d in range(6):
+        labels = torch.where(right[d].bool(), pred, 1 - pred)
+        assert drawn[d].item() == pytest.approx(M.ece(probs, labels).item(), abs=1e-7)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="draws"):
+            M.calibrated_ece(Q, bad)
+    with pytest.raises(ValueError, match="n_bins"):
+        M.calibrated_ece(Q, 10, n_bins=0)

@@ -22,6 +22,9 @@ KEYS = [
     "coverage",
     "set_size",
     "auroc_error",
+    "overconfidence",
+    "ece_floor",
+    "ece_p",
     "seconds",
 ]
 
@@ -577,7 +580,9 @@ def test_shift_column_in_tables_report_and_summary(tmp_path):
     res.shift_name = "noise"
     rep = report.write_report(res, tmp_path / "run")
     assert rep["shift"] == "noise"
-    assert [list(m)[-2:] for m in rep["methods"]] == [["auroc_shift", "seconds"]] * 3
+    assert [list(m)[-5:] for m in rep["methods"]] == [
+        ["auroc_shift", "overconfidence", "ece_floor", "ece_p", "seconds"]
+    ] * 3
     header = report.format_table(rep["methods"]).splitlines()[0]
     assert header.split()[-4:] == ["AUROC", "shift", "time", "s"]
     md = (tmp_path / "run" / "report.md").read_text()
@@ -623,3 +628,57 @@ def test_attribution_names_no_teacher_where_the_responsibilities_are_close():
     assert rep["attribution"]["weighting"] == "uniform"
     assert rep["attribution"]["undecided"] == ["y", "z"]
     assert "w: prior mixture weight (uniform weights" in report._markdown(res, rep, [])
+
+
+def test_calibration_sentence_names_what_the_test_rows_can_detect():
+    rows = [
+        {"name": "ce", "ece": 0.06, "ece_floor": 0.0312, "ece_p": 1 / 201, "overconfidence": -0.04},
+        {"name": "bkd", "ece": 0.04, "ece_floor": 0.0334, "ece_p": 0.21},
+        {"name": "mtbkd_sgld", "ece": 0.03, "ece_floor": 0.0331, "ece_p": 0.62},
+    ]
+    (text,) = report.calibration_sentence(rows, 1000, markdown=True)
+    assert "ECE 0.031-0.033 on these 1000 test rows" in text
+    assert "`ce` (p = 0.00498, mean confidence 0.040 below accuracy)" in text
+    assert "`bkd`" not in text
+    assert "The other methods' ECE is within that noise" in text
+    (text,) = report.calibration_sentence(rows[1:], 1000)
+    assert "Every method's ECE is within that noise" in text and "Miscalibration" not in text
+    (text,) = report.calibration_sentence(rows[:1])
+    assert (
+        "ce (p = 0.00498, mean confidence 0.040 below accuracy)" in text
+        and "within that noise" not in text
+    )
+    # reports written before ece_floor / ece_p existed: nothing to say
+    assert report.calibration_sentence([{"name": "ce", "ece": 0.06}]) == []
+    # the seed report's markdown and the results' own numbers
+    res = _result()
+    md = report._markdown(res, report.report_dict(res), [])
+    assert "ECE resolution:" in md and f"these {len(res.labels)} test rows" in md
+
+
+def test_seed_summary_counts_the_seeds_beyond_the_ece_noise():
+    reps = [
+        _seed_report({"ce": (0.5, 1.3, 0.06), "mtbkd_sgld": (0.5, 1.2, 0.04)}) for _ in range(3)
+    ]
+    for rep, p_ce in zip(reps, (0.01, 0.2, 0.0), strict=True):
+        for m, p in zip(rep["methods"], (p_ce, 0.5), strict=True):
+            m["ece_floor"], m["ece_p"] = 0.03 + 0.001 * (m["name"] == "ce"), p
+            m["overconfidence"] = 0.02 if m["name"] == "ce" else -0.01
+    s = report.summarise_seeds(reps, [0, 1, 2])
+    assert s["methods"][0]["ece_p"]["values"] == [0.01, 0.2, 0.0]
+    md = report.format_seed_summary(s, markdown=True)
+    assert (
+        "on the test rows, a perfectly" in md
+        and "ECE 0.030-0.031 (`ece_floor`" in md
+        and "`ce` 2/3 (mean confidence 0.020 above accuracy on average), `mtbkd_sgld` 0/3." in md
+    )
+    # a floor of 0 (a method certain of every row) is a floor like any other
+    for rep in reps:
+        rep["methods"][0]["ece_floor"] = 0.0
+    md = report.format_seed_summary(report.summarise_seeds(reps, [0, 1, 2]), markdown=True)
+    assert "ECE 0.000-0.030 (`ece_floor`" in md and "`ce` 2/3" in md
+    for rep in reps:  # older reports: no sentence, no columns
+        for m in rep["methods"]:
+            del m["ece_floor"], m["ece_p"], m["overconfidence"]
+    s = report.summarise_seeds(reps, [0, 1, 2])
+    assert "ece_p" not in s["methods"][0] and "ECE resolution" not in report.format_seed_summary(s)
