@@ -170,7 +170,7 @@ def calibrated_ece(
     idx = _ece_bins(conf, n_bins)  # the bins of :func:`ece`
     conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
     out = torch.empty(draws, dtype=torch.float32, device=conf.device)
-    chunk = max(1, min(draws, (1 << 22) // max(n, 1)))  # at most ~4 M Bernoulli draws at once
+    chunk = max(1, min(draws, (1 << 22) // n))  # at most ~4 M Bernoulli draws at once
     for start in range(0, draws, chunk):
         d = min(chunk, draws - start)
         correct = torch.bernoulli(conf.clamp(0, 1).expand(d, n), generator=generator)

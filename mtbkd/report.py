@@ -408,18 +408,20 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 ECE_ALPHA = 0.05  # the p-value under which calibration_sentence calls a method miscalibrated
 
 
+def _finite(values) -> list[float]:
+    """The values that are numbers (JSON's null and NaN left out)."""
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
 def _direction(row: dict[str, Any]) -> str:
-    """``, mean confidence 0.040 above accuracy`` from a row's ``overconfidence`` (nothing
-    without it): the overall direction; ECE also counts deviations of opposite signs in
-    different bins."""
+    """``mean confidence 0.040 above accuracy`` from a row's ``overconfidence`` (a report's
+    number, or a summary's spread over seeds: its mean); empty without it. The overall
+    direction only: ECE also counts deviations of opposite signs in different bins."""
     v = row.get("overconfidence")
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    v = _finite([v.get("mean") if isinstance(v, dict) else v])
+    if not v:
         return ""
-    if isinstance(v, dict):  # a summary's spread over seeds
-        v = v.get("mean")
-        if v is None or not math.isfinite(v):
-            return ""
-    return f", mean confidence {abs(v):.3f} {'above' if v > 0 else 'below'} accuracy"
+    return f"mean confidence {abs(v[0]):.3f} {'above' if v[0] > 0 else 'below'} accuracy"
 
 
 def calibration_sentence(
@@ -449,7 +451,12 @@ def calibration_sentence(
         text += (
             f"Miscalibration the test rows can detect (p < {ECE_ALPHA:g}, {q}ece_p{q}: how rarely "
             "a calibrated model scores the method's ECE or more): "
-            + ", ".join(f"{q}{r['name']}{q} (p = {r['ece_p']:.3g}{_direction(r)})" for r in bad)
+            + ", ".join(
+                f"{q}{r['name']}{q} ("
+                + ", ".join(x for x in (f"p = {r['ece_p']:.3g}", _direction(r)) if x)
+                + ")"
+                for r in bad
+            )
             + ". "
         )
     if good:
@@ -1051,15 +1058,11 @@ def seed_calibration_sentence(summary: dict[str, Any], markdown: bool = False) -
     """:func:`calibration_sentence` over seeds: the range of the methods' mean ``ece_floor`` and,
     per method, the seeds whose ECE lies beyond that noise (``ece_p`` < :data:`ECE_ALPHA`).
     Empty when the summary has no ``ece_p`` (reports written before it existed)."""
-
-    def finite(values) -> list[float]:
-        return [v for v in values if v is not None and math.isfinite(v)]
-
     have = [
         m
         for m in summary["methods"]
-        if finite(m.get("ece_p", {}).get("values", []))
-        and finite([m.get("ece_floor", {}).get("mean")])  # a floor of 0 (certain rows) counts
+        if _finite(m.get("ece_p", {}).get("values", []))
+        and _finite([m.get("ece_floor", {}).get("mean")])  # a floor of 0 (certain rows) counts
     ]
     if not have:
         return []
@@ -1068,9 +1071,9 @@ def seed_calibration_sentence(summary: dict[str, Any], markdown: bool = False) -
     lo, hi = f"{min(floors):.3f}", f"{max(floors):.3f}"
     counts = []
     for m in have:
-        ps = finite(m["ece_p"]["values"])
+        ps = _finite(m["ece_p"]["values"])
         flagged = sum(p < ECE_ALPHA for p in ps)
-        direction = f" ({_direction(m)[2:]} on average)" if flagged and _direction(m) else ""
+        direction = f" ({_direction(m)} on average)" if flagged and _direction(m) else ""
         counts.append(f"{q}{m['name']}{q} {flagged}/{len(ps)}{direction}")
     shared = summary.get("shared_test_rows")
     rows = "the test rows" + (" (the same in every seed)" if shared else "")
@@ -1152,7 +1155,7 @@ def _seed_figure(summary: dict[str, Any], out: Path) -> str:
     def strip(ax, labels, series, means, color_of):
         pos = list(range(len(labels)))[::-1]
         for p_, label, vals, mean in zip(pos, labels, series, means, strict=True):
-            vals = [x for x in vals if x is not None and math.isfinite(x)]
+            vals = _finite(vals)
             ax.plot(vals, [p_] * len(vals), "o", color=color_of(label), alpha=0.5, ms=4)
             if mean is not None:
                 ax.plot([mean], [p_], "|", color="k", ms=14, mew=2)
