@@ -136,6 +136,13 @@ def _add_pipeline_commands(sub) -> None:
             '--set \'mtbkd_grid={"prior_weight": [0.1, 0.5], "weights": ["uniform"]}\'; '
             "a field that every part of a grid tunes is refused (set the grid instead)",
         )
+        p.add_argument(
+            "--calibrate",
+            action="store_true",
+            help="post-hoc temperature scaling of every method's predictive, one temperature "
+            "per method fitted on the validation split (--set calibrate=true; off by default: "
+            "the paper's predictive)",
+        )
         p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -227,6 +234,8 @@ def _pipeline_config(args: argparse.Namespace, seed: int):
     for name in ("map_epochs", "sgld_epochs", "num_samples", "num_chains"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    if args.calibrate:
+        kw["calibrate"] = True
     overrides = _overrides(args)
     kw.update(overrides)
     try:
@@ -384,6 +393,8 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
     print(report.format_table(rep["methods"]))
     for line in report.calibration_sentence(rep["methods"], len(dataset.y_test)):
         print(line)
+    for line in report.temperature_sentence(report.predictive_temperatures(rep["hyperparameters"])):
+        print(line)
     for line in report.followed_sentences(result.attribution):
         print(line)
     for line in report.weighting_sentence(rep.get("train_weighting"))[:1]:
@@ -448,8 +459,18 @@ def _run_seeds(args: argparse.Namespace, out: Path, t0: float) -> int:
         sub = out / f"seed{seed}"
         done = sub / "report.json"
         if args.resume and done.exists():  # written after the run and its per-row file
+            rep = json.loads(done.read_text())
+            was = bool((rep.get("config") or {}).get("calibrate", False))
+            if was != _pipeline_config(args, seed).calibrate:  # never average the two together
+                raise SystemExit(
+                    f"mtbkd {args.command}: {done} was written "
+                    f"{'with' if was else 'without'} --calibrate and this run is "
+                    f"{'without' if was else 'with'} it: resume with the same setting, or delete "
+                    "the finished seeds' report.json to redo their reports (the checkpoints "
+                    "are reused)"
+                )
             print(f"seed {seed}: finished earlier, read from {done}", flush=True)
-            reports.append(json.loads(done.read_text()))
+            reports.append(rep)
             continue
         _check_resume(args, sub)
         print(f"\n=== seed {seed} ({i + 1} of {len(seeds)}) ===", flush=True)
@@ -469,7 +490,7 @@ def _run_seeds(args: argparse.Namespace, out: Path, t0: float) -> int:
 
 # Options of the digits pipeline that `mtbkd demo --llm` has no use for, and the reverse.
 _PIPELINE_ONLY = ("seeds", "methods", "map_epochs", "sgld_epochs", "num_samples", "num_chains",
-                  "set", "resume", "no_figures", "no_progress")  # fmt: skip
+                  "set", "resume", "calibrate", "no_figures", "no_progress")  # fmt: skip
 _LLM_ONLY = ("epochs", "train_blocks", "seq_len", "threads", "json")
 
 

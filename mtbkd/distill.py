@@ -159,6 +159,10 @@ class DistillConfig:
     # False: the single-teacher BKDs reuse MT-BKD's chosen objective and SGLD setting instead of
     # searching the grids themselves (avg_bkd always searches its own)
     tune_bkd: bool = True
+    # post-hoc temperature scaling of every method's predictive (off: the paper's predictive):
+    # each sample's probabilities become softmax(log q / T), one T per method, fitted on the
+    # validation split by NLL (mtbkd.metrics.fit_temperature) after every other choice is made
+    calibrate: bool = False
     val_fraction: float = 0.2
     # teachers trained by the pipeline when the dataset has none
     num_teachers: int = 3
@@ -225,6 +229,10 @@ class DistillConfig:
         if self.sgld_epochs == 0 and any(_sampled(m) for m in self.methods):
             raise ValueError("sgld_epochs must be at least 1 for the sampled methods "
                              "(mtbkd_sgld, bkd, bkd_<name>, avg_bkd)")  # fmt: skip
+        for name in ("early_stopping", "joint_selection", "tune_bkd", "teacher_calibrate",
+                     "calibrate", "sgld_precondition", "progress"):  # fmt: skip
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.weights not in ("entropy", "uniform"):
             raise ValueError(f"weights must be 'entropy' or 'uniform', got {self.weights!r}")
         if not 0.0 <= self.burn_in < 1.0:
@@ -1267,7 +1275,8 @@ def teacher_attribution(
 class DistillResult:
     """A trained student: ``model`` (for a point estimate its MAP weights; after SGLD the head
     holds the chain's last step, which need not be a kept sample: predict with ``store``), the
-    posterior ``store`` (``None`` for a point estimate), the objective, and the seconds spent."""
+    posterior ``store`` (``None`` for a point estimate), the objective, the seconds spent, and the
+    predictive ``temperature`` (1: none; :meth:`calibrate` fits one)."""
 
     model: nn.Module
     store: Any
@@ -1275,10 +1284,27 @@ class DistillResult:
     seconds: float
     map_seconds: float
     chunk: int = 50
+    temperature: float = 1.0
 
     def predict(self, x: Tensor) -> Tensor:
-        """Per-sample probabilities ``[S, N, C]``."""
-        return predict_probs(self.model, x, self.store, self.chunk)
+        """Per-sample probabilities ``[S, N, C]``, tempered by :attr:`temperature`
+        (:func:`mtbkd.metrics.temper`)."""
+        from mtbkd import metrics as M
+
+        probs = predict_probs(self.model, x, self.store, self.chunk)
+        return probs if self.temperature == 1.0 else M.temper(probs, self.temperature)
+
+    def calibrate(self, x: Tensor, y: Tensor) -> float:
+        """Post-hoc temperature scaling: fit :attr:`temperature` on held-out rows ``(x, y)`` (a
+        validation split, never the test rows) by the NLL of the untempered predictive's
+        samples (:func:`mtbkd.metrics.fit_temperature`); returns it. Later :meth:`predict` and
+        :meth:`evaluate` calls use it."""
+        from mtbkd import metrics as M
+
+        x, y = torch.as_tensor(x).float(), torch.as_tensor(y)
+        probs = predict_probs(self.model, x, self.store, self.chunk)
+        self.temperature = M.fit_temperature(probs, y)
+        return self.temperature
 
     def evaluate(self, x: Tensor, y: Tensor) -> dict[str, float]:
         return evaluate_probs(self.predict(x), y)
@@ -1334,7 +1360,9 @@ def distill(
     held-out rows for the MAP phase's early stopping (``config.early_stopping``,
     ``config.patience``). With ``config.num_chains > 1`` a sampled method runs further chains
     from fresh initialisations of the student's architecture (:func:`more_chains`);
-    ``result.store`` is then a :class:`ChainSamples` and ``result.predict`` pools them. For
+    ``result.store`` is then a :class:`ChainSamples` and ``result.predict`` pools them. With
+    ``config.calibrate`` the predictive's temperature is fitted on ``validation`` (required then;
+    :meth:`DistillResult.calibrate`) and ``result.predict`` applies it. For
     ``avg_bkd``, ``result.objective.teachers`` is ``(K,)``: the average appended after the K
     given teachers.
     """
@@ -1354,6 +1382,11 @@ def _distill(
         raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError("x has NaN or infinite features")
+    if config.calibrate and validation is None:
+        raise ValueError(
+            "config.calibrate fits the predictive's temperature on held-out rows: pass "
+            "validation=(x_val, y_val)"
+        )
     t = _teacher_tensor(teachers, x) if teachers is not None else None
     if t is not None:
         with torch.no_grad():
@@ -1390,7 +1423,10 @@ def _distill(
                 validation=validation, desc=method,
             )  # fmt: skip
             store, sg_s = pool_chains([(student, store), *extra]), sg_s + ex_s
-    return DistillResult(student, store, obj, map_s + sg_s, map_s, config.predict_chunk)
+    result = DistillResult(student, store, obj, map_s + sg_s, map_s, config.predict_chunk)
+    if config.calibrate:
+        result.calibrate(*validation)
+    return result
 
 
 def _objective_for(method: str, config: DistillConfig, k: int) -> tuple[Objective, bool]:
@@ -1501,35 +1537,26 @@ def teacher_logits(
             t_train[:, held] = _teacher_tensor(list(part.values()), x_train[held])
     if config.teacher_calibrate:
         for k in range(len(names)):
-            temp = fit_temperature(t_train[k], y_train)
+            temp = fit_teacher_temperature(t_train[k], y_train)
             t_train[k] /= temp
             t_test[k] /= temp
     return names, t_train, t_test
 
 
-def fit_temperature(logits: Tensor, labels: Tensor) -> float:
-    """Temperature scaling: the ``T`` in [0.05, 20] minimising ``NLL(softmax(logits / T))``
-    (golden-section search on ``log T``; the NLL is unimodal in it). Fitted on out-of-fold
-    logits, it calibrates a teacher without touching the student's validation or test rows."""
+def fit_teacher_temperature(logits: Tensor, labels: Tensor) -> float:
+    """Temperature scaling of one teacher: the ``T`` in [0.05, 20] minimising
+    ``NLL(softmax(logits / T))`` (golden-section search on ``log T``; the NLL is convex in
+    ``1 / T``). Fitted on out-of-fold logits, it calibrates a teacher without touching the
+    student's validation or test rows. (:func:`mtbkd.metrics.fit_temperature` does the same for a
+    student's posterior predictive, from its samples' probabilities.)"""
+    from mtbkd.metrics import _golden_min
+
     logits, labels = logits.double(), labels.long()
 
     def nll(log_t: float) -> float:
         return float(F.cross_entropy(logits / math.exp(log_t), labels))
 
-    lo, hi = math.log(0.05), math.log(20.0)
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = nll(a), nll(b)
-    for _ in range(60):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = nll(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = nll(b)
-    return math.exp((lo + hi) / 2)
+    return math.exp(_golden_min(nll, math.log(0.05), math.log(20.0)))
 
 
 def pool_digits(x: np.ndarray) -> np.ndarray:
@@ -1615,6 +1642,15 @@ class MethodResult:
     sampled: bool
     # probabilities [S, N_shift, C] on the dataset's shifted inputs, when it has them
     shift_probs: Tensor | None = None
+    # with ``config.calibrate``: the test probabilities before temperature scaling (``probs``
+    # and ``shift_probs`` are tempered by ``hparams["predictive_temperature"]``)
+    raw_probs: Tensor | None = None
+
+    @property
+    def model_probs(self) -> Tensor:
+        """The test probabilities of the trained student itself (before any post-hoc
+        temperature scaling): what its training objective's responsibilities are taken of."""
+        return self.raw_probs if self.raw_probs is not None else self.probs
 
     def row(self) -> dict[str, Any]:
         keys = (
@@ -1828,11 +1864,21 @@ class _Experiment:
         return h, model, store, sec, vnll
 
     def result(self, name, model, store, seconds, hparams, vnll) -> MethodResult:
-        probs = predict_probs(model, self.x_te, store, self.config.predict_chunk)
-        metrics = evaluate_probs(probs, self.y_te)
+        from mtbkd import metrics as M
+
+        chunk = self.config.predict_chunk
+        probs = raw = predict_probs(model, self.x_te, store, chunk)
         shift_probs = None
         if self.x_shift is not None:
-            shift_probs = predict_probs(model, self.x_shift, store, self.config.predict_chunk)
+            shift_probs = predict_probs(model, self.x_shift, store, chunk)
+        if self.config.calibrate:  # one temperature for the method, fitted on the validation rows
+            temp = M.fit_temperature(predict_probs(model, self.x_val, store, chunk), self.y_val)
+            hparams = {**hparams, "predictive_temperature": temp}
+            probs = M.temper(raw, temp)
+            if shift_probs is not None:
+                shift_probs = M.temper(shift_probs, temp)
+        metrics = evaluate_probs(probs, self.y_te)
+        if shift_probs is not None:
             metrics["auroc_shift"] = shift_auroc(probs, shift_probs)
         shift = f"  auroc shift {metrics['auroc_shift']:.3f}" if shift_probs is not None else ""
         self.log(
@@ -1841,8 +1887,9 @@ class _Experiment:
             f"{format_hparams(hparams)})"
         )
         return MethodResult(
-            name, metrics, seconds, hparams, probs, vnll, store is not None, shift_probs
-        )
+            name, metrics, seconds, hparams, probs, vnll, store is not None, shift_probs,
+            raw if self.config.calibrate else None,
+        )  # fmt: skip
 
 
 def _split_dataset(dataset: Dataset, config: DistillConfig):
@@ -2013,7 +2060,8 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
     attribution = None
     if k >= 2 and mt_obj is not None:  # the objective of mtbkd_sgld, else of mtbkd_map
         src = results.get("mtbkd_sgld") or results["mtbkd_map"]
-        w, r = teacher_attribution(src.probs, t_te, mt_obj)
+        # the responsibilities of the student the objective trained (untempered)
+        w, r = teacher_attribution(src.model_probs, t_te, mt_obj)
         attribution = _summarise_attribution(
             src.name, w, r, y_te, src.probs, dataset.class_names, names, mt_obj.weights
         )
@@ -2188,8 +2236,9 @@ def _summarise_attribution(
 def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) -> None:
     """Write the MT-BKD SGLD student (``student.safetensors``), its posterior samples
     (``samples.safetensors``; with several chains ``chain<c>_student.safetensors`` and
-    ``chain<c>_samples.safetensors`` per chain instead), ``run.json`` (what ``predict`` needs)
-    and ``predictions.csv`` (the test rows with per-teacher weights and responsibilities)."""
+    ``chain<c>_samples.safetensors`` per chain instead), ``run.json`` (what ``predict`` needs,
+    with ``predictive_temperature`` when the run was calibrated, ``config.calibrate``) and
+    ``predictions.csv`` (the test rows with per-teacher weights and responsibilities)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -2226,6 +2275,9 @@ def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) ->
             "objective": {"kind": obj.kind, "weights": obj.weights, **obj.hparams()},
             "config": result.config.to_dict(),
         }
+        temp = chosen.hparams.get("predictive_temperature") if chosen is not None else None
+        if temp is not None:  # config.calibrate: predict tempers the samples as the report did
+            meta["predictive_temperature"] = temp
         (out / "run.json").write_text(json.dumps(meta, indent=2))
     if chosen is not None:
         _write_predictions(
@@ -2316,7 +2368,10 @@ def _write_predictions(
 
 
 def load_run(run_dir: str | Path):
-    """``(meta, model, store)`` of a run saved by :func:`save_run`."""
+    """``(meta, model, store)`` of a run saved by :func:`save_run`. ``predict_probs(model, x,
+    store)`` gives the student's own predictive; a run made with ``config.calibrate`` reports
+    (and :func:`predict_file` writes) it tempered by ``meta["predictive_temperature"]``
+    (:func:`mtbkd.metrics.temper`)."""
     from safetensors.torch import load_file
 
     from mtbkd.posterior import SampleStore
@@ -2355,7 +2410,9 @@ def predict_file(
     progress: bool = False,
 ) -> dict:
     """Apply a saved run's posterior samples to the inputs of ``input_path`` and write one row
-    per input to ``out_csv``; returns test metrics when the inputs carry labels.
+    per input to ``out_csv``; returns test metrics when the inputs carry labels. A run made with
+    ``config.calibrate`` has its samples tempered by its ``predictive_temperature``, as in its
+    report.
 
     The inputs go through in blocks of ``block_rows`` rows (with a progress bar over the blocks
     when ``progress``), so memory holds ``samples x block_rows x classes`` probabilities at a
@@ -2363,6 +2420,7 @@ def predict_file(
     size (up to the float rounding of the student's matrix products)."""
     import csv
 
+    from mtbkd import metrics as M
     from mtbkd.data import read_inputs
 
     if block_rows < 1:
@@ -2384,6 +2442,8 @@ def predict_file(
         raise ValueError(f"{input_path} has labels outside 0..{meta['num_classes'] - 1}")
     classes = meta.get("class_names")
     chunk = meta["config"].get("predict_chunk", 50)
+    # a run with config.calibrate: the samples tempered as in its report (older runs: none)
+    temp = meta.get("predictive_temperature")
     n = x.shape[0]
     blocks = range(0, n, block_rows)
     stats = []
@@ -2397,6 +2457,8 @@ def predict_file(
         for start in blocks:
             rows = slice(start, min(n, start + block_rows))
             probs = predict_probs(model, torch.from_numpy(x[rows]), store, chunk)
+            if temp is not None:
+                probs = M.temper(probs, temp)
             yb = y[rows] if y is not None else None
             idb = ids[rows] if ids is not None else None
             w.writerows(_prediction_rows(probs, yb, None, idb, classes))

@@ -4,12 +4,14 @@ Inputs are per-sample probabilities ``[S, N, C]`` (S posterior samples, N rows, 
 already averaged ``[N, C]`` (treated as one sample). ``p_bar = mean_s q^(s)``. All metrics are
 computed in fp32 (fp64 inputs stay fp64). ``accuracy``, ``nll``, ``brier`` and ``ece`` return
 0-d tensors; ``predictive_entropy``, ``expected_entropy``, ``mutual_information`` and
-``mean_deviance`` return ``[N]``; ``calibrated_ece`` returns ``[draws]``.
+``mean_deviance`` return ``[N]``; ``calibrated_ece`` returns ``[draws]``. ``temper`` and
+``fit_temperature`` are post-hoc temperature scaling of such a predictive on held-out rows.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -23,6 +25,8 @@ __all__ = [
     "brier",
     "ece",
     "calibrated_ece",
+    "temper",
+    "fit_temperature",
     "predictive_entropy",
     "expected_entropy",
     "mutual_information",
@@ -178,6 +182,87 @@ def calibrated_ece(
         acc_sum.index_add_(1, idx, correct)
         out[start : start + d] = (acc_sum - conf_sum).abs().sum(-1) / n
     return out
+
+
+def _log_probs64(q: Tensor) -> Tensor:
+    """``log q`` in fp64, an exact 0 floored just below the log of the smallest fp64 subnormal,
+    so that it stays below every positive probability (an fp32 subnormal is normal in fp64)."""
+    q = q.double()
+    info = torch.finfo(torch.float64)
+    floor = math.log(info.tiny) + math.log(info.eps) - 1.0
+    return torch.where(q > 0, torch.log(q), floor)
+
+
+def temper(probs: Tensor, temperature: float) -> Tensor:
+    """Each sample's probabilities at ``temperature``: ``softmax_c(log q^(s)_c / T)``, which is
+    ``softmax(z / T)`` for a sample with logits ``z``. ``T > 1`` softens every sample, ``T < 1``
+    sharpens it, ``T = 1`` returns ``probs`` as they are; the inverse of ``temper(., T)`` is
+    ``temper(., 1 / T)`` (up to float rounding). Computed in fp64 (an exact 0 stays below
+    every positive probability), returned with the shape of ``probs`` (``[S, N, C]`` or ``[N,
+    C]``) in fp32 (fp64 kept), so that every summary of the samples (mutual information, mean
+    deviance, credible sets) is taken of the tempered samples. With several samples, tempering
+    can change which class their mean ranks first, so accuracy may move too."""
+    t = _check_temperature(temperature, "temperature")
+    q = _samples(probs)
+    out = q if t == 1.0 else torch.softmax(_log_probs64(q) / t, dim=-1).to(q.dtype)
+    return out if probs.dim() == 3 else out.squeeze(0)
+
+
+def _check_temperature(value, name: str) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return float(value)
+
+
+def fit_temperature(
+    probs: Tensor, labels: Tensor, bounds: tuple[float, float] = (0.05, 20.0)
+) -> float:
+    """Post-hoc temperature scaling (Guo et al., 2017) of a posterior predictive: the ``T`` in
+    ``bounds`` that minimises :func:`nll` of ``temper(probs, T)`` on held-out rows ``(probs,
+    labels)``, the posterior samples' probabilities ``[S, N, C]`` (or ``[N, C]``, one sample:
+    classic temperature scaling of a point estimate). Every sample is tempered by the same ``T``
+    and then averaged, so ``T < 1`` corrects an under-confident predictive, such as the pool of
+    several chains of a student trained on softened targets, and ``T > 1`` an over-confident
+    one. Golden-section search on ``log T`` (60 steps, in fp64): the NLL is convex in ``1 / T``
+    for one sample; for a pool of samples it may in principle have more than one minimum, and
+    the search finds one of them. A ``T`` at a bound means that the optimum lies beyond it. Fit
+    it on rows that neither trained the model nor test it (a validation split)."""
+    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise ValueError(f"bounds must be a pair (low, high), got {bounds!r}")
+    lo, hi = (_check_temperature(b, "bounds") for b in bounds)
+    if not lo < hi:
+        raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
+    logq = _log_probs64(_samples(probs))
+    y = _labels(labels, logq.shape[1], logq.shape[2]).to(logq.device)
+    idx = y.view(1, -1, 1).expand(logq.shape[0], -1, 1)
+
+    def loss(log_t: float) -> float:
+        # -log mean_s softmax(log q / T)[y], per row, via logsumexp over samples
+        lp = torch.log_softmax(logq / math.exp(log_t), dim=-1).gather(-1, idx).squeeze(-1)
+        return float(-(torch.logsumexp(lp, dim=0) - math.log(lp.shape[0])).mean())
+
+    return math.exp(_golden_min(loss, math.log(lo), math.log(hi)))
+
+
+def _golden_min(f, lo: float, hi: float, steps: int = 60) -> float:
+    """The minimiser of a unimodal ``f`` on ``[lo, hi]`` by golden-section search."""
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = f(a), f(b)
+    for _ in range(steps):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = f(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = f(b)
+    return (lo + hi) / 2
 
 
 def predictive_entropy(probs: Tensor) -> Tensor:

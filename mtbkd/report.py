@@ -27,6 +27,8 @@ __all__ = [
     "format_table",
     "calibration_sentence",
     "seed_calibration_sentence",
+    "temperature_sentence",
+    "predictive_temperatures",
     "markdown_table",
     "followed_sentences",
     "write_report",
@@ -496,6 +498,35 @@ def _shift_rows(result: ExperimentResult) -> int:
     return next((m.shift_probs.shape[1] for m in result.methods if m.shift_probs is not None), 0)
 
 
+def temperature_sentence(
+    temps: dict[str, float], markdown: bool = False, seeds: int = 0
+) -> list[str]:
+    """The post-hoc temperatures of a calibrated run (``config.calibrate``; ``temps``: method
+    name to its ``predictive_temperature``, the mean over ``seeds`` seeds when given). Empty
+    when the run was not calibrated."""
+    if not temps:
+        return []
+    q = "`" if markdown else ""
+    over = f" (mean over {seeds} seeds)" if seeds else ""
+    return [
+        f"Post-hoc temperature scaling ({q}calibrate{q}): each method's predictive is tempered "
+        "by one temperature fitted on the validation split after its hyperparameters were "
+        f"chosen, T{over} = "
+        + ", ".join(f"{q}{n}{q} {t:.2f}" for n, t in temps.items())
+        + " (T < 1 sharpens an under-confident predictive, T > 1 softens an over-confident one); "
+        "the validation NLL is the untempered one that chose the hyperparameters."
+    ]
+
+
+def predictive_temperatures(hyperparameters: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Method name to its ``predictive_temperature``, for the methods that have one."""
+    return {
+        n: h["predictive_temperature"]
+        for n, h in hyperparameters.items()
+        if h.get("predictive_temperature") is not None
+    }
+
+
 def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str]) -> str:
     lines = [f"# MT-BKD report: {result.dataset}", ""]
     if result.features:
@@ -503,6 +534,8 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
     lines += [markdown_table(rep["methods"]), ""]
     cal = calibration_sentence(rep["methods"], len(result.labels), markdown=True)
     lines += [*cal, ""] if cal else []
+    temp = temperature_sentence(predictive_temperatures(rep["hyperparameters"]), markdown=True)
+    lines += [*temp, ""] if temp else []
     lines += [
         "acc: accuracy of the posterior-mean prediction; NLL, ECE (15 bins), Brier of the "
         "posterior predictive; MD: mean deviance (the paper's uncertainty score, nats); cov95 / "
@@ -855,6 +888,17 @@ def summarise_seeds(
             )
         if [m["name"] for m in rep["methods"]] != names:
             raise ValueError(f"reports: seed {s} ran other methods than seed {seeds[0]}")
+    # tempered and untempered predictives must not be averaged together (--resume of a run
+    # with --calibrate given or dropped)
+    calibrated = [s for s, rep in zip(seeds, reports, strict=True)
+                  if predictive_temperatures(rep.get("hyperparameters") or {})]  # fmt: skip
+    if calibrated and len(calibrated) != len(seeds):
+        plain = [s for s in seeds if s not in calibrated]
+        raise ValueError(
+            f"reports: seeds {calibrated} were calibrated (config.calibrate) and seeds {plain} "
+            "were not; summarise runs made with the same setting (rerun the others in a new "
+            "--out)"
+        )
     keys = [k for k, _, _ in columns([m for rep in reports for m in rep["methods"]])]
 
     def values(name: str, key: str) -> list[float]:
@@ -922,10 +966,16 @@ def summarise_seeds(
                 for k in BOOTSTRAP_METRICS:
                     row[k].update(boot[n][k])
     disagreement = _seed_disagreement(reports, names)
+    # the post-hoc temperatures of calibrated runs (config.calibrate), per method over seeds
+    temps: dict[str, list[float]] = {}
+    for rep in reports:
+        for n, t in predictive_temperatures(rep.get("hyperparameters") or {}).items():
+            temps.setdefault(n, []).append(t)
     return _clean(
         {
             "dataset": reports[0]["dataset"],
             "seeds": list(seeds),
+            "predictive_temperature": {n: _spread(v) for n, v in temps.items()} or None,
             # whether every seed was tested on the same rows (None: no per-row data to tell)
             "shared_test_rows": shared,
             "methods": methods,
@@ -1106,6 +1156,10 @@ def format_seed_summary(summary: dict[str, Any], markdown: bool = False) -> str:
     lines += _aligned(header, body, markdown)
     cal = seed_calibration_sentence(summary, markdown)
     lines += ["", *cal] if cal else []
+    temps = summary.get("predictive_temperature") or {}
+    runs = max((len(t["values"]) for t in temps.values()), default=0)
+    temp = temperature_sentence({k: t["mean"] for k, t in temps.items()}, markdown, seeds=runs)
+    lines += ["", *temp] if temp else []
     v = summary.get("versus")
     if v:
         boot = "resamples" in v

@@ -166,6 +166,25 @@ def test_distill_several_seeds(tmp_path, capsys):
     assert cli.main(argv + ["--resume"]) == 0
     assert "seed 1: finished earlier" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text()) == summary
+    # --calibrate on the same checkpoints: finished seeds of the other setting are refused, and
+    # with their report.json gone the reports are redone, tempered, from the checkpoints
+    with pytest.raises(SystemExit, match="without --calibrate and this run is with it"):
+        cli.main(argv + ["--resume", "--calibrate"])
+    for s in (0, 1):
+        (out / f"seed{s}" / "report.json").unlink()
+    assert cli.main(argv + ["--resume", "--calibrate"]) == 0
+    printed = capsys.readouterr().out
+    assert "Post-hoc temperature scaling (calibrate)" in printed and "mean over 2 seeds" in printed
+    cal = json.loads((out / "summary.json").read_text())
+    assert set(cal["predictive_temperature"]) == {"ce", "mtbkd_sgld"}
+    run = json.loads((out / "seed1" / "run.json").read_text())
+    rep = json.loads((out / "seed1" / "report.json").read_text())
+    assert (
+        run["predictive_temperature"]
+        == rep["hyperparameters"]["mtbkd_sgld"]["predictive_temperature"]
+    )
+    with pytest.raises(SystemExit, match="with --calibrate and this run is without it"):
+        cli.main(argv + ["--resume"])
     with pytest.raises(SystemExit, match="seeds"):
         cli.main(argv[:-1] + ["2-1"])
     with pytest.raises(SystemExit, match="not both"):
@@ -436,6 +455,7 @@ def test_cli_rejects_empty_methods_negative_seed_and_foreign_demo_options(tmp_pa
     for argv, msg in (
         (["demo", "--llm", "--seeds", "0-4"], "--llm does not take --seeds"),
         (["demo", "--llm", "--set", "weights=uniform"], "--llm does not take --set"),
+        (["demo", "--llm", "--calibrate"], "--llm does not take --calibrate"),
         (
             base + ["--epochs", "2", "--json", "x.json"],
             "without --llm does not take --epochs, --json",
@@ -552,6 +572,11 @@ def test_pipeline_config_from_the_command_line():
     smoke = config()
     assert all(getattr(smoke, k) == v for k, v in SMOKE.items())
     assert config("--map-epochs", "9").map_epochs == 9
+    # --calibrate is --set calibrate=true; off by default
+    assert not smoke.calibrate
+    assert config("--calibrate").calibrate and config("--set", "calibrate=true").calibrate
+    with pytest.raises(SystemExit, match="expected a value like"):
+        config("--set", "calibrate=1")
 
 
 def test_single_run_uses_the_seed_given(tmp_path, monkeypatch):

@@ -938,3 +938,81 @@ def test_evaluate_probs_tells_a_calibrated_model_from_an_overconfident_one():
     sure = distill.evaluate_probs(torch.eye(4)[labels], labels)
     assert sure["ece"] == sure["ece_floor"] == 0.0 and sure["ece_p"] == 1.0
     assert distill.evaluate_probs(probs, labels) == m  # the fixed generator: the same numbers
+
+
+def test_calibrate_tempers_every_method_on_the_validation_split_and_predict_applies_it(
+    tmp_path, monkeypatch
+):
+    ds = _tiny_dataset(seed=5)
+    ds = replace(ds, x_shift=np.zeros((6, ds.x_test.shape[1]), dtype=ds.x_test.dtype),
+                 shift_name="the origin")  # fmt: skip
+    cfg = replace(TINY, methods=("ce", "mtbkd_map", "mtbkd_sgld"), num_chains=2, calibrate=True)
+    fits = []  # every temperature is fitted on the validation rows, never on the test rows
+    fit = M.fit_temperature
+    monkeypatch.setattr(M, "fit_temperature", lambda p, y: fits.append((p, y)) or fit(p, y))
+    res = distill.run_experiment(ds, cfg, checkpoint_dir=tmp_path / "ck", log=lambda m: None)
+    _, val, _, y_all = distill._split_dataset(ds, cfg)
+    assert len(fits) == len(res.methods)
+    for (p, y), m in zip(fits, res.methods, strict=True):
+        assert torch.equal(y, y_all[val]) and p.shape[1] == len(val)
+        assert p.shape[0] == (2 * cfg.num_samples if m.sampled else 1)
+        assert m.hparams["predictive_temperature"] == fit(p, y)
+    plain = distill.run_experiment(
+        ds, replace(cfg, calibrate=False), checkpoint_dir=tmp_path / "ck", log=lambda m: None
+    )  # the same training (read back from the checkpoints), no temperature
+    y_te = torch.from_numpy(ds.y_test)
+    for m, p in zip(res.methods, plain.methods, strict=True):
+        t = m.hparams["predictive_temperature"]
+        assert "predictive_temperature" not in p.hparams and p.raw_probs is None
+        torch.testing.assert_close(m.raw_probs, p.probs)
+        torch.testing.assert_close(m.probs, M.temper(p.probs, t))
+        torch.testing.assert_close(m.shift_probs, M.temper(p.shift_probs, t))
+        assert m.metrics["auroc_shift"] == distill.shift_auroc(m.probs, m.shift_probs)
+        expected = {
+            **distill.evaluate_probs(m.probs, y_te),
+            "auroc_shift": m.metrics["auroc_shift"],
+        }
+        assert m.metrics == pytest.approx(expected, nan_ok=True)
+        assert m.val_nll == p.val_nll  # the selection's NLL, untempered
+        assert t != 1.0 and 0.05 <= t <= 20.0
+    # the attribution is of the trained student, whatever the temperature
+    torch.testing.assert_close(res.attribution["responsibilities"],
+                               plain.attribution["responsibilities"])  # fmt: skip
+    distill.save_run(res, tmp_path / "run", ds)
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (
+        meta["predictive_temperature"] == res.method("mtbkd_sgld").hparams["predictive_temperature"]
+    )
+    np.save(tmp_path / "x.npy", ds.x_test)
+    distill.predict_file(tmp_path / "run", tmp_path / "x.npy", tmp_path / "p.csv")
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    saved = (tmp_path / "run" / "predictions.csv").read_text().splitlines()
+    assert [r.split(",")[:5] for r in lines[1:]] == [r.split(",")[:5] for r in saved[1:]]
+    distill.save_run(plain, tmp_path / "plain", ds)
+    assert "predictive_temperature" not in json.loads((tmp_path / "plain" / "run.json").read_text())
+
+
+def test_distill_calibrate_fits_the_temperature_on_the_validation_rows():
+    x, y, t = halves_problem(12, seed=0)
+    xv, yv, _ = halves_problem(10, seed=2)
+    cfg = replace(CONFIG, sgld_epochs=3, num_samples=5, calibrate=True)
+    with pytest.raises(ValueError, match="validation"):
+        distill.distill(_student(), t, x, y, cfg, method="mtbkd_sgld")
+    res = distill.distill(_student(), t, x, y, cfg, method="mtbkd_sgld", validation=(xv, yv))
+    raw = distill.predict_probs(res.model, xv, res.store)
+    assert res.temperature == pytest.approx(M.fit_temperature(raw, yv))
+    torch.testing.assert_close(res.predict(xv), M.temper(raw, res.temperature))
+    assert res.evaluate(xv, yv)["nll"] <= float(M.nll(raw, yv)) + 1e-6
+    # calibrate() on a point estimate is classic temperature scaling
+    ce = distill.distill(_student(), t, x, y, replace(cfg, calibrate=False), method="ce")
+    assert ce.temperature == 1.0
+    temp = ce.calibrate(xv, yv)
+    assert temp == ce.temperature != 1.0
+    torch.testing.assert_close(ce.predict(xv)[0], torch.softmax(ce.model(xv) / temp, -1))
+
+
+def test_config_boolean_fields_must_be_booleans():
+    for name in ("calibrate", "joint_selection", "early_stopping", "tune_bkd", "progress",
+                 "sgld_precondition", "teacher_calibrate"):  # fmt: skip
+        with pytest.raises(TypeError, match=name):
+            distill.DistillConfig(**{name: 1})

@@ -217,3 +217,81 @@ def test_calibrated_ece_is_the_finite_sample_floor_of_a_calibrated_model():
             M.calibrated_ece(Q, bad)
     with pytest.raises(ValueError, match="n_bins"):
         M.calibrated_ece(Q, 10, n_bins=0)
+
+
+def test_temper_is_softmax_of_the_logits_over_t_and_inverts():
+    g = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(4, 9, 5, generator=g, dtype=torch.float64)
+    q = torch.softmax(z, -1)
+    for t in (0.3, 1.0, 2.5):
+        torch.testing.assert_close(M.temper(q, t), torch.softmax(z / t, -1))
+        # [N, C] stays [N, C]; fp32 stays fp32
+        torch.testing.assert_close(M.temper(q[0].float(), t), torch.softmax(z[0] / t, -1).float())
+        assert M.temper(q[0].float(), t).dtype == torch.float32
+    torch.testing.assert_close(M.temper(M.temper(q, 0.4), 1 / 0.4), q)
+    assert torch.equal(M.temper(q, 1.0), q)
+    # an exact 0 stays finite (floored as in nll): the row still sums to 1
+    zero = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    for t in (0.2, 5.0):
+        out = M.temper(zero, t)
+        assert bool(torch.isfinite(out).all())
+        torch.testing.assert_close(out.sum(-1), torch.ones(2))
+    # an exact 0 stays below a subnormal probability at any temperature (fp32 and fp64 alike)
+    for dt in (torch.float32, torch.float64):
+        tiny = torch.finfo(dt).tiny * torch.finfo(dt).eps  # the smallest subnormal
+        row = torch.tensor([[1.0 - 2 * tiny, 2 * tiny, 0.0]], dtype=dt)
+        for t in (0.5, 20.0):
+            out = M.temper(row, t)[0]
+            assert out.dtype == dt and out[1] >= out[2]
+        big = M.temper(row, 20.0)[0].double()  # 2 tiny^(1/20) against exactly 0: order kept
+        assert big[1] > big[2]
+    # numpy and 0-d tensor temperatures are numbers too
+    import numpy as np
+
+    torch.testing.assert_close(M.temper(q, np.float32(0.5)), M.temper(q, 0.5))
+    torch.testing.assert_close(M.temper(q, torch.tensor(0.5)), M.temper(q, 0.5))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            M.temper(q, bad)
+    for bad in (True, "2", torch.ones(2)):
+        with pytest.raises(TypeError, match="temperature"):
+            M.temper(q, bad)
+
+
+def test_fit_temperature_recovers_the_temperature_that_generated_the_labels():
+    g = torch.Generator().manual_seed(1)
+    z = 2 * torch.randn(20000, 6, generator=g, dtype=torch.float64)
+    for true_t in (0.5, 2.0):
+        # labels drawn from softmax(z / T): the model softmax(z) needs temperature T
+        y = torch.multinomial(torch.softmax(z / true_t, -1), 1, generator=g).squeeze(-1)
+        t = M.fit_temperature(torch.softmax(z, -1), y)
+        assert t == pytest.approx(true_t, rel=0.05)
+
+
+def test_fit_temperature_minimises_the_nll_of_the_tempered_pool():
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(1, 300, 4, generator=g, dtype=torch.float64)
+    # three samples that disagree: their pool is under-confident, and T < 1 sharpens it
+    q = torch.softmax(4 * z + torch.randn(3, 300, 4, generator=g, dtype=torch.float64), -1)
+    y = (4 * z[0]).argmax(-1)
+    t = M.fit_temperature(q, y)
+    grid = torch.exp(torch.linspace(math.log(0.05), math.log(20.0), 2001, dtype=torch.float64))
+    nlls = torch.stack([M.nll(M.temper(q, float(s)), y) for s in grid])
+    best = float(grid[nlls.argmin()])
+    assert t == pytest.approx(best, rel=0.01)
+    assert float(M.nll(M.temper(q, t), y)) <= float(nlls.min()) + 1e-9
+    assert t < 1.0 and float(M.nll(M.temper(q, t), y)) < float(M.nll(q, y))
+    # the same as the teachers' temperature scaling of logits, for one sample
+    from mtbkd.distill import fit_teacher_temperature
+
+    one = M.fit_temperature(torch.softmax(z[0], -1), y)
+    assert one == pytest.approx(fit_teacher_temperature(z[0], y), rel=1e-6)
+    # a perfectly separable set: the NLL keeps falling as T shrinks, so T sits at the bound
+    assert M.fit_temperature(torch.softmax(z[0], -1), z[0].argmax(-1)) == pytest.approx(
+        0.05, rel=1e-6
+    )
+    for bad in ((1.0, 1.0), (2.0, 1.0), (0.0, 1.0), (1.0,), 3.0):
+        with pytest.raises(ValueError, match="bounds"):
+            M.fit_temperature(q, y, bounds=bad)
+    with pytest.raises(ValueError, match="labels"):
+        M.fit_temperature(q, y[:-1])

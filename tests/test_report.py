@@ -682,3 +682,33 @@ def test_seed_summary_counts_the_seeds_beyond_the_ece_noise():
             del m["ece_floor"], m["ece_p"], m["overconfidence"]
     s = report.summarise_seeds(reps, [0, 1, 2])
     assert "ece_p" not in s["methods"][0] and "ECE resolution" not in report.format_seed_summary(s)
+
+
+def test_calibrated_runs_say_so_with_their_temperatures():
+    # one calibrated report: the sentence in report.md, with each method's temperature
+    res = _result()
+    for m, t in zip(res.methods, (0.8, 1.25, 0.5, 2.0, 1.0, 0.9, 1.1, 1.3), strict=False):
+        m.hparams = {**m.hparams, "predictive_temperature": t}
+    rep = report.report_dict(res)
+    temps = report.predictive_temperatures(rep["hyperparameters"])
+    assert temps[res.methods[0].name] == 0.8 and len(temps) == len(res.methods)
+    md = report._markdown(res, rep, [])
+    first = res.methods[0].name
+    assert "Post-hoc temperature scaling (`calibrate`)" in md and f"`{first}` 0.80" in md
+    assert "Post-hoc" not in report._markdown(_result(), report.report_dict(_result()), [])
+    # over seeds: the mean temperature per method; uncalibrated seeds say nothing
+    reps = [_seed_report({"ce": (0.5, 1.3, 0.06), "mtbkd_sgld": (0.5, 1.2, 0.04)}) for _ in "ab"]
+    plain = report.summarise_seeds(reps, [0, 1])
+    assert plain["predictive_temperature"] is None
+    assert "Post-hoc" not in report.format_seed_summary(plain, markdown=True)
+    for rep, t in zip(reps, (0.6, 0.8), strict=True):
+        rep["hyperparameters"] = {"ce": {"predictive_temperature": 1.5},
+                                  "mtbkd_sgld": {"predictive_temperature": t}}  # fmt: skip
+    s = report.summarise_seeds(reps, [0, 1])
+    assert s["predictive_temperature"]["mtbkd_sgld"]["values"] == [0.6, 0.8]
+    text = report.format_seed_summary(s)
+    assert "T (mean over 2 seeds) = ce 1.50, mtbkd_sgld 0.70" in text
+    # a calibrated seed and a plain one are never averaged together
+    del reps[1]["hyperparameters"]
+    with pytest.raises(ValueError, match=r"seeds \[0\] were calibrated .* seeds \[1\] were not"):
+        report.summarise_seeds(reps, [0, 1])
