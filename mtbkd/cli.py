@@ -70,13 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _seed(text: str) -> int:
-    """argparse type of --seed: a non-negative integer (numpy's generators refuse others)."""
+    """argparse type of --seed: an integer in ``0..MAX_SEED`` (numpy's generators refuse negative
+    seeds, torch's those beyond 64 bits, and the pipeline derives seeds from it)."""
+    from mtbkd.report import MAX_SEED
+
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+        raise argparse.ArgumentTypeError(
+            f"must be an integer in 0..{MAX_SEED}, got {text!r}"
+        ) from None
+
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED}, got {value}")
     return value
 
 
@@ -367,6 +373,11 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
             )
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None
+    if getattr(args, "sequence_encoder", None) and dataset.feature_kind != "sequence":
+        raise SystemExit(
+            f"mtbkd {args.command}: {args.data_dir} has numeric features, no Sequence column: "
+            "--sequence-encoder applies to protein sequences only"
+        )
     print(dataset.summary(), flush=True)
     if not dataset.teacher_names:
         try:  # the teachers the pipeline trains: one expert per group of classes
@@ -415,6 +426,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
             "folder of the interrupted run"
         )
     out = _out_dir(args)
+    _check_out_folder(args.command, out)
     if args.resume and not out.exists():
         print(f"nothing to resume: {out} does not exist; starting a new run", file=sys.stderr)
     try:
@@ -424,6 +436,16 @@ def _run_pipeline(args: argparse.Namespace) -> int:
             f"\nmtbkd {args.command}: interrupted; the checkpoints in {out} keep the finished "
             "work: run the same command with --resume (and the same --out) to continue"
         ) from None
+
+
+def _check_out_folder(command: str, out: Path) -> None:
+    """``out`` must be a folder, or a path whose nearest existing part is a folder."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "--out" if p == out else f"--out {out}: {p}"
+                raise SystemExit(f"mtbkd {command}: {what} is a file, not a folder")
+            return
 
 
 def _written(args: argparse.Namespace, out: Path) -> str:
@@ -512,6 +534,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if args.dataset in ("deeploc", "dir") and not args.data_dir:
         raise SystemExit(f"mtbkd distill --dataset {args.dataset} needs --data-dir")
     _refuse_data_dir(args)
+    if args.sequence_encoder and args.dataset in ("digits", "yeast"):  # it was silently ignored
+        raise SystemExit(
+            f"mtbkd distill: --dataset {args.dataset} has no protein sequences: "
+            "--sequence-encoder applies to deeploc and to CSV data with a Sequence column"
+        )
     return _run_pipeline(args)
 
 
@@ -628,6 +655,10 @@ def _teacher_combinations(t_train, t_test, y_train, y_test) -> list[dict]:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from mtbkd.distill import predict_file
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise SystemExit(f"mtbkd predict: --out {out} is a folder: give the CSV file to write")
+    _check_out_folder("predict", out.parent)
     try:
         metrics = predict_file(
             args.run,

@@ -21,10 +21,13 @@ Directory formats (``load_directory``):
   comma-separated, no header. An optional ``classes.txt`` names the classes, one a line.
 
 Without ``classes.txt`` the classes are 0..C-1 for the largest label C-1 (or the teachers' class
-count, when they all give more), and without teachers every one of them must have a row: labels
-that skip a class (``{3, 7, 9}``) are an error, not a problem with empty classes. Teachers give
-logits (or log-probabilities); a teacher whose every row is non-negative and sums to 1 looks like
-probabilities and is refused (softmax of probabilities would silently flatten it).
+count, when they all give more), and without teachers every one of them must have a training
+row: labels that skip a class (``{3, 7, 9}``), or a class with test rows only, are an error, not
+a problem with empty classes. Teachers give logits (or log-probabilities); a teacher whose every
+row is non-negative and sums to 1 (within 0.02: probabilities rounded to a few decimals) or to
+100 (percentages) looks like probabilities and is refused (softmax of probabilities would
+silently flatten it). A CSV must be UTF-8 text with a name for every column (pandas' unnamed
+index column is refused: write with ``index=False``).
 """
 
 from __future__ import annotations
@@ -220,10 +223,16 @@ def _teacher_logits(t, name: str, n: int, c: int) -> np.ndarray:
     t = t.astype(np.float32)
     if not np.all(np.isfinite(t)):
         raise ValueError(f"{name} logits have NaN or infinite values")
-    if np.all(t >= 0) and np.allclose(t.sum(1), 1.0, rtol=0.0, atol=1e-3):
+    sums = t.astype(np.float64).sum(1)
+    # probabilities rounded to a few decimals (3 decimals over 10 classes: sums 0.995-1.005),
+    # or percentages: a softmax of either would silently flatten the teacher
+    if np.all(t >= 0) and (
+        np.allclose(sums, 1.0, rtol=0.0, atol=0.02) or np.allclose(sums, 100.0, rtol=0.0, atol=2.0)
+    ):
+        scale = "1" if abs(float(sums.mean()) - 1.0) < 0.5 else "100 (percentages)"
         raise ValueError(
-            f"{name} looks like probabilities (every row non-negative and summing to 1), not "
-            "logits: give log-probabilities (np.log of the probabilities, clipped away from 0)"
+            f"{name} looks like probabilities (every row non-negative and summing to {scale}), "
+            "not logits: give log-probabilities (np.log of the probabilities, clipped away from 0)"
         )
     return t
 
@@ -569,13 +578,25 @@ def load_deeploc(
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8") is not part of the first name
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise ValueError(f"{path} is empty") from None
-        rows = [r for r in reader if r]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                raise ValueError(f"{path} is empty") from None
+            rows = [r for r in reader if r]
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not a UTF-8 text CSV ({exc.reason} at byte {exc.start}): save it as "
+            "CSV UTF-8"
+        ) from None
+    unnamed = [i + 1 for i, h in enumerate(header) if not h]
+    if unnamed:  # pandas' to_csv() writes its index as a column with an empty name
+        raise ValueError(
+            f"{path}: column {unnamed[0]} has no name (a row index written by pandas' "
+            "DataFrame.to_csv? write it with index=False, or name the column)"
+        )
     repeated = sorted({h for h in header if header.count(h) > 1})
     if repeated:
         raise ValueError(f"{path}: repeated column names {repeated}")
@@ -634,8 +655,7 @@ def read_inputs(
     if path.suffix == ".npy":
         if feature_kind == "sequence":
             raise ValueError("a sequence model needs a CSV with a Sequence column, not a .npy file")
-        x = np.load(path, allow_pickle=False)
-        return _features(x, str(path)), None, None
+        return _features(_load_npy(path), str(path)), None, None
     header, rows = _read_csv(path)
     if not rows:
         raise ValueError(f"{path} has no rows")
@@ -722,15 +742,23 @@ def _csv_teachers(root: Path, split: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    """``np.load`` of one array file, its failures (empty, truncated, pickled objects, not a
+    .npy file at all) as a ValueError naming the file."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable .npy array of numbers ({exc})") from None
+
+
 def _npy_split(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     for f in ("features.npy", "labels.npy"):
         if not (folder / f).is_file():
             raise FileNotFoundError(f"{folder} has no {f}")
-    x = np.load(folder / "features.npy", allow_pickle=False)
-    y = np.load(folder / "labels.npy", allow_pickle=False)
+    x = _load_npy(folder / "features.npy")
+    y = _load_npy(folder / "labels.npy")
     teachers = {
-        p.stem[len("teacher_") :]: np.load(p, allow_pickle=False)
-        for p in sorted(folder.glob("teacher_*.npy"))
+        p.stem[len("teacher_") :]: _load_npy(p) for p in sorted(folder.glob("teacher_*.npy"))
     }
     for name, t in teachers.items():  # before anything reads their rows or classes
         if t.ndim != 2:
@@ -751,6 +779,8 @@ def _label_indices(y, name: str) -> np.ndarray:
             f"{name} must hold integer class indices 0..C-1 (got dtype {y.dtype}"
             + (", non-finite or fractional values)" if y.dtype.kind == "f" else ")")
         )
+    if y.dtype.kind == "f" and len(y) and float(np.abs(y).max()) >= 2.0**62:
+        raise ValueError(f"{name} has labels too large for class indices (max {y.max():g})")
     y = y.astype(np.int64)
     if len(y) and y.min() < 0:
         raise ValueError(f"{name} has negative labels (min {y.min()}): use class indices 0..C-1")
@@ -761,12 +791,22 @@ def _class_names(
     root: Path, labels: list[np.ndarray], teachers: dict[str, np.ndarray]
 ) -> list[str]:
     if (root / "classes.txt").is_file():
-        return [ln.strip() for ln in (root / "classes.txt").read_text().splitlines() if ln.strip()]
+        names = [ln.strip() for ln in (root / "classes.txt").read_text().splitlines()
+                 if ln.strip()]  # fmt: skip
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{root / 'classes.txt'} names a class twice: {repeated}")
+        return names
     c = max(int(y.max()) for y in labels) + 1
     widths = {np.asarray(t).shape[-1] for t in teachers.values()}
     # teachers that agree on more classes than the labels show: a class absent from the labels
     if len(widths) == 1 and next(iter(widths)) > c:
         c = next(iter(widths))
+    if len(widths) == 1 and c > next(iter(widths)):  # before naming c classes (a label 10**10)
+        raise ValueError(
+            f"the labels go up to {c - 1} but the teachers have {next(iter(widths))} classes: "
+            f"use class indices 0..{next(iter(widths)) - 1}"
+        )
     if not teachers:  # nothing knows a class without rows: labels {3, 7, 9} are not 10 classes
         present = np.unique(np.concatenate(labels))
         if len(present) < c:  # the first missing ones lie below len(present) + 5: no arange(c)
@@ -775,6 +815,12 @@ def _class_names(
                 f"the labels skip {c - len(present)} of the classes 0..{c - 1} (first: "
                 f"{first.tolist()}): use class indices 0..C-1 with rows in every class "
                 "(np.unique(labels, return_inverse=True)[1]), or name the classes in classes.txt"
+            )
+        unseen = np.setdiff1d(present, np.unique(labels[0]))
+        if len(unseen):  # a class only among the test rows: nothing could learn it
+            raise ValueError(
+                f"classes {unseen[:5].tolist()} have test rows but no training rows: without "
+                "teachers or a classes.txt, every class needs training rows"
             )
     return [str(i) for i in range(c)]
 

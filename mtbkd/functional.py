@@ -100,14 +100,22 @@ def teacher_weights(
                 f"teacher_logits must be [K, ..., V], got shape {tuple(teacher_logits.shape)}"
             )
         first = teacher_logits[0]
-    else:
+    elif isinstance(teacher_logits, Sequence) and not isinstance(teacher_logits, str):
         if len(teacher_logits) == 0:
             raise ValueError("teacher_logits must hold at least one teacher (got K = 0)")
         first = teacher_logits[0]
+        validate.check_logits(first, "teacher_logits[0]")  # before it stands in for a student
+    else:
+        raise TypeError(
+            "teacher_logits must be a tensor [K, ..., V] or a sequence of K tensors [..., V], "
+            f"got {type(teacher_logits).__name__}"
+        )
     _, teachers, _, lead = validate.canonical_inputs(first, teacher_logits, None)
     k = len(teachers)
     if isinstance(method, Tensor):
-        return validate.fixed_weights(method, k, lead, first).reshape(k, *lead)
+        return validate.fixed_weights(method, k, lead, first, "method", "teacher_logits").reshape(
+            k, *lead
+        )
     if method not in ("entropy", "uniform"):
         raise ValueError(f"method must be 'entropy', 'uniform' or a Tensor, got {method!r}")
     w, _ = ops.teacher_weights_op(
@@ -193,7 +201,7 @@ def mtbkd_loss(
     loss_rows, _, w, resp, ent, prior, ce = ops.mtbkd_loss_fwd(
         student, teachers, flat_labels, fixed, stats_data, float(temperature),
         float(concentration), float(prior_weight), float(hard_label_weight), mode,
-        float(weight_temperature), int(ignore_index), bool(check_finite),
+        float(weight_temperature), validate.check_ignore_index(ignore_index), bool(check_finite),
     )  # fmt: skip
     loss = _reduce(loss_rows, flat_labels, lead, reduction, ignore_index, num_items_in_batch)
     if not return_stats:
@@ -259,6 +267,7 @@ def multi_teacher_kd_loss(
     loss_rows, _, _ = ops.multi_teacher_kd_fwd(
         student, teachers, flat_labels, fixed, ops.DIVERGENCES[divergence], float(beta),
         float(temperature), mode, float(weight_temperature), float(hard_label_weight),
-        float(soft_label_weight), scale, int(ignore_index), bool(check_finite),
+        float(soft_label_weight), scale, validate.check_ignore_index(ignore_index),
+        bool(check_finite),
     )  # fmt: skip
     return _reduce(loss_rows, flat_labels, lead, reduction, ignore_index, num_items_in_batch)

@@ -485,7 +485,8 @@ def fused_linear_mtbkd_loss(
         "temperature": float(temperature), "concentration": float(concentration),
         "prior_weight": float(prior_weight), "hard_label_weight": float(hard_label_weight),
         "mode": mode, "weight_temperature": float(weight_temperature),
-        "ignore_index": int(ignore_index), "check_finite": bool(check_finite),
+        "ignore_index": validate.check_ignore_index(ignore_index),
+        "check_finite": bool(check_finite),
     }  # fmt: skip
     return _finish("mtbkd", opts, hidden, weight, student_bias, tlist, labels, fixed, chunk, lead,
                    reduction, num_items_in_batch, return_stats)  # fmt: skip
@@ -536,7 +537,8 @@ def fused_linear_multi_teacher_kd_loss(
         "hard_label_weight": float(hard_label_weight),
         "soft_label_weight": float(soft_label_weight),
         "soft_scale": float(temperature) ** 2 if scale_by_t2 else 1.0,
-        "ignore_index": int(ignore_index), "check_finite": bool(check_finite),
+        "ignore_index": validate.check_ignore_index(ignore_index),
+        "check_finite": bool(check_finite),
     }  # fmt: skip
     return _finish("kd", opts, hidden, weight, student_bias, tlist, labels, fixed, chunk, lead,
                    reduction, num_items_in_batch, False)  # fmt: skip

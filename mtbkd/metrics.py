@@ -290,17 +290,22 @@ def credible_threshold(probs: Tensor, level: float = 0.95, iters: int = 40) -> T
     """Per-row threshold ``u`` with ``(1/S) sum_s sum_c q_c^(s) 1[q_c^(s) >= u] = level``.
 
     The left side falls from 1 (``u = 0``) to 0 as ``u`` grows past ``max q``; bisection keeps
-    the largest ``u`` at which it is still ``>= level`` (to ``2^-iters``), ``[N]``.
+    the largest ``u`` at which it is still ``>= level`` (to ``2^-iters``), ``[N]``. ``level`` is
+    taken of the row's own total (1 up to float rounding): a row whose rounded probabilities sum
+    to just under 1 never reached ``level = 1``, and its set took in the classes of
+    probability 0 too.
     """
     if not 0.0 < level <= 1.0:
         raise ValueError(f"level must be in (0, 1], got {level}")
     q = _samples(probs)
+    # the mass at u = 0, summed exactly as below: a row of rounded probabilities sums to 1 - 6e-8
+    total = (q * (q >= 0)).sum(-1).mean(0)
     lo = torch.zeros(q.shape[1], dtype=q.dtype, device=q.device)
     hi = torch.full_like(lo, 1.0 + 1e-6)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         mass = (q * (q >= mid.view(1, -1, 1))).sum(-1).mean(0)
-        ok = mass >= level
+        ok = mass >= level * total
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid)
     return lo

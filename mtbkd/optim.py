@@ -15,8 +15,12 @@ from mtbkd.bayes_ops import new_seed, sgld_step_
 __all__ = ["SGLD"]
 
 
-def _check_hyperparameters(group: dict[str, Any]) -> None:
-    validate.check_positive(group["lr"], "lr")
+def _check_hyperparameters(group: dict[str, Any], at_step: bool = False) -> None:
+    # at a step, lr may have been decayed to 0 by a scheduler (a step that moves nothing)
+    if at_step:
+        validate.check_real(group["lr"], "lr", nonnegative=True)
+    else:
+        validate.check_positive(group["lr"], "lr")
     validate.check_positive(group["num_data"], "num_data")
     validate.check_real(group["temperature"], "temperature", nonnegative=True)
     validate.check_real(group["weight_decay"], "weight_decay", nonnegative=True)
@@ -79,6 +83,8 @@ class SGLD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            # a group edited since (a scheduler, or by hand): a negative lr made NaN noise
+            _check_hyperparameters(group, at_step=True)
             # One fused call per (device, dtype): the CUDA op takes one dtype per launch.
             buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
             for p in group["params"]:

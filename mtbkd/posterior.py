@@ -281,6 +281,9 @@ def predict(
         if not isinstance(out, Tensor):
             raise TypeError(f"model must return a tensor of logits [N, C], got "
                             f"{type(out).__name__}")  # fmt: skip
+        if out.dim() < 2:  # a softmax over the rows of [N] would be silently wrong
+            raise ValueError(f"model must return logits [N, C] (a class dimension last), got "
+                             f"shape {tuple(out.shape)}")  # fmt: skip
         return torch.softmax(out.float(), dim=-1) if probabilities else out
 
     # "different": dropout in training mode draws its own mask per sample, as one call per sample

@@ -187,6 +187,9 @@ def multi_teacher_kd_loss(
     w = teacher_weights(t, weights, weight_temperature).to(dt)
     logq = torch.log_softmax(z / temperature, dim=-1)[None]  # [1, N, V]
     logp = torch.log_softmax(t / temperature, dim=-1)  # [K, N, V]
+    # a teacher of weight 0 drops out of the sum (as in MT-BKD, section 2): its divergence is
+    # taken against the student itself (0, with a finite gradient) so that 0 * inf is never formed
+    logp = torch.where((w > 0)[..., None], logp, logq.expand_as(logp))
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
         d = _kl(logp, logq)
     elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):

@@ -798,8 +798,14 @@ def write_report(result: ExperimentResult, out_dir: str | Path, figures: bool = 
 # Several seeds: the same experiment repeated with other validation splits and initialisations
 
 
+# seeds go to numpy, torch and the pipeline's derived seeds (seed + chain, seed + 2000)
+MAX_SEED = 2**31 - 1
+MAX_SEEDS = 10_000  # runs in one --seeds list
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"``, ``"0-4"`` or a mix (``"0-2,7"``) as a list of distinct seeds, in order."""
+    """``"0,1,2"``, ``"0-4"`` or a mix (``"0-2,7"``) as a list of distinct seeds, in order;
+    each in ``0..MAX_SEED``, at most :data:`MAX_SEEDS` of them."""
     seeds: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -810,13 +816,18 @@ def parse_seeds(text: str) -> list[int]:
                 lo, hi = (int(x) for x in part.split("-", 1))
                 if hi < lo:
                     raise ValueError
-                seeds.extend(range(lo, hi + 1))
+                bounds = (lo, hi)
             else:
-                seeds.append(int(part))
+                bounds = (int(part), int(part))
         except ValueError:
             raise ValueError(
                 f"seeds: {text!r} is not a list like '0,1,2' or a range like '0-4'"
             ) from None
+        if bounds[0] < 0 or bounds[1] > MAX_SEED:
+            raise ValueError(f"seeds: {part!r} is outside 0..{MAX_SEED}")
+        if len(seeds) + bounds[1] - bounds[0] + 1 > MAX_SEEDS:
+            raise ValueError(f"seeds: {text!r} names more than {MAX_SEEDS} seeds")
+        seeds.extend(range(bounds[0], bounds[1] + 1))
     if not seeds:
         raise ValueError(f"seeds: {text!r} names no seed")
     if len(set(seeds)) != len(seeds):

@@ -378,7 +378,8 @@ def sparse_mtbkd_loss(student_logits: Tensor, teacher_logits, labels: Tensor | N
         "temperature": float(temperature), "concentration": float(concentration),
         "prior_weight": float(prior_weight), "hard_label_weight": float(hard_label_weight),
         "mode": mode, "weight_temperature": float(weight_temperature),
-        "ignore_index": int(ignore_index), "check_finite": bool(check_finite),
+        "ignore_index": validate.check_ignore_index(ignore_index),
+        "check_finite": bool(check_finite),
     }  # fmt: skip
     rows, (w, resp, ent, prior, ce) = _sparse_rows("mtbkd", opts, z, teachers, flat, fixed)
     loss = F._reduce(rows, flat, lead, reduction, ignore_index, num_items_in_batch)
@@ -421,7 +422,8 @@ def sparse_multi_teacher_kd_loss(student_logits: Tensor, teacher_logits,
         "hard_label_weight": float(hard_label_weight),
         "soft_label_weight": float(soft_label_weight),
         "soft_scale": float(temperature) ** 2 if scale_by_t2 else 1.0,
-        "ignore_index": int(ignore_index), "check_finite": bool(check_finite),
+        "ignore_index": validate.check_ignore_index(ignore_index),
+        "check_finite": bool(check_finite),
     }  # fmt: skip
     rows, _ = _sparse_rows("kd", opts, z, teachers, flat, fixed)
     return F._reduce(rows, flat, lead, reduction, ignore_index, num_items_in_batch)

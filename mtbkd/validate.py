@@ -109,6 +109,23 @@ def check_logits(x: Tensor, name: str) -> None:
         )
 
 
+def _cast_teacher(t: Tensor, dtype: torch.dtype, i: int) -> Tensor:
+    """Teacher ``i`` in the student's dtype. Into a dtype of smaller range (fp16 from fp32, fp32
+    from fp64), a finite logit beyond that range would become inf: refused, naming the dtypes
+    (one read of the data, only for such casts)."""
+    cast = t.to(dtype)
+    if torch.finfo(dtype).max < torch.finfo(t.dtype).max:
+        overflow = torch.isinf(cast) & torch.isfinite(t)
+        if bool(overflow.any()):
+            raise ValueError(
+                f"teacher_logits[{i}] ({t.dtype}) has finite values beyond the range of the "
+                f"student's {dtype} (max {torch.finfo(dtype).max:g}; found "
+                f"{float(t[overflow][0]):g}): the teachers are computed in the student's dtype, "
+                "so give the student a wider dtype or clamp the teacher logits"
+            )
+    return cast
+
+
 def canonical_inputs(
     student_logits: Tensor,
     teacher_logits: Tensor | Sequence[Tensor],
@@ -159,7 +176,7 @@ def canonical_inputs(
             )
         t = t.detach()
         if t.dtype != student_logits.dtype:
-            t = t.to(student_logits.dtype)
+            t = _cast_teacher(t, student_logits.dtype, i)
         out.append(t.reshape(-1, v).contiguous())
     student = student_logits.reshape(-1, v)
     if not student.is_contiguous():
@@ -219,22 +236,32 @@ def check_weights_option(weights) -> None:
         raise ValueError("weights must be a finite, non-negative floating-point tensor")
 
 
-def fixed_weights(weights: Tensor, k: int, lead: torch.Size, like: Tensor) -> Tensor:
+def fixed_weights(
+    weights: Tensor,
+    k: int,
+    lead: torch.Size,
+    like: Tensor,
+    name: str = "weights",
+    like_name: str = "student_logits",
+) -> Tensor:
     """User teacher weights ``[K]``, ``[K, *lead]`` or ``[K, N]`` (the rows flattened, MATH.md
-    section 1) -> row-normalised ``[K, N]`` (acc dtype)."""
+    section 1) -> row-normalised ``[K, N]`` (acc dtype). ``name`` / ``like_name``: the arguments
+    the errors name."""
     n = 1
     for s in lead:
         n *= s
+    if weights.is_complex() or weights.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real tensor, got dtype {weights.dtype}")
     if weights.dim() == 0 or weights.shape[0] != k:
-        raise ValueError(f"weights must have shape [K={k}], [K={k}, *{tuple(lead)}] or "
+        raise ValueError(f"{name} must have shape [K={k}], [K={k}, *{tuple(lead)}] or "
                          f"[K={k}, N={n}], got {tuple(weights.shape)}")  # fmt: skip
     if weights.dim() > 1 and weights.shape[1:] != lead and tuple(weights.shape[1:]) != (n,):
         raise ValueError(
-            f"weights must have shape [K={k}], [K={k}, *{tuple(lead)}] or [K={k}, N={n}], "
+            f"{name} must have shape [K={k}], [K={k}, *{tuple(lead)}] or [K={k}, N={n}], "
             f"got {tuple(weights.shape)}"
         )
     if weights.device != like.device:
-        raise ValueError(f"weights is on {weights.device} but student_logits is on {like.device}")
+        raise ValueError(f"{name} is on {weights.device} but {like_name} is on {like.device}")
     acc = torch.float64 if like.dtype == torch.float64 else torch.float32
     w = weights.detach().to(acc).reshape(k, -1).expand(k, n)
     total = w.sum(0, keepdim=True)
@@ -242,12 +269,21 @@ def fixed_weights(weights: Tensor, k: int, lead: torch.Size, like: Tensor) -> Te
     # (fullgraph=True cannot branch on data), so check the weights once outside it.
     if not torch.compiler.is_compiling():
         if not bool(torch.isfinite(w).all()):
-            raise ValueError("weights must be finite")
+            raise ValueError(f"{name} must be finite")
         if bool((w < 0).any()):
-            raise ValueError("weights must be non-negative")
+            raise ValueError(f"{name} must be non-negative")
         if bool((total == 0).any()):
-            raise ValueError("weights: a row has all teacher weights equal to zero")
+            raise ValueError(f"{name}: a row has all teacher weights equal to zero")
     return (w / total).contiguous()
+
+
+def check_ignore_index(value) -> int:
+    """``ignore_index``: an integer (a float such as 1.5 was silently truncated)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+            return int(value)
+        raise TypeError(f"ignore_index must be an integer, got {value!r}")
+    return int(value)
 
 
 def items_divisor(num_items, dtype: torch.dtype, device) -> Tensor:
@@ -270,6 +306,6 @@ def items_divisor(num_items, dtype: torch.dtype, device) -> Tensor:
         raise TypeError(
             f"num_items_in_batch must be a number or a tensor, got {type(num_items).__name__}"
         )
-    if not num_items > 0:
-        raise ValueError(f"num_items_in_batch must be positive, got {num_items}")
+    if not (num_items > 0 and _is_finite(num_items)):  # inf made every loss 0
+        raise ValueError(f"num_items_in_batch must be positive and finite, got {num_items}")
     return torch.full((), float(num_items), dtype=dtype, device=device)

@@ -450,7 +450,7 @@ def test_cli_rejects_empty_methods_negative_seed_and_foreign_demo_options(tmp_pa
         cli.main(base + ["--methods", ","])  # ran nothing and exited 0
     with pytest.raises(SystemExit):
         cli.main(base + ["--seed", "-1"])  # numpy's message, naming no option
-    assert "argument --seed: must be a non-negative integer, got -1" in capsys.readouterr().err
+    assert "argument --seed: must be an integer in 0..2147483647, got -1" in capsys.readouterr().err
     # `demo --llm` silently ignored the pipeline's options and refused its own
     for argv, msg in (
         (["demo", "--llm", "--seeds", "0-4"], "--llm does not take --seeds"),
@@ -596,3 +596,34 @@ def test_demo_llm_runs_with_only_its_own_options(monkeypatch):
     assert cli.main(["demo", "--llm", "--epochs", "2"]) == 0
     assert cli.main(["demo", "--llm"]) == 0
     assert seen == [2, None]
+
+
+def test_cli_refuses_output_paths_seeds_and_encoders_it_cannot_use(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["distill", "--dataset", "yeast", "--smoke", "--no-progress"]
+    # before: FileExistsError / IsADirectoryError tracebacks
+    with pytest.raises(SystemExit, match="--out is a file, not a folder"):
+        cli.main(base + ["--out", str(afile)])
+    with pytest.raises(SystemExit, match=f"{afile} is a file, not a folder"):
+        cli.main(base + ["--out", str(afile / "run")])
+    predict = ["predict", "--run", str(tmp_path), "--input", "x.csv", "--out"]
+    with pytest.raises(SystemExit, match="is a folder: give the CSV file to write"):
+        cli.main(predict + [str(tmp_path)])
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        cli.main(predict + [str(afile / "p.csv")])
+    # before: seed 0 ran to the end, then numpy refused -1; a huge seed or range: a traceback
+    for seeds in ("0,-1", "0-100000000000"):
+        with pytest.raises(SystemExit, match="outside 0..2147483647"):
+            cli.main(base + ["--out", str(tmp_path / "s"), "--seeds", seeds])
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--out", str(tmp_path / "s"), "--seed", str(2**64)])
+    assert "must be an integer in 0..2147483647" in capsys.readouterr().err
+    # --sequence-encoder on numeric data was silently ignored
+    with pytest.raises(SystemExit, match="yeast has no protein sequences"):
+        cli.main(base + ["--sequence-encoder", "composition"])
+    mine = _own_dataset(tmp_path, 30, seed=0)
+    with pytest.raises(SystemExit, match="numeric features, no Sequence column"):
+        cli.main(["distill", "--dataset", "dir", "--data-dir", str(mine), "--smoke",
+                  "--out", str(tmp_path / "m"), "--sequence-encoder", "composition"])  # fmt: skip
+    assert not (tmp_path / "s").exists()

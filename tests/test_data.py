@@ -402,3 +402,62 @@ def test_csv_label_columns(tmp_path):
         data.load_directory(tmp_path)
     with pytest.raises(ValueError, match="several label columns"):
         data.read_inputs(tmp_path / "test.csv", "numeric")
+
+
+def test_inputs_a_user_gets_wrong_get_errors_naming_the_file(tmp_path):
+    # rounded probabilities and percentages were taken for logits (their softmax is flat)
+    x, y = np.zeros((4, 3)), np.array([0, 1, 2, 1])
+    p = np.array([[0.333, 0.334, 0.334], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.0, 1.0, 0.0]])
+    for probs, scale in ((p, "summing to 1"), (100 * p, "summing to 100 \\(percentages\\)")):
+        with pytest.raises(ValueError, match=f"looks like probabilities .*{scale}"):
+            data.Dataset("bad", x, y, x, y, list("abc"), {"t": probs}, {"t": probs})
+    logits = np.log(np.clip(p, 1e-6, 1)) + 5.0  # non-negative logits are fine
+    data.Dataset("ok", x, y, x, y, list("abc"), {"t": logits}, {"t": logits})
+    # a label of 10**10 with teachers: before, a list of 10**10 class names (out of memory)
+    root = _npy_dir(tmp_path / "big")
+    labels = np.arange(60) % 3
+    labels[5] = 10**10
+    np.save(root / "labels.npy", labels)
+    with pytest.raises(ValueError, match="labels go up to 10000000000 but the teachers have 3"):
+        data.load_directory(root)
+    with pytest.raises(ValueError, match="too large"):  # before: an int64 overflow, "negative"
+        data._label_indices(np.array([0.0, 1e20]), "labels")
+    # empty, truncated or non-numeric .npy files: the file is named
+    root = _npy_dir(tmp_path / "empty")
+    (root / "teacher_t1.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match="teacher_t1.npy is not a readable .npy array"):
+        data.load_directory(root)
+    root = _npy_dir(tmp_path / "objects")
+    np.save(root / "features.npy", np.array([{"a": 1}] * 60, dtype=object))
+    with pytest.raises(ValueError, match="features.npy is not a readable .npy array"):
+        data.load_directory(root)
+    with pytest.raises(ValueError, match="x.npy is not a readable .npy array"):
+        (tmp_path / "x.npy").write_bytes(b"\x93NUMPY")
+        data.read_inputs(tmp_path / "x.npy", "numeric")
+    # a CSV that is not UTF-8, and a pandas index column with no name
+    csv_dir = tmp_path / "latin"
+    csv_dir.mkdir()
+    (csv_dir / "train.csv").write_bytes("caf\xe9,label\n1,0\n".encode("latin-1"))
+    (csv_dir / "test.csv").write_text("a,label\n1,0\n")
+    with pytest.raises(ValueError, match="train.csv is not a UTF-8 text CSV"):
+        data.load_directory(csv_dir)
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    for split in ("train", "test"):
+        _write_csv(
+            index_dir / f"{split}.csv", ["", "a", "label"], [[i, i, i % 2] for i in range(6)]
+        )
+    with pytest.raises(ValueError, match="column 1 has no name .*index=False"):
+        data.load_directory(index_dir)
+    # a class with test rows only (no teachers): nothing could learn it
+    only = tmp_path / "testonly"
+    only.mkdir()
+    _write_csv(only / "train.csv", ["a", "label"], [[i, i % 3] for i in range(9)])
+    _write_csv(only / "test.csv", ["a", "label"], [[i, i % 4] for i in range(8)])
+    with pytest.raises(ValueError, match=r"classes \[3\] have test rows but no training rows"):
+        data.load_directory(only)
+    # classes.txt naming a class twice
+    root = _npy_dir(tmp_path / "names")
+    (root / "classes.txt").write_text("a\na\nb\n")
+    with pytest.raises(ValueError, match="names a class twice: \\['a'\\]"):
+        data.load_directory(root)

@@ -193,6 +193,19 @@ def test_fixed_weights_zero_drops_teacher(backend):
     only_first = mtbkd.mtbkd_loss(z, t, y, weights=torch.tensor([1.0, 0.0]))
     single = mtbkd.mtbkd_loss(z, t[:1], y)
     torch.testing.assert_close(only_first, single)
+    # the KD family too, even when the dropped teacher rules a class out (-inf): every backend,
+    # the reference included (before: 0 * inf = nan there for reverse KL and JSD)
+    bad = t.clone()
+    bad[1, ..., 0] = -math.inf
+    w = torch.tensor([1.0, 0.0])
+    for div in ("forward_kl", "reverse_kl", "jsd"):
+        zz, z1 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+        got = mtbkd.multi_teacher_kd_loss(zz, bad, y, divergence=div, weights=w, check_finite=False)
+        want = mtbkd.multi_teacher_kd_loss(z1, t[:1], y, divergence=div)
+        torch.testing.assert_close(got, want)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(zz.grad, z1.grad)
 
 
 @pytest.mark.parametrize(
@@ -1048,6 +1061,11 @@ def test_more_bad_options_and_inputs(backend):
         (dict(labels=torch.tensor([0, 1, 5, 2, 3, 4])), ValueError, r"labels.*\[0, 5\)"),
         (dict(teacher_logits=t.reshape(2, 2, 3, 5)), ValueError, "teacher_logits must be"),
         (dict(weights=torch.ones(2, 5)), ValueError, "weights must have shape"),
+        (dict(weights=torch.ones(2, dtype=torch.complex64)), TypeError, "weights must be a real"),
+        # before: 1.5 was truncated to 1, "x" a bare int() error, inf made the loss 0
+        (dict(ignore_index=1.5), TypeError, "ignore_index must be an integer"),
+        (dict(ignore_index="x"), TypeError, "ignore_index must be an integer"),
+        (dict(num_items_in_batch=float("inf")), ValueError, "positive and finite"),
     ):
         kwargs = {"student_logits": z, "teacher_logits": t, "labels": y, **kwargs}
         with pytest.raises(exc, match=words):
@@ -1057,6 +1075,17 @@ def test_more_bad_options_and_inputs(backend):
         mtbkd.mtbkd_loss(z2, t.reshape(2, 3, 2, 5), y.reshape(2, 3))
     with pytest.raises(ValueError, match="concentration"):
         mtbkd.MTBKDLoss(concentration=0.0)
+    kd = mtbkd.multi_teacher_kd_loss(z, t, y, ignore_index=np.int64(-100))  # numpy ints are ints
+    torch.testing.assert_close(kd, mtbkd.multi_teacher_kd_loss(z, t, y))
+    # teacher_weights named "student_logits" for its own arguments, and "weights" for method
+    for args, exc, words in (
+        (([[1.0, 2.0], [3.0, 4.0]],), TypeError, r"teacher_logits\[0\] must be a torch.Tensor"),
+        (([torch.tensor([1, 2])],), TypeError, r"teacher_logits\[0\] must be a floating"),
+        ((5,), TypeError, "teacher_logits must be a tensor"),
+        ((t, torch.ones(3)), ValueError, "method must have shape"),
+    ):
+        with pytest.raises(exc, match=words):
+            mtbkd.teacher_weights(*args)
 
 
 def test_teachers_of_another_dtype_are_cast_to_the_students(backend):
@@ -1067,6 +1096,16 @@ def test_teachers_of_another_dtype_are_cast_to_the_students(backend):
     torch.testing.assert_close(got, want)
     kd = mtbkd.multi_teacher_kd_loss(z, list(t.double().unbind(0)), y)
     torch.testing.assert_close(kd, mtbkd.multi_teacher_kd_loss(z, t, y))
+    # a finite teacher logit beyond the student's range: before, a false "contains NaN or inf"
+    # (or, with check_finite=False, a NaN loss)
+    big = t.clone()
+    big[0, 0, 0] = 1e5
+    for check in (True, False):
+        with pytest.raises(
+            ValueError, match=r"teacher_logits\[0\] .* beyond the range of .*float16"
+        ):
+            mtbkd.mtbkd_loss(z.half(), big, y, check_finite=check)
+    assert torch.isfinite(mtbkd.mtbkd_loss(z.half(), t, y))  # in range: cast as before
 
 
 def test_forced_backend_name_ignores_case_and_spaces(monkeypatch):

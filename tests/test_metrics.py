@@ -126,6 +126,15 @@ def test_credible_set_when_the_level_is_reached_exactly_and_at_level_one():
     torch.testing.assert_close(M.credible_threshold(q, 0.75)[0], torch.tensor(0.25))
     # level 1 (allowed: (0, 1]): every class with probability > 0, and no class without
     assert M.credible_set(q, 1.0).tolist() == [[True] * 4, [True, True, False, False]]
+    # ... also when the row's float probabilities sum to just under 1 (before: every class)
+    short = torch.tensor([[0.6023842692375183, 0.15841348469257355, 0.23920221626758575, 0.0]])
+    assert float(short.sum()) < 1.0
+    assert M.credible_set(short, 1.0).tolist() == [[True, True, True, False]]
+    g = torch.Generator().manual_seed(0)
+    soft = torch.softmax(torch.randn(1000, 6, generator=g), -1)
+    rows = torch.cat([soft, torch.zeros(1000, 1)], -1)  # fp32 softmax rows: sums 1 ± 1e-7
+    sets = M.credible_set(rows, 1.0)
+    assert not sets[:, -1].any() and sets[:, :-1].all()
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="level must be in"):
             M.credible_threshold(q, bad)

@@ -227,3 +227,20 @@ def test_bad_group_hyperparameters(kw, name):
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": [b], "lr": 1e-4, "temperature": 0.5})
     assert opt.param_groups[1]["lr"] == 1e-4 and opt.param_groups[1]["num_data"] == 10
+    # ... and a group edited after construction is checked at the step (before: NaN weights)
+    a.grad = torch.ones(2)
+    opt.param_groups[0].update(kw)
+    with pytest.raises(ValueError, match=name):
+        opt.step()
+    assert torch.equal(a, torch.zeros(2))
+
+
+def test_an_lr_decayed_to_zero_by_a_scheduler_steps_nothing():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = SGLD([p], lr=1e-2, num_data=10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.0)
+    assert opt.param_groups[0]["lr"] == 0.0
+    p.grad = torch.ones(3)
+    opt.step()
+    sched.step()
+    assert torch.equal(p, torch.ones(3))

@@ -283,6 +283,14 @@ def test_predict_model_must_return_a_tensor():
     for chunk in (None, 1):
         with pytest.raises(TypeError, match="model must return a tensor"):
             predict(model, store, torch.randn(4, 5), chunk=chunk)
+    # one logit per row ([N], e.g. Linear(5, 1) then squeeze): before, a softmax over the rows
+    squeezed = nn.Sequential(nn.Linear(5, 1), nn.Flatten(0))
+    store = SampleStore(squeezed, max_samples=2)
+    store.collect()
+    store.collect()
+    for chunk in (None, 1, 2):
+        with pytest.raises(ValueError, match=r"logits \[N, C\] .* got shape \(\d+,\)"):
+            predict(squeezed, store, torch.randn(4, 5), chunk=chunk)
 
 
 @pytest.mark.parametrize("chunk", [None, 3])
