@@ -344,6 +344,8 @@ def auroc(scores: Tensor, positives: Tensor) -> Tensor:
                          f"{tuple(scores.shape)} and {tuple(positives.shape)}")  # fmt: skip
     if not bool(torch.isfinite(scores.double()).all()):
         raise ValueError("scores contains non-finite values (NaN or inf)")
+    if positives.dtype != torch.bool and not bool(((positives == 0) | (positives == 1)).all()):
+        raise ValueError("positives must be boolean or hold only 0 and 1 (0.2 is not a label)")
     pos = positives.bool()
     n_pos = int(pos.sum())
     n_neg = pos.numel() - n_pos

@@ -163,6 +163,9 @@ def test_auroc_hand_examples_and_pairwise_definition():
     d = s[pos][:, None] - s[~pos][None, :]
     expected = ((d > 0).double().mean() + 0.5 * (d == 0).double().mean()).item()
     assert M.auroc(s, pos).item() == pytest.approx(expected, abs=1e-6)
+    assert M.auroc(s, pos.float()).item() == M.auroc(s, pos).item()  # 0./1. floats are labels
+    with pytest.raises(ValueError, match="positives must be boolean or hold only 0 and 1"):
+        M.auroc(torch.tensor([0.1, 0.4, 0.3]), torch.tensor([0.2, 0.0, 1.0]))  # before: 0.2 -> True
 
 
 def test_bad_inputs():
