@@ -199,6 +199,7 @@ def _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size
     inputs = meta = None
     try:
         option_checks()
+        validate.check_ignore_index(ignore_index)  # 2.5 was taken as a label value
         inputs = _Inputs(student_shard, teacher_shard, labels, vocab_start, vocab_size,
                          ignore_index, check_finite)  # fmt: skip
         inputs.weight_spec = _weight_spec(weights, inputs.t.shape[0], inputs.lead, inputs.original)
@@ -843,6 +844,7 @@ def _fused_call(name, loss_fn, opts, student_hidden, student_weight_shard, teach
     parsed = meta = None
     try:
         option_checks()
+        validate.check_ignore_index(opts["ignore_index"])
         parsed = _fused_inputs(student_hidden, student_weight_shard, teacher_logits_shard,
                                labels, student_bias_shard, vocab_start, vocab_size,
                                chunk_size)  # fmt: skip

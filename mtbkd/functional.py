@@ -195,6 +195,12 @@ def mtbkd_loss(
     mode, fixed = _weight_mode(weights, k, lead, student)
     stats_data = None
     if teacher_stats is not None:
+        from mtbkd.teacher_stats import TeacherStats
+
+        if not isinstance(teacher_stats, TeacherStats):
+            raise TypeError(
+                f"teacher_stats must be a mtbkd.TeacherStats, got {type(teacher_stats).__name__}"
+            )
         stats_data = teacher_stats.data_for(
             k, student.shape[0], temperature, concentration, weight_temperature, student, lead
         )

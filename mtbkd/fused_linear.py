@@ -83,11 +83,22 @@ class _Head:
 class _Dense:
     """A teacher given as logits ``[N, V_k]`` (a padded vocabulary is sliced to V)."""
 
-    def __init__(self, logits: Tensor, v: int) -> None:
+    def __init__(self, logits: Tensor, v: int, name: str = "teachers") -> None:
         self.t = logits[:, :v]
+        self.name = name
 
     def logits(self, rows: slice, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
-        return self.t[rows].to(dtype).contiguous()
+        src = self.t[rows]
+        z = src.to(dtype).contiguous()
+        if torch.finfo(dtype).max < torch.finfo(src.dtype).max:  # fp64 -> fp32, fp32 -> fp16
+            overflow = torch.isinf(z) & torch.isfinite(src)
+            if bool(overflow.any()):
+                raise ValueError(
+                    f"{self.name} ({src.dtype}) has finite values beyond the range of the "
+                    f"student's {dtype} (found {float(src[overflow][0]):g}): give the student a "
+                    "wider dtype or clamp the teacher logits"
+                )
+        return z
 
     def reuses(self, dtype: torch.dtype) -> bool:
         return False  # a row slice of the logits themselves: nothing to compute into a buffer
@@ -157,7 +168,7 @@ def _parse_teachers(teachers: Any, n: int, v: int, device: torch.device) -> list
                 )
             if t.device != device:
                 raise ValueError(f"{name} is on {t.device} but student_hidden is on {device}")
-            out.append(_Dense(t.detach(), v))
+            out.append(_Dense(t.detach(), v, name))
             continue
         if not isinstance(t, Sequence) or len(t) not in (2, 3):
             raise TypeError(
@@ -185,6 +196,11 @@ def _parse_teachers(teachers: Any, n: int, v: int, device: torch.device) -> list
                 raise ValueError(f"{name} bias has {b.shape[0]} entries but its weight has "
                                  f"{w.shape[0]} rows")  # fmt: skip
             b = b.detach()
+        for x, what in ((w, "weight"), (b, "bias")):
+            if x is not None and x.dtype != hid.dtype:  # before: torch's "m1 and m2" error
+                raise TypeError(
+                    f"{name} {what} has dtype {x.dtype} but its hidden states have {hid.dtype}"
+                )
         for x, what in ((hid, "hidden"), (w, "weight"), (b, "bias")):
             if x is not None and x.device != device:
                 raise ValueError(
@@ -392,7 +408,11 @@ def _prepare(student_hidden, student_weight, teachers, labels, student_bias, chu
         if labels.shape != lead:
             raise ValueError(f"labels must have shape {tuple(lead)} (student_hidden without its "
                              f"last dim), got {tuple(labels.shape)}")  # fmt: skip
-        labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.int64).contiguous()
+        if labels.device != hidden.device:
+            raise ValueError(
+                f"labels is on {labels.device} but student_hidden is on {hidden.device}"
+            )
+        labels = labels.reshape(-1).to(dtype=torch.int64).contiguous()
     chunk = validate.check_chunk_size(chunk_size) or auto_chunk_size(n, v, len(tlist))
     return hidden, weight, tlist, labels, lead, n, chunk
 
@@ -407,6 +427,9 @@ def _finish(kind, opts, hidden, weight, bias, tlist, labels, fixed, chunk, lead,
             num_items, return_stats):  # fmt: skip
     kd = "mtbkd" if kind == "mtbkd" else "multi_teacher_kd"
     validate.check_no_func_transform(f"fused_linear_{kd}_loss")
+    if not torch.is_grad_enabled():  # evaluation: the forward computes no head gradient then
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
     fn_ctx: dict = {}
     out = _FusedLinearLoss.apply(
         hidden, weight, bias, kind, opts, tlist, labels, fixed, chunk, reduction, num_items, fn_ctx
@@ -433,7 +456,7 @@ def _fixed(weights, k, n, lead, hidden):
     if isinstance(weights, Tensor):
         # [K], [K, *lead] (student_hidden's leading shape) or [K, N] (the rows flattened)
         rows = lead if weights.dim() > 1 and weights.shape[1:] == lead else torch.Size([n])
-        fixed = validate.fixed_weights(weights, k, rows, hidden)
+        fixed = validate.fixed_weights(weights, k, rows, hidden, like_name="student_hidden")
     elif weights not in ("entropy", "uniform"):
         raise ValueError(f"weights must be 'entropy', 'uniform' or a Tensor, got {weights!r}")
     return mode, fixed

@@ -20,6 +20,8 @@ __all__ = ["TeacherStats"]
 
 
 def _check_positive(value: float, name: str) -> float:
+    if isinstance(value, bool):  # True is not a temperature (the losses refuse it too)
+        raise TypeError(f"{name} must be a real number, got bool")
     try:
         x = float(value)
     except (TypeError, ValueError):

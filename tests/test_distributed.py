@@ -672,6 +672,12 @@ def scenario_review_regressions(rank: int, world: int) -> None:
     got = D.vocab_parallel_mtbkd_loss(z[:, lo:hi], t[..., lo:hi], y, temperature=(2, 2.0)[rank],
                                       **kw)  # fmt: skip
     _close(got, _ref_mtbkd(z, t, y, "mean"))
+    # 7. ignore_index=2.5 was taken as it came (the plain losses refuse it): refused on every rank
+    with pytest.raises(TypeError, match="ignore_index must be an integer"):
+        D.vocab_parallel_mtbkd_loss(z[:, lo:hi], t[..., lo:hi], y, ignore_index=2.5, **kw)
+    with pytest.raises(TypeError, match="ignore_index must be an integer"):
+        D.vocab_parallel_fused_linear_mtbkd_loss(h, w[lo:hi], t[..., lo:hi], y,
+                                                 ignore_index=2.5, **kw)  # fmt: skip
 
 
 def scenario_shard_edges(rank: int, world: int) -> None:

@@ -865,6 +865,11 @@ def test_teacher_stats_that_do_not_fit_the_call_are_refused(backend):
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="temperature must be a finite positive number"):
             mtbkd.TeacherStats(t, temperature=bad)
+    # a bool temperature was taken as 1.0; raw tensors for the cache were an AttributeError
+    with pytest.raises(TypeError, match="temperature must be a real number, got bool"):
+        mtbkd.TeacherStats(t, temperature=True)
+    with pytest.raises(TypeError, match="teacher_stats must be a mtbkd.TeacherStats"):
+        mtbkd.mtbkd_loss(z, t, y, teacher_stats=torch.zeros(3))
 
 
 def test_scale_grad_computes_in_the_gradients_accumulation_dtype(backend):

@@ -176,6 +176,43 @@ def test_bad_input():
         mtbkd.fused_linear.fused_linear_mtbkd_loss(hid, w, teachers, y, chunk_size=2.5)
     with pytest.raises(ValueError, match="at least one teacher"):
         f(hid, w, [], y)
+    # found by a bug hunt: torch's own dtype / meta-device errors, and a false "NaN or inf"
+    h32 = (teachers[0][0].float(), teachers[0][1])
+    with pytest.raises(
+        TypeError, match=r"teachers\[0\] weight has dtype torch.float64 but its hidden"
+    ):
+        f(hid, w, [h32], y)
+    with pytest.raises(ValueError, match="labels is on meta but student_hidden is on cpu"):
+        f(hid, w, teachers, y.to("meta"))
+    with pytest.raises(ValueError, match="weights is on meta but student_hidden is on cpu"):
+        mtbkd.fused_linear.fused_linear_mtbkd_loss(
+            hid, w, teachers, y, weights=torch.ones(2, device="meta")
+        )
+    big = torch.randn(2, hid.shape[0], w.shape[0], dtype=torch.float64)
+    big[1, 3, 4] = 1e300
+    with pytest.raises(ValueError, match=r"teachers\[1\] .* beyond the range of the student's"):
+        f(hid.float(), w.float(), big, y)
+
+
+def test_no_grad_computes_no_head_gradient(monkeypatch):
+    # evaluation under torch.no_grad() used to compute every head gradient (2x the work)
+    import mtbkd.fused_linear as FL
+
+    hid, w, b, teachers, y = _problem()
+    seen = []
+    real = FL._run_chunks
+
+    def spy(*args):
+        seen.append(args[-1])  # whether the chunks compute gradients
+        return real(*args)
+
+    monkeypatch.setattr(FL, "_run_chunks", spy)
+    f = FusedLinearMTBKDLoss()
+    with torch.no_grad():
+        evaluated = f(hid, w, teachers, y, b)
+    trained = f(hid, w, teachers, y, b)
+    assert seen == [False, True] and not evaluated.requires_grad and trained.requires_grad
+    torch.testing.assert_close(evaluated, trained.detach())
 
 
 def test_leading_shapes_for_fixed_weights_and_sparse_teachers():
