@@ -24,20 +24,30 @@ from mtbkd import report
 def merge(
     base: Path, variant: Path, tag: str, only: list[str] | None = None
 ) -> tuple[list[dict], list[dict], list[int]]:
-    seeds = json.loads((base / "summary.json").read_text())["seeds"]
-    if json.loads((variant / "summary.json").read_text())["seeds"] != seeds:
+    summaries = []
+    for run in (base, variant):
+        if not (run / "summary.json").is_file():
+            raise SystemExit(f"{run} is not the output folder of a --seeds run (no summary.json)")
+        summaries.append(json.loads((run / "summary.json").read_text()))
+    seeds = summaries[0]["seeds"]
+    if summaries[1]["seeds"] != seeds:
         raise SystemExit(f"{base} and {variant} were run with different seeds")
+    if summaries[0]["dataset"] != summaries[1]["dataset"]:
+        raise SystemExit(f"{base} is on {summaries[0]['dataset']!r} but {variant} on "
+                         f"{summaries[1]['dataset']!r}")  # fmt: skip
     reports, rows = [], []
     for s in seeds:
         a = json.loads((base / f"seed{s}" / "report.json").read_text())
         b = json.loads((variant / f"seed{s}" / "report.json").read_text())
+        pa = report.load_per_row(base / f"seed{s}" / report.PER_ROW_FILE)
+        pb = report.load_per_row(variant / f"seed{s}" / report.PER_ROW_FILE)
+        if pa is not None and pb is not None and not pa["labels"].equal(pb["labels"]):
+            raise SystemExit(f"{base} and {variant} were tested on other rows in seed {s}")
         if only is not None:
             missing = sorted(set(only) - {m["name"] for m in b["methods"]})
             if missing:
                 raise SystemExit(f"--methods: {', '.join(missing)} not in {variant}, seed {s}")
             b["methods"] = [m for m in b["methods"] if m["name"] in only]
-        pa = report.load_per_row(base / f"seed{s}" / report.PER_ROW_FILE)
-        pb = report.load_per_row(variant / f"seed{s}" / report.PER_ROW_FILE)
         methods = list(a["methods"]) + [{**m, "name": f"{m['name']}_{tag}"} for m in b["methods"]]
         val = {**a.get("validation_nll", {})}
         val.update({f"{k}_{tag}": v for k, v in b.get("validation_nll", {}).items()})

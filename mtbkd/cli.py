@@ -34,6 +34,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(bench))
     modules = {"loss": "bench_loss", "bayes": "bench_bayes", "llm": "bench_llm"}
     suites = list(modules) if args.suite == "all" else [args.suite]
+    if args.out:  # before: the whole benchmark ran, then a FileExistsError
+        _check_out_folder("bench", Path(args.out))
     out = importlib.import_module("common").results_dir(args.out, args.quick)
     for suite in suites:
         try:
@@ -425,6 +427,19 @@ def _run_pipeline(args: argparse.Namespace) -> int:
             f"mtbkd {args.command}: --resume continues the run in --out: give --out DIR, the "
             "folder of the interrupted run"
         )
+    # the options, before any folder is made (a refused command left an empty runs/<name>/)
+    _pipeline_config(args, 0)
+    if args.seeds is not None:
+        from mtbkd import report
+
+        try:
+            report.parse_seeds(args.seeds)
+        except ValueError as exc:
+            raise SystemExit(f"mtbkd {args.command}: {exc}") from None
+        if args.seed is not None:
+            raise SystemExit(f"mtbkd {args.command}: give --seed or --seeds, not both")
+    if getattr(args, "data_dir", None) and not Path(args.data_dir).is_dir():
+        raise SystemExit(f"mtbkd {args.command}: --data-dir {args.data_dir} is not a folder")
     out = _out_dir(args)
     _check_out_folder(args.command, out)
     if args.resume and not out.exists():
@@ -446,6 +461,32 @@ def _check_out_folder(command: str, out: Path) -> None:
                 what = "--out" if p == out else f"--out {out}: {p}"
                 raise SystemExit(f"mtbkd {command}: {what} is a file, not a folder")
             return
+
+
+def _check_finished_seed(args: argparse.Namespace, seed: int, done: Path, rep: dict) -> None:
+    """A finished seed read back by ``--resume`` must have run with this command's settings
+    (its ``report.json`` config; fields added since take their defaults) and dataset."""
+    from mtbkd.distill import DistillConfig
+
+    if rep.get("dataset") is not None and args.dataset in ("digits", "yeast", "deeploc"):
+        if rep["dataset"] != args.dataset:
+            raise SystemExit(
+                f"mtbkd {args.command}: {done} is a {rep['dataset']} run, not {args.dataset}"
+            )
+    want = _pipeline_config(args, seed).to_dict()
+    try:
+        was = DistillConfig.from_dict(rep.get("config") or {}).to_dict()
+    except (TypeError, ValueError):
+        was = rep.get("config") or {}
+    differ = [k for k in want if k not in ("seed", "progress") and was.get(k) != want[k]]
+    if differ:
+        shown = "; ".join(f"{k}: {was.get(k)!r} there, {want[k]!r} now" for k in differ[:4])
+        raise SystemExit(
+            f"mtbkd {args.command}: {done} was written with other settings ({shown}"
+            f"{'; ...' if len(differ) > 4 else ''}): resume with the command that made it, or "
+            "use another --out (to redo only the reports of finished seeds with new report "
+            "options such as --calibrate, delete their report.json: the checkpoints are reused)"
+        )
 
 
 def _written(args: argparse.Namespace, out: Path) -> str:
@@ -482,15 +523,7 @@ def _run_seeds(args: argparse.Namespace, out: Path, t0: float) -> int:
         done = sub / "report.json"
         if args.resume and done.exists():  # written after the run and its per-row file
             rep = json.loads(done.read_text())
-            was = bool((rep.get("config") or {}).get("calibrate", False))
-            if was != _pipeline_config(args, seed).calibrate:  # never average the two together
-                raise SystemExit(
-                    f"mtbkd {args.command}: {done} was written "
-                    f"{'with' if was else 'without'} --calibrate and this run is "
-                    f"{'without' if was else 'with'} it: resume with the same setting, or delete "
-                    "the finished seeds' report.json to redo their reports (the checkpoints "
-                    "are reused)"
-                )
+            _check_finished_seed(args, seed, done, rep)  # never average two settings together
             print(f"seed {seed}: finished earlier, read from {done}", flush=True)
             reports.append(rep)
             continue
@@ -670,7 +703,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise SystemExit(f"mtbkd predict: {exc}") from None
     if metrics:
-        print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        # an undefined metric (AUROC when every prediction is right) is "n/a", as in the reports
+        print("  ".join(f"{k} {v:.3f}" if v == v else f"{k} n/a" for k, v in metrics.items()))
     print(f"predictions written to {args.out}")
     return 0
 

@@ -650,6 +650,8 @@ def read_inputs(
     (or every column except the label when no names are given).
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"input file {path} is a folder, not a CSV or .npy file")
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     if path.suffix == ".npy":
@@ -840,7 +842,8 @@ def load_directory(
     check_sequence_encoder(sequence_encoder)
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"data directory {root} does not exist")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"data directory {root} {what}")
     name = name or root.name
     if (root / "train.csv").is_file():
         if not (root / "test.csv").is_file():

@@ -295,10 +295,12 @@ def paired_bootstrap(
     numbers, not the mean over resamples, which for the ECE is biased), with the 95 % percentile
     interval of that difference on the same resampled rows and the fraction of resamples where
     the reference is better. A difference whose interval contains 0 is within the test set's
-    sampling noise. ``None`` when the reference method did not run."""
+    sampling noise. ``None`` when the reference method did not run or ran alone."""
     try:
         ref = result.method(reference)
     except KeyError:
+        return None
+    if len(result.methods) < 2:  # nothing to compare with: no empty table
         return None
     labels = result.labels
     gen = torch.Generator().manual_seed(seed)
@@ -937,9 +939,10 @@ def summarise_seeds(
         }
         for n in names
     ]
-    shared = _shared_test_rows(per_row)
+    # one seed cannot tell whether the test rows change with the seed
+    shared = _shared_test_rows(per_row) if len(seeds) > 1 else None
     versus = None
-    if reference in names:
+    if reference in names and len(names) > 1:  # alone, it has nothing to be compared with
         versus = {"reference": reference, "methods": {}}
         ref = {k: values(reference, k) for k in BOOTSTRAP_METRICS}
         for n in names:
@@ -1163,7 +1166,7 @@ def format_seed_summary(summary: dict[str, Any], markdown: bool = False) -> str:
         + [_pm(m.get(k, {"mean": None, "std": None}), fmt) for k, _, fmt in cols]
         for m in summary["methods"]
     ]
-    lines = [] if markdown else [f"{summary['dataset']}: mean ± sd over {n} seeds"]
+    lines = [] if markdown else [f"{summary['dataset']}: mean ± sd over {n} seed{'s' * (n != 1)}"]
     lines += _aligned(header, body, markdown)
     cal = seed_calibration_sentence(summary, markdown)
     lines += ["", *cal] if cal else []
@@ -1287,7 +1290,8 @@ def write_seed_summary(summary: dict[str, Any], out_dir: str | Path, figures: bo
         None: "the test rows change too where the dataset's test split is drawn per seed",
     }[shared]
     lines = [
-        f"# MT-BKD over {len(summary['seeds'])} seeds: {summary['dataset']}",
+        f"# MT-BKD over {len(summary['seeds'])} seed{'s' * (len(summary['seeds']) != 1)}: "
+        f"{summary['dataset']}",
         "",
         f"Seeds {seeds}: each changes the validation split and every initialisation; {test}. "
         "Mean ± standard deviation over seeds; the full report of each seed is in "

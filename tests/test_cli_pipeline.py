@@ -168,7 +168,7 @@ def test_distill_several_seeds(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text()) == summary
     # --calibrate on the same checkpoints: finished seeds of the other setting are refused, and
     # with their report.json gone the reports are redone, tempered, from the checkpoints
-    with pytest.raises(SystemExit, match="without --calibrate and this run is with it"):
+    with pytest.raises(SystemExit, match="other settings \\(calibrate: False there, True now"):
         cli.main(argv + ["--resume", "--calibrate"])
     for s in (0, 1):
         (out / f"seed{s}" / "report.json").unlink()
@@ -183,8 +183,16 @@ def test_distill_several_seeds(tmp_path, capsys):
         run["predictive_temperature"]
         == rep["hyperparameters"]["mtbkd_sgld"]["predictive_temperature"]
     )
-    with pytest.raises(SystemExit, match="with --calibrate and this run is without it"):
+    with pytest.raises(SystemExit, match="other settings \\(calibrate: True there, False now"):
         cli.main(argv + ["--resume"])
+    # any other setting too (before: averaged silently), and methods in another order (before:
+    # refused only after the new seed had trained)
+    with pytest.raises(SystemExit, match="other settings \\(weights: 'entropy' there, 'uniform'"):
+        cli.main(argv + ["--resume", "--calibrate", "--set", "weights=uniform"])
+    reordered = [("mtbkd_sgld,ce" if a == "ce,mtbkd_sgld" else a) for a in argv]
+    with pytest.raises(SystemExit, match="other settings \\(methods:"):
+        cli.main(reordered[:-1] + ["0-2", "--resume", "--calibrate"])
+    assert not (out / "seed2").exists()
     with pytest.raises(SystemExit, match="seeds"):
         cli.main(argv[:-1] + ["2-1"])
     with pytest.raises(SystemExit, match="not both"):
@@ -226,6 +234,28 @@ def test_compare_runs_example(tmp_path, capsys, monkeypatch):
     assert names == [m["name"] for m in base["methods"]] + ["mtbkd_sgld_again"]
     monkeypatch.setattr(sys, "argv", argv + ["--methods", "mtbkd_sgld,nope", "--out", str(out)])
     with pytest.raises(SystemExit, match="--methods: nope not in"):
+        mod.main()
+    # before: a single run's folder was a FileNotFoundError traceback, and runs on other
+    # datasets or test rows were paired without a word
+    single = tmp_path / "base" / "seed0"
+    monkeypatch.setattr(sys, "argv", ["compare_runs", str(single), str(tmp_path / "var"),
+                                      "--tag", "x", "--out", str(out)])  # fmt: skip
+    with pytest.raises(SystemExit, match="not the output folder of a --seeds run"):
+        mod.main()
+    other = json.loads((tmp_path / "var" / "summary.json").read_text())
+    (tmp_path / "var" / "summary.json").write_text(json.dumps({**other, "dataset": "yeast"}))
+    pair = [str(tmp_path / "base"), str(tmp_path / "var")]
+    monkeypatch.setattr(sys, "argv", ["compare_runs", *pair, "--tag", "x", "--out", str(out)])
+    with pytest.raises(SystemExit, match="is on 'mine' but .* on 'yeast'"):
+        mod.main()
+    (tmp_path / "var" / "summary.json").write_text(json.dumps(other))
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "var" / "seed1" / "per_row.safetensors"
+    rows = load_file(str(path))
+    rows["labels"] = rows["labels"].flip(0)  # the same dataset, other test rows
+    save_file(rows, str(path))
+    with pytest.raises(SystemExit, match="were tested on other rows in seed 1"):
         mod.main()
 
 
@@ -627,3 +657,24 @@ def test_cli_refuses_output_paths_seeds_and_encoders_it_cannot_use(tmp_path, cap
         cli.main(["distill", "--dataset", "dir", "--data-dir", str(mine), "--smoke",
                   "--out", str(tmp_path / "m"), "--sequence-encoder", "composition"])  # fmt: skip
     assert not (tmp_path / "s").exists()
+
+
+def test_refused_commands_leave_no_folder_behind(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for extra in (["--methods", "ce,svm"], ["--set", "nope=1"], ["--seeds", "5-1"],
+                  ["--seeds", "0-1", "--seed", "2"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            cli.main(["demo", "--smoke", "--no-progress", *extra])
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    with pytest.raises(SystemExit, match="--data-dir nonexist is not a folder"):
+        cli.main(["distill", "--dataset", "dir", "--data-dir", "nonexist", "--out", "x1"])
+    assert not (tmp_path / "x1").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match="--out is a file, not a folder"):
+        cli.main(["bench", "--suite", "bayes", "--quick", "--out", "afile"])
+    from mtbkd.data import load_directory, read_inputs
+
+    with pytest.raises(FileNotFoundError, match="input file .* is a folder"):
+        read_inputs(tmp_path, "numeric")  # what predict --input reads
+    with pytest.raises(FileNotFoundError, match="data directory afile is a file, not a folder"):
+        load_directory("afile")

@@ -199,6 +199,14 @@ def test_paired_bootstrap_differences():
     text = report.format_bootstrap(report.paired_bootstrap(res, resamples=50))
     assert "mtbkd_sgld minus each method" in text and "twin" in text
     assert report.format_bootstrap(None) == ""
+    # mtbkd_sgld alone: nothing to compare (before: empty tables in report.md and the summary)
+    alone = dataclasses.replace(res, methods=[res.method("mtbkd_sgld")])
+    assert report.paired_bootstrap(alone) is None
+    md = report._markdown(alone, report.report_dict(alone), [])
+    assert "against each method" not in md
+    reps = [_seed_report({"mtbkd_sgld": (0.5, 1.2, 0.04)}) for _ in range(2)]
+    s = report.summarise_seeds(reps, [0, 1])
+    assert s["versus"] is None and "vs method" not in report.format_seed_summary(s, markdown=True)
 
 
 def test_paired_bootstrap_difference_is_the_tables():
@@ -402,6 +410,13 @@ def test_write_seed_summary_files(tmp_path):
         s = report.summarise_seeds(reps, [0, 1], per_row=rows, resamples=20)
         report.write_seed_summary(s, tmp_path / f"case{case}", figures=False)
         assert says in (tmp_path / f"case{case}" / "summary.md").read_text()
+    # one seed cannot tell (before: "the same in every seed"), and "1 seed" is singular
+    s = report.summarise_seeds(reps[:1], [0], per_row=rows[:1], resamples=20)
+    assert s["shared_test_rows"] is None
+    report.write_seed_summary(s, tmp_path / "one", figures=False)
+    text = (tmp_path / "one" / "summary.md").read_text()
+    assert "same in every seed" not in text and "# MT-BKD over 1 seed:" in text
+    assert "mean ± sd over 1 seed\n" in report.format_seed_summary(s) + "\n"
 
 
 def test_per_row_file_round_trip(tmp_path):
