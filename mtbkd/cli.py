@@ -478,7 +478,9 @@ def _check_finished_seed(args: argparse.Namespace, seed: int, done: Path, rep: d
         was = DistillConfig.from_dict(rep.get("config") or {}).to_dict()
     except (TypeError, ValueError):
         was = rep.get("config") or {}
-    differ = [k for k in want if k not in ("seed", "progress") and was.get(k) != want[k]]
+    # what changes only speed or memory may differ (another machine's cores)
+    free = ("seed", "progress", "num_threads", "predict_chunk", "checkpoint_every")
+    differ = [k for k in want if k not in free and was.get(k) != want[k]]
     if differ:
         shown = "; ".join(f"{k}: {was.get(k)!r} there, {want[k]!r} now" for k in differ[:4])
         raise SystemExit(

@@ -88,7 +88,7 @@ class _Inputs:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
             raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
         student, teachers, flat_labels, lead = validate.canonical_inputs(
-            student_shard, teacher_shard, labels
+            student_shard, teacher_shard, labels, bool(check_finite)
         )
         width = student.shape[1]
         if vocab_start < 0 or vocab_start + width > vocab_size:
@@ -724,7 +724,11 @@ def _fused_inputs(student_hidden, student_weight_shard, teacher_logits_shard, la
         if labels.shape != lead:
             raise ValueError(f"labels must have shape {tuple(lead)} (student_hidden without its "
                              f"last dim), got {tuple(labels.shape)}")  # fmt: skip
-        labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.int64)
+        if labels.device != hidden.device:  # as the single-process fused loss
+            raise ValueError(
+                f"labels is on {labels.device} but student_hidden is on {hidden.device}"
+            )
+        labels = labels.reshape(-1).to(dtype=torch.int64)
     chunk = validate.check_chunk_size(chunk_size) or FL.auto_chunk_size(n, width, len(teachers))
     return hidden, weight, teachers, labels, lead, chunk
 

@@ -189,7 +189,7 @@ def mtbkd_loss(
         reduction,
     )
     student, teachers, flat_labels, lead = validate.canonical_inputs(
-        student_logits, teacher_logits, labels
+        student_logits, teacher_logits, labels, bool(check_finite)
     )
     k = len(teachers)
     mode, fixed = _weight_mode(weights, k, lead, student)
@@ -266,7 +266,7 @@ def multi_teacher_kd_loss(
         reduction,
     )
     student, teachers, flat_labels, lead = validate.canonical_inputs(
-        student_logits, teacher_logits, labels
+        student_logits, teacher_logits, labels, bool(check_finite)
     )
     mode, fixed = _weight_mode(weights, len(teachers), lead, student)
     scale = float(temperature) ** 2 if scale_by_t2 else 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,8 +18,11 @@ __all__ = ["SGLD"]
 
 def _check_hyperparameters(group: dict[str, Any], at_step: bool = False) -> None:
     # at a step, lr may have been decayed to 0 by a scheduler (a step that moves nothing)
-    if at_step:
-        validate.check_real(group["lr"], "lr", nonnegative=True)
+    if at_step:  # a scheduler may have set a numpy float (np.float32 is not a float)
+        lr = group["lr"]
+        if isinstance(lr, numbers.Real) and not isinstance(lr, bool):
+            lr = float(lr)
+        validate.check_real(lr, "lr", nonnegative=True)
     else:
         validate.check_positive(group["lr"], "lr")
     validate.check_positive(group["num_data"], "num_data")

@@ -109,32 +109,43 @@ def check_logits(x: Tensor, name: str) -> None:
         )
 
 
-def _cast_teacher(t: Tensor, dtype: torch.dtype, i: int) -> Tensor:
-    """Teacher ``i`` in the student's dtype. Into a dtype of smaller range (fp16 from fp32, fp32
-    from fp64), a finite logit beyond that range would become inf: refused, naming the dtypes
-    (one read of the data, only for such casts)."""
-    cast = t.to(dtype)
-    if torch.finfo(dtype).max < torch.finfo(t.dtype).max:
-        overflow = torch.isinf(cast) & torch.isfinite(t)
-        if bool(overflow.any()):
+def _narrowing(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether a cast ``src -> dst`` loses range that logits use: fp32 -> fp16, fp64 -> fp32,
+    not fp32 -> bf16 (whose range is fp32's)."""
+    return torch.finfo(dst).max < 0.5 * torch.finfo(src).max
+
+
+def check_cast_overflow(src: Tensor, cast: Tensor, name: str) -> None:
+    """A finite positive logit beyond the range of ``cast``'s dtype became +inf in the cast
+    (a negative one becoming -inf is a class ruled out, as ``finfo.min`` masking means it): an
+    error naming ``name``. One reduction of the cast and a host synchronisation, only for
+    narrowing casts and never inside a ``torch.compile`` graph (the losses run it when
+    ``check_finite``)."""
+    if torch.compiler.is_compiling() or not _narrowing(src.dtype, cast.dtype):
+        return
+    if cast.numel() and bool(cast.amax() == float("inf")):
+        new = torch.isposinf(cast) & torch.isfinite(src)
+        if bool(new.any()):
             raise ValueError(
-                f"teacher_logits[{i}] ({t.dtype}) has finite values beyond the range of the "
-                f"student's {dtype} (max {torch.finfo(dtype).max:g}; found "
-                f"{float(t[overflow][0]):g}): the teachers are computed in the student's dtype, "
+                f"{name} ({src.dtype}) has finite values beyond the range of the student's "
+                f"{cast.dtype} (max {torch.finfo(cast.dtype).max:g}; found "
+                f"{float(src[new][0]):g}): the teachers are computed in the student's dtype, "
                 "so give the student a wider dtype or clamp the teacher logits"
             )
-    return cast
 
 
 def canonical_inputs(
     student_logits: Tensor,
     teacher_logits: Tensor | Sequence[Tensor],
     labels: Tensor | None,
+    check_finite: bool = False,
 ) -> tuple[Tensor, list[Tensor], Tensor | None, torch.Size]:
     """Flatten to the kernels' shapes: student ``[N, V]``, K teachers ``[N, V]``, labels ``[N]``.
 
     Returns ``(student, teachers, labels, leading_shape)``. Teachers of another floating dtype are
-    cast to the student's (a copy); a ``[K, ..., V]`` tensor is split into views without a copy.
+    cast to the student's (a copy; with ``check_finite``, a finite logit that overflows to +inf
+    in a narrowing cast is an error, :func:`check_cast_overflow`); a ``[K, ..., V]`` tensor is
+    split into views without a copy.
     """
     check_logits(student_logits, "student_logits")
     lead, v = student_logits.shape[:-1], student_logits.shape[-1]
@@ -176,7 +187,10 @@ def canonical_inputs(
             )
         t = t.detach()
         if t.dtype != student_logits.dtype:
-            t = _cast_teacher(t, student_logits.dtype, i)
+            cast = t.to(student_logits.dtype)
+            if check_finite:
+                check_cast_overflow(t, cast, f"teacher_logits[{i}]")
+            t = cast
         out.append(t.reshape(-1, v).contiguous())
     student = student_logits.reshape(-1, v)
     if not student.is_contiguous():
