@@ -771,13 +771,19 @@ class _ShardedHead:
                 kw["weights"] = kw["weights"][:, rows]
             if want_stats:
                 kw["return_stats"] = True
-            if not want_grads:
-                with torch.no_grad():
-                    out = self.loss_fn(z, t_chunk, lab, **kw)
-            else:
-                leaf = z.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    out = self.loss_fn(leaf, t_chunk, lab, **kw)
+            try:  # the loss numbers the rows of its chunk, and names its own arguments
+                if not want_grads:
+                    with torch.no_grad():
+                        out = self.loss_fn(z, t_chunk, lab, **kw)
+                else:
+                    leaf = z.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        out = self.loss_fn(leaf, t_chunk, lab, **kw)
+            except ValueError as exc:
+                raise validate.in_rows(
+                    exc, start, ("teacher_shard", "teacher_logits_shard")
+                ) from None
+            if want_grads:
                 r = out[0] if want_stats else out
                 scale = row_scale[rows] if row_scale.dim() else row_scale.expand(r.shape[0])
                 # The vocab-parallel backward only scales the G it computed in its forward.
@@ -886,6 +892,9 @@ def _fused_call(name, loss_fn, opts, student_hidden, student_weight_shard, teach
     k = len(teachers)
 
     def cat(field: str) -> Tensor:
+        if not parts:  # N = 0: no chunk ran; empty statistics, as the single-process loss's
+            rows = (k, 0) if field in ("weights", "responsibilities", "entropy") else (0,)
+            return torch.zeros(rows, dtype=head.acc, device=hidden.device)
         return torch.cat([getattr(s, field) for s in parts], dim=-1)
 
     stats = MTBKDStats(
@@ -1014,8 +1023,13 @@ def vocab_parallel_fused_linear_multi_teacher_kd_loss(
 
 
 def _flat_weights(weights: Tensor, k: int, lead: torch.Size) -> Tensor:
-    """A fixed weight tensor ``[K, ...]`` as ``[K, N]``, so that chunks slice its rows."""
-    if weights.shape != (k, *lead):
-        raise ValueError(f"weights must have shape {(k, *lead)} (teachers, rows of "
-                         f"student_hidden), got {tuple(weights.shape)}")  # fmt: skip
-    return weights.reshape(k, -1)
+    """A fixed weight tensor ``[K]``, ``[K, *lead]`` or ``[K, N]`` (as the other losses take
+    it) as ``[K, N]``, so that chunks slice its rows."""
+    n = math.prod(lead)
+    if tuple(weights.shape) == (k,):
+        return weights[:, None].expand(k, n)
+    if tuple(weights.shape) in ((k, *lead), (k, n)):
+        return weights.reshape(k, n)
+    raise ValueError(f"weights must have shape [K={k}], [K={k}, *{tuple(lead)}] or "
+                     f"[K={k}, N={n}] (teachers, rows of student_hidden), got "
+                     f"{tuple(weights.shape)}")  # fmt: skip

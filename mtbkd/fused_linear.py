@@ -269,7 +269,10 @@ def _run_chunks(kind, opts, hidden, weight, bias, teachers, labels, fixed, chunk
             torch.mm(h, wt, out=z)
         else:
             torch.addmm(bias, h, wt, out=z)
-        r, g, rest = _chunk_op(kind, opts, z, teachers, rows, labels, fixed, bufs)
+        try:
+            r, g, rest = _chunk_op(kind, opts, z, teachers, rows, labels, fixed, bufs)
+        except ValueError as exc:  # the kernels number the rows of the chunk
+            raise validate.in_rows(exc, start) from None
         loss_rows[rows] = r
         extras.append(rest)
         if not want_grads:

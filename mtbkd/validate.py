@@ -291,6 +291,18 @@ def fixed_weights(
     return (w / total).contiguous()
 
 
+def in_rows(exc: ValueError, start: int, rename: tuple[str, str] | None = None) -> ValueError:
+    """``exc`` from a chunk of rows that begins at row ``start``: its ``row i`` made rows of the
+    whole input (the kernels number the rows of the chunk they were given), and an argument
+    renamed (``rename = (inner name, caller's name)``)."""
+    import re
+
+    text = re.sub(r"\brow (\d+)", lambda m: f"row {int(m.group(1)) + start}", str(exc))
+    if rename is not None:
+        text = re.sub(rf"\b{re.escape(rename[0])}\b", rename[1], text)
+    return ValueError(text)
+
+
 def check_ignore_index(value) -> int:
     """``ignore_index``: an integer (a float such as 1.5 was silently truncated)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -672,6 +672,28 @@ def scenario_review_regressions(rank: int, world: int) -> None:
     got = D.vocab_parallel_mtbkd_loss(z[:, lo:hi], t[..., lo:hi], y, temperature=(2, 2.0)[rank],
                                       **kw)  # fmt: skip
     _close(got, _ref_mtbkd(z, t, y, "mean"))
+    # 8. the fused loss refused [K] and [K, N] fixed weights (the others take them), and an empty
+    #    batch with return_stats failed in torch.cat
+    rows_w = torch.rand(2, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for wts in (torch.tensor([1.0, 3.0], dtype=torch.float64), rows_w):  # the same on every rank
+        got = D.vocab_parallel_fused_linear_mtbkd_loss(h, w[lo:hi], t[..., lo:hi], y,
+                                                       weights=wts, **kw)  # fmt: skip
+        _close(got, mtbkd.mtbkd_loss(h @ w.t(), t, y, weights=wts))
+    empty = D.vocab_parallel_fused_linear_mtbkd_loss(
+        h[:0], w[lo:hi], t[:, :0, lo:hi], y[:0], return_stats=True, **kw
+    )
+    assert float(empty[0]) == 0.0 and empty[1].weights.shape == (2, 0)
+    assert empty[1].prior.shape == (0,)
+    # 9. an error inside the fused loss's chunks named the row within the chunk and the inner
+    #    loss's argument (teacher_shard)
+    row = int((y != -100).nonzero().max())  # a row that counts (masked rows are not checked)
+    assert row >= 2
+    tn = t.clone()
+    tn[1, row, :] = float("nan")
+    says = rf"teacher_logits_shard contains NaN or inf \(row {row}\)"
+    with pytest.raises(ValueError, match=says):
+        D.vocab_parallel_fused_linear_mtbkd_loss(h, w[lo:hi], tn[..., lo:hi], y, chunk_size=2,
+                                                 **kw)  # fmt: skip
     # 7. ignore_index=2.5 was taken as it came (the plain losses refuse it): refused on every rank
     with pytest.raises(TypeError, match="ignore_index must be an integer"):
         D.vocab_parallel_mtbkd_loss(z[:, lo:hi], t[..., lo:hi], y, ignore_index=2.5, **kw)

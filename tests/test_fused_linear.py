@@ -194,6 +194,21 @@ def test_bad_input():
         f(hid.float(), w.float(), big, y)
 
 
+def test_errors_number_the_rows_of_the_whole_input():
+    # before: the row within the chunk (row 1 of the third chunk of 4 for row 9)
+    from mtbkd.fused_linear import fused_linear_mtbkd_loss
+
+    hid, w, b, teachers, y = _problem(n=10)
+    t = torch.randn(2, 10, w.shape[0], dtype=torch.float64)
+    t[1, 9, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"teacher_logits contains NaN or inf \(row 9\)"):
+        fused_linear_mtbkd_loss(hid, w, t, y, chunk_size=4)
+    bad = y.clone()
+    bad[9] = w.shape[0]
+    with pytest.raises(ValueError, match=r"row 9"):
+        fused_linear_mtbkd_loss(hid, w, t[:1], bad, chunk_size=4)
+
+
 def test_no_grad_computes_no_head_gradient(monkeypatch):
     # evaluation under torch.no_grad() used to compute every head gradient (2x the work)
     import mtbkd.fused_linear as FL
