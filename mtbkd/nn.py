@@ -125,11 +125,17 @@ class BayesLinear(nn.Module):
     def _forward_local(self, x: Tensor) -> Tensor:
         # y = x mu^T + b_mu + sqrt(x^2 (sigma^2)^T + sigma_b^2) * eps_out (MATH.md section 6).
         mean = F.linear(x, self.weight_mu, self.bias_mu)
-        var_b = None if self.bias_rho is None else F.softplus(self.bias_rho) ** 2
-        var = F.linear(x * x, F.softplus(self.weight_rho) ** 2, var_b)
+        # the variance in fp32 for fp16 / bf16: sigma^2 (4.5e-5 at rho = -5) and x^2 sigma^2
+        # underflow in fp16, and fp16's floor (6e-5) alone made noise of std 0.008
+        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        var_b = None if self.bias_rho is None else F.softplus(self.bias_rho.to(acc)) ** 2
+        xa = x.to(acc)
+        var = F.linear(xa * xa, F.softplus(self.weight_rho.to(acc)) ** 2, var_b)
         # The floor keeps the sqrt's gradient finite where the variance is exactly 0 (x = 0).
-        std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
-        return mean + std * torch.randn_like(mean)
+        std = var.clamp_min(torch.finfo(acc).tiny).sqrt()
+        if acc == mean.dtype:
+            return mean + std * torch.randn_like(mean)
+        return mean + (std * torch.randn(mean.shape, dtype=acc, device=mean.device)).to(mean.dtype)
 
     def kl(self) -> Tensor:
         """Summed KL of the posterior to the prior ``N(prior_mu, prior_sigma^2)`` (fp32)."""
@@ -155,6 +161,8 @@ def _matcher(include: Include, exclude: Include) -> Callable[[str, nn.Module], b
             return lambda name, mod: default
         if callable(spec):
             return spec
+        if not isinstance(spec, (str, Iterable)):  # include=3 was "'int' object is not iterable"
+            raise TypeError("include/exclude must be a pattern, a list of patterns or a callable")
         patterns = [spec] if isinstance(spec, str) else list(spec)
         if not all(isinstance(p, str) for p in patterns):
             raise TypeError("include/exclude must be a pattern, a list of patterns or a callable")
@@ -179,12 +187,14 @@ def bayesify(
     ``include`` / ``exclude`` select modules by qualified name (``fnmatch`` patterns such as
     ``"head"`` or ``"encoder.*.fc2"``, a list of them, or ``fn(name, module) -> bool``); by default
     every ``nn.Linear``. The trained weights become the posterior mean; a layer used under several
-    names stays one shared :class:`BayesLinear`. Returns ``model`` (a bare ``nn.Linear`` is
-    returned converted).
+    names stays one shared :class:`BayesLinear`, and a layer whose weight is tied to another
+    module (an embedding, another ``nn.Linear``) is refused, since converting it would untie
+    them. Returns ``model`` (a bare ``nn.Linear`` is returned converted).
     """
     match = _matcher(include, exclude)
     kw = {"prior_sigma": prior_sigma, "posterior_rho_init": posterior_rho_init, "mode": mode,
           "prior_mu": prior_mu}  # fmt: skip
+    BayesLinear(1, 1, bias=False, **kw)  # the options checked even when no layer is converted
     if type(model) is nn.Linear:
         return BayesLinear.from_linear(model, **kw) if match("", model) else model
     # every name of a module used in several places (remove_duplicate=False): one BayesLinear per
@@ -195,6 +205,23 @@ def bayesify(
     ]  # fmt: skip
     if include is not None and not chosen:
         raise ValueError(f"include={include!r} matches no nn.Linear module of the model")
+    # a weight tied to another module (an embedding, another Linear) would be silently untied:
+    # the BayesLinear gets its own posterior mean
+    owners: dict[int, list[str]] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            if (id(mod), id(p)) not in seen:
+                seen.add((id(mod), id(p)))
+                owners.setdefault(id(p), []).append(name)
+    for name, mod in chosen:
+        for p in mod.parameters(recurse=False):
+            others = [n for n in owners[id(p)] if model.get_submodule(n) is not mod]
+            if others:
+                raise ValueError(
+                    f"{name!r} shares a parameter with {others[0]!r} (tied weights): bayesify "
+                    "would untie them; exclude it, or untie the weights first"
+                )
     made: dict[int, BayesLinear] = {}
     for name, mod in chosen:
         if id(mod) not in made:

@@ -89,7 +89,9 @@ class SampleStore:
         for s in sizes:
             self._bounds.append(self._bounds[-1] + s)
         self.burn_in, self.thin, self.max_samples = burn_in, thin, max_samples
-        self.reservoir = bool(reservoir)
+        if not isinstance(reservoir, bool):  # "no" was taken as True
+            raise TypeError(f"reservoir must be True or False, got {reservoir!r}")
+        self.reservoir = reservoir
         dev = torch.device(device) if device is not None else self._params[0].device
         self.buffer = torch.empty((max_samples, self._bounds[-1]), dtype=dtype, device=dev)
         self.count = 0  # samples stored
@@ -204,6 +206,11 @@ class SampleStore:
                 module = {k: v for k, v in module.items() if k in set(names)}
                 if not module:
                     raise ValueError(f"module has no parameter {names[0]!r} recorded in the store")
+            if isinstance(module, nn.Module):  # a store of a state_dict may hold buffers too
+                module = {**dict(module.named_buffers()), **dict(module.named_parameters())}
+                module = {k: v for k, v in module.items() if k in set(names)}
+                if not module:
+                    raise ValueError(f"module has no parameter {names[0]!r} recorded in the store")
             params = _select(module, None)
             for name, shape in zip(names, shapes):
                 if name not in params:
@@ -215,7 +222,7 @@ class SampleStore:
             if device is None:
                 device = store._params[0].device
         store.buffer = torch.empty((store.max_samples, store._bounds[-1]), dtype=samples.dtype,
-                                   device=device or "cpu")  # fmt: skip
+                                   device="cpu" if device is None else device)  # fmt: skip
         store.buffer[: samples.shape[0]].copy_(samples)
         store.count = samples.shape[0]
         return store

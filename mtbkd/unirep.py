@@ -76,7 +76,15 @@ def tokenize(sequence: str) -> list[int]:
     either case; a trailing ``*``, the stop codon of translated sequences, is dropped)."""
     if not isinstance(sequence, str):
         raise TypeError(f"a sequence must be a str, got {type(sequence).__name__}")
-    seq = sequence.strip().upper().removesuffix("*")
+    # ASCII letters only: str.upper() turns "ß" into "SS" and "ı" into "I"
+    seq = sequence.strip()
+    bad = sorted({c for c in seq if not c.isascii()})
+    if bad:
+        raise ValueError(
+            f"sequence has characters that are not amino-acid letters: {bad} "
+            f"(sequence starts {seq[:20]!r})"
+        )
+    seq = seq.upper().removesuffix("*")
     if not seq:
         raise ValueError("cannot encode an empty sequence")
     try:
@@ -151,6 +159,12 @@ class UniRep(nn.Module):
         n, hsize = len(toks), self.size
         if n == 0:
             return torch.zeros(0, hsize, dtype=dtype, device=dev)
+        vocab = self.embedding.shape[0]
+        for i, t in enumerate(toks):  # an empty list was a NaN row, a token of -1 the stop token
+            if len(t) == 0:
+                raise ValueError(f"toks[{i}] is empty: every sequence needs at least one token")
+            if min(t) < 0 or max(t) >= vocab:
+                raise ValueError(f"toks[{i}] has token ids outside 0..{vocab - 1}")
         order = sorted(range(n), key=lambda i: -len(toks[i]))
         lens = [len(toks[i]) for i in order]  # host ints: no device synchronisation per step
         x = torch.zeros(lens[0], n, dtype=torch.long)  # [T, N]: one time step is one row

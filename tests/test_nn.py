@@ -151,6 +151,41 @@ def test_bayesify_keeps_a_shared_linear_shared():
     assert kl_divergence(model) == model[0].kl()  # counted once
 
 
+def test_bayesify_refuses_tied_weights_and_checks_its_options_first():
+    # before: two Linear modules sharing a weight (or a head tied to an embedding) were untied
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    with pytest.raises(ValueError, match="'0' shares a parameter with '1' \\(tied weights\\)"):
+        bayesify(nn.Sequential(a, b))
+    lm = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
+    lm[1].weight = lm[0].weight
+    with pytest.raises(ValueError, match="'1' shares a parameter with '0'"):
+        bayesify(lm)
+    assert bayesify(lm, exclude="1")[1].weight is lm[0].weight  # left as it is
+    # options were only checked when a layer was converted; include=3 was a bare TypeError
+    for kw in ({"mode": "bogus"}, {"prior_sigma": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            bayesify(nn.Sequential(nn.Linear(2, 2)), exclude="*", **kw)
+    with pytest.raises(TypeError, match="include/exclude must be a pattern"):
+        bayesify(nn.Sequential(nn.Linear(2, 2)), include=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_local_mode_noise_in_half_precision_is_the_posteriors(dtype):
+    # before: fp16's variance floor (6e-5, above sigma^2 = 4.5e-5) gave noise of std 0.008 for
+    # any input; the float32 value here is 1.3e-4
+    torch.manual_seed(0)
+    layer = BayesLinear(4, 2, bias=False, mode="local", dtype=dtype)
+    layer.weight_mu.data.zero_()
+    x = torch.full((20000, 4), 0.01, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    sigma = F.softplus(torch.tensor(-5.0)).item()
+    assert y.dtype == dtype
+    assert y.float().std().item() == pytest.approx(sigma * 0.01 * 2, rel=0.05)
+    y.float().sum().backward()
+    assert bool(torch.isfinite(x.grad).all()) and bool(torch.isfinite(layer.weight_rho.grad).all())
+
+
 def test_kl_divergence_sums_layers():
     model = bayesify(_mlp())
     total = kl_divergence(model)

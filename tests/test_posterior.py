@@ -193,6 +193,23 @@ def test_bad_store_arguments():
         SampleStore(model, include="head.*")
     with pytest.raises(TypeError, match="module_or_params"):
         SampleStore([torch.zeros(2)])
+    with pytest.raises(TypeError, match="reservoir must be True or False"):  # "no" was True
+        SampleStore(model, reservoir="no")
+
+
+def test_load_a_store_with_buffers_into_its_module(tmp_path):
+    # a store of a state_dict (batch norm statistics included) loaded with its module: before,
+    # "module has no parameter '1.running_mean'", though predict(module, ...) takes it
+    net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    state = {k: v for k, v in net.state_dict().items() if v.is_floating_point()}
+    store = SampleStore(state, max_samples=2)
+    store.collect()
+    store.save(tmp_path / "s.safetensors")
+    back = SampleStore.load(tmp_path / "s.safetensors", net)
+    assert back.names == store.names and len(back) == 1
+    net.eval()
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(predict(net, back, x), predict(net, store, x))
 
 
 def test_automatic_chunks_run_the_unsampled_body_once():

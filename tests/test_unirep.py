@@ -93,6 +93,10 @@ def test_tokenize_and_errors(tmp_path):
         unirep.tokenize("MK*1-")
     with pytest.raises(ValueError, match="empty sequence"):
         unirep.tokenize("  ")
+    # before: str.upper() made residues of non-ASCII letters ("ß" -> "SS", "ı" -> "I")
+    for text, ch in (("Mß", "ß"), ("MıK", "ı")):
+        with pytest.raises(ValueError, match=f"not amino-acid letters: \\['{ch}'\\]"):
+            unirep.tokenize(text)
     with pytest.raises(TypeError, match="must be a str"):
         unirep.tokenize(5)
     with pytest.raises(ValueError, match="size must be one of"):
@@ -103,6 +107,16 @@ def test_tokenize_and_errors(tmp_path):
     np.savez(bad, something=np.zeros(3))
     with pytest.raises(ValueError, match="not a UniRep weight file"):
         unirep.UniRep.from_npz(bad)
+
+
+@needs_weights
+def test_encode_tokens_refuses_empty_or_unknown_token_lists():
+    # before: an empty list gave a NaN row and a token of -1 was read as the stop token
+    model = unirep.UniRep(64)
+    with pytest.raises(ValueError, match=r"toks\[1\] is empty"):
+        model.encode_tokens([[unirep.START, 1], []])
+    with pytest.raises(ValueError, match=r"toks\[0\] has token ids outside"):
+        model.encode_tokens([[unirep.START, -1]])
 
 
 @needs_weights
