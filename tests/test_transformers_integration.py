@@ -282,6 +282,27 @@ def test_evaluate_and_predict(tmp_path):
 def test_needs_teachers(tmp_path):
     with pytest.raises(ValueError, match="teachers"):
         MultiTeacherDistillationTrainer(model=_llama(32), teachers=[], loss=mtbkd.MTBKDLoss())
+    # before: "object of type 'LlamaForCausalLM' has no len()"
+    with pytest.raises(TypeError, match="teachers must be a sequence of models"):
+        MultiTeacherDistillationTrainer(model=_llama(32), teachers=_llama(48))
+
+
+def test_inputs_the_trainer_cannot_use_are_refused(tmp_path):
+    # found by a bug hunt: pixel_values were dropped (training ran text-only), the student's
+    # inputs_embeds went to every teacher, and a teacher with a smaller vocabulary failed with
+    # an IndexError inside its embedding
+    student = _llama(32, seed=3)
+    trainer = _trainer(tmp_path, student, mtbkd.MTBKDLoss(), steps=1)
+    batch = _batch()
+    with pytest.raises(ValueError, match=r"does not forward: \['pixel_values'\]"):
+        trainer.compute_loss(student, {**batch, "pixel_values": torch.zeros(8, 3, 4, 4)})
+    embeds = student.get_input_embeddings()(batch["input_ids"])
+    no_ids = {k: v for k, v in batch.items() if k != "input_ids"}
+    with pytest.raises(ValueError, match="inputs_embeds: the teachers embed tokens"):
+        trainer.compute_loss(student, {**no_ids, "inputs_embeds": embeds})
+    trainer.teachers.append(_llama(40, vocab=V - 8, seed=4))
+    with pytest.raises(ValueError, match=r"teachers\[2\]'s input embeddings cover 56 tokens"):
+        trainer.compute_loss(student, batch)
 
 
 def test_loss_options_of_the_trainer_are_refused(tmp_path):

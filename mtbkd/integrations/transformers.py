@@ -77,6 +77,42 @@ def _config_values(module: nn.Module, attrs: Sequence[str], neutral: Sequence[An
     return found
 
 
+# what compute_loss reads of a batch; other model inputs (pixel_values, ...) would be dropped
+_BATCH_KEYS = frozenset({"input_ids", "attention_mask", "position_ids", "labels", "shift_labels",
+                         "token_type_ids", "special_tokens_mask",
+                         # flags some Trainer versions add to a batch (no model input)
+                         "num_items_in_batch", "skip_logits", "return_loss"})  # fmt: skip
+
+
+def _check_inputs(inputs: dict[str, Any]) -> None:
+    if inputs.get("inputs_embeds") is not None:
+        raise ValueError(
+            "inputs_embeds: the teachers embed tokens with their own tables, so the distillation "
+            "trainer needs input_ids (the student's embeddings would be fed to every teacher)"
+        )
+    other = sorted(k for k in inputs if k not in _BATCH_KEYS and k != "inputs_embeds")
+    if other:
+        raise ValueError(
+            f"the batch has inputs the distillation trainer does not forward: {other} (it feeds "
+            "input_ids, attention_mask and position_ids to the student and the teachers; "
+            "multimodal inputs are not supported)"
+        )
+
+
+def _check_teacher_vocab(teacher: nn.Module, i: int, v: int) -> None:
+    """Teacher ``i`` must embed and predict every token of the student's ``v``."""
+    base = _unwrap(teacher)
+    for what, get in (("input embeddings", "get_input_embeddings"),
+                      ("output head", "get_output_embeddings")):  # fmt: skip
+        layer = getattr(base, get, lambda: None)()
+        rows = getattr(getattr(layer, "weight", None), "shape", (None,))[0]
+        if rows is not None and rows < v:
+            raise ValueError(
+                f"teachers[{i}]'s {what} cover {rows} tokens but the student's vocabulary has "
+                f"{v}: a teacher needs the student's tokenizer (or a superset of it)"
+            )
+
+
 def hidden_and_head(
     model: nn.Module,
     inputs: dict[str, Any],
@@ -218,6 +254,11 @@ class MultiTeacherDistillationTrainer(Trainer):
         chunk_size: int | None = None,
         **kwargs: Any,
     ) -> None:
+        if isinstance(teachers, nn.Module) or not isinstance(teachers, Sequence):
+            raise TypeError(
+                "teachers must be a sequence of models (teachers=[teacher]), got "
+                f"{type(teachers).__name__}"
+            )
         if len(teachers) == 0:
             raise ValueError("teachers must hold at least one teacher model")
         if loss is None:
@@ -321,6 +362,7 @@ class MultiTeacherDistillationTrainer(Trainer):
                 self._warned_data_parallel = True
             model = model.module
         student = self.accelerator.unwrap_model(model)
+        _check_inputs(inputs)
         shifted = self._targets(inputs)
         check = student not in self._checked
         hidden, weight, bias, out = hidden_and_head(model, inputs, module=student, check=check,
@@ -333,7 +375,8 @@ class MultiTeacherDistillationTrainer(Trainer):
             )
         teacher_heads = []
         with torch.no_grad():
-            for t in self.teachers:
+            for i, t in enumerate(self.teachers):
+                _check_teacher_vocab(t, i, weight.shape[0])
                 dev = next(t.parameters()).device
                 if dev != hidden.device:
                     t.to(hidden.device)
