@@ -82,7 +82,6 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"must be an integer in 0..{MAX_SEED}, got {text!r}"
         ) from None
-
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED}, got {value}")
     return value
@@ -429,15 +428,16 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         )
     # the options, before any folder is made (a refused command left an empty runs/<name>/)
     _pipeline_config(args, 0)
+    seeds = None
     if args.seeds is not None:
         from mtbkd import report
 
-        try:
-            report.parse_seeds(args.seeds)
-        except ValueError as exc:
-            raise SystemExit(f"mtbkd {args.command}: {exc}") from None
         if args.seed is not None:
             raise SystemExit(f"mtbkd {args.command}: give --seed or --seeds, not both")
+        try:
+            seeds = report.parse_seeds(args.seeds)
+        except ValueError as exc:
+            raise SystemExit(f"mtbkd {args.command}: {exc}") from None
     if getattr(args, "data_dir", None) and not Path(args.data_dir).is_dir():
         raise SystemExit(f"mtbkd {args.command}: --data-dir {args.data_dir} is not a folder")
     out = _out_dir(args)
@@ -445,7 +445,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     if args.resume and not out.exists():
         print(f"nothing to resume: {out} does not exist; starting a new run", file=sys.stderr)
     try:
-        return _run_seeds(args, out, t0)
+        return _run_seeds(args, out, t0, seeds)
     except KeyboardInterrupt:
         raise SystemExit(
             f"\nmtbkd {args.command}: interrupted; the checkpoints in {out} keep the finished "
@@ -501,24 +501,19 @@ def _written(args: argparse.Namespace, out: Path) -> str:
     return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
 
 
-def _run_seeds(args: argparse.Namespace, out: Path, t0: float) -> int:
+def _run_seeds(args: argparse.Namespace, out: Path, t0: float, seeds: list[int] | None) -> int:
+    """One run (``seeds`` None: ``--seed``) or one per seed and their summary, into ``out``."""
     import json
     import time
 
     from mtbkd import report
 
-    if args.seeds is None:
+    if seeds is None:
         _check_resume(args, out)
         _run_one(args, 0 if args.seed is None else args.seed, out)
         print(f"total {time.perf_counter() - t0:.0f} s")
         print(f"{_written(args, out)} written to {out}")
         return 0
-    if args.seed is not None:
-        raise SystemExit(f"mtbkd {args.command}: give --seed or --seeds, not both")
-    try:
-        seeds = report.parse_seeds(args.seeds)
-    except ValueError as exc:
-        raise SystemExit(f"mtbkd {args.command}: {exc}") from None
     reports = []
     for i, seed in enumerate(seeds):
         sub = out / f"seed{seed}"

@@ -85,6 +85,7 @@ class _Dense:
 
     def __init__(self, logits: Tensor, v: int, name: str = "teachers", check: bool = True) -> None:
         self.t = logits[:, :v]
+        # check: a cast that overflows to +inf is an error (one of check_finite's checks)
         self.name, self.check = name, check
 
     def logits(self, rows: slice, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
@@ -114,7 +115,9 @@ def _check_matrix(x: Any, name: str, dim: int) -> Tensor:
     return x
 
 
-def _parse_teachers(teachers: Any, n: int, v: int, device: torch.device) -> list:
+def _parse_teachers(
+    teachers: Any, n: int, v: int, device: torch.device, check_finite: bool = True
+) -> list:
     """Validate ``teachers`` and wrap each one so that ``logits(rows, dtype)`` gives a chunk."""
     if _is_sparse(teachers):
         teachers = [teachers]
@@ -162,7 +165,7 @@ def _parse_teachers(teachers: Any, n: int, v: int, device: torch.device) -> list
                 )
             if t.device != device:
                 raise ValueError(f"{name} is on {t.device} but student_hidden is on {device}")
-            out.append(_Dense(t.detach(), v, name))
+            out.append(_Dense(t.detach(), v, name, check_finite))
             continue
         if not isinstance(t, Sequence) or len(t) not in (2, 3):
             raise TypeError(
@@ -358,7 +361,8 @@ def _mean_scale(reduction, labels, n, ignore_index, num_items, acc, device):
 # ----------------------------------------------------------------------------------------------
 
 
-def _prepare(student_hidden, student_weight, teachers, labels, student_bias, chunk_size):
+def _prepare(student_hidden, student_weight, teachers, labels, student_bias, chunk_size,
+             check_finite=True):  # fmt: skip
     hidden = _check_matrix(student_hidden, "student_hidden", student_hidden.dim()
                            if isinstance(student_hidden, Tensor) else 2)  # fmt: skip
     if hidden.dim() < 1:
@@ -396,7 +400,7 @@ def _prepare(student_hidden, student_weight, teachers, labels, student_bias, chu
         ]  # fmt: skip
     elif _is_sparse(teachers) and teachers.indices.dim() > 2:
         teachers = teachers.flatten()
-    tlist = _parse_teachers(teachers, n, v, hidden.device)
+    tlist = _parse_teachers(teachers, n, v, hidden.device, bool(check_finite))
     if labels is not None:
         if not isinstance(labels, Tensor):
             raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
@@ -424,9 +428,6 @@ def _finish(kind, opts, hidden, weight, bias, tlist, labels, fixed, chunk, lead,
             num_items, return_stats):  # fmt: skip
     kd = "mtbkd" if kind == "mtbkd" else "multi_teacher_kd"
     validate.check_no_func_transform(f"fused_linear_{kd}_loss")
-    for t in tlist:  # the cast-overflow check of dense teachers is one of check_finite's
-        if isinstance(t, _Dense):
-            t.check = bool(opts["check_finite"])
     if not torch.is_grad_enabled():  # evaluation: the forward computes no head gradient then
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
@@ -501,7 +502,7 @@ def fused_linear_mtbkd_loss(
         reduction,
     )
     hidden, weight, tlist, labels, lead, n, chunk = _prepare(
-        student_hidden, student_weight, teachers, labels, student_bias, chunk_size
+        student_hidden, student_weight, teachers, labels, student_bias, chunk_size, check_finite
     )
     mode, fixed = _fixed(weights, len(tlist), n, lead, hidden)
     opts = {
@@ -550,7 +551,7 @@ def fused_linear_multi_teacher_kd_loss(
         reduction,
     )
     hidden, weight, tlist, labels, lead, n, chunk = _prepare(
-        student_hidden, student_weight, teachers, labels, student_bias, chunk_size
+        student_hidden, student_weight, teachers, labels, student_bias, chunk_size, check_finite
     )
     mode, fixed = _fixed(weights, len(tlist), n, lead, hidden)
     opts = {

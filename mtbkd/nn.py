@@ -207,16 +207,13 @@ def bayesify(
         raise ValueError(f"include={include!r} matches no nn.Linear module of the model")
     # a weight tied to another module (an embedding, another Linear) would be silently untied:
     # the BayesLinear gets its own posterior mean
-    owners: dict[int, list[str]] = {}
-    seen: set[tuple[int, int]] = set()
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         for p in mod.parameters(recurse=False):
-            if (id(mod), id(p)) not in seen:
-                seen.add((id(mod), id(p)))
-                owners.setdefault(id(p), []).append(name)
+            owners.setdefault(id(p), []).append((name, mod))
     for name, mod in chosen:
         for p in mod.parameters(recurse=False):
-            others = [n for n in owners[id(p)] if model.get_submodule(n) is not mod]
+            others = [n for n, m in owners[id(p)] if m is not mod]
             if others:
                 raise ValueError(
                     f"{name!r} shares a parameter with {others[0]!r} (tied weights): bayesify "

@@ -202,12 +202,9 @@ class SampleStore:
         store.reservoir = bool(int(meta["reservoir"]))
         store._params = None
         if module is not None:
-            if isinstance(module, Mapping):  # e.g. a state_dict: only the store's names matter
-                module = {k: v for k, v in module.items() if k in set(names)}
-                if not module:
-                    raise ValueError(f"module has no parameter {names[0]!r} recorded in the store")
             if isinstance(module, nn.Module):  # a store of a state_dict may hold buffers too
                 module = {**dict(module.named_buffers()), **dict(module.named_parameters())}
+            if isinstance(module, Mapping):  # e.g. a state_dict: only the store's names matter
                 module = {k: v for k, v in module.items() if k in set(names)}
                 if not module:
                     raise ValueError(f"module has no parameter {names[0]!r} recorded in the store")
