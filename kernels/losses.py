@@ -652,7 +652,8 @@ def _kd_fwd_kernel(
             elif DIVERGENCE == 1:
                 d = (z - mz)[None, :] - (t - tb[:, None])
                 live = valid2 & (q > 0.0)[None, :]
-                term = tl.where(live, w[:, None] * (d - mean_d[:, None]), 0.0)
+                # a teacher of weight 0 drops out (its d may be inf: no 0 * inf), as on CPU/CUDA
+                term = tl.where(live & (w > 0.0)[:, None], w[:, None] * (d - mean_d[:, None]), 0.0)
                 gs = tl.where(q > 0.0, q * tl.sum(term, axis=0), 0.0) * inv_tau2
             else:
                 a = log_beta + logp
@@ -660,13 +661,14 @@ def _kd_fwd_kernel(
                 mx = tl.maximum(a, b)
                 logm = mx + tl.log(tl.exp(a - _safe_max(mx)) + tl.exp(b - _safe_max(mx)))
                 inner = logq[None, :] - logm - kqm[:, None]
-                term = tl.where(valid2 & (q > 0.0)[None, :], w[:, None] * inner, 0.0)
+                live = valid2 & (q > 0.0)[None, :] & (w > 0.0)[:, None]
+                term = tl.where(live, w[:, None] * inner, 0.0)
                 gs = tl.where(q > 0.0, q * tl.sum(term, axis=0), 0.0) * (one_m_beta * inv_tau)
             g = soft_w * gs
             if HAS_LABELS:
                 g += beta_h * (tl.exp((z - mz) - ls1) - tl.where(cols == y, 1.0, 0.0))
             tl.store(grow + cols, _to_out(g, grad_ptr.dtype.element_ty, INTERPRET), mask=cm)
-        loss = soft_w * tl.sum(w * div) + tl.zeros([1], ACC)
+        loss = soft_w * tl.sum(tl.where(w > 0.0, w * div, 0.0)) + tl.zeros([1], ACC)
         if HAS_LABELS:
             loss += tl.where(beta_h != 0.0, beta_h * ce, 0.0)  # beta_h = 0: no term, no 0 * inf
         tl.store(loss_ptr + one, loss)

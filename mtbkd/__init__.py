@@ -2,7 +2,9 @@
 
 Fused multi-teacher losses (MT-BKD's teacher-informed mixture prior and the weighted-sum KD
 family), Bayesian layers, SGLD and uncertainty metrics. The math is in ``docs/MATH.md``.
-Optional parts (``mtbkd.integrations``, ``mtbkd.distill``, ``mtbkd.report``) import lazily.
+The pipeline's parts (``mtbkd.distill``, ``mtbkd.data``, ``mtbkd.report``, ``mtbkd.unirep``) and
+``mtbkd.integrations`` are imported on first access (``mtbkd.distill.DistillConfig`` works after
+``import mtbkd``), not by ``import mtbkd``.
 """
 
 __version__ = "0.1.0"
@@ -72,3 +74,18 @@ __all__ = [
     "SampleStore",
     "predict",
 ]
+
+# imported on first access (PEP 562): they pull in matplotlib, scikit-learn, transformers ...
+_LAZY_SUBMODULES = ("data", "distill", "integrations", "report", "unirep", "llm_demo", "cli")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"mtbkd.{name}")
+    raise AttributeError(f"module 'mtbkd' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_SUBMODULES})

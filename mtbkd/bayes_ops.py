@@ -122,7 +122,12 @@ def _check_seed(seed: int, offset: int) -> None:
     for name, v in (("seed", seed), ("offset", offset)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if not 0 <= v < _SEED_LIMIT:
+        if torch.compiler.is_compiling():
+            # new_seed()'s .item() is a data-dependent value in a graph: assert the range
+            # instead of branching on it (fullgraph=True could not guard on it)
+            torch._check(v >= 0, lambda name=name: f"{name} must be in [0, 2**63)")
+            torch._check(v < _SEED_LIMIT, lambda name=name: f"{name} must be in [0, 2**63)")
+        elif not 0 <= v < _SEED_LIMIT:
             raise ValueError(f"{name} must be in [0, 2**63), got {v}")
 
 
@@ -180,6 +185,30 @@ def _(grad, rho, seed, offset):
     return torch.empty_like(rho)
 
 
+def _reparam_bwd_setup(ctx, inputs, output):
+    grad, rho, seed, offset = inputs
+    ctx.save_for_backward(grad, rho)
+    ctx.seed, ctx.offset = seed, offset
+
+
+def _reparam_bwd_backward(ctx, v):
+    # drho = grad * sigmoid(rho) * eps is linear in grad, and d/drho of it is
+    # grad * sigmoid(rho) * sigmoid(-rho) * eps: both are this op again, eps regenerated
+    grad, rho = ctx.saved_tensors
+    v = v.contiguous()
+    dgrad = drho = None
+    if ctx.needs_input_grad[0]:
+        dgrad = reparameterize_backward(v, rho, ctx.seed, ctx.offset)
+    if ctx.needs_input_grad[1]:
+        acc = _acc(rho.dtype)
+        g = (grad.to(acc) * v.to(acc) * torch.sigmoid(-rho.to(acc))).to(rho.dtype)
+        drho = reparameterize_backward(g.contiguous(), rho, ctx.seed, ctx.offset)
+    return dgrad, drho, None, None
+
+
+reparameterize_backward.register_autograd(_reparam_bwd_backward, setup_context=_reparam_bwd_setup)
+
+
 def _reparam_setup(ctx, inputs, output):
     _, rho, seed, offset, _ = inputs
     ctx.save_for_backward(rho)  # a parameter: saving it costs no memory
@@ -209,7 +238,8 @@ def reparameterize(
     """Sample ``w = mu + softplus(rho) * eps``, ``eps ~ N(0, 1)`` from Philox (MATH.md section 6).
 
     ``eps`` is generated inside the kernel from ``(seed, offset)`` and regenerated in the
-    backward (``dmu = g``, ``drho = g * eps * sigmoid(rho)``), so no eps-sized tensor exists.
+    backward (``dmu = g``, ``drho = g * eps * sigmoid(rho)``), so no eps-sized tensor exists;
+    higher derivatives (``create_graph=True``) regenerate it the same way.
     Element ``i`` uses counter ``offset + i // 4``: to draw several independent tensors under one
     seed, advance ``offset`` by :func:`counters_used` of the previous tensor. ``seed=None`` draws
     a seed from torch's default generator, so ``torch.manual_seed`` makes sampling reproducible.
@@ -299,10 +329,13 @@ def _kl_backward(ctx, grad_kl, _g1, _g2):
             "gaussian_kl does not support double backward (create_graph=True); "
             "torch.distributions.kl_divergence is plain autograd and does"
         )
-    g = grad_kl.to(dmu.dtype)
+    # the product in fp32 (fp64), rounded once: a scale such as 1 / num_data is an fp16
+    # subnormal or 0, and bf16 would round it first
+    acc = _acc(dmu.dtype)
+    g = grad_kl.to(acc)
     return (
-        dmu * g if ctx.needs_input_grad[0] else None,
-        drho * g if ctx.needs_input_grad[1] else None,
+        (dmu.to(acc) * g).to(dmu.dtype) if ctx.needs_input_grad[0] else None,
+        (drho.to(acc) * g).to(drho.dtype) if ctx.needs_input_grad[1] else None,
         None,
         None,
         None,
@@ -315,13 +348,18 @@ _gaussian_kl_op.register_autograd(_kl_backward, setup_context=_kl_setup)
 def gaussian_kl(mu: Tensor, rho: Tensor, prior_sigma: float = 1.0, prior_mu: float = 0.0) -> Tensor:
     """``sum [log(s0/s) + (s^2 + (mu - m0)^2) / (2 s0^2) - 1/2]``, ``s = softplus(rho)``
     (MATH.md section 6): KL of ``N(mu, s^2)`` to the prior ``N(m0, s0^2)``, summed, fp32 (fp64
-    for fp64 input), its gradient computed in the same pass when autograd needs it."""
+    for fp64 input), its gradient computed in the same pass when autograd needs it (for fp16
+    input on fp32 copies, whose gradient fp16 cannot overflow before it is scaled)."""
     from mtbkd import validate
 
     _check_mu_rho(mu, rho)
-    prior_sigma = validate.check_positive(prior_sigma, "prior_sigma")
+    prior_sigma = validate.check_prior_sigma(prior_sigma)
     prior_mu = validate.check_real(prior_mu, "prior_mu")
     need_grad = torch.is_grad_enabled() and (mu.requires_grad or rho.requires_grad)
+    if mu.dtype == torch.float16:
+        # d KL / d mu = (mu - m0) / s0^2 overflows fp16 for a tight prior (s0 = 1e-3: 65504 at
+        # mu = 0.07): the kernels run on fp32 copies, and autograd rounds the gradient once
+        mu, rho = mu.float(), rho.float()
     kl, _, _ = _gaussian_kl_op(mu.contiguous(), rho.contiguous(), prior_mu, prior_sigma, need_grad)
     # A non-finite sum is the cheap sign of bad input; only then look for the culprit.
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(kl)):

@@ -395,12 +395,14 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
         )
     except distill.CheckpointMismatchError as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None
+    result.data_digest = getattr(args, "data_sha256", None)
     distill.save_run(result, out, dataset)
     rep = report.write_report(result, out, figures=not args.no_figures)
     print()
     print(
         f"{dataset.name} test set ({len(dataset.y_test)} rows), "
-        f"{len(result.teacher_names)} teachers: {', '.join(result.teacher_names)}"
+        f"{len(result.teacher_names)} teacher{'s' * (len(result.teacher_names) != 1)}: "
+        f"{', '.join(result.teacher_names)}"
     )
     print(report.format_table(rep["methods"]))
     for line in report.calibration_sentence(rep["methods"], len(dataset.y_test)):
@@ -440,6 +442,20 @@ def _run_pipeline(args: argparse.Namespace) -> int:
             raise SystemExit(f"mtbkd {args.command}: {exc}") from None
     if getattr(args, "data_dir", None) and not Path(args.data_dir).is_dir():
         raise SystemExit(f"mtbkd {args.command}: --data-dir {args.data_dir} is not a folder")
+    if getattr(args, "sequence_encoder", None):
+        from mtbkd import data
+
+        try:
+            data.check_sequence_encoder(args.sequence_encoder)
+        except ValueError as exc:
+            raise SystemExit(f"mtbkd {args.command}: --sequence-encoder: {exc}") from None
+    # what the finished seeds of a --resume must have read (another dataset, same folder name)
+    args.data_sha256 = None
+    if getattr(args, "data_dir", None):
+        from mtbkd import data
+
+        args.data_sha256 = data.source_digest(args.data_dir)
+    existed = bool(args.out) and Path(args.out).exists()
     out = _out_dir(args)
     _check_out_folder(args.command, out)
     if args.resume and not out.exists():
@@ -451,6 +467,20 @@ def _run_pipeline(args: argparse.Namespace) -> int:
             f"\nmtbkd {args.command}: interrupted; the checkpoints in {out} keep the finished "
             "work: run the same command with --resume (and the same --out) to continue"
         ) from None
+    except SystemExit:
+        # refused after the folder was made (checks that need the data: a method naming no
+        # teacher, bad data): leave no empty folder behind
+        if not existed:
+            _remove_if_empty(out)
+        raise
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Delete ``folder`` if it holds no file (only empty folders)."""
+    import shutil
+
+    if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_out_folder(command: str, out: Path) -> None:
@@ -473,6 +503,13 @@ def _check_finished_seed(args: argparse.Namespace, seed: int, done: Path, rep: d
             raise SystemExit(
                 f"mtbkd {args.command}: {done} is a {rep['dataset']} run, not {args.dataset}"
             )
+    was_data, now_data = rep.get("data_sha256"), getattr(args, "data_sha256", None)
+    if was_data and now_data and was_data != now_data:
+        raise SystemExit(
+            f"mtbkd {args.command}: {done} was run on other data than --data-dir "
+            f"{args.data_dir} holds now (its files' SHA-256 differs): resume with the data that "
+            "made it, or use another --out"
+        )
     want = _pipeline_config(args, seed).to_dict()
     try:
         was = DistillConfig.from_dict(rep.get("config") or {}).to_dict()
@@ -639,7 +676,9 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
         print(json.dumps({"dataset": dataset.name, "teachers": rows, "combinations": combos,
                           "train_weighting": diag}))  # fmt: skip
         return 0
-    print(f"{dataset.name}: {len(y_tr)} training / {len(y_te)} test rows, {len(names)} teachers")
+    plural = "s" * (len(names) != 1)
+    sizes = f"{len(y_tr)} training / {len(y_te)} test rows"
+    print(f"{dataset.name}: {sizes}, {len(names)} teacher{plural}")
     width = max(len(n) for n in [*names, *(c["name"] for c in combos)])
     print(f"{'teacher':<{width}}  train acc  test acc  test NLL  test ECE")
     for r in [*rows, *combos]:

@@ -889,6 +889,36 @@ def load_directory(
     return Dataset(name, x_tr, y_tr, x_te, y_te, classes, t_tr, t_te, kind, feat, encoder)
 
 
+# what the dataset loaders read from a data folder (and from its train/ and test/ folders)
+_DATA_FILES = ("train.csv", "test.csv", "features.npy", "labels.npy", "classes.txt",
+               "teacher_*.npy", "teacher_*.csv")  # fmt: skip
+
+
+def source_digest(data_dir: str | Path) -> str:
+    """SHA-256 over the names and contents of the files a dataset loader reads from
+    ``data_dir`` (``train.csv``, ``features.npy``, ``teacher_*``, ``classes.txt``, ... there and
+    in ``train/`` and ``test/``; other files, such as a README or a run folder, do not count):
+    what a finished run read its data from, so that ``--resume`` can tell another dataset under
+    the same folder name."""
+    import hashlib
+
+    root = Path(data_dir)
+    files = {
+        f
+        for folder in (root, root / "train", root / "test")
+        for pattern in _DATA_FILES
+        for f in folder.glob(pattern)
+        if f.is_file()
+    }
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f"{f.relative_to(root).as_posix()}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def load_dataset(
     name: str,
     data_dir: str | Path | None = None,

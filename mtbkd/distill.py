@@ -726,8 +726,16 @@ def _run_epochs_seeded(
     if state is not None:
         if monitor is not None and "monitor" in state:
             monitor.load_state(state["monitor"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as exc:  # shapes: another student (hidden, classes)
+            first = str(exc).strip().splitlines()
+            raise CheckpointMismatchError(
+                f"checkpoint {checkpoint} holds a student of other shapes (differing: model; "
+                f"{first[-1].strip() if first else exc}): resume only with the same data and "
+                "configuration, or use another checkpoint directory"
+            ) from None
         gen.set_state(state["generator"])
         torch.set_rng_state(state["rng"])
         # a run its monitor stopped early is finished: no epoch left to train
@@ -1695,6 +1703,10 @@ class ExperimentResult:
     teacher_mixtures: list[dict[str, Any]] | None = None
     # what the dataset's shifted inputs are (Dataset.shift_name), when it has them
     shift_name: str | None = None
+    # SHA-256 of the test rows (features and labels): which seeds share one test set
+    test_digest: str | None = None
+    # SHA-256 of the files the data was read from (data.source_digest), set by the command line
+    data_digest: str | None = None
 
     def method(self, name: str) -> MethodResult:
         for m in self.methods:
@@ -1894,6 +1906,13 @@ class _Experiment:
 
 def _split_dataset(dataset: Dataset, config: DistillConfig):
     tr, val = stratified_split(dataset.y_train, config.val_fraction, config.seed)
+    if len(val) == 0:
+        raise ValueError(
+            f"the validation split is empty: {len(dataset.y_train)} training rows, and a class "
+            "gives validation rows only when it has at least 2 (hyperparameters and early "
+            "stopping need them; val_fraction holds out about "
+            f"{config.val_fraction:g} of each class)"
+        )
     x = torch.from_numpy(dataset.x_train)
     y = torch.from_numpy(dataset.y_train)
     return tr, val, x, y
@@ -1917,11 +1936,16 @@ def run_experiment(
 def check_methods(dataset: Dataset, config: DistillConfig) -> None:
     """Refuse, before any training, methods the dataset's teachers cannot serve: a
     ``bkd_<name>`` naming no teacher, ``avg_bkd`` with fewer than two teachers (a dataset without
-    teacher logits gets ``config.num_teachers`` trained ones)."""
+    teacher logits gets ``config.num_teachers`` trained ones); and training rows too few for a
+    validation split."""
     if dataset.teachers_train:
         method_names(config, dataset.teacher_names)
+    else:  # the names of the experts the pipeline will train
+        groups = expert_groups(dataset.num_classes, config.num_teachers)
+        method_names(config, [_teacher_name(g, dataset.num_classes) for g in groups])
     if "avg_bkd" in config.methods:
         _check_average(len(dataset.teachers_train) or config.num_teachers)
+    _split_dataset(dataset, config)  # a validation split to choose on
 
 
 def _check_average(k: int) -> None:
@@ -2086,6 +2110,7 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         weighting_diagnostic(t_tr, y_tr, names),
         mixtures,
         dataset.shift_name if dataset.x_shift is not None else None,
+        _digest(x_te, y_te),
     )
 
 

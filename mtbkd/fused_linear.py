@@ -85,14 +85,14 @@ class _Dense:
 
     def __init__(self, logits: Tensor, v: int, name: str = "teachers", check: bool = True) -> None:
         self.t = logits[:, :v]
-        # check: a cast that overflows to +inf is an error (one of check_finite's checks)
+        # check: a cast that overflows to +inf is an error, to -inf stays finite (check_finite)
         self.name, self.check = name, check
 
     def logits(self, rows: slice, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
         src = self.t[rows]
         z = src.to(dtype).contiguous()
         if self.check and z.dtype != src.dtype:  # only narrowing casts, one reduction (validate)
-            validate.check_cast_overflow(src, z, self.name)
+            z = validate.check_cast_overflow(src, z, self.name)
         return z
 
     def reuses(self, dtype: torch.dtype) -> bool:

@@ -57,7 +57,21 @@ def _samples(probs: Tensor, name: str = "probs") -> Tensor:
     if bool((probs < 0).any()):
         raise ValueError(f"{name} contains negative probabilities")
     q = probs if probs.dim() == 3 else probs.unsqueeze(0)
-    return q if q.dtype == torch.float64 else q.float()
+    q = q if q.dtype == torch.float64 else q.float()
+    # logits, log-probabilities or unnormalised scores passed by mistake would give metrics that
+    # look plausible and mean nothing: every row must sum to 1 up to the rounding of its dtype
+    # (rounding moves the row's sum by at most eps / 2 relative, plus half a subnormal step per
+    # value below the normal range: fp16 softmax over 256k classes; at least 1e-3)
+    fi = torch.finfo(probs.dtype)
+    tol = max(1e-3, 2.0 * fi.eps) + 0.5 * probs.shape[-1] * fi.tiny * fi.eps
+    err = (q.sum(-1, dtype=torch.float64) - 1.0).abs()
+    if bool((err > tol).any()):
+        s, n = divmod(int(err.flatten().argmax()), q.shape[1])
+        at = f"sample {s}, row {n}" if probs.dim() == 3 else f"row {n}"
+        raise ValueError(f"{name} must be probabilities whose rows sum to 1 (within {tol:.1e}); "
+                         f"{at} sums to {float(q[s, n].sum(dtype=torch.float64)):.6g}"
+                         " (pass softmax(logits), not logits or log-probabilities)")  # fmt: skip
+    return q
 
 
 def _labels(labels: Tensor, n: int, c: int) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,7 @@ class BayesLinear(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.in_features, self.out_features = in_features, out_features
-        self.prior_sigma = validate.check_positive(prior_sigma, "prior_sigma")
+        self.prior_sigma = validate.check_prior_sigma(prior_sigma)
         self.prior_mu = validate.check_real(prior_mu, "prior_mu")
         self.posterior_rho_init = validate.check_real(posterior_rho_init, "posterior_rho_init")
         self.mode = mode
@@ -89,7 +90,8 @@ class BayesLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> BayesLinear:
-        """A ``BayesLinear`` whose posterior mean is ``linear``'s weight and bias."""
+        """A ``BayesLinear`` whose posterior mean is ``linear``'s weight and bias, with its
+        ``requires_grad`` (for the mean and ``rho``) and its train / eval mode."""
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     device=w.device, dtype=w.dtype, **kwargs)  # fmt: skip
@@ -97,7 +99,13 @@ class BayesLinear(nn.Module):
             layer.weight_mu.copy_(w)
             if linear.bias is not None:
                 layer.bias_mu.copy_(linear.bias)
-        return layer
+        # a frozen layer stays frozen (mean and rho alike), and so does its train / eval mode
+        layer.weight_mu.requires_grad_(w.requires_grad)
+        layer.weight_rho.requires_grad_(w.requires_grad)
+        if linear.bias is not None:
+            layer.bias_mu.requires_grad_(linear.bias.requires_grad)
+            layer.bias_rho.requires_grad_(linear.bias.requires_grad)
+        return layer.train(linear.training)
 
     def freeze(self) -> BayesLinear:
         """Use the posterior mean in the forward (no sampling)."""
@@ -128,11 +136,14 @@ class BayesLinear(nn.Module):
         # the variance in fp32 for fp16 / bf16: sigma^2 (4.5e-5 at rho = -5) and x^2 sigma^2
         # underflow in fp16, and fp16's floor (6e-5) alone made noise of std 0.008
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        var_b = None if self.bias_rho is None else F.softplus(self.bias_rho.to(acc)) ** 2
-        xa = x.to(acc)
-        var = F.linear(xa * xa, F.softplus(self.weight_rho.to(acc)) ** 2, var_b)
-        # The floor keeps the sqrt's gradient finite where the variance is exactly 0 (x = 0).
-        std = var.clamp_min(torch.finfo(acc).tiny).sqrt()
+        # ... and outside autocast, which would run this matmul in fp16 again
+        autocast = torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if autocast else nullcontext():
+            var_b = None if self.bias_rho is None else F.softplus(self.bias_rho.to(acc)) ** 2
+            xa = x.to(acc)
+            var = F.linear(xa * xa, F.softplus(self.weight_rho.to(acc)) ** 2, var_b)
+            # The floor keeps the sqrt's gradient finite where the variance is exactly 0 (x = 0).
+            std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
         if acc == mean.dtype:
             return mean + std * torch.randn_like(mean)
         return mean + (std * torch.randn(mean.shape, dtype=acc, device=mean.device)).to(mean.dtype)
@@ -189,14 +200,20 @@ def bayesify(
     every ``nn.Linear``. The trained weights become the posterior mean; a layer used under several
     names stays one shared :class:`BayesLinear`, and a layer whose weight is tied to another
     module (an embedding, another ``nn.Linear``) is refused, since converting it would untie
-    them. Returns ``model`` (a bare ``nn.Linear`` is returned converted).
+    them, and so is a shared layer chosen under some of its names only. Each new layer keeps the
+    replaced one's ``requires_grad`` and train / eval mode (not its hooks). Returns ``model`` (a
+    bare ``nn.Linear`` is returned converted).
     """
     match = _matcher(include, exclude)
     kw = {"prior_sigma": prior_sigma, "posterior_rho_init": posterior_rho_init, "mode": mode,
           "prior_mu": prior_mu}  # fmt: skip
     BayesLinear(1, 1, bias=False, **kw)  # the options checked even when no layer is converted
     if type(model) is nn.Linear:
-        return BayesLinear.from_linear(model, **kw) if match("", model) else model
+        if match("", model):
+            return BayesLinear.from_linear(model, **kw)
+        if include is not None:  # as for a model: was returned unconverted, silently
+            raise ValueError(f"include={include!r} does not match the nn.Linear given (name '')")
+        return model
     # every name of a module used in several places (remove_duplicate=False): one BayesLinear per
     # nn.Linear, set at each of its names, so shared layers stay shared
     chosen = [
@@ -219,6 +236,17 @@ def bayesify(
                     f"{name!r} shares a parameter with {others[0]!r} (tied weights): bayesify "
                     "would untie them; exclude it, or untie the weights first"
                 )
+    # a layer used under several names must be chosen under all of them: converting it at some
+    # would untie the copies (the others keep the old nn.Linear)
+    picked = {name for name, _ in chosen}
+    for name, mod in chosen:
+        left = [n for n, m in model.named_modules(remove_duplicate=False)
+                if m is mod and n not in picked]  # fmt: skip
+        if left:
+            raise ValueError(
+                f"{name!r} is the same nn.Linear as {left[0]!r}, which include / exclude leave "
+                "out: bayesify would untie them; choose both names or neither"
+            )
     made: dict[int, BayesLinear] = {}
     for name, mod in chosen:
         if id(mod) not in made:

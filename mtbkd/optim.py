@@ -16,13 +16,26 @@ from mtbkd.bayes_ops import new_seed, sgld_step_
 __all__ = ["SGLD"]
 
 
+_NUMBERS = ("lr", "num_data", "temperature", "weight_decay", "alpha", "eps")
+
+
 def _check_hyperparameters(group: dict[str, Any], at_step: bool = False) -> None:
+    # numpy scalars (np.float32 is not a float; np.int64(len(dataset))) and one-element tensors
+    # (a tensor lr, as torch.optim takes) become Python numbers in the group
+    for key in _NUMBERS:
+        v = group.get(key)
+        if (
+            isinstance(v, Tensor)
+            and v.numel() == 1
+            and not v.is_complex()
+            and v.dtype != torch.bool
+        ):
+            group[key] = v.item()
+        elif isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
+            group[key] = float(v)
     # at a step, lr may have been decayed to 0 by a scheduler (a step that moves nothing)
-    if at_step:  # a scheduler may have set a numpy float (np.float32 is not a float)
-        lr = group["lr"]
-        if isinstance(lr, numbers.Real) and not isinstance(lr, bool):
-            lr = float(lr)
-        validate.check_real(lr, "lr", nonnegative=True)
+    if at_step:
+        validate.check_real(group["lr"], "lr", nonnegative=True)
     else:
         validate.check_positive(group["lr"], "lr")
     validate.check_positive(group["num_data"], "num_data")
@@ -76,7 +89,16 @@ class SGLD(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As :meth:`torch.optim.Optimizer.add_param_group`; the group's own hyperparameters are
         checked like the constructor's (a negative ``lr`` or ``temperature`` made NaN noise)."""
-        _check_hyperparameters({**self.defaults, **param_group})
+        merged = {**self.defaults, **param_group}
+        _check_hyperparameters(merged)
+        param_group.update({k: merged[k] for k in _NUMBERS if k in param_group})
+        params = param_group.get("params")
+        if not isinstance(params, (Tensor, set)) and isinstance(params, Iterable):
+            param_group["params"] = params = list(params)  # a generator, read once
+        for i, p in enumerate([params] if isinstance(params, Tensor) else params or []):
+            if isinstance(p, Tensor) and not p.is_floating_point():  # complex: in the C++ op
+                raise TypeError(f"SGLD samples real floating-point parameters; parameter {i} of "
+                                f"group {len(self.param_groups)} has dtype {p.dtype}")  # fmt: skip
         super().add_param_group(param_group)
 
     @torch.no_grad()

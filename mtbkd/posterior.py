@@ -46,6 +46,21 @@ def _select(
     return named
 
 
+def _module_ref(source) -> nn.Module | None:
+    # a plain reference (a store already holds the module's tensors): pickles and deep-copies
+    # along with the module
+    return source if isinstance(source, nn.Module) else None
+
+
+def _lookup(module: nn.Module, name: str) -> Tensor | None:
+    for get in (module.get_parameter, module.get_buffer):
+        try:
+            return get(name)
+        except AttributeError:
+            pass
+    return None
+
+
 class SampleStore:
     """Collects posterior samples of chosen parameters into one preallocated buffer.
 
@@ -61,6 +76,10 @@ class SampleStore:
         dtype: ``torch.float32`` or ``torch.bfloat16`` (halves the memory).
         device: where the buffer lives (default: the parameters' device).
         include: ``fnmatch`` pattern(s) on parameter names.
+
+    Given a module, :meth:`collect` reads the tensors the module holds under the recorded names
+    at each call, so a parameter replaced since (``load_state_dict(..., assign=True)``) is
+    followed; one removed or reshaped raises ``RuntimeError``.
     """
 
     def __init__(
@@ -81,6 +100,7 @@ class SampleStore:
         if dtype not in _DTYPES.values():
             raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         params = _select(module_or_params, include)
+        self._module = _module_ref(module_or_params)
         self.names = list(params)
         self.shapes = [tuple(params[k].shape) for k in self.names]
         self._params: list[Tensor] | None = [params[k] for k in self.names]
@@ -111,6 +131,7 @@ class SampleStore:
         """Record the current parameter values if burn-in and thinning say so; True if stored."""
         if self._params is None:
             raise RuntimeError("this store was loaded without a module: it cannot collect")
+        self._rebind()
         self.calls += 1
         after = self.calls - self.burn_in
         if after <= 0 or (after - 1) % self.thin != 0:
@@ -130,6 +151,24 @@ class SampleStore:
         for p, a, b in zip(self._params, self._bounds[:-1], self._bounds[1:]):
             dst[a:b].copy_(p.detach().reshape(-1))
         return True
+
+    def _rebind(self) -> None:
+        # The module's parameters may have been replaced since (load_state_dict(assign=True),
+        # a swapped submodule): collect what the module holds now, never a stale tensor.
+        module = self._module
+        if module is None:
+            return
+        for i, (name, shape) in enumerate(zip(self.names, self.shapes)):
+            t = _lookup(module, name)
+            if t is self._params[i]:
+                continue
+            if t is None:
+                raise RuntimeError(f"the module no longer has parameter {name!r} recorded in "
+                                   "this store (was a layer replaced?)")  # fmt: skip
+            if tuple(t.shape) != shape:
+                raise RuntimeError(f"parameter {name!r} of the module now has shape "
+                                   f"{tuple(t.shape)}, the store {shape}")  # fmt: skip
+            self._params[i] = t
 
     def samples(self) -> Tensor:
         """The stored samples ``[S, D]`` (a view of the buffer)."""
@@ -201,6 +240,7 @@ class SampleStore:
         store.calls, store.kept = int(meta["calls"]), int(meta["kept"])
         store.reservoir = bool(int(meta["reservoir"]))
         store._params = None
+        store._module = _module_ref(module)
         if module is not None:
             if isinstance(module, nn.Module):  # a store of a state_dict may hold buffers too
                 module = {**dict(module.named_buffers()), **dict(module.named_parameters())}
@@ -264,6 +304,10 @@ def predict(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(store, SampleStore):
         raise TypeError(f"store must be a SampleStore, got {type(store).__name__}")
+    if not isinstance(inputs, Tensor):  # a tuple failed inside the model
+        raise TypeError(f"inputs must be one torch.Tensor (model(inputs)), got "
+                        f"{type(inputs).__name__}: wrap a model of several inputs in a module "
+                        "that takes one")  # fmt: skip
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     if len(store) == 0:

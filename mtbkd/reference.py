@@ -91,6 +91,13 @@ def _row_mask(labels: Tensor | None, n: int, ignore_index: int, device) -> Tenso
     return labels != ignore_index
 
 
+def _neutral_masked_rows(z: Tensor, t: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Zeros in the rows ``mask`` leaves out: they count for nothing (MATH.md section 4), and
+    their logits (padding: -inf or NaN) must not reach the gradient through a discarded branch."""
+    keep = mask[:, None]
+    return torch.where(keep, z, 0.0), torch.where(keep[None], t, 0.0)
+
+
 def _cross_entropy(z: Tensor, labels: Tensor | None, mask: Tensor) -> Tensor:
     if labels is None:
         return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
@@ -123,6 +130,7 @@ def mtbkd_loss(
     n, v = z.shape
     lam = concentration
     mask = _row_mask(labels, n, ignore_index, z.device)
+    z, t = _neutral_masked_rows(z, t, mask)
 
     w = teacher_weights(t, weights, weight_temperature).to(dt)  # [K, N]
     h = teacher_entropy(t, weight_temperature)
@@ -157,7 +165,12 @@ def mtbkd_loss(
 def _kl(logp: Tensor, logq: Tensor) -> Tensor:
     """``KL(p || q)`` over the last axis from log-probabilities (0 log 0 = 0)."""
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    live = p > 0
+    # the operands are masked too: -inf - (-inf) in the discarded branch would make the
+    # product's gradient 0 * NaN where a class is ruled out for both
+    zero = torch.zeros_like(p)
+    diff = torch.where(live, logp, zero) - torch.where(live, logq, zero)
+    return torch.where(live, p * diff, zero).sum(-1)
 
 
 def multi_teacher_kd_loss(
@@ -184,6 +197,7 @@ def multi_teacher_kd_loss(
     t = _stack(teacher_logits).detach().to(dt)
     n = z.shape[0]
     mask = _row_mask(labels, n, ignore_index, z.device)
+    z, t = _neutral_masked_rows(z, t, mask)
     w = teacher_weights(t, weights, weight_temperature).to(dt)
     logq = torch.log_softmax(z / temperature, dim=-1)[None]  # [1, N, V]
     logp = torch.log_softmax(t / temperature, dim=-1)  # [K, N, V]
@@ -195,9 +209,10 @@ def multi_teacher_kd_loss(
     elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
         d = _kl(logq.expand_as(logp), logp)
     elif divergence == "jsd":
-        logm = torch.logsumexp(
-            torch.stack([logp + math.log(beta), logq.expand_as(logp) + math.log(1.0 - beta)]), dim=0
-        )
+        parts = torch.stack([logp + math.log(beta), logq.expand_as(logp) + math.log(1.0 - beta)])
+        # a class both rule out: m = 0 there (logsumexp of two -inf has a NaN gradient)
+        out = torch.isneginf(parts).all(0)
+        logm = torch.where(out, -math.inf, torch.logsumexp(parts.masked_fill(out, 0.0), dim=0))
         d = beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq.expand_as(logp), logm)
     else:
         raise ValueError(

@@ -117,6 +117,8 @@ def report_dict(result: ExperimentResult) -> dict[str, Any]:
             "paired_bootstrap": paired_bootstrap(result),
             "config": result.config.to_dict(),
             "total_seconds": result.seconds,
+            "data_sha256": result.data_digest,
+            "test_sha256": result.test_digest,
         }
     )
 
@@ -250,18 +252,24 @@ def save_per_row(result: ExperimentResult, path: str | Path) -> None:
         tensors[f"{m.name}.nll"] = nll.contiguous()
         tensors[f"{m.name}.correct"] = correct.contiguous()
         tensors[f"{m.name}.conf"] = conf.contiguous()
-    save_file(tensors, str(path))
+    meta = {"test_sha256": result.test_digest} if result.test_digest else None
+    save_file(tensors, str(path), metadata=meta)
 
 
 def load_per_row(path: str | Path) -> dict[str, Any] | None:
     """``{"labels": Tensor, method: (nll, correct, conf, bin)}`` from :func:`save_per_row`'s file,
     or ``None`` when it is absent (a run folder written before it existed)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
         return None
     t = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        digest = (f.metadata() or {}).get("test_sha256")
     out: dict[str, Any] = {"labels": t.pop("labels")}
+    if digest:
+        out["test_sha256"] = digest
     for key in t:
         name = key.rsplit(".", 1)[0]
         if name not in out:
@@ -1059,6 +1067,9 @@ def _shared_test_rows(per_row: list[dict[str, Any] | None] | None) -> bool | Non
     """Whether every seed was tested on the same rows (``None``: no per-row data to tell)."""
     if not per_row or any(p is None for p in per_row):
         return None
+    digests = [p.get("test_sha256") for p in per_row]
+    if all(digests):  # the test rows' features and labels (the labels alone can coincide)
+        return len(set(digests)) == 1
     return all(torch.equal(p["labels"], per_row[0]["labels"]) for p in per_row)
 
 

@@ -31,6 +31,19 @@ def check_positive(value: float, name: str) -> float:
     return float(value)
 
 
+# 1 / s0^2 of a Gaussian prior must stay a finite float32 (the kernels hold it in fp32); below this
+# every backend would overflow differently, and such a prior pins the weights anyway
+MIN_PRIOR_SIGMA = 1e-18
+
+
+def check_prior_sigma(value: float, name: str = "prior_sigma") -> float:
+    value = check_positive(value, name)
+    if value < MIN_PRIOR_SIGMA:
+        raise ValueError(f"{name} must be at least {MIN_PRIOR_SIGMA:g} (1 / {name}^2 must be a "
+                         f"finite float32), got {value}")  # fmt: skip
+    return value
+
+
 def check_real(value: float, name: str, *, nonnegative: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -110,20 +123,29 @@ def check_logits(x: Tensor, name: str) -> None:
 
 
 def _narrowing(src: torch.dtype, dst: torch.dtype) -> bool:
-    """Whether a cast ``src -> dst`` loses range that logits use: fp32 -> fp16, fp64 -> fp32,
-    not fp32 -> bf16 (whose range is fp32's)."""
-    return torch.finfo(dst).max < 0.5 * torch.finfo(src).max
+    """Whether a cast ``src -> dst`` loses range: fp32 -> fp16, fp64 -> fp32, and fp32 -> bf16
+    too (bf16's largest value is 0.4 % below fp32's: ``finfo(float32).min`` becomes -inf)."""
+    return torch.finfo(dst).max < torch.finfo(src).max
 
 
-def check_cast_overflow(src: Tensor, cast: Tensor, name: str) -> None:
-    """A finite positive logit beyond the range of ``cast``'s dtype became +inf in the cast
-    (a negative one becoming -inf is a class ruled out, as ``finfo.min`` masking means it): an
-    error naming ``name``. One reduction of the cast and a host synchronisation, only for
-    narrowing casts and never inside a ``torch.compile`` graph (the losses run it when
-    ``check_finite``)."""
-    if torch.compiler.is_compiling() or not _narrowing(src.dtype, cast.dtype):
-        return
-    if cast.numel() and bool(cast.amax() == float("inf")):
+def check_cast_overflow(src: Tensor, cast: Tensor, name: str) -> Tensor:
+    """``cast`` (``src`` cast to a narrower dtype), checked: a finite positive logit beyond its
+    range became +inf, an error naming ``name``; a finite negative one that became -inf (as
+    ``finfo(float32).min`` masking does in fp16 / bf16) is set to the dtype's lowest finite value,
+    so that masking stays finite and passes the losses' finiteness check. One reduction of the
+    cast and a host synchronisation, only for narrowing casts; inside a ``torch.compile`` graph
+    only the masking (an elementwise select, no synchronisation) and no +inf check (the losses
+    run it when ``check_finite``)."""
+    if not _narrowing(src.dtype, cast.dtype) or not cast.numel():
+        return cast
+    if torch.compiler.is_compiling():
+        # no host synchronisation in a graph: the masking only, from the source (inductor keeps
+        # the cast's values in fp32 inside a kernel, so its -inf is not there to test)
+        lo = torch.finfo(cast.dtype).min
+        return torch.where(torch.isfinite(src), src.clamp_min(lo), src).to(cast.dtype)
+    lo, hi = torch.aminmax(cast)
+    lo, hi = torch.stack([lo, hi]).tolist()
+    if hi == float("inf"):
         new = torch.isposinf(cast) & torch.isfinite(src)
         if bool(new.any()):
             raise ValueError(
@@ -132,6 +154,10 @@ def check_cast_overflow(src: Tensor, cast: Tensor, name: str) -> None:
                 f"{float(src[new][0]):g}): the teachers are computed in the student's dtype, "
                 "so give the student a wider dtype or clamp the teacher logits"
             )
+    if lo == float("-inf"):
+        new = torch.isneginf(cast) & torch.isfinite(src)
+        cast = torch.where(new, torch.finfo(cast.dtype).min, cast)
+    return cast
 
 
 def canonical_inputs(
@@ -144,7 +170,8 @@ def canonical_inputs(
 
     Returns ``(student, teachers, labels, leading_shape)``. Teachers of another floating dtype are
     cast to the student's (a copy; with ``check_finite``, a finite logit that overflows to +inf
-    in a narrowing cast is an error, :func:`check_cast_overflow`); a ``[K, ..., V]`` tensor is
+    in a narrowing cast is an error, and one that overflows to -inf stays finite,
+    :func:`check_cast_overflow`); a ``[K, ..., V]`` tensor is
     split into views without a copy.
     """
     check_logits(student_logits, "student_logits")
@@ -189,7 +216,7 @@ def canonical_inputs(
         if t.dtype != student_logits.dtype:
             cast = t.to(student_logits.dtype)
             if check_finite:
-                check_cast_overflow(t, cast, f"teacher_logits[{i}]")
+                cast = check_cast_overflow(t, cast, f"teacher_logits[{i}]")
             t = cast
         out.append(t.reshape(-1, v).contiguous())
     student = student_logits.reshape(-1, v)

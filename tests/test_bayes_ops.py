@@ -444,6 +444,48 @@ def test_kl_float64_near_the_tiny_rho_series(backend):
     torch.testing.assert_close(rho.grad, drho, rtol=1e-14, atol=0)
 
 
+def test_reparameterize_second_derivatives(backend):
+    # w = mu + softplus(rho) eps is smooth in rho: second (and third) derivatives regenerate eps
+    # (was: a RuntimeError that the backward op had no autograd formula)
+    mu = torch.randn(40, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    rho = torch.randn(40, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    def f(m, r):
+        return B.reparameterize(m, r, seed=7, offset=3) ** 3
+
+    if backend not in ("triton", "reference"):  # slow per call on CPU: the comparison below
+        torch.autograd.gradgradcheck(f, (mu, rho))
+    # against plain autograd on the same eps
+    eps = (B.reparameterize(torch.zeros_like(mu), rho, seed=7, offset=3) / F.softplus(rho)).detach()
+    for fn in (f, lambda m, r: (m + F.softplus(r) * eps) ** 3):
+        g_rho = torch.autograd.grad(fn(mu, rho).sum(), rho, create_graph=True)[0]
+        h = torch.autograd.grad(g_rho.sum(), (mu, rho))
+        if fn is f:
+            got = h
+    for a, b in zip(got, h):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kl_gradient_of_a_scaled_kl_in_low_precision(backend, dtype):
+    # found by a bug hunt: KL / num_data in fp16 rounded 1 / num_data to a subnormal or 0 before
+    # the product (every gradient 0 at N = 5e7), and a tight prior's d KL / d mu overflowed
+    torch.manual_seed(19)
+    mu = (torch.randn(200) * 0.1).to(dtype).to(DEVICE).requires_grad_()
+    rho = torch.full((200,), -3.0, dtype=dtype, device=DEVICE, requires_grad=True)
+    for prior_sigma, n in ((1e-3, 1e5), (1.0, 5e7)):
+        mu.grad = rho.grad = None
+        (B.gaussian_kl(mu, rho, prior_sigma=prior_sigma) / n).backward()
+        m = mu.detach().double()
+        want = (m / prior_sigma**2) / n
+        assert torch.isfinite(mu.grad).all()
+        err = (mu.grad.double() - want).abs()
+        # fp16 runs on fp32 copies: rounded once; bf16 (fp32's range) stores d KL / d mu in
+        # bf16, then the product is rounded: twice
+        rounds = 1 if dtype == torch.float16 else 2
+        assert (err <= rounds * _half_ulp(want, dtype) + 1e-6 * want.abs()).all()
+
+
 def test_kl_double_backward_raises():
     # The saved gradient is a constant: a second-order term must not silently vanish.
     mu = torch.randn(5, dtype=torch.float64, requires_grad=True)
@@ -719,10 +761,23 @@ def test_bad_shapes_and_types():
         B.reparameterize(mu, mu, seed=1.5)
 
 
-@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan"), float("inf"), 1e-19, 1e-30])
 def test_bad_prior_sigma(sigma):
     with pytest.raises(ValueError, match="prior_sigma"):
         B.gaussian_kl(torch.zeros(3), torch.zeros(3), prior_sigma=sigma)
+
+
+# Triton's interpreter evaluates both sides of tl.where with numpy (as for tiny sigma below)
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_smallest_prior_sigma_agrees_with_reference(backend):
+    # the smallest accepted s0: 1 / s0^2 = 1e36 is still a finite float32 in every backend
+    mu = torch.tensor([1e-3, -2e-3, 0.0], device=DEVICE)
+    rho = torch.tensor([-50.0, -45.0, -60.0], device=DEVICE)
+    kl = B.gaussian_kl(mu, rho, prior_sigma=1e-18)
+    want = B._ref_gaussian_kl(mu.double(), rho.double(), 0.0, 1e-18, False)[0]
+    assert torch.isfinite(kl)
+    torch.testing.assert_close(kl.double(), want, rtol=1e-4, atol=0)
 
 
 # Triton's interpreter computes the bad values with numpy before the check raises: its

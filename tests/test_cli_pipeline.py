@@ -160,6 +160,10 @@ def test_distill_several_seeds(tmp_path, capsys):
     assert summary["versus"]["resamples"] == 1000
     assert 0.0 <= summary["versus"]["methods"]["ce"]["nll"]["p_better"] <= 1.0
     assert (out / "seeds.png").exists() and (out / "summary.md").exists()
+    # one folder of data is split per seed: the test rows differ (decided from their features,
+    # not from the labels alone, which can coincide)
+    assert summary["shared_test_rows"] is False
+    assert seeds[0]["test_sha256"] != seeds[1]["test_sha256"]
     # finished seeds are read back on --resume; without it the folder is refused
     with pytest.raises(SystemExit, match="--resume"):
         cli.main(argv)
@@ -197,6 +201,12 @@ def test_distill_several_seeds(tmp_path, capsys):
         cli.main(argv[:-1] + ["2-1"])
     with pytest.raises(SystemExit, match="not both"):
         cli.main(argv + ["--seed", "3"])
+    # found by a bug hunt: other data under the same --data-dir was averaged in silently
+    assert seeds[0]["data_sha256"] == seeds[1]["data_sha256"]
+    np.save(d / "teacher_a.npy", np.load(d / "teacher_a.npy") + 1.0)
+    with pytest.raises(SystemExit, match="seed0/report.json was run on other data than --data-dir"):
+        cli.main(argv[:-1] + ["0-2", "--resume", "--calibrate"])
+    assert not (out / "seed2").exists()
 
 
 def test_compare_runs_example(tmp_path, capsys, monkeypatch):
@@ -669,6 +679,30 @@ def test_refused_commands_leave_no_folder_behind(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="--data-dir nonexist is not a folder"):
         cli.main(["distill", "--dataset", "dir", "--data-dir", "nonexist", "--out", "x1"])
     assert not (tmp_path / "x1").exists()
+    # found by a review: checks that need the data ran after the folder was made, and a BKD
+    # naming no trained teacher failed with a traceback after the teachers had trained
+    mine = _own_dataset(tmp_path, 30, seed=0)
+    with pytest.raises(SystemExit, match="--sequence-encoder: sequence_encoder must be one or"):
+        cli.main(["distill", "--dataset", "dir", "--data-dir", str(mine), "--out", "x2",
+                  "--sequence-encoder", "bogus"])  # fmt: skip
+    plain = tmp_path / "plain"  # no teacher files: the pipeline trains 3 experts t0, t1, t2
+    plain.mkdir()
+    for f in ("features.npy", "labels.npy"):
+        (plain / f).write_bytes((mine / f).read_bytes())
+    named = r"methods \['bkd_nosuch'\] name no teacher; the teachers' BKDs are \['bkd_t0', 'bkd_t1'"
+    with pytest.raises(SystemExit, match=named):
+        cli.main(["distill", "--dataset", "dir", "--data-dir", str(plain), "--smoke",
+                  "--methods", "ce,bkd_nosuch", "--seeds", "0-1", "--no-progress"])  # fmt: skip
+    with pytest.raises(SystemExit, match="numeric features, no Sequence column"):
+        cli.main(["distill", "--dataset", "dir", "--data-dir", str(mine), "--smoke",
+                  "--out", "x3", "--sequence-encoder", "composition"])  # fmt: skip
+    assert not any((tmp_path / p).exists() for p in ("x2", "x3"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    (tmp_path / "keep").mkdir()  # a folder the user made stays
+    with pytest.raises(SystemExit, match="name no teacher"):
+        cli.main(["distill", "--dataset", "dir", "--data-dir", str(mine), "--smoke",
+                  "--methods", "bkd_nosuch", "--out", "keep", "--no-progress"])  # fmt: skip
+    assert (tmp_path / "keep").is_dir()
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit, match="--out is a file, not a folder"):
         cli.main(["bench", "--suite", "bayes", "--quick", "--out", "afile"])

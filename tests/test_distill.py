@@ -728,6 +728,33 @@ def test_checkpoints_of_other_settings_are_refused(tmp_path):
     assert torch.equal(again.store.samples(), first.store.samples())
 
 
+def test_checkpoint_of_another_student_shape_is_refused(tmp_path):
+    # found by a bug hunt: `--set hidden=[64]` on --resume was a raw load_state_dict traceback
+    x, y, t = halves_problem(6, seed=16)
+    cfg = replace(CONFIG, map_epochs=3, sgld_epochs=2, num_samples=3, methods=("mtbkd_map",))
+    distill.distill(_student(), t, x, y, cfg, checkpoint_dir=tmp_path, method="mtbkd_map")
+    torch.manual_seed(0)
+    wider = distill.StudentMLP(2, 4, (48,))
+    other = r"map\.pt holds a student of other shapes \(differing: model"
+    with pytest.raises(distill.CheckpointMismatchError, match=other):
+        distill.distill(wider, t, x, y, cfg, checkpoint_dir=tmp_path, method="mtbkd_map")
+
+
+def test_an_empty_validation_split_is_refused_before_training():
+    # found by a bug hunt: 1 training row per class gave 0 validation rows and a traceback from
+    # the metrics of early stopping
+    x = np.random.default_rng(0).normal(size=(6, 2)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    t = {"a": np.eye(3, dtype=np.float32)[y[:3]] * 3}
+    ds = Dataset("tiny", x[:3], y[:3], x[3:], y[3:], list("abc"), t,
+                 {"a": np.eye(3, dtype=np.float32)[y[3:]] * 3})  # fmt: skip
+    cfg = replace(CONFIG, methods=("ce",))
+    with pytest.raises(ValueError, match="the validation split is empty: 3 training rows"):
+        distill.check_methods(ds, cfg)
+    with pytest.raises(ValueError, match="the validation split is empty"):
+        distill.run_experiment(ds, cfg, log=lambda m: None)
+
+
 def test_config_rejects_bad_values_naming_the_field():
     for kw, msg in [
         ({"sgld_temperature": -1.0}, "sgld_temperature must be"),

@@ -937,7 +937,9 @@ def test_mtbkd_masked_columns_are_a_smaller_vocabulary(backend_name, monkeypatch
     vk = int(keep.sum())
     shift = 0.5 * (math.lgamma(vk + 5.0) - math.lgamma(v + 5.0))
     want = torch.where(y != -100, want.detach() + shift, 0.0)
-    zm = z.masked_fill(~keep, float("-inf")).to(device).requires_grad_(True)
+    zm = z.masked_fill(~keep, float("-inf"))
+    zm[2] = float("-inf")  # the masked row's padding logits reach no gradient (reference: NaN)
+    zm = zm.to(device).requires_grad_(True)
     tm = t.masked_fill(~keep, float("-inf")).to(device)
     monkeypatch.setenv("MTBKD_BACKEND", backend_name)
     got = mtbkd.functional.mtbkd_loss(zm, tm, y.to(device), check_finite=False, **kw)
@@ -946,6 +948,62 @@ def test_mtbkd_masked_columns_are_a_smaller_vocabulary(backend_name, monkeypatch
     grad = zm.grad.cpu()
     torch.testing.assert_close(grad[:, keep], zk.grad, rtol=1e-10, atol=1e-12)
     assert torch.equal(grad[:, ~keep], torch.zeros(n, v - vk, dtype=torch.float64))
+
+
+def _backend_device(backend_name):
+    reason = mtbkd.ops.backend_status()[backend_name]
+    if reason is not None and backend_name in ("triton", "cuda"):
+        pytest.skip(f"{backend_name} backend unavailable: {reason}")
+    return "cuda" if backend_name in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+# found by a bug hunt: the reference's gradient was NaN where the student and every teacher rule
+# out a class (reverse KL, JSD: -inf - -inf in a discarded branch), and on a masked row whose
+# logits are -inf; Triton's loss was NaN with a weight-0 teacher that held -inf
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "triton", "cuda"])
+def test_kd_masked_columns_rows_and_zero_weight_teachers(backend_name, divergence, monkeypatch):
+    device = _backend_device(backend_name)
+    g = torch.Generator().manual_seed(5)
+    n, v, k = 4, 9, 2
+    z = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(k, n, v, generator=g, dtype=torch.float64) * 3
+    y = torch.tensor([1, -100, 3, 0])
+    keep = torch.ones(v, dtype=torch.bool)
+    keep[[4, 8]] = False
+    kw = dict(divergence=divergence, temperature=2.0, hard_label_weight=0.5, reduction="none")
+    # ruled-out columns (-inf in the student and every teacher) are a smaller vocabulary
+    zk = z[:, keep].clone().requires_grad_(True)
+    yk = torch.where(y != -100, keep.cumsum(0)[y.clamp(min=0)] - 1, y)
+    monkeypatch.setenv("MTBKD_BACKEND", "reference")
+    want = mtbkd.functional.multi_teacher_kd_loss(zk, t[:, :, keep], yk, **kw)
+    want.sum().backward()
+    zm = z.masked_fill(~keep, float("-inf"))
+    zm[1] = float("-inf")  # a masked row of padding: no gradient, whatever its logits
+    zm = zm.to(device).requires_grad_(True)
+    tm = t.masked_fill(~keep, float("-inf")).to(device)
+    monkeypatch.setenv("MTBKD_BACKEND", backend_name)
+    got = mtbkd.functional.multi_teacher_kd_loss(zm, tm, y.to(device), check_finite=False, **kw)
+    got.sum().backward()
+    torch.testing.assert_close(got.detach().cpu(), want.detach(), rtol=1e-10, atol=1e-12)
+    grad = zm.grad.cpu()
+    torch.testing.assert_close(grad[:, keep], zk.grad, rtol=1e-10, atol=1e-12)
+    assert torch.equal(grad[:, ~keep], torch.zeros(n, v - int(keep.sum()), dtype=grad.dtype))
+    # a teacher of weight 0 holding -inf where the other two have mass drops out of the sum
+    t0 = torch.cat([t, t[:1].masked_fill(torch.arange(v) % 2 == 0, float("-inf"))])
+    w = torch.tensor([0.3, 0.7, 0.0], dtype=torch.float64)
+    z0 = z.clone().to(device).requires_grad_(True)
+    three = mtbkd.functional.multi_teacher_kd_loss(
+        z0, t0.to(device), y.to(device), weights=w, check_finite=False, **kw
+    )
+    two = mtbkd.functional.multi_teacher_kd_loss(z0, t0[:2].to(device), y.to(device), weights=w[:2],
+                                                 **kw)  # fmt: skip
+    g3, g2 = (torch.autograd.grad(x.sum(), z0)[0] for x in (three, two))
+    torch.testing.assert_close(three, two, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g3, g2, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------
@@ -1107,15 +1165,28 @@ def test_teachers_of_another_dtype_are_cast_to_the_students(backend):
     with pytest.raises(ValueError, match=r"teacher_logits\[0\] .* beyond the range of .*float16"):
         mtbkd.mtbkd_loss(z.half(), big, y)
     assert torch.isfinite(mtbkd.mtbkd_loss(z.half(), t, y))  # in range: cast as before
-    # a class ruled out by finfo.min (Hugging Face's masking) becomes -inf, as before: not an
-    # overflow; fp32 -> bf16 keeps fp32's range and is never checked (no host synchronisation)
+    # a class ruled out by finfo(float32).min (Hugging Face's masking) overflows to -inf in fp16
+    # and bf16: not an overflow error; it stays masked and finite (found by a bug hunt: the
+    # default check_finite then refused the teacher as holding "NaN or inf")
     masked = t.clone()
     masked[0, :, 0] = torch.finfo(torch.float32).min
-    assert torch.isfinite(mtbkd.mtbkd_loss(z.half(), masked, y, check_finite=False))
-    assert torch.isfinite(mtbkd.mtbkd_loss(z.bfloat16(), masked, y, check_finite=False))
+    for low in (torch.float16, torch.bfloat16):
+        loose = mtbkd.mtbkd_loss(z.to(low), masked, y, check_finite=False)
+        assert torch.isfinite(loose)
+        torch.testing.assert_close(mtbkd.mtbkd_loss(z.to(low), masked, y), loose)
+        kd = mtbkd.multi_teacher_kd_loss(z.to(low), masked, y, divergence="reverse_kl")
+        assert torch.isfinite(kd)
+    # fp32's largest values are beyond bf16's (3.39e38): +inf in the cast is refused there too
+    big[0, 0, 0] = torch.finfo(torch.float32).max
+    with pytest.raises(ValueError, match=r"teacher_logits\[0\] .* beyond the range of .*bfloat16"):
+        mtbkd.mtbkd_loss(z.bfloat16(), big, y)
     # a bf16 student with fp32 teachers compiles with fullgraph (the check stays out of graphs)
     f = torch.compile(lambda a, b, c: mtbkd.mtbkd_loss(a, b, c), fullgraph=True, backend="eager")
     torch.testing.assert_close(f(z.bfloat16(), t, y), mtbkd.mtbkd_loss(z.bfloat16(), t, y))
+    # ... and keeps finfo.min masking finite there too (no synchronisation: no +inf check)
+    torch.testing.assert_close(
+        f(z.bfloat16(), masked, y), mtbkd.mtbkd_loss(z.bfloat16(), masked, y)
+    )
     f16 = torch.compile(lambda a, b, c: mtbkd.mtbkd_loss(a, b, c), fullgraph=True, backend="eager")
     torch.testing.assert_close(f16(z.half(), t, y), mtbkd.mtbkd_loss(z.half(), t, y))
 

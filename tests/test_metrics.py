@@ -68,10 +68,27 @@ def test_ece_hand_example_and_right_closed_bins():
     assert abs(M.ece(p, y).item() - merged) > 0.05
 
 
-def test_ece_zero_confidence_goes_to_first_bin():
-    assert M.ece(torch.tensor([[0.0, 0.0]]), torch.tensor([1])).item() == 0.0
+def test_ece_one_bin():
     # One bin: ECE = |accuracy - mean confidence|.
     assert M.ece(Q, Y, n_bins=1).item() == pytest.approx(abs(1 / 3 - (0.6 + 0.4 + 0.5) / 3))
+
+
+def test_rows_must_sum_to_one():
+    y = torch.tensor([0, 1])
+    logits = torch.tensor([[2.0, 0.5, 0.1], [0.3, 0.2, 0.9]])  # non-negative, but not probabilities
+    for f in (M.nll, M.ece, M.brier, M.accuracy):
+        with pytest.raises(ValueError, match=r"probs must be probabilities whose rows sum to 1"):
+            f(logits, y)
+    with pytest.raises(ValueError, match="row 0 sums to 0"):
+        M.ece(torch.zeros(2, 3), y)
+    bad = Q.clone()
+    bad[1, 2] *= 0.9
+    with pytest.raises(ValueError, match=r"sample 1, row 2 sums to 0\.9"):
+        M.mutual_information(bad)
+    # rounding of the dtype is allowed: a softmax over 50k classes stored in bfloat16
+    q16 = torch.randn(4, 50_000).mul(3).softmax(-1).bfloat16()
+    assert (q16.float().sum(-1) - 1).abs().max() > 1e-4
+    assert torch.isfinite(M.nll(q16, torch.zeros(4, dtype=torch.long)))
 
 
 def test_entropies_mutual_information_and_mean_deviance():

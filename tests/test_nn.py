@@ -201,6 +201,8 @@ def test_bad_arguments():
         BayesLinear(3, 2, prior_sigma=-1.0)
     with pytest.raises(ValueError, match="prior_sigma"):
         BayesLinear(3, 2, prior_sigma=0.0)
+    with pytest.raises(ValueError, match="prior_sigma must be at least"):
+        BayesLinear(3, 2, prior_sigma=1e-20)
     with pytest.raises(ValueError, match="in_features"):
         BayesLinear(0, 2)
     layer = BayesLinear(3, 2)
@@ -225,7 +227,9 @@ def test_bayesify_passes_its_options_and_matches_any_pattern():
         assert torch.all(m.weight_rho == -2.0) and torch.all(m.bias_rho == -2.0)
     lin = nn.Linear(3, 2)
     assert bayesify(lin, exclude="*") is lin
-    assert bayesify(lin, include=lambda name, mod: False) is lin
+    # an include that matches nothing is an error, as for a model (was: returned silently)
+    with pytest.raises(ValueError, match="does not match the nn.Linear given"):
+        bayesify(lin, include=lambda name, mod: False)
     layer = BayesLinear(3, 2, posterior_rho_init=-1.5)
     assert torch.all(layer.bias_rho == -1.5)
 
@@ -290,3 +294,54 @@ def test_bayes_linear_is_the_same_on_every_backend(backend, monkeypatch):
     torch.testing.assert_close(kl.detach(), kl_true.detach(), atol=1e-10, rtol=1e-10)
     for name, q in layer.named_parameters():
         torch.testing.assert_close(q.grad, p[name].grad, atol=tol, rtol=tol, msg=name)
+
+
+def test_bayesify_keeps_shared_layers_whole_and_the_replaced_layers_state():
+    # found by a bug hunt: a layer shared under two names was converted under the chosen one
+    # only (silently untied), and a frozen or eval-mode layer came back trainable
+    shared = nn.Linear(3, 3)
+    m = nn.Sequential(shared, nn.Tanh(), shared)
+    with pytest.raises(ValueError, match="'0' is the same nn.Linear as '2'"):
+        bayesify(m, include="0")
+    bayesify(m)
+    assert isinstance(m[0], BayesLinear) and m[0] is m[2]
+    body = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    body[0].requires_grad_(False)
+    body.eval()
+    bayesify(body)
+    assert not body[0].weight_mu.requires_grad and not body[0].weight_rho.requires_grad
+    assert not body[0].bias_rho.requires_grad and body[1].weight_rho.requires_grad
+    assert not body[0].training and not body[1].training
+
+
+def test_local_mode_under_fp16_autocast_keeps_its_noise():
+    # found by a bug hunt: autocast ran the variance matmul in fp16, where it underflowed to 0:
+    # no noise, and NaN gradients for rho through the floor of the square root
+    torch.manual_seed(0)
+    layer = BayesLinear(64, 32, bias=False, mode="local", posterior_rho_init=-9.0)
+    x = torch.randn(256, 64) * 0.05
+    x[0] = 0.0
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert torch.isfinite(layer.weight_rho.grad).all()
+    noise = (y.detach().float() - x @ layer.weight_mu.detach().T)[1:]
+    sigma = torch.nn.functional.softplus(torch.tensor(-9.0))
+    want = (x[1:] ** 2 @ torch.full((64, 32), float(sigma) ** 2)).sqrt()
+    # the noise has the analytic std (fp16 rounding of the mean adds ~1e-4 relative)
+    ratio = float((noise / want).std())
+    assert 0.8 < ratio < 1.2, ratio
+
+
+def test_sampling_layer_compiles_with_fullgraph():
+    # found by a bug hunt: the seed drawn in the forward (.item()) was range-checked with a
+    # Python branch, which torch.compile(fullgraph=True) could not trace
+    torch.manual_seed(0)
+    layer = BayesLinear(3, 2, posterior_rho_init=-1.0)
+    x = torch.randn(5, 3)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    first, second = compiled(x), compiled(x)
+    torch.manual_seed(3)
+    assert torch.equal(first, layer(x))  # the same draw as eager under the same seed
+    assert not torch.equal(first, second)  # a fresh draw per call

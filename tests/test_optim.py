@@ -244,3 +244,28 @@ def test_an_lr_decayed_to_zero_by_a_scheduler_steps_nothing():
     opt.step()
     sched.step()
     assert torch.equal(p, torch.ones(3))
+
+
+def test_numpy_and_tensor_hyperparameters_and_complex_parameters():
+    # found by a bug hunt: np.int64(len(dataset)), np.float32 and a tensor lr (as torch.optim
+    # takes) were refused; a complex parameter failed inside the C++ op
+    import numpy as np
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = SGLD([p], lr=torch.tensor(1e-3), num_data=np.int64(100), temperature=np.float32(0.5))
+    g = opt.param_groups[0]
+    assert (g["lr"], g["num_data"], g["temperature"]) == (pytest.approx(1e-3), 100, 0.5)
+    assert all(type(g[k]) in (int, float) for k in ("lr", "num_data", "temperature"))
+    p.grad = torch.ones(3)
+    g["temperature"] = np.float64(0.0)  # set by hand between steps
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), -0.1))
+    with pytest.raises(TypeError, match="parameter 1 of group 0 has dtype torch.complex64"):
+        real, cplx = torch.zeros(2), torch.zeros(2, dtype=torch.complex64)
+        SGLD([torch.nn.Parameter(real), torch.nn.Parameter(cplx)], lr=1e-3, num_data=10)
+    opt.add_param_group(
+        {"params": (q for q in [torch.nn.Parameter(torch.zeros(2))]), "lr": np.float32(0.1)}
+    )
+    assert (
+        opt.param_groups[1]["lr"] == pytest.approx(0.1) and len(opt.param_groups[1]["params"]) == 1
+    )

@@ -87,3 +87,22 @@ def test_build_ext_command_passes_no_options_to_setuptools(monkeypatch):
     )
     command = captured["cmdclass"]["build_ext"](Distribution())
     assert command.use_ninja in (True, False)  # True where ninja is found, else the serial build
+
+
+def test_pipeline_parts_import_on_first_access():
+    # found by a review: the docstring said they imported lazily, but `mtbkd.distill` after
+    # `import mtbkd` was an AttributeError
+    import subprocess
+
+    code = (
+        "import sys, mtbkd\n"
+        "heavy = [m for m in ('mtbkd.distill', 'matplotlib', 'sklearn', 'transformers')"
+        " if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert mtbkd.distill.DistillConfig().seed == 0 and 'mtbkd.distill' in sys.modules\n"
+        "assert callable(mtbkd.report.write_report) and 'report' in dir(mtbkd)\n"
+        "try:\n    mtbkd.nope\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "module 'mtbkd' has no attribute 'nope'" in out.stdout

@@ -347,3 +347,35 @@ def test_reservoir_keeps_each_offered_sample_with_equal_probability():
         hits[int(store.samples()[0, 0])] += 1
     # 300 expected hits each, sd = sqrt(1200 * 1/4 * 3/4) = 15
     assert (hits - 300).abs().max() < 75, hits
+
+
+def test_predict_takes_one_tensor():
+    model = _model()
+    store = SampleStore(model, include="2.*")
+    store.collect()
+    with pytest.raises(TypeError, match="inputs must be one torch.Tensor .* got tuple"):
+        predict(model, store, (torch.randn(4, 5),))
+
+
+def test_collect_follows_replaced_parameters(tmp_path):
+    # found by a review: the store kept the tensors it was made with, so after
+    # load_state_dict(assign=True) every later sample was the stale, unchanging old value
+    model = _model()
+    store = SampleStore(model, include="2.*")
+    store.collect()
+    new = {k: torch.full_like(v, 7.0) for k, v in model.state_dict().items()}
+    model.load_state_dict(new, assign=True)
+    store.collect()
+    assert torch.equal(store.sample(1)["2.bias"], torch.full((3,), 7.0))
+    # a store loaded with the module follows it too
+    store.save(tmp_path / "s.safetensors")
+    loaded = SampleStore.load(tmp_path / "s.safetensors", model)
+    model.load_state_dict({k: v + 1 for k, v in new.items()}, assign=True)
+    loaded.collect()
+    assert torch.equal(loaded.sample(-1)["2.bias"], torch.full((3,), 8.0))
+    model[2] = nn.Linear(16, 4)
+    with pytest.raises(RuntimeError, match=r"parameter '2.weight' of the module now has shape"):
+        store.collect()
+    del model[2]
+    with pytest.raises(RuntimeError, match="no longer has parameter '2.weight'"):
+        store.collect()

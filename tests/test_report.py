@@ -490,6 +490,20 @@ def test_seed_bootstrap_resamples_a_shared_test_set_once_for_every_seed():
     assert (r["boot_low"], r["boot_high"]) == (-1.0, 0.0)
 
 
+def test_test_rows_are_shared_only_when_their_digests_agree():
+    # found by a bug hunt: a dataset sorted by class, split per seed, gave the same label
+    # sequence in every seed and was reported as one shared test set
+    reps = [_seed_report({"ce": (0.5, 1.0, 0.05), "mtbkd_sgld": (0.5, 0.5, 0.05)})] * 2
+    rows = [_per_row_seed({"ce": [1.0, 1.0, 1.0, 1.0], "mtbkd_sgld": [0.0, 0.0, 1.0, 1.0]})] * 2
+    digests = [{**rows[0], "test_sha256": "a"}, {**rows[1], "test_sha256": "b"}]
+    s = report.summarise_seeds(reps, [0, 1], per_row=digests, resamples=200)
+    assert s["shared_test_rows"] is False
+    same = [{**r, "test_sha256": "a"} for r in rows]
+    assert report.summarise_seeds(reps, [0, 1], per_row=same, resamples=200)["shared_test_rows"]
+    # older per-row files without the digest: the labels decide, as before
+    assert report.summarise_seeds(reps, [0, 1], per_row=rows, resamples=200)["shared_test_rows"]
+
+
 def test_paired_bootstrap_interval_is_the_central_95_percent():
     # reference - ce NLL is 1 on 20 of 40 rows and 0 on the others: a resample's difference is
     # Binomial(40, 1/2) / 40, whose 2.5 % and 97.5 % quantiles are 14/40 and 26/40 (P(X <= 13)

@@ -296,6 +296,15 @@ def test_inputs_the_trainer_cannot_use_are_refused(tmp_path):
     batch = _batch()
     with pytest.raises(ValueError, match=r"does not forward: \['pixel_values'\]"):
         trainer.compute_loss(student, {**batch, "pixel_values": torch.zeros(8, 3, 4, 4)})
+    # segment ids were dropped silently; all-zero ones (a tokenizer's single texts) still are
+    with pytest.raises(ValueError, match="token_type_ids: the batch has segment ids other than 0"):
+        trainer.compute_loss(student, {**batch, "token_type_ids": torch.ones(8, 12).long()})
+    zero = {
+        **batch,
+        "token_type_ids": torch.zeros(8, 12).long(),
+        "special_tokens_mask": batch["attention_mask"],
+    }
+    assert torch.equal(trainer.compute_loss(student, zero), trainer.compute_loss(student, batch))
     embeds = student.get_input_embeddings()(batch["input_ids"])
     no_ids = {k: v for k, v in batch.items() if k != "input_ids"}
     with pytest.raises(ValueError, match="inputs_embeds: the teachers embed tokens"):
@@ -303,6 +312,26 @@ def test_inputs_the_trainer_cannot_use_are_refused(tmp_path):
     trainer.teachers.append(_llama(40, vocab=V - 8, seed=4))
     with pytest.raises(ValueError, match=r"teachers\[2\]'s input embeddings cover 56 tokens"):
         trainer.compute_loss(student, batch)
+
+
+def test_masked_lm_teacher_or_student_is_refused(tmp_path):
+    # found by a bug hunt: a BERT masked-LM teacher was distilled from as if its position t
+    # predicted token t + 1 (it predicts token t, having seen it)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    student = _llama(32, seed=3)
+    trainer = _trainer(tmp_path, student, mtbkd.MTBKDLoss(), steps=1)
+    trainer.teachers.append(transformers.BertForMaskedLM(cfg).eval())
+    with pytest.raises(ValueError, match="BertForMaskedLM is a masked language model"):
+        trainer.compute_loss(student, _batch())
+    with pytest.raises(ValueError, match="BertForMaskedLM is a masked language model"):
+        hidden_and_head(transformers.BertForMaskedLM(cfg), _batch())
+    # a causal BERT (is_decoder) is registered as a causal LM and passes the check
+    causal = transformers.BertLMHeadModel(
+        transformers.BertConfig(**{**cfg.to_dict(), "is_decoder": True})
+    )
+    hidden, weight, _ = hidden_and_head(causal, _batch())
+    assert hidden.shape == (8, 12, 32) and weight.shape == (V, 32)
 
 
 def test_loss_options_of_the_trainer_are_refused(tmp_path):

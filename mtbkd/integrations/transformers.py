@@ -90,6 +90,13 @@ def _check_inputs(inputs: dict[str, Any]) -> None:
             "inputs_embeds: the teachers embed tokens with their own tables, so the distillation "
             "trainer needs input_ids (the student's embeddings would be fed to every teacher)"
         )
+    types = inputs.get("token_type_ids")
+    if isinstance(types, Tensor) and bool((types != 0).any()):
+        raise ValueError(
+            "token_type_ids: the batch has segment ids other than 0, which the distillation "
+            "trainer does not forward (it feeds input_ids, attention_mask and position_ids); "
+            "all-zero token_type_ids, as tokenizers give single texts, are dropped"
+        )
     other = sorted(k for k in inputs if k not in _BATCH_KEYS and k != "inputs_embeds")
     if other:
         raise ValueError(
@@ -113,6 +120,22 @@ def _check_teacher_vocab(teacher: nn.Module, i: int, v: int) -> None:
             )
 
 
+def _check_causal(module: nn.Module) -> None:
+    """Refuse a model ``transformers`` knows as a masked LM and not as a causal one: its position
+    ``t`` predicts token ``t`` from both sides (it sees the token it is scored on)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    name = type(module).__name__
+    masked = set(getattr(auto, "MODEL_FOR_MASKED_LM_MAPPING_NAMES", {}).values())
+    causal = set(getattr(auto, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", {}).values())
+    if name in masked and name not in causal:
+        raise ValueError(
+            f"{name} is a masked language model: its logits at position t predict token t from "
+            "both sides, not token t + 1; distillation here needs causal LMs (student and "
+            "teachers)"
+        )
+
+
 def hidden_and_head(
     model: nn.Module,
     inputs: dict[str, Any],
@@ -131,7 +154,9 @@ def hidden_and_head(
     (``get_output_embeddings()`` of ``module``, by default ``model`` without its ``.module``
     wrappers) records the head's input and lets the head compute the last position only.
 
-    ``check=True`` verifies that the model's logits are ``hidden @ weight.T + bias``: it rejects
+    ``check=True`` refuses a model ``transformers`` registers as a masked LM only (BERT's
+    ``BertForMaskedLM``: position ``t`` predicts token ``t``) and verifies that the model's
+    logits are ``hidden @ weight.T + bias``: it rejects
     a configured logit soft-cap (``final_logit_softcapping``, also under ``text_config``), an
     adapter on the head (LoRA on ``lm_head``), and feeds the head a probe (the last position
     scaled to logits of magnitude 1000) whose logits must match ``probe @ weight.T + bias``,
@@ -152,6 +177,7 @@ def hidden_and_head(
         )
     weight, bias = head.weight, getattr(head, "bias", None)
     if check:
+        _check_causal(module)
         softcap = _config_values(module, _SOFTCAP_ATTRS, (None, 0, 0.0))
         if softcap:
             raise ValueError(
