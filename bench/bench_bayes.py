@@ -44,6 +44,17 @@ except ImportError:  # run as a script or from a child process with bench/ on sy
 # ---------------------------------------------------------------------------------------------
 
 
+# torch.compile baselines: "compiled" with the default settings, in which inductor generates its
+# own random numbers on CPU (slow there), and "compiled_eager_rng" with fallback_random=True
+# (eager's generator, as in every other method): both, so that neither flatters the fused op
+COMPILED = ("compiled", "compiled_eager_rng")
+
+
+def _compile(fn, method: str):
+    options = {"fallback_random": True} if method == "compiled_eager_rng" else None
+    return torch.compile(fn, fullgraph=True, options=options)
+
+
 def _sampling_inputs(rows: int, cols: int):
     torch.manual_seed(0)
     mu = (torch.randn(rows, cols) * 0.02).requires_grad_(True)
@@ -62,10 +73,10 @@ def _eager_sample(mu, rho):
 
 def sampling_method(method: str, rows: int, cols: int):
     """``fn(mu, rho, g) -> (dmu, drho)``: one forward+backward of ``method``."""
-    if method in ("fused", "eager", "compiled"):
+    if method in ("fused", "eager", *COMPILED):
         sample = {"fused": _fused_sample, "eager": _eager_sample}.get(method)
-        if method == "compiled":
-            sample = torch.compile(_eager_sample, fullgraph=True)
+        if method in COMPILED:
+            sample = _compile(_eager_sample, method)
 
         def fb(mu, rho, g):
             w = sample(mu, rho)
@@ -81,11 +92,11 @@ def sampling_memory_probe(method: str, rows: int, cols: int, backward: bool) -> 
     fn(*_sampling_inputs(64, 64))  # warm-up: lazy imports and op registration are not the method's
     mu, rho, g = _sampling_inputs(rows, cols)
     sample = {"fused": _fused_sample, "eager": _eager_sample}.get(method, _eager_sample)
-    if method == "compiled":
+    if method in COMPILED:
         fn(mu, rho, g)
         # the forward-only graph (inputs without grad) is compiled here too, not in the
         # measured region (compilation's ~32 MB of temporaries would count as the method's)
-        sample = torch.compile(_eager_sample, fullgraph=True)
+        sample = _compile(_eager_sample, method)
         with torch.no_grad():
             sample(mu.detach(), rho.detach())
     common.reset_peak_rss()
@@ -186,15 +197,15 @@ def layer_method(method: str, d_in: int, d_out: int, batch: int):
             return torch.autograd.grad(loss, list(layer.parameters()))
 
         return step
-    if method in ("eager", "compiled"):
+    if method in ("eager", *COMPILED):
         from mtbkd.nn import BayesLinear
 
         ref = BayesLinear(d_in, d_out, prior_sigma=LAYER_PRIOR_SIGMA)
         params = [p.detach().clone().requires_grad_(True) for p in
                   (ref.weight_mu, ref.weight_rho, ref.bias_mu, ref.bias_rho)]  # fmt: skip
         f = _eager_layer_step
-        if method == "compiled":
-            f = torch.compile(_eager_layer_step, fullgraph=True)
+        if method in COMPILED:
+            f = _compile(_eager_layer_step, method)
 
         def step():
             return torch.autograd.grad(f(*params, x), params)
@@ -364,8 +375,15 @@ def table(results: dict) -> str:
             f"{r['methods']['batched']['median_ms']:.1f} | "
             f"{r['methods']['loop']['median_ms']:.1f} | {r['batched_speedup']:.2f}x |"
         )
+    mach = results["machine"]
     lines.append(f"\nCopy bandwidth: {results['copy_bandwidth_gbs']:.1f} GB/s, "
-                 f"{results['machine']['threads']} threads.")  # fmt: skip
+                 f"{mach['threads']} threads. `compiled`: torch.compile with its defaults "
+                 "(inductor generates the random numbers); `compiled_eager_rng`: with "
+                 "`fallback_random=True` (eager's generator, as the other methods). "
+                 "bayesian-torch's layer returns its KL as a mean, not a sum, and starts at "
+                 "rho = -3: the same work, another loss value. "
+                 f"Machine: {mach.get('cpu')}, commit {str(mach.get('commit'))[:10]}"
+                 f"{common.dirty_note(mach)}.")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -425,7 +443,7 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
     """Run the suite; with ``out_dir`` write JSON, markdown and ``latest-bayes.png`` there."""
     rows, cols = (1024, 1024) if quick else (4096, 4096)
     repeats = 3 if quick else 7
-    methods = ["fused", "eager"] if quick else ["fused", "eager", "compiled"]
+    methods = ["fused", "eager"] if quick else ["fused", "eager", *COMPILED]
     bt = importlib.util.find_spec("bayesian_torch") is not None
     layer_methods = methods + (["bayesian_torch"] if bt else [])
     d = 1024 if quick else 4096
@@ -440,6 +458,7 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
              [(4096, 1024), (4096,), (4096, 4096), (4096,), (1024, 4096), (1024,), (10, 1024),
               (10,)])  # fmt: skip
     results["sgld"] = bench_sgld(sizes, repeats)
+    results["load_average_end"] = common.load_average()
     results["predictive"] = bench_predictive(
         n=200 if quick else 2000, d_in=784, hidden=128 if quick else 512, classes=10,
         samples=100, repeats=repeats,

@@ -9,14 +9,19 @@ Methods, forward+backward of the mean loss (``loss.backward()``), measured in on
 * ``eager``: ``mtbkd.reference`` under autograd on the GPU;
 * ``compiled``: ``torch.compile(reference, dynamic=True)`` (one compilation per loss);
 * ``liger``: Liger-Kernel's KL / JSD looped over the K teachers, when importable (uniform teacher
-  weights, since its losses reduce over rows; the fused methods use entropy weights, more work).
+  weights, since its losses reduce over rows; the fused methods use entropy weights, more work);
+  its gradient is checked against the float64 reference with uniform weights. The rows it keeps
+  are found once per labels tensor, so no host synchronisation is timed.
 
 Losses: ``mtbkd`` (three passes), ``mtbkd_cached`` (``TeacherStats`` precomputed: two passes),
 ``forward_kl``, ``reverse_kl`` (two passes), ``jsd`` (three passes). Reported per method: ms
 (median, p20, p80; ``triton.testing.do_bench`` on CUDA), peak extra memory
-(``torch.cuda.max_memory_allocated`` above the inputs), effective bandwidth = MATH.md section 9
-bytes / time and its percentage of the measured device copy bandwidth; the bf16 gradient error
-of each method against float64 on a slice of the rows. Results go to ``<out>/results.json``
+(``torch.cuda.max_memory_allocated`` above the inputs), effective bandwidth = the bytes of this
+design's passes (MATH.md section 9, plus 2·N·V·b for the backward's scaling of the saved
+gradient) / time and its percentage of the measured device copy bandwidth
+(``pct_copy_bw``), and how close the time is to the hardware limit: the time (K+2)·N·V·b
+required bytes take at the copy bandwidth, over the measured time (``pct_of_required_bound``);
+the bf16 gradient error of each method against float64 on a slice of the rows. Results go to ``<out>/results.json``
 (rewritten after every configuration, so a timeout keeps what was measured) and PNG plots.
 """
 
@@ -56,10 +61,18 @@ METHODS = ("triton", "cuda", "eager", "compiled", "liger")
 
 
 def passes_bytes(loss: str, n: int, v: int, k: int, elem_bytes: int) -> int:
-    """Bytes a fused forward+backward moves: (2K+3) E b two-pass, (3K+4) E b three-pass."""
+    """Bytes this design's fused forward+backward moves: MATH.md section 9's (2K+3) E b
+    two-pass or (3K+4) E b three-pass forward, plus 2 E b for the backward (the gradient saved
+    by the forward is read, scaled by grad_output and written)."""
     e = n * v
     two_pass = loss in ("mtbkd_cached", "forward_kl", "reverse_kl")
-    return (2 * k + 3 if two_pass else 3 * k + 4) * e * elem_bytes
+    return (2 * k + 3 if two_pass else 3 * k + 4) * e * elem_bytes + 2 * e * elem_bytes
+
+
+def required_bytes(n: int, v: int, k: int, elem_bytes: int) -> int:
+    """What any fused forward+backward must move: K+1 logit tensors read, one gradient written
+    ((K+2) E b): at the copy bandwidth, the hardware's limit for this loss."""
+    return (k + 2) * n * v * elem_bytes
 
 
 def make_inputs(n: int, v: int, k: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -88,11 +101,15 @@ def _fused(loss: str, backend: str):
     return f
 
 
-def _reference_fn(loss: str):
+def _reference_fn(loss: str, uniform: bool = False):
+    weights = "uniform" if uniform else "entropy"
+
     def f(z, t, y, stats=None):
         if loss in ("mtbkd", "mtbkd_cached"):
-            return reference.reduce_rows(reference.mtbkd_loss(z, t, y).loss, y, "mean")
-        rows, _ = reference.multi_teacher_kd_loss(z, t, y, divergence=loss, temperature=2.0)
+            rows = reference.mtbkd_loss(z, t, y, weights=weights).loss
+            return reference.reduce_rows(rows, y, "mean")
+        rows, _ = reference.multi_teacher_kd_loss(z, t, y, divergence=loss, temperature=2.0,
+                                                  weights=weights)  # fmt: skip
         return reference.reduce_rows(rows, y, "mean")
 
     return f
@@ -104,12 +121,18 @@ def _liger_fn(loss: str):
     jsd = LigerJSD(beta=0.5) if loss == "jsd" else None
     kl = LigerKLDIVLoss(reduction="batchmean", log_target=True) if loss == "forward_kl" else None
 
+    rows_of: dict = {}  # the kept rows' indices, found once per labels tensor (no host sync
+    # in the timed calls, as boolean indexing would have)
+
     def f(z, t, y, stats=None):
-        keep = y != -100  # Liger reduces over the rows it is given: drop padded rows first
-        log_q = torch.log_softmax(z[keep].float() / 2.0, dim=-1)
+        key = (y.data_ptr(), y.shape[0])
+        if key not in rows_of:
+            rows_of[key] = (y != -100).nonzero().squeeze(-1)
+        keep = rows_of[key]  # Liger reduces over the rows it is given: drop padded rows first
+        log_q = torch.log_softmax(z.index_select(0, keep).float() / 2.0, dim=-1)
         total = 0.0
         for tk in t:
-            log_p = torch.log_softmax(tk[keep].float() / 2.0, dim=-1)
+            log_p = torch.log_softmax(tk.index_select(0, keep).float() / 2.0, dim=-1)
             total = total + (jsd(log_q, log_p) if jsd is not None else kl(log_q, log_p))
         return total / t.shape[0]
 
@@ -152,7 +175,15 @@ def _quantiles_ms(fn, device: str, reps: int) -> dict:
     if device == "cuda":
         import triton.testing
 
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=reps, quantiles=[0.5, 0.2, 0.8])
+        # rep is a time budget in ms: at least 10 calls of a slow method (else one call gave
+        # p20 = p80 = median)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        once_ms = (time.perf_counter() - t0) * 1e3
+        rep = max(reps, 10 * once_ms)
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
     times = []
     fn()
@@ -270,7 +301,9 @@ def run(
             stats = TeacherStats(t)  # once per data set in real use: not timed
             for loss in losses:
                 nbytes = passes_bytes(loss, n, v, k, elem)
-                row = {"loss": loss, "N": n, "V": v, "K": k, "dtype": dtype, "bytes": nbytes}
+                need = required_bytes(n, v, k, elem)
+                row = {"loss": loss, "N": n, "V": v, "K": k, "dtype": dtype, "bytes": nbytes,
+                       "bytes_required": need}  # fmt: skip
                 row["methods"] = {}
                 for method in order:
                     if avail.get(method) is not None:
@@ -284,10 +317,17 @@ def run(
                         fn = make_method(method, loss)
                         entry = measure(fn, z, t, y, stats, device, nbytes, reps)
                         entry["pct_copy_bw"] = 100 * entry["gbs"] / results["copy_bandwidth_gbs"]
-                        if method != "liger":  # its loss is defined differently (see above)
-                            entry["grad_rel_error"] = grad_error(
-                                fn, _reference_fn(loss), z, t, y, stats[:error_rows], error_rows
-                            )
+                        # the hardware limit: the required bytes' time at the copy bandwidth
+                        entry["pct_of_required_bound"] = (
+                            100 * need / (results["copy_bandwidth_gbs"] * 1e9)
+                            / (entry["median_ms"] / 1e3)
+                        )  # fmt: skip
+                        # Liger is looped over the teachers with equal weights: checked
+                        # against the reference with uniform weights
+                        truth = _reference_fn(loss, uniform=method == "liger")
+                        entry["grad_rel_error"] = grad_error(
+                            fn, truth, z, t, y, stats[:error_rows], error_rows
+                        )
                     except torch.OutOfMemoryError:
                         entry = {"error": "out of memory"}
                     except Exception as exc:  # recorded, never fatal: later methods still run

@@ -34,15 +34,22 @@ def summarize(times_s: list[float]) -> dict:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1):
-    """Run every function ``warmup`` times, then ``repeats`` rounds in turn; seconds per call."""
+    """Run every function ``warmup`` times, then ``repeats`` rounds, each in a fresh random
+    order (seeded: a burst of load on the shared machine does not always land on the same
+    method); seconds per call."""
+    import random
+
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
     return {k: summarize(v) for k, v in times.items()}
 
@@ -106,14 +113,50 @@ def peak_extra_memory(module: str, func: str, kwargs: dict) -> int:
     raise RuntimeError(f"memory probe failed: {out.stderr[-2000:]}")
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def machine() -> dict:
+    """What produced a result file: host, CPU model, threads, torch, the commit (and whether the
+    working tree had uncommitted changes), the command line and the load average at the start."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "host": socket.gethostname(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "commit": _git("rev-parse", "HEAD"),
+        "uncommitted_changes": None if status is None else bool(status),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "load_average": load_average(),
     }
+
+
+def load_average() -> list[float] | None:
+    """1-, 5- and 15-minute load averages (a busy shared machine shows here)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def dirty_note(mach: dict) -> str:
+    return " (uncommitted changes)" if mach.get("uncommitted_changes") else ""
 
 
 def results_dir(out_dir: Path | str | None, quick: bool) -> Path:

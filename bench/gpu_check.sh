@@ -69,14 +69,23 @@ echo "gpu_check: results in $OUT"
   git rev-parse HEAD 2>/dev/null
 } > "$OUT/environment.txt" 2>&1
 
+# Every phase's limit is cut to what is left of one overall deadline (470 s), so that the
+# phases' own limits (240 + 240 + 200 s) can never add up past the 8 minutes together.
+budget() {
+  local want=$1 left=$(( 470 - ($(date +%s) - START) ))
+  [ "$left" -lt "$want" ] && want=$left
+  [ "$want" -lt 1 ] && want=1
+  echo "$want"
+}
+
 # ---- 1. build (compile only this GPU's architecture: a third of the time of sm_80 + sm_90) -----
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 BUILD_OK=1
-if ! timeout 240 $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1; then
+if ! timeout "$(budget 240)" $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1; then
   # No pip / setuptools editable support: build in place and expose kernels/ as mtbkd.kernels.
   echo "pip install -e failed; trying setup.py build_ext --inplace" | tee -a "$OUT/build.log"
-  if timeout 240 $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1; then
+  if timeout "$(budget 240)" $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1; then
     [ -e mtbkd/kernels ] || ln -s ../kernels mtbkd/kernels
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   else
@@ -91,7 +100,7 @@ tail -n 3 "$OUT/build.log"
 TESTS_OK=0
 if [ $BUILD_OK = 1 ]; then
   # The sm_80/sm_90 ahead-of-time compile test is for machines without a GPU: skipped here.
-  if timeout 200 $PY -m pytest tests/test_triton_kernels.py tests/test_bayes_ops.py \
+  if timeout "$(budget 200)" $PY -m pytest tests/test_triton_kernels.py tests/test_bayes_ops.py \
       tests/test_bench_gpu.py -q --maxfail=10 -k "not compiles_for" --junitxml "$OUT/tests.xml" \
       -p no:cacheprovider > "$OUT/tests.log" 2>&1; then
     TESTS_OK=1

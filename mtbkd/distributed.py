@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mtbkd import functional, validate
+from mtbkd import functional, ops, validate
 from mtbkd.functional import MTBKDStats
 
 __all__ = [
@@ -87,6 +87,13 @@ class _Inputs:
             raise TypeError(f"vocab_start must be an int, got {type(vocab_start).__name__}")
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
             raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+        if (
+            isinstance(student_shard, Tensor)
+            and student_shard.dim()
+            and not student_shard.shape[-1]
+        ):
+            raise ValueError("student_shard has width 0: every rank needs at least one "
+                             "vocabulary column")  # fmt: skip
         student, teachers, flat_labels, lead = validate.canonical_inputs(
             student_shard, teacher_shard, labels, bool(check_finite)
         )
@@ -167,7 +174,8 @@ def _agree(name: str, local: list[int] | None, error: Exception | None, device, 
     agreed = (("rows", "number of rows N"), ("teachers", "number of teachers K"),
               ("vocab_size", "vocab_size"), ("has_labels", "presence of labels"),
               ("dtype", "dtype"), ("label_sum", "labels"), ("label_wsum", "labels"),
-              ("options", "options (fingerprints)"))  # fmt: skip
+              ("options", "options (fingerprints; for the fused-linear losses also the "
+                          "hidden size H)"))  # fmt: skip
     for key, what in agreed:
         if len(set(col[key])) != 1:
             raise ValueError(
@@ -303,6 +311,7 @@ class _ScaleByRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
+        ops.refuse_double_backward()  # the gradient was computed in the forward: a constant here
         (grad,) = ctx.saved_tensors
         scaled = grad * grad_rows.to(grad.dtype).unsqueeze(-1)
         return scaled.to(ctx.student_dtype).reshape(ctx.student_shape), None, None
@@ -679,6 +688,9 @@ def _fused_inputs(student_hidden, student_weight_shard, teacher_logits_shard, la
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         raise TypeError("student_weight_shard must have student_hidden's dtype and device")
     width = weight.shape[0]
+    if width == 0:
+        raise ValueError("student_weight_shard has 0 rows: every rank needs at least one "
+                         "vocabulary row of the head")  # fmt: skip
     if vocab_start < 0 or vocab_start + width > vocab_size:
         raise ValueError(f"vocab_start={vocab_start} with a head shard of {width} rows does not "
                          f"fit in vocab_size={vocab_size}")  # fmt: skip
@@ -815,7 +827,8 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
             ctx.recompute = True
             fn_ctx["stats"] = stats
             return rows
-        rows, stats, gh, gw, gb = head.run(scale, any(need), want_stats)
+        # no gradients under no_grad (inside forward grad mode is always off: the caller's)
+        rows, stats, gh, gw, gb = head.run(scale, any(need) and fn_ctx["grad"], want_stats)
         ctx.recompute = False
         fn_ctx["stats"] = stats
         ctx.save_for_backward(gh, gw, gb)
@@ -823,6 +836,7 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        ops.refuse_double_backward()  # the gradients were computed in the forward
         head, need = ctx.head, ctx.need
         if ctx.recompute:
             go = torch.ones((), dtype=head.acc, device=grad_out.device)
@@ -861,7 +875,9 @@ def _fused_call(name, loss_fn, opts, student_hidden, student_weight_shard, teach
         meta = _fused_meta(parsed[0], parsed[2], parsed[3], parsed[1], vocab_start, vocab_size)
         meta.append(_options_key(dict(opts, chunk_size=chunk_size, reduction=reduction,
                                       num_items_in_batch=num_items_in_batch,
-                                      return_stats=return_stats)))  # fmt: skip
+                                      return_stats=return_stats,
+                                      # grad_h's all-reduce needs one H on every rank
+                                      hidden_size=parsed[0].shape[1])))  # fmt: skip
         if isinstance(opts["weights"], Tensor):
             opts = dict(opts, weights=_flat_weights(opts["weights"], len(parsed[2]), parsed[4]))
     except (TypeError, ValueError) as exc:
@@ -881,7 +897,7 @@ def _fused_call(name, loss_fn, opts, student_hidden, student_weight_shard, teach
     if reduction != "none":
         scale = FL._mean_scale(reduction, flat_labels, hidden.shape[0], opts["ignore_index"],
                                num_items_in_batch, head.acc, hidden.device)  # fmt: skip
-    fn_ctx: dict = {}
+    fn_ctx: dict = {"grad": torch.is_grad_enabled()}
     out = _VocabParallelFusedLinear.apply(hidden, weight, student_bias_shard, head, reduction,
                                           scale, return_stats, fn_ctx)  # fmt: skip
     if reduction == "none":

@@ -57,9 +57,13 @@ def auto_chunk_size(n: int, v: int, k: int, budget_bytes: int = CHUNK_BYTES) -> 
 class _Head:
     """A teacher given as ``(hidden [N, H_k], weight [V_k, H_k], bias [V_k] | None)``."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, v: int) -> None:
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, v: int,
+                 name: str = "teachers", check: bool = True) -> None:  # fmt: skip
         self.hidden, self.weight = hidden, weight[:v]
         self.bias = None if bias is None else bias[:v]
+        # check: a narrowing cast of the head's logits that overflows to +inf is an error, to
+        # -inf stays finite (check_finite), as for logits (_Dense)
+        self.name, self.check = name, check
 
     def logits(self, rows: slice, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
         h = self.hidden[rows]
@@ -71,6 +75,8 @@ class _Head:
                 return torch.mm(h, self.weight.t(), out=o)
             return torch.addmm(self.bias, h, self.weight.t(), out=o)
         z = h @ self.weight.t() if self.bias is None else torch.addmm(self.bias, h, self.weight.t())
+        if self.check and z.dtype != dtype:  # a narrowing cast, as for logits (_Dense)
+            return validate.check_cast_overflow(z, z.to(dtype), self.name).contiguous()
         return z.to(dtype).contiguous()
 
     def reuses(self, dtype: torch.dtype) -> bool:
@@ -203,7 +209,7 @@ def _parse_teachers(
                 raise ValueError(
                     f"{name} {what} is on {x.device} but student_hidden is on {device}"
                 )
-        out.append(_Head(hid.detach(), w.detach(), b, v))
+        out.append(_Head(hid.detach(), w.detach(), b, v, name, check_finite))
     return out
 
 
@@ -321,6 +327,9 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        from mtbkd.ops import refuse_double_backward
+
+        refuse_double_backward()  # the gradients were computed in the forward: constants here
         need = ctx.need
         if ctx.recompute is None:
             gh, gw, gb = ctx.saved_tensors

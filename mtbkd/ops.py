@@ -324,17 +324,21 @@ def _setup_loss_ctx(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _loss_backward(ctx, grad_loss, *unused):
-    (grad,) = ctx.saved_tensors
-    if grad_loss is None:  # the loss itself was not used
-        return (None, [None] * ctx.num_teachers) + (None,) * ctx.num_rest
+def refuse_double_backward() -> None:
+    """In a backward whose gradient was computed in the forward (a constant here): under
+    ``create_graph=True`` a second-order term (a gradient penalty) would silently vanish."""
     if torch.is_grad_enabled():
-        # backward(create_graph=True): the saved gradient is a constant here, so a second-order
-        # term (a gradient penalty) would silently vanish
         raise RuntimeError(
             "mtbkd's fused losses do not support double backward (create_graph=True); the "
             "float64 formulas of mtbkd.reference are plain autograd and do"
         )
+
+
+def _loss_backward(ctx, grad_loss, *unused):
+    (grad,) = ctx.saved_tensors
+    if grad_loss is None:  # the loss itself was not used
+        return (None, [None] * ctx.num_teachers) + (None,) * ctx.num_rest
+    refuse_double_backward()
     # Out of place: the saved gradient is also an output of the op, which a caller may hold.
     grad_student = scale_grad(grad, grad_loss.to(_acc_dtype(grad.dtype)).contiguous())
     return (grad_student, [None] * ctx.num_teachers) + (None,) * ctx.num_rest

@@ -700,6 +700,33 @@ def scenario_review_regressions(rank: int, world: int) -> None:
     with pytest.raises(TypeError, match="ignore_index must be an integer"):
         D.vocab_parallel_fused_linear_mtbkd_loss(h, w[lo:hi], t[..., lo:hi], y,
                                                  ignore_index=2.5, **kw)  # fmt: skip
+    # 10. (this session's bug hunt) a gradient penalty silently dropped the loss's Hessian term:
+    #     refused as the single-process losses do
+    zs = z[:, lo:hi].clone().requires_grad_(True)
+    total = D.vocab_parallel_mtbkd_loss(zs, t[..., lo:hi], y, **kw) + (zs**3).sum()
+    with pytest.raises(RuntimeError, match="do not support double backward"):
+        torch.autograd.grad(total, zs, create_graph=True)
+    hs = h.clone().requires_grad_(True)
+    total = D.vocab_parallel_fused_linear_mtbkd_loss(hs, w[lo:hi], t[..., lo:hi], y, **kw)
+    with pytest.raises(RuntimeError, match="do not support double backward"):
+        torch.autograd.grad(total + (hs**3).sum(), hs, create_graph=True)
+    # 11. hidden sizes differing across ranks passed the checks, then the backward's all-reduce
+    #     aborted the processes
+    hh = torch.randn(6, 4 + 2 * rank, dtype=torch.float64)
+    ww = torch.randn(hi - lo, 4 + 2 * rank, dtype=torch.float64)
+    with pytest.raises(ValueError, match="hidden size H"):
+        D.vocab_parallel_fused_linear_mtbkd_loss(hh, ww, t[..., lo:hi], y, **kw)
+    # 12. a rank with no vocabulary column failed naming an argument the call does not have
+    empty_lo, empty_hi = ((0, 0), (0, v))[rank]
+    says = "student_shard has width 0" if rank == 0 else r"invalid inputs on rank\(s\) \[0\]"
+    with pytest.raises(ValueError, match=says):
+        D.vocab_parallel_mtbkd_loss(z[:, empty_lo:empty_hi], t[..., empty_lo:empty_hi], y,
+                                    vocab_start=empty_lo, vocab_size=v)  # fmt: skip
+    # 13. under no_grad the fused loss computed every gradient (now none; its value is the same)
+    with torch.no_grad():
+        got = D.vocab_parallel_fused_linear_mtbkd_loss(hs, w[lo:hi], t[..., lo:hi], y, **kw)
+    assert not got.requires_grad
+    _close(got, _ref_mtbkd(h @ w.t(), t, y, "mean"))
 
 
 def scenario_shard_edges(rank: int, world: int) -> None:

@@ -348,3 +348,25 @@ def test_mean_counts_the_rows_whose_label_is_not_ignore_index_a_real_class():
     z = hid @ w.t() + b
     rows = _forward_kl_rows(z, t) + 0.5 * torch.nn.functional.cross_entropy(z, y, reduction="none")
     torch.testing.assert_close(loss, rows[y != 0].mean(), rtol=1e-10, atol=1e-12)
+
+
+def test_double_backward_is_refused_and_teacher_heads_keep_finfo_min_masking():
+    # found by a bug hunt: a gradient penalty (create_graph=True) ran and dropped the loss's
+    # Hessian term, as the plain losses refuse to; a float32 teacher head whose bias masks a
+    # class with finfo.min was refused as "NaN or inf" for a bfloat16 student (logits were not)
+    from mtbkd.fused_linear import fused_linear_mtbkd_loss
+
+    hid, w, b, teachers, y = _problem(n=9, v=20)
+    total = fused_linear_mtbkd_loss(hid, w, teachers, y, b) + (hid**3).sum()
+    with pytest.raises(RuntimeError, match="do not support double backward"):
+        torch.autograd.grad(total, hid, create_graph=True)
+    th, tw, _ = teachers[0]
+    tb = torch.zeros(tw.shape[0], dtype=torch.float32)
+    tb[3] = torch.finfo(torch.float32).min
+    head = (th.float(), tw.float(), tb)
+    low = [x.detach().bfloat16() for x in (hid, w)]
+    as_head = fused_linear_mtbkd_loss(low[0], low[1], [head], y)
+    logits = th.float() @ tw.float().t() + tb
+    as_logits = fused_linear_mtbkd_loss(low[0], low[1], [logits], y)
+    assert torch.isfinite(as_head)
+    torch.testing.assert_close(as_head, as_logits)
