@@ -21,8 +21,9 @@ design's passes (MATH.md section 9, plus 2·N·V·b for the backward's scaling o
 gradient) / time and its percentage of the measured device copy bandwidth
 (``pct_copy_bw``), and how close the time is to the hardware limit: the time (K+2)·N·V·b
 required bytes take at the copy bandwidth, over the measured time (``pct_of_required_bound``);
-the bf16 gradient error of each method against float64 on a slice of the rows. Results go to ``<out>/results.json``
-(rewritten after every configuration, so a timeout keeps what was measured) and PNG plots.
+the bf16 gradient error of each method against float64 on a slice of the rows. Results go to
+``<out>/results.json`` (rewritten after every configuration, so a timeout keeps what was
+measured) and PNG plots.
 """
 
 from __future__ import annotations
@@ -284,7 +285,12 @@ def run(
         "python": sys.version.split()[0],
         "config": {"N": n, "V": vocab, "K": teachers, "dtype": dtype, "losses": losses},
         "methods_unavailable": {m: r for m, r in avail.items() if r is not None},
-        "byte_model": "MATH.md section 9: (2K+3)*N*V*b two-pass, (3K+4)*N*V*b three-pass",
+        "byte_model": (
+            "bytes: MATH.md section 9's (2K+3)*N*V*b two-pass or (3K+4)*N*V*b "
+            "three-pass, plus 2*N*V*b for the backward's scaling of the saved "
+            "gradient; bytes_required: (K+2)*N*V*b; the >=85 % target is on "
+            "section 9's two-pass bytes alone"
+        ),
         "runs": [],
     }
     results["copy_bandwidth_gbs"] = copy_bandwidth_gbs(device, copy_bytes)
@@ -380,7 +386,11 @@ def targets(results: dict) -> dict:
                 and r["K"] == 3
                 and (r["V"] == 128256 and r["dtype"] == "bfloat16")
             ):
-                bound_ms = passes_bytes(r["loss"], r["N"], r["V"], r["K"], 2) / (bw * 1e9) * 1e3
+                # the target is MATH.md section 9's two-pass bound, (2K+3) E b: without the
+                # backward's extra 2 E b pass that passes_bytes counts (the target would be
+                # 9/11 as hard at K = 3 with it)
+                math9 = (2 * r["K"] + 3) * r["N"] * r["V"] * 2
+                bound_ms = math9 / (bw * 1e9) * 1e3
                 two_pass.append(bound_ms / f["median_ms"] >= 0.85)
             e = r["methods"].get("eager", {})
             if "median_ms" in e:
