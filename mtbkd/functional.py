@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
+import torch
 from torch import Tensor
 
 from mtbkd import ops, validate
@@ -204,6 +205,8 @@ def mtbkd_loss(
         stats_data = teacher_stats.data_for(
             k, student.shape[0], temperature, concentration, weight_temperature, student, lead
         )
+        if check_finite and not torch.compiler.is_compiling():
+            TeacherStats.check_rows(stats_data, teachers, float(temperature))
     loss_rows, _, w, resp, ent, prior, ce = ops.mtbkd_loss_fwd(
         student, teachers, flat_labels, fixed, stats_data, float(temperature),
         float(concentration), float(prior_weight), float(hard_label_weight), mode,

@@ -201,7 +201,10 @@ def _block_starts(n_tokens: int, n_blocks: int, width: int) -> Tensor:
     position 1, so each row has a two-token n-gram context)."""
     last = n_tokens - width
     if last < 1:
-        raise ValueError(f"the stream has {n_tokens} tokens, too few for blocks of {width}")
+        raise ValueError(
+            f"a token stream has {n_tokens} tokens, too few for blocks of {width} (--seq-len "
+            f"{width - 1}): --seq-len must be at most {n_tokens - 2} here"
+        )
     n_blocks = min(n_blocks, last)
     return torch.linspace(1, last, n_blocks).round().to(torch.int64)
 
@@ -555,6 +558,11 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     cfg = SIZES["smoke" if getattr(args, "smoke", False) else "default"]
     over = {name: getattr(args, name, None) for name in
             ("epochs", "train_blocks", "seq_len", "threads", "seed")}  # fmt: skip
+    from mtbkd.report import MAX_SEED
+
+    seed = over["seed"]
+    if seed is not None and not 0 <= seed <= MAX_SEED:  # torch.manual_seed overflowed
+        raise ValueError(f"--seed must be an integer in 0..{MAX_SEED}, got {seed}")
     for name, value in over.items():
         if value is not None and (value < 0 or (value == 0 and name != "threads" and
                                                 name != "seed")):  # fmt: skip
@@ -576,23 +584,37 @@ def run_from_args(args: argparse.Namespace) -> int:
         )
     # `--json FILE` (the example) or `--out DIR` (mtbkd demo) keep the numbers: checked before
     # the run (a file in the way failed only after it, minutes later)
-    target = getattr(args, "json", None)
-    if target is None and getattr(args, "out", None):
-        target = Path(args.out) / "llm_demo.json"
-    if target is not None:
-        if Path(target).is_dir():
+    # (both when both are given: --out was silently dropped beside --json)
+    targets = []
+    if getattr(args, "json", None) is not None:
+        targets.append(Path(args.json))
+    if getattr(args, "out", None):
+        targets.append(Path(args.out) / "llm_demo.json")
+    for target in targets:
+        if target.is_dir():
             raise SystemExit(f"mtbkd demo --llm: {target} is a folder, not a file to write")
-        for p in Path(target).parents:
+        for p in target.parents:
             if p.exists():
                 if not p.is_dir():
                     raise SystemExit(f"mtbkd demo --llm: {p} is a file, not a folder")
+                if not os.access(p, os.W_OK | os.X_OK):  # found after the run, minutes later
+                    raise SystemExit(f"mtbkd demo --llm: cannot write into {p}")
                 break
-    result = run(cfg)
-    if target is not None:
-        import json
+    try:
+        result = run(cfg)
+    except ValueError as exc:  # e.g. --seq-len beyond the held-out stream
+        raise SystemExit(f"mtbkd demo --llm: {exc}") from None
+    import json
 
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_text(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    for target in targets:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        except OSError as exc:  # the numbers are not lost: printed instead
+            print(text)
+            raise SystemExit(f"mtbkd demo --llm: could not write {target} ({exc}); the "
+                             "results are printed above") from None  # fmt: skip
         print(f"results written to {target}")
     return 0
 

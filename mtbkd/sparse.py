@@ -75,9 +75,12 @@ class SparseTeacher:
     """A teacher's top-k output: ``indices [..., k]`` (int, distinct within a row, in
     ``[0, V)``: checked by the losses) and ``logprobs [..., k]`` (float), log-probabilities at
     temperature 1 (MATH.md section 5; a row whose probabilities sum above 1.05 is an error: those
-    are logits). No gradient flows into it."""
+    are logits). No gradient flows into it. ``vocab_size``: the size V of the vocabulary the
+    top-k was taken over, when known (:func:`topk_teacher` and :func:`load_sparse_teachers` of a
+    file that recorded it set it); the losses then refuse a student of another V, whose tail
+    bucket would be spread over the wrong number of classes."""
 
-    def __init__(self, indices: Tensor, logprobs: Tensor) -> None:
+    def __init__(self, indices: Tensor, logprobs: Tensor, vocab_size: int | None = None) -> None:
         if not isinstance(indices, Tensor) or not isinstance(logprobs, Tensor):
             raise TypeError("SparseTeacher(indices, logprobs) takes two tensors")
         if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.is_complex():
@@ -91,8 +94,13 @@ class SparseTeacher:
             )
         if indices.device != logprobs.device:
             raise ValueError(f"indices is on {indices.device} but logprobs is on {logprobs.device}")
+        if vocab_size is not None and (
+            isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
+        ):
+            raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
         self.indices = indices.detach()
         self.logprobs = logprobs.detach()
+        self.vocab_size = vocab_size
 
     @property
     def k(self) -> int:
@@ -114,16 +122,18 @@ class SparseTeacher:
 
     def flatten(self) -> SparseTeacher:
         """``[N, k]`` rows."""
-        return SparseTeacher(self.indices.reshape(-1, self.k), self.logprobs.reshape(-1, self.k))
+        return SparseTeacher(self.indices.reshape(-1, self.k), self.logprobs.reshape(-1, self.k),
+                             self.vocab_size)  # fmt: skip
 
     def rows(self, rows: slice) -> SparseTeacher:
-        return SparseTeacher(self.indices[rows], self.logprobs[rows])
+        return SparseTeacher(self.indices[rows], self.logprobs[rows], self.vocab_size)
 
     def to(self, device: torch.device | str) -> SparseTeacher:
-        return SparseTeacher(self.indices.to(device), self.logprobs.to(device))
+        return SparseTeacher(self.indices.to(device), self.logprobs.to(device), self.vocab_size)
 
     def __repr__(self) -> str:
-        return f"SparseTeacher(shape={tuple(self.shape)}, k={self.k}, device={self.device})"
+        v = "" if self.vocab_size is None else f", vocab_size={self.vocab_size}"
+        return f"SparseTeacher(shape={tuple(self.shape)}, k={self.k}{v}, device={self.device})"
 
 
 def is_sparse(teacher_logits: Any) -> bool:
@@ -136,7 +146,8 @@ def is_sparse(teacher_logits: Any) -> bool:
 
 
 def topk_teacher(logits: Tensor, k: int) -> SparseTeacher:
-    """The top-``k`` log-probabilities of ``log_softmax(logits)`` (temperature 1) per row."""
+    """The top-``k`` log-probabilities of ``log_softmax(logits)`` (temperature 1) per row, with
+    ``vocab_size`` = V of ``logits``."""
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError("logits must be a floating-point tensor")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
@@ -144,7 +155,7 @@ def topk_teacher(logits: Tensor, k: int) -> SparseTeacher:
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.log_softmax(logits.detach().to(acc), dim=-1)
     vals, idx = logp.topk(k, dim=-1)
-    return SparseTeacher(idx, vals)
+    return SparseTeacher(idx, vals, logits.shape[-1])
 
 
 def _as_list(teachers: SparseTeacher | Sequence[SparseTeacher]) -> list[SparseTeacher]:
@@ -192,6 +203,11 @@ def bucketize(
                              f"{z2.device}")  # fmt: skip
         if t.k > v:
             raise ValueError(f"teacher_logits[{i}] has k = {t.k} > V = {v}")
+        if t.vocab_size is not None and t.vocab_size != v:  # the tail's spread would be wrong
+            raise ValueError(
+                f"teacher_logits[{i}] is the top-k of a vocabulary of {t.vocab_size} classes but "
+                f"student_logits has V = {v}"
+            )
         idx = t.indices.to(torch.int64)
         if n and bool(((idx < 0) | (idx >= v)).any()):
             raise ValueError(
@@ -282,7 +298,7 @@ def _sparse_rows(kind: str, opts: dict, z: Tensor, teachers: list[SparseTeacher]
         keep = (labels != ignore)[:, None]
         teachers = [t if t.k > z.shape[-1] else SparseTeacher(
             torch.where(keep, t.indices, torch.arange(t.k, device=z.device)),
-            torch.where(keep, t.logprobs, -math.log(t.k)),
+            torch.where(keep, t.logprobs, -math.log(t.k)), t.vocab_size,
         ) for t in teachers]  # fmt: skip
     zb, tb, counts = bucketize(z, teachers, return_counts=True)
     # Labels only mask rows for the bucketed op; the hard-label term is computed on z below.
@@ -473,6 +489,9 @@ def save_sparse_teachers(
         tensors[name] = x.detach().contiguous().cpu()
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta["mtbkd.num_teachers"] = str(len(teachers))
+    for i, t in enumerate(teachers):
+        if t.vocab_size is not None:
+            meta[f"mtbkd.teacher{i}.vocab_size"] = str(t.vocab_size)
     path = Path(path)
     save_file(tensors, str(path), metadata=meta)
     return path
@@ -489,8 +508,13 @@ def load_sparse_teachers(path: str | Path, device: torch.device | str = "cpu") -
                 f"{path} is not a sparse-teacher file (no mtbkd.num_teachers metadata)"
             )
         k = int(meta.pop("mtbkd.num_teachers"))
+        sizes = [meta.pop(f"mtbkd.teacher{i}.vocab_size", None) for i in range(k)]
         teachers = [
-            SparseTeacher(f.get_tensor(f"teacher{i}.indices"), f.get_tensor(f"teacher{i}.logprobs"))
+            SparseTeacher(
+                f.get_tensor(f"teacher{i}.indices"),
+                f.get_tensor(f"teacher{i}.logprobs"),
+                None if sizes[i] is None else int(sizes[i]),
+            )  # fmt: skip
             for i in range(k)
         ]
         extra = {name: f.get_tensor(name) for name in f.keys() if not name.startswith("teacher")}

@@ -246,6 +246,36 @@ class TeacherStats:
         acc = torch.float64 if like.dtype == torch.float64 else torch.float32
         return self.data.reshape(num_teachers, num_rows, 4).to(device=like.device, dtype=acc)
 
+    @staticmethod
+    def check_rows(data: Tensor, teachers: Sequence[Tensor], temperature: float) -> None:
+        """Spot-check ``data`` ``[K, N, 4]`` (from :meth:`data_for`) against the teacher logits
+        ``K x [N, V]`` of the call: the cached ``logsumexp(t / tau)`` of up to four rows (first,
+        last and two between) must match the logits' own. A cache whose rows are in another
+        order than the logits (a loader that shuffled one and not the other), or one built from
+        other logits, gave a wrong or infinite loss silently. ``O(4 K V)`` work and one host
+        synchronisation (the losses run it when ``check_finite``, never inside a
+        ``torch.compile`` graph)."""
+        n = data.shape[1]
+        if n == 0:
+            return
+        rows = torch.tensor(sorted({0, n // 3, (2 * n) // 3, n - 1}), device=data.device)
+        acc = data.dtype
+        t = torch.stack([x.index_select(0, rows) for x in teachers]).to(acc)  # [K, r, V]
+        own = torch.logsumexp(t / temperature, dim=-1)
+        cached = data[:, rows, 0]
+        # rounding of the logits' dtype (a cache made before a cast) scales with their size
+        eps = max(torch.finfo(teachers[0].dtype).eps, 1e-6)
+        scale = 1.0 + t.abs().amax(-1).nan_to_num(posinf=0.0, neginf=0.0) / temperature
+        bad = ((own - cached).abs() > 4 * eps * scale) & torch.isfinite(own)
+        if bool(bad.any()):
+            k, r = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"teacher_stats do not match teacher_logits (teacher {k}, row {int(rows[r])}: "
+                f"cached logsumexp(t / tau) {float(cached[k, r]):.6g}, the logits give "
+                f"{float(own[k, r]):.6g}): the cache was computed from other logits, or its "
+                "rows are in another order (index it like the logits: stats[idx])"
+            )
+
     def __repr__(self) -> str:
         return (
             f"TeacherStats(K={self.num_teachers}, rows={tuple(self.lead_shape)}, "

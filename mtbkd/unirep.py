@@ -28,6 +28,7 @@ and the exact sequences.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -282,12 +283,14 @@ def unirep_features(
     if bar is not None:
         bar.close()
     if cache:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
             np.save(tmp, out)
             os.replace(tmp, path)
         except OSError as exc:  # a read-only home: the result stands, only the cache is lost
+            with contextlib.suppress(OSError):  # no temporary file left behind
+                tmp.unlink(missing_ok=True)
             warnings.warn(
                 f"could not cache UniRep features in {path.parent} ({exc}); set MTBKD_CACHE_DIR "
                 "to a writable folder to keep them",

@@ -1222,3 +1222,25 @@ def test_a_backend_without_the_op_says_so(monkeypatch):
     monkeypatch.setenv("MTBKD_BACKEND", "cpu")
     with pytest.raises(RuntimeError, match="backend 'cpu' has no implementation of mtbkd::scale"):
         torch.ops.mtbkd.scale_grad(torch.ones(2, 3), torch.ones(2))
+
+
+def test_a_teacher_stats_cache_in_another_row_order_is_refused():
+    # found by a bug hunt: a cache whose rows were shuffled apart from the logits (or built from
+    # other logits) gave a wrong or infinite loss silently
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(6, 50, generator=g)
+    t = torch.randn(2, 6, 50, generator=g) * 3
+    t[0, 0] *= 40.0  # one sharp row
+    stats = mtbkd.TeacherStats(t, temperature=2.0)
+    want = mtbkd.mtbkd_loss(z, t, temperature=2.0)
+    torch.testing.assert_close(mtbkd.mtbkd_loss(z, t, temperature=2.0, teacher_stats=stats), want)
+    perm = torch.tensor([1, 0, 2, 3, 4, 5])
+    with pytest.raises(
+        ValueError, match=r"teacher_stats do not match teacher_logits \(teacher 0, row 0"
+    ):
+        mtbkd.mtbkd_loss(z, t, temperature=2.0, teacher_stats=stats[perm])
+    # the cache of float32 teachers still serves a bfloat16 student (teachers cast to bf16)
+    low = mtbkd.mtbkd_loss(z.bfloat16(), t, temperature=2.0, teacher_stats=stats)
+    torch.testing.assert_close(
+        low, mtbkd.mtbkd_loss(z.bfloat16(), t, temperature=2.0), rtol=2e-2, atol=2e-2
+    )

@@ -152,3 +152,27 @@ def test_an_output_path_in_the_way_is_refused_before_the_run(tmp_path, monkeypat
     for target in (tmp_path / "afile" / "r.json", tmp_path):
         with pytest.raises(SystemExit, match="is a f"):
             llm_demo.run_from_args(parser.parse_args(["--smoke", "--json", str(target)]))
+
+
+def test_out_and_json_are_both_written_and_run_errors_are_messages(tmp_path, monkeypatch):
+    # found by a bug hunt: --out was dropped beside --json; a --seq-len beyond the data and an
+    # out-of-range --seed were tracebacks; a failed write lost the results after the run
+    import argparse
+
+    monkeypatch.setattr(llm_demo, "find_smollm2_gguf", lambda: tmp_path)
+    monkeypatch.setattr(llm_demo.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(llm_demo, "run", lambda cfg: {"seed": cfg.seed})
+    parser = llm_demo.build_arg_parser()
+    args = parser.parse_args(["--smoke", "--json", str(tmp_path / "a.json")])
+    args = argparse.Namespace(**vars(args), out=str(tmp_path / "runs"))
+    assert llm_demo.run_from_args(args) == 0
+    assert (tmp_path / "a.json").is_file() and (tmp_path / "runs" / "llm_demo.json").is_file()
+
+    def too_long(cfg):
+        llm_demo._block_starts(100, 4, 500)
+
+    monkeypatch.setattr(llm_demo, "run", too_long)
+    with pytest.raises(SystemExit, match=r"too few for blocks of 500 \(--seq-len 499\)"):
+        llm_demo.run_from_args(parser.parse_args(["--smoke"]))
+    with pytest.raises(ValueError, match="--seed must be an integer in 0..2147483647"):
+        llm_demo.config_from_args(parser.parse_args(["--seed", str(2**70)]))

@@ -305,3 +305,30 @@ def test_scale_by_t2_multiplies_the_sparse_soft_term_by_t_squared():
         for i in range(2)
     ])  # fmt: skip
     torch.testing.assert_close(got, temp**2 * kl.mean(0).mean(), rtol=1e-10, atol=1e-12)
+
+
+def test_vocab_size_is_recorded_and_checked(tmp_path):
+    # found by a bug hunt: a file of top-k teachers recorded no V, and a student of another
+    # vocabulary was accepted whenever the stored indices were below its V (the tail bucket was
+    # then spread over the wrong number of classes)
+    from mtbkd.sparse import load_sparse_teachers, save_sparse_teachers
+
+    g = torch.Generator().manual_seed(0)
+    t = mtbkd.topk_teacher(torch.randn(5, 16, generator=g), 4)
+    assert t.vocab_size == 16 and "vocab_size=16" in repr(t)
+    save_sparse_teachers(tmp_path / "t.safetensors", [t])
+    (back,) = load_sparse_teachers(tmp_path / "t.safetensors").teachers
+    assert back.vocab_size == 16 and back.rows(slice(0, 2)).vocab_size == 16
+    z = torch.randn(5, 16, generator=g)
+    assert torch.isfinite(mtbkd.mtbkd_loss(z, [back]))
+    for wrong in (12, 26):
+        zw = torch.randn(5, wrong, generator=g)
+        with pytest.raises(
+            ValueError, match="top-k of a vocabulary of 16 classes but student_logits has V"
+        ):
+            mtbkd.mtbkd_loss(zw, [back])
+    # without the size (made by hand, or a file written before): checked by index range only
+    anon = mtbkd.SparseTeacher(back.indices, back.logprobs)
+    assert anon.vocab_size is None and torch.isfinite(mtbkd.mtbkd_loss(torch.randn(5, 26), [anon]))
+    with pytest.raises(ValueError, match="vocab_size must be a positive int"):
+        mtbkd.SparseTeacher(back.indices, back.logprobs, 0)
