@@ -206,7 +206,10 @@ def mtbkd_loss(
             k, student.shape[0], temperature, concentration, weight_temperature, student, lead
         )
         if check_finite and not torch.compiler.is_compiling():
-            TeacherStats.check_rows(stats_data, teachers, float(temperature))
+            given = teacher_logits if isinstance(teacher_logits, Sequence) else [teacher_logits]
+            dtypes = [x.dtype for x in given if isinstance(x, Tensor)]
+            TeacherStats.check_rows(stats_data, teachers, float(temperature),
+                                    [*dtypes, teacher_stats.data.dtype])  # fmt: skip
     loss_rows, _, w, resp, ent, prior, ce = ops.mtbkd_loss_fwd(
         student, teachers, flat_labels, fixed, stats_data, float(temperature),
         float(concentration), float(prior_weight), float(hard_label_weight), mode,

@@ -77,8 +77,9 @@ class SparseTeacher:
     temperature 1 (MATH.md section 5; a row whose probabilities sum above 1.05 is an error: those
     are logits). No gradient flows into it. ``vocab_size``: the size V of the vocabulary the
     top-k was taken over, when known (:func:`topk_teacher` and :func:`load_sparse_teachers` of a
-    file that recorded it set it); the losses then refuse a student of another V, whose tail
-    bucket would be spread over the wrong number of classes."""
+    file that recorded it set it); the losses then refuse a student of a larger V, whose tail
+    bucket would be spread over classes the teacher never scored (a larger ``vocab_size`` is a
+    vocabulary padded beyond the student's, as dense teachers may be)."""
 
     def __init__(self, indices: Tensor, logprobs: Tensor, vocab_size: int | None = None) -> None:
         if not isinstance(indices, Tensor) or not isinstance(logprobs, Tensor):
@@ -203,10 +204,12 @@ def bucketize(
                              f"{z2.device}")  # fmt: skip
         if t.k > v:
             raise ValueError(f"teacher_logits[{i}] has k = {t.k} > V = {v}")
-        if t.vocab_size is not None and t.vocab_size != v:  # the tail's spread would be wrong
+        if t.vocab_size is not None and t.vocab_size < v:  # the tail's spread would be wrong
+            # (a larger one is a vocabulary padded beyond the student's, as for dense teachers:
+            # the index check above keeps its top-k off the padding)
             raise ValueError(
                 f"teacher_logits[{i}] is the top-k of a vocabulary of {t.vocab_size} classes but "
-                f"student_logits has V = {v}"
+                f"student_logits has V = {v}: the student has classes the teacher never scored"
             )
         idx = t.indices.to(torch.int64)
         if n and bool(((idx < 0) | (idx >= v)).any()):

@@ -247,14 +247,20 @@ class TeacherStats:
         return self.data.reshape(num_teachers, num_rows, 4).to(device=like.device, dtype=acc)
 
     @staticmethod
-    def check_rows(data: Tensor, teachers: Sequence[Tensor], temperature: float) -> None:
+    def check_rows(
+        data: Tensor,
+        teachers: Sequence[Tensor],
+        temperature: float,
+        dtypes: Sequence[torch.dtype] = (),
+    ) -> None:
         """Spot-check ``data`` ``[K, N, 4]`` (from :meth:`data_for`) against the teacher logits
         ``K x [N, V]`` of the call: the cached ``logsumexp(t / tau)`` of up to four rows (first,
         last and two between) must match the logits' own. A cache whose rows are in another
         order than the logits (a loader that shuffled one and not the other), or one built from
         other logits, gave a wrong or infinite loss silently. ``O(4 K V)`` work and one host
         synchronisation (the losses run it when ``check_finite``, never inside a
-        ``torch.compile`` graph)."""
+        ``torch.compile`` graph). The tolerance is the rounding of the coarsest of the logits'
+        dtype, ``dtypes`` (the logits' dtypes before a cast) and the cache's own dtype."""
         n = data.shape[1]
         if n == 0:
             return
@@ -263,10 +269,13 @@ class TeacherStats:
         t = torch.stack([x.index_select(0, rows) for x in teachers]).to(acc)  # [K, r, V]
         own = torch.logsumexp(t / temperature, dim=-1)
         cached = data[:, rows, 0]
-        # rounding of the logits' dtype (a cache made before a cast) scales with their size
-        eps = max(torch.finfo(teachers[0].dtype).eps, 1e-6)
+        # rounding of the logits (a cache made before a cast, or logits stored in bf16) scales
+        # with their size; that of a cache moved to a low-precision dtype with its values
+        eps = max(torch.finfo(d).eps for d in (teachers[0].dtype, *dtypes))
+        eps = max(eps, 1e-6)
         scale = 1.0 + t.abs().amax(-1).nan_to_num(posinf=0.0, neginf=0.0) / temperature
-        bad = ((own - cached).abs() > 4 * eps * scale) & torch.isfinite(own)
+        tol = 4 * eps * scale + 2 * torch.finfo(data.dtype).eps * cached.abs()
+        bad = ((own - cached).abs() > tol) & torch.isfinite(own)
         if bool(bad.any()):
             k, r = (int(i) for i in bad.nonzero()[0])
             raise ValueError(

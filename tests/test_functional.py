@@ -1244,3 +1244,32 @@ def test_a_teacher_stats_cache_in_another_row_order_is_refused():
     torch.testing.assert_close(
         low, mtbkd.mtbkd_loss(z.bfloat16(), t, temperature=2.0), rtol=2e-2, atol=2e-2
     )
+
+
+def test_teacher_stats_check_allows_the_rounding_of_stored_logits_and_caches():
+    # a review of the spot check: logits stored in bfloat16 against a float32 cache, and a cache
+    # moved to bfloat16, were refused although the loss was right to the dtype's rounding
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(8, 1000, generator=g)
+    for scale in (1.0, 10.0, 1000.0):
+        t = torch.randn(2, 8, 1000, generator=g) * scale
+        stats = mtbkd.TeacherStats(t, temperature=2.0)
+        got = mtbkd.mtbkd_loss(z, t.bfloat16(), temperature=2.0, teacher_stats=stats)
+        want = mtbkd.mtbkd_loss(z, t.bfloat16(), temperature=2.0)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        low = stats.to(torch.bfloat16)
+        assert torch.isfinite(mtbkd.mtbkd_loss(z, t, temperature=2.0, teacher_stats=low))
+
+
+def test_top_k_of_a_padded_teacher_vocabulary_is_accepted():
+    # a review: topk_teacher of logits padded beyond the student's vocabulary (masked with
+    # finfo.min) was refused once vocab_size was recorded; it equals the sliced teacher
+    g = torch.Generator().manual_seed(6)
+    t = torch.randn(6, 64, generator=g)
+    t[:, 50:] = torch.finfo(torch.float32).min
+    z = torch.randn(6, 50, generator=g)
+    padded = mtbkd.topk_teacher(t, 5)
+    assert padded.vocab_size == 64
+    torch.testing.assert_close(
+        mtbkd.mtbkd_loss(z, [padded]), mtbkd.mtbkd_loss(z, [mtbkd.topk_teacher(t[:, :50], 5)])
+    )

@@ -308,9 +308,8 @@ def test_scale_by_t2_multiplies_the_sparse_soft_term_by_t_squared():
 
 
 def test_vocab_size_is_recorded_and_checked(tmp_path):
-    # found by a bug hunt: a file of top-k teachers recorded no V, and a student of another
-    # vocabulary was accepted whenever the stored indices were below its V (the tail bucket was
-    # then spread over the wrong number of classes)
+    # found by a bug hunt: a file of top-k teachers recorded no V, and a student of a larger
+    # vocabulary was accepted (the tail bucket then spread over classes the teacher never scored)
     from mtbkd.sparse import load_sparse_teachers, save_sparse_teachers
 
     g = torch.Generator().manual_seed(0)
@@ -321,7 +320,11 @@ def test_vocab_size_is_recorded_and_checked(tmp_path):
     assert back.vocab_size == 16 and back.rows(slice(0, 2)).vocab_size == 16
     z = torch.randn(5, 16, generator=g)
     assert torch.isfinite(mtbkd.mtbkd_loss(z, [back]))
-    for wrong in (12, 26):
+    # a student of a smaller V: the teacher's vocabulary padded beyond it (its top-k indices
+    # must lie below V, as checked before), accepted as for dense teachers
+    small = t.indices.max() + 1
+    assert torch.isfinite(mtbkd.mtbkd_loss(torch.randn(5, int(small), generator=g), [back]))
+    for wrong in (26,):
         zw = torch.randn(5, wrong, generator=g)
         with pytest.raises(
             ValueError, match="top-k of a vocabulary of 16 classes but student_logits has V"
