@@ -225,7 +225,9 @@ def bayesify(
     # a weight tied to another module (an embedding, another Linear) would be silently untied:
     # the BayesLinear gets its own posterior mean
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    names_of: dict[int, list[str]] = {}  # every name of each module
     for name, mod in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(mod), []).append(name)
         for p in mod.parameters(recurse=False):
             owners.setdefault(id(p), []).append((name, mod))
     for name, mod in chosen:
@@ -240,8 +242,7 @@ def bayesify(
     # would untie the copies (the others keep the old nn.Linear)
     picked = {name for name, _ in chosen}
     for name, mod in chosen:
-        left = [n for n, m in model.named_modules(remove_duplicate=False)
-                if m is mod and n not in picked]  # fmt: skip
+        left = [n for n in names_of[id(mod)] if n not in picked]
         if left:
             raise ValueError(
                 f"{name!r} is the same nn.Linear as {left[0]!r}, which include / exclude leave "

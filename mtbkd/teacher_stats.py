@@ -271,10 +271,9 @@ class TeacherStats:
         cached = data[:, rows, 0]
         # rounding of the logits (a cache made before a cast, or logits stored in bf16) scales
         # with their size; that of a cache moved to a low-precision dtype with its values
-        eps = max(torch.finfo(d).eps for d in (teachers[0].dtype, *dtypes))
-        eps = max(eps, 1e-6)
+        eps = max(1e-6, *(torch.finfo(d).eps for d in (teachers[0].dtype, *dtypes)))
         scale = 1.0 + t.abs().amax(-1).nan_to_num(posinf=0.0, neginf=0.0) / temperature
-        tol = 4 * eps * scale + 2 * torch.finfo(data.dtype).eps * cached.abs()
+        tol = eps * (4 * scale + cached.abs())
         bad = ((own - cached).abs() > tol) & torch.isfinite(own)
         if bool(bad.any()):
             k, r = (int(i) for i in bad.nonzero()[0])

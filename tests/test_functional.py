@@ -879,6 +879,15 @@ def test_scale_grad_computes_in_the_gradients_accumulation_dtype(backend):
     assert out.dtype == torch.float64 and out[0, 0].item() == 1.0 + 2.0**-40
 
 
+def _backend_device(backend_name):
+    """The device a backend's test runs on; skipped (with the reason) where Triton or CUDA is
+    unavailable."""
+    reason = mtbkd.ops.backend_status()[backend_name]
+    if reason is not None and backend_name in ("triton", "cuda"):
+        pytest.skip(f"{backend_name} backend unavailable: {reason}")
+    return "cuda" if backend_name in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
+
+
 # the Triton interpreter (numpy) warns about the -inf columns it computes with
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
@@ -888,11 +897,8 @@ def test_zero_hard_label_weight_drops_the_cross_entropy(backend_name, divergence
     # hard_label_weight = 0 means no cross-entropy term: a -inf student logit at the label (a
     # column masked in student and teachers, check_finite=False) gave 0 * inf = NaN on the
     # reference, Triton and CUDA backends where the CPU kernels skipped the term
-    reason = mtbkd.ops.backend_status()[backend_name]
-    if reason is not None and backend_name in ("triton", "cuda"):
-        pytest.skip(f"{backend_name} backend unavailable: {reason}")
+    device = _backend_device(backend_name)
     monkeypatch.setenv("MTBKD_BACKEND", backend_name)
-    device = "cuda" if backend_name in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4, 9, generator=g, dtype=torch.float64)
     t = torch.randn(2, 4, 9, generator=g, dtype=torch.float64)
@@ -917,10 +923,7 @@ def test_mtbkd_masked_columns_are_a_smaller_vocabulary(backend_name, monkeypatch
     # them. The loss is that of the vocabulary without those columns plus the constant
     # beta_p (lgamma(V' + lam) - lgamma(V + lam)); the gradient is the same on the kept columns
     # and 0 on the masked ones. (The float64 reference gave NaN: p * log q = 0 * -inf.)
-    reason = mtbkd.ops.backend_status()[backend_name]
-    if reason is not None and backend_name in ("triton", "cuda"):
-        pytest.skip(f"{backend_name} backend unavailable: {reason}")
-    device = "cuda" if backend_name in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
+    device = _backend_device(backend_name)
     g = torch.Generator().manual_seed(3)
     n, v, k = 5, 13, 3
     z = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
@@ -948,13 +951,6 @@ def test_mtbkd_masked_columns_are_a_smaller_vocabulary(backend_name, monkeypatch
     grad = zm.grad.cpu()
     torch.testing.assert_close(grad[:, keep], zk.grad, rtol=1e-10, atol=1e-12)
     assert torch.equal(grad[:, ~keep], torch.zeros(n, v - vk, dtype=torch.float64))
-
-
-def _backend_device(backend_name):
-    reason = mtbkd.ops.backend_status()[backend_name]
-    if reason is not None and backend_name in ("triton", "cuda"):
-        pytest.skip(f"{backend_name} backend unavailable: {reason}")
-    return "cuda" if backend_name in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
 
 
 # found by a bug hunt: the reference's gradient was NaN where the student and every teacher rule
