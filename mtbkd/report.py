@@ -39,6 +39,7 @@ __all__ = [
     "teacher_disagreement",
     "weighting_sentence",
     "load_per_row",
+    "pool_folds",
     "parse_seeds",
     "summarise_seeds",
     "format_seed_summary",
@@ -239,12 +240,18 @@ def _with_bins(nll: Tensor, correct: Tensor, conf: Tensor) -> tuple[Tensor, Tens
 
 
 PER_ROW_FILE = "per_row.safetensors"
+# the per-row statistics (mtbkd.distill._row_stats) kept besides NLL, correctness and confidence
+_ROW_STATS = ("pbar", "mean_deviance", "covered", "set_size")
 
 
 def save_per_row(result: ExperimentResult, path: str | Path) -> None:
     """Each method's per-test-row NLL, correctness and confidence (float64) and the labels, to a
-    safetensors file: what :func:`summarise_seeds` needs to resample test rows across seeds."""
+    safetensors file: what :func:`summarise_seeds` needs to resample test rows across seeds; and
+    the predictive mean, mean deviance and 95 % credible-set coverage and size of each row, from
+    which :func:`pool_folds` recomputes every metric of the table over the rows of several runs."""
     from safetensors.torch import save_file
+
+    from mtbkd.distill import _row_stats
 
     tensors = {"labels": result.labels.long().contiguous()}
     for m in result.methods:
@@ -252,6 +259,10 @@ def save_per_row(result: ExperimentResult, path: str | Path) -> None:
         tensors[f"{m.name}.nll"] = nll.contiguous()
         tensors[f"{m.name}.correct"] = correct.contiguous()
         tensors[f"{m.name}.conf"] = conf.contiguous()
+        # the rest of what the table's metrics need of each row (pool_folds)
+        stats = _row_stats(m.probs, result.labels)
+        for key in _ROW_STATS:
+            tensors[f"{m.name}.{key}"] = stats[key].contiguous()
     meta = {"test_sha256": result.test_digest} if result.test_digest else None
     save_file(tensors, str(path), metadata=meta)
 
@@ -272,9 +283,125 @@ def load_per_row(path: str | Path) -> dict[str, Any] | None:
         out["test_sha256"] = digest
     for key in t:
         name = key.rsplit(".", 1)[0]
-        if name not in out:
+        if name not in out and f"{name}.nll" in t:
             out[name] = _with_bins(t[f"{name}.nll"], t[f"{name}.correct"], t[f"{name}.conf"])
     return out
+
+
+def _load_row_stats(path: Path) -> dict[str, Any]:
+    """The labels and each method's :data:`_ROW_STATS` (plus ``nll``) from a per-row file."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ValueError(f"{path.parent} has no {PER_ROW_FILE} (not a finished run folder)")
+    t = load_file(str(path))
+    names = [k[: -len(".nll")] for k in t if k.endswith(".nll")]
+    old = [n for n in names if f"{n}.pbar" not in t]
+    if old:
+        raise ValueError(
+            f"{path} has no per-row predictive for {old}: it was written by an older mtbkd; "
+            "rerun that fold"
+        )
+    return {
+        "labels": t["labels"],
+        "methods": {n: {k: t[f"{n}.{k}"] for k in ("nll",) + _ROW_STATS} for n in names},
+    }
+
+
+def pool_folds(
+    run_dirs: list[str | Path], dataset: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Cross-fitting: one table over the test rows of several runs whose test sets are disjoint
+    parts of one dataset (folds: each run trained without the rows it was tested on), so that
+    every metric is measured on all of those rows at once: the ECE's sampling noise shrinks
+    about as one over the square root of the rows (``ece_floor``).
+
+    ``run_dirs``: the runs' output folders (one seed each: ``report.json`` and
+    ``per_row.safetensors``), with the same dataset, methods and classes and different test
+    rows. Every metric of the table is recomputed from the pooled rows by the code that made each
+    run's table (``ece_floor`` and ``ece_p`` too; not the shift AUROC, whose shifted rows are not
+    kept); ``seconds`` is summed over the folds and ``validation_nll`` averaged. Returns
+    ``(report, per_row)``: a ``report.json``-like dictionary (with ``folds`` and ``rows``) and
+    :func:`load_per_row`'s dictionary of the pooled rows, which :func:`summarise_seeds` takes
+    for several seeds of the same folds. ``dataset``: the pooled report's dataset name, needed
+    when the runs' names differ (a folder dataset is named after its folder)."""
+    import hashlib
+
+    from mtbkd.distill import _metrics_of_rows
+
+    dirs = [Path(d) for d in run_dirs]
+    if len(dirs) < 2:
+        raise ValueError(f"run_dirs: cross-fitting pools two runs or more, got {len(dirs)}")
+    reps, stats = [], []
+    for d in dirs:
+        if not (d / "report.json").is_file():
+            raise ValueError(f"{d} has no report.json (not a finished run folder)")
+        reps.append(json.loads((d / "report.json").read_text()))
+        stats.append(_load_row_stats(d / PER_ROW_FILE))
+    names = [m["name"] for m in reps[0]["methods"]]
+    digests: dict[str, Path] = {}
+    for d, rep, st in zip(dirs, reps, stats, strict=True):
+        if dataset is None and rep["dataset"] != reps[0]["dataset"]:
+            raise ValueError(
+                f"run_dirs: {d} is on dataset {rep['dataset']!r}, {dirs[0]} on "
+                f"{reps[0]['dataset']!r} (pass dataset= to name the pooled one)"
+            )
+        if [m["name"] for m in rep["methods"]] != names or sorted(st["methods"]) != sorted(names):
+            raise ValueError(f"run_dirs: {d} ran other methods than {dirs[0]}")
+        width = st["methods"][names[0]]["pbar"].shape[-1]
+        if width != stats[0]["methods"][names[0]]["pbar"].shape[-1]:
+            raise ValueError(f"run_dirs: {d} has {width} classes, {dirs[0]} another number")
+        if bool(predictive_temperatures(rep.get("hyperparameters") or {})) != bool(
+            predictive_temperatures(reps[0].get("hyperparameters") or {})
+        ):
+            raise ValueError(
+                f"run_dirs: {d} and {dirs[0]} differ in post-hoc calibration (config.calibrate)"
+            )
+        digest = rep.get("test_sha256")
+        if digest is not None and digest in digests:
+            raise ValueError(
+                f"run_dirs: {d} and {digests[digest]} were tested on the same rows; folds must "
+                "have disjoint test sets"
+            )
+        if digest is not None:
+            digests[digest] = d
+    labels = torch.cat([st["labels"] for st in stats])
+    methods, per_row = [], {"labels": labels}
+    for n in names:
+        cat = {k: torch.cat([st["methods"][n][k] for st in stats]) for k in ("nll",) + _ROW_STATS}
+        row = {"name": n, **_metrics_of_rows(cat, labels)}
+        row["seconds"] = sum(
+            float(next(m for m in rep["methods"] if m["name"] == n).get("seconds") or 0.0)
+            for rep in reps
+        )
+        methods.append(row)
+        conf, pred = cat["pbar"].double().max(-1)
+        per_row[n] = _with_bins(cat["nll"].double(), (pred == labels).double(), conf)
+    if all(rep.get("test_sha256") for rep in reps):
+        joined = "".join(rep["test_sha256"] for rep in reps).encode()
+        per_row["test_sha256"] = hashlib.sha256(joined).hexdigest()
+    val = {
+        n: float(sum(v) / len(v))
+        for n in names
+        if len(v := [(r.get("validation_nll") or {}).get(n) for r in reps]) == len(reps)
+        and all(x is not None for x in v)
+    }
+    temps: dict[str, list[float]] = {}
+    for rep in reps:
+        for n, t in predictive_temperatures(rep.get("hyperparameters") or {}).items():
+            temps.setdefault(n, []).append(t)
+    rep_out = {
+        "dataset": reps[0]["dataset"] if dataset is None else dataset,
+        "folds": len(dirs),
+        "rows": len(labels),
+        "methods": methods,
+        "validation_nll": val,
+        # the mean post-hoc temperature over the folds, for calibrated runs
+        "hyperparameters": {
+            n: {"predictive_temperature": sum(v) / len(v)} for n, v in temps.items()
+        },
+    }
+    return _clean(rep_out), per_row
 
 
 def _resampled(per_row, idx: Tensor) -> dict[str, Tensor]:
@@ -1286,9 +1413,13 @@ def _seed_figure(summary: dict[str, Any], out: Path) -> str:
     return "seeds.png"
 
 
-def write_seed_summary(summary: dict[str, Any], out_dir: str | Path, figures: bool = True) -> None:
+def write_seed_summary(
+    summary: dict[str, Any], out_dir: str | Path, figures: bool = True, intro: str | None = None
+) -> None:
     """Write ``summary.json``, ``summary.md`` and (with ``figures``) ``seeds.png`` to ``out_dir``
-    (each seed's own run folder is ``out_dir/seed<k>``)."""
+    (each seed's own run folder is ``out_dir/seed<k>``). ``intro``: the whole paragraph under
+    the title, in place of the one of the pipeline's ``--seeds`` runs (what the seeds change,
+    that the table is a mean ± sd over seeds, where each seed's report is)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -1304,7 +1435,8 @@ def write_seed_summary(summary: dict[str, Any], out_dir: str | Path, figures: bo
         f"# MT-BKD over {len(summary['seeds'])} seed{'s' * (len(summary['seeds']) != 1)}: "
         f"{summary['dataset']}",
         "",
-        f"Seeds {seeds}: each changes the validation split and every initialisation; {test}. "
+        intro
+        or f"Seeds {seeds}: each changes the validation split and every initialisation; {test}. "
         "Mean ± standard deviation over seeds; the full report of each seed is in "
         "`seed<k>/report.md`.",
         "",

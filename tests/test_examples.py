@@ -58,3 +58,109 @@ def test_torchrun_vocab_parallel():
     m = re.search(r"check: vocab-parallel (\S+)\s+single-process (\S+)", out)
     assert m is not None, out
     assert abs(float(m.group(1)) - float(m.group(2))) <= 1e-4 * abs(float(m.group(2)))
+
+
+def _csv_dataset(root: Path) -> Path:
+    """A CSV dataset of the user's own with a group column and two teachers (3 classes)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    d = root / "data"
+    d.mkdir()
+    for split, n in (("train", 90), ("test", 30)):
+        y = np.arange(n) % 3
+        x = rng.normal(size=(n, 4)) + y[:, None]
+        lines = ["f0,f1,f2,f3,group,label"] + [
+            ",".join([f"{v:.5f}" for v in x[i]] + [str(i % 4), str(y[i])]) for i in range(n)
+        ]
+        (d / f"{split}.csv").write_text("\n".join(lines) + "\n")
+        for t in "ab":
+            logits = 2.0 * np.eye(3)[y] + rng.normal(size=(n, 3))
+            np.savetxt(d / f"teacher_{t}_{split}.csv", logits, delimiter=",")
+    return d
+
+
+def test_cross_fit(tmp_path):
+    import json
+
+    d = _csv_dataset(tmp_path)
+    out = tmp_path / "cf"
+    args = [sys.executable, str(EXAMPLES / "cross_fit.py"), "--data-dir", str(d), "--by", "group",
+            "--out", str(out), "--no-figures", "--", "--smoke", "--methods", "ce,mtbkd_sgld",
+            "--no-progress", "--no-figures"]  # fmt: skip
+    printed = _run(args)
+    assert printed.strip().splitlines()[-1] == str(out)
+    # four folds (the group's values), each tested on its own rows, without the group column
+    sizes = []
+    for k in range(4):
+        test = (out / "data" / f"fold{k}" / "test.csv").read_text().splitlines()
+        train = (out / "data" / f"fold{k}" / "train.csv").read_text().splitlines()
+        assert test[0] == train[0] == "f0,f1,f2,f3,label"
+        sizes.append(len(test) - 1)
+        assert len(train) - 1 + sizes[-1] == 120
+        teacher = (out / "data" / f"fold{k}" / "teacher_a_test.csv").read_text().splitlines()
+        assert len(teacher) == sizes[-1]
+    # group i % 4 of 90 and 30 rows
+    assert sizes == [23 + 8, 23 + 8, 22 + 7, 22 + 7]
+    rep = json.loads((out / "seed0" / "report.json").read_text())
+    assert rep["rows"] == 120 and rep["folds"] == 4 and rep["dataset"] == "data"
+    assert [m["name"] for m in rep["methods"]] == ["ce", "mtbkd_sgld"]
+    # the pooled accuracy is the row-weighted mean of the folds' accuracies
+    folds = [json.loads((out / f"fold{k}" / "seed0" / "report.json").read_text())
+             for k in range(4)]  # fmt: skip
+    mean = sum(f["methods"][0]["accuracy"] * n for f, n in zip(folds, sizes)) / 120
+    assert abs(rep["methods"][0]["accuracy"] - mean) < 1e-6
+    summary = (out / "summary.md").read_text()
+    assert "Cross-fitted over 4 folds (group=0, group=1, group=2, group=3)" in summary
+    assert "on these 120 test rows" in (out / "seed0" / "report.md").read_text()
+    # run again: each fold's finished seed is read back, the pooled numbers are the same
+    again = _run(args)
+    assert again.count("seed 0: finished earlier, read from") == 4
+    assert json.loads((out / "seed0" / "report.json").read_text()) == rep
+    # other folds into the same folder: mtbkd distill --resume refuses the changed data
+    proc = subprocess.run([*args[:4], "--folds", "2", *args[6:]], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode != 0 and "mtbkd distill failed on fold 0 of 2" in proc.stderr
+    assert "was run on other data" in proc.stderr
+
+
+def test_cross_fit_stratified_folds_and_refusals(tmp_path):
+    import numpy as np
+
+    d = _csv_dataset(tmp_path)
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import cross_fit
+    finally:
+        sys.path.pop(0)
+    header, rows, teachers = cross_fit.load_pool(d)
+    assert len(rows) == 120 and all(len(v) == 120 for v in teachers.values())
+    fold, names = cross_fit.assign_folds(header, rows, None, 5, seed=0)
+    labels = [r[-1] for r in rows]
+    for k in range(5):  # 40 rows of each class -> 8 per class in every fold
+        assert (
+            sorted(labels[i] for i in range(120) if fold[i] == k)
+            == ["0"] * 8 + ["1"] * 8 + ["2"] * 8
+        )
+    assert names[0] == "fold 0 of 5"
+    # small classes: each class continues where the previous one stopped (sizes differ by one)
+    small = [["x", str(c)] for c in range(6) for _ in range(3)]
+    fold, _ = cross_fit.assign_folds(["x", "label"], small, None, 5, seed=1)
+    assert sorted(np.bincount(fold, minlength=5).tolist()) == [3, 3, 4, 4, 4]
+    # read as mtbkd reads CSV files: a trailing blank row and spaces around the names
+    text = (d / "train.csv").read_text().replace("group,label", "group, label") + "\n"
+    (d / "train.csv").write_text(text)
+    assert len(cross_fit.load_pool(d)[1]) == 120
+    base = [sys.executable, str(EXAMPLES / "cross_fit.py"), "--data-dir", str(d), "--out",
+            str(tmp_path / "x")]  # fmt: skip
+    for extra, says in (
+        (["--by", "Partition"], "--by: no column 'Partition'"),
+        (["--folds", "1"], "--folds: cross-fitting needs 2 folds or more"),
+        (["--by", "label"], "--by: 'label' is the label column"),
+        (["--folds", "2", "--seeds", "x"], "--seeds:"),
+    ):
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and says in proc.stderr, proc.stderr
+    (d / "teacher_b_test.csv").unlink()
+    proc = subprocess.run(base + ["--folds", "3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "teachers of train" in proc.stderr

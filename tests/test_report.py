@@ -741,3 +741,80 @@ def test_calibrated_runs_say_so_with_their_temperatures():
     del reps[1]["hyperparameters"]
     with pytest.raises(ValueError, match=r"seeds \[0\] were calibrated .* seeds \[1\] were not"):
         report.summarise_seeds(reps, [0, 1])
+
+
+def _fold_result(seed: int, n: int, labels_shift: int = 0) -> distill.ExperimentResult:
+    """A toy run of two methods on ``n`` test rows of its own (a cross-fitting fold)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(n) + labels_shift) % 3
+    onehot = torch.nn.functional.one_hot(labels, 3)
+    methods = []
+    for name, s in (("ce", 1), ("mtbkd_sgld", 4)):
+        probs = torch.softmax(2.0 * torch.randn(s, n, 3, generator=g) + 1.5 * onehot, -1)
+        methods.append(distill.MethodResult(name, distill.evaluate_probs(probs, labels),
+                                            2.0 + seed, {}, probs, 0.1, s > 1))  # fmt: skip
+    res = _result()
+    return dataclasses.replace(res, methods=methods, labels=labels, attribution=None,
+                               test_digest=f"rows-{seed}")  # fmt: skip
+
+
+def test_pool_folds_recomputes_every_metric_over_the_pooled_rows(tmp_path):
+    folds = [_fold_result(0, 30), _fold_result(1, 25, 1), _fold_result(2, 17, 2)]
+    dirs = []
+    for k, res in enumerate(folds):
+        report.write_report(res, tmp_path / f"fold{k}", figures=False)
+        dirs.append(tmp_path / f"fold{k}")
+    rep, per_row = report.pool_folds(dirs)
+    assert rep["folds"] == 3 and rep["rows"] == 72 and rep["dataset"] == "toy"
+    labels = torch.cat([r.labels for r in folds])
+    assert torch.equal(per_row["labels"], labels)
+    for k, name in enumerate(("ce", "mtbkd_sgld")):
+        # what a single run over all 72 rows would report (the predictive of each row is its
+        # fold's; a method's sample counts are equal across folds here)
+        whole = distill.evaluate_probs(torch.cat([r.methods[k].probs for r in folds], 1), labels)
+        got = rep["methods"][k]
+        assert got["name"] == name
+        assert 0 < whole["accuracy"] < 1  # the AUROC is defined
+        for key, value in whole.items():
+            assert got[key] == pytest.approx(value, abs=1e-6), key
+        assert got["seconds"] == pytest.approx(2.0 + 3.0 + 4.0)
+        # the per-row data gives the same ECE through the bootstrap's binning
+        whole_rows = report._resampled(per_row[name], torch.arange(72)[None])
+        assert float(whole_rows["ece"][0]) == pytest.approx(got["ece"], abs=1e-6)
+    # three folds of the same seeds' runs -> summarise_seeds with the seeds x rows bootstrap
+    s = report.summarise_seeds([rep, rep], [0, 1], per_row=[per_row, per_row], resamples=20)
+    assert s["shared_test_rows"] is True and s["versus"]["resamples"] == 20
+
+
+def test_pool_folds_refusals(tmp_path):
+    a, b = _fold_result(0, 20), _fold_result(1, 20)
+    report.write_report(a, tmp_path / "a", figures=False)
+    report.write_report(b, tmp_path / "b", figures=False)
+    with pytest.raises(ValueError, match="two runs or more"):
+        report.pool_folds([tmp_path / "a"])
+    with pytest.raises(ValueError, match="no report.json"):
+        report.pool_folds([tmp_path / "a", tmp_path / "nothing"])
+    # the same fold twice
+    with pytest.raises(ValueError, match="the same rows"):
+        report.pool_folds([tmp_path / "a", tmp_path / "a"])
+    # other methods
+    c = dataclasses.replace(_fold_result(2, 20), test_digest="rows-c")
+    c.methods = c.methods[:1]
+    report.write_report(c, tmp_path / "c", figures=False)
+    with pytest.raises(ValueError, match="other methods"):
+        report.pool_folds([tmp_path / "a", tmp_path / "c"])
+    # other dataset names need a name for the pooled report
+    d = dataclasses.replace(_fold_result(3, 20), dataset="other", test_digest="rows-d")
+    report.write_report(d, tmp_path / "d", figures=False)
+    with pytest.raises(ValueError, match="pass dataset="):
+        report.pool_folds([tmp_path / "a", tmp_path / "d"])
+    assert report.pool_folds([tmp_path / "a", tmp_path / "d"], dataset="x")[0]["dataset"] == "x"
+    # a per-row file of an older mtbkd (no predictive per row)
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "b" / report.PER_ROW_FILE
+    save_file({k: v for k, v in load_file(str(old)).items() if not k.endswith(".pbar")}, str(old))
+    with pytest.raises(ValueError, match="older mtbkd; rerun that fold"):
+        report.pool_folds([tmp_path / "a", tmp_path / "b"])
+    # ... which load_per_row still reads
+    assert set(report.load_per_row(old)) >= {"labels", "ce", "mtbkd_sgld"}
