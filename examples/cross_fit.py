@@ -42,6 +42,8 @@ import numpy as np
 from mtbkd import data, report
 
 SPLITS = ("train", "test")
+# mtbkd distill options that cross_fit.py gives each fold itself
+OWN_OPTIONS = ("--seeds", "--seed", "--out", "--data-dir", "--dataset", "--resume")
 
 
 def _teacher_lines(path: Path) -> list[str]:
@@ -73,7 +75,9 @@ def load_pool(data_dir: Path) -> tuple[list[str], list[list[str]], dict[str, lis
                 raise SystemExit(f"--data-dir: {path} has other columns than train.csv")
             order = [h.index(name) for name in header]  # matched by name, as mtbkd does
             r = [[row[i] for i in order] for row in r]
-        header = h
+        else:
+            header = h
+        _labels(header, r, path)  # a bad label is reported against its own file
         rows += r
         names = sorted(p.name[len("teacher_") : -len(f"_{split}.csv")]
                        for p in data_dir.glob(f"teacher_*_{split}.csv"))  # fmt: skip
@@ -145,9 +149,15 @@ def write_folds(out: Path, header, rows, teachers, fold: np.ndarray,
     import csv
 
     dirs = []
-    for k in range(int(fold.max()) + 1):
+    count = int(fold.max()) + 1
+    # rewritten from scratch, so that no file of an earlier assignment (a teacher since removed,
+    # classes.txt, a fold beyond the count) is read by mtbkd or hidden from --resume's data check
+    for old in (out / "data").glob("fold*"):
+        if old.is_dir():
+            shutil.rmtree(old)
+    for k in range(count):
         d = out / "data" / f"fold{k}"
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(parents=True)
         if classes is not None:
             shutil.copyfile(classes, d / "classes.txt")
         for split, keep in (("train", fold != k), ("test", fold == k)):
@@ -180,6 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.folds is not None and args.folds < 2:
         ap.error(f"--folds: cross-fitting needs 2 folds or more, got {args.folds}")
+    if args.fold_seed < 0:
+        ap.error(f"--fold-seed: expected a non-negative integer, got {args.fold_seed}")
+    ours = sorted({a.split("=")[0] for a in extra} & set(OWN_OPTIONS))
+    if ours:
+        ap.error(f"after --: {', '.join(ours)} are set by cross_fit.py itself (give its own "
+                 "--seeds / --out / --data-dir / --dataset)")  # fmt: skip
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out: {args.out} is a file")
     try:
         seeds = report.parse_seeds(args.seeds)
     except ValueError as exc:
@@ -206,7 +224,13 @@ def main(argv: list[str] | None = None) -> None:
                "--seeds", args.seeds, "--out", str(run)] + extra  # fmt: skip
         if run.exists():  # finished seeds are read back, after mtbkd checks data and settings
             cmd.append("--resume")
-        if subprocess.run(cmd).returncode != 0:
+        try:
+            rc = subprocess.run(cmd).returncode
+        except KeyboardInterrupt:
+            raise SystemExit(
+                f"\ncross_fit: interrupted during {names[k]}; rerun the same command to resume"
+            ) from None
+        if rc != 0:
             raise SystemExit(f"mtbkd distill failed on {names[k]} (its output folder: {run})")
     reports, per_row = [], []
     for s in seeds:

@@ -117,6 +117,16 @@ def test_cross_fit(tmp_path):
     again = _run(args)
     assert again.count("seed 0: finished earlier, read from") == 4
     assert json.loads((out / "seed0" / "report.json").read_text()) == rep
+    # a teacher dropped from the data: no file of it is left in the folds (so --resume sees
+    # other data)
+    for split in ("train", "test"):
+        (d / f"teacher_b_{split}.csv").rename(tmp_path / f"b_{split}.csv")
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "was run on other data" in proc.stderr
+    assert sorted(p.name for p in (out / "data" / "fold0").iterdir()) == [
+        "teacher_a_test.csv", "teacher_a_train.csv", "test.csv", "train.csv"]  # fmt: skip
+    for split in ("train", "test"):
+        (tmp_path / f"b_{split}.csv").rename(d / f"teacher_b_{split}.csv")
     # other folds into the same folder: mtbkd distill --resume refuses the changed data
     proc = subprocess.run([*args[:4], "--folds", "2", *args[6:]], capture_output=True, text=True,
                           timeout=300)  # fmt: skip
@@ -147,6 +157,11 @@ def test_cross_fit_stratified_folds_and_refusals(tmp_path):
     small = [["x", str(c)] for c in range(6) for _ in range(3)]
     fold, _ = cross_fit.assign_folds(["x", "label"], small, None, 5, seed=1)
     assert sorted(np.bincount(fold, minlength=5).tolist()) == [3, 3, 4, 4, 4]
+    # test.csv's columns in another order: matched by name, the header stays train.csv's
+    lines = [ln.split(",") for ln in (d / "test.csv").read_text().splitlines()]
+    (d / "test.csv").write_text("\n".join(",".join([r[-1]] + r[:-1]) for r in lines) + "\n")
+    header, rows = cross_fit.load_pool(d)[:2]
+    assert header[-1] == "label" and [r[-1] for r in rows[90:93]] == ["0", "1", "2"]
     # read as mtbkd reads CSV files: a trailing blank row and spaces around the names
     text = (d / "train.csv").read_text().replace("group,label", "group, label") + "\n"
     (d / "train.csv").write_text(text)
@@ -158,6 +173,7 @@ def test_cross_fit_stratified_folds_and_refusals(tmp_path):
         (["--folds", "1"], "--folds: cross-fitting needs 2 folds or more"),
         (["--by", "label"], "--by: 'label' is the label column"),
         (["--folds", "2", "--seeds", "x"], "--seeds:"),
+        (["--folds", "2", "--", "--seeds", "1"], "after --: --seeds are set by cross_fit.py"),
     ):
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and says in proc.stderr, proc.stderr
