@@ -1402,9 +1402,10 @@ def _seed_figure(summary: dict[str, Any], out: Path) -> str:
         if versus and "resamples" in versus
         else ""
     )
+    n_seeds = len(summary["seeds"])
     fig.suptitle(
-        f"{summary['dataset']}: each seed (dots) and the mean (bar), {len(summary['seeds'])} "
-        f"seeds{boot_note}",
+        f"{summary['dataset']}: each seed (dots) and the mean (bar), {n_seeds} "
+        f"seed{'s' * (n_seeds != 1)}{boot_note}",
         fontsize=10,
     )
     fig.tight_layout()
