@@ -31,6 +31,7 @@ whose data or settings changed.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import subprocess
@@ -146,8 +147,6 @@ def write_folds(out: Path, header, rows, teachers, fold: np.ndarray,
                 classes: Path | None = None) -> list[Path]:  # fmt: skip
     """One CSV data folder per fold (its rows as test.csv, the others as train.csv, and the
     class names of ``classes``, a classes.txt, when given)."""
-    import csv
-
     dirs = []
     count = int(fold.max()) + 1
     # rewritten from scratch, so that no file of an earlier assignment (a teacher since removed,

@@ -232,6 +232,13 @@ def _per_row(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Ten
     return _with_bins(nll, (pred == labels).double(), conf)
 
 
+def _per_row_of_stats(stats: dict[str, Tensor], labels: Tensor):
+    """:func:`_per_row` from the row statistics of :func:`mtbkd.distill._row_stats` (their NLL
+    and predictive mean), without computing them again."""
+    conf, pred = stats["pbar"].double().max(-1)
+    return _with_bins(stats["nll"].double(), (pred == labels).double(), conf)
+
+
 def _with_bins(nll: Tensor, correct: Tensor, conf: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from mtbkd import metrics as M
 
@@ -255,12 +262,12 @@ def save_per_row(result: ExperimentResult, path: str | Path) -> None:
 
     tensors = {"labels": result.labels.long().contiguous()}
     for m in result.methods:
-        nll, correct, conf, _ = _per_row(m.probs, result.labels)
+        stats = _row_stats(m.probs, result.labels)
+        nll, correct, conf, _ = _per_row_of_stats(stats, result.labels)
         tensors[f"{m.name}.nll"] = nll.contiguous()
         tensors[f"{m.name}.correct"] = correct.contiguous()
         tensors[f"{m.name}.conf"] = conf.contiguous()
         # the rest of what the table's metrics need of each row (pool_folds)
-        stats = _row_stats(m.probs, result.labels)
         for key in _ROW_STATS:
             tensors[f"{m.name}.{key}"] = stats[key].contiguous()
     meta = {"test_sha256": result.test_digest} if result.test_digest else None
@@ -375,8 +382,7 @@ def pool_folds(
             for rep in reps
         )
         methods.append(row)
-        conf, pred = cat["pbar"].double().max(-1)
-        per_row[n] = _with_bins(cat["nll"].double(), (pred == labels).double(), conf)
+        per_row[n] = _per_row_of_stats(cat, labels)
     if all(rep.get("test_sha256") for rep in reps):
         joined = "".join(rep["test_sha256"] for rep in reps).encode()
         per_row["test_sha256"] = hashlib.sha256(joined).hexdigest()
