@@ -80,8 +80,8 @@ MTBKD_HD float to_uniform(uint32_t x) {
 // Box-Muller: (n0, n1) = sqrt(-2 log max(a, 1e-7)) * (cos(2 pi b), sin(2 pi b)).
 MTBKD_HD void box_muller(float a, float b, float& n0, float& n1) {
   a = a < kMinUniform ? kMinUniform : a;
-  // fmaxf: under --use_fast_math logf is __logf, whose error near a = 1 (about 4e-7) can make
-  // it positive, and the square root NaN
+  // fmaxf: an approximate logf (--use_fast_math makes it __logf; setup.py does not use it) can
+  // be slightly positive near a = 1 (about 4e-7), and the square root NaN
   const float r = sqrtf(fmaxf(-2.0f * logf(a), 0.0f));
   const float th = kTwoPi * b;
 #if defined(__CUDA_ARCH__)

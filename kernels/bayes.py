@@ -19,6 +19,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from mtbkd.ops import register_impl
 
@@ -47,22 +48,58 @@ def _normals(seed, q, stream, STREAM0: tl.constexpr):
     return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
 
 
+# The transcendentals of the sampling kernels are the correctly range-reduced ones of CUDA's
+# libdevice on a GPU, not tl.exp / tl.log: those are the SFU approximations (ex2.approx of
+# x log2 e), whose error grows with |x| (softplus(-40) came out 15 float32 ulps off on an H200,
+# against about 2 for libdevice and for torch). These kernels are memory-bound elementwise
+# passes, so the longer sequences cost nothing measurable. The interpreter has no libdevice:
+# there tl.exp / tl.log are numpy's, already correctly rounded to about an ulp.
 @triton.jit
-def _log1p(x):
-    # Kahan's log1p: exact rounding of 1 + x corrected by x / ((1 + x) - 1).
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+def _exp(x, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
 
 
 @triton.jit
-def _softplus(r):
-    # torch's softplus (threshold 20): r for r > 20, log1p(exp(r)) otherwise.
-    return tl.where(r > 20.0, r, _log1p(tl.exp(tl.minimum(r, 20.0))))
+def _log(x, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        return tl.log(x)
+    else:
+        return libdevice.log(x)
 
 
 @triton.jit
-def _sigmoid(r):
-    return 1.0 / (1.0 + tl.exp(-r))
+def _sqrt(x, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        return tl.sqrt(x)
+    else:
+        return libdevice.sqrt(x)
+
+
+@triton.jit
+def _log1p(x, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        # Kahan's log1p: exact rounding of 1 + x corrected by x / ((1 + x) - 1).
+        u = 1.0 + x
+        return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+    else:
+        return libdevice.log1p(x)
+
+
+@triton.jit
+def _softplus(r, INTERPRET: tl.constexpr):
+    # torch's softplus (threshold 20): r for r > 20, log1p(exp(r)) otherwise. NaN propagates
+    # (a GPU's min would drop it and return softplus(20): gaussian_kl's finite check reads the
+    # NaN from the KL sum).
+    rc = tl.minimum(r, 20.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.where(r > 20.0, r, _log1p(_exp(rc, INTERPRET), INTERPRET))
+
+
+@triton.jit
+def _sigmoid(r, INTERPRET: tl.constexpr):
+    return 1.0 / (1.0 + _exp(-r, INTERPRET))
 
 
 @triton.jit
@@ -76,7 +113,7 @@ def _reparam_fwd_kernel(mu_ptr, rho_ptr, w_ptr, n, seed, offset, BLOCK_Q: tl.con
     acc = tl.float64 if F64 else tl.float32
     mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(acc)
     r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
-    w = mu + _softplus(r) * eps.to(acc)
+    w = mu + _softplus(r, INTERPRET) * eps.to(acc)
     tl.store(w_ptr + idx, _to_out(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
@@ -91,7 +128,7 @@ def _reparam_bwd_kernel(g_ptr, rho_ptr, drho_ptr, n, seed, offset, BLOCK_Q: tl.c
     acc = tl.float64 if F64 else tl.float32
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(acc)
     r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
-    drho = g * eps.to(acc) * _sigmoid(r)
+    drho = g * eps.to(acc) * _sigmoid(r, INTERPRET)
     tl.store(drho_ptr + idx, _to_out(drho, drho_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
@@ -111,19 +148,19 @@ def _kl_kernel(mu_ptr, rho_ptr, dmu_ptr, drho_ptr, part_ptr, n, prior_mu: tl.flo
     log_s0 = tl.full((), log_s0, acc)
     mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(acc)
     r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
-    s = _softplus(r)
+    s = _softplus(r, INTERPRET)
     d = mu - prior_mu
     # Below rho = -20, s = e^rho (1 - e^rho / 2 + ...) heads for the denormals (0 below -104 in
     # float32): log s = rho - s / 2 and sigmoid(rho) / s = 1 - s / 2 there (not log 0, 0 / 0).
     tiny = r < -20.0
-    log_s = tl.where(tiny, r - 0.5 * s, tl.log(s))
+    log_s = tl.where(tiny, r - 0.5 * s, _log(s, INTERPRET))
     kl = log_s0 - log_s + 0.5 * (s * s + d * d) * inv_var0 - 0.5
     tl.store(part_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))
     if WITH_GRAD:
         tl.store(
             dmu_ptr + idx, _to_out(d * inv_var0, dmu_ptr.dtype.element_ty, INTERPRET), mask=mask
         )
-        sig = _sigmoid(r)
+        sig = _sigmoid(r, INTERPRET)
         dr = tl.where(tiny, s * sig * inv_var0 - (1.0 - 0.5 * s), (s * inv_var0 - 1.0 / s) * sig)
         tl.store(drho_ptr + idx, _to_out(dr, drho_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
@@ -154,8 +191,8 @@ def _sgld_kernel(p_ptr, g_ptr, sq_ptr, n, seed, stream, lr: tl.float64, num_data
         gm = gu / num_data
         v = alpha * tl.load(sq_ptr + idx, mask=mask, other=0.0).to(acc) + (1.0 - alpha) * gm * gm
         tl.store(sq_ptr + idx, v.to(sq_ptr.dtype.element_ty), mask=mask)
-        g_pre = 1.0 / (damp + tl.sqrt(v))
-        new = th - lr * g_pre * gu + noise_scale * tl.sqrt(g_pre) * xi.to(acc)
+        g_pre = 1.0 / (damp + _sqrt(v, INTERPRET))
+        new = th - lr * g_pre * gu + noise_scale * _sqrt(g_pre, INTERPRET) * xi.to(acc)
     else:
         new = th - lr * gu + noise_scale * xi.to(acc)
     tl.store(p_ptr + idx, _to_out(new, p_ptr.dtype.element_ty, INTERPRET), mask=mask)

@@ -1,6 +1,6 @@
 """The ``cuda`` backend: the CUDA C++ kernels of ``mtbkd._C`` (``csrc/cuda/``).
 
-``csrc/cuda/loss_ops_cuda.cu`` registers CUDA implementations of the ``torch.ops.mtbkd_C.*`` ops
+``csrc/cuda/loss_ops_cuda.cpp`` registers CUDA implementations of the ``torch.ops.mtbkd_C.*`` ops
 (``TORCH_LIBRARY_IMPL(mtbkd_C, CUDA, ...)``) whose schemas ``csrc/ops.cpp`` defines: the same
 signatures and semantics as the custom ops in :mod:`mtbkd.ops`, so each implementation here only
 forwards its arguments (the dispatcher picks the CUDA kernel from the tensors' device). Imported by
@@ -25,7 +25,7 @@ def _forward(op: str) -> Callable:
         return getattr(torch.ops.mtbkd_C, op)(*args)
 
     impl.__name__ = f"_cuda_{op}"
-    impl.__doc__ = f"``torch.ops.mtbkd_C.{op}`` on CUDA tensors (csrc/cuda/loss_ops_cuda.cu)."
+    impl.__doc__ = f"``torch.ops.mtbkd_C.{op}`` on CUDA tensors (csrc/cuda/loss_ops_cuda.cpp)."
     return impl
 
 

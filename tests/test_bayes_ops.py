@@ -277,10 +277,10 @@ def test_low_precision_sample_is_rounded_once(backend, dtype):
     # dtype before the add would be up to a whole ulp off.
     torch.manual_seed(21)
     shape = (64, 50)
-    mu = (torch.randn(shape, dtype=torch.float64) * 0.5).to(dtype)
-    rho = torch.randn(shape, dtype=torch.float64).to(dtype)
+    mu = (torch.randn(shape, dtype=torch.float64) * 0.5).to(dtype).to(DEVICE)
+    rho = torch.randn(shape, dtype=torch.float64).to(dtype).to(DEVICE)
     w = B.reparameterize(mu, rho, seed=8)
-    eps = B.philox_normal(8, 0, mu.numel()).double().view(shape)
+    eps = B.philox_normal(8, 0, mu.numel()).double().to(DEVICE).view(shape)
     noise = F.softplus(rho.double()) * eps
     true = mu.double() + noise
     slack = 1e-6 * (mu.double().abs() + noise.abs())
@@ -618,12 +618,12 @@ def test_sgld_step_low_precision_rounds_once(backend, precondition, dtype):
     # (Triton's interpreter truncates fp32 -> bf16; the kernels round to nearest even there.)
     torch.manual_seed(16)
     shape = (40, 25)
-    p = torch.randn(shape, dtype=torch.float64).to(dtype)
-    g = (torch.randn(shape, dtype=torch.float64) * 0.02).to(dtype)
-    sq = torch.rand(shape, dtype=torch.float32)
+    p = torch.randn(shape, dtype=torch.float64).to(dtype).to(DEVICE)
+    g = (torch.randn(shape, dtype=torch.float64) * 0.02).to(dtype).to(DEVICE)
+    sq = torch.rand(shape, dtype=torch.float32).to(DEVICE)
     lr, nd, temp, wd, alpha, eps = 0.01, 50.0, 0.7, 0.1, 0.9, 1e-5
     th, gu = p.double(), nd * g.double() + wd * p.double()
-    xi = B.philox_normal(77, 0, p.numel(), stream=0).double().view(shape)
+    xi = B.philox_normal(77, 0, p.numel(), stream=0).double().to(DEVICE).view(shape)
     if precondition:
         v = alpha * sq.double() + (1 - alpha) * (gu / nd) ** 2
         gp = 1 / (eps + v.sqrt())

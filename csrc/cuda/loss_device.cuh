@@ -61,10 +61,11 @@ __device__ __forceinline__ A ninf() {
 }
 
 // exp on the hot loops: the SFU exponential for float32 (about 2 ulp for the arguments a softmax
-// produces, as Triton's tl.exp), full precision for float64. setup.py builds with --use_fast_math
-// -ftz=false: without flush-to-zero, ex2.approx.f32 keeps denormal results (ptxas computes
-// 2^(x/2) squared below 2^-126), so a nearly one-hot teacher's entropy stays a nonzero denormal
-// sum as in the CPU kernels (vexp_denormal) and does not fall back to the 1/K weights.
+// produces, as Triton's tl.exp), called explicitly, full precision for float64. setup.py builds
+// with -ftz=false and without --use_fast_math (which would make every other expf/logf an
+// approximation too). Without flush-to-zero, ex2.approx.f32 keeps denormal results (ptxas
+// computes 2^(x/2) squared below 2^-126), so a nearly one-hot teacher's entropy stays a nonzero
+// denormal sum as in the CPU kernels (vexp_denormal) and does not fall back to the 1/K weights.
 // float64 calls stay out of line: the float64 kernels are the exact-comparison path, not the fast
 // one, and inlining their long exp/log sequences into every unrolled teacher loop multiplies
 // ptxas time.

@@ -1,7 +1,7 @@
 // CUDA kernels of the fused multi-teacher losses (MATH.md sections 1-3): framework-free.
 //
 // Each launcher takes one plain params struct (raw pointers, sizes, the loss constants) and a
-// stream, checks nothing that needs the host (the torch wrapper loss_ops_cuda.cu does the argument
+// stream, checks nothing that needs the host (the torch wrapper loss_ops_cuda.cpp does the argument
 // checks), launches without synchronising and returns cudaGetLastError(). One thread block handles
 // one row: a statistics pass with the K + 1 online softmaxes, the lgamma pass (MT-BKD without
 // cached teacher statistics), the JSD divergence pass, then the loss + gradient pass; all per-row

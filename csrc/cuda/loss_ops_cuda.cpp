@@ -1,8 +1,11 @@
 // torch-facing wrapper of the CUDA loss kernels: argument checks, output allocation, the current
 // stream, and TORCH_LIBRARY_IMPL(mtbkd_C, CUDA) for the ops whose schemas csrc/ops.cpp defines
 // (torch.ops.mtbkd_C.*; the same signatures and semantics as the custom ops in mtbkd/ops.py).
-// Compiled by setup.py only in CUDA builds (MTBKD_WITH_CUDA); the kernels themselves
-// (loss_kernels.cu) know nothing of torch.
+// Compiled by setup.py only in CUDA builds (MTBKD_WITH_CUDA), by the host C++ compiler, as
+// csrc/bayes_ops.cpp: nvcc compiles only the framework-free kernels (loss_kernels.cu, ...), which
+// know nothing of torch. (When this file was a .cu compiled by nvcc 13 against torch 2.11, a
+// TORCH_CHECK failing in it killed the process with a segmentation fault on an H200, instead of
+// raising; the same checks in host-compiled code raise.)
 //
 // No host synchronisation: label-range and finiteness findings stay in a per-row status tensor
 // and are turned into an asynchronous device assertion (at::_assert_async), as PyTorch does for
