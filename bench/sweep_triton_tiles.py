@@ -41,7 +41,7 @@ def sweep(args) -> dict:
             z, t, y = bench_gpu.make_inputs(args.n, args.v, k, dtype, device)
             stats = bench_gpu.TeacherStats(t)
             kp = 1 << (k - 1).bit_length()
-            default = heuristic(args.v, kp)
+            default = heuristic(args.v, kp, elem)
             for loss in args.losses:
                 nbytes = bench_gpu.passes_bytes(loss, args.n, args.v, k, elem)
                 run = {"loss": loss, "V": args.v, "K": k, "heuristic": list(default), "tiles": []}
@@ -88,7 +88,7 @@ def sweep(args) -> dict:
 
 
 def _fixed_tile(block: int, warps: int):
-    def tile(v: int, kp: int) -> tuple[int, int]:
+    def tile(v: int, kp: int, elem_bytes: int) -> tuple[int, int]:
         return min(block, 1 << max(0, v - 1).bit_length()), warps
 
     return tile

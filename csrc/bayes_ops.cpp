@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/bayes_kernels.h"
+#include "torch_check.h"
 
 #ifdef MTBKD_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -21,20 +22,20 @@ namespace {
 using at::Tensor;
 
 void check_pair(const Tensor& a, const Tensor& b, const char* name_a, const char* name_b) {
-  TORCH_CHECK(a.sizes() == b.sizes(), name_a, " and ", name_b, " must have the same shape, got ",
+  MTBKD_CHECK(a.sizes() == b.sizes(), name_a, " and ", name_b, " must have the same shape, got ",
               a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), name_a, " and ", name_b,
+  MTBKD_CHECK(a.scalar_type() == b.scalar_type(), name_a, " and ", name_b,
               " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.device() == b.device(), name_a, " and ", name_b,
+  MTBKD_CHECK(a.device() == b.device(), name_a, " and ", name_b,
               " must be on the same device");
-  TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), name_a, " and ", name_b,
+  MTBKD_CHECK(a.is_contiguous() && b.is_contiguous(), name_a, " and ", name_b,
               " must be contiguous");
-  TORCH_CHECK(at::isFloatingType(a.scalar_type()), name_a, " must be a floating tensor, got ",
+  MTBKD_CHECK(at::isFloatingType(a.scalar_type()), name_a, " must be a floating tensor, got ",
               a.scalar_type());
 }
 
 Tensor philox_normal(int64_t seed, int64_t offset, int64_t stream, int64_t n) {
-  TORCH_CHECK(n >= 0, "n must be non-negative");
+  MTBKD_CHECK(n >= 0, "n must be non-negative");
   // Whole counters only: round n up to a multiple of 4 and trim.
   Tensor out = at::empty({(n + 3) / 4 * 4}, at::TensorOptions().dtype(at::kFloat));
   mtbkd::cpu::philox_normals(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
@@ -43,8 +44,8 @@ Tensor philox_normal(int64_t seed, int64_t offset, int64_t stream, int64_t n) {
 }
 
 void raise_non_finite(int flags) {
-  TORCH_CHECK_VALUE(!(flags & 1), "mu contains non-finite values (NaN or inf)");
-  TORCH_CHECK_VALUE(!(flags & 2), "rho contains non-finite values (NaN or inf)");
+  MTBKD_CHECK_VALUE(!(flags & 1), "mu contains non-finite values (NaN or inf)");
+  MTBKD_CHECK_VALUE(!(flags & 2), "rho contains non-finite values (NaN or inf)");
 }
 
 Tensor reparameterize_fwd_cpu(const Tensor& mu, const Tensor& rho, int64_t seed, int64_t offset,
@@ -80,7 +81,7 @@ std::tuple<Tensor, Tensor, Tensor> gaussian_kl_cpu(const Tensor& mu, const Tenso
                                                    double prior_mu, double prior_sigma,
                                                    bool compute_grad) {
   check_pair(mu, rho, "mu", "rho");
-  TORCH_CHECK(prior_sigma > 0, "prior_sigma must be positive, got ", prior_sigma);
+  MTBKD_CHECK(prior_sigma > 0, "prior_sigma must be positive, got ", prior_sigma);
   const auto acc = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor dmu = compute_grad ? at::empty_like(mu) : at::empty({0}, mu.options());
   Tensor drho = compute_grad ? at::empty_like(rho) : at::empty({0}, rho.options());
@@ -97,14 +98,14 @@ std::tuple<Tensor, Tensor, Tensor> gaussian_kl_cpu(const Tensor& mu, const Tenso
 
 void check_sgld_lists(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                       const std::vector<Tensor>& square_avgs, bool precondition) {
-  TORCH_CHECK(params.size() == grads.size(), "params and grads must have the same length");
-  TORCH_CHECK(!precondition || square_avgs.size() == params.size(),
+  MTBKD_CHECK(params.size() == grads.size(), "params and grads must have the same length");
+  MTBKD_CHECK(!precondition || square_avgs.size() == params.size(),
               "square_avgs must have one tensor per parameter when precondition=True");
   for (size_t j = 0; j < params.size(); ++j) {
     check_pair(params[j], grads[j], "params[j]", "grads[j]");
     if (precondition) {
       const auto acc = params[j].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      TORCH_CHECK(square_avgs[j].scalar_type() == acc && square_avgs[j].is_contiguous() &&
+      MTBKD_CHECK(square_avgs[j].scalar_type() == acc && square_avgs[j].is_contiguous() &&
                       square_avgs[j].numel() == params[j].numel() &&
                       square_avgs[j].device() == params[j].device(),
                   "square_avgs[j] must be a contiguous ", acc, " tensor shaped like params[j]");
@@ -123,7 +124,7 @@ void sgld_step_cpu(at::TensorList params_in, at::TensorList grads_in,
                                  static_cast<uint64_t>(seed), precondition, alpha, eps};
   for (size_t j = 0; j < params.size(); ++j) {
     const Tensor& th = params[j];
-    TORCH_CHECK(th.device().is_cpu(), "params must be CPU tensors");
+    MTBKD_CHECK(th.device().is_cpu(), "params must be CPU tensors");
     const auto stream = static_cast<uint32_t>(j);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, th.scalar_type(), "sgld", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -148,11 +149,11 @@ mtbkd::cuda::DType cuda_dtype(at::ScalarType t) {
     case at::kHalf:
       return mtbkd::cuda::DType::kFloat16;
     default:
-      TORCH_CHECK(false, "unsupported dtype ", t);
+      MTBKD_CHECK(false, "unsupported dtype ", t);
   }
 }
 
-void check_cuda(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, cudaGetErrorString(err)); }
+void check_cuda(cudaError_t err) { MTBKD_CHECK(err == cudaSuccess, cudaGetErrorString(err)); }
 
 Tensor reparameterize_fwd_cuda(const Tensor& mu, const Tensor& rho, int64_t seed,
                                int64_t offset, bool check_finite) {
@@ -186,7 +187,7 @@ std::tuple<Tensor, Tensor, Tensor> gaussian_kl_cuda(const Tensor& mu, const Tens
                                                     double prior_mu, double prior_sigma,
                                                     bool compute_grad) {
   check_pair(mu, rho, "mu", "rho");
-  TORCH_CHECK(prior_sigma > 0, "prior_sigma must be positive, got ", prior_sigma);
+  MTBKD_CHECK(prior_sigma > 0, "prior_sigma must be positive, got ", prior_sigma);
   const c10::cuda::CUDAGuard guard(mu.device());
   const auto acc = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor dmu = compute_grad ? at::empty_like(mu) : at::empty({0}, mu.options());
@@ -213,15 +214,15 @@ void sgld_step_cuda(at::TensorList params_in, at::TensorList grads_in,
                             square_avgs = square_avgs_in.vec();
   check_sgld_lists(params, grads, square_avgs, precondition);
   if (params.empty()) return;
-  TORCH_CHECK(params[0].is_cuda(), "params must be CUDA tensors, got ", params[0].device());
+  MTBKD_CHECK(params[0].is_cuda(), "params must be CUDA tensors, got ", params[0].device());
   const c10::cuda::CUDAGuard guard(params[0].device());
   std::vector<mtbkd::cuda::SgldTensor> tensors;
   for (size_t j = 0; j < params.size(); ++j) {
-    TORCH_CHECK(params[j].scalar_type() == params[0].scalar_type(),
+    MTBKD_CHECK(params[j].scalar_type() == params[0].scalar_type(),
                 "the CUDA SGLD step needs one dtype for all parameters");
     // A list mixing devices dispatches here (CUDA outranks CPU): a CPU or other-GPU tensor's
     // pointer would reach the kernel (an illegal memory access, not an error).
-    TORCH_CHECK(params[j].device() == params[0].device(),
+    MTBKD_CHECK(params[j].device() == params[0].device(),
                 "the CUDA SGLD step needs all parameters on one device, got ", params[0].device(),
                 " and ", params[j].device());
     tensors.push_back({params[j].mutable_data_ptr(), grads[j].const_data_ptr(),

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/loss_kernels.h"
+#include "torch_check.h"
 
 namespace mtbkd {
 namespace {
@@ -24,28 +25,28 @@ at::ScalarType acc_dtype(at::ScalarType t) {
 
 void check_logits_dtype(const Tensor& x, const char* name) {
   const auto t = x.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
+  MTBKD_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
                    name, " must be float32, float64, bfloat16 or float16, got ", t);
 }
 
 void check_positive(double v, const char* name) {
-  TORCH_CHECK_VALUE(std::isfinite(v) && v > 0, name, " must be a positive finite number, got ", v);
+  MTBKD_CHECK_VALUE(std::isfinite(v) && v > 0, name, " must be a positive finite number, got ", v);
 }
 
 // Canonical inputs of both losses and of the teacher-only ops: student [N, V] (optional), K >= 1
 // teachers [N, V] of one dtype on the CPU. Returns contiguous teachers.
 std::vector<Tensor> canonical_teachers(const std::vector<Tensor>& teachers, int64_t N, int64_t V,
                                        at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(!teachers.empty(), "teacher_logits must hold at least one teacher (K >= 1)");
+  MTBKD_CHECK_VALUE(!teachers.empty(), "teacher_logits must hold at least one teacher (K >= 1)");
   std::vector<Tensor> out;
   out.reserve(teachers.size());
   for (size_t k = 0; k < teachers.size(); ++k) {
     const Tensor& t = teachers[k];
-    TORCH_CHECK_VALUE(t.device().is_cpu(), "teacher_logits[", k, "] must be a CPU tensor, got ",
+    MTBKD_CHECK_VALUE(t.device().is_cpu(), "teacher_logits[", k, "] must be a CPU tensor, got ",
                       t.device());
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "teacher_logits[", k, "] has dtype ",
+    MTBKD_CHECK_TYPE(t.scalar_type() == dtype, "teacher_logits[", k, "] has dtype ",
                      t.scalar_type(), " but the logits have dtype ", dtype);
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == V, "teacher_logits[", k,
+    MTBKD_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == V, "teacher_logits[", k,
                       "] must have shape [", N, ", ", V, "], got ", t.sizes());
     out.push_back(t.contiguous());
   }
@@ -53,10 +54,10 @@ std::vector<Tensor> canonical_teachers(const std::vector<Tensor>& teachers, int6
 }
 
 std::vector<Tensor> check_teacher_set(const std::vector<Tensor>& teachers) {
-  TORCH_CHECK_VALUE(!teachers.empty(), "teacher_logits must hold at least one teacher (K >= 1)");
+  MTBKD_CHECK_VALUE(!teachers.empty(), "teacher_logits must hold at least one teacher (K >= 1)");
   const Tensor& t0 = teachers[0];
   check_logits_dtype(t0, "teacher_logits");
-  TORCH_CHECK_VALUE(t0.dim() == 2 && t0.size(1) > 0,
+  MTBKD_CHECK_VALUE(t0.dim() == 2 && t0.size(1) > 0,
                     "teacher_logits must be K tensors of shape [N, V] with V > 0, got ",
                     t0.sizes());
   return canonical_teachers(teachers, t0.size(0), t0.size(1), t0.scalar_type());
@@ -78,9 +79,9 @@ LossInputs check_loss_inputs(const Tensor& student, const std::vector<Tensor>& t
                              double temperature, double weight_temperature) {
   LossInputs in;
   check_logits_dtype(student, "student_logits");
-  TORCH_CHECK_VALUE(student.device().is_cpu(), "student_logits must be a CPU tensor, got ",
+  MTBKD_CHECK_VALUE(student.device().is_cpu(), "student_logits must be a CPU tensor, got ",
                     student.device());
-  TORCH_CHECK_VALUE(student.dim() == 2 && student.size(1) > 0,
+  MTBKD_CHECK_VALUE(student.dim() == 2 && student.size(1) > 0,
                     "student_logits must have shape [N, V] with V > 0, got ", student.sizes());
   in.N = student.size(0);
   in.V = student.size(1);
@@ -90,26 +91,26 @@ LossInputs check_loss_inputs(const Tensor& student, const std::vector<Tensor>& t
   for (const auto& t : in.teachers) in.teacher_ptrs.push_back(t.data_ptr());
   if (labels.has_value()) {
     const Tensor& y = *labels;
-    TORCH_CHECK_TYPE(y.scalar_type() == at::kLong, "labels must be int64, got ", y.scalar_type());
-    TORCH_CHECK_VALUE(y.device().is_cpu(), "labels must be a CPU tensor, got ", y.device());
-    TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == in.N, "labels must have shape [", in.N,
+    MTBKD_CHECK_TYPE(y.scalar_type() == at::kLong, "labels must be int64, got ", y.scalar_type());
+    MTBKD_CHECK_VALUE(y.device().is_cpu(), "labels must be a CPU tensor, got ", y.device());
+    MTBKD_CHECK_VALUE(y.dim() == 1 && y.size(0) == in.N, "labels must have shape [", in.N,
                       "], got ", y.sizes());
     in.labels = y.contiguous();
   }
-  TORCH_CHECK_VALUE(weight_mode >= 0 && weight_mode <= 2,
+  MTBKD_CHECK_VALUE(weight_mode >= 0 && weight_mode <= 2,
                     "weight_mode must be 0 (entropy), 1 (uniform) or 2 (fixed), got ", weight_mode);
   if (weight_mode == 2) {
-    TORCH_CHECK_VALUE(fixed_weights.has_value(), "weight_mode 2 (fixed) needs fixed_weights");
+    MTBKD_CHECK_VALUE(fixed_weights.has_value(), "weight_mode 2 (fixed) needs fixed_weights");
     Tensor w = *fixed_weights;
-    TORCH_CHECK_VALUE(w.device().is_cpu(), "weights must be a CPU tensor, got ", w.device());
-    TORCH_CHECK_TYPE(w.is_floating_point(), "weights must be a floating-point tensor, got ",
+    MTBKD_CHECK_VALUE(w.device().is_cpu(), "weights must be a CPU tensor, got ", w.device());
+    MTBKD_CHECK_TYPE(w.is_floating_point(), "weights must be a floating-point tensor, got ",
                      w.scalar_type());
     if (w.dim() == 1) {
-      TORCH_CHECK_VALUE(w.size(0) == in.K, "weights must have shape [K] or [K, N] with K = ",
+      MTBKD_CHECK_VALUE(w.size(0) == in.K, "weights must have shape [K] or [K, N] with K = ",
                         in.K, ", got ", w.sizes());
       w = w.unsqueeze(1).expand({in.K, in.N});
     }
-    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == in.K && w.size(1) == in.N,
+    MTBKD_CHECK_VALUE(w.dim() == 2 && w.size(0) == in.K && w.size(1) == in.N,
                       "weights must have shape [K, N] = [", in.K, ", ", in.N, "], got ",
                       w.sizes());
     in.fixed_weights = w.to(acc_dtype(student.scalar_type())).contiguous();
@@ -120,13 +121,13 @@ LossInputs check_loss_inputs(const Tensor& student, const std::vector<Tensor>& t
 }
 
 void raise_on_status(const cpu::KernelStatus& s, int64_t V, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(s.bad_label_row < 0, "labels: value ", s.bad_label_value, " at row ",
+  MTBKD_CHECK_VALUE(s.bad_label_row < 0, "labels: value ", s.bad_label_value, " at row ",
                     s.bad_label_row, " is out of range [0, ", V, ") and is not ignore_index (",
                     ignore_index, ")");
-  TORCH_CHECK_VALUE(s.nonfinite_student_row < 0, "student_logits contains NaN or inf (row ",
+  MTBKD_CHECK_VALUE(s.nonfinite_student_row < 0, "student_logits contains NaN or inf (row ",
                     s.nonfinite_student_row,
                     "); pass check_finite=False to skip this check");
-  TORCH_CHECK_VALUE(s.nonfinite_teacher_row < 0, "teacher_logits contains NaN or inf (row ",
+  MTBKD_CHECK_VALUE(s.nonfinite_teacher_row < 0, "teacher_logits contains NaN or inf (row ",
                     s.nonfinite_teacher_row,
                     "); pass check_finite=False to skip this check");
 }
@@ -151,7 +152,7 @@ void dispatch_logits(at::ScalarType t, F&& f) {
     case at::kHalf:
       return f(Types<c10::Half, float>{});
     default:
-      TORCH_CHECK_TYPE(false, "unsupported logits dtype ", t);
+      MTBKD_CHECK_TYPE(false, "unsupported logits dtype ", t);
   }
 }
 
@@ -170,8 +171,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mtbkd_loss_fw
   Tensor stats;
   if (teacher_stats.has_value()) {
     stats = *teacher_stats;
-    TORCH_CHECK_VALUE(stats.device().is_cpu(), "teacher_stats must be a CPU tensor");
-    TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == in.K && stats.size(1) == in.N &&
+    MTBKD_CHECK_VALUE(stats.device().is_cpu(), "teacher_stats must be a CPU tensor");
+    MTBKD_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == in.K && stats.size(1) == in.N &&
                           stats.size(2) == 4,
                       "teacher_stats must have shape [K, N, 4] = [", in.K, ", ", in.N,
                       ", 4], got ", stats.sizes());
@@ -227,10 +228,10 @@ std::tuple<Tensor, Tensor, Tensor> multi_teacher_kd_fwd_cpu(
     double soft_scale, int64_t ignore_index, bool check_finite) {
   LossInputs in = check_loss_inputs(student, teachers, labels, fixed_weights, weight_mode,
                                     temperature, weight_temperature);
-  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 2,
+  MTBKD_CHECK_VALUE(divergence >= 0 && divergence <= 2,
                     "divergence must be 0 (forward_kl), 1 (reverse_kl) or 2 (jsd), got ",
                     divergence);
-  TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "beta must lie in [0, 1], got ", beta);
+  MTBKD_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "beta must lie in [0, 1], got ", beta);
   const auto opts = student.options().dtype(acc_dtype(student.scalar_type()));
   Tensor loss = at::empty({in.N}, opts);
   Tensor weights = at::empty({in.K, in.N}, opts);
@@ -272,7 +273,7 @@ std::tuple<Tensor, Tensor> teacher_weights_cpu(const std::vector<Tensor>& teache
                                                int64_t weight_mode, double weight_temperature,
                                                bool check_finite) {
   std::vector<Tensor> ts = check_teacher_set(teachers);
-  TORCH_CHECK_VALUE(weight_mode == 0 || weight_mode == 1,
+  MTBKD_CHECK_VALUE(weight_mode == 0 || weight_mode == 1,
                     "teacher_weights computes weight_mode 0 (entropy) or 1 (uniform), got ",
                     weight_mode);
   check_positive(weight_temperature, "weight_temperature");
@@ -325,12 +326,12 @@ Tensor teacher_stats_cpu(const std::vector<Tensor>& teachers, double temperature
 // backward of both losses (the gradient was computed in the forward).
 Tensor scale_grad_cpu(const Tensor& grad, const Tensor& grad_rows) {
   check_logits_dtype(grad, "grad");
-  TORCH_CHECK_VALUE(grad.device().is_cpu() && grad_rows.device().is_cpu(),
+  MTBKD_CHECK_VALUE(grad.device().is_cpu() && grad_rows.device().is_cpu(),
                     "grad and grad_rows must be CPU tensors");
-  TORCH_CHECK_VALUE(grad.dim() == 2, "grad must have shape [N, V], got ", grad.sizes());
-  TORCH_CHECK_VALUE(grad_rows.dim() == 1 && grad_rows.size(0) == grad.size(0),
+  MTBKD_CHECK_VALUE(grad.dim() == 2, "grad must have shape [N, V], got ", grad.sizes());
+  MTBKD_CHECK_VALUE(grad_rows.dim() == 1 && grad_rows.size(0) == grad.size(0),
                     "grad_rows must have shape [", grad.size(0), "], got ", grad_rows.sizes());
-  TORCH_CHECK_TYPE(grad_rows.is_floating_point(), "grad_rows must be floating point, got ",
+  MTBKD_CHECK_TYPE(grad_rows.is_floating_point(), "grad_rows must be floating point, got ",
                    grad_rows.scalar_type());
   const Tensor g = grad.contiguous();
   const Tensor rows = grad_rows.to(acc_dtype(grad.scalar_type())).contiguous();
@@ -345,9 +346,9 @@ Tensor scale_grad_cpu(const Tensor& grad, const Tensor& grad_rows) {
 }
 
 Tensor lgamma1p_cpu(const Tensor& x) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+  MTBKD_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
                    "lgamma1p takes float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "lgamma1p takes a CPU tensor");
+  MTBKD_CHECK_VALUE(x.device().is_cpu(), "lgamma1p takes a CPU tensor");
   const Tensor xc = x.contiguous();
   Tensor out = at::empty_like(xc);
   if (x.scalar_type() == at::kFloat)

@@ -26,12 +26,16 @@ def _cuda_include() -> str | None:
     return None
 
 
-def test_the_cuda_wrappers_are_host_code():
-    # nvcc compiles only the framework-free kernels; a wrapper compiled by nvcc (a TORCH_CHECK in
-    # a .cu) crashed the process on an H200 instead of raising.
+def test_the_cuda_wrappers_are_host_code_and_checks_format_without_iostreams():
+    # nvcc compiles only the framework-free kernels (params struct, launcher); the wrappers'
+    # checks are MTBKD_CHECK* (csrc/torch_check.h): a TORCH_CHECK whose message held a number
+    # crashed the process on a GPU machine whose toolchain linked a static libstdc++ copy.
     assert GLUE[1:], "csrc/cuda/ holds no host-compiled wrapper"
     for path in ROOT.glob("csrc/cuda/*.cu"):
         assert "TORCH_CHECK" not in path.read_text(), f"{path.name}: checks belong in the .cpp"
+    for path in [*ROOT.glob("csrc/*.cpp"), *ROOT.glob("csrc/cuda/*.cpp")]:
+        text = path.read_text()
+        assert "TORCH_CHECK" not in text, f"{path.name}: use MTBKD_CHECK* (csrc/torch_check.h)"
 
 
 @pytest.mark.parametrize("source", GLUE)

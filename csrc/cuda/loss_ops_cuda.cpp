@@ -3,9 +3,8 @@
 // (torch.ops.mtbkd_C.*; the same signatures and semantics as the custom ops in mtbkd/ops.py).
 // Compiled by setup.py only in CUDA builds (MTBKD_WITH_CUDA), by the host C++ compiler, as
 // csrc/bayes_ops.cpp: nvcc compiles only the framework-free kernels (loss_kernels.cu, ...), which
-// know nothing of torch. (When this file was a .cu compiled by nvcc 13 against torch 2.11, a
-// TORCH_CHECK failing in it killed the process with a segmentation fault on an H200, instead of
-// raising; the same checks in host-compiled code raise.)
+// know nothing of torch. The checks are MTBKD_CHECK* (torch_check.h: messages formatted without
+// iostreams).
 //
 // No host synchronisation: label-range and finiteness findings stay in a per-row status tensor
 // and are turned into an asynchronous device assertion (at::_assert_async), as PyTorch does for
@@ -22,6 +21,7 @@
 #include <vector>
 
 #include "loss_kernels.cuh"
+#include "torch_check.h"
 
 namespace mtbkd {
 namespace {
@@ -41,18 +41,18 @@ cuda::DType kernel_dtype(const Tensor& x, const char* name) {
     case at::kHalf:
       return cuda::DType::kFloat16;
     default:
-      TORCH_CHECK_TYPE(false, name, " must be float32, float64, bfloat16 or float16, got ",
+      MTBKD_CHECK_TYPE(false, name, " must be float32, float64, bfloat16 or float16, got ",
                        x.scalar_type());
   }
   return cuda::DType::kFloat32;
 }
 
 void check_positive(double v, const char* name) {
-  TORCH_CHECK_VALUE(std::isfinite(v) && v > 0, name, " must be a positive finite number, got ", v);
+  MTBKD_CHECK_VALUE(std::isfinite(v) && v > 0, name, " must be a positive finite number, got ", v);
 }
 
 void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "mtbkd_C::", op, " CUDA launch failed: ", cudaGetErrorString(err));
+  MTBKD_CHECK(err == cudaSuccess, "mtbkd_C::", op, " CUDA launch failed: ", cudaGetErrorString(err));
 }
 
 // K contiguous teachers [N, V] of one dtype on `device`, as kernel pointers.
@@ -64,19 +64,19 @@ struct Teachers {
 
 Teachers canonical_teachers(const std::vector<Tensor>& teachers, int64_t N, int64_t V,
                             at::ScalarType dtype, const at::Device& device) {
-  TORCH_CHECK_VALUE(!teachers.empty(), "teacher_logits must hold at least one teacher (K >= 1)");
-  TORCH_CHECK_VALUE(teachers.size() <= static_cast<size_t>(cuda::kMaxTeachers),
+  MTBKD_CHECK_VALUE(!teachers.empty(), "teacher_logits must hold at least one teacher (K >= 1)");
+  MTBKD_CHECK_VALUE(teachers.size() <= static_cast<size_t>(cuda::kMaxTeachers),
                     "the cuda backend takes at most ", cuda::kMaxTeachers, " teachers, got ",
                     teachers.size(), " (MTBKD_BACKEND=triton takes any number)");
   Teachers out;
   out.k = static_cast<int>(teachers.size());
   for (size_t k = 0; k < teachers.size(); ++k) {
     const Tensor& t = teachers[k];
-    TORCH_CHECK_VALUE(t.device() == device, "teacher_logits[", k, "] is on ", t.device(),
+    MTBKD_CHECK_VALUE(t.device() == device, "teacher_logits[", k, "] is on ", t.device(),
                       " but expected ", device);
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "teacher_logits[", k, "] has dtype ",
+    MTBKD_CHECK_TYPE(t.scalar_type() == dtype, "teacher_logits[", k, "] has dtype ",
                      t.scalar_type(), " but the logits have dtype ", dtype);
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == V, "teacher_logits[", k,
+    MTBKD_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == V, "teacher_logits[", k,
                       "] must have shape [", N, ", ", V, "], got ", t.sizes());
     out.owned.push_back(t.contiguous());
     out.ptrs.ptr[k] = out.owned.back().data_ptr();
@@ -95,14 +95,14 @@ LossInputs check_loss_inputs(const Tensor& student, const std::vector<Tensor>& t
                              const std::optional<Tensor>& labels,
                              const std::optional<Tensor>& fixed_weights, int64_t weight_mode,
                              double temperature, double weight_temperature) {
-  TORCH_CHECK_VALUE(student.is_cuda(), "student_logits must be a CUDA tensor, got ",
+  MTBKD_CHECK_VALUE(student.is_cuda(), "student_logits must be a CUDA tensor, got ",
                     student.device());
   kernel_dtype(student, "student_logits");
-  TORCH_CHECK_VALUE(student.dim() == 2 && student.size(1) > 0,
+  MTBKD_CHECK_VALUE(student.dim() == 2 && student.size(1) > 0,
                     "student_logits must have shape [N, V] with V > 0, got ", student.sizes());
   check_positive(temperature, "temperature");
   check_positive(weight_temperature, "weight_temperature");
-  TORCH_CHECK_VALUE(weight_mode >= 0 && weight_mode <= 2, "weight_mode must be 0, 1 or 2, got ",
+  MTBKD_CHECK_VALUE(weight_mode >= 0 && weight_mode <= 2, "weight_mode must be 0, 1 or 2, got ",
                     weight_mode);
   LossInputs in;
   in.N = student.size(0);
@@ -111,26 +111,26 @@ LossInputs check_loss_inputs(const Tensor& student, const std::vector<Tensor>& t
   in.teachers = canonical_teachers(teachers, in.N, in.V, student.scalar_type(), student.device());
   if (labels.has_value()) {
     const Tensor& y = *labels;
-    TORCH_CHECK_VALUE(y.device() == student.device(), "labels must be on ", student.device());
-    TORCH_CHECK_TYPE(y.scalar_type() == at::kLong, "labels must be int64, got ", y.scalar_type());
-    TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == in.N, "labels must have shape [", in.N,
+    MTBKD_CHECK_VALUE(y.device() == student.device(), "labels must be on ", student.device());
+    MTBKD_CHECK_TYPE(y.scalar_type() == at::kLong, "labels must be int64, got ", y.scalar_type());
+    MTBKD_CHECK_VALUE(y.dim() == 1 && y.size(0) == in.N, "labels must have shape [", in.N,
                       "], got ", y.sizes());
     in.labels = y.contiguous();
   }
   if (weight_mode == 2) {
-    TORCH_CHECK_VALUE(fixed_weights.has_value(), "fixed_weights are required with weight_mode 2");
+    MTBKD_CHECK_VALUE(fixed_weights.has_value(), "fixed_weights are required with weight_mode 2");
     Tensor w = *fixed_weights;
     // As csrc/ops.cpp: floating point only (integer weights are refused, not converted), and
     // [K] is expanded to every row.
-    TORCH_CHECK_TYPE(w.is_floating_point(), "weights must be a floating-point tensor, got ",
+    MTBKD_CHECK_TYPE(w.is_floating_point(), "weights must be a floating-point tensor, got ",
                      w.scalar_type());
     if (w.dim() == 1) {
-      TORCH_CHECK_VALUE(w.size(0) == in.teachers.k,
+      MTBKD_CHECK_VALUE(w.size(0) == in.teachers.k,
                         "weights must have shape [K] or [K, N] with K = ", in.teachers.k,
                         ", got ", w.sizes());
       w = w.unsqueeze(1).expand({in.teachers.k, in.N});
     }
-    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == in.teachers.k && w.size(1) == in.N,
+    MTBKD_CHECK_VALUE(w.dim() == 2 && w.size(0) == in.teachers.k && w.size(1) == in.N,
                       "fixed_weights must have shape [K, N] = [", in.teachers.k, ", ", in.N,
                       "], got ", w.sizes());
     in.fixed_weights =
@@ -165,7 +165,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mtbkd_loss_fw
   Tensor stats;
   if (teacher_stats.has_value()) {
     stats = *teacher_stats;
-    TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == K && stats.size(1) == in.N &&
+    MTBKD_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == K && stats.size(1) == in.N &&
                           stats.size(2) == 4,
                       "teacher_stats must have shape [K, N, 4] = [", K, ", ", in.N, ", 4], got ",
                       stats.sizes());
@@ -223,10 +223,10 @@ std::tuple<Tensor, Tensor, Tensor> multi_teacher_kd_fwd_cuda(
     double soft_scale, int64_t ignore_index, bool check_finite) {
   LossInputs in = check_loss_inputs(student, teachers, labels, fixed_weights, weight_mode,
                                     temperature, weight_temperature);
-  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 2, "divergence must be 0, 1 or 2, got ",
+  MTBKD_CHECK_VALUE(divergence >= 0 && divergence <= 2, "divergence must be 0, 1 or 2, got ",
                     divergence);
   // Checked for every divergence, as csrc/ops.cpp does (not only where jsd reads it).
-  TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "beta must lie in [0, 1], got ", beta);
+  MTBKD_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "beta must lie in [0, 1], got ", beta);
   if (divergence == 2) {
     // The endpoints are forward and reverse KL exactly (log 0 never reaches the kernel).
     if (beta == 0.0) divergence = 0;
@@ -277,10 +277,10 @@ std::tuple<Tensor, Tensor, Tensor> multi_teacher_kd_fwd_cuda(
 
 cuda::TeacherParams teacher_params(const std::vector<Tensor>& teachers, Teachers& owned,
                                    bool check_finite) {
-  TORCH_CHECK_VALUE(!teachers.empty(), "teacher_logits must hold at least one teacher (K >= 1)");
+  MTBKD_CHECK_VALUE(!teachers.empty(), "teacher_logits must hold at least one teacher (K >= 1)");
   const Tensor& t0 = teachers[0];
-  TORCH_CHECK_VALUE(t0.is_cuda(), "teacher_logits must be CUDA tensors, got ", t0.device());
-  TORCH_CHECK_VALUE(t0.dim() == 2 && t0.size(1) > 0,
+  MTBKD_CHECK_VALUE(t0.is_cuda(), "teacher_logits must be CUDA tensors, got ", t0.device());
+  MTBKD_CHECK_VALUE(t0.dim() == 2 && t0.size(1) > 0,
                     "teacher_logits must be K tensors of shape [N, V] with V > 0, got ",
                     t0.sizes());
   cuda::TeacherParams p{};
@@ -297,7 +297,7 @@ cuda::TeacherParams teacher_params(const std::vector<Tensor>& teachers, Teachers
 std::tuple<Tensor, Tensor> teacher_weights_cuda(const std::vector<Tensor>& teachers,
                                                 int64_t weight_mode, double weight_temperature,
                                                 bool check_finite) {
-  TORCH_CHECK_VALUE(weight_mode == 0 || weight_mode == 1,
+  MTBKD_CHECK_VALUE(weight_mode == 0 || weight_mode == 1,
                     "weight_mode must be 0 (entropy) or 1 (uniform) for teacher_weights, got ",
                     weight_mode);
   check_positive(weight_temperature, "weight_temperature");
@@ -352,12 +352,12 @@ Tensor teacher_stats_cuda(const std::vector<Tensor>& teachers, double temperatur
 // ---- elementwise ops ---------------------------------------------------------------------------
 
 Tensor scale_grad_cuda(const Tensor& grad, const Tensor& grad_rows) {
-  TORCH_CHECK_VALUE(grad.is_cuda() && grad_rows.device() == grad.device(),
+  MTBKD_CHECK_VALUE(grad.is_cuda() && grad_rows.device() == grad.device(),
                     "grad and grad_rows must be on the same CUDA device");
-  TORCH_CHECK_VALUE(grad.dim() == 2 && grad_rows.dim() == 1 && grad_rows.size(0) == grad.size(0),
+  MTBKD_CHECK_VALUE(grad.dim() == 2 && grad_rows.dim() == 1 && grad_rows.size(0) == grad.size(0),
                     "grad must be [N, V] and grad_rows [N], got ", grad.sizes(), " and ",
                     grad_rows.sizes());
-  TORCH_CHECK_TYPE(grad_rows.is_floating_point(), "grad_rows must be floating point, got ",
+  MTBKD_CHECK_TYPE(grad_rows.is_floating_point(), "grad_rows must be floating point, got ",
                    grad_rows.scalar_type());
   const cuda::DType dtype = kernel_dtype(grad, "grad");
   const c10::cuda::CUDAGuard guard(grad.device());
@@ -379,7 +379,7 @@ Tensor scale_grad_cuda(const Tensor& grad, const Tensor& grad_rows) {
 }
 
 Tensor lgamma1p_cuda(const Tensor& x) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+  MTBKD_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
                    "x must be float32 or float64, got ", x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor xc = x.contiguous();
