@@ -48,12 +48,13 @@ def _normals(seed, q, stream, STREAM0: tl.constexpr):
     return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
 
 
-# The transcendentals of the sampling kernels are the correctly range-reduced ones of CUDA's
-# libdevice on a GPU, not tl.exp / tl.log: those are the SFU approximations (ex2.approx of
-# x log2 e), whose error grows with |x| (softplus(-40) came out 15 float32 ulps off on an H200,
-# against about 2 for libdevice and for torch). These kernels are memory-bound elementwise
-# passes, so the longer sequences cost nothing measurable. The interpreter has no libdevice:
-# there tl.exp / tl.log are numpy's, already correctly rounded to about an ulp.
+# softplus, sigmoid, the KL's log and the SGLD step's square root use CUDA's libdevice on a GPU,
+# not tl.exp / tl.log: those are the SFU approximations (ex2.approx of x log2 e), whose error
+# grows with |x| (softplus(-40) came out 15 float32 ulps off on an H200; with libdevice the GPU
+# tests' bound of 8 ulps holds). The normals themselves are Triton's tl.randn4x, with its own
+# approximate log/sin/cos. These are memory-bound elementwise kernels; the longer sequences'
+# cost on a GPU was not measured. The interpreter has no libdevice: there tl.exp / tl.log are
+# numpy's, correctly rounded to about an ulp.
 @triton.jit
 def _exp(x, INTERPRET: tl.constexpr):
     if INTERPRET:

@@ -786,15 +786,20 @@ def _block(v: int, kp: int, elem_bytes: int) -> tuple[int, int]:
 
     ``BLOCK``: about 8K live elements across the K + 1 rows of the tile, at least 64 columns.
     ``num_warps``: as many as give each thread 16 contiguous bytes of every row per step (8
-    bf16/fp16, 4 float32 or 2 float64 elements: one 128-bit load). Measured on an H200
+    bf16/fp16, 4 float32 or 2 float64 elements: one 128-bit load), and no fewer than keep a
+    thread's share of the tile at 40 elements, the measured tile's (many teachers: fewer bytes
+    per row then, rather than registers spilled). Measured on an H200
     (``bench/sweep_triton_tiles.py``, N = 8192, V = 128256, bf16, K = 3, forward + backward):
     1024 columns over 4 warps ran forward KL in 14.1 ms and MT-BKD with cached teacher statistics
     in 12.3 ms; over 8 warps (4 elements, 8 bytes per thread: the earlier rule) 30.5 and 27.6 ms.
+    Other K and dtypes follow the rule unmeasured (bf16 at K = 1 keeps its measured 2048 / 8).
     """
     cap = max(64, triton.next_power_of_2(max(1, 8192 // (kp + 1))) // 2)
     block = min(triton.next_power_of_2(max(v, 1)), cap)
     per_thread = max(1, 16 // elem_bytes)
-    return block, max(1, min(16, block // (32 * per_thread)))
+    by_bytes = block // (32 * per_thread)
+    by_share = triton.next_power_of_2(-(-block * (kp + 1) // (32 * 40)))
+    return block, max(1, min(16, max(by_bytes, by_share)))
 
 
 def _teacher_args(teachers: list[Tensor]) -> tuple[list[Tensor], int, bool]:

@@ -121,7 +121,7 @@ def test_tile_sweep_dry_run_measures_every_tile_and_names_the_best(tmp_path):
     assert [(t["block"], t["warps"]) for t in run["tiles"]] == [(16, 4), (32, 4)]
     assert all(t["median_ms"] > 0 for t in run["tiles"])
     assert run["best"]["median_ms"] == min(t["median_ms"] for t in run["tiles"])
-    # the heuristic's tile for V = 50, K = 3 (KP = 4), float32: 64 columns, 16 bytes per thread
+    # the heuristic's tile for V = 50, K = 3 (KP = 4), bf16: 64 columns over one warp
     assert run["heuristic"] == [64, 1]
     assert "best BLOCK=" in proc.stdout
 
@@ -136,3 +136,6 @@ def test_tile_heuristic_gives_each_thread_16_bytes_per_row():
     assert losses._block(128256, 4, 4) == (1024, 8)  # float32: 4 elements per thread
     assert losses._block(128256, 4, 8) == (1024, 16)  # float64: 2
     assert losses._block(37, 1, 2) == (64, 1)  # a tiny row: one warp
+    # nine rows of 512 (K = 5..8): 4 warps keep a thread's share at 36 elements (2 warps: 72)
+    assert losses._block(128256, 8, 2) == (512, 4)
+    assert losses._block(128256, 16, 2) == (256, 4)  # K = 9..16: 17 rows of 256
