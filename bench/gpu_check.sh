@@ -67,6 +67,8 @@ echo "gpu_check: results in $OUT"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null
   $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   $PY -c "import triton; print('triton', triton.__version__)" 2>&1
+  $PY -c "import sysconfig; print('python CXX:', sysconfig.get_config_var('CXX'))" 2>&1
+  echo "CXX=${CXX:-unset}; c++: $(c++ --version 2>/dev/null | head -n 1)"
   git rev-parse HEAD 2>/dev/null
 } > "$OUT/summary.txt" 2>&1
 
@@ -94,6 +96,12 @@ if ! timeout "$(budget 240)" $PY -m pip install --no-build-isolation --no-deps -
   fi
 fi
 $PY -c "import mtbkd, mtbkd.ops as o; print('backends:', o.backend_status())" >> "$OUT/build.log" 2>&1 || BUILD_OK=0
+# A toolchain that links a static libstdc++ into _C (seen on an H200 machine's /opt/gcc g++) made
+# iostream formatting inside _C crash; csrc/torch_check.h avoids it in mtbkd's own checks.
+SO=$(ls mtbkd/_C*.so 2>/dev/null | head -n 1)
+if [ -n "$SO" ] && command -v nm >/dev/null; then
+  echo "libstdc++ locale internals linked into _C: $(nm -C "$SO" | grep -c numpunct_cache)" >> "$OUT/summary.txt"
+fi
 echo "build: $([ $BUILD_OK = 1 ] && echo ok || echo FAILED) ($(( $(date +%s) - START )) s)" | tee -a "$OUT/summary.txt"
 tail -n 3 "$OUT/build.log"
 
