@@ -3,7 +3,9 @@
 #   1. build mtbkd._C with the CUDA kernels (the machine's own python3 and torch; nothing is
 #      downloaded or installed from a registry),
 #   2. run the GPU tests (Triton kernels, CUDA kernels, TeacherStats) on the device,
-#   3. benchmark Triton vs CUDA vs eager vs torch.compile vs Liger-Kernel (when importable; a
+#   3. measure each backend's bf16 gradient against float64 (bench/grad_rounding.py: is every
+#      element the truth rounded to nearest?), a table appended to summary.txt,
+#   4. benchmark Triton vs CUDA vs eager vs torch.compile vs Liger-Kernel (when importable; a
 #      machine without a package registry gets it from build/gpu-extras/site, which `make
 #      gpu-extras` unpacks on a machine that has one: carry that folder along) at
 #      N=8192, V in {32000, 128256}, K in {1, 3}, bf16 (bench/bench_gpu.py).
@@ -123,7 +125,14 @@ fi
 echo "tests: $([ $TESTS_OK = 1 ] && echo ok || echo FAILED) ($(( $(date +%s) - START )) s)" | tee -a "$OUT/summary.txt"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" 2>/dev/null | tail -n 25
 
-# ---- 3. benchmark (what is left of the 8 minutes; baselines stop first when time runs out) ----
+# ---- 3. bf16 gradient rounding, every backend against float64 (a table, into summary.txt) ----
+if [ $BUILD_OK = 1 ]; then
+  { echo "bf16 gradient rounding (bench/grad_rounding.py):";
+    timeout "$(budget 60)" $PY bench/grad_rounding.py 2>&1 | tail -n 8; } >> "$OUT/summary.txt"
+  tail -n 8 "$OUT/summary.txt"
+fi
+
+# ---- 4. benchmark (what is left of the 8 minutes; baselines stop first when time runs out) ----
 ELAPSED=$(( $(date +%s) - START ))
 LEFT=$(( 460 - ELAPSED ))
 if [ $BUILD_OK = 1 ] && [ $LEFT -gt 60 ]; then

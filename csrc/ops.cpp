@@ -120,6 +120,12 @@ LossInputs check_loss_inputs(const Tensor& student, const std::vector<Tensor>& t
   return in;
 }
 
+// grad_scale (a CPU tensor here: reading it costs no synchronisation) as the kernels' factor.
+double host_grad_scale(const std::optional<Tensor>& grad_scale, const Tensor& student) {
+  const Tensor s = grad_scale_arg(grad_scale, student, acc_dtype(student.scalar_type()));
+  return s.defined() ? s.to(at::kDouble).item<double>() : 1.0;
+}
+
 void raise_on_status(const cpu::KernelStatus& s, int64_t V, int64_t ignore_index) {
   MTBKD_CHECK_VALUE(s.bad_label_row < 0, "labels: value ", s.bad_label_value, " at row ",
                     s.bad_label_row, " is out of range [0, ", V, ") and is not ignore_index (",
@@ -163,11 +169,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mtbkd_loss_fw
     const std::optional<Tensor>& labels, const std::optional<Tensor>& fixed_weights,
     const std::optional<Tensor>& teacher_stats, double temperature, double concentration,
     double prior_weight, double hard_label_weight, int64_t weight_mode, double weight_temperature,
-    int64_t ignore_index, bool check_finite) {
+    int64_t ignore_index, bool check_finite, const std::optional<Tensor>& grad_scale) {
   LossInputs in = check_loss_inputs(student, teachers, labels, fixed_weights, weight_mode,
                                     temperature, weight_temperature);
   check_positive(concentration, "concentration");
   const auto acc = acc_dtype(student.scalar_type());
+  const double gs = host_grad_scale(grad_scale, student);
   Tensor stats;
   if (teacher_stats.has_value()) {
     stats = *teacher_stats;
@@ -204,6 +211,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mtbkd_loss_fw
     p.hard_label_weight = hard_label_weight;
     p.concentration = concentration;
     p.prior_weight = prior_weight;
+    p.grad_scale = gs;
     p.check_finite = check_finite;
     p.loss = loss.data_ptr<A>();
     p.grad = grad.data_ptr<T>();
@@ -225,9 +233,11 @@ std::tuple<Tensor, Tensor, Tensor> multi_teacher_kd_fwd_cpu(
     const std::optional<Tensor>& labels, const std::optional<Tensor>& fixed_weights,
     int64_t divergence, double beta, double temperature, int64_t weight_mode,
     double weight_temperature, double hard_label_weight, double soft_label_weight,
-    double soft_scale, int64_t ignore_index, bool check_finite) {
+    double soft_scale, int64_t ignore_index, bool check_finite,
+    const std::optional<Tensor>& grad_scale) {
   LossInputs in = check_loss_inputs(student, teachers, labels, fixed_weights, weight_mode,
                                     temperature, weight_temperature);
+  const double gs = host_grad_scale(grad_scale, student);
   MTBKD_CHECK_VALUE(divergence >= 0 && divergence <= 2,
                     "divergence must be 0 (forward_kl), 1 (reverse_kl) or 2 (jsd), got ",
                     divergence);
@@ -257,6 +267,7 @@ std::tuple<Tensor, Tensor, Tensor> multi_teacher_kd_fwd_cpu(
     p.beta = beta;
     p.one_m_beta = 1.0 - beta;
     p.soft_coef = soft_label_weight * soft_scale;
+    p.grad_scale = gs;
     p.check_finite = check_finite;
     p.loss = loss.data_ptr<A>();
     p.grad = grad.data_ptr<T>();
@@ -366,13 +377,14 @@ TORCH_LIBRARY_FRAGMENT(mtbkd_C, m) {
       "mtbkd_loss_fwd(Tensor student, Tensor[] teachers, Tensor? labels, Tensor? fixed_weights, "
       "Tensor? teacher_stats, float temperature, float concentration, float prior_weight, "
       "float hard_label_weight, int weight_mode, float weight_temperature, int ignore_index, "
-      "bool check_finite) -> (Tensor loss, Tensor grad, Tensor weights, Tensor resp, "
+      "bool check_finite, Tensor? grad_scale=None) -> (Tensor loss, Tensor grad, "
+      "Tensor weights, Tensor resp, "
       "Tensor entropy, Tensor prior, Tensor ce)");
   m.def(
       "multi_teacher_kd_fwd(Tensor student, Tensor[] teachers, Tensor? labels, "
       "Tensor? fixed_weights, int divergence, float beta, float temperature, int weight_mode, "
       "float weight_temperature, float hard_label_weight, float soft_label_weight, "
-      "float soft_scale, int ignore_index, bool check_finite) "
+      "float soft_scale, int ignore_index, bool check_finite, Tensor? grad_scale=None) "
       "-> (Tensor loss, Tensor grad, Tensor weights)");
   m.def(
       "teacher_weights(Tensor[] teachers, int weight_mode, float weight_temperature, "

@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <type_traits>
 
@@ -58,3 +59,22 @@ std::string check_message(const Args&... args) {
 #define MTBKD_CHECK(cond, ...) TORCH_CHECK(cond, ::mtbkd::check_message(__VA_ARGS__))
 #define MTBKD_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::mtbkd::check_message(__VA_ARGS__))
 #define MTBKD_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::mtbkd::check_message(__VA_ARGS__))
+
+namespace mtbkd {
+
+// The optional grad_scale argument of the loss ops (the factor the op folds into its gradient):
+// one floating-point element on the student's device, returned as a contiguous [1] tensor of the
+// accumulation dtype `acc`, or an undefined tensor when absent. Its value is not read here.
+inline at::Tensor grad_scale_arg(const std::optional<at::Tensor>& grad_scale,
+                                 const at::Tensor& student, at::ScalarType acc) {
+  if (!grad_scale.has_value()) return at::Tensor();
+  const at::Tensor& s = *grad_scale;
+  MTBKD_CHECK_VALUE(s.numel() == 1, "grad_scale must hold one element, got shape ", s.sizes());
+  MTBKD_CHECK_TYPE(s.is_floating_point(), "grad_scale must be a floating-point tensor, got ",
+                   s.scalar_type());
+  MTBKD_CHECK_VALUE(s.device() == student.device(), "grad_scale must be on the student's device (",
+                    student.device(), "), got ", s.device());
+  return s.reshape({1}).to(acc).contiguous();
+}
+
+}  // namespace mtbkd

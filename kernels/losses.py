@@ -205,6 +205,16 @@ def _to_out(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _grad_scale(gs_ptr, HAS_GS: tl.constexpr, ACC: tl.constexpr):
+    # The op's grad_scale ([1]; 1 when absent), folded into the gradient's coefficients so the
+    # gradient is rounded to the output dtype once, already scaled.
+    if HAS_GS:
+        return tl.load(gs_ptr + tl.zeros([1], tl.int64)).to(ACC)
+    else:
+        return tl.full([1], 1.0, ACC)
+
+
+@triton.jit
 def _not_finite(x, mask):
     # 1 if some masked-in element is NaN or +-inf.
     finite = (x == x) & (tl.abs(x) < float("inf"))
@@ -368,14 +378,14 @@ def _lgamma_terms(tbase, kmask, V, mt, lst, inv_tau, lam, BLOCK: tl.constexpr, K
 @triton.jit
 def _mtbkd_fwd_kernel(
     z_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t_stride, labels_ptr, fw_ptr, stats_ptr,
-    loss_ptr, grad_ptr, w_ptr, r_ptr, h_ptr, prior_ptr, ce_ptr, status_ptr,
+    loss_ptr, grad_ptr, w_ptr, r_ptr, h_ptr, prior_ptr, ce_ptr, status_ptr, gs_ptr,
     N, V, ignore_index,
     inv_tau_: tl.float64, inv_tw_: tl.float64, lam_: tl.float64, beta_p_: tl.float64,
     beta_h_: tl.float64, lgamma_v_: tl.float64,
     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, STACKED: tl.constexpr,
     HAS_LABELS: tl.constexpr, HAS_STATS: tl.constexpr, WEIGHT_MODE: tl.constexpr,
-    CHECK_FINITE: tl.constexpr, HAS_STATUS: tl.constexpr, ACC: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    CHECK_FINITE: tl.constexpr, HAS_STATUS: tl.constexpr, HAS_GS: tl.constexpr,
+    ACC: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     one = row + tl.zeros([1], tl.int64)  # [1]-shaped offset of this row in per-row outputs
@@ -456,7 +466,10 @@ def _mtbkd_fwd_kernel(
         else:
             ce = tl.zeros([1], ACC)
         # ---- loss + gradient pass -----------------------------------------------------------
-        coef = beta_p * lam * inv_tau
+        # The gradient's coefficients carry grad_scale (the loss does not).
+        gsc = _grad_scale(gs_ptr, HAS_GS, ACC)
+        coef = beta_p * lam * inv_tau * gsc
+        beta_hg = beta_h * gsc
         # q sum_k r_k - sum_k r_k p_k: zero for q = p_k however sum_k r_k rounds (as autograd's
         # softmax backward, q sum_c sum_k r_k p_kc - sum_k r_k p_k, is).
         rsum = tl.sum(resp)
@@ -470,7 +483,7 @@ def _mtbkd_fwd_kernel(
             p = tl.where(valid2, tl.exp((t - mts[:, None]) * inv_tau - lst[:, None]), 0.0)
             g = coef * (q * rsum - tl.sum(resp[:, None] * p, axis=0))
             if HAS_LABELS:
-                g += beta_h * (tl.exp((z - mz) - ls1) - tl.where(cols == y, 1.0, 0.0))
+                g += beta_hg * (tl.exp((z - mz) - ls1) - tl.where(cols == y, 1.0, 0.0))
             tl.store(grow + cols, _to_out(g, grad_ptr.dtype.element_ty, INTERPRET), mask=cm)
         tl.store(loss_ptr + one, loss)
         tl.store(prior_ptr + one, prior)
@@ -519,14 +532,14 @@ def _mtbkd_fwd_kernel(
 @triton.jit
 def _kd_fwd_kernel(
     z_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t_stride, labels_ptr, fw_ptr,
-    loss_ptr, grad_ptr, w_ptr, status_ptr,
+    loss_ptr, grad_ptr, w_ptr, status_ptr, gs_ptr,
     N, V, ignore_index,
     inv_tau_: tl.float64, inv_tw_: tl.float64, beta_: tl.float64, one_m_beta_: tl.float64,
     log_beta_: tl.float64, log_1mbeta_: tl.float64, beta_h_: tl.float64, soft_w_: tl.float64,
     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, STACKED: tl.constexpr,
     HAS_LABELS: tl.constexpr, WEIGHT_MODE: tl.constexpr, DIVERGENCE: tl.constexpr,
-    CHECK_FINITE: tl.constexpr, HAS_STATUS: tl.constexpr, ACC: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    CHECK_FINITE: tl.constexpr, HAS_STATUS: tl.constexpr, HAS_GS: tl.constexpr,
+    ACC: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     one = row + tl.zeros([1], tl.int64)
@@ -541,6 +554,10 @@ def _kd_fwd_kernel(
     log_1mbeta = _scalar(log_1mbeta_, ACC)
     beta_h = _scalar(beta_h_, ACC)
     soft_w = _scalar(soft_w_, ACC)
+    # The gradient's coefficients carry grad_scale (the loss does not).
+    gsc = _grad_scale(gs_ptr, HAS_GS, ACC)
+    soft_wg = soft_w * gsc
+    beta_hg = beta_h * gsc
     kidx, kmask, kn, cols0, zrow, grow, tbase = _row_pointers(
         z_ptr, grad_ptr, t0, t1, t2, t3, t4, t5, t6, t7, t_stride, row, N, V, K, KP, BLOCK, STACKED
     )
@@ -664,9 +681,9 @@ def _kd_fwd_kernel(
                 live = valid2 & (q > 0.0)[None, :] & (w > 0.0)[:, None]
                 term = tl.where(live, w[:, None] * inner, 0.0)
                 gs = tl.where(q > 0.0, q * tl.sum(term, axis=0), 0.0) * (one_m_beta * inv_tau)
-            g = soft_w * gs
+            g = soft_wg * gs
             if HAS_LABELS:
-                g += beta_h * (tl.exp((z - mz) - ls1) - tl.where(cols == y, 1.0, 0.0))
+                g += beta_hg * (tl.exp((z - mz) - ls1) - tl.where(cols == y, 1.0, 0.0))
             tl.store(grow + cols, _to_out(g, grad_ptr.dtype.element_ty, INTERPRET), mask=cm)
         loss = soft_w * tl.sum(tl.where(w > 0.0, w * div, 0.0)) + tl.zeros([1], ACC)
         if HAS_LABELS:
@@ -848,6 +865,16 @@ def _check_inputs(student: Tensor, teachers: list[Tensor], labels: Tensor | None
     return None if labels is None else labels.contiguous()
 
 
+def _grad_scale_arg(grad_scale: Tensor | None, student: Tensor) -> Tensor | None:
+    """The op's ``grad_scale`` as a contiguous one-element tensor of the accumulation dtype."""
+    from mtbkd.ops import check_grad_scale
+
+    check_grad_scale(grad_scale, student)
+    if grad_scale is None:
+        return None
+    return grad_scale.reshape(1).to(_acc_dtype(student.dtype)).contiguous()
+
+
 def _status_buffer(n: int, device: torch.device, needed: bool, dummy: Tensor) -> Tensor:
     return torch.empty(n, dtype=torch.int32, device=device) if needed else dummy
 
@@ -904,6 +931,7 @@ def mtbkd_loss_fwd(
     weight_temperature: float,
     ignore_index: int,
     check_finite: bool,
+    grad_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton ``mtbkd::mtbkd_loss_fwd`` (MATH.md section 2), semantics of the op's docstring."""
     labels = _check_inputs(student, teachers, labels)
@@ -934,6 +962,7 @@ def mtbkd_loss_fwd(
     has_status = labels is not None or check_finite
     status = _status_buffer(n, dev, has_status, loss)
     block, warps = _block(v, kp, student.element_size())
+    gs = _grad_scale_arg(grad_scale, student)
     if n > 0:
         with _on_device(dev):
             _mtbkd_fwd_kernel[(n,)](
@@ -941,12 +970,14 @@ def mtbkd_loss_fwd(
                 labels if labels is not None else student,
                 fixed_weights if fixed_weights is not None else student,
                 teacher_stats if teacher_stats is not None else student,
-                loss, grad, w, r, h, prior, ce, status, n, v, ignore_index,
+                loss, grad, w, r, h, prior, ce, status, gs if gs is not None else loss,
+                n, v, ignore_index,
                 1.0 / temperature, 1.0 / weight_temperature, float(concentration),
                 float(prior_weight), float(hard_label_weight), math.lgamma(v + concentration),
                 K=k, KP=kp, BLOCK=block, STACKED=stacked, HAS_LABELS=labels is not None,
                 HAS_STATS=teacher_stats is not None, WEIGHT_MODE=int(weight_mode),
-                CHECK_FINITE=bool(check_finite), HAS_STATUS=has_status, ACC=_tl_acc(acc),
+                CHECK_FINITE=bool(check_finite), HAS_STATUS=has_status, HAS_GS=gs is not None,
+                ACC=_tl_acc(acc),
                 INTERPRET=_interpreting(),
                 num_warps=warps,
             )  # fmt: skip
@@ -971,6 +1002,7 @@ def multi_teacher_kd_fwd(
     soft_scale: float,
     ignore_index: int,
     check_finite: bool,
+    grad_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton ``mtbkd::multi_teacher_kd_fwd`` (MATH.md section 3)."""
     labels = _check_inputs(student, teachers, labels)
@@ -1002,19 +1034,21 @@ def multi_teacher_kd_fwd(
     status = _status_buffer(n, dev, has_status, loss)
     block, warps = _block(v, kp, student.element_size())
     jsd = divergence == DIVERGENCES["jsd"]
+    gs = _grad_scale_arg(grad_scale, student)
     if n > 0:
         with _on_device(dev):
             _kd_fwd_kernel[(n,)](
                 student, *ptrs, t_stride,
                 labels if labels is not None else student,
                 fixed_weights if fixed_weights is not None else student,
-                loss, grad, w, status, n, v, ignore_index,
+                loss, grad, w, status, gs if gs is not None else loss, n, v, ignore_index,
                 1.0 / temperature, 1.0 / weight_temperature, float(beta), 1.0 - float(beta),
                 math.log(beta) if jsd else 0.0, math.log1p(-beta) if jsd else 0.0,
                 float(hard_label_weight), float(soft_label_weight) * float(soft_scale),
                 K=k, KP=kp, BLOCK=block, STACKED=stacked, HAS_LABELS=labels is not None,
                 WEIGHT_MODE=int(weight_mode), DIVERGENCE=int(divergence),
-                CHECK_FINITE=bool(check_finite), HAS_STATUS=has_status, ACC=_tl_acc(acc),
+                CHECK_FINITE=bool(check_finite), HAS_STATUS=has_status, HAS_GS=gs is not None,
+                ACC=_tl_acc(acc),
                 INTERPRET=_interpreting(),
                 num_warps=warps,
             )  # fmt: skip

@@ -6,7 +6,11 @@ the kernels support (float32, float64, bfloat16, float16); results are float32 u
 float64. Teacher logits are constants: no gradient flows into them.
 
 Each call runs one fused custom op (``torch.ops.mtbkd.*``) that computes the per-row loss and its
-gradient in the forward pass; the backward only scales the saved gradient.
+gradient in the forward pass; the backward only scales the saved gradient. For ``reduction="mean"``
+of a bfloat16 (or float32 / float64) student the forward already folds the mean's ``1 / count``
+into the gradient before rounding it to the student's dtype, so it is rounded once, as eager
+PyTorch's (the backward's factor is then exactly 1); not for float16, whose range loss scaling
+needs (see ``_grad_scale``).
 """
 
 from __future__ import annotations
@@ -49,20 +53,43 @@ def _weight_mode(weights, k: int, lead, student: Tensor) -> tuple[int, Tensor | 
     return ops.WEIGHT_MODES[weights], None
 
 
+def _mean_divisor(n: int, labels: Tensor | None, reduction: str, ignore_index: int,
+                  num_items_in_batch, dtype: torch.dtype, device) -> Tensor | None:  # fmt: skip
+    """The 0-d denominator of a ``mean`` over ``n`` rows (None for ``sum`` / ``none``). It stays
+    a tensor: no host synchronisation."""
+    if reduction != "mean":
+        return None
+    if num_items_in_batch is not None:
+        return validate.items_divisor(num_items_in_batch, dtype, device)
+    if labels is None:
+        return torch.full((), max(n, 1), dtype=dtype, device=device)
+    return (labels != ignore_index).sum().clamp_min(1).to(dtype)
+
+
+def _grad_scale(divisor: Tensor | None, student: Tensor) -> Tensor | None:
+    """What the mean's backward hands each row, ``1 / divisor``, computed as autograd computes it
+    (``grad / divisor`` with ``grad = 1``): the fused ops fold it into their gradient before its
+    rounding to the student's dtype, and the backward's remaining factor is then exactly 1.
+
+    Not for float16: its narrow exponent range would store a gradient divided by the count as
+    subnormals or zeros, which loss scaling (a GradScaler's x 65536 in the backward) cannot
+    undo; float16 keeps the unscaled gradient and the backward's second rounding."""
+    if divisor is None or student.dtype == torch.float16:
+        return None
+    return torch.ones_like(divisor) / divisor
+
+
 def _reduce(rows: Tensor, labels: Tensor | None, lead, reduction: str, ignore_index: int,
-            num_items_in_batch) -> Tensor:  # fmt: skip
+            num_items_in_batch, divisor: Tensor | None = None) -> Tensor:  # fmt: skip
     if reduction == "none":
         return rows.reshape(lead)
     total = rows.sum()
     if reduction == "sum":
         return total
-    if num_items_in_batch is not None:
-        return total / validate.items_divisor(num_items_in_batch, total.dtype, total.device)
-    if labels is None:
-        return total / max(rows.numel(), 1)
-    # The count stays a tensor: no host synchronisation.
-    count = (labels != ignore_index).sum().clamp_min(1)
-    return total / count.to(total.dtype)
+    if divisor is None:
+        divisor = _mean_divisor(rows.numel(), labels, reduction, ignore_index,
+                                num_items_in_batch, total.dtype, total.device)  # fmt: skip
+    return total / divisor
 
 
 def _sparse_args(args: dict) -> dict:
@@ -210,12 +237,18 @@ def mtbkd_loss(
             dtypes = [x.dtype for x in given if isinstance(x, Tensor)]
             TeacherStats.check_rows(stats_data, teachers, float(temperature),
                                     [*dtypes, teacher_stats.data.dtype])  # fmt: skip
+    acc = ops._acc_dtype(student.dtype)
+    ignore_index = validate.check_ignore_index(ignore_index)
+    divisor = _mean_divisor(len(student), flat_labels, reduction, ignore_index,
+                            num_items_in_batch, acc, student.device)  # fmt: skip
     loss_rows, _, w, resp, ent, prior, ce = ops.mtbkd_loss_fwd(
         student, teachers, flat_labels, fixed, stats_data, float(temperature),
         float(concentration), float(prior_weight), float(hard_label_weight), mode,
-        float(weight_temperature), validate.check_ignore_index(ignore_index), bool(check_finite),
+        float(weight_temperature), ignore_index, bool(check_finite),
+        _grad_scale(divisor, student),
     )  # fmt: skip
-    loss = _reduce(loss_rows, flat_labels, lead, reduction, ignore_index, num_items_in_batch)
+    loss = _reduce(loss_rows, flat_labels, lead, reduction, ignore_index, num_items_in_batch,
+                   divisor)  # fmt: skip
     if not return_stats:
         return loss
     stats = MTBKDStats(
@@ -276,10 +309,15 @@ def multi_teacher_kd_loss(
     )
     mode, fixed = _weight_mode(weights, len(teachers), lead, student)
     scale = float(temperature) ** 2 if scale_by_t2 else 1.0
+    acc = ops._acc_dtype(student.dtype)
+    ignore_index = validate.check_ignore_index(ignore_index)
+    divisor = _mean_divisor(len(student), flat_labels, reduction, ignore_index,
+                            num_items_in_batch, acc, student.device)  # fmt: skip
     loss_rows, _, _ = ops.multi_teacher_kd_fwd(
         student, teachers, flat_labels, fixed, ops.DIVERGENCES[divergence], float(beta),
         float(temperature), mode, float(weight_temperature), float(hard_label_weight),
-        float(soft_label_weight), scale, validate.check_ignore_index(ignore_index),
-        bool(check_finite),
+        float(soft_label_weight), scale, ignore_index,
+        bool(check_finite), _grad_scale(divisor, student),
     )  # fmt: skip
-    return _reduce(loss_rows, flat_labels, lead, reduction, ignore_index, num_items_in_batch)
+    return _reduce(loss_rows, flat_labels, lead, reduction, ignore_index, num_items_in_batch,
+                   divisor)  # fmt: skip

@@ -185,17 +185,22 @@ def mtbkd_loss_fwd(
     weight_temperature: float,
     ignore_index: int,
     check_finite: bool,
+    grad_scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row MT-BKD loss and its gradient in one fused forward.
 
     Returns ``(loss [N], grad [N, V], weights [K, N], responsibilities [K, N], entropy [K, N],
-    prior [N], ce [N])``; ``grad`` is ``dL_i/dz_i`` (unscaled, student dtype), everything else is
-    float32 (float64 for float64 input); masked rows are 0 everywhere.
+    prior [N], ce [N])``; ``grad`` is ``grad_scale · dL_i/dz_i`` (student dtype), everything else
+    is float32 (float64 for float64 input); masked rows are 0 everywhere. ``grad_scale``, a
+    one-element tensor on the student's device (None: 1), is the gradient the caller expects to
+    reach each row's loss (``1 / count`` for a mean): folded in before the gradient is rounded to
+    the student's dtype, the backward then multiplies by ``grad_output / grad_scale``, exactly 1
+    for that mean, so a bf16 gradient is rounded once, not twice.
     """
     return _impl("mtbkd_loss_fwd", student)(
         student, teachers, labels, fixed_weights, teacher_stats, temperature, concentration,
         prior_weight, hard_label_weight, weight_mode, weight_temperature, ignore_index,
-        check_finite,
+        check_finite, grad_scale,
     )  # fmt: skip
 
 
@@ -232,15 +237,17 @@ def multi_teacher_kd_fwd(
     soft_scale: float,
     ignore_index: int,
     check_finite: bool,
+    grad_scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row weighted-sum KD loss and gradient: ``(loss [N], grad [N, V], weights [K, N])``.
 
-    ``soft_scale`` is ``s(tau)`` (``tau**2`` or 1); ``divergence`` indexes :data:`DIVERGENCES`.
+    ``soft_scale`` is ``s(tau)`` (``tau**2`` or 1); ``divergence`` indexes :data:`DIVERGENCES`;
+    ``grad`` is ``grad_scale · dL_i/dz_i``, as in :func:`mtbkd_loss_fwd`.
     """
     return _impl("multi_teacher_kd_fwd", student)(
         student, teachers, labels, fixed_weights, divergence, beta, temperature, weight_mode,
         weight_temperature, hard_label_weight, soft_label_weight, soft_scale, ignore_index,
-        check_finite,
+        check_finite, grad_scale,
     )  # fmt: skip
 
 
@@ -300,6 +307,10 @@ def _(teachers, *args):
 
 # ----------------------------------------------------------------------------------------------
 # Autograd of both losses: the gradient was computed in the forward; the backward scales it.
+# Rounding: a mean's 1 / count reaches the forward as grad_scale and is folded into the gradient
+# before it is rounded to the student's dtype; the backward scales by grad_output / grad_scale,
+# exactly 1 for that mean, so a bf16 gradient is rounded once (the dense losses of
+# mtbkd.functional pass it, except for float16, whose range a loss scaler needs).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -314,14 +325,20 @@ def _(grad, grad_rows):
     return grad.new_empty(grad.shape)  # contiguous on every backend
 
 
-def _setup_loss_ctx(ctx, inputs, output):
-    # inputs: (student, teachers, *scalars-and-optionals); the gradient was computed in the forward.
-    ctx.num_teachers = len(inputs[1])
-    ctx.num_rest = len(inputs) - 2
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(*output[1:])
-    # Otherwise autograd fills a zero [N, V] gradient for the non-differentiable grad output.
-    ctx.set_materialize_grads(False)
+def _loss_ctx_setup(num_args: int):
+    """setup_context of a loss op with ``num_args`` arguments, the last being ``grad_scale``."""
+
+    def setup(ctx, inputs, output):
+        # inputs: (student, teachers, *scalars-and-optionals[, grad_scale]); a grad_scale left at
+        # its default does not appear. The gradient was computed in the forward, already
+        # multiplied by grad_scale.
+        ctx.num_teachers = len(inputs[1])
+        ctx.save_for_backward(output[1], inputs[-1] if len(inputs) == num_args else None)
+        ctx.mark_non_differentiable(*output[1:])
+        # Otherwise autograd fills a zero [N, V] gradient for the non-differentiable grad output.
+        ctx.set_materialize_grads(False)
+
+    return setup
 
 
 def refuse_double_backward() -> None:
@@ -335,17 +352,33 @@ def refuse_double_backward() -> None:
 
 
 def _loss_backward(ctx, grad_loss, *unused):
-    (grad,) = ctx.saved_tensors
+    grad, grad_scale = ctx.saved_tensors
+    # One entry per input as autograd was given them (ctx.needs_input_grad has that structure):
+    # the dispatcher leaves out a trailing argument at its default (grad_scale None), which
+    # setup_context's inputs, filled with the defaults, still hold.
+    num_rest = len(ctx.needs_input_grad) - 2
     if grad_loss is None:  # the loss itself was not used
-        return (None, [None] * ctx.num_teachers) + (None,) * ctx.num_rest
+        return (None, [None] * ctx.num_teachers) + (None,) * num_rest
     refuse_double_backward()
+    rows = grad_loss.to(_acc_dtype(grad.dtype))
+    if grad_scale is not None:
+        # The forward folded grad_scale into the gradient before rounding it to the student's
+        # dtype; for the mean it was built for, this factor is exactly 1 and the bf16 gradient is
+        # the float32 one rounded once (scaling the saved bf16 rows by 1 / count rounded again).
+        s = grad_scale.reshape(()).to(rows.dtype)
+        # s = 0 (a mean over an infinite item count): the forward's gradient is 0, and so is
+        # the loss's; 0 / 0 must not turn it into NaN.
+        rows = torch.where(s != 0, rows / s, torch.zeros_like(rows))
     # Out of place: the saved gradient is also an output of the op, which a caller may hold.
-    grad_student = scale_grad(grad, grad_loss.to(_acc_dtype(grad.dtype)).contiguous())
-    return (grad_student, [None] * ctx.num_teachers) + (None,) * ctx.num_rest
+    grad_student = scale_grad(grad, rows.contiguous())
+    return (grad_student, [None] * ctx.num_teachers) + (None,) * num_rest
 
 
-mtbkd_loss_fwd.register_autograd(_loss_backward, setup_context=_setup_loss_ctx)
-multi_teacher_kd_fwd.register_autograd(_loss_backward, setup_context=_setup_loss_ctx)
+for _loss_op in (mtbkd_loss_fwd, multi_teacher_kd_fwd):
+    _loss_op.register_autograd(
+        _loss_backward,
+        setup_context=_loss_ctx_setup(len(_loss_op._opoverload._schema.arguments)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,9 +404,27 @@ def _ref_weights_arg(fixed_weights, weight_mode):
     return "entropy" if weight_mode == WEIGHT_MODES["entropy"] else "uniform"
 
 
-def _grad_of(rows: Tensor, z: Tensor, dtype: torch.dtype) -> Tensor:
+def _grad_of(rows: Tensor, z: Tensor, dtype: torch.dtype, grad_scale: Tensor | None) -> Tensor:
     (g,) = torch.autograd.grad(rows.sum(), z)
+    if grad_scale is not None:  # before the rounding to dtype, as the kernels
+        g = g * grad_scale.reshape(()).to(g.dtype)
     return g.to(dtype).contiguous()
+
+
+def check_grad_scale(grad_scale: Tensor | None, student: Tensor) -> None:
+    """``grad_scale`` of the loss ops: None, or a one-element floating-point tensor on the
+    student's device (its value is not read: no host synchronisation)."""
+    if grad_scale is None:
+        return
+    if not isinstance(grad_scale, Tensor) or grad_scale.numel() != 1:
+        raise ValueError("grad_scale must be None or a one-element tensor")
+    if not grad_scale.is_floating_point():
+        raise TypeError(f"grad_scale must be a floating-point tensor, got {grad_scale.dtype}")
+    if grad_scale.device != student.device:
+        raise ValueError(
+            f"grad_scale must be on the student's device ({student.device}), got "
+            f"{grad_scale.device}"
+        )
 
 
 def _autograd_enabled():
@@ -407,10 +458,12 @@ _AUTOGRAD_KEYS = [
 def _ref_mtbkd_loss_fwd(
     student, teachers, labels, fixed_weights, teacher_stats, temperature, concentration,
     prior_weight, hard_label_weight, weight_mode, weight_temperature, ignore_index, check_finite,
+    grad_scale=None,
 ):  # fmt: skip
     from mtbkd import reference
 
     _ref_checks(student, teachers, labels, ignore_index, check_finite)
+    check_grad_scale(grad_scale, student)
     # teacher_stats only saves work; the reference always recomputes from the logits.
     with _autograd_enabled(), torch.inference_mode(False), torch.enable_grad():
         z = _grad_input(student)
@@ -421,7 +474,7 @@ def _ref_mtbkd_loss_fwd(
             weights=_ref_weights_arg(fixed_weights, weight_mode),
             weight_temperature=weight_temperature, ignore_index=ignore_index,
         )  # fmt: skip
-        grad = _grad_of(out.loss, z, student.dtype)
+        grad = _grad_of(out.loss, z, student.dtype, grad_scale)
     return (
         out.loss.detach(), grad, out.weights.detach(), out.responsibilities, out.entropy,
         out.prior, out.ce,
@@ -432,11 +485,12 @@ def _ref_mtbkd_loss_fwd(
 def _ref_multi_teacher_kd_fwd(
     student, teachers, labels, fixed_weights, divergence, beta, temperature, weight_mode,
     weight_temperature, hard_label_weight, soft_label_weight, soft_scale, ignore_index,
-    check_finite,
+    check_finite, grad_scale=None,
 ):  # fmt: skip
     from mtbkd import reference
 
     _ref_checks(student, teachers, labels, ignore_index, check_finite)
+    check_grad_scale(grad_scale, student)
     name = {v: k for k, v in DIVERGENCES.items()}[divergence]
     with _autograd_enabled(), torch.inference_mode(False), torch.enable_grad():
         z = _grad_input(student)
@@ -447,7 +501,7 @@ def _ref_multi_teacher_kd_fwd(
             soft_label_weight=soft_label_weight * soft_scale, scale_by_t2=False,
             ignore_index=ignore_index,
         )  # fmt: skip
-        grad = _grad_of(loss, z, student.dtype)
+        grad = _grad_of(loss, z, student.dtype, grad_scale)
     return loss.detach(), grad, w.detach()
 
 

@@ -118,13 +118,14 @@ def _cases():
         z, ts, y = data(k, dtype=dtype, stacked=stacked)
         stats = torch.zeros(k, z.shape[0], 4, dtype=acc(dtype))
         fw = torch.ones(k, z.shape[0], dtype=acc(dtype))
+        gs = torch.tensor([0.25], dtype=acc(dtype))  # a mean's grad_scale (HAS_GS)
         tag = f"{dtype}".replace("torch.", "") + f"-K{k}-{'stacked' if stacked else 'pointers'}"
         cases.append(
             (
                 f"mtbkd-{tag}",
                 "_mtbkd_fwd_kernel",
-                lambda z=z, ts=ts, y=y: L.mtbkd_loss_fwd(
-                    z, ts, y, None, None, 2.0, 5.0, 0.02, 1.0, 0, 1.0, -100, True
+                lambda z=z, ts=ts, y=y, gs=gs: L.mtbkd_loss_fwd(
+                    z, ts, y, None, None, 2.0, 5.0, 0.02, 1.0, 0, 1.0, -100, True, gs
                 ),
             )
         )
@@ -142,8 +143,8 @@ def _cases():
                 (
                     f"kd{div}-{tag}",
                     "_kd_fwd_kernel",
-                    lambda z=z, ts=ts, y=y, d=div: L.multi_teacher_kd_fwd(
-                        z, ts, y, None, d, 0.5, 2.0, 0, 1.0, 0.5, 1.0, 4.0, -100, True
+                    lambda z=z, ts=ts, y=y, d=div, gs=gs: L.multi_teacher_kd_fwd(
+                        z, ts, y, None, d, 0.5, 2.0, 0, 1.0, 0.5, 1.0, 4.0, -100, True, gs
                     ),
                 )
             )

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mtbkd import ops
 
@@ -140,3 +141,42 @@ def test_tile_heuristic_gives_each_thread_16_bytes_per_row():
     # nine rows of 512 (K = 5..8): 4 warps keep a thread's share at 36 elements (2 warps: 72)
     assert losses._block(128256, 8, 2) == (512, 4)
     assert losses._block(128256, 16, 2) == (256, 4)  # K = 9..16: 17 rows of 256
+
+
+def _rounding_module():
+    spec = importlib.util.spec_from_file_location(
+        "grad_rounding", os.path.join(ROOT, "bench", "grad_rounding.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_grad_rounding_reports_each_backend_and_finds_no_double_rounding(tmp_path, capsys):
+    grad_rounding = _rounding_module()
+
+    out = tmp_path / "rounding.json"
+    assert grad_rounding.main(["--n", "15", "--vocab", "37", "--teachers", "2",
+                               "--device", "cpu", "--methods", "eager", "cpu", "reference",
+                               "--out", str(out)]) == 0  # fmt: skip
+    res = json.loads(out.read_text())
+    assert [r["loss"] for r in res["rows"]] == list(grad_rounding.LOSSES)
+    assert res["counted_rows"] == 12  # rows 0, 7 and 14 masked
+    for r in res["rows"]:
+        for m in ("eager", "cpu", "reference"):
+            assert 0.0 < r[m]["max_rel_error"] < 2.0**-7, (r["loss"], m, r[m])
+        # the fused backends round each element once, to nearest
+        assert r["cpu"]["not_nearest"] == 0 and r["reference"]["not_nearest"] == 0, r
+    assert "| mtbkd |" in capsys.readouterr().out
+
+
+def test_grad_rounding_counts_elements_not_rounded_to_nearest():
+    grad_rounding = _rounding_module()
+
+    truth = torch.tensor([[1.0 + 2.0**-9 + 2.0**-12, 3.0, -0.7]], dtype=torch.float64)
+    nearest = truth.to(torch.bfloat16)
+    assert grad_rounding.errors(nearest, truth)["not_nearest"] == 0
+    wrong = nearest.clone()
+    assert nearest[0, 0] == 1.0
+    wrong[0, 0] = 1.0 + 2.0**-7  # the next bf16 number: 2^-7 - 2^-9 - 2^-12 away, over half 2^-7
+    assert grad_rounding.errors(wrong, truth)["not_nearest"] == 1

@@ -604,13 +604,16 @@ void mtbkd_row(const LossParams<T, A>& p, int64_t i, A lgamma_v_lam, RowScratch<
     p.entropy[k * N + i] = ws.H[k];
   }
 
-  // Gradient pass: cq q^tau - sum_k (cq r_k) p_k + beta_h q, cq = beta_p lam / tau.
-  const A cq = bp * lam * it;
+  // Gradient pass: cq q^tau - sum_k (cq r_k) p_k + beta_h q, cq = beta_p lam / tau; both
+  // coefficients carry grad_scale (gs).
+  const A gs = static_cast<A>(p.grad_scale);
+  const A cq = bp * lam * it * gs;
+  const A bhg = bh * gs;
   for (int k = 0; k < K; ++k) ws.aux1[k] = cq * ws.r[k];
   A* g = grad_target(grow, ws.gbuf.data());
   grad_from_cache(cache, K, V, it, s, nd.s1 ? s.S1 : s.S, ws.ta.data(), cq, ws.aux1.data(),
-                  has_y && bh != A(0), bh, tau, z, ws.aux2.data(), g);
-  if (has_y) g[y] -= bh;
+                  has_y && bh != A(0), bhg, tau, z, ws.aux2.data(), g);
+  if (has_y) g[y] -= bhg;
   finish_grad(grow, g, V);
 }
 
@@ -691,9 +694,12 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
   for (int k = 0; k < K; ++k) wsum += ws.w[k];
   const A ce = with_ce ? -((z[y] - s.m) - logS1) : A(0);
   const A c = static_cast<A>(p.soft_coef);
+  // The gradient's coefficients carry grad_scale (gs): cg for the soft part, bhg for the hard.
+  const A gs = static_cast<A>(p.grad_scale);
+  const A cg = c * gs, bhg = bh * gs;
   A* g = grad_target(grow, ws.gbuf.data());
   const VA vm(s.m), vit(it), vnlogS(-logS), vinvS(A(1) / s.S),
-      vinvS1(A(1) / (nd.s1 ? s.S1 : s.S)), vbh(bh), vfar(-kFar<A>);
+      vinvS1(A(1) / (nd.s1 ? s.S1 : s.S)), vbh(bhg), vfar(-kFar<A>);
   // cross-entropy part of the gradient, beta_h q (q = exp(d) / S1), from e = exp(d / tau)
   auto ce_grad = [&](const VA& e, const VA& d) {
     const VA e1 = !nd.s1 ? e : nd.s1_square ? e * e : vexp(d);
@@ -706,10 +712,10 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
       const TeacherAcc<A>& a = ws.ta[k];
       ws.L[k] = (a.F - a.B) / a.A * it - ws.logA[k] + logS;  // D_k
       soft += ws.w[k] * ws.L[k];
-      ws.aux1[k] = c * it * ws.w[k];
+      ws.aux1[k] = cg * it * ws.w[k];
     }
-    grad_from_cache(cache, K, V, it, s, nd.s1 ? s.S1 : s.S, ws.ta.data(), c * it * wsum,
-                    ws.aux1.data(), with_ce, bh, tau, z, ws.aux2.data(), g);
+    grad_from_cache(cache, K, V, it, s, nd.s1 ? s.S1 : s.S, ws.ta.data(), cg * it * wsum,
+                    ws.aux1.data(), with_ce, bhg, tau, z, ws.aux2.data(), g);
   } else if (div == 1) {
     for (int k = 0; k < K; ++k) {
       const TeacherAcc<A>& a = ws.ta[k];
@@ -725,7 +731,7 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
     A mean = A(0);
     for (int k = 0; k < K; ++k)
       if (ws.w[k] > A(0)) mean += ws.w[k] * ws.aux1[k];
-    const VA vcs(c * it), vwit(wsum * it), vmean(-mean * it);
+    const VA vcs(cg * it), vwit(wsum * it), vmean(-mean * it);
     for (int64_t cc = 0; cc < V; cc += W) {
       const int64_t n = V - cc;
       const VA d = at::vec::maximum(load(z + cc, n) - vm, vfar);
@@ -746,7 +752,7 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
     // 1.3 % off at beta = 1 - 1e-6, and it scales KL(q || m) and the whole gradient.
     const A omb = static_cast<A>(p.one_m_beta);
     const VA vb(beta), v1b(omb), vtiny(std::numeric_limits<A>::min());
-    const VA vcj(c * omb * it);
+    const VA vcj(cg * omb * it);
     for (int k = 0; k < K; ++k) ws.aux1[k] = ws.aux2[k] = A(0);  // KL(p||m), KL(q||m)
     // Pass 2: the per-teacher KLs and the first part of the gradient (into g, in A).
     for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
@@ -795,7 +801,7 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
       wkqm += ws.w[k] * ws.aux2[k];
     }
     // Pass 3.
-    const VA vsub(c * omb * it * wkqm);
+    const VA vsub(cg * omb * it * wkqm);
     for (int64_t cc = 0; cc < V; cc += W) {
       const int64_t n = V - cc;
       const VA d = load(z + cc, n) - vm;
@@ -805,7 +811,7 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
       store(g + cc, acc, n);
     }
   }
-  if (with_ce) g[y] -= bh;
+  if (with_ce) g[y] -= bhg;
   finish_grad(grow, g, V);
   p.loss[i] = bh * ce + c * soft;
   for (int k = 0; k < K; ++k) p.weights[k * N + i] = ws.w[k];

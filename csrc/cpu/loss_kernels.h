@@ -44,6 +44,9 @@ struct LossParams {
   double beta = 0.5;
   double one_m_beta = 0.5;  // 1 - beta, from the host in double (float32 loses digits as beta -> 1)
   double soft_coef = 1.0;  // soft_label_weight * soft_scale
+  // Multiplies the gradient (not the loss): the op's grad_scale, folded into the gradient's
+  // coefficients so a reduced-precision gradient is rounded once, already scaled.
+  double grad_scale = 1.0;
   bool check_finite = true;
   // outputs (per-row / per-teacher ones may be nullptr where an op does not return them)
   A* loss = nullptr;

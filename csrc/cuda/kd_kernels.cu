@@ -134,6 +134,9 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
 
   // ---- gradient pass (forward KL also sums its divergence here) ----
   const A soft_w = A(p.soft_weight), beta_h = A(p.hard_label_weight);
+  // The gradient's coefficients carry grad_scale (the loss does not): rounded once to In.
+  const A gscale = p.grad_scale != nullptr ? *static_cast<const A*>(p.grad_scale) : A(1);
+  const A soft_wg = soft_w * gscale, beta_hg = beta_h * gscale;
   // reverse KL: D_k = (E_q[x_k] - (b_k - mt_k)) / tau - log S + log S_k, with b_k the teacher's
   // logit at the student's max: every term is small where q is (no offset rounds)
   A wd = A(0);
@@ -192,8 +195,8 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
         gs = omb * q * inner * inv_tau;
       }
     }
-    A g = soft_w * gs;
-    if (has_labels) g += beta_h * (fexp(dz - ls1) - (c == y ? A(1) : A(0)));
+    A g = soft_wg * gs;
+    if (has_labels) g += beta_hg * (fexp(dz - ls1) - (c == y ? A(1) : A(0)));
     IO<In>::store(grad + c, g);
   }
   A divsum = wd;

@@ -165,6 +165,9 @@ __global__ void __launch_bounds__(kThreads) mtbkd_kernel(const MTBKDParams p) {
   }
   const A beta_h = A(p.hard_label_weight);
   const A coef = A(p.prior_weight) * lam * inv_tau;
+  // The gradient's coefficients carry grad_scale (the loss does not): rounded once to In.
+  const A gscale = p.grad_scale != nullptr ? *static_cast<const A*>(p.grad_scale) : A(1);
+  const A coef_g = coef * gscale, beta_hg = beta_h * gscale;
   // q sum_k r_k - sum_k r_k p_k: zero for q = p_k however sum_k r_k rounds
   A rsum = A(0);
 #pragma unroll
@@ -180,8 +183,8 @@ __global__ void __launch_bounds__(kThreads) mtbkd_kernel(const MTBKDParams p) {
       if (k < K && r[k] > A(0))
         mix += r[k] * fexp((IO<In>::load(t[k] + c) - mt[k]) * inv_tau - lst[k]);
     }
-    A g = coef * (q * rsum - mix);
-    if (has_labels) g += beta_h * (fexp((zc - mz) - ls1) - (c == y ? A(1) : A(0)));
+    A g = coef_g * (q * rsum - mix);
+    if (has_labels) g += beta_hg * (fexp((zc - mz) - ls1) - (c == y ? A(1) : A(0)));
     IO<In>::store(grad + c, g);
   }
   if (tid == 0) {

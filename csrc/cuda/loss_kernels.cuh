@@ -51,6 +51,7 @@ struct MTBKDParams {
   void* prior;                    // [N] acc
   void* ce;                       // [N] acc
   int32_t* status;                // [N] or nullptr (no labels and no finiteness check)
+  const void* grad_scale;         // [1] acc, or nullptr (1): multiplies the gradient, not the loss
   double inv_tau, inv_tau_w, lam, prior_weight, hard_label_weight, lgamma_v_lam;
   int weight_mode;                // 0 entropy, 1 uniform, 2 fixed
   int64_t ignore_index;
@@ -70,6 +71,7 @@ struct KDParams {
   void* grad;     // [N, V] dtype
   void* weights;  // [K, N] acc
   int32_t* status;
+  const void* grad_scale;  // [1] acc, or nullptr (1): multiplies the gradient, not the loss
   int divergence;  // 0 forward KL, 1 reverse KL, 2 JSD with 0 < beta < 1 (endpoints mapped)
   double inv_tau, inv_tau_w, beta, one_m_beta, log_beta, log_1mbeta, hard_label_weight, soft_weight;
   int weight_mode;

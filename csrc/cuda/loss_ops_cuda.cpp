@@ -155,12 +155,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mtbkd_loss_fw
     const std::optional<Tensor>& labels, const std::optional<Tensor>& fixed_weights,
     const std::optional<Tensor>& teacher_stats, double temperature, double concentration,
     double prior_weight, double hard_label_weight, int64_t weight_mode, double weight_temperature,
-    int64_t ignore_index, bool check_finite) {
+    int64_t ignore_index, bool check_finite, const std::optional<Tensor>& grad_scale) {
   LossInputs in = check_loss_inputs(student, teachers, labels, fixed_weights, weight_mode,
                                     temperature, weight_temperature);
   check_positive(concentration, "concentration");
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc = acc_dtype(student.scalar_type());
+  const Tensor gs = grad_scale_arg(grad_scale, student, acc);
   const int64_t K = in.teachers.k;
   Tensor stats;
   if (teacher_stats.has_value()) {
@@ -199,6 +200,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mtbkd_loss_fw
   p.prior = prior.data_ptr();
   p.ce = ce.data_ptr();
   p.status = status.defined() ? status.data_ptr<int32_t>() : nullptr;
+  p.grad_scale = gs.defined() ? gs.data_ptr() : nullptr;
   p.inv_tau = 1.0 / temperature;
   p.inv_tau_w = 1.0 / weight_temperature;
   p.lam = concentration;
@@ -220,7 +222,8 @@ std::tuple<Tensor, Tensor, Tensor> multi_teacher_kd_fwd_cuda(
     const std::optional<Tensor>& labels, const std::optional<Tensor>& fixed_weights,
     int64_t divergence, double beta, double temperature, int64_t weight_mode,
     double weight_temperature, double hard_label_weight, double soft_label_weight,
-    double soft_scale, int64_t ignore_index, bool check_finite) {
+    double soft_scale, int64_t ignore_index, bool check_finite,
+    const std::optional<Tensor>& grad_scale) {
   LossInputs in = check_loss_inputs(student, teachers, labels, fixed_weights, weight_mode,
                                     temperature, weight_temperature);
   MTBKD_CHECK_VALUE(divergence >= 0 && divergence <= 2, "divergence must be 0, 1 or 2, got ",
@@ -234,6 +237,7 @@ std::tuple<Tensor, Tensor, Tensor> multi_teacher_kd_fwd_cuda(
   }
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc = acc_dtype(student.scalar_type());
+  const Tensor gs = grad_scale_arg(grad_scale, student, acc);
   const auto opts = student.options().dtype(acc);
   Tensor loss = at::empty({in.N}, opts);
   Tensor weights = at::empty({static_cast<int64_t>(in.teachers.k), in.N}, opts);
@@ -255,6 +259,7 @@ std::tuple<Tensor, Tensor, Tensor> multi_teacher_kd_fwd_cuda(
   p.grad = grad.data_ptr();
   p.weights = weights.data_ptr();
   p.status = status.defined() ? status.data_ptr<int32_t>() : nullptr;
+  p.grad_scale = gs.defined() ? gs.data_ptr() : nullptr;
   p.divergence = static_cast<int>(divergence);
   p.inv_tau = 1.0 / temperature;
   p.inv_tau_w = 1.0 / weight_temperature;
