@@ -2,7 +2,8 @@
 # One-shot check of the GPU kernels on a CUDA machine (issue 3), in under 8 minutes:
 #   1. build mtbkd._C with the CUDA kernels (the machine's own python3 and torch; nothing is
 #      downloaded or installed from a registry),
-#   2. run the GPU tests (Triton kernels, CUDA kernels, TeacherStats) on the device,
+#   2. run the GPU tests (Triton kernels, CUDA kernels, TeacherStats, the bf16 gradient's single
+#      rounding on every backend) on the device,
 #   3. measure each backend's bf16 gradient against float64 (bench/grad_rounding.py: is every
 #      element the truth rounded to nearest?), a table appended to summary.txt,
 #   4. benchmark Triton vs CUDA vs eager vs torch.compile vs Liger-Kernel (when importable; a
@@ -75,7 +76,7 @@ echo "gpu_check: results in $OUT"
 } > "$OUT/summary.txt" 2>&1
 
 # Every phase's limit is cut to what is left of one overall deadline (470 s), so that the
-# phases' own limits (240 + 240 + 200 s) can never add up past the 8 minutes together.
+# phases' own limits (240 + 240 + 200 + 60 s) can never add up past the 8 minutes together.
 budget() {
   local want=$1 left=$(( 470 - ($(date +%s) - START) ))
   [ "$left" -lt "$want" ] && want=$left
@@ -116,8 +117,10 @@ if [ $BUILD_OK = 1 ]; then
   # killed run still shows what passed.
   XDIST=""
   $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+  # From test_functional.py only the tests of the bf16 gradient's single rounding (every backend).
   if timeout "$(budget 200)" $PY -m pytest tests/test_triton_kernels.py tests/test_bayes_ops.py \
-      tests/test_bench_gpu.py -v -rfE $XDIST --maxfail=20 -k "not compiles_for" \
+      tests/test_bench_gpu.py tests/test_functional.py -v -rfE $XDIST --maxfail=20 \
+      -k "not compiles_for and (not test_functional or rounded_once or upstream_gradient or grad_scale_multiplies)" \
       -p no:cacheprovider > "$OUT/tests.log" 2>&1; then
     TESTS_OK=1
   fi
@@ -127,9 +130,10 @@ grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" 2>/dev/null | tail -n 2
 
 # ---- 3. bf16 gradient rounding, every backend against float64 (a table, into summary.txt) ----
 if [ $BUILD_OK = 1 ]; then
-  { echo "bf16 gradient rounding (bench/grad_rounding.py):";
-    timeout "$(budget 60)" $PY bench/grad_rounding.py 2>&1 | tail -n 8; } >> "$OUT/summary.txt"
-  tail -n 8 "$OUT/summary.txt"
+  { echo "bf16 gradient rounding (bench/grad_rounding.py --check):";
+    timeout "$(budget 60)" $PY bench/grad_rounding.py --check 2>&1 | tail -n 12;
+    echo "grad_rounding: exit ${PIPESTATUS[0]}"; } >> "$OUT/summary.txt"
+  tail -n 14 "$OUT/summary.txt"
 fi
 
 # ---- 4. benchmark (what is left of the 8 minutes; baselines stop first when time runs out) ----

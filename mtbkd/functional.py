@@ -7,10 +7,10 @@ float64. Teacher logits are constants: no gradient flows into them.
 
 Each call runs one fused custom op (``torch.ops.mtbkd.*``) that computes the per-row loss and its
 gradient in the forward pass; the backward only scales the saved gradient. For ``reduction="mean"``
-of a bfloat16 (or float32 / float64) student the forward already folds the mean's ``1 / count``
-into the gradient before rounding it to the student's dtype, so it is rounded once, as eager
-PyTorch's (the backward's factor is then exactly 1); not for float16, whose range loss scaling
-needs (see ``_grad_scale``).
+of a bfloat16 (or float32 / float64) student and dense teachers the forward already folds the
+mean's ``1 / count`` into the gradient before rounding it to the student's dtype, so it is rounded
+once, as eager PyTorch's (the backward's factor is then exactly 1); not for float16, whose range
+loss scaling needs (see ``_grad_scale``).
 """
 
 from __future__ import annotations

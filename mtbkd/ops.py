@@ -329,9 +329,9 @@ def _loss_ctx_setup(num_args: int):
     """setup_context of a loss op with ``num_args`` arguments, the last being ``grad_scale``."""
 
     def setup(ctx, inputs, output):
-        # inputs: (student, teachers, *scalars-and-optionals[, grad_scale]); a grad_scale left at
-        # its default does not appear. The gradient was computed in the forward, already
-        # multiplied by grad_scale.
+        # inputs: (student, teachers, *scalars-and-optionals, grad_scale), filled with the
+        # defaults (grad_scale None when not given). The gradient was computed in the forward,
+        # already multiplied by grad_scale.
         ctx.num_teachers = len(inputs[1])
         ctx.save_for_backward(output[1], inputs[-1] if len(inputs) == num_args else None)
         ctx.mark_non_differentiable(*output[1:])
@@ -366,9 +366,9 @@ def _loss_backward(ctx, grad_loss, *unused):
         # dtype; for the mean it was built for, this factor is exactly 1 and the bf16 gradient is
         # the float32 one rounded once (scaling the saved bf16 rows by 1 / count rounded again).
         s = grad_scale.reshape(()).to(rows.dtype)
-        # s = 0 (a mean over an infinite item count): the forward's gradient is 0, and so is
-        # the loss's; 0 / 0 must not turn it into NaN.
-        rows = torch.where(s != 0, rows / s, torch.zeros_like(rows))
+        # s = 0 (a mean over an infinite item count): the forward's gradient is 0, and so is the
+        # loss's; 0 / 0 must not make it NaN (a NaN grad_output still does).
+        rows = rows / torch.where(s != 0, s, torch.ones_like(s))
     # Out of place: the saved gradient is also an output of the op, which a caller may hold.
     grad_student = scale_grad(grad, rows.contiguous())
     return (grad_student, [None] * ctx.num_teachers) + (None,) * num_rest

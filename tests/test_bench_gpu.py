@@ -168,6 +168,28 @@ def test_grad_rounding_reports_each_backend_and_finds_no_double_rounding(tmp_pat
         # the fused backends round each element once, to nearest
         assert r["cpu"]["not_nearest"] == 0 and r["reference"]["not_nearest"] == 0, r
     assert "| mtbkd |" in capsys.readouterr().out
+    small = ["--n", "8", "--vocab", "11", "--device", "cpu", "--methods", "eager", "cpu"]
+    assert grad_rounding.main([*small, "--check"]) == 0
+    # --check fails on a fused backend off nearest, or failing; eager is only the comparison
+    real = grad_rounding.measure
+
+    def off(method, *args):
+        if method == "cpu":
+            return {**real(method, *args), "not_nearest": 1}
+        return real(method, *args)
+
+    grad_rounding.measure = off
+    assert grad_rounding.main([*small, "--check"]) == 1
+    assert grad_rounding.main(small) == 0  # without --check only the table
+
+    def broken(method, *args):
+        if method == "cpu":
+            raise RuntimeError("no kernel")
+        return real(method, *args)
+
+    grad_rounding.measure = broken
+    assert grad_rounding.main([*small, "--check"]) == 1
+    assert "RuntimeError: no kernel" in capsys.readouterr().out  # the others' numbers remain
 
 
 def test_grad_rounding_counts_elements_not_rounded_to_nearest():
