@@ -17,10 +17,8 @@ from mtbkd import ops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location(
-        "bench_gpu", os.path.join(ROOT, "bench", "bench_gpu.py")
-    )
+def _bench_module(name: str = "bench_gpu"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -143,17 +141,8 @@ def test_tile_heuristic_gives_each_thread_16_bytes_per_row():
     assert losses._block(128256, 16, 2) == (256, 4)  # K = 9..16: 17 rows of 256
 
 
-def _rounding_module():
-    spec = importlib.util.spec_from_file_location(
-        "grad_rounding", os.path.join(ROOT, "bench", "grad_rounding.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_grad_rounding_reports_each_backend_and_finds_no_double_rounding(tmp_path, capsys):
-    grad_rounding = _rounding_module()
+    grad_rounding = _bench_module("grad_rounding")
 
     out = tmp_path / "rounding.json"
     assert grad_rounding.main(["--n", "15", "--vocab", "37", "--teachers", "2",
@@ -193,7 +182,7 @@ def test_grad_rounding_reports_each_backend_and_finds_no_double_rounding(tmp_pat
 
 
 def test_grad_rounding_counts_elements_not_rounded_to_nearest():
-    grad_rounding = _rounding_module()
+    grad_rounding = _bench_module("grad_rounding")
 
     truth = torch.tensor([[1.0 + 2.0**-9 + 2.0**-12, 3.0, -0.7]], dtype=torch.float64)
     nearest = truth.to(torch.bfloat16)
