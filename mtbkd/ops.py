@@ -325,20 +325,15 @@ def _(grad, grad_rows):
     return grad.new_empty(grad.shape)  # contiguous on every backend
 
 
-def _loss_ctx_setup(num_args: int):
-    """setup_context of a loss op with ``num_args`` arguments, the last being ``grad_scale``."""
-
-    def setup(ctx, inputs, output):
-        # inputs: (student, teachers, *scalars-and-optionals, grad_scale), filled with the
-        # defaults (grad_scale None when not given). The gradient was computed in the forward,
-        # already multiplied by grad_scale.
-        ctx.num_teachers = len(inputs[1])
-        ctx.save_for_backward(output[1], inputs[-1] if len(inputs) == num_args else None)
-        ctx.mark_non_differentiable(*output[1:])
-        # Otherwise autograd fills a zero [N, V] gradient for the non-differentiable grad output.
-        ctx.set_materialize_grads(False)
-
-    return setup
+def _setup_loss_ctx(ctx, inputs, output):
+    # inputs: (student, teachers, *scalars-and-optionals, grad_scale), filled with the defaults
+    # (grad_scale None when not given). The gradient was computed in the forward, already
+    # multiplied by grad_scale.
+    ctx.num_teachers = len(inputs[1])
+    ctx.save_for_backward(output[1], inputs[-1])
+    ctx.mark_non_differentiable(*output[1:])
+    # Otherwise autograd fills a zero [N, V] gradient for the non-differentiable grad output.
+    ctx.set_materialize_grads(False)
 
 
 def refuse_double_backward() -> None:
@@ -374,11 +369,8 @@ def _loss_backward(ctx, grad_loss, *unused):
     return (grad_student, [None] * ctx.num_teachers) + (None,) * num_rest
 
 
-for _loss_op in (mtbkd_loss_fwd, multi_teacher_kd_fwd):
-    _loss_op.register_autograd(
-        _loss_backward,
-        setup_context=_loss_ctx_setup(len(_loss_op._opoverload._schema.arguments)),
-    )
+mtbkd_loss_fwd.register_autograd(_loss_backward, setup_context=_setup_loss_ctx)
+multi_teacher_kd_fwd.register_autograd(_loss_backward, setup_context=_setup_loss_ctx)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1284,20 +1284,13 @@ def test_top_k_of_a_padded_teacher_vocabulary_is_accepted():
 # The mean's 1 / count folded into the forward: a reduced-precision gradient is rounded once
 # ------------------------------------------------------------------------------------------------
 
-_GPU = "cuda" if torch.cuda.is_available() else "cpu"
-
 
 @pytest.fixture(params=["reference", "cpu", "triton", "cuda"])
 def any_backend(request, monkeypatch):
     """Every backend that can run here, with the device its tensors live on."""
-    name = request.param
-    reason = mtbkd.ops.backend_status()[name]
-    if reason is not None:
-        if name in ("reference", "cpu"):
-            pytest.fail(f"{name} backend unavailable: {reason}")
-        pytest.skip(f"{name} backend unavailable: {reason}")
-    monkeypatch.setenv("MTBKD_BACKEND", name)
-    return name, "cpu" if name == "cpu" else _GPU
+    device = _backend_device(request.param)
+    monkeypatch.setenv("MTBKD_BACKEND", request.param)
+    return request.param, device
 
 
 def _bf16_half_ulp(x: torch.Tensor) -> torch.Tensor:
