@@ -1,5 +1,6 @@
-"""Cross-fitted evaluation: every row of a CSV dataset is tested once, by students trained
-without it, and one table is measured over all rows at once.
+"""Cross-fitted evaluation: every row of a dataset (a CSV folder, or the built-in digits and
+yeast) is tested once, by students trained without it, and one table is measured over all rows
+at once.
 
 A single test split of a small dataset leaves the ECE column mostly noise (DeepLoc's 1,000 test
 rows: a perfectly calibrated model would score about 0.034). Pooling folds tests on every row of
@@ -10,6 +11,7 @@ square root of the rows.
         --by Partition --seeds 0 --out runs/deeploc-crossfit
     python examples/cross_fit.py --dataset dir --data-dir MYDATA --folds 5 --out runs/x \\
         -- --methods ce,mtbkd_sgld
+    python examples/cross_fit.py --dataset digits --folds 5 --seeds 0-4 --out runs/digits-cf
 
 The data folder is in the CSV format of ``mtbkd distill`` (``train.csv``, ``test.csv`` and
 ``teacher_<name>_train.csv`` / ``teacher_<name>_test.csv``, row by row). Folds are the values of
@@ -19,8 +21,15 @@ folds stratified by label. Options
 after ``--`` go to ``mtbkd distill`` unchanged (each fold still chooses its hyperparameters on a
 validation split of its own training rows).
 
-Writes ``OUT/data/fold<k>/`` (each fold's CSV files), ``OUT/fold<k>/`` (each fold's
-``mtbkd distill`` run, one ``seed<s>`` folder per seed), ``OUT/seed<s>/report.json`` and
+``--dataset digits`` / ``yeast`` take ``--folds K`` and no data folder: each fold's run is
+``mtbkd distill --dataset digits --set test_folds=K --set test_fold=k --set fold_seed=S``, whose
+pipeline tests on fold k of K label-stratified folds of all the dataset's rows
+(mtbkd.data.test_split; the same folds for every seed) and trains its teachers and student on
+the others, as ``mtbkd demo`` does on its random split.
+
+Writes ``OUT/data/fold<k>/`` (each fold's CSV files; not for the built-in datasets),
+``OUT/fold<k>/`` (each fold's ``mtbkd distill`` run, one ``seed<s>`` folder per seed),
+``OUT/seed<s>/report.json`` and
 ``report.md`` (the pooled table of each seed: mtbkd.report.pool_folds) and
 ``OUT/summary.json`` / ``summary.md`` / ``seeds.png`` (over seeds, the differences with a
 bootstrap over seeds and pooled rows). Rerunning the same command resumes: each fold's run is
@@ -45,6 +54,11 @@ from mtbkd import data, report
 SPLITS = ("train", "test")
 # mtbkd distill options that cross_fit.py gives each fold itself
 OWN_OPTIONS = ("--seeds", "--seed", "--out", "--data-dir", "--dataset", "--resume")
+# the DistillConfig fields that name a built-in dataset's fold (given by cross_fit.py too)
+OWN_FIELDS = ("test_folds", "test_fold", "fold_seed")
+# datasets that ship with a dependency: their folds are made by the pipeline itself
+# (DistillConfig.test_folds), without data files
+BUILT_IN = ("digits", "yeast")
 
 
 def _teacher_lines(path: Path) -> list[str]:
@@ -118,8 +132,8 @@ def assign_folds(
     where: Path = Path("train.csv"),
 ) -> tuple[np.ndarray, list[str]]:
     """Each row's fold index and the folds' names: the values of column ``by`` (sorted), or
-    ``folds`` folds stratified by label (each class dealt round-robin in a seeded random order,
-    continuing where the previous class stopped, so the folds' sizes differ by one at most)."""
+    ``folds`` folds stratified by label (:func:`mtbkd.data.stratified_folds`: the folds' sizes
+    differ by one at most)."""
     col, y = _labels(header, rows, where)
     if by is not None:
         if by not in header:
@@ -131,15 +145,10 @@ def assign_folds(
         if len(names) < 2:
             raise SystemExit(f"--by: column {by!r} has one value only; cross-fitting needs two")
         return np.array([names.index(v) for v in values]), [f"{by}={v}" for v in names]
-    if folds > len(rows):
-        raise SystemExit(f"--folds: {folds} folds of {len(rows)} rows")
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(rows), dtype=np.int64)
-    dealt = 0
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        fold[idx] = (dealt + np.arange(len(idx))) % folds
-        dealt += len(idx)
+    try:
+        fold = data.stratified_folds(y, folds, seed)
+    except ValueError as exc:
+        raise SystemExit(f"--{exc}") from None
     return fold, [f"fold {k} of {folds}" for k in range(folds)]
 
 
@@ -172,13 +181,41 @@ def write_folds(out: Path, header, rows, teachers, fold: np.ndarray,
     return dirs
 
 
+def _own_fields(extra: list[str]) -> list[str]:
+    """The fold fields that ``--set FIELD=VALUE`` options after ``--`` would set."""
+    given = []
+    for i, a in enumerate(extra):
+        if a == "--set" and i + 1 < len(extra):
+            value = extra[i + 1]
+        elif a.startswith("--set="):
+            value = a[len("--set=") :]
+        else:
+            continue
+        field = value.split("=")[0].strip()
+        if field in OWN_FIELDS:
+            given.append(f"--set {field}")
+    return given
+
+
+def built_in_folds(dataset: str, folds: int, seed: int) -> tuple[int, list[str], np.ndarray]:
+    """A built-in dataset's row count, fold names and fold sizes (the pipeline draws the same
+    folds from the same labels: :func:`mtbkd.data.test_split`)."""
+    ds = data.load_dataset(dataset, seed=0)
+    y = np.concatenate([ds.y_train, ds.y_test])  # fold sizes depend on the class counts only
+    try:
+        fold = data.stratified_folds(y, folds, seed)
+    except ValueError as exc:
+        raise SystemExit(f"--{exc}") from None
+    return len(y), [f"fold {k} of {folds}" for k in range(folds)], np.bincount(fold, None, folds)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", choices=["deeploc", "dir"], default="dir")
-    ap.add_argument("--data-dir", required=True, type=Path)
+    ap.add_argument("--dataset", choices=["deeploc", "dir", *BUILT_IN], default="dir")
+    ap.add_argument("--data-dir", type=Path, help="the CSV data folder (not for digits, yeast)")
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--by", help="the column whose values are the folds (DeepLoc: Partition)")
     group.add_argument("--folds", type=int, help="K folds stratified by label")
@@ -187,39 +224,56 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--no-figures", action="store_true")
     args = ap.parse_args(argv)
+    built_in = args.dataset in BUILT_IN
+    if built_in and args.data_dir is not None:
+        ap.error(f"--data-dir: --dataset {args.dataset} ships with its package; give no folder")
+    if built_in and args.by is not None:
+        ap.error(f"--by: --dataset {args.dataset} has no group column; use --folds K")
+    if not built_in and args.data_dir is None:
+        ap.error(f"--data-dir is required for --dataset {args.dataset}")
     if args.folds is not None and args.folds < 2:
         ap.error(f"--folds: cross-fitting needs 2 folds or more, got {args.folds}")
     if args.fold_seed < 0:
         ap.error(f"--fold-seed: expected a non-negative integer, got {args.fold_seed}")
-    ours = sorted({a.split("=")[0] for a in extra} & set(OWN_OPTIONS))
+    ours = sorted({a.split("=")[0] for a in extra} & set(OWN_OPTIONS)) + _own_fields(extra)
     if ours:
         ap.error(f"after --: {', '.join(ours)} are set by cross_fit.py itself (give its own "
-                 "--seeds / --out / --data-dir / --dataset)")  # fmt: skip
+                 "--seeds / --out / --data-dir / --dataset / --folds / --fold-seed)")  # fmt: skip
     if args.out.exists() and not args.out.is_dir():
         ap.error(f"--out: {args.out} is a file")
     try:
         seeds = report.parse_seeds(args.seeds)
     except ValueError as exc:
         ap.error(f"--seeds: {exc}")
-    header, rows, teachers = load_pool(args.data_dir)
-    fold, names = assign_folds(header, rows, args.by, args.folds, args.fold_seed,
-                               args.data_dir / "train.csv")  # fmt: skip
-    if args.by is not None:  # a group id is no feature (a numeric CSV would take it for one)
-        col = header.index(args.by)
-        header = header[:col] + header[col + 1 :]
-        rows = [r[:col] + r[col + 1 :] for r in rows]
-    classes = args.data_dir / "classes.txt"
-    data_dirs = write_folds(args.out, header, rows, teachers, fold,
-                            classes if classes.is_file() else None)  # fmt: skip
+    if built_in:
+        n_rows, names, sizes = built_in_folds(args.dataset, args.folds, args.fold_seed)
+        fold_args = [
+            ["--set", f"test_folds={args.folds}", "--set", f"test_fold={k}",
+             "--set", f"fold_seed={args.fold_seed}"]
+            for k in range(args.folds)
+        ]  # fmt: skip
+    else:
+        header, rows, teachers = load_pool(args.data_dir)
+        fold, names = assign_folds(header, rows, args.by, args.folds, args.fold_seed,
+                                   args.data_dir / "train.csv")  # fmt: skip
+        if args.by is not None:  # a group id is no feature (a numeric CSV would take it for one)
+            col = header.index(args.by)
+            header = header[:col] + header[col + 1 :]
+            rows = [r[:col] + r[col + 1 :] for r in rows]
+        classes = args.data_dir / "classes.txt"
+        data_dirs = write_folds(args.out, header, rows, teachers, fold,
+                                classes if classes.is_file() else None)  # fmt: skip
+        n_rows, sizes = len(rows), np.bincount(fold, None, len(names))
+        fold_args = [["--data-dir", str(d)] for d in data_dirs]
     runs = []
-    for k, d in enumerate(data_dirs):
+    for k, more in enumerate(fold_args):
         run = args.out / f"fold{k}"
         runs.append(run)
-        n_test = int((fold == k).sum())
-        print(f"=== {names[k]}: {len(rows) - n_test} training rows, {n_test} test rows ===",
+        n_test = int(sizes[k])
+        print(f"=== {names[k]}: {n_rows - n_test} training rows, {n_test} test rows ===",
               flush=True)  # fmt: skip
         cmd = [sys.executable, "-c", "import sys; from mtbkd.cli import main; sys.exit(main())",
-               "distill", "--dataset", args.dataset, "--data-dir", str(d),
+               "distill", "--dataset", args.dataset, *more,
                "--seeds", args.seeds, "--out", str(run)] + extra  # fmt: skip
         if run.exists():  # finished seeds are read back, after mtbkd checks data and settings
             cmd.append("--resume")
@@ -233,14 +287,14 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"mtbkd distill failed on {names[k]} (its output folder: {run})")
     reports, per_row = [], []
     for s in seeds:
-        name = "deeploc" if args.dataset == "deeploc" else args.data_dir.resolve().name
+        name = args.dataset if args.dataset != "dir" else args.data_dir.resolve().name
         try:
             rep, rows_s = report.pool_folds([run / f"seed{s}" for run in runs], dataset=name)
         except ValueError as exc:
             raise SystemExit(f"cross_fit: {exc}") from None
-        if rep["rows"] != len(rows):
+        if rep["rows"] != n_rows:
             raise SystemExit(f"cross_fit: the folds' runs tested {rep['rows']} rows, the data "
-                             f"has {len(rows)}")  # fmt: skip
+                             f"has {n_rows}")  # fmt: skip
         rep["fold_names"] = names
         reports.append(rep)
         per_row.append(rows_s)

@@ -370,7 +370,12 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
                 args.dataset, "composition"
             )
             dataset = data.load_dataset(
-                args.dataset, args.data_dir, seed, encoder, progress=not args.no_progress
+                args.dataset,
+                args.data_dir,
+                seed,
+                encoder,
+                progress=not args.no_progress,
+                fold=config.fold(),
             )
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None

@@ -57,6 +57,8 @@ __all__ = [
     "load_dataset",
     "read_inputs",
     "stratified_split",
+    "stratified_folds",
+    "test_split",
 ]
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
@@ -254,6 +256,45 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
         held.append(idx[:k])
         keep.append(idx[k:])
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each row's fold, 0..``folds``-1, stratified by label: every class is dealt round-robin in
+    a random order (``seed``), continuing where the previous class stopped, so that the folds'
+    sizes differ by one at most and so do each class's counts in them."""
+    y = np.asarray(y)
+    if isinstance(folds, bool) or int(folds) != folds or folds < 2:
+        raise ValueError(f"folds: cross-fitting needs 2 folds or more, got {folds!r}")
+    if folds > len(y):
+        raise ValueError(f"folds: {folds} folds of {len(y)} rows")
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=np.int64)
+    dealt = 0
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        fold[idx] = (dealt + np.arange(len(idx))) % folds
+        dealt += len(idx)
+    return fold
+
+
+def test_split(
+    y: np.ndarray,
+    seed: int,
+    test_fraction: float = 0.25,
+    fold: tuple[int, int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, test)`` of a dataset that has no test split of its own: a stratified
+    random ``test_fraction`` drawn with ``seed`` (:func:`stratified_split`), or, for
+    cross-fitting, ``fold = (k, K, fold_seed)``: the rows of fold ``k`` of :func:`stratified_folds`
+    (``K`` folds drawn with ``fold_seed``, the same whatever ``seed``), so that the K runs test
+    every row once."""
+    if fold is None:
+        return stratified_split(y, test_fraction, seed)
+    k, folds, fold_seed = fold
+    assign = stratified_folds(y, folds, fold_seed)
+    if isinstance(k, bool) or int(k) != k or not 0 <= k < folds:
+        raise ValueError(f"test_fold must lie in 0..{folds - 1} (test_folds = {folds}), got {k!r}")
+    return np.flatnonzero(assign != k), np.flatnonzero(assign == k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,15 +548,18 @@ def rotate_digits(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(x.reshape(-1, 8, 8), 1, axes=(1, 2)).reshape(-1, 64))
 
 
-def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
+def load_digits(
+    seed: int = 0, test_fraction: float = 0.25, fold: tuple[int, int, int] | None = None
+) -> Dataset:
     """scikit-learn's 8x8 digits (1,797 images, shipped with scikit-learn), pixels scaled to
-    [0, 1], a stratified train/test split; ``x_shift`` is the test images rotated by 90 degrees
-    (:func:`rotate_digits`), the shifted inputs of the report's AUROC shift."""
+    [0, 1], a stratified train/test split (or a cross-fitting fold: :func:`test_split`);
+    ``x_shift`` is the test images rotated by 90 degrees (:func:`rotate_digits`), the shifted
+    inputs of the report's AUROC shift."""
     from sklearn.datasets import load_digits as _sk_digits
 
     d = _sk_digits()
     x, y = d.data.astype(np.float32) / 16.0, d.target.astype(np.int64)
-    tr, te = stratified_split(y, test_fraction, seed)
+    tr, te = test_split(y, seed, test_fraction, fold)
     names = [f"px{r}{c}" for r in range(8) for c in range(8)]
     return Dataset(
         "digits", x[tr], y[tr], x[te], y[te], [str(c) for c in range(10)], feature_names=names,
@@ -539,8 +583,11 @@ def yeast_data_file() -> Path:
     return path
 
 
-def load_yeast(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
-    """UCI yeast protein localisation (1,484 proteins, 8 sequence-derived scores, 10 sites)."""
+def load_yeast(
+    seed: int = 0, test_fraction: float = 0.25, fold: tuple[int, int, int] | None = None
+) -> Dataset:
+    """UCI yeast protein localisation (1,484 proteins, 8 sequence-derived scores, 10 sites), a
+    stratified train/test split (or a cross-fitting fold: :func:`test_split`)."""
     rows = [line.split() for line in yeast_data_file().read_text().splitlines() if line.strip()]
     x = np.array([[float(v) for v in r[1:9]] for r in rows], dtype=np.float32)
     index = {c: i for i, c in enumerate(YEAST_CLASSES)}
@@ -548,7 +595,7 @@ def load_yeast(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
         y = np.array([index[r[9]] for r in rows], dtype=np.int64)
     except KeyError as exc:
         raise ValueError(f"unknown yeast class {exc.args[0]!r}") from None
-    tr, te = stratified_split(y, test_fraction, seed)
+    tr, te = test_split(y, seed, test_fraction, fold)
     names = ["mcg", "gvh", "alm", "mit", "erl", "pox", "vac", "nuc"]
     return Dataset("yeast", x[tr], y[tr], x[te], y[te], list(YEAST_CLASSES), feature_names=names)
 
@@ -835,16 +882,24 @@ def load_directory(
     test_fraction: float = 0.25,
     sequence_encoder: str = "composition",
     progress: bool = True,
+    fold: tuple[int, int, int] | None = None,
 ) -> Dataset:
     """A dataset directory in the npy or CSV format (see the module docstring); a CSV with a
     ``Sequence`` column is encoded by ``sequence_encoder`` (:func:`encode_sequences`, with a
-    progress bar for language-model encoders when ``progress``)."""
+    progress bar for language-model encoders when ``progress``). ``seed``, ``test_fraction`` and
+    ``fold`` (a cross-fitting fold, :func:`test_split`) split the one-folder npy format; the
+    formats with a test split of their own refuse ``fold``."""
     check_sequence_encoder(sequence_encoder)
     root = Path(path)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise FileNotFoundError(f"data directory {root} {what}")
     name = name or root.name
+    if fold is not None and not (root / "features.npy").is_file():
+        raise ValueError(
+            f"test_folds: {root} has a test split of its own (train/test files); cross-fit it "
+            "with examples/cross_fit.py, which pools train and test and writes one folder a fold"
+        )
     if (root / "train.csv").is_file():
         if not (root / "test.csv").is_file():
             raise FileNotFoundError(f"{root} has train.csv but no test.csv")
@@ -868,7 +923,7 @@ def load_directory(
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"labels.npy must be [N] with N = {len(x)}, got shape {y.shape}")
         y = _label_indices(y, str(root / "labels.npy"))
-        tr, te = stratified_split(y, test_fraction, seed)
+        tr, te = test_split(y, seed, test_fraction, fold)
         x_tr, y_tr, x_te, y_te = x[tr], y[tr], x[te], y[te]
         t_tr = {k: np.asarray(v)[tr] for k, v in teachers.items()}
         t_te = {k: np.asarray(v)[te] for k, v in teachers.items()}
@@ -926,19 +981,28 @@ def load_dataset(
     sequence_encoder: str = "composition",
     *,
     progress: bool = True,
+    fold: tuple[int, int, int] | None = None,
 ) -> Dataset:
     """``digits``, ``yeast``, ``deeploc`` (needs ``data_dir``) or ``dir`` (a directory of the
-    user's own, ``data_dir``); ``sequence_encoder`` applies to sequence data (DeepLoc's format)."""
+    user's own, ``data_dir``); ``sequence_encoder`` applies to sequence data (DeepLoc's format).
+    ``fold = (k, K, fold_seed)`` tests on cross-fitting fold ``k`` (:func:`test_split`) instead of
+    the seed's random split, for the datasets without test files of their own (digits, yeast, a
+    one-folder npy directory)."""
     if name == "digits":
-        return load_digits(seed)
+        return load_digits(seed, fold=fold)
     if name == "yeast":
-        return load_yeast(seed)
+        return load_yeast(seed, fold=fold)
     if name in ("deeploc", "dir"):
         if data_dir is None:
             raise ValueError(f"dataset {name!r} needs a data directory (--data-dir)")
         if name == "deeploc":
+            if fold is not None:
+                raise ValueError(
+                    "test_folds: DeepLoc has a test file of its own; cross-fit it with "
+                    "examples/cross_fit.py --dataset deeploc --by Partition"
+                )
             return load_deeploc(data_dir, sequence_encoder, progress=progress)
         return load_directory(
-            data_dir, seed=seed, sequence_encoder=sequence_encoder, progress=progress
+            data_dir, seed=seed, sequence_encoder=sequence_encoder, progress=progress, fold=fold
         )
     raise ValueError(f"dataset must be one of digits, yeast, deeploc, dir; got {name!r}")

@@ -164,6 +164,13 @@ class DistillConfig:
     # validation split by NLL (mtbkd.metrics.fit_temperature) after every other choice is made
     calibrate: bool = False
     val_fraction: float = 0.2
+    # cross-fitting (examples/cross_fit.py): test_folds >= 2 replaces the seed's random test split
+    # of a dataset without test files of its own (digits, yeast, a one-folder npy directory) by
+    # test_folds folds stratified by label, drawn with fold_seed (the same folds for every seed),
+    # and tests on fold test_fold; 0: the usual split (mtbkd.data.test_split)
+    test_folds: int = 0
+    test_fold: int = 0
+    fold_seed: int = 0
     # teachers trained by the pipeline when the dataset has none
     num_teachers: int = 3
     teacher_hidden: int = 64
@@ -239,12 +246,30 @@ class DistillConfig:
             raise ValueError(f"burn_in must lie in [0, 1), got {self.burn_in}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.test_folds == 1 or self.test_folds < 0:
+            raise ValueError(
+                f"test_folds must be 0 (the usual test split) or at least 2, got {self.test_folds}"
+            )
+        if self.test_folds == 0 and self.test_fold != 0:
+            raise ValueError(f"test_fold={self.test_fold} needs test_folds (the number of folds)")
+        if self.test_folds and not 0 <= self.test_fold < self.test_folds:
+            raise ValueError(
+                f"test_fold must lie in 0..{self.test_folds - 1} (test_folds = "
+                f"{self.test_folds}), got {self.test_fold}"
+            )
+        if self.fold_seed < 0:
+            raise ValueError(f"fold_seed must be non-negative, got {self.fold_seed}")
         known = BASE_METHODS + EXTRA_METHODS
         unknown = [m for m in self.methods if m not in known and not m.startswith("bkd_")]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {known} or bkd_<name>")
         self.mtbkd_grid = _check_grid("mtbkd_grid", self.mtbkd_grid)
         self.kd_grid = _check_grid("kd_grid", self.kd_grid)
+
+    def fold(self) -> tuple[int, int, int] | None:
+        """The cross-fitting fold ``(test_fold, test_folds, fold_seed)`` that the data loaders
+        take (:func:`mtbkd.data.test_split`), or None for the usual test split."""
+        return (self.test_fold, self.test_folds, self.fold_seed) if self.test_folds else None
 
     def grid_tuning(self, name: str) -> str | None:
         """The grid (``mtbkd_grid`` / ``kd_grid``) whose every part tunes the field ``name``, so
@@ -275,7 +300,8 @@ class DistillConfig:
 
 INT_FIELDS = ("batch_size", "map_epochs", "patience", "sgld_epochs", "num_samples", "num_chains",
               "num_teachers", "teacher_hidden", "teacher_epochs", "teacher_folds", "seed",
-              "checkpoint_every", "predict_chunk", "num_threads")  # fmt: skip
+              "checkpoint_every", "predict_chunk", "num_threads", "test_folds", "test_fold",
+              "fold_seed")  # fmt: skip
 
 
 def _sampled(method: str) -> bool:
@@ -1594,7 +1620,7 @@ def digits_demo_dataset(
     from mtbkd.data import load_digits
 
     config = config or DistillConfig()
-    full = load_digits(seed)
+    full = load_digits(seed, fold=config.fold())
     rows = np.arange(len(full.y_train))
     if student_fraction < 1.0:
         _, rows = stratified_split(full.y_train, student_fraction, seed + 7)

@@ -461,3 +461,61 @@ def test_inputs_a_user_gets_wrong_get_errors_naming_the_file(tmp_path):
     (root / "classes.txt").write_text("a\na\nb\n")
     with pytest.raises(ValueError, match="names a class twice: \\['a'\\]"):
         data.load_directory(root)
+
+
+def test_stratified_folds_balance_every_class_and_refuse_bad_counts():
+    y = np.repeat(np.arange(3), [10, 7, 4])
+    fold = data.stratified_folds(y, 4, seed=0)
+    assert sorted(np.bincount(fold, minlength=4).tolist()) == [5, 5, 5, 6]
+    for c in range(3):  # each class spread over the folds as evenly as it can be
+        per = np.bincount(fold[y == c], minlength=4)
+        assert per.max() - per.min() <= 1
+    assert np.array_equal(fold, data.stratified_folds(y, 4, seed=0))
+    assert not np.array_equal(fold, data.stratified_folds(y, 4, seed=1))
+    for folds, says in ((1, "2 folds or more"), (2.5, "2 folds or more"), (22, "22 folds of 21")):
+        with pytest.raises(ValueError, match=says):
+            data.stratified_folds(y, folds, seed=0)
+
+
+def test_test_split_folds_test_every_row_once_whatever_the_seed():
+    y = np.repeat(np.arange(4), 25)
+    tests = []
+    for k in range(5):
+        tr, te = data.test_split(y, seed=k, fold=(k, 5, 3))  # the run seed moves no fold
+        assert np.array_equal(np.sort(np.concatenate([tr, te])), np.arange(100))
+        assert np.array_equal(te, data.test_split(y, seed=99, fold=(k, 5, 3))[1])
+        assert np.bincount(y[te], minlength=4).tolist() == [5, 5, 5, 5]
+        tests.append(te)
+    assert np.array_equal(np.sort(np.concatenate(tests)), np.arange(100))
+    with pytest.raises(ValueError, match=r"test_fold must lie in 0..4"):
+        data.test_split(y, seed=0, fold=(5, 5, 0))
+    # no fold: the seed's random split, as before
+    assert all(np.array_equal(a, b) for a, b in zip(data.test_split(y, 1),
+                                                   data.stratified_split(y, 0.25, 1)))  # fmt: skip
+
+
+def test_built_in_datasets_take_a_cross_fitting_fold(tmp_path):
+    sizes = []
+    for k in range(3):
+        ds = data.load_dataset("digits", seed=k, fold=(k, 3, 0))
+        assert len(ds.y_train) + len(ds.y_test) == 1797 and len(ds.x_shift) == len(ds.y_test)
+        sizes.append(len(ds.y_test))
+    assert sorted(sizes) == [599, 599, 599]
+    rows = {tuple(r) for k in range(3) for r in data.load_digits(0, fold=(k, 3, 0)).x_test}
+    assert len(rows) == len({tuple(r) for r in data.load_digits(0).x_train} |
+                            {tuple(r) for r in data.load_digits(0).x_test})  # fmt: skip
+    # a one-folder npy dataset is split by the loader: it takes a fold too
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "features.npy", rng.normal(size=(30, 2)).astype(np.float32))
+    np.save(tmp_path / "labels.npy", np.arange(30) % 3)
+    ds = data.load_dataset("dir", tmp_path, fold=(1, 3, 0))
+    assert len(ds.y_test) == 10 and len(ds.y_train) == 20
+    # data with a test file of its own refuses a fold, naming the way to cross-fit it
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    for split in ("train", "test"):
+        (csv_dir / f"{split}.csv").write_text("x,label\n0.5,0\n1.5,1\n")
+    with pytest.raises(ValueError, match="test_folds: .* has a test split of its own"):
+        data.load_dataset("dir", csv_dir, fold=(0, 2, 0))
+    with pytest.raises(ValueError, match="cross-fit it with examples/cross_fit.py"):
+        data.load_dataset("deeploc", csv_dir, fold=(0, 2, 0))

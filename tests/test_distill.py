@@ -709,6 +709,20 @@ def test_digits_teachers_never_train_on_the_students_validation_rows(monkeypatch
     assert all(t.shape == (len(ds.y_train), 10) for t in ds.teachers_train.values())
 
 
+def test_digits_demo_dataset_tests_on_its_cross_fitting_fold():
+    from mtbkd.data import load_digits
+
+    cfg = replace(distill.DistillConfig(**distill.SMOKE), test_folds=4, test_fold=1, fold_seed=2)
+    ds = distill.digits_demo_dataset(cfg, seed=5)
+    fold = load_digits(0, fold=(1, 4, 2))
+    # the fold's rows are the test rows whatever the seed; the student's rows come from the rest
+    assert np.array_equal(ds.x_test, fold.x_test) and np.array_equal(ds.y_test, fold.y_test)
+    assert len(ds.y_test) in (449, 450)
+    train = {r.tobytes() for r in fold.x_train}
+    assert all(r.tobytes() in train for r in ds.x_train)
+    assert all(t.shape == (len(ds.y_test), 10) for t in ds.teachers_test.values())
+
+
 def test_checkpoints_of_other_settings_are_refused(tmp_path):
     x, y, t = halves_problem(6, seed=16)
     cfg = replace(CONFIG, map_epochs=3, sgld_epochs=2, num_samples=3)
@@ -765,9 +779,15 @@ def test_config_rejects_bad_values_naming_the_field():
         ({"num_teachers": 0}, "num_teachers must be at least 1"),
         ({"sgld_epochs": 0}, "sgld_epochs must be at least 1 for the sampled methods"),
         ({"batch_size": 2.5}, "batch_size must be an integer"),
+        ({"test_folds": 1}, "test_folds must be 0 .* or at least 2"),
+        ({"test_fold": 1}, "test_fold=1 needs test_folds"),
+        ({"test_folds": 3, "test_fold": 3}, r"test_fold must lie in 0..2"),
+        ({"test_folds": 3, "fold_seed": -1}, "fold_seed must be non-negative"),
     ]:
         with pytest.raises((ValueError, TypeError), match=msg):
             distill.DistillConfig(**kw)
+    assert distill.DistillConfig().fold() is None
+    assert distill.DistillConfig(test_folds=5, test_fold=2, fold_seed=7).fold() == (2, 5, 7)
     # a whole float (a JSON --set value) is the integer; no SGLD epochs without a sampled method
     assert distill.DistillConfig(map_epochs=4.0).map_epochs == 4
     assert distill.DistillConfig(sgld_epochs=0, methods=("ce", "mtbkd_map")).sgld_epochs == 0

@@ -180,3 +180,41 @@ def test_cross_fit_stratified_folds_and_refusals(tmp_path):
     (d / "teacher_b_test.csv").unlink()
     proc = subprocess.run(base + ["--folds", "3"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "teachers of train" in proc.stderr
+
+
+def test_cross_fit_built_in_dataset(tmp_path):
+    import json
+
+    out = tmp_path / "cf"
+    args = [sys.executable, str(EXAMPLES / "cross_fit.py"), "--dataset", "digits", "--folds", "2",
+            "--fold-seed", "3", "--out", str(out), "--no-figures", "--", "--smoke", "--methods",
+            "ce,mtbkd_map", "--no-progress", "--no-figures"]  # fmt: skip
+    printed = _run(args)
+    assert printed.strip().splitlines()[-1] == str(out)
+    assert "=== fold 0 of 2: 898 training rows, 899 test rows ===" in printed
+    rep = json.loads((out / "seed0" / "report.json").read_text())
+    assert rep["rows"] == 1797 and rep["folds"] == 2 and rep["dataset"] == "digits"
+    for k in range(2):  # each fold is an ordinary run, its fold in its settings
+        fold = json.loads((out / f"fold{k}" / "seed0" / "report.json").read_text())
+        assert (fold["config"]["test_folds"], fold["config"]["test_fold"]) == (2, k)
+        assert fold["config"]["fold_seed"] == 3
+    assert not (out / "data").exists()  # no data files: the pipeline loads the folds itself
+    again = _run(args)  # resumed: every fold's finished seed read back
+    assert again.count("seed 0: finished earlier, read from") == 2
+    # other folds into the same folder: mtbkd distill --resume refuses the changed settings
+    other = [a if a != "3" else "4" for a in args]
+    proc = subprocess.run(other, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "was written with other settings (fold_seed" in proc.stderr
+    base = [sys.executable, str(EXAMPLES / "cross_fit.py"), "--out", str(tmp_path / "x")]
+    for extra, says in (
+        (["--dataset", "yeast", "--folds", "2", "--data-dir", str(tmp_path)],
+         "--data-dir: --dataset yeast ships with its package"),
+        (["--dataset", "digits", "--by", "Partition"], "--by: --dataset digits has no group"),
+        (["--dataset", "dir", "--folds", "2"], "--data-dir is required for --dataset dir"),
+        (["--dataset", "digits", "--folds", "2", "--", "--set", "test_fold=1"],
+         "after --: --set test_fold are set by cross_fit.py"),
+        (["--dataset", "digits", "--folds", "2000"], "--folds: 2000 folds of 1797 rows"),
+    ):  # fmt: skip
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and says in proc.stderr, proc.stderr
+    assert not (tmp_path / "x").exists()
