@@ -24,8 +24,8 @@ validation split of its own training rows).
 ``--dataset digits`` / ``yeast`` take ``--folds K`` and no data folder: each fold's run is
 ``mtbkd distill --dataset digits --set test_folds=K --set test_fold=k --set fold_seed=S``, whose
 pipeline tests on fold k of K label-stratified folds of all the dataset's rows
-(mtbkd.data.test_split; the same folds for every seed) and trains its teachers and student on
-the others, as ``mtbkd demo`` does on its random split.
+(mtbkd.data.test_split; the same folds for every seed) and trains on the others as it does on
+its random split (digits: the teachers and the student, as ``mtbkd demo`` does).
 
 Writes ``OUT/data/fold<k>/`` (each fold's CSV files; not for the built-in datasets),
 ``OUT/fold<k>/`` (each fold's ``mtbkd distill`` run, one ``seed<s>`` folder per seed),
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--fold-seed: expected a non-negative integer, got {args.fold_seed}")
     ours = sorted({a.split("=")[0] for a in extra} & set(OWN_OPTIONS)) + _own_fields(extra)
     if ours:
-        ap.error(f"after --: {', '.join(ours)} are set by cross_fit.py itself (give its own "
+        ap.error(f"after --: {', '.join(ours)}: set by cross_fit.py itself (give its own "
                  "--seeds / --out / --data-dir / --dataset / --folds / --fold-seed)")  # fmt: skip
     if args.out.exists() and not args.out.is_dir():
         ap.error(f"--out: {args.out} is a file")

@@ -291,7 +291,12 @@ def test_split(
     if fold is None:
         return stratified_split(y, test_fraction, seed)
     k, folds, fold_seed = fold
-    assign = stratified_folds(y, folds, fold_seed)
+    if isinstance(fold_seed, bool) or int(fold_seed) != fold_seed or fold_seed < 0:
+        raise ValueError(f"fold_seed must be a non-negative integer, got {fold_seed!r}")
+    try:
+        assign = stratified_folds(y, folds, fold_seed)
+    except ValueError as exc:  # named as the caller's field (DistillConfig.test_folds)
+        raise ValueError(f"test_{exc}") from None
     if isinstance(k, bool) or int(k) != k or not 0 <= k < folds:
         raise ValueError(f"test_fold must lie in 0..{folds - 1} (test_folds = {folds}), got {k!r}")
     return np.flatnonzero(assign != k), np.flatnonzero(assign == k)
@@ -895,11 +900,18 @@ def load_directory(
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise FileNotFoundError(f"data directory {root} {what}")
     name = name or root.name
-    if fold is not None and not (root / "features.npy").is_file():
+    if fold is not None and (root / "train.csv").is_file():  # read before any features.npy
         raise ValueError(
-            f"test_folds: {root} has a test split of its own (train/test files); cross-fit it "
+            f"test_folds: {root} has a test split of its own (train.csv, test.csv); cross-fit it "
             "with examples/cross_fit.py, which pools train and test and writes one folder a fold"
         )
+    if fold is not None and not (root / "features.npy").is_file():
+        if (root / "train" / "features.npy").is_file():
+            raise ValueError(
+                f"test_folds: {root} has a test split of its own (train/ and test/ folders); "
+                "to cross-fit it, put all its rows in one folder's features.npy, labels.npy and "
+                "teacher_<name>.npy"
+            )
     if (root / "train.csv").is_file():
         if not (root / "test.csv").is_file():
             raise FileNotFoundError(f"{root} has train.csv but no test.csv")

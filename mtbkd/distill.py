@@ -250,8 +250,11 @@ class DistillConfig:
             raise ValueError(
                 f"test_folds must be 0 (the usual test split) or at least 2, got {self.test_folds}"
             )
-        if self.test_folds == 0 and self.test_fold != 0:
-            raise ValueError(f"test_fold={self.test_fold} needs test_folds (the number of folds)")
+        for name in ("test_fold", "fold_seed"):  # without folds they would change nothing
+            if self.test_folds == 0 and getattr(self, name) != 0:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} needs test_folds (the number of folds)"
+                )
         if self.test_folds and not 0 <= self.test_fold < self.test_folds:
             raise ValueError(
                 f"test_fold must lie in 0..{self.test_folds - 1} (test_folds = "

@@ -489,6 +489,10 @@ def test_test_split_folds_test_every_row_once_whatever_the_seed():
     assert np.array_equal(np.sort(np.concatenate(tests)), np.arange(100))
     with pytest.raises(ValueError, match=r"test_fold must lie in 0..4"):
         data.test_split(y, seed=0, fold=(5, 5, 0))
+    with pytest.raises(ValueError, match="test_folds: 101 folds of 100 rows"):
+        data.test_split(y, seed=0, fold=(0, 101, 0))
+    with pytest.raises(ValueError, match="fold_seed must be a non-negative integer"):
+        data.test_split(y, seed=0, fold=(0, 5, -1))
     # no fold: the seed's random split, as before
     assert all(np.array_equal(a, b) for a, b in zip(data.test_split(y, 1),
                                                    data.stratified_split(y, 0.25, 1)))  # fmt: skip
@@ -517,5 +521,20 @@ def test_built_in_datasets_take_a_cross_fitting_fold(tmp_path):
         (csv_dir / f"{split}.csv").write_text("x,label\n0.5,0\n1.5,1\n")
     with pytest.raises(ValueError, match="test_folds: .* has a test split of its own"):
         data.load_dataset("dir", csv_dir, fold=(0, 2, 0))
+    # CSV files are read before a features.npy beside them: the fold would be ignored, so refused
+    for name in ("features.npy", "labels.npy"):
+        (csv_dir / name).write_bytes((tmp_path / name).read_bytes())
+    with pytest.raises(ValueError, match=r"test_folds: .* \(train.csv, test.csv\)"):
+        data.load_dataset("dir", csv_dir, fold=(0, 2, 0))
+    npy2 = tmp_path / "npy2"
+    for split in ("train", "test"):
+        (npy2 / split).mkdir(parents=True)
+        for name in ("features.npy", "labels.npy"):
+            (npy2 / split / name).write_bytes((tmp_path / name).read_bytes())
+    with pytest.raises(ValueError, match="put all its rows in one folder's features.npy"):
+        data.load_dataset("dir", npy2, fold=(0, 2, 0))
+    (tmp_path / "empty").mkdir()  # not a dataset at all: the loader's own message
+    with pytest.raises(FileNotFoundError, match="is not a dataset directory"):
+        data.load_dataset("dir", tmp_path / "empty", fold=(0, 2, 0))
     with pytest.raises(ValueError, match="cross-fit it with examples/cross_fit.py"):
         data.load_dataset("deeploc", csv_dir, fold=(0, 2, 0))

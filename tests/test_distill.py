@@ -783,6 +783,7 @@ def test_config_rejects_bad_values_naming_the_field():
         ({"test_fold": 1}, "test_fold=1 needs test_folds"),
         ({"test_folds": 3, "test_fold": 3}, r"test_fold must lie in 0..2"),
         ({"test_folds": 3, "fold_seed": -1}, "fold_seed must be non-negative"),
+        ({"fold_seed": 2}, "fold_seed=2 needs test_folds"),
     ]:
         with pytest.raises((ValueError, TypeError), match=msg):
             distill.DistillConfig(**kw)

@@ -173,7 +173,7 @@ def test_cross_fit_stratified_folds_and_refusals(tmp_path):
         (["--folds", "1"], "--folds: cross-fitting needs 2 folds or more"),
         (["--by", "label"], "--by: 'label' is the label column"),
         (["--folds", "2", "--seeds", "x"], "--seeds:"),
-        (["--folds", "2", "--", "--seeds", "1"], "after --: --seeds are set by cross_fit.py"),
+        (["--folds", "2", "--", "--seeds", "1"], "after --: --seeds: set by cross_fit.py"),
     ):
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and says in proc.stderr, proc.stderr
@@ -212,7 +212,7 @@ def test_cross_fit_built_in_dataset(tmp_path):
         (["--dataset", "digits", "--by", "Partition"], "--by: --dataset digits has no group"),
         (["--dataset", "dir", "--folds", "2"], "--data-dir is required for --dataset dir"),
         (["--dataset", "digits", "--folds", "2", "--", "--set", "test_fold=1"],
-         "after --: --set test_fold are set by cross_fit.py"),
+         "after --: --set test_fold: set by cross_fit.py"),
         (["--dataset", "digits", "--folds", "2000"], "--folds: 2000 folds of 1797 rows"),
     ):  # fmt: skip
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
