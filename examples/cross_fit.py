@@ -181,6 +181,24 @@ def write_folds(out: Path, header, rows, teachers, fold: np.ndarray,
     return dirs
 
 
+def _spelled_out(extra: list[str]) -> list[str]:
+    """``extra`` with each abbreviated long option written in full, as ``mtbkd distill``'s
+    parser reads it (argparse takes a unique prefix: ``--ou`` is ``--out``)."""
+    from mtbkd.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    known = [o for o in sub.choices["distill"]._option_string_actions if o.startswith("--")]
+    out = []
+    for a in extra:
+        name, eq, value = a.partition("=")
+        if name.startswith("--") and name not in known:
+            match = [o for o in known if o.startswith(name)]
+            if len(match) == 1:
+                a = match[0] + eq + value
+        out.append(a)
+    return out
+
+
 def _own_fields(extra: list[str]) -> list[str]:
     """The fold fields that ``--set FIELD=VALUE`` options after ``--`` would set."""
     given = []
@@ -235,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--folds: cross-fitting needs 2 folds or more, got {args.folds}")
     if args.fold_seed < 0:
         ap.error(f"--fold-seed: expected a non-negative integer, got {args.fold_seed}")
-    ours = sorted({a.split("=")[0] for a in extra} & set(OWN_OPTIONS)) + _own_fields(extra)
+    spelled = _spelled_out(extra)
+    ours = sorted({a.split("=")[0] for a in spelled} & set(OWN_OPTIONS)) + _own_fields(spelled)
     if ours:
         ap.error(f"after --: {', '.join(ours)}: set by cross_fit.py itself (give its own "
                  "--seeds / --out / --data-dir / --dataset / --folds / --fold-seed)")  # fmt: skip

@@ -214,6 +214,9 @@ def test_cross_fit_built_in_dataset(tmp_path):
         (["--dataset", "digits", "--folds", "2", "--", "--set", "test_fold=1"],
          "after --: --set test_fold: set by cross_fit.py"),
         (["--dataset", "digits", "--folds", "2000"], "--folds: 2000 folds of 1797 rows"),
+        # mtbkd's parser takes unique prefixes: --ou is --out, --resu is --resume
+        (["--dataset", "digits", "--folds", "2", "--", "--ou", "y"], "after --: --out: set by"),
+        (["--dataset", "digits", "--folds", "2", "--", "--resu"], "after --: --resume: set by"),
     ):  # fmt: skip
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and says in proc.stderr, proc.stderr
