@@ -146,9 +146,9 @@ def assign_folds(
             raise SystemExit(f"--by: column {by!r} has one value only; cross-fitting needs two")
         return np.array([names.index(v) for v in values]), [f"{by}={v}" for v in names]
     try:
-        fold = data.stratified_folds(y, folds, seed)
+        fold = data.stratified_folds(y, folds, seed, name="--folds")
     except ValueError as exc:
-        raise SystemExit(f"--{exc}") from None
+        raise SystemExit(str(exc)) from None
     return fold, [f"fold {k} of {folds}" for k in range(folds)]
 
 
@@ -221,9 +221,9 @@ def built_in_folds(dataset: str, folds: int, seed: int) -> tuple[int, list[str],
     ds = data.load_dataset(dataset, seed=0)
     y = np.concatenate([ds.y_train, ds.y_test])  # fold sizes depend on the class counts only
     try:
-        fold = data.stratified_folds(y, folds, seed)
+        fold = data.stratified_folds(y, folds, seed, name="--folds")
     except ValueError as exc:
-        raise SystemExit(f"--{exc}") from None
+        raise SystemExit(str(exc)) from None
     return len(y), [f"fold {k} of {folds}" for k in range(folds)], np.bincount(fold, None, folds)
 
 

@@ -258,15 +258,16 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
-def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+def stratified_folds(y: np.ndarray, folds: int, seed: int, *, name: str = "folds") -> np.ndarray:
     """Each row's fold, 0..``folds``-1, stratified by label: every class is dealt round-robin in
     a random order (``seed``), continuing where the previous class stopped, so that the folds'
-    sizes differ by one at most and so do each class's counts in them."""
+    sizes differ by one at most and so do each class's counts in them. ``name``: what the errors
+    call ``folds`` (the caller's argument)."""
     y = np.asarray(y)
     if isinstance(folds, bool) or int(folds) != folds or folds < 2:
-        raise ValueError(f"folds: cross-fitting needs 2 folds or more, got {folds!r}")
+        raise ValueError(f"{name}: cross-fitting needs 2 folds or more, got {folds!r}")
     if folds > len(y):
-        raise ValueError(f"folds: {folds} folds of {len(y)} rows")
+        raise ValueError(f"{name}: {folds} folds of {len(y)} rows")
     rng = np.random.default_rng(seed)
     fold = np.empty(len(y), dtype=np.int64)
     dealt = 0
@@ -293,10 +294,7 @@ def test_split(
     k, folds, fold_seed = fold
     if isinstance(fold_seed, bool) or int(fold_seed) != fold_seed or fold_seed < 0:
         raise ValueError(f"fold_seed must be a non-negative integer, got {fold_seed!r}")
-    try:
-        assign = stratified_folds(y, folds, fold_seed)
-    except ValueError as exc:  # named as the caller's field (DistillConfig.test_folds)
-        raise ValueError(f"test_{exc}") from None
+    assign = stratified_folds(y, folds, fold_seed, name="test_folds")
     if isinstance(k, bool) or int(k) != k or not 0 <= k < folds:
         raise ValueError(f"test_fold must lie in 0..{folds - 1} (test_folds = {folds}), got {k!r}")
     return np.flatnonzero(assign != k), np.flatnonzero(assign == k)
