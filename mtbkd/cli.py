@@ -207,6 +207,26 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_teachers)
 
+    p = sub.add_parser(
+        "summarise",
+        help="one summary over the seeds of several runs of one experiment (for example "
+        "--seeds 0-4 and --seeds 5-9 run apart), with the paired bootstrap over all of them",
+    )
+    p.add_argument(
+        "runs",
+        nargs="+",
+        help="output folders of `mtbkd demo` / `mtbkd distill` (--seeds runs or single runs), "
+        "with the same dataset and settings",
+    )
+    p.add_argument("--out", required=True, help="folder for summary.json, summary.md, seeds.png")
+    p.add_argument(
+        "--reference",
+        default="mtbkd_sgld",
+        help="the method every other one is compared with (default mtbkd_sgld)",
+    )
+    p.add_argument("--no-figures", action="store_true", help="skip seeds.png")
+    p.set_defaults(func=_cmd_summarise)
+
     p = sub.add_parser("predict", help="apply a saved run's posterior samples to new inputs")
     p.add_argument("--run", required=True, help="output folder of `mtbkd demo` / `mtbkd distill`")
     p.add_argument(
@@ -501,7 +521,7 @@ def _check_out_folder(command: str, out: Path) -> None:
 def _check_finished_seed(args: argparse.Namespace, seed: int, done: Path, rep: dict) -> None:
     """A finished seed read back by ``--resume`` must have run with this command's settings
     (its ``report.json`` config; fields added since take their defaults) and dataset."""
-    from mtbkd.distill import DistillConfig
+    from mtbkd.distill import RUN_ONLY_FIELDS, DistillConfig
 
     if rep.get("dataset") is not None and args.dataset in ("digits", "yeast", "deeploc"):
         if rep["dataset"] != args.dataset:
@@ -521,8 +541,7 @@ def _check_finished_seed(args: argparse.Namespace, seed: int, done: Path, rep: d
     except (TypeError, ValueError):
         was = rep.get("config") or {}
     # what changes only speed or memory may differ (another machine's cores)
-    free = ("seed", "progress", "num_threads", "predict_chunk", "checkpoint_every")
-    differ = [k for k in want if k not in free and was.get(k) != want[k]]
+    differ = [k for k in want if k not in RUN_ONLY_FIELDS and was.get(k) != want[k]]
     if differ:
         shown = "; ".join(f"{k}: {was.get(k)!r} there, {want[k]!r} now" for k in differ[:4])
         raise SystemExit(
@@ -747,6 +766,49 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         # an undefined metric (AUROC when every prediction is right) is "n/a", as in the reports
         print("  ".join(f"{k} {v:.3f}" if v == v else f"{k} n/a" for k, v in metrics.items()))
     print(f"predictions written to {args.out}")
+    return 0
+
+
+def _cmd_summarise(args: argparse.Namespace) -> int:
+    from mtbkd import report
+
+    out = Path(args.out)
+    for run in args.runs:
+        if out.resolve() == Path(run).resolve():
+            raise SystemExit(
+                f"mtbkd summarise: --out {args.out} is one of the runs; its own summary would be "
+                "overwritten (choose a new folder)"
+            )
+    try:
+        reports, per_row, seeds, folders = report.gather_seed_runs(args.runs)
+        names = [m["name"] for m in reports[0]["methods"]]
+        if args.reference not in names:
+            raise ValueError(f"--reference: {args.reference!r} is not among the runs' methods "
+                             f"({', '.join(names)})")  # fmt: skip
+        summary = report.summarise_seeds(reports, seeds, args.reference, per_row=per_row)
+    except ValueError as exc:
+        raise SystemExit(f"mtbkd summarise: {exc}") from None
+    test = {
+        True: "the test rows are the same in every seed",
+        False: "the test split changes too (this dataset's test rows are drawn per seed)",
+        None: "the test rows change too where the dataset's test split is drawn per seed",
+    }[summary.get("shared_test_rows")]
+    runs = sorted({str(folders[s].parent if folders[s].name == f"seed{s}" else folders[s])
+                   for s in seeds})  # fmt: skip
+    intro = (
+        f"Seeds {', '.join(map(str, seeds))}, pooled by `mtbkd summarise` from "
+        f"{', '.join(f'`{r}`' for r in runs)} (one experiment: the same dataset and settings). "
+        f"Each seed changes the validation split and every initialisation; {test}. Mean ± "
+        "standard deviation over seeds; each seed's full report is `seed<k>/report.md` in the "
+        "run folder it came from."
+    )
+    if any(p is None for p in per_row):
+        missing = [s for s, p in zip(seeds, per_row, strict=True) if p is None]
+        print(f"note: seeds {missing} keep no per-row file, so the differences get t-intervals "
+              "over seeds only, not the bootstrap over seeds and test rows")  # fmt: skip
+    report.write_seed_summary(summary, out, figures=not args.no_figures, intro=intro)
+    print(report.format_seed_summary(summary))
+    print(f"summary of {len(seeds)} seeds from {len(args.runs)} run folders written to {out}")
     return 0
 
 

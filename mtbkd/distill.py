@@ -306,6 +306,10 @@ class DistillConfig:
         return cls(**kw)  # __post_init__ turns the grids' lists into tuples
 
 
+# Settings that change only speed, memory or display, not what a run computes: runs that differ
+# only in these (and in the seed) are the same experiment (`--resume`, `mtbkd summarise`).
+RUN_ONLY_FIELDS = ("seed", "progress", "num_threads", "predict_chunk", "checkpoint_every")
+
 INT_FIELDS = ("batch_size", "map_epochs", "patience", "sgld_epochs", "num_samples", "num_chains",
               "num_teachers", "teacher_hidden", "teacher_epochs", "teacher_folds", "seed",
               "checkpoint_every", "predict_chunk", "num_threads", "test_folds", "test_fold",

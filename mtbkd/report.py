@@ -1420,6 +1420,79 @@ def _seed_figure(summary: dict[str, Any], out: Path) -> str:
     return "seeds.png"
 
 
+def gather_seed_runs(
+    run_dirs: list[str | Path],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any] | None], list[int], dict[int, Path]]:
+    """The seeds of several runs of one experiment, for one :func:`summarise_seeds` over all of
+    them (``mtbkd summarise``): for example ``--seeds 0-4`` and ``--seeds 5-9`` run apart.
+
+    ``run_dirs``: output folders of ``mtbkd demo`` / ``mtbkd distill``, each a ``--seeds`` run
+    (``summary.json`` and ``seed<k>/``) or a single run (``report.json``). Every seed must be
+    finished and appear once, and every run must be the same experiment: the same dataset (and
+    data files' SHA-256, student features) and the same settings, except the seed and what
+    changes only speed or display (:data:`mtbkd.distill.RUN_ONLY_FIELDS`); anything else is
+    refused, naming the folders and the first settings that differ. Returns ``(reports,
+    per_row, seeds, folders)`` in the order of the seeds: each seed's ``report.json``, its
+    :func:`load_per_row` (``None`` where the folder keeps none: the summary then has t-intervals
+    only) and the folder it was read from."""
+    from mtbkd.distill import RUN_ONLY_FIELDS, DistillConfig
+
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise ValueError("run_dirs: name at least one run folder")
+    folders: dict[int, Path] = {}
+    for d in dirs:
+        if (d / "summary.json").is_file():
+            seeds = json.loads((d / "summary.json").read_text()).get("seeds") or []
+            found = {int(s): d / f"seed{s}" for s in seeds}
+        elif (d / "report.json").is_file():
+            config = json.loads((d / "report.json").read_text()).get("config") or {}
+            if "seed" not in config:
+                raise ValueError(f"run_dirs: {d}/report.json records no seed in its config")
+            found = {int(config["seed"]): d}
+        else:
+            raise ValueError(
+                f"run_dirs: {d} is not the output folder of a finished run (no summary.json or "
+                "report.json)"
+            )
+        for s, f in found.items():
+            if s in folders:
+                raise ValueError(f"run_dirs: seed {s} is in both {folders[s]} and {f}")
+            if not (f / "report.json").is_file():
+                raise ValueError(f"run_dirs: {f} has no report.json (seed {s} is not finished)")
+            folders[s] = f
+    if not folders:
+        raise ValueError(f"run_dirs: {', '.join(map(str, dirs))} hold no seed")
+    seeds = sorted(folders)
+    reports = [json.loads((folders[s] / "report.json").read_text()) for s in seeds]
+
+    def settings(rep: dict[str, Any]) -> dict[str, Any]:
+        raw = rep.get("config") or {}
+        try:  # fields added since a run was written take their defaults
+            full = DistillConfig.from_dict(raw).to_dict()
+        except (TypeError, ValueError):
+            full = raw
+        return {k: v for k, v in full.items() if k not in RUN_ONLY_FIELDS}
+
+    first, base = folders[seeds[0]], settings(reports[0])
+    for s, rep in zip(seeds[1:], reports[1:], strict=True):
+        where = f"run_dirs: {folders[s]} and {first}"
+        for key in ("dataset", "data_sha256", "features"):
+            a, b = rep.get(key), reports[0].get(key)
+            if a is not None and b is not None and a != b:
+                raise ValueError(
+                    f"{where} differ in {key} ({a!r} against {b!r}): not one experiment"
+                )
+        this = settings(rep)
+        differ = [k for k in sorted(set(this) | set(base)) if this.get(k) != base.get(k)]
+        if differ:
+            shown = "; ".join(f"{k}: {this.get(k)!r} against {base.get(k)!r}" for k in differ[:4])
+            more = "; ..." if len(differ) > 4 else ""
+            raise ValueError(f"{where} were run with other settings ({shown}{more})")
+    per_row = [load_per_row(folders[s] / PER_ROW_FILE) for s in seeds]
+    return reports, per_row, seeds, {s: folders[s] for s in seeds}
+
+
 def write_seed_summary(
     summary: dict[str, Any], out_dir: str | Path, figures: bool = True, intro: str | None = None
 ) -> None:

@@ -209,6 +209,65 @@ def test_distill_several_seeds(tmp_path, capsys):
     assert not (out / "seed2").exists()
 
 
+def test_summarise_pools_the_seeds_of_runs_made_apart(tmp_path, capsys):
+    d = _own_dataset(tmp_path, 60, seed=3)
+    common = ["distill", "--dataset", "dir", "--data-dir", str(d), "--smoke", "--no-figures",
+              "--methods", "ce,mtbkd_sgld", "--no-progress"]  # fmt: skip
+    assert cli.main(common + ["--seeds", "0-1", "--out", str(tmp_path / "a")]) == 0
+    assert cli.main(common + ["--seed", "2", "--out", str(tmp_path / "b")]) == 0  # a single run
+    assert cli.main(common + ["--seeds", "0-2", "--out", str(tmp_path / "all")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "pooled"
+    argv = ["summarise", str(tmp_path / "b"), str(tmp_path / "a"), "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "mean ± sd over 3 seeds" in printed
+    assert printed.strip().splitlines()[-1].endswith(str(out))
+    pooled = json.loads((out / "summary.json").read_text())
+    at_once = json.loads((tmp_path / "all" / "summary.json").read_text())
+    # the same numbers as the three seeds run in one go, bootstrap and all
+    assert pooled["seeds"] == [0, 1, 2]
+
+    def timeless(methods):  # wall time is the one thing two runs of a seed do not share
+        return [{k: v for k, v in m.items() if k != "seconds"} for m in methods]
+
+    assert timeless(pooled["methods"]) == timeless(at_once["methods"])
+    assert pooled["versus"] == at_once["versus"] and pooled["versus"]["resamples"] == 1000
+    text = (out / "summary.md").read_text()
+    assert "pooled by `mtbkd summarise`" in text and str(tmp_path / "a") in text
+    assert (out / "seeds.png").exists()  # summarise's own --no-figures is not given
+    # refusals, each naming what is wrong
+    bad = [
+        (["summarise", str(tmp_path / "a"), str(tmp_path / "all")], "seed 0 is in both"),
+        (["summarise", str(tmp_path / "a"), str(tmp_path / "a")], "seed 0 is in both"),
+        (["summarise", str(tmp_path / "nothing")], "not the output folder of a finished run"),
+        (["summarise", str(tmp_path / "a"), "--reference", "avg_kd"], "--reference: 'avg_kd'"),
+        (["summarise", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "a")],
+         "is one of the runs"),
+    ]  # fmt: skip
+    for extra, message in bad:
+        if "--out" not in extra:
+            extra = extra + ["--out", str(tmp_path / "x")]
+        with pytest.raises(SystemExit, match=message):
+            cli.main(extra)
+    # another setting, another experiment: refused, naming the setting
+    assert cli.main(common + ["--seed", "3", "--set", "weights=uniform",
+                              "--out", str(tmp_path / "u")]) == 0  # fmt: skip
+    with pytest.raises(SystemExit, match="other settings \\(weights: 'uniform' against 'entropy'"):
+        cli.main(["summarise", str(tmp_path / "a"), str(tmp_path / "u"), "--out", str(out)])
+    # other data under the same name: refused
+    (tmp_path / "other").mkdir()
+    d2 = _own_dataset(tmp_path / "other", 60, seed=4)
+    assert cli.main([*common[:4], str(d2), *common[5:], "--seed", "5",
+                     "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+    with pytest.raises(SystemExit, match="differ in data_sha256"):
+        cli.main(["summarise", str(tmp_path / "a"), str(tmp_path / "o"), "--out", str(out)])
+    # an unfinished seed of a --seeds run is refused
+    (tmp_path / "a" / "seed1" / "report.json").unlink()
+    with pytest.raises(SystemExit, match="seed1 has no report.json \\(seed 1 is not finished"):
+        cli.main(["summarise", str(tmp_path / "a"), "--out", str(out)])
+
+
 def test_compare_runs_example(tmp_path, capsys, monkeypatch):
     import importlib.util
     import sys
