@@ -770,17 +770,31 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_summarise(args: argparse.Namespace) -> int:
+    import os
+
     from mtbkd import report
 
     out = Path(args.out)
+    _check_out_folder("summarise", out)
+    here = Path(os.path.abspath(out))
     for run in args.runs:
-        if out.resolve() == Path(run).resolve():
+        pairs = [(Path(os.path.abspath(run)), here), (Path(run).resolve(), out.resolve())]
+        if any(a == b or b in a.parents or a in b.parents for a, b in pairs):  # also via links
             raise SystemExit(
-                f"mtbkd summarise: --out {args.out} is one of the runs; its own summary would be "
-                "overwritten (choose a new folder)"
+                f"mtbkd summarise: --out {args.out} is, holds or lies inside the run {run}, "
+                "whose files it would overwrite or mix with (choose a folder of its own)"
             )
+    if out.is_dir():  # never over a run, or over a --seeds run's own summary
+        seed_dirs = [p.name for p in out.glob("seed*") if p.is_dir()]
+        if (out / "report.json").exists() or seed_dirs:
+            raise SystemExit(f"mtbkd summarise: --out {args.out} holds a run (report.json or "
+                             "seed<k>/): choose a folder of its own")  # fmt: skip
+        if (out / "summary.json").is_file():
+            if json.loads((out / "summary.json").read_text()).get("pooled_from") is None:
+                raise SystemExit(f"mtbkd summarise: --out {args.out} holds the summary of a "
+                                 "run: choose a folder of its own")  # fmt: skip
     try:
-        reports, per_row, seeds, folders = report.gather_seed_runs(args.runs)
+        reports, per_row, seeds, folders = report.gather_seed_runs(args.runs, name="RUN")
         names = [m["name"] for m in reports[0]["methods"]]
         if args.reference not in names:
             raise ValueError(f"--reference: {args.reference!r} is not among the runs' methods "
@@ -788,19 +802,32 @@ def _cmd_summarise(args: argparse.Namespace) -> int:
         summary = report.summarise_seeds(reports, seeds, args.reference, per_row=per_row)
     except ValueError as exc:
         raise SystemExit(f"mtbkd summarise: {exc}") from None
+    # each run folder named relative to --out (where summary.md is read), in the order of seeds
+    runs: dict[str, bool] = {}  # folder -> whether it is a --seeds run (seed<k>/ inside)
+    for s in seeds:
+        nested = folders[s].name == f"seed{s}" and (folders[s].parent / "summary.json").is_file()
+        run = folders[s].parent if nested else folders[s]
+        runs.setdefault(os.path.relpath(os.path.abspath(run), here), nested)
+    summary["pooled_from"] = list(runs)
     test = {
         True: "the test rows are the same in every seed",
         False: "the test split changes too (this dataset's test rows are drawn per seed)",
         None: "the test rows change too where the dataset's test split is drawn per seed",
     }[summary.get("shared_test_rows")]
-    runs = sorted({str(folders[s].parent if folders[s].name == f"seed{s}" else folders[s])
-                   for s in seeds})  # fmt: skip
+    kinds = set(runs.values())
+    where = (
+        "`seed<k>/report.md` in the run folder it came from"
+        if kinds == {True}
+        else "`report.md` in the run folder it came from"
+        if kinds == {False}
+        else "`seed<k>/report.md` in a `--seeds` run folder, `report.md` in a single run's"
+    )
     intro = (
         f"Seeds {', '.join(map(str, seeds))}, pooled by `mtbkd summarise` from "
-        f"{', '.join(f'`{r}`' for r in runs)} (one experiment: the same dataset and settings). "
-        f"Each seed changes the validation split and every initialisation; {test}. Mean ± "
-        "standard deviation over seeds; each seed's full report is `seed<k>/report.md` in the "
-        "run folder it came from."
+        f"{', '.join(f'`{r}`' for r in runs)} (relative to this folder; one experiment: the "
+        f"same dataset and settings). Each seed changes the validation split and every "
+        f"initialisation; {test}. Mean ± standard deviation over seeds; each seed's full "
+        f"report is {where}."
     )
     if any(p is None for p in per_row):
         missing = [s for s, p in zip(seeds, per_row, strict=True) if p is None]
@@ -808,7 +835,7 @@ def _cmd_summarise(args: argparse.Namespace) -> int:
               "over seeds only, not the bootstrap over seeds and test rows")  # fmt: skip
     report.write_seed_summary(summary, out, figures=not args.no_figures, intro=intro)
     print(report.format_seed_summary(summary))
-    print(f"summary of {len(seeds)} seeds from {len(args.runs)} run folders written to {out}")
+    print(f"summary of {len(seeds)} seeds from {len(runs)} run folders written to {out}")
     return 0
 
 

@@ -1421,7 +1421,7 @@ def _seed_figure(summary: dict[str, Any], out: Path) -> str:
 
 
 def gather_seed_runs(
-    run_dirs: list[str | Path],
+    run_dirs: list[str | Path], *, name: str = "run_dirs"
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any] | None], list[int], dict[int, Path]]:
     """The seeds of several runs of one experiment, for one :func:`summarise_seeds` over all of
     them (``mtbkd summarise``): for example ``--seeds 0-4`` and ``--seeds 5-9`` run apart.
@@ -1430,44 +1430,68 @@ def gather_seed_runs(
     (``summary.json`` and ``seed<k>/``) or a single run (``report.json``). Every seed must be
     finished and appear once, and every run must be the same experiment: the same dataset (and
     data files' SHA-256, student features) and the same settings, except the seed and what
-    changes only speed or display (:data:`mtbkd.distill.RUN_ONLY_FIELDS`); anything else is
-    refused, naming the folders and the first settings that differ. Returns ``(reports,
-    per_row, seeds, folders)`` in the order of the seeds: each seed's ``report.json``, its
-    :func:`load_per_row` (``None`` where the folder keeps none: the summary then has t-intervals
-    only) and the folder it was read from."""
+    changes only speed or display (:data:`mtbkd.distill.RUN_ONLY_FIELDS`); a field that a
+    report written by an older mtbkd lacks is taken at its default, as ``--resume`` does.
+    Anything else is refused, naming the folders and the first settings that differ, and so are
+    folders that are not single experiments: a summary made by ``mtbkd summarise`` (name its
+    runs instead) and a cross-fit's pooled seeds (``examples/cross_fit.py``; their reports keep
+    no settings: give that script more ``--seeds``). ``name``: how errors name ``run_dirs``.
+    Returns ``(reports, per_row, seeds, folders)`` in the order of the seeds: each seed's
+    ``report.json``, its :func:`load_per_row` (``None`` where the folder keeps none; the
+    bootstrap of :func:`summarise_seeds` needs every seed's) and the folder it was read from."""
     from mtbkd.distill import RUN_ONLY_FIELDS, DistillConfig
 
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
-        raise ValueError("run_dirs: name at least one run folder")
+        raise ValueError(f"{name}: name at least one run folder")
     folders: dict[int, Path] = {}
     for d in dirs:
         if (d / "summary.json").is_file():
-            seeds = json.loads((d / "summary.json").read_text()).get("seeds") or []
-            found = {int(s): d / f"seed{s}" for s in seeds}
+            summary = json.loads((d / "summary.json").read_text())
+            if summary.get("pooled_from") is not None:
+                raise ValueError(
+                    f"{name}: {d} is a summary made by `mtbkd summarise` (of "
+                    f"{', '.join(summary['pooled_from'])}, relative to it): name those runs"
+                )
+            found = {int(s): d / f"seed{s}" for s in summary.get("seeds") or []}
         elif (d / "report.json").is_file():
             config = json.loads((d / "report.json").read_text()).get("config") or {}
             if "seed" not in config:
-                raise ValueError(f"run_dirs: {d}/report.json records no seed in its config")
+                raise ValueError(f"{name}: {d}/report.json records no seed in its config")
             found = {int(config["seed"]): d}
         else:
             raise ValueError(
-                f"run_dirs: {d} is not the output folder of a finished run (no summary.json or "
+                f"{name}: {d} is not the output folder of a finished run (no summary.json or "
                 "report.json)"
             )
         for s, f in found.items():
             if s in folders:
-                raise ValueError(f"run_dirs: seed {s} is in both {folders[s]} and {f}")
+                raise ValueError(f"{name}: seed {s} is in both {folders[s]} and {f}")
             if not (f / "report.json").is_file():
-                raise ValueError(f"run_dirs: {f} has no report.json (seed {s} is not finished)")
+                raise ValueError(f"{name}: {f} has no report.json (seed {s} is not finished)")
             folders[s] = f
     if not folders:
-        raise ValueError(f"run_dirs: {', '.join(map(str, dirs))} hold no seed")
+        raise ValueError(f"{name}: {', '.join(map(str, dirs))} hold no seed")
     seeds = sorted(folders)
     reports = [json.loads((folders[s] / "report.json").read_text()) for s in seeds]
+    for s, rep in zip(seeds, reports, strict=True):
+        where = folders[s] / "report.json"
+        if rep.get("folds") is not None or not rep.get("config"):
+            raise ValueError(
+                f"{name}: {where} keeps no settings (config)"
+                + (
+                    ": it is a cross-fit's pooled table (examples/cross_fit.py); to add seeds "
+                    "to a cross-fit, rerun that script with more --seeds and the same --out"
+                    if rep.get("folds") is not None
+                    else ""
+                )
+            )
+        missing = [k for k in ("dataset", "methods") if k not in rep]
+        if missing:
+            raise ValueError(f"{name}: {where} has no {' or '.join(missing)} (not a run report)")
 
     def settings(rep: dict[str, Any]) -> dict[str, Any]:
-        raw = rep.get("config") or {}
+        raw = rep["config"]
         try:  # fields added since a run was written take their defaults
             full = DistillConfig.from_dict(raw).to_dict()
         except (TypeError, ValueError):
@@ -1476,7 +1500,7 @@ def gather_seed_runs(
 
     first, base = folders[seeds[0]], settings(reports[0])
     for s, rep in zip(seeds[1:], reports[1:], strict=True):
-        where = f"run_dirs: {folders[s]} and {first}"
+        where = f"{name}: {folders[s]} and {first}"
         for key in ("dataset", "data_sha256", "features"):
             a, b = rep.get(key), reports[0].get(key)
             if a is not None and b is not None and a != b:

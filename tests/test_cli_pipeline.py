@@ -233,8 +233,16 @@ def test_summarise_pools_the_seeds_of_runs_made_apart(tmp_path, capsys):
 
     assert timeless(pooled["methods"]) == timeless(at_once["methods"])
     assert pooled["versus"] == at_once["versus"] and pooled["versus"]["resamples"] == 1000
+    # the runs named relative to the summary's folder, in the order of their seeds, each with
+    # where its seeds' reports are
+    assert pooled["pooled_from"] == ["../a", "../b"]
     text = (out / "summary.md").read_text()
-    assert "pooled by `mtbkd summarise`" in text and str(tmp_path / "a") in text
+    assert "pooled by `mtbkd summarise` from `../a`, `../b` (relative to this folder" in text
+    assert "`seed<k>/report.md` in a `--seeds` run folder, `report.md` in a single run's" in text
+    # a pooled summary may be rewritten in place; it is not itself a run to pool
+    assert cli.main(argv) == 0
+    with pytest.raises(SystemExit, match="is a summary made by `mtbkd summarise` \\(of ../a"):
+        cli.main(["summarise", str(out), "--out", str(tmp_path / "x")])
     assert (out / "seeds.png").exists()  # summarise's own --no-figures is not given
     # refusals, each naming what is wrong
     bad = [
@@ -242,8 +250,15 @@ def test_summarise_pools_the_seeds_of_runs_made_apart(tmp_path, capsys):
         (["summarise", str(tmp_path / "a"), str(tmp_path / "a")], "seed 0 is in both"),
         (["summarise", str(tmp_path / "nothing")], "not the output folder of a finished run"),
         (["summarise", str(tmp_path / "a"), "--reference", "avg_kd"], "--reference: 'avg_kd'"),
-        (["summarise", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "a")],
-         "is one of the runs"),
+        (["summarise", str(tmp_path / "a"), "--out", str(tmp_path / "a")], "is, holds or lies"),
+        (["summarise", str(tmp_path / "a"), "--out", str(tmp_path / "a" / "seed0")],
+         "is, holds or lies inside the run"),
+        (["summarise", str(tmp_path / "a"), "--out", str(tmp_path)], "is, holds or lies"),
+        # another run's folder, or its summary, is never written over
+        (["summarise", str(tmp_path / "a"), "--out", str(tmp_path / "all")], "holds a run"),
+        (["summarise", str(tmp_path / "a"), "--out", str(tmp_path / "b")], "holds a run"),
+        (["summarise", str(tmp_path / "a"), "--out", str(tmp_path / "a" / "summary.json")],
+         "is a file, not a folder"),
     ]  # fmt: skip
     for extra, message in bad:
         if "--out" not in extra:
@@ -262,6 +277,20 @@ def test_summarise_pools_the_seeds_of_runs_made_apart(tmp_path, capsys):
                      "--out", str(tmp_path / "o")]) == 0  # fmt: skip
     with pytest.raises(SystemExit, match="differ in data_sha256"):
         cli.main(["summarise", str(tmp_path / "a"), str(tmp_path / "o"), "--out", str(out)])
+    # a report that keeps no settings (a cross-fit's pooled seed) or no dataset is refused
+    (tmp_path / "c" / "seed7").mkdir(parents=True)
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    (tmp_path / "c" / "summary.json").write_text(json.dumps({"seeds": [7]}))
+    pooled_fold = {k: v for k, v in rep.items() if k != "config"} | {"folds": 2}
+    (tmp_path / "c" / "seed7" / "report.json").write_text(json.dumps(pooled_fold))
+    with pytest.raises(SystemExit, match="keeps no settings \\(config\\): it is a cross-fit"):
+        cli.main(["summarise", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(out)])
+    no_dataset = {k: v for k, v in rep.items() if k != "dataset"} | {
+        "config": rep["config"] | {"seed": 7}
+    }
+    (tmp_path / "c" / "seed7" / "report.json").write_text(json.dumps(no_dataset))
+    with pytest.raises(SystemExit, match="seed7/report.json has no dataset"):
+        cli.main(["summarise", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(out)])
     # an unfinished seed of a --seeds run is refused
     (tmp_path / "a" / "seed1" / "report.json").unlink()
     with pytest.raises(SystemExit, match="seed1 has no report.json \\(seed 1 is not finished"):
