@@ -521,7 +521,7 @@ def _check_out_folder(command: str, out: Path) -> None:
 def _check_finished_seed(args: argparse.Namespace, seed: int, done: Path, rep: dict) -> None:
     """A finished seed read back by ``--resume`` must have run with this command's settings
     (its ``report.json`` config; fields added since take their defaults) and dataset."""
-    from mtbkd.distill import RUN_ONLY_FIELDS, DistillConfig
+    from mtbkd.distill import experiment_settings
 
     if rep.get("dataset") is not None and args.dataset in ("digits", "yeast", "deeploc"):
         if rep["dataset"] != args.dataset:
@@ -536,14 +536,14 @@ def _check_finished_seed(args: argparse.Namespace, seed: int, done: Path, rep: d
             "made it, or use another --out"
         )
     want = _pipeline_config(args, seed).to_dict()
-    try:
-        was = DistillConfig.from_dict(rep.get("config") or {}).to_dict()
-    except (TypeError, ValueError):
-        was = rep.get("config") or {}
-    # what changes only speed or memory may differ (another machine's cores)
-    differ = [k for k in want if k not in RUN_ONLY_FIELDS and was.get(k) != want[k]]
+    # what changes only speed or memory may differ (another machine's cores), and the settings
+    # of teachers the pipeline never trained (a dataset with teachers of its own)
+    was = experiment_settings(rep)
+    want = experiment_settings({**rep, "config": want})
+    keys = list(want) + [k for k in was if k not in want]  # in the config's order
+    differ = [k for k in keys if was.get(k) != want.get(k)]
     if differ:
-        shown = "; ".join(f"{k}: {was.get(k)!r} there, {want[k]!r} now" for k in differ[:4])
+        shown = "; ".join(f"{k}: {was.get(k)!r} there, {want.get(k)!r} now" for k in differ[:4])
         raise SystemExit(
             f"mtbkd {args.command}: {done} was written with other settings ({shown}"
             f"{'; ...' if len(differ) > 4 else ''}): resume with the command that made it, or "

@@ -309,6 +309,36 @@ class DistillConfig:
 # Settings that change only speed, memory or display, not what a run computes: runs that differ
 # only in these (and in the seed) are the same experiment (`--resume`, `mtbkd summarise`).
 RUN_ONLY_FIELDS = ("seed", "progress", "num_threads", "predict_chunk", "checkpoint_every")
+# Settings of the teachers the pipeline trains for a dataset without teachers of its own; with
+# the dataset's own teachers (DeepLoc's, an own dataset's teacher_*.npy) they change nothing.
+TEACHER_TRAINING_FIELDS = (
+    "num_teachers",
+    "teacher_hidden",
+    "teacher_epochs",
+    "teacher_other_fraction",
+    "teacher_folds",
+    "teacher_calibrate",
+)
+
+
+def experiment_settings(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that decide what a finished run computed, from its ``report.json``
+    dictionary: its ``config`` with every :class:`DistillConfig` field (a field added since the
+    run was written takes its default), less :data:`RUN_ONLY_FIELDS`, and less
+    :data:`TEACHER_TRAINING_FIELDS` where the dataset brought its own teachers (the report's
+    ``teachers_trained``; reports written before it existed: DeepLoc's always did). Two runs
+    whose settings are equal are the same experiment (``--resume``, ``mtbkd summarise``)."""
+    raw = report.get("config") or {}
+    try:
+        full = DistillConfig.from_dict(raw).to_dict()
+    except (TypeError, ValueError):
+        full = dict(raw)
+    trained = report.get("teachers_trained")
+    if trained is None and report.get("dataset") == "deeploc":
+        trained = False
+    drop = RUN_ONLY_FIELDS + (TEACHER_TRAINING_FIELDS if trained is False else ())
+    return {k: v for k, v in full.items() if k not in drop}
+
 
 INT_FIELDS = ("batch_size", "map_epochs", "patience", "sgld_epochs", "num_samples", "num_chains",
               "num_teachers", "teacher_hidden", "teacher_epochs", "teacher_folds", "seed",
@@ -1745,6 +1775,8 @@ class ExperimentResult:
     test_digest: str | None = None
     # SHA-256 of the files the data was read from (data.source_digest), set by the command line
     data_digest: str | None = None
+    # whether the pipeline trained the teachers (the dataset had none): TEACHER_TRAINING_FIELDS
+    teachers_trained: bool | None = None
 
     def method(self, name: str) -> MethodResult:
         for m in self.methods:
@@ -2149,6 +2181,7 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
         mixtures,
         dataset.shift_name if dataset.x_shift is not None else None,
         _digest(x_te, y_te),
+        teachers_trained=not dataset.teachers_train,
     )
 
 

@@ -120,6 +120,7 @@ def report_dict(result: ExperimentResult) -> dict[str, Any]:
             "total_seconds": result.seconds,
             "data_sha256": result.data_digest,
             "test_sha256": result.test_digest,
+            "teachers_trained": result.teachers_trained,
         }
     )
 
@@ -1430,8 +1431,8 @@ def gather_seed_runs(
     (``summary.json`` and ``seed<k>/``) or a single run (``report.json``). Every seed must be
     finished and appear once, and every run must be the same experiment: the same dataset (and
     data files' SHA-256, student features) and the same settings, except the seed and what
-    changes only speed or display (:data:`mtbkd.distill.RUN_ONLY_FIELDS`); a field that a
-    report written by an older mtbkd lacks is taken at its default, as ``--resume`` does.
+    changes only speed or display (:func:`mtbkd.distill.experiment_settings`; a field that a
+    report written by an older mtbkd lacks is taken at its default, as ``--resume`` does).
     Anything else is refused, naming the folders and the first settings that differ, and so are
     folders that are not single experiments: a summary made by ``mtbkd summarise`` (name its
     runs instead) and a cross-fit's pooled seeds (``examples/cross_fit.py``; their reports keep
@@ -1439,7 +1440,7 @@ def gather_seed_runs(
     Returns ``(reports, per_row, seeds, folders)`` in the order of the seeds: each seed's
     ``report.json``, its :func:`load_per_row` (``None`` where the folder keeps none; the
     bootstrap of :func:`summarise_seeds` needs every seed's) and the folder it was read from."""
-    from mtbkd.distill import RUN_ONLY_FIELDS, DistillConfig
+    from mtbkd.distill import experiment_settings
 
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
@@ -1490,14 +1491,7 @@ def gather_seed_runs(
         if missing:
             raise ValueError(f"{name}: {where} has no {' or '.join(missing)} (not a run report)")
 
-    def settings(rep: dict[str, Any]) -> dict[str, Any]:
-        raw = rep["config"]
-        try:  # fields added since a run was written take their defaults
-            full = DistillConfig.from_dict(raw).to_dict()
-        except (TypeError, ValueError):
-            full = raw
-        return {k: v for k, v in full.items() if k not in RUN_ONLY_FIELDS}
-
+    settings = experiment_settings
     first, base = folders[seeds[0]], settings(reports[0])
     for s, rep in zip(seeds[1:], reports[1:], strict=True):
         where = f"{name}: {folders[s]} and {first}"
@@ -1508,7 +1502,8 @@ def gather_seed_runs(
                     f"{where} differ in {key} ({a!r} against {b!r}): not one experiment"
                 )
         this = settings(rep)
-        differ = [k for k in sorted(set(this) | set(base)) if this.get(k) != base.get(k)]
+        keys = list(base) + [k for k in this if k not in base]  # in the config's order
+        differ = [k for k in keys if this.get(k) != base.get(k)]
         if differ:
             shown = "; ".join(f"{k}: {this.get(k)!r} against {base.get(k)!r}" for k in differ[:4])
             more = "; ..." if len(differ) > 4 else ""

@@ -209,6 +209,44 @@ def test_distill_several_seeds(tmp_path, capsys):
     assert not (out / "seed2").exists()
 
 
+def test_resume_ignores_teacher_training_settings_where_the_data_has_teachers(tmp_path, capsys):
+    # found when resuming a cross-fit of DeepLoc after teacher_folds' default changed 2 -> 10:
+    # settings of teachers the pipeline never trains refused an unchanged experiment
+    d = _own_dataset(tmp_path, 60, seed=5)
+    out = tmp_path / "r"
+    argv = ["distill", "--dataset", "dir", "--data-dir", str(d), "--smoke", "--no-figures",
+            "--methods", "ce,mtbkd_map", "--no-progress", "--seeds", "0",
+            "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    rep = json.loads((out / "seed0" / "report.json").read_text())
+    assert rep["teachers_trained"] is False
+    assert cli.main(argv + ["--resume", "--set", "teacher_folds=3"]) == 0
+    assert "seed 0: finished earlier" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="other settings \\(weights: 'entropy' there, 'uniform'"):
+        cli.main(argv + ["--resume", "--set", "weights=uniform"])
+
+
+def test_experiment_settings_drop_only_what_changes_nothing():
+    from mtbkd.distill import DistillConfig, experiment_settings
+
+    base = DistillConfig(seed=0, teacher_folds=2).to_dict()
+    other = {**base, "seed": 7, "num_threads": 2, "teacher_folds": 10}
+    for dataset, trained, same in [
+        ("deeploc", None, True),  # written before the field: DeepLoc always brings teachers
+        ("mine", False, True),
+        ("digits", True, False),  # the pipeline trained them: teacher_folds matters
+        ("digits", None, False),
+        ("mine", None, False),  # unknown: compared
+    ]:
+        a = experiment_settings({"dataset": dataset, "config": base, "teachers_trained": trained})
+        b = experiment_settings({"dataset": dataset, "config": other, "teachers_trained": trained})
+        assert (a == b) is same, (dataset, trained)
+        assert "seed" not in a and "num_threads" not in a and a["methods"] == base["methods"]
+    # a field an old report lacks takes its default
+    old = {k: v for k, v in base.items() if k != "test_folds"}
+    assert experiment_settings({"config": old})["test_folds"] == 0
+
+
 def test_summarise_pools_the_seeds_of_runs_made_apart(tmp_path, capsys):
     d = _own_dataset(tmp_path, 60, seed=3)
     common = ["distill", "--dataset", "dir", "--data-dir", str(d), "--smoke", "--no-figures",
