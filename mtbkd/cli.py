@@ -221,8 +221,8 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--out", required=True, help="folder for summary.json, summary.md, seeds.png")
     p.add_argument(
         "--reference",
-        default="mtbkd_sgld",
-        help="the method every other one is compared with (default mtbkd_sgld)",
+        default=None,
+        help="the method every other one is compared with (default mtbkd_sgld, where it ran)",
     )
     p.add_argument("--no-figures", action="store_true", help="skip seeds.png")
     p.set_defaults(func=_cmd_summarise)
@@ -796,16 +796,20 @@ def _cmd_summarise(args: argparse.Namespace) -> int:
     try:
         reports, per_row, seeds, folders = report.gather_seed_runs(args.runs, name="RUN")
         names = [m["name"] for m in reports[0]["methods"]]
-        if args.reference not in names:
+        if args.reference is not None and args.reference not in names:
             raise ValueError(f"--reference: {args.reference!r} is not among the runs' methods "
                              f"({', '.join(names)})")  # fmt: skip
-        summary = report.summarise_seeds(reports, seeds, args.reference, per_row=per_row)
+        # by default mtbkd_sgld, where it ran (else no differences, as for a --seeds run)
+        reference = args.reference or "mtbkd_sgld"
+        summary = report.summarise_seeds(reports, seeds, reference, per_row=per_row)
     except ValueError as exc:
         raise SystemExit(f"mtbkd summarise: {exc}") from None
     # each run folder named relative to --out (where summary.md is read), in the order of seeds
+    named = {Path(os.path.abspath(r)) for r in args.runs}
     runs: dict[str, bool] = {}  # folder -> whether it is a --seeds run (seed<k>/ inside)
     for s in seeds:
-        nested = folders[s].name == f"seed{s}" and (folders[s].parent / "summary.json").is_file()
+        # a seed folder named by itself is a run of its own, not its --seeds run (not all used)
+        nested = Path(os.path.abspath(folders[s])) not in named
         run = folders[s].parent if nested else folders[s]
         runs.setdefault(os.path.relpath(os.path.abspath(run), here), nested)
     summary["pooled_from"] = list(runs)

@@ -106,6 +106,9 @@ class Dataset:
     # tells them from the test rows (AUROC shift); ``shift_name`` says what the shift is
     x_shift: np.ndarray | None = None
     shift_name: str | None = None
+    # teachers trained from the pipeline's config (DistillConfig's num_teachers and teacher_*
+    # settings), as mtbkd.distill.digits_demo_dataset's are, rather than given with the data
+    teachers_from_config: bool = False
 
     def __post_init__(self) -> None:
         self.x_train = _features(self.x_train, "x_train")

@@ -1491,9 +1491,16 @@ def gather_seed_runs(
         if missing:
             raise ValueError(f"{name}: {where} has no {' or '.join(missing)} (not a run report)")
 
-    settings = experiment_settings
-    first, base = folders[seeds[0]], settings(reports[0])
-    for s, rep in zip(seeds[1:], reports[1:], strict=True):
+    own = {rep.get("teachers_trained") for rep in reports}
+    digests = {rep.get("data_sha256") for rep in reports}
+    if False in own and True not in own and len(digests) == 1 and None not in digests:
+        # the same data files, whose teachers one report says were given: so were the others'
+        # (reports written before teachers_trained existed say nothing of it)
+        compared = [{**rep, "teachers_trained": False} for rep in reports]
+    else:
+        compared = reports
+    first, base = folders[seeds[0]], experiment_settings(compared[0])
+    for s, rep, cmp in zip(seeds[1:], reports[1:], compared[1:], strict=True):
         where = f"{name}: {folders[s]} and {first}"
         for key in ("dataset", "data_sha256", "features"):
             a, b = rep.get(key), reports[0].get(key)
@@ -1501,7 +1508,7 @@ def gather_seed_runs(
                 raise ValueError(
                     f"{where} differ in {key} ({a!r} against {b!r}): not one experiment"
                 )
-        this = settings(rep)
+        this = experiment_settings(cmp)
         keys = list(base) + [k for k in this if k not in base]  # in the config's order
         differ = [k for k in keys if this.get(k) != base.get(k)]
         if differ:

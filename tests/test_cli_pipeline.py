@@ -224,6 +224,28 @@ def test_resume_ignores_teacher_training_settings_where_the_data_has_teachers(tm
     assert "seed 0: finished earlier" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="other settings \\(weights: 'entropy' there, 'uniform'"):
         cli.main(argv + ["--resume", "--set", "weights=uniform"])
+    # and summarise pools them, also beside a report written before teachers_trained existed
+    assert (
+        cli.main(argv[:-3] + ["1", "--set", "teacher_folds=3", "--out", str(tmp_path / "t")]) == 0
+    )
+    old = json.loads((out / "seed0" / "report.json").read_text())
+    del old["teachers_trained"]
+    (out / "seed0" / "report.json").write_text(json.dumps(old))
+    assert cli.main(["summarise", str(out), str(tmp_path / "t"), "--out", str(tmp_path / "p")]) == 0
+    # digits' teachers are trained from those settings (by digits_demo_dataset, though the
+    # dataset then carries them): there they count
+    dig = ["distill", "--dataset", "digits", "--smoke", "--no-figures", "--methods", "ce",
+           "--no-progress", "--seeds", "0", "--out", str(tmp_path / "d")]  # fmt: skip
+    assert cli.main(dig) == 0
+    assert json.loads((tmp_path / "d" / "seed0" / "report.json").read_text())["teachers_trained"]
+    with pytest.raises(SystemExit, match="other settings \\(teacher_folds: \\d+ there, 3 now"):
+        cli.main(dig + ["--resume", "--set", "teacher_folds=3"])
+    dig2 = dig[:-3] + ["1", "--set", "teacher_folds=3", "--out", str(tmp_path / "d2")]
+    assert cli.main(dig2) == 0
+    with pytest.raises(SystemExit, match="other settings \\(teacher_folds: 3 against"):
+        cli.main(
+            ["summarise", str(tmp_path / "d"), str(tmp_path / "d2"), "--out", str(tmp_path / "q")]
+        )
 
 
 def test_experiment_settings_drop_only_what_changes_nothing():
@@ -236,6 +258,8 @@ def test_experiment_settings_drop_only_what_changes_nothing():
         ("mine", False, True),
         ("digits", True, False),  # the pipeline trained them: teacher_folds matters
         ("digits", None, False),
+        ("digits", False, False),  # as 70eeba1 wrote it: digits' teachers are trained, whatever
+        ("yeast", False, False),
         ("mine", None, False),  # unknown: compared
     ]:
         a = experiment_settings({"dataset": dataset, "config": base, "teachers_trained": trained})
@@ -277,6 +301,11 @@ def test_summarise_pools_the_seeds_of_runs_made_apart(tmp_path, capsys):
     text = (out / "summary.md").read_text()
     assert "pooled by `mtbkd summarise` from `../a`, `../b` (relative to this folder" in text
     assert "`seed<k>/report.md` in a `--seeds` run folder, `report.md` in a single run's" in text
+    # a seed folder named by itself is that run alone, not its whole --seeds run
+    one = tmp_path / "one"
+    assert cli.main(["summarise", str(tmp_path / "b"), str(tmp_path / "a" / "seed1"),
+                     "--out", str(one)]) == 0  # fmt: skip
+    assert json.loads((one / "summary.json").read_text())["pooled_from"] == ["../a/seed1", "../b"]
     # a pooled summary may be rewritten in place; it is not itself a run to pool
     assert cli.main(argv) == 0
     with pytest.raises(SystemExit, match="is a summary made by `mtbkd summarise` \\(of ../a"):
