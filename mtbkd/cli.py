@@ -813,11 +813,7 @@ def _cmd_summarise(args: argparse.Namespace) -> int:
         run = folders[s].parent if nested else folders[s]
         runs.setdefault(os.path.relpath(os.path.abspath(run), here), nested)
     summary["pooled_from"] = list(runs)
-    test = {
-        True: "the test rows are the same in every seed",
-        False: "the test split changes too (this dataset's test rows are drawn per seed)",
-        None: "the test rows change too where the dataset's test split is drawn per seed",
-    }[summary.get("shared_test_rows")]
+    test = report.test_rows_phrase(summary.get("shared_test_rows"))
     kinds = set(runs.values())
     where = (
         "`seed<k>/report.md` in the run folder it came from"

@@ -326,19 +326,16 @@ def experiment_settings(report: Mapping[str, Any]) -> dict[str, Any]:
     dictionary: its ``config`` with every :class:`DistillConfig` field (a field added since the
     run was written takes its default), less :data:`RUN_ONLY_FIELDS`, and less
     :data:`TEACHER_TRAINING_FIELDS` where the dataset brought its own teachers (the report's
-    ``teachers_trained``; digits' and yeast's teachers are always trained from these settings,
-    and reports written before the key existed count as DeepLoc's bringing their own, any
-    other's as unknown: every field compared). Two runs whose settings are equal are the same
-    experiment (``--resume``, ``mtbkd summarise``)."""
+    ``teachers_trained``; of reports written before the key existed, DeepLoc's count as
+    bringing their own, any other's as unknown: every field compared). Two runs whose settings
+    are equal are the same experiment (``--resume``, ``mtbkd summarise``)."""
     raw = report.get("config") or {}
     try:
         full = DistillConfig.from_dict(raw).to_dict()
     except (TypeError, ValueError):
         full = dict(raw)
     trained = report.get("teachers_trained")
-    if report.get("dataset") in ("digits", "yeast"):  # built-in datasets whose teachers the
-        trained = True  # pipeline trains (a digits report may say False: written before a fix)
-    elif trained is None and report.get("dataset") == "deeploc":
+    if trained is None and report.get("dataset") == "deeploc":
         trained = False
     drop = RUN_ONLY_FIELDS + (TEACHER_TRAINING_FIELDS if trained is False else ())
     return {k: v for k, v in full.items() if k not in drop}

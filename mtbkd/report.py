@@ -1519,6 +1519,15 @@ def gather_seed_runs(
     return reports, per_row, seeds, {s: folders[s] for s in seeds}
 
 
+def test_rows_phrase(shared: bool | None) -> str:
+    """What a seed summary's seeds do to the test rows (``summary["shared_test_rows"]``)."""
+    return {
+        True: "the test rows are the same in every seed",
+        False: "the test split changes too (this dataset's test rows are drawn per seed)",
+        None: "the test rows change too where the dataset's test split is drawn per seed",
+    }[shared]
+
+
 def write_seed_summary(
     summary: dict[str, Any], out_dir: str | Path, figures: bool = True, intro: str | None = None
 ) -> None:
@@ -1532,11 +1541,7 @@ def write_seed_summary(
     files = [_seed_figure(summary, out)] if figures else []
     seeds = ", ".join(str(s) for s in summary["seeds"])
     shared = summary.get("shared_test_rows")
-    test = {
-        True: "the test rows are the same in every seed",
-        False: "the test split changes too (this dataset's test rows are drawn per seed)",
-        None: "the test rows change too where the dataset's test split is drawn per seed",
-    }[shared]
+    test = test_rows_phrase(shared)
     lines = [
         f"# MT-BKD over {len(summary['seeds'])} seed{'s' * (len(summary['seeds']) != 1)}: "
         f"{summary['dataset']}",

@@ -258,8 +258,6 @@ def test_experiment_settings_drop_only_what_changes_nothing():
         ("mine", False, True),
         ("digits", True, False),  # the pipeline trained them: teacher_folds matters
         ("digits", None, False),
-        ("digits", False, False),  # as 70eeba1 wrote it: digits' teachers are trained, whatever
-        ("yeast", False, False),
         ("mine", None, False),  # unknown: compared
     ]:
         a = experiment_settings({"dataset": dataset, "config": base, "teachers_trained": trained})
