@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import numbers
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from mtbkd import validate
-from mtbkd.bayes_ops import new_seed, sgld_step_
+from mtbkd.bayes_ops import _SEED_LIMIT, new_seed, sgld_step_
 
 __all__ = ["SGLD"]
 
@@ -33,6 +36,12 @@ def _check_hyperparameters(group: dict[str, Any], at_step: bool = False) -> None
             group[key] = v.item()
         elif isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
             group[key] = float(v)
+    # a string such as "False" is truthy: it must not turn pSGLD on in silence
+    pre = group.get("precondition")
+    if isinstance(pre, np.bool_):
+        group["precondition"] = pre = bool(pre)
+    if not isinstance(pre, bool):
+        raise TypeError(f"precondition must be a bool, got {type(pre).__name__} {pre!r}")
     # at a step, lr may have been decayed to 0 by a scheduler (a step that moves nothing)
     if at_step:
         validate.check_real(group["lr"], "lr", nonnegative=True)
@@ -45,6 +54,44 @@ def _check_hyperparameters(group: dict[str, Any], at_step: bool = False) -> None
     validate.check_real(group["alpha"], "alpha")
     if not 0.0 <= group["alpha"] < 1.0:
         raise ValueError(f"alpha must be in [0, 1), got {group['alpha']}")
+
+
+def _dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor`` if something imported it (FSDP2 does), else None:
+    a parameter can only be a DTensor once that module is loaded, and importing it costs time."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _shard_key(p: Tensor, dtensor: type | None) -> tuple[int, ...]:
+    """Where ``p``'s local data sits among the shards of its parameter: the mesh coordinates along
+    the mesh dimensions that shard it. ``()`` for a plain tensor and along replicated dimensions,
+    so replicas (DDP, HSDP's replicate dimension) draw the same noise and stay identical."""
+    if dtensor is None or not isinstance(p, dtensor):
+        return ()
+    coordinate = p.device_mesh.get_coordinate()
+    key = []
+    for dim, placement in enumerate(p.placements):
+        if placement.is_partial():
+            raise ValueError("SGLD steps a parameter sharded or replicated over the mesh, not one "
+                             f"with a partial placement ({p.placements})")  # fmt: skip
+        if placement.is_shard():
+            key += [dim, coordinate[dim]]
+    return tuple(key)
+
+
+def _shard_seed(seed: int, key: tuple[int, ...]) -> int:
+    """The Philox seed of one shard: ``seed`` itself for unsharded data, else a hash of both, so
+    the shards of a parameter draw independent noise (with the same seed and the same stream,
+    equal-sized shards would otherwise get the very same normals)."""
+    if not key:
+        return seed
+    digest = hashlib.blake2b(repr((seed, key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % _SEED_LIMIT
+
+
+def _local(t: Tensor, dtensor: type | None) -> Tensor:
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
 
 
 class SGLD(Optimizer):
@@ -67,6 +114,14 @@ class SGLD(Optimizer):
     reproducible under ``torch.manual_seed`` and no noise tensor is allocated. On CPU the C++ op
     updates every tensor of the group in one call; Triton launches one fused kernel per tensor;
     the CUDA C++ op updates all tensors of the group in one launch.
+
+    Data-parallel training: under ``DistributedDataParallel`` call ``torch.manual_seed`` with
+    the same seed on every rank, so the replicas draw the same noise and stay identical. FSDP2's
+    ``fully_shard`` parameters (DTensors) are stepped shard by shard, each on its own rank; a
+    shard's noise is keyed by its coordinate on the device mesh, so the shards of a parameter
+    draw independent noise (the same seed on every rank again; replicated mesh dimensions, as in
+    HSDP, draw the same). The deterministic part of the step equals one process's exactly; the
+    noise is a different draw from the same distribution.
     """
 
     def __init__(
@@ -81,7 +136,7 @@ class SGLD(Optimizer):
         eps: float = 1e-5,
     ) -> None:
         defaults = {"lr": lr, "num_data": num_data, "temperature": temperature,
-                    "weight_decay": weight_decay, "precondition": bool(precondition),
+                    "weight_decay": weight_decay, "precondition": precondition,
                     "alpha": alpha, "eps": eps}  # fmt: skip
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -91,7 +146,7 @@ class SGLD(Optimizer):
         checked like the constructor's (a negative ``lr`` or ``temperature`` made NaN noise)."""
         merged = {**self.defaults, **param_group}
         _check_hyperparameters(merged)
-        param_group.update({k: merged[k] for k in _NUMBERS if k in param_group})
+        param_group.update({k: merged[k] for k in (*_NUMBERS, "precondition") if k in param_group})
         params = param_group.get("params")
         if not isinstance(params, (Tensor, set)) and isinstance(params, Iterable):
             param_group["params"] = params = list(params)  # a generator, read once
@@ -111,16 +166,19 @@ class SGLD(Optimizer):
         for group in self.param_groups:
             # a group edited since (a scheduler, or by hand): a negative lr made NaN noise
             _check_hyperparameters(group, at_step=True)
-            # One fused call per (device, dtype): the CUDA op takes one dtype per launch.
-            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            # One fused call per (device, dtype, shard): the CUDA op takes one dtype per launch,
+            # and each shard of an FSDP2 parameter has a seed of its own.
+            buckets: dict[tuple, list[Tensor]] = {}
+            dtensor = _dtensor_type()
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("SGLD does not support sparse gradients")
-                buckets.setdefault((p.device, p.dtype), []).append(p)
-            for params in buckets.values():
-                self._step_bucket(group, params)
+                key = (p.device, p.dtype, _shard_key(p, dtensor))
+                buckets.setdefault(key, []).append(p)
+            for (_, _, shard), params in buckets.items():
+                self._step_bucket(group, params, shard, dtensor)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -136,7 +194,10 @@ class SGLD(Optimizer):
                 acc = torch.float64 if p.dtype == torch.float64 else torch.float32
                 self.state[p]["square_avg"] = saved.detach().to(device=p.device, dtype=acc).clone()
 
-    def _step_bucket(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _step_bucket(
+        self, group: dict[str, Any], params: list[Tensor], shard: tuple[int, ...],
+        dtensor: type | None,
+    ) -> None:  # fmt: skip
         precondition = group["precondition"]
         targets, grads, square_avgs, copy_back = [], [], [], []
         for p in params:
@@ -144,20 +205,29 @@ class SGLD(Optimizer):
             state["step"] = state.get("step", 0) + 1
             if precondition and "square_avg" not in state:
                 acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-                state["square_avg"] = torch.zeros(p.shape, dtype=acc, device=p.device)
+                # zeros_like keeps a DTensor's sharding (the state is checkpointed like p's)
+                state["square_avg"] = torch.zeros_like(
+                    p, dtype=acc, memory_format=torch.contiguous_format
+                )
+            local, grad = _local(p, dtensor), _local(p.grad, dtensor)
+            if grad.shape != local.shape:
+                raise ValueError(
+                    f"SGLD: a gradient's local shape {tuple(grad.shape)} differs from its "
+                    f"parameter's {tuple(local.shape)} (sharded another way)"
+                )
             # The kernels need contiguous memory; a non-contiguous parameter goes via a copy.
-            t = p if p.is_contiguous() else p.contiguous()
-            if t is not p:
-                copy_back.append((p, t))
+            t = local if local.is_contiguous() else local.contiguous()
+            if t is not local:
+                copy_back.append((local, t))
             targets.append(t)
-            grads.append(p.grad.contiguous())
+            grads.append(grad.contiguous())
             if precondition:
-                square_avgs.append(state["square_avg"])
+                square_avgs.append(_local(state["square_avg"], dtensor))
         sgld_step_(
             targets, grads, square_avgs if precondition else None, lr=group["lr"],
             num_data=group["num_data"], temperature=group["temperature"],
-            weight_decay=group["weight_decay"], seed=new_seed(), precondition=precondition,
-            alpha=group["alpha"], eps=group["eps"],
+            weight_decay=group["weight_decay"], seed=_shard_seed(new_seed(), shard),
+            precondition=precondition, alpha=group["alpha"], eps=group["eps"],
         )  # fmt: skip
         for p, t in copy_back:
             p.copy_(t)

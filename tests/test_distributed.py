@@ -464,6 +464,69 @@ def scenario_fsdp(rank: int, world: int) -> None:
         _close(p.full_tensor().detach(), q.detach(), 1e-10)
 
 
+def scenario_fsdp_sgld(rank: int, world: int) -> None:
+    """SGLD and pSGLD step FSDP2-sharded parameters on their own ranks: without noise exactly as
+    one process on the full batch; with it, each shard draws noise of its own (equal-sized shards
+    had the same normals under one seed), reproducibly, at the right scale."""
+    from torch.distributed.fsdp import fully_shard
+
+    from mtbkd.optim import SGLD
+
+    n, v, k = 8, 11, 3
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    t = torch.randn(k, n, v, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, v, (n,), generator=g)
+    loss_fn = mtbkd.MTBKDLoss(prior_weight=0.3)
+    rows = slice(rank * n // world, (rank + 1) * n // world)
+
+    def sharded():
+        model = _student(v)
+        fully_shard(model)
+        return model
+
+    for precondition in (False, True):
+
+        def make(ps, precondition=precondition):
+            return SGLD(ps, lr=1e-3, num_data=100, temperature=0.0, weight_decay=0.1,
+                        precondition=precondition)  # fmt: skip
+
+        single = _student(v)
+        want = _train(single, make(single.parameters()), x, t, y, loss_fn, 3)
+        model = sharded()
+        _train(model, make(model.parameters()), x[rows], t[:, rows], y[rows], loss_fn, 3,
+               num_items=n / world)  # fmt: skip
+        for p, q in zip(model.parameters(), want, strict=True):
+            assert type(p).__name__ == "DTensor"
+            _close(p.full_tensor().detach(), q, 1e-10)
+
+    def noise(seed, precondition=False):
+        """One step of a zero gradient: the update is the noise alone."""
+        model = sharded()
+        start = [p.full_tensor().detach().clone() for p in model.parameters()]
+        opt = SGLD(model.parameters(), lr=0.5, num_data=1, precondition=precondition)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        torch.manual_seed(seed)  # the same on every rank, as the README asks
+        opt.step()
+        if precondition:
+            p0 = next(iter(model.parameters()))
+            assert type(opt.state[p0]["square_avg"]).__name__ == "DTensor"
+        return [
+            p.full_tensor().detach() - s for p, s in zip(model.parameters(), start, strict=True)
+        ]
+
+    steps = noise(11)
+    assert [torch.equal(a, b) for a, b in zip(steps, noise(11), strict=True)] == [True] * 4
+    assert not torch.equal(steps[0], noise(12)[0])
+    w1 = steps[0]  # [16, 8]: rows 0-7 on rank 0, rows 8-15 on rank 1 (two ranks)
+    if world == 2:
+        assert not torch.allclose(w1[:8], w1[8:])
+    xi = torch.cat([d.reshape(-1) for d in steps])  # N(0, 2 lr T) = N(0, 1)
+    assert abs(float(xi.std()) - 1.0) < 0.15 and abs(float(xi.mean())) < 0.15
+    assert all(torch.isfinite(d).all() for d in noise(13, precondition=True))
+
+
 def _leaf_grads(fn, tensors, upstream=None):
     leaves = [x.detach().clone().requires_grad_(True) for x in tensors]
     out = fn(*leaves)
@@ -763,6 +826,7 @@ SCENARIOS = {
     "mismatch": scenario_mismatch,
     "ddp": scenario_ddp,
     "fsdp": scenario_fsdp,
+    "fsdp_sgld": scenario_fsdp_sgld,
     "fused_linear": scenario_fused_linear,
     "shard_edges": scenario_shard_edges,
 }
@@ -810,6 +874,10 @@ def test_ddp_training_matches_single_process(ranks):
 
 def test_bayes_linear_under_fsdp_matches_single_process(ranks):
     ranks(2).run("fsdp")
+
+
+def test_sgld_steps_fsdp_shards_on_their_own_ranks(ranks):
+    ranks(2).run("fsdp_sgld")
 
 
 def test_requires_initialised_process_group():

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,6 +234,21 @@ def test_bad_group_hyperparameters(kw, name):
     with pytest.raises(ValueError, match=name):
         opt.step()
     assert torch.equal(a, torch.zeros(2))
+
+
+def test_precondition_must_be_a_bool():
+    # "False" is truthy: it turned pSGLD on in silence, in the constructor and in a group
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(TypeError, match="precondition must be a bool, got str 'False'"):
+        SGLD([a], lr=1e-3, num_data=10, precondition="False")
+    with pytest.raises(TypeError, match="precondition"):
+        SGLD([{"params": [a]}, {"params": [b], "precondition": "no"}], lr=1e-3, num_data=10)
+    opt = SGLD([a], lr=1e-3, num_data=10, precondition=np.bool_(True))
+    assert opt.param_groups[0]["precondition"] is True
+    opt.param_groups[0]["precondition"] = 1  # edited by hand: checked at the step
+    a.grad = torch.ones(2)
+    with pytest.raises(TypeError, match="precondition"):
+        opt.step()
 
 
 def test_an_lr_decayed_to_zero_by_a_scheduler_steps_nothing():
