@@ -147,14 +147,17 @@ def _options_key(options: dict) -> int:
     processes): ranks passing different options would run different collectives or mix two losses.
     """
 
-    def norm(value):
+    def norm(key, value):
         if isinstance(value, Tensor):
-            return "tensor"  # fixed weights, a num_items_in_batch tensor: values not compared
+            if key == "weights":  # fixed weights: read on the host anyway (their checks)
+                data = value.detach().to("cpu", torch.float64).contiguous().numpy()
+                return (tuple(value.shape), zlib.crc32(data.tobytes()))
+            return "tensor"  # a num_items_in_batch tensor is never read on the host
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)  # 2 and 2.0 agree
         return value
 
-    return zlib.crc32(repr(sorted((k, norm(v)) for k, v in options.items())).encode())
+    return zlib.crc32(repr(sorted((k, norm(k, v)) for k, v in options.items())).encode())
 
 
 def _agree(name: str, local: list[int] | None, error: Exception | None, device, group) -> None:
@@ -200,6 +203,16 @@ def _agree(name: str, local: list[int] | None, error: Exception | None, device, 
     return col
 
 
+def _shard_names(exc: Exception) -> Exception:
+    """``exc`` of the shared input checks, which name the plain losses' arguments, in these
+    functions' own: ``student_shard`` and ``teacher_shard``."""
+    import re
+
+    text = re.sub(r"\bstudent_logits\b", "student_shard", str(exc))
+    text = re.sub(r"\bteacher_logits\b", "teacher_shard", text)
+    return type(exc)(text)
+
+
 def _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size, group,
              ignore_index, check_finite, option_checks, weights, options) -> _Inputs:  # fmt: skip
     _world(group)
@@ -213,7 +226,7 @@ def _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size
         inputs.weight_spec = _weight_spec(weights, inputs.t.shape[0], inputs.lead, inputs.original)
         meta = inputs.metadata(vocab_start, vocab_size) + [_options_key(options)]
     except (TypeError, ValueError) as exc:
-        error = exc
+        error = _shard_names(exc)
     device = student_shard.device if isinstance(student_shard, Tensor) else torch.device("cpu")
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -731,7 +744,7 @@ def _fused_inputs(student_hidden, student_weight_shard, teacher_logits_shard, la
     if labels is not None:
         if not isinstance(labels, Tensor):
             raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
         if labels.shape != lead:
             raise ValueError(f"labels must have shape {tuple(lead)} (student_hidden without its "

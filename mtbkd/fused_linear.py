@@ -244,6 +244,31 @@ def _chunk_op(kind: str, opts: dict, z: Tensor, teachers: list, rows: slice, lab
     return out[0], out[1], out[2:]
 
 
+def _chunk_error(exc: ValueError, start: int, rows: slice, z: Tensor, teachers: list) -> ValueError:
+    """The fused op's error on a chunk, in the caller's terms: rows of the whole input, and the
+    arguments the logits came from (the op names its own, ``student_logits`` and
+    ``teacher_logits``, and cannot tell which teacher)."""
+    import re
+
+    text = str(exc)
+    if text.startswith("student_logits"):
+        return validate.in_rows(
+            exc, start, ("student_logits", "student_hidden @ student_weight.T (+ student_bias)")
+        )
+    found = re.match(r"teacher_logits contains NaN or inf \(row (\d+)\)", text)
+    if found and not _is_sparse(teachers[0]):
+        row = int(found.group(1))
+        for t in teachers:  # the error path only: recompute the chunk's teacher logits
+            try:
+                bad = not bool(torch.isfinite(t.logits(rows, z.dtype)[row]).all())
+            except ValueError:
+                bad = True
+            if bad:
+                what = t.name if isinstance(t, _Dense) else f"{t.name} (hidden @ weight.T + bias)"
+                return validate.in_rows(exc, start, ("teacher_logits", what))
+    return validate.in_rows(exc, start)
+
+
 def _run_chunks(kind, opts, hidden, weight, bias, teachers, labels, fixed, chunk, row_scale,
                 want_grads):  # fmt: skip
     """Loss rows ``[N]`` and, when ``want_grads``, gradients with each row's G scaled by
@@ -281,7 +306,7 @@ def _run_chunks(kind, opts, hidden, weight, bias, teachers, labels, fixed, chunk
         try:
             r, g, rest = _chunk_op(kind, opts, z, teachers, rows, labels, fixed, bufs)
         except ValueError as exc:  # the kernels number the rows of the chunk
-            raise validate.in_rows(exc, start) from None
+            raise _chunk_error(exc, start, rows, z, teachers) from None
         loss_rows[rows] = r
         extras.append(rest)
         if not want_grads:
@@ -399,21 +424,18 @@ def _prepare(student_hidden, student_weight, teachers, labels, student_bias, chu
         if student_bias.dtype != hidden.dtype or student_bias.device != hidden.device:
             raise TypeError("student_bias must have student_hidden's dtype and device")
     if isinstance(teachers, Tensor) and teachers.dim() > 3:
+        _check_lead(teachers.shape[1:-1], lead, "teachers")
         teachers = teachers.reshape(teachers.shape[0], -1, teachers.shape[-1])
     elif isinstance(teachers, Sequence) and not isinstance(teachers, (str, bytes)):
-        teachers = [
-            t.reshape(-1, t.shape[-1]) if isinstance(t, Tensor) and t.dim() > 2
-            else _flatten_head(t) if isinstance(t, (tuple, list))
-            else t.flatten() if _is_sparse(t) and t.indices.dim() > 2 else t
-            for t in teachers
-        ]  # fmt: skip
+        teachers = [_flatten_teacher(t, lead, f"teachers[{i}]") for i, t in enumerate(teachers)]
     elif _is_sparse(teachers) and teachers.indices.dim() > 2:
+        _check_lead(teachers.indices.shape[:-1], lead, "teachers")
         teachers = teachers.flatten()
     tlist = _parse_teachers(teachers, n, v, hidden.device, bool(check_finite))
     if labels is not None:
         if not isinstance(labels, Tensor):
             raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
         if labels.shape != lead:
             raise ValueError(f"labels must have shape {tuple(lead)} (student_hidden without its "
@@ -427,9 +449,28 @@ def _prepare(student_hidden, student_weight, teachers, labels, student_bias, chu
     return hidden, weight, tlist, labels, lead, n, chunk
 
 
-def _flatten_head(t):
-    if len(t) >= 1 and isinstance(t[0], Tensor) and t[0].dim() > 2:
+def _check_lead(teacher_lead: torch.Size, lead: torch.Size, name: str) -> None:
+    """A teacher of several leading dimensions pairs its rows with the student's by position:
+    its leading shape must be student_hidden's (a [T, B] teacher against a [B, T] student paired
+    the wrong rows). One leading dimension is the rows flattened, checked by count."""
+    if teacher_lead != lead:
+        raise ValueError(
+            f"{name} has leading shape {tuple(teacher_lead)} but student_hidden has "
+            f"{tuple(lead)} (the rows must be in the same order; or flatten both to [N, ...])"
+        )
+
+
+def _flatten_teacher(t: Any, lead: torch.Size, name: str) -> Any:
+    """One teacher of a sequence with its leading dimensions flattened to rows."""
+    if isinstance(t, Tensor) and t.dim() > 2:
+        _check_lead(t.shape[:-1], lead, name)
+        return t.reshape(-1, t.shape[-1])
+    if isinstance(t, (tuple, list)) and len(t) >= 1 and isinstance(t[0], Tensor) and t[0].dim() > 2:
+        _check_lead(t[0].shape[:-1], lead, f"{name} hidden")
         return (t[0].reshape(-1, t[0].shape[-1]), *t[1:])
+    if _is_sparse(t) and t.indices.dim() > 2:
+        _check_lead(t.indices.shape[:-1], lead, name)
+        return t.flatten()
     return t
 
 
@@ -499,8 +540,10 @@ def fused_linear_mtbkd_loss(
 
     ``teachers``: teacher logits ``[K, N, V]`` or a sequence whose items are logits ``[N, V_k]``,
     heads ``(hidden [N, H_k], weight [V_k, H_k], bias | None)`` or :class:`mtbkd.SparseTeacher`
-    (V_k ≥ V; a padded teacher vocabulary is sliced to the student's V). Gradients flow to
-    ``student_hidden``, ``student_weight`` and ``student_bias`` only.
+    (V_k ≥ V; a padded teacher vocabulary is sliced to the student's V). With ``student_hidden``
+    ``[..., H]``, each teacher's rows (``N`` above) are the flattened rows or ``student_hidden``'s
+    leading shape itself; another leading shape (``[T, B]`` for ``[B, T]``) is refused. Gradients
+    flow to ``student_hidden``, ``student_weight`` and ``student_bias`` only.
     """
     validate.check_mtbkd_options(
         temperature,

@@ -304,8 +304,12 @@ def fixed_weights(
     if weights.device != like.device:
         raise ValueError(f"{name} is on {weights.device} but {like_name} is on {like.device}")
     acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    w = weights.detach().to(acc).reshape(k, -1).expand(k, n)
-    total = w.sum(0, keepdim=True)
+    # float64 weights (and integers) stay float64 until each row is divided by its largest
+    # weight: finite weights such as 1e300 (float64) or 3e38 (float32, whose sum overflowed to
+    # inf) then normalise like any other
+    wide = torch.float32 if weights.dtype in (torch.float32, torch.float16, torch.bfloat16) else \
+        torch.float64  # fmt: skip
+    w = weights.detach().to(wide).reshape(k, -1).expand(k, n)
     # Data checks read the values (a host synchronisation); a torch.compile graph skips them
     # (fullgraph=True cannot branch on data), so check the weights once outside it.
     if not torch.compiler.is_compiling():
@@ -313,9 +317,10 @@ def fixed_weights(
             raise ValueError(f"{name} must be finite")
         if bool((w < 0).any()):
             raise ValueError(f"{name} must be non-negative")
-        if bool((total == 0).any()):
+        if bool((w.amax(0) == 0).any()):
             raise ValueError(f"{name}: a row has all teacher weights equal to zero")
-    return (w / total).contiguous()
+    w = (w / w.amax(0, keepdim=True)).to(acc)
+    return (w / w.sum(0, keepdim=True)).contiguous()
 
 
 def in_rows(exc: ValueError, start: int, rename: tuple[str, str] | None = None) -> ValueError:
@@ -336,6 +341,8 @@ def check_ignore_index(value) -> int:
         if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
             return int(value)
         raise TypeError(f"ignore_index must be an integer, got {value!r}")
+    if not -(2**63) <= int(value) < 2**63:  # a bare OverflowError in the op
+        raise ValueError(f"ignore_index must fit in int64, got {value}")
     return int(value)
 
 
@@ -344,7 +351,8 @@ def items_divisor(num_items, dtype: torch.dtype, device) -> Tensor:
 
     A number must be positive. A tensor (what Hugging Face trainers pass) must hold one element;
     its value is not read on the host (no synchronisation): 0, a batch whose rows are all masked,
-    divides by 1 (the loss is 0, never NaN); a negative count makes the loss NaN, loudly wrong.
+    divides by 1 (the loss is 0, never NaN); a negative or infinite count (or one the cast to
+    ``dtype`` makes 0 or inf) makes the loss NaN, loudly wrong.
     Values below 1 are kept (a global count divided by the world size can be 0.5).
     """
     if isinstance(num_items, Tensor):
@@ -353,12 +361,21 @@ def items_divisor(num_items, dtype: torch.dtype, device) -> Tensor:
                 "num_items_in_batch must be a number or a one-element tensor, got shape "
                 f"{tuple(num_items.shape)}"
             )
-        n = num_items.to(device=device, dtype=dtype).reshape(())
-        return torch.where(n > 0, n, torch.where(n == 0, 1.0, float("nan")).to(dtype))
+        src = num_items.detach().to(device=device).reshape(())
+        n = src.to(dtype)
+        # a count that is inf, or that the cast makes inf or 0 (1e-50 in float32), is NaN too
+        ok = (n > 0) & torch.isfinite(n)
+        return torch.where(ok, n, torch.where(src == 0, 1.0, float("nan")).to(dtype))
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
         raise TypeError(
             f"num_items_in_batch must be a number or a tensor, got {type(num_items).__name__}"
         )
     if not (num_items > 0 and _is_finite(num_items)):  # inf made every loss 0
         raise ValueError(f"num_items_in_batch must be positive and finite, got {num_items}")
+    info = torch.finfo(dtype)
+    if not info.tiny <= float(num_items) <= info.max:  # 1e39: torch's overflow error; 1e-50: inf
+        raise ValueError(
+            f"num_items_in_batch must lie in [{info.tiny:.3g}, {info.max:.3g}] (the range of the "
+            f"loss dtype {dtype}), got {num_items}"
+        )
     return torch.full((), float(num_items), dtype=dtype, device=device)

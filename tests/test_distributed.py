@@ -347,9 +347,14 @@ def scenario_mismatch(rank: int, world: int) -> None:
         call(zs, ts, other_y, vocab_start=lo, vocab_size=v)
     # A local error on rank 0 only: rank 0 raises it, rank 1 is told where to look.
     local_bad = ts[..., :-1] if rank == 0 else ts
-    match = "vocabulary size" if rank == 0 else r"invalid inputs on rank\(s\) \[0\]"
+    # (named by this function's own arguments: it said teacher_logits / student_logits)
+    match = (r"teacher_shard\[0\] has vocabulary size .* but student_shard has" if rank == 0
+             else r"invalid inputs on rank\(s\) \[0\]")  # fmt: skip
     with pytest.raises(ValueError, match=match):
         D.vocab_parallel_multi_teacher_kd_loss(zs, local_bad, y, vocab_start=lo, vocab_size=v)
+    # Fixed teacher weights that differ between the ranks (their values were not compared).
+    with pytest.raises(ValueError, match="ranks disagree on the options"):
+        call(zs, ts, y, vocab_start=lo, vocab_size=v, weights=torch.tensor([1.0, 1.0 + rank]))
     # Bad options on one rank only.
     with pytest.raises(ValueError, match="temperature" if rank == 1 else "rank"):
         call(zs, ts, y, vocab_start=lo, vocab_size=v, temperature=-1.0 if rank == 1 else 2.0)

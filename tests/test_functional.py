@@ -1156,6 +1156,30 @@ def test_more_bad_options_and_inputs(backend):
             mtbkd.teacher_weights(*args)
 
 
+def test_extreme_counts_weights_and_ignore_index(backend):
+    # found by a bug hunt: finite weights whose sum overflows (inf / NaN losses; teacher_weights
+    # gave all zeros), float64 weights refused as "not finite" once cast to float32, counts that
+    # overflow or underflow the loss dtype, an inf count tensor (the loss 0), an ignore_index
+    # beyond int64 (a bare OverflowError)
+    z, t, y = _inputs(n=6, v=5, k=2, dtype=torch.float32)
+    equal = torch.tensor([1.0, 1.0])
+    for huge in (torch.tensor([3e38, 3e38]), torch.tensor([1e300, 1e300], dtype=torch.float64)):
+        torch.testing.assert_close(mtbkd.mtbkd_loss(z, t, y, weights=huge),
+                                   mtbkd.mtbkd_loss(z, t, y, weights=equal))  # fmt: skip
+        torch.testing.assert_close(mtbkd.multi_teacher_kd_loss(z, t, y, weights=huge),
+                                   mtbkd.multi_teacher_kd_loss(z, t, y, weights=equal))  # fmt: skip
+        torch.testing.assert_close(mtbkd.teacher_weights(t, huge), torch.full((2, 6), 0.5))
+    with pytest.raises(ValueError, match="weights must be finite"):
+        mtbkd.mtbkd_loss(z, t, y, weights=torch.tensor([float("inf"), 1.0]))
+    for n in (1e39, 1e-50):
+        with pytest.raises(ValueError, match=r"num_items_in_batch must lie in .*float32"):
+            mtbkd.mtbkd_loss(z, t, y, num_items_in_batch=n)
+    for n in (torch.tensor(float("inf")), torch.tensor(1e-50, dtype=torch.float64)):
+        assert mtbkd.mtbkd_loss(z, t, y, num_items_in_batch=n).isnan()  # loudly wrong, not 0
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        mtbkd.mtbkd_loss(z, t, y, ignore_index=2**70)
+
+
 def test_teachers_of_another_dtype_are_cast_to_the_students(backend):
     z, t, y = _inputs(dtype=torch.float32)
     want = mtbkd.mtbkd_loss(z, t, y)
@@ -1414,14 +1438,15 @@ def test_float16_gradient_is_not_folded_where_loss_scaling_needs_its_range():
         assert rel.median().item() < 1e-3, rel.median().item()
 
 
-def test_zero_grad_scale_gives_a_zero_gradient_not_nan():
-    # num_items_in_batch = inf held in a tensor: the mean's 1 / count is 0 and so is the loss;
-    # the backward's grad_output / grad_scale is 0 / 0, which must not turn the gradient to NaN.
+def test_nonsense_count_tensors_give_nan_not_zero():
+    # num_items_in_batch = inf held in a tensor gave a loss of 0 and a zero gradient (the mean's
+    # 1 / count was 0), silently, where the number inf is refused: it is NaN now, loss and
+    # gradient, as a negative count
     z, t, y = _inputs(n=5, v=7, k=2, seed=9)
     a = z.float().requires_grad_(True)
     loss = mtbkd.mtbkd_loss(a, t.float(), y, num_items_in_batch=torch.tensor(float("inf")))
     loss.backward()
-    assert loss.item() == 0.0 and torch.equal(a.grad, torch.zeros_like(a))
+    assert loss.isnan().item() and a.grad.isnan().all().item()
     # a negative count stays loudly wrong: NaN loss and NaN gradient (validate.items_divisor)
     b = z.float().requires_grad_(True)
     loss = mtbkd.mtbkd_loss(b, t.float(), y, num_items_in_batch=torch.tensor(-3.0))

@@ -201,12 +201,64 @@ def test_errors_number_the_rows_of_the_whole_input():
     hid, w, b, teachers, y = _problem(n=10)
     t = torch.randn(2, 10, w.shape[0], dtype=torch.float64)
     t[1, 9, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"teacher_logits contains NaN or inf \(row 9\)"):
+    with pytest.raises(ValueError, match=r"^teachers\[1\] contains NaN or inf \(row 9\)"):
         fused_linear_mtbkd_loss(hid, w, t, y, chunk_size=4)
     bad = y.clone()
     bad[9] = w.shape[0]
     with pytest.raises(ValueError, match=r"row 9"):
         fused_linear_mtbkd_loss(hid, w, t[:1], bad, chunk_size=4)
+
+
+def test_errors_name_the_arguments_the_logits_come_from():
+    # the fused op named its own inputs (student_logits, teacher_logits), not the caller's, and
+    # not which teacher
+    from mtbkd.fused_linear import fused_linear_mtbkd_loss
+
+    hid, w, b, teachers, y = _problem(n=10)
+    bad_w = w.detach().clone()
+    bad_w[3, 0] = float("nan")  # every row's logit 3; row 0 is masked (y[::5] = -100)
+    with pytest.raises(ValueError, match=r"^student_hidden @ student_weight.T \(\+ student_bias\) "
+                       r"contains NaN or inf \(row 1\)"):  # fmt: skip
+        fused_linear_mtbkd_loss(hid, bad_w, teachers, y, chunk_size=4)
+    th = teachers[1][0].clone()
+    th[6, 2] = float("inf")
+    heads = [teachers[0], (th, *teachers[1][1:])]
+    with pytest.raises(ValueError, match=r"^teachers\[1\] \(hidden @ weight.T \+ bias\) contains "
+                       r"NaN or inf \(row 6\)"):  # fmt: skip
+        fused_linear_mtbkd_loss(hid, w, heads, y, chunk_size=4)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        fused_linear_mtbkd_loss(hid, w, teachers, y.to(torch.complex64))
+
+
+def test_teachers_in_another_row_order_are_refused():
+    # a sequence-first teacher [K, T, B, V] against a [B, T, H] student was flattened and paired
+    # with the wrong rows (only the row count was checked); the plain losses refuse it
+    from mtbkd.fused_linear import fused_linear_mtbkd_loss
+    from mtbkd.sparse import topk_teacher
+
+    g = torch.Generator().manual_seed(1)
+    hid = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (2, 3), generator=g)
+    t = torch.randn(2, 2, 3, 5, generator=g, dtype=torch.float64)
+    t_tb = t.transpose(1, 2).contiguous()
+    said = r"leading shape \(3, 2\) but student_hidden has \(2, 3\)"
+    with pytest.raises(ValueError, match=r"^teachers has " + said):
+        fused_linear_mtbkd_loss(hid, w, t_tb, y)
+    with pytest.raises(ValueError, match=r"^teachers\[1\] has " + said):
+        fused_linear_mtbkd_loss(hid, w, [t[0], t_tb[1]], y)
+    head = (
+        torch.randn(3, 2, 6, generator=g, dtype=torch.float64),
+        torch.randn(5, 6, dtype=torch.float64),
+    )
+    with pytest.raises(ValueError, match=r"^teachers\[0\] hidden has " + said):
+        fused_linear_mtbkd_loss(hid, w, [head], y)
+    with pytest.raises(ValueError, match=r"^teachers has " + said):
+        fused_linear_mtbkd_loss(hid, w, topk_teacher(t_tb[0], 3), y)
+    # the same order, or the rows flattened ([N, ...]), are accepted
+    plain = mtbkd.mtbkd_loss(hid @ w.T, t, y)
+    torch.testing.assert_close(fused_linear_mtbkd_loss(hid, w, t, y), plain)
+    torch.testing.assert_close(fused_linear_mtbkd_loss(hid, w, t.reshape(2, 6, 5), y), plain)
 
 
 def test_no_grad_computes_no_head_gradient(monkeypatch):
