@@ -204,6 +204,16 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument(
         "--seed", type=_seed, default=0, help="data split (and pipeline-trained teachers) seed"
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a setting of the teachers the pipeline trains for data without teachers of its own "
+        "(digits, yeast, your own), as `mtbkd distill --set` takes it: num_teachers, "
+        "teacher_hidden, teacher_epochs, teacher_other_fraction, teacher_folds, "
+        "teacher_calibrate (repeatable): --set num_teachers=2",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_teachers)
 
@@ -376,6 +386,83 @@ def _check_resume(args: argparse.Namespace, out: Path) -> None:
         )
 
 
+def _read_json(path: Path) -> dict:
+    """A JSON file's object; ``{}`` where it is missing or unreadable (the checks below only
+    look into it)."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _run_contents(out: Path) -> tuple[list[str], list[str], bool]:
+    """What folder ``out`` holds of earlier runs: the files of a single run at its top
+    (``report.json``, ``run.json``, ``checkpoints/``), those of a ``--seeds`` run (``seed<k>/``
+    folders, a ``summary.json`` of ``--seeds``) and whether it holds a summary made by
+    ``mtbkd summarise`` (a ``summary.json`` with ``pooled_from``)."""
+    import re
+
+    if not out.is_dir():
+        return [], [], False
+    single = [n + "/" * (out / n).is_dir() for n in ("report.json", "run.json", "checkpoints")
+              if (out / n).exists()]  # fmt: skip
+    found = [p.name for p in out.iterdir() if p.is_dir() and re.fullmatch(r"seed\d+", p.name)]
+    multi = [f"{n}/" for n in sorted(found, key=lambda n: int(n[4:]))]
+    pooled = False
+    if (out / "summary.json").is_file():
+        pooled = _read_json(out / "summary.json").get("pooled_from") is not None
+        if not pooled:
+            multi.append("summary.json")
+    return single, multi, pooled
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:4] + ["..."] * (len(names) > 4))
+
+
+def _check_run_kind(args: argparse.Namespace, out: Path, seeds: list[int] | None) -> None:
+    """A single run (``seeds`` None) never goes into a folder that holds a ``--seeds`` run, nor a
+    ``--seeds`` run into one that holds a single run, nor either into a summary of ``mtbkd
+    summarise``: their files would mix (before: ``--resume`` without ``--seeds`` trained a fresh
+    single run beside ``seed0/``, ``seed1/`` and ``summary.json``; ``--seeds`` wrote its seed
+    folders and summary beside another run's ``report.json``)."""
+    from mtbkd import report
+
+    single, multi, pooled = _run_contents(out)
+    cmd = f"mtbkd {args.command}"
+    if pooled:
+        raise SystemExit(
+            f"{cmd}: --out {out} holds a summary made by `mtbkd summarise`, not a run: choose "
+            "another --out"
+        )
+    if seeds is None and multi:
+        recorded = [int(s) for s in _read_json(out / "summary.json").get("seeds") or []]
+        if recorded:
+            again = f"--seeds {report.format_seeds(recorded)} --resume"
+        else:  # interrupted before its summary: the seeds begun
+            begun = sorted(int(n[4:-1]) for n in multi if n.startswith("seed"))
+            again = (f"--seeds {report.format_seeds(begun)} --resume (the seeds begun; add any "
+                     "others it was started with)")  # fmt: skip
+        if args.resume:
+            raise SystemExit(
+                f"{cmd}: --out {out} holds a --seeds run ({_listed(multi)}), not a single run: "
+                f"to continue it, pass {again}"
+            )
+        raise SystemExit(
+            f"{cmd}: --out {out} holds a --seeds run ({_listed(multi)}): a single run there "
+            f"would mix with it; choose another --out (to continue that run: {again})"
+        )
+    if seeds is not None and single:
+        seed = (_read_json(out / "report.json").get("config") or {}).get("seed")
+        again = f"--seed {seed} --resume" if isinstance(seed, int) else "--resume, no --seeds"
+        raise SystemExit(
+            f"{cmd}: --out {out} holds a single run ({_listed(single)}), not a --seeds run: "
+            "the seeds' folders and summary would mix with it; choose another --out (to "
+            f"continue that run: {again})"
+        )
+
+
 def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
     """One complete run (every method, one seed) into ``out``; returns its report."""
     from mtbkd import data, distill, report
@@ -483,6 +570,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     existed = bool(args.out) and Path(args.out).exists()
     out = _out_dir(args)
     _check_out_folder(args.command, out)
+    _check_run_kind(args, out, seeds)
     if args.resume and not out.exists():
         print(f"nothing to resume: {out} does not exist; starting a new run", file=sys.stderr)
     try:
@@ -652,9 +740,22 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
     from mtbkd import data, distill, report
 
     _refuse_data_dir(args)
+    # before: no --set, though the message of too many teachers asks for --set num_teachers=N
+    overrides = _overrides(args)
+    other = [k for k in overrides if k not in distill.TEACHER_TRAINING_FIELDS]
+    if other:
+        raise SystemExit(
+            f"mtbkd teachers: --set {other[0]}=... does not change the teachers; `mtbkd "
+            f"teachers` takes {', '.join(distill.TEACHER_TRAINING_FIELDS)}"
+        )
+    try:
+        config = distill.DistillConfig(
+            **{**distill.PRESETS.get(args.dataset, {}), **overrides, "seed": args.seed}
+        )
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"mtbkd teachers: {exc}") from None
     try:
         if args.dataset == "digits":
-            config = distill.DistillConfig(**distill.PRESETS["digits"], seed=args.seed)
             dataset = distill.digits_demo_dataset(config, seed=args.seed)
         else:
             if args.dataset in ("deeploc", "dir") and not args.data_dir:
@@ -664,16 +765,19 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise SystemExit(f"mtbkd teachers: {exc}") from None
     y_tr, y_te = torch.from_numpy(dataset.y_train), torch.from_numpy(dataset.y_test)
+    if dataset.teacher_names and not dataset.teachers_from_config and overrides:
+        raise SystemExit(
+            f"mtbkd teachers: --set {next(iter(overrides))}=... has no effect: {args.data_dir} "
+            f"brings teachers of its own ({', '.join(dataset.teacher_names)})"
+        )
     if dataset.teacher_names:
         names = dataset.teacher_names
         t_all = torch.stack([torch.from_numpy(dataset.teachers_train[n]) for n in names])
         t_test = torch.stack([torch.from_numpy(dataset.teachers_test[n]) for n in names])
     else:  # the teachers `mtbkd distill` would train for this dataset, on the whole train split
-        config = distill.DistillConfig(**distill.PRESETS.get(args.dataset, {}), seed=args.seed)
-        print(
-            f"training {config.num_teachers} teachers with different class expertise",
-            file=sys.stderr,
-        )
+        k = config.num_teachers
+        print(f"training {k} teacher{'s' * (k != 1)} with different class expertise",
+              file=sys.stderr)  # fmt: skip
         try:
             names, t_all, t_test = distill.teacher_logits(
                 torch.from_numpy(dataset.x_train), y_tr, torch.from_numpy(dataset.x_test),
@@ -752,6 +856,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise SystemExit(f"mtbkd predict: --out {out} is a folder: give the CSV file to write")
     _check_out_folder("predict", out.parent)
+    _check_predict_out(args, out)
     try:
         metrics = predict_file(
             args.run,
@@ -769,6 +874,38 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_predict_out(args: argparse.Namespace, out: Path) -> None:
+    """``--out`` is neither the ``--input`` file nor a file inside the run folder (or inside the
+    ``--seeds`` run whose seed folder ``--run`` is), compared after links and ``..`` are
+    resolved (before: ``--out RUN/run.json`` destroyed the run, ``--out RUN/predictions.csv``
+    replaced its test predictions, ``--out INPUT`` the inputs)."""
+    import os
+    import re
+
+    target, given = out.resolve(), Path(args.input)
+    if target == given.resolve() or (
+        out.exists() and given.exists() and os.path.samefile(out, given)
+    ):
+        raise SystemExit(
+            f"mtbkd predict: --out {args.out} is the --input file, which it would overwrite: "
+            "write the predictions to a file of their own"
+        )
+    run = Path(args.run).resolve()
+    if not (run / "run.json").is_file():  # not a saved run: refused before anything is written
+        return
+    folders = [run]
+    if re.fullmatch(r"seed\d+", run.name) and (run.parent / "summary.json").is_file():
+        folders.append(run.parent)  # a seed of a --seeds run: its summary, the other seeds
+    for folder in folders:
+        if folder in target.parents:
+            what = "the run folder" if folder == run else "the --seeds run folder"
+            raise SystemExit(
+                f"mtbkd predict: --out {args.out} lies inside {what} {folder} (--run "
+                f"{args.run}), whose files it would overwrite or mix with: write the "
+                "predictions outside it"
+            )
+
+
 def _cmd_summarise(args: argparse.Namespace) -> int:
     import os
 
@@ -784,15 +921,11 @@ def _cmd_summarise(args: argparse.Namespace) -> int:
                 f"mtbkd summarise: --out {args.out} is, holds or lies inside the run {run}, "
                 "whose files it would overwrite or mix with (choose a folder of its own)"
             )
-    if out.is_dir():  # never over a run, or over a --seeds run's own summary
-        seed_dirs = [p.name for p in out.glob("seed*") if p.is_dir()]
-        if (out / "report.json").exists() or seed_dirs:
-            raise SystemExit(f"mtbkd summarise: --out {args.out} holds a run (report.json or "
-                             "seed<k>/): choose a folder of its own")  # fmt: skip
-        if (out / "summary.json").is_file():
-            if json.loads((out / "summary.json").read_text()).get("pooled_from") is None:
-                raise SystemExit(f"mtbkd summarise: --out {args.out} holds the summary of a "
-                                 "run: choose a folder of its own")  # fmt: skip
+    single, multi, _ = _run_contents(out)  # never over a run, or over a --seeds run's summary
+    if single or multi:
+        what = "the summary of a run" if multi == ["summary.json"] and not single else "a run"
+        raise SystemExit(f"mtbkd summarise: --out {args.out} holds {what} "
+                         f"({_listed(single + multi)}): choose a folder of its own")  # fmt: skip
     try:
         reports, per_row, seeds, folders = report.gather_seed_runs(args.runs, name="RUN")
         names = [m["name"] for m in reports[0]["methods"]]

@@ -18,7 +18,11 @@ Directory formats (``load_directory``):
   extra one is an error). Column names are stripped of spaces (a UTF-8 byte-order mark is
   fine); a repeated name, or a first line of numbers (no header), is an error. Teachers are
   ``teacher_<name>_train.csv`` / ``teacher_<name>_test.csv``: logits, one row per example,
-  comma-separated, no header. An optional ``classes.txt`` names the classes, one a line.
+  comma-separated, no header. An optional ``classes.txt`` names the classes, one a line (at
+  least two, and one for every label: labels lie in 0..C-1 for its C names).
+
+Errors about the files' contents name the file (``test/features.npy``, ``teacher_b_test.csv``,
+``classes.txt``), in every format.
 
 Without ``classes.txt`` the classes are 0..C-1 for the largest label C-1 (or the teachers' class
 count, when they all give more), and without teachers every one of them must have a training
@@ -644,6 +648,8 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
             f"{path} is not a UTF-8 text CSV ({exc.reason} at byte {exc.start}): save it as "
             "CSV UTF-8"
         ) from None
+    if header and all(_is_number(h) for h in header):  # before: "no label column", "no rows"
+        raise ValueError(f"{path} has no header row (its first line is numbers): name the columns")
     unnamed = [i + 1 for i, h in enumerate(header) if not h]
     if unnamed:  # pandas' to_csv() writes its index as a column with an empty name
         raise ValueError(
@@ -713,9 +719,7 @@ def read_inputs(
         return _features(_load_npy(path), str(path)), None, None
     header, rows = _read_csv(path)
     if not rows:
-        raise ValueError(f"{path} has no rows")
-    if all(_is_number(h) for h in header):
-        raise ValueError(f"{path} has no header row (its first line is numbers): name the columns")
+        raise ValueError(f"{path} has a header row but no data rows")
     lab = _label_column(path, header)
     labels = _parse_labels(path, rows, lab) if lab is not None else None
     ids = None
@@ -762,7 +766,7 @@ def _load_csv_split(
     path = root / f"{split}.csv"
     header, rows = _read_csv(path)
     if not rows:
-        raise ValueError(f"{path} has no rows")
+        raise ValueError(f"{path} has a header row but no data rows")
     lab = _label_column(path, header)
     if lab is None:
         raise ValueError(f"{path} needs a label column named one of {_LABEL_COLUMNS}")
@@ -843,14 +847,25 @@ def _label_indices(y, name: str) -> np.ndarray:
 
 
 def _class_names(
-    root: Path, labels: list[np.ndarray], teachers: dict[str, np.ndarray]
+    root: Path, labels: list[np.ndarray], teachers: dict[str, np.ndarray], label_files: list[Path]
 ) -> list[str]:
+    """The class names: ``classes.txt``, else 0..C-1. ``label_files``: the file each array of
+    ``labels`` was read from (named by the errors)."""
     if (root / "classes.txt").is_file():
-        names = [ln.strip() for ln in (root / "classes.txt").read_text().splitlines()
-                 if ln.strip()]  # fmt: skip
+        path = root / "classes.txt"
+        names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
-            raise ValueError(f"{root / 'classes.txt'} names a class twice: {repeated}")
+            raise ValueError(f"{path} names a class twice: {repeated}")
+        if len(names) < 2:
+            raise ValueError(f"{path} names {len(names)} classes: a classifier needs at least 2")
+        for y, file in zip(labels, label_files, strict=True):
+            if len(y) and int(y.max()) >= len(names):  # before: "y_train has labels outside"
+                raise ValueError(
+                    f"{file} has labels up to {int(y.max())} but {path} names {len(names)} "
+                    f"classes (one a line): use class indices 0..{len(names) - 1}, or name "
+                    "every class"
+                )
         return names
     c = max(int(y.max()) for y in labels) + 1
     widths = {np.asarray(t).shape[-1] for t in teachers.values()}
@@ -878,6 +893,49 @@ def _class_names(
                 "teachers or a classes.txt, every class needs training rows"
             )
     return [str(i) for i in range(c)]
+
+
+def _check_split(
+    x,
+    y: np.ndarray,
+    teachers: dict[str, np.ndarray],
+    split: str,
+    features: Path,
+    labels: Path,
+    teacher,
+) -> np.ndarray:
+    """What :class:`Dataset` checks of one split (``"train"`` or ``"test"``) of a format with a
+    test split of its own, here naming the files the split was read from: ``features``
+    (non-finite values), ``labels`` (one label a row; the same CSV as ``features`` in that
+    format) and ``teacher(name, split)`` (one row of logits a row). Returns the features as
+    float32."""
+    x = _features(x, str(features))
+    if len(y) != len(x):
+        raise ValueError(
+            f"{labels} must be [N] with N = {len(x)} (the rows of {features}), got shape {y.shape}"
+        )
+    for name, t in teachers.items():
+        if np.asarray(t).shape[0] != len(x):
+            raise ValueError(
+                f"{teacher(name, split)} has {np.asarray(t).shape[0]} rows but {features} has "
+                f"{len(x)}: teacher rows must align with the examples"
+            )
+    return x
+
+
+def _check_split_pair(x_tr, x_te, t_tr, t_te, features: tuple[Path, Path], teacher) -> None:
+    """The training and the test split alike: as many features (``features``: the two splits'
+    files) and the same teachers (``teacher(name, split)``: the file of a teacher's logits)."""
+    if x_tr.shape[1] != x_te.shape[1]:
+        raise ValueError(
+            f"{features[1]} has {x_te.shape[1]} features but {features[0]} has {x_tr.shape[1]}"
+        )
+    for name in sorted(set(t_tr) ^ set(t_te)):
+        have, lack = ("train", "test") if name in t_tr else ("test", "train")
+        raise ValueError(
+            f"there is {teacher(name, have)} but no {teacher(name, lack)}: every teacher needs "
+            "the logits of the training and of the test rows"
+        )
 
 
 def load_directory(
@@ -924,6 +982,16 @@ def load_directory(
         if kind != kind_te:
             raise ValueError(f"{root}: train.csv and test.csv have different formats")
         t_tr, t_te = _csv_teachers(root, "train"), _csv_teachers(root, "test")
+
+        def csv_teacher(name: str, split: str) -> Path:
+            return root / f"teacher_{name}_{split}.csv"
+
+        teacher_file = csv_teacher
+        label_files = [root / "train.csv", root / "test.csv"]  # features and labels alike
+        tr_csv, te_csv = label_files
+        x_tr = _check_split(x_tr, y_tr, t_tr, "train", tr_csv, tr_csv, csv_teacher)
+        x_te = _check_split(x_te, y_te, t_te, "test", te_csv, te_csv, csv_teacher)
+        _check_split_pair(x_tr, x_te, t_tr, t_te, (tr_csv, te_csv), csv_teacher)
     elif (root / "features.npy").is_file():
         x, y, teachers = _npy_split(root)
         x, y = _features(x, "features.npy"), np.asarray(y)
@@ -940,19 +1008,45 @@ def load_directory(
         x_tr, y_tr, x_te, y_te = x[tr], y[tr], x[te], y[te]
         t_tr = {k: np.asarray(v)[tr] for k, v in teachers.items()}
         t_te = {k: np.asarray(v)[te] for k, v in teachers.items()}
-        kind, feat = "numeric", None
+        kind, feat, label_files = "numeric", None, [root / "labels.npy"] * 2
+
+        def teacher_file(name: str, split: str) -> Path:
+            return root / f"teacher_{name}.npy"
+
     elif (root / "train" / "features.npy").is_file():
-        x_tr, y_tr, t_tr = _npy_split(root / "train")
-        x_te, y_te, t_te = _npy_split(root / "test")
-        y_tr = _label_indices(y_tr, str(root / "train" / "labels.npy"))
-        y_te = _label_indices(y_te, str(root / "test" / "labels.npy"))
-        kind, feat = "numeric", None
+
+        def npy_teacher(name: str, split: str) -> Path:
+            return root / split / f"teacher_{name}.npy"
+
+        # each check names the file (before: "x_test has NaN ...", "y_train must be [N] ...")
+        splits = []
+        for split in ("train", "test"):
+            folder = root / split
+            x, y, t = _npy_split(folder)
+            y = _label_indices(y, str(folder / "labels.npy"))
+            x = _check_split(
+                x, y, t, split, folder / "features.npy", folder / "labels.npy", npy_teacher
+            )
+            splits.append((x, y, t))
+        (x_tr, y_tr, t_tr), (x_te, y_te, t_te) = splits
+        features = (root / "train" / "features.npy", root / "test" / "features.npy")
+        _check_split_pair(x_tr, x_te, t_tr, t_te, features, npy_teacher)
+        kind, feat, teacher_file = "numeric", None, npy_teacher
+        label_files = [root / "train" / "labels.npy", root / "test" / "labels.npy"]
     else:
         raise FileNotFoundError(
             f"{root} is not a dataset directory: expected train.csv + test.csv, features.npy + "
             "labels.npy, or train/ and test/ folders with them"
         )
-    classes = _class_names(root, [np.asarray(y_tr), np.asarray(y_te)], t_tr)
+    classes = _class_names(root, [np.asarray(y_tr), np.asarray(y_te)], t_tr, label_files)
+    for split, teachers in (("train", t_tr), ("test", t_te)):
+        for t_name, t in teachers.items():
+            if np.asarray(t).shape[1] != len(classes):  # before: "teacher 'a' (train) has ..."
+                named = f" ({root / 'classes.txt'} names them)" * (root / "classes.txt").is_file()
+                raise ValueError(
+                    f"{teacher_file(t_name, split)} has {np.asarray(t).shape[1]} classes but the "
+                    f"data has {len(classes)}{named}"
+                )
     encoder = sequence_encoder if kind == "sequence" else "composition"
     return Dataset(name, x_tr, y_tr, x_te, y_te, classes, t_tr, t_te, kind, feat, encoder)
 

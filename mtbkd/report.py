@@ -979,6 +979,19 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def format_seeds(seeds: list[int]) -> str:
+    """Seeds as ``--seeds`` takes them: runs of consecutive seeds as ranges (``[0, 1, 2, 7]`` ->
+    ``"0-2,7"``); :func:`parse_seeds` reads it back."""
+    parts, start = [], None
+    ordered = list(seeds)
+    for i, s in enumerate(ordered):
+        start = s if start is None else start
+        if i + 1 == len(ordered) or ordered[i + 1] != s + 1:
+            parts.append(f"{start}-{s}" if s > start else str(s))
+            start = None
+    return ",".join(parts)
+
+
 def _t_quantile(df: int) -> float | None:
     try:
         from scipy.stats import t  # scikit-learn's dependency; optional here

@@ -865,3 +865,120 @@ def test_refused_commands_leave_no_folder_behind(tmp_path, monkeypatch, capsys):
         read_inputs(tmp_path, "numeric")  # what predict --input reads
     with pytest.raises(FileNotFoundError, match="data directory afile is a file, not a folder"):
         load_directory("afile")
+
+
+def test_a_run_folder_never_mixes_a_single_run_and_a_seeds_run(tmp_path, capsys):
+    # found by an audit: `--resume` without --seeds on a --seeds run's folder trained a fresh
+    # single run into it (rc 0), and --seeds into a single run's folder wrote beside its report
+    d = _own_dataset(tmp_path, 60, seed=6)
+    base = ["distill", "--dataset", "dir", "--data-dir", str(d), "--smoke", "--methods", "ce",
+            "--no-figures", "--no-progress"]  # fmt: skip
+    seeds, single = tmp_path / "seeds", tmp_path / "single"
+    assert cli.main(base + ["--seeds", "0-1", "--out", str(seeds)]) == 0
+    assert cli.main(base + ["--seed", "2", "--out", str(single)]) == 0
+    before = sorted(p.name for p in seeds.iterdir()), sorted(p.name for p in single.iterdir())
+    named = r"--out .*seeds holds a --seeds run \(seed0/, seed1/, summary.json\)"
+    with pytest.raises(SystemExit, match=named + ", not a single run: .*pass --seeds 0-1 --resume"):
+        cli.main(base + ["--out", str(seeds), "--resume"])
+    with pytest.raises(SystemExit, match=named + ": a single run there would mix with it"):
+        cli.main(base + ["--out", str(seeds), "--seed", "3"])
+    named = r"--out .*single holds a single run \(report.json, checkpoints/\), not a --seeds run"
+    for extra in ([], ["--resume"]):
+        with pytest.raises(SystemExit, match=named + ".*continue that run: --seed 2 --resume"):
+            cli.main(base + ["--out", str(single), "--seeds", "0-1", *extra])
+    after = sorted(p.name for p in seeds.iterdir()), sorted(p.name for p in single.iterdir())
+    assert after == before  # nothing was written into either
+    # a --seeds run interrupted before its summary: the seeds of its folders are suggested
+    (seeds / "summary.json").unlink()
+    with pytest.raises(SystemExit, match=r"\(seed0/, seed1/\).*--seeds 0-1 --resume \(the seeds"):
+        cli.main(base + ["--out", str(seeds), "--resume"])
+    assert cli.main(base + ["--seeds", "0-1", "--out", str(seeds), "--resume"]) == 0
+    # an interrupted single run (checkpoints only) is a single run too; a summary made by
+    # `mtbkd summarise` is no run for either
+    (single / "report.json").unlink()
+    (single / "run.json").unlink(missing_ok=True)
+    with pytest.raises(SystemExit, match=r"holds a single run \(checkpoints/\).*--resume, no --s"):
+        cli.main(base + ["--out", str(single), "--seeds", "0-1"])
+    with pytest.raises(SystemExit, match="holds a run \\(checkpoints/\\)"):
+        cli.main(["summarise", str(seeds), "--out", str(single)])
+    pooled = tmp_path / "pooled"
+    assert cli.main(["summarise", str(seeds), "--out", str(pooled), "--no-figures"]) == 0
+    for extra in (["--seed", "4"], ["--seeds", "4-5"]):
+        with pytest.raises(SystemExit, match="holds a summary made by `mtbkd summarise`"):
+            cli.main(base + ["--out", str(pooled), *extra])
+    assert sorted(p.name for p in pooled.iterdir()) == ["summary.json", "summary.md"]
+    capsys.readouterr()
+
+
+def test_teachers_takes_the_teacher_settings_of_set(tmp_path, capsys):
+    # found by an audit: too many teachers for the classes said "set --set num_teachers=N",
+    # which `mtbkd teachers` refused as an unrecognized argument
+    root = tmp_path / "own"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    np.save(root / "features.npy", rng.normal(size=(40, 3)) + 2.0 * y[:, None])
+    np.save(root / "labels.npy", y)
+    argv = ["teachers", "--dataset", "dir", "--data-dir", str(root), "--json"]
+    with pytest.raises(SystemExit, match="num_teachers must lie in 1..2 .*--set num_teachers=N"):
+        cli.main(argv)
+    fast = ["--set", "teacher_epochs=20", "--set", "teacher_folds=2"]
+    assert cli.main(argv + ["--set", "num_teachers=2", *fast]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [t["name"] for t in d["teachers"]] == ["t0", "t1"]
+    assert cli.main(argv + ["--set", "num_teachers=1", *fast]) == 0
+    assert [t["name"] for t in json.loads(capsys.readouterr().out)["teachers"]] == ["t01"]
+    # only the teachers' settings, checked as distill checks them
+    bad = {
+        "weights=uniform": "--set weights=... does not change the teachers; .* takes num_teach",
+        "num_teachers=two": "--set num_teachers=two: expected a value like 3",
+        "nope=1": "unknown field 'nope'",
+        "teacher_other_fraction=2": "teacher_other_fraction must lie in \\[0, 1\\]",
+    }
+    for item, message in bad.items():
+        with pytest.raises(SystemExit, match=message):
+            cli.main(["teachers", "--dataset", "digits", "--set", item])
+    # data with teachers of its own: the teachers' settings change nothing
+    np.save(root / "teacher_a.npy", np.eye(2)[y] * 3.0)
+    with pytest.raises(SystemExit, match="num_teachers=... has no effect: .* brings teachers of"):
+        cli.main(argv + ["--set", "num_teachers=1"])
+
+
+def test_predict_never_writes_over_its_run_or_its_input(tmp_path, capsys):
+    # found by an audit: --out RUN/run.json destroyed the run, --out RUN/predictions.csv replaced
+    # its test predictions, --out INPUT the inputs
+    import os
+
+    d = _own_dataset(tmp_path, 60, seed=7)
+    base = ["distill", "--dataset", "dir", "--data-dir", str(d), "--smoke", "--no-figures",
+            "--methods", "ce,mtbkd_sgld", "--no-progress"]  # fmt: skip
+    run, seeds = tmp_path / "run", tmp_path / "seeds"
+    assert cli.main(base + ["--out", str(run)]) == 0
+    assert cli.main(base + ["--seeds", "0-1", "--out", str(seeds)]) == 0
+    x = tmp_path / "x.npy"
+    np.save(x, np.load(d / "features.npy")[:5])
+    (tmp_path / "link").symlink_to(run)
+    (tmp_path / "xlink.npy").symlink_to(x)
+    kept = {p: p.read_bytes() for p in [x, *run.iterdir(), *seeds.iterdir()] if p.is_file()}
+    inside = "lies inside the run folder .*whose files it would overwrite"
+    for r, out, message in [
+        (run, run / "run.json", inside),
+        (run, run / "predictions.csv", inside),
+        (run, run / "checkpoints" / ".." / "new.csv", inside),
+        (run, tmp_path / "link" / "new.csv", inside),
+        (seeds / "seed0", seeds / "seed0" / "predictions.csv", inside),
+        (seeds / "seed0", seeds / "summary.json", "lies inside the --seeds run folder"),
+        (seeds / "seed0", seeds / "seed1" / "new.csv", "lies inside the --seeds run folder"),
+        (run, x, "--out .*x.npy is the --input file"),
+        (run, tmp_path / "xlink.npy", "--out .*xlink.npy is the --input file"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            cli.main(["predict", "--run", str(r), "--input", str(x), "--out", str(out)])
+    assert all(p.read_bytes() == b for p, b in kept.items())
+    assert not (run / "new.csv").exists() and not (seeds / "seed1" / "new.csv").exists()
+    assert os.path.exists(run / "run.json")
+    out = tmp_path / "p.csv"
+    assert cli.main(["predict", "--run", str(seeds / "seed0"), "--input", str(x),
+                     "--out", str(out)]) == 0  # fmt: skip
+    assert len(list(csv.DictReader(out.open()))) == 5
+    capsys.readouterr()

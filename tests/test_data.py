@@ -538,3 +538,90 @@ def test_built_in_datasets_take_a_cross_fitting_fold(tmp_path):
         data.load_dataset("dir", tmp_path / "empty", fold=(0, 2, 0))
     with pytest.raises(ValueError, match="cross-fit it with examples/cross_fit.py"):
         data.load_dataset("deeploc", csv_dir, fold=(0, 2, 0))
+
+
+def test_train_test_formats_name_the_file_in_their_errors(tmp_path):
+    # found by an audit: the train/ + test/ and CSV formats named x_test, y_train, teachers_train
+    # (Dataset's arguments) where the one-folder format names its files
+    def folders(name, **test):
+        root = tmp_path / name
+        _npy_dir(root / "train", n=30)
+        _npy_dir(root / "test", n=12, seed=1, **test)
+        return root
+
+    made = {}
+    made["nan"] = folders("nan")
+    x = np.load(made["nan"] / "test" / "features.npy")
+    x[3, 1] = np.inf
+    np.save(made["nan"] / "test" / "features.npy", x)
+    made["short"] = folders("short")
+    np.save(made["short"] / "train" / "labels.npy", np.arange(29) % 3)
+    made["narrow"] = folders("narrow", d=4)
+    made["rows"] = folders("rows")
+    np.save(made["rows"] / "test" / "teacher_t1.npy", np.zeros((11, 3)))
+    made["missing"] = folders("missing")
+    (made["missing"] / "test" / "teacher_t1.npy").unlink()
+    made["classes"] = folders("classes")
+    (made["classes"] / "classes.txt").write_text("a\nb\n")
+    made["wide"] = folders("wide")
+    np.save(made["wide"] / "test" / "teacher_t1.npy", np.zeros((12, 4)))
+    for name, match in {
+        "nan": "test/features.npy has NaN or infinite values in 1 rows",
+        "short": r"train/labels.npy must be \[N\] with N = 30 \(the rows of .*train/features.npy",
+        "narrow": "test/features.npy has 4 features but .*train/features.npy has 5",
+        "rows": "test/teacher_t1.npy has 11 rows but .*test/features.npy has 12",
+        "missing": "there is .*train/teacher_t1.npy but no .*test/teacher_t1.npy",
+        "classes": "train/labels.npy has labels up to 2 but .*classes.txt names 2 classes",
+        "wide": "test/teacher_t1.npy has 4 classes but the data has 3",
+    }.items():
+        with pytest.raises(ValueError, match=match):
+            data.load_directory(made[name])
+    one = _npy_dir(tmp_path / "one")  # the one-folder format: classes.txt too short or too long
+    (one / "classes.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match="one/labels.npy has labels up to 2 but .*classes.txt"):
+        data.load_directory(one)
+    (one / "classes.txt").write_text("a\n")
+    with pytest.raises(ValueError, match="classes.txt names 1 classes: a classifier needs"):
+        data.load_directory(one)
+    # the CSV format: a teacher file missing, short or too wide, and classes.txt
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        _write_csv(csv_dir / f"{split}.csv", ["a", "label"], [[i, i % 3] for i in range(9)])
+        for t in ("a", "b"):
+            np.savetxt(csv_dir / f"teacher_{t}_{split}.csv", rng.normal(size=(9, 3)), delimiter=",")
+    assert data.load_directory(csv_dir).teacher_names == ["a", "b"]
+    (csv_dir / "teacher_b_test.csv").unlink()
+    with pytest.raises(ValueError, match="there is .*teacher_b_train.csv but no .*teacher_b_test"):
+        data.load_directory(csv_dir)
+    np.savetxt(csv_dir / "teacher_b_test.csv", rng.normal(size=(8, 3)), delimiter=",")
+    with pytest.raises(ValueError, match="teacher_b_test.csv has 8 rows but .*test.csv has 9"):
+        data.load_directory(csv_dir)
+    np.savetxt(csv_dir / "teacher_b_test.csv", rng.normal(size=(9, 4)), delimiter=",")
+    with pytest.raises(ValueError, match="teacher_b_test.csv has 4 classes but the data has 3"):
+        data.load_directory(csv_dir)
+    np.savetxt(csv_dir / "teacher_b_test.csv", rng.normal(size=(9, 3)), delimiter=",")
+    (csv_dir / "classes.txt").write_text("x\ny\n")
+    with pytest.raises(ValueError, match="train.csv has labels up to 2 but .*classes.txt names 2"):
+        data.load_directory(csv_dir)
+
+
+def test_csv_without_a_header_or_without_data_rows(tmp_path):
+    # found by an audit: a train.csv with no header line was "needs a label column", and a file
+    # whose one line is numbers "has no rows" (the line was read as the header)
+    for split in ("train", "test"):
+        _write_csv(tmp_path / f"{split}.csv", ["a", "label"], [[i, i % 2] for i in range(6)])
+    (tmp_path / "train.csv").write_text("0.5,0\n1.5,1\n2.5,0\n")
+    with pytest.raises(ValueError, match="train.csv has no header row \\(its first line is numb"):
+        data.load_directory(tmp_path)
+    (tmp_path / "train.csv").write_text("a,label\n")
+    with pytest.raises(ValueError, match="train.csv has a header row but no data rows"):
+        data.load_directory(tmp_path)
+    path = tmp_path / "x.txt"
+    path.write_text("1,2\n")
+    with pytest.raises(ValueError, match="x.txt has no header row"):
+        data.read_inputs(path, "numeric")
+    path.write_text("a,b\n")
+    with pytest.raises(ValueError, match="x.txt has a header row but no data rows"):
+        data.read_inputs(path, "numeric")
