@@ -149,9 +149,14 @@ def _options_key(options: dict) -> int:
 
     def norm(key, value):
         if isinstance(value, Tensor):
-            if key == "weights":  # fixed weights: read on the host anyway (their checks)
-                data = value.detach().to("cpu", torch.float64).contiguous().numpy()
-                return (tuple(value.shape), zlib.crc32(data.tobytes()))
+            if key == "weights":  # fixed weights (validated): two sums, one host transfer
+                try:
+                    w = value.detach().reshape(-1).to(torch.float64)
+                    at = torch.arange(1, w.numel() + 1, dtype=torch.float64, device=w.device)
+                    sums = torch.stack([w.sum(), (w * at).sum()]).tolist()
+                except (RuntimeError, NotImplementedError) as exc:  # a meta tensor, ...: the
+                    raise ValueError(f"weights: {exc}") from None  # ranks are told, not hung
+                return (tuple(value.shape), *sums)
             return "tensor"  # a num_items_in_batch tensor is never read on the host
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)  # 2 and 2.0 agree
@@ -886,13 +891,13 @@ def _fused_call(name, loss_fn, opts, student_hidden, student_weight_shard, teach
                                labels, student_bias_shard, vocab_start, vocab_size,
                                chunk_size)  # fmt: skip
         meta = _fused_meta(parsed[0], parsed[2], parsed[3], parsed[1], vocab_start, vocab_size)
+        if isinstance(opts["weights"], Tensor):  # validated before its fingerprint
+            opts = dict(opts, weights=_flat_weights(opts["weights"], len(parsed[2]), parsed[4]))
         meta.append(_options_key(dict(opts, chunk_size=chunk_size, reduction=reduction,
                                       num_items_in_batch=num_items_in_batch,
                                       return_stats=return_stats,
                                       # grad_h's all-reduce needs one H on every rank
                                       hidden_size=parsed[0].shape[1])))  # fmt: skip
-        if isinstance(opts["weights"], Tensor):
-            opts = dict(opts, weights=_flat_weights(opts["weights"], len(parsed[2]), parsed[4]))
     except (TypeError, ValueError) as exc:
         error = exc
     device = student_hidden.device if isinstance(student_hidden, Tensor) else torch.device("cpu")

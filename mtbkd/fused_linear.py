@@ -452,8 +452,9 @@ def _prepare(student_hidden, student_weight, teachers, labels, student_bias, chu
 def _check_lead(teacher_lead: torch.Size, lead: torch.Size, name: str) -> None:
     """A teacher of several leading dimensions pairs its rows with the student's by position:
     its leading shape must be student_hidden's (a [T, B] teacher against a [B, T] student paired
-    the wrong rows). One leading dimension is the rows flattened, checked by count."""
-    if teacher_lead != lead:
+    the wrong rows). A teacher of one leading dimension, or a flattened student ``[N, H]``, pairs
+    the rows flattened in order: checked by count."""
+    if len(lead) > 1 and teacher_lead != lead:
         raise ValueError(
             f"{name} has leading shape {tuple(teacher_lead)} but student_hidden has "
             f"{tuple(lead)} (the rows must be in the same order; or flatten both to [N, ...])"
@@ -542,7 +543,8 @@ def fused_linear_mtbkd_loss(
     heads ``(hidden [N, H_k], weight [V_k, H_k], bias | None)`` or :class:`mtbkd.SparseTeacher`
     (V_k ≥ V; a padded teacher vocabulary is sliced to the student's V). With ``student_hidden``
     ``[..., H]``, each teacher's rows (``N`` above) are the flattened rows or ``student_hidden``'s
-    leading shape itself; another leading shape (``[T, B]`` for ``[B, T]``) is refused. Gradients
+    leading shape itself; another leading shape (``[T, B]`` for ``[B, T]``) is refused (a
+    flattened ``student_hidden`` ``[N, H]`` takes any teacher of N rows, flattened). Gradients
     flow to ``student_hidden``, ``student_weight`` and ``student_bias`` only.
     """
     validate.check_mtbkd_options(

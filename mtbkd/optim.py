@@ -80,14 +80,19 @@ def _shard_key(p: Tensor, dtensor: type | None) -> tuple[int, ...]:
     return tuple(key)
 
 
-def _shard_seed(seed: int, key: tuple[int, ...]) -> int:
-    """The Philox seed of one shard: ``seed`` itself for unsharded data, else a hash of both, so
-    the shards of a parameter draw independent noise (with the same seed and the same stream,
-    equal-sized shards would otherwise get the very same normals)."""
-    if not key:
-        return seed
-    digest = hashlib.blake2b(repr((seed, key)).encode(), digest_size=8).digest()
+def _shard_seed(seed: int, index: int, key: tuple[int, ...]) -> int:
+    """The Philox seed of the local shard of a DTensor parameter: a hash of the step's seed, the
+    parameter's place among the bucket's (``index``, the same on every rank) and the shard's
+    coordinates (``key``). The shards of a parameter, and the parameters, draw independent noise
+    (with one seed and one stream, equal-sized shards would get the very same normals); replicas
+    of a shard draw the same."""
+    digest = hashlib.blake2b(repr((seed, index, key)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % _SEED_LIMIT
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def _local(t: Tensor, dtensor: type | None) -> Tensor:
@@ -117,11 +122,12 @@ class SGLD(Optimizer):
 
     Data-parallel training: under ``DistributedDataParallel`` call ``torch.manual_seed`` with
     the same seed on every rank, so the replicas draw the same noise and stay identical. FSDP2's
-    ``fully_shard`` parameters (DTensors) are stepped shard by shard, each on its own rank; a
-    shard's noise is keyed by its coordinate on the device mesh, so the shards of a parameter
-    draw independent noise (the same seed on every rank again; replicated mesh dimensions, as in
-    HSDP, draw the same). The deterministic part of the step equals one process's exactly; the
-    noise is a different draw from the same distribution.
+    ``fully_shard`` parameters (DTensors) are stepped shard by shard, each on its own rank, one op
+    call per parameter, its seed a hash of the step's seed, the parameter's place in its bucket
+    and the shard's mesh coordinates: the shards of a parameter draw independent noise, replicas
+    of a shard the same, and every rank draws the same seeds from torch's generator (the same
+    ``torch.manual_seed`` on every rank again). The deterministic part of the step equals one
+    process's exactly; the noise is a different draw from the same distribution.
     """
 
     def __init__(
@@ -166,19 +172,17 @@ class SGLD(Optimizer):
         for group in self.param_groups:
             # a group edited since (a scheduler, or by hand): a negative lr made NaN noise
             _check_hyperparameters(group, at_step=True)
-            # One fused call per (device, dtype, shard): the CUDA op takes one dtype per launch,
-            # and each shard of an FSDP2 parameter has a seed of its own.
-            buckets: dict[tuple, list[Tensor]] = {}
-            dtensor = _dtensor_type()
+            # One fused call per (device, dtype): the CUDA op takes one dtype per launch. The
+            # buckets, and so the seeds drawn from torch's generator, are alike on every rank.
+            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("SGLD does not support sparse gradients")
-                key = (p.device, p.dtype, _shard_key(p, dtensor))
-                buckets.setdefault(key, []).append(p)
-            for (_, _, shard), params in buckets.items():
-                self._step_bucket(group, params, shard, dtensor)
+                buckets.setdefault((p.device, p.dtype), []).append(p)
+            for params in buckets.values():
+                self._step_bucket(group, params, _dtensor_type())
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -192,15 +196,25 @@ class SGLD(Optimizer):
             saved = state_dict["state"].get(i, {}).get("square_avg")
             if saved is not None:
                 acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-                self.state[p]["square_avg"] = saved.detach().to(device=p.device, dtype=acc).clone()
+                value = saved.detach().to(device=p.device, dtype=acc).clone()
+                if _is_dtensor(p) and not _is_dtensor(value):
+                    # a single-process checkpoint into FSDP2 parameters: shard it like them
+                    # (a collective: every rank loads)
+                    from torch.distributed.tensor import distribute_tensor
 
-    def _step_bucket(
-        self, group: dict[str, Any], params: list[Tensor], shard: tuple[int, ...],
-        dtensor: type | None,
-    ) -> None:  # fmt: skip
+                    if value.shape != p.shape:
+                        raise ValueError(
+                            f"SGLD.load_state_dict: square_avg of shape {tuple(value.shape)} for "
+                            f"a parameter of shape {tuple(p.shape)}"
+                        )
+                    value = distribute_tensor(value, p.device_mesh, p.placements)
+                self.state[p]["square_avg"] = value
+
+    def _step_bucket(self, group: dict[str, Any], params: list[Tensor], dtensor: type | None):
         precondition = group["precondition"]
-        targets, grads, square_avgs, copy_back = [], [], [], []
-        for p in params:
+        seed = new_seed()
+        plain: list[tuple] = []
+        for index, p in enumerate(params):
             state = self.state[p]
             state["step"] = state.get("step", 0) + 1
             if precondition and "square_avg" not in state:
@@ -209,25 +223,42 @@ class SGLD(Optimizer):
                 state["square_avg"] = torch.zeros_like(
                     p, dtype=acc, memory_format=torch.contiguous_format
                 )
+            sq = _local(state["square_avg"], dtensor) if precondition else None
             local, grad = _local(p, dtensor), _local(p.grad, dtensor)
-            if grad.shape != local.shape:
+            if grad.shape != local.shape or (sq is not None and sq.shape != local.shape):
                 raise ValueError(
-                    f"SGLD: a gradient's local shape {tuple(grad.shape)} differs from its "
-                    f"parameter's {tuple(local.shape)} (sharded another way)"
+                    f"SGLD: parameter {index}'s local shape {tuple(local.shape)} differs from its "
+                    f"gradient's {tuple(grad.shape)} or its square_avg's (sharded another way)"
                 )
+            if local is p:
+                plain.append((p, grad, sq))
+            else:  # an FSDP2 shard: a call of its own, its seed keyed by the shard
+                key = _shard_key(p, dtensor)
+                self._update(group, [(local, grad, sq)], _shard_seed(seed, index, key))
+        # every plain tensor in one fused call, keyed by the step's seed (as without FSDP)
+        self._update(group, plain, seed)
+
+    @staticmethod
+    def _update(group: dict[str, Any], items: list[tuple], seed: int) -> None:
+        """One fused op call over ``(param, grad, square_avg or None)`` triples."""
+        if not items:
+            return
+        precondition = group["precondition"]
+        targets, grads, square_avgs, copy_back = [], [], [], []
+        for p, grad, sq in items:
             # The kernels need contiguous memory; a non-contiguous parameter goes via a copy.
-            t = local if local.is_contiguous() else local.contiguous()
-            if t is not local:
-                copy_back.append((local, t))
+            t = p if p.is_contiguous() else p.contiguous()
+            if t is not p:
+                copy_back.append((p, t))
             targets.append(t)
             grads.append(grad.contiguous())
             if precondition:
-                square_avgs.append(_local(state["square_avg"], dtensor))
+                square_avgs.append(sq)
         sgld_step_(
             targets, grads, square_avgs if precondition else None, lr=group["lr"],
             num_data=group["num_data"], temperature=group["temperature"],
-            weight_decay=group["weight_decay"], seed=_shard_seed(new_seed(), shard),
-            precondition=precondition, alpha=group["alpha"], eps=group["eps"],
+            weight_decay=group["weight_decay"], seed=seed, precondition=precondition,
+            alpha=group["alpha"], eps=group["eps"],
         )  # fmt: skip
         for p, t in copy_back:
             p.copy_(t)

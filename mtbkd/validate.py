@@ -304,11 +304,11 @@ def fixed_weights(
     if weights.device != like.device:
         raise ValueError(f"{name} is on {weights.device} but {like_name} is on {like.device}")
     acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    # float64 weights (and integers) stay float64 until each row is divided by its largest
-    # weight: finite weights such as 1e300 (float64) or 3e38 (float32, whose sum overflowed to
-    # inf) then normalise like any other
-    wide = torch.float32 if weights.dtype in (torch.float32, torch.float16, torch.bfloat16) else \
-        torch.float64  # fmt: skip
+    # float64 weights (and integers, and any weights of a float64 loss) stay float64 until each
+    # row is divided by its largest weight: finite weights such as 1e300 (float64) or 3e38
+    # (float32, whose sum overflowed to inf) then normalise like any other
+    narrow = (torch.float32, torch.float16, torch.bfloat16)
+    wide = torch.float32 if acc == torch.float32 and weights.dtype in narrow else torch.float64
     w = weights.detach().to(wide).reshape(k, -1).expand(k, n)
     # Data checks read the values (a host synchronisation); a torch.compile graph skips them
     # (fullgraph=True cannot branch on data), so check the weights once outside it.

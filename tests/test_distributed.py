@@ -8,6 +8,7 @@ against :mod:`mtbkd.reference` on the full rows (float64, tight).
 
 from __future__ import annotations
 
+import copy
 import datetime
 import queue
 import socket
@@ -504,6 +505,24 @@ def scenario_fsdp_sgld(rank: int, world: int) -> None:
         for p, q in zip(model.parameters(), want, strict=True):
             assert type(p).__name__ == "DTensor"
             _close(p.full_tensor().detach(), q, 1e-10)
+        if precondition:
+            # a single-process checkpoint (square_avg full-sized) resumes on the shards
+            opt = make(single.parameters())
+            _train(single, opt, x, t, y, loss_fn, 2)
+            # (deep copies: a state_dict holds the live tensors)
+            saved_model, saved_opt = (
+                copy.deepcopy(single.state_dict()),
+                copy.deepcopy(opt.state_dict()),
+            )
+            want = _train(single, opt, x, t, y, loss_fn, 1)
+            resumed = _student(v)
+            resumed.load_state_dict(saved_model)
+            fully_shard(resumed)
+            opt = make(resumed.parameters())
+            opt.load_state_dict(saved_opt)
+            _train(resumed, opt, x[rows], t[:, rows], y[rows], loss_fn, 1, num_items=n / world)
+            for p, q in zip(resumed.parameters(), want, strict=True):
+                _close(p.full_tensor().detach(), q, 1e-10)
 
     def noise(seed, precondition=False):
         """One step of a zero gradient: the update is the noise alone."""
@@ -530,6 +549,42 @@ def scenario_fsdp_sgld(rank: int, world: int) -> None:
     xi = torch.cat([d.reshape(-1) for d in steps])  # N(0, 2 lr T) = N(0, 1)
     assert abs(float(xi.std()) - 1.0) < 0.15 and abs(float(xi.mean())) < 0.15
     assert all(torch.isfinite(d).all() for d in noise(13, precondition=True))
+
+
+def scenario_sgld_meshes(rank: int, world: int) -> None:
+    """Parameters on two device meshes (one over every rank, one over a sub-mesh) and a plain
+    replicated one: the ranks draw the same seeds (a bucket per mesh coordinate made rank 0 draw
+    one and rank 2 two), so replicas get the same noise and torch's generator stays in step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from mtbkd.optim import SGLD
+
+    assert world == 4
+    whole = init_device_mesh("cpu", (4,))
+    grid = init_device_mesh("cpu", (2, 2), mesh_dim_names=("a", "b"))
+    pa = torch.nn.Parameter(distribute_tensor(torch.zeros(8, 3), whole, [Shard(0)]))
+    pb = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), grid["b"], [Shard(0)]))
+    pc = torch.nn.Parameter(torch.zeros(5))
+    for q in (pa, pb, pc):
+        q.grad = torch.zeros_like(q)
+    torch.manual_seed(3)
+    SGLD([pa, pb, pc], lr=0.5, num_data=1).step()
+    after = torch.randint(0, 2**30, (1,))
+
+    def gathered(x):
+        table = torch.empty(world, *x.shape, dtype=x.dtype)
+        dist.all_gather(list(table.unbind(0)), x.contiguous())
+        return table
+
+    assert all(torch.equal(r, gathered(after)[0]) for r in gathered(after))  # generator in step
+    c = gathered(pc.detach())
+    assert all(torch.equal(c[0], c[r]) for r in range(world)) and c[0].abs().sum() > 0
+    b = gathered(pb.to_local().detach())  # rank r holds shard r % 2 of pb
+    assert torch.equal(b[0], b[2]) and torch.equal(b[1], b[3]) and not torch.equal(b[0], b[1])
+    a = gathered(pa.to_local().detach())  # four shards of pa, each its own noise
+    assert all(not torch.equal(a[i], a[j]) for i in range(4) for j in range(i))
+    assert not any(torch.equal(a[i], b[i]) for i in range(4))  # nor pb's
 
 
 def _leaf_grads(fn, tensors, upstream=None):
@@ -832,6 +887,7 @@ SCENARIOS = {
     "ddp": scenario_ddp,
     "fsdp": scenario_fsdp,
     "fsdp_sgld": scenario_fsdp_sgld,
+    "sgld_meshes": scenario_sgld_meshes,
     "fused_linear": scenario_fused_linear,
     "shard_edges": scenario_shard_edges,
 }
@@ -883,6 +939,10 @@ def test_bayes_linear_under_fsdp_matches_single_process(ranks):
 
 def test_sgld_steps_fsdp_shards_on_their_own_ranks(ranks):
     ranks(2).run("fsdp_sgld")
+
+
+def test_sgld_keeps_ranks_in_step_over_several_meshes(ranks):
+    ranks(4).run("sgld_meshes")
 
 
 def test_requires_initialised_process_group():

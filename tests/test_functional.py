@@ -1171,6 +1171,12 @@ def test_extreme_counts_weights_and_ignore_index(backend):
         torch.testing.assert_close(mtbkd.teacher_weights(t, huge), torch.full((2, 6), 0.5))
     with pytest.raises(ValueError, match="weights must be finite"):
         mtbkd.mtbkd_loss(z, t, y, weights=torch.tensor([float("inf"), 1.0]))
+    # float32 weights of a float64 loss are normalised in float64: 1/4 and 3/4 exactly
+    w64 = mtbkd.teacher_weights(t.double(), torch.tensor([1.0, 3.0]))
+    assert w64.dtype == torch.float64 and w64[:, 0].tolist() == [0.25, 0.75]
+    a, b = torch.tensor([0.1, 0.7]).tolist()  # the float32 values, exactly, as doubles
+    w64 = mtbkd.teacher_weights(t.double(), torch.tensor([a, b], dtype=torch.float32))
+    assert w64[:, 0].tolist() == [a / b / (a / b + 1.0), 1.0 / (a / b + 1.0)]
     for n in (1e39, 1e-50):
         with pytest.raises(ValueError, match=r"num_items_in_batch must lie in .*float32"):
             mtbkd.mtbkd_loss(z, t, y, num_items_in_batch=n)

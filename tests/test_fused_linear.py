@@ -255,10 +255,15 @@ def test_teachers_in_another_row_order_are_refused():
         fused_linear_mtbkd_loss(hid, w, [head], y)
     with pytest.raises(ValueError, match=r"^teachers has " + said):
         fused_linear_mtbkd_loss(hid, w, topk_teacher(t_tb[0], 3), y)
-    # the same order, or the rows flattened ([N, ...]), are accepted
+    # the same order, or the rows flattened on either side, are accepted
     plain = mtbkd.mtbkd_loss(hid @ w.T, t, y)
     torch.testing.assert_close(fused_linear_mtbkd_loss(hid, w, t, y), plain)
     torch.testing.assert_close(fused_linear_mtbkd_loss(hid, w, t.reshape(2, 6, 5), y), plain)
+    flat = fused_linear_mtbkd_loss(hid.reshape(6, 4), w, t, y.reshape(6))
+    torch.testing.assert_close(flat, plain)
+    torch.testing.assert_close(
+        fused_linear_mtbkd_loss(hid.reshape(6, 4), w, list(t), y.reshape(6)), plain
+    )
 
 
 def test_no_grad_computes_no_head_gradient(monkeypatch):
