@@ -341,7 +341,8 @@ def _overrides(args: argparse.Namespace) -> dict:
                 + ", ".join(sorted(known))
             )
         if key == "seed":
-            raise SystemExit(f"mtbkd {args.command}: use --seed / --seeds, not --set seed=")
+            options = "--seed" if args.command == "teachers" else "--seed / --seeds"
+            raise SystemExit(f"mtbkd {args.command}: use {options}, not --set seed=")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -411,7 +412,9 @@ def _run_contents(out: Path) -> tuple[list[str], list[str], bool]:
     multi = [f"{n}/" for n in sorted(found, key=lambda n: int(n[4:]))]
     pooled = False
     if (out / "summary.json").is_file():
-        pooled = _read_json(out / "summary.json").get("pooled_from") is not None
+        summary = _read_json(out / "summary.json")
+        # mtbkd summarise's (pooled_from) and examples/cross_fit.py's (folds): not a --seeds run
+        pooled = summary.get("pooled_from") is not None or summary.get("folds") is not None
         if not pooled:
             multi.append("summary.json")
     return single, multi, pooled
@@ -433,8 +436,8 @@ def _check_run_kind(args: argparse.Namespace, out: Path, seeds: list[int] | None
     cmd = f"mtbkd {args.command}"
     if pooled:
         raise SystemExit(
-            f"{cmd}: --out {out} holds a summary made by `mtbkd summarise`, not a run: choose "
-            "another --out"
+            f"{cmd}: --out {out} holds a summary made by `mtbkd summarise` or "
+            "examples/cross_fit.py, not a run of its own: choose another --out"
         )
     if seeds is None and multi:
         recorded = [int(s) for s in _read_json(out / "summary.json").get("seeds") or []]
@@ -455,7 +458,8 @@ def _check_run_kind(args: argparse.Namespace, out: Path, seeds: list[int] | None
         )
     if seeds is not None and single:
         seed = (_read_json(out / "report.json").get("config") or {}).get("seed")
-        again = f"--seed {seed} --resume" if isinstance(seed, int) else "--resume, no --seeds"
+        again = (f"--seed {seed} --resume" if isinstance(seed, int)
+                 else "--seed S --resume, with the seed it was started with")  # fmt: skip
         raise SystemExit(
             f"{cmd}: --out {out} holds a single run ({_listed(single)}), not a --seeds run: "
             "the seeds' folders and summary would mix with it; choose another --out (to "
@@ -893,16 +897,24 @@ def _check_predict_out(args: argparse.Namespace, out: Path) -> None:
     run = Path(args.run).resolve()
     if not (run / "run.json").is_file():  # not a saved run: refused before anything is written
         return
-    folders = [run]
-    if re.fullmatch(r"seed\d+", run.name) and (run.parent / "summary.json").is_file():
-        folders.append(run.parent)  # a seed of a --seeds run: its summary, the other seeds
-    for folder in folders:
-        if folder in target.parents:
-            what = "the run folder" if folder == run else "the --seeds run folder"
+    if run in target.parents:
+        raise SystemExit(
+            f"mtbkd predict: --out {args.out} lies inside the run folder {run} (--run "
+            f"{args.run}), whose files it would overwrite or mix with: write the predictions "
+            "outside it"
+        )
+    parent = run.parent
+    if re.fullmatch(r"seed\d+", run.name) and parent in target.parents:
+        # a seed of a --seeds run: a new file beside the seed folders is fine; one inside
+        # another seed's folder, or one the run wrote (its summary), is not
+        inside_seed = target.parent != parent
+        if inside_seed or target.exists():
             raise SystemExit(
-                f"mtbkd predict: --out {args.out} lies inside {what} {folder} (--run "
-                f"{args.run}), whose files it would overwrite or mix with: write the "
-                "predictions outside it"
+                f"mtbkd predict: --out {args.out} "
+                + ("lies inside a seed folder" if inside_seed else "is a file")
+                + f" of the --seeds run {parent} (--run {args.run}), which it would overwrite "
+                "or mix with: write the predictions to a new file beside the seed folders, or "
+                "outside the run"
             )
 
 

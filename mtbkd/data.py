@@ -633,7 +633,10 @@ def load_deeploc(
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+def _read_csv(path: Path, names: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)`` of a UTF-8 CSV whose first line names the columns. A first line of
+    numbers is no header, unless every one of them is among ``names`` (a run's feature columns
+    named 0, 1, ..., as pandas names them)."""
     # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8") is not part of the first name
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -648,7 +651,8 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
             f"{path} is not a UTF-8 text CSV ({exc.reason} at byte {exc.start}): save it as "
             "CSV UTF-8"
         ) from None
-    if header and all(_is_number(h) for h in header):  # before: "no label column", "no rows"
+    if header and all(_is_number(h) for h in header) and not (names and set(header) <= set(names)):
+        # before: "no label column", "no rows"
         raise ValueError(f"{path} has no header row (its first line is numbers): name the columns")
     unnamed = [i + 1 for i, h in enumerate(header) if not h]
     if unnamed:  # pandas' to_csv() writes its index as a column with an empty name
@@ -717,7 +721,7 @@ def read_inputs(
         if feature_kind == "sequence":
             raise ValueError("a sequence model needs a CSV with a Sequence column, not a .npy file")
         return _features(_load_npy(path), str(path)), None, None
-    header, rows = _read_csv(path)
+    header, rows = _read_csv(path, feature_names)
     if not rows:
         raise ValueError(f"{path} has a header row but no data rows")
     lab = _label_column(path, header)
@@ -873,9 +877,10 @@ def _class_names(
     if len(widths) == 1 and next(iter(widths)) > c:
         c = next(iter(widths))
     if len(widths) == 1 and c > next(iter(widths)):  # before naming c classes (a label 10**10)
+        file = next(f for y, f in zip(labels, label_files, strict=True) if int(y.max()) == c - 1)
         raise ValueError(
-            f"the labels go up to {c - 1} but the teachers have {next(iter(widths))} classes: "
-            f"use class indices 0..{next(iter(widths)) - 1}"
+            f"{file} has labels up to {c - 1} but the teachers ({', '.join(sorted(teachers))}) "
+            f"have {next(iter(widths))} classes: use class indices 0..{next(iter(widths)) - 1}"
         )
     if not teachers:  # nothing knows a class without rows: labels {3, 7, 9} are not 10 classes
         present = np.unique(np.concatenate(labels))
@@ -998,8 +1003,8 @@ def load_directory(
         for t_name, t in teachers.items():
             if np.asarray(t).shape[0] != len(x):
                 raise ValueError(
-                    f"teacher {t_name!r} has {np.asarray(t).shape[0]} rows but features.npy has "
-                    f"{len(x)}: teacher rows must align with the examples"
+                    f"{root / f'teacher_{t_name}.npy'} has {np.asarray(t).shape[0]} rows but "
+                    f"features.npy has {len(x)}: teacher rows must align with the examples"
                 )
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"labels.npy must be [N] with N = {len(x)}, got shape {y.shape}")
@@ -1041,6 +1046,8 @@ def load_directory(
     classes = _class_names(root, [np.asarray(y_tr), np.asarray(y_te)], t_tr, label_files)
     for split, teachers in (("train", t_tr), ("test", t_te)):
         for t_name, t in teachers.items():
+            if not np.all(np.isfinite(np.asarray(t, dtype=np.float64))):  # before: "teacher 't'"
+                raise ValueError(f"{teacher_file(t_name, split)} has NaN or infinite values")
             if np.asarray(t).shape[1] != len(classes):  # before: "teacher 'a' (train) has ..."
                 named = f" ({root / 'classes.txt'} names them)" * (root / "classes.txt").is_file()
                 raise ValueError(

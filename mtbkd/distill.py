@@ -2499,6 +2499,16 @@ def load_run(run_dir: str | Path):
     return meta, model, store
 
 
+@contextlib.contextmanager
+def _removed_on_error(path: Path):
+    """Delete ``path`` (a partly written file) if the block raises."""
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def predict_file(
     run_dir: str | Path,
     input_path: str | Path,
@@ -2545,9 +2555,14 @@ def predict_file(
     n = x.shape[0]
     blocks = range(0, n, block_rows)
     stats = []
-    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    # written beside it, then renamed over it: an interrupted run leaves no half file, and a
+    # hard link of another file at out_csv keeps that file's contents
+    part = out_csv.with_name(f".{out_csv.name}.{os.getpid()}.part")
     with (
-        open(out_csv, "w", newline="") as f,
+        _removed_on_error(part),
+        open(part, "w", newline="") as f,
         _progress(len(blocks), "predict", progress, unit="block") as bar,
     ):
         w = csv.writer(f, lineterminator="\n")
@@ -2563,6 +2578,7 @@ def predict_file(
             if yb is not None:
                 stats.append(_row_stats(probs, yb))
             bar.update(1)
+    os.replace(part, out_csv)
     if y is None:
         return {}
     return _metrics_of_rows({k: torch.cat([b[k] for b in stats]) for k in stats[0]}, y)

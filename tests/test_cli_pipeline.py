@@ -897,7 +897,7 @@ def test_a_run_folder_never_mixes_a_single_run_and_a_seeds_run(tmp_path, capsys)
     # `mtbkd summarise` is no run for either
     (single / "report.json").unlink()
     (single / "run.json").unlink(missing_ok=True)
-    with pytest.raises(SystemExit, match=r"holds a single run \(checkpoints/\).*--resume, no --s"):
+    with pytest.raises(SystemExit, match=r"holds a single run \(checkpoints/\).*--seed S --resume"):
         cli.main(base + ["--out", str(single), "--seeds", "0-1"])
     with pytest.raises(SystemExit, match="holds a run \\(checkpoints/\\)"):
         cli.main(["summarise", str(seeds), "--out", str(single)])
@@ -907,6 +907,13 @@ def test_a_run_folder_never_mixes_a_single_run_and_a_seeds_run(tmp_path, capsys)
         with pytest.raises(SystemExit, match="holds a summary made by `mtbkd summarise`"):
             cli.main(base + ["--out", str(pooled), *extra])
     assert sorted(p.name for p in pooled.iterdir()) == ["summary.json", "summary.md"]
+    # nor is examples/cross_fit.py's output (its summary has "folds"; the hint said to resume it
+    # with --seeds, which its folds' settings then refused)
+    crossfit = tmp_path / "crossfit"
+    (crossfit / "seed0").mkdir(parents=True)
+    (crossfit / "summary.json").write_text(json.dumps({"folds": ["a", "b"], "seeds": [0]}))
+    with pytest.raises(SystemExit, match="summarise` or examples/cross_fit.py, not a run"):
+        cli.main(base + ["--out", str(crossfit)])
     capsys.readouterr()
 
 
@@ -967,8 +974,8 @@ def test_predict_never_writes_over_its_run_or_its_input(tmp_path, capsys):
         (run, run / "checkpoints" / ".." / "new.csv", inside),
         (run, tmp_path / "link" / "new.csv", inside),
         (seeds / "seed0", seeds / "seed0" / "predictions.csv", inside),
-        (seeds / "seed0", seeds / "summary.json", "lies inside the --seeds run folder"),
-        (seeds / "seed0", seeds / "seed1" / "new.csv", "lies inside the --seeds run folder"),
+        (seeds / "seed0", seeds / "summary.json", "is a file of the --seeds run"),
+        (seeds / "seed0", seeds / "seed1" / "new.csv", "lies inside a seed folder of the --seeds"),
         (run, x, "--out .*x.npy is the --input file"),
         (run, tmp_path / "xlink.npy", "--out .*xlink.npy is the --input file"),
     ]:
@@ -981,4 +988,15 @@ def test_predict_never_writes_over_its_run_or_its_input(tmp_path, capsys):
     assert cli.main(["predict", "--run", str(seeds / "seed0"), "--input", str(x),
                      "--out", str(out)]) == 0  # fmt: skip
     assert len(list(csv.DictReader(out.open()))) == 5
+    # a new file beside the seed folders is fine (the reviewer's preds_seed0.csv)
+    beside = seeds / "preds_seed0.csv"
+    assert cli.main(["predict", "--run", str(seeds / "seed0"), "--input", str(x),
+                     "--out", str(beside)]) == 0  # fmt: skip
+    assert beside.read_bytes() == out.read_bytes()
+    # a hard link of the run's file at --out: renamed over, the run's file keeps its bytes
+    os.link(run / "run.json", tmp_path / "hard.json")
+    assert cli.main(["predict", "--run", str(run), "--input", str(x),
+                     "--out", str(tmp_path / "hard.json")]) == 0  # fmt: skip
+    assert (run / "run.json").read_bytes() == kept[run / "run.json"]
+    assert not list(tmp_path.glob(".*.part"))  # no partial file left
     capsys.readouterr()

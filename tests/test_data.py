@@ -200,7 +200,7 @@ def test_npy_train_test_folders(tmp_path):
 def test_bad_npy_directories(tmp_path):
     root = _npy_dir(tmp_path / "misaligned")
     np.save(root / "teacher_t1.npy", np.zeros((59, 3)))
-    with pytest.raises(ValueError, match="teacher 't1' has 59 rows"):
+    with pytest.raises(ValueError, match="misaligned/teacher_t1.npy has 59 rows"):
         data.load_directory(root)
     root = _npy_dir(tmp_path / "classes")
     np.save(root / "teacher_t1.npy", np.zeros((60, 4)))
@@ -418,7 +418,10 @@ def test_inputs_a_user_gets_wrong_get_errors_naming_the_file(tmp_path):
     labels = np.arange(60) % 3
     labels[5] = 10**10
     np.save(root / "labels.npy", labels)
-    with pytest.raises(ValueError, match="labels go up to 10000000000 but the teachers have 3"):
+    with pytest.raises(
+        ValueError,
+        match="big/labels.npy has labels up to 10000000000 but the teachers \\(t0, t1\\) have 3",
+    ):
         data.load_directory(root)
     with pytest.raises(ValueError, match="too large"):  # before: an int64 overflow, "negative"
         data._label_indices(np.array([0.0, 1e20]), "labels")
@@ -601,6 +604,20 @@ def test_train_test_formats_name_the_file_in_their_errors(tmp_path):
     np.savetxt(csv_dir / "teacher_b_test.csv", rng.normal(size=(9, 4)), delimiter=",")
     with pytest.raises(ValueError, match="teacher_b_test.csv has 4 classes but the data has 3"):
         data.load_directory(csv_dir)
+    bad = rng.normal(size=(9, 3))
+    bad[2, 1] = np.nan
+    np.savetxt(csv_dir / "teacher_b_test.csv", bad, delimiter=",")
+    with pytest.raises(ValueError, match="teacher_b_test.csv has NaN or infinite values"):
+        data.load_directory(csv_dir)
+    np.savetxt(csv_dir / "teacher_b_test.csv", rng.normal(size=(9, 3)), delimiter=",")
+    _write_csv(csv_dir / "test.csv", ["a", "label"], [[i, i % 3 + (i == 8) * 3] for i in range(9)])
+    with pytest.raises(ValueError, match=r"test.csv has labels up to 5 but the teachers \(a, b\)"):
+        data.load_directory(csv_dir)
+    # the one-folder format names the teacher's file too
+    np.save(one / "teacher_t1.npy", np.zeros((7, 3)))
+    (one / "classes.txt").unlink()
+    with pytest.raises(ValueError, match="one/teacher_t1.npy has 7 rows but features.npy has"):
+        data.load_directory(one)
     np.savetxt(csv_dir / "teacher_b_test.csv", rng.normal(size=(9, 3)), delimiter=",")
     (csv_dir / "classes.txt").write_text("x\ny\n")
     with pytest.raises(ValueError, match="train.csv has labels up to 2 but .*classes.txt names 2"):
@@ -625,3 +642,7 @@ def test_csv_without_a_header_or_without_data_rows(tmp_path):
     path.write_text("a,b\n")
     with pytest.raises(ValueError, match="x.txt has a header row but no data rows"):
         data.read_inputs(path, "numeric")
+    # a run whose features are named 0, 1 (pandas' default column names): their header is one
+    path.write_text("1,0\n0.5,0.25\n")
+    x, y, _ = data.read_inputs(path, "numeric", feature_names=["0", "1"])
+    assert x.tolist() == [[0.25, 0.5]] and y is None
