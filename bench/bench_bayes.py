@@ -458,11 +458,11 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
              [(4096, 1024), (4096,), (4096, 4096), (4096,), (1024, 4096), (1024,), (10, 1024),
               (10,)])  # fmt: skip
     results["sgld"] = bench_sgld(sizes, repeats)
-    results["load_average_end"] = common.load_average()
     results["predictive"] = bench_predictive(
         n=200 if quick else 2000, d_in=784, hidden=128 if quick else 512, classes=10,
         samples=100, repeats=repeats,
     )  # fmt: skip
+    results["load_average_end"] = common.load_average()  # after the last measurement
     s = results["sampling"][0]["methods"]
     results["targets"] = {
         "sampling_fwd_bwd_speedup_vs_eager": s["eager"]["fused_speedup_fwd_bwd"],
@@ -479,6 +479,8 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
         plot(results, out_dir / "latest-bayes.png")
         results["files"] = [str(path), str(out_dir / "latest-bayes.png")]
     print(md)
+    if out_dir is not None:
+        print(f"results: {results['files'][0]}")  # as the loss and llm suites end
     return results
 
 

@@ -197,8 +197,9 @@ def table(results: dict) -> str:
     ]
     for r in results["main"]:
         m = r["methods"]
-        mem = " / ".join(
-            f"{m[x]['peak_extra_mb']:.0f}" if "peak_extra_mb" in m[x] else "-" for x in m
+        mem = " / ".join(  # the header's three, "-" for one not run (--quick: no compiled)
+            f"{m[x]['peak_extra_mb']:.0f}" if "peak_extra_mb" in m.get(x, {}) else "-"
+            for x in ("fused", "eager", "compiled")
         )
         lines.append(
             f"| {r['loss']} | {r['dtype']} | {r['N']}×{r['V']}×{r['K']} | "

@@ -541,6 +541,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     )  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny sizes (about a minute)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="write the results to OUT/llm_demo.json")
     add_llm_options(p)
     return p
 

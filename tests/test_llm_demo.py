@@ -157,14 +157,14 @@ def test_an_output_path_in_the_way_is_refused_before_the_run(tmp_path, monkeypat
 def test_out_and_json_are_both_written_and_run_errors_are_messages(tmp_path, monkeypatch):
     # found by a bug hunt: --out was dropped beside --json; a --seq-len beyond the data and an
     # out-of-range --seed were tracebacks; a failed write lost the results after the run
-    import argparse
 
     monkeypatch.setattr(llm_demo, "find_smollm2_gguf", lambda: tmp_path)
     monkeypatch.setattr(llm_demo.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(llm_demo, "run", lambda cfg: {"seed": cfg.seed})
     parser = llm_demo.build_arg_parser()
-    args = parser.parse_args(["--smoke", "--json", str(tmp_path / "a.json")])
-    args = argparse.Namespace(**vars(args), out=str(tmp_path / "runs"))
+    # the example takes --out too, as the README says (it was refused: unrecognized arguments)
+    args = parser.parse_args(["--smoke", "--json", str(tmp_path / "a.json"),
+                              "--out", str(tmp_path / "runs")])  # fmt: skip
     assert llm_demo.run_from_args(args) == 0
     assert (tmp_path / "a.json").is_file() and (tmp_path / "runs" / "llm_demo.json").is_file()
 
