@@ -224,7 +224,8 @@ class DistillConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("map_epochs", "sgld_epochs", "patience", "teacher_epochs", "teacher_folds"):
+        for name in ("map_epochs", "sgld_epochs", "patience", "teacher_epochs", "teacher_folds",
+                     "num_threads"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         for name in ("map_lr", "sgld_lr", "temperature", "concentration", "kd_temperature"):
@@ -962,9 +963,11 @@ def train_map(
     of the epoch of lowest validation NLL, and training stops ``config.patience`` epochs after
     it."""
     model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(model.parameters(), lr=config.map_lr, weight_decay=config.weight_decay)
+    # the parameters the caller froze (requires_grad False, a pretrained body) stay frozen
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the student has no parameter that requires grad: nothing to train")
+    opt = torch.optim.Adam(trainable, lr=config.map_lr, weight_decay=config.weight_decay)
     ckpt = None
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
@@ -972,7 +975,7 @@ def train_map(
     monitor = None
     if validation is not None and config.early_stopping:
         vx, vy = validation
-        vx, vy = torch.as_tensor(vx).float(), torch.as_tensor(vy).long()
+        vx, vy = torch.as_tensor(vx).to(_float_dtype(model)), torch.as_tensor(vy).long()
         if vx.dim() != 2 or vx.shape[0] != vy.shape[0] or vx.shape[1] != data.x.shape[1]:
             raise ValueError(
                 f"validation must be (x [M, {data.x.shape[1]}], y [M]), got shapes "
@@ -1031,6 +1034,7 @@ def train_sgld(
 
     lr = config.sgld_lr if sgld_lr is None else sgld_lr
     prefix, head_mod = _head_of(model, head)
+    flags = [p.requires_grad for p in model.parameters()]  # restored at the end
     for p in model.parameters():
         p.requires_grad_(False)
     for p in head_mod.parameters():
@@ -1072,8 +1076,8 @@ def train_sgld(
         store_path=path,
         callback=callback,
     )
-    for p in model.parameters():
-        p.requires_grad_(True)
+    for p, flag in zip(model.parameters(), flags, strict=True):
+        p.requires_grad_(flag)
     return samples.store, seconds
 
 
@@ -1322,8 +1326,30 @@ def teacher_attribution(
 ) -> tuple[Tensor, Tensor]:
     """Per-example teacher weights and responsibilities ``[K, N]`` of an MT-BKD objective
     (MATH.md section 2: ``r_k = softmax_k(log w_k + C_k − L_k)``), the responsibilities averaged
-    over the posterior samples ``probs`` ``[S, N, C]``."""
+    over the posterior samples ``probs`` ``[S, N, C]``. ``teacher_logits`` ``[K, N, C]``: every
+    teacher; K is the objective's teachers (``objective.teachers``: one for ``bkd_<i>``, the
+    average for ``avg_bkd``)."""
+    if objective.kind != "mtbkd":
+        raise ValueError(
+            f"teacher_attribution needs an MT-BKD (or BKD) objective; a {objective.kind!r} "
+            "objective has no responsibilities"
+        )
+    if probs.dim() != 3:
+        raise ValueError(f"probs must be [S, N, C], got shape {tuple(probs.shape)}")
     s, n, c = probs.shape
+    if teacher_logits.dim() != 3 or tuple(teacher_logits.shape[1:]) != (n, c):
+        raise ValueError(
+            f"teacher_logits must be [K, N={n}, C={c}] (the rows and classes of probs), got "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    # the objective's own teachers (bkd_<i>: one; avg_bkd: the average, index K)
+    idx, k_all = list(objective.teachers), teacher_logits.shape[0]
+    if idx == [k_all]:
+        teacher_logits = average_teacher_logits(teacher_logits)[None]
+    elif max(idx) >= k_all:
+        raise ValueError(f"the objective uses teachers {idx} but teacher_logits holds {k_all}")
+    else:
+        teacher_logits = teacher_logits[idx]
     k = teacher_logits.shape[0]
     logits = probs.clamp_min(1e-30).log().reshape(s * n, c).double()
     t = teacher_logits.double().unsqueeze(1).expand(k, s, n, c).reshape(k, s * n, c)
@@ -1368,6 +1394,7 @@ class DistillResult:
         (:func:`mtbkd.metrics.temper`)."""
         from mtbkd import metrics as M
 
+        x = _features_for(self.model, x, "x")
         probs = predict_probs(self.model, x, self.store, self.chunk)
         return probs if self.temperature == 1.0 else M.temper(probs, self.temperature)
 
@@ -1378,13 +1405,43 @@ class DistillResult:
         :meth:`evaluate` calls use it."""
         from mtbkd import metrics as M
 
-        x, y = torch.as_tensor(x).float(), torch.as_tensor(y)
+        x, y = _features_for(self.model, x, "x"), _as_tensor(y)
         probs = predict_probs(self.model, x, self.store, self.chunk)
         self.temperature = M.fit_temperature(probs, y)
         return self.temperature
 
     def evaluate(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        return evaluate_probs(self.predict(x), y)
+        """The comparison table's metrics (:func:`evaluate_probs`) on ``(x, y)``."""
+        return evaluate_probs(self.predict(x), _as_tensor(y))
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a module's inputs take: that of its first floating-point parameter (float32
+    for a module without one)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _logits_of(module: nn.Module, x: Tensor, name: str) -> Tensor:
+    """``module(x)`` in eval mode without gradients (``x`` in the module's dtype), its training
+    mode restored after; the output must be a logits tensor ``[N, C]``."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(x.to(_float_dtype(module)))
+    finally:
+        module.train(was_training)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"{name} must return a logits tensor [N, C], got {type(out).__name__} (wrap a model "
+            "that returns a tuple or an output object in a module that returns its logits)"
+        )
+    if out.dim() != 2 or out.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} must return logits [N={x.shape[0]}, C], got {tuple(out.shape)}")
+    return out
 
 
 def _teacher_tensor(teachers, x: Tensor) -> Tensor:
@@ -1394,15 +1451,16 @@ def _teacher_tensor(teachers, x: Tensor) -> Tensor:
         t = _teacher_tensor(list(teachers.values()), x)
     else:
         outs = []
-        for tch in teachers:
-            if isinstance(tch, nn.Module):
-                tch.eval()
-                with torch.no_grad():  # evaluated once, then cached as logits
-                    outs.append(tch(x).float())
+        for i, tch in enumerate(teachers):
+            if isinstance(tch, nn.Module):  # evaluated once, then cached as logits
+                outs.append(_logits_of(tch, x, f"teachers[{i}]").float())
             else:
                 outs.append(torch.as_tensor(tch).float())
         if not outs:
             raise ValueError("teachers must hold at least one teacher")
+        widths = [tuple(o.shape) for o in outs]
+        if len(set(widths)) > 1:
+            raise ValueError(f"every teacher must give logits of one shape [N, C], got {widths}")
         t = torch.stack(outs)
     if t.dim() != 3 or t.shape[1] != x.shape[0]:
         raise ValueError(
@@ -1412,6 +1470,44 @@ def _teacher_tensor(teachers, x: Tensor) -> Tensor:
     if not torch.isfinite(t).all():
         raise ValueError("teacher logits have NaN or infinite values")
     return t.float()
+
+
+METHOD_KINDS = ("ce", "avg_kd", "entropy_kd", "avg_bkd", "mtbkd_map", "mtbkd_sgld")
+
+
+def _as_tensor(a) -> Tensor:
+    """A tensor as it is (any device), anything else (a NumPy array, a list) as a CPU tensor."""
+    return a if isinstance(a, Tensor) else torch.as_tensor(np.asarray(a))
+
+
+def _features_for(model: nn.Module, x, name: str) -> Tensor:
+    """``x`` (a tensor or an array) as the features ``[N, D]`` ``model`` takes: in the dtype of
+    its parameters (float32 for a float32 model; integers and float64 arrays converted)."""
+    x = _as_tensor(x)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be [N, D], got shape {tuple(x.shape)}")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    x = x.to(_float_dtype(model))
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} has NaN or infinite features")
+    return x
+
+
+def _labels_for(y, num_classes: int, name: str, rows: int) -> Tensor:
+    """``y`` as class indices ``[N]`` in ``0..num_classes - 1`` (a float label was truncated by
+    ``.long()``; a label out of range failed deep inside torch or, -100, was skipped)."""
+    y = _as_tensor(y)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class indices, got dtype {y.dtype}")
+    if tuple(y.shape) != (rows,):
+        raise ValueError(f"{name} must be [N] with N = {rows} rows, got shape {tuple(y.shape)}")
+    if rows and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"{name} must lie in 0..{num_classes - 1} (the student's {num_classes} classes), "
+            f"got {int(y.min())}..{int(y.max())}"
+        )
+    return y.long()
 
 
 def distill(
@@ -1441,9 +1537,19 @@ def distill(
     ``config.calibrate`` the predictive's temperature is fitted on ``validation`` (required then;
     :meth:`DistillResult.calibrate`) and ``result.predict`` applies it. For
     ``avg_bkd``, ``result.objective.teachers`` is ``(K,)``: the average appended after the K
-    given teachers.
+    given teachers. Teachers given as a mapping may be named in ``bkd_<name>``.
+
+    ``x`` (a tensor or an array) is cast to the dtype of the student's parameters (float64
+    models work in float64); ``y`` must hold integer class indices of the student's classes.
+    Teacher modules run once, in eval mode without gradients on ``x`` cast to their own dtype,
+    and get their training mode back. The student keeps the parameters it was given frozen
+    (``requires_grad=False``: a pretrained body stays as it is; the MAP phase trains the others
+    and SGLD samples the head) and ends in the train/eval mode it came in (:meth:`DistillResult.
+    predict` switches it to eval).
     """
-    config = config or DistillConfig()
+    config = DistillConfig() if config is None else config
+    if not isinstance(config, DistillConfig):
+        raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
     # a forked RNG: the caller's random state is neither used nor changed
     with _threads(config.num_threads), torch.random.fork_rng(devices=[]):
         return _distill(student, teachers, x, y, config, method, head, checkpoint_dir, validation)
@@ -1454,22 +1560,30 @@ def _distill(
 ) -> DistillResult:
     if not isinstance(student, nn.Module):
         raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
-    x, y = torch.as_tensor(x).float(), torch.as_tensor(y).long()
-    if x.dim() != 2:
-        raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("x has NaN or infinite features")
+    if method not in METHOD_KINDS and not method.startswith("bkd_"):
+        raise ValueError(f"unknown method {method!r}: one of {', '.join(METHOD_KINDS)} or "
+                         "bkd_<teacher>")  # fmt: skip
+    x = _features_for(student, x, "x")
+    if x.shape[0] == 0:
+        raise ValueError("x has no rows")
+    # the student's class count (eval mode: a batch norm cannot train on one row)
+    c = _logits_of(student, x[:1], "student").shape[-1]
+    y = _labels_for(y, c, "y", x.shape[0])
+    if validation is not None:
+        if not isinstance(validation, Sequence) or len(validation) != 2:
+            raise TypeError("validation must be a pair (x_val, y_val)")
+        vx = _features_for(student, validation[0], "validation[0]")
+        validation = (vx, _labels_for(validation[1], c, "validation[1]", vx.shape[0]))
     if config.calibrate and validation is None:
         raise ValueError(
             "config.calibrate fits the predictive's temperature on held-out rows: pass "
             "validation=(x_val, y_val)"
         )
     t = _teacher_tensor(teachers, x) if teachers is not None else None
-    if t is not None:
-        with torch.no_grad():
-            c = student(x[:1]).shape[-1]
-        if t.shape[-1] != c:
-            raise ValueError(f"teachers have {t.shape[-1]} classes but the student outputs {c}")
+    if t is not None and t.shape[-1] != c:
+        raise ValueError(f"teachers have {t.shape[-1]} classes but the student outputs {c}")
+    if method.startswith("bkd_") and isinstance(teachers, Mapping) and method[4:] in teachers:
+        method = f"bkd_{list(teachers).index(method[4:])}"  # a teacher named by its key
     obj, sample = _objective_for(method, config, t.shape[0] if t is not None else 0)
     if method == "avg_bkd":  # its one teacher (index K) is the teachers' average
         t = torch.cat([t, average_teacher_logits(t)[None]])
@@ -1479,6 +1593,7 @@ def _distill(
     data = TrainData(x, y, teach)
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     torch.manual_seed(config.seed)
+    was_training = student.training  # restored at the end (the phases switch it)
     template = copy.deepcopy(student) if sample and config.num_chains > 1 else None
     map_s = train_map(
         student,
@@ -1503,6 +1618,7 @@ def _distill(
     result = DistillResult(student, store, obj, map_s + sg_s, map_s, config.predict_chunk)
     if config.calibrate:
         result.calibrate(*validation)
+    student.train(was_training)
     return result
 
 

@@ -1064,3 +1064,99 @@ def test_config_boolean_fields_must_be_booleans():
                  "sgld_precondition", "teacher_calibrate"):  # fmt: skip
         with pytest.raises(TypeError, match=name):
             distill.DistillConfig(**{name: 1})
+
+
+QUICK = replace(CONFIG, map_epochs=3, sgld_epochs=2, num_samples=4)
+
+
+class _BatchNormStudent(torch.nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.BatchNorm1d(16),
+                                        torch.nn.ReLU(), torch.nn.Dropout(0.1))  # fmt: skip
+        self.head = torch.nn.Linear(16, 4)
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_a_users_student_and_teachers_as_they_come():
+    # found by an audit of the Python API: a batch-norm student failed before training (the
+    # class-count probe ran one row in training mode); a frozen body was trained and unfrozen;
+    # float64 models failed (x was made float32) and predict refused what distill took
+    x, y, t = halves_problem(8, seed=5)
+    torch.manual_seed(0)
+    bn = _BatchNormStudent()
+    res = distill.distill(bn, t, x, y, replace(QUICK, num_chains=2), method="mtbkd_sgld")
+    assert bn.training  # the caller's mode kept (predict then switches to eval)
+    assert res.predict(x).shape == (8, 32, 4)
+
+    frozen = _BatchNormStudent()
+    frozen.eval()
+    for p in frozen.body.parameters():
+        p.requires_grad_(False)
+    before = [p.detach().clone() for p in frozen.body.parameters()]
+    distill.distill(frozen, t, x, y, QUICK, method="mtbkd_sgld")
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen.body.parameters(), strict=True))
+    assert [p.requires_grad for p in frozen.parameters()] == [False] * 4 + [True] * 2
+    assert not frozen.training
+
+    class Teacher(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+            self.logits = logits.double()
+
+        def forward(self, inputs):
+            assert inputs.dtype == torch.float64  # in the teacher's own dtype
+            return self.logits[: inputs.shape[0]] * self.scale
+
+    teachers = {"lo": Teacher(t[0]), "hi": Teacher(t[1]).train()}
+    s64 = _BatchNormStudent(torch.float64)
+    res = distill.distill(s64, teachers, x.double(), y.int(), QUICK, method="bkd_hi")
+    assert res.objective.teachers == (1,) and teachers["hi"].training  # its mode restored
+    p64 = res.predict(x.numpy())  # numpy, and float32 for a float64 student
+    torch.testing.assert_close(p64, res.predict(x.double()))
+    assert res.evaluate(x.numpy(), y.numpy())["accuracy"] >= 0.0
+    w, r = distill.teacher_attribution(res.predict(x), t, res.objective)
+    assert w.shape == (1, 32) and torch.equal(w, torch.ones(1, 32))
+    with pytest.raises(ValueError, match="teacher_logits must be \\[K, N=32, C=4\\]"):
+        distill.teacher_attribution(res.predict(x), t[:, :5], res.objective)
+    with pytest.raises(ValueError, match="a 'ce' objective has no responsibilities"):
+        distill.teacher_attribution(res.predict(x), t, distill.Objective("ce"))
+
+
+def test_bad_pipeline_inputs_name_the_argument():
+    x, y, t = halves_problem(4, seed=6)
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 4)
+
+        def forward(self, inputs):
+            return self.lin(inputs), None
+
+    for kwargs, exc, words in [
+        (dict(y=y.float() + 0.7), TypeError, "y must hold integer class indices"),
+        (dict(y=torch.where(y == 3, -100, y)), ValueError, r"y must lie in 0..3 .* got -100..2"),
+        (dict(y=y + 1), ValueError, r"y must lie in 0..3"),
+        (dict(x=x[:0], y=y[:0]), ValueError, "x has no rows"),
+        (dict(config={"map_epochs": 1}), TypeError, "config must be a DistillConfig"),
+        (dict(method="foo", teachers=None), ValueError, "unknown method 'foo'"),
+        (dict(student=Pair()), TypeError, "student must return a logits tensor"),
+        (dict(teachers=[Pair()]), TypeError, r"teachers\[0\] must return a logits tensor"),
+        (dict(teachers=[t[0], t[1, :, :3]]), ValueError, "every teacher must give logits of one"),
+        (dict(validation=(x, y.float())), TypeError, r"validation\[1\] must hold integer"),
+    ]:
+        args = dict(student=_student(), teachers=t, x=x, y=y, config=QUICK, method="mtbkd_map")
+        args.update(kwargs)
+        with pytest.raises(exc, match=words):
+            distill.distill(**args)
+    with pytest.raises(ValueError, match="num_threads must be non-negative"):
+        distill.DistillConfig(num_threads=-3)
+    everything_frozen = _student()
+    everything_frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter that requires grad"):
+        distill.distill(everything_frozen, t, x, y, QUICK, method="mtbkd_map")
