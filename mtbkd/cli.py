@@ -905,10 +905,12 @@ def _check_predict_out(args: argparse.Namespace, out: Path) -> None:
         )
     parent = run.parent
     if re.fullmatch(r"seed\d+", run.name) and parent in target.parents:
-        # a seed of a --seeds run: a new file beside the seed folders is fine; one inside
-        # another seed's folder, or one the run wrote (its summary), is not
-        inside_seed = target.parent != parent
-        if inside_seed or target.exists():
+        # a seed of a --seeds run: a file of the user's beside the seed folders is fine; one
+        # inside a seed's folder, or one the run writes there (its summary), is not
+        first = target.relative_to(parent).parts
+        inside_seed = len(first) > 1 and re.fullmatch(r"seed\d+", first[0]) is not None
+        if inside_seed or (len(first) == 1 and first[0] in ("summary.json", "summary.md",
+                                                              "seeds.png")):  # fmt: skip
             raise SystemExit(
                 f"mtbkd predict: --out {args.out} "
                 + ("lies inside a seed folder" if inside_seed else "is a file")

@@ -635,8 +635,8 @@ def load_deeploc(
 
 def _read_csv(path: Path, names: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """``(header, rows)`` of a UTF-8 CSV whose first line names the columns. A first line of
-    numbers is no header, unless every one of them is among ``names`` (a run's feature columns
-    named 0, 1, ..., as pandas names them)."""
+    numbers is no header, unless it is ``names`` exactly, in order (a run's feature columns named
+    0, 1, ..., as pandas names them)."""
     # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8") is not part of the first name
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -651,7 +651,7 @@ def _read_csv(path: Path, names: list[str] | None = None) -> tuple[list[str], li
             f"{path} is not a UTF-8 text CSV ({exc.reason} at byte {exc.start}): save it as "
             "CSV UTF-8"
         ) from None
-    if header and all(_is_number(h) for h in header) and not (names and set(header) <= set(names)):
+    if header and all(_is_number(h) for h in header) and header != list(names or []):
         # before: "no label column", "no rows"
         raise ValueError(f"{path} has no header row (its first line is numbers): name the columns")
     unnamed = [i + 1 for i, h in enumerate(header) if not h]

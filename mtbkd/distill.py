@@ -856,6 +856,17 @@ def _run_epochs_seeded(
     return spent + time.perf_counter() - t0
 
 
+def _train_mode(model: nn.Module) -> None:
+    """``model.train()``, except the submodules whose parameters the caller froze (every one
+    ``requires_grad=False``): they run in eval mode, so a frozen body's batch-norm statistics and
+    dropout stay as they are (a frozen body is used, not trained)."""
+    model.train()
+    for m in model.modules():
+        params = list(m.parameters())
+        if m is not model and params and not any(p.requires_grad for p in params):
+            m.eval()
+
+
 class _EarlyStopping:
     """Validation NLL after every epoch: keeps a copy of the best weights, asks to stop after
     ``patience`` epochs without improvement (never, for ``patience`` 0)."""
@@ -868,7 +879,7 @@ class _EarlyStopping:
         from mtbkd import metrics as M
 
         nll = float(M.nll(predict_probs(self.model, self.x, None, self.chunk), self.y))
-        self.model.train()
+        _train_mode(self.model)
         if nll < self.best_nll:
             self.best_nll, self.best_epoch = nll, epoch
             self.best_state = copy.deepcopy(self.model.state_dict())
@@ -962,7 +973,7 @@ def train_map(
     With ``validation`` ``(x, y)`` and ``config.early_stopping``, the model ends with the weights
     of the epoch of lowest validation NLL, and training stops ``config.patience`` epochs after
     it."""
-    model.train()
+    _train_mode(model)
     # the parameters the caller froze (requires_grad False, a pretrained body) stay frozen
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -1159,13 +1170,15 @@ def pool_chains(chains: Sequence[tuple[nn.Module, Any]]) -> Any:
 
 def _reinitialised(template: nn.Module, seed: int) -> nn.Module:
     """A copy of ``template`` with every layer's parameters drawn afresh under ``seed`` (layers
-    with a ``reset_parameters`` method, as torch's own have; parameters of other modules keep
-    the template's values)."""
+    with a ``reset_parameters`` method, as torch's own have; parameters of other modules, and
+    layers whose parameters the caller froze, keep the template's values)."""
     model = copy.deepcopy(template)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in model.modules():
-            if hasattr(m, "reset_parameters"):
+            own = list(m.parameters(recurse=False))
+            # a layer the caller froze (a pretrained body) keeps its weights in every chain
+            if hasattr(m, "reset_parameters") and all(p.requires_grad for p in own):
                 m.reset_parameters()
     return model
 
@@ -1543,8 +1556,10 @@ def distill(
     models work in float64); ``y`` must hold integer class indices of the student's classes.
     Teacher modules run once, in eval mode without gradients on ``x`` cast to their own dtype,
     and get their training mode back. The student keeps the parameters it was given frozen
-    (``requires_grad=False``: a pretrained body stays as it is; the MAP phase trains the others
-    and SGLD samples the head) and ends in the train/eval mode it came in (:meth:`DistillResult.
+    (``requires_grad=False``: a pretrained body stays as it is, its submodules in eval mode while
+    the rest trains, and further chains keep it rather than drawing it afresh; the MAP phase
+    trains the other parameters, and SGLD samples the head, frozen or not) and ends in the
+    train/eval mode and with the ``requires_grad`` flags it came in with (:meth:`DistillResult.
     predict` switches it to eval).
     """
     config = DistillConfig() if config is None else config
@@ -1593,7 +1608,17 @@ def _distill(
     data = TrainData(x, y, teach)
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     torch.manual_seed(config.seed)
-    was_training = student.training  # restored at the end (the phases switch it)
+    was_training = student.training  # restored at the end, error or not (the phases switch it)
+    flags = [p.requires_grad for p in student.parameters()]
+    try:
+        return _train_student(student, data, obj, sample, config, method, head, ck, validation)
+    finally:
+        student.train(was_training)
+        for p, flag in zip(student.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _train_student(student, data, obj, sample, config, method, head, ck, validation):
     template = copy.deepcopy(student) if sample and config.num_chains > 1 else None
     map_s = train_map(
         student,
@@ -1618,7 +1643,6 @@ def _distill(
     result = DistillResult(student, store, obj, map_s + sg_s, map_s, config.predict_chunk)
     if config.calibrate:
         result.calibrate(*validation)
-    student.train(was_training)
     return result
 
 
@@ -2673,6 +2697,8 @@ def predict_file(
     stats = []
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
+    if out_csv.is_symlink():  # written through the link, as open() would
+        out_csv = out_csv.resolve()
     # written beside it, then renamed over it: an interrupted run leaves no half file, and a
     # hard link of another file at out_csv keeps that file's contents
     part = out_csv.with_name(f".{out_csv.name}.{os.getpid()}.part")
@@ -2694,7 +2720,12 @@ def predict_file(
             if yb is not None:
                 stats.append(_row_stats(probs, yb))
             bar.update(1)
-    os.replace(part, out_csv)
+    with _removed_on_error(part):
+        if out_csv.is_file():  # the file it replaces keeps its permissions
+            import shutil
+
+            shutil.copymode(out_csv, part)
+        os.replace(part, out_csv)
     if y is None:
         return {}
     return _metrics_of_rows({k: torch.cat([b[k] for b in stats]) for k in stats[0]}, y)

@@ -988,11 +988,31 @@ def test_predict_never_writes_over_its_run_or_its_input(tmp_path, capsys):
     assert cli.main(["predict", "--run", str(seeds / "seed0"), "--input", str(x),
                      "--out", str(out)]) == 0  # fmt: skip
     assert len(list(csv.DictReader(out.open()))) == 5
-    # a new file beside the seed folders is fine (the reviewer's preds_seed0.csv)
+    # a file of the user's beside the seed folders is fine, written again too (the reviewer's
+    # preds_seed0.csv); the run's own summary files there are not
     beside = seeds / "preds_seed0.csv"
-    assert cli.main(["predict", "--run", str(seeds / "seed0"), "--input", str(x),
-                     "--out", str(beside)]) == 0  # fmt: skip
+    for _ in range(2):
+        assert cli.main(["predict", "--run", str(seeds / "seed0"), "--input", str(x),
+                         "--out", str(beside)]) == 0  # fmt: skip
     assert beside.read_bytes() == out.read_bytes()
+    with pytest.raises(SystemExit, match="is a file of the --seeds run"):
+        cli.main(["predict", "--run", str(seeds / "seed1"), "--input", str(x),
+                  "--out", str(seeds / "summary.md")])  # fmt: skip
+    # a failure half-way leaves the earlier file as it was and no partial file
+    from mtbkd import distill
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    real = distill.predict_probs
+    distill.predict_probs = broken
+    try:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            cli.main(["predict", "--run", str(seeds / "seed0"), "--input", str(x),
+                      "--out", str(beside)])  # fmt: skip
+    finally:
+        distill.predict_probs = real
+    assert beside.read_bytes() == out.read_bytes() and not list(seeds.glob(".*.part"))
     # a hard link of the run's file at --out: renamed over, the run's file keeps its bytes
     os.link(run / "run.json", tmp_path / "hard.json")
     assert cli.main(["predict", "--run", str(run), "--input", str(x),

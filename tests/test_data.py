@@ -644,5 +644,8 @@ def test_csv_without_a_header_or_without_data_rows(tmp_path):
         data.read_inputs(path, "numeric")
     # a run whose features are named 0, 1 (pandas' default column names): their header is one
     path.write_text("1,0\n0.5,0.25\n")
-    x, y, _ = data.read_inputs(path, "numeric", feature_names=["0", "1"])
-    assert x.tolist() == [[0.25, 0.5]] and y is None
+    x, y, _ = data.read_inputs(path, "numeric", feature_names=["1", "0"])
+    assert x.tolist() == [[0.5, 0.25]] and y is None
+    # ... only when it is those names in order: otherwise it is a first row of data
+    with pytest.raises(ValueError, match="x.txt has no header row"):
+        data.read_inputs(path, "numeric", feature_names=["0", "1"])
