@@ -85,7 +85,7 @@ def traffic_bytes(loss: str, n: int, v: int, k: int, dtype: torch.dtype) -> int:
     """Bytes of this design's forward+backward passes: MATH.md section 9 (without cached teacher
     statistics) plus the backward's read and write of the saved gradient."""
     e, b = n * v, torch.finfo(dtype).bits // 8
-    passes = 3 * k + 4 if loss == "mtbkd" else 2 * k + 3
+    passes = 3 * k + 4 if loss in ("mtbkd", "jsd") else 2 * k + 3  # three passes: MATH.md 9
     return (passes + 2) * e * b
 
 

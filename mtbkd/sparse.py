@@ -61,9 +61,12 @@ __all__ = [
 # Log-probability given to padding buckets: exp of it is exactly 0 in fp32 and fp64, and every
 # term p·log q with p = 0 stays 0 (a finite value, unlike -inf).
 _PAD = 1.0e4
-# Smallest probability represented for an unknown (completed) teacher bucket: 0 mass would make
-# reverse KL infinite; a normal fp32 number keeps it finite and large.
-_TINY = 1e-30
+
+
+def _log_mass(mass: Tensor, pad: float) -> Tensor:
+    """``log(mass)`` of a teacher bucket, ``-pad`` where the mass is 0: a finite logit (reverse
+    KL stays finite, and large) that is still of mass 0 after the temperature."""
+    return torch.where(mass > 0, mass.clamp_min(torch.finfo(mass.dtype).tiny).log(), -pad)
 
 
 # A row whose top-k probabilities sum above this (5 % over 1: far beyond the rounding of fp16
@@ -180,6 +183,7 @@ def bucketize(
     *,
     tail_threshold: float = 1e-6,
     return_counts: bool = False,
+    temperature: float = 1.0,
 ):
     """Bucketed logits ``(student [N, B], [K × teacher [N, B]])`` (MATH.md section 5).
 
@@ -187,6 +191,10 @@ def bucketize(
     docstring for the convention. The student's bucket logits are differentiable functions of
     ``student_logits`` (autograd); teachers' are constants. Both are float32 (float64 for float64
     input). With ``return_counts`` also the number of real buckets per row ``[N]``.
+    ``temperature``: the largest temperature the buckets will be divided by: padding, and a
+    teacher bucket of mass 0, sit ``1e4 · max(1, temperature)`` below, so that they stay of mass
+    0 after it (``0^(1/τ) = 0``; a fixed -1e4, or the log of a floor such as 1e-30, became real
+    mass at a large τ).
     """
     z2 = student_logits
     if z2.dim() != 2:
@@ -219,6 +227,7 @@ def bucketize(
             )
         idx_list.append(idx)
     z = z2.to(acc)
+    pad = _PAD * max(1.0, float(temperature))
     union, _ = torch.cat(idx_list, dim=-1).sort(dim=-1)  # [N, W]
     dup = torch.zeros_like(union, dtype=torch.bool)
     dup[:, 1:] = union[:, 1:] == union[:, :-1]
@@ -250,14 +259,14 @@ def bucketize(
         rest = (-torch.expm1(mass)).clamp_min(0.0)  # r_k
         unknown = v - t.k
         fill = rest / unknown if unknown > 0 else torch.zeros_like(rest)
-        lp_u = torch.where(found, s_lp.gather(-1, pos), fill.clamp_min(_TINY).log()[:, None])
+        lp_u = torch.where(found, s_lp.gather(-1, pos), _log_mass(fill, pad)[:, None])
         tail_mass.append(fill * outside.to(acc))
-        t_buckets.append((torch.where(real, lp_u, -_PAD), tail_mass[-1]))
+        t_buckets.append((torch.where(real, lp_u, -pad), tail_mass[-1]))
     keep = (torch.stack(tail_mass).amax(0) >= tail_threshold) & (outside > 0)  # [N]
 
     # Student: gathered logits and the complement's logsumexp (exact, no 1 - Σq cancellation).
     z_max = z.detach().amax(-1, keepdim=True) if v else z.new_zeros(n, 1)
-    z_u = torch.where(real, z.gather(-1, union), z_max - _PAD)
+    z_u = torch.where(real, z.gather(-1, union), z_max - pad)
     # An extra column keeps logsumexp finite (and its gradient defined) where the complement is
     # empty or the tail is dropped; it is -inf (no contribution) where the tail is kept.
     col = torch.where(keep, float("-inf"), 0.0).to(acc)[:, None]
@@ -269,10 +278,10 @@ def bucketize(
     empty = ~torch.isfinite(zc).any(-1)
     lse = torch.logsumexp(torch.where(empty[:, None], 0.0, zc), dim=-1)
     z_tail = torch.where(keep & ~empty, lse,
-                         torch.where(keep, float("-inf"), z_max[:, 0] - _PAD))  # fmt: skip
+                         torch.where(keep, float("-inf"), z_max[:, 0] - pad))  # fmt: skip
     student = torch.cat([z_u, z_tail[:, None]], dim=-1)
     teacher_out = [
-        torch.cat([lp, torch.where(keep, m.clamp_min(_TINY).log(), -_PAD)[:, None]], dim=-1)
+        torch.cat([lp, torch.where(keep, _log_mass(m, pad), -pad)[:, None]], dim=-1)
         .contiguous()
         for lp, m in t_buckets
     ]  # fmt: skip
@@ -303,7 +312,8 @@ def _sparse_rows(kind: str, opts: dict, z: Tensor, teachers: list[SparseTeacher]
             torch.where(keep, t.indices, torch.arange(t.k, device=z.device)),
             torch.where(keep, t.logprobs, -math.log(t.k)), t.vocab_size,
         ) for t in teachers]  # fmt: skip
-    zb, tb, counts = bucketize(z, teachers, return_counts=True)
+    tau = max(opts["temperature"], opts["weight_temperature"])
+    zb, tb, counts = bucketize(z, teachers, return_counts=True, temperature=tau)
     # Labels only mask rows for the bucketed op; the hard-label term is computed on z below.
     # (a kept row's placeholder label must differ from ignore_index, or every row would be masked)
     placeholder = 1 if ignore == 0 else 0

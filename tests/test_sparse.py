@@ -335,3 +335,50 @@ def test_vocab_size_is_recorded_and_checked(tmp_path):
     assert anon.vocab_size is None and torch.isfinite(mtbkd.mtbkd_loss(torch.randn(5, 26), [anon]))
     with pytest.raises(ValueError, match="vocab_size must be a positive int"):
         mtbkd.SparseTeacher(back.indices, back.logprobs, 0)
+
+
+@pytest.mark.parametrize("fn,opts", CASES)
+def test_k_equal_v_is_dense_at_a_large_temperature(fn, opts):
+    # padding buckets sat at a fixed -1e4: divided by τ = 2000 they held real mass (MT-BKD off
+    # by 1.6e-3 relative, reverse KL and JSD by up to 7.6e-3)
+    z, t, y = _problem()
+    sparse = [topk_teacher(t[i], t.shape[-1]) for i in range(t.shape[0])]
+    opts = {**opts, "temperature": 2000.0}
+    if fn is mtbkd.mtbkd_loss:
+        opts["weight_temperature"] = 3000.0
+    a = fn(z, t, y, **opts)
+    b = fn(z, sparse, y, **opts)
+    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_a_bucket_of_mass_zero_stays_zero_under_the_temperature():
+    # a confident top-1 (log-probability 0.0, as inference servers return it) leaves no mass for
+    # the classes of another teacher's support: those buckets were floored at 1e-30, which is
+    # 1e-3 after τ = 10 (forward KL off by 2e-2 relative, JSD by 3e-2)
+    n, v = 3, 12
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(n, v, generator=g, dtype=torch.float64)
+    a = SparseTeacher(torch.zeros(n, 1, dtype=torch.long), torch.zeros(n, 1, dtype=torch.float64))
+    t_b = torch.randn(n, v, generator=g, dtype=torch.float64)
+    t_b[:, 0] = -30.0  # B gives class 0 (A's) almost nothing
+    b = topk_teacher(t_b, 4)
+    # the buckets by hand: the union U = {0} ∪ S_B, then the tail (exact zeros for A)
+    union = torch.cat([torch.zeros(n, 1, dtype=torch.long), b.indices], -1).sort(-1).values
+    q = torch.softmax(z, -1)
+    qs = q.gather(-1, union)
+    zb = torch.cat([qs, 1 - qs.sum(-1, keepdim=True)], -1).log()
+    pa = (union == 0).to(torch.float64)
+    pa = torch.cat([pa, torch.zeros(n, 1, dtype=torch.float64)], -1)
+    pb_top = b.logprobs.exp()
+    rest = 1 - pb_top.sum(-1, keepdim=True)
+    fill = rest / (v - 4)
+    pb = torch.where(union == 0, fill, 0.0)
+    for j in range(4):  # B's own top-4 at its classes' positions in the union
+        pb = torch.where(union == b.indices[:, j : j + 1], pb_top[:, j : j + 1], pb)
+    pb = torch.cat([pb, fill * (v - 5)], -1)
+    tb = torch.stack([pa.log(), pb.log()])  # -inf where A has no mass
+    for div in ("forward_kl", "jsd"):
+        want = mtbkd.multi_teacher_kd_loss(zb, tb, None, divergence=div, temperature=10.0,
+                                           check_finite=False)  # fmt: skip
+        got = mtbkd.multi_teacher_kd_loss(z, [a, b], None, divergence=div, temperature=10.0)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
