@@ -70,11 +70,16 @@ def test_sgld_resume_after_interruption_gives_the_same_samples(tmp_path):
     obj = distill.Objective("mtbkd", (0, 1), concentration=20.0, prior_weight=0.5)
     data = distill.TrainData(x, y, t)
 
-    def run(ckpt, stop_at=None):
-        model = _student()
+    ran: list[int] = []
+
+    def run(ckpt, stop_at=None, seed=0):
+        model = _student(seed)
         distill.train_map(model, data, obj, cfg, checkpoint_dir=ckpt)
+        ran.clear()
+        torch.manual_seed(1000 + seed)  # the global RNG as a caller might leave it
 
         def interrupt(epoch):
+            ran.append(epoch)
             if epoch == stop_at:
                 raise KeyboardInterrupt
 
@@ -84,14 +89,18 @@ def test_sgld_resume_after_interruption_gives_the_same_samples(tmp_path):
         return model, store
 
     _, reference = run(None)
+    everything = list(ran)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "ck", stop_at=5)  # the last checkpoint is at epoch 4
-    model, resumed = run(tmp_path / "ck")
+        run(tmp_path / "ck", stop_at=everything[4])  # the last checkpoint is after 4 epochs
+    # (another initialisation and global RNG state: all of it must come from the checkpoints;
+    # a rerun from scratch gave the same samples, so the samples alone proved nothing)
+    model, resumed = run(tmp_path / "ck", seed=5)
+    assert ran == everything[4:]  # only the epochs after the checkpoint ran
     assert len(resumed) == len(reference) == 10
     assert torch.equal(resumed.samples(), reference.samples())
-    # a finished run is loaded, not retrained: same samples again
-    _, again = run(tmp_path / "ck")
-    assert torch.equal(again.samples(), reference.samples())
+    # a finished run is loaded, not retrained: same samples again, no epoch run
+    _, again = run(tmp_path / "ck", seed=6)
+    assert ran == [] and torch.equal(again.samples(), reference.samples())
     # an interruption between writing a checkpoint's samples and the checkpoint itself: the
     # checkpoint on disk keeps its own samples file, and the resumed run is the same
     real = distill._save_atomic

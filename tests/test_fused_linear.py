@@ -126,11 +126,11 @@ def test_bfloat16_error_no_worse_than_plain_pytorch(kind, opts):
     assert a.dtype == torch.float32 and ga[1].dtype == torch.bfloat16
     err_f = abs(a.double() - truth).item()
     err_p = abs(p.double() - truth).item()
-    assert err_f <= 2 * err_p + 1e-3 * abs(truth.item())
+    assert err_f <= 2 * err_p + 1e-4 * abs(truth.item())
     for x, xp, xt in zip(ga, gp, g_truth, strict=True):
         ef = (x.double() - xt).norm() / xt.norm()
         ep = (xp.double() - xt).norm() / xt.norm()
-        assert ef <= 2 * ep + 1e-2, (ef, ep)
+        assert ef <= 1.5 * ep + 1e-3, (ef, ep)  # (a floor of 1e-2 let a 1 % error pass)
 
 
 def test_auto_chunk_size():

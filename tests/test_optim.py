@@ -136,6 +136,34 @@ def test_one_step_matches_formula():
         torch.testing.assert_close(p.detach().double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_one_psgld_step_matches_formula():
+    # the optimizer's pSGLD wiring (the moving average and the preconditioned step) had no test
+    # of its own: a step that dropped square_avg and ran plain SGLD passed every test
+    torch.manual_seed(5)
+    p1 = torch.nn.Parameter(torch.randn(3, 4))
+    p2 = torch.nn.Parameter(torch.randn(6))
+    lr, nd, wd, temp, alpha, eps = 1e-3, 500, 0.01, 0.5, 0.9, 1e-5
+    opt = SGLD([p1, p2], lr=lr, num_data=nd, weight_decay=wd, temperature=temp,
+               precondition=True, alpha=alpha, eps=eps)  # fmt: skip
+    v = [torch.zeros(3, 4, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)]
+    for step in range(2):
+        p1.grad, p2.grad = torch.randn(3, 4), torch.randn(6)
+        before = [p1.detach().double().clone(), p2.detach().double().clone()]
+        torch.manual_seed(20 + step)
+        seed = B.new_seed()
+        torch.manual_seed(20 + step)
+        opt.step()
+        for j, (p, p0) in enumerate(zip((p1, p2), before)):
+            gu = nd * p.grad.double() + wd * p0
+            v[j] = alpha * v[j] + (1 - alpha) * (gu / nd) ** 2
+            g = 1.0 / (eps + v[j].sqrt())
+            xi = B.philox_normal(seed, 0, p.numel(), stream=j).double().view(p.shape)
+            expected = p0 - lr * g * gu + (2 * lr * temp * g).sqrt() * xi
+            torch.testing.assert_close(p.detach().double(), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(opt.state[p]["square_avg"].double(), v[j],
+                                       atol=0.0, rtol=1e-6)  # fmt: skip
+
+
 def test_groups_missing_grads_non_contiguous_and_bf16():
     a = torch.nn.Parameter(torch.randn(4, 6).t())  # non-contiguous
     b = torch.nn.Parameter(torch.randn(5, dtype=torch.bfloat16))
