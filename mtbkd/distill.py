@@ -1293,6 +1293,16 @@ def _row_stats(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[str, 
     }
 
 
+def ece_p_value(draws: Tensor, ece: float) -> float:
+    """Monte Carlo p-value of an observed ECE against the ECEs ``draws`` of a calibrated model
+    (:func:`mtbkd.metrics.calibrated_ece`): ``(1 + the draws at or above it) / (1 + draws)``,
+    never 0, and at most alpha under calibration with probability alpha. A draw equal to ``ece``
+    up to float32 rounding counts as at or above it: the two ECEs are summed in different orders,
+    and an exact tie read a rounding step below lowered the p-value."""
+    at_or_above = draws.double() >= ece - 1e-6 * max(abs(ece), 1e-12)
+    return (1 + int(at_or_above.sum())) / (1 + draws.numel())
+
+
 def _metrics_of_rows(stats: dict[str, Tensor], labels: Tensor) -> dict[str, float]:
     from mtbkd import metrics as M
 
@@ -1316,8 +1326,7 @@ def _metrics_of_rows(stats: dict[str, Tensor], labels: Tensor) -> dict[str, floa
             stats["pbar"].max(-1).values.float().mean() - (~wrong).float().mean()
         ),
         "ece_floor": float(floor.mean()),
-        # Monte Carlo p-value: never 0, and at most alpha under calibration with probability alpha
-        "ece_p": (1 + int((floor >= ece).sum())) / (1 + ECE_FLOOR_DRAWS),
+        "ece_p": ece_p_value(floor, ece),
         "brier": float(M.brier(pbar, labels)),
         "mean_deviance": float(stats["mean_deviance"].mean()),
         "coverage": float(stats["covered"].float().mean()),

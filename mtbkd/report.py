@@ -702,7 +702,10 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
                 "on the test rows, with 95 % intervals from bootstrap resamples of the test rows "
                 "(the same for both) and the fraction of resamples in which it is better (lower "
                 "NLL / ECE, higher accuracy). "
-                "An interval that contains 0 is within the sampling noise of the test set.",
+                "An interval that contains 0 is within the sampling noise of the test set "
+                "(for ECE, which resampling raises, and by more for the better calibrated of "
+                "the two, the percentile interval sits off-centre, mostly toward 0: "
+                "conservative).",
                 "",
                 format_bootstrap(rep["paired_bootstrap"], markdown=True),
                 "",
@@ -1576,7 +1579,9 @@ def write_seed_summary(
                 f"rows ({summary['versus']['resamples']} draws), so it covers the training run's "
                 "randomness and the test set's sampling noise; the last number is the fraction "
                 "of draws in which it is better. An interval that contains 0 is within that "
-                "noise."
+                "noise (ECE: a percentile interval, off-centre, mostly toward 0, because "
+                "resampling raises the better calibrated method's ECE more; see the README's "
+                "Results)."
                 if "resamples" in summary["versus"]
                 else "Interval: 95 % Student-t over seeds (the spread between seeds; it leaves "
                 "out the sampling noise of a test set shared by the seeds)."

@@ -1194,3 +1194,12 @@ def test_a_failed_run_gives_the_student_back_as_it_came(monkeypatch):
         distill.distill(student, t, x, y, QUICK, method="mtbkd_sgld")
     assert not student.training
     assert [p.requires_grad for p in student.parameters()] == [False] * 4 + [True] * 2
+
+
+def test_ece_p_counts_a_tie_read_a_rounding_step_below():
+    # found by an audit: the observed ECE and a calibrated draw of exactly the same value are
+    # summed in different orders, and a draw one float32 step below was not counted
+    ece = 0.1208391562
+    draws = torch.tensor([0.1208391413, 0.05, 0.2], dtype=torch.float32)
+    assert distill.ece_p_value(draws, ece) == 3 / 4
+    assert distill.ece_p_value(torch.tensor([0.1, 0.05]), ece) == 1 / 3  # clearly below: not
