@@ -61,12 +61,18 @@ __all__ = [
 # Log-probability given to padding buckets: exp of it is exactly 0 in fp32 and fp64, and every
 # term p·log q with p = 0 stays 0 (a finite value, unlike -inf).
 _PAD = 1.0e4
+# The smallest probability a teacher bucket has after the temperature: a bucket of mass 0 (a
+# confident top-1 teacher leaves none for another teacher's classes) is 0 to within 1e-30, and
+# reverse KL stays finite (about 69 times the student's mass there, whatever τ).
+_LOG_FLOOR = math.log(1e-30)
 
 
-def _log_mass(mass: Tensor, pad: float) -> Tensor:
-    """``log(mass)`` of a teacher bucket, ``-pad`` where the mass is 0: a finite logit (reverse
-    KL stays finite, and large) that is still of mass 0 after the temperature."""
-    return torch.where(mass > 0, mass.clamp_min(torch.finfo(mass.dtype).tiny).log(), -pad)
+def _log_mass(mass: Tensor, temperature: float) -> Tensor:
+    """``log(mass)`` of a teacher bucket, floored at ``log(1e-30) · τ``: after division by τ
+    its probability is at least 1e-30 (a floor on the raw mass, 1e-30 before τ, became 1e-3 of
+    mass after τ = 10)."""
+    floor = _LOG_FLOOR * max(1.0, float(temperature))
+    return mass.clamp_min(torch.finfo(mass.dtype).tiny).log().clamp_min(floor)
 
 
 # A row whose top-k probabilities sum above this (5 % over 1: far beyond the rounding of fp16
@@ -191,10 +197,11 @@ def bucketize(
     docstring for the convention. The student's bucket logits are differentiable functions of
     ``student_logits`` (autograd); teachers' are constants. Both are float32 (float64 for float64
     input). With ``return_counts`` also the number of real buckets per row ``[N]``.
-    ``temperature``: the largest temperature the buckets will be divided by: padding, and a
-    teacher bucket of mass 0, sit ``1e4 · max(1, temperature)`` below, so that they stay of mass
-    0 after it (``0^(1/τ) = 0``; a fixed -1e4, or the log of a floor such as 1e-30, became real
-    mass at a large τ).
+    ``temperature``: the largest temperature the buckets will be divided by. Padding sits
+    ``1e4 · max(1, temperature)`` below, of mass 0 after it (a fixed -1e4 became real mass at a
+    large τ); a teacher bucket of mass 0 gets ``log(1e-30) · max(1, temperature)``, a
+    probability of 1e-30 after it (``0^(1/τ) = 0`` to within that; the log of a raw floor of
+    1e-30 became 1e-3 after τ = 10), which keeps reverse KL finite.
     """
     z2 = student_logits
     if z2.dim() != 2:
@@ -259,7 +266,7 @@ def bucketize(
         rest = (-torch.expm1(mass)).clamp_min(0.0)  # r_k
         unknown = v - t.k
         fill = rest / unknown if unknown > 0 else torch.zeros_like(rest)
-        lp_u = torch.where(found, s_lp.gather(-1, pos), _log_mass(fill, pad)[:, None])
+        lp_u = torch.where(found, s_lp.gather(-1, pos), _log_mass(fill, temperature)[:, None])
         tail_mass.append(fill * outside.to(acc))
         t_buckets.append((torch.where(real, lp_u, -pad), tail_mass[-1]))
     keep = (torch.stack(tail_mass).amax(0) >= tail_threshold) & (outside > 0)  # [N]
@@ -281,7 +288,7 @@ def bucketize(
                          torch.where(keep, float("-inf"), z_max[:, 0] - pad))  # fmt: skip
     student = torch.cat([z_u, z_tail[:, None]], dim=-1)
     teacher_out = [
-        torch.cat([lp, torch.where(keep, _log_mass(m, pad), -pad)[:, None]], dim=-1)
+        torch.cat([lp, torch.where(keep, _log_mass(m, temperature), -pad)[:, None]], dim=-1)
         .contiguous()
         for lp, m in t_buckets
     ]  # fmt: skip
