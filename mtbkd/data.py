@@ -616,6 +616,14 @@ def load_deeploc(
     """DeepLoc 2.0 subset (``train.csv``/``test.csv`` with sequences, two teachers' logits): the
     student's features are computed from the sequences (:func:`encode_sequences` with
     ``sequence_encoder``)."""
+    root = Path(data_dir)
+    for split in ("train", "test"):  # without them the pipeline would train teachers of its own
+        if root.is_dir() and not list(root.glob(f"teacher_*_{split}.csv")):
+            raise FileNotFoundError(
+                f"{root} has no teacher_<name>_{split}.csv: DeepLoc's teachers (the ESM-2 and "
+                "ProtT5 logits) are part of its format; for sequences without teachers use "
+                "--dataset dir"
+            )
     ds = load_directory(
         data_dir, name="deeploc", sequence_encoder=sequence_encoder, progress=progress
     )
@@ -631,6 +639,29 @@ def load_deeploc(
 # ----------------------------------------------------------------------------------------------
 # Directories of the user's own
 # ----------------------------------------------------------------------------------------------
+
+
+def _encode_csv(path: Path, header: list[str], rows: list[list[str]], column: int,
+                encoder: str, progress: bool):  # fmt: skip
+    """:func:`encode_sequences` of a CSV's ``Sequence`` column; an error names the file, the
+    data row and the ``ACC`` of the first sequence at fault (the encoders number the sequences from
+    0, or not at all)."""
+    sequences = [r[column] for r in rows]
+    try:
+        return encode_sequences(sequences, encoder, progress=progress)
+    except ValueError as exc:
+        from mtbkd import unirep
+
+        acc = header.index("ACC") if "ACC" in header else None
+        for i, s in enumerate(sequences):  # the error path only: find the row
+            try:
+                _one_sequence(i, s)
+                if "unirep" in encoder:
+                    unirep.tokenize(s)
+            except (ValueError, TypeError) as row_exc:
+                where = f", ACC {rows[i][acc]}" if acc is not None else ""
+                raise ValueError(f"{path}, data row {i + 1}{where}: {row_exc}") from None
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def _read_csv(path: Path, names: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
@@ -733,7 +764,7 @@ def read_inputs(
         if "Sequence" not in header:
             raise ValueError(f"{path} needs a Sequence column for a sequence model")
         seq = header.index("Sequence")
-        x, _ = encode_sequences([r[seq] for r in rows], sequence_encoder, progress=progress)
+        x, _ = _encode_csv(path, header, rows, seq, sequence_encoder, progress)
         return x, labels, ids
     if feature_names is not None:
         missing = [n for n in feature_names if n not in header]
@@ -777,7 +808,7 @@ def _load_csv_split(
     y = _parse_labels(path, rows, lab)
     if "Sequence" in header:
         seq = header.index("Sequence")
-        x, names = encode_sequences([r[seq] for r in rows], sequence_encoder, progress=progress)
+        x, names = _encode_csv(path, header, rows, seq, sequence_encoder, progress)
         return x, y, "sequence", names
     names = [h for i, h in enumerate(header) if i != lab]
     if feature_names is not None:

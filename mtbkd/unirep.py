@@ -263,7 +263,12 @@ def unirep_features(
             got = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError):  # a truncated or foreign file: recompute it
             got = None
-        if got is not None and got.shape == (len(toks), size) and got.dtype == np.float32:
+        if (
+            got is not None
+            and got.shape == (len(toks), size)
+            and got.dtype == np.float32
+            and np.isfinite(got).all()  # a corrupted entry is recomputed, not blamed on the data
+        ):
             return got
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -649,3 +649,24 @@ def test_csv_without_a_header_or_without_data_rows(tmp_path):
     # ... only when it is those names in order: otherwise it is a first row of data
     with pytest.raises(ValueError, match="x.txt has no header row"):
         data.read_inputs(path, "numeric", feature_names=["0", "1"])
+
+
+def test_deeploc_format_errors_name_the_file_row_and_acc(tmp_path):
+    # found by an audit: DeepLoc without its teacher files loaded and the pipeline trained
+    # teachers of its own in silence; a bad sequence was "sequence 5 is empty" (no file, no line)
+    for split, n in (("train", 6), ("test", 4)):
+        _write_csv(tmp_path / f"{split}.csv", ["ACC", "Sequence", "Label"],
+                   [[f"P{split}{i}", "MKTAYIAKQR" * 3, i % 2] for i in range(n)])  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="no teacher_<name>_train.csv: DeepLoc's teachers"):
+        data.load_deeploc(tmp_path, progress=False)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 4)):
+        np.savetxt(tmp_path / f"teacher_a_{split}.csv", rng.normal(size=(n, 2)), delimiter=",")
+    assert data.load_deeploc(tmp_path, progress=False).teacher_names == ["a"]
+    _write_csv(tmp_path / "test.csv", ["ACC", "Sequence", "Label"],
+               [["Q1", "MKTAYIAKQR", 0], ["Q2", "MKT4YIAKQR", 1], ["Q3", "", 0],
+                ["Q4", "MKTAYIAKQR", 1]])  # fmt: skip
+    with pytest.raises(ValueError, match=r"test.csv, data row 2, ACC Q2: sequence 1 has char"):
+        data.load_deeploc(tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"test.csv, data row 2, ACC Q2: sequence 1 has char"):
+        data.load_deeploc(tmp_path, "unirep64", progress=False)

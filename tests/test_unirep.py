@@ -209,7 +209,9 @@ def test_a_cache_file_of_another_shape_or_dtype_is_recomputed(tmp_path, monkeypa
     first = unirep.unirep_features(SEQS, 64, progress=False)
     (path,) = (tmp_path / "unirep").glob("*.npy")
     want = unirep.UniRep(64)(SEQS).numpy()
-    for foreign in (first[:2], first.astype(np.float64) + 1.0):
+    nan = first.copy()
+    nan[1] = np.nan  # a corrupted entry of the right shape: recomputed, not blamed on the data
+    for foreign in (first[:2], first.astype(np.float64) + 1.0, nan):
         np.save(path, foreign)
         got = unirep.unirep_features(SEQS, 64, progress=False)
         assert got.shape == (3, 64) and got.dtype == np.float32
