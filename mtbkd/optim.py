@@ -63,12 +63,10 @@ def _dtensor_type() -> type | None:
     return getattr(module, "DTensor", None)
 
 
-def _shard_key(p: Tensor, dtensor: type | None) -> tuple[int, ...]:
-    """Where ``p``'s local data sits among the shards of its parameter: the mesh coordinates along
-    the mesh dimensions that shard it. ``()`` for a plain tensor and along replicated dimensions,
-    so replicas (DDP, HSDP's replicate dimension) draw the same noise and stay identical."""
-    if dtensor is None or not isinstance(p, dtensor):
-        return ()
+def _shard_key(p: Tensor) -> tuple[int, ...]:
+    """Where a DTensor ``p``'s local data sits among the shards of its parameter: the mesh
+    coordinates along the mesh dimensions that shard it (none along replicated dimensions, so
+    replicas, as along HSDP's replicate dimension, draw the same noise and stay identical)."""
     coordinate = p.device_mesh.get_coordinate()
     key = []
     for dim, placement in enumerate(p.placements):
@@ -95,8 +93,9 @@ def _is_dtensor(t: Tensor) -> bool:
     return dtensor is not None and isinstance(t, dtensor)
 
 
-def _local(t: Tensor, dtensor: type | None) -> Tensor:
-    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (updated in place, it updates the DTensor); any other tensor."""
+    return t.to_local() if _is_dtensor(t) else t
 
 
 class SGLD(Optimizer):
@@ -182,7 +181,7 @@ class SGLD(Optimizer):
                     raise RuntimeError("SGLD does not support sparse gradients")
                 buckets.setdefault((p.device, p.dtype), []).append(p)
             for params in buckets.values():
-                self._step_bucket(group, params, _dtensor_type())
+                self._step_bucket(group, params)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -210,7 +209,7 @@ class SGLD(Optimizer):
                     value = distribute_tensor(value, p.device_mesh, p.placements)
                 self.state[p]["square_avg"] = value
 
-    def _step_bucket(self, group: dict[str, Any], params: list[Tensor], dtensor: type | None):
+    def _step_bucket(self, group: dict[str, Any], params: list[Tensor]) -> None:
         precondition = group["precondition"]
         seed = new_seed()
         plain: list[tuple] = []
@@ -223,8 +222,8 @@ class SGLD(Optimizer):
                 state["square_avg"] = torch.zeros_like(
                     p, dtype=acc, memory_format=torch.contiguous_format
                 )
-            sq = _local(state["square_avg"], dtensor) if precondition else None
-            local, grad = _local(p, dtensor), _local(p.grad, dtensor)
+            sq = _local(state["square_avg"]) if precondition else None
+            local, grad = _local(p), _local(p.grad)
             if grad.shape != local.shape or (sq is not None and sq.shape != local.shape):
                 raise ValueError(
                     f"SGLD: parameter {index}'s local shape {tuple(local.shape)} differs from its "
@@ -233,8 +232,8 @@ class SGLD(Optimizer):
             if local is p:
                 plain.append((p, grad, sq))
             else:  # an FSDP2 shard: a call of its own, its seed keyed by the shard
-                key = _shard_key(p, dtensor)
-                self._update(group, [(local, grad, sq)], _shard_seed(seed, index, key))
+                seed_p = _shard_seed(seed, index, _shard_key(p))
+                self._update(group, [(local, grad, sq)], seed_p)
         # every plain tensor in one fused call, keyed by the step's seed (as without FSDP)
         self._update(group, plain, seed)
 
