@@ -149,7 +149,7 @@ def _options_key(options: dict) -> int:
 
     def norm(key, value):
         if isinstance(value, Tensor):
-            if key == "weights":  # fixed weights (validated): two sums, one host transfer
+            if key == "weights":  # fixed weights: two sums, one host transfer
                 try:
                     w = value.detach().reshape(-1).to(torch.float64)
                     at = torch.arange(1, w.numel() + 1, dtype=torch.float64, device=w.device)
@@ -891,7 +891,7 @@ def _fused_call(name, loss_fn, opts, student_hidden, student_weight_shard, teach
                                labels, student_bias_shard, vocab_start, vocab_size,
                                chunk_size)  # fmt: skip
         meta = _fused_meta(parsed[0], parsed[2], parsed[3], parsed[1], vocab_start, vocab_size)
-        if isinstance(opts["weights"], Tensor):  # validated before its fingerprint
+        if isinstance(opts["weights"], Tensor):  # its shape checked before its fingerprint
             opts = dict(opts, weights=_flat_weights(opts["weights"], len(parsed[2]), parsed[4]))
         meta.append(_options_key(dict(opts, chunk_size=chunk_size, reduction=reduction,
                                       num_items_in_batch=num_items_in_batch,
