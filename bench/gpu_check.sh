@@ -5,7 +5,8 @@
 #   2. run the GPU tests (Triton kernels, CUDA kernels, TeacherStats, the bf16 gradient's single
 #      rounding on every backend) on the device,
 #   3. measure each backend's bf16 gradient against float64 (bench/grad_rounding.py: is every
-#      element the truth rounded to nearest?), a table appended to summary.txt,
+#      element the truth rounded to nearest?) and float32 entropy of nearly one-hot teachers
+#      (bench/entropy_precision.py), tables appended to summary.txt,
 #   4. benchmark Triton vs CUDA vs eager vs torch.compile vs Liger-Kernel (when importable; a
 #      machine without a package registry gets it from build/gpu-extras/site, which `make
 #      gpu-extras` unpacks on a machine that has one: carry that folder along) at
@@ -134,7 +135,7 @@ if [ $BUILD_OK = 1 ]; then
   # test_triton_kernels.py's test_functional_api_runs_on_the_backend.)
   if timeout "$(budget 200)" $PY -m pytest tests/test_triton_kernels.py tests/test_bayes_ops.py \
       tests/test_bench_gpu.py tests/test_functional.py -v -rfE $XDIST --maxfail=20 \
-      -k "not compiles_for and (not test_functional.py or rounded_once or upstream_gradient or grad_scale_multiplies)" \
+      -k "not compiles_for and (not test_functional.py or rounded_once or upstream_gradient or grad_scale_multiplies or nearly_one_hot)" \
       -p no:cacheprovider > "$OUT/tests.log" 2>&1; then
     TESTS_OK=1
   fi
@@ -147,7 +148,9 @@ if [ $BUILD_OK = 1 ]; then
   { echo "bf16 gradient rounding (bench/grad_rounding.py --check):";
     timeout "$(budget 60)" $PY bench/grad_rounding.py --check 2>&1 | tail -n 12;
     echo "grad_rounding: exit ${PIPESTATUS[0]}"; } >> "$OUT/summary.txt"
-  tail -n 14 "$OUT/summary.txt"
+  { echo "nearly one-hot teacher entropy (bench/entropy_precision.py):";
+    timeout "$(budget 30)" $PY bench/entropy_precision.py 2>&1 | tail -n 6; } >> "$OUT/summary.txt"
+  tail -n 21 "$OUT/summary.txt"
 fi
 
 # ---- 4. benchmark (what is left of the 8 minutes; baselines stop first when time runs out) ----

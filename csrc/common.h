@@ -78,6 +78,8 @@ MTBKD_HD float scalar_exp(float x) { return ::expf(x); }
 MTBKD_HD double scalar_exp(double x) { return ::exp(x); }
 MTBKD_HD float scalar_log(float x) { return ::logf(x); }
 MTBKD_HD double scalar_log(double x) { return ::log(x); }
+MTBKD_HD float scalar_log1p(float x) { return ::log1pf(x); }
+MTBKD_HD double scalar_log1p(double x) { return ::log1p(x); }
 
 template <class T>
 MTBKD_HD T neg_infinity() {
@@ -150,6 +152,12 @@ struct TeacherAcc {
   T Aw;  // sum ew_k
   T Dw;  // sum ew_k u_k
   T b;   // t_k at the column of the student's offset m (reverse KL; 0 while unused)
+  // A - 1 and Aw - 1 without rounding them through A: the sums without one entry at the maximum
+  // (where e = 1), so that log A = log1p(R) keeps the small sum of a nearly one-hot teacher that
+  // A itself rounds away (its entropy). Only where o is the running maximum (not with cached
+  // offsets); -1 while empty.
+  T R;
+  T Rw;
 };
 
 template <class T>
@@ -159,7 +167,7 @@ MTBKD_HD StudentAcc<T> empty_student() {
 
 template <class T>
 MTBKD_HD TeacherAcc<T> empty_teacher() {
-  return TeacherAcc<T>{neg_infinity<T>(), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+  return TeacherAcc<T>{neg_infinity<T>(), T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(-1), T(-1)};
 }
 
 // Move the student frame to the offset new_m >= s.m and the teachers' logits frame[k].b at its
@@ -207,6 +215,15 @@ MTBKD_HD void shift_teacher(TeacherAcc<T>& t, T new_o, T inv_tau, T inv_tau_w) {
   t.o = new_o;
 }
 
+// R and Rw of two parts' teacher sums, both moved to their common offset: the part that holds the
+// maximum (a's on a tie) keeps its rest; the other one's whole sum joins it. Call before A and Aw
+// are added.
+template <class T>
+MTBKD_HD void merge_rest(TeacherAcc<T>& a, const TeacherAcc<T>& b, bool keep_a) {
+  a.R = keep_a ? a.R + b.A : b.R + a.A;
+  a.Rw = keep_a ? a.Rw + b.Aw : b.Rw + a.Aw;
+}
+
 // Merge partial row statistics b into a (both complete for their part of the row).
 template <class T>
 MTBKD_HD void merge_row_stats(StudentAcc<T>& sa, TeacherAcc<T>* ta, StudentAcc<T>& sb,
@@ -217,9 +234,11 @@ MTBKD_HD void merge_row_stats(StudentAcc<T>& sa, TeacherAcc<T>* ta, StudentAcc<T
   const TeacherAcc<T>* frame = keep_a ? ta : tb;
   shift_student(keep_a ? sb : sa, keep_a ? tb : ta, K, m, frame, inv_tau);
   for (int k = 0; k < K; ++k) {
-    const T o = ta[k].o > tb[k].o ? ta[k].o : tb[k].o;
+    const bool keep_ta = !(tb[k].o > ta[k].o);
+    const T o = keep_ta ? ta[k].o : tb[k].o;
     shift_teacher(ta[k], o, inv_tau, inv_tau_w);
     shift_teacher(tb[k], o, inv_tau, inv_tau_w);
+    merge_rest(ta[k], tb[k], keep_ta);
     ta[k].A += tb[k].A;
     ta[k].B += tb[k].B;
     ta[k].F += tb[k].F;
@@ -232,10 +251,11 @@ MTBKD_HD void merge_row_stats(StudentAcc<T>& sa, TeacherAcc<T>* ta, StudentAcc<T
 }
 
 // H = log Aw - Dw / (Aw tau_w): the entropy of softmax(t / tau_w) from its online sums; both
-// terms are >= 0, so nothing cancels.
+// terms are >= 0, so nothing cancels. log Aw is taken as log1p(Rw) (Rw = Aw - 1 kept apart, see
+// TeacherAcc): a nearly one-hot teacher's entropy is mostly that small sum, which Aw rounds.
 template <class T>
-MTBKD_HD T entropy_from_sums(T Aw, T Dw, T inv_tau_w) {
-  return scalar_log(Aw) - Dw * inv_tau_w / Aw;
+MTBKD_HD T entropy_from_sums(T Aw, T Rw, T Dw, T inv_tau_w) {
+  return scalar_log1p(Rw) - Dw * inv_tau_w / Aw;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -267,17 +267,25 @@ def _weights(h, fw_ptr, row, N, kidx, kmask, K: tl.constexpr, WEIGHT_MODE: tl.co
 
 
 @triton.jit
-def _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw):
+def _teacher_entropy_stats(t, valid2, mw, sw, bw, rw, inv_tw):
     # Online entropy of softmax(t / tau_w): with x = t / tau_w, S = sum e^(x - m) and
     # B = sum e^(x - m) (x - m), H = log S - B / S. Rescaling to a new max m':
-    # B' = e^(m - m') (B + (m - m') S).
+    # B' = e^(m - m') (B + (m - m') S). R = S - 1 is kept apart (-1 while empty): the sum without
+    # one entry at the maximum, so that log S = log1p(R) keeps a nearly one-hot teacher's small
+    # sum, which S rounds away. A block that raises the max turns the old S into part of R; its
+    # own entries at the new max count 1 each but one.
     x = t * inv_tw
     m_new, s_new, e, shift = _online(mw, sw, x, valid2, 1.0)
     alpha = tl.exp(mw - shift)
     delta = tl.where(sw > 0.0, mw - shift, 0.0)
     blk = tl.sum(tl.where(e > 0.0, e * (x - shift[:, None]), 0.0), axis=1)
     bw = alpha * (bw + delta * sw) + blk
-    return m_new, s_new, bw
+    at_top = valid2 & (x == shift[:, None])
+    raised = m_new > mw
+    n_top = tl.sum(at_top.to(bw.dtype), axis=1) - raised.to(bw.dtype)
+    rest = tl.sum(tl.where(at_top, 0.0, e), axis=1)
+    rw = tl.where(raised, alpha * (rw + 1.0), rw) + rest + n_top
+    return m_new, s_new, bw, rw
 
 
 @triton.jit
@@ -342,10 +350,12 @@ def _finish_log_sum(s, kmask):
 
 
 @triton.jit
-def _finish_entropy(sw, bw, kmask):
-    # H = log S - B / S from _teacher_entropy_stats; 0 in padding lanes.
+def _finish_entropy(sw, bw, rw, kmask, HIGH: tl.constexpr):
+    # H = log S - B / S from _teacher_entropy_stats, log S = log1p(R); 0 in padding lanes.
     sw_safe = tl.where(kmask, sw, 1.0)
-    return tl.where(kmask, tl.log(sw_safe) - bw / sw_safe, 0.0)
+    small = rw < 0.5
+    log_s = tl.where(small, _log1p(tl.where(small, rw, 0.0), HIGH), tl.log(sw_safe))
+    return tl.where(kmask, log_s - bw / sw_safe, 0.0)
 
 
 @triton.jit
@@ -412,6 +422,7 @@ def _mtbkd_fwd_kernel(
         mw = tl.full([KP], float("-inf"), ACC)
         sw = tl.zeros([KP], ACC)
         bw = tl.zeros([KP], ACC)
+        rw = tl.full([KP], -1.0, ACC)
         if HAS_STATS:
             # The cached lse(t_k/tau) is not used: p_k from it would carry its float32 rounding
             # (~1e-3 at logits of 1e4). The online teacher softmax below needs the same exp per
@@ -441,12 +452,12 @@ def _mtbkd_fwd_kernel(
                 tl.where(e > 0.0, e * (z - shz)[None, :], 0.0), axis=1
             )
             if not HAS_STATS:
-                mw, sw, bw = _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw)
+                mw, sw, bw, rw = _teacher_entropy_stats(t, valid2, mw, sw, bw, rw, inv_tw)
         lss = tl.log(ss)
         mts = _finish_max(mt, kmask)
         lst = _finish_log_sum(st, kmask)
         if not HAS_STATS:
-            h = _finish_entropy(sw, bw, kmask)
+            h = _finish_entropy(sw, bw, rw, kmask, HIGH)
             lg = _lgamma_terms(tbase, kmask, V, mts, lst, inv_tau, lam, BLOCK, KP, ACC, HIGH)
         # C_k = lam (E_p[z - mz]/tau - log S): two non-positive terms, no cancellation.
         cterm = tl.where(kmask, lam * (cross / tl.where(kmask, st, 1.0) * inv_tau - lss), 0.0)
@@ -544,6 +555,7 @@ def _kd_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     one = row + tl.zeros([1], tl.int64)
     NEED_H: tl.constexpr = (WEIGHT_MODE == 0) & (K > 1)
+    HIGH: tl.constexpr = ACC == tl.float64
     inv_tau = _scalar(inv_tau_, ACC)
     inv_tw = _scalar(inv_tw_, ACC)
     beta = _scalar(beta_, ACC)
@@ -573,6 +585,7 @@ def _kd_fwd_kernel(
         mw = tl.full([KP], float("-inf"), ACC)
         sw = tl.zeros([KP], ACC)
         bw = tl.zeros([KP], ACC)
+        rw = tl.full([KP], -1.0, ACC)
         rev = tl.zeros([KP], ACC)  # R_k = sum_c e^((z_c - mz)/tau) d_kc (reverse KL)
         tb = tl.zeros([KP], ACC)  # b_k of d_kc = (z_c - mz) - (t_kc - b_k)
         for start in range(0, V, BLOCK):
@@ -590,7 +603,7 @@ def _kd_fwd_kernel(
             mz_old, mz, ss, s1, eq, shz = _student_online(mz, ss, s1, z, cm, inv_tau, HAS_LABELS)
             mt, st, _et, sht = _online(mt, st, t, valid2, inv_tau)
             if NEED_H:
-                mw, sw, bw = _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw)
+                mw, sw, bw, rw = _teacher_entropy_stats(t, valid2, mw, sw, bw, rw, inv_tw)
             if DIVERGENCE == 1:
                 # A block that raises the student max moves a to it and b_k to the teachers' logits
                 # at its column (their max if that is -inf), shifting R_k by (a_old - a) +
@@ -612,7 +625,7 @@ def _kd_fwd_kernel(
         mts = _finish_max(mt, kmask)
         lst = _finish_log_sum(st, kmask)
         if NEED_H:
-            h = _finish_entropy(sw, bw, kmask)
+            h = _finish_entropy(sw, bw, rw, kmask, HIGH)
         else:
             h = tl.zeros([KP], ACC)
         w = _weights(h, fw_ptr, row, N, kidx, kmask, K, WEIGHT_MODE, ACC)
@@ -731,16 +744,17 @@ def _teacher_kernel(
     mw = tl.full([KP], float("-inf"), ACC)
     sw = tl.zeros([KP], ACC)
     bw = tl.zeros([KP], ACC)
+    rw = tl.full([KP], -1.0, ACC)
     for start in range(0, V, BLOCK):
         cols = start + cols0
         valid2 = kmask[:, None] & (cols < V)[None, :]
         t = tl.load(tbase[:, None] + cols[None, :], mask=valid2, other=float("-inf")).to(ACC)
         if CHECK_FINITE:
             status |= _not_finite(t, valid2) * _STATUS_TEACHER
-        mw, sw, bw = _teacher_entropy_stats(t, valid2, mw, sw, bw, inv_tw)
+        mw, sw, bw, rw = _teacher_entropy_stats(t, valid2, mw, sw, bw, rw, inv_tw)
         if STATS:
             mt, st, _e, _sh = _online(mt, st, t, valid2, inv_tau)
-    h = _finish_entropy(sw, bw, kmask)
+    h = _finish_entropy(sw, bw, rw, kmask, HIGH)
     if STATS:
         lse_t = _finish_lse(mt, st, kmask, inv_tau)
         lg = _lgamma_terms(tbase, kmask, V, _finish_max(mt, kmask), _finish_log_sum(st, kmask),

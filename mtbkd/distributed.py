@@ -15,8 +15,8 @@ and teacher, and three all-reduces over the group combine them:
 
 Then every rank holds the same per-row loss and computes the gradient of its own columns, in the
 forward (as the single-process fused ops do); the backward only scales it. Communication per call
-is at most ``(7K + 5)·N`` floats per rank plus 11 integers of metadata, independent of the
-vocabulary size (``return_stats`` with non-entropy weights adds two reductions of ``3K·N``); the
+is at most ``(8K + 5)·N`` floats per rank plus 11 integers of metadata, independent of the
+vocabulary size (``return_stats`` with non-entropy weights adds two reductions of ``4K·N``); the
 backward communicates nothing. Before any of that, one small
 all-gather of fixed-size shape metadata lets every rank check that the shards tile ``[0, V)`` and
 agree on rows, teachers, dtype, labels and options (a fingerprint of the scalar options), so a
@@ -256,6 +256,30 @@ def _xlogx_like(e: Tensor, d: Tensor) -> Tensor:
     return torch.where(e > 0, e * d, torch.zeros((), dtype=e.dtype, device=e.device))
 
 
+def _add_entropy_terms(stage: _Stage, b: Tensor, m_b: Tensor) -> None:
+    """The entropy sums of ``softmax(b)`` on this shard, shifted by the global row maxima ``m_b``.
+
+    ``S = Σ exp(b − M)`` goes as the sum ``k:r_b`` of the entries below the maximum and the count
+    ``k:n_b`` of those at it, so that :func:`_entropy_of` can take ``log S = log1p(S − 1)`` without
+    rounding ``S`` (a nearly one-hot teacher's entropy is mostly the small sum that ``S`` rounds
+    away); ``k:e_b = Σ exp(b − M)(b − M)``.
+    """
+    db = b - m_b.unsqueeze(-1)
+    eb = torch.exp(db)
+    top = db == 0
+    stage.add(
+        "k:r_b", torch.where(top, torch.zeros((), dtype=eb.dtype, device=eb.device), eb).sum(-1)
+    )
+    stage.add("k:n_b", top.sum(-1).to(eb.dtype))
+    stage.add("k:e_b", _xlogx_like(eb, db).sum(-1))
+
+
+def _entropy_of(sums: dict) -> Tensor:
+    """``H = log S − Σ exp(b − M)(b − M) / S`` from the reduced :func:`_add_entropy_terms`."""
+    rest = sums["k:r_b"] + (sums["k:n_b"] - 1.0)  # S - 1, exact where S = 1 + tiny would round
+    return torch.log1p(rest) - sums["k:e_b"] / (1.0 + rest)
+
+
 def _label_logit(z: Tensor, labels: Tensor | None, vocab_start: int) -> Tensor:
     """``z_{i, y_i}`` where this rank owns ``y_i``, else 0 (summed over ranks it is ``z_y``)."""
     n, w = z.shape
@@ -445,10 +469,7 @@ def vocab_parallel_mtbkd_loss(
             s2.add("s_z", _exp_shift(z, mx["m_z"]).sum(-1))
             s2.add("z_y", _label_logit(z, lab, vocab_start))
         if b is not None:
-            db = b - mx["k:m_b"].unsqueeze(-1)
-            eb = torch.exp(db)
-            s2.add("k:s_b", eb.sum(-1))
-            s2.add("k:e_b", _xlogx_like(eb, db).sum(-1))
+            _add_entropy_terms(s2, b, mx["k:m_b"])
         sm = s2.reduce(dist.ReduceOp.SUM, group)
 
         log_s_u = sm["s_u"].log()
@@ -456,7 +477,7 @@ def vocab_parallel_mtbkd_loss(
         cross = lam * (sm["k:x"] / sm["k:s_a"] - log_s_u)  # C_k  [K, N]
         entropy = None
         if b is not None:
-            entropy = sm["k:s_b"].log() - sm["k:e_b"] / sm["k:s_b"]
+            entropy = _entropy_of(sm)
 
         # 3. SUM of the lgamma sums over the normalised teacher distributions.
         p = torch.exp(a - lse_a.unsqueeze(-1))  # [K, N, W]
@@ -504,15 +525,11 @@ def _entropy_only(inputs: _Inputs, tau_w: float, group) -> Tensor:
     with torch.no_grad():
         b = inputs.t / tau_w
         s1 = _Stage()
-        s1.add("k:m", b.amax(-1))
-        m = s1.reduce(dist.ReduceOp.MAX, group)["k:m"]
-        db = b - m.unsqueeze(-1)
-        eb = torch.exp(db)
+        s1.add("k:m_b", b.amax(-1))
+        m = s1.reduce(dist.ReduceOp.MAX, group)["k:m_b"]
         s2 = _Stage()
-        s2.add("k:s", eb.sum(-1))
-        s2.add("k:e", _xlogx_like(eb, db).sum(-1))
-        sm = s2.reduce(dist.ReduceOp.SUM, group)
-        return sm["k:s"].log() - sm["k:e"] / sm["k:s"]
+        _add_entropy_terms(s2, b, m)
+        return _entropy_of(s2.reduce(dist.ReduceOp.SUM, group))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,10 +624,7 @@ def vocab_parallel_multi_teacher_kd_loss(
             s2.add("s_z", _exp_shift(z, mx["m_z"]).sum(-1))
             s2.add("z_y", _label_logit(z, lab, vocab_start))
         if b is not None:
-            db = b - mx["k:m_b"].unsqueeze(-1)
-            eb = torch.exp(db)
-            s2.add("k:s_b", eb.sum(-1))
-            s2.add("k:e_b", _xlogx_like(eb, db).sum(-1))
+            _add_entropy_terms(s2, b, mx["k:m_b"])
         sm = s2.reduce(dist.ReduceOp.SUM, group)
 
         log_s_u, log_s_a = sm["s_u"].log(), sm["k:s_a"].log()
@@ -619,7 +633,7 @@ def vocab_parallel_multi_teacher_kd_loss(
         q = torch.exp(logq)
         entropy = None
         if b is not None:
-            entropy = sm["k:s_b"].log() - sm["k:e_b"] / sm["k:s_b"]
+            entropy = _entropy_of(sm)
         w = _weights(mode, fixed, entropy, k, n, z)
         if kind == "forward_kl":
             # KL(p‖q) = Σ p (a − M_a) − log S_a − Σ p (u − M_u) + log S_u

@@ -513,6 +513,8 @@ def _ref_teacher_weights(teachers, weight_mode, weight_temperature, check_finite
 
 @register_impl("teacher_stats", "reference")
 def _ref_teacher_stats(teachers, temperature, concentration, weight_temperature, check_finite):
+    from mtbkd import reference
+
     if check_finite:
         from mtbkd import validate
 
@@ -521,8 +523,7 @@ def _ref_teacher_stats(teachers, temperature, concentration, weight_temperature,
     t = torch.stack(teachers).to(_acc_dtype(teachers[0].dtype))
     lse_tau = torch.logsumexp(t / temperature, -1)
     lse_w = torch.logsumexp(t / weight_temperature, -1)
-    logp_w = t / weight_temperature - lse_w[..., None]
-    entropy_w = -torch.special.xlogy(logp_w.exp(), logp_w.exp()).sum(-1)
+    entropy_w = reference.teacher_entropy(t, weight_temperature)
     p = torch.exp(t / temperature - lse_tau[..., None])
     lgamma_sum = torch.lgamma(1.0 + concentration * p).sum(-1)
     return torch.stack([lse_tau, lse_w, entropy_w, lgamma_sum], dim=-1)

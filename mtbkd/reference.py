@@ -42,9 +42,15 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 def teacher_entropy(teacher_logits: Tensor | Sequence[Tensor], temperature: float = 1.0) -> Tensor:
     """Teacher entropies ``[K, ...]``: ``H_k = -sum_c p_kc log p_kc``, ``p_k = softmax(t_k/T)``."""
     t = _stack(teacher_logits)
-    t = t.to(_acc_dtype(t))
-    p = torch.softmax(t / temperature, dim=-1)
-    return -torch.special.xlogy(p, p).sum(-1)  # 0 log 0 = 0 (a logit of -inf)
+    x = t.to(_acc_dtype(t)) / temperature
+    u = x - x.amax(-1, keepdim=True)
+    e = torch.exp(u)
+    # log p_c = u_c - log S with log S = log1p(S - 1), S - 1 summed without the top entry: a nearly
+    # one-hot teacher's entropy is mostly that small sum, which S = 1 + R would round away.
+    rest = e.scatter(-1, u.argmax(-1, keepdim=True), 0.0).sum(-1, keepdim=True)
+    p = e / (1.0 + rest)
+    log_p = u - torch.log1p(rest)
+    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)  # 0 log 0 = 0
 
 
 def teacher_weights(

@@ -189,6 +189,7 @@ struct StatNeeds {
   bool rev = false;     // E_k (reverse KL)
   bool f = false;       // F_k (forward KL, or the entropy when tau_w == tau)
   bool w = false;       // Aw_k, Dw_k at a separate tau_w (entropy)
+  bool h = false;       // the entropy is wanted: R_k (from F) or Rw_k (from Aw, Dw) too
   bool cached = false;  // teacher offsets fixed to the given values: no teacher max sweep
   bool check = false;   // NaN/inf detection
   // exp(d) = exp(d / tau)^2 when tau = 2, and exp(u / tau_w) = exp(u / tau)^2 when tau = 2 tau_w
@@ -218,7 +219,7 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
               A* dbuf, A* ebuf_block, const ExpCache<A>& cache) {
   using VA = Vec<A>;
   constexpr int64_t W = VA::size();
-  const VA vit(it), vitw(itw), zero(A(0)), ninf(-kInf<A>);
+  const VA vit(it), vitw(itw), zero(A(0)), one(A(1)), ninf(-kInf<A>);
   VA bad_s(A(0)), bad_t(A(0));
   s = empty_student<A>();
   for (int k = 0; k < K; ++k) ta[k] = empty_teacher<A>();
@@ -291,7 +292,8 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
         ek = cache.e + (k + 1) * V + c0;
         cache.off[(k + 1) * cache.blocks + blk] = o;
       }
-      VA aA(A(0)), aB(A(0)), aF(A(0)), aE(A(0)), aAw(A(0)), aDw(A(0));
+      VA aA(A(0)), aB(A(0)), aF(A(0)), aE(A(0)), aAw(A(0)), aDw(A(0)), aR(A(0)), aN(A(0));
+      const bool rest = nd.h && !nd.cached;  // R_k / Rw_k: the sums without one top entry
       for (int64_t i = 0; i < len; i += W) {
         const int64_t n = len - i;
         const VA traw = load(tk + i, n);
@@ -306,14 +308,26 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
           const VA x = VA::loadu(dbuf + i) - at::vec::maximum(traw - vb, vfar);
           aE = at::vec::fmadd(load(ebuf + i, n), x, aE);
         }
+        VA ew = e;
         if (nd.w) {
-          const VA ew = nd.w_square ? e * e : keep(vexp_denormal(u * vitw), n);
+          ew = nd.w_square ? e * e : keep(vexp_denormal(u * vitw), n);
           aAw += ew;
           aDw = at::vec::fmadd(ew, u, aDw);
         }
+        if (rest) {
+          // the block maximum's entries (u = 0, e = 1) are counted apart from the others
+          const VA at_top = u == zero;
+          aN += keep(VA::blendv(zero, one, at_top), n);
+          aR += VA::blendv(ew, zero, at_top);
+        }
         if (nd.check) bad_t = at::vec::fmadd(traw, zero, bad_t);
       }
-      tb[k] = TeacherAcc<A>{o, hsum(aA), hsum(aB), hsum(aF), hsum(aE), hsum(aAw), hsum(aDw), b};
+      // R / Rw: the block's sum without one of its top entries (-1 for a block of -inf)
+      const A blk_rest = hsum(aR) + (hsum(aN) - A(1));
+      const A Ab = hsum(aA), Awb = hsum(aAw);
+      tb[k] = TeacherAcc<A>{o, Ab, hsum(aB), hsum(aF), hsum(aE), Awb, hsum(aDw), b,
+                            rest && !nd.w ? blk_rest : Ab - A(1),
+                            rest && nd.w ? blk_rest : Awb - A(1)};
     }
     merge_row_stats(s, ta, sb, tb, K, it, itw);
   }
@@ -332,7 +346,7 @@ bool teacher_only_stats(const A* t, int64_t V, A it, A itw, bool need_tau, bool 
                         TeacherAcc<A>& acc) {
   using VA = Vec<A>;
   constexpr int64_t W = VA::size();
-  const VA vit(it), vitw(itw), zero(A(0)), ninf(-kInf<A>);
+  const VA vit(it), vitw(itw), zero(A(0)), one(A(1)), ninf(-kInf<A>);
   VA bad(A(0));
   acc = empty_teacher<A>();
   for (int64_t c0 = 0; c0 < V; c0 += kBlock) {
@@ -347,27 +361,35 @@ bool teacher_only_stats(const A* t, int64_t V, A it, A itw, bool need_tau, bool 
     }
     const A o = std::max(hmax(tmax), -kFar<A>);
     const VA vo(o), vfar(-kFar<A>);
-    VA aA(A(0)), aF(A(0)), aAw(A(0)), aDw(A(0));
+    VA aA(A(0)), aF(A(0)), aAw(A(0)), aDw(A(0)), aR(A(0)), aRw(A(0)), aN(A(0));
     for (int64_t i = 0; i < len; i += W) {
       const int64_t n = len - i;
       const VA traw = load(tb + i, n);
       const VA u = at::vec::maximum(traw - vo, vfar);
+      const VA at_top = u == zero;  // R, Rw: the block maximum's entries counted apart
+      aN += keep(VA::blendv(zero, one, at_top), n);
       if (need_tau) {
         const VA e = keep(vexp(u * vit), n);
         aA += e;
         aF = at::vec::fmadd(e, u, aF);
+        aR += VA::blendv(e, zero, at_top);
       }
       if (need_w) {
         const VA ew = keep(vexp_denormal(u * vitw), n);
         aAw += ew;
         aDw = at::vec::fmadd(ew, u, aDw);
+        aRw += VA::blendv(ew, zero, at_top);
       }
       if (check) bad = at::vec::fmadd(traw, zero, bad);
     }
-    TeacherAcc<A> blk{o, hsum(aA), A(0), hsum(aF), A(0), hsum(aAw), hsum(aDw), A(0)};
-    const A m = acc.o > o ? acc.o : o;
+    const A extra = hsum(aN) - A(1);  // -1 for a block of -inf
+    TeacherAcc<A> blk{o,    hsum(aA),  A(0), hsum(aF), A(0), hsum(aAw), hsum(aDw), A(0),
+                      need_tau ? hsum(aR) + extra : A(-1), need_w ? hsum(aRw) + extra : A(-1)};
+    const bool keep_acc = !(o > acc.o);
+    const A m = keep_acc ? acc.o : o;
     shift_teacher(acc, m, it, itw);
     shift_teacher(blk, m, it, itw);
+    merge_rest(acc, blk, keep_acc);
     acc.A += blk.A;
     acc.F += blk.F;
     acc.Aw += blk.Aw;
@@ -390,7 +412,7 @@ void refine_tiny_entropies(const A* const* rows, int K, int64_t V, A it, A* H) {
   for (int k = 0; k < K; ++k) {
     TeacherAcc<A> a;
     teacher_only_stats(rows[k], V, it, it, false, true, false, a);
-    H[k] = entropy_from_sums(a.Aw, a.Dw, it);
+    H[k] = entropy_from_sums(a.Aw, a.Rw, a.Dw, it);
   }
 }
 
@@ -551,6 +573,7 @@ void mtbkd_row(const LossParams<T, A>& p, int64_t i, A lgamma_v_lam, RowScratch<
   nd.s1 = p.labels != nullptr && p.temperature != 1.0;
   nd.f = !cached && !sep_w;
   nd.w = sep_w;
+  nd.h = !cached;
   nd.cached = cached;
   nd.check = p.check_finite;
   nd.s1_square = p.temperature == 2.0;
@@ -576,7 +599,8 @@ void mtbkd_row(const LossParams<T, A>& p, int64_t i, A lgamma_v_lam, RowScratch<
       ws.H[k] = stats[(k * N + i) * 4 + 2];
       ws.L[k] = stats[(k * N + i) * 4 + 3];
     } else {
-      ws.H[k] = sep_w ? entropy_from_sums(a.Aw, a.Dw, itw) : entropy_from_sums(a.A, a.F, it);
+      ws.H[k] = sep_w ? entropy_from_sums(a.Aw, a.Rw, a.Dw, itw)
+                      : entropy_from_sums(a.A, a.R, a.F, it);
       ws.L[k] = lgamma_sum_cached(cache.e + (k + 1) * V, cache.off + (k + 1) * cache.blocks, V,
                                   a.o, it, a.A, lam);
     }
@@ -665,6 +689,7 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
   nd.rev = div == 1;
   nd.f = div == 0 || (need_h && !sep_w);
   nd.w = sep_w;
+  nd.h = need_h;
   nd.check = p.check_finite;
   nd.s1_square = p.temperature == 2.0;
   nd.w_square = p.temperature == 2.0 * p.weight_temperature;
@@ -686,7 +711,8 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
     const TeacherAcc<A>& a = ws.ta[k];
     ws.logA[k] = std::log(a.A);
     if (need_h)
-      ws.H[k] = sep_w ? entropy_from_sums(a.Aw, a.Dw, itw) : entropy_from_sums(a.A, a.F, it);
+      ws.H[k] = sep_w ? entropy_from_sums(a.Aw, a.Rw, a.Dw, itw)
+                      : entropy_from_sums(a.A, a.R, a.F, it);
   }
   if (need_h && !sep_w) refine_tiny_entropies(ws.rows.data(), K, V, it, ws.H.data());
   row_weights(p.weight_mode, ws.H.data(), K, p.fixed_weights, N, i, ws.w.data());
@@ -859,7 +885,7 @@ KernelStatus teacher_weights_kernel(int64_t N, int64_t V, int K, const T* const*
         const A* t = acc_row(teachers[k] + i * V, V, conv.data());
         TeacherAcc<A> a;
         ok = teacher_only_stats(t, V, itw, itw, false, true, check_finite, a) && ok;
-        H[k] = entropy_from_sums(a.Aw, a.Dw, itw);
+        H[k] = entropy_from_sums(a.Aw, a.Rw, a.Dw, itw);
       }
       if (!ok) st.nonfinite(i, 2);
       row_weights(weight_mode, H.data(), K, static_cast<const A*>(nullptr), N, i, w.data());
@@ -892,7 +918,7 @@ KernelStatus teacher_stats_kernel(int64_t N, int64_t V, int K, const T* const* t
         A* out = stats + (k * N + i) * 4;
         out[0] = a.o * it + logA;
         out[1] = a.o * itw + std::log(a.Aw);
-        out[2] = entropy_from_sums(a.Aw, a.Dw, itw);
+        out[2] = entropy_from_sums(a.Aw, a.Rw, a.Dw, itw);
         out[3] = lgamma_sum(t, V, a.o, it, logA, lam);
       }
       if (!ok) st.nonfinite(i, 2);

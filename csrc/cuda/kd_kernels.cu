@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
         tc[k] = IO<In>::load(t[k] + c);
         if (p.check_finite) bad_t |= !finite(tc[k]);
         lse_push(tch.m[k], tch.s[k], tc[k], inv_tau);
-        if (need_h) ent_push(ent.m[k], ent.s[k], ent.b[k], tc[k], inv_tw);
+        if (need_h) ent_push(ent.m[k], ent.r[k], ent.b[k], tc[k], inv_tw);
       }
     }
     stu.push(zc, tc, inv_tau, rev, has_labels);
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
     const bool on = k < K;
     mt[k] = on ? tch.m[k] : A(0);
     lst[k] = on ? flog(tch.s[k]) : A(0);
-    h[k] = (on && need_h) ? entropy_of(ent.s[k], ent.b[k], inv_tw) : A(0);
+    h[k] = (on && need_h) ? entropy_of(ent.r[k], ent.b[k], inv_tw) : A(0);
     mean[k] = (on && rev) ? stu.r[k] / stu.s : A(0);  // E_q[x_k]
   }
   row_weights<A, KT>(p.weight_mode, K, h, p.fixed_weights, N, row, w);  // w[k >= K] = 0

@@ -78,6 +78,9 @@ __device__ __forceinline__ double flog_fast(double x) { return log_f64(x); }
 // Per-row scalars (log of a row sum) go through double: exact to float32 under any fast-math flag.
 __device__ __forceinline__ float flog(float x) { return static_cast<float>(log_f64(x)); }
 __device__ __forceinline__ double flog(double x) { return log_f64(x); }
+__device__ __noinline__ double log1p_f64(double x) { return log1p(x); }
+__device__ __forceinline__ float flog1p(float x) { return static_cast<float>(log1p_f64(x)); }
+__device__ __forceinline__ double flog1p(double x) { return log1p_f64(x); }
 
 // log1p(x) = 2 atanh(u), u = x / (2 + x) <= 1/5 for x in [0, 1/2]: relative accuracy for tiny x.
 template <class A>
@@ -211,51 +214,56 @@ __device__ __forceinline__ void lse_merge(A& m, A& s, A m2, A s2, A scale) {
   m = mm;
 }
 
-// Online entropy sums of softmax(x * scale): m = max x, s = sum e^((x - m) scale),
-// b = sum e^((x - m) scale) (x - m); H = log s - b scale / s. Rescaling to a new max m':
-// b' = e^((m - m') scale) (b + (m - m') s).
+// Online entropy sums of softmax(x * scale): m = max x, r = sum e^((x - m) scale) - 1 (the sum
+// without one entry at the maximum, kept apart so that log1p(r) keeps a nearly one-hot teacher's
+// small sum that 1 + r would round away; -1 while empty), b = sum e^((x - m) scale) (x - m);
+// H = log1p(r) - b scale / (1 + r). Rescaling to a new max m': the whole old sum joins the rest,
+// r' = e^((m - m') scale) (1 + r), b' = e^((m - m') scale) (b + (m - m') (1 + r)).
 template <class A>
-__device__ __forceinline__ void ent_push(A& m, A& s, A& b, A x, A scale) {
+__device__ __forceinline__ void ent_push(A& m, A& r, A& b, A x, A scale) {
   if (x > m) {
-    if (s > A(0)) {
+    if (r >= A(0)) {
       const A f = fexp((m - x) * scale);
-      b = f * (b + (m - x) * s);
-      s = s * f;
+      b = f * (b + (m - x) * (r + A(1)));
+      r = (r + A(1)) * f;
+    } else {
+      r = A(0);
     }
-    s += A(1);
     m = x;
   } else {
     const A e = fexp((x - m) * scale);
     if (e > A(0)) {
-      s += e;
+      r += e;
       b += e * (x - m);
     }
   }
 }
 
+// The part with the larger maximum (the first on a tie) keeps its rest; the other's whole sum
+// 1 + r2 joins it.
 template <class A>
-__device__ __forceinline__ void ent_merge(A& m, A& s, A& b, A m2, A s2, A b2, A scale) {
+__device__ __forceinline__ void ent_merge(A& m, A& r, A& b, A m2, A r2, A b2, A scale) {
   const A mm = m > m2 ? m : m2;
   if (mm == ninf<A>()) return;
-  A nb = A(0), ns = A(0);
-  if (s > A(0)) {
+  A nb = A(0), t1 = A(0), t2 = A(0);
+  if (r >= A(0)) {
     const A f = fexp((m - mm) * scale);
-    nb += f * (b + (m - mm) * s);
-    ns += f * s;
+    nb += f * (b + (m - mm) * (r + A(1)));
+    t1 = f * (r + A(1));
   }
-  if (s2 > A(0)) {
+  if (r2 >= A(0)) {
     const A f = fexp((m2 - mm) * scale);
-    nb += f * (b2 + (m2 - mm) * s2);
-    ns += f * s2;
+    nb += f * (b2 + (m2 - mm) * (r2 + A(1)));
+    t2 = f * (r2 + A(1));
   }
+  r = m2 > m ? r2 + t1 : r + t2;
   m = mm;
-  s = ns;
   b = nb;
 }
 
 template <class A>
-__device__ __forceinline__ A entropy_of(A s, A b, A scale) {
-  return flog(s) - b * scale / s;
+__device__ __forceinline__ A entropy_of(A r, A b, A scale) {
+  return flog1p(r) - b * scale / (r + A(1));
 }
 
 // K online logsumexps (teachers at tau).
@@ -275,14 +283,14 @@ struct LseK {
 // K online entropies (teachers at tau_w).
 template <class A, int KT>
 struct EntK {
-  A m[KT], s[KT], b[KT];
+  A m[KT], r[KT], b[KT];  // see ent_push
   __device__ void init() {
 #pragma unroll
-    for (int k = 0; k < KT; ++k) m[k] = ninf<A>(), s[k] = A(0), b[k] = A(0);
+    for (int k = 0; k < KT; ++k) m[k] = ninf<A>(), r[k] = A(-1), b[k] = A(0);
   }
   __device__ void merge(const EntK& o, A scale) {
 #pragma unroll
-    for (int k = 0; k < KT; ++k) ent_merge(m[k], s[k], b[k], o.m[k], o.s[k], o.b[k], scale);
+    for (int k = 0; k < KT; ++k) ent_merge(m[k], r[k], b[k], o.m[k], o.r[k], o.b[k], scale);
   }
 };
 

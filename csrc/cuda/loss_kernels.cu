@@ -9,8 +9,10 @@
 //   every normaliser is a raw row max m and a sum s = sum e^((x - m)/tau), kept apart: log q =
 //     (z - m)/tau - log s (never z/tau - lse with one rounded float32 lse; see loss_device.cuh);
 //     merging rescales by e^((m_i - m)/tau); linear sums are measured from the running maxima.
-//   online entropy: (m, s, b) with b = sum e^((x-m)/tau_w) (x-m); H = log s - b/(s tau_w);
-//     rescaling to a new max m': b' = e^((m-m')/tau_w) (b + (m - m') s).
+//   online entropy: (m, r, b) with r = sum e^((x-m)/tau_w) - 1 kept apart (see ent_push) and
+//   b = sum e^((x-m)/tau_w) (x-m); H = log1p(r) - b/((1 + r) tau_w);
+//     rescaling to a new max m': r' = e^((m-m')/tau_w) (1 + r),
+//     b' = e^((m-m')/tau_w) (b + (m - m') (1 + r)).
 //   MT-BKD: C_k = lam (E_pk[z - m]/tau - log s), L_k = sum_c lgamma(1 + lam p_kc),
 //     l_k = log w_k + C_k - L_k, prior = -lgamma(V+lam) - logsumexp_k l_k, r = softmax_k l,
 //     dL/dz = beta_h (softmax(z) - onehot(y)) + beta_p (lam/tau) (q sum_k r_k - sum_k r_k p_k).
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) mtbkd_kernel(const MTBKDParams p) {
             sts.cr[k] += e * d;
           }
         }
-        if (!cached) ent_push(ent.m[k], ent.s[k], ent.b[k], tc, inv_tw);
+        if (!cached) ent_push(ent.m[k], ent.r[k], ent.b[k], tc, inv_tw);
       }
     }
   }
@@ -130,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) mtbkd_kernel(const MTBKDParams p) {
   } else {
     ent = block_merge<A>(ent, smem, inv_tw);
 #pragma unroll
-    for (int k = 0; k < KT; ++k) h[k] = k < K ? entropy_of(ent.s[k], ent.b[k], inv_tw) : A(0);
+    for (int k = 0; k < KT; ++k) h[k] = k < K ? entropy_of(ent.r[k], ent.b[k], inv_tw) : A(0);
     // ---- L_k pass (needs the full normaliser of each teacher) ----
     SumN<A, KT> lgs;
     lgs.init();

@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kThreads) teacher_kernel(const TeacherParams p
         const A tc = IO<In>::load(t[k] + c);
         if (p.check_finite) bad |= !finite(tc);
         if (p.stats) lse_push(tch.m[k], tch.s[k], tc, inv_tau);
-        ent_push(ent.m[k], ent.s[k], ent.b[k], tc, inv_tw);
+        ent_push(ent.m[k], ent.r[k], ent.b[k], tc, inv_tw);
       }
     }
   }
@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kThreads) teacher_kernel(const TeacherParams p
   ent = block_merge<A>(ent, smem, inv_tw);
   A h[KT];
 #pragma unroll
-  for (int k = 0; k < KT; ++k) h[k] = (k < K) ? entropy_of(ent.s[k], ent.b[k], inv_tw) : A(0);
+  for (int k = 0; k < KT; ++k) h[k] = (k < K) ? entropy_of(ent.r[k], ent.b[k], inv_tw) : A(0);
   if (p.stats) {
     tch = block_merge<A>(tch, smem, inv_tau);
     A lst[KT];  // log p_k = (t - m_k) / tau - lst_k
@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) teacher_kernel(const TeacherParams p
         if (k >= K) continue;
         A* o = out + (k * N + row) * 4;
         o[0] = tch.m[k] * inv_tau + lst[k];
-        o[1] = ent.m[k] * inv_tw + flog(ent.s[k]);
+        o[1] = ent.m[k] * inv_tw + flog1p(ent.r[k]);
         o[2] = h[k];
         o[3] = lgs.x[k];
       }

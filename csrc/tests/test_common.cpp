@@ -117,6 +117,8 @@ void test_online_merge() {
         tb[k].E += es * (d - (t[k * V + c] - tb[k].b));
         tb[k].Aw += ew;
         tb[k].Dw += ew * u;
+        tb[k].R += u < 0 ? e : 1.0;  // starts at -1: the block's sum without one top entry
+        tb[k].Rw += u < 0 ? ew : 1.0;
       }
     }
     mtbkd::merge_row_stats(s, ta.data(), sb, tb.data(), K, it, itw);
@@ -160,7 +162,9 @@ void test_online_merge() {
     check(std::fabs(a.F / a.A + a.o - Ept) < tol * 40, "E_p[t]", a.F / a.A + a.o, Ept);
     check(a.b == t[k * V + ztop], "teacher logit at the student's maximum", a.b, t[k * V + ztop]);
     check(std::fabs(a.E / s.S - Eqd) < tol * 40, "E_q[x]", a.E / s.S, Eqd);
-    const double Hk = mtbkd::entropy_from_sums(a.Aw, a.Dw, itw);
+    check(std::fabs(a.R - (A - 1)) < tol * A, "teacher R", a.R, A - 1);
+    check(std::fabs(a.Rw - (Aw - 1)) < tol * Aw, "teacher Rw", a.Rw, Aw - 1);
+    const double Hk = mtbkd::entropy_from_sums(a.Aw, a.Rw, a.Dw, itw);
     check(std::fabs(Hk - H) < 1e-10, "entropy", Hk, H);
   }
 }
