@@ -236,7 +236,8 @@ def mtbkd_loss(
             given = teacher_logits if isinstance(teacher_logits, Sequence) else [teacher_logits]
             dtypes = [x.dtype for x in given if isinstance(x, Tensor)]
             TeacherStats.check_rows(stats_data, teachers, float(temperature),
-                                    [*dtypes, teacher_stats.data.dtype])  # fmt: skip
+                                    [*dtypes, teacher_stats.data.dtype], float(concentration),
+                                    float(weight_temperature))  # fmt: skip
     acc = ops._acc_dtype(student.dtype)
     ignore_index = validate.check_ignore_index(ignore_index)
     divisor = _mean_divisor(len(student), flat_labels, reduction, ignore_index,

@@ -9,6 +9,7 @@ teacher-only pass and becomes two-pass (statistics, then loss + gradient).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -247,41 +248,73 @@ class TeacherStats:
         return self.data.reshape(num_teachers, num_rows, 4).to(device=like.device, dtype=acc)
 
     @staticmethod
+    def _checked_rows(n: int) -> list[int]:
+        # the first and last rows and six between at golden-ratio fractions of n: spread over the
+        # sequences and positions of a flattened [B, T] batch whatever B and T are (rows at n/3
+        # and 2n/3 were all position 0 of a sequence when B was a multiple of 3, and position 0
+        # of BOS-prefixed sequences has the same logits in every sequence)
+        frac = [(j * 0.6180339887498949) % 1.0 for j in range(1, 7)]
+        return sorted({0, n - 1, *(int(f * n) for f in frac)})
+
+    @staticmethod
     def check_rows(
         data: Tensor,
         teachers: Sequence[Tensor],
         temperature: float,
         dtypes: Sequence[torch.dtype] = (),
+        concentration: float | None = None,
+        weight_temperature: float | None = None,
     ) -> None:
         """Spot-check ``data`` ``[K, N, 4]`` (from :meth:`data_for`) against the teacher logits
-        ``K x [N, V]`` of the call: the cached ``logsumexp(t / tau)`` of up to four rows (first,
-        last and two between) must match the logits' own. A cache whose rows are in another
-        order than the logits (a loader that shuffled one and not the other), or one built from
-        other logits, gave a wrong or infinite loss silently. ``O(4 K V)`` work and one host
-        synchronisation (the losses run it when ``check_finite``, never inside a
-        ``torch.compile`` graph). The tolerance is the rounding of the coarsest of the logits'
-        dtype, ``dtypes`` (the logits' dtypes before a cast) and the cache's own dtype."""
+        ``K x [N, V]`` of the call: up to eight rows (the first, the last and six spread between)
+        are recomputed from the logits, every column (``logsumexp(t / tau)``, and with
+        ``concentration`` and ``weight_temperature`` given, as the losses give them, also
+        ``logsumexp(t / tau_w)``, the entropy at ``tau_w`` and ``L_k``), and must match the cache.
+        A cache whose rows are in another order than the logits (a loader that shuffled one and
+        not the other), one built from other logits, or one wrapped by :meth:`from_data` with
+        another ``concentration`` or ``weight_temperature`` than it was made with, gave a wrong
+        loss silently. ``O(8 K V)`` work and one host synchronisation (the losses run it when
+        ``check_finite``, never inside a ``torch.compile`` graph). The tolerance is the rounding
+        of the coarsest of the logits' dtype, ``dtypes`` (the logits' dtypes before a cast) and
+        the cache's own dtype, scaled by the sizes the rounding meets."""
         n = data.shape[1]
         if n == 0:
             return
-        rows = torch.tensor(sorted({0, n // 3, (2 * n) // 3, n - 1}), device=data.device)
-        acc = data.dtype
-        t = torch.stack([x.index_select(0, rows) for x in teachers]).to(acc)  # [K, r, V]
-        own = torch.logsumexp(t / temperature, dim=-1)
-        cached = data[:, rows, 0]
+        rows = torch.tensor(TeacherStats._checked_rows(n), device=data.device)
+        t = torch.stack([x.index_select(0, rows) for x in teachers]).double()  # [K, r, V]
+        cached = data[:, rows].double()  # [K, r, 4]
+        full = concentration is not None and weight_temperature is not None
+        tau = float(temperature)
+        cols = [torch.logsumexp(t / tau, dim=-1)]
         # rounding of the logits (a cache made before a cast, or logits stored in bf16) scales
         # with their size; that of a cache moved to a low-precision dtype with its values
         eps = max(1e-6, *(torch.finfo(d).eps for d in (teachers[0].dtype, *dtypes)))
-        scale = 1.0 + t.abs().amax(-1).nan_to_num(posinf=0.0, neginf=0.0) / temperature
-        tol = eps * (4 * scale + cached.abs())
-        bad = ((own - cached).abs() > tol) & torch.isfinite(own)
+        size = t.abs().amax(-1).nan_to_num(posinf=0.0, neginf=0.0)
+        scales = [1.0 + size / tau]
+        if full:
+            from mtbkd import reference
+
+            lam, tau_w = float(concentration), float(weight_temperature)
+            p = torch.softmax(t / tau, dim=-1)
+            cols += [
+                torch.logsumexp(t / tau_w, dim=-1),
+                reference.teacher_entropy(t, tau_w),
+                torch.lgamma(1.0 + lam * p).sum(-1),
+            ]
+            # L_k moves by sum_c digamma(1 + lam p_c) lam dp_c, |dp| summing to 2 |d log p|
+            scales += [1.0 + size / tau_w, 1.0 + size / tau_w,
+                       scales[0] * lam * (1.0 + math.log1p(lam))]  # fmt: skip
+        own = torch.stack(cols, -1)
+        tol = eps * (4 * torch.stack(scales, -1) + cached[..., : len(cols)].abs())
+        bad = ((own - cached[..., : len(cols)]).abs() > tol) & torch.isfinite(own)
         if bool(bad.any()):
-            k, r = (int(i) for i in bad.nonzero()[0])
+            k, r, c = (int(i) for i in bad.nonzero()[0])
             raise ValueError(
-                f"teacher_stats do not match teacher_logits (teacher {k}, row {int(rows[r])}: "
-                f"cached logsumexp(t / tau) {float(cached[k, r]):.6g}, the logits give "
-                f"{float(own[k, r]):.6g}): the cache was computed from other logits, or its "
-                "rows are in another order (index it like the logits: stats[idx])"
+                f"teacher_stats do not match teacher_logits (teacher {k}, row {int(rows[r])}, "
+                f"column {ops.TEACHER_STAT_COLUMNS[c]}: cached {float(cached[k, r, c]):.6g}, the "
+                f"logits give {float(own[k, r, c]):.6g}): the cache was computed from other "
+                "logits or with another concentration / weight_temperature than it claims, or "
+                "its rows are in another order (index it like the logits: stats[idx])"
             )
 
     def __repr__(self) -> str:

@@ -1281,6 +1281,47 @@ def test_a_teacher_stats_cache_in_another_row_order_is_refused():
     )
 
 
+def test_a_teacher_stats_cache_with_other_parameters_than_it_claims_is_refused():
+    # an audit: a cache made at concentration 20 / weight_temperature 3 and wrapped by from_data
+    # as 5 / 1 passed (only the lse at tau was checked): loss, weights and gradient silently wrong
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(6, 40, generator=g)
+    t = torch.randn(2, 6, 40, generator=g) * 3
+    good = mtbkd.TeacherStats(t, temperature=2.0, concentration=20.0, weight_temperature=3.0)
+    for lam, tau_w, column in ((5.0, 3.0, "lgamma_sum"), (20.0, 1.0, "lse_w")):
+        wrapped = mtbkd.TeacherStats.from_data(good.data, 2.0, lam, tau_w, 40)
+        with pytest.raises(ValueError, match=f"row 0, column {column}: cached"):
+            mtbkd.mtbkd_loss(z, t, temperature=2.0, concentration=lam, weight_temperature=tau_w,
+                             teacher_stats=wrapped)  # fmt: skip
+    # the entropy column alone (a cache edited or made by other code) is checked too
+    data = good.data.clone()
+    data[1, 5, 2] += 0.01
+    edited = mtbkd.TeacherStats.from_data(data, 2.0, 20.0, 3.0, 40)
+    with pytest.raises(ValueError, match="teacher 1, row 5, column entropy_w"):
+        mtbkd.mtbkd_loss(z, t, temperature=2.0, concentration=20.0, weight_temperature=3.0,
+                         teacher_stats=edited)  # fmt: skip
+    torch.testing.assert_close(
+        mtbkd.mtbkd_loss(z, t, temperature=2.0, concentration=20.0, weight_temperature=3.0,
+                         teacher_stats=good),
+        mtbkd.mtbkd_loss(z, t, temperature=2.0, concentration=20.0, weight_temperature=3.0),
+    )  # fmt: skip
+
+
+def test_teacher_stats_spot_check_sees_sequences_of_a_batch_of_three():
+    # an audit: rows 0, n/3, 2n/3 of a [B, T] batch with B a multiple of 3 were all position 0,
+    # which BOS-prefixed sequences share, so a cache in another sequence order passed
+    g = torch.Generator().manual_seed(8)
+    b, seq, v = 6, 10, 30
+    t = torch.randn(2, b, seq, v, generator=g) * 3
+    t[:, :, 0] = t[:, :1, 0]  # the same BOS logits at position 0 of every sequence
+    z = torch.randn(b, seq, v, generator=g)
+    stats = mtbkd.TeacherStats(t, temperature=2.0)
+    swapped = stats[torch.tensor([1, 0, 3, 2, 4, 5])]  # the last sequence stays in place
+    with pytest.raises(ValueError, match="teacher_stats do not match teacher_logits"):
+        mtbkd.mtbkd_loss(z, t, temperature=2.0, teacher_stats=swapped)
+    assert len(mtbkd.TeacherStats._checked_rows(b * seq)) == 8
+
+
 def test_teacher_stats_check_allows_the_rounding_of_stored_logits_and_caches():
     # a review of the spot check: logits stored in bfloat16 against a float32 cache, and a cache
     # moved to bfloat16, were refused although the loss was right to the dtype's rounding
@@ -1458,3 +1499,47 @@ def test_nonsense_count_tensors_give_nan_not_zero():
     loss = mtbkd.mtbkd_loss(b, t.float(), y, num_items_in_batch=torch.tensor(-3.0))
     loss.backward()
     assert loss.isnan().item() and b.grad.isnan().all().item()
+
+
+# ------------------------------------------------------------------------------------------------
+# A nearly one-hot teacher's entropy: log S of its online softmax taken as log1p(S - 1)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.parametrize("v", [9, 3000])
+def test_nearly_one_hot_teacher_entropy_is_exact_to_rounding(any_backend, v):
+    # the rows and the float64 truth of bench/entropy_precision.py (which prints the errors)
+    from bench.entropy_precision import entropy_truth, one_hot_rows
+
+    backend, device = any_backend
+    rows = one_hot_rows(v)
+    t = torch.stack([rows, rows.roll(3, -1) * 0.9]).to(device)  # K = 2, float32
+    z = torch.randn(rows.shape[0], v, generator=torch.Generator().manual_seed(0)).to(device)
+    y = torch.zeros(rows.shape[0], dtype=torch.long, device=device)
+    for tw in (1.0, 0.7):
+        truth = entropy_truth(t.cpu(), tw)
+        w_truth = 1.0 - truth / truth.sum(0)
+        w_truth = w_truth / w_truth.sum(0)
+        got = {
+            "teacher_weights": mtbkd.ops.teacher_weights_op([t[0], t[1]], 0, tw, True)[1],
+            "TeacherStats": mtbkd.TeacherStats(t, weight_temperature=tw).data[..., 2],
+        }
+        for tau in (1.0, 2.0 * tw, 1.5):  # tau_w = tau, the squared path, a separate tau_w
+            _, st = mtbkd.mtbkd_loss(z, t, y, temperature=tau, weight_temperature=tw,
+                                     return_stats=True)  # fmt: skip
+            got[f"mtbkd_loss tau={tau}"] = st.entropy
+        for what, h in got.items():
+            # tau_w = 1: a few float32 ulps; 0.7: t / tau_w rounds, moving e^(t/tau_w) by up to
+            # (40 / 0.7) 2^-24 relative (the error before was 3.5e-3 to 5 % from a gap of 16)
+            rel = ((h.double().cpu() - truth) / truth).abs().max().item()
+            assert rel < (1e-6 if tw == 1.0 else 1e-5), (backend, v, tw, what, rel)
+        for div in ("forward_kl", "reverse_kl", "jsd"):
+            # the KD losses report no entropies: their weights against the truth's
+            _, _, wk = mtbkd.ops.multi_teacher_kd_fwd(
+                z, [t[0], t[1]], y, None, mtbkd.ops.DIVERGENCES[div], 0.5, 1.0, 0, tw,
+                0.5, 0.5, 1.0, -100, True,
+            )  # fmt: skip
+            rel = ((wk.double().cpu() - w_truth) / w_truth).abs().max().item()
+            assert rel < (1e-5 if tw == 1.0 else 1e-4), (backend, v, tw, div, rel)
