@@ -2,7 +2,8 @@
 
 Inputs are per-sample probabilities ``[S, N, C]`` (S posterior samples, N rows, C classes) or
 already averaged ``[N, C]`` (treated as one sample). ``p_bar = mean_s q^(s)``. All metrics are
-computed in fp32 (fp64 inputs stay fp64). ``accuracy``, ``nll``, ``brier`` and ``ece`` return
+computed in fp32 (fp64 inputs stay fp64); sums over rows that could round (the ECE's bin sums)
+are accumulated in fp64 and cast back. ``accuracy``, ``nll``, ``brier`` and ``ece`` return
 0-d tensors; ``predictive_entropy``, ``expected_entropy``, ``mutual_information`` and
 ``mean_deviance`` return ``[N]``; ``calibrated_ece`` returns ``[draws]``. ``temper`` and
 ``fit_temperature`` are post-hoc temperature scaling of such a predictive on held-out rows.
@@ -106,19 +107,23 @@ def accuracy(probs: Tensor, labels: Tensor) -> Tensor:
 def nll(probs: Tensor, labels: Tensor) -> Tensor:
     """``-mean_i log p_bar[i, y_i]`` via ``logsumexp_s log q^(s) - log S`` (never a mean of logs).
 
-    A probability of exactly 0 is floored at the dtype's smallest normal number, so the result is
-    large but finite.
+    A probability of exactly 0 is floored 1 nat below the log of the smallest subnormal number of
+    the compute dtype (fp32 for fp16, bf16 and fp32 input: ``-log p >= 104.28``; fp64 for fp64
+    input: ``745.44``), so its NLL is large but finite and above that of any positive probability.
     """
     return row_nll(probs, labels).mean()
 
 
 def row_nll(probs: Tensor, labels: Tensor) -> Tensor:
-    """Per row ``[N]``: ``-log p_bar[i, y_i]``, the terms :func:`nll` averages."""
+    """Per row ``[N]``: ``-log p_bar[i, y_i]``, the terms :func:`nll` averages (an exact 0 floored
+    as there)."""
     q = _samples(probs)
     y = _labels(labels, q.shape[1], q.shape[2])
     qy = q.gather(-1, y.view(1, -1, 1).expand(q.shape[0], -1, 1)).squeeze(-1)  # [S, N]
-    # only an exact 0 is floored: a subnormal probability has a finite, exact log
-    logq = torch.where(qy > 0, torch.log(qy), math.log(torch.finfo(q.dtype).tiny))
+    # only an exact 0 is floored, below the log of the smallest subnormal (as _log_probs64): a
+    # subnormal probability has a finite, exact log, and 0 must score worse than any of them
+    fi = torch.finfo(q.dtype)
+    logq = torch.where(qy > 0, torch.log(qy), math.log(fi.tiny) + math.log(fi.eps) - 1.0)
     return -(torch.logsumexp(logq, dim=0) - math.log(q.shape[0]))
 
 
@@ -138,24 +143,31 @@ def _ece_bins(conf: Tensor, n_bins: int) -> Tensor:
     return torch.bucketize(conf, edges, right=False)
 
 
+def _positive_int(value, name: str) -> int:
+    # any integer type (numpy's too), not a bool
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def ece(probs: Tensor, labels: Tensor, n_bins: int = ECE_BINS) -> Tensor:
     """``sum_b (n_b / N) |acc_b - conf_b|`` over equal-width bins of ``conf = max_c p_bar``.
 
     Bins are right-closed, ``((b-1)/B, b/B]``, and a confidence of 0 falls in the first bin
-    (MATH.md section 8); bin edges are the fp32 numbers ``b / B``.
+    (MATH.md section 8); bin edges are the fp32 numbers ``b / B``, and a row's bin is chosen on
+    its fp32 confidence. The bin sums are accumulated in fp64 (fp32 sums of a million rows or
+    more round by far more than the ECE itself), the result is returned in fp32 (fp64 kept).
+    ``n_bins``: any positive integer (numpy's too).
     """
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    n_bins = _positive_int(n_bins, "n_bins")
     p = mean_probs(probs)
     y = _labels(labels, p.shape[0], p.shape[1])
     conf, pred = p.max(-1)
-    conf = conf.float()
-    idx = _ece_bins(conf, n_bins)
-    correct = (pred == y).float()
-    acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
-    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
-    # |acc_b - conf_b| n_b / N = |acc_sum_b - conf_sum_b| / N (empty bins add 0).
-    return ((acc_sum - conf_sum).abs().sum() / conf.numel()).to(p.dtype)
+    idx = _ece_bins(conf.float(), n_bins)
+    # |acc_b - conf_b| n_b / N = |sum_{i in b} (correct_i - conf_i)| / N (empty bins add 0); the
+    # terms are exact in fp64 for fp32 confidences (the arithmetic of mtbkd.report's bootstrap)
+    gap = torch.bincount(idx, weights=(pred == y).double() - conf.double(), minlength=n_bins)
+    return (gap.abs().sum() / conf.numel()).to(p.dtype)
 
 
 def calibrated_ece(
@@ -177,24 +189,24 @@ def calibrated_ece(
     bins of a few rows or of confidences near 1. ``(1 + #{draws >= observed ECE}) / (1 + draws)``
     is a Monte Carlo p-value of the hypothesis that a model is calibrated (what
     :func:`mtbkd.distill.evaluate_probs` reports as ``ece_p``). ``generator``: the random stream
-    (default: torch's global one; on the device of ``probs``). Returns fp32.
+    (default: torch's global one; on the device of ``probs``). ``draws`` and ``n_bins``: any
+    positive integers (numpy's too). Bin sums in fp64, as in :func:`ece`; returns fp32.
     """
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"draws must be a positive int, got {draws!r}")
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    draws = _positive_int(draws, "draws")
+    n_bins = _positive_int(n_bins, "n_bins")
     conf = mean_probs(probs).max(-1).values.float()
     n = conf.numel()
     idx = _ece_bins(conf, n_bins)  # the bins of :func:`ece`
-    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    conf_sum = torch.bincount(idx, weights=conf.double(), minlength=n_bins)
     out = torch.empty(draws, dtype=torch.float32, device=conf.device)
     chunk = max(1, min(draws, (1 << 22) // n))  # at most ~4 M Bernoulli draws at once
     for start in range(0, draws, chunk):
         d = min(chunk, draws - start)
         correct = torch.bernoulli(conf.clamp(0, 1).expand(d, n), generator=generator)
-        acc_sum = torch.zeros(d, n_bins, dtype=torch.float32, device=conf.device)
-        acc_sum.index_add_(1, idx, correct)
-        out[start : start + d] = (acc_sum - conf_sum).abs().sum(-1) / n
+        # counts in fp64: exact (fp32 stops counting at 2^24 rows in a bin)
+        acc_sum = torch.zeros(d, n_bins, dtype=torch.float64, device=conf.device)
+        acc_sum.index_add_(1, idx, correct.double())
+        out[start : start + d] = ((acc_sum - conf_sum).abs().sum(-1) / n).float()
     return out
 
 
@@ -307,10 +319,9 @@ def credible_threshold(probs: Tensor, level: float = 0.95, iters: int = 40) -> T
     the largest ``u`` at which it is still ``>= level`` (to ``2^-iters``), ``[N]``. ``level`` is
     taken of the row's own total (1 up to float rounding): a row whose rounded probabilities sum
     to just under 1 never reached ``level = 1``, and its set took in the classes of
-    probability 0 too.
+    probability 0 too. ``level``: a real number (numpy's too, not a bool) in ``(0, 1]``.
     """
-    if not 0.0 < level <= 1.0:
-        raise ValueError(f"level must be in (0, 1], got {level}")
+    level = _check_level(level)
     q = _samples(probs)
     # the mass at u = 0, summed exactly as below: a row of rounded probabilities sums to 1 - 6e-8
     total = (q * (q >= 0)).sum(-1).mean(0)
@@ -325,8 +336,27 @@ def credible_threshold(probs: Tensor, level: float = 0.95, iters: int = 40) -> T
     return lo
 
 
+def _check_level(level) -> float:
+    if isinstance(level, bool) or not isinstance(level, numbers.Real):
+        raise TypeError(f"level must be a real number in (0, 1], got {level!r} "
+                        f"({type(level).__name__})")  # fmt: skip
+    if not 0.0 < level <= 1.0:  # NaN fails too
+        raise ValueError(f"level must be in (0, 1], got {level!r}")
+    return float(level)
+
+
 def credible_set(probs: Tensor, level: float = 0.95) -> Tensor:
-    """The deviance-based credible set ``{c : p_bar_c >= u}`` as a boolean mask ``[N, C]``."""
+    """The deviance-based credible set ``{c : p_bar_c >= u}`` as a boolean mask ``[N, C]``, ``u``
+    the :func:`credible_threshold` of the samples (MATH.md section 8).
+
+    The threshold is taken of the individual samples and the set of their mean, so the set can
+    be empty: where the samples disagree, each can be sure of a different class while their
+    mean is sure of none (two samples, each 0.97 on a different class: ``u = 0.97``, ``p_bar =
+    [0.5, 0.5]``, no class reaches ``u``). That is the contract's definition, kept as it is:
+    such a row adds size 0 to the mean set size and counts as not covered in
+    :func:`credible_set_summary` (its label is not in the set), so disagreement among the
+    samples lowers the coverage and the size rather than widening the set.
+    """
     u = credible_threshold(probs, level)
     return mean_probs(probs) >= u.unsqueeze(-1)
 

@@ -411,6 +411,28 @@ def pool_folds(
     return _clean(rep_out), per_row
 
 
+# index entries (resamples x test rows) a bootstrap draws and evaluates at once: its memory is
+# ~50 bytes per entry, so ~100 MiB whatever the number of test rows (one resample at least)
+_BOOTSTRAP_CHUNK = 1 << 21
+
+
+def _resampled_in_chunks(per_rows: list, n: int, resamples: int, gen: torch.Generator):
+    """:func:`_resampled` of each of ``per_rows`` (per-row data of ``n`` test rows) over the same
+    ``resamples`` row resamples, ``[resamples]`` per metric: ``torch.randint(0, n, (resamples,
+    n), generator=gen)``, drawn and evaluated a chunk of resamples at a time. The chunks take
+    the generator's numbers in the order of one whole draw (a CPU generator fills a tensor in
+    order), and each resample's metrics depend only on its own row, so the results are
+    bit-identical to one ``[resamples, n]`` draw."""
+    step = max(1, _BOOTSTRAP_CHUNK // max(n, 1))
+    parts: list[dict[str, list[Tensor]]] = [{} for _ in per_rows]
+    for start in range(0, resamples, step):
+        idx = torch.randint(0, n, (min(step, resamples - start), n), generator=gen)
+        for part, rows in zip(parts, per_rows, strict=True):
+            for k, v in _resampled(rows, idx).items():
+                part.setdefault(k, []).append(v)
+    return [{k: torch.cat(v) for k, v in part.items()} for part in parts]
+
+
 def _resampled(per_row, idx: Tensor) -> dict[str, Tensor]:
     """NLL, ECE and accuracy over every resample ``idx [B, N]`` of the test rows."""
     from mtbkd import metrics as M
@@ -446,16 +468,15 @@ def paired_bootstrap(
         return None
     labels = result.labels
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(labels), (resamples, len(labels)), generator=gen)
+    others = [m for m in result.methods if m.name != reference]
+    per_rows = [_per_row(ref.probs, labels)] + [_per_row(m.probs, labels) for m in others]
+    # every method on the same resamples of the test rows, a chunk of resamples at a time
+    boot = _resampled_in_chunks(per_rows, len(labels), resamples, gen)
     every = torch.arange(len(labels))[None]  # the test set itself, as one "resample"
-    ref_rows = _per_row(ref.probs, labels)
-    ref_m, ref_all = _resampled(ref_rows, idx), _resampled(ref_rows, every)
+    ref_m, ref_all = boot[0], _resampled(per_rows[0], every)
     out: dict[str, Any] = {"reference": reference, "resamples": resamples, "methods": {}}
-    for m in result.methods:
-        if m.name == reference:
-            continue
-        rows = _per_row(m.probs, labels)
-        other, other_all = _resampled(rows, idx), _resampled(rows, every)
+    for m, rows, other in zip(others, per_rows[1:], boot[1:], strict=True):
+        other_all = _resampled(rows, every)
         row = {}
         for key in BOOTSTRAP_METRICS:
             d = ref_m[key] - other[key]
@@ -780,11 +801,12 @@ def reliability_curve(probs: Tensor, labels: Tensor, n_bins: int = 15):
     # bins (lo, hi], a confidence of 0 in the first bin
     edges = torch.arange(1, n_bins, dtype=torch.float32) / n_bins
     idx = torch.bucketize(conf, edges, right=False)
-    count = torch.bincount(idx, minlength=n_bins).float()
-    csum = torch.bincount(idx, weights=conf, minlength=n_bins)
-    asum = torch.bincount(idx, weights=correct, minlength=n_bins)
+    # sums in fp64, as by the ECE (fp32 sums over a million rows round visibly)
+    count = torch.bincount(idx, minlength=n_bins).double()
+    csum = torch.bincount(idx, weights=conf.double(), minlength=n_bins)
+    asum = torch.bincount(idx, weights=correct.double(), minlength=n_bins)
     safe = count.clamp_min(1)
-    return csum / safe, asum / safe, count
+    return (csum / safe).float(), (asum / safe).float(), count.float()
 
 
 def _figures(result: ExperimentResult, out: Path, boot: dict[str, Any] | None = None) -> list[str]:
@@ -1236,21 +1258,22 @@ def _seed_bootstrap(per_row, names, reference, num_seeds, resamples, seed, share
             raise ValueError(f"per_row: seed number {i} has no per-row data for {missing}")
     labels = per_row[0]["labels"]
     gen = torch.Generator().manual_seed(seed)
+    # metric of every method on every seed for every row resample (drawn a chunk at a time)
     if shared:  # one test set: the same row resample for every seed
-        rows = [torch.randint(0, len(labels), (resamples, len(labels)), generator=gen)] * num_seeds
+        flat = _resampled_in_chunks(
+            [p[n] for p in per_row for n in names], len(labels), resamples, gen
+        )
+        by_seed = [flat[i * len(names) : (i + 1) * len(names)] for i in range(num_seeds)]
     else:  # each seed its own test set (e.g. digits, split per seed): resampled independently
-        rows = [
-            torch.randint(0, len(p["labels"]), (resamples, len(p["labels"])), generator=gen)
+        by_seed = [
+            _resampled_in_chunks([p[n] for n in names], len(p["labels"]), resamples, gen)
             for p in per_row
         ]
     pick = torch.randint(0, num_seeds, (resamples, num_seeds), generator=gen)
-    # metric of every method on every seed for every row resample: [S, B]
+    # [S, B] per method and metric
     stats = {
-        n: {
-            k: torch.stack([_resampled(p[n], r)[k] for p, r in zip(per_row, rows, strict=True)])
-            for k in BOOTSTRAP_METRICS
-        }
-        for n in names
+        n: {k: torch.stack([seed_stats[j][k] for seed_stats in by_seed]) for k in BOOTSTRAP_METRICS}
+        for j, n in enumerate(names)
     }
     out: dict[str, Any] = {}
     for n in names:

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,9 +35,11 @@ def test_nll_is_log_of_mean_not_mean_of_log():
     mean_of_logs = -(math.log(0.7) + math.log(0.5) + math.log(0.3) + math.log(0.5)
                      + math.log(0.3) + math.log(0.2)) / 6  # fmt: skip
     assert abs(M.nll(Q, Y).item() - mean_of_logs) > 0.01
-    # Probability exactly 0 stays finite (floored at the smallest normal float32).
+    # Probability exactly 0 stays finite: floored 1 nat below the log of the smallest float32
+    # subnormal (before: at the smallest normal number, above every subnormal's NLL)
     zero = M.nll(torch.tensor([[1.0, 0.0]]), torch.tensor([1])).item()
-    assert zero == pytest.approx(-math.log(torch.finfo(torch.float32).tiny))
+    fi = torch.finfo(torch.float32)
+    assert zero == pytest.approx(1.0 - math.log(fi.tiny * fi.eps))
     # a subnormal probability is not floored: an fp32 softmax with a logit gap of 95
     p = torch.softmax(torch.tensor([[95.0, 0.0]]), -1)
     assert 0 < p[0, 1].item() < torch.finfo(torch.float32).tiny
@@ -324,3 +327,93 @@ def test_fit_temperature_minimises_the_nll_of_the_tempered_pool():
             M.fit_temperature(q, y, bounds=bad)
     with pytest.raises(ValueError, match="labels"):
         M.fit_temperature(q, y[:-1])
+
+
+def test_nll_of_an_exact_zero_is_worse_than_of_any_positive_probability():
+    # found by an audit: 0 was floored at log(finfo.tiny), the smallest NORMAL number, so a
+    # probability of 0 on the label scored a lower NLL than a subnormal 1e-40 did
+    y = torch.tensor([1])
+    for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        compute = torch.float64 if dt == torch.float64 else torch.float32  # fp16 / bf16: fp32
+        fi = torch.finfo(compute)
+        zero = M.nll(torch.tensor([[1.0, 0.0]], dtype=dt), y).item()
+        assert zero == pytest.approx(1.0 - math.log(fi.tiny * fi.eps)), dt
+        smallest = torch.finfo(dt).tiny * torch.finfo(dt).eps  # the dtype's smallest subnormal
+        for p in (smallest, 1e-40 if dt == torch.float32 else smallest, torch.finfo(dt).tiny):
+            row = torch.tensor([[1.0 - p, p]], dtype=dt)
+            assert float(row[0, 1]) > 0, (dt, p)
+            assert M.nll(row, y).item() < zero, (dt, p)
+            assert math.isfinite(zero)
+    # per sample too: samples that all put 0 on the label score worse than if one put 1e-40
+    two = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]])
+    sub = torch.tensor([[[1.0, 1e-40]], [[1.0, 0.0]]])
+    assert M.row_nll(two, y).item() > M.row_nll(sub, y).item()
+
+
+def test_ece_sums_in_float64_on_a_million_rows():
+    # found by an audit: bin sums were accumulated by bincount with float32 weights, so every
+    # row at confidence 0.95 with exactly 95 % right scored ECE 8e-3 at N = 1e6 (truth ~1e-8)
+    n = 1_000_000
+    conf = torch.full((n,), 0.95)
+    probs = torch.stack([conf, 1 - conf], 1)
+    labels = torch.zeros(n, dtype=torch.long)
+    labels[: n // 20] = 1  # exactly 95 % right
+    exact = abs(0.95 - float(conf[0]))  # the fp32 confidence is 0.95 - 1.2e-8
+    got = M.ece(probs, labels)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(exact, abs=1e-9)
+    # fp64 input: fp64 confidences in the sums (bins still chosen on the fp32 confidence)
+    got64 = M.ece(torch.tensor([[0.95, 0.05]], dtype=torch.float64).expand(n, 2), labels)
+    assert got64.dtype == torch.float64 and got64.item() < 1e-12
+    # the calibrated-model floor: mean |Binomial(N, 0.95) / N - 0.95| = sqrt(0.95 * 0.05 / N)
+    # sqrt(2 / pi) = 1.7e-4 (before: ~8e-3, the rounding of the fp32 confidence sum)
+    draws = M.calibrated_ece(probs, 24, generator=torch.Generator().manual_seed(0))
+    assert draws.dtype == torch.float32
+    expected = math.sqrt(0.95 * 0.05 / n) * math.sqrt(2 / math.pi)
+    assert draws.mean().item() == pytest.approx(expected, rel=0.5)
+
+
+def test_numpy_integers_and_level_type_checks():
+    # found by an audit: n_bins / draws of a numpy integer type were refused, and a level given
+    # as a string raised a bare TypeError from a comparison, naming nothing
+    assert M.ece(Q, Y, n_bins=np.int64(15)).item() == M.ece(Q, Y).item()
+    assert M.ece(Q, Y, n_bins=np.int32(1)).item() == M.ece(Q, Y, n_bins=1).item()
+    g = torch.Generator().manual_seed(0)
+    a = M.calibrated_ece(Q, np.int64(7), n_bins=np.int16(15), generator=g)
+    b = M.calibrated_ece(Q, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    for bad in (True, np.int64(0), 2.0):
+        with pytest.raises(ValueError, match="n_bins"):
+            M.ece(Q, Y, n_bins=bad)
+    with pytest.raises(ValueError, match="draws"):
+        M.calibrated_ece(Q, np.int64(-3))
+    # level: a real number (numpy floats too), not a string or a bool
+    assert torch.equal(M.credible_set(Q, np.float64(0.9)), M.credible_set(Q, 0.9))
+    assert torch.equal(M.credible_set(Q, np.float32(0.75)), M.credible_set(Q, 0.75))
+    for bad in ("0.9", True, None, torch.tensor([0.9, 0.8])):
+        with pytest.raises(TypeError, match="level must be a real number"):
+            M.credible_set(Q, bad)
+        with pytest.raises(TypeError, match="level must be a real number"):
+            M.credible_threshold(Q, bad)
+        with pytest.raises(TypeError, match="level must be a real number"):
+            M.credible_set_summary(Q, Y, bad)
+    for bad in (float("nan"), -0.1, 0.0, 1.0001, float("inf")):
+        with pytest.raises(ValueError, match="level must be in"):
+            M.credible_set(Q, bad)
+
+
+def test_credible_set_is_empty_when_the_samples_disagree():
+    # MATH.md section 8: u comes from the individual samples, the set from their mean. Two
+    # samples each 0.97 sure of a different class: mass 0.97 >= 0.95 up to u = 0.97, so u =
+    # 0.97, but p_bar = [0.5, 0.5] has no class >= u: the set is empty (the contract's
+    # definition, pinned here), the row counts as not covered and adds 0 to the mean size
+    q = torch.tensor([[[0.97, 0.03]], [[0.03, 0.97]]])
+    assert M.credible_threshold(q).item() == pytest.approx(0.97, abs=1e-6)
+    assert M.credible_set(q).tolist() == [[False, False]]
+    cov, size = M.credible_set_summary(q, torch.tensor([0]))
+    assert cov.item() == 0.0 and size.item() == 0.0
+    # beside a row whose samples agree: coverage 1/2, mean size 1/2
+    both = torch.cat([q, torch.tensor([[[0.97, 0.03]], [[0.97, 0.03]]])], 1)
+    assert M.credible_set(both).tolist() == [[False, False], [True, False]]
+    cov, size = M.credible_set_summary(both, torch.tensor([1, 0]))
+    assert cov.item() == 0.5 and size.item() == 0.5
