@@ -16,6 +16,7 @@ integer torch ops, independently of the kernels.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -105,7 +106,7 @@ def philox_normal(
 
     ``backend="reference"`` uses integer torch ops; ``"cpu"`` the C++ generator.
     """
-    _check_seed(seed, offset)
+    seed, offset = _check_seed(seed, offset)
     if backend == "cpu":
         return torch.ops.mtbkd_C.philox_normal(seed, offset, stream, n)
     if backend != "reference":
@@ -118,8 +119,21 @@ def philox_normal(
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_seed(seed: int, offset: int) -> None:
+def _plain_number(value):
+    """A numpy (or other ``numbers.Real``) scalar as a Python ``int`` / ``float``, as ``nn.Linear``
+    and :class:`mtbkd.optim.SGLD` take them (``np.int64(len(dataset))``, ``np.float32(0.5)``);
+    anything else, bools included, unchanged (for the caller's check to refuse)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return value
+
+
+def _check_seed(seed: int, offset: int) -> tuple[int, int]:
+    """``(seed, offset)`` as ints in ``[0, 2**63)`` (a numpy integer is taken, a bool is not)."""
+    out = []
     for name, v in (("seed", seed), ("offset", offset)):
+        if not isinstance(v, int) and isinstance(v, numbers.Integral):
+            v = int(v)  # np.int64 and friends (np.bool_ is not Integral)
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
         if torch.compiler.is_compiling():
@@ -129,6 +143,8 @@ def _check_seed(seed: int, offset: int) -> None:
             torch._check(v < _SEED_LIMIT, lambda name=name: f"{name} must be in [0, 2**63)")
         elif not 0 <= v < _SEED_LIMIT:
             raise ValueError(f"{name} must be in [0, 2**63), got {v}")
+        out.append(v)
+    return out[0], out[1]
 
 
 def _check_mu_rho(mu: Tensor, rho: Tensor) -> None:
@@ -156,6 +172,68 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The tensor checks of the custom ops, run in the op bodies before any backend is chosen, so that
+# every backend (reference, cpu, triton, cuda) refuses the same calls with the same message: the
+# kernels index the raw memory of contiguous tensors of one size, and a mismatch read or wrote out
+# of bounds (Triton) or stepped the wrong elements. The rules and wording are those of the C++
+# ops' check_pair / check_sgld_lists (csrc/bayes_ops.cpp), whose RuntimeError they keep.
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_pair(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise RuntimeError(f"{name_a} and {name_b} must have the same shape, got "
+                           f"{list(a.shape)} and {list(b.shape)}")  # fmt: skip
+    if a.dtype != b.dtype:
+        raise RuntimeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and "
+                           f"{b.dtype}")  # fmt: skip
+    if a.device != b.device:
+        raise RuntimeError(f"{name_a} and {name_b} must be on the same device, got {a.device} "
+                           f"and {b.device}")  # fmt: skip
+    if not (a.is_contiguous() and b.is_contiguous()):
+        raise RuntimeError(f"{name_a} and {name_b} must be contiguous")
+    if a.dtype not in _KERNEL_DTYPES:
+        raise RuntimeError(f"{name_a} must be a floating tensor (float16, bfloat16, float32 or "
+                           f"float64), got {a.dtype}")  # fmt: skip
+
+
+def _check_sgld_tensors(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor],
+                        precondition: bool) -> None:  # fmt: skip
+    if len(params) != len(grads):
+        raise RuntimeError("params and grads must have the same length")
+    if precondition and len(square_avgs) != len(params):
+        raise RuntimeError("square_avgs must have one tensor per parameter when precondition=True")
+    for j, (p, g) in enumerate(zip(params, grads)):
+        _check_pair(p, g, f"params[{j}]", f"grads[{j}]")
+        # the backend is chosen by params[0]'s device (and the CUDA op launches on it)
+        if p.device != params[0].device:
+            raise RuntimeError(f"params must all be on one device, got {params[0].device} "
+                               f"(params[0]) and {p.device} (params[{j}])")  # fmt: skip
+        if precondition:
+            sq, acc = square_avgs[j], _acc(p.dtype)
+            if not (sq.dtype == acc and sq.is_contiguous() and sq.numel() == p.numel()
+                    and sq.device == p.device):  # fmt: skip
+                raise RuntimeError(
+                    f"square_avgs[{j}] must be a contiguous {acc} tensor shaped like params[{j}] "
+                    f"({p.numel()} elements on {p.device}), got "
+                    f"{'a' if sq.is_contiguous() else 'a non-contiguous'} {sq.dtype} tensor of "
+                    f"{sq.numel()} elements on {sq.device}"
+                )
+
+
+def _check_sgld_hyperparameters(lr, num_data, temperature, weight_decay, precondition, alpha,
+                                eps) -> dict:  # fmt: skip
+    """:class:`mtbkd.optim.SGLD`'s checks (an ``lr`` of 0 allowed, as a scheduler may decay it
+    to), numpy numbers and one-element tensors made Python numbers: the hyperparameters by name."""
+    from mtbkd.optim import _check_hyperparameters  # (mtbkd.optim imports this module)
+
+    group = {"lr": lr, "num_data": num_data, "temperature": temperature,
+             "weight_decay": weight_decay, "precondition": precondition, "alpha": alpha,
+             "eps": eps}  # fmt: skip
+    _check_hyperparameters(group, at_step=True)
+    return group
+
+
 # ----------------------------------------------------------------------------------------------
 # mtbkd::reparameterize (MATH.md section 6)
 # ----------------------------------------------------------------------------------------------
@@ -166,6 +244,7 @@ def _reparameterize_op(
     mu: Tensor, rho: Tensor, seed: int, offset: int, check_finite: bool
 ) -> Tensor:
     """``mu + softplus(rho) * eps(seed, offset)`` (contiguous ``mu``/``rho`` of one dtype)."""
+    _check_pair(mu, rho, "mu", "rho")
     return _impl("reparameterize", mu)(mu, rho, seed, offset, check_finite)
 
 
@@ -177,6 +256,7 @@ def _(mu, rho, seed, offset, check_finite):
 @torch.library.custom_op("mtbkd::reparameterize_backward", mutates_args=())
 def reparameterize_backward(grad: Tensor, rho: Tensor, seed: int, offset: int) -> Tensor:
     """``d w / d rho`` applied to ``grad``: ``grad * eps(seed, offset) * sigmoid(rho)``."""
+    _check_pair(grad, rho, "grad", "rho")
     return _impl("reparameterize_backward", rho)(grad, rho, seed, offset)
 
 
@@ -247,7 +327,7 @@ def reparameterize(
     _check_mu_rho(mu, rho)
     if seed is None:
         seed = new_seed()
-    _check_seed(seed, offset)
+    seed, offset = _check_seed(seed, offset)
     return _reparameterize_op(mu.contiguous(), rho.contiguous(), seed, offset, check_finite)
 
 
@@ -301,6 +381,11 @@ def _gaussian_kl_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(kl, dkl/dmu, dkl/drho)``; kl is a 0-d fp32 (fp64) sum, the gradients are empty
     tensors unless ``compute_grad``."""
+    from mtbkd import validate
+
+    _check_pair(mu, rho, "mu", "rho")
+    validate.check_prior_sigma(prior_sigma)
+    validate.check_real(prior_mu, "prior_mu")
     return _impl("gaussian_kl", mu)(mu, rho, prior_mu, prior_sigma, compute_grad)
 
 
@@ -353,8 +438,8 @@ def gaussian_kl(mu: Tensor, rho: Tensor, prior_sigma: float = 1.0, prior_mu: flo
     from mtbkd import validate
 
     _check_mu_rho(mu, rho)
-    prior_sigma = validate.check_prior_sigma(prior_sigma)
-    prior_mu = validate.check_real(prior_mu, "prior_mu")
+    prior_sigma = validate.check_prior_sigma(_plain_number(prior_sigma))
+    prior_mu = validate.check_real(_plain_number(prior_mu), "prior_mu")
     need_grad = torch.is_grad_enabled() and (mu.requires_grad or rho.requires_grad)
     if mu.dtype == torch.float16:
         # d KL / d mu = (mu - m0) / s0^2 overflows fp16 for a tight prior (s0 = 1e-3: 65504 at
@@ -416,6 +501,11 @@ def _sgld_step_op(
     eps: float,
 ) -> None:
     """In-place (p)SGLD step; parameter ``j`` draws its noise from Philox stream ``j``."""
+    # every tensor and number checked before any parameter is stepped
+    _check_sgld_tensors(params, grads, square_avgs, precondition)
+    _check_sgld_hyperparameters(lr, num_data, temperature, weight_decay, precondition, alpha, eps)
+    if not params:
+        return
     _impl("sgld_step_", params[0])(
         params, grads, square_avgs, lr, num_data, temperature, weight_decay, seed, precondition,
         alpha, eps,
@@ -447,17 +537,27 @@ def sgld_step_(
     gradient of the *mean* minibatch loss, ``weight_decay`` the precision of a Gaussian prior).
     ``G = 1`` for SGLD; with ``precondition`` (pSGLD, Li et al. 2016)
     ``V <- alpha V + (1 - alpha) (grad_U / num_data)^2`` and ``G = 1 / (eps + sqrt(V))``.
+
+    The hyperparameters are checked as :class:`mtbkd.optim.SGLD` checks them (``ValueError`` /
+    ``TypeError`` naming the argument; ``lr`` may be 0); the tensors on every backend as the C++
+    op checks them (``RuntimeError``): ``params[j]`` and ``grads[j]`` contiguous, of one shape,
+    dtype and device, all parameters on one device, and with ``precondition`` one contiguous
+    ``square_avgs[j]`` per parameter, of its size, in float32 (float64 for a float64 parameter).
+    Nothing is stepped unless everything passes.
     """
+    h = _check_sgld_hyperparameters(lr, num_data, temperature, weight_decay, precondition, alpha,
+                                    eps)  # fmt: skip
     params, grads = list(params), list(grads)
     square_avgs = list(square_avgs) if square_avgs is not None else []
-    if not params:
+    if not params and not grads:
         return
     if seed is None:
         seed = new_seed()
-    _check_seed(seed, 0)
+    seed, _ = _check_seed(seed, 0)
     _sgld_step_op(
-        params, grads, square_avgs, float(lr), float(num_data), float(temperature),
-        float(weight_decay), seed, bool(precondition), float(alpha), float(eps),
+        params, grads, square_avgs, float(h["lr"]), float(h["num_data"]),
+        float(h["temperature"]), float(h["weight_decay"]), seed, h["precondition"],
+        float(h["alpha"]), float(h["eps"]),
     )  # fmt: skip
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtbkd import validate
-from mtbkd.bayes_ops import counters_used, gaussian_kl, new_seed, reparameterize
+from mtbkd.bayes_ops import _plain_number, counters_used, gaussian_kl, new_seed, reparameterize
 
 __all__ = ["BayesLinear", "bayesify", "kl_divergence", "MODES"]
 
@@ -41,7 +41,18 @@ class BayesLinear(nn.Module):
         prior_mu: mean of the prior.
 
     ``freeze()`` makes the forward use the posterior mean (deterministic); ``unfreeze()``
-    resumes sampling.
+    resumes sampling. Sizes and options may be numpy numbers (``np.int64``, ``np.float32``).
+
+    Non-finite parameters: a sampling forward and :meth:`kl` raise ``ValueError`` naming the
+    parameter (``"BayesLinear.bias_rho contains non-finite values (NaN or inf)"``). In
+    ``"reparameterize"`` mode the sampling op checks ``mu`` and ``rho`` as it reads them; in
+    ``"local"`` mode the forward checks all four parameters first (one reduction per parameter and
+    one host synchronisation per forward, the price the sampling op's check pays on a GPU too).
+    Not checked: a frozen layer's forward (the posterior mean alone, ``rho`` unused), and a
+    forward inside ``torch.compile`` or a ``torch.func`` transform (``vmap``, as
+    :func:`mtbkd.posterior.predict` runs a local-mode layer), where a data-dependent branch is
+    not possible; there the sampling op of ``"reparameterize"`` mode still raises, unnamed
+    (``"rho contains non-finite values"``).
     """
 
     def __init__(
@@ -57,6 +68,10 @@ class BayesLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        # numpy numbers as nn.Linear and SGLD take them (np.int64(n), np.float32(0.5)), not bools
+        in_features, out_features = _plain_number(in_features), _plain_number(out_features)
+        prior_sigma, prior_mu = _plain_number(prior_sigma), _plain_number(prior_mu)
+        posterior_rho_init = _plain_number(posterior_rho_init)
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -121,14 +136,37 @@ class BayesLinear(nn.Module):
         if self.frozen:
             return F.linear(x, self.weight_mu, self.bias_mu)
         if self.mode == "local":
+            self._check_finite_parameters()
             return self._forward_local(x)
         seed = new_seed()
-        w = reparameterize(self.weight_mu, self.weight_rho, seed, 0)
-        b = None
-        if self.bias_mu is not None:
-            # Same seed, the counters after the weight's: an independent draw.
-            b = reparameterize(self.bias_mu, self.bias_rho, seed, counters_used(w.numel()))
+        try:
+            w = reparameterize(self.weight_mu, self.weight_rho, seed, 0)
+            b = None
+            if self.bias_mu is not None:
+                # Same seed, the counters after the weight's: an independent draw.
+                b = reparameterize(self.bias_mu, self.bias_rho, seed, counters_used(w.numel()))
+        except ValueError:
+            # the op's "rho contains non-finite values": which rho? (the op checks as it reads,
+            # at no extra cost; only a failed call looks for the culprit)
+            self._check_finite_parameters()
+            raise
         return F.linear(x, w, b)
+
+    def _check_finite_parameters(self) -> None:
+        """Raise ``ValueError`` naming the first non-finite parameter (one host synchronisation
+        for all of them); nothing inside ``torch.compile`` or a ``torch.func`` transform."""
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return
+        names = ["weight_mu", "weight_rho"]
+        if self.bias_mu is not None:
+            names += ["bias_mu", "bias_rho"]
+        with torch.no_grad():
+            ok = torch.stack([torch.isfinite(getattr(self, n)).all() for n in names]).tolist()
+        for name, good in zip(names, ok):
+            if not good:
+                raise ValueError(
+                    f"{type(self).__name__}.{name} contains non-finite values (NaN or inf)"
+                )
 
     def _forward_local(self, x: Tensor) -> Tensor:
         # y = x mu^T + b_mu + sqrt(x^2 (sigma^2)^T + sigma_b^2) * eps_out (MATH.md section 6).
@@ -150,9 +188,13 @@ class BayesLinear(nn.Module):
 
     def kl(self) -> Tensor:
         """Summed KL of the posterior to the prior ``N(prior_mu, prior_sigma^2)`` (fp32)."""
-        kl = gaussian_kl(self.weight_mu, self.weight_rho, self.prior_sigma, self.prior_mu)
-        if self.bias_mu is not None:
-            kl = kl + gaussian_kl(self.bias_mu, self.bias_rho, self.prior_sigma, self.prior_mu)
+        try:
+            kl = gaussian_kl(self.weight_mu, self.weight_rho, self.prior_sigma, self.prior_mu)
+            if self.bias_mu is not None:
+                kl = kl + gaussian_kl(self.bias_mu, self.bias_rho, self.prior_sigma, self.prior_mu)
+        except ValueError:
+            self._check_finite_parameters()  # name the non-finite parameter
+            raise
         return kl
 
     def extra_repr(self) -> str:

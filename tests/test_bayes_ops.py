@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -314,6 +315,23 @@ def test_empty_and_odd_shapes(backend):
         mu = torch.zeros(shape, device=DEVICE)
         w = B.reparameterize(mu, torch.zeros_like(mu), seed=1)
         assert w.shape == mu.shape
+
+
+def test_finite_float64_beyond_the_float32_range_is_not_called_non_finite(backend):
+    # an audit: the cpu kernel's finiteness check cast float64 to float, so a finite 1e300 read as
+    # inf ("mu contains non-finite values") where the other backends sampled it
+    for mu, rho in (([1e300, 0.0], [0.0, 0.0]), ([0.0, 0.0], [0.0, 1e200])):
+        mu = torch.tensor(mu, dtype=torch.float64, device=DEVICE)
+        rho = torch.tensor(rho, dtype=torch.float64, device=DEVICE)
+        w = B.reparameterize(mu, rho, seed=3)
+        assert torch.isfinite(w).all()
+        want = mu + torch.nn.functional.softplus(rho) * B.reparameterize(
+            torch.zeros_like(mu), torch.full_like(rho, 0.5413248546129181), seed=3
+        )  # softplus(0.5413...) = 1: the sample's eps
+        torch.testing.assert_close(w, want)
+    with pytest.raises(ValueError, match="mu contains non-finite"):
+        B.reparameterize(torch.tensor([math.inf, 0.0], dtype=torch.float64, device=DEVICE),
+                         torch.zeros(2, dtype=torch.float64, device=DEVICE), seed=3)  # fmt: skip
 
 
 def test_non_contiguous_inputs(backend):
@@ -826,3 +844,171 @@ def test_kl_gradient_of_only_one_argument(backend, which):
     p = torch.distributions.Normal(torch.full_like(mu, 0.2), torch.full_like(mu, 0.5))
     (want,) = torch.autograd.grad(torch.distributions.kl_divergence(q, p).sum() * 2, leaf)
     torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops check their tensors on every backend (found by a bug hunt: the Triton backend checked
+# nothing, so mismatched shapes read or wrote out of bounds and a non-contiguous parameter got
+# its update at the wrong elements; only the C++ CPU ops refused them)
+# ---------------------------------------------------------------------------------------------
+
+
+def _op_cases():
+    # (name, call, message): mismatches that no backend read or wrote out of bounds before the
+    # checks (those run in a subprocess below)
+    z = lambda *s, dtype=torch.float32: torch.zeros(*s, dtype=dtype, device=DEVICE)  # noqa: E731
+    ops = torch.ops.mtbkd
+    hyper = (1e-3, 10.0, 1.0, 0.0, 1)  # lr, num_data, temperature, weight_decay, seed
+    return [
+        ("reparam dtype", lambda: ops.reparameterize(z(6), z(6, dtype=torch.float64), 1, 0, False),
+         "mu and rho must have the same dtype"),
+        ("reparam non-contiguous", lambda: ops.reparameterize(z(4, 2).t(), z(2, 4), 1, 0, False),
+         "mu and rho must be contiguous"),
+        ("reparam int", lambda: ops.reparameterize(z(3, dtype=torch.int64),
+                                                   z(3, dtype=torch.int64), 1, 0, False),
+         "mu must be a floating tensor"),
+        ("reparam bwd non-contiguous",
+         lambda: ops.reparameterize_backward(z(4, 2).t(), z(2, 4), 1, 0),
+         "grad and rho must be contiguous"),
+        ("kl dtype", lambda: ops.gaussian_kl(z(6), z(6, dtype=torch.float64), 0.0, 1.0, False),
+         "mu and rho must have the same dtype"),
+        ("kl prior_sigma", lambda: ops.gaussian_kl(z(6), z(6), 0.0, 0.0, False), "prior_sigma"),
+        ("sgld lengths", lambda: ops.sgld_step_([z(8), z(3)], [z(8)], [], *hyper, False, 0.9,
+                                                1e-5),
+         "params and grads must have the same length"),
+        ("sgld square_avgs missing", lambda: ops.sgld_step_([z(8)], [z(8)], [], *hyper, True,
+                                                            0.9, 1e-5),
+         "square_avgs must have one tensor per parameter when precondition=True"),
+        ("sgld grad dtype", lambda: ops.sgld_step_([z(8), z(8)], [z(8), z(8, dtype=torch.float64)],
+                                                   [], *hyper, False, 0.9, 1e-5),
+         r"params\[1\] and grads\[1\] must have the same dtype"),
+        ("sgld non-contiguous param",
+         lambda: ops.sgld_step_([z(8), z(8, 2).t()], [z(8), z(2, 8)], [], *hyper, False, 0.9,
+                                1e-5),
+         r"params\[1\] and grads\[1\] must be contiguous"),
+        ("sgld bf16 square_avg",
+         lambda: ops.sgld_step_([z(8, dtype=torch.bfloat16)], [z(8, dtype=torch.bfloat16)],
+                                [z(8, dtype=torch.bfloat16)], *hyper, True, 0.9, 1e-5),
+         r"square_avgs\[0\] must be a contiguous torch.float32 tensor"),
+        ("sgld non-contiguous square_avg",
+         lambda: ops.sgld_step_([z(2, 8)], [z(2, 8)], [z(8, 2).t()], *hyper, True, 0.9, 1e-5),
+         r"square_avgs\[0\] must be a contiguous torch.float32 tensor"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(len(_op_cases())), ids=[c[0] for c in _op_cases()])
+def test_ops_check_their_tensors_on_every_backend(backend, case):
+    _, call, message = _op_cases()[case]
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        call()
+
+
+def test_sgld_op_checks_every_tensor_before_stepping_any(backend):
+    # the Triton backend stepped parameter 0 before parameter 1 was (not) checked: a refused call
+    # must change nothing, and a non-contiguous parameter must not get its update at the wrong
+    # elements
+    p = [torch.ones(8, device=DEVICE), torch.zeros(8, 2, device=DEVICE).t()]
+    g = [torch.ones(8, device=DEVICE), torch.arange(16.0, device=DEVICE).reshape(2, 8)]
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        B.sgld_step_(p, g, None, lr=1e-3, num_data=1.0, temperature=0.0, seed=1)
+    assert torch.equal(p[0], torch.ones(8, device=DEVICE))
+    assert torch.equal(p[1], torch.zeros(2, 8, device=DEVICE))
+
+
+_OUT_OF_BOUNDS = """
+import os, torch
+from mtbkd import bayes_ops as B
+
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+z = lambda n: torch.zeros(n, device=dev)
+ops = torch.ops.mtbkd
+cases = [
+    ("reparam", lambda: ops.reparameterize(z(4096), z(8), 1, 0, False),
+     "mu and rho must have the same shape, got [4096] and [8]"),
+    ("reparam_bwd", lambda: ops.reparameterize_backward(z(4096), z(8), 1, 0),
+     "grad and rho must have the same shape, got [4096] and [8]"),
+    ("kl", lambda: ops.gaussian_kl(z(4096), z(8), 0.0, 1.0, True),
+     "mu and rho must have the same shape, got [4096] and [8]"),
+    ("sgld_grad", lambda: B.sgld_step_([z(4096)], [z(8)], None, lr=1e-3, num_data=10.0, seed=1),
+     "params[0] and grads[0] must have the same shape, got [4096] and [8]"),
+    ("sgld_square_avg", lambda: B.sgld_step_([z(100000)], [z(100000)], [z(10)], lr=1e-3,
+                                             num_data=10.0, seed=1, precondition=True),
+     "square_avgs[0] must be a contiguous torch.float32 tensor"),
+]
+for name, call, message in cases:
+    try:
+        call()
+        print(name, "accepted", flush=True)
+    except RuntimeError as e:
+        print(name, "refused" if message in str(e) else "other: " + str(e)[:200], flush=True)
+junk = [torch.randn(1000, device=dev) for _ in range(100)]
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.skipif(backend_status()["triton"] is not None, reason=str(backend_status()["triton"]))
+def test_triton_ops_refuse_out_of_bounds_shapes():
+    # In a subprocess: before the checks these read and wrote past the tensors (pSGLD with a short
+    # square_avg corrupted the heap: "corrupted size vs. prev_size", a crash)
+    env = {**os.environ, "MTBKD_BACKEND": "triton"}
+    proc = subprocess.run([sys.executable, "-c", _OUT_OF_BOUNDS], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout, proc.stderr[-4000:])
+    names = ["reparam", "reparam_bwd", "kl", "sgld_grad", "sgld_square_avg"]
+    assert proc.stdout.splitlines() == [f"{n} refused" for n in names] + ["survived"], proc.stdout
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [({"lr": -1e-3}, "lr must be a non-negative"),
+     ({"temperature": -1.0}, "temperature must be a non-negative"),
+     ({"num_data": 0.0, "precondition": True}, "num_data must be a positive"),
+     ({"weight_decay": float("nan")}, "weight_decay must be a non-negative finite"),
+     ({"alpha": 1.0, "precondition": True}, r"alpha must be in \[0, 1\)"),
+     ({"eps": 0.0, "precondition": True}, "eps must be a positive")],
+)  # fmt: skip
+def test_sgld_step_checks_its_hyperparameters(backend, kw, message):
+    # the public op took anything: a negative lr or temperature made NaN parameters on cpu (a
+    # "math domain error" elsewhere), num_data=0 with precondition divided by zero
+    args = {"lr": 1e-3, "num_data": 100.0, **kw}
+    p, g = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE)
+    sq = [torch.zeros(8, device=DEVICE)] if args.get("precondition") else None
+    with pytest.raises(ValueError, match=message):
+        B.sgld_step_([p], [g], sq, seed=1, **args)
+    # ... and so does the op itself
+    full = {"temperature": 1.0, "weight_decay": 0.0, "precondition": False, "alpha": 0.99,
+            "eps": 1e-5, **args}  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        torch.ops.mtbkd.sgld_step_(
+            [p], [g], sq or [], full["lr"], full["num_data"], full["temperature"],
+            full["weight_decay"], 1, full["precondition"], full["alpha"], full["eps"],
+        )  # fmt: skip
+    assert torch.equal(p, torch.zeros(8, device=DEVICE))
+
+
+def test_sgld_step_hyperparameter_types():
+    p, g = torch.zeros(3), torch.ones(3)
+    with pytest.raises(TypeError, match="precondition must be a bool"):
+        B.sgld_step_([p], [g], None, lr=1e-3, num_data=10, seed=1, precondition="False")
+    with pytest.raises(TypeError, match="lr must be a number"):
+        B.sgld_step_([p], [g], None, lr="0.1", num_data=10, seed=1)
+    assert torch.equal(p, torch.zeros(3))
+    # an lr decayed to 0 (a scheduler), numpy numbers and a tensor lr are taken, as by SGLD
+    B.sgld_step_([p], [g], None, lr=0.0, num_data=10, seed=1)
+    assert torch.equal(p, torch.zeros(3))
+    B.sgld_step_([p], [g], None, lr=torch.tensor(0.1), num_data=np.int64(1),
+                 temperature=np.float32(0.0), seed=np.int64(1))  # fmt: skip
+    torch.testing.assert_close(p, torch.full((3,), -0.1))
+
+
+def test_numpy_integer_seed_and_offset_and_numpy_prior():
+    # np.int64 seeds and offsets (and np.float32 priors) were refused
+    mu, rho = torch.randn(5), torch.randn(5)
+    w = B.reparameterize(mu, rho, seed=np.int64(3), offset=np.int32(2))
+    assert torch.equal(w, B.reparameterize(mu, rho, seed=3, offset=2))
+    assert torch.equal(B.philox_normal(np.uint64(7), np.int64(1), 9), B.philox_normal(7, 1, 9))
+    kl = B.gaussian_kl(mu, rho, prior_sigma=np.float32(0.5), prior_mu=np.int64(1))
+    assert torch.equal(kl, B.gaussian_kl(mu, rho, prior_sigma=0.5, prior_mu=1.0))
+    for bad in (True, np.bool_(True), 1.0, np.float64(3.0)):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            B.reparameterize(mu, rho, seed=bad)

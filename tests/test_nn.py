@@ -345,3 +345,49 @@ def test_sampling_layer_compiles_with_fullgraph():
     torch.manual_seed(3)
     assert torch.equal(first, layer(x))  # the same draw as eager under the same seed
     assert not torch.equal(first, second)  # a fresh draw per call
+
+
+def test_numpy_numbers_are_accepted_like_nn_linear():
+    # found by a bug hunt: np.int64 sizes and np.float32 options were refused (nn.Linear and
+    # SGLD take them); bools stay refused
+    import numpy as np
+
+    layer = BayesLinear(np.int64(4), np.int32(3), prior_sigma=np.float32(0.5),
+                        posterior_rho_init=np.int64(-3), prior_mu=np.float16(0.25))  # fmt: skip
+    assert (layer.in_features, layer.out_features) == (4, 3)
+    assert type(layer.in_features) is int and type(layer.out_features) is int
+    assert (layer.prior_sigma, layer.prior_mu, layer.posterior_rho_init) == (0.5, 0.25, -3.0)
+    assert all(type(v) is float for v in (layer.prior_sigma, layer.prior_mu,
+                                          layer.posterior_rho_init))  # fmt: skip
+    assert layer.weight_mu.shape == (3, 4) and torch.all(layer.weight_rho == -3.0)
+    assert layer(torch.randn(2, 4)).shape == (2, 3)
+    model = bayesify(nn.Sequential(nn.Linear(4, 2)), prior_sigma=np.float64(0.3))
+    assert model[0].prior_sigma == 0.3
+    for bad in (True, np.bool_(True)):
+        with pytest.raises((TypeError, ValueError), match="in_features"):
+            BayesLinear(bad, 2)
+        with pytest.raises(TypeError, match="prior_sigma"):
+            BayesLinear(2, 2, prior_sigma=bad)
+    with pytest.raises(ValueError, match="in_features"):
+        BayesLinear(3.0, 2)
+
+
+@pytest.mark.parametrize("mode", ["reparameterize", "local"])
+@pytest.mark.parametrize("name", ["weight_mu", "weight_rho", "bias_mu", "bias_rho"])
+@pytest.mark.parametrize("backend", _module_backends())
+def test_non_finite_parameter_is_named(backend, name, mode, monkeypatch):
+    # found by a bug hunt: a NaN in bias_rho was "rho contains non-finite values" (which rho?),
+    # and in local mode the forward returned NaN outputs silently
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setenv("MTBKD_BACKEND", backend)
+    layer = BayesLinear(4, 3, mode=mode).to(device)
+    with torch.no_grad():
+        getattr(layer, name)[1] = float("nan")
+    x = torch.randn(2, 4, device=device)
+    with pytest.raises(ValueError, match=f"BayesLinear.{name} contains non-finite values"):
+        layer(x)
+    with pytest.raises(ValueError, match=f"BayesLinear.{name} contains non-finite values"):
+        layer.kl()
+    layer.freeze()  # the posterior mean alone is used: a bad rho does not matter there
+    if name.endswith("_rho"):
+        assert torch.isfinite(layer(x)).all()

@@ -313,3 +313,17 @@ def test_numpy_and_tensor_hyperparameters_and_complex_parameters():
     assert (
         opt.param_groups[1]["lr"] == pytest.approx(0.1) and len(opt.param_groups[1]["params"]) == 1
     )
+
+
+def test_the_public_step_op_checks_like_the_optimizer():
+    # mtbkd.bayes_ops.sgld_step_ took any hyperparameters (NaN parameters on cpu for a negative
+    # lr or temperature); it now runs SGLD's checks, the errors naming the argument
+    p, g = torch.zeros(4), torch.ones(4)
+    for kw, name in [({"lr": -1e-3}, "lr"), ({"temperature": -1.0}, "temperature"),
+                     ({"num_data": 0}, "num_data"), ({"alpha": 1.5}, "alpha")]:  # fmt: skip
+        args = {"lr": 1e-3, "num_data": 10, **kw}
+        with pytest.raises(ValueError, match=name):
+            SGLD([torch.nn.Parameter(torch.zeros(2))], **args)
+        with pytest.raises(ValueError, match=name):
+            B.sgld_step_([p], [g], [torch.zeros(4)], seed=1, precondition=True, **args)
+    assert torch.equal(p, torch.zeros(4))

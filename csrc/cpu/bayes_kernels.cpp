@@ -344,11 +344,13 @@ int reparameterize_fwd(const T* mu, const T* rho, T* w, int64_t n, uint64_t seed
         w[b + i] = static_cast<T>(static_cast<float>(mu[b + i]) + sp[i] * eps[i]);
     }
     if (check_finite) {
-      // x * 0 is NaN exactly when x is NaN or inf; counting keeps the loop vectorisable.
+      // x * 0 is NaN exactly when x is NaN or inf; counting keeps the loop vectorisable. In the
+      // input's own precision for float64 (a finite 1e300 is inf as a float).
+      using C = std::conditional_t<std::is_same_v<T, double>, double, float>;
       int bad_mu = 0, bad_rho = 0;
       for (int64_t i = 0; i < len; ++i) {
-        const auto zm = static_cast<float>(mu[b + i]) * 0.0f;
-        const auto zr = static_cast<float>(rho[b + i]) * 0.0f;
+        const C zm = static_cast<C>(mu[b + i]) * C(0);
+        const C zr = static_cast<C>(rho[b + i]) * C(0);
         bad_mu += zm != zm;
         bad_rho += zr != zr;
       }
