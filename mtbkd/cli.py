@@ -699,9 +699,15 @@ _PIPELINE_ONLY = ("seeds", "methods", "map_epochs", "sgld_epochs", "num_samples"
 _LLM_ONLY = ("epochs", "train_blocks", "seq_len", "threads", "json")
 
 
+def _unset(value) -> bool:
+    """An option left at its default of None / False (store_true) / [] (append)."""
+    return value is None or value is False or (isinstance(value, list) and not value)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     other = _PIPELINE_ONLY if args.llm else _LLM_ONLY
-    given = [n for n in other if getattr(args, n) not in (None, False, [])]
+    # identity, not ==: a value of 0 (`--epochs 0`) equals False and slipped through
+    given = [n for n in other if not _unset(getattr(args, n))]
     if given:
         flags = ", ".join("--" + n.replace("_", "-") for n in given)
         mode = "--llm" if args.llm else "without --llm"

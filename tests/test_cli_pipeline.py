@@ -664,6 +664,11 @@ def test_cli_rejects_empty_methods_negative_seed_and_foreign_demo_options(tmp_pa
         (["demo", "--llm", "--seeds", "0-4"], "--llm does not take --seeds"),
         (["demo", "--llm", "--set", "weights=uniform"], "--llm does not take --set"),
         (["demo", "--llm", "--calibrate"], "--llm does not take --calibrate"),
+        # an audit: a value of 0 equals False and was taken as not given
+        (["demo", "--llm", "--num-samples", "0"], "--llm does not take --num-samples"),
+        (["demo", "--llm", "--map-epochs", "0"], "--llm does not take --map-epochs"),
+        (base + ["--epochs", "0"], "without --llm does not take --epochs"),
+        (base + ["--threads", "0"], "without --llm does not take --threads"),
         (
             base + ["--epochs", "2", "--json", "x.json"],
             "without --llm does not take --epochs, --json",
