@@ -278,9 +278,12 @@ def _teacher_entropy_stats(t, valid2, mw, sw, bw, rw, inv_tw):
     m_new, s_new, e, shift = _online(mw, sw, x, valid2, 1.0)
     alpha = tl.exp(mw - shift)
     delta = tl.where(sw > 0.0, mw - shift, 0.0)
-    blk = tl.sum(tl.where(e > 0.0, e * (x - shift[:, None]), 0.0), axis=1)
-    bw = alpha * (bw + delta * sw) + blk
     at_top = valid2 & (x == shift[:, None])
+    # 0 at the top, not x - shift: on a GPU the compiler fuses t * inv_tw - shift into one fma
+    # of the exact product, which leaves the product's rounding (~1e-6 at x ~ 57) where the
+    # top's term must be 0, and a nearly one-hot teacher's entropy is smaller than that
+    blk = tl.sum(tl.where((e > 0.0) & (~at_top), e * (x - shift[:, None]), 0.0), axis=1)
+    bw = alpha * (bw + delta * sw) + blk
     raised = m_new > mw
     n_top = tl.sum(at_top.to(bw.dtype), axis=1) - raised.to(bw.dtype)
     rest = tl.sum(tl.where(at_top, 0.0, e), axis=1)

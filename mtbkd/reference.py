@@ -50,7 +50,8 @@ def teacher_entropy(teacher_logits: Tensor | Sequence[Tensor], temperature: floa
     rest = e.scatter(-1, u.argmax(-1, keepdim=True), 0.0).sum(-1, keepdim=True)
     p = e / (1.0 + rest)
     log_p = u - torch.log1p(rest)
-    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)  # 0 log 0 = 0
+    # 0 log 0 = 0; a NaN (a NaN or +inf logit) stays NaN, as in the kernels
+    return -torch.where(p == 0, torch.zeros_like(p), p * log_p).sum(-1)
 
 
 def teacher_weights(

@@ -239,8 +239,7 @@ __device__ __forceinline__ void ent_push(A& m, A& r, A& b, A x, A scale) {
   }
 }
 
-// The part with the larger maximum (the first on a tie) keeps its rest; the other's whole sum
-// 1 + r2 joins it.
+// The part with the larger maximum keeps its rest; the other's whole sum 1 + r2 joins it.
 template <class A>
 __device__ __forceinline__ void ent_merge(A& m, A& r, A& b, A m2, A r2, A b2, A scale) {
   const A mm = m > m2 ? m : m2;
@@ -256,7 +255,9 @@ __device__ __forceinline__ void ent_merge(A& m, A& r, A& b, A m2, A r2, A b2, A 
     nb += f * (b2 + (m2 - mm) * (r2 + A(1)));
     t2 = f * (r2 + A(1));
   }
-  r = m2 > m ? r2 + t1 : r + t2;
+  // a tie adds both rests and one of the tops, in an order that does not depend on which part
+  // is first: the lanes of a warp merge in opposite roles and must end with equal states
+  r = m2 > m ? r2 + t1 : (m > m2 ? r + t2 : (r + r2) + A(1));
   m = mm;
   b = nb;
 }
