@@ -823,10 +823,14 @@ class _ShardedHead:
                     leaf = z.detach().requires_grad_(True)
                     with torch.enable_grad():
                         out = self.loss_fn(leaf, t_chunk, lab, **kw)
-            except ValueError as exc:
-                raise validate.in_rows(
-                    exc, start, ("teacher_shard", "teacher_logits_shard")
-                ) from None
+            except ValueError as exc:  # named as the fused function's caller named them
+                inner = self.loss_fn.__name__
+                raise validate.in_rows(exc, start, [
+                    ("teacher_shard", "teacher_logits_shard"),
+                    ("student_shard",
+                     "student_hidden @ student_weight_shard.T (+ student_bias_shard)"),
+                    (inner, inner.replace("vocab_parallel_", "vocab_parallel_fused_linear_", 1)),
+                ]) from None  # fmt: skip
             if want_grads:
                 r = out[0] if want_stats else out
                 scale = row_scale[rows] if row_scale.dim() else row_scale.expand(r.shape[0])

@@ -269,14 +269,27 @@ def _chunk_error(exc: ValueError, start: int, rows: slice, z: Tensor, teachers: 
     return validate.in_rows(exc, start)
 
 
+def _keep_stats(stats: list | None, rest: tuple, rows: slice, n: int) -> list:
+    """Copy a chunk's statistics ``[..., c]`` into ``[..., N]`` tensors (made at the first)."""
+    if stats is None:
+        stats = [x.new_empty((*x.shape[:-1], n)) for x in rest]
+    for out, x in zip(stats, rest, strict=True):
+        out[..., rows] = x
+    return stats
+
+
 def _run_chunks(kind, opts, hidden, weight, bias, teachers, labels, fixed, chunk, row_scale,
-                want_grads):  # fmt: skip
+                want_grads, keep_stats=True):  # fmt: skip
     """Loss rows ``[N]`` and, when ``want_grads``, gradients with each row's G scaled by
-    ``row_scale`` (a scalar or ``[N]`` tensor); the ops' statistics per chunk are collected."""
+    ``row_scale`` (a scalar or ``[N]`` tensor); with ``keep_stats``, the ops' other outputs
+    (statistics ``[..., c]`` per chunk) copied into ``[..., N]`` tensors allocated at the first
+    chunk, returned as a list of one such tuple (none for N = 0). Keeping each chunk's small
+    tensors instead grew the process by one ``[chunk, V]`` per chunk under glibc's allocator
+    (the long-lived tensors pinned the heap between the chunks' freed logits)."""
     n, v = hidden.shape[0], weight.shape[0]
     acc = _acc(hidden.dtype)
     loss_rows = torch.empty(n, dtype=acc, device=hidden.device)
-    extras: list = []
+    stats: list[Tensor] | None = None
     gh = gw = gb = None
     if want_grads:
         # an fp16 grad_hidden stays in the accumulation dtype until the backward has applied
@@ -308,7 +321,9 @@ def _run_chunks(kind, opts, hidden, weight, bias, teachers, labels, fixed, chunk
         except ValueError as exc:  # the kernels number the rows of the chunk
             raise _chunk_error(exc, start, rows, z, teachers) from None
         loss_rows[rows] = r
-        extras.append(rest)
+        if keep_stats:
+            stats = _keep_stats(stats, rest, rows, n)
+        del rest
         if not want_grads:
             continue
         g = g.to(acc)
@@ -320,7 +335,7 @@ def _run_chunks(kind, opts, hidden, weight, bias, teachers, labels, fixed, chunk
         gw.addmm_(g.t(), h.to(acc) * s)
         if gb is not None:
             gb += (g.t() @ s).reshape(-1) if isinstance(s, Tensor) and s.dim() else g.sum(0) * s
-    return loss_rows, extras, gh, gw, gb
+    return loss_rows, [] if stats is None else [stats], gh, gw, gb
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -333,10 +348,11 @@ class _FusedLinearLoss(torch.autograd.Function):
         ctx.need = need
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         acc = _acc(hidden.dtype)
+        keep = fn_ctx["want_stats"]
         if reduction == "none":
             # Per-row grad_output is known only in the backward: recompute the chunks there.
             rows, extras, *_ = _run_chunks(kind, opts, hidden, weight, bias, teachers, labels,
-                                           fixed, chunk, None, False)  # fmt: skip
+                                           fixed, chunk, None, False, keep)  # fmt: skip
             ctx.recompute = (kind, opts, teachers, labels, fixed, chunk)
             ctx.save_for_backward(hidden, weight, bias)
             fn_ctx["stats"] = extras
@@ -344,7 +360,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         scale = _mean_scale(reduction, labels, hidden.shape[0], opts["ignore_index"], num_items,
                             acc, hidden.device)  # fmt: skip
         rows, extras, gh, gw, gb = _run_chunks(kind, opts, hidden, weight, bias, teachers, labels,
-                                               fixed, chunk, scale, any(need))  # fmt: skip
+                                               fixed, chunk, scale, any(need), keep)  # fmt: skip
         ctx.recompute = None
         fn_ctx["stats"] = extras
         ctx.save_for_backward(gh, gw, gb)
@@ -364,10 +380,12 @@ class _FusedLinearLoss(torch.autograd.Function):
             hidden, weight, bias = ctx.saved_tensors
             kind, opts, teachers, labels, fixed, chunk = ctx.recompute
             go = torch.ones((), dtype=_acc(hidden.dtype), device=hidden.device)
-            with torch.no_grad():
+            # autocast off as in the forward (see _finish): a backward called inside an autocast
+            # region must not recompute the chunks in another precision
+            with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
                 _, _, dh, gw, gb = _run_chunks(kind, opts, hidden, weight, bias, teachers,
                                                labels, fixed, chunk, grad_out.to(go.dtype),
-                                               True)  # fmt: skip
+                                               True, False)  # fmt: skip
             dh = dh.to(ctx.dtypes[0])
         dw = (gw * go).to(ctx.dtypes[1]) if need[1] else None
         db = (gb * go).to(ctx.dtypes[2]) if need[2] else None
@@ -475,6 +493,26 @@ def _flatten_teacher(t: Any, lead: torch.Size, name: str) -> Any:
     return t
 
 
+def _autocast_inputs(hidden, weight, bias, tlist):
+    """Under autocast, the head's inputs as autocast gives ``F.linear`` them: float32 hidden
+    states, weights and biases (the student's, differentiably, and the teacher heads') cast to the
+    autocast dtype, so the chunks' matmuls run where the unfused ``lm_head(h)`` would, in every
+    reduction and for every gradient (the chunk loop itself then runs with autocast off: it
+    had rounded only ``grad_hidden`` of a mean or sum to bfloat16)."""
+    dev = hidden.device.type
+    if not torch.is_autocast_enabled(dev):
+        return hidden, weight, bias
+    low = torch.get_autocast_dtype(dev)
+
+    def cast(x):
+        return x.to(low) if x is not None and x.dtype == torch.float32 else x
+
+    for t in tlist:
+        if isinstance(t, _Head):
+            t.hidden, t.weight, t.bias = cast(t.hidden), cast(t.weight), cast(t.bias)
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def _finish(kind, opts, hidden, weight, bias, tlist, labels, fixed, chunk, lead, reduction,
             num_items, return_stats):  # fmt: skip
     kd = "mtbkd" if kind == "mtbkd" else "multi_teacher_kd"
@@ -482,10 +520,11 @@ def _finish(kind, opts, hidden, weight, bias, tlist, labels, fixed, chunk, lead,
     if not torch.is_grad_enabled():  # evaluation: the forward computes no head gradient then
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
-    fn_ctx: dict = {}
-    out = _FusedLinearLoss.apply(
-        hidden, weight, bias, kind, opts, tlist, labels, fixed, chunk, reduction, num_items, fn_ctx
-    )
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias, tlist)
+    fn_ctx: dict = {"want_stats": bool(return_stats)}
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = _FusedLinearLoss.apply(hidden, weight, bias, kind, opts, tlist, labels, fixed, chunk,
+                                     reduction, num_items, fn_ctx)  # fmt: skip
     if reduction == "none":
         out = out.reshape(lead)
     if not return_stats:

@@ -323,15 +323,16 @@ def fixed_weights(
     return (w / w.sum(0, keepdim=True)).contiguous()
 
 
-def in_rows(exc: ValueError, start: int, rename: tuple[str, str] | None = None) -> ValueError:
+def in_rows(exc: ValueError, start: int, rename=None) -> ValueError:
     """``exc`` from a chunk of rows that begins at row ``start``: its ``row i`` made rows of the
-    whole input (the kernels number the rows of the chunk they were given), and an argument
-    renamed (``rename = (inner name, caller's name)``)."""
+    whole input (the kernels number the rows of the chunk they were given), and arguments
+    renamed (``rename``: one ``(inner name, caller's name)`` pair or a sequence of them)."""
     import re
 
     text = re.sub(r"\brow (\d+)", lambda m: f"row {int(m.group(1)) + start}", str(exc))
-    if rename is not None:
-        text = re.sub(rf"\b{re.escape(rename[0])}\b", rename[1], text)
+    pairs = [rename] if rename and isinstance(rename[0], str) else list(rename or ())
+    for inner, outer in pairs:
+        text = re.sub(rf"\b{re.escape(inner)}\b", outer, text)
     return ValueError(text)
 
 

@@ -714,6 +714,20 @@ def scenario_fused_linear(rank: int, world: int) -> None:
     with pytest.raises(ValueError, match=match):
         D.vocab_parallel_fused_linear_mtbkd_loss(h, bad_w, t[..., lo:hi], y, vocab_start=lo,
                                                  vocab_size=v)  # fmt: skip
+    # an audit: errors from the chunks named the inner loss's arguments and function
+    hn = h.clone()
+    hn.view(-1, hdim)[7, 0] = float("nan")
+    said = r"^student_hidden @ student_weight_shard\.T \(\+ student_bias_shard\) contains"
+    with pytest.raises(ValueError, match=said + r".*\(row 7\)"):
+        D.vocab_parallel_fused_linear_mtbkd_loss(hn, w[lo:hi], t[..., lo:hi], y, vocab_start=lo,
+                                                 vocab_size=v, chunk_size=3)  # fmt: skip
+    wn = w.clone()
+    wn[hi - 1, 0] = float("nan")  # in rank 1's shard only (rows [lo, hi) of rank 1)
+    match = said if rank == 1 else r"^vocab_parallel_fused_linear_mtbkd_loss: invalid inputs"
+    with pytest.raises(ValueError, match=match):
+        D.vocab_parallel_fused_linear_mtbkd_loss(h, wn[lo:hi] if rank == 1 else w[lo:hi],
+                                                 t[..., lo:hi], y, vocab_start=lo, vocab_size=v,
+                                                 chunk_size=3)  # fmt: skip
 
 
 def scenario_review_regressions(rank: int, world: int) -> None:

@@ -10,6 +10,7 @@ from mtbkd.fused_linear import (
     FusedLinearMultiTeacherKDLoss,
     auto_chunk_size,
     fused_linear_from,
+    fused_linear_mtbkd_loss,
     fused_linear_multi_teacher_kd_loss,
 )
 
@@ -275,7 +276,7 @@ def test_no_grad_computes_no_head_gradient(monkeypatch):
     real = FL._run_chunks
 
     def spy(*args):
-        seen.append(args[-1])  # whether the chunks compute gradients
+        seen.append(args[10])  # want_grads: whether the chunks compute gradients
         return real(*args)
 
     monkeypatch.setattr(FL, "_run_chunks", spy)
@@ -427,3 +428,62 @@ def test_double_backward_is_refused_and_teacher_heads_keep_finfo_min_masking():
     as_logits = fused_linear_mtbkd_loss(low[0], low[1], [logits], y)
     assert torch.isfinite(as_head)
     torch.testing.assert_close(as_head, as_logits)
+
+
+def test_chunks_keep_no_statistics_of_earlier_chunks(monkeypatch):
+    # an audit: every chunk's statistics were kept to the end of the call (also without
+    # return_stats); under glibc those small long-lived tensors pinned the heap between the
+    # chunks' freed [chunk, V] logits, and the process grew by one [chunk, V] per chunk
+    import weakref
+
+    import mtbkd.fused_linear as FL
+
+    hid, w, b, teachers, y = _problem(n=40)
+    alive: list = []
+    real = FL._chunk_op
+
+    def spy(*args, **kwargs):
+        assert not any(r() is not None for r in alive), "an earlier chunk's statistics survive"
+        out = real(*args, **kwargs)
+        alive.extend(weakref.ref(x) for x in out[2])
+        return out
+
+    monkeypatch.setattr(FL, "_chunk_op", spy)
+    for stats in (False, True):
+        alive.clear()
+        out = fused_linear_mtbkd_loss(hid, w, teachers, y, b, chunk_size=7,
+                                            return_stats=stats)  # fmt: skip
+        if stats:  # the statistics, copied into one tensor per field, equal the unfused loss's
+            logits = hid @ w.T + b
+            tl = [th @ tw[:50].T + (0 if tb is None else tb[:50]) for th, tw, tb in teachers]
+            _, want = mtbkd.mtbkd_loss(logits, tl, y, return_stats=True)
+            for name in ("weights", "responsibilities", "entropy", "prior", "ce"):
+                torch.testing.assert_close(getattr(out[1], name), getattr(want, name))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_autocast_runs_the_head_as_the_unfused_linear_does(reduction):
+    # an audit: under autocast the chunk matmuls (out=, in place) stayed float32 while the
+    # forward's grad_hidden alone was rounded to bfloat16, and only for a mean or a sum
+    hid, w, b, teachers, y = _problem(dtype=torch.float32)
+    up = torch.linspace(0.5, 2.0, hid.shape[0]) if reduction == "none" else torch.tensor(1.0)
+
+    def run(fused):
+        hh, ww, bb = (x.detach().clone().requires_grad_(True) for x in (hid, w, b))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                loss = fused_linear_mtbkd_loss(hh, ww, teachers, y, bb, chunk_size=8,
+                                                     reduction=reduction)  # fmt: skip
+            else:
+                tl = [torch.nn.functional.linear(th, tw[:50], None if tb is None else tb[:50])
+                      for th, tw, tb in teachers]  # fmt: skip
+                loss = mtbkd.mtbkd_loss(torch.nn.functional.linear(hh, ww, bb), tl, y,
+                                        reduction=reduction)  # fmt: skip
+        (loss * up).sum().backward()
+        return loss.detach(), hh.grad, ww.grad, bb.grad
+
+    got, want = run(True), run(False)
+    assert all(g.dtype == torch.float32 for g in got[1:])
+    torch.testing.assert_close(got[0], want[0].to(got[0].dtype), rtol=1e-5, atol=1e-5)
+    for g, r in zip(got[1:], want[1:], strict=True):  # the bf16 head's gradients, as unfused
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-3 * float(r.abs().max()))
