@@ -160,6 +160,14 @@ class BayesLinear(nn.Module):
         names = ["weight_mu", "weight_rho"]
         if self.bias_mu is not None:
             names += ["bias_mu", "bias_rho"]
+        params = [getattr(self, n) for n in names]
+        # no values to read: meta or fake tensors (FakeTensorMode, tracing) and CUDA-graph capture
+        from torch._guards import detect_fake_mode
+
+        if any(p.device.type == "meta" for p in params) or detect_fake_mode(params) is not None:
+            return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return
         with torch.no_grad():
             ok = torch.stack([torch.isfinite(getattr(self, n)).all() for n in names]).tolist()
         for name, good in zip(names, ok):

@@ -525,7 +525,8 @@ def _ref_teacher_stats(teachers, temperature, concentration, weight_temperature,
     lse_w = torch.logsumexp(t / weight_temperature, -1)
     entropy_w = reference.teacher_entropy(t, weight_temperature)
     p = torch.exp(t / temperature - lse_tau[..., None])
-    lgamma_sum = torch.lgamma(1.0 + concentration * p).sum(-1)
+    # in float64: 1 + lam p rounds in float32 for small lam p (the kernels use lgamma1p)
+    lgamma_sum = torch.lgamma(1.0 + concentration * p.double()).sum(-1).to(p.dtype)
     return torch.stack([lse_tau, lse_w, entropy_w, lgamma_sum], dim=-1)
 
 

@@ -391,3 +391,14 @@ def test_non_finite_parameter_is_named(backend, name, mode, monkeypatch):
     layer.freeze()  # the posterior mean alone is used: a bad rho does not matter there
     if name.endswith("_rho"):
         assert torch.isfinite(layer(x)).all()
+
+
+def test_local_mode_forward_runs_under_fake_tensors():
+    # a review: the local-mode finiteness check read values (.tolist()), which FakeTensorMode
+    # (shape propagation, export) and CUDA-graph capture cannot
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = BayesLinear(4, 3, mode="local")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        out = layer(mode.from_tensor(torch.randn(2, 4)))
+    assert out.shape == (2, 3)
