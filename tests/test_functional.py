@@ -1331,8 +1331,10 @@ def test_teacher_stats_check_ignores_masked_columns_and_sees_bf16_and_nan_caches
     for logits in (masked, t.bfloat16()):
         stats = mtbkd.TeacherStats(logits, concentration=5.0)
         mtbkd.mtbkd_loss(z, logits, concentration=5.0, teacher_stats=stats)  # accepted
-        for bad, lam in ((stats[torch.tensor([1, 0, *range(2, 8)])], 5.0),
-                         (mtbkd.TeacherStats.from_data(stats.data, 2.0, 10.0, 1.0, 300), 10.0)):
+        for bad, lam in (
+            (stats[torch.tensor([1, 0, *range(2, 8)])], 5.0),
+            (mtbkd.TeacherStats.from_data(stats.data, 2.0, 10.0, 1.0, 300), 10.0),
+        ):
             with pytest.raises(ValueError, match="teacher_stats do not match"):
                 mtbkd.mtbkd_loss(z, logits, concentration=lam, teacher_stats=bad)  # fmt: skip
     stats = mtbkd.TeacherStats(t)
