@@ -876,7 +876,9 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
         head, need = ctx.head, ctx.need
         if ctx.recompute:
             go = torch.ones((), dtype=head.acc, device=grad_out.device)
-            with torch.no_grad():
+            from mtbkd import fused_linear as FL
+
+            with torch.no_grad(), FL.no_autocast(grad_out.device.type):
                 _, _, gh, gw, gb = head.run(grad_out.to(head.acc), True)
         else:
             gh, gw, gb = ctx.saved_tensors
@@ -927,15 +929,19 @@ def _fused_call(name, loss_fn, opts, student_hidden, student_weight_shard, teach
     hidden, weight, teachers, flat_labels, lead, chunk = parsed
     if chunk_size is None:
         chunk = FL.auto_chunk_size(hidden.shape[0], max(col["width"]), len(teachers))
-    head = _ShardedHead(loss_fn, opts, hidden, weight, student_bias_shard, teachers, flat_labels,
+    # under autocast: the head's float32 inputs cast as autocast casts F.linear's, the chunks then
+    # run with autocast off (as fused_linear's), also in a backward called inside autocast
+    hidden, weight, bias = FL.autocast_cast(hidden, weight, student_bias_shard)
+    head = _ShardedHead(loss_fn, opts, hidden, weight, bias, teachers, flat_labels,
                         chunk, vocab_start, vocab_size, group)  # fmt: skip
     scale = None
     if reduction != "none":
         scale = FL._mean_scale(reduction, flat_labels, hidden.shape[0], opts["ignore_index"],
                                num_items_in_batch, head.acc, hidden.device)  # fmt: skip
     fn_ctx: dict = {"grad": torch.is_grad_enabled()}
-    out = _VocabParallelFusedLinear.apply(hidden, weight, student_bias_shard, head, reduction,
-                                          scale, return_stats, fn_ctx)  # fmt: skip
+    with FL.no_autocast(hidden.device.type):
+        out = _VocabParallelFusedLinear.apply(hidden, weight, bias, head, reduction, scale,
+                                              return_stats, fn_ctx)  # fmt: skip
     if reduction == "none":
         out = out.reshape(lead)
     if not return_stats:

@@ -382,7 +382,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             go = torch.ones((), dtype=_acc(hidden.dtype), device=hidden.device)
             # autocast off as in the forward (see _finish): a backward called inside an autocast
             # region must not recompute the chunks in another precision
-            with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+            with torch.no_grad(), no_autocast(hidden.device.type):
                 _, _, dh, gw, gb = _run_chunks(kind, opts, hidden, weight, bias, teachers,
                                                labels, fixed, chunk, grad_out.to(go.dtype),
                                                True, False)  # fmt: skip
@@ -493,24 +493,36 @@ def _flatten_teacher(t: Any, lead: torch.Size, name: str) -> Any:
     return t
 
 
+def no_autocast(device_type: str):
+    """A context with autocast off on ``device_type`` (nothing on a device autocast does not
+    know, such as ``meta``)."""
+    import contextlib
+
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def autocast_cast(*tensors):
+    """The float32 ones of ``tensors`` (None passes) cast to the autocast dtype of their device,
+    as autocast casts ``F.linear``'s inputs, when autocast is on there; else unchanged."""
+    dev = next(x.device.type for x in tensors if x is not None)
+    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        return tensors
+    low = torch.get_autocast_dtype(dev)
+    return tuple(x.to(low) if x is not None and x.dtype == torch.float32 else x for x in tensors)
+
+
 def _autocast_inputs(hidden, weight, bias, tlist):
     """Under autocast, the head's inputs as autocast gives ``F.linear`` them: float32 hidden
     states, weights and biases (the student's, differentiably, and the teacher heads') cast to the
     autocast dtype, so the chunks' matmuls run where the unfused ``lm_head(h)`` would, in every
     reduction and for every gradient (the chunk loop itself then runs with autocast off: it
     had rounded only ``grad_hidden`` of a mean or sum to bfloat16)."""
-    dev = hidden.device.type
-    if not torch.is_autocast_enabled(dev):
-        return hidden, weight, bias
-    low = torch.get_autocast_dtype(dev)
-
-    def cast(x):
-        return x.to(low) if x is not None and x.dtype == torch.float32 else x
-
     for t in tlist:
         if isinstance(t, _Head):
-            t.hidden, t.weight, t.bias = cast(t.hidden), cast(t.weight), cast(t.bias)
-    return cast(hidden), cast(weight), cast(bias)
+            t.hidden, t.weight, t.bias = autocast_cast(t.hidden, t.weight, t.bias)
+    return autocast_cast(hidden, weight, bias)
 
 
 def _finish(kind, opts, hidden, weight, bias, tlist, labels, fixed, chunk, lead, reduction,
@@ -522,7 +534,7 @@ def _finish(kind, opts, hidden, weight, bias, tlist, labels, fixed, chunk, lead,
         bias = None if bias is None else bias.detach()
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias, tlist)
     fn_ctx: dict = {"want_stats": bool(return_stats)}
-    with torch.autocast(hidden.device.type, enabled=False):
+    with no_autocast(hidden.device.type):
         out = _FusedLinearLoss.apply(hidden, weight, bias, kind, opts, tlist, labels, fixed, chunk,
                                      reduction, num_items, fn_ctx)  # fmt: skip
     if reduction == "none":

@@ -714,6 +714,23 @@ def scenario_fused_linear(rank: int, world: int) -> None:
     with pytest.raises(ValueError, match=match):
         D.vocab_parallel_fused_linear_mtbkd_loss(h, bad_w, t[..., lo:hi], y, vocab_start=lo,
                                                  vocab_size=v)  # fmt: skip
+    # a review: under autocast the sharded head ran in bf16 but its reduction="none" backward
+    # recomputed the chunks in whatever precision the .backward() caller's autocast gave
+    h32, w32, t32 = h.float(), w.float(), t.float()
+    grads = []
+    for inside in (False, True):
+        hh = h32.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = D.vocab_parallel_fused_linear_mtbkd_loss(
+                hh, w32[lo:hi], t32[..., lo:hi], y, vocab_start=lo, vocab_size=v,
+                reduction="none", chunk_size=3,
+            )  # fmt: skip
+            if inside:
+                loss.sum().backward()
+        if not inside:
+            loss.sum().backward()
+        grads.append(hh.grad)
+    assert grads[0].dtype == torch.float32 and torch.equal(grads[0], grads[1])
     # an audit: errors from the chunks named the inner loss's arguments and function
     hn = h.clone()
     hn.view(-1, hdim)[7, 0] = float("nan")

@@ -487,3 +487,13 @@ def test_autocast_runs_the_head_as_the_unfused_linear_does(reduction):
     torch.testing.assert_close(got[0], want[0].to(got[0].dtype), rtol=1e-5, atol=1e-5)
     for g, r in zip(got[1:], want[1:], strict=True):  # the bf16 head's gradients, as unfused
         torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-3 * float(r.abs().max()))
+
+
+def test_meta_tensors_still_run():
+    # a review: the autocast handling opened torch.autocast("meta", ...), which raises
+    hid, w, _, _, y = _problem(dtype=torch.float32, bias=False)
+    t = torch.randn(hid.shape[0], 50)
+    meta = [x.detach().to("meta") for x in (hid, w, t)]
+    out = fused_linear_mtbkd_loss(meta[0].requires_grad_(), meta[1], [meta[2]], y.to("meta"),
+                                  check_finite=False)  # fmt: skip
+    assert out.device.type == "meta" and out.shape == ()
