@@ -600,12 +600,13 @@ def _remove_if_empty(folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _check_out_folder(command: str, out: Path) -> None:
-    """``out`` must be a folder, or a path whose nearest existing part is a folder."""
+def _check_out_folder(command: str, out: Path, given: Path | None = None) -> None:
+    """``out`` must be a folder, or a path whose nearest existing part is a folder; ``given``:
+    the ``--out`` the user gave, where ``out`` is its folder (predict's CSV file)."""
     for p in (out, *out.parents):
         if p.exists():
             if not p.is_dir():
-                what = "--out" if p == out else f"--out {out}: {p}"
+                what = "--out" if p == out and given is None else f"--out {given or out}: {p}"
                 raise SystemExit(f"mtbkd {command}: {what} is a file, not a folder")
             return
 
@@ -865,7 +866,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise SystemExit(f"mtbkd predict: --out {out} is a folder: give the CSV file to write")
-    _check_out_folder("predict", out.parent)
+    _check_out_folder("predict", out.parent, out)
     _check_predict_out(args, out)
     try:
         metrics = predict_file(

@@ -28,10 +28,14 @@ Without ``classes.txt`` the classes are 0..C-1 for the largest label C-1 (or the
 count, when they all give more), and without teachers every one of them must have a training
 row: labels that skip a class (``{3, 7, 9}``), or a class with test rows only, are an error, not
 a problem with empty classes. Teachers give logits (or log-probabilities); a teacher whose every
-row is non-negative and sums to 1 (within 0.02: probabilities rounded to a few decimals) or to
-100 (percentages) looks like probabilities and is refused (softmax of probabilities would
-silently flatten it). A CSV must be UTF-8 text with a name for every column (pandas' unnamed
-index column is refused: write with ``index=False``).
+row is non-negative and sums to 1 (within 0.02) or to 100 (percentages), or whose values all lie
+in [0, 1] with at most 3 decimals and rows sum to 1 within that rounding's reach (one decimal
+over three classes: 0.9-1.1), looks like probabilities and is refused (softmax of probabilities
+would silently flatten it). Teacher files of the other format (``teacher_*.csv`` beside
+``features.npy``, ``teacher_*.npy`` beside ``train.csv``) are refused, not skipped. Values
+beyond the float32 range are refused (the model computes in float32). A CSV must be UTF-8 text
+with a name for every column (pandas' unnamed index column is refused: write with
+``index=False``).
 """
 
 from __future__ import annotations
@@ -195,15 +199,15 @@ def _features(x, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a non-empty [N, D] array, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise ValueError(f"{name} must be real numbers, got dtype {x.dtype}")
-    x = x.astype(np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        rows = np.unique(np.nonzero(bad)[0])
-        raise ValueError(
-            f"{name} has NaN or infinite values in {len(rows)} rows (first rows: "
-            f"{rows[:5].tolist()})"
-        )
-    return x
+    for bad, what in ((~np.isfinite(x), "NaN or infinite values"),
+                      (~np.isfinite(x.astype(np.float32)), "values beyond the float32 range "
+                       "(|x| > 3.4e38; the model computes in float32)")):  # fmt: skip
+        if bad.any():
+            rows = np.unique(np.nonzero(bad)[0])
+            raise ValueError(
+                f"{name} has {what} in {len(rows)} rows (first rows: {rows[:5].tolist()})"
+            )
+    return x.astype(np.float32)
 
 
 def _labels(y, name: str, n: int, c: int) -> np.ndarray:
@@ -229,21 +233,44 @@ def _teacher_logits(t, name: str, n: int, c: int) -> np.ndarray:
         )
     if t.shape[1] != c:
         raise ValueError(f"{name} has {t.shape[1]} classes but the data has {c}")
-    t = t.astype(np.float32)
+    if not np.issubdtype(t.dtype, np.number) or np.issubdtype(t.dtype, np.complexfloating):
+        raise ValueError(f"{name} must be real numbers, got dtype {t.dtype}")
     if not np.all(np.isfinite(t)):
         raise ValueError(f"{name} logits have NaN or infinite values")
-    sums = t.astype(np.float64).sum(1)
-    # probabilities rounded to a few decimals (3 decimals over 10 classes: sums 0.995-1.005),
-    # or percentages: a softmax of either would silently flatten the teacher
-    if np.all(t >= 0) and (
-        np.allclose(sums, 1.0, rtol=0.0, atol=0.02) or np.allclose(sums, 100.0, rtol=0.0, atol=2.0)
-    ):
-        scale = "1" if abs(float(sums.mean()) - 1.0) < 0.5 else "100 (percentages)"
+    if not np.all(np.isfinite(t.astype(np.float32))):
+        raise ValueError(f"{name} logits lie beyond the float32 range (|t| > 3.4e38)")
+    t = t.astype(np.float32)
+    kind = _probability_like(t.astype(np.float64))
+    if kind is not None:
         raise ValueError(
-            f"{name} looks like probabilities (every row non-negative and summing to {scale}), "
-            "not logits: give log-probabilities (np.log of the probabilities, clipped away from 0)"
+            f"{name} looks like probabilities ({kind}), not logits: give log-probabilities "
+            "(np.log of the probabilities, clipped away from 0)"
         )
     return t
+
+
+def _probability_like(t: np.ndarray) -> str | None:
+    """Why the teacher outputs ``t`` ``[N, C]`` look like probabilities rather than logits, or
+    None: a softmax of probabilities would silently flatten the teacher. Every row non-negative
+    and summing to 1 (or 100: percentages) to within 0.02 (2), or every value in [0, 1] a multiple
+    of 10^-d (d = 1, 2, 3: probabilities rounded to d decimals) with every row within the
+    rounding's reach of 1 (0.5 C 10^-d): 1 decimal over 3 classes sums to 0.9-1.1."""
+    if t.size == 0 or not np.all(t >= 0):
+        return None
+    sums = t.sum(1)
+    if np.allclose(sums, 1.0, rtol=0.0, atol=0.02):
+        return "every row non-negative and summing to 1"
+    if np.allclose(sums, 100.0, rtol=0.0, atol=2.0):
+        return "every row non-negative and summing to 100 (percentages)"
+    if np.all(t <= 1.0):
+        for d in (1, 2, 3):
+            scaled = t * 10.0**d
+            reach = 0.5 * t.shape[1] * 10.0**-d + 1e-6
+            if np.allclose(scaled, np.round(scaled), rtol=0.0, atol=1e-3) and np.all(
+                np.abs(sums - 1.0) <= reach
+            ):
+                return f"values in [0, 1] with {d} decimal(s), rows summing to 1 +- {reach:.2g}"
+    return None
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -666,8 +693,8 @@ def _encode_csv(path: Path, header: list[str], rows: list[list[str]], column: in
 
 def _read_csv(path: Path, names: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """``(header, rows)`` of a UTF-8 CSV whose first line names the columns. A first line of
-    numbers is no header, unless it is ``names`` exactly, in order (a run's feature columns named
-    0, 1, ..., as pandas names them)."""
+    numbers is no header, unless its numbers are ``names`` exactly, in order, beside a label
+    column or not (a run's feature columns named 0, 1, ..., as pandas names them)."""
     # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8") is not part of the first name
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -682,7 +709,8 @@ def _read_csv(path: Path, names: list[str] | None = None) -> tuple[list[str], li
             f"{path} is not a UTF-8 text CSV ({exc.reason} at byte {exc.start}): save it as "
             "CSV UTF-8"
         ) from None
-    if header and all(_is_number(h) for h in header) and header != list(names or []):
+    numbers = [h for h in header if h not in _LABEL_COLUMNS]
+    if numbers and all(_is_number(h) for h in numbers) and numbers != list(names or []):
         # before: "no label column", "no rows"
         raise ValueError(f"{path} has no header row (its first line is numbers): name the columns")
     unnamed = [i + 1 for i, h in enumerate(header) if not h]
@@ -720,11 +748,16 @@ def _parse_labels(path: Path, rows, col: int) -> np.ndarray:
         return np.array([int(r[col]) for r in rows], dtype=np.int64)
     except ValueError:
         pass
-    try:  # whole numbers written as floats ("1.0"), as labels.npy accepts them
-        values = np.array([float(r[col]) for r in rows])
-    except ValueError:
-        raise ValueError(f"{path}: the label column must hold integer class indices") from None
-    return _label_indices(values, f"{path}: the label column")
+    values = []
+    for i, r in enumerate(rows):  # whole numbers written as floats ("1.0"), as labels.npy has
+        try:
+            values.append(float(r[col]))
+        except ValueError:
+            raise ValueError(
+                f"{path}: the label column must hold integer class indices (data row {i + 1}: "
+                f"{r[col]!r})"
+            ) from None
+    return _label_indices(np.array(values), f"{path}: the label column")
 
 
 def read_inputs(
@@ -734,6 +767,7 @@ def read_inputs(
     sequence_encoder: str = "composition",
     *,
     progress: bool = False,
+    num_features: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
     """Features ``[N, D]``, labels ``[N]`` or ``None`` and a row identifier column (or ``None``)
     from a CSV or ``.npy`` file, computed the way a :class:`Dataset` of ``feature_kind`` was.
@@ -741,7 +775,8 @@ def read_inputs(
     Sequence data: a CSV with a ``Sequence`` column (``ACC`` is used as identifier when present),
     encoded with ``sequence_encoder``.
     Numeric data: a ``.npy`` array ``[N, D]`` or a CSV whose feature columns are ``feature_names``
-    (or every column except the label when no names are given).
+    (or every column except the label when no names are given; then a header of the numbers
+    0 .. ``num_features`` - 1, as pandas writes an unnamed array's columns, is a header).
     """
     path = Path(path)
     if path.is_dir():
@@ -752,7 +787,8 @@ def read_inputs(
         if feature_kind == "sequence":
             raise ValueError("a sequence model needs a CSV with a Sequence column, not a .npy file")
         return _features(_load_npy(path), str(path)), None, None
-    header, rows = _read_csv(path, feature_names)
+    pandas = [str(i) for i in range(num_features)] if num_features else None
+    header, rows = _read_csv(path, feature_names if feature_names is not None else pandas)
     if not rows:
         raise ValueError(f"{path} has a header row but no data rows")
     lab = _label_column(path, header)
@@ -818,6 +854,19 @@ def _load_csv_split(
         names = feature_names
     x, _, _ = read_inputs(path, "numeric", names)
     return x, y, "numeric", names
+
+
+def _refuse_other_teachers(root: Path, pattern: str, fmt: str, expected: str) -> None:
+    """Teacher files of the other format (``pattern``) in ``root`` or its train/ and test/
+    folders: refused, naming them, rather than skipped (the pipeline then trained teachers of its
+    own, named t0, t1, ... like the user's files)."""
+    found = sorted(p for d in (root, root / "train", root / "test") for p in d.glob(pattern))
+    if found:
+        names = ", ".join(str(p) for p in found[:4]) + (" ..." if len(found) > 4 else "")
+        raise ValueError(
+            f"{root} is in {fmt}, whose teachers are {expected}, but holds {names}: convert them "
+            "to that format (teacher rows aligned with the examples)"
+        )
 
 
 def _csv_teachers(root: Path, split: str) -> dict[str, np.ndarray]:
@@ -1017,6 +1066,8 @@ def load_directory(
         )
         if kind != kind_te:
             raise ValueError(f"{root}: train.csv and test.csv have different formats")
+        _refuse_other_teachers(root, "teacher_*.npy", "the CSV format (train.csv, test.csv)",
+                               "teacher_<name>_train.csv and teacher_<name>_test.csv")  # fmt: skip
         t_tr, t_te = _csv_teachers(root, "train"), _csv_teachers(root, "test")
 
         def csv_teacher(name: str, split: str) -> Path:
@@ -1029,8 +1080,10 @@ def load_directory(
         x_te = _check_split(x_te, y_te, t_te, "test", te_csv, te_csv, csv_teacher)
         _check_split_pair(x_tr, x_te, t_tr, t_te, (tr_csv, te_csv), csv_teacher)
     elif (root / "features.npy").is_file():
+        _refuse_other_teachers(root, "teacher_*.csv", "the npy format (features.npy)",
+                               "teacher_<name>.npy")  # fmt: skip
         x, y, teachers = _npy_split(root)
-        x, y = _features(x, "features.npy"), np.asarray(y)
+        x, y = _features(x, str(root / "features.npy")), np.asarray(y)
         for t_name, t in teachers.items():
             if np.asarray(t).shape[0] != len(x):
                 raise ValueError(
@@ -1038,7 +1091,9 @@ def load_directory(
                     f"features.npy has {len(x)}: teacher rows must align with the examples"
                 )
         if y.ndim != 1 or len(y) != len(x):
-            raise ValueError(f"labels.npy must be [N] with N = {len(x)}, got shape {y.shape}")
+            raise ValueError(
+                f"{root / 'labels.npy'} must be [N] with N = {len(x)}, got shape {y.shape}"
+            )
         y = _label_indices(y, str(root / "labels.npy"))
         tr, te = test_split(y, seed, test_fraction, fold)
         x_tr, y_tr, x_te, y_te = x[tr], y[tr], x[te], y[te]
@@ -1050,6 +1105,8 @@ def load_directory(
             return root / f"teacher_{name}.npy"
 
     elif (root / "train" / "features.npy").is_file():
+        _refuse_other_teachers(root, "teacher_*.csv", "the npy format (train/ and test/ folders)",
+                               "train/teacher_<name>.npy and test/teacher_<name>.npy")  # fmt: skip
 
         def npy_teacher(name: str, split: str) -> Path:
             return root / split / f"teacher_{name}.npy"
@@ -1075,16 +1132,20 @@ def load_directory(
             "labels.npy, or train/ and test/ folders with them"
         )
     classes = _class_names(root, [np.asarray(y_tr), np.asarray(y_te)], t_tr, label_files)
-    for split, teachers in (("train", t_tr), ("test", t_te)):
-        for t_name, t in teachers.items():
-            if not np.all(np.isfinite(np.asarray(t, dtype=np.float64))):  # before: "teacher 't'"
-                raise ValueError(f"{teacher_file(t_name, split)} has NaN or infinite values")
-            if np.asarray(t).shape[1] != len(classes):  # before: "teacher 'a' (train) has ..."
+    for split, teachers, n in (("train", t_tr, len(x_tr)), ("test", t_te, len(x_te))):
+        for t_name in list(teachers):
+            t, file = np.asarray(teachers[t_name]), teacher_file(t_name, split)
+            if not np.issubdtype(t.dtype, np.number) or np.issubdtype(t.dtype, np.complexfloating):
+                raise ValueError(f"{file} must be real numbers, got dtype {t.dtype}")
+            if not np.all(np.isfinite(t.astype(np.float64))):  # before: "teacher 't'"
+                raise ValueError(f"{file} has NaN or infinite values")
+            if t.ndim == 2 and t.shape[1] != len(classes):  # before: "teacher 'a' (train) ..."
                 named = f" ({root / 'classes.txt'} names them)" * (root / "classes.txt").is_file()
                 raise ValueError(
-                    f"{teacher_file(t_name, split)} has {np.asarray(t).shape[1]} classes but the "
-                    f"data has {len(classes)}{named}"
+                    f"{file} has {t.shape[1]} classes but the data has {len(classes)}{named}"
                 )
+            # every other check of Dataset's, naming the file (probabilities, float32 range)
+            teachers[t_name] = _teacher_logits(t, str(file), n, len(classes))
     encoder = sequence_encoder if kind == "sequence" else "composition"
     return Dataset(name, x_tr, y_tr, x_te, y_te, classes, t_tr, t_te, kind, feat, encoder)
 

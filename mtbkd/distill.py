@@ -2689,6 +2689,7 @@ def predict_file(
         meta.get("feature_names"),
         meta.get("sequence_encoder", "composition"),
         progress=progress,
+        num_features=meta["in_features"],
     )
     if x.shape[1] != meta["in_features"]:
         raise ValueError(

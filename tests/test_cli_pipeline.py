@@ -823,7 +823,8 @@ def test_cli_refuses_output_paths_seeds_and_encoders_it_cannot_use(tmp_path, cap
     predict = ["predict", "--run", str(tmp_path), "--input", "x.csv", "--out"]
     with pytest.raises(SystemExit, match="is a folder: give the CSV file to write"):
         cli.main(predict + [str(tmp_path)])
-    with pytest.raises(SystemExit, match="is a file, not a folder"):
+    # an audit: it said "--out is a file", where --out was AFILE/p.csv and AFILE the file
+    with pytest.raises(SystemExit, match=f"--out {afile / 'p.csv'}: {afile} is a file, not a"):
         cli.main(predict + [str(afile / "p.csv")])
     # before: seed 0 ran to the end, then numpy refused -1; a huge seed or range: a traceback
     for seeds in ("0,-1", "0-100000000000"):

@@ -670,3 +670,48 @@ def test_deeploc_format_errors_name_the_file_row_and_acc(tmp_path):
         data.load_deeploc(tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"test.csv, data row 2, ACC Q2: sequence 1 has char"):
         data.load_deeploc(tmp_path, "unirep64", progress=False)
+
+
+def test_user_data_audit_findings(tmp_path):
+    # an audit of a user's own data folder; each case was accepted or misreported before
+    rng = np.random.default_rng(3)
+    # 1. probabilities rounded to one decimal over three classes (sums 0.9-1.1) were taken as
+    #    logits; every error about a teacher now names its file
+    root = _npy_dir(tmp_path / "rounded", n=60, c=3, k=1)
+    logits = rng.normal(size=(60, 3)) * 2
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.save(root / "teacher_t0.npy", np.round(p, 1))
+    with pytest.raises(ValueError, match=r"teacher_t0\.npy looks like probabilities \(values in"):
+        data.load_directory(root)
+    np.save(root / "teacher_t0.npy", np.round(p, 2))  # two decimals: also refused
+    with pytest.raises(ValueError, match=r"teacher_t0\.npy looks like probabilities"):
+        data.load_directory(root)
+    np.save(root / "teacher_t0.npy", np.round(logits, 1))  # rounded logits are fine
+    data.load_directory(root)
+    np.save(root / "teacher_t0.npy", logits * 1e39)  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match=r"teacher_t0\.npy logits lie beyond the float32 range"):
+        data.load_directory(root)
+    # 2. teacher files of the other format were skipped silently (the pipeline then trained
+    #    teachers named t0, t1 like the user's files)
+    other = _npy_dir(tmp_path / "mixed", k=0)
+    np.savetxt(other / "teacher_t0.csv", rng.normal(size=(60, 3)), delimiter=",")
+    with pytest.raises(ValueError, match=r"npy format .* holds .*teacher_t0\.csv"):
+        data.load_directory(other)
+    # 3. finite features beyond the float32 range were called NaN or infinite
+    big = _npy_dir(tmp_path / "big", k=0)
+    x = np.load(big / "features.npy").astype(np.float64)
+    x[3, 0] = 1e40
+    np.save(big / "features.npy", x)
+    with pytest.raises(ValueError, match=r"features\.npy has values beyond the float32 range"):
+        data.load_directory(big)
+    # 4. a pandas CSV of an unnamed array (header 0, 1, ...) for a run trained on npy data, and
+    #    a label that is not a number, named by its row
+    path = tmp_path / "pandas.csv"
+    path.write_text("0,1,2,label\n0.5,1.5,2.5,1\n1.0,2.0,3.0,0\n")
+    x, labels, _ = data.read_inputs(path, "numeric", num_features=3)
+    assert x.shape == (2, 3) and labels.tolist() == [1, 0]
+    with pytest.raises(ValueError, match="no header row"):
+        data.read_inputs(path, "numeric", num_features=4)
+    path.write_text("a,label\n0.5,1\n,\n")
+    with pytest.raises(ValueError, match=r"integer class indices \(data row 2: ''\)"):
+        data.read_inputs(path, "numeric")
