@@ -199,9 +199,11 @@ def _features(x, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a non-empty [N, D] array, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise ValueError(f"{name} must be real numbers, got dtype {x.dtype}")
+    with np.errstate(over="ignore"):  # the overflow is what is checked
+        narrow = np.isfinite(x.astype(np.float32))
     for bad, what in ((~np.isfinite(x), "NaN or infinite values"),
-                      (~np.isfinite(x.astype(np.float32)), "values beyond the float32 range "
-                       "(|x| > 3.4e38; the model computes in float32)")):  # fmt: skip
+                      (~narrow, "values beyond the float32 range (|x| > 3.4e38; the model "
+                       "computes in float32)")):  # fmt: skip
         if bad.any():
             rows = np.unique(np.nonzero(bad)[0])
             raise ValueError(
@@ -237,7 +239,9 @@ def _teacher_logits(t, name: str, n: int, c: int) -> np.ndarray:
         raise ValueError(f"{name} must be real numbers, got dtype {t.dtype}")
     if not np.all(np.isfinite(t)):
         raise ValueError(f"{name} logits have NaN or infinite values")
-    if not np.all(np.isfinite(t.astype(np.float32))):
+    with np.errstate(over="ignore"):  # the overflow is what is checked
+        narrow = np.all(np.isfinite(t.astype(np.float32)))
+    if not narrow:
         raise ValueError(f"{name} logits lie beyond the float32 range (|t| > 3.4e38)")
     t = t.astype(np.float32)
     kind = _probability_like(t.astype(np.float64))
@@ -254,7 +258,10 @@ def _probability_like(t: np.ndarray) -> str | None:
     None: a softmax of probabilities would silently flatten the teacher. Every row non-negative
     and summing to 1 (or 100: percentages) to within 0.02 (2), or every value in [0, 1] a multiple
     of 10^-d (d = 1, 2, 3: probabilities rounded to d decimals) with every row within the
-    rounding's reach of 1 (0.5 C 10^-d): 1 decimal over 3 classes sums to 0.9-1.1."""
+    rounding's reach of 1: below by less than 0.5 C 10^-d, above by at most 0.5 10^-d a nonzero
+    entry (an entry rounded to 0 only lowered the sum); 1 decimal over 3 classes sums to
+    0.9-1.1, and a 0/1 teacher of 40 classes with two ones a row (or a row of zeros: uniform
+    logits) is no rounded probability."""
     if t.size == 0 or not np.all(t >= 0):
         return None
     sums = t.sum(1)
@@ -265,11 +272,12 @@ def _probability_like(t: np.ndarray) -> str | None:
     if np.all(t <= 1.0):
         for d in (1, 2, 3):
             scaled = t * 10.0**d
-            reach = 0.5 * t.shape[1] * 10.0**-d + 1e-6
-            if np.allclose(scaled, np.round(scaled), rtol=0.0, atol=1e-3) and np.all(
-                np.abs(sums - 1.0) <= reach
-            ):
-                return f"values in [0, 1] with {d} decimal(s), rows summing to 1 +- {reach:.2g}"
+            step = 0.5 * 10.0**-d
+            below = 1.0 - sums < step * t.shape[1]
+            nonzero = np.count_nonzero(t, axis=1)  # an all-zero row: uniform logits, say so
+            above = (nonzero > 0) & (sums - 1.0 <= step * nonzero + 1e-6)
+            if np.allclose(scaled, np.round(scaled), rtol=0.0, atol=1e-3) and np.all(below & above):
+                return f"values in [0, 1] with {d} decimal(s), rows summing to 1 within rounding"
     return None
 
 
@@ -693,8 +701,8 @@ def _encode_csv(path: Path, header: list[str], rows: list[list[str]], column: in
 
 def _read_csv(path: Path, names: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """``(header, rows)`` of a UTF-8 CSV whose first line names the columns. A first line of
-    numbers is no header, unless its numbers are ``names`` exactly, in order, beside a label
-    column or not (a run's feature columns named 0, 1, ..., as pandas names them)."""
+    numbers alone is no header, unless it is ``names`` exactly, in order (a run's feature columns
+    named 0, 1, ..., as pandas names them); one with a label column always is."""
     # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8") is not part of the first name
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -709,8 +717,7 @@ def _read_csv(path: Path, names: list[str] | None = None) -> tuple[list[str], li
             f"{path} is not a UTF-8 text CSV ({exc.reason} at byte {exc.start}): save it as "
             "CSV UTF-8"
         ) from None
-    numbers = [h for h in header if h not in _LABEL_COLUMNS]
-    if numbers and all(_is_number(h) for h in numbers) and numbers != list(names or []):
+    if header and all(_is_number(h) for h in header) and header != list(names or []):
         # before: "no label column", "no rows"
         raise ValueError(f"{path} has no header row (its first line is numbers): name the columns")
     unnamed = [i + 1 for i, h in enumerate(header) if not h]

@@ -710,8 +710,20 @@ def test_user_data_audit_findings(tmp_path):
     path.write_text("0,1,2,label\n0.5,1.5,2.5,1\n1.0,2.0,3.0,0\n")
     x, labels, _ = data.read_inputs(path, "numeric", num_features=3)
     assert x.shape == (2, 3) and labels.tolist() == [1, 0]
+    path.write_text("0,1,2\n0.5,1.5,2.5\n1.0,2.0,3.0\n")  # no label column: names 0..D-1 only
+    assert data.read_inputs(path, "numeric", num_features=3)[0].shape == (2, 3)
     with pytest.raises(ValueError, match="no header row"):
         data.read_inputs(path, "numeric", num_features=4)
+    # a review: 0/1 logits of many classes (a rule-based teacher giving 1 to two candidates)
+    # are no rounded probabilities, nor is an all-zero teacher
+    rules = _npy_dir(tmp_path / "rules", n=400, c=40, k=0)
+    ones = np.zeros((400, 40))
+    ones[np.arange(400), np.arange(400) % 40] = 1.0
+    ones[np.arange(400), (np.arange(400) + 7) % 40] = 1.0
+    np.save(rules / "teacher_rules.npy", ones)
+    data.load_directory(rules)
+    np.save(rules / "teacher_rules.npy", np.zeros((400, 40)))
+    data.load_directory(rules)
     path.write_text("a,label\n0.5,1\n,\n")
     with pytest.raises(ValueError, match=r"integer class indices \(data row 2: ''\)"):
         data.read_inputs(path, "numeric")
