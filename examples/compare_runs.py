@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from mtbkd import report
@@ -28,7 +29,13 @@ def merge(
     for run in (base, variant):
         if not (run / "summary.json").is_file():
             raise SystemExit(f"{run} is not the output folder of a --seeds run (no summary.json)")
-        summaries.append(json.loads((run / "summary.json").read_text()))
+        summary = json.loads((run / "summary.json").read_text())
+        if "pooled_from" in summary or "folds" in summary:
+            raise SystemExit(
+                f"{run} is a summary made by `mtbkd summarise` or examples/cross_fit.py, not a "
+                "--seeds run: compare the runs it pooled"
+            )
+        summaries.append(summary)
     seeds = summaries[0]["seeds"]
     if summaries[1]["seeds"] != seeds:
         raise SystemExit(f"{base} and {variant} were run with different seeds")
@@ -37,6 +44,9 @@ def merge(
                          f"{summaries[1]['dataset']!r}")  # fmt: skip
     reports, rows = [], []
     for s in seeds:
+        for run in (base, variant):
+            if not (run / f"seed{s}" / "report.json").is_file():
+                raise SystemExit(f"{run}/seed{s} has no report.json (seed {s} is not finished)")
         a = json.loads((base / f"seed{s}" / "report.json").read_text())
         b = json.loads((variant / f"seed{s}" / "report.json").read_text())
         pa = report.load_per_row(base / f"seed{s}" / report.PER_ROW_FILE)
@@ -51,7 +61,13 @@ def merge(
         methods = list(a["methods"]) + [{**m, "name": f"{m['name']}_{tag}"} for m in b["methods"]]
         val = {**a.get("validation_nll", {})}
         val.update({f"{k}_{tag}": v for k, v in b.get("validation_nll", {}).items()})
-        reports.append({"dataset": a["dataset"], "methods": methods, "validation_nll": val})
+        # the chosen hyperparameters (with --calibrate, the predictive temperatures) of both
+        kept = {m["name"] for m in b["methods"]}
+        hp = {**(a.get("hyperparameters") or {})}
+        hp.update({f"{k}_{tag}": v for k, v in (b.get("hyperparameters") or {}).items()
+                   if k in kept})  # fmt: skip
+        reports.append({"dataset": a["dataset"], "methods": methods, "validation_nll": val,
+                        "hyperparameters": hp})  # fmt: skip
         if pa is None or pb is None:
             rows.append(None)  # an older run folder: t-intervals only
         else:
@@ -73,6 +89,14 @@ def main() -> None:
         "out those the variant did not change)",
     )
     args = ap.parse_args()
+    here = Path(os.path.abspath(args.out))
+    for run in (args.base, args.variant):
+        a = Path(os.path.abspath(run))
+        if a == here or here in a.parents or a in here.parents:
+            raise SystemExit(
+                f"--out {args.out} is, holds or lies inside the run {run}, whose summary it "
+                "would overwrite or mix with: choose a folder of its own"
+            )
     only = None
     if args.methods is not None:
         only = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -84,7 +108,15 @@ def main() -> None:
     if ref not in names:
         raise SystemExit(f"--reference {ref!r} is none of the merged methods: {', '.join(names)}")
     summary = report.summarise_seeds(reports, seeds, reference=ref, per_row=rows)
-    report.write_seed_summary(summary, args.out)
+    base, variant = (os.path.relpath(os.path.abspath(r), here) for r in (args.base, args.variant))
+    summary["pooled_from"] = [base, variant]
+    intro = (
+        f"Seeds {', '.join(map(str, seeds))}: the methods of `{base}` beside those of the "
+        f"variant `{variant}` (renamed `<name>_{args.tag}`), folders relative to this one. Mean "
+        "± standard deviation over seeds; each seed's full report is `seed<k>/report.md` in the "
+        "run folder it came from."
+    )
+    report.write_seed_summary(summary, args.out, intro=intro)
     print(report.format_seed_summary(summary))
     print(f"written to {args.out}")
 

@@ -435,6 +435,32 @@ def test_compare_runs_example(tmp_path, capsys, monkeypatch):
     save_file(rows, str(path))
     with pytest.raises(SystemExit, match="were tested on other rows in seed 1"):
         mod.main()
+    # an audit: --out as the base run overwrote its summary; an unfinished seed, or a summarise
+    # output as a run, was a FileNotFoundError traceback; the summary pointed at seed folders
+    # that --out does not hold and dropped the hyperparameters (--calibrate's temperatures)
+    save_file(load_file(str(path)) | {"labels": rows["labels"].flip(0)}, str(path))
+    for bad_out in (tmp_path / "base", tmp_path / "base" / "inside", tmp_path):
+        monkeypatch.setattr(sys, "argv", ["compare_runs", *pair, "--tag", "x", "--out",
+                                          str(bad_out)])  # fmt: skip
+        with pytest.raises(SystemExit, match="is, holds or lies inside the run"):
+            mod.main()
+    monkeypatch.setattr(sys, "argv", ["compare_runs", *pair, "--tag", "x", "--out", str(out)])
+    mod.main()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pooled_from"] == ["../base", "../var"]
+    assert "`../base`" in (out / "summary.md").read_text()
+    merged = mod.merge(tmp_path / "base", tmp_path / "var", "x")[0]
+    assert merged[1]["hyperparameters"]["mtbkd_sgld_x"] == var["hyperparameters"]["mtbkd_sgld"]
+    assert cli.main(["summarise", str(tmp_path / "base"), "--out", str(tmp_path / "pooled"),
+                     "--no-figures"]) == 0  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["compare_runs", str(tmp_path / "pooled"), pair[1], "--tag",
+                                      "x", "--out", str(tmp_path / "o2")])  # fmt: skip
+    with pytest.raises(SystemExit, match="is a summary made by `mtbkd summarise`"):
+        mod.main()
+    (tmp_path / "var" / "seed1" / "report.json").unlink()
+    monkeypatch.setattr(sys, "argv", ["compare_runs", *pair, "--tag", "x", "--out", str(out)])
+    with pytest.raises(SystemExit, match="seed1 has no report.json \\(seed 1 is not finished\\)"):
+        mod.main()
 
 
 def test_set_overrides_config_fields(tmp_path):
