@@ -1,5 +1,12 @@
-"""``nn.Module`` forms of the functional losses, drop-in replacements for ``nn.KLDivLoss`` /
-``nn.CrossEntropyLoss`` in a distillation loop: ``loss_fn(student_logits, teacher_logits, labels)``.
+"""``nn.Module`` forms of the functional losses, to put where a distillation loop calls
+``nn.KLDivLoss`` / ``nn.CrossEntropyLoss``: ``loss_fn(student_logits, teacher_logits, labels)``.
+
+Conventions that differ from those two: the class (vocabulary) dimension is the last one,
+``[..., V]`` (a ``CrossEntropyLoss`` input ``[N, C, d1, ...]`` takes ``x.movedim(1, -1)``; without
+labels a ``[N, C, d]`` student would be read as ``d`` classes); ``reduction="mean"`` is a mean
+over rows, ``nn.KLDivLoss``'s ``"batchmean"`` (its ``"mean"`` also divides by V); teachers are
+constants, cast to the student's dtype (under ``torch.autocast`` a float32 teacher is rounded to
+a bfloat16 student's dtype before its softmax, where plain PyTorch would keep it float32).
 """
 
 from __future__ import annotations
@@ -22,6 +29,13 @@ def _set_weights(module: nn.Module, weights: str | Tensor) -> None:
         module.register_buffer("weights", weights.detach(), persistent=False)
     else:
         object.__setattr__(module, "weights", weights)
+
+
+def _changed(module: nn.Module, **defaults) -> str:
+    """``", name=value"`` for each option away from its default: two losses that compute
+    differently never print alike (before: T² scaling, the hard-label mix and ignore_index)."""
+    out = [f"{k}={getattr(module, k)!r}" for k, v in defaults.items() if getattr(module, k) != v]
+    return "".join(", " + o for o in out)
 
 
 class _WeightsOption(nn.Module):
@@ -107,6 +121,7 @@ class MTBKDLoss(_WeightsOption):
             f"temperature={self.temperature}, concentration={self.concentration}, "
             f"prior_weight={self.prior_weight}, hard_label_weight={self.hard_label_weight}, "
             f"weights={self.weights!r}, reduction={self.reduction!r}"
+            + _changed(self, weight_temperature=1.0, ignore_index=-100, check_finite=True)
         )
 
 
@@ -173,4 +188,13 @@ class MultiTeacherKDLoss(_WeightsOption):
         return (
             f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "
             f"weights={self.weights!r}, reduction={self.reduction!r}"
+            + _changed(
+                self,
+                weight_temperature=1.0,
+                hard_label_weight=0.0,
+                soft_label_weight=1.0,
+                scale_by_t2=False,
+                ignore_index=-100,
+                check_finite=True,
+            )  # fmt: skip
         )

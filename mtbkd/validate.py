@@ -64,7 +64,9 @@ def check_chunk_size(chunk_size: int | None) -> int | None:
 
 def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        hint = (" ('mean' is a mean over rows, nn.KLDivLoss's 'batchmean')"
+                if reduction == "batchmean" else "")  # fmt: skip
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}{hint}")
     return reduction
 
 
@@ -230,7 +232,8 @@ def canonical_inputs(
         if labels.shape != lead:
             raise ValueError(
                 f"labels must have shape {tuple(lead)} (student_logits without its last dim), "
-                f"got {tuple(labels.shape)}"
+                f"got {tuple(labels.shape)}: the class dimension is the last one (a "
+                "CrossEntropyLoss-style [N, C, d] input takes logits.movedim(1, -1))"
             )
         if labels.device != student_logits.device:
             raise ValueError(
@@ -273,8 +276,11 @@ def check_weights_option(weights) -> None:
     if not isinstance(weights, Tensor):
         raise TypeError(f"weights must be a str or a Tensor, got {type(weights).__name__}")
     w = weights.detach()
-    if not w.is_floating_point() or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError("weights must be a finite, non-negative floating-point tensor")
+    if w.dtype == torch.bool or w.is_complex():  # integers are fine, as in fixed_weights
+        raise TypeError(f"weights must be a real (floating or integer) tensor, got {w.dtype}")
+    w = w.double()
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("weights must be a finite, non-negative tensor")
 
 
 def fixed_weights(

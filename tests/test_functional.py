@@ -749,8 +749,9 @@ def test_loss_modules_with_tensor_weights_compile_fullgraph(backend):
         eager = loss_fn(z, t, y)
         compiled = torch.compile(loss_fn, fullgraph=True, backend="eager")(z, t, y)
         torch.testing.assert_close(compiled, eager)
-    # the modules check a weight tensor once, at construction
-    for bad in (torch.tensor([1.0, -1.0]), torch.tensor([1.0, float("nan")]), torch.tensor([1, 2])):
+    # the modules check a weight tensor once, at construction (integers are fine, as in the
+    # functional losses)
+    for bad in (torch.tensor([1.0, -1.0]), torch.tensor([1.0, float("nan")])):
         with pytest.raises(ValueError, match="finite, non-negative"):
             mtbkd.MTBKDLoss(weights=bad)
     with pytest.raises(ValueError, match="weights must be"):
@@ -1586,3 +1587,29 @@ def test_nearly_one_hot_teacher_entropy_is_exact_to_rounding(any_backend, v):
             )  # fmt: skip
             rel = ((wk.double().cpu() - w_truth) / w_truth).abs().max().item()
             assert rel < (1e-5 if tw == 1.0 else 1e-4), (backend, v, tw, div, rel)
+
+
+def test_loss_modules_as_ports_of_plain_pytorch_losses():
+    # an audit of the modules as replacements: integer fixed weights were refused by the
+    # constructor only; options that change the loss (T² scaling, the hard-label mix, tau_w,
+    # ignore_index) did not show in repr, so two different losses printed alike; the shape and
+    # reduction errors now say the class dimension is last and 'mean' is KLDivLoss's 'batchmean'
+    z, t, y = _inputs(k=3, dtype=torch.float32)
+    ints = torch.tensor([1, 2, 3])
+    got = mtbkd.MultiTeacherKDLoss(weights=ints)(z, t)
+    torch.testing.assert_close(got, mtbkd.multi_teacher_kd_loss(z, t, weights=ints))
+    plain = mtbkd.MultiTeacherKDLoss(temperature=2.0)
+    scaled = mtbkd.MultiTeacherKDLoss(temperature=2.0, scale_by_t2=True, hard_label_weight=0.5,
+                                      ignore_index=0)  # fmt: skip
+    assert repr(plain) != repr(scaled)
+    assert "scale_by_t2=True" in repr(scaled) and "ignore_index=0" in repr(scaled)
+    assert "weight_temperature=3.0" in repr(mtbkd.MTBKDLoss(weight_temperature=3.0))
+    assert "weight_temperature" not in repr(mtbkd.MTBKDLoss())
+    with pytest.raises(ValueError, match="nn.KLDivLoss's 'batchmean'"):
+        mtbkd.MultiTeacherKDLoss(reduction="batchmean")
+    with pytest.raises(ValueError, match=r"class dimension is the last one"):
+        ce_style = z.reshape(2, 3, 11).transpose(1, 2)  # [N, C, d] with C = 11 classes
+        mtbkd.mtbkd_loss(ce_style, t.reshape(3, 2, 3, 11).transpose(2, 3), y[:6].reshape(2, 3))
+    for bad in (torch.tensor([True, False, True]), torch.tensor([1.0, -1.0, 0.0])):
+        with pytest.raises((TypeError, ValueError), match="weights must be"):
+            mtbkd.MultiTeacherKDLoss(weights=bad)
