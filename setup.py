@@ -61,7 +61,14 @@ else:
     Ext = cpp_extension.CppExtension
     extra = {"cxx": cxx}
 
+# The wheel's _C is built against this torch; its C++ interface is not stable across versions, so
+# the wheel asks for the same one (a public version: a local +cpu / +cu130 tag is not required).
+TORCH_PIN = "torch==" + __import__("torch").__version__.split("+")[0]
+# the other runtime dependencies (tests/test_packaging.py reads this list)
+RUNTIME = ["numpy", "safetensors", "tqdm"]
+
 setup(
+    install_requires=[TORCH_PIN, *RUNTIME],
     ext_modules=[
         Ext(
             name="mtbkd._C",

@@ -1,0 +1,5 @@
+"""``python -m mtbkd ...``: the ``mtbkd`` command."""
+
+from mtbkd.cli import main
+
+raise SystemExit(main())
