@@ -110,8 +110,17 @@ class SGLD(Optimizer):
 
     ``precondition=True`` is pSGLD (Li et al., 2016): an RMSprop preconditioner
     ``V <- alpha V + (1 - alpha) (grad_U / num_data)^2``, ``G = 1 / (eps + sqrt(V))``, step
-    ``theta <- theta - lr G grad_U + sqrt(2 lr T G) xi`` (the small correction term Gamma is
-    dropped, as in the paper's experiments).
+    ``theta <- theta - lr G grad_U + sqrt(2 lr T G) xi`` (the correction term Gamma is dropped,
+    as in the paper's experiments). That term is not always small: ``V``, an average over about
+    ``1 / (1 - alpha)`` steps, follows the chain's own position, and without the term the chain
+    settles wider than the posterior when the gradient noise is low. On a 1-D Gaussian posterior
+    with full-batch gradients (an audit, 2,000 chains) the sampled variance was 1.54x the exact
+    one at the default ``alpha = 0.99``, 1.11x at 0.999 and 1.02x at 0.9999; with minibatch
+    gradients, 1.12x at 0.99. Use ``alpha >= 0.999``, or plain SGLD, where the spread matters.
+
+    Under ``torch.compile`` with inductor, the per-step seed comes from inductor's own random
+    generator: reproducible under ``torch.manual_seed``, but other noise than eager mode unless
+    ``torch._inductor.config.fallback_random = True``.
 
     The noise of all parameters of a group is generated inside one fused kernel call (Philox,
     keyed by a seed drawn from torch's default generator and the parameter's index), so a run is

@@ -80,6 +80,11 @@ class SampleStore:
     Given a module, :meth:`collect` reads the tensors the module holds under the recorded names
     at each call, so a parameter replaced since (``load_state_dict(..., assign=True)``) is
     followed; one removed or reshaped raises ``RuntimeError``.
+
+    Given a module, only its parameters are stored, not its buffers: a model with BatchNorm then
+    predicts every sample with the running statistics it holds at prediction time, not those
+    that went with the sample. To store them too, give a mapping of the floating state:
+    ``SampleStore({k: v for k, v in model.state_dict().items() if v.is_floating_point()})``.
     """
 
     def __init__(
