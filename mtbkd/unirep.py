@@ -22,7 +22,8 @@ the last layer's ``h_t`` over those ``L + 1`` positions (UniRep's ``h_avg``).
 
 Cost: about ``2 · (H² + 4H²)`` flops per residue per layer, so the 1900-unit model encodes
 DeepLoc's 1.5 M residues in about seven minutes on two CPU cores. :func:`unirep_features` caches
-what it computes on disk (``MTBKD_CACHE_DIR``, default ``~/.cache/mtbkd``), keyed by the model
+what it computes on disk (``MTBKD_CACHE_DIR``, default ``$XDG_CACHE_HOME/mtbkd``, else
+``~/.cache/mtbkd``), keyed by the model
 and the exact sequences.
 """
 
@@ -33,6 +34,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -263,6 +265,9 @@ def unirep_features(
             got = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError):  # a truncated or foreign file: recompute it
             got = None
+        if got is not None and not isinstance(got, np.ndarray):  # a foreign .npz archive
+            got.close()
+            got = None
         if (
             got is not None
             and got.shape == (len(toks), size)
@@ -288,7 +293,9 @@ def unirep_features(
     if bar is not None:
         bar.close()
     if cache:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        # a name of this process and thread: threads writing the same entry do not take each
+        # other's temporary file away (os.replace then warned of an unwritable folder)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.npy")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(tmp, out)

