@@ -130,7 +130,9 @@ if [ $BUILD_OK = 1 ]; then
   # killed run still shows what passed.
   XDIST=""
   $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-  # From test_functional.py only the tests of the bf16 gradient's single rounding (every backend).
+  # From test_functional.py only the bf16 gradient's single rounding (rounded_once,
+  # upstream_gradient, grad_scale_multiplies) and the nearly one-hot entropy (nearly_one_hot),
+  # every backend.
   # (-k matches substrings of names: "test_functional.py" is the module, which spares
   # test_triton_kernels.py's test_functional_api_runs_on_the_backend.)
   if timeout "$(budget 200)" $PY -m pytest tests/test_triton_kernels.py tests/test_bayes_ops.py \

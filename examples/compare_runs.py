@@ -30,10 +30,10 @@ def merge(
         if not (run / "summary.json").is_file():
             raise SystemExit(f"{run} is not the output folder of a --seeds run (no summary.json)")
         summary = json.loads((run / "summary.json").read_text())
-        if "pooled_from" in summary or "folds" in summary:
+        if "pooled_from" in summary or "folds" in summary or "compared_from" in summary:
             raise SystemExit(
-                f"{run} is a summary made by `mtbkd summarise` or examples/cross_fit.py, not a "
-                "--seeds run: compare the runs it pooled"
+                f"{run} is a summary made by `mtbkd summarise`, examples/cross_fit.py or "
+                "examples/compare_runs.py, not a --seeds run: compare the runs it summarises"
             )
         summaries.append(summary)
     seeds = summaries[0]["seeds"]
@@ -109,7 +109,7 @@ def main() -> None:
         raise SystemExit(f"--reference {ref!r} is none of the merged methods: {', '.join(names)}")
     summary = report.summarise_seeds(reports, seeds, reference=ref, per_row=rows)
     base, variant = (os.path.relpath(os.path.abspath(r), here) for r in (args.base, args.variant))
-    summary["pooled_from"] = [base, variant]
+    summary["compared_from"] = [base, variant]  # not pooled_from: two settings, not one
     intro = (
         f"Seeds {', '.join(map(str, seeds))}: the methods of `{base}` beside those of the "
         f"variant `{variant}` (renamed `<name>_{args.tag}`), folders relative to this one. Mean "

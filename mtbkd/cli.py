@@ -413,8 +413,9 @@ def _run_contents(out: Path) -> tuple[list[str], list[str], bool]:
     pooled = False
     if (out / "summary.json").is_file():
         summary = _read_json(out / "summary.json")
-        # mtbkd summarise's (pooled_from) and examples/cross_fit.py's (folds): not a --seeds run
-        pooled = summary.get("pooled_from") is not None or summary.get("folds") is not None
+        # mtbkd summarise's (pooled_from), examples/cross_fit.py's (folds) and
+        # examples/compare_runs.py's (compared_from): not a --seeds run
+        pooled = any(summary.get(k) is not None for k in ("pooled_from", "folds", "compared_from"))
         if not pooled:
             multi.append("summary.json")
     return single, multi, pooled
@@ -436,8 +437,9 @@ def _check_run_kind(args: argparse.Namespace, out: Path, seeds: list[int] | None
     cmd = f"mtbkd {args.command}"
     if pooled:
         raise SystemExit(
-            f"{cmd}: --out {out} holds a summary made by `mtbkd summarise` or "
-            "examples/cross_fit.py, not a run of its own: choose another --out"
+            f"{cmd}: --out {out} holds a summary made by `mtbkd summarise`, "
+            "examples/cross_fit.py or examples/compare_runs.py, not a run of its own: choose "
+            "another --out"
         )
     if seeds is None and multi:
         recorded = [int(s) for s in _read_json(out / "summary.json").get("seeds") or []]

@@ -1493,6 +1493,11 @@ def gather_seed_runs(
                     f"{name}: {d} is a summary made by `mtbkd summarise` (of "
                     f"{', '.join(summary['pooled_from'])}, relative to it): name those runs"
                 )
+            if summary.get("compared_from") is not None:
+                raise ValueError(
+                    f"{name}: {d} is a comparison made by examples/compare_runs.py (of "
+                    f"{', '.join(summary['compared_from'])}, two settings), not a run"
+                )
             found = {int(s): d / f"seed{s}" for s in summary.get("seeds") or []}
         elif (d / "report.json").is_file():
             config = json.loads((d / "report.json").read_text()).get("config") or {}

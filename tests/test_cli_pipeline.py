@@ -447,7 +447,9 @@ def test_compare_runs_example(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["compare_runs", *pair, "--tag", "x", "--out", str(out)])
     mod.main()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["pooled_from"] == ["../base", "../var"]
+    assert summary["compared_from"] == ["../base", "../var"]
+    with pytest.raises(SystemExit, match="is a comparison made by examples/compare_runs.py"):
+        cli.main(["summarise", str(out), "--out", str(tmp_path / "o3"), "--no-figures"])
     assert "`../base`" in (out / "summary.md").read_text()
     merged = mod.merge(tmp_path / "base", tmp_path / "var", "x")[0]
     assert merged[1]["hyperparameters"]["mtbkd_sgld_x"] == var["hyperparameters"]["mtbkd_sgld"]
