@@ -660,8 +660,9 @@ def _kd_fwd_kernel(
                 b = log_1mbeta + logq
                 mx = tl.maximum(a, b)
                 logm = mx + tl.log(tl.exp(a - _safe_max(mx)) + tl.exp(b - _safe_max(mx)))
-                kl_q = tl.where(valid2 & (q > 0.0), q * (logq - logm), 0.0)
-                kl_p = tl.where(valid2 & (p > 0.0), p * (logp - logm), 0.0)
+                # != 0, not > 0: a NaN (a NaN or +inf logit, check_finite off) stays NaN
+                kl_q = tl.where(valid2 & (q != 0.0), q * (logq - logm), 0.0)
+                kl_p = tl.where(valid2 & (p != 0.0), p * (logp - logm), 0.0)
                 kqm += tl.sum(kl_q, axis=1)
                 div += beta * tl.sum(kl_p, axis=1) + one_m_beta * tl.sum(kl_q, axis=1)
         # ---- gradient pass (forward KL also accumulates its divergence here) ----------------
@@ -680,7 +681,9 @@ def _kd_fwd_kernel(
                 logp = (t - mts[:, None]) * inv_tau - lst[:, None]
             if DIVERGENCE == 0:
                 p = tl.where(valid2, tl.exp(logp), 0.0)
-                div += tl.sum(tl.where(p > 0.0, p * (logp - logq[None, :]), 0.0), axis=1)
+                # == 0, not > 0: a NaN p (a NaN or +inf teacher logit) makes the loss NaN, as its
+                # gradient is (it was dropped from the loss alone)
+                div += tl.sum(tl.where(p == 0.0, 0.0, p * (logp - logq[None, :])), axis=1)
                 gs = (q * wsum - tl.sum(w[:, None] * p, axis=0)) * inv_tau
             elif DIVERGENCE == 1:
                 d = (z - mz)[None, :] - (t - tb[:, None])

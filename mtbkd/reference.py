@@ -172,7 +172,7 @@ def mtbkd_loss(
 def _kl(logp: Tensor, logq: Tensor) -> Tensor:
     """``KL(p || q)`` over the last axis from log-probabilities (0 log 0 = 0)."""
     p = logp.exp()
-    live = p > 0
+    live = p != 0  # a NaN p (a NaN or +inf logit, check_finite off) stays NaN
     # the operands are masked too: -inf - (-inf) in the discarded branch would make the
     # product's gradient 0 * NaN where a class is ruled out for both
     zero = torch.zeros_like(p)

@@ -1613,3 +1613,35 @@ def test_loss_modules_as_ports_of_plain_pytorch_losses():
     for bad in (torch.tensor([True, False, True]), torch.tensor([1.0, -1.0, 0.0])):
         with pytest.raises((TypeError, ValueError), match="weights must be"):
             mtbkd.MultiTeacherKDLoss(weights=bad)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_degenerate_rows_are_nan_on_every_backend(any_backend):
+    # an audit, check_finite=False: the CPU kernels gave a row of all -inf (student, or a teacher
+    # under reverse KL) a loss of -inf; Triton's (and the reference's) forward KL dropped a NaN
+    # or +inf teacher logit from the loss but not from the gradient
+    backend, device = any_backend
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(3, 16, generator=g) * 2).to(device)
+    t = (torch.randn(2, 3, 16, generator=g) * 2).to(device)
+    inf = float("inf")
+    cases = []
+    for bad in (inf, float("nan")):
+        tb = t.clone()
+        tb[0, 1, 4] = bad
+        cases.append(("forward_kl", z, tb))
+    tb = t.clone()
+    tb[1, 1] = -inf
+    cases.append(("reverse_kl", z, tb))
+    zb = z.clone()
+    zb[1] = -inf
+    cases.append(("forward_kl", zb, t))
+    for div, zz, tt in cases:
+        zz = zz.clone().requires_grad_(True)
+        loss = mtbkd.multi_teacher_kd_loss(zz, tt, divergence=div, weights="uniform",
+                                           reduction="none", check_finite=False)  # fmt: skip
+        loss.sum().backward()
+        assert torch.isnan(loss[1]) and torch.isnan(zz.grad[1]).all(), (backend, div)
+        assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(zz.grad[[0, 2]]).all()

@@ -705,6 +705,18 @@ void kd_row(const LossParams<T, A>& p, int64_t i, int div, RowScratch<T, A>& ws,
     st.nonfinite(i, bad);
     return zero_row();
   }
+  // check_finite off: a student or teacher row of -inf alone rules out every class and has no
+  // distribution. NaN, as the Triton and CUDA kernels give (log 0 made the loss -inf here, which
+  // reads as the best loss there is).
+  bool empty = !(s.S > A(0));
+  for (int k = 0; k < K; ++k) empty = empty || !(ws.ta[k].A > A(0));
+  if (empty) {
+    const A nan = std::numeric_limits<A>::quiet_NaN();
+    std::fill(grow, grow + V, static_cast<T>(nan));
+    p.loss[i] = nan;
+    for (int k = 0; k < K; ++k) p.weights[k * N + i] = nan;
+    return;
+  }
   const A logS = std::log(s.S);
   const A logS1 = nd.s1 ? std::log(s.S1) : logS;
   for (int k = 0; k < K; ++k) {

@@ -122,8 +122,9 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
           const A logp = (IO<In>::load(t[k] + c) - mt[k]) * inv_tau - lst[k];
           const A pk = fexp(logp);
           const A logm = log_add_exp(log_beta + logp, log_1mbeta + logq);
-          const A klq = q > A(0) ? q * (logq - logm) : A(0);
-          const A klp = pk > A(0) ? pk * (logp - logm) : A(0);
+          // == 0, not > 0: a NaN (a NaN or +inf logit, check_finite off) stays NaN
+          const A klq = q == A(0) ? A(0) : q * (logq - logm);
+          const A klp = pk == A(0) ? A(0) : pk * (logp - logm);
           sums.x[k] += klq;
           sums.x[KT] += w[k] * (beta * klp + omb * klq);
         }
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
           const A logp = (IO<In>::load(t[k] + c) - mt[k]) * inv_tau - lst[k];
           const A pk = fexp(logp);
           mix += w[k] * pk;
-          if (pk > A(0)) fwd += w[k] * pk * (logp - logq_far);
+          if (!(pk == A(0))) fwd += w[k] * pk * (logp - logq_far);  // a NaN pk stays NaN
         }
       }
       gs = (q * wsum - mix) * inv_tau;
