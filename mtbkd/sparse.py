@@ -496,13 +496,25 @@ def save_sparse_teachers(
 
     teachers = _as_list(teachers)
     tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+
+    def own(x: Tensor) -> Tensor:
+        # safetensors refuses tensors that share memory: a teacher passed twice, or two built on
+        # one tensor, get a copy each after the first
+        x = x.contiguous().cpu()
+        ptr = x.untyped_storage().data_ptr()
+        if x.numel() and ptr in seen:
+            x = x.clone()
+        seen.add(x.untyped_storage().data_ptr())
+        return x
+
     for i, t in enumerate(teachers):
         idx = t.indices
         if idx.numel() and int(idx.max()) < 2**31 and int(idx.min()) >= -(2**31):
             idx = idx.to(torch.int32)
         lp = t.logprobs if logprob_dtype is None else t.logprobs.to(logprob_dtype)
-        tensors[f"teacher{i}.indices"] = idx.contiguous().cpu()
-        tensors[f"teacher{i}.logprobs"] = lp.contiguous().cpu()
+        tensors[f"teacher{i}.indices"] = own(idx)
+        tensors[f"teacher{i}.logprobs"] = own(lp)
     for name, x in (extra or {}).items():
         if name.startswith("teacher"):
             raise ValueError(f"extra tensor names must not start with 'teacher', got {name!r}")

@@ -961,7 +961,7 @@ def test_a_run_folder_never_mixes_a_single_run_and_a_seeds_run(tmp_path, capsys)
     crossfit = tmp_path / "crossfit"
     (crossfit / "seed0").mkdir(parents=True)
     (crossfit / "summary.json").write_text(json.dumps({"folds": ["a", "b"], "seeds": [0]}))
-    with pytest.raises(SystemExit, match="summarise` or examples/cross_fit.py, not a run"):
+    with pytest.raises(SystemExit, match="cross_fit.py or examples/compare_runs.py, not a run"):
         cli.main(base + ["--out", str(crossfit)])
     capsys.readouterr()
 

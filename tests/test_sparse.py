@@ -391,3 +391,17 @@ def test_a_bucket_of_mass_zero_stays_zero_under_the_temperature():
         got = mtbkd.multi_teacher_kd_loss(z, [a, b], None, divergence="reverse_kl",
                                           temperature=tau)  # fmt: skip
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_teachers_sharing_tensors_are_saved(tmp_path):
+    # an audit: the same teacher passed twice (or two built on one tensor) made safetensors
+    # refuse the file ("Some tensors share memory")
+    from mtbkd.sparse import load_sparse_teachers
+
+    sp = topk_teacher(torch.randn(4, 10), 3)
+    path = save_sparse_teachers(tmp_path / "t.safetensors", [sp, sp])
+    loaded = load_sparse_teachers(path).teachers
+    assert len(loaded) == 2
+    for t in loaded:
+        assert torch.equal(t.indices.long(), sp.indices.long())
+        assert torch.equal(t.logprobs, sp.logprobs)
