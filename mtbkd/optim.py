@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from mtbkd import validate
-from mtbkd.bayes_ops import _SEED_LIMIT, new_seed, sgld_step_
+from mtbkd.bayes_ops import _SEED_LIMIT, _sgld_step_op, new_seed
 
 __all__ = ["SGLD"]
 
@@ -262,11 +262,12 @@ class SGLD(Optimizer):
             grads.append(grad.contiguous())
             if precondition:
                 square_avgs.append(sq)
-        sgld_step_(
-            targets, grads, square_avgs if precondition else None, lr=group["lr"],
-            num_data=group["num_data"], temperature=group["temperature"],
-            weight_decay=group["weight_decay"], seed=seed, precondition=precondition,
-            alpha=group["alpha"], eps=group["eps"],
+        # the op itself (its body checks tensors and numbers for every backend): step() has
+        # checked the group, which the public sgld_step_ would check once more
+        _sgld_step_op(
+            targets, grads, square_avgs if precondition else [], float(group["lr"]),
+            float(group["num_data"]), float(group["temperature"]), float(group["weight_decay"]),
+            seed, bool(precondition), float(group["alpha"]), float(group["eps"]),
         )  # fmt: skip
         for p, t in copy_back:
             p.copy_(t)

@@ -607,7 +607,7 @@ def test_train_test_formats_name_the_file_in_their_errors(tmp_path):
     bad = rng.normal(size=(9, 3))
     bad[2, 1] = np.nan
     np.savetxt(csv_dir / "teacher_b_test.csv", bad, delimiter=",")
-    with pytest.raises(ValueError, match="teacher_b_test.csv has NaN or infinite values"):
+    with pytest.raises(ValueError, match="teacher_b_test.csv logits have NaN or infinite values"):
         data.load_directory(csv_dir)
     np.savetxt(csv_dir / "teacher_b_test.csv", rng.normal(size=(9, 3)), delimiter=",")
     _write_csv(csv_dir / "test.csv", ["a", "label"], [[i, i % 3 + (i == 8) * 3] for i in range(9)])
