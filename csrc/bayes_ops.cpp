@@ -77,23 +77,48 @@ Tensor reparameterize_bwd_cpu(const Tensor& grad, const Tensor& rho, int64_t see
   return drho;
 }
 
-std::tuple<Tensor, Tensor, Tensor> gaussian_kl_cpu(const Tensor& mu, const Tensor& rho,
-                                                   double prior_mu, double prior_sigma,
-                                                   bool compute_grad) {
+Tensor gaussian_kl_cpu(const Tensor& mu, const Tensor& rho, double prior_mu, double prior_sigma) {
   check_pair(mu, rho, "mu", "rho");
   MTBKD_CHECK(prior_sigma > 0, "prior_sigma must be positive, got ", prior_sigma);
   const auto acc = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor dmu = compute_grad ? at::empty_like(mu) : at::empty({0}, mu.options());
-  Tensor drho = compute_grad ? at::empty_like(rho) : at::empty({0}, rho.options());
   double kl = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mu.scalar_type(), "gaussian_kl", [&] {
-    kl = mtbkd::cpu::gaussian_kl<scalar_t>(
-        mu.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>(),
-        compute_grad ? dmu.mutable_data_ptr<scalar_t>() : nullptr,
-        compute_grad ? drho.mutable_data_ptr<scalar_t>() : nullptr, mu.numel(), prior_mu,
-        prior_sigma);
+    kl = mtbkd::cpu::gaussian_kl<scalar_t>(mu.const_data_ptr<scalar_t>(),
+                                           rho.const_data_ptr<scalar_t>(), mu.numel(), prior_mu,
+                                           prior_sigma);
   });
-  return {at::scalar_tensor(kl, mu.options().dtype(acc)), dmu, drho};
+  return at::scalar_tensor(kl, mu.options().dtype(acc));
+}
+
+// The incoming gradient of the KL: one floating-point number on mu's device.
+void check_kl_grad(const Tensor& grad, const Tensor& mu) {
+  MTBKD_CHECK(grad.numel() == 1 && at::isFloatingType(grad.scalar_type()),
+              "grad must be a floating-point tensor of one element, got ", grad.scalar_type(),
+              " of shape ", grad.sizes());
+  MTBKD_CHECK(grad.device() == mu.device(), "grad must be on mu's device ", mu.device(),
+              ", got ", grad.device());
+}
+
+std::tuple<Tensor, Tensor> gaussian_kl_bwd_cpu(const Tensor& grad, const Tensor& mu,
+                                               const Tensor& rho, double prior_mu,
+                                               double prior_sigma, bool mu_grad, bool rho_grad) {
+  check_pair(mu, rho, "mu", "rho");
+  check_kl_grad(grad, mu);
+  MTBKD_CHECK(prior_sigma > 0, "prior_sigma must be positive, got ", prior_sigma);
+  Tensor dmu = mu_grad ? at::empty_like(mu) : at::empty({0}, mu.options());
+  Tensor drho = rho_grad ? at::empty_like(rho) : at::empty({0}, rho.options());
+  const double g = grad.item<double>();
+  if (mu_grad || rho_grad) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, mu.scalar_type(), "gaussian_kl_bwd", [&] {
+          mtbkd::cpu::gaussian_kl_bwd<scalar_t>(
+              g, mu.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>(),
+              mu_grad ? dmu.mutable_data_ptr<scalar_t>() : nullptr,
+              rho_grad ? drho.mutable_data_ptr<scalar_t>() : nullptr, mu.numel(), prior_mu,
+              prior_sigma);
+        });
+  }
+  return {dmu, drho};
 }
 
 void check_sgld_lists(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
@@ -183,27 +208,50 @@ Tensor reparameterize_bwd_cuda(const Tensor& grad, const Tensor& rho, int64_t se
   return drho;
 }
 
-std::tuple<Tensor, Tensor, Tensor> gaussian_kl_cuda(const Tensor& mu, const Tensor& rho,
-                                                    double prior_mu, double prior_sigma,
-                                                    bool compute_grad) {
+Tensor gaussian_kl_cuda(const Tensor& mu, const Tensor& rho, double prior_mu, double prior_sigma) {
   check_pair(mu, rho, "mu", "rho");
   MTBKD_CHECK(prior_sigma > 0, "prior_sigma must be positive, got ", prior_sigma);
   const c10::cuda::CUDAGuard guard(mu.device());
   const auto acc = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor dmu = compute_grad ? at::empty_like(mu) : at::empty({0}, mu.options());
-  Tensor drho = compute_grad ? at::empty_like(rho) : at::empty({0}, rho.options());
   Tensor sum = at::zeros({}, mu.options().dtype(at::kDouble));
   mtbkd::cuda::KLParams p{mu.const_data_ptr(),
                           rho.const_data_ptr(),
-                          compute_grad ? dmu.mutable_data_ptr() : nullptr,
-                          compute_grad ? drho.mutable_data_ptr() : nullptr,
+                          nullptr,
+                          nullptr,
+                          nullptr,
                           sum.mutable_data_ptr<double>(),
                           mu.numel(),
                           prior_mu,
                           prior_sigma,
                           cuda_dtype(mu.scalar_type())};
   check_cuda(mtbkd::cuda::launch_gaussian_kl(p, c10::cuda::getCurrentCUDAStream()));
-  return {sum.to(acc), dmu, drho};
+  return sum.to(acc);
+}
+
+std::tuple<Tensor, Tensor> gaussian_kl_bwd_cuda(const Tensor& grad, const Tensor& mu,
+                                                const Tensor& rho, double prior_mu,
+                                                double prior_sigma, bool mu_grad, bool rho_grad) {
+  check_pair(mu, rho, "mu", "rho");
+  check_kl_grad(grad, mu);
+  MTBKD_CHECK(prior_sigma > 0, "prior_sigma must be positive, got ", prior_sigma);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  Tensor dmu = mu_grad ? at::empty_like(mu) : at::empty({0}, mu.options());
+  Tensor drho = rho_grad ? at::empty_like(rho) : at::empty({0}, rho.options());
+  // read by the kernel on the device: no host synchronisation
+  const Tensor g = grad.reshape({}).to(at::kDouble);
+  mtbkd::cuda::KLParams p{mu.const_data_ptr(),
+                          rho.const_data_ptr(),
+                          mu_grad ? dmu.mutable_data_ptr() : nullptr,
+                          rho_grad ? drho.mutable_data_ptr() : nullptr,
+                          g.const_data_ptr<double>(),
+                          nullptr,
+                          mu.numel(),
+                          prior_mu,
+                          prior_sigma,
+                          cuda_dtype(mu.scalar_type())};
+  if (mu_grad || rho_grad)
+    check_cuda(mtbkd::cuda::launch_gaussian_kl(p, c10::cuda::getCurrentCUDAStream()));
+  return {dmu, drho};
 }
 
 void sgld_step_cuda(at::TensorList params_in, at::TensorList grads_in,
@@ -247,8 +295,10 @@ TORCH_LIBRARY_FRAGMENT(mtbkd_C, m) {
       " -> Tensor");
   m.def("reparameterize_bwd(Tensor grad, Tensor rho, int seed, int offset) -> Tensor");
   m.def(
-      "gaussian_kl(Tensor mu, Tensor rho, float prior_mu, float prior_sigma, bool compute_grad)"
-      " -> (Tensor, Tensor, Tensor)");
+      "gaussian_kl(Tensor mu, Tensor rho, float prior_mu, float prior_sigma) -> Tensor");
+  m.def(
+      "gaussian_kl_bwd(Tensor grad, Tensor mu, Tensor rho, float prior_mu, float prior_sigma, "
+      "bool mu_grad, bool rho_grad) -> (Tensor, Tensor)");
   m.def(
       "sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, float lr, "
       "float num_data, float temperature, float weight_decay, int seed, bool precondition, "
@@ -261,6 +311,7 @@ TORCH_LIBRARY_IMPL(mtbkd_C, CPU, m) {
   m.impl("reparameterize_fwd", TORCH_FN(reparameterize_fwd_cpu));
   m.impl("reparameterize_bwd", TORCH_FN(reparameterize_bwd_cpu));
   m.impl("gaussian_kl", TORCH_FN(gaussian_kl_cpu));
+  m.impl("gaussian_kl_bwd", TORCH_FN(gaussian_kl_bwd_cpu));
   m.impl("sgld_step_", TORCH_FN(sgld_step_cpu));
 }
 
@@ -269,6 +320,7 @@ TORCH_LIBRARY_IMPL(mtbkd_C, CUDA, m) {
   m.impl("reparameterize_fwd", TORCH_FN(reparameterize_fwd_cuda));
   m.impl("reparameterize_bwd", TORCH_FN(reparameterize_bwd_cuda));
   m.impl("gaussian_kl", TORCH_FN(gaussian_kl_cuda));
+  m.impl("gaussian_kl_bwd", TORCH_FN(gaussian_kl_bwd_cuda));
   m.impl("sgld_step_", TORCH_FN(sgld_step_cuda));
 }
 #endif

@@ -134,11 +134,10 @@ def _reparam_bwd_kernel(g_ptr, rho_ptr, drho_ptr, n, seed, offset, BLOCK_Q: tl.c
 
 
 @triton.jit
-def _kl_kernel(mu_ptr, rho_ptr, dmu_ptr, drho_ptr, part_ptr, n, prior_mu: tl.float64,
-               inv_var0: tl.float64, log_s0: tl.float64, BLOCK: tl.constexpr,
-               WITH_GRAD: tl.constexpr, F64: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
-    # KL(N(mu, s^2) || N(m0, s0^2)) = log s0 - log s + (s^2 + (mu - m0)^2) / (2 s0^2) - 1/2,
-    # d/dmu = (mu - m0) / s0^2, d/drho = (s / s0^2 - 1 / s) * sigmoid(rho).
+def _kl_kernel(mu_ptr, rho_ptr, part_ptr, n, prior_mu: tl.float64, inv_var0: tl.float64,
+               log_s0: tl.float64, BLOCK: tl.constexpr, F64: tl.constexpr,
+               INTERPRET: tl.constexpr):  # fmt: skip
+    # KL(N(mu, s^2) || N(m0, s0^2)) = log s0 - log s + (s^2 + (mu - m0)^2) / (2 s0^2) - 1/2.
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
@@ -152,18 +151,37 @@ def _kl_kernel(mu_ptr, rho_ptr, dmu_ptr, drho_ptr, part_ptr, n, prior_mu: tl.flo
     s = _softplus(r, INTERPRET)
     d = mu - prior_mu
     # Below rho = -20, s = e^rho (1 - e^rho / 2 + ...) heads for the denormals (0 below -104 in
-    # float32): log s = rho - s / 2 and sigmoid(rho) / s = 1 - s / 2 there (not log 0, 0 / 0).
-    tiny = r < -20.0
-    log_s = tl.where(tiny, r - 0.5 * s, _log(s, INTERPRET))
+    # float32): log s = rho - s / 2 there (not log 0).
+    log_s = tl.where(r < -20.0, r - 0.5 * s, _log(s, INTERPRET))
     kl = log_s0 - log_s + 0.5 * (s * s + d * d) * inv_var0 - 0.5
     tl.store(part_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))
-    if WITH_GRAD:
-        tl.store(
-            dmu_ptr + idx, _to_out(d * inv_var0, dmu_ptr.dtype.element_ty, INTERPRET), mask=mask
-        )
+
+
+@triton.jit
+def _kl_grad_kernel(g_ptr, mu_ptr, rho_ptr, dmu_ptr, drho_ptr, n, prior_mu: tl.float64,
+                    inv_var0: tl.float64, BLOCK: tl.constexpr, MU_GRAD: tl.constexpr,
+                    RHO_GRAD: tl.constexpr, F64: tl.constexpr,
+                    INTERPRET: tl.constexpr):  # fmt: skip
+    # g dKL/dmu = g (mu - m0) / s0^2, g dKL/drho = g (s / s0^2 - 1 / s) sigmoid(rho), with
+    # sigmoid(rho) / s = 1 - s / 2 below rho = -20 (not 0 / 0); g read on the device.
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    acc = tl.float64 if F64 else tl.float32
+    prior_mu = tl.full((), prior_mu, acc)
+    inv_var0 = tl.full((), inv_var0, acc)
+    g = tl.load(g_ptr).to(acc)
+    if MU_GRAD:
+        mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(acc)
+        dm = g * ((mu - prior_mu) * inv_var0)
+        tl.store(dmu_ptr + idx, _to_out(dm, dmu_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    if RHO_GRAD:
+        r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
+        s = _softplus(r, INTERPRET)
         sig = _sigmoid(r, INTERPRET)
-        dr = tl.where(tiny, s * sig * inv_var0 - (1.0 - 0.5 * s), (s * inv_var0 - 1.0 / s) * sig)
-        tl.store(drho_ptr + idx, _to_out(dr, drho_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        plain = (s * inv_var0 - 1.0 / s) * sig
+        dr = tl.where(r < -20.0, s * sig * inv_var0 - (1.0 - 0.5 * s), plain)
+        tl.store(drho_ptr + idx, _to_out(g * dr, drho_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -235,22 +253,38 @@ def reparameterize_bwd(grad, rho, seed, offset):
     return drho
 
 
+_KL_BLOCK = 1024
+
+
 @register_impl("gaussian_kl", "triton")
-def gaussian_kl(mu, rho, prior_mu, prior_sigma, compute_grad):
-    """Summed Gaussian-prior KL (per-program partial sums, added in float64) and its gradient."""
+def gaussian_kl(mu, rho, prior_mu, prior_sigma):
+    """Summed Gaussian-prior KL: per-program partial sums, added in float64."""
     n = mu.numel()
-    block = 1024
     f64 = mu.dtype == torch.float64
-    parts = torch.zeros(triton.cdiv(n, block), device=mu.device,
+    parts = torch.zeros(triton.cdiv(n, _KL_BLOCK), device=mu.device,
                         dtype=torch.float64 if f64 else torch.float32)  # fmt: skip
-    dmu = torch.empty_like(mu) if compute_grad else mu.new_empty((0,))
-    drho = torch.empty_like(rho) if compute_grad else rho.new_empty((0,))
     if n:
         _kl_kernel[(parts.numel(),)](
-            mu, rho, dmu, drho, parts, n, prior_mu, 1.0 / prior_sigma**2, math.log(prior_sigma),
-            BLOCK=block, WITH_GRAD=compute_grad, F64=f64, INTERPRET=_interpreting(),
+            mu, rho, parts, n, prior_mu, 1.0 / prior_sigma**2, math.log(prior_sigma),
+            BLOCK=_KL_BLOCK, F64=f64, INTERPRET=_interpreting(),
         )  # fmt: skip
-    return parts.sum(dtype=torch.float64).to(parts.dtype), dmu, drho
+    return parts.sum(dtype=torch.float64).to(parts.dtype)
+
+
+@register_impl("gaussian_kl_backward", "triton")
+def gaussian_kl_bwd(grad, mu, rho, prior_mu, prior_sigma, mu_grad, rho_grad):
+    """The KL's gradient times ``grad``, recomputed from mu and rho in one pass."""
+    n = mu.numel()
+    f64 = mu.dtype == torch.float64
+    dmu = torch.empty_like(mu) if mu_grad else mu.new_empty((0,))
+    drho = torch.empty_like(rho) if rho_grad else rho.new_empty((0,))
+    if n and (mu_grad or rho_grad):
+        g = grad.reshape(1).to(torch.float64 if f64 else torch.float32)
+        _kl_grad_kernel[(triton.cdiv(n, _KL_BLOCK),)](
+            g, mu, rho, dmu, drho, n, prior_mu, 1.0 / prior_sigma**2, BLOCK=_KL_BLOCK,
+            MU_GRAD=mu_grad, RHO_GRAD=rho_grad, F64=f64, INTERPRET=_interpreting(),
+        )  # fmt: skip
+    return dmu, drho
 
 
 @register_impl("sgld_step_", "triton")

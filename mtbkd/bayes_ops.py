@@ -3,7 +3,8 @@
 * ``mtbkd::reparameterize``: ``w = mu + softplus(rho) * eps`` with ``eps ~ N(0, 1)`` drawn by a
   Philox 4x32-10 generator keyed by ``(seed, offset)`` inside the kernel. The backward
   (``mtbkd::reparameterize_backward``) regenerates eps, so it is never stored.
-* ``mtbkd::gaussian_kl``: the summed KL to a Gaussian prior and its gradient in one pass.
+* ``mtbkd::gaussian_kl``: the summed KL to a Gaussian prior in one pass; its backward
+  (``mtbkd::gaussian_kl_backward``) recomputes the gradient in one more pass, already scaled.
 * ``mtbkd::sgld_step_``: one fused (p)SGLD update of a list of parameters, noise made in-kernel.
 
 The random stream (see ``csrc/philox.h``) is Triton's ``tl.randn4x``: element ``i`` takes normal
@@ -29,6 +30,7 @@ __all__ = [
     "reparameterize",
     "reparameterize_backward",
     "gaussian_kl",
+    "gaussian_kl_backward",
     "sgld_step_",
     "philox_normal",
     "new_seed",
@@ -375,56 +377,102 @@ register_impl("reparameterize_backward", "cuda", _cpu_reparameterize_backward)
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_kl_grad(grad: Tensor, mu: Tensor) -> None:
+    # the C++ ops' check_kl_grad: the KL's incoming gradient, one number on mu's device (the
+    # kernels read it there)
+    if grad.numel() != 1 or not grad.is_floating_point():
+        raise RuntimeError(f"grad must be a floating-point tensor of one element, got {grad.dtype} "
+                           f"of shape {list(grad.shape)}")  # fmt: skip
+    if grad.device != mu.device:
+        raise RuntimeError(f"grad must be on mu's device {mu.device}, got {grad.device}")
+
+
 @torch.library.custom_op("mtbkd::gaussian_kl", mutates_args=())
-def _gaussian_kl_op(
-    mu: Tensor, rho: Tensor, prior_mu: float, prior_sigma: float, compute_grad: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(kl, dkl/dmu, dkl/drho)``; kl is a 0-d fp32 (fp64) sum, the gradients are empty
-    tensors unless ``compute_grad``."""
+def _gaussian_kl_op(mu: Tensor, rho: Tensor, prior_mu: float, prior_sigma: float) -> Tensor:
+    """The summed KL as a 0-d fp32 (fp64 for fp64) tensor; contiguous ``mu`` / ``rho``."""
     from mtbkd import validate
 
     _check_pair(mu, rho, "mu", "rho")
     validate.check_prior_sigma(prior_sigma)
     validate.check_real(prior_mu, "prior_mu")
-    return _impl("gaussian_kl", mu)(mu, rho, prior_mu, prior_sigma, compute_grad)
+    return _impl("gaussian_kl", mu)(mu, rho, prior_mu, prior_sigma)
 
 
 @_gaussian_kl_op.register_fake
-def _(mu, rho, prior_mu, prior_sigma, compute_grad):
-    kl = mu.new_empty((), dtype=_acc(mu.dtype))
-    if compute_grad:
-        return kl, torch.empty_like(mu), torch.empty_like(rho)
-    return kl, mu.new_empty((0,)), rho.new_empty((0,))
+def _(mu, rho, prior_mu, prior_sigma):
+    return mu.new_empty((), dtype=_acc(mu.dtype))
+
+
+@torch.library.custom_op("mtbkd::gaussian_kl_backward", mutates_args=())
+def gaussian_kl_backward(
+    grad: Tensor,
+    mu: Tensor,
+    rho: Tensor,
+    prior_mu: float,
+    prior_sigma: float,
+    mu_grad: bool,
+    rho_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """``grad`` (a one-element tensor) times the gradient of the summed KL, recomputed from
+    ``mu`` and ``rho`` in one pass: ``grad * (mu - m0) / s0^2`` and
+    ``grad * (s / s0^2 - 1 / s) * sigmoid(rho)``, in fp32 (fp64), rounded once to ``mu``'s
+    dtype; an output not asked for (``mu_grad`` / ``rho_grad`` False) is an empty tensor."""
+    from mtbkd import validate
+
+    _check_pair(mu, rho, "mu", "rho")
+    _check_kl_grad(grad, mu)
+    validate.check_prior_sigma(prior_sigma)
+    validate.check_real(prior_mu, "prior_mu")
+    return _impl("gaussian_kl_backward", mu)(grad, mu, rho, prior_mu, prior_sigma, mu_grad,
+                                             rho_grad)  # fmt: skip
+
+
+@gaussian_kl_backward.register_fake
+def _(grad, mu, rho, prior_mu, prior_sigma, mu_grad, rho_grad):
+    return (torch.empty_like(mu) if mu_grad else mu.new_empty((0,)),
+            torch.empty_like(rho) if rho_grad else rho.new_empty((0,)))  # fmt: skip
+
+
+def _kl_grad_terms(
+    m: Tensor, r: Tensor, prior_mu: float, prior_sigma: float
+) -> tuple[Tensor, Tensor]:
+    """``(dKL/dmu, dKL/drho)`` elementwise in torch ops (differentiable; the reference's formula).
+
+    Below rho = -20, s = softplus(rho) heads for the denormals (0 below -104 in float32):
+    sigmoid(rho) / s = 1 - s / 2 there, not (1 / 0) * 0; the other branch sees s = 1 there, so
+    that a second derivative through ``torch.where`` stays finite.
+    """
+    var0 = prior_sigma**2
+    s = F.softplus(r)
+    sig = torch.sigmoid(r)
+    tiny = r < -_SOFTPLUS_THRESHOLD
+    s_plain = torch.where(tiny, torch.ones_like(s), s)
+    dr = torch.where(tiny, s * sig / var0 - (1.0 - 0.5 * s), (s_plain / var0 - 1.0 / s_plain) * sig)
+    return (m - prior_mu) / var0, dr
 
 
 def _kl_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.compute_grad = bool(inputs[4])  # (empty gradients are also those of empty mu / rho)
+    mu, rho, prior_mu, prior_sigma = inputs
+    ctx.save_for_backward(mu, rho)  # parameters: saving them costs no memory
+    ctx.prior = (prior_mu, prior_sigma)
 
 
-def _kl_backward(ctx, grad_kl, _g1, _g2):
-    dmu, drho = ctx.saved_tensors
-    if not ctx.compute_grad and ctx.needs_input_grad[0] | ctx.needs_input_grad[1]:
-        raise RuntimeError("gaussian_kl was called with compute_grad=False")
+def _kl_backward(ctx, grad_kl):
+    mu, rho = ctx.saved_tensors
+    need_mu, need_rho = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_mu or need_rho):
+        return None, None, None, None
+    prior_mu, prior_sigma = ctx.prior
+    acc = _acc(mu.dtype)
     if torch.is_grad_enabled():
-        # backward(create_graph=True): the saved gradient is a constant here, so a second-order
-        # term would silently vanish
-        raise RuntimeError(
-            "gaussian_kl does not support double backward (create_graph=True); "
-            "torch.distributions.kl_divergence is plain autograd and does"
-        )
-    # the product in fp32 (fp64), rounded once: a scale such as 1 / num_data is an fp16
-    # subnormal or 0, and bf16 would round it first
-    acc = _acc(dmu.dtype)
-    g = grad_kl.to(acc)
-    return (
-        (dmu.to(acc) * g).to(dmu.dtype) if ctx.needs_input_grad[0] else None,
-        (drho.to(acc) * g).to(drho.dtype) if ctx.needs_input_grad[1] else None,
-        None,
-        None,
-        None,
-    )
+        # backward(create_graph=True): the same formula in torch ops, differentiable again
+        dm, dr = _kl_grad_terms(mu.to(acc), rho.to(acc), prior_mu, prior_sigma)
+        g = grad_kl.to(acc)
+        return ((g * dm).to(mu.dtype) if need_mu else None,
+                (g * dr).to(rho.dtype) if need_rho else None, None, None)  # fmt: skip
+    dmu, drho = gaussian_kl_backward(grad_kl.reshape(()).to(acc), mu, rho, prior_mu, prior_sigma,
+                                     need_mu, need_rho)  # fmt: skip
+    return dmu if need_mu else None, drho if need_rho else None, None, None
 
 
 _gaussian_kl_op.register_autograd(_kl_backward, setup_context=_kl_setup)
@@ -433,52 +481,62 @@ _gaussian_kl_op.register_autograd(_kl_backward, setup_context=_kl_setup)
 def gaussian_kl(mu: Tensor, rho: Tensor, prior_sigma: float = 1.0, prior_mu: float = 0.0) -> Tensor:
     """``sum [log(s0/s) + (s^2 + (mu - m0)^2) / (2 s0^2) - 1/2]``, ``s = softplus(rho)``
     (MATH.md section 6): KL of ``N(mu, s^2)`` to the prior ``N(m0, s0^2)``, summed, fp32 (fp64
-    for fp64 input), its gradient computed in the same pass when autograd needs it (for fp16
-    input on fp32 copies, whose gradient fp16 cannot overflow before it is scaled)."""
+    for fp64 input), in one pass over ``mu`` and ``rho``.
+
+    The backward (:func:`gaussian_kl_backward`) recomputes ``softplus(rho)`` and ``sigmoid(rho)``
+    in one more pass and writes the gradient already multiplied by the incoming one, in fp32 and
+    rounded once (so a fp16 gradient of a tight prior does not overflow before a ``1 / num_data``
+    scale): no weight-sized tensor is kept between forward and backward. Higher derivatives
+    (``create_graph=True``) go through the same formula in torch ops.
+    """
     from mtbkd import validate
 
     _check_mu_rho(mu, rho)
     prior_sigma = validate.check_prior_sigma(_plain_number(prior_sigma))
     prior_mu = validate.check_real(_plain_number(prior_mu), "prior_mu")
-    need_grad = torch.is_grad_enabled() and (mu.requires_grad or rho.requires_grad)
-    if mu.dtype == torch.float16:
-        # d KL / d mu = (mu - m0) / s0^2 overflows fp16 for a tight prior (s0 = 1e-3: 65504 at
-        # mu = 0.07): the kernels run on fp32 copies, and autograd rounds the gradient once
-        mu, rho = mu.float(), rho.float()
-    kl, _, _ = _gaussian_kl_op(mu.contiguous(), rho.contiguous(), prior_mu, prior_sigma, need_grad)
+    kl = _gaussian_kl_op(mu.contiguous(), rho.contiguous(), prior_mu, prior_sigma)
     # A non-finite sum is the cheap sign of bad input; only then look for the culprit.
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(kl)):
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(kl.detach())):
         _check_finite(mu, "mu")
         _check_finite(rho, "rho")
     return kl
 
 
 @register_impl("gaussian_kl", "reference")
-def _ref_gaussian_kl(mu, rho, prior_mu, prior_sigma, compute_grad):
-    # Autograd is off inside a custom op's body: the gradient is written out (MATH.md section 6).
+def _ref_gaussian_kl(mu, rho, prior_mu, prior_sigma):
+    # MATH.md section 6, in the accumulation dtype.
     acc = _acc(mu.dtype)
     m, r = mu.to(acc), rho.to(acc)
     s = F.softplus(r)
-    var0 = prior_sigma**2
     # Below rho = -20, s = e^rho (1 - e^rho / 2 + ...) reaches the denormals (0 below -104 in
-    # float32): log s = rho - s / 2 and sigmoid(rho) / s = 1 - s / 2 there, not log 0 and 0 / 0.
-    tiny = r < -_SOFTPLUS_THRESHOLD
-    log_s = torch.where(tiny, r - 0.5 * s, torch.log(s))
-    kl = math.log(prior_sigma) - log_s + (s**2 + (m - prior_mu) ** 2) / (2 * var0) - 0.5
-    if not compute_grad:
-        return kl.sum(), mu.new_empty((0,)), rho.new_empty((0,))
-    dm = (m - prior_mu) / var0
-    sig = torch.sigmoid(r)
-    dr = torch.where(tiny, s * sig / var0 - (1.0 - 0.5 * s), (s / var0 - 1.0 / s) * sig)
-    return kl.sum(), dm.to(mu.dtype), dr.to(rho.dtype)
+    # float32): log s = rho - s / 2 there, not log 0.
+    log_s = torch.where(r < -_SOFTPLUS_THRESHOLD, r - 0.5 * s, torch.log(s))
+    kl = math.log(prior_sigma) - log_s + (s**2 + (m - prior_mu) ** 2) / (2 * prior_sigma**2) - 0.5
+    return kl.sum()
+
+
+@register_impl("gaussian_kl_backward", "reference")
+def _ref_gaussian_kl_backward(grad, mu, rho, prior_mu, prior_sigma, mu_grad, rho_grad):
+    acc = _acc(mu.dtype)
+    dm, dr = _kl_grad_terms(mu.to(acc), rho.to(acc), prior_mu, prior_sigma)
+    g = grad.reshape(()).to(acc)
+    return ((g * dm).to(mu.dtype) if mu_grad else mu.new_empty((0,)),
+            (g * dr).to(rho.dtype) if rho_grad else rho.new_empty((0,)))  # fmt: skip
 
 
 @register_impl("gaussian_kl", "cpu")
-def _cpu_gaussian_kl(mu, rho, prior_mu, prior_sigma, compute_grad):
-    return torch.ops.mtbkd_C.gaussian_kl(mu, rho, prior_mu, prior_sigma, compute_grad)
+def _cpu_gaussian_kl(mu, rho, prior_mu, prior_sigma):
+    return torch.ops.mtbkd_C.gaussian_kl(mu, rho, prior_mu, prior_sigma)
+
+
+@register_impl("gaussian_kl_backward", "cpu")
+def _cpu_gaussian_kl_backward(grad, mu, rho, prior_mu, prior_sigma, mu_grad, rho_grad):
+    return torch.ops.mtbkd_C.gaussian_kl_bwd(grad, mu, rho, prior_mu, prior_sigma, mu_grad,
+                                             rho_grad)  # fmt: skip
 
 
 register_impl("gaussian_kl", "cuda", _cpu_gaussian_kl)
+register_impl("gaussian_kl_backward", "cuda", _cpu_gaussian_kl_backward)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -499,20 +499,84 @@ def test_kl_gradient_of_a_scaled_kl_in_low_precision(backend, dtype):
         want = (m / prior_sigma**2) / n
         assert torch.isfinite(mu.grad).all()
         err = (mu.grad.double() - want).abs()
-        # fp16 runs on fp32 copies: rounded once; bf16 (fp32's range) stores d KL / d mu in
-        # bf16, then the product is rounded: twice
-        rounds = 1 if dtype == torch.float16 else 2
-        assert (err <= rounds * _half_ulp(want, dtype) + 1e-6 * want.abs()).all()
+        # the backward forms the product in fp32 and rounds it once (it used to store d KL / d mu
+        # in bf16 and round the product again)
+        assert (err <= _half_ulp(want, dtype) + 1e-6 * want.abs()).all()
 
 
-def test_kl_double_backward_raises():
-    # The saved gradient is a constant: a second-order term must not silently vanish.
-    mu = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    rho = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    loss = B.gaussian_kl(mu, rho) + (mu**2).sum()
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(loss, mu, create_graph=True)
-    torch.autograd.grad(loss, (mu, rho))  # first order still works
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kl_backward_op_writes_what_is_asked(backend, dtype):
+    # mtbkd::gaussian_kl_backward: grad times the gradient, recomputed from mu and rho, each
+    # output only when asked for (an empty tensor otherwise), against the float64 formula
+    torch.manual_seed(23)
+    mu = torch.randn(1500, dtype=dtype, device=DEVICE)
+    rho = torch.cat([torch.linspace(-30.0, 25.0, 1000), torch.randn(500) * 4]).to(dtype)
+    rho = rho.to(DEVICE)
+    g = torch.tensor(-0.37, dtype=dtype, device=DEVICE)
+    m, r = mu.double(), rho.double()
+    s = F.softplus(r)
+    want_mu = -0.37 * (m - 0.2) / 0.49
+    want_rho = -0.37 * torch.where(r < -20, s * torch.sigmoid(r) / 0.49 - (1 - s / 2),
+                                   (s / 0.49 - 1 / s) * torch.sigmoid(r))  # fmt: skip
+    tol = {"rtol": 1e-12, "atol": 1e-13} if dtype == torch.float64 else {"rtol": 2e-6, "atol": 2e-7}
+    for mu_grad, rho_grad in ((True, True), (True, False), (False, True), (False, False)):
+        dmu, drho = B.gaussian_kl_backward(g, mu, rho, 0.2, 0.7, mu_grad, rho_grad)
+        for got, want, asked in ((dmu, want_mu, mu_grad), (drho, want_rho, rho_grad)):
+            if not asked:
+                assert got.numel() == 0
+                continue
+            assert got.dtype == dtype and got.shape == mu.shape
+            torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_kl_keeps_no_tensor_of_its_own_for_the_backward(backend):
+    # the forward used to store the gradient (two weight-sized tensors until the backward); now
+    # autograd keeps only mu and rho themselves
+    mu = torch.randn(64, 32, device=DEVICE, requires_grad=True)
+    rho = torch.randn(64, 32, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kl = B.gaussian_kl(mu, rho)
+    assert sorted(t.data_ptr() for t in saved) == sorted([mu.data_ptr(), rho.data_ptr()])
+    kl.backward()
+    assert mu.grad is not None and rho.grad is not None
+
+
+# Triton's interpreter evaluates both sides of tl.where with numpy: the discarded log 0 and 1 / 0
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_kl_second_derivatives(backend):
+    # create_graph=True differentiates the backward's formula again (it used to raise: the
+    # gradient was stored by the forward, a constant); against torch.distributions, and finite
+    # in the tiny-rho branch (torch.where's other side sees sigma = 1 there)
+    torch.manual_seed(21)
+    mu = torch.randn(30, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    rho = (torch.randn(30, dtype=torch.float64, device=DEVICE) * 3).requires_grad_(True)
+
+    def ours(m, r):
+        return B.gaussian_kl(m, r, prior_sigma=0.6, prior_mu=0.1) * 1.5
+
+    def theirs(m, r):
+        q = torch.distributions.Normal(m, F.softplus(r))
+        p = torch.distributions.Normal(torch.full_like(m, 0.1), torch.full_like(m, 0.6))
+        return torch.distributions.kl_divergence(q, p).sum() * 1.5
+
+    for fn in (ours, theirs):
+        g_mu, g_rho = torch.autograd.grad(fn(mu, rho), (mu, rho), create_graph=True)
+        hess = torch.autograd.grad((g_mu * g_rho).sum() + (g_rho**2).sum(), (mu, rho))
+        if fn is ours:
+            got = hess
+    for a, b in zip(got, hess):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    if backend == "cpu":
+        torch.autograd.gradgradcheck(ours, (mu, rho))
+    tiny = torch.tensor([-25.0, -60.0, -900.0], dtype=torch.float64, device=DEVICE)
+    tiny.requires_grad_(True)
+    (g,) = torch.autograd.grad(B.gaussian_kl(torch.zeros_like(tiny), tiny), tiny,
+                               create_graph=True)  # fmt: skip
+    (h,) = torch.autograd.grad(g.sum(), tiny)
+    assert torch.isfinite(h).all()
 
 
 _LAUNCH_TYPES = """
@@ -535,7 +599,9 @@ class Recorder:
 setattr(K, KERNEL, Recorder())
 x = torch.zeros(8, dtype=torch.float64)
 if KERNEL == "_kl_kernel":
-    K.gaussian_kl(x, x, 0.1, 0.3, True)
+    K.gaussian_kl(x, x, 0.1, 0.3)
+elif KERNEL == "_kl_grad_kernel":
+    K.gaussian_kl_bwd(torch.ones((), dtype=torch.float64), x, x, 0.1, 0.3, True, True)
 else:
     K.sgld_step_([x], [x], [x.clone()], 0.1, 7.0, 0.3, 0.2, 5, True, 0.9, 1e-5)
 ((args, kwargs),) = calls
@@ -559,6 +625,7 @@ print(*(sig[name] for name in SCALARS))
     "kernel, scalars",
     [
         ("_kl_kernel", ("prior_mu", "inv_var0", "log_s0")),
+        ("_kl_grad_kernel", ("prior_mu", "inv_var0")),
         ("_sgld_kernel", ("lr", "num_data", "weight_decay", "noise_scale", "alpha", "damp")),
     ],
 )
@@ -583,7 +650,6 @@ def test_kl_without_grad_returns_scalar(backend):
 
 
 def test_kl_of_empty_tensors_has_empty_gradients(backend):
-    # (the backward took the empty saved gradients for "computed without gradients")
     mu = torch.zeros(0, 3, device=DEVICE, requires_grad=True)
     rho = torch.zeros(0, 3, device=DEVICE, requires_grad=True)
     kl = B.gaussian_kl(mu, rho)
@@ -703,8 +769,12 @@ def test_opcheck(backend, dtype):
     rho = torch.randn(6, 5, dtype=dtype, device=DEVICE, requires_grad=True)
     torch.library.opcheck(B._reparameterize_op, (mu, rho, 3, 1, True))
     torch.library.opcheck(B.reparameterize_backward, (torch.randn_like(mu), rho.detach(), 3, 1))
-    torch.library.opcheck(B._gaussian_kl_op, (mu, rho, 0.0, 1.0, True))
-    torch.library.opcheck(B._gaussian_kl_op, (mu.detach(), rho.detach(), 0.0, 1.0, False))
+    torch.library.opcheck(B._gaussian_kl_op, (mu, rho, 0.0, 1.0))
+    torch.library.opcheck(B._gaussian_kl_op, (mu.detach(), rho.detach(), 0.0, 1.0))
+    g = torch.tensor(0.5, dtype=dtype, device=DEVICE)
+    for flags in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(B.gaussian_kl_backward, (g, mu.detach(), rho.detach(), 0.2, 0.7,
+                                                       *flags))  # fmt: skip
     params = [torch.randn(n, dtype=dtype, device=DEVICE) for n in (4, 3)]
     grads = [torch.randn_like(p) for p in params]
     sq = [torch.zeros_like(p) for p in params]
@@ -715,7 +785,7 @@ def test_opcheck(backend, dtype):
 def test_compile_fullgraph(backend):
     def f(mu, rho):
         w = B._reparameterize_op(mu, rho, 11, 0, False)
-        kl, _, _ = B._gaussian_kl_op(mu, rho, 0.0, 1.0, True)
+        kl = B._gaussian_kl_op(mu, rho, 0.0, 1.0)
         return (w**2).sum() + kl
 
     mu = torch.randn(8, 6, device=DEVICE, requires_grad=True)
@@ -748,7 +818,7 @@ def test_triton_kernels_write_nothing_past_their_outputs(monkeypatch, n):
     monkeypatch.setattr(torch, "empty_like", empty_like)
     w = K.reparameterize_fwd(mu, rho, 3, 0, False)
     drho = K.reparameterize_bwd(torch.ones_like(mu), rho, 3, 0)
-    _, dmu, drho_kl = K.gaussian_kl(mu, rho, 0.0, 1.0, True)
+    dmu, drho_kl = K.gaussian_kl_bwd(torch.ones((), device=DEVICE), mu, rho, 0.0, 1.0, True, True)
     monkeypatch.undo()
     for start, out in zip(range(0, guard.numel(), 2048), (w, drho, dmu, drho_kl)):
         assert out.data_ptr() == guard[start:].data_ptr() and torch.isfinite(out).all()
@@ -791,12 +861,19 @@ def test_bad_prior_sigma(sigma):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_smallest_prior_sigma_agrees_with_reference(backend):
     # the smallest accepted s0: 1 / s0^2 = 1e36 is still a finite float32 in every backend
-    mu = torch.tensor([1e-3, -2e-3, 0.0], device=DEVICE)
-    rho = torch.tensor([-50.0, -45.0, -60.0], device=DEVICE)
+    mu = torch.tensor([1e-3, -2e-3, 0.0], device=DEVICE, requires_grad=True)
+    rho = torch.tensor([-50.0, -45.0, -60.0], device=DEVICE, requires_grad=True)
     kl = B.gaussian_kl(mu, rho, prior_sigma=1e-18)
-    want = B._ref_gaussian_kl(mu.double(), rho.double(), 0.0, 1e-18, False)[0]
+    m, r = mu.detach().double(), rho.detach().double()
+    want = B._ref_gaussian_kl(m, r, 0.0, 1e-18)
     assert torch.isfinite(kl)
     torch.testing.assert_close(kl.double(), want, rtol=1e-4, atol=0)
+    kl.backward()
+    g = torch.ones((), dtype=torch.float64, device=DEVICE)
+    dmu, drho = B._ref_gaussian_kl_backward(g, m, r, 0.0, 1e-18, True, True)
+    for got, true in ((mu.grad, dmu), (rho.grad, drho)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), true, rtol=1e-5, atol=0)
 
 
 # Triton's interpreter computes the bad values with numpy before the check raises: its
@@ -870,9 +947,20 @@ def _op_cases():
         ("reparam bwd non-contiguous",
          lambda: ops.reparameterize_backward(z(4, 2).t(), z(2, 4), 1, 0),
          "grad and rho must be contiguous"),
-        ("kl dtype", lambda: ops.gaussian_kl(z(6), z(6, dtype=torch.float64), 0.0, 1.0, False),
+        ("kl dtype", lambda: ops.gaussian_kl(z(6), z(6, dtype=torch.float64), 0.0, 1.0),
          "mu and rho must have the same dtype"),
-        ("kl prior_sigma", lambda: ops.gaussian_kl(z(6), z(6), 0.0, 0.0, False), "prior_sigma"),
+        ("kl prior_sigma", lambda: ops.gaussian_kl(z(6), z(6), 0.0, 0.0), "prior_sigma"),
+        ("kl bwd shape", lambda: ops.gaussian_kl_backward(z(()), z(6), z(5), 0.0, 1.0, True,
+                                                          True),
+         "mu and rho must have the same shape"),
+        ("kl bwd grad", lambda: ops.gaussian_kl_backward(z(2), z(6), z(6), 0.0, 1.0, True, True),
+         "grad must be a floating-point tensor of one element"),
+        ("kl bwd int grad", lambda: ops.gaussian_kl_backward(z((), dtype=torch.int64), z(6),
+                                                             z(6), 0.0, 1.0, True, True),
+         "grad must be a floating-point tensor of one element"),
+        ("kl bwd prior_sigma", lambda: ops.gaussian_kl_backward(z(()), z(6), z(6), 0.0, -1.0,
+                                                                True, True),
+         "prior_sigma"),
         ("sgld lengths", lambda: ops.sgld_step_([z(8), z(3)], [z(8)], [], *hyper, False, 0.9,
                                                 1e-5),
          "params and grads must have the same length"),
@@ -927,7 +1015,9 @@ cases = [
      "mu and rho must have the same shape, got [4096] and [8]"),
     ("reparam_bwd", lambda: ops.reparameterize_backward(z(4096), z(8), 1, 0),
      "grad and rho must have the same shape, got [4096] and [8]"),
-    ("kl", lambda: ops.gaussian_kl(z(4096), z(8), 0.0, 1.0, True),
+    ("kl", lambda: ops.gaussian_kl(z(4096), z(8), 0.0, 1.0),
+     "mu and rho must have the same shape, got [4096] and [8]"),
+    ("kl_bwd", lambda: ops.gaussian_kl_backward(z(()) + 1, z(4096), z(8), 0.0, 1.0, True, True),
      "mu and rho must have the same shape, got [4096] and [8]"),
     ("sgld_grad", lambda: B.sgld_step_([z(4096)], [z(8)], None, lr=1e-3, num_data=10.0, seed=1),
      "params[0] and grads[0] must have the same shape, got [4096] and [8]"),
@@ -954,7 +1044,7 @@ def test_triton_ops_refuse_out_of_bounds_shapes():
     proc = subprocess.run([sys.executable, "-c", _OUT_OF_BOUNDS], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout, proc.stderr[-4000:])
-    names = ["reparam", "reparam_bwd", "kl", "sgld_grad", "sgld_square_avg"]
+    names = ["reparam", "reparam_bwd", "kl", "kl_bwd", "sgld_grad", "sgld_square_avg"]
     assert proc.stdout.splitlines() == [f"{n} refused" for n in names] + ["survived"], proc.stdout
 
 

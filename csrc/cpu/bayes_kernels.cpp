@@ -272,6 +272,19 @@ inline __m512 softplus16(__m512 r) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, thr, _CMP_GT_OQ), l, r);
 }
 
+// softplus16(r) and sigmoid(r) = e / (1 + e) from one exponential e = exp(min(r, 20)) (at the
+// threshold e / (1 + e) already rounds to 1, as sigmoid(r > 20) does in float).
+inline void softplus_sigmoid16(__m512 r, __m512& sp, __m512& sig) {
+  const __m512 one = _mm512_set1_ps(1.0f), thr = _mm512_set1_ps(kSoftplusThreshold);
+  const __m512 e = Sleef_expf16_u10(_mm512_min_ps(r, thr));
+  const __m512 u = _mm512_add_ps(one, e);
+  const __m512 d = _mm512_sub_ps(u, one);
+  __m512 l = _mm512_mul_ps(Sleef_logf16_u35(u), _mm512_div_ps(e, d));
+  l = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_EQ_OQ), l, e);
+  sp = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, thr, _CMP_GT_OQ), l, r);
+  sig = _mm512_div_ps(e, u);
+}
+
 inline __m512 sigmoid16(__m512 r) {
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), r));
@@ -389,61 +402,169 @@ void reparameterize_bwd(const T* grad, const T* rho, T* drho, int64_t n, uint64_
   });
 }
 
+// ---- Gaussian-prior KL (MATH.md section 6) ------------------------------------------------
+// KL_i = log s0 - log s + (s^2 + d^2) / (2 s0^2) - 1/2, s = softplus(rho), d = mu - m0;
+// dKL/dmu = d / s0^2, dKL/drho = (s / s0^2 - 1 / s) sigmoid(rho). Below rho = -20, s = e^rho
+// (1 - e^rho / 2 + ...) heads for the denormals (0 below rho = -104 in float): the KL takes
+// log s = rho - s / 2 and its gradient sigmoid(rho) / s = 1 - s / 2 there, instead of
+// log 0 = -inf and (1 / 0) * 0 = NaN. The forward sums the terms; the backward recomputes s and
+// sigmoid(rho) and writes the gradient already scaled by the incoming one (nothing stored).
+namespace {
+
+struct KLConst {
+  float m0, iv, c0;  // prior mean, 1 / s0^2, log s0 - 1/2
+};
+
+// Sum of a float tile's KL terms in float (at most kTile of them). NaN in rho or mu gives NaN.
+inline float kl_tile_sum(const float* mu, const float* rho, int64_t len, const KLConst& k) {
+#if defined(MTBKD_SLEEF) && defined(__AVX512F__)
+  const __m512 m0 = _mm512_set1_ps(k.m0), iv = _mm512_set1_ps(k.iv), c0 = _mm512_set1_ps(k.c0);
+  const __m512 half = _mm512_set1_ps(0.5f), lo = _mm512_set1_ps(-kSoftplusThreshold);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = tail_mask(len - i);
+    const __m512 r = _mm512_maskz_loadu_ps(m, rho + i);
+    const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, mu + i), m0);
+    const __m512 s = softplus16(r);
+    const __mmask16 tiny = _mm512_cmp_ps_mask(r, lo, _CMP_LT_OQ);
+    const __m512 ls = _mm512_mask_blend_ps(tiny, Sleef_logf16_u10(s),
+                                           _mm512_fnmadd_ps(half, s, r));  // r - s / 2
+    const __m512 q = _mm512_fmadd_ps(s, s, _mm512_mul_ps(d, d));
+    __m512 term = _mm512_fmadd_ps(_mm512_mul_ps(half, q), iv, _mm512_sub_ps(c0, ls));
+    // softplus16's min drops a NaN rho (and gives softplus(20)): put it back
+    term = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q), term, r);
+    acc = _mm512_mask_add_ps(acc, m, acc, term);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  alignas(64) float sp[kTile], ls[kTile];
+  softplus_sigmoid(rho, sp, nullptr, len);
+  std::copy(sp, sp + len, ls);
+  v_log(ls, len);
+  float part = 0.0f;
+  for (int64_t i = 0; i < len; ++i) {
+    const float l = rho[i] < -kSoftplusThreshold ? rho[i] - 0.5f * sp[i] : ls[i];
+    const float d = mu[i] - k.m0;
+    part += k.c0 - l + 0.5f * (sp[i] * sp[i] + d * d) * k.iv;
+  }
+  return part;
+#endif
+}
+
+// g times the KL's gradient of a float tile; dmu or drho may be null (not wanted).
+inline void kl_tile_grad(const float* mu, const float* rho, float* dmu, float* drho, int64_t len,
+                         float g, const KLConst& k) {
+#if defined(MTBKD_SLEEF) && defined(__AVX512F__)
+  const __m512 m0 = _mm512_set1_ps(k.m0);
+  const __m512 gv = _mm512_set1_ps(g), iv = _mm512_set1_ps(k.iv), one = _mm512_set1_ps(1.0f);
+  const __m512 half = _mm512_set1_ps(0.5f), lo = _mm512_set1_ps(-kSoftplusThreshold);
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = tail_mask(len - i);
+    if (dmu != nullptr) {
+      // g (mu - m0) / s0^2, g and 1 / s0^2 multiplied in that order as the scalar path does
+      const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, mu + i), m0);
+      _mm512_mask_storeu_ps(dmu + i, m, _mm512_mul_ps(gv, _mm512_mul_ps(d, iv)));
+    }
+    if (drho != nullptr) {
+      const __m512 r = _mm512_maskz_loadu_ps(m, rho + i);
+      __m512 s, sig;
+      softplus_sigmoid16(r, s, sig);
+      // (s / s0^2 - 1 / s) sigmoid = (s^2 / s0^2 - 1) (sigmoid / s): one division
+      const __m512 plain = _mm512_mul_ps(_mm512_fmsub_ps(_mm512_mul_ps(s, s), iv, one),
+                                         _mm512_div_ps(sig, s));
+      const __m512 small = _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(s, sig), iv),
+                                         _mm512_fnmadd_ps(half, s, one));  // 1 - s / 2
+      __m512 dr = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, lo, _CMP_LT_OQ), plain, small);
+      dr = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q), dr, r);
+      _mm512_mask_storeu_ps(drho + i, m, _mm512_mul_ps(gv, dr));
+    }
+  }
+#else
+  if (dmu != nullptr)
+    for (int64_t i = 0; i < len; ++i) dmu[i] = g * ((mu[i] - k.m0) * k.iv);
+  if (drho != nullptr) {
+    alignas(64) float sp[kTile], sig[kTile];
+    softplus_sigmoid(rho, sp, sig, len);
+    for (int64_t i = 0; i < len; ++i) {
+      const float dr = rho[i] < -kSoftplusThreshold ? sp[i] * sig[i] * k.iv - (1.0f - 0.5f * sp[i])
+                                                    : (sp[i] * k.iv - 1.0f / sp[i]) * sig[i];
+      drho[i] = g * dr;
+    }
+  }
+#endif
+}
+
+inline KLConst kl_const(double prior_mu, double prior_sigma) {
+  return {static_cast<float>(prior_mu), static_cast<float>(1.0 / (prior_sigma * prior_sigma)),
+          static_cast<float>(std::log(prior_sigma)) - 0.5f};
+}
+
+inline double kl_term_d(double m, double r, double prior_mu, double inv_var0, double log_s0) {
+  const double s = softplus_d(r), d = m - prior_mu;
+  const double ls = r < -kSoftplusThreshold ? r - 0.5 * s : std::log(s);
+  return log_s0 - ls + 0.5 * (s * s + d * d) * inv_var0 - 0.5;
+}
+
+}  // namespace
+
 template <typename T>
-double gaussian_kl(const T* mu, const T* rho, T* dmu, T* drho, int64_t n, double prior_mu,
-                   double prior_sigma) {
-  const double inv_var0 = 1.0 / (prior_sigma * prior_sigma);
-  const double log_s0 = std::log(prior_sigma);
-  const bool with_grad = dmu != nullptr;
-  // Below rho = -20, s = softplus(rho) = e^rho (1 - e^rho / 2 + ...) heads for the denormals (0
-  // below rho = -104 in float): the KL takes log s = rho - s / 2 and its gradient
-  // sigmoid(rho) / s = 1 - s / 2 there, instead of log 0 = -inf and (1 / 0) * 0 = NaN.
+double gaussian_kl(const T* mu, const T* rho, int64_t n, double prior_mu, double prior_sigma) {
+  const double inv_var0 = 1.0 / (prior_sigma * prior_sigma), log_s0 = std::log(prior_sigma);
+  const KLConst k = kl_const(prior_mu, prior_sigma);
   return at::parallel_reduce(
       0, (n + kTile - 1) / kTile, kGrainTiles, 0.0,
       [&](int64_t t0, int64_t t1, double acc) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t b = t * kTile, len = std::min(kTile, n - b);
           if constexpr (std::is_same_v<T, double>) {
-            for (int64_t i = 0; i < len; ++i) {
-              const double r = rho[b + i], s = softplus_d(r), d = mu[b + i] - prior_mu;
-              const bool tiny = r < -kSoftplusThreshold;
-              acc += log_s0 - (tiny ? r - 0.5 * s : std::log(s)) +
-                     0.5 * (s * s + d * d) * inv_var0 - 0.5;
-              if (with_grad) {
-                dmu[b + i] = d * inv_var0;
-                const double sig = sigmoid_d(r);
-                drho[b + i] = tiny ? s * sig * inv_var0 - (1.0 - 0.5 * s)
-                                   : (s * inv_var0 - 1.0 / s) * sig;
-              }
-            }
-          } else {
-            alignas(64) float r[kTile], sp[kTile], sig[kTile], ls[kTile];
-            load_float(rho + b, r, len);
-            softplus_sigmoid(r, sp, with_grad ? sig : nullptr, len);
-            std::copy(sp, sp + len, ls);
-            v_log(ls, len);
             for (int64_t i = 0; i < len; ++i)
-              ls[i] = r[i] < -kSoftplusThreshold ? r[i] - 0.5f * sp[i] : ls[i];
-            const float m0 = static_cast<float>(prior_mu), iv = static_cast<float>(inv_var0);
-            const float c0 = static_cast<float>(log_s0) - 0.5f;
-            // Per-tile float partial sums (1024 terms), tiles summed in double.
-            float part = 0.0f;
-            for (int64_t i = 0; i < len; ++i) {
-              const float d = static_cast<float>(mu[b + i]) - m0;
-              part += c0 - ls[i] + 0.5f * (sp[i] * sp[i] + d * d) * iv;
-              if (with_grad) {
-                dmu[b + i] = static_cast<T>(d * iv);
-                drho[b + i] = static_cast<T>(r[i] < -kSoftplusThreshold
-                                                 ? sp[i] * sig[i] * iv - (1.0f - 0.5f * sp[i])
-                                                 : (sp[i] * iv - 1.0f / sp[i]) * sig[i]);
-              }
-            }
-            acc += part;
+              acc += kl_term_d(mu[b + i], rho[b + i], prior_mu, inv_var0, log_s0);
+          } else if constexpr (std::is_same_v<T, float>) {
+            acc += kl_tile_sum(mu + b, rho + b, len, k);  // float partial sums of a tile
+          } else {
+            alignas(64) float m[kTile], r[kTile];
+            load_float(mu + b, m, len);
+            load_float(rho + b, r, len);
+            acc += kl_tile_sum(m, r, len, k);
           }
         }
         return acc;
       },
       [](double x, double y) { return x + y; });
+}
+
+template <typename T>
+void gaussian_kl_bwd(double grad, const T* mu, const T* rho, T* dmu, T* drho, int64_t n,
+                     double prior_mu, double prior_sigma) {
+  const double inv_var0 = 1.0 / (prior_sigma * prior_sigma);
+  const KLConst k = kl_const(prior_mu, prior_sigma);
+  const float g = static_cast<float>(grad);
+  for_each_tile(n, [&](int64_t b, int64_t len) {
+    if constexpr (std::is_same_v<T, double>) {
+      for (int64_t i = 0; i < len; ++i) {
+        const double r = rho[b + i];
+        if (dmu != nullptr) dmu[b + i] = grad * ((mu[b + i] - prior_mu) * inv_var0);
+        if (drho != nullptr) {
+          const double s = softplus_d(r), sig = sigmoid_d(r);
+          drho[b + i] = grad * (r < -kSoftplusThreshold ? s * sig * inv_var0 - (1.0 - 0.5 * s)
+                                                        : (s * inv_var0 - 1.0 / s) * sig);
+        }
+      }
+    } else if constexpr (std::is_same_v<T, float>) {
+      kl_tile_grad(mu + b, rho + b, dmu == nullptr ? nullptr : dmu + b,
+                   drho == nullptr ? nullptr : drho + b, len, g, k);
+    } else {
+      // reduced precision: in float, each gradient rounded once
+      alignas(64) float m[kTile], r[kTile], dm[kTile], dr[kTile];
+      if (dmu != nullptr) load_float(mu + b, m, len);
+      if (drho != nullptr) load_float(rho + b, r, len);
+      kl_tile_grad(m, r, dmu == nullptr ? nullptr : dm, drho == nullptr ? nullptr : dr, len, g, k);
+      if (dmu != nullptr)
+        for (int64_t i = 0; i < len; ++i) dmu[b + i] = static_cast<T>(dm[i]);
+      if (drho != nullptr)
+        for (int64_t i = 0; i < len; ++i) drho[b + i] = static_cast<T>(dr[i]);
+    }
+  });
 }
 
 template <typename T, typename Acc>
@@ -477,7 +598,8 @@ void sgld_step(T* param, const T* grad, Acc* square_avg, int64_t n, const SgldPa
 #define MTBKD_INSTANTIATE(T)                                                                  \
   template int reparameterize_fwd<T>(const T*, const T*, T*, int64_t, uint64_t, uint64_t, bool);  \
   template void reparameterize_bwd<T>(const T*, const T*, T*, int64_t, uint64_t, uint64_t);   \
-  template double gaussian_kl<T>(const T*, const T*, T*, T*, int64_t, double, double);
+  template double gaussian_kl<T>(const T*, const T*, int64_t, double, double);                \
+  template void gaussian_kl_bwd<T>(double, const T*, const T*, T*, T*, int64_t, double, double);
 MTBKD_INSTANTIATE(float)
 MTBKD_INSTANTIATE(double)
 MTBKD_INSTANTIATE(c10::BFloat16)

@@ -23,11 +23,17 @@ template <typename T>
 void reparameterize_bwd(const T* grad, const T* rho, T* drho, int64_t n, uint64_t seed,
                         uint64_t offset);
 
-// sum_i log(s0 / s_i) + (s_i^2 + (mu_i - m0)^2) / (2 s0^2) - 1/2 with s_i = softplus(rho_i);
-// when dmu / drho are non-null also writes the gradient. Accumulates in double.
+// sum_i log(s0 / s_i) + (s_i^2 + (mu_i - m0)^2) / (2 s0^2) - 1/2 with s_i = softplus(rho_i),
+// in float per tile of 1024 terms (double for double), tiles summed in double.
 template <typename T>
-double gaussian_kl(const T* mu, const T* rho, T* dmu, T* drho, int64_t n, double prior_mu,
-                   double prior_sigma);
+double gaussian_kl(const T* mu, const T* rho, int64_t n, double prior_mu, double prior_sigma);
+
+// grad times the gradient of that sum, recomputed from mu and rho: dmu (when non-null) =
+// grad (mu - m0) / s0^2, drho (when non-null) = grad (s / s0^2 - 1 / s) sigmoid(rho); in float
+// (double for double), rounded once.
+template <typename T>
+void gaussian_kl_bwd(double grad, const T* mu, const T* rho, T* dmu, T* drho, int64_t n,
+                     double prior_mu, double prior_sigma);
 
 struct SgldParams {
   double lr;           // eta

@@ -1,5 +1,6 @@
 // CUDA kernels of the Bayesian student: fused reparameterised sampling (MATH.md section 6), the
-// Gaussian-prior KL with its gradient, and a multi-tensor (p)SGLD step (section 7).
+// Gaussian-prior KL and its gradient (recomputed in the backward), and a multi-tensor (p)SGLD
+// step (section 7).
 //
 // One thread owns one Philox counter, i.e. the 4 consecutive elements 4c .. 4c+3 whose normals
 // that counter produces (csrc/philox.h), so eps is made in registers and never stored; the
@@ -77,10 +78,12 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
+// Below rho = -20, s = e^rho (1 - e^rho / 2 + ...) heads for the denormals (0 below -104 in
+// float): log s = rho - s / 2 and sigmoid(rho) / s = 1 - s / 2 there (not log 0, 0 / 0).
 template <typename T>
-__global__ void kl_kernel(const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ dmu,
-                          T* __restrict__ drho, double* __restrict__ kl_sum, int64_t n,
-                          double prior_mu, double inv_var0, double log_s0) {
+__global__ void kl_kernel(const T* __restrict__ mu, const T* __restrict__ rho,
+                          double* __restrict__ kl_sum, int64_t n, double prior_mu,
+                          double inv_var0, double log_s0) {
   using C = typename Acc<T>::type;
   const C m0 = static_cast<C>(prior_mu), iv = static_cast<C>(inv_var0);
   const C c0 = static_cast<C>(log_s0) - static_cast<C>(0.5);
@@ -90,18 +93,9 @@ __global__ void kl_kernel(const T* __restrict__ mu, const T* __restrict__ rho, T
     const C r = to_acc(rho[i]);
     const C s = softplus(r);
     const C d = to_acc(mu[i]) - m0;
-    // Below rho = -20, s = e^rho (1 - e^rho / 2 + ...) heads for the denormals (0 below -104 in
-    // float): log s = rho - s / 2 and sigmoid(rho) / s = 1 - s / 2 there (not log 0, 0 / 0).
-    const bool tiny = r < static_cast<C>(-20);
     const C half = static_cast<C>(0.5);
-    const C log_s = tiny ? r - half * s : log(s);
+    const C log_s = r < static_cast<C>(-20) ? r - half * s : log(s);
     acc += static_cast<double>(c0 - log_s + half * (s * s + d * d) * iv);
-    if (dmu != nullptr) {
-      dmu[i] = from_acc<T>(d * iv);
-      const C sig = sigmoid(r);
-      drho[i] = from_acc<T>(tiny ? s * sig * iv - (static_cast<C>(1) - half * s)
-                                 : (s * iv - static_cast<C>(1) / s) * sig);
-    }
   }
   __shared__ double partial[kThreads / 32];
   acc = warp_sum(acc);
@@ -111,6 +105,27 @@ __global__ void kl_kernel(const T* __restrict__ mu, const T* __restrict__ rho, T
     acc = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.0;
     acc = warp_sum(acc);
     if (threadIdx.x == 0) atomicAdd(kl_sum, acc);
+  }
+}
+
+template <typename T>
+__global__ void kl_grad_kernel(const T* __restrict__ mu, const T* __restrict__ rho,
+                               T* __restrict__ dmu, T* __restrict__ drho,
+                               const double* __restrict__ grad, int64_t n, double prior_mu,
+                               double inv_var0) {
+  using C = typename Acc<T>::type;
+  const C m0 = static_cast<C>(prior_mu), iv = static_cast<C>(inv_var0);
+  const C g = static_cast<C>(*grad);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (dmu != nullptr) dmu[i] = from_acc<T>(g * ((to_acc(mu[i]) - m0) * iv));
+    if (drho != nullptr) {
+      const C r = to_acc(rho[i]);
+      const C s = softplus(r), sig = sigmoid(r), half = static_cast<C>(0.5);
+      const C dr = r < static_cast<C>(-20) ? s * sig * iv - (static_cast<C>(1) - half * s)
+                                           : (s * iv - static_cast<C>(1) / s) * sig;
+      drho[i] = from_acc<T>(g * dr);
+    }
   }
 }
 
@@ -177,10 +192,16 @@ cudaError_t reparam_typed(const ReparamParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t kl_typed(const KLParams& p, cudaStream_t stream) {
-  kl_kernel<T><<<grid_for(p.n), kThreads, 0, stream>>>(
-      static_cast<const T*>(p.mu), static_cast<const T*>(p.rho), static_cast<T*>(p.dmu),
-      static_cast<T*>(p.drho), p.kl_sum, p.n, p.prior_mu, 1.0 / (p.prior_sigma * p.prior_sigma),
-      log(p.prior_sigma));
+  const double inv_var0 = 1.0 / (p.prior_sigma * p.prior_sigma);
+  if (p.kl_sum != nullptr) {
+    kl_kernel<T><<<grid_for(p.n), kThreads, 0, stream>>>(
+        static_cast<const T*>(p.mu), static_cast<const T*>(p.rho), p.kl_sum, p.n, p.prior_mu,
+        inv_var0, log(p.prior_sigma));
+  } else {
+    kl_grad_kernel<T><<<grid_for(p.n), kThreads, 0, stream>>>(
+        static_cast<const T*>(p.mu), static_cast<const T*>(p.rho), static_cast<T*>(p.dmu),
+        static_cast<T*>(p.drho), p.grad, p.n, p.prior_mu, inv_var0);
+  }
   return cudaGetLastError();
 }
 

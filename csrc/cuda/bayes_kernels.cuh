@@ -27,13 +27,16 @@ struct ReparamParams {
 };
 cudaError_t launch_reparameterize(const ReparamParams& p, cudaStream_t stream);
 
-// kl_sum (one double, zeroed by the caller) += sum of the Gaussian-prior KL terms; when dmu and
-// drho are non-null, also writes the gradient.
+// Forward (kl_sum non-null): kl_sum (one double, zeroed by the caller) += the sum of the
+// Gaussian-prior KL terms. Backward (kl_sum null): with g = *grad (one double on the device),
+// dmu = g (mu - m0) / s0^2 and drho = g (s / s0^2 - 1 / s) sigmoid(rho), each written when
+// non-null, recomputed from mu and rho.
 struct KLParams {
   const void* mu;
   const void* rho;
   void* dmu;
   void* drho;
+  const double* grad;
   double* kl_sum;
   int64_t n;
   double prior_mu;
