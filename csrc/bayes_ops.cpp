@@ -91,11 +91,11 @@ Tensor gaussian_kl_cpu(const Tensor& mu, const Tensor& rho, double prior_mu, dou
 }
 
 // The incoming gradient of the KL: one floating-point number on mu's device.
-void check_kl_grad(const Tensor& grad, const Tensor& mu) {
-  MTBKD_CHECK(grad.numel() == 1 && at::isFloatingType(grad.scalar_type()),
-              "grad must be a floating-point tensor of one element, got ", grad.scalar_type(),
+void check_kl_grad(const Tensor& grad, const Tensor& mu, const char* name = "grad") {
+  MTBKD_CHECK(grad.numel() == 1 && at::isFloatingType(grad.scalar_type()), name,
+              " must be a floating-point tensor of one element, got ", grad.scalar_type(),
               " of shape ", grad.sizes());
-  MTBKD_CHECK(grad.device() == mu.device(), "grad must be on mu's device ", mu.device(),
+  MTBKD_CHECK(grad.device() == mu.device(), name, " must be on mu's device ", mu.device(),
               ", got ", grad.device());
 }
 
@@ -116,6 +116,53 @@ std::tuple<Tensor, Tensor> gaussian_kl_bwd_cpu(const Tensor& grad, const Tensor&
               mu_grad ? dmu.mutable_data_ptr<scalar_t>() : nullptr,
               rho_grad ? drho.mutable_data_ptr<scalar_t>() : nullptr, mu.numel(), prior_mu,
               prior_sigma);
+        });
+  }
+  return {dmu, drho};
+}
+
+std::tuple<Tensor, Tensor> reparameterize_kl_fwd_cpu(const Tensor& mu, const Tensor& rho,
+                                                      int64_t seed, int64_t offset,
+                                                      double prior_mu, double prior_sigma,
+                                                      bool check_finite) {
+  check_pair(mu, rho, "mu", "rho");
+  MTBKD_CHECK(prior_sigma > 0, "prior_sigma must be positive, got ", prior_sigma);
+  const auto acc = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor w = at::empty_like(mu);
+  int flags = 0;
+  double kl = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, mu.scalar_type(), "reparam_kl_fwd", [&] {
+        flags = mtbkd::cpu::reparameterize_kl_fwd<scalar_t>(
+            mu.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>(),
+            w.mutable_data_ptr<scalar_t>(), mu.numel(), static_cast<uint64_t>(seed),
+            static_cast<uint64_t>(offset), prior_mu, prior_sigma, check_finite, &kl);
+      });
+  raise_non_finite(flags);
+  return {w, at::scalar_tensor(kl, mu.options().dtype(acc))};
+}
+
+std::tuple<Tensor, Tensor> reparameterize_kl_bwd_cpu(const Tensor& grad, const Tensor& grad_kl,
+                                                      const Tensor& mu, const Tensor& rho,
+                                                      int64_t seed, int64_t offset,
+                                                      double prior_mu, double prior_sigma,
+                                                      bool mu_grad, bool rho_grad) {
+  check_pair(mu, rho, "mu", "rho");
+  check_pair(grad, rho, "grad", "rho");
+  check_kl_grad(grad_kl, mu, "grad_kl");
+  MTBKD_CHECK(prior_sigma > 0, "prior_sigma must be positive, got ", prior_sigma);
+  Tensor dmu = mu_grad ? at::empty_like(mu) : at::empty({0}, mu.options());
+  Tensor drho = rho_grad ? at::empty_like(rho) : at::empty({0}, rho.options());
+  const double gk = grad_kl.item<double>();
+  if (mu_grad || rho_grad) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, mu.scalar_type(), "reparam_kl_bwd", [&] {
+          mtbkd::cpu::reparameterize_kl_bwd<scalar_t>(
+              grad.const_data_ptr<scalar_t>(), gk, mu.const_data_ptr<scalar_t>(),
+              rho.const_data_ptr<scalar_t>(),
+              mu_grad ? dmu.mutable_data_ptr<scalar_t>() : nullptr,
+              rho_grad ? drho.mutable_data_ptr<scalar_t>() : nullptr, mu.numel(),
+              static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), prior_mu, prior_sigma);
         });
   }
   return {dmu, drho};
@@ -254,6 +301,66 @@ std::tuple<Tensor, Tensor> gaussian_kl_bwd_cuda(const Tensor& grad, const Tensor
   return {dmu, drho};
 }
 
+std::tuple<Tensor, Tensor> reparameterize_kl_fwd_cuda(const Tensor& mu, const Tensor& rho,
+                                                       int64_t seed, int64_t offset,
+                                                       double prior_mu, double prior_sigma,
+                                                       bool check_finite) {
+  // As reparameterize_fwd_cuda: the Python op checks finiteness on CUDA tensors when asked.
+  (void)check_finite;
+  check_pair(mu, rho, "mu", "rho");
+  MTBKD_CHECK(prior_sigma > 0, "prior_sigma must be positive, got ", prior_sigma);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  const auto acc = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor w = at::empty_like(mu);
+  Tensor sum = at::zeros({}, mu.options().dtype(at::kDouble));
+  mtbkd::cuda::ReparamKLParams p{mu.const_data_ptr(),
+                                 rho.const_data_ptr(),
+                                 nullptr,
+                                 nullptr,
+                                 w.mutable_data_ptr(),
+                                 nullptr,
+                                 sum.mutable_data_ptr<double>(),
+                                 mu.numel(),
+                                 static_cast<uint64_t>(seed),
+                                 static_cast<uint64_t>(offset),
+                                 prior_mu,
+                                 prior_sigma,
+                                 cuda_dtype(mu.scalar_type())};
+  check_cuda(mtbkd::cuda::launch_reparameterize_kl(p, c10::cuda::getCurrentCUDAStream()));
+  return {w, sum.to(acc)};
+}
+
+std::tuple<Tensor, Tensor> reparameterize_kl_bwd_cuda(const Tensor& grad, const Tensor& grad_kl,
+                                                       const Tensor& mu, const Tensor& rho,
+                                                       int64_t seed, int64_t offset,
+                                                       double prior_mu, double prior_sigma,
+                                                       bool mu_grad, bool rho_grad) {
+  check_pair(mu, rho, "mu", "rho");
+  check_pair(grad, rho, "grad", "rho");
+  check_kl_grad(grad_kl, mu, "grad_kl");
+  MTBKD_CHECK(prior_sigma > 0, "prior_sigma must be positive, got ", prior_sigma);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  Tensor dmu = mu_grad ? at::empty_like(mu) : at::empty({0}, mu.options());
+  Tensor drho = rho_grad ? at::empty_like(rho) : at::empty({0}, rho.options());
+  const Tensor gk = grad_kl.reshape({}).to(at::kDouble);  // read on the device
+  mtbkd::cuda::ReparamKLParams p{mu.const_data_ptr(),
+                                 rho.const_data_ptr(),
+                                 grad.const_data_ptr(),
+                                 gk.const_data_ptr<double>(),
+                                 mu_grad ? dmu.mutable_data_ptr() : nullptr,
+                                 rho_grad ? drho.mutable_data_ptr() : nullptr,
+                                 nullptr,
+                                 mu.numel(),
+                                 static_cast<uint64_t>(seed),
+                                 static_cast<uint64_t>(offset),
+                                 prior_mu,
+                                 prior_sigma,
+                                 cuda_dtype(mu.scalar_type())};
+  if (mu_grad || rho_grad)
+    check_cuda(mtbkd::cuda::launch_reparameterize_kl(p, c10::cuda::getCurrentCUDAStream()));
+  return {dmu, drho};
+}
+
 void sgld_step_cuda(at::TensorList params_in, at::TensorList grads_in,
                     at::TensorList square_avgs_in, double lr, double num_data,
                     double temperature, double weight_decay, int64_t seed, bool precondition,
@@ -300,6 +407,13 @@ TORCH_LIBRARY_FRAGMENT(mtbkd_C, m) {
       "gaussian_kl_bwd(Tensor grad, Tensor mu, Tensor rho, float prior_mu, float prior_sigma, "
       "bool mu_grad, bool rho_grad) -> (Tensor, Tensor)");
   m.def(
+      "reparameterize_kl_fwd(Tensor mu, Tensor rho, int seed, int offset, float prior_mu, "
+      "float prior_sigma, bool check_finite) -> (Tensor, Tensor)");
+  m.def(
+      "reparameterize_kl_bwd(Tensor grad, Tensor grad_kl, Tensor mu, Tensor rho, int seed, "
+      "int offset, float prior_mu, float prior_sigma, bool mu_grad, bool rho_grad)"
+      " -> (Tensor, Tensor)");
+  m.def(
       "sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, float lr, "
       "float num_data, float temperature, float weight_decay, int seed, bool precondition, "
       "float alpha, float eps) -> ()");
@@ -312,6 +426,8 @@ TORCH_LIBRARY_IMPL(mtbkd_C, CPU, m) {
   m.impl("reparameterize_bwd", TORCH_FN(reparameterize_bwd_cpu));
   m.impl("gaussian_kl", TORCH_FN(gaussian_kl_cpu));
   m.impl("gaussian_kl_bwd", TORCH_FN(gaussian_kl_bwd_cpu));
+  m.impl("reparameterize_kl_fwd", TORCH_FN(reparameterize_kl_fwd_cpu));
+  m.impl("reparameterize_kl_bwd", TORCH_FN(reparameterize_kl_bwd_cpu));
   m.impl("sgld_step_", TORCH_FN(sgld_step_cpu));
 }
 
@@ -321,6 +437,8 @@ TORCH_LIBRARY_IMPL(mtbkd_C, CUDA, m) {
   m.impl("reparameterize_bwd", TORCH_FN(reparameterize_bwd_cuda));
   m.impl("gaussian_kl", TORCH_FN(gaussian_kl_cuda));
   m.impl("gaussian_kl_bwd", TORCH_FN(gaussian_kl_bwd_cuda));
+  m.impl("reparameterize_kl_fwd", TORCH_FN(reparameterize_kl_fwd_cuda));
+  m.impl("reparameterize_kl_bwd", TORCH_FN(reparameterize_kl_bwd_cuda));
   m.impl("sgld_step_", TORCH_FN(sgld_step_cuda));
 }
 #endif

@@ -185,6 +185,62 @@ def _kl_grad_kernel(g_ptr, mu_ptr, rho_ptr, dmu_ptr, drho_ptr, n, prior_mu: tl.f
 
 
 @triton.jit
+def _reparam_kl_fwd_kernel(mu_ptr, rho_ptr, w_ptr, part_ptr, n, seed, offset,
+                           prior_mu: tl.float64, inv_var0: tl.float64, log_s0: tl.float64,
+                           BLOCK_Q: tl.constexpr, F64: tl.constexpr,
+                           INTERPRET: tl.constexpr):  # fmt: skip
+    # w = mu + s eps and this program's KL sum from the same loads of mu and rho (and s).
+    pid = tl.program_id(0).to(tl.int64)
+    q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    eps = _normals(seed, offset + q, 0, True)
+    idx = pid * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
+    mask = idx < n
+    acc = tl.float64 if F64 else tl.float32
+    prior_mu = tl.full((), prior_mu, acc)
+    inv_var0 = tl.full((), inv_var0, acc)
+    log_s0 = tl.full((), log_s0, acc)
+    mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(acc)
+    r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
+    s = _softplus(r, INTERPRET)
+    w = mu + s * eps.to(acc)
+    tl.store(w_ptr + idx, _to_out(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    d = mu - prior_mu
+    log_s = tl.where(r < -20.0, r - 0.5 * s, _log(s, INTERPRET))
+    kl = log_s0 - log_s + 0.5 * (s * s + d * d) * inv_var0 - 0.5
+    tl.store(part_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))
+
+
+@triton.jit
+def _reparam_kl_bwd_kernel(g_ptr, gk_ptr, mu_ptr, rho_ptr, dmu_ptr, drho_ptr, n, seed, offset,
+                           prior_mu: tl.float64, inv_var0: tl.float64, BLOCK_Q: tl.constexpr,
+                           MU_GRAD: tl.constexpr, RHO_GRAD: tl.constexpr, F64: tl.constexpr,
+                           INTERPRET: tl.constexpr):  # fmt: skip
+    # dmu = g + gk (mu - m0) / s0^2, drho = g eps sigmoid(rho) + gk dKL/drho, in one pass.
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
+    mask = idx < n
+    acc = tl.float64 if F64 else tl.float32
+    prior_mu = tl.full((), prior_mu, acc)
+    inv_var0 = tl.full((), inv_var0, acc)
+    gk = tl.load(gk_ptr).to(acc)
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(acc)
+    if MU_GRAD:
+        mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(acc)
+        dm = g + gk * ((mu - prior_mu) * inv_var0)
+        tl.store(dmu_ptr + idx, _to_out(dm, dmu_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    if RHO_GRAD:
+        q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+        eps = _normals(seed, offset + q, 0, True)
+        r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
+        s = _softplus(r, INTERPRET)
+        sig = _sigmoid(r, INTERPRET)
+        plain = (s * inv_var0 - 1.0 / s) * sig
+        dr = tl.where(r < -20.0, s * sig * inv_var0 - (1.0 - 0.5 * s), plain)
+        out = g * eps.to(acc) * sig + gk * dr
+        tl.store(drho_ptr + idx, _to_out(out, drho_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
 def _sgld_kernel(p_ptr, g_ptr, sq_ptr, n, seed, stream, lr: tl.float64, num_data: tl.float64,
                  weight_decay: tl.float64, noise_scale: tl.float64, alpha: tl.float64,
                  damp: tl.float64, BLOCK_Q: tl.constexpr, PRECOND: tl.constexpr,
@@ -283,6 +339,43 @@ def gaussian_kl_bwd(grad, mu, rho, prior_mu, prior_sigma, mu_grad, rho_grad):
         _kl_grad_kernel[(triton.cdiv(n, _KL_BLOCK),)](
             g, mu, rho, dmu, drho, n, prior_mu, 1.0 / prior_sigma**2, BLOCK=_KL_BLOCK,
             MU_GRAD=mu_grad, RHO_GRAD=rho_grad, F64=f64, INTERPRET=_interpreting(),
+        )  # fmt: skip
+    return dmu, drho
+
+
+@register_impl("reparameterize_kl", "triton")
+def reparameterize_kl_fwd(mu, rho, seed, offset, prior_mu, prior_sigma, check_finite):
+    """``(mu + softplus(rho) * eps, summed KL)`` in one pass (partial sums added in float64)."""
+    if check_finite:
+        _check_finite(mu, "mu")
+        _check_finite(rho, "rho")
+    w = torch.empty_like(mu)
+    n = mu.numel()
+    f64 = mu.dtype == torch.float64
+    parts = torch.zeros(_grid_q(n)[0], device=mu.device,
+                        dtype=torch.float64 if f64 else torch.float32)  # fmt: skip
+    if n:
+        _reparam_kl_fwd_kernel[_grid_q(n)](
+            mu, rho, w, parts, n, seed, offset, prior_mu, 1.0 / prior_sigma**2,
+            math.log(prior_sigma), BLOCK_Q=BLOCK_Q, F64=f64, INTERPRET=_interpreting(),
+        )  # fmt: skip
+    return w, parts.sum(dtype=torch.float64).to(parts.dtype)
+
+
+@register_impl("reparameterize_kl_backward", "triton")
+def reparameterize_kl_bwd(grad, grad_kl, mu, rho, seed, offset, prior_mu, prior_sigma, mu_grad,
+                          rho_grad):  # fmt: skip
+    """Both outputs' backward in one pass, eps regenerated."""
+    n = mu.numel()
+    f64 = mu.dtype == torch.float64
+    dmu = torch.empty_like(mu) if mu_grad else mu.new_empty((0,))
+    drho = torch.empty_like(rho) if rho_grad else rho.new_empty((0,))
+    if n and (mu_grad or rho_grad):
+        gk = grad_kl.reshape(1).to(torch.float64 if f64 else torch.float32)
+        _reparam_kl_bwd_kernel[_grid_q(n)](
+            grad, gk, mu, rho, dmu, drho, n, seed, offset, prior_mu, 1.0 / prior_sigma**2,
+            BLOCK_Q=BLOCK_Q, MU_GRAD=mu_grad, RHO_GRAD=rho_grad, F64=f64,
+            INTERPRET=_interpreting(),
         )  # fmt: skip
     return dmu, drho
 

@@ -5,6 +5,8 @@
   (``mtbkd::reparameterize_backward``) regenerates eps, so it is never stored.
 * ``mtbkd::gaussian_kl``: the summed KL to a Gaussian prior in one pass; its backward
   (``mtbkd::gaussian_kl_backward``) recomputes the gradient in one more pass, already scaled.
+* ``mtbkd::reparameterize_kl``: the sample and the KL from one pass over ``mu`` and ``rho``, and a
+  one-pass backward of both (``mtbkd::reparameterize_kl_backward``): what ``BayesLinear`` runs.
 * ``mtbkd::sgld_step_``: one fused (p)SGLD update of a list of parameters, noise made in-kernel.
 
 The random stream (see ``csrc/philox.h``) is Triton's ``tl.randn4x``: element ``i`` takes normal
@@ -31,6 +33,8 @@ __all__ = [
     "reparameterize_backward",
     "gaussian_kl",
     "gaussian_kl_backward",
+    "reparameterize_kl",
+    "reparameterize_kl_backward",
     "sgld_step_",
     "philox_normal",
     "new_seed",
@@ -377,14 +381,14 @@ register_impl("reparameterize_backward", "cuda", _cpu_reparameterize_backward)
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_kl_grad(grad: Tensor, mu: Tensor) -> None:
+def _check_kl_grad(grad: Tensor, mu: Tensor, name: str = "grad") -> None:
     # the C++ ops' check_kl_grad: the KL's incoming gradient, one number on mu's device (the
     # kernels read it there)
     if grad.numel() != 1 or not grad.is_floating_point():
-        raise RuntimeError(f"grad must be a floating-point tensor of one element, got {grad.dtype} "
-                           f"of shape {list(grad.shape)}")  # fmt: skip
+        raise RuntimeError(f"{name} must be a floating-point tensor of one element, got "
+                           f"{grad.dtype} of shape {list(grad.shape)}")  # fmt: skip
     if grad.device != mu.device:
-        raise RuntimeError(f"grad must be on mu's device {mu.device}, got {grad.device}")
+        raise RuntimeError(f"{name} must be on mu's device {mu.device}, got {grad.device}")
 
 
 @torch.library.custom_op("mtbkd::gaussian_kl", mutates_args=())
@@ -537,6 +541,195 @@ def _cpu_gaussian_kl_backward(grad, mu, rho, prior_mu, prior_sigma, mu_grad, rho
 
 register_impl("gaussian_kl", "cuda", _cpu_gaussian_kl)
 register_impl("gaussian_kl_backward", "cuda", _cpu_gaussian_kl_backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# mtbkd::reparameterize_kl: the sample and the KL in one pass (MATH.md section 6)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mtbkd::reparameterize_kl", mutates_args=())
+def _reparameterize_kl_op(
+    mu: Tensor,
+    rho: Tensor,
+    seed: int,
+    offset: int,
+    prior_mu: float,
+    prior_sigma: float,
+    check_finite: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(mu + softplus(rho) * eps(seed, offset), summed KL)`` (contiguous, one dtype)."""
+    from mtbkd import validate
+
+    _check_pair(mu, rho, "mu", "rho")
+    validate.check_prior_sigma(prior_sigma)
+    validate.check_real(prior_mu, "prior_mu")
+    return _impl("reparameterize_kl", mu)(mu, rho, seed, offset, prior_mu, prior_sigma,
+                                          check_finite)  # fmt: skip
+
+
+@_reparameterize_kl_op.register_fake
+def _(mu, rho, seed, offset, prior_mu, prior_sigma, check_finite):
+    return torch.empty_like(mu), mu.new_empty((), dtype=_acc(mu.dtype))
+
+
+@torch.library.custom_op("mtbkd::reparameterize_kl_backward", mutates_args=())
+def reparameterize_kl_backward(
+    grad: Tensor,
+    grad_kl: Tensor,
+    mu: Tensor,
+    rho: Tensor,
+    seed: int,
+    offset: int,
+    prior_mu: float,
+    prior_sigma: float,
+    mu_grad: bool,
+    rho_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """The backward of both outputs of :func:`reparameterize_kl` in one pass:
+    ``grad + grad_kl * (mu - m0) / s0^2`` and ``grad * eps * sigmoid(rho) + grad_kl * dKL/drho``
+    (``grad_kl`` a one-element tensor, eps regenerated), in fp32 (fp64), each rounded once; an
+    output not asked for is an empty tensor."""
+    from mtbkd import validate
+
+    _check_pair(mu, rho, "mu", "rho")
+    _check_pair(grad, rho, "grad", "rho")
+    _check_kl_grad(grad_kl, mu, "grad_kl")
+    validate.check_prior_sigma(prior_sigma)
+    validate.check_real(prior_mu, "prior_mu")
+    return _impl("reparameterize_kl_backward", mu)(grad, grad_kl, mu, rho, seed, offset, prior_mu,
+                                                   prior_sigma, mu_grad, rho_grad)  # fmt: skip
+
+
+@reparameterize_kl_backward.register_fake
+def _(grad, grad_kl, mu, rho, seed, offset, prior_mu, prior_sigma, mu_grad, rho_grad):
+    return (torch.empty_like(mu) if mu_grad else mu.new_empty((0,)),
+            torch.empty_like(rho) if rho_grad else rho.new_empty((0,)))  # fmt: skip
+
+
+def _reparam_kl_setup(ctx, inputs, output):
+    mu, rho, seed, offset, prior_mu, prior_sigma, _ = inputs
+    # an output that the loss does not use gets None, not a zero-filled weight-sized tensor
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(mu, rho)  # parameters: saving them costs no memory
+    ctx.seed, ctx.offset, ctx.prior = seed, offset, (prior_mu, prior_sigma)
+
+
+def _reparam_kl_backward(ctx, grad_w, grad_kl):
+    mu, rho = ctx.saved_tensors
+    need_mu, need_rho = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    nothing = (None,) * 7
+    if not (need_mu or need_rho) or (grad_w is None and grad_kl is None):
+        return nothing
+    prior_mu, prior_sigma = ctx.prior
+    acc = _acc(mu.dtype)
+    if grad_w is not None:
+        grad_w = grad_w.contiguous()
+    if torch.is_grad_enabled() or grad_kl is None:
+        # create_graph=True (differentiable pieces: the sampling's backward op, the KL's formula in
+        # torch ops), or the sample's gradient alone (the sampling's backward)
+        dmu = drho = None
+        if grad_w is not None:
+            dmu = grad_w if need_mu else None
+            if need_rho:
+                drho = reparameterize_backward(grad_w, rho, ctx.seed, ctx.offset)
+        if grad_kl is not None:
+            dm, dr = _kl_grad_terms(mu.to(acc), rho.to(acc), prior_mu, prior_sigma)
+            g = grad_kl.to(acc)
+            if need_mu:
+                dmu = (g * dm).to(mu.dtype) if dmu is None else dmu + (g * dm).to(mu.dtype)
+            if need_rho:
+                drho = (g * dr).to(rho.dtype) if drho is None else drho + (g * dr).to(rho.dtype)
+        return dmu, drho, None, None, None, None, None
+    gk = grad_kl.reshape(()).to(acc)
+    if grad_w is None:
+        dmu, drho = gaussian_kl_backward(gk, mu, rho, prior_mu, prior_sigma, need_mu, need_rho)
+    else:
+        dmu, drho = reparameterize_kl_backward(grad_w, gk, mu, rho, ctx.seed, ctx.offset, prior_mu,
+                                               prior_sigma, need_mu, need_rho)  # fmt: skip
+    return dmu if need_mu else None, drho if need_rho else None, None, None, None, None, None
+
+
+_reparameterize_kl_op.register_autograd(_reparam_kl_backward, setup_context=_reparam_kl_setup)
+
+
+def reparameterize_kl(
+    mu: Tensor,
+    rho: Tensor,
+    seed: int | None = None,
+    offset: int = 0,
+    *,
+    prior_sigma: float = 1.0,
+    prior_mu: float = 0.0,
+    check_finite: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """``(w, kl)``: :func:`reparameterize`'s sample and :func:`gaussian_kl`'s summed KL from one
+    pass over ``mu`` and ``rho`` (MATH.md section 6: the KL "in the same pass").
+
+    The backward of both outputs is one pass too: it reads the sample's gradient, ``mu`` and
+    ``rho``, regenerates eps and writes ``dmu = g + g_kl (mu - m0) / s0^2`` and
+    ``drho = g eps sigmoid(rho) + g_kl dKL/drho``, each rounded once; an output the loss does not
+    use costs nothing in the backward (the sample's gradient alone is :func:`reparameterize`'s
+    backward). Same seeds and offsets as :func:`reparameterize` (the same ``w``); ``kl`` is fp32
+    (fp64 for fp64 input). This is what :class:`mtbkd.nn.BayesLinear` runs in training.
+    """
+    from mtbkd import validate
+
+    _check_mu_rho(mu, rho)
+    prior_sigma = validate.check_prior_sigma(_plain_number(prior_sigma))
+    prior_mu = validate.check_real(_plain_number(prior_mu), "prior_mu")
+    if seed is None:
+        seed = new_seed()
+    seed, offset = _check_seed(seed, offset)
+    w, kl = _reparameterize_kl_op(mu.contiguous(), rho.contiguous(), seed, offset, prior_mu,
+                                  prior_sigma, check_finite)  # fmt: skip
+    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(kl.detach())):
+        _check_finite(mu, "mu")  # (finite inputs whose KL overflows pass: kl says so itself)
+        _check_finite(rho, "rho")
+    return w, kl
+
+
+@register_impl("reparameterize_kl", "reference")
+def _ref_reparameterize_kl(mu, rho, seed, offset, prior_mu, prior_sigma, check_finite):
+    w = _ref_reparameterize(mu, rho, seed, offset, check_finite)
+    return w, _ref_gaussian_kl(mu, rho, prior_mu, prior_sigma)
+
+
+@register_impl("reparameterize_kl_backward", "reference")
+def _ref_reparameterize_kl_backward(grad, grad_kl, mu, rho, seed, offset, prior_mu, prior_sigma,
+                                    mu_grad, rho_grad):  # fmt: skip
+    acc = _acc(mu.dtype)
+    dm, dr = _kl_grad_terms(mu.to(acc), rho.to(acc), prior_mu, prior_sigma)
+    g, gk = grad.to(acc), grad_kl.reshape(()).to(acc)
+    eps = _reference_normal(seed, offset, mu.numel()).to(device=mu.device, dtype=acc)
+    dmu = (g + gk * dm).to(mu.dtype) if mu_grad else mu.new_empty((0,))
+    drho = (g * eps.view(mu.shape) * torch.sigmoid(rho.to(acc)) + gk * dr).to(rho.dtype)
+    return dmu, drho if rho_grad else rho.new_empty((0,))
+
+
+@register_impl("reparameterize_kl", "cpu")
+def _cpu_reparameterize_kl(mu, rho, seed, offset, prior_mu, prior_sigma, check_finite):
+    return torch.ops.mtbkd_C.reparameterize_kl_fwd(mu, rho, seed, offset, prior_mu, prior_sigma,
+                                                   check_finite)  # fmt: skip
+
+
+@register_impl("reparameterize_kl_backward", "cpu")
+def _cpu_reparameterize_kl_backward(grad, grad_kl, mu, rho, seed, offset, prior_mu, prior_sigma,
+                                    mu_grad, rho_grad):  # fmt: skip
+    return torch.ops.mtbkd_C.reparameterize_kl_bwd(grad, grad_kl, mu, rho, seed, offset, prior_mu,
+                                                   prior_sigma, mu_grad, rho_grad)  # fmt: skip
+
+
+@register_impl("reparameterize_kl", "cuda")
+def _cuda_reparameterize_kl(mu, rho, seed, offset, prior_mu, prior_sigma, check_finite):
+    if check_finite:
+        _check_finite(mu, "mu")
+        _check_finite(rho, "rho")
+    return torch.ops.mtbkd_C.reparameterize_kl_fwd(mu, rho, seed, offset, prior_mu, prior_sigma,
+                                                   False)  # fmt: skip
+
+
+register_impl("reparameterize_kl_backward", "cuda", _cpu_reparameterize_kl_backward)
 
 
 # ----------------------------------------------------------------------------------------------

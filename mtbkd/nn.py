@@ -20,11 +20,42 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtbkd import validate
-from mtbkd.bayes_ops import _plain_number, counters_used, gaussian_kl, new_seed, reparameterize
+from mtbkd.bayes_ops import (
+    _plain_number,
+    counters_used,
+    gaussian_kl,
+    new_seed,
+    reparameterize,
+    reparameterize_kl,
+)
 
 __all__ = ["BayesLinear", "bayesify", "kl_divergence", "MODES"]
 
 MODES = ("reparameterize", "local")
+
+
+class _KLStash:
+    """The KL that a training forward computed in the sampling's pass, kept for :meth:`kl`.
+
+    Valid while the parameters are the same tensors at the same versions (an optimizer step, a
+    ``load_state_dict`` or a ``.to()`` makes it stale) and the prior is the same, and until a
+    backward runs through that forward's sampling node (after it, the node's saved tensors are
+    gone: :meth:`kl` computes afresh). Copies and pickles of a layer start without one.
+    """
+
+    __slots__ = ("kl", "key", "token")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.kl, self.key, self.token = None, None, None
+
+    def __deepcopy__(self, memo) -> _KLStash:
+        return _KLStash()
+
+    def __reduce__(self):
+        return (_KLStash, ())
 
 
 class BayesLinear(nn.Module):
@@ -83,6 +114,7 @@ class BayesLinear(nn.Module):
         self.posterior_rho_init = validate.check_real(posterior_rho_init, "posterior_rho_init")
         self.mode = mode
         self.frozen = False
+        self._kl_stash = _KLStash()
         kw = {"device": device, "dtype": dtype}
         self.weight_mu = nn.Parameter(torch.empty(out_features, in_features, **kw))
         self.weight_rho = nn.Parameter(torch.empty(out_features, in_features, **kw))
@@ -140,17 +172,64 @@ class BayesLinear(nn.Module):
             return self._forward_local(x)
         seed = new_seed()
         try:
-            w = reparameterize(self.weight_mu, self.weight_rho, seed, 0)
-            b = None
-            if self.bias_mu is not None:
-                # Same seed, the counters after the weight's: an independent draw.
-                b = reparameterize(self.bias_mu, self.bias_rho, seed, counters_used(w.numel()))
+            if self._fuse_kl():
+                w, b = self._sample_with_kl(seed)
+            else:
+                w = reparameterize(self.weight_mu, self.weight_rho, seed, 0)
+                b = None
+                if self.bias_mu is not None:
+                    # Same seed, the counters after the weight's: an independent draw.
+                    b = reparameterize(self.bias_mu, self.bias_rho, seed, counters_used(w.numel()))
         except ValueError:
             # the op's "rho contains non-finite values": which rho? (the op checks as it reads,
             # at no extra cost; only a failed call looks for the culprit)
             self._check_finite_parameters()
             raise
         return F.linear(x, w, b)
+
+    def _params(self) -> tuple[Tensor, ...]:
+        if self.bias_mu is None:
+            return (self.weight_mu, self.weight_rho)
+        return (self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho)
+
+    def _kl_key(self) -> tuple:
+        # what the stashed KL was computed from: the tensors, their versions and storage
+        return (self.prior_mu, self.prior_sigma,
+                *((id(p), p._version, p.data_ptr()) for p in self._params()))  # fmt: skip
+
+    def _fuse_kl(self) -> bool:
+        """Whether the forward computes the KL in the sampling's pass: a training forward that
+        autograd records, in eager mode (not inside ``torch.compile`` or a ``torch.func``
+        transform, where the layer keeps no state between forward and :meth:`kl`)."""
+        return (
+            torch.is_grad_enabled()
+            and any(p.requires_grad for p in self._params())
+            and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+        )
+
+    def _sample_with_kl(self, seed: int) -> tuple[Tensor, Tensor | None]:
+        kw = {"prior_sigma": self.prior_sigma, "prior_mu": self.prior_mu}
+        w, kl = reparameterize_kl(self.weight_mu, self.weight_rho, seed, 0, **kw)
+        b = None
+        if self.bias_mu is not None:
+            b, kl_b = reparameterize_kl(self.bias_mu, self.bias_rho, seed,
+                                        counters_used(w.numel()), **kw)  # fmt: skip
+            kl = kl + kl_b
+        stash = self.__dict__.get("_kl_stash")
+        if stash is None:  # a layer unpickled from before the stash existed
+            stash = self.__dict__["_kl_stash"] = _KLStash()
+        token = object()
+        stash.kl, stash.key, stash.token = kl, self._kl_key(), token
+        if kl.grad_fn is not None:
+            node = w.grad_fn if w.grad_fn is not None else kl.grad_fn
+
+            def spent(grad_outputs, stash=stash, token=token):
+                if stash.token is token:  # not a later forward's
+                    stash.clear()
+
+            node.register_prehook(spent)
+        return w, b
 
     def _check_finite_parameters(self) -> None:
         """Raise ``ValueError`` naming the first non-finite parameter (one host synchronisation
@@ -195,7 +274,19 @@ class BayesLinear(nn.Module):
         return mean + (std * torch.randn(mean.shape, dtype=acc, device=mean.device)).to(mean.dtype)
 
     def kl(self) -> Tensor:
-        """Summed KL of the posterior to the prior ``N(prior_mu, prior_sigma^2)`` (fp32)."""
+        """Summed KL of the posterior to the prior ``N(prior_mu, prior_sigma^2)`` (fp32).
+
+        After a training forward (``"reparameterize"`` mode, autograd recording, eager) this is
+        the KL that the forward computed in the sampling's own pass, and its gradient comes from
+        the sampling's backward pass too (:func:`mtbkd.bayes_ops.reparameterize_kl`): no pass of
+        its own either way. It shares the forward's autograd node, so backpropagate it in the
+        same backward as the layer's output (as ``nll + kl / num_data`` does), or with
+        ``retain_graph=True`` on the first of two. Otherwise (no such forward since the last
+        parameter change or backward, local mode, a frozen layer) it is computed here.
+        """
+        stash = self.__dict__.get("_kl_stash")
+        if stash is not None and stash.kl is not None and stash.key == self._kl_key():
+            return stash.kl if torch.is_grad_enabled() else stash.kl.detach()
         try:
             kl = gaussian_kl(self.weight_mu, self.weight_rho, self.prior_sigma, self.prior_mu)
             if self.bias_mu is not None:

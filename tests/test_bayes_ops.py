@@ -602,6 +602,11 @@ if KERNEL == "_kl_kernel":
     K.gaussian_kl(x, x, 0.1, 0.3)
 elif KERNEL == "_kl_grad_kernel":
     K.gaussian_kl_bwd(torch.ones((), dtype=torch.float64), x, x, 0.1, 0.3, True, True)
+elif KERNEL == "_reparam_kl_fwd_kernel":
+    K.reparameterize_kl_fwd(x, x, 3, 0, 0.1, 0.3, False)
+elif KERNEL == "_reparam_kl_bwd_kernel":
+    K.reparameterize_kl_bwd(x, torch.ones((), dtype=torch.float64), x, x, 3, 0, 0.1, 0.3, True,
+                            True)
 else:
     K.sgld_step_([x], [x], [x.clone()], 0.1, 7.0, 0.3, 0.2, 5, True, 0.9, 1e-5)
 ((args, kwargs),) = calls
@@ -626,6 +631,8 @@ print(*(sig[name] for name in SCALARS))
     [
         ("_kl_kernel", ("prior_mu", "inv_var0", "log_s0")),
         ("_kl_grad_kernel", ("prior_mu", "inv_var0")),
+        ("_reparam_kl_fwd_kernel", ("prior_mu", "inv_var0", "log_s0")),
+        ("_reparam_kl_bwd_kernel", ("prior_mu", "inv_var0")),
         ("_sgld_kernel", ("lr", "num_data", "weight_decay", "noise_scale", "alpha", "damp")),
     ],
 )
@@ -655,6 +662,110 @@ def test_kl_of_empty_tensors_has_empty_gradients(backend):
     kl = B.gaussian_kl(mu, rho)
     kl.backward()
     assert kl.item() == 0.0 and mu.grad.shape == rho.grad.shape == (0, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# reparameterize_kl: the sample and the KL in one pass
+# ---------------------------------------------------------------------------------------------
+
+
+# Triton's interpreter evaluates both sides of tl.where with numpy (rho < -20: 1 / s and log s)
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("used", ["both", "sample", "kl"])
+def test_reparameterize_kl_is_the_two_ops_in_one_pass(backend, dtype, used):
+    # the same w as reparameterize (same seed / offset), the same KL as gaussian_kl, and the
+    # gradient of whatever the loss uses, against the float64 formula on the same eps
+    torch.manual_seed(24)
+    n = 2003  # not a multiple of 4: a partial Philox counter and a partial program
+    mu = (torch.randn(n, dtype=torch.float64) * 0.5).to(dtype).to(DEVICE).requires_grad_()
+    rho = torch.cat([torch.linspace(-25.0, 4.0, 1003, dtype=torch.float64),
+                     torch.randn(1000, dtype=torch.float64) * 2 - 3])  # fmt: skip
+    rho = rho.to(dtype).to(DEVICE)
+    rho.requires_grad_(True)
+    w, kl = B.reparameterize_kl(mu, rho, seed=9, offset=5, prior_sigma=0.7, prior_mu=0.1)
+    assert torch.equal(w, B.reparameterize(mu, rho, seed=9, offset=5))
+    assert kl.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    kl_sep = B.gaussian_kl(mu, rho, prior_sigma=0.7, prior_mu=0.1)
+    torch.testing.assert_close(kl, kl_sep, rtol=1e-12 if dtype == torch.float64 else 2e-6, atol=0)
+    gw = torch.randn(n, dtype=torch.float64).to(dtype).to(DEVICE)
+    loss = {"both": (w * gw).sum() + 0.3 * kl, "sample": (w * gw).sum(), "kl": 0.3 * kl}[used]
+    dmu, drho = torch.autograd.grad(loss, (mu, rho))
+    m, r, g = mu.detach().double(), rho.detach().double(), gw.double()
+    s = F.softplus(r)
+    # the kernels' float32 normals differ from philox_normal's by an ulp or so: in float64 the
+    # op's own eps, read back from w
+    if dtype == torch.float64:
+        eps = (w.detach() - m) / s
+    else:
+        eps = B.philox_normal(9, 5, n).double().to(DEVICE)
+    kl_mu = (m - 0.1) / 0.49
+    kl_rho = torch.where(r < -20, s * torch.sigmoid(r) / 0.49 - (1 - s / 2),
+                         (s / 0.49 - 1 / s) * torch.sigmoid(r))  # fmt: skip
+    want_mu = (g if used != "kl" else 0) + (0.3 * kl_mu if used != "sample" else 0)
+    want_rho = (g * eps * torch.sigmoid(r) if used != "kl" else 0) + (
+        0.3 * kl_rho if used != "sample" else 0
+    )
+    for got, want in ((dmu, want_mu), (drho, want_rho)):
+        assert got.dtype == dtype
+        if dtype == torch.bfloat16:  # rounded once: half an ulp (plus the float32 terms' slack)
+            size = want.abs() + 0.3 * kl_rho.abs() + g.abs() * 4
+            bound = _half_ulp(want, dtype) + 1e-5 * size
+            assert ((got.double() - want).abs() <= bound).all()
+        else:
+            tol = 1e-12 if dtype == torch.float64 else 2e-5
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_reparameterize_kl_backward_op_writes_what_is_asked(backend):
+    torch.manual_seed(25)
+    mu, rho, g = (torch.randn(999, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    gk = torch.tensor(0.25, dtype=torch.float64, device=DEVICE)
+    full = B._ref_reparameterize_kl_backward(g, gk, mu, rho, 3, 1, 0.0, 1.5, True, True)
+    for mu_grad, rho_grad in ((True, True), (True, False), (False, True)):
+        dmu, drho = B.reparameterize_kl_backward(g, gk, mu, rho, 3, 1, 0.0, 1.5, mu_grad, rho_grad)
+        # (dmu has no eps; drho's eps are float32 normals, an ulp or so apart between backends)
+        for got, want, asked, tol in ((dmu, full[0], mu_grad, 1e-12),
+                                      (drho, full[1], rho_grad, 2e-6)):  # fmt: skip
+            if asked:
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+            else:
+                assert got.numel() == 0
+
+
+def test_reparameterize_kl_second_derivatives(backend):
+    # create_graph=True: the sampling's backward op (differentiable) plus the KL's formula in
+    # torch ops, against the two separate ops
+    torch.manual_seed(26)
+    mu = torch.randn(40, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    rho = torch.randn(40, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    def joint(m, r):
+        w, kl = B.reparameterize_kl(m, r, seed=4, prior_sigma=0.8)
+        return (w**3).sum() + kl
+
+    def separate(m, r):
+        return (B.reparameterize(m, r, seed=4) ** 3).sum() + B.gaussian_kl(m, r, prior_sigma=0.8)
+
+    for fn in (joint, separate):
+        g_mu, g_rho = torch.autograd.grad(fn(mu, rho), (mu, rho), create_graph=True)
+        h = torch.autograd.grad((g_mu * g_rho).sum() + (g_rho**2).sum(), (mu, rho))
+        if fn is joint:
+            got = h
+    for a, b in zip(got, h):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("which", ["mu", "rho"])
+def test_reparameterize_kl_names_a_non_finite_input(backend, which):
+    mu, rho = torch.zeros(50, device=DEVICE), torch.zeros(50, device=DEVICE)
+    {"mu": mu, "rho": rho}[which][7] = float("nan")
+    with pytest.raises(ValueError, match=f"{which} contains non-finite values"):
+        B.reparameterize_kl(mu, rho, seed=1)
+    w, kl = B.reparameterize_kl(mu, rho, seed=1, check_finite=False)
+    assert torch.isnan(kl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -775,6 +886,10 @@ def test_opcheck(backend, dtype):
     for flags in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(B.gaussian_kl_backward, (g, mu.detach(), rho.detach(), 0.2, 0.7,
                                                        *flags))  # fmt: skip
+    torch.library.opcheck(B._reparameterize_kl_op, (mu, rho, 3, 1, 0.1, 0.9, True))
+    for flags in ((True, True), (False, True)):
+        args = (torch.randn_like(mu), g, mu.detach(), rho.detach(), 3, 1, 0.1, 0.9, *flags)
+        torch.library.opcheck(B.reparameterize_kl_backward, args)
     params = [torch.randn(n, dtype=dtype, device=DEVICE) for n in (4, 3)]
     grads = [torch.randn_like(p) for p in params]
     sq = [torch.zeros_like(p) for p in params]
@@ -806,7 +921,7 @@ def test_triton_kernels_write_nothing_past_their_outputs(monkeypatch, n):
     # buffer (the allocator would hide a write past the end) and the rest must stay untouched.
     from mtbkd.kernels import bayes as K
 
-    guard = torch.full((4 * 2048,), 1234.5, device=DEVICE)
+    guard = torch.full((7 * 2048,), 1234.5, device=DEVICE)
     slots = iter(range(0, guard.numel(), 2048))
 
     def empty_like(t, **kwargs):
@@ -818,9 +933,14 @@ def test_triton_kernels_write_nothing_past_their_outputs(monkeypatch, n):
     monkeypatch.setattr(torch, "empty_like", empty_like)
     w = K.reparameterize_fwd(mu, rho, 3, 0, False)
     drho = K.reparameterize_bwd(torch.ones_like(mu), rho, 3, 0)
-    dmu, drho_kl = K.gaussian_kl_bwd(torch.ones((), device=DEVICE), mu, rho, 0.0, 1.0, True, True)
+    one = torch.ones((), device=DEVICE)
+    dmu, drho_kl = K.gaussian_kl_bwd(one, mu, rho, 0.0, 1.0, True, True)
+    w_kl, _ = K.reparameterize_kl_fwd(mu, rho, 3, 0, 0.0, 1.0, False)
+    dmu_j, drho_j = K.reparameterize_kl_bwd(torch.ones_like(mu), one, mu, rho, 3, 0, 0.0, 1.0,
+                                            True, True)  # fmt: skip
     monkeypatch.undo()
-    for start, out in zip(range(0, guard.numel(), 2048), (w, drho, dmu, drho_kl)):
+    outs = (w, drho, dmu, drho_kl, w_kl, dmu_j, drho_j)
+    for start, out in zip(range(0, guard.numel(), 2048), outs):
         assert out.data_ptr() == guard[start:].data_ptr() and torch.isfinite(out).all()
         assert (guard[start + n : start + 2048] == 1234.5).all()
 
@@ -961,6 +1081,15 @@ def _op_cases():
         ("kl bwd prior_sigma", lambda: ops.gaussian_kl_backward(z(()), z(6), z(6), 0.0, -1.0,
                                                                 True, True),
          "prior_sigma"),
+        ("joint dtype", lambda: ops.reparameterize_kl(z(6), z(6, dtype=torch.float64), 1, 0, 0.0,
+                                                      1.0, False),
+         "mu and rho must have the same dtype"),
+        ("joint bwd grad shape", lambda: ops.reparameterize_kl_backward(z(5), z(()), z(6), z(6), 1,
+                                                                        0, 0.0, 1.0, True, True),
+         "grad and rho must have the same shape"),
+        ("joint bwd grad_kl", lambda: ops.reparameterize_kl_backward(z(6), z(3), z(6), z(6), 1, 0,
+                                                                     0.0, 1.0, True, True),
+         "grad_kl must be a floating-point tensor of one element"),
         ("sgld lengths", lambda: ops.sgld_step_([z(8), z(3)], [z(8)], [], *hyper, False, 0.9,
                                                 1e-5),
          "params and grads must have the same length"),
@@ -1019,6 +1148,11 @@ cases = [
      "mu and rho must have the same shape, got [4096] and [8]"),
     ("kl_bwd", lambda: ops.gaussian_kl_backward(z(()) + 1, z(4096), z(8), 0.0, 1.0, True, True),
      "mu and rho must have the same shape, got [4096] and [8]"),
+    ("joint", lambda: ops.reparameterize_kl(z(4096), z(8), 1, 0, 0.0, 1.0, False),
+     "mu and rho must have the same shape, got [4096] and [8]"),
+    ("joint_bwd", lambda: ops.reparameterize_kl_backward(z(4096), z(()), z(8), z(8), 1, 0, 0.0,
+                                                         1.0, True, True),
+     "grad and rho must have the same shape, got [4096] and [8]"),
     ("sgld_grad", lambda: B.sgld_step_([z(4096)], [z(8)], None, lr=1e-3, num_data=10.0, seed=1),
      "params[0] and grads[0] must have the same shape, got [4096] and [8]"),
     ("sgld_square_avg", lambda: B.sgld_step_([z(100000)], [z(100000)], [z(10)], lr=1e-3,
@@ -1044,7 +1178,8 @@ def test_triton_ops_refuse_out_of_bounds_shapes():
     proc = subprocess.run([sys.executable, "-c", _OUT_OF_BOUNDS], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout, proc.stderr[-4000:])
-    names = ["reparam", "reparam_bwd", "kl", "kl_bwd", "sgld_grad", "sgld_square_avg"]
+    names = ["reparam", "reparam_bwd", "kl", "kl_bwd", "joint", "joint_bwd", "sgld_grad",
+             "sgld_square_avg"]  # fmt: skip
     assert proc.stdout.splitlines() == [f"{n} refused" for n in names] + ["survived"], proc.stdout
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtbkd import bayes_ops as B
+from mtbkd import optim as mtbkd_optim
 from mtbkd.nn import BayesLinear, bayesify, kl_divergence
 
 
@@ -402,3 +403,141 @@ def test_local_mode_forward_runs_under_fake_tensors():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         out = layer(mode.from_tensor(torch.randn(2, 4)))
     assert out.shape == (2, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The KL computed in the sampling's pass (reparameterize mode, training)
+# ---------------------------------------------------------------------------------------------
+
+
+def _step(layer, x, use_forward_kl=True, seed=5):
+    torch.manual_seed(seed)
+    y = layer(x)
+    if not use_forward_kl:
+        layer._kl_stash.clear()
+    kl = layer.kl()
+    (y.pow(2).sum() + kl / 7).backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    return y.detach(), kl.detach(), grads
+
+
+def test_training_forward_computes_the_kl_in_its_own_pass():
+    torch.manual_seed(1)
+    layer = BayesLinear(33, 6, posterior_rho_init=-1.0, prior_sigma=0.6).double()
+    x = torch.randn(4, 33, dtype=torch.float64)
+    torch.manual_seed(5)
+    layer(x)
+    assert layer.kl() is layer._kl_stash.kl  # no pass of its own
+    fused = _step(layer, x)
+    separate = _step(layer, x, use_forward_kl=False)  # kl() computed by gaussian_kl
+    torch.testing.assert_close(fused[0], separate[0], rtol=0, atol=0)
+    torch.testing.assert_close(fused[1], separate[1], rtol=1e-14, atol=0)
+    for name in fused[2]:
+        torch.testing.assert_close(fused[2][name], separate[2][name], rtol=1e-13, atol=1e-15)
+
+
+def test_stashed_kl_is_not_used_once_stale():
+    torch.manual_seed(2)
+    layer = BayesLinear(8, 3, posterior_rho_init=-2.0)
+    x = torch.randn(5, 8)
+
+    def fresh():
+        return B.gaussian_kl(layer.weight_mu, layer.weight_rho, layer.prior_sigma) + B.gaussian_kl(
+            layer.bias_mu, layer.bias_rho, layer.prior_sigma
+        )
+
+    # an optimizer step (in place: the parameters' versions change), ours and torch's
+    for opt in (mtbkd_optim.SGLD(layer.parameters(), lr=1e-2, num_data=10.0),
+                torch.optim.SGD(layer.parameters(), lr=0.5)):  # fmt: skip
+        kl_before = layer(x).sum() + layer.kl()
+        kl_before.backward()
+        layer(x)  # a new stash
+        opt.step()
+        assert layer.kl() is not layer._kl_stash.kl
+        torch.testing.assert_close(layer.kl(), fresh())
+        opt.zero_grad()
+    # a change of prior
+    layer(x)
+    layer.prior_sigma = 0.25
+    torch.testing.assert_close(layer.kl(), fresh())
+    # a backward through the forward's node: kl() computes afresh, and backpropagates again
+    layer(x).sum().backward()
+    kl = layer.kl()
+    assert layer._kl_stash.kl is None
+    kl.backward()
+    # .to(): other tensors of another dtype
+    layer(x)
+    layer.double()
+    assert layer.kl().dtype == torch.float64
+    # a forward that autograd does not record leaves no stash
+    layer.float()
+    layer._kl_stash.clear()
+    with torch.no_grad():
+        layer(x)
+    assert layer._kl_stash.kl is None
+
+
+def test_stashed_kl_shares_the_forwards_node():
+    # documented: back-propagate it in the same backward as the output, or retain the graph
+    layer = BayesLinear(6, 2)
+    x = torch.randn(3, 6)
+    y, kl = layer(x), None
+    kl = layer.kl()
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        kl.backward()
+    y = layer(x)
+    kl = layer.kl()
+    y.sum().backward(retain_graph=True)
+    kl.backward()
+    with torch.no_grad():
+        layer(x)
+        assert not layer.kl().requires_grad
+    layer(x)
+    with torch.no_grad():
+        assert not layer.kl().requires_grad
+
+
+def test_layer_with_a_stashed_kl_copies_and_pickles():
+    import copy
+    import io
+    import pickle
+
+    layer = BayesLinear(5, 4)
+    layer(torch.randn(2, 5))  # the stash holds a tensor with a graph
+    twin = copy.deepcopy(layer)
+    assert twin._kl_stash.kl is None and layer._kl_stash.kl is not None
+    torch.testing.assert_close(twin.kl(), layer.kl().detach())
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert back._kl_stash.kl is None
+    assert pickle.loads(pickle.dumps(layer))._kl_stash.kl is None
+    del back.__dict__["_kl_stash"]  # a layer pickled before the stash existed
+    back(torch.randn(2, 5))
+    assert back.kl() is back._kl_stash.kl
+
+
+def test_bias_free_and_partly_frozen_layers_use_the_forward_kl():
+    nobias = BayesLinear(7, 3, bias=False)
+    y = nobias(torch.randn(2, 7))
+    assert nobias.kl() is nobias._kl_stash.kl
+    (y.sum() + nobias.kl()).backward()
+    torch.testing.assert_close(
+        nobias.kl(), B.gaussian_kl(nobias.weight_mu, nobias.weight_rho).detach()
+    )
+    layer = BayesLinear(7, 3)  # the weights frozen, the bias trained
+    layer.weight_mu.requires_grad_(False)
+    layer.weight_rho.requires_grad_(False)
+    y = layer(torch.randn(2, 7))
+    kl = layer.kl()
+    assert kl is layer._kl_stash.kl
+    (y.sum() + kl).backward()
+    assert layer.bias_rho.grad is not None and layer.weight_rho.grad is None
+    assert layer._kl_stash.kl is None  # the backward spent it
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    layer(torch.randn(2, 7))  # nothing to train: the plain sampling op, no stash
+    assert layer._kl_stash.kl is None

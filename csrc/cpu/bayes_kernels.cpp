@@ -505,6 +505,100 @@ inline double kl_term_d(double m, double r, double prior_mu, double inv_var0, do
   return log_s0 - ls + 0.5 * (s * s + d * d) * inv_var0 - 0.5;
 }
 
+inline double kl_grad_rho_d(double r, double inv_var0) {
+  const double s = softplus_d(r), sig = sigmoid_d(r);
+  return r < -kSoftplusThreshold ? s * sig * inv_var0 - (1.0 - 0.5 * s)
+                                 : (s * inv_var0 - 1.0 / s) * sig;
+}
+
+// ---- Sampling and KL in one pass (mtbkd::reparameterize_kl) ---------------------------------
+// Forward: w = mu + s eps and the tile's KL sum from the same loads of mu and rho (and the same
+// s). Bit 1 / 2 of *bad: mu / rho held NaN or inf.
+inline float reparam_kl_tile(const float* mu, const float* rho, const float* eps, float* w,
+                             int64_t len, const KLConst& k, int* bad) {
+#if defined(MTBKD_SLEEF) && defined(__AVX512F__)
+  const __m512 m0 = _mm512_set1_ps(k.m0), iv = _mm512_set1_ps(k.iv), c0 = _mm512_set1_ps(k.c0);
+  const __m512 half = _mm512_set1_ps(0.5f), lo = _mm512_set1_ps(-kSoftplusThreshold);
+  __m512 acc = _mm512_setzero_ps();
+  __mmask16 bad_mu = 0, bad_rho = 0;
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = tail_mask(len - i);
+    const __m512 x = _mm512_maskz_loadu_ps(m, mu + i);
+    const __m512 r = _mm512_maskz_loadu_ps(m, rho + i);
+    const __m512 s = softplus16(r);
+    _mm512_mask_storeu_ps(w + i, m, _mm512_fmadd_ps(s, _mm512_loadu_ps(eps + i), x));
+    const __m512 d = _mm512_sub_ps(x, m0);
+    const __mmask16 tiny = _mm512_cmp_ps_mask(r, lo, _CMP_LT_OQ);
+    const __m512 ls = _mm512_mask_blend_ps(tiny, Sleef_logf16_u10(s), _mm512_fnmadd_ps(half, s, r));
+    const __m512 q = _mm512_fmadd_ps(s, s, _mm512_mul_ps(d, d));
+    __m512 term = _mm512_fmadd_ps(_mm512_mul_ps(half, q), iv, _mm512_sub_ps(c0, ls));
+    term = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q), term, r);
+    acc = _mm512_mask_add_ps(acc, m, acc, term);
+    bad_mu |= non_finite16(x);
+    bad_rho |= non_finite16(r);
+  }
+  *bad = (bad_mu ? 1 : 0) | (bad_rho ? 2 : 0);
+  return _mm512_reduce_add_ps(acc);
+#else
+  alignas(64) float sp[kTile];
+  softplus_sigmoid(rho, sp, nullptr, len);
+  int bm = 0, br = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    w[i] = mu[i] + sp[i] * eps[i];
+    const float zm = mu[i] * 0.0f, zr = rho[i] * 0.0f;  // NaN exactly for NaN and inf
+    bm += zm != zm;
+    br += zr != zr;
+  }
+  *bad = (bm > 0 ? 1 : 0) | (br > 0 ? 2 : 0);
+  return kl_tile_sum(mu, rho, len, k);
+#endif
+}
+
+// Backward of both outputs: dmu = g + gk (mu - m0) / s0^2 and
+// drho = (g eps + gk (s / s0^2 - 1 / s)) sigmoid(rho) (tiny-rho form below -20); either output
+// may be null (eps is then not generated when drho is null).
+inline void reparam_kl_grad_tile(const float* g, const float* mu, const float* rho,
+                                 const float* eps, float* dmu, float* drho, int64_t len,
+                                 float gk, const KLConst& k) {
+#if defined(MTBKD_SLEEF) && defined(__AVX512F__)
+  const __m512 m0 = _mm512_set1_ps(k.m0), gkv = _mm512_set1_ps(gk), iv = _mm512_set1_ps(k.iv);
+  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+  const __m512 lo = _mm512_set1_ps(-kSoftplusThreshold);
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = tail_mask(len - i);
+    const __m512 gw = _mm512_maskz_loadu_ps(m, g + i);
+    if (dmu != nullptr) {
+      const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, mu + i), m0);
+      _mm512_mask_storeu_ps(dmu + i, m, _mm512_fmadd_ps(gkv, _mm512_mul_ps(d, iv), gw));
+    }
+    if (drho != nullptr) {
+      const __m512 r = _mm512_maskz_loadu_ps(m, rho + i);
+      __m512 s, sig;
+      softplus_sigmoid16(r, s, sig);
+      const __m512 plain = _mm512_mul_ps(_mm512_fmsub_ps(_mm512_mul_ps(s, s), iv, one),
+                                         _mm512_div_ps(sig, s));
+      const __m512 small = _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(s, sig), iv),
+                                         _mm512_fnmadd_ps(half, s, one));
+      __m512 dr = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, lo, _CMP_LT_OQ), plain, small);
+      dr = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q), dr, r);
+      const __m512 sample = _mm512_mul_ps(_mm512_mul_ps(gw, _mm512_loadu_ps(eps + i)), sig);
+      _mm512_mask_storeu_ps(drho + i, m, _mm512_fmadd_ps(gkv, dr, sample));
+    }
+  }
+#else
+  alignas(64) float dm[kTile], dr[kTile];
+  kl_tile_grad(mu, rho, dmu != nullptr ? dm : nullptr, drho != nullptr ? dr : nullptr, len, gk,
+               k);
+  if (dmu != nullptr)
+    for (int64_t i = 0; i < len; ++i) dmu[i] = g[i] + dm[i];
+  if (drho != nullptr) {
+    alignas(64) float sig[kTile];
+    softplus_sigmoid(rho, nullptr, sig, len);
+    for (int64_t i = 0; i < len; ++i) drho[i] = g[i] * eps[i] * sig[i] + dr[i];
+  }
+#endif
+}
+
 }  // namespace
 
 template <typename T>
@@ -544,11 +638,7 @@ void gaussian_kl_bwd(double grad, const T* mu, const T* rho, T* dmu, T* drho, in
       for (int64_t i = 0; i < len; ++i) {
         const double r = rho[b + i];
         if (dmu != nullptr) dmu[b + i] = grad * ((mu[b + i] - prior_mu) * inv_var0);
-        if (drho != nullptr) {
-          const double s = softplus_d(r), sig = sigmoid_d(r);
-          drho[b + i] = grad * (r < -kSoftplusThreshold ? s * sig * inv_var0 - (1.0 - 0.5 * s)
-                                                        : (s * inv_var0 - 1.0 / s) * sig);
-        }
+        if (drho != nullptr) drho[b + i] = grad * kl_grad_rho_d(r, inv_var0);
       }
     } else if constexpr (std::is_same_v<T, float>) {
       kl_tile_grad(mu + b, rho + b, dmu == nullptr ? nullptr : dmu + b,
@@ -595,11 +685,97 @@ void sgld_step(T* param, const T* grad, Acc* square_avg, int64_t n, const SgldPa
   });
 }
 
+template <typename T>
+int reparameterize_kl_fwd(const T* mu, const T* rho, T* w, int64_t n, uint64_t seed,
+                          uint64_t offset, double prior_mu, double prior_sigma, bool check_finite,
+                          double* kl) {
+  const double inv_var0 = 1.0 / (prior_sigma * prior_sigma), log_s0 = std::log(prior_sigma);
+  const KLConst k = kl_const(prior_mu, prior_sigma);
+  std::atomic<int> flags{0};
+  *kl = at::parallel_reduce(
+      0, (n + kTile - 1) / kTile, kGrainTiles, 0.0,
+      [&](int64_t t0, int64_t t1, double acc) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t * kTile, len = std::min(kTile, n - b);
+          alignas(64) float eps[kTile];
+          philox_normals(seed, offset + static_cast<uint64_t>(b / 4), 0, (len + 3) / 4, eps);
+          int bad = 0;
+          if constexpr (std::is_same_v<T, double>) {
+            int bm = 0, br = 0;
+            for (int64_t i = 0; i < len; ++i) {
+              const double m = mu[b + i], r = rho[b + i];
+              w[b + i] = m + softplus_d(r) * static_cast<double>(eps[i]);
+              acc += kl_term_d(m, r, prior_mu, inv_var0, log_s0);
+              const double zm = m * 0.0, zr = r * 0.0;
+              bm += zm != zm;
+              br += zr != zr;
+            }
+            bad = (bm > 0 ? 1 : 0) | (br > 0 ? 2 : 0);
+          } else if constexpr (std::is_same_v<T, float>) {
+            acc += reparam_kl_tile(mu + b, rho + b, eps, w + b, len, k, &bad);
+          } else {
+            alignas(64) float m[kTile], r[kTile], out[kTile];
+            load_float(mu + b, m, len);
+            load_float(rho + b, r, len);
+            acc += reparam_kl_tile(m, r, eps, out, len, k, &bad);
+            for (int64_t i = 0; i < len; ++i) w[b + i] = static_cast<T>(out[i]);
+          }
+          if (check_finite && bad != 0) flags.fetch_or(bad);
+        }
+        return acc;
+      },
+      [](double x, double y) { return x + y; });
+  return flags.load();
+}
+
+template <typename T>
+void reparameterize_kl_bwd(const T* grad, double grad_kl, const T* mu, const T* rho, T* dmu,
+                           T* drho, int64_t n, uint64_t seed, uint64_t offset, double prior_mu,
+                           double prior_sigma) {
+  const double inv_var0 = 1.0 / (prior_sigma * prior_sigma);
+  const KLConst k = kl_const(prior_mu, prior_sigma);
+  const float gk = static_cast<float>(grad_kl);
+  for_each_tile(n, [&](int64_t b, int64_t len) {
+    alignas(64) float eps[kTile];
+    if (drho != nullptr)
+      philox_normals(seed, offset + static_cast<uint64_t>(b / 4), 0, (len + 3) / 4, eps);
+    if constexpr (std::is_same_v<T, double>) {
+      for (int64_t i = 0; i < len; ++i) {
+        const double g = grad[b + i];
+        if (dmu != nullptr) dmu[b + i] = g + grad_kl * ((mu[b + i] - prior_mu) * inv_var0);
+        if (drho != nullptr) {
+          const double r = rho[b + i];
+          drho[b + i] = g * static_cast<double>(eps[i]) * sigmoid_d(r) +
+                        grad_kl * kl_grad_rho_d(r, inv_var0);
+        }
+      }
+    } else if constexpr (std::is_same_v<T, float>) {
+      reparam_kl_grad_tile(grad + b, mu + b, rho + b, eps, dmu == nullptr ? nullptr : dmu + b,
+                           drho == nullptr ? nullptr : drho + b, len, gk, k);
+    } else {
+      alignas(64) float g[kTile], m[kTile], r[kTile], dm[kTile], dr[kTile];
+      load_float(grad + b, g, len);
+      load_float(mu + b, m, len);
+      load_float(rho + b, r, len);
+      reparam_kl_grad_tile(g, m, r, eps, dmu == nullptr ? nullptr : dm,
+                           drho == nullptr ? nullptr : dr, len, gk, k);
+      if (dmu != nullptr)
+        for (int64_t i = 0; i < len; ++i) dmu[b + i] = static_cast<T>(dm[i]);
+      if (drho != nullptr)
+        for (int64_t i = 0; i < len; ++i) drho[b + i] = static_cast<T>(dr[i]);
+    }
+  });
+}
+
 #define MTBKD_INSTANTIATE(T)                                                                  \
   template int reparameterize_fwd<T>(const T*, const T*, T*, int64_t, uint64_t, uint64_t, bool);  \
   template void reparameterize_bwd<T>(const T*, const T*, T*, int64_t, uint64_t, uint64_t);   \
   template double gaussian_kl<T>(const T*, const T*, int64_t, double, double);                \
-  template void gaussian_kl_bwd<T>(double, const T*, const T*, T*, T*, int64_t, double, double);
+  template void gaussian_kl_bwd<T>(double, const T*, const T*, T*, T*, int64_t, double, double); \
+  template int reparameterize_kl_fwd<T>(const T*, const T*, T*, int64_t, uint64_t, uint64_t,     \
+                                        double, double, bool, double*);                          \
+  template void reparameterize_kl_bwd<T>(const T*, double, const T*, const T*, T*, T*, int64_t,  \
+                                         uint64_t, uint64_t, double, double);
 MTBKD_INSTANTIATE(float)
 MTBKD_INSTANTIATE(double)
 MTBKD_INSTANTIATE(c10::BFloat16)

@@ -35,6 +35,20 @@ template <typename T>
 void gaussian_kl_bwd(double grad, const T* mu, const T* rho, T* dmu, T* drho, int64_t n,
                      double prior_mu, double prior_sigma);
 
+// reparameterize_fwd and gaussian_kl in one pass: writes w, stores the KL sum in *kl, returns
+// reparameterize_fwd's flags.
+template <typename T>
+int reparameterize_kl_fwd(const T* mu, const T* rho, T* w, int64_t n, uint64_t seed,
+                          uint64_t offset, double prior_mu, double prior_sigma, bool check_finite,
+                          double* kl);
+
+// The backward of both outputs of that pass in one pass: dmu = grad + grad_kl (mu - m0) / s0^2,
+// drho = grad eps sigmoid(rho) + grad_kl dKL/drho; dmu or drho may be null (not written).
+template <typename T>
+void reparameterize_kl_bwd(const T* grad, double grad_kl, const T* mu, const T* rho, T* dmu,
+                           T* drho, int64_t n, uint64_t seed, uint64_t offset, double prior_mu,
+                           double prior_sigma);
+
 struct SgldParams {
   double lr;           // eta
   double num_data;     // N: grad_U = N * grad + weight_decay * theta

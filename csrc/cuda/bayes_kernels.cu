@@ -129,6 +129,79 @@ __global__ void kl_grad_kernel(const T* __restrict__ mu, const T* __restrict__ r
   }
 }
 
+// Sampling and KL in one pass: a thread owns one Philox counter (4 elements) as in
+// reparam_kernel; the forward adds the KL terms of its elements to a block sum.
+template <typename T>
+__global__ void reparam_kl_fwd_kernel(const T* __restrict__ mu, const T* __restrict__ rho,
+                                      T* __restrict__ w, double* __restrict__ kl_sum, int64_t n,
+                                      uint64_t seed, uint64_t offset, double prior_mu,
+                                      double inv_var0, double log_s0) {
+  using C = typename Acc<T>::type;
+  const C m0 = static_cast<C>(prior_mu), iv = static_cast<C>(inv_var0);
+  const C c0 = static_cast<C>(log_s0) - static_cast<C>(0.5), half = static_cast<C>(0.5);
+  const int64_t counters = (n + 3) / 4;
+  double acc = 0.0;
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < counters;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float eps[4];
+    philox::normal4(seed, offset + static_cast<uint64_t>(c), 0, eps);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = 4 * c + j;
+      if (i < n) {
+        const C r = to_acc(rho[i]);
+        const C x = to_acc(mu[i]);
+        const C s = softplus(r);
+        w[i] = from_acc<T>(x + s * static_cast<C>(eps[j]));
+        const C d = x - m0;
+        const C log_s = r < static_cast<C>(-20) ? r - half * s : log(s);
+        acc += static_cast<double>(c0 - log_s + half * (s * s + d * d) * iv);
+      }
+    }
+  }
+  __shared__ double partial[kThreads / 32];
+  acc = warp_sum(acc);
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    acc = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.0;
+    acc = warp_sum(acc);
+    if (threadIdx.x == 0) atomicAdd(kl_sum, acc);
+  }
+}
+
+template <typename T>
+__global__ void reparam_kl_bwd_kernel(const T* __restrict__ grad, const double* __restrict__ gkp,
+                                      const T* __restrict__ mu, const T* __restrict__ rho,
+                                      T* __restrict__ dmu, T* __restrict__ drho, int64_t n,
+                                      uint64_t seed, uint64_t offset, double prior_mu,
+                                      double inv_var0) {
+  using C = typename Acc<T>::type;
+  const C m0 = static_cast<C>(prior_mu), iv = static_cast<C>(inv_var0);
+  const C gk = static_cast<C>(*gkp), half = static_cast<C>(0.5), one = static_cast<C>(1);
+  const int64_t counters = (n + 3) / 4;
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < counters;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float eps[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (drho != nullptr) philox::normal4(seed, offset + static_cast<uint64_t>(c), 0, eps);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = 4 * c + j;
+      if (i < n) {
+        const C g = to_acc(grad[i]);
+        if (dmu != nullptr) dmu[i] = from_acc<T>(g + gk * ((to_acc(mu[i]) - m0) * iv));
+        if (drho != nullptr) {
+          const C r = to_acc(rho[i]);
+          const C s = softplus(r), sig = sigmoid(r);
+          const C dr = r < static_cast<C>(-20) ? s * sig * iv - (one - half * s)
+                                               : (s * iv - one / s) * sig;
+          drho[i] = from_acc<T>(g * static_cast<C>(eps[j]) * sig + gk * dr);
+        }
+      }
+    }
+  }
+}
+
 // The tensors of one launch and the first block of each (prefix sums of their block counts).
 struct SgldBatch {
   SgldTensor t[kSgldTensorsPerLaunch];
@@ -206,6 +279,23 @@ cudaError_t kl_typed(const KLParams& p, cudaStream_t stream) {
 }
 
 template <typename T>
+cudaError_t reparam_kl_typed(const ReparamKLParams& p, cudaStream_t stream) {
+  const double inv_var0 = 1.0 / (p.prior_sigma * p.prior_sigma);
+  const int grid = grid_for((p.n + 3) / 4);
+  if (p.kl_sum != nullptr) {
+    reparam_kl_fwd_kernel<T><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(p.mu), static_cast<const T*>(p.rho), static_cast<T*>(p.w_or_dmu),
+        p.kl_sum, p.n, p.seed, p.offset, p.prior_mu, inv_var0, log(p.prior_sigma));
+  } else {
+    reparam_kl_bwd_kernel<T><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(p.grad), p.grad_kl, static_cast<const T*>(p.mu),
+        static_cast<const T*>(p.rho), static_cast<T*>(p.w_or_dmu), static_cast<T*>(p.drho), p.n,
+        p.seed, p.offset, p.prior_mu, inv_var0);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
 cudaError_t sgld_typed(const SgldTensor* tensors, int count, const SgldHyper& h,
                        cudaStream_t stream) {
   for (int start = 0; start < count; start += kSgldTensorsPerLaunch) {
@@ -257,6 +347,21 @@ cudaError_t launch_gaussian_kl(const KLParams& p, cudaStream_t stream) {
       return kl_typed<__nv_bfloat16>(p, stream);
     case DType::kFloat16:
       return kl_typed<__half>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_reparameterize_kl(const ReparamKLParams& p, cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kFloat32:
+      return reparam_kl_typed<float>(p, stream);
+    case DType::kFloat64:
+      return reparam_kl_typed<double>(p, stream);
+    case DType::kBFloat16:
+      return reparam_kl_typed<__nv_bfloat16>(p, stream);
+    case DType::kFloat16:
+      return reparam_kl_typed<__half>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -45,6 +45,28 @@ struct KLParams {
 };
 cudaError_t launch_gaussian_kl(const KLParams& p, cudaStream_t stream);
 
+// Sampling and the Gaussian-prior KL in one pass (mtbkd::reparameterize_kl).
+// Forward (kl_sum non-null): w = mu + softplus(rho) * eps, and kl_sum (one double, zeroed by the
+// caller) += the sum of the KL terms. Backward (kl_sum null): with gk = *grad_kl,
+// dmu = grad + gk (mu - m0) / s0^2 and drho = grad * eps * sigmoid(rho) + gk dKL/drho, each
+// written when non-null. eps as in ReparamParams.
+struct ReparamKLParams {
+  const void* mu;
+  const void* rho;
+  const void* grad;
+  const double* grad_kl;
+  void* w_or_dmu;
+  void* drho;
+  double* kl_sum;
+  int64_t n;
+  uint64_t seed;
+  uint64_t offset;
+  double prior_mu;
+  double prior_sigma;
+  DType dtype;
+};
+cudaError_t launch_reparameterize_kl(const ReparamKLParams& p, cudaStream_t stream);
+
 // One tensor of an SGLD step; square_avg (float, double for double params) only with
 // precondition. `stream` is the tensor's Philox stream (its index in the step).
 struct SgldTensor {
