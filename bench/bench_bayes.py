@@ -376,23 +376,20 @@ def table(results: dict) -> str:
             f"{r['methods']['loop']['median_ms']:.1f} | {r['batched_speedup']:.2f}x |"
         )
     mach = results["machine"]
-    lines.append(f"\nCopy bandwidth: {results['copy_bandwidth_gbs']:.1f} GB/s, "
-                 f"{mach['threads']} threads. `compiled`: torch.compile with its defaults "
-                 "(inductor generates the random numbers); `compiled_eager_rng`: with "
-                 "`fallback_random=True` (eager's generator, as the other methods). "
-                 "bayesian-torch's layer returns its KL as a mean, not a sum, and starts at "
-                 "rho = -3: the same work, another loss value. "
-                 f"Machine: {mach.get('cpu')}, commit {str(mach.get('commit'))[:10]}"
-                 f"{common.dirty_note(mach)}.")  # fmt: skip
+    lines.append(f"\nCopy bandwidth: {results['copy_bandwidth_gbs']:.1f} GB/s. `compiled`: "
+                 "torch.compile with its defaults (inductor generates the random numbers); "
+                 "`compiled_eager_rng`: with `fallback_random=True` (eager's generator, as the "
+                 "other methods). bayesian-torch's layer returns its KL as a mean, not a sum, "
+                 "and starts at rho = -3: the same work, another loss value.")  # fmt: skip
+    backends = [results.get("backend"), *(r.get("backend") for r in results["sampling"])]
+    lines.append("\n" + common.provenance(mach, backends))
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
+    if plt is None:  # matplotlib is an optional extra (common.save_suite says so)
+        return
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     r = results["sampling"][0]
     names = list(r["methods"])
@@ -451,6 +448,7 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
         "suite": "bayes", "quick": quick, "machine": common.machine(),
         "copy_bandwidth_gbs": common.copy_bandwidth_gbs(),
         "bayesian_torch": None if bt else "not installed (baseline skipped)",
+        "backend": mtbkd.ops.select_backend(torch.device("cpu"), "reparameterize"),
         "sampling": [bench_sampling(rows, cols, repeats, methods, memory=True)],
         "layer": [bench_layer(d, d, 128, repeats, layer_methods)],
     }  # fmt: skip
@@ -473,11 +471,9 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
     }  # fmt: skip
     md = table(results)
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        path = common.write_results("bayes", results, out_dir)
-        (out_dir / "latest-bayes.md").write_text(md + "\n")
-        plot(results, out_dir / "latest-bayes.png")
-        results["files"] = [str(path), str(out_dir / "latest-bayes.png")]
+        out_dir = common.results_dir(out_dir, quick)
+        path, png = common.save_suite("bayes", results, md, out_dir, plot)
+        results["files"] = [str(path)] + ([str(png)] if png is not None else [])
     print(md)
     if out_dir is not None:
         print(f"results: {results['files'][0]}")  # as the loss and llm suites end

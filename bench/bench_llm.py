@@ -158,16 +158,15 @@ def table(results: dict) -> str:
             f"{m['eager'].get('peak_extra_mb', float('nan')):.0f} | "
             f"{r.get('memory_ratio_fused_over_eager', float('nan')):.2f} |"
         )
-    lines.append(f"\n{results['machine']['threads']} threads; backend {results['backend']}.")
+    backends = [results.get("backend"), *(r.get("backend") for r in results["configs"])]
+    lines.append("\n" + common.provenance(results["machine"], backends))
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
+    if plt is None:  # matplotlib is an optional extra (common.save_suite says so)
+        return
     rows = results["configs"]
     labels = [f"{r['loss']}\nV={r['V']} K={r['K']}" for r in rows]
     x = range(len(rows))
@@ -211,10 +210,8 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
     jobs = [j for j in jobs if j[0] == "mtbkd" or (j[1] == vocabs[-1] and j[2] == 2)]
     for loss, v, k in tqdm(jobs, desc="bench llm", unit="config"):
         results["configs"].append(bench_config(loss, n, h, v, k, repeats, chunk_size=chunk))
-    path = common.write_results("llm", results, out_dir)
     md = table(results)
-    (out_dir / "latest-llm.md").write_text(md + "\n")
-    plot(results, out_dir / "latest-llm.png")
+    path, _ = common.save_suite("llm", results, md, out_dir, plot)
     print(md)
     print(f"results: {path}")
     return results

@@ -217,34 +217,35 @@ def table(results: dict) -> str:
         )
     mach = results["machine"]
     lines.append(
-        f"\nCopy bandwidth measured in the same run: {results['copy_bandwidth_gbs']:.1f} GB/s "
-        f"({mach['threads']} threads). GB/s counts the bytes of the kernels' own passes (MATH.md "
-        "section 9 plus the backward's 2·N·V·b); 'time at copy bound' is the time (K+2)·N·V·b "
-        "bytes take at the copy bandwidth over the measured time (100 % = the memory limit). "
-        "On CPU the kernels are compute-bound (a row fits in L2). "
-        f"Machine: {mach.get('cpu')}, commit {str(mach.get('commit'))[:10]}"
-        f"{common.dirty_note(mach)}."
+        f"\nCopy bandwidth measured in the same run: {results['copy_bandwidth_gbs']:.1f} GB/s. "
+        "GB/s counts the bytes of the kernels' own passes (MATH.md section 9 plus the backward's "
+        "2·N·V·b); 'time at copy bound' is the time (K+2)·N·V·b bytes take at the copy "
+        "bandwidth over the measured time (100 % = the memory limit). On CPU the kernels are "
+        "compute-bound (a row fits in L2)."
     )
+    lines.append("\n" + common.provenance(mach, (r.get("backend") for r in results["main"])))
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
+    if plt is None:  # matplotlib is an optional extra (common.save_suite says so)
+        return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
-    labels, methods = [], ["fused", "eager", "compiled"]
-    for r in results["main"]:
-        labels.append(f"{r['loss']}\n{r['dtype']}")
-    x = range(len(labels))
-    width = 0.27
+    labels = [f"{r['loss']}\n{r['dtype']}" for r in results["main"]]
+    # only the methods that ran: a --quick run has no "compiled", drawn before as zero bars
+    methods = [m for m in ("fused", "eager", "compiled")
+               if any(m in r["methods"] for r in results["main"])]  # fmt: skip
+    width = 0.8 / max(1, len(methods))
     for j, m in enumerate(methods):
-        vals = [r["methods"].get(m, {}).get("forward_backward", {}).get("median_ms", 0)
-                for r in results["main"]]  # fmt: skip
-        ax.bar([i + (j - 1) * width for i in x], vals, width, label=m)
+        xs, vals = [], []
+        for i, r in enumerate(results["main"]):
+            if m in r["methods"]:
+                xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                vals.append(r["methods"][m]["forward_backward"]["median_ms"])
+        ax.bar(xs, vals, width, label=m)
+    x = range(len(labels))
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("forward+backward ms (median)")
     r0 = results["main"][0]
@@ -297,10 +298,8 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
             bench_config(loss, nn_, vv, kk, d, repeats, ms, mem, results["copy_bandwidth_gbs"])
         )
     results["load_average_end"] = common.load_average()
-    path = common.write_results("loss", results, out_dir)
     md = table(results)
-    (out_dir / "latest-loss.md").write_text(md + "\n")
-    plot(results, out_dir / "latest-loss.png")
+    path, _ = common.save_suite("loss", results, md, out_dir, plot)
     print(md)
     print(f"results: {path}")
     return results

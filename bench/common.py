@@ -162,17 +162,88 @@ def dirty_note(mach: dict) -> str:
 def results_dir(out_dir: Path | str | None, quick: bool) -> Path:
     """Where a suite writes: ``out_dir`` when given, else ``bench/results`` (the committed
     results the README quotes), or ``bench/results/quick`` for a ``--quick`` smoke run so that it
-    never overwrites them."""
-    if out_dir:
+    never overwrites them. An empty ``out_dir`` is refused (it once fell back to the default)."""
+    if out_dir is not None:
+        if not str(out_dir):
+            raise ValueError("the output folder is an empty string")
         return Path(out_dir)
     here = Path(__file__).parent / "results"
     return here / "quick" if quick else here
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and
+    ``os.replace``: a reader (or a run killed midway) never sees a half-written file."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_results(suite: str, results: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.date.today().isoformat()
     path = out_dir / f"{stamp}-{socket.gethostname()}-{suite}.json"
-    path.write_text(json.dumps(results, indent=2))
-    (out_dir / f"latest-{suite}.json").write_text(json.dumps(results, indent=2))
+    text = json.dumps(results, indent=2)
+    write_atomic(path, text)
+    write_atomic(out_dir / f"latest-{suite}.json", text)
     return path
+
+
+NO_PNG = "matplotlib not installed: no PNG"
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None where matplotlib (an optional extra) is
+    not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_suite(suite: str, results: dict, md: str, out_dir: Path,
+               plot: Callable[[dict, Path], object]) -> tuple[Path, Path | None]:  # fmt: skip
+    """Write a CPU suite's files as one consistent set: the dated and ``latest-<suite>.json``,
+    ``latest-<suite>.md`` (both atomically), then ``latest-<suite>.png`` by ``plot``. Without
+    matplotlib the results and the markdown say so, it is printed, and a ``latest-<suite>.png``
+    of an earlier run is deleted (it would pass for this run's plot). Returns the JSON's path
+    and the PNG's (None when none was drawn)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / f"latest-{suite}.png"
+    plt = pyplot()
+    if plt is None:
+        results["plots"] = NO_PNG
+        md = f"{md}\n\n{NO_PNG}."
+    path = write_results(suite, results, out_dir)
+    write_atomic(out_dir / f"latest-{suite}.md", md + "\n")
+    png.unlink(missing_ok=True)  # an earlier run's plot never stands beside this run's results
+    if plt is None:
+        print(NO_PNG)
+        return path, None
+    plot(results, png)
+    return path, png
+
+
+def provenance(mach: dict, backends) -> str:
+    """The last line of every CPU suite's markdown: what produced the numbers (CPU model,
+    threads, torch, commit and whether the working tree had uncommitted changes) and the mtbkd
+    backend that ran the fused column."""
+    names = sorted({b for b in backends if b}) or ["unknown"]
+    commit = str(mach.get("commit") or "unknown")[:10]
+    return (
+        f"Machine: {mach.get('cpu', 'unknown CPU')}, {mach.get('threads')} threads, torch "
+        f"{mach.get('torch', 'unknown')}, commit {commit}{dirty_note(mach)}; fused column: "
+        f"mtbkd's {' / '.join(names)} backend."
+    )

@@ -107,17 +107,34 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 rows, columns or teachers put an error in every cell;
+    a negative count raised a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--teachers", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--methods", nargs="+", help="eager and backends (default: all that run)")
+    p.add_argument("--n", type=_positive_int, default=256)
+    p.add_argument("--vocab", type=_positive_int, default=8192)
+    p.add_argument("--teachers", type=_positive_int, default=3)
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   default="cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
+    p.add_argument("--methods", nargs="+", choices=["eager", *ops.BACKENDS],
+                   help="eager and backends (default: all that run)")  # fmt: skip
     p.add_argument("--out", type=Path, help="also write the results as JSON")
     p.add_argument("--check", action="store_true",
                    help="exit 1 if a fused backend failed or rounded off nearest")  # fmt: skip
     a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False); "
+                "use --device cpu")  # fmt: skip
     methods = a.methods or available(a.device)
     res = run(a.n, a.vocab, a.teachers, a.device, methods)
     print(table(res))

@@ -34,16 +34,37 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(bench))
     modules = {"loss": "bench_loss", "bayes": "bench_bayes", "llm": "bench_llm"}
     suites = list(modules) if args.suite == "all" else [args.suite]
-    if args.out:  # before: the whole benchmark ran, then a FileExistsError
-        _check_out_folder("bench", Path(args.out))
-    out = importlib.import_module("common").results_dir(args.out, args.quick)
-    for suite in suites:
+    made = None  # the outermost folder this command creates for --out
+    if args.out is not None:  # checked before any suite runs (they once ran, then failed to write)
+        if not args.out:  # "" once fell back to bench/results: over the committed results
+            raise SystemExit("mtbkd bench: --out is empty: give a folder, or leave --out out")
+        given = Path(args.out)
+        _check_out_folder("bench", given)
+        made = next((p for p in (*reversed(given.parents), given) if not p.exists()), None)
+        probe = given / ".mtbkd-bench-write-test"
         try:
-            mod = importlib.import_module(modules[suite])
-        except ModuleNotFoundError as exc:
-            print(f"suite {suite!r} is not available: {exc}", file=sys.stderr)
-            return 2
-        mod.run(quick=args.quick, out_dir=out)
+            given.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            if made is not None:
+                _remove_if_empty(made)
+            raise SystemExit(
+                f"mtbkd bench: --out {args.out} is not a folder it can write to: "
+                f"{exc.strerror or exc}"
+            ) from None
+    out = importlib.import_module("common").results_dir(args.out, args.quick)
+    try:
+        for suite in suites:
+            try:
+                mod = importlib.import_module(modules[suite])
+            except ModuleNotFoundError as exc:
+                print(f"suite {suite!r} is not available: {exc}", file=sys.stderr)
+                return 2
+            mod.run(quick=args.quick, out_dir=out)
+    finally:
+        if made is not None:  # a run that wrote nothing leaves no empty folder behind
+            _remove_if_empty(made)
     return 0
 
 
@@ -94,9 +115,11 @@ DEFAULT_SEQUENCE_ENCODER = {"deeploc": "composition+unirep1900"}
 def _add_pipeline_commands(sub) -> None:
     """``demo``, ``distill`` and ``predict``: the end-to-end MT-BKD pipeline (mtbkd.distill)."""
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, out_help: str = "") -> None:
         p.add_argument(
-            "--out", default=None, help="output folder (default: a new folder under runs/)"
+            "--out",
+            default=None,
+            help="output folder (default: a new folder under runs/)" + out_help,
         )
         p.add_argument(
             "--seed", type=_seed, default=None, help="data split and training seed (default 0)"
@@ -158,7 +181,7 @@ def _add_pipeline_commands(sub) -> None:
         help="MT-BKD on scikit-learn digits: three expert teachers, a "
         "small student, the comparison table and figures (offline, minutes)",
     )
-    common(p)
+    common(p, "; with --llm it writes OUT/llm_demo.json, and without --out (or --json) nothing")
     p.add_argument(
         "--llm",
         action="store_true",

@@ -1,6 +1,12 @@
 """The CPU benchmark suites' own machinery: the correctness check before timing, the byte
 counts, the interleaved timing and what a result file records (a review of the benchmarks)."""
 
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,3 +60,204 @@ def test_result_files_say_what_produced_them():
     ):
         assert key in m
     assert m["commit"] is None or len(m["commit"]) == 40
+
+
+# ---------------------------------------------------------------------------------------------
+# Result files: `mtbkd bench --out`, matplotlib optional, atomic writes, plots, provenance
+# (an audit of the benchmark CLI). The suites run on stubbed measurements: seconds, not minutes.
+# ---------------------------------------------------------------------------------------------
+
+MACH = {"cpu": "Test CPU 9000", "threads": 1, "torch": "9.9", "commit": "0123456789abcdef",
+        "uncommitted_changes": True}  # fmt: skip
+
+
+def _timing(ms=1.0):
+    return {"median_ms": ms, "p20_ms": ms, "p80_ms": ms, "repeats": 1}
+
+
+def _loss_row(loss, n, v, k, dtype, methods):
+    row = {"loss": loss, "N": n, "V": v, "K": k, "dtype": dtype, "backend": "cpu",
+           "methods": {}}  # fmt: skip
+    for i, m in enumerate(methods):
+        row["methods"][m] = {"forward": _timing(), "forward_backward": _timing(1.0 + i),
+                             "gbs_fwd_bwd": 1.0, "copy_bound_fraction": 0.5,
+                             "peak_extra_mb": 10.0, "fused_speedup_fwd_bwd": 1.0 + i}  # fmt: skip
+    return row
+
+
+def _stub_suites(monkeypatch):
+    """Replace every measurement of the three CPU suites by a constant; the suites' run(), result
+    files, tables and plots stay real. Returns the suite modules."""
+    from bench import bench_bayes, bench_llm
+
+    monkeypatch.setattr(common, "copy_bandwidth_gbs", lambda *a, **k: 10.0)
+    monkeypatch.setattr(common, "machine", lambda: dict(MACH))
+    monkeypatch.setattr(
+        bench_loss,
+        "bench_config",
+        lambda loss, n, v, k, d, reps, ms, mem, bw: _loss_row(loss, n, v, k, d, ms),
+    )
+
+    def llm_row(loss, n, h, v, k, repeats, chunk_size=None):
+        ms = {m: {"forward_backward": _timing(), "gflops": 1.0, "peak_extra_mb": 1.0}
+              for m in ("fused", "eager", "matmuls")}  # fmt: skip
+        ratios = ("time_ratio_fused_over_eager", "time_ratio_fused_over_matmuls",
+                  "memory_ratio_fused_over_eager")  # fmt: skip
+        return {"loss": loss, "N": n, "H": h, "V": v, "K": k, "backend": "cpu", "chunk_size": 32,
+                "methods": ms, **dict.fromkeys(ratios, 1.0)}  # fmt: skip
+
+    monkeypatch.setattr(bench_llm, "bench_config", llm_row)
+    sampling = {"rows": 2, "cols": 2, "backend": "cpu", "methods": {
+        "fused": {"forward_backward": _timing(), "forward": _timing()},
+        "eager": {"forward_backward": _timing(), "forward": _timing(),
+                  "fused_speedup_fwd_bwd": 1.0}}}  # fmt: skip
+    layer = {"d_in": 2, "d_out": 2, "batch": 1,
+             "methods": {"fused": {**_timing(), "fused_speedup": 1.0}}}  # fmt: skip
+    sgld = {"num_tensors": 1, "num_params": 1, "methods": {"fused": _timing(), "loop": _timing()},
+            "fused_speedup": 1.0, "fused_gbs": 1.0}  # fmt: skip
+    pred = [{"sampled": "all parameters", "samples": 2, "N": 2, "chunk": 1, "batched_speedup": 1.0,
+             "methods": {"batched": _timing(), "loop": _timing()}}]  # fmt: skip
+    monkeypatch.setattr(bench_bayes, "bench_sampling", lambda *a, **k: sampling)
+    monkeypatch.setattr(bench_bayes, "bench_layer", lambda *a, **k: layer)
+    monkeypatch.setattr(bench_bayes, "bench_sgld", lambda *a, **k: sgld)
+    monkeypatch.setattr(bench_bayes, "bench_predictive", lambda *a, **k: pred)
+    return {"loss": bench_loss, "bayes": bench_bayes, "llm": bench_llm}
+
+
+def _cli_suites(monkeypatch, mods):
+    # `mtbkd bench` imports the suites as top-level modules (bench/ on sys.path): the stubbed ones
+    for suite, mod in mods.items():
+        monkeypatch.setitem(sys.modules, f"bench_{suite}", mod)
+
+
+@pytest.mark.parametrize("where", ["proc", "read-only"])
+def test_bench_refuses_an_unwritable_out_before_any_suite_runs(tmp_path, monkeypatch, capsys,
+                                                               where):  # fmt: skip
+    # found by an audit: only the nearest existing ancestor was checked to be a folder, so
+    # `--out /proc/x` passed, the whole benchmark ran, and the run crashed when it wrote
+    from mtbkd import cli
+
+    if where == "proc":
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc")
+        out = "/proc/mtbkd-bench-x"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only folders")
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        out = str(ro / "sub")
+    ran = []
+    fake = types.ModuleType("bench_loss")
+    fake.run = lambda quick, out_dir: ran.append(out_dir)
+    monkeypatch.setitem(sys.modules, "bench_loss", fake)
+    with pytest.raises(SystemExit, match="mtbkd bench: --out .* is not a folder it can write to"):
+        cli.main(["bench", "--suite", "loss", "--quick", "--out", out])
+    assert ran == []
+
+
+def test_bench_refuses_an_empty_out_and_probes_a_new_folder(tmp_path, monkeypatch):
+    # `--out ""` was falsy: the run fell back to bench/results, over the committed results
+    from mtbkd import cli
+
+    ran = []
+    fake = types.ModuleType("bench_loss")
+
+    def run(quick, out_dir):
+        ran.append(Path(out_dir))
+        assert Path(out_dir).is_dir() and not list(Path(out_dir).iterdir())  # probe removed
+        (Path(out_dir) / "latest-loss.json").write_text("{}")
+
+    fake.run = run
+    monkeypatch.setitem(sys.modules, "bench_loss", fake)
+    with pytest.raises(SystemExit, match="--out is empty"):
+        cli.main(["bench", "--suite", "loss", "--quick", "--out", ""])
+    assert ran == []
+    out = tmp_path / "new" / "folder"
+    assert cli.main(["bench", "--suite", "loss", "--quick", "--out", str(out)]) == 0
+    assert ran == [out] and (out / "latest-loss.json").exists()
+    # a run that wrote nothing leaves no folder it made behind
+    fake.run = lambda quick, out_dir: None
+    assert cli.main(["bench", "--suite", "loss", "--out", str(tmp_path / "empty" / "x")]) == 0
+    assert not (tmp_path / "empty").exists()
+    with pytest.raises(ValueError, match="empty"):
+        common.results_dir("", quick=True)
+
+
+def test_every_suite_finishes_without_matplotlib(tmp_path, monkeypatch, capsys):
+    # found by an audit: plot() imported matplotlib (an optional extra) after the JSON and the
+    # markdown were written: a traceback, no table printed, `--suite all` stopped after the
+    # first suite, and an earlier run's latest-*.png stood beside the new results
+    from mtbkd import cli
+
+    mods = _stub_suites(monkeypatch)
+    _cli_suites(monkeypatch, mods)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises
+    for suite in mods:
+        (tmp_path / f"latest-{suite}.png").write_bytes(b"an earlier run's plot")
+    assert cli.main(["bench", "--suite", "all", "--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(common.NO_PNG) == 3 and printed.count("Test CPU 9000") == 3
+    for suite in mods:
+        assert not (tmp_path / f"latest-{suite}.png").exists()
+        assert json.loads((tmp_path / f"latest-{suite}.json").read_text())["plots"] == common.NO_PNG
+        assert common.NO_PNG in (tmp_path / f"latest-{suite}.md").read_text()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+
+
+def test_every_suite_writes_its_png_with_matplotlib(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    mods = _stub_suites(monkeypatch)
+    for suite, mod in mods.items():
+        mod.run(quick=True, out_dir=tmp_path)
+        assert (tmp_path / f"latest-{suite}.png").stat().st_size > 0
+        assert "plots" not in json.loads((tmp_path / f"latest-{suite}.json").read_text())
+
+
+def test_result_files_are_replaced_atomically(tmp_path, monkeypatch):
+    # a failing write (disk full, killed) leaves the previous file whole, and no temporary file
+    path = tmp_path / "latest-loss.json"
+    common.write_atomic(path, "old")
+    assert path.read_text() == "old"
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(common.os, "replace", fail)
+    with pytest.raises(OSError, match="No space"):
+        common.write_atomic(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_loss_plot_draws_only_the_methods_that_ran(tmp_path, monkeypatch):
+    # found by an audit: a --quick run (no torch.compile) drew "compiled" as zero-height bars
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figs = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    main = [_loss_row(loss, 8, 16, 2, "float32", ["fused", "eager"]) for loss in bench_loss.LOSSES]
+    main[1]["methods"].pop("eager")  # a row without a method: no bar there either
+    sweep = [_loss_row("mtbkd", 8, v, 1, "float32", ["fused", "eager"]) for v in (16, 32)]
+    bench_loss.plot({"main": main, "sweep": sweep}, tmp_path / "p.png")
+    ax = figs[0].axes[0]
+    assert ax.get_legend_handles_labels()[1] == ["fused", "eager"]
+    heights = [b.get_height() for c in ax.containers for b in c]
+    assert len(heights) == 3 and min(heights) > 0
+
+
+def test_every_cpu_suite_ends_its_markdown_with_what_produced_it(tmp_path, monkeypatch):
+    # latest-llm.md ended with "2 threads; backend cpu." only: no CPU model, commit, dirty flag
+    mods = _stub_suites(monkeypatch)
+    monkeypatch.setattr(common, "save_suite", lambda *a, **k: (tmp_path / "x.json", None))
+    line = common.provenance(MACH, ["cpu"])
+    for part in ("Test CPU 9000", "1 threads", "torch 9.9", "commit 0123456789 (uncommitted "
+                 "changes)", "fused column: mtbkd's cpu backend"):  # fmt: skip
+        assert part in line
+    for suite, mod in mods.items():
+        results = mod.run(quick=True, out_dir=tmp_path)
+        assert mod.table(results).splitlines()[-1] == line, suite
+    assert common.provenance({}, [None]).endswith(
+        "commit unknown; fused column: mtbkd's unknown backend."
+    )

@@ -191,3 +191,48 @@ def test_grad_rounding_counts_elements_not_rounded_to_nearest():
     assert nearest[0, 0] == 1.0
     wrong[0, 0] = 1.0 + 2.0**-7  # the next bf16 number: 2^-7 - 2^-9 - 2^-12 away, over half 2^-7
     assert grad_rounding.errors(wrong, truth)["not_nearest"] == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--n", "0"], "argument --n: must be a positive integer, got 0"),
+        (["--n", "-5"], "argument --n: must be a positive integer, got -5"),
+        (["--teachers", "0"], "argument --teachers: must be a positive integer, got 0"),
+        (["--vocab", "x"], "argument --vocab: 'x' is not an integer"),
+        (["--methods", "eager", "bogus"], "argument --methods: invalid choice: 'bogus'"),
+        (["--device", "cuda"], "--device cuda: no CUDA device here"),
+    ],
+)
+def test_grad_rounding_refuses_bad_arguments(argv, message, monkeypatch, capsys):
+    # found by an audit: --n 0 and --teachers 0 put an error in every cell and exited 0, --n -5
+    # raised a traceback, --device cuda without CUDA a raw RuntimeError, --methods bogus ran
+    grad_rounding = _bench_module("grad_rounding")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(grad_rounding, "run", lambda *a, **k: pytest.fail("it ran"))
+    with pytest.raises(SystemExit) as exc:
+        grad_rounding.main(["--device", "cpu", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gradient_error_target_is_labelled_with_the_dtype_it_was_measured_in():
+    # found by an audit: targets() said "bf16 gradient error <= eager's" of every run, a float32
+    # (or --dry-run) run's included
+    bench = _bench_module()
+
+    def run(dtype, fused_err):
+        return {"loss": "jsd", "N": 8, "V": 37, "K": 2, "dtype": dtype, "methods": {
+            "triton": {"median_ms": 1.0, "grad_rel_error": fused_err},
+            "eager": {"median_ms": 2.0, "grad_rel_error": 1e-3}}}  # fmt: skip
+
+    res = {"copy_bandwidth_gbs": 1.0, "config": {"dtype": "float32"},
+           "runs": [run("float32", 1e-4)]}  # fmt: skip
+    got = bench.targets(res)
+    assert got["triton"]["fp32 gradient error <= eager's"] is True
+    assert not any(k.startswith("bf16") for k in got["triton"])
+    assert got["cuda"]["fp32 gradient error <= eager's"] is None  # not measured
+    res = {"copy_bandwidth_gbs": 1.0, "config": {"dtype": "bfloat16"},
+           "runs": [run("bfloat16", 1e-2), run("float32", 1e-4)]}  # fmt: skip
+    got = bench.targets(res)["triton"]
+    assert got["bf16 gradient error <= eager's"] is False
+    assert got["fp32 gradient error <= eager's"] is True
