@@ -537,7 +537,7 @@ def _ref_scale_grad(grad, grad_rows):
 
 
 # The Bayesian-student ops (MATH.md sections 6-7) live in their own module; re-exported here.
-from mtbkd.bayes_ops import gaussian_kl, reparameterize  # noqa: E402,F401
+from mtbkd.bayes_ops import gaussian_kl, reparameterize, reparameterize_kl  # noqa: E402,F401
 
 # ----------------------------------------------------------------------------------------------
 # CPU backend: the C++ kernels of mtbkd._C (csrc/ops.cpp, csrc/cpu/loss_kernels.cpp), registered

@@ -718,6 +718,13 @@ def test_reparameterize_kl_is_the_two_ops_in_one_pass(backend, dtype, used):
             torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+def test_reparameterize_kl_is_exported_beside_the_other_ops():
+    from mtbkd import ops
+
+    assert ops.reparameterize_kl is B.reparameterize_kl
+    assert "reparameterize_kl" in B.__all__ and "reparameterize_kl_backward" in B.__all__
+
+
 def test_reparameterize_kl_backward_op_writes_what_is_asked(backend):
     torch.manual_seed(25)
     mu, rho, g = (torch.randn(999, dtype=torch.float64, device=DEVICE) for _ in range(3))
