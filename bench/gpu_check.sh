@@ -6,7 +6,8 @@
 #      rounding on every backend) on the device,
 #   3. measure each backend's bf16 gradient against float64 (bench/grad_rounding.py: is every
 #      element the truth rounded to nearest?) and float32 entropy of nearly one-hot teachers
-#      (bench/entropy_precision.py), tables appended to summary.txt,
+#      (bench/entropy_precision.py), and time a BayesLinear training step on each backend against
+#      eager and torch.compile (bench/bayes_step_gpu.py), tables appended to summary.txt,
 #   4. benchmark Triton vs CUDA vs eager vs torch.compile vs Liger-Kernel (when importable; a
 #      machine without a package registry gets it from build/gpu-extras/site, which `make
 #      gpu-extras` unpacks on a machine that has one: carry that folder along) at
@@ -77,7 +78,7 @@ echo "gpu_check: results in $OUT"
 } > "$OUT/summary.txt" 2>&1
 
 # Every phase's limit is cut to what is left of one overall deadline (470 s), so that the
-# phases' own limits (240 + 240 + 200 + 60 s) can never add up past the 8 minutes together.
+# phases' own limits (240 + 240 + 200 + 60 + 30 + 45 s) can never add up past the 8 minutes together.
 budget() {
   local want=$1 left=$(( 470 - ($(date +%s) - START) ))
   [ "$left" -lt "$want" ] && want=$left
@@ -152,7 +153,9 @@ if [ $BUILD_OK = 1 ]; then
     echo "grad_rounding: exit ${PIPESTATUS[0]}"; } >> "$OUT/summary.txt"
   { echo "nearly one-hot teacher entropy (bench/entropy_precision.py):";
     timeout "$(budget 30)" $PY bench/entropy_precision.py 2>&1 | tail -n 6; } >> "$OUT/summary.txt"
-  tail -n 21 "$OUT/summary.txt"
+  { echo "BayesLinear training step, every backend and baseline (bench/bayes_step_gpu.py):";
+    timeout "$(budget 45)" $PY bench/bayes_step_gpu.py 2>&1 | tail -n 9; } >> "$OUT/summary.txt"
+  tail -n 31 "$OUT/summary.txt"
 fi
 
 # ---- 4. benchmark (what is left of the 8 minutes; baselines stop first when time runs out) ----

@@ -236,3 +236,20 @@ def test_gradient_error_target_is_labelled_with_the_dtype_it_was_measured_in():
     got = bench.targets(res)["triton"]
     assert got["bf16 gradient error <= eager's"] is False
     assert got["fp32 gradient error <= eager's"] is True
+
+
+def test_bayes_step_dry_run_times_every_method_that_can_run(tmp_path, capsys):
+    # bench/bayes_step_gpu.py (gpu_check.sh's BayesLinear step on the device) at tiny sizes on CPU:
+    # the Triton backend in its interpreter, the CUDA one said not run, the baselines measured
+    bayes_step_gpu = _bench_module("bayes_step_gpu")
+    out = tmp_path / "step.json"
+    assert bayes_step_gpu.main(["--dry-run", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| cuda | not run: CPU dry run | - |" in table
+    got = json.loads(out.read_text())
+    expected = {"eager", "compiled_eager_rng"} | (
+        {"triton"} if ops._triton_interpreted() else set()
+    )
+    assert set(got["ms"]) == expected and all(v > 0 for v in got["ms"].values())
+    with pytest.raises(SystemExit):
+        bayes_step_gpu.main(["--size", "0", "--dry-run"])

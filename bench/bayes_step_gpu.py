@@ -1,0 +1,139 @@
+"""One training step of a Bayesian linear layer on a GPU, every way it can run there.
+
+``mtbkd.nn.BayesLinear`` (its training forward samples the weights and sums their KL in one pass,
+``mtbkd.bayes_ops.reparameterize_kl``, and one backward pass writes both gradients) on the Triton
+and on the CUDA backend, against the same step in eager PyTorch (``randn_like`` + softplus,
+closed-form KL, autograd) and that eager code under ``torch.compile`` with eager's random
+generator (``fallback_random=True``, the fair comparison; inductor's own generator draws other
+numbers). The step: sample weight and bias, ``x w^T + b``, ``mean(y^2) + KL / 50,000``, backward
+to mu and rho. Time per step: median of CUDA-synchronised rounds, methods interleaved.
+
+    python bench/bayes_step_gpu.py [--size 4096] [--batch 128] [--dtype float32|bfloat16]
+    python bench/bayes_step_gpu.py --dry-run      # tiny sizes on CPU: the script's own check
+
+``bench/gpu_check.sh`` runs it and appends the table to its summary. Prints one markdown table;
+``--json FILE`` also writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_bayes as BB  # noqa: E402  (the eager step and the compile options of the CPU suite)
+
+from mtbkd import ops  # noqa: E402
+from mtbkd.nn import BayesLinear  # noqa: E402
+
+METHODS = ("triton", "cuda", "eager", "compiled_eager_rng")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def make_step(method: str, size: int, batch: int, dtype: torch.dtype, device: str):
+    """``fn() -> grads`` of one training step, or the reason it cannot run here."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, size, device=device, dtype=dtype)
+    layer = BayesLinear(size, size, prior_sigma=BB.LAYER_PRIOR_SIGMA).to(device=device, dtype=dtype)
+    params = list(layer.parameters())
+    if method in ("triton", "cuda"):
+        why = ops.backend_status()[method]
+        if why is not None:
+            return why
+
+        def step():
+            os.environ["MTBKD_BACKEND"] = method
+            try:
+                loss = layer(x).float().square().mean() + layer.kl() / 50_000
+                return torch.autograd.grad(loss, params)
+            finally:
+                del os.environ["MTBKD_BACKEND"]
+
+        return step
+    fn = BB._eager_layer_step
+    if method == "compiled_eager_rng":
+        fn = BB._compile(BB._eager_layer_step, method)
+    plain = [p.detach().clone().requires_grad_(True) for p in params]
+    return lambda: torch.autograd.grad(fn(*plain, x), plain)
+
+
+def measure(fns: dict, rounds: int, device: str) -> dict[str, float]:
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for fn in fns.values():  # warm-up: compilation, autotuning, allocator
+        fn()
+        fn()
+    sync()
+    times: dict[str, list[float]] = {m: [] for m in fns}
+    for _ in range(rounds):
+        for m, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[m].append(time.perf_counter() - t0)
+    return {m: 1e3 * statistics.median(v) for m, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bayes_step_gpu.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=_positive, default=4096, help="in = out features")
+    ap.add_argument("--batch", type=_positive, default=128)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--rounds", type=_positive, default=20)
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (no GPU needed)")
+    ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    a = ap.parse_args(argv)
+    device = "cpu" if a.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device (torch.cuda.is_available() is False); --dry-run runs on CPU")
+    size, batch, rounds = (64, 8, 2) if a.dry_run else (a.size, a.batch, a.rounds)
+    dtype = getattr(torch, a.dtype)
+    fns, skipped = {}, {}
+    for m in a.methods:
+        if a.dry_run and (m == "cuda" or (m == "triton" and not ops._triton_interpreted())):
+            skipped[m] = "CPU dry run" + ("" if m == "cuda" else " without TRITON_INTERPRET=1")
+            continue
+        got = make_step(m, size, batch, dtype, device)
+        if isinstance(got, str):
+            skipped[m] = got
+        else:
+            fns[m] = got
+    ms = measure(fns, rounds, device) if fns else {}
+    base = min((ms[m] for m in ("triton", "cuda") if m in ms), default=None)
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU dry run"
+    lines = [f"BayesLinear {size}x{size} training step, batch {batch}, {a.dtype}, {name} "
+             f"(median of {rounds} rounds):", "", "| method | ms | time / best mtbkd backend |",
+             "|---|---|---|"]  # fmt: skip
+    for m in a.methods:
+        if m in ms:
+            ratio = f"{ms[m] / base:.2f}x" if base else "-"
+            lines.append(f"| {m} | {ms[m]:.3f} | {ratio} |")
+        else:
+            lines.append(f"| {m} | not run: {skipped[m]} | - |")
+    print("\n".join(lines))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"size": size, "batch": batch, "dtype": a.dtype,
+                                            "device": name, "ms": ms, "skipped": skipped},
+                                           indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
