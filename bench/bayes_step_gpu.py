@@ -1,7 +1,8 @@
 """One training step of a Bayesian linear layer on a GPU, every way it can run there.
 
-``mtbkd.nn.BayesLinear`` (its training forward samples the weights and sums their KL in one pass,
-``mtbkd.bayes_ops.reparameterize_kl``, and one backward pass writes both gradients) on the Triton
+``mtbkd.nn.BayesLinear`` (under ``mtbkd.nn.record_kl`` its forward samples the weights and sums
+their KL in one pass, ``mtbkd.bayes_ops.reparameterize_kl``, and one backward pass writes both
+gradients) on the Triton
 and on the CUDA backend, against the same step in eager PyTorch (``randn_like`` + softplus,
 closed-form KL, autograd) and that eager code under ``torch.compile`` with eager's random
 generator (``fallback_random=True``, the fair comparison; inductor's own generator draws other
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_bayes as BB  # noqa: E402  (the eager step and the compile options of the CPU suite)
 
 from mtbkd import ops  # noqa: E402
-from mtbkd.nn import BayesLinear  # noqa: E402
+from mtbkd.nn import BayesLinear, record_kl  # noqa: E402
 
 METHODS = ("triton", "cuda", "eager", "compiled_eager_rng")
 
@@ -57,7 +58,9 @@ def make_step(method: str, size: int, batch: int, dtype: torch.dtype, device: st
         def step():
             os.environ["MTBKD_BACKEND"] = method
             try:
-                loss = layer(x).float().square().mean() + layer.kl() / 50_000
+                with record_kl(layer) as rec:  # the KL from the forward's sampling pass
+                    y = layer(x)
+                loss = y.float().square().mean() + rec.kl / 50_000
                 return torch.autograd.grad(loss, params)
             finally:
                 del os.environ["MTBKD_BACKEND"]

@@ -5,10 +5,12 @@
    autograd) and ``torch.compile`` of the eager code (full run only). Peak extra memory of each,
    in a fresh process, in units of one weight-sized tensor.
 1b. One training step of a Bayesian linear layer (sample the weight and bias, ``x W^T + b``, the
-   closed-form KL to the prior, backward), batch 128: ``mtbkd.nn.BayesLinear`` vs the same step
-   in eager PyTorch, ``torch.compile`` of it (full run only) and bayesian-torch's
-   ``LinearReparameterization`` (when installed; ``make setup`` installs it). Every method does
-   the same matmuls, so the layer is where a library's sampling cost shows side by side.
+   closed-form KL to the prior, backward), batch 128: ``mtbkd.nn.BayesLinear`` with its KL from
+   the forward's sampling pass (``record_kl``, "fused") and from ``kl()``, an op of its own
+   ("fused_separate_kl"), vs the same step in eager PyTorch, ``torch.compile`` of it (full run
+   only) and bayesian-torch's ``LinearReparameterization`` (when installed; ``make setup``
+   installs it). Every method does the same matmuls, so the layer is where a library's sampling
+   cost shows side by side.
 2. One SGLD step over a model's parameters: the fused op vs a Python loop over the parameters.
 3. The predictive over 100 posterior samples: ``mtbkd.posterior.predict`` (functional_call +
    vmap, chunks sized automatically) vs a loop that loads each sample into the model and runs it.
@@ -176,7 +178,19 @@ def layer_method(method: str, d_in: int, d_out: int, batch: int):
     """``fn() -> grads``: one training step (forward with KL, backward) of ``method``'s layer."""
     torch.manual_seed(0)
     x = torch.randn(batch, d_in)
-    if method == "fused":
+    if method == "fused":  # the KL from the forward's own sampling pass
+        from mtbkd.nn import BayesLinear, record_kl
+
+        layer = BayesLinear(d_in, d_out, prior_sigma=LAYER_PRIOR_SIGMA)
+
+        def step():
+            with record_kl(layer) as rec:
+                y = layer(x)
+            loss = y.square().mean() + rec.kl / 50_000
+            return torch.autograd.grad(loss, list(layer.parameters()))
+
+        return step
+    if method == "fused_separate_kl":  # the KL in an op of its own, after the forward
         from mtbkd.nn import BayesLinear
 
         layer = BayesLinear(d_in, d_out, prior_sigma=LAYER_PRIOR_SIGMA)
@@ -379,7 +393,9 @@ def table(results: dict) -> str:
     lines.append(f"\nCopy bandwidth: {results['copy_bandwidth_gbs']:.1f} GB/s. `compiled`: "
                  "torch.compile with its defaults (inductor generates the random numbers); "
                  "`compiled_eager_rng`: with `fallback_random=True` (eager's generator, as the "
-                 "other methods). bayesian-torch's layer returns its KL as a mean, not a sum, "
+                 "other methods). `fused`: the layer's KL from its forward's sampling pass "
+                 "(`mtbkd.nn.record_kl`); `fused_separate_kl`: from `layer.kl()`, an op of its "
+                 "own. bayesian-torch's layer returns its KL as a mean, not a sum, "
                  "and starts at rho = -3: the same work, another loss value.")  # fmt: skip
     backends = [results.get("backend"), *(r.get("backend") for r in results["sampling"])]
     lines.append("\n" + common.provenance(mach, backends))
@@ -402,7 +418,7 @@ def plot(results: dict, path: Path) -> None:
         ln = list(lr["methods"])
         axes[3].bar([n.replace("_", "-") for n in ln],
                     [lr["methods"][m]["median_ms"] for m in ln],
-                    color=["C0", "C1", "C2", "C3"][: len(ln)])  # fmt: skip
+                    color=[f"C{i}" for i in range(len(ln))])  # fmt: skip
         axes[3].set_title(f"Bayesian layer step, {lr['d_in']}x{lr['d_out']}, batch {lr['batch']}")
     s = results["sgld"]
     axes[1].bar(
@@ -442,7 +458,9 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
     repeats = 3 if quick else 7
     methods = ["fused", "eager"] if quick else ["fused", "eager", *COMPILED]
     bt = importlib.util.find_spec("bayesian_torch") is not None
-    layer_methods = methods + (["bayesian_torch"] if bt else [])
+    layer_methods = ["fused", "fused_separate_kl", *methods[1:]] + (
+        ["bayesian_torch"] if bt else []
+    )
     d = 1024 if quick else 4096
     results = {
         "suite": "bayes", "quick": quick, "machine": common.machine(),

@@ -30,7 +30,7 @@ from mtbkd.functional import (  # noqa: E402
 from mtbkd.fused_linear import FusedLinearMTBKDLoss, FusedLinearMultiTeacherKDLoss  # noqa: E402
 from mtbkd.info import info  # noqa: E402
 from mtbkd.losses import MTBKDLoss, MultiTeacherKDLoss  # noqa: E402
-from mtbkd.nn import BayesLinear, bayesify, kl_divergence  # noqa: E402
+from mtbkd.nn import BayesLinear, bayesify, kl_divergence, record_kl  # noqa: E402
 from mtbkd.optim import SGLD  # noqa: E402
 from mtbkd.posterior import SampleStore, predict  # noqa: E402
 from mtbkd.sparse import (  # noqa: E402
@@ -70,6 +70,7 @@ __all__ = [
     "BayesLinear",
     "bayesify",
     "kl_divergence",
+    "record_kl",
     "SGLD",
     "SampleStore",
     "predict",

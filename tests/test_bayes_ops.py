@@ -718,6 +718,36 @@ def test_reparameterize_kl_is_the_two_ops_in_one_pass(backend, dtype, used):
             torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reparameterize_kl_samples_exactly_what_reparameterize_samples(backend, dtype):
+    # a review: in bf16 / fp16 the CPU kernels computed softplus two ways (18 of 262,144
+    # elements an ulp apart); now one tile code serves both ops
+    torch.manual_seed(27)
+    n = _n(backend, 1 << 18)
+    mu = (torch.randn(n) * 0.3).to(dtype).to(DEVICE)
+    rho = (torch.rand(n) * 12 - 8).to(dtype).to(DEVICE)
+    w, _ = B.reparameterize_kl(mu, rho, seed=31, offset=2)
+    assert torch.equal(w, B.reparameterize(mu, rho, seed=31, offset=2))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_a_nan_rho_gives_a_nan_sample_without_the_check(backend):
+    # a review: the CPU kernels' vector softplus dropped a NaN (min_ps), and w came out finite
+    mu = torch.zeros(40, device=DEVICE)
+    rho = torch.full((40,), -2.0, device=DEVICE)
+    rho[3] = float("nan")
+    w = B.reparameterize(mu, rho, seed=1, check_finite=False)
+    w_kl, kl = B.reparameterize_kl(mu, rho, seed=1, check_finite=False)
+    for out in (w, w_kl):
+        assert torch.isnan(out[3]) and torch.isfinite(out[torch.arange(40) != 3]).all()
+    assert torch.isnan(kl)
+    g = torch.ones_like(mu)
+    drho = B.reparameterize_backward(g, rho, 1, 0)
+    one = torch.ones((), device=DEVICE)
+    _, drho_kl = B.reparameterize_kl_backward(g, one, mu, rho, 1, 0, 0.0, 1.0, True, True)
+    assert torch.isnan(drho[3]) and torch.isnan(drho_kl[3])
+
+
 def test_reparameterize_kl_is_exported_beside_the_other_ops():
     from mtbkd import ops
 

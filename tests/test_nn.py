@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtbkd import bayes_ops as B
-from mtbkd import optim as mtbkd_optim
+from mtbkd import nn as mtbkd_nn
 from mtbkd.nn import BayesLinear, bayesify, kl_divergence
 
 
@@ -406,138 +406,113 @@ def test_local_mode_forward_runs_under_fake_tensors():
 
 
 # ---------------------------------------------------------------------------------------------
-# The KL computed in the sampling's pass (reparameterize mode, training)
+# record_kl: the KL from the forward's own sampling passes
 # ---------------------------------------------------------------------------------------------
 
 
-def _step(layer, x, use_forward_kl=True, seed=5):
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = BayesLinear(9, 6, posterior_rho_init=-1.0, prior_sigma=0.6)
+        self.head = BayesLinear(6, 3, posterior_rho_init=-2.0)
+        self.unused = BayesLinear(4, 2)  # not called in the forward
+        self.local = BayesLinear(6, 3, mode="local")
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.head(h) + self.head(h * 0.5) + self.local(h)  # head runs twice
+
+
+def _grads(model, x, record: bool, seed=5):
     torch.manual_seed(seed)
-    y = layer(x)
-    if not use_forward_kl:
-        layer._kl_stash.clear()
-    kl = layer.kl()
+    if record:
+        with mtbkd_nn.record_kl(model) as rec:
+            y = model(x)
+        kl = rec.kl
+    else:
+        y = model(x)
+        kl = kl_divergence(model)
     (y.pow(2).sum() + kl / 7).backward()
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    layer.zero_grad()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
     return y.detach(), kl.detach(), grads
 
 
-def test_training_forward_computes_the_kl_in_its_own_pass():
+def test_record_kl_is_kl_divergence_from_the_forwards_passes():
     torch.manual_seed(1)
-    layer = BayesLinear(33, 6, posterior_rho_init=-1.0, prior_sigma=0.6).double()
-    x = torch.randn(4, 33, dtype=torch.float64)
+    model = _TwoHeads().double()
+    x = torch.randn(4, 9, dtype=torch.float64)
+    fused, plain = _grads(model, x, True), _grads(model, x, False)
+    assert torch.equal(fused[0], plain[0])  # the same samples
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-14, atol=0)
+    for name in plain[2]:
+        torch.testing.assert_close(fused[2][name], plain[2][name], rtol=1e-13, atol=1e-15)
     torch.manual_seed(5)
-    layer(x)
-    assert layer.kl() is layer._kl_stash.kl  # no pass of its own
-    fused = _step(layer, x)
-    separate = _step(layer, x, use_forward_kl=False)  # kl() computed by gaussian_kl
-    torch.testing.assert_close(fused[0], separate[0], rtol=0, atol=0)
-    torch.testing.assert_close(fused[1], separate[1], rtol=1e-14, atol=0)
-    for name in fused[2]:
-        torch.testing.assert_close(fused[2][name], separate[2][name], rtol=1e-13, atol=1e-15)
+    with mtbkd_nn.record_kl(model) as rec:
+        assert rec.kl is None
+        model(x)
+    # body and head from their forwards (head's last one), unused and local by kl()
+    assert rec.from_forward == 2
 
 
-def test_stashed_kl_is_not_used_once_stale():
-    torch.manual_seed(2)
-    layer = BayesLinear(8, 3, posterior_rho_init=-2.0)
-    x = torch.randn(5, 8)
-
-    def fresh():
-        return B.gaussian_kl(layer.weight_mu, layer.weight_rho, layer.prior_sigma) + B.gaussian_kl(
-            layer.bias_mu, layer.bias_rho, layer.prior_sigma
-        )
-
-    # an optimizer step (in place: the parameters' versions change), ours and torch's
-    for opt in (mtbkd_optim.SGLD(layer.parameters(), lr=1e-2, num_data=10.0),
-                torch.optim.SGD(layer.parameters(), lr=0.5)):  # fmt: skip
-        kl_before = layer(x).sum() + layer.kl()
-        kl_before.backward()
-        layer(x)  # a new stash
-        opt.step()
-        assert layer.kl() is not layer._kl_stash.kl
-        torch.testing.assert_close(layer.kl(), fresh())
-        opt.zero_grad()
-    # a change of prior
-    layer(x)
-    layer.prior_sigma = 0.25
-    torch.testing.assert_close(layer.kl(), fresh())
-    # a backward through the forward's node: kl() computes afresh, and backpropagates again
-    layer(x).sum().backward()
-    kl = layer.kl()
-    assert layer._kl_stash.kl is None
-    kl.backward()
-    # .to(): other tensors of another dtype
-    layer(x)
-    layer.double()
-    assert layer.kl().dtype == torch.float64
-    # a forward that autograd does not record leaves no stash
-    layer.float()
-    layer._kl_stash.clear()
-    with torch.no_grad():
-        layer(x)
-    assert layer._kl_stash.kl is None
+def test_record_kl_without_grad_nested_and_after_an_error():
+    model = _TwoHeads()
+    x = torch.randn(2, 9)
+    with torch.no_grad(), mtbkd_nn.record_kl(model) as rec:
+        model(x)
+    torch.testing.assert_close(rec.kl, kl_divergence(model).detach())
+    assert rec.from_forward == 2 and not rec.kl.requires_grad
+    with mtbkd_nn.record_kl(model) as outer:
+        with mtbkd_nn.record_kl(model.head) as inner:
+            model(x)
+    assert inner.from_forward == 1 and outer.from_forward == 1  # head reports to the inner one
+    torch.testing.assert_close(outer.kl, kl_divergence(model))
+    with pytest.raises(RuntimeError, match="boom"):
+        with mtbkd_nn.record_kl(model) as failed:
+            raise RuntimeError("boom")
+    assert failed.kl is None and not mtbkd_nn._ACTIVE.records  # the block is closed
+    with mtbkd_nn.record_kl(nn.Linear(3, 3)) as none:
+        pass
+    assert float(none.kl) == 0.0
 
 
-def test_stashed_kl_shares_the_forwards_node():
+def test_record_kl_leaves_compiled_and_vmapped_forwards_alone():
+    layer = BayesLinear(5, 3)
+    x = torch.randn(2, 5)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with mtbkd_nn.record_kl(layer) as rec:
+        compiled(x)
+    assert rec.from_forward == 0
+    torch.testing.assert_close(rec.kl, layer.kl())
+
+
+def test_record_kl_shares_the_forwards_node():
     # documented: back-propagate it in the same backward as the output, or retain the graph
     layer = BayesLinear(6, 2)
     x = torch.randn(3, 6)
-    y, kl = layer(x), None
-    kl = layer.kl()
+    with mtbkd_nn.record_kl(layer) as rec:
+        y = layer(x)
     y.sum().backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        kl.backward()
-    y = layer(x)
-    kl = layer.kl()
+        rec.kl.backward()
+    with mtbkd_nn.record_kl(layer) as rec:
+        y = layer(x)
     y.sum().backward(retain_graph=True)
-    kl.backward()
-    with torch.no_grad():
-        layer(x)
-        assert not layer.kl().requires_grad
-    layer(x)
-    with torch.no_grad():
-        assert not layer.kl().requires_grad
+    rec.kl.backward()
 
 
-def test_layer_with_a_stashed_kl_copies_and_pickles():
-    import copy
-    import io
-    import pickle
+def test_record_kl_is_per_thread():
+    import threading
 
-    layer = BayesLinear(5, 4)
-    layer(torch.randn(2, 5))  # the stash holds a tensor with a graph
-    twin = copy.deepcopy(layer)
-    assert twin._kl_stash.kl is None and layer._kl_stash.kl is not None
-    torch.testing.assert_close(twin.kl(), layer.kl().detach())
-    buf = io.BytesIO()
-    torch.save(layer, buf)
-    buf.seek(0)
-    back = torch.load(buf, weights_only=False)
-    assert back._kl_stash.kl is None
-    assert pickle.loads(pickle.dumps(layer))._kl_stash.kl is None
-    del back.__dict__["_kl_stash"]  # a layer pickled before the stash existed
-    back(torch.randn(2, 5))
-    assert back.kl() is back._kl_stash.kl
+    layer = BayesLinear(4, 2)
+    seen = {}
 
+    def other():
+        seen["record"] = mtbkd_nn._recording(layer)
 
-def test_bias_free_and_partly_frozen_layers_use_the_forward_kl():
-    nobias = BayesLinear(7, 3, bias=False)
-    y = nobias(torch.randn(2, 7))
-    assert nobias.kl() is nobias._kl_stash.kl
-    (y.sum() + nobias.kl()).backward()
-    torch.testing.assert_close(
-        nobias.kl(), B.gaussian_kl(nobias.weight_mu, nobias.weight_rho).detach()
-    )
-    layer = BayesLinear(7, 3)  # the weights frozen, the bias trained
-    layer.weight_mu.requires_grad_(False)
-    layer.weight_rho.requires_grad_(False)
-    y = layer(torch.randn(2, 7))
-    kl = layer.kl()
-    assert kl is layer._kl_stash.kl
-    (y.sum() + kl).backward()
-    assert layer.bias_rho.grad is not None and layer.weight_rho.grad is None
-    assert layer._kl_stash.kl is None  # the backward spent it
-    for p in layer.parameters():
-        p.requires_grad_(False)
-    layer(torch.randn(2, 7))  # nothing to train: the plain sampling op, no stash
-    assert layer._kl_stash.kl is None
+    with mtbkd_nn.record_kl(layer):
+        assert mtbkd_nn._recording(layer) is not None
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen["record"] is None

@@ -261,7 +261,8 @@ inline void philox_normals16(uint64_t seed, uint64_t counter, uint32_t stream, f
 }
 
 // softplus with torch's threshold: r > 20 -> r, else log1p(e^r) by Kahan's trick
-// log1p(x) = log(1 + x) * x / ((1 + x) - 1), exact where 1 + x rounds to 1.
+// log1p(x) = log(1 + x) * x / ((1 + x) - 1), exact where 1 + x rounds to 1. A NaN r gives NaN
+// (min_ps would drop it and return softplus(20)).
 inline __m512 softplus16(__m512 r) {
   const __m512 one = _mm512_set1_ps(1.0f), thr = _mm512_set1_ps(kSoftplusThreshold);
   const __m512 e = Sleef_expf16_u10(_mm512_min_ps(r, thr));
@@ -269,7 +270,9 @@ inline __m512 softplus16(__m512 r) {
   const __m512 d = _mm512_sub_ps(u, one);
   __m512 l = _mm512_mul_ps(Sleef_logf16_u35(u), _mm512_div_ps(e, d));
   l = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_EQ_OQ), l, e);
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, thr, _CMP_GT_OQ), l, r);
+  // r > 20 or r NaN: r itself
+  const __mmask16 keep = _mm512_cmp_ps_mask(r, thr, _CMP_NLE_UQ);
+  return _mm512_mask_blend_ps(keep, l, r);
 }
 
 // softplus16(r) and sigmoid(r) = e / (1 + e) from one exponential e = exp(min(r, 20)) (at the
@@ -281,8 +284,9 @@ inline void softplus_sigmoid16(__m512 r, __m512& sp, __m512& sig) {
   const __m512 d = _mm512_sub_ps(u, one);
   __m512 l = _mm512_mul_ps(Sleef_logf16_u35(u), _mm512_div_ps(e, d));
   l = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_EQ_OQ), l, e);
-  sp = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, thr, _CMP_GT_OQ), l, r);
-  sig = _mm512_div_ps(e, u);
+  const __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+  sp = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, thr, _CMP_NLE_UQ), l, r);  // > 20 or NaN
+  sig = _mm512_mask_blend_ps(nan, _mm512_div_ps(e, u), r);
 }
 
 inline __m512 sigmoid16(__m512 r) {
@@ -322,6 +326,28 @@ void philox_normals(uint64_t seed, uint64_t counter, uint32_t stream, int64_t gr
                                          groups - g, out + 4 * g);
 }
 
+namespace {
+
+// w = mu + softplus(rho) eps of a float tile (reduced-precision inputs as float copies); the
+// code reparameterize_kl's tile uses for its w too, so both ops give the same sample.
+inline void sample_tile(const float* mu, const float* rho, const float* eps, float* w,
+                        int64_t len) {
+#if defined(MTBKD_SLEEF) && defined(__AVX512F__)
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = tail_mask(len - i);
+    const __m512 x = _mm512_maskz_loadu_ps(m, mu + i);
+    const __m512 r = _mm512_maskz_loadu_ps(m, rho + i);
+    _mm512_mask_storeu_ps(w + i, m, _mm512_fmadd_ps(softplus16(r), _mm512_loadu_ps(eps + i), x));
+  }
+#else
+  alignas(64) float sp[kTile];
+  softplus_sigmoid(rho, sp, nullptr, len);
+  for (int64_t i = 0; i < len; ++i) w[i] = mu[i] + sp[i] * eps[i];
+#endif
+}
+
+}  // namespace
+
 template <typename T>
 int reparameterize_fwd(const T* mu, const T* rho, T* w, int64_t n, uint64_t seed,
                        uint64_t offset, bool check_finite) {
@@ -350,11 +376,12 @@ int reparameterize_fwd(const T* mu, const T* rho, T* w, int64_t n, uint64_t seed
       return;
 #endif
     } else {
-      alignas(64) float r[kTile], sp[kTile];
+      // float copies through the same tile code as reparameterize_kl's (the same w, bit for bit)
+      alignas(64) float m[kTile], r[kTile], out[kTile];
+      load_float(mu + b, m, len);
       load_float(rho + b, r, len);
-      softplus_sigmoid(r, sp, nullptr, len);
-      for (int64_t i = 0; i < len; ++i)
-        w[b + i] = static_cast<T>(static_cast<float>(mu[b + i]) + sp[i] * eps[i]);
+      sample_tile(m, r, eps, out, len);
+      for (int64_t i = 0; i < len; ++i) w[b + i] = static_cast<T>(out[i]);
     }
     if (check_finite) {
       // x * 0 is NaN exactly when x is NaN or inf; counting keeps the loop vectorisable. In the
