@@ -104,6 +104,23 @@ def _sigmoid(r, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _kl_term(mu, r, s, prior_mu, inv_var0, log_s0, INTERPRET: tl.constexpr):
+    # KL(N(mu, s^2) || N(m0, s0^2)) = log s0 - log s + (s^2 + (mu - m0)^2) / (2 s0^2) - 1/2.
+    # Below rho = -20, s = e^rho (1 - e^rho / 2 + ...) heads for the denormals (0 below -104 in
+    # float32): log s = rho - s / 2 there (not log 0).
+    d = mu - prior_mu
+    log_s = tl.where(r < -20.0, r - 0.5 * s, _log(s, INTERPRET))
+    return log_s0 - log_s + 0.5 * (s * s + d * d) * inv_var0 - 0.5
+
+
+@triton.jit
+def _kl_rho_grad(r, s, sig, inv_var0):
+    # dKL/drho = (s / s0^2 - 1 / s) sigmoid(rho); sigmoid(rho) / s = 1 - s / 2 below rho = -20
+    plain = (s * inv_var0 - 1.0 / s) * sig
+    return tl.where(r < -20.0, s * sig * inv_var0 - (1.0 - 0.5 * s), plain)
+
+
+@triton.jit
 def _reparam_fwd_kernel(mu_ptr, rho_ptr, w_ptr, n, seed, offset, BLOCK_Q: tl.constexpr,
                         F64: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
@@ -137,7 +154,6 @@ def _reparam_bwd_kernel(g_ptr, rho_ptr, drho_ptr, n, seed, offset, BLOCK_Q: tl.c
 def _kl_kernel(mu_ptr, rho_ptr, part_ptr, n, prior_mu: tl.float64, inv_var0: tl.float64,
                log_s0: tl.float64, BLOCK: tl.constexpr, F64: tl.constexpr,
                INTERPRET: tl.constexpr):  # fmt: skip
-    # KL(N(mu, s^2) || N(m0, s0^2)) = log s0 - log s + (s^2 + (mu - m0)^2) / (2 s0^2) - 1/2.
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
@@ -148,12 +164,7 @@ def _kl_kernel(mu_ptr, rho_ptr, part_ptr, n, prior_mu: tl.float64, inv_var0: tl.
     log_s0 = tl.full((), log_s0, acc)
     mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(acc)
     r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
-    s = _softplus(r, INTERPRET)
-    d = mu - prior_mu
-    # Below rho = -20, s = e^rho (1 - e^rho / 2 + ...) heads for the denormals (0 below -104 in
-    # float32): log s = rho - s / 2 there (not log 0).
-    log_s = tl.where(r < -20.0, r - 0.5 * s, _log(s, INTERPRET))
-    kl = log_s0 - log_s + 0.5 * (s * s + d * d) * inv_var0 - 0.5
+    kl = _kl_term(mu, r, _softplus(r, INTERPRET), prior_mu, inv_var0, log_s0, INTERPRET)
     tl.store(part_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))
 
 
@@ -162,8 +173,7 @@ def _kl_grad_kernel(g_ptr, mu_ptr, rho_ptr, dmu_ptr, drho_ptr, n, prior_mu: tl.f
                     inv_var0: tl.float64, BLOCK: tl.constexpr, MU_GRAD: tl.constexpr,
                     RHO_GRAD: tl.constexpr, F64: tl.constexpr,
                     INTERPRET: tl.constexpr):  # fmt: skip
-    # g dKL/dmu = g (mu - m0) / s0^2, g dKL/drho = g (s / s0^2 - 1 / s) sigmoid(rho), with
-    # sigmoid(rho) / s = 1 - s / 2 below rho = -20 (not 0 / 0); g read on the device.
+    # g dKL/dmu = g (mu - m0) / s0^2 and g dKL/drho, g read on the device.
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
@@ -177,10 +187,7 @@ def _kl_grad_kernel(g_ptr, mu_ptr, rho_ptr, dmu_ptr, drho_ptr, n, prior_mu: tl.f
         tl.store(dmu_ptr + idx, _to_out(dm, dmu_ptr.dtype.element_ty, INTERPRET), mask=mask)
     if RHO_GRAD:
         r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
-        s = _softplus(r, INTERPRET)
-        sig = _sigmoid(r, INTERPRET)
-        plain = (s * inv_var0 - 1.0 / s) * sig
-        dr = tl.where(r < -20.0, s * sig * inv_var0 - (1.0 - 0.5 * s), plain)
+        dr = _kl_rho_grad(r, _softplus(r, INTERPRET), _sigmoid(r, INTERPRET), inv_var0)
         tl.store(drho_ptr + idx, _to_out(g * dr, drho_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
@@ -204,9 +211,7 @@ def _reparam_kl_fwd_kernel(mu_ptr, rho_ptr, w_ptr, part_ptr, n, seed, offset,
     s = _softplus(r, INTERPRET)
     w = mu + s * eps.to(acc)
     tl.store(w_ptr + idx, _to_out(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
-    d = mu - prior_mu
-    log_s = tl.where(r < -20.0, r - 0.5 * s, _log(s, INTERPRET))
-    kl = log_s0 - log_s + 0.5 * (s * s + d * d) * inv_var0 - 0.5
+    kl = _kl_term(mu, r, s, prior_mu, inv_var0, log_s0, INTERPRET)
     tl.store(part_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))
 
 
@@ -232,10 +237,8 @@ def _reparam_kl_bwd_kernel(g_ptr, gk_ptr, mu_ptr, rho_ptr, dmu_ptr, drho_ptr, n,
         q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
         eps = _normals(seed, offset + q, 0, True)
         r = tl.load(rho_ptr + idx, mask=mask, other=0.0).to(acc)
-        s = _softplus(r, INTERPRET)
         sig = _sigmoid(r, INTERPRET)
-        plain = (s * inv_var0 - 1.0 / s) * sig
-        dr = tl.where(r < -20.0, s * sig * inv_var0 - (1.0 - 0.5 * s), plain)
+        dr = _kl_rho_grad(r, _softplus(r, INTERPRET), sig, inv_var0)
         out = g * eps.to(acc) * sig + gk * dr
         tl.store(drho_ptr + idx, _to_out(out, drho_ptr.dtype.element_ty, INTERPRET), mask=mask)
 

@@ -612,12 +612,23 @@ def _reparam_kl_setup(ctx, inputs, output):
     mu, rho, seed, offset, prior_mu, prior_sigma, _ = inputs
     # an output that the loss does not use gets None, not a zero-filled weight-sized tensor
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(mu, rho)  # parameters: saving them costs no memory
+    # rho is saved as reparameterize saves it (one tensor each, so that activation checkpointing,
+    # which counts saved tensors, can recompute a forward of either op with the other); mu, which
+    # only the KL's gradient reads, is kept with its version and checked as autograd would
+    ctx.save_for_backward(rho)
+    ctx.mu, ctx.mu_version = mu, mu._version
     ctx.seed, ctx.offset, ctx.prior = seed, offset, (prior_mu, prior_sigma)
 
 
 def _reparam_kl_backward(ctx, grad_w, grad_kl):
-    mu, rho = ctx.saved_tensors
+    (rho,) = ctx.saved_tensors
+    mu = ctx.mu
+    if mu._version != ctx.mu_version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: mu (reparameterize_kl) is at version {mu._version}; expected "
+            f"version {ctx.mu_version}"
+        )
     need_mu, need_rho = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     nothing = (None,) * 7
     if not (need_mu or need_rho) or (grad_w is None and grad_kl is None):

@@ -748,6 +748,18 @@ def test_a_nan_rho_gives_a_nan_sample_without_the_check(backend):
     assert torch.isnan(drho[3]) and torch.isnan(drho_kl[3])
 
 
+def test_reparameterize_kl_refuses_a_mu_changed_before_its_backward():
+    # mu is kept beside the saved rho (one saved tensor, as reparameterize saves): its version is
+    # checked as autograd checks saved tensors
+    mu = torch.randn(6, device=DEVICE, requires_grad=True)
+    rho = torch.randn(6, device=DEVICE, requires_grad=True)
+    _, kl = B.reparameterize_kl(mu, rho, seed=1)
+    with torch.no_grad():
+        mu.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        kl.backward()
+
+
 def test_reparameterize_kl_is_exported_beside_the_other_ops():
     from mtbkd import ops
 

@@ -470,7 +470,7 @@ def test_record_kl_without_grad_nested_and_after_an_error():
     with pytest.raises(RuntimeError, match="boom"):
         with mtbkd_nn.record_kl(model) as failed:
             raise RuntimeError("boom")
-    assert failed.kl is None and not mtbkd_nn._ACTIVE.records  # the block is closed
+    assert failed.kl is None and not mtbkd_nn._ACTIVE.get()  # the block is closed
     with mtbkd_nn.record_kl(nn.Linear(3, 3)) as none:
         pass
     assert float(none.kl) == 0.0
@@ -516,3 +516,66 @@ def test_record_kl_is_per_thread():
         t.start()
         t.join()
     assert seen["record"] is None
+
+
+def test_record_kl_keeps_the_gradient_through_no_grad_passes_and_checkpointing():
+    # a review: a no_grad forward inside the block replaced the KL with one without a gradient,
+    # and a non-reentrant checkpoint recomputed with another op (a different saved-tensor count)
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(3)
+    model = _TwoHeads()
+    x = torch.randn(3, 9)
+    want = torch.autograd.grad(kl_divergence(model), list(model.parameters()), allow_unused=True)
+
+    def kl_grads(run):
+        with mtbkd_nn.record_kl(model) as rec:
+            y = run()
+        got = torch.autograd.grad(y.sum() * 0 + rec.kl, list(model.parameters()),
+                                  allow_unused=True)  # fmt: skip
+        return rec, got
+
+    def eval_pass_after():
+        y = model(x)
+        with torch.no_grad():
+            model(x)
+        return y
+
+    runs = {
+        "no_grad pass after": eval_pass_after,
+        "reentrant checkpoint": lambda: checkpoint(model, x.requires_grad_(), use_reentrant=True),
+        "non-reentrant checkpoint": lambda: checkpoint(model, x, use_reentrant=False),
+    }
+    for name, run in runs.items():
+        rec, got = kl_grads(run)
+        for a, b in zip(got, want):
+            if b is not None:
+                torch.testing.assert_close(a, b, msg=name)
+
+
+def test_record_kl_under_functional_call_is_the_modules_own_kl():
+    # a review: layers that ran took the swapped-in parameters' KL, the others the module's own
+    model = _TwoHeads()
+    swapped = {k: v * 1.5 for k, v in model.named_parameters() if k.startswith("head.")}
+    with mtbkd_nn.record_kl(model) as rec:
+        torch.func.functional_call(model, swapped, (torch.randn(2, 9),))
+    torch.testing.assert_close(rec.kl, kl_divergence(model))
+    assert rec.from_forward == 1  # body ran on its own parameters
+
+
+def test_record_kl_blocks_of_asyncio_tasks_are_apart():
+    import asyncio
+
+    layer = BayesLinear(4, 2)
+
+    async def task():
+        with mtbkd_nn.record_kl(layer) as rec:
+            await asyncio.sleep(0)  # the other task opens its block here
+            layer(torch.randn(1, 4))
+            await asyncio.sleep(0)
+        return rec.from_forward
+
+    async def both():
+        return await asyncio.gather(task(), task())
+
+    assert asyncio.run(both()) == [1, 1]

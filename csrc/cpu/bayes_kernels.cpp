@@ -442,6 +442,23 @@ struct KLConst {
   float m0, iv, c0;  // prior mean, 1 / s0^2, log s0 - 1/2
 };
 
+#if defined(MTBKD_SLEEF) && defined(__AVX512F__)
+// dKL/drho = (s / s0^2 - 1 / s) sigmoid(rho) of 16 lanes, written (s^2 / s0^2 - 1) (sigmoid / s)
+// with one division; 1 - s / 2 stands for sigmoid(rho) / s below rho = -20. sig gets sigmoid(r).
+inline __m512 kl_grad_rho16(__m512 r, __m512 iv, __m512& sig) {
+  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+  __m512 s;
+  softplus_sigmoid16(r, s, sig);
+  const __m512 plain = _mm512_mul_ps(_mm512_fmsub_ps(_mm512_mul_ps(s, s), iv, one),
+                                     _mm512_div_ps(sig, s));
+  const __m512 small = _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(s, sig), iv),
+                                     _mm512_fnmadd_ps(half, s, one));  // 1 - s / 2
+  const __m512 lo = _mm512_set1_ps(-kSoftplusThreshold);
+  const __m512 dr = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, lo, _CMP_LT_OQ), plain, small);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q), dr, r);
+}
+#endif
+
 // Sum of a float tile's KL terms in float (at most kTile of them). NaN in rho or mu gives NaN.
 inline float kl_tile_sum(const float* mu, const float* rho, int64_t len, const KLConst& k) {
 #if defined(MTBKD_SLEEF) && defined(__AVX512F__)
@@ -483,8 +500,7 @@ inline void kl_tile_grad(const float* mu, const float* rho, float* dmu, float* d
                          float g, const KLConst& k) {
 #if defined(MTBKD_SLEEF) && defined(__AVX512F__)
   const __m512 m0 = _mm512_set1_ps(k.m0);
-  const __m512 gv = _mm512_set1_ps(g), iv = _mm512_set1_ps(k.iv), one = _mm512_set1_ps(1.0f);
-  const __m512 half = _mm512_set1_ps(0.5f), lo = _mm512_set1_ps(-kSoftplusThreshold);
+  const __m512 gv = _mm512_set1_ps(g), iv = _mm512_set1_ps(k.iv);
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 m = tail_mask(len - i);
     if (dmu != nullptr) {
@@ -493,16 +509,8 @@ inline void kl_tile_grad(const float* mu, const float* rho, float* dmu, float* d
       _mm512_mask_storeu_ps(dmu + i, m, _mm512_mul_ps(gv, _mm512_mul_ps(d, iv)));
     }
     if (drho != nullptr) {
-      const __m512 r = _mm512_maskz_loadu_ps(m, rho + i);
-      __m512 s, sig;
-      softplus_sigmoid16(r, s, sig);
-      // (s / s0^2 - 1 / s) sigmoid = (s^2 / s0^2 - 1) (sigmoid / s): one division
-      const __m512 plain = _mm512_mul_ps(_mm512_fmsub_ps(_mm512_mul_ps(s, s), iv, one),
-                                         _mm512_div_ps(sig, s));
-      const __m512 small = _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(s, sig), iv),
-                                         _mm512_fnmadd_ps(half, s, one));  // 1 - s / 2
-      __m512 dr = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, lo, _CMP_LT_OQ), plain, small);
-      dr = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q), dr, r);
+      __m512 sig;
+      const __m512 dr = kl_grad_rho16(_mm512_maskz_loadu_ps(m, rho + i), iv, sig);
       _mm512_mask_storeu_ps(drho + i, m, _mm512_mul_ps(gv, dr));
     }
   }
@@ -589,8 +597,6 @@ inline void reparam_kl_grad_tile(const float* g, const float* mu, const float* r
                                  float gk, const KLConst& k) {
 #if defined(MTBKD_SLEEF) && defined(__AVX512F__)
   const __m512 m0 = _mm512_set1_ps(k.m0), gkv = _mm512_set1_ps(gk), iv = _mm512_set1_ps(k.iv);
-  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
-  const __m512 lo = _mm512_set1_ps(-kSoftplusThreshold);
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 m = tail_mask(len - i);
     const __m512 gw = _mm512_maskz_loadu_ps(m, g + i);
@@ -599,15 +605,8 @@ inline void reparam_kl_grad_tile(const float* g, const float* mu, const float* r
       _mm512_mask_storeu_ps(dmu + i, m, _mm512_fmadd_ps(gkv, _mm512_mul_ps(d, iv), gw));
     }
     if (drho != nullptr) {
-      const __m512 r = _mm512_maskz_loadu_ps(m, rho + i);
-      __m512 s, sig;
-      softplus_sigmoid16(r, s, sig);
-      const __m512 plain = _mm512_mul_ps(_mm512_fmsub_ps(_mm512_mul_ps(s, s), iv, one),
-                                         _mm512_div_ps(sig, s));
-      const __m512 small = _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(s, sig), iv),
-                                         _mm512_fnmadd_ps(half, s, one));
-      __m512 dr = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, lo, _CMP_LT_OQ), plain, small);
-      dr = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q), dr, r);
+      __m512 sig;
+      const __m512 dr = kl_grad_rho16(_mm512_maskz_loadu_ps(m, rho + i), iv, sig);
       const __m512 sample = _mm512_mul_ps(_mm512_mul_ps(gw, _mm512_loadu_ps(eps + i)), sig);
       _mm512_mask_storeu_ps(drho + i, m, _mm512_fmadd_ps(gkv, dr, sample));
     }

@@ -78,8 +78,35 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
-// Below rho = -20, s = e^rho (1 - e^rho / 2 + ...) heads for the denormals (0 below -104 in
-// float): log s = rho - s / 2 and sigmoid(rho) / s = 1 - s / 2 there (not log 0, 0 / 0).
+// Adds the block's sum of every thread's acc to *out (one atomic per block).
+__device__ __forceinline__ void block_sum_to(double acc, double* out) {
+  __shared__ double partial[kThreads / 32];
+  acc = warp_sum(acc);
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    acc = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.0;
+    acc = warp_sum(acc);
+    if (threadIdx.x == 0) atomicAdd(out, acc);
+  }
+}
+
+// The KL term and dKL/drho of one element. Below rho = -20, s = e^rho (1 - e^rho / 2 + ...)
+// heads for the denormals (0 below -104 in float): log s = rho - s / 2 and
+// sigmoid(rho) / s = 1 - s / 2 there (not log 0, 0 / 0).
+template <typename C>
+__device__ __forceinline__ C kl_term(C x, C r, C s, C m0, C iv, C c0) {
+  const C d = x - m0, half = static_cast<C>(0.5);
+  const C log_s = r < static_cast<C>(-20) ? r - half * s : log(s);
+  return c0 - log_s + half * (s * s + d * d) * iv;
+}
+
+template <typename C>
+__device__ __forceinline__ C kl_grad_rho(C r, C s, C sig, C iv) {
+  const C one = static_cast<C>(1), half = static_cast<C>(0.5);
+  return r < static_cast<C>(-20) ? s * sig * iv - (one - half * s) : (s * iv - one / s) * sig;
+}
+
 template <typename T>
 __global__ void kl_kernel(const T* __restrict__ mu, const T* __restrict__ rho,
                           double* __restrict__ kl_sum, int64_t n, double prior_mu,
@@ -91,21 +118,9 @@ __global__ void kl_kernel(const T* __restrict__ mu, const T* __restrict__ rho,
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const C r = to_acc(rho[i]);
-    const C s = softplus(r);
-    const C d = to_acc(mu[i]) - m0;
-    const C half = static_cast<C>(0.5);
-    const C log_s = r < static_cast<C>(-20) ? r - half * s : log(s);
-    acc += static_cast<double>(c0 - log_s + half * (s * s + d * d) * iv);
+    acc += static_cast<double>(kl_term(to_acc(mu[i]), r, softplus(r), m0, iv, c0));
   }
-  __shared__ double partial[kThreads / 32];
-  acc = warp_sum(acc);
-  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    acc = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.0;
-    acc = warp_sum(acc);
-    if (threadIdx.x == 0) atomicAdd(kl_sum, acc);
-  }
+  block_sum_to(acc, kl_sum);
 }
 
 template <typename T>
@@ -121,10 +136,7 @@ __global__ void kl_grad_kernel(const T* __restrict__ mu, const T* __restrict__ r
     if (dmu != nullptr) dmu[i] = from_acc<T>(g * ((to_acc(mu[i]) - m0) * iv));
     if (drho != nullptr) {
       const C r = to_acc(rho[i]);
-      const C s = softplus(r), sig = sigmoid(r), half = static_cast<C>(0.5);
-      const C dr = r < static_cast<C>(-20) ? s * sig * iv - (static_cast<C>(1) - half * s)
-                                           : (s * iv - static_cast<C>(1) / s) * sig;
-      drho[i] = from_acc<T>(g * dr);
+      drho[i] = from_acc<T>(g * kl_grad_rho(r, softplus(r), sigmoid(r), iv));
     }
   }
 }
@@ -138,7 +150,7 @@ __global__ void reparam_kl_fwd_kernel(const T* __restrict__ mu, const T* __restr
                                       double inv_var0, double log_s0) {
   using C = typename Acc<T>::type;
   const C m0 = static_cast<C>(prior_mu), iv = static_cast<C>(inv_var0);
-  const C c0 = static_cast<C>(log_s0) - static_cast<C>(0.5), half = static_cast<C>(0.5);
+  const C c0 = static_cast<C>(log_s0) - static_cast<C>(0.5);
   const int64_t counters = (n + 3) / 4;
   double acc = 0.0;
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < counters;
@@ -153,21 +165,11 @@ __global__ void reparam_kl_fwd_kernel(const T* __restrict__ mu, const T* __restr
         const C x = to_acc(mu[i]);
         const C s = softplus(r);
         w[i] = from_acc<T>(x + s * static_cast<C>(eps[j]));
-        const C d = x - m0;
-        const C log_s = r < static_cast<C>(-20) ? r - half * s : log(s);
-        acc += static_cast<double>(c0 - log_s + half * (s * s + d * d) * iv);
+        acc += static_cast<double>(kl_term(x, r, s, m0, iv, c0));
       }
     }
   }
-  __shared__ double partial[kThreads / 32];
-  acc = warp_sum(acc);
-  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    acc = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.0;
-    acc = warp_sum(acc);
-    if (threadIdx.x == 0) atomicAdd(kl_sum, acc);
-  }
+  block_sum_to(acc, kl_sum);
 }
 
 template <typename T>
@@ -178,7 +180,7 @@ __global__ void reparam_kl_bwd_kernel(const T* __restrict__ grad, const double* 
                                       double inv_var0) {
   using C = typename Acc<T>::type;
   const C m0 = static_cast<C>(prior_mu), iv = static_cast<C>(inv_var0);
-  const C gk = static_cast<C>(*gkp), half = static_cast<C>(0.5), one = static_cast<C>(1);
+  const C gk = static_cast<C>(*gkp);
   const int64_t counters = (n + 3) / 4;
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < counters;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -192,9 +194,8 @@ __global__ void reparam_kl_bwd_kernel(const T* __restrict__ grad, const double* 
         if (dmu != nullptr) dmu[i] = from_acc<T>(g + gk * ((to_acc(mu[i]) - m0) * iv));
         if (drho != nullptr) {
           const C r = to_acc(rho[i]);
-          const C s = softplus(r), sig = sigmoid(r);
-          const C dr = r < static_cast<C>(-20) ? s * sig * iv - (one - half * s)
-                                               : (s * iv - one / s) * sig;
+          const C sig = sigmoid(r);
+          const C dr = kl_grad_rho(r, softplus(r), sig, iv);
           drho[i] = from_acc<T>(g * static_cast<C>(eps[j]) * sig + gk * dr);
         }
       }
