@@ -613,17 +613,23 @@ def _reparam_kl_setup(ctx, inputs, output):
     # an output that the loss does not use gets None, not a zero-filled weight-sized tensor
     ctx.set_materialize_grads(False)
     # rho is saved as reparameterize saves it (one tensor each, so that activation checkpointing,
-    # which counts saved tensors, can recompute a forward of either op with the other); mu, which
-    # only the KL's gradient reads, is kept with its version and checked as autograd would
-    ctx.save_for_backward(rho)
-    ctx.mu, ctx.mu_version = mu, mu._version
+    # which counts saved tensors, can recompute a forward of either op with the other); a leaf
+    # mu (a parameter: keeping it costs nothing), which only the KL's gradient reads, is kept
+    # with its version and checked as autograd would; a computed mu is saved (freed after the
+    # backward, seen by saved-tensor hooks)
+    ctx.mu = None
+    if mu.grad_fn is None:
+        ctx.save_for_backward(rho)
+        ctx.mu, ctx.mu_version = mu, mu._version
+    else:
+        ctx.save_for_backward(rho, mu)
     ctx.seed, ctx.offset, ctx.prior = seed, offset, (prior_mu, prior_sigma)
 
 
 def _reparam_kl_backward(ctx, grad_w, grad_kl):
-    (rho,) = ctx.saved_tensors
-    mu = ctx.mu
-    if mu._version != ctx.mu_version:
+    rho, *saved_mu = ctx.saved_tensors
+    mu = saved_mu[0] if saved_mu else ctx.mu
+    if not saved_mu and mu._version != ctx.mu_version:
         raise RuntimeError(
             "one of the variables needed for gradient computation has been modified by an "
             f"inplace operation: mu (reparameterize_kl) is at version {mu._version}; expected "

@@ -431,12 +431,20 @@ def record_kl(model: nn.Module):
     """
     layers = [m for m in model.modules() if isinstance(m, BayesLinear)]
     record = KLRecord(layers)
+    if torch.compiler.is_compiling():  # the layers sample as usual there (dynamo cannot trace
+        yield record  # a ContextVar): every KL is the layer's kl()
+        record._finish()
+        record._close()
+        return
     token = _ACTIVE.set((*_ACTIVE.get(), record))
     try:
         yield record
         record._finish()
     finally:
-        _ACTIVE.reset(token)
+        try:
+            _ACTIVE.reset(token)
+        except ValueError:  # closed in another context (an async generator shut down late)
+            _ACTIVE.set(tuple(r for r in _ACTIVE.get() if r is not record))
         record._close()
 
 

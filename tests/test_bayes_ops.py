@@ -760,6 +760,27 @@ def test_reparameterize_kl_refuses_a_mu_changed_before_its_backward():
         kl.backward()
 
 
+def test_reparameterize_kl_frees_a_computed_mu_after_its_backward():
+    # a review: a non-leaf mu kept on the autograd context outlived the backward (a parameter
+    # costs nothing to keep; a computed one is saved, and freed, as autograd does)
+    import weakref
+
+    base = torch.randn(50, device=DEVICE, requires_grad=True)
+    rho = torch.randn(50, device=DEVICE, requires_grad=True)
+
+    def loss_of_a_computed_mu():
+        mu = base * 2
+        w, kl = B.reparameterize_kl(mu, rho, seed=2)
+        return (w.sum() + kl), weakref.ref(mu)
+
+    loss, mu_ref = loss_of_a_computed_mu()
+    assert mu_ref() is not None
+    loss.backward()
+    assert mu_ref() is None  # the loss is still held
+    # d/dbase of sum(w) + KL: 2 (1 + dKL/dmu), dKL/dmu = mu for the prior N(0, 1)
+    torch.testing.assert_close(base.grad, 2 * (1 + base.detach() * 2))
+
+
 def test_reparameterize_kl_is_exported_beside_the_other_ops():
     from mtbkd import ops
 

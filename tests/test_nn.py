@@ -579,3 +579,24 @@ def test_record_kl_blocks_of_asyncio_tasks_are_apart():
         return await asyncio.gather(task(), task())
 
     assert asyncio.run(both()) == [1, 1]
+
+
+def test_record_kl_inside_a_compiled_function_and_closed_in_another_context():
+    import contextvars
+
+    torch.manual_seed(6)
+    model = _TwoHeads()
+    x = torch.randn(2, 9)
+
+    def step(x):
+        with mtbkd_nn.record_kl(model) as rec:
+            y = model(x)
+        return y.sum() * 0 + rec.kl
+
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(x)  # (it raised: ContextVar)
+    torch.testing.assert_close(got, kl_divergence(model))
+    # entered in one context, left in another (an async generator shut down by the loop)
+    block = mtbkd_nn.record_kl(model)
+    contextvars.copy_context().run(block.__enter__)
+    block.__exit__(None, None, None)
+    assert not mtbkd_nn._ACTIVE.get()
