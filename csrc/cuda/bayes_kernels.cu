@@ -320,66 +320,43 @@ cudaError_t sgld_typed(const SgldTensor* tensors, int count, const SgldHyper& h,
   return cudaSuccess;
 }
 
+// fn(T{}) for the element type T of dtype (the launchers' one switch).
+template <typename Fn>
+cudaError_t by_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return fn(float{});
+    case DType::kFloat64:
+      return fn(double{});
+    case DType::kBFloat16:
+      return fn(__nv_bfloat16{});
+    case DType::kFloat16:
+      return fn(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 cudaError_t launch_reparameterize(const ReparamParams& p, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return reparam_typed<float>(p, stream);
-    case DType::kFloat64:
-      return reparam_typed<double>(p, stream);
-    case DType::kBFloat16:
-      return reparam_typed<__nv_bfloat16>(p, stream);
-    case DType::kFloat16:
-      return reparam_typed<__half>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return by_dtype(p.dtype, [&](auto t) { return reparam_typed<decltype(t)>(p, stream); });
 }
 
 cudaError_t launch_gaussian_kl(const KLParams& p, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return kl_typed<float>(p, stream);
-    case DType::kFloat64:
-      return kl_typed<double>(p, stream);
-    case DType::kBFloat16:
-      return kl_typed<__nv_bfloat16>(p, stream);
-    case DType::kFloat16:
-      return kl_typed<__half>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return by_dtype(p.dtype, [&](auto t) { return kl_typed<decltype(t)>(p, stream); });
 }
 
 cudaError_t launch_reparameterize_kl(const ReparamKLParams& p, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return reparam_kl_typed<float>(p, stream);
-    case DType::kFloat64:
-      return reparam_kl_typed<double>(p, stream);
-    case DType::kBFloat16:
-      return reparam_kl_typed<__nv_bfloat16>(p, stream);
-    case DType::kFloat16:
-      return reparam_kl_typed<__half>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return by_dtype(p.dtype, [&](auto t) { return reparam_kl_typed<decltype(t)>(p, stream); });
 }
 
 cudaError_t launch_sgld(const SgldTensor* tensors, int count, const SgldHyper& h, DType dtype,
                         cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return sgld_typed<float>(tensors, count, h, stream);
-    case DType::kFloat64:
-      return sgld_typed<double>(tensors, count, h, stream);
-    case DType::kBFloat16:
-      return sgld_typed<__nv_bfloat16>(tensors, count, h, stream);
-    case DType::kFloat16:
-      return sgld_typed<__half>(tensors, count, h, stream);
-  }
-  return cudaErrorInvalidValue;
+  return by_dtype(dtype,
+                  [&](auto t) { return sgld_typed<decltype(t)>(tensors, count, h, stream); });
 }
 
 }  // namespace cuda
