@@ -150,6 +150,10 @@ class BayesLinear(nn.Module):
         seed = new_seed()
         try:
             record = _recording(self)
+            # parameters computed in the graph (functional_call): the plain op, whose saved
+            # tensors activation checkpointing can match on recomputation; the block's kl()
+            if record is not None and any(p.grad_fn is not None for p in self._params()):
+                record = None
             if record is not None:
                 w, b, kl = self._sample_with_kl(seed)
                 record._note(self, kl)
@@ -417,7 +421,8 @@ def record_kl(model: nn.Module):
     ``rec.kl`` equals :func:`kl_divergence` (each layer counted once): a layer that ran several
     times gives its last forward's KL (its last one with a gradient, if a ``no_grad`` pass came
     after it), one that did not run, ran in local mode or frozen, inside ``torch.compile``, or
-    on parameters that ``torch.func.functional_call`` swapped in gives its :meth:`kl`.
+    on parameters that ``torch.func.functional_call`` swapped in or that the graph computed
+    gives its :meth:`kl`.
 
     The samples are those of the plain forward (same seeds). ``rec.kl`` shares the forward's
     autograd nodes: back-propagate it in the same backward as the output (as above), or pass

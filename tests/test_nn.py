@@ -600,3 +600,19 @@ def test_record_kl_inside_a_compiled_function_and_closed_in_another_context():
     contextvars.copy_context().run(block.__enter__)
     block.__exit__(None, None, None)
     assert not mtbkd_nn._ACTIVE.get()
+
+
+def test_record_kl_with_computed_parameters_under_non_reentrant_checkpointing():
+    # parameters computed in the graph (functional_call): the plain sampling op, so that the
+    # recomputation saves the same tensors (the joint op saved a computed mu too: it raised)
+    from torch.utils.checkpoint import checkpoint
+
+    layer = BayesLinear(6, 3)
+    params = {k: v * 1.0 for k, v in layer.named_parameters()}
+    x = torch.randn(2, 6)
+    with mtbkd_nn.record_kl(layer) as rec:
+        y = checkpoint(lambda x: torch.func.functional_call(layer, params, (x,)), x,
+                       use_reentrant=False)  # fmt: skip
+    (y.sum() + rec.kl).backward()
+    assert rec.from_forward == 0
+    torch.testing.assert_close(rec.kl, kl_divergence(layer))
