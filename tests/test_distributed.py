@@ -421,9 +421,19 @@ def scenario_ddp(rank: int, world: int) -> None:
 
 def scenario_fsdp(rank: int, world: int) -> None:
     """A BayesLinear student under FSDP2 (fully_shard) trains like one process on the full batch."""
+    _fsdp_student(rank, world, record=False)
+
+
+def scenario_fsdp_record_kl(rank: int, world: int) -> None:
+    """The same with weight sampling and the KL from the forward's passes (record_kl inside the
+    model's forward, where FSDP has gathered the parameters)."""
+    _fsdp_student(rank, world, record=True)
+
+
+def _fsdp_student(rank: int, world: int, record: bool) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from mtbkd.nn import BayesLinear
+    from mtbkd.nn import BayesLinear, record_kl
 
     n, v, k = 8, 6, 2
     g = torch.Generator().manual_seed(3)
@@ -431,15 +441,23 @@ def scenario_fsdp(rank: int, world: int) -> None:
     t = torch.randn(k, n, v, generator=g, dtype=torch.float64)
     y = torch.randint(0, v, (n,), generator=g)
     loss_fn = mtbkd.MTBKDLoss()
+    # local mode draws one eps per example; weight sampling one weight matrix per forward, the
+    # same on every rank (the seed comes from torch's generator, seeded alike)
+    mode = "reparameterize" if record else "local"
 
     class Student(torch.nn.Module):
         # The KL is computed inside forward: FSDP unshards the parameters only there.
         def __init__(self):
             super().__init__()
-            self.body = torch.nn.Sequential(BayesLinear(5, 12, mode="local"), torch.nn.Tanh(),
-                                            BayesLinear(12, v, mode="local"))  # fmt: skip
+            self.body = torch.nn.Sequential(BayesLinear(5, 12, mode=mode), torch.nn.Tanh(),
+                                            BayesLinear(12, v, mode=mode))  # fmt: skip
 
         def forward(self, inputs):
+            if record:
+                with record_kl(self.body) as rec:
+                    out = self.body(inputs)
+                assert rec.from_forward == 2  # the gathered parameters' own passes
+                return out, rec.kl
             kl = sum(m.kl() for m in self.body if isinstance(m, BayesLinear))
             return self.body(inputs), kl
 
@@ -452,8 +470,8 @@ def scenario_fsdp(rank: int, world: int) -> None:
         for step in range(3):
             opt.zero_grad()
             torch.manual_seed(100 + step)
-            # Local reparameterisation draws one eps per example: every rank draws the full
-            # batch's noise and keeps its rows, so each row sees the noise it sees in one process.
+            # every rank draws the full batch's noise and keeps its rows, so each row sees the
+            # noise it sees in one process
             out, kl = model(x)
             loss = loss_fn(out[keep], tb, yb, num_items_in_batch=num_items)
             (loss + kl / 1000).backward()
@@ -945,6 +963,7 @@ SCENARIOS = {
     "mismatch": scenario_mismatch,
     "ddp": scenario_ddp,
     "fsdp": scenario_fsdp,
+    "fsdp_record_kl": scenario_fsdp_record_kl,
     "fsdp_sgld": scenario_fsdp_sgld,
     "sgld_meshes": scenario_sgld_meshes,
     "fused_linear": scenario_fused_linear,
@@ -998,6 +1017,10 @@ def test_ddp_training_matches_single_process(ranks):
 
 def test_bayes_linear_under_fsdp_matches_single_process(ranks):
     ranks(2).run("fsdp")
+
+
+def test_record_kl_under_fsdp_matches_single_process(ranks):
+    ranks(2).run("fsdp_record_kl")
 
 
 def test_sgld_steps_fsdp_shards_on_their_own_ranks(ranks):
