@@ -382,6 +382,13 @@ register_impl("reparameterize_backward", "cuda", _cpu_reparameterize_backward)
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_prior(prior_mu: float, prior_sigma: float) -> None:
+    from mtbkd import validate
+
+    validate.check_prior_sigma(prior_sigma)
+    validate.check_real(prior_mu, "prior_mu")
+
+
 def _check_kl_grad(grad: Tensor, mu: Tensor, name: str = "grad") -> None:
     # the C++ ops' check_kl_grad: the KL's incoming gradient, one number on mu's device (the
     # kernels read it there)
@@ -395,11 +402,8 @@ def _check_kl_grad(grad: Tensor, mu: Tensor, name: str = "grad") -> None:
 @torch.library.custom_op("mtbkd::gaussian_kl", mutates_args=())
 def _gaussian_kl_op(mu: Tensor, rho: Tensor, prior_mu: float, prior_sigma: float) -> Tensor:
     """The summed KL as a 0-d fp32 (fp64 for fp64) tensor; contiguous ``mu`` / ``rho``."""
-    from mtbkd import validate
-
     _check_pair(mu, rho, "mu", "rho")
-    validate.check_prior_sigma(prior_sigma)
-    validate.check_real(prior_mu, "prior_mu")
+    _check_prior(prior_mu, prior_sigma)
     return _impl("gaussian_kl", mu)(mu, rho, prior_mu, prior_sigma)
 
 
@@ -422,12 +426,9 @@ def gaussian_kl_backward(
     ``mu`` and ``rho`` in one pass: ``grad * (mu - m0) / s0^2`` and
     ``grad * (s / s0^2 - 1 / s) * sigmoid(rho)``, in fp32 (fp64), rounded once to ``mu``'s
     dtype; an output not asked for (``mu_grad`` / ``rho_grad`` False) is an empty tensor."""
-    from mtbkd import validate
-
     _check_pair(mu, rho, "mu", "rho")
     _check_kl_grad(grad, mu)
-    validate.check_prior_sigma(prior_sigma)
-    validate.check_real(prior_mu, "prior_mu")
+    _check_prior(prior_mu, prior_sigma)
     return _impl("gaussian_kl_backward", mu)(grad, mu, rho, prior_mu, prior_sigma, mu_grad,
                                              rho_grad)  # fmt: skip
 
@@ -560,11 +561,8 @@ def _reparameterize_kl_op(
     check_finite: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(mu + softplus(rho) * eps(seed, offset), summed KL)`` (contiguous, one dtype)."""
-    from mtbkd import validate
-
     _check_pair(mu, rho, "mu", "rho")
-    validate.check_prior_sigma(prior_sigma)
-    validate.check_real(prior_mu, "prior_mu")
+    _check_prior(prior_mu, prior_sigma)
     return _impl("reparameterize_kl", mu)(mu, rho, seed, offset, prior_mu, prior_sigma,
                                           check_finite)  # fmt: skip
 
@@ -591,13 +589,10 @@ def reparameterize_kl_backward(
     ``grad + grad_kl * (mu - m0) / s0^2`` and ``grad * eps * sigmoid(rho) + grad_kl * dKL/drho``
     (``grad_kl`` a one-element tensor, eps regenerated), in fp32 (fp64), each rounded once; an
     output not asked for is an empty tensor."""
-    from mtbkd import validate
-
     _check_pair(mu, rho, "mu", "rho")
     _check_pair(grad, rho, "grad", "rho")
     _check_kl_grad(grad_kl, mu, "grad_kl")
-    validate.check_prior_sigma(prior_sigma)
-    validate.check_real(prior_mu, "prior_mu")
+    _check_prior(prior_mu, prior_sigma)
     return _impl("reparameterize_kl_backward", mu)(grad, grad_kl, mu, rho, seed, offset, prior_mu,
                                                    prior_sigma, mu_grad, rho_grad)  # fmt: skip
 

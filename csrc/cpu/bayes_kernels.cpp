@@ -262,31 +262,30 @@ inline void philox_normals16(uint64_t seed, uint64_t counter, uint32_t stream, f
 
 // softplus with torch's threshold: r > 20 -> r, else log1p(e^r) by Kahan's trick
 // log1p(x) = log(1 + x) * x / ((1 + x) - 1), exact where 1 + x rounds to 1. A NaN r gives NaN
-// (min_ps would drop it and return softplus(20)).
-inline __m512 softplus16(__m512 r) {
+// (min_ps would drop it and return softplus(20)). e = exp(min(r, 20)) and u = 1 + e are left for
+// softplus_sigmoid16.
+inline __m512 softplus16(__m512 r, __m512& e, __m512& u) {
   const __m512 one = _mm512_set1_ps(1.0f), thr = _mm512_set1_ps(kSoftplusThreshold);
-  const __m512 e = Sleef_expf16_u10(_mm512_min_ps(r, thr));
-  const __m512 u = _mm512_add_ps(one, e);
+  e = Sleef_expf16_u10(_mm512_min_ps(r, thr));
+  u = _mm512_add_ps(one, e);
   const __m512 d = _mm512_sub_ps(u, one);
   __m512 l = _mm512_mul_ps(Sleef_logf16_u35(u), _mm512_div_ps(e, d));
   l = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_EQ_OQ), l, e);
   // r > 20 or r NaN: r itself
-  const __mmask16 keep = _mm512_cmp_ps_mask(r, thr, _CMP_NLE_UQ);
-  return _mm512_mask_blend_ps(keep, l, r);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, thr, _CMP_NLE_UQ), l, r);
 }
 
-// softplus16(r) and sigmoid(r) = e / (1 + e) from one exponential e = exp(min(r, 20)) (at the
-// threshold e / (1 + e) already rounds to 1, as sigmoid(r > 20) does in float).
+inline __m512 softplus16(__m512 r) {
+  __m512 e, u;
+  return softplus16(r, e, u);
+}
+
+// softplus16(r) and sigmoid(r) = e / (1 + e) from the same exponential (at the threshold
+// e / (1 + e) already rounds to 1, as sigmoid(r > 20) does in float); a NaN r gives NaN for both.
 inline void softplus_sigmoid16(__m512 r, __m512& sp, __m512& sig) {
-  const __m512 one = _mm512_set1_ps(1.0f), thr = _mm512_set1_ps(kSoftplusThreshold);
-  const __m512 e = Sleef_expf16_u10(_mm512_min_ps(r, thr));
-  const __m512 u = _mm512_add_ps(one, e);
-  const __m512 d = _mm512_sub_ps(u, one);
-  __m512 l = _mm512_mul_ps(Sleef_logf16_u35(u), _mm512_div_ps(e, d));
-  l = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_EQ_OQ), l, e);
-  const __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
-  sp = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, thr, _CMP_NLE_UQ), l, r);  // > 20 or NaN
-  sig = _mm512_mask_blend_ps(nan, _mm512_div_ps(e, u), r);
+  __m512 e, u;
+  sp = softplus16(r, e, u);
+  sig = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q), _mm512_div_ps(e, u), r);
 }
 
 inline __m512 sigmoid16(__m512 r) {
