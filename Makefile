@@ -49,13 +49,18 @@ cmake-check:
 		cmake --build build/cmake-cuda -j 2; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
 
+# pytest-xdist workers: two, for the two cores of the CI machine; each worker takes its share of
+# the cores as torch / OpenMP threads (tests/conftest.py). More on a bigger machine:
+# `make test TEST_WORKERS=8`; `TEST_WORKERS=0` runs the tests in one process, as before.
+TEST_WORKERS ?= 2
+
 test: setup
 	@mkdir -p build
 	$(MAKE) cmake-check
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS)
 
 test-fast: setup
-	$(PY) -m pytest tests -q -m "not slow"
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) -m "not slow"
 
 demo: setup
 	$(VENV)/bin/mtbkd demo

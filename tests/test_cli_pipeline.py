@@ -606,7 +606,21 @@ def test_deeploc_smoke_and_predict_from_sequences(tmp_path, capsys, monkeypatch,
     assert len(rows) == 20 and rows[0]["id"] == lines[1].split(",")[0]
 
 
-def test_teachers_command(tmp_path, capsys):
+def test_teachers_command(tmp_path, capsys, monkeypatch):
+    from mtbkd import distill
+
+    # The JSON and the text run below train the same digits teachers (same settings and seed):
+    # the second run reads the first one's dataset instead of training them again (10 s).
+    made = {}
+
+    def digits_once(config=None, seed=0, **kwargs):
+        key = (repr(config), seed, repr(sorted(kwargs.items())))
+        if key not in made:
+            made[key] = real(config, seed, **kwargs)
+        return made[key]
+
+    real = distill.digits_demo_dataset
+    monkeypatch.setattr(distill, "digits_demo_dataset", digits_once)
     assert cli.main(["teachers", "--dataset", "digits", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert [t["name"] for t in d["teachers"]] == ["t0123", "t456", "t789"]
@@ -623,6 +637,7 @@ def test_teachers_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train acc  test acc" in out and "more often than any single teacher" in out
     assert "avg_bkd" not in out  # the weights pick the right expert: no hint toward the average
+    assert len(made) == 1  # both runs read one dataset
     # a directory of one's own: two teachers that always agree, then one teacher
     root = tmp_path / "own"
     root.mkdir()

@@ -20,6 +20,28 @@ def _run(args: list[str], timeout: int = 300) -> str:
     return proc.stdout
 
 
+def _cross_fit_module():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import cross_fit
+    finally:
+        sys.path.pop(0)
+    return cross_fit
+
+
+def _refusal(argv: list[str], capfd) -> str:
+    """What ``python examples/cross_fit.py ARGV`` writes to stderr as it refuses ``argv`` with a
+    nonzero exit status. Run in this process (a process of its own costs seconds of imports): the
+    SystemExit the script's process would exit with, its message (which Python would print to
+    stderr) or argparse's error on stderr, and the stderr of any `mtbkd distill` fold process."""
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        _cross_fit_module().main(argv)
+    code = exc.value.code
+    assert code not in (0, None), code
+    return capfd.readouterr().err + (code if isinstance(code, str) else "")
+
+
 def test_quickstart():
     out = _run([sys.executable, str(EXAMPLES / "quickstart.py")])
     accs = [float(a) for a in re.findall(r"train acc ([0-9.]+)", out)]
@@ -80,7 +102,7 @@ def _csv_dataset(root: Path) -> Path:
     return d
 
 
-def test_cross_fit(tmp_path):
+def test_cross_fit(tmp_path, capfd):
     import json
 
     d = _csv_dataset(tmp_path)
@@ -121,28 +143,22 @@ def test_cross_fit(tmp_path):
     # other data)
     for split in ("train", "test"):
         (d / f"teacher_b_{split}.csv").rename(tmp_path / f"b_{split}.csv")
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "was run on other data" in proc.stderr
+    assert "was run on other data" in _refusal(args[2:], capfd)
     assert sorted(p.name for p in (out / "data" / "fold0").iterdir()) == [
         "teacher_a_test.csv", "teacher_a_train.csv", "test.csv", "train.csv"]  # fmt: skip
     for split in ("train", "test"):
         (tmp_path / f"b_{split}.csv").rename(d / f"teacher_b_{split}.csv")
     # other folds into the same folder: mtbkd distill --resume refuses the changed data
-    proc = subprocess.run([*args[:4], "--folds", "2", *args[6:]], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode != 0 and "mtbkd distill failed on fold 0 of 2" in proc.stderr
-    assert "was run on other data" in proc.stderr
+    stderr = _refusal([*args[2:4], "--folds", "2", *args[6:]], capfd)
+    assert "mtbkd distill failed on fold 0 of 2" in stderr
+    assert "was run on other data" in stderr
 
 
-def test_cross_fit_stratified_folds_and_refusals(tmp_path):
+def test_cross_fit_stratified_folds_and_refusals(tmp_path, capfd):
     import numpy as np
 
     d = _csv_dataset(tmp_path)
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import cross_fit
-    finally:
-        sys.path.pop(0)
+    cross_fit = _cross_fit_module()
     header, rows, teachers = cross_fit.load_pool(d)
     assert len(rows) == 120 and all(len(v) == 120 for v in teachers.values())
     fold, names = cross_fit.assign_folds(header, rows, None, 5, seed=0)
@@ -166,8 +182,7 @@ def test_cross_fit_stratified_folds_and_refusals(tmp_path):
     text = (d / "train.csv").read_text().replace("group,label", "group, label") + "\n"
     (d / "train.csv").write_text(text)
     assert len(cross_fit.load_pool(d)[1]) == 120
-    base = [sys.executable, str(EXAMPLES / "cross_fit.py"), "--data-dir", str(d), "--out",
-            str(tmp_path / "x")]  # fmt: skip
+    base = ["--data-dir", str(d), "--out", str(tmp_path / "x")]
     for extra, says in (
         (["--by", "Partition"], "--by: no column 'Partition'"),
         (["--folds", "1"], "--folds: cross-fitting needs 2 folds or more"),
@@ -175,14 +190,14 @@ def test_cross_fit_stratified_folds_and_refusals(tmp_path):
         (["--folds", "2", "--seeds", "x"], "--seeds:"),
         (["--folds", "2", "--", "--seeds", "1"], "after --: --seeds: set by cross_fit.py"),
     ):
-        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
-        assert proc.returncode != 0 and says in proc.stderr, proc.stderr
+        stderr = _refusal(base + extra, capfd)
+        assert says in stderr, stderr
     (d / "teacher_b_test.csv").unlink()
-    proc = subprocess.run(base + ["--folds", "3"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "teachers of train" in proc.stderr
+    assert "teachers of train" in _refusal(base + ["--folds", "3"], capfd)
+    assert not (tmp_path / "x").exists()
 
 
-def test_cross_fit_built_in_dataset(tmp_path):
+def test_cross_fit_built_in_dataset(tmp_path, capfd):
     import json
 
     out = tmp_path / "cf"
@@ -203,9 +218,8 @@ def test_cross_fit_built_in_dataset(tmp_path):
     assert again.count("seed 0: finished earlier, read from") == 2
     # other folds into the same folder: mtbkd distill --resume refuses the changed settings
     other = [a if a != "3" else "4" for a in args]
-    proc = subprocess.run(other, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "was written with other settings (fold_seed" in proc.stderr
-    base = [sys.executable, str(EXAMPLES / "cross_fit.py"), "--out", str(tmp_path / "x")]
+    assert "was written with other settings (fold_seed" in _refusal(other[2:], capfd)
+    base = ["--out", str(tmp_path / "x")]
     for extra, says in (
         (["--dataset", "yeast", "--folds", "2", "--data-dir", str(tmp_path)],
          "--data-dir: --dataset yeast ships with its package"),
@@ -218,6 +232,6 @@ def test_cross_fit_built_in_dataset(tmp_path):
         (["--dataset", "digits", "--folds", "2", "--", "--ou", "y"], "after --: --out: set by"),
         (["--dataset", "digits", "--folds", "2", "--", "--resu"], "after --: --resume: set by"),
     ):  # fmt: skip
-        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
-        assert proc.returncode != 0 and says in proc.stderr, proc.stderr
+        stderr = _refusal(base + extra, capfd)
+        assert says in stderr, stderr
     assert not (tmp_path / "x").exists()
