@@ -310,7 +310,8 @@ def _(teachers, *args):
 # Rounding: a mean's 1 / count reaches the forward as grad_scale and is folded into the gradient
 # before it is rounded to the student's dtype; the backward scales by grad_output / grad_scale,
 # exactly 1 for that mean, so a bf16 gradient is rounded once (the dense losses of
-# mtbkd.functional pass it, except for float16, whose range a loss scaler needs).
+# mtbkd.functional pass it, except for float16, whose range a loss scaler needs). On CPU a
+# factor of exactly 1 in every row skips the scaling: the saved gradient is the result.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -346,6 +347,21 @@ def refuse_double_backward() -> None:
         )
 
 
+def _all_ones_on_cpu(rows: Tensor, grad: Tensor) -> bool:
+    """Whether every row factor of the backward is exactly 1, asked only where reading it is
+    free: CPU tensors with values (no GPU synchronisation, nothing traced by torch.compile or a
+    torch.func transform, no fake tensors)."""
+    if rows.device.type != "cpu" or grad.device.type != "cpu":
+        return False
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    from torch._guards import detect_fake_mode
+
+    if detect_fake_mode((rows, grad)) is not None:
+        return False
+    return bool((rows == 1).all())
+
+
 def _loss_backward(ctx, grad_loss, *unused):
     grad, grad_scale = ctx.saved_tensors
     # One entry per input as autograd was given them (ctx.needs_input_grad has that structure):
@@ -364,8 +380,16 @@ def _loss_backward(ctx, grad_loss, *unused):
         # s = 0 (a mean over an infinite item count): the forward's gradient is 0, and so is the
         # loss's; 0 / 0 must not make it NaN (a NaN grad_output still does).
         rows = rows / torch.where(s != 0, s, torch.ones_like(s))
-    # Out of place: the saved gradient is also an output of the op, which a caller may hold.
-    grad_student = scale_grad(grad, rows.contiguous())
+    if _all_ones_on_cpu(rows, grad):
+        # The common case (a mean or sum reduction, grad_output 1): the gradient is the saved
+        # one, handed on without a copy. No [N, V] allocation: on CPU a fresh one costs a page
+        # fault per 4 KB, as long as the gradient pass itself. Autograd does not modify it in
+        # place: AccumulateGrad takes it as .grad only when nothing else holds it (the op's
+        # output, retain_graph's saved tensor), and copies it otherwise.
+        grad_student = grad
+    else:
+        # Out of place: the saved gradient is also an output of the op, which a caller may hold.
+        grad_student = scale_grad(grad, rows.contiguous())
     return (grad_student, [None] * ctx.num_teachers) + (None,) * num_rest
 
 

@@ -1482,6 +1482,58 @@ def test_loss_gradient_is_right_for_any_upstream_gradient(any_backend, case):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["mtbkd", "forward_kl"])
+def test_unit_backward_hands_on_the_saved_gradient_without_a_copy(backend, case):
+    # A mean (or sum) reduction with grad_output 1: on CPU the backward returns the gradient the
+    # forward saved, which becomes .grad without an [N, V] copy (before: scale_grad by ones, a
+    # second allocation, 16,000 page faults per call at 512 x 32000 float32). Reverting to the
+    # copy fails the first assertion; the others pin that nothing the caller holds is touched.
+    z, t, y = _inputs(n=9, v=37, k=3, seed=11)
+    y[4] = -100
+    unpacked, in_backward = [], [False]
+
+    def unpack(x):
+        # the [N, V] tensors the outer backward reads (alive while it runs, so a copy made then
+        # cannot reuse their memory); not the reference backend's own forward-time autograd
+        if in_backward[0] and x.shape == z.shape:
+            unpacked.append(x.data_ptr())
+        return x
+
+    for reduction in ("mean", "sum"):
+        a = z.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: x, unpack):
+            got = _loss_call(case, a, t, y, reduction=reduction)
+        in_backward[0] = True
+        got.backward()
+        in_backward[0] = False
+        assert unpacked and a.grad.data_ptr() in unpacked, reduction
+        unpacked.clear()
+        b = z.clone().requires_grad_(True)
+        _truth_call(case, b, t, y, reduction).backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+    # retain_graph: the saved gradient is still held, so .grad is a copy, and a second backward
+    # (which accumulates into .grad in place) adds the unchanged saved gradient
+    a = z.clone().requires_grad_(True)
+    got = _loss_call(case, a, t, y)
+    got.backward(retain_graph=True)
+    once = a.grad.clone()
+    got.backward()
+    torch.testing.assert_close(a.grad, 2 * once, rtol=1e-12, atol=0)
+
+    # the raw op's gradient output, held by the caller, is not the .grad that in-place updates
+    # change, and a student that is not a leaf gets the same gradient through the graph
+    w = z.clone().requires_grad_(True)
+    student = w * 1.0
+    args = (student, list(t), y, None, None, 2.0, 5.0, 0.02, 1.0, 0, 1.0, -100, True)
+    out = mtbkd.ops.mtbkd_loss_fwd(*args)
+    held = out[1].clone()
+    out[0].sum().backward()
+    torch.testing.assert_close(w.grad, held, rtol=0, atol=0)
+    w.grad.mul_(3.0)
+    torch.testing.assert_close(out[1], held, rtol=0, atol=0)
+
+
 def test_grad_scale_multiplies_the_ops_gradient_only(any_backend):
     name, dev = any_backend
     z, t, y = _inputs(n=5, v=19, k=2, seed=6)
