@@ -147,7 +147,14 @@ def machine() -> dict:
         "uncommitted_changes": None if status is None else bool(status),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "load_average": load_average(),
+        "cpu_huge_pages": _huge_pages(),
     }
+
+
+def _huge_pages() -> str:
+    from mtbkd.info import huge_pages_status
+
+    return huge_pages_status()
 
 
 def load_average() -> list[float] | None:
@@ -242,8 +249,12 @@ def provenance(mach: dict, backends) -> str:
     backend that ran the fused column."""
     names = sorted({b for b in backends if b}) or ["unknown"]
     commit = str(mach.get("commit") or "unknown")[:10]
+    # "on" / "off" / "n/a" of mtbkd.info's huge-page status (fresh [N, V] tensors page-fault
+    # per 4 KB without them: part of every column's time on CPU)
+    pages = mach.get("cpu_huge_pages")
+    pages = f", huge pages {pages.split()[0]}" if pages else ""
     return (
-        f"Machine: {mach.get('cpu', 'unknown CPU')}, {mach.get('threads')} threads, torch "
+        f"Machine: {mach.get('cpu', 'unknown CPU')}, {mach.get('threads')} threads{pages}, torch "
         f"{mach.get('torch', 'unknown')}, commit {commit}{dirty_note(mach)}; fused column: "
         f"mtbkd's {' / '.join(names)} backend."
     )

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import platform
+from pathlib import Path
 
 import torch
+
+_THP_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def info() -> dict:
@@ -28,6 +32,7 @@ def info() -> dict:
         "python": platform.python_version(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "cpu_capability": cpu_capability,
+        "cpu_huge_pages": huge_pages_status(),
         "backends": {
             name: ("available" if reason is None else f"unavailable: {reason}")
             for name, reason in ops.backend_status().items()
@@ -35,6 +40,35 @@ def info() -> dict:
         "default_backend": {"cpu": _safe_select("cpu"), "cuda": _safe_select("cuda")},
         "unirep_weights": _unirep_status(),
     }
+
+
+def huge_pages_status(thp_file: Path = _THP_FILE, environ=None) -> str:
+    """Whether PyTorch backs large CPU tensors with 2 MB pages (transparent huge pages).
+
+    A fused loss allocates its ``[N, V]`` gradient once a step; with 4 KB pages the first touch
+    of each page is a fault, which on a virtual machine can cost as much as the gradient pass.
+    PyTorch asks for huge pages when ``THP_MEM_ALLOC_ENABLE=1`` is set before it starts (it reads
+    the variable once) and the kernel's setting is ``madvise``; with ``always`` the kernel uses
+    them anyway, with ``never`` not at all. Not always a gain: ``bench/page_faults.py`` measured
+    a float32 loss step 1.4-1.5x faster with them and a bfloat16 MT-BKD step slower (README,
+    Benchmarks).
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        text = thp_file.read_text()
+    except OSError:
+        return "n/a (no transparent huge pages here)"
+    mode = text[text.index("[") + 1 : text.index("]")] if "[" in text and "]" in text else "?"
+    if mode == "always":
+        return "on (kernel THP: always)"
+    if mode == "madvise":
+        if environ.get("THP_MEM_ALLOC_ENABLE") == "1":
+            return "on (THP_MEM_ALLOC_ENABLE=1, kernel THP: madvise)"
+        return (
+            "off (kernel THP: madvise; THP_MEM_ALLOC_ENABLE=1 before Python starts turns them on "
+            "for large tensors: measure with bench/page_faults.py first)"
+        )
+    return f"off (kernel THP: {mode})"
 
 
 def _unirep_status() -> str:

@@ -261,3 +261,35 @@ def test_every_cpu_suite_ends_its_markdown_with_what_produced_it(tmp_path, monke
     assert common.provenance({}, [None]).endswith(
         "commit unknown; fused column: mtbkd's unknown backend."
     )
+    off = {**MACH, "cpu_huge_pages": "off (kernel THP: madvise; THP_MEM_ALLOC_ENABLE=1 ...)"}
+    assert "1 threads, huge pages off, torch" in common.provenance(off, ["cpu"])
+    assert "huge pages on," in common.provenance({**MACH, "cpu_huge_pages": "on (x)"}, ["cpu"])
+
+
+def test_machine_records_the_huge_page_status():
+    from mtbkd.info import huge_pages_status
+
+    assert common.machine()["cpu_huge_pages"] == huge_pages_status()
+
+
+def test_page_faults_runs_both_page_settings_in_fresh_processes(tmp_path, capsys):
+    from bench import page_faults
+    from mtbkd.info import huge_pages_status
+
+    out = tmp_path / "pf.json"
+    # 320 x 32000 float32: a 41 MB gradient a step, 10,000 pages of 4 KB (glibc serves blocks
+    # up to 32 MB from its heap once freed, without new faults: smaller ones would show none)
+    args = ["--loss", "mtbkd", "--n", "320", "--vocab", "32000", "--teachers", "2",
+            "--dtype", "float32", "--steps", "2", "--rounds", "1", "--out", str(out)]  # fmt: skip
+    assert page_faults.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| mtbkd | float32 | 320×32000×2 | huge pages |" in printed
+    (row,) = json.loads(out.read_text())["rows"]
+    small, huge = row["4 KB pages"], row["huge pages"]
+    assert small["THP_MEM_ALLOC_ENABLE"] == "0" and huge["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert small["ms"] > 0 and huge["ms"] > 0
+    if "kernel THP: madvise" in huge_pages_status(environ={}):
+        assert small["minor_faults"] > 5000, small
+        assert huge["minor_faults"] < 0.25 * small["minor_faults"], (small, huge)
+    with pytest.raises(SystemExit):
+        page_faults.main(["--steps", "0"])

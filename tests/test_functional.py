@@ -569,6 +569,21 @@ def test_info_reports_backends():
                                           else "unavailable: UniRep features need")  # fmt: skip
 
 
+def test_info_reports_huge_pages_from_the_kernel_setting_and_the_environment(tmp_path):
+    from mtbkd.info import huge_pages_status
+
+    f = tmp_path / "enabled"
+    f.write_text("always madvise [never]\n")
+    assert huge_pages_status(f, {}) == "off (kernel THP: never)"
+    f.write_text("always [madvise] never\n")
+    assert huge_pages_status(f, {}).startswith("off (kernel THP: madvise; THP_MEM_ALLOC_ENABLE=1")
+    assert huge_pages_status(f, {"THP_MEM_ALLOC_ENABLE": "1"}).startswith("on (THP_MEM")
+    f.write_text("[always] madvise never\n")
+    assert huge_pages_status(f, {}) == "on (kernel THP: always)"
+    assert huge_pages_status(tmp_path / "absent", {}).startswith("n/a")
+    assert "cpu_huge_pages" in mtbkd.info()
+
+
 def test_finite_logits_beyond_half_the_float32_range_are_not_reported_as_inf(backend):
     # the CPU kernels checked x - max, which overflows for finite logits of +-3e38
     z = torch.tensor([[3e38, -3e38, 0.0, 1.0]])
