@@ -46,7 +46,7 @@ def huge_pages_status(thp_file: Path = _THP_FILE, environ=None) -> str:
     """Whether PyTorch backs large CPU tensors with 2 MB pages (transparent huge pages).
 
     A fused loss allocates its ``[N, V]`` gradient once a step; with 4 KB pages the first touch
-    of each page is a fault, which on a virtual machine can cost as much as the gradient pass.
+    of each page is a fault, which on a virtual machine is a large part of a step's time.
     PyTorch asks for huge pages when ``THP_MEM_ALLOC_ENABLE=1`` is set before it starts (it reads
     the variable once) and the kernel's setting is ``madvise``; with ``always`` the kernel uses
     them anyway, with ``never`` not at all. Not always a gain: ``bench/page_faults.py`` measured
