@@ -136,6 +136,8 @@ def _git(*args: str) -> str | None:
 def machine() -> dict:
     """What produced a result file: host, CPU model, threads, torch, the commit (and whether the
     working tree had uncommitted changes), the command line and the load average at the start."""
+    from mtbkd.info import huge_pages_status
+
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "host": socket.gethostname(),
@@ -147,14 +149,8 @@ def machine() -> dict:
         "uncommitted_changes": None if status is None else bool(status),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "load_average": load_average(),
-        "cpu_huge_pages": _huge_pages(),
+        "cpu_huge_pages": huge_pages_status(),
     }
-
-
-def _huge_pages() -> str:
-    from mtbkd.info import huge_pages_status
-
-    return huge_pages_status()
 
 
 def load_average() -> list[float] | None:
