@@ -54,9 +54,12 @@ cmake-check:
 # `make test TEST_WORKERS=8`; `TEST_WORKERS=0` runs the tests in one process, as before.
 TEST_WORKERS ?= 2
 
-test: setup
+# The compile checks need nothing of .venv, so they run beside `make setup` (two jobs): the
+# package installs keep about one core busy, and nvcc fills the other. Each job's output is
+# printed whole when it ends (--output-sync), not interleaved.
+test:
 	@mkdir -p build
-	$(MAKE) cmake-check
+	$(MAKE) -j 2 --output-sync=target setup cmake-check
 	$(PY) -m pytest tests -q -n $(TEST_WORKERS)
 
 test-fast: setup

@@ -43,13 +43,12 @@ import argparse
 import csv
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from mtbkd import data, report
+from mtbkd import cli, data, report
 
 SPLITS = ("train", "test")
 # mtbkd distill options that cross_fit.py gives each fold itself
@@ -227,6 +226,20 @@ def built_in_folds(dataset: str, folds: int, seed: int) -> tuple[int, list[str],
     return len(y), [f"fold {k} of {folds}" for k in range(folds)], np.bincount(fold, None, folds)
 
 
+def run_distill(argv: list[str]) -> int:
+    """``mtbkd ARGV`` in this process, and its exit status: a refusal's message goes to stderr as
+    the command's own process would print it. (A process per fold would pay seconds of imports
+    each; every run seeds itself from its settings, so the folds' results do not depend on what
+    ran before them in the process.)"""
+    try:
+        return cli.main(argv) or 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr, flush=True)
+            return 1
+        return exc.code or 0
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -291,13 +304,12 @@ def main(argv: list[str] | None = None) -> None:
         n_test = int(sizes[k])
         print(f"=== {names[k]}: {n_rows - n_test} training rows, {n_test} test rows ===",
               flush=True)  # fmt: skip
-        cmd = [sys.executable, "-c", "import sys; from mtbkd.cli import main; sys.exit(main())",
-               "distill", "--dataset", args.dataset, *more,
+        cmd = ["distill", "--dataset", args.dataset, *more,
                "--seeds", args.seeds, "--out", str(run)] + extra  # fmt: skip
         if run.exists():  # finished seeds are read back, after mtbkd checks data and settings
             cmd.append("--resume")
         try:
-            rc = subprocess.run(cmd).returncode
+            rc = run_distill(cmd)
         except KeyboardInterrupt:
             raise SystemExit(
                 f"\ncross_fit: interrupted during {names[k]}; rerun the same command to resume"

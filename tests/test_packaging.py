@@ -104,6 +104,28 @@ def test_build_ext_command_passes_no_options_to_setuptools(monkeypatch):
     assert command.use_ninja is is_ninja_available()
 
 
+@pytest.mark.parametrize("debug_info", [None, "1"])
+def test_extension_drops_python_debug_flag_unless_asked(monkeypatch, debug_info):
+    # Python's CFLAGS carry -g; with torch's headers it doubled the compile time. The extension's
+    # own flags come after them on the command line, so a -g0 there wins.
+    import runpy
+
+    import setuptools
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.setenv("MTBKD_NO_CUDA", "1")
+    if debug_info is None:
+        monkeypatch.delenv("MTBKD_DEBUG_INFO", raising=False)
+    else:
+        monkeypatch.setenv("MTBKD_DEBUG_INFO", debug_info)
+    runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
+    (ext,) = captured["ext_modules"]
+    cxx = ext.extra_compile_args["cxx"]
+    assert ("-g0" in cxx) is (debug_info is None), cxx
+    assert "-O3" in cxx
+
+
 def test_pipeline_parts_import_on_first_access():
     # found by a review: the docstring said they imported lazily, but `mtbkd.distill` after
     # `import mtbkd` was an AttributeError
