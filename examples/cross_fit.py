@@ -44,6 +44,7 @@ import csv
 import json
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -227,10 +228,10 @@ def built_in_folds(dataset: str, folds: int, seed: int) -> tuple[int, list[str],
 
 
 def run_distill(argv: list[str]) -> int:
-    """``mtbkd ARGV`` in this process, and its exit status: a refusal's message goes to stderr as
-    the command's own process would print it. (A process per fold would pay seconds of imports
-    each; every run seeds itself from its settings, so the folds' results do not depend on what
-    ran before them in the process.)"""
+    """``mtbkd ARGV`` in this process, and its exit status: a refusal's message, or an error's
+    traceback, goes to stderr as the command's own process would print it. (A process per fold
+    would pay seconds of imports each; every run seeds itself from its settings, so the folds'
+    results do not depend on what ran before them in the process.)"""
     try:
         return cli.main(argv) or 0
     except SystemExit as exc:
@@ -238,6 +239,9 @@ def run_distill(argv: list[str]) -> int:
             print(exc.code, file=sys.stderr, flush=True)
             return 1
         return exc.code or 0
+    except Exception:
+        traceback.print_exc()
+        return 1
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -154,6 +154,35 @@ def test_cross_fit(tmp_path, capfd):
     assert "was run on other data" in stderr
 
 
+def test_cross_fit_runs_each_fold_in_process_with_the_commands_exit_status(monkeypatch, capfd):
+    # what `mtbkd distill` would have exited with in a process of its own, and printed to stderr
+    cross_fit = _cross_fit_module()
+    seen = []
+
+    def fake_main(argv, outcome):
+        seen.append(argv)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    for outcome, status, says in (
+        (0, 0, ""),
+        (None, 0, ""),
+        (SystemExit("mtbkd distill: --resume: was run on other data"), 1, "was run on other"),
+        (SystemExit(2), 2, ""),
+        (RuntimeError("a bug"), 1, "RuntimeError: a bug"),
+    ):  # fmt: skip
+        monkeypatch.setattr(cross_fit.cli, "main", lambda argv, o=outcome: fake_main(argv, o))
+        capfd.readouterr()
+        assert cross_fit.run_distill(["distill", "--seeds", "0"]) == status
+        err = capfd.readouterr().err
+        assert says in err if says else err == ""
+    assert seen == [["distill", "--seeds", "0"]] * 5
+    monkeypatch.setattr(cross_fit.cli, "main", lambda argv: fake_main(argv, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # left to main's message: rerun to resume
+        cross_fit.run_distill(["distill"])
+
+
 def test_cross_fit_stratified_folds_and_refusals(tmp_path, capfd):
     import numpy as np
 
