@@ -36,6 +36,27 @@ def test_byte_counts_include_the_backward_and_the_required_bytes():
         bench_loss.traffic_bytes("forward_kl", 8, 10, 3, torch.float32) == (2 * 3 + 3 + 2) * e * b
     )
     assert bench_loss.required_bytes(8, 10, 3, torch.bfloat16) == (3 + 2) * e * 2
+    # a backward that hands the saved gradient on makes no pass of its own
+    assert bench_loss.traffic_bytes("mtbkd", 8, 10, 3, torch.float32, backward_pass=False) == (
+        (3 * 3 + 4) * e * b
+    )
+
+
+@pytest.mark.parametrize("loss", bench_loss.LOSSES)
+def test_backward_pass_is_measured_not_assumed(loss):
+    # the fused CPU backward of a mean hands its saved gradient on (mtbkd.ops); the eager
+    # reference's autograd computes a new one; a sum scaled afterwards makes the fused backward
+    # scale into a copy
+    z, t, y = bench_loss.make_inputs(16, 40, 3, torch.float32)
+    fused = bench_loss.make_method("fused", loss)
+    assert bench_loss.backward_hands_on_gradient(fused, z, t, y)
+    assert not bench_loss.backward_hands_on_gradient(bench_loss.make_method("eager", loss), z, t, y)
+    assert not bench_loss.backward_hands_on_gradient(lambda a, b, c: 3.0 * fused(a, b, c), z, t, y)
+    row = bench_loss.bench_config(loss, 16, 40, 3, "float32", 1, ["fused", "eager"], False)
+    assert row["backward_hands_on_gradient"] is True
+    assert row["bytes_fwd_bwd"] == bench_loss.traffic_bytes(
+        loss, 16, 40, 3, torch.float32, backward_pass=False
+    )
 
 
 def test_interleaved_timing_runs_every_method_each_round_in_a_shuffled_order():
