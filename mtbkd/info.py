@@ -49,9 +49,9 @@ def huge_pages_status(thp_file: Path = _THP_FILE, environ=None) -> str:
     of each page is a fault, which on a virtual machine is a large part of a step's time.
     PyTorch asks for huge pages when ``THP_MEM_ALLOC_ENABLE=1`` is set before it starts (it reads
     the variable once) and the kernel's setting is ``madvise``; with ``always`` the kernel uses
-    them anyway, with ``never`` not at all. Not always a gain: ``bench/page_faults.py`` measured
-    a float32 loss step 1.4-1.5x faster with them and a bfloat16 MT-BKD step slower (README,
-    Benchmarks).
+    them anyway, with ``never`` not at all. ``bench/page_faults.py`` measured loss steps
+    1.2-1.5x faster with them on a 2-core virtual machine, and once a bfloat16 MT-BKD step
+    slower, which a later run did not reproduce (README, Benchmarks): measure on your machine.
     """
     environ = os.environ if environ is None else environ
     try:
