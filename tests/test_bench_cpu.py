@@ -45,8 +45,8 @@ def test_byte_counts_include_the_backward_and_the_required_bytes():
 @pytest.mark.parametrize("loss", bench_loss.LOSSES)
 def test_backward_pass_is_measured_not_assumed(loss):
     # the fused CPU backward of a mean hands its saved gradient on (mtbkd.ops); the eager
-    # reference's autograd computes a new one; a sum scaled afterwards makes the fused backward
-    # scale into a copy
+    # reference's autograd computes a new one; a mean scaled afterwards (grad_output 3) makes the
+    # fused backward scale into a copy
     z, t, y = bench_loss.make_inputs(16, 40, 3, torch.float32)
     fused = bench_loss.make_method("fused", loss)
     assert bench_loss.backward_hands_on_gradient(fused, z, t, y)
