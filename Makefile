@@ -55,11 +55,11 @@ cmake-check:
 TEST_WORKERS ?= 2
 
 # The compile checks need nothing of .venv, so they run beside `make setup` (two jobs): the
-# package installs keep about one core busy, and nvcc fills the other. Each job's output is
-# printed whole when it ends (--output-sync), not interleaved.
+# package installs keep about one core busy, and nvcc fills the other. Their lines interleave as
+# they come (buffering each job's output until it ends would show nothing for minutes).
 test:
 	@mkdir -p build
-	$(MAKE) -j 2 --output-sync=target setup cmake-check
+	$(MAKE) -j 2 setup cmake-check
 	$(PY) -m pytest tests -q -n $(TEST_WORKERS)
 
 test-fast: setup
