@@ -256,15 +256,10 @@ def table(results: dict) -> str:
 
 
 def _backward_note(rows: list[dict]) -> str:
-    flags = {r.get("backward_hands_on_gradient") for r in rows}
+    flags = {r["backward_hands_on_gradient"] for r in rows}
     if flags == {True}:
         return "here it hands it on, no such pass"
-    if flags == {False}:
-        return "here it does"
-    if flags == {True, False}:
-        return "in some rows here"
-    # results written before the field existed: their byte counts include the pass everywhere
-    return "counted in every row of this run, which did not measure it"
+    return "here it does" if flags == {False} else "in some rows here"
 
 
 def plot(results: dict, path: Path) -> None:

@@ -98,7 +98,7 @@ def _timing(ms=1.0):
 
 def _loss_row(loss, n, v, k, dtype, methods):
     row = {"loss": loss, "N": n, "V": v, "K": k, "dtype": dtype, "backend": "cpu",
-           "methods": {}}  # fmt: skip
+           "backward_hands_on_gradient": True, "methods": {}}  # fmt: skip
     for i, m in enumerate(methods):
         row["methods"][m] = {"forward": _timing(), "forward_backward": _timing(1.0 + i),
                              "gbs_fwd_bwd": 1.0, "copy_bound_fraction": 0.5,
