@@ -215,7 +215,7 @@ def bench_config(loss, n, v, k, dtype_name, repeats, methods, with_memory, copy_
 
 
 def table(results: dict) -> str:
-    """Markdown table of the main configurations (the one the README shows)."""
+    """Markdown table of the main configurations (the README's)."""
     lines = [
         "| loss | dtype | N×V×K | fused fwd+bwd ms | eager ms | compiled ms | vs eager | "
         "vs compiled | fused GB/s (its passes) | fused time at copy bound | "

@@ -164,8 +164,9 @@ def dirty_note(mach: dict) -> str:
 
 def results_dir(out_dir: Path | str | None, quick: bool) -> Path:
     """Where a suite writes: ``out_dir`` when given, else ``bench/results`` (the committed
-    results the README quotes), or ``bench/results/quick`` for a ``--quick`` smoke run so that it
-    never overwrites them. An empty ``out_dir`` is refused (it once fell back to the default)."""
+    results the README and docs/BENCHMARKS.md quote), or ``bench/results/quick`` for a
+    ``--quick`` smoke run so that it never overwrites them. An empty ``out_dir`` is refused (it
+    once fell back to the default)."""
     if out_dir is not None:
         if not str(out_dir):
             raise ValueError("the output folder is an empty string")

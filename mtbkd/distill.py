@@ -179,7 +179,7 @@ class DistillConfig:
     # cross-fitted teacher logits on the training rows (0: none). Ten folds: each row is scored by
     # teachers fitted on 90 % of the rows, nearly as strong as the teachers that score the
     # validation and test rows, so their calibrated soft labels are not the softer ones of
-    # half-data teachers (two folds, the default before; README: chosen by the distilled
+    # half-data teachers (two folds, the default before; docs/RESULTS.md: chosen by the distilled
     # methods' mean validation NLL over 2, 3, 5, 10 folds on digits, and 2 vs 10 on yeast)
     teacher_folds: int = 10
     # temperature-scale each teacher on its out-of-fold logits (needs teacher_folds >= 2)
@@ -431,7 +431,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "map_lr": 3e-3,
         "weight_decay": 1e-4,
         # the fixed 60-epoch schedule: the demo's validation split (135 images) is small for
-        # picking an epoch by its NLL (the README gives early stopping's numbers here)
+        # picking an epoch by its NLL (docs/RESULTS.md gives early stopping's numbers here)
         "early_stopping": False,
         "sgld_epochs": 40,
         "num_samples": 100,
@@ -470,7 +470,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # weight, whose responsibilities follow the teacher nearest the student on each row; and a
         # flat one (λ = 0.01) at a heavy weight, whose responsibilities are the teacher weights,
         # so that with uniform weights the student is pulled toward the teachers' average (the
-        # DeepLoc teachers are generalists whose average beats either; README)
+        # DeepLoc teachers are generalists whose average beats either; docs/RESULTS.md)
         "mtbkd_grid": [
             {
                 "weights": ("entropy", "uniform"),

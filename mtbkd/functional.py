@@ -13,7 +13,7 @@ once, as eager PyTorch's (the backward's factor is then exactly 1); not for floa
 loss scaling needs (see ``_grad_scale``). Where every row's factor is exactly 1 (a mean or sum
 with ``grad_output`` 1) and the tensors are on the CPU, the backward hands the saved gradient on
 without a copy: it becomes the student's ``.grad`` unless something else still holds it, so one
-``[N, V]`` tensor is allocated per step instead of two (see README, Benchmarks).
+``[N, V]`` tensor is allocated per step instead of two (see docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def huge_pages_status(thp_file: Path = _THP_FILE, environ=None) -> str:
     the variable once) and the kernel's setting is ``madvise``; with ``always`` the kernel uses
     them anyway, with ``never`` not at all. ``bench/page_faults.py`` measured loss steps
     1.2-1.5x faster with them on a 2-core virtual machine, and once a bfloat16 MT-BKD step
-    slower, which a later run did not reproduce (README, Benchmarks): measure on your machine.
+    slower, which a later run did not reproduce (docs/BENCHMARKS.md): measure on your machine.
     """
     environ = os.environ if environ is None else environ
     try:

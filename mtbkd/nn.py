@@ -417,7 +417,7 @@ def record_kl(model: nn.Module):
     pass over ``mu`` and ``rho``, and one backward pass writes both gradients, where a forward
     followed by :func:`kl_divergence` reads ``mu`` and ``rho`` twice more and adds two gradients
     (a 4096x4096 training step on CPU: 1.28x faster than with :meth:`BayesLinear.kl`, 1.46x
-    than ``torch.compile`` of the eager code; see the README's benchmarks). When the block ends,
+    than ``torch.compile`` of the eager code; see docs/BENCHMARKS.md). When the block ends,
     ``rec.kl`` equals :func:`kl_divergence` (each layer counted once): a layer that ran several
     times gives its last forward's KL (its last one with a gradient, if a ``no_grad`` pass came
     after it), one that did not run, ran in local mode or frozen, inside ``torch.compile``, or

@@ -275,7 +275,7 @@ class SampleStore:
 #: ``PREDICT_OUTPUT_BYTES``; below ``PREDICT_MIN_CHUNK`` samples it makes one plain call per
 #: sample. A sampled head is fastest in one chunk (the unsampled body runs once per chunk); with
 #: every parameter sampled each sample's matmuls are a loop's, and batching them only adds memory
-#: traffic (README, Benchmarks).
+#: traffic (docs/BENCHMARKS.md).
 PREDICT_PARAM_BYTES = 8 * 2**20
 PREDICT_MIN_CHUNK = 8
 PREDICT_OUTPUT_BYTES = 256 * 2**20

@@ -1608,8 +1608,8 @@ def write_seed_summary(
                 "randomness and the test set's sampling noise; the last number is the fraction "
                 "of draws in which it is better. An interval that contains 0 is within that "
                 "noise (ECE: a percentile interval, off-centre, mostly toward 0, because "
-                "resampling raises the better calibrated method's ECE more; see the README's "
-                "Results)."
+                "resampling raises the better calibrated method's ECE more; see mtbkd's "
+                "docs/RESULTS.md)."
                 if "resamples" in summary["versus"]
                 else "Interval: 95 % Student-t over seeds (the spread between seeds; it leaves "
                 "out the sampling noise of a test set shared by the seeds)."
