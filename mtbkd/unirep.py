@@ -202,8 +202,9 @@ class UniRep(nn.Module):
 
 
 def cache_dir() -> Path:
-    """Where computed embeddings are kept: ``$MTBKD_CACHE_DIR``, else ``$XDG_CACHE_HOME/mtbkd``,
-    else ``~/.cache/mtbkd``."""
+    """mtbkd's cache folder, where computed embeddings are kept (and ``mtbkd demo --llm``'s
+    converted SmolLM2, :func:`mtbkd.llm_demo.load_smollm2`): ``$MTBKD_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/mtbkd``, else ``~/.cache/mtbkd``."""
     if os.environ.get("MTBKD_CACHE_DIR"):
         return Path(os.environ["MTBKD_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
