@@ -99,19 +99,23 @@ def backward_hands_on_gradient(fn, z, t, y) -> bool:
     """Whether ``fn``'s backward hands the gradient its forward saved on as the input's ``.grad``
     (``mtbkd.ops`` does on CPU when every row's factor is exactly 1, as for a mean), instead of
     writing a scaled copy: measured, by comparing the ``.grad``'s memory with the tensors of the
-    input's shape that autograd saved."""
+    input's shape that autograd saved. A saved tensor freed during the backward may leave its
+    address to the new ``.grad``, so the first values must match too."""
     saved = []
 
     def pack(x):
         if x.shape == z.shape:
-            saved.append(x.data_ptr())  # the address only: holding x would force a copy
+            # the address and a few values only: holding x would force a copy
+            saved.append((x.data_ptr(), x.detach().reshape(-1)[:64].clone()))
         return x
 
     zz = z.detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         loss = fn(zz, t, y)
     loss.backward()
-    return zz.grad.data_ptr() in saved
+    g = zz.grad
+    head = g.reshape(-1)[:64]
+    return any(ptr == g.data_ptr() and torch.equal(vals, head) for ptr, vals in saved)
 
 
 def required_bytes(n: int, v: int, k: int, dtype: torch.dtype) -> int:
