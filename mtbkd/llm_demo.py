@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import io
@@ -170,18 +171,27 @@ def smollm2_cache_folder(path: Path, dtype: torch.dtype) -> Path:
     mtbkd's cache folder (:func:`mtbkd.unirep.cache_dir`), the hash of the GGUF file's bytes,
     the dtype it was dequantised to and the transformers version that converted it, so another
     file, dtype or version converts afresh."""
-    import hashlib
-
     import transformers
 
     from mtbkd.unirep import cache_dir
+
+    st = Path(path).stat()
+    h = _file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns).copy()
+    h.update(f"\n{dtype}\ntransformers {transformers.__version__}\n".encode())
+    return cache_dir() / f"smollm2-{h.hexdigest()[:16]}"
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int):
+    """SHA-256 of a file's bytes, remembered per (path, size, modification time): the demo asks
+    for the cache folder twice, and hashing the 98 MB GGUF file costs about 0.2 s each time."""
+    import hashlib
 
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    h.update(f"\n{dtype}\ntransformers {transformers.__version__}\n".encode())
-    return cache_dir() / f"smollm2-{h.hexdigest()[:16]}"
+    return h  # callers extend a copy
 
 
 def _load_converted(folder: Path, dtype: torch.dtype):
