@@ -11,9 +11,10 @@ of a bfloat16 (or float32 / float64) student and dense teachers the forward alre
 mean's ``1 / count`` into the gradient before rounding it to the student's dtype, so it is rounded
 once, as eager PyTorch's (the backward's factor is then exactly 1); not for float16, whose range
 loss scaling needs (see ``_grad_scale``). Where every row's factor is exactly 1 (a mean or sum
-with ``grad_output`` 1) and the tensors are on the CPU, the backward hands the saved gradient on
-without a copy: it becomes the student's ``.grad`` unless something else still holds it, so one
-``[N, V]`` tensor is allocated per step instead of two (see docs/BENCHMARKS.md).
+with ``grad_output`` 1), the tensors are on the CPU and the backward does not keep the graph
+(``retain_graph=True`` copies), the backward hands the saved gradient on without a copy: it
+becomes the student's ``.grad`` unless something else still holds it, so one ``[N, V]`` tensor is
+allocated per step instead of two (see docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

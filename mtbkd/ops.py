@@ -347,6 +347,13 @@ def refuse_double_backward() -> None:
         )
 
 
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``), so that its saved
+    tensors will be read again. True where this torch cannot say."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
+
+
 def _all_ones_on_cpu(rows: Tensor, grad: Tensor) -> bool:
     """Whether every row factor of the backward is exactly 1, asked only where reading it is
     free: CPU tensors with values (no GPU synchronisation, nothing traced by torch.compile or a
@@ -380,12 +387,15 @@ def _loss_backward(ctx, grad_loss, *unused):
         # s = 0 (a mean over an infinite item count): the forward's gradient is 0, and so is the
         # loss's; 0 / 0 must not make it NaN (a NaN grad_output still does).
         rows = rows / torch.where(s != 0, s, torch.ones_like(s))
-    if _all_ones_on_cpu(rows, grad):
-        # The common case (a mean or sum reduction, grad_output 1): the gradient is the saved
-        # one, handed on without a copy. No [N, V] allocation: on CPU a fresh one costs a page
-        # fault per 4 KB, as long as the gradient pass itself. Autograd does not modify it in
-        # place: AccumulateGrad takes it as .grad only when nothing else holds it (the op's
-        # output, retain_graph's saved tensor), and copies it otherwise.
+    if not _graph_kept() and _all_ones_on_cpu(rows, grad):
+        # The common case (a mean or sum reduction, grad_output 1, the graph freed after this
+        # backward): the gradient is the saved one, handed on without a copy. No [N, V]
+        # allocation: on CPU a fresh one costs a page fault per 4 KB, as long as the gradient
+        # pass itself. AccumulateGrad may take it as .grad, sharing its storage with the saved
+        # tensor; that is safe only because the graph, and with it the saved tensor, is freed
+        # after this backward. Under retain_graph=True a later in-place change of .grad
+        # (zero_grad(set_to_none=False), a second accumulation) would change the saved
+        # gradient that the next backward reads, so there it is copied.
         grad_student = grad
     else:
         # Out of place: the saved gradient is also an output of the op, which a caller may hold.

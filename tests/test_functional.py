@@ -1527,14 +1527,27 @@ def test_unit_backward_hands_on_the_saved_gradient_without_a_copy(backend, case)
         _truth_call(case, b, t, y, reduction).backward()
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
 
-    # retain_graph: the saved gradient is still held, so .grad is a copy, and a second backward
-    # (which accumulates into .grad in place) adds the unchanged saved gradient
+    # retain_graph: the saved gradient will be read again, so .grad is a copy: later backwards
+    # (which accumulate into .grad in place) add the unchanged saved gradient, and zeroing .grad
+    # in place between them (zero_grad(set_to_none=False)) neither trips autograd's version
+    # check nor zeroes what the next backward reads (before: handed on as .grad under
+    # retain_graph too, a third backward or one after zero_() raised, one after .data.mul_(0)
+    # gave a zero gradient)
     a = z.clone().requires_grad_(True)
     got = _loss_call(case, a, t, y)
     got.backward(retain_graph=True)
     once = a.grad.clone()
-    got.backward()
+    got.backward(retain_graph=True)
     torch.testing.assert_close(a.grad, 2 * once, rtol=1e-12, atol=0)
+    got.backward(retain_graph=True)
+    torch.testing.assert_close(a.grad, 3 * once, rtol=1e-12, atol=0)
+    torch.optim.SGD([a], lr=0.1).zero_grad(set_to_none=False)
+    got.backward(retain_graph=True)
+    torch.testing.assert_close(a.grad, once, rtol=0, atol=0)
+    a.grad.data.mul_(0)
+    a.grad = None
+    got.backward()
+    torch.testing.assert_close(a.grad, once, rtol=0, atol=0)
 
     # the raw op's gradient output, held by the caller, is not the .grad that in-place updates
     # change, and a student that is not a leaf gets the same gradient through the graph
