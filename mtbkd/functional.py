@@ -142,7 +142,9 @@ def teacher_weights(
             "teacher_logits must be a tensor [K, ..., V] or a sequence of K tensors [..., V], "
             f"got {type(teacher_logits).__name__}"
         )
-    _, teachers, _, lead = validate.canonical_inputs(first, teacher_logits, None)
+    _, teachers, _, lead = validate.canonical_inputs(
+        first, teacher_logits, None, student_name="teacher_logits[0]"
+    )
     k = len(teachers)
     if isinstance(method, Tensor):
         return validate.fixed_weights(method, k, lead, first, "method", "teacher_logits").reshape(

@@ -47,6 +47,18 @@ class _WeightsOption(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    def _apply(self, fn, recurse=True):
+        # A fixed weights tensor follows .to(device) / .cuda(), but keeps its dtype through
+        # .half() / .to(dtype) (a model.half() holding the loss): the loss casts the weights
+        # itself, and a half-precision copy had rounded them (1e5 -> 99840 in bfloat16) or
+        # overflowed them to inf, a ValueError at the next call.
+        before = self._buffers.get("weights")
+        out = super()._apply(fn, recurse)
+        after = self._buffers.get("weights")
+        if before is not None and after is not None and after.dtype != before.dtype:
+            self._buffers["weights"] = before.to(after.device)
+        return out
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Checkpoints saved while the buffer was persistent (before cfd54af) hold "weights": the
         # weights come from the constructor, so that copy is dropped, not an unexpected key.

@@ -78,10 +78,12 @@ def _samples(probs: Tensor, name: str = "probs") -> Tensor:
 def _labels(labels: Tensor, n: int, c: int) -> Tensor:
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape [{n}], got {tuple(labels.shape)}")
+    if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        labels = labels.long()  # few ops take these dtypes (uint64 beyond int64's range: < 0)
     if n and (int(labels.min()) < 0 or int(labels.max()) >= c):
         raise ValueError(f"labels must be in [0, {c}), got values in "
                          f"[{int(labels.min())}, {int(labels.max())}]")  # fmt: skip

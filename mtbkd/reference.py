@@ -249,6 +249,8 @@ def reduce_rows(
     total = rows.sum()
     if reduction == "sum":
         return total
+    if isinstance(num_items_in_batch, Tensor):  # a one-element count, in the rows' precision
+        return total / num_items_in_batch.reshape(()).to(rows.dtype)
     if num_items_in_batch is not None:
         return total / num_items_in_batch
     count = rows.numel() if labels is None else (labels != ignore_index).sum()

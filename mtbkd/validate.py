@@ -23,8 +23,14 @@ def _is_finite(value: float) -> bool:
     return -math.inf < value < math.inf
 
 
+def _is_number(value) -> bool:
+    """A real number option: a Python int or float, or a numpy (or other ``numbers.Real``)
+    scalar such as ``np.float32(2.0)``; never a bool (``True`` is not a temperature)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float, numbers.Real))
+
+
 def check_positive(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not _is_finite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
@@ -45,7 +51,7 @@ def check_prior_sigma(value: float, name: str = "prior_sigma") -> float:
 
 
 def check_real(value: float, name: str, *, nonnegative: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not _is_finite(value) or (nonnegative and value < 0):
         kind = "a non-negative finite" if nonnegative else "a finite"
@@ -167,8 +173,12 @@ def canonical_inputs(
     teacher_logits: Tensor | Sequence[Tensor],
     labels: Tensor | None,
     check_finite: bool = False,
+    *,
+    student_name: str = "student_logits",
 ) -> tuple[Tensor, list[Tensor], Tensor | None, torch.Size]:
     """Flatten to the kernels' shapes: student ``[N, V]``, K teachers ``[N, V]``, labels ``[N]``.
+    ``student_name`` is what the errors call the first argument (:func:`mtbkd.teacher_weights`
+    passes its first teacher there).
 
     Returns ``(student, teachers, labels, leading_shape)``. Teachers of another floating dtype are
     cast to the student's (a copy; with ``check_finite``, a finite logit that overflows to +inf
@@ -202,16 +212,16 @@ def canonical_inputs(
     for i, t in enumerate(teachers):
         if t.shape[-1] != v:
             raise ValueError(
-                f"teacher_logits[{i}] has vocabulary size {t.shape[-1]} but student_logits has {v}"
+                f"teacher_logits[{i}] has vocabulary size {t.shape[-1]} but {student_name} has {v}"
             )
         if t.shape[:-1] != lead:
             raise ValueError(
-                f"teacher_logits[{i}] has leading shape {tuple(t.shape[:-1])} but student_logits "
+                f"teacher_logits[{i}] has leading shape {tuple(t.shape[:-1])} but {student_name} "
                 f"has {tuple(lead)}"
             )
         if t.device != student_logits.device:
             raise ValueError(
-                f"teacher_logits[{i}] is on {t.device} but student_logits is on "
+                f"teacher_logits[{i}] is on {t.device} but {student_name} is on "
                 f"{student_logits.device}"
             )
         t = t.detach()

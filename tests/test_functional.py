@@ -434,6 +434,9 @@ def test_reference_reduce_rows_hand_values():
     assert reference.reduce_rows(rows, y, "mean").item() == 2.0  # (1 + 3) / 2 unmasked rows
     assert reference.reduce_rows(rows, y, "sum").item() == 4.0
     assert reference.reduce_rows(rows, y, "mean", num_items_in_batch=8).item() == 0.5
+    # a float32 one-element count tensor: a float64 scalar (it had promoted the oracle to [1] fp32)
+    third = reference.reduce_rows(rows, y, "mean", num_items_in_batch=torch.tensor([3.0]))
+    assert third.dtype == torch.float64 and third.shape == () and third.item() == 4.0 / 3.0
     assert reference.reduce_rows(rows, None, "mean").item() == 1.0
     assert reference.reduce_rows(rows * 0, torch.full((4,), -100), "mean").item() == 0.0
     assert reference.reduce_rows(rows, y, "none") is rows
@@ -679,15 +682,24 @@ def test_teacher_weights_check_finite(backend):
 
 
 def test_loss_module_weight_tensor_is_a_buffer():
-    # a fixed weight tensor moves with .to(); it is not persistent, so checkpoints of models
-    # that hold the loss load whichever weights the loss was built with
-    w = torch.tensor([1.0, 3.0])
+    # a fixed weight tensor moves with .to(device); it is not persistent, so checkpoints of
+    # models that hold the loss load whichever weights the loss was built with. It keeps its
+    # dtype through .half() / .to(dtype) (before: 1e5 overflowed to inf in float16, a
+    # ValueError at the next call, and rounded to 99840 in bfloat16)
+    w = torch.tensor([1.0, 1e5])
+    z, t, y = torch.randn(4, 5), torch.randn(2, 4, 5), torch.tensor([0, 1, 2, 3])
     for cls in (mtbkd.MTBKDLoss, mtbkd.MultiTeacherKDLoss, mtbkd.FusedLinearMTBKDLoss):
         loss_fn = cls(weights=w)
         assert [name for name, _ in loss_fn.named_buffers()] == ["weights"]
         assert list(loss_fn.state_dict()) == []
-        assert loss_fn.to(torch.float64).weights.dtype == torch.float64
+        for cast in (torch.float16, torch.bfloat16, torch.float64):
+            assert torch.equal(loss_fn.to(cast).weights, w)
+        assert torch.equal(nn.ModuleDict({"loss": loss_fn}).half()["loss"].weights, w)
+        if cls is not mtbkd.FusedLinearMTBKDLoss:
+            want = cls(weights=w)(z, t, y)
+            torch.testing.assert_close(loss_fn.half()(z, t, y), want, rtol=0, atol=0)
         assert loss_fn.to("meta").weights.device.type == "meta"
+        assert loss_fn.weights.dtype == torch.float32
         model = nn.ModuleDict({"loss": cls(weights=w)})
         model.load_state_dict(nn.ModuleDict({"loss": cls()}).state_dict())  # strict
         # reassigned between a string and a tensor
@@ -1172,12 +1184,29 @@ def test_more_bad_options_and_inputs(backend):
         mtbkd.MTBKDLoss(concentration=0.0)
     kd = mtbkd.multi_teacher_kd_loss(z, t, y, ignore_index=np.int64(-100))  # numpy ints are ints
     torch.testing.assert_close(kd, mtbkd.multi_teacher_kd_loss(z, t, y))
+    # numpy scalars are numbers (np.float32 was refused as "must be a number"; np.float64
+    # passed only as a float subclass), in the functions and the modules; numpy bools are not
+    opts = dict(temperature=2.0, concentration=4.0, prior_weight=0.5, hard_label_weight=0.25)
+    want = mtbkd.mtbkd_loss(z, t, y, **opts)
+    as_np = {k: np.float32(v) for k, v in opts.items()}
+    torch.testing.assert_close(mtbkd.mtbkd_loss(z, t, y, **as_np), want, rtol=0, atol=0)
+    torch.testing.assert_close(mtbkd.MTBKDLoss(**as_np)(z, t, y), want, rtol=0, atol=0)
+    kd_opts = dict(beta=0.25, temperature=2.0, weight_temperature=0.5, soft_label_weight=0.5)
+    want = mtbkd.multi_teacher_kd_loss(z, t, y, divergence="jsd", **kd_opts)
+    as_np = {k: np.float32(v) for k, v in kd_opts.items()}
+    got = mtbkd.MultiTeacherKDLoss(divergence="jsd", **as_np)(z, t, y)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="temperature must be a number, got bool"):
+        mtbkd.mtbkd_loss(z, t, y, temperature=np.bool_(True))
     # teacher_weights named "student_logits" for its own arguments, and "weights" for method
     for args, exc, words in (
         (([[1.0, 2.0], [3.0, 4.0]],), TypeError, r"teacher_logits\[0\] must be a torch.Tensor"),
         (([torch.tensor([1, 2])],), TypeError, r"teacher_logits\[0\] must be a floating"),
         ((5,), TypeError, "teacher_logits must be a tensor"),
         ((t, torch.ones(3)), ValueError, "method must have shape"),
+        # the first teacher stands in for a student: errors named "student_logits"
+        (([t[0], t[1, :, :4]],), ValueError, r"vocabulary size 4 but teacher_logits\[0\] has 5"),
+        (([t[0], t[1, :4]],), ValueError, r"leading shape \(4,\) but teacher_logits\[0\]"),
     ):
         with pytest.raises(exc, match=words):
             mtbkd.teacher_weights(*args)

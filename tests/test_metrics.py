@@ -199,6 +199,11 @@ def test_bad_inputs():
         M.ece(Q, torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="labels must be an integer"):
         M.accuracy(Q, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        M.nll(Q, torch.tensor([True, False, True]))
+    # every integer dtype is an integer tensor (uint16-64 were refused as "not an integer")
+    for dtype in (torch.uint16, torch.uint32, torch.uint64, torch.int8):
+        assert M.nll(Q, Y.to(dtype)) == M.nll(Q, Y), dtype
     with pytest.raises(ValueError, match="probs must have shape"):
         M.predictive_entropy(torch.rand(3))
     with pytest.raises(ValueError, match="level"):
