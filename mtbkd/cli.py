@@ -689,7 +689,14 @@ def _run_seeds(args: argparse.Namespace, out: Path, t0: float, seeds: list[int] 
 
     if seeds is None:
         _check_resume(args, out)
-        _run_one(args, 0 if args.seed is None else args.seed, out)
+        seed = 0 if args.seed is None else args.seed
+        done = out / "report.json"
+        if args.resume and done.exists():
+            # a finished run redone from its checkpoints: with other settings (another
+            # --methods) its files would mix with the earlier run's (a report of one method
+            # beside the samples and predictions of another, which predict would use)
+            _check_finished_seed(args, seed, done, _read_json(done))
+        _run_one(args, seed, out)
         print(f"total {time.perf_counter() - t0:.0f} s")
         print(f"{_written(args, out)} written to {out}")
         return 0

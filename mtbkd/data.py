@@ -21,6 +21,11 @@ Directory formats (``load_directory``):
   comma-separated, no header. An optional ``classes.txt`` names the classes, one a line (at
   least two, and one for every label: labels lie in 0..C-1 for its C names).
 
+A folder holds one layout: the files of two (``features.npy`` beside ``train/`` and ``test/``
+folders or beside ``train.csv``, ``test.csv`` beside ``train/features.npy``) are an error naming
+them, as is a teacher file the layout does not read (another format's, or at another place:
+``teacher_z.npy`` beside ``train/`` and ``test/``, ``teacher_z.csv`` without its split).
+
 Errors about the files' contents name the file (``test/features.npy``, ``teacher_b_test.csv``,
 ``classes.txt``), in every format.
 
@@ -32,7 +37,8 @@ row is non-negative and sums to 1 (within 0.02) or to 100 (percentages), or whos
 in [0, 1] with at most 3 decimals and rows sum to 1 within that rounding's reach (one decimal
 over three classes: 0.9-1.1), looks like probabilities and is refused (softmax of probabilities
 would silently flatten it). Teacher files of the other format (``teacher_*.csv`` beside
-``features.npy``, ``teacher_*.npy`` beside ``train.csv``) are refused, not skipped. Values
+``features.npy``, ``teacher_*.npy`` beside ``train.csv``) are refused, not skipped; so are
+log-probabilities of a probability 0 (``-inf``: clip first). Values
 beyond the float32 range are refused (the model computes in float32). A CSV must be UTF-8 text
 with a name for every column (pandas' unnamed index column is refused: write with
 ``index=False``).
@@ -237,8 +243,19 @@ def _teacher_logits(t, name: str, n: int, c: int) -> np.ndarray:
         raise ValueError(f"{name} has {t.shape[1]} classes but the data has {c}")
     if not np.issubdtype(t.dtype, np.number) or np.issubdtype(t.dtype, np.complexfloating):
         raise ValueError(f"{name} must be real numbers, got dtype {t.dtype}")
-    if not np.all(np.isfinite(t)):
-        raise ValueError(f"{name} logits have NaN or infinite values")
+    finite = np.isfinite(t)
+    if not np.all(finite):
+        rows = np.unique(np.nonzero(~finite)[0])
+        hint = ""
+        if np.all(finite | np.isneginf(t)):  # log-probabilities of a probability 0: np.log(0)
+            hint = (
+                ": only -inf, as np.log(0) gives: clip the probabilities first "
+                "(np.log(np.clip(p, 1e-12, None))) or give the logits"
+            )
+        raise ValueError(
+            f"{name} logits have NaN or infinite values in {len(rows)} rows (first rows: "
+            f"{rows[:5].tolist()}){hint}"
+        )
     with np.errstate(over="ignore"):  # the overflow is what is checked
         narrow = np.all(np.isfinite(t.astype(np.float32)))
     if not narrow:
@@ -699,10 +716,14 @@ def _encode_csv(path: Path, header: list[str], rows: list[list[str]], column: in
         raise ValueError(f"{path}: {exc}") from None
 
 
-def _read_csv(path: Path, names: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+def _read_csv(
+    path: Path, names: list[str] | None = None, *, pandas: bool = False
+) -> tuple[list[str], list[list[str]]]:
     """``(header, rows)`` of a UTF-8 CSV whose first line names the columns. A first line of
     numbers alone is no header, unless it is ``names`` exactly, in order (a run's feature columns
-    named 0, 1, ..., as pandas names them); one with a label column always is."""
+    named 0, 1, ..., as pandas names them), or, with ``pandas``, the numbers 0, 1, ..., m - 1 for
+    any m (pandas' names of an unnamed array's columns: a file of another width than the run's
+    is then refused for its width, not for its header); one with a label column always is."""
     # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8") is not part of the first name
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -717,7 +738,22 @@ def _read_csv(path: Path, names: list[str] | None = None) -> tuple[list[str], li
             f"{path} is not a UTF-8 text CSV ({exc.reason} at byte {exc.start}): save it as "
             "CSV UTF-8"
         ) from None
-    if header and all(_is_number(h) for h in header) and header != list(names or []):
+    if len(header) == 1 and header != list(names or []):
+        # csv reads "a;b;label" as one column: it would be "needs a label column" or "lacks the
+        # feature columns", which points away from the separator
+        for sep, what in ((";", "';'"), ("\t", "tabs")):
+            if sep in header[0]:
+                raise ValueError(
+                    f"{path} seems to be separated by {what} (its header is one column, "
+                    f"{header[0]!r}): the CSV must be comma-separated"
+                )
+    numbered = pandas and header == [str(i) for i in range(len(header))]
+    if (
+        header
+        and all(_is_number(h) for h in header)
+        and header != list(names or [])
+        and not numbered
+    ):
         # before: "no label column", "no rows"
         raise ValueError(f"{path} has no header row (its first line is numbers): name the columns")
     unnamed = [i + 1 for i, h in enumerate(header) if not h]
@@ -782,8 +818,10 @@ def read_inputs(
     Sequence data: a CSV with a ``Sequence`` column (``ACC`` is used as identifier when present),
     encoded with ``sequence_encoder``.
     Numeric data: a ``.npy`` array ``[N, D]`` or a CSV whose feature columns are ``feature_names``
-    (or every column except the label when no names are given; then a header of the numbers
-    0 .. ``num_features`` - 1, as pandas writes an unnamed array's columns, is a header).
+    (or every column except the label when no names are given). With ``num_features`` (the run's
+    D, as ``mtbkd predict`` passes it) a first line of the numbers 0 .. m - 1, as pandas writes an
+    unnamed array's columns, is a header for any m: a CSV of 5 such columns for a run of 6
+    features is then refused by the caller for its 5 features, not for a missing header.
     """
     path = Path(path)
     if path.is_dir():
@@ -794,8 +832,7 @@ def read_inputs(
         if feature_kind == "sequence":
             raise ValueError("a sequence model needs a CSV with a Sequence column, not a .npy file")
         return _features(_load_npy(path), str(path)), None, None
-    pandas = [str(i) for i in range(num_features)] if num_features else None
-    header, rows = _read_csv(path, feature_names if feature_names is not None else pandas)
+    header, rows = _read_csv(path, feature_names, pandas=num_features is not None)
     if not rows:
         raise ValueError(f"{path} has a header row but no data rows")
     lab = _label_column(path, header)
@@ -822,13 +859,24 @@ def read_inputs(
     try:
         x = np.array([[float(r[i]) for i in cols] for r in rows], dtype=np.float32)
     except ValueError:
-        bad = []
+        # the first cell at fault of each column: an empty one is a missing value (pandas writes
+        # NaN as an empty cell), which "not numeric" would misname
+        empty, words = [], []
         for i in cols:
-            try:
-                [float(r[i]) for r in rows]
-            except ValueError:
-                bad.append(header[i])
-        raise ValueError(f"{path}: feature columns must be numeric; not numeric: {bad}") from None
+            k = next((k for k, r in enumerate(rows) if not _is_number(r[i])), None)
+            if k is not None:
+                (words if rows[k][i].strip() else empty).append((header[i], k))
+        if empty:
+            col, k = empty[0]
+            raise ValueError(
+                f"{path}: feature columns {[c for c, _ in empty]} have empty (missing) cells "
+                f"(first: column {col!r}, data row {k + 1}): fill them in or drop those rows"
+            ) from None
+        col, k = words[0]
+        raise ValueError(
+            f"{path}: feature columns must be numeric; not numeric: {[c for c, _ in words]} "
+            f"(first: column {col!r}, data row {k + 1}: {rows[k][header.index(col)]!r})"
+        ) from None
     return _features(x, str(path)), labels, ids
 
 
@@ -863,16 +911,70 @@ def _load_csv_split(
     return x, y, "numeric", names
 
 
-def _refuse_other_teachers(root: Path, pattern: str, fmt: str, expected: str) -> None:
-    """Teacher files of the other format (``pattern``) in ``root`` or its train/ and test/
-    folders: refused, naming them, rather than skipped (the pipeline then trained teachers of its
-    own, named t0, t1, ... like the user's files)."""
-    found = sorted(p for d in (root, root / "train", root / "test") for p in d.glob(pattern))
+# the layouts of a data folder: the files that mark each one (a folder holds one layout), what
+# the errors call it, its teacher files and the places the loader reads them from
+_LAYOUTS = {
+    "csv": (
+        ("train.csv", "test.csv"),
+        "the CSV format (train.csv, test.csv)",
+        "teacher_<name>_train.csv and teacher_<name>_test.csv",
+        ("teacher_*_train.csv", "teacher_*_test.csv"),
+    ),
+    "npy": (
+        ("features.npy", "labels.npy"),
+        "the npy format (features.npy)",
+        "teacher_<name>.npy",
+        ("teacher_*.npy",),
+    ),
+    "folders": (
+        ("train/features.npy", "train/labels.npy", "test/features.npy", "test/labels.npy"),
+        "the npy format (train/ and test/ folders)",
+        "train/teacher_<name>.npy and test/teacher_<name>.npy",
+        ("train/teacher_*.npy", "test/teacher_*.npy"),
+    ),
+}
+
+
+def _layout(root: Path) -> str | None:
+    """The layout of the data folder ``root`` (a key of ``_LAYOUTS``), or None when it holds no
+    data files. A folder with the files of several layouts is refused, naming them: one layout
+    read, the other's files were ignored without a word (features.npy won over train/ and test/,
+    train.csv over features.npy)."""
+    found = {
+        key: [f for f in files if (root / f).is_file()] for key, (files, *_) in _LAYOUTS.items()
+    }
+    found = {key: files for key, files in found.items() if files}
+    if len(found) > 1:
+        held = "; ".join(f"{', '.join(files)} ({_LAYOUTS[key][1]})" for key, files in found.items())
+        raise ValueError(
+            f"{root} holds the files of more than one data layout: {held}. A data folder holds "
+            "one layout: keep the files of the one you mean and remove the others (with their "
+            "teacher files) or move them to a folder of their own"
+        )
+    return next(iter(found), None)
+
+
+def _refuse_other_teachers(root: Path, layout: str) -> None:
+    """Teacher files (``teacher_*.npy``, ``teacher_*.csv`` in ``root`` or its train/ and test/
+    folders) that ``layout`` does not read, the other format's or the right format's at another
+    place (``teacher_a.npy`` at the top of the train/ and test/ layout): refused, naming them,
+    rather than skipped (the pipeline then ran with fewer teachers than given, or trained
+    teachers of its own, named t0, t1, ... like the user's files)."""
+    _, fmt, expected, patterns = _LAYOUTS[layout]
+    read = {p for pattern in patterns for p in root.glob(pattern)}
+    found = sorted(
+        p
+        for d in (root, root / "train", root / "test")
+        for pattern in ("teacher_*.npy", "teacher_*.csv")
+        for p in d.glob(pattern)
+        if p not in read
+    )
     if found:
         names = ", ".join(str(p) for p in found[:4]) + (" ..." if len(found) > 4 else "")
         raise ValueError(
-            f"{root} is in {fmt}, whose teachers are {expected}, but holds {names}: convert them "
-            "to that format (teacher rows aligned with the examples)"
+            f"{root} is in {fmt}, whose teachers are {expected}, but holds {names}, which it "
+            "does not read: convert or move them to that format and place (teacher rows "
+            "aligned with the examples), or remove them"
         )
 
 
@@ -1051,21 +1153,24 @@ def load_directory(
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise FileNotFoundError(f"data directory {root} {what}")
     name = name or root.name
-    if fold is not None and (root / "train.csv").is_file():  # read before any features.npy
+    layout = _layout(root)
+    if layout is not None:  # before reading a file: the teachers that would go unread
+        _refuse_other_teachers(root, layout)
+    if fold is not None and layout == "csv":
         raise ValueError(
             f"test_folds: {root} has a test split of its own (train.csv, test.csv); cross-fit it "
             "with examples/cross_fit.py, which pools train and test and writes one folder a fold"
         )
-    if fold is not None and not (root / "features.npy").is_file():
-        if (root / "train" / "features.npy").is_file():
-            raise ValueError(
-                f"test_folds: {root} has a test split of its own (train/ and test/ folders); "
-                "to cross-fit it, put all its rows in one folder's features.npy, labels.npy and "
-                "teacher_<name>.npy"
-            )
-    if (root / "train.csv").is_file():
-        if not (root / "test.csv").is_file():
-            raise FileNotFoundError(f"{root} has train.csv but no test.csv")
+    if fold is not None and layout == "folders":
+        raise ValueError(
+            f"test_folds: {root} has a test split of its own (train/ and test/ folders); "
+            "to cross-fit it, put all its rows in one folder's features.npy, labels.npy and "
+            "teacher_<name>.npy"
+        )
+    if layout == "csv":
+        for have, lack in (("train.csv", "test.csv"), ("test.csv", "train.csv")):
+            if not (root / lack).is_file():
+                raise FileNotFoundError(f"{root} has {have} but no {lack}")
         x_tr, y_tr, kind, feat = _load_csv_split(root, "train", sequence_encoder, progress)
         train_cols = feat if kind == "numeric" else None
         x_te, y_te, kind_te, _ = _load_csv_split(
@@ -1073,8 +1178,6 @@ def load_directory(
         )
         if kind != kind_te:
             raise ValueError(f"{root}: train.csv and test.csv have different formats")
-        _refuse_other_teachers(root, "teacher_*.npy", "the CSV format (train.csv, test.csv)",
-                               "teacher_<name>_train.csv and teacher_<name>_test.csv")  # fmt: skip
         t_tr, t_te = _csv_teachers(root, "train"), _csv_teachers(root, "test")
 
         def csv_teacher(name: str, split: str) -> Path:
@@ -1086,9 +1189,7 @@ def load_directory(
         x_tr = _check_split(x_tr, y_tr, t_tr, "train", tr_csv, tr_csv, csv_teacher)
         x_te = _check_split(x_te, y_te, t_te, "test", te_csv, te_csv, csv_teacher)
         _check_split_pair(x_tr, x_te, t_tr, t_te, (tr_csv, te_csv), csv_teacher)
-    elif (root / "features.npy").is_file():
-        _refuse_other_teachers(root, "teacher_*.csv", "the npy format (features.npy)",
-                               "teacher_<name>.npy")  # fmt: skip
+    elif layout == "npy":
         x, y, teachers = _npy_split(root)
         x, y = _features(x, str(root / "features.npy")), np.asarray(y)
         for t_name, t in teachers.items():
@@ -1111,9 +1212,7 @@ def load_directory(
         def teacher_file(name: str, split: str) -> Path:
             return root / f"teacher_{name}.npy"
 
-    elif (root / "train" / "features.npy").is_file():
-        _refuse_other_teachers(root, "teacher_*.csv", "the npy format (train/ and test/ folders)",
-                               "train/teacher_<name>.npy and test/teacher_<name>.npy")  # fmt: skip
+    elif layout == "folders":
 
         def npy_teacher(name: str, split: str) -> Path:
             return root / split / f"teacher_{name}.npy"

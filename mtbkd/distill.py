@@ -36,6 +36,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -272,6 +273,9 @@ class DistillConfig:
         unknown = [m for m in self.methods if m not in known and not m.startswith("bkd_")]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {known} or bkd_<name>")
+        twice = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if twice:  # the report lists a method once, and a config that says twice is no record
+            raise ValueError(f"methods lists {', '.join(map(repr, twice))} more than once")
         self.mtbkd_grid = _check_grid("mtbkd_grid", self.mtbkd_grid)
         self.kd_grid = _check_grid("kd_grid", self.kd_grid)
 
@@ -576,8 +580,11 @@ class Objective:
 class StudentMLP(nn.Module):
     """The pipeline's student: standardised inputs -> ``hidden`` ReLU layers (``body``) -> a
     linear classifier ``head`` (the part SGLD samples). The input standardisation is stored as
-    buffers, so a saved student takes raw features; a feature whose ``std`` is below 1e-6 (constant
-    on the training rows) is only centred."""
+    buffers, so a saved student takes raw features; a feature whose ``std`` is at most 1e-6 of its
+    mean's magnitude (constant on the training rows, to float32 rounding) is only centred. The
+    bound is relative: a feature on a tiny scale (values near 1e-7) is standardised like any
+    other (an absolute bound of 1e-6 had left one that carried all the signal unscaled, and the
+    student at chance)."""
 
     def __init__(
         self,
@@ -595,7 +602,8 @@ class StudentMLP(nn.Module):
         # a feature constant on the training rows keeps its unit scale (scikit-learn's
         # StandardScaler does the same): dividing by ~0 would turn any other value of it on a new
         # input into a huge activation and a confident, arbitrary prediction
-        self.register_buffer("input_std", torch.where(std < 1e-6, torch.ones_like(std), std))
+        constant = std <= 1e-6 * mean.abs()  # std 0 of an all-zero feature included
+        self.register_buffer("input_std", torch.where(constant, torch.ones_like(std), std))
         layers: list[nn.Module] = []
         d = in_features
         for h in self.hidden:
@@ -1016,10 +1024,19 @@ def train_map(
 def sgld_schedule(num_rows: int, config: DistillConfig) -> tuple[int, int, int]:
     """``(burn_in, thin, max_samples)`` in SGLD steps: after the burn-in, one sample every
     ``thin = (steps after burn-in) // num_samples`` steps (at least 1) until ``num_samples`` are
-    kept. The integer ``thin`` can leave the last steps unsampled: with 144 steps after the
-    burn-in and 100 samples, ``thin`` is 1 and the last 44 steps only move the chain."""
+    kept (fewer steps after the burn-in than ``num_samples``: every step is kept, and a warning
+    says how many). The integer ``thin`` can leave the last steps unsampled: with 144 steps
+    after the burn-in and 100 samples, ``thin`` is 1 and the last 44 steps only move the chain."""
     steps = config.sgld_epochs * math.ceil(num_rows / config.batch_size)
     burn = int(config.burn_in * steps)
+    if steps - burn < config.num_samples:
+        warnings.warn(
+            f"num_samples={config.num_samples}, but SGLD runs only {steps - burn} steps after its "
+            f"burn-in ({config.sgld_epochs} epochs of {math.ceil(num_rows / config.batch_size)} "
+            f"batches, burn_in {config.burn_in:g}): each chain keeps {steps - burn} samples. "
+            "Raise sgld_epochs or lower num_samples",
+            stacklevel=2,
+        )
     thin = max(1, (steps - burn) // config.num_samples)
     return burn, thin, config.num_samples
 
@@ -1511,9 +1528,25 @@ def _features_for(model: nn.Module, x, name: str) -> Tensor:
     if x.is_complex() or x.dtype == torch.bool:
         raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
     x = x.to(_float_dtype(model))
+    d = _input_features(model)
+    if d is not None and x.shape[1] != d:
+        raise ValueError(f"{name} has {x.shape[1]} features; the student takes {d}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} has NaN or infinite features")
     return x
+
+
+def _input_features(model: nn.Module) -> int | None:
+    """How many features ``model`` takes, where it says: its ``in_features`` (StudentMLP's), or
+    that of a first layer that is an ``nn.Linear``; ``None`` for any other model (its own
+    forward then reports a mismatch)."""
+    d = getattr(model, "in_features", None)
+    if isinstance(d, int):
+        return d
+    first = next((m for m in model.modules() if not list(m.children())), None)
+    if isinstance(first, nn.Linear) and not isinstance(first, nn.LazyLinear):
+        return first.in_features
+    return None
 
 
 def _labels_for(y, num_classes: int, name: str, rows: int) -> Tensor:
@@ -1606,6 +1639,16 @@ def _distill(
     t = _teacher_tensor(teachers, x) if teachers is not None else None
     if t is not None and t.shape[-1] != c:
         raise ValueError(f"teachers have {t.shape[-1]} classes but the student outputs {c}")
+    if t is not None:
+        from mtbkd.data import _probability_like
+
+        for i, ti in enumerate(t):  # as the dataset loaders refuse them
+            kind = _probability_like(ti.detach().double().cpu().numpy())
+            if kind is not None:
+                raise ValueError(
+                    f"teachers[{i}] looks like probabilities ({kind}), not logits: a softmax of "
+                    "probabilities would flatten it; give log-probabilities (clipped away from 0)"
+                )
     if method.startswith("bkd_") and isinstance(teachers, Mapping) and method[4:] in teachers:
         method = f"bkd_{list(teachers).index(method[4:])}"  # a teacher named by its key
     obj, sample = _objective_for(method, config, t.shape[0] if t is not None else 0)
@@ -1682,6 +1725,12 @@ def _objective_for(method: str, config: DistillConfig, k: int) -> tuple[Objectiv
         _check_average(k)
         return Objective("mtbkd", (k,), config.weights, **common), True
     if method.startswith("bkd_"):
+        if not method[4:].isdigit():
+            raise ValueError(
+                f"method {method!r} names no teacher: single-teacher BKD takes a teacher's "
+                f"index, 'bkd_0' .. 'bkd_{k - 1}', or its key, 'bkd_<key>', where the teachers "
+                "are given as a mapping"
+            )
         i = int(method[4:])
         if not 0 <= i < k:
             raise ValueError(f"method {method!r}: teacher index out of range 0..{k - 1}")
@@ -2503,6 +2552,8 @@ def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) ->
             {k: v.contiguous() for k, v in model.state_dict().items()},
             str(out / "student.safetensors"),
         )
+        # a rerun with another chain count must not leave the other layout's files behind
+        _remove_files(out, _SAMPLE_FILES[2:])
         if isinstance(store, ChainSamples):
             store.save(out)
         else:
@@ -2526,6 +2577,9 @@ def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) ->
         if temp is not None:  # config.calibrate: predict tempers the samples as the report did
             meta["predictive_temperature"] = temp
         (out / "run.json").write_text(json.dumps(meta, indent=2))
+    else:
+        # what an earlier run into this folder may have left: predict would apply its posterior
+        _remove_files(out, _SAMPLE_FILES)
     if chosen is not None:
         _write_predictions(
             out / "predictions.csv",
@@ -2535,6 +2589,20 @@ def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) ->
             result.teacher_names,
             class_names=result.class_names,
         )
+    else:
+        _remove_files(out, ("predictions.csv",))
+
+
+# The files of save_run's sampled student (single chain, or one pair per chain)
+_SAMPLE_FILES = ("run.json", "student.safetensors", "samples.safetensors",
+                 "chain*_student.safetensors", "chain*_samples.safetensors")  # fmt: skip
+
+
+def _remove_files(folder: Path, patterns: Sequence[str]) -> None:
+    for pattern in patterns:
+        for f in folder.glob(pattern):
+            if f.is_file():
+                f.unlink()
 
 
 def _prediction_header(

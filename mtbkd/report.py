@@ -1034,6 +1034,13 @@ def _spread(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "values": values}
 
 
+def _same_data_files(a: dict, b: dict) -> bool:
+    """Whether two reports were run on the same data files (their ``data_sha256``, recorded for
+    ``--data-dir`` datasets): then their dataset names, the folders' names, may differ."""
+    da, db = a.get("data_sha256"), b.get("data_sha256")
+    return da is not None and da == db
+
+
 def summarise_seeds(
     reports: list[dict[str, Any]],
     seeds: list[int],
@@ -1074,7 +1081,7 @@ def summarise_seeds(
         )
     names = [m["name"] for m in reports[0]["methods"]]
     for s, rep in zip(seeds, reports, strict=True):
-        if rep["dataset"] != reports[0]["dataset"]:
+        if rep["dataset"] != reports[0]["dataset"] and not _same_data_files(rep, reports[0]):
             raise ValueError(
                 f"reports: seed {s} is on dataset {rep['dataset']!r}, seed {seeds[0]} on "
                 f"{reports[0]['dataset']!r}"
@@ -1548,6 +1555,8 @@ def gather_seed_runs(
         where = f"{name}: {folders[s]} and {first}"
         for key in ("dataset", "data_sha256", "features"):
             a, b = rep.get(key), reports[0].get(key)
+            if key == "dataset" and _same_data_files(rep, reports[0]):
+                continue  # a copy of the data in a folder of another name (the name of a dir run)
             if a is not None and b is not None and a != b:
                 raise ValueError(
                     f"{where} differ in {key} ({a!r} against {b!r}): not one experiment"

@@ -105,7 +105,11 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert [int(r["pred"]) for r in rows] == pbar.argmax(-1).tolist()
     # resuming the folder with another seed (another split) must not reuse its checkpoints
     with pytest.raises(SystemExit, match=r"written by a run with other settings \(differing: data"):
-        cli.main(["demo", "--smoke", "--out", str(out), "--seed", "1", "--resume", "--no-progress",
+        cli.main(["demo", "--smoke", "--out", str(out), "--seed", "1", "--resume", "--no-progress"])
+    # nor redo the finished run with other methods (its report would sit beside the samples of
+    # the methods it no longer runs)
+    with pytest.raises(SystemExit, match=r"report.json was written with other settings \(methods"):
+        cli.main(["demo", "--smoke", "--out", str(out), "--resume", "--no-progress",
                   "--methods", "ce"])  # fmt: skip
 
 
@@ -151,6 +155,19 @@ def test_distill_own_directory(tmp_path, capsys):
     assert cli.main(argv + ["--resume"]) == 0
     again = json.loads((out / "report.json").read_text())
     assert again["methods"][1]["nll"] == rep["methods"][1]["nll"]
+    sampled = ["run.json", "student.safetensors", "samples.safetensors", "predictions.csv"]
+    assert all((out / f).is_file() for f in sampled)
+    # a finished run resumed with other methods is refused (before: it wrote a report of `ce`
+    # beside the earlier run's samples, which predict then applied)
+    only_ce = argv[:-3] + ["ce", "--no-figures", "--no-progress", "--resume"]
+    with pytest.raises(SystemExit, match=r"other settings \(methods: \['ce', 'mtbkd_sgld'\]"):
+        cli.main(only_ce)
+    # an unfinished one (no report yet) then run without mtbkd_sgld leaves none of its files
+    (out / "report.json").unlink()
+    assert cli.main(only_ce) == 0
+    assert [m["name"] for m in json.loads((out / "report.json").read_text())["methods"]] == ["ce"]
+    assert not any((out / f).exists() for f in sampled)
+    assert "report written to" in capsys.readouterr().out.strip().splitlines()[-1]
 
 
 def test_distill_several_seeds(tmp_path, capsys):
@@ -357,6 +374,17 @@ def test_summarise_pools_the_seeds_of_runs_made_apart(tmp_path, capsys):
                      "--out", str(tmp_path / "o")]) == 0  # fmt: skip
     with pytest.raises(SystemExit, match="differ in data_sha256"):
         cli.main(["summarise", str(tmp_path / "a"), str(tmp_path / "o"), "--out", str(out)])
+    # the same data files in a folder of another name: one experiment (before: refused as
+    # "differ in dataset ('copied' against 'mine')", the folder's name)
+    import shutil
+
+    shutil.copytree(d, tmp_path / "copied")
+    assert cli.main([*common[:4], str(tmp_path / "copied"), *common[5:], "--seed", "6",
+                     "--out", str(tmp_path / "cp")]) == 0  # fmt: skip
+    both = tmp_path / "both"
+    assert cli.main(["summarise", str(tmp_path / "a"), str(tmp_path / "cp"),
+                     "--out", str(both)]) == 0  # fmt: skip
+    assert json.loads((both / "summary.json").read_text())["seeds"] == [0, 1, 6]
     # a report that keeps no settings (a cross-fit's pooled seed) or no dataset is refused
     (tmp_path / "c" / "seed7").mkdir(parents=True)
     rep = json.loads((tmp_path / "b" / "report.json").read_text())

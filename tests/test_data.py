@@ -524,11 +524,13 @@ def test_built_in_datasets_take_a_cross_fitting_fold(tmp_path):
         (csv_dir / f"{split}.csv").write_text("x,label\n0.5,0\n1.5,1\n")
     with pytest.raises(ValueError, match="test_folds: .* has a test split of its own"):
         data.load_dataset("dir", csv_dir, fold=(0, 2, 0))
-    # CSV files are read before a features.npy beside them: the fold would be ignored, so refused
+    # CSV files beside a features.npy: two layouts in one folder, refused before the fold
     for name in ("features.npy", "labels.npy"):
         (csv_dir / name).write_bytes((tmp_path / name).read_bytes())
-    with pytest.raises(ValueError, match=r"test_folds: .* \(train.csv, test.csv\)"):
+    with pytest.raises(ValueError, match="holds the files of more than one data layout"):
         data.load_dataset("dir", csv_dir, fold=(0, 2, 0))
+    for name in ("features.npy", "labels.npy"):
+        (csv_dir / name).unlink()
     npy2 = tmp_path / "npy2"
     for split in ("train", "test"):
         (npy2 / split).mkdir(parents=True)
@@ -710,10 +712,11 @@ def test_user_data_audit_findings(tmp_path):
     path.write_text("0,1,2,label\n0.5,1.5,2.5,1\n1.0,2.0,3.0,0\n")
     x, labels, _ = data.read_inputs(path, "numeric", num_features=3)
     assert x.shape == (2, 3) and labels.tolist() == [1, 0]
-    path.write_text("0,1,2\n0.5,1.5,2.5\n1.0,2.0,3.0\n")  # no label column: names 0..D-1 only
+    path.write_text("0,1,2\n0.5,1.5,2.5\n1.0,2.0,3.0\n")  # no label column: names 0..m-1 only
     assert data.read_inputs(path, "numeric", num_features=3)[0].shape == (2, 3)
+    path.write_text("0.5,1.5,2.5\n1.0,2.0,3.0\n")  # other numbers: a first row of data
     with pytest.raises(ValueError, match="no header row"):
-        data.read_inputs(path, "numeric", num_features=4)
+        data.read_inputs(path, "numeric", num_features=3)
     # a review: 0/1 logits of many classes (a rule-based teacher giving 1 to two candidates)
     # are no rounded probabilities, nor is an all-zero teacher
     rules = _npy_dir(tmp_path / "rules", n=400, c=40, k=0)
@@ -727,3 +730,87 @@ def test_user_data_audit_findings(tmp_path):
     path.write_text("a,label\n0.5,1\n,\n")
     with pytest.raises(ValueError, match=r"integer class indices \(data row 2: ''\)"):
         data.read_inputs(path, "numeric")
+
+
+def test_a_data_folder_holds_one_layout_and_every_teacher_file_is_read(tmp_path):
+    # found by an audit: a folder with two layouts was read one way without a word, and teacher
+    # files at a place the layout does not read were skipped
+    both = _npy_dir(tmp_path / "both", k=0)  # features.npy at the top won over train/ and test/
+    _npy_dir(both / "train", n=30, k=0)
+    _npy_dir(both / "test", n=12, k=0, seed=1)
+    held = r"more than one data layout: features.npy, labels.npy \(the npy format \(features"
+    with pytest.raises(ValueError, match=held + r".npy\)\); train/features.npy"):
+        data.load_directory(both)
+    csv_npy = _npy_dir(tmp_path / "csv_npy", k=0)  # train.csv won over features.npy
+    for split in ("train", "test"):
+        _write_csv(csv_npy / f"{split}.csv", ["a", "label"], [[i, i % 3] for i in range(9)])
+    with pytest.raises(ValueError, match=r"train.csv, test.csv \(the CSV format.*features.npy"):
+        data.load_directory(csv_npy)
+    (csv_npy / "train.csv").unlink()  # test.csv alone is a CSV layout too (before: ignored)
+    with pytest.raises(ValueError, match="more than one data layout: test.csv"):
+        data.load_directory(csv_npy)
+    # teacher_z.npy at the top of a train/ + test/ layout: the run used the folders' teachers only
+    folders = tmp_path / "folders"
+    _npy_dir(folders / "train", n=30)
+    _npy_dir(folders / "test", n=12, seed=1)
+    assert data.load_directory(folders).teacher_names == ["t0", "t1"]
+    np.save(folders / "teacher_z.npy", np.zeros((42, 3)))
+    unread = r"folders\), whose teachers are train/teacher_<name>.npy .* holds .*/teacher_z.npy"
+    with pytest.raises(ValueError, match=unread + ", which it does not read"):
+        data.load_directory(folders)
+    # ... nor are a one-folder dataset's teachers read from train/, nor a CSV teacher without
+    # its split in the name
+    one = _npy_dir(tmp_path / "one", k=0)
+    (one / "train").mkdir()
+    np.save(one / "train" / "teacher_a.npy", np.zeros((60, 3)))
+    with pytest.raises(ValueError, match=r"holds .*one/train/teacher_a.npy, which it does not"):
+        data.load_directory(one)
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    for split in ("train", "test"):
+        _write_csv(csv_dir / f"{split}.csv", ["a", "label"], [[i, i % 3] for i in range(9)])
+    np.savetxt(csv_dir / "teacher_a.csv", np.zeros((9, 3)), delimiter=",")
+    with pytest.raises(ValueError, match=r"teacher_<name>_test.csv, but holds .*teacher_a.csv"):
+        data.load_directory(csv_dir)
+
+
+def test_a_pandas_header_of_another_width_is_read_as_a_header(tmp_path):
+    # found by an audit: pd.DataFrame(x[:, :5]).to_csv(f, index=False) for a run of 6 features
+    # was "has no header row"; the header is read, and predict reports the 5 features
+    path = tmp_path / "f.csv"
+    path.write_text("0,1,2,3,4\n" + "0.5,1.5,2.5,3.5,4.5\n" * 2)
+    x, labels, _ = data.read_inputs(path, "numeric", num_features=6)
+    assert x.shape == (2, 5) and labels is None
+    # a run of named features (a pandas-written train.csv): the missing column is named
+    with pytest.raises(ValueError, match=r"f.csv lacks the feature columns \['5'\]"):
+        data.read_inputs(path, "numeric", [str(i) for i in range(6)], num_features=6)
+    with pytest.raises(ValueError, match="no header row"):  # not for a CSV dataset's own files
+        data.read_inputs(path, "numeric")
+
+
+def test_missing_cells_semicolons_and_log_of_zero_are_named(tmp_path):
+    # found by an audit: these got messages that pointed elsewhere
+    for split in ("train", "test"):
+        _write_csv(tmp_path / f"{split}.csv", ["feat1", "feat2", "label"],
+                   [[i, i, i % 2] for i in range(6)])  # fmt: skip
+    (tmp_path / "train.csv").write_text("feat1,feat2,label\n1,2,0\n3,4,1\n,5,0\n6,x,1\n")
+    empty = r"train.csv: feature columns \['feat1'\] have empty \(missing\) cells \(first: "
+    with pytest.raises(ValueError, match=empty + r"column 'feat1', data row 3\)"):
+        data.load_directory(tmp_path)
+    (tmp_path / "train.csv").write_text("feat1,feat2,label\n1,2,0\n3,4,1\n6,x,1\n")
+    with pytest.raises(ValueError, match=r"\['feat2'\] \(first: column 'feat2', data row 3: 'x'"):
+        data.load_directory(tmp_path)
+    for sep, what in ((";", "';'"), ("\t", "tabs")):
+        (tmp_path / "train.csv").write_text(f"a{sep}b{sep}label\n1{sep}2{sep}0\n3{sep}4{sep}1\n")
+        with pytest.raises(ValueError, match=f"train.csv seems to be separated by {what}"):
+            data.load_directory(tmp_path)
+    # teacher log-probabilities with np.log(0): a hint to clip; NaN gets none
+    x, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
+    with np.errstate(divide="ignore"):
+        logp = np.log(np.array([[0.9, 0.1], [0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]))
+    hint = r"in 2 rows \(first rows: \[1, 3\]\): only -inf, as np.log\(0\) gives: clip "
+    with pytest.raises(ValueError, match=hint + r".*np.clip\(p, 1e-12, None\)"):
+        data.Dataset("bad", x, y, x, y, ["a", "b"], {"t": logp}, {"t": logp})
+    logp[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or infinite values in 3 rows \(.*\[0, 1, 3\]\)$"):
+        data.Dataset("bad", x, y, x, y, ["a", "b"], {"t": logp}, {"t": logp})

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from mtbkd import distill
 from mtbkd import metrics as M
@@ -162,8 +163,25 @@ def test_bad_inputs_get_clear_errors():
         distill.distill(_student(), t, x, y, CONFIG, method="mtbkd_vi")
     with pytest.raises(ValueError, match="teacher index out of range"):
         distill.distill(_student(), t, x, y, CONFIG, method="bkd_2")
+    # a teacher's name is the command line's: here an index (before: int()'s bare error)
+    with pytest.raises(ValueError, match="'bkd_t0' names no teacher: .* 'bkd_0' .. 'bkd_1'"):
+        distill.distill(_student(), t, x, y, CONFIG, method="bkd_t0")
+    # probabilities given as logits: refused as the dataset loaders refuse them (before: a
+    # softmax of probabilities, a flattened teacher, without a word)
+    with pytest.raises(ValueError, match=r"teachers\[0\] looks like probabilities"):
+        distill.distill(_student(), t.softmax(-1), x, y, CONFIG, method="mtbkd_map")
+    # features of another width than the student's first layer: named (before: torch's
+    # "mat1 and mat2 shapes cannot be multiplied" from inside the model)
+    with pytest.raises(ValueError, match="x has 5 features; the student takes 2"):
+        distill.distill(_student(), t, torch.randn(16, 5), y, CONFIG, method="ce")
+    plain = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 4))
+    res = distill.distill(plain, t, x, y, replace(CONFIG, map_epochs=1), method="ce")
+    with pytest.raises(ValueError, match="x has 3 features; the student takes 2"):
+        res.predict(torch.randn(2, 3))
     with pytest.raises(ValueError, match="unknown methods"):
         distill.DistillConfig(methods=("ce", "svm"))
+    with pytest.raises(ValueError, match="methods lists 'ce' more than once"):
+        distill.DistillConfig(methods=("ce", "avg_kd", "ce"))
     with pytest.raises(ValueError, match="burn_in"):
         distill.DistillConfig(burn_in=1.5)
     # grids tune only the objective's own hyperparameters, with non-empty lists of numbers
@@ -330,6 +348,9 @@ def test_sgld_schedule_spreads_samples():
     # 105 rows in batches of 10: 11 steps an epoch (the last batch of 5 is a step too), 110 in all
     burn, thin, kept = distill.sgld_schedule(105, cfg)
     assert (burn, thin, kept) == (11, (110 - 11) // 20, 20)
+    # fewer steps after the burn-in than samples: said, not silently fewer samples
+    with pytest.warns(UserWarning, match="num_samples=20, but SGLD runs only 18 steps"):
+        distill.sgld_schedule(20, cfg)
 
 
 def _val_nll(model, x, y):
@@ -651,6 +672,12 @@ def test_student_keeps_the_unit_scale_of_a_feature_constant_in_training():
     x = torch.tensor([[0.5, 3.0 + 2 * 0.7]])
     expected = plain.head(plain.body(torch.tensor([[0.5, 0.7]])))
     torch.testing.assert_close(model(x), expected)
+    # "constant" is relative to the feature's scale: float32 rounding of a constant 5.3 is, a
+    # feature on a scale of 1e-7 is not (an absolute bound of 1e-6 had left one unscaled)
+    mean = torch.tensor([5.3, 2e-7, 0.0])
+    std = torch.tensor([4e-7, 1e-7, 0.0])
+    model = distill.StudentMLP(3, 3, (8,), mean, std)
+    assert model.input_std.tolist() == pytest.approx([1.0, 1e-7, 1.0], rel=1e-6)
 
 
 def test_shift_auroc_by_hand():
