@@ -78,15 +78,19 @@ def all_gather_into_tensor(output: Tensor, tensor: Tensor, group: dist.ProcessGr
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_index(value, what: str) -> None:
+    """``vocab_start`` / ``vocab_size``: a Python or numpy integer, never a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+
+
 class _Inputs:
     """Canonical local inputs: student ``[N, W]``, teachers ``[K, N, W]`` (acc dtype), labels."""
 
     def __init__(self, student_shard, teacher_shard, labels, vocab_start, vocab_size,
                  ignore_index, check_finite):  # fmt: skip
-        if isinstance(vocab_start, bool) or not isinstance(vocab_start, int):
-            raise TypeError(f"vocab_start must be an int, got {type(vocab_start).__name__}")
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-            raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+        for value, what in ((vocab_start, "vocab_start"), (vocab_size, "vocab_size")):
+            _check_index(value, what)
         if (
             isinstance(student_shard, Tensor)
             and student_shard.dim()
@@ -129,7 +133,7 @@ class _Inputs:
             lab = self.labels
             lab_sum = int(lab.sum())
             lab_wsum = int((lab * torch.arange(1, n + 1, device=lab.device)).sum() % 1_000_000_007)
-        return [0, n, k, w, vocab_start, vocab_size, int(self.labels is not None),
+        return [0, n, k, w, int(vocab_start), int(vocab_size), int(self.labels is not None),
                 _DTYPES.get(self.original.dtype, 0), lab_sum, lab_wsum]  # fmt: skip
 
 
@@ -692,7 +696,7 @@ def _fused_meta(hidden: Tensor, teachers: list[Tensor], labels: Tensor | None, w
         lab_sum = int(labels.sum())
         idx = torch.arange(1, n + 1, device=labels.device)
         lab_wsum = int((labels * idx).sum() % 1_000_000_007)
-    return [0, n, len(teachers), weight.shape[0], vocab_start, vocab_size,
+    return [0, n, len(teachers), weight.shape[0], int(vocab_start), int(vocab_size),
             int(labels is not None), _DTYPES.get(hidden.dtype, 0), lab_sum, lab_wsum]  # fmt: skip
 
 
@@ -702,8 +706,7 @@ def _fused_inputs(student_hidden, student_weight_shard, teacher_logits_shard, la
     from mtbkd import fused_linear as FL
 
     for value, what in ((vocab_start, "vocab_start"), (vocab_size, "vocab_size")):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+        _check_index(value, what)
     if not isinstance(student_hidden, Tensor):
         raise TypeError(f"student_hidden must be a torch.Tensor, got "
                         f"{type(student_hidden).__name__}")  # fmt: skip
@@ -788,6 +791,20 @@ class _ShardedHead:
         self.where = {"vocab_start": vocab_start, "vocab_size": vocab_size, "group": group}
         self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
+    def _teacher_rows(self, t: Tensor, rows: slice) -> Tensor:
+        """A chunk of a teacher in the student's dtype, as every other loss takes its teachers
+        (float32 teachers of a bfloat16 student rounded to bfloat16; before, the chunk reached
+        the loss in float32, next to logits computed in the accumulation dtype, and kept its
+        precision: 5e-5 of the loss in an audit's example). A finite logit that overflows to
+        -inf in the cast is kept at the dtype's lowest value (``finfo(float32).min`` masking); one
+        that overflows to +inf stays +inf, which the loss's finiteness check refuses on every
+        rank (an error raised here, on one rank, would leave the others in a collective)."""
+        src, dtype = t[rows], self.hidden.dtype
+        if src.dtype == dtype or not validate._narrowing(src.dtype, dtype):
+            return src.to(dtype)
+        lo = torch.finfo(dtype).min
+        return torch.where(torch.isfinite(src), src.clamp_min(lo), src).to(dtype)
+
     def run(self, row_scale: Tensor | None, want_grads: bool, want_stats: bool = False):
         """Loss rows ``[N]``, stats per chunk and, when ``want_grads``, ``(gh_partial, gW, gb)``
         with each row's gradient scaled by ``row_scale`` (a scalar or ``[N]`` tensor)."""
@@ -808,7 +825,7 @@ class _ShardedHead:
             h = hidden[rows]
             # The loss works in the accumulation dtype anyway; G then needs no extra rounding.
             z = (h @ wt if bias is None else torch.addmm(bias, h, wt)).to(acc)
-            t_chunk = [t[rows] for t in self.teachers]
+            t_chunk = [self._teacher_rows(t, rows) for t in self.teachers]
             lab = None if self.labels is None else self.labels[rows]
             kw = dict(self.where, reduction="none", **self.opts)
             if isinstance(kw["weights"], Tensor):
@@ -910,14 +927,24 @@ def _fused_call(name, loss_fn, opts, student_hidden, student_weight_shard, teach
         parsed = _fused_inputs(student_hidden, student_weight_shard, teacher_logits_shard,
                                labels, student_bias_shard, vocab_start, vocab_size,
                                chunk_size)  # fmt: skip
-        meta = _fused_meta(parsed[0], parsed[2], parsed[3], parsed[1], vocab_start, vocab_size)
+        # built aside and kept only when complete: a check below that raises must leave meta
+        # None, or _agree would gather a row of another width (gloo's size error, or a hang)
+        row = _fused_meta(parsed[0], parsed[2], parsed[3], parsed[1], vocab_start, vocab_size)
         if isinstance(opts["weights"], Tensor):  # its shape checked before its fingerprint
             opts = dict(opts, weights=_flat_weights(opts["weights"], len(parsed[2]), parsed[4]))
-        meta.append(_options_key(dict(opts, chunk_size=chunk_size, reduction=reduction,
-                                      num_items_in_batch=num_items_in_batch,
-                                      return_stats=return_stats,
-                                      # grad_h's all-reduce needs one H on every rank
-                                      hidden_size=parsed[0].shape[1])))  # fmt: skip
+        if isinstance(num_items_in_batch, Tensor) and num_items_in_batch.numel() != 1:
+            # checked here, not after the agreement: one rank's error there left the others
+            # waiting in the chunk loop's collectives
+            raise ValueError(
+                "num_items_in_batch must be a number or a one-element tensor, got shape "
+                f"{tuple(num_items_in_batch.shape)}"
+            )
+        row.append(_options_key(dict(opts, chunk_size=chunk_size, reduction=reduction,
+                                     num_items_in_batch=num_items_in_batch,
+                                     return_stats=return_stats,
+                                     # grad_h's all-reduce needs one H on every rank
+                                     hidden_size=parsed[0].shape[1])))  # fmt: skip
+        meta = row
     except (TypeError, ValueError) as exc:
         error = exc
     device = student_hidden.device if isinstance(student_hidden, Tensor) else torch.device("cpu")

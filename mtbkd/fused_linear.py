@@ -558,8 +558,9 @@ def _fixed(weights, k, n, lead, hidden):
     mode, fixed = ops.WEIGHT_MODES.get(weights if isinstance(weights, str) else "fixed"), None
     if isinstance(weights, Tensor):
         # [K], [K, *lead] (student_hidden's leading shape) or [K, N] (the rows flattened)
-        rows = lead if weights.dim() > 1 and weights.shape[1:] == lead else torch.Size([n])
-        fixed = validate.fixed_weights(weights, k, rows, hidden, like_name="student_hidden")
+        # (fixed_weights takes all three; given the flattened rows, its error had left out
+        # the [K, *lead] form)
+        fixed = validate.fixed_weights(weights, k, lead, hidden, like_name="student_hidden")
     elif weights not in ("entropy", "uniform"):
         raise ValueError(f"weights must be 'entropy', 'uniform' or a Tensor, got {weights!r}")
     return mode, fixed

@@ -62,10 +62,12 @@ def check_real(value: float, name: str, *, nonnegative: bool = False) -> float:
 def check_chunk_size(chunk_size: int | None) -> int | None:
     """``chunk_size`` of the fused-linear losses: a positive int, or None (chosen automatically)."""
     if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, numbers.Integral)
+        or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    return chunk_size
+    return None if chunk_size is None else int(chunk_size)  # np.int64(2) as 2
 
 
 def check_reduction(reduction: str) -> str:

@@ -15,6 +15,7 @@ import socket
 import time
 import traceback
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -899,6 +900,41 @@ def scenario_review_regressions(rank: int, world: int) -> None:
         got = D.vocab_parallel_fused_linear_mtbkd_loss(hs, w[lo:hi], t[..., lo:hi], y, **kw)
     assert not got.requires_grad
     _close(got, _ref_mtbkd(h @ w.t(), t, y, "mean"))
+    # 14. (twenty-eighth session's audit) fixed weights of a wrong shape, on every rank or on
+    #     one, made the fused loss's agreement gather rows of another width: gloo's "invalid
+    #     tensor size" error, or the other rank waiting until the timeout
+    fused = D.vocab_parallel_fused_linear_mtbkd_loss
+    with pytest.raises(ValueError, match="weights must have shape"):
+        fused(h, w[lo:hi], t[..., lo:hi], y, weights=torch.ones(2, 2, dtype=torch.float64), **kw)
+    bad = torch.ones(2, 2 if rank == 0 else 6, dtype=torch.float64)
+    says = "weights must have shape" if rank == 0 else r"invalid inputs on rank\(s\) \[0\]"
+    with pytest.raises(ValueError, match=says):
+        fused(h, w[lo:hi], t[..., lo:hi], y, weights=bad, **kw)
+    # 15. a num_items_in_batch tensor of a wrong shape on one rank: that rank raised after the
+    #     agreement and the other waited in the chunk loop
+    items = torch.tensor(3.0) if rank == 0 else torch.tensor([3.0, 3.0])
+    says = "one-element tensor" if rank == 1 else r"invalid inputs on rank\(s\) \[1\]"
+    with pytest.raises(ValueError, match=says):
+        fused(h, w[lo:hi], t[..., lo:hi], y, num_items_in_batch=items, **kw)
+    # 16. numpy integers are integers (vocab_start, vocab_size, chunk_size)
+    got = fused(h, w[lo:hi], t[..., lo:hi], y, vocab_start=np.int64(lo), vocab_size=np.int64(v),
+                chunk_size=np.int64(4))  # fmt: skip
+    _close(got, _ref_mtbkd(h @ w.t(), t, y, "mean"))
+    # 17. float32 teachers of a bfloat16 student are rounded to bfloat16 as in every other loss
+    #     (the fused loss had kept them in float32)
+    hb, wb, tf = h.bfloat16(), w.bfloat16(), (4 * t).float()
+    for vp, plain in ((fused, mtbkd.FusedLinearMTBKDLoss()),
+                      (D.vocab_parallel_fused_linear_multi_teacher_kd_loss,
+                       mtbkd.FusedLinearMultiTeacherKDLoss())):  # fmt: skip
+        got = vp(hb, wb[lo:hi], tf[..., lo:hi], y, **kw)
+        want = plain(hb, wb, list(tf), y)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # 18. a finfo(float32).min mask stays finite in bfloat16, as in the single-process loss
+    tm = tf.clone()
+    tm[:, :, 0] = torch.finfo(torch.float32).min
+    got = fused(hb, wb[lo:hi], tm[..., lo:hi], y, **kw)
+    torch.testing.assert_close(got, mtbkd.FusedLinearMTBKDLoss()(hb, wb, list(tm), y),
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
 
 
 def scenario_shard_edges(rank: int, world: int) -> None:

@@ -1,5 +1,6 @@
 """Fused-linear losses equal the unfused ``head matmul + loss`` (values and gradients)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,6 +176,15 @@ def test_bad_input():
         FusedLinearMTBKDLoss(chunk_size=True)(hid, w, teachers, y)
     with pytest.raises(ValueError, match="chunk_size"):
         mtbkd.fused_linear.fused_linear_mtbkd_loss(hid, w, teachers, y, chunk_size=2.5)
+    # a numpy integer is an integer (np.int64(3) was refused)
+    torch.testing.assert_close(
+        FusedLinearMTBKDLoss(chunk_size=np.int64(3))(hid, w, teachers, y), f(hid, w, teachers, y)
+    )
+    # a [B, T] student: the error lists the [K, B, T] form it takes (it said [K, *(N,)])
+    h6, w6, _, t6, y6 = _problem(n=6)
+    with pytest.raises(ValueError, match=r"\[K=2, \*\(2, 3\)\] or \[K=2, N=6\]"):
+        FusedLinearMTBKDLoss(weights=torch.ones(2, 3, 2))(h6.reshape(2, 3, -1), w6, t6,
+                                                          y6.reshape(2, 3))  # fmt: skip
     with pytest.raises(ValueError, match="at least one teacher"):
         f(hid, w, [], y)
     # found by a bug hunt: torch's own dtype / meta-device errors, and a false "NaN or inf"
