@@ -180,10 +180,13 @@ def write_atomic(path: Path, text: str) -> None:
     ``os.replace``: a reader (or a run killed midway) never sees a half-written file."""
     import tempfile
 
+    from mtbkd._files import make_readable
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        make_readable(tmp)  # mkstemp's 0600, which os.replace would keep
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -74,9 +74,14 @@ def worst_error(backend: str, device: str, tau_w: float = 1.0) -> float:
         os.environ.pop("MTBKD_BACKEND", None)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from mtbkd import ops
 
+    argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="takes no options: it measures and prints"
+    ).parse_args(argv)  # --help answers instead of measuring
     device = "cuda" if torch.cuda.is_available() else "cpu"
     status = ops.backend_status()
     print("| backend | device | max relative error of H_k (float32) |")

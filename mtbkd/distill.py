@@ -1146,12 +1146,12 @@ class ChainSamples:
     def save(self, out_dir: str | Path) -> list[str]:
         """``chain<c>_student.safetensors`` and ``chain<c>_samples.safetensors`` per chain;
         returns the file names."""
-        from safetensors.torch import save_file
+        from mtbkd._files import save_safetensors
 
         out, names = Path(out_dir), []
         for c, (state, store) in enumerate(self.chains):
-            save_file({k: v.contiguous() for k, v in state.items()},
-                      str(out / f"chain{c}_student.safetensors"))  # fmt: skip
+            save_safetensors({k: v.contiguous() for k, v in state.items()},
+                             out / f"chain{c}_student.safetensors")  # fmt: skip
             store.save(out / f"chain{c}_samples.safetensors")
             names += [f"chain{c}_student.safetensors", f"chain{c}_samples.safetensors"]
         return names
@@ -2535,7 +2535,7 @@ def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) ->
     ``chain<c>_samples.safetensors`` per chain instead), ``run.json`` (what ``predict`` needs,
     with ``predictive_temperature`` when the run was calibrated, ``config.calibrate``) and
     ``predictions.csv`` (the test rows with per-teacher weights and responsibilities)."""
-    from safetensors.torch import save_file
+    from mtbkd._files import save_safetensors
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -2548,9 +2548,9 @@ def save_run(result: ExperimentResult, out_dir: str | Path, dataset: Dataset) ->
             continue
     if result.student is not None:
         obj, model, store = result.objective, result.student, result.store
-        save_file(
+        save_safetensors(
             {k: v.contiguous() for k, v in model.state_dict().items()},
-            str(out / "student.safetensors"),
+            out / "student.safetensors",
         )
         # a rerun with another chain count must not leave the other layout's files behind
         _remove_files(out, _SAMPLE_FILES[2:])

@@ -213,6 +213,8 @@ def _save_converted(model, tokenizer, folder: Path) -> None:
 
     from safetensors.torch import save_model
 
+    from mtbkd._files import make_readable
+
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     try:
         tmp.mkdir(parents=True)
@@ -221,6 +223,7 @@ def _save_converted(model, tokenizer, folder: Path) -> None:
         config.pop("_name_or_path", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_model(model, str(tmp / "model.safetensors"))
+        make_readable(tmp / "model.safetensors")  # safetensors writes 0600 (mtbkd._files)
         tokenizer.save_pretrained(str(tmp))
         try:
             os.rename(tmp, folder)

@@ -196,7 +196,7 @@ class SampleStore:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the stored samples and their layout to a safetensors file."""
-        from safetensors.torch import save_file
+        from mtbkd._files import save_safetensors
 
         meta = {
             "format": _FORMAT,
@@ -209,7 +209,7 @@ class SampleStore:
             "kept": str(self.kept),
             "reservoir": str(int(self.reservoir)),
         }
-        save_file({"samples": self.samples().contiguous().cpu()}, os.fspath(path), metadata=meta)
+        save_safetensors({"samples": self.samples().contiguous().cpu()}, path, metadata=meta)
 
     @classmethod
     def load(

@@ -257,8 +257,7 @@ def save_per_row(result: ExperimentResult, path: str | Path) -> None:
     safetensors file: what :func:`summarise_seeds` needs to resample test rows across seeds; and
     the predictive mean, mean deviance and 95 % credible-set coverage and size of each row, from
     which :func:`pool_folds` recomputes every metric of the table over the rows of several runs."""
-    from safetensors.torch import save_file
-
+    from mtbkd._files import save_safetensors
     from mtbkd.distill import _row_stats
 
     tensors = {"labels": result.labels.long().contiguous()}
@@ -272,7 +271,7 @@ def save_per_row(result: ExperimentResult, path: str | Path) -> None:
         for key in _ROW_STATS:
             tensors[f"{m.name}.{key}"] = stats[key].contiguous()
     meta = {"test_sha256": result.test_digest} if result.test_digest else None
-    save_file(tensors, str(path), metadata=meta)
+    save_safetensors(tensors, path, metadata=meta)
 
 
 def load_per_row(path: str | Path) -> dict[str, Any] | None:
@@ -1467,6 +1466,18 @@ def _seed_figure(summary: dict[str, Any], out: Path) -> str:
     return "seeds.png"
 
 
+def _test_fold(run: Path) -> tuple[int, int] | None:
+    """``(test_fold, test_folds)`` of a finished run folder's config, or None when it is no
+    cross-fitting fold (or its report is unreadable)."""
+    try:
+        config = json.loads((Path(run) / "report.json").read_text()).get("config") or {}
+    except (OSError, ValueError):
+        return None
+    if not config.get("test_folds"):
+        return None
+    return int(config.get("test_fold", 0)), int(config["test_folds"])
+
+
 def gather_seed_runs(
     run_dirs: list[str | Path], *, name: str = "run_dirs"
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any] | None], list[int], dict[int, Path]]:
@@ -1518,6 +1529,14 @@ def gather_seed_runs(
             )
         for s, f in found.items():
             if s in folders:
+                folds = [_test_fold(folders[s]), _test_fold(f)]
+                if None not in folds and folds[0] != folds[1]:
+                    raise ValueError(
+                        f"{name}: {folders[s]} and {f} are cross-fitting folds (test_fold "
+                        f"{folds[0][0]} of {folds[0][1]} and {folds[1][0]} of {folds[1][1]}), "
+                        "each tested on other rows, not seeds of one experiment: "
+                        "examples/cross_fit.py pools a cross-fit's folds (mtbkd.report.pool_folds)"
+                    )
                 raise ValueError(f"{name}: seed {s} is in both {folders[s]} and {f}")
             if not (f / "report.json").is_file():
                 raise ValueError(f"{name}: {f} has no report.json (seed {s} is not finished)")
@@ -1632,12 +1651,13 @@ def write_seed_summary(
             "## Where the teachers disagree",
             "",
             f"The teachers' top classes differ on {_pm(frac, '{:.3f}')} of the test rows (mean "
-            "± sd over seeds); every method's accuracy and NLL on those rows and on the rest:",
+            "± sd over seeds); every method's accuracy and NLL on the rows where they agree "
+            "and on those:",
             "",
         ]
-        cols = [
+        cols = [  # in the order of each seed's report.md
             (f"{part}_{key}", f"{'acc' if key == 'accuracy' else 'NLL'} ({part})")
-            for part in ("disagree", "agree")
+            for part in ("agree", "disagree")
             for key in ("accuracy", "nll")
         ]
         body = [

@@ -492,7 +492,7 @@ def save_sparse_teachers(
     """Write K sparse teachers (and ``extra`` tensors such as the token ids) to a safetensors
     file. Indices are stored as int32 (vocabularies < 2^31), log-probabilities in their dtype or
     ``logprob_dtype``."""
-    from safetensors.torch import save_file
+    from mtbkd._files import save_safetensors
 
     teachers = _as_list(teachers)
     tensors: dict[str, Tensor] = {}
@@ -525,7 +525,7 @@ def save_sparse_teachers(
         if t.vocab_size is not None:
             meta[f"mtbkd.teacher{i}.vocab_size"] = str(t.vocab_size)
     path = Path(path)
-    save_file(tensors, str(path), metadata=meta)
+    save_safetensors(tensors, path, metadata=meta)
     return path
 
 

@@ -241,6 +241,11 @@ def test_result_files_are_replaced_atomically(tmp_path, monkeypatch):
     path = tmp_path / "latest-loss.json"
     common.write_atomic(path, "old")
     assert path.read_text() == "old"
+    # with the mode open() gives (mkstemp's 0600 had made results unreadable to other users)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    plain.unlink()
 
     def fail(src, dst):
         raise OSError(28, "No space left on device")
@@ -314,3 +319,13 @@ def test_page_faults_runs_both_page_settings_in_fresh_processes(tmp_path, capsys
         assert huge["minor_faults"] < 0.25 * small["minor_faults"], (small, huge)
     with pytest.raises(SystemExit):
         page_faults.main(["--steps", "0"])
+
+
+def test_entropy_precision_answers_help_without_measuring(capsys, monkeypatch):
+    # found by an audit: it had no options parser, so --help ran the measurement
+    from bench import entropy_precision
+
+    monkeypatch.setattr(entropy_precision, "worst_error", lambda *a: pytest.fail("measured"))
+    with pytest.raises(SystemExit) as exc:
+        entropy_precision.main(["--help"])
+    assert exc.value.code == 0 and "usage:" in capsys.readouterr().out

@@ -157,6 +157,8 @@ def test_distill_own_directory(tmp_path, capsys):
     assert again["methods"][1]["nll"] == rep["methods"][1]["nll"]
     sampled = ["run.json", "student.safetensors", "samples.safetensors", "predictions.csv"]
     assert all((out / f).is_file() for f in sampled)
+    # every file of the run has one mode, safetensors' too (it writes 0600 by itself)
+    assert len({(out / f).stat().st_mode & 0o777 for f in sampled + ["per_row.safetensors"]}) == 1
     # a finished run resumed with other methods is refused (before: it wrote a report of `ce`
     # beside the earlier run's samples, which predict then applied)
     only_ce = argv[:-3] + ["ce", "--no-figures", "--no-progress", "--resume"]
@@ -192,6 +194,13 @@ def test_distill_several_seeds(tmp_path, capsys):
     ce_nll = summary["versus"]["methods"]["ce"]["nll"]
     assert ce_nll["p_better"] * 1000 == pytest.approx(round(ce_nll["p_better"] * 1000))
     assert (out / "seeds.png").exists() and (out / "summary.md").exists()
+
+    def columns(path):  # the disagreement table's header, without its alignment spaces
+        line = next(x for x in path.read_text().splitlines() if "acc (agree)" in x)
+        return [c.strip() for c in line.strip("| ").split("|")]
+
+    # the same column order in the summary as in each seed's report (it was reversed)
+    assert columns(out / "summary.md") == columns(out / "seed0" / "report.md")
     # one folder of data is split per seed: the test rows differ (decided from their features,
     # not from the labels alone, which can coincide)
     assert summary["shared_test_rows"] is False
@@ -399,6 +408,12 @@ def test_summarise_pools_the_seeds_of_runs_made_apart(tmp_path, capsys):
     (tmp_path / "c" / "seed7" / "report.json").write_text(json.dumps(no_dataset))
     with pytest.raises(SystemExit, match="seed7/report.json has no dataset"):
         cli.main(["summarise", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(out)])
+    # two folds of a cross-fit are not two runs of seed 0 (the reason given before)
+    for fold in (0, 1):
+        folded = ["--set", "test_folds=2", "--set", f"test_fold={fold}"]
+        assert cli.main(common + folded + ["--seed", "0", "--out", str(tmp_path / f"f{fold}")]) == 0
+    with pytest.raises(SystemExit, match="are cross-fitting folds \\(test_fold 0 of 2 and 1 of 2"):
+        cli.main(["summarise", str(tmp_path / "f0"), str(tmp_path / "f1"), "--out", str(out)])
     # an unfinished seed of a --seeds run is refused
     (tmp_path / "a" / "seed1" / "report.json").unlink()
     with pytest.raises(SystemExit, match="seed1 has no report.json \\(seed 1 is not finished"):

@@ -83,6 +83,11 @@ def test_save_load_round_trip(tmp_path):
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(str(path))["samples"], store.samples())
+    # readable as any file this process writes (safetensors itself makes it 0600: another user
+    # of a shared machine could not apply a run's posterior)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
     # Without a module it only serves predict.
     bare = SampleStore.load(path)
     with pytest.raises(RuntimeError, match="cannot collect"):
