@@ -324,7 +324,7 @@ def gaussian_kl(mu, rho, prior_mu, prior_sigma):
                         dtype=torch.float64 if f64 else torch.float32)  # fmt: skip
     if n:
         _kl_kernel[(parts.numel(),)](
-            mu, rho, parts, n, prior_mu, 1.0 / prior_sigma**2, math.log(prior_sigma),
+            mu, rho, parts, n, prior_mu, 1.0 / prior_sigma / prior_sigma, math.log(prior_sigma),
             BLOCK=_KL_BLOCK, F64=f64, INTERPRET=_interpreting(),
         )  # fmt: skip
     return parts.sum(dtype=torch.float64).to(parts.dtype)
@@ -340,7 +340,7 @@ def gaussian_kl_bwd(grad, mu, rho, prior_mu, prior_sigma, mu_grad, rho_grad):
     if n and (mu_grad or rho_grad):
         g = grad.reshape(1).to(torch.float64 if f64 else torch.float32)
         _kl_grad_kernel[(triton.cdiv(n, _KL_BLOCK),)](
-            g, mu, rho, dmu, drho, n, prior_mu, 1.0 / prior_sigma**2, BLOCK=_KL_BLOCK,
+            g, mu, rho, dmu, drho, n, prior_mu, 1.0 / prior_sigma / prior_sigma, BLOCK=_KL_BLOCK,
             MU_GRAD=mu_grad, RHO_GRAD=rho_grad, F64=f64, INTERPRET=_interpreting(),
         )  # fmt: skip
     return dmu, drho
@@ -359,7 +359,7 @@ def reparameterize_kl_fwd(mu, rho, seed, offset, prior_mu, prior_sigma, check_fi
                         dtype=torch.float64 if f64 else torch.float32)  # fmt: skip
     if n:
         _reparam_kl_fwd_kernel[_grid_q(n)](
-            mu, rho, w, parts, n, seed, offset, prior_mu, 1.0 / prior_sigma**2,
+            mu, rho, w, parts, n, seed, offset, prior_mu, 1.0 / prior_sigma / prior_sigma,
             math.log(prior_sigma), BLOCK_Q=BLOCK_Q, F64=f64, INTERPRET=_interpreting(),
         )  # fmt: skip
     return w, parts.sum(dtype=torch.float64).to(parts.dtype)
@@ -375,8 +375,9 @@ def reparameterize_kl_bwd(grad, grad_kl, mu, rho, seed, offset, prior_mu, prior_
     drho = torch.empty_like(rho) if rho_grad else rho.new_empty((0,))
     if n and (mu_grad or rho_grad):
         gk = grad_kl.reshape(1).to(torch.float64 if f64 else torch.float32)
+        iv = 1.0 / prior_sigma / prior_sigma  # not ** 2: OverflowError beyond 1.3e154
         _reparam_kl_bwd_kernel[_grid_q(n)](
-            grad, gk, mu, rho, dmu, drho, n, seed, offset, prior_mu, 1.0 / prior_sigma**2,
+            grad, gk, mu, rho, dmu, drho, n, seed, offset, prior_mu, iv,
             BLOCK_Q=BLOCK_Q, MU_GRAD=mu_grad, RHO_GRAD=rho_grad, F64=f64,
             INTERPRET=_interpreting(),
         )  # fmt: skip

@@ -448,13 +448,20 @@ def _kl_grad_terms(
     sigmoid(rho) / s = 1 - s / 2 there, not (1 / 0) * 0; the other branch sees s = 1 there, so
     that a second derivative through ``torch.where`` stays finite.
     """
-    var0 = prior_sigma**2
+    iv = inv_var(prior_sigma)
     s = F.softplus(r)
     sig = torch.sigmoid(r)
     tiny = r < -_SOFTPLUS_THRESHOLD
     s_plain = torch.where(tiny, torch.ones_like(s), s)
-    dr = torch.where(tiny, s * sig / var0 - (1.0 - 0.5 * s), (s_plain / var0 - 1.0 / s_plain) * sig)
-    return (m - prior_mu) / var0, dr
+    dr = torch.where(tiny, s * sig * iv - (1.0 - 0.5 * s), (s_plain * iv - 1.0 / s_plain) * sig)
+    return (m - prior_mu) * iv, dr
+
+
+def inv_var(prior_sigma: float) -> float:
+    """``1 / prior_sigma**2`` without forming the square: Python's ``**`` raises OverflowError
+    beyond ``prior_sigma`` = 1.3e154 (the C++ kernels' 1 / inf is 0, the value this gives too,
+    to within a denormal)."""
+    return 1.0 / prior_sigma / prior_sigma
 
 
 def _kl_setup(ctx, inputs, output):
@@ -517,7 +524,12 @@ def _ref_gaussian_kl(mu, rho, prior_mu, prior_sigma):
     # Below rho = -20, s = e^rho (1 - e^rho / 2 + ...) reaches the denormals (0 below -104 in
     # float32): log s = rho - s / 2 there, not log 0.
     log_s = torch.where(r < -_SOFTPLUS_THRESHOLD, r - 0.5 * s, torch.log(s))
-    kl = math.log(prior_sigma) - log_s + (s**2 + (m - prior_mu) ** 2) / (2 * prior_sigma**2) - 0.5
+    kl = (
+        math.log(prior_sigma)
+        - log_s
+        + (s**2 + (m - prior_mu) ** 2) * (0.5 * inv_var(prior_sigma))
+        - 0.5
+    )
     return kl.sum()
 
 

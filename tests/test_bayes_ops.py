@@ -1066,6 +1066,28 @@ def test_smallest_prior_sigma_agrees_with_reference(backend):
         torch.testing.assert_close(got.double(), true, rtol=1e-5, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("sigma", [1e-18, 1e155])
+def test_kl_gradient_at_the_prior_sigma_extremes_is_the_references(backend, sigma):
+    # found by an audit: at s0 = 1e-18 and softplus(rho) = 20 the CPU SIMD kernels formed
+    # s^2 / s0^2 (4e38, beyond float32) and gave an inf rho gradient where the others give 2e37;
+    # at s0 = 1e155 the reference and Triton raised OverflowError from Python's s0 ** 2. Twenty
+    # entries: the SIMD lanes and a scalar tail (the summed KL itself may overflow to inf)
+    mu = torch.linspace(-1.0, 1.0, 20, device=DEVICE, requires_grad=True)
+    rho = torch.full((20,), 20.0, device=DEVICE, requires_grad=True)
+    for fn in (lambda: B.gaussian_kl(mu, rho, prior_sigma=sigma),
+               lambda: B.reparameterize_kl(mu, rho, seed=3, prior_sigma=sigma)[1]):  # fmt: skip
+        mu.grad = rho.grad = None
+        fn().backward()
+        g = torch.ones((), dtype=torch.float64, device=DEVICE)
+        m, r = mu.detach().double(), rho.detach().double()
+        dmu, drho = B._ref_gaussian_kl_backward(g, m, r, 0.0, sigma, True, True)
+        for got, true in ((mu.grad, dmu), (rho.grad, drho)):
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got.double(), true, rtol=1e-5, atol=1e-30)
+
+
 # Triton's interpreter computes the bad values with numpy before the check raises: its
 # "invalid value" warnings are what this test feeds in
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

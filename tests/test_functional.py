@@ -1754,3 +1754,28 @@ def test_degenerate_rows_are_nan_on_every_backend(any_backend):
         loss.sum().backward()
         assert torch.isnan(loss[1]) and torch.isnan(zz.grad[1]).all(), (backend, div)
         assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(zz.grad[[0, 2]]).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("kernels", ["cpu", "triton"])
+def test_responsibilities_of_logits_of_1e4_sum_to_one(kernels, monkeypatch):
+    # found by an audit: Triton took r_k = exp(l_k - lse) with l_k ~ -7e4, where the float32 lse
+    # is 0.004 off, so the responsibilities summed to 0.997 and the gradient was 2e-3 off; the
+    # kernels now divide by the sum as the C++ and CUDA ones do. Three equal teachers: r = 1/3
+    # exactly, and the gradient (exact here) is 0.5 (q - p) + (q - onehot(y)) per column.
+    # (not the reference backend: plain float32 autograd through logsumexp, as PyTorch's)
+    status = mtbkd.ops.backend_status()[kernels]
+    if status is not None:
+        pytest.skip(f"{kernels} backend unavailable: {status}")
+    monkeypatch.setenv("MTBKD_BACKEND", kernels)
+    z = torch.full((1, 7), -1e4)
+    z[:, 0] = 1e4
+    t = torch.full((3, 1, 7), -1e4)
+    t[:, :, 1] = 1e4
+    zz = z.clone().requires_grad_(True)
+    loss, stats = mtbkd.mtbkd_loss(zz, t, torch.tensor([4]), temperature=1.0, prior_weight=0.5,
+                                   reduction="sum", return_stats=True)  # fmt: skip
+    loss.backward()
+    torch.testing.assert_close(stats.responsibilities.sum(0), torch.ones(1), rtol=0, atol=1e-6)
+    want = torch.tensor([[3.5, -2.5, 0.0, 0.0, -1.0, 0.0, 0.0]])
+    torch.testing.assert_close(zz.grad, want, rtol=0, atol=1e-5)

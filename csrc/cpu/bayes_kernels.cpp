@@ -629,14 +629,15 @@ struct KLConst {
 };
 
 #if defined(MTBKD_SLEEF) && defined(__AVX512F__)
-// dKL/drho = (s / s0^2 - 1 / s) sigmoid(rho) of 16 lanes, written (s^2 / s0^2 - 1) (sigmoid / s)
-// with one division; 1 - s / 2 stands for sigmoid(rho) / s below rho = -20. sig gets sigmoid(r).
+// dKL/drho = (s / s0^2 - 1 / s) sigmoid(rho) of 16 lanes, one division and one fused
+// multiply-subtract (not (s^2 / s0^2 - 1) (sigmoid / s): s^2 / s0^2 overflowed float32 at
+// s0 = 1e-18 and s >= 18, an inf gradient where the scalar and Triton paths are finite);
+// 1 - s / 2 stands for sigmoid(rho) / s below rho = -20. sig gets sigmoid(r).
 inline __m512 kl_grad_rho16(__m512 r, __m512 iv, __m512& sig) {
   const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
   __m512 s;
   softplus_sigmoid16(r, s, sig);
-  const __m512 plain = _mm512_mul_ps(_mm512_fmsub_ps(_mm512_mul_ps(s, s), iv, one),
-                                     _mm512_div_ps(sig, s));
+  const __m512 plain = _mm512_mul_ps(_mm512_fmsub_ps(s, iv, _mm512_div_ps(one, s)), sig);
   const __m512 small = _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(s, sig), iv),
                                      _mm512_fnmadd_ps(half, s, one));  // 1 - s / 2
   const __m512 lo = _mm512_set1_ps(-kSoftplusThreshold);
@@ -649,8 +650,7 @@ inline __m256 kl_grad_rho8(__m256 r, __m256 iv, __m256& sig) {
   const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
   __m256 s;
   softplus_sigmoid8(r, s, sig);
-  const __m256 plain = _mm256_mul_ps(_mm256_fmsub_ps(_mm256_mul_ps(s, s), iv, one),
-                                     _mm256_div_ps(sig, s));
+  const __m256 plain = _mm256_mul_ps(_mm256_fmsub_ps(s, iv, _mm256_div_ps(one, s)), sig);
   const __m256 small = _mm256_sub_ps(_mm256_mul_ps(_mm256_mul_ps(s, sig), iv),
                                      _mm256_fnmadd_ps(half, s, one));  // 1 - s / 2
   const __m256 lo = _mm256_set1_ps(-kSoftplusThreshold);
