@@ -23,7 +23,9 @@ each phase: model, optimizer, data-order generator, torch's RNG (SGLD's noise se
 samples so far. A rerun with the same directory resumes from the last checkpoint and reproduces
 the uninterrupted run's samples exactly; a finished phase is loaded instead of retrained. A
 checkpoint written with other data, objective, optimizer settings or schedule is refused
-(:class:`CheckpointMismatchError`), never resumed.
+(:class:`CheckpointMismatchError`), never resumed, and so is a damaged one
+(:class:`CheckpointCorruptError`: zip CRCs of the ``.pt`` files and a SHA-256 of each samples
+file are checked).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import math
 import os
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -53,6 +56,8 @@ from mtbkd.data import Dataset, stratified_split
 
 __all__ = [
     "DistillConfig",
+    "CheckpointCorruptError",
+    "CheckpointError",
     "CheckpointMismatchError",
     "Objective",
     "StudentMLP",
@@ -671,11 +676,48 @@ def _save_atomic(obj: dict, path: Path) -> None:
 
 
 def _load_ckpt(path: Path) -> dict | None:
-    return torch.load(path, weights_only=True) if path.is_file() else None
+    """The checkpoint at ``path`` (None where there is none), its zip entries' CRCs checked
+    first: ``torch.load`` does not check them, and a damaged checkpoint (one flipped bit) had
+    been resumed from silently, its garbage weights carried into the results."""
+    if not path.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:  # truncated, not a zip file
+        raise CheckpointCorruptError(_damaged(path, str(exc))) from None
+    if bad is not None:
+        raise CheckpointCorruptError(_damaged(path, f"its entry {bad} fails its CRC check"))
+    return torch.load(path, weights_only=True)
 
 
-class CheckpointMismatchError(ValueError):
+def _damaged(path: Path, why: str) -> str:
+    return (
+        f"checkpoint {path} is damaged ({why}): delete it and resume again (that phase of the "
+        "run then starts over), or use another --out / checkpoint directory"
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: :class:`CheckpointMismatchError` or
+    :class:`CheckpointCorruptError`."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint was written by a run with other data or settings than the one resuming it."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file (or the samples file it names) is damaged: truncated, or its contents
+    differ from what was written (the zip CRCs of a ``.pt``, the SHA-256 recorded for samples)."""
 
 
 # The optimizer settings a checkpoint's run depends on (Adam's and SGLD's)
@@ -796,9 +838,16 @@ def _run_epochs_seeded(
     if state is not None and state.get("fingerprint", fingerprint) != fingerprint:
         saved = state["fingerprint"]
         keys = sorted(k for k in {*saved, *fingerprint} if saved.get(k) != fingerprint.get(k))
+        why = ""
+        if "data" in keys:
+            why = (
+                " (where the pipeline trained the teachers, the data include their logits, "
+                "which another thread count, num_threads, or another machine changes by float "
+                "rounding)"
+            )
         raise CheckpointMismatchError(
             f"checkpoint {checkpoint} was written by a run with other settings (differing: "
-            f"{', '.join(keys)}): resume only with the same data and configuration, or use "
+            f"{', '.join(keys)}){why}: resume only with the same data and configuration, or use "
             "another checkpoint directory"
         )
     if state is not None:
@@ -939,13 +988,14 @@ class _Samples:
         target = path.with_name(f"{path.stem}.{self.store.calls}{path.suffix}")
         tmp = target.with_name(target.name + ".tmp")
         self.store.save(tmp)  # the file keeps the burn-in/thinning counters too
+        digest = _file_sha256(tmp)  # checked on resume: safetensors keeps no checksum
         os.replace(tmp, target)
         keep = {target.name, self._previous}
         for old in path.parent.glob(f"{path.stem}.*{path.suffix}"):
             if old.name not in keep:
                 old.unlink(missing_ok=True)
         self._previous = target.name
-        return {"samples": len(self.store), "file": target.name}
+        return {"samples": len(self.store), "file": target.name, "sha256": digest}
 
     def load_state(self, path: Path | None, state: dict) -> None:
         from mtbkd.posterior import SampleStore
@@ -955,7 +1005,16 @@ class _Samples:
             self._previous = path.name
         if path is None or not path.is_file():
             raise FileNotFoundError(f"the checkpoint's samples file {path} is missing")
-        store = SampleStore.load(path, self.model)
+        if "sha256" in state and _file_sha256(path) != state["sha256"]:  # older ones lack it
+            raise CheckpointCorruptError(
+                _damaged(path, "its SHA-256 is not the one its checkpoint recorded")
+            )
+        from safetensors import SafetensorError
+
+        try:
+            store = SampleStore.load(path, self.model)
+        except (SafetensorError, OSError) as exc:  # truncated: unreadable as safetensors
+            raise CheckpointCorruptError(_damaged(path, f"{type(exc).__name__}: {exc}")) from None
         if len(store) != state["samples"]:
             raise RuntimeError(
                 f"{path} holds {len(store)} samples, the checkpoint "

@@ -778,6 +778,46 @@ def test_checkpoints_of_other_settings_are_refused(tmp_path):
     assert torch.equal(again.store.samples(), first.store.samples())
 
 
+def test_damaged_checkpoints_are_refused_by_name(tmp_path):
+    # found by an audit: one flipped bit in a checkpoint's weights was resumed from silently
+    # (torch.load does not check the zip CRCs: weights of 7e36 in the results), and a truncated
+    # checkpoint or samples file was a raw traceback naming no file
+    import shutil
+    import zipfile
+
+    x, y, t = halves_problem(6, seed=16)
+    cfg = replace(CONFIG, map_epochs=3, sgld_epochs=2, num_samples=3)
+    first = distill.distill(_student(), t, x, y, cfg, checkpoint_dir=tmp_path / "ok")
+    sgld = tmp_path / "ok" / "sgld.pt"
+    samples = sorted((tmp_path / "ok").glob("sgld_samples.*.safetensors"))
+    assert sgld.is_file() and len(samples) == 1
+
+    def damaged(name, edit):
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "ok", d)
+        edit(d)
+        with pytest.raises(distill.CheckpointCorruptError, match=f"{name}/.* is damaged"):
+            distill.distill(_student(), t, x, y, cfg, checkpoint_dir=d)
+
+    def flip(d):  # one bit of a stored tensor (not of the zip's bookkeeping)
+        path = d / "sgld.pt"
+        with zipfile.ZipFile(path) as z:
+            entry = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size)
+        raw = bytearray(path.read_bytes())
+        at = entry.header_offset  # the local header's name and (alignment) extra lengths
+        start = at + 30 + int.from_bytes(raw[at + 26 : at + 28], "little")
+        start += int.from_bytes(raw[at + 28 : at + 30], "little")
+        raw[start] ^= 0x40
+        path.write_bytes(bytes(raw))
+
+    damaged("bitflip", flip)
+    damaged("truncated", lambda d: (d / "map.pt").write_bytes((d / "map.pt").read_bytes()[:300]))
+    damaged("samples", lambda d: (d / samples[0].name).write_bytes(b"\0" * 16))
+    # the same bytes as written resume as before
+    again = distill.distill(_student(), t, x, y, cfg, checkpoint_dir=tmp_path / "ok")
+    assert torch.equal(again.store.samples(), first.store.samples())
+
+
 def test_checkpoint_of_another_student_shape_is_refused(tmp_path):
     # found by a bug hunt: `--set hidden=[64]` on --resume was a raw load_state_dict traceback
     x, y, t = halves_problem(6, seed=16)
