@@ -57,10 +57,14 @@ TEST_WORKERS ?= 2
 # The compile checks need nothing of .venv, so they run beside `make setup` (two jobs): the
 # package installs keep about one core busy, and nvcc fills the other. Their lines interleave as
 # they come (buffering each job's output until it ends would show nothing for minutes).
+# The clock lines and pytest's ten slowest tests show where CI's time goes.
 test:
 	@mkdir -p build
+	@echo "== set-up and compile checks start $$(date +%T)"
 	$(MAKE) -j 2 setup cmake-check
-	$(PY) -m pytest tests -q -n $(TEST_WORKERS)
+	@echo "== pytest start $$(date +%T)"
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --durations=10
+	@echo "== pytest end $$(date +%T)"
 
 test-fast: setup
 	$(PY) -m pytest tests -q -n $(TEST_WORKERS) -m "not slow"

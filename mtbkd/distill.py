@@ -1596,16 +1596,16 @@ def _features_for(model: nn.Module, x, name: str) -> Tensor:
 
 
 def _input_features(model: nn.Module) -> int | None:
-    """How many features ``model`` takes, where it says: its ``in_features`` (StudentMLP's), or
-    that of a first layer that is an ``nn.Linear``; ``None`` for any other model (its own
-    forward then reports a mismatch)."""
+    """How many features ``model`` takes, where that is certain: its ``in_features`` (an
+    ``nn.Linear``'s, StudentMLP's), or that of the first layer of an ``nn.Sequential`` (nested
+    ones followed), which its input reaches first; ``None`` for any other model, whose own
+    forward may transform its input before any layer (its error then reports a mismatch)."""
+    while isinstance(model, nn.Sequential) and len(model) > 0:
+        model = model[0]
+    if isinstance(model, nn.LazyLinear):
+        return None
     d = getattr(model, "in_features", None)
-    if isinstance(d, int):
-        return d
-    first = next((m for m in model.modules() if not list(m.children())), None)
-    if isinstance(first, nn.Linear) and not isinstance(first, nn.LazyLinear):
-        return first.in_features
-    return None
+    return d if isinstance(d, int) and not isinstance(d, bool) else None
 
 
 def _labels_for(y, num_classes: int, name: str, rows: int) -> Tensor:

@@ -1652,7 +1652,7 @@ def write_seed_summary(
             "",
             f"The teachers' top classes differ on {_pm(frac, '{:.3f}')} of the test rows (mean "
             "± sd over seeds); every method's accuracy and NLL on the rows where they agree "
-            "and on those:",
+            "and on those where they differ:",
             "",
         ]
         cols = [  # in the order of each seed's report.md

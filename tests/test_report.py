@@ -386,8 +386,9 @@ def test_write_seed_summary_files(tmp_path):
     report.write_seed_summary(s, tmp_path / "dis", figures=False)
     md = (tmp_path / "dis" / "summary.md").read_text().split("## Where the teachers disagree")[1]
     assert "0.150 ± 0.071 of the test rows" in md
-    assert "| `mtbkd_sgld` | 0.500 ± 0.000 | 1.100 ± 0.141 | 0.900 ± 0.000 | 0.350 ± 0.071 |" in md
-    assert "| `ce` | n/a | n/a | 0.900 ± 0.000 | 0.200 ± 0.000 |" in md
+    # the agreeing rows first, as in each seed's report.md
+    assert "| `mtbkd_sgld` | 0.900 ± 0.000 | 0.350 ± 0.071 | 0.500 ± 0.000 | 1.100 ± 0.141 |" in md
+    assert "| `ce` | 0.900 ± 0.000 | 0.200 ± 0.000 | n/a | n/a |" in md
     assert s["train_weighting"] is None and "highest entropy weight" not in md
     # the weighting diagnostic of the training rows, averaged over the seeds
     for i, rep in enumerate(reps):
