@@ -1,4 +1,4 @@
-"""File writing shared by the modules that save tensors.
+"""File helpers shared by the modules: hashing files, and writing tensors readably.
 
 ``safetensors``' ``save_file`` creates its file with mode 0600 whatever the umask (it writes
 through a private temporary file), so a run folder's samples, student and per-row file could not be
@@ -9,6 +9,7 @@ the run writes. :func:`save_safetensors` gives them the mode an ordinary ``open(
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,3 +46,16 @@ def save_safetensors(
     save_file(dict(tensors), os.fspath(path), metadata=dict(metadata) if metadata else None)
     make_readable(path)
     return Path(path)
+
+
+def hash_file(h, path: str | os.PathLike):
+    """Feed the bytes of ``path`` into the hashlib object ``h`` in 1 MiB blocks; returns ``h``."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file's bytes (read afresh: never memoised)."""
+    return hash_file(hashlib.sha256(), path).hexdigest()

@@ -1265,6 +1265,8 @@ def source_digest(data_dir: str | Path) -> str:
     the same folder name."""
     import hashlib
 
+    from mtbkd._files import hash_file
+
     root = Path(data_dir)
     files = {
         f
@@ -1276,9 +1278,7 @@ def source_digest(data_dir: str | Path) -> str:
     h = hashlib.sha256()
     for f in sorted(files):
         h.update(f"{f.relative_to(root).as_posix()}\0{f.stat().st_size}\0".encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        hash_file(h, f)
     return h.hexdigest()
 
 

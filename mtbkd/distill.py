@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from mtbkd import functional as mf
 from mtbkd import validate
+from mtbkd._files import file_sha256
 from mtbkd.data import Dataset, stratified_split
 
 __all__ = [
@@ -698,14 +699,6 @@ def _damaged(path: Path, why: str) -> str:
     )
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from: :class:`CheckpointMismatchError` or
     :class:`CheckpointCorruptError`."""
@@ -988,7 +981,7 @@ class _Samples:
         target = path.with_name(f"{path.stem}.{self.store.calls}{path.suffix}")
         tmp = target.with_name(target.name + ".tmp")
         self.store.save(tmp)  # the file keeps the burn-in/thinning counters too
-        digest = _file_sha256(tmp)  # checked on resume: safetensors keeps no checksum
+        digest = file_sha256(tmp)  # checked on resume: safetensors keeps no checksum
         os.replace(tmp, target)
         keep = {target.name, self._previous}
         for old in path.parent.glob(f"{path.stem}.*{path.suffix}"):
@@ -1005,7 +998,7 @@ class _Samples:
             self._previous = path.name
         if path is None or not path.is_file():
             raise FileNotFoundError(f"the checkpoint's samples file {path} is missing")
-        if "sha256" in state and _file_sha256(path) != state["sha256"]:  # older ones lack it
+        if "sha256" in state and file_sha256(path) != state["sha256"]:  # older ones lack it
             raise CheckpointCorruptError(
                 _damaged(path, "its SHA-256 is not the one its checkpoint recorded")
             )

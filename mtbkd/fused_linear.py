@@ -554,7 +554,7 @@ def _finish(kind, opts, hidden, weight, bias, tlist, labels, fixed, chunk, lead,
     return out, stats
 
 
-def _fixed(weights, k, n, lead, hidden):
+def _fixed(weights, k, lead, hidden):
     mode, fixed = ops.WEIGHT_MODES.get(weights if isinstance(weights, str) else "fixed"), None
     if isinstance(weights, Tensor):
         # [K], [K, *lead] (student_hidden's leading shape) or [K, N] (the rows flattened)
@@ -610,7 +610,7 @@ def fused_linear_mtbkd_loss(
     hidden, weight, tlist, labels, lead, n, chunk = _prepare(
         student_hidden, student_weight, teachers, labels, student_bias, chunk_size, check_finite
     )
-    mode, fixed = _fixed(weights, len(tlist), n, lead, hidden)
+    mode, fixed = _fixed(weights, len(tlist), lead, hidden)
     opts = {
         "temperature": float(temperature), "concentration": float(concentration),
         "prior_weight": float(prior_weight), "hard_label_weight": float(hard_label_weight),
@@ -659,7 +659,7 @@ def fused_linear_multi_teacher_kd_loss(
     hidden, weight, tlist, labels, lead, n, chunk = _prepare(
         student_hidden, student_weight, teachers, labels, student_bias, chunk_size, check_finite
     )
-    mode, fixed = _fixed(weights, len(tlist), n, lead, hidden)
+    mode, fixed = _fixed(weights, len(tlist), lead, hidden)
     opts = {
         "divergence": ops.DIVERGENCES[divergence], "beta": float(beta),
         "temperature": float(temperature), "mode": mode,

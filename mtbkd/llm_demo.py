@@ -187,11 +187,9 @@ def _file_sha256(path: str, size: int, mtime_ns: int):
     for the cache folder twice, and hashing the 98 MB GGUF file costs about 0.2 s each time."""
     import hashlib
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h  # callers extend a copy
+    from mtbkd._files import hash_file
+
+    return hash_file(hashlib.sha256(), path)  # callers extend a copy
 
 
 def _load_converted(folder: Path, dtype: torch.dtype):

@@ -218,11 +218,9 @@ _CACHE_VERSION = 2
 @functools.lru_cache(maxsize=8)
 def _weights_digest(path: str, size: int, mtime_ns: int) -> str:
     """SHA-256 of a weights file (memoised per path, size and modification time)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from mtbkd._files import file_sha256
+
+    return file_sha256(path)
 
 
 def _cache_key(size: int, weights: Path, sequences: Sequence[str]) -> str:
