@@ -2483,8 +2483,10 @@ def weighting_diagnostic(
     weighting carries no information a single-teacher BKD lacks, and the mixture has little to
     add. ``margin`` is the highest-weight teacher's accuracy minus the best teacher's
     (``best_teacher``) on these rows and ``margin_se`` the standard error of that paired
-    difference (per row: right or not under each choice), so that :func:`weighting_verdict` can
-    tell a real edge from noise. ``None`` with fewer than two teachers."""
+    difference (per row: right or not under each choice; None from a single disagreeing row), so
+    that :func:`weighting_verdict` can tell a real edge from noise; ``margin_se_by_teacher``
+    gives it against every teacher (a seed summary takes the margin against one teacher for all
+    seeds). ``None`` with fewer than two teachers."""
     t = torch.as_tensor(teacher_logits)
     if t.dim() != 3:
         raise ValueError(f"teacher_logits must be [K, N, C], got shape {tuple(t.shape)}")
@@ -2512,7 +2514,12 @@ def weighting_diagnostic(
     acc = right.mean(1)
     best = int(acc.argmax())
     diff = picked - right[best]
-    se = float(diff.std() / math.sqrt(n_dis)) if n_dis > 1 else 0.0
+    # the standard error of the paired difference against each teacher (None from one row: a
+    # single row's difference has no spread to measure)
+    se_by = {
+        n: (float((picked - right[k]).std() / math.sqrt(n_dis)) if n_dis > 1 else None)
+        for k, n in enumerate(teacher_names)
+    }
     return {
         **out,
         "teacher_accuracy": {n: float(acc[k]) for k, n in enumerate(teacher_names)},
@@ -2520,13 +2527,17 @@ def weighting_diagnostic(
         "mean_weights": {n: float(w[k].mean()) for k, n in enumerate(teacher_names)},
         "best_teacher": teacher_names[best],
         "margin": float(diff.mean()),
-        "margin_se": se,
+        "margin_se": se_by[teacher_names[best]],
+        "margin_se_by_teacher": se_by,
     }
 
 
-def weighting_verdict(margin: float, margin_se: float) -> str:
+def weighting_verdict(margin: float, margin_se: float | None) -> str:
     """``"better"``, ``"tie"`` or ``"worse"``: the highest-weight teacher against the best single
-    teacher (:func:`weighting_diagnostic`), a difference counted only beyond two standard errors."""
+    teacher (:func:`weighting_diagnostic`), a difference counted only beyond two standard errors
+    (``"tie"`` without a standard error: ``margin_se`` None, from a single disagreeing row)."""
+    if margin_se is None:
+        return "tie"
     if margin > 0 and margin > 2 * margin_se:
         return "better"
     if margin < 0 and -margin > 2 * margin_se:

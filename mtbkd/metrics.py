@@ -225,11 +225,14 @@ def temper(probs: Tensor, temperature: float) -> Tensor:
     """Each sample's probabilities at ``temperature``: ``softmax_c(log q^(s)_c / T)``, which is
     ``softmax(z / T)`` for a sample with logits ``z``. ``T > 1`` softens every sample, ``T < 1``
     sharpens it, ``T = 1`` returns ``probs`` as they are; the inverse of ``temper(., T)`` is
-    ``temper(., 1 / T)`` (up to float rounding). Computed in fp64 (an exact 0 stays below
-    every positive probability), returned with the shape of ``probs`` (``[S, N, C]`` or ``[N,
-    C]``) in fp32 (fp64 kept), so that every summary of the samples (mutual information, mean
-    deviance, credible sets) is taken of the tempered samples. With several samples, tempering
-    can change which class their mean ranks first, so accuracy may move too."""
+    ``temper(., 1 / T)`` (up to float rounding, for probabilities that stay representable).
+    Computed in fp64 (an exact 0 stays below every positive probability), returned with the
+    shape of ``probs`` (``[S, N, C]`` or ``[N, C]``) in fp32 (fp64 kept), so that every summary
+    of the samples (mutual information, mean deviance, credible sets) is taken of the tempered
+    samples. A tempered probability below the smallest subnormal of that dtype (fp32: 1.4e-45)
+    becomes 0, and :func:`nll` floors it as any 0 (fp32: 104.28 nats); pass fp64 probabilities
+    to keep such tails. With several samples, tempering can change which class their mean ranks
+    first, so accuracy may move too."""
     t = _check_temperature(temperature, "temperature")
     q = _samples(probs)
     out = q if t == 1.0 else torch.softmax(_log_probs64(q) / t, dim=-1).to(q.dtype)
@@ -264,13 +267,22 @@ def fit_temperature(
     lo, hi = (_check_temperature(b, "bounds") for b in bounds)
     if not lo < hi:
         raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
-    logq = _log_probs64(_samples(probs))
+    q = _samples(probs)
+    logq = _log_probs64(q)
     y = _labels(labels, logq.shape[1], logq.shape[2]).to(logq.device)
     idx = y.view(1, -1, 1).expand(logq.shape[0], -1, 1)
+    # the NLL of temper's output as nll computes it: a tempered probability that rounds to 0 in
+    # the output dtype (below half its smallest subnormal) is floored as nll floors a 0, so that
+    # a row whose label has probability 0 (log q = -745 in fp64) weighs what it weighs in nll,
+    # a constant, and does not pull T up by -745 / T
+    fi = torch.finfo(q.dtype)
+    cut = math.log(fi.tiny * fi.eps) - math.log(2.0)
+    floor = math.log(fi.tiny) + math.log(fi.eps) - 1.0
 
     def loss(log_t: float) -> float:
         # -log mean_s softmax(log q / T)[y], per row, via logsumexp over samples
         lp = torch.log_softmax(logq / math.exp(log_t), dim=-1).gather(-1, idx).squeeze(-1)
+        lp = torch.where(lp < cut, floor, lp)
         return float(-(torch.logsumexp(lp, dim=0) - math.log(lp.shape[0])).mean())
 
     return math.exp(_golden_min(loss, math.log(lo), math.log(hi)))
@@ -314,28 +326,31 @@ def mean_deviance(probs: Tensor) -> Tensor:
     return 2.0 * _entropy(_samples(probs)).mean(0)
 
 
-def credible_threshold(probs: Tensor, level: float = 0.95, iters: int = 40) -> Tensor:
+def credible_threshold(probs: Tensor, level: float = 0.95) -> Tensor:
     """Per-row threshold ``u`` with ``(1/S) sum_s sum_c q_c^(s) 1[q_c^(s) >= u] = level``.
 
-    The left side falls from 1 (``u = 0``) to 0 as ``u`` grows past ``max q``; bisection keeps
-    the largest ``u`` at which it is still ``>= level`` (to ``2^-iters``), ``[N]``. ``level`` is
-    taken of the row's own total (1 up to float rounding): a row whose rounded probabilities sum
-    to just under 1 never reached ``level = 1``, and its set took in the classes of
-    probability 0 too. ``level``: a real number (numpy's too, not a bool) in ``(0, 1]``.
+    The left side is a step function of ``u``, falling from 1 (``u = 0``) to 0 as ``u`` passes
+    ``max q``, that changes only at the samples' values; ``u`` is the largest of them at which
+    it is still ``>= level``: exactly one of the probabilities, found by sorting each row's
+    ``S * C`` values and summing them in fp64 from the largest down, ``[N]`` in the dtype of
+    ``probs`` (fp32, fp64 kept). ``level`` is taken of the row's own total (1 up to float
+    rounding), so ``level = 1`` gives the smallest positive probability and never takes in the
+    classes of probability 0. ``level``: a real number (numpy's too, not a bool) in ``(0, 1]``.
     """
-    level = _check_level(level)
-    q = _samples(probs)
-    # the mass at u = 0, summed exactly as below: a row of rounded probabilities sums to 1 - 6e-8
-    total = (q * (q >= 0)).sum(-1).mean(0)
-    lo = torch.zeros(q.shape[1], dtype=q.dtype, device=q.device)
-    hi = torch.full_like(lo, 1.0 + 1e-6)
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        mass = (q * (q >= mid.view(1, -1, 1))).sum(-1).mean(0)
-        ok = mass >= level * total
-        lo = torch.where(ok, mid, lo)
-        hi = torch.where(ok, hi, mid)
-    return lo
+    return _threshold(_samples(probs), _check_level(level))
+
+
+def _threshold(q: Tensor, level: float) -> Tensor:
+    s, n, c = q.shape
+    out = torch.empty(n, dtype=q.dtype, device=q.device)
+    rows = max(1, (1 << 22) // (s * c))  # a few tens of MB of sort and cumsum at a time
+    for a in range(0, n, rows):
+        v = q[:, a : a + rows].transpose(0, 1).reshape(-1, s * c)
+        v = v.sort(dim=-1, descending=True).values
+        mass = v.double().cumsum(-1)  # mass[j] = S x the mass at u = v[j] (and its ties)
+        first = torch.searchsorted(mass, level * mass[:, -1:]).clamp_max(s * c - 1)
+        out[a : a + rows] = v.gather(-1, first).squeeze(-1)
+    return out
 
 
 def _check_level(level) -> float:
@@ -359,8 +374,14 @@ def credible_set(probs: Tensor, level: float = 0.95) -> Tensor:
     :func:`credible_set_summary` (its label is not in the set), so disagreement among the
     samples lowers the coverage and the size rather than widening the set.
     """
-    u = credible_threshold(probs, level)
-    return mean_probs(probs) >= u.unsqueeze(-1)
+    q = _samples(probs)
+    u = _threshold(q, _check_level(level)).double()
+    # p_bar in fp64 and compared within its rounding ((S + 2) ulps), so that the class at the
+    # threshold stays in: S identical samples give the set of one (an fp32 mean of S copies of u
+    # can round a step below u)
+    s = q.shape[0]
+    pbar = q.sum(0, dtype=torch.float64) / s
+    return pbar >= u.unsqueeze(-1) * (1.0 - (s + 2) * torch.finfo(torch.float64).eps)
 
 
 class CredibleSetSummary(NamedTuple):

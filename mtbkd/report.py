@@ -172,6 +172,9 @@ def _verdict_words(d: dict[str, Any], margin, se, extra: str) -> str:
         top = top["mean"] if isinstance(top, dict) else top
         best = max(v["mean"] if isinstance(v, dict) else v for v in d["teacher_accuracy"].values())
         verdict, edge = ("better" if top > best else "tie"), ""
+    elif se is None:  # one disagreeing row, or older seed reports: no standard error to judge by
+        verdict = "tie"
+        edge = f" (`{d['best_teacher']}`: {margin:+.3f}, no standard error{extra})"
     else:
         verdict = weighting_verdict(margin, se)
         edge = f" (`{d['best_teacher']}`: {margin:+.3f} ± {se:.3f} s.e.{extra})"
@@ -794,12 +797,14 @@ def _markdown(result: ExperimentResult, rep: dict[str, Any], figures: list[str])
 def reliability_curve(probs: Tensor, labels: Tensor, n_bins: int = 15):
     """``(confidence, accuracy, count)`` per bin of 15 equal-width right-closed bins on the
     posterior-mean confidence (MATH.md section 8's ECE binning)."""
-    pbar = probs.mean(0) if probs.dim() == 3 else probs
-    conf, pred = pbar.float().max(-1)  # bf16 / fp16 confidences binned in fp32, as by the ECE
+    from mtbkd import metrics as M
+
+    pbar = M.mean_probs(probs)  # the samples averaged in fp32 (fp64 kept), as by the ECE
+    labels = M._labels(labels, pbar.shape[0], pbar.shape[1])
+    conf, pred = pbar.max(-1)
+    conf = conf.float()
     correct = (pred == labels).float()
-    # bins (lo, hi], a confidence of 0 in the first bin
-    edges = torch.arange(1, n_bins, dtype=torch.float32) / n_bins
-    idx = torch.bucketize(conf, edges, right=False)
+    idx = M._ece_bins(conf, M._positive_int(n_bins, "n_bins"))  # the ECE's bins
     # sums in fp64, as by the ECE (fp32 sums over a million rows round visibly)
     count = torch.bincount(idx, minlength=n_bins).double()
     csum = torch.bincount(idx, weights=conf.double(), minlength=n_bins)
@@ -1210,9 +1215,16 @@ def _seed_weighting(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
         out["margin"] = _spread(
             [p["highest_weight_accuracy"] - p["teacher_accuracy"][best] for p in parts]
         )
-        # one seed's standard error, averaged: the seeds share most training rows, so their
-        # errors are not independent and shrinking by sqrt(seeds) would overstate certainty
-        out["margin_se"] = sum(p["margin_se"] for p in parts) / len(parts)
+        # one seed's standard error of the margin against `best`, averaged: the seeds share most
+        # training rows, so their errors are not independent and shrinking by sqrt(seeds) would
+        # overstate certainty. A report's own margin_se is against its own best teacher; reports
+        # written before margin_se_by_teacher give it only where that teacher is `best`.
+        ses = [
+            (p.get("margin_se_by_teacher") or {}).get(best,
+                p["margin_se"] if p.get("best_teacher") == best else None)
+            for p in parts
+        ]  # fmt: skip
+        out["margin_se"] = None if None in ses else sum(ses) / len(ses)
     return out
 
 

@@ -172,6 +172,37 @@ def test_credible_threshold_matches_exact_sort():
         assert u[i].item() == pytest.approx(v[k].item(), abs=1e-6)
 
 
+def test_credible_set_of_identical_samples_is_the_set_of_one():
+    # the fp32 mean of three copies of 0.11 rounds a step below 0.11, the threshold: the class
+    # at the threshold was dropped, leaving a set of mass 0.88 < 0.95
+    q = torch.tensor([[0.01, 0.11, 0.88]])
+    assert M.credible_set(q).tolist() == [[False, True, True]]
+    for s in (2, 3, 5, 6, 7, 10):
+        assert M.credible_set(q.expand(s, 1, 3).contiguous()).tolist() == [[False, True, True]]
+    g = torch.Generator().manual_seed(0)
+    rows = torch.softmax(3 * torch.randn(2000, 6, generator=g), -1)
+    for dtype in (torch.float32, torch.float64):
+        one = M.credible_set(rows.to(dtype))
+        for s in (3, 7):
+            assert torch.equal(M.credible_set(rows.to(dtype).expand(s, -1, -1)), one)
+
+
+def test_credible_threshold_is_exactly_a_sample_value():
+    # bisection to 2^-40 let a class 1e-13 below the threshold into the set
+    q = torch.tensor([[0.5, 0.5 - 1e-13, 1e-13]], dtype=torch.float64)
+    assert M.credible_threshold(q, 0.5).item() == 0.5
+    assert M.credible_set(q, 0.5).tolist() == [[True, False, False]]
+    # many small probabilities (thresholds near 1e-6): the set is what an exact sort gives
+    g = torch.Generator().manual_seed(1)
+    q = torch.softmax(torch.randn(2, 3, 20000, generator=g), -1)
+    u = M.credible_threshold(q, 0.9)
+    for i in range(3):
+        v = q[:, i].flatten().double().sort(descending=True).values
+        k = int(torch.nonzero(v.cumsum(0) >= 0.9 * v.sum())[0])
+        assert u[i].item() == v[k].item()
+    assert M.credible_threshold(q, 0.9).dtype == torch.float32
+
+
 def test_auroc_hand_examples_and_pairwise_definition():
     assert M.auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])).item() == 0.75
     assert M.auroc(torch.tensor([0.5, 0.5]), torch.tensor([True, False])).item() == 0.5
@@ -303,6 +334,23 @@ def test_fit_temperature_recovers_the_temperature_that_generated_the_labels():
         y = torch.multinomial(torch.softmax(z / true_t, -1), 1, generator=g).squeeze(-1)
         t = M.fit_temperature(torch.softmax(z, -1), y)
         assert t == pytest.approx(true_t, rel=0.05)
+
+
+def test_fit_temperature_is_not_pulled_to_its_bound_by_a_zero_probability():
+    # one validation row whose label has probability exactly 0: nll floors it at a constant,
+    # but the fit divided its fp64 floor (-745) by T and ran to the upper bound
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(3 * torch.randn(200, 5, generator=g), -1)
+    y = torch.multinomial(p, 1, generator=g).squeeze(1)
+    clean = M.fit_temperature(p[1:], y[1:])
+    p[0] = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])
+    y[0] = 0
+    t = M.fit_temperature(p, y)
+    grid = torch.exp(torch.linspace(math.log(0.05), math.log(20.0), 2001, dtype=torch.float64))
+    nlls = torch.stack([M.nll(M.temper(p, float(s)), y) for s in grid])
+    assert t == pytest.approx(float(grid[nlls.argmin()]), rel=0.01)
+    assert t == pytest.approx(clean, rel=0.05) and t < 2.0
+    assert float(M.nll(M.temper(p, t), y)) <= float(nlls.min()) + 1e-6
 
 
 def test_fit_temperature_minimises_the_nll_of_the_tempered_pool():

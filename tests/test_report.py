@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mtbkd import distill, report
+from mtbkd import metrics as M
 
 KEYS = [
     "name",
@@ -126,6 +127,24 @@ def test_reliability_curve_by_hand():
     assert count.tolist() == [1, 3]
     assert conf.tolist() == pytest.approx([0.5, (0.9 + 0.6 + 0.7) / 3])
     assert acc.tolist() == pytest.approx([1.0, 2 / 3])
+
+
+def test_reliability_curve_bins_as_the_ece_does():
+    # fp16 samples averaged in their own precision fell into another bin than the ECE's
+    a, b = 1638 / 2048, 1639 / 2048
+    q = torch.tensor([[[a, 1 - a]], [[b, 1 - b]]], dtype=torch.float16)
+    y = torch.tensor([0])
+    conf, acc, count = report.reliability_curve(q, y)
+    assert int(count.argmax()) == 12  # (12/15, 13/15]: the ECE's bin of 0.800049
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        q = torch.softmax(2 * torch.randn(4, 500, 3, generator=g), -1).to(dtype)
+        y = torch.randint(0, 3, (500,), generator=g)
+        conf, acc, count = report.reliability_curve(q, y)
+        implied = float(((acc - conf).abs().double() * count.double()).sum() / 500)
+        assert implied == pytest.approx(float(M.ece(q, y)), abs=1e-6)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        report.reliability_curve(q, y[:3])
 
 
 def test_write_report_files(tmp_path):
@@ -319,8 +338,10 @@ def test_per_row_nll_is_the_tables_and_reliability_bins_reduced_precision():
         (torch.bfloat16, 0.06689453125, 1),
         (torch.float16, 0.7333984375, 11),
     ):
-        p = torch.tensor([[c, 0.0]], dtype=dtype)
-        assert p[0, 0].item() == c
+        p = torch.full((1, 20), (1 - c) / 19)  # probabilities: the other classes share 1 - c
+        p[0, 0] = c
+        p = p.to(dtype)
+        assert p[0, 0].item() == c and int(p.argmax()) == 0
         _, _, count = report.reliability_curve(p, torch.tensor([0]))
         assert int(count.argmax()) == expected
 
@@ -576,6 +597,20 @@ def test_weighting_diagnostic_by_hand():
     assert "more often than any single teacher" in " ".join(report.weighting_sentence(old))
     old["highest_weight_accuracy"] = 1 / 3
     assert "no information a single-teacher BKD lacks" in " ".join(report.weighting_sentence(old))
+    # one disagreeing row: no standard error, and no verdict beyond a tie
+    one = distill.weighting_diagnostic(torch.stack([a, b])[:, :1], y[:1], ["a", "b"])
+    assert one["disagree_rows"] == 1 and one["margin"] == 0.0 and one["margin_se"] is None
+    # a right but unsure, b wrong and sure: the weighting picks b on the only row
+    pair = torch.stack([torch.tensor([[2.0, 0, 0]]), torch.tensor([[0, 6.0, 0]])])
+    flip = distill.weighting_diagnostic(pair, y[:1], ["a", "b"])
+    assert flip["margin"] == -1.0 and flip["margin_se"] is None
+    assert distill.weighting_verdict(flip["margin"], flip["margin_se"]) == "tie"
+    text = " ".join(report.weighting_sentence(flip))
+    assert "no more often than the best single teacher (`a`: -1.000, no standard error)" in text
+    # the standard error against each teacher
+    assert d["margin_se_by_teacher"]["a"] == pytest.approx(d["margin_se"])
+    # per row against b (right on row 1): picked - right_b = 1, 0, 0
+    assert d["margin_se_by_teacher"]["b"] == pytest.approx((1 / 3) ** 0.5 / 3**0.5)
     # one teacher, no disagreement, bad shapes
     assert distill.weighting_diagnostic(a[None], y, ["a"]) is None
     same = distill.weighting_diagnostic(torch.stack([a, a]), y, ["a", "a2"])
@@ -597,7 +632,8 @@ def test_seed_summary_weighting_margin(tmp_path):
             "rows": 100, "disagree_rows": 40,
             "teacher_accuracy": {"a": 0.3 + 0.3 * i, "b": 0.5},  # a: 0.3, 0.6 (mean 0.45)
             "highest_weight_accuracy": top, "mean_weights": {"a": 0.5, "b": 0.5},
-            "best_teacher": ["b", "a"][i], "margin": top - [0.5, 0.6][i], "margin_se": se,
+            "best_teacher": ["b", "a"][i], "margin": top - [0.5, 0.6][i],
+            "margin_se": [se, 0.05][i], "margin_se_by_teacher": {"a": 0.05, "b": se},
         }  # fmt: skip
         reps.append(rep)
     w = report.summarise_seeds(reps, [0, 1])["train_weighting"]
@@ -608,10 +644,22 @@ def test_seed_summary_weighting_margin(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     edge = "(`b`: +0.120 ± 0.030 s.e., mean over seeds)"
     assert f"more often than any single teacher does {edge}" in md
-    reps[1]["train_weighting"]["margin_se"] = 0.11  # mean se 0.065: +0.12 is within 2 se
+    reps[1]["train_weighting"]["margin_se_by_teacher"]["b"] = 0.11  # mean 0.065: within 2 se
     report.write_seed_summary(report.summarise_seeds(reps, [0, 1]), tmp_path, figures=False)
     md = (tmp_path / "summary.md").read_text()
     assert "no more often than the best single teacher (`b`: +0.120 ± 0.065 s.e." in md
+    # reports without the standard error against every teacher: seed 1's own (0.05) is against
+    # a, not b, and is not borrowed for b (it had been: a verdict from another comparison)
+    for rep in reps:
+        del rep["train_weighting"]["margin_se_by_teacher"]
+    summary = report.summarise_seeds(reps, [0, 1])
+    assert summary["train_weighting"]["margin_se"] is None
+    report.write_seed_summary(summary, tmp_path, figures=False)
+    md = (tmp_path / "summary.md").read_text()
+    assert "(`b`: +0.120, no standard error, mean over seeds)" in md
+    reps[1]["train_weighting"]["best_teacher"] = "b"  # its own margin_se is then against b
+    reps[1]["train_weighting"]["margin_se"] = 0.04
+    assert report.summarise_seeds(reps, [0, 1])["train_weighting"]["margin_se"] == 0.03
 
 
 def test_shift_column_in_tables_report_and_summary(tmp_path):
