@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -492,6 +493,13 @@ def _check_run_kind(args: argparse.Namespace, out: Path, seeds: list[int] | None
         )
 
 
+def _sequence_encoder(args: argparse.Namespace) -> str:
+    """The sequence encoder of this command: ``--sequence-encoder`` or the dataset's default."""
+    return getattr(args, "sequence_encoder", None) or DEFAULT_SEQUENCE_ENCODER.get(
+        args.dataset, "composition"
+    )
+
+
 def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
     """One complete run (every method, one seed) into ``out``; returns its report."""
     from mtbkd import data, distill, report
@@ -502,14 +510,11 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
         if args.dataset == "digits":
             dataset = distill.digits_demo_dataset(config, seed=seed)
         else:
-            encoder = getattr(args, "sequence_encoder", None) or DEFAULT_SEQUENCE_ENCODER.get(
-                args.dataset, "composition"
-            )
             dataset = data.load_dataset(
                 args.dataset,
                 args.data_dir,
                 seed,
-                encoder,
+                _sequence_encoder(args),
                 progress=not args.no_progress,
                 fold=config.fold(),
             )
@@ -602,6 +607,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     _check_run_kind(args, out, seeds)
     if args.resume and not out.exists():
         print(f"nothing to resume: {out} does not exist; starting a new run", file=sys.stderr)
+    lock = _lock_folder(args.command, out)  # before the try: a refusal leaves the folder as is
     try:
         return _run_seeds(args, out, t0, seeds)
     except KeyboardInterrupt:
@@ -615,6 +621,32 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         if not existed:
             _remove_if_empty(out)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)  # (the lock goes with it)
+
+
+def _lock_folder(command: str, out: Path) -> int | None:
+    """Make ``out`` and hold an exclusive lock on it for this process's run, so that a second
+    run into the same ``--out`` is refused rather than sharing its checkpoints and temporary
+    files (two such runs crashed, or one's results silently replaced the other's). The lock is
+    ``flock`` on the folder itself (no lock file is left); released when the process ends,
+    killed or not. Returns the folder's descriptor (None where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SystemExit(
+            f"mtbkd {command}: another mtbkd run is writing to {out}: wait for it to finish (then "
+            "--resume it, or read its report), or choose another --out"
+        ) from None
+    return fd
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -628,11 +660,16 @@ def _remove_if_empty(folder: Path) -> None:
 def _check_out_folder(command: str, out: Path, given: Path | None = None) -> None:
     """``out`` must be a folder, or a path whose nearest existing part is a folder; ``given``:
     the ``--out`` the user gave, where ``out`` is its folder (predict's CSV file)."""
+    import os
+
     for p in (out, *out.parents):
         if p.exists():
+            what = "--out" if p == out and given is None else f"--out {given or out}: {p}"
             if not p.is_dir():
-                what = "--out" if p == out and given is None else f"--out {given or out}: {p}"
                 raise SystemExit(f"mtbkd {command}: {what} is a file, not a folder")
+            # a read-only folder (or file system) failed after the teachers were trained
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise SystemExit(f"mtbkd {command}: {what} is not a folder it can write to")
             return
 
 
@@ -652,6 +689,16 @@ def _check_finished_seed(args: argparse.Namespace, seed: int, done: Path, rep: d
             f"mtbkd {args.command}: {done} was run on other data than --data-dir "
             f"{args.data_dir} holds now (its files' SHA-256 differs): resume with the data that "
             "made it, or use another --out"
+        )
+    # the student's features: the sequence encoder is no config field (the report names it)
+    import re
+
+    was_enc = re.search(r"\(sequence encoder ([^)]+)\)", str(rep.get("features") or ""))
+    if was_enc and was_enc.group(1) != _sequence_encoder(args):
+        raise SystemExit(
+            f"mtbkd {args.command}: {done} was run with --sequence-encoder {was_enc.group(1)}, "
+            f"this command uses {_sequence_encoder(args)}: resume with the encoder that made it, "
+            "or use another --out"
         )
     want = _pipeline_config(args, seed).to_dict()
     # what changes only speed or memory may differ (another machine's cores), and the settings
@@ -682,7 +729,6 @@ def _written(args: argparse.Namespace, out: Path) -> str:
 
 def _run_seeds(args: argparse.Namespace, out: Path, t0: float, seeds: list[int] | None) -> int:
     """One run (``seeds`` None: ``--seed``) or one per seed and their summary, into ``out``."""
-    import json
     import time
 
     from mtbkd import report
@@ -705,7 +751,10 @@ def _run_seeds(args: argparse.Namespace, out: Path, t0: float, seeds: list[int] 
         sub = out / f"seed{seed}"
         done = sub / "report.json"
         if args.resume and done.exists():  # written after the run and its per-row file
-            rep = json.loads(done.read_text())
+            try:
+                rep = report.read_json(done)
+            except ValueError as exc:
+                raise SystemExit(f"mtbkd {args.command}: {exc}") from None
             _check_finished_seed(args, seed, done, rep)  # never average two settings together
             print(f"seed {seed}: finished earlier, read from {done}", flush=True)
             reports.append(rep)
@@ -713,8 +762,8 @@ def _run_seeds(args: argparse.Namespace, out: Path, t0: float, seeds: list[int] 
         _check_resume(args, sub)
         print(f"\n=== seed {seed} ({i + 1} of {len(seeds)}) ===", flush=True)
         reports.append(_run_one(args, seed, sub))
-    per_row = [report.load_per_row(out / f"seed{s}" / report.PER_ROW_FILE) for s in seeds]
     try:
+        per_row = [report.load_per_row(out / f"seed{s}" / report.PER_ROW_FILE) for s in seeds]
         summary = report.summarise_seeds(reports, seeds, per_row=per_row)
     except ValueError as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None
@@ -819,6 +868,10 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
         t_test = torch.stack([torch.from_numpy(dataset.teachers_test[n]) for n in names])
     else:  # the teachers `mtbkd distill` would train for this dataset, on the whole train split
         k = config.num_teachers
+        try:  # before the message that they are being trained (as distill checks them)
+            distill.expert_groups(dataset.num_classes, k)
+        except ValueError as exc:
+            raise SystemExit(f"mtbkd teachers: {exc}") from None
         print(f"training {k} teacher{'s' * (k != 1)} with different class expertise",
               file=sys.stderr)  # fmt: skip
         try:
@@ -850,7 +903,7 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
     plural = "s" * (len(names) != 1)
     sizes = f"{len(y_tr)} training / {len(y_te)} test rows"
     print(f"{dataset.name}: {sizes}, {len(names)} teacher{plural}")
-    width = max(len(n) for n in [*names, *(c["name"] for c in combos)])
+    width = max(len(n) for n in ["teacher", *names, *(c["name"] for c in combos)])
     print(f"{'teacher':<{width}}  train acc  test acc  test NLL  test ECE")
     for r in [*rows, *combos]:
         print(

@@ -732,12 +732,22 @@ def _read_csv(
                 header = [h.strip() for h in next(reader)]
             except StopIteration:
                 raise ValueError(f"{path} is empty") from None
-            rows = [r for r in reader if r]
+            rows = list(reader)
     except UnicodeDecodeError as exc:
         raise ValueError(
             f"{path} is not a UTF-8 text CSV ({exc.reason} at byte {exc.start}): save it as "
             "CSV UTF-8"
         ) from None
+    while rows and not rows[-1]:  # blank lines at the end
+        rows.pop()
+    blank = next((i for i, r in enumerate(rows) if not r), None)
+    if blank is not None:
+        # was skipped: every later row then stood beside another input's predictions (a
+        # one-column file writes an empty sequence as a blank line)
+        raise ValueError(
+            f"{path}, data row {blank + 1} is a blank line: an empty row (an empty sequence?) is "
+            "no input; remove it"
+        )
     if len(header) == 1 and header != list(names or []):
         # csv reads "a;b;label" as one column: it would be "needs a label column" or "lacks the
         # feature columns", which points away from the separator
@@ -820,15 +830,16 @@ def read_inputs(
     Numeric data: a ``.npy`` array ``[N, D]`` or a CSV whose feature columns are ``feature_names``
     (or every column except the label when no names are given). With ``num_features`` (the run's
     D, as ``mtbkd predict`` passes it) a first line of the numbers 0 .. m - 1, as pandas writes an
-    unnamed array's columns, is a header for any m: a CSV of 5 such columns for a run of 6
-    features is then refused by the caller for its 5 features, not for a missing header.
+    unnamed array's columns, is a header for any m, whose columns are the features in order (also
+    for a run whose features have names): a CSV of 5 such columns for a run of 6 features is then
+    refused by the caller for its 5 features, not for a missing header or missing names.
     """
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"input file {path} is a folder, not a CSV or .npy file")
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
-    if path.suffix == ".npy":
+    if path.suffix.lower() == ".npy":
         if feature_kind == "sequence":
             raise ValueError("a sequence model needs a CSV with a Sequence column, not a .npy file")
         return _features(_load_npy(path), str(path)), None, None
@@ -846,7 +857,13 @@ def read_inputs(
         seq = header.index("Sequence")
         x, _ = _encode_csv(path, header, rows, seq, sequence_encoder, progress)
         return x, labels, ids
-    if feature_names is not None:
+    # pandas' numbered header of an unnamed array (predict): its columns by position, also for a
+    # run whose features have names (they are lost in such a file); a file of another width is
+    # refused by the caller for its width
+    numbered = num_features is not None and header == [str(i) for i in range(len(header))]
+    if feature_names is not None and numbered and header != list(feature_names):
+        cols = list(range(len(header)))
+    elif feature_names is not None:
         missing = [n for n in feature_names if n not in header]
         if missing:
             raise ValueError(

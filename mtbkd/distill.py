@@ -731,7 +731,9 @@ def _fingerprint(data, objective, optimizer, epochs, batch_size, seed, store, mo
     """What a run of :func:`_run_epochs` depends on besides the starting weights: a checkpoint
     written by a run with other data, objective, optimizer or schedule must not be resumed."""
     fp = {
-        "data": _digest(data.x, data.y, data.t),
+        # apart, so that a refusal can say which changed (checkpoints before the split: "data")
+        "features": _digest(data.x, data.y),
+        "teachers": _digest(data.t),
         "objective": repr(objective),
         "optimizer": type(optimizer).__name__,
         **{k: optimizer.defaults[k] for k in _OPTIM_KEYS if k in optimizer.defaults},
@@ -828,16 +830,22 @@ def _run_epochs_seeded(
         fingerprint = _fingerprint(
             data, objective, optimizer, epochs, batch_size, seed, store, monitor
         )
-    if state is not None and state.get("fingerprint", fingerprint) != fingerprint:
-        saved = state["fingerprint"]
+    saved = None if state is None else state.get("fingerprint", fingerprint)
+    if saved is not None and "data" in saved and "features" not in saved:  # an older checkpoint
+        fingerprint = {k: v for k, v in fingerprint.items() if k not in ("features", "teachers")}
+        fingerprint["data"] = _digest(data.x, data.y, data.t)
+    if saved is not None and saved != fingerprint:
         keys = sorted(k for k in {*saved, *fingerprint} if saved.get(k) != fingerprint.get(k))
-        why = ""
-        if "data" in keys:
-            why = (
-                " (where the pipeline trained the teachers, the data include their logits, "
-                "which another thread count, num_threads, or another machine changes by float "
-                "rounding)"
+        why = []
+        if "features" in keys:
+            why.append("the features or labels differ: another --sequence-encoder, or edited data")
+        if "teachers" in keys or "data" in keys:
+            why.append(
+                "the teachers' logits differ: the dataset's teacher files changed or, where the "
+                "pipeline trained the teachers, another thread count (num_threads) or another "
+                "machine changed them by float rounding"
             )
+        why = f" ({'; '.join(why)})" if why else ""
         raise CheckpointMismatchError(
             f"checkpoint {checkpoint} was written by a run with other settings (differing: "
             f"{', '.join(keys)}){why}: resume only with the same data and configuration, or use "
@@ -997,7 +1005,11 @@ class _Samples:
             path = path.with_name(state["file"])
             self._previous = path.name
         if path is None or not path.is_file():
-            raise FileNotFoundError(f"the checkpoint's samples file {path} is missing")
+            raise CheckpointCorruptError(
+                f"the checkpoint's samples file {path} is missing: delete the checkpoint beside it "
+                "and resume again (that phase of the run then starts over), or use another --out "
+                "/ checkpoint directory"
+            )
         if "sha256" in state and file_sha256(path) != state["sha256"]:  # older ones lack it
             raise CheckpointCorruptError(
                 _damaged(path, "its SHA-256 is not the one its checkpoint recorded")
@@ -1009,9 +1021,8 @@ class _Samples:
         except (SafetensorError, OSError) as exc:  # truncated: unreadable as safetensors
             raise CheckpointCorruptError(_damaged(path, f"{type(exc).__name__}: {exc}")) from None
         if len(store) != state["samples"]:
-            raise RuntimeError(
-                f"{path} holds {len(store)} samples, the checkpoint "
-                f"{state['samples']}: the checkpoint is inconsistent"
+            raise CheckpointCorruptError(
+                _damaged(path, f"it holds {len(store)} samples, its checkpoint {state['samples']}")
             )
         self.store = store
 
@@ -2767,15 +2778,43 @@ def load_run(run_dir: str | Path):
                 "samples are saved only when mtbkd_sgld is among the run's --methods"
             )
         raise FileNotFoundError(f"{run} is not a saved run (no run.json)")
-    meta = json.loads(meta_path.read_text())
-    model = StudentMLP(meta["in_features"], meta["num_classes"], meta["hidden"])
-    model.load_state_dict(load_file(str(run / "student.safetensors")))
-    model.eval()
+    from safetensors import SafetensorError
+
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{meta_path} is damaged (not JSON: {exc})") from None
+    need = ("in_features", "num_classes", "hidden", "feature_kind", "teacher_names", "config")
+    missing = [k for k in need if k not in meta] if isinstance(meta, dict) else list(need)
+    if missing:
+        raise ValueError(f"{meta_path} is damaged or not a run's (it lacks {', '.join(missing)})")
     chains = int(meta.get("num_chains", 1))
-    if chains > 1:
-        store = ChainSamples.load(run, chains, model)
-    else:
-        store = SampleStore.load(run / "samples.safetensors", model)
+    files = ["student.safetensors"] + (
+        [f"chain{c}_{part}.safetensors" for c in range(chains) for part in ("student", "samples")]
+        if chains > 1
+        else ["samples.safetensors"]
+    )
+    for name in files:
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"{run} is not a complete saved run: {name} is missing")
+    # a truncated file, or the student of another run: one line naming the file, no traceback
+    where = run / files[0]
+    try:
+        model = StudentMLP(meta["in_features"], meta["num_classes"], meta["hidden"])
+        model.load_state_dict(load_file(str(where)))
+        model.eval()
+        if chains > 1:
+            where = run
+            store = ChainSamples.load(run, chains, model)
+        else:
+            where = run / "samples.safetensors"
+            store = SampleStore.load(where, model)
+    except (SafetensorError, RuntimeError, ValueError, TypeError, KeyError, OSError) as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise ValueError(
+            f"{where} cannot be read as part of this run ({type(exc).__name__}: {first}): the "
+            "run folder is damaged, or its files come from different runs"
+        ) from None
     return meta, model, store
 
 

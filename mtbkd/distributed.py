@@ -433,6 +433,7 @@ def vocab_parallel_mtbkd_loss(
             hard_label_weight,
             reduction,
         )
+        validate.check_flags(check_finite=check_finite, return_stats=return_stats)
 
     options = dict(temperature=temperature, concentration=concentration,
                    prior_weight=prior_weight, hard_label_weight=hard_label_weight, weights=weights,
@@ -581,6 +582,7 @@ def vocab_parallel_multi_teacher_kd_loss(
             soft_label_weight,
             reduction,
         )
+        validate.check_flags(check_finite=check_finite, scale_by_t2=scale_by_t2)
 
     options = dict(divergence=divergence, beta=beta, temperature=temperature, weights=weights,
                    weight_temperature=weight_temperature, hard_label_weight=hard_label_weight,
@@ -1045,6 +1047,7 @@ def vocab_parallel_fused_linear_mtbkd_loss(
             hard_label_weight,
             reduction,
         )
+        validate.check_flags(check_finite=check_finite, return_stats=return_stats)
 
     opts = dict(temperature=temperature, concentration=concentration, prior_weight=prior_weight,
                 hard_label_weight=hard_label_weight, weights=weights,
@@ -1096,6 +1099,7 @@ def vocab_parallel_fused_linear_multi_teacher_kd_loss(
             soft_label_weight,
             reduction,
         )
+        validate.check_flags(check_finite=check_finite, scale_by_t2=scale_by_t2)
 
     opts = dict(divergence=divergence, beta=beta, temperature=temperature, weights=weights,
                 weight_temperature=weight_temperature, hard_label_weight=hard_label_weight,

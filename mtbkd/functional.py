@@ -118,6 +118,7 @@ def teacher_weights(
     the losses report a :class:`~mtbkd.SparseTeacher`'s weights (``return_stats=True``).
     """
     validate.check_positive(temperature, "temperature")
+    validate.check_flags(check_finite=check_finite)
     from mtbkd import sparse as _sparse
 
     if _sparse.is_sparse(teacher_logits):
@@ -142,8 +143,10 @@ def teacher_weights(
             "teacher_logits must be a tensor [K, ..., V] or a sequence of K tensors [..., V], "
             f"got {type(teacher_logits).__name__}"
         )
+    # with check_finite: a finite value beyond a narrower dtype's range refused by name, a
+    # finfo(float32).min mask kept finite, as the losses do
     _, teachers, _, lead = validate.canonical_inputs(
-        first, teacher_logits, None, student_name="teacher_logits[0]"
+        first, teacher_logits, None, check_finite, student_name="teacher_logits[0]"
     )
     k = len(teachers)
     if isinstance(method, Tensor):
@@ -222,6 +225,7 @@ def mtbkd_loss(
         hard_label_weight,
         reduction,
     )
+    validate.check_flags(check_finite=check_finite, return_stats=return_stats)
     student, teachers, flat_labels, lead = validate.canonical_inputs(
         student_logits, teacher_logits, labels, bool(check_finite)
     )
@@ -311,6 +315,7 @@ def multi_teacher_kd_loss(
         soft_label_weight,
         reduction,
     )
+    validate.check_flags(check_finite=check_finite, scale_by_t2=scale_by_t2)
     student, teachers, flat_labels, lead = validate.canonical_inputs(
         student_logits, teacher_logits, labels, bool(check_finite)
     )

@@ -607,6 +607,7 @@ def fused_linear_mtbkd_loss(
         hard_label_weight,
         reduction,
     )
+    validate.check_flags(check_finite=check_finite, return_stats=return_stats)
     hidden, weight, tlist, labels, lead, n, chunk = _prepare(
         student_hidden, student_weight, teachers, labels, student_bias, chunk_size, check_finite
     )
@@ -656,6 +657,7 @@ def fused_linear_multi_teacher_kd_loss(
         soft_label_weight,
         reduction,
     )
+    validate.check_flags(check_finite=check_finite, scale_by_t2=scale_by_t2)
     hidden, weight, tlist, labels, lead, n, chunk = _prepare(
         student_hidden, student_weight, teachers, labels, student_bias, chunk_size, check_finite
     )

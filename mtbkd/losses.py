@@ -106,6 +106,8 @@ class MTBKDLoss(_WeightsOption):
             temperature, concentration, weight_temperature, prior_weight, hard_label_weight,
             reduction,
         )  # fmt: skip
+        F.validate.check_flags(check_finite=check_finite)
+        F.validate.check_ignore_index(ignore_index)
         F.validate.check_weights_option(weights)
 
     def forward(
@@ -165,6 +167,8 @@ class MultiTeacherKDLoss(_WeightsOption):
             divergence, beta, temperature, weight_temperature, hard_label_weight,
             soft_label_weight, reduction,
         )  # fmt: skip
+        F.validate.check_flags(check_finite=check_finite, scale_by_t2=scale_by_t2)
+        F.validate.check_ignore_index(ignore_index)
         F.validate.check_weights_option(weights)
         self.divergence = divergence
         self.beta = beta

@@ -218,7 +218,8 @@ class BayesLinear(nn.Module):
         # underflow in fp16, and fp16's floor (6e-5) alone made noise of std 0.008
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         # ... and outside autocast, which would run this matmul in fp16 again
-        autocast = torch.is_autocast_enabled(x.device.type)
+        # (no autocast state on the meta device: shapes only)
+        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False) if autocast else nullcontext():
             var_b = None if self.bias_rho is None else F.softplus(self.bias_rho.to(acc)) ** 2
             xa = x.to(acc)
@@ -246,7 +247,8 @@ class BayesLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias_mu is not None}, prior_sigma={self.prior_sigma}, "
-            f"mode={self.mode!r}, frozen={self.frozen}"
+            + (f"prior_mu={self.prior_mu}, " if self.prior_mu != 0 else "")
+            + f"mode={self.mode!r}, frozen={self.frozen}"
         )
 
 
@@ -270,6 +272,11 @@ def _matcher(include: Include, exclude: Include) -> Callable[[str, nn.Module], b
     return lambda name, mod: inc(name, mod) and not exc(name, mod)
 
 
+def _check_module(model, name: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
+
+
 def bayesify(
     model: nn.Module,
     include: Include = None,
@@ -291,6 +298,7 @@ def bayesify(
     replaced one's ``requires_grad`` and train / eval mode (not its hooks). Returns ``model`` (a
     bare ``nn.Linear`` is returned converted).
     """
+    _check_module(model, "model")
     match = _matcher(include, exclude)
     kw = {"prior_sigma": prior_sigma, "posterior_rho_init": posterior_rho_init, "mode": mode,
           "prior_mu": prior_mu}  # fmt: skip
@@ -434,6 +442,7 @@ def record_kl(model: nn.Module):
     give :meth:`kl`), a non-reentrant one recomputes it with the plain sampling op, which saves
     the same tensors.
     """
+    _check_module(model, "model")
     layers = [m for m in model.modules() if isinstance(m, BayesLinear)]
     record = KLRecord(layers)
     if torch.compiler.is_compiling():  # the layers sample as usual there (dynamo cannot trace
@@ -464,4 +473,5 @@ def _total(kls: list[Tensor]) -> Tensor:
 
 def kl_divergence(model: nn.Module) -> Tensor:
     """Sum of :meth:`BayesLinear.kl` over the model's Bayesian layers (0 if it has none)."""
+    _check_module(model, "model")
     return _total([m.kl() for m in model.modules() if isinstance(m, BayesLinear)])

@@ -19,6 +19,7 @@ student's dtype, labels ``[N]`` int64 or None, fixed weights ``[K, N]`` in the a
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -166,6 +167,80 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------
+# The ops' argument contract, checked in each op's body before a backend is chosen, so that every
+# backend refuses the same calls with the same message (the C++ kernels check the same again);
+# metadata and numbers only: no tensor is read, no host synchronisation.
+# ----------------------------------------------------------------------------------------------
+
+_LOGIT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _positive_option(value: float, name: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+
+
+def _check_teacher_set(teachers: list[Tensor], n: int | None = None, v: int | None = None,
+                       dtype: torch.dtype | None = None, device=None) -> None:  # fmt: skip
+    if len(teachers) == 0:
+        raise ValueError("teacher_logits must hold at least one teacher (K >= 1)")
+    t0 = teachers[0]
+    if dtype is None:
+        if t0.dtype not in _LOGIT_DTYPES:
+            raise TypeError(f"teacher_logits must be float32, float64, bfloat16 or float16, got "
+                            f"{t0.dtype}")  # fmt: skip
+        if t0.dim() != 2 or t0.shape[1] == 0:
+            raise ValueError(f"teacher_logits must be K tensors of shape [N, V] with V > 0, got "
+                             f"{tuple(t0.shape)}")  # fmt: skip
+        n, v, dtype, device = t0.shape[0], t0.shape[1], t0.dtype, t0.device
+    for k, t in enumerate(teachers):
+        if t.device != device:
+            raise ValueError(f"teacher_logits[{k}] must be on {device}, got {t.device}")
+        if t.dtype != dtype:
+            raise TypeError(f"teacher_logits[{k}] has dtype {t.dtype} but the logits have dtype "
+                            f"{dtype}")  # fmt: skip
+        if tuple(t.shape) != (n, v):
+            raise ValueError(f"teacher_logits[{k}] must have shape [{n}, {v}], got "
+                             f"{tuple(t.shape)}")  # fmt: skip
+
+
+def _check_loss_op(student, teachers, labels, fixed_weights, weight_mode, temperature,
+                   weight_temperature) -> None:  # fmt: skip
+    if student.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"student_logits must be float32, float64, bfloat16 or float16, got "
+                        f"{student.dtype}")  # fmt: skip
+    if student.dim() != 2 or student.shape[1] == 0:
+        raise ValueError(f"student_logits must have shape [N, V] with V > 0, got "
+                         f"{tuple(student.shape)}")  # fmt: skip
+    n, v = student.shape
+    _check_teacher_set(teachers, n, v, student.dtype, student.device)
+    if labels is not None:
+        if labels.dtype != torch.int64:
+            raise TypeError(f"labels must be int64, got {labels.dtype}")
+        if labels.device != student.device:
+            raise ValueError(f"labels must be on {student.device}, got {labels.device}")
+        if tuple(labels.shape) != (n,):
+            raise ValueError(f"labels must have shape [{n}], got {tuple(labels.shape)}")
+    if weight_mode not in (0, 1, 2):
+        raise ValueError(f"weight_mode must be 0 (entropy), 1 (uniform) or 2 (fixed), got "
+                         f"{weight_mode}")  # fmt: skip
+    if weight_mode == 2:
+        k = len(teachers)
+        w = fixed_weights
+        if w is None:
+            raise ValueError("weight_mode 2 (fixed) needs fixed_weights")
+        if w.device != student.device:
+            raise ValueError(f"weights must be on {student.device}, got {w.device}")
+        if not w.is_floating_point():
+            raise TypeError(f"weights must be a floating-point tensor, got {w.dtype}")
+        if tuple(w.shape) not in ((k,), (k, n)):
+            raise ValueError(f"weights must have shape [K] or [K, N] = [{k}, {n}], got "
+                             f"{tuple(w.shape)}")  # fmt: skip
+    _positive_option(temperature, "temperature")
+    _positive_option(weight_temperature, "weight_temperature")
+
+
+# ----------------------------------------------------------------------------------------------
 # mtbkd::mtbkd_loss_fwd  (MATH.md section 2)
 # ----------------------------------------------------------------------------------------------
 
@@ -197,6 +272,15 @@ def mtbkd_loss_fwd(
     the student's dtype, the backward then multiplies by ``grad_output / grad_scale``, exactly 1
     for that mean, so a bf16 gradient is rounded once, not twice.
     """
+    _check_loss_op(student, teachers, labels, fixed_weights, weight_mode, temperature,
+                   weight_temperature)  # fmt: skip
+    _positive_option(concentration, "concentration")
+    if teacher_stats is not None:
+        k, n = len(teachers), student.shape[0]
+        if teacher_stats.device != student.device or tuple(teacher_stats.shape) != (k, n, 4):
+            raise ValueError(f"teacher_stats must have shape [K, N, 4] = [{k}, {n}, 4] on "
+                             f"{student.device}, got {tuple(teacher_stats.shape)} on "
+                             f"{teacher_stats.device}")  # fmt: skip
     return _impl("mtbkd_loss_fwd", student)(
         student, teachers, labels, fixed_weights, teacher_stats, temperature, concentration,
         prior_weight, hard_label_weight, weight_mode, weight_temperature, ignore_index,
@@ -244,6 +328,13 @@ def multi_teacher_kd_fwd(
     ``soft_scale`` is ``s(tau)`` (``tau**2`` or 1); ``divergence`` indexes :data:`DIVERGENCES`;
     ``grad`` is ``grad_scale · dL_i/dz_i``, as in :func:`mtbkd_loss_fwd`.
     """
+    _check_loss_op(student, teachers, labels, fixed_weights, weight_mode, temperature,
+                   weight_temperature)  # fmt: skip
+    if divergence not in (0, 1, 2):
+        raise ValueError(f"divergence must be 0 (forward_kl), 1 (reverse_kl) or 2 (jsd), got "
+                         f"{divergence}")  # fmt: skip
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
     return _impl("multi_teacher_kd_fwd", student)(
         student, teachers, labels, fixed_weights, divergence, beta, temperature, weight_mode,
         weight_temperature, hard_label_weight, soft_label_weight, soft_scale, ignore_index,
@@ -272,6 +363,11 @@ def teacher_weights_op(
     teachers: list[Tensor], weight_mode: int, weight_temperature: float, check_finite: bool
 ) -> tuple[Tensor, Tensor]:
     """Entropy or uniform teacher weights per row: ``(weights [K, N], entropy [K, N])``."""
+    _check_teacher_set(teachers)
+    if weight_mode not in (0, 1):
+        raise ValueError(f"teacher_weights computes weight_mode 0 (entropy) or 1 (uniform), got "
+                         f"{weight_mode}")  # fmt: skip
+    _positive_option(weight_temperature, "weight_temperature")
     return _impl("teacher_weights", teachers[0])(
         teachers, weight_mode, weight_temperature, check_finite
     )
@@ -294,6 +390,10 @@ def teacher_stats_op(
     check_finite: bool,
 ) -> Tensor:
     """Cached teacher-only statistics ``[K, N, 4]`` (columns :data:`TEACHER_STAT_COLUMNS`)."""
+    _check_teacher_set(teachers)
+    _positive_option(temperature, "temperature")
+    _positive_option(concentration, "concentration")
+    _positive_option(weight_temperature, "weight_temperature")
     return _impl("teacher_stats", teachers[0])(
         teachers, temperature, concentration, weight_temperature, check_finite
     )

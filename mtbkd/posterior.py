@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from mtbkd.validate import check_flags
+
 __all__ = ["SampleStore", "predict"]
 
 _FORMAT = "mtbkd.SampleStore/1"
@@ -315,6 +317,7 @@ def predict(
                         "that takes one")  # fmt: skip
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    check_flags(probabilities=probabilities)
     if len(store) == 0:
         raise ValueError("store holds no samples: call store.collect() after optimizer steps")
     # a store made from a state_dict may hold buffers (batch norm's running statistics) too

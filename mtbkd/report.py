@@ -277,17 +277,37 @@ def save_per_row(result: ExperimentResult, path: str | Path) -> None:
     save_safetensors(tensors, path, metadata=meta)
 
 
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A run's JSON file (``report.json``, ``summary.json``) as a dict; a damaged one (not JSON,
+    or not an object) is a ``ValueError`` naming the file."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged (not JSON: {exc})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is damaged (a JSON {type(d).__name__}, not an object)")
+    return d
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata; a damaged (truncated) one is a ``ValueError``
+    naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc})") from None
+
+
 def load_per_row(path: str | Path) -> dict[str, Any] | None:
     """``{"labels": Tensor, method: (nll, correct, conf, bin)}`` from :func:`save_per_row`'s file,
     or ``None`` when it is absent (a run folder written before it existed)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     if not Path(path).is_file():
         return None
-    t = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        digest = (f.metadata() or {}).get("test_sha256")
+    t, meta = _load_tensors(Path(path))
+    digest = meta.get("test_sha256")
     out: dict[str, Any] = {"labels": t.pop("labels")}
     if digest:
         out["test_sha256"] = digest
@@ -300,11 +320,9 @@ def load_per_row(path: str | Path) -> dict[str, Any] | None:
 
 def _load_row_stats(path: Path) -> dict[str, Any]:
     """The labels and each method's :data:`_ROW_STATS` (plus ``nll``) from a per-row file."""
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise ValueError(f"{path.parent} has no {PER_ROW_FILE} (not a finished run folder)")
-    t = load_file(str(path))
+    t, _ = _load_tensors(path)
     names = [k[: -len(".nll")] for k in t if k.endswith(".nll")]
     old = [n for n in names if f"{n}.pbar" not in t]
     if old:
@@ -346,7 +364,7 @@ def pool_folds(
     for d in dirs:
         if not (d / "report.json").is_file():
             raise ValueError(f"{d} has no report.json (not a finished run folder)")
-        reps.append(json.loads((d / "report.json").read_text()))
+        reps.append(read_json(d / "report.json"))
         stats.append(_load_row_stats(d / PER_ROW_FILE))
     names = [m["name"] for m in reps[0]["methods"]]
     digests: dict[str, Path] = {}
@@ -1517,7 +1535,7 @@ def gather_seed_runs(
     folders: dict[int, Path] = {}
     for d in dirs:
         if (d / "summary.json").is_file():
-            summary = json.loads((d / "summary.json").read_text())
+            summary = read_json(d / "summary.json")
             if summary.get("pooled_from") is not None:
                 raise ValueError(
                     f"{name}: {d} is a summary made by `mtbkd summarise` (of "
@@ -1530,7 +1548,7 @@ def gather_seed_runs(
                 )
             found = {int(s): d / f"seed{s}" for s in summary.get("seeds") or []}
         elif (d / "report.json").is_file():
-            config = json.loads((d / "report.json").read_text()).get("config") or {}
+            config = read_json(d / "report.json").get("config") or {}
             if "seed" not in config:
                 raise ValueError(f"{name}: {d}/report.json records no seed in its config")
             found = {int(config["seed"]): d}
@@ -1556,7 +1574,7 @@ def gather_seed_runs(
     if not folders:
         raise ValueError(f"{name}: {', '.join(map(str, dirs))} hold no seed")
     seeds = sorted(folders)
-    reports = [json.loads((folders[s] / "report.json").read_text()) for s in seeds]
+    reports = [read_json(folders[s] / "report.json") for s in seeds]
     for s, rep in zip(seeds, reports, strict=True):
         where = folders[s] / "report.json"
         if rep.get("folds") is not None or not rep.get("config"):

@@ -412,6 +412,7 @@ def sparse_mtbkd_loss(student_logits: Tensor, teacher_logits, labels: Tensor | N
         hard_label_weight,
         reduction,
     )
+    validate.check_flags(check_finite=check_finite, return_stats=return_stats)
     z, teachers, flat, lead, mode, fixed = _prepare(student_logits, teacher_logits, labels, weights)
     opts = {
         "temperature": float(temperature), "concentration": float(concentration),
@@ -453,6 +454,7 @@ def sparse_multi_teacher_kd_loss(student_logits: Tensor, teacher_logits,
         soft_label_weight,
         reduction,
     )
+    validate.check_flags(check_finite=check_finite, scale_by_t2=scale_by_t2)
     z, teachers, flat, lead, mode, fixed = _prepare(student_logits, teacher_logits, labels, weights)
     opts = {
         "divergence": ops.DIVERGENCES[divergence], "beta": float(beta),

@@ -126,6 +126,9 @@ def check_logits(x: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.layout != torch.strided:  # a sparse tensor failed later in a reshape
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}: "
+                        "call .to_dense() first")  # fmt: skip
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(
             f"{name} must have a non-empty last (class) dimension, got {tuple(x.shape)}"
@@ -354,6 +357,17 @@ def in_rows(exc: ValueError, start: int, rename=None) -> ValueError:
     return ValueError(text)
 
 
+def check_flags(**flags) -> None:
+    """Each keyword a bool (numpy's too): ``scale_by_t2="no"`` was taken as true."""
+    for name, value in flags.items():
+        if isinstance(value, bool):
+            continue
+        if type(value).__module__ == "numpy" and getattr(value, "dtype", None) is not None:
+            if value.dtype.kind == "b" and value.shape == ():
+                continue
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
 def check_ignore_index(value) -> int:
     """``ignore_index``: an integer (a float such as 1.5 was silently truncated)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -380,6 +394,9 @@ def items_divisor(num_items, dtype: torch.dtype, device) -> Tensor:
                 "num_items_in_batch must be a number or a one-element tensor, got shape "
                 f"{tuple(num_items.shape)}"
             )
+        if num_items.dtype == torch.bool or num_items.is_complex():  # False read as a count of 0
+            raise TypeError(f"num_items_in_batch must be a real count, got a {num_items.dtype} "
+                            "tensor")  # fmt: skip
         src = num_items.detach().to(device=device).reshape(())
         n = src.to(dtype)
         # a count that is inf, or that the cast makes inf or 0 (1e-50 in float32), is NaN too

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -104,13 +105,51 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=0)
     assert [int(r["pred"]) for r in rows] == pbar.argmax(-1).tolist()
     # resuming the folder with another seed (another split) must not reuse its checkpoints
-    with pytest.raises(SystemExit, match=r"written by a run with other settings \(differing: data"):
+    with pytest.raises(SystemExit, match=r"a run with other settings \(differing: features"):
         cli.main(["demo", "--smoke", "--out", str(out), "--seed", "1", "--resume", "--no-progress"])
     # nor redo the finished run with other methods (its report would sit beside the samples of
     # the methods it no longer runs)
     with pytest.raises(SystemExit, match=r"report.json was written with other settings \(methods"):
         cli.main(["demo", "--smoke", "--out", str(out), "--resume", "--no-progress",
                   "--methods", "ce"])  # fmt: skip
+    # an audit: pandas' numbered header of the 64 digits features (their names px00.. lost) was
+    # refused as lacking the feature columns; a .NPY file was read as a CSV
+    import shutil
+
+    header = ",".join(str(i) for i in range(64))
+    np.savetxt(tmp_path / "numbered.csv", x, delimiter=",", header=header, comments="")
+    shutil.copy(tmp_path / "x.npy", tmp_path / "upper.NPY")
+    for name in ("numbered.csv", "upper.NPY"):
+        other = tmp_path / f"pred_{name}.csv"
+        assert cli.main(["predict", "--run", str(out), "--input", str(tmp_path / name), "--out",
+                         str(other), "--no-progress"]) == 0  # fmt: skip
+        assert list(csv.DictReader(other.open())) == rows
+    narrow = tmp_path / "narrow.csv"
+    np.savetxt(narrow, x[:, :63], delimiter=",", header=header.rsplit(",", 1)[0], comments="")
+    with pytest.raises(SystemExit, match="63 features"):
+        cli.main(["predict", "--run", str(out), "--input", str(narrow), "--out", str(pred)])
+
+    # a damaged run folder: one line naming the file, not a traceback or a bare JSON error
+    def damaged(edit, match):
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(out, bad)
+        edit(bad)
+        with pytest.raises(SystemExit, match=match):
+            cli.main(["predict", "--run", str(bad), "--input", str(tmp_path / "x.npy"), "--out",
+                      str(pred), "--no-progress"])  # fmt: skip
+
+    samples = out / "samples.safetensors"
+    damaged(
+        lambda d: (d / "samples.safetensors").write_bytes(samples.read_bytes()[:100]),
+        r"bad/samples.safetensors cannot be read as part of this run \(SafetensorError",
+    )
+    damaged(lambda d: (d / "run.json").write_text("{"), r"bad/run.json is damaged \(not JSON")
+    damaged(lambda d: (d / "run.json").write_text("[]"), r"bad/run.json is damaged or not a run")
+    damaged(
+        lambda d: (d / "student.safetensors").unlink(),
+        "not a complete saved run: student.safetensors is missing",
+    )
 
 
 def _own_dataset(tmp_path: Path, n: int, seed: int) -> Path:
@@ -371,6 +410,21 @@ def test_summarise_pools_the_seeds_of_runs_made_apart(tmp_path, capsys):
             extra = extra + ["--out", str(tmp_path / "x")]
         with pytest.raises(SystemExit, match=message):
             cli.main(extra)
+    # damaged run folders (an audit): a truncated per-row file was a SafetensorError traceback,
+    # a broken report.json a JSON error naming no file
+    import shutil
+
+    for name, edit, message in [
+        ("trunc", lambda f: (f / "seed1" / "per_row.safetensors").write_bytes(b"\0" * 50),
+         r"trunc/seed1/per_row.safetensors is damaged"),
+        ("brace", lambda f: (f / "seed1" / "report.json").write_text("{"),
+         r"brace/seed1/report.json is damaged \(not JSON"),
+    ]:  # fmt: skip
+        shutil.copytree(tmp_path / "a", tmp_path / name)
+        edit(tmp_path / name)
+        with pytest.raises(SystemExit, match=message):
+            cli.main(["summarise", str(tmp_path / "b"), str(tmp_path / name), "--out",
+                      str(tmp_path / "x"), "--no-figures"])  # fmt: skip
     # another setting, another experiment: refused, naming the setting
     assert cli.main(common + ["--seed", "3", "--set", "weights=uniform",
                               "--out", str(tmp_path / "u")]) == 0  # fmt: skip
@@ -714,12 +768,19 @@ def test_teachers_command(tmp_path, capsys, monkeypatch):
     assert "flat Dirichlet" in out
     (root / "teacher_b.npy").unlink()
     assert cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root)]) == 0
-    assert "nothing to weigh" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nothing to weigh" in out
+    # one teacher named shorter than the word "teacher": the numbers stood left of their headers
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("teacher "))
+    assert lines[head + 1].startswith("a ") and len(lines[head + 1]) == len(lines[head])
     (root / "teacher_a.npy").unlink()
     # no teacher logits: the teachers `mtbkd distill` would train, one expert per class group;
-    # more teachers than classes is an error naming the field, in both commands
+    # more teachers than classes is an error naming the field, in both commands, before the
+    # message that they are being trained
     with pytest.raises(SystemExit, match="num_teachers must lie in 1..2"):
         cli.main(["teachers", "--dataset", "dir", "--data-dir", str(root)])
+    assert "training" not in capsys.readouterr().err
     with pytest.raises(SystemExit, match="num_teachers must lie in 1..2"):
         cli.main(["distill", "--dataset", "dir", "--data-dir", str(root), "--smoke",
                   "--out", str(tmp_path / "o")])  # fmt: skip
@@ -1127,3 +1188,46 @@ def test_predict_never_writes_over_its_run_or_its_input(tmp_path, capsys):
     assert (run / "run.json").read_bytes() == kept[run / "run.json"]
     assert not list(tmp_path.glob(".*.part"))  # no partial file left
     capsys.readouterr()
+
+
+def test_finished_seeds_of_another_sequence_encoder_are_refused(tmp_path):
+    # an audit: `--seeds --resume` with another --sequence-encoder (or none: DeepLoc's default)
+    # read the finished seeds back and averaged two feature sets into one summary
+    argv = ["distill", "--dataset", "dir", "--data-dir", str(tmp_path), "--seeds", "0-1"]
+    rep = {"features": "345 features (sequence encoder composition)", "config": {}}
+    done = tmp_path / "seed0" / "report.json"
+    args = cli.build_parser().parse_args([*argv, "--sequence-encoder", "unirep64"])
+    with pytest.raises(SystemExit, match="was run with --sequence-encoder composition, this "
+                       "command uses unirep64"):  # fmt: skip
+        cli._check_finished_seed(args, 0, done, rep)
+    args = cli.build_parser().parse_args(["distill", "--dataset", "deeploc", "--data-dir",
+                                          str(tmp_path), "--seeds", "0-1"])  # fmt: skip
+    with pytest.raises(SystemExit, match="this command uses composition\\+unirep1900"):
+        cli._check_finished_seed(args, 0, done, rep)
+
+
+def test_a_folder_another_run_is_writing_to_is_refused(tmp_path, capsys):
+    # an audit: two runs into one --out shared checkpoints and temporary files (one crashed, or
+    # one's results silently replaced the other's)
+    out = tmp_path / "run"
+    held = cli._lock_folder("distill", out)
+    assert held is not None and out.is_dir()
+    try:
+        with pytest.raises(SystemExit, match="another mtbkd run is writing to"):
+            cli.main(["demo", "--smoke", "--out", str(out), "--no-progress", "--no-figures"])
+        assert list(out.iterdir()) == []  # refused before any work, the folder left as it was
+    finally:
+        os.close(held)
+    again = cli._lock_folder("distill", out)  # released: the next run takes it
+    os.close(again)
+
+
+def test_an_out_folder_it_cannot_write_to_is_refused_before_any_work(tmp_path, monkeypatch):
+    # a read-only --out failed after the teachers were trained, in a traceback
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    for out in (ro, ro / "new"):
+        with pytest.raises(SystemExit, match="is not a folder it can write to"):
+            cli.main(["demo", "--smoke", "--out", str(out), "--no-progress"])

@@ -814,3 +814,15 @@ def test_missing_cells_semicolons_and_log_of_zero_are_named(tmp_path):
     logp[0, 0] = np.nan
     with pytest.raises(ValueError, match=r"NaN or infinite values in 3 rows \(.*\[0, 1, 3\]\)$"):
         data.Dataset("bad", x, y, x, y, ["a", "b"], {"t": logp}, {"t": logp})
+
+
+def test_a_blank_line_inside_a_csv_is_refused_not_skipped(tmp_path):
+    # an audit: a one-column file writes an empty sequence as a blank line, which was skipped,
+    # so every later prediction stood beside another input
+    path = tmp_path / "seq.csv"
+    path.write_text("Sequence\nMKVLA\n\nMAAAGW\n")
+    with pytest.raises(ValueError, match=r"seq.csv, data row 2 is a blank line"):
+        data.read_inputs(path, "sequence")
+    path.write_text("Sequence\nMKVLA\nMAAAGW\n\n\n")  # blank lines at the end are no rows
+    x, _, _ = data.read_inputs(path, "sequence")
+    assert x.shape[0] == 2

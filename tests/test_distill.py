@@ -770,12 +770,35 @@ def test_checkpoints_of_other_settings_are_refused(tmp_path):
         (replace(cfg, seed=7), (x, y), r"differing: seed\)"),
         (replace(cfg, weights="uniform"), (x, y), r"differing: objective\)"),
         (replace(cfg, sgld_temperature=0.5), (x, y), r"sgld\.pt .*differing: temperature\)"),
-        (cfg, (x, y.roll(1)), r"differing: data\)"),
+        (cfg, (x, y.roll(1)), r"differing: features\) \(the features or labels differ"),
     ]:
         with pytest.raises(distill.CheckpointMismatchError, match=msg):
             distill.distill(_student(), t, *data, other, checkpoint_dir=tmp_path)
+    # other teachers: said to be the teachers (the hint of float rounding is theirs alone)
+    with pytest.raises(distill.CheckpointMismatchError,
+                       match=r"differing: teachers\) \(the teachers' logits differ"):  # fmt: skip
+        distill.distill(_student(), [u + 1e-3 for u in t], x, y, cfg, checkpoint_dir=tmp_path)
     again = distill.distill(_student(), t, x, y, cfg, checkpoint_dir=tmp_path)
     assert torch.equal(again.store.samples(), first.store.samples())
+
+
+def test_checkpoints_with_the_older_single_data_digest_still_resume(tmp_path, monkeypatch):
+    x, y, t = halves_problem(6, seed=16)
+    cfg = replace(CONFIG, map_epochs=3, sgld_epochs=2, num_samples=3)
+    real = distill._fingerprint
+
+    def older(data, *args):
+        fp = real(data, *args)
+        del fp["features"], fp["teachers"]
+        return {"data": distill._digest(data.x, data.y, data.t), **fp}
+
+    monkeypatch.setattr(distill, "_fingerprint", older)
+    first = distill.distill(_student(), t, x, y, cfg, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(distill, "_fingerprint", real)
+    again = distill.distill(_student(), t, x, y, cfg, checkpoint_dir=tmp_path)
+    assert torch.equal(again.store.samples(), first.store.samples())
+    with pytest.raises(distill.CheckpointMismatchError, match=r"differing: data\) \(the teach"):
+        distill.distill(_student(), t, x, y.roll(1), cfg, checkpoint_dir=tmp_path)
 
 
 def test_damaged_checkpoints_are_refused_by_name(tmp_path):
@@ -813,6 +836,11 @@ def test_damaged_checkpoints_are_refused_by_name(tmp_path):
     damaged("bitflip", flip)
     damaged("truncated", lambda d: (d / "map.pt").write_bytes((d / "map.pt").read_bytes()[:300]))
     damaged("samples", lambda d: (d / samples[0].name).write_bytes(b"\0" * 16))
+    # a missing samples file was a FileNotFoundError the command line let through as a traceback
+    shutil.copytree(tmp_path / "ok", tmp_path / "missing")
+    (tmp_path / "missing" / samples[0].name).unlink()
+    with pytest.raises(distill.CheckpointCorruptError, match="samples file .* is missing"):
+        distill.distill(_student(), t, x, y, cfg, checkpoint_dir=tmp_path / "missing")
     # the same bytes as written resume as before
     again = distill.distill(_student(), t, x, y, cfg, checkpoint_dir=tmp_path / "ok")
     assert torch.equal(again.store.samples(), first.store.samples())

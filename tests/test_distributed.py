@@ -873,6 +873,13 @@ def scenario_review_regressions(rank: int, world: int) -> None:
     with pytest.raises(TypeError, match="ignore_index must be an integer"):
         D.vocab_parallel_fused_linear_mtbkd_loss(h, w[lo:hi], t[..., lo:hi], y,
                                                  ignore_index=2.5, **kw)  # fmt: skip
+    # 11. scale_by_t2="no" / return_stats="no" were taken as true: refused on every rank
+    with pytest.raises(TypeError, match="scale_by_t2 must be True or False"):
+        D.vocab_parallel_multi_teacher_kd_loss(z[:, lo:hi], t[..., lo:hi], y, scale_by_t2="no",
+                                               **kw)  # fmt: skip
+    with pytest.raises(TypeError, match="return_stats must be True or False"):
+        D.vocab_parallel_fused_linear_mtbkd_loss(h, w[lo:hi], t[..., lo:hi], y,
+                                                 return_stats="no", **kw)  # fmt: skip
     # 10. (this session's bug hunt) a gradient penalty silently dropped the loss's Hessian term:
     #     refused as the single-process losses do
     zs = z[:, lo:hi].clone().requires_grad_(True)

@@ -1779,3 +1779,145 @@ def test_responsibilities_of_logits_of_1e4_sum_to_one(kernels, monkeypatch):
     torch.testing.assert_close(stats.responsibilities.sum(0), torch.ones(1), rtol=0, atol=1e-6)
     want = torch.tensor([[3.5, -2.5, 0.0, 0.0, -1.0, 0.0, 0.0]])
     torch.testing.assert_close(zz.grad, want, rtol=0, atol=1e-5)
+
+
+def test_boolean_options_must_be_bools_not_truthy_values():
+    # scale_by_t2="no" was taken as true (a 4x KD term); check_finite=None turned the checks off
+    from mtbkd import fused_linear, sparse
+
+    s, t, y = torch.randn(4, 6), torch.randn(3, 4, 6), torch.randint(0, 6, (4,))
+    h, w = torch.randn(4, 5), torch.randn(6, 5)
+    sp = [sparse.topk_teacher(t[k], 3) for k in range(3)]
+    calls = {
+        "scale_by_t2": [
+            lambda v: mtbkd.multi_teacher_kd_loss(s, t, y, scale_by_t2=v),
+            lambda v: mtbkd.MultiTeacherKDLoss(scale_by_t2=v),
+            lambda v: fused_linear.fused_linear_multi_teacher_kd_loss(h, w, t, y, scale_by_t2=v),
+            lambda v: sparse.sparse_multi_teacher_kd_loss(s, sp, y, scale_by_t2=v),
+        ],
+        "return_stats": [
+            lambda v: mtbkd.mtbkd_loss(s, t, y, return_stats=v),
+            lambda v: fused_linear.fused_linear_mtbkd_loss(h, w, t, y, return_stats=v),
+            lambda v: sparse.sparse_mtbkd_loss(s, sp, y, return_stats=v),
+        ],
+        "check_finite": [
+            lambda v: mtbkd.mtbkd_loss(s, t, y, check_finite=v),
+            lambda v: mtbkd.multi_teacher_kd_loss(s, t, y, check_finite=v),
+            lambda v: mtbkd.teacher_weights(t, check_finite=v),
+            lambda v: mtbkd.MTBKDLoss(check_finite=v),
+        ],
+    }
+    for name, fns in calls.items():
+        for fn in fns:
+            for bad in ("no", None, 1):
+                with pytest.raises(TypeError, match=f"{name} must be True or False"):
+                    fn(bad)
+            fn(np.bool_(False))  # numpy's bool is a bool
+    # ignore_index checked at construction, like the other options
+    with pytest.raises(TypeError, match="ignore_index must be an integer"):
+        mtbkd.MTBKDLoss(ignore_index=1.5)
+    with pytest.raises(TypeError, match="ignore_index must be an integer"):
+        mtbkd.MultiTeacherKDLoss(ignore_index="a")
+
+
+def test_sparse_layout_logits_are_refused_by_name():
+    s, t, y = torch.randn(4, 6), torch.randn(3, 4, 6), torch.randint(0, 6, (4,))
+    with pytest.raises(TypeError, match=r"student_logits must be a dense \(strided\) tensor"):
+        mtbkd.mtbkd_loss(s.to_sparse(), t, y)
+    with pytest.raises(TypeError, match=r"teacher_logits\[0\] must be a dense"):
+        mtbkd.multi_teacher_kd_loss(s, [t[0].to_sparse(), t[1]], y)
+
+
+@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
+def test_raw_ops_refuse_the_same_arguments_on_every_backend(name, monkeypatch):
+    # an audit: weight_mode=7 ran as entropy weights on Triton and as uniform ones on the
+    # reference, temperature=-2 gave NaN / a plausible loss; only the C++ kernel refused them
+    from mtbkd import ops
+
+    if ops.backend_status().get(name) is not None:
+        pytest.skip(f"{name} backend unavailable: {ops.backend_status()[name]}")
+    monkeypatch.setenv("MTBKD_BACKEND", name)
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 6, generator=g)
+    t = [torch.randn(4, 6, generator=g) for _ in range(2)]
+    y = torch.randint(0, 6, (4,), generator=g)
+    base = dict(
+        student=s,
+        teachers=t,
+        labels=y,
+        fixed_weights=None,
+        teacher_stats=None,
+        temperature=2.0,
+        concentration=5.0,
+        prior_weight=0.02,
+        hard_label_weight=1.0,
+        weight_mode=0,
+        weight_temperature=1.0,
+        ignore_index=-100,
+        check_finite=True,
+    )
+    cases = [
+        ({"weight_mode": 7}, ValueError, "weight_mode must be 0"),
+        ({"temperature": -2.0}, ValueError, "temperature must be a positive finite"),
+        ({"concentration": -1.0}, ValueError, "concentration must be a positive finite"),
+        ({"weight_temperature": float("nan")}, ValueError, "weight_temperature must be"),
+        ({"student": s.long()}, TypeError, "student_logits must be float32"),
+        ({"teachers": [t[0].double(), t[1]]}, TypeError, r"teacher_logits\[0\] has dtype"),
+        ({"teachers": [t[0][:3], t[1]]}, ValueError, r"teacher_logits\[0\] must have shape"),
+        ({"teachers": []}, ValueError, "at least one teacher"),
+        ({"labels": y.int()}, TypeError, "labels must be int64"),
+        ({"weight_mode": 2}, ValueError, "needs fixed_weights"),
+        ({"weight_mode": 2, "fixed_weights": torch.ones(3)}, ValueError, "weights must have"),
+        ({"teacher_stats": torch.zeros(2, 3, 4)}, ValueError, "teacher_stats must have shape"),
+    ]
+    for change, err, match in cases:
+        with pytest.raises(err, match=match):
+            ops.mtbkd_loss_fwd(**{**base, **change})
+    kd = dict(
+        student=s,
+        teachers=t,
+        labels=y,
+        fixed_weights=None,
+        divergence=0,
+        beta=0.5,
+        temperature=1.0,
+        weight_mode=0,
+        weight_temperature=1.0,
+        hard_label_weight=0.0,
+        soft_label_weight=1.0,
+        soft_scale=1.0,
+        ignore_index=-100,
+        check_finite=True,
+    )
+    for change, err, match in [
+        ({"weight_mode": 7}, ValueError, "weight_mode must be 0"),
+        ({"divergence": 3}, ValueError, "divergence must be 0"),
+        ({"beta": -1.0}, ValueError, r"beta must lie in \[0, 1\]"),
+        ({"temperature": 0.0}, ValueError, "temperature must be a positive finite"),
+    ]:
+        with pytest.raises(err, match=match):
+            ops.multi_teacher_kd_fwd(**{**kd, **change})
+    with pytest.raises(ValueError, match="weight_mode 0 .entropy. or 1"):
+        ops.teacher_weights_op(t, 2, 1.0, True)
+    with pytest.raises(ValueError, match="concentration must be"):
+        ops.teacher_stats_op(t, 1.0, -1.0, 1.0, True)
+    # and a valid call still runs there
+    assert torch.isfinite(ops.mtbkd_loss_fwd(**base)[0]).all()
+
+
+def test_teacher_weights_handles_narrowing_casts_as_the_losses_do():
+    t0 = torch.randn(3, 5).half()
+    t1 = torch.randn(3, 5)
+    t1[:, 4] = torch.finfo(torch.float32).min  # a mask: kept finite in fp16, as by the losses
+    w = mtbkd.teacher_weights([t0, t1])
+    assert torch.isfinite(w).all() and torch.allclose(w.sum(0), torch.ones(3))
+    t1[0, 0] = 1e5  # beyond fp16: named, not "NaN or inf"
+    with pytest.raises(ValueError, match=r"teacher_logits\[1\].*beyond the range"):
+        mtbkd.teacher_weights([t0, t1])
+
+
+def test_num_items_in_batch_must_be_a_real_count():
+    s, t, y = torch.randn(4, 5), torch.randn(2, 4, 5), torch.randint(0, 5, (4,))
+    for bad in (torch.tensor(False), torch.tensor(2 + 5j)):  # read as 0 / the real part
+        with pytest.raises(TypeError, match="num_items_in_batch must be a real count"):
+            mtbkd.mtbkd_loss(s, t, y, num_items_in_batch=bad)

@@ -616,3 +616,25 @@ def test_record_kl_with_computed_parameters_under_non_reentrant_checkpointing():
     (y.sum() + rec.kl).backward()
     assert rec.from_forward == 0
     torch.testing.assert_close(rec.kl, kl_divergence(layer))
+
+
+def test_meta_device_layers_give_meta_outputs_in_both_modes():
+    for mode in ("reparameterize", "local"):
+        layer = BayesLinear(3, 2, device="meta", mode=mode)
+        out = layer(torch.randn(1, 3, device="meta"))
+        assert out.device.type == "meta" and out.shape == (1, 2)
+        kl = layer.kl()
+        assert kl.device.type == "meta" and kl.shape == ()
+
+
+def test_repr_shows_a_nonzero_prior_mean():
+    # two layers whose KLs differ printed alike
+    a, b = BayesLinear(4, 3, prior_mu=0.0), BayesLinear(4, 3, prior_mu=0.5)
+    assert "prior_mu" not in repr(a) and "prior_mu=0.5" in repr(b)
+
+
+def test_model_arguments_must_be_modules():
+    for fn in (kl_divergence, bayesify, lambda m: mtbkd_nn.record_kl(m).__enter__()):
+        for bad in ([nn.Linear(2, 2)], "model", 3):
+            with pytest.raises(TypeError, match="model must be an nn.Module"):
+                fn(bad)

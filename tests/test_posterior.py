@@ -159,6 +159,8 @@ def test_predict_errors():
         predict(wider, store, torch.randn(2, 5))
     with pytest.raises(ValueError, match="chunk"):
         predict(model, store, torch.randn(2, 5), chunk=0)
+    with pytest.raises(TypeError, match="probabilities must be True or False"):
+        predict(model, store, torch.randn(2, 5), probabilities="no")  # returned probabilities
 
 
 def test_automatic_chunk_sizes(monkeypatch):
