@@ -660,8 +660,6 @@ def _remove_if_empty(folder: Path) -> None:
 def _check_out_folder(command: str, out: Path, given: Path | None = None) -> None:
     """``out`` must be a folder, or a path whose nearest existing part is a folder; ``given``:
     the ``--out`` the user gave, where ``out`` is its folder (predict's CSV file)."""
-    import os
-
     for p in (out, *out.parents):
         if p.exists():
             what = "--out" if p == out and given is None else f"--out {given or out}: {p}"

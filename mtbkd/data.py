@@ -858,10 +858,11 @@ def read_inputs(
         x, _ = _encode_csv(path, header, rows, seq, sequence_encoder, progress)
         return x, labels, ids
     # pandas' numbered header of an unnamed array (predict): its columns by position, also for a
-    # run whose features have names (they are lost in such a file); a file of another width is
-    # refused by the caller for its width
+    # run whose features have names (lost in such a file; a run whose names are numbers matches
+    # them by name below); a file of another width is refused by the caller for its width
     numbered = num_features is not None and header == [str(i) for i in range(len(header))]
-    if feature_names is not None and numbered and header != list(feature_names):
+    if (feature_names is not None and numbered
+            and not all(_is_number(n) for n in feature_names)):  # fmt: skip
         cols = list(range(len(header)))
     elif feature_names is not None:
         missing = [n for n in feature_names if n not in header]
