@@ -39,6 +39,7 @@ MT-BKD's prior constant ``−lgamma(B + λ)`` is corrected to each row's real bu
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -70,8 +71,8 @@ _LOG_FLOOR = math.log(1e-30)
 def _log_mass(mass: Tensor, temperature: float) -> Tensor:
     """``log(mass)`` of a teacher bucket, floored at ``log(1e-30) · τ``: after division by τ
     its probability is at least 1e-30 (a floor on the raw mass, 1e-30 before τ, became 1e-3 of
-    mass after τ = 10)."""
-    floor = _LOG_FLOOR * max(1.0, float(temperature))
+    mass after τ = 10, and 1e-60 after τ = 0.5)."""
+    floor = _LOG_FLOOR * float(temperature)
     return mass.clamp_min(torch.finfo(mass.dtype).tiny).log().clamp_min(floor)
 
 
@@ -105,12 +106,18 @@ class SparseTeacher:
         if indices.device != logprobs.device:
             raise ValueError(f"indices is on {indices.device} but logprobs is on {logprobs.device}")
         if vocab_size is not None and (
-            isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
+            isinstance(vocab_size, bool)
+            or not isinstance(vocab_size, numbers.Integral)
+            or vocab_size < 1
         ):
             raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+        if indices.dtype in (torch.uint16, torch.uint32, torch.uint64):
+            # (few torch ops take these: torch.where and max failed on them later) as the signed
+            # dtype that holds them; uint64 beyond int64's range reads negative, refused later
+            indices = indices.to(torch.int32 if indices.dtype == torch.uint16 else torch.int64)
         self.indices = indices.detach()
         self.logprobs = logprobs.detach()
-        self.vocab_size = vocab_size
+        self.vocab_size = None if vocab_size is None else int(vocab_size)
 
     @property
     def k(self) -> int:
@@ -160,7 +167,7 @@ def topk_teacher(logits: Tensor, k: int) -> SparseTeacher:
     ``vocab_size`` = V of ``logits``."""
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError("logits must be a floating-point tensor")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"k must be an integer in [1, V={logits.shape[-1]}], got {k!r}")
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.log_softmax(logits.detach().to(acc), dim=-1)
@@ -190,6 +197,7 @@ def bucketize(
     tail_threshold: float = 1e-6,
     return_counts: bool = False,
     temperature: float = 1.0,
+    floor_temperature: float | None = None,
 ):
     """Bucketed logits ``(student [N, B], [K × teacher [N, B]])`` (MATH.md section 5).
 
@@ -199,10 +207,18 @@ def bucketize(
     input). With ``return_counts`` also the number of real buckets per row ``[N]``.
     ``temperature``: the largest temperature the buckets will be divided by. Padding sits
     ``1e4 · max(1, temperature)`` below, of mass 0 after it (a fixed -1e4 became real mass at a
-    large τ); a teacher bucket of mass 0 gets ``log(1e-30) · max(1, temperature)``, a
-    probability of 1e-30 after it (``0^(1/τ) = 0`` to within that; the log of a raw floor of
-    1e-30 became 1e-3 after τ = 10), which keeps reverse KL finite.
+    large τ). A teacher bucket of mass 0 gets ``log(1e-30) · floor_temperature`` (default
+    ``temperature``), a probability of 1e-30 after division by ``floor_temperature`` (``0^(1/τ)
+    = 0`` to within that; the log of a raw floor of 1e-30 became 1e-3 after τ = 10), which keeps
+    reverse KL finite at about 69 nats a unit of the student's mass there. The losses pass their
+    divergence's temperature, so that the divergence does not depend on the weights' temperature
+    (after division by a weight temperature τ_w the bucket holds ``1e-30^(τ / τ_w)``).
     """
+    from mtbkd import validate
+
+    validate.check_positive(temperature, "temperature")
+    if floor_temperature is not None:
+        validate.check_positive(floor_temperature, "floor_temperature")
     z2 = student_logits
     if z2.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got shape {tuple(z2.shape)}")
@@ -235,6 +251,7 @@ def bucketize(
         idx_list.append(idx)
     z = z2.to(acc)
     pad = _PAD * max(1.0, float(temperature))
+    floor_t = float(temperature if floor_temperature is None else floor_temperature)
     union, _ = torch.cat(idx_list, dim=-1).sort(dim=-1)  # [N, W]
     dup = torch.zeros_like(union, dtype=torch.bool)
     dup[:, 1:] = union[:, 1:] == union[:, :-1]
@@ -266,7 +283,7 @@ def bucketize(
         rest = (-torch.expm1(mass)).clamp_min(0.0)  # r_k
         unknown = v - t.k
         fill = rest / unknown if unknown > 0 else torch.zeros_like(rest)
-        lp_u = torch.where(found, s_lp.gather(-1, pos), _log_mass(fill, temperature)[:, None])
+        lp_u = torch.where(found, s_lp.gather(-1, pos), _log_mass(fill, floor_t)[:, None])
         tail_mass.append(fill * outside.to(acc))
         t_buckets.append((torch.where(real, lp_u, -pad), tail_mass[-1]))
     keep = (torch.stack(tail_mass).amax(0) >= tail_threshold) & (outside > 0)  # [N]
@@ -288,7 +305,7 @@ def bucketize(
                          torch.where(keep, float("-inf"), z_max[:, 0] - pad))  # fmt: skip
     student = torch.cat([z_u, z_tail[:, None]], dim=-1)
     teacher_out = [
-        torch.cat([lp, torch.where(keep, _log_mass(m, temperature), -pad)[:, None]], dim=-1)
+        torch.cat([lp, torch.where(keep, _log_mass(m, floor_t), -pad)[:, None]], dim=-1)
         .contiguous()
         for lp, m in t_buckets
     ]  # fmt: skip
@@ -320,7 +337,8 @@ def _sparse_rows(kind: str, opts: dict, z: Tensor, teachers: list[SparseTeacher]
             torch.where(keep, t.logprobs, -math.log(t.k)), t.vocab_size,
         ) for t in teachers]  # fmt: skip
     tau = max(opts["temperature"], opts["weight_temperature"])
-    zb, tb, counts = bucketize(z, teachers, return_counts=True, temperature=tau)
+    zb, tb, counts = bucketize(z, teachers, return_counts=True, temperature=tau,
+                               floor_temperature=opts["temperature"])  # fmt: skip
     # Labels only mask rows for the bucketed op; the hard-label term is computed on z below.
     # (a kept row's placeholder label must differ from ignore_index, or every row would be masked)
     placeholder = 1 if ignore == 0 else 0
@@ -497,6 +515,14 @@ def save_sparse_teachers(
     from mtbkd._files import save_safetensors
 
     teachers = _as_list(teachers)
+    if logprob_dtype is not None and (
+        not isinstance(logprob_dtype, torch.dtype) or not logprob_dtype.is_floating_point
+    ):
+        raise TypeError(f"logprob_dtype must be a floating-point torch.dtype or None, got "
+                        f"{logprob_dtype!r}")  # fmt: skip
+    reserved = [k for k in (metadata or {}) if str(k).startswith("mtbkd.")]
+    if reserved:  # read back as the teachers' own (a vocab_size of another vocabulary)
+        raise ValueError(f"metadata keys starting with 'mtbkd.' are the file's own, got {reserved}")
     tensors: dict[str, Tensor] = {}
     seen: set[int] = set()
 
@@ -520,7 +546,7 @@ def save_sparse_teachers(
     for name, x in (extra or {}).items():
         if name.startswith("teacher"):
             raise ValueError(f"extra tensor names must not start with 'teacher', got {name!r}")
-        tensors[name] = x.detach().contiguous().cpu()
+        tensors[name] = own(x.detach())
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta["mtbkd.num_teachers"] = str(len(teachers))
     for i, t in enumerate(teachers):
@@ -533,23 +559,37 @@ def save_sparse_teachers(
 
 def load_sparse_teachers(path: str | Path, device: torch.device | str = "cpu") -> SparseTeacherData:
     """Read a file written by :func:`save_sparse_teachers`."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        meta = dict(f.metadata() or {})
-        if "mtbkd.num_teachers" not in meta:
-            raise ValueError(
-                f"{path} is not a sparse-teacher file (no mtbkd.num_teachers metadata)"
-            )
-        k = int(meta.pop("mtbkd.num_teachers"))
-        sizes = [meta.pop(f"mtbkd.teacher{i}.vocab_size", None) for i in range(k)]
-        teachers = [
-            SparseTeacher(
-                f.get_tensor(f"teacher{i}.indices"),
-                f.get_tensor(f"teacher{i}.logprobs"),
-                None if sizes[i] is None else int(sizes[i]),
-            )  # fmt: skip
-            for i in range(k)
-        ]
-        extra = {name: f.get_tensor(name) for name in f.keys() if not name.startswith("teacher")}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = dict(f.metadata() or {})
+            if "mtbkd.num_teachers" not in meta:
+                raise ValueError(
+                    f"{path} is not a sparse-teacher file (no mtbkd.num_teachers metadata)"
+                )
+            k = meta.pop("mtbkd.num_teachers")
+            if not k.isdigit() or int(k) < 1:
+                raise ValueError(f"{path} is damaged (mtbkd.num_teachers is {k!r})")
+            k = int(k)
+            names = list(f.keys())
+            missing = [f"teacher{i}.{part}" for i in range(k) for part in ("indices", "logprobs")
+                       if f"teacher{i}.{part}" not in names]  # fmt: skip
+            if missing:
+                raise ValueError(f"{path} is damaged: it records {k} teachers but lacks "
+                                 f"{', '.join(missing)}")  # fmt: skip
+            sizes = [meta.pop(f"mtbkd.teacher{i}.vocab_size", None) for i in range(k)]
+            teachers = [
+                SparseTeacher(
+                    f.get_tensor(f"teacher{i}.indices"),
+                    f.get_tensor(f"teacher{i}.logprobs"),
+                    None if sizes[i] is None else int(sizes[i]),
+                )  # fmt: skip
+                for i in range(k)
+            ]
+            extra = {n: f.get_tensor(n) for n in names if not n.startswith("teacher")}
+    except (SafetensorError, OSError) as exc:  # truncated, or not a safetensors file at all
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
     return SparseTeacherData(teachers, extra, meta)

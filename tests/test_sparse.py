@@ -405,3 +405,78 @@ def test_teachers_sharing_tensors_are_saved(tmp_path):
     for t in loaded:
         assert torch.equal(t.indices.long(), sp.indices.long())
         assert torch.equal(t.logprobs, sp.logprobs)
+
+
+def test_an_empty_bucket_costs_the_same_whatever_the_weight_temperature():
+    # an audit: the floor of a bucket without mass took max(temperature, weight_temperature), so
+    # with fixed weights the reverse KL grew with weight_temperature (57, 114, 229, 460)
+    a = SparseTeacher(torch.tensor([[0]]), torch.tensor([[0.0]], dtype=torch.float64))
+    b = SparseTeacher(torch.tensor([[1]]), torch.tensor([[math.log(0.5)]], dtype=torch.float64))
+    s = torch.zeros(1, 6, dtype=torch.float64)
+    for tau in (0.5, 1.0, 2.0):
+        got = [
+            float(mtbkd.multi_teacher_kd_loss(
+                s, [a, b], divergence="reverse_kl", temperature=tau, weight_temperature=tw,
+                weights=torch.tensor([1.0, 0.0]), reduction="sum"))
+            for tw in (0.5, 1.0, 2.0, 8.0)
+        ]  # fmt: skip
+        assert max(got) - min(got) < 1e-9 * max(got)
+        if tau == 1.0:
+            # q is uniform over 6 classes (buckets {0}, {1}, tail {2..5}: 1/6, 1/6, 4/6); a's
+            # mass sits on class 0, its other buckets hold 1e-30 (69 nats a unit of q there)
+            want = 5 / 6 * math.log(1e30) + 2 / 6 * math.log(1 / 6) + 4 / 6 * math.log(4 / 6)
+            assert got[0] == pytest.approx(want, rel=1e-9)
+
+
+def test_unsigned_index_dtypes_work_like_the_signed_ones(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    s, y = torch.randn(4, 20, generator=g), torch.randint(0, 20, (4,), generator=g)
+    a = topk_teacher(torch.randn(4, 20, generator=g), 3)
+    want = mtbkd.mtbkd_loss(s, a, y)
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):
+        t = SparseTeacher(a.indices.to(dtype), a.logprobs, 20)
+        assert t.indices.dtype.is_signed  # stored signed (few ops take uints)
+        torch.testing.assert_close(mtbkd.mtbkd_loss(s, t, y), want)
+        save_sparse_teachers(tmp_path / "u.safetensors", t)
+        assert torch.equal(load_sparse_teachers(tmp_path / "u.safetensors").teachers[0].indices
+                           .long(), a.indices)  # fmt: skip
+    # numpy integers as k and vocab_size (API.md: scalar options may be numpy numbers)
+    np = pytest.importorskip("numpy")
+    assert topk_teacher(torch.randn(4, 20), np.int64(4)).k == 4
+    assert SparseTeacher(a.indices, a.logprobs, np.int64(20)).vocab_size == 20
+
+
+def test_save_sparse_teachers_copies_shared_extras_and_refuses_bad_options(tmp_path):
+    a = topk_teacher(torch.randn(4, 50), 4)
+    ids = torch.arange(10)
+    path = tmp_path / "t.safetensors"
+    a32 = SparseTeacher(a.indices.int(), a.logprobs)
+    save_sparse_teachers(path, a32, extra={"input_ids": ids[:-1], "labels": ids[1:],
+                                           "topk_ids": a32.indices})  # fmt: skip
+    back = load_sparse_teachers(path)
+    assert list(back.tensors) == ["input_ids", "labels", "topk_ids"]
+    assert torch.equal(back.tensors["labels"], ids[1:])
+    with pytest.raises(TypeError, match="logprob_dtype must be a floating-point"):
+        save_sparse_teachers(path, a, logprob_dtype=torch.int8)
+    with pytest.raises(ValueError, match="keys starting with 'mtbkd.' are the file's own"):
+        save_sparse_teachers(path, a, metadata={"mtbkd.teacher0.vocab_size": "7"})
+
+
+def test_damaged_sparse_teacher_files_are_named(tmp_path):
+    from safetensors.torch import save_file
+
+    a = topk_teacher(torch.randn(4, 50), 4)
+    good = save_sparse_teachers(tmp_path / "good.safetensors", [a, a])
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(ValueError, match="cut.safetensors is not a readable safetensors file"):
+        load_sparse_teachers(cut)
+    for count, match in (("abc", "num_teachers is 'abc'"), ("0", "num_teachers is '0'"),
+                         ("2", "records 2 teachers but lacks teacher1.indices")):  # fmt: skip
+        path = tmp_path / f"n{count}.safetensors"
+        save_file({"teacher0.indices": a.indices.int(), "teacher0.logprobs": a.logprobs},
+                  str(path), metadata={"mtbkd.num_teachers": count})  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            load_sparse_teachers(path)
+    with pytest.raises(FileNotFoundError):
+        load_sparse_teachers(tmp_path / "none.safetensors")

@@ -433,3 +433,15 @@ def test_trainer_refuses_a_loss_that_is_not_a_mean():
 
 if __name__ == "__main__":  # a rank of test_ddp_gradients_are_all_reduced, started by torchrun
     _distill_ddp(sys.argv[1])
+
+
+def test_returned_outputs_hold_the_last_positions_own_logits():
+    # an audit: with check=True the outputs' logits were the probe's (magnitude 1000)
+    model = _llama(16).eval()
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        for check in (True, False):
+            *_, out = hidden_and_head(model, {"input_ids": ids}, return_outputs=True, check=check)
+            torch.testing.assert_close(out.logits, full[:, -1:], rtol=1e-5, atol=1e-5)
+            assert out["logits"] is out.logits

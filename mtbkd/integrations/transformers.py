@@ -236,7 +236,15 @@ def hidden_and_head(
                 f"- bias| = {float(err):.4g} on logits of magnitude {_PROBE:g}); the "
                 "fused-linear loss needs logits = hidden @ weight.T + bias"
             )
-    return (hidden, weight, bias, out) if return_outputs else (hidden, weight, bias)
+    if not return_outputs:
+        return hidden, weight, bias
+    if check:  # the head ran on the probe: the last position's own logits replace its output
+        last = F.linear(hidden[..., -1:, :], weight, bias)
+        if hasattr(out, "logits"):
+            out.logits = last
+        else:
+            out = (last, *out[1:])
+    return hidden, weight, bias, out
 
 
 class MultiTeacherDistillationTrainer(Trainer):
