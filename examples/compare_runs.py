@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from mtbkd import report
+from mtbkd import cli, report
 
 
 def merge(
@@ -76,7 +76,9 @@ def merge(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("base", type=Path, help="output folder of the base --seeds run")
     ap.add_argument("variant", type=Path, help="output folder of the variant --seeds run")
     ap.add_argument("--tag", required=True, help="suffix for the variant's method names")
@@ -97,6 +99,20 @@ def main() -> None:
                 f"--out {args.out} is, holds or lies inside the run {run}, whose summary it "
                 "would overwrite or mix with: choose a folder of its own"
             )
+    for p in (args.out, *args.out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise SystemExit(f"--out: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise SystemExit(f"--out: {p} is not a folder it can write to")
+            break
+    # never over a run, or over a summary other than an earlier comparison of this script
+    single, multi, pooled = cli._run_contents(args.out)
+    if single or multi or (pooled and not cli._read_json(args.out / "summary.json").get(
+            "compared_from")):  # fmt: skip
+        raise SystemExit(f"--out {args.out} holds a run or another summary "
+                         f"({', '.join((single + multi)[:4]) or 'summary.json'}): choose a folder "
+                         "of its own")  # fmt: skip
     only = None
     if args.methods is not None:
         only = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import sys
 import traceback
@@ -227,6 +228,26 @@ def built_in_folds(dataset: str, folds: int, seed: int) -> tuple[int, list[str],
     return len(y), [f"fold {k} of {folds}" for k in range(folds)], np.bincount(fold, None, folds)
 
 
+def check_out(ap: argparse.ArgumentParser, out: Path) -> None:
+    """``--out``: a folder (or one to make) that can be written to and holds nothing but an
+    earlier cross-fit of this script (its ``data/``, ``fold<k>/`` or ``summary.json`` with
+    ``folds``): another run's or summary's files would be overwritten or mixed in."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                ap.error(f"--out: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                ap.error(f"--out: {p} is not a folder it can write to")
+            break
+    single, multi, pooled = cli._run_contents(out)
+    summary = cli._read_json(out / "summary.json")
+    ours = (out / "data").is_dir() or (out / "fold0").is_dir() or summary.get("folds") is not None
+    if single or (multi and not ours) or (pooled and not ours):
+        found = single + multi + ["summary.json"] * (pooled and not ours)
+        ap.error(f"--out: {out} holds another run or summary ({', '.join(found[:4])}): choose a "
+                 "folder of its own")  # fmt: skip
+
+
 def run_distill(argv: list[str]) -> int:
     """``mtbkd ARGV`` in this process, and its exit status: a refusal's message, or an error's
     traceback, goes to stderr as the command's own process would print it. (A process per fold
@@ -235,6 +256,8 @@ def run_distill(argv: list[str]) -> int:
     try:
         return cli.main(argv) or 0
     except SystemExit as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C: this script's own message
+            raise KeyboardInterrupt from None
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr, flush=True)
             return 1
@@ -275,12 +298,13 @@ def main(argv: list[str] | None = None) -> None:
     if ours:
         ap.error(f"after --: {', '.join(ours)}: set by cross_fit.py itself (give its own "
                  "--seeds / --out / --data-dir / --dataset / --folds / --fold-seed)")  # fmt: skip
-    if args.out.exists() and not args.out.is_dir():
-        ap.error(f"--out: {args.out} is a file")
+    check_out(ap, args.out)
     try:
         seeds = report.parse_seeds(args.seeds)
     except ValueError as exc:
         ap.error(f"--seeds: {exc}")
+    # held until the script ends: a second command into OUT is refused before it rewrites OUT/data
+    lock = cli._lock_folder("cross_fit", args.out)  # noqa: F841 (closed when the process ends)
     if built_in:
         n_rows, names, sizes = built_in_folds(args.dataset, args.folds, args.fold_seed)
         fold_args = [

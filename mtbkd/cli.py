@@ -636,7 +636,10 @@ def _lock_folder(command: str, out: Path) -> int | None:
         import fcntl
     except ImportError:  # not POSIX: no lock
         return None
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a path under /proc, a file system that went read-only
+        raise SystemExit(f"mtbkd {command}: cannot make --out {out}: {exc.strerror}") from None
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1220,6 +1220,9 @@ def test_a_folder_another_run_is_writing_to_is_refused(tmp_path, capsys):
         os.close(held)
     again = cli._lock_folder("distill", out)  # released: the next run takes it
     os.close(again)
+    # a folder that cannot be made (under /proc, a file system gone read-only): no traceback
+    with pytest.raises(SystemExit, match="cannot make --out"):
+        cli._lock_folder("distill", Path("/proc/mtbkd-no-such/run"))
 
 
 def test_an_out_folder_it_cannot_write_to_is_refused_before_any_work(tmp_path, monkeypatch):

@@ -182,6 +182,16 @@ def test_cross_fit_runs_each_fold_in_process_with_the_commands_exit_status(monke
     with pytest.raises(KeyboardInterrupt):  # left to main's message: rerun to resume
         cross_fit.run_distill(["distill"])
 
+    def interrupted(argv):  # what cli.main makes of Ctrl-C: a message telling to add --resume,
+        try:  # which cross_fit.py refuses after --: its own message says to rerun the command
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemExit("mtbkd distill: interrupted; ... with --resume") from None
+
+    monkeypatch.setattr(cross_fit.cli, "main", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cross_fit.run_distill(["distill"])
+
 
 def test_cross_fit_stratified_folds_and_refusals(tmp_path, capfd):
     import numpy as np
@@ -264,3 +274,40 @@ def test_cross_fit_built_in_dataset(tmp_path, capfd):
         stderr = _refusal(base + extra, capfd)
         assert says in stderr, stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_cross_fit_and_compare_runs_never_write_into_another_run(tmp_path, capfd):
+    # an audit: --out naming a --seeds run had its seed reports and summary overwritten, and a
+    # refused second cross-fit had already rewritten the first one's OUT/data
+    from mtbkd import cli
+
+    seeds_run = tmp_path / "seeds_run"
+    (seeds_run / "seed0").mkdir(parents=True)
+    (seeds_run / "summary.json").write_text('{"seeds": [0]}')
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "report.json").write_text("{}")
+    for out in (seeds_run, single):
+        says = _refusal(["--dataset", "digits", "--folds", "2", "--out", str(out)], capfd)
+        assert "holds another run or summary" in says, says
+        proc = subprocess.run(
+            [sys.executable, str(EXAMPLES / "compare_runs.py"), "a", "b", "--tag", "t", "--out",
+             str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode != 0 and "holds a run or another summary" in proc.stderr
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    says = _refusal(["--dataset", "digits", "--folds", "2", "--out", str(afile / "sub")], capfd)
+    assert "is a file, not a folder" in says
+    # another cross-fit writing to OUT: refused before OUT/data is touched
+    busy = tmp_path / "busy"
+    held = cli._lock_folder("test", busy)
+    try:
+        d = _csv_dataset(tmp_path)
+        says = _refusal(["--dataset", "dir", "--data-dir", str(d), "--folds", "2", "--out",
+                         str(busy)], capfd)  # fmt: skip
+        assert "another mtbkd run is writing to" in says
+        assert not (busy / "data").exists()
+    finally:
+        import os
+
+        os.close(held)
