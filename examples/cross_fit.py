@@ -303,8 +303,23 @@ def main(argv: list[str] | None = None) -> None:
         seeds = report.parse_seeds(args.seeds)
     except ValueError as exc:
         ap.error(f"--seeds: {exc}")
-    # held until the script ends: a second command into OUT is refused before it rewrites OUT/data
-    lock = cli._lock_folder("cross_fit", args.out)  # noqa: F841 (closed when the process ends)
+    # held while the folds run: a second command into OUT is refused before it rewrites OUT/data
+    existed = args.out.exists()
+    lock = cli._lock_folder("cross_fit", args.out)
+    try:
+        run_folds(args, extra, seeds, built_in)
+    except SystemExit:
+        if not existed:  # refused before any fold ran (bad data): no empty folder left behind
+            cli._remove_if_empty(args.out)
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def run_folds(args: argparse.Namespace, extra: list[str], seeds: list[int],
+              built_in: bool) -> None:  # fmt: skip
+    """Write the folds' data (CSV datasets), run ``mtbkd distill`` on each fold, pool them."""
     if built_in:
         n_rows, names, sizes = built_in_folds(args.dataset, args.folds, args.fold_seed)
         fold_args = [
