@@ -1754,6 +1754,18 @@ def test_degenerate_rows_are_nan_on_every_backend(any_backend):
         loss.sum().backward()
         assert torch.isnan(loss[1]) and torch.isnan(zz.grad[1]).all(), (backend, div)
         assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(zz.grad[[0, 2]]).all()
+    # the MT-BKD loss too, with one teacher or two: with one teacher no weight carried the NaN on
+    # the CPU kernels, and the prior made the row +inf (found by an audit of sparse teachers)
+    y = torch.tensor([0, 1, 2], device=device)
+    ruled_out = t.clone()
+    ruled_out[0, 1] = -inf  # teacher 0 rules out every class of row 1
+    for k in (1, 2):
+        for zz, tt in ((z, cases[0][2]), (z, cases[1][2]), (z, ruled_out), (zb, t)):
+            zz = zz.clone().requires_grad_(True)
+            loss = mtbkd.mtbkd_loss(zz, tt[:k], y, reduction="none", check_finite=False)
+            loss.sum().backward()
+            assert torch.isnan(loss[1]) and torch.isnan(zz.grad[1]).all(), (backend, k)
+            assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(zz.grad[[0, 2]]).all()
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

@@ -590,6 +590,19 @@ void mtbkd_row(const LossParams<T, A>& p, int64_t i, A lgamma_v_lam, RowScratch<
     st.nonfinite(i, bad);
     return zero_row();
   }
+  // check_finite off: a NaN or +inf logit, or a student or teacher row of -inf alone, leaves no
+  // distribution: NaN, as kd_row and the Triton and CUDA kernels give (with one teacher no
+  // weight carried the NaN, and the prior made the loss +inf)
+  bool empty = !(s.S > A(0)) || !(s.S < kInf<A>);
+  for (int k = 0; k < K; ++k) empty = empty || !(ws.ta[k].A > A(0)) || !(ws.ta[k].A < kInf<A>);
+  if (empty) {
+    const A nan = std::numeric_limits<A>::quiet_NaN();
+    std::fill(grow, grow + V, static_cast<T>(nan));
+    p.loss[i] = p.prior[i] = p.ce[i] = nan;
+    for (int k = 0; k < K; ++k)
+      p.weights[k * N + i] = p.resp[k * N + i] = p.entropy[k * N + i] = nan;
+    return;
+  }
   const A logS = std::log(s.S);
   const A logS1 = nd.s1 ? std::log(s.S1) : logS;
   for (int k = 0; k < K; ++k) {
