@@ -180,18 +180,20 @@ def _positive_option(value: float, name: str) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
 
 
+def _check_logits_2d(x: Tensor, name: str, shape: str) -> None:
+    if x.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] == 0:
+        raise ValueError(f"{name} must {shape} with V > 0, got {tuple(x.shape)}")
+
+
 def _check_teacher_set(teachers: list[Tensor], n: int | None = None, v: int | None = None,
                        dtype: torch.dtype | None = None, device=None) -> None:  # fmt: skip
     if len(teachers) == 0:
         raise ValueError("teacher_logits must hold at least one teacher (K >= 1)")
     t0 = teachers[0]
     if dtype is None:
-        if t0.dtype not in _LOGIT_DTYPES:
-            raise TypeError(f"teacher_logits must be float32, float64, bfloat16 or float16, got "
-                            f"{t0.dtype}")  # fmt: skip
-        if t0.dim() != 2 or t0.shape[1] == 0:
-            raise ValueError(f"teacher_logits must be K tensors of shape [N, V] with V > 0, got "
-                             f"{tuple(t0.shape)}")  # fmt: skip
+        _check_logits_2d(t0, "teacher_logits", "be K tensors of shape [N, V]")
         n, v, dtype, device = t0.shape[0], t0.shape[1], t0.dtype, t0.device
     for k, t in enumerate(teachers):
         if t.device != device:
@@ -206,12 +208,7 @@ def _check_teacher_set(teachers: list[Tensor], n: int | None = None, v: int | No
 
 def _check_loss_op(student, teachers, labels, fixed_weights, weight_mode, temperature,
                    weight_temperature) -> None:  # fmt: skip
-    if student.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"student_logits must be float32, float64, bfloat16 or float16, got "
-                        f"{student.dtype}")  # fmt: skip
-    if student.dim() != 2 or student.shape[1] == 0:
-        raise ValueError(f"student_logits must have shape [N, V] with V > 0, got "
-                         f"{tuple(student.shape)}")  # fmt: skip
+    _check_logits_2d(student, "student_logits", "have shape [N, V]")
     n, v = student.shape
     _check_teacher_set(teachers, n, v, student.dtype, student.device)
     if labels is not None:
