@@ -36,6 +36,7 @@ import hashlib
 import itertools
 import json
 import math
+import numbers
 import os
 import time
 import warnings
@@ -201,25 +202,40 @@ class DistillConfig:
     num_threads: int = 1
 
     def __post_init__(self) -> None:
-        hidden = tuple(self.hidden)
-        if not hidden or any(isinstance(h, bool) or int(h) != h or h < 1 for h in hidden):
+        """Checks every field by name (also run again when a run starts: the dataclass is mutable)
+        and stores numbers as Python ints and floats (numpy's would not go into report.json)."""
+        try:
+            hidden = tuple(self.hidden)
+            ok = bool(hidden) and all(
+                validate._is_number(h) and math.isfinite(h) and int(h) == h and h >= 1
+                for h in hidden
+            )
+        except TypeError:
+            ok = False
+        if not ok:
             raise ValueError(f"hidden must list positive integer layer widths, got {self.hidden!r}")
         self.hidden = tuple(int(h) for h in hidden)
+        if isinstance(self.methods, str) or not all(isinstance(m, str) for m in self.methods):
+            raise TypeError(f"methods must be a sequence of method names, got {self.methods!r}")
         self.methods = tuple(self.methods)
-        self.sgld_grid = tuple(float(v) for v in self.sgld_grid)
-        self.sgld_prior_grid = tuple(float(v) for v in self.sgld_prior_grid)
-        for v in self.sgld_grid:
-            if not v > 0:
-                raise ValueError(f"sgld_grid values must be positive, got {v}")
-        for v in self.sgld_prior_grid:
-            if not v >= 0:
-                raise ValueError(f"sgld_prior_grid values must be non-negative, got {v}")
-        for name in INT_FIELDS:  # a whole float (JSON's 64.0) is the integer
+        if not self.methods:
+            raise ValueError("methods names no method")
+        self.sgld_grid = _number_list("sgld_grid", self.sgld_grid, positive=True)
+        self.sgld_prior_grid = _number_list("sgld_prior_grid", self.sgld_prior_grid)
+        for name in INT_FIELDS:  # a whole float (JSON's 64.0) is the integer, numpy's ints too
             v = getattr(self, name)
             if isinstance(v, float) and v.is_integer():
                 setattr(self, name, int(v))
-            elif isinstance(v, bool) or not isinstance(v, int):
+            elif isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{name} must be an integer, got {v!r}")
+            else:
+                setattr(self, name, int(v))
+        if not 0 <= self.seed < 2**63:  # torch's and numpy's generators take no more
+            raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
+        if self.num_threads > 1024:  # torch.set_num_threads(10**6) crashed the process
+            raise ValueError(
+                f"num_threads must be at most 1024 (0: torch's own), got {self.num_threads}"
+            )
         for name in (
             "batch_size",
             "num_samples",
@@ -236,12 +252,24 @@ class DistillConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         for name in ("map_lr", "sgld_lr", "temperature", "concentration", "kd_temperature"):
-            validate.check_positive(getattr(self, name), name)
+            setattr(self, name, validate.check_positive(getattr(self, name), name))
         for name in ("weight_decay", "sgld_temperature", "prior_weight", "hard_label_weight",
                      "kd_weight"):  # fmt: skip
-            validate.check_real(getattr(self, name), name, nonnegative=True)
+            setattr(self, name, validate.check_real(getattr(self, name), name, nonnegative=True))
         if self.sgld_prior_precision is not None:
-            validate.check_real(self.sgld_prior_precision, "sgld_prior_precision", nonnegative=True)
+            self.sgld_prior_precision = validate.check_real(
+                self.sgld_prior_precision, "sgld_prior_precision", nonnegative=True
+            )
+        for name in ("teacher_other_fraction", "burn_in", "val_fraction"):  # ranges below
+            setattr(self, name, validate.check_real(getattr(self, name), name))
+        if self.teacher_folds == 1:
+            raise ValueError("teacher_folds must be 0 (no cross-fitted teacher logits) or at "
+                             "least 2, got 1")  # fmt: skip
+        if self.teacher_folds == 0 and self.teacher_calibrate:  # was silently no calibration
+            raise ValueError(
+                "teacher_calibrate fits each teacher's temperature on its out-of-fold logits, "
+                "which need teacher_folds >= 2: with teacher_folds=0 set teacher_calibrate=False"
+            )
         if not 0.0 <= self.teacher_other_fraction <= 1.0:
             raise ValueError(
                 f"teacher_other_fraction must lie in [0, 1], got {self.teacher_other_fraction}"
@@ -374,6 +402,29 @@ GRID_CHOICES = {"weights": ("entropy", "uniform")}
 Grid = Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]]
 
 
+def _number_list(name: str, values: Any, positive: bool = False) -> tuple[float, ...]:
+    """A config's list of finite numbers (positive, or non-negative) as floats; values that
+    name one checkpoint folder (equal in ``%g``) are refused: their runs would share it."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a list of numbers, got {values!r}")
+    bound = "positive" if positive else "non-negative"
+    for v in values:
+        if (not validate._is_number(v) or not math.isfinite(v)
+                or not (v > 0 or (v == 0 and not positive))):  # fmt: skip
+            raise ValueError(f"{name} values must be {bound} finite numbers, got {v!r}")
+    out = tuple(float(v) for v in values)
+    _distinct_tags(name, out)
+    return out
+
+
+def _distinct_tags(name: str, values: Sequence[float]) -> None:
+    tags = [_fmt(v) for v in values]
+    same = sorted({t for t in tags if tags.count(t) > 1})
+    if same:
+        raise ValueError(f"{name} holds values that agree to 6 digits ({', '.join(same)}): give "
+                         "each once (their runs would share one checkpoint folder)")  # fmt: skip
+
+
 def _check_grid(name: str, grid: Any) -> dict[str, tuple] | list[dict[str, tuple]]:
     """``grid`` validated, its value lists as tuples: a mapping stays a mapping, a list or tuple
     of mappings (at least one) becomes a list."""
@@ -404,10 +455,7 @@ def _check_grid(name: str, grid: Any) -> dict[str, tuple] | list[dict[str, tuple
                     )
                 checked[key] = tuple(values)
                 continue
-            ok = all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                for v in values
-            )
+            ok = all(validate._is_number(v) and math.isfinite(v) for v in values)  # numpy's too
             if not ok:
                 raise ValueError(
                     f"{name}[{key!r}] must be a non-empty list of numbers, got {values!r}"
@@ -417,6 +465,7 @@ def _check_grid(name: str, grid: Any) -> dict[str, tuple] | list[dict[str, tuple
                 bound = "non-negative" if low is not None else "positive"
                 raise ValueError(f"{name}[{key!r}] values must be {bound}, got {list(values)}")
             checked[key] = tuple(float(v) for v in values)
+            _distinct_tags(f"{name}[{key!r}]", checked[key])
         out.append(checked)
     return out[0] if single else out
 
@@ -633,6 +682,18 @@ def _head_of(model: nn.Module, head: str | None) -> tuple[str, nn.Module]:
     if not linears:
         raise ValueError("the student has no nn.Linear to sample; pass head=<submodule name>")
     return linears[-1]
+
+
+def _check_head(model: nn.Module, head: str | None) -> None:
+    """``head`` names a submodule of ``model`` with parameters (None: the default choice)."""
+    if head is not None and not isinstance(head, str):
+        raise TypeError(f"head must be a submodule name or None, got {type(head).__name__}")
+    try:
+        name, mod = _head_of(model, head)
+    except AttributeError:
+        raise ValueError(f"head={head!r} names no submodule of the student") from None
+    if not any(True for _ in mod.parameters()):
+        raise ValueError(f"head={name!r} has no parameters to sample ({type(mod).__name__})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1569,9 +1630,10 @@ def _teacher_tensor(teachers, x: Tensor) -> Tensor:
             f"teacher logits must be [K, N, C] with N = {x.shape[0]} rows (one per example), "
             f"got {tuple(t.shape)}"
         )
+    t = t.float()  # checked after the cast: float64 logits beyond float32's range become inf
     if not torch.isfinite(t).all():
-        raise ValueError("teacher logits have NaN or infinite values")
-    return t.float()
+        raise ValueError("teacher logits have NaN or infinite values (or values beyond float32)")
+    return t
 
 
 METHOD_KINDS = ("ce", "avg_kd", "entropy_kd", "avg_bkd", "mtbkd_map", "mtbkd_sgld")
@@ -1620,6 +1682,8 @@ def _labels_for(y, num_classes: int, name: str, rows: int) -> Tensor:
         raise TypeError(f"{name} must hold integer class indices, got dtype {y.dtype}")
     if tuple(y.shape) != (rows,):
         raise ValueError(f"{name} must be [N] with N = {rows} rows, got shape {tuple(y.shape)}")
+    if y.dtype in (torch.uint16, torch.uint32, torch.uint64):  # min/max fail on them
+        y = y.long()
     if rows and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(
             f"{name} must lie in 0..{num_classes - 1} (the student's {num_classes} classes), "
@@ -1670,6 +1734,7 @@ def distill(
     config = DistillConfig() if config is None else config
     if not isinstance(config, DistillConfig):
         raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
+    config.__post_init__()  # fields set after construction are checked too
     # a forked RNG: the caller's random state is neither used nor changed
     with _threads(config.num_threads), torch.random.fork_rng(devices=[]):
         return _distill(student, teachers, x, y, config, method, head, checkpoint_dir, validation)
@@ -1719,6 +1784,10 @@ def _distill(
         t = torch.cat([t, average_teacher_logits(t)[None]])
     if sample and config.sgld_epochs < 1:
         raise ValueError(f"method {method!r} samples with SGLD: sgld_epochs must be at least 1")
+    if sample:  # the part SGLD samples, before the MAP phase (a bad name failed after it)
+        _check_head(student, head)
+    if validation is not None and len(validation[1]) == 0:
+        raise ValueError("validation holds no rows: give (x_val, y_val) with at least one row")
     teach = t[list(obj.teachers)] if obj.teachers else None
     data = TrainData(x, y, teach)
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -2260,7 +2329,10 @@ def run_experiment(
 ) -> ExperimentResult:
     """Every method of ``config.methods`` on ``dataset``: hyperparameters chosen by validation
     NLL on a stratified split of the training rows, metrics on the test rows."""
-    config = config or DistillConfig()
+    config = DistillConfig() if config is None else config
+    if not isinstance(config, DistillConfig):  # {} ran the defaults; a dict failed later
+        raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
+    config.__post_init__()  # fields set after construction are checked too
     # a forked RNG: the caller's random state is neither used nor changed
     with _threads(config.num_threads), torch.random.fork_rng(devices=[]):
         return _run_experiment(dataset, config, checkpoint_dir, log)

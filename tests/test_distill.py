@@ -1298,3 +1298,69 @@ def test_ece_p_counts_a_tie_read_a_rounding_step_below():
     draws = torch.tensor([0.1208391413, 0.05, 0.2], dtype=torch.float32)
     assert distill.ece_p_value(draws, ece) == 3 / 4
     assert distill.ece_p_value(torch.tensor([0.1, 0.05]), ece) == 1 / 3  # clearly below: not
+
+
+def test_config_fields_are_checked_by_name_and_stored_as_python_numbers():
+    # an audit: numpy floats were kept (report.json then failed after the whole experiment),
+    # num_threads=10**6 crashed the process, inf learning rates and colliding grid values failed
+    # after the MAP phase, and several fields gave raw Python errors naming nothing
+    c = distill.DistillConfig(
+        map_lr=np.float32(1e-2), batch_size=np.int64(8), burn_in=np.float64(0.2)
+    )
+    assert type(c.map_lr) is float and type(c.batch_size) is int and type(c.burn_in) is float
+    json.dumps(c.to_dict())
+    distill.DistillConfig(teacher_folds=0, teacher_calibrate=False)  # no folds, no calibration
+    grid = distill.DistillConfig(mtbkd_grid={"prior_weight": (np.float32(0.5), np.int64(2))})
+    assert grid.mtbkd_grid == {"prior_weight": (0.5, 2.0)}
+    bad = [
+        ({"num_threads": 10**6}, ValueError, "num_threads must be at most 1024"),
+        ({"seed": 2**64}, ValueError, r"seed must lie in \[0, 2\*\*63\)"),
+        ({"seed": -5}, ValueError, "seed must lie in"),
+        ({"sgld_grid": (float("inf"),)}, ValueError, "sgld_grid values must be positive finite"),
+        ({"sgld_prior_grid": (float("inf"),)}, ValueError, "sgld_prior_grid values must be"),
+        ({"sgld_grid": 1e-3}, TypeError, "sgld_grid must be a list of numbers"),
+        ({"sgld_grid": ("x",)}, ValueError, "sgld_grid values must be"),
+        ({"sgld_grid": (True,)}, ValueError, "sgld_grid values must be"),
+        ({"sgld_grid": (1e-3, 1.0000001e-3)}, ValueError, "agree to 6 digits"),
+        ({"mtbkd_grid": {"prior_weight": (0.5, 0.5000001)}}, ValueError, "agree to 6 digits"),
+        ({"hidden": (float("nan"),)}, ValueError, "hidden must list positive integer"),
+        ({"hidden": 5}, ValueError, "hidden must list positive integer"),
+        ({"burn_in": "0.1"}, TypeError, "burn_in must be a number"),
+        ({"burn_in": False}, TypeError, "burn_in must be a number"),
+        ({"teacher_other_fraction": None}, TypeError, "teacher_other_fraction must be a number"),
+        ({"methods": (1,)}, TypeError, "methods must be a sequence of method names"),
+        ({"methods": ()}, ValueError, "methods names no method"),
+        ({"teacher_folds": 1}, ValueError, "teacher_folds must be 0 .* or at least 2"),
+        ({"teacher_folds": 0}, ValueError, "with teacher_folds=0 set teacher_calibrate=False"),
+    ]
+    for change, err, match in bad:
+        with pytest.raises(err, match=match):
+            distill.DistillConfig(**change)
+
+
+def test_runs_recheck_a_mutated_config_and_refuse_bad_inputs_before_training():
+    x, y, t = halves_problem(6, seed=1)
+    c = replace(QUICK)
+    c.num_samples = 0  # set after construction: was a ZeroDivisionError after the MAP phase
+    with pytest.raises(ValueError, match="num_samples must be at least 1"):
+        distill.distill(_student(), t, x, y, c)
+    with pytest.raises(ValueError, match="num_samples must be at least 1"):
+        distill.run_experiment(_tiny_dataset(), c, log=lambda m: None)
+    with pytest.raises(TypeError, match="config must be a DistillConfig, got dict"):
+        distill.run_experiment(_tiny_dataset(), {}, log=lambda m: None)
+    # a head without parameters, or of no name, before the MAP phase
+    with pytest.raises(ValueError, match="head='nope' names no submodule"):
+        distill.distill(_student(), t, x, y, QUICK, head="nope")
+    with pytest.raises(ValueError, match="has no parameters to sample"):
+        distill.distill(_student(), t, x, y, QUICK, head="body.1")
+    with pytest.raises(ValueError, match="validation holds no rows"):
+        distill.distill(_student(), t, x, y, QUICK, method="mtbkd_map", validation=(x[:0], y[:0]))
+    # float64 teachers beyond float32's range: refused up front on the tensor path too
+    t64 = t.double().clone()
+    t64[0, 3, 1] = 1e39
+    with pytest.raises(ValueError, match="teacher logits have NaN or infinite values"):
+        distill.distill(_student(), t64, x, y, QUICK)
+    # unsigned label dtypes work like the signed ones
+    for dtype in (np.uint16, np.uint32, np.uint64):
+        r = distill.distill(_student(), t, x, y.numpy().astype(dtype), QUICK, method="ce")
+        assert r is not None
