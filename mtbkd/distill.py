@@ -1389,8 +1389,9 @@ def evaluate_probs(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[s
     the observed ECE) / (1 + draws)``, a p-value of "calibrated" (small: miscalibration the test
     rows can detect); and ``overconfidence``, the mean confidence minus the accuracy (its
     direction: below 0, under-confident)."""
-    if probs.dim() == 2:
-        probs = probs.unsqueeze(0)
+    from mtbkd import metrics as M
+
+    probs = M._samples(probs)  # [S, N, C] (a [N, C] one sample), checked by name
     return _metrics_of_rows(_row_stats(probs, labels, level), labels)
 
 
@@ -1745,12 +1746,21 @@ def _distill(
 ) -> DistillResult:
     if not isinstance(student, nn.Module):
         raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
-    if method not in METHOD_KINDS and not method.startswith("bkd_"):
+    if not isinstance(method, str) or (method not in METHOD_KINDS
+                                       and not method.startswith("bkd_")):  # fmt: skip
         raise ValueError(f"unknown method {method!r}: one of {', '.join(METHOD_KINDS)} or "
                          "bkd_<teacher>")  # fmt: skip
     x = _features_for(student, x, "x")
     if x.shape[0] == 0:
         raise ValueError("x has no rows")
+    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
+    if batch_norm and x.shape[0] % config.batch_size == 1 and x.shape[0] > 1:
+        # (the last batch of each epoch: batch norm cannot train on one row)
+        raise ValueError(
+            f"batch_size={config.batch_size} leaves a last batch of one row of the "
+            f"{x.shape[0]}, which the student's batch norm cannot train on: choose another "
+            "batch_size"
+        )
     # the student's class count (eval mode: a batch norm cannot train on one row)
     c = _logits_of(student, x[:1], "student").shape[-1]
     y = _labels_for(y, c, "y", x.shape[0])

@@ -1364,3 +1364,19 @@ def test_runs_recheck_a_mutated_config_and_refuse_bad_inputs_before_training():
     for dtype in (np.uint16, np.uint32, np.uint64):
         r = distill.distill(_student(), t, x, y.numpy().astype(dtype), QUICK, method="ce")
         assert r is not None
+
+
+def test_batch_norm_last_batch_of_one_row_and_bad_arguments_are_refused_up_front():
+    # an audit: a batch-norm student crashed in the MAP phase when N % batch_size == 1; method
+    # None and 1-D or numpy probabilities were raw AttributeError / IndexError
+    x, y, t = halves_problem(6, seed=1)
+    n = x.shape[0]
+    with pytest.raises(ValueError, match="leaves a last batch of one row"):
+        distill.distill(_BatchNormStudent(), t[:, : n - 3], x[: n - 3], y[: n - 3],
+                        replace(QUICK, batch_size=(n - 4)), method="ce")  # fmt: skip
+    with pytest.raises(ValueError, match="unknown method None"):
+        distill.distill(_student(), t, x, y, QUICK, method=None)
+    with pytest.raises(ValueError, match=r"probs must have shape \[S, N, C\] or \[N, C\]"):
+        distill.evaluate_probs(torch.tensor([0.5, 0.5]), torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="probs must be a torch.Tensor"):
+        distill.evaluate_probs(np.full((2, 2), 0.5), torch.tensor([0, 1]))
