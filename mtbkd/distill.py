@@ -111,6 +111,10 @@ class DistillConfig:
     "prior_weight": [0.1, 0.5]}, {"concentration": [0.01], "prior_weight": [250, 500]}]``).
     ``mtbkd_grid`` may also tune ``weights`` (``"entropy"`` / ``"uniform"``, the mixture's
     per-example teacher weights); the single-teacher BKDs ignore it (one teacher has weight 1).
+    A field that every part of a grid tunes is not used by the pipeline (the grid's values are:
+    ``prior_weight=7.0`` with the default ``mtbkd_grid`` changes nothing); :meth:`grid_tuning`
+    names that grid. ``mtbkd distill --set`` refuses such a field; this class does not, so that a
+    preset may hold both.
     """
 
     hidden: tuple[int, ...] = (128,)
