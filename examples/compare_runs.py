@@ -99,13 +99,7 @@ def main() -> None:
                 f"--out {args.out} is, holds or lies inside the run {run}, whose summary it "
                 "would overwrite or mix with: choose a folder of its own"
             )
-    for p in (args.out, *args.out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise SystemExit(f"--out: {p} is a file, not a folder")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise SystemExit(f"--out: {p} is not a folder it can write to")
-            break
+    cli._check_out_folder("summarise", args.out, prog="compare_runs")
     # never over a run, or over a summary other than an earlier comparison of this script
     single, multi, pooled = cli._run_contents(args.out)
     if single or multi or (pooled and not cli._read_json(args.out / "summary.json").get(

@@ -232,13 +232,7 @@ def check_out(ap: argparse.ArgumentParser, out: Path) -> None:
     """``--out``: a folder (or one to make) that can be written to and holds nothing but an
     earlier cross-fit of this script (its ``data/``, ``fold<k>/`` or ``summary.json`` with
     ``folds``): another run's or summary's files would be overwritten or mixed in."""
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                ap.error(f"--out: {p} is a file, not a folder")
-            if not os.access(p, os.W_OK | os.X_OK):
-                ap.error(f"--out: {p} is not a folder it can write to")
-            break
+    cli._check_out_folder("distill", out, prog="cross_fit")
     single, multi, pooled = cli._run_contents(out)
     summary = cli._read_json(out / "summary.json")
     ours = (out / "data").is_dir() or (out / "fold0").is_dir() or summary.get("folds") is not None
@@ -305,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--seeds: {exc}")
     # held while the folds run: a second command into OUT is refused before it rewrites OUT/data
     existed = args.out.exists()
-    lock = cli._lock_folder("cross_fit", args.out)
+    lock = cli._lock_folder("distill", args.out, prog="cross_fit")
     try:
         run_folds(args, extra, seeds, built_in)
     except SystemExit:

@@ -626,12 +626,14 @@ def _run_pipeline(args: argparse.Namespace) -> int:
             os.close(lock)  # (the lock goes with it)
 
 
-def _lock_folder(command: str, out: Path) -> int | None:
+def _lock_folder(command: str, out: Path, *, prog: str | None = None) -> int | None:
     """Make ``out`` and hold an exclusive lock on it for this process's run, so that a second
     run into the same ``--out`` is refused rather than sharing its checkpoints and temporary
     files (two such runs crashed, or one's results silently replaced the other's). The lock is
     ``flock`` on the folder itself (no lock file is left); released when the process ends,
-    killed or not. Returns the folder's descriptor (None where ``fcntl`` is missing)."""
+    killed or not. Returns the folder's descriptor (None where ``fcntl`` is missing). ``prog``:
+    what a message starts with (default ``mtbkd COMMAND``)."""
+    prog = prog or f"mtbkd {command}"
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -639,14 +641,14 @@ def _lock_folder(command: str, out: Path) -> int | None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a path under /proc, a file system that went read-only
-        raise SystemExit(f"mtbkd {command}: cannot make --out {out}: {exc.strerror}") from None
+        raise SystemExit(f"{prog}: cannot make --out {out}: {exc.strerror}") from None
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         raise SystemExit(
-            f"mtbkd {command}: another mtbkd run is writing to {out}: wait for it to finish (then "
+            f"{prog}: another mtbkd run is writing to {out}: wait for it to finish (then "
             "--resume it, or read its report), or choose another --out"
         ) from None
     return fd
@@ -660,17 +662,21 @@ def _remove_if_empty(folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _check_out_folder(command: str, out: Path, given: Path | None = None) -> None:
-    """``out`` must be a folder, or a path whose nearest existing part is a folder; ``given``:
-    the ``--out`` the user gave, where ``out`` is its folder (predict's CSV file)."""
+def _check_out_folder(
+    command: str, out: Path, given: Path | None = None, *, prog: str | None = None
+) -> None:
+    """``out`` must be a folder it can write to, or a path whose nearest existing part is one;
+    ``given``: the ``--out`` the user gave, where ``out`` is its folder (predict's CSV file).
+    ``prog``: what the message starts with (default ``mtbkd COMMAND``; the examples' own)."""
+    prog = prog or f"mtbkd {command}"
     for p in (out, *out.parents):
         if p.exists():
             what = "--out" if p == out and given is None else f"--out {given or out}: {p}"
             if not p.is_dir():
-                raise SystemExit(f"mtbkd {command}: {what} is a file, not a folder")
+                raise SystemExit(f"{prog}: {what} is a file, not a folder")
             # a read-only folder (or file system) failed after the teachers were trained
             if not os.access(p, os.W_OK | os.X_OK):
-                raise SystemExit(f"mtbkd {command}: {what} is not a folder it can write to")
+                raise SystemExit(f"{prog}: {what} is not a folder it can write to")
             return
 
 

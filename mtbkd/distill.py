@@ -2866,12 +2866,11 @@ def load_run(run_dir: str | Path):
         raise FileNotFoundError(f"{run} is not a saved run (no run.json)")
     from safetensors import SafetensorError
 
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{meta_path} is damaged (not JSON: {exc})") from None
+    from mtbkd.report import read_json
+
+    meta = read_json(meta_path)  # not JSON, or no object: an error naming the file
     need = ("in_features", "num_classes", "hidden", "feature_kind", "teacher_names", "config")
-    missing = [k for k in need if k not in meta] if isinstance(meta, dict) else list(need)
+    missing = [k for k in need if k not in meta]
     if missing:
         raise ValueError(f"{meta_path} is damaged or not a run's (it lacks {', '.join(missing)})")
     chains = int(meta.get("num_chains", 1))

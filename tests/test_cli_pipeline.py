@@ -145,7 +145,8 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
         r"bad/samples.safetensors cannot be read as part of this run \(SafetensorError",
     )
     damaged(lambda d: (d / "run.json").write_text("{"), r"bad/run.json is damaged \(not JSON")
-    damaged(lambda d: (d / "run.json").write_text("[]"), r"bad/run.json is damaged or not a run")
+    damaged(lambda d: (d / "run.json").write_text("[]"), r"bad/run.json is damaged \(a JSON list")
+    damaged(lambda d: (d / "run.json").write_text("{}"), r"bad/run.json is damaged or not a run")
     damaged(
         lambda d: (d / "student.safetensors").unlink(),
         "not a complete saved run: student.safetensors is missing",
