@@ -21,7 +21,6 @@ the rows before it are printed first).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,18 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_bayes as BB  # noqa: E402  (the eager step and the compile options of the CPU suite)
+from bench_gpu import positive_int, write_json  # noqa: E402
 
 from mtbkd import ops  # noqa: E402
 from mtbkd.nn import BayesLinear, record_kl  # noqa: E402
 
 METHODS = ("triton", "cuda", "eager", "compiled_eager_rng")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def make_step(method: str, size: int, batch: int, dtype: torch.dtype, device: str):
@@ -101,14 +94,17 @@ def measure(fns: dict, rounds: int, device: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bayes_step_gpu.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=_positive, default=4096, help="in = out features")
-    ap.add_argument("--batch", type=_positive, default=128)
+    ap.add_argument("--size", type=positive_int, default=4096, help="in = out features")
+    ap.add_argument("--batch", type=positive_int, default=128)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--rounds", type=_positive, default=20)
+    ap.add_argument("--rounds", type=positive_int, default=20)
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (no GPU needed)")
-    ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="also write the numbers to this file (its folder is made)")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.json is not None and (a.json.is_dir() or a.json.parent.is_file()):  # before measuring
+        ap.error(f"--json {a.json}: not a file path (a folder, or under a file)")
     device = "cpu" if a.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device (torch.cuda.is_available() is False); --dry-run runs on CPU")
@@ -148,9 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         ms[slow] = pair[slow]
         row(slow, pair[slow], pair.get(best))
     if a.json:
-        Path(a.json).write_text(json.dumps({"size": size, "batch": batch, "dtype": a.dtype,
-                                            "device": name, "ms": ms, "skipped": skipped},
-                                           indent=2))  # fmt: skip
+        write_json(a.json, {"size": size, "batch": batch, "dtype": a.dtype, "device": name,
+                            "ms": ms, "skipped": skipped})  # fmt: skip
     return 0
 
 

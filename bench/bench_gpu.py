@@ -478,19 +478,51 @@ def plot(results: dict, out_dir: Path) -> None:
         plt.close(fig)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 rows, columns or teachers put an error in every cell,
+    a negative count raised a traceback, after the copy-bandwidth measurement)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def write_json(path: Path | str, obj) -> None:
+    """``obj`` as JSON at ``path`` (its folder made), written beside it and renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="results folder")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU shapes (tests the script)")
-    p.add_argument("--n", type=int, default=8192)
-    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
-    p.add_argument("--teachers", type=int, nargs="+", default=[1, 3])
+    p.add_argument("--n", type=positive_int, default=8192)
+    p.add_argument("--vocab", type=positive_int, nargs="+", default=[32000, 128256])
+    p.add_argument("--teachers", type=positive_int, nargs="+", default=[1, 3])
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--budget-s", type=float, default=200.0,
+    p.add_argument("--budget-s", type=positive_float, default=200.0,
                    help="after this many seconds only the fused methods still run")  # fmt: skip
-    p.add_argument("--reps", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--reps", type=positive_int, default=100, help="do_bench repetition time, ms")
     a = p.parse_args(argv)
     if a.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")

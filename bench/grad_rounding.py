@@ -20,7 +20,6 @@ exits 1 if a fused backend failed or left an element farther than that from the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -107,23 +106,11 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (0 rows, columns or teachers put an error in every cell;
-    a negative count raised a traceback)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=_positive_int, default=256)
-    p.add_argument("--vocab", type=_positive_int, default=8192)
-    p.add_argument("--teachers", type=_positive_int, default=3)
+    p.add_argument("--n", type=bench_gpu.positive_int, default=256)
+    p.add_argument("--vocab", type=bench_gpu.positive_int, default=8192)
+    p.add_argument("--teachers", type=bench_gpu.positive_int, default=3)
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
     p.add_argument("--methods", nargs="+", choices=["eager", *ops.BACKENDS],
@@ -139,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(a.n, a.vocab, a.teachers, a.device, methods)
     print(table(res))
     if a.out is not None:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(res, indent=1) + "\n")
+        bench_gpu.write_json(a.out, res)
     bad = [f"{r['loss']}/{m}" for r in res["rows"] for m in methods if m != "eager"
            and ("error" in r[m] or r[m]["not_nearest"] > 0)]  # fmt: skip
     if a.check and bad:

@@ -127,7 +127,8 @@ def main(argv=None) -> int:
                     choices=["float32", "bfloat16", "float16", "float64"])  # fmt: skip
     ap.add_argument("--steps", type=int, default=7, help="timed steps per process")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per setting")
-    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="also write the results as JSON here (its folder is made)")  # fmt: skip
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     for name in ("n", "vocab", "teachers", "steps", "rounds"):
@@ -136,14 +137,19 @@ def main(argv=None) -> int:
     if a.child:
         print(json.dumps(measure(a.loss[0], a.n, a.vocab, a.teachers, a.dtype[0], a.steps)))
         return 0
+    if a.out is not None and (a.out.is_dir() or a.out.parent.is_file()):  # before measuring
+        ap.error(f"--out {a.out}: not a file path (a folder, or under a file)")
     res = run(a.loss, a.n, a.vocab, a.teachers, a.dtype, a.steps, a.rounds)
     from mtbkd.info import huge_pages_status
 
     res["kernel_setting"] = huge_pages_status(environ={})
     print(table(res))
     print(f"\nHuge pages here without the variable: {res['kernel_setting']}")
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    if a.out is not None:
+        sys.path.insert(0, str(ROOT))
+        from bench.bench_gpu import write_json
+
+        write_json(a.out, res)
     return 0
 
 

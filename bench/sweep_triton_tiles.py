@@ -24,10 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_gpu  # noqa: E402  (the same inputs, byte model and measurement as the benchmark)
-from mtbkd.kernels import losses as kl  # noqa: E402
+from bench_gpu import positive_float, positive_int  # noqa: E402
 
 
 def sweep(args) -> dict:
+    # imported here: a dry run sets TRITON_INTERPRET first (the kernels read it when imported)
+    from mtbkd.kernels import losses as kl
+
     device = "cpu" if args.dry_run else "cuda"
     dtype = bench_gpu.DTYPES[args.dtype]
     elem = torch.finfo(dtype).bits // 8
@@ -106,25 +109,33 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU shapes (tests the script)")
-    p.add_argument("--n", type=int, default=8192)
-    p.add_argument("--v", type=int, default=128256)
-    p.add_argument("--k", type=int, nargs="+", default=[3])
+    p.add_argument("--n", type=positive_int, default=8192)
+    p.add_argument("--v", type=positive_int, default=128256)
+    p.add_argument("--k", type=positive_int, nargs="+", default=[3])
     p.add_argument("--dtype", default="bfloat16", choices=sorted(bench_gpu.DTYPES))
     p.add_argument("--losses", nargs="+", default=["forward_kl", "reverse_kl", "mtbkd_cached"],
                    choices=bench_gpu.LOSSES)  # fmt: skip
-    p.add_argument("--blocks", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    p.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
-    p.add_argument("--reps", type=int, default=100, help="do_bench time budget per tile, ms")
-    p.add_argument("--budget-s", type=float, default=240.0, help="stop starting tiles after this")
-    p.add_argument("--copy-bytes", type=int, default=2**31)
+    p.add_argument("--blocks", type=positive_int, nargs="+", default=[512, 1024, 2048, 4096])
+    p.add_argument("--warps", type=positive_int, nargs="+", default=[4, 8, 16])
+    p.add_argument(
+        "--reps", type=positive_int, default=100, help="do_bench time budget per tile, ms"
+    )
+    p.add_argument("--budget-s", type=positive_float, default=240.0,
+                   help="stop starting tiles after this")  # fmt: skip
+    p.add_argument("--copy-bytes", type=positive_int, default=2**31)
     args = p.parse_args(argv)
     if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels on CPU tensors
         args.n, args.v, args.copy_bytes = 3, 50, 2**16
         args.blocks = [a for a in args.blocks if a <= 64] or [16, 32]
         args.warps = args.warps[:1]
     elif not torch.cuda.is_available():
         p.error("no CUDA device: use --dry-run on a machine without a GPU")
-    sweep(args)
+    out = sweep(args)
+    if not any("best" in r for r in out["runs"]):  # every tile failed (see tiles.json)
+        print(f"no tile was measured: see the errors in {Path(args.out) / 'tiles.json'}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -114,6 +114,15 @@ def philox_normal(
     ``backend="reference"`` uses integer torch ops; ``"cpu"`` the C++ generator.
     """
     seed, offset = _check_seed(seed, offset)
+    for name, v, hi in (("n", n, None), ("stream", stream, 2**32)):
+        if not isinstance(v, int) and isinstance(v, numbers.Integral):
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if v < 0 or (hi is not None and v >= hi):
+            bound = "in [0, 2**32)" if hi else "non-negative"
+            raise ValueError(f"{name} must be {bound}, got {v}")
+    n, stream = int(n), int(stream)
     if backend == "cpu":
         return torch.ops.mtbkd_C.philox_normal(seed, offset, stream, n)
     if backend != "reference":

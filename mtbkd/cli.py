@@ -539,7 +539,7 @@ def _run_one(args: argparse.Namespace, seed: int, out: Path) -> dict:
         result = distill.run_experiment(
             dataset, config, checkpoint_dir=out / "checkpoints", log=lambda m: print(m, flush=True)
         )
-    except distill.CheckpointError as exc:
+    except (distill.CheckpointError, distill.TrainingDivergedError) as exc:
         raise SystemExit(f"mtbkd {args.command}: {exc}") from None
     result.data_digest = getattr(args, "data_sha256", None)
     distill.save_run(result, out, dataset)

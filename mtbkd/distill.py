@@ -61,6 +61,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointMismatchError",
+    "TrainingDivergedError",
     "Objective",
     "StudentMLP",
     "DistillResult",
@@ -773,6 +774,11 @@ class CheckpointMismatchError(CheckpointError):
     """A checkpoint was written by a run with other data or settings than the one resuming it."""
 
 
+class TrainingDivergedError(FloatingPointError):
+    """The student's logits became NaN or infinite during training (a step too large for the
+    student, or the loss overflowed): the run stops rather than return a NaN model."""
+
+
 class CheckpointCorruptError(CheckpointError):
     """A checkpoint file (or the samples file it names) is damaged: truncated, or its contents
     differ from what was written (the zip CRCs of a ``.pt``, the SHA-256 recorded for samples)."""
@@ -942,9 +948,16 @@ def _run_epochs_seeded(
         bar.update(start)
         for epoch in range(start, epochs):
             order = torch.randperm(n, generator=gen)
-            for idx in order.split(batch_size):
+            for b, idx in enumerate(order.split(batch_size)):
                 tb = data.t[:, idx] if data.t is not None else None
-                loss = objective(model(data.x[idx]), tb, data.y[idx])
+                logits = model(data.x[idx])
+                if not torch.isfinite(logits).all():  # features and teachers were checked
+                    raise TrainingDivergedError(
+                        f"{desc}: the student's logits are not finite at epoch {epoch + 1}, "
+                        f"batch {b + 1}: training diverged; lower the learning rate (map_lr, or "
+                        "sgld_lr for SGLD) or train the student in float32"
+                    )
+                loss = objective(logits, tb, data.y[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -1727,7 +1740,10 @@ def distill(
     given teachers. Teachers given as a mapping may be named in ``bkd_<name>``.
 
     ``x`` (a tensor or an array) is cast to the dtype of the student's parameters (float64
-    models work in float64); ``y`` must hold integer class indices of the student's classes.
+    models work in float64, bfloat16 ones in bfloat16; a trainable float16 parameter is refused:
+    Adam's eps rounds to 0 in float16 and its update to NaN). Training that makes the student's
+    logits NaN or infinite stops with :class:`TrainingDivergedError`, naming the phase, epoch
+    and batch. ``y`` must hold integer class indices of the student's classes.
     Teacher modules run once, in eval mode without gradients on ``x`` cast to their own dtype,
     and get their training mode back. The student keeps the parameters it was given frozen
     (``requires_grad=False``: a pretrained body stays as it is, its submodules in eval mode while
@@ -1800,6 +1816,14 @@ def _distill(
         raise ValueError(f"method {method!r} samples with SGLD: sgld_epochs must be at least 1")
     if sample:  # the part SGLD samples, before the MAP phase (a bad name failed after it)
         _check_head(student, head)
+    for name, p in student.named_parameters():
+        if p.dtype == torch.float16 and p.requires_grad:
+            raise TypeError(
+                f"student parameter {name!r} is float16, which the MAP phase's Adam cannot "
+                "train: its eps (1e-8) rounds to 0 in float16, and an update of a parameter "
+                "with a zero gradient to 0/0 = NaN; give the student float32 or bfloat16 "
+                "parameters (torch.autocast runs float16 arithmetic on float32 weights)"
+            )
     if validation is not None and len(validation[1]) == 0:
         raise ValueError("validation holds no rows: give (x_val, y_val) with at least one row")
     teach = t[list(obj.teachers)] if obj.teachers else None

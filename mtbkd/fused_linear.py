@@ -128,10 +128,10 @@ def _parse_teachers(
     if _is_sparse(teachers):
         teachers = [teachers]
     if isinstance(teachers, Tensor):
-        _check_matrix(teachers, "teacher_logits", teachers.dim())
+        _check_matrix(teachers, "teachers", teachers.dim())
         if teachers.dim() != 3:
             raise ValueError(
-                f"teacher_logits must be [K, N, V] (or a sequence of teachers), got shape "
+                f"teachers must be [K, N, V] (or a sequence of teachers), got shape "
                 f"{tuple(teachers.shape)}"
             )
         teachers = list(teachers.unbind(0))
@@ -255,6 +255,12 @@ def _chunk_error(exc: ValueError, start: int, rows: slice, z: Tensor, teachers: 
         return validate.in_rows(
             exc, start, ("student_logits", "student_hidden @ student_weight.T (+ student_bias)")
         )
+    if _is_sparse(teachers[0]):  # the sparse checks name the unfused loss's arguments
+        return validate.in_rows(exc, start, [
+            ("student_logits has V", "student_weight has V"),
+            ("student_logits", "student_hidden @ student_weight.T (+ student_bias)"),
+            ("teacher_logits", "teachers"),
+        ])  # fmt: skip
     found = re.match(r"teacher_logits contains NaN or inf \(row (\d+)\)", text)
     if found and not _is_sparse(teachers[0]):
         row = int(found.group(1))
@@ -354,6 +360,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             rows, extras, *_ = _run_chunks(kind, opts, hidden, weight, bias, teachers, labels,
                                            fixed, chunk, None, False, keep)  # fmt: skip
             ctx.recompute = (kind, opts, teachers, labels, fixed, chunk)
+            ctx.versions = _versions(teachers, labels, fixed)
             ctx.save_for_backward(hidden, weight, bias)
             fn_ctx["stats"] = extras
             return rows
@@ -379,6 +386,13 @@ class _FusedLinearLoss(torch.autograd.Function):
         else:
             hidden, weight, bias = ctx.saved_tensors
             kind, opts, teachers, labels, fixed, chunk = ctx.recompute
+            for name, t, version in ctx.versions:  # as autograd refuses for saved tensors
+                if t._version != version:
+                    raise RuntimeError(
+                        f"{name}, which the backward of a reduction='none' fused loss reads "
+                        "again, has been modified by an inplace operation since the forward: "
+                        "keep it unchanged until backward(), or pass a copy"
+                    )
             go = torch.ones((), dtype=_acc(hidden.dtype), device=hidden.device)
             # autocast off as in the forward (see _finish): a backward called inside an autocast
             # region must not recompute the chunks in another precision
@@ -390,6 +404,21 @@ class _FusedLinearLoss(torch.autograd.Function):
         dw = (gw * go).to(ctx.dtypes[1]) if need[1] else None
         db = (gb * go).to(ctx.dtypes[2]) if need[2] else None
         return (dh if need[0] else None, dw, db) + (None,) * 9
+
+
+def _versions(teachers: list, labels: Tensor | None, fixed: Tensor | None) -> list:
+    """``(name, tensor, version)`` of every input a ``reduction="none"`` backward reads again
+    (autograd's check covers only the saved hidden states and head)."""
+    out = [("labels", labels), ("weights", fixed)]
+    for t in teachers:
+        if isinstance(t, _Dense):
+            out.append((t.name, t.t))
+        elif isinstance(t, _Head):
+            out += [(f"{t.name} hidden", t.hidden), (f"{t.name} weight", t.weight),
+                    (f"{t.name} bias", t.bias)]  # fmt: skip
+        else:  # a SparseTeacher
+            out += [("teachers (indices)", t.indices), ("teachers (logprobs)", t.logprobs)]
+    return [(name, x, x._version) for name, x in out if isinstance(x, Tensor)]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -420,7 +449,9 @@ def _prepare(student_hidden, student_weight, teachers, labels, student_bias, chu
     if hidden.dim() < 1:
         raise ValueError("student_hidden must be [N, H] (or [..., H])")
     lead = hidden.shape[:-1]
-    hidden = hidden.reshape(-1, hidden.shape[-1])
+    hidden = hidden.reshape(lead.numel(), hidden.shape[-1])  # (-1 fails for H = 0)
+    if not lead:  # one row [H]: its teachers' rows are in that leading shape too ([V], [K, V])
+        teachers = _one_row_teachers(teachers)
     weight = _check_matrix(student_weight, "student_weight", 2)
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(
@@ -479,6 +510,27 @@ def _check_lead(teacher_lead: torch.Size, lead: torch.Size, name: str) -> None:
         )
 
 
+def _one_row_teachers(teachers: Any) -> Any:
+    """The teachers of a one-row student ``[H]`` given without a row dimension (a stack
+    ``[K, V]``, logits ``[V]``, a head's hidden state ``[H_k]``, a SparseTeacher ``[k]``) with one
+    added; teachers that have it already are returned as they are."""
+
+    def one(t: Any) -> Any:
+        if isinstance(t, Tensor) and t.dim() == 1:
+            return t[None]
+        if _is_sparse(t) and t.indices.dim() == 1:
+            return type(t)(t.indices[None], t.logprobs[None], t.vocab_size)
+        if isinstance(t, (tuple, list)) and t and isinstance(t[0], Tensor) and t[0].dim() == 1:
+            return (t[0][None], *t[1:])
+        return t
+
+    if isinstance(teachers, Tensor):
+        return teachers[:, None] if teachers.dim() == 2 else teachers
+    if isinstance(teachers, Sequence) and not isinstance(teachers, (str, bytes)):
+        return [one(t) for t in teachers]
+    return one(teachers)
+
+
 def _flatten_teacher(t: Any, lead: torch.Size, name: str) -> Any:
     """One teacher of a sequence with its leading dimensions flattened to rows."""
     if isinstance(t, Tensor) and t.dim() > 2:
@@ -486,7 +538,7 @@ def _flatten_teacher(t: Any, lead: torch.Size, name: str) -> Any:
         return t.reshape(-1, t.shape[-1])
     if isinstance(t, (tuple, list)) and len(t) >= 1 and isinstance(t[0], Tensor) and t[0].dim() > 2:
         _check_lead(t[0].shape[:-1], lead, f"{name} hidden")
-        return (t[0].reshape(-1, t[0].shape[-1]), *t[1:])
+        return (t[0].reshape(t[0].shape[:-1].numel(), t[0].shape[-1]), *t[1:])
     if _is_sparse(t) and t.indices.dim() > 2:
         _check_lead(t.indices.shape[:-1], lead, name)
         return t.flatten()
@@ -596,8 +648,12 @@ def fused_linear_mtbkd_loss(
     (V_k ≥ V; a padded teacher vocabulary is sliced to the student's V). With ``student_hidden``
     ``[..., H]``, each teacher's rows (``N`` above) are the flattened rows or ``student_hidden``'s
     leading shape itself; another leading shape (``[T, B]`` for ``[B, T]``) is refused (a
-    flattened ``student_hidden`` ``[N, H]`` takes any teacher of N rows, flattened). Gradients
-    flow to ``student_hidden``, ``student_weight`` and ``student_bias`` only.
+    flattened ``student_hidden`` ``[N, H]`` takes any teacher of N rows, flattened); one row
+    ``[H]`` also takes teachers without a row dimension (``[K, V]``, ``[V]``, ``[H_k]``). Gradients
+    flow to ``student_hidden``, ``student_weight`` and ``student_bias`` only. With
+    ``reduction="none"`` the backward recomputes the chunks from the teachers and labels: one
+    changed in place between the forward and ``backward()`` is refused (``RuntimeError``), as
+    autograd refuses a changed saved tensor.
     """
     validate.check_mtbkd_options(
         temperature,

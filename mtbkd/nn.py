@@ -316,6 +316,11 @@ def bayesify(
         if type(mod) is nn.Linear and name and match(name, mod)
     ]  # fmt: skip
     if include is not None and not chosen:
+        inc = _matcher(include, None)
+        if any(type(mod) is nn.Linear and name and inc(name, mod)
+               for name, mod in model.named_modules(remove_duplicate=False)):  # fmt: skip
+            raise ValueError(f"exclude={exclude!r} leaves out every nn.Linear module that "
+                             f"include={include!r} matches")  # fmt: skip
         raise ValueError(f"include={include!r} matches no nn.Linear module of the model")
     # a weight tied to another module (an embedding, another Linear) would be silently untied:
     # the BayesLinear gets its own posterior mean

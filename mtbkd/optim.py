@@ -165,9 +165,14 @@ class SGLD(Optimizer):
         if not isinstance(params, (Tensor, set)) and isinstance(params, Iterable):
             param_group["params"] = params = list(params)  # a generator, read once
         for i, p in enumerate([params] if isinstance(params, Tensor) else params or []):
+            name = ""
+            if isinstance(p, tuple) and len(p) == 2:  # (name, tensor), as named_parameters()
+                name, p = f" ({p[0]!r})", p[1]
             if isinstance(p, Tensor) and not p.is_floating_point():  # complex: in the C++ op
-                raise TypeError(f"SGLD samples real floating-point parameters; parameter {i} of "
-                                f"group {len(self.param_groups)} has dtype {p.dtype}")  # fmt: skip
+                raise TypeError(
+                    f"SGLD samples real floating-point parameters; parameter {i}{name} of group "
+                    f"{len(self.param_groups)} has dtype {p.dtype}"
+                )
         super().add_param_group(param_group)
 
     @torch.no_grad()
@@ -177,8 +182,11 @@ class SGLD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every group is checked before any parameter moves: a bad group (edited since by a
+        # scheduler or by hand: a negative lr made NaN noise; a sparse gradient) is refused
+        # with the earlier groups untouched, so that a retried step does not step them twice
+        plans = []
         for group in self.param_groups:
-            # a group edited since (a scheduler, or by hand): a negative lr made NaN noise
             _check_hyperparameters(group, at_step=True)
             # One fused call per (device, dtype): the CUDA op takes one dtype per launch. The
             # buckets, and so the seeds drawn from torch's generator, are alike on every rank.
@@ -189,6 +197,8 @@ class SGLD(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("SGLD does not support sparse gradients")
                 buckets.setdefault((p.device, p.dtype), []).append(p)
+            plans.append((group, buckets))
+        for group, buckets in plans:
             for params in buckets.values():
                 self._step_bucket(group, params)
         return loss
@@ -224,7 +234,6 @@ class SGLD(Optimizer):
         plain: list[tuple] = []
         for index, p in enumerate(params):
             state = self.state[p]
-            state["step"] = state.get("step", 0) + 1
             if precondition and "square_avg" not in state:
                 acc = torch.float64 if p.dtype == torch.float64 else torch.float32
                 # zeros_like keeps a DTensor's sharding (the state is checkpointed like p's)
@@ -245,6 +254,8 @@ class SGLD(Optimizer):
                 self._update(group, [(local, grad, sq)], seed_p)
         # every plain tensor in one fused call, keyed by the step's seed (as without FSDP)
         self._update(group, plain, seed)
+        for p in params:  # counted once stepped: a step the op refused is not counted
+            self.state[p]["step"] = self.state[p].get("step", 0) + 1
 
     @staticmethod
     def _update(group: dict[str, Any], items: list[tuple], seed: int) -> None:

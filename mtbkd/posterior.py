@@ -22,14 +22,16 @@ from mtbkd.validate import check_flags
 __all__ = ["SampleStore", "predict"]
 
 _FORMAT = "mtbkd.SampleStore/1"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def _select(
     source: nn.Module | Mapping[str, Tensor], include: str | Iterable[str] | None
 ) -> dict[str, Tensor]:
     if isinstance(source, nn.Module):
-        named = dict(source.named_parameters())
+        # every name of a tied parameter (an LM head tied to its embedding) may be selected;
+        # the tensor is stored once, under the first selected name
+        named = dict(source.named_parameters(remove_duplicate=include is None))
     elif isinstance(source, Mapping):
         named = dict(source)
     else:
@@ -40,6 +42,9 @@ def _select(
     if include is not None:
         patterns = [include] if isinstance(include, str) else list(include)
         named = {k: v for k, v in named.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    if isinstance(source, nn.Module):
+        seen: set[int] = set()
+        named = {k: v for k, v in named.items() if not (id(v) in seen or seen.add(id(v)))}
     if not named:
         raise ValueError("no parameters selected: check module_or_params and include")
     for k, v in named.items():
@@ -75,7 +80,8 @@ class SampleStore:
         max_samples: buffer rows. When full, further samples are dropped, or, with
             ``reservoir=True``, replace stored ones so that the store stays a uniform random
             subset of every kept sample (reservoir sampling on torch's default generator).
-        dtype: ``torch.float32`` or ``torch.bfloat16`` (halves the memory).
+        dtype: ``torch.float32`` (default: a float64 model's samples are rounded to it),
+            ``torch.bfloat16`` (halves the memory) or ``torch.float64`` (exact for float64).
         device: where the buffer lives (default: the parameters' device).
         include: ``fnmatch`` pattern(s) on parameter names.
 
@@ -105,7 +111,9 @@ class SampleStore:
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if dtype not in _DTYPES.values():
-            raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+            raise TypeError(
+                f"dtype must be torch.float32, torch.bfloat16 or torch.float64, got {dtype}"
+            )
         params = _select(module_or_params, include)
         self._module = _module_ref(module_or_params)
         self.names = list(params)
@@ -250,7 +258,7 @@ class SampleStore:
         store._module = _module_ref(module)
         if module is not None:
             if isinstance(module, nn.Module):  # a store of a state_dict may hold buffers too
-                module = {**dict(module.named_buffers()), **dict(module.named_parameters())}
+                module = _named_state(module)
             if isinstance(module, Mapping):  # e.g. a state_dict: only the store's names matter
                 module = {k: v for k, v in module.items() if k in set(names)}
                 if not module:
@@ -321,7 +329,7 @@ def predict(
     if len(store) == 0:
         raise ValueError("store holds no samples: call store.collect() after optimizer steps")
     # a store made from a state_dict may hold buffers (batch norm's running statistics) too
-    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    params = _named_state(model)
     missing = [n for n in store.names if n not in params]
     if missing:
         raise ValueError(f"model has no parameters named {missing} (nor buffers): the store's "
@@ -344,7 +352,11 @@ def predict(
 
     # "different": dropout in training mode draws its own mask per sample, as one call per sample
     batched = torch.vmap(run, in_dims=(0, None), randomness="different")
-    stacked = store.stacked()
+    # one name per tensor: functional_call ties a tied parameter's other names to it, and
+    # refuses two values for them (a state_dict store of a tied model holds every name)
+    seen: set[int] = set()
+    stacked = {k: v for k, v in store.stacked().items()
+               if not (id(params[k]) in seen or seen.add(id(params[k])))}  # fmt: skip
     out: Tensor | None = None
     size = chunk
     if _draws_host_seeds(model):  # a sampling BayesLinear reads a fresh seed on the host per
@@ -365,7 +377,9 @@ def predict(
     with torch.no_grad():
         s0 = 0
         while s0 < len(store):
-            part = {k: v[s0 : s0 + size].to(device=ref.device, dtype=params[k].dtype)
+            # a copy: a training-mode batch norm updates its sampled running statistics in
+            # place, which must not write into the store (to() without copy may be a view)
+            part = {k: v[s0 : s0 + size].to(device=ref.device, dtype=params[k].dtype, copy=True)
                     for k, v in stacked.items()}  # fmt: skip
             if size == 1:  # one sample: a plain call (vmap over one sample is slower)
                 res = run({k: v[0] for k, v in part.items()}, inputs).unsqueeze(0)
@@ -376,6 +390,14 @@ def predict(
             out[s0 : s0 + res.shape[0]] = res
             s0 += res.shape[0]
     return out
+
+
+def _named_state(model: nn.Module) -> dict[str, Tensor]:
+    """Every name of ``model``'s buffers and parameters, a tied parameter's second name too."""
+    return {
+        **dict(model.named_buffers(remove_duplicate=False)),
+        **dict(model.named_parameters(remove_duplicate=False)),
+    }
 
 
 def _draws_host_seeds(model: nn.Module) -> bool:

@@ -9,6 +9,7 @@ teacher-only pass and becomes two-pass (statistics, then loss + gradient).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -136,6 +137,9 @@ class TeacherStats:
         obj.concentration = _check_positive(concentration, "concentration")
         obj.weight_temperature = _check_positive(weight_temperature, "weight_temperature")
         obj.data = data
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) \
+                or vocab_size < 1:  # fmt: skip
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
         obj.vocab_size = int(vocab_size)
         return obj
 

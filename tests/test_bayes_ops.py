@@ -1329,3 +1329,17 @@ def test_numpy_integer_seed_and_offset_and_numpy_prior():
     for bad in (True, np.bool_(True), 1.0, np.float64(3.0)):
         with pytest.raises(TypeError, match="seed must be an int"):
             B.reparameterize(mu, rho, seed=bad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_philox_normal_checks_n_and_stream_on_every_backend(backend):
+    # an audit (thirtieth session): n=-1 gave an empty tensor on the reference backend and an
+    # error on the C++ one; a float n or stream gave unrelated errors
+    with pytest.raises(ValueError, match="n must be non-negative, got -1"):
+        B.philox_normal(3, 0, -1, backend=backend)
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        B.philox_normal(3, 0, 2.0, backend=backend)
+    with pytest.raises(ValueError, match=r"stream must be in \[0, 2\*\*32\), got -1"):
+        B.philox_normal(3, 0, 2, stream=-1, backend=backend)
+    assert torch.equal(B.philox_normal(3, 0, np.int64(5), stream=np.int32(1), backend=backend),
+                       B.philox_normal(3, 0, 5, stream=1, backend="reference"))  # fmt: skip

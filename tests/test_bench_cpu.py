@@ -302,7 +302,7 @@ def test_page_faults_runs_both_page_settings_in_fresh_processes(tmp_path, capsys
     from bench import page_faults
     from mtbkd.info import huge_pages_status
 
-    out = tmp_path / "pf.json"
+    out = tmp_path / "new" / "pf.json"  # a folder made for it (it crashed after measuring)
     # 320 x 32000 float32: a 41 MB gradient a step, 10,000 pages of 4 KB (glibc serves blocks
     # up to 32 MB from its heap once freed, without new faults: smaller ones would show none)
     args = ["--loss", "mtbkd", "--n", "320", "--vocab", "32000", "--teachers", "2",

@@ -93,6 +93,26 @@ def test_peak_memory_counts_the_measured_steps_gradient(monkeypatch):
     assert entry["peak_extra_mb"] * 2**20 == temp + grad
 
 
+@pytest.mark.parametrize(
+    "script, argv",
+    [("bench_gpu", ["--n", "0"]), ("bench_gpu", ["--vocab", "-1"]),
+     ("bench_gpu", ["--teachers", "0"]), ("bench_gpu", ["--budget-s", "nan"]),
+     ("sweep_triton_tiles", ["--k", "0"]), ("sweep_triton_tiles", ["--blocks", "0"]),
+     ("sweep_triton_tiles", ["--warps", "-2"]), ("sweep_triton_tiles", ["--v", "x"])],
+)  # fmt: skip
+def test_gpu_scripts_refuse_bad_sizes_before_measuring(script, argv, tmp_path, monkeypatch,
+                                                       capsys):  # fmt: skip
+    # an audit (thirtieth session): 0 rows put an error in every cell, 0 teachers or a negative
+    # size raised a traceback after the copy-bandwidth measurement on the device
+    mod = _bench_module(script)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on the GPU machine
+    monkeypatch.setattr(mod, "run" if script == "bench_gpu" else "sweep",
+                        lambda *a, **k: pytest.fail("it ran"))  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--out", str(tmp_path), *argv])
+    assert exc.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
+
+
 def test_unknown_method_is_refused(tmp_path, capsys):
     # a misspelt method was dropped silently: the run measured nothing and exited 0
     bench = _bench_module()
@@ -107,8 +127,11 @@ def test_tile_sweep_dry_run_measures_every_tile_and_names_the_best(tmp_path):
     # bench/sweep_triton_tiles.py (the data behind kernels/losses.py's _block) in its CPU dry run:
     # every (BLOCK, num_warps) pair is launched through the public API, the heuristic's own tile
     # is recorded, and the heuristic is restored afterwards.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # without TRITON_INTERPRET from the caller: the dry run sets it (it had measured no tile,
+    # each one's error in tiles.json, and exited 0)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     env.pop("MTBKD_BACKEND", None)
+    env.pop("TRITON_INTERPRET", None)
     script = os.path.join(ROOT, "bench", "sweep_triton_tiles.py")
     argv = [sys.executable, script, "--dry-run", "--out", str(tmp_path), "--k", "3",
             "--losses", "forward_kl", "--blocks", "16", "32"]  # fmt: skip
@@ -242,7 +265,7 @@ def test_bayes_step_dry_run_times_every_method_that_can_run(tmp_path, capsys):
     # bench/bayes_step_gpu.py (gpu_check.sh's BayesLinear step on the device) at tiny sizes on CPU:
     # the Triton backend in its interpreter, the CUDA one said not run, the baselines measured
     bayes_step_gpu = _bench_module("bayes_step_gpu")
-    out = tmp_path / "step.json"
+    out = tmp_path / "new" / "step.json"  # its folder is made
     assert bayes_step_gpu.main(["--dry-run", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| cuda | not run: CPU dry run | - |" in table

@@ -873,6 +873,27 @@ def test_an_empty_validation_split_is_refused_before_training():
         distill.run_experiment(ds, cfg, log=lambda m: None)
 
 
+def test_float16_students_and_diverged_training_are_refused_by_name():
+    # found in the thirtieth session: a float16 student's Adam update is 0/0 = NaN (eps rounds to
+    # 0), and `ce` returned a model that predicts NaN without a word; any divergence now stops
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    t = torch.randn(2, 64, 3)
+    cfg = distill.DistillConfig(map_epochs=3, sgld_epochs=2, batch_size=16, early_stopping=False)
+
+    def mlp(dtype=torch.float32):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+
+    for method in ("ce", "mtbkd_sgld"):
+        with pytest.raises(TypeError, match="student parameter '0.weight' is float16"):
+            distill.distill(mlp(torch.float16), t, x, y, cfg, method=method)
+        with pytest.raises(distill.TrainingDivergedError, match=f"{method} MAP: .* epoch 1"):
+            distill.distill(mlp(), t, x, y, replace(cfg, map_lr=1e30), method=method)
+    # bfloat16 trains
+    res = distill.distill(mlp(torch.bfloat16), t, x, y, cfg, method="mtbkd_map")
+    assert torch.isfinite(res.predict(x[:4])).all()
+
+
 def test_config_rejects_bad_values_naming_the_field():
     for kw, msg in [
         ({"sgld_temperature": -1.0}, "sgld_temperature must be"),

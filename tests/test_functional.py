@@ -1394,6 +1394,15 @@ def test_teacher_stats_check_ignores_masked_columns_and_sees_bf16_and_nan_caches
     mtbkd.mtbkd_loss(z, t, concentration=0.01, teacher_stats=small)  # its own cache: accepted
 
 
+@pytest.mark.parametrize("v", [0, -3, 5.7, True, "5"])
+def test_teacher_stats_from_data_checks_vocab_size(v):
+    # an audit (thirtieth session): 5.7 was truncated to 5 and 0, -3 and True were kept
+    data = mtbkd.TeacherStats(torch.randn(2, 4, 5)).data
+    with pytest.raises(ValueError, match="vocab_size must be a positive int"):
+        mtbkd.TeacherStats.from_data(data, 2.0, 5.0, 1.0, v)
+    assert mtbkd.TeacherStats.from_data(data, 2.0, 5.0, 1.0, np.int64(5)).vocab_size == 5
+
+
 def test_teacher_stats_spot_check_sees_sequences_of_a_batch_of_three():
     # an audit: rows 0, n/3, 2n/3 of a [B, T] batch with B a multiple of 3 were all position 0,
     # which BOS-prefixed sequences share, so a cache in another sequence order passed

@@ -507,3 +507,66 @@ def test_meta_tensors_still_run():
     out = fused_linear_mtbkd_loss(meta[0].requires_grad_(), meta[1], [meta[2]], y.to("meta"),
                                   check_finite=False)  # fmt: skip
     assert out.device.type == "meta" and out.shape == ()
+
+
+@pytest.mark.parametrize("loss_fn", [fused_linear_mtbkd_loss, fused_linear_multi_teacher_kd_loss])
+def test_reduction_none_refuses_teachers_or_labels_changed_before_backward(loss_fn):
+    # an audit (thirtieth session): reduction="none" recomputes its chunks in the backward, from
+    # teachers and labels autograd did not guard: a buffer refilled before backward() silently
+    # changed the gradient (by up to 3.1)
+    torch.manual_seed(0)
+    h = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    heads = [(torch.randn(6, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64))]
+    sparse = [mtbkd.topk_teacher(torch.randn(6, 5), 2)]
+    for teachers, change in [
+        (torch.randn(2, 6, 5, dtype=torch.float64), lambda t, y: t.normal_()),
+        (torch.randn(2, 6, 5, dtype=torch.float64), lambda t, y: y.fill_(-100)),
+        (heads, lambda t, y: t[0][1].mul_(2)),
+        (sparse, lambda t, y: t[0].logprobs.sub_(1)),
+    ]:
+        y = torch.randint(0, 5, (6,))
+        loss = loss_fn(h, w, teachers, y, reduction="none", chunk_size=4)
+        change(teachers, y)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation since the fo"):
+            loss.sum().backward()
+    loss = loss_fn(h, w, torch.randn(2, 6, 5, dtype=torch.float64), y, reduction="none")
+    loss.sum().backward()  # unchanged: fine
+
+
+def test_sparse_teacher_errors_name_the_fused_arguments():
+    h, w = torch.randn(4, 3), torch.randn(6, 3)
+    with pytest.raises(ValueError, match=r"teachers\[0\] .* but student_weight has V = 6") as e:
+        fused_linear_mtbkd_loss(h, w, [mtbkd.topk_teacher(torch.randn(4, 5), 2)])
+    assert "student_logits" not in str(e.value) and "teacher_logits" not in str(e.value)
+    with pytest.raises(ValueError, match=r"^teachers must be \[K, N, V\]"):
+        fused_linear_mtbkd_loss(h, w, torch.randn(4, 6))
+
+
+def test_zero_width_and_one_row_hidden_states():
+    d = torch.float64
+    h = torch.randn(3, 0, dtype=d, requires_grad=True)
+    w = torch.randn(5, 0, dtype=d, requires_grad=True)
+    b = torch.randn(5, dtype=d, requires_grad=True)
+    t = torch.randn(2, 3, 5, dtype=d)
+    got = fused_linear_mtbkd_loss(h, w, t, None, b)
+    torch.testing.assert_close(got, mtbkd.mtbkd_loss(h @ w.t() + b, t))
+    head = (torch.randn(3, 0, dtype=d), torch.randn(5, 0, dtype=d), torch.randn(5, dtype=d))
+    torch.testing.assert_close(
+        fused_linear_mtbkd_loss(h, w, [head], None, b),
+        mtbkd.mtbkd_loss(h @ w.t() + b, head[2].expand(3, 5)[None]),
+    )
+    # one row [H]: its teachers may come without a row dimension, as mtbkd_loss takes them
+    h, w, t = torch.randn(4, dtype=d), torch.randn(5, 4, dtype=d), torch.randn(2, 5, dtype=d)
+    y = torch.tensor(2)
+    ref = mtbkd.mtbkd_loss(h @ w.t(), t, y)
+    torch.testing.assert_close(fused_linear_mtbkd_loss(h, w, t, y), ref)  # [K, V]
+    torch.testing.assert_close(fused_linear_mtbkd_loss(h, w, list(t), y), ref)  # [V] each
+    torch.testing.assert_close(fused_linear_mtbkd_loss(h, w, t[:, None], y), ref)  # [K, 1, V]
+    hw = torch.randn(5, 3, dtype=d)
+    hk = torch.randn(3, dtype=d)
+    torch.testing.assert_close(fused_linear_mtbkd_loss(h, w, [(hk, hw)], y),
+                               mtbkd.mtbkd_loss(h @ w.t(), (hk @ hw.t())[None], y))  # fmt: skip
+    sp = mtbkd.topk_teacher(torch.randn(5, dtype=d), 2)
+    torch.testing.assert_close(fused_linear_mtbkd_loss(h, w, [sp], y),
+                               mtbkd.mtbkd_loss(h @ w.t(), [sp], y))  # fmt: skip

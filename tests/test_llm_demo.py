@@ -53,6 +53,9 @@ def test_config_from_args_rejects_bad_sizes():
     assert cfg.epochs == 1 and cfg.seq_len == llm_demo.SIZES["smoke"].seq_len
     with pytest.raises(ValueError, match="--seq-len"):
         llm_demo.config_from_args(parser.parse_args(["--seq-len", "0"]))
+    # an audit (thirtieth session): a million threads passed, then crashed the run
+    with pytest.raises(ValueError, match="--threads must be at most 1024"):
+        llm_demo.config_from_args(parser.parse_args(["--smoke", "--threads", "1000000"]))
 
 
 @pytest.mark.slow

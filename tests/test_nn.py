@@ -638,3 +638,12 @@ def test_model_arguments_must_be_modules():
         for bad in ([nn.Linear(2, 2)], "model", 3):
             with pytest.raises(TypeError, match="model must be an nn.Module"):
                 fn(bad)
+
+
+def test_bayesify_names_exclude_when_it_leaves_nothing():
+    # an audit (thirtieth session): the error blamed include, which matched both layers
+    m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"exclude=\['0', '2'\] leaves out every nn.Linear"):
+        bayesify(m, include="*", exclude=["0", "2"])
+    with pytest.raises(ValueError, match="include='x' matches no nn.Linear"):
+        bayesify(m, include="x")

@@ -327,3 +327,30 @@ def test_the_public_step_op_checks_like_the_optimizer():
         with pytest.raises(ValueError, match=name):
             B.sgld_step_([p], [g], [torch.zeros(4)], seed=1, precondition=True, **args)
     assert torch.equal(p, torch.zeros(4))
+
+
+def test_a_refused_step_moves_no_group():
+    # an audit (thirtieth session): a bad later group (an lr a scheduler made negative, a sparse
+    # gradient) was refused after the earlier groups had stepped, so a retry stepped them twice
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    opt = SGLD([{"params": [a]}, {"params": [b]}], lr=1e-2, num_data=1)
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.zeros(3)) and "step" not in opt.state[a]
+    emb = torch.nn.Embedding(4, 2, sparse=True)
+    opt = SGLD([{"params": [a]}, {"params": emb.parameters()}], lr=1e-2, num_data=1)
+    emb(torch.tensor([1])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.zeros(3)) and "step" not in opt.state[a]
+    opt.param_groups[1]["params"][0].grad = None
+    opt.step()
+    assert opt.state[a]["step"] == 1 and not torch.equal(a.detach(), torch.zeros(3))
+
+
+def test_named_complex_parameter_is_refused_at_construction():
+    c = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"parameter 0 \('c'\) of group 0 has dtype torch.complex"):
+        SGLD([("c", c)], lr=1e-3, num_data=10)

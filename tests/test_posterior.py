@@ -386,3 +386,75 @@ def test_collect_follows_replaced_parameters(tmp_path):
     del model[2]
     with pytest.raises(RuntimeError, match="no longer has parameter '2.weight'"):
         store.collect()
+
+
+class _Tied(nn.Module):
+    """A language model's shape: the output head shares the embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.norm(self.emb(x)))
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2])
+def test_stores_of_a_weight_tied_model_predict_and_load(chunk, tmp_path):
+    # an audit (thirtieth session): the documented state_dict recipe, and include="head.*",
+    # failed on a tied model (named_parameters() drops the second name of a tied tensor)
+    torch.manual_seed(0)
+    m = _Tied().eval()
+    store = SampleStore({k: v for k, v in m.state_dict().items() if v.is_floating_point()},
+                        max_samples=2)  # fmt: skip
+    head = SampleStore(m, include="head.*", max_samples=2)
+    assert head.names == ["head.weight"]
+    for _ in range(2):
+        store.collect()
+        head.collect()
+        with torch.no_grad():
+            m.emb.weight.mul_(2.0)
+    x = torch.randint(0, 6, (5,))
+    with torch.no_grad():
+        m.emb.weight.div_(2.0)  # back to the second sample
+        want = torch.softmax(m(x), -1)
+    for s in (store, head):
+        probs = predict(m, s, x, chunk=chunk)
+        torch.testing.assert_close(probs[1], want)
+        s.save(tmp_path / "s.safetensors")
+        back = SampleStore.load(tmp_path / "s.safetensors", m)
+        torch.testing.assert_close(predict(m, back, x, chunk=chunk), probs)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, None])
+def test_training_mode_predict_leaves_the_stored_running_statistics_alone(chunk):
+    # an audit: one plain call per sample ran batch norm on views of the store's buffer, and
+    # its in-place update of the running statistics wrote into the samples
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Linear(16, 3))
+    store = SampleStore({k: v for k, v in model.state_dict().items() if v.is_floating_point()},
+                        max_samples=3)  # fmt: skip
+    for _ in range(3):
+        model.train()
+        model(torch.randn(32, 5))
+        store.collect()
+    saved = store.samples().clone()
+    predict(model.train(), store, torch.randn(6, 5) + 3.0, chunk=chunk)
+    assert torch.equal(store.samples(), saved)
+
+
+def test_float64_store_is_exact(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2).double()
+    s = SampleStore(m, dtype=torch.float64)
+    s.collect()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert torch.equal(predict(m, s, x, probabilities=False)[0], m(x))
+    s.save(tmp_path / "s.safetensors")
+    back = SampleStore.load(tmp_path / "s.safetensors", m)
+    assert back.buffer.dtype == torch.float64 and torch.equal(back.samples(), s.samples())
+    with pytest.raises(TypeError, match="torch.float64, got torch.float16"):
+        SampleStore(m, dtype=torch.float16)
