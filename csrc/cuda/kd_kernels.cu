@@ -64,10 +64,11 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
   tch.init();
   EntK<A, KT> ent;  // teachers at tau_w
   ent.init();
-  bool bad_s = false, bad_t = false;
+  bool bad_s = false, bad_t = false, degenerate = false;
   for (int64_t c = tid; c < V; c += kThreads) {
     const A zc = IO<In>::load(z + c);
     if (p.check_finite) bad_s |= !finite(zc);
+    degenerate |= no_distribution(zc);
     A tc[KT];
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
@@ -75,6 +76,7 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
       if (k < K) {
         tc[k] = IO<In>::load(t[k] + c);
         if (p.check_finite) bad_t |= !finite(tc[k]);
+        degenerate |= no_distribution(tc[k]);
         lse_push(tch.m[k], tch.s[k], tc[k], inv_tau);
         if (need_h) ent_push(ent.m[k], ent.r[k], ent.b[k], tc[k], inv_tw);
       }
@@ -83,8 +85,22 @@ __global__ void __launch_bounds__(kThreads) kd_kernel(const KDParams p) {
   }
   if (__syncthreads_or(bad_s)) status |= kStatusStudent;
   if (__syncthreads_or(bad_t)) status |= kStatusTeacher;
+  degenerate = __syncthreads_or(degenerate) != 0;
   stu = block_merge<A>(stu, smem, inv_tau, rev, has_labels);
   tch = block_merge<A>(tch, smem, inv_tau);
+  // no distribution (a NaN or +inf logit, or a row of -inf alone; check_finite off): NaN, as the
+  // CPU kernel gives (log 0 had made the loss -inf, which reads as the best loss there is)
+#pragma unroll
+  for (int k = 0; k < KT; ++k) degenerate |= k < K && !(tch.s[k] > A(0));
+  if (degenerate || !(stu.s > A(0))) {  // uniform: every thread holds the merged sums
+    for (int64_t c = tid; c < V; c += kThreads) IO<In>::store(grad + c, qnan<A>());
+    if (tid == 0) {
+      loss[row] = qnan<A>();
+      for (int k = 0; k < K; ++k) w_out[k * N + row] = qnan<A>();
+      if (p.status != nullptr) p.status[row] = status;
+    }
+    return;
+  }
   if (need_h) ent = block_merge<A>(ent, smem, inv_tw);
   const A mz = stu.m;
   const A lss = flog(stu.s);  // log q = (z - mz) / tau - lss

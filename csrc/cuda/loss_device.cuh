@@ -495,6 +495,20 @@ __device__ __forceinline__ bool finite(A x) {
   return isfinite(x);
 }
 
+// A NaN or +inf logit (check_finite off) leaves its row no distribution: the row is NaN, as on
+// the CPU and Triton backends. The online sums cannot show it: they skip a NaN term (its e > 0
+// test fails) and clamp far terms, so each kernel looks for one itself; a row of -inf alone
+// shows as an empty sum (s = 0) after the merge.
+template <class A>
+__device__ __forceinline__ bool no_distribution(A x) {
+  return !(x < -ninf<A>());  // NaN or +inf
+}
+
+template <class A>
+__device__ __forceinline__ A qnan() {
+  return static_cast<A>(NAN);
+}
+
 // Row-level scalar helpers shared by both losses. Writes w[0..KT): 0 for k >= K (the teacher loops
 // run to KT with the rest masked, and a stale w[k] there would be 0 * NaN in a weighted sum).
 template <class A, int KT>

@@ -79,10 +79,11 @@ __global__ void __launch_bounds__(kThreads) mtbkd_kernel(const MTBKDParams p) {
   sts.init();
   EntK<A, KT> ent;  // teachers at tau_w
   ent.init();
-  bool bad_s = false, bad_t = false;
+  bool bad_s = false, bad_t = false, degenerate = false;
   for (int64_t c = tid; c < V; c += kThreads) {
     const A zc = IO<In>::load(z + c);
     if (p.check_finite) bad_s |= !finite(zc);
+    degenerate |= no_distribution(zc);
     const A m_old = student_push(sts.m, sts.s, sts.s1, zc, inv_tau, has_labels);
     sts.shift_cross(m_old);
     const A d = clamp_far(zc - sts.m);  // z - m of this column in the (new) student frame
@@ -91,6 +92,7 @@ __global__ void __launch_bounds__(kThreads) mtbkd_kernel(const MTBKDParams p) {
       if (k < K) {
         const A tc = IO<In>::load(t[k] + c);
         if (p.check_finite) bad_t |= !finite(tc);
+        degenerate |= no_distribution(tc);
         if (tc > sts.mt[k]) {
           const A f = fexp((sts.mt[k] - tc) * inv_tau);
           sts.st[k] = sts.st[k] * f + A(1);
@@ -109,7 +111,23 @@ __global__ void __launch_bounds__(kThreads) mtbkd_kernel(const MTBKDParams p) {
   }
   if (__syncthreads_or(bad_s)) status |= kStatusStudent;
   if (__syncthreads_or(bad_t)) status |= kStatusTeacher;
+  degenerate = __syncthreads_or(degenerate) != 0;
   sts = block_merge<A>(sts, smem, inv_tau, has_labels);
+  // no distribution (a NaN or +inf logit, or a row of -inf alone; check_finite off): NaN, as the
+  // CPU kernel gives (with one teacher the prior had made the loss +inf, the gradient finite).
+  // Every thread holds the merged sums: the whole block takes the branch.
+#pragma unroll
+  for (int k = 0; k < KT; ++k) degenerate |= k < K && !(sts.st[k] > A(0));
+  if (degenerate || !(sts.s > A(0))) {
+    for (int64_t c = tid; c < V; c += kThreads) IO<In>::store(grad + c, qnan<A>());
+    if (tid == 0) {
+      loss[row] = prior_out[row] = ce_out[row] = qnan<A>();
+      for (int k = 0; k < K; ++k)
+        w_out[k * N + row] = r_out[k * N + row] = h_out[k * N + row] = qnan<A>();
+      if (p.status != nullptr) p.status[row] = status;
+    }
+    return;
+  }
   const A mz = sts.m;
   const A lss = flog(sts.s);  // log q = (z - mz) / tau - lss
   A mt[KT], lst[KT], cterm[KT];  // log p_k = (t_k - mt_k) / tau - lst_k

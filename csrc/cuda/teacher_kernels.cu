@@ -25,22 +25,30 @@ __global__ void __launch_bounds__(kThreads) teacher_kernel(const TeacherParams p
   EntK<A, KT> ent;  // at tau_w
   ent.init();
   bool bad = false;
+  unsigned nodist = 0;  // bit k: teacher k has a NaN or +inf logit (check_finite off)
   for (int64_t c = tid; c < V; c += kThreads) {
 #pragma unroll
     for (int k = 0; k < KT; ++k) {
       if (k < K) {
         const A tc = IO<In>::load(t[k] + c);
         if (p.check_finite) bad |= !finite(tc);
+        if (no_distribution(tc)) nodist |= 1u << k;
         if (p.stats) lse_push(tch.m[k], tch.s[k], tc, inv_tau);
         ent_push(ent.m[k], ent.r[k], ent.b[k], tc, inv_tw);
       }
     }
   }
   const int32_t status = __syncthreads_or(bad) ? kStatusTeacher : 0;
+  // such a teacher's statistics are NaN, as on the CPU (the online sums skip a NaN term); its
+  // NaN entropy gives the row uniform weights there and here (row_weights)
+  bool dead[KT];
+#pragma unroll
+  for (int k = 0; k < KT; ++k) dead[k] = __syncthreads_or((nodist >> k) & 1u) != 0;
   ent = block_merge<A>(ent, smem, inv_tw);
   A h[KT];
 #pragma unroll
-  for (int k = 0; k < KT; ++k) h[k] = (k < K) ? entropy_of(ent.r[k], ent.b[k], inv_tw) : A(0);
+  for (int k = 0; k < KT; ++k)
+    h[k] = (k < K) ? (dead[k] ? qnan<A>() : entropy_of(ent.r[k], ent.b[k], inv_tw)) : A(0);
   if (p.stats) {
     tch = block_merge<A>(tch, smem, inv_tau);
     A lst[KT];  // log p_k = (t - m_k) / tau - lst_k
@@ -64,10 +72,10 @@ __global__ void __launch_bounds__(kThreads) teacher_kernel(const TeacherParams p
       for (int k = 0; k < KT; ++k) {
         if (k >= K) continue;
         A* o = out + (k * N + row) * 4;
-        o[0] = tch.m[k] * inv_tau + lst[k];
-        o[1] = ent.m[k] * inv_tw + flog1p(ent.r[k]);
+        o[0] = dead[k] ? qnan<A>() : tch.m[k] * inv_tau + lst[k];
+        o[1] = dead[k] ? qnan<A>() : ent.m[k] * inv_tw + flog1p(ent.r[k]);
         o[2] = h[k];
-        o[3] = lgs.x[k];
+        o[3] = dead[k] ? qnan<A>() : lgs.x[k];
       }
     }
   } else if (tid == 0) {
