@@ -41,6 +41,7 @@ build: $(BUILD_STAMP)
 # Standalone build of the framework-free kernel code, its ctest, and (where nvcc exists) the
 # CUDA compile check for sm_80 and sm_90.
 cmake-check:
+	@mkdir -p build
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > build/cmake.log 2>&1 || (cat build/cmake.log; exit 1)
 	cmake --build build/cmake -j 2
 	ctest --test-dir build/cmake --output-on-failure

@@ -124,6 +124,10 @@ def philox_normal(
             raise ValueError(f"{name} must be {bound}, got {v}")
     n, stream = int(n), int(stream)
     if backend == "cpu":
+        from mtbkd import ops
+
+        if ops._C is None:
+            raise RuntimeError(f"backend='cpu' is not available: {ops._C_ERROR}")
         return torch.ops.mtbkd_C.philox_normal(seed, offset, stream, n)
     if backend != "reference":
         raise ValueError(f"backend must be 'reference' or 'cpu', got {backend!r}")

@@ -22,8 +22,8 @@ def _bench_dir() -> Path:
     here = Path(__file__).resolve().parents[1] / "bench"
     if not here.is_dir():
         raise SystemExit(
-            "mtbkd bench needs the repository's bench/ folder (install with `pip install -e .` "
-            "from a clone)"
+            "mtbkd bench needs the repository's bench/ folder: install from a clone with "
+            "`pip install --no-build-isolation -e .`"
         )
     return here
 

@@ -22,6 +22,7 @@ import importlib
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Optional
 
@@ -62,7 +63,10 @@ try:  # the compiled extension registers torch.ops.mtbkd_C.*
     _C = importlib.import_module("mtbkd._C")
 except ImportError as exc:  # pragma: no cover - exercised only without a build
     _C = None
-    _C_ERROR = f"mtbkd._C is not built ({exc}); run `pip install --no-build-isolation -e .`"
+    _C_ERROR = (
+        f"mtbkd._C could not be imported ({exc}): not built, or built for another torch; in a "
+        "clone, build it with `pip install --no-build-isolation -e .`"
+    )
 
 
 def _triton_interpreted() -> bool:
@@ -82,8 +86,8 @@ def _triton_status() -> str | None:
         return f"triton is not importable ({exc})"
     try:
         importlib.import_module("mtbkd.kernels")
-    except ImportError as exc:
-        return f"mtbkd.kernels failed to import ({exc})"
+    except Exception as exc:  # a triton of another version can fail in other ways than import
+        return f"mtbkd.kernels failed to import ({type(exc).__name__}: {exc})"
     if not torch.cuda.is_available() and not _triton_interpreted():
         if os.environ.get("TRITON_INTERPRET") == "1":
             return (
@@ -104,14 +108,30 @@ def _cuda_status() -> str | None:
     return None
 
 
+_STATUS = {"reference": lambda: None, "cpu": lambda: _C_ERROR, "triton": _triton_status,
+           "cuda": _cuda_status}  # fmt: skip
+
+
 def backend_status() -> dict[str, str | None]:
     """``{backend: None if available else the reason why not}``."""
-    return {
-        "reference": None,
-        "cpu": _C_ERROR,
-        "triton": _triton_status(),
-        "cuda": _cuda_status(),
-    }
+    return {name: status() for name, status in _STATUS.items()}
+
+
+_FALLBACK_WARNED: set[str] = set()
+
+
+def _fallback(device_type: str, why: str) -> str:
+    """The reference backend, said once per device type: it is plain PyTorch, far slower and
+    hungrier for memory than the fused kernels it stands in for."""
+    if device_type not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(device_type)
+        warnings.warn(
+            f"mtbkd: no fused backend for {device_type} tensors ({why}); the reference backend "
+            "(plain PyTorch, slower, more memory) runs instead. `mtbkd info` lists the backends",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "reference"
 
 
 def _load_backend(backend: str) -> None:
@@ -137,20 +157,24 @@ def select_backend(device: torch.device, op: str | None = None) -> str:
                 "MTBKD_BACKEND=triton cannot run on CPU tensors unless TRITON_INTERPRET=1 is set "
                 "(before mtbkd.kernels is imported)"
             )
-        reason = backend_status()[forced]
+        reason = _STATUS[forced]()  # only its own: a broken triton must not stop the others
         if reason is not None:
             raise RuntimeError(f"MTBKD_BACKEND={forced} is not available: {reason}")
         _load_backend(forced)
         return forced
     if device.type == "cuda":
+        reasons = []
         for name in ("triton", "cuda"):
-            if backend_status()[name] is None:
+            reason = _STATUS[name]()
+            if reason is None:
                 _load_backend(name)
                 if op is None or name in _IMPLS.get(op, {}):
                     return name
-        return "reference"
-    if device.type == "cpu" and _C is not None:
-        return "cpu"
+                reason = f"no {op} kernel"
+            reasons.append(f"{name}: {reason}")
+        return _fallback("cuda", "; ".join(reasons))
+    if device.type == "cpu":
+        return "cpu" if _C is not None else _fallback("cpu", _C_ERROR)
     return "reference"
 
 

@@ -310,10 +310,13 @@ class TeacherStats:
             lg = torch.lgamma(1.0 + lam * p)
             cols += [torch.logsumexp(t / tau_w, dim=-1), entropy, lg.sum(-1)]
             # H: |dH| <= max |d log p| (H + 1); L: sum_c lam p_c |digamma(1 + lam p_c)| |d log
-            # p_c| with |d log p_c| <= (|t_c| + sum_j p_j |t_j|) eps / tau (plus the float32
-            # rounding of the cache's own sum over V terms)
+            # p_c| with |d log p_c| <= ((|t_c| + sum_j p_j |t_j|) / tau + 1) eps: the logits'
+            # rounding and p's own (its exponential and normaliser; a uniform teacher's logits of
+            # 0 have none of the first, and with lam p = 1 every term of L is lgamma(2) = 0, which
+            # left the tolerance at 0 and refused the very logits' cache), plus the float32
+            # rounding of the cache's own sum over V terms
             at = torch.where(p > 0, t.abs(), 0.0)
-            dlogp = (at + (p * at).sum(-1, keepdim=True)) / tau
+            dlogp = (at + (p * at).sum(-1, keepdim=True)) / tau + 1.0
             psi = torch.special.digamma(1.0 + lam * p).abs()
             bound_h = (1.0 + 2.0 * size(tau_w) / tau_w) * (1.0 + entropy.abs())
             bounds += [1.0 + size(tau_w) / tau_w, bound_h, (lam * p * psi * dlogp).sum(-1)]

@@ -172,3 +172,84 @@ def test_source_distribution_carries_what_a_build_needs(tmp_path):
     assert {"CMakeLists.txt", "LICENSE", "docs/MATH.md", "mtbkd/__main__.py"} <= names
     out = subprocess.run([sys.executable, "-m", "mtbkd", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout
+
+
+# ---- backend selection without the compiled extension or with a broken triton (an audit of the
+# thirtieth session): a missing mtbkd._C had switched every CPU loss to the reference backend
+# without a word; a triton whose kernels failed to import with anything but ImportError broke
+# `mtbkd info` and every backend, the forced reference and cpu ones included
+
+_BLOCK_C = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mtbkd._C":
+            raise ImportError("simulated: undefined symbol _ZN3c10")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def test_a_missing_extension_is_a_said_fallback(tmp_path):
+    import os
+    import subprocess
+
+    (tmp_path / "sitecustomize.py").write_text(_BLOCK_C)
+    code = (
+        "import warnings, torch, mtbkd\n"
+        "from mtbkd import bayes_ops, ops\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    mtbkd.mtbkd_loss(torch.randn(2, 3), [torch.randn(2, 3)])\n"
+        "    mtbkd.mtbkd_loss(torch.randn(2, 3), [torch.randn(2, 3)])\n"
+        "msgs = [str(x.message) for x in w if 'mtbkd._C' in str(x.message)]\n"
+        "assert len(msgs) == 1 and 'reference backend' in msgs[0], msgs\n"
+        "assert 'could not be imported' in ops.backend_status()['cpu']\n"
+        "try:\n"
+        "    bayes_ops.philox_normal(1, 0, 4, backend='cpu')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'mtbkd._C could not be imported' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('philox_normal ran')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    env.pop("MTBKD_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-1500:]
+
+
+def test_a_broken_triton_leaves_the_other_backends_and_info_working(monkeypatch):
+    import importlib
+
+    import torch
+
+    import mtbkd
+    from mtbkd import ops
+
+    real = importlib.import_module
+
+    def fake(name, *args):
+        if name == "mtbkd.kernels":
+            raise AttributeError("simulated triton API drift")
+        return real(name, *args)
+
+    monkeypatch.delitem(sys.modules, "mtbkd.kernels", raising=False)
+    monkeypatch.setattr(importlib, "import_module", fake)
+    assert "AttributeError: simulated triton API drift" in ops.backend_status()["triton"]
+    for forced in ("reference", "cpu"):
+        if ops.backend_status()[forced] is None:
+            monkeypatch.setenv("MTBKD_BACKEND", forced)
+            assert ops.select_backend(torch.device("cpu")) == forced
+    assert "unavailable" in mtbkd.info()["backends"]["triton"]
+
+
+def test_cmake_check_makes_its_log_folder_and_bench_names_the_install(monkeypatch, tmp_path):
+    # `make cmake-check` on a clean clone wrote build/cmake.log before build/ existed; `mtbkd
+    # bench` from a wheel told the user to `pip install -e .`, which fails without torch
+    recipe = (ROOT / "Makefile").read_text().split("\ncmake-check:\n", 1)[1].split("\n\n")[0]
+    assert recipe.index("mkdir -p build") < recipe.index("cmake -S . -B build/cmake ")
+    from mtbkd import cli
+
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site" / "mtbkd" / "cli.py"))
+    with pytest.raises(SystemExit, match="pip install --no-build-isolation -e ."):
+        cli._bench_dir()
