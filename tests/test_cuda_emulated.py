@@ -18,8 +18,9 @@ threads of a block as fibers switched at ``__syncthreads``, ``__syncthreads_or``
 for, and abort on a barrier only part of a block reaches); ``tests/cuda_emu/shim/`` stands in for
 ``cuda_runtime.h``, ``cuda_fp16.h`` and ``cuda_bf16.h``; ``tests/cuda_emu/harness.cpp`` fills the
 params structs as the torch wrappers in ``csrc/cuda/loss_ops_cuda.cpp`` do. The library is built
-once per content hash of all of it (sources, headers, flags, compiler) under
-``build/cuda-emu/<hash>/`` (git-ignored) and shared by the tests of this module.
+(``tests/cuda_emu/build.py``, which also holds the generator) once per content hash of all of it
+(sources, headers, flags, compiler) under ``build/cuda-emu/<hash>/`` (git-ignored) and shared by
+the tests of this module.
 
 The outputs are compared with the C++ CPU kernels (``torch.ops.mtbkd_C``) and, in float64, with
 ``mtbkd/reference.py``: ordinary inputs of every dtype, weight mode and divergence, and degenerate
@@ -32,33 +33,22 @@ hardware's approximations do with NaN/inf/denormal arguments is not reproduced (
 emulation handles may still go wrong on a GPU). A fiber runs alone between barriers, so the memory
 model, data races and missing ``__syncwarp``/``__threadfence`` go untested; so do launch
 configuration limits, occupancy and the real headers' conversions (the shims round to nearest
-even). Only these three files are covered, not ``bayes_kernels.cu``. ``bench/gpu_check.sh`` on a
-GPU remains the real test.
+even). ``bayes_kernels.cu`` runs the same way in ``tests/test_cuda_emulated_bayes.py``.
+``bench/gpu_check.sh`` on a GPU remains the real test.
 """
 
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import hashlib
-import os
-import re
-import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from cuda_emu.build import EMU, GeneratorError, build_library, emulation_source, generate
 
 from mtbkd import ops
 
-ROOT = Path(__file__).resolve().parents[1]
-EMU = ROOT / "tests" / "cuda_emu"
-CUDA = ROOT / "csrc" / "cuda"
 SOURCES = ("loss_kernels.cu", "kd_kernels.cu", "teacher_kernels.cu")
-CXXFLAGS = ["-std=c++20", "-O1", "-pthread", "-fPIC", "-w"]
-BUILD = ROOT / "build" / "cuda-emu"
 
 pytestmark = [
     pytest.mark.skipif(
@@ -68,67 +58,11 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
 ]
 
-# ---- source generation ---------------------------------------------------------------------------
-
-_LAUNCH = re.compile(
-    r"(?P<kernel>\b\w+(?:<[^<>;{}]*>)?)\s*<<<(?P<config>[^;]*?)>>>\s*\((?P<args>.*?)\)\s*;", re.S
-)
-_SHARED = re.compile(r"\b__shared__\s+(?P<align>(?:alignas\s*\([^()]*\)\s*)?)")
-_GLOBAL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^()]*\)\s*)?(\w+)\s*\(")
-
-
-class GeneratorError(RuntimeError):
-    pass
-
-
-def _split_top(text: str) -> list[str]:
-    """Split at the commas outside parentheses."""
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        depth += ch == "("
-        depth -= ch == ")"
-        if ch == "," and depth == 0:
-            parts.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    return [*parts, cur.strip()]
-
-
-def emulation_source(name: str, text: str) -> str:
-    """Host C++ of one .cu file: static shared arrays, launches through emu_launch."""
-    if re.search(r"\bextern\s+__shared__", text):
-        raise GeneratorError(f"csrc/cuda/{name}: dynamic (extern) shared memory is not emulated")
-    launched: set[str] = set()
-
-    def launch(m: re.Match) -> str:
-        config = _split_top(m.group("config"))
-        if not 2 <= len(config) <= 4 or (len(config) > 2 and config[2] != "0"):
-            raise GeneratorError(
-                f"csrc/cuda/{name}: launch of {m.group('kernel')} with <<<{m.group('config')}>>>:"
-                " only <<<grid, block[, 0[, stream]]>>> is emulated"
-            )
-        launched.add(m.group("kernel").split("<")[0])
-        return f"emu_launch({config[0]}, {config[1]}, [&] {{ {m.group('kernel')}({m.group('args')}); }});"  # noqa: E501
-
-    out, n_launch = _LAUNCH.subn(launch, text)
-    out, n_shared = _SHARED.subn(lambda m: m.group("align") + "static ", out)
-    if n_launch == 0:
-        raise GeneratorError(f"csrc/cuda/{name}: no kernel<<<...>>>(...); launch found")
-    if n_shared == 0:
-        raise GeneratorError(f"csrc/cuda/{name}: no __shared__ array found")
-    for token in ("<<<", ">>>", "__shared__"):
-        if token in out:
-            line = out[: out.index(token)].count("\n") + 1
-            raise GeneratorError(f"csrc/cuda/{name}:{line}: {token} left after the rewrite")
-    missing = set(_GLOBAL.findall(text)) - launched
-    if missing:
-        raise GeneratorError(f"csrc/cuda/{name}: __global__ kernels never launched: {missing}")
-    return f'#line 1 "{CUDA / name}"\n' + out
+# ---- source generation (tests/cuda_emu/build.py) -------------------------------------------------
 
 
 def _generate() -> dict[str, str]:
-    return {name: emulation_source(name, (CUDA / name).read_text()) for name in SOURCES}
+    return generate(SOURCES)
 
 
 try:  # at collection; an error fails the tests below rather than the whole session
@@ -162,84 +96,11 @@ def test_the_generator_rewrites_every_launch_and_shared_array():
 
 # ---- build ---------------------------------------------------------------------------------------
 
-_PROBE = """#include <ucontext.h>
-#include <cmath>
-inline int probe_v = 1;
-int main() { _Float16 h = static_cast<_Float16>(1.5f); ucontext_t c; getcontext(&c);
-  return static_cast<float>(h) == 1.5f && std::isfinite(1.0) ? 0 : probe_v; }
-"""
-
-
-def _compiler() -> tuple[str, str]:
-    """g++ and its version line, or a skip naming what is missing."""
-    cxx = os.environ.get("MTBKD_EMU_CXX") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("the CUDA emulation needs g++ (none on PATH)")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    return cxx, version.splitlines()[0] if version else "?"
-
 
 def _build(tmp: Path) -> Path:
     if GENERATOR_ERROR is not None:
         raise GENERATOR_ERROR
-    cxx, version = _compiler()
-    includes = [EMU / "shim", CUDA, ROOT / "csrc"]
-    inputs = [EMU / "emu.h", EMU / "harness.cpp", *sorted((EMU / "shim").glob("*.h"))]
-    inputs += sorted(CUDA.glob("*.cuh")) + sorted((ROOT / "csrc").glob("*.h"))
-    h = hashlib.sha256(f"{version}\n{CXXFLAGS}\n".encode())
-    for name in SOURCES:
-        h.update(f"{name}\n{GENERATED[name]}".encode())
-    for path in inputs:
-        h.update(f"{path.parent.name}/{path.name}\n".encode() + path.read_bytes())
-    out = BUILD / h.hexdigest()[:16]
-    lib = out / "libemu.so"
-    BUILD.mkdir(parents=True, exist_ok=True)
-    with open(BUILD / ".lock", "w") as lock:  # pytest-xdist workers build it once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if lib.is_file():
-            return lib
-        probe = tmp / "probe.cpp"
-        probe.write_text(_PROBE)
-        proc = subprocess.run([cxx, *CXXFLAGS, str(probe), "-o", str(tmp / "probe")],
-                              capture_output=True, text=True)  # fmt: skip
-        if proc.returncode != 0:
-            pytest.skip(
-                f"{version} cannot build the CUDA emulation (needs C++20, <ucontext.h> and"
-                f" _Float16: GCC >= 12 on x86-64): {proc.stderr.strip()[-300:]}"
-            )
-        work = tmp / "build"
-        work.mkdir()
-        units = []
-        for name in SOURCES:
-            (work / name.replace(".cu", ".cpp")).write_text(GENERATED[name])
-            units.append(work / name.replace(".cu", ".cpp"))
-        units.append(EMU / "harness.cpp")
-        flags = [*CXXFLAGS, "-include", str(EMU / "emu.h")] + [f"-I{p}" for p in includes]
-        t0 = time.perf_counter()
-        procs = [
-            subprocess.Popen(
-                [cxx, *flags, "-c", str(u), "-o", str(work / f"{u.stem}.o")],
-                stderr=subprocess.PIPE,
-                text=True,
-            )  # fmt: skip
-            for u in units
-        ]
-        errors = [(u.name, p.communicate()[1]) for u, p in zip(units, procs) if p.wait() != 0]
-        assert not errors, "\n".join(f"{n}:\n{e[-4000:]}" for n, e in errors)
-        objs = [str(work / f"{u.stem}.o") for u in units]
-        proc = subprocess.run([cxx, "-shared", "-pthread", *objs, "-o", str(work / "libemu.so")],
-                              capture_output=True, text=True)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        out.mkdir(exist_ok=True)
-        os.replace(work / "libemu.so", lib)
-        (out / "build-seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
-        for name, text in GENERATED.items():  # for reading compiler errors and gdb sessions
-            (out / name.replace(".cu", ".cpp")).write_text(text)
-        stale = sorted((p for p in BUILD.iterdir() if p.is_dir() and p != out),
-                       key=lambda p: p.stat().st_mtime)  # fmt: skip
-        for old in stale[:-4]:
-            shutil.rmtree(old, ignore_errors=True)
-    return lib
+    return build_library(tmp, GENERATED, EMU / "harness.cpp")
 
 
 # ---- ctypes wrappers (the torch wrappers' conventions) ------------------------------------------

@@ -39,6 +39,14 @@ inline T __ldg(const T* p) {
   return *p;
 }
 
+// Atomics: a fiber runs alone between barriers, so a plain read-modify-write is atomic here.
+template <class T>
+inline T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
+
 namespace emu {
 
 constexpr int kMaxThreads = 1024;
