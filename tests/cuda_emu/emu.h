@@ -1,8 +1,10 @@
 // Host emulation of the CUDA execution model, force-included (g++ -include emu.h) in front of the
 // real csrc/cuda/*.cu sources; see tests/test_cuda_emulated.py for the approach and its limits.
 //
-// A launch runs its blocks one after another. The threads of a block are fibers (ucontext) on the
-// calling OS thread, switched only where a CUDA thread would wait for others:
+// A launch runs its blocks one after another. The threads of a block are fibers on the calling OS
+// thread (each started once by setcontext, then switched with _setjmp / _longjmp, which, unlike
+// swapcontext, make no system call: swapcontext's signal-mask calls were 40 % of the run time),
+// switched only where a CUDA thread would wait for others:
 //   __syncthreads / __syncthreads_or  every live thread of the block must arrive (else: abort);
 //   __shfl_xor_sync / __shfl_down_sync all 32 lanes of the warp must arrive (full mask only).
 // Between those points a fiber runs alone, so a block's shared memory (the kernels' `__shared__`
@@ -16,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+#include <setjmp.h>
 #include <ucontext.h>
 // (no C++ library headers: <mutex> and <memory> alone took 2 s of each translation unit's build)
 
@@ -54,7 +57,9 @@ constexpr size_t kStack = 256 * 1024;
 enum State : unsigned char { kRun, kBlockWait, kWarpWait, kDone };
 
 struct Block {
-  ucontext_t sched;
+  jmp_buf sched;
+  jmp_buf jb[kMaxThreads];
+  bool started[kMaxThreads];
   ucontext_t ctx[kMaxThreads];
   State state[kMaxThreads];
   // exchange slots, double-buffered: a slot is rewritten only after a later barrier of the same
@@ -89,14 +94,27 @@ inline void wait(State s) {
   Block& b = blk();
   const int me = b.cur;
   b.state[me] = s;
-  swapcontext(&b.ctx[me], &b.sched);
+  if (!_setjmp(b.jb[me])) _longjmp(b.sched, 1);
   threadIdx.x = unsigned(me);  // restored by the scheduler as well; kept explicit
 }
 
 inline void trampoline() {
   Block& b = blk();
   b.body(b.arg);
-  b.state[b.cur] = kDone;  // uc_link returns to the scheduler
+  b.state[b.cur] = kDone;
+  _longjmp(b.sched, 1);  // never returns: the fiber's stack is left as it is
+}
+
+// Runs thread t until it waits or ends (back here through b.sched); out of line, so that no
+// local of the scheduler's loop lives across the jump
+__attribute__((noinline)) inline void enter(Block& b, unsigned t) {
+  if (!_setjmp(b.sched)) {
+    if (!b.started[t]) {
+      b.started[t] = true;
+      setcontext(&b.ctx[t]);
+    }
+    _longjmp(b.jb[t], 1);
+  }
 }
 
 // Runs one block of `n` threads to completion.
@@ -109,7 +127,8 @@ inline void run_block(unsigned n) {
     getcontext(&b.ctx[t]);
     b.ctx[t].uc_stack.ss_sp = b.stacks + kStack * t;
     b.ctx[t].uc_stack.ss_size = kStack;
-    b.ctx[t].uc_link = &b.sched;
+    b.ctx[t].uc_link = nullptr;
+    b.started[t] = false;
     makecontext(&b.ctx[t], trampoline, 0);
     b.state[t] = kRun;
     b.warp_phase[t] = b.block_phase[t] = 0;
@@ -121,7 +140,7 @@ inline void run_block(unsigned n) {
       ran = true;
       b.cur = int(t);
       threadIdx.x = t;
-      swapcontext(&b.sched, &b.ctx[t]);
+      enter(b, t);
     }
     // release the warps whose 32 lanes all wait at a shuffle
     bool released = false;
