@@ -17,7 +17,9 @@ threads of a block as fibers switched at ``__syncthreads``, ``__syncthreads_or``
 ``__shfl_xor_sync`` / ``__shfl_down_sync`` (which wait for exactly the threads the hardware waits
 for, and abort on a barrier only part of a block reaches); ``tests/cuda_emu/shim/`` stands in for
 ``cuda_runtime.h``, ``cuda_fp16.h`` and ``cuda_bf16.h``; ``tests/cuda_emu/harness.cpp`` fills the
-params structs as the torch wrappers in ``csrc/cuda/loss_ops_cuda.cpp`` do. The library is built
+params structs as the torch wrappers in ``csrc/cuda/loss_ops_cuda.cpp`` do (a copy of their
+logic, which the wrappers do not share: a change there must be made here too; the wrappers
+themselves are only compiled, by ``tests/test_cuda_glue.py``). The library is built
 (``tests/cuda_emu/build.py``, which also holds the generator) once per content hash of all of it
 (sources, headers, flags, compiler) under ``build/cuda-emu/<hash>/`` (git-ignored) and shared by
 the tests of this module.
