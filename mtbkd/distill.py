@@ -237,10 +237,9 @@ class DistillConfig:
                 setattr(self, name, int(v))
         if not 0 <= self.seed < 2**63:  # torch's and numpy's generators take no more
             raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
-        if self.num_threads > 1024:  # torch.set_num_threads(10**6) crashed the process
-            raise ValueError(
-                f"num_threads must be at most 1024 (0: torch's own), got {self.num_threads}"
-            )
+        if self.num_threads > validate.MAX_THREADS:
+            raise ValueError(f"num_threads must be at most {validate.MAX_THREADS} (0: torch's "
+                             f"own), got {self.num_threads}")  # fmt: skip
         for name in (
             "batch_size",
             "num_samples",

@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtbkd import validate
+
 __all__ = [
     "DemoConfig",
     "SIZES",
@@ -714,9 +716,9 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     seed = over["seed"]
     if seed is not None and not 0 <= seed <= MAX_SEED:  # torch.manual_seed overflowed
         raise ValueError(f"--seed must be an integer in 0..{MAX_SEED}, got {seed}")
-    if over["threads"] is not None and over["threads"] > 1024:  # as DistillConfig.num_threads
-        raise ValueError(f"--threads must be at most 1024 (0: torch's default), got "
-                         f"{over['threads']}")  # fmt: skip
+    if over["threads"] is not None and over["threads"] > validate.MAX_THREADS:
+        raise ValueError(f"--threads must be at most {validate.MAX_THREADS} (0: torch's "
+                         f"default), got {over['threads']}")  # fmt: skip
     for name, value in over.items():
         if value is None or name == "seed" or value > 0 or (value == 0 and name == "threads"):
             continue

@@ -43,8 +43,7 @@ def _select(
         patterns = [include] if isinstance(include, str) else list(include)
         named = {k: v for k, v in named.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
     if isinstance(source, nn.Module):
-        seen: set[int] = set()
-        named = {k: v for k, v in named.items() if not (id(v) in seen or seen.add(id(v)))}
+        named = {k: named[k] for k in _one_name_each(named, named)}
     if not named:
         raise ValueError("no parameters selected: check module_or_params and include")
     for k, v in named.items():
@@ -354,9 +353,8 @@ def predict(
     batched = torch.vmap(run, in_dims=(0, None), randomness="different")
     # one name per tensor: functional_call ties a tied parameter's other names to it, and
     # refuses two values for them (a state_dict store of a tied model holds every name)
-    seen: set[int] = set()
-    stacked = {k: v for k, v in store.stacked().items()
-               if not (id(params[k]) in seen or seen.add(id(params[k])))}  # fmt: skip
+    samples = store.stacked()
+    stacked = {k: samples[k] for k in _one_name_each(store.names, params)}
     out: Tensor | None = None
     size = chunk
     if _draws_host_seeds(model):  # a sampling BayesLinear reads a fresh seed on the host per
@@ -389,6 +387,17 @@ def predict(
                 out = res.new_empty((len(store), *res.shape[1:]))
             out[s0 : s0 + res.shape[0]] = res
             s0 += res.shape[0]
+    return out
+
+
+def _one_name_each(names: Iterable[str], tensor_of: Mapping[str, Tensor]) -> list[str]:
+    """``names`` without the later names of a tensor already named (a tied parameter)."""
+    seen: set[int] = set()
+    out = []
+    for name in names:
+        if id(tensor_of[name]) not in seen:
+            seen.add(id(tensor_of[name]))
+            out.append(name)
     return out
 
 

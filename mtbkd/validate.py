@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 REDUCTIONS = ("mean", "sum", "none")
+# torch.set_num_threads takes more, and torch.set_num_threads(10**6) crashed the process
+MAX_THREADS = 1024
 
 
 def _is_finite(value: float) -> bool:
