@@ -30,7 +30,15 @@ from mtbkd.functional import (  # noqa: E402
 from mtbkd.fused_linear import FusedLinearMTBKDLoss, FusedLinearMultiTeacherKDLoss  # noqa: E402
 from mtbkd.info import info  # noqa: E402
 from mtbkd.losses import MTBKDLoss, MultiTeacherKDLoss  # noqa: E402
-from mtbkd.nn import BayesLinear, bayesify, kl_divergence, record_kl  # noqa: E402
+from mtbkd.nn import (  # noqa: E402
+    BayesConv1d,
+    BayesConv2d,
+    BayesConv3d,
+    BayesLinear,
+    bayesify,
+    kl_divergence,
+    record_kl,
+)
 from mtbkd.optim import SGLD  # noqa: E402
 from mtbkd.posterior import SampleStore, predict  # noqa: E402
 from mtbkd.sparse import (  # noqa: E402
@@ -68,6 +76,9 @@ __all__ = [
     "load_sparse_teachers",
     "TeacherStats",
     "BayesLinear",
+    "BayesConv1d",
+    "BayesConv2d",
+    "BayesConv3d",
     "bayesify",
     "kl_divergence",
     "record_kl",

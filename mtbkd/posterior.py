@@ -307,8 +307,8 @@ def predict(
     parameters and outputs (:data:`PREDICT_PARAM_BYTES`, :data:`PREDICT_OUTPUT_BYTES`): a sampled
     head goes in one or few chunks; a fully sampled network, whose samples share nothing, is run
     one sample per call. ``chunk=1`` is always one plain call per sample, and so is any ``chunk``
-    for a model with a sampling :class:`mtbkd.nn.BayesLinear` (each sample draws its own weights
-    from its stored posterior; vmap cannot batch the layer's seed). Returns
+    for a model with a sampling Bayesian layer (:class:`mtbkd.nn.BayesLayer`; each sample draws
+    its own weights from its stored posterior; vmap cannot batch the layer's seed). Returns
     softmax probabilities in fp32 (logits when ``probabilities=False``). Sampled buffers (a store
     made from a ``state_dict``) replace the model's too. Put the model in ``eval()`` mode first if
     it has dropout or batch norm (in training mode every sample draws its own dropout masks and
@@ -410,13 +410,13 @@ def _named_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _draws_host_seeds(model: nn.Module) -> bool:
-    """Whether ``model`` holds a :class:`mtbkd.nn.BayesLinear` that samples its weights in the
-    forward (not frozen, ``mode="reparameterize"``): its Philox seed is read with ``.item()``,
-    which ``torch.vmap`` refuses."""
-    from mtbkd.nn import BayesLinear
+    """Whether ``model`` holds a Bayesian layer (:class:`mtbkd.nn.BayesLayer`) that samples its
+    weights in the forward (not frozen, ``mode="reparameterize"``): its Philox seed is read with
+    ``.item()``, which ``torch.vmap`` refuses."""
+    from mtbkd.nn import BayesLayer
 
     return any(
-        isinstance(m, BayesLinear) and not m.frozen and m.mode == "reparameterize"
+        isinstance(m, BayesLayer) and not m.frozen and m.mode == "reparameterize"
         for m in model.modules()
     )
 
