@@ -774,8 +774,16 @@ class CheckpointMismatchError(CheckpointError):
 
 
 class TrainingDivergedError(FloatingPointError):
-    """The student's logits became NaN or infinite during training (a step too large for the
-    student, or the loss overflowed): the run stops rather than return a NaN model."""
+    """The student's logits became NaN, +inf, or -inf in every class of a row during training (a
+    step too large for the student, or the loss overflowed): the run stops rather than return a
+    NaN model. A ``-inf`` logit alone is a class the student rules out (a mask), not a
+    divergence."""
+
+
+def _diverged(logits: Tensor) -> bool:
+    """NaN or +inf logits, or a row of -inf only (one host synchronisation)."""
+    bad = torch.isnan(logits).any() | torch.isposinf(logits).any()
+    return bool(bad | torch.isneginf(logits).all(dim=-1).any())
 
 
 class CheckpointCorruptError(CheckpointError):
@@ -950,9 +958,10 @@ def _run_epochs_seeded(
             for b, idx in enumerate(order.split(batch_size)):
                 tb = data.t[:, idx] if data.t is not None else None
                 logits = model(data.x[idx])
-                if not torch.isfinite(logits).all():  # features and teachers were checked
+                if _diverged(logits):  # features and teachers were checked
                     raise TrainingDivergedError(
-                        f"{desc}: the student's logits are not finite at epoch {epoch + 1}, "
+                        f"{desc}: the student's logits are NaN, +inf or -inf in a whole row at "
+                        f"epoch {epoch + 1}, "
                         f"batch {b + 1}: training diverged; lower the learning rate (map_lr, or "
                         "sgld_lr for SGLD) or train the student in float32"
                     )
@@ -1741,8 +1750,9 @@ def distill(
     ``x`` (a tensor or an array) is cast to the dtype of the student's parameters (float64
     models work in float64, bfloat16 ones in bfloat16; a trainable float16 parameter is refused:
     Adam's eps rounds to 0 in float16 and its update to NaN). Training that makes the student's
-    logits NaN or infinite stops with :class:`TrainingDivergedError`, naming the phase, epoch
-    and batch. ``y`` must hold integer class indices of the student's classes.
+    logits NaN, +inf, or -inf in a whole row stops with :class:`TrainingDivergedError`, naming
+    the phase, epoch and batch (a ``-inf`` logit that masks a class is not a divergence).
+    ``y`` must hold integer class indices of the student's classes.
     Teacher modules run once, in eval mode without gradients on ``x`` cast to their own dtype,
     and get their training mode back. The student keeps the parameters it was given frozen
     (``requires_grad=False``: a pretrained body stays as it is, its submodules in eval mode while

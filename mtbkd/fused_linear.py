@@ -418,7 +418,10 @@ def _versions(teachers: list, labels: Tensor | None, fixed: Tensor | None) -> li
                     (f"{t.name} bias", t.bias)]  # fmt: skip
         else:  # a SparseTeacher
             out += [("teachers (indices)", t.indices), ("teachers (logprobs)", t.logprobs)]
-    return [(name, x, x._version) for name, x in out if isinstance(x, Tensor)]
+    # inference tensors (teachers run under torch.inference_mode) have no version counter, and
+    # cannot be changed in place outside inference mode anyway
+    return [(name, x, x._version) for name, x in out
+            if isinstance(x, Tensor) and not x.is_inference()]  # fmt: skip
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

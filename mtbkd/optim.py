@@ -185,23 +185,50 @@ class SGLD(Optimizer):
         # Every group is checked before any parameter moves: a bad group (edited since by a
         # scheduler or by hand: a negative lr made NaN noise; a sparse gradient) is refused
         # with the earlier groups untouched, so that a retried step does not step them twice
+        # (and so are the parameters' gradients and square_avgs: a checkpoint's square_avg of
+        # another shape was refused only when the op reached it, after the earlier groups moved)
         plans = []
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             _check_hyperparameters(group, at_step=True)
             # One fused call per (device, dtype): the CUDA op takes one dtype per launch. The
             # buckets, and so the seeds drawn from torch's generator, are alike on every rank.
             buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("SGLD does not support sparse gradients")
+                self._check_tensors(f"parameter {i} of group {gi}", p, group["precondition"])
                 buckets.setdefault((p.device, p.dtype), []).append(p)
             plans.append((group, buckets))
         for group, buckets in plans:
             for params in buckets.values():
                 self._step_bucket(group, params)
         return loss
+
+    def _check_tensors(self, where: str, p: Tensor, precondition: bool) -> None:
+        """Refuse, before any parameter moves, a gradient or a ``square_avg`` that the fused op
+        would refuse midway: another shape (a checkpoint of another model, or a shard of
+        another layout), dtype or device."""
+        local, grad = _local(p), _local(p.grad)
+        if grad.shape != local.shape or grad.dtype != p.dtype or grad.device != p.device:
+            raise ValueError(
+                f"SGLD: {where} is a {p.dtype} tensor of local shape {tuple(local.shape)} on "
+                f"{p.device}, its gradient a {grad.dtype} one of shape {tuple(grad.shape)} on "
+                f"{grad.device}"
+            )
+        sq = self.state[p].get("square_avg") if precondition else None
+        if sq is None:
+            return
+        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        sq_local = _local(sq)
+        if sq_local.shape != local.shape or sq.dtype != acc or sq.device != p.device:
+            raise ValueError(
+                f"SGLD: {where} of local shape {tuple(local.shape)} on {p.device} has a "
+                f"square_avg of shape {tuple(sq_local.shape)}, {sq.dtype} on {sq.device} "
+                f"({acc} of the parameter's shape and device needed: a checkpoint of another "
+                "model, or sharded another way?)"
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As :meth:`torch.optim.Optimizer.load_state_dict`, but the pSGLD ``square_avg`` keeps
@@ -215,16 +242,16 @@ class SGLD(Optimizer):
             if saved is not None:
                 acc = torch.float64 if p.dtype == torch.float64 else torch.float32
                 value = saved.detach().to(device=p.device, dtype=acc).clone()
+                if value.shape != p.shape:  # (a DTensor's shape is the global one)
+                    raise ValueError(
+                        f"SGLD.load_state_dict: square_avg of shape {tuple(value.shape)} for "
+                        f"a parameter of shape {tuple(p.shape)} (parameter {i} of the state)"
+                    )
                 if _is_dtensor(p) and not _is_dtensor(value):
                     # a single-process checkpoint into FSDP2 parameters: shard it like them
                     # (a collective: every rank loads)
                     from torch.distributed.tensor import distribute_tensor
 
-                    if value.shape != p.shape:
-                        raise ValueError(
-                            f"SGLD.load_state_dict: square_avg of shape {tuple(value.shape)} for "
-                            f"a parameter of shape {tuple(p.shape)}"
-                        )
                     value = distribute_tensor(value, p.device_mesh, p.placements)
                 self.state[p]["square_avg"] = value
 
@@ -240,13 +267,8 @@ class SGLD(Optimizer):
                 state["square_avg"] = torch.zeros_like(
                     p, dtype=acc, memory_format=torch.contiguous_format
                 )
-            sq = _local(state["square_avg"]) if precondition else None
+            sq = _local(state["square_avg"]) if precondition else None  # (step() checked them)
             local, grad = _local(p), _local(p.grad)
-            if grad.shape != local.shape or (sq is not None and sq.shape != local.shape):
-                raise ValueError(
-                    f"SGLD: parameter {index}'s local shape {tuple(local.shape)} differs from its "
-                    f"gradient's {tuple(grad.shape)} or its square_avg's (sharded another way)"
-                )
             if local is p:
                 plain.append((p, grad, sq))
             else:  # an FSDP2 shard: a call of its own, its seed keyed by the shard

@@ -894,6 +894,31 @@ def test_float16_students_and_diverged_training_are_refused_by_name():
     assert torch.isfinite(res.predict(x[:4])).all()
 
 
+def test_a_student_that_masks_a_class_with_minus_inf_is_not_diverged():
+    # review (thirty-first session): any non-finite logit was called a divergence, so `ce`
+    # refused a student that rules out a class with -inf (F.cross_entropy trains it); NaN, +inf
+    # and a row of -inf only still are
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    t = torch.randn(2, 64, 4)
+
+    class Masked(nn.Module):
+        def __init__(self, fill):
+            super().__init__()
+            self.lin, self.fill = nn.Linear(5, 4), fill
+
+        def forward(self, x):
+            return self.lin(x).masked_fill(self.fill, -torch.inf)
+
+    cfg = distill.DistillConfig(map_epochs=2, sgld_epochs=1, batch_size=16, early_stopping=False)
+    res = distill.distill(Masked(torch.tensor([False, False, False, True])), t, x, y, cfg,
+                          method="ce")  # fmt: skip
+    p = res.predict(x[:4])
+    assert not torch.isnan(p).any() and torch.all(p[..., 3] == 0)
+    with pytest.raises(distill.TrainingDivergedError, match="-inf in a whole row at epoch 1"):
+        distill.distill(Masked(torch.ones(4, dtype=torch.bool)), t, x, y, cfg, method="ce")
+
+
 def test_config_rejects_bad_values_naming_the_field():
     for kw, msg in [
         ({"sgld_temperature": -1.0}, "sgld_temperature must be"),

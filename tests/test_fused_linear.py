@@ -570,3 +570,22 @@ def test_zero_width_and_one_row_hidden_states():
     sp = mtbkd.topk_teacher(torch.randn(5, dtype=d), 2)
     torch.testing.assert_close(fused_linear_mtbkd_loss(h, w, [sp], y),
                                mtbkd.mtbkd_loss(h @ w.t(), [sp], y))  # fmt: skip
+
+
+@pytest.mark.parametrize("loss_fn", [fused_linear_mtbkd_loss, fused_linear_multi_teacher_kd_loss])
+def test_reduction_none_takes_teachers_and_labels_made_under_inference_mode(loss_fn):
+    # review (thirty-first session): teachers usually run under torch.inference_mode(); their
+    # tensors have no version counter, and the in-place check of reduction="none" raised
+    # "Inference tensors do not track version counter"
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    with torch.inference_mode():
+        t = torch.randn(2, 6, 5, dtype=torch.float64, generator=g)
+        y = torch.randint(0, 5, (6,), generator=g)
+        sparse = [mtbkd.topk_teacher(torch.randn(6, 5, generator=g), 2)]
+    for teachers, labels in ((t, y.clone()), (t.clone(), y), (sparse, None)):
+        loss = loss_fn(h, w, teachers, labels, reduction="none")
+        loss.sum().backward()
+        ref = loss_fn(h.detach(), w.detach(), teachers, labels, reduction="none")
+        torch.testing.assert_close(loss.detach(), ref)
