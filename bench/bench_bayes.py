@@ -11,6 +11,10 @@
    only) and bayesian-torch's ``LinearReparameterization`` (when installed; ``make setup``
    installs it). Every method does the same matmuls, so the layer is where a library's sampling
    cost shows side by side.
+1c. The same step for a Bayesian 3x3 convolution (``mtbkd.nn.BayesConv2d``, padding 1) on a batch
+   of feature maps, against eager, ``torch.compile`` and bayesian-torch's
+   ``Conv2dReparameterization``: the convolution's own arithmetic dominates there, so the ratios
+   show what sampling and the KL add to it.
 2. One SGLD step over a model's parameters: the fused op vs a Python loop over the parameters.
 3. The predictive over 100 posterior samples: ``mtbkd.posterior.predict`` (functional_call +
    vmap, chunks sized automatically) vs a loop that loads each sample into the model and runs it.
@@ -238,6 +242,70 @@ def bench_layer(d_in: int, d_out: int, batch: int, repeats: int, methods: list[s
     }  # fmt: skip
 
 
+def _eager_conv_step(wmu, wrho, bmu, brho, x):
+    w = wmu + F.softplus(wrho) * torch.randn_like(wmu)
+    b = bmu + F.softplus(brho) * torch.randn_like(bmu)
+    y = F.conv2d(x, w, b, padding=1)
+    return y.square().mean() + (_eager_kl(wmu, wrho) + _eager_kl(bmu, brho)) / 50_000
+
+
+def conv_layer_method(method: str, channels: int, batch: int, size: int):
+    """``fn() -> grads``: one training step of a ``channels -> channels`` 3x3 Bayesian
+    convolution (padding 1) on ``[batch, channels, size, size]`` inputs."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, size, size)
+    if method == "fused":  # the KL from the forward's own sampling pass
+        from mtbkd.nn import BayesConv2d, record_kl
+
+        layer = BayesConv2d(channels, channels, 3, padding=1, prior_sigma=LAYER_PRIOR_SIGMA)
+
+        def step():
+            with record_kl(layer) as rec:
+                y = layer(x)
+            loss = y.square().mean() + rec.kl / 50_000
+            return torch.autograd.grad(loss, list(layer.parameters()))
+
+        return step
+    if method == "bayesian_torch":
+        from bayesian_torch.layers import Conv2dReparameterization
+
+        layer = Conv2dReparameterization(channels, channels, 3, padding=1,
+                                         prior_variance=LAYER_PRIOR_SIGMA**2)  # fmt: skip
+
+        def step():
+            y, kl = layer(x)
+            loss = y.square().mean() + kl / 50_000
+            return torch.autograd.grad(loss, list(layer.parameters()))
+
+        return step
+    if method in ("eager", *COMPILED):
+        from mtbkd.nn import BayesConv2d
+
+        ref = BayesConv2d(channels, channels, 3, padding=1, prior_sigma=LAYER_PRIOR_SIGMA)
+        params = [p.detach().clone().requires_grad_(True) for p in
+                  (ref.weight_mu, ref.weight_rho, ref.bias_mu, ref.bias_rho)]  # fmt: skip
+        f = _eager_conv_step
+        if method in COMPILED:
+            f = _compile(_eager_conv_step, method)
+
+        def step():
+            return torch.autograd.grad(f(*params, x), params)
+
+        return step
+    raise ValueError(method)
+
+
+def bench_conv_layer(channels: int, batch: int, size: int, repeats: int,
+                     methods: list[str]) -> dict:  # fmt: skip
+    fns = {m: conv_layer_method(m, channels, batch, size) for m in methods}
+    t = common.time_interleaved(fns, repeats=repeats)
+    base = t["fused"]["median_ms"]
+    return {
+        "channels": channels, "batch": batch, "size": size,
+        "methods": {m: {**t[m], "fused_speedup": t[m]["median_ms"] / base} for m in methods},
+    }  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. SGLD step
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +436,17 @@ def table(results: dict) -> str:
                 f"| {r['d_in']}x{r['d_out']} | {r['batch']} | {m} | {e['median_ms']:.1f} "
                 f"({e['p20_ms']:.1f}-{e['p80_ms']:.1f}) | {e['fused_speedup']:.2f}x |"
             )
+    if results.get("conv_layer"):
+        lines += ["", "### Bayesian 3x3 convolution: one training step (sample, conv, KL, "
+                  "backward)", "", "| channels | batch x maps | method | ms (p20-p80) | "
+                  "time / fused |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in results["conv_layer"]:
+            for m, e in r["methods"].items():
+                lines.append(
+                    f"| {r['channels']} -> {r['channels']} | {r['batch']} x {r['size']}x"
+                    f"{r['size']} | {m} | {e['median_ms']:.1f} ({e['p20_ms']:.1f}-"
+                    f"{e['p80_ms']:.1f}) | {e['fused_speedup']:.2f}x |"
+                )
     if results.get("bayesian_torch") is not None:
         lines.append(f"\nbayesian-torch: {results['bayesian_torch']}")
     s = results["sgld"]
@@ -469,6 +548,9 @@ def run(quick: bool = False, out_dir: Path | str | None = None) -> dict:
         "backend": mtbkd.ops.select_backend(torch.device("cpu"), "reparameterize"),
         "sampling": [bench_sampling(rows, cols, repeats, methods, memory=True)],
         "layer": [bench_layer(d, d, 128, repeats, layer_methods)],
+        "conv_layer": [bench_conv_layer(128 if quick else 512, 4 if quick else 8, 8,
+                                        repeats, [m for m in layer_methods
+                                                  if m != "fused_separate_kl"])],
     }  # fmt: skip
     sizes = ([(1024, 784), (1024,), (1024, 1024), (1024,), (10, 1024), (10,)] if quick else
              [(4096, 1024), (4096,), (4096, 4096), (4096,), (1024, 4096), (1024,), (10, 1024),

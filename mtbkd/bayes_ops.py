@@ -6,8 +6,8 @@
 * ``mtbkd::gaussian_kl``: the summed KL to a Gaussian prior in one pass; its backward
   (``mtbkd::gaussian_kl_backward``) recomputes the gradient in one more pass, already scaled.
 * ``mtbkd::reparameterize_kl``: the sample and the KL from one pass over ``mu`` and ``rho``, and a
-  one-pass backward of both (``mtbkd::reparameterize_kl_backward``): what ``BayesLinear`` runs
-  inside ``mtbkd.nn.record_kl``.
+  one-pass backward of both (``mtbkd::reparameterize_kl_backward``): what the Bayesian layers
+  (``BayesLinear``, ``BayesConv1d/2d/3d``) run inside ``mtbkd.nn.record_kl``.
 * ``mtbkd::sgld_step_``: one fused (p)SGLD update of a list of parameters, noise made in-kernel.
 
 The random stream (see ``csrc/philox.h``) is Triton's ``tl.randn4x``: element ``i`` takes normal
@@ -711,7 +711,8 @@ def reparameterize_kl(
     ``drho = g eps sigmoid(rho) + g_kl dKL/drho``, each rounded once; an output the loss does not
     use costs nothing in the backward (the sample's gradient alone is :func:`reparameterize`'s
     backward). Same seeds and offsets as :func:`reparameterize` (the same ``w``); ``kl`` is fp32
-    (fp64 for fp64 input). :class:`mtbkd.nn.BayesLinear` runs it inside :func:`mtbkd.nn.record_kl`.
+    (fp64 for fp64 input). The Bayesian layers of :mod:`mtbkd.nn` run it inside
+    :func:`mtbkd.nn.record_kl`.
     """
     from mtbkd import validate
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextvars
 import fnmatch
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager, nullcontext
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,8 @@ class BayesLayer(nn.Module):
         self.posterior_rho_init = validate.check_real(posterior_rho_init, "posterior_rho_init")
         self.mode = mode
         self.frozen = False
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         kw = {"device": device, "dtype": dtype}
         self.weight_mu = nn.Parameter(torch.empty(weight_shape, **kw))
         self.weight_rho = nn.Parameter(torch.empty(weight_shape, **kw))
@@ -224,9 +227,9 @@ class BayesLayer(nn.Module):
         return mean + (std * torch.randn(mean.shape, dtype=acc, device=mean.device)).to(mean.dtype)
 
     def kl(self) -> Tensor:
-        """Summed KL of the posterior to the prior ``N(prior_mu, prior_sigma^2)`` (fp32), in one
-        pass of its own (and one in the backward). :func:`record_kl` gets it from the forward's
-        sampling pass instead."""
+        """Summed KL of the posterior to the prior ``N(prior_mu, prior_sigma^2)`` (float32; float64
+        for a float64 layer), in one pass of its own (and one in the backward).
+        :func:`record_kl` gets it from the forward's sampling pass instead."""
         try:
             kl = gaussian_kl(self.weight_mu, self.weight_rho, self.prior_sigma, self.prior_mu)
             if self.bias_mu is not None:
@@ -354,6 +357,9 @@ class _BayesConvNd(BayesLayer):
         spec = self._conv(self.in_channels, self.out_channels, kernel_size, stride, padding,
                           dilation, groups, bias=False, padding_mode=padding_mode,
                           device="meta")  # fmt: skip
+        if 0 in spec.kernel_size:  # nn.ConvNd builds it (an empty kernel, output the bias alone)
+            raise ValueError(f"kernel_size must be positive in every dimension, got "
+                             f"{spec.kernel_size}")  # fmt: skip
         for attr in _CONV_GEOMETRY:
             setattr(self, attr, getattr(spec, attr))
         self._init_posterior(tuple(spec.weight.shape), bias, prior_sigma, posterior_rho_init,
@@ -452,13 +458,13 @@ def _check_module(model, name: str) -> None:
         raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
 
 
-#: the layer types :func:`bayesify` converts, and the Bayesian layer each becomes
-CONVERTIBLE: dict[type[nn.Module], type[BayesLayer]] = {
+#: the layer types :func:`bayesify` converts, and the Bayesian layer each becomes (read-only)
+CONVERTIBLE: Mapping[type[nn.Module], type[BayesLayer]] = MappingProxyType({
     nn.Linear: BayesLinear,
     nn.Conv1d: BayesConv1d,
     nn.Conv2d: BayesConv2d,
     nn.Conv3d: BayesConv3d,
-}
+})  # fmt: skip
 
 
 def _bayesian(module: nn.Module, kw: dict) -> BayesLayer:
@@ -481,6 +487,23 @@ def _layer_types(layers) -> tuple[type[nn.Module], ...]:
     if not layers:
         raise ValueError(f"layers must name at least one of {names}")
     return layers
+
+
+def _unconverted_hint(model: nn.Module, inc: Callable[[str, nn.Module], bool]) -> str:
+    """Why the modules that ``include`` matches are not converted (empty if it matches none)."""
+    matched = [m for n, m in model.named_modules(remove_duplicate=False) if inc(n, m)]
+    left_out = sorted({f"nn.{type(m).__name__}" for m in matched if type(m) in CONVERTIBLE})
+    others = sorted({type(m).__name__ for m in matched if type(m) not in CONVERTIBLE})
+    hints = []
+    if left_out:
+        hints.append(f"it matches {', '.join(left_out)}, which layers leaves out")
+    if others:
+        hints.append(
+            f"it matches {', '.join(others)}, which bayesify does not convert: only nn.Linear "
+            "and nn.Conv1d/2d/3d themselves, not subclasses, lazy, transposed or parametrized "
+            "layers; a container's layers are chosen by a pattern such as 'name.*'"
+        )
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _kinds(types: tuple[type[nn.Module], ...]) -> str:
@@ -540,11 +563,8 @@ def bayesify(
                for name, mod in model.named_modules(remove_duplicate=False)):  # fmt: skip
             raise ValueError(f"exclude={exclude!r} leaves out every {kinds} module that "
                              f"include={include!r} matches")  # fmt: skip
-        left_out = sorted({f"nn.{type(mod).__name__}" for name, mod in
-                           model.named_modules(remove_duplicate=False)
-                           if type(mod) in CONVERTIBLE and name and inc(name, mod)})  # fmt: skip
-        hint = f" (it matches {', '.join(left_out)}, which layers leaves out)" if left_out else ""
-        raise ValueError(f"include={include!r} matches no {kinds} module of the model{hint}")
+        raise ValueError(f"include={include!r} matches no {kinds} module of the model"
+                         + _unconverted_hint(model, inc))  # fmt: skip
     # a weight tied to another module (an embedding, another Linear) would be silently untied:
     # the Bayesian layer gets its own posterior mean
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
@@ -557,8 +577,9 @@ def bayesify(
         for p in mod.parameters(recurse=False):
             others = [n for n, m in owners[id(p)] if m is not mod]
             if others:
+                other = repr(others[0]) if others[0] else "the model itself"
                 raise ValueError(
-                    f"{name!r} shares a parameter with {others[0]!r} (tied weights): bayesify "
+                    f"{name!r} shares a parameter with {other} (tied weights): bayesify "
                     "would untie them; exclude it, or untie the weights first"
                 )
     # a layer used under several names must be chosen under all of them: converting it at some

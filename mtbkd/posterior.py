@@ -357,7 +357,7 @@ def predict(
     stacked = {k: samples[k] for k in _one_name_each(store.names, params)}
     out: Tensor | None = None
     size = chunk
-    if _draws_host_seeds(model):  # a sampling BayesLinear reads a fresh seed on the host per
+    if _draws_host_seeds(model):  # a sampling Bayesian layer reads a fresh seed on the host per
         size = 1  # forward, which vmap cannot batch: one plain call (and draw) per sample
     if size is None:  # automatic: one sample on one row gives the output's size per row
         # in eval mode: a training-mode batch norm fails on one row and would update its statistics

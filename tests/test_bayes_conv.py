@@ -1,12 +1,14 @@
 """BayesConv1d / 2d / 3d and bayesify of convolutions (MATH.md section 6)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 import mtbkd
 from mtbkd import bayes_ops as B
@@ -347,3 +349,58 @@ def test_predict_runs_a_bayesian_cnn_sample_by_sample():
 def test_exported_from_the_package():
     assert mtbkd.BayesConv2d is BayesConv2d and "BayesConv3d" in mtbkd.__all__
     assert mtbkd.nn.CONVERTIBLE[nn.Conv1d] is BayesConv1d
+
+
+class _SubConv(nn.Conv2d):
+    pass
+
+
+@pytest.mark.parametrize("module, shown", [
+    (nn.LazyConv2d(4, 3), "LazyConv2d"),
+    (nn.ConvTranspose2d(2, 4, 3), "ConvTranspose2d"),
+    (_SubConv(2, 4, 3), "_SubConv"),
+    (weight_norm(nn.Conv2d(2, 4, 3)), "ParametrizedConv2d"),
+    (nn.Sequential(nn.Conv2d(2, 4, 3)), "Sequential"),
+])  # fmt: skip
+def test_include_matching_only_unconvertible_modules_says_what_it_matched(module, shown):
+    # audit (thirty-first session): "matches no nn.Linear or ... module" for a pattern that does
+    # match module '0', a container or a type bayesify does not convert
+    with pytest.raises(ValueError, match=f"it matches {shown}, which bayesify does not convert.*"
+                       "'name.\\*'"):  # fmt: skip
+        bayesify(nn.Sequential(module), include="0")
+    with pytest.raises(ValueError, match="it matches LazyConv2d, which bayesify does not"):
+        bayesify(nn.LazyConv2d(4, 3), include="")
+    # the container's layers, by the suggested pattern
+    model = bayesify(nn.Sequential(nn.Sequential(nn.Conv2d(2, 4, 3))), include="0.*")
+    assert type(model[0][0]) is BayesConv2d
+
+
+@pytest.mark.parametrize("kernel_size", [0, (3, 0)])
+def test_zero_size_kernel_is_refused_by_name(kernel_size):
+    # audit: nn.Conv2d builds an empty kernel; the Bayesian layer's init divided by fan_in = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's warning about initialising an empty tensor
+        with pytest.raises(ValueError, match="kernel_size must be positive in every dimension"):
+            BayesConv2d(4, 6, kernel_size)
+        with pytest.raises(ValueError, match="kernel_size must be positive"):
+            bayesify(nn.Sequential(nn.Conv2d(4, 6, kernel_size)))
+
+
+def test_convertible_is_read_only_and_a_complex_dtype_is_refused():
+    with pytest.raises(TypeError):
+        mtbkd.nn.CONVERTIBLE[_SubConv] = BayesConv2d
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype"):
+        BayesConv2d(2, 2, 1, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype"):
+        BayesLinear(2, 2, dtype=torch.int64)
+
+
+def test_a_weight_tied_to_the_root_module_is_named_so():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(3, 3)
+            self.w = self.head.weight
+
+    with pytest.raises(ValueError, match="'head' shares a parameter with the model itself"):
+        bayesify(Tied())

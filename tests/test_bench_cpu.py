@@ -140,6 +140,9 @@ def _stub_suites(monkeypatch):
              "methods": {"batched": _timing(), "loop": _timing()}}]  # fmt: skip
     monkeypatch.setattr(bench_bayes, "bench_sampling", lambda *a, **k: sampling)
     monkeypatch.setattr(bench_bayes, "bench_layer", lambda *a, **k: layer)
+    conv = {"channels": 2, "batch": 1, "size": 2,
+            "methods": {"fused": {**_timing(), "fused_speedup": 1.0}}}  # fmt: skip
+    monkeypatch.setattr(bench_bayes, "bench_conv_layer", lambda *a, **k: conv)
     monkeypatch.setattr(bench_bayes, "bench_sgld", lambda *a, **k: sgld)
     monkeypatch.setattr(bench_bayes, "bench_predictive", lambda *a, **k: pred)
     return {"loss": bench_loss, "bayes": bench_bayes, "llm": bench_llm}
