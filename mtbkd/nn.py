@@ -29,6 +29,7 @@ from mtbkd.bayes_ops import (
     counters_used,
     gaussian_kl,
     new_seed,
+    philox_normal,
     reparameterize,
     reparameterize_kl,
 )
@@ -143,6 +144,8 @@ class BayesLayer(nn.Module):
             self._check_finite_parameters()
             return self._forward_local(x)
         seed = new_seed()
+        if torch._C._are_functorch_transforms_active():  # torch.func.grad, jacrev, ...
+            return self._forward_functorch(x, seed)
         try:
             record = _recording(self)
             # parameters computed in the graph (functional_call): the plain op, whose saved
@@ -163,6 +166,21 @@ class BayesLayer(nn.Module):
             # at no extra cost; only a failed call looks for the culprit)
             self._check_finite_parameters()
             raise
+        return self._affine(x, w, b)
+
+    def _forward_functorch(self, x: Tensor, seed: int) -> Tensor:
+        """The sampling forward under a ``torch.func`` transform, for which the fused op has no
+        rule: the same draw (the reference Philox stream of the seed, the kernels' own to
+        float32 rounding) in differentiable torch ops."""
+
+        def draw(mu: Tensor, rho: Tensor, offset: int) -> Tensor:
+            eps = philox_normal(seed, offset, mu.numel()).to(device=mu.device, dtype=mu.dtype)
+            return mu + F.softplus(rho) * eps.view(mu.shape)
+
+        w = draw(self.weight_mu, self.weight_rho, 0)
+        b = None
+        if self.bias_mu is not None:
+            b = draw(self.bias_mu, self.bias_rho, counters_used(w.numel()))
         return self._affine(x, w, b)
 
     def _params(self) -> tuple[Tensor, ...]:
@@ -230,6 +248,9 @@ class BayesLayer(nn.Module):
         """Summed KL of the posterior to the prior ``N(prior_mu, prior_sigma^2)`` (float32; float64
         for a float64 layer), in one pass of its own (and one in the backward).
         :func:`record_kl` gets it from the forward's sampling pass instead."""
+        if torch._C._are_functorch_transforms_active():  # no rule for the fused op there
+            ps = self._params()
+            return _total([self._kl_torch(m, r) for m, r in zip(ps[::2], ps[1::2])])
         try:
             kl = gaussian_kl(self.weight_mu, self.weight_rho, self.prior_sigma, self.prior_mu)
             if self.bias_mu is not None:
@@ -238,6 +259,15 @@ class BayesLayer(nn.Module):
             self._check_finite_parameters()  # name the non-finite parameter
             raise
         return kl
+
+    def _kl_torch(self, mu: Tensor, rho: Tensor) -> Tensor:
+        """MATH.md section 6's KL in torch ops (float32 or float64, as the fused op)."""
+        acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
+        sigma = F.softplus(rho.to(acc))
+        s0 = self.prior_sigma
+        return (math.log(s0) - torch.log(sigma)
+                + (sigma * sigma + (mu.to(acc) - self.prior_mu) ** 2) / (2 * s0 * s0)
+                - 0.5).sum()  # fmt: skip
 
     def _posterior_repr(self) -> str:
         return (
@@ -278,8 +308,15 @@ class BayesLinear(BayesLayer):
     Not checked: a frozen layer's forward (the posterior mean alone, ``rho`` unused), and a
     forward inside ``torch.compile`` or a ``torch.func`` transform (``vmap``, as
     :func:`mtbkd.posterior.predict` runs a local-mode layer), where a data-dependent branch is
-    not possible; there the sampling op of ``"reparameterize"`` mode still raises, unnamed
-    (``"rho contains non-finite values"``).
+    not possible; inside ``torch.compile`` the sampling op of ``"reparameterize"`` mode still
+    raises, unnamed (``"rho contains non-finite values"``).
+
+    Under ``torch.func.grad`` / ``jacrev`` / ``jvp`` (``functional_call`` of the model), for
+    which the fused ops have no rule, ``"reparameterize"`` mode draws the same sample (the
+    reference Philox stream of its seed, equal to the kernels' to float32 rounding) and
+    :meth:`kl` the same KL, in plain differentiable torch ops; ``torch.vmap`` of a sampling
+    ``"reparameterize"`` layer is refused by torch (its seed is a random draw), which is why
+    :func:`mtbkd.posterior.predict` runs such models one sample per call.
     """
 
     def __init__(
