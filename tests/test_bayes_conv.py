@@ -432,3 +432,14 @@ def test_torch_func_grad_through_sampling_layers_and_their_kl():
     for (name, a), b in zip(g.items(), expected):
         # the same samples: the reference stream and the kernel's differ by float32 rounding
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5, msg=name)
+
+
+def test_frozen_and_local_layers_export():
+    # docs/API.md: torch.export takes frozen and local-mode layers (a sampling "reparameterize"
+    # layer reads its seed on the host and does not export)
+    x = torch.randn(1, 2, 5, 5)
+    for layer in (BayesConv2d(2, 3, 3, mode="local"), BayesConv2d(2, 3, 3).freeze()):
+        exported = torch.export.export(layer, (x,))
+        assert exported.module()(x).shape == (1, 3, 3, 3)
+    frozen = BayesConv2d(2, 3, 3).freeze()
+    torch.testing.assert_close(torch.export.export(frozen, (x,)).module()(x), frozen(x))
