@@ -75,7 +75,8 @@ def _teacher_lines(path: Path) -> list[str]:
 def load_pool(data_dir: Path) -> tuple[list[str], list[list[str]], dict[str, list[str]]]:
     """The header, the rows of train.csv then test.csv (test's columns put in train's order),
     and each teacher's logit lines in the same order; read as ``mtbkd distill`` reads them
-    (mtbkd.data's CSV reader: names stripped, blank rows skipped)."""
+    (mtbkd.data's CSV reader: names stripped, trailing blank lines skipped, a blank line among
+    the data rows refused)."""
     header, rows = None, []
     teachers: dict[str, list[str]] = {}
     for split in SPLITS:

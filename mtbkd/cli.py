@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -645,8 +646,14 @@ def _lock_folder(command: str, out: Path, *, prog: str | None = None) -> int | N
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            # a file system without flock (NFS without lockd, some FUSE mounts): no lock, as
+            # where fcntl is missing, said once
+            print(f"{prog}: warning: cannot lock --out {out} ({exc.strerror}): a second run "
+                  "into it would not be stopped", file=sys.stderr)  # fmt: skip
+            return None
         raise SystemExit(
             f"{prog}: another mtbkd run is writing to {out}: wait for it to finish (then "
             "--resume it, or read its report), or choose another --out"

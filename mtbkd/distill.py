@@ -372,7 +372,12 @@ def experiment_settings(report: Mapping[str, Any]) -> dict[str, Any]:
     ``teachers_trained``; of reports written before the key existed, DeepLoc's count as
     bringing their own, any other's as unknown: every field compared). Two runs whose settings
     are equal are the same experiment (``--resume``, ``mtbkd summarise``)."""
-    raw = report.get("config") or {}
+    raw = dict(report.get("config") or {})
+    folds = raw.get("teacher_folds")
+    if isinstance(folds, int) and not isinstance(folds, bool) and 0 <= folds < 2:
+        # runs written before such configs were refused: 0 or 1 fold with teacher_calibrate on
+        # meant no cross-fitting and no calibration, today's teacher_folds=0 without it
+        raw["teacher_folds"], raw["teacher_calibrate"] = 0, False
     try:
         full = DistillConfig.from_dict(raw).to_dict()
     except (TypeError, ValueError):
@@ -1005,10 +1010,44 @@ def _train_mode(model: nn.Module) -> None:
     ``requires_grad=False``): they run in eval mode, so a frozen body's batch-norm statistics and
     dropout stay as they are (a frozen body is used, not trained)."""
     model.train()
+    for m in _frozen_modules(model):
+        m.eval()
+
+
+def _frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """The submodules whose parameters the caller froze (every one ``requires_grad=False``)."""
+    out = []
     for m in model.modules():
         params = list(m.parameters())
         if m is not model and params and not any(p.requires_grad for p in params):
-            m.eval()
+            out.append(m)
+    return out
+
+
+@contextlib.contextmanager
+def _one_value_batch_norms(model: nn.Module):
+    """Yields a list that a forward inside the block fills with the names of the batch norms
+    that would normalise one value per channel with that batch's own statistics in training
+    (:func:`_train_mode`: not inside a frozen submodule, or without running statistics)."""
+    frozen = {id(s) for m in _frozen_modules(model) for s in m.modules()}
+    found: list[str] = []
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+            id(m) not in frozen or not m.track_running_stats
+        ):
+
+            def pre(mod, args, name=name):
+                h = args[0]  # one value per channel in each row: a one-row batch has one
+                if h.dim() >= 2 and h.numel() == h.shape[0] * h.shape[1]:
+                    found.append(name or type(mod).__name__)
+
+            hooks.append(m.register_forward_pre_hook(pre))
+    try:
+        yield found
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 class _EarlyStopping:
@@ -1782,16 +1821,20 @@ def _distill(
     x = _features_for(student, x, "x")
     if x.shape[0] == 0:
         raise ValueError("x has no rows")
-    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
-    if batch_norm and x.shape[0] % config.batch_size == 1 and x.shape[0] > 1:
-        # (the last batch of each epoch: batch norm cannot train on one row)
+    # the student's class count (eval mode, on two rows: a batch norm without running
+    # statistics normalises by the batch's even in eval mode, which one row cannot give); the
+    # same probe finds the batch norms that the last batch of each epoch, of one row, would
+    # break in training (one value per channel and row: a BatchNorm2d, or a frozen body's batch
+    # norm, trains on one row)
+    one_row = x.shape[0] % config.batch_size == 1 and x.shape[0] > 1
+    with _one_value_batch_norms(student) if one_row else contextlib.nullcontext([]) as broken:
+        c = _logits_of(student, x[:2], "student").shape[-1]
+    if broken:
         raise ValueError(
             f"batch_size={config.batch_size} leaves a last batch of one row of the "
-            f"{x.shape[0]}, which the student's batch norm cannot train on: choose another "
-            "batch_size"
+            f"{x.shape[0]}, which the student's batch norm ({broken[0]}) cannot train on: "
+            "choose another batch_size"
         )
-    # the student's class count (eval mode: a batch norm cannot train on one row)
-    c = _logits_of(student, x[:1], "student").shape[-1]
     y = _labels_for(y, c, "y", x.shape[0])
     if validation is not None:
         if not isinstance(validation, Sequence) or len(validation) != 2:

@@ -210,9 +210,12 @@ def bucketize(
     large τ). A teacher bucket of mass 0 gets ``log(1e-30) · floor_temperature`` (default
     ``temperature``), a probability of 1e-30 after division by ``floor_temperature`` (``0^(1/τ)
     = 0`` to within that; the log of a raw floor of 1e-30 became 1e-3 after τ = 10), which keeps
-    reverse KL finite at about 69 nats a unit of the student's mass there. The losses pass their
-    divergence's temperature, so that the divergence does not depend on the weights' temperature
-    (after division by a weight temperature τ_w the bucket holds ``1e-30^(τ / τ_w)``).
+    reverse KL finite at about 69 nats a unit of the student's mass there. The losses pass
+    ``max(τ, τ_w)``, so that after division by either temperature the bucket holds at most
+    1e-30 (neither the divergence nor the entropy weights see mass there), except for reverse
+    KL, whose value there is the floor's own: it gets its divergence's τ, so that it does not
+    depend on the weights' temperature (after division by a larger τ_w the bucket then holds
+    ``1e-30^(τ / τ_w)``, 1e-3 at τ = 0.1, τ_w = 1, which the entropy weights do see).
     """
     from mtbkd import validate
 
@@ -337,8 +340,15 @@ def _sparse_rows(kind: str, opts: dict, z: Tensor, teachers: list[SparseTeacher]
             torch.where(keep, t.logprobs, -math.log(t.k)), t.vocab_size,
         ) for t in teachers]  # fmt: skip
     tau = max(opts["temperature"], opts["weight_temperature"])
+    # An empty teacher bucket's floor: below 1e-30 after division by both temperatures, so that
+    # neither the divergence nor the entropy weights see mass there, except for reverse KL,
+    # whose value at an empty bucket (about 69 nats per unit of the student's mass) is the
+    # floor's own and is kept at the divergence's temperature (its entropy weights, at a larger
+    # weight_temperature, then see 1e-30^(temperature / weight_temperature) there)
+    reverse = kind != "mtbkd" and opts["divergence"] == ops.DIVERGENCES["reverse_kl"]
+    floor_t = opts["temperature"] if reverse else tau
     zb, tb, counts = bucketize(z, teachers, return_counts=True, temperature=tau,
-                               floor_temperature=opts["temperature"])  # fmt: skip
+                               floor_temperature=floor_t)  # fmt: skip
     # Labels only mask rows for the bucketed op; the hard-label term is computed on z below.
     # (a kept row's placeholder label must differ from ignore_index, or every row would be masked)
     placeholder = 1 if ignore == 0 else 0

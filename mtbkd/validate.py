@@ -143,14 +143,14 @@ def _narrowing(src: torch.dtype, dst: torch.dtype) -> bool:
     return torch.finfo(dst).max < torch.finfo(src).max
 
 
-def check_cast_overflow(src: Tensor, cast: Tensor, name: str) -> Tensor:
-    """``cast`` (``src`` cast to a narrower dtype), checked: a finite positive logit beyond its
-    range became +inf, an error naming ``name``; a finite negative one that became -inf (as
-    ``finfo(float32).min`` masking does in fp16 / bf16) is set to the dtype's lowest finite value,
-    so that masking stays finite and passes the losses' finiteness check. One reduction of the
-    cast and a host synchronisation, only for narrowing casts; inside a ``torch.compile`` graph
-    only the masking (an elementwise select, no synchronisation) and no +inf check (the losses
-    run it when ``check_finite``)."""
+def check_cast_overflow(src: Tensor, cast: Tensor, name: str, into: str = "the student") -> Tensor:
+    """``cast`` (``src`` cast to a narrower dtype, that of ``into``), checked: a finite positive
+    logit beyond its range became +inf, an error naming ``name`` and ``into``; a finite negative
+    one that became -inf (as ``finfo(float32).min`` masking does in fp16 / bf16) is set to the
+    dtype's lowest finite value, so that masking stays finite and passes the losses' finiteness
+    check. One reduction of the cast and a host synchronisation, only for narrowing casts;
+    inside a ``torch.compile`` graph only the masking (an elementwise select, no
+    synchronisation) and no +inf check (the losses run it when ``check_finite``)."""
     if not _narrowing(src.dtype, cast.dtype) or not cast.numel():
         return cast
     if torch.compiler.is_compiling():
@@ -164,10 +164,10 @@ def check_cast_overflow(src: Tensor, cast: Tensor, name: str) -> Tensor:
         new = torch.isposinf(cast) & torch.isfinite(src)
         if bool(new.any()):
             raise ValueError(
-                f"{name} ({src.dtype}) has finite values beyond the range of the student's "
+                f"{name} ({src.dtype}) has finite values beyond the range of {into}'s "
                 f"{cast.dtype} (max {torch.finfo(cast.dtype).max:g}; found "
-                f"{float(src[new][0]):g}): the teachers are computed in the student's dtype, "
-                "so give the student a wider dtype or clamp the teacher logits"
+                f"{float(src[new][0]):g}): the teachers are computed in {into}'s dtype, "
+                f"so give {into} a wider dtype or clamp the teacher logits"
             )
     if lo == float("-inf"):
         new = torch.isneginf(cast) & torch.isfinite(src)
@@ -235,7 +235,8 @@ def canonical_inputs(
         if t.dtype != student_logits.dtype:
             cast = t.to(student_logits.dtype)
             if check_finite:
-                cast = check_cast_overflow(t, cast, f"teacher_logits[{i}]")
+                into = "the student" if student_name == "student_logits" else student_name
+                cast = check_cast_overflow(t, cast, f"teacher_logits[{i}]", into)
             t = cast
         out.append(t.reshape(-1, v).contiguous())
     student = student_logits.reshape(-1, v)

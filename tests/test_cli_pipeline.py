@@ -1235,3 +1235,27 @@ def test_an_out_folder_it_cannot_write_to_is_refused_before_any_work(tmp_path, m
     for out in (ro, ro / "new"):
         with pytest.raises(SystemExit, match="is not a folder it can write to"):
             cli.main(["demo", "--smoke", "--out", str(out), "--no-progress"])
+
+
+def test_lock_folder_on_a_file_system_without_flock_runs_unlocked_with_a_warning(
+    tmp_path, monkeypatch, capsys
+):
+    # review (thirty-first session): any flock failure read "another mtbkd run is writing",
+    # so on NFS without lockd every run would have been refused
+    import errno
+
+    fcntl = pytest.importorskip("fcntl")
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert cli._lock_folder("distill", tmp_path / "out") is None
+    assert "warning: cannot lock --out" in capsys.readouterr().err
+
+    def held(fd, op):
+        raise OSError(errno.EWOULDBLOCK, os.strerror(errno.EWOULDBLOCK))
+
+    monkeypatch.setattr(fcntl, "flock", held)
+    with pytest.raises(SystemExit, match="another mtbkd run is writing"):
+        cli._lock_folder("distill", tmp_path / "out")

@@ -919,6 +919,46 @@ def test_a_student_that_masks_a_class_with_minus_inf_is_not_diverged():
         distill.distill(Masked(torch.ones(4, dtype=torch.bool)), t, x, y, cfg, method="ce")
 
 
+def _bn_student(kind: str) -> nn.Module:
+    if kind == "frozen_bn1d_body":  # a pretrained body the caller froze: eval mode in training
+        body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU())
+        body.requires_grad_(False)
+        return nn.Sequential(body, nn.Linear(8, 3))
+    if kind == "bn2d":  # BatchNorm2d over a 2x2 map: one row still gives 4 values per channel
+        return nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4),
+                             nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))  # fmt: skip
+    bn = nn.BatchNorm1d(8, track_running_stats=False)  # batch statistics even when frozen
+    body = nn.Sequential(nn.Linear(4, 8), bn)
+    body.requires_grad_(False)
+    return nn.Sequential(body, nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("kind", ["frozen_bn1d_body", "bn2d"])
+def test_batch_norm_students_that_train_on_one_row_are_not_refused(kind):
+    # review (thirty-first session): any batch norm was refused when the last batch has one row;
+    # a frozen body's (eval mode in training) and a BatchNorm2d's (several values per channel)
+    # train on it
+    torch.manual_seed(0)
+    x, y = torch.randn(65, 4), torch.randint(0, 3, (65,))  # 65 % 64 == 1
+    cfg = distill.DistillConfig(batch_size=64, map_epochs=1, sgld_epochs=1, num_samples=1,
+                                progress=False)  # fmt: skip
+    res = distill.distill(_bn_student(kind), None, x, y, cfg, method="ce")
+    assert torch.isfinite(res.predict(x[:3])).all()
+    with pytest.raises(ValueError, match=r"batch norm \(0.1\) cannot train on"):
+        distill.distill(_bn_student("frozen_no_running_stats"), None, x, y, cfg, method="ce")
+
+
+@pytest.mark.parametrize("old", [{"teacher_calibrate": True}, {"teacher_folds": 1}])
+def test_older_runs_without_teacher_folds_are_the_same_experiment_as_todays(old):
+    # review (thirty-first session): runs written before teacher_folds=0 with teacher_calibrate
+    # (or teacher_folds=1) were refused ran neither cross-fitting nor calibration; they must
+    # still resume and pool with today's equivalent config
+    base = distill.DistillConfig(teacher_folds=0, teacher_calibrate=False).to_dict()
+    was = distill.experiment_settings({"dataset": "digits", "config": {**base, **old}})
+    now = distill.experiment_settings({"dataset": "digits", "config": base})
+    assert was == now
+
+
 def test_config_rejects_bad_values_naming_the_field():
     for kw, msg in [
         ({"sgld_temperature": -1.0}, "sgld_temperature must be"),

@@ -1963,3 +1963,13 @@ def test_num_items_in_batch_must_be_a_real_count():
     for bad in (torch.tensor(False), torch.tensor(2 + 5j)):  # read as 0 / the real part
         with pytest.raises(TypeError, match="num_items_in_batch must be a real count"):
             mtbkd.mtbkd_loss(s, t, y, num_items_in_batch=bad)
+
+
+def test_teacher_weights_cast_error_names_its_first_teacher_not_a_student():
+    # review (thirty-first session): teacher_weights has no student; its first teacher sets the
+    # dtype the others are cast to
+    t = torch.randn(3, 4, 5)
+    with pytest.raises(ValueError) as info:
+        mtbkd.teacher_weights([t[0], t[1].double() * 1e39, t[2]])
+    msg = str(info.value)
+    assert "student" not in msg and "beyond the range of teacher_logits[0]'s" in msg

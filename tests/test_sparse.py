@@ -480,3 +480,21 @@ def test_damaged_sparse_teacher_files_are_named(tmp_path):
             load_sparse_teachers(path)
     with pytest.raises(FileNotFoundError):
         load_sparse_teachers(tmp_path / "none.safetensors")
+
+
+def test_sparse_entropy_weights_match_dense_at_a_temperature_below_the_weights():
+    # review (thirty-first session): an empty bucket floored at the loss's temperature held
+    # 1e-30^(T/T_w) = 1e-3 after the weight temperature (T = 0.1, T_w = 1), which moved the
+    # entropy weights of teachers whose whole mass lies in their top-k away from dense's
+    torch.manual_seed(0)
+    n, v = 4, 64
+    z = torch.randn(n, v)
+    t = torch.full((2, n, v), -200.0)
+    t[0, :, :4] = torch.tensor([5.0, 3.0, 2.0, 1.0])
+    t[1, :, 10:14] = torch.tensor([4.0, 4.0, 1.0, 0.0])
+    ts = [mtbkd.topk_teacher(t[k], 8) for k in range(2)]
+    kw = dict(temperature=0.1, weight_temperature=1.0, return_stats=True)
+    loss_d, dense = mtbkd.mtbkd_loss(z, t, **kw)
+    loss_s, sparse = mtbkd.mtbkd_loss(z, ts, **kw)
+    torch.testing.assert_close(sparse.entropy, dense.entropy, atol=1e-3, rtol=0)
+    torch.testing.assert_close(sparse.weights, dense.weights, atol=1e-4, rtol=0)
