@@ -285,16 +285,30 @@ def _(grad, rho, seed, offset):
     return torch.empty_like(rho)
 
 
+def _save(ctx, *tensors: Tensor) -> None:
+    """``ctx.save_for_backward(*tensors)``, except inference-mode tensors (a frozen ``mu`` or
+    ``rho`` made under ``torch.inference_mode()``), which autograd cannot save: they have no
+    version counter and cannot change outside inference mode, so they are kept on ``ctx`` as
+    they are. :func:`_saved` gives all of them back in order."""
+    ctx.kept = [t if t.is_inference() else None for t in tensors]
+    ctx.save_for_backward(*[t for t in tensors if not t.is_inference()])
+
+
+def _saved(ctx) -> list[Tensor]:
+    it = iter(ctx.saved_tensors)
+    return [t if t is not None else next(it) for t in ctx.kept]
+
+
 def _reparam_bwd_setup(ctx, inputs, output):
     grad, rho, seed, offset = inputs
-    ctx.save_for_backward(grad, rho)
+    _save(ctx, grad, rho)
     ctx.seed, ctx.offset = seed, offset
 
 
 def _reparam_bwd_backward(ctx, v):
     # drho = grad * sigmoid(rho) * eps is linear in grad, and d/drho of it is
     # grad * sigmoid(rho) * sigmoid(-rho) * eps: both are this op again, eps regenerated
-    grad, rho = ctx.saved_tensors
+    grad, rho = _saved(ctx)
     v = v.contiguous()
     dgrad = drho = None
     if ctx.needs_input_grad[0]:
@@ -311,12 +325,12 @@ reparameterize_backward.register_autograd(_reparam_bwd_backward, setup_context=_
 
 def _reparam_setup(ctx, inputs, output):
     _, rho, seed, offset, _ = inputs
-    ctx.save_for_backward(rho)  # a parameter: saving it costs no memory
+    _save(ctx, rho)  # a parameter: saving it costs no memory
     ctx.seed, ctx.offset = seed, offset
 
 
 def _reparam_backward(ctx, grad):
-    (rho,) = ctx.saved_tensors
+    (rho,) = _saved(ctx)
     grad = grad.contiguous()
     drho = None
     if ctx.needs_input_grad[1]:
@@ -470,6 +484,21 @@ def _kl_grad_terms(
     return (m - prior_mu) * iv, dr
 
 
+def kl_torch(mu: Tensor, rho: Tensor, prior_sigma: float, prior_mu: float) -> Tensor:
+    """:func:`gaussian_kl` in plain differentiable torch ops (float32, or float64 for float64
+    input), for ``torch.func`` transforms, which the fused op has no rule for. Below rho = -20
+    ``log s = rho - s / 2`` (``s`` reaches the denormals, 0 below -104 in float32), the other
+    branch evaluated at ``s = 1`` so that its gradient stays finite."""
+    acc = _acc(mu.dtype)
+    m, r = mu.to(acc), rho.to(acc)
+    s = F.softplus(r)
+    tiny = r < -_SOFTPLUS_THRESHOLD
+    log_s = torch.where(tiny, r - 0.5 * s, torch.log(torch.where(tiny, torch.ones_like(s), s)))
+    iv = inv_var(prior_sigma)
+    return (math.log(prior_sigma) - log_s + (s * s + (m - prior_mu) ** 2) * (0.5 * iv)
+            - 0.5).sum()  # fmt: skip
+
+
 def inv_var(prior_sigma: float) -> float:
     """``1 / prior_sigma**2`` without forming the square: Python's ``**`` raises OverflowError
     beyond ``prior_sigma`` = 1.3e154 (the C++ kernels' 1 / inf is 0, the value this gives too,
@@ -479,12 +508,12 @@ def inv_var(prior_sigma: float) -> float:
 
 def _kl_setup(ctx, inputs, output):
     mu, rho, prior_mu, prior_sigma = inputs
-    ctx.save_for_backward(mu, rho)  # parameters: saving them costs no memory
+    _save(ctx, mu, rho)  # parameters: saving them costs no memory
     ctx.prior = (prior_mu, prior_sigma)
 
 
 def _kl_backward(ctx, grad_kl):
-    mu, rho = ctx.saved_tensors
+    mu, rho = _saved(ctx)
     need_mu, need_rho = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_mu or need_rho):
         return None, None, None, None
@@ -639,19 +668,23 @@ def _reparam_kl_setup(ctx, inputs, output):
     # mu (a parameter: keeping it costs nothing), which only the KL's gradient reads, is kept
     # with its version and checked as autograd would; a computed mu is saved (freed after the
     # backward, seen by saved-tensor hooks)
+    # (an inference-mode mu has no version: it cannot change outside inference mode)
     ctx.mu = None
     if mu.grad_fn is None:
-        ctx.save_for_backward(rho)
-        ctx.mu, ctx.mu_version = mu, mu._version
+        _save(ctx, rho)
+        ctx.mu, ctx.mu_version = mu, None if mu.is_inference() else mu._version
     else:
-        ctx.save_for_backward(rho, mu)
+        _save(ctx, rho, mu)
     ctx.seed, ctx.offset, ctx.prior = seed, offset, (prior_mu, prior_sigma)
 
 
 def _reparam_kl_backward(ctx, grad_w, grad_kl):
-    rho, *saved_mu = ctx.saved_tensors
+    rho, *saved_mu = _saved(ctx)
     mu = saved_mu[0] if saved_mu else ctx.mu
-    if not saved_mu and mu._version != ctx.mu_version:
+    # mu is read by its own gradient only (the KL's dKL/drho does not depend on it): a frozen mu
+    # changed in place before the backward is no error, as in plain autograd
+    if (not saved_mu and ctx.needs_input_grad[0] and ctx.mu_version is not None
+            and mu._version != ctx.mu_version):  # fmt: skip
         raise RuntimeError(
             "one of the variables needed for gradient computation has been modified by an "
             f"inplace operation: mu (reparameterize_kl) is at version {mu._version}; expected "
@@ -724,7 +757,8 @@ def reparameterize_kl(
     seed, offset = _check_seed(seed, offset)
     w, kl = _reparameterize_kl_op(mu.contiguous(), rho.contiguous(), seed, offset, prior_mu,
                                   prior_sigma, check_finite)  # fmt: skip
-    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(kl.detach())):
+    if (check_finite and not torch.compiler.is_compiling() and kl.device.type != "meta"
+            and not bool(torch.isfinite(kl.detach()))):  # fmt: skip
         _check_finite(mu, "mu")  # (finite inputs whose KL overflows pass: kl says so itself)
         _check_finite(rho, "rho")
     return w, kl

@@ -211,6 +211,7 @@ def _save_converted(model, tokenizer, folder: Path) -> None:
     import shutil
     import warnings
 
+    from safetensors import SafetensorError  # a failed write (disk full): not an OSError
     from safetensors.torch import save_model
 
     from mtbkd._files import make_readable
@@ -230,7 +231,7 @@ def _save_converted(model, tokenizer, folder: Path) -> None:
         except OSError:
             if not folder.is_dir():  # not another process's copy: a real failure
                 raise
-    except (OSError, TypeError, ValueError) as exc:
+    except (OSError, TypeError, ValueError, SafetensorError) as exc:
         warnings.warn(
             f"could not keep the converted SmolLM2 in {folder.parent} ({exc}); the next run "
             "converts the GGUF file again (set MTBKD_CACHE_DIR to a writable folder)",

@@ -28,6 +28,7 @@ from mtbkd.bayes_ops import (
     _plain_number,
     counters_used,
     gaussian_kl,
+    kl_torch,
     new_seed,
     philox_normal,
     reparameterize,
@@ -250,7 +251,8 @@ class BayesLayer(nn.Module):
         :func:`record_kl` gets it from the forward's sampling pass instead."""
         if torch._C._are_functorch_transforms_active():  # no rule for the fused op there
             ps = self._params()
-            return _total([self._kl_torch(m, r) for m, r in zip(ps[::2], ps[1::2])])
+            return _total([kl_torch(m, r, self.prior_sigma, self.prior_mu)
+                           for m, r in zip(ps[::2], ps[1::2])])  # fmt: skip
         try:
             kl = gaussian_kl(self.weight_mu, self.weight_rho, self.prior_sigma, self.prior_mu)
             if self.bias_mu is not None:
@@ -259,15 +261,6 @@ class BayesLayer(nn.Module):
             self._check_finite_parameters()  # name the non-finite parameter
             raise
         return kl
-
-    def _kl_torch(self, mu: Tensor, rho: Tensor) -> Tensor:
-        """MATH.md section 6's KL in torch ops (float32 or float64, as the fused op)."""
-        acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
-        sigma = F.softplus(rho.to(acc))
-        s0 = self.prior_sigma
-        return (math.log(s0) - torch.log(sigma)
-                + (sigma * sigma + (mu.to(acc) - self.prior_mu) ** 2) / (2 * s0 * s0)
-                - 0.5).sum()  # fmt: skip
 
     def _posterior_repr(self) -> str:
         return (

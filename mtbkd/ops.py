@@ -292,6 +292,12 @@ def mtbkd_loss_fwd(
     reach each row's loss (``1 / count`` for a mean): folded in before the gradient is rounded to
     the student's dtype, the backward then multiplies by ``grad_output / grad_scale``, exactly 1
     for that mean, so a bf16 gradient is rounded once, not twice.
+
+    Where that factor is exactly 1 on CPU and the graph is freed after the backward, the
+    backward returns this ``grad`` output itself, not a copy (no ``[N, V]`` allocation):
+    ``.backward()`` copies it into ``.grad`` while the caller still holds ``grad``, but
+    ``torch.autograd.grad`` returns it as it is, so clone one of the two before changing either
+    in place. The functional losses and loss modules drop ``grad``: nothing is shared there.
     """
     _check_loss_op(student, teachers, labels, fixed_weights, weight_mode, temperature,
                    weight_temperature)  # fmt: skip
@@ -347,7 +353,8 @@ def multi_teacher_kd_fwd(
     """Per-row weighted-sum KD loss and gradient: ``(loss [N], grad [N, V], weights [K, N])``.
 
     ``soft_scale`` is ``s(tau)`` (``tau**2`` or 1); ``divergence`` indexes :data:`DIVERGENCES`;
-    ``grad`` is ``grad_scale · dL_i/dz_i``, as in :func:`mtbkd_loss_fwd`.
+    ``grad`` is ``grad_scale · dL_i/dz_i``, as in :func:`mtbkd_loss_fwd` (and, as there, the
+    gradient ``torch.autograd.grad`` returns may be this ``grad`` itself).
     """
     _check_loss_op(student, teachers, labels, fixed_weights, weight_mode, temperature,
                    weight_temperature)  # fmt: skip

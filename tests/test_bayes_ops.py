@@ -1343,3 +1343,78 @@ def test_philox_normal_checks_n_and_stream_on_every_backend(backend):
         B.philox_normal(3, 0, 2, stream=-1, backend=backend)
     assert torch.equal(B.philox_normal(3, 0, np.int64(5), stream=np.int32(1), backend=backend),
                        B.philox_normal(3, 0, 5, stream=1, backend="reference"))  # fmt: skip
+
+
+@pytest.mark.parametrize("op", ["gaussian_kl", "reparameterize_kl", "reparameterize"])
+def test_an_inference_mode_mu_or_rho_of_a_frozen_half_is_taken(op):
+    # review (thirty-first session): the KL ops saved mu for the backward (and reparameterize_kl
+    # read its version counter), so an inference-mode mu with a trainable rho failed ("Inference
+    # tensors cannot be saved for backward"); plain autograd takes it. Likewise a frozen
+    # inference-mode rho with a trainable mu.
+    def run(mu, rho):
+        if op == "gaussian_kl":
+            return B.gaussian_kl(mu, rho)
+        if op == "reparameterize_kl":
+            w, kl = B.reparameterize_kl(mu, rho, 1)
+            return w.square().sum() + kl
+        return B.reparameterize(mu, rho, 1).square().sum()
+
+    with torch.inference_mode():
+        mu_i, rho_i = torch.randn(3, 4), torch.full((3, 4), -3.0)
+    for trainable in ("rho", "mu"):
+        mu = mu_i if trainable == "rho" else mu_i.clone().requires_grad_(True)
+        rho = rho_i if trainable == "mu" else rho_i.clone().requires_grad_(True)
+        run(mu, rho).backward()
+        p = rho if trainable == "rho" else mu
+        # the same gradient as with ordinary tensors
+        mu2 = mu_i.clone().requires_grad_(trainable == "mu")
+        rho2 = rho_i.clone().requires_grad_(trainable == "rho")
+        run(mu2, rho2).backward()
+        q = rho2 if trainable == "rho" else mu2
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_reparameterize_kl_frozen_mu_changed_before_the_backward_is_no_error():
+    # review: rho's gradient does not read mu; plain autograd does not refuse this either
+    mu = torch.randn(10)
+    rho = torch.full((10,), -3.0, requires_grad=True)
+    w, kl = B.reparameterize_kl(mu, rho, 1, 0)
+    with torch.no_grad():
+        mu.add_(1.0)
+    (w.sum() + kl).backward()
+    assert rho.grad is not None and torch.isfinite(rho.grad).all()
+    # a trainable mu changed in place is still refused, as autograd refuses it
+    mu = torch.randn(10, requires_grad=True)
+    w, kl = B.reparameterize_kl(mu, rho, 1, 0)
+    with torch.no_grad():
+        mu.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (w.sum() + kl).backward()
+
+
+def test_reparameterize_kl_and_record_kl_run_on_the_meta_device():
+    from mtbkd.nn import BayesLinear, record_kl
+
+    w, kl = B.reparameterize_kl(torch.empty(3, device="meta"), torch.empty(3, device="meta"), 1)
+    assert w.device.type == "meta" and kl.shape == ()
+    m = BayesLinear(4, 3, device="meta")
+    with record_kl(m) as rec:
+        y = m(torch.randn(2, 4, device="meta"))
+    assert y.shape == (2, 3) and rec.kl.device.type == "meta"
+
+
+@pytest.mark.parametrize("rho_value", [-90.0, -110.0])
+def test_kl_in_torch_ops_matches_the_fused_op_for_tiny_sigma(rho_value):
+    # review: the torch-ops KL that the Bayesian layers use under torch.func took log(softplus)
+    # directly: a -inf gradient at rho = -90 and an inf KL at -110 in float32
+    mu = torch.randn(6)
+    rho = torch.full((6,), rho_value)
+    rho[:3] = -1.0
+    r1 = rho.clone().requires_grad_(True)
+    kl1 = B.kl_torch(mu, r1, 0.5, 0.1)
+    kl1.backward()
+    r2 = rho.clone().requires_grad_(True)
+    kl2 = B.gaussian_kl(mu, r2, 0.5, 0.1)
+    kl2.backward()
+    torch.testing.assert_close(kl1, kl2)
+    torch.testing.assert_close(r1.grad, r2.grad)

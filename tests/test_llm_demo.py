@@ -368,6 +368,23 @@ def _tiny_llama_and_tokenizer():
     return model, tokenizer
 
 
+def test_a_failed_write_of_the_converted_smollm2_only_warns(tmp_path, monkeypatch):
+    # review (thirty-first session): safetensors reports a failed write (disk full, EFBIG) as its
+    # SafetensorError, not an OSError; the demo crashed after the GGUF conversion instead of
+    # warning and going on with the model it has
+    model, tokenizer = _tiny_llama_and_tokenizer()
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full_disk)
+    with pytest.warns(UserWarning, match="could not keep the converted SmolLM2"):
+        llm_demo._save_converted(model, tokenizer, tmp_path / "smollm2-test")
+    assert list(tmp_path.iterdir()) == []  # the temporary folder removed
+
+
 def test_converted_smollm2_round_trips_through_the_cache_folder(tmp_path):
     model, tokenizer = _tiny_llama_and_tokenizer()
     # what transformers' GGUF loader leaves in the config, and refuses to save
