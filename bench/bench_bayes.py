@@ -178,14 +178,15 @@ def _eager_layer_step(wmu, wrho, bmu, brho, x):
     return y.square().mean() + (_eager_kl(wmu, wrho) + _eager_kl(bmu, brho)) / 50_000
 
 
-def layer_method(method: str, d_in: int, d_out: int, batch: int):
-    """``fn() -> grads``: one training step (forward with KL, backward) of ``method``'s layer."""
-    torch.manual_seed(0)
-    x = torch.randn(batch, d_in)
+def _step_method(method: str, x: torch.Tensor, make_layer, make_bayesian_torch, eager_step):
+    """``fn() -> grads``: one training step (forward with KL, backward) of ``method``'s layer on
+    ``x``: ``make_layer()`` builds the mtbkd layer (whose initial parameters the eager and
+    compiled steps copy), ``make_bayesian_torch()`` bayesian-torch's, ``eager_step(wmu, wrho,
+    bmu, brho, x)`` is the loss in plain torch ops."""
     if method == "fused":  # the KL from the forward's own sampling pass
-        from mtbkd.nn import BayesLinear, record_kl
+        from mtbkd.nn import record_kl
 
-        layer = BayesLinear(d_in, d_out, prior_sigma=LAYER_PRIOR_SIGMA)
+        layer = make_layer()
 
         def step():
             with record_kl(layer) as rec:
@@ -195,9 +196,7 @@ def layer_method(method: str, d_in: int, d_out: int, batch: int):
 
         return step
     if method == "fused_separate_kl":  # the KL in an op of its own, after the forward
-        from mtbkd.nn import BayesLinear
-
-        layer = BayesLinear(d_in, d_out, prior_sigma=LAYER_PRIOR_SIGMA)
+        layer = make_layer()
 
         def step():
             loss = layer(x).square().mean() + layer.kl() / 50_000
@@ -205,9 +204,7 @@ def layer_method(method: str, d_in: int, d_out: int, batch: int):
 
         return step
     if method == "bayesian_torch":
-        from bayesian_torch.layers import LinearReparameterization
-
-        layer = LinearReparameterization(d_in, d_out, prior_variance=LAYER_PRIOR_SIGMA**2)
+        layer = make_bayesian_torch()
 
         def step():
             y, kl = layer(x)
@@ -216,14 +213,10 @@ def layer_method(method: str, d_in: int, d_out: int, batch: int):
 
         return step
     if method in ("eager", *COMPILED):
-        from mtbkd.nn import BayesLinear
-
-        ref = BayesLinear(d_in, d_out, prior_sigma=LAYER_PRIOR_SIGMA)
+        ref = make_layer()
         params = [p.detach().clone().requires_grad_(True) for p in
                   (ref.weight_mu, ref.weight_rho, ref.bias_mu, ref.bias_rho)]  # fmt: skip
-        f = _eager_layer_step
-        if method in COMPILED:
-            f = _compile(_eager_layer_step, method)
+        f = _compile(eager_step, method) if method in COMPILED else eager_step
 
         def step():
             return torch.autograd.grad(f(*params, x), params)
@@ -232,14 +225,33 @@ def layer_method(method: str, d_in: int, d_out: int, batch: int):
     raise ValueError(method)
 
 
-def bench_layer(d_in: int, d_out: int, batch: int, repeats: int, methods: list[str]) -> dict:
-    fns = {m: layer_method(m, d_in, d_out, batch) for m in methods}
+def _timed_steps(fns: dict, repeats: int) -> dict:
+    """The steps timed side by side, each with its time over the fused step's."""
     t = common.time_interleaved(fns, repeats=repeats)
     base = t["fused"]["median_ms"]
-    return {
-        "d_in": d_in, "d_out": d_out, "batch": batch,
-        "methods": {m: {**t[m], "fused_speedup": t[m]["median_ms"] / base} for m in methods},
-    }  # fmt: skip
+    return {m: {**t[m], "fused_speedup": t[m]["median_ms"] / base} for m in t}
+
+
+def layer_method(method: str, d_in: int, d_out: int, batch: int):
+    """``fn() -> grads``: one training step of a ``d_in -> d_out`` Bayesian linear layer on a
+    batch of ``batch`` rows."""
+    from mtbkd.nn import BayesLinear
+
+    def bayesian_torch():
+        from bayesian_torch.layers import LinearReparameterization
+
+        return LinearReparameterization(d_in, d_out, prior_variance=LAYER_PRIOR_SIGMA**2)
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, d_in)
+    return _step_method(method, x, lambda: BayesLinear(d_in, d_out, prior_sigma=LAYER_PRIOR_SIGMA),
+                        bayesian_torch, _eager_layer_step)  # fmt: skip
+
+
+def bench_layer(d_in: int, d_out: int, batch: int, repeats: int, methods: list[str]) -> dict:
+    fns = {m: layer_method(m, d_in, d_out, batch) for m in methods}
+    return {"d_in": d_in, "d_out": d_out, "batch": batch,
+            "methods": _timed_steps(fns, repeats)}  # fmt: skip
 
 
 def _eager_conv_step(wmu, wrho, bmu, brho, x):
@@ -252,58 +264,28 @@ def _eager_conv_step(wmu, wrho, bmu, brho, x):
 def conv_layer_method(method: str, channels: int, batch: int, size: int):
     """``fn() -> grads``: one training step of a ``channels -> channels`` 3x3 Bayesian
     convolution (padding 1) on ``[batch, channels, size, size]`` inputs."""
-    torch.manual_seed(0)
-    x = torch.randn(batch, channels, size, size)
-    if method == "fused":  # the KL from the forward's own sampling pass
-        from mtbkd.nn import BayesConv2d, record_kl
+    from mtbkd.nn import BayesConv2d
 
-        layer = BayesConv2d(channels, channels, 3, padding=1, prior_sigma=LAYER_PRIOR_SIGMA)
-
-        def step():
-            with record_kl(layer) as rec:
-                y = layer(x)
-            loss = y.square().mean() + rec.kl / 50_000
-            return torch.autograd.grad(loss, list(layer.parameters()))
-
-        return step
-    if method == "bayesian_torch":
+    def bayesian_torch():
         from bayesian_torch.layers import Conv2dReparameterization
 
-        layer = Conv2dReparameterization(channels, channels, 3, padding=1,
-                                         prior_variance=LAYER_PRIOR_SIGMA**2)  # fmt: skip
+        return Conv2dReparameterization(channels, channels, 3, padding=1,
+                                        prior_variance=LAYER_PRIOR_SIGMA**2)  # fmt: skip
 
-        def step():
-            y, kl = layer(x)
-            loss = y.square().mean() + kl / 50_000
-            return torch.autograd.grad(loss, list(layer.parameters()))
-
-        return step
-    if method in ("eager", *COMPILED):
-        from mtbkd.nn import BayesConv2d
-
-        ref = BayesConv2d(channels, channels, 3, padding=1, prior_sigma=LAYER_PRIOR_SIGMA)
-        params = [p.detach().clone().requires_grad_(True) for p in
-                  (ref.weight_mu, ref.weight_rho, ref.bias_mu, ref.bias_rho)]  # fmt: skip
-        f = _eager_conv_step
-        if method in COMPILED:
-            f = _compile(_eager_conv_step, method)
-
-        def step():
-            return torch.autograd.grad(f(*params, x), params)
-
-        return step
-    raise ValueError(method)
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, size, size)
+    return _step_method(
+        method, x,
+        lambda: BayesConv2d(channels, channels, 3, padding=1, prior_sigma=LAYER_PRIOR_SIGMA),
+        bayesian_torch, _eager_conv_step,
+    )  # fmt: skip
 
 
 def bench_conv_layer(channels: int, batch: int, size: int, repeats: int,
                      methods: list[str]) -> dict:  # fmt: skip
     fns = {m: conv_layer_method(m, channels, batch, size) for m in methods}
-    t = common.time_interleaved(fns, repeats=repeats)
-    base = t["fused"]["median_ms"]
-    return {
-        "channels": channels, "batch": batch, "size": size,
-        "methods": {m: {**t[m], "fused_speedup": t[m]["median_ms"] / base} for m in methods},
-    }  # fmt: skip
+    return {"channels": channels, "batch": batch, "size": size,
+            "methods": _timed_steps(fns, repeats)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
