@@ -866,8 +866,8 @@ def _run_epochs(
     torch's default generator (SGLD draws its noise seeds from it) is forked and seeded with
     ``seed``, so a run is reproducible whatever ran before it and the caller's RNG is untouched.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _forked_rng():
+        _manual_seed(seed)
         return _run_epochs_seeded(
             model,
             data,
@@ -1003,6 +1003,27 @@ def _run_epochs_seeded(
             if stop:
                 break
     return spent + time.perf_counter() - t0
+
+
+def _cuda_up() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _forked_rng():
+    """``torch.random.fork_rng`` of the CPU generator and, where CUDA is in use, every CUDA
+    device's: the caller's random state is neither used nor changed (forking the CPU's alone left
+    a CUDA caller's generator at the run's seed)."""
+    devices = list(range(torch.cuda.device_count())) if _cuda_up() else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def _manual_seed(seed: int) -> None:
+    """``torch.manual_seed`` of the generators :func:`_forked_rng` forks: not a CUDA generator
+    that is not in use yet (``torch.manual_seed`` queues a seed for it, applied when the caller
+    starts CUDA later, outside the fork)."""
+    torch.random.default_generator.manual_seed(seed)
+    if _cuda_up():
+        torch.cuda.manual_seed_all(seed)
 
 
 def _train_mode(model: nn.Module) -> None:
@@ -1378,8 +1399,8 @@ def _reinitialised(template: nn.Module, seed: int) -> nn.Module:
     with a ``reset_parameters`` method, as torch's own have; parameters of other modules, and
     layers whose parameters the caller froze, keep the template's values)."""
     model = copy.deepcopy(template)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _forked_rng():
+        _manual_seed(seed)
         for m in model.modules():
             own = list(m.parameters(recurse=False))
             # a layer the caller froze (a pretrained body) keeps its weights in every chain
@@ -1455,7 +1476,11 @@ def evaluate_probs(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[s
     direction: below 0, under-confident)."""
     from mtbkd import metrics as M
 
-    probs = M._samples(probs)  # [S, N, C] (a [N, C] one sample), checked by name
+    M._samples(probs)  # [S, N, C] (a [N, C] one sample), checked by name
+    if probs.dim() == 2:
+        probs = probs.unsqueeze(0)
+    # in its own dtype: each metric checks the rows' sums to within that dtype's rounding (a cast
+    # to float32 first held bfloat16 probabilities to float32's tolerance, and refused them)
     return _metrics_of_rows(_row_stats(probs, labels, level), labels)
 
 
@@ -1490,8 +1515,13 @@ def _row_stats(probs: Tensor, labels: Tensor, level: float = 0.95) -> dict[str, 
 
     labels = M._labels(labels, probs.shape[-2], probs.shape[-1])  # integer, in range (no .long())
     sets = M.credible_set(probs, level)
+    pbar = M.mean_probs(probs)  # float32 (float64 kept)
+    if torch.finfo(probs.dtype).eps > torch.finfo(torch.float32).eps:
+        # the mean of bfloat16 / float16 rows sums to 1 only to within their rounding, which the
+        # metrics of the float32 mean below would hold to float32's tolerance: renormalised
+        pbar = pbar / pbar.sum(-1, keepdim=True)
     return {
-        "pbar": M.mean_probs(probs),
+        "pbar": pbar,
         "nll": M.row_nll(probs, labels),
         "mean_deviance": M.mean_deviance(probs),
         "covered": sets.gather(-1, labels[:, None]).squeeze(-1),
@@ -1805,7 +1835,7 @@ def distill(
         raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
     config.__post_init__()  # fields set after construction are checked too
     # a forked RNG: the caller's random state is neither used nor changed
-    with _threads(config.num_threads), torch.random.fork_rng(devices=[]):
+    with _threads(config.num_threads), _forked_rng():
         return _distill(student, teachers, x, y, config, method, head, checkpoint_dir, validation)
 
 
@@ -1881,7 +1911,7 @@ def _distill(
     teach = t[list(obj.teachers)] if obj.teachers else None
     data = TrainData(x, y, teach)
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    torch.manual_seed(config.seed)
+    _manual_seed(config.seed)
     was_training = student.training  # restored at the end, error or not (the phases switch it)
     flags = [p.requires_grad for p in student.parameters()]
     try:
@@ -1992,7 +2022,7 @@ def train_teachers(
     for group in expert_groups(num_classes, config.num_teachers):
         inside = torch.isin(y, torch.tensor(group))
         keep = inside | (torch.rand(len(y), generator=gen) < config.teacher_other_fraction)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        _manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         model = StudentMLP(x.shape[1], num_classes, (config.teacher_hidden,), mean, std)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
         xs, ys = x[keep], y[keep]
@@ -2013,7 +2043,7 @@ def teacher_logits(
     test rows. With ``config.teacher_folds >= 2`` the training rows' logits are cross-fitted
     (each row scored by teachers trained on the other folds), so they show how a teacher
     generalises rather than how well it memorised the rows the student learns from."""
-    with torch.random.fork_rng(devices=[]):
+    with _forked_rng():
         full = train_teachers(x_train, y_train, num_classes, config)
         names = list(full)
         t_test = _teacher_tensor(list(full.values()), x_test)
@@ -2424,7 +2454,7 @@ def run_experiment(
         raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
     config.__post_init__()  # fields set after construction are checked too
     # a forked RNG: the caller's random state is neither used nor changed
-    with _threads(config.num_threads), torch.random.fork_rng(devices=[]):
+    with _threads(config.num_threads), _forked_rng():
         return _run_experiment(dataset, config, checkpoint_dir, log)
 
 
@@ -2451,7 +2481,7 @@ def _check_average(k: int) -> None:
 def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
     check_methods(dataset, config)
     t_start = time.perf_counter()
-    torch.manual_seed(config.seed)
+    _manual_seed(config.seed)
     tr, val, x_all, y_all = _split_dataset(dataset, config)
     x_tr, y_tr, x_val, y_val = x_all[tr], y_all[tr], x_all[val], y_all[val]
     x_te, y_te = torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test)
@@ -2486,7 +2516,7 @@ def _run_experiment(dataset, config, checkpoint_dir, log) -> ExperimentResult:
     mixtures = teacher_mixtures(t_te, y_te)
     for m in mixtures:  # what the teachers know together
         log(f"  {'teachers ' + m['name']:<26} test acc {m['accuracy']:.3f}  nll {m['nll']:.3f}")
-    torch.manual_seed(config.seed)
+    _manual_seed(config.seed)
     base = StudentMLP(x_tr.shape[1], c, config.hidden, x_tr.mean(0), x_tr.std(0))
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else None
     k = len(names)

@@ -284,6 +284,16 @@ def check_finite(x: Tensor, name: str, row_mask: Tensor | None) -> None:
         )
 
 
+def has_values(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read: not a meta or fake tensor (shapes only), and not
+    inside a ``torch.compile`` graph (``fullgraph=True`` cannot branch on data)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode((t,)) is None
+
+
 def check_weights_option(weights) -> None:
     """A loss module's ``weights`` at construction: ``"entropy"``, ``"uniform"`` or a finite,
     non-negative tensor (its shape is checked against the teachers at each call)."""
@@ -296,6 +306,8 @@ def check_weights_option(weights) -> None:
     w = weights.detach()
     if w.dtype == torch.bool or w.is_complex():  # integers are fine, as in fixed_weights
         raise TypeError(f"weights must be a real (floating or integer) tensor, got {w.dtype}")
+    if not has_values(w):  # built on the meta device or under FakeTensorMode
+        return
     w = w.double()
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise ValueError("weights must be a finite, non-negative tensor")
@@ -335,8 +347,9 @@ def fixed_weights(
     wide = torch.float32 if acc == torch.float32 and weights.dtype in narrow else torch.float64
     w = weights.detach().to(wide).reshape(k, -1).expand(k, n)
     # Data checks read the values (a host synchronisation); a torch.compile graph skips them
-    # (fullgraph=True cannot branch on data), so check the weights once outside it.
-    if not torch.compiler.is_compiling():
+    # (fullgraph=True cannot branch on data), so check the weights once outside it; meta and
+    # fake tensors have no values to check
+    if has_values(w):
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"{name} must be finite")
         if bool((w < 0).any()):

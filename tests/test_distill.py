@@ -959,6 +959,33 @@ def test_older_runs_without_teacher_folds_are_the_same_experiment_as_todays(old)
     assert was == now
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_evaluate_probs_takes_half_precision_probabilities(dtype):
+    # review (thirty-first session): the float32 cast held bfloat16 rows (sums off by up to
+    # their rounding, ~2e-3) to float32's tolerance and refused them; every metric takes them
+    for c in (4, 10, 1000):
+        torch.manual_seed(0)
+        y = torch.randint(0, c, (20,))
+        p = torch.softmax(torch.randn(5, 20, c), -1).to(dtype)
+        got = distill.evaluate_probs(p, y)
+        want = distill.evaluate_probs(p.float() / p.float().sum(-1, keepdim=True), y)
+        assert got["accuracy"] == want["accuracy"]
+        for key in ("nll", "ece", "brier"):
+            assert abs(got[key] - want[key]) < 1e-3, (c, key)
+        assert distill.evaluate_probs(p[0], y)["accuracy"] >= 0  # [N, C] too
+
+
+def test_distill_leaves_the_cuda_generator_alone(monkeypatch):
+    # review: torch.manual_seed inside the CPU-only fork also seeded (or queued a seed for) every
+    # CUDA device, leaving a GPU caller's generator at the run's seed
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(s))
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    cfg = distill.DistillConfig(map_epochs=1, batch_size=16, progress=False)
+    distill.distill(distill.StudentMLP(5, 3), None, x, y, cfg, method="ce")
+    assert calls == []
+
+
 def test_config_rejects_bad_values_naming_the_field():
     for kw, msg in [
         ({"sgld_temperature": -1.0}, "sgld_temperature must be"),

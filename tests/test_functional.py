@@ -1973,3 +1973,20 @@ def test_teacher_weights_cast_error_names_its_first_teacher_not_a_student():
         mtbkd.teacher_weights([t[0], t[1].double() * 1e39, t[2]])
     msg = str(info.value)
     assert "student" not in msg and "beyond the range of teacher_logits[0]'s" in msg
+
+
+def test_fixed_weight_losses_on_the_meta_device_and_under_fake_tensors():
+    # review (thirty-first session): the weights' value checks read meta and fake tensors
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    z, t = torch.randn(4, 5, device="meta"), torch.randn(2, 4, 5, device="meta")
+    y = torch.zeros(4, dtype=torch.long, device="meta")
+    w = torch.ones(2, device="meta")
+    assert mtbkd.MTBKDLoss(weights=w)(z, t, y).device.type == "meta"
+    assert mtbkd.functional.multi_teacher_kd_loss(z, t, y, weights=w).device.type == "meta"
+    with FakeTensorMode():
+        loss = mtbkd.MTBKDLoss(weights=torch.ones(2))
+        out = loss(torch.randn(4, 5), torch.randn(2, 4, 5), torch.zeros(4, dtype=torch.long))
+        assert out.shape == ()
+    with pytest.raises(ValueError, match="weights must be a finite, non-negative tensor"):
+        mtbkd.MTBKDLoss(weights=torch.tensor([1.0, -1.0]))  # real values are still checked
