@@ -716,7 +716,13 @@ def _check_finished_seed(args: argparse.Namespace, seed: int, done: Path, rep: d
         )
     want = _pipeline_config(args, seed).to_dict()
     # what changes only speed or memory may differ (another machine's cores), and the settings
-    # of teachers the pipeline never trained (a dataset with teachers of its own)
+    # of teachers the pipeline never trained (a dataset with teachers of its own; a report
+    # written before it said so is told here, from the data folder its command reads)
+    if rep.get("teachers_trained") is None and args.dataset == "dir" and args.data_dir:
+        from mtbkd import data
+
+        if data.has_own_teachers(args.data_dir):
+            rep = {**rep, "teachers_trained": False}
     was = experiment_settings(rep)
     want = experiment_settings({**rep, "config": want})
     keys = list(want) + [k for k in was if k not in want]  # in the config's order

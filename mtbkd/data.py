@@ -984,6 +984,19 @@ def _layout(root: Path) -> str | None:
     return next(iter(found), None)
 
 
+def has_own_teachers(data_dir: str | Path) -> bool:
+    """Whether the data folder ``data_dir`` (``--dataset dir``) holds teacher files of its layout:
+    the pipeline then trains no teachers of its own. False for a folder without data files."""
+    root = Path(data_dir)
+    try:
+        layout = _layout(root)
+    except ValueError:  # several layouts: the loader refuses it
+        return False
+    if layout is None:
+        return False
+    return any(any(root.glob(pattern)) for pattern in _LAYOUTS[layout][3])
+
+
 def _refuse_other_teachers(root: Path, layout: str) -> None:
     """Teacher files (``teacher_*.npy``, ``teacher_*.csv`` in ``root`` or its train/ and test/
     folders) that ``layout`` does not read, the other format's or the right format's at another

@@ -283,6 +283,8 @@ class DistillConfig:
                              "(mtbkd_sgld, bkd, bkd_<name>, avg_bkd)")  # fmt: skip
         for name in ("early_stopping", "joint_selection", "tune_bkd", "teacher_calibrate",
                      "calibrate", "sgld_precondition", "progress"):  # fmt: skip
+            if isinstance(getattr(self, name), np.bool_):  # numpy's, as SGLD takes them
+                setattr(self, name, bool(getattr(self, name)))
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.weights not in ("entropy", "uniform"):
@@ -1770,13 +1772,22 @@ def _input_features(model: nn.Module) -> int | None:
 
 
 def _labels_for(y, num_classes: int, name: str, rows: int) -> Tensor:
-    """``y`` as class indices ``[N]`` in ``0..num_classes - 1`` (a float label was truncated by
-    ``.long()``; a label out of range failed deep inside torch or, -100, was skipped)."""
+    """``y`` as class indices ``[N]`` in ``0..num_classes - 1``: integers, or floats of whole
+    values (``np.loadtxt``'s and pandas' labels, which :mod:`mtbkd.data` takes too); a fractional
+    label was truncated by ``.long()``, a label out of range failed deep inside torch or, -100,
+    was skipped."""
     y = _as_tensor(y)
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+    if y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class indices, got dtype {y.dtype}")
     if tuple(y.shape) != (rows,):
         raise ValueError(f"{name} must be [N] with N = {rows} rows, got shape {tuple(y.shape)}")
+    if y.is_floating_point():
+        if rows and not bool((torch.isfinite(y) & (y == y.round())).all()):
+            raise TypeError(f"{name} must hold integer class indices, got dtype {y.dtype} with "
+                            "fractional or non-finite values")  # fmt: skip
+        if rows and float(y.abs().max()) >= 2.0**62:
+            raise ValueError(f"{name} has labels too large for class indices")
+        y = y.double().long()
     if y.dtype in (torch.uint16, torch.uint32, torch.uint64):  # min/max fail on them
         y = y.long()
     if rows and (int(y.min()) < 0 or int(y.max()) >= num_classes):

@@ -1592,10 +1592,11 @@ def gather_seed_runs(
             raise ValueError(f"{name}: {where} has no {' or '.join(missing)} (not a run report)")
 
     own = {rep.get("teachers_trained") for rep in reports}
-    digests = {rep.get("data_sha256") for rep in reports}
-    if False in own and True not in own and len(digests) == 1 and None not in digests:
-        # the same data files, whose teachers one report says were given: so were the others'
-        # (reports written before teachers_trained existed say nothing of it)
+    digests = {rep.get("data_sha256") for rep in reports} - {None}
+    if False in own and True not in own and len(digests) <= 1:
+        # the same data files (or reports written before their digest was kept), whose teachers
+        # one report says were given: so were the others' (reports written before
+        # teachers_trained existed say nothing of it)
         compared = [{**rep, "teachers_trained": False} for rep in reports]
     else:
         compared = reports

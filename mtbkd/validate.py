@@ -143,6 +143,16 @@ def _narrowing(src: torch.dtype, dst: torch.dtype) -> bool:
     return torch.finfo(dst).max < torch.finfo(src).max
 
 
+def has_values(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read: not a meta or fake tensor (shapes only), and not
+    inside a ``torch.compile`` graph (``fullgraph=True`` cannot branch on data)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode((t,)) is None
+
+
 def check_cast_overflow(src: Tensor, cast: Tensor, name: str, into: str = "the student") -> Tensor:
     """``cast`` (``src`` cast to a narrower dtype, that of ``into``), checked: a finite positive
     logit beyond its range became +inf, an error naming ``name`` and ``into``; a finite negative
@@ -153,9 +163,10 @@ def check_cast_overflow(src: Tensor, cast: Tensor, name: str, into: str = "the s
     synchronisation) and no +inf check (the losses run it when ``check_finite``)."""
     if not _narrowing(src.dtype, cast.dtype) or not cast.numel():
         return cast
-    if torch.compiler.is_compiling():
+    if not has_values(src):
         # no host synchronisation in a graph: the masking only, from the source (inductor keeps
-        # the cast's values in fp32 inside a kernel, so its -inf is not there to test)
+        # the cast's values in fp32 inside a kernel, so its -inf is not there to test); nor
+        # values to read on the meta device or under FakeTensorMode
         lo = torch.finfo(cast.dtype).min
         return torch.where(torch.isfinite(src), src.clamp_min(lo), src).to(cast.dtype)
     lo, hi = torch.aminmax(cast)
@@ -282,16 +293,6 @@ def check_finite(x: Tensor, name: str, row_mask: Tensor | None) -> None:
             f"{name} contains NaN or inf (row {int(bad.nonzero()[0, 0])}); "
             "pass check_finite=False to skip this check"
         )
-
-
-def has_values(t: Tensor) -> bool:
-    """Whether ``t``'s values can be read: not a meta or fake tensor (shapes only), and not
-    inside a ``torch.compile`` graph (``fullgraph=True`` cannot branch on data)."""
-    if torch.compiler.is_compiling() or t.device.type == "meta":
-        return False
-    from torch._guards import detect_fake_mode
-
-    return detect_fake_mode((t,)) is None
 
 
 def check_weights_option(weights) -> None:

@@ -986,6 +986,24 @@ def test_distill_leaves_the_cuda_generator_alone(monkeypatch):
     assert calls == []
 
 
+def test_distill_takes_whole_number_float_labels_and_numpy_bools():
+    # review (thirty-first session): float64 labels of whole values (np.loadtxt, pandas), which
+    # mtbkd.data takes, were refused; so were numpy bools in DistillConfig (SGLD takes them)
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.arange(40) % 3
+    cfg = distill.DistillConfig(map_epochs=1, sgld_epochs=1, num_samples=1, num_chains=1,
+                                batch_size=20, progress=False,
+                                early_stopping=np.bool_(False))  # fmt: skip
+    assert cfg.early_stopping is False
+    student = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    r = distill.distill(student, torch.randn(2, 40, 3), x, y.numpy().astype(np.float64), cfg,
+                        method="mtbkd_map")  # fmt: skip
+    assert r.predict(x).shape == (1, 40, 3)
+    for bad in (np.full(40, 0.5), np.full(40, np.nan)):
+        with pytest.raises(TypeError, match="fractional or non-finite"):
+            distill.distill(student, None, x, bad, cfg, method="ce")
+
+
 def test_config_rejects_bad_values_naming_the_field():
     for kw, msg in [
         ({"sgld_temperature": -1.0}, "sgld_temperature must be"),
@@ -1371,7 +1389,7 @@ def test_bad_pipeline_inputs_name_the_argument():
         (dict(student=Pair()), TypeError, "student must return a logits tensor"),
         (dict(teachers=[Pair()]), TypeError, r"teachers\[0\] must return a logits tensor"),
         (dict(teachers=[t[0], t[1, :, :3]]), ValueError, "every teacher must give logits of one"),
-        (dict(validation=(x, y.float())), TypeError, r"validation\[1\] must hold integer"),
+        (dict(validation=(x, y.float() + 0.5)), TypeError, r"validation\[1\] must hold integer"),
     ]:
         args = dict(student=_student(), teachers=t, x=x, y=y, config=QUICK, method="mtbkd_map")
         args.update(kwargs)

@@ -1990,3 +1990,26 @@ def test_fixed_weight_losses_on_the_meta_device_and_under_fake_tensors():
         assert out.shape == ()
     with pytest.raises(ValueError, match="weights must be a finite, non-negative tensor"):
         mtbkd.MTBKDLoss(weights=torch.tensor([1.0, -1.0]))  # real values are still checked
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_dtype_losses_run_on_meta_tensors_and_under_fake_tensors(dtype):
+    # review (thirty-first session): the narrowing cast's overflow check read the values of meta
+    # and fake tensors (a half student with float32 teachers, the usual mixed precision)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mtbkd.fused_linear import fused_linear_mtbkd_loss
+
+    n, v, k = 4, 5, 2
+    z = torch.empty(n, v, device="meta", dtype=dtype)
+    t = torch.empty(k, n, v, device="meta")
+    y = torch.zeros(n, dtype=torch.long, device="meta")
+    assert mtbkd.functional.mtbkd_loss(z, t, y).shape == ()
+    assert mtbkd.functional.multi_teacher_kd_loss(z, t, y).shape == ()
+    h = torch.empty(4, 3, device="meta", dtype=dtype)
+    w = torch.empty(5, 3, device="meta", dtype=dtype)
+    assert fused_linear_mtbkd_loss(h, w, [torch.empty(4, 5, device="meta")], y).shape == ()
+    with FakeTensorMode():
+        loss = mtbkd.functional.mtbkd_loss(torch.randn(4, 5, dtype=dtype), torch.randn(2, 4, 5),
+                                           torch.zeros(4, dtype=torch.long))  # fmt: skip
+    assert loss.shape == ()
