@@ -1832,7 +1832,8 @@ def distill(
     Adam's eps rounds to 0 in float16 and its update to NaN). Training that makes the student's
     logits NaN, +inf, or -inf in a whole row stops with :class:`TrainingDivergedError`, naming
     the phase, epoch and batch (a ``-inf`` logit that masks a class is not a divergence).
-    ``y`` must hold integer class indices of the student's classes.
+    ``y`` must hold class indices of the student's classes (integers, or floats of whole
+    values).
     Teacher modules run once, in eval mode without gradients on ``x`` cast to their own dtype,
     and get their training mode back. The student keeps the parameters it was given frozen
     (``requires_grad=False``: a pretrained body stays as it is, its submodules in eval mode while
