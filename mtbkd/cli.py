@@ -494,6 +494,21 @@ def _check_run_kind(args: argparse.Namespace, out: Path, seeds: list[int] | None
         )
 
 
+def _reads_sequences(args: argparse.Namespace) -> bool:
+    """Whether this command's data are protein sequences (DeepLoc, or a data folder whose
+    ``train.csv`` has a ``Sequence`` column), whose student's features the encoder makes."""
+    if args.dataset == "deeploc":
+        return True
+    if args.dataset != "dir" or not getattr(args, "data_dir", None):
+        return False
+    try:
+        with (Path(args.data_dir) / "train.csv").open(encoding="utf-8-sig") as f:
+            header = f.readline()
+    except OSError:
+        return False
+    return "Sequence" in [c.strip().strip('"') for c in header.split(",")]
+
+
 def _sequence_encoder(args: argparse.Namespace) -> str:
     """The sequence encoder of this command: ``--sequence-encoder`` or the dataset's default."""
     return getattr(args, "sequence_encoder", None) or DEFAULT_SEQUENCE_ENCODER.get(
@@ -705,12 +720,14 @@ def _check_finished_seed(args: argparse.Namespace, seed: int, done: Path, rep: d
             "made it, or use another --out"
         )
     # the student's features: the sequence encoder is no config field (the report names it)
-    import re
+    from mtbkd.report import sequence_encoder_of
 
-    was_enc = re.search(r"\(sequence encoder ([^)]+)\)", str(rep.get("features") or ""))
-    if was_enc and was_enc.group(1) != _sequence_encoder(args):
+    was_enc = sequence_encoder_of(rep)
+    if was_enc is None and "features" not in rep and _reads_sequences(args):
+        was_enc = "composition"  # a report of before it named the encoder: the only one then
+    if was_enc and was_enc != _sequence_encoder(args):
         raise SystemExit(
-            f"mtbkd {args.command}: {done} was run with --sequence-encoder {was_enc.group(1)}, "
+            f"mtbkd {args.command}: {done} was run with --sequence-encoder {was_enc}, "
             f"this command uses {_sequence_encoder(args)}: resume with the encoder that made it, "
             "or use another --out"
         )

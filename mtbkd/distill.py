@@ -808,7 +808,10 @@ def _digest(*tensors: Tensor | None) -> str:
     for t in tensors:
         if t is not None:
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            t = t.detach().cpu().contiguous()
+            if t.dtype == torch.bfloat16:  # numpy has no bfloat16: its bytes, as they are
+                t = t.view(torch.int16)
+            h.update(t.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -1401,12 +1404,16 @@ def _reinitialised(template: nn.Module, seed: int) -> nn.Module:
     with a ``reset_parameters`` method, as torch's own have; parameters of other modules, and
     layers whose parameters the caller froze, keep the template's values)."""
     model = copy.deepcopy(template)
+    # everything inside a submodule the caller froze (a pretrained body) keeps its state in
+    # every chain: its layers' weights, and the running statistics of a batch norm of no
+    # parameters of its own (affine=False), whose reset_parameters() set them to 0 and 1
+    frozen = {id(s) for m in _frozen_modules(model) for s in m.modules()}
     with _forked_rng():
         _manual_seed(seed)
         for m in model.modules():
             own = list(m.parameters(recurse=False))
-            # a layer the caller froze (a pretrained body) keeps its weights in every chain
-            if hasattr(m, "reset_parameters") and all(p.requires_grad for p in own):
+            if (hasattr(m, "reset_parameters") and id(m) not in frozen
+                    and all(p.requires_grad for p in own)):  # fmt: skip
                 m.reset_parameters()
     return model
 

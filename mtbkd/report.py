@@ -1508,6 +1508,25 @@ def _test_fold(run: Path) -> tuple[int, int] | None:
     return int(config.get("test_fold", 0)), int(config["test_folds"])
 
 
+def sequence_encoder_of(report: dict) -> str | None:
+    """The sequence encoder a run's student read its features from, as its report's
+    ``features`` names it (``"... (sequence encoder composition+unirep1900)"``); None where it
+    names none (data that are no sequences, or a report of before the key existed)."""
+    import re
+
+    found = re.search(r"\(sequence encoder ([^)]+)\)", str(report.get("features") or ""))
+    return found.group(1) if found else None
+
+
+def _encoder_or_old(report: dict) -> str | None:
+    """:func:`sequence_encoder_of`, and ``composition`` for a DeepLoc report written before
+    reports kept ``features`` (the only encoder then)."""
+    enc = sequence_encoder_of(report)
+    if enc is None and "features" not in report and report.get("dataset") == "deeploc":
+        return "composition"
+    return enc
+
+
 def gather_seed_runs(
     run_dirs: list[str | Path], *, name: str = "run_dirs"
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any] | None], list[int], dict[int, Path]]:
@@ -1601,6 +1620,7 @@ def gather_seed_runs(
     else:
         compared = reports
     first, base = folders[seeds[0]], experiment_settings(compared[0])
+    enc0 = _encoder_or_old(reports[0])
     for s, rep, cmp in zip(seeds[1:], reports[1:], compared[1:], strict=True):
         where = f"{name}: {folders[s]} and {first}"
         for key in ("dataset", "data_sha256", "features"):
@@ -1611,6 +1631,12 @@ def gather_seed_runs(
                 raise ValueError(
                     f"{where} differ in {key} ({a!r} against {b!r}): not one experiment"
                 )
+        enc = _encoder_or_old(rep)
+        if enc and enc0 and enc != enc0:  # (a report of before features were kept, too)
+            raise ValueError(
+                f"{where} differ in the sequence encoder ({enc!r} against {enc0!r}): not one "
+                "experiment"
+            )
         this = experiment_settings(cmp)
         keys = list(base) + [k for k in this if k not in base]  # in the config's order
         differ = [k for k in keys if this.get(k) != base.get(k)]

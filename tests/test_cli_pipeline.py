@@ -1309,3 +1309,24 @@ def test_resume_of_an_older_own_teacher_run_with_the_same_command(tmp_path):
     assert cli.main(_own_argv(d, out, "0")) == 0
     _as_written_by_older_code(out / "seed0" / "report.json", teacher_folds=2)
     assert cli.main(_own_argv(d, out, "0-1") + ["--resume"]) == 0
+
+
+def test_resume_and_summarise_read_an_older_deeploc_report_as_the_composition_encoders(tmp_path):
+    # review (thirty-first session): a report written before reports named the sequence encoder
+    # has no "features"; its student read the composition features (the only encoder then), and
+    # --resume / summarise under another encoder took it as a seed of the same experiment
+    from mtbkd import report
+
+    args = cli.build_parser().parse_args(["distill", "--dataset", "deeploc", "--data-dir",
+                                          str(tmp_path), "--seeds", "0-1", "--resume", "--out",
+                                          str(tmp_path / "o")])  # fmt: skip
+    args.data_sha256 = None
+    rep = {"dataset": "deeploc", "methods": [], "config": cli._pipeline_config(args, 0).to_dict()}
+    done = tmp_path / "o" / "seed0" / "report.json"
+    for old in ({**rep, "features": "345 features (sequence encoder composition)"}, rep):
+        with pytest.raises(SystemExit, match="was run with --sequence-encoder composition"):
+            cli._check_finished_seed(args, 0, done, old)
+    assert report._encoder_or_old(rep) == "composition"
+    assert report._encoder_or_old({"dataset": "digits"}) is None
+    assert report.sequence_encoder_of({"features": "2245 (sequence encoder composition+unirep1900)"}
+                                      ) == "composition+unirep1900"  # fmt: skip

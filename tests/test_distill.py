@@ -1004,6 +1004,41 @@ def test_distill_takes_whole_number_float_labels_and_numpy_bools():
             distill.distill(student, None, x, bad, cfg, method="ce")
 
 
+def test_further_chains_keep_a_frozen_bodys_parameter_free_batch_norm_statistics():
+    # review (thirty-first session): a BatchNorm1d(affine=False) in a frozen body has no
+    # parameters of its own, so "all its parameters require grad" held and every chain after
+    # the first reset its pretrained running statistics to 0 and 1
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 6, generator=g), torch.randint(0, 3, (60,), generator=g)
+    t = torch.randn(2, 60, 3, generator=g)
+    body = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, affine=False))
+    with torch.no_grad():
+        body[1].running_mean.fill_(3.0)
+        body[1].running_var.fill_(4.0)
+    body.requires_grad_(False)
+    student = nn.Sequential(body, nn.ReLU(), nn.Linear(8, 3))
+    cfg = distill.DistillConfig(map_epochs=2, sgld_epochs=2, num_samples=2, batch_size=16,
+                                progress=False, num_chains=2)  # fmt: skip
+    res = distill.distill(student, t, x, y, cfg)
+    assert len(res.store.chains) == 2
+    for c, (state, _) in enumerate(res.store.chains):
+        assert torch.equal(state["0.1.running_mean"], torch.full((8,), 3.0)), c
+        assert torch.equal(state["0.1.running_var"], torch.full((8,), 4.0)), c
+
+
+def test_a_bfloat16_student_trains_with_a_checkpoint_dir(tmp_path):
+    # review: the checkpoint fingerprint hashed x through numpy, which has no bfloat16
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+    t = torch.randn(2, 40, 3, generator=g)
+    student = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).to(torch.bfloat16)
+    cfg = distill.DistillConfig(map_epochs=2, batch_size=16, progress=False)
+    res = distill.distill(student, t, x, y, cfg, method="mtbkd_map", checkpoint_dir=tmp_path,
+                          validation=(x[:20], y[:20]))  # fmt: skip
+    assert res.predict(x).shape == (1, 40, 3)
+    assert distill._digest(x.bfloat16()) != distill._digest(x.bfloat16() + 1)
+
+
 def test_config_rejects_bad_values_naming_the_field():
     for kw, msg in [
         ({"sgld_temperature": -1.0}, "sgld_temperature must be"),
