@@ -40,10 +40,16 @@ def save_safetensors(
     path: str | os.PathLike,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """``safetensors.torch.save_file``, then :func:`make_readable`."""
+    """``safetensors.torch.save_file``, then :func:`make_readable`. A failed write (a missing
+    folder, a full disk) is an ``OSError`` naming the path, not safetensors' own error class,
+    which an ``except OSError`` would miss."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(dict(tensors), os.fspath(path), metadata=dict(metadata) if metadata else None)
+    try:
+        save_file(dict(tensors), os.fspath(path), metadata=dict(metadata) if metadata else None)
+    except SafetensorError as exc:
+        raise OSError(f"cannot write {os.fspath(path)}: {exc}") from None
     make_readable(path)
     return Path(path)
 

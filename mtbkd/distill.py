@@ -1169,7 +1169,8 @@ class _Samples:
 
         try:
             store = SampleStore.load(path, self.model)
-        except (SafetensorError, OSError) as exc:  # truncated: unreadable as safetensors
+        # truncated (unreadable as safetensors), or its metadata damaged (a ValueError)
+        except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointCorruptError(_damaged(path, f"{type(exc).__name__}: {exc}")) from None
         if len(store) != state["samples"]:
             raise CheckpointCorruptError(
@@ -1342,11 +1343,12 @@ class ChainSamples:
 
     @torch.no_grad()
     def predict(self, model: nn.Module, x: Tensor, chunk: int = 50) -> Tensor:
-        """Every chain's samples on ``x`` (``model`` is the architecture; its weights are
-        restored afterwards)."""
+        """Every chain's samples on ``x`` (``model`` is the architecture; its weights and its
+        modules' train / eval modes are restored afterwards)."""
         from mtbkd.posterior import predict
 
         own = {k: v.clone() for k, v in model.state_dict().items()}
+        modes = [(m, m.training) for m in model.modules()]  # given back, as predict() does
         model.eval()
         try:
             outs = []
@@ -1355,6 +1357,8 @@ class ChainSamples:
                 outs.append(predict(model, store, x, chunk=chunk))
         finally:
             model.load_state_dict(own)
+            for m, training in modes:
+                m.training = training
         return torch.cat(outs)
 
     def save(self, out_dir: str | Path) -> list[str]:

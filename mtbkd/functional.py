@@ -242,7 +242,8 @@ def mtbkd_loss(
         stats_data = teacher_stats.data_for(
             k, student.shape[0], temperature, concentration, weight_temperature, student, lead
         )
-        if check_finite and not torch.compiler.is_compiling():
+        # (values to read: not inside a compiled graph, not meta or fake tensors)
+        if check_finite and validate.has_values(stats_data):
             given = teacher_logits if isinstance(teacher_logits, Sequence) else [teacher_logits]
             dtypes = [x.dtype for x in given if isinstance(x, Tensor)]
             TeacherStats.check_rows(stats_data, teachers, float(temperature),

@@ -354,6 +354,8 @@ def _threshold(q: Tensor, level: float) -> Tensor:
 
 
 def _check_level(level) -> float:
+    if isinstance(level, Tensor) and level.numel() == 1 and level.is_floating_point():
+        level = level.item()  # a one-element tensor, as the temperatures take it
     if isinstance(level, bool) or not isinstance(level, numbers.Real):
         raise TypeError(f"level must be a real number in (0, 1], got {level!r} "
                         f"({type(level).__name__})")  # fmt: skip

@@ -234,19 +234,24 @@ class SGLD(Optimizer):
         """As :meth:`torch.optim.Optimizer.load_state_dict`, but the pSGLD ``square_avg`` keeps
         its fp32 (fp64 for fp64 parameters) accumulation dtype and value: the base class casts
         every floating-point state to the parameter's dtype, bf16 / fp16 included."""
-        super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        if len(ids) == len(params):  # (else the base class refuses it, naming the groups)
+            # before anything is loaded: a refused checkpoint leaves the optimizer as it was
+            for i, p in zip(ids, params, strict=True):
+                saved = state_dict["state"].get(i, {}).get("square_avg")
+                if saved is not None and tuple(saved.shape) != tuple(p.shape):
+                    # (a DTensor's shape is the global one)
+                    raise ValueError(
+                        f"SGLD.load_state_dict: square_avg of shape {tuple(saved.shape)} for "
+                        f"a parameter of shape {tuple(p.shape)} (parameter {i} of the state)"
+                    )
+        super().load_state_dict(state_dict)
         for i, p in zip(ids, params, strict=True):
             saved = state_dict["state"].get(i, {}).get("square_avg")
             if saved is not None:
                 acc = torch.float64 if p.dtype == torch.float64 else torch.float32
                 value = saved.detach().to(device=p.device, dtype=acc).clone()
-                if value.shape != p.shape:  # (a DTensor's shape is the global one)
-                    raise ValueError(
-                        f"SGLD.load_state_dict: square_avg of shape {tuple(value.shape)} for "
-                        f"a parameter of shape {tuple(p.shape)} (parameter {i} of the state)"
-                    )
                 if _is_dtensor(p) and not _is_dtensor(value):
                     # a single-process checkpoint into FSDP2 parameters: shard it like them
                     # (a collective: every rank loads)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import numbers
 import os
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -105,10 +107,16 @@ class SampleStore:
         include: str | Iterable[str] | None = None,
         reservoir: bool = False,
     ) -> None:
+        ints = []
         for name, v, lo in (("burn_in", burn_in, 0), ("thin", thin, 1),
                             ("max_samples", max_samples, 1)):  # fmt: skip
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            # numpy integers as torch and SGLD take them (np.int64(len(dataset))), not bools
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+            ints.append(int(v))
+        burn_in, thin, max_samples = ints
+        if isinstance(reservoir, np.bool_):
+            reservoir = bool(reservoir)
         if dtype not in _DTYPES.values():
             raise TypeError(
                 f"dtype must be torch.float32, torch.bfloat16 or torch.float64, got {dtype}"
@@ -127,7 +135,10 @@ class SampleStore:
             raise TypeError(f"reservoir must be True or False, got {reservoir!r}")
         self.reservoir = reservoir
         dev = torch.device(device) if device is not None else self._params[0].device
-        self.buffer = torch.empty((max_samples, self._bounds[-1]), dtype=dtype, device=dev)
+        # a normal tensor even when made under torch.inference_mode(): collect() writes into it
+        # outside inference mode later (an inference tensor refuses that)
+        with torch.inference_mode(False):
+            self.buffer = torch.empty((max_samples, self._bounds[-1]), dtype=dtype, device=dev)
         self.count = 0  # samples stored
         self.calls = 0  # collect() calls seen
         self.kept = 0  # samples offered after burn-in and thinning
@@ -146,24 +157,29 @@ class SampleStore:
         if self._params is None:
             raise RuntimeError("this store was loaded without a module: it cannot collect")
         self._rebind()
-        self.calls += 1
-        after = self.calls - self.burn_in
+        # the counters move only once the sample is in the buffer: a copy that fails (a meta
+        # module, a parameter on a lost device) leaves no uncounted garbage row counted
+        calls = self.calls + 1
+        after = calls - self.burn_in
         if after <= 0 or (after - 1) % self.thin != 0:
+            self.calls = calls
             return False
-        self.kept += 1
+        kept = self.kept + 1
         if self.count < self.max_samples:
             row = self.count
-            self.count += 1
         elif self.reservoir:
-            j = int(torch.randint(0, self.kept, ()).item())
-            if j >= self.max_samples:
+            row = int(torch.randint(0, kept, ()).item())
+            if row >= self.max_samples:
+                self.calls, self.kept = calls, kept
                 return False
-            row = j
         else:
+            self.calls, self.kept = calls, kept
             return False
         dst = self.buffer[row]
         for p, a, b in zip(self._params, self._bounds[:-1], self._bounds[1:]):
             dst[a:b].copy_(p.detach().reshape(-1))
+        self.calls, self.kept = calls, kept
+        self.count = max(self.count, row + 1)
         return True
 
     def _rebind(self) -> None:
@@ -239,19 +255,24 @@ class SampleStore:
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"{os.fspath(path)!r} is not a SampleStore file")
             samples = f.get_tensor("samples")
-        names = json.loads(meta["names"])
-        shapes = [tuple(s) for s in json.loads(meta["shapes"])]
         store = cls.__new__(cls)
+        try:  # damaged metadata: one ValueError naming the file (a KeyError or a JSON error)
+            names = json.loads(meta["names"])
+            shapes = [tuple(s) for s in json.loads(meta["shapes"])]
+            store.burn_in, store.thin = int(meta["burn_in"]), int(meta["thin"])
+            max_samples = int(meta["max_samples"])
+            store.calls, store.kept = int(meta["calls"]), int(meta["kept"])
+            store._bounds = [0]
+            for shape in shapes:
+                store._bounds.append(store._bounds[-1] + int(torch.Size(shape).numel()))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{os.fspath(path)!r}: damaged SampleStore metadata "
+                             f"({type(exc).__name__}: {exc})") from None  # fmt: skip
         store.names, store.shapes = names, shapes
-        store._bounds = [0]
-        for shape in shapes:
-            store._bounds.append(store._bounds[-1] + int(torch.Size(shape).numel()))
         if samples.dim() != 2 or samples.shape[1] != store._bounds[-1]:
             raise ValueError(f"samples tensor of shape {tuple(samples.shape)} does not match "
                              f"the recorded parameter shapes")  # fmt: skip
-        store.burn_in, store.thin = int(meta["burn_in"]), int(meta["thin"])
-        store.max_samples = max(int(meta["max_samples"]), samples.shape[0])
-        store.calls, store.kept = int(meta["calls"]), int(meta["kept"])
+        store.max_samples = max(max_samples, samples.shape[0])
         store.reservoir = bool(int(meta["reservoir"]))
         store._params = None
         store._module = _module_ref(module)
@@ -272,9 +293,11 @@ class SampleStore:
             store._params = [params[n] for n in names]
             if device is None:
                 device = store._params[0].device
-        store.buffer = torch.empty((store.max_samples, store._bounds[-1]), dtype=samples.dtype,
-                                   device="cpu" if device is None else device)  # fmt: skip
-        store.buffer[: samples.shape[0]].copy_(samples)
+        with torch.inference_mode(False):  # (as in __init__)
+            store.buffer = torch.empty((store.max_samples, store._bounds[-1]),
+                                       dtype=samples.dtype,
+                                       device="cpu" if device is None else device)  # fmt: skip
+            store.buffer[: samples.shape[0]].copy_(samples)
         store.count = samples.shape[0]
         return store
 
@@ -322,8 +345,10 @@ def predict(
         raise TypeError(f"inputs must be one torch.Tensor (model(inputs)), got "
                         f"{type(inputs).__name__}: wrap a model of several inputs in a module "
                         "that takes one")  # fmt: skip
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+    if chunk is not None and (isinstance(chunk, (bool, np.bool_))
+                              or not isinstance(chunk, numbers.Integral) or chunk < 1):  # fmt: skip
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    chunk = None if chunk is None else int(chunk)
     check_flags(probabilities=probabilities)
     if len(store) == 0:
         raise ValueError("store holds no samples: call store.collect() after optimizer steps")

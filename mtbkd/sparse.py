@@ -246,7 +246,7 @@ def bucketize(
                 f"student_logits has V = {v}: the student has classes the teacher never scored"
             )
         idx = t.indices.to(torch.int64)
-        if n and bool(((idx < 0) | (idx >= v)).any()):
+        if n and validate.has_values(idx) and bool(((idx < 0) | (idx >= v)).any()):
             raise ValueError(
                 f"teacher_logits[{i}] has indices outside [0, V={v}) (a teacher "
                 "vocabulary padded beyond the student's must not put mass there)"
@@ -266,7 +266,12 @@ def bucketize(
     t_buckets, tail_mass = [], []
     for i, (t, idx) in enumerate(zip(teachers, idx_list, strict=True)):
         s_idx, order = idx.sort(dim=-1)
-        if n and t.k > 1 and bool((s_idx[:, 1:] == s_idx[:, :-1]).any()):
+        if (
+            n
+            and t.k > 1
+            and validate.has_values(s_idx)
+            and bool((s_idx[:, 1:] == s_idx[:, :-1]).any())
+        ):
             raise ValueError(
                 f"teacher_logits[{i}] lists a class twice in one row (its mass would be counted "
                 "twice and the tail bucket would lose it)"
@@ -276,7 +281,7 @@ def bucketize(
         found = s_idx.gather(-1, pos) == union
         mass = torch.logsumexp(s_lp, dim=-1)
         over = mass > _MASS_LIMIT
-        if n and bool(over.any()):
+        if n and validate.has_values(over) and bool(over.any()):
             row = int(over.nonzero()[0, 0])
             raise ValueError(
                 f"teacher_logits[{i}] log-probabilities sum to {float(mass[row].exp()):.4g} > 1 "
@@ -331,7 +336,8 @@ def _sparse_rows(kind: str, opts: dict, z: Tensor, teachers: list[SparseTeacher]
     if labels is not None:
         from mtbkd import validate
 
-        validate.check_label_range(labels, z.shape[-1], ignore)
+        if validate.has_values(labels):  # (meta and fake tensors: shapes only)
+            validate.check_label_range(labels, z.shape[-1], ignore)
         # A masked row (padding) counts for nothing (MATH.md section 4) whatever its teacher
         # outputs hold (a padded batch's indices 0 or -1): a valid placeholder replaces them.
         keep = (labels != ignore)[:, None]
@@ -546,11 +552,18 @@ def save_sparse_teachers(
         seen.add(x.untyped_storage().data_ptr())
         return x
 
+    from mtbkd import validate
+
     for i, t in enumerate(teachers):
         idx = t.indices
         if idx.numel() and int(idx.max()) < 2**31 and int(idx.min()) >= -(2**31):
             idx = idx.to(torch.int32)
-        lp = t.logprobs if logprob_dtype is None else t.logprobs.to(logprob_dtype)
+        lp = t.logprobs
+        if logprob_dtype is not None:
+            # a masked class's log-probability (about -1e9) became -inf in float16, which the
+            # losses then refused: the narrowing cast keeps it finite, as the dense losses' does
+            lp = validate.check_cast_overflow(lp, lp.to(logprob_dtype), f"teacher {i} logprobs",
+                                              "logprob_dtype")  # fmt: skip
         tensors[f"teacher{i}.indices"] = own(idx)
         tensors[f"teacher{i}.logprobs"] = own(lp)
     for name, x in (extra or {}).items():

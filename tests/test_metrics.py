@@ -470,3 +470,9 @@ def test_credible_set_is_empty_when_the_samples_disagree():
     assert M.credible_set(both).tolist() == [[False, False], [True, False]]
     cov, size = M.credible_set_summary(both, torch.tensor([1, 0]))
     assert cov.item() == 0.5 and size.item() == 0.5
+
+
+def test_credible_set_takes_a_one_element_tensor_level():
+    # review (thirty-first session): temper and fit_temperature took a 0-d tensor, level did not
+    p = torch.softmax(torch.randn(3, 8, 4), -1)
+    assert torch.equal(M.credible_set(p, torch.tensor(0.9)), M.credible_set(p, 0.9))

@@ -1,5 +1,6 @@
 """SGLD and pSGLD (MATH.md section 7): posterior recovery, determinism, the update formula."""
 
+import copy
 import math
 
 import numpy as np
@@ -395,3 +396,23 @@ def test_named_complex_parameter_is_refused_at_construction():
     c = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
     with pytest.raises(TypeError, match=r"parameter 0 \('c'\) of group 0 has dtype torch.complex"):
         SGLD([("c", c)], lr=1e-3, num_data=10)
+
+
+# review (thirty-first session): a refused checkpoint had replaced the groups and state
+def test_sgld_load_state_dict_refused_leaves_optimizer_unchanged():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    oa = SGLD(a.parameters(), lr=1e-3, num_data=10, precondition=True)
+    a(torch.randn(2, 3)).sum().backward()
+    oa.step()
+    sd = copy.deepcopy(oa.state_dict())
+    sd["param_groups"][0]["lr"] = 0.5
+    sd["state"][0]["square_avg"] = torch.zeros(5)  # another model's checkpoint
+    ob = SGLD(b.parameters(), lr=1e-3, num_data=10, precondition=True)
+    before = copy.deepcopy(ob.state_dict())
+    with pytest.raises(ValueError, match="square_avg"):
+        ob.load_state_dict(sd)
+    assert ob.param_groups[0]["lr"] == 1e-3  # was 0.5: the refused checkpoint's
+    assert ob.state_dict()["state"] == before["state"]  # held the (5,) square_avg
+    b(torch.randn(2, 3)).sum().backward()
+    ob.step()  # refused: "square_avg of shape (5,)"

@@ -1,5 +1,6 @@
 """SampleStore (burn-in, thinning, max_samples, safetensors) and the batched predictive."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -458,3 +459,78 @@ def test_float64_store_is_exact(tmp_path):
     assert back.buffer.dtype == torch.float64 and torch.equal(back.samples(), s.samples())
     with pytest.raises(TypeError, match="torch.float64, got torch.float16"):
         SampleStore(m, dtype=torch.float16)
+
+
+# review (thirty-first session): checklist audit of the posterior module
+def test_collect_failure_does_not_count_a_sample():
+    with torch.device("meta"):
+        m = nn.Linear(3, 2)
+    store = SampleStore(m, device="cpu")
+    with pytest.raises(NotImplementedError):
+        store.collect()
+    assert (store.count, store.calls, store.kept) == (0, 0, 0)  # (1, 1, 1): an unwritten row
+
+
+def test_store_made_under_inference_mode_collects():
+    m = nn.Linear(3, 2)
+    with torch.inference_mode():
+        store = SampleStore(m)
+    assert store.collect()  # RuntimeError: Inplace update to inference tensor
+    torch.testing.assert_close(store.sample(0)["weight"], m.weight.detach())
+
+
+def test_store_loaded_under_inference_mode_collects(tmp_path):
+    m = nn.Linear(3, 2)
+    s = SampleStore(m)
+    s.collect()
+    s.save(tmp_path / "s.safetensors")
+    with torch.inference_mode():
+        store = SampleStore.load(tmp_path / "s.safetensors", m)
+    assert store.collect()
+    assert len(store) == 2
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"burn_in": np.int64(2)},
+        {"thin": np.int32(2)},
+        {"max_samples": np.int64(5)},
+        {"reservoir": np.bool_(True)},
+    ],
+)
+def test_store_takes_numpy_scalars(kw):
+    store = SampleStore(nn.Linear(3, 2), **kw)
+    ((k, v),) = kw.items()
+    assert getattr(store, k) == v and type(getattr(store, k)) in (int, bool)
+
+
+def test_predict_takes_numpy_chunk():
+    m = nn.Linear(3, 2)
+    s = SampleStore(m)
+    s.collect()
+    s.collect()
+    assert predict(m, s, torch.randn(4, 3), chunk=np.int64(2)).shape == (2, 4, 2)
+
+
+def test_chain_samples_predict_keeps_model_mode():
+    from mtbkd.distill import ChainSamples
+
+    def chain():
+        m = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+        s = SampleStore(m, include="2.*")
+        s.collect()
+        return m.state_dict(), s
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).train()
+    ChainSamples([chain(), chain()]).predict(model, torch.randn(5, 3))
+    assert model.training  # left in eval mode (posterior.predict keeps the mode)
+
+
+def test_load_missing_metadata_is_value_error(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "s.safetensors"
+    save_file({"samples": torch.zeros(1, 8)}, str(path), metadata={"format": "mtbkd.SampleStore/1"})
+    with pytest.raises(ValueError):  # KeyError: 'names'
+        SampleStore.load(path, nn.Linear(3, 2))
