@@ -1261,18 +1261,6 @@ def test_lock_folder_on_a_file_system_without_flock_runs_unlocked_with_a_warning
         cli._lock_folder("distill", tmp_path / "out")
 
 
-def _own_teacher_dir(tmp_path: Path, n: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    d = tmp_path / "mine"
-    d.mkdir()
-    y = np.arange(n) % 3
-    np.save(d / "features.npy", rng.normal(size=(n, 4)) + y[:, None])
-    np.save(d / "labels.npy", y)
-    for name in ("a", "b"):
-        np.save(d / f"teacher_{name}.npy", 2.0 * np.eye(3)[y] + rng.normal(size=(n, 3)))
-    return d
-
-
 def _own_argv(d: Path, out: Path, seeds: str) -> list[str]:
     return ["distill", "--dataset", "dir", "--data-dir", str(d), "--smoke", "--no-figures",
             "--methods", "ce,mtbkd_map", "--no-progress", "--seeds", seeds,
@@ -1292,7 +1280,7 @@ def _as_written_by_older_code(report: Path, **config) -> None:
 def test_summarise_pools_an_older_own_teacher_run_with_a_new_one(tmp_path):
     # review (thirty-first session): a report written before teachers_trained and data_sha256
     # existed was never pooled with a new run of the same own-teacher data
-    d = _own_teacher_dir(tmp_path, 60, seed=5)
+    d = _own_dataset(tmp_path, 60, seed=5)
     assert cli.main(_own_argv(d, tmp_path / "old", "0")) == 0
     assert cli.main(_own_argv(d, tmp_path / "new", "1")) == 0
     _as_written_by_older_code(tmp_path / "old" / "seed0" / "report.json")  # same settings
@@ -1304,7 +1292,7 @@ def test_resume_of_an_older_own_teacher_run_with_the_same_command(tmp_path):
     # the run was made with the same command when teacher_folds' default was 2; the data has
     # teachers of its own, so teacher_folds changes nothing, yet --resume is refused and its
     # message says to "resume with the command that made it" -- which is this command
-    d = _own_teacher_dir(tmp_path, 60, seed=5)
+    d = _own_dataset(tmp_path, 60, seed=5)
     out = tmp_path / "r"
     assert cli.main(_own_argv(d, out, "0")) == 0
     _as_written_by_older_code(out / "seed0" / "report.json", teacher_folds=2)
