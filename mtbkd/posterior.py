@@ -158,7 +158,7 @@ class SampleStore:
             raise RuntimeError("this store was loaded without a module: it cannot collect")
         self._rebind()
         # the counters move only once the sample is in the buffer: a copy that fails (a meta
-        # module, a parameter on a lost device) leaves no uncounted garbage row counted
+        # module, a parameter on a lost device) leaves no row of garbage counted as a sample
         calls = self.calls + 1
         after = calls - self.burn_in
         if after <= 0 or (after - 1) % self.thin != 0:
