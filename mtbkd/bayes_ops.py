@@ -362,6 +362,10 @@ def reparameterize(
     if seed is None:
         seed = new_seed()
     seed, offset = _check_seed(seed, offset)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func.grad / jacrev / jvp, for which the op has no rule: the same sample (the
+        # reference stream, the kernels' to float32 rounding) in differentiable torch ops
+        return _ref_reparameterize(mu, rho, seed, offset, False)
     return _reparameterize_op(mu.contiguous(), rho.contiguous(), seed, offset, check_finite)
 
 
@@ -484,21 +488,6 @@ def _kl_grad_terms(
     return (m - prior_mu) * iv, dr
 
 
-def kl_torch(mu: Tensor, rho: Tensor, prior_sigma: float, prior_mu: float) -> Tensor:
-    """:func:`gaussian_kl` in plain differentiable torch ops (float32, or float64 for float64
-    input), for ``torch.func`` transforms, which the fused op has no rule for. Below rho = -20
-    ``log s = rho - s / 2`` (``s`` reaches the denormals, 0 below -104 in float32), the other
-    branch evaluated at ``s = 1`` so that its gradient stays finite."""
-    acc = _acc(mu.dtype)
-    m, r = mu.to(acc), rho.to(acc)
-    s = F.softplus(r)
-    tiny = r < -_SOFTPLUS_THRESHOLD
-    log_s = torch.where(tiny, r - 0.5 * s, torch.log(torch.where(tiny, torch.ones_like(s), s)))
-    iv = inv_var(prior_sigma)
-    return (math.log(prior_sigma) - log_s + (s * s + (m - prior_mu) ** 2) * (0.5 * iv)
-            - 0.5).sum()  # fmt: skip
-
-
 def inv_var(prior_sigma: float) -> float:
     """``1 / prior_sigma**2`` without forming the square: Python's ``**`` raises OverflowError
     beyond ``prior_sigma`` = 1.3e154 (the C++ kernels' 1 / inf is 0, the value this gives too,
@@ -549,11 +538,12 @@ def gaussian_kl(mu: Tensor, rho: Tensor, prior_sigma: float = 1.0, prior_mu: flo
     _check_mu_rho(mu, rho)
     prior_sigma = validate.check_prior_sigma(_plain_number(prior_sigma))
     prior_mu = validate.check_real(_plain_number(prior_mu), "prior_mu")
+    if torch._C._are_functorch_transforms_active():  # (as in reparameterize)
+        return _ref_gaussian_kl(mu, rho, prior_mu, prior_sigma)
     kl = _gaussian_kl_op(mu.contiguous(), rho.contiguous(), prior_mu, prior_sigma)
     # A non-finite sum is the cheap sign of bad input; only then look for the culprit.
-    # (nothing to read on the meta device)
-    if (not torch.compiler.is_compiling() and kl.device.type != "meta"
-            and not bool(torch.isfinite(kl.detach()))):  # fmt: skip
+    # (nothing to read in a compiled graph, on the meta device or under FakeTensorMode)
+    if validate.has_values(kl) and not bool(torch.isfinite(kl.detach())):
         _check_finite(mu, "mu")
         _check_finite(rho, "rho")
     return kl
@@ -566,8 +556,10 @@ def _ref_gaussian_kl(mu, rho, prior_mu, prior_sigma):
     m, r = mu.to(acc), rho.to(acc)
     s = F.softplus(r)
     # Below rho = -20, s = e^rho (1 - e^rho / 2 + ...) reaches the denormals (0 below -104 in
-    # float32): log s = rho - s / 2 there, not log 0.
-    log_s = torch.where(r < -_SOFTPLUS_THRESHOLD, r - 0.5 * s, torch.log(s))
+    # float32): log s = rho - s / 2 there, not log 0; the other branch is evaluated at s = 1
+    # there, so that its gradient stays finite (the functorch path differentiates this)
+    tiny = r < -_SOFTPLUS_THRESHOLD
+    log_s = torch.where(tiny, r - 0.5 * s, torch.log(torch.where(tiny, torch.ones_like(s), s)))
     kl = (
         math.log(prior_sigma)
         - log_s
@@ -755,10 +747,12 @@ def reparameterize_kl(
     if seed is None:
         seed = new_seed()
     seed, offset = _check_seed(seed, offset)
+    if torch._C._are_functorch_transforms_active():  # (as in reparameterize)
+        return (_ref_reparameterize(mu, rho, seed, offset, False),
+                _ref_gaussian_kl(mu, rho, prior_mu, prior_sigma))  # fmt: skip
     w, kl = _reparameterize_kl_op(mu.contiguous(), rho.contiguous(), seed, offset, prior_mu,
                                   prior_sigma, check_finite)  # fmt: skip
-    if (check_finite and not torch.compiler.is_compiling() and kl.device.type != "meta"
-            and not bool(torch.isfinite(kl.detach()))):  # fmt: skip
+    if check_finite and validate.has_values(kl) and not bool(torch.isfinite(kl.detach())):
         _check_finite(mu, "mu")  # (finite inputs whose KL overflows pass: kl says so itself)
         _check_finite(rho, "rho")
     return w, kl

@@ -501,12 +501,9 @@ def _reads_sequences(args: argparse.Namespace) -> bool:
         return True
     if args.dataset != "dir" or not getattr(args, "data_dir", None):
         return False
-    try:
-        with (Path(args.data_dir) / "train.csv").open(encoding="utf-8-sig") as f:
-            header = f.readline()
-    except OSError:
-        return False
-    return "Sequence" in [c.strip().strip('"') for c in header.split(",")]
+    from mtbkd import data
+
+    return data.has_sequences(args.data_dir)
 
 
 def _sequence_encoder(args: argparse.Namespace) -> str:

@@ -984,6 +984,20 @@ def _layout(root: Path) -> str | None:
     return next(iter(found), None)
 
 
+def has_sequences(data_dir: str | Path) -> bool:
+    """Whether the data folder ``data_dir`` (``--dataset dir``) holds protein sequences: the CSV
+    format with a ``Sequence`` column, whose features the sequence encoder makes. False for
+    anything the loader would refuse."""
+    root = Path(data_dir)
+    try:
+        if _layout(root) != "csv":
+            return False
+        header, _ = _read_csv(root / "train.csv")
+    except (OSError, ValueError):
+        return False
+    return "Sequence" in header
+
+
 def has_own_teachers(data_dir: str | Path) -> bool:
     """Whether the data folder ``data_dir`` (``--dataset dir``) holds teacher files of its layout:
     the pipeline then trains no teachers of its own. False for a folder without data files."""

@@ -28,9 +28,7 @@ from mtbkd.bayes_ops import (
     _plain_number,
     counters_used,
     gaussian_kl,
-    kl_torch,
     new_seed,
-    philox_normal,
     reparameterize,
     reparameterize_kl,
 )
@@ -145,8 +143,6 @@ class BayesLayer(nn.Module):
             self._check_finite_parameters()
             return self._forward_local(x)
         seed = new_seed()
-        if torch._C._are_functorch_transforms_active():  # torch.func.grad, jacrev, ...
-            return self._forward_functorch(x, seed)
         try:
             record = _recording(self)
             # parameters computed in the graph (functional_call): the plain op, whose saved
@@ -167,21 +163,6 @@ class BayesLayer(nn.Module):
             # at no extra cost; only a failed call looks for the culprit)
             self._check_finite_parameters()
             raise
-        return self._affine(x, w, b)
-
-    def _forward_functorch(self, x: Tensor, seed: int) -> Tensor:
-        """The sampling forward under a ``torch.func`` transform, for which the fused op has no
-        rule: the same draw (the reference Philox stream of the seed, the kernels' own to
-        float32 rounding) in differentiable torch ops."""
-
-        def draw(mu: Tensor, rho: Tensor, offset: int) -> Tensor:
-            eps = philox_normal(seed, offset, mu.numel()).to(device=mu.device, dtype=mu.dtype)
-            return mu + F.softplus(rho) * eps.view(mu.shape)
-
-        w = draw(self.weight_mu, self.weight_rho, 0)
-        b = None
-        if self.bias_mu is not None:
-            b = draw(self.bias_mu, self.bias_rho, counters_used(w.numel()))
         return self._affine(x, w, b)
 
     def _params(self) -> tuple[Tensor, ...]:
@@ -249,10 +230,6 @@ class BayesLayer(nn.Module):
         """Summed KL of the posterior to the prior ``N(prior_mu, prior_sigma^2)`` (float32; float64
         for a float64 layer), in one pass of its own (and one in the backward).
         :func:`record_kl` gets it from the forward's sampling pass instead."""
-        if torch._C._are_functorch_transforms_active():  # no rule for the fused op there
-            ps = self._params()
-            return _total([kl_torch(m, r, self.prior_sigma, self.prior_mu)
-                           for m, r in zip(ps[::2], ps[1::2])])  # fmt: skip
         try:
             kl = gaussian_kl(self.weight_mu, self.weight_rho, self.prior_sigma, self.prior_mu)
             if self.bias_mu is not None:
@@ -305,9 +282,9 @@ class BayesLinear(BayesLayer):
     raises, unnamed (``"rho contains non-finite values"``).
 
     Under ``torch.func.grad`` / ``jacrev`` / ``jvp`` (``functional_call`` of the model), for
-    which the fused ops have no rule, ``"reparameterize"`` mode draws the same sample (the
-    reference Philox stream of its seed, equal to the kernels' to float32 rounding) and
-    :meth:`kl` the same KL, in plain differentiable torch ops; ``torch.vmap`` of a sampling
+    which the fused ops have no rule, the ops of :mod:`mtbkd.bayes_ops` draw the same sample (the
+    reference Philox stream of its seed, equal to the kernels' to float32 rounding) and take the
+    same KL in plain differentiable torch ops; ``torch.vmap`` of a sampling
     ``"reparameterize"`` layer is refused by torch (its seed is a random draw), which is why
     :func:`mtbkd.posterior.predict` runs such models one sample per call.
     """

@@ -856,3 +856,23 @@ def test_a_bad_line_of_the_yeast_file_is_named(tmp_path, monkeypatch):
         monkeypatch.setattr(data, "yeast_data_file", lambda p=path: p)
         with pytest.raises(ValueError, match=rf"yeast.data.txt, {says}"):
             data.load_yeast(0)
+
+
+def test_has_sequences_and_has_own_teachers_read_the_folder_as_the_loader_does(tmp_path):
+    # what --resume uses to read reports of older runs (cli._check_finished_seed)
+    seq = tmp_path / "seq"
+    seq.mkdir()
+    (seq / "train.csv").write_text("\ufeffSequence,label\nMKV,0\nMAA,1\n")
+    (seq / "test.csv").write_text("Sequence,label\nMKA,0\n")
+    assert data.has_sequences(seq) and not data.has_own_teachers(seq)
+    (seq / "teacher_a_train.csv").write_text("0,1\n1,0\n")
+    assert data.has_own_teachers(seq)
+    num = tmp_path / "num"
+    num.mkdir()
+    np.save(num / "features.npy", np.zeros((3, 2)))
+    np.save(num / "labels.npy", np.arange(3))
+    assert not data.has_sequences(num) and not data.has_own_teachers(num)
+    np.save(num / "teacher_a.npy", np.zeros((3, 3)))
+    assert data.has_own_teachers(num)
+    assert not data.has_sequences(tmp_path / "missing")
+    assert not data.has_own_teachers(tmp_path / "missing")
