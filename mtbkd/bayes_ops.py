@@ -50,8 +50,21 @@ _SOFTPLUS_THRESHOLD = 20.0  # torch's softplus: rho > 20 -> rho
 
 
 def new_seed() -> int:
-    """A fresh Philox seed drawn from torch's default CPU generator (``torch.manual_seed``-able)."""
-    return int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64).item())
+    """A fresh Philox seed drawn from torch's default CPU generator (``torch.manual_seed``-able).
+
+    While a graph is traced (``torch.export``, ``make_fx`` with symbolic shapes) the draw is a
+    node of the graph and the seed a symbolic int, so each call of the traced program draws its
+    own; under a bare ``FakeTensorMode`` (no values, no graph: shape and memory estimation) it is
+    0, and torch's generator is left as it is.
+    """
+    if not torch.compiler.is_compiling():  # (dynamo traces the draw itself)
+        from torch._guards import detect_fake_mode
+
+        mode = detect_fake_mode()
+        if mode is not None and mode.shape_env is None:
+            return 0
+    v = torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64).item()
+    return v if isinstance(v, torch.SymInt) else int(v)
 
 
 def counters_used(numel: int) -> int:
@@ -152,15 +165,20 @@ def _check_seed(seed: int, offset: int) -> tuple[int, int]:
     """``(seed, offset)`` as ints in ``[0, 2**63)`` (a numpy integer is taken, a bool is not)."""
     out = []
     for name, v in (("seed", seed), ("offset", offset)):
-        if not isinstance(v, int) and isinstance(v, numbers.Integral):
+        if not isinstance(v, (int, torch.SymInt)) and isinstance(v, numbers.Integral):
             v = int(v)  # np.int64 and friends (np.bool_ is not Integral)
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or isinstance(v, torch.SymInt):
             # new_seed()'s .item() is a data-dependent value in a graph: assert the range
-            # instead of branching on it (fullgraph=True could not guard on it)
-            torch._check(v >= 0, lambda name=name: f"{name} must be in [0, 2**63)")
-            torch._check(v < _SEED_LIMIT, lambda name=name: f"{name} must be in [0, 2**63)")
+            # instead of branching on it (fullgraph=True could not guard on it). Strict
+            # torch.export (torch 2.13) fails on a message callable in the graph: none there.
+            if torch.compiler.is_exporting():
+                torch._check(v >= 0)
+                torch._check(v < _SEED_LIMIT)
+            else:
+                torch._check(v >= 0, lambda name=name: f"{name} must be in [0, 2**63)")
+                torch._check(v < _SEED_LIMIT, lambda name=name: f"{name} must be in [0, 2**63)")
         elif not 0 <= v < _SEED_LIMIT:
             raise ValueError(f"{name} must be in [0, 2**63), got {v}")
         out.append(v)

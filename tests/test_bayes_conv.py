@@ -434,9 +434,25 @@ def test_torch_func_grad_through_sampling_layers_and_their_kl():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_sampling_layers_export_and_draw_like_eager(strict):
+    # session 32: the seed's draw is a node of the exported graph (it was read on the host, and
+    # export failed on it): each call of the program samples afresh, and under one
+    # torch.manual_seed it draws eager's very samples
+    for layer, x in (
+        (BayesLinear(3, 2, posterior_rho_init=-1.0), torch.randn(5, 3)),
+        (BayesConv2d(2, 3, 3, padding=1, posterior_rho_init=-1.0), torch.randn(2, 2, 5, 5)),
+    ):
+        program = torch.export.export(layer, (x,), strict=strict).module()
+        torch.manual_seed(3)
+        first, second = program(x), program(x)
+        torch.manual_seed(3)
+        assert torch.equal(first, layer(x)) and torch.equal(second, layer(x))
+        assert not torch.equal(first, second)
+
+
 def test_frozen_and_local_layers_export():
-    # docs/API.md: torch.export takes frozen and local-mode layers (a sampling "reparameterize"
-    # layer reads its seed on the host and does not export)
+    # docs/API.md: torch.export takes frozen and local-mode layers too
     x = torch.randn(1, 2, 5, 5)
     for layer in (BayesConv2d(2, 3, 3, mode="local"), BayesConv2d(2, 3, 3).freeze()):
         exported = torch.export.export(layer, (x,))

@@ -10,6 +10,7 @@ from torch import nn
 from mtbkd import bayes_ops as B
 from mtbkd import nn as mtbkd_nn
 from mtbkd.nn import BayesLinear, bayesify, kl_divergence
+from mtbkd.optim import SGLD
 
 
 def test_shapes_and_defaults():
@@ -403,6 +404,23 @@ def test_local_mode_forward_runs_under_fake_tensors():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         out = layer(mode.from_tensor(torch.randn(2, 4)))
     assert out.shape == (2, 3)
+
+
+def test_sampling_forward_and_sgld_step_run_under_fake_tensors():
+    # session 32: new_seed() read its draw (.item()), which a bare FakeTensorMode (shape and
+    # memory estimation) cannot; there the seed is 0 and torch's generator is left alone
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    state = torch.get_rng_state()
+    with FakeTensorMode():
+        layer = BayesLinear(4, 3)
+        out = layer(torch.randn(2, 4))
+        assert out.shape == (2, 3)
+        opt = SGLD(layer.parameters(), lr=1e-3, num_data=10)
+        out.sum().backward()
+        opt.step()
+        assert opt.state[layer.weight_mu]["step"] == 1
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 # ---------------------------------------------------------------------------------------------
