@@ -38,6 +38,7 @@ import json
 import math
 import numbers
 import os
+import pickle
 import time
 import warnings
 import zipfile
@@ -235,8 +236,13 @@ class DistillConfig:
                 raise TypeError(f"{name} must be an integer, got {v!r}")
             else:
                 setattr(self, name, int(v))
-        if not 0 <= self.seed < 2**63:  # torch's and numpy's generators take no more
-            raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
+        # torch's and numpy's generators take no more; chain c runs with seed + c
+        if not 0 <= self.seed < 2**63 - max(self.num_chains - 1, 0):
+            top = "2**63" if self.num_chains <= 1 else f"2**63 - {self.num_chains - 1}"
+            raise ValueError(
+                f"seed must lie in [0, {top}) (chain c of num_chains={self.num_chains} runs with "
+                f"seed + c), got {self.seed}"
+            )
         if self.num_threads > validate.MAX_THREADS:
             raise ValueError(f"num_threads must be at most {validate.MAX_THREADS} (0: torch's "
                              f"own), got {self.num_threads}")  # fmt: skip
@@ -318,6 +324,12 @@ class DistillConfig:
             raise ValueError(f"methods lists {', '.join(map(repr, twice))} more than once")
         self.mtbkd_grid = _check_grid("mtbkd_grid", self.mtbkd_grid)
         self.kd_grid = _check_grid("kd_grid", self.kd_grid)
+        for name, keys in GRID_KEYS.items():
+            # across the parts of a list of grids, and against the fields a part leaves as
+            # they are: each setting's checkpoint folder is named by its values to 6 digits
+            base = {k: getattr(self, k) for k in sorted(keys)}
+            points = _grid(base, getattr(self, name))
+            _distinct_tags(name, [_tag(h) for h in points], "settings (with the fields)")
 
     def fold(self) -> tuple[int, int, int] | None:
         """The cross-fitting fold ``(test_fold, test_folds, fold_seed)`` that the data loaders
@@ -428,11 +440,11 @@ def _number_list(name: str, values: Any, positive: bool = False) -> tuple[float,
     return out
 
 
-def _distinct_tags(name: str, values: Sequence[float]) -> None:
+def _distinct_tags(name: str, values: Sequence[float | str], what: str = "values") -> None:
     tags = [_fmt(v) for v in values]
     same = sorted({t for t in tags if tags.count(t) > 1})
     if same:
-        raise ValueError(f"{name} holds values that agree to 6 digits ({', '.join(same)}): give "
+        raise ValueError(f"{name} holds {what} that agree to 6 digits ({', '.join(same)}): give "
                          "each once (their runs would share one checkpoint folder)")  # fmt: skip
 
 
@@ -761,7 +773,24 @@ def _load_ckpt(path: Path) -> dict | None:
         raise CheckpointCorruptError(_damaged(path, str(exc))) from None
     if bad is not None:
         raise CheckpointCorruptError(_damaged(path, f"its entry {bad} fails its CRC check"))
-    return torch.load(path, weights_only=True)
+    try:
+        state = torch.load(path, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+        # a zip of something else, or a torch file holding more than tensors (a whole module)
+        why = str(exc).strip().splitlines()
+        raise CheckpointCorruptError(
+            _damaged(path, f"not a checkpoint of this pipeline: {why[0] if why else exc}")
+        ) from None
+    missing = [k for k in _CKPT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointCorruptError(
+            _damaged(path, f"not a checkpoint of this pipeline: no {', '.join(missing)}")
+        )
+    return state
+
+
+# what every checkpoint _run_epochs_seeded writes holds (since the first)
+_CKPT_KEYS = ("epoch", "model", "optimizer", "generator", "rng", "seconds")
 
 
 def _damaged(path: Path, why: str) -> str:
@@ -940,18 +969,22 @@ def _run_epochs_seeded(
             "another checkpoint directory"
         )
     if state is not None:
-        if monitor is not None and "monitor" in state:
-            monitor.load_state(state["monitor"])
+        # load_state_dict copies every tensor of a matching shape before it raises on the
+        # others: a refused checkpoint must leave the student as it was
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as exc:  # shapes: another student (hidden, classes)
+        except (RuntimeError, ValueError, KeyError) as exc:  # another student (hidden, classes)
+            model.load_state_dict(before)
             first = str(exc).strip().splitlines()
             raise CheckpointMismatchError(
                 f"checkpoint {checkpoint} holds a student of other shapes (differing: model; "
                 f"{first[-1].strip() if first else exc}): resume only with the same data and "
                 "configuration, or use another checkpoint directory"
             ) from None
+        if monitor is not None and "monitor" in state:
+            monitor.load_state(state["monitor"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["rng"])
         # a run its monitor stopped early is finished: no epoch left to train
@@ -1116,12 +1149,16 @@ class _Samples:
         from mtbkd.posterior import SampleStore
 
         self.model = model
+        head = model.get_submodule(prefix) if prefix else model
+        # a float64 head's samples in float64 (float32 holds a bfloat16 or float32 one exactly)
+        wide = any(p.dtype == torch.float64 for p in head.parameters())
         self.store = SampleStore(
             model,
             burn_in=burn_in,
             thin=thin,
             max_samples=max_samples,
             include=f"{prefix}.*" if prefix else None,
+            dtype=torch.float64 if wide else torch.float32,
         )
         # the samples file of the checkpoint on disk (kept until a newer checkpoint replaces it)
         self._previous: str | None = None
@@ -1272,12 +1309,30 @@ def train_sgld(
     """SGLD on the student's head (MATH.md section 7) from its current (MAP) weights, the body
     frozen. Returns ``(store, seconds)``; resumes from ``checkpoint_dir`` without losing samples.
     ``sgld_lr`` / ``prior_precision`` override the config's ``sgld_lr`` /
-    ``sgld_prior_precision``."""
+    ``sgld_prior_precision``. The model ends (trained or not: an error too) with the
+    ``requires_grad`` flags and the train / eval modes it came in with."""
+    prefix, head_mod = _head_of(model, head)
+    flags = [p.requires_grad for p in model.parameters()]  # restored at the end
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        return _train_sgld(
+            model, data, objective, config, sgld_lr, prior_precision, prefix, head_mod,
+            checkpoint_dir, desc, callback,
+        )  # fmt: skip
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+
+
+def _train_sgld(
+    model, data, objective, config, sgld_lr, prior_precision, prefix, head_mod, checkpoint_dir,
+    desc, callback,
+):  # fmt: skip
     from mtbkd.optim import SGLD
 
     lr = config.sgld_lr if sgld_lr is None else sgld_lr
-    prefix, head_mod = _head_of(model, head)
-    flags = [p.requires_grad for p in model.parameters()]  # restored at the end
     for p in model.parameters():
         p.requires_grad_(False)
     for p in head_mod.parameters():
@@ -1319,8 +1374,6 @@ def train_sgld(
         store_path=path,
         callback=callback,
     )
-    for p, flag in zip(model.parameters(), flags, strict=True):
-        p.requires_grad_(flag)
     return samples.store, seconds
 
 
@@ -1676,14 +1729,16 @@ class DistillResult:
         :meth:`evaluate` calls use it."""
         from mtbkd import metrics as M
 
-        x, y = _features_for(self.model, x, "x"), _as_tensor(y)
+        x = _features_for(self.model, x, "x")
         probs = predict_probs(self.model, x, self.store, self.chunk)
-        self.temperature = M.fit_temperature(probs, y)
+        self.temperature = M.fit_temperature(probs, _labels_for(y, probs.shape[-1], "y", len(x)))
         return self.temperature
 
     def evaluate(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """The comparison table's metrics (:func:`evaluate_probs`) on ``(x, y)``."""
-        return evaluate_probs(self.predict(x), _as_tensor(y))
+        """The comparison table's metrics (:func:`evaluate_probs`) on ``(x, y)`` (labels as
+        :func:`distill` takes them: integers, or floats of whole values)."""
+        probs = self.predict(x)
+        return evaluate_probs(probs, _labels_for(y, probs.shape[-1], "y", probs.shape[1]))
 
 
 def _float_dtype(module: nn.Module) -> torch.dtype:
@@ -1724,15 +1779,23 @@ def _teacher_tensor(teachers, x: Tensor) -> Tensor:
         outs = []
         for i, tch in enumerate(teachers):
             if isinstance(tch, nn.Module):  # evaluated once, then cached as logits
-                outs.append(_logits_of(tch, x, f"teachers[{i}]").float())
-            else:
-                outs.append(torch.as_tensor(tch).float())
+                outs.append(_logits_of(tch, x, f"teachers[{i}]"))
+                continue
+            try:
+                o = _as_tensor(tch)
+            except (TypeError, ValueError, RuntimeError) as exc:  # strings, ragged lists
+                raise TypeError(
+                    f"teachers[{i}] must be logits [N, C] (a tensor, an array, or a teacher "
+                    f"module), got {type(tch).__name__} ({exc})"
+                ) from None
+            outs.append(_real_logits(o, f"teachers[{i}]"))
         if not outs:
             raise ValueError("teachers must hold at least one teacher")
         widths = [tuple(o.shape) for o in outs]
         if len(set(widths)) > 1:
             raise ValueError(f"every teacher must give logits of one shape [N, C], got {widths}")
-        t = torch.stack(outs)
+        t = torch.stack([o.float() for o in outs])
+    t = _real_logits(t, "teacher logits")
     if t.dim() != 3 or t.shape[1] != x.shape[0]:
         raise ValueError(
             f"teacher logits must be [K, N, C] with N = {x.shape[0]} rows (one per example), "
@@ -1741,6 +1804,14 @@ def _teacher_tensor(teachers, x: Tensor) -> Tensor:
     t = t.float()  # checked after the cast: float64 logits beyond float32's range become inf
     if not torch.isfinite(t).all():
         raise ValueError("teacher logits have NaN or infinite values (or values beyond float32)")
+    return t
+
+
+def _real_logits(t: Tensor, name: str) -> Tensor:
+    """``t`` if it holds real numbers: a complex tensor's ``.float()`` drops the imaginary part
+    (a warning only) and a bool one becomes 0/1 "logits"."""
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
     return t
 
 
@@ -1754,8 +1825,10 @@ def _as_tensor(a) -> Tensor:
 
 def _features_for(model: nn.Module, x, name: str) -> Tensor:
     """``x`` (a tensor or an array) as the features ``[N, D]`` ``model`` takes: in the dtype of
-    its parameters (float32 for a float32 model; integers and float64 arrays converted)."""
-    x = _as_tensor(x)
+    its parameters (float32 for a float32 model; integers and float64 arrays converted), cut
+    from any autograd graph it came with (an encoder's output: the pipeline trains the student,
+    not what made its features)."""
+    x = _as_tensor(x).detach()
     if x.dim() != 2:
         raise ValueError(f"{name} must be [N, D], got shape {tuple(x.shape)}")
     if x.is_complex() or x.dtype == torch.bool:
@@ -1893,6 +1966,8 @@ def _distill(
         if not isinstance(validation, Sequence) or len(validation) != 2:
             raise TypeError("validation must be a pair (x_val, y_val)")
         vx = _features_for(student, validation[0], "validation[0]")
+        if vx.shape[1] != x.shape[1]:  # (a student of no readable in_features: checked here)
+            raise ValueError(f"validation[0] has {vx.shape[1]} features; x has {x.shape[1]}")
         validation = (vx, _labels_for(validation[1], c, "validation[1]", vx.shape[0]))
     if config.calibrate and validation is None:
         raise ValueError(

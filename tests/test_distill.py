@@ -1546,3 +1546,139 @@ def test_batch_norm_last_batch_of_one_row_and_bad_arguments_are_refused_up_front
         distill.evaluate_probs(torch.tensor([0.5, 0.5]), torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="probs must be a torch.Tensor"):
         distill.evaluate_probs(np.full((2, 2), 0.5), torch.tensor([0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Session 32: a checklist audit of the pipeline (each test failed on the code before)
+# ---------------------------------------------------------------------------------------------
+
+SMALL = replace(QUICK, hidden=(8,), map_epochs=3, sgld_epochs=3, num_samples=5)
+
+
+def _small_student(seed=0, classes=4):
+    torch.manual_seed(seed)
+    return distill.StudentMLP(2, classes, (8,))
+
+
+def test_evaluate_and_calibrate_take_the_whole_number_float_labels_distill_takes():
+    x, y, t = halves_problem(10, seed=0)
+    res = distill.distill(_small_student(), t, x, y.float(), SMALL, method="mtbkd_map")
+    ref = res.evaluate(x, y)
+    assert res.evaluate(x, y.float()) == pytest.approx(ref, nan_ok=True)
+    assert res.evaluate(x, y.double().numpy()) == pytest.approx(ref, nan_ok=True)
+    res.calibrate(x, y.float())
+    with pytest.raises(ValueError, match="y must be"):
+        res.evaluate(x, y[:-1])  # its own name and the row count, not evaluate_probs' terms
+
+
+def test_distill_takes_features_that_carry_an_autograd_graph():
+    x, y, t = halves_problem(10, seed=0)
+    encoder = nn.Linear(2, 2)
+    features = encoder(x)  # an encoder's output, computed outside torch.no_grad()
+    distill.distill(_small_student(), t, features, y, SMALL, method="mtbkd_map")
+    assert encoder.weight.grad is None  # nor was the caller's graph trained through
+
+
+def test_a_validation_split_of_the_wrong_width_is_refused_before_training(monkeypatch):
+    class Net(nn.Module):  # no in_features the pipeline can read
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(2, 8), nn.ReLU())
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    x, y, t = halves_problem(10, seed=0)
+    calls = []
+    monkeypatch.setattr(distill, "train_map", lambda *a, **k: calls.append(1))
+    cfg = replace(SMALL, early_stopping=False, calibrate=True)
+    with pytest.raises(ValueError, match=r"validation\[0\] has 3 features; x has 2"):
+        distill.distill(Net(), t, x, y, cfg, validation=(torch.randn(8, 3), y[:8]))
+    assert not calls
+
+
+def test_a_refused_checkpoint_leaves_the_student_unchanged(tmp_path):
+    x, y, _ = halves_problem(10, seed=0)
+    distill.distill(_small_student(), None, x, y, SMALL, method="ce", checkpoint_dir=tmp_path)
+    other = _small_student(seed=1, classes=5)  # the same body, another head
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(distill.CheckpointMismatchError):
+        distill.distill(other, None, x, y, SMALL, method="ce", checkpoint_dir=tmp_path)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_train_sgld_gives_the_flags_and_modes_back_when_it_fails(tmp_path):
+    x, y, t = halves_problem(10, seed=0)
+    obj = distill.Objective("mtbkd", (0, 1))
+    data = distill.TrainData(x, y, t)
+    first = _small_student()
+    distill.train_map(first, data, obj, SMALL)
+    distill.train_sgld(first, data, obj, SMALL, checkpoint_dir=tmp_path)
+    model = _small_student()
+    model.train()
+    with pytest.raises(distill.CheckpointMismatchError):
+        distill.train_sgld(model, data, obj, SMALL, sgld_lr=1e-2, checkpoint_dir=tmp_path)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["zip", "pickle", "list", "dict"])
+def test_a_checkpoint_that_is_not_ours_is_a_checkpoint_error(tmp_path, kind):
+    import zipfile
+
+    x, y, _ = halves_problem(10, seed=0)
+    path = tmp_path / "map.pt"
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("notes.txt", "hello")
+    elif kind == "pickle":
+        torch.save({"model": nn.Linear(2, 2)}, path)  # a whole module: weights_only refuses it
+    elif kind == "list":
+        torch.save([1, 2, 3], path)
+    else:
+        torch.save({"model": {}}, path)
+    with pytest.raises(distill.CheckpointCorruptError, match="not a checkpoint of this pipeline"):
+        distill.distill(_small_student(), None, x, y, SMALL, method="ce", checkpoint_dir=tmp_path)
+
+
+def test_complex_boolean_and_text_teacher_logits_are_refused():
+    import warnings
+
+    x, y, t = halves_problem(10, seed=0)
+    for bad, name in (
+        (torch.complex(t, torch.ones_like(t)), "teacher logits"),
+        (t > 0, "teacher logits"),
+        ([t[0], t[1] > 0], r"teachers\[1\]"),
+        ([t[0], [["a"] * 4] * len(y)], r"teachers\[1\] must be logits"),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(TypeError, match=name):
+                distill.distill(_small_student(), bad, x, y, SMALL, method="mtbkd_map")
+
+
+def test_a_seed_whose_further_chains_would_overflow_is_refused_up_front():
+    with pytest.raises(ValueError, match=r"seed must lie in \[0, 2\*\*63 - 1\)"):
+        replace(SMALL, seed=2**63 - 1, num_chains=2)
+    assert replace(SMALL, seed=2**63 - 2, num_chains=2).seed == 2**63 - 2
+    assert replace(SMALL, seed=2**63 - 1, num_chains=1).seed == 2**63 - 1
+
+
+def test_grid_settings_of_one_checkpoint_folder_across_grid_parts_are_refused():
+    with pytest.raises(ValueError, match="6 digits"):
+        distill.DistillConfig(mtbkd_grid=[{"concentration": [5.0]}, {"concentration": [5.0000001]}])
+    with pytest.raises(ValueError, match="6 digits"):  # a part that keeps the field's value
+        distill.DistillConfig(concentration=5.0000001, mtbkd_grid=[{"concentration": [5.0]}, {}])
+    # the very same setting twice is one setting
+    distill.DistillConfig(mtbkd_grid=[{"concentration": [5.0]}, {"concentration": [5.0]}])
+
+
+def test_a_float64_students_samples_are_kept_in_float64():
+    x, y, t = halves_problem(10, seed=0)
+    cfg = replace(SMALL, num_samples=9)  # 3 epochs x 3 batches: the last step is the last sample
+    res = distill.distill(_small_student().double(), t.double(), x.double(), y, cfg)
+    last = res.store.buffer[len(res.store) - 1]
+    head = torch.cat([res.model.head.weight.detach().reshape(-1), res.model.head.bias.detach()])
+    assert last.dtype == torch.float64 and torch.equal(last, head)
