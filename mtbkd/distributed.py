@@ -59,7 +59,31 @@ __all__ = [
 _DTYPES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
 # Fixed-length shape metadata each rank contributes before any statistic is exchanged.
 _META = ("error", "rows", "teachers", "width", "vocab_start", "vocab_size", "has_labels",
-         "dtype", "label_sum", "label_wsum", "options")  # fmt: skip
+         "dtype", "label_sum", "label_crc", "options")  # fmt: skip
+
+
+def _tensor_crc(t: Tensor) -> int:
+    """CRC-32 of a tensor's values (one host transfer): the ranks' labels or fixed weights must be
+    the same tensor, which sums alone did not tell ([1, 2, 3] and [2, 0, 4] had the same sum and
+    position-weighted sum)."""
+    return zlib.crc32(t.detach().reshape(-1).cpu().numpy().tobytes())
+
+
+def _label_fingerprint(labels: Tensor | None, n: int) -> list[int]:
+    if labels is None or n == 0:
+        return [0, 0]
+    lab = labels.detach().to(torch.int64)
+    return [int(lab.sum()), _tensor_crc(lab)]
+
+
+def _check_items(reduction, num_items_in_batch) -> None:
+    """``num_items_in_batch`` checked before the ranks agree (inside their error handling), as
+    the mean would check it after the collectives: one rank's bad tensor raised there alone, and
+    left the other ranks out of step (waiting in the next call's collectives)."""
+    if reduction == "mean" and num_items_in_batch is not None:
+        device = (num_items_in_batch.device if isinstance(num_items_in_batch, Tensor)
+                  else torch.device("cpu"))  # fmt: skip
+        validate.items_divisor(num_items_in_batch, torch.float32, device)
 
 
 def all_reduce(tensor: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> None:
@@ -127,14 +151,10 @@ class _Inputs:
 
     def metadata(self, vocab_start: int, vocab_size: int) -> list[int]:
         k, n, w = self.t.shape
-        lab_sum = lab_wsum = 0
-        if self.labels is not None and n > 0:
-            # A cheap fingerprint: labels must be the same (global) tensor on every rank.
-            lab = self.labels
-            lab_sum = int(lab.sum())
-            lab_wsum = int((lab * torch.arange(1, n + 1, device=lab.device)).sum() % 1_000_000_007)
+        # labels must be the same (global) tensor on every rank
         return [0, n, k, w, int(vocab_start), int(vocab_size), int(self.labels is not None),
-                _DTYPES.get(self.original.dtype, 0), lab_sum, lab_wsum]  # fmt: skip
+                _DTYPES.get(self.original.dtype, 0),
+                *_label_fingerprint(self.labels, n)]  # fmt: skip
 
 
 def _world(group) -> tuple[int, int]:
@@ -153,14 +173,12 @@ def _options_key(options: dict) -> int:
 
     def norm(key, value):
         if isinstance(value, Tensor):
-            if key == "weights":  # fixed weights: two sums, one host transfer
+            if key == "weights":  # fixed weights: their values' CRC, one host transfer
                 try:
-                    w = value.detach().reshape(-1).to(torch.float64)
-                    at = torch.arange(1, w.numel() + 1, dtype=torch.float64, device=w.device)
-                    sums = torch.stack([w.sum(), (w * at).sum()]).tolist()
+                    crc = _tensor_crc(value.to(torch.float64))
                 except (RuntimeError, NotImplementedError) as exc:  # a meta tensor, ...: the
                     raise ValueError(f"weights: {exc}") from None  # ranks are told, not hung
-                return (tuple(value.shape), *sums)
+                return (tuple(value.shape), crc)
             return "tensor"  # a num_items_in_batch tensor is never read on the host
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)  # 2 and 2.0 agree
@@ -185,9 +203,9 @@ def _agree(name: str, local: list[int] | None, error: Exception | None, device, 
     col = {key: [row[i] for row in rows] for i, key in enumerate(_META)}
     agreed = (("rows", "number of rows N"), ("teachers", "number of teachers K"),
               ("vocab_size", "vocab_size"), ("has_labels", "presence of labels"),
-              ("dtype", "dtype"), ("label_sum", "labels"), ("label_wsum", "labels"),
-              ("options", "options (fingerprints; for the fused-linear losses also the "
-                          "hidden size H)"))  # fmt: skip
+              ("dtype", "dtype"), ("label_sum", "labels"), ("label_crc", "labels"),
+              ("options", "options (fingerprints; also the leading shape of the rows, and for "
+                          "the fused-linear losses the hidden size H)"))  # fmt: skip
     for key, what in agreed:
         if len(set(col[key])) != 1:
             raise ValueError(
@@ -230,10 +248,13 @@ def _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size
     try:
         option_checks()
         validate.check_ignore_index(ignore_index)  # 2.5 was taken as a label value
+        _check_items(options["reduction"], options["num_items_in_batch"])
         inputs = _Inputs(student_shard, teacher_shard, labels, vocab_start, vocab_size,
                          ignore_index, check_finite)  # fmt: skip
         inputs.weight_spec = _weight_spec(weights, inputs.t.shape[0], inputs.lead, inputs.original)
-        meta = inputs.metadata(vocab_start, vocab_size) + [_options_key(options)]
+        # the leading shape too: [2, 3] and [3, 2] rows would be combined row by row
+        key = _options_key(dict(options, lead=tuple(inputs.lead)))
+        meta = inputs.metadata(vocab_start, vocab_size) + [key]
     except (TypeError, ValueError) as exc:
         error = _shard_names(exc)
     device = student_shard.device if isinstance(student_shard, Tensor) else torch.device("cpu")
@@ -446,6 +467,8 @@ def vocab_parallel_mtbkd_loss(
     k, n, _ = t.shape
     mode, fixed = inputs.weight_spec
     tau, lam, tau_w = float(temperature), float(concentration), float(weight_temperature)
+    # Python floats: a numpy float32 option kept a float64 gradient's coefficients in float32
+    prior_weight, hard_label_weight = float(prior_weight), float(hard_label_weight)
     need_entropy = mode == "entropy" and k > 1
     with torch.no_grad():
         u = z / tau  # student at τ
@@ -495,8 +518,11 @@ def vocab_parallel_mtbkd_loss(
         prior = -math.lgamma(vocab_size + lam) - torch.logsumexp(ell, 0)
         resp = torch.softmax(ell, 0)
         q_tau = torch.exp(u - (mx["m_u"] + log_s_u).unsqueeze(-1))
-        grad = (prior_weight * lam / tau) * (q_tau - (resp.unsqueeze(-1) * p).sum(0))
-        rows = prior_weight * prior
+        if prior_weight != 0:
+            grad = (prior_weight * lam / tau) * (q_tau - (resp.unsqueeze(-1) * p).sum(0))
+            rows = prior_weight * prior
+        else:  # no 0 * inf (nor 0 * NaN) for an infinite prior: the term is absent
+            grad, rows = torch.zeros_like(z), torch.zeros_like(prior)
         ce = torch.zeros_like(prior)
         if lab is not None:
             lse_z = mx["m_z"] + sm["s_z"].log()
@@ -595,10 +621,12 @@ def vocab_parallel_multi_teacher_kd_loss(
     k, n, _ = t.shape
     mode, fixed = inputs.weight_spec
     tau, tau_w = float(temperature), float(weight_temperature)
+    # Python floats: a numpy float32 option kept a float64 gradient's coefficients in float32
+    beta, hard_label_weight = float(beta), float(hard_label_weight)
     kind = divergence
     if divergence == "jsd" and beta in (0.0, 1.0):
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"
-    coef = soft_label_weight * (tau**2 if scale_by_t2 else 1.0)
+    coef = float(soft_label_weight) * (tau**2 if scale_by_t2 else 1.0)
     need_entropy = mode == "entropy" and k > 1
     with torch.no_grad():
         u = z / tau
@@ -641,15 +669,21 @@ def vocab_parallel_multi_teacher_kd_loss(
         if b is not None:
             entropy = _entropy_of(sm)
         w = _weights(mode, fixed, entropy, k, n, z)
+        w_col = w.unsqueeze(-1)
+
+        def weighted(terms: Tensor, by: Tensor) -> Tensor:
+            # Σ_k w_k·term_k, a teacher of weight 0 left out (its term may be infinite)
+            return torch.where(by > 0, by * terms, 0.0).sum(0)
+
         if kind == "forward_kl":
             # KL(p‖q) = Σ p (a − M_a) − log S_a − Σ p (u − M_u) + log S_u
             div = (sm["k:pa"] - sm["k:pu"]) / sm["k:s_a"] - log_s_a + log_s_u
             p = torch.exp(logp)
-            grad = (coef / tau) * (q - (w.unsqueeze(-1) * p).sum(0))
+            grad = (coef / tau) * (q - (w_col * p).sum(0))
         elif kind == "reverse_kl":
             div = (sm["qu"] - sm["k:qa"]) / sm["s_u"] - log_s_u + log_s_a
             per = _xlogx_like(q.unsqueeze(0), logq.unsqueeze(0) - logp - div.unsqueeze(-1))
-            grad = (coef / tau) * (w.unsqueeze(-1) * per).sum(0)
+            grad = (coef / tau) * weighted(per, w_col)
         else:
             # Generalised JSD: m_k = β p_k + (1−β) q needs the normalised p and q (stage 3).
             p = torch.exp(logp)
@@ -663,8 +697,11 @@ def vocab_parallel_multi_teacher_kd_loss(
             # dD/dq_c = (1−β) log(q_c/m_c); through softmax(z/τ): (q/τ)(g − Σ q g).
             g = (1.0 - beta) * (logq.unsqueeze(0) - logm)
             per = _xlogx_like(q.unsqueeze(0), g - ((1.0 - beta) * js["k:kq"]).unsqueeze(-1))
-            grad = (coef / tau) * (w.unsqueeze(-1) * per).sum(0)
-        rows = coef * (w * div).sum(0)
+            grad = (coef / tau) * weighted(per, w_col)
+        if coef != 0:
+            rows = coef * weighted(div, w)
+        else:  # no 0 * inf for an infinite divergence: the soft term is absent
+            grad, rows = torch.zeros_like(z), torch.zeros_like(div[0])
         if lab is not None:
             lse_z = mx["m_z"] + sm["s_z"].log()
             if hard_label_weight != 0:  # no 0 * inf for a -inf logit at the label
@@ -693,13 +730,9 @@ def _fused_meta(hidden: Tensor, teachers: list[Tensor], labels: Tensor | None, w
                 vocab_start: int, vocab_size: int) -> list[int]:  # fmt: skip
     # Same layout as _Inputs.metadata, so that _agree checks rows, teachers, tiling and labels.
     n = hidden.shape[0]
-    lab_sum = lab_wsum = 0
-    if labels is not None and n > 0:
-        lab_sum = int(labels.sum())
-        idx = torch.arange(1, n + 1, device=labels.device)
-        lab_wsum = int((labels * idx).sum() % 1_000_000_007)
     return [0, n, len(teachers), weight.shape[0], int(vocab_start), int(vocab_size),
-            int(labels is not None), _DTYPES.get(hidden.dtype, 0), lab_sum, lab_wsum]  # fmt: skip
+            int(labels is not None), _DTYPES.get(hidden.dtype, 0),
+            *_label_fingerprint(labels, n)]  # fmt: skip
 
 
 def _fused_inputs(student_hidden, student_weight_shard, teacher_logits_shard, labels,
@@ -934,18 +967,15 @@ def _fused_call(name, loss_fn, opts, student_hidden, student_weight_shard, teach
         row = _fused_meta(parsed[0], parsed[2], parsed[3], parsed[1], vocab_start, vocab_size)
         if isinstance(opts["weights"], Tensor):  # its shape checked before its fingerprint
             opts = dict(opts, weights=_flat_weights(opts["weights"], len(parsed[2]), parsed[4]))
-        if isinstance(num_items_in_batch, Tensor) and num_items_in_batch.numel() != 1:
-            # checked here, not after the agreement: one rank's error there left the others
-            # waiting in the chunk loop's collectives
-            raise ValueError(
-                "num_items_in_batch must be a number or a one-element tensor, got shape "
-                f"{tuple(num_items_in_batch.shape)}"
-            )
+        # checked here, not after the agreement: one rank's error there left the others
+        # waiting in the chunk loop's collectives
+        _check_items(reduction, num_items_in_batch)
         row.append(_options_key(dict(opts, chunk_size=chunk_size, reduction=reduction,
                                      num_items_in_batch=num_items_in_batch,
                                      return_stats=return_stats,
                                      # grad_h's all-reduce needs one H on every rank
-                                     hidden_size=parsed[0].shape[1])))  # fmt: skip
+                                     hidden_size=parsed[0].shape[1],
+                                     lead=tuple(parsed[4]))))  # fmt: skip
         meta = row
     except (TypeError, ValueError) as exc:
         error = exc

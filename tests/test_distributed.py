@@ -14,6 +14,7 @@ import queue
 import socket
 import time
 import traceback
+from functools import partial
 
 import numpy as np
 import pytest
@@ -998,6 +999,110 @@ def scenario_one_hot_entropy(rank: int, world: int) -> None:
         assert rel < 1e-6, (weights, rel)
 
 
+def scenario_zero_weight_infinite_divergence(rank: int, world: int) -> None:
+    """A teacher of fixed weight 0 whose divergence is infinite (it masks with -inf a class the
+    student keeps, or the student masks a class where it has mass) drops out, as in the
+    single-process losses: 0 * inf made the vocab-parallel loss (and reverse-KL gradient) NaN;
+    so does a soft term of coefficient 0 (soft_label_weight=0, prior_weight=0)."""
+    v = 6
+    lo, hi = _bounds([3, 3])[rank]
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, v, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 3, v, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    w = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    t_rev = t.clone()
+    t_rev[1, :, 4] = float("-inf")  # reverse KL(q || p_1) = inf, weight 0
+    z_fwd, t_fwd = z.clone(), t.clone()
+    z_fwd[:, 4] = float("-inf")
+    t_fwd[0, :, 4] = float("-inf")  # forward KL(p_1 || q) = inf, weight 0
+    kd, vp_kd = mtbkd.multi_teacher_kd_loss, D.vocab_parallel_multi_teacher_kd_loss
+    cases = [
+        (kd, vp_kd, z, t_rev, dict(divergence="reverse_kl", weights=w)),
+        (kd, vp_kd, z_fwd, t_fwd, dict(divergence="forward_kl", weights=w)),
+        (kd, vp_kd, z, t_rev[1:],
+         dict(divergence="reverse_kl", soft_label_weight=0.0, hard_label_weight=1.0)),
+        (mtbkd.mtbkd_loss, D.vocab_parallel_mtbkd_loss, z_fwd, t[1:], dict(prior_weight=0.0)),
+    ]  # fmt: skip
+    for plain, vp, zz, tt, kw in cases:
+        kw = dict(kw, check_finite=False)
+        want, want_g = _ref_grad(partial(plain, teacher_logits=tt, labels=y, **kw), zz)
+        shard = partial(vp, teacher_shard=tt[..., lo:hi], labels=y, vocab_start=lo,
+                        vocab_size=v, **kw)  # fmt: skip
+        got, got_g = _shard_grad(shard, zz[:, lo:hi])
+        _close(got, want)
+        _close(got_g, want_g[:, lo:hi])
+
+
+def scenario_items_shape_on_one_rank(rank: int, world: int) -> None:
+    """A num_items_in_batch tensor of a wrong shape on one rank raises on every rank (the plain
+    vocab-parallel losses returned a loss on the other ranks, which then waited in the next
+    call's collectives)."""
+    v = 9
+    lo, hi = _bounds([4, 5])[rank]
+    z, t, y = _data(n_lead=(5,), v=v, k=2)
+    items = torch.tensor(3.0) if rank == 0 else torch.tensor([3.0, 3.0])
+    says = r"invalid inputs on rank\(s\) \[1\]" if rank == 0 else "one-element tensor"
+    with pytest.raises(ValueError, match=says):
+        D.vocab_parallel_mtbkd_loss(z[:, lo:hi], t[..., lo:hi], y, vocab_start=lo, vocab_size=v,
+                                    num_items_in_batch=items)  # fmt: skip
+
+
+def scenario_numpy_float_options_exact(rank: int, world: int) -> None:
+    """numpy float32 options give the float64 gradient of float(option), not one whose
+    coefficient was rounded to float32 (3e-8 relative)."""
+    v = 9
+    lo, hi = _bounds([4, 5])[rank]
+    z, t, _ = _data(n_lead=(5,), v=v, k=2)
+    cases = (
+        (D.vocab_parallel_multi_teacher_kd_loss,
+         dict(divergence="reverse_kl", soft_label_weight=np.float32(2.0), temperature=1.5)),
+        (D.vocab_parallel_mtbkd_loss, dict(prior_weight=np.float32(0.02), temperature=3.0)),
+    )  # fmt: skip
+    for fn, kw in cases:
+        as_float = {k: float(x) if isinstance(x, np.floating) else x for k, x in kw.items()}
+        grads = []
+        for options in (kw, as_float):
+            shard = partial(fn, teacher_shard=t[..., lo:hi], vocab_start=lo, vocab_size=v,
+                            **options)  # fmt: skip
+            grads.append(_shard_grad(shard, z[:, lo:hi])[1])
+        _close(grads[0], grads[1], 1e-13)
+
+
+def scenario_leading_shapes_disagree(rank: int, world: int) -> None:
+    """Shards of the same row count but different leading shapes ([2, 3] and [3, 2]) are refused
+    (they were combined row by row, mixing tokens, and returned differently shaped 'none')."""
+    v = 8
+    lo, hi = _bounds([4, 4])[rank]
+    z, t, _ = _data(n_lead=(2, 3), v=v, k=2, masked=False)
+    zs, ts = z[..., lo:hi], t[..., lo:hi]
+    if rank == 1:
+        zs, ts = zs.transpose(0, 1), ts.transpose(1, 2)
+    with pytest.raises(ValueError, match="disagree"):
+        D.vocab_parallel_multi_teacher_kd_loss(zs, ts, None, vocab_start=lo, vocab_size=v,
+                                               reduction="none")  # fmt: skip
+
+
+def scenario_label_fingerprint_collision(rank: int, world: int) -> None:
+    """Labels [1, 2, 3] and [2, 0, 4] have the same sum and position-weighted sum: the linear
+    fingerprint let them through and the loss mixed the two label sets."""
+    v = 6
+    lo, hi = _bounds([3, 3])[rank]
+    z, t, _ = _data(n_lead=(3,), v=v, k=2, masked=False)
+    y = torch.tensor([1, 2, 3]) if rank == 0 else torch.tensor([2, 0, 4])
+    with pytest.raises(ValueError, match="labels"):
+        D.vocab_parallel_mtbkd_loss(z[:, lo:hi], t[..., lo:hi], y, vocab_start=lo, vocab_size=v)
+
+
+def scenario_session32_audit(rank: int, world: int) -> None:
+    """A checklist audit of the vocab-parallel losses (session 32): each part failed before."""
+    scenario_zero_weight_infinite_divergence(rank, world)
+    scenario_items_shape_on_one_rank(rank, world)
+    scenario_numpy_float_options_exact(rank, world)
+    scenario_leading_shapes_disagree(rank, world)
+    scenario_label_fingerprint_collision(rank, world)
+
+
 SCENARIOS = {
     "one_hot_entropy": scenario_one_hot_entropy,
     "review_regressions": scenario_review_regressions,
@@ -1011,6 +1116,7 @@ SCENARIOS = {
     "sgld_meshes": scenario_sgld_meshes,
     "fused_linear": scenario_fused_linear,
     "shard_edges": scenario_shard_edges,
+    "session32_audit": scenario_session32_audit,
 }
 
 
@@ -1044,6 +1150,10 @@ def test_mismatched_inputs_raise_on_every_rank(ranks):
 
 def test_review_regressions(ranks):
     ranks(2).run("review_regressions", limit=60.0)
+
+
+def test_zero_weights_items_numpy_options_lead_shapes_and_label_fingerprints(ranks):
+    ranks(2).run("session32_audit")
 
 
 def test_nearly_one_hot_teacher_entropy_is_exact_to_rounding(ranks):
