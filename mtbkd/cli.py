@@ -589,6 +589,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         )
     # the options, before any folder is made (a refused command left an empty runs/<name>/)
     _pipeline_config(args, 0)
+    _check_figures(args)
     seeds = None
     if args.seeds is not None:
         from mtbkd import report
@@ -1046,11 +1047,26 @@ def _check_predict_out(args: argparse.Namespace, out: Path) -> None:
             )
 
 
+def _check_figures(args: argparse.Namespace) -> None:
+    """The figures' matplotlib, checked before any work (it is an extra: without it the run
+    trained, or the summary wrote summary.json, and then failed before its report)."""
+    if args.no_figures:
+        return
+    try:
+        import matplotlib  # noqa: F401  (the figures import it anyway)
+    except ImportError:
+        raise SystemExit(
+            f"mtbkd {args.command}: the figures need matplotlib, which is not installed: pip "
+            "install matplotlib (or mtbkd's `demo` extra), or pass --no-figures"
+        ) from None
+
+
 def _cmd_summarise(args: argparse.Namespace) -> int:
     import os
 
     from mtbkd import report
 
+    _check_figures(args)
     out = Path(args.out)
     _check_out_folder("summarise", out)
     here = Path(os.path.abspath(out))

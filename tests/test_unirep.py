@@ -222,3 +222,53 @@ def test_a_cache_file_of_another_shape_or_dtype_is_recomputed(tmp_path, monkeypa
     np.testing.assert_allclose(unirep.unirep_features(SEQS, 64, progress=False), want, atol=1e-6)
     with pytest.raises(ValueError, match="batch_size must be positive"):
         unirep.unirep_features(SEQS, 64, batch_size=0, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Session 32: an audit of the encoder (each test failed on the code before)
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_weights
+def test_unirep_outputs_are_ordinary_tensors():
+    # they were inference tensors: a probe could not train on them, nor could they be
+    # standardised in place
+    feats = unirep.UniRep(64)(["MKV", "MSLRQ"])
+    assert not feats.is_inference() and not feats.requires_grad
+    head = torch.nn.Linear(64, 2)
+    head(feats).sum().backward()
+    feats -= feats.mean(0)
+
+
+@needs_weights
+@pytest.mark.parametrize("damage", ["truncated", "empty", "missing-gain", "wrong-shape"])
+def test_a_damaged_unirep_weight_file_is_an_error_naming_it(tmp_path, damage):
+    real = unirep.weights_path(64)
+    bad = tmp_path / "model_weights.npz"
+    raw = real.read_bytes()
+    if damage == "truncated":
+        bad.write_bytes(raw[: len(raw) // 2])
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    else:
+        with np.load(real) as z:
+            arrays = {k: z[k] for k in z.files}
+        if damage == "missing-gain":
+            del arrays["mlstm.0.gmx"]
+        else:
+            arrays["mlstm.0.wh"] = arrays["mlstm.0.wh"][:, :-4]
+            arrays["mlstm.0.gh"] = arrays["mlstm.0.gh"][..., :-4]
+        np.savez(bad, **arrays)
+    with pytest.raises(ValueError, match="model_weights.npz"):
+        unirep.UniRep.from_npz(bad)
+
+
+@needs_weights
+def test_unirep_sizes_as_numpy_or_whole_floats_and_bad_batch_sizes():
+    # 64.0 looked for a file "64.0_weights" and said the install lacked it
+    assert unirep.weights_path(64.0) == unirep.weights_path(np.int64(64)) == unirep.weights_path(64)
+    for bad in (True, "64", 64.5):
+        with pytest.raises(ValueError, match="size must be one of"):
+            unirep.weights_path(bad)
+    with pytest.raises(TypeError, match="batch_size must be an integer, got 2.5"):
+        unirep.unirep_features(["MKV"], 64, batch_size=2.5, cache=False, progress=False)
