@@ -18,8 +18,9 @@ Directory formats (``load_directory``):
   extra one is an error). Column names are stripped of spaces (a UTF-8 byte-order mark is
   fine); a repeated name, or a first line of numbers (no header), is an error. Teachers are
   ``teacher_<name>_train.csv`` / ``teacher_<name>_test.csv``: logits, one row per example,
-  comma-separated, no header. An optional ``classes.txt`` names the classes, one a line (at
-  least two, and one for every label: labels lie in 0..C-1 for its C names).
+  comma-separated, no header. An optional ``classes.txt`` names the classes, one a line, in
+  UTF-8 (a byte-order mark is fine; at least two names, and one for every label: labels lie in
+  0..C-1 for its C names).
 
 A folder holds one layout: the files of two (``features.npy`` beside ``train/`` and ``test/``
 folders or beside ``train.csv``, ``test.csv`` beside ``train/features.npy``) are an error naming
@@ -27,7 +28,9 @@ them, as is a teacher file the layout does not read (another format's, or at ano
 ``teacher_z.npy`` beside ``train/`` and ``test/``, ``teacher_z.csv`` without its split).
 
 Errors about the files' contents name the file (``test/features.npy``, ``teacher_b_test.csv``,
-``classes.txt``), in every format.
+``classes.txt``), in every format: a file that cannot be read (permissions, a folder under a
+file's name), a CSV a stray quote breaks, an ``.npz`` archive under a ``.npy`` name, a label
+beyond int64 or a negative one.
 
 Without ``classes.txt`` the classes are 0..C-1 for the largest label C-1 (or the teachers' class
 count, when they all give more), and without teachers every one of them must have a training
@@ -152,14 +155,18 @@ class Dataset:
                 "teachers_train and teachers_test must name the same teachers, got "
                 f"{sorted(self.teachers_train)} and {sorted(self.teachers_test)}"
             )
+        # checked copies in dicts of the Dataset's own: the caller's dicts keep their arrays
+        # (they were replaced by float32 copies, even when the data was then refused)
+        checked = {}
         for split, teachers, n in (
             ("train", self.teachers_train, len(self.x_train)),
             ("test", self.teachers_test, len(self.x_test)),
         ):
-            for name in list(teachers):
-                teachers[name] = _teacher_logits(
-                    teachers[name], f"teacher {name!r} ({split})", n, c
-                )
+            checked[split] = {
+                name: _teacher_logits(t, f"teacher {name!r} ({split})", n, c)
+                for name, t in teachers.items()
+            }
+        self.teachers_train, self.teachers_test = checked["train"], checked["test"]
         if self.feature_kind not in ("numeric", "sequence"):
             raise ValueError(
                 f"feature_kind must be 'numeric' or 'sequence', got {self.feature_kind!r}"
@@ -750,6 +757,12 @@ def _read_csv(
             f"{path} is not a UTF-8 text CSV ({exc.reason} at byte {exc.start}): save it as "
             "CSV UTF-8"
         ) from None
+    except csv.Error as exc:  # a stray quote opens a field that swallows the rest of the file
+        raise ValueError(f"{path} is not a readable CSV ({exc}: a stray '\"'?)") from None
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # unreadable (permissions), a folder, ...
+        raise ValueError(f"{path} cannot be read ({exc.strerror or exc})") from None
     while rows and not rows[-1]:  # blank lines at the end
         rows.pop()
     blank = next((i for i, r in enumerate(rows) if not r), None)
@@ -810,9 +823,17 @@ def _label_column(path: Path, header: list[str]) -> int | None:
 
 def _parse_labels(path: Path, rows, col: int) -> np.ndarray:
     try:
-        return np.array([int(r[col]) for r in rows], dtype=np.int64)
+        labels = np.array([int(r[col]) for r in rows], dtype=np.int64)
+    except OverflowError:  # an integer beyond int64 (a ValueError below, as 1e300 is)
+        big = next(i for i, r in enumerate(rows) if not -(2**63) <= int(r[col]) < 2**63)
+        raise ValueError(
+            f"{path}: the label column has labels too large for class indices (data row "
+            f"{big + 1}: {rows[big][col]!r})"
+        ) from None
     except ValueError:
         pass
+    else:  # the checks of every label file (negative labels named with the file)
+        return _label_indices(labels, f"{path}: the label column")
     values = []
     for i, r in enumerate(rows):  # whole numbers written as floats ("1.0"), as labels.npy has
         try:
@@ -1048,6 +1069,8 @@ def _csv_teachers(root: Path, split: str) -> dict[str, np.ndarray]:
             raise ValueError(
                 f"{p}: teacher logits must be comma-separated numbers ({exc})"
             ) from None
+        except OSError as exc:  # unreadable (permissions), a folder, ...
+            raise ValueError(f"{p} cannot be read ({exc.strerror or exc})") from None
     return out
 
 
@@ -1055,9 +1078,15 @@ def _load_npy(path: Path) -> np.ndarray:
     """``np.load`` of one array file, its failures (empty, truncated, pickled objects, not a
     .npy file at all) as a ValueError naming the file."""
     try:
-        return np.load(path, allow_pickle=False)
+        got = np.load(path, allow_pickle=False)
     except (ValueError, EOFError, OSError) as exc:
         raise ValueError(f"{path} is not a readable .npy array of numbers ({exc})") from None
+    if not isinstance(got, np.ndarray):  # an .npz archive under a .npy name
+        got.close()
+        raise ValueError(
+            f"{path} is an .npz archive, not a .npy array: save one array with np.save"
+        )
+    return got
 
 
 def _npy_split(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -1103,7 +1132,15 @@ def _class_names(
     ``labels`` was read from (named by the errors)."""
     if (root / "classes.txt").is_file():
         path = root / "classes.txt"
-        names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        try:  # utf-8-sig: a byte-order mark is not part of the first name (as in train.csv)
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise ValueError(f"{path} cannot be read ({exc.strerror or exc})") from None
+        names = [ln.strip() for ln in text.splitlines() if ln.strip()]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"{path} names a class twice: {repeated}")
@@ -1117,6 +1154,18 @@ def _class_names(
                     "every class"
                 )
         return names
+    for which, y, f in zip(("training", "test"), labels, label_files, strict=True):
+        if not len(y):  # numpy's "zero-size array to reduction operation maximum" before
+            split = label_files[0] == label_files[1]  # one labels.npy, split by class
+            raise ValueError(
+                f"{f} leaves no {which} rows"
+                + (
+                    " (split by class, a class of one row goes to training): give more rows, "
+                    "or train/ and test/ folders"
+                    if split
+                    else ""
+                )  # fmt: skip
+            )
     c = max(int(y.max()) for y in labels) + 1
     widths = {np.asarray(t).shape[-1] for t in teachers.values()}
     # teachers that agree on more classes than the labels show: a class absent from the labels
@@ -1335,7 +1384,10 @@ def source_digest(data_dir: str | Path) -> str:
     h = hashlib.sha256()
     for f in sorted(files):
         h.update(f"{f.relative_to(root).as_posix()}\0{f.stat().st_size}\0".encode())
-        hash_file(h, f)
+        try:
+            hash_file(h, f)
+        except OSError as exc:  # unreadable (permissions): named, not a traceback
+            raise ValueError(f"{f} cannot be read ({exc.strerror or exc})") from None
     return h.hexdigest()
 
 

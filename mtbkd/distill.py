@@ -293,7 +293,7 @@ class DistillConfig:
                 setattr(self, name, bool(getattr(self, name)))
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.weights not in ("entropy", "uniform"):
+        if not isinstance(self.weights, str) or self.weights not in ("entropy", "uniform"):
             raise ValueError(f"weights must be 'entropy' or 'uniform', got {self.weights!r}")
         if not 0.0 <= self.burn_in < 1.0:
             raise ValueError(f"burn_in must lie in [0, 1), got {self.burn_in}")

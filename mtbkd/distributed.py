@@ -80,7 +80,7 @@ def _check_items(reduction, num_items_in_batch) -> None:
     """``num_items_in_batch`` checked before the ranks agree (inside their error handling), as
     the mean would check it after the collectives: one rank's bad tensor raised there alone, and
     left the other ranks out of step (waiting in the next call's collectives)."""
-    if reduction == "mean" and num_items_in_batch is not None:
+    if num_items_in_batch is not None:  # whatever the reduction, as the other losses
         device = (num_items_in_batch.device if isinstance(num_items_in_batch, Tensor)
                   else torch.device("cpu"))  # fmt: skip
         validate.items_divisor(num_items_in_batch, torch.float32, device)
@@ -123,7 +123,7 @@ class _Inputs:
             raise ValueError("student_shard has width 0: every rank needs at least one "
                              "vocabulary column")  # fmt: skip
         student, teachers, flat_labels, lead = validate.canonical_inputs(
-            student_shard, teacher_shard, labels, bool(check_finite)
+            student_shard, teacher_shard, labels, bool(check_finite), ignore_index=ignore_index
         )
         width = student.shape[1]
         if vocab_start < 0 or vocab_start + width > vocab_size:
@@ -339,7 +339,7 @@ def _weights(mode, fixed, entropy: Tensor | None, k: int, n: int, like: Tensor) 
 def _weight_spec(weights, k: int, lead, like: Tensor):
     if isinstance(weights, Tensor):
         return "fixed", validate.fixed_weights(weights, k, lead, like)
-    if weights not in ("entropy", "uniform"):
+    if not isinstance(weights, str) or weights not in ("entropy", "uniform"):
         raise ValueError(f"weights must be 'entropy', 'uniform' or a Tensor, got {weights!r}")
     return weights, None
 

@@ -52,7 +52,7 @@ class MTBKDStats(NamedTuple):
 def _weight_mode(weights, k: int, lead, student: Tensor) -> tuple[int, Tensor | None]:
     if isinstance(weights, Tensor):
         return ops.WEIGHT_MODES["fixed"], validate.fixed_weights(weights, k, lead, student)
-    if weights not in ("entropy", "uniform"):
+    if not isinstance(weights, str) or weights not in ("entropy", "uniform"):
         raise ValueError(f"weights must be 'entropy', 'uniform' or a Tensor, got {weights!r}")
     return ops.WEIGHT_MODES[weights], None
 
@@ -61,10 +61,11 @@ def _mean_divisor(n: int, labels: Tensor | None, reduction: str, ignore_index: i
                   num_items_in_batch, dtype: torch.dtype, device) -> Tensor | None:  # fmt: skip
     """The 0-d denominator of a ``mean`` over ``n`` rows (None for ``sum`` / ``none``). It stays
     a tensor: no host synchronisation."""
+    if num_items_in_batch is not None:  # checked whatever the reduction (a bad one was ignored)
+        divisor = validate.items_divisor(num_items_in_batch, dtype, device)
+        return divisor if reduction == "mean" else None
     if reduction != "mean":
         return None
-    if num_items_in_batch is not None:
-        return validate.items_divisor(num_items_in_batch, dtype, device)
     if labels is None:
         return torch.full((), max(n, 1), dtype=dtype, device=device)
     return (labels != ignore_index).sum().clamp_min(1).to(dtype)
@@ -117,6 +118,7 @@ def teacher_weights(
     through the weights. NaN/inf logits raise unless ``check_finite=False``. Dense logits only:
     the losses report a :class:`~mtbkd.SparseTeacher`'s weights (``return_stats=True``).
     """
+    temperature, check_finite = validate.plain(temperature), validate.plain(check_finite)
     validate.check_positive(temperature, "temperature")
     validate.check_flags(check_finite=check_finite)
     from mtbkd import sparse as _sparse
@@ -153,7 +155,7 @@ def teacher_weights(
         return validate.fixed_weights(method, k, lead, first, "method", "teacher_logits").reshape(
             k, *lead
         )
-    if method not in ("entropy", "uniform"):
+    if not isinstance(method, str) or method not in ("entropy", "uniform"):
         raise ValueError(f"method must be 'entropy', 'uniform' or a Tensor, got {method!r}")
     w, _ = ops.teacher_weights_op(
         teachers, ops.WEIGHT_MODES[method], float(temperature), bool(check_finite)
@@ -211,6 +213,13 @@ def mtbkd_loss(
         check_finite: raise ``ValueError`` on NaN/inf logits (checked inside the kernel).
     """
     validate.check_no_func_transform("mtbkd_loss")
+    temperature, concentration, prior_weight, hard_label_weight, weight_temperature = map(
+        validate.plain,
+        (temperature, concentration, prior_weight, hard_label_weight, weight_temperature),
+    )
+    ignore_index, num_items_in_batch, return_stats, check_finite = map(
+        validate.plain, (ignore_index, num_items_in_batch, return_stats, check_finite)
+    )
     # --- sparse top-k teachers (MATH.md section 5): mtbkd/sparse.py (issue 6) ---
     from mtbkd import sparse as _sparse
 
@@ -226,8 +235,9 @@ def mtbkd_loss(
         reduction,
     )
     validate.check_flags(check_finite=check_finite, return_stats=return_stats)
+    ignore_index = validate.check_ignore_index(ignore_index)
     student, teachers, flat_labels, lead = validate.canonical_inputs(
-        student_logits, teacher_logits, labels, bool(check_finite)
+        student_logits, teacher_logits, labels, bool(check_finite), ignore_index=ignore_index
     )
     k = len(teachers)
     mode, fixed = _weight_mode(weights, k, lead, student)
@@ -250,7 +260,6 @@ def mtbkd_loss(
                                     [*dtypes, teacher_stats.data.dtype], float(concentration),
                                     float(weight_temperature))  # fmt: skip
     acc = ops._acc_dtype(student.dtype)
-    ignore_index = validate.check_ignore_index(ignore_index)
     divisor = _mean_divisor(len(student), flat_labels, reduction, ignore_index,
                             num_items_in_batch, acc, student.device)  # fmt: skip
     loss_rows, _, w, resp, ent, prior, ce = ops.mtbkd_loss_fwd(
@@ -301,6 +310,13 @@ def multi_teacher_kd_loss(
     :func:`mtbkd_loss`.
     """
     validate.check_no_func_transform("multi_teacher_kd_loss")
+    beta, temperature, weight_temperature, hard_label_weight, soft_label_weight = map(
+        validate.plain,
+        (beta, temperature, weight_temperature, hard_label_weight, soft_label_weight),
+    )
+    ignore_index, num_items_in_batch, scale_by_t2, check_finite = map(
+        validate.plain, (ignore_index, num_items_in_batch, scale_by_t2, check_finite)
+    )
     # --- sparse top-k teachers (MATH.md section 5): mtbkd/sparse.py (issue 6) ---
     from mtbkd import sparse as _sparse
 
@@ -317,13 +333,13 @@ def multi_teacher_kd_loss(
         reduction,
     )
     validate.check_flags(check_finite=check_finite, scale_by_t2=scale_by_t2)
+    ignore_index = validate.check_ignore_index(ignore_index)
     student, teachers, flat_labels, lead = validate.canonical_inputs(
-        student_logits, teacher_logits, labels, bool(check_finite)
+        student_logits, teacher_logits, labels, bool(check_finite), ignore_index=ignore_index
     )
     mode, fixed = _weight_mode(weights, len(teachers), lead, student)
     scale = float(temperature) ** 2 if scale_by_t2 else 1.0
     acc = ops._acc_dtype(student.dtype)
-    ignore_index = validate.check_ignore_index(ignore_index)
     divisor = _mean_divisor(len(student), flat_labels, reduction, ignore_index,
                             num_items_in_batch, acc, student.device)  # fmt: skip
     loss_rows, _, _ = ops.multi_teacher_kd_fwd(

@@ -39,13 +39,15 @@ def _changed(module: nn.Module, **defaults) -> str:
 
 
 class _WeightsOption(nn.Module):
-    """``weights`` may be reassigned between a string and a tensor (a buffer)."""
+    """``weights`` may be reassigned between a string and a tensor (a buffer). A numpy scalar
+    option (``np.float32(2.0)``) is kept as the Python number it holds: under ``torch.compile``
+    dynamo reads a numpy attribute as a 0-d array, and ``fullgraph=True`` failed on it."""
 
     def __setattr__(self, name: str, value) -> None:
         if name == "weights":
             _set_weights(self, value)
         else:
-            super().__setattr__(name, value)
+            super().__setattr__(name, F.validate.plain(value))
 
     def _apply(self, fn, recurse=True):
         # A fixed weights tensor follows .to(device) / .cuda(), but keeps its dtype through

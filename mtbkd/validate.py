@@ -25,6 +25,16 @@ def _is_finite(value: float) -> bool:
     return -math.inf < value < math.inf
 
 
+def plain(value):
+    """A numpy scalar (``np.float32(2.0)``, ``np.int64(-100)``, ``np.bool_(False)``, or a 0-d
+    array) as the Python number it holds, anything else as it is. Under ``torch.compile`` dynamo
+    traces a numpy scalar as a 0-d array, which the ``numbers.Real`` checks refuse
+    (``fullgraph=True`` failed on numpy options); its ``.item()`` is traced to a constant."""
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        return value.item()
+    return value
+
+
 def _is_number(value) -> bool:
     """A real number option: a Python int or float, or a numpy (or other ``numbers.Real``)
     scalar such as ``np.float32(2.0)``; never a bool (``True`` is not a temperature)."""
@@ -153,14 +163,18 @@ def has_values(t: Tensor) -> bool:
     return detect_fake_mode((t,)) is None
 
 
-def check_cast_overflow(src: Tensor, cast: Tensor, name: str, into: str = "the student") -> Tensor:
+def check_cast_overflow(
+    src: Tensor, cast: Tensor, name: str, into: str = "the student", keep: Tensor | None = None
+) -> Tensor:
     """``cast`` (``src`` cast to a narrower dtype, that of ``into``), checked: a finite positive
     logit beyond its range became +inf, an error naming ``name`` and ``into``; a finite negative
     one that became -inf (as ``finfo(float32).min`` masking does in fp16 / bf16) is set to the
     dtype's lowest finite value, so that masking stays finite and passes the losses' finiteness
     check. One reduction of the cast and a host synchronisation, only for narrowing casts;
     inside a ``torch.compile`` graph only the masking (an elementwise select, no
-    synchronisation) and no +inf check (the losses run it when ``check_finite``)."""
+    synchronisation) and no +inf check (the losses run it when ``check_finite``). ``keep``
+    (``src.shape[:-1]``, bool): the rows that count; a row a label masks counts for nothing, and
+    may overflow (as its NaN or inf passes the finiteness check)."""
     if not _narrowing(src.dtype, cast.dtype) or not cast.numel():
         return cast
     if not has_values(src):
@@ -173,6 +187,8 @@ def check_cast_overflow(src: Tensor, cast: Tensor, name: str, into: str = "the s
     lo, hi = torch.stack([lo, hi]).tolist()
     if hi == float("inf"):
         new = torch.isposinf(cast) & torch.isfinite(src)
+        if keep is not None:
+            new &= keep.unsqueeze(-1)
         if bool(new.any()):
             raise ValueError(
                 f"{name} ({src.dtype}) has finite values beyond the range of {into}'s "
@@ -193,6 +209,7 @@ def canonical_inputs(
     check_finite: bool = False,
     *,
     student_name: str = "student_logits",
+    ignore_index: int | None = None,
 ) -> tuple[Tensor, list[Tensor], Tensor | None, torch.Size]:
     """Flatten to the kernels' shapes: student ``[N, V]``, K teachers ``[N, V]``, labels ``[N]``.
     ``student_name`` is what the errors call the first argument (:func:`mtbkd.teacher_weights`
@@ -201,8 +218,8 @@ def canonical_inputs(
     Returns ``(student, teachers, labels, leading_shape)``. Teachers of another floating dtype are
     cast to the student's (a copy; with ``check_finite``, a finite logit that overflows to +inf
     in a narrowing cast is an error, and one that overflows to -inf stays finite,
-    :func:`check_cast_overflow`); a ``[K, ..., V]`` tensor is
-    split into views without a copy.
+    :func:`check_cast_overflow`, which leaves out the rows whose label is ``ignore_index``); a
+    ``[K, ..., V]`` tensor is split into views without a copy.
     """
     check_logits(student_logits, "student_logits")
     lead, v = student_logits.shape[:-1], student_logits.shape[-1]
@@ -226,6 +243,10 @@ def canonical_inputs(
         )
     if len(teachers) == 0:
         raise ValueError("teacher_logits must hold at least one teacher (got K = 0)")
+    keep = None  # the rows a label does not mask (labels of a wrong shape fail below)
+    if (ignore_index is not None and isinstance(labels, Tensor) and labels.shape == lead
+            and not (labels.is_floating_point() or labels.is_complex())):  # fmt: skip
+        keep = labels != ignore_index
     out = []
     for i, t in enumerate(teachers):
         if t.shape[-1] != v:
@@ -247,7 +268,7 @@ def canonical_inputs(
             cast = t.to(student_logits.dtype)
             if check_finite:
                 into = "the student" if student_name == "student_logits" else student_name
-                cast = check_cast_overflow(t, cast, f"teacher_logits[{i}]", into)
+                cast = check_cast_overflow(t, cast, f"teacher_logits[{i}]", into, keep)
             t = cast
         out.append(t.reshape(-1, v).contiguous())
     student = student_logits.reshape(-1, v)

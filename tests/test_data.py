@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtbkd import data
+from mtbkd import cli, data
 
 DEEPLOC = Path(__file__).resolve().parents[2] / "shared" / "data" / "deeploc"
 
@@ -876,3 +876,157 @@ def test_has_sequences_and_has_own_teachers_read_the_folder_as_the_loader_does(t
     assert data.has_own_teachers(num)
     assert not data.has_sequences(tmp_path / "missing")
     assert not data.has_own_teachers(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# Session 32: an audit of the loaders and the command line (each test failed on the code before)
+# ---------------------------------------------------------------------------------------------
+
+
+def _audit_csv_dir(d: Path, n: int = 30, c: int = 3) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        y = np.arange(n) % c
+        x = rng.normal(size=(n, 4)) + y[:, None]
+        rows = ["f0,f1,f2,f3,label"] + [
+            ",".join(f"{v:.4f}" for v in xi) + f",{yi}" for xi, yi in zip(x, y)
+        ]
+        (d / f"{split}.csv").write_text("\n".join(rows) + "\n")
+        t = 2.0 * np.eye(c)[y] + rng.normal(size=(n, c))
+        np.savetxt(d / f"teacher_a_{split}.csv", t, delimiter=",")
+    return d
+
+
+def _audit_set_label(path: Path, row: int, value: str) -> None:
+    lines = path.read_text().splitlines()
+    lines[row] = lines[row].rsplit(",", 1)[0] + "," + value
+    path.write_text("\n".join(lines) + "\n")
+
+
+# 1a: a label beyond int64 in a CSV label column
+def test_csv_label_beyond_int64_is_a_value_error_naming_the_file(tmp_path):
+    d = _audit_csv_dir(tmp_path / "d")
+    _audit_set_label(d / "train.csv", 1, "99999999999999999999")
+    with pytest.raises(ValueError, match="train.csv"):
+        data.load_directory(d)
+
+
+def test_distill_label_beyond_int64_is_a_message_and_leaves_no_folder(tmp_path):
+    d = _audit_csv_dir(tmp_path / "d")
+    _audit_set_label(d / "train.csv", 1, "99999999999999999999")
+    out = tmp_path / "run"
+    argv = [
+        "distill",
+        "--dataset",
+        "dir",
+        "--data-dir",
+        str(d),
+        "--out",
+        str(out),
+        "--smoke",
+        "--methods",
+        "ce",
+        "--no-figures",
+        "--no-progress",
+    ]
+    with pytest.raises(SystemExit, match="train.csv"):
+        cli.main(argv)
+    assert not out.exists()
+
+
+# 1b: csv.Error (a stray quote in a large CSV)
+def test_csv_field_over_the_csv_limit_is_a_value_error(tmp_path):
+    d = _audit_csv_dir(tmp_path / "d", n=6000)
+    lines = (d / "train.csv").read_text().splitlines()
+    lines[2] = '"' + lines[2]
+    (d / "train.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="train.csv"):
+        data.load_directory(d)
+    with pytest.raises(ValueError, match="train.csv"):
+        data.read_inputs(d / "train.csv", "numeric", ["f0", "f1", "f2", "f3"], num_features=4)
+
+
+# 1c: an unreadable CSV (OSError other than FileNotFoundError)
+def test_unreadable_csv_is_a_value_error_naming_the_file(tmp_path, monkeypatch):
+    d = _audit_csv_dir(tmp_path / "d")
+
+    def denied(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(data, "open", denied, raising=False)  # what _read_csv opens with
+    with pytest.raises(ValueError, match="train.csv"):
+        data.load_directory(d)
+    with pytest.raises(ValueError, match="test.csv"):
+        data.read_inputs(d / "test.csv", "numeric", ["f0", "f1", "f2", "f3"], num_features=4)
+
+
+def test_teacher_csv_that_cannot_be_read_is_a_value_error(tmp_path):
+    d = _audit_csv_dir(tmp_path / "d")
+    (d / "teacher_a_test.csv").unlink()
+    (
+        d / "teacher_a_test.csv"
+    ).mkdir()  # an OSError (IsADirectoryError) from np.loadtxt, as root too
+    with pytest.raises(ValueError, match="teacher_a_test.csv"):
+        data.load_directory(d)
+
+
+# 1d: an npz archive under a teacher_*.npy name
+def test_npz_under_a_teacher_npy_name_is_a_value_error(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    y = np.arange(30) % 3
+    np.save(d / "features.npy", np.random.default_rng(0).normal(size=(30, 4)))
+    np.save(d / "labels.npy", y)
+    with open(d / "teacher_a.npy", "wb") as f:
+        np.savez(f, logits=np.eye(3)[y])
+    with pytest.raises(ValueError, match="teacher_a.npy"):
+        data.load_directory(d)
+
+
+# 2: classes.txt encoding
+def test_classes_txt_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
+    d = _audit_csv_dir(tmp_path / "d")
+    (d / "classes.txt").write_bytes("\ufeffcat\ndog\nbird\n".encode("utf-8"))
+    assert data.load_directory(d).class_names == ["cat", "dog", "bird"]
+
+
+def test_classes_txt_not_utf8_names_the_file(tmp_path):
+    d = _audit_csv_dir(tmp_path / "d")
+    (d / "classes.txt").write_bytes("caf\xe9\ndog\nbird\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="classes.txt"):
+        data.load_directory(d)
+
+
+# 3: negative integer labels in a CSV
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_negative_integer_csv_label_names_the_file(tmp_path, split):
+    d = _audit_csv_dir(tmp_path / "d")
+    _audit_set_label(d / f"{split}.csv", 1, "-1")
+    with pytest.raises(ValueError, match=f"{split}.csv"):
+        data.load_directory(d)
+
+
+# 4: a one-folder npy dataset too small for a test split
+def test_npy_folder_without_test_rows_says_so(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    np.save(d / "features.npy", np.eye(3, 4))
+    np.save(d / "labels.npy", np.arange(3))
+    with pytest.raises(ValueError, match="labels.npy|test"):
+        data.load_directory(d)
+    try:
+        data.load_directory(d)
+    except ValueError as exc:
+        assert "zero-size array" not in str(exc)
+
+
+# 5: Dataset leaves the caller's teacher dicts alone
+def test_dataset_does_not_replace_the_callers_teacher_arrays():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 2)), np.array([0, 1, 2, 0, 1, 2])
+    t_train = {"a": rng.normal(size=(6, 3))}
+    t_test = {"a": rng.normal(size=(6, 3))}
+    mine = t_train["a"]
+    data.Dataset("d", x, y, x, y, ["a", "b", "c"], t_train, t_test)
+    assert t_train["a"] is mine and t_train["a"].dtype == np.float64

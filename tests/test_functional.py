@@ -2013,3 +2013,80 @@ def test_mixed_dtype_losses_run_on_meta_tensors_and_under_fake_tensors(dtype):
         loss = mtbkd.functional.mtbkd_loss(torch.randn(4, 5, dtype=dtype), torch.randn(2, 4, 5),
                                            torch.zeros(4, dtype=torch.long))  # fmt: skip
     assert loss.shape == ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Session 32: an audit of the loss entry points (each test failed on the code before)
+# ---------------------------------------------------------------------------------------------
+
+TAU, BETA = np.float64(2.0), np.float64(0.3)  # a numpy-based config's
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: lambda x, t, y: mtbkd.mtbkd_loss(x, t, y, temperature=TAU),
+        lambda: lambda x, t, y: mtbkd.multi_teacher_kd_loss(x, t, y, beta=BETA, divergence="jsd"),
+        lambda: mtbkd.MTBKDLoss(temperature=np.float32(2.0), concentration=np.int64(5)),
+        lambda: mtbkd.MTBKDLoss(ignore_index=np.int64(-100), check_finite=np.bool_(True)),
+        lambda: mtbkd.MultiTeacherKDLoss(divergence="jsd", beta=BETA, ignore_index=np.int32(-1)),
+        lambda: mtbkd.MultiTeacherKDLoss(scale_by_t2=np.bool_(True), soft_label_weight=np.half(1)),
+    ],
+)
+def test_numpy_options_compile_with_fullgraph(make):
+    # dynamo traces a numpy scalar as a 0-d array, which the number checks refused
+    torch._dynamo.reset()
+    z, t, y = torch.randn(4, 7), torch.randn(2, 4, 7), torch.randint(0, 7, (4,))
+    fn = make()
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(z, t, y), fn(z, t, y))
+
+
+@pytest.mark.parametrize(
+    "student_dtype,teacher_dtype,big",
+    [(torch.float16, torch.float32, 1e6), (torch.float32, torch.float64, 1e300)],
+)
+def test_the_narrowing_cast_check_leaves_out_masked_rows(student_dtype, teacher_dtype, big):
+    # a padding row (label -100) beyond the student's range was refused, though its +inf or
+    # NaN passes: a masked row counts for nothing (MATH.md section 4)
+    z = torch.randn(3, 5, dtype=student_dtype)
+    t = torch.randn(2, 3, 5, dtype=teacher_dtype)
+    y = torch.tensor([1, -100, 2])
+    t[:, 1] = big
+    clean = t.masked_fill(y[None, :, None] == -100, 0.0)
+    for fn in (mtbkd.mtbkd_loss, mtbkd.multi_teacher_kd_loss):
+        torch.testing.assert_close(fn(z, t, y), fn(z, clean, y))
+    t[0, 0, 2] = big  # an unmasked row is still refused by name
+    with pytest.raises(ValueError, match=r"teacher_logits\[0\] .* beyond the range"):
+        mtbkd.mtbkd_loss(z, t, y)
+
+
+@pytest.mark.parametrize(
+    "fn", [mtbkd.mtbkd_loss, mtbkd.multi_teacher_kd_loss, mtbkd.teacher_weights]
+)
+def test_numpy_array_weights_are_named(fn):
+    weights = np.array([1.0, 2.0])
+    z, t = torch.randn(3, 5), torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="(weights|method) must be 'entropy', 'uniform' or"):
+        fn(t, weights) if fn is mtbkd.teacher_weights else fn(z, t, weights=weights)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("bad", ["abc", -5, math.nan, torch.tensor([3.0, 3.0])])
+def test_num_items_in_batch_is_checked_whatever_the_reduction(reduction, bad):
+    z, t = torch.randn(3, 5), torch.randn(2, 3, 5)
+    for fn in (mtbkd.mtbkd_loss, mtbkd.multi_teacher_kd_loss):
+        with pytest.raises((TypeError, ValueError), match="num_items_in_batch"):
+            fn(z, t, reduction=reduction, num_items_in_batch=bad)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_fused_linear_losses_check_num_items_and_numpy_weights(reduction):
+    from mtbkd import fused_linear as FL
+
+    h, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 3, 5)
+    for fn in (FL.fused_linear_mtbkd_loss, FL.fused_linear_multi_teacher_kd_loss):
+        with pytest.raises(ValueError, match="num_items_in_batch must be positive"):
+            fn(h, w, t, reduction=reduction, num_items_in_batch=-5)
+        with pytest.raises(ValueError, match="weights must be 'entropy', 'uniform' or"):
+            fn(h, w, t, weights=np.array([1.0, 2.0]))
