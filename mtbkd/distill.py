@@ -236,6 +236,9 @@ class DistillConfig:
                 raise TypeError(f"{name} must be an integer, got {v!r}")
             else:
                 setattr(self, name, int(v))
+            if name != "seed" and abs(getattr(self, name)) >= 2**62:
+                # (1e300 as a whole float: torch.split's overflow in the middle of training)
+                raise ValueError(f"{name} must be below 2**62, got {v!r}")
         # torch's and numpy's generators take no more; chain c runs with seed + c
         if not 0 <= self.seed < 2**63 - max(self.num_chains - 1, 0):
             top = "2**63" if self.num_chains <= 1 else f"2**63 - {self.num_chains - 1}"
@@ -1658,6 +1661,7 @@ def teacher_attribution(
             f"teacher_attribution needs an MT-BKD (or BKD) objective; a {objective.kind!r} "
             "objective has no responsibilities"
         )
+    probs, teacher_logits = _as_tensor(probs), _as_tensor(teacher_logits)  # numpy's too
     if probs.dim() != 3:
         raise ValueError(f"probs must be [S, N, C], got shape {tuple(probs.shape)}")
     s, n, c = probs.shape
@@ -2760,6 +2764,7 @@ def teacher_mixtures(teacher_logits: Tensor, labels: Tensor) -> list[dict[str, A
         raise ValueError(f"teacher_logits must be [K, N, C], got shape {tuple(t.shape)}")
     if t.shape[1] != len(labels):
         raise ValueError(f"teacher_logits has {t.shape[1]} rows but labels has {len(labels)}")
+    labels = _labels_for(labels, t.shape[2], "labels", t.shape[1])  # numpy's, whole floats
     if t.shape[0] < 2:
         return []
     probs = torch.softmax(t.double(), -1)
@@ -3139,8 +3144,11 @@ def predict_file(
     from mtbkd import metrics as M
     from mtbkd.data import read_inputs
 
+    if isinstance(block_rows, bool) or not isinstance(block_rows, numbers.Integral):
+        raise TypeError(f"block_rows must be an integer, got {block_rows!r}")  # True was 1
     if block_rows < 1:
         raise ValueError(f"block_rows must be at least 1, got {block_rows}")
+    block_rows = int(block_rows)
     meta, model, store = load_run(run_dir)
     x, labels, ids = read_inputs(
         input_path,

@@ -916,7 +916,10 @@ def _figures(result: ExperimentResult, out: Path, boot: dict[str, Any] | None = 
 
         classes, teachers = a["classes"], a["teachers"]
         w, r = np.array(a["mean_weights"]), np.array(a["mean_responsibilities"])
-        fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.7 * len(classes) + 2), 6), sharex=True)
+        # at most 40 inches wide (900 classes made a 69,520-pixel PNG in a minute), the class
+        # names thinned to at most 60 beyond that
+        width_in = min(max(6, 0.7 * len(classes) + 2), 40)
+        fig, axes = plt.subplots(2, 1, figsize=(width_in, 6), sharex=True)
         xs = np.arange(len(classes))
         width = 0.8 / len(teachers)
         for ax, vals, title in (
@@ -929,9 +932,10 @@ def _figures(result: ExperimentResult, out: Path, boot: dict[str, Any] | None = 
             ax.set_ylabel("mean over test rows")
             ax.set_title(title, fontsize=10)
         axes[0].legend(fontsize=8, ncol=len(teachers))
-        axes[1].set_xticks(xs)
+        step = -(-len(classes) // 60)
+        axes[1].set_xticks(xs[::step])
         axes[1].set_xticklabels(
-            classes,
+            classes[::step],
             rotation=30 if len(classes) > 10 or max(len(c) for c in classes) > 3 else 0,
             ha="right",
             fontsize=8,
@@ -1598,6 +1602,8 @@ def gather_seed_runs(
                 "report.json)"
             )
         for s, f in found.items():
+            if s in folders and folders[s].resolve() == f.resolve():
+                raise ValueError(f"{name}: {d} is named twice (its seed {s} at {f})")
             if s in folders:
                 folds = [_test_fold(folders[s]), _test_fold(f)]
                 if None not in folds and folds[0] != folds[1]:

@@ -1682,3 +1682,29 @@ def test_a_float64_students_samples_are_kept_in_float64():
     last = res.store.buffer[len(res.store) - 1]
     head = torch.cat([res.model.head.weight.detach().reshape(-1), res.model.head.bias.detach()])
     assert last.dtype == torch.float64 and torch.equal(last, head)
+
+
+def test_integer_fields_beyond_int64_are_refused_up_front():
+    # --set batch_size=1e300 passed, then torch.split overflowed in the middle of training
+    for name in ("batch_size", "map_epochs", "num_samples"):
+        with pytest.raises(ValueError, match=f"{name} must be below 2\\*\\*62"):
+            replace(SMALL, **{name: 1e300})
+
+
+def test_predict_file_block_rows_must_be_an_integer(tmp_path):
+    for bad in (True, 2.5):  # True was one row a block; 2.5 a TypeError after loading the run
+        with pytest.raises(TypeError, match="block_rows must be an integer"):
+            distill.predict_file(
+                tmp_path, tmp_path / "in.csv", tmp_path / "out.csv", block_rows=bad
+            )
+
+
+def test_teacher_attribution_and_mixtures_take_numpy_inputs():
+    x, y, t = halves_problem(10, seed=0)
+    res = distill.distill(_small_student(), t, x, y, SMALL, method="mtbkd_map")
+    probs = res.predict(x)
+    w, r = distill.teacher_attribution(probs.numpy(), t.numpy(), res.objective)
+    w0, r0 = distill.teacher_attribution(probs, t, res.objective)
+    assert torch.equal(w, w0) and torch.equal(r, r0)
+    assert distill.teacher_mixtures(t, y.numpy()) == distill.teacher_mixtures(t, y)
+    assert distill.teacher_mixtures(t, y.double()) == distill.teacher_mixtures(t, y)

@@ -1091,3 +1091,31 @@ def test_summarise_without_matplotlib_is_refused_before_writing(tmp_path, monkey
     assert not out.exists()
     cli.main(["summarise", *runs, "--out", str(out), "--no-figures"])
     assert (out / "summary.md").is_file()
+
+
+def test_a_run_named_twice_is_said_so(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "report.json").write_text(
+        json.dumps({"config": {"seed": 0}, "dataset": "toy", "methods": []})
+    )
+    # it said "seed 0 is in both run and run"
+    with pytest.raises(ValueError, match="is named twice"):
+        report.gather_seed_runs([folder, tmp_path / "run" / "."])
+
+
+def test_the_teacher_figure_of_many_classes_stays_a_sane_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    result = _result()
+    k, c = 2, 300
+    attribution = {
+        "method": "mtbkd_sgld", "teachers": ["a", "b"], "classes": [f"c{i}" for i in range(c)],
+        "mean_weights": [[0.5] * k] * c, "mean_responsibilities": [[0.5] * k] * c,
+    }  # fmt: skip
+    result = dataclasses.replace(result, attribution=attribution)
+    files = report._figures(result, tmp_path)
+    assert "teachers.png" in files
+    with Image.open(tmp_path / "teachers.png") as image:
+        assert image.width <= 40 * 110 + 10  # 40 inches at 110 dpi (it grew with the classes)
