@@ -285,7 +285,8 @@ def load_smollm2(
     ``~/.cache/mtbkd``; a folder ``smollm2-<hash>`` of about 270 MB in bfloat16, 540 MB in
     float32: :func:`smollm2_cache_folder`), and later calls load that copy in about a second:
     the same weights, bit for bit, and the same tokenizer. Delete the folder to reclaim the space;
-    an unwritable cache folder only warns.
+    an unwritable cache folder only warns. The model's ``from_mtbkd_cache`` says whether it came
+    from that copy (a damaged one is converted again, with a warning).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = find_smollm2_gguf() if path is None else Path(path)
@@ -327,6 +328,7 @@ def load_smollm2(
             ) from None
         if folder is not None:
             _save_converted(model, tokenizer, folder)
+    model.from_mtbkd_cache = loaded is not None
     model.eval().requires_grad_(False)
     return model, tokenizer
 
@@ -589,11 +591,8 @@ def _run(cfg: DemoConfig, quiet: bool, gguf_path: Path | None, t_start: float) -
 
     t0 = time.perf_counter()
     # bfloat16: the 135M-parameter body is the demo's largest cost (1.3x faster than fp32 here).
-    cached = (
-        gguf_path is not None
-        and (smollm2_cache_folder(gguf_path, torch.bfloat16) / "model.safetensors").is_file()
-    )
     teacher, tokenizer = load_smollm2(gguf_path, dtype=torch.bfloat16, quiet=True)
+    cached = teacher.from_mtbkd_cache  # (a damaged copy was converted again)
     check_seq_len(cfg.seq_len, getattr(teacher.config, "max_position_embeddings", None))
     vocab = teacher.get_output_embeddings().weight.shape[0]
     t0 = lap("load SmolLM2", t0)
