@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_bayes as BB  # noqa: E402  (the eager step and the compile options of the CPU suite)
-from bench_gpu import positive_int, write_json  # noqa: E402
+from bench_gpu import file_path_problem, positive_int, write_json  # noqa: E402
 
 from mtbkd import ops  # noqa: E402
 from mtbkd.nn import BayesLinear, record_kl  # noqa: E402
@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None,
                     help="also write the numbers to this file (its folder is made)")  # fmt: skip
     a = ap.parse_args(argv)
-    if a.json is not None and (a.json.is_dir() or a.json.parent.is_file()):  # before measuring
-        ap.error(f"--json {a.json}: not a file path (a folder, or under a file)")
+    why = None if a.json is None else file_path_problem(a.json)
+    if why:  # before measuring
+        ap.error(f"--json {a.json}: not a file path ({why})")
     device = "cpu" if a.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device (torch.cuda.is_available() is False); --dry-run runs on CPU")

@@ -501,13 +501,29 @@ def positive_float(text: str) -> float:
     return value
 
 
+def file_path_problem(path: Path) -> str | None:
+    """Why ``path`` cannot take a file, or None: a folder, or a path under a file (the nearest
+    existing folder above it is a file). Checked before measuring: the scripts had failed only
+    when they wrote, after the whole measurement."""
+    if path.is_dir():
+        return "a folder"
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"under the file {parent}"
+    return None
+
+
 def write_json(path: Path | str, obj) -> None:
-    """``obj`` as JSON at ``path`` (its folder made), written beside it and renamed over it."""
+    """``obj`` as JSON at ``path`` (its folder made), written beside it and renamed over it (the
+    temporary file removed if that fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,8 +195,14 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_results(suite: str, results: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.date.today().isoformat()
+    # date and time: a second run of the day (every machine here is called "vm") had replaced
+    # the first one's file, whose numbers the docs quoted
+    stamp = _dt.datetime.now().strftime("%Y-%m-%dT%H%M%S")
     path = out_dir / f"{stamp}-{socket.gethostname()}-{suite}.json"
+    n = 1
+    while path.exists():
+        n += 1
+        path = out_dir / f"{stamp}-{socket.gethostname()}-{suite}-{n}.json"
     text = json.dumps(results, indent=2)
     write_atomic(path, text)
     write_atomic(out_dir / f"latest-{suite}.json", text)

@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true",
                    help="exit 1 if a fused backend failed or rounded off nearest")  # fmt: skip
     a = p.parse_args(argv)
+    why = None if a.out is None else bench_gpu.file_path_problem(a.out)
+    if why:  # before measuring
+        p.error(f"--out {a.out}: not a file path ({why})")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False); "
                 "use --device cpu")  # fmt: skip

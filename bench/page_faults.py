@@ -137,8 +137,12 @@ def main(argv=None) -> int:
     if a.child:
         print(json.dumps(measure(a.loss[0], a.n, a.vocab, a.teachers, a.dtype[0], a.steps)))
         return 0
-    if a.out is not None and (a.out.is_dir() or a.out.parent.is_file()):  # before measuring
-        ap.error(f"--out {a.out}: not a file path (a folder, or under a file)")
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_gpu import file_path_problem
+
+    why = None if a.out is None else file_path_problem(a.out)
+    if why:  # before measuring
+        ap.error(f"--out {a.out}: not a file path ({why})")
     res = run(a.loss, a.n, a.vocab, a.teachers, a.dtype, a.steps, a.rounds)
     from mtbkd.info import huge_pages_status
 

@@ -30,10 +30,13 @@ def merge(
         if not (run / "summary.json").is_file():
             raise SystemExit(f"{run} is not the output folder of a --seeds run (no summary.json)")
         summary = json.loads((run / "summary.json").read_text())
-        if "pooled_from" in summary or "folds" in summary or "compared_from" in summary:
+        # (comparisons written before compared_from existed have no seed folders at all)
+        no_seeds = not any((run / f"seed{s}").is_dir() for s in summary.get("seeds") or [])
+        if "pooled_from" in summary or "folds" in summary or "compared_from" in summary or no_seeds:
             raise SystemExit(
-                f"{run} is a summary made by `mtbkd summarise`, examples/cross_fit.py or "
-                "examples/compare_runs.py, not a --seeds run: compare the runs it summarises"
+                f"{run} is a summary (made by `mtbkd summarise`, examples/cross_fit.py or "
+                "examples/compare_runs.py; it has no seed folders), not a --seeds run: compare "
+                "the runs it summarises"
             )
         summaries.append(summary)
     seeds = summaries[0]["seeds"]

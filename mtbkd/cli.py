@@ -441,6 +441,8 @@ def _run_contents(out: Path) -> tuple[list[str], list[str], bool]:
         # mtbkd summarise's (pooled_from), examples/cross_fit.py's (folds) and
         # examples/compare_runs.py's (compared_from): not a --seeds run
         pooled = any(summary.get(k) is not None for k in ("pooled_from", "folds", "compared_from"))
+        # a summary.json without any seed folder: a comparison written before compared_from
+        pooled = pooled or not found
         if not pooled:
             multi.append("summary.json")
     return single, multi, pooled

@@ -276,3 +276,36 @@ def test_bayes_step_dry_run_times_every_method_that_can_run(tmp_path, capsys):
     assert set(got["ms"]) == expected and all(v > 0 for v in got["ms"].values())
     with pytest.raises(SystemExit):
         bayes_step_gpu.main(["--size", "0", "--dry-run"])
+
+
+@pytest.mark.parametrize(
+    "script, flag", [("grad_rounding", "--out"), ("page_faults", "--out"),
+                     ("bayes_step_gpu", "--json")],
+)  # fmt: skip
+@pytest.mark.parametrize("where", ["folder", "under a file"])
+def test_bench_scripts_refuse_a_bad_output_path_before_measuring(script, flag, where, tmp_path,
+                                                                 monkeypatch, capsys):  # fmt: skip
+    # session 32: a folder, or a path two levels under a file, failed only when the results were
+    # written, after the whole measurement (a traceback, and a stray .tmp file)
+    mod = _bench_module(script)
+    monkeypatch.setattr(mod, "run", lambda *a, **k: pytest.fail("it measured"), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on the GPU machine
+    (tmp_path / "afile").write_text("")
+    target = tmp_path if where == "folder" else tmp_path / "afile" / "sub" / "x.json"
+    argv = [flag, str(target)] + (["--device", "cpu"] if script == "grad_rounding" else [])
+    with pytest.raises(SystemExit) as exc:
+        mod.main(argv)
+    assert exc.value.code == 2 and "not a file path" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_dated_result_files_of_one_day_do_not_replace_each_other(tmp_path):
+    # a second run of the day had replaced the first one's file (every machine here is "vm")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import common
+
+    first = common.write_results("bayes", {"machine": {"commit": "aaa"}}, tmp_path)
+    second = common.write_results("bayes", {"machine": {"commit": "bbb"}}, tmp_path)
+    assert first != second
+    assert json.loads(first.read_text())["machine"]["commit"] == "aaa"
+    assert json.loads((tmp_path / "latest-bayes.json").read_text())["machine"]["commit"] == "bbb"

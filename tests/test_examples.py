@@ -311,3 +311,15 @@ def test_cross_fit_and_compare_runs_never_write_into_another_run(tmp_path, capfd
         import os
 
         os.close(held)
+
+
+def test_compare_runs_names_an_older_comparison_as_a_summary(tmp_path):
+    # session 32: comparisons written before compared_from existed (14 under results/) were
+    # read as --seeds runs whose seed 0 "is not finished"
+    base, older = (str(EXAMPLES.parent / "results" / d)
+                   for d in ("digits-5seeds", "digits-5seeds-joint-selection"))  # fmt: skip
+    args = [sys.executable, str(EXAMPLES / "compare_runs.py"), base, older, "--tag", "x"]
+    proc = subprocess.run(args + ["--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    assert "is not finished" not in proc.stderr and "not a --seeds run" in proc.stderr
