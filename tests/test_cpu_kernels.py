@@ -602,7 +602,8 @@ import mtbkd.functional as _F  # noqa: E402
 
 KNOWN_CLAMP = (
     "known limitation (docs/API.md): the CPU kernels clamp offsets and log q at -1e30, so a row "
-    "below -1e30 is NaN and a student -inf against a teacher's tiny mass keeps that teacher"
+    "below -1e30 is NaN and a student -inf against a teacher's tiny mass keeps that teacher "
+    "(the latter in the CUDA kernels too)"
 )
 LOWEST = torch.finfo(torch.float32).min
 
