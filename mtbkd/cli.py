@@ -778,7 +778,11 @@ def _run_seeds(args: argparse.Namespace, out: Path, t0: float, seeds: list[int] 
             # a finished run redone from its checkpoints: with other settings (another
             # --methods) its files would mix with the earlier run's (a report of one method
             # beside the samples and predictions of another, which predict would use)
-            _check_finished_seed(args, seed, done, _read_json(done))
+            try:  # a damaged one is named (it was read as {}: "other settings")
+                rep = report.read_json(done)
+            except ValueError as exc:
+                raise SystemExit(f"mtbkd {args.command}: {exc}") from None
+            _check_finished_seed(args, seed, done, rep)
         _run_one(args, seed, out)
         print(f"total {time.perf_counter() - t0:.0f} s")
         print(f"{_written(args, out)} written to {out}")

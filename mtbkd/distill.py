@@ -2806,6 +2806,9 @@ def weighting_diagnostic(
             f"teacher_logits {tuple(t.shape)} must be [K={len(teacher_names)}, N={len(labels)}, C]"
         )
     labels = M._labels(labels, t.shape[1], t.shape[2])
+    if t.is_floating_point() and not bool(torch.isnan(t).logical_not().all()):
+        # argmax puts NaN on top: such rows counted as agreeing ("the teachers agree")
+        raise ValueError("teacher_logits contain NaN")
     pred = t.argmax(-1)
     disagree = (pred != pred[:1]).any(0)
     n_dis = int(disagree.sum())

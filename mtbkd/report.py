@@ -340,6 +340,31 @@ def _load_row_stats(path: Path) -> dict[str, Any]:
     }
 
 
+def _check_fold_settings(dirs: list[Path], reps: list[dict[str, Any]]) -> None:
+    """Folds of one cross-fit: the same settings but the test fold (as ``mtbkd summarise``
+    compares seeds), and, where the configs record folds (``test_folds``), each fold once. Folds
+    drawn with another ``fold_seed`` or count overlap (a third of their rows at 3 folds), and
+    their test digests differ: they had been pooled, rows counted twice."""
+    from mtbkd.distill import experiment_settings
+
+    if not all(rep.get("config") for rep in reps):  # reports of hand-made folds: not known
+        return
+    settings = [experiment_settings(rep) for rep in reps]
+    for d, st in zip(dirs[1:], settings[1:], strict=True):
+        keys = sorted(k for k in {*st, *settings[0]}
+                      if k != "test_fold" and st.get(k) != settings[0].get(k))  # fmt: skip
+        if keys:
+            raise ValueError(
+                f"run_dirs: {d} and {dirs[0]} ran with other settings ({', '.join(keys)}): the "
+                "folds of one cross-fit differ in test_fold alone"
+            )
+    if settings[0].get("test_folds"):
+        folds = [st.get("test_fold") for st in settings]
+        twice = sorted({f for f in folds if folds.count(f) > 1})
+        if twice:
+            raise ValueError(f"run_dirs: test_fold {twice[0]} is pooled twice: each fold once")
+
+
 def pool_folds(
     run_dirs: list[str | Path], dataset: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -397,6 +422,7 @@ def pool_folds(
             )
         if digest is not None:
             digests[digest] = d
+    _check_fold_settings(dirs, reps)
     labels = torch.cat([st["labels"] for st in stats])
     methods, per_row = [], {"labels": labels}
     for n in names:

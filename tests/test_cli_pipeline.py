@@ -1318,3 +1318,15 @@ def test_resume_and_summarise_read_an_older_deeploc_report_as_the_composition_en
     assert report._encoder_or_old({"dataset": "digits"}) is None
     assert report.sequence_encoder_of({"features": "2245 (sequence encoder composition+unirep1900)"}
                                       ) == "composition+unirep1900"  # fmt: skip
+
+
+def test_single_run_resume_names_a_damaged_report(tmp_path):
+    # session 32: it was read as {} and called "written with other settings"
+    from mtbkd import cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.json").write_text('{"config": [1,')
+    with pytest.raises(SystemExit, match="report.json is damaged"):
+        cli.main(["distill", "--dataset", "digits", "--out", str(out), "--resume",
+                  "--no-figures", "--no-progress"])  # fmt: skip

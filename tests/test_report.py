@@ -1119,3 +1119,41 @@ def test_the_teacher_figure_of_many_classes_stays_a_sane_size(tmp_path):
     assert "teachers.png" in files
     with Image.open(tmp_path / "teachers.png") as image:
         assert image.width <= 40 * 110 + 10  # 40 inches at 110 dpi (it grew with the classes)
+
+
+def test_pool_folds_refuses_overlapping_folds_and_other_settings(tmp_path):
+    # session 32: fold 0 of 3 drawn with fold_seed 0 and fold 0 of 3 with fold_seed 1 share a
+    # third of their rows (their digests differ), and folds of other settings were pooled too
+    def cfg(**kw):
+        return distill.DistillConfig(progress=False, **kw)
+
+    runs = {
+        "a": dataclasses.replace(_fold_result(0, 20), config=cfg(test_folds=3, test_fold=0)),
+        "b": dataclasses.replace(_fold_result(1, 20, 1),
+                                 config=cfg(test_folds=3, test_fold=0, fold_seed=1)),
+        "c": dataclasses.replace(_fold_result(2, 20, 2),
+                                 config=cfg(test_folds=3, test_fold=1, map_epochs=7)),
+        "d": dataclasses.replace(_fold_result(3, 20, 1), config=cfg(test_folds=3, test_fold=0)),
+        "e": dataclasses.replace(_fold_result(4, 20, 2), config=cfg(test_folds=3, test_fold=1)),
+    }  # fmt: skip
+    for name, res in runs.items():
+        report.write_report(res, tmp_path / name, figures=False)
+    with pytest.raises(ValueError, match="other settings \\(fold_seed\\)"):
+        report.pool_folds([tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(ValueError, match="other settings \\(map_epochs\\)"):
+        report.pool_folds([tmp_path / "a", tmp_path / "c"])
+    with pytest.raises(ValueError, match="test_fold 0 is pooled twice"):
+        report.pool_folds([tmp_path / "a", tmp_path / "d"])
+    rep, _ = report.pool_folds([tmp_path / "a", tmp_path / "e"])
+    assert rep["rows"] == 40
+
+
+def test_weighting_diagnostic_refuses_nan_logits():
+    # argmax puts NaN on top: a NaN row counted as one where the teachers agree
+    y = torch.tensor([0, 1, 2, 0])
+    t = torch.tensor([[[9.0, 0, 0], [0, 9, 0], [0, 0, 9], [9, 0, 0]],
+                      [[9.0, 0, 0], [0, 9, 0], [0, 0, 9], [0, 9, 0]]])  # fmt: skip
+    t[:, 0, 0] = float("nan")
+    for rows in (4, 3):
+        with pytest.raises(ValueError, match="NaN"):
+            distill.weighting_diagnostic(t[:, :rows], y[:rows], ["a", "b"])
