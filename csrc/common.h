@@ -160,6 +160,10 @@ struct TeacherAcc {
   T Rw;
 };
 
+// The clamp of linear factors (x - offset >= -kFarShift) in frame shifts, as the CPU kernels'
+// kFar: where an exponential is exactly 0.
+constexpr double kFarShift = 1e30;
+
 template <class T>
 MTBKD_HD StudentAcc<T> empty_student() {
   return StudentAcc<T>{neg_infinity<T>(), T(0), T(0)};
@@ -185,10 +189,15 @@ MTBKD_HD void shift_student(StudentAcc<T>& s, TeacherAcc<T>* tk, int K, T new_m,
   if (!(new_m >= s.m)) return;  // new_m is NaN (the NaN check reports it)
   const T delta = new_m - s.m;
   const T sc = delta > T(0) ? scalar_exp(-delta * inv_tau) : T(1);
+  // the linear factors z - new_m are clamped at -kFar, as in the blocks (a part whose logits
+  // all lie below -1e30, beside one of ordinary logits: delta ~ 3e38 would overflow B)
+  const T dl = delta < T(kFarShift) ? delta : T(kFarShift);
   for (int k = 0; k < K; ++k) {
-    if (delta > T(0)) tk[k].B -= delta * tk[k].A;
+    if (delta > T(0)) tk[k].B -= dl * tk[k].A;
     const T db = frame[k].b - tk[k].b;
-    if (delta > T(0) || db != T(0)) tk[k].E = sc * (tk[k].E - s.S * (delta - db));
+    // sc = 0: the part's student mass is gone, and so is E (not 0 * inf)
+    if (delta > T(0) || db != T(0))
+      tk[k].E = sc > T(0) ? sc * (tk[k].E - s.S * (delta - db)) : T(0);
     tk[k].b = frame[k].b;
   }
   s.S *= sc;
@@ -208,9 +217,9 @@ MTBKD_HD void shift_teacher(TeacherAcc<T>& t, T new_o, T inv_tau, T inv_tau_w) {
   const T sc = scalar_exp(-delta * inv_tau);
   const T scw = scalar_exp(-delta * inv_tau_w);
   t.B *= sc;
-  t.F = sc * (t.F - delta * t.A);
+  t.F = sc > T(0) ? sc * (t.F - delta * t.A) : T(0);  // (not 0 * inf for delta ~ 3e38)
   t.A *= sc;
-  t.Dw = scw * (t.Dw - delta * t.Aw);
+  t.Dw = scw > T(0) ? scw * (t.Dw - delta * t.Aw) : T(0);
   t.Aw *= scw;
   t.o = new_o;
 }

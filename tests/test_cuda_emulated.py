@@ -521,3 +521,25 @@ def test_degenerate_rows_of_the_teacher_kernel_are_those_of_the_cpu_kernels(emu,
     want = C.teacher_stats(t, 2.0, 5.0, 0.7, False)
     assert torch.equal(got.isnan(), want.isnan()), f"teacher_stats K={k}: CUDA {got} CPU {want}"
     _assert_same(["teacher_stats"], [got], [want], torch.float32, f"teacher_stats K={k}")
+
+
+@pytest.mark.parametrize("who", ["student", "teacher"])
+def test_rows_below_minus_1e30_match_the_cpu_kernels_and_the_reference(emu, who):
+    # session 32: a row of finfo(float32).min logits (a padding row) is a uniform distribution;
+    # the CPU kernels had clamped its offset at -1e30 and made it NaN, the CUDA kernels had not
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 1500, generator=g, dtype=torch.float64)  # two blocks of the CPU kernels
+    t = torch.randn(2, 3, 1500, generator=g, dtype=torch.float64)
+    if who == "student":
+        z[1] = torch.finfo(torch.float32).min
+    else:
+        t[1, 1] = torch.finfo(torch.float32).min
+    args = (z, list(t), None, None, None, 2.0, 5.0, 0.02, 1.0, 0, 1.0, -100, False, None)
+    got, _ = emu.mtbkd_loss_fwd(*args)
+    _assert_same(MTBKD_OUT, got, C.mtbkd_loss_fwd(*args), torch.float64, f"mtbkd {who}")
+    ref = REF["mtbkd_loss_fwd"]["reference"](*args)
+    _assert_same(MTBKD_OUT, got, ref, torch.float64, f"mtbkd {who} vs reference")
+    for div in (0, 1, 2):
+        args = (z, list(t), None, None, div, 0.5, 1.0, 1, 1.0, 0.0, 1.0, 1.0, -100, False)
+        got, _ = emu.multi_teacher_kd_fwd(*args)
+        _assert_same(KD_OUT, got, C.multi_teacher_kd_fwd(*args), torch.float64, f"kd {div}")

@@ -236,13 +236,18 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
       if (n < W) x = VA::set(ninf, x, n);
       vmax = at::vec::maximum(vmax, x);
     }
-    StudentAcc<A> sb{std::max(hmax(vmax), -kFar<A>), A(0), A(0)};
-    if (cache.e != nullptr) cache.off[blk] = sb.m;
+    // the block's maximum is its frame, however low (a row of finfo.min logits: clamping it at
+    // -kFar had made every exponential 0 and the row NaN); a block of -inf alone is an empty
+    // frame (-inf, which the merges take as such) computed against -kFar
+    const A bmax = hmax(vmax);
+    StudentAcc<A> sb{bmax, A(0), A(0)};
+    const A zoff = bmax == -kInf<A> ? -kFar<A> : bmax;
+    if (cache.e != nullptr) cache.off[blk] = bmax;
     // reverse KL: the column of the block's maximum (the teachers' b_k are read there); a
     // vector compare finds its vector, a scalar scan its lane (0 if the block is all -inf)
     int64_t top = 0;
     if (nd.rev) {
-      const VA vm(sb.m);
+      const VA vm(zoff);
       int64_t i = 0;
       while (i < len && (load(zb + i, len - i) == vm).zero_mask() == (1 << W) - 1) i += W;
       if (i < len) {
@@ -251,7 +256,7 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
       }
     }
     {
-      const VA vm(sb.m), vfar(-kFar<A>);
+      const VA vm(zoff), vfar(-kFar<A>);
       VA aS(A(0)), aS1(A(0));
       for (int64_t i = 0; i < len; i += W) {
         const int64_t n = len - i;
@@ -282,10 +287,11 @@ int row_stats(const A* z, const A* const* t, int K, int64_t V, A it, A itw, cons
           if (n < W) x = VA::set(ninf, x, n);
           tmax = at::vec::maximum(tmax, x);
         }
-        o = std::max(hmax(tmax), -kFar<A>);
+        o = hmax(tmax);  // (as the student's: -inf for a block of -inf alone)
       }
-      const VA vo(o), vfar(-kFar<A>);
-      const A b = std::max(tk[top], -kFar<A>);
+      const A toff = o == -kInf<A> ? -kFar<A> : o;
+      const VA vo(toff), vfar(-kFar<A>);
+      const A b = tk[top] == -kInf<A> ? -kFar<A> : tk[top];
       const VA vb(b);
       A* ek = nullptr;
       if (cache.e != nullptr) {
@@ -359,8 +365,8 @@ bool teacher_only_stats(const A* t, int64_t V, A it, A itw, bool need_tau, bool 
       if (n < W) x = VA::set(ninf, x, n);
       tmax = at::vec::maximum(tmax, x);
     }
-    const A o = std::max(hmax(tmax), -kFar<A>);
-    const VA vo(o), vfar(-kFar<A>);
+    const A o = hmax(tmax);  // -inf for a block of -inf alone (an empty frame), as above
+    const VA vo(o == -kInf<A> ? -kFar<A> : o), vfar(-kFar<A>);
     VA aA(A(0)), aF(A(0)), aAw(A(0)), aDw(A(0)), aR(A(0)), aRw(A(0)), aN(A(0));
     for (int64_t i = 0; i < len; i += W) {
       const int64_t n = len - i;

@@ -316,7 +316,7 @@ __device__ __forceinline__ A student_push(A& m, A& s, A& s1, A z, A inv_tau, boo
 
 // Weighted-sum KD: the student at tau (and 1), with the reverse KL's sums of K teachers
 //   R_k = sum e_s x_k,  x_k = (z - m) - (t_k - b_k),  e_s = e^((z - m)/tau),
-// b_k = teacher k's logit at the column of the student's max m (clamped at -kFar). x_k is 0 at
+// b_k = teacher k's logit at the column of the student's max m (-kFar for -inf). x_k is 0 at
 // that column and small where q is, so nothing large cancels in D_k or in the gradient
 // q (x_k - R_k / S) / tau^2. Moving the frame by delta = m' - m, db = b' - b:
 // R' = e^(-delta/tau) (R - S (delta - db)). A merge keeps the frame of the part with the larger
@@ -352,7 +352,9 @@ struct KDStudent {
     if (z > m) {
       A bn[KT];
 #pragma unroll
-      for (int k = 0; k < KT; ++k) bn[k] = rev ? clamp_far(t[k]) : A(0);
+      // b_k is the teacher's logit itself, however low (a teacher row of finfo.min: clamping
+      // -3.4e38 to -1e30 put 3e38 into x_k); only -inf takes -kFar
+      for (int k = 0; k < KT; ++k) bn[k] = rev ? (t[k] == ninf<A>() ? A(-1e30) : t[k]) : A(0);
       if (s > A(0)) {
         move_to(z, bn, inv_tau, rev, with_s1);
       } else {
