@@ -167,11 +167,17 @@ def results_dir(out_dir: Path | str | None, quick: bool) -> Path:
     results the README and docs/BENCHMARKS.md quote), or ``bench/results/quick`` for a
     ``--quick`` smoke run so that it never overwrites them. An empty ``out_dir`` is refused (it
     once fell back to the default)."""
+    here = Path(__file__).parent / "results"
     if out_dir is not None:
         if not str(out_dir):
             raise ValueError("the output folder is an empty string")
+        if quick and Path(out_dir).resolve() == here.resolve():
+            # smoke numbers over the committed latest-*.json / .md, nothing in the .md saying so
+            raise ValueError(
+                f"--quick results do not go into {here} (the committed results): give another "
+                "--out, or leave it out (bench/results/quick)"
+            )
         return Path(out_dir)
-    here = Path(__file__).parent / "results"
     return here / "quick" if quick else here
 
 

@@ -55,7 +55,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 f"mtbkd bench: --out {args.out} is not a folder it can write to: "
                 f"{exc.strerror or exc}"
             ) from None
-    out = importlib.import_module("common").results_dir(args.out, args.quick)
+    try:
+        out = importlib.import_module("common").results_dir(args.out, args.quick)
+    except ValueError as exc:
+        raise SystemExit(f"mtbkd bench: {exc}") from None
     try:
         for suite in suites:
             try:

@@ -565,6 +565,8 @@ def run(cfg: DemoConfig = SIZES["default"], quiet: bool = False) -> dict[str, An
     timings). Prints a report unless ``quiet``. ``cfg.threads`` holds for the run only: torch's
     thread count is given back after it (after a refused ``cfg`` too)."""
     t_start = time.perf_counter()
+    # before anything imports transformers (huggingface_hub reads it once, at its import)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gguf_path = find_smollm2_gguf()
     check_seq_len(cfg.seq_len, smollm2_context_length(gguf_path))  # before loading SmolLM2
     threads = torch.get_num_threads()

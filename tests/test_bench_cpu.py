@@ -332,3 +332,17 @@ def test_entropy_precision_answers_help_without_measuring(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         entropy_precision.main(["--help"])
     assert exc.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_quick_results_are_refused_in_the_committed_results_folder(monkeypatch):
+    # session 32: --quick --out bench/results replaced the committed latest-*.json / .md with
+    # smoke numbers that nothing marked as such
+    from pathlib import Path
+
+    from mtbkd import cli
+
+    committed = Path(__file__).resolve().parents[1] / "bench" / "results"
+    before = sorted(p.name for p in committed.iterdir())
+    with pytest.raises(SystemExit, match="--quick results do not go into"):
+        cli.main(["bench", "--suite", "loss", "--quick", "--out", str(committed)])
+    assert sorted(p.name for p in committed.iterdir()) == before
