@@ -1119,6 +1119,8 @@ def _label_indices(y, name: str) -> np.ndarray:
         )
     if y.dtype.kind == "f" and len(y) and float(np.abs(y).max()) >= 2.0**62:
         raise ValueError(f"{name} has labels too large for class indices (max {y.max():g})")
+    if y.dtype.kind == "u" and len(y) and int(y.max()) >= 2**62:  # (int64 made them negative)
+        raise ValueError(f"{name} has labels too large for class indices (max {int(y.max())})")
     y = y.astype(np.int64)
     if len(y) and y.min() < 0:
         raise ValueError(f"{name} has negative labels (min {y.min()}): use class indices 0..C-1")

@@ -1030,3 +1030,15 @@ def test_dataset_does_not_replace_the_callers_teacher_arrays():
     mine = t_train["a"]
     data.Dataset("d", x, y, x, y, ["a", "b", "c"], t_train, t_test)
     assert t_train["a"] is mine and t_train["a"].dtype == np.float64
+
+
+def test_uint64_labels_beyond_int64_are_too_large_not_negative(tmp_path):
+    # they were cast to int64 first and reported as "negative labels (min -9223372036854775803)"
+    d = tmp_path / "d"
+    d.mkdir()
+    np.save(d / "features.npy", np.random.default_rng(0).normal(size=(12, 2)))
+    labels = (np.arange(12) % 3).astype(np.uint64)
+    labels[4] = 2**63 + 5
+    np.save(d / "labels.npy", labels)
+    with pytest.raises(ValueError, match="labels too large for class indices"):
+        data.load_directory(d)
