@@ -245,6 +245,7 @@ def canonical_inputs(
         raise ValueError("teacher_logits must hold at least one teacher (got K = 0)")
     keep = None  # the rows a label does not mask (labels of a wrong shape fail below)
     if (ignore_index is not None and isinstance(labels, Tensor) and labels.shape == lead
+            and labels.device == student_logits.device
             and not (labels.is_floating_point() or labels.is_complex())):  # fmt: skip
         keep = labels != ignore_index
     out = []
