@@ -34,8 +34,8 @@ def merge(
         no_seeds = not any((run / f"seed{s}").is_dir() for s in summary.get("seeds") or [])
         if "pooled_from" in summary or "folds" in summary or "compared_from" in summary or no_seeds:
             raise SystemExit(
-                f"{run} is a summary (made by `mtbkd summarise`, examples/cross_fit.py or "
-                "examples/compare_runs.py; it has no seed folders), not a --seeds run: compare "
+                f"{run} is a summary made by `mtbkd summarise`, examples/cross_fit.py or "
+                "examples/compare_runs.py (it has no seed folders), not a --seeds run: compare "
                 "the runs it summarises"
             )
         summaries.append(summary)

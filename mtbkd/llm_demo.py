@@ -594,7 +594,8 @@ def _run(cfg: DemoConfig, quiet: bool, gguf_path: Path | None, t_start: float) -
     t0 = time.perf_counter()
     # bfloat16: the 135M-parameter body is the demo's largest cost (1.3x faster than fp32 here).
     teacher, tokenizer = load_smollm2(gguf_path, dtype=torch.bfloat16, quiet=True)
-    cached = teacher.from_mtbkd_cache  # (a damaged copy was converted again)
+    # (a damaged copy was converted again; a teacher from elsewhere says nothing: not cached)
+    cached = bool(getattr(teacher, "from_mtbkd_cache", False))
     check_seq_len(cfg.seq_len, getattr(teacher.config, "max_position_embeddings", None))
     vocab = teacher.get_output_embeddings().weight.shape[0]
     t0 = lap("load SmolLM2", t0)

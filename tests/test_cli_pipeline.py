@@ -393,7 +393,7 @@ def test_summarise_pools_the_seeds_of_runs_made_apart(tmp_path, capsys):
     # refusals, each naming what is wrong
     bad = [
         (["summarise", str(tmp_path / "a"), str(tmp_path / "all")], "seed 0 is in both"),
-        (["summarise", str(tmp_path / "a"), str(tmp_path / "a")], "seed 0 is in both"),
+        (["summarise", str(tmp_path / "a"), str(tmp_path / "a")], "is named twice"),
         (["summarise", str(tmp_path / "nothing")], "not the output folder of a finished run"),
         (["summarise", str(tmp_path / "a"), "--reference", "avg_kd"], "--reference: 'avg_kd'"),
         (["summarise", str(tmp_path / "a"), "--out", str(tmp_path / "a")], "is, holds or lies"),

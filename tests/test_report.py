@@ -350,7 +350,7 @@ def test_float_labels_are_an_error_not_truncated():
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
     with pytest.raises(TypeError, match="integer tensor"):
         distill.evaluate_probs(probs, torch.tensor([0.9, 1.7]))
-    with pytest.raises(TypeError, match="integer tensor"):
+    with pytest.raises(TypeError, match="integer class indices, got dtype torch.float32 with fr"):
         distill.teacher_mixtures(torch.zeros(2, 2, 2), torch.tensor([0.9, 1.7]))
     with pytest.raises(TypeError, match="integer tensor"):
         distill.weighting_diagnostic(torch.zeros(2, 2, 2), torch.tensor([0.9, 1.7]), ["a", "b"])
