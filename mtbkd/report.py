@@ -709,6 +709,10 @@ def followed_sentences(attribution: dict[str, Any] | None) -> list[str]:
             f"No teacher stands out (mean responsibilities within {FOLLOW_MARGIN:g} of each "
             f"other) for classes {', '.join(undecided)}."
         )
+    named = {*attribution["followed"], *undecided}
+    empty = [c for c in attribution.get("classes") or [] if c not in named]
+    if empty:  # (they were named in neither sentence)
+        out.append(f"Classes {', '.join(empty)} have no test rows: no teacher is read for them.")
     return out
 
 

@@ -1157,3 +1157,13 @@ def test_weighting_diagnostic_refuses_nan_logits():
     for rows in (4, 3):
         with pytest.raises(ValueError, match="NaN"):
             distill.weighting_diagnostic(t[:, :rows], y[:rows], ["a", "b"])
+
+
+def test_classes_without_test_rows_are_named_in_the_followed_sentences():
+    # they were named neither as followed nor as undecided
+    att = {"teachers": ["a", "b"], "classes": ["0", "1", "2"], "followed": {"0": "a"},
+           "undecided": ["1"]}  # fmt: skip
+    text = " ".join(report.followed_sentences(att))
+    assert "Classes 2 have no test rows" in text
+    att["followed"]["2"] = "b"
+    assert "no test rows" not in " ".join(report.followed_sentences(att))
