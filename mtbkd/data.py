@@ -1156,18 +1156,12 @@ def _class_names(
                     "every class"
                 )
         return names
+    # one labels.npy split by class: a class of one row goes to training
+    hint = (" (split by class: give more rows, or train/ and test/ folders)"
+            if label_files[0] == label_files[1] else "")  # fmt: skip
     for which, y, f in zip(("training", "test"), labels, label_files, strict=True):
         if not len(y):  # numpy's "zero-size array to reduction operation maximum" before
-            split = label_files[0] == label_files[1]  # one labels.npy, split by class
-            raise ValueError(
-                f"{f} leaves no {which} rows"
-                + (
-                    " (split by class, a class of one row goes to training): give more rows, "
-                    "or train/ and test/ folders"
-                    if split
-                    else ""
-                )  # fmt: skip
-            )
+            raise ValueError(f"{f} leaves no {which} rows{hint}")
     c = max(int(y.max()) for y in labels) + 1
     widths = {np.asarray(t).shape[-1] for t in teachers.values()}
     # teachers that agree on more classes than the labels show: a class absent from the labels

@@ -76,11 +76,11 @@ def _label_fingerprint(labels: Tensor | None, n: int) -> list[int]:
     return [int(lab.sum()), _tensor_crc(lab)]
 
 
-def _check_items(reduction, num_items_in_batch) -> None:
+def _check_items(num_items_in_batch) -> None:
     """``num_items_in_batch`` checked before the ranks agree (inside their error handling), as
     the mean would check it after the collectives: one rank's bad tensor raised there alone, and
     left the other ranks out of step (waiting in the next call's collectives)."""
-    if num_items_in_batch is not None:  # whatever the reduction, as the other losses
+    if num_items_in_batch is not None:  # whatever the reduction, as in the other losses
         device = (num_items_in_batch.device if isinstance(num_items_in_batch, Tensor)
                   else torch.device("cpu"))  # fmt: skip
         validate.items_divisor(num_items_in_batch, torch.float32, device)
@@ -248,7 +248,7 @@ def _prepare(name, student_shard, teacher_shard, labels, vocab_start, vocab_size
     try:
         option_checks()
         validate.check_ignore_index(ignore_index)  # 2.5 was taken as a label value
-        _check_items(options["reduction"], options["num_items_in_batch"])
+        _check_items(options["num_items_in_batch"])
         inputs = _Inputs(student_shard, teacher_shard, labels, vocab_start, vocab_size,
                          ignore_index, check_finite)  # fmt: skip
         inputs.weight_spec = _weight_spec(weights, inputs.t.shape[0], inputs.lead, inputs.original)
@@ -969,7 +969,7 @@ def _fused_call(name, loss_fn, opts, student_hidden, student_weight_shard, teach
             opts = dict(opts, weights=_flat_weights(opts["weights"], len(parsed[2]), parsed[4]))
         # checked here, not after the agreement: one rank's error there left the others
         # waiting in the chunk loop's collectives
-        _check_items(reduction, num_items_in_batch)
+        _check_items(num_items_in_batch)
         row.append(_options_key(dict(opts, chunk_size=chunk_size, reduction=reduction,
                                      num_items_in_batch=num_items_in_batch,
                                      return_stats=return_stats,

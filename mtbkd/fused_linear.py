@@ -429,13 +429,11 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _mean_scale(reduction, labels, n, ignore_index, num_items, acc, device):
-    """The factor that turns the row sum into the reduced loss (MATH.md section 4);
-    ``num_items`` is checked whatever the reduction (a bad one was ignored)."""
-    divisor = None if num_items is None else validate.items_divisor(num_items, acc, device)
-    if reduction == "sum":  # (num_items checked above, a bad one is not ignored)
+    """The factor that turns the row sum into the reduced loss (MATH.md section 4)."""
+    if reduction == "sum":
         return torch.ones((), dtype=acc, device=device)
-    if divisor is not None:
-        return 1.0 / divisor
+    if num_items is not None:
+        return 1.0 / validate.items_divisor(num_items, acc, device)
     if labels is None:
         return torch.full((), 1.0 / max(n, 1), dtype=acc, device=device)
     # The count stays a tensor: no host synchronisation on GPU.
@@ -586,7 +584,7 @@ def _finish(kind, opts, hidden, weight, bias, tlist, labels, fixed, chunk, lead,
             num_items, return_stats):  # fmt: skip
     kd = "mtbkd" if kind == "mtbkd" else "multi_teacher_kd"
     validate.check_no_func_transform(f"fused_linear_{kd}_loss")
-    if reduction == "none" and num_items is not None:  # checked as for the other reductions
+    if reduction != "mean" and num_items is not None:  # checked whatever the reduction
         validate.items_divisor(num_items, _acc(hidden.dtype), hidden.device)
     if not torch.is_grad_enabled():  # evaluation: the forward computes no head gradient then
         hidden, weight = hidden.detach(), weight.detach()

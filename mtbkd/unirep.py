@@ -135,9 +135,8 @@ def _check_shapes(path: Path, embedding: Tensor, layers: nn.ModuleList) -> None:
     first forward, as a matmul error naming no file)."""
     h = layers[0].wmh.shape[0]
     want = {"wmx": (None, h), "wmh": (h, h), "wx": (None, 4 * h), "wh": (h, 4 * h), "b": (4 * h,)}
-    width = embedding.shape[1] if embedding.dim() == 2 else None
     for j, layer in enumerate(layers):
-        inp = width if j == 0 else h
+        inp = embedding.shape[1] if j == 0 else h  # (the embedding was checked to be a matrix)
         for name, shape in want.items():
             shape = tuple(inp if d is None else d for d in shape)
             got = tuple(getattr(layer, name).shape)
